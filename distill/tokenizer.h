@@ -86,6 +86,7 @@ typedef struct {
     TokPreType pre;
     bool ignore_merges;  // a pre-token that is itself a vocab entry is emitted whole (Llama-3, HF ignore_merges)
     int32_t bos, eos, pad;
+    int32_t unk;  // emitted for a byte the vocabulary has no token for; set -1 for none (then such text fails)
     const char *chat_template;  // may be NULL
     const char *source;         // file name, for error messages
 } TokenizerSpec;
