@@ -46,3 +46,40 @@ void conv1d_silu_fwd_cpu(int64_t B, int64_t L, int64_t C, int W, const float *x,
 void conv1d_silu_bwd_cpu(int64_t B, int64_t L, int64_t C, int W, const float *x, const float *w, const float *bias,
                          const uint8_t *reset, const float *x_prev, int silu, const float *dout, float *dx, float *dw,
                          float *dbias);
+
+// ---- decode (speculative decoding) --------------------------------------------------------------------
+// Multi-token step: K = s->seqlen new tokens per batch row, starting from the cached state h_in [B,D,N].
+// u, dt, z, out [B,K,D]; Bm [B,K,Gb,N]; Cm [B,K,Gc,N] (the forward's layout with L = K; no resets).
+// keep [B] (0 <= keep[b] <= K): h_keep [B,D,N] receives the state after the first keep[b] tokens, the
+// accepted prefix of a draft; h_keep may alias h_in (the state is read before it is written). h_end
+// (optional) receives the state after all K tokens. No intermediate state is stored.
+void selective_scan_multi_cpu(const ScanShape *s, const float *u, const float *dt, const float *A, const float *Bm,
+                              const float *Cm, const float *Dskip, const float *z, const float *delta_bias,
+                              const float *h_in, const int32_t *keep, float *out, float *h_keep, float *h_end);
+// One-token decode step: u, dt, z, out [B,D]; Bm [B,Gb,N]; Cm [B,Gc,N]; h [B,D,N] updated in place.
+// s->seqlen is ignored. (The multi-token step with K = 1 and keep = 1.)
+void selective_scan_step_cpu(const ScanShape *s, const float *u, const float *dt, const float *A, const float *Bm,
+                             const float *Cm, const float *Dskip, const float *z, const float *delta_bias, float *h,
+                             float *out);
+// Conv decode: the conv1d forward with x_prev = conv_state [B,W-1,C] covers one or K tokens; this helper
+// advances conv_state [B,W-1,C] past the first keep[b] tokens of x [B,K,C] (keep NULL: all K).
+void conv1d_state_advance_cpu(int64_t B, int64_t K, int64_t C, int W, const float *x, const int32_t *keep,
+                              float *conv_state);
+
+// ---- float64 reference (tests only) -------------------------------------------------------------------
+// The same functions in double precision, written as the plain sequential recurrence per (b, d) with the
+// whole state history kept: the oracle for the fp32 twins and the CUDA kernels.
+void selective_scan_fwd_ref64(const ScanShape *s, const double *u, const double *dt, const double *A,
+                              const double *Bm, const double *Cm, const double *Dskip, const double *z,
+                              const double *delta_bias, const uint8_t *reset, const double *h0, double *out,
+                              double *h_last);
+void selective_scan_bwd_ref64(const ScanShape *s, const double *u, const double *dt, const double *A,
+                              const double *Bm, const double *Cm, const double *Dskip, const double *z,
+                              const double *delta_bias, const uint8_t *reset, const double *h0, const double *dout,
+                              const double *dh_last, double *du, double *ddt, double *dA, double *dB, double *dC,
+                              double *dD, double *dz, double *ddelta_bias, double *dh0);
+void conv1d_silu_fwd_ref64(int64_t B, int64_t L, int64_t C, int W, const double *x, const double *w,
+                           const double *bias, const uint8_t *reset, const double *x_prev, int silu, double *out);
+void conv1d_silu_bwd_ref64(int64_t B, int64_t L, int64_t C, int W, const double *x, const double *w,
+                           const double *bias, const uint8_t *reset, const double *x_prev, int silu,
+                           const double *dout, double *dx, double *dw, double *dbias);
