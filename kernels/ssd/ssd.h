@@ -32,11 +32,13 @@ typedef struct {
 } SsdShape;
 
 // Forward. y [B,L,H,P] written. h_last [B,H,P,N] (optional): the state after the last token.
-// h_at [B,H,P,N] (optional): the state after the first at_len tokens (1 <= at_len <= L), e.g. the state
-// after the accepted prefix of K speculative tokens, obtained without storing every intermediate state.
+// keep [B] with h_keep [B,H,P,N] (optional): h_keep receives the state after the first keep[b] tokens of row b
+// (0 <= keep[b] <= L; 0 gives h0, or zeros), e.g. the accepted prefix of K speculative tokens, computed
+// directly without storing every intermediate state. h_keep and h_last may alias h0 (each row's h0 is read
+// before its outputs are written).
 void ssd_fwd_cpu(const SsdShape *s, const float *x, const float *dt, const float *A, const float *Bm, const float *Cm,
                  const float *D, const float *dt_bias, const uint8_t *reset, const float *h0, float *y, float *h_last,
-                 int64_t at_len, float *h_at);
+                 const int32_t *keep, float *h_keep);
 
 // Backward given dy [B,L,H,P] and optionally dh_last [B,H,P,N] (the gradient flowing into h_last).
 // Writes (does not accumulate): dx [B,L,H,P], ddt [B,L,H] (w.r.t. the raw dt), dA [H], dBm, dCm [B,L,G,N],

@@ -104,7 +104,7 @@ static void chunk_state(const SsdShape *s, const Chunk *c, int64_t b, int64_t h,
 
 void ssd_fwd_cpu(const SsdShape *s, const float *x, const float *dt, const float *A, const float *Bm, const float *Cm,
                  const float *D, const float *dt_bias, const uint8_t *reset, const float *h0, float *y, float *h_last,
-                 int64_t at_len, float *h_at) {
+                 const int32_t *keep, float *h_keep) {
     const int64_t Bn = s->batch, L = s->seqlen, H = s->nheads, G = s->ngroups, P = s->headdim, N = s->dstate;
     const int64_t Q = s->chunk, rep = H / G;
 #pragma omp parallel
@@ -119,6 +119,9 @@ void ssd_fwd_cpu(const SsdShape *s, const float *x, const float *dt, const float
                 const float Dh = D ? D[h] : 0.f;
                 if (h0) memcpy(S, h0 + (b * H + h) * P * N, (size_t)(P * N) * sizeof(float));
                 else memset(S, 0, (size_t)(P * N) * sizeof(float));
+                const int64_t kp = keep && h_keep ? keep[b] : -1;  // state wanted after kp tokens
+                float *Hk = h_keep ? h_keep + (b * H + h) * P * N : NULL;
+                if (kp == 0) memmove(Hk, S, (size_t)(P * N) * sizeof(float));
                 for (int64_t t0 = 0; t0 < L; t0 += Q) {
                     const int64_t q = L - t0 < Q ? L - t0 : Q;
                     chunk_prep(s, &c, b, h, g, t0, q, dt, A, Bm, Cm, dt_bias, reset);
@@ -146,11 +149,10 @@ void ssd_fwd_cpu(const SsdShape *s, const float *x, const float *dt, const float
                             for (int64_t p = 0; p < P; p++) ym[p] += coef * xk[p];
                         }
                     }
-                    if (h_at && at_len - 1 >= t0 && at_len - 1 < t0 + q)
-                        chunk_state(s, &c, b, h, g, t0, at_len - 1 - t0, x, Bm, S, h_at + (b * H + h) * P * N);
+                    if (kp - 1 >= t0 && kp - 1 < t0 + q) chunk_state(s, &c, b, h, g, t0, kp - 1 - t0, x, Bm, S, Hk);
                     chunk_state(s, &c, b, h, g, t0, q - 1, x, Bm, S, S);
                 }
-                if (h_last) memcpy(h_last + (b * H + h) * P * N, S, (size_t)(P * N) * sizeof(float));
+                if (h_last) memmove(h_last + (b * H + h) * P * N, S, (size_t)(P * N) * sizeof(float));
             }
         }
         free(S);

@@ -41,8 +41,8 @@ static double delta_of(const Problem *pr, int64_t b, int64_t t, int64_t h) {
     return s->dt_softplus ? sp(v) : v;
 }
 
-// y [B,L,H,P], h_last [B,H,P,N], h_at (state after at_len tokens) or NULL
-static void ref_fwd(const Problem *pr, double *y, double *h_last, int64_t at_len, double *h_at) {
+// y [B,L,H,P], h_last [B,H,P,N], h_keep (state after keep[b] tokens of row b) or NULL
+static void ref_fwd(const Problem *pr, double *y, double *h_last, const int32_t *keep, double *h_keep) {
     const SsdShape *s = &pr->s;
     const int64_t Bn = s->batch, L = s->seqlen, H = s->nheads, G = s->ngroups, P = s->headdim, N = s->dstate;
     double *S = calloc((size_t)(P * N), sizeof(double));
@@ -50,6 +50,7 @@ static void ref_fwd(const Problem *pr, double *y, double *h_last, int64_t at_len
         for (int64_t h = 0; h < H; h++) {
             const int64_t g = h / (H / G);
             for (int64_t i = 0; i < P * N; i++) S[i] = pr->has_h0 ? pr->h0[(b * H + h) * P * N + i] : 0.0;
+            if (h_keep && keep[b] == 0) memcpy(h_keep + (b * H + h) * P * N, S, (size_t)(P * N) * sizeof(double));
             for (int64_t t = 0; t < L; t++) {
                 if (pr->reset && pr->reset[b * L + t]) memset(S, 0, (size_t)(P * N) * sizeof(double));
                 const double dl = delta_of(pr, b, t, h), a = exp(dl * pr->A[h]);
@@ -62,7 +63,7 @@ static void ref_fwd(const Problem *pr, double *y, double *h_last, int64_t at_len
                     for (int64_t n = 0; n < N; n++) acc += S[p * N + n] * Cv[n];
                     y[((b * L + t) * H + h) * P + p] = acc;
                 }
-                if (h_at && t == at_len - 1) memcpy(h_at + (b * H + h) * P * N, S, (size_t)(P * N) * sizeof(double));
+                if (h_keep && t == keep[b] - 1) memcpy(h_keep + (b * H + h) * P * N, S, (size_t)(P * N) * sizeof(double));
             }
             if (h_last) memcpy(h_last + (b * H + h) * P * N, S, (size_t)(P * N) * sizeof(double));
         }
@@ -225,24 +226,33 @@ static void run_case(const char *name, SsdShape s, double reset_p, int has_D, in
     }
     const int64_t T = s.batch * s.seqlen, H = s.nheads, G = s.ngroups, P = s.headdim, N = s.dstate;
     const int64_t nX = T * H * P, nS = s.batch * H * P * N, nB = T * G * N;
-    const int64_t at_len = (s.seqlen + 1) / 2;
+    // keep: 0, L, and values in between across rows
+    int32_t *keep = malloc((size_t)s.batch * sizeof(int32_t));
+    for (int64_t b = 0; b < s.batch; b++) keep[b] = (int32_t)(b == 0 ? (s.seqlen + 1) / 2 : b == 1 ? s.seqlen : b % 3 == 2 ? 0 : 1);
     // float copies
     float *x = to_f(pr.x, nX), *dt = to_f(pr.dt, T * H), *A = to_f(pr.A, H), *Bm = to_f(pr.B, nB);
     float *Cm = to_f(pr.C, nB), *D = to_f(pr.D, H), *bias = to_f(pr.bias, H), *h0 = to_f(pr.h0, nS);
     // reference forward
     double *yr = malloc((size_t)nX * 8), *hr = malloc((size_t)nS * 8), *har = malloc((size_t)nS * 8);
-    ref_fwd(&pr, yr, hr, at_len, har);
+    ref_fwd(&pr, yr, hr, keep, har);
     float *y = poisoned(nX), *hl = poisoned(nS), *ha = poisoned(nS);
     ssd_fwd_cpu(&s, x, dt, A, Bm, Cm, has_D ? D : NULL, has_bias ? bias : NULL, pr.reset, has_h0 ? h0 : NULL, y, hl,
-                at_len, ha);
+                keep, ha);
     double ey = rel_err(y, yr, nX), eh = rel_err(hl, hr, nS), ea = rel_err(ha, har, nS);
     char what[160];
     snprintf(what, sizeof what, "%s: y", name);
     CHECK_REL(ey, 1e-5, what);
     snprintf(what, sizeof what, "%s: h_last", name);
     CHECK_REL(eh, 1e-5, what);
-    snprintf(what, sizeof what, "%s: h_at", name);
+    snprintf(what, sizeof what, "%s: h_keep", name);
     CHECK_REL(ea, 1e-5, what);
+    if (has_h0) {  // h_keep and h_last aliasing h0 (state updated in place, as the decode path does)
+        float *hk = to_f(pr.h0, nS), *hl2 = to_f(pr.h0, nS), *y2 = poisoned(nX);
+        ssd_fwd_cpu(&s, x, dt, A, Bm, Cm, has_D ? D : NULL, has_bias ? bias : NULL, pr.reset, hk, y2, NULL, keep, hk);
+        ssd_fwd_cpu(&s, x, dt, A, Bm, Cm, has_D ? D : NULL, has_bias ? bias : NULL, pr.reset, hl2, y2, hl2, NULL, NULL);
+        CHECK(memcmp(hk, ha, (size_t)nS * 4) == 0 && memcmp(hl2, hl, (size_t)nS * 4) == 0 && memcmp(y2, y, (size_t)nX * 4) == 0);
+        free(hk), free(hl2), free(y2);
+    }
 
     // backward with random dy and dh_last
     double *dyd = malloc((size_t)nX * 8), *dhd = malloc((size_t)nS * 8);
@@ -265,7 +275,7 @@ static void run_case(const char *name, SsdShape s, double reset_p, int has_D, in
         CHECK_REL(e[k], 1e-5, what);
         if (!(e[k] <= worst)) worst = e[k];
     }
-    printf("%-34s y %.1e h_last %.1e h_at %.1e | worst grad %.1e (dx %.1e ddt %.1e dA %.1e dB %.1e dC %.1e)\n", name,
+    printf("%-34s y %.1e h_last %.1e h_keep %.1e | worst grad %.1e (dx %.1e ddt %.1e dA %.1e dB %.1e dC %.1e)\n", name,
            ey, eh, ea, worst, e[0], e[1], e[2], e[3], e[4]);
 
     // determinism: bitwise equal with 1 thread and with the default thread count
@@ -274,7 +284,7 @@ static void run_case(const char *name, SsdShape s, double reset_p, int has_D, in
     float *y1 = poisoned(nX), *dx1 = poisoned(nX), *ddt1 = poisoned(T * H), *dA1 = poisoned(H), *dB1 = poisoned(nB);
     float *dC1 = poisoned(nB), *dD1 = poisoned(H), *db1 = poisoned(H), *dh01 = poisoned(nS);
     ssd_fwd_cpu(&s, x, dt, A, Bm, Cm, has_D ? D : NULL, has_bias ? bias : NULL, pr.reset, has_h0 ? h0 : NULL, y1, NULL,
-                0, NULL);
+                NULL, NULL);
     ssd_bwd_cpu(&s, x, dt, A, Bm, Cm, has_D ? D : NULL, has_bias ? bias : NULL, pr.reset, has_h0 ? h0 : NULL, dy, dh,
                 dx1, ddt1, dA1, dB1, dC1, dD1, db1, dh01);
     omp_set_num_threads(nt);
@@ -285,7 +295,7 @@ static void run_case(const char *name, SsdShape s, double reset_p, int has_D, in
 
     free(y1), free(dx1), free(ddt1), free(dA1), free(dB1), free(dC1), free(dD1), free(db1), free(dh01);
     free(x), free(dt), free(A), free(Bm), free(Cm), free(D), free(bias), free(h0);
-    free(yr), free(hr), free(har), free(y), free(hl), free(ha);
+    free(keep), free(yr), free(hr), free(har), free(y), free(hl), free(ha);
     free(dyd), free(dhd), free(dy), free(dh), free(dx), free(ddt), free(dA), free(dB), free(dC), free(dD), free(dbias),
         free(dh0);
     grads_free(&gr);
@@ -298,7 +308,7 @@ static double loss_of(const Problem *pr, const double *wy, const double *wh) {
     const int64_t nX = s->batch * s->seqlen * s->nheads * s->headdim;
     const int64_t nS = s->batch * s->nheads * s->headdim * s->dstate;
     double *y = malloc((size_t)nX * 8), *hl = malloc((size_t)nS * 8);
-    ref_fwd(pr, y, hl, 0, NULL);
+    ref_fwd(pr, y, hl, NULL, NULL);
     double l = 0;
     for (int64_t i = 0; i < nX; i++) l += wy[i] * y[i];
     for (int64_t i = 0; i < nS; i++) l += wh[i] * hl[i];
@@ -357,7 +367,7 @@ static void fd_case(const char *name, SsdShape s, double reset_p) {
 int main(void) {
     // {batch, seqlen, H, P, G, N, Q, softplus}
     run_case("L=37 Q=8 G=2 resets h0", (SsdShape){2, 37, 4, 8, 2, 6, 8, 1}, 0.1, 1, 1, 1, 1, -1, 1);
-    run_case("L=1 Q=8", (SsdShape){3, 1, 4, 5, 4, 3, 8, 1}, 0, 1, 1, 1, 0, -1, 1);
+    run_case("L=1 Q=8", (SsdShape){4, 1, 4, 5, 4, 3, 8, 1}, 0, 1, 1, 1, 0, -1, 1);
     run_case("L=1 reset at 0", (SsdShape){2, 1, 2, 4, 1, 4, 4, 1}, 1.0, 1, 1, 1, 1, -1, 1);
     run_case("L=64 Q=16 G=H no D/bias/h0", (SsdShape){2, 64, 3, 8, 3, 8, 16, 1}, 0, 0, 0, 0, 0, -1, 1);
     run_case("L=50 Q=1", (SsdShape){1, 50, 2, 4, 1, 5, 1, 1}, 0.05, 1, 1, 1, 1, -1, 1);
