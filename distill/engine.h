@@ -1,0 +1,106 @@
+// engine.h: whole-model forward and backward of a teacher (all attention) or a hybrid (attention + Mamba-1
+// layers) on the CPU, fp32 — the reference engine. Parameters are read from one buffer laid out by the
+// registry (model_build_registry); gradients go to a buffer of the same layout. The decoder layer is
+//   h = x + Mixer(RMSNorm_in(x));  out = h + down(silu(gate(RMSNorm_post(h))) * up(RMSNorm_post(h)))
+// with Mixer = GQA causal attention with RoPE, or the MambaInLlama Mamba-1 mixer (distill/mamba1_cpu.h).
+//
+// Packed sequences: reset[b,t] != 0 marks the first token of a new document in row b. Attention then sees
+// only its own document, RoPE positions restart at 0, and Mamba state and conv window are cut, so a packed
+// row equals its documents run one by one.
+//
+// Training step:   engine_forward -> engine_loss (streams logits through the head in row chunks, never
+// materializing [B*T, V]) [-> engine_add_hidden_grad] -> engine_backward (grads are ADDED into).
+// The teacher uses an inference engine (no activations kept) and is read chunk by chunk by the student's
+// engine_loss (LossSpec.teacher), so neither model ever holds [B*T, V] logits.
+// Decoding: Decoder keeps a KV cache per attention layer and conv + SSM state per Mamba layer; one decode
+// step costs O(1) in the sequence length for Mamba layers.
+//
+// Determinism: every reduction has a fixed order (static partitions over independent rows/columns).
+#pragma once
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "distill/losses.h"
+#include "distill/model.h"
+#include "distill/registry.h"
+
+typedef struct Engine Engine;
+
+enum {
+    ENGINE_TRAIN = 1,        // keep activations for engine_backward
+    ENGINE_KEEP_HIDDEN = 2,  // keep every hidden state for engine_hidden (implied by ENGINE_TRAIN)
+};
+
+// An engine for batches of B rows of T tokens. h, r and params must outlive it; params may change between
+// steps (the optimizer updates them in place). Returns NULL (e filled) if h has a mixer the CPU engine does
+// not implement (Mamba-2) or r lacks a tensor.
+Engine *engine_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t T, int flags,
+                   DlError *e);
+void engine_free(Engine *e);
+int64_t engine_batch(const Engine *e);
+int64_t engine_seqlen(const Engine *e);
+
+// Forward over all layers: tokens [B*T] (ids < vocab), reset [B*T] or NULL. Ends with the final norm.
+void engine_forward(Engine *e, const int32_t *tokens, const uint8_t *reset);
+// Forward over layers [l0, l1) only, starting from hidden state x0 [B*T, d] (hidden state l0) instead of the
+// embeddings (x0 NULL requires l0 == 0). For layerwise alignment; the final norm runs only if l1 == n_layer.
+void engine_forward_range(Engine *e, const int32_t *tokens, const uint8_t *reset, int l0, const float *x0, int l1);
+
+// Hidden state i of the last forward, [B*T, d], as HF's output_hidden_states before the final norm:
+// i = 0 the embeddings, i = l + 1 the output of layer l. Needs ENGINE_TRAIN or ENGINE_KEEP_HIDDEN (else only
+// the last computed state is available). final norm output: engine_final_hidden.
+const float *engine_hidden(const Engine *e, int i);
+const float *engine_final_hidden(const Engine *e);  // [B*T, d], after model.norm
+
+// Logits of rows [r0, r1) of the last forward (row = b*T + t): out [(r1-r0), V].
+void engine_logits(const Engine *e, int64_t r0, int64_t r1, float *out);
+
+typedef struct {
+    LossWeights w;               // ce, kl, rkl weights and temperature
+    double norm;                 // loss = weighted sums / norm; 0: the number of counted rows
+    const float *teacher_logits; // [B*T, V] teacher logits, or NULL
+    const Engine *teacher;       // or: a teacher engine that ran forward on the same batch (logits per chunk)
+    const float *seq_weight;     // [B] optional multiplier of every term of row b (DPO: -dL/dlogp)
+    int64_t chunk_rows;          // rows of logits per chunk; 0: about 16M logits per chunk
+} LossSpec;
+
+typedef struct {
+    double loss;          // the total: (w.ce*ce + w.kl*kl + w.rkl*rkl) / norm
+    double ce, kl, rkl;   // each sum / norm
+    double n_tokens;      // counted rows
+    double norm;          // the normalizer used
+} LossParts;
+
+// Loss of the last forward against targets [B*T] (target of row b*T+t: usually tokens[b*T+t+1]; < 0 means
+// none) and mask [B*T] (NULL: all rows). If grads != NULL (ENGINE_TRAIN), d loss / d final hidden is kept for
+// engine_backward and the head's gradient is added into grads. seq_logprob [B] (optional) gets, per row b,
+// the sum over counted rows of log softmax(logits)[target] (DPO's sequence log-prob).
+LossParts engine_loss(Engine *e, const int32_t *targets, const uint8_t *mask, const LossSpec *spec, float *grads,
+                      double *seq_logprob);
+
+// Adds scale * dh [B*T, d] to the gradient of hidden state i (see engine_hidden), e.g. from mse_rows.
+// Call after the forward, before engine_backward.
+void engine_add_hidden_grad(Engine *e, int i, const float *dh, float scale);
+
+// Backward of the last forward from the gradients given by engine_loss / engine_add_hidden_grad. Gradients
+// are ADDED into grads (same layout as params). Weight gradients of tensors with trainable == false are not
+// computed (Mamba mixers are all-or-nothing), and the pass stops below the lowest trainable layer.
+void engine_backward(Engine *e, float *grads);
+
+// forward + loss + backward (grads may be NULL: forward + loss only).
+LossParts engine_step(Engine *e, const int32_t *tokens, const uint8_t *reset, const int32_t *targets,
+                      const uint8_t *mask, const LossSpec *spec, float *grads);
+
+// ---- generation
+
+typedef struct Decoder Decoder;
+// A decoder for B sequences of up to max_len tokens each. Returns NULL (e filled) as engine_new does.
+Decoder *decoder_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t max_len,
+                     DlError *e);
+void decoder_free(Decoder *d);
+void decoder_reset(Decoder *d);         // empties the caches (a new batch of sequences)
+int64_t decoder_len(const Decoder *d);  // tokens fed so far per sequence
+// Feeds tokens [B, L] at positions len .. len+L-1 of every sequence (a prefill when len == 0, a decode step
+// when L == 1). logits: [B, V] of the last fed token (NULL: not computed); all_logits: [B, L, V] (NULL: not).
+// Returns 0, or -1 (e filled) if len + L > max_len.
+int decoder_feed(Decoder *d, const int32_t *tokens, int64_t L, float *logits, float *all_logits, DlError *e);

@@ -1,0 +1,63 @@
+// layers_cpu.h: fp32 CPU forward/backward of the Llama decoder's layers (the reference every CUDA kernel is
+// checked against). Activations are row-major [N, C] with N = B*T rows (token-major), exactly as the GEMMs
+// produce them. Matmuls go to OpenBLAS sgemm; loops use OpenMP with static partitions over independent
+// rows or columns, so every reduction has a fixed order and results do not depend on the thread count.
+// Backward functions say for each output whether they write it or add into it.
+#pragma once
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "distill/model.h"
+
+// ---- Linear (nn.Linear without bias, HF layout W [O, In])
+// out [N, O] = in [N, In] @ W^T  (accumulate: out += ...)
+void linear_fwd(float *out, const float *in, const float *W, int64_t N, int64_t In, int64_t O, bool accumulate);
+// din [N, In] (+)= dout [N, O] @ W  (if din; added when din_accumulate, else written);
+// dW [O, In] += dout^T @ in (if dW).
+void linear_bwd(float *din, bool din_accumulate, float *dW, const float *dout, const float *in, const float *W,
+                int64_t N, int64_t In, int64_t O);
+
+// ---- Token embedding: out [N, d] = wte[tokens[n]]; wte [V, d]
+void embedding_fwd(float *out, const int32_t *tokens, const float *wte, int64_t N, int64_t d);
+// dwte [V, d] += scatter of dout [N, d] (each thread owns a column range: deterministic)
+void embedding_bwd(float *dwte, const float *dout, const int32_t *tokens, int64_t N, int64_t d);
+
+// ---- RMSNorm (HF LlamaRMSNorm): out = w * x / sqrt(mean(x^2) + eps). rstd [N] (optional) keeps 1/rms.
+void rmsnorm_fwd(float *out, float *rstd, const float *in, const float *w, int64_t N, int64_t d, float eps);
+// din [N, d] += ..., dw [d] += ... (if dw); rstd from the forward.
+void rmsnorm_bwd(float *din, float *dw, const float *dout, const float *in, const float *w, const float *rstd,
+                 int64_t N, int64_t d);
+
+// ---- RoPE (HF rotate_half convention: pairs (i, i + hd/2)), with Llama-3.1 "llama3" frequency scaling
+// when c->rope_factor > 0. inv_freq [hd/2].
+void rope_inv_freq(const LlamaConfig *c, float *inv_freq);
+// x [N, nheads, hd] rotated in place by angle pos[n]*inv_freq; inverse rotates by -angle (the backward).
+void rope_apply(float *x, const int32_t *pos, const float *inv_freq, int64_t N, int nheads, int hd, bool inverse);
+// Positions and document starts of packed rows: a document starts at t = 0 and wherever reset[b,t] != 0.
+// pos [B*T] = t - start (positions restart per document, as HF position_ids of the documents run alone);
+// doc_start [B*T] = start. reset may be NULL (one document per row).
+void doc_positions(int64_t B, int64_t T, const uint8_t *reset, int32_t *pos, int32_t *doc_start);
+
+// ---- Causal GQA attention with document masks (softmax in fp32, scale 1/sqrt(hd)).
+// Queries: Tq rows per batch row, query t sits at key index q0 + t and sees keys [doc_start, q0 + t].
+// Keys/values: rows of k/v hold Tk key positions per batch row (a KV cache has Tk = capacity).
+// Query head h uses KV head h / (nh / nkv) (repeat_kv).
+typedef struct {
+    int64_t B, Tq, Tk, q0;
+    int nh, nkv, hd;
+} AttnShape;
+// q [B*Tq, nh*hd], k/v [B*Tk, nkv*hd], doc_start [B*Tq] (absolute key index, NULL: 0);
+// out [B*Tq, nh*hd]; lse [B, nh, Tq] (optional): log-sum-exp of the scaled scores, for the backward.
+void attention_fwd(const AttnShape *s, const float *q, const float *k, const float *v, const int32_t *doc_start,
+                   float *out, float *lse);
+// Training backward (q0 = 0, Tq = Tk): writes dq, dk, dv (same shapes as q, k, v). Scores are recomputed
+// from lse (no [T, T] probabilities kept). Parallel over (batch, KV head), so dk/dv sums are race-free.
+void attention_bwd(const AttnShape *s, const float *q, const float *k, const float *v, const int32_t *doc_start,
+                   const float *out, const float *lse, const float *dout, float *dq, float *dk, float *dv);
+
+// ---- SwiGLU: out [n] = silu(gate) * up; backward writes dgate, dup.
+void swiglu_fwd(float *out, const float *gate, const float *up, int64_t n);
+void swiglu_bwd(float *dgate, float *dup, const float *dout, const float *gate, const float *up, int64_t n);
+
+// y += x (n elements)
+void vec_add(float *y, const float *x, int64_t n);
