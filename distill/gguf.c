@@ -120,7 +120,7 @@ static void encode_scalar(const GgufValue *v, uint8_t *p) {
 }
 
 // Strict UTF-8: no overlong forms, surrogates or code points above U+10FFFF; NUL is rejected too.
-static bool valid_utf8_nonul(const uint8_t *s, uint64_t n) {
+bool gguf_valid_utf8(const uint8_t *s, uint64_t n) {
     uint64_t i = 0;
     while (i < n) {
         uint8_t c = s[i];
@@ -200,7 +200,7 @@ static int rd_string(Rd *r, uint64_t max_len, bool utf8, const char *what, const
                        (unsigned long long)len, (unsigned long long)max_len);
     if (rd_need(r, len, what)) return -1;
     const uint8_t *s = r->g->buf + r->pos;
-    if (utf8 && !valid_utf8_nonul(s, len))
+    if (utf8 && !gguf_valid_utf8(s, len))
         return dl_fail(r->e, "%s at byte %llu is not valid UTF-8 (or contains NUL)", what, (unsigned long long)at);
     GgufFile *g = r->g;
     if (len + 1 > g->arena_cap - g->arena_len)  // cannot happen: the arena is sized from the file
@@ -820,7 +820,7 @@ static int wvalue_copy(GgufValue *dst, const GgufValue *src, int depth, const ch
 
 int gguf_w_value(GgufWriter *w, const char *key, const GgufValue *v, DlError *e) {
     size_t kl = strlen(key);
-    if (kl == 0 || kl > GGUF_MAX_KEY || !valid_utf8_nonul((const uint8_t *)key, kl))
+    if (kl == 0 || kl > GGUF_MAX_KEY || !gguf_valid_utf8((const uint8_t *)key, kl))
         return dl_fail(e, "GGUF writer: invalid key '%s' (1..%d bytes of UTF-8)", key, GGUF_MAX_KEY);
     for (int i = 0; i < w->n_kv; i++)
         if (!strcmp(w->kv[i].key, key)) return dl_fail(e, "GGUF writer: key '%s' added twice", key);
@@ -886,7 +886,7 @@ int gguf_w_arr_str(GgufWriter *w, const char *key, uint64_t n, const char *const
 static int add_tensor(GgufWriter *w, const char *name, DType t, int ndim, const int64_t *shape, DlError *e,
                       WTensor **out) {
     size_t nl = strlen(name);
-    if (nl == 0 || nl > GGUF_MAX_NAME || !valid_utf8_nonul((const uint8_t *)name, nl))
+    if (nl == 0 || nl > GGUF_MAX_NAME || !gguf_valid_utf8((const uint8_t *)name, nl))
         return dl_fail(e, "GGUF writer: invalid tensor name '%s' (1..%d bytes of UTF-8)", name, GGUF_MAX_NAME);
     for (int i = 0; i < w->n_t; i++)
         if (!strcmp(w->t[i].name, name)) return dl_fail(e, "GGUF writer: tensor '%s' added twice", name);

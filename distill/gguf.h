@@ -136,6 +136,10 @@ bool ggml_type_info(uint32_t ggml_type, const char **name, int *block_elems, int
 int ggml_type_to_dtype(uint32_t ggml_type);  // DType or -1
 int dtype_to_ggml_type(DType t);             // ggml code or -1
 
+// Strict UTF-8 (no overlong forms, surrogates, code points > U+10FFFF, or NUL bytes). Shared with the
+// safetensors reader.
+bool gguf_valid_utf8(const uint8_t *s, uint64_t n);
+
 // ---- writer
 // Build the metadata and tensor list, then gguf_writer_write(). Keys are written in the order added;
 // adding a key twice is an error. Tensor data given as raw bytes is referenced, not copied: it must stay

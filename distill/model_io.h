@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "distill/common.h"
+#include "distill/gguf.h"
 #include "distill/model.h"
 #include "distill/registry.h"
 
@@ -27,6 +28,9 @@ int model_read_config(const char *path, HybridConfig *hc, DlError *e);
 // Loads config and weights. seed is used only for a config-only source (random weights).
 int model_load(const char *path, uint64_t seed, LoadedModel *m, DlError *e);
 void model_free(LoadedModel *m);
+
+// The LlamaConfig of an open GGUF file (llama architecture), as a teacher HybridConfig.
+int model_gguf_config(const GgufFile *g, HybridConfig *hc, DlError *e);
 
 // What kind of source path is: "gguf", "hf-dir", "config-json", or NULL (with e filled) if none.
 const char *model_source_kind(const char *path, DlError *e);
