@@ -2,6 +2,7 @@
 #include "distill/losses.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 

@@ -27,7 +27,7 @@ typedef struct {
 // One block of n rows of V logits. targets [n] (used if w->ce != 0; a target < 0 or >= V is not counted),
 // mask [n] (NULL: all counted), row_weight [n] (NULL: 1), teacher [n, V] (needed if kl or rkl != 0).
 // dlogits [n, V] (NULL: no gradient; may alias logits) gets scale * d(w.ce*ce + w.kl*kl + w.rkl*rkl)/ds.
-// Adds the unweighted-by-w sums into acc. logp_target [n] (optional) gets log softmax(s)[target] (0 where
+// Adds the sums of the terms with a nonzero weight (unweighted by w) into acc. logp_target [n] (optional) gets log softmax(s)[target] (0 where
 // the row is not counted).
 void loss_rows(const LossWeights *w, int64_t n, int64_t V, const float *logits, const float *teacher,
                const int32_t *targets, const uint8_t *mask, const float *row_weight, double scale, float *dlogits,
