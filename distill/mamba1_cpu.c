@@ -158,35 +158,35 @@ void mamba1_state_copy(Mamba1State *dst, const Mamba1State *src) {
     memcpy(dst->ssm, src->ssm, (size_t)(src->B * src->d_inner * src->d_state) * sizeof(float));
 }
 
-// The conv window after L more inputs xr [B,L,di]: the last W-1 inputs, with everything before the last
-// document start zeroed (in place: entry j reads old entry j+L > j, so ascending order is safe).
-static void conv_state_advance(Mamba1State *st, int64_t L, const float *xr, const uint8_t *reset) {
+// Prefill with resets: after conv1d_state_advance_cpu, window entries from before the last document start
+// of the chunk must read as zeros (the next token's window may not reach into the previous document).
+static void conv_state_cut(Mamba1State *st, int64_t L, const uint8_t *reset) {
     const int64_t di = st->d_inner, W1 = st->d_conv - 1;
     for (int64_t b = 0; b < st->B; b++) {
-        int64_t last_start = -1;  // last t with a reset, -1 if none
-        if (reset)
-            for (int64_t t = 0; t < L; t++)
-                if (reset[b * L + t]) last_start = t;
-        float *win = st->conv + b * W1 * di;
-        for (int64_t j = 0; j < W1; j++) {
-            int64_t t = L - W1 + j;  // the time step window entry j holds
-            float *dst = win + j * di;
-            if (last_start >= 0 && t < last_start) memset(dst, 0, (size_t)di * sizeof(float));
-            else if (t >= 0) memcpy(dst, xr + (b * L + t) * di, (size_t)di * sizeof(float));
-            else memmove(dst, win + (j + L) * di, (size_t)di * sizeof(float));
-        }
+        int64_t last_start = -1;  // last t with a reset
+        for (int64_t t = 0; t < L; t++)
+            if (reset[b * L + t]) last_start = t;
+        if (last_start < 0) continue;
+        for (int64_t j = 0; j < W1; j++)  // window entry j holds time step L - W1 + j
+            if (L - W1 + j < last_start) memset(st->conv + (b * W1 + j) * di, 0, (size_t)di * sizeof(float));
     }
 }
 
-// One forward serves training (acts), inference (neither) and prefill / decode (st: in and out state).
-static void forward_impl(const HybridConfig *h, const Registry *r, const float *params, int layer, int64_t B, int64_t L,
-                         const float *x, const uint8_t *reset, float *out, Mamba1Acts *acts, Mamba1State *st) {
+typedef enum { RUN_FORWARD, RUN_PREFILL, RUN_MULTI } RunKind;
+
+// One forward serves training, inference, prefill, multi-token steps and decode.
+// RUN_FORWARD: training (acts) or inference; RUN_PREFILL: from st to st, resets allowed; RUN_MULTI: from st,
+// st left after the first keep[b] tokens (NULL: all), no resets.
+static void forward_impl(RunKind kind, const HybridConfig *h, const Registry *r, const float *params, int layer,
+                         int64_t B, int64_t L, const float *x, const uint8_t *reset, const int32_t *keep, float *out,
+                         Mamba1Acts *acts, Mamba1State *st) {
     const int64_t T = B * L, d = h->base.d_model, di = h->d_inner, dxb = h->d_xb, N = h->d_state, R = h->dt_rank;
     const int W = h->d_conv;
     const Mamba1Weights w = weights(h, r, params, layer);
     if (acts && acts->cap < T)
         dl_die(DL_EXIT_RUNTIME, "mamba1_forward: activations hold %lld tokens, %lld given", (long long)acts->cap,
                (long long)T);
+    if (kind != RUN_FORWARD && !st) dl_die(DL_EXIT_RUNTIME, "mamba1: prefill / step without a state");
     if (st && (st->B != B || st->d_inner != di || st->d_state != N || st->d_conv != W))
         dl_die(DL_EXIT_RUNTIME, "mamba1: state made for batch %lld, used with batch %lld", (long long)st->B, (long long)B);
     float *tmp = NULL;
@@ -212,34 +212,45 @@ static void forward_impl(const HybridConfig *h, const Registry *r, const float *
     linear(dtl, w.dtw, dt, T, di, R, 1);
 
     repeat_groups(h, T, xs, xr);
-    conv1d_silu_fwd_cpu(B, L, di, W, xr, w.cw, w.cb, reset, st ? st->conv : NULL, 1, xc);
+    conv1d_silu_fwd_cpu(B, L, di, W, xr, w.cw, w.cb, kind == RUN_MULTI ? NULL : reset, st ? st->conv : NULL, 1, xc);
     neg_exp(w.alog, A, di * N);
     const ScanShape s = scan_shape(h, B, L);
-    float *h_last = st ? dl_malloc((size_t)(B * di * N) * sizeof(float)) : NULL;
-    selective_scan_fwd_cpu(&s, xc, dt, A, Bs, Cs, w.D, z, w.dtb, reset, st ? st->ssm : NULL, y, h_last);
-    linear(y, w.out, out, T, d, di, 0);
-
-    if (st) {
+    if (kind == RUN_MULTI) {
+        // the state after the kept prefix overwrites st->ssm (read first by the scan)
+        selective_scan_multi_cpu(&s, xc, dt, A, Bs, Cs, w.D, z, w.dtb, st->ssm, keep, y, st->ssm, NULL);
+        conv1d_state_advance_cpu(B, L, di, W, xr, keep, st->conv);
+    } else if (kind == RUN_PREFILL) {
+        float *h_last = dl_malloc((size_t)(B * di * N) * sizeof(float));
+        selective_scan_fwd_cpu(&s, xc, dt, A, Bs, Cs, w.D, z, w.dtb, reset, st->ssm, y, h_last);
         memcpy(st->ssm, h_last, (size_t)(B * di * N) * sizeof(float));
-        conv_state_advance(st, L, xr, reset);
         free(h_last);
+        conv1d_state_advance_cpu(B, L, di, W, xr, NULL, st->conv);
+        if (reset) conv_state_cut(st, L, reset);
+    } else {
+        selective_scan_fwd_cpu(&s, xc, dt, A, Bs, Cs, w.D, z, w.dtb, reset, NULL, y, NULL);
     }
+    linear(y, w.out, out, T, d, di, 0);
     free(xr), free(xc), free(A), free(tmp);
 }
 
 void mamba1_forward(const HybridConfig *h, const Registry *r, const float *params, int layer, int64_t B, int64_t L,
                     const float *x, const uint8_t *reset, float *out, Mamba1Acts *acts) {
-    forward_impl(h, r, params, layer, B, L, x, reset, out, acts, NULL);
+    forward_impl(RUN_FORWARD, h, r, params, layer, B, L, x, reset, NULL, out, acts, NULL);
 }
 
 void mamba1_prefill(const HybridConfig *h, const Registry *r, const float *params, int layer, int64_t B, int64_t L,
                     const float *x, const uint8_t *reset, float *out, Mamba1State *st) {
-    forward_impl(h, r, params, layer, B, L, x, reset, out, NULL, st);
+    forward_impl(RUN_PREFILL, h, r, params, layer, B, L, x, reset, NULL, out, NULL, st);
+}
+
+void mamba1_multistep(const HybridConfig *h, const Registry *r, const float *params, int layer, int64_t B, int64_t K,
+                      const float *x, const int32_t *keep, float *out, Mamba1State *st) {
+    forward_impl(RUN_MULTI, h, r, params, layer, B, K, x, NULL, keep, out, NULL, st);
 }
 
 void mamba1_step(const HybridConfig *h, const Registry *r, const float *params, int layer, int64_t B, const float *x,
                  Mamba1State *st, float *out) {
-    forward_impl(h, r, params, layer, B, 1, x, NULL, out, NULL, st);
+    forward_impl(RUN_MULTI, h, r, params, layer, B, 1, x, NULL, NULL, out, NULL, st);
 }
 
 void mamba1_backward(const HybridConfig *h, const Registry *r, const float *params, int layer, int64_t B, int64_t L,
@@ -259,7 +270,7 @@ void mamba1_backward(const HybridConfig *h, const Registry *r, const float *para
 
     // out = y W_out^T
     linear_bwd_in(dout, w.out, dy, T, d, di, 0);
-    linear_bwd_w(dout, a->y, grads + w.oout, T, d, di);
+    if (grads) linear_bwd_w(dout, a->y, grads + w.oout, T, d, di);
 
     // recompute the scan input
     repeat_groups(h, T, a->xs, xr);
@@ -269,39 +280,41 @@ void mamba1_backward(const HybridConfig *h, const Registry *r, const float *para
     selective_scan_bwd_cpu(&s, xc, a->dt, A, a->Bs, a->Cs, w.D, a->z, w.dtb, reset, NULL, dy, NULL, dxc, ddt, dA, dB, dC,
                            dD, dz, ddb, NULL);
 
-    float *g_alog = grads + w.oalog, *g_D = grads + w.oD, *g_dtb = grads + w.odtb;
-    for (int64_t i = 0; i < di * N; i++) g_alog[i] += dA[i] * A[i];  // A = -exp(A_log): dA/dA_log = A
-    for (int64_t c = 0; c < di; c++) g_D[c] += dD[c];
-    // dt_proj.bias enters twice: through dt_proj (sum of ddt over tokens) and as delta_bias (ddb)
-#pragma omp parallel for schedule(static)
-    for (int64_t c = 0; c < di; c++) {
-        float sum = 0.0f;
-        for (int64_t t = 0; t < T; t++) sum += ddt[t * di + c];
-        g_dtb[c] += sum + ddb[c];
-    }
-
     // conv + SiLU backward: dxr goes into xc's buffer (xc is no longer needed)
     float *dxr = xc;
     conv1d_silu_bwd_cpu(B, L, di, W, xr, w.cw, w.cb, reset, NULL, 1, dxc, dxr, dcw, dcb);
-    float *g_cw = grads + w.ocw, *g_cb = grads + w.ocb;
-    for (int64_t i = 0; i < di * W; i++) g_cw[i] += dcw[i];
-    for (int64_t c = 0; c < di; c++) g_cb[c] += dcb[c];
     repeat_groups_bwd(h, T, dxr, dxs);
-
     // dt = dtl W_dt^T + b
-    linear_bwd_w(ddt, a->dtl, grads + w.odtw, T, di, R);
     linear_bwd_in(ddt, w.dtw, ddtl, T, di, R, 0);
 
-    // the five input projections
-    linear_bwd_w(dz, a->u, grads + w.oz, T, di, d);
-    linear_bwd_w(dxs, a->u, grads + w.ox, T, dxb, d);
-    linear_bwd_w(dB, a->u, grads + w.oB, T, dxb, d);
-    linear_bwd_w(dC, a->u, grads + w.oC, T, di, d);
-    linear_bwd_w(ddtl, a->u, grads + w.odtd, T, R, d);
-    linear_bwd_in(dz, w.z, dx, T, di, d, 0);
-    linear_bwd_in(dxs, w.x, dx, T, dxb, d, 1);
-    linear_bwd_in(dB, w.Bp, dx, T, dxb, d, 1);
-    linear_bwd_in(dC, w.Cp, dx, T, di, d, 1);
-    linear_bwd_in(ddtl, w.dtd, dx, T, R, d, 1);
+    if (grads) {
+        float *g_alog = grads + w.oalog, *g_D = grads + w.oD, *g_dtb = grads + w.odtb;
+        for (int64_t i = 0; i < di * N; i++) g_alog[i] += dA[i] * A[i];  // A = -exp(A_log): dA/dA_log = A
+        for (int64_t c = 0; c < di; c++) g_D[c] += dD[c];
+        // dt_proj.bias enters twice: through dt_proj (sum of ddt over tokens) and as delta_bias (ddb)
+#pragma omp parallel for schedule(static)
+        for (int64_t c = 0; c < di; c++) {
+            float sum = 0.0f;
+            for (int64_t t = 0; t < T; t++) sum += ddt[t * di + c];
+            g_dtb[c] += sum + ddb[c];
+        }
+        float *g_cw = grads + w.ocw, *g_cb = grads + w.ocb;
+        for (int64_t i = 0; i < di * W; i++) g_cw[i] += dcw[i];
+        for (int64_t c = 0; c < di; c++) g_cb[c] += dcb[c];
+        linear_bwd_w(ddt, a->dtl, grads + w.odtw, T, di, R);
+        // the five input projections
+        linear_bwd_w(dz, a->u, grads + w.oz, T, di, d);
+        linear_bwd_w(dxs, a->u, grads + w.ox, T, dxb, d);
+        linear_bwd_w(dB, a->u, grads + w.oB, T, dxb, d);
+        linear_bwd_w(dC, a->u, grads + w.oC, T, di, d);
+        linear_bwd_w(ddtl, a->u, grads + w.odtd, T, R, d);
+    }
+    if (dx) {
+        linear_bwd_in(dz, w.z, dx, T, di, d, 0);
+        linear_bwd_in(dxs, w.x, dx, T, dxb, d, 1);
+        linear_bwd_in(dB, w.Bp, dx, T, dxb, d, 1);
+        linear_bwd_in(dC, w.Cp, dx, T, di, d, 1);
+        linear_bwd_in(ddtl, w.dtd, dx, T, R, d, 1);
+    }
     free(buf), free(small);
 }

@@ -33,6 +33,8 @@ void mamba1_forward(const HybridConfig *h, const Registry *r, const float *param
 
 // Backward of the last mamba1_forward that filled acts (same B, L, reset). dout [B,L,d_model] in;
 // dx [B,L,d_model] written; grads (same layout as params) has this layer's gradients ADDED into it.
+// grads NULL: a frozen layer (only dx); dx NULL: the lowest trained layer (no input gradient needed).
+// Deterministic: every reduction runs in a fixed order independent of the thread count.
 void mamba1_backward(const HybridConfig *h, const Registry *r, const float *params, int layer, int64_t B, int64_t L,
                      const uint8_t *reset, const float *dout, float *dx, float *grads, Mamba1Acts *acts);
 
@@ -50,12 +52,19 @@ void mamba1_state_reset(Mamba1State *st, int64_t b);
 // dst = src (same shape); used to roll back after rejected speculative tokens.
 void mamba1_state_copy(Mamba1State *dst, const Mamba1State *src);
 
-// Prefill / multi-token step: like mamba1_forward (inference), but starts from the state in st and leaves
+// Prefill / chunked prefill: like mamba1_forward (inference), but starts from the state in st and leaves
 // the state after the last token there. With a fresh (zeroed) st this is a prompt prefill; with the state
-// of a running sequence it processes L more tokens (chunked prefill, speculative verification). Resets
-// inside the chunk cut the state as in mamba1_forward.
+// of a running sequence it processes L more tokens. Resets inside the chunk cut the state as in
+// mamba1_forward.
 void mamba1_prefill(const HybridConfig *h, const Registry *r, const float *params, int layer, int64_t B, int64_t L,
                     const float *x, const uint8_t *reset, float *out, Mamba1State *st);
+
+// Multi-token step (speculative verification): K tokens per sequence from the state in st. x [B,K,d_model],
+// out [B,K,d_model] (outputs of all K tokens). keep [B] (0 <= keep[b] <= K, clamped; NULL: all K): st is
+// left at the state after the first keep[b] tokens of sequence b (the accepted prefix), computed by the
+// scan directly, without storing the state of every token. No resets.
+void mamba1_multistep(const HybridConfig *h, const Registry *r, const float *params, int layer, int64_t B, int64_t K,
+                      const float *x, const int32_t *keep, float *out, Mamba1State *st);
 
 // Decode one token per sequence: x [B,d_model] in, out [B,d_model] written, st advanced (O(1) in length).
 void mamba1_step(const HybridConfig *h, const Registry *r, const float *params, int layer, int64_t B, const float *x,

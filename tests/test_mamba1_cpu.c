@@ -421,6 +421,14 @@ static void test_vs_ref64(int d_model, int n_head, int n_kv, int head_dim, int64
         den += 4.0 * (double)g1[i] * g1[i];
     }
     CHECK_REL(sqrt(num / den), 1e-6, "grads accumulate (second backward doubles them)");
+    // a frozen layer (grads NULL) gives the same dx; the lowest layer (dx NULL) the same grads
+    float *g3 = calloc((size_t)r.numel, sizeof(float));
+    poison(dx2, T * d);
+    mamba1_backward(&h, &r, p, 0, B, L, reset, dout, dx2, NULL, acts);
+    CHECK(memcmp(dx, dx2, (size_t)(T * d) * sizeof(float)) == 0);
+    mamba1_backward(&h, &r, p, 0, B, L, reset, dout, NULL, g3, acts);
+    CHECK(memcmp(g3, g1, (size_t)r.numel * sizeof(float)) == 0);
+    free(g3);
 
     mamba1_acts_free(acts);
     ref_free(&f);
@@ -585,6 +593,57 @@ static void test_prefill_decode(void) {
         free(reset), free(rchunk);
     }
     free(p), free(x), free(ref), free(got), free(xb), free(ob);
+    reg_free(&r);
+}
+
+// Multi-token step (speculative verification): outputs of all K tokens == forward; the state is left after
+// the accepted prefix keep[b] (== prefilling exactly those tokens), and decoding goes on from there.
+static void test_multistep(void) {
+    HybridConfig h;
+    Registry r;
+    make_hybrid(&h, &r, 96, 6, 2, 16);
+    Dims m = dims_of(&h);
+    const int64_t B = 3, P = 7, K = 5, L = P + K, d = m.d;
+    const int32_t keep[3] = {2, 5, 0};
+    float *p = calloc((size_t)r.numel, sizeof(float));
+    random_params(&h, &r, p, 8);
+    Rng rg;
+    rng_init(&rg, 6, 6);
+    float *x = malloc((size_t)(B * L * d) * sizeof(float)), *ref = malloc((size_t)(B * L * d) * sizeof(float));
+    float *xb = malloc((size_t)(B * L * d) * sizeof(float)), *ob = malloc((size_t)(B * L * d) * sizeof(float));
+    float *rb = malloc((size_t)(B * L * d) * sizeof(float)), *nxt = malloc((size_t)(B * d) * sizeof(float));
+    fill_rand(x, B * L * d, 1.0, &rg);
+    fill_rand(nxt, B * d, 1.0, &rg);
+    mamba1_forward(&h, &r, p, 0, B, L, x, NULL, ref, NULL);
+    Mamba1State st = mamba1_state_new(&h, B);
+    slice_time(x, B, L, d, 0, P, xb);
+    mamba1_prefill(&h, &r, p, 0, B, P, xb, NULL, ob, &st);
+    slice_time(x, B, L, d, P, L, xb);
+    poison(ob, B * K * d);
+    mamba1_multistep(&h, &r, p, 0, B, K, xb, keep, ob, &st);
+    slice_time(ref, B, L, d, P, L, rb);
+    double e = rel_err_ff(ob, rb, B * K * d);
+    CHECK_REL(e, 1e-5, "multi-token step outputs == forward");
+    // the next token after the accepted prefix, per row, vs a forward over prompt + prefix + next token
+    float *o1 = malloc((size_t)(B * d) * sizeof(float));
+    mamba1_step(&h, &r, p, 0, B, nxt, &st, o1);
+    double es = 0, ec = 0;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t n = P + keep[b] + 1;
+        Mamba1State sb = mamba1_state_new(&h, 1);
+        memcpy(xb, x + b * L * d, (size_t)((n - 1) * d) * sizeof(float));
+        memcpy(xb + (n - 1) * d, nxt + b * d, (size_t)d * sizeof(float));
+        mamba1_prefill(&h, &r, p, 0, 1, n, xb, NULL, rb, &sb);
+        es = DL_MAX(es, rel_err_ff(o1 + b * d, rb + (n - 1) * d, d));
+        ec = DL_MAX(ec, rel_err_ff(st.ssm + b * m.di * m.N, sb.ssm, m.di * m.N));
+        ec = DL_MAX(ec, rel_err_ff(st.conv + b * (m.W - 1) * m.di, sb.conv, (m.W - 1) * m.di));
+        mamba1_state_free(&sb);
+    }
+    printf("  multi-token step: outputs %.2e; after accepting {2,5,0} of 5: next output %.2e, state %.2e\n", e, es, ec);
+    CHECK_REL(es, 1e-5, "decode after a partially accepted multi-token step == forward of the accepted tokens");
+    CHECK_REL(ec, 1e-5, "state after a partially accepted multi-token step == prefill of the accepted tokens");
+    mamba1_state_free(&st);
+    free(p), free(x), free(ref), free(xb), free(ob), free(rb), free(nxt), free(o1);
     reg_free(&r);
 }
 
@@ -947,6 +1006,7 @@ int main(int argc, char **argv) {
     test_vs_ref64(576, 9, 3, 64, 2, 48, 1, 4);                // SmolLM2-135M dims
     test_finite_differences();
     test_prefill_decode();
+    test_multistep();
     test_packed_vs_documents();
     test_init();
     return check_report("test_mamba1_cpu");
