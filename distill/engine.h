@@ -84,7 +84,7 @@ void engine_add_hidden_grad(Engine *e, int i, const float *dh, float scale);
 
 // Backward of the last forward from the gradients given by engine_loss / engine_add_hidden_grad. Gradients
 // are ADDED into grads (same layout as params). Weight gradients of tensors with trainable == false are not
-// computed (Mamba mixers are all-or-nothing), and the pass stops below the lowest trainable layer.
+// computed or added, and the pass stops below the lowest trainable layer.
 void engine_backward(Engine *e, float *grads);
 
 // forward + loss + backward (grads may be NULL: forward + loss only).

@@ -1,0 +1,647 @@
+// engine_cpu.c: whole-model forward/backward orchestration and decoding on the CPU (see engine.h).
+// Layer math lives in layers_cpu.c (attention, norms, MLP) and mamba1_cpu.c (the Mamba-1 mixer).
+#include "distill/engine.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "distill/layers_cpu.h"
+#include "distill/mamba1_cpu.h"
+
+// ---------------------------------------------------------------- weights by registry name
+
+typedef struct {
+    int64_t off;     // element offset in params / grads
+    bool trainable;
+} WRef;
+
+typedef struct {
+    WRef in_norm, q, k, v, o, post_norm, gate, up, down;  // q..o only for attention layers
+} LayerW;
+
+typedef struct {
+    LayerW *layer;   // [n_layer]
+    WRef emb, fnorm, head;  // head == emb when tied
+    int lowest;      // lowest layer holding a trainable tensor; -1 if the embedding is trainable
+} ModelW;
+
+static int wref(const Registry *r, WRef *w, int64_t numel, DlError *e, const char *fmt, ...) {
+    char name[DL_TENSOR_NAME_MAX];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    int i = reg_find(r, name);
+    if (i < 0) return dl_fail(e, "engine: tensor %s missing from the registry", name);
+    if (r->t[i].numel != numel)
+        return dl_fail(e, "engine: tensor %s has %lld elements, expected %lld", name, (long long)r->t[i].numel,
+                       (long long)numel);
+    w->off = r->t[i].offset;
+    w->trainable = r->t[i].trainable;
+    return 0;
+}
+
+static int model_w_init(ModelW *mw, const HybridConfig *h, const Registry *r, DlError *e) {
+    const LlamaConfig *c = &h->base;
+    const int64_t d = c->d_model, qd = (int64_t)c->n_head * c->head_dim, kvd = (int64_t)c->n_kv_head * c->head_dim;
+    const int64_t ff = c->d_ff, V = c->vocab;
+    memset(mw, 0, sizeof *mw);
+    mw->layer = dl_calloc((size_t)c->n_layer, sizeof(LayerW));
+    if (wref(r, &mw->emb, V * d, e, "model.embed_tokens.weight")) return -1;
+    if (wref(r, &mw->fnorm, d, e, "model.norm.weight")) return -1;
+    if (c->tied_embeddings) mw->head = mw->emb;
+    else if (wref(r, &mw->head, V * d, e, "lm_head.weight")) return -1;
+    for (int l = 0; l < c->n_layer; l++) {
+        LayerW *w = &mw->layer[l];
+        if (h->mixer[l] == MIXER_MAMBA2)
+            return dl_fail(e, "engine: layer %d is a Mamba-2 layer; the CPU engine implements attention and Mamba-1", l);
+        if (wref(r, &w->in_norm, d, e, "model.layers.%d.input_layernorm.weight", l) ||
+            wref(r, &w->post_norm, d, e, "model.layers.%d.post_attention_layernorm.weight", l) ||
+            wref(r, &w->gate, ff * d, e, "model.layers.%d.mlp.gate_proj.weight", l) ||
+            wref(r, &w->up, ff * d, e, "model.layers.%d.mlp.up_proj.weight", l) ||
+            wref(r, &w->down, d * ff, e, "model.layers.%d.mlp.down_proj.weight", l))
+            return -1;
+        if (h->mixer[l] == MIXER_ATTN &&
+            (wref(r, &w->q, qd * d, e, "model.layers.%d.self_attn.q_proj.weight", l) ||
+             wref(r, &w->k, kvd * d, e, "model.layers.%d.self_attn.k_proj.weight", l) ||
+             wref(r, &w->v, kvd * d, e, "model.layers.%d.self_attn.v_proj.weight", l) ||
+             wref(r, &w->o, d * qd, e, "model.layers.%d.self_attn.o_proj.weight", l)))
+            return -1;
+    }
+    mw->lowest = c->n_layer;
+    for (int i = 0; i < r->n; i++) {
+        const TensorInfo *t = &r->t[i];
+        if (!t->trainable) continue;
+        if (t->layer >= 0 && t->layer < mw->lowest) mw->lowest = t->layer;
+        if (t->role == ROLE_EMBED) mw->lowest = -1;
+    }
+    if (mw->lowest < 0) mw->lowest = -1;
+    return 0;
+}
+
+static float *pw(const float *P, WRef w) { return (float *)P + w.off; }
+static float *gw(float *G, WRef w) { return w.trainable ? G + w.off : NULL; }
+
+// ---------------------------------------------------------------- shared layer pieces
+
+// q, k, v [N, qd / kvd] from the normed input, RoPE applied at pos.
+static void attn_qkv(const LlamaConfig *c, const LayerW *w, const float *P, const float *inv_freq, int64_t N,
+                     const float *xn, const int32_t *pos, float *q, float *k, float *v) {
+    const int64_t d = c->d_model, qd = (int64_t)c->n_head * c->head_dim, kvd = (int64_t)c->n_kv_head * c->head_dim;
+    linear_fwd(q, xn, pw(P, w->q), N, d, qd, false);
+    linear_fwd(k, xn, pw(P, w->k), N, d, kvd, false);
+    linear_fwd(v, xn, pw(P, w->v), N, d, kvd, false);
+    rope_apply(q, pos, inv_freq, N, c->n_head, c->head_dim, false);
+    rope_apply(k, pos, inv_freq, N, c->n_kv_head, c->head_dim, false);
+}
+
+// The MLP half of a decoder layer: out = mid + down(silu(gate(xn2)) * up(xn2)), xn2 = RMSNorm_post(mid).
+static void mlp_fwd(const LlamaConfig *c, const LayerW *w, const float *P, int64_t N, const float *mid, float *out,
+                    float *xn2, float *rstd2, float *gate, float *up, float *act) {
+    const int64_t d = c->d_model, ff = c->d_ff;
+    rmsnorm_fwd(xn2, rstd2, mid, pw(P, w->post_norm), N, d, (float)c->rms_eps);
+    linear_fwd(gate, xn2, pw(P, w->gate), N, d, ff, false);
+    linear_fwd(up, xn2, pw(P, w->up), N, d, ff, false);
+    swiglu_fwd(act, gate, up, N * ff);
+    memcpy(out, mid, (size_t)(N * d) * sizeof(float));
+    linear_fwd(out, act, pw(P, w->down), N, ff, d, true);
+}
+
+// ---------------------------------------------------------------- engine
+
+typedef struct {
+    float *xn1, *rstd1, *q, *k, *v, *att, *lse, *mid, *xn2, *rstd2, *gate, *up, *act;  // [N, ...]
+    Mamba1Acts *mamba;
+} LayerActs;
+
+struct Engine {
+    HybridConfig h;
+    const Registry *r;
+    const float *params;
+    int64_t B, T, N;
+    int flags;
+    ModelW w;
+    float inv_freq[512];
+    int32_t *tokens, *pos, *doc_start;  // [N]
+    uint8_t *reset;                     // [N], or NULL in the last forward
+    uint8_t *reset_buf;
+    float *resid;      // hidden states [n_states, N, d]: all n_layer+1 when kept, else 2 (ping-pong)
+    int n_states;
+    LayerActs *acts;   // [n_layer] when training, else [1] shared by all layers
+    float *mix;        // [N, d] Mamba mixer output
+    float *xf, *rstdf; // final norm output [N, d], 1/rms [N]
+    int l0, l1, last_state;
+    // backward
+    float *dxf;        // [N, d] d loss / d xf, set by engine_loss
+    bool have_dxf;
+    float **dhid;      // [n_layer+1] gradients added to hidden states (lazily allocated)
+    bool *has_dhid;
+    float *dres, *dmid, *dxn, *dff1, *dff2, *dq, *dk, *dv, *datt;
+};
+
+static float *fbuf(int64_t n) { return dl_malloc((size_t)DL_MAX(n, 1) * sizeof(float)); }
+
+static void acts_alloc(LayerActs *a, const HybridConfig *h, int64_t B, int64_t T, bool attn, bool mamba_train) {
+    const LlamaConfig *c = &h->base;
+    const int64_t N = B * T, d = c->d_model, ff = c->d_ff;
+    const int64_t qd = (int64_t)c->n_head * c->head_dim, kvd = (int64_t)c->n_kv_head * c->head_dim;
+    memset(a, 0, sizeof *a);
+    a->xn1 = fbuf(N * d);
+    a->rstd1 = fbuf(N);
+    a->mid = fbuf(N * d);
+    a->xn2 = fbuf(N * d);
+    a->rstd2 = fbuf(N);
+    a->gate = fbuf(N * ff);
+    a->up = fbuf(N * ff);
+    a->act = fbuf(N * ff);
+    if (attn) {
+        a->q = fbuf(N * qd);
+        a->k = fbuf(N * kvd);
+        a->v = fbuf(N * kvd);
+        a->att = fbuf(N * qd);
+        a->lse = fbuf(B * c->n_head * T);
+    }
+    if (mamba_train) a->mamba = mamba1_acts_new(h, B, T);
+}
+
+static void acts_free(LayerActs *a) {
+    float *bufs[] = {a->xn1, a->rstd1, a->q, a->k, a->v, a->att, a->lse, a->mid, a->xn2, a->rstd2, a->gate, a->up, a->act};
+    for (size_t i = 0; i < DL_ARRAY_LEN(bufs); i++) free(bufs[i]);
+    if (a->mamba) mamba1_acts_free(a->mamba);
+}
+
+Engine *engine_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t T, int flags,
+                   DlError *err) {
+    const LlamaConfig *c = &h->base;
+    if (B <= 0 || T <= 0) {
+        dl_fail(err, "engine: batch %lld x seqlen %lld must be positive", (long long)B, (long long)T);
+        return NULL;
+    }
+    if (c->head_dim > 1024) {
+        dl_fail(err, "engine: head_dim %d > 1024 not supported", c->head_dim);
+        return NULL;
+    }
+    Engine *e = dl_calloc(1, sizeof *e);
+    e->h = *h;
+    e->r = r;
+    e->params = params;
+    e->B = B;
+    e->T = T;
+    e->N = B * T;
+    e->flags = flags;
+    if (model_w_init(&e->w, h, r, err)) {
+        free(e->w.layer);
+        free(e);
+        return NULL;
+    }
+    rope_inv_freq(c, e->inv_freq);
+    const int64_t N = e->N, d = c->d_model;
+    const bool train = flags & ENGINE_TRAIN, keep = train || (flags & ENGINE_KEEP_HIDDEN);
+    e->tokens = dl_malloc((size_t)N * sizeof(int32_t));
+    e->pos = dl_malloc((size_t)N * sizeof(int32_t));
+    e->doc_start = dl_malloc((size_t)N * sizeof(int32_t));
+    e->reset_buf = dl_malloc((size_t)N);
+    e->n_states = keep ? c->n_layer + 1 : 2;
+    e->resid = fbuf(e->n_states * N * d);
+    e->mix = fbuf(N * d);
+    e->xf = fbuf(N * d);
+    e->rstdf = fbuf(N);
+    bool any_attn = hybrid_n_attn(h) > 0;
+    if (train) {
+        e->acts = dl_calloc((size_t)c->n_layer, sizeof(LayerActs));
+        for (int l = 0; l < c->n_layer; l++) acts_alloc(&e->acts[l], h, B, T, h->mixer[l] == MIXER_ATTN, h->mixer[l] == MIXER_MAMBA1);
+    } else {
+        e->acts = dl_calloc(1, sizeof(LayerActs));
+        acts_alloc(&e->acts[0], h, B, T, any_attn, false);
+    }
+    e->last_state = -1;
+    return e;
+}
+
+void engine_free(Engine *e) {
+    if (!e) return;
+    int na = (e->flags & ENGINE_TRAIN) ? e->h.base.n_layer : 1;
+    for (int l = 0; l < na; l++) acts_free(&e->acts[l]);
+    free(e->acts);
+    if (e->dhid) {
+        for (int i = 0; i <= e->h.base.n_layer; i++) free(e->dhid[i]);
+        free(e->dhid);
+        free(e->has_dhid);
+    }
+    float *bufs[] = {e->resid, e->mix, e->xf, e->rstdf, e->dxf, e->dres, e->dmid, e->dxn, e->dff1, e->dff2,
+                     e->dq, e->dk, e->dv, e->datt};
+    for (size_t i = 0; i < DL_ARRAY_LEN(bufs); i++) free(bufs[i]);
+    free(e->tokens);
+    free(e->pos);
+    free(e->doc_start);
+    free(e->reset_buf);
+    free(e->w.layer);
+    free(e);
+}
+
+int64_t engine_batch(const Engine *e) { return e->B; }
+int64_t engine_seqlen(const Engine *e) { return e->T; }
+
+static float *state_ptr(const Engine *e, int i) {
+    int slot = e->n_states == e->h.base.n_layer + 1 ? i : i % 2;
+    return e->resid + (int64_t)slot * e->N * e->h.base.d_model;
+}
+
+static LayerActs *layer_acts(Engine *e, int l) { return (e->flags & ENGINE_TRAIN) ? &e->acts[l] : &e->acts[0]; }
+
+static void layer_fwd(Engine *e, int l, const float *x, float *out) {
+    const LlamaConfig *c = &e->h.base;
+    const LayerW *w = &e->w.layer[l];
+    const float *P = e->params;
+    const int64_t N = e->N, d = c->d_model, qd = (int64_t)c->n_head * c->head_dim;
+    LayerActs *a = layer_acts(e, l);
+    rmsnorm_fwd(a->xn1, a->rstd1, x, pw(P, w->in_norm), N, d, (float)c->rms_eps);
+    if (e->h.mixer[l] == MIXER_ATTN) {
+        attn_qkv(c, w, P, e->inv_freq, N, a->xn1, e->pos, a->q, a->k, a->v);
+        AttnShape s = {e->B, e->T, e->T, 0, c->n_head, c->n_kv_head, c->head_dim};
+        attention_fwd(&s, a->q, a->k, a->v, e->doc_start, a->att, a->lse);
+        memcpy(a->mid, x, (size_t)(N * d) * sizeof(float));
+        linear_fwd(a->mid, a->att, pw(P, w->o), N, qd, d, true);
+    } else {
+        mamba1_forward(&e->h, e->r, P, l, e->B, e->T, a->xn1, e->reset, e->mix, a->mamba);
+        for (int64_t i = 0; i < N * d; i++) a->mid[i] = x[i] + e->mix[i];
+    }
+    mlp_fwd(c, w, P, N, a->mid, out, a->xn2, a->rstd2, a->gate, a->up, a->act);
+}
+
+void engine_forward_range(Engine *e, const int32_t *tokens, const uint8_t *reset, int l0, const float *x0, int l1) {
+    const LlamaConfig *c = &e->h.base;
+    const int64_t N = e->N, d = c->d_model;
+    if (l0 < 0) l0 = 0;
+    if (l1 > c->n_layer) l1 = c->n_layer;
+    memcpy(e->tokens, tokens, (size_t)N * sizeof(int32_t));
+    e->reset = NULL;
+    if (reset) {
+        memcpy(e->reset_buf, reset, (size_t)N);
+        e->reset = e->reset_buf;
+    }
+    doc_positions(e->B, e->T, e->reset, e->pos, e->doc_start);
+    e->l0 = l0;
+    e->l1 = l1;
+    float *x = state_ptr(e, l0);
+    if (x0) memcpy(x, x0, (size_t)(N * d) * sizeof(float));
+    else embedding_fwd(x, tokens, pw(e->params, e->w.emb), N, d);
+    for (int l = l0; l < l1; l++) layer_fwd(e, l, state_ptr(e, l), state_ptr(e, l + 1));
+    e->last_state = l1;
+    if (l1 == c->n_layer)
+        rmsnorm_fwd(e->xf, e->rstdf, state_ptr(e, l1), pw(e->params, e->w.fnorm), N, d, (float)c->rms_eps);
+    e->have_dxf = false;
+    if (e->has_dhid) memset(e->has_dhid, 0, (size_t)(c->n_layer + 1) * sizeof(bool));
+}
+
+void engine_forward(Engine *e, const int32_t *tokens, const uint8_t *reset) {
+    engine_forward_range(e, tokens, reset, 0, NULL, e->h.base.n_layer);
+}
+
+const float *engine_hidden(const Engine *e, int i) {
+    if (i < 0 || i > e->h.base.n_layer) return NULL;
+    if (e->n_states == 2 && i != e->last_state) return NULL;
+    return state_ptr(e, i);
+}
+
+const float *engine_final_hidden(const Engine *e) { return e->xf; }
+
+void engine_logits(const Engine *e, int64_t r0, int64_t r1, float *out) {
+    const LlamaConfig *c = &e->h.base;
+    linear_fwd(out, e->xf + r0 * c->d_model, pw(e->params, e->w.head), r1 - r0, c->d_model, c->vocab, false);
+}
+
+LossParts engine_loss(Engine *e, const int32_t *targets, const uint8_t *mask, const LossSpec *spec, float *grads,
+                      double *seq_logprob) {
+    const LlamaConfig *c = &e->h.base;
+    const int64_t N = e->N, T = e->T, d = c->d_model, V = c->vocab;
+    const float *W = pw(e->params, e->w.head);
+    // rows counted: mask != 0 and, when targets are given, a valid target
+    uint8_t *cnt = dl_malloc((size_t)N);
+    double n_count = 0;
+    for (int64_t r = 0; r < N; r++) {
+        cnt[r] = (!mask || mask[r]) && (!targets || (targets[r] >= 0 && targets[r] < V));
+        n_count += cnt[r];
+    }
+    double norm = spec->norm > 0 ? spec->norm : n_count;
+    float *rw = NULL;
+    if (spec->seq_weight) {
+        rw = fbuf(N);
+        for (int64_t r = 0; r < N; r++) rw[r] = spec->seq_weight[r / T];
+    }
+    int64_t chunk = spec->chunk_rows > 0 ? spec->chunk_rows : DL_MAX(1, (16 << 20) / V);
+    chunk = DL_MIN(chunk, N);
+    float *lbuf = fbuf(chunk * V), *tbuf = spec->teacher ? fbuf(chunk * V) : NULL;
+    float *logp = seq_logprob ? fbuf(chunk) : NULL;
+    if (seq_logprob)
+        for (int64_t b = 0; b < e->B; b++) seq_logprob[b] = 0;
+    if (grads && !e->dxf) e->dxf = fbuf(N * d);
+    LossSums sums = {0};
+    for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+        int64_t n = DL_MIN(chunk, N - r0);
+        linear_fwd(lbuf, e->xf + r0 * d, W, n, d, V, false);  // [n, V]
+        const float *tl = NULL;
+        if (spec->teacher_logits) tl = spec->teacher_logits + r0 * V;
+        else if (spec->teacher) {
+            engine_logits(spec->teacher, r0, r0 + n, tbuf);
+            tl = tbuf;
+        }
+        loss_rows(&spec->w, n, V, lbuf, tl, targets ? targets + r0 : NULL, cnt + r0, rw ? rw + r0 : NULL, 1.0 / norm,
+                  grads ? lbuf : NULL, &sums, logp);
+        if (seq_logprob)
+            for (int64_t i = 0; i < n; i++) seq_logprob[(r0 + i) / T] += logp[i];
+        if (grads)  // dxf = dlogits @ W, dW += dlogits^T xf
+            linear_bwd(e->dxf + r0 * d, false, gw(grads, e->w.head), lbuf, e->xf + r0 * d, W, n, d, V);
+    }
+    e->have_dxf = grads != NULL;
+    free(cnt);
+    free(rw);
+    free(lbuf);
+    free(tbuf);
+    free(logp);
+    LossParts p = {0};
+    p.norm = norm;
+    p.loss = loss_total(&spec->w, &sums, norm);
+    p.ce = sums.ce / norm;
+    p.kl = sums.kl / norm;
+    p.rkl = sums.rkl / norm;
+    p.n_tokens = sums.n_rows;
+    return p;
+}
+
+void engine_add_hidden_grad(Engine *e, int i, const float *dh, float scale) {
+    const int nl = e->h.base.n_layer;
+    const int64_t n = e->N * e->h.base.d_model;
+    if (i < 0 || i > nl) return;
+    if (!e->dhid) {
+        e->dhid = dl_calloc((size_t)nl + 1, sizeof(float *));
+        e->has_dhid = dl_calloc((size_t)nl + 1, sizeof(bool));
+    }
+    if (!e->dhid[i]) e->dhid[i] = fbuf(n);
+    if (!e->has_dhid[i]) {
+        memset(e->dhid[i], 0, (size_t)n * sizeof(float));
+        e->has_dhid[i] = true;
+    }
+    float *g = e->dhid[i];
+    for (int64_t k = 0; k < n; k++) g[k] += scale * dh[k];
+}
+
+static void bwd_alloc(Engine *e) {
+    if (e->dres) return;
+    const LlamaConfig *c = &e->h.base;
+    const int64_t N = e->N, d = c->d_model, ff = c->d_ff;
+    const int64_t qd = (int64_t)c->n_head * c->head_dim, kvd = (int64_t)c->n_kv_head * c->head_dim;
+    e->dres = fbuf(N * d);
+    e->dmid = fbuf(N * d);
+    e->dxn = fbuf(N * d);
+    e->dff1 = fbuf(N * ff);
+    e->dff2 = fbuf(N * ff);
+    if (hybrid_n_attn(&e->h) > 0) {
+        e->dq = fbuf(N * qd);
+        e->datt = fbuf(N * qd);
+        e->dk = fbuf(N * kvd);
+        e->dv = fbuf(N * kvd);
+    }
+}
+
+// dres: in, d loss / d (output of layer l); out, d loss / d (input of layer l).
+static void layer_bwd(Engine *e, int l, float *dres, float *G) {
+    const LlamaConfig *c = &e->h.base;
+    const LayerW *w = &e->w.layer[l];
+    const float *P = e->params;
+    const int64_t N = e->N, d = c->d_model, ff = c->d_ff;
+    const int64_t qd = (int64_t)c->n_head * c->head_dim, kvd = (int64_t)c->n_kv_head * c->head_dim;
+    LayerActs *a = &e->acts[l];
+    const float *x = state_ptr(e, l);
+    // MLP half: out = mid + down(act)
+    linear_bwd(e->dff1, false, gw(G, w->down), dres, a->act, pw(P, w->down), N, ff, d);  // dact
+    swiglu_bwd(e->dff1, e->dff2, e->dff1, a->gate, a->up, N * ff);                       // dgate, dup
+    linear_bwd(e->dxn, false, gw(G, w->gate), e->dff1, a->xn2, pw(P, w->gate), N, d, ff);
+    linear_bwd(e->dxn, true, gw(G, w->up), e->dff2, a->xn2, pw(P, w->up), N, d, ff);
+    memcpy(e->dmid, dres, (size_t)(N * d) * sizeof(float));
+    rmsnorm_bwd(e->dmid, gw(G, w->post_norm), e->dxn, a->mid, pw(P, w->post_norm), a->rstd2, N, d);
+    // mixer half: mid = x + mixer(xn1)
+    memcpy(dres, e->dmid, (size_t)(N * d) * sizeof(float));
+    if (e->h.mixer[l] == MIXER_ATTN) {
+        linear_bwd(e->datt, false, gw(G, w->o), e->dmid, a->att, pw(P, w->o), N, qd, d);
+        AttnShape s = {e->B, e->T, e->T, 0, c->n_head, c->n_kv_head, c->head_dim};
+        attention_bwd(&s, a->q, a->k, a->v, e->doc_start, a->att, a->lse, e->datt, e->dq, e->dk, e->dv);
+        rope_apply(e->dq, e->pos, e->inv_freq, N, c->n_head, c->head_dim, true);
+        rope_apply(e->dk, e->pos, e->inv_freq, N, c->n_kv_head, c->head_dim, true);
+        linear_bwd(e->dxn, false, gw(G, w->q), e->dq, a->xn1, pw(P, w->q), N, d, qd);
+        linear_bwd(e->dxn, true, gw(G, w->k), e->dk, a->xn1, pw(P, w->k), N, d, kvd);
+        linear_bwd(e->dxn, true, gw(G, w->v), e->dv, a->xn1, pw(P, w->v), N, d, kvd);
+    } else {
+        // the mixer's backward adds into all its tensors: keep frozen ones untouched
+        const Registry *r = e->r;
+        int64_t nsave = 0;
+        for (int i = 0; i < r->n; i++)
+            if (r->t[i].layer == l && r->t[i].role == ROLE_MAMBA && !r->t[i].trainable) nsave += r->t[i].numel;
+        float *save = nsave ? fbuf(nsave) : NULL;
+        for (int i = 0, k = 0; i < r->n && save; i++)
+            if (r->t[i].layer == l && r->t[i].role == ROLE_MAMBA && !r->t[i].trainable) {
+                memcpy(save + k, G + r->t[i].offset, (size_t)r->t[i].numel * sizeof(float));
+                k += r->t[i].numel;
+            }
+        mamba1_backward(&e->h, e->r, P, l, e->B, e->T, e->reset, e->dmid, e->dxn, G, a->mamba);
+        for (int i = 0, k = 0; i < r->n && save; i++)
+            if (r->t[i].layer == l && r->t[i].role == ROLE_MAMBA && !r->t[i].trainable) {
+                memcpy(G + r->t[i].offset, save + k, (size_t)r->t[i].numel * sizeof(float));
+                k += r->t[i].numel;
+            }
+        free(save);
+    }
+    rmsnorm_bwd(dres, gw(G, w->in_norm), e->dxn, x, pw(P, w->in_norm), a->rstd1, N, d);
+}
+
+void engine_backward(Engine *e, float *G) {
+    const LlamaConfig *c = &e->h.base;
+    const int64_t N = e->N, d = c->d_model;
+    if (!(e->flags & ENGINE_TRAIN)) dl_die(DL_EXIT_RUNTIME, "engine_backward on an engine made without ENGINE_TRAIN");
+    bwd_alloc(e);
+    // the highest layer whose output has a gradient
+    int top = -1;
+    if (e->have_dxf) top = e->l1 - 1;
+    for (int i = e->l1; i > e->l0 && e->has_dhid; i--)
+        if (e->has_dhid[i] && i - 1 > top) top = i - 1;
+    memset(e->dres, 0, (size_t)(N * d) * sizeof(float));
+    if (e->have_dxf)
+        rmsnorm_bwd(e->dres, gw(G, e->w.fnorm), e->dxf, state_ptr(e, e->l1), pw(e->params, e->w.fnorm), e->rstdf, N, d);
+    const int stop = DL_MAX(e->l0, e->w.lowest);
+    for (int l = top; l >= stop; l--) {
+        if (e->has_dhid && e->has_dhid[l + 1]) vec_add(e->dres, e->dhid[l + 1], N * d);
+        layer_bwd(e, l, e->dres, G);
+    }
+    if (e->l0 == 0 && e->w.emb.trainable && e->w.lowest < 0) {
+        if (e->has_dhid && e->has_dhid[0]) vec_add(e->dres, e->dhid[0], N * d);
+        embedding_bwd(G + e->w.emb.off, e->dres, e->tokens, N, d);
+    }
+    e->have_dxf = false;
+    if (e->has_dhid) memset(e->has_dhid, 0, (size_t)(c->n_layer + 1) * sizeof(bool));
+}
+
+LossParts engine_step(Engine *e, const int32_t *tokens, const uint8_t *reset, const int32_t *targets,
+                      const uint8_t *mask, const LossSpec *spec, float *grads) {
+    engine_forward(e, tokens, reset);
+    LossParts p = engine_loss(e, targets, mask, spec, grads, NULL);
+    if (grads) engine_backward(e, grads);
+    return p;
+}
+
+// ---------------------------------------------------------------- decoder
+
+struct Decoder {
+    HybridConfig h;
+    const Registry *r;
+    const float *params;
+    int64_t B, max_len, len;
+    ModelW w;
+    float inv_freq[512];
+    float **kc, **vc;     // per attention layer: [B, max_len, kvd]
+    Mamba1State *ms;      // per Mamba layer
+    int64_t cap;          // rows the scratch below holds
+    float *x, *y, *xn, *rstd, *q, *k, *v, *att, *mid, *gate, *up, *act, *mix, *last;
+    int32_t *pos;
+};
+
+Decoder *decoder_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t max_len,
+                     DlError *err) {
+    const LlamaConfig *c = &h->base;
+    if (B <= 0 || max_len <= 0) {
+        dl_fail(err, "decoder: batch %lld x length %lld must be positive", (long long)B, (long long)max_len);
+        return NULL;
+    }
+    if (c->head_dim > 1024) {
+        dl_fail(err, "decoder: head_dim %d > 1024 not supported", c->head_dim);
+        return NULL;
+    }
+    Decoder *D = dl_calloc(1, sizeof *D);
+    D->h = *h;
+    D->r = r;
+    D->params = params;
+    D->B = B;
+    D->max_len = max_len;
+    if (model_w_init(&D->w, h, r, err)) {
+        free(D->w.layer);
+        free(D);
+        return NULL;
+    }
+    rope_inv_freq(c, D->inv_freq);
+    const int64_t kvd = (int64_t)c->n_kv_head * c->head_dim;
+    D->kc = dl_calloc((size_t)c->n_layer, sizeof(float *));
+    D->vc = dl_calloc((size_t)c->n_layer, sizeof(float *));
+    D->ms = dl_calloc((size_t)c->n_layer, sizeof(Mamba1State));
+    for (int l = 0; l < c->n_layer; l++) {
+        if (h->mixer[l] == MIXER_ATTN) {
+            D->kc[l] = fbuf(B * max_len * kvd);
+            D->vc[l] = fbuf(B * max_len * kvd);
+        } else {
+            D->ms[l] = mamba1_state_new(h, B);
+        }
+    }
+    return D;
+}
+
+static void dec_scratch_free(Decoder *D) {
+    float *bufs[] = {D->x, D->y, D->xn, D->rstd, D->q, D->k, D->v, D->att, D->mid, D->gate, D->up, D->act, D->mix, D->last};
+    for (size_t i = 0; i < DL_ARRAY_LEN(bufs); i++) free(bufs[i]);
+    free(D->pos);
+}
+
+void decoder_free(Decoder *D) {
+    if (!D) return;
+    for (int l = 0; l < D->h.base.n_layer; l++) {
+        free(D->kc[l]);
+        free(D->vc[l]);
+        if (D->h.mixer[l] != MIXER_ATTN) mamba1_state_free(&D->ms[l]);
+    }
+    free(D->kc);
+    free(D->vc);
+    free(D->ms);
+    dec_scratch_free(D);
+    free(D->w.layer);
+    free(D);
+}
+
+void decoder_reset(Decoder *D) {
+    D->len = 0;
+    for (int l = 0; l < D->h.base.n_layer; l++)
+        if (D->h.mixer[l] != MIXER_ATTN) mamba1_state_reset(&D->ms[l], -1);
+}
+
+int64_t decoder_len(const Decoder *D) { return D->len; }
+
+static void dec_scratch(Decoder *D, int64_t N) {
+    if (N <= D->cap) return;
+    dec_scratch_free(D);
+    const LlamaConfig *c = &D->h.base;
+    const int64_t d = c->d_model, ff = c->d_ff;
+    const int64_t qd = (int64_t)c->n_head * c->head_dim, kvd = (int64_t)c->n_kv_head * c->head_dim;
+    D->x = fbuf(N * d);
+    D->y = fbuf(N * d);
+    D->xn = fbuf(N * d);
+    D->rstd = fbuf(N);
+    D->q = fbuf(N * qd);
+    D->k = fbuf(N * kvd);
+    D->v = fbuf(N * kvd);
+    D->att = fbuf(N * qd);
+    D->mid = fbuf(N * d);
+    D->gate = fbuf(N * ff);
+    D->up = fbuf(N * ff);
+    D->act = fbuf(N * ff);
+    D->mix = fbuf(N * d);
+    D->last = fbuf(D->B * d);
+    D->pos = dl_malloc((size_t)N * sizeof(int32_t));
+    D->cap = N;
+}
+
+int decoder_feed(Decoder *D, const int32_t *tokens, int64_t L, float *logits, float *all_logits, DlError *err) {
+    const LlamaConfig *c = &D->h.base;
+    const float *P = D->params;
+    const int64_t B = D->B, N = B * L, d = c->d_model, V = c->vocab, T0 = D->len;
+    const int64_t qd = (int64_t)c->n_head * c->head_dim, kvd = (int64_t)c->n_kv_head * c->head_dim;
+    if (L <= 0) return dl_fail(err, "decoder: feeding %lld tokens", (long long)L);
+    if (T0 + L > D->max_len)
+        return dl_fail(err, "decoder: %lld + %lld tokens exceed the context of %lld", (long long)T0, (long long)L,
+                       (long long)D->max_len);
+    for (int64_t i = 0; i < N; i++)
+        if (tokens[i] < 0 || tokens[i] >= V) return dl_fail(err, "decoder: token id %d out of range 0..%lld", tokens[i], (long long)V - 1);
+    dec_scratch(D, N);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < L; t++) D->pos[b * L + t] = (int32_t)(T0 + t);
+    embedding_fwd(D->x, tokens, pw(P, D->w.emb), N, d);
+    for (int l = 0; l < c->n_layer; l++) {
+        const LayerW *w = &D->w.layer[l];
+        rmsnorm_fwd(D->xn, NULL, D->x, pw(P, w->in_norm), N, d, (float)c->rms_eps);
+        if (D->h.mixer[l] == MIXER_ATTN) {
+            attn_qkv(c, w, P, D->inv_freq, N, D->xn, D->pos, D->q, D->k, D->v);
+            for (int64_t b = 0; b < B; b++) {  // append to the cache
+                memcpy(D->kc[l] + (b * D->max_len + T0) * kvd, D->k + b * L * kvd, (size_t)(L * kvd) * sizeof(float));
+                memcpy(D->vc[l] + (b * D->max_len + T0) * kvd, D->v + b * L * kvd, (size_t)(L * kvd) * sizeof(float));
+            }
+            AttnShape s = {B, L, D->max_len, T0, c->n_head, c->n_kv_head, c->head_dim};
+            attention_fwd(&s, D->q, D->kc[l], D->vc[l], NULL, D->att, NULL);
+            memcpy(D->mid, D->x, (size_t)(N * d) * sizeof(float));
+            linear_fwd(D->mid, D->att, pw(P, w->o), N, qd, d, true);
+        } else {
+            if (L == 1) mamba1_step(&D->h, D->r, P, l, B, D->xn, &D->ms[l], D->mix);
+            else mamba1_prefill(&D->h, D->r, P, l, B, L, D->xn, NULL, D->mix, &D->ms[l]);
+            for (int64_t i = 0; i < N * d; i++) D->mid[i] = D->x[i] + D->mix[i];
+        }
+        mlp_fwd(c, w, P, N, D->mid, D->y, D->xn, D->rstd, D->gate, D->up, D->act);
+        float *t = D->x;
+        D->x = D->y;
+        D->y = t;
+    }
+    D->len += L;
+    if (all_logits) {
+        rmsnorm_fwd(D->xn, NULL, D->x, pw(P, D->w.fnorm), N, d, (float)c->rms_eps);
+        linear_fwd(all_logits, D->xn, pw(P, D->w.head), N, d, V, false);
+    }
+    if (logits) {
+        for (int64_t b = 0; b < B; b++) memcpy(D->last + b * d, D->x + (b * L + L - 1) * d, (size_t)d * sizeof(float));
+        rmsnorm_fwd(D->xn, NULL, D->last, pw(P, D->w.fnorm), B, d, (float)c->rms_eps);
+        linear_fwd(logits, D->xn, pw(P, D->w.head), B, d, V, false);
+    }
+    return 0;
+}

@@ -1,0 +1,351 @@
+// test_engine_cpu.c: the whole-model engine on tiny random models, a teacher (all attention, tied head,
+// llama3 rope scaling) and a hybrid (attention + Mamba-1 layers, untied head):
+//  * gradients of every parameter tensor (sampled elements) against finite differences of the loss
+//    (CE + forward KL + reverse KL with temperature, masks, packed documents, plus a hidden-state MSE);
+//    the layers are checked against float64 in their own tests, so this checks the wiring;
+//  * frozen tensors get no gradient and the trainable ones the same gradient as with everything trainable;
+//  * prefill, chunked prefill and token-by-token decode give the logits of the full forward;
+//  * a packed row with resets equals its documents run separately (logits and gradients);
+//  * chunked head/loss streaming equals one chunk; the teacher-engine path equals given teacher logits;
+//  * a repeated step gives bit-identical loss and gradients.
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "distill/engine.h"
+#include "distill/rng.h"
+#include "tests/check.h"
+
+static Rng rng;
+
+typedef struct {
+    HybridConfig h;
+    Registry r;
+    float *p;
+} Model;
+
+static void model_make(Model *m, bool hybrid) {
+    LlamaConfig c = {0};
+    c.n_layer = 3;
+    c.d_model = 32;
+    c.n_head = 4;
+    c.n_kv_head = 2;
+    c.head_dim = 8;
+    c.d_ff = 48;
+    c.vocab = 37;
+    c.max_pos = 128;
+    c.rope_theta = 10000;
+    c.rms_eps = 1e-5;
+    c.tied_embeddings = !hybrid;
+    if (!hybrid) {
+        c.rope_factor = 8, c.rope_low_freq_factor = 1, c.rope_high_freq_factor = 4, c.rope_orig_max_pos = 16;
+    }
+    c.bos_id = c.eos_id = -1;
+    DlError e;
+    if (hybrid) {
+        int attn[1] = {1};
+        if (hybrid_config_init(&m->h, &c, MIXER_MAMBA1, attn, 1, &e)) {
+            fprintf(stderr, "%s\n", e.msg);
+            exit(1);
+        }
+    } else {
+        hybrid_config_teacher(&m->h, &c);
+    }
+    model_build_registry(&m->h, &m->r);
+    m->p = calloc((size_t)m->r.numel, sizeof(float));
+    for (int i = 0; i < m->r.n; i++) {
+        TensorInfo *t = &m->r.t[i];
+        float *x = m->p + t->offset;
+        for (int64_t k = 0; k < t->numel; k++) {
+            double z = rng_normal(&rng);
+            if (strstr(t->name, "norm")) x[k] = (float)(1 + 0.2 * z);
+            else if (strstr(t->name, "A_log")) x[k] = (float)(log((double)(k % m->h.d_state + 1)) + 0.1 * z);
+            else if (strstr(t->name, "dt_proj.bias")) x[k] = (float)(-2 + 0.3 * z);
+            else if (strstr(t->name, ".D")) x[k] = (float)(1 + 0.2 * z);
+            else if (strstr(t->name, "conv1d")) x[k] = (float)(0.4 * z);
+            else x[k] = (float)(0.25 * z);
+        }
+    }
+}
+
+static void model_drop(Model *m) {
+    free(m->p);
+    reg_free(&m->r);
+}
+
+enum { B = 2, T = 9 };
+static int32_t tokens[B * T], targets[B * T];
+static uint8_t reset[B * T], mask[B * T];
+static float *teacher_logits, *hid_target;
+static const int HID = 2;  // hidden state with an MSE term
+
+static void make_batch(int V) {
+    for (int i = 0; i < B * T; i++) tokens[i] = (int32_t)rng_below(&rng, (uint64_t)V);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            targets[b * T + t] = t + 1 < T ? tokens[b * T + t + 1] : -1;
+            mask[b * T + t] = (b * T + t) % 5 != 3;
+        }
+    memset(reset, 0, sizeof reset);
+    reset[4] = 1;           // row 0: documents [0,4) [4,9)
+    reset[T + 2] = 1;       // row 1: [0,2) [2,7) [7,9)
+    reset[T + 7] = 1;
+    targets[3] = -1;        // no target across a document boundary
+}
+
+static LossSpec spec_for(const float *tl, int64_t chunk) {
+    LossSpec s = {0};
+    s.w = (LossWeights){1.0f, 0.5f, 0.25f, 1.5f};
+    s.norm = 7.0;
+    s.teacher_logits = tl;
+    s.chunk_rows = chunk;
+    return s;
+}
+
+// loss of one forward (+ hidden MSE), optionally with gradients
+static double full_loss(Engine *e, const Model *m, float *grads) {
+    LossSpec s = spec_for(teacher_logits, 5);
+    engine_forward(e, tokens, reset);
+    LossParts p = engine_loss(e, targets, mask, &s, grads, NULL);
+    const int64_t n = (int64_t)B * T * m->h.base.d_model;
+    float *dh = grads ? calloc((size_t)n, sizeof(float)) : NULL;
+    double mse = mse_rows(B * T, m->h.base.d_model, engine_hidden(e, HID), hid_target, mask, 0.05, dh);
+    if (grads) {
+        engine_add_hidden_grad(e, HID, dh, 1.0f);
+        engine_backward(e, grads);
+        free(dh);
+    }
+    return p.loss + mse;
+}
+
+static void test_gradients(Model *m, const char *what) {
+    DlError err;
+    const int64_t V = m->h.base.vocab, d = m->h.base.d_model;
+    teacher_logits = malloc((size_t)(B * T * V) * sizeof(float));
+    for (int64_t i = 0; i < B * T * V; i++) teacher_logits[i] = (float)(2 * rng_normal(&rng));
+    hid_target = malloc((size_t)(B * T * d) * sizeof(float));
+    for (int64_t i = 0; i < B * T * d; i++) hid_target[i] = (float)rng_normal(&rng);
+    Engine *e = engine_new(&m->h, &m->r, m->p, B, T, ENGINE_TRAIN, &err);
+    CHECK(e != NULL);
+    float *g = calloc((size_t)m->r.numel, sizeof(float));
+    full_loss(e, m, g);
+    // every tensor: up to 3 random elements and the element of largest |gradient|
+    double worst = 0;
+    const char *worst_name = "";
+    for (int i = 0; i < m->r.n; i++) {
+        const TensorInfo *t = &m->r.t[i];
+        int64_t idx[4];
+        int64_t amax = 0;
+        for (int64_t k = 0; k < t->numel; k++)
+            if (fabsf(g[t->offset + k]) > fabsf(g[t->offset + amax])) amax = k;
+        idx[0] = amax;
+        for (int k = 1; k < 4; k++) idx[k] = (int64_t)rng_below(&rng, (uint64_t)t->numel);
+        double num = 0, den = 0;
+        for (int k = 0; k < 4; k++) {
+            float *x = m->p + t->offset + idx[k];
+            const float x0 = *x, h = 1e-2f * fmaxf(1.0f, fabsf(x0));
+            double f[4];
+            const float steps[4] = {-2, -1, 1, 2};
+            for (int s = 0; s < 4; s++) {
+                *x = x0 + steps[s] * h;
+                f[s] = full_loss(e, m, NULL);
+            }
+            *x = x0;
+            double hh = (double)((x0 + h) - (x0 - h)) / 2;  // the step actually taken in fp32
+            double fd = (8 * (f[2] - f[1]) - (f[3] - f[0])) / (12 * hh);
+            double an = g[t->offset + idx[k]];
+            num += (fd - an) * (fd - an);
+            den += an * an;
+        }
+        double rel = sqrt(num / fmax(den, 1e-12));
+        if (rel > worst) worst = rel, worst_name = t->name;
+        char buf[160];
+        snprintf(buf, sizeof buf, "%s: d/d %s vs FD", what, t->name);
+        CHECK_REL(rel, 1e-2, buf);
+        CHECK(den > 0);  // every tensor receives gradient
+    }
+    printf("%s: %d tensors, worst FD relative error %.2e (%s)\n", what, m->r.n, worst, worst_name);
+
+    // determinism: the same step twice gives identical bits
+    float *g2 = calloc((size_t)m->r.numel, sizeof(float));
+    double l1 = full_loss(e, m, NULL);
+    memset(g, 0, (size_t)m->r.numel * sizeof(float));
+    full_loss(e, m, g);
+    double l2 = full_loss(e, m, g2);
+    CHECK(l1 == l2 && memcmp(g, g2, (size_t)m->r.numel * sizeof(float)) == 0);
+
+    // freezing: only layer 1's MLP and layer 0's mixer train; the rest must get no gradient, and the
+    // trainable ones the same gradient as before
+    DlError pe;
+    // (the hybrid's layer 2 Mamba mixer is frozen while layer 0's trains)
+    const char *pat = hybrid_n_attn(&m->h) == m->h.base.n_layer ? "model.layers.1.mlp.*,model.layers.0.self_attn.*"
+                                                                  : "model.layers.1.mlp.*,model.layers.0.mamba.*";
+    CHECK(reg_set_trainable(&m->r, pat, &pe) > 0);
+    Engine *ef = engine_new(&m->h, &m->r, m->p, B, T, ENGINE_TRAIN, &err);
+    memset(g2, 0, (size_t)m->r.numel * sizeof(float));
+    full_loss(ef, m, g2);
+    double dmax = 0, frozen_abs = 0;
+    for (int i = 0; i < m->r.n; i++) {
+        const TensorInfo *t = &m->r.t[i];
+        for (int64_t k = 0; k < t->numel; k++) {
+            if (t->trainable) dmax = fmax(dmax, fabs(g2[t->offset + k] - g[t->offset + k]) / (fabs(g[t->offset + k]) + 1e-6));
+            else frozen_abs += fabs(g2[t->offset + k]);
+        }
+    }
+    CHECK_REL(dmax, 1e-5, "trainable grads unchanged by freezing others");
+    CHECK(frozen_abs == 0);
+    CHECK(reg_set_trainable(&m->r, "*", &pe) > 0);
+    engine_free(ef);
+
+    // chunked head/loss streaming == one chunk; teacher engine == teacher logits
+    Engine *te = engine_new(&m->h, &m->r, m->p, B, T, 0, &err);
+    engine_forward(te, tokens, reset);
+    float *tl = malloc((size_t)(B * T * V) * sizeof(float));
+    engine_logits(te, 0, B * T, tl);
+    engine_forward(e, tokens, reset);
+    LossSpec s1 = spec_for(tl, B * T), s2 = spec_for(NULL, 4);
+    s2.teacher = te;
+    double sl1[B], sl2[B];
+    LossParts p1 = engine_loss(e, targets, mask, &s1, NULL, sl1);
+    LossParts p2 = engine_loss(e, targets, mask, &s2, NULL, sl2);
+    CHECK_REL(fabs(p1.loss - p2.loss) / fabs(p1.loss), 1e-6, "chunked + teacher engine loss");
+    CHECK(fabs(p1.kl) < 1e-6 && fabs(p1.rkl) < 1e-6);  // the student is its own teacher
+    CHECK_REL(fabs(sl1[0] - sl2[0]) + fabs(sl1[1] - sl2[1]), 1e-5, "sequence log-probs");
+    // sequence log-prob = - CE sum of that row
+    LossSpec sc = spec_for(NULL, 0);
+    sc.w = (LossWeights){1, 0, 0, 1};
+    sc.norm = 1;
+    LossParts pc = engine_loss(e, targets, mask, &sc, NULL, NULL);
+    CHECK_REL(fabs(-(sl1[0] + sl1[1]) - pc.ce) / pc.ce, 1e-6, "sum of seq log-probs == -CE");
+    engine_free(te);
+    free(tl);
+    engine_free(e);
+    free(g);
+    free(g2);
+    free(teacher_logits);
+    free(hid_target);
+}
+
+static double max_rel(const float *a, const float *b, int64_t n) {
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]), den += (double)b[i] * b[i];
+    return sqrt(num / den);
+}
+
+static void test_decode(Model *m, const char *what) {
+    DlError err;
+    const int64_t V = m->h.base.vocab;
+    Engine *e = engine_new(&m->h, &m->r, m->p, B, T, 0, &err);
+    engine_forward(e, tokens, NULL);
+    float *ref = malloc((size_t)(B * T * V) * sizeof(float));
+    engine_logits(e, 0, B * T, ref);
+    Decoder *D = decoder_new(&m->h, &m->r, m->p, B, T, &err);
+    CHECK(D != NULL);
+    float *lg = malloc((size_t)(B * V) * sizeof(float)), *all = malloc((size_t)(B * T * V) * sizeof(float));
+    float *got = malloc((size_t)(B * T * V) * sizeof(float));
+    int32_t tk[B * T];
+    // token by token
+    for (int t = 0; t < T; t++) {
+        for (int b = 0; b < B; b++) tk[b] = tokens[b * T + t];
+        CHECK(decoder_feed(D, tk, 1, lg, NULL, &err) == 0);
+        for (int b = 0; b < B; b++) memcpy(got + (b * T + t) * V, lg + b * V, (size_t)V * sizeof(float));
+    }
+    char buf[128];
+    snprintf(buf, sizeof buf, "%s: token-by-token decode == forward", what);
+    CHECK_REL(max_rel(got, ref, B * T * V), 1e-5, buf);
+    CHECK(decoder_feed(D, tk, 1, lg, NULL, &err) != 0);  // past max_len: an error, not a crash
+    // prefill of 5, then 4 one by one
+    decoder_reset(D);
+    for (int b = 0; b < B; b++) memcpy(tk + b * 5, tokens + b * T, 5 * sizeof(int32_t));
+    CHECK(decoder_feed(D, tk, 5, lg, all, &err) == 0);
+    for (int b = 0; b < B; b++) memcpy(got + b * T * V, all + b * 5 * V, (size_t)(5 * V) * sizeof(float));
+    for (int t = 5; t < T; t++) {
+        for (int b = 0; b < B; b++) tk[b] = tokens[b * T + t];
+        decoder_feed(D, tk, 1, lg, NULL, &err);
+        for (int b = 0; b < B; b++) memcpy(got + (b * T + t) * V, lg + b * V, (size_t)V * sizeof(float));
+    }
+    snprintf(buf, sizeof buf, "%s: prefill + decode == forward", what);
+    CHECK_REL(max_rel(got, ref, B * T * V), 1e-5, buf);
+    printf("%s: decode vs forward relative error %.2e\n", what, max_rel(got, ref, B * T * V));
+    decoder_free(D);
+    engine_free(e);
+    free(ref), free(lg), free(all), free(got);
+}
+
+// a packed batch with resets == each document run alone (logits and gradients)
+static void test_packed(Model *m, const char *what) {
+    DlError err;
+    const int64_t V = m->h.base.vocab;
+    Engine *e = engine_new(&m->h, &m->r, m->p, B, T, ENGINE_TRAIN, &err);
+    engine_forward(e, tokens, reset);
+    float *ref = malloc((size_t)(B * T * V) * sizeof(float));
+    engine_logits(e, 0, B * T, ref);
+    LossSpec s = {0};
+    s.w = (LossWeights){1, 0, 0, 1};
+    s.norm = 1;
+    float *gp = calloc((size_t)m->r.numel, sizeof(float)), *gs = calloc((size_t)m->r.numel, sizeof(float));
+    engine_loss(e, targets, mask, &s, gp, NULL);
+    engine_backward(e, gp);
+    float *got = malloc((size_t)(B * T * V) * sizeof(float));
+    for (int b = 0; b < B; b++) {
+        int t0 = 0;
+        for (int t = 1; t <= T; t++) {
+            if (t < T && !reset[b * T + t]) continue;
+            int L = t - t0;
+            Engine *ed = engine_new(&m->h, &m->r, m->p, 1, L, ENGINE_TRAIN, &err);
+            engine_forward(ed, tokens + b * T + t0, NULL);
+            engine_logits(ed, 0, L, got + (b * T + t0) * V);
+            engine_loss(ed, targets + b * T + t0, mask + b * T + t0, &s, gs, NULL);
+            engine_backward(ed, gs);
+            engine_free(ed);
+            t0 = t;
+        }
+    }
+    char buf[128];
+    snprintf(buf, sizeof buf, "%s: packed logits == documents alone", what);
+    CHECK_REL(max_rel(got, ref, B * T * V), 1e-5, buf);
+    snprintf(buf, sizeof buf, "%s: packed grads == sum over documents", what);
+    CHECK_REL(max_rel(gp, gs, m->r.numel), 1e-5, buf);
+    printf("%s: packed vs separate: logits %.2e, grads %.2e\n", what, max_rel(got, ref, B * T * V), max_rel(gp, gs, m->r.numel));
+    engine_free(e);
+    free(ref), free(got), free(gp), free(gs);
+}
+
+// layer-range forward (layerwise alignment): layers [1, 3) from hidden state 1 == the full forward
+static void test_range(Model *m) {
+    DlError err;
+    const int64_t d = m->h.base.d_model, V = m->h.base.vocab;
+    Engine *e = engine_new(&m->h, &m->r, m->p, B, T, ENGINE_KEEP_HIDDEN, &err);
+    engine_forward(e, tokens, reset);
+    float *h1 = malloc((size_t)(B * T * d) * sizeof(float)), *l1 = malloc((size_t)(B * T * V) * sizeof(float));
+    float *l2 = malloc((size_t)(B * T * V) * sizeof(float));
+    memcpy(h1, engine_hidden(e, 1), (size_t)(B * T * d) * sizeof(float));
+    engine_logits(e, 0, B * T, l1);
+    engine_forward_range(e, tokens, reset, 1, h1, m->h.base.n_layer);
+    engine_logits(e, 0, B * T, l2);
+    CHECK(memcmp(l1, l2, (size_t)(B * T * V) * sizeof(float)) == 0);
+    engine_free(e);
+    free(h1), free(l1), free(l2);
+}
+
+int main(void) {
+    rng_init(&rng, 7, 0);
+    Model teacher, hybrid;
+    model_make(&teacher, false);
+    model_make(&hybrid, true);
+    make_batch(teacher.h.base.vocab);
+    test_gradients(&teacher, "teacher");
+    test_gradients(&hybrid, "hybrid");
+    test_decode(&teacher, "teacher");
+    test_decode(&hybrid, "hybrid");
+    test_packed(&teacher, "teacher");
+    test_packed(&hybrid, "hybrid");
+    test_range(&hybrid);
+    DlError err;
+    HybridConfig h2 = hybrid.h;
+    h2.mixer[0] = MIXER_MAMBA2;
+    CHECK(engine_new(&h2, &hybrid.r, hybrid.p, 1, 4, 0, &err) == NULL);  // unsupported mixer: an error
+    model_drop(&teacher);
+    model_drop(&hybrid);
+    return check_report("test_engine_cpu");
+}
