@@ -4,11 +4,12 @@
 #include <math.h>
 #include <string.h>
 
+#include "distill/mamba2_cpu.h"
 #include "distill/rng.h"
 
 // RNG streams: base + layer * 16 + tensor id, so every random tensor has its own stream.
 #define INIT_STREAM_BASE 0x4d616d6261000000ull  // "Mamba"
-enum { T_Z = 0, T_DTDOWN, T_DTW, T_DTB, T_CONVW, T_CONVB };
+enum { T_Z = 0, T_DTDOWN, T_DTW, T_DTB, T_CONVW, T_CONVB, T_MAMBA2 = 15 };
 
 static void fill_uniform(float *p, int64_t n, double bound, uint64_t seed, int layer, int tensor) {
     Rng rng;
@@ -125,6 +126,10 @@ int hybrid_init_from_teacher(const HybridConfig *h, const Registry *hr, float *h
         if (dk == sk) continue;  // copied by name below
         if (dk == MIXER_MAMBA1 && sk == MIXER_ATTN) {
             if (init_mamba1_from_attn(h, hr, hparams, tr, tparams, l, seed, e)) return -1;
+        } else if (dk == MIXER_MAMBA2 && sk == MIXER_ATTN) {
+            Rng rng;  // the Mamba-2 init derives its per-tensor streams from one draw of this layer's stream
+            rng_init(&rng, seed, INIT_STREAM_BASE + (uint64_t)l * 16 + T_MAMBA2);
+            if (mamba2_init_layer_from_attention(h, hr, hparams, tr, tparams, l, &rng, e)) return -1;
         } else {
             return dl_fail(e, "init: layer %d is %s in the source; a %s layer cannot be initialized from it", l,
                            mixer_name(sk), mixer_name(dk));

@@ -9,6 +9,7 @@
 //       dt_proj.bias = softplus^-1(dt), dt = max(exp(U(log 1e-3, log 1e-1)), 1e-4),
 //       conv1d.weight, conv1d.bias ~ U(-1/2, 1/2)                  (Conv1d default, fan_in = 1*4),
 //       A_log[c,n] = log(n+1), D = 1;
+//   * a Mamba-2 layer whose source layer is attention: mamba2_init_layer_from_attention (mamba2_cpu.h);
 //   * an untied lm_head from a tied source is the source's embedding.
 // The GQA repeat needs no weight change: the mixer repeats x and B groups at run time (repeat_kv), so
 // checkpoints stay in MambaInLlama's layout.

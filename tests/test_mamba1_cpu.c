@@ -862,6 +862,21 @@ static void test_init(void) {
     e.msg[0] = 0;
     CHECK(hybrid_init_from_teacher(&hyb, &hr, hp, &tother, &tro, tpo, 1, &e) == -1);
     CHECK(strstr(e.msg, "does not match") != NULL);
+    // Mamba-2 hybrids go through the Mamba-2 layer init; shared tensors are still copied, and it is seeded
+    HybridConfig h2;
+    Registry r2;
+    CHECK(hybrid_config_init(&h2, &hc_base, MIXER_MAMBA2, attn, 1, &e) == 0);
+    model_build_registry(&h2, &r2);
+    float *p2 = malloc((size_t)r2.numel * sizeof(float)), *p2b = malloc((size_t)r2.numel * sizeof(float));
+    CHECK(hybrid_init_from_teacher(&h2, &r2, p2, &teacher, &tr, tp, 9, &e) == 0);
+    CHECK(hybrid_init_from_teacher(&h2, &r2, p2b, &teacher, &tr, tp, 9, &e) == 0);
+    CHECK(memcmp(p2, p2b, (size_t)r2.numel * sizeof(float)) == 0);
+    CHECK(memcmp(tens(&r2, p2, "model.layers.%d.mamba.out_proj.weight", 2),
+                 tens(&tr, tp, "model.layers.%d.self_attn.o_proj.weight", 2), (size_t)m.d * m.di * sizeof(float)) == 0);
+    CHECK(memcmp(tens(&r2, p2, "model.layers.%d.mlp.down_proj.weight", 2),
+                 tens(&tr, tp, "model.layers.%d.mlp.down_proj.weight", 2), (size_t)m.d * 64 * sizeof(float)) == 0);
+    free(p2), free(p2b);
+    reg_free(&r2);
     printf("  init: %d shared tensors copied bitwise, Q/K/V/O -> C/B/x/out exact, distributions in range\n", n_shared);
     free(tp), free(hp), free(hp2), free(hp3), free(tpo);
     reg_free(&tr), reg_free(&hr), reg_free(&hr2), reg_free(&tro);
