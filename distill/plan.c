@@ -1,0 +1,341 @@
+// plan.c: the dry-run plan and the memory estimate (see plan.h).
+//
+// Memory model, per GPU (device cuda) or host (device cpu). P = student parameters, P_t = trainable ones,
+// P_T = teacher parameters, G = hardware.gpus, Z = hardware.zero; "/G if Z>=k" is ZeRO sharding.
+//
+//   cuda: weights = 2 P (bf16 working copy)          /G if Z>=3
+//         master  = 4 P_t (fp32 master weights)      /G if Z>=1
+//         grads   = 4 P_t (fp32, accumulated)        /G if Z>=2
+//         optim   = 8 P_t (AdamW m and v, fp32)      /G if Z>=1
+//         frozen  = 2 P_T (bf16 teacher)             /G if Z>=3   (DPO: 2 P, the frozen reference)
+//   cpu:  weights = 4 P (fp32 weights are the master), grads = 4 P_t, optim = 8 P_t, frozen = 4 P_T.
+//
+// Activations saved for backward, per token and layer, in elements of the compute dtype (a = 2 bytes on
+// cuda, 4 on cpu); d = d_model, q = n_head*head_dim, kv = n_kv_head*head_dim, f = d_ff, di = d_inner,
+// dxb = d_xb, R = dt_rank, N = d_state, H = n_head:
+//   every layer:  input x, RMSNorm out, residual h, post-norm out            4 d
+//                 MLP: gate, up, silu(gate)*up                              3 f
+//   attention:    q, k, v, attention output                                 2 q + 2 kv  (+ H fp32 log-sum-exp)
+//                 cpu engine only: the softmax probabilities, H*T per token (flash attention on cuda keeps none)
+//   mamba1:       z, x, B, C, dt_low, dt, conv out, y, gated y              6 di + 2 dxb + R
+//                 + scan states every SCAN_CHUNK tokens (fp32)              di*N/SCAN_CHUNK
+//   mamba2:       in_proj out (z|x|B|C|dt), conv out, y, normed y           2 di + 2(2 dxb + di) + H, + di*N/SCAN_CHUNK
+// Only layers from the first one holding a trainable tensor onward are saved (nothing before it needs a
+// gradient). recompute = "mlp" drops the 3 f; "full" keeps only the layer input x (d) per layer plus one
+// layer's full set. Tokens = micro_batch * seq_len (x2 for DPO: chosen and rejected).
+// Logits: 4 bytes x tokens x vocab for the student logits (their gradient is computed in place), plus the
+// same again for the teacher's logits when a KL term runs online. Stages without backward (generate,
+// teacher_cache, eval) keep one layer's working set and the logits; generate adds the KV cache:
+// 2 x n_layer x kv x (prompt + new tokens) x batch x a.
+// What is not counted: CUDA/NCCL workspaces, allocator fragmentation, the data loader, and on cpu the
+// teacher's quantized file (mmapped, not resident after dequantization).
+#include "distill/plan.h"
+
+#include <string.h>
+
+#include "distill/model.h"
+#include "distill/registry.h"
+#include "distill/stage.h"
+
+#define SCAN_CHUNK 64  // tokens between saved scan states in the selective-scan backward (assumption)
+
+const char *plan_bytes_str(double b, char *buf, size_t n) {
+    if (b >= 1024.0 * 1024 * 1024) snprintf(buf, n, "%.2f GiB", b / (1024.0 * 1024 * 1024));
+    else if (b >= 1024.0 * 1024) snprintf(buf, n, "%.1f MiB", b / (1024.0 * 1024));
+    else snprintf(buf, n, "%.0f KiB", b / 1024.0);
+    return buf;
+}
+
+static const char *count_str(int64_t x, char *buf, size_t n) {
+    if (x >= 1000000000) snprintf(buf, n, "%.2fB", x / 1e9);
+    else if (x >= 1000000) snprintf(buf, n, "%.1fM", x / 1e6);
+    else if (x >= 1000) snprintf(buf, n, "%.1fK", x / 1e3);
+    else snprintf(buf, n, "%lld", (long long)x);
+    return buf;
+}
+
+// Elements saved per token by layer l (see the formula above); full = no recomputation.
+static double layer_act_elems(const HybridConfig *h, int l, int recompute, int T, bool cpu) {
+    const LlamaConfig *c = &h->base;
+    double d = c->d_model, q = (double)c->n_head * c->head_dim, kv = (double)c->n_kv_head * c->head_dim, f = c->d_ff;
+    double di = h->d_inner, dxb = h->d_xb, R = h->dt_rank, N = h->d_state, H = c->n_head;
+    double e = 4 * d + (recompute == RECOMPUTE_MLP ? 0 : 3 * f);
+    switch (h->mixer[l]) {
+    case MIXER_ATTN:
+        e += 2 * q + 2 * kv + H;  // H: log-sum-exp (fp32, counted as one element each)
+        if (cpu) e += H * (double)T;
+        break;
+    case MIXER_MAMBA1: e += 6 * di + 2 * dxb + R + di * N / SCAN_CHUNK; break;
+    case MIXER_MAMBA2: e += 2 * di + 2 * (2 * dxb + di) + H + di * N / SCAN_CHUNK; break;
+    }
+    return e;
+}
+
+static bool needs_teacher_online(const StageSpec *st) {
+    switch (st->kind) {
+    case STAGE_GENERATE:
+    case STAGE_TEACHER_CACHE:
+    case STAGE_EVAL:
+    case STAGE_INIT: return true;
+    case STAGE_LAYERWISE:
+    case STAGE_DISTILL:
+    case STAGE_SFT:
+        return st->teacher_logits == TEACHER_ONLINE && (st->loss.kl > 0 || st->loss.reverse_kl > 0 || st->loss.mse > 0);
+    default: return false;
+    }
+}
+
+static int seq_len_of(const Recipe *r, const StageSpec *st) {
+    if (st->data_index >= 0) return r->data[st->data_index].seq_len;
+    int T = 0;
+    for (int k = 0; k < st->n_eval_sets; k++)
+        if (st->eval_index && st->eval_index[k] >= 0) T = DL_MAX(T, r->data[st->eval_index[k]].seq_len);
+    return T ? T : 2048;
+}
+
+int plan_stage(const Recipe *r, const StageSpec *st, int step, StagePlan *p, DlError *e) {
+    memset(p, 0, sizeof *p);
+    HybridConfig h, teacher;
+    if (recipe_stage_layout(r, st, step, &h, e)) return -1;
+    hybrid_config_teacher(&teacher, &r->teacher_cfg.base);
+    Registry reg, treg;
+    model_build_registry(&h, &reg);
+    model_build_registry(&teacher, &treg);
+    const bool train = stage_kind_trains(st->kind);
+    if (train) {
+        if (reg_set_trainable(&reg, st->trainable, e) < 0) {
+            reg_free(&reg);
+            reg_free(&treg);
+            return -1;
+        }
+    } else {
+        for (int i = 0; i < reg.n; i++) reg.t[i].trainable = false;
+    }
+    const bool cuda = r->run.device == DEVICE_CUDA;
+    const double G = r->hardware.gpus, Z = r->hardware.zero, a = cuda ? 2 : 4;
+    const double P = (double)reg_params_numel(&reg), Pt = (double)reg_trainable_numel(&reg), PT = (double)reg_params_numel(&treg);
+    p->params_total = (int64_t)P;
+    p->params_trainable = (int64_t)Pt;
+    const LlamaConfig *c = &h.base;
+    const int T = seq_len_of(r, st);
+    const OptimSpec *o = &st->opt;
+    MemEstimate *m = &p->mem;
+    const bool teacher_only = st->kind == STAGE_GENERATE || st->kind == STAGE_TEACHER_CACHE;
+
+    // ---- parameters and optimizer state
+    if (!teacher_only) m->weights = (cuda ? 2 * P : 4 * P) / (cuda && Z >= 3 ? G : 1);
+    if (train) {
+        if (cuda) m->master = 4 * Pt / (Z >= 1 ? G : 1);
+        m->grads = 4 * Pt / (Z >= 2 ? G : 1);
+        m->optim = 8 * Pt / (Z >= 1 ? G : 1);
+    }
+    if (needs_teacher_online(st)) m->frozen_model = (cuda ? 2 : 4) * PT / (cuda && Z >= 3 ? G : 1);
+    if (st->kind == STAGE_DPO) m->frozen_model = (cuda ? 2 : 4) * P / (cuda && Z >= 3 ? G : 1);
+
+    // ---- activations and logits
+    double V = c->vocab;
+    if (train) {
+        double B = o->micro_batch * (st->kind == STAGE_DPO ? 2.0 : 1.0);
+        p->tokens_per_step = (int64_t)(B * o->grad_accum * G * T);
+        int first = c->n_layer;  // first layer that needs saved activations
+        for (int i = 0; i < reg.n; i++)
+            if (reg.t[i].trainable) {
+                int l = reg.t[i].layer < 0 ? (reg.t[i].role == ROLE_EMBED ? 0 : c->n_layer) : reg.t[i].layer;
+                first = DL_MIN(first, l);
+            }
+        double per_tok = 0, max_layer = 0;
+        for (int l = first; l < c->n_layer; l++) {
+            double full = layer_act_elems(&h, l, RECOMPUTE_NONE, T, !cuda);
+            max_layer = DL_MAX(max_layer, full);
+            if (r->hardware.recompute == RECOMPUTE_FULL) per_tok += c->d_model;
+            else per_tok += layer_act_elems(&h, l, r->hardware.recompute, T, !cuda);
+        }
+        if (r->hardware.recompute == RECOMPUTE_FULL) per_tok += max_layer;
+        m->activations = per_tok * a * B * T;
+        m->logits = 4.0 * B * T * V * (st->teacher_logits == TEACHER_ONLINE && st->kind != STAGE_DPO &&
+                                               (st->loss.kl > 0 || st->loss.reverse_kl > 0) ? 2 : 1);
+        if (st->kind == STAGE_DPO) m->logits = 4.0 * B * T * V;  // the reference's logits are reduced to log-probs at once
+    } else if (st->kind == STAGE_GENERATE) {
+        double B = st->batch_size, L = T + st->max_new_tokens;
+        m->kv_cache = 2.0 * c->n_layer * c->n_kv_head * c->head_dim * L * B * a;
+        m->activations = layer_act_elems(&teacher, 0, RECOMPUTE_NONE, (int)L, !cuda) * a * B;  // one token per sequence
+        m->logits = 4.0 * B * V;
+    } else if (st->kind == STAGE_TEACHER_CACHE || st->kind == STAGE_EVAL) {
+        double B = st->batch_size;
+        m->activations = layer_act_elems(st->kind == STAGE_EVAL ? &h : &teacher, c->n_layer - 1, RECOMPUTE_NONE, T, !cuda) * a * B * T;
+        m->logits = 4.0 * B * T * V * (st->kind == STAGE_EVAL ? 2 : 1);
+    }
+    m->total = m->weights + m->master + m->grads + m->optim + m->frozen_model + m->activations + m->logits + m->kv_cache;
+    reg_free(&reg);
+    reg_free(&treg);
+    return 0;
+}
+
+// "AMAMAM..." (A = attention, M = Mamba), and the attention layer list.
+static void print_layout(FILE *f, const HybridConfig *h, const char *indent) {
+    int L = h->base.n_layer, na = hybrid_n_attn(h);
+    MixerKind mk = MIXER_ATTN;
+    for (int l = 0; l < L; l++)
+        if (h->mixer[l] != MIXER_ATTN) mk = h->mixer[l];
+    fprintf(f, "%slayers:    ", indent);
+    for (int l = 0; l < L; l++) fputc(h->mixer[l] == MIXER_ATTN ? 'A' : 'M', f);
+    if (na == L) {
+        fprintf(f, "  (the teacher: attention in all %d layers)\n", L);
+        return;
+    }
+    fprintf(f, "  (A attention, M %s)\n", mixer_name(mk));
+    fprintf(f, "%sattention: %d of %d [", indent, na, L);
+    for (int l = 0, k = 0; l < L; l++)
+        if (h->mixer[l] == MIXER_ATTN) fprintf(f, "%s%d", k++ ? "," : "", l);
+    fprintf(f, "]; Mamba: %d\n", L - na);
+}
+
+static void print_mem(FILE *f, const Recipe *r, const StagePlan *p, const char *indent) {
+    char b[32];
+    const MemEstimate *m = &p->mem;
+    fprintf(f, "%smemory %s: ", indent, r->run.device == DEVICE_CUDA ? "per GPU" : "(host)");
+    const struct {
+        const char *name;
+        double v;
+    } parts[] = {{"weights", m->weights}, {"master", m->master}, {"grads", m->grads}, {"adamw", m->optim},
+                 {"frozen model", m->frozen_model}, {"activations", m->activations}, {"logits", m->logits}, {"kv cache", m->kv_cache}};
+    int k = 0;
+    for (size_t i = 0; i < DL_ARRAY_LEN(parts); i++)
+        if (parts[i].v > 0) fprintf(f, "%s%s %s", k++ ? " + " : "", parts[i].name, plan_bytes_str(parts[i].v, b, sizeof b));
+    fprintf(f, " = %s\n", plan_bytes_str(m->total, b, sizeof b));
+}
+
+static const char *what_stage_does(const Recipe *r, const StageSpec *st, char *buf, size_t n) {
+    const char *d = st->data ? st->data : "-";
+    switch (st->kind) {
+    case STAGE_GENERATE:
+        snprintf(buf, n, "the teacher answers the prompts of '%s' -> data '%s' (up to %d new tokens, temperature %g%s)", d,
+                 st->output ? st->output : "?", st->max_new_tokens, st->sample_temperature,
+                 st->max_prompts ? ", first prompts only" : "");
+        break;
+    case STAGE_TEACHER_CACHE: snprintf(buf, n, "cache the teacher's top-%d logits over '%s'", st->top_k, d); break;
+    case STAGE_INIT:
+        snprintf(buf, n, "build the hybrid: Mamba layers %s", st->init_method == INIT_ATTENTION ? "from W_Q/W_K/W_V/W_O" : "random");
+        break;
+    case STAGE_LAYERWISE:
+    case STAGE_DISTILL:
+    case STAGE_SFT:
+        snprintf(buf, n, "train on '%s': loss %g CE + %g KL + %g reverse KL + %g MSE (T=%g), teacher %s", d, st->loss.ce, st->loss.kl,
+                 st->loss.reverse_kl, st->loss.mse, st->loss.temperature,
+                 st->teacher_logits == TEACHER_CACHE ? "from the cache" : "online");
+        break;
+    case STAGE_DPO: snprintf(buf, n, "DPO on '%s', beta %g, reference = the student at the stage start", d, st->beta); break;
+    case STAGE_EXPORT:
+        snprintf(buf, n, "export %s to %s", st->export_format == EXPORT_HF ? "MambaInLlama HF (safetensors)" : "?",
+                 st->export_dir ? st->export_dir : "RUN_DIR/export");
+        break;
+    case STAGE_EVAL: {
+        size_t o = (size_t)snprintf(buf, n, "perplexity, KL to the teacher, top-1 agreement on");
+        for (int k = 0; k < st->n_eval_sets && o < n; k++) o += (size_t)snprintf(buf + o, n - o, "%s '%s'", k ? "," : "", st->eval_sets[k]);
+        break;
+    }
+    default: snprintf(buf, n, "?");
+    }
+    return buf;
+}
+
+static void print_opt(FILE *f, const OptimSpec *o, const char *indent) {
+    static const char *const S[] = {"cosine", "linear", "constant"};
+    fprintf(f, "%soptimizer: AdamW lr %g betas (%g, %g) eps %g wd %g, warmup ", indent, o->lr, o->beta1, o->beta2, o->eps, o->weight_decay);
+    if (o->warmup_steps >= 0) fprintf(f, "%lld steps", (long long)o->warmup_steps);
+    else fprintf(f, "%g of the steps", o->warmup_ratio);
+    fprintf(f, ", %s to %g x lr, clip %g\n", S[o->schedule], o->min_lr_ratio, o->clip);
+}
+
+static void print_length(FILE *f, int64_t steps, double epochs) {
+    if (steps > 0) fprintf(f, "%lld steps", (long long)steps);
+    else fprintf(f, "%g epoch%s", epochs, epochs == 1 ? "" : "s");
+}
+
+void plan_print(const Recipe *r, FILE *f) {
+    char b1[32], b2[32], b3[512];
+    const LlamaConfig *c = &r->teacher_cfg.base;
+    char *run_dir = dl_path_join(r->run.output_dir, r->run.name);
+    fprintf(f, "recipe:   %s\nrun dir:  %s\n", r->path, run_dir);
+    free(run_dir);
+    fprintf(f, "teacher:  %s%s\n", r->teacher.path, r->teacher_found ? "" : "  (not found)");
+    if (!r->teacher_found) fprintf(f, "          not found, plan uses the config in %s\n", r->model_source);
+    fprintf(f, "model:    %d layers, d_model %d, %d heads / %d kv heads (head_dim %d), d_ff %d, vocab %d%s\n", c->n_layer, c->d_model,
+            c->n_head, c->n_kv_head, c->head_dim, c->d_ff, c->vocab, c->tied_embeddings ? ", tied embeddings" : "");
+    HybridConfig th;
+    hybrid_config_teacher(&th, c);
+    Registry treg;
+    model_build_registry(&th, &treg);
+    fprintf(f, "          teacher parameters %s\n", count_str(reg_params_numel(&treg), b1, sizeof b1));
+    reg_free(&treg);
+    fprintf(f, "hybrid:   %s, %d of %d layers keep attention", r->hybrid.mixer == 1 ? "mamba2" : "mamba1", r->hybrid.n_attn, c->n_layer);
+    if (r->hybrid.attn_fraction >= 0) fprintf(f, " (attn_fraction %g)", r->hybrid.attn_fraction);
+    fputc('\n', f);
+    fprintf(f, "device:   %s", r->run.device == DEVICE_CUDA ? "cuda" : "cpu");
+    if (r->run.device == DEVICE_CUDA)
+        fprintf(f, ", %d GPU%s, ZeRO-%d, recompute %s\n", r->hardware.gpus, r->hardware.gpus > 1 ? "s" : "", r->hardware.zero,
+                (const char *[]){"none", "mlp", "full"}[r->hardware.recompute]);
+    else fprintf(f, ", %d threads%s\n", r->run.threads, r->run.threads ? "" : " (0 = all cores)");
+    fprintf(f, "seed:     %lld\n", (long long)r->run.seed);
+    for (int i = 0; i < r->n_data; i++) {
+        const DataSpec *d = &r->data[i];
+        fprintf(f, "data %-12s %s, seq_len %d%s", d->name, (const char *[]){"text", "jsonl", "chat", "preference"}[d->format], d->seq_len,
+                d->packing ? ", packed" : "");
+        if (d->produced_by >= 0) fprintf(f, ", written by stage '%s'", r->stages[d->produced_by].name);
+        for (int k = 0; k < d->n_sources; k++) fprintf(f, "%s%s", k ? ", " : ", from ", d->sources[k]);
+        if (d->holdout > 0) fprintf(f, ", holdout %g", d->holdout);
+        fputc('\n', f);
+    }
+
+    double peak = 0;
+    for (int i = 0; i < r->n_stages; i++) {
+        const StageSpec *st = &r->stages[i];
+        const StageDef *def = dl_find_stage(st->kind);
+        fprintf(f, "\nstage %d/%d  %s '%s'%s\n", i + 1, r->n_stages, stage_kind_name(st->kind), st->name,
+                def ? "" : "  [not implemented in this build: the run would stop before stage 1]");
+        fprintf(f, "  %s\n", what_stage_does(r, st, b3, sizeof b3));
+        int nsteps = st->kind == STAGE_LAYERWISE ? st->n_schedule : 1;
+        for (int k = 0; k < nsteps; k++) {
+            const char *ind = "  ";
+            if (st->kind == STAGE_LAYERWISE) {
+                fprintf(f, "  schedule step %d/%d: ", k + 1, nsteps);
+                print_length(f, st->schedule[k].steps, st->schedule[k].epochs);
+                fputc('\n', f);
+                ind = "    ";
+            }
+            HybridConfig h;
+            DlError e;
+            StagePlan p;
+            if (recipe_stage_layout(r, st, k, &h, &e) || plan_stage(r, st, k, &p, &e)) {
+                fprintf(f, "%splan error: %s\n", ind, e.msg);
+                continue;
+            }
+            if (st->kind != STAGE_EXPORT) print_layout(f, &h, ind);
+            if (stage_kind_trains(st->kind)) {
+                fprintf(f, "%sparams:    %s total, %s trainable (%.1f%%) [%s]\n", ind, count_str(p.params_total, b1, sizeof b1),
+                        count_str(p.params_trainable, b2, sizeof b2), 100.0 * (double)p.params_trainable / (double)DL_MAX(1, p.params_total),
+                        st->trainable);
+                fprintf(f, "%stokens:    %lld per step = %d micro-batch x %d accum x %d GPU x %d seq_len%s\n", ind,
+                        (long long)p.tokens_per_step, st->opt.micro_batch, st->opt.grad_accum, r->hardware.gpus, seq_len_of(r, st),
+                        st->kind == STAGE_DPO ? " x 2 (chosen, rejected)" : "");
+            } else if (st->kind != STAGE_EXPORT) {
+                fprintf(f, "%sparams:    %s (no training)\n", ind, count_str(p.params_total, b1, sizeof b1));
+            }
+            if (st->kind != STAGE_EXPORT) print_mem(f, r, &p, ind);
+            peak = DL_MAX(peak, p.mem.total);
+        }
+        if (stage_kind_trains(st->kind)) {
+            if (st->kind != STAGE_LAYERWISE) {
+                fprintf(f, "  length:    ");
+                print_length(f, st->steps, st->epochs);
+                fputc('\n', f);
+            }
+            print_opt(f, &st->opt, "  ");
+        }
+    }
+    fprintf(f, "\npeak memory estimate %s: %s\n", r->run.device == DEVICE_CUDA ? "per GPU" : "(host)", plan_bytes_str(peak, b1, sizeof b1));
+    for (int i = 0; i < r->n_warnings; i++) fprintf(f, "warning: %s\n", r->warnings[i]);
+    int missing = 0;
+    for (int i = 0; i < r->n_stages; i++) missing += dl_find_stage(r->stages[i].kind) == NULL;
+    if (missing) fprintf(f, "note: %d stage%s not implemented in this build\n", missing, missing > 1 ? "s are" : " is");
+}
