@@ -1,0 +1,101 @@
+// train_loop.h: the one training loop shared by the layerwise, distill, sft (and, through its own loss,
+// dpo) stages: micro-batches from a BatchSource, the teacher's logits (and hidden states) online, the loss
+// mix (CE, forward/reverse KL, hidden-state MSE), gradient accumulation, the optimizer, metrics and
+// progress, a checkpoint every N steps and at the end, and exact resume.
+//
+// Resume is bit-exact: a checkpoint holds the weights, the optimizer (m, v, counters, outlier window), the
+// batch source's position (its save/restore callbacks) and the step. Every computation is deterministic
+// (fixed-order reductions), so steps after a resume produce the same losses, bit for bit, as an
+// uninterrupted run with the same configuration and thread count... and in fact any thread count, where
+// the engine's reductions are thread-count independent.
+//
+// Steps are numbered within the stage: a loop may cover a sub-range [step_offset, step_offset + steps) of
+// its stage (layerwise schedule steps run one loop each), so checkpoint names and metrics rows stay
+// monotone over the whole stage.
+#pragma once
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "distill/checkpoint.h"
+#include "distill/common.h"
+#include "distill/engine.h"
+#include "distill/metrics.h"
+#include "distill/model.h"
+#include "distill/optim.h"
+#include "distill/registry.h"
+
+// One micro-batch of B rows of T tokens (arrays owned by the loop, B*T each).
+typedef struct {
+    int64_t B, T;
+    int32_t *tokens;   // inputs
+    int32_t *targets;  // next-token targets (< 0: no loss at this position)
+    uint8_t *mask;     // 1 where the loss counts (e.g. assistant tokens); the loop passes it to the loss
+    uint8_t *reset;    // 1 where a packed document starts
+} TrainBatch;
+
+// Where micro-batches come from. next() fills b (all four arrays) and returns 0, or -1 with e. save() puts
+// the position into the checkpoint state (ckpt_state_set_int/blob/rng); restore() reads it back so that the
+// next next() returns what it would have returned in the uninterrupted run.
+typedef struct {
+    void *ctx;
+    int (*next)(void *ctx, TrainBatch *b, DlError *e);
+    void (*save)(void *ctx, CkptState *st);
+    int (*restore)(void *ctx, const CkptState *st, DlError *e);
+} BatchSource;
+
+typedef struct {
+    // the student: trainable flags of reg must be set (reg_set_trainable) before train_run
+    const HybridConfig *hc;
+    const Registry *reg;
+    float *params;
+    // the teacher, for KL and MSE terms (NULL when the loss has neither)
+    const HybridConfig *teacher_hc;
+    const Registry *teacher_reg;
+    const float *teacher_params;
+    // loss: w.ce, w.kl, w.rkl, w.temperature; mse: weight of the mean squared hidden-state difference over
+    // the outputs of the student's Mamba layers (teacher hidden state of the same layer as target)
+    LossWeights w;
+    double mse;
+    // batches: micro_batch rows of seq_len tokens; opt.grad_accum micro-batches per step
+    int64_t micro_batch, seq_len;
+    OptimConfig opt;         // opt.total_steps = steps of this loop
+    // run bookkeeping
+    const char *run_dir;
+    int stage_index;
+    const char *stage_name;
+    int64_t step_offset;     // first step of this loop within the stage
+    int64_t checkpoint_every;  // steps between checkpoints (0: only at the end)
+    int keep_checkpoints;
+    const char *recipe_text; // saved in checkpoints (may be NULL)
+    Metrics *metrics;        // may be NULL
+    int max_consecutive_skips;  // abort after this many skipped steps in a row (0: 25)
+    // resume: a checkpoint of this stage, inside this loop's step range (NULL: start fresh)
+    const char *resume_from;
+    // extra state for the checkpoints of this loop (e.g. the layerwise schedule step); may be NULL
+    void (*annotate)(void *ctx, CkptState *st);
+    void *annotate_ctx;
+    // observer of each step (tests, callers that collect losses); may be NULL
+    void (*on_step)(void *ctx, int64_t step, double loss, const OptimResult *r);
+    void *on_step_ctx;
+    // for tests: return after this many steps of this process (a simulated kill; 0: run to the end)
+    int64_t stop_after;
+} TrainConfig;
+
+typedef struct {
+    int64_t steps_done;     // steps of this loop completed (including resumed ones)
+    double last_loss;
+    double tokens_per_s;    // over the steps run by this process
+    int64_t n_skipped;
+    bool stopped;           // returned because of stop_after
+    char last_checkpoint[512];
+} TrainResult;
+
+// Runs the loop. Returns 0, or -1 with e (bad config, data error, divergence, checkpoint write failure).
+int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError *e);
+
+// Checkpoint state keys the loop writes (besides the batch source's and annotate's keys).
+#define TRAIN_KEY_OFFSET "train.step_offset"
+#define TRAIN_KEY_TOTAL "train.total_steps"
+#define TRAIN_KEY_TOKENS "train.tokens"
+#define TRAIN_KEY_DONE "train.done"       // 1 in the checkpoint written at the loop's last step
+#define TRAIN_KEY_MIXERS "model.mixers"  // blob: one byte per layer, MixerKind (the hybrid layout)
