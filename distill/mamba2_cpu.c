@@ -213,15 +213,18 @@ void mamba2_backward(const HybridConfig *h, const Registry *r, const float *para
     const Dims m = dims_of(h);
     const Tensors tn = tensors_of(h, r, params, layer);
     const int64_t T = B * L, H = m.H, P = m.P, N = m.N, di = m.di, xbc = m.xbc, n_in = m.n_in;
-    float *g_in = grads + tn.off[T_IN], *g_out = grads + tn.off[T_OUT], *g_norm = grads + tn.off[T_NORM];
+    if (!grads && !dx) return;
+    float *g_in = grads ? grads + tn.off[T_IN] : NULL, *g_out = grads ? grads + tn.off[T_OUT] : NULL;
+    float *g_norm = grads ? grads + tn.off[T_NORM] : NULL;
     float *dyn = dl_malloc((size_t)(T * di) * sizeof(float));
     float *dproj = dl_malloc((size_t)(T * n_in) * sizeof(float));
     float *dys = dl_malloc((size_t)(T * di) * sizeof(float));
     // out_proj: dyn = dout @ W_out; dW_out += dout^T @ yn
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)T, (int)di, (int)m.d, 1.f, dout, (int)m.d,
                 tn.p[T_OUT], (int)di, 0.f, dyn, (int)di);
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)m.d, (int)di, (int)T, 1.f, dout, (int)m.d, a->yn,
-                (int)di, 1.f, g_out, (int)di);
+    if (grads)
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)m.d, (int)di, (int)T, 1.f, dout, (int)m.d, a->yn,
+                    (int)di, 1.f, g_out, (int)di);
     // gated norm backward, per (token, head): yhat = g * rstd, yn = yhat * w
     const float *nw = tn.p[T_NORM];
 #pragma omp parallel for schedule(static)
@@ -247,15 +250,17 @@ void mamba2_backward(const HybridConfig *h, const Registry *r, const float *para
         }
     }
     // norm weight: sum over tokens in order, parallel over channels
+    if (grads) {
 #pragma omp parallel for schedule(static)
-    for (int64_t c = 0; c < di; c++) {
-        const int64_t hh = c / P;
-        float acc = 0.f;
-        for (int64_t t = 0; t < T; t++) {
-            const float zv = a->proj[t * n_in + c];
-            acc += dyn[t * di + c] * a->y[t * di + c] * silu_f(zv) * a->rstd[t * H + hh];
+        for (int64_t c = 0; c < di; c++) {
+            const int64_t hh = c / P;
+            float acc = 0.f;
+            for (int64_t t = 0; t < T; t++) {
+                const float zv = a->proj[t * n_in + c];
+                acc += dyn[t * di + c] * a->y[t * di + c] * silu_f(zv) * a->rstd[t * H + hh];
+            }
+            g_norm[c] += acc;
         }
-        g_norm[c] += acc;
     }
     free(dyn);
     // scan backward
@@ -268,7 +273,7 @@ void mamba2_backward(const HybridConfig *h, const Registry *r, const float *para
     ssd_bwd_cpu(&sh, s.xr, s.dt, s.A, s.Br, s.Cc, tn.p[T_D], tn.p[T_DTB], reset, NULL, dys, NULL, dxr, ddt, dA, dBr, dCc,
                 dD, dbias, NULL);
     free(dys);
-    for (int64_t hh = 0; hh < H; hh++) {
+    for (int64_t hh = 0; grads && hh < H; hh++) {
         grads[tn.off[T_ALOG] + hh] += dA[hh] * s.A[hh];  // A = -exp(A_log): dA/dA_log = A
         grads[tn.off[T_D] + hh] += dD[hh];
         grads[tn.off[T_DTB] + hh] += dbias[hh];
@@ -296,17 +301,21 @@ void mamba2_backward(const HybridConfig *h, const Registry *r, const float *para
     // conv backward (dw, dbias written into temporaries, then added)
     float *dcw = dl_malloc((size_t)(xbc * m.W) * sizeof(float)), *dcb = dl_malloc((size_t)xbc * sizeof(float));
     conv1d_silu_bwd_cpu(B, L, xbc, m.W, a->xraw, tn.p[T_CONVW], tn.p[T_CONVB], reset, NULL, 1, dxc, dxraw, dcw, dcb);
-    for (int64_t i = 0; i < xbc * m.W; i++) grads[tn.off[T_CONVW] + i] += dcw[i];
-    for (int64_t i = 0; i < xbc; i++) grads[tn.off[T_CONVB] + i] += dcb[i];
+    if (grads) {
+        for (int64_t i = 0; i < xbc * m.W; i++) grads[tn.off[T_CONVW] + i] += dcw[i];
+        for (int64_t i = 0; i < xbc; i++) grads[tn.off[T_CONVB] + i] += dcb[i];
+    }
     free(dcw), free(dcb), free(dxc);
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < T; t++) memcpy(dproj + t * n_in + di, dxraw + t * xbc, (size_t)xbc * sizeof(float));
     free(dxraw);
     // in_proj: dx = dproj @ W_in; dW_in += dproj^T @ u
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)T, (int)m.d, (int)n_in, 1.f, dproj, (int)n_in,
-                tn.p[T_IN], (int)m.d, 0.f, dx, (int)m.d);
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)n_in, (int)m.d, (int)T, 1.f, dproj, (int)n_in, a->u,
-                (int)m.d, 1.f, g_in, (int)m.d);
+    if (dx)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)T, (int)m.d, (int)n_in, 1.f, dproj, (int)n_in,
+                    tn.p[T_IN], (int)m.d, 0.f, dx, (int)m.d);
+    if (grads)
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)n_in, (int)m.d, (int)T, 1.f, dproj, (int)n_in, a->u,
+                    (int)m.d, 1.f, g_in, (int)m.d);
     free(dproj);
 }
 

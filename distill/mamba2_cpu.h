@@ -43,6 +43,7 @@ void mamba2_forward(const HybridConfig *h, const Registry *r, const float *param
 
 // Backward of the last mamba2_forward that filled acts (same B, L, reset). dout [B,L,d_model] in;
 // dx [B,L,d_model] written; grads (same layout as params) has this layer's gradients ADDED into it.
+// grads NULL: a frozen layer (only dx); dx NULL: the lowest trained layer (no input gradient needed).
 // Deterministic: every reduction runs in a fixed order independent of the thread count.
 void mamba2_backward(const HybridConfig *h, const Registry *r, const float *params, int layer, int64_t B, int64_t L,
                      const uint8_t *reset, const float *dout, float *dx, float *grads, Mamba2Acts *acts);

@@ -287,6 +287,15 @@ static void test_backward(int d, int nh, int nkv, int hd, int64_t B, int64_t L) 
         printf("backward d%-20s rel err vs float64 FD %.2e\n", TNAMES[k], e);
         free(fd), free(g);
     }
+    // frozen layer (grads NULL) gives the same dx; lowest layer (dx NULL) gives the same grads
+    {
+        float *dxf = fnan(T * d), *gl = calloc((size_t)m.r.numel, sizeof(float));
+        mamba2_backward(&m.h, &m.r, m.p, m.layer, B, L, reset, dout, dxf, NULL, a);
+        mamba2_backward(&m.h, &m.r, m.p, m.layer, B, L, reset, dout, NULL, gl, a);
+        CHECK(memcmp(dxf, dx, (size_t)(T * d) * 4) == 0);
+        CHECK(memcmp(gl, grads, (size_t)m.r.numel * 4) == 0);
+        free(dxf), free(gl);
+    }
     // determinism: a second backward gives the same bits
     float *grads2 = calloc((size_t)m.r.numel, sizeof(float)), *grads3 = calloc((size_t)m.r.numel, sizeof(float));
     float *dx2 = fnan(T * d);
