@@ -3,7 +3,7 @@
 // Memory model, per GPU (device cuda) or host (device cpu). P = student parameters, P_t = trainable ones,
 // P_T = teacher parameters, G = hardware.gpus, Z = hardware.zero; "/G if Z>=k" is ZeRO sharding.
 //
-//   cuda: weights = 2 P (bf16 working copy)          /G if Z>=3
+//   cuda: weights = 2 P (bf16 working copy)          /G if Z>=3 (training stages; inference stages keep whole copies)
 //         master  = 4 P_t (fp32 master weights)      /G if Z>=1
 //         grads   = 4 P_t (fp32, accumulated)        /G if Z>=2
 //         optim   = 8 P_t (AdamW m and v, fp32)      /G if Z>=1
@@ -123,13 +123,15 @@ int plan_stage(const Recipe *r, const StageSpec *st, int step, StagePlan *p, DlE
     const bool teacher_only = st->kind == STAGE_GENERATE || st->kind == STAGE_TEACHER_CACHE;
 
     // ---- parameters and optimizer state
-    if (!teacher_only) m->weights = (cuda ? 2 * P : 4 * P) / (cuda && Z >= 3 ? G : 1);
+    if (!teacher_only) m->weights = (cuda ? 2 * P : 4 * P) / (cuda && Z >= 3 && train ? G : 1);
     if (train) {
         if (cuda) m->master = 4 * Pt / (Z >= 1 ? G : 1);
         m->grads = 4 * Pt / (Z >= 2 ? G : 1);
         m->optim = 8 * Pt / (Z >= 1 ? G : 1);
     }
-    if (needs_teacher_online(st)) m->frozen_model = (cuda ? 2 : 4) * PT / (cuda && Z >= 3 ? G : 1);
+    // a teacher used inside training is sharded like the student under ZeRO-3; the inference stages
+    // (generate, teacher_cache, eval, init) keep a whole copy per GPU
+    if (needs_teacher_online(st)) m->frozen_model = (cuda ? 2 : 4) * PT / (cuda && Z >= 3 && train ? G : 1);
     if (st->kind == STAGE_DPO) m->frozen_model = (cuda ? 2 : 4) * P / (cuda && Z >= 3 ? G : 1);
 
     // ---- activations and logits
@@ -222,7 +224,8 @@ static const char *what_stage_does(const Recipe *r, const StageSpec *st, char *b
     case STAGE_SFT:
         snprintf(buf, n, "train on '%s': loss %g CE + %g KL + %g reverse KL + %g MSE (T=%g), teacher %s", d, st->loss.ce, st->loss.kl,
                  st->loss.reverse_kl, st->loss.mse, st->loss.temperature,
-                 st->teacher_logits == TEACHER_CACHE ? "from the cache" : "online");
+                 !needs_teacher_online(st) && st->teacher_logits == TEACHER_ONLINE ? "not needed"
+                 : st->teacher_logits == TEACHER_CACHE ? "logits from the cache" : "online");
         break;
     case STAGE_DPO: snprintf(buf, n, "DPO on '%s', beta %g, reference = the student at the stage start", d, st->beta); break;
     case STAGE_EXPORT:
