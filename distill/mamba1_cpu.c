@@ -71,17 +71,20 @@ static void linear_bwd_w(const float *dout, const float *in, float *dW, int64_t 
                 (int)k);
 }
 
+// Parallel regions only pay off above a few thousand elements (a decode step has B rows).
+#define PAR_MIN_ELEMS 32768
+
 // repeat_kv over groups of N channels: xr[t, g*N + n] = xs[t, (g/rep)*N + n], g < d_inner/N.
 static void repeat_groups(const HybridConfig *h, int64_t T, const float *xs, float *xr) {
     const int64_t di = h->d_inner, dxb = h->d_xb, N = h->d_state, rep = di / dxb, G = di / N;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (T * di >= PAR_MIN_ELEMS)
     for (int64_t t = 0; t < T; t++)
         for (int64_t g = 0; g < G; g++) memcpy(xr + t * di + g * N, xs + t * dxb + (g / rep) * N, (size_t)N * sizeof(float));
 }
 // Its adjoint: dxs[t, j*N + n] = sum over the rep copies, in a fixed order.
 static void repeat_groups_bwd(const HybridConfig *h, int64_t T, const float *dxr, float *dxs) {
     const int64_t di = h->d_inner, dxb = h->d_xb, N = h->d_state, rep = di / dxb, Gb = dxb / N;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (T * di >= PAR_MIN_ELEMS)
     for (int64_t t = 0; t < T; t++)
         for (int64_t j = 0; j < Gb; j++)
             for (int64_t n = 0; n < N; n++) {
@@ -292,7 +295,7 @@ void mamba1_backward(const HybridConfig *h, const Registry *r, const float *para
         for (int64_t i = 0; i < di * N; i++) g_alog[i] += dA[i] * A[i];  // A = -exp(A_log): dA/dA_log = A
         for (int64_t c = 0; c < di; c++) g_D[c] += dD[c];
         // dt_proj.bias enters twice: through dt_proj (sum of ddt over tokens) and as delta_bias (ddb)
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (T * di >= PAR_MIN_ELEMS)
         for (int64_t c = 0; c < di; c++) {
             float sum = 0.0f;
             for (int64_t t = 0; t < T; t++) sum += ddt[t * di + c];

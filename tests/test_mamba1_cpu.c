@@ -7,7 +7,9 @@
 //   * init: exact copies (C_proj == q_proj, B_proj == k_proj, in_proj_x == v_proj, out_proj == o_proj, shared
 //     tensors), the init distributions, determinism, hybrid -> hybrid growth, and errors.
 // `test_mamba1_cpu --io DIR` is a helper for tests/py/test_mamba_ref.py (PyTorch reference): see io_mode().
+#include <cblas.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -703,6 +705,44 @@ static void test_packed_vs_documents(void) {
     reg_free(&r);
 }
 
+// Bitwise the same results with 1 and 2 OpenMP threads (every reduction of the mixer and of the scan / conv
+// twins has a fixed order). OpenBLAS is pinned to one thread here: its sgemm results depend on its own
+// thread count, which the engine fixes per run.
+static void test_thread_independence(void) {
+    HybridConfig h;
+    Registry r;
+    make_hybrid(&h, &r, 96, 6, 2, 16);
+    Dims m = dims_of(&h);
+    const int64_t B = 3, L = 40, T = B * L, d = m.d;
+    float *p = calloc((size_t)r.numel, sizeof(float));
+    random_params(&h, &r, p, 21);
+    Rng rg;
+    rng_init(&rg, 21, 21);
+    float *x = malloc((size_t)(T * d) * sizeof(float)), *o[2], *dx[2], *g[2];
+    fill_rand(x, T * d, 1.0, &rg);
+    uint8_t *reset = calloc((size_t)T, 1);
+    reset[L + 7] = reset[2 * L + 30] = 1;
+    const int omp0 = omp_get_max_threads(), blas0 = openblas_get_num_threads();
+    openblas_set_num_threads(1);
+    Mamba1Acts *a = mamba1_acts_new(&h, B, L);
+    for (int k = 0; k < 2; k++) {
+        omp_set_num_threads(k + 1);
+        o[k] = malloc((size_t)(T * d) * sizeof(float)), dx[k] = malloc((size_t)(T * d) * sizeof(float));
+        g[k] = calloc((size_t)r.numel, sizeof(float));
+        mamba1_forward(&h, &r, p, 0, B, L, x, reset, o[k], a);
+        mamba1_backward(&h, &r, p, 0, B, L, reset, x, dx[k], g[k], a);
+    }
+    omp_set_num_threads(omp0);
+    openblas_set_num_threads(blas0);
+    CHECK(memcmp(o[0], o[1], (size_t)(T * d) * sizeof(float)) == 0);
+    CHECK(memcmp(dx[0], dx[1], (size_t)(T * d) * sizeof(float)) == 0);
+    CHECK(memcmp(g[0], g[1], (size_t)r.numel * sizeof(float)) == 0);
+    mamba1_acts_free(a);
+    for (int k = 0; k < 2; k++) free(o[k]), free(dx[k]), free(g[k]);
+    free(p), free(x), free(reset);
+    reg_free(&r);
+}
+
 // ---- init
 static void make_llama(LlamaConfig *c, bool tied) {
     *c = (LlamaConfig){.n_layer = 4, .d_model = 96, .n_head = 6, .n_kv_head = 2, .head_dim = 16, .d_ff = 64,
@@ -1023,6 +1063,7 @@ int main(int argc, char **argv) {
     test_prefill_decode();
     test_multistep();
     test_packed_vs_documents();
+    test_thread_independence();
     test_init();
     return check_report("test_mamba1_cpu");
 }
