@@ -4,6 +4,8 @@
 #include <math.h>
 #include <string.h>
 
+#include "distill/engine.h"
+
 typedef struct {
     Engine *student, *teacher;
     float *grads;     // [reg->numel]

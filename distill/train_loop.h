@@ -18,7 +18,7 @@
 
 #include "distill/checkpoint.h"
 #include "distill/common.h"
-#include "distill/engine.h"
+#include "distill/losses.h"
 #include "distill/metrics.h"
 #include "distill/model.h"
 #include "distill/optim.h"

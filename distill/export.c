@@ -1,0 +1,167 @@
+// export.c: see export.h.
+#include "distill/export.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <ftw.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "distill/safetensors.h"
+
+static MixerKind hybrid_kind(const HybridConfig *h) {
+    for (int l = 0; l < h->base.n_layer; l++)
+        if (h->mixer[l] != MIXER_ATTN) return h->mixer[l];
+    return MIXER_ATTN;
+}
+
+char *export_config_json(const HybridConfig *h, DType dtype, const char *name_or_path) {
+    const LlamaConfig *c = &h->base;
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "_name_or_path", name_or_path ? name_or_path : "distill");
+    cJSON *arch = cJSON_AddArrayToObject(o, "architectures");
+    cJSON_AddItemToArray(arch, cJSON_CreateString("LlamaForCausalLM"));
+    cJSON_AddStringToObject(o, "model_type", "llama");
+    cJSON_AddBoolToObject(o, "attention_bias", false);
+    cJSON_AddNumberToObject(o, "attention_dropout", 0.0);
+    if (c->bos_id >= 0) cJSON_AddNumberToObject(o, "bos_token_id", c->bos_id);
+    if (c->eos_id >= 0) cJSON_AddNumberToObject(o, "eos_token_id", c->eos_id);
+    cJSON_AddNumberToObject(o, "head_dim", c->head_dim);
+    cJSON_AddStringToObject(o, "hidden_act", "silu");
+    cJSON_AddNumberToObject(o, "hidden_size", c->d_model);
+    cJSON_AddNumberToObject(o, "initializer_range", 0.02);
+    cJSON_AddNumberToObject(o, "intermediate_size", c->d_ff);
+    cJSON_AddNumberToObject(o, "max_position_embeddings", c->max_pos);
+    cJSON_AddBoolToObject(o, "mlp_bias", false);
+    cJSON_AddNumberToObject(o, "num_attention_heads", c->n_head);
+    cJSON_AddNumberToObject(o, "num_hidden_layers", c->n_layer);
+    cJSON_AddNumberToObject(o, "num_key_value_heads", c->n_kv_head);
+    cJSON_AddNumberToObject(o, "pretraining_tp", 1);
+    cJSON_AddNumberToObject(o, "rms_norm_eps", c->rms_eps);
+    if (c->rope_factor > 0) {
+        cJSON *rs = cJSON_AddObjectToObject(o, "rope_scaling");
+        cJSON_AddNumberToObject(rs, "factor", c->rope_factor);
+        cJSON_AddNumberToObject(rs, "high_freq_factor", c->rope_high_freq_factor);
+        cJSON_AddNumberToObject(rs, "low_freq_factor", c->rope_low_freq_factor);
+        cJSON_AddNumberToObject(rs, "original_max_position_embeddings", c->rope_orig_max_pos);
+        cJSON_AddStringToObject(rs, "rope_type", "llama3");
+    } else {
+        cJSON_AddNullToObject(o, "rope_scaling");
+    }
+    cJSON_AddNumberToObject(o, "rope_theta", c->rope_theta);
+    cJSON_AddBoolToObject(o, "tie_word_embeddings", c->tied_embeddings);
+    cJSON_AddStringToObject(o, "torch_dtype", dtype == DT_BF16 ? "bfloat16" : dtype == DT_F16 ? "float16" : "float32");
+    cJSON_AddBoolToObject(o, "use_cache", true);
+    cJSON_AddNumberToObject(o, "vocab_size", c->vocab);
+    char *s = cJSON_Print(o);
+    cJSON_Delete(o);
+    return s;
+}
+
+char *export_mamba_config_json(const HybridConfig *h) {
+    const LlamaConfig *c = &h->base;
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "d_model", c->d_model);
+    cJSON *ssm = cJSON_AddObjectToObject(o, "ssm_cfg");
+    cJSON_AddNumberToObject(ssm, "expand", 1);
+    if (hybrid_kind(h) == MIXER_MAMBA2) {  // MambaInLlama's Mamba-2: one group per head, d_state = head_dim
+        cJSON_AddNumberToObject(ssm, "ngroups", c->n_head);
+        cJSON_AddNumberToObject(ssm, "d_state", h->d_state);
+    }
+    cJSON_AddNumberToObject(o, "rms_norm_eps", c->rms_eps);
+    cJSON_AddNullToObject(o, "vocab_size");
+    cJSON_AddNumberToObject(o, "d_inner", h->d_inner);
+    cJSON_AddNumberToObject(o, "d_xb", h->d_xb);
+    cJSON_AddNumberToObject(o, "intermediate_size", c->d_ff);
+    cJSON_AddStringToObject(o, "hidden_act", "silu");
+    cJSON_AddNumberToObject(o, "n_layer", c->n_layer);
+    cJSON *al = cJSON_AddArrayToObject(o, "attn_layers");
+    for (int l = 0; l < c->n_layer; l++)
+        if (h->mixer[l] == MIXER_ATTN) cJSON_AddItemToArray(al, cJSON_CreateNumber(l));
+    char *s = cJSON_Print(o);
+    cJSON_Delete(o);
+    return s;
+}
+
+static int write_text(const char *dir, const char *name, const char *text, DlError *e) {
+    char *p = dl_path_join(dir, name);
+    FILE *f = fopen(p, "wb");
+    int rc = 0;
+    if (!f) rc = dl_fail(e, "%s: cannot create: %s", p, strerror(errno));
+    else {
+        size_t n = strlen(text);
+        if (fwrite(text, 1, n, f) != n || fputc('\n', f) == EOF || fflush(f) || fsync(fileno(f))) rc = dl_fail(e, "%s: write failed: %s", p, strerror(errno));
+        if (fclose(f) && !rc) rc = dl_fail(e, "%s: close failed: %s", p, strerror(errno));
+    }
+    free(p);
+    return rc;
+}
+
+static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
+    (void)sb, (void)flag, (void)ftw;
+    return remove(path);
+}
+static void rm_tree(const char *path) { nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS); }
+
+int export_hf(const char *dir, const HybridConfig *h, const Registry *r, const float *params, const ExportOptions *o,
+              DlError *e) {
+    if (o->dtype != DT_F32 && o->dtype != DT_BF16 && o->dtype != DT_F16)
+        return dl_fail(e, "export: dtype %s not supported (f32, bf16 or f16)", dtype_name(o->dtype));
+    size_t dl = strlen(dir);
+    while (dl > 1 && dir[dl - 1] == '/') dl--;
+    char *final = dl_malloc(dl + 1);
+    memcpy(final, dir, dl);
+    final[dl] = 0;
+    char *tmp = dl_malloc(dl + 32), *old = dl_malloc(dl + 32);
+    snprintf(tmp, dl + 32, "%s.tmp-%d", final, (int)getpid());
+    snprintf(old, dl + 32, "%s.old-%d", final, (int)getpid());
+    rm_tree(tmp);
+    int rc = -1;
+    StWriteTensor *wt = dl_calloc((size_t)(r->n ? r->n : 1), sizeof *wt);
+    void **bufs = dl_calloc((size_t)(r->n ? r->n : 1), sizeof *bufs);
+    char *cfg = NULL, *mcfg = NULL;
+    if (dl_mkdirs(tmp, e)) goto out;
+    for (int i = 0; i < r->n; i++) {
+        const TensorInfo *t = &r->t[i];
+        const float *src = params + t->offset;
+        wt[i] = (StWriteTensor){t->name, o->dtype, t->ndim, t->shape, src};
+        if (o->dtype == DT_F32) continue;
+        uint16_t *b = dl_malloc((size_t)t->numel * 2);
+        for (int64_t k = 0; k < t->numel; k++) b[k] = o->dtype == DT_BF16 ? f32_to_bf16(src[k]) : f32_to_f16(src[k]);
+        bufs[i] = b;
+        wt[i].data = b;
+    }
+    const char *meta[2] = {"format", "pt"};
+    int n_shards = 0;
+    if (st_write_sharded(tmp, wt, r->n, o->max_shard_bytes ? o->max_shard_bytes : UINT64_MAX / 4, meta, 1, &n_shards, e))
+        goto out;
+    cfg = export_config_json(h, o->dtype, o->name_or_path);
+    if (write_text(tmp, "config.json", cfg, e)) goto out;
+    if (hybrid_n_attn(h) < h->base.n_layer) {
+        mcfg = export_mamba_config_json(h);
+        if (write_text(tmp, "mamba_config.json", mcfg, e)) goto out;
+    }
+    // swap into place: DIR -> DIR.old, tmp -> DIR, remove DIR.old
+    bool had = dl_file_exists(final);
+    if (had && rename(final, old) != 0) {
+        dl_fail(e, "export: cannot move the previous %s aside: %s", final, strerror(errno));
+        goto out;
+    }
+    if (rename(tmp, final) != 0) {
+        dl_fail(e, "export: cannot rename %s to %s: %s", tmp, final, strerror(errno));
+        if (had) rename(old, final);
+        goto out;
+    }
+    if (had) rm_tree(old);
+    rc = 0;
+out:
+    if (rc) rm_tree(tmp);
+    for (int i = 0; i < r->n; i++) free(bufs[i]);
+    free(bufs);
+    free(wt);
+    cJSON_free(cfg);
+    cJSON_free(mcfg);
+    free(final), free(tmp), free(old);
+    return rc;
+}
