@@ -8,7 +8,8 @@ Three implementations of one random layer are compared:
   * a float64 NumPy transcription of MambaInLlama's layer (mambainllama.md §1b), written here, sequential.
 The semantic differences found are recorded in docs/EXPORTS.md; the ones that can be shown are asserted here
 (HF with a whole-d_inner gated norm, as older transformers versions and HF Bamba/Mamba2 with n_groups = 1
-compute it, differs; HF with the per-group norm matches).
+compute it, differs; HF with the per-group norm matches); HF's cached decode path matches too; and the zero
+padding of heads and state dimensions (for engines' shape limits) is exact.
 """
 import os
 import struct
@@ -76,6 +77,36 @@ class Layer:
         }
 
 
+    def granite_weights_padded(self, H2, N2):
+        """export.md §3.2 zero padding: H2 >= H heads (extra heads: zero in_proj rows, conv weights and bias,
+        out_proj columns) and d_state N2 >= N (extra state dims: zero B/C rows and conv channels)."""
+        w = self.granite_weights()
+        H, P, N, d = self.H, self.P, self.N, self.d
+
+        def blocks(t, size, rows):  # [H*size, ...] -> [H2, rows, ...] zero padded
+            t = t.reshape(H, size, *t.shape[1:])
+            out = np.zeros((H2, rows, *t.shape[2:]), np.float32)
+            out[:H, :size] = t
+            return out.reshape(H2 * rows, *t.shape[2:])
+
+        def split_xbc(t):  # standard-layout xBC channels -> padded
+            x, B, C = t[: self.di], t[self.di: self.di + H * N], t[self.di + H * N:]
+            return np.concatenate([blocks(x, P, P), blocks(B, N, N2), blocks(C, N, N2)], axis=0)
+
+        W = w["in_proj.weight"]
+        z, xbc, dt = W[: self.di], W[self.di: self.di + self.di + 2 * H * N], W[self.di + self.di + 2 * H * N:]
+        pad1 = lambda v, fill: np.concatenate([v, np.full(H2 - H, fill, np.float32)])  # noqa: E731
+        out_proj = np.zeros((d, H2 * P), np.float32)
+        out_proj[:, : H * P] = w["out_proj.weight"]
+        return {
+            "in_proj.weight": np.concatenate([blocks(z, P, P), split_xbc(xbc), blocks(dt, 1, 1)], axis=0),
+            "conv1d.weight": split_xbc(w["conv1d.weight"]), "conv1d.bias": split_xbc(w["conv1d.bias"]),
+            "dt_bias": pad1(self.dt_bias, 0.5), "A_log": pad1(self.A_log, 1.0), "D": pad1(self.D, 1.0),
+            "norm.weight": np.concatenate([self.norm_w, np.ones((H2 - H) * P, np.float32)]),
+            "out_proj.weight": out_proj,
+        }
+
+
 def run_ours(tmp_path, layer, x):
     Bn, L, _ = x.shape
     inp, out = tmp_path / "in.bin", tmp_path / "out.bin"
@@ -123,15 +154,16 @@ def ref_mambainllama(layer, x):
     return out
 
 
-def m_config(layer, chunk_size=256):
+def m_config(layer, chunk_size=256, H=None, N=None):
+    H, N = H or layer.H, N or layer.N
     # GraniteMoeHybridConfig.mamba_expand is an int (strictly validated): d_inner must be a multiple of d_model
-    assert layer.di % layer.d == 0, "not representable: pad heads with zero rows (export.md §3.2) first"
+    assert (H * layer.P) % layer.d == 0, "not representable: pad heads with zero rows (export.md §3.2) first"
     return GraniteMoeHybridConfig(
         vocab_size=16, hidden_size=layer.d, intermediate_size=8, shared_intermediate_size=8,
         num_hidden_layers=1, num_attention_heads=layer.H, num_key_value_heads=layer.kv,
         layer_types=["mamba"], num_local_experts=0, num_experts_per_tok=0,
-        mamba_n_heads=layer.H, mamba_d_head=layer.P, mamba_n_groups=layer.H, mamba_d_state=layer.N,
-        mamba_expand=layer.di // layer.d, mamba_d_conv=D_CONV, mamba_conv_bias=True, mamba_proj_bias=False,
+        mamba_n_heads=H, mamba_d_head=layer.P, mamba_n_groups=H, mamba_d_state=N,
+        mamba_expand=H * layer.P // layer.d, mamba_d_conv=D_CONV, mamba_conv_bias=True, mamba_proj_bias=False,
         mamba_chunk_size=chunk_size, rms_norm_eps=layer.eps, hidden_act="silu",
     )
 
@@ -213,4 +245,21 @@ def test_granite_decode_matches(tmp_path):
             outs.append(m(torch.from_numpy(x[:, t:t + 1]), cache_params=cache).numpy())
     hf = np.concatenate(outs, axis=1)
     print(f"HF cached prefill(4) + 5 decode steps vs float64 {rel(hf, ref):.2e}")
+    assert rel(hf, ref) < 1e-5
+
+
+def test_zero_padding_is_exact():
+    """d_inner 64 is not a multiple of d_model 40 (not representable: mamba_expand is an int); padding to
+    5 heads (d_inner 80 = 2 d_model) and d_state 16 -> 32 with zeros (export.md §3.2) is exact."""
+    rng = np.random.default_rng(5)
+    layer = Layer(rng, 40, 4, 2, 16)
+    x = rng.uniform(-1, 1, (2, 30, 40)).astype(np.float32)
+    ref = ref_mambainllama(layer, x)
+    H2, N2 = 5, 32
+    m = gmh.GraniteMoeHybridMambaLayer(m_config(layer, 256, H2, N2), layer_idx=0).eval()
+    sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in layer.granite_weights_padded(H2, N2).items()}
+    m.load_state_dict(sd, strict=True)
+    with torch.no_grad():
+        hf = m(torch.from_numpy(x)).numpy()
+    print(f"padded to {H2} heads, d_state {N2}: HF vs float64 {rel(hf, ref):.2e}")
     assert rel(hf, ref) < 1e-5
