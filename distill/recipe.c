@@ -993,6 +993,32 @@ static void check_stages(Ctx *c) {
                 err_v(c, stage_val(r, s, "name"), "stage name '%s' is used twice (stages %d and %d)", s->name, j + 1, i + 1);
     }
     if (r->n_stages == 0) err_v(c, NULL, "the recipe has no [[stage]]: nothing to do");
+    // data sets written by generate stages (first, so a use before the write is caught below)
+    for (int i = 0; i < r->n_stages; i++) {
+        StageSpec *s = &r->stages[i];
+        if (s->kind == STAGE_GENERATE) {
+            if (!s->output) err_v(c, stage_val(r, s, "kind"), "stage '%s' needs output = \"NAME\" (the [data.NAME] it writes)", s->name);
+            else {
+                int di = find_data(r, s->output);
+                s->output_index = di;
+                if (di < 0)
+                    err_v(c, stage_val(r, s, "output"), "stage '%s': no data set '%s' to write (define [data.%s] without sources)%s",
+                          s->name, s->output, s->output, data_hint(r, s->output, hb, sizeof hb));
+                else if (r->data[di].produced_by >= 0)
+                    err_v(c, stage_val(r, s, "output"), "data set '%s' is written by two stages ('%s' and '%s')", s->output,
+                          r->stages[r->data[di].produced_by].name, s->name);
+                else if (r->data[di].n_sources)
+                    err_v(c, stage_val(r, s, "output"), "stage '%s' writes data set '%s', which already has sources: drop them",
+                          s->name, s->output);
+                else {
+                    r->data[di].produced_by = i;
+                    r->data[di].format = FMT_CHAT;  // prompt + teacher response
+                }
+                if (s->data && s->output && !strcmp(s->data, s->output))
+                    err_v(c, stage_val(r, s, "output"), "stage '%s' reads and writes the same data set", s->name);
+            }
+        }
+    }
     // data references and order
     int init_at = -1, n_init = 0;
     for (int i = 0; i < r->n_stages; i++) {
@@ -1034,28 +1060,6 @@ static void check_stages(Ctx *c) {
                       FORMAT_CHOICES[d->format]);
             if (s->kind != STAGE_DPO && s->kind != STAGE_EVAL && d->format == FMT_PREFERENCE)
                 err_v(c, pos, "stage '%s' (%s) cannot use the preference set '%s'", s->name, KIND_NAMES[s->kind], d->name);
-        }
-        if (s->kind == STAGE_GENERATE) {
-            if (!s->output) err_v(c, stage_val(r, s, "kind"), "stage '%s' needs output = \"NAME\" (the [data.NAME] it writes)", s->name);
-            else {
-                int di = find_data(r, s->output);
-                s->output_index = di;
-                if (di < 0)
-                    err_v(c, stage_val(r, s, "output"), "stage '%s': no data set '%s' to write (define [data.%s] without sources)%s",
-                          s->name, s->output, s->output, data_hint(r, s->output, hb, sizeof hb));
-                else if (r->data[di].produced_by >= 0)
-                    err_v(c, stage_val(r, s, "output"), "data set '%s' is written by two stages ('%s' and '%s')", s->output,
-                          r->stages[r->data[di].produced_by].name, s->name);
-                else if (r->data[di].n_sources)
-                    err_v(c, stage_val(r, s, "output"), "stage '%s' writes data set '%s', which already has sources: drop them",
-                          s->name, s->output);
-                else {
-                    r->data[di].produced_by = i;
-                    r->data[di].format = FMT_CHAT;  // prompt + teacher response
-                }
-                if (s->data && s->output && !strcmp(s->data, s->output))
-                    err_v(c, stage_val(r, s, "output"), "stage '%s' reads and writes the same data set", s->name);
-            }
         }
         if ((KB(s->kind) & K_KD) && s->teacher_logits == TEACHER_CACHE) {
             bool ok = false;
@@ -1517,11 +1521,6 @@ void recipe_write_resolved(const Recipe *r, FILE *f) {
     if (!write_field(f, &TOKENIZER_FIELDS[0], &r->tokenizer)) fputs("# path: the teacher's own tokenizer\n", f);
     fputs("\n[hybrid]\n", f);
     write_field(f, &HYBRID_FIELDS[0], &r->hybrid);
-    if (r->hybrid.attn_fraction >= 0) {
-        fputs("# attn_fraction = ", f);
-        write_float(f, r->hybrid.attn_fraction);
-        fputs(" resolves to:\n", f);
-    }
     write_field(f, &HYBRID_FIELDS[1], &r->hybrid);
     fputs("\n[optimizer]\n", f);
     write_optim(f, &r->optimizer);
