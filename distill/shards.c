@@ -154,6 +154,7 @@ static char *read_attr_str(hid_t loc, const char *key) {
         if (H5Tis_variable_str(ft) > 0) {
             hid_t mt = H5Tcopy(H5T_C_S1);
             H5Tset_size(mt, H5T_VARIABLE);
+            H5Tset_cset(mt, H5Tget_cset(ft));  // HDF5 does not convert between ASCII and UTF-8
             char *p = NULL;
             if (H5Aread(a, mt, &p) >= 0 && p) {
                 out = dl_strdup(p);
@@ -163,8 +164,7 @@ static char *read_attr_str(hid_t loc, const char *key) {
         } else {
             size_t n = H5Tget_size(ft);
             out = dl_calloc(n + 1, 1);
-            hid_t mt = H5Tcopy(H5T_C_S1);
-            H5Tset_size(mt, n);
+            hid_t mt = H5Tcopy(ft);
             if (H5Aread(a, mt, out) < 0) { free(out); out = NULL; }
             H5Tclose(mt);
         }
