@@ -119,6 +119,9 @@ int hybrid_init_from_teacher(const HybridConfig *h, const Registry *hr, float *h
                        "the source (layers %d, hidden %d, heads %d/%d, head_dim %d, ff %d, vocab %d)",
                        a->n_layer, a->d_model, a->n_head, a->n_kv_head, a->head_dim, a->d_ff, a->vocab, b->n_layer,
                        b->d_model, b->n_head, b->n_kv_head, b->head_dim, b->d_ff, b->vocab);
+    if (a->tied_embeddings && !b->tied_embeddings)
+        return dl_fail(e, "init: the source has its own lm_head.weight but the hybrid ties the head to the embeddings "
+                          "(tie_word_embeddings must match, or be false in the hybrid)");
     // Padding between tensors is zeroed so the buffer (and its checksum) depends only on the seed.
     memset(hparams, 0, (size_t)hr->numel * sizeof(float));
     for (int l = 0; l < a->n_layer; l++) {

@@ -23,6 +23,7 @@
 #include "distill/registry.h"
 
 // hparams: the hybrid's buffer (hr->numel floats, every tensor written). Returns 0, or -1 with e naming the
-// tensor and what was expected (mismatched configs, a layer that cannot be derived from its source).
+// tensor and what was expected (mismatched configs or tied heads, a layer that cannot be derived from its
+// source); hparams is then partly written and must be discarded.
 int hybrid_init_from_teacher(const HybridConfig *h, const Registry *hr, float *hparams, const HybridConfig *teacher_hc,
                              const Registry *tr, const float *tparams, uint64_t seed, DlError *e);

@@ -902,6 +902,20 @@ static void test_init(void) {
     e.msg[0] = 0;
     CHECK(hybrid_init_from_teacher(&hyb, &hr, hp, &tother, &tro, tpo, 1, &e) == -1);
     CHECK(strstr(e.msg, "does not match") != NULL);
+    // a tied hybrid cannot drop an untied source's head
+    e.msg[0] = 0;
+    CHECK(hybrid_init_from_teacher(&hyb2, &hr2, hp3, &hyb, &hr, hp, 1, &e) == 0);  // untied -> untied is fine
+    LlamaConfig tied_base;
+    make_llama(&tied_base, true);
+    HybridConfig htied;
+    Registry rtied;
+    CHECK(hybrid_config_init(&htied, &tied_base, MIXER_MAMBA1, attn, 1, &e) == 0);
+    model_build_registry(&htied, &rtied);
+    float *ptied = calloc((size_t)rtied.numel, sizeof(float));
+    CHECK(hybrid_init_from_teacher(&htied, &rtied, ptied, &hyb, &hr, hp, 1, &e) == -1);
+    CHECK(strstr(e.msg, "lm_head") != NULL);
+    free(ptied);
+    reg_free(&rtied);
     // Mamba-2 hybrids go through the Mamba-2 layer init; shared tensors are still copied, and it is seeded
     HybridConfig h2;
     Registry r2;
