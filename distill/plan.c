@@ -278,7 +278,8 @@ void plan_print(const Recipe *r, FILE *f) {
     if (r->run.device == DEVICE_CUDA)
         fprintf(f, ", %d GPU%s, ZeRO-%d, recompute %s\n", r->hardware.gpus, r->hardware.gpus > 1 ? "s" : "", r->hardware.zero,
                 (const char *[]){"none", "mlp", "full"}[r->hardware.recompute]);
-    else fprintf(f, ", %d threads%s\n", r->run.threads, r->run.threads ? "" : " (0 = all cores)");
+    else if (r->run.threads) fprintf(f, ", %d thread%s\n", r->run.threads, r->run.threads > 1 ? "s" : "");
+    else fprintf(f, ", all cores\n");
     fprintf(f, "seed:     %lld\n", (long long)r->run.seed);
     for (int i = 0; i < r->n_data; i++) {
         const DataSpec *d = &r->data[i];

@@ -17,6 +17,14 @@ const StageDef *dl_find_stage(StageKind kind) {
     return (unsigned)kind < STAGE_KIND_COUNT ? g_stages[kind] : NULL;
 }
 
+const StageDef *dl_override_stage(const StageDef *def) {
+    if ((unsigned)def->kind >= STAGE_KIND_COUNT || !def->run)
+        dl_die(DL_EXIT_RUNTIME, "dl_override_stage: bad stage definition (kind %d)", (int)def->kind);
+    const StageDef *old = g_stages[def->kind];
+    g_stages[def->kind] = def;
+    return old;
+}
+
 char *run_stage_dir(const RunContext *ctx, int stage_index) {
     const StageSpec *st = &ctx->recipe->stages[stage_index];
     char leaf[160];

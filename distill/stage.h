@@ -59,6 +59,9 @@ typedef struct {
 void dl_register_stage(const StageDef *def);
 // The implementation of kind in this build, or NULL.
 const StageDef *dl_find_stage(StageKind kind);
+// Replaces the implementation of def->kind and returns the previous one
+// (or NULL). For tests of the runner, which put recording stages in place of the real ones.
+const StageDef *dl_override_stage(const StageDef *def);
 
 // DL_STAGE(var, {.kind = STAGE_LAYERWISE, .summary = ..., .run = ...}) defines and registers a stage.
 #define DL_STAGE(var, ...)                                                            \
