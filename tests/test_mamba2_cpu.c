@@ -583,6 +583,10 @@ static int run_layer(const char *in_path, const char *out_path) {
     c.n_layer = 1, c.d_model = (int)hdr[0], c.n_head = (int)hdr[1], c.n_kv_head = (int)hdr[2], c.head_dim = (int)hdr[3];
     c.d_ff = 1, c.vocab = 1, c.max_pos = 1, c.rope_theta = 10000, c.rms_eps = eps, c.bos_id = c.eos_id = -1;
     const int64_t B = hdr[4], L = hdr[5];
+    if (B < 1 || L < 1 || B * L > ((int64_t)1 << 24)) {
+        fprintf(stderr, "%s: batch %lld x length %lld out of range\n", in_path, (long long)B, (long long)L);
+        return 3;
+    }
     Model m;
     DlError e;
     if (hybrid_config_init(&m.h, &c, MIXER_MAMBA2, NULL, 0, &e)) {
