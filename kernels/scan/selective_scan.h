@@ -16,6 +16,10 @@
 #pragma once
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef struct {
     int64_t batch, seqlen, dim, dstate;
     int64_t groups_c;  // number of C groups (dim % groups_c == 0)
@@ -83,3 +87,7 @@ void conv1d_silu_fwd_ref64(int64_t B, int64_t L, int64_t C, int W, const double 
 void conv1d_silu_bwd_ref64(int64_t B, int64_t L, int64_t C, int W, const double *x, const double *w,
                            const double *bias, const uint8_t *reset, const double *x_prev, int silu,
                            const double *dout, double *dx, double *dw, double *dbias);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,646 @@
+// selective_scan.cu: the Mamba-1 selective scan on Hopper: forward (with an optional time-segment pre-pass),
+// deterministic backward, multi-token decode. Design notes: docs/KERNELS.md.
+//
+// Work mapping, all kernels: 4 consecutive lanes of a warp own one (batch row, channel) recurrence and split
+// its N states (R = N/4 each), so that a warp covers 8 channels and a C group of 16 channels spans 64 lanes.
+// Time advances in groups of 4 steps; lane q "owns" step t0+q of each group: it loads that step's per-channel
+// scalars (u, dt, z, dout), computes softplus/sigmoid once, shares them with its 3 neighbours by shuffles, and
+// after the group receives the step's full sum over states (a 2-round reduce-scatter) to write that step's
+// outputs. So every per-(token, channel) transcendental is computed once, the per-state work (one ex2 and a few
+// FMAs per state and step) is spread over 4 lanes, and the grid has 4x more threads than channels.
+#include "kernels/scan/scan_common.cuh"
+#include "kernels/scan/selective_scan_cuda.h"
+
+#define FULL_MASK 0xffffffffu
+
+namespace {
+
+constexpr int QL = 4;             // lanes per channel
+constexpr int FWD_THREADS = 128;  // 32 channels per forward block
+
+struct FwdArgs {
+    int64_t B, L, D, Gc, Gb, Dg, Db;
+    const bf16 *u, *dt, *Bm, *Cm, *z;
+    const float *A, *Dskip, *delta_bias, *h0;
+    const uint8_t *reset;
+    bf16 *out;
+    float *h_last, *ckpt;
+    int nseg;
+    int64_t seglen, nck;
+    float *seg_h;   // [B, nseg, D, N] end state of each segment started from zero
+    float *seg_sd;  // [B, nseg, D]    sum of delta after the segment's last reset
+    int *seg_rs;    // [B, nseg, D]    1 if the segment holds a reset
+};
+
+// Sums v[j] over the 4 lanes of a channel and returns to lane q the sum for j = q (3 shuffles for 4 sums).
+__device__ __forceinline__ float reduce_scatter4(const float (&v)[4], int q) {
+    const bool hi = q & 2;
+    float k0 = hi ? v[2] : v[0], k1 = hi ? v[3] : v[1];
+    const float s0 = hi ? v[0] : v[2], s1 = hi ? v[1] : v[3];
+    k0 += __shfl_xor_sync(FULL_MASK, s0, 2);
+    k1 += __shfl_xor_sync(FULL_MASK, s1, 2);
+    const bool lo = q & 1;
+    const float k = lo ? k1 : k0, s = lo ? k0 : k1;
+    return k + __shfl_xor_sync(FULL_MASK, s, 1);
+}
+
+// Forward main pass (PREPASS = false) or segment pre-pass (PREPASS = true: local end state from zero, no
+// outputs). blockIdx.x = (seg * B + b) * nblocks_d + channel block.
+template <int N, bool PREPASS>
+__global__ void __launch_bounds__(FWD_THREADS) scan_fwd_kernel(const FwdArgs p) {
+    constexpr int R = N / QL;
+    const int64_t ncb = (p.D + 31) / 32;
+    int64_t bid = blockIdx.x;
+    const int64_t cb = bid % ncb;
+    bid /= ncb;
+    const int64_t b = bid % p.B;
+    const int seg = (int)(bid / p.B);
+    if (PREPASS && seg == p.nseg - 1) return;  // the last segment's local end state is never used
+    const int lane = threadIdx.x & 31, q = threadIdx.x & 3, base = lane & ~3;
+    const int64_t d_raw = cb * 32 + (threadIdx.x >> 2);
+    const bool dvalid = d_raw < p.D;
+    const int64_t d = dvalid ? d_raw : p.D - 1;  // out-of-range lanes compute on a real channel, store nothing
+    const int64_t gc = d / p.Dg, gb = d / p.Db;
+    const int64_t tb = (int64_t)seg * p.seglen, te = tb + p.seglen < p.L ? tb + p.seglen : p.L;
+    const int64_t L = p.L, D = p.D;
+
+    float A2[R], h[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) A2[r] = p.A[d * N + q * R + r] * SCAN_LOG2E;
+    const float Dd = PREPASS ? 0.f : p.Dskip[d];
+    const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
+
+#pragma unroll
+    for (int r = 0; r < R; r++) h[r] = (!PREPASS && p.h0) ? p.h0[(b * D + d) * N + q * R + r] : 0.f;
+    if (!PREPASS) {
+        // carry from the earlier segments: h <- decay(s) * h + local_end(s)
+        for (int s = 0; s < seg; s++) {
+            const int64_t i = (b * p.nseg + s) * D + d;
+            const bool rs = p.seg_rs[i] != 0;
+            const float sd = p.seg_sd[i];
+#pragma unroll
+            for (int r = 0; r < R; r++) h[r] = (rs ? 0.f : ex2f(A2[r] * sd)) * h[r] + p.seg_h[i * N + q * R + r];
+        }
+    }
+    float sd = 0.f;
+    int anyrs = 0;
+
+    for (int64_t t0 = tb; t0 < te; t0 += 4) {
+        if (!PREPASS && p.ckpt && (t0 % SCAN_CKPT) == 0 && dvalid) {
+            float *ck = p.ckpt + ((b * p.nck + t0 / SCAN_CKPT) * D + d) * N + q * R;
+#pragma unroll
+            for (int r = 0; r < R; r++) ck[r] = h[r];
+        }
+        const int64_t t = t0 + q;
+        const bool tv = t < te;
+        const int64_t row = (b * L + (tv ? t : te - 1)) * D + d;
+        float delta = 0.f, uu = 0.f, zz = 0.f;
+        int rs = 0;
+        if (tv) {
+            uu = ldbf(p.u + row);
+            delta = softplus_dev(ldbf(p.dt + row) + bias);
+            rs = p.reset ? p.reset[b * L + t] : 0;
+            if (!PREPASS && p.z) zz = ldbf(p.z + row);
+        }
+        const float du_own = delta * uu;
+        float Bv[4][R], Cv[4][R];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int64_t tj = t0 + j < te ? t0 + j : te - 1;
+            load_vec<R>(p.Bm + ((b * L + tj) * p.Gb + gb) * N + q * R, Bv[j]);
+            if (!PREPASS) load_vec<R>(p.Cm + ((b * L + tj) * p.Gc + gc) * N + q * R, Cv[j]);
+        }
+        float yp[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const float dj = __shfl_sync(FULL_MASK, delta, base + j);
+            const float duj = __shfl_sync(FULL_MASK, du_own, base + j);
+            const int rj = __shfl_sync(FULL_MASK, rs, base + j);
+            yp[j] = 0.f;
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const float hp = rj ? 0.f : h[r];
+                h[r] = ex2f(dj * A2[r]) * hp + duj * Bv[j][r];
+                if (!PREPASS) yp[j] += Cv[j][r] * h[r];
+            }
+            if (PREPASS) {
+                sd = rj ? dj : sd + dj;
+                anyrs |= rj;
+            }
+        }
+        if (!PREPASS) {
+            const float y = reduce_scatter4(yp, q);
+            if (tv && dvalid) {
+                float o = y + Dd * uu;
+                if (p.z) o *= zz * sigmoid_dev(zz);
+                stbf(p.out + row, o);
+            }
+        }
+    }
+    if (!dvalid) return;
+    if (PREPASS) {
+        const int64_t i = (b * p.nseg + seg) * D + d;
+#pragma unroll
+        for (int r = 0; r < R; r++) p.seg_h[i * N + q * R + r] = h[r];
+        if (q == 0) p.seg_sd[i] = sd, p.seg_rs[i] = anyrs;
+    } else if (seg == p.nseg - 1 && p.h_last) {
+#pragma unroll
+        for (int r = 0; r < R; r++) p.h_last[(b * D + d) * N + q * R + r] = h[r];
+    }
+}
+
+// ---- backward ----------------------------------------------------------------------------------------------
+// Per (batch row, block of CPB channels), chunks of SCAN_CKPT steps in reverse. For each chunk: a forward sweep
+// from the forward's checkpoint stores the state before every 4-step group in shared memory; then the groups are
+// walked in reverse: the group's 4 states and decays are recomputed into registers, the outputs' gradient is
+// formed (y recomputed for dz), and the adjoint is carried back through the 4 steps. dB and dC (sums over the
+// channels of a group) go through shared memory and are summed in a fixed order; dA, dD and ddelta_bias are
+// summed per lane over time, then over batch rows by a second kernel: no atomics, so the result is
+// deterministic.
+struct BwdArgs {
+    int64_t B, L, D, Gc, Gb, Dg, Db, nck;
+    const bf16 *u, *dt, *Bm, *Cm, *z, *dout;
+    const float *A, *Dskip, *delta_bias, *h0, *ckpt, *dh_last;
+    const uint8_t *reset;
+    bf16 *du, *ddt, *dB, *dC, *dz;
+    float *dh0;
+    float *dA_part, *dD_part, *ddb_part;  // [B, D, N], [B, D], [B, D]
+    float *dB_part;                       // [B, L, Gc, N] when B groups do not fit a block, else NULL
+};
+
+constexpr int BWD_GROUPS = SCAN_CKPT / 4;
+
+template <int N, int THREADS>
+constexpr size_t bwd_smem_bytes() {
+    return (size_t)(BWD_GROUPS * (N / QL) * THREADS + 2 * 4 * (THREADS / QL) * N) * sizeof(float);
+}
+
+__device__ __forceinline__ float dsoftplus_dev(float x) { return x <= 20.f ? sigmoid_dev(x) : 1.f; }
+
+template <int N, int THREADS>
+__global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p) {
+    constexpr int R = N / QL, CPB = THREADS / QL;
+    extern __shared__ float smem[];
+    float *sub = smem;                          // [BWD_GROUPS][R][THREADS]
+    float *redC = sub + BWD_GROUPS * R * THREADS;  // [4][CPB][N]
+    float *redB = redC + 4 * CPB * N;           // [4][CPB][N]
+
+    const int64_t L = p.L, D = p.D, ncb = (D + CPB - 1) / CPB;
+    const int64_t cb = blockIdx.x % ncb, b = blockIdx.x / ncb;
+    const int tid = threadIdx.x, lane = tid & 31, q = tid & 3, base = lane & ~3, cl = tid >> 2;
+    const int64_t d_raw = cb * CPB + cl;
+    const bool dvalid = d_raw < D;
+    const int64_t d = dvalid ? d_raw : D - 1;
+    const int64_t gc = d / p.Dg, gb = d / p.Db;
+    const int ngrp = CPB / (int)p.Dg;                      // C groups per block
+    const bool fastB = (CPB % p.Db) == 0;                  // whole B groups per block
+    const int nbg = fastB ? CPB / (int)p.Db : 0, rep = (int)(p.Db / p.Dg);
+
+    float A[R], A2[R], dh[R], dA_acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        A[r] = p.A[d * N + q * R + r];
+        A2[r] = A[r] * SCAN_LOG2E;
+        dh[r] = p.dh_last ? p.dh_last[(b * D + d) * N + q * R + r] : 0.f;
+        dA_acc[r] = 0.f;
+    }
+    const float Dd = p.Dskip[d], bias = p.delta_bias ? p.delta_bias[d] : 0.f;
+    float dD_acc = 0.f, ddb_acc = 0.f;
+
+    for (int64_t k = p.nck - 1; k >= 0; k--) {
+        const int64_t tb = k * SCAN_CKPT, te = tb + SCAN_CKPT < L ? tb + SCAN_CKPT : L;
+        const int ng = (int)((te - tb + 3) / 4);
+        float h[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) h[r] = p.ckpt[((b * p.nck + k) * D + d) * N + q * R + r];
+        // sweep: state before each group
+        for (int g = 0; g < ng; g++) {
+#pragma unroll
+            for (int r = 0; r < R; r++) sub[(g * R + r) * THREADS + tid] = h[r];
+            const int64_t t0 = tb + 4 * g, t = t0 + q;
+            const bool tv = t < te;
+            const int64_t row = (b * L + (tv ? t : te - 1)) * D + d;
+            float delta = 0.f, uu = 0.f;
+            int rs = 0;
+            if (tv) {
+                uu = ldbf(p.u + row);
+                delta = softplus_dev(ldbf(p.dt + row) + bias);
+                rs = p.reset ? p.reset[b * L + t] : 0;
+            }
+            const float du_own = delta * uu;
+            float Bv[4][R];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int64_t tj = t0 + j < te ? t0 + j : te - 1;
+                load_vec<R>(p.Bm + ((b * L + tj) * p.Gb + gb) * N + q * R, Bv[j]);
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float dj = __shfl_sync(FULL_MASK, delta, base + j);
+                const float duj = __shfl_sync(FULL_MASK, du_own, base + j);
+                const int rj = __shfl_sync(FULL_MASK, rs, base + j);
+#pragma unroll
+                for (int r = 0; r < R; r++) h[r] = ex2f(dj * A2[r]) * (rj ? 0.f : h[r]) + duj * Bv[j][r];
+            }
+        }
+        // reverse over the groups
+        for (int g = ng - 1; g >= 0; g--) {
+            const int64_t t0 = tb + 4 * g, t = t0 + q;
+            const bool tv = t < te;
+            const int64_t row = (b * L + (tv ? t : te - 1)) * D + d;
+            float raw = 0.f, delta = 0.f, uu = 0.f, zz = 0.f, go = 0.f;
+            int rs = 0;
+            if (tv) {
+                uu = ldbf(p.u + row);
+                raw = ldbf(p.dt + row) + bias;
+                delta = softplus_dev(raw);
+                rs = p.reset ? p.reset[b * L + t] : 0;
+                go = ldbf(p.dout + row);
+                if (p.z) zz = ldbf(p.z + row);
+            }
+            const float du_own = delta * uu;
+            float Bv[4][R], Cv[4][R], hs[R];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int64_t tj = t0 + j < te ? t0 + j : te - 1;
+                load_vec<R>(p.Bm + ((b * L + tj) * p.Gb + gb) * N + q * R, Bv[j]);
+                load_vec<R>(p.Cm + ((b * L + tj) * p.Gc + gc) * N + q * R, Cv[j]);
+            }
+#pragma unroll
+            for (int r = 0; r < R; r++) hs[r] = sub[(g * R + r) * THREADS + tid];
+            // recompute the group's states and decays
+            float hj[4][R], aj[4][R], dj[4], duj[4], uj[4], yp[4];
+            int rj[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                dj[j] = __shfl_sync(FULL_MASK, delta, base + j);
+                duj[j] = __shfl_sync(FULL_MASK, du_own, base + j);
+                uj[j] = __shfl_sync(FULL_MASK, uu, base + j);
+                rj[j] = __shfl_sync(FULL_MASK, rs, base + j);
+                yp[j] = 0.f;
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    const float prev = rj[j] ? 0.f : (j ? hj[j - 1][r] : hs[r]);
+                    aj[j][r] = ex2f(dj[j] * A2[r]);
+                    hj[j][r] = aj[j][r] * prev + duj[j] * Bv[j][r];
+                    yp[j] += Cv[j][r] * hj[j][r];
+                }
+            }
+            // output gradient of the owned step: gate, D skip
+            const float y = reduce_scatter4(yp, q) + Dd * uu;
+            float gy = go, dzv = 0.f;
+            if (p.z) {
+                const float sg = sigmoid_dev(zz);
+                dzv = go * y * sg * (1.f + zz * (1.f - sg));
+                gy = go * zz * sg;
+            }
+            dD_acc += gy * uu;
+            float gyj[4], ddp[4], dup[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) gyj[j] = __shfl_sync(FULL_MASK, gy, base + j);
+            // adjoint through the 4 steps, newest first
+#pragma unroll
+            for (int j = 3; j >= 0; j--) {
+                ddp[j] = 0.f, dup[j] = 0.f;
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    const float gr = dh[r] + gyj[j] * Cv[j][r];  // dL/dh_t
+                    const float hp = rj[j] ? 0.f : (j ? hj[j - 1][r] : hs[r]);
+                    const float ga = gr * aj[j][r];
+                    ddp[j] += ga * hp * A[r] + gr * Bv[j][r] * uj[j];
+                    dA_acc[r] += ga * hp * dj[j];
+                    dup[j] += gr * dj[j] * Bv[j][r];
+                    dh[r] = rj[j] ? 0.f : ga;  // dL/dh_{t-1}
+                    redC[(j * CPB + cl) * N + q * R + r] = dvalid ? gyj[j] * hj[j][r] : 0.f;
+                    redB[(j * CPB + cl) * N + q * R + r] = dvalid ? gr * duj[j] : 0.f;
+                }
+            }
+            const float dd_own = reduce_scatter4(ddp, q), du_sc = reduce_scatter4(dup, q);
+            if (tv && dvalid) {
+                const float dtt = dd_own * dsoftplus_dev(raw);
+                ddb_acc += dtt;
+                stbf(p.du + row, gy * Dd + du_sc);
+                stbf(p.ddt + row, dtt);
+                if (p.z) stbf(p.dz + row, dzv);
+            }
+            __syncthreads();
+            // dC per C group and step; dB summed per C group first (in place, or to the fp32 partials)
+            const int tot1 = 4 * ngrp * N;
+            for (int e = tid; e < tot1; e += THREADS) {
+                const int n = e % N, gi = (e / N) % ngrp, j = e / (N * ngrp);
+                const int64_t tt = t0 + j, gcg = cb * ngrp + gi;
+                float sC = 0.f, sB = 0.f;
+                for (int c = 0; c < (int)p.Dg; c++) {
+                    sC += redC[(j * CPB + gi * (int)p.Dg + c) * N + n];
+                    sB += redB[(j * CPB + gi * (int)p.Dg + c) * N + n];
+                }
+                const bool ok = tt < te && gcg < p.Gc;
+                if (ok) stbf(p.dC + ((b * L + tt) * p.Gc + gcg) * N + n, sC);
+                if (fastB) redB[(j * CPB + gi * (int)p.Dg) * N + n] = sB;
+                else if (ok) p.dB_part[((b * L + tt) * p.Gc + gcg) * N + n] = sB;
+            }
+            if (fastB) {
+                __syncthreads();
+                const int tot2 = 4 * nbg * N;
+                for (int e = tid; e < tot2; e += THREADS) {
+                    const int n = e % N, bi = (e / N) % nbg, j = e / (N * nbg);
+                    const int64_t tt = t0 + j, gbg = cb * nbg + bi;
+                    float s = 0.f;
+                    for (int i = 0; i < rep; i++) s += redB[(j * CPB + (bi * rep + i) * (int)p.Dg) * N + n];
+                    if (tt < te && gbg < p.Gb) stbf(p.dB + ((b * L + tt) * p.Gb + gbg) * N + n, s);
+                }
+            }
+            __syncthreads();
+        }
+    }
+    // per-row partial sums; lanes of a channel combine in a fixed order
+    dD_acc += __shfl_xor_sync(FULL_MASK, dD_acc, 1);
+    dD_acc += __shfl_xor_sync(FULL_MASK, dD_acc, 2);
+    ddb_acc += __shfl_xor_sync(FULL_MASK, ddb_acc, 1);
+    ddb_acc += __shfl_xor_sync(FULL_MASK, ddb_acc, 2);
+    if (!dvalid) return;
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        p.dA_part[(b * D + d) * N + q * R + r] = dA_acc[r];
+        if (p.h0 && p.dh0) p.dh0[(b * D + d) * N + q * R + r] = dh[r];
+    }
+    if (q == 0) p.dD_part[b * D + d] = dD_acc, p.ddb_part[b * D + d] = ddb_acc;
+}
+
+// out[m] = sum over b of part[b*M + m], in order of b
+__global__ void reduce_rows_kernel(const float *part, int64_t rows, int64_t M, float *out) {
+    const int64_t m = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (m >= M) return;
+    float s = 0.f;
+    for (int64_t b = 0; b < rows; b++) s += part[b * M + m];
+    out[m] = s;
+}
+// dB[row, gb, n] = sum over the rep C groups of B group gb of part[row, gc, n], in order
+__global__ void reduce_dB_kernel(const float *part, int64_t BL, int64_t Gb, int64_t rep, int64_t N, bf16 *dB) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= BL * Gb * N) return;
+    const int64_t n = i % N, gb = (i / N) % Gb, row = i / (N * Gb);
+    float s = 0.f;
+    for (int64_t k = 0; k < rep; k++) s += part[(row * Gb * rep + gb * rep + k) * N + n];
+    dB[i] = __float2bfloat16_rn(s);
+}
+
+// ---- decode: K tokens from a cached state ----------------------------------------------------------------
+struct MultiArgs {
+    int64_t B, K, D, Gc, Gb, Dg, Db;
+    const bf16 *u, *dt, *Bm, *Cm, *z;
+    const float *A, *Dskip, *delta_bias, *h_in;
+    const int32_t *keep;
+    bf16 *out;
+    float *h_keep, *h_end;
+};
+
+template <int N>
+__global__ void __launch_bounds__(FWD_THREADS) scan_multi_kernel(const MultiArgs p) {
+    constexpr int R = N / QL;
+    const int64_t ncb = (p.D + 31) / 32, cb = blockIdx.x % ncb, b = blockIdx.x / ncb;
+    const int q = threadIdx.x & 3;
+    const int64_t d_raw = cb * 32 + (threadIdx.x >> 2);
+    const bool dvalid = d_raw < p.D;
+    const int64_t d = dvalid ? d_raw : p.D - 1, D = p.D, K = p.K;
+    const int64_t gc = d / p.Dg, gb = d / p.Db;
+    float A2[R], h[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        A2[r] = p.A[d * N + q * R + r] * SCAN_LOG2E;
+        h[r] = p.h_in[(b * D + d) * N + q * R + r];  // read before h_keep (maybe the same memory) is written
+    }
+    int64_t keep = p.keep ? p.keep[b] : K;
+    keep = keep < 0 ? 0 : (keep > K ? K : keep);
+    const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
+    for (int64_t t = 0; t <= K; t++) {
+        if (t == keep && p.h_keep && dvalid) {
+#pragma unroll
+            for (int r = 0; r < R; r++) p.h_keep[(b * D + d) * N + q * R + r] = h[r];
+        }
+        if (t == K) break;
+        const int64_t row = (b * K + t) * D + d;
+        const float uu = ldbf(p.u + row), delta = softplus_dev(ldbf(p.dt + row) + bias);
+        float Bv[R], Cv[R], y = 0.f;
+        load_vec<R>(p.Bm + ((b * K + t) * p.Gb + gb) * N + q * R, Bv);
+        load_vec<R>(p.Cm + ((b * K + t) * p.Gc + gc) * N + q * R, Cv);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            h[r] = ex2f(delta * A2[r]) * h[r] + delta * uu * Bv[r];
+            y += Cv[r] * h[r];
+        }
+        y += __shfl_xor_sync(FULL_MASK, y, 1);
+        y += __shfl_xor_sync(FULL_MASK, y, 2);
+        if (q == 0 && dvalid) {
+            float o = y + p.Dskip[d] * uu;
+            if (p.z) {
+                const float zz = ldbf(p.z + row);
+                o *= zz * sigmoid_dev(zz);
+            }
+            stbf(p.out + row, o);
+        }
+    }
+    if (p.h_end && dvalid) {
+#pragma unroll
+        for (int r = 0; r < R; r++) p.h_end[(b * D + d) * N + q * R + r] = h[r];
+    }
+}
+
+int check_shape(const ScanShape *s, int for_bwd, char *err, size_t errlen) {
+    if (s->batch < 1 || s->seqlen < 0 || s->dim < 1 || s->groups_c < 1 || s->groups_b < 1)
+        return scan_fail(err, errlen, "selective scan: bad shape (batch %lld, seqlen %lld, dim %lld, groups %lld/%lld)",
+                         (long long)s->batch, (long long)s->seqlen, (long long)s->dim, (long long)s->groups_c,
+                         (long long)s->groups_b);
+    if (s->dstate != 4 && s->dstate != 8 && s->dstate != 16 && s->dstate != 32)
+        return scan_fail(err, errlen, "selective scan (CUDA): dstate %lld unsupported, expected 4, 8, 16 or 32",
+                         (long long)s->dstate);
+    if (s->dim % s->groups_c || s->groups_c % s->groups_b)
+        return scan_fail(err, errlen, "selective scan: dim %lld must be a multiple of groups_c %lld, and groups_c of groups_b %lld",
+                         (long long)s->dim, (long long)s->groups_c, (long long)s->groups_b);
+    const int cpb = s->dstate == 32 ? 32 : 64;
+    if (for_bwd && cpb % (s->dim / s->groups_c))
+        return scan_fail(err, errlen, "selective scan backward (CUDA): %lld channels per C group must divide %d",
+                         (long long)(s->dim / s->groups_c), cpb);
+    return 0;
+}
+
+int64_t n_ckpt(const ScanShape *s) { return (s->seqlen + SCAN_CKPT - 1) / SCAN_CKPT; }
+
+// segments: enough threads to fill the GPU (about 128K lanes), each segment a multiple of SCAN_CKPT steps
+int choose_nseg(const ScanShape *s, int nseg) {
+    const int64_t maxseg = n_ckpt(s) > 0 ? n_ckpt(s) : 1;
+    if (nseg <= 0) {
+        const int64_t lanes = s->batch * s->dim * QL;
+        nseg = (int)((131072 + lanes - 1) / lanes);
+    }
+    if (nseg > maxseg) nseg = (int)maxseg;
+    if (nseg > 64) nseg = 64;
+    return nseg < 1 ? 1 : nseg;
+}
+int64_t seg_len(const ScanShape *s, int nseg) {
+    const int64_t per = (s->seqlen + nseg - 1) / nseg;
+    return (per + SCAN_CKPT - 1) / SCAN_CKPT * SCAN_CKPT;
+}
+
+template <int N>
+void launch_fwd(const FwdArgs &a, cudaStream_t st) {
+    const int64_t blocks = (int64_t)a.nseg * a.B * ((a.D + 31) / 32);
+    if (a.nseg > 1) scan_fwd_kernel<N, true><<<(unsigned)blocks, FWD_THREADS, 0, st>>>(a);
+    scan_fwd_kernel<N, false><<<(unsigned)blocks, FWD_THREADS, 0, st>>>(a);
+}
+
+template <int N, int THREADS>
+int launch_bwd(const BwdArgs &a, cudaStream_t st) {
+    constexpr size_t smem = bwd_smem_bytes<N, THREADS>();
+    // per device and cheap: set on every call rather than cached
+    if (cudaFuncSetAttribute(scan_bwd_kernel<N, THREADS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
+        cudaSuccess)
+        return -1;
+    const int64_t blocks = a.B * ((a.D + THREADS / QL - 1) / (THREADS / QL));
+    scan_bwd_kernel<N, THREADS><<<(unsigned)blocks, THREADS, smem, st>>>(a);
+    return 0;
+}
+
+}  // namespace
+
+extern "C" size_t selective_scan_ckpt_elems(const ScanShape *s) {
+    return (size_t)(s->batch * n_ckpt(s) * s->dim * s->dstate);
+}
+
+extern "C" size_t selective_scan_fwd_workspace(const ScanShape *s, int nseg) {
+    nseg = choose_nseg(s, nseg);
+    if (nseg <= 1) return 0;
+    const size_t per = (size_t)(s->batch * nseg * s->dim);
+    return per * (size_t)s->dstate * sizeof(float) + per * sizeof(float) + per * sizeof(int);
+}
+
+extern "C" size_t selective_scan_bwd_workspace(const ScanShape *s) {
+    const int64_t cpb = s->dstate == 32 ? 32 : 64, Db = s->dim / (s->groups_b > 0 ? s->groups_b : 1);
+    size_t bytes = (size_t)(s->batch * s->dim * (s->dstate + 2)) * sizeof(float);
+    if (Db <= 0 || cpb % Db) bytes += (size_t)(s->batch * s->seqlen * s->groups_c * s->dstate) * sizeof(float);
+    return bytes;
+}
+
+extern "C" int selective_scan_fwd_cuda(const ScanShape *s, const uint16_t *u, const uint16_t *dt, const float *A,
+                                       const uint16_t *Bm, const uint16_t *Cm, const float *Dskip, const uint16_t *z,
+                                       const float *delta_bias, const uint8_t *reset, const float *h0, uint16_t *out,
+                                       float *h_last, float *ckpt, int nseg, void *workspace, scan_stream_t stream,
+                                       char *err, size_t errlen) {
+    if (check_shape(s, 0, err, errlen)) return -1;
+    if (s->seqlen == 0) {  // no steps: the final state is the initial one
+        if (h_last) {
+            const size_t bytes = (size_t)(s->batch * s->dim * s->dstate) * sizeof(float);
+            cudaError_t e = h0 ? cudaMemcpyAsync(h_last, h0, bytes, cudaMemcpyDeviceToDevice, (cudaStream_t)stream)
+                               : cudaMemsetAsync(h_last, 0, bytes, (cudaStream_t)stream);
+            if (e != cudaSuccess) return scan_fail(err, errlen, "selective scan: %s", cudaGetErrorString(e));
+        }
+        return 0;
+    }
+    FwdArgs a = {};
+    a.B = s->batch, a.L = s->seqlen, a.D = s->dim, a.Gc = s->groups_c, a.Gb = s->groups_b;
+    a.Dg = s->dim / s->groups_c, a.Db = s->dim / s->groups_b;
+    a.u = (const bf16 *)u, a.dt = (const bf16 *)dt, a.Bm = (const bf16 *)Bm, a.Cm = (const bf16 *)Cm;
+    a.z = (const bf16 *)z, a.A = A, a.Dskip = Dskip, a.delta_bias = delta_bias, a.h0 = h0, a.reset = reset;
+    a.out = (bf16 *)out, a.h_last = h_last, a.ckpt = ckpt;
+    a.nseg = choose_nseg(s, nseg);
+    a.seglen = seg_len(s, a.nseg);
+    a.nseg = (int)((s->seqlen + a.seglen - 1) / a.seglen);
+    a.nck = n_ckpt(s);
+    if (a.nseg > 1) {
+        if (!workspace) return scan_fail(err, errlen, "selective scan forward: %d segments need a workspace", a.nseg);
+        const size_t per = (size_t)(a.B * a.nseg * a.D);
+        a.seg_h = (float *)workspace;
+        a.seg_sd = a.seg_h + per * s->dstate;
+        a.seg_rs = (int *)(a.seg_sd + per);
+    }
+    cudaStream_t st = (cudaStream_t)stream;
+    switch (s->dstate) {
+        case 4: launch_fwd<4>(a, st); break;
+        case 8: launch_fwd<8>(a, st); break;
+        case 16: launch_fwd<16>(a, st); break;
+        case 32: launch_fwd<32>(a, st); break;
+    }
+    return scan_launch_check(err, errlen, "selective scan forward");
+}
+
+extern "C" int selective_scan_bwd_cuda(const ScanShape *s, const uint16_t *u, const uint16_t *dt, const float *A,
+                                       const uint16_t *Bm, const uint16_t *Cm, const float *Dskip, const uint16_t *z,
+                                       const float *delta_bias, const uint8_t *reset, const float *h0,
+                                       const float *ckpt, const uint16_t *dout, const float *dh_last, uint16_t *du,
+                                       uint16_t *ddt, float *dA, uint16_t *dB, uint16_t *dC, float *dD, uint16_t *dz,
+                                       float *ddelta_bias, float *dh0, void *workspace, scan_stream_t stream,
+                                       char *err, size_t errlen) {
+    if (check_shape(s, 1, err, errlen)) return -1;
+    if (!workspace) return scan_fail(err, errlen, "selective scan backward: workspace required");
+    if (!ckpt && s->seqlen > 0) return scan_fail(err, errlen, "selective scan backward: forward checkpoints required");
+    cudaStream_t st = (cudaStream_t)stream;
+    BwdArgs a = {};
+    a.B = s->batch, a.L = s->seqlen, a.D = s->dim, a.Gc = s->groups_c, a.Gb = s->groups_b;
+    a.Dg = s->dim / s->groups_c, a.Db = s->dim / s->groups_b, a.nck = n_ckpt(s);
+    a.u = (const bf16 *)u, a.dt = (const bf16 *)dt, a.Bm = (const bf16 *)Bm, a.Cm = (const bf16 *)Cm;
+    a.z = (const bf16 *)z, a.dout = (const bf16 *)dout;
+    a.A = A, a.Dskip = Dskip, a.delta_bias = delta_bias, a.h0 = h0, a.ckpt = ckpt, a.dh_last = dh_last;
+    a.reset = reset;
+    a.du = (bf16 *)du, a.ddt = (bf16 *)ddt, a.dB = (bf16 *)dB, a.dC = (bf16 *)dC, a.dz = (bf16 *)dz, a.dh0 = dh0;
+    const int64_t BD = s->batch * s->dim;
+    a.dA_part = (float *)workspace;
+    a.dD_part = a.dA_part + BD * s->dstate;
+    a.ddb_part = a.dD_part + BD;
+    const int cpb = s->dstate == 32 ? 32 : 64;
+    const bool fastB = cpb % a.Db == 0;
+    a.dB_part = fastB ? NULL : a.ddb_part + BD;
+    if (s->seqlen == 0) {  // gradients of an empty sequence: dh0 = dh_last, the rest zero
+        cudaMemsetAsync(dA, 0, (size_t)(s->dim * s->dstate) * sizeof(float), st);
+        cudaMemsetAsync(dD, 0, (size_t)s->dim * sizeof(float), st);
+        if (ddelta_bias) cudaMemsetAsync(ddelta_bias, 0, (size_t)s->dim * sizeof(float), st);
+        if (h0 && dh0) {
+            const size_t bytes = (size_t)(BD * s->dstate) * sizeof(float);
+            if (dh_last) cudaMemcpyAsync(dh0, dh_last, bytes, cudaMemcpyDeviceToDevice, st);
+            else cudaMemsetAsync(dh0, 0, bytes, st);
+        }
+        return scan_launch_check(err, errlen, "selective scan backward");
+    }
+    int rc = 0;
+    switch (s->dstate) {
+        case 4: rc = launch_bwd<4, 256>(a, st); break;
+        case 8: rc = launch_bwd<8, 256>(a, st); break;
+        case 16: rc = launch_bwd<16, 256>(a, st); break;
+        case 32: rc = launch_bwd<32, 128>(a, st); break;
+    }
+    if (rc) return scan_fail(err, errlen, "selective scan backward: cannot raise the shared-memory limit");
+    if (scan_launch_check(err, errlen, "selective scan backward")) return -1;
+    const int64_t DN = s->dim * s->dstate;
+    reduce_rows_kernel<<<(unsigned)((DN + 255) / 256), 256, 0, st>>>(a.dA_part, s->batch, DN, dA);
+    reduce_rows_kernel<<<(unsigned)((s->dim + 255) / 256), 256, 0, st>>>(a.dD_part, s->batch, s->dim, dD);
+    if (ddelta_bias)
+        reduce_rows_kernel<<<(unsigned)((s->dim + 255) / 256), 256, 0, st>>>(a.ddb_part, s->batch, s->dim, ddelta_bias);
+    if (!fastB) {
+        const int64_t n = s->batch * s->seqlen * s->groups_b * s->dstate;
+        reduce_dB_kernel<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(a.dB_part, s->batch * s->seqlen, s->groups_b,
+                                                                      s->groups_c / s->groups_b, s->dstate, a.dB);
+    }
+    return scan_launch_check(err, errlen, "selective scan backward reductions");
+}
+
+extern "C" int selective_scan_multi_cuda(const ScanShape *s, const uint16_t *u, const uint16_t *dt, const float *A,
+                                         const uint16_t *Bm, const uint16_t *Cm, const float *Dskip,
+                                         const uint16_t *z, const float *delta_bias, const float *h_in,
+                                         const int32_t *keep, uint16_t *out, float *h_keep, float *h_end,
+                                         scan_stream_t stream, char *err, size_t errlen) {
+    if (check_shape(s, 0, err, errlen)) return -1;
+    MultiArgs a = {};
+    a.B = s->batch, a.K = s->seqlen, a.D = s->dim, a.Gc = s->groups_c, a.Gb = s->groups_b;
+    a.Dg = s->dim / s->groups_c, a.Db = s->dim / s->groups_b;
+    a.u = (const bf16 *)u, a.dt = (const bf16 *)dt, a.Bm = (const bf16 *)Bm, a.Cm = (const bf16 *)Cm;
+    a.z = (const bf16 *)z, a.A = A, a.Dskip = Dskip, a.delta_bias = delta_bias, a.h_in = h_in, a.keep = keep;
+    a.out = (bf16 *)out, a.h_keep = h_keep, a.h_end = h_end;
+    const unsigned blocks = (unsigned)(s->batch * ((s->dim + 31) / 32));
+    cudaStream_t st = (cudaStream_t)stream;
+    switch (s->dstate) {
+        case 4: scan_multi_kernel<4><<<blocks, FWD_THREADS, 0, st>>>(a); break;
+        case 8: scan_multi_kernel<8><<<blocks, FWD_THREADS, 0, st>>>(a); break;
+        case 16: scan_multi_kernel<16><<<blocks, FWD_THREADS, 0, st>>>(a); break;
+        case 32: scan_multi_kernel<32><<<blocks, FWD_THREADS, 0, st>>>(a); break;
+    }
+    return scan_launch_check(err, errlen, "selective scan multi-token step");
+}
