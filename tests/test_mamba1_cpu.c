@@ -15,6 +15,7 @@
 
 #include "distill/mamba1_cpu.h"
 #include "distill/mamba_init.h"
+#include "distill/model_io.h"
 #include "distill/rng.h"
 #include "tests/check.h"
 
@@ -936,6 +937,88 @@ static void test_init(void) {
     reg_free(&tr), reg_free(&hr), reg_free(&hr2), reg_free(&tro);
 }
 
+// The real teacher (SmolLM2-135M, GQA 9/3, tied): init a 50% hybrid (attention kept in odd layers), check
+// the copies, and run layer 0's mixer on the initialized weights against the float64 formulas.
+static void test_real_teacher(void) {
+    const char *path = "checkpoints/teachers/SmolLM2-135M-Instruct.Q4_1.gguf";
+    if (!dl_file_exists(path)) {
+        printf("  real teacher: %s missing (scripts/fetch-teacher), skipped\n", path);
+        return;
+    }
+    LoadedModel t;
+    DlError e;
+    if (model_load(path, 0, &t, &e)) {
+        fprintf(stderr, "%s\n", e.msg);
+        CHECK(0);
+        return;
+    }
+    int attn[DL_MAX_LAYERS], n_attn = 0;
+    for (int l = 1; l < t.hc.base.n_layer; l += 2) attn[n_attn++] = l;
+    HybridConfig h;
+    Registry r;
+    CHECK(hybrid_config_init(&h, &t.hc.base, MIXER_MAMBA1, attn, n_attn, &e) == 0);
+    CHECK(h.d_inner == 576 && h.d_xb == 192 && h.d_state == 16 && h.dt_rank == 36);
+    model_build_registry(&h, &r);
+    float *p = malloc((size_t)r.numel * sizeof(float));
+    CHECK(hybrid_init_from_teacher(&h, &r, p, &t.hc, &t.reg, t.params, 7, &e) == 0);
+    int copies_ok = 1;
+    for (int l = 0; l < h.base.n_layer; l += 2) {
+        const char *pairs[4][2] = {{"model.layers.%d.mamba.in_proj_x.weight", "model.layers.%d.self_attn.v_proj.weight"},
+                                   {"model.layers.%d.mamba.B_proj.weight", "model.layers.%d.self_attn.k_proj.weight"},
+                                   {"model.layers.%d.mamba.C_proj.weight", "model.layers.%d.self_attn.q_proj.weight"},
+                                   {"model.layers.%d.mamba.out_proj.weight", "model.layers.%d.self_attn.o_proj.weight"}};
+        for (int k = 0; k < 4; k++)
+            copies_ok &= memcmp(tens(&r, p, pairs[k][0], l), tens(&t.reg, t.params, pairs[k][1], l),
+                                (size_t)tnumel(&r, pairs[k][0], l) * sizeof(float)) == 0;
+    }
+    CHECK(copies_ok);
+    int shared_ok = 1;
+    for (int i = 0; i < r.n; i++) {
+        if (r.t[i].role == ROLE_MAMBA) continue;
+        int j = reg_find(&t.reg, r.t[i].name);
+        shared_ok &= j >= 0 && memcmp(p + r.t[i].offset, t.params + t.reg.t[j].offset,
+                                      (size_t)r.t[i].numel * sizeof(float)) == 0;
+    }
+    CHECK(shared_ok);
+
+    // layer 0's mixer on the initialized weights vs float64, with a reset
+    const int64_t B = 2, L = 24, T = B * L, d = h.base.d_model;
+    Rng rg;
+    rng_init(&rg, 31, 0);
+    float *x = malloc((size_t)(T * d) * sizeof(float)), *dout = malloc((size_t)(T * d) * sizeof(float));
+    float *out = malloc((size_t)(T * d) * sizeof(float)), *dx = malloc((size_t)(T * d) * sizeof(float));
+    float *g = calloc((size_t)r.numel, sizeof(float));
+    fill_rand(x, T * d, 1.0, &rg);
+    fill_rand(dout, T * d, 1.0, &rg);
+    uint8_t *reset = calloc((size_t)T, 1);
+    reset[L + 10] = 1;
+    poison(out, T * d), poison(dx, T * d);
+    Mamba1Acts *a = mamba1_acts_new(&h, B, L);
+    mamba1_forward(&h, &r, p, 0, B, L, x, reset, out, a);
+    mamba1_backward(&h, &r, p, 0, B, L, reset, dout, dx, g, a);
+    Ref f = ref_new(&h, &r, p, B, L, reset);
+    for (int64_t i = 0; i < T * d; i++) f.u[i] = x[i];
+    ref_forward(&f);
+    double *Gr[NP], *du = malloc((size_t)(T * d) * sizeof(double)), *G = malloc((size_t)(T * d) * sizeof(double));
+    for (int64_t i = 0; i < T * d; i++) G[i] = dout[i];
+    for (int k = 0; k < NP; k++) Gr[k] = calloc((size_t)mtensor(&r, 0, k)->numel, sizeof(double));
+    ref_backward(&f, G, Gr, du);
+    double worst = DL_MAX(rel_err_fd(out, f.out, T * d), rel_err_fd(dx, du, T * d));
+    for (int k = 0; k < NP; k++) {
+        const TensorInfo *ti = mtensor(&r, 0, k);
+        worst = DL_MAX(worst, rel_err_fd(g + ti->offset, Gr[k], ti->numel));
+    }
+    CHECK_REL(worst, 1e-5, "SmolLM2-initialized layer 0: fp32 vs float64 (out, dx, grads)");
+    printf("  real teacher: %d Mamba layers initialized from SmolLM2, copies exact; layer 0 vs float64 %.2e\n",
+           h.base.n_layer - n_attn, worst);
+    mamba1_acts_free(a);
+    ref_free(&f);
+    for (int k = 0; k < NP; k++) free(Gr[k]);
+    free(du), free(G), free(x), free(dout), free(out), free(dx), free(g), free(reset), free(p);
+    reg_free(&r);
+    model_free(&t);
+}
+
 // ================================ --io mode (for tests/py/test_mamba_ref.py) ================================
 // DIR/config.txt: "d_model n_head n_kv_head head_dim B L seed". Reads DIR/<suffix>.f32 for every Mamba tensor
 // (raw float32, registry shape) unless DIR/q_proj.f32 exists, in which case the Mamba layer is initialized
@@ -1079,5 +1162,6 @@ int main(int argc, char **argv) {
     test_packed_vs_documents();
     test_thread_independence();
     test_init();
+    test_real_teacher();
     return check_report("test_mamba1_cpu");
 }
