@@ -165,7 +165,8 @@ struct GgufFile {
 typedef struct {
     GgufFile *g;
     uint64_t pos;
-    bool count32;  // array counts stored as u32
+    bool count32;     // array counts stored as u32
+    bool count_hint;  // an impossible u64 array count had non-zero high bits: maybe a u32-count file
     DlError *e;
 } Rd;
 
@@ -266,10 +267,12 @@ static int rd_value(Rd *r, GgufType type, int depth, const char *key, GgufValue 
     v->arr.elem = (GgufType)elem;
     // every element needs at least this many bytes, which bounds n by the bytes left
     uint64_t min_bytes = scalar_size(elem) ? (uint64_t)scalar_size(elem) : elem == GGUF_TYPE_STRING ? 8 : (r->count32 ? 8 : 12);
-    if (n > rd_left(r) / min_bytes)
+    if (n > rd_left(r) / min_bytes) {
+        if (!r->count32 && (n >> 32)) r->count_hint = true;
         return dl_fail(r->e, "key '%s': array of %llu %s elements at byte %llu does not fit in the %llu bytes left", key,
                        (unsigned long long)n, gguf_type_name(elem), (unsigned long long)at,
                        (unsigned long long)rd_left(r));
+    }
     v->arr.n = n;
     v->arr.data = r->g->buf + r->pos;
     if (scalar_size(elem)) {
@@ -314,8 +317,26 @@ static int cmp_tensor_off(const void *a, const void *b, void *ctx) {
     return x < y ? -1 : x > y;
 }
 
-static int parse(GgufFile *g, bool count32, DlError *e) {
+static int parse_rd(GgufFile *g, Rd *r);
+
+// Parses g->buf. With count32, array counts are read as u32 (old converters); *hint reports whether a
+// failed u64-count parse looks like such a file (only then is the u32 reading tried).
+static int parse(GgufFile *g, bool count32, bool *hint, DlError *e) {
     Rd r = {.g = g, .pos = 0, .count32 = count32, .e = e};
+    int rc = parse_rd(g, &r);
+    if (hint) *hint = r.count_hint;
+    // the u32 reading is a guess: accept it only if the file then has nothing unexplained in it (zero
+    // padding up to the data section, and no bytes after it when there are no tensors)
+    if (!rc && count32) {
+        for (uint64_t p = r.pos; p < DL_MIN(g->data_off, g->size); p++)
+            if (g->buf[p]) return dl_fail(e, "non-zero padding at byte %llu", (unsigned long long)p);
+        if (g->n_t == 0 && g->size > g->data_off) return dl_fail(e, "trailing bytes after the metadata");
+    }
+    return rc;
+}
+
+static int parse_rd(GgufFile *g, Rd *r) {
+    DlError *e = r->e;
     // strings need an 8-byte length each, so copies with terminators fit in size + size/8 + 1 bytes
     g->arena_cap = g->size + g->size / 8 + 16;
     g->arena = malloc(g->arena_cap);
@@ -324,19 +345,19 @@ static int parse(GgufFile *g, bool count32, DlError *e) {
     uint32_t magic;
     if (g->size < 4 || (memcpy(&magic, g->buf, 4), magic != 0x46554747u))
         return dl_fail(e, "not a GGUF file (bad magic: expected the bytes \"GGUF\")");
-    r.pos = 4;
-    if (rd_u32(&r, &g->version, "the version")) return -1;
+    r->pos = 4;
+    if (rd_u32(r, &g->version, "the version")) return -1;
     if (g->version == 1) return dl_fail(e, "GGUF version 1 is not supported (expected 2 or 3)");
     if (g->version == 0x02000000u || g->version == 0x03000000u)
         return dl_fail(e, "big-endian GGUF is not supported (expected a little-endian file)");
     if (g->version != 2 && g->version != 3) return dl_fail(e, "unsupported GGUF version %u (expected 2 or 3)", g->version);
     uint64_t n_t, n_kv;
-    if (rd_u64(&r, &n_t, "the tensor count") || rd_u64(&r, &n_kv, "the metadata count")) return -1;
+    if (rd_u64(r, &n_t, "the tensor count") || rd_u64(r, &n_kv, "the metadata count")) return -1;
     // a KV takes >= 13 bytes (8 len + 1 key byte + 4 type), a tensor info >= 33 (8 + 1 + 4 + 8 + 4 + 8)
-    if (n_kv > rd_left(&r) / 13 || n_kv > INT32_MAX)
+    if (n_kv > rd_left(r) / 13 || n_kv > INT32_MAX)
         return dl_fail(e, "metadata count %llu is impossible for a file of %llu bytes", (unsigned long long)n_kv,
                        (unsigned long long)g->size);
-    if (n_t > rd_left(&r) / 33 || n_t > INT32_MAX)
+    if (n_t > rd_left(r) / 33 || n_t > INT32_MAX)
         return dl_fail(e, "tensor count %llu is impossible for a file of %llu bytes", (unsigned long long)n_t,
                        (unsigned long long)g->size);
 
@@ -345,14 +366,14 @@ static int parse(GgufFile *g, bool count32, DlError *e) {
     if (!g->keys || !g->vals) return dl_fail(e, "out of memory for %llu metadata entries", (unsigned long long)n_kv);
     for (uint64_t i = 0; i < n_kv; i++) {
         const char *key;
-        uint64_t klen, at = r.pos;
-        if (rd_string(&r, GGUF_MAX_KEY, true, "a metadata key", &key, &klen)) return -1;
+        uint64_t klen, at = r->pos;
+        if (rd_string(r, GGUF_MAX_KEY, true, "a metadata key", &key, &klen)) return -1;
         if (klen == 0) return dl_fail(e, "empty metadata key at byte %llu", (unsigned long long)at);
         uint32_t type;
-        if (rd_u32(&r, &type, "a value type")) return dl_fail_prefix(e, "key '%s': ", key);
+        if (rd_u32(r, &type, "a value type")) return dl_fail_prefix(e, "key '%s': ", key);
         g->keys[i] = (char *)key;
         g->n_kv = (int)i + 1;  // so that a failure below frees this value too
-        if (rd_value(&r, (GgufType)type, 0, key, &g->vals[i])) return -1;
+        if (rd_value(r, (GgufType)type, 0, key, &g->vals[i])) return -1;
     }
     // duplicate keys
     if (n_kv > 1) {
@@ -384,26 +405,26 @@ static int parse(GgufFile *g, bool count32, DlError *e) {
     for (uint64_t i = 0; i < n_t; i++) {
         GgufTensor *t = &g->t[i];
         const char *name;
-        uint64_t nlen, at = r.pos;
-        if (rd_string(&r, GGUF_MAX_NAME, true, "a tensor name", &name, &nlen))
+        uint64_t nlen, at = r->pos;
+        if (rd_string(r, GGUF_MAX_NAME, true, "a tensor name", &name, &nlen))
             return dl_fail_prefix(e, "tensor info %llu: ", (unsigned long long)i);
         if (nlen == 0) return dl_fail(e, "tensor info %llu at byte %llu has an empty name", (unsigned long long)i, (unsigned long long)at);
         memcpy(t->name, name, nlen + 1);
         uint32_t nd;
-        if (rd_u32(&r, &nd, "n_dims")) return dl_fail_prefix(e, "tensor '%s': ", t->name);
+        if (rd_u32(r, &nd, "n_dims")) return dl_fail_prefix(e, "tensor '%s': ", t->name);
         if (nd < 1 || nd > GGUF_MAX_DIMS) return dl_fail(e, "tensor '%s': n_dims = %u (expected 1..%d)", t->name, nd, GGUF_MAX_DIMS);
         t->n_dims = (int)nd;
         uint64_t numel = 1;
         for (int d = 0; d < GGUF_MAX_DIMS; d++) t->ne[d] = 1;
         for (uint32_t d = 0; d < nd; d++) {
             uint64_t ne;
-            if (rd_u64(&r, &ne, "a dimension")) return dl_fail_prefix(e, "tensor '%s': ", t->name);
+            if (rd_u64(r, &ne, "a dimension")) return dl_fail_prefix(e, "tensor '%s': ", t->name);
             if (ne > INT64_MAX || !dl_mul_ok(numel, ne, &numel) || numel > INT64_MAX)
                 return dl_fail(e, "tensor '%s': dimensions overflow 64 bits (ne[%u] = %llu)", t->name, d, (unsigned long long)ne);
             t->ne[d] = (int64_t)ne;
         }
         t->numel = (int64_t)numel;
-        if (rd_u32(&r, &t->ggml_type, "the tensor type")) return dl_fail_prefix(e, "tensor '%s': ", t->name);
+        if (rd_u32(r, &t->ggml_type, "the tensor type")) return dl_fail_prefix(e, "tensor '%s': ", t->name);
         const char *tname;
         int be, bb;
         if (!ggml_type_info(t->ggml_type, &tname, &be, &bb))
@@ -416,14 +437,14 @@ static int parse(GgufFile *g, bool count32, DlError *e) {
             return dl_fail(e, "tensor '%s': size overflows 64 bits", t->name);
         t->nbytes = nbytes;
         t->dtype = ggml_type_to_dtype(t->ggml_type);
-        if (rd_u64(&r, &t->offset, "the tensor offset")) return dl_fail_prefix(e, "tensor '%s': ", t->name);
+        if (rd_u64(r, &t->offset, "the tensor offset")) return dl_fail_prefix(e, "tensor '%s': ", t->name);
         if (t->offset % g->alignment)
             return dl_fail(e, "tensor '%s': offset %llu is not a multiple of the alignment %u", t->name,
                            (unsigned long long)t->offset, g->alignment);
     }
     // data section: after the infos, padded to the alignment
     uint64_t data_off;
-    if (!dl_add_ok(r.pos, g->alignment - 1, &data_off)) return dl_fail(e, "header size overflows");
+    if (!dl_add_ok(r->pos, g->alignment - 1, &data_off)) return dl_fail(e, "header size overflows");
     data_off -= data_off % g->alignment;
     g->data_off = data_off;
     uint64_t avail = data_off <= g->size ? g->size - data_off : 0;
@@ -470,14 +491,15 @@ int gguf_open_memory(GgufFile **out, const uint8_t *buf, size_t n, const char *l
     g->size = n;
     snprintf(g->label, sizeof g->label, "%s", label ? label : "<memory>");
     DlError first;
-    if (parse(g, false, &first) == 0) {
+    bool hint = false;
+    if (parse(g, false, &hint, &first) == 0) {
         *out = g;
         return 0;
     }
     file_free_parsed(g);
     // files from converters that wrote u32 array counts parse in the second mode
     DlError second;
-    if (parse(g, true, &second) == 0) {
+    if (hint && parse(g, true, NULL, &second) == 0) {
         *out = g;
         return 0;
     }

@@ -139,6 +139,8 @@ static int parse_config(const cJSON *o, const char *label, LlamaConfig *c, DlErr
     }
     if (c->d_model % c->n_head && !cJSON_GetObjectItemCaseSensitive(o, "head_dim"))
         return dl_fail(e, "%s: hidden_size %d is not a multiple of num_attention_heads %d (give head_dim)", label, c->d_model, c->n_head);
+    if ((int64_t)c->n_head * c->head_dim > BIG || (int64_t)c->n_kv_head * c->head_dim > BIG)
+        return dl_fail(e, "%s: num_attention_heads * head_dim is absurdly large", label);
     if (llama_config_validate(c, e)) return dl_fail_prefix(e, "%s: ", label);
     return 0;
 }

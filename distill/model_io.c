@@ -134,8 +134,19 @@ int model_gguf_config(const GgufFile *g, HybridConfig *hc, DlError *e) {
     if (gguf_find_key(g, "tokenizer.ggml.eos_token_id") >= 0 && gguf_int(g, "tokenizer.ggml.eos_token_id", true, 0, 0, c.vocab - 1, &c.eos_id, e)) return -1;
     if (gguf_find_tensor(g, "rope_freqs.weight") >= 0)
         return dl_fail(e, "%s: has rope_freqs.weight (Llama-3.1 rope scaling baked into frequencies); load this model from its HF directory instead", gguf_label(g));
+    if ((int64_t)c.n_head * c.head_dim > BIG || (int64_t)c.n_kv_head * c.head_dim > BIG)
+        return dl_fail(e, "%s: head_count * key_length is absurdly large", gguf_label(g));
     if (llama_config_validate(&c, e)) return dl_fail_prefix(e, "%s: ", gguf_label(g));
     hybrid_config_teacher(hc, &c);
+    return 0;
+}
+
+// The fp32 parameter buffer; a clean error (not an exit) when the config asks for more than memory holds.
+static int alloc_params(LoadedModel *m, const char *path, DlError *e) {
+    m->params = calloc((size_t)m->reg.numel, sizeof(float));
+    if (!m->params)
+        return dl_fail(e, "%s: cannot allocate %.1f GB for the %lld fp32 parameters of this model", path,
+                       (double)m->reg.numel * 4e-9, (long long)m->reg.numel);
     return 0;
 }
 
@@ -148,7 +159,10 @@ static int load_gguf(const char *path, LoadedModel *m, DlError *e) {
         return rc;
     }
     model_build_registry(&m->hc, &m->reg);
-    m->params = dl_calloc((size_t)m->reg.numel, sizeof(float));
+    if (alloc_params(m, path, e)) {
+        gguf_close(g);
+        return -1;
+    }
     bool *used = dl_calloc((size_t)gguf_tensor_count(g) + 1, 1);
     float *tmp = NULL;
     char gname[128], shp[64];
@@ -266,7 +280,10 @@ static int load_hf_dir(const char *dir, LoadedModel *m, DlError *e) {
     SafeTensors *s;
     if (st_open(&s, dir, e)) return -1;
     model_build_registry(&m->hc, &m->reg);
-    m->params = dl_calloc((size_t)m->reg.numel, sizeof(float));
+    if (alloc_params(m, dir, e)) {
+        st_close(s);
+        return -1;
+    }
     bool *used = dl_calloc((size_t)st_count(s) + 1, 1);
     int rc = 0;
     char shp[64];
@@ -317,7 +334,7 @@ static int load_config_json(const char *path, uint64_t seed, LoadedModel *m, DlE
     if (rc) return rc;
     hybrid_config_teacher(&m->hc, &c);
     model_build_registry(&m->hc, &m->reg);
-    m->params = dl_calloc((size_t)m->reg.numel, sizeof(float));
+    if (alloc_params(m, path, e)) return -1;
     const Registry *r = &m->reg;
 #pragma omp parallel for schedule(dynamic)
     for (int i = 0; i < r->n; i++) {
