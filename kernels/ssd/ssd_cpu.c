@@ -11,6 +11,14 @@
 static inline float softplus_f(float v) { return v > 20.f ? v : log1pf(expf(v)); }
 static inline float softplus_grad(float v) { return v > 20.f ? 1.f : 1.f / (1.f + expf(-v)); }
 
+// Dot product, vectorized with a fixed lane order (the same bits for any thread count).
+static inline float dotf(const float *a, const float *b, int64_t n) {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
 // Per-thread scratch for one (b, h) job.
 typedef struct {
     float *delta, *a, *cum;  // [Q]: delta_t, dA_t = delta_t*A, cum_m = sum_{j<=m} dA_j
@@ -74,9 +82,7 @@ static void chunk_prep(const SsdShape *s, Chunk *c, int64_t b, int64_t h, int64_
                 continue;
             }
             const float *Bv = Bm + ((b * L + t0 + k) * G + g) * N;
-            float dot = 0.f;
-            for (int64_t n = 0; n < N; n++) dot += Cv[n] * Bv[n];
-            cb[k] = dot;
+            cb[k] = dotf(Cv, Bv, N);
         }
     }
 }
@@ -133,11 +139,7 @@ void ssd_fwd_cpu(const SsdShape *s, const float *x, const float *dt, const float
                         // incoming state, D skip
                         const float din = c.seg[m] == 0 ? expf(c.cum[m]) : 0.f;
                         for (int64_t p = 0; p < P; p++) {
-                            float acc = 0.f;
-                            if (din != 0.f) {
-                                const float *Sp = S + p * N;
-                                for (int64_t n = 0; n < N; n++) acc += Sp[n] * Cv[n];
-                            }
+                            const float acc = din != 0.f ? dotf(S + p * N, Cv, N) : 0.f;
                             ym[p] = din * acc + Dh * xm[p];
                         }
                         // intra-chunk quadratic form
@@ -215,23 +217,14 @@ void ssd_bwd_cpu(const SsdShape *s, const float *x, const float *dt, const float
                     for (int64_t m = 0; m < q; m++) {
                         const float *dym = dy + ((b * L + t0 + m) * H + h) * P;
                         for (int64_t k = 0; k <= m; k++) {
-                            float v = 0.f;
-                            if (c.Lm[m * Q + k] != 0.f) {
-                                const float *xk = x + ((b * L + t0 + k) * H + h) * P;
-                                for (int64_t p = 0; p < P; p++) v += dym[p] * xk[p];
-                            }
-                            dG[m * Q + k] = v;
+                            dG[m * Q + k] =
+                                c.Lm[m * Q + k] != 0.f ? dotf(dym, x + ((b * L + t0 + k) * H + h) * P, P) : 0.f;
                         }
                     }
                     // dS B_k (for dx) and x_k^T dS B_k (for ddelta and the decay)
                     for (int64_t k = 0; k < q; k++) {
                         const float *Bv = Bm + ((b * L + t0 + k) * G + g) * N;
-                        for (int64_t p = 0; p < P; p++) {
-                            const float *dSp = dS + p * N;
-                            float v = 0.f;
-                            for (int64_t n = 0; n < N; n++) v += dSp[n] * Bv[n];
-                            dBS[k * P + p] = v;
-                        }
+                        for (int64_t p = 0; p < P; p++) dBS[k * P + p] = dotf(dS + p * N, Bv, N);
                     }
                     for (int64_t m = 0; m < q; m++) {
                         ddelta[m] = 0.f;
@@ -247,8 +240,7 @@ void ssd_bwd_cpu(const SsdShape *s, const float *x, const float *dt, const float
                         float *dBk = dBh + ((b * L + tk) * GH + (rep > 1 ? h : g)) * N;
                         const float wk = Lrow_last[k] * c.delta[k];  // weight of token k in the outgoing state
                         for (int64_t p = 0; p < P; p++) dxk[p] = Dh * dyk[p] + wk * dBS[k * P + p];
-                        float xdsb = 0.f;
-                        for (int64_t p = 0; p < P; p++) xdsb += xk[p] * dBS[k * P + p];
+                        const float xdsb = dotf(xk, dBS + k * P, P);
                         float dd = Lrow_last[k] * xdsb;
                         if (k < last) M[last * Q + k] += wk * xdsb;
                         // dB_k from the state: wk * dS^T x_k
@@ -306,9 +298,7 @@ void ssd_bwd_cpu(const SsdShape *s, const float *x, const float *dt, const float
                         } else {
                             c.tmp[m] = 0.f;
                         }
-                        float sd = 0.f;
-                        for (int64_t p = 0; p < P; p++) sd += dym[p] * xm[p];
-                        accD += sd;
+                        accD += dotf(dym, xm, P);
                     }
                     // dS_in = [seg_last == 0] exp(cum_last) dS + sum_m din_m dy_m ⊗ C_m
                     const float dlast = c.seg[last] == 0 ? expf(c.cum[last]) : 0.f;
