@@ -434,16 +434,16 @@ static void layer_bwd(Engine *e, int l, float *dres, float *G) {
     } else {
         // the mixer's backward adds into all its tensors: keep frozen ones untouched
         const Registry *r = e->r;
-        int64_t nsave = 0;
+        int64_t nsave = 0, ntrain = 0;
         for (int i = 0; i < r->n; i++)
-            if (r->t[i].layer == l && r->t[i].role == ROLE_MAMBA && !r->t[i].trainable) nsave += r->t[i].numel;
-        float *save = nsave ? fbuf(nsave) : NULL;
+            if (r->t[i].layer == l && r->t[i].role == ROLE_MAMBA) *(r->t[i].trainable ? &ntrain : &nsave) += r->t[i].numel;
+        float *save = nsave && ntrain ? fbuf(nsave) : NULL;  // all frozen: no grads at all (NULL below)
         for (int i = 0, k = 0; i < r->n && save; i++)
             if (r->t[i].layer == l && r->t[i].role == ROLE_MAMBA && !r->t[i].trainable) {
                 memcpy(save + k, G + r->t[i].offset, (size_t)r->t[i].numel * sizeof(float));
                 k += r->t[i].numel;
             }
-        mamba1_backward(&e->h, e->r, P, l, e->B, e->T, e->reset, e->dmid, e->dxn, G, a->mamba);
+        mamba1_backward(&e->h, e->r, P, l, e->B, e->T, e->reset, e->dmid, e->dxn, ntrain ? G : NULL, a->mamba);
         for (int i = 0, k = 0; i < r->n && save; i++)
             if (r->t[i].layer == l && r->t[i].role == ROLE_MAMBA && !r->t[i].trainable) {
                 memcpy(G + r->t[i].offset, save + k, (size_t)r->t[i].numel * sizeof(float));

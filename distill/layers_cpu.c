@@ -7,6 +7,10 @@
 
 #include "distill/common.h"
 
+// Parallelize a loop only when it has enough work: fork/join of threads costs microseconds on an idle
+// machine but a scheduler quantum when cores are shared, and decode steps run hundreds of tiny loops.
+#define PAR(work) ((int64_t)(work) >= (1 << 15))
+
 // ---------------------------------------------------------------- linear
 
 void linear_fwd(float *out, const float *in, const float *W, int64_t N, int64_t In, int64_t O, bool accumulate) {
@@ -29,14 +33,14 @@ void linear_bwd(float *din, bool din_accumulate, float *dW, const float *dout, c
 // ---------------------------------------------------------------- embedding
 
 void embedding_fwd(float *out, const int32_t *tokens, const float *wte, int64_t N, int64_t d) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (PAR(N * d))
     for (int64_t n = 0; n < N; n++) memcpy(out + n * d, wte + (int64_t)tokens[n] * d, (size_t)d * sizeof(float));
 }
 
 // Column blocks of 64 per task: each output element is summed over tokens in token order.
 void embedding_bwd(float *dwte, const float *dout, const int32_t *tokens, int64_t N, int64_t d) {
     const int64_t CB = 64, nb = (d + CB - 1) / CB;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (PAR(N * d))
     for (int64_t cb = 0; cb < nb; cb++) {
         int64_t c0 = cb * CB, c1 = DL_MIN(d, c0 + CB);
         for (int64_t n = 0; n < N; n++) {
@@ -50,7 +54,7 @@ void embedding_bwd(float *dwte, const float *dout, const int32_t *tokens, int64_
 // ---------------------------------------------------------------- RMSNorm
 
 void rmsnorm_fwd(float *out, float *rstd, const float *in, const float *w, int64_t N, int64_t d, float eps) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (PAR(N * d))
     for (int64_t n = 0; n < N; n++) {
         const float *x = in + n * d;
         double ss = 0;
@@ -65,7 +69,7 @@ void rmsnorm_fwd(float *out, float *rstd, const float *in, const float *w, int64
 void rmsnorm_bwd(float *din, float *dw, const float *dout, const float *in, const float *w, const float *rstd,
                  int64_t N, int64_t d) {
     // dx_i = r * w_i dy_i - r^3 / d * x_i * sum_j w_j dy_j x_j
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (PAR(N * d))
     for (int64_t n = 0; n < N; n++) {
         const float *x = in + n * d, *dy = dout + n * d;
         float r = rstd[n];
@@ -77,7 +81,7 @@ void rmsnorm_bwd(float *din, float *dw, const float *dout, const float *in, cons
     }
     if (!dw) return;
     const int64_t CB = 64, nb = (d + CB - 1) / CB;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (PAR(N * d))
     for (int64_t cb = 0; cb < nb; cb++) {
         int64_t c0 = cb * CB, c1 = DL_MIN(d, c0 + CB);
         for (int64_t n = 0; n < N; n++) {
@@ -115,7 +119,7 @@ void rope_inv_freq(const LlamaConfig *c, float *inv_freq) {
 
 void rope_apply(float *x, const int32_t *pos, const float *inv_freq, int64_t N, int nheads, int hd, bool inverse) {
     const int half = hd / 2;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (PAR(N * nheads * hd))
     for (int64_t n = 0; n < N; n++) {
         float cs[512], sn[512];  // head_dim <= 1024
         for (int i = 0; i < half; i++) {
@@ -162,7 +166,7 @@ void attention_fwd(const AttnShape *s, const float *q, const float *k, const flo
     const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd;
     const float scale = 1.0f / sqrtf((float)hd);
     const int64_t rows = B * nh * Tq;
-#pragma omp parallel
+#pragma omp parallel if (PAR(rows * (s->q0 + Tq) * hd / 2))
     {
         float *sc = dl_malloc((size_t)Tk * sizeof(float));
 #pragma omp for schedule(dynamic, 16)
@@ -206,7 +210,7 @@ void attention_bwd(const AttnShape *s, const float *q, const float *k, const flo
     memset(dk, 0, (size_t)(B * T * ks) * sizeof(float));
     memset(dv, 0, (size_t)(B * T * ks) * sizeof(float));
     // one task per (batch row, KV head): it owns dk/dv of that head and dq of the heads sharing it
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (PAR(B * nkv * T * T * hd / 2))
     for (int64_t bg = 0; bg < B * nkv; bg++) {
         int64_t b = bg / nkv, g = bg % nkv;
         for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
@@ -238,7 +242,7 @@ void attention_bwd(const AttnShape *s, const float *q, const float *k, const flo
 // ---------------------------------------------------------------- SwiGLU
 
 void swiglu_fwd(float *out, const float *gate, const float *up, int64_t n) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (PAR(n))
     for (int64_t i = 0; i < n; i++) {
         float g = gate[i];
         out[i] = g / (1.0f + expf(-g)) * up[i];
@@ -246,7 +250,7 @@ void swiglu_fwd(float *out, const float *gate, const float *up, int64_t n) {
 }
 
 void swiglu_bwd(float *dgate, float *dup, const float *dout, const float *gate, const float *up, int64_t n) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (PAR(n))
     for (int64_t i = 0; i < n; i++) {
         float g = gate[i], sg = 1.0f / (1.0f + expf(-g)), silu = g * sg;
         dup[i] = dout[i] * silu;
@@ -255,6 +259,6 @@ void swiglu_bwd(float *dgate, float *dup, const float *dout, const float *gate, 
 }
 
 void vec_add(float *y, const float *x, int64_t n) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (PAR(n))
     for (int64_t i = 0; i < n; i++) y[i] += x[i];
 }

@@ -23,7 +23,7 @@ void loss_rows(const LossWeights *w, int64_t n, int64_t V, const float *logits, 
     const double T = w->temperature > 0 ? w->temperature : 1.0, invT = 1.0 / T;
     const bool need_ce = w->ce != 0 || logp_target, need_kl = w->kl != 0, need_rkl = w->rkl != 0;
     double *row = dl_calloc((size_t)(4 * n), sizeof(double));  // per row: ce, kl, rkl, counted
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * V >= (1 << 15))
     for (int64_t r = 0; r < n; r++) {
         const float *s = logits + r * V;
         float *ds = dlogits ? dlogits + r * V : NULL;
@@ -86,7 +86,7 @@ double loss_total(const LossWeights *w, const LossSums *s, double norm) {
 
 double mse_rows(int64_t n, int64_t d, const float *a, const float *b, const uint8_t *mask, double scale, float *da) {
     double *row = dl_calloc((size_t)n, sizeof(double));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * d >= (1 << 15))
     for (int64_t r = 0; r < n; r++) {
         if (mask && !mask[r]) continue;
         const float *x = a + r * d, *y = b + r * d;

@@ -1,0 +1,64 @@
+// sample.c: see sample.h.
+#include "distill/sample.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+#include "distill/common.h"
+
+int32_t sample_argmax(const float *logits, int64_t V) {
+    int64_t best = 0;
+    for (int64_t i = 1; i < V; i++)
+        if (logits[i] > logits[best]) best = i;
+    return (int32_t)best;
+}
+
+typedef struct {
+    double p;
+    int32_t id;
+} Cand;
+
+// descending probability, then ascending id: a total order, so the nucleus is reproducible
+static int cand_cmp(const void *a, const void *b) {
+    const Cand *x = a, *y = b;
+    if (x->p != y->p) return x->p < y->p ? 1 : -1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+int32_t sample_token(const float *logits, int64_t V, const SampleParams *p, Rng *rng) {
+    if (p->greedy || !(p->temperature > 0)) return sample_argmax(logits, V);
+    const double invT = 1.0 / p->temperature;
+    const double top_p = p->top_p > 0 && p->top_p < 1 ? p->top_p : 1.0;
+    double mx = -INFINITY;
+    for (int64_t i = 0; i < V; i++) mx = fmax(mx, (double)logits[i] * invT);
+    Cand *c = dl_malloc((size_t)V * sizeof(Cand));
+    double sum = 0;
+    for (int64_t i = 0; i < V; i++) {
+        c[i].p = exp((double)logits[i] * invT - mx);
+        c[i].id = (int32_t)i;
+        sum += c[i].p;
+    }
+    int64_t n = V;
+    double mass = sum;
+    if (top_p < 1.0) {
+        qsort(c, (size_t)V, sizeof(Cand), cand_cmp);
+        double acc = 0;
+        for (n = 0; n < V;) {
+            acc += c[n].p;
+            n++;
+            if (acc >= top_p * sum) break;
+        }
+        mass = acc;
+    }
+    double u = rng_uniform_f64(rng) * mass, acc = 0;
+    int32_t out = c[n - 1].id;
+    for (int64_t i = 0; i < n; i++) {
+        acc += c[i].p;
+        if (u < acc) {
+            out = c[i].id;
+            break;
+        }
+    }
+    free(c);
+    return out;
+}

@@ -1,0 +1,18 @@
+// sample.h: choosing the next token from logits: greedy (argmax, lowest id on ties), or temperature
+// sampling with optional nucleus (top-p) truncation, drawn from a deterministic rng.h stream.
+#pragma once
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "distill/rng.h"
+
+typedef struct {
+    bool greedy;        // argmax; temperature and top_p are ignored
+    float temperature;  // > 0; softmax(logits / temperature)
+    float top_p;        // in (0, 1]: sample from the smallest set of most likely tokens with mass >= top_p
+} SampleParams;
+
+// Index of the largest logit (the lowest index among equal maxima).
+int32_t sample_argmax(const float *logits, int64_t V);
+// One token from logits [V]. Deterministic for a given rng state; uses exactly one uniform draw unless greedy.
+int32_t sample_token(const float *logits, int64_t V, const SampleParams *p, Rng *rng);
