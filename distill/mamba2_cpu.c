@@ -194,6 +194,7 @@ void mamba2_forward(const HybridConfig *h, const Registry *r, const float *param
                     const float *x, const uint8_t *reset, float *out, Mamba2Acts *acts) {
     const Dims m = dims_of(h);
     const Tensors tn = tensors_of(h, r, params, layer);
+    if (B * L == 0) return;
     if (!acts) {
         Fwd f = fwd_temp(&m, B * L);
         core_forward(&m, &tn, B, L, x, reset, out, &f, NULL, NULL, NULL, NULL);
@@ -213,7 +214,7 @@ void mamba2_backward(const HybridConfig *h, const Registry *r, const float *para
     const Dims m = dims_of(h);
     const Tensors tn = tensors_of(h, r, params, layer);
     const int64_t T = B * L, H = m.H, P = m.P, N = m.N, di = m.di, xbc = m.xbc, n_in = m.n_in;
-    if (!grads && !dx) return;
+    if ((!grads && !dx) || T == 0) return;
     float *g_in = grads ? grads + tn.off[T_IN] : NULL, *g_out = grads ? grads + tn.off[T_OUT] : NULL;
     float *g_norm = grads ? grads + tn.off[T_NORM] : NULL;
     float *dyn = dl_malloc((size_t)(T * di) * sizeof(float));
@@ -384,6 +385,7 @@ static void cached_run(const HybridConfig *h, const Registry *r, const float *pa
     if (st->B != B || st->xbc != m.xbc || st->nheads != m.H || st->headdim != m.P || st->d_state != m.N ||
         st->d_conv != m.W)
         dl_die(DL_EXIT_RUNTIME, "mamba2: state of layer %d has the wrong shape for batch %lld", layer, (long long)B);
+    if (B * L == 0) return;  // no tokens: the state stays as it is
     int32_t *kp = dl_malloc((size_t)B * sizeof(int32_t));
     for (int64_t b = 0; b < B; b++) {
         int64_t k = keep ? keep[b] : L;

@@ -436,7 +436,15 @@ static void test_cached(void) {
     // row 2 kept all K tokens: identical to the prefill-of-everything path at that point
     printf("cached: prefill %.1e, steps %.1e, chunked prefill %.1e (state %.1e), multistep out %.1e state %.1e, "
            "continue %.1e\n", e, e2, e3, es, e4, e5, e6);
-    // (5) state reset of one row == a fresh state for that row
+    // (5) K = 0 leaves the state as it is
+    {
+        Mamba2State before = mamba2_state_new(&m.h, B);
+        mamba2_state_copy(&before, &st3);
+        mamba2_multistep(&m.h, &m.r, m.p, m.layer, B, 0, xk, NULL, ok, &st3);
+        CHECK(memcmp(before.ssm, st3.ssm, (size_t)nssm * 4) == 0 && memcmp(before.conv, st3.conv, (size_t)nconv * 4) == 0);
+        mamba2_state_free(&before);
+    }
+    // (6) state reset of one row == a fresh state for that row
     mamba2_state_reset(&st3, 1);
     int zero = 1;
     for (int64_t i = 0; i < st3.nheads * st3.headdim * st3.d_state; i++)
