@@ -148,10 +148,30 @@ static int run_main(int argc, char **argv) {
                missing > 1 ? "s" : "");
     }
 
-    // ---- the run directory
     char *run_dir = resume_dir ? dl_strdup(resume_dir) : dl_path_join(r.run.output_dir, r.run.name);
-    char *resolved_path = dl_path_join(run_dir, "recipe.resolved.toml");
+    int threads = r.run.threads > 0 ? r.run.threads : omp_get_num_procs();
+    RunContext ctx = {.recipe = &r, .run_dir = run_dir, .seed = (uint64_t)r.run.seed, .device = r.run.device,
+                      .threads = threads, .quiet = quiet, .stop = &g_stop};
     DlError e;
+
+    // ---- stage checks (all before the first stage runs)
+    int bad = 0;
+    for (int i = 0; i < r.n_stages; i++) {
+        const StageDef *def = dl_find_stage(r.stages[i].kind);
+        if (!def->check) continue;
+        ctx.stage_index = i;  // run_dir may not exist yet: checks only read
+        if (def->check(&ctx, &r.stages[i], &e)) {
+            fprintf(stderr, "%s: stage '%s': %s\n", r.path, r.stages[i].name, e.msg);
+            bad++;
+        }
+    }
+    if (bad) {
+        recipe_free(&r);
+        dl_die(DL_EXIT_INPUT, "%d stage check%s failed; nothing was run", bad, bad > 1 ? "s" : "");
+    }
+
+    // ---- the run directory
+    char *resolved_path = dl_path_join(run_dir, "recipe.resolved.toml");
     char *now = resolved_text(&r);
     if (resume) {
         size_t n = 0;
@@ -192,27 +212,8 @@ static int run_main(int argc, char **argv) {
     }
     free(now);
 
-    int threads = r.run.threads > 0 ? r.run.threads : omp_get_num_procs();
     omp_set_num_threads(threads);
     install_signals();
-    RunContext ctx = {.recipe = &r, .run_dir = run_dir, .seed = (uint64_t)r.run.seed, .device = r.run.device,
-                      .threads = threads, .quiet = quiet, .stop = &g_stop};
-
-    // ---- stage checks (all before the first stage runs)
-    int bad = 0;
-    for (int i = 0; i < r.n_stages; i++) {
-        const StageDef *def = dl_find_stage(r.stages[i].kind);
-        if (!def->check) continue;
-        ctx.stage_index = i;
-        if (def->check(&ctx, &r.stages[i], &e)) {
-            fprintf(stderr, "%s: stage '%s': %s\n", r.path, r.stages[i].name, e.msg);
-            bad++;
-        }
-    }
-    if (bad) {
-        recipe_free(&r);
-        dl_die(DL_EXIT_INPUT, "%d stage check%s failed; nothing was run", bad, bad > 1 ? "s" : "");
-    }
 
     // ---- run
     int rc = DL_EXIT_OK;

@@ -86,7 +86,7 @@ static const Field TEACHER_FIELDS[] = {
 };
 
 static const Field TOKENIZER_FIELDS[] = {
-    FLD(TokenizerSpec, "path", F_PATH, path, 0, 0, "tokenizer.json or GGUF to take the tokenizer from (default: the teacher's)"),
+    FLD(TokenizerSource, "path", F_PATH, path, 0, 0, "tokenizer.json or GGUF to take the tokenizer from (default: the teacher's)"),
 };
 
 static const Field HYBRID_FIELDS[] = {
@@ -135,11 +135,11 @@ static const Field DATA_FIELDS[] = {
 };
 
 static const Field LOSS_FIELDS[] = {
-    FLD(LossSpec, "ce", F_FLOAT, ce, 0, 1e6, "weight of cross-entropy on the labels"),
-    FLD(LossSpec, "kl", F_FLOAT, kl, 0, 1e6, "weight of forward KL(teacher || student)"),
-    FLD(LossSpec, "reverse_kl", F_FLOAT, reverse_kl, 0, 1e6, "weight of reverse KL(student || teacher)"),
-    {"temperature", F_FLOAT, offsetof(LossSpec, temperature), 0, 0, 100, true, NULL, K_ALL, "softmax temperature of the KL terms"},
-    FLD(LossSpec, "mse", F_FLOAT, mse, 0, 1e6, "weight of per-layer hidden-state MSE to the teacher (alignment)"),
+    FLD(StageLoss, "ce", F_FLOAT, ce, 0, 1e6, "weight of cross-entropy on the labels"),
+    FLD(StageLoss, "kl", F_FLOAT, kl, 0, 1e6, "weight of forward KL(teacher || student)"),
+    FLD(StageLoss, "reverse_kl", F_FLOAT, reverse_kl, 0, 1e6, "weight of reverse KL(student || teacher)"),
+    {"temperature", F_FLOAT, offsetof(StageLoss, temperature), 0, 0, 100, true, NULL, K_ALL, "softmax temperature of the KL terms"},
+    FLD(StageLoss, "mse", F_FLOAT, mse, 0, 1e6, "weight of per-layer hidden-state MSE to the teacher (alignment)"),
 };
 
 static const Field SCHED_STEP_FIELDS[] = {
@@ -586,9 +586,9 @@ static void stage_defaults(StageSpec *s, StageKind kind, const OptimSpec *opt) {
     s->kind = kind;
     s->data_index = s->output_index = -1;
     s->opt = *opt;
-    s->loss = (LossSpec){.ce = 1, .kl = 0, .reverse_kl = 0, .temperature = 1, .mse = 0};
+    s->loss = (StageLoss){.ce = 1, .kl = 0, .reverse_kl = 0, .temperature = 1, .mse = 0};
     if (kind == STAGE_LAYERWISE) s->loss.kl = 0.1;  // the paper's stage 1: alpha = 1 (CE), beta = 0.1 (KL)
-    if (kind == STAGE_DISTILL) s->loss = (LossSpec){.ce = 0, .kl = 1, .temperature = 1};  // the later KL-only recipe
+    if (kind == STAGE_DISTILL) s->loss = (StageLoss){.ce = 0, .kl = 1, .temperature = 1};  // the later KL-only recipe
     s->trainable = dl_strdup(kind == STAGE_LAYERWISE ? "*.mamba.*" : "*");
     s->beta = 0.1;
     s->max_new_tokens = 256;
@@ -1629,7 +1629,7 @@ void recipe_write_schema(FILE *f) {
     schema_table(f, "[data.NAME]", DATA_FIELDS, DL_ARRAY_LEN(DATA_FIELDS), &d, false);
     free(d.field);
     schema_table(f, "[[stage]]", STAGE_FIELDS, DL_ARRAY_LEN(STAGE_FIELDS), NULL, true);
-    LossSpec l = {.ce = 1, .kl = 0.1, .temperature = 1};
+    StageLoss l = {.ce = 1, .kl = 0.1, .temperature = 1};
     schema_table(f, "[stage.loss] (defaults shown for layerwise; distill: kl = 1, ce = 0; sft: ce = 1, kl = 0)", LOSS_FIELDS,
                  DL_ARRAY_LEN(LOSS_FIELDS), &l, false);
     fputs("\n`[stage.optimizer]` takes the keys of `[optimizer]` and overrides them for that stage.\n", f);

@@ -60,7 +60,7 @@ typedef struct {
 
 typedef struct {
     char *path;  // NULL: the teacher's own tokenizer (GGUF metadata or tokenizer.json of the HF dir)
-} TokenizerSpec;
+} TokenizerSource;
 
 typedef struct {
     int mixer;             // MIXER_MAMBA1 or MIXER_MAMBA2
@@ -112,7 +112,7 @@ typedef struct {
     double reverse_kl;   // weight of reverse KL(student || teacher)
     double temperature;  // softmax temperature of the KL terms
     double mse;          // weight of per-layer hidden-state MSE to the teacher (layerwise alignment)
-} LossSpec;
+} StageLoss;
 
 typedef struct {
     int line, col;
@@ -139,7 +139,7 @@ typedef struct {
     // length of training stages: steps > 0, or epochs > 0 (then steps = 0)
     int64_t steps;
     double epochs;
-    LossSpec loss;
+    StageLoss loss;
     char *trainable;       // comma-separated fnmatch patterns over tensor names (reg_set_trainable)
     OptimSpec opt;         // [optimizer] with this stage's [stage.optimizer] overrides
     int teacher_logits;    // TEACHER_ONLINE or TEACHER_CACHE (a teacher_cache stage on the same data ran)
@@ -170,7 +170,7 @@ typedef struct {
     TomlValue *doc;        // the parsed tree (with --set applied); positions for late errors
     RunSpec run;
     TeacherSpec teacher;
-    TokenizerSpec tokenizer;
+    TokenizerSource tokenizer;
     HybridSpec hybrid;
     OptimSpec optimizer;
     HardwareSpec hardware;

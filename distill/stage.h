@@ -51,7 +51,8 @@ typedef struct {
     // ctx->stage_dir (or the export dir), atomically.
     int (*run)(RunContext *ctx, const StageSpec *st);
     // Optional: checks that need the stage's own knowledge (data file contents, tokenizer, ...), called
-    // for every stage before the first one runs. Returns 0, or -1 with e naming file/line and what was
+    // for every stage before the run directory is made or any stage runs (ctx->run_dir may not exist
+    // yet; ctx->stage_dir is NULL). Returns 0, or -1 with e naming file/line and what was
     // expected; the runner reports all failures together and exits DL_EXIT_INPUT.
     int (*check)(const RunContext *ctx, const StageSpec *st, DlError *e);
 } StageDef;
