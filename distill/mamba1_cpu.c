@@ -94,6 +94,12 @@ static void repeat_groups_bwd(const HybridConfig *h, int64_t T, const float *dxr
             }
 }
 
+// dt [T, di] = dtl [T, R] W_dt^T + b_dt (dt_proj is a Linear with bias)
+static void dt_proj_fwd(const Mamba1Weights *w, const float *dtl, float *dt, int64_t T, int64_t di, int64_t R) {
+    for (int64_t t = 0; t < T; t++) memcpy(dt + t * di, w->dtb, (size_t)di * sizeof(float));
+    linear(dtl, w->dtw, dt, T, di, R, 1);
+}
+
 static void neg_exp(const float *alog, float *A, int64_t n) {
     for (int64_t i = 0; i < n; i++) A[i] = -expf(alog[i]);
 }
@@ -105,8 +111,7 @@ struct Mamba1Acts {
     float *xs;    // [T, dxb] x before the repeat
     float *Bs;    // [T, dxb]
     float *Cs;    // [T, di]
-    float *dtl;   // [T, R]   dt_proj_down output
-    float *dt;    // [T, di]  dt_proj output (bias included once)
+    float *dtl;   // [T, R]   dt_proj_down output (dt = dt_proj(dtl) is recomputed: R = d/16 makes it cheap)
     float *y;     // [T, di]  gated scan output (input of out_proj)
 };
 
@@ -120,14 +125,13 @@ Mamba1Acts *mamba1_acts_new(const HybridConfig *h, int64_t B, int64_t L) {
     a->Bs = dl_malloc((size_t)(T * dxb) * sizeof(float));
     a->Cs = dl_malloc((size_t)(T * di) * sizeof(float));
     a->dtl = dl_malloc((size_t)(T * R) * sizeof(float));
-    a->dt = dl_malloc((size_t)(T * di) * sizeof(float));
     a->y = dl_malloc((size_t)(T * di) * sizeof(float));
     return a;
 }
 
 void mamba1_acts_free(Mamba1Acts *a) {
     if (!a) return;
-    free(a->u), free(a->z), free(a->xs), free(a->Bs), free(a->Cs), free(a->dtl), free(a->dt), free(a->y);
+    free(a->u), free(a->z), free(a->xs), free(a->Bs), free(a->Cs), free(a->dtl), free(a->y);
     free(a);
 }
 
@@ -193,14 +197,15 @@ static void forward_impl(RunKind kind, const HybridConfig *h, const Registry *r,
     if (st && (st->B != B || st->d_inner != di || st->d_state != N || st->d_conv != W))
         dl_die(DL_EXIT_RUNTIME, "mamba1: state made for batch %lld, used with batch %lld", (long long)st->B, (long long)B);
     float *tmp = NULL;
-    float *z, *xs, *Bs, *Cs, *dtl, *dt, *y;
+    float *z, *xs, *Bs, *Cs, *dtl, *y;
     if (acts) {
         memcpy(acts->u, x, (size_t)(T * d) * sizeof(float));
-        z = acts->z, xs = acts->xs, Bs = acts->Bs, Cs = acts->Cs, dtl = acts->dtl, dt = acts->dt, y = acts->y;
+        z = acts->z, xs = acts->xs, Bs = acts->Bs, Cs = acts->Cs, dtl = acts->dtl, y = acts->y;
     } else {
-        tmp = dl_malloc((size_t)(T * (4 * di + 2 * dxb + R)) * sizeof(float));
-        z = tmp, Cs = z + T * di, dt = Cs + T * di, y = dt + T * di, xs = y + T * di, Bs = xs + T * dxb, dtl = Bs + T * dxb;
+        tmp = dl_malloc((size_t)(T * (3 * di + 2 * dxb + R)) * sizeof(float));
+        z = tmp, Cs = z + T * di, y = Cs + T * di, xs = y + T * di, Bs = xs + T * dxb, dtl = Bs + T * dxb;
     }
+    float *dt = dl_malloc((size_t)(T * di) * sizeof(float));
     float *xr = dl_malloc((size_t)(T * di) * sizeof(float));  // x after the GQA repeat (conv input)
     float *xc = dl_malloc((size_t)(T * di) * sizeof(float));  // conv + SiLU output = scan input
     float *A = dl_malloc((size_t)(di * N) * sizeof(float));
@@ -211,8 +216,7 @@ static void forward_impl(RunKind kind, const HybridConfig *h, const Registry *r,
     linear(x, w.Cp, Cs, T, di, d, 0);
     linear(x, w.dtd, dtl, T, R, d, 0);
     // dt = dt_proj(dtl) with its bias (the scan adds the same bias again as delta_bias)
-    for (int64_t t = 0; t < T; t++) memcpy(dt + t * di, w.dtb, (size_t)di * sizeof(float));
-    linear(dtl, w.dtw, dt, T, di, R, 1);
+    dt_proj_fwd(&w, dtl, dt, T, di, R);
 
     repeat_groups(h, T, xs, xr);
     conv1d_silu_fwd_cpu(B, L, di, W, xr, w.cw, w.cb, kind == RUN_MULTI ? NULL : reset, st ? st->conv : NULL, 1, xc);
@@ -233,7 +237,7 @@ static void forward_impl(RunKind kind, const HybridConfig *h, const Registry *r,
         selective_scan_fwd_cpu(&s, xc, dt, A, Bs, Cs, w.D, z, w.dtb, reset, NULL, y, NULL);
     }
     linear(y, w.out, out, T, d, di, 0);
-    free(xr), free(xc), free(A), free(tmp);
+    free(xr), free(xc), free(A), free(dt), free(tmp);
 }
 
 void mamba1_forward(const HybridConfig *h, const Registry *r, const float *params, int layer, int64_t B, int64_t L,
@@ -263,10 +267,10 @@ void mamba1_backward(const HybridConfig *h, const Registry *r, const float *para
     const Mamba1Weights w = weights(h, r, params, layer);
     if (!a || a->cap < T) dl_die(DL_EXIT_RUNTIME, "mamba1_backward: activations missing or too small");
 
-    // [T, di] buffers: dy, xr, xc (later dxr), dxc, ddt, dC, dz; [T, dxb]: dB, dxs; [T, R]: ddtl
-    float *buf = dl_malloc((size_t)(T * (7 * di + 2 * dxb + R)) * sizeof(float));
+    // [T, di] buffers: dy, xr, xc (later dxr), dt, dxc, ddt, dC, dz; [T, dxb]: dB, dxs; [T, R]: ddtl
+    float *buf = dl_malloc((size_t)(T * (8 * di + 2 * dxb + R)) * sizeof(float));
     float *dy = buf, *xr = dy + T * di, *xc = xr + T * di, *dxc = xc + T * di, *ddt = dxc + T * di, *dC = ddt + T * di;
-    float *dz = dC + T * di, *dB = dz + T * di, *dxs = dB + T * dxb, *ddtl = dxs + T * dxb;
+    float *dz = dC + T * di, *dt = dz + T * di, *dB = dt + T * di, *dxs = dB + T * dxb, *ddtl = dxs + T * dxb;
     // per-channel: A, dA [di,N]; dD, ddb, dcb [di]; dcw [di,W]
     float *small = dl_malloc((size_t)(2 * di * N + 3 * di + di * W) * sizeof(float));
     float *A = small, *dA = A + di * N, *dD = dA + di * N, *ddb = dD + di, *dcb = ddb + di, *dcw = dcb + di;
@@ -275,12 +279,13 @@ void mamba1_backward(const HybridConfig *h, const Registry *r, const float *para
     linear_bwd_in(dout, w.out, dy, T, d, di, 0);
     if (grads) linear_bwd_w(dout, a->y, grads + w.oout, T, d, di);
 
-    // recompute the scan input
+    // recompute the scan inputs
+    dt_proj_fwd(&w, a->dtl, dt, T, di, R);
     repeat_groups(h, T, a->xs, xr);
     conv1d_silu_fwd_cpu(B, L, di, W, xr, w.cw, w.cb, reset, NULL, 1, xc);
     neg_exp(w.alog, A, di * N);
     const ScanShape s = scan_shape(h, B, L);
-    selective_scan_bwd_cpu(&s, xc, a->dt, A, a->Bs, a->Cs, w.D, a->z, w.dtb, reset, NULL, dy, NULL, dxc, ddt, dA, dB, dC,
+    selective_scan_bwd_cpu(&s, xc, dt, A, a->Bs, a->Cs, w.D, a->z, w.dtb, reset, NULL, dy, NULL, dxc, ddt, dA, dB, dC,
                            dD, dz, ddb, NULL);
 
     // conv + SiLU backward: dxr goes into xc's buffer (xc is no longer needed)

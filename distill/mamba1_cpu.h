@@ -19,8 +19,9 @@
 #include "distill/model.h"
 #include "distill/registry.h"
 
-// What backward needs from forward (sized for up to B*L tokens): the input, the projections and the scan
-// output; the repeated x and the conv output are recomputed in backward (cheap, O(T*d_inner*4)).
+// What backward needs from forward (sized for up to B*L tokens): the input, the projections z, x, B, C and
+// dt_proj_down's output, and the scan output; dt (a rank-d/16 GEMM), the repeated x and the conv output are
+// recomputed in backward. Per token: d_model + 3*d_inner + 2*d_xb + dt_rank floats.
 typedef struct Mamba1Acts Mamba1Acts;
 Mamba1Acts *mamba1_acts_new(const HybridConfig *h, int64_t B, int64_t L);
 void mamba1_acts_free(Mamba1Acts *a);
