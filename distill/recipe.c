@@ -136,8 +136,8 @@ static const Field DATA_FIELDS[] = {
 
 static const Field LOSS_FIELDS[] = {
     FLD(StageLoss, "ce", F_FLOAT, ce, 0, 1e6, "weight of cross-entropy on the labels"),
-    FLD(StageLoss, "kl", F_FLOAT, kl, 0, 1e6, "weight of forward KL(teacher || student)"),
-    FLD(StageLoss, "reverse_kl", F_FLOAT, reverse_kl, 0, 1e6, "weight of reverse KL(student || teacher)"),
+    FLD(StageLoss, "kl", F_FLOAT, kl, 0, 1e6, "weight of forward KL(teacher‖student)"),
+    FLD(StageLoss, "reverse_kl", F_FLOAT, reverse_kl, 0, 1e6, "weight of reverse KL(student‖teacher)"),
     {"temperature", F_FLOAT, offsetof(StageLoss, temperature), 0, 0, 100, true, NULL, K_ALL, "softmax temperature of the KL terms"},
     FLD(StageLoss, "mse", F_FLOAT, mse, 0, 1e6, "weight of per-layer hidden-state MSE to the teacher (alignment)"),
 };
@@ -359,8 +359,13 @@ static bool range_ok(const Field *f, double x) {
 }
 
 static void range_msg(const Field *f, char *buf, size_t n) {
-    if (f->max == NOMAX || f->max >= 1e12) snprintf(buf, n, "%s %g", f->min_excl ? ">" : ">=", f->min);
-    else snprintf(buf, n, "%s%g, %g]", f->min_excl ? "in (" : "in [", f->min, f->max);
+    // integers print in full (1048576, not 1.04858e+06)
+    const char *fmt_lo = f->type == F_FLOAT ? "%g" : "%.0f";
+    char lo[40], hi[40];
+    snprintf(lo, sizeof lo, fmt_lo, f->min);
+    snprintf(hi, sizeof hi, fmt_lo, f->max);
+    if (f->max == NOMAX || f->max >= 1e12) snprintf(buf, n, "%s %s", f->min_excl ? ">" : ">=", lo);
+    else snprintf(buf, n, "%s%s, %s]", f->min_excl ? "in (" : "in [", lo, hi);
 }
 
 // Reads one value of field f into obj. Returns 0 or -1 (error recorded).
@@ -1577,14 +1582,17 @@ static void default_cell(FILE *f, const Field *fd, const void *obj) {
     free(buf);
 }
 
-static void schema_table(FILE *f, const char *title, const Field *fd, int nf, const void *obj, bool stage) {
+static void schema_table(FILE *f, const char *title, const Field *fd, int nf, const void *obj, bool stage, bool no_defaults) {
     fprintf(f, "\n### %s\n\n| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n", title);
     for (int i = 0; i < nf; i++) {
         const Field *x = &fd[i];
         static const char *const TN[] = {"bool", "int", "int", "float", "string", "path", "string", "string list",
                                          "pattern(s)", "int list", "[float, float]", "table"};
-        fprintf(f, "| `%s` | %s | ", x->key, TN[x->type]);
-        if (stage) {
+        fprintf(f, "| `%s` | %s | ", x->key, x->type == F_SPECIAL && x->choices ? "string" : TN[x->type]);
+        if (no_defaults || x->type == F_INTLIST) fputs("-", f);
+        else if (!strcmp(x->key, "seed") && obj && fd == TEACHER_FIELDS) fputs("run.seed", f);
+        else if (stage && (!strcmp(x->key, "steps") || !strcmp(x->key, "epochs"))) fputs("-", f);
+        else if (stage) {
             // stage defaults depend on the kind: show the first kind the key applies to
             StageSpec s;
             OptimSpec o;
@@ -1598,7 +1606,7 @@ static void schema_table(FILE *f, const char *title, const Field *fd, int nf, co
             free(s.trainable);
         } else default_cell(f, x, obj);
         fputs(" | ", f);
-        if (x->choices && x->type != F_SPECIAL) {
+        if (x->choices) {
             for (int k = 0; x->choices[k]; k++) fprintf(f, "%s`%s`", k ? ", " : "", x->choices[k]);
         } else if (x->type == F_INT || x->type == F_I32 || x->type == F_FLOAT) {
             char rb[96];
@@ -1622,18 +1630,19 @@ void recipe_write_schema(FILE *f) {
     for (int i = 0; i < (int)DL_ARRAY_LEN(TOP_TABLES); i++) {
         char t[64];
         snprintf(t, sizeof t, "[%s]", TOP_TABLES[i].name);
-        schema_table(f, t, TOP_TABLES[i].f, TOP_TABLES[i].n, objs[i], false);
+        schema_table(f, t, TOP_TABLES[i].f, TOP_TABLES[i].n, objs[i], false, false);
     }
     DataSpec d;
     data_defaults(&d);
-    schema_table(f, "[data.NAME]", DATA_FIELDS, DL_ARRAY_LEN(DATA_FIELDS), &d, false);
+    schema_table(f, "[data.NAME]", DATA_FIELDS, DL_ARRAY_LEN(DATA_FIELDS), &d, false, false);
     free(d.field);
-    schema_table(f, "[[stage]]", STAGE_FIELDS, DL_ARRAY_LEN(STAGE_FIELDS), NULL, true);
+    schema_table(f, "[[stage]]", STAGE_FIELDS, DL_ARRAY_LEN(STAGE_FIELDS), NULL, true, false);
     StageLoss l = {.ce = 1, .kl = 0.1, .temperature = 1};
     schema_table(f, "[stage.loss] (defaults shown for layerwise; distill: kl = 1, ce = 0; sft: ce = 1, kl = 0)", LOSS_FIELDS,
-                 DL_ARRAY_LEN(LOSS_FIELDS), &l, false);
+                 DL_ARRAY_LEN(LOSS_FIELDS), &l, false, false);
     fputs("\n`[stage.optimizer]` takes the keys of `[optimizer]` and overrides them for that stage.\n", f);
-    ScheduleStep ss = {.attn_fraction = 0.5};
-    schema_table(f, "[[stage.schedule]] (layerwise)", SCHED_STEP_FIELDS, DL_ARRAY_LEN(SCHED_STEP_FIELDS), &ss, false);
+    ScheduleStep ss = {.attn_fraction = -1};
+    schema_table(f, "[[stage.schedule]] (layerwise; steps/epochs default to the stage's)", SCHED_STEP_FIELDS,
+                 DL_ARRAY_LEN(SCHED_STEP_FIELDS), &ss, false, true);
     recipe_free(&r);
 }

@@ -145,6 +145,22 @@ static void test_cli(void) {
                             "### [data.NAME]", "### [[stage]]", "### [stage.loss]", "### [[stage.schedule]]", "`attn_fraction`",
                             "`warmup_ratio`", "`teacher_logits`"};
     for (size_t i = 0; i < DL_ARRAY_LEN(tables); i++) CHECK(strstr(out, tables[i]) != NULL);
+    // docs/RECIPES.md carries the same reference (regenerate it with distill run --schema when keys change)
+    size_t dn = 0;
+    DlError de;
+    char *doc = dl_read_file("docs/RECIPES.md", &dn, &de);
+    CHECK(doc != NULL);
+    if (doc) {
+        char *b = strstr(doc, "<!-- schema:begin -->\n"), *e = strstr(doc, "<!-- schema:end -->");
+        CHECK(b && e && e > b);
+        if (b && e && e > b) {
+            b += strlen("<!-- schema:begin -->\n");
+            bool same = (size_t)(e - b) == strlen(out) && !memcmp(b, out, strlen(out));
+            CHECK(same);
+            if (!same) fprintf(stderr, "docs/RECIPES.md: the reference differs from `distill run --schema`; regenerate it\n");
+        }
+        free(doc);
+    }
     free(out);
     char *a6[] = {NULL, "run", "--help", NULL};
     CHECK_EQ_I64(run(a6, &out), 0);
