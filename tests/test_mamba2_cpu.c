@@ -9,6 +9,9 @@
 // IN (little-endian): int64 d_model, n_head, n_kv_head, head_dim, B, L; float64 rms_eps; then float32
 // in_proj [n_in,d], conv1d.weight [xbc,1,4], conv1d.bias [xbc], dt_bias [H], A_log [H], D [H],
 // norm.weight [d_inner], out_proj [d,d_inner], x [B,L,d]. OUT: float32 out [B,L,d] of mamba2_forward.
+//   test_mamba2_cpu --run-layer-bwd IN OUT
+// IN as above followed by dout [B,L,d]; OUT: out, dx [B,L,d], then the gradients of the 8 tensors in the
+// order above (mamba2_backward into a zeroed buffer).
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -575,7 +578,7 @@ static void test_init(void) {
 }
 
 // ---------------------------------------------------------------- tool mode for the Python oracle test
-static int run_layer(const char *in_path, const char *out_path) {
+static int run_layer(const char *in_path, const char *out_path, int bwd) {
     FILE *f = fopen(in_path, "rb");
     if (!f) {
         fprintf(stderr, "cannot open %s\n", in_path);
@@ -617,20 +620,40 @@ static int run_layer(const char *in_path, const char *out_path) {
         fprintf(stderr, "%s: short input\n", in_path);
         return 3;
     }
+    float *dout = NULL, *dx = NULL, *grads = NULL;
+    if (bwd) {
+        dout = malloc((size_t)n * 4), dx = malloc((size_t)n * 4), grads = calloc((size_t)m.r.numel, 4);
+        if (fread(dout, 4, (size_t)n, f) != (size_t)n) {
+            fprintf(stderr, "%s: short dout\n", in_path);
+            return 3;
+        }
+    }
     fclose(f);
-    mamba2_forward(&m.h, &m.r, m.p, m.layer, B, L, x, NULL, out, NULL);
+    Mamba2Acts *acts = bwd ? mamba2_acts_new(&m.h, B, L) : NULL;
+    mamba2_forward(&m.h, &m.r, m.p, m.layer, B, L, x, NULL, out, acts);
+    if (bwd) mamba2_backward(&m.h, &m.r, m.p, m.layer, B, L, NULL, dout, dx, grads, acts);
     FILE *g = fopen(out_path, "wb");
-    if (!g || fwrite(out, 4, (size_t)n, g) != (size_t)n || fclose(g)) {
+    int ok = g && fwrite(out, 4, (size_t)n, g) == (size_t)n;
+    if (bwd) {
+        ok = ok && fwrite(dx, 4, (size_t)n, g) == (size_t)n;
+        for (int k = 0; k < 8 && ok; k++) {
+            const TensorInfo *t = mt(&m, k);
+            ok = fwrite(grads + t->offset, 4, (size_t)t->numel, g) == (size_t)t->numel;
+        }
+    }
+    if (!g || fclose(g) || !ok) {
         fprintf(stderr, "cannot write %s\n", out_path);
         return 1;
     }
-    free(x), free(out);
+    mamba2_acts_free(acts);
+    free(x), free(out), free(dout), free(dx), free(grads);
     model_free(&m);
     return 0;
 }
 
 int main(int argc, char **argv) {
-    if (argc == 4 && strcmp(argv[1], "--run-layer") == 0) return run_layer(argv[2], argv[3]);
+    if (argc == 4 && strcmp(argv[1], "--run-layer") == 0) return run_layer(argv[2], argv[3], 0);
+    if (argc == 4 && strcmp(argv[1], "--run-layer-bwd") == 0) return run_layer(argv[2], argv[3], 1);
     rng_init(&R, 2024, 1);
     test_forward("tiny d=12 H=4 kv=2 hd=4 B=2 L=7", 12, 4, 2, 4, 2, 7, 0.2);
     test_forward("L=1", 12, 4, 2, 4, 3, 1, 0.0);

@@ -64,6 +64,13 @@ class Layer:
         Be = np.repeat(Bs, self.rep, axis=0).reshape(self.H * self.N, *t.shape[1:])
         return np.concatenate([xe, Be, C], axis=0)
 
+    def fold_rows(self, t):
+        """Gradient of expand_rows: [di + H*N + di, ...] (standard) -> [xbc, ...] (summed over duplicates)."""
+        x, B, C = t[: self.di], t[self.di: self.di + self.H * self.N], t[self.di + self.H * self.N:]
+        xf = x.reshape(self.kv, self.rep, self.P, *t.shape[1:]).sum(1).reshape(self.dxb, *t.shape[1:])
+        Bf = B.reshape(self.kv, self.rep, self.N, *t.shape[1:]).sum(1).reshape(self.dxb, *t.shape[1:])
+        return np.concatenate([xf, Bf, C], axis=0)
+
     def granite_weights(self):
         z = self.in_proj[: self.di]
         xbc = self.in_proj[self.di: self.di + self.xbc]
@@ -119,6 +126,33 @@ def run_ours(tmp_path, layer, x):
     r = subprocess.run([c_binary(), "--run-layer", str(inp), str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return np.fromfile(out, dtype="<f4").reshape(Bn, L, layer.d)
+
+
+NAMES = ["in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight", "out_proj.weight"]
+
+
+def run_ours_bwd(tmp_path, layer, x, dout):
+    """Our forward + backward: out, dx, and the gradients of our (compact) tensors."""
+    Bn, L, _ = x.shape
+    inp, out = tmp_path / "in.bin", tmp_path / "out.bin"
+    with open(inp, "wb") as f:
+        f.write(struct.pack("<6q", layer.d, layer.H, layer.kv, layer.P, Bn, L))
+        f.write(struct.pack("<d", layer.eps))
+        for a in (layer.in_proj, layer.conv_w, layer.conv_b, layer.dt_bias, layer.A_log, layer.D, layer.norm_w,
+                  layer.out_proj, x, dout):
+            f.write(np.ascontiguousarray(a, dtype="<f4").tobytes())
+    r = subprocess.run([c_binary(), "--run-layer-bwd", str(inp), str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    flat = np.fromfile(out, dtype="<f4")
+    shapes = [x.shape, x.shape] + [a.shape for a in (layer.in_proj, layer.conv_w, layer.conv_b, layer.dt_bias,
+                                                      layer.A_log, layer.D, layer.norm_w, layer.out_proj)]
+    res, o = [], 0
+    for sh in shapes:
+        n = int(np.prod(sh))
+        res.append(flat[o:o + n].reshape(sh))
+        o += n
+    assert o == flat.size
+    return res[0], res[1], dict(zip(NAMES, res[2:]))
 
 
 def ref_mambainllama(layer, x):
@@ -263,3 +297,31 @@ def test_zero_padding_is_exact():
         hf = m(torch.from_numpy(x)).numpy()
     print(f"padded to {H2} heads, d_state {N2}: HF vs float64 {rel(hf, ref):.2e}")
     assert rel(hf, ref) < 1e-5
+
+
+def test_backward_matches_hf_autograd(tmp_path):
+    """Our backward against torch autograd through HF's layer with the mapped weights: dx, and every
+    parameter gradient with the HF gradients of duplicated x/B rows summed back onto our compact rows
+    (training in our layout = training HF's with those rows tied)."""
+    rng = np.random.default_rng(21)
+    layer = Layer(rng, 48, 6, 2, 8)
+    x = rng.uniform(-1, 1, (2, 45, 48)).astype(np.float32)
+    dout = rng.uniform(-1, 1, x.shape).astype(np.float32)
+    out, dx, grads = run_ours_bwd(tmp_path, layer, x, dout)
+    m = granite_layer(layer, chunk_size=16)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    hf = m(xt)
+    (hf * torch.from_numpy(dout)).sum().backward()
+    g = {k: v.grad.numpy() for k, v in m.named_parameters()}
+    W = g["in_proj.weight"]
+    di, xs = layer.di, 2 * layer.di + layer.H * layer.N
+    hf_grads = {
+        "in_proj.weight": np.concatenate([W[:di], layer.fold_rows(W[di:di + xs]), W[di + xs:]], axis=0),
+        "conv1d.weight": layer.fold_rows(g["conv1d.weight"]), "conv1d.bias": layer.fold_rows(g["conv1d.bias"]),
+        **{k: g[k] for k in ("dt_bias", "A_log", "D", "norm.weight", "out_proj.weight")},
+    }
+    errs = {"out": rel(out, hf.detach().numpy()), "dx": rel(dx, xt.grad.numpy())}
+    errs.update({k: rel(grads[k], hf_grads[k]) for k in NAMES})
+    print("ours vs HF autograd: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    for k, v in errs.items():
+        assert v < 2e-5, (k, v)
