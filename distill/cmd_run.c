@@ -184,8 +184,7 @@ static int run_main(int argc, char **argv) {
         if (strcmp(body(old), body(now))) {
             // show the first line that differs
             const char *a = body(old), *b = body(now);
-            int line = 1;
-            while (*a && *a == *b) line += *a++ == '\n', b++;
+            while (*a && *a == *b) a++, b++;
             while (a > old && a[-1] != '\n') a--;
             while (b > now && b[-1] != '\n') b--;
             fprintf(stderr, "distill: error: --resume: the recipe differs from the one the run started with (%s), first at:\n  was: %.*s\n  now: %.*s\n"

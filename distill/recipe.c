@@ -1183,9 +1183,24 @@ static int apply_set(Ctx *c, TomlValue *root, const char *setarg) {
         if (np < 3) SET_ERR("name the stage and the key: stage.NAME.key (NAME: a stage name or a kind used once)");
         int found = -1, nkind = 0;
         for (int i = 0; i < arr->u.arr.n; i++) {
+            // the stage's name as validation will give it: explicit, else the kind (kind-N when repeated)
             TomlValue *st = arr->u.arr.items[i];
-            TomlValue *nm = toml_get(st, "name");
-            if (nm && nm->type == TOML_STRING && !strcmp(nm->u.s, parts[1])) {
+            TomlValue *nm = toml_get(st, "name"), *kd = toml_get(st, "kind");
+            char dflt[64] = "";
+            if (kd && kd->type == TOML_STRING) {
+                int same = 0, nth = 0;
+                for (int j = 0; j < arr->u.arr.n; j++) {
+                    TomlValue *kj = toml_get(arr->u.arr.items[j], "kind");
+                    if (kj && kj->type == TOML_STRING && !strcmp(kj->u.s, kd->u.s)) {
+                        same++;
+                        if (j <= i) nth++;
+                    }
+                }
+                if (same > 1) snprintf(dflt, sizeof dflt, "%s-%d", kd->u.s, nth);
+                else snprintf(dflt, sizeof dflt, "%s", kd->u.s);
+            }
+            const char *eff = nm && nm->type == TOML_STRING ? nm->u.s : dflt;
+            if (!strcmp(eff, parts[1])) {
                 found = i;
                 nkind = 1;
                 break;

@@ -395,6 +395,14 @@ static void test_set(void) {
     recipe_errors_free(&errs);
     recipe_free(&r);
 
+    // a repeated kind is selected by its default name kind-N
+    const char *s3[] = {"stage.eval-2.max_sequences=5"};
+    CHECK(load(GOOD_STAGES "[[stage]]\nkind = \"eval\"\ndata = \"train\"\n[[stage]]\nkind = \"eval\"\ndata = \"train\"\n", s3, 1,
+               false, &r, &errs) == 0 &&
+          r.stages[3].max_sequences == 5 && r.stages[2].max_sequences == 0 && !strcmp(r.stages[3].name, "eval-2"));
+    recipe_errors_free(&errs);
+    recipe_free(&r);
+
     EXPECT_SET_ERR(GOOD_STAGES, "optimizer.lrr=1", "--set optimizer.lrr=1: unknown key 'lrr' (did you mean 'lr'?)");
     EXPECT_SET_ERR(GOOD_STAGES, "optimizer.lr=abc", "--set optimizer.lr=abc: cannot read the value (a number expected)");
     EXPECT_SET_ERR(GOOD_STAGES, "optimizer.lr=-5", "--set optimizer.lr=-5: [optimizer].lr = -5 is out of range");
