@@ -221,17 +221,22 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
                     c->stage_name, consecutive_skips, optim_outcome_name(r.outcome), (long long)gstep);
             goto out_prog;
         }
-        bool last = step + 1 == total;
-        if (last || (c->checkpoint_every > 0 && (step + 1) % c->checkpoint_every == 0)) {
+        bool last = step + 1 == total, interrupt = c->stop && *c->stop;
+        if (last || interrupt || (c->checkpoint_every > 0 && (step + 1) % c->checkpoint_every == 0)) {
             if (save(c, &o, src, step + 1, tokens, last, res, e)) goto out_prog;
         }
         res->steps_done = step + 1;
+        if (interrupt && !last) {
+            res->interrupted = true;
+            dl_info("\n%s: stopped at step %lld; checkpoint %s", c->stage_name, (long long)gstep, res->last_checkpoint);
+            break;
+        }
         if (c->stop_after > 0 && steps_run >= c->stop_after && !last) {
             res->stopped = true;
             break;
         }
     }
-    res->steps_done = res->stopped ? step + 1 : total;
+    res->steps_done = (res->stopped || res->interrupted) ? step + 1 : total;
     res->tokens_per_s = tokens_run / (dl_now() - t_run + 1e-9);
     rc = 0;
 out_prog:

@@ -13,6 +13,7 @@
 // its stage (layerwise schedule steps run one loop each), so checkpoint names and metrics rows stay
 // monotone over the whole stage.
 #pragma once
+#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -79,6 +80,9 @@ typedef struct {
     void *on_step_ctx;
     // for tests: return after this many steps of this process (a simulated kill; 0: run to the end)
     int64_t stop_after;
+    // set by SIGINT/SIGTERM (RunContext.stop; may be NULL): the loop finishes the step, writes a checkpoint
+    // and returns 0 with res->interrupted
+    volatile sig_atomic_t *stop;
 } TrainConfig;
 
 typedef struct {
@@ -87,6 +91,7 @@ typedef struct {
     double tokens_per_s;    // over the steps run by this process
     int64_t n_skipped;
     bool stopped;           // returned because of stop_after
+    bool interrupted;       // returned because *stop was set (a checkpoint of the last step was written)
     char last_checkpoint[512];
 } TrainResult;
 
