@@ -73,3 +73,37 @@ static inline int scan_launch_check(char *err, size_t errlen, const char *what) 
     if (e != cudaSuccess) return scan_fail(err, errlen, "%s: launch failed: %s", what, cudaGetErrorString(e));
     return 0;
 }
+
+// ---- asynchronous global -> shared copies (sm_80+) -----------------------------------------------------------
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+}
+
+// loads R consecutive bf16 from shared memory (aligned to R*2 bytes) into floats
+template <int R>
+__device__ __forceinline__ void lds_vec(const bf16 *p, float (&v)[R]) {
+    if constexpr (R == 1) {
+        v[0] = __bfloat162float(*p);
+    } else if constexpr (R == 2) {
+        const __nv_bfloat162 x = *reinterpret_cast<const __nv_bfloat162 *>(p);
+        v[0] = __low2float(x), v[1] = __high2float(x);
+    } else if constexpr (R == 4) {
+        const uint2 x = *reinterpret_cast<const uint2 *>(p);
+        const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&x);
+        v[0] = __low2float(h[0]), v[1] = __high2float(h[0]), v[2] = __low2float(h[1]), v[3] = __high2float(h[1]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < R; i += 8) {
+            const uint4 x = *reinterpret_cast<const uint4 *>(p + i);
+            const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&x);
+#pragma unroll
+            for (int k = 0; k < 4; k++) v[i + 2 * k] = __low2float(h[k]), v[i + 2 * k + 1] = __high2float(h[k]);
+        }
+    }
+}

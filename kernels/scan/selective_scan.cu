@@ -44,25 +44,115 @@ __device__ __forceinline__ float reduce_scatter4(const float (&v)[4], int q) {
     return k + __shfl_xor_sync(FULL_MASK, s, 1);
 }
 
+// ---- staged tiles ------------------------------------------------------------------------------------------
+// A block's inputs for T consecutive steps are copied into shared memory ahead of use (cp.async, several
+// tiles in flight), so that the recurrences read shared memory and the global loads are wide, coalesced and
+// overlapped with compute. Layout of one tile: act [NT][T][CPB] bf16 (u, dt, z[, dout]); Bs [T][pB], Cs [T][pC]
+// bf16 (the block's span of B and C groups); rs [T] uint8.
+struct TileGeom {
+    int T, CPB, NT, pB, pC, offB, offC, offR, bytes;
+};
+static inline int align16(int x) { return (x + 15) & ~15; }
+TileGeom make_geom(int T, int CPB, int NT, int pB, int pC) {
+    TileGeom g;
+    g.T = T, g.CPB = CPB, g.NT = NT, g.pB = pB, g.pC = pC;
+    g.offB = align16(NT * T * CPB * 2);
+    g.offC = g.offB + align16(T * pB * 2);
+    g.offR = g.offC + align16(T * pC * 2);
+    g.bytes = g.offR + align16(T);
+    return g;
+}
+// most groups of size gs that a block of cpb channels (starting at a multiple of cpb) can touch
+int64_t span_groups(int64_t cpb, int64_t gs) {
+    if (cpb % gs == 0) return cpb / gs;
+    if (gs % cpb == 0) return 1;
+    return (cpb - 1) / gs + 2;
+}
+
+struct TileSrc {
+    const bf16 *act[4];
+    const bf16 *Bm, *Cm;
+    const uint8_t *reset;
+    int64_t L, D, GbN, GcN;
+};
+
+__device__ __forceinline__ const bf16 *pick4(const bf16 *const (&a)[4], int k) {  // no local-memory array
+    return k == 0 ? a[0] : k == 1 ? a[1] : k == 2 ? a[2] : a[3];
+}
+// Issues the copies of steps [t_start, t_start + nsteps) of batch row b, channels [c0, c0 + nchv), B span
+// [bofs, bofs + nBv) and C span [cofs, cofs + nCv) (element offsets within a token's B / C row). Steps past
+// nsteps get zero B and C (so that padded steps are exact identities in the backward).
+template <bool AL16>
+__device__ void load_tile(char *tile, const TileGeom &g, const TileSrc &s, int64_t b, int64_t c0, int nchv,
+                          int64_t bofs, int nBv, int64_t cofs, int nCv, int64_t t_start, int nsteps) {
+    const int tid = threadIdx.x, nthr = blockDim.x, T = g.T, CPB = g.CPB;
+    bf16 *act = (bf16 *)tile, *Bs = (bf16 *)(tile + g.offB), *Cs = (bf16 *)(tile + g.offC);
+    uint8_t *rs = (uint8_t *)(tile + g.offR);
+    const int64_t row0 = b * s.L + t_start;
+    if (AL16) {
+        const int cpr = CPB / 8, nact = g.NT * nsteps * cpr;
+        for (int e = tid; e < nact; e += nthr) {
+            const int k = e / (nsteps * cpr), r = e % (nsteps * cpr), i = r / cpr, ch = (r % cpr) * 8;
+            const bf16 *src = pick4(s.act, k);
+            if (ch < nchv && src) cp_async16(act + (k * T + i) * CPB + ch, src + (row0 + i) * s.D + c0 + ch);
+        }
+        const int cb8 = nBv / 8, cc8 = nCv / 8;
+        for (int e = tid; e < nsteps * cb8; e += nthr) {
+            const int i = e / cb8, x = (e % cb8) * 8;
+            cp_async16(Bs + i * g.pB + x, s.Bm + (row0 + i) * s.GbN + bofs + x);
+        }
+        for (int e = tid; e < nsteps * cc8; e += nthr) {
+            const int i = e / cc8, x = (e % cc8) * 8;
+            cp_async16(Cs + i * g.pC + x, s.Cm + (row0 + i) * s.GcN + cofs + x);
+        }
+    } else {
+        for (int e = tid; e < g.NT * nsteps * CPB; e += nthr) {
+            const int k = e / (nsteps * CPB), r = e % (nsteps * CPB), i = r / CPB, ch = r % CPB;
+            const bf16 *src = pick4(s.act, k);
+            if (ch < nchv && src) act[(k * T + i) * CPB + ch] = src[(row0 + i) * s.D + c0 + ch];
+        }
+        for (int e = tid; e < nsteps * nBv; e += nthr) {
+            const int i = e / nBv, x = e % nBv;
+            Bs[i * g.pB + x] = s.Bm[(row0 + i) * s.GbN + bofs + x];
+        }
+        for (int e = tid; e < nsteps * nCv; e += nthr) {
+            const int i = e / nCv, x = e % nCv;
+            Cs[i * g.pC + x] = s.Cm[(row0 + i) * s.GcN + cofs + x];
+        }
+    }
+    for (int i = tid; i < T; i += nthr) rs[i] = (i < nsteps && s.reset) ? s.reset[row0 + i] : 0;
+    const bf16 zero = __float2bfloat16_rn(0.f);
+    for (int e = tid; e < (T - nsteps) * g.pB; e += nthr) Bs[nsteps * g.pB + e] = zero;
+    for (int e = tid; e < (T - nsteps) * g.pC; e += nthr) Cs[nsteps * g.pC + e] = zero;
+}
+
 // Forward main pass (PREPASS = false) or segment pre-pass (PREPASS = true: local end state from zero, no
 // outputs). blockIdx.x = (seg * B + b) * nblocks_d + channel block.
-template <int N, bool PREPASS>
-__global__ void __launch_bounds__(FWD_THREADS) scan_fwd_kernel(const FwdArgs p) {
-    constexpr int R = N / QL;
-    const int64_t ncb = (p.D + 31) / 32;
+constexpr int FT = 32;   // steps per forward tile
+constexpr int FNST = 4;  // tiles in flight
+
+template <int N, bool PREPASS, bool AL16>
+__global__ void __launch_bounds__(FWD_THREADS) scan_fwd_kernel(const FwdArgs p, const TileGeom geo) {
+    constexpr int R = N / QL, CPB = FWD_THREADS / QL;
+    extern __shared__ __align__(16) char smem[];
+    const int64_t ncb = (p.D + CPB - 1) / CPB;
     int64_t bid = blockIdx.x;
     const int64_t cb = bid % ncb;
     bid /= ncb;
     const int64_t b = bid % p.B;
     const int seg = (int)(bid / p.B);
     if (PREPASS && seg == p.nseg - 1) return;  // the last segment's local end state is never used
-    const int lane = threadIdx.x & 31, q = threadIdx.x & 3, base = lane & ~3;
-    const int64_t d_raw = cb * 32 + (threadIdx.x >> 2);
+    const int lane = threadIdx.x & 31, q = threadIdx.x & 3, base = lane & ~3, cl = threadIdx.x >> 2;
+    const int64_t c0 = cb * CPB, d_raw = c0 + cl;
+    const int nchv = (int)(p.D - c0 < CPB ? p.D - c0 : CPB);
     const bool dvalid = d_raw < p.D;
     const int64_t d = dvalid ? d_raw : p.D - 1;  // out-of-range lanes compute on a real channel, store nothing
     const int64_t gc = d / p.Dg, gb = d / p.Db;
+    const int64_t gclo = c0 / p.Dg, gblo = c0 / p.Db;
+    const int nCv = (int)((c0 + nchv - 1) / p.Dg - gclo + 1) * N, nBv = (int)((c0 + nchv - 1) / p.Db - gblo + 1) * N;
     const int64_t tb = (int64_t)seg * p.seglen, te = tb + p.seglen < p.L ? tb + p.seglen : p.L;
     const int64_t L = p.L, D = p.D;
+    const TileSrc src = {{p.u, p.dt, PREPASS ? nullptr : p.z, nullptr}, p.Bm, p.Cm, p.reset, L, D, p.Gb * N, p.Gc * N};
 
     float A2[R], h[R];
 #pragma unroll
@@ -85,58 +175,78 @@ __global__ void __launch_bounds__(FWD_THREADS) scan_fwd_kernel(const FwdArgs p) 
     float sd = 0.f;
     int anyrs = 0;
 
-    for (int64_t t0 = tb; t0 < te; t0 += 4) {
-        if (!PREPASS && p.ckpt && (t0 % SCAN_CKPT) == 0 && dvalid) {
-            float *ck = p.ckpt + ((b * p.nck + t0 / SCAN_CKPT) * D + d) * N + q * R;
-#pragma unroll
-            for (int r = 0; r < R; r++) ck[r] = h[r];
+    const int ntile = (int)((te - tb + FT - 1) / FT);
+    auto issue = [&](int kt) {
+        if (kt < ntile) {
+            const int64_t ts = tb + (int64_t)kt * FT;
+            const int ns = (int)(te - ts < FT ? te - ts : FT);
+            load_tile<AL16>(smem + (kt % FNST) * geo.bytes, geo, src, b, c0, nchv, gblo * N, nBv,
+                            gclo * N, PREPASS ? 0 : nCv, ts, ns);
         }
-        const int64_t t = t0 + q;
-        const bool tv = t < te;
-        const int64_t row = (b * L + (tv ? t : te - 1)) * D + d;
-        float delta = 0.f, uu = 0.f, zz = 0.f;
-        int rs = 0;
-        if (tv) {
-            uu = ldbf(p.u + row);
-            delta = softplus_dev(ldbf(p.dt + row) + bias);
-            rs = p.reset ? p.reset[b * L + t] : 0;
-            if (!PREPASS && p.z) zz = ldbf(p.z + row);
-        }
-        const float du_own = delta * uu;
-        float Bv[4][R], Cv[4][R];
+        cp_async_commit();
+    };
+    for (int k = 0; k < FNST - 1; k++) issue(k);
+
+    for (int kt = 0; kt < ntile; kt++) {
+        cp_async_wait<FNST - 2>();
+        __syncthreads();
+        issue(kt + FNST - 1);
+        const char *tile = smem + (kt % FNST) * geo.bytes;
+        const bf16 *su = (const bf16 *)tile, *sdt = su + FT * CPB, *sz = sdt + FT * CPB;
+        const bf16 *sB = (const bf16 *)(tile + geo.offB) + (gb - gblo) * N + q * R;
+        const bf16 *sC = (const bf16 *)(tile + geo.offC) + (gc - gclo) * N + q * R;
+        const uint8_t *srs = (const uint8_t *)(tile + geo.offR);
+        const int64_t ts = tb + (int64_t)kt * FT;
+#pragma unroll 1
+        for (int i0 = 0; i0 < FT; i0 += 4) {
+            const int64_t t0 = ts + i0;
+            if (t0 >= te) break;
+            if (!PREPASS && p.ckpt && (t0 % SCAN_CKPT) == 0 && dvalid) {
+                float *ck = p.ckpt + ((b * p.nck + t0 / SCAN_CKPT) * D + d) * N + q * R;
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int64_t tj = t0 + j < te ? t0 + j : te - 1;
-            load_vec<R>(p.Bm + ((b * L + tj) * p.Gb + gb) * N + q * R, Bv[j]);
-            if (!PREPASS) load_vec<R>(p.Cm + ((b * L + tj) * p.Gc + gc) * N + q * R, Cv[j]);
-        }
-        float yp[4];
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const float dj = __shfl_sync(FULL_MASK, delta, base + j);
-            const float duj = __shfl_sync(FULL_MASK, du_own, base + j);
-            const int rj = __shfl_sync(FULL_MASK, rs, base + j);
-            yp[j] = 0.f;
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                const float hp = rj ? 0.f : h[r];
-                h[r] = ex2f(dj * A2[r]) * hp + duj * Bv[j][r];
-                if (!PREPASS) yp[j] += Cv[j][r] * h[r];
+                for (int r = 0; r < R; r++) ck[r] = h[r];
             }
-            if (PREPASS) {
-                sd = rj ? dj : sd + dj;
-                anyrs |= rj;
+            const int i = i0 + q;
+            const bool tv = t0 + q < te;
+            float delta = 0.f, uu = 0.f, zz = 0.f, rsx = 0.f;
+            if (tv) {
+                uu = __bfloat162float(su[i * CPB + cl]);
+                delta = softplus_dev(__bfloat162float(sdt[i * CPB + cl]) + bias);
+                rsx = srs[i] ? -INFINITY : 0.f;  // a reset zeroes the decay: ex2(-inf) = 0
+                if (!PREPASS && p.z) zz = __bfloat162float(sz[i * CPB + cl]);
             }
-        }
-        if (!PREPASS) {
-            const float y = reduce_scatter4(yp, q);
-            if (tv && dvalid) {
-                float o = y + Dd * uu;
-                if (p.z) o *= zz * sigmoid_dev(zz);
-                stbf(p.out + row, o);
+            const float du_own = delta * uu;
+            float yp[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float dj = __shfl_sync(FULL_MASK, delta, base + j);
+                const float duj = __shfl_sync(FULL_MASK, du_own, base + j);
+                const float rj = __shfl_sync(FULL_MASK, rsx, base + j);
+                float Bv[R], Cv[R];
+                lds_vec<R>(sB + (i0 + j) * geo.pB, Bv);
+                if (!PREPASS) lds_vec<R>(sC + (i0 + j) * geo.pC, Cv);
+                yp[j] = 0.f;
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    h[r] = ex2f(fmaf(dj, A2[r], rj)) * h[r] + duj * Bv[r];
+                    if (!PREPASS) yp[j] += Cv[r] * h[r];
+                }
+                if (PREPASS) {
+                    sd = rj != 0.f ? dj : sd + dj;
+                    anyrs |= rj != 0.f;
+                }
+            }
+            if (!PREPASS) {
+                const float y = reduce_scatter4(yp, q);
+                if (tv && dvalid) {
+                    float o = y + Dd * uu;
+                    if (p.z) o *= zz * sigmoid_dev(zz);
+                    stbf(p.out + (b * L + t0 + q) * D + d, o);
+                }
             }
         }
     }
+    cp_async_wait<0>();
     if (!dvalid) return;
     if (PREPASS) {
         const int64_t i = (b * p.nseg + seg) * D + d;
@@ -150,13 +260,13 @@ __global__ void __launch_bounds__(FWD_THREADS) scan_fwd_kernel(const FwdArgs p) 
 }
 
 // ---- backward ----------------------------------------------------------------------------------------------
-// Per (batch row, block of CPB channels), chunks of SCAN_CKPT steps in reverse. For each chunk: a forward sweep
-// from the forward's checkpoint stores the state before every 4-step group in shared memory; then the groups are
-// walked in reverse: the group's 4 states and decays are recomputed into registers, the outputs' gradient is
-// formed (y recomputed for dz), and the adjoint is carried back through the 4 steps. dB and dC (sums over the
-// channels of a group) go through shared memory and are summed in a fixed order; dA, dD and ddelta_bias are
-// summed per lane over time, then over batch rows by a second kernel: no atomics, so the result is
-// deterministic.
+// Per (batch row, block of CPB channels), chunks of SCAN_CKPT steps in reverse, each staged in shared memory
+// while the previous chunk is processed. For each chunk: a forward sweep from the forward's checkpoint stores
+// the state before every 4-step group in shared memory; then the groups are walked in reverse: the group's 4
+// states and decays are recomputed into registers, the outputs' gradient is formed (y recomputed for dz), and
+// the adjoint is carried back through the 4 steps. dB and dC (sums over the channels of a group) go through
+// shared memory and are summed in a fixed order; dA, dD and ddelta_bias are summed per lane over time, then
+// over batch rows by a second kernel: no atomics, so the result is deterministic.
 struct BwdArgs {
     int64_t B, L, D, Gc, Gb, Dg, Db, nck;
     const bf16 *u, *dt, *Bm, *Cm, *z, *dout;
@@ -171,30 +281,33 @@ struct BwdArgs {
 constexpr int BWD_GROUPS = SCAN_CKPT / 4;
 
 template <int N, int THREADS>
-constexpr size_t bwd_smem_bytes() {
-    return (size_t)(BWD_GROUPS * (N / QL) * THREADS + 2 * 4 * (THREADS / QL) * N) * sizeof(float);
+size_t bwd_smem_bytes(const TileGeom &g) {
+    return 2 * (size_t)g.bytes + (size_t)(BWD_GROUPS * (N / QL) * THREADS + 2 * 4 * (THREADS / QL) * N) * sizeof(float);
 }
 
 __device__ __forceinline__ float dsoftplus_dev(float x) { return x <= 20.f ? sigmoid_dev(x) : 1.f; }
 
-template <int N, int THREADS>
-__global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p) {
-    constexpr int R = N / QL, CPB = THREADS / QL;
-    extern __shared__ float smem[];
-    float *sub = smem;                          // [BWD_GROUPS][R][THREADS]
-    float *redC = sub + BWD_GROUPS * R * THREADS;  // [4][CPB][N]
-    float *redB = redC + 4 * CPB * N;           // [4][CPB][N]
+template <int N, int THREADS, bool AL16>
+__global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, const TileGeom geo) {
+    constexpr int R = N / QL, CPB = THREADS / QL, T = SCAN_CKPT;
+    extern __shared__ __align__(16) char smem[];
+    float *sub = (float *)(smem + 2 * geo.bytes);  // [BWD_GROUPS][R][THREADS]
+    float *redC = sub + BWD_GROUPS * R * THREADS;   // [4][CPB][N]
+    float *redB = redC + 4 * CPB * N;               // [4][CPB][N]
 
     const int64_t L = p.L, D = p.D, ncb = (D + CPB - 1) / CPB;
     const int64_t cb = blockIdx.x % ncb, b = blockIdx.x / ncb;
     const int tid = threadIdx.x, lane = tid & 31, q = tid & 3, base = lane & ~3, cl = tid >> 2;
-    const int64_t d_raw = cb * CPB + cl;
+    const int64_t c0 = cb * CPB, d_raw = c0 + cl;
+    const int nchv = (int)(D - c0 < CPB ? D - c0 : CPB);
     const bool dvalid = d_raw < D;
     const int64_t d = dvalid ? d_raw : D - 1;
-    const int64_t gc = d / p.Dg, gb = d / p.Db;
-    const int ngrp = CPB / (int)p.Dg;                      // C groups per block
-    const bool fastB = (CPB % p.Db) == 0;                  // whole B groups per block
+    const int64_t gc = d / p.Dg, gb = d / p.Db, gclo = c0 / p.Dg, gblo = c0 / p.Db;
+    const int nCv = (int)((c0 + nchv - 1) / p.Dg - gclo + 1) * N, nBv = (int)((c0 + nchv - 1) / p.Db - gblo + 1) * N;
+    const int ngrp = CPB / (int)p.Dg;      // C groups per block
+    const bool fastB = (CPB % p.Db) == 0;  // whole B groups per block
     const int nbg = fastB ? CPB / (int)p.Db : 0, rep = (int)(p.Db / p.Dg);
+    const TileSrc src = {{p.u, p.dt, p.z, p.dout}, p.Bm, p.Cm, p.reset, L, D, p.Gb * N, p.Gc * N};
 
     float A[R], A2[R], dh[R], dA_acc[R];
 #pragma unroll
@@ -207,64 +320,76 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p) {
     const float Dd = p.Dskip[d], bias = p.delta_bias ? p.delta_bias[d] : 0.f;
     float dD_acc = 0.f, ddb_acc = 0.f;
 
+    auto issue = [&](int64_t k) {
+        if (k >= 0) {
+            const int64_t ts = k * T;
+            const int ns = (int)(L - ts < T ? L - ts : T);
+            load_tile<AL16>(smem + (k & 1) * geo.bytes, geo, src, b, c0, nchv, gblo * N, nBv, gclo * N, nCv, ts, ns);
+        }
+        cp_async_commit();
+    };
+    issue(p.nck - 1);
     for (int64_t k = p.nck - 1; k >= 0; k--) {
-        const int64_t tb = k * SCAN_CKPT, te = tb + SCAN_CKPT < L ? tb + SCAN_CKPT : L;
+        cp_async_wait<0>();
+        __syncthreads();
+        issue(k - 1);
+        const char *tile = smem + (k & 1) * geo.bytes;
+        const bf16 *su = (const bf16 *)tile, *sdt = su + T * CPB, *sz = sdt + T * CPB, *sdo = sz + T * CPB;
+        const bf16 *sB = (const bf16 *)(tile + geo.offB) + (gb - gblo) * N + q * R;
+        const bf16 *sC = (const bf16 *)(tile + geo.offC) + (gc - gclo) * N + q * R;
+        const uint8_t *srs = (const uint8_t *)(tile + geo.offR);
+        const int64_t tb = k * T, te = tb + T < L ? tb + T : L;
         const int ng = (int)((te - tb + 3) / 4);
         float h[R];
 #pragma unroll
         for (int r = 0; r < R; r++) h[r] = p.ckpt[((b * p.nck + k) * D + d) * N + q * R + r];
         // sweep: state before each group
+#pragma unroll 1
         for (int g = 0; g < ng; g++) {
 #pragma unroll
             for (int r = 0; r < R; r++) sub[(g * R + r) * THREADS + tid] = h[r];
-            const int64_t t0 = tb + 4 * g, t = t0 + q;
-            const bool tv = t < te;
-            const int64_t row = (b * L + (tv ? t : te - 1)) * D + d;
-            float delta = 0.f, uu = 0.f;
-            int rs = 0;
+            const int i = 4 * g + q;
+            const bool tv = tb + i < te;
+            float delta = 0.f, uu = 0.f, rsx = 0.f;
             if (tv) {
-                uu = ldbf(p.u + row);
-                delta = softplus_dev(ldbf(p.dt + row) + bias);
-                rs = p.reset ? p.reset[b * L + t] : 0;
+                uu = __bfloat162float(su[i * CPB + cl]);
+                delta = softplus_dev(__bfloat162float(sdt[i * CPB + cl]) + bias);
+                rsx = srs[i] ? -INFINITY : 0.f;
             }
             const float du_own = delta * uu;
-            float Bv[4][R];
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int64_t tj = t0 + j < te ? t0 + j : te - 1;
-                load_vec<R>(p.Bm + ((b * L + tj) * p.Gb + gb) * N + q * R, Bv[j]);
-            }
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 const float dj = __shfl_sync(FULL_MASK, delta, base + j);
                 const float duj = __shfl_sync(FULL_MASK, du_own, base + j);
-                const int rj = __shfl_sync(FULL_MASK, rs, base + j);
+                const float rj = __shfl_sync(FULL_MASK, rsx, base + j);
+                float Bv[R];
+                lds_vec<R>(sB + (4 * g + j) * geo.pB, Bv);
 #pragma unroll
-                for (int r = 0; r < R; r++) h[r] = ex2f(dj * A2[r]) * (rj ? 0.f : h[r]) + duj * Bv[j][r];
+                for (int r = 0; r < R; r++) h[r] = ex2f(fmaf(dj, A2[r], rj)) * h[r] + duj * Bv[r];
             }
         }
         // reverse over the groups
+#pragma unroll 1
         for (int g = ng - 1; g >= 0; g--) {
-            const int64_t t0 = tb + 4 * g, t = t0 + q;
-            const bool tv = t < te;
-            const int64_t row = (b * L + (tv ? t : te - 1)) * D + d;
+            const int i = 4 * g + q;
+            const int64_t t0 = tb + 4 * g;
+            const bool tv = t0 + q < te;
             float raw = 0.f, delta = 0.f, uu = 0.f, zz = 0.f, go = 0.f;
             int rs = 0;
             if (tv) {
-                uu = ldbf(p.u + row);
-                raw = ldbf(p.dt + row) + bias;
+                uu = __bfloat162float(su[i * CPB + cl]);
+                raw = __bfloat162float(sdt[i * CPB + cl]) + bias;
                 delta = softplus_dev(raw);
-                rs = p.reset ? p.reset[b * L + t] : 0;
-                go = ldbf(p.dout + row);
-                if (p.z) zz = ldbf(p.z + row);
+                rs = srs[i];
+                go = __bfloat162float(sdo[i * CPB + cl]);
+                if (p.z) zz = __bfloat162float(sz[i * CPB + cl]);
             }
             const float du_own = delta * uu;
             float Bv[4][R], Cv[4][R], hs[R];
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                const int64_t tj = t0 + j < te ? t0 + j : te - 1;
-                load_vec<R>(p.Bm + ((b * L + tj) * p.Gb + gb) * N + q * R, Bv[j]);
-                load_vec<R>(p.Cm + ((b * L + tj) * p.Gc + gc) * N + q * R, Cv[j]);
+                lds_vec<R>(sB + (4 * g + j) * geo.pB, Bv[j]);
+                lds_vec<R>(sC + (4 * g + j) * geo.pC, Cv[j]);
             }
 #pragma unroll
             for (int r = 0; r < R; r++) hs[r] = sub[(g * R + r) * THREADS + tid];
@@ -302,6 +427,7 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p) {
 #pragma unroll
             for (int j = 3; j >= 0; j--) {
                 ddp[j] = 0.f, dup[j] = 0.f;
+                float cC[R], cB[R];
 #pragma unroll
                 for (int r = 0; r < R; r++) {
                     const float gr = dh[r] + gyj[j] * Cv[j][r];  // dL/dh_t
@@ -311,13 +437,22 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p) {
                     dA_acc[r] += ga * hp * dj[j];
                     dup[j] += gr * dj[j] * Bv[j][r];
                     dh[r] = rj[j] ? 0.f : ga;  // dL/dh_{t-1}
-                    redC[(j * CPB + cl) * N + q * R + r] = dvalid ? gyj[j] * hj[j][r] : 0.f;
-                    redB[(j * CPB + cl) * N + q * R + r] = dvalid ? gr * duj[j] : 0.f;
+                    cC[r] = dvalid ? gyj[j] * hj[j][r] : 0.f;
+                    cB[r] = dvalid ? gr * duj[j] : 0.f;
+                }
+                float *pc = redC + (j * CPB + cl) * N + q * R, *pb = redB + (j * CPB + cl) * N + q * R;
+                if constexpr (R == 4) {
+                    *reinterpret_cast<float4 *>(pc) = make_float4(cC[0], cC[1], cC[2], cC[3]);
+                    *reinterpret_cast<float4 *>(pb) = make_float4(cB[0], cB[1], cB[2], cB[3]);
+                } else {
+#pragma unroll
+                    for (int r = 0; r < R; r++) pc[r] = cC[r], pb[r] = cB[r];
                 }
             }
             const float dd_own = reduce_scatter4(ddp, q), du_sc = reduce_scatter4(dup, q);
             if (tv && dvalid) {
                 const float dtt = dd_own * dsoftplus_dev(raw);
+                const int64_t row = (b * L + t0 + q) * D + d;
                 ddb_acc += dtt;
                 stbf(p.du + row, gy * Dd + du_sc);
                 stbf(p.ddt + row, dtt);
@@ -329,15 +464,15 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p) {
             for (int e = tid; e < tot1; e += THREADS) {
                 const int n = e % N, gi = (e / N) % ngrp, j = e / (N * ngrp);
                 const int64_t tt = t0 + j, gcg = cb * ngrp + gi;
-                float sC = 0.f, sB = 0.f;
+                float sC = 0.f, sBv = 0.f;
                 for (int c = 0; c < (int)p.Dg; c++) {
                     sC += redC[(j * CPB + gi * (int)p.Dg + c) * N + n];
-                    sB += redB[(j * CPB + gi * (int)p.Dg + c) * N + n];
+                    sBv += redB[(j * CPB + gi * (int)p.Dg + c) * N + n];
                 }
                 const bool ok = tt < te && gcg < p.Gc;
                 if (ok) stbf(p.dC + ((b * L + tt) * p.Gc + gcg) * N + n, sC);
-                if (fastB) redB[(j * CPB + gi * (int)p.Dg) * N + n] = sB;
-                else if (ok) p.dB_part[((b * L + tt) * p.Gc + gcg) * N + n] = sB;
+                if (fastB) redB[(j * CPB + gi * (int)p.Dg) * N + n] = sBv;
+                else if (ok) p.dB_part[((b * L + tt) * p.Gc + gcg) * N + n] = sBv;
             }
             if (fastB) {
                 __syncthreads();
@@ -345,9 +480,9 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p) {
                 for (int e = tid; e < tot2; e += THREADS) {
                     const int n = e % N, bi = (e / N) % nbg, j = e / (N * nbg);
                     const int64_t tt = t0 + j, gbg = cb * nbg + bi;
-                    float s = 0.f;
-                    for (int i = 0; i < rep; i++) s += redB[(j * CPB + (bi * rep + i) * (int)p.Dg) * N + n];
-                    if (tt < te && gbg < p.Gb) stbf(p.dB + ((b * L + tt) * p.Gb + gbg) * N + n, s);
+                    float sBv = 0.f;
+                    for (int i2 = 0; i2 < rep; i2++) sBv += redB[(j * CPB + (bi * rep + i2) * (int)p.Dg) * N + n];
+                    if (tt < te && gbg < p.Gb) stbf(p.dB + ((b * L + tt) * p.Gb + gbg) * N + n, sBv);
                 }
             }
             __syncthreads();
@@ -482,23 +617,44 @@ int64_t seg_len(const ScanShape *s, int nseg) {
     return (per + SCAN_CKPT - 1) / SCAN_CKPT * SCAN_CKPT;
 }
 
+// 16-byte copies need 16-byte aligned rows and group spans
+bool aligned16(const ScanShape *s, const void *const *ptrs, int n) {
+    if (s->dim % 8 || s->dstate % 8) return false;
+    for (int i = 0; i < n; i++)
+        if (ptrs[i] && ((uintptr_t)ptrs[i] & 15)) return false;
+    return true;
+}
+
 template <int N>
-void launch_fwd(const FwdArgs &a, cudaStream_t st) {
-    const int64_t blocks = (int64_t)a.nseg * a.B * ((a.D + 31) / 32);
-    if (a.nseg > 1) scan_fwd_kernel<N, true><<<(unsigned)blocks, FWD_THREADS, 0, st>>>(a);
-    scan_fwd_kernel<N, false><<<(unsigned)blocks, FWD_THREADS, 0, st>>>(a);
+int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
+    constexpr int CPB = FWD_THREADS / QL;
+    const TileGeom g = make_geom(FT, CPB, 3, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
+    const size_t smem = (size_t)FNST * g.bytes;
+    const int64_t blocks = (int64_t)a.nseg * a.B * ((a.D + CPB - 1) / CPB);
+    auto go = [&](auto kern) {
+        if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) return -1;
+        kern<<<(unsigned)blocks, FWD_THREADS, smem, st>>>(a, g);
+        return 0;
+    };
+    int rc = 0;
+    if (a.nseg > 1) rc |= al16 ? go(scan_fwd_kernel<N, true, true>) : go(scan_fwd_kernel<N, true, false>);
+    rc |= al16 ? go(scan_fwd_kernel<N, false, true>) : go(scan_fwd_kernel<N, false, false>);
+    return rc;
 }
 
 template <int N, int THREADS>
-int launch_bwd(const BwdArgs &a, cudaStream_t st) {
-    constexpr size_t smem = bwd_smem_bytes<N, THREADS>();
-    // per device and cheap: set on every call rather than cached
-    if (cudaFuncSetAttribute(scan_bwd_kernel<N, THREADS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
-        cudaSuccess)
-        return -1;
-    const int64_t blocks = a.B * ((a.D + THREADS / QL - 1) / (THREADS / QL));
-    scan_bwd_kernel<N, THREADS><<<(unsigned)blocks, THREADS, smem, st>>>(a);
-    return 0;
+int launch_bwd(const BwdArgs &a, bool al16, cudaStream_t st) {
+    constexpr int CPB = THREADS / QL;
+    const TileGeom g = make_geom(SCAN_CKPT, CPB, 4, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
+    const size_t smem = bwd_smem_bytes<N, THREADS>(g);
+    const int64_t blocks = a.B * ((a.D + CPB - 1) / CPB);
+    auto go = [&](auto kern) {
+        // per device and cheap: set on every call rather than cached
+        if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) return -1;
+        kern<<<(unsigned)blocks, THREADS, smem, st>>>(a, g);
+        return 0;
+    };
+    return al16 ? go(scan_bwd_kernel<N, THREADS, true>) : go(scan_bwd_kernel<N, THREADS, false>);
 }
 
 }  // namespace
@@ -554,12 +710,16 @@ extern "C" int selective_scan_fwd_cuda(const ScanShape *s, const uint16_t *u, co
         a.seg_rs = (int *)(a.seg_sd + per);
     }
     cudaStream_t st = (cudaStream_t)stream;
+    const void *ptrs[] = {u, dt, z, Bm, Cm};
+    const bool al16 = aligned16(s, ptrs, 5);
+    int rc = 0;
     switch (s->dstate) {
-        case 4: launch_fwd<4>(a, st); break;
-        case 8: launch_fwd<8>(a, st); break;
-        case 16: launch_fwd<16>(a, st); break;
-        case 32: launch_fwd<32>(a, st); break;
+        case 4: rc = launch_fwd<4>(a, al16, st); break;
+        case 8: rc = launch_fwd<8>(a, al16, st); break;
+        case 16: rc = launch_fwd<16>(a, al16, st); break;
+        case 32: rc = launch_fwd<32>(a, al16, st); break;
     }
+    if (rc) return scan_fail(err, errlen, "selective scan forward: shared-memory request refused");
     return scan_launch_check(err, errlen, "selective scan forward");
 }
 
@@ -600,12 +760,14 @@ extern "C" int selective_scan_bwd_cuda(const ScanShape *s, const uint16_t *u, co
         }
         return scan_launch_check(err, errlen, "selective scan backward");
     }
+    const void *ptrs[] = {u, dt, z, Bm, Cm, dout};
+    const bool al16 = aligned16(s, ptrs, 6);
     int rc = 0;
     switch (s->dstate) {
-        case 4: rc = launch_bwd<4, 256>(a, st); break;
-        case 8: rc = launch_bwd<8, 256>(a, st); break;
-        case 16: rc = launch_bwd<16, 256>(a, st); break;
-        case 32: rc = launch_bwd<32, 128>(a, st); break;
+        case 4: rc = launch_bwd<4, 256>(a, al16, st); break;
+        case 8: rc = launch_bwd<8, 256>(a, al16, st); break;
+        case 16: rc = launch_bwd<16, 256>(a, al16, st); break;
+        case 32: rc = launch_bwd<32, 128>(a, al16, st); break;
     }
     if (rc) return scan_fail(err, errlen, "selective scan backward: cannot raise the shared-memory limit");
     if (scan_launch_check(err, errlen, "selective scan backward")) return -1;
