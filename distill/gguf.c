@@ -146,6 +146,13 @@ bool gguf_valid_utf8(const uint8_t *s, uint64_t n) {
 
 // ---------------------------------------------------------------- reader
 
+// A block of string storage. Strings live in the header, so the arena grows with the header, not the file.
+typedef struct Chunk {
+    struct Chunk *next;
+    uint64_t used, cap;
+    char data[];
+} Chunk;
+
 struct GgufFile {
     const uint8_t *buf;
     uint64_t size;
@@ -158,8 +165,7 @@ struct GgufFile {
     GgufValue *vals;
     int n_t;
     GgufTensor *t;
-    char *arena;  // NUL-terminated copies of all strings
-    uint64_t arena_len, arena_cap;
+    struct Chunk *arena;  // NUL-terminated copies of all strings, in chunks (pointers stay valid)
 };
 
 typedef struct {
@@ -204,12 +210,18 @@ static int rd_string(Rd *r, uint64_t max_len, bool utf8, const char *what, const
     if (utf8 && !gguf_valid_utf8(s, len))
         return dl_fail(r->e, "%s at byte %llu is not valid UTF-8 (or contains NUL)", what, (unsigned long long)at);
     GgufFile *g = r->g;
-    if (len + 1 > g->arena_cap - g->arena_len)  // cannot happen: the arena is sized from the file
-        return dl_fail(r->e, "internal: string arena exhausted at byte %llu", (unsigned long long)at);
-    char *dst = g->arena + g->arena_len;
+    Chunk *c = g->arena;
+    if (!c || len + 1 > c->cap - c->used) {  // len <= file size here, so this allocation is bounded
+        uint64_t cap = DL_MAX(len + 1, (uint64_t)1 << 20);
+        c = malloc(sizeof(Chunk) + cap);
+        if (!c) return dl_fail(r->e, "out of memory (%llu bytes for a string)", (unsigned long long)len);
+        c->next = g->arena, c->used = 0, c->cap = cap;
+        g->arena = c;
+    }
+    char *dst = c->data + c->used;
     memcpy(dst, s, len);
     dst[len] = 0;
-    g->arena_len += len + 1;
+    c->used += len + 1;
     r->pos += len;
     *out = dst;
     if (out_len) *out_len = len;
@@ -297,10 +309,12 @@ static void file_free_parsed(GgufFile *g) {
     free(g->vals);
     free(g->keys);
     free(g->t);
-    free(g->arena);
+    for (Chunk *c = g->arena, *nx; c; c = nx) {
+        nx = c->next;
+        free(c);
+    }
     g->vals = NULL, g->keys = NULL, g->t = NULL, g->arena = NULL;
     g->n_kv = g->n_t = 0;
-    g->arena_len = g->arena_cap = 0;
 }
 
 static int cmp_str_idx(const void *a, const void *b, void *ctx) {
@@ -337,10 +351,6 @@ static int parse(GgufFile *g, bool count32, bool *hint, DlError *e) {
 
 static int parse_rd(GgufFile *g, Rd *r) {
     DlError *e = r->e;
-    // strings need an 8-byte length each, so copies with terminators fit in size + size/8 + 1 bytes
-    g->arena_cap = g->size + g->size / 8 + 16;
-    g->arena = malloc(g->arena_cap);
-    if (!g->arena) return dl_fail(e, "out of memory (%llu bytes for strings)", (unsigned long long)g->arena_cap);
 
     uint32_t magic;
     if (g->size < 4 || (memcpy(&magic, g->buf, 4), magic != 0x46554747u))
