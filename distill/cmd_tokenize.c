@@ -126,7 +126,10 @@ static int run_tokenize(int argc, char **argv) {
         else if (!strcmp(a, "--decode") && has) decode_file = argv[++i];
         else if (!strcmp(a, "--special")) special = true;
         else if (!strcmp(a, "--bench")) do_bench = true;
-        else if (!strcmp(a, "--repeat") && has) repeat = (int)DL_MAX(1, parse_i64(a, argv[++i]));
+        else if (!strcmp(a, "--repeat") && has) {
+            int64_t v = parse_i64(a, argv[++i]);  // (not inside DL_MAX: it evaluates its arguments twice)
+            repeat = (int)DL_MAX(1, DL_MIN(v, 1000));
+        }
         else if (!strcmp(a, "--out") && has) out = argv[++i];
         else if (!strcmp(a, "--format") && has) {
             int f = ingest_format_from_name(argv[++i]);
@@ -144,7 +147,10 @@ static int run_tokenize(int argc, char **argv) {
             if (f < 0) dl_die(DL_EXIT_USAGE, "--chat-template must be chatml or llama3 (got '%s')", argv[i]);
             o.chat_family = f;
         } else if (!strcmp(a, "--no-doc-sep")) o.doc_sep = false;
-        else if (!strcmp(a, "--deflate") && has) o.deflate = (int)DL_MIN(9, parse_i64(a, argv[++i]));
+        else if (!strcmp(a, "--deflate") && has) {
+            int64_t v = parse_i64(a, argv[++i]);
+            o.deflate = (int)DL_MIN(9, v);
+        }
         else if (a[0] == '-' && a[1]) dl_die(DL_EXIT_USAGE, "unknown or incomplete option '%s' (see distill tokenize --help)", a);
         else files[n_files++] = argv[i];
     }
