@@ -432,3 +432,102 @@ int ingest_files(const Tokenizer *t, const char *const *files, int n_files, cons
     }
     return shard_writer_close(c.w, e);
 }
+
+// ---- prompt sets
+static void prompt_item_free(PromptItem *it) {
+    for (int i = 0; i < it->n_msgs; i++) {
+        free((char *)it->msgs[i].role);
+        free((char *)it->msgs[i].content);
+    }
+    free(it->msgs);
+}
+
+void prompts_free(PromptSet *s) {
+    for (int64_t i = 0; i < s->n; i++) prompt_item_free(&s->items[i]);
+    free(s->items);
+    s->items = NULL;
+    s->n = 0;
+}
+
+// Parses one prompt line into it; returns 0 ok, else the BadKind + 1 with why filled.
+static int parse_prompt(const char *s, size_t n, PromptItem *it, char *why, size_t nw) {
+    memset(it, 0, sizeof(*it));
+    int64_t badat = tok_utf8_invalid_at(s, n);
+    if (badat >= 0) { snprintf(why, nw, "invalid UTF-8 at column %lld", (long long)badat + 1); return BAD_UTF8 + 1; }
+    cJSON *obj = cJSON_ParseWithLength(s, n);
+    if (!obj || !cJSON_IsObject(obj)) {
+        cJSON_Delete(obj);
+        snprintf(why, nw, "invalid JSON (expected an object)");
+        return BAD_JSON + 1;
+    }
+    int rc = 0;
+    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(obj, "messages");
+    const cJSON *prompt = cJSON_GetObjectItemCaseSensitive(obj, "prompt");
+    if (msgs) {
+        ChatMessage *m;
+        int k = parse_messages(msgs, &m, why, nw);
+        if (k < 0) rc = BAD_FIELD + 1;
+        else if (k == 0) { snprintf(why, nw, "empty \"messages\" list"); rc = BAD_EMPTY + 1; }
+        else if (!strcmp(m[k - 1].role, "assistant")) { snprintf(why, nw, "the last message is the assistant's: nothing to answer"); rc = BAD_FIELD + 1; }
+        else {
+            it->msgs = dl_calloc((size_t)k, sizeof(ChatMessage));
+            it->n_msgs = k;
+            for (int i = 0; i < k; i++) it->msgs[i] = (ChatMessage){dl_strdup(m[i].role), dl_strdup(m[i].content)};
+            if (!m[k - 1].content[0]) { snprintf(why, nw, "empty last message"); rc = BAD_EMPTY + 1; }
+        }
+        free(m);
+    } else if (cJSON_IsString(prompt)) {
+        if (!prompt->valuestring[0]) { snprintf(why, nw, "empty \"prompt\""); rc = BAD_EMPTY + 1; }
+        else {
+            it->msgs = dl_calloc(1, sizeof(ChatMessage));
+            it->n_msgs = 1;
+            it->msgs[0] = (ChatMessage){dl_strdup("user"), dl_strdup(prompt->valuestring)};
+        }
+    } else {
+        snprintf(why, nw, "expected \"messages\" (a list) or \"prompt\" (a string)");
+        rc = BAD_FIELD + 1;
+    }
+    if (rc) prompt_item_free(it);
+    cJSON_Delete(obj);
+    return rc;
+}
+
+int prompts_load(const char *path, IngestPolicy policy, int max_reports, PromptSet *out, IngestStats *stats,
+                 DlError *e) {
+    IngestStats local;
+    IngestStats *st = stats ? stats : &local;
+    memset(st, 0, sizeof(*st));
+    memset(out, 0, sizeof(*out));
+    FILE *f = fopen(path, "rb");
+    if (!f) return dl_fail(e, "%s: cannot open: %s", path, strerror(errno));
+    IngestOptions o;
+    ingest_options_default(&o);
+    o.policy = policy;
+    o.max_reports = max_reports;
+    Ctx c = {.o = &o, .st = st, .e = e};
+    char *line = NULL, why[256];
+    size_t cap = 0;
+    ssize_t n;
+    int64_t ln = 0, capn = 0;
+    int rc = 0;
+    while (!rc && (n = getline(&line, &cap, f)) >= 0) {
+        ln++;
+        if (is_blank(line, (size_t)n)) continue;
+        st->n_records++;
+        PromptItem it;
+        int k = memchr(line, 0, (size_t)n) ? (snprintf(why, sizeof why, "NUL byte in the line"), BAD_JSON + 1)
+                                            : parse_prompt(line, (size_t)n, &it, why, sizeof why);
+        if (k) {
+            rc = bad(&c, (BadKind)(k - 1), path, ln, "%s", why);
+            continue;
+        }
+        it.line = ln;
+        if (out->n == capn) out->items = dl_realloc(out->items, (size_t)(capn = capn ? capn * 2 : 256) * sizeof(PromptItem));
+        out->items[out->n++] = it;
+    }
+    free(line);
+    fclose(f);
+    if (!rc && out->n == 0) rc = dl_fail(e, "%s: no valid prompts (%lld skipped)", path, (long long)st->n_skipped);
+    if (rc) prompts_free(out);
+    return rc ? -1 : 0;
+}

@@ -50,3 +50,19 @@ const char *ingest_format_name(IngestFormat f);
 // (policy fail), an I/O error, or "no valid records". stats may be NULL.
 int ingest_files(const Tokenizer *t, const char *const *files, int n_files, const char *out_path,
                  const IngestOptions *o, IngestStats *stats, DlError *e);
+
+// ---- prompt sets (data/prompts.jsonl): what the teacher answers to make pseudo-labels
+// One {"messages": [{"role", "content"}, ...]} (ending in a non-assistant message) or {"prompt": "..."}
+// (one user message) per line; blank lines ignored; bad lines counted/reported like ingest_files.
+typedef struct {
+    ChatMessage *msgs;  // owned strings
+    int n_msgs;
+    int64_t line;       // 1-based line in the file
+} PromptItem;
+typedef struct {
+    PromptItem *items;
+    int64_t n;
+} PromptSet;
+int prompts_load(const char *path, IngestPolicy policy, int max_reports, PromptSet *out, IngestStats *stats,
+                 DlError *e);
+void prompts_free(PromptSet *s);

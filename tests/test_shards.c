@@ -4,6 +4,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "distill/chat.h"
 #include "distill/ingest.h"
 #include "distill/shards.h"
 #include "distill/tokenizer.h"
@@ -325,6 +326,53 @@ static void test_ingest(void) {
     tokenizer_free(t);
 }
 
+// data/prompts.jsonl and data/heldout-prompts.jsonl load cleanly, render, and do not overlap; bad prompt
+// lines are counted by kind.
+static void test_prompts(void) {
+    DlError e;
+    Tokenizer *t;
+    if (tokenizer_load(TEACHER, &t, &e)) { CHECK(0); return; }
+    PromptSet train, held;
+    IngestStats st;
+    CHECK(prompts_load("data/prompts.jsonl", INGEST_FAIL, 20, &train, &st, &e) == 0);
+    CHECK(train.n >= 300 && st.n_skipped == 0);
+    CHECK(prompts_load("data/heldout-prompts.jsonl", INGEST_FAIL, 20, &held, &st, &e) == 0);
+    CHECK(held.n >= 20);
+    int overlap = 0, render_fail = 0;
+    int64_t max_len = 0;
+    for (int64_t i = 0; i < train.n; i++) {
+        for (int64_t j = 0; j < held.n; j++)
+            overlap += !strcmp(train.items[i].msgs[0].content, held.items[j].msgs[0].content);
+        int32_t *ids;
+        int64_t n;
+        if (chat_render(t, CHAT_CHATML, train.items[i].msgs, train.items[i].n_msgs, true, &ids, NULL, &n, &e)) render_fail++;
+        else { max_len = DL_MAX(max_len, n); free(ids); }
+    }
+    CHECK(overlap == 0 && render_fail == 0);
+    CHECK(max_len > 30 && max_len < 400);
+    prompts_free(&train);
+    prompts_free(&held);
+    const char *pj =
+        "{\"prompt\": \"Say hi.\"}\n"
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"Q?\"}, {\"role\": \"assistant\", \"content\": \"A\"}]}\n"
+        "{\"messages\": []}\n"
+        "{nope\n"
+        "{\"prompt\": 3}\n"
+        "\n"
+        "{\"messages\": [{\"role\": \"system\", \"content\": \"Be kind.\"}, {\"role\": \"user\", \"content\": \"Hello\"}]}\n";
+    char *pf = write_file("prompts_bad.jsonl", pj, strlen(pj));
+    PromptSet ps;
+    CHECK(prompts_load(pf, INGEST_SKIP, 0, &ps, &st, &e) == 0);
+    CHECK_EQ_I64(ps.n, 2);
+    CHECK_EQ_I64(st.n_records, 6);
+    count_check(&st, 1, 2, 0, 1, 0, 0);
+    CHECK(ps.n == 2 && ps.items[1].n_msgs == 2 && ps.items[1].line == 7 && !strcmp(ps.items[0].msgs[0].role, "user"));
+    prompts_free(&ps);
+    CHECK(prompts_load(pf, INGEST_FAIL, 0, &ps, &st, &e) == -1 && strstr(e.msg, ":2: ") != NULL);
+    free(pf);
+    tokenizer_free(t);
+}
+
 int main(void) {
     snprintf(tmpdir, sizeof tmpdir, "/tmp/distill_test_shards_%d", (int)getpid());
     DlError e;
@@ -332,6 +380,7 @@ int main(void) {
     test_writer_reader();
     test_bad_shards();
     test_ingest();
+    test_prompts();
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
     if (system(cmd)) {}
