@@ -212,7 +212,7 @@ static int rd_string(Rd *r, uint64_t max_len, bool utf8, const char *what, const
     GgufFile *g = r->g;
     Chunk *c = g->arena;
     if (!c || len + 1 > c->cap - c->used) {  // len <= file size here, so this allocation is bounded
-        uint64_t cap = DL_MAX(len + 1, (uint64_t)1 << 20);
+        uint64_t cap = DL_MAX(len + 1, DL_MIN((uint64_t)1 << 20, g->size + 1));  // small files, small chunks
         c = malloc(sizeof(Chunk) + cap);
         if (!c) return dl_fail(r->e, "out of memory (%llu bytes for a string)", (unsigned long long)len);
         c->next = g->arena, c->used = 0, c->cap = cap;
