@@ -7,6 +7,7 @@
 #include "distill/chat.h"
 
 #include <string.h>
+#include <utf8proc.h>
 
 typedef struct {
     int32_t *ids;
@@ -117,7 +118,35 @@ static int render_chatml(const Tokenizer *t, const ChatMessage *msgs, int n, boo
     return 0;
 }
 
-static bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
+// Python's str.isspace (Jinja's `trim` is str.strip()): bidi class WS, B or S, or category Zs.
+static bool py_isspace(int32_t cp) {
+    if (cp < 0x80) return cp == ' ' || (cp >= 0x09 && cp <= 0x0d) || (cp >= 0x1c && cp <= 0x1f);
+    const utf8proc_property_t *p = utf8proc_get_property(cp);
+    return p->category == UTF8PROC_CATEGORY_ZS || p->bidi_class == UTF8PROC_BIDI_CLASS_WS ||
+           p->bidi_class == UTF8PROC_BIDI_CLASS_B || p->bidi_class == UTF8PROC_BIDI_CLASS_S;
+}
+
+// Trims Unicode whitespace at both ends of s[0..*n) (valid UTF-8); returns the new start.
+static const char *py_strip(const char *s, size_t *n) {
+    const uint8_t *u = (const uint8_t *)s;
+    size_t a = 0, b = *n;
+    while (a < b) {
+        utf8proc_int32_t cp;
+        utf8proc_ssize_t k = utf8proc_iterate(u + a, (utf8proc_ssize_t)(b - a), &cp);
+        if (k <= 0 || !py_isspace(cp)) break;
+        a += (size_t)k;
+    }
+    while (b > a) {
+        size_t c = b - 1;
+        while (c > a && (u[c] & 0xC0) == 0x80) c--;  // start of the last character
+        utf8proc_int32_t cp;
+        utf8proc_ssize_t k = utf8proc_iterate(u + c, (utf8proc_ssize_t)(b - c), &cp);
+        if (k <= 0 || !py_isspace(cp)) break;
+        b = c;
+    }
+    *n = b - a;
+    return s + a;
+}
 
 static int render_llama3(const Tokenizer *t, const ChatMessage *msgs, int n, bool gen, Render *r, DlError *e) {
     int32_t bot, sh, eh, eot;
@@ -131,10 +160,8 @@ static int render_llama3(const Tokenizer *t, const ChatMessage *msgs, int n, boo
         if (r_segment(t, r, msgs[i].role, strlen(msgs[i].role), "", 0, 0, e)) return -1;
         r_push(r, eh, 0);
         // the Llama-3 template trims the content (Jinja `| trim`)
-        const char *c = msgs[i].content;
-        size_t lc = strlen(c);
-        while (lc && is_space(*c)) c++, lc--;
-        while (lc && is_space(c[lc - 1])) lc--;
+        size_t lc = strlen(msgs[i].content);
+        const char *c = py_strip(msgs[i].content, &lc);
         if (r_segment(t, r, "\n\n", 2, c, lc, m, e)) return dl_fail_prefix(e, "message %d (%s)", i, msgs[i].role);
         r_push(r, eot, m);
     }

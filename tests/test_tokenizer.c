@@ -14,7 +14,7 @@
 static const char *TEACHER = "checkpoints/teachers/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 static bool ids_eq(const int32_t *a, int64_t na, const int32_t *b, int64_t nb) {
-    return na == nb && memcmp(a, b, (size_t)na * sizeof(int32_t)) == 0;
+    return na == nb && (na == 0 || memcmp(a, b, (size_t)na * sizeof(int32_t)) == 0);
 }
 
 static void check_ids(const Tokenizer *t, const char *text, const int32_t *want, int64_t nwant) {

@@ -158,6 +158,7 @@ def test_corpus_llama3(llama3, path):
     text = open(path, encoding="utf-8", newline="").read()
     ref = llama3["hf"].encode(text, add_special_tokens=False).ids
     assert_same(our_ids(llama3["gguf"], path), ref, f"Llama-3 GGUF {path}", llama3["hf"])
+    assert_same(our_ids(llama3["json"], path), ref, f"Llama-3 tokenizer.json {path}", llama3["hf"])
 
 
 def test_roundtrip(smol, llama3, tmp_path):
@@ -219,6 +220,7 @@ CHATS = [
      {"role": "assistant", "content": "\nBlue."}, {"role": "user", "content": "And grass?"},
      {"role": "assistant", "content": "Green 🌱, 100%!"}],
     [{"role": "user", "content": "Écris 3 mots: 中文, тест, عربى"}, {"role": "assistant", "content": " leading space\tand tab"}],
+    [{"role": "user", "content": "\u00a0\u3000unicode spaces\u2003\x1c"}, {"role": "assistant", "content": "\u200bzero width\u0085"}],
 ]
 
 
