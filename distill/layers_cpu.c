@@ -151,6 +151,11 @@ void doc_positions(int64_t B, int64_t T, const uint8_t *reset, int32_t *pos, int
 }
 
 // ---------------------------------------------------------------- attention
+// Blocked: for each (batch row, head) and block of QB queries, the scores against the keys the block can
+// see are one sgemm, masked and softmaxed row by row, then multiplied by V in a second sgemm. Tasks are
+// independent, run in parallel with OpenBLAS single-threaded inside them (restored afterwards).
+
+enum { QB = 64 };
 
 static inline float dotf(const float *a, const float *b, int n) {
     float s = 0;
@@ -159,45 +164,68 @@ static inline float dotf(const float *a, const float *b, int n) {
     return s;
 }
 
+// key range [lo, hi] seen by queries t0..t1-1 of batch row b (union over the block)
+static void block_keys(const AttnShape *s, const int32_t *doc_start, int64_t b, int64_t t0, int64_t t1, int64_t *lo,
+                       int64_t *hi) {
+    *hi = s->q0 + t1 - 1;
+    *lo = *hi;
+    for (int64_t t = t0; t < t1; t++) *lo = DL_MIN(*lo, doc_start ? doc_start[b * s->Tq + t] : 0);
+}
+
+typedef struct {
+    int saved;
+} BlasSerial;
+static BlasSerial blas_serial_begin(void) {
+    BlasSerial b = {openblas_get_num_threads()};
+    openblas_set_num_threads(1);
+    return b;
+}
+static void blas_serial_end(BlasSerial b) { openblas_set_num_threads(b.saved); }
+
 void attention_fwd(const AttnShape *s, const float *q, const float *k, const float *v, const int32_t *doc_start,
                    float *out, float *lse) {
     const int64_t B = s->B, Tq = s->Tq, Tk = s->Tk;
     const int nh = s->nh, nkv = s->nkv, hd = s->hd, rep = nh / nkv;
     const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd;
     const float scale = 1.0f / sqrtf((float)hd);
-    const int64_t rows = B * nh * Tq;
-#pragma omp parallel if (PAR(rows * (s->q0 + Tq) * hd / 2))
+    const int64_t nqb = (Tq + QB - 1) / QB, tasks = B * nh * nqb;
+    const bool par = PAR(B * nh * Tq * (s->q0 + Tq) * hd / 2);
+    BlasSerial bs = blas_serial_begin();
+#pragma omp parallel if (par)
     {
-        float *sc = dl_malloc((size_t)Tk * sizeof(float));
-#pragma omp for schedule(dynamic, 16)
-        for (int64_t r = 0; r < rows; r++) {
-            int64_t b = r / (nh * Tq), h = (r / Tq) % nh, t = r % Tq, g = h / rep;
-            int64_t hi = s->q0 + t, lo = doc_start ? doc_start[b * Tq + t] : 0;
-            const float *qr = q + (b * Tq + t) * qs + h * hd;
-            float mx = -INFINITY;
-            for (int64_t j = lo; j <= hi; j++) {
-                float x = dotf(qr, k + (b * Tk + j) * ks + g * hd, hd) * scale;
-                sc[j] = x;
-                if (x > mx) mx = x;
+        float *S = dl_malloc((size_t)(QB * Tk) * sizeof(float));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; task++) {
+            int64_t b = task / (nh * nqb), h = (task / nqb) % nh, t0 = (task % nqb) * QB, t1 = DL_MIN(Tq, t0 + QB);
+            int64_t g = h / rep, lo, hi;
+            block_keys(s, doc_start, b, t0, t1, &lo, &hi);
+            const int64_t n = t1 - t0, span = hi - lo + 1;
+            const float *qb = q + (b * Tq + t0) * qs + h * hd;
+            const float *kb = k + (b * Tk + lo) * ks + g * hd, *vb = v + (b * Tk + lo) * ks + g * hd;
+            // S [n, span] = Q_blk K^T
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)span, hd, scale, qb, (int)qs, kb, (int)ks,
+                        0.0f, S, (int)span);
+            for (int64_t i = 0; i < n; i++) {
+                int64_t t = t0 + i, rlo = (doc_start ? doc_start[b * Tq + t] : 0) - lo, rhi = s->q0 + t - lo;
+                float *row = S + i * span, mx = -INFINITY;
+                for (int64_t j = rlo; j <= rhi; j++) mx = fmaxf(mx, row[j]);
+                double sum = 0;
+                for (int64_t j = 0; j < span; j++) {
+                    float p = j >= rlo && j <= rhi ? expf(row[j] - mx) : 0.0f;
+                    row[j] = p;
+                    sum += p;
+                }
+                float inv = (float)(1.0 / sum);
+                for (int64_t j = rlo; j <= rhi; j++) row[j] *= inv;
+                if (lse) lse[(b * nh + h) * Tq + t] = mx + (float)log(sum);
             }
-            double sum = 0;
-            for (int64_t j = lo; j <= hi; j++) {
-                sc[j] = expf(sc[j] - mx);
-                sum += sc[j];
-            }
-            float inv = (float)(1.0 / sum);
-            float *o = out + (b * Tq + t) * qs + h * hd;
-            for (int i = 0; i < hd; i++) o[i] = 0;
-            for (int64_t j = lo; j <= hi; j++) {
-                float p = sc[j] * inv;
-                const float *vr = v + (b * Tk + j) * ks + g * hd;
-#pragma omp simd
-                for (int i = 0; i < hd; i++) o[i] += p * vr[i];
-            }
-            if (lse) lse[(b * nh + h) * Tq + t] = mx + (float)log(sum);
+            // O_blk [n, hd] = P V
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, hd, (int)span, 1.0f, S, (int)span, vb, (int)ks,
+                        0.0f, out + (b * Tq + t0) * qs + h * hd, (int)qs);
         }
-        free(sc);
+        free(S);
     }
+    blas_serial_end(bs);
 }
 
 void attention_bwd(const AttnShape *s, const float *q, const float *k, const float *v, const int32_t *doc_start,
@@ -206,37 +234,54 @@ void attention_bwd(const AttnShape *s, const float *q, const float *k, const flo
     const int nh = s->nh, nkv = s->nkv, hd = s->hd, rep = nh / nkv;
     const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd;
     const float scale = 1.0f / sqrtf((float)hd);
-    memset(dq, 0, (size_t)(B * T * qs) * sizeof(float));
     memset(dk, 0, (size_t)(B * T * ks) * sizeof(float));
     memset(dv, 0, (size_t)(B * T * ks) * sizeof(float));
-    // one task per (batch row, KV head): it owns dk/dv of that head and dq of the heads sharing it
-#pragma omp parallel for schedule(static) if (PAR(B * nkv * T * T * hd / 2))
-    for (int64_t bg = 0; bg < B * nkv; bg++) {
-        int64_t b = bg / nkv, g = bg % nkv;
-        for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
-            for (int64_t t = 0; t < T; t++) {
-                int64_t lo = doc_start ? doc_start[b * T + t] : 0;
-                const float *qr = q + (b * T + t) * qs + h * hd, *dor = dout + (b * T + t) * qs + h * hd;
-                const float *orow = out + (b * T + t) * qs + h * hd;
-                float m = lse[(b * nh + h) * T + t];
-                float Di = dotf(dor, orow, hd);
-                float *dqr = dq + (b * T + t) * qs + h * hd;
-                for (int64_t j = lo; j <= t; j++) {
-                    const float *kr = k + (b * T + j) * ks + g * hd, *vr = v + (b * T + j) * ks + g * hd;
-                    float p = expf(dotf(qr, kr, hd) * scale - m);
-                    float dp = dotf(dor, vr, hd);
-                    float ds = p * (dp - Di) * scale;
-                    float *dkr = dk + (b * T + j) * ks + g * hd, *dvr = dv + (b * T + j) * ks + g * hd;
-#pragma omp simd
-                    for (int i = 0; i < hd; i++) {
-                        dqr[i] += ds * kr[i];
-                        dkr[i] += ds * qr[i];
-                        dvr[i] += p * dor[i];
+    const int64_t nqb = (T + QB - 1) / QB;
+    BlasSerial bs = blas_serial_begin();
+    // one task per (batch row, KV head): it owns dk/dv of that head and dq of the heads sharing it, and
+    // walks heads and query blocks in a fixed order, so the dk/dv sums are race-free and deterministic
+#pragma omp parallel if (PAR(B * nh * T * T * hd / 2))
+    {
+        float *P = dl_malloc((size_t)(QB * T) * sizeof(float)), *dP = dl_malloc((size_t)(QB * T) * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t bg = 0; bg < B * nkv; bg++) {
+            int64_t b = bg / nkv, g = bg % nkv;
+            for (int64_t h = g * rep; h < (g + 1) * rep; h++)
+                for (int64_t qbi = 0; qbi < nqb; qbi++) {
+                    int64_t t0 = qbi * QB, t1 = DL_MIN(T, t0 + QB), lo, hi;
+                    block_keys(s, doc_start, b, t0, t1, &lo, &hi);
+                    const int64_t n = t1 - t0, span = hi - lo + 1;
+                    const float *qb = q + (b * T + t0) * qs + h * hd, *dob = dout + (b * T + t0) * qs + h * hd;
+                    const float *kb = k + (b * T + lo) * ks + g * hd, *vb = v + (b * T + lo) * ks + g * hd;
+                    // P = exp(scale Q K^T - lse) on the visible keys; dP = dO V^T
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)span, hd, scale, qb, (int)qs, kb,
+                                (int)ks, 0.0f, P, (int)span);
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)span, hd, 1.0f, dob, (int)qs, vb,
+                                (int)ks, 0.0f, dP, (int)span);
+                    for (int64_t i = 0; i < n; i++) {
+                        int64_t t = t0 + i, rlo = (doc_start ? doc_start[b * T + t] : 0) - lo, rhi = t - lo;
+                        float m = lse[(b * nh + h) * T + t];
+                        float Di = dotf(dob + i * qs, out + (b * T + t) * qs + h * hd, hd);
+                        float *pr = P + i * span, *dpr = dP + i * span;
+                        for (int64_t j = 0; j < span; j++) {
+                            float p = j >= rlo && j <= rhi ? expf(pr[j] - m) : 0.0f;
+                            pr[j] = p;
+                            dpr[j] = p * (dpr[j] - Di) * scale;  // dS (w.r.t. the unscaled q.k)
+                        }
                     }
+                    // dQ_blk = dS K; dK += dS^T Q_blk; dV += P^T dO_blk
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, hd, (int)span, 1.0f, dP, (int)span, kb,
+                                (int)ks, 0.0f, dq + (b * T + t0) * qs + h * hd, (int)qs);
+                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)span, hd, (int)n, 1.0f, dP, (int)span, qb,
+                                (int)qs, 1.0f, dk + (b * T + lo) * ks + g * hd, (int)ks);
+                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)span, hd, (int)n, 1.0f, P, (int)span, dob,
+                                (int)qs, 1.0f, dv + (b * T + lo) * ks + g * hd, (int)ks);
                 }
-            }
         }
+        free(P);
+        free(dP);
     }
+    blas_serial_end(bs);
 }
 
 // ---------------------------------------------------------------- SwiGLU

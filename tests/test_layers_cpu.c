@@ -225,10 +225,10 @@ static void test_doc_positions(void) {
 }
 
 // ---------------------------------------------------------------- attention
-static const int64_t AB = 2, AT = 6;
+static int64_t AB = 2, AT = 6;  // AT changes for the multi-block test
 static const int ANH = 4, ANKV = 2, AHD = 8;
 static double *aq, *ak, *av, *aw;
-static int32_t adoc[12];
+static int32_t adoc[2 * 200];
 static void ref_attention(const double *q, const double *k, const double *v, double *out) {
     const int rep = ANH / ANKV;
     const int64_t qs = ANH * AHD, ks = ANKV * AHD;
@@ -236,7 +236,7 @@ static void ref_attention(const double *q, const double *k, const double *v, dou
         for (int h = 0; h < ANH; h++)
             for (int64_t t = 0; t < AT; t++) {
                 int g = h / rep;
-                double sc[AT], mx = -INFINITY, sum = 0;
+                double sc[200], mx = -INFINITY, sum = 0;
                 for (int64_t j = adoc[b * AT + t]; j <= t; j++) {
                     double s = 0;
                     for (int i = 0; i < AHD; i++) s += q[(b * AT + t) * qs + h * AHD + i] * k[(b * AT + j) * ks + g * AHD + i];
@@ -305,6 +305,49 @@ static void test_attention(void) {
     free(aq), free(ak), free(av), free(aw), free(kc), free(vc), free(qd), free(od), free(oref);
 }
 
+// Several query blocks (T = 150 > 64), documents crossing block edges: forward vs float64, backward vs
+// finite differences on sampled elements.
+static double fd_one(double *x, int64_t i, LossFn loss) {
+    double h = 1e-5, x0 = x[i];
+    x[i] = x0 + h;
+    double lp = loss();
+    x[i] = x0 - h;
+    double lm = loss();
+    x[i] = x0;
+    return (lp - lm) / (2 * h);
+}
+static void test_attention_long(void) {
+    AT = 150;
+    const int64_t nq = AB * AT * ANH * AHD, nk = AB * AT * ANKV * AHD;
+    uint8_t *reset = calloc((size_t)(AB * AT), 1);
+    reset[60] = 1, reset[70] = 1, reset[AT + 130] = 1;  // row 0: docs [0,60) [60,70) [70,150); row 1: [0,130) [130,150)
+    doc_positions(AB, AT, reset, NULL, adoc);
+    aq = drand_vec(nq, 1);
+    ak = drand_vec(nk, 1);
+    av = drand_vec(nk, 1);
+    aw = drand_vec(nq, 1);
+    float *q = to_f32(aq, nq), *k = to_f32(ak, nk), *v = to_f32(av, nk), *w = to_f32(aw, nq);
+    float *o = poisoned(nq), *lse = poisoned(AB * ANH * AT);
+    AttnShape s = {AB, AT, AT, 0, ANH, ANKV, AHD};
+    attention_fwd(&s, q, k, v, adoc, o, lse);
+    double *orf = malloc((size_t)nq * sizeof(double));
+    ref_attention(aq, ak, av, orf);
+    CHECK_REL(rel_err_fd(o, orf, nq), 1e-6, "attention fwd, 3 query blocks");
+    float *dq = poisoned(nq), *dk = poisoned(nk), *dv = poisoned(nk);
+    attention_bwd(&s, q, k, v, adoc, o, lse, w, dq, dk, dv);
+    double num = 0, den = 0;
+    for (int i = 0; i < 40; i++) {
+        int64_t iq = (int64_t)rng_below(&rng, (uint64_t)nq), ik = (int64_t)rng_below(&rng, (uint64_t)nk);
+        double gq = fd_one(aq, iq, loss_attention), gk = fd_one(ak, ik, loss_attention), gv = fd_one(av, ik, loss_attention);
+        num += (dq[iq] - gq) * (dq[iq] - gq) + (dk[ik] - gk) * (dk[ik] - gk) + (dv[ik] - gv) * (dv[ik] - gv);
+        den += gq * gq + gk * gk + gv * gv;
+    }
+    CHECK_REL(sqrt(num / den), 1e-5, "attention dq/dk/dv, 3 query blocks (sampled FD)");
+    free(q), free(k), free(v), free(w), free(o), free(lse), free(orf), free(dq), free(dk), free(dv), free(reset);
+    free(aq), free(ak), free(av), free(aw);
+    AT = 6;
+}
+
 // ---------------------------------------------------------------- SwiGLU
 static const int64_t SN = 40;
 static double *sg, *su, *sw;
@@ -339,6 +382,7 @@ int main(void) {
     test_rope(true);
     test_doc_positions();
     test_attention();
+    test_attention_long();
     test_swiglu();
     return check_report("test_layers_cpu");
 }
