@@ -48,8 +48,9 @@ int dataloader_open(DataLoader **out, const DataLoaderOpts *o, DlError *e) {
         if (shard_open(&r, o->paths[i], e)) goto fail;
         dl->shards[dl->n_shards++] = r;
         const ShardInfo *in = shard_info(r);
-        if (in->kind != SHARD_LM) { dl_fail(e, "%s: a preference shard cannot feed the LM data loader", o->paths[i]); goto fail; }
-        if (in->seq_len != o->seq_len) {
+        if (o->preference && in->kind != SHARD_PREF) { dl_fail(e, "%s: not a preference shard (tokenize with --format preference)", o->paths[i]); goto fail; }
+        if (!o->preference && in->kind != SHARD_LM) { dl_fail(e, "%s: a preference shard cannot feed the LM data loader", o->paths[i]); goto fail; }
+        if (!o->preference && in->seq_len != o->seq_len) {
             dl_fail(e, "%s: packed with seq_len %lld, but training uses seq_len %lld (re-run distill tokenize --seq-len %lld)",
                     o->paths[i], (long long)in->seq_len, (long long)o->seq_len, (long long)o->seq_len);
             goto fail;
@@ -59,7 +60,7 @@ int dataloader_open(DataLoader **out, const DataLoaderOpts *o, DlError *e) {
             dl_fail(e, "%s: written with a different tokenizer than %s", o->paths[i], o->paths[0]);
             goto fail;
         }
-        dl->first_row[i + 1] = dl->first_row[i] + in->n_seqs;
+        dl->first_row[i + 1] = dl->first_row[i] + (o->preference ? in->n_pairs : in->n_seqs);
     }
     dl->rows = dl->first_row[dl->n_shards];
     int64_t global = o->batch_size * o->world_size;
@@ -71,8 +72,9 @@ int dataloader_open(DataLoader **out, const DataLoaderOpts *o, DlError *e) {
     dl->perm = dl_malloc((size_t)dl->rows * sizeof(int64_t));
     dl->pos = (DataPos){.seed = o->seed, .epoch = 0, .consumed = 0};
     make_perm(dl);
-    int64_t BT = o->batch_size * o->seq_len;
-    dl->batch = (DataBatch){.B = o->batch_size, .T = o->seq_len};
+    int64_t rows_per_batch = o->preference ? 2 * o->batch_size : o->batch_size;
+    int64_t BT = rows_per_batch * o->seq_len;
+    dl->batch = (DataBatch){.B = rows_per_batch, .T = o->seq_len, .n_pairs = o->preference ? o->batch_size : 0};
     dl->batch.inputs = dl_malloc((size_t)BT * 4);
     dl->batch.targets = dl_malloc((size_t)BT * 4);
     dl->batch.mask = dl_malloc((size_t)BT);
@@ -112,15 +114,60 @@ int dataloader_set_pos(DataLoader *dl, const DataPos *p, DlError *e) {
     return 0;
 }
 
-// Row g of the global row space into the staging buffers.
-static int read_row(DataLoader *dl, int64_t g, DlError *e) {
+// Shard holding global row g (last shard with first_row <= g).
+static int shard_of(const DataLoader *dl, int64_t g) {
     int lo = 0, hi = dl->n_shards - 1;
-    while (lo < hi) {  // last shard with first_row <= g
+    while (lo < hi) {
         int mid = (lo + hi + 1) / 2;
         if (dl->first_row[mid] <= g) lo = mid;
         else hi = mid - 1;
     }
-    return shard_read_rows(dl->shards[lo], g - dl->first_row[lo], 1, dl->row_tok, dl->row_mask, dl->row_reset, e);
+    return lo;
+}
+
+// Row g of the global row space into the staging buffers.
+static int read_row(DataLoader *dl, int64_t g, DlError *e) {
+    int s = shard_of(dl, g);
+    return shard_read_rows(dl->shards[s], g - dl->first_row[s], 1, dl->row_tok, dl->row_mask, dl->row_reset, e);
+}
+
+// Writes prompt ++ response as row `row` of the batch: padded, mask on the response targets.
+static int put_pair_row(DataLoader *dl, int64_t row, const int32_t *p, int64_t np, const int32_t *r, int64_t nr,
+                        int32_t pad, const char *path, int64_t pair, DlError *e) {
+    int64_t T = dl->o.seq_len, L = np + nr;
+    if (L > T + 1)
+        return dl_fail(e, "%s: preference pair %lld has %lld tokens, more than seq_len+1 = %lld (tokenize with --seq-len %lld "
+                          "to skip such pairs, or train with a longer seq_len)", path, (long long)pair, (long long)L,
+                       (long long)(T + 1), (long long)T);
+    DataBatch *b = &dl->batch;
+    for (int64_t t = 0; t < T; t++) {
+        int64_t k = row * T + t;
+        int32_t x = t < L ? (t < np ? p[t] : r[t - np]) : pad;
+        int32_t y = t + 1 < L ? (t + 1 < np ? p[t + 1] : r[t + 1 - np]) : pad;
+        b->inputs[k] = x;
+        b->targets[k] = y;
+        b->mask[k] = t + 1 >= np && t + 1 < L;
+        b->reset[k] = t == 0;
+    }
+    return 0;
+}
+
+static int read_pairs(DataLoader *dl, int64_t base, DlError *e) {
+    int64_t B = dl->o.batch_size;
+    for (int64_t i = 0; i < B; i++) {
+        int64_t g = dl->perm[base + i];
+        int s = shard_of(dl, g);
+        int32_t *p, *c, *r;
+        int64_t np, nc, nr;
+        if (shard_read_pair(dl->shards[s], g - dl->first_row[s], &p, &np, &c, &nc, &r, &nr, e)) return -1;
+        int32_t pad = shard_info(dl->shards[s])->pad_id;
+        const char *path = shard_path(dl->shards[s]);
+        int rc = put_pair_row(dl, i, p, np, c, nc, pad, path, g - dl->first_row[s], e) ||
+                 put_pair_row(dl, B + i, p, np, r, nr, pad, path, g - dl->first_row[s], e);
+        free(p); free(c); free(r);
+        if (rc) return -1;
+    }
+    return 0;
 }
 
 int dataloader_next(DataLoader *dl, const DataBatch **out, DlError *e) {
@@ -134,6 +181,12 @@ int dataloader_next(DataLoader *dl, const DataBatch **out, DlError *e) {
     b->epoch = dl->pos.epoch;
     b->step = (int64_t)dl->pos.consumed / global;
     int64_t base = (int64_t)dl->pos.consumed + (int64_t)dl->o.rank * B;
+    if (dl->o.preference) {
+        if (read_pairs(dl, base, e)) return -1;
+        dl->pos.consumed += (uint64_t)global;
+        *out = b;
+        return 0;
+    }
     for (int64_t i = 0; i < B; i++) {
         if (read_row(dl, dl->perm[base + i], e)) return -1;
         for (int64_t t = 0; t < T; t++) {

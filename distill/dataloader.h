@@ -11,6 +11,10 @@
 //                  (no prediction across a document boundary)
 //   reset[b,t]   = 1 if the recurrent state must be zeroed before consuming inputs[b,t] (a document starts
 //                  there; always 1 at t = 0)
+// Preference shards (opts.preference): the unit is a pair, and a batch holds 2B rows: row i < B is
+// prompt+chosen of pair i, row B+i is prompt+rejected of the same pair, each right-padded to T with the
+// shard's pad id; mask is 1 on the response targets only; reset is 1 at t = 0. A pair longer than T+1 tokens
+// is an error naming the shard and pair (tokenize with --seq-len T to drop such pairs up front).
 // The position (DataPos) is a small POD: save it in checkpoints and restore it to continue bit-exactly.
 // It counts rows consumed globally, so a resume with the same global batch B*W may change W.
 #pragma once
@@ -35,10 +39,12 @@ typedef struct {
     uint64_t seed;
     bool shuffle;
     const Tokenizer *tokenizer;  // optional: shards must have been written with it
+    bool preference;             // read preference pairs instead of packed LM rows
 } DataLoaderOpts;
 
 typedef struct {
-    int64_t B, T;
+    int64_t B, T;               // rows in the batch (2 x pairs for preference batches), positions per row
+    int64_t n_pairs;            // preference batches: pairs (rows = 2 * n_pairs); 0 for LM batches
     int32_t *inputs, *targets;  // [B, T]
     uint8_t *mask, *reset;      // [B, T]
     uint64_t epoch;             // epoch the batch came from
@@ -54,5 +60,5 @@ int dataloader_next(DataLoader *dl, const DataBatch **batch, DlError *e);
 DataPos dataloader_pos(const DataLoader *dl);
 // Restores a position (seed must match the loader's; consumed must be a multiple of B*W).
 int dataloader_set_pos(DataLoader *dl, const DataPos *p, DlError *e);
-int64_t dataloader_rows(const DataLoader *dl);            // rows in all shards
+int64_t dataloader_rows(const DataLoader *dl);            // rows (pairs for preference) in all shards
 int64_t dataloader_steps_per_epoch(const DataLoader *dl);  // floor(rows / (B*W))

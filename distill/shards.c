@@ -533,6 +533,8 @@ int shard_open(ShardReader **out, const char *path, DlError *e) {
         goto fail;
     }
     in->vocab_size = (int32_t)vs;
+    int64_t pad = 0;
+    if (read_attr_i64(r->f, "pad_id", &pad) && pad >= 0 && pad < vs) in->pad_id = (int32_t)pad;
     if (in->kind == SHARD_LM) {
         in->n_tokens = ds_len(r, "tokens");
         in->n_docs = ds_len(r, "doc_offsets") - 1;

@@ -66,6 +66,7 @@ typedef struct {
     int64_t n_tokens, n_docs;   // LM
     int64_t seq_len, n_seqs;    // LM packed (0 if not packed)
     int64_t n_pairs;            // preference
+    int32_t pad_id;             // padding id recorded by the writer (0 if none)
 } ShardInfo;
 
 typedef struct ShardReader ShardReader;

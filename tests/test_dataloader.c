@@ -209,11 +209,78 @@ static void test_errors(void) {
     CHECK(dataloader_open(&dl, &o, &e) == -1 && strstr(e.msg, "/nonexistent/shard.h5"));
 }
 
+// Preference batches: rows [0,B) are prompt+chosen, [B,2B) prompt+rejected; the mask covers response targets.
+static void test_preference(void) {
+    DlError e;
+    char path[300];
+    snprintf(path, sizeof path, "/tmp/distill_test_dl_pref_%d.h5", (int)getpid());
+    ShardWriterOpts o = {.kind = SHARD_PREF, .tokenizer_hash = 42, .vocab_size = 1000, .pad_id = 999, .deflate = 1};
+    ShardWriter *w;
+    CHECK(shard_writer_open(&w, path, &o, &e) == 0);
+    for (int i = 0; i < 10; i++) {
+        int32_t p[4] = {100 + i, 101, 102, 103}, c[3] = {200 + i, 201, 202}, r[2] = {300 + i, 301};
+        int64_t np = 2 + i % 3;  // 2..4
+        CHECK(shard_add_pair(w, p, np, c, 3, r, i == 9 ? 2 : 1 + i % 2, &e) == 0);
+    }
+    CHECK(shard_writer_close(w, &e) == 0);
+    const char *paths1[] = {path};
+    DataLoaderOpts lo = {.paths = paths1, .n_paths = 1, .seq_len = 6, .batch_size = 2, .rank = 1, .world_size = 2,
+                         .seed = 9, .shuffle = true, .preference = true};
+    DataLoader *dl;
+    CHECK(dataloader_open(&dl, &lo, &e) == 0);
+    if (!dl) { fprintf(stderr, "%s\n", e.msg); return; }
+    CHECK_EQ_I64(dataloader_rows(dl), 10);
+    CHECK_EQ_I64(dataloader_steps_per_epoch(dl), 2);
+    const DataBatch *b;
+    int checked = 0;
+    for (int s = 0; s < 2; s++) {
+        CHECK(dataloader_next(dl, &b, &e) == 0);
+        CHECK(b->B == 4 && b->n_pairs == 2 && b->T == 6);
+        for (int64_t i = 0; i < 2; i++) {
+            const int32_t *x = b->inputs + i * 6, *y = b->targets + i * 6, *xr = b->inputs + (2 + i) * 6;
+            const uint8_t *m = b->mask + i * 6, *mr = b->mask + (2 + i) * 6;
+            int pair = x[0] - 100;
+            int64_t np = 2 + pair % 3;
+            CHECK(xr[0] == x[0]);                    // same prompt in both rows
+            CHECK(x[np] == 200 + pair);              // chosen starts right after the prompt
+            CHECK(xr[np] == 300 + pair);             // rejected too
+            CHECK(m[np - 1] == 1 && y[np - 1] == 200 + pair);  // the first response token is predicted
+            CHECK(m[0] == 0 && (np < 3 || m[np - 2] == 0));     // prompt targets are not trained on
+            int sum = 0, sumr = 0;
+            for (int t = 0; t < 6; t++) sum += m[t], sumr += mr[t];
+            CHECK(sum == 3);                         // exactly the chosen tokens
+            int64_t nr = pair == 9 ? 2 : 1 + pair % 2;
+            CHECK(sumr == nr);
+            CHECK(b->reset[i * 6] == 1 && b->reset[i * 6 + 1] == 0);
+            checked++;
+        }
+    }
+    CHECK(checked == 4);
+    dataloader_close(dl);
+    // a pair longer than seq_len+1 is an error naming the shard
+    lo.seq_len = 4;
+    lo.rank = 0;
+    lo.world_size = 1;
+    lo.batch_size = 10;
+    lo.shuffle = false;
+    CHECK(dataloader_open(&dl, &lo, &e) == 0);
+    CHECK(dataloader_next(dl, &b, &e) == -1 && strstr(e.msg, path) && strstr(e.msg, "seq_len"));
+    dataloader_close(dl);
+    // an LM loader refuses a preference shard and vice versa
+    lo.preference = false;
+    CHECK(dataloader_open(&dl, &lo, &e) == -1 && strstr(e.msg, "preference"));
+    lo.preference = true;
+    lo.paths = (const char *const[]){paths[0]};
+    CHECK(dataloader_open(&dl, &lo, &e) == -1 && strstr(e.msg, "not a preference shard"));
+    unlink(path);
+}
+
 int main(void) {
     make_shards();
     test_content();
     test_shuffle_ranks_resume();
     test_errors();
+    test_preference();
     unlink(paths[0]);
     unlink(paths[1]);
     return check_report("test_dataloader");
