@@ -140,12 +140,11 @@ int main(int argc, char **argv) {
             // forward, training (writes checkpoints), automatic segments
             row("fwd", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, mamba_f);
             row("fwd-inf", median_ms([&](int i) { fwd(i, 0, false); }), fbytes, ex2_f, 0);
-            if (B <= 2)
-                for (int ns = 1; ns <= 16; ns *= 2) {
+            for (int ns = 1; ns <= (B <= 2 ? 16 : 2); ns *= 2) {
                     char k[16];
                     snprintf(k, sizeof k, "fwd-s%d", ns);
-                    row(k, median_ms([&](int i) { fwd(i, ns, true); }), fbytes + ckb, ex2_f, 0);
-                }
+                row(k, median_ms([&](int i) { fwd(i, ns, true); }), fbytes + ckb, ex2_f, 0);
+            }
             for (int k = 0; k < NSET; k++) fwd(k, 0, true);
             row("bwd", median_ms([&](int i) { bwd(i); }), bbytes, ex2_b, mamba_b);
             if (B == 8 && L == 2048) {

@@ -127,13 +127,17 @@ __device__ void load_tile(char *tile, const TileGeom &g, const TileSrc &s, int64
 }
 
 // Forward main pass (PREPASS = false) or segment pre-pass (PREPASS = true: local end state from zero, no
-// outputs). blockIdx.x = (seg * B + b) * nblocks_d + channel block.
-constexpr int FT = 32;   // steps per forward tile
-constexpr int FNST = 4;  // tiles in flight
+// outputs). One thread per (batch row, channel) holds all N states: the forward needs no cross-lane traffic, and
+// softplus / the gate are computed once per (token, channel). blockIdx.x = (seg * B + b) * nblocks_d + block.
+// (The 4-lanes-per-channel mapping of the backward was 1.6x slower here: its shuffles and per-lane overhead cost
+// more issue slots than the extra parallelism bought; docs/KERNELS.md.)
+constexpr int FWD1_THREADS = 128;  // channels per forward block
+constexpr int FT = 16;             // steps per forward tile
+constexpr int FNST = 4;            // tiles in flight
 
 template <int N, bool PREPASS, bool AL16>
-__global__ void __launch_bounds__(FWD_THREADS) scan_fwd_kernel(const FwdArgs p, const TileGeom geo) {
-    constexpr int R = N / QL, CPB = FWD_THREADS / QL;
+__global__ void __launch_bounds__(FWD1_THREADS) scan_fwd_kernel(const FwdArgs p, const TileGeom geo) {
+    constexpr int CPB = FWD1_THREADS;
     extern __shared__ __align__(16) char smem[];
     const int64_t ncb = (p.D + CPB - 1) / CPB;
     int64_t bid = blockIdx.x;
@@ -142,11 +146,11 @@ __global__ void __launch_bounds__(FWD_THREADS) scan_fwd_kernel(const FwdArgs p, 
     const int64_t b = bid % p.B;
     const int seg = (int)(bid / p.B);
     if (PREPASS && seg == p.nseg - 1) return;  // the last segment's local end state is never used
-    const int lane = threadIdx.x & 31, q = threadIdx.x & 3, base = lane & ~3, cl = threadIdx.x >> 2;
+    const int cl = threadIdx.x;
     const int64_t c0 = cb * CPB, d_raw = c0 + cl;
     const int nchv = (int)(p.D - c0 < CPB ? p.D - c0 : CPB);
     const bool dvalid = d_raw < p.D;
-    const int64_t d = dvalid ? d_raw : p.D - 1;  // out-of-range lanes compute on a real channel, store nothing
+    const int64_t d = dvalid ? d_raw : p.D - 1;  // out-of-range threads compute on a real channel, store nothing
     const int64_t gc = d / p.Dg, gb = d / p.Db;
     const int64_t gclo = c0 / p.Dg, gblo = c0 / p.Db;
     const int nCv = (int)((c0 + nchv - 1) / p.Dg - gclo + 1) * N, nBv = (int)((c0 + nchv - 1) / p.Db - gblo + 1) * N;
@@ -154,14 +158,13 @@ __global__ void __launch_bounds__(FWD_THREADS) scan_fwd_kernel(const FwdArgs p, 
     const int64_t L = p.L, D = p.D;
     const TileSrc src = {{p.u, p.dt, PREPASS ? nullptr : p.z, nullptr}, p.Bm, p.Cm, p.reset, L, D, p.Gb * N, p.Gc * N};
 
-    float A2[R], h[R];
+    float A2[N], h[N];
 #pragma unroll
-    for (int r = 0; r < R; r++) A2[r] = p.A[d * N + q * R + r] * SCAN_LOG2E;
+    for (int n = 0; n < N; n++) A2[n] = p.A[d * N + n] * SCAN_LOG2E;
     const float Dd = PREPASS ? 0.f : p.Dskip[d];
     const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
-
 #pragma unroll
-    for (int r = 0; r < R; r++) h[r] = (!PREPASS && p.h0) ? p.h0[(b * D + d) * N + q * R + r] : 0.f;
+    for (int n = 0; n < N; n++) h[n] = (!PREPASS && p.h0) ? p.h0[(b * D + d) * N + n] : 0.f;
     if (!PREPASS) {
         // carry from the earlier segments: h <- decay(s) * h + local_end(s)
         for (int s = 0; s < seg; s++) {
@@ -169,7 +172,7 @@ __global__ void __launch_bounds__(FWD_THREADS) scan_fwd_kernel(const FwdArgs p, 
             const bool rs = p.seg_rs[i] != 0;
             const float sd = p.seg_sd[i];
 #pragma unroll
-            for (int r = 0; r < R; r++) h[r] = (rs ? 0.f : ex2f(A2[r] * sd)) * h[r] + p.seg_h[i * N + q * R + r];
+            for (int n = 0; n < N; n++) h[n] = (rs ? 0.f : ex2f(A2[n] * sd)) * h[n] + p.seg_h[i * N + n];
         }
     }
     float sd = 0.f;
@@ -180,8 +183,8 @@ __global__ void __launch_bounds__(FWD_THREADS) scan_fwd_kernel(const FwdArgs p, 
         if (kt < ntile) {
             const int64_t ts = tb + (int64_t)kt * FT;
             const int ns = (int)(te - ts < FT ? te - ts : FT);
-            load_tile<AL16>(smem + (kt % FNST) * geo.bytes, geo, src, b, c0, nchv, gblo * N, nBv,
-                            gclo * N, PREPASS ? 0 : nCv, ts, ns);
+            load_tile<AL16>(smem + (kt % FNST) * geo.bytes, geo, src, b, c0, nchv, gblo * N, nBv, gclo * N,
+                            PREPASS ? 0 : nCv, ts, ns);
         }
         cp_async_commit();
     };
@@ -192,56 +195,47 @@ __global__ void __launch_bounds__(FWD_THREADS) scan_fwd_kernel(const FwdArgs p, 
         __syncthreads();
         issue(kt + FNST - 1);
         const char *tile = smem + (kt % FNST) * geo.bytes;
-        const bf16 *su = (const bf16 *)tile, *sdt = su + FT * CPB, *sz = sdt + FT * CPB;
-        const bf16 *sB = (const bf16 *)(tile + geo.offB) + (gb - gblo) * N + q * R;
-        const bf16 *sC = (const bf16 *)(tile + geo.offC) + (gc - gclo) * N + q * R;
+        const bf16 *su = (const bf16 *)tile + cl, *sdt = su + FT * CPB, *sz = sdt + FT * CPB;
+        const bf16 *sB = (const bf16 *)(tile + geo.offB) + (gb - gblo) * N;
+        const bf16 *sC = (const bf16 *)(tile + geo.offC) + (gc - gclo) * N;
         const uint8_t *srs = (const uint8_t *)(tile + geo.offR);
         const int64_t ts = tb + (int64_t)kt * FT;
-#pragma unroll 1
-        for (int i0 = 0; i0 < FT; i0 += 4) {
-            const int64_t t0 = ts + i0;
-            if (t0 >= te) break;
-            if (!PREPASS && p.ckpt && (t0 % SCAN_CKPT) == 0 && dvalid) {
-                float *ck = p.ckpt + ((b * p.nck + t0 / SCAN_CKPT) * D + d) * N + q * R;
+        const int ns = (int)(te - ts < FT ? te - ts : FT);
+#pragma unroll 2
+        for (int i = 0; i < ns; i++) {
+            const int64_t t = ts + i;
+            if (!PREPASS && p.ckpt && (t % SCAN_CKPT) == 0 && dvalid) {
+                float4 *ck = reinterpret_cast<float4 *>(p.ckpt + ((b * p.nck + t / SCAN_CKPT) * D + d) * N);
 #pragma unroll
-                for (int r = 0; r < R; r++) ck[r] = h[r];
+                for (int n = 0; n < N; n += 4) ck[n / 4] = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
             }
-            const int i = i0 + q;
-            const bool tv = t0 + q < te;
-            float delta = 0.f, uu = 0.f, zz = 0.f, rsx = 0.f;
-            if (tv) {
-                uu = __bfloat162float(su[i * CPB + cl]);
-                delta = softplus_dev(__bfloat162float(sdt[i * CPB + cl]) + bias);
-                rsx = srs[i] ? -INFINITY : 0.f;  // a reset zeroes the decay: ex2(-inf) = 0
-                if (!PREPASS && p.z) zz = __bfloat162float(sz[i * CPB + cl]);
-            }
-            const float du_own = delta * uu;
-            float yp[4];
+            const float uu = __bfloat162float(su[i * CPB]);
+            const float delta = softplus_dev(__bfloat162float(sdt[i * CPB]) + bias);
+            const float rx = srs[i] ? -INFINITY : 0.f;  // a reset zeroes the decay: ex2(-inf) = 0
+            const float du = delta * uu;
+            float Bv[N];
+            lds_vec<N>(sB + i * geo.pB, Bv);
+            if (PREPASS) {
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const float dj = __shfl_sync(FULL_MASK, delta, base + j);
-                const float duj = __shfl_sync(FULL_MASK, du_own, base + j);
-                const float rj = __shfl_sync(FULL_MASK, rsx, base + j);
-                float Bv[R], Cv[R];
-                lds_vec<R>(sB + (i0 + j) * geo.pB, Bv);
-                if (!PREPASS) lds_vec<R>(sC + (i0 + j) * geo.pC, Cv);
-                yp[j] = 0.f;
+                for (int n = 0; n < N; n++) h[n] = ex2f(fmaf(delta, A2[n], rx)) * h[n] + du * Bv[n];
+                sd = srs[i] ? delta : sd + delta;
+                anyrs |= srs[i];
+            } else {
+                float Cv[N], y0 = 0.f, y1 = 0.f;
+                lds_vec<N>(sC + i * geo.pC, Cv);
 #pragma unroll
-                for (int r = 0; r < R; r++) {
-                    h[r] = ex2f(fmaf(dj, A2[r], rj)) * h[r] + duj * Bv[r];
-                    if (!PREPASS) yp[j] += Cv[r] * h[r];
+                for (int n = 0; n < N; n++) {
+                    h[n] = ex2f(fmaf(delta, A2[n], rx)) * h[n] + du * Bv[n];
+                    if (n & 1) y1 += Cv[n] * h[n];
+                    else y0 += Cv[n] * h[n];
                 }
-                if (PREPASS) {
-                    sd = rj != 0.f ? dj : sd + dj;
-                    anyrs |= rj != 0.f;
-                }
-            }
-            if (!PREPASS) {
-                const float y = reduce_scatter4(yp, q);
-                if (tv && dvalid) {
-                    float o = y + Dd * uu;
-                    if (p.z) o *= zz * sigmoid_dev(zz);
-                    stbf(p.out + (b * L + t0 + q) * D + d, o);
+                if (dvalid) {
+                    float o = y0 + y1 + Dd * uu;
+                    if (p.z) {
+                        const float zz = __bfloat162float(sz[i * CPB]);
+                        o *= zz * sigmoid_dev(zz);
+                    }
+                    stbf(p.out + (b * L + t) * D + d, o);
                 }
             }
         }
@@ -251,11 +245,11 @@ __global__ void __launch_bounds__(FWD_THREADS) scan_fwd_kernel(const FwdArgs p, 
     if (PREPASS) {
         const int64_t i = (b * p.nseg + seg) * D + d;
 #pragma unroll
-        for (int r = 0; r < R; r++) p.seg_h[i * N + q * R + r] = h[r];
-        if (q == 0) p.seg_sd[i] = sd, p.seg_rs[i] = anyrs;
+        for (int n = 0; n < N; n++) p.seg_h[i * N + n] = h[n];
+        p.seg_sd[i] = sd, p.seg_rs[i] = anyrs;
     } else if (seg == p.nseg - 1 && p.h_last) {
 #pragma unroll
-        for (int r = 0; r < R; r++) p.h_last[(b * D + d) * N + q * R + r] = h[r];
+        for (int n = 0; n < N; n++) p.h_last[(b * D + d) * N + n] = h[n];
     }
 }
 
@@ -601,12 +595,13 @@ int check_shape(const ScanShape *s, int for_bwd, char *err, size_t errlen) {
 
 int64_t n_ckpt(const ScanShape *s) { return (s->seqlen + SCAN_CKPT - 1) / SCAN_CKPT; }
 
-// segments: enough threads to fill the GPU (about 128K lanes), each segment a multiple of SCAN_CKPT steps
+// segments: enough threads to fill the GPU, each segment a multiple of SCAN_CKPT steps
 int choose_nseg(const ScanShape *s, int nseg) {
     const int64_t maxseg = n_ckpt(s) > 0 ? n_ckpt(s) : 1;
     if (nseg <= 0) {
-        const int64_t lanes = s->batch * s->dim * QL;
-        nseg = (int)((131072 + lanes - 1) / lanes);
+        // one thread per channel: aim at ~32K threads (about 8 warps per SM)
+        const int64_t threads = s->batch * s->dim;
+        nseg = (int)((32768 + threads - 1) / threads);
     }
     if (nseg > maxseg) nseg = (int)maxseg;
     if (nseg > 64) nseg = 64;
@@ -627,13 +622,13 @@ bool aligned16(const ScanShape *s, const void *const *ptrs, int n) {
 
 template <int N>
 int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
-    constexpr int CPB = FWD_THREADS / QL;
+    constexpr int CPB = FWD1_THREADS;
     const TileGeom g = make_geom(FT, CPB, 3, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
     const size_t smem = (size_t)FNST * g.bytes;
     const int64_t blocks = (int64_t)a.nseg * a.B * ((a.D + CPB - 1) / CPB);
     auto go = [&](auto kern) {
         if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) return -1;
-        kern<<<(unsigned)blocks, FWD_THREADS, smem, st>>>(a, g);
+        kern<<<(unsigned)blocks, FWD1_THREADS, smem, st>>>(a, g);
         return 0;
     };
     int rc = 0;
