@@ -299,8 +299,10 @@ int shard_add_doc(ShardWriter *w, const int32_t *ids, const uint8_t *mask, int64
     if (mask) {
         if (col_append(&w->mask, mask, n, w->tmp, e)) goto fail;
     } else {
-        for (int64_t i = 0; i < n; i++)
-            if (col_append(&w->mask, &one, 1, w->tmp, e)) goto fail;
+        uint8_t ones[4096];
+        memset(ones, one, sizeof ones);
+        for (int64_t i = 0; i < n; i += (int64_t)sizeof ones)
+            if (col_append(&w->mask, ones, DL_MIN(n - i, (int64_t)sizeof ones), w->tmp, e)) goto fail;
     }
     w->n_tokens += n;
     w->n_docs++;
@@ -436,11 +438,8 @@ struct ShardReader {
 };
 
 static hid_t open_ds(ShardReader *r, const char *name, int rank, int64_t d0, int64_t d1, DlError *e) {
-    if (H5Lexists(r->f, name, H5P_DEFAULT) <= 0) {
-        if (strchr(name, '/') && H5Lexists(r->f, "packed", H5P_DEFAULT) <= 0 && H5Lexists(r->f, "pref", H5P_DEFAULT) <= 0)
-            return dl_fail(e, "%s: missing dataset /%s", r->path, name);
-        return dl_fail(e, "%s: missing dataset /%s", r->path, name);
-    }
+    // H5Lexists on "a/b" fails when group "a" is missing, which reads as "missing" here too
+    if (H5Lexists(r->f, name, H5P_DEFAULT) <= 0) return dl_fail(e, "%s: missing dataset /%s", r->path, name);
     hid_t ds = H5Dopen2(r->f, name, H5P_DEFAULT);
     if (ds < 0) return dl_fail(e, "%s: cannot open dataset /%s", r->path, name);
     hid_t sp = H5Dget_space(ds);
