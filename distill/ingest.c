@@ -176,6 +176,7 @@ static int ingest_chat(Ctx *c, const char *file, int64_t line, const cJSON *msgs
 static int response_of(const cJSON *v, const char **content, int *n_prefix, const cJSON **list, char *why, size_t nw) {
     *list = NULL;
     *n_prefix = 0;
+    if (!v) { snprintf(why, nw, "missing (a string or a message list)"); return -1; }
     if (cJSON_IsString(v)) { *content = v->valuestring; return 0; }
     if (cJSON_IsArray(v) && cJSON_GetArraySize(v) > 0) {
         int n = cJSON_GetArraySize(v);
@@ -413,7 +414,8 @@ int ingest_files(const Tokenizer *t, const char *const *files, int n_files, cons
     }
     int rc = 0;
     for (int i = 0; i < n_files && !rc; i++) rc = ingest_file(&c, files[i]);
-    if (!rc && !c.w) rc = dl_fail(e, "no valid records in %d input file(s) (%lld skipped)", n_files, (long long)st->n_skipped);
+    if (!rc && st->n_docs + st->n_pairs == 0)
+        rc = dl_fail(e, "no valid records in %d input file(s) (%lld skipped)", n_files, (long long)st->n_skipped);
     if (!rc) {
         DlError *x = e;
         rc = shard_writer_attr_str(c.w, "sources", sources, x) || shard_writer_attr_str(c.w, "input_format", ingest_format_name(o->format), x) ||

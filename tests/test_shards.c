@@ -276,6 +276,17 @@ static void test_ingest(void) {
     const char *missing[] = {"/nonexistent/data.jsonl"};
     CHECK(ingest_files(t, missing, 1, out, &o, &st, &e) == -1 && strstr(e.msg, "/nonexistent/data.jsonl"));
 
+    // --format preference on chat data: every record is refused and no (empty) shard is written
+    const char *chat_only = "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Yo\"}]}\n";
+    char *cf = write_file("chat_only.jsonl", chat_only, strlen(chat_only));
+    const char *cfiles[] = {cf};
+    ingest_options_default(&o);
+    o.format = INGEST_PREF;
+    CHECK(ingest_files(t, cfiles, 1, out, &o, &st, &e) == -1 && strstr(e.msg, "no valid records"));
+    CHECK(st.n_missing_field == 1);
+    CHECK(access(out, F_OK) != 0);
+    free(cf);
+
     // preference pairs in the TRL styles
     const char *pj =
         "{\"prompt\": \"What is 1+1?\", \"chosen\": \"2\", \"rejected\": \"3\"}\n"
