@@ -183,8 +183,10 @@ void progress_format(const Progress *p, int64_t step, double loss, double tokens
     fmt_duration(done > 0 ? el / (double)done * (double)left : NAN, eta, sizeof eta);
     fmt_duration(el, elapsed, sizeof elapsed);
     int w = snprintf(NULL, 0, "%lld", (long long)p->total);
-    snprintf(buf, n, "%s  step %*lld/%lld  loss %.4f  %.0f tok/s  elapsed %s  ETA %s", p->stage, w, (long long)step,
-             (long long)p->total, loss, tokens_per_s, elapsed, step >= p->total ? "0s" : eta);
+    char ls[32] = "";
+    if (!isnan(loss)) snprintf(ls, sizeof ls, "  loss %.4f", loss);  // NaN: a stage without a loss (generate)
+    snprintf(buf, n, "%s  step %*lld/%lld%s  %.0f tok/s  elapsed %s  ETA %s", p->stage, w, (long long)step,
+             (long long)p->total, ls, tokens_per_s, elapsed, step >= p->total ? "0s" : eta);
 }
 
 void progress_update(Progress *p, int64_t step, double loss, double tokens_per_s) {

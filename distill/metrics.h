@@ -66,7 +66,7 @@ typedef struct {
 // Starts the progress of a stage that runs steps (start_step, total]. Mode is taken from dl_is_quiet()
 // and isatty(stderr); the environment variable DISTILL_PROGRESS_INTERVAL overrides interval_s.
 void progress_begin(Progress *p, const char *stage, int64_t start_step, int64_t total);
-// Reports that `step` steps are done (loss, throughput of the last step or an average).
+// Reports that `step` steps are done (loss, or NaN to show none; throughput of the last step or an average).
 void progress_update(Progress *p, int64_t step, double loss, double tokens_per_s);
 // Ends the stage: on a terminal the live line is completed with a newline.
 void progress_end(Progress *p);

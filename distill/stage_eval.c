@@ -41,7 +41,19 @@ static int run_eval(RunContext *ctx, const StageSpec *st) {
             rc = DL_EXIT_INPUT;
             goto fail;
         }
-        const int64_t B = st->opt.micro_batch > 0 ? st->opt.micro_batch : 1, T = ds->seq_len;
+        const int64_t T = ds->seq_len;
+        int64_t B = st->opt.micro_batch > 0 ? st->opt.micro_batch : 1;
+        {  // a small held-out set: shrink the batch to its rows
+            LoaderSource probe;
+            if (loader_source_open(&probe, shard, 1, T, (uint64_t)ctx->seed, false, &e)) {
+                free(shard);
+                rc = DL_EXIT_INPUT;
+                goto fail;
+            }
+            int64_t rows = dataloader_rows(probe.dl);
+            loader_source_close(&probe);
+            if (rows < B) B = rows > 0 ? rows : 1;
+        }
         for (int which = have_init ? 0 : 1; which < 2; which++) {
             LoaderSource ls;
             if (loader_source_open(&ls, shard, B, T, (uint64_t)ctx->seed, false, &e)) {

@@ -1,0 +1,419 @@
+// stage_generate.c: the `generate` stage (sequence-level KD pseudo-labels): the teacher answers the
+// prompts of a data set; each prompt + response becomes a document of the output data set (loss mask on
+// the response, which ends with the stop token), split into train / held-out shards.
+//
+// Prompts: chat data ({"messages": [...]}, trailing assistant turns dropped, or {"prompt": "..."} as one
+// user turn) rendered with the teacher's chat template and the assistant header; jsonl/text data as raw
+// text to continue. Decoding is batched over prompts of equal token length (the decoder has no padding
+// mask), with temperature / top-p / top-k sampling from one RNG stream per prompt, so the output does not
+// depend on batching or on interruptions.
+// Resume: finished responses are appended (and fsynced) to STAGE_DIR/generated.bin after every batch; a
+// restarted stage keeps them and generates the rest. The shards are written once all prompts are done.
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <math.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "distill/chat.h"
+#include "distill/engine.h"
+#include "distill/metrics.h"
+#include "distill/sample.h"
+#include "distill/shards.h"
+#include "distill/stage_common.h"
+
+typedef struct {
+    int32_t *ids;
+    int64_t n;
+    int32_t *resp;  // generated (NULL until done)
+    int64_t n_resp;
+} Prompt;
+
+static void prompts_free(Prompt *p, int64_t n) {
+    for (int64_t i = 0; i < n; i++) free(p[i].ids), free(p[i].resp);
+    free(p);
+}
+
+// One JSONL record -> prompt ids; returns 1 (ok), 0 (bad record: why filled), -1 (error in e).
+static int record_prompt(const Tokenizer *tok, ChatFamily fam, bool chat, const char *field, const char *line,
+                         Prompt *out, char *why, size_t nw, DlError *e) {
+    cJSON *o = cJSON_Parse(line);
+    int rc = 0;
+    if (!o || !cJSON_IsObject(o)) {
+        snprintf(why, nw, "not a JSON object");
+        goto out;
+    }
+    if (chat) {
+        const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(o, "messages"), *pr = cJSON_GetObjectItemCaseSensitive(o, "prompt");
+        ChatMessage m[64];
+        int n = 0;
+        if (cJSON_IsArray(msgs)) {
+            const cJSON *x;
+            cJSON_ArrayForEach(x, msgs) {
+                const cJSON *r = cJSON_GetObjectItemCaseSensitive(x, "role"), *c = cJSON_GetObjectItemCaseSensitive(x, "content");
+                if (!cJSON_IsString(r) || !cJSON_IsString(c) || n == 64) {
+                    snprintf(why, nw, "messages must be {\"role\": str, \"content\": str} (at most 64)");
+                    goto out;
+                }
+                m[n++] = (ChatMessage){r->valuestring, c->valuestring};
+            }
+            while (n > 0 && !strcmp(m[n - 1].role, "assistant")) n--;  // the teacher writes the answer
+        } else if (cJSON_IsString(pr)) {
+            m[n++] = (ChatMessage){"user", pr->valuestring};
+        }
+        if (n == 0) {
+            snprintf(why, nw, "no \"messages\" with a non-assistant turn, and no \"prompt\"");
+            goto out;
+        }
+        DlError ce;
+        if (chat_render(tok, fam, m, n, true, &out->ids, NULL, &out->n, &ce)) {
+            snprintf(why, nw, "%s", ce.msg);
+            goto out;
+        }
+    } else {
+        const cJSON *t = cJSON_GetObjectItemCaseSensitive(o, field ? field : "text");
+        if (!cJSON_IsString(t) || !*t->valuestring) {
+            snprintf(why, nw, "missing string field \"%s\"", field ? field : "text");
+            goto out;
+        }
+        if (tokenizer_encode(tok, t->valuestring, strlen(t->valuestring), &out->ids, &out->n, e)) {
+            rc = -1;
+            goto out;
+        }
+    }
+    rc = 1;
+out:
+    cJSON_Delete(o);
+    return rc;
+}
+
+static int read_prompts(const RunContext *ctx, const StageSpec *st, const DataSpec *ds, const Tokenizer *tok,
+                        Prompt **out, int64_t *n_out, DlError *e) {
+    ChatFamily fam = CHAT_CHATML;
+    bool chat = ds->format == FMT_CHAT;
+    if (chat && chat_family_for(tok, &fam, e)) return -1;
+    int64_t cap = 64, n = 0, limit = st->max_prompts > 0 ? st->max_prompts : INT64_MAX, bad = 0;
+    if (ds->max_records > 0 && ds->max_records < limit) limit = ds->max_records;
+    Prompt *p = dl_calloc((size_t)cap, sizeof *p);
+    for (int s = 0; s < ds->n_sources && n < limit; s++) {
+        size_t len;
+        char *text = dl_read_file(ds->sources[s], &len, e);
+        if (!text) goto fail;
+        if (ds->format == FMT_TEXT) {  // the whole file is one prompt
+            Prompt q = {0};
+            if (tokenizer_encode(tok, text, len, &q.ids, &q.n, e)) {
+                free(text);
+                goto fail;
+            }
+            if (n == cap) p = dl_realloc(p, (size_t)(cap *= 2) * sizeof *p);
+            p[n++] = q;
+            free(text);
+            continue;
+        }
+        int64_t lineno = 0;
+        for (char *save = NULL, *line = strtok_r(text, "\n", &save); line && n < limit; line = strtok_r(NULL, "\n", &save)) {
+            lineno++;
+            while (*line == ' ' || *line == '\t' || *line == '\r') line++;
+            if (!*line) continue;
+            Prompt q = {0};
+            char why[DL_ERR_LEN];
+            int r = record_prompt(tok, fam, chat, ds->field, line, &q, why, sizeof why, e);
+            if (r < 0) {
+                free(text);
+                goto fail;
+            }
+            if (r == 0) {
+                if (ds->bad_records == BAD_FAIL) {
+                    dl_fail(e, "%s:%lld: %s", ds->sources[s], (long long)lineno, why);
+                    free(text);
+                    goto fail;
+                }
+                if (bad++ < 5) dl_warn("%s:%lld: %s; skipped", ds->sources[s], (long long)lineno, why);
+                continue;
+            }
+            if (n == cap) p = dl_realloc(p, (size_t)(cap *= 2) * sizeof *p);
+            p[n++] = q;
+        }
+        free(text);
+    }
+    if (bad) dl_warn("generate: %lld bad prompt record(s) skipped", (long long)bad);
+    if (n == 0) {
+        dl_fail(e, "data '%s': no prompts", ds->name);
+        goto fail;
+    }
+    *out = p;
+    *n_out = n;
+    (void)ctx;
+    return 0;
+fail:
+    prompts_free(p, n);
+    return -1;
+}
+
+// generated.bin records: int64 index, int64 n_resp, int32 ids[n_resp]. A torn last record is dropped.
+static int64_t load_done(const char *path, Prompt *p, int64_t n, DlError *e) {
+    if (!dl_file_exists(path)) return 0;
+    size_t len;
+    char *buf = dl_read_file(path, &len, e);
+    if (!buf) return -1;
+    size_t off = 0, good = 0;
+    int64_t done = 0;
+    while (off + 16 <= len) {
+        int64_t idx, nr;
+        memcpy(&idx, buf + off, 8);
+        memcpy(&nr, buf + off + 8, 8);
+        if (idx < 0 || idx >= n || nr < 0 || nr > (1 << 24) || off + 16 + (size_t)nr * 4 > len) break;
+        if (!p[idx].resp) {
+            p[idx].resp = dl_malloc((size_t)(nr ? nr : 1) * 4);
+            memcpy(p[idx].resp, buf + off + 16, (size_t)nr * 4);
+            p[idx].n_resp = nr;
+            done++;
+        }
+        off += 16 + (size_t)nr * 4;
+        good = off;
+    }
+    free(buf);
+    if (good < len && truncate(path, (off_t)good) != 0) return dl_fail(e, "%s: cannot truncate a torn record: %s", path, strerror(errno));
+    return done;
+}
+
+static int append_done(FILE *f, int64_t idx, const int32_t *ids, int64_t n, DlError *e) {
+    if (fwrite(&idx, 8, 1, f) != 1 || fwrite(&n, 8, 1, f) != 1 || (n && fwrite(ids, 4, (size_t)n, f) != (size_t)n))
+        return dl_fail(e, "generated.bin: write failed: %s", strerror(errno));
+    return 0;
+}
+
+// Keeps the top_k largest logits (the rest -inf).
+static void apply_top_k(float *x, int64_t V, int k, float *tmp) {
+    if (k <= 0 || k >= V) return;
+    memcpy(tmp, x, (size_t)V * 4);
+    // k-th largest by partial selection (quickselect on a copy)
+    int64_t lo = 0, hi = V - 1, want = k - 1;
+    while (lo < hi) {
+        float pv = tmp[(lo + hi) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (tmp[i] > pv) i++;
+            while (tmp[j] < pv) j--;
+            if (i <= j) {
+                float t = tmp[i];
+                tmp[i] = tmp[j], tmp[j] = t;
+                i++, j--;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break;
+    }
+    float kth = tmp[want];
+    for (int64_t i = 0; i < V; i++)
+        if (x[i] < kth) x[i] = -INFINITY;
+}
+
+static int cmp_len(const void *a, const void *b, void *ctx) {
+    const Prompt *p = ctx;
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    if (p[x].n != p[y].n) return p[x].n < p[y].n ? -1 : 1;
+    return x < y ? -1 : x > y;
+}
+
+static int run_generate(RunContext *ctx, const StageSpec *st) {
+    const Recipe *rec = ctx->recipe;
+    DlError e;
+    int rc = DL_EXIT_RUNTIME;
+    Tokenizer *tok = NULL;
+    LoadedModel t;
+    memset(&t, 0, sizeof t);
+    bool have_t = false;
+    Prompt *p = NULL;
+    int64_t np = 0;
+    FILE *gf = NULL;
+    Decoder **decs = NULL;
+    int64_t *order = NULL;
+    float *logits = NULL, *tmp = NULL;
+    int32_t *feed = NULL, **resp = NULL;
+    int64_t *nresp = NULL;
+    bool *fin = NULL;
+    Rng *rngs = NULL;
+    ShardWriter *w = NULL;
+    char *gen_path = dl_path_join(ctx->stage_dir, "generated.bin"), *all = NULL, *tr = NULL, *ho = NULL;
+    const DataSpec *in = &rec->data[st->data_index], *outd = &rec->data[st->output_index];
+    if (stage_load_tokenizer(ctx, &tok, &e) || read_prompts(ctx, st, in, tok, &p, &np, &e)) {
+        rc = DL_EXIT_INPUT;
+        goto fail;
+    }
+    if (stage_load_teacher(ctx, &t, &e)) {
+        rc = DL_EXIT_INPUT;
+        goto fail;
+    }
+    have_t = true;
+    const int64_t V = t.hc.base.vocab, maxnew = st->max_new_tokens;
+    if (tokenizer_vocab_size(tok) > V) {
+        dl_fail(&e, "tokenizer has %d tokens but the teacher's vocabulary is %lld", tokenizer_vocab_size(tok), (long long)V);
+        rc = DL_EXIT_INPUT;
+        goto fail;
+    }
+    // stop tokens: eos and the end-of-turn tokens of the chat families
+    int32_t stops[3] = {tokenizer_eos(tok), tokenizer_token_id(tok, "<|im_end|>"), tokenizer_token_id(tok, "<|eot_id|>")};
+    int64_t done = ctx->resume ? load_done(gen_path, p, np, &e) : 0;
+    if (done < 0) goto fail;
+    if (!ctx->resume) unlink(gen_path);
+    gf = fopen(gen_path, "ab");
+    if (!gf) {
+        dl_fail(&e, "%s: cannot open: %s", gen_path, strerror(errno));
+        goto fail;
+    }
+    order = dl_malloc((size_t)np * sizeof *order);
+    int64_t todo = 0;
+    for (int64_t i = 0; i < np; i++)
+        if (!p[i].resp) {
+            if (p[i].n + maxnew > t.hc.base.max_pos) {  // too long for the teacher's context: shorten the answer
+                if (p[i].n >= t.hc.base.max_pos) {
+                    dl_warn("generate: prompt %lld has %lld tokens, more than the teacher's context %d; skipped",
+                            (long long)i, (long long)p[i].n, t.hc.base.max_pos);
+                    p[i].resp = dl_malloc(4), p[i].n_resp = -1;  // marked skipped
+                    continue;
+                }
+            }
+            order[todo++] = i;
+        }
+    qsort_r(order, (size_t)todo, sizeof *order, cmp_len, p);
+    const int Bmax = st->batch_size > 0 ? st->batch_size : 1;
+    decs = dl_calloc(1, sizeof *decs);
+    logits = dl_malloc((size_t)(Bmax * V) * 4);
+    tmp = dl_malloc((size_t)V * 4);
+    feed = dl_malloc((size_t)Bmax * 4);
+    resp = dl_calloc((size_t)Bmax, sizeof *resp);
+    nresp = dl_calloc((size_t)Bmax, sizeof *nresp);
+    fin = dl_calloc((size_t)Bmax, sizeof *fin);
+    rngs = dl_calloc((size_t)Bmax, sizeof *rngs);
+    SampleParams sp = {.greedy = st->sample_temperature <= 0, .temperature = (float)st->sample_temperature,
+                       .top_p = st->top_p > 0 ? (float)st->top_p : 1.0f};
+    Progress prog;
+    progress_begin(&prog, st->name, done, np);
+    int64_t n_gen = done, new_tokens = 0;
+    double t0 = dl_now();
+    if (done) dl_info("generate: %lld of %lld responses kept from the interrupted run", (long long)done, (long long)np);
+    for (int64_t k = 0; k < todo;) {
+        if (run_should_stop(ctx)) {
+            rc = DL_EXIT_INTERRUPTED;
+            progress_end(&prog);
+            goto out;
+        }
+        // a batch: consecutive prompts (sorted by length) of the same length
+        int64_t B = 1, L = p[order[k]].n;
+        while (B < Bmax && k + B < todo && p[order[k + B]].n == L) B++;
+        int64_t cap_new = DL_MIN(maxnew, (int64_t)t.hc.base.max_pos - L);
+        Decoder *d = decoder_new(&t.hc, &t.reg, t.params, B, L + cap_new, &e);  // per batch: sized to its length
+        if (!d) goto fail;
+        decs[0] = d;
+        int32_t *pr = dl_malloc((size_t)(B * L) * 4);
+        for (int64_t b = 0; b < B; b++) {
+            memcpy(pr + b * L, p[order[k + b]].ids, (size_t)L * 4);
+            free(resp[b]);
+            resp[b] = dl_malloc((size_t)(cap_new ? cap_new : 1) * 4);
+            nresp[b] = 0;
+            fin[b] = false;
+            rng_init(&rngs[b], (uint64_t)ctx->seed, 0x6e000000ull + (uint64_t)order[k + b]);
+        }
+        int frc = decoder_feed(d, pr, L, logits, NULL, &e);
+        free(pr);
+        if (frc) goto fail;
+        for (int64_t step = 0; step < cap_new; step++) {
+            int live = 0;
+            for (int64_t b = 0; b < B; b++) {
+                if (fin[b]) {
+                    feed[b] = stops[0] >= 0 ? stops[0] : 0;
+                    continue;
+                }
+                float *lg = logits + b * V;
+                if (st->top_k > 0 && !sp.greedy) apply_top_k(lg, V, st->top_k, tmp);
+                int32_t y = sample_token(lg, V, &sp, &rngs[b]);
+                resp[b][nresp[b]++] = y;
+                feed[b] = y;
+                if (y == stops[0] || y == stops[1] || y == stops[2]) fin[b] = true;
+                else live++;
+            }
+            new_tokens += B;
+            if (!live || step + 1 == cap_new) break;
+            if (decoder_feed(d, feed, 1, logits, NULL, &e)) goto fail;
+        }
+        decoder_free(d);
+        decs[0] = NULL;
+        for (int64_t b = 0; b < B; b++) {
+            Prompt *q = &p[order[k + b]];
+            q->resp = resp[b], q->n_resp = nresp[b];
+            resp[b] = NULL;
+            if (append_done(gf, order[k + b], q->resp, q->n_resp, &e)) goto fail;
+        }
+        if (fflush(gf) || fsync(fileno(gf))) {
+            dl_fail(&e, "%s: write failed: %s", gen_path, strerror(errno));
+            goto fail;
+        }
+        k += B;
+        n_gen += B;
+        progress_update(&prog, n_gen, NAN, new_tokens / (dl_now() - t0 + 1e-9));
+    }
+    progress_end(&prog);
+    fclose(gf);
+    gf = NULL;
+    // the output data set: prompt + response, loss on the response
+    char name[300];
+    snprintf(name, sizeof name, "%s.all.h5", outd->name);
+    all = dl_path_join(ctx->stage_dir, name);
+    ShardWriterOpts o = {.kind = SHARD_LM, .tokenizer_hash = tokenizer_hash(tok), .tokenizer_pre = tokenizer_pre_name(tok),
+                         .vocab_size = (int32_t)V, .seq_len = 0, .pad_id = 0, .deflate = 1};
+    if (shard_writer_open(&w, all, &o, &e)) goto fail;
+    int64_t n_docs = 0, n_resp_tok = 0, n_stopped = 0;
+    for (int64_t i = 0; i < np; i++) {
+        if (p[i].n_resp < 0) continue;
+        int64_t n = p[i].n + p[i].n_resp;
+        int32_t *ids = dl_malloc((size_t)n * 4);
+        uint8_t *mask = dl_calloc((size_t)n, 1);
+        memcpy(ids, p[i].ids, (size_t)p[i].n * 4);
+        memcpy(ids + p[i].n, p[i].resp, (size_t)p[i].n_resp * 4);
+        memset(mask + p[i].n, 1, (size_t)p[i].n_resp);
+        int r = shard_add_doc(w, ids, mask, n, &e);
+        free(ids), free(mask);
+        if (r) goto fail;
+        n_docs++;
+        n_resp_tok += p[i].n_resp;
+        int32_t last = p[i].n_resp ? p[i].resp[p[i].n_resp - 1] : -1;
+        n_stopped += p[i].n_resp && (last == stops[0] || last == stops[1] || last == stops[2]);
+    }
+    shard_writer_attr_i64(w, "generated_responses", n_docs, NULL);
+    {
+        ShardWriter *w1 = w;
+        w = NULL;
+        if (shard_writer_close(w1, &e)) goto fail;
+    }
+    char trn[300], hon[300];
+    snprintf(trn, sizeof trn, "%s.train.h5", outd->name);
+    snprintf(hon, sizeof hon, "%s.holdout.h5", outd->name);
+    tr = dl_path_join(ctx->stage_dir, trn);
+    ho = dl_path_join(ctx->stage_dir, hon);
+    if (stage_split_shard(all, tr, ho, outd->holdout, (uint64_t)ctx->seed, outd->seq_len, 0, true, &e)) goto fail;
+    dl_info("generate: %lld responses, %lld tokens (mean %.1f, %lld ended by a stop token) -> data '%s' (%s)",
+            (long long)n_docs, (long long)n_resp_tok, n_docs ? (double)n_resp_tok / n_docs : 0.0, (long long)n_stopped,
+            outd->name, ctx->stage_dir);
+    rc = DL_EXIT_OK;
+    goto out;
+fail:
+    fprintf(stderr, "distill: error: %s: %s\n", st->name, e.msg);
+out:
+    if (w) shard_writer_abort(w);
+    if (gf) fclose(gf);
+    if (decs) decoder_free(decs[0]);
+    free(decs);
+    if (resp)
+        for (int i = 0; i < (st->batch_size > 0 ? st->batch_size : 1); i++) free(resp[i]);
+    free(resp), free(nresp), free(fin), free(rngs), free(feed), free(logits), free(tmp), free(order);
+    if (p) prompts_free(p, np);
+    if (have_t) model_free(&t);
+    tokenizer_free(tok);
+    free(gen_path), free(all), free(tr), free(ho);
+    return rc;
+}
+
+DL_STAGE(stage_generate_def, {.kind = STAGE_GENERATE, .summary = "the teacher answers prompts (SeqKD pseudo-labels)",
+                              .run = run_generate})
