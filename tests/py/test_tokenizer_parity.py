@@ -301,6 +301,20 @@ def test_bad_input_cli(smol, tmp_path):
     assert r.returncode == 3 and b"nope.gguf" in r.stderr
 
 
+def test_unsupported_vocab(tmp_path):
+    """A SentencePiece GGUF vocabulary (Llama-2) is refused with a clear message, not mis-tokenized."""
+    models = llamacpp_models()
+    spm = os.path.join(models, "ggml-vocab-llama-spm.gguf")
+    if not os.path.exists(spm):
+        sdist = os.path.join(CACHE, "llamacpp", LLAMACPP_SDIST + ".tar.gz")
+        with tarfile.open(sdist) as tf:
+            tf.extract(f"{MODELS}/ggml-vocab-llama-spm.gguf", os.path.join(CACHE, "llamacpp"))
+    p = tmp_path / "x.txt"
+    p.write_text("hello")
+    r = subprocess.run([BIN, "tokenize", "--tokenizer", spm, "--ids", str(p)], capture_output=True)
+    assert r.returncode == 3 and b"only byte-level BPE" in r.stderr
+
+
 @pytest.mark.skipif(os.environ.get("DISTILL_BENCH") != "1", reason="benchmark: set DISTILL_BENCH=1")
 def test_bench_encode(smol, llama3, tmp_path):
     """Single-threaded encode throughput, ours vs HF tokenizers, on the corpus repeated (one doc per file)."""
