@@ -1352,14 +1352,17 @@ static void read_stages(Ctx *c) {
         err_kv(c, skv, "stages are an array of tables: write [[stage]] (two brackets) for each stage");
         return;
     }
+    // stage i of the recipe is element i of the array (positions of late errors are looked up by index)
+    bool tables = true;
+    for (int i = 0; i < sv->u.arr.n; i++)
+        if (sv->u.arr.items[i]->type != TOML_TABLE) {
+            err_v(c, sv->u.arr.items[i], "stage #%d must be a table ([[stage]])", i + 1);
+            tables = false;
+        }
+    if (!tables) return;
     r->stages = dl_calloc((size_t)DL_MAX(1, sv->u.arr.n), sizeof(StageSpec));
     for (int i = 0; i < sv->u.arr.n; i++) {
-        const TomlValue *t = sv->u.arr.items[i];
-        if (t->type != TOML_TABLE) {
-            err_v(c, t, "stage #%d must be a table ([[stage]])", i + 1);
-            continue;
-        }
-        read_stage(c, t, r->n_stages, &r->stages[r->n_stages]);
+        read_stage(c, sv->u.arr.items[i], r->n_stages, &r->stages[r->n_stages]);
         r->n_stages++;
     }
 }

@@ -325,6 +325,13 @@ static void test_teacher_errors(void) {
     CHECK(recipe_load(g_recipe, NULL, 0, &o, &r, &errs) != 0 && has_msg(&errs, 2, 8, "cannot read the model config"));
     recipe_errors_free(&errs);
     recipe_free(&r);
+    // stages written as an array with a non-table element
+    f = fopen(g_recipe, "w");
+    fprintf(f, "stage = [{kind = \"init\"}, 3]\n[teacher]\npath = \"%s/config.json\"\n", g_dir);
+    fclose(f);
+    CHECK(recipe_load(g_recipe, NULL, 0, &o, &r, &errs) != 0 && has_msg(&errs, 1, 27, "stage #2 must be a table"));
+    recipe_errors_free(&errs);
+    recipe_free(&r);
     // missing [teacher]
     f = fopen(g_recipe, "w");
     fprintf(f, GOOD_STAGES);
