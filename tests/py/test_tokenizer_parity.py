@@ -161,18 +161,19 @@ def test_corpus_llama3(llama3, path):
     assert_same(our_ids(llama3["json"], path), ref, f"Llama-3 tokenizer.json {path}", llama3["hf"])
 
 
-def test_roundtrip(smol, llama3, tmp_path):
+@pytest.mark.parametrize("name", ["smol", "llama3"])
+def test_roundtrip(name, request, tmp_path):
     """decode(encode(x)) == x over the whole corpus, in one process per tokenizer (ids of all files, in order)."""
+    tok = request.getfixturevalue(name)
     texts = [open(p, "rb").read() for p in CORPUS]
-    for tok, name in ((smol, "smol"), (llama3, "llama3")):
-        docs = batch_ids(tok["gguf"], [t.decode() for t in texts], tmp_path, name)
-        ids = [x for d in docs for x in d]
-        idf = tmp_path / "ids.txt"
-        idf.write_text(" ".join(map(str, ids)))
-        back = run(["tokenize", "--tokenizer", tok["gguf"], "--decode", str(idf)]).stdout
-        assert back == b"".join(texts), name
-        for d, t in zip(docs, texts):  # and HF decodes our ids of each file to the same bytes
-            assert tok["hf"].decode(d, skip_special_tokens=False).encode() == t
+    docs = batch_ids(tok["gguf"], [t.decode() for t in texts], tmp_path, name)
+    ids = [x for d in docs for x in d]
+    idf = tmp_path / "ids.txt"
+    idf.write_text(" ".join(map(str, ids)))
+    back = run(["tokenize", "--tokenizer", tok["gguf"], "--decode", str(idf)]).stdout
+    assert back == b"".join(texts), name
+    for d, t in zip(docs, texts):  # and HF decodes our ids of each file to the same bytes
+        assert tok["hf"].decode(d, skip_special_tokens=False).encode() == t
 
 
 def random_texts(seed, n):
@@ -190,12 +191,13 @@ def random_texts(seed, n):
     return out
 
 
-def test_random_strings(smol, llama3, tmp_path):
+@pytest.mark.parametrize("name", ["smol", "llama3"])
+def test_random_strings(name, request, tmp_path):
+    tok = request.getfixturevalue(name)
     texts = random_texts(1234, 400)
-    for tok, name in ((smol, "smol"), (llama3, "llama3")):
-        ours = batch_ids(tok["gguf"], texts, tmp_path, name)
-        bad = [t for t, got in zip(texts, ours) if got != tok["hf"].encode(t, add_special_tokens=False).ids]
-        assert not bad, f"{name}: {len(bad)} of {len(texts)} differ, e.g. {bad[:3]!r}"
+    ours = batch_ids(tok["gguf"], texts, tmp_path, name)
+    bad = [t for t, got in zip(texts, ours) if got != tok["hf"].encode(t, add_special_tokens=False).ids]
+    assert not bad, f"{name}: {len(bad)} of {len(texts)} differ, e.g. {bad[:3]!r}"
 
 
 def test_special_tokens(smol, tmp_path):
@@ -231,9 +233,9 @@ def render(template, msgs, bos=""):
 
 
 @pytest.mark.parametrize("which", ["smol", "llama3"])
-def test_chat_template(which, smol, llama3, tmp_path):
+def test_chat_template(which, request, tmp_path):
     import h5py
-    tok = smol if which == "smol" else llama3
+    tok = request.getfixturevalue(which)
     if which == "smol":  # the GGUF's own template (copied into tokenizer_config.json by the oracle script)
         with open(os.path.join(os.path.dirname(tok["json"]), "tokenizer_config.json"), encoding="utf-8") as f:
             template = json.load(f)["chat_template"]
