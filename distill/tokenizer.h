@@ -1,7 +1,9 @@
 // tokenizer.h: byte-level BPE tokenizer (GPT-2 family: SmolLM2, Llama-3) loaded from GGUF metadata
 // (tokenizer.ggml.*) or an HF tokenizer.json, with the pre-tokenizers of those families (PCRE2 with UTF+UCP
 // for the Unicode classes), special tokens, exact-byte decoding and a streaming decoder that never splits a
-// UTF-8 character. Ids equal HF `tokenizers` (tests/py/test_tokenizer_parity.py checks it).
+// UTF-8 character. Ids equal HF `tokenizers` (tests/py/test_tokenizer_parity.py checks it). Known limit:
+// characters new in Unicode 15 (e.g. Kawi digits U+11F50..) are classified by PCRE2 10.42's Unicode 14
+// tables, while HF's regex engine knows them; text with such characters may split differently.
 #pragma once
 #include <stdbool.h>
 #include <stddef.h>

@@ -206,6 +206,9 @@ def test_special_tokens(smol, tmp_path):
     p.write_text(text)
     assert our_ids(smol["gguf"], str(p), special=True) == smol["hf"].encode(text, add_special_tokens=False).ids
     assert 1 not in our_ids(smol["gguf"], str(p))  # without --special the markers are plain text
+    # an HF model directory (tokenizer.json + tokenizer_config.json) works the same as the GGUF
+    d = os.path.dirname(smol["json"])
+    assert our_ids(d, str(p), special=True) == our_ids(smol["gguf"], str(p), special=True)
 
 
 # ---- chat templates: HF renders the template string (Jinja) and tokenizes with special tokens
