@@ -14,6 +14,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "distill/checkpoint.h"
+#include "distill/model_io.h"
 #include "distill/rng.h"
 #include "distill/shards.h"
 #include "tests/check.h"
@@ -217,6 +219,27 @@ int main(void) {
     snprintf(eb, sizeof eb, "%s/export/model.safetensors", run_b);
     snprintf(ec, sizeof ec, "%s/export/model.safetensors", run_c);
     CHECK(dl_file_exists(ea) && same_file(ea, eb) && same_file(ea, ec));
+    // the export holds exactly the weights of the run's last checkpoint (so its logits are the run's)
+    {
+        char exdir[600], lw[600], last[1024];
+        snprintf(exdir, sizeof exdir, "%s/export", run_a);
+        snprintf(lw, sizeof lw, "%s/02-layerwise", run_a);
+        LoadedModel m;
+        DlError e;
+        int lrc = model_load(exdir, 0, &m, &e);
+        if (lrc) fprintf(stderr, "%s\n", e.msg);
+        CHECK(lrc == 0 && checkpoint_find_latest(lw, last, sizeof last, &e) == 1);
+        if (!lrc) {
+            float *w = calloc((size_t)m.reg.numel, 4);
+            CHECK(checkpoint_load_weights(last, &m.reg, w, 0, &e) == m.reg.n);
+            bool same = true;
+            for (int i = 0; i < m.reg.n; i++)
+                same &= !memcmp(w + m.reg.t[i].offset, m.params + m.reg.t[i].offset, (size_t)m.reg.t[i].numel * 4);
+            CHECK(same && hybrid_n_attn(&m.hc) == 2);
+            free(w);
+            model_free(&m);
+        }
+    }
 
     if (check_fail_ == 0) {
         char cmd[300];
