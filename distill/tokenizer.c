@@ -9,6 +9,7 @@
 #include "distill/tokenizer.h"
 
 #include <pcre2.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
 #include <utf8proc.h>
@@ -36,9 +37,7 @@ int tokenizer_pre_from_name(const char *name) {
 // U+0100.. in byte order, so every token is a printable string.
 static int byte_to_cp[256];
 static int cp_to_byte[324];  // U+0000..U+0143 -> byte, or -1
-static void bytes_alphabet_init(void) {
-    static atomic_int done = 0;
-    if (atomic_load(&done)) return;
+static void bytes_alphabet_fill(void) {
     int extra = 0;
     for (int i = 0; i < 324; i++) cp_to_byte[i] = -1;
     for (int b = 0; b < 256; b++) {
@@ -46,7 +45,10 @@ static void bytes_alphabet_init(void) {
         byte_to_cp[b] = printable ? b : 256 + extra++;
         cp_to_byte[byte_to_cp[b]] = b;
     }
-    atomic_store(&done, 1);
+}
+static void bytes_alphabet_init(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, bytes_alphabet_fill);
 }
 
 // Decodes one UTF-8 character (validated input); returns its length.
