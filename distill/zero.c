@@ -1,0 +1,258 @@
+// zero.c: see zero.h.
+#include "distill/zero.h"
+
+#include <math.h>
+#include <string.h>
+
+static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+int zero_layout_build(ZeroLayout *L, const Registry *reg, int world, int stage, int64_t bucket_bytes, DlError *e) {
+    memset(L, 0, sizeof *L);
+    if (world < 1 || world > 65536) return dl_fail(e, "ZeRO: world size %d out of range [1, 65536]", world);
+    if (stage < 0 || stage > 2) return dl_fail(e, "ZeRO: stage %d not supported (0, 1 or 2)", stage);
+    L->world = world;
+    L->stage = stage;
+    L->align = DL_TENSOR_ALIGN;
+    L->bucket_bytes = bucket_bytes;
+    int nt = 0;
+    for (int i = 0; i < reg->n; i++) nt += reg->t[i].trainable;
+    if (!nt) return dl_fail(e, "ZeRO: the registry has no trainable tensor");
+    int *idx = dl_malloc((size_t)nt * sizeof(int));
+    nt = 0;
+    for (int i = 0; i < reg->n; i++)
+        if (reg->t[i].trainable) idx[nt++] = i;
+    L->seg = dl_calloc((size_t)nt, sizeof(ZeroSeg));
+    L->bucket = dl_calloc((size_t)nt, sizeof(ZeroBucket));  // at most one bucket per tensor
+    const int64_t cap = bucket_bytes > 0 ? DL_MAX(bucket_bytes / 4, 1) : INT64_MAX;
+    const int64_t unit = (int64_t)world * L->align;
+    int64_t flat = 0, shard = 0;
+    int hi = nt - 1;  // walk backwards: bucket = idx[lo..hi]
+    while (hi >= 0) {
+        int lo = hi;
+        int64_t size = round_up(reg->t[idx[hi]].numel, L->align);
+        while (lo > 0 && size + round_up(reg->t[idx[lo - 1]].numel, L->align) <= cap) {
+            lo--;
+            size += round_up(reg->t[idx[lo]].numel, L->align);
+        }
+        ZeroBucket *b = &L->bucket[L->n_bucket];
+        b->flat_begin = flat;
+        b->seg_begin = L->n_seg;
+        for (int k = lo; k <= hi; k++) {  // registry order inside the bucket
+            const TensorInfo *t = &reg->t[idx[k]];
+            ZeroSeg *s = &L->seg[L->n_seg++];
+            s->tensor = idx[k];
+            s->reg_offset = t->offset;
+            s->numel = t->numel;
+            s->flat_offset = flat;
+            s->bucket = L->n_bucket;
+            flat = round_up(flat + t->numel, L->align);
+            L->trainable_numel += t->numel;
+        }
+        b->seg_end = L->n_seg;
+        flat = b->flat_begin + round_up(flat - b->flat_begin, unit);
+        b->flat_end = flat;
+        b->slice = (b->flat_end - b->flat_begin) / world;
+        b->shard_offset = shard;
+        shard += b->slice;
+        L->n_bucket++;
+        hi = lo - 1;
+    }
+    L->flat_numel = flat;
+    L->shard_numel = shard;
+    free(idx);
+    return 0;
+}
+
+void zero_layout_free(ZeroLayout *L) {
+    free(L->seg);
+    free(L->bucket);
+    memset(L, 0, sizeof *L);
+}
+
+bool zero_reduce_every_micro(const ZeroLayout *L) { return L->stage == 2; }
+
+void zero_seg_owned(const ZeroLayout *L, int k, int rank, int64_t *b, int64_t *e) {
+    const ZeroSeg *s = &L->seg[k];
+    const ZeroBucket *bk = &L->bucket[s->bucket];
+    int64_t lo = bk->flat_begin + (int64_t)rank * bk->slice, hi = lo + bk->slice;
+    int64_t x0 = DL_MAX(lo, s->flat_offset), x1 = DL_MIN(hi, s->flat_offset + s->numel);
+    if (x1 <= x0) *b = *e = 0;
+    else {
+        *b = x0 - s->flat_offset;
+        *e = x1 - s->flat_offset;
+    }
+}
+
+void zero_apply_shards(const ZeroLayout *L, Registry *reg, int rank) {
+    for (int k = 0; k < L->n_seg; k++) {
+        TensorInfo *t = &reg->t[L->seg[k].tensor];
+        if (L->stage == 0) {
+            t->shard_begin = 0;
+            t->shard_end = t->numel;
+        } else zero_seg_owned(L, k, rank, &t->shard_begin, &t->shard_end);
+    }
+}
+
+void zero_memory(const ZeroLayout *L, int64_t *optim_bytes, int64_t *grad_bytes) {
+    int64_t owned = L->stage >= 1 ? L->shard_numel : L->flat_numel;
+    int64_t biggest = 0;
+    for (int b = 0; b < L->n_bucket; b++) biggest = DL_MAX(biggest, L->bucket[b].flat_end - L->bucket[b].flat_begin);
+    *optim_bytes = 2 * 4 * owned;
+    // stage 2: the shard accumulator plus one bucket of staging for the micro-batch being reduced
+    *grad_bytes = 4 * (L->stage == 2 ? L->shard_numel + biggest : L->flat_numel);
+}
+
+void zero_plan_print(const ZeroLayout *L, const Registry *reg, FILE *f) {
+    static const char *OPS[] = {"all-reduce after the last micro-batch", "reduce-scatter after the last micro-batch",
+                                "reduce-scatter after every micro-batch"};
+    int64_t ob, gb;
+    zero_memory(L, &ob, &gb);
+    fprintf(f, "ZeRO-%d over %d rank%s: %lld trainable elements, flat %lld (padding %lld), shard %lld per rank, %d bucket%s\n",
+            L->stage, L->world, L->world > 1 ? "s" : "", (long long)L->trainable_numel, (long long)L->flat_numel,
+            (long long)(L->flat_numel - L->trainable_numel), (long long)L->shard_numel, L->n_bucket, L->n_bucket > 1 ? "s" : "");
+    fprintf(f, "per rank: optimizer state %.3f GB, gradients %.3f GB; each bucket: %s%s\n", ob / 1e9, gb / 1e9, OPS[L->stage],
+            L->stage ? ", all-gather of parameters after the step" : "");
+    for (int b = 0; b < L->n_bucket; b++) {
+        const ZeroBucket *k = &L->bucket[b];
+        fprintf(f, "  bucket %3d  %9.2f MB  %3d tensor%s  %s .. %s\n", b, 4.0 * (double)(k->flat_end - k->flat_begin) / 1e6,
+                k->seg_end - k->seg_begin, k->seg_end - k->seg_begin > 1 ? "s" : " ", reg->t[L->seg[k->seg_begin].tensor].name,
+                reg->t[L->seg[k->seg_end - 1].tensor].name);
+    }
+}
+
+// ---- layout conversions
+
+void zero_pack(const ZeroLayout *L, const float *reg_buf, float *flat) {
+    memset(flat, 0, (size_t)L->flat_numel * sizeof(float));
+    for (int k = 0; k < L->n_seg; k++)
+        memcpy(flat + L->seg[k].flat_offset, reg_buf + L->seg[k].reg_offset, (size_t)L->seg[k].numel * sizeof(float));
+}
+
+void zero_unpack(const ZeroLayout *L, const float *flat, float *reg_buf) {
+    for (int k = 0; k < L->n_seg; k++)
+        memcpy(reg_buf + L->seg[k].reg_offset, flat + L->seg[k].flat_offset, (size_t)L->seg[k].numel * sizeof(float));
+}
+
+// Calls copy for each owned piece of rank: (reg element offset, shard index, count).
+#define FOR_OWNED(L, rank, BODY)                                                               \
+    for (int k_ = 0; k_ < (L)->n_seg; k_++) {                                                   \
+        const ZeroSeg *s_ = &(L)->seg[k_];                                                      \
+        const ZeroBucket *b_ = &(L)->bucket[s_->bucket];                                        \
+        int64_t ob_, oe_;                                                                       \
+        zero_seg_owned((L), k_, (rank), &ob_, &oe_);                                            \
+        if (oe_ <= ob_) continue;                                                               \
+        int64_t reg_at = s_->reg_offset + ob_;                                                  \
+        int64_t shard_at = b_->shard_offset + (s_->flat_offset + ob_ - b_->flat_begin - (int64_t)(rank) * b_->slice); \
+        int64_t count = oe_ - ob_;                                                              \
+        BODY                                                                                    \
+    }
+
+void zero_shard_pack(const ZeroLayout *L, int rank, const float *reg_buf, float *shard) {
+    memset(shard, 0, (size_t)L->shard_numel * sizeof(float));
+    FOR_OWNED(L, rank, { memcpy(shard + shard_at, reg_buf + reg_at, (size_t)count * sizeof(float)); })
+}
+
+void zero_shard_unpack(const ZeroLayout *L, int rank, const float *shard, float *reg_buf) {
+    FOR_OWNED(L, rank, { memcpy(reg_buf + reg_at, shard + shard_at, (size_t)count * sizeof(float)); })
+}
+
+// ---- simulated ranks
+
+void zsim_reduce_scatter(const ZeroLayout *L, const float *const *flat, float *const *shard, bool accumulate) {
+    const int R = L->world;
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < L->n_bucket; b++) {
+            const ZeroBucket *k = &L->bucket[b];
+            const int64_t base = k->flat_begin + (int64_t)r * k->slice;
+            float *out = shard[r] + k->shard_offset;
+#pragma omp parallel for schedule(static)
+            for (int64_t i = 0; i < k->slice; i++) {
+                float s = flat[0][base + i];
+                for (int q = 1; q < R; q++) s += flat[q][base + i];
+                out[i] = accumulate ? out[i] + s : s;
+            }
+        }
+}
+
+void zsim_all_gather(const ZeroLayout *L, const float *const *shard, float *const *flat) {
+    for (int r = 0; r < L->world; r++)
+        for (int q = 0; q < L->world; q++)
+            for (int b = 0; b < L->n_bucket; b++) {
+                const ZeroBucket *k = &L->bucket[b];
+                memcpy(flat[r] + k->flat_begin + (int64_t)q * k->slice, shard[q] + k->shard_offset, (size_t)k->slice * sizeof(float));
+            }
+}
+
+void zsim_all_reduce(int R, int64_t n, float *const *buf) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float s = buf[0][i];
+        for (int q = 1; q < R; q++) s += buf[q][i];
+        for (int q = 0; q < R; q++) buf[q][i] = s;
+    }
+}
+
+double zsim_all_reduce_f64(int R, const double *x) {
+    double s = x[0];
+    for (int q = 1; q < R; q++) s += x[q];
+    return s;
+}
+
+// ---- sharded optimizer step
+
+double zero_local_sq_norm(const Registry *reg, const float *grads) {
+    double total = 0;
+    for (int i = 0; i < reg->n; i++) {
+        const TensorInfo *t = &reg->t[i];
+        if (!t->trainable) continue;
+        const float *g = grads + t->offset;
+        double s = 0;
+        for (int64_t j = t->shard_begin; j < t->shard_end; j++) s += (double)g[j] * (double)g[j];
+        total += s;
+    }
+    return total;
+}
+
+int zero_optim_check(const OptimConfig *c, int world, int stage, DlError *e) {
+    if (world > 1 && stage >= 1 && c->outlier_factor > 0)
+        return dl_fail(e, "ZeRO-%d over %d ranks: the gradient-norm outlier skip (outlier_factor = %g) needs the global norm "
+                          "inside optim_step, which optim.h cannot take yet; set outlier_factor = 0 or zero = 0",
+                       stage, world, c->outlier_factor);
+    return 0;
+}
+
+void zero_optim_step(Optim *o, int world, float *params, float *grads, double loss, double global_sq, OptimResult *r) {
+    if (world == 1) {  // the local norm is the global one
+        optim_step(o, params, grads, loss, r);
+        return;
+    }
+    const double inv_accum = 1.0 / o->cfg.grad_accum;
+    const double norm = sqrt(global_sq) * inv_accum;
+    if (!isfinite(loss) || !isfinite(norm)) {
+        // every rank skips: optim_step with a non-finite loss counts exactly one non-finite skip
+        optim_step(o, params, grads, NAN, r);
+        if (isfinite(loss)) {
+            r->outcome = OPTIM_SKIP_NONFINITE_GRAD;
+            r->grad_norm = norm;
+        }
+        return;
+    }
+    double cs = 1.0;
+    if (o->cfg.clip_norm > 0 && norm > o->cfg.clip_norm) cs = o->cfg.clip_norm / norm;
+    if (cs != 1.0) {
+        const float f = (float)cs;
+        const Registry *reg = o->reg;
+        for (int i = 0; i < reg->n; i++) {
+            const TensorInfo *t = &reg->t[i];
+            if (!t->trainable) continue;
+            for (int64_t j = t->shard_begin; j < t->shard_end; j++) grads[t->offset + j] *= f;
+        }
+    }
+    const OptimConfig saved = o->cfg;
+    o->cfg.clip_norm = 0;  // clipped above, by the global norm
+    o->cfg.outlier_factor = 0;  // refused by zero_optim_check for world > 1
+    optim_step(o, params, grads, loss, r);
+    o->cfg = saved;
+    r->grad_norm = norm;
+    r->clip_scale = cs;
+}

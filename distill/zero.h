@@ -1,0 +1,114 @@
+// zero.h: ZeRO-1 / ZeRO-2 sharding arithmetic over the registry's parameters, the communication plan, and
+// a CPU backend of "simulated ranks" (R ranks in one process) that the tests and the CPU trainer use.
+//
+// Flat space. The trainable tensors (registry order inside a bucket) are laid out in a compact "flat"
+// buffer of flat_numel floats: gradients are reduced there and parameters gathered there (the CUDA
+// backend keeps its gradient buffer in this layout; the CPU path packs/unpacks the registry layout).
+// It is cut into buckets of about bucket_bytes, formed walking the registry BACKWARDS (the order in which
+// backward finishes gradients: head, last layer, ..., embeddings), so bucket 0 can be reduced while
+// backward still runs (overlap). A bucket holds whole tensors (a tensor bigger than bucket_bytes is a
+// bucket of its own) and is padded to a multiple of world * align elements.
+//
+// Ownership. Rank r owns slice r of every bucket: [begin + r*S_b, begin + (r+1)*S_b) with S_b = size/world.
+// One bucket (bucket_bytes <= 0) is exactly "world contiguous equal shards". Each reduction is then one
+// plain reduce-scatter of the bucket and each parameter refresh one all-gather, with no copies. A rank's
+// owned slices, concatenated in bucket order, form its compact shard (shard_numel floats: optimizer m and v,
+// fp32 master weights on the GPU). Since a slice cuts a tensor at most once at each end, each tensor's
+// owned part is one range [shard_begin, shard_end) (relative to the tensor; empty: 0, 0), which
+// zero_apply_shards writes into the registry for optim.c.
+//
+// Stages (hardware.zero):
+//   0  no sharding: all-reduce each bucket after the last micro-batch; every rank updates everything.
+//   1  optimizer state sharded: micro-batch gradients accumulate in the full local gradient buffer; after
+//      the last micro-batch each bucket is reduce-scattered; each rank updates its shard; all-gather.
+//   2  gradients sharded too: after EVERY micro-batch each bucket is reduce-scattered and added into a
+//      shard-sized accumulator, so the full gradient buffer is only a staging area for one micro-batch
+//      (and one bucket at a time on the GPU). Same traffic as 1 with grad_accum = 1, accum x more otherwise.
+// Reductions are SUMs: a rank's gradient must already carry its share of the global normalization (loss
+// divided by the global token or row count). With grad_accum 1 all stages give bitwise the same result;
+// stage 2 with accumulation sums in another order (ranks first, then micro-batches): equal within rounding.
+#pragma once
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "distill/common.h"
+#include "distill/optim.h"
+#include "distill/registry.h"
+
+typedef struct {
+    int tensor;           // registry index (trainable tensors only)
+    int64_t reg_offset;   // TensorInfo.offset
+    int64_t flat_offset;  // where the tensor starts in the flat space
+    int64_t numel;
+    int bucket;
+} ZeroSeg;
+
+typedef struct {
+    int64_t flat_begin, flat_end;  // [begin, end) of the flat space; (end - begin) % (world * align) == 0
+    int64_t slice;                 // S_b = (end - begin) / world: elements each rank owns in this bucket
+    int64_t shard_offset;          // where the rank's slice sits in its compact shard
+    int seg_begin, seg_end;        // segments [seg_begin, seg_end) lie in this bucket
+} ZeroBucket;
+
+typedef struct {
+    int world, stage;
+    int64_t align;            // elements (DL_TENSOR_ALIGN)
+    int64_t bucket_bytes;     // requested bucket size (<= 0: one bucket)
+    ZeroSeg *seg;
+    int n_seg;
+    ZeroBucket *bucket;       // in reduction order (backward order)
+    int n_bucket;
+    int64_t trainable_numel;  // sum of trainable numel
+    int64_t flat_numel;       // padded; = world * shard_numel
+    int64_t shard_numel;      // per rank
+} ZeroLayout;
+
+// Builds the layout for world ranks (1..65536) and stage 0..2 over reg's trainable tensors; buckets hold
+// about bucket_bytes of fp32 gradient. Errors: bad world/stage, no trainable tensor.
+int zero_layout_build(ZeroLayout *L, const Registry *reg, int world, int stage, int64_t bucket_bytes, DlError *e);
+void zero_layout_free(ZeroLayout *L);
+// Sets shard_begin/shard_end of every trainable tensor of reg to rank's owned part (stage 0: everything).
+// reg must be the registry the layout was built from (or a copy of it).
+void zero_apply_shards(const ZeroLayout *L, Registry *reg, int rank);
+// Owned range of segment k on rank: [*b, *e) relative to the tensor (empty: b == e == 0). Stage-independent.
+void zero_seg_owned(const ZeroLayout *L, int k, int rank, int64_t *b, int64_t *e);
+// True if the stage reduce-scatters after every micro-batch (stage 2).
+bool zero_reduce_every_micro(const ZeroLayout *L);
+// Per-rank bytes of fp32 optimizer state (m, v) and gradient under the stage, for plans and logs.
+void zero_memory(const ZeroLayout *L, int64_t *optim_bytes, int64_t *grad_bytes);
+// The plan: buckets with their tensors and the collective of each, for `distill plan` and the docs.
+void zero_plan_print(const ZeroLayout *L, const Registry *reg, FILE *f);
+
+// ---- layout conversions (CPU path; the CUDA backend reduces in the flat layout directly)
+// reg_buf [reg numel] (registry layout) <-> flat [flat_numel]; pack zeroes the padding.
+void zero_pack(const ZeroLayout *L, const float *reg_buf, float *flat);
+void zero_unpack(const ZeroLayout *L, const float *flat, float *reg_buf);
+// The rank's owned elements of reg_buf <-> its compact shard [shard_numel] (padding zeroed by pack).
+void zero_shard_pack(const ZeroLayout *L, int rank, const float *reg_buf, float *shard);
+void zero_shard_unpack(const ZeroLayout *L, int rank, const float *shard, float *reg_buf);
+
+// ---- simulated ranks: R = L->world buffers, one per rank; sums in rank order 0, 1, ..., R-1
+// shard[r] (+)= sum_q flat[q][rank r's slices]; accumulate: add into shard instead of overwriting.
+void zsim_reduce_scatter(const ZeroLayout *L, const float *const *flat, float *const *shard, bool accumulate);
+// flat[r][every slice of rank q] = shard[q], for every r.
+void zsim_all_gather(const ZeroLayout *L, const float *const *shard, float *const *flat);
+// buf[r][0..n) = sum_q buf[q][0..n) for every r (one fixed order, the same result on every rank).
+void zsim_all_reduce(int R, int64_t n, float *const *buf);
+// The same for one double per rank (squared gradient norms).
+double zsim_all_reduce_f64(int R, const double *x);
+
+// ---- the sharded optimizer step (any backend)
+// Sum of squares of grads over the owned ranges of reg's trainable tensors (fixed order, float64).
+double zero_local_sq_norm(const Registry *reg, const float *grads);
+// Checks that o's config can run sharded over world ranks: the norm-outlier skip needs the global norm
+// inside optim_step, which optim.h does not take yet (see docs/MULTIGPU.md), so outlier_factor must be 0.
+int zero_optim_check(const OptimConfig *c, int world, int stage, DlError *e);
+// One AdamW step of a rank that owns only its shard (stages 1, 2; stage 0 calls optim_step directly).
+// global_sq: sum over ranks of zero_local_sq_norm of the reduced, not yet 1/grad_accum-scaled gradient
+// (identical on every rank, so every rank takes the same decision). Non-finite loss or norm: every rank
+// skips. Clipping by the global norm scales grads' owned ranges in place (grads is modified), then
+// optim_step runs with clipping off; so results equal unsharded optim_step within fp32 rounding when the
+// clip is active, and bitwise when it is not.
+// world 1: optim_step exactly (clipping and outlier skips included).
+void zero_optim_step(Optim *o, int world, float *params, float *grads, double loss, double global_sq, OptimResult *r);
