@@ -887,6 +887,27 @@ static void check_model(Ctx *c) {
     r->model_source = dl_strdup(src);
 }
 
+// A config-only teacher (random weights) has no tokenizer: text data then needs [tokenizer] path.
+static void check_tokenizer(Ctx *c) {
+    Recipe *r = c->r;
+    if (!r->teacher.path) return;
+    size_t pl = strlen(r->teacher.path);
+    if (!r->tokenizer.path && pl > 5 && !strcmp(r->teacher.path + pl - 5, ".json")) {
+        const char *text = NULL;
+        for (int i = 0; i < r->n_data && !text; i++)
+            for (int k = 0; k < r->data[i].n_sources && !text; k++) {
+                size_t sl = strlen(r->data[i].sources[k]);
+                if (!(sl > 3 && !strcmp(r->data[i].sources[k] + sl - 3, ".h5"))) text = r->data[i].sources[k];
+            }
+        for (int i = 0; i < r->n_stages && !text; i++)
+            if (r->stages[i].kind == STAGE_GENERATE) text = "the generate stage's prompts";
+        if (text)
+            err_v(c, toml_get(toml_get(r->doc, "teacher"), "path"),
+                  "teacher.path is a config .json (random weights, no tokenizer), but %s needs one: set [tokenizer] "
+                  "path = \"tokenizer.json or a GGUF\" (already tokenized .h5 shards need none)", text);
+    }
+}
+
 static bool subset(const int *a, int na, const int *b, int nb) {
     for (int i = 0; i < na; i++)
         if (!layer_in(b, nb, a[i])) return false;
@@ -1392,6 +1413,7 @@ int recipe_load(const char *path, const char *const *sets, int n_sets, const Rec
         check_layouts(&c);
         if (c.n == before) check_trainable(&c);
     }
+    check_tokenizer(&c);
     if (c.n == 0) {
         free(c.e);
         return 0;

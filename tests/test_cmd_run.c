@@ -45,7 +45,7 @@ static int rec_run(RunContext *ctx, const StageSpec *st) {
 }
 
 static int bad_check(const RunContext *ctx, const StageSpec *st, DlError *e) {
-    return dl_fail(e, "tests/recipes/tiny-chat.jsonl:1: not what this stage expects");
+    return dl_fail(e, "data.jsonl:1: not what this stage expects");
 }
 
 static const StageDef REC[] = {
@@ -55,7 +55,41 @@ static const StageDef REC[] = {
 };
 static const StageDef CHECKED = {.kind = STAGE_EXPORT, .summary = "test", .run = rec_run, .check = bad_check};
 
-// Runs `distill tests/recipes/good-tiny.toml --set run.output_dir=OUT args...` in a child; returns its status.
+static char g_recipe[400];
+
+// A valid recipe on a 4-layer config teacher (random weights; the recording stages never load it).
+static void write_recipe(void) {
+    char p[400];
+    snprintf(p, sizeof p, "%s/config.json", g_out);
+    FILE *f = fopen(p, "w");
+    fputs("{\"architectures\": [\"LlamaForCausalLM\"], \"hidden_size\": 64, \"intermediate_size\": 128,\n"
+          " \"num_hidden_layers\": 4, \"num_attention_heads\": 4, \"num_key_value_heads\": 2, \"vocab_size\": 256,\n"
+          " \"rope_theta\": 10000.0, \"rms_norm_eps\": 1e-5, \"max_position_embeddings\": 256}\n",
+          f);
+    fclose(f);
+    snprintf(p, sizeof p, "%s/data.jsonl", g_out);
+    f = fopen(p, "w");
+    fputs("{\"text\": \"hello\"}\n", f);
+    fclose(f);
+    snprintf(p, sizeof p, "%s/tokenizer.json", g_out);
+    f = fopen(p, "w");
+    fputs("{}\n", f);
+    fclose(f);
+    snprintf(g_recipe, sizeof g_recipe, "%s/tiny.toml", g_out);
+    f = fopen(g_recipe, "w");
+    fprintf(f,
+            "[run]\nname = \"tiny\"\nthreads = 1\n"
+            "[teacher]\npath = \"%s/config.json\"\n"
+            "[tokenizer]\npath = \"%s/tokenizer.json\"\n"
+            "[data.train]\nsources = [\"%s/data.jsonl\"]\nseq_len = 16\n"
+            "[[stage]]\nkind = \"init\"\n"
+            "[[stage]]\nkind = \"layerwise\"\ndata = \"train\"\nsteps = 2\n"
+            "[[stage]]\nkind = \"export\"\n",
+            g_out, g_out, g_out);
+    fclose(f);
+}
+
+// Runs `distill RECIPE --set run.output_dir=OUT args...` in a child; returns its exit status.
 static int run_recipe(const char *const *args, int n) {
     fflush(stdout);
     fflush(stderr);
@@ -63,7 +97,7 @@ static int run_recipe(const char *const *args, int n) {
     if (pid == 0) {
         char outset[400];
         snprintf(outset, sizeof outset, "run.output_dir=%s", g_out);
-        char *argv[32] = {"run", "tests/recipes/good-tiny.toml", "--quiet", "--set", outset};
+        char *argv[32] = {"run", g_recipe, "--quiet", "--set", outset};
         int argc = 5;
         for (int i = 0; i < n && argc < 31; i++) argv[argc++] = (char *)args[i];
         argv[argc] = NULL;
@@ -96,6 +130,7 @@ static int rm_entry(const char *p, const struct stat *sb, int flag, struct FTW *
 int main(void) {
     snprintf(g_out, sizeof g_out, "/tmp/distill_test_cmd_run_XXXXXX");
     if (!mkdtemp(g_out)) return 1;
+    write_recipe();
     for (size_t i = 0; i < DL_ARRAY_LEN(REC); i++) dl_override_stage(&REC[i]);
 
     // a whole run

@@ -33,12 +33,16 @@ static void setup(void) {
     f = fopen(p, "w");
     fputs("{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}\n", f);
     fclose(f);
+    snprintf(p, sizeof p, "%s/tokenizer.json", g_dir);
+    f = fopen(p, "w");
+    fputs("{}\n", f);
+    fclose(f);
     snprintf(g_recipe, sizeof g_recipe, "%s/r.toml", g_dir);
 }
 
 static void teardown(void) {
     char p[400];
-    const char *files[] = {"config.json", "train.jsonl", "r.toml", "r2.toml"};
+    const char *files[] = {"config.json", "train.jsonl", "tokenizer.json", "r.toml", "r2.toml"};
     for (size_t i = 0; i < DL_ARRAY_LEN(files); i++) {
         snprintf(p, sizeof p, "%s/%s", g_dir, files[i]);
         unlink(p);
@@ -50,8 +54,8 @@ static void teardown(void) {
 static void write_recipe(const char *path, const char *tail) {
     FILE *f = fopen(path, "w");
     fprintf(f,
-            "[run]\n"
-            "name = \"t\"\n"
+            "tokenizer.path = \"%s/tokenizer.json\"\n"  // only checked to exist here
+            "run.name = \"t\"\n"
             "[teacher]\n"
             "path = \"%s/config.json\"\n"
             "[data.train]\n"
@@ -59,7 +63,7 @@ static void write_recipe(const char *path, const char *tail) {
             "format = \"chat\"\n"
             "seq_len = 64\n"
             "%s",
-            g_dir, g_dir, tail);
+            g_dir, g_dir, g_dir, tail);
     fclose(f);
 }
 
@@ -288,7 +292,8 @@ static void test_errors(void) {
                15, 1, "give attn_layers or attn_fraction");
     // files and the teacher
     EXPECT_ERR("[data.more]\nsources = [\"/nonexistent/x.jsonl\"]\n" GOOD_STAGES, 10, 12, "[data.more] source '/nonexistent/x.jsonl' not found");
-    EXPECT_ERR("[tokenizer]\npath = \"/nonexistent/tok.json\"\n" GOOD_STAGES, 10, 8, "tokenizer.path '/nonexistent/tok.json' not found");
+    EXPECT_SET_ERR(GOOD_STAGES, "tokenizer.path=/nonexistent/tok.json",
+                   "--set tokenizer.path=/nonexistent/tok.json: tokenizer.path '/nonexistent/tok.json' not found");
     EXPECT_ERR("[run]\n" GOOD_STAGES, 9, 1, "defined twice");
 }
 
@@ -323,6 +328,15 @@ static void test_teacher_errors(void) {
     fprintf(f, "[teacher]\npath = \"%s/train.jsonl\"\n" GOOD_STAGES, g_dir);
     fclose(f);
     CHECK(recipe_load(g_recipe, NULL, 0, &o, &r, &errs) != 0 && has_msg(&errs, 2, 8, "cannot read the model config"));
+    recipe_errors_free(&errs);
+    recipe_free(&r);
+    // a config-only teacher has no tokenizer: text data needs [tokenizer] path
+    f = fopen(g_recipe, "w");
+    fprintf(f, "[teacher]\npath = \"%s/config.json\"\n[data.train]\nsources = [\"%s/train.jsonl\"]\nformat = \"chat\"\n" GOOD_STAGES,
+            g_dir, g_dir);
+    fclose(f);
+    CHECK(recipe_load(g_recipe, NULL, 0, &o, &r, &errs) != 0 &&
+          has_msg(&errs, 2, 8, "teacher.path is a config .json (random weights, no tokenizer), but"));
     recipe_errors_free(&errs);
     recipe_free(&r);
     // stages written as an array with a non-table element

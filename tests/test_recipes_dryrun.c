@@ -84,6 +84,8 @@ static void test_bad(void) {
         "tests/recipes/bad-many.toml:4:8: run.name 'bad many' may only use",
         "tests/recipes/bad-many.toml:5:10: [run].device = \"gpu\" is not one of: cpu, cuda",
         "tests/recipes/bad-many.toml:6:8: [run].seed = -1 is out of range",
+        "tests/recipes/bad-many.toml:9:8: teacher.path is a config .json (random weights, no tokenizer), but "
+        "tests/recipes/no-such-file.jsonl needs one",
         "tests/recipes/bad-many.toml:12:19: [hybrid].attn_layers: layer 9 does not exist (the teacher has 4 layers, 0..3)",
         "tests/recipes/bad-many.toml:15:6: [optimizer].lr must be a number, not string",
         "tests/recipes/bad-many.toml:16:1: unknown key 'clipp' in [optimizer] (did you mean 'clip'?)",
@@ -99,8 +101,8 @@ static void test_bad(void) {
         CHECK(ok);
         if (!ok) fprintf(stderr, "missing: %s\n", expect[i]);
     }
-    CHECK(count(out, "tests/recipes/bad-many.toml:") == 13);  // 12 problems and the summary line
-    CHECK(strstr(out, "bad-many.toml: 12 problems found"));
+    CHECK(count(out, "tests/recipes/bad-many.toml:") == 14);  // 13 problems and the summary line
+    CHECK(strstr(out, "bad-many.toml: 13 problems found"));
     free(out);
 
     char *a2[] = {NULL, "tests/recipes/bad-syntax.toml", "--dry-run", NULL};
