@@ -208,6 +208,8 @@ int stage_data_shard(const RunContext *ctx, int data_index, DataSplit split, cha
     if (data_index < 0 || data_index >= rc->n_data) return dl_fail(e, "no data set #%d", data_index);
     const DataSpec *d = &rc->data[data_index];
     *path = NULL;
+    if (split == SPLIT_HOLDOUT && d->format == FMT_PREFERENCE)
+        return dl_fail(e, "data set '%s' holds preference pairs; eval uses LM data sets", d->name);
     if (split == SPLIT_HOLDOUT && !(d->holdout > 0))
         return dl_fail(e, "data set '%s' has no held-out part (set holdout > 0 in [data.%s])", d->name, d->name);
     char name[300];
@@ -231,6 +233,18 @@ int stage_data_shard(const RunContext *ctx, int data_index, DataSplit split, cha
         return -1;
     }
     *path = dl_path_join(ddir, name);
+    if (d->format == FMT_PREFERENCE) {
+        char an[300];
+        snprintf(an, sizeof an, "%s.all.h5", d->name);
+        char *ap = d->n_sources == 1 && is_shard_file(d->sources[0]) ? dl_strdup(d->sources[0]) : dl_path_join(ddir, an);
+        if (dl_file_exists(ap)) {
+            free(*path);
+            *path = ap;
+            free(ddir);
+            return 0;
+        }
+        free(ap);
+    }
     if (dl_file_exists(*path)) {
         free(ddir);
         return 0;
@@ -263,6 +277,18 @@ int stage_data_shard(const RunContext *ctx, int data_index, DataSplit split, cha
             }
             if (stats.n_skipped)
                 dl_warn("data '%s': %lld bad record(s) skipped (bad_records = \"skip\")", d->name, (long long)stats.n_skipped);
+        }
+    }
+    {  // preference pairs are used as they are (no split: held-out pairs are not used by any stage yet)
+        ShardReader *sr = NULL;
+        if (shard_open(&sr, all, e)) goto out;
+        bool pref = shard_info(sr)->kind == SHARD_PREF;
+        shard_close(sr);
+        if (pref) {
+            free(*path);
+            *path = dl_strdup(all);
+            r = 0;
+            goto out;
         }
     }
     {

@@ -126,7 +126,7 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
     memset(res, 0, sizeof *res);
     const int64_t B = c->micro_batch, T = c->seq_len;
     if (B < 1 || T < 1) return dl_fail(e, "%s: micro_batch and seq_len must be >= 1 (got %lld, %lld)", c->stage_name, (long long)B, (long long)T);
-    bool need_teacher = c->w.kl != 0 || c->w.rkl != 0 || c->mse != 0;
+    bool need_teacher = !c->loss_fn && (c->w.kl != 0 || c->w.rkl != 0 || c->mse != 0);
     if (need_teacher && !c->teacher_params)
         return dl_fail(e, "%s: the loss has KL or MSE terms but no teacher was given", c->stage_name);
     if (c->mse != 0 && c->teacher_hc->base.n_layer != c->hc->base.n_layer)
@@ -168,10 +168,29 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
         optim_zero_grads(&o, L.grads);
         double loss = 0, ce = 0, kl = 0, rkl = 0, mse = 0;
         int64_t step_tokens = 0;
+        MetricPart custom[4] = {{0}};
+        int n_custom = 0;
         for (int a = 0; a < accum; a++) {
             if (src->next(src->ctx, &L.b, e)) {
                 dl_fail_prefix(e, "%s, step %lld: ", c->stage_name, (long long)(c->step_offset + step + 1));
                 goto out_prog;
+            }
+            if (c->loss_fn) {  // a custom loss (DPO) does its own forward/backward
+                double l = 0;
+                MetricPart mp[4];
+                int nmp = 0;
+                if (c->loss_fn(c->loss_ctx, L.student, &L.b, L.grads, &l, mp, &nmp, e)) {
+                    dl_fail_prefix(e, "%s, step %lld: ", c->stage_name, (long long)(c->step_offset + step + 1));
+                    goto out_prog;
+                }
+                loss += l;
+                for (int i = 0; i < nmp && i < 4; i++) {
+                    custom[i].name = mp[i].name;
+                    custom[i].value += mp[i].value;
+                }
+                n_custom = nmp < 4 ? nmp : 4;
+                for (int64_t i = 0; i < B * T; i++) step_tokens += L.b.mask[i] != 0;
+                continue;
             }
             if (L.teacher) engine_forward(L.teacher, L.b.tokens, L.b.reset);
             engine_forward(L.student, L.b.tokens, L.b.reset);
@@ -207,6 +226,10 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
             if (c->w.kl != 0) parts[np++] = (MetricPart){"kl", kl};
             if (c->w.rkl != 0) parts[np++] = (MetricPart){"rkl", rkl};
             if (c->mse != 0) parts[np++] = (MetricPart){"mse", mse};
+            if (c->loss_fn) {
+                np = n_custom;
+                for (int i = 0; i < np; i++) parts[i] = (MetricPart){custom[i].name, custom[i].value / accum};
+            }
             MetricsRow row = {.stage_index = c->stage_index, .stage = c->stage_name, .step = gstep,
                               .total_steps = c->step_offset + total, .loss = loss, .parts = parts, .n_parts = np,
                               .lr = r.lr, .grad_norm = r.grad_norm, .tokens = step_tokens, .tokens_per_s = tps,

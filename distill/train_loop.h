@@ -44,6 +44,12 @@ typedef struct {
     int (*restore)(void *ctx, const CkptState *st, DlError *e);
 } BatchSource;
 
+typedef struct Engine Engine;  // engine.h
+// A custom loss for one micro-batch (DPO): runs the student's forward, loss and backward itself on b,
+// ADDING the gradient into grads, and returns the loss; up to 4 named parts (for metrics) go to parts.
+typedef int (*TrainLossFn)(void *ctx, Engine *student, const TrainBatch *b, float *grads, double *loss,
+                           MetricPart *parts, int *n_parts, DlError *e);
+
 typedef struct {
     // the student: trainable flags of reg must be set (reg_set_trainable) before train_run
     const HybridConfig *hc;
@@ -57,6 +63,9 @@ typedef struct {
     // the outputs of the student's Mamba layers (teacher hidden state of the same layer as target)
     LossWeights w;
     double mse;
+    // or a custom loss (w and mse unused, no teacher needed); loss_ctx is passed to it
+    TrainLossFn loss_fn;
+    void *loss_ctx;
     // batches: micro_batch rows of seq_len tokens; opt.grad_accum micro-batches per step
     int64_t micro_batch, seq_len;
     OptimConfig opt;         // opt.total_steps = steps of this loop
