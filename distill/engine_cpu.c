@@ -607,6 +607,8 @@ int decoder_feed(Decoder *D, const int32_t *tokens, int64_t L, float *logits, fl
     for (int64_t i = 0; i < N; i++)
         if (tokens[i] < 0 || tokens[i] >= V) return dl_fail(err, "decoder: token id %d out of range 0..%lld", tokens[i], (long long)V - 1);
     dec_scratch(D, N);
+    // a decode step is a handful of GEMVs: memory-bound, and OpenBLAS threads would only spin
+    const int blas_prev = N < 16 ? blas_set_threads(1) : -1;
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t < L; t++) D->pos[b * L + t] = (int32_t)(T0 + t);
     embedding_fwd(D->x, tokens, pw(P, D->w.emb), N, d);
@@ -643,5 +645,6 @@ int decoder_feed(Decoder *D, const int32_t *tokens, int64_t L, float *logits, fl
         rmsnorm_fwd(D->xn, NULL, D->last, pw(P, D->w.fnorm), B, d, (float)c->rms_eps);
         linear_fwd(logits, D->xn, pw(P, D->w.head), B, d, V, false);
     }
+    if (blas_prev > 0) blas_set_threads(blas_prev);
     return 0;
 }

@@ -172,15 +172,11 @@ static void block_keys(const AttnShape *s, const int32_t *doc_start, int64_t b, 
     for (int64_t t = t0; t < t1; t++) *lo = DL_MIN(*lo, doc_start ? doc_start[b * s->Tq + t] : 0);
 }
 
-typedef struct {
-    int saved;
-} BlasSerial;
-static BlasSerial blas_serial_begin(void) {
-    BlasSerial b = {openblas_get_num_threads()};
-    openblas_set_num_threads(1);
-    return b;
+int blas_set_threads(int n) {
+    int prev = openblas_get_num_threads();
+    if (n != prev) openblas_set_num_threads(n);
+    return prev;
 }
-static void blas_serial_end(BlasSerial b) { openblas_set_num_threads(b.saved); }
 
 void attention_fwd(const AttnShape *s, const float *q, const float *k, const float *v, const int32_t *doc_start,
                    float *out, float *lse) {
@@ -190,7 +186,7 @@ void attention_fwd(const AttnShape *s, const float *q, const float *k, const flo
     const float scale = 1.0f / sqrtf((float)hd);
     const int64_t nqb = (Tq + QB - 1) / QB, tasks = B * nh * nqb;
     const bool par = PAR(B * nh * Tq * (s->q0 + Tq) * hd / 2);
-    BlasSerial bs = blas_serial_begin();
+    int blas_prev = blas_set_threads(1);
 #pragma omp parallel if (par)
     {
         float *S = dl_malloc((size_t)(QB * Tk) * sizeof(float));
@@ -225,7 +221,7 @@ void attention_fwd(const AttnShape *s, const float *q, const float *k, const flo
         }
         free(S);
     }
-    blas_serial_end(bs);
+    blas_set_threads(blas_prev);
 }
 
 void attention_bwd(const AttnShape *s, const float *q, const float *k, const float *v, const int32_t *doc_start,
@@ -237,7 +233,7 @@ void attention_bwd(const AttnShape *s, const float *q, const float *k, const flo
     memset(dk, 0, (size_t)(B * T * ks) * sizeof(float));
     memset(dv, 0, (size_t)(B * T * ks) * sizeof(float));
     const int64_t nqb = (T + QB - 1) / QB;
-    BlasSerial bs = blas_serial_begin();
+    int blas_prev = blas_set_threads(1);
     // one task per (batch row, KV head): it owns dk/dv of that head and dq of the heads sharing it, and
     // walks heads and query blocks in a fixed order, so the dk/dv sums are race-free and deterministic
 #pragma omp parallel if (PAR(B * nh * T * T * hd / 2))
@@ -281,7 +277,7 @@ void attention_bwd(const AttnShape *s, const float *q, const float *k, const flo
         free(P);
         free(dP);
     }
-    blas_serial_end(bs);
+    blas_set_threads(blas_prev);
 }
 
 // ---------------------------------------------------------------- SwiGLU

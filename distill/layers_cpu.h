@@ -59,5 +59,10 @@ void attention_bwd(const AttnShape *s, const float *q, const float *k, const flo
 void swiglu_fwd(float *out, const float *gate, const float *up, int64_t n);
 void swiglu_bwd(float *dgate, float *dup, const float *dout, const float *gate, const float *up, int64_t n);
 
+// Sets the OpenBLAS thread count, returning the previous one (to restore it). Small GEMMs (decode steps)
+// and GEMMs issued from parallel tasks run single-threaded: OpenBLAS worker threads spin while waiting,
+// which costs far more than it saves when the cores are shared.
+int blas_set_threads(int n);
+
 // y += x (n elements)
 void vec_add(float *y, const float *x, int64_t n);
