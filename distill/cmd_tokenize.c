@@ -6,6 +6,7 @@
 #include "distill/command.h"
 #include "distill/common.h"
 #include "distill/ingest.h"
+#include "distill/shards.h"
 #include "distill/tokenizer.h"
 
 static int64_t parse_i64(const char *opt, const char *s) {
@@ -110,8 +111,41 @@ static int bench(const Tokenizer *t, char **files, int n_files, int repeat) {
     return DL_EXIT_OK;
 }
 
+// Prints a shard's layout and bad-record counts as one JSON object (validates it on the way).
+static int shard_info_cmd(const char *path, const char *tok_path) {
+    DlError e;
+    ShardReader *r;
+    if (shard_open(&r, path, &e)) dl_die(DL_EXIT_INPUT, "%s", e.msg);
+    const ShardInfo *in = shard_info(r);
+    printf("{\"path\": \"%s\", \"kind\": \"%s\", \"format_version\": %d, \"tokenizer_hash\": \"%016llx\", "
+           "\"vocab_size\": %d, \"n_tokens\": %lld, \"n_docs\": %lld, \"seq_len\": %lld, \"n_seqs\": %lld, "
+           "\"n_pairs\": %lld",
+           path, in->kind == SHARD_PREF ? "preference" : "lm", in->format_version,
+           (unsigned long long)in->tokenizer_hash, in->vocab_size, (long long)in->n_tokens, (long long)in->n_docs,
+           (long long)in->seq_len, (long long)in->n_seqs, (long long)in->n_pairs);
+    const char *keys[] = {"tokenizer_pre", "chat_family", "input_format", "created_by"};
+    for (size_t i = 0; i < DL_ARRAY_LEN(keys); i++) {
+        char *v = shard_attr_str(r, keys[i]);
+        if (v) printf(", \"%s\": \"%s\"", keys[i], v);
+        free(v);
+    }
+    printf("}\n");
+    int rc = DL_EXIT_OK;
+    if (tok_path) {  // optional: does the shard belong to this tokenizer?
+        Tokenizer *t;
+        if (tokenizer_load(tok_path, &t, &e)) dl_die(DL_EXIT_INPUT, "%s", e.msg);
+        if (shard_check_tokenizer(r, t, &e)) {
+            dl_warn("%s", e.msg);
+            rc = DL_EXIT_INPUT;
+        }
+        tokenizer_free(t);
+    }
+    shard_close(r);
+    return rc;
+}
+
 static int run_tokenize(int argc, char **argv) {
-    const char *tok_path = NULL, *ids_file = NULL, *decode_file = NULL, *out = NULL;
+    const char *tok_path = NULL, *ids_file = NULL, *decode_file = NULL, *out = NULL, *info = NULL;
     bool special = false, do_bench = false;
     int repeat = 3;
     IngestOptions o;
@@ -125,6 +159,7 @@ static int run_tokenize(int argc, char **argv) {
         else if (!strcmp(a, "--ids") && has) ids_file = argv[++i];
         else if (!strcmp(a, "--decode") && has) decode_file = argv[++i];
         else if (!strcmp(a, "--special")) special = true;
+        else if (!strcmp(a, "--info") && has) info = argv[++i];
         else if (!strcmp(a, "--bench")) do_bench = true;
         else if (!strcmp(a, "--repeat") && has) {
             int64_t v = parse_i64(a, argv[++i]);  // (not inside DL_MAX: it evaluates its arguments twice)
@@ -153,6 +188,10 @@ static int run_tokenize(int argc, char **argv) {
         }
         else if (a[0] == '-' && a[1]) dl_die(DL_EXIT_USAGE, "unknown or incomplete option '%s' (see distill tokenize --help)", a);
         else files[n_files++] = argv[i];
+    }
+    if (info) {
+        free(files);
+        return shard_info_cmd(info, tok_path);
     }
     if (!tok_path) dl_die(DL_EXIT_USAGE, "--tokenizer MODEL is required (a GGUF file, tokenizer.json or HF directory)");
     int modes = (ids_file != NULL) + (decode_file != NULL) + (out != NULL) + do_bench;
@@ -188,7 +227,7 @@ static int run_tokenize(int argc, char **argv) {
 
 DL_COMMAND(tokenize_cmd, {
     .name = "tokenize",
-    .usage = "--tokenizer MODEL (--ids FILE | --decode FILE | --bench FILES | --out OUT.h5 FILES...) [options]",
+    .usage = "--tokenizer MODEL (--ids FILE | --decode FILE | --bench FILES | --out OUT.h5 FILES...) [options] | --info SHARD",
     .summary = "tokenize files: print ids, decode, benchmark, or write HDF5 token shards (the data stage)",
     .help = "MODEL is a GGUF file (tokenizer.ggml.* metadata), an HF tokenizer.json or a directory holding one.\n\n"
             "modes:\n"
@@ -196,6 +235,8 @@ DL_COMMAND(tokenize_cmd, {
             "  --special         with --ids: match special-token text such as <|im_start|> as single ids\n"
             "  --decode FILE     read whitespace-separated ids (FILE or - for stdin), write the exact bytes\n"
             "  --bench FILES     single-threaded encode throughput (JSON line); --repeat N (default 3)\n"
+            "  --info SHARD      validate a shard and print its layout as JSON (with --tokenizer: also check\n"
+            "                    that the shard was written with that tokenizer)\n"
             "  --out OUT.h5 FILES  write one HDF5 shard (see data/README.md), exactly as the recipe's data stage\n\n"
             "shard options:\n"
             "  --format F        auto (default: .jsonl/.json by keys, other files as text) | text | jsonl |\n"

@@ -289,6 +289,9 @@ def test_shard_h5py(smol, tmp_path):
             ref = smol["hf"].encode(open(path, encoding="utf-8", newline="").read(), add_special_tokens=False).ids
             assert toks[offs[i]:offs[i + 1]].tolist() == ref + [sep]
         assert int(h.attrs["tokenizer_hash"]) != 0
+    # the tokenizer hash is the same whether the tokenizer came from the GGUF or from tokenizer.json
+    info = json.loads(run(["tokenize", "--info", str(out), "--tokenizer", smol["json"]]).stdout)
+    assert info["n_docs"] == len(CORPUS) and info["kind"] == "lm"
 
 
 def test_bad_input_cli(smol, tmp_path):
