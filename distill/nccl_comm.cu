@@ -1,0 +1,345 @@
+// nccl_comm.cu: see nccl_comm.h. Host code only (NCCL launches its own kernels); nvcc compiles it so that
+// it sits with the CUDA parts and never enters the CPU-only build.
+#include <cuda_runtime.h>
+#include <nccl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define _Noreturn [[noreturn]]  // C11 keyword in distill/common.h
+extern "C" {
+#include "distill/common.h"
+#include "distill/dist.h"
+#include "distill/dtype.h"
+}
+#include "distill/nccl_comm.h"
+
+// Returns -1 from the enclosing function with a message naming the call, the error and a hint.
+#define CUDA_OK(call)                                                                                                   \
+    do {                                                                                                                \
+        cudaError_t err_ = (call);                                                                                      \
+        if (err_ != cudaSuccess)                                                                                        \
+            return dl_fail(e, "rank %d (host %s): %s failed: %s (is the GPU visible? CUDA_VISIBLE_DEVICES, driver)",   \
+                           c->rank, c->host, #call, cudaGetErrorString(err_));                                          \
+    } while (0)
+
+#define RING 4096  // pending operations tracked by the watchdog (older ones are dropped only once complete)
+
+struct Pending {
+    cudaEvent_t ev;
+    double t0;
+    uint64_t seq;
+    const char *op;
+    int64_t count;
+    DType dt;
+};
+
+struct NcclComm {
+    ncclComm_t comm;
+    int rank, world, device;
+    char host[DIST_HOST_MAX];
+    double timeout, grace;
+    bool no_exit;
+    uint64_t seq;  // collectives issued
+    // watchdog state, under mu
+    pthread_mutex_t mu;
+    pthread_t thread;
+    bool thread_started, stop, aborted;
+    double aborted_at;
+    char reason[DL_ERR_LEN];
+    Pending ring[RING];
+    int head, n;  // oldest pending at ring[head]
+    cudaEvent_t free_ev[RING];
+    int n_free;
+};
+
+static double now_s(void) { return dl_now(); }
+
+static void sleep_ms(int ms) {
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static const char *dt_name(DType dt) { return dt == DT_BF16 ? "bf16" : "fp32"; }
+
+static int nccl_type(DType dt, ncclDataType_t *out) {
+    if (dt == DT_F32) *out = ncclFloat32;
+    else if (dt == DT_BF16) *out = ncclBfloat16;
+    else return -1;
+    return 0;
+}
+
+// Marks the communicator aborted (first reason wins) and aborts NCCL. Called with mu held.
+static void abort_locked(NcclComm *c, const char *reason) {
+    if (c->aborted) return;
+    c->aborted = true;
+    c->aborted_at = now_s();
+    snprintf(c->reason, sizeof c->reason, "%s", reason);
+    fprintf(stderr, "distill: error: %s; aborting the NCCL communicator (all ranks do the same)\n", reason);
+    fflush(stderr);
+    ncclCommAbort(c->comm);  // makes the pending NCCL kernels of this rank return
+}
+
+static void *watchdog(void *arg) {
+    NcclComm *c = (NcclComm *)arg;
+    cudaSetDevice(c->device);
+    for (;;) {
+        sleep_ms(50);
+        pthread_mutex_lock(&c->mu);
+        if (c->stop) {
+            pthread_mutex_unlock(&c->mu);
+            return NULL;
+        }
+        if (!c->aborted) {
+            // retire completed operations, oldest first; check the oldest pending one's age
+            while (c->n > 0) {
+                Pending *p = &c->ring[c->head];
+                cudaError_t q = cudaEventQuery(p->ev);
+                if (q == cudaErrorNotReady) {
+                    double age = now_s() - p->t0;
+                    if (age > c->timeout) {
+                        char msg[DL_ERR_LEN];
+                        snprintf(msg, sizeof msg,
+                                 "rank %d (host %s, GPU %d): NCCL %s #%llu (%lld %s elements) did not complete within %.0f s: a "
+                                 "peer rank died, stalled, or runs a different collective",
+                                 c->rank, c->host, c->device, p->op, (unsigned long long)p->seq, (long long)p->count,
+                                 dt_name(p->dt), c->timeout);
+                        abort_locked(c, msg);
+                    }
+                    break;
+                }
+                if (q != cudaSuccess) {
+                    char msg[DL_ERR_LEN];
+                    snprintf(msg, sizeof msg, "rank %d (host %s, GPU %d): CUDA error while NCCL %s #%llu ran: %s", c->rank,
+                             c->host, c->device, p->op, (unsigned long long)p->seq, cudaGetErrorString(q));
+                    abort_locked(c, msg);
+                    break;
+                }
+                c->free_ev[c->n_free++] = p->ev;
+                c->head = (c->head + 1) % RING;
+                c->n--;
+            }
+            ncclResult_t as = ncclSuccess;
+            if (!c->aborted && ncclCommGetAsyncError(c->comm, &as) == ncclSuccess && as != ncclSuccess && as != ncclInProgress) {
+                char msg[DL_ERR_LEN];
+                snprintf(msg, sizeof msg, "rank %d (host %s, GPU %d): NCCL reported an asynchronous error: %s (%s)", c->rank,
+                         c->host, c->device, ncclGetErrorString(as), ncclGetLastError(c->comm));
+                abort_locked(c, msg);
+            }
+        } else if (!c->no_exit && now_s() - c->aborted_at > c->grace) {
+            fprintf(stderr, "distill: error: %s; the process did not stop within %.0f s of the abort, exiting\n", c->reason,
+                    c->grace);
+            fflush(stderr);
+            _exit(DL_EXIT_RUNTIME);
+        }
+        pthread_mutex_unlock(&c->mu);
+    }
+}
+
+// Polls a non-blocking NCCL call to completion (ncclInProgress), with the deadline.
+static int wait_nccl(NcclComm *c, ncclResult_t r, const char *what, double deadline, DlError *e) {
+    while (r == ncclInProgress) {
+        if (now_s() > deadline) {
+            pthread_mutex_lock(&c->mu);
+            char msg[DL_ERR_LEN];
+            snprintf(msg, sizeof msg, "rank %d (host %s, GPU %d): %s did not finish within %.0f s (a rank missing or stuck?)",
+                     c->rank, c->host, c->device, what, c->timeout);
+            abort_locked(c, msg);
+            pthread_mutex_unlock(&c->mu);
+            return dl_fail(e, "%s", msg);
+        }
+        sleep_ms(5);
+        ncclResult_t as = ncclSuccess;
+        if (ncclCommGetAsyncError(c->comm, &as) != ncclSuccess) break;
+        r = as;
+    }
+    if (r != ncclSuccess)
+        return dl_fail(e, "rank %d (host %s, GPU %d): %s failed: %s (%s); NCCL_DEBUG=INFO shows why", c->rank, c->host, c->device,
+                       what, ncclGetErrorString(r), c->comm ? ncclGetLastError(c->comm) : "");
+    return 0;
+}
+
+NcclComm *nccl_comm_init(DistGroup *g, int device, const NcclCommOpts *o, DlError *e) {
+    setenv("NCCL_NVLS_ENABLE", "0", 0);  // keep NVLink multicast off unless the user says otherwise
+    NcclComm *c = (NcclComm *)dl_calloc(1, sizeof *c);
+    c->rank = dist_rank(g);
+    c->world = dist_world(g);
+    c->device = device;
+    snprintf(c->host, sizeof c->host, "%s", dist_host_of(g, c->rank));
+    c->timeout = o && o->timeout_s > 0 ? o->timeout_s : 600;
+    c->grace = o && o->grace_s > 0 ? o->grace_s : 60;
+    c->no_exit = o && o->no_exit;
+    pthread_mutex_init(&c->mu, NULL);
+    cudaError_t ce = cudaSetDevice(device);
+    if (ce != cudaSuccess) {
+        dl_fail(e, "rank %d (host %s): cudaSetDevice(%d) failed: %s (local rank %d of %d; are there enough GPUs on this node?)",
+                c->rank, c->host, device, cudaGetErrorString(ce), dist_local_rank(g), dist_local_size(g));
+        free(c);
+        return NULL;
+    }
+    ncclUniqueId id;
+    memset(&id, 0, sizeof id);
+    if (c->rank == 0) {
+        ncclResult_t r = ncclGetUniqueId(&id);
+        if (r != ncclSuccess) {
+            dl_fail(e, "rank 0 (host %s): ncclGetUniqueId failed: %s (no usable network interface? NCCL_SOCKET_IFNAME)", c->host,
+                    ncclGetErrorString(r));
+            memset(&id, 0, sizeof id);  // the others still need the broadcast to fail cleanly
+        }
+    }
+    DlError be = {{0}};
+    if (dist_bcast(g, &id, sizeof id, &be)) {
+        dl_fail(e, "%s", be.msg);
+        free(c);
+        return NULL;
+    }
+    static const ncclUniqueId zero_id = {{0}};
+    if (!memcmp(&id, &zero_id, sizeof id)) {
+        if (c->rank != 0) dl_fail(e, "rank %d (host %s): rank 0 could not create the NCCL id (see its error)", c->rank, c->host);
+        free(c);
+        return NULL;
+    }
+    ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+    cfg.blocking = 0;  // the init returns at once and is polled, so it can time out
+    double deadline = now_s() + c->timeout;
+    ncclResult_t r = ncclCommInitRankConfig(&c->comm, c->world, id, c->rank, &cfg);
+    if (r != ncclSuccess && r != ncclInProgress) {
+        dl_fail(e, "rank %d (host %s, GPU %d): ncclCommInitRankConfig failed: %s", c->rank, c->host, device, ncclGetErrorString(r));
+        free(c);
+        return NULL;
+    }
+    char what[128];
+    snprintf(what, sizeof what, "ncclCommInitRank of %d ranks", c->world);
+    if (wait_nccl(c, r, what, deadline, e)) {
+        if (!c->aborted) ncclCommAbort(c->comm);
+        free(c);
+        return NULL;
+    }
+    for (int i = 0; i < RING; i++) c->free_ev[i] = NULL;
+    if (pthread_create(&c->thread, NULL, watchdog, c)) {
+        dl_fail(e, "rank %d: cannot start the NCCL watchdog thread", c->rank);
+        ncclCommAbort(c->comm);
+        free(c);
+        return NULL;
+    }
+    c->thread_started = true;
+    return c;
+}
+
+void nccl_comm_free(NcclComm *c) {
+    if (!c) return;
+    if (c->thread_started) {
+        pthread_mutex_lock(&c->mu);
+        c->stop = true;
+        pthread_mutex_unlock(&c->mu);
+        pthread_join(c->thread, NULL);
+    }
+    if (c->aborted) ncclCommAbort(c->comm);  // a second abort is a no-op for an aborted communicator
+    else ncclCommDestroy(c->comm);
+    for (int i = 0; i < c->n; i++) cudaEventDestroy(c->ring[(c->head + i) % RING].ev);
+    for (int i = 0; i < c->n_free; i++) cudaEventDestroy(c->free_ev[i]);
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+}
+
+int nccl_comm_check(NcclComm *c, DlError *e) {
+    pthread_mutex_lock(&c->mu);
+    int rc = c->aborted ? dl_fail(e, "%s", c->reason) : 0;
+    pthread_mutex_unlock(&c->mu);
+    return rc;
+}
+
+// After an enqueue: an event for the watchdog.
+static int track(NcclComm *c, const char *op, int64_t count, DType dt, cudaStream_t s, DlError *e) {
+    pthread_mutex_lock(&c->mu);
+    if (c->n == RING) {
+        pthread_mutex_unlock(&c->mu);
+        return dl_fail(e, "rank %d: more than %d NCCL operations pending (call nccl_sync now and then)", c->rank, RING);
+    }
+    cudaEvent_t ev = c->n_free ? c->free_ev[--c->n_free] : NULL;
+    pthread_mutex_unlock(&c->mu);
+    if (!ev) CUDA_OK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    CUDA_OK(cudaEventRecord(ev, s));
+    pthread_mutex_lock(&c->mu);
+    Pending *p = &c->ring[(c->head + c->n) % RING];
+    p->ev = ev;
+    p->t0 = now_s();
+    p->seq = ++c->seq;
+    p->op = op;
+    p->count = count;
+    p->dt = dt;
+    c->n++;
+    pthread_mutex_unlock(&c->mu);
+    return 0;
+}
+
+static int pre(NcclComm *c, DType dt, ncclDataType_t *t, DlError *e) {
+    if (nccl_comm_check(c, e)) return -1;
+    if (nccl_type(dt, t)) return dl_fail(e, "rank %d: NCCL collectives take fp32 or bf16 buffers, not %s", c->rank, dtype_name(dt));
+    return 0;
+}
+
+int nccl_all_reduce(NcclComm *c, const void *send, void *recv, int64_t count, DType dt, bool average, void *stream,
+                    DlError *e) {
+    ncclDataType_t t;
+    if (pre(c, dt, &t, e)) return -1;
+    ncclResult_t r = ncclAllReduce(send, recv, (size_t)count, t, average ? ncclAvg : ncclSum, c->comm, (cudaStream_t)stream);
+    if (wait_nccl(c, r, "ncclAllReduce", now_s() + c->timeout, e)) return -1;
+    return track(c, "all-reduce", count, dt, (cudaStream_t)stream, e);
+}
+
+int nccl_reduce_scatter(NcclComm *c, const void *send, void *recv, int64_t recv_count, DType dt, bool average,
+                        void *stream, DlError *e) {
+    ncclDataType_t t;
+    if (pre(c, dt, &t, e)) return -1;
+    ncclResult_t r = ncclReduceScatter(send, recv, (size_t)recv_count, t, average ? ncclAvg : ncclSum, c->comm,
+                                       (cudaStream_t)stream);
+    if (wait_nccl(c, r, "ncclReduceScatter", now_s() + c->timeout, e)) return -1;
+    return track(c, "reduce-scatter", recv_count * c->world, dt, (cudaStream_t)stream, e);
+}
+
+int nccl_all_gather(NcclComm *c, const void *send, void *recv, int64_t send_count, DType dt, void *stream, DlError *e) {
+    ncclDataType_t t;
+    if (pre(c, dt, &t, e)) return -1;
+    ncclResult_t r = ncclAllGather(send, recv, (size_t)send_count, t, c->comm, (cudaStream_t)stream);
+    if (wait_nccl(c, r, "ncclAllGather", now_s() + c->timeout, e)) return -1;
+    return track(c, "all-gather", send_count * c->world, dt, (cudaStream_t)stream, e);
+}
+
+int nccl_group_begin(NcclComm *c, DlError *e) {
+    if (nccl_comm_check(c, e)) return -1;
+    ncclResult_t r = ncclGroupStart();
+    return r == ncclSuccess ? 0 : dl_fail(e, "rank %d: ncclGroupStart failed: %s", c->rank, ncclGetErrorString(r));
+}
+
+int nccl_group_end(NcclComm *c, DlError *e) {
+    ncclResult_t r = ncclGroupEnd();
+    return wait_nccl(c, r, "ncclGroupEnd", now_s() + c->timeout, e);
+}
+
+int nccl_sync(NcclComm *c, void *stream, DlError *e) {
+    cudaEvent_t ev;
+    CUDA_OK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    CUDA_OK(cudaEventRecord(ev, (cudaStream_t)stream));
+    int rc = 0;
+    for (;;) {
+        cudaError_t q = cudaEventQuery(ev);
+        if (q == cudaSuccess) break;
+        if (q != cudaErrorNotReady) {
+            rc = dl_fail(e, "rank %d (host %s, GPU %d): waiting for the stream: %s", c->rank, c->host, c->device,
+                         cudaGetErrorString(q));
+            break;
+        }
+        if (nccl_comm_check(c, e)) {  // the watchdog aborted: the stream will not finish normally
+            rc = -1;
+            break;
+        }
+        sleep_ms(1);
+    }
+    cudaEventDestroy(ev);
+    if (rc == 0) rc = nccl_comm_check(c, e);
+    return rc;
+}
