@@ -38,6 +38,24 @@ void dist_opts_default(DistOpts *o) {
     o->method = DIST_RDV_TCP;
 }
 
+int dist_opts_from_env(DistOpts *o, DlError *e) {
+    const char *m = getenv("DISTILL_RDZV"), *f = getenv("DISTILL_RDZV_FILE"), *k = getenv("DISTILL_DIST_KEY"),
+               *t = getenv("DISTILL_DIST_TIMEOUT");
+    if (m && *m && dist_method_parse(m, &o->method, e)) return dl_fail_prefix(e, "DISTILL_RDZV: ");
+    if (f && *f && !o->file_path) {
+        o->file_path = f;
+        if (!(m && *m)) o->method = DIST_RDV_FILE;
+    }
+    if (k && *k && !o->key) o->key = k;
+    if (t && *t && o->timeout_s <= 0) {
+        char *end;
+        double v = strtod(t, &end);
+        if (*end || !(v > 0)) return dl_fail(e, "DISTILL_DIST_TIMEOUT='%s' is not a positive number of seconds", t);
+        o->timeout_s = v;
+    }
+    return 0;
+}
+
 static double opts_timeout(const DistOpts *o) {
     if (o && o->timeout_s > 0) return o->timeout_s;
     const char *s = getenv("DISTILL_DIST_TIMEOUT");

@@ -61,6 +61,10 @@ typedef struct {
     double timeout_s;       // every wait; <= 0: $DISTILL_DIST_TIMEOUT or 300
 } DistOpts;
 void dist_opts_default(DistOpts *o);
+// Launcher settings from the environment, for settings the recipe leaves unset (NULL / defaults):
+//   DISTILL_RDZV=tcp|file, DISTILL_RDZV_FILE=PATH (implies file), DISTILL_DIST_KEY=KEY,
+//   DISTILL_DIST_TIMEOUT=SECONDS. Strings point into the environment. Errors: a bad method or timeout.
+int dist_opts_from_env(DistOpts *o, DlError *e);
 
 typedef struct {
     int rank, world_size;

@@ -1,5 +1,5 @@
 // gpu_nccl_comm: the NCCL layer on real GPUs, one process per GPU (not in ctest: no GPU on the build
-// machines). Launch:  scripts/launch-local -n 2 build/tests/gpu_nccl_comm [--stall | --die] [--bench]
+// machines). Launch:  scripts/launch-local -n 2 build/gpu_nccl_comm [--stall | --die] [--bench]
 //   default  the ZeRO plan of zero.h on device: per-bucket reduce-scatter (in place) and all-gather of a
 //            test registry's flat gradient, against the simulated ranks (zsim_*) on the host (bitwise for 2
 //            ranks, where a sum of two is order-free; 1e-6 relative otherwise); fp32 average all-reduce;
@@ -54,10 +54,9 @@ int main(int argc, char **argv) {
     }
     DistOpts o;
     dist_opts_default(&o);
-    o.timeout_s = 60;
     DistEnv env;
     DlError e = {{0}};
-    if (dist_env_detect(&o, &env, &e)) {
+    if (dist_opts_from_env(&o, &e) || dist_env_detect(&o, &env, &e)) {
         fprintf(stderr, "%s\n", e.msg);
         return 1;
     }

@@ -154,6 +154,22 @@ static void test_env(void) {
     o.world_size = -1;
     CHECK(dist_env_detect(&o, &env, &e) == -1 && strstr(e.msg, "given together"));
     clear_env();
+    // launcher settings
+    dist_opts_default(&o);
+    setenv("DISTILL_RDZV_FILE", "/shared/rdzv", 1);
+    setenv("DISTILL_DIST_KEY", "job7", 1);
+    setenv("DISTILL_DIST_TIMEOUT", "12.5", 1);
+    CHECK(dist_opts_from_env(&o, &e) == 0 && o.method == DIST_RDV_FILE && !strcmp(o.file_path, "/shared/rdzv") &&
+          !strcmp(o.key, "job7") && o.timeout_s == 12.5);
+    setenv("DISTILL_RDZV", "udp", 1);
+    CHECK(dist_opts_from_env(&o, &e) == -1 && strstr(e.msg, "DISTILL_RDZV: unknown rendezvous method 'udp'"));
+    unsetenv("DISTILL_RDZV");
+    setenv("DISTILL_DIST_TIMEOUT", "-3", 1);
+    dist_opts_default(&o);
+    CHECK(dist_opts_from_env(&o, &e) == -1 && strstr(e.msg, "DISTILL_DIST_TIMEOUT"));
+    unsetenv("DISTILL_RDZV_FILE");
+    unsetenv("DISTILL_DIST_KEY");
+    clear_env();
 }
 
 // ---------------------------------------------------------------- real processes
@@ -407,7 +423,54 @@ static void test_single(void) {
     dist_close(g);
 }
 
-int main(void) {
+// A rank started by scripts/launch-local: everything from the torchrun-style environment.
+static int launched_rank(void) {
+    DistOpts o;
+    dist_opts_default(&o);
+    DistEnv env;
+    DlError e = {{0}};
+    if (dist_opts_from_env(&o, &e) || dist_env_detect(&o, &env, &e)) goto fail;
+    DistGroup *g = dist_init(&env, &o, &e);
+    if (!g) goto fail;
+    int mine = 100 + env.rank, all[64];
+    int rc = dist_allgather(g, &mine, sizeof mine, all, &e);
+    for (int r = 0; rc == 0 && r < env.world_size; r++)
+        if (all[r] != 100 + r) rc = dl_fail(&e, "allgather slot %d", r);
+    printf("rank %d of %d (%s, local rank %d): %s\n", env.rank, env.world_size, dist_source_name(env.source), dist_local_rank(g),
+           rc ? e.msg : "ok");
+    dist_close(g);
+    return rc ? 3 : 0;
+fail:
+    printf("rank ?: %s\n", e.msg);
+    return 3;
+}
+
+// scripts/launch-local starting this program as 3 ranks, TCP and file rendezvous.
+static void test_launcher(const char *self) {
+    if (!dl_file_exists("scripts/launch-local")) {
+        printf("scripts/launch-local not found from %s: launcher test skipped\n", getcwd(NULL, 0));
+        return;
+    }
+    for (int file = 0; file < 2; file++) {
+        char cmd[1024], log[300];
+        snprintf(log, sizeof log, "%s/launch.log", g_dir);
+        snprintf(cmd, sizeof cmd, "timeout 60 scripts/launch-local -n 3 --timeout 10 %s%s%s -- %s --launched-rank > %s 2>&1",
+                 file ? "--rdzv file:" : "", file ? g_dir : "", file ? "/rdzv-launch" : "", self, log);
+        int st = system(cmd);
+        size_t n = 0;
+        DlError e;
+        char *out = dl_read_file(log, &n, &e);
+        bool ok = st == 0 && out && strstr(out, "[0] rank 0 of 3 (torchrun environment, local rank 0): ok") &&
+                  strstr(out, "[2] rank 2 of 3 (torchrun environment, local rank 2): ok");
+        printf("launch-local, 3 ranks, %s rendezvous: %s\n", file ? "file" : "tcp", ok ? "ok" : "FAILED");
+        if (!ok) fprintf(stderr, "status %d, output:\n%s\n", st, out ? out : "(none)");
+        CHECK(ok);
+        free(out);
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && !strcmp(argv[1], "--launched-rank")) return launched_rank();
     signal(SIGPIPE, SIG_IGN);
     snprintf(g_dir, sizeof g_dir, "/tmp/test_dist.XXXXXX");
     if (!mkdtemp(g_dir)) return 1;
@@ -425,6 +488,7 @@ int main(void) {
     test_death(DIST_RDV_FILE);
     test_mismatch(BEHAVE_WRONG_WORLD);
     test_mismatch(BEHAVE_WRONG_KEY);
+    test_launcher(argv[0]);
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
     if (system(cmd)) {}
