@@ -1,8 +1,10 @@
 // stage_common.c: see stage_common.h.
 #include "distill/stage_common.h"
 
+#include <limits.h>
 #include <math.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "distill/checkpoint.h"
 #include "distill/ingest.h"
@@ -388,4 +390,30 @@ int64_t stage_steps(int64_t steps, double epochs, const LoaderSource *ls, int gr
     int64_t per_epoch = dataloader_steps_per_epoch(ls->dl) / (grad_accum > 0 ? grad_accum : 1);
     int64_t n = (int64_t)ceil(epochs * (double)per_epoch);
     return n > 0 ? n : 1;
+}
+
+void stage_plot_metrics(const RunContext *ctx) {
+    char script[PATH_MAX + 64] = "";
+    const char *env = getenv("DISTILL_PLOT");
+    if (env) snprintf(script, sizeof script, "%s", env);
+    else {  // BUILD/distill -> BUILD/../scripts/plot-metrics
+        char exe[PATH_MAX];
+        ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+        if (n <= 0) return;
+        exe[n] = 0;
+        char *slash = strrchr(exe, '/');
+        if (!slash) return;
+        *slash = 0;
+        snprintf(script, sizeof script, "%s/../scripts/plot-metrics", exe);
+    }
+    if (access(script, X_OK) != 0) {
+        dl_info("(loss curves not drawn: %s not found; set DISTILL_PLOT to scripts/plot-metrics)", script);
+        return;
+    }
+    char *cmd = dl_malloc(strlen(script) + strlen(ctx->run_dir) + 64);
+    sprintf(cmd, "'%s' '%s' >/dev/null 2>&1", script, ctx->run_dir);
+    int rc = system(cmd);
+    free(cmd);
+    if (rc == 0) dl_info("loss curves: %s/loss.png", ctx->run_dir);
+    else dl_info("(loss curves not drawn: plot-metrics failed; is gnuplot installed?)");
 }

@@ -68,6 +68,10 @@ int loader_source_open(LoaderSource *ls, const char *shard, int64_t B, int64_t T
 void loader_source_close(LoaderSource *ls);
 BatchSource loader_source(LoaderSource *ls);
 
+// Draws RUN_DIR's metrics.jsonl as PNG images (scripts/plot-metrics, found next to the build directory of
+// this program or through DISTILL_PLOT). Best effort: a missing script or gnuplot is a note, not an error.
+void stage_plot_metrics(const RunContext *ctx);
+
 // The optimizer config of a stage (OptimSpec) for a loop of total_steps steps.
 void stage_optim_config(const StageSpec *st, int64_t total_steps, OptimConfig *oc);
 // Steps of a training length given as steps, or as epochs over a loader (steps_per_epoch / grad_accum).

@@ -74,6 +74,8 @@ static int run_dpo(RunContext *ctx, const StageSpec *st) {
     TrainResult res;
     if (train_run(&c, &src, &res, &e)) goto fail;
     rc = res.interrupted ? DL_EXIT_INTERRUPTED : DL_EXIT_OK;
+    metrics_close(&metrics);
+    if (rc == DL_EXIT_OK) stage_plot_metrics(ctx);
     goto out;
 fail:
     fprintf(stderr, "distill: error: %s: %s\n", st->name, e.msg);

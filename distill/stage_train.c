@@ -150,7 +150,8 @@ static int run_training(RunContext *ctx, const StageSpec *st) {
         stage_optim_config(st, steps, &c.opt);
         c.run_dir = ctx->stage_dir;
         c.stage_index = st->index;
-        c.stage_name = sname;
+        c.stage_name = st->name;
+        c.progress_label = sname;
         c.step_offset = off_k;
         c.checkpoint_every = rec->run.checkpoint_every;
         c.keep_checkpoints = rec->run.keep_checkpoints;
@@ -176,6 +177,8 @@ static int run_training(RunContext *ctx, const StageSpec *st) {
         memset(&cur, 0, sizeof cur);
     }
     rc = DL_EXIT_OK;
+    metrics_close(&metrics);
+    stage_plot_metrics(ctx);
     goto out;
 fail:
     fprintf(stderr, "distill: error: %s: %s\n", st->name, e.msg);

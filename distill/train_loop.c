@@ -159,7 +159,7 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
     const int max_skips = c->max_consecutive_skips > 0 ? c->max_consecutive_skips : 25;
     int consecutive_skips = 0;
     Progress prog;
-    progress_begin(&prog, c->stage_name, c->step_offset + step, c->step_offset + total);
+    progress_begin(&prog, c->progress_label ? c->progress_label : c->stage_name, c->step_offset + step, c->step_offset + total);
     double t_run = dl_now();
     int64_t tokens_run = 0, steps_run = 0;
     LossSpec ls = {.w = c->w, .teacher = L.teacher};

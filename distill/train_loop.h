@@ -73,6 +73,7 @@ typedef struct {
     const char *run_dir;
     int stage_index;
     const char *stage_name;
+    const char *progress_label;  // the progress line's name (NULL: stage_name), e.g. "layerwise 2/3"
     int64_t step_offset;     // first step of this loop within the stage
     int64_t checkpoint_every;  // steps between checkpoints (0: only at the end)
     int keep_checkpoints;
