@@ -1165,6 +1165,14 @@ typedef struct {
     const char *kind_name;
 } Scope;
 
+static void set_origin(TomlValue *v, const char *lab) {
+    v->origin = lab;
+    if (v->type == TOML_ARRAY)
+        for (int i = 0; i < v->u.arr.n; i++) set_origin(v->u.arr.items[i], lab);
+    if (v->type == TOML_TABLE)
+        for (int i = 0; i < v->u.tab.n; i++) set_origin(v->u.tab.kv[i].val, lab);
+}
+
 // Finds or creates the table at the dotted path parts[0..n) for --set, and the field set that applies.
 static int apply_set(Ctx *c, TomlValue *root, const char *setarg) {
     const char *eq = strchr(setarg, '=');
@@ -1289,11 +1297,12 @@ static int apply_set(Ctx *c, TomlValue *root, const char *setarg) {
     const char *k = parts[rest];
     const Field *other = NULL;
     const Field *fd = find_field(sc.f, sc.nf, k, sc.kind_bit, &other);
-    if (!fd || fd->type == F_SPECIAL) {
+    if (!fd) {
         if (other) SET_ERR("key '%s' does not apply to a %s stage", k, sc.kind_name);
-        if (fd) SET_ERR("'%s' is a table or a list of tables: set its keys (e.g. stage.NAME.loss.kl=0.1)", k);
         SET_ERR("unknown key '%s'%s", k, field_hint(k, sc.f, sc.nf, sc.kind_bit, hb, sizeof hb));
     }
+    if (fd->type == F_SPECIAL && !strcmp(k, "kind")) SET_ERR("the kind of a stage cannot be changed with --set");
+    // sub-tables (loss, optimizer) and the schedule may be given whole, as TOML: schedule=[{attn_fraction=0.5, steps=10}]
     // typed by the schema: strings may be written bare (--set run.device=cuda)
     TomlValue *v = NULL;
     bool stringish = fd->type == F_STR || fd->type == F_PATH || fd->type == F_ENUM ||
@@ -1317,9 +1326,8 @@ static int apply_set(Ctx *c, TomlValue *root, const char *setarg) {
     TomlKv *kv = toml_table_set(t, k, v);
     kv->line = 0;
     kv->col = 0;
-    // mark nested values too, so element errors also name the --set
-    if (v->type == TOML_ARRAY)
-        for (int i = 0; i < v->u.arr.n; i++) v->u.arr.items[i]->origin = lab;
+    // nested values too, so errors inside a list or table also name the --set
+    set_origin(v, lab);
     // a --set of one of two exclusive keys replaces the other (warmup_steps/warmup_ratio, attn_layers/attn_fraction)
     static const char *const excl[][2] = {{"warmup_steps", "warmup_ratio"}, {"attn_layers", "attn_fraction"}, {"steps", "epochs"}};
     for (size_t i = 0; i < DL_ARRAY_LEN(excl); i++)

@@ -424,6 +424,19 @@ static void test_set(void) {
     recipe_errors_free(&errs);
     recipe_free(&r);
 
+    // a whole schedule or sub-table as TOML
+    const char *s4[] = {"stage.layerwise.schedule=[{attn_fraction = 0.5, steps = 3}, {attn_layers = [3, 7]}]",
+                        "stage.layerwise.loss={ce = 0.5, kl = 1.0}", "hybrid.attn_layers=[3, 7]"};
+    CHECK(load(GOOD_STAGES, s4, 3, false, &r, &errs) == 0 && r.stages[1].n_schedule == 2 && r.stages[1].schedule[0].steps == 3 &&
+          r.stages[1].schedule[1].steps == 5 && r.stages[1].schedule[1].n_attn == 2 && r.stages[1].loss.ce == 0.5 &&
+          r.stages[1].loss.temperature == 1.0);
+    for (int i = 0; i < errs.n; i++) fprintf(stderr, "  %s\n", errs.msg[i]);
+    recipe_errors_free(&errs);
+    recipe_free(&r);
+    EXPECT_SET_ERR(GOOD_STAGES, "stage.layerwise.schedule=[{attn_fraction = 0.3}]",
+                   "--set stage.layerwise.schedule=[{attn_fraction = 0.3}]: stage 'layerwise' schedule step 1.attn_fraction = 0.3");
+    EXPECT_SET_ERR(GOOD_STAGES, "stage.init.kind=sft", "the kind of a stage cannot be changed");
+
     EXPECT_SET_ERR(GOOD_STAGES, "optimizer.lrr=1", "--set optimizer.lrr=1: unknown key 'lrr' (did you mean 'lr'?)");
     EXPECT_SET_ERR(GOOD_STAGES, "optimizer.lr=abc", "--set optimizer.lr=abc: cannot read the value (a number expected)");
     EXPECT_SET_ERR(GOOD_STAGES, "optimizer.lr=-5", "--set optimizer.lr=-5: [optimizer].lr = -5 is out of range");
