@@ -326,6 +326,8 @@ void plan_print(const Recipe *r, FILE *f) {
                 fprintf(f, "%sparams:    %s (no training)\n", ind, count_str(p.params_total, b1, sizeof b1));
             }
             if (st->kind != STAGE_EXPORT) print_mem(f, r, &p, ind);
+            if (def && def->estimate_bytes)
+                fprintf(f, "%s           the stage's own estimate: %s\n", ind, plan_bytes_str(def->estimate_bytes(r, st, k), b1, sizeof b1));
             peak = DL_MAX(peak, p.mem.total);
         }
         if (stage_kind_trains(st->kind)) {

@@ -55,6 +55,9 @@ typedef struct {
     // yet; ctx->stage_dir is NULL). Returns 0, or -1 with e naming file/line and what was
     // expected; the runner reports all failures together and exits DL_EXIT_INPUT.
     int (*check)(const RunContext *ctx, const StageSpec *st, DlError *e);
+    // Optional: the stage's own estimate of its peak bytes per GPU (host on cpu) for schedule step `step`,
+    // shown by --dry-run beside the generic formula of plan.c (e.g. once a CUDA stage knows its buffers).
+    double (*estimate_bytes)(const Recipe *r, const StageSpec *st, int step);
 } StageDef;
 
 void dl_register_stage(const StageDef *def);
