@@ -99,7 +99,7 @@ static int ps_restore(void *ctx, const CkptState *st, DlError *e) {
     return 0;
 }
 
-BatchSource pair_source(PairSource *ps) { return (BatchSource){ps, ps_next, ps_save, ps_restore}; }
+BatchSource pair_source(PairSource *ps) { return (BatchSource){ps, ps_next, ps_save, ps_restore, NULL}; }
 
 int dpo_train_loss(void *ctx, Engine *student, const TrainBatch *b, float *grads, double *loss, MetricPart *parts,
                    int *n_parts, DlError *e) {

@@ -365,7 +365,7 @@ void loader_source_close(LoaderSource *ls) {
     ls->dl = NULL;
 }
 
-BatchSource loader_source(LoaderSource *ls) { return (BatchSource){ls, ls_next, ls_save, ls_restore}; }
+BatchSource loader_source(LoaderSource *ls) { return (BatchSource){ls, ls_next, ls_save, ls_restore, NULL}; }
 
 void stage_optim_config(const StageSpec *st, int64_t total_steps, OptimConfig *oc) {
     const OptimSpec *s = &st->opt;
@@ -385,9 +385,9 @@ void stage_optim_config(const StageSpec *st, int64_t total_steps, OptimConfig *o
     oc->total_steps = total_steps;
 }
 
-int64_t stage_steps(int64_t steps, double epochs, const LoaderSource *ls, int grad_accum) {
+int64_t stage_steps(int64_t steps, double epochs, int64_t batches_per_epoch, int grad_accum) {
     if (steps > 0) return steps;
-    int64_t per_epoch = dataloader_steps_per_epoch(ls->dl) / (grad_accum > 0 ? grad_accum : 1);
+    int64_t per_epoch = batches_per_epoch / (grad_accum > 0 ? grad_accum : 1);
     int64_t n = (int64_t)ceil(epochs * (double)per_epoch);
     return n > 0 ? n : 1;
 }

@@ -74,5 +74,5 @@ void stage_plot_metrics(const RunContext *ctx);
 
 // The optimizer config of a stage (OptimSpec) for a loop of total_steps steps.
 void stage_optim_config(const StageSpec *st, int64_t total_steps, OptimConfig *oc);
-// Steps of a training length given as steps, or as epochs over a loader (steps_per_epoch / grad_accum).
-int64_t stage_steps(int64_t steps, double epochs, const LoaderSource *ls, int grad_accum);
+// Steps of a training length given as steps, or as epochs (micro-batches per epoch / grad_accum).
+int64_t stage_steps(int64_t steps, double epochs, int64_t batches_per_epoch, int grad_accum);

@@ -13,6 +13,7 @@
 #include "distill/checkpoint.h"
 #include "distill/mamba_init.h"
 #include "distill/stage_common.h"
+#include "distill/teacher_cache.h"
 
 #define KEY_SUB "layerwise.sub"
 
@@ -54,6 +55,9 @@ static int run_training(RunContext *ctx, const StageSpec *st) {
     memset(&cur, 0, sizeof cur);
     memset(&teacher, 0, sizeof teacher);
     LoaderSource ls = {0};
+    RowSource rows;
+    memset(&rows, 0, sizeof rows);
+    char *cache = NULL;
     Metrics metrics = {0};
     CkptState cst;
     ckpt_state_init(&cst);
@@ -71,11 +75,43 @@ static int run_training(RunContext *ctx, const StageSpec *st) {
         goto fail;
     }
     const int64_t B = st->opt.micro_batch, T = ds->seq_len;
-    if (loader_source_open(&ls, shard, B, T, (uint64_t)ctx->seed ^ (0x9e37ull * (uint64_t)(st->index + 1)), ds->shuffle, &e)) {
-        rc = DL_EXIT_INPUT;
-        goto fail;
+    const uint64_t data_seed = (uint64_t)ctx->seed ^ (0x9e37ull * (uint64_t)(st->index + 1));
+    BatchSource src;
+    int64_t steps_per_epoch;
+    if (st->teacher_logits == TEACHER_CACHE) {
+        // the teacher's top-k from the teacher_cache stage that ran on this data set; rows in its order
+        for (int i = st->index - 1; i >= 0 && !cache; i--)
+            if (rec->stages[i].kind == STAGE_TEACHER_CACHE && rec->stages[i].data_index == st->data_index) {
+                char *d = run_stage_dir(ctx, i), nm[300];
+                snprintf(nm, sizeof nm, "%s.cache.h5", ds->name);
+                cache = dl_path_join(d, nm);
+                free(d);
+            }
+        if (!cache) {
+            dl_fail(&e, "teacher_logits = \"cache\" but no teacher_cache stage on data '%s' runs before", ds->name);
+            rc = DL_EXIT_INPUT;
+            goto fail;
+        }
+        if (st->loss.mse != 0) {
+            dl_fail(&e, "the hidden-state MSE needs the teacher online (teacher_logits = \"online\")");
+            rc = DL_EXIT_INPUT;
+            goto fail;
+        }
+        if (row_source_open(&rows, shard, T, data_seed, ds->shuffle, &e) ||
+            row_source_attach_cache(&rows, cache, rec->teacher_cfg.base.vocab, &e)) {
+            rc = DL_EXIT_INPUT;
+            goto fail;
+        }
+        src = row_source(&rows);
+        steps_per_epoch = row_source_rows(&rows) / B;
+    } else {
+        if (loader_source_open(&ls, shard, B, T, data_seed, ds->shuffle, &e)) {
+            rc = DL_EXIT_INPUT;
+            goto fail;
+        }
+        src = loader_source(&ls);
+        steps_per_epoch = dataloader_steps_per_epoch(ls.dl);
     }
-    BatchSource src = loader_source(&ls);
     // where to start: the newest checkpoint of this stage (on --resume), else the earlier stage's model
     int k_ckpt = -1;
     int64_t done_flag = 0, ckpt_step = 0;
@@ -96,7 +132,7 @@ static int run_training(RunContext *ctx, const StageSpec *st) {
     const int n_sub = layerwise ? st->n_schedule : 1;
     LossWeights w = {.ce = (float)st->loss.ce, .kl = (float)st->loss.kl, .rkl = (float)st->loss.reverse_kl,
                      .temperature = st->loss.temperature > 0 ? (float)st->loss.temperature : 1.0f};
-    bool need_teacher = st->loss.kl != 0 || st->loss.reverse_kl != 0 || st->loss.mse != 0;
+    bool need_teacher = ((st->loss.kl != 0 || st->loss.reverse_kl != 0) && !cache) || st->loss.mse != 0;
     if (need_teacher && !teacher_loaded) {
         if (stage_load_teacher(ctx, &teacher, &e)) goto fail;
         teacher_loaded = true;
@@ -104,8 +140,8 @@ static int run_training(RunContext *ctx, const StageSpec *st) {
     int64_t offset = 0;
     dl_info("%s: starting from %s", st->name, k_ckpt >= 0 ? latest : from);
     for (int k = 0; k < n_sub; k++) {
-        int64_t steps = layerwise ? stage_steps(st->schedule[k].steps, st->schedule[k].epochs, &ls, st->opt.grad_accum)
-                                  : stage_steps(st->steps, st->epochs, &ls, st->opt.grad_accum);
+        int64_t steps = layerwise ? stage_steps(st->schedule[k].steps, st->schedule[k].epochs, steps_per_epoch, st->opt.grad_accum)
+                                  : stage_steps(st->steps, st->epochs, steps_per_epoch, st->opt.grad_accum);
         int64_t off_k = offset;
         offset += steps;
         if (k < k_ckpt) continue;
@@ -186,6 +222,8 @@ out:
     ckpt_state_free(&cst);
     metrics_close(&metrics);
     loader_source_close(&ls);
+    row_source_close(&rows);
+    free(cache);
     free(shard);
     stage_model_free(&cur);
     stage_model_free(&prev);

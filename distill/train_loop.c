@@ -126,7 +126,8 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
     memset(res, 0, sizeof *res);
     const int64_t B = c->micro_batch, T = c->seq_len;
     if (B < 1 || T < 1) return dl_fail(e, "%s: micro_batch and seq_len must be >= 1 (got %lld, %lld)", c->stage_name, (long long)B, (long long)T);
-    bool need_teacher = !c->loss_fn && (c->w.kl != 0 || c->w.rkl != 0 || c->mse != 0);
+    bool cached = src->teacher_logits != NULL;
+    bool need_teacher = !c->loss_fn && (((c->w.kl != 0 || c->w.rkl != 0) && !cached) || c->mse != 0);
     if (need_teacher && !c->teacher_params)
         return dl_fail(e, "%s: the loss has KL or MSE terms but no teacher was given", c->stage_name);
     if (c->mse != 0 && c->teacher_hc->base.n_layer != c->hc->base.n_layer)
@@ -191,6 +192,10 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
                 n_custom = nmp < 4 ? nmp : 4;
                 for (int64_t i = 0; i < B * T; i++) step_tokens += L.b.mask[i] != 0;
                 continue;
+            }
+            if (cached) {
+                ls.teacher_logits = src->teacher_logits(src->ctx);
+                ls.teacher = NULL;
             }
             if (L.teacher) engine_forward(L.teacher, L.b.tokens, L.b.reset);
             engine_forward(L.student, L.b.tokens, L.b.reset);

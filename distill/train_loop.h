@@ -42,6 +42,9 @@ typedef struct {
     int (*next)(void *ctx, TrainBatch *b, DlError *e);
     void (*save)(void *ctx, CkptState *st);
     int (*restore)(void *ctx, const CkptState *st, DlError *e);
+    // optional: the teacher's log-probs [B*T, V] of the last batch (a teacher cache); KL terms then use them
+    // instead of running the teacher
+    const float *(*teacher_logits)(void *ctx);
 } BatchSource;
 
 typedef struct Engine Engine;  // engine.h

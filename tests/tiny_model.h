@@ -116,5 +116,5 @@ static inline BatchSource synth_source(SynthSource *s, uint64_t seed, int V) {
     rng_init(&s->rng, seed, 7);
     s->batches = 0;
     s->V = V;
-    return (BatchSource){s, synth_next, synth_save, synth_restore};
+    return (BatchSource){s, synth_next, synth_save, synth_restore, NULL};
 }
