@@ -5,7 +5,8 @@
 //   B: killed with SIGKILL in the middle of layerwise (right after a checkpoint appeared), then --resume;
 //   C: aborted inside a checkpoint write (DISTILL_TEST_CRASH_IN_CHECKPOINT, between the temporary file and
 //      the rename), then --resume from the previous checkpoint;
-// and every training loss of B and C equals A's bit for bit (metrics.jsonl, 17 digits), as do the exports.
+//   D: stopped by SIGTERM (exit 4 after writing a checkpoint of the finished step), then --resume;
+// and every training loss of B, C and D equals A's bit for bit (metrics.jsonl, 17 digits), as do the exports.
 #include <cjson/cJSON.h>
 #include <signal.h>
 #include <string.h>
@@ -213,12 +214,50 @@ int main(void) {
     int nc = read_losses(run_c, rcr, 64);
     CHECK(same_rows(ra, na, rcr, nc));
 
+    // D: SIGTERM (a SLURM preemption) mid-layerwise: the step finishes, a checkpoint is written, exit 4
+    char run_d[400];
+    snprintf(run_d, sizeof run_d, "%s/runs/d", g_dir);
+    const char *d_args[] = {recipe, "--quiet", "--set", "run.name=d", NULL};
+    run(d_args, NULL, &pid);
+    int sent = 0;
+    for (int w = 0; w < 6000; w++) {
+        if (count_steps(run_d) >= 3) {
+            kill(pid, SIGTERM);
+            sent = 1;
+            break;
+        }
+        if (waitpid(pid, &st, WNOHANG) == pid) break;
+        struct timespec ts = {0, 100000000};
+        nanosleep(&ts, NULL);
+    }
+    waitpid(pid, &st, 0);
+    CHECK(sent && WIFEXITED(st) && WEXITSTATUS(st) == 4);
+    int at = count_steps(run_d);
+    printf("D stopped by SIGTERM after %d steps\n", at);
+    {
+        char lw[500], latest[1024];
+        DlError e;
+        snprintf(lw, sizeof lw, "%s/02-layerwise", run_d);
+        CkptState cs;
+        ckpt_state_init(&cs);
+        CHECK(checkpoint_find_latest(lw, latest, sizeof latest, &e) == 1 && checkpoint_read_state(latest, &cs, &e) == 0 &&
+              cs.step == at);  // the checkpoint is of the last logged step
+        ckpt_state_free(&cs);
+    }
+    const char *d_res[] = {recipe, "--quiet", "--set", "run.name=d", "--resume", NULL};
+    CHECK_EQ_I64(run(d_res, NULL, NULL), 0);
+    Row rd[64];
+    int nd = read_losses(run_d, rd, 64);
+    CHECK(same_rows(ra, na, rd, nd));
+
     // the exports are byte-identical
     char ea[600], eb[600], ec[600];
     snprintf(ea, sizeof ea, "%s/export/model.safetensors", run_a);
     snprintf(eb, sizeof eb, "%s/export/model.safetensors", run_b);
     snprintf(ec, sizeof ec, "%s/export/model.safetensors", run_c);
-    CHECK(dl_file_exists(ea) && same_file(ea, eb) && same_file(ea, ec));
+    char ed[600];
+    snprintf(ed, sizeof ed, "%s/export/model.safetensors", run_d);
+    CHECK(dl_file_exists(ea) && same_file(ea, eb) && same_file(ea, ec) && same_file(ea, ed));
     // the export holds exactly the weights of the run's last checkpoint (so its logits are the run's)
     {
         char exdir[600], lw[600], last[1024];
