@@ -110,18 +110,29 @@ static int parse_config(const cJSON *o, const char *label, LlamaConfig *c, DlErr
     INT_FIELD("vocab_size", true, 0, 1, BIG, c->vocab);
     INT_FIELD("max_position_embeddings", false, 2048, 1, BIG, c->max_pos);
 #undef INT_FIELD
-    if (get_num(o, "rope_theta", false, 10000.0, &c->rope_theta, label, e) ||
+    // transformers >= 5 writes "rope_parameters" {rope_theta, rope_type, factor, ...} instead of the
+    // top-level "rope_theta" and "rope_scaling"; both spellings are read (top-level wins).
+    const cJSON *rp = cJSON_GetObjectItemCaseSensitive(o, "rope_parameters");
+    if (rp && !cJSON_IsNull(rp) && !cJSON_IsObject(rp)) return dl_fail(e, "%s: \"rope_parameters\" must be an object", label);
+    if (rp && !cJSON_IsObject(rp)) rp = NULL;
+    double theta_default = 10000.0;
+    if (rp && get_num(rp, "rope_theta", false, 10000.0, &theta_default, label, e)) return dl_fail_prefix(e, "rope_parameters: ");
+    if (get_num(o, "rope_theta", false, theta_default, &c->rope_theta, label, e) ||
         get_num(o, "rms_norm_eps", false, 1e-6, &c->rms_eps, label, e) ||
         get_bool(o, "tie_word_embeddings", false, &c->tied_embeddings, label, e) ||
         get_token_id(o, "bos_token_id", &c->bos_id, label, e) || get_token_id(o, "eos_token_id", &c->eos_id, label, e))
         return -1;
     const cJSON *rs = cJSON_GetObjectItemCaseSensitive(o, "rope_scaling");
+    if ((!rs || cJSON_IsNull(rs)) && rp) rs = rp;
     if (rs && !cJSON_IsNull(rs)) {
-        if (!cJSON_IsObject(rs)) return dl_fail(e, "%s: \"rope_scaling\" must be an object or null", label);
+        const char *rname = rs == rp ? "rope_parameters" : "rope_scaling";
+        if (!cJSON_IsObject(rs)) return dl_fail(e, "%s: \"%s\" must be an object or null", label, rname);
         const cJSON *ty = cJSON_GetObjectItemCaseSensitive(rs, "rope_type");
         if (!ty) ty = cJSON_GetObjectItemCaseSensitive(rs, "type");
-        if (!cJSON_IsString(ty)) return dl_fail(e, "%s: rope_scaling needs a string \"rope_type\"", label);
-        if (!strcmp(ty->valuestring, "default")) {
+        if (!ty && rs == rp) {
+            // rope_parameters with only rope_theta: no scaling
+        } else if (!cJSON_IsString(ty)) return dl_fail(e, "%s: %s needs a string \"rope_type\"", label, rname);
+        else if (!strcmp(ty->valuestring, "default")) {
             // same as no scaling
         } else if (!strcmp(ty->valuestring, "llama3")) {
             int64_t omp;
@@ -129,12 +140,12 @@ static int parse_config(const cJSON *o, const char *label, LlamaConfig *c, DlErr
                 get_num(rs, "low_freq_factor", true, 0, &c->rope_low_freq_factor, label, e) ||
                 get_num(rs, "high_freq_factor", true, 0, &c->rope_high_freq_factor, label, e) ||
                 get_int(rs, "original_max_position_embeddings", true, 0, 1, BIG, &omp, label, e))
-                return dl_fail_prefix(e, "rope_scaling: ");
+                return dl_fail_prefix(e, "%s: ", rname);
             c->rope_orig_max_pos = (int)omp;
             if (!(c->rope_factor >= 1) || !(c->rope_low_freq_factor > 0) || !(c->rope_high_freq_factor > c->rope_low_freq_factor))
-                return dl_fail(e, "%s: rope_scaling: need factor >= 1 and high_freq_factor > low_freq_factor > 0", label);
+                return dl_fail(e, "%s: %s: need factor >= 1 and high_freq_factor > low_freq_factor > 0", label, rname);
         } else {
-            return dl_fail(e, "%s: rope_scaling type \"%s\" is not supported (expected \"llama3\" or null)", label, ty->valuestring);
+            return dl_fail(e, "%s: %s type \"%s\" is not supported (expected \"llama3\", \"default\" or null)", label, rname, ty->valuestring);
         }
     }
     if (c->d_model % c->n_head && !cJSON_GetObjectItemCaseSensitive(o, "head_dim"))

@@ -79,6 +79,16 @@ static void test_configs(void) {
     }
     snprintf(buf, sizeof buf, "{%s}", base);
     CHECK(hf_config_parse(buf, strlen(buf), "c.json", &c, &e) == 0 && c.n_kv_head == 4 && c.head_dim == 16 && c.rope_theta == 10000);
+    // transformers >= 5 spelling: rope_parameters holds rope_theta and the scaling
+    snprintf(buf, sizeof buf, "{%s,\"rope_parameters\":{\"rope_theta\":500000.0,\"rope_type\":\"default\"}}", base);
+    CHECK(hf_config_parse(buf, strlen(buf), "c.json", &c, &e) == 0 && c.rope_theta == 500000 && c.rope_factor == 0);
+    snprintf(buf, sizeof buf, "{%s,\"rope_parameters\":{\"rope_theta\":5e5,\"rope_type\":\"llama3\",\"factor\":8.0,"
+             "\"low_freq_factor\":1.0,\"high_freq_factor\":4.0,\"original_max_position_embeddings\":64}}", base);
+    CHECK(hf_config_parse(buf, strlen(buf), "c.json", &c, &e) == 0 && c.rope_theta == 500000 && c.rope_factor == 8 && c.rope_orig_max_pos == 64);
+    snprintf(buf, sizeof buf, "{%s,\"rope_theta\":1e4,\"rope_parameters\":{\"rope_theta\":5e5}}", base);
+    CHECK(hf_config_parse(buf, strlen(buf), "c.json", &c, &e) == 0 && c.rope_theta == 10000);  // top level wins
+    snprintf(buf, sizeof buf, "{%s,\"rope_parameters\":{\"rope_type\":\"yarn\",\"factor\":4}}", base);
+    expect_err(hf_config_parse(buf, strlen(buf), "c.json", &c, &e), &e, "rope_parameters type \"yarn\"", "rope_parameters yarn");
     const char *noh = "{\"intermediate_size\":128,\"num_hidden_layers\":2,\"num_attention_heads\":4,\"vocab_size\":100}";
     expect_err(hf_config_parse(noh, strlen(noh), "c.json", &c, &e), &e, "\"hidden_size\" is missing", "no hidden_size");
     const char *frac = "{\"hidden_size\":64,\"intermediate_size\":128,\"num_hidden_layers\":2.5,\"num_attention_heads\":4,\"vocab_size\":100}";
@@ -86,6 +96,7 @@ static void test_configs(void) {
     const char *nl = "{\n\"hidden_size\": 64,\n\"x\": [1,,2]\n}";
     expect_err(hf_config_parse(nl, strlen(nl), "c.json", &c, &e), &e, "c.json:3: not valid JSON", "bad JSON line");
     // mamba_config consistency
+    snprintf(buf, sizeof buf, "{%s}", base);
     CHECK(hf_config_parse(buf, strlen(buf), "c.json", &c, &e) == 0);
     const char *m1 = "{\"d_model\":64,\"ssm_cfg\":{\"expand\":1},\"d_xb\":64,\"n_layer\":2,\"attn_layers\":[1]}";
     CHECK(hf_mamba_config_parse(m1, strlen(m1), "m.json", &c, &hc, &e) == 0 && hc.mixer[0] == MIXER_MAMBA1 && hc.mixer[1] == MIXER_ATTN);
