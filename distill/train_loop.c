@@ -122,11 +122,36 @@ static double hidden_mse(const TrainConfig *c, Loop *L, int64_t rows, double wei
     return total;
 }
 
+// Teacher-forced per-layer alignment (the loss is MSE only): each Mamba layer l of the student gets the
+// teacher's hidden state l as input and is trained to reproduce the teacher's hidden state l+1, one layer
+// at a time (forward of that layer, MSE, backward into its own parameters). Returns the weighted MSE.
+static double align_layers(const TrainConfig *c, Loop *L, int64_t rows, double weight) {
+    const int nl = c->hc->base.n_layer;
+    const int64_t d = c->hc->base.d_model;
+    int n_cmp = 0;
+    for (int l = 0; l < nl; l++) n_cmp += c->hc->mixer[l] != MIXER_ATTN;
+    int64_t counted = 0;
+    for (int64_t i = 0; i < rows; i++) counted += L->b.mask[i] != 0;
+    if (!n_cmp || !counted) return 0;
+    const double scale = weight / ((double)counted * (double)d * n_cmp);
+    double total = 0;
+    for (int l = 0; l < nl; l++) {
+        if (c->hc->mixer[l] == MIXER_ATTN) continue;
+        engine_forward_range(L->student, L->b.tokens, L->b.reset, l, engine_hidden(L->teacher, l), l + 1);
+        memset(L->dh, 0, (size_t)(rows * d) * sizeof(float));
+        total += mse_rows(rows, d, engine_hidden(L->student, l + 1), engine_hidden(L->teacher, l + 1), L->b.mask, scale, L->dh);
+        engine_add_hidden_grad(L->student, l + 1, L->dh, 1.0f);
+        engine_backward(L->student, L->grads);
+    }
+    return total;
+}
+
 int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError *e) {
     memset(res, 0, sizeof *res);
     const int64_t B = c->micro_batch, T = c->seq_len;
     if (B < 1 || T < 1) return dl_fail(e, "%s: micro_batch and seq_len must be >= 1 (got %lld, %lld)", c->stage_name, (long long)B, (long long)T);
     bool cached = src->teacher_logits != NULL;
+    const bool align = !c->loss_fn && c->mse != 0 && c->w.ce == 0 && c->w.kl == 0 && c->w.rkl == 0;
     bool need_teacher = !c->loss_fn && (((c->w.kl != 0 || c->w.rkl != 0) && !cached) || c->mse != 0);
     if (need_teacher && !c->teacher_params)
         return dl_fail(e, "%s: the loss has KL or MSE terms but no teacher was given", c->stage_name);
@@ -198,6 +223,12 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
                 ls.teacher = NULL;
             }
             if (L.teacher) engine_forward(L.teacher, L.b.tokens, L.b.reset);
+            if (align) {
+                double m = align_layers(c, &L, B * T, c->mse);
+                loss += m, mse += m;
+                for (int64_t i = 0; i < B * T; i++) step_tokens += L.b.mask[i] != 0;
+                continue;
+            }
             engine_forward(L.student, L.b.tokens, L.b.reset);
             LossParts lp = engine_loss(L.student, L.b.targets, L.b.mask, &ls, L.grads, NULL);
             double m = c->mse != 0 ? hidden_mse(c, &L, B * T, c->mse) : 0;

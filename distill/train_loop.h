@@ -63,7 +63,10 @@ typedef struct {
     const Registry *teacher_reg;
     const float *teacher_params;
     // loss: w.ce, w.kl, w.rkl, w.temperature; mse: weight of the mean squared hidden-state difference over
-    // the outputs of the student's Mamba layers (teacher hidden state of the same layer as target)
+    // the outputs of the student's Mamba layers (teacher hidden state of the same layer as target).
+    // With mse alone (ce = kl = rkl = 0) it is the alignment step: each Mamba layer gets the teacher's hidden
+    // state as its input (teacher forcing) and learns to reproduce the teacher layer's output; with other
+    // terms the MSE is taken along the student's own forward pass.
     LossWeights w;
     double mse;
     // or a custom loss (w and mse unused, no teacher needed); loss_ctx is passed to it

@@ -172,6 +172,35 @@ int main(void) {
     lb.n = 0;
     CHECK(train_run(&c, &src, &res, &e) == 0 && lb.n == 0 && res.steps_done == STEPS);
 
+    // ---- the alignment step (MSE only): teacher-forced per-layer hidden-state matching lowers the MSE
+    {
+        char dir_d[] = "/tmp/distill_test_loop_d_XXXXXX";
+        if (!mkdtemp(dir_d)) return 1;
+        float *pd = malloc((size_t)n * 4);
+        memcpy(pd, s0.p, (size_t)n * 4);
+        Log ld = {0};
+        TinyModel sd = s0;
+        sd.p = pd;
+        config(&c, &sd, &t, dir_d, &ld);
+        c.w = (LossWeights){0};
+        c.mse = 1.0;
+        c.opt.lr = 1e-2;
+        src = synth_source(&ss, 11, t.h.base.vocab);
+        rc = train_run(&c, &src, &res, &e);
+        if (rc) fprintf(stderr, "align: %s\n", e.msg);
+        printf("alignment MSE: %.6f -> %.6f\n", ld.loss[1], ld.loss[STEPS]);
+        CHECK(rc == 0 && ld.loss[STEPS] < 0.8 * ld.loss[1]);
+        bool frozen_ok = true;
+        for (int i = 0; i < s0.r.n; i++)
+            if (!s0.r.t[i].trainable)
+                frozen_ok &= !memcmp(pd + s0.r.t[i].offset, s0.p + s0.r.t[i].offset, (size_t)s0.r.t[i].numel * 4);
+        CHECK(frozen_ok);
+        char cmdd[200];
+        snprintf(cmdd, sizeof cmdd, "rm -rf %s", dir_d);
+        CHECK(system(cmdd) == 0);
+        free(pd);
+    }
+
     // ---- a diverging run (lr absurdly high, no clipping) is stopped with a clear error, nothing non-finite saved
     char dir_c[] = "/tmp/distill_test_loop_c_XXXXXX";
     if (!mkdtemp(dir_c)) return 1;
