@@ -5,8 +5,11 @@
 // them anywhere would show). Failures: a failed rank (no manifest, the previous checkpoint stays the latest),
 // a corrupted or missing shard file, non-finite state, pruning with keep_last. Two real processes save
 // through the TCP process group and the result resumes on 1 and 3 ranks.
+#include <arpa/inet.h>
 #include <math.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -332,6 +335,13 @@ static void real_processes(const Registry *base) {
     char dir[400], path[512];
     snprintf(dir, sizeof dir, "%s/procs", g_dir);
     int port = 20000 + (int)(getpid() % 20000);
+    {  // a port nobody listens on now
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        socklen_t l = sizeof a;
+        if (fd >= 0 && !bind(fd, (struct sockaddr *)&a, sizeof a) && !getsockname(fd, (struct sockaddr *)&a, &l)) port = ntohs(a.sin_port);
+        if (fd >= 0) close(fd);
+    }
     pid_t pid[2];
     for (int r = 0; r < 2; r++) {
         pid[r] = fork();
