@@ -44,6 +44,11 @@ struct NcclComm {
     double timeout, grace;
     bool no_exit;
     uint64_t seq;  // collectives issued
+    // inside nccl_group_begin/end the operations reach the stream only at the end: tracked as one entry then
+    int group_depth, group_ops;
+    int64_t group_count;
+    DType group_dt;
+    cudaStream_t group_stream;
     // watchdog state, under mu
     pthread_mutex_t mu;
     pthread_t thread;
@@ -153,9 +158,17 @@ static int wait_nccl(NcclComm *c, ncclResult_t r, const char *what, double deadl
         }
         sleep_ms(5);
         ncclResult_t as = ncclSuccess;
-        if (ncclCommGetAsyncError(c->comm, &as) != ncclSuccess) break;
+        pthread_mutex_lock(&c->mu);  // the watchdog may abort (and so release) the communicator meanwhile
+        if (c->aborted) {
+            pthread_mutex_unlock(&c->mu);
+            return dl_fail(e, "%s", c->reason);
+        }
+        ncclResult_t q = ncclCommGetAsyncError(c->comm, &as);
+        pthread_mutex_unlock(&c->mu);
+        if (q != ncclSuccess) break;
         r = as;
     }
+    if (r != ncclSuccess && nccl_comm_check(c, e)) return -1;
     if (r != ncclSuccess)
         return dl_fail(e, "rank %d (host %s, GPU %d): %s failed: %s (%s); NCCL_DEBUG=INFO shows why", c->rank, c->host, c->device,
                        what, ncclGetErrorString(r), c->comm ? ncclGetLastError(c->comm) : "");
@@ -237,8 +250,7 @@ void nccl_comm_free(NcclComm *c) {
         pthread_mutex_unlock(&c->mu);
         pthread_join(c->thread, NULL);
     }
-    if (c->aborted) ncclCommAbort(c->comm);  // a second abort is a no-op for an aborted communicator
-    else ncclCommDestroy(c->comm);
+    if (!c->aborted) ncclCommDestroy(c->comm);  // an aborted communicator was released by ncclCommAbort
     for (int i = 0; i < c->n; i++) cudaEventDestroy(c->ring[(c->head + i) % RING].ev);
     for (int i = 0; i < c->n_free; i++) cudaEventDestroy(c->free_ev[i]);
     pthread_mutex_destroy(&c->mu);
@@ -254,6 +266,13 @@ int nccl_comm_check(NcclComm *c, DlError *e) {
 
 // After an enqueue: an event for the watchdog.
 static int track(NcclComm *c, const char *op, int64_t count, DType dt, cudaStream_t s, DlError *e) {
+    if (c->group_depth > 0) {  // recorded at nccl_group_end, once the group is on the stream
+        c->group_ops++;
+        c->group_count += count;
+        c->group_dt = dt;
+        c->group_stream = s;
+        return 0;
+    }
     pthread_mutex_lock(&c->mu);
     if (c->n == RING) {
         pthread_mutex_unlock(&c->mu);
@@ -276,6 +295,18 @@ static int track(NcclComm *c, const char *op, int64_t count, DType dt, cudaStrea
     return 0;
 }
 
+// Runs an NCCL call under the lock, unless the watchdog aborted (and released) the communicator.
+#define ENQUEUE(stmt)                                  \
+    do {                                               \
+        pthread_mutex_lock(&c->mu);                    \
+        if (c->aborted) {                              \
+            pthread_mutex_unlock(&c->mu);              \
+            return dl_fail(e, "%s", c->reason);        \
+        }                                              \
+        stmt;                                          \
+        pthread_mutex_unlock(&c->mu);                  \
+    } while (0)
+
 static int pre(NcclComm *c, DType dt, ncclDataType_t *t, DlError *e) {
     if (nccl_comm_check(c, e)) return -1;
     if (nccl_type(dt, t)) return dl_fail(e, "rank %d: NCCL collectives take fp32 or bf16 buffers, not %s", c->rank, dtype_name(dt));
@@ -286,7 +317,8 @@ int nccl_all_reduce(NcclComm *c, const void *send, void *recv, int64_t count, DT
                     DlError *e) {
     ncclDataType_t t;
     if (pre(c, dt, &t, e)) return -1;
-    ncclResult_t r = ncclAllReduce(send, recv, (size_t)count, t, average ? ncclAvg : ncclSum, c->comm, (cudaStream_t)stream);
+    ncclResult_t r;
+    ENQUEUE(r = ncclAllReduce(send, recv, (size_t)count, t, average ? ncclAvg : ncclSum, c->comm, (cudaStream_t)stream));
     if (wait_nccl(c, r, "ncclAllReduce", now_s() + c->timeout, e)) return -1;
     return track(c, "all-reduce", count, dt, (cudaStream_t)stream, e);
 }
@@ -295,8 +327,8 @@ int nccl_reduce_scatter(NcclComm *c, const void *send, void *recv, int64_t recv_
                         void *stream, DlError *e) {
     ncclDataType_t t;
     if (pre(c, dt, &t, e)) return -1;
-    ncclResult_t r = ncclReduceScatter(send, recv, (size_t)recv_count, t, average ? ncclAvg : ncclSum, c->comm,
-                                       (cudaStream_t)stream);
+    ncclResult_t r;
+    ENQUEUE(r = ncclReduceScatter(send, recv, (size_t)recv_count, t, average ? ncclAvg : ncclSum, c->comm, (cudaStream_t)stream));
     if (wait_nccl(c, r, "ncclReduceScatter", now_s() + c->timeout, e)) return -1;
     return track(c, "reduce-scatter", recv_count * c->world, dt, (cudaStream_t)stream, e);
 }
@@ -304,20 +336,31 @@ int nccl_reduce_scatter(NcclComm *c, const void *send, void *recv, int64_t recv_
 int nccl_all_gather(NcclComm *c, const void *send, void *recv, int64_t send_count, DType dt, void *stream, DlError *e) {
     ncclDataType_t t;
     if (pre(c, dt, &t, e)) return -1;
-    ncclResult_t r = ncclAllGather(send, recv, (size_t)send_count, t, c->comm, (cudaStream_t)stream);
+    ncclResult_t r;
+    ENQUEUE(r = ncclAllGather(send, recv, (size_t)send_count, t, c->comm, (cudaStream_t)stream));
     if (wait_nccl(c, r, "ncclAllGather", now_s() + c->timeout, e)) return -1;
     return track(c, "all-gather", send_count * c->world, dt, (cudaStream_t)stream, e);
 }
 
 int nccl_group_begin(NcclComm *c, DlError *e) {
     if (nccl_comm_check(c, e)) return -1;
-    ncclResult_t r = ncclGroupStart();
-    return r == ncclSuccess ? 0 : dl_fail(e, "rank %d: ncclGroupStart failed: %s", c->rank, ncclGetErrorString(r));
+    ncclResult_t r;
+    ENQUEUE(r = ncclGroupStart());
+    if (r != ncclSuccess) return dl_fail(e, "rank %d: ncclGroupStart failed: %s", c->rank, ncclGetErrorString(r));
+    if (c->group_depth++ == 0) c->group_ops = 0, c->group_count = 0;
+    return 0;
 }
 
 int nccl_group_end(NcclComm *c, DlError *e) {
-    ncclResult_t r = ncclGroupEnd();
-    return wait_nccl(c, r, "ncclGroupEnd", now_s() + c->timeout, e);
+    ncclResult_t r;
+    ENQUEUE(r = ncclGroupEnd());
+    if (c->group_depth > 0) c->group_depth--;
+    if (wait_nccl(c, r, "ncclGroupEnd", now_s() + c->timeout, e)) return -1;
+    if (c->group_depth == 0 && c->group_ops > 0) {
+        c->group_ops = 0;
+        return track(c, "group of collectives", c->group_count, c->group_dt, c->group_stream, e);
+    }
+    return 0;
 }
 
 int nccl_sync(NcclComm *c, void *stream, DlError *e) {
