@@ -154,6 +154,9 @@ int dequantize(DType t, const void *src, float *dst, int64_t n) {
     return 0;
 }
 
+// The reference's MIN(15, (int8_t)v) for v >= 0, with NaN/inf kept out of the int conversion (UB).
+static inline int q4(float v) { return (int)fminf(fmaxf(v, 0.0f), 15.0f); }
+
 int quantize(DType t, const float *x, void *dst, int64_t n) {
     const DTypeInfo *di = dtype_info(t);
     if (!di || !quant_can_quantize(t) || n < 0 || n % di->block_elems) return -1;
@@ -176,7 +179,8 @@ int quantize(DType t, const float *x, void *dst, int64_t n) {
             for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[j]));
             const float d = amax / 127.0f, id = d ? 1.0f / d : 0.0f;
             f2h(p, d);
-            for (int j = 0; j < 32; j++) p[2 + j] = (uint8_t)(int8_t)roundf(x[j] * id);
+            // |x*id| <= 127 for finite x; the clamp only keeps NaN/inf out of the int conversion (UB)
+            for (int j = 0; j < 32; j++) p[2 + j] = (uint8_t)(int8_t)roundf(fminf(fmaxf(x[j] * id, -127.0f), 127.0f));
         }
         break;
     case DT_Q4_0:  // d = (value of largest magnitude) / -8, q = min(15, (int)(x/d + 8.5))
@@ -187,9 +191,7 @@ int quantize(DType t, const float *x, void *dst, int64_t n) {
             const float d = mx / -8.0f, id = d ? 1.0f / d : 0.0f;
             f2h(p, d);
             for (int j = 0; j < 16; j++) {
-                int a = (int8_t)(x[j] * id + 8.5f), b = (int8_t)(x[j + 16] * id + 8.5f);
-                a = a > 15 ? 15 : a;
-                b = b > 15 ? 15 : b;
+                int a = q4(x[j] * id + 8.5f), b = q4(x[j + 16] * id + 8.5f);
                 p[2 + j] = (uint8_t)(a | (b << 4));
             }
         }
@@ -202,9 +204,7 @@ int quantize(DType t, const float *x, void *dst, int64_t n) {
             f2h(p, d);
             f2h(p + 2, mn);
             for (int j = 0; j < 16; j++) {
-                int a = (int8_t)((x[j] - mn) * id + 0.5f), b = (int8_t)((x[j + 16] - mn) * id + 0.5f);
-                a = a > 15 ? 15 : a;
-                b = b > 15 ? 15 : b;
+                int a = q4((x[j] - mn) * id + 0.5f), b = q4((x[j + 16] - mn) * id + 0.5f);
                 p[4 + j] = (uint8_t)(a | (b << 4));
             }
         }

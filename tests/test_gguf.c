@@ -490,6 +490,10 @@ static void test_quant_api(void) {
     CHECK(dequantize(DT_I32, q, y, 4) != 0);
     CHECK(quantize(DT_Q4_K, y, q, 256) != 0);
     CHECK(quant_can_dequantize(DT_Q5_K) && !quant_can_quantize(DT_Q5_K));
+    // NaN/inf inputs encode without undefined behaviour (UBSan builds) and decode to something
+    float bad[32];
+    for (int j = 0; j < 32; j++) bad[j] = j == 3 ? NAN : j == 4 ? INFINITY : (float)j;
+    CHECK(quantize(DT_Q8_0, bad, q, 32) == 0 && quantize(DT_Q4_0, bad, q, 32) == 0 && quantize(DT_Q4_1, bad, q, 32) == 0);
     // a known Q4_1 block: d = 0.5, m = -1, nibbles 0..15 then 15..0
     uint8_t blk[20];
     uint16_t d = f32_to_f16(0.5f), m = f32_to_f16(-1.0f);

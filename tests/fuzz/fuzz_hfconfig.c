@@ -21,8 +21,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     HybridConfig h;
     if (hf_mamba_config_parse((const char *)data, size, "fuzz", &c, &h, &e)) hybrid_config_teacher(&h, &c);
-    // a registry of a small parsed config must build (bounded so the fuzzer does not allocate 8B models)
-    if ((int64_t)c.vocab * c.d_model < (1 << 20) && (int64_t)c.n_layer * c.d_model * c.d_ff < (1 << 22)) {
+    // a registry of a small parsed config must build (bounded: the registry is not the parser under test,
+    // and large layouts only slow the fuzzer down)
+    if (c.n_layer <= 8 && (int64_t)c.vocab * c.d_model < (1 << 20) && (int64_t)c.d_model * c.d_ff < (1 << 20)) {
         Registry reg;
         model_build_registry(&h, &reg);
         reg_free(&reg);
