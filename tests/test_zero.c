@@ -5,12 +5,15 @@
 // bitwise (same summation order), and equal one rank on the global batch within fp32 rounding; non-finite
 // gradients on one rank make every rank skip; the 8-rank layout of a Llama-3-8B-shaped 50% hybrid.
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
+#include "distill/engine.h"
 #include "distill/model.h"
 #include "distill/model_io.h"
 #include "distill/zero.h"
 #include "tests/check.h"
+#include "tests/tiny_model.h"
 
 // ---------------------------------------------------------------- test model
 
@@ -64,11 +67,18 @@ static void add_sample_grad(const Registry *reg, int64_t i, const float *p, floa
     }
 }
 
+// Adds rank `rank`'s gradient of micro-batch m of step s into g (registry layout), for parameters p; returns
+// the rank's share of the global loss. The default is add_sample_grad over the rank's samples.
+typedef double (*GradFn)(void *ctx, int rank, int R, int accum, int s, int m, const Registry *reg, const float *p, float *g);
+
 typedef struct {
     int R, stage, accum, steps;
+    GradFn grad;  // NULL: the quadratic
+    void *ctx;
     int64_t bucket_bytes;
     double clip;
     int nan_step, nan_rank;  // inject a NaN into this rank's gradient at this step (-1: never)
+    const float *init;       // initial parameters (NULL: random in [-1, 1])
 } RunCfg;
 
 typedef struct {
@@ -110,7 +120,7 @@ static void run(const Registry *base, const RunCfg *c, RunOut *out) {
         flat[r] = dl_calloc((size_t)L.flat_numel, sizeof(float));
         shard[r] = dl_calloc((size_t)L.shard_numel, sizeof(float));
         pshard[r] = dl_calloc((size_t)L.shard_numel, sizeof(float));
-        for (int64_t x = 0; x < N; x++) params[r][x] = 2.0f * unit(7, (uint64_t)x) - 1.0f;
+        for (int64_t x = 0; x < N; x++) params[r][x] = c->init ? c->init[x] : 2.0f * unit(7, (uint64_t)x) - 1.0f;
     }
     out->ranks_agree = true;
     out->n_clipped = 0;
@@ -121,6 +131,10 @@ static void run(const Registry *base, const RunCfg *c, RunOut *out) {
         for (int m = 0; m < c->accum; m++) {
             for (int r = 0; r < R; r++) {
                 if (c->stage == 2) memset(grads[r], 0, (size_t)N * sizeof(float));
+                if (c->grad) {
+                    c->grad(c->ctx, r, R, c->accum, s, m, &reg[r], params[r], grads[r]);
+                    continue;
+                }
                 int64_t i0 = (int64_t)s * NSAMP + (int64_t)m * (NSAMP / c->accum) + (int64_t)r * per;
                 for (int64_t i = i0; i < i0 + per; i++) add_sample_grad(&reg[r], i, params[r], cscale, grads[r]);
                 if (s == c->nan_step && r == c->nan_rank && m == 0) grads[r][reg[r].t[reg[r].n - 1].offset + 3] = NAN;
@@ -272,6 +286,100 @@ static void test_training(const Registry *base) {
            n_close, g_worst_rounding);
     CHECK(g_worst_rounding > 0);  // the orders do differ somewhere (else the comparison proves little)
     free(p0);
+}
+
+// ---------------------------------------------------------------- the CPU engine as the model
+
+// A tiny hybrid (attention layer 0, Mamba-1 layer 1); global batch of EB rows x ET tokens per micro-batch,
+// rank r takes rows [r*EB/R, (r+1)*EB/R). The loss (cross-entropy) is divided by the GLOBAL count of
+// counted tokens, so the sum over ranks of their gradients is the global batch's gradient.
+#define EB 8
+#define ET 12
+
+typedef struct {
+    TinyModel teacher, m;
+    Engine *eng[8][8];  // [R index][rank]: engines bind to a rank's parameter buffer
+    const float *bound[8][8];
+    int ri;
+} EngineCtx;
+
+static double engine_grad(void *ctx, int rank, int R, int accum, int s, int m, const Registry *reg, const float *p, float *g) {
+    EngineCtx *c = ctx;
+    DlError e;
+    const int64_t Bl = EB / R;
+    Engine **eng = &c->eng[c->ri][rank];
+    if (!*eng || c->bound[c->ri][rank] != p) {  // a new run: new parameter buffers
+        if (*eng) engine_free(*eng);
+        *eng = engine_new(&c->m.h, reg, p, Bl, ET, ENGINE_TRAIN, &e);
+        if (!*eng) {
+            fprintf(stderr, "engine_new: %s\n", e.msg);
+            abort();
+        }
+        c->bound[c->ri][rank] = p;
+    }
+    // the global micro-batch (s, m): the same on every rank, which takes its rows
+    SynthSource src;
+    synth_source(&src, 1000 + (uint64_t)s * accum + (uint64_t)m, c->m.h.base.vocab);
+    int32_t tok[EB * ET], tgt[EB * ET];
+    uint8_t mask[EB * ET], reset[EB * ET];
+    TrainBatch b = {EB, ET, tok, tgt, mask, reset};
+    synth_next(&src, &b, &e);
+    double counted = 0;
+    for (int i = 0; i < EB * ET; i++) counted += mask[i];
+    const int64_t o = (int64_t)rank * Bl * ET;
+    LossSpec spec = {0};
+    spec.w.ce = 1;
+    spec.w.temperature = 1;
+    spec.norm = counted;
+    engine_forward(*eng, tok + o, reset + o);
+    LossParts lp = engine_loss(*eng, tgt + o, mask + o, &spec, g, NULL);
+    engine_backward(*eng, g);
+    return lp.loss;
+}
+
+static void test_engine(void) {
+    EngineCtx c;
+    memset(&c, 0, sizeof c);
+    tiny_teacher(&c.teacher, 2, true, 5);
+    int attn[1] = {0};
+    tiny_hybrid(&c.m, &c.teacher, attn, 1, 6);
+    const int64_t N = c.m.r.numel;
+    const int Rs[] = {1, 2, 4, 8};
+    RunOut ref = {0};
+    double worst = 0;
+    int n_bitwise = 0;
+    for (size_t ri = 0; ri < DL_ARRAY_LEN(Rs); ri++) {
+        c.ri = (int)ri;
+        RunOut out[3];
+        for (int stage = 0; stage < 3; stage++) {
+            RunCfg rc = {.R = Rs[ri], .stage = stage, .accum = 2, .steps = 3, .bucket_bytes = 16 << 10, .clip = 0,
+                         .nan_step = -1, .grad = engine_grad, .ctx = &c, .init = c.m.p};
+            run(&c.m.r, &rc, &out[stage]);
+            CHECK(out[stage].ranks_agree);
+        }
+        CHECK(same(&out[1], &out[0], N));  // ZeRO-1 = no sharding, bitwise
+        n_bitwise++;
+        double e2 = rel_err(out[2].p, out[0].p, c.m.p, N);  // ZeRO-2 with accumulation: another order
+        CHECK_REL(e2, 1e-5, "engine: ZeRO-2 vs no sharding");
+        worst = DL_MAX(worst, e2);
+        if (ri == 0) ref = out[0];
+        else {
+            double er = rel_err(out[0].p, ref.p, c.m.p, N);
+            CHECK_REL(er, 1e-5, "engine: R ranks vs 1 rank on the global batch");
+            worst = DL_MAX(worst, er);
+            run_free(&out[0]);
+        }
+        run_free(&out[1]);
+        run_free(&out[2]);
+    }
+    printf("CPU engine (tiny hybrid, attention + Mamba-1, %lld params), 3 AdamW steps, accum 2: ZeRO-1 bitwise = no "
+           "sharding for R = 1, 2, 4, 8; ZeRO-2 and R ranks vs 1 rank within %.2e\n", (long long)reg_trainable_numel(&c.m.r), worst);
+    run_free(&ref);
+    for (int i = 0; i < 8; i++)
+        for (int j = 0; j < 8; j++)
+            if (c.eng[i][j]) engine_free(c.eng[i][j]);
+    tiny_free(&c.m);
+    tiny_free(&c.teacher);
 }
 
 // A NaN in one rank's gradient: every rank skips the step and they stay identical.
@@ -471,11 +579,15 @@ static void test_8b(void) {
 }
 
 int main(void) {
+    // one thread: every comparison here is within this process (so at one thread count), and OpenMP's
+    // spinning threads make tiny engine calls slow on a loaded machine
+    omp_set_num_threads(1);
     Registry base;
     build_reg(&base);
     test_layouts(&base);
     test_training(&base);
     test_nonfinite(&base);
+    test_engine();
     test_8b();
     ZeroLayout L;
     DlError e;
