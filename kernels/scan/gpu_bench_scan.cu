@@ -3,7 +3,7 @@
 // time, as a fraction of its memory floor (the fewest bytes it must move over a device-to-device copy
 // bandwidth measured in the same run) and against mamba_ssm's times on an H100 (issue 6).
 // Timing: CUDA events around every call, median of many calls after warm-up, inputs rotated among 3 sets so
-// that no call finds its inputs in L2. Usage: gpu_bench_scan [reps]
+// that no call finds its inputs in L2. Usage: gpu_bench_scan [reps [BxL]] (BxL: only that shape, e.g. for ncu)
 #include <algorithm>
 #include <vector>
 
@@ -42,6 +42,7 @@ struct Set {
 
 int main(int argc, char **argv) {
     if (argc > 1) REPS = atoi(argv[1]);
+    const char *only = argc > 2 ? argv[2] : NULL;
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     int clk_khz = 0;
@@ -69,6 +70,9 @@ int main(int argc, char **argv) {
     std::vector<char> lines;
     for (int64_t L : Ls)
         for (int64_t B : Bs) {
+            char shape[32];
+            snprintf(shape, sizeof shape, "%lldx%lld", (long long)B, (long long)L);
+            if (only && strcmp(only, shape)) continue;
             ScanShape s = {B, L, D, N, Gc, Gb};
             const int64_t rows = B * L, nx = rows * D, nB = rows * Gb * N, nC = rows * Gc * N;
             Set set[NSET];
@@ -127,8 +131,6 @@ int main(int argc, char **argv) {
             double mamba_f = 0, mamba_b = 0;
             if (B == 8 && L == 2048) mamba_f = 1.33, mamba_b = 5.36;
             if (B == 1 && L == 8192) mamba_f = 0.75, mamba_b = 2.81;
-            char shape[32];
-            snprintf(shape, sizeof shape, "%lldx%lld", (long long)B, (long long)L);
             auto row = [&](const char *k, double ms, double bytes, double ex2, double mamba) {
                 const double floor_ms = bytes / bw * 1e3;
                 printf("%-10s %-9s %9.3f %9.3f %9.3f %6.0f%% %7.2f", shape, k, ms, floor_ms, ex2 * 1e3,

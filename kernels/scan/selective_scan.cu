@@ -82,48 +82,53 @@ __device__ __forceinline__ const bf16 *pick4(const bf16 *const (&a)[4], int k) {
 // Issues the copies of steps [t_start, t_start + nsteps) of batch row b, channels [c0, c0 + nchv), B span
 // [bofs, bofs + nBv) and C span [cofs, cofs + nCv) (element offsets within a token's B / C row). Steps past
 // nsteps get zero B and C (so that padded steps are exact identities in the backward).
-template <bool AL16>
+template <int T, int CPB, int NT, int NTHR, bool AL16>
 __device__ void load_tile(char *tile, const TileGeom &g, const TileSrc &s, int64_t b, int64_t c0, int nchv,
                           int64_t bofs, int nBv, int64_t cofs, int nCv, int64_t t_start, int nsteps) {
-    const int tid = threadIdx.x, nthr = blockDim.x, T = g.T, CPB = g.CPB;
+    // T, CPB, NT and the thread count are compile-time, so the index arithmetic below is shifts and masks
+    const int tid = threadIdx.x;
     bf16 *act = (bf16 *)tile, *Bs = (bf16 *)(tile + g.offB), *Cs = (bf16 *)(tile + g.offC);
     uint8_t *rs = (uint8_t *)(tile + g.offR);
     const int64_t row0 = b * s.L + t_start;
     if (AL16) {
-        const int cpr = CPB / 8, nact = g.NT * nsteps * cpr;
-        for (int e = tid; e < nact; e += nthr) {
-            const int k = e / (nsteps * cpr), r = e % (nsteps * cpr), i = r / cpr, ch = (r % cpr) * 8;
+        constexpr int cpr = CPB / 8, nact = NT * T * cpr;
+#pragma unroll 4
+        for (int e = tid; e < nact; e += NTHR) {
+            const int k = e / (T * cpr), r = e % (T * cpr), i = r / cpr, ch = (r % cpr) * 8;
             const bf16 *src = pick4(s.act, k);
-            if (ch < nchv && src) cp_async16(act + (k * T + i) * CPB + ch, src + (row0 + i) * s.D + c0 + ch);
+            if (i < nsteps && ch < nchv && src)
+                cp_async16(act + (k * T + i) * CPB + ch, src + (row0 + i) * s.D + c0 + ch);
         }
         const int cb8 = nBv / 8, cc8 = nCv / 8;
-        for (int e = tid; e < nsteps * cb8; e += nthr) {
-            const int i = e / cb8, x = (e % cb8) * 8;
+        for (int e = tid; e < nsteps * cb8; e += NTHR) {
+            const int i = e / cb8, x = (e - i * cb8) * 8;
             cp_async16(Bs + i * g.pB + x, s.Bm + (row0 + i) * s.GbN + bofs + x);
         }
-        for (int e = tid; e < nsteps * cc8; e += nthr) {
-            const int i = e / cc8, x = (e % cc8) * 8;
+        for (int e = tid; e < nsteps * cc8; e += NTHR) {
+            const int i = e / cc8, x = (e - i * cc8) * 8;
             cp_async16(Cs + i * g.pC + x, s.Cm + (row0 + i) * s.GcN + cofs + x);
         }
     } else {
-        for (int e = tid; e < g.NT * nsteps * CPB; e += nthr) {
-            const int k = e / (nsteps * CPB), r = e % (nsteps * CPB), i = r / CPB, ch = r % CPB;
+        for (int e = tid; e < NT * T * CPB; e += NTHR) {
+            const int k = e / (T * CPB), r = e % (T * CPB), i = r / CPB, ch = r % CPB;
             const bf16 *src = pick4(s.act, k);
-            if (ch < nchv && src) act[(k * T + i) * CPB + ch] = src[(row0 + i) * s.D + c0 + ch];
+            if (i < nsteps && ch < nchv && src) act[(k * T + i) * CPB + ch] = src[(row0 + i) * s.D + c0 + ch];
         }
-        for (int e = tid; e < nsteps * nBv; e += nthr) {
+        for (int e = tid; e < nsteps * nBv; e += NTHR) {
             const int i = e / nBv, x = e % nBv;
             Bs[i * g.pB + x] = s.Bm[(row0 + i) * s.GbN + bofs + x];
         }
-        for (int e = tid; e < nsteps * nCv; e += nthr) {
+        for (int e = tid; e < nsteps * nCv; e += NTHR) {
             const int i = e / nCv, x = e % nCv;
             Cs[i * g.pC + x] = s.Cm[(row0 + i) * s.GcN + cofs + x];
         }
     }
-    for (int i = tid; i < T; i += nthr) rs[i] = (i < nsteps && s.reset) ? s.reset[row0 + i] : 0;
-    const bf16 zero = __float2bfloat16_rn(0.f);
-    for (int e = tid; e < (T - nsteps) * g.pB; e += nthr) Bs[nsteps * g.pB + e] = zero;
-    for (int e = tid; e < (T - nsteps) * g.pC; e += nthr) Cs[nsteps * g.pC + e] = zero;
+    for (int i = tid; i < T; i += NTHR) rs[i] = (i < nsteps && s.reset) ? s.reset[row0 + i] : 0;
+    if (nsteps < T) {  // the last tile: padded steps get zero B and C
+        const bf16 zero = __float2bfloat16_rn(0.f);
+        for (int e = tid; e < (T - nsteps) * g.pB; e += NTHR) Bs[nsteps * g.pB + e] = zero;
+        for (int e = tid; e < (T - nsteps) * g.pC; e += NTHR) Cs[nsteps * g.pC + e] = zero;
+    }
 }
 
 // Forward main pass (PREPASS = false) or segment pre-pass (PREPASS = true: local end state from zero, no
@@ -183,7 +188,7 @@ __global__ void __launch_bounds__(FWD1_THREADS) scan_fwd_kernel(const FwdArgs p,
         if (kt < ntile) {
             const int64_t ts = tb + (int64_t)kt * FT;
             const int ns = (int)(te - ts < FT ? te - ts : FT);
-            load_tile<AL16>(smem + (kt % FNST) * geo.bytes, geo, src, b, c0, nchv, gblo * N, nBv, gclo * N,
+            load_tile<FT, CPB, 3, FWD1_THREADS, AL16>(smem + (kt % FNST) * geo.bytes, geo, src, b, c0, nchv, gblo * N, nBv, gclo * N,
                             PREPASS ? 0 : nCv, ts, ns);
         }
         cp_async_commit();
@@ -201,14 +206,16 @@ __global__ void __launch_bounds__(FWD1_THREADS) scan_fwd_kernel(const FwdArgs p,
         const uint8_t *srs = (const uint8_t *)(tile + geo.offR);
         const int64_t ts = tb + (int64_t)kt * FT;
         const int ns = (int)(te - ts < FT ? te - ts : FT);
-#pragma unroll 2
-        for (int i = 0; i < ns; i++) {
-            const int64_t t = ts + i;
-            if (!PREPASS && p.ckpt && (t % SCAN_CKPT) == 0 && dvalid) {
-                float4 *ck = reinterpret_cast<float4 *>(p.ckpt + ((b * p.nck + t / SCAN_CKPT) * D + d) * N);
+        // checkpoint: tiles are FT-aligned and FT divides SCAN_CKPT
+        if (!PREPASS && p.ckpt && (ts % SCAN_CKPT) == 0 && dvalid) {
+            float4 *ck = reinterpret_cast<float4 *>(p.ckpt + ((b * p.nck + ts / SCAN_CKPT) * D + d) * N);
 #pragma unroll
-                for (int n = 0; n < N; n += 4) ck[n / 4] = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
-            }
+            for (int n = 0; n < N; n += 4) ck[n / 4] = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
+        }
+        bf16 *outp = PREPASS ? nullptr : p.out + (b * L + ts) * D + d;
+        const bool hasz = !PREPASS && p.z != nullptr;
+        // one step; no branches, so that the compiler can overlap consecutive steps of an unrolled tile
+        auto step = [&](int i) {
             const float uu = __bfloat162float(su[i * CPB]);
             const float delta = softplus_dev(__bfloat162float(sdt[i * CPB]) + bias);
             const float rx = srs[i] ? -INFINITY : 0.f;  // a reset zeroes the decay: ex2(-inf) = 0
@@ -218,8 +225,8 @@ __global__ void __launch_bounds__(FWD1_THREADS) scan_fwd_kernel(const FwdArgs p,
             if (PREPASS) {
 #pragma unroll
                 for (int n = 0; n < N; n++) h[n] = ex2f(fmaf(delta, A2[n], rx)) * h[n] + du * Bv[n];
-                sd = srs[i] ? delta : sd + delta;
-                anyrs |= srs[i];
+                sd = rx != 0.f ? delta : sd + delta;
+                anyrs |= rx != 0.f;
             } else {
                 float Cv[N], y0 = 0.f, y1 = 0.f;
                 lds_vec<N>(sC + i * geo.pC, Cv);
@@ -229,15 +236,17 @@ __global__ void __launch_bounds__(FWD1_THREADS) scan_fwd_kernel(const FwdArgs p,
                     if (n & 1) y1 += Cv[n] * h[n];
                     else y0 += Cv[n] * h[n];
                 }
-                if (dvalid) {
-                    float o = y0 + y1 + Dd * uu;
-                    if (p.z) {
-                        const float zz = __bfloat162float(sz[i * CPB]);
-                        o *= zz * sigmoid_dev(zz);
-                    }
-                    stbf(p.out + (b * L + t) * D + d, o);
-                }
+                const float zz = __bfloat162float(sz[i * CPB]);
+                const float gate = hasz ? zz * sigmoid_dev(zz) : 1.f;
+                if (dvalid) stbf(outp + (int64_t)i * D, (y0 + y1 + Dd * uu) * gate);
             }
+        };
+        if (ns == FT) {
+#pragma unroll
+            for (int i = 0; i < FT; i++) step(i);
+        } else {
+#pragma unroll 1
+            for (int i = 0; i < ns; i++) step(i);
         }
     }
     cp_async_wait<0>();
@@ -318,7 +327,8 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
         if (k >= 0) {
             const int64_t ts = k * T;
             const int ns = (int)(L - ts < T ? L - ts : T);
-            load_tile<AL16>(smem + (k & 1) * geo.bytes, geo, src, b, c0, nchv, gblo * N, nBv, gclo * N, nCv, ts, ns);
+            load_tile<T, CPB, 4, THREADS, AL16>(smem + (k & 1) * geo.bytes, geo, src, b, c0, nchv, gblo * N, nBv,
+                                                gclo * N, nCv, ts, ns);
         }
         cp_async_commit();
     };
