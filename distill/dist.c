@@ -557,8 +557,10 @@ static int tcp_rendezvous(DistGroup *g, const DistEnv *env, DlError *e) {
                 }
             if (nmiss > 16) snprintf(missing + k, sizeof missing - k, ", ... (%d in all)", nmiss);
             rc = dl_fail(e, "rank 0 (host %s): timed out after %.1f s waiting for rank%s %s of %d to connect to %s (tcp "
-                            "rendezvous, key '%s'); were they launched, with the same MASTER_ADDR/MASTER_PORT?",
-                         my_host(g), g->timeout, nmiss > 1 ? "s" : "", missing, g->world, g->where, g->key);
+                            "rendezvous, key '%s'); were they launched, with the same MASTER_ADDR/MASTER_PORT?%s",
+                         my_host(g), g->timeout, nmiss > 1 ? "s" : "", missing, g->world, g->where, g->key,
+                         env->source == DIST_SRC_SLURM ? " (under SLURM: start distill with srun, one task per GPU, "
+                                                         "not directly in the batch script)" : "");
             break;
         }
         int cfd = accept(lfd, NULL, NULL);
