@@ -261,7 +261,7 @@ int main(int argc, char **argv) {
             CK(cudaFree(q));
     }
     // ---- attention (hand-written fallback, CUDA cores)
-    printf("attention (hand-written, fp32 math on CUDA cores; B %lld, T %lld, heads %lld/%lld, hd %lld, causal):\n",
+    printf("attention (hand-written; B %lld, T %lld, heads %lld/%lld, hd %lld, causal):\n",
            (long long)Bt, (long long)T, (long long)nh, (long long)nkv, (long long)hd);
     {
         bf16 *q = rbf(N * nh * hd, 1, 71), *k = rbf(N * nkv * hd, 1, 72), *v = rbf(N * nkv * hd, 1, 73);
@@ -273,12 +273,25 @@ int main(int argc, char **argv) {
         double ms = time_ms([&] {
             need(attention_fwd_cuda(DT_BF16, Bt, T, (int)nh, (int)nkv, (int)hd, q, k, v, NULL, o, lse, NULL, err, sizeof err), "attn fwd");
         });
-        row_flop("attention fwd", ms, fl);
+        row_flop("attention fwd (tensor cores, mma.sync)", ms, fl);
+        attention_use_tensor_cores(0);
+        ms = time_ms([&] {
+            need(attention_fwd_cuda(DT_BF16, Bt, T, (int)nh, (int)nkv, (int)hd, q, k, v, NULL, o, lse, NULL, err, sizeof err), "attn fwd");
+        });
+        attention_use_tensor_cores(1);
+        row_flop("attention fwd (CUDA cores, fp32)", ms, fl);
         ms = time_ms([&] {
             need(attention_bwd_cuda(DT_BF16, Bt, T, (int)nh, (int)nkv, (int)hd, q, k, v, NULL, o, lse, dO, dq, dk, dv, ws,
                                     NULL, err, sizeof err), "attn bwd");
         });
-        row_flop("attention bwd (2.5x fwd FLOPs)", ms, 2.5 * fl);
+        row_flop("attention bwd (tensor cores; 2.5x fwd FLOPs)", ms, 2.5 * fl);
+        attention_use_tensor_cores(0);
+        ms = time_ms([&] {
+            need(attention_bwd_cuda(DT_BF16, Bt, T, (int)nh, (int)nkv, (int)hd, q, k, v, NULL, o, lse, dO, dq, dk, dv, ws,
+                                    NULL, err, sizeof err), "attn bwd");
+        });
+        attention_use_tensor_cores(1);
+        row_flop("attention bwd (CUDA cores, fp32)", ms, 2.5 * fl);
         for (void *p : {(void *)q, (void *)k, (void *)v, (void *)o, (void *)dO, (void *)dq, (void *)dk, (void *)dv, (void *)lse, ws})
             CK(cudaFree(p));
     }

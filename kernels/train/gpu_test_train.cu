@@ -427,11 +427,12 @@ static void test_loss(DType dt, int64_t V, float T, float wce, float wkl, float 
 
 // ---------------------------------------------------------------- attention
 
-static void test_attention(DType dt, int hd, bool docs) {
+static void test_attention(DType dt, int hd, bool docs, bool mma) {
+    attention_use_tensor_cores(mma);
     const int64_t B = 2, T = 203;
     const int nh = 6, nkv = 2;
-    printf("attention (%s): B %lld, T %lld, heads %d/%d, hd %d, %s\n", dtn(dt), (long long)B, (long long)T, nh, nkv, hd,
-           docs ? "documents" : "causal only");
+    printf("attention (%s): B %lld, T %lld, heads %d/%d, hd %d, %s, forward on %s\n", dtn(dt), (long long)B, (long long)T, nh,
+           nkv, hd, docs ? "documents" : "causal only", dt == DT_BF16 && mma ? "tensor cores" : "CUDA cores");
     const int64_t qn = B * T * nh * hd, kn = B * T * nkv * hd;
     Vec q = randn(qn, 1), k = randn(kn, 1), v = randn(kn, 1), dout = randn(qn, 1);
     std::vector<uint8_t> reset(B * T, 0);
@@ -447,10 +448,11 @@ static void test_attention(DType dt, int hd, bool docs) {
     Vec out(qn), lse(B * nh * T);
     attention_fwd(&s, q.data(), k.data(), v.data(), ds.data(), out.data(), lse.data());
     char name[96];
-    snprintf(name, sizeof name, "attention fwd: out (%s, hd %d)", dtn(dt), hd);
+    snprintf(name, sizeof name, "attention fwd: out (%s, hd %d%s)", dtn(dt), hd, dt == DT_BF16 && mma ? ", mma" : "");
     check_rel(rel(down(bo), out), tol_of(dt), name);
-    snprintf(name, sizeof name, "attention fwd: lse (%s, hd %d)", dtn(dt), hd);
+    snprintf(name, sizeof name, "attention fwd: lse (%s, hd %d%s)", dtn(dt), hd, dt == DT_BF16 && mma ? ", mma" : "");
     check_rel(rel(down(blse), lse), 1e-5, name);
+
     // backward from the CPU's out/lse (rounded as dt) so both sides differentiate the same forward
     Vec outr = out;
     Buf bor = up(dt, outr);
@@ -461,17 +463,19 @@ static void test_attention(DType dt, int hd, bool docs) {
                             ws, NULL, err, sizeof err), "attn bwd");
     Vec dq(qn), dk(kn), dv(kn);
     attention_bwd(&s, q.data(), k.data(), v.data(), ds.data(), outr.data(), lse.data(), dout.data(), dq.data(), dk.data(), dv.data());
-    snprintf(name, sizeof name, "attention bwd: dq (%s, hd %d)", dtn(dt), hd);
+    const char *path = dt == DT_BF16 && mma ? ", mma" : "";
+    snprintf(name, sizeof name, "attention bwd: dq (%s, hd %d%s)", dtn(dt), hd, path);
     check_rel(rel(down(bdq), dq), tol_of(dt), name);
-    snprintf(name, sizeof name, "attention bwd: dk (%s, hd %d)", dtn(dt), hd);
+    snprintf(name, sizeof name, "attention bwd: dk (%s, hd %d%s)", dtn(dt), hd, path);
     check_rel(rel(down(bdk), dk), tol_of(dt), name);
-    snprintf(name, sizeof name, "attention bwd: dv (%s, hd %d)", dtn(dt), hd);
+    snprintf(name, sizeof name, "attention bwd: dv (%s, hd %d%s)", dtn(dt), hd, path);
     check_rel(rel(down(bdv), dv), tol_of(dt), name);
     Buf bdq2 = dalloc(dt, qn), bdk2 = dalloc(dt, kn), bdv2 = dalloc(dt, kn);
     need(attention_bwd_cuda(dt, B, T, nh, nkv, hd, bq.p, bk.p, bv.p, dds, bor.p, (float *)blr.p, bdo.p, bdq2.p, bdk2.p,
                             bdv2.p, ws, NULL, err, sizeof err), "attn bwd");
-    snprintf(name, sizeof name, "attention bwd deterministic (%s, hd %d)", dtn(dt), hd);
+    snprintf(name, sizeof name, "attention bwd deterministic (%s, hd %d%s)", dtn(dt), hd, path);
     det(same_bits(bdq, bdq2) && same_bits(bdk, bdk2) && same_bits(bdv, bdv2), name);
+    attention_use_tensor_cores(1);
     CK(cudaFree(ws));
     CK(cudaFree(dds));
     for (Buf *b : {&bq, &bk, &bv, &bdo, &bo, &bdq, &bdk, &bdv, &blse, &bor, &blr, &bdq2, &bdk2, &bdv2}) dfree(*b);
@@ -613,9 +617,13 @@ int main(int argc, char **argv) {
         test_loss(dt, 1000, 2.0f, 1.0f, 0.5f, 0.25f, false);
         test_loss(dt, 50257, 1.0f, 1.0f, 0.1f, 0.0f, true);
         test_loss(dt, 777, 1.5f, 0.0f, 0.0f, 1.0f, false);
-        test_attention(dt, 64, true);
-        test_attention(dt, 128, true);
-        test_attention(dt, 128, false);
+        test_attention(dt, 64, true, true);
+        test_attention(dt, 128, true, true);
+        test_attention(dt, 128, false, true);
+        if (dt == DT_BF16) {  // the CUDA-core forward in bf16 as well
+            test_attention(dt, 64, true, false);
+            test_attention(dt, 128, true, false);
+        }
     }
     test_optim(DT_F32);
     test_optim(DT_BF16);

@@ -111,13 +111,17 @@ int loss_rows_cuda(DType dt, const LossWeights *w, int64_t n, int64_t V, const v
                    double *rows_out, float *logp_target, dl_stream_t stream, char *err, size_t errlen);
 int loss_sum_cuda(const double *rows, int64_t n, double *acc, dl_stream_t stream, char *err, size_t errlen);
 
-// ---------------------------------------------------------------- attention (hand-written, fp32 math)
+// ---------------------------------------------------------------- attention (hand-written)
 // Causal GQA attention with document masks, the twin of attention_fwd / attention_bwd (training shapes:
 // Tq = Tk = T, q0 = 0). doc_start [B*T] int32 (absolute key index of the query's document start; NULL: 0).
 // hd in {64, 128}. out [B*T, nh*hd] (dt), lse [B, nh, T] fp32 (needed by the backward).
 int attention_fwd_cuda(DType dt, int64_t B, int64_t T, int nh, int nkv, int hd, const void *q, const void *k,
                        const void *v, const int32_t *doc_start, void *out, float *lse, dl_stream_t stream, char *err,
                        size_t errlen);
+// In bf16 with 16-byte aligned pointers, forward and backward run on the tensor cores (mma.sync m16n8k16,
+// bf16 operands with P and dS rounded to bf16, fp32 accumulation and softmax statistics); otherwise, and
+// when switched off here (tests, benchmarks), on the fp32 CUDA-core kernels.
+void attention_use_tensor_cores(int on);
 // Writes dq, dk, dv (dt). Scores are recomputed from lse; each output row is owned by one thread and summed
 // in a fixed order (dk/dv over the query heads of its group in order). workspace: attention_bwd_workspace.
 size_t attention_bwd_workspace(int64_t B, int64_t T, int nh);
