@@ -60,6 +60,9 @@ typedef struct {
     double norm;                 // loss = weighted sums / norm; 0: the number of counted rows
     const float *teacher_logits; // [B*T, V] teacher logits, or NULL
     const Engine *teacher;       // or: a teacher engine that ran forward on the same batch (logits per chunk)
+    int teacher_topk;            // or: k > 0 and a sparse teacher (offline distillation, forward KL only):
+    const int32_t *teacher_topk_ids;  // [B*T, k] token ids (< 0: padding)
+    const float *teacher_topk_logp;   // [B*T, k] their log-probs at temperature 1
     const float *seq_weight;     // [B] optional multiplier of every term of row b (DPO: -dL/dlogp)
     int64_t chunk_rows;          // rows of logits per chunk; 0: about 16M logits per chunk
 } LossSpec;

@@ -137,6 +137,8 @@ struct Engine {
     float **dhid;      // [n_layer+1] gradients added to hidden states (lazily allocated)
     bool *has_dhid;
     float *dres, *dmid, *dxn, *dff1, *dff2, *dq, *dk, *dv, *datt;
+    float *lbuf, *tbuf;  // engine_loss: logits chunks of the student and the teacher [lcap]
+    int64_t lcap;
 };
 
 static float *fbuf(int64_t n) { return dl_malloc((size_t)DL_MAX(n, 1) * sizeof(float)); }
@@ -229,7 +231,7 @@ void engine_free(Engine *e) {
         free(e->has_dhid);
     }
     float *bufs[] = {e->resid, e->mix, e->xf, e->rstdf, e->dxf, e->dres, e->dmid, e->dxn, e->dff1, e->dff2,
-                     e->dq, e->dk, e->dv, e->datt};
+                     e->dq, e->dk, e->dv, e->datt, e->lbuf, e->tbuf};
     for (size_t i = 0; i < DL_ARRAY_LEN(bufs); i++) free(bufs[i]);
     free(e->tokens);
     free(e->pos);
@@ -331,7 +333,16 @@ LossParts engine_loss(Engine *e, const int32_t *targets, const uint8_t *mask, co
     }
     int64_t chunk = spec->chunk_rows > 0 ? spec->chunk_rows : DL_MAX(1, (16 << 20) / V);
     chunk = DL_MIN(chunk, N);
-    float *lbuf = fbuf(chunk * V), *tbuf = spec->teacher ? fbuf(chunk * V) : NULL;
+    // logits chunks are kept between calls (fresh 64 MB buffers would be page-faulted in every step)
+    if (chunk * V > e->lcap) {
+        free(e->lbuf);
+        free(e->tbuf);
+        e->lbuf = fbuf(chunk * V);
+        e->tbuf = NULL;
+        e->lcap = chunk * V;
+    }
+    if (spec->teacher && !e->tbuf) e->tbuf = fbuf(e->lcap);
+    float *lbuf = e->lbuf, *tbuf = e->tbuf;
     float *logp = seq_logprob ? fbuf(chunk) : NULL;
     if (seq_logprob)
         for (int64_t b = 0; b < e->B; b++) seq_logprob[b] = 0;
@@ -346,8 +357,15 @@ LossParts engine_loss(Engine *e, const int32_t *targets, const uint8_t *mask, co
             engine_logits(spec->teacher, r0, r0 + n, tbuf);
             tl = tbuf;
         }
-        loss_rows(&spec->w, n, V, lbuf, tl, targets ? targets + r0 : NULL, cnt + r0, rw ? rw + r0 : NULL, 1.0 / norm,
-                  grads ? lbuf : NULL, &sums, logp);
+        if (spec->teacher_topk > 0) {
+            const int k = spec->teacher_topk;
+            loss_rows_topk(&spec->w, n, V, lbuf, k, spec->teacher_topk_ids + r0 * k, spec->teacher_topk_logp + r0 * k,
+                           targets ? targets + r0 : NULL, cnt + r0, rw ? rw + r0 : NULL, 1.0 / norm, grads ? lbuf : NULL,
+                           &sums, logp);
+        } else {
+            loss_rows(&spec->w, n, V, lbuf, tl, targets ? targets + r0 : NULL, cnt + r0, rw ? rw + r0 : NULL,
+                      1.0 / norm, grads ? lbuf : NULL, &sums, logp);
+        }
         if (seq_logprob)
             for (int64_t i = 0; i < n; i++) seq_logprob[(r0 + i) / T] += logp[i];
         if (grads)  // dxf = dlogits @ W, dW += dlogits^T xf
@@ -356,8 +374,6 @@ LossParts engine_loss(Engine *e, const int32_t *targets, const uint8_t *mask, co
     e->have_dxf = grads != NULL;
     free(cnt);
     free(rw);
-    free(lbuf);
-    free(tbuf);
     free(logp);
     LossParts p = {0};
     p.norm = norm;

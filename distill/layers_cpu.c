@@ -11,6 +11,57 @@
 // machine but a scheduler quantum when cores are shared, and decode steps run hundreds of tiny loops.
 #define PAR(work) ((int64_t)(work) >= (1 << 15))
 
+// ---------------------------------------------------------------- vector exp
+
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+
+static inline v4f v4_exp(v4f x) {
+    const v4f lo = {-87.0f, -87.0f, -87.0f, -87.0f}, hi = {88.0f, 88.0f, 88.0f, 88.0f};
+    v4i m = x > lo;
+    x = (v4f)(((v4i)x & m) | ((v4i)lo & ~m));
+    m = x < hi;
+    x = (v4f)(((v4i)x & m) | ((v4i)hi & ~m));
+    const float shifter = 12582912.0f;
+    v4f t = x * 1.44269504f + shifter, fn = t - shifter;
+    v4f r = x - fn * 0.693145751953125f - fn * 1.428606765330187e-06f;
+    v4f p = r * (1.0f / 720) + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    v4i e = ((v4i)t - 0x4B400000 + 127) << 23;
+    return p * (v4f)e;
+}
+
+double dl_exp_affine(float *out, const float *x, int64_t n, float a, float sub, float scale) {
+    double total = 0;
+    for (int64_t b0 = 0; b0 < n; b0 += 256) {
+        const int64_t b1 = DL_MIN(n, b0 + 256);
+        v4f acc = {0, 0, 0, 0};
+        int64_t i = b0;
+        for (; i + 4 <= b1; i += 4) {
+            v4f v;
+            memcpy(&v, x + i, sizeof v);
+            v = v4_exp(v * a - sub);
+            acc += v;
+            if (out) {
+                v *= scale;
+                memcpy(out + i, &v, sizeof v);
+            }
+        }
+        float tail = 0;
+        for (; i < b1; i++) {
+            float v = dl_expf(x[i] * a - sub);
+            tail += v;
+            if (out) out[i] = scale * v;
+        }
+        total += (double)((acc[0] + acc[1]) + (acc[2] + acc[3])) + tail;
+    }
+    return total;
+}
+
 // ---------------------------------------------------------------- linear
 
 void linear_fwd(float *out, const float *in, const float *W, int64_t N, int64_t In, int64_t O, bool accumulate) {
@@ -172,6 +223,19 @@ static void block_keys(const AttnShape *s, const int32_t *doc_start, int64_t b, 
     for (int64_t t = t0; t < t1; t++) *lo = DL_MIN(*lo, doc_start ? doc_start[b * s->Tq + t] : 0);
 }
 
+// Per-thread scratch that grows and is kept (OpenMP keeps its threads): large per-call allocations would be
+// fresh mmaps, and zeroing their pages cost more than the softmax.
+static float *thread_scratch(int slot, size_t n) {
+    static _Thread_local float *buf[2];
+    static _Thread_local size_t cap[2];
+    if (n > cap[slot]) {
+        free(buf[slot]);
+        buf[slot] = dl_malloc(n * sizeof(float));
+        cap[slot] = n;
+    }
+    return buf[slot];
+}
+
 int blas_set_threads(int n) {
     int prev = openblas_get_num_threads();
     if (n != prev) openblas_set_num_threads(n);
@@ -189,7 +253,7 @@ void attention_fwd(const AttnShape *s, const float *q, const float *k, const flo
     int blas_prev = blas_set_threads(1);
 #pragma omp parallel if (par)
     {
-        float *S = dl_malloc((size_t)(QB * Tk) * sizeof(float));
+        float *S = thread_scratch(0, (size_t)(QB * Tk));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {
             int64_t b = task / (nh * nqb), h = (task / nqb) % nh, t0 = (task % nqb) * QB, t1 = DL_MIN(Tq, t0 + QB);
@@ -204,13 +268,10 @@ void attention_fwd(const AttnShape *s, const float *q, const float *k, const flo
             for (int64_t i = 0; i < n; i++) {
                 int64_t t = t0 + i, rlo = (doc_start ? doc_start[b * Tq + t] : 0) - lo, rhi = s->q0 + t - lo;
                 float *row = S + i * span, mx = -INFINITY;
-                for (int64_t j = rlo; j <= rhi; j++) mx = fmaxf(mx, row[j]);
-                double sum = 0;
-                for (int64_t j = 0; j < span; j++) {
-                    float p = j >= rlo && j <= rhi ? expf(row[j] - mx) : 0.0f;
-                    row[j] = p;
-                    sum += p;
-                }
+                for (int64_t j = rlo; j <= rhi; j++) mx = row[j] > mx ? row[j] : mx;  // (fmaxf is a libm call)
+                for (int64_t j = 0; j < rlo; j++) row[j] = 0;
+                for (int64_t j = rhi + 1; j < span; j++) row[j] = 0;
+                double sum = dl_exp_affine(row + rlo, row + rlo, rhi - rlo + 1, 1.0f, mx, 1.0f);
                 float inv = (float)(1.0 / sum);
                 for (int64_t j = rlo; j <= rhi; j++) row[j] *= inv;
                 if (lse) lse[(b * nh + h) * Tq + t] = mx + (float)log(sum);
@@ -219,7 +280,6 @@ void attention_fwd(const AttnShape *s, const float *q, const float *k, const flo
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, hd, (int)span, 1.0f, S, (int)span, vb, (int)ks,
                         0.0f, out + (b * Tq + t0) * qs + h * hd, (int)qs);
         }
-        free(S);
     }
     blas_set_threads(blas_prev);
 }
@@ -238,7 +298,7 @@ void attention_bwd(const AttnShape *s, const float *q, const float *k, const flo
     // walks heads and query blocks in a fixed order, so the dk/dv sums are race-free and deterministic
 #pragma omp parallel if (PAR(B * nh * T * T * hd / 2))
     {
-        float *P = dl_malloc((size_t)(QB * T) * sizeof(float)), *dP = dl_malloc((size_t)(QB * T) * sizeof(float));
+        float *P = thread_scratch(0, (size_t)(QB * T)), *dP = thread_scratch(1, (size_t)(QB * T));
 #pragma omp for schedule(static)
         for (int64_t bg = 0; bg < B * nkv; bg++) {
             int64_t b = bg / nkv, g = bg % nkv;
@@ -259,11 +319,10 @@ void attention_bwd(const AttnShape *s, const float *q, const float *k, const flo
                         float m = lse[(b * nh + h) * T + t];
                         float Di = dotf(dob + i * qs, out + (b * T + t) * qs + h * hd, hd);
                         float *pr = P + i * span, *dpr = dP + i * span;
-                        for (int64_t j = 0; j < span; j++) {
-                            float p = j >= rlo && j <= rhi ? expf(pr[j] - m) : 0.0f;
-                            pr[j] = p;
-                            dpr[j] = p * (dpr[j] - Di) * scale;  // dS (w.r.t. the unscaled q.k)
-                        }
+                        for (int64_t j = 0; j < rlo; j++) pr[j] = dpr[j] = 0;
+                        for (int64_t j = rhi + 1; j < span; j++) pr[j] = dpr[j] = 0;
+                        dl_exp_affine(pr + rlo, pr + rlo, rhi - rlo + 1, 1.0f, m, 1.0f);
+                        for (int64_t j = rlo; j <= rhi; j++) dpr[j] = pr[j] * (dpr[j] - Di) * scale;  // dS
                     }
                     // dQ_blk = dS K; dK += dS^T Q_blk; dV += P^T dO_blk
                     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, hd, (int)span, 1.0f, dP, (int)span, kb,
@@ -274,8 +333,6 @@ void attention_bwd(const AttnShape *s, const float *q, const float *k, const flo
                                 (int)qs, 1.0f, dv + (b * T + lo) * ks + g * hd, (int)ks);
                 }
         }
-        free(P);
-        free(dP);
     }
     blas_set_threads(blas_prev);
 }

@@ -6,6 +6,7 @@
 #pragma once
 #include <stdbool.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "distill/model.h"
 
@@ -63,6 +64,36 @@ void swiglu_bwd(float *dgate, float *dup, const float *dout, const float *gate, 
 // and GEMMs issued from parallel tasks run single-threaded: OpenBLAS worker threads spin while waiting,
 // which costs far more than it saves when the cores are shared.
 int blas_set_threads(int n);
+
+// exp(x) to about 2 ulp for x in [-87, 88] (clamped outside: exp(-87) ~ 1.6e-38 instead of underflow), by
+// Cody-Waite range reduction and a degree-6 polynomial, branch-free so loops over it vectorize (libm's
+// expf does not, and softmax / logsumexp loops are dominated by it). Rounding to nearest uses the
+// 1.5*2^23 shifter, whose low mantissa bits then hold the exponent n.
+static inline float dl_expf(float x) {
+    x = x > -87.0f ? x : -87.0f;
+    x = x < 88.0f ? x : 88.0f;
+    const float shifter = 12582912.0f;
+    float t = x * 1.44269504f + shifter, fn = t - shifter;
+    float r = x - fn * 0.693145751953125f - fn * 1.428606765330187e-06f;
+    float p = 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t ti, e;
+    float sc;
+    memcpy(&ti, &t, sizeof ti);
+    e = (ti - 0x4B400000 + 127) << 23;
+    memcpy(&sc, &e, sizeof sc);
+    return p * sc;
+}
+
+// exp over an array, 4 lanes at a time (SSE2 baseline, GCC vector extensions; the same math as dl_expf):
+// out[i] = scale * exp(a*x[i] - sub) (out may be NULL, or alias x), returns sum_i exp(a*x[i] - sub), summed in
+// fp32 lanes over blocks of 256 and the blocks in double, in a fixed order.
+double dl_exp_affine(float *out, const float *x, int64_t n, float a, float sub, float scale);
 
 // y += x (n elements)
 void vec_add(float *y, const float *x, int64_t n);

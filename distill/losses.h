@@ -33,6 +33,15 @@ void loss_rows(const LossWeights *w, int64_t n, int64_t V, const float *logits, 
                const int32_t *targets, const uint8_t *mask, const float *row_weight, double scale, float *dlogits,
                LossSums *acc, float *logp_target);
 
+// The same with a sparse teacher, as stored for offline distillation: per row the teacher's top-k token ids
+// top_ids [n, k] and their log-probs top_logp [n, k] (temperature 1). p is renormalized over the k ids at
+// temperature T: p_i = softmax_k(top_logp / T); kl = T^2 * sum_k p_k (log p_k - log q_k), whose gradient is
+// T * (q - p) with p zero outside the k ids (k = V with all ids gives the dense forward KL). Reverse KL is not
+// defined for a truncated teacher: w->rkl must be 0.
+void loss_rows_topk(const LossWeights *w, int64_t n, int64_t V, const float *logits, int k, const int32_t *top_ids,
+                    const float *top_logp, const int32_t *targets, const uint8_t *mask, const float *row_weight,
+                    double scale, float *dlogits, LossSums *acc, float *logp_target);
+
 // Total loss of sums with weights, divided by norm.
 double loss_total(const LossWeights *w, const LossSums *s, double norm);
 

@@ -373,8 +373,20 @@ static void test_swiglu(void) {
     free(g), free(u), free(w), free(y), free(yr), free(dg), free(du), free(gg), free(gu), free(sg), free(su), free(sw);
 }
 
+static void test_expf(void) {
+    double worst = 0;
+    for (int i = 0; i <= 200000; i++) {
+        float x = -87.0f + 97.0f * (float)i / 200000;  // [-87, 10]
+        double ref = exp((double)x);
+        worst = fmax(worst, fabs(dl_expf(x) - ref) / ref);
+    }
+    CHECK_REL(worst, 5e-7, "dl_expf vs exp");
+    CHECK(dl_expf(-1000.0f) > 0 && dl_expf(-1000.0f) < 1e-37f && dl_expf(0.0f) == 1.0f);
+}
+
 int main(void) {
     rng_init(&rng, 1234, 0);
+    test_expf();
     test_linear();
     test_embedding();
     test_rmsnorm();

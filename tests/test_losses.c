@@ -138,6 +138,84 @@ static void test_logit_losses(void) {
     CHECK(fabs(z.kl) < 1e-6 && fabs(z.rkl) < 1e-6);
 }
 
+// sparse teacher: k = V equals the dense forward KL; k = 4 against FD of a float64 formula; in place == apart
+enum { K = 4 };
+static int32_t topi[N * K];
+static double topl[N * K];
+static double ref_topk(const double *s) {
+    const double T = W.temperature;
+    double tot = 0;
+    for (int r = 0; r < N; r++) {
+        if (!msk[r]) continue;
+        const double *x = s + r * V;
+        double m = -INFINITY, z = 0, mp = -INFINITY, zp = 0, m1 = -INFINITY, z1 = 0;
+        for (int i = 0; i < V; i++) m = fmax(m, x[i] / T), m1 = fmax(m1, x[i]);
+        for (int i = 0; i < V; i++) z += exp(x[i] / T - m), z1 += exp(x[i] - m1);
+        for (int i = 0; i < K; i++) mp = fmax(mp, topl[r * K + i] / T);
+        for (int i = 0; i < K; i++) zp += exp(topl[r * K + i] / T - mp);
+        double kl = 0;
+        for (int i = 0; i < K; i++) {
+            double lp = topl[r * K + i] / T - mp - log(zp), lq = x[topi[r * K + i]] / T - m - log(z);
+            kl += exp(lp) * (lp - lq);
+        }
+        tot += rwt[r] * (W.kl * T * T * kl + (tgt[r] >= 0 ? W.ce * (m1 + log(z1) - x[tgt[r]]) : 0));
+    }
+    return tot;
+}
+static void test_topk(void) {
+    W = (LossWeights){0.5f, 1.0f, 0, 2.0f};
+    float s[N * V], t[N * V], d1[N * V], d2[N * V];
+    for (int i = 0; i < N * V; i++) s[i] = (float)S[i], t[i] = (float)Tt[i];
+    // k = V: ids 0..V-1 in a shuffled order, teacher log-probs at T = 1
+    int32_t *ids = malloc(sizeof(int32_t) * N * V);
+    float *lp = malloc(sizeof(float) * N * V);
+    for (int r = 0; r < N; r++) {
+        double m = -INFINITY, z = 0;
+        for (int i = 0; i < V; i++) m = fmax(m, Tt[r * V + i]);
+        for (int i = 0; i < V; i++) z += exp(Tt[r * V + i] - m);
+        for (int i = 0; i < V; i++) {
+            int id = (i * 5 + r) % V;  // 5 is coprime with 13
+            ids[r * V + i] = id;
+            lp[r * V + i] = (float)(Tt[r * V + id] - m - log(z));
+        }
+    }
+    LossSums a = {0}, b = {0};
+    loss_rows(&W, N, V, s, t, tgt, msk, rwt, 0.3, d1, &a, NULL);
+    loss_rows_topk(&W, N, V, s, V, ids, lp, tgt, msk, rwt, 0.3, d2, &b, NULL);
+    double dd = 0;
+    for (int i = 0; i < N * V; i++) dd = fmax(dd, fabs(d1[i] - d2[i]));
+    CHECK_REL(fabs(a.kl - b.kl) / fabs(a.kl) + fabs(a.ce - b.ce) / fabs(a.ce) + dd, 1e-5, "top-k with k = V == dense KL");
+    // k = 4 vs FD of the float64 formula
+    float tl4[N * K];
+    for (int r = 0; r < N; r++)
+        for (int i = 0; i < K; i++) {
+            topi[r * K + i] = (r + 3 * i) % V;
+            topl[r * K + i] = -0.5 - i + 0.1 * r;
+            tl4[r * K + i] = (float)topl[r * K + i];
+        }
+    LossSums c = {0};
+    loss_rows_topk(&W, N, V, s, K, topi, tl4, tgt, msk, rwt, 1.0, d1, &c, NULL);
+    double ref = ref_topk(S);
+    CHECK_REL(fabs(loss_total(&W, &c, 0) - ref) / fabs(ref), 1e-5, "top-4 loss");
+    double g[N * V];
+    for (int i = 0; i < N * V; i++) {
+        double x0 = S[i], h = 1e-5;
+        S[i] = x0 + h;
+        double fp = ref_topk(S);
+        S[i] = x0 - h;
+        double fm = ref_topk(S);
+        S[i] = x0;
+        g[i] = (fp - fm) / (2 * h);
+    }
+    CHECK_REL(rel(d1, g, N * V), 1e-5, "top-4 dlogits vs FD");
+    // in place (the engine's use) == separate output
+    LossSums e = {0};
+    loss_rows_topk(&W, N, V, s, K, topi, tl4, tgt, msk, rwt, 1.0, s, &e, NULL);
+    CHECK(memcmp(s, d1, sizeof s) == 0 && e.kl == c.kl);
+    free(ids);
+    free(lp);
+}
+
 static void test_mse(void) {
     enum { R = 5, D = 9 };
     float a[R * D], b[R * D], da[R * D];
@@ -199,6 +277,7 @@ static void test_dpo(void) {
 int main(void) {
     rng_init(&rng, 99, 0);
     test_logit_losses();
+    test_topk();
     test_mse();
     test_dpo();
     return check_report("test_losses");

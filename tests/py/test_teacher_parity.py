@@ -194,3 +194,48 @@ def test_random_llama3_rope_scaling(tmp_path):
     assert len(ours) >= 1 and out[:len(ours)] == ours
     if len(ours) < 40:
         assert ours[-1] == 2
+
+
+def _timed(cmd, env):
+    """Wall seconds and CPU seconds (user + sys) of a child process."""
+    import resource
+    import time
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert r.returncode == 0, r.stderr
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+
+
+@teacher_only
+@pytest.mark.skipif(os.environ.get("DISTILL_BENCH") != "1", reason="benchmark: set DISTILL_BENCH=1")
+def test_bench_forward(smol, tmp_path):
+    """CPU teacher forward: tokens/s of `distill score` (model load subtracted) and of HF transformers on the
+    same windows, with 1 and 2 threads. Prints a table for docs/BENCHMARKS.md."""
+    import time
+    model, tok = smol
+    base = tok(TEXT, add_special_tokens=False).input_ids
+    ids = (base * (4096 // len(base) + 1))[:4096]
+    f = tmp_path / "ids.txt"
+    f.write_text(" ".join(map(str, ids)))
+    short = tmp_path / "short.txt"
+    short.write_text(" ".join(map(str, ids[:2])))
+    rows = []
+    for threads in (1, 2):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+        torch.set_num_threads(threads)
+        w0, c0 = _timed([BIN, "score", "--model", TEACHER, "--ids", "--ctx", "2", str(short)], env)  # load only
+        for ctx in (256, 2048):
+            wall, cpu = _timed([BIN, "score", "--model", TEACHER, "--ids", "--ctx", str(ctx), str(f)], env)
+            t0, p0 = time.perf_counter(), time.process_time()
+            with torch.no_grad():
+                for s in range(0, len(ids), ctx):
+                    model(torch.tensor([ids[s:s + ctx]]))
+            hw, hc = time.perf_counter() - t0, time.process_time() - p0
+            n = len(ids)
+            rows.append((threads, ctx, n / (wall - w0), n / (cpu - c0), n / hw, n / hc))
+    print("\nthreads ctx | distill tok/s (wall) tok/CPU-s | HF tok/s (wall) tok/CPU-s   load avg %.1f" % os.getloadavg()[0])
+    for r in rows:
+        print("%d %5d | %8.1f %8.1f | %8.1f %8.1f" % r)
