@@ -515,6 +515,37 @@ static void test_quant_api(void) {
     CHECK(ok);
 }
 
+// Our quantizer against the PyPI gguf package's (tests/data/quant_ref.gguf, made by make_quant_ref.py):
+// the same fp32 rows must encode to the same bytes.
+static void test_quant_reference(void) {
+    GgufFile *g;
+    DlError e;
+    if (gguf_open(&g, "tests/data/quant_ref.gguf", &e)) {
+        check_fail_++;
+        fprintf(stderr, "  %s\n", e.msg);
+        return;
+    }
+    const GgufTensor *x = gguf_tensor(g, gguf_find_tensor(g, "x"));
+    CHECK(x && x->dtype == DT_F32);
+    const DType types[] = {DT_F16, DT_BF16, DT_Q8_0, DT_Q4_0, DT_Q4_1};
+    float *xf = malloc(x->nbytes);
+    memcpy(xf, x->data, x->nbytes);
+    uint8_t *mine = malloc(x->nbytes);
+    for (size_t k = 0; k < DL_ARRAY_LEN(types); k++) {
+        const GgufTensor *t = gguf_tensor(g, gguf_find_tensor(g, dtype_name(types[k])));
+        CHECK(t && t->dtype == (int)types[k] && t->numel == x->numel);
+        if (!t) continue;
+        CHECK(quantize(types[k], xf, mine, x->numel) == 0);
+        int bad = 0;
+        for (uint64_t i = 0; i < t->nbytes; i++) bad += mine[i] != t->data[i];
+        if (bad) fprintf(stderr, "  %s: %d of %llu bytes differ from gguf-py's quantizer\n", dtype_name(types[k]), bad, (unsigned long long)t->nbytes);
+        CHECK(bad == 0);
+    }
+    free(mine);
+    free(xf);
+    gguf_close(g);
+}
+
 // The teacher file (when fetched): its header, tensor count and types.
 static void test_teacher(void) {
     const char *path = "checkpoints/teachers/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -547,6 +578,7 @@ int main(void) {
     test_round_trip();
     test_rejections();
     test_quant_api();
+    test_quant_reference();
     test_teacher();
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
