@@ -107,3 +107,14 @@ __device__ __forceinline__ void lds_vec(const bf16 *p, float (&v)[R]) {
         }
     }
 }
+
+// loads R consecutive floats from shared memory (16-byte aligned, R a multiple of 4)
+template <int R>
+__device__ __forceinline__ void ldsf_vec(const float *p, float (&v)[R]) {
+    static_assert(R % 4 == 0, "R must be a multiple of 4");
+#pragma unroll
+    for (int i = 0; i < R; i += 4) {
+        const float4 x = *reinterpret_cast<const float4 *>(p + i);
+        v[i] = x.x, v[i + 1] = x.y, v[i + 2] = x.z, v[i + 3] = x.w;
+    }
+}

@@ -138,7 +138,7 @@ __device__ void load_tile(char *tile, const TileGeom &g, const TileSrc &s, int64
 // more issue slots than the extra parallelism bought; docs/KERNELS.md.)
 constexpr int FWD1_THREADS = 128;  // channels per forward block
 constexpr int FT = 16;             // steps per forward tile
-constexpr int FNST = 4;            // tiles in flight
+constexpr int FNST = 3;            // tiles in flight
 
 template <int N, bool PREPASS, bool AL16>
 __global__ void __launch_bounds__(FWD1_THREADS) scan_fwd_kernel(const FwdArgs p, const TileGeom geo) {
@@ -201,9 +201,22 @@ __global__ void __launch_bounds__(FWD1_THREADS) scan_fwd_kernel(const FwdArgs p,
         issue(kt + FNST - 1);
         const char *tile = smem + (kt % FNST) * geo.bytes;
         const bf16 *su = (const bf16 *)tile + cl, *sdt = su + FT * CPB, *sz = sdt + FT * CPB;
-        const bf16 *sB = (const bf16 *)(tile + geo.offB) + (gb - gblo) * N;
-        const bf16 *sC = (const bf16 *)(tile + geo.offC) + (gc - gclo) * N;
         const uint8_t *srs = (const uint8_t *)(tile + geo.offR);
+        {
+            // B and C to fp32 once per tile (each value serves up to Dg / Db threads, so converting at every use
+            // cost ~2N integer instructions per token-channel)
+            float *fB = (float *)(smem + FNST * geo.bytes), *fC = fB + FT * geo.pB;
+            const __nv_bfloat162 *tB = (const __nv_bfloat162 *)(tile + geo.offB);
+            const __nv_bfloat162 *tC = (const __nv_bfloat162 *)(tile + geo.offC);
+            for (int e = threadIdx.x; e < FT * geo.pB / 2; e += FWD1_THREADS)
+                reinterpret_cast<float2 *>(fB)[e] = __bfloat1622float2(tB[e]);
+            if (!PREPASS)
+                for (int e = threadIdx.x; e < FT * geo.pC / 2; e += FWD1_THREADS)
+                    reinterpret_cast<float2 *>(fC)[e] = __bfloat1622float2(tC[e]);
+            __syncthreads();
+        }
+        const float *sB = (const float *)(smem + FNST * geo.bytes) + (gb - gblo) * N;
+        const float *sC = (const float *)(smem + FNST * geo.bytes) + FT * geo.pB + (gc - gclo) * N;
         const int64_t ts = tb + (int64_t)kt * FT;
         const int ns = (int)(te - ts < FT ? te - ts : FT);
         // checkpoint: tiles are FT-aligned and FT divides SCAN_CKPT
@@ -221,7 +234,7 @@ __global__ void __launch_bounds__(FWD1_THREADS) scan_fwd_kernel(const FwdArgs p,
             const float rx = srs[i] ? -INFINITY : 0.f;  // a reset zeroes the decay: ex2(-inf) = 0
             const float du = delta * uu;
             float Bv[N];
-            lds_vec<N>(sB + i * geo.pB, Bv);
+            ldsf_vec<N>(sB + i * geo.pB, Bv);
             if (PREPASS) {
 #pragma unroll
                 for (int n = 0; n < N; n++) h[n] = ex2f(fmaf(delta, A2[n], rx)) * h[n] + du * Bv[n];
@@ -229,7 +242,7 @@ __global__ void __launch_bounds__(FWD1_THREADS) scan_fwd_kernel(const FwdArgs p,
                 anyrs |= rx != 0.f;
             } else {
                 float Cv[N], y0 = 0.f, y1 = 0.f;
-                lds_vec<N>(sC + i * geo.pC, Cv);
+                ldsf_vec<N>(sC + i * geo.pC, Cv);
 #pragma unroll
                 for (int n = 0; n < N; n++) {
                     h[n] = ex2f(fmaf(delta, A2[n], rx)) * h[n] + du * Bv[n];
@@ -634,7 +647,7 @@ template <int N>
 int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
     constexpr int CPB = FWD1_THREADS;
     const TileGeom g = make_geom(FT, CPB, 3, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
-    const size_t smem = (size_t)FNST * g.bytes;
+    const size_t smem = (size_t)FNST * g.bytes + (size_t)FT * (g.pB + g.pC) * sizeof(float);
     const int64_t blocks = (int64_t)a.nseg * a.B * ((a.D + CPB - 1) / CPB);
     auto go = [&](auto kern) {
         if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) return -1;
