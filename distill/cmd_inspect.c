@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "distill/checkpoint.h"
 #include "distill/command.h"
 #include "distill/common.h"
 #include "distill/gguf.h"
@@ -350,9 +351,18 @@ static int describe_config_json(const char *path, const InspectOpts *o, DlError 
     return 0;
 }
 
+// ---------------------------------------------------------------- HDF5 checkpoints (checkpoint.c describes them)
+
+static int describe_ckpt(const char *path, const InspectOpts *o, DlError *e) {
+    if (o->dump) return dl_fail(e, "--dump is not supported for checkpoints (use the model loader on an export)");
+    printf("file: %s\nformat: HDF5\n", path);
+    return checkpoint_describe(path, stdout, e);
+}
+
 // ---------------------------------------------------------------- dispatch
 
 static const Inspector INSPECTORS[] = {
+    {"HDF5 checkpoint", checkpoint_is_hdf5, describe_ckpt},
     {"GGUF", probe_gguf, describe_gguf},
     {"safetensors", probe_st, describe_st},
     {"HF model directory", probe_hf_dir, describe_hf_dir},
@@ -386,13 +396,13 @@ static int run_inspect(int argc, char **argv) {
         }
         return DL_EXIT_OK;
     }
-    dl_die(DL_EXIT_INPUT, "%s: not a recognized model file (expected GGUF, safetensors, an HF model directory or a config .json)", path);
+    dl_die(DL_EXIT_INPUT, "%s: not a recognized model file (expected GGUF, safetensors, an HF model directory, a config .json or an HDF5 checkpoint)", path);
 }
 
 DL_COMMAND(inspect_cmd, {
     .name = "inspect",
     .usage = "FILE [--max-items N] [--dump NAMES|all --out DIR [--hf] [--seed S]]",
-    .summary = "describe a model file: GGUF, safetensors, HF model directory or config .json",
+    .summary = "describe a model file: GGUF, safetensors, HF model directory, config .json, HDF5 checkpoint",
     .help = "Shows the format, architecture and config (layers, hidden size, heads, KV heads, vocab, tied\n"
             "embeddings), the metadata (long arrays summarized) and every tensor with its shape and dtype or\n"
             "quantization type. For HF directories it also checks that the tensors match the config.\n\n"
