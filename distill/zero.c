@@ -2,6 +2,8 @@
 #include "distill/zero.h"
 
 #include <math.h>
+
+#include "distill/dist.h"
 #include <string.h>
 
 static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -196,6 +198,56 @@ double zsim_all_reduce_f64(int R, const double *x) {
     double s = x[0];
     for (int q = 1; q < R; q++) s += x[q];
     return s;
+}
+
+// ---- over real processes (dist.h)
+
+int zdist_reduce_scatter(DistGroup *g, const ZeroLayout *L, const float *flat, float *shard, bool accumulate, DlError *e) {
+    const int R = L->world, me = dist_rank(g);
+    if (dist_world(g) != R) return dl_fail(e, "ZeRO layout for %d ranks used in a group of %d", R, dist_world(g));
+    float *all = dl_malloc((size_t)R * (size_t)L->flat_numel * sizeof(float));
+    if (dist_allgather(g, flat, (size_t)L->flat_numel * sizeof(float), all, e)) {
+        free(all);
+        return -1;
+    }
+    for (int b = 0; b < L->n_bucket; b++) {
+        const ZeroBucket *k = &L->bucket[b];
+        const int64_t base = k->flat_begin + (int64_t)me * k->slice;
+        float *out = shard + k->shard_offset;
+        for (int64_t i = 0; i < k->slice; i++) {
+            float s = all[base + i];
+            for (int q = 1; q < R; q++) s += all[(size_t)q * (size_t)L->flat_numel + (size_t)(base + i)];
+            out[i] = accumulate ? out[i] + s : s;
+        }
+    }
+    free(all);
+    return 0;
+}
+
+int zdist_all_gather(DistGroup *g, const ZeroLayout *L, const float *shard, float *flat, DlError *e) {
+    const int R = L->world;
+    if (dist_world(g) != R) return dl_fail(e, "ZeRO layout for %d ranks used in a group of %d", R, dist_world(g));
+    float *all = dl_malloc((size_t)R * (size_t)L->shard_numel * sizeof(float));
+    if (dist_allgather(g, shard, (size_t)L->shard_numel * sizeof(float), all, e)) {
+        free(all);
+        return -1;
+    }
+    for (int q = 0; q < R; q++)
+        for (int b = 0; b < L->n_bucket; b++) {
+            const ZeroBucket *k = &L->bucket[b];
+            memcpy(flat + k->flat_begin + (int64_t)q * k->slice, all + (size_t)q * (size_t)L->shard_numel + (size_t)k->shard_offset,
+                   (size_t)k->slice * sizeof(float));
+        }
+    free(all);
+    return 0;
+}
+
+int zdist_all_reduce_f64(DistGroup *g, double x, double *sum, DlError *e) {
+    double *all = dl_malloc((size_t)dist_world(g) * sizeof(double));
+    int rc = dist_allgather(g, &x, sizeof x, all, e);
+    if (rc == 0) *sum = zsim_all_reduce_f64(dist_world(g), all);
+    free(all);
+    return rc;
 }
 
 // ---- sharded optimizer step

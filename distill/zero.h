@@ -98,6 +98,14 @@ void zsim_all_reduce(int R, int64_t n, float *const *buf);
 // The same for one double per rank (squared gradient norms).
 double zsim_all_reduce_f64(int R, const double *x);
 
+// ---- the same over real processes through dist.h's control channel (CPU runs of tiny models and tests:
+// every rank receives every rank's buffer, world x the traffic of NCCL's ring; sums in rank order, so the
+// results equal the simulated ranks' bit for bit)
+typedef struct DistGroup DistGroup;
+int zdist_reduce_scatter(DistGroup *g, const ZeroLayout *L, const float *flat, float *shard, bool accumulate, DlError *e);
+int zdist_all_gather(DistGroup *g, const ZeroLayout *L, const float *shard, float *flat, DlError *e);
+int zdist_all_reduce_f64(DistGroup *g, double x, double *sum, DlError *e);
+
 // ---- the sharded optimizer step (any backend)
 // Sum of squares of grads over the owned ranges of reg's trainable tensors (fixed order, float64).
 double zero_local_sq_norm(const Registry *reg, const float *grads);

@@ -14,6 +14,7 @@
 #include "distill/zero.h"
 #include "tests/check.h"
 #include "tests/tiny_model.h"
+#include "tests/toy_loss.h"
 
 // ---------------------------------------------------------------- test model
 
@@ -43,29 +44,10 @@ static void reg_clone(Registry *dst, const Registry *src) {
     memcpy(dst->t, src->t, (size_t)src->n * sizeof(TensorInfo));
 }
 
-static uint64_t mix(uint64_t x) {
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdULL;
-    x ^= x >> 33;
-    x *= 0xc4ceb9fe1a85ec53ULL;
-    return x ^ (x >> 33);
-}
-static float unit(uint64_t a, uint64_t b) { return (float)((mix(a * 0x9E3779B97F4A7C15ULL + b) >> 40) / (double)(1 << 24)); }  // [0,1)
-
 #define NSAMP 48
 
-// Adds c * d loss_i / d p for sample i (a weighted quadratic plus a cosine, per trainable element).
-static void add_sample_grad(const Registry *reg, int64_t i, const float *p, float c, float *g) {
-    for (int k = 0; k < reg->n; k++) {
-        const TensorInfo *t = &reg->t[k];
-        if (!t->trainable) continue;
-        for (int64_t j = 0; j < t->numel; j++) {
-            int64_t x = t->offset + j;
-            float w = 0.5f + unit((uint64_t)i, (uint64_t)x), tg = 2.0f * unit((uint64_t)i + 1000, (uint64_t)x) - 1.0f;
-            g[x] += c * (w * (p[x] - tg) + 0.1f * w * cosf(3.0f * p[x]));
-        }
-    }
-}
+static float unit(uint64_t a, uint64_t b) { return toy_unit(a, b); }  // [0,1)
+static void add_sample_grad(const Registry *reg, int64_t i, const float *p, float c, float *g) { toy_add_sample_grad(reg, i, p, c, g); }
 
 // Adds rank `rank`'s gradient of micro-batch m of step s into g (registry layout), for parameters p; returns
 // the rank's share of the global loss. The default is add_sample_grad over the rank's samples.
