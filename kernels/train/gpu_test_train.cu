@@ -181,8 +181,8 @@ static void test_gemm(DlGemm *g, DType dt) {
 
 // ---------------------------------------------------------------- RMSNorm
 
-static void test_rmsnorm(DType dt) {
-    const int64_t N = 77, d = 1000;
+static void test_rmsnorm(DType dt, int64_t d) {  // d % 8 == 0: the bf16 16-byte path
+    const int64_t N = 77;
     const float eps = 1e-5f;
     printf("RMSNorm (%s): N %lld, d %lld\n", dtn(dt), (long long)N, (long long)d);
     Vec x = randn(N * d, 1), r = randn(N * d, 1), w = randn(d, 0.3);
@@ -284,8 +284,8 @@ static void test_rope(DType dt) {
 
 // ---------------------------------------------------------------- SwiGLU
 
-static void test_swiglu(DType dt) {
-    const int64_t rows = 53, ff = 700, ld = 2 * ff;  // gate | up halves of one fused GEMM output
+static void test_swiglu(DType dt, int64_t ff) {  // ff % 8 == 0: the bf16 16-byte path
+    const int64_t rows = 53, ld = 2 * ff;  // gate | up halves of one fused GEMM output
     printf("SwiGLU (%s): rows %lld, ff %lld, ld %lld\n", dtn(dt), (long long)rows, (long long)ff, (long long)ld);
     Vec gu = randn(rows * ld, 2), dy = randn(rows * ff, 1);
     Buf bgu = up(dt, gu), bdy = up(dt, dy), bo = dalloc(dt, rows * ff), bd = dalloc(dt, rows * ld);
@@ -610,9 +610,11 @@ int main(int argc, char **argv) {
     if (!g) need(1, "dl_gemm_new");
     for (DType dt : {DT_F32, DT_BF16}) {
         test_gemm(g, dt);
-        test_rmsnorm(dt);
+        test_rmsnorm(dt, 1000);
+        test_rmsnorm(dt, 1001);
         test_rope(dt);
-        test_swiglu(dt);
+        test_swiglu(dt, 704);
+        test_swiglu(dt, 700);
         test_embedding(dt);
         test_loss(dt, 1000, 2.0f, 1.0f, 0.5f, 0.25f, false);
         test_loss(dt, 50257, 1.0f, 1.0f, 0.1f, 0.0f, true);

@@ -76,6 +76,114 @@ __global__ void colsum_add_kernel(float *dw, const float *part, int nparts, int6
     }
 }
 
+// ---- bf16 fast paths: 16-byte accesses (8 elements per load) when rows are multiples of 8 elements and
+// pointers 16-byte aligned; same arithmetic per element as the scalar kernels.
+__device__ __forceinline__ void unpack8(uint4 u, float *f) {
+    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float2 t = __bfloat1622float2(h[j]);
+        f[2 * j] = t.x, f[2 * j + 1] = t.y;
+    }
+}
+__device__ __forceinline__ uint4 pack8(const float *f) {
+    uint4 u;
+    __nv_bfloat162 *h = (__nv_bfloat162 *)&u;
+#pragma unroll
+    for (int j = 0; j < 4; j++) h[j] = __floats2bfloat162_rn(f[2 * j], f[2 * j + 1]);
+    return u;
+}
+static inline bool al16(const void *p) { return !((uintptr_t)p & 15); }
+
+__global__ void rmsnorm_fwd_vec_kernel(bf16 *out, float *rstd, bf16 *res_out, const bf16 *x, const bf16 *res_in,
+                                       const bf16 *w, int64_t d, float eps) {
+    __shared__ float sh[32];
+    const int64_t row = blockIdx.x, d8 = d / 8;
+    const uint4 *xr = (const uint4 *)(x + row * d);
+    float ss = 0.f;
+    if (res_in) {
+        const uint4 *rr = (const uint4 *)(res_in + row * d);
+        uint4 *hr = (uint4 *)(res_out + row * d);
+        for (int64_t i = threadIdx.x; i < d8; i += blockDim.x) {
+            float a[8], b[8];
+            unpack8(xr[i], a);
+            unpack8(rr[i], b);
+#pragma unroll
+            for (int j = 0; j < 8; j++) a[j] += b[j];
+            const uint4 hv = pack8(a);
+            hr[i] = hv;
+            unpack8(hv, a);  // the rounded value, as the backward sees it
+#pragma unroll
+            for (int j = 0; j < 8; j++) ss += a[j] * a[j];
+        }
+        xr = hr;
+    } else {
+        for (int64_t i = threadIdx.x; i < d8; i += blockDim.x) {
+            float a[8];
+            unpack8(xr[i], a);
+#pragma unroll
+            for (int j = 0; j < 8; j++) ss += a[j] * a[j];
+        }
+    }
+    ss = block_sum(ss, sh);
+    const float r = 1.0f / sqrtf(ss / (float)d + eps);
+    if (rstd && threadIdx.x == 0) rstd[row] = r;
+    uint4 *o = (uint4 *)(out + row * d);
+    const uint4 *wv = (const uint4 *)w;
+    for (int64_t i = threadIdx.x; i < d8; i += blockDim.x) {
+        float a[8], ww[8];
+        unpack8(xr[i], a);
+        unpack8(wv[i], ww);
+#pragma unroll
+        for (int j = 0; j < 8; j++) a[j] = ww[j] * (a[j] * r);
+        o[i] = pack8(a);
+    }
+}
+
+__global__ void rmsnorm_bwd_vec_kernel(bf16 *din, float *part, const bf16 *dout, const bf16 *in, const bf16 *w,
+                                       const float *rstd, int64_t N, int64_t d, int64_t per) {
+    __shared__ float sh[32];
+    const int64_t r0 = blockIdx.x * per, r1 = min(N, r0 + per), d8 = d / 8;
+    float *pb = part ? part + (int64_t)blockIdx.x * d : nullptr;
+    if (pb)
+        for (int64_t i = threadIdx.x; i < d; i += blockDim.x) pb[i] = 0.f;
+    __syncthreads();  // the zeroing above uses another thread-to-column mapping than the loop below
+    const uint4 *wv = (const uint4 *)w;
+    for (int64_t n = r0; n < r1; n++) {
+        const uint4 *x = (const uint4 *)(in + n * d), *dy = (const uint4 *)(dout + n * d);
+        const float r = rstd[n];
+        float dot = 0.f;
+        for (int64_t i = threadIdx.x; i < d8; i += blockDim.x) {
+            float a[8], g[8], ww[8];
+            unpack8(x[i], a);
+            unpack8(dy[i], g);
+            unpack8(wv[i], ww);
+#pragma unroll
+            for (int j = 0; j < 8; j++) dot += ww[j] * g[j] * a[j];
+        }
+        dot = block_sum(dot, sh);
+        const float c = dot * r * r * r / (float)d;
+        uint4 *dx = (uint4 *)(din + n * d);
+        for (int64_t i = threadIdx.x; i < d8; i += blockDim.x) {
+            float a[8], g[8], ww[8], o[8];
+            unpack8(x[i], a);
+            unpack8(dy[i], g);
+            unpack8(wv[i], ww);
+            unpack8(dx[i], o);
+#pragma unroll
+            for (int j = 0; j < 8; j++) o[j] = o[j] + (r * ww[j] * g[j] - c * a[j]);
+            dx[i] = pack8(o);
+            if (pb) {
+                float4 *p4 = (float4 *)(pb + 8 * i);
+                float4 u = p4[0], v = p4[1];
+                u.x += g[0] * (a[0] * r), u.y += g[1] * (a[1] * r), u.z += g[2] * (a[2] * r), u.w += g[3] * (a[3] * r);
+                v.x += g[4] * (a[4] * r), v.y += g[5] * (a[5] * r), v.z += g[6] * (a[6] * r), v.w += g[7] * (a[7] * r);
+                p4[0] = u, p4[1] = v;
+            }
+        }
+    }
+}
+
 static int norm_parts(int64_t N) { return (int)(N < NORM_PARTS ? (N > 0 ? N : 1) : NORM_PARTS); }
 
 extern "C" int rmsnorm_fwd_cuda(DType dt, void *out, float *rstd, void *res_out, const void *x, const void *res_in,
@@ -86,6 +194,12 @@ extern "C" int rmsnorm_fwd_cuda(DType dt, void *out, float *rstd, void *res_out,
     if (res_in && !res_out) return train_fail(err, errlen, "rmsnorm_fwd_cuda: res_in given without res_out");
     if (N == 0) return 0;
     if (N > 0x7fffffff) return train_fail(err, errlen, "rmsnorm_fwd_cuda: N = %lld rows > 2^31-1", (long long)N);
+    if (dt == DT_BF16 && d % 8 == 0 && al16(out) && al16(x) && al16(w) && (!res_in || (al16(res_in) && al16(res_out)))) {
+        rmsnorm_fwd_vec_kernel<<<(unsigned)N, NORM_THREADS, 0, stream>>>((bf16 *)out, rstd, (bf16 *)res_out, (const bf16 *)x,
+                                                                          (const bf16 *)res_in, (const bf16 *)w, d, eps);
+        kernelCheck("rmsnorm_fwd_vec_kernel");
+        return 0;
+    }
     DL_DISPATCH(dt, T,
                 rmsnorm_fwd_kernel<T><<<(unsigned)N, NORM_THREADS, 0, stream>>>(
                     (T *)out, rstd, (T *)res_out, (const T *)x, (const T *)res_in, (const T *)w, d, eps));
@@ -105,10 +219,16 @@ extern "C" int rmsnorm_bwd_cuda(DType dt, void *din, float *dw, const void *dout
     const int parts = norm_parts(N);
     const int64_t per = (N + parts - 1) / parts;
     float *part = dw ? (float *)workspace : nullptr;
-    DL_DISPATCH(dt, T,
-                rmsnorm_bwd_kernel<T><<<parts, NORM_THREADS, 0, stream>>>(
-                    (T *)din, part, (const T *)dout, (const T *)in, (const T *)w, rstd, N, d, per));
-    kernelCheck("rmsnorm_bwd_kernel");
+    if (dt == DT_BF16 && d % 8 == 0 && al16(din) && al16(dout) && al16(in) && al16(w) && (!part || al16(part))) {
+        rmsnorm_bwd_vec_kernel<<<parts, NORM_THREADS, 0, stream>>>((bf16 *)din, part, (const bf16 *)dout, (const bf16 *)in,
+                                                                    (const bf16 *)w, rstd, N, d, per);
+        kernelCheck("rmsnorm_bwd_vec_kernel");
+    } else {
+        DL_DISPATCH(dt, T,
+                    rmsnorm_bwd_kernel<T><<<parts, NORM_THREADS, 0, stream>>>(
+                        (T *)din, part, (const T *)dout, (const T *)in, (const T *)w, rstd, N, d, per));
+        kernelCheck("rmsnorm_bwd_kernel");
+    }
     if (dw) {
         colsum_add_kernel<<<grid_for(d, 256, 1024), 256, 0, stream>>>(dw, part, parts, d);
         kernelCheck("colsum_add_kernel (rmsnorm dw)");
@@ -179,6 +299,38 @@ __global__ void swiglu_bwd_kernel(T *dgate, T *dup, const T *dout, const T *gate
         }
 }
 
+__global__ void swiglu_fwd_vec_kernel(bf16 *out, const bf16 *gate, const bf16 *up, int64_t rows, int64_t cols, int64_t ld_) {
+    const int64_t c8 = cols / 8, total = rows * c8;
+    for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t r = idx / c8, c = (idx - r * c8) * 8;
+        float g[8], u[8];
+        unpack8(*(const uint4 *)(gate + r * ld_ + c), g);
+        unpack8(*(const uint4 *)(up + r * ld_ + c), u);
+#pragma unroll
+        for (int j = 0; j < 8; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+        *(uint4 *)(out + r * cols + c) = pack8(g);
+    }
+}
+__global__ void swiglu_bwd_vec_kernel(bf16 *dgate, bf16 *dup, const bf16 *dout, const bf16 *gate, const bf16 *up,
+                                      int64_t rows, int64_t cols, int64_t ld_) {
+    const int64_t c8 = cols / 8, total = rows * c8;
+    for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t r = idx / c8, c = (idx - r * c8) * 8, j0 = r * ld_ + c;
+        float g[8], u[8], dy[8], dg[8], du[8];
+        unpack8(*(const uint4 *)(gate + j0), g);
+        unpack8(*(const uint4 *)(up + j0), u);
+        unpack8(*(const uint4 *)(dout + r * cols + c), dy);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const float sg = 1.0f / (1.0f + expf(-g[j])), silu = g[j] * sg;
+            du[j] = dy[j] * silu;
+            dg[j] = dy[j] * u[j] * sg * (1.0f + g[j] * (1.0f - sg));
+        }
+        *(uint4 *)(dup + j0) = pack8(du);
+        *(uint4 *)(dgate + j0) = pack8(dg);
+    }
+}
+
 static int swiglu_check(const char *fn, DType dt, int64_t rows, int64_t cols, int64_t ld_, char *err, size_t errlen) {
     if (!dt_ok(dt)) return train_fail(err, errlen, "%s: dtype must be f32 or bf16", fn);
     if (rows < 0 || cols < 0 || ld_ < cols) return train_fail(err, errlen, "%s: ld %lld < cols %lld", fn, (long long)ld_, (long long)cols);
@@ -189,6 +341,12 @@ extern "C" int swiglu_fwd_cuda(DType dt, void *out, const void *gate, const void
                                int64_t ld_, dl_stream_t stream, char *err, size_t errlen) {
     if (swiglu_check("swiglu_fwd_cuda", dt, rows, cols, ld_, err, errlen)) return -1;
     if (!rows || !cols) return 0;
+    if (dt == DT_BF16 && cols % 8 == 0 && ld_ % 8 == 0 && al16(out) && al16(gate) && al16(up)) {
+        swiglu_fwd_vec_kernel<<<grid_for(rows * cols / 8, 256, 65535), 256, 0, stream>>>((bf16 *)out, (const bf16 *)gate,
+                                                                                         (const bf16 *)up, rows, cols, ld_);
+        kernelCheck("swiglu_fwd_vec_kernel");
+        return 0;
+    }
     dim3 grid(grid_for(cols, 256, 64), (unsigned)(rows < 65535 ? rows : 65535));
     DL_DISPATCH(dt, T,
                 swiglu_fwd_kernel<T><<<grid, 256, 0, stream>>>((T *)out, (const T *)gate, (const T *)up, rows, cols, ld_));
@@ -199,6 +357,12 @@ extern "C" int swiglu_bwd_cuda(DType dt, void *dgate, void *dup, const void *dou
                                int64_t rows, int64_t cols, int64_t ld_, dl_stream_t stream, char *err, size_t errlen) {
     if (swiglu_check("swiglu_bwd_cuda", dt, rows, cols, ld_, err, errlen)) return -1;
     if (!rows || !cols) return 0;
+    if (dt == DT_BF16 && cols % 8 == 0 && ld_ % 8 == 0 && al16(dgate) && al16(dup) && al16(dout) && al16(gate) && al16(up)) {
+        swiglu_bwd_vec_kernel<<<grid_for(rows * cols / 8, 256, 65535), 256, 0, stream>>>(
+            (bf16 *)dgate, (bf16 *)dup, (const bf16 *)dout, (const bf16 *)gate, (const bf16 *)up, rows, cols, ld_);
+        kernelCheck("swiglu_bwd_vec_kernel");
+        return 0;
+    }
     dim3 grid(grid_for(cols, 256, 64), (unsigned)(rows < 65535 ? rows : 65535));
     DL_DISPATCH(dt, T,
                 swiglu_bwd_kernel<T><<<grid, 256, 0, stream>>>((T *)dgate, (T *)dup, (const T *)dout, (const T *)gate,
