@@ -35,10 +35,11 @@ static void check(bool ok, const char *name, const char *fmt, double x, double t
 static void check_rel(double e, double tol, const char *name) {
     check(e <= tol && e == e, name, "rel err %.2e (tol %.0e)", e, tol);
 }
+// a refused call counts as a failure and the test goes on (its poisoned outputs then fail their checks too)
 static void need(int rc, const char *what) {
     if (rc) {
-        fprintf(stderr, "%s failed: %s\n", what, err);
-        exit(1);
+        printf("  FAIL %-46s call refused: %s\n", what, err);
+        nfail++;
     }
 }
 
@@ -607,7 +608,10 @@ int main(int argc, char **argv) {
     CK(cudaGetDeviceProperties(&prop, 0));
     printf("gpu_test_train on %s (%d SMs)\n", prop.name, prop.multiProcessorCount);
     DlGemm *g = dl_gemm_new(0, err, sizeof err);
-    if (!g) need(1, "dl_gemm_new");
+    if (!g) {
+        fprintf(stderr, "dl_gemm_new: %s\n", err);
+        return 1;
+    }
     for (DType dt : {DT_F32, DT_BF16}) {
         test_gemm(g, dt);
         test_rmsnorm(dt, 1000);
