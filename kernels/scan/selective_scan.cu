@@ -303,13 +303,19 @@ size_t bwd_smem_bytes(const TileGeom &g) {
 
 __device__ __forceinline__ float dsoftplus_dev(float x) { return x <= 20.f ? sigmoid_dev(x) : 1.f; }
 
-template <int N, int THREADS, bool AL16>
+// WRED (N = 16, 8 | channels per C group, whole B groups per block): dB and dC are first summed over the warp's
+// 8 channels by a shuffle reduce-scatter (each lane ends with one of the 32 (kind, state) sums of its quarter), so
+// shared memory holds per-warp sums, one barrier per 4-step group is enough (double-buffered), and the final sums
+// add 2 (dC) or 8 (dB) per-warp values. Otherwise per-channel values go through shared memory.
+template <int N, int THREADS, bool AL16, bool WRED>
 __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, const TileGeom geo) {
-    constexpr int R = N / QL, CPB = THREADS / QL, T = SCAN_CKPT;
+    constexpr int R = N / QL, CPB = THREADS / QL, T = SCAN_CKPT, NW = THREADS / 32;
+    static_assert(!WRED || R == 4, "the warp reduction assumes 4 states per lane");
     extern __shared__ __align__(16) char smem[];
     float *sub = (float *)(smem + 2 * geo.bytes);  // [BWD_GROUPS][R][THREADS]
-    float *redC = sub + BWD_GROUPS * R * THREADS;   // [4][CPB][N]
+    float *redC = sub + BWD_GROUPS * R * THREADS;   // [4][CPB][N]; WRED: redW [2 buffers][4][NW][2][N]
     float *redB = redC + 4 * CPB * N;               // [4][CPB][N]
+    const int warp = threadIdx.x >> 5;
 
     const int64_t L = p.L, D = p.D, ncb = (D + CPB - 1) / CPB;
     const int64_t cb = blockIdx.x % ncb, b = blockIdx.x / ncb;
@@ -457,6 +463,21 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
                     cC[r] = dvalid ? gyj[j] * hj[j][r] : 0.f;
                     cB[r] = dvalid ? gr * duj[j] : 0.f;
                 }
+                if constexpr (WRED) {
+                    // reduce-scatter over lane bits 4, 3, 2 (the warp's 8 channels): 7 shuffles
+                    const bool b4 = lane & 16, b3 = lane & 8, b2 = lane & 4;
+                    float k4[4], k2[2];
+#pragma unroll
+                    for (int m = 0; m < 4; m++)
+                        k4[m] = (b4 ? cB[m] : cC[m]) + __shfl_xor_sync(FULL_MASK, b4 ? cC[m] : cB[m], 16);
+#pragma unroll
+                    for (int m = 0; m < 2; m++)
+                        k2[m] = (b3 ? k4[2 + m] : k4[m]) + __shfl_xor_sync(FULL_MASK, b3 ? k4[m] : k4[2 + m], 8);
+                    const float k1 = (b2 ? k2[1] : k2[0]) + __shfl_xor_sync(FULL_MASK, b2 ? k2[0] : k2[1], 4);
+                    const int r = (b3 ? 2 : 0) + (b2 ? 1 : 0), kind = b4 ? 1 : 0;  // kind 0: dC, 1: dB
+                    redC[((((g & 1) * 4 + j) * NW + warp) * 2 + kind) * N + q * R + r] = k1;
+                    continue;
+                }
                 float *pc = redC + (j * CPB + cl) * N + q * R, *pb = redB + (j * CPB + cl) * N + q * R;
                 if constexpr (R == 4) {
                     *reinterpret_cast<float4 *>(pc) = make_float4(cC[0], cC[1], cC[2], cC[3]);
@@ -476,6 +497,28 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
                 if (p.z) stbf(p.dz + row, dzv);
             }
             __syncthreads();
+            if constexpr (WRED) {
+                // per-warp sums -> dC (Dg/8 warps) and dB (Db/8 warps), in warp order; buffers alternate with g
+                const float *rw = redC + (g & 1) * 4 * NW * 2 * N;
+                const int wpc = (int)p.Dg / 8, wpb = (int)p.Db / 8, tot = 4 * (ngrp + nbg) * N;
+                for (int e = tid; e < tot; e += THREADS) {
+                    const int n = e % N, x = e / N, j = x % 4, gi = x / 4;  // gi < ngrp: C group, else B group
+                    const int64_t tt = t0 + j;
+                    if (gi < ngrp) {
+                        float sC = 0.f;
+                        for (int w = gi * wpc; w < (gi + 1) * wpc; w++) sC += rw[((j * NW + w) * 2 + 0) * N + n];
+                        const int64_t gcg = cb * ngrp + gi;
+                        if (tt < te && gcg < p.Gc) stbf(p.dC + ((b * L + tt) * p.Gc + gcg) * N + n, sC);
+                    } else {
+                        const int bi = gi - ngrp;
+                        float sBv = 0.f;
+                        for (int w = bi * wpb; w < (bi + 1) * wpb; w++) sBv += rw[((j * NW + w) * 2 + 1) * N + n];
+                        const int64_t gbg = cb * nbg + bi;
+                        if (tt < te && gbg < p.Gb) stbf(p.dB + ((b * L + tt) * p.Gb + gbg) * N + n, sBv);
+                    }
+                }
+                continue;  // the next group writes the other buffer; its barrier orders the reuse of this one
+            }
             // dC per C group and step; dB summed per C group first (in place, or to the fp32 partials)
             const int tot1 = 4 * ngrp * N;
             for (int e = tid; e < tot1; e += THREADS) {
@@ -662,6 +705,8 @@ int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
 
 template <int N, int THREADS>
 int launch_bwd(const BwdArgs &a, bool al16, cudaStream_t st) {
+    constexpr int CPB0 = THREADS / QL;
+    const bool wred = N == 16 && a.Dg % 8 == 0 && CPB0 % a.Db == 0 && a.Db % 8 == 0;
     constexpr int CPB = THREADS / QL;
     const TileGeom g = make_geom(SCAN_CKPT, CPB, 4, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
     const size_t smem = bwd_smem_bytes<N, THREADS>(g);
@@ -672,7 +717,9 @@ int launch_bwd(const BwdArgs &a, bool al16, cudaStream_t st) {
         kern<<<(unsigned)blocks, THREADS, smem, st>>>(a, g);
         return 0;
     };
-    return al16 ? go(scan_bwd_kernel<N, THREADS, true>) : go(scan_bwd_kernel<N, THREADS, false>);
+    if constexpr (N == 16)
+        if (wred) return al16 ? go(scan_bwd_kernel<N, THREADS, true, true>) : go(scan_bwd_kernel<N, THREADS, false, true>);
+    return al16 ? go(scan_bwd_kernel<N, THREADS, true, false>) : go(scan_bwd_kernel<N, THREADS, false, false>);
 }
 
 }  // namespace
