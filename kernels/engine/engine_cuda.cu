@@ -1,0 +1,1144 @@
+// engine_cuda.cu: the CUDA engine (see engine_cuda.h): the CPU engine's orchestration (distill/engine_cpu.c,
+// mamba1_cpu.c) with the kernels of kernels/train and kernels/scan. Activations are token-major [N, C] with
+// N = B*T rows, in the engine dtype dt (bf16 or fp32).
+#include "kernels/engine/engine_cuda.h"
+
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+#include "distill/layers_cpu.h"
+}
+#include "kernels/engine/engine_ops.cuh"
+#include "kernels/scan/selective_scan_cuda.h"
+#include "kernels/train/train_check.cuh"
+#include "kernels/train/train_cuda.h"
+
+// A kernels/train or kernels/scan entry point returned -1: its shape limits were checked in engine_cuda_new,
+// so this is an engine bug; name the call and stop.
+static char g_err[512];
+#define TC(call)                                                                                            \
+    do {                                                                                                    \
+        g_err[0] = 0;                                                                                       \
+        if ((call) != 0) {                                                                                  \
+            fprintf(stderr, "%s:%d: engine_cuda: %s refused: %s\n  hint: a shape outside the kernel's limits " \
+                            "reached it; engine_cuda_new should have rejected the model\n",                  \
+                    __FILE__, __LINE__, #call, g_err);                                                      \
+            exit(1);                                                                                        \
+        }                                                                                                   \
+    } while (0)
+#define EA g_err, sizeof g_err
+
+// ---------------------------------------------------------------- weights by registry name
+
+typedef struct {
+    int64_t off;  // element offset (-1: absent)
+    bool trainable;
+} WRef;
+
+typedef struct {
+    WRef in_norm, post_norm, gate, up, down;
+    WRef q, k, v, o;                                              // attention
+    WRef z, x, Bp, Cp, dtd, dtw, dtb, cw, cb, alog, D, out;       // Mamba-1
+    int64_t pad_dtd, pad_dtw;  // element offsets of the padded dt weights in the padded-weights buffer
+    bool fused_gu;             // gate and up adjacent in the buffer (one [2ff, d] GEMM)
+} LayerW;
+
+static int wref(const Registry *r, WRef *w, int64_t numel, DlError *e, const char *fmt, ...) {
+    char name[DL_TENSOR_NAME_MAX];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    int i = reg_find(r, name);
+    if (i < 0) return dl_fail(e, "engine_cuda: tensor %s missing from the registry", name);
+    if (r->t[i].numel != numel)
+        return dl_fail(e, "engine_cuda: tensor %s has %lld elements, expected %lld", name, (long long)r->t[i].numel,
+                       (long long)numel);
+    w->off = r->t[i].offset;
+    w->trainable = r->t[i].trainable;
+    return 0;
+}
+
+// ---------------------------------------------------------------- activation table
+
+typedef struct {
+    char name[40];
+    int layer;     // -1: shared
+    size_t bytes;
+    size_t off;
+    void **slot;
+} ActEntry;
+
+typedef struct {
+    ActEntry *e;
+    int n, cap;
+    size_t total;
+} ActTable;
+
+static void tab_add(ActTable *t, void **slot, const char *name, int layer, size_t bytes) {
+    if (bytes == 0) {
+        *slot = NULL;
+        return;
+    }
+    if (t->n == t->cap) {
+        t->cap = t->cap ? 2 * t->cap : 64;
+        t->e = (ActEntry *)realloc(t->e, (size_t)t->cap * sizeof(ActEntry));
+    }
+    ActEntry *a = &t->e[t->n++];
+    snprintf(a->name, sizeof a->name, "%s", name);
+    a->layer = layer;
+    a->bytes = bytes;
+    a->off = t->total;
+    a->slot = slot;
+    t->total += (bytes + 255) & ~(size_t)255;  // 256-byte aligned entries (GEMM operands need 16)
+}
+#define TADD(t, ptr, name, layer, bytes) tab_add((t), (void **)&(ptr), (name), (layer), (size_t)(bytes))
+
+// ---------------------------------------------------------------- engine
+
+typedef struct {
+    void *xn1, *q, *k, *v, *att, *mid, *xn2, *gu, *act;  // dt
+    float *rstd1, *rstd2, *lse;
+    void *z, *xs, *Bs, *Cs, *dtl, *y;                     // Mamba-1 (dt); dtl is [N, Rp]
+    float *ckpt;                                          // scan states every SCAN_CKPT steps
+} LayerActs;
+
+struct EngineCuda {
+    HybridConfig h;
+    const Registry *r;
+    int64_t B, T, N, chunk;
+    int flags;
+    DType dt;
+    size_t es;  // bytes per activation element
+    int Rp;     // dt_rank padded to 8 (cuBLASLt needs leading dimensions of 8 elements)
+    LayerW *w;
+    WRef emb, fnorm, head;
+    int lowest;
+    bool has_mamba;
+    cudaStream_t st;
+    DlGemm *gemm;
+    float *master;     // fp32 [numel] or NULL
+    void *wc;          // compute copy [numel] in dt (== master in fp32 mode)
+    void *wpad;        // padded dt_proj_down / dt_proj copies (dt)
+    int64_t wpad_n;
+    float *gpad;       // fp32 gradients of the padded dt weights (one layer at a time)
+    int64_t gpad_n;
+    float *inv_freq;   // [hd/2]
+    double weight_bytes;
+    // activation table, one allocation
+    ActTable tab;
+    char *arena;
+    LayerActs *acts;   // [n_layer] when training, else [1]
+    void *states;      // [n_states, N, d]
+    int n_states;
+    void *mix, *xf;
+    float *rstdf;
+    void *mdt, *xr, *xc;  // Mamba scratch [N, di]
+    float *A;             // [di, ds]
+    void *scan_ws;
+    int32_t *tok, *pos, *docs;
+    uint8_t *reset_d;
+    // backward
+    void *gu_sh, *act_sh;  // MLP recompute
+    void *dres, *dmid, *dxn, *dxf, *dgu, *dact, *dq, *datt, *dk, *dv;
+    void *dy, *dxc, *ddt, *dC, *dz, *dxr, *dB, *dxs, *ddtl;
+    float *dA, *dD, *ddb, *dcw, *dcb;
+    void *rms_ws, *attn_ws, *scanb_ws, *conv_ws;
+    int32_t *eorder, *eseg, *euniq;
+    // loss
+    void *lbuf, *tbuf;
+    double *rows, *acc;
+    float *logp, *rw;
+    int32_t *targ;
+    uint8_t *cnt;
+    // host state
+    int32_t *tok_h;
+    uint8_t *reset_h;
+    bool have_reset;
+    int l0, l1, last_state;
+    bool have_dxf;
+    void **dhid;  // lazily allocated [n_layer+1] gradients of hidden states
+    bool *has_dhid;
+};
+
+static inline char *P(const EngineCuda *e, WRef w) { return (char *)e->wc + (size_t)w.off * e->es; }
+static inline float *PM(const EngineCuda *e, WRef w) { return e->master + w.off; }
+static inline float *G(float *grads, WRef w) { return grads && w.trainable ? grads + w.off : NULL; }
+static inline char *at(const void *p, int64_t elems, size_t es) { return (char *)p + (size_t)elems * es; }
+
+static int layer_w_init(EngineCuda *E, DlError *e) {
+    const HybridConfig *h = &E->h;
+    const LlamaConfig *c = &h->base;
+    const Registry *r = E->r;
+    const int64_t d = c->d_model, qd = (int64_t)c->n_head * c->head_dim, kvd = (int64_t)c->n_kv_head * c->head_dim;
+    const int64_t ff = c->d_ff, V = c->vocab, di = h->d_inner, dxb = h->d_xb, ds = h->d_state, R = h->dt_rank;
+    if (wref(r, &E->emb, V * d, e, "model.embed_tokens.weight")) return -1;
+    if (wref(r, &E->fnorm, d, e, "model.norm.weight")) return -1;
+    if (c->tied_embeddings) E->head = E->emb;
+    else if (wref(r, &E->head, V * d, e, "lm_head.weight")) return -1;
+    E->wpad_n = 0;
+    for (int l = 0; l < c->n_layer; l++) {
+        LayerW *w = &E->w[l];
+        memset(w, 0xff, sizeof *w);
+        if (h->mixer[l] == MIXER_MAMBA2)
+            return dl_fail(e, "engine_cuda: layer %d is a Mamba-2 layer; the CUDA engine implements attention and Mamba-1", l);
+        if (wref(r, &w->in_norm, d, e, "model.layers.%d.input_layernorm.weight", l) ||
+            wref(r, &w->post_norm, d, e, "model.layers.%d.post_attention_layernorm.weight", l) ||
+            wref(r, &w->gate, ff * d, e, "model.layers.%d.mlp.gate_proj.weight", l) ||
+            wref(r, &w->up, ff * d, e, "model.layers.%d.mlp.up_proj.weight", l) ||
+            wref(r, &w->down, d * ff, e, "model.layers.%d.mlp.down_proj.weight", l))
+            return -1;
+        w->fused_gu = w->up.off == w->gate.off + ff * d && w->up.trainable == w->gate.trainable;
+        if (h->mixer[l] == MIXER_ATTN) {
+            if (wref(r, &w->q, qd * d, e, "model.layers.%d.self_attn.q_proj.weight", l) ||
+                wref(r, &w->k, kvd * d, e, "model.layers.%d.self_attn.k_proj.weight", l) ||
+                wref(r, &w->v, kvd * d, e, "model.layers.%d.self_attn.v_proj.weight", l) ||
+                wref(r, &w->o, d * qd, e, "model.layers.%d.self_attn.o_proj.weight", l))
+                return -1;
+        } else {
+            const char *m = "model.layers.%d.mamba.";
+            char f[128];
+#define MW(field, numel, suffix) (snprintf(f, sizeof f, "%s%s", m, suffix), wref(r, &w->field, numel, e, f, l))
+            if (MW(z, di * d, "in_proj_z.weight") || MW(x, dxb * d, "in_proj_x.weight") ||
+                MW(Bp, dxb * d, "B_proj.weight") || MW(Cp, di * d, "C_proj.weight") ||
+                MW(dtd, R * d, "dt_proj_down.weight") || MW(dtw, di * R, "dt_proj.weight") ||
+                MW(dtb, di, "dt_proj.bias") || MW(cw, di * h->d_conv, "conv1d.weight") ||
+                MW(cb, di, "conv1d.bias") || MW(alog, di * ds, "A_log") || MW(D, di, "D") ||
+                MW(out, d * di, "out_proj.weight"))
+                return -1;
+#undef MW
+            w->pad_dtd = E->wpad_n;
+            E->wpad_n += ((int64_t)E->Rp * d + 15) / 16 * 16;
+            w->pad_dtw = E->wpad_n;
+            E->wpad_n += (di * E->Rp + 15) / 16 * 16;
+            E->has_mamba = true;
+        }
+    }
+    E->lowest = c->n_layer;
+    for (int i = 0; i < r->n; i++) {
+        const TensorInfo *t = &r->t[i];
+        if (!t->trainable) continue;
+        if (t->layer >= 0 && t->layer < E->lowest) E->lowest = t->layer;
+        if (t->role == ROLE_EMBED) E->lowest = -1;
+    }
+    return 0;
+}
+
+// The shapes every kernel accepts, checked once here so a step never meets a refusal.
+static int check_shapes(const EngineCuda *E, DlError *e) {
+    const HybridConfig *h = &E->h;
+    const LlamaConfig *c = &h->base;
+    const int64_t d = c->d_model, ff = c->d_ff, V = c->vocab;
+    if (E->dt != DT_BF16 && E->dt != DT_F32) return dl_fail(e, "engine_cuda: dtype must be bf16 or fp32");
+    if (d % 8 || ff % 8 || V % 8 || c->head_dim % 8)
+        return dl_fail(e, "engine_cuda: d_model %lld, d_ff %lld, vocab %lld and head_dim %d must be multiples of 8 "
+                          "(cuBLASLt needs 16-byte rows)", (long long)d, (long long)ff, (long long)V, c->head_dim);
+    if (d > 16384) return dl_fail(e, "engine_cuda: d_model %lld > 16384 (RMSNorm kernel limit)", (long long)d);
+    if (hybrid_n_attn(h) > 0 && c->head_dim != 64 && c->head_dim != 128)
+        return dl_fail(e, "engine_cuda: head_dim %d; the attention kernels take 64 or 128", c->head_dim);
+    if (E->has_mamba) {
+        if (E->dt != DT_BF16)
+            return dl_fail(e, "engine_cuda: fp32 mode with Mamba layers: the selective-scan and conv kernels are bf16-only");
+        int ds = h->d_state;
+        if (ds != 4 && ds != 8 && ds != 16 && ds != 32 && ds != 64)
+            return dl_fail(e, "engine_cuda: d_state %d; the scan kernels take 4, 8, 16, 32 or 64", ds);
+        if (h->d_inner % ds || h->d_xb % ds || 64 % ds || h->d_inner % h->d_xb || h->d_inner % 8 || h->d_xb % 8)
+            return dl_fail(e, "engine_cuda: d_inner %d / d_xb %d / d_state %d do not fit the scan kernels", h->d_inner,
+                           h->d_xb, ds);
+        if (h->d_conv < 1 || h->d_conv > 4) return dl_fail(e, "engine_cuda: d_conv %d; the conv kernel takes 1..4", h->d_conv);
+    }
+    return 0;
+}
+
+static ScanShape scan_shape(const EngineCuda *E) {
+    const HybridConfig *h = &E->h;
+    ScanShape s = {E->B, E->T, h->d_inner, h->d_state, h->d_inner / h->d_state, h->d_xb / h->d_state};
+    return s;
+}
+
+static void build_table(EngineCuda *E, ActTable *t) {
+    const HybridConfig *h = &E->h;
+    const LlamaConfig *c = &h->base;
+    const int64_t N = E->N, d = c->d_model, ff = c->d_ff, V = c->vocab, di = h->d_inner, dxb = h->d_xb, Rp = E->Rp;
+    const int64_t qd = (int64_t)c->n_head * c->head_dim, kvd = (int64_t)c->n_kv_head * c->head_dim;
+    const size_t es = E->es;
+    const bool train = E->flags & ECU_TRAIN, keep = train || (E->flags & ECU_KEEP_HIDDEN);
+    const bool rmlp = train && (E->flags & ECU_RECOMPUTE_MLP);
+    const bool attn = hybrid_n_attn(h) > 0;
+    const ScanShape ss = scan_shape(E);
+    memset(t, 0, sizeof *t);
+    E->n_states = keep ? c->n_layer + 1 : 2;
+    TADD(t, E->states, "hidden states", -1, E->n_states * N * d * es);
+    // training: one set per layer (as the CPU engine); inference: one set shared by all layers
+    const int na = train ? c->n_layer : 1;
+    for (int l = 0; l < na; l++) {
+        LayerActs *a = &E->acts[l];
+        const bool lat = train ? h->mixer[l] == MIXER_ATTN : attn;
+        const bool lm = train ? h->mixer[l] == MIXER_MAMBA1 : E->has_mamba;
+        const int L = train ? l : -1;
+        TADD(t, a->xn1, "xn1 (input norm out)", L, N * d * es);
+        TADD(t, a->rstd1, "rstd1", L, N * 4);
+        TADD(t, a->mid, "mid (x + mixer)", L, N * d * es);
+        TADD(t, a->xn2, "xn2 (post norm out)", L, N * d * es);
+        TADD(t, a->rstd2, "rstd2", L, N * 4);
+        if (!rmlp) {
+            TADD(t, a->gu, "gate|up", L, N * 2 * ff * es);
+            TADD(t, a->act, "silu(gate)*up", L, N * ff * es);
+        }
+        if (lat) {
+            TADD(t, a->q, "q", L, N * qd * es);
+            TADD(t, a->k, "k", L, N * kvd * es);
+            TADD(t, a->v, "v", L, N * kvd * es);
+            TADD(t, a->att, "attention out", L, N * qd * es);
+            TADD(t, a->lse, "lse", L, E->B * c->n_head * E->T * 4);
+        }
+        if (lm) {
+            TADD(t, a->z, "mamba z", L, N * di * es);
+            TADD(t, a->xs, "mamba x", L, N * dxb * es);
+            TADD(t, a->Bs, "mamba B", L, N * dxb * es);
+            TADD(t, a->Cs, "mamba C", L, N * di * es);
+            TADD(t, a->dtl, "mamba dt_low", L, N * Rp * es);
+            TADD(t, a->y, "mamba y", L, N * di * es);
+            if (train) TADD(t, a->ckpt, "scan checkpoints", L, selective_scan_ckpt_elems(&ss) * 4);
+        }
+    }
+    if (rmlp) {  // recomputed in the backward: one set shared by all layers
+        TADD(t, E->gu_sh, "gate|up (recomputed)", -1, N * 2 * ff * es);
+        TADD(t, E->act_sh, "silu(gate)*up (recomputed)", -1, N * ff * es);
+    }
+    TADD(t, E->mix, "mixer out", -1, N * d * es);
+    TADD(t, E->xf, "final norm out", -1, N * d * es);
+    TADD(t, E->rstdf, "final rstd", -1, N * 4);
+    if (E->has_mamba) {
+        TADD(t, E->mdt, "mamba dt (recomputed)", -1, N * di * es);
+        TADD(t, E->xr, "mamba x repeated", -1, N * di * es);
+        TADD(t, E->xc, "mamba conv out", -1, N * di * es);
+        TADD(t, E->A, "mamba A", -1, di * h->d_state * 4);
+        TADD(t, E->scan_ws, "scan fwd workspace", -1, selective_scan_fwd_workspace(&ss, 0));
+    }
+    TADD(t, E->tok, "tokens", -1, N * 4);
+    TADD(t, E->pos, "positions", -1, N * 4);
+    TADD(t, E->docs, "doc starts", -1, N * 4);
+    TADD(t, E->reset_d, "resets", -1, N);
+    TADD(t, E->lbuf, "logits chunk", -1, E->chunk * V * es);
+    if (E->flags & ECU_TEACHER_KL) TADD(t, E->tbuf, "teacher logits chunk", -1, E->chunk * V * es);
+    TADD(t, E->rows, "loss rows", -1, E->chunk * 4 * 8);
+    TADD(t, E->acc, "loss sums", -1, 8 * 8);
+    TADD(t, E->logp, "logp target", -1, N * 4);
+    TADD(t, E->rw, "row weights", -1, N * 4);
+    TADD(t, E->targ, "targets", -1, N * 4);
+    TADD(t, E->cnt, "counted rows", -1, N);
+    if (train) {
+        TADD(t, E->dxf, "d final hidden", -1, N * d * es);
+        TADD(t, E->dres, "d residual", -1, N * d * es);
+        TADD(t, E->dmid, "d mid", -1, N * d * es);
+        TADD(t, E->dxn, "d normed", -1, N * d * es);
+        TADD(t, E->dgu, "d gate|up", -1, N * 2 * ff * es);
+        TADD(t, E->dact, "d act", -1, N * ff * es);
+        TADD(t, E->rms_ws, "rmsnorm bwd workspace", -1, rmsnorm_bwd_workspace(N, d));
+        TADD(t, E->eorder, "emb order", -1, N * 4);
+        TADD(t, E->eseg, "emb segments", -1, (N + 1) * 4);
+        TADD(t, E->euniq, "emb uniq", -1, N * 4);
+        if (attn) {
+            TADD(t, E->dq, "dq", -1, N * qd * es);
+            TADD(t, E->datt, "d attention out", -1, N * qd * es);
+            TADD(t, E->dk, "dk", -1, N * kvd * es);
+            TADD(t, E->dv, "dv", -1, N * kvd * es);
+            TADD(t, E->attn_ws, "attention bwd workspace", -1, attention_bwd_workspace(E->B, E->T, c->n_head));
+        }
+        if (E->has_mamba) {
+            TADD(t, E->dy, "mamba dy", -1, N * di * es);
+            TADD(t, E->dxc, "mamba d conv out", -1, N * di * es);
+            TADD(t, E->ddt, "mamba d dt", -1, N * di * es);
+            TADD(t, E->dC, "mamba dC", -1, N * di * es);
+            TADD(t, E->dz, "mamba dz", -1, N * di * es);
+            TADD(t, E->dxr, "mamba d x repeated", -1, N * di * es);
+            TADD(t, E->dB, "mamba dB", -1, N * dxb * es);
+            TADD(t, E->dxs, "mamba dx", -1, N * dxb * es);
+            TADD(t, E->ddtl, "mamba d dt_low", -1, N * Rp * es);
+            TADD(t, E->dA, "mamba dA", -1, di * h->d_state * 4);
+            TADD(t, E->dD, "mamba dD", -1, di * 4);
+            TADD(t, E->ddb, "mamba d delta_bias", -1, di * 4);
+            TADD(t, E->dcw, "mamba d conv w", -1, di * h->d_conv * 4);
+            TADD(t, E->dcb, "mamba d conv b", -1, di * 4);
+            TADD(t, E->scanb_ws, "scan bwd workspace", -1, selective_scan_bwd_workspace(&ss));
+            TADD(t, E->conv_ws, "conv bwd workspace", -1, conv1d_silu_bwd_workspace(E->B, E->T, di));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- creation, memory
+
+static const char *gib(double b, char *buf, size_t n) {
+    if (b >= 1024.0 * 1024 * 1024) snprintf(buf, n, "%.2f GiB", b / (1024.0 * 1024 * 1024));
+    else snprintf(buf, n, "%.1f MiB", b / (1024.0 * 1024));
+    return buf;
+}
+
+// Bytes of the activation table of a configuration (for the out-of-memory advice).
+static size_t table_bytes(EngineCuda *E, int64_t B, int flags) {
+    EngineCuda tmp = *E;
+    tmp.B = B;
+    tmp.N = B * E->T;
+    tmp.chunk = DL_MIN(E->chunk, tmp.N);
+    tmp.flags = flags;
+    tmp.acts = (LayerActs *)calloc((size_t)E->h.base.n_layer, sizeof(LayerActs));
+    ActTable t;
+    build_table(&tmp, &t);
+    size_t b = t.total;
+    free(t.e);
+    free(tmp.acts);
+    return b;
+}
+
+void engine_cuda_print_memory(const EngineCuda *E, FILE *f) {
+    if (!f) return;
+    char b1[32], b2[32];
+    const ActTable *t = &E->tab;
+    fprintf(f, "engine_cuda: %s, B %lld x T %lld, %d layers (%d attention), %s\n", E->dt == DT_BF16 ? "bf16" : "fp32",
+            (long long)E->B, (long long)E->T, E->h.base.n_layer, hybrid_n_attn(&E->h),
+            (E->flags & ECU_TRAIN) ? ((E->flags & ECU_RECOMPUTE_MLP) ? "training, MLP recomputed" : "training")
+                                   : "inference");
+    fprintf(f, "  weights %s (fp32 master %s, compute copy %s)\n", gib(E->weight_bytes, b1, sizeof b1),
+            E->master ? "yes" : "no", E->dt == DT_BF16 ? "bf16" : "= master");
+    // group the table by name (layers summed)
+    fprintf(f, "  activations %s in one allocation:\n", gib((double)t->total, b1, sizeof b1));
+    for (int i = 0; i < t->n; i++) {
+        bool first = true;
+        for (int j = 0; j < i; j++)
+            if (!strcmp(t->e[j].name, t->e[i].name)) first = false;
+        if (!first) continue;
+        double sum = 0;
+        int cnt = 0;
+        for (int j = i; j < t->n; j++)
+            if (!strcmp(t->e[j].name, t->e[i].name)) sum += (double)t->e[j].bytes, cnt++;
+        if (cnt > 1) fprintf(f, "    %-34s %10s  (%d x %s)\n", t->e[i].name, gib(sum, b1, sizeof b1), cnt, gib(sum / cnt, b2, sizeof b2));
+        else fprintf(f, "    %-34s %10s\n", t->e[i].name, gib(sum, b1, sizeof b1));
+    }
+}
+
+void engine_cuda_memory(const EngineCuda *E, double *weights, double *activations) {
+    if (weights) *weights = E->weight_bytes;
+    if (activations) *activations = (double)E->tab.total;
+}
+
+// cudaMalloc that reports instead of exiting (the caller prints the plan).
+static void *try_alloc(size_t bytes) {
+    void *p = NULL;
+    if (bytes == 0) return NULL;
+    cudaError_t rc = cudaMalloc(&p, bytes);
+    if (rc != cudaSuccess) {
+        cudaGetLastError();  // clear the (non-sticky) allocation error
+        return NULL;
+    }
+    return p;
+}
+
+static void oom_report(EngineCuda *E, const char *what, size_t want, FILE *f) {
+    if (!f) f = stderr;
+    char b1[32], b2[32], b3[32];
+    size_t fr = 0, tot = 0;
+    cudaMemGetInfo(&fr, &tot);
+    fprintf(f, "engine_cuda: out of GPU memory allocating %s (%s; %s free of %s)\n", what, gib((double)want, b1, sizeof b1),
+            gib((double)fr, b2, sizeof b2), gib((double)tot, b3, sizeof b3));
+    engine_cuda_print_memory(E, f);
+    // what would fit: the weights stay, activations scale with the micro-batch
+    double avail = (double)fr + (E->arena ? (double)E->tab.total : 0);
+    double full = (double)table_bytes(E, E->B, E->flags);
+    fprintf(f, "  what would fit (activations must fit in %s):\n", gib(avail, b1, sizeof b1));
+    for (int64_t b = E->B - 1; b >= 1; b--)
+        if ((double)table_bytes(E, b, E->flags) <= avail) {
+            fprintf(f, "    micro_batch %lld (activations %s)\n", (long long)b, gib((double)table_bytes(E, b, E->flags), b1, sizeof b1));
+            break;
+        }
+    if ((E->flags & ECU_TRAIN) && !(E->flags & ECU_RECOMPUTE_MLP)) {
+        double r = (double)table_bytes(E, E->B, E->flags | ECU_RECOMPUTE_MLP);
+        fprintf(f, "    recompute = \"mlp\": activations %s instead of %s%s\n", gib(r, b1, sizeof b1), gib(full, b2, sizeof b2),
+                r <= avail ? " (fits)" : "");
+    }
+    fprintf(f, "    more GPUs with ZeRO: master weights, gradients and AdamW moments shard over the GPUs "
+               "(hardware.gpus, hardware.zero = 1/2/3)\n");
+}
+
+static void upload_params(EngineCuda *E, const float *params) {
+    const int64_t n = E->r->numel;
+    if (E->master) {
+        cudaCheck(cudaMemcpy(E->master, params, (size_t)n * 4, cudaMemcpyHostToDevice));
+        if (E->dt == DT_BF16) TC(convert_cuda(DT_BF16, E->wc, DT_F32, E->master, n, E->st, EA));
+    } else {  // through a staging buffer
+        const int64_t chunk = DL_MIN(n, (int64_t)16 << 20);
+        float *stage = NULL;
+        cudaCheck(cudaMalloc(&stage, (size_t)chunk * 4));
+        for (int64_t i = 0; i < n; i += chunk) {
+            int64_t k = DL_MIN(chunk, n - i);
+            cudaCheck(cudaMemcpy(stage, params + i, (size_t)k * 4, cudaMemcpyHostToDevice));
+            TC(convert_cuda(E->dt, at(E->wc, i, E->es), DT_F32, stage, k, E->st, EA));
+        }
+        cudaCheck(cudaStreamSynchronize(E->st));
+        cudaCheck(cudaFree(stage));
+    }
+}
+
+// The padded copies of dt_proj_down [R, d] -> [Rp, d] and dt_proj [di, R] -> [di, Rp] (zeros in the padding).
+static void refresh_pad(EngineCuda *E) {
+    const HybridConfig *h = &E->h;
+    const int64_t d = h->base.d_model, di = h->d_inner, R = h->dt_rank, es = E->es;
+    for (int l = 0; l < h->base.n_layer; l++) {
+        if (h->mixer[l] != MIXER_MAMBA1) continue;
+        const LayerW *w = &E->w[l];
+        cudaCheck(cudaMemcpyAsync(at(E->wpad, w->pad_dtd, es), P(E, w->dtd), (size_t)(R * d * es), cudaMemcpyDeviceToDevice, E->st));
+        cudaCheck(cudaMemcpy2DAsync(at(E->wpad, w->pad_dtw, es), (size_t)(E->Rp * es), P(E, w->dtw), (size_t)(R * es),
+                                    (size_t)(R * es), (size_t)di, cudaMemcpyDeviceToDevice, E->st));
+    }
+}
+
+void engine_cuda_set_params(EngineCuda *E, const float *params) {
+    upload_params(E, params);
+    refresh_pad(E);
+    cudaCheck(cudaStreamSynchronize(E->st));
+}
+
+void engine_cuda_get_params(const EngineCuda *E, float *params) {
+    const int64_t n = E->r->numel;
+    if (E->master) {
+        cudaCheck(cudaMemcpy(params, E->master, (size_t)n * 4, cudaMemcpyDeviceToHost));
+        return;
+    }
+    float *tmp = NULL;
+    cudaCheck(cudaMalloc(&tmp, (size_t)n * 4));
+    TC(convert_cuda(DT_F32, tmp, E->dt, E->wc, n, E->st, EA));
+    cudaCheck(cudaMemcpy(params, tmp, (size_t)n * 4, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaFree(tmp));
+}
+
+float *engine_cuda_master(EngineCuda *E) { return E->master; }
+
+void engine_cuda_free(EngineCuda *E) {
+    if (!E) return;
+    if (E->gemm) dl_gemm_free(E->gemm);
+    cudaFree(E->arena);
+    if (E->wc != (void *)E->master) cudaFree(E->wc);
+    cudaFree(E->master);
+    cudaFree(E->wpad);
+    cudaFree(E->gpad);
+    cudaFree(E->inv_freq);
+    if (E->dhid) {
+        for (int i = 0; i <= E->h.base.n_layer; i++) cudaFree(E->dhid[i]);
+        free(E->dhid);
+        free(E->has_dhid);
+    }
+    if (E->st) cudaStreamDestroy(E->st);
+    free(E->tab.e);
+    free(E->acts);
+    free(E->w);
+    free(E->tok_h);
+    free(E->reset_h);
+    free(E);
+}
+
+EngineCuda *engine_cuda_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t T,
+                            int flags, DType dt, int64_t chunk_rows, FILE *log, DlError *err) {
+    const LlamaConfig *c = &h->base;
+    if (B <= 0 || T <= 0) {
+        dl_fail(err, "engine_cuda: batch %lld x seqlen %lld must be positive", (long long)B, (long long)T);
+        return NULL;
+    }
+    EngineCuda *E = (EngineCuda *)calloc(1, sizeof *E);
+    E->h = *h;
+    E->r = r;
+    E->B = B;
+    E->T = T;
+    E->N = B * T;
+    E->flags = flags;
+    E->dt = dt;
+    E->es = dt == DT_BF16 ? 2 : 4;
+    E->Rp = (h->dt_rank + 7) / 8 * 8;
+    E->w = (LayerW *)calloc((size_t)c->n_layer, sizeof(LayerW));
+    E->acts = (LayerActs *)calloc((size_t)c->n_layer, sizeof(LayerActs));
+    if (layer_w_init(E, err) || check_shapes(E, err)) {
+        engine_cuda_free(E);
+        return NULL;
+    }
+    const int64_t V = c->vocab;
+    int64_t chunk = chunk_rows > 0 ? chunk_rows : DL_MAX(1, (16 << 20) / V);
+    E->chunk = DL_MIN(chunk, E->N);
+    cudaCheck(cudaStreamCreateWithFlags(&E->st, cudaStreamNonBlocking));
+    // ---- parameters: fp32 master (training, Mamba tensors read in fp32, or fp32 mode) and the compute copy
+    const int64_t n = r->numel;
+    const bool need_master = !(flags & ECU_NO_MASTER) || E->has_mamba || dt == DT_F32;
+    FILE *lf = log ? log : stderr;
+    char b1[32];
+    if (need_master && !(E->master = (float *)try_alloc((size_t)n * 4))) {
+        oom_report(E, "fp32 master weights", (size_t)n * 4, lf);
+        dl_fail(err, "engine_cuda: out of GPU memory for the fp32 master weights (%s)", gib((double)n * 4, b1, sizeof b1));
+        engine_cuda_free(E);
+        return NULL;
+    }
+    if (dt == DT_F32 && E->master) E->wc = E->master;
+    else if (!(E->wc = try_alloc((size_t)n * E->es))) {
+        oom_report(E, "compute copy of the weights", (size_t)n * E->es, lf);
+        dl_fail(err, "engine_cuda: out of GPU memory for the weights");
+        engine_cuda_free(E);
+        return NULL;
+    }
+    if (E->wpad_n) {
+        E->wpad = try_alloc((size_t)E->wpad_n * E->es);
+        E->gpad_n = (int64_t)E->Rp * DL_MAX((int64_t)c->d_model, (int64_t)h->d_inner);
+        E->gpad = (float *)try_alloc((size_t)E->gpad_n * 4);
+        if (!E->wpad || !E->gpad) {
+            oom_report(E, "padded dt_proj weights", (size_t)E->wpad_n * E->es, lf);
+            dl_fail(err, "engine_cuda: out of GPU memory for the padded dt weights");
+            engine_cuda_free(E);
+            return NULL;
+        }
+        cudaCheck(cudaMemset(E->wpad, 0, (size_t)E->wpad_n * E->es));
+    }
+    E->weight_bytes = (E->master ? (double)n * 4 : 0) + (E->wc != (void *)E->master ? (double)n * E->es : 0) +
+                      (double)E->wpad_n * E->es + (double)E->gpad_n * 4;
+    if (!(E->gemm = dl_gemm_new(0, err ? err->msg : NULL, err ? sizeof err->msg : 0))) {
+        engine_cuda_free(E);
+        return NULL;
+    }
+    float invf[512];
+    rope_inv_freq(c, invf);
+    cudaCheck(cudaMalloc(&E->inv_freq, 512 * sizeof(float)));
+    cudaCheck(cudaMemcpy(E->inv_freq, invf, sizeof invf, cudaMemcpyHostToDevice));
+    // ---- the activation table, one allocation
+    build_table(E, &E->tab);
+    if (!(E->arena = (char *)try_alloc(E->tab.total))) {
+        oom_report(E, "the activation table", E->tab.total, lf);
+        dl_fail(err, "engine_cuda: out of GPU memory for activations (%s at micro-batch %lld)",
+                gib((double)E->tab.total, b1, sizeof b1), (long long)B);
+        engine_cuda_free(E);
+        return NULL;
+    }
+    for (int i = 0; i < E->tab.n; i++) *E->tab.e[i].slot = E->arena + E->tab.e[i].off;
+    if (E->flags & ECU_TRAIN && E->flags & ECU_RECOMPUTE_MLP)
+        for (int l = 0; l < c->n_layer; l++) E->acts[l].gu = E->gu_sh, E->acts[l].act = E->act_sh;
+    E->tok_h = (int32_t *)malloc((size_t)E->N * 4);
+    E->reset_h = (uint8_t *)malloc((size_t)E->N);
+    upload_params(E, params);
+    refresh_pad(E);
+    cudaCheck(cudaStreamSynchronize(E->st));
+    E->last_state = -1;
+    if (log) engine_cuda_print_memory(E, log);
+    return E;
+}
+
+// ---------------------------------------------------------------- forward
+
+static void *state_ptr(const EngineCuda *E, int i) {
+    int slot = E->n_states == E->h.base.n_layer + 1 ? i : i % 2;
+    return at(E->states, (int64_t)slot * E->N * E->h.base.d_model, E->es);
+}
+static LayerActs *acts_of(EngineCuda *E, int l) { return (E->flags & ECU_TRAIN) ? &E->acts[l] : &E->acts[0]; }
+static void lin(EngineCuda *E, void *y, const void *x, const void *W, const void *bias, int64_t N, int64_t In, int64_t O, int acc) {
+    TC(dl_linear_fwd(E->gemm, E->dt, y, x, W, bias, N, In, O, acc, E->st, EA));
+}
+
+// gate|up into gu ([N, 2ff] with ld 2ff when fused, else two [N, ff] halves with ld ff), act = silu(gate)*up
+static void mlp_up(EngineCuda *E, const LayerW *w, const void *xn2, void *gu, void *act, int64_t *ld_out) {
+    const int64_t N = E->N, d = E->h.base.d_model, ff = E->h.base.d_ff;
+    if (w->fused_gu) {
+        lin(E, gu, xn2, P(E, w->gate), NULL, N, d, 2 * ff, 0);
+        TC(swiglu_fwd_cuda(E->dt, act, gu, at(gu, ff, E->es), N, ff, 2 * ff, E->st, EA));
+        *ld_out = 2 * ff;
+    } else {
+        lin(E, gu, xn2, P(E, w->gate), NULL, N, d, ff, 0);
+        lin(E, at(gu, N * ff, E->es), xn2, P(E, w->up), NULL, N, d, ff, 0);
+        TC(swiglu_fwd_cuda(E->dt, act, gu, at(gu, N * ff, E->es), N, ff, ff, E->st, EA));
+        *ld_out = ff;
+    }
+}
+
+static void mamba_fwd(EngineCuda *E, int l, LayerActs *a, const void *u, void *out) {
+    const HybridConfig *h = &E->h;
+    const LayerW *w = &E->w[l];
+    const int64_t N = E->N, d = h->base.d_model, di = h->d_inner, dxb = h->d_xb, ds = h->d_state, Rp = E->Rp;
+    const ScanShape s = scan_shape(E);
+    const uint8_t *rs = E->have_reset ? E->reset_d : NULL;
+    lin(E, a->z, u, P(E, w->z), NULL, N, d, di, 0);
+    lin(E, a->xs, u, P(E, w->x), NULL, N, d, dxb, 0);
+    lin(E, a->Bs, u, P(E, w->Bp), NULL, N, d, dxb, 0);
+    lin(E, a->Cs, u, P(E, w->Cp), NULL, N, d, di, 0);
+    lin(E, a->dtl, u, at(E->wpad, w->pad_dtd, E->es), NULL, N, d, Rp, 0);
+    // dt = dt_proj(dtl) with its bias (the scan adds the bias again as delta_bias: MambaInLlama's double bias)
+    lin(E, E->mdt, a->dtl, at(E->wpad, w->pad_dtw, E->es), P(E, w->dtb), N, Rp, di, 0);
+    eng_repeat_fwd(E->dt, E->xr, a->xs, N, di, dxb, ds, E->st);
+    TC(conv1d_silu_fwd_cuda(E->B, E->T, di, h->d_conv, (const uint16_t *)E->xr, PM(E, w->cw), PM(E, w->cb), rs, NULL, 1,
+                            (uint16_t *)E->xc, E->st, EA));
+    eng_neg_exp(E->A, PM(E, w->alog), di * ds, E->st);
+    TC(selective_scan_fwd_cuda(&s, (const uint16_t *)E->xc, (const uint16_t *)E->mdt, E->A, (const uint16_t *)a->Bs,
+                               (const uint16_t *)a->Cs, PM(E, w->D), (const uint16_t *)a->z, PM(E, w->dtb), rs, NULL,
+                               (uint16_t *)a->y, NULL, a->ckpt, 0, E->scan_ws, E->st, EA));
+    lin(E, out, a->y, P(E, w->out), NULL, N, di, d, 0);
+}
+
+static void layer_fwd(EngineCuda *E, int l, const void *x, void *out) {
+    const LlamaConfig *c = &E->h.base;
+    const LayerW *w = &E->w[l];
+    const int64_t N = E->N, d = c->d_model, qd = (int64_t)c->n_head * c->head_dim, kvd = (int64_t)c->n_kv_head * c->head_dim;
+    const float eps = (float)c->rms_eps;
+    LayerActs *a = acts_of(E, l);
+    TC(rmsnorm_fwd_cuda(E->dt, a->xn1, a->rstd1, NULL, x, NULL, P(E, w->in_norm), N, d, eps, E->st, EA));
+    if (E->h.mixer[l] == MIXER_ATTN) {
+        lin(E, a->q, a->xn1, P(E, w->q), NULL, N, d, qd, 0);
+        lin(E, a->k, a->xn1, P(E, w->k), NULL, N, d, kvd, 0);
+        lin(E, a->v, a->xn1, P(E, w->v), NULL, N, d, kvd, 0);
+        TC(rope_cuda(E->dt, a->q, E->pos, E->inv_freq, N, c->n_head, c->head_dim, 0, E->st, EA));
+        TC(rope_cuda(E->dt, a->k, E->pos, E->inv_freq, N, c->n_kv_head, c->head_dim, 0, E->st, EA));
+        TC(attention_fwd_cuda(E->dt, E->B, E->T, c->n_head, c->n_kv_head, c->head_dim, a->q, a->k, a->v, E->docs, a->att,
+                              a->lse, E->st, EA));
+        lin(E, E->mix, a->att, P(E, w->o), NULL, N, qd, d, 0);
+    } else {
+        mamba_fwd(E, l, a, a->xn1, E->mix);
+    }
+    // mid = x + mixer, xn2 = norm(mid), fused
+    TC(rmsnorm_fwd_cuda(E->dt, a->xn2, a->rstd2, a->mid, E->mix, x, P(E, w->post_norm), N, d, eps, E->st, EA));
+    int64_t ld;
+    void *gu = a->gu ? a->gu : E->gu_sh, *act = a->act ? a->act : E->act_sh;
+    mlp_up(E, w, a->xn2, gu, act, &ld);
+    cudaCheck(cudaMemcpyAsync(out, a->mid, (size_t)(N * d) * E->es, cudaMemcpyDeviceToDevice, E->st));
+    lin(E, out, act, P(E, w->down), NULL, N, c->d_ff, d, 1);  // out = mid + down(act)
+}
+
+int engine_cuda_forward_range(EngineCuda *E, const int32_t *tokens, const uint8_t *reset, int l0, const void *x0, int l1,
+                              DlError *err) {
+    const LlamaConfig *c = &E->h.base;
+    const int64_t N = E->N, d = c->d_model;
+    if (l0 < 0) l0 = 0;
+    if (l1 > c->n_layer) l1 = c->n_layer;
+    if (!x0 && l0 != 0) return dl_fail(err, "engine_cuda_forward_range: l0 = %d needs x0", l0);
+    for (int64_t i = 0; i < N; i++)
+        if (tokens[i] < 0 || tokens[i] >= c->vocab)
+            return dl_fail(err, "engine_cuda: token id %d at position %lld outside the vocabulary 0..%d", tokens[i],
+                           (long long)i, c->vocab - 1);
+    memcpy(E->tok_h, tokens, (size_t)N * 4);
+    E->have_reset = reset != NULL;
+    if (reset) memcpy(E->reset_h, reset, (size_t)N);
+    int32_t *pos = (int32_t *)malloc((size_t)N * 4), *docs = (int32_t *)malloc((size_t)N * 4);
+    doc_positions(E->B, E->T, reset, pos, docs);
+    cudaCheck(cudaMemcpyAsync(E->tok, tokens, (size_t)N * 4, cudaMemcpyHostToDevice, E->st));
+    cudaCheck(cudaMemcpyAsync(E->pos, pos, (size_t)N * 4, cudaMemcpyHostToDevice, E->st));
+    cudaCheck(cudaMemcpyAsync(E->docs, docs, (size_t)N * 4, cudaMemcpyHostToDevice, E->st));
+    if (reset) cudaCheck(cudaMemcpyAsync(E->reset_d, reset, (size_t)N, cudaMemcpyHostToDevice, E->st));
+    cudaCheck(cudaStreamSynchronize(E->st));  // the host arrays are freed below
+    free(pos);
+    free(docs);
+    E->l0 = l0;
+    E->l1 = l1;
+    void *x = state_ptr(E, l0);
+    if (x0) cudaCheck(cudaMemcpyAsync(x, x0, (size_t)(N * d) * E->es, cudaMemcpyDeviceToDevice, E->st));
+    else TC(embedding_fwd_cuda(E->dt, x, E->tok, P(E, E->emb), N, c->vocab, d, E->st, EA));
+    for (int l = l0; l < l1; l++) layer_fwd(E, l, state_ptr(E, l), state_ptr(E, l + 1));
+    E->last_state = l1;
+    if (l1 == c->n_layer)
+        TC(rmsnorm_fwd_cuda(E->dt, E->xf, E->rstdf, NULL, state_ptr(E, l1), NULL, P(E, E->fnorm), N, d, (float)c->rms_eps,
+                            E->st, EA));
+    E->have_dxf = false;
+    if (E->has_dhid) memset(E->has_dhid, 0, (size_t)(c->n_layer + 1) * sizeof(bool));
+    return 0;
+}
+
+int engine_cuda_forward(EngineCuda *E, const int32_t *tokens, const uint8_t *reset, DlError *err) {
+    return engine_cuda_forward_range(E, tokens, reset, 0, NULL, E->h.base.n_layer, err);
+}
+
+const void *engine_cuda_hidden(const EngineCuda *E, int i) {
+    if (i < 0 || i > E->h.base.n_layer) return NULL;
+    if (E->n_states == 2 && i != E->last_state) return NULL;
+    return state_ptr(E, i);
+}
+const void *engine_cuda_final_hidden(const EngineCuda *E) { return E->xf; }
+
+void engine_cuda_logits(const EngineCuda *E, int64_t r0, int64_t r1, void *out) {
+    const LlamaConfig *c = &E->h.base;
+    TC(dl_linear_fwd(E->gemm, E->dt, out, at(E->xf, r0 * c->d_model, E->es), P(E, E->head), NULL, r1 - r0, c->d_model,
+                     c->vocab, 0, E->st, EA));
+}
+
+// ---------------------------------------------------------------- loss
+
+LossParts engine_cuda_loss(EngineCuda *E, const int32_t *targets, const uint8_t *mask, const LossSpecCuda *spec,
+                           float *grads, double *seq_logprob) {
+    const LlamaConfig *c = &E->h.base;
+    const int64_t N = E->N, T = E->T, d = c->d_model, V = c->vocab;
+    uint8_t *cnt = (uint8_t *)malloc((size_t)N);
+    float *rw = NULL;
+    double n_count = 0;
+    for (int64_t r = 0; r < N; r++) {
+        cnt[r] = (!mask || mask[r]) && (!targets || (targets[r] >= 0 && targets[r] < V));
+        n_count += cnt[r];
+    }
+    const double norm = spec->norm > 0 ? spec->norm : n_count;
+    if (spec->seq_weight) {
+        rw = (float *)malloc((size_t)N * 4);
+        for (int64_t r = 0; r < N; r++) rw[r] = spec->seq_weight[r / T];
+    }
+    if (spec->teacher && !E->tbuf) dl_die(DL_EXIT_RUNTIME, "engine_cuda_loss: a teacher needs ECU_TEACHER_KL at engine_cuda_new");
+    if (spec->teacher && spec->teacher->dt != E->dt) dl_die(DL_EXIT_RUNTIME, "engine_cuda_loss: teacher and student dtypes differ");
+    cudaCheck(cudaMemcpyAsync(E->cnt, cnt, (size_t)N, cudaMemcpyHostToDevice, E->st));
+    if (targets) cudaCheck(cudaMemcpyAsync(E->targ, targets, (size_t)N * 4, cudaMemcpyHostToDevice, E->st));
+    if (rw) cudaCheck(cudaMemcpyAsync(E->rw, rw, (size_t)N * 4, cudaMemcpyHostToDevice, E->st));
+    cudaCheck(cudaMemsetAsync(E->acc, 0, 4 * sizeof(double), E->st));
+    if (grads && !(E->flags & ECU_TRAIN)) dl_die(DL_EXIT_RUNTIME, "engine_cuda_loss with grads on an engine made without ECU_TRAIN");
+    const void *W = P(E, E->head);
+    for (int64_t r0 = 0; r0 < N; r0 += E->chunk) {
+        const int64_t n = DL_MIN(E->chunk, N - r0);
+        const void *xr = at(E->xf, r0 * d, E->es);
+        lin(E, E->lbuf, xr, W, NULL, n, d, V, 0);
+        const void *tl = NULL;
+        if (spec->teacher && (spec->w.kl != 0 || spec->w.rkl != 0)) {
+            // the teacher's head on its own stream's results: order the two streams
+            cudaCheck(cudaStreamSynchronize(spec->teacher->st));
+            TC(dl_linear_fwd(E->gemm, E->dt, E->tbuf, at(spec->teacher->xf, r0 * d, E->es), P(spec->teacher, spec->teacher->head),
+                             NULL, n, d, V, 0, E->st, EA));
+            tl = E->tbuf;
+        }
+        TC(loss_rows_cuda(E->dt, &spec->w, n, V, E->lbuf, tl, targets ? E->targ + r0 : NULL, E->cnt + r0, rw ? E->rw + r0 : NULL,
+                          1.0 / norm, grads ? E->lbuf : NULL, E->rows, seq_logprob ? E->logp + r0 : NULL, E->st, EA));
+        TC(loss_sum_cuda(E->rows, n, E->acc, E->st, EA));
+        if (grads) {
+            TC(dl_linear_dgrad(E->gemm, E->dt, at(E->dxf, r0 * d, E->es), E->lbuf, W, n, d, V, 0, E->st, EA));
+            if (G(grads, E->head))
+                TC(dl_linear_wgrad(E->gemm, E->dt, DT_F32, G(grads, E->head), E->lbuf, xr, n, d, V, 1, E->st, EA));
+        }
+    }
+    double acc[4];
+    cudaCheck(cudaMemcpyAsync(acc, E->acc, sizeof acc, cudaMemcpyDeviceToHost, E->st));
+    float *logp = NULL;
+    if (seq_logprob) {
+        logp = (float *)malloc((size_t)N * 4);
+        cudaCheck(cudaMemcpyAsync(logp, E->logp, (size_t)N * 4, cudaMemcpyDeviceToHost, E->st));
+    }
+    cudaCheck(cudaStreamSynchronize(E->st));
+    if (seq_logprob) {
+        for (int64_t b = 0; b < E->B; b++) seq_logprob[b] = 0;
+        for (int64_t r = 0; r < N; r++) seq_logprob[r / T] += logp[r];
+    }
+    E->have_dxf = grads != NULL;
+    LossSums sums = {acc[0], acc[1], acc[2], acc[3]};
+    LossParts p;
+    memset(&p, 0, sizeof p);
+    p.norm = norm;
+    p.loss = loss_total(&spec->w, &sums, norm);
+    p.ce = sums.ce / norm;
+    p.kl = sums.kl / norm;
+    p.rkl = sums.rkl / norm;
+    p.n_tokens = sums.n_rows;
+    free(cnt);
+    free(rw);
+    free(logp);
+    return p;
+}
+
+void engine_cuda_add_hidden_grad(EngineCuda *E, int i, const void *dh, float scale) {
+    const int nl = E->h.base.n_layer;
+    const int64_t n = E->N * E->h.base.d_model;
+    if (i < 0 || i > nl) return;
+    if (!E->dhid) {
+        E->dhid = (void **)calloc((size_t)nl + 1, sizeof(void *));
+        E->has_dhid = (bool *)calloc((size_t)nl + 1, sizeof(bool));
+    }
+    if (!E->dhid[i]) cudaCheck(cudaMalloc(&E->dhid[i], (size_t)n * E->es));
+    if (!E->has_dhid[i]) {
+        cudaCheck(cudaMemsetAsync(E->dhid[i], 0, (size_t)n * E->es, E->st));
+        E->has_dhid[i] = true;
+    }
+    eng_axpy(E->dt, E->dhid[i], dh, scale, n, E->st);
+}
+
+// ---------------------------------------------------------------- backward
+
+static void dgrad(EngineCuda *E, void *dx, const void *dy, const void *W, int64_t N, int64_t In, int64_t O, int acc) {
+    TC(dl_linear_dgrad(E->gemm, E->dt, dx, dy, W, N, In, O, acc, E->st, EA));
+}
+static void wgrad(EngineCuda *E, float *dW, const void *dy, const void *x, int64_t N, int64_t In, int64_t O) {
+    if (dW) TC(dl_linear_wgrad(E->gemm, E->dt, DT_F32, dW, dy, x, N, In, O, 1, E->st, EA));
+}
+
+// dy: d loss / d mixer output [N, d]; writes dxn (d loss / d mixer input) when need_dx.
+static void mamba_bwd(EngineCuda *E, int l, LayerActs *a, const void *dy_mix, float *Gr, bool need_dx) {
+    const HybridConfig *h = &E->h;
+    const LayerW *w = &E->w[l];
+    const int64_t N = E->N, d = h->base.d_model, di = h->d_inner, dxb = h->d_xb, ds = h->d_state, Rp = E->Rp;
+    const int64_t R = h->dt_rank;
+    const ScanShape s = scan_shape(E);
+    const uint8_t *rs = E->have_reset ? E->reset_d : NULL;
+    const size_t es = E->es;
+    // out = y W_out^T
+    dgrad(E, E->dy, dy_mix, P(E, w->out), N, di, d, 0);
+    wgrad(E, G(Gr, w->out), dy_mix, a->y, N, di, d);
+    // recompute the scan inputs: dt, repeated x, conv output, A
+    lin(E, E->mdt, a->dtl, at(E->wpad, w->pad_dtw, es), P(E, w->dtb), N, Rp, di, 0);
+    eng_repeat_fwd(E->dt, E->xr, a->xs, N, di, dxb, ds, E->st);
+    TC(conv1d_silu_fwd_cuda(E->B, E->T, di, h->d_conv, (const uint16_t *)E->xr, PM(E, w->cw), PM(E, w->cb), rs, NULL, 1,
+                            (uint16_t *)E->xc, E->st, EA));
+    eng_neg_exp(E->A, PM(E, w->alog), di * ds, E->st);
+    TC(selective_scan_bwd_cuda(&s, (const uint16_t *)E->xc, (const uint16_t *)E->mdt, E->A, (const uint16_t *)a->Bs,
+                               (const uint16_t *)a->Cs, PM(E, w->D), (const uint16_t *)a->z, PM(E, w->dtb), rs, NULL, a->ckpt,
+                               (const uint16_t *)E->dy, NULL, (uint16_t *)E->dxc, (uint16_t *)E->ddt, E->dA,
+                               (uint16_t *)E->dB, (uint16_t *)E->dC, E->dD, (uint16_t *)E->dz, E->ddb, NULL, E->scanb_ws,
+                               E->st, EA));
+    TC(conv1d_silu_bwd_cuda(E->B, E->T, di, h->d_conv, (const uint16_t *)E->xr, PM(E, w->cw), PM(E, w->cb), rs, NULL, 1,
+                            (const uint16_t *)E->dxc, (uint16_t *)E->dxr, E->dcw, E->dcb, E->conv_ws, E->st, EA));
+    eng_repeat_bwd(E->dt, E->dxs, E->dxr, N, di, dxb, ds, E->st);
+    dgrad(E, E->ddtl, E->ddt, at(E->wpad, w->pad_dtw, es), N, Rp, di, 0);  // [N, Rp]
+    if (G(Gr, w->alog)) eng_add_mul(G(Gr, w->alog), E->dA, E->A, di * ds, E->st);  // A = -exp(A_log): dA/dA_log = A
+    if (G(Gr, w->D)) eng_add_f32(G(Gr, w->D), E->dD, di, E->st);
+    // dt_proj.bias enters twice: through dt_proj (ddt summed over tokens) and as delta_bias
+    if (G(Gr, w->dtb)) eng_colsum_add(E->dt, G(Gr, w->dtb), E->ddt, E->ddb, N, di, E->st);
+    if (G(Gr, w->cw)) eng_add_f32(G(Gr, w->cw), E->dcw, di * h->d_conv, E->st);
+    if (G(Gr, w->cb)) eng_add_f32(G(Gr, w->cb), E->dcb, di, E->st);
+    if (G(Gr, w->dtw)) {  // through the padded [di, Rp] copy
+        TC(dl_linear_wgrad(E->gemm, E->dt, DT_F32, E->gpad, E->ddt, a->dtl, N, Rp, di, 0, E->st, EA));
+        eng_add_cols(G(Gr, w->dtw), R, E->gpad, Rp, di, E->st);
+    }
+    wgrad(E, G(Gr, w->z), E->dz, a->xn1 ? a->xn1 : NULL, N, d, di);
+    wgrad(E, G(Gr, w->x), E->dxs, a->xn1, N, d, dxb);
+    wgrad(E, G(Gr, w->Bp), E->dB, a->xn1, N, d, dxb);
+    wgrad(E, G(Gr, w->Cp), E->dC, a->xn1, N, d, di);
+    if (G(Gr, w->dtd)) {  // [Rp, d]; the padding rows are zero and dropped
+        TC(dl_linear_wgrad(E->gemm, E->dt, DT_F32, E->gpad, E->ddtl, a->xn1, N, d, Rp, 0, E->st, EA));
+        eng_add_f32(G(Gr, w->dtd), E->gpad, R * d, E->st);
+    }
+    if (need_dx) {
+        dgrad(E, E->dxn, E->dz, P(E, w->z), N, d, di, 0);
+        dgrad(E, E->dxn, E->dxs, P(E, w->x), N, d, dxb, 1);
+        dgrad(E, E->dxn, E->dB, P(E, w->Bp), N, d, dxb, 1);
+        dgrad(E, E->dxn, E->dC, P(E, w->Cp), N, d, di, 1);
+        dgrad(E, E->dxn, E->ddtl, at(E->wpad, w->pad_dtd, es), N, d, Rp, 1);
+    }
+}
+
+// dres: in, d loss / d (output of layer l); out, d loss / d (input of layer l) (when need_dx).
+static void layer_bwd(EngineCuda *E, int l, float *Gr, bool need_dx) {
+    const LlamaConfig *c = &E->h.base;
+    const LayerW *w = &E->w[l];
+    const int64_t N = E->N, d = c->d_model, ff = c->d_ff;
+    const int64_t qd = (int64_t)c->n_head * c->head_dim, kvd = (int64_t)c->n_kv_head * c->head_dim;
+    const size_t es = E->es;
+    LayerActs *a = &E->acts[l];
+    const void *x = state_ptr(E, l);
+    void *gu = a->gu, *act = a->act;
+    int64_t ld = w->fused_gu ? 2 * ff : ff;
+    if (E->flags & ECU_RECOMPUTE_MLP) mlp_up(E, w, a->xn2, gu, act, &ld);
+    void *gate = gu, *up = w->fused_gu ? at(gu, ff, es) : at(gu, N * ff, es);
+    void *dgate = E->dgu, *dup = w->fused_gu ? at(E->dgu, ff, es) : at(E->dgu, N * ff, es);
+    // MLP half: out = mid + down(act)
+    dgrad(E, E->dact, E->dres, P(E, w->down), N, ff, d, 0);
+    wgrad(E, G(Gr, w->down), E->dres, act, N, ff, d);
+    TC(swiglu_bwd_cuda(E->dt, dgate, dup, E->dact, gate, up, N, ff, ld, E->st, EA));
+    if (w->fused_gu) {
+        dgrad(E, E->dxn, E->dgu, P(E, w->gate), N, d, 2 * ff, 0);
+        wgrad(E, G(Gr, w->gate), E->dgu, a->xn2, N, d, 2 * ff);  // gate and up gradients are adjacent too
+    } else {
+        dgrad(E, E->dxn, dgate, P(E, w->gate), N, d, ff, 0);
+        dgrad(E, E->dxn, dup, P(E, w->up), N, d, ff, 1);
+        wgrad(E, G(Gr, w->gate), dgate, a->xn2, N, d, ff);
+        wgrad(E, G(Gr, w->up), dup, a->xn2, N, d, ff);
+    }
+    cudaCheck(cudaMemcpyAsync(E->dmid, E->dres, (size_t)(N * d) * es, cudaMemcpyDeviceToDevice, E->st));
+    TC(rmsnorm_bwd_cuda(E->dt, E->dmid, G(Gr, w->post_norm), E->dxn, a->mid, P(E, w->post_norm), a->rstd2, N, d, E->rms_ws,
+                        E->st, EA));
+    // mixer half: mid = x + mixer(xn1)
+    const bool mixer_dx = need_dx || G(Gr, w->in_norm);
+    if (E->h.mixer[l] == MIXER_ATTN) {
+        dgrad(E, E->datt, E->dmid, P(E, w->o), N, qd, d, 0);
+        wgrad(E, G(Gr, w->o), E->dmid, a->att, N, qd, d);
+        TC(attention_bwd_cuda(E->dt, E->B, E->T, c->n_head, c->n_kv_head, c->head_dim, a->q, a->k, a->v, E->docs, a->att,
+                              a->lse, E->datt, E->dq, E->dk, E->dv, E->attn_ws, E->st, EA));
+        TC(rope_cuda(E->dt, E->dq, E->pos, E->inv_freq, N, c->n_head, c->head_dim, 1, E->st, EA));
+        TC(rope_cuda(E->dt, E->dk, E->pos, E->inv_freq, N, c->n_kv_head, c->head_dim, 1, E->st, EA));
+        wgrad(E, G(Gr, w->q), E->dq, a->xn1, N, d, qd);
+        wgrad(E, G(Gr, w->k), E->dk, a->xn1, N, d, kvd);
+        wgrad(E, G(Gr, w->v), E->dv, a->xn1, N, d, kvd);
+        if (mixer_dx) {
+            dgrad(E, E->dxn, E->dq, P(E, w->q), N, d, qd, 0);
+            dgrad(E, E->dxn, E->dk, P(E, w->k), N, d, kvd, 1);
+            dgrad(E, E->dxn, E->dv, P(E, w->v), N, d, kvd, 1);
+        }
+    } else {
+        mamba_bwd(E, l, a, E->dmid, Gr, mixer_dx);
+    }
+    if (mixer_dx) {
+        cudaCheck(cudaMemcpyAsync(E->dres, E->dmid, (size_t)(N * d) * es, cudaMemcpyDeviceToDevice, E->st));
+        TC(rmsnorm_bwd_cuda(E->dt, E->dres, G(Gr, w->in_norm), E->dxn, x, P(E, w->in_norm), a->rstd1, N, d, E->rms_ws,
+                            E->st, EA));
+    }
+}
+
+void engine_cuda_backward(EngineCuda *E, float *Gr) {
+    const LlamaConfig *c = &E->h.base;
+    const int64_t N = E->N, d = c->d_model;
+    if (!(E->flags & ECU_TRAIN)) dl_die(DL_EXIT_RUNTIME, "engine_cuda_backward on an engine made without ECU_TRAIN");
+    int top = -1;
+    if (E->have_dxf) top = E->l1 - 1;
+    for (int i = E->l1; i > E->l0 && E->has_dhid; i--)
+        if (E->has_dhid[i] && i - 1 > top) top = i - 1;
+    cudaCheck(cudaMemsetAsync(E->dres, 0, (size_t)(N * d) * E->es, E->st));
+    if (E->have_dxf)
+        TC(rmsnorm_bwd_cuda(E->dt, E->dres, G(Gr, E->fnorm), E->dxf, state_ptr(E, E->l1), P(E, E->fnorm), E->rstdf, N, d,
+                            E->rms_ws, E->st, EA));
+    const int stop = DL_MAX(E->l0, E->lowest);
+    const bool emb_grad = E->l0 == 0 && E->emb.trainable && E->lowest < 0;
+    for (int l = top; l >= stop; l--) {
+        if (E->has_dhid && E->has_dhid[l + 1]) eng_axpy(E->dt, E->dres, E->dhid[l + 1], 1.0f, N * d, E->st);
+        // the input gradient of the lowest layer is needed only for the embedding
+        layer_bwd(E, l, Gr, l > stop || emb_grad);
+    }
+    if (emb_grad) {
+        if (E->has_dhid && E->has_dhid[0]) eng_axpy(E->dt, E->dres, E->dhid[0], 1.0f, N * d, E->st);
+        int32_t *plan = (int32_t *)malloc((size_t)(3 * N + 1) * 4);
+        int32_t *order = plan, *seg = plan + N, *uniq = plan + 2 * N + 1;
+        int64_t U = embedding_bwd_plan(E->tok_h, N, c->vocab, order, seg, uniq, EA);
+        if (U < 0) dl_die(DL_EXIT_RUNTIME, "engine_cuda: embedding_bwd_plan: %s", g_err);
+        cudaCheck(cudaMemcpyAsync(E->eorder, order, (size_t)N * 4, cudaMemcpyHostToDevice, E->st));
+        cudaCheck(cudaMemcpyAsync(E->eseg, seg, (size_t)(N + 1) * 4, cudaMemcpyHostToDevice, E->st));
+        cudaCheck(cudaMemcpyAsync(E->euniq, uniq, (size_t)N * 4, cudaMemcpyHostToDevice, E->st));
+        TC(embedding_bwd_cuda(E->dt, Gr + E->emb.off, E->dres, E->eorder, E->eseg, E->euniq, U, d, E->st, EA));
+        cudaCheck(cudaStreamSynchronize(E->st));
+        free(plan);
+    }
+    E->have_dxf = false;
+    if (E->has_dhid) memset(E->has_dhid, 0, (size_t)(c->n_layer + 1) * sizeof(bool));
+}
+
+// ---------------------------------------------------------------- optimizer
+
+struct EngineCudaOptim {
+    EngineCuda *E;
+    OptimConfig cfg;
+    DType mv_dt;
+    int *idx;          // trainable tensor indices
+    int64_t *moff;     // their offsets in the compact moments
+    int n;
+    void *m, *v;
+    double *acc;
+    void *ws;
+    int64_t step, t;
+};
+
+EngineCudaOptim *engine_cuda_optim_new(EngineCuda *E, const OptimConfig *c, DType mv_dt, DlError *err) {
+    if (!E->master) {
+        dl_fail(err, "engine_cuda_optim_new: the engine has no fp32 master (ECU_NO_MASTER)");
+        return NULL;
+    }
+    if (optim_config_validate(c, err)) return NULL;
+    if (mv_dt != DT_F32 && mv_dt != DT_BF16) {
+        dl_fail(err, "engine_cuda_optim_new: moments must be fp32 or bf16");
+        return NULL;
+    }
+    EngineCudaOptim *o = (EngineCudaOptim *)calloc(1, sizeof *o);
+    o->E = E;
+    o->cfg = *c;
+    o->mv_dt = mv_dt;
+    const Registry *r = E->r;
+    o->idx = (int *)malloc((size_t)r->n * sizeof(int));
+    o->moff = (int64_t *)malloc((size_t)r->n * sizeof(int64_t));
+    int64_t tot = 0, maxn = 1;
+    for (int i = 0; i < r->n; i++)
+        if (r->t[i].trainable) {
+            o->idx[o->n] = i;
+            o->moff[o->n++] = tot;
+            tot += (r->t[i].numel + 15) / 16 * 16;
+            maxn = DL_MAX(maxn, r->t[i].numel);
+        }
+    size_t mb = (size_t)tot * (mv_dt == DT_F32 ? 4 : 2);
+    o->m = try_alloc(DL_MAX(mb, (size_t)16));
+    o->v = try_alloc(DL_MAX(mb, (size_t)16));
+    o->ws = try_alloc(DL_MAX(grad_sumsq_workspace(maxn), (size_t)16));
+    o->acc = (double *)try_alloc(sizeof(double));
+    if (!o->m || !o->v || !o->ws || !o->acc) {
+        char b1[32];
+        oom_report(E, "AdamW moments", 2 * mb, stderr);
+        dl_fail(err, "engine_cuda: out of GPU memory for the AdamW moments (%s)", gib(2.0 * mb, b1, sizeof b1));
+        engine_cuda_optim_free(o);
+        return NULL;
+    }
+    cudaCheck(cudaMemset(o->m, 0, mb));
+    cudaCheck(cudaMemset(o->v, 0, mb));
+    return o;
+}
+
+void engine_cuda_optim_free(EngineCudaOptim *o) {
+    if (!o) return;
+    cudaFree(o->m);
+    cudaFree(o->v);
+    cudaFree(o->ws);
+    cudaFree(o->acc);
+    free(o->idx);
+    free(o->moff);
+    free(o);
+}
+
+void engine_cuda_optim_step(EngineCudaOptim *o, const float *grads, double loss, OptimResult *res) {
+    EngineCuda *E = o->E;
+    const OptimConfig *c = &o->cfg;
+    const Registry *r = E->r;
+    memset(res, 0, sizeof *res);
+    res->lr = optim_lr_at(c, o->step);
+    res->clip_scale = 1.0;
+    o->step++;
+    const double inv_accum = 1.0 / c->grad_accum;
+    if (!isfinite(loss)) {
+        res->grad_norm = NAN;
+        res->outcome = OPTIM_SKIP_NONFINITE_LOSS;
+        return;
+    }
+    cudaCheck(cudaMemsetAsync(o->acc, 0, sizeof(double), E->st));
+    for (int k = 0; k < o->n; k++) {
+        const TensorInfo *t = &r->t[o->idx[k]];
+        TC(grad_sumsq_cuda(grads + t->offset, t->numel, o->acc, o->ws, E->st, EA));
+    }
+    double ss = 0;
+    cudaCheck(cudaMemcpyAsync(&ss, o->acc, sizeof ss, cudaMemcpyDeviceToHost, E->st));
+    cudaCheck(cudaStreamSynchronize(E->st));
+    res->grad_norm = sqrt(ss) * inv_accum;
+    if (!isfinite(res->grad_norm)) {
+        res->outcome = OPTIM_SKIP_NONFINITE_GRAD;
+        return;
+    }
+    if (c->clip_norm > 0 && res->grad_norm > c->clip_norm) res->clip_scale = c->clip_norm / res->grad_norm;
+    o->t++;
+    const double bc1 = 1.0 - pow(c->beta1, (double)o->t), bc2 = 1.0 - pow(c->beta2, (double)o->t);
+    AdamWArgs a;
+    a.gscale = (float)(inv_accum * res->clip_scale);
+    a.b1 = (float)c->beta1;
+    a.b2 = (float)c->beta2;
+    a.eps = (float)c->eps;
+    a.step_size = (float)(res->lr / bc1);
+    a.inv_sqrt_bc2 = (float)(1.0 / sqrt(bc2));
+    a.seed = 0x9e3779b97f4a7c15ull * (uint64_t)o->step;
+    const size_t mes = o->mv_dt == DT_F32 ? 4 : 2;
+    for (int k = 0; k < o->n; k++) {
+        const TensorInfo *t = &r->t[o->idx[k]];
+        const double wd = t->decay ? c->weight_decay : 0.0;
+        a.decay = (float)(1.0 - res->lr * wd);
+        TC(adamw_cuda(&a, t->numel, E->master + t->offset, grads + t->offset, o->mv_dt, at(o->m, o->moff[k], mes),
+                      at(o->v, o->moff[k], mes), E->dt == DT_BF16 ? DT_BF16 : DT_F32,
+                      E->dt == DT_BF16 ? at(E->wc, t->offset, 2) : NULL, E->st, EA));
+    }
+    refresh_pad(E);
+    res->outcome = OPTIM_APPLIED;
+}
+
+// ---------------------------------------------------------------- helpers for C programs
+
+void *engine_cuda_alloc(size_t bytes) {
+    void *p = NULL;
+    cudaCheck(cudaMalloc(&p, DL_MAX(bytes, (size_t)16)));
+    cudaCheck(cudaMemset(p, 0, DL_MAX(bytes, (size_t)16)));
+    return p;
+}
+void engine_cuda_dfree(void *p) { cudaFree(p); }
+void engine_cuda_memset0(void *p, size_t bytes) { cudaCheck(cudaMemset(p, 0, bytes)); }
+void engine_cuda_copy_to_host(void *dst, const void *src, size_t bytes) {
+    cudaCheck(cudaDeviceSynchronize());
+    cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+}
+void engine_cuda_sync(void) { cudaCheck(cudaDeviceSynchronize()); }

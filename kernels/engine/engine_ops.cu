@@ -1,0 +1,92 @@
+// engine_ops.cu: element-wise kernels of engine_cuda (see engine_ops.cuh).
+#include "kernels/engine/engine_ops.cuh"
+
+#include <cuda_bf16.h>
+
+#include "kernels/train/train_check.cuh"
+
+template <typename T> __device__ __forceinline__ float ld(const T *p, int64_t i);
+template <> __device__ __forceinline__ float ld<float>(const float *p, int64_t i) { return p[i]; }
+template <> __device__ __forceinline__ float ld<__nv_bfloat16>(const __nv_bfloat16 *p, int64_t i) { return __bfloat162float(p[i]); }
+template <typename T> __device__ __forceinline__ void st(T *p, int64_t i, float v);
+template <> __device__ __forceinline__ void st<float>(float *p, int64_t i, float v) { p[i] = v; }
+template <> __device__ __forceinline__ void st<__nv_bfloat16>(__nv_bfloat16 *p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+
+static unsigned grid_for(int64_t n) { return (unsigned)((n + 255) / 256 < 65535 * 16 ? (n + 255) / 256 : 65535 * 16); }
+#define GRID_STRIDE(i, n) for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
+
+template <typename T>
+__global__ void repeat_fwd_k(T *xr, const T *xs, int64_t T_, int64_t di, int64_t dxb, int64_t ds) {
+    const int64_t rep = di / dxb;
+    GRID_STRIDE(i, T_ * di) {
+        int64_t t = i / di, c = i % di, g = c / ds, n = c % ds;
+        xr[i] = xs[t * dxb + (g / rep) * ds + n];
+    }
+}
+template <typename T>
+__global__ void repeat_bwd_k(T *dxs, const T *dxr, int64_t T_, int64_t di, int64_t dxb, int64_t ds) {
+    const int64_t rep = di / dxb;
+    GRID_STRIDE(i, T_ * dxb) {
+        int64_t t = i / dxb, c = i % dxb, j = c / ds, n = c % ds;
+        float s = 0.0f;
+        for (int64_t k = 0; k < rep; k++) s += ld(dxr, t * di + (j * rep + k) * ds + n);
+        st(dxs, i, s);
+    }
+}
+__global__ void neg_exp_k(float *A, const float *alog, int64_t n) { GRID_STRIDE(i, n) A[i] = -expf(alog[i]); }
+__global__ void add_mul_k(float *g, const float *a, const float *b, int64_t n) { GRID_STRIDE(i, n) g[i] += a[i] * b[i]; }
+__global__ void add_f32_k(float *y, const float *x, int64_t n) { GRID_STRIDE(i, n) y[i] += x[i]; }
+template <typename T>
+__global__ void axpy_k(T *y, const T *x, float s, int64_t n) { GRID_STRIDE(i, n) st(y, i, ld(y, i) + s * ld(x, i)); }
+template <typename T>
+__global__ void colsum_k(float *g, const T *d, const float *extra, int64_t rows, int64_t cols) {
+    int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    float s = 0.0f;
+    for (int64_t t = 0; t < rows; t++) s += ld(d, t * cols + c);
+    g[c] += s + extra[c];
+}
+__global__ void add_cols_k(float *dst, int64_t dc, const float *src, int64_t sc, int64_t rows) {
+    GRID_STRIDE(i, rows * dc) dst[i] += src[(i / dc) * sc + i % dc];
+}
+
+#define BF(p) ((__nv_bfloat16 *)(p))
+#define CBF(p) ((const __nv_bfloat16 *)(p))
+
+void eng_repeat_fwd(DType dt, void *xr, const void *xs, int64_t T, int64_t di, int64_t dxb, int64_t ds, cudaStream_t s) {
+    if (dt == DT_BF16) repeat_fwd_k<<<grid_for(T * di), 256, 0, s>>>(BF(xr), CBF(xs), T, di, dxb, ds);
+    else repeat_fwd_k<<<grid_for(T * di), 256, 0, s>>>((float *)xr, (const float *)xs, T, di, dxb, ds);
+    kernelCheck("repeat_fwd_k (Mamba x repeat over KV groups)");
+}
+void eng_repeat_bwd(DType dt, void *dxs, const void *dxr, int64_t T, int64_t di, int64_t dxb, int64_t ds, cudaStream_t s) {
+    if (dt == DT_BF16) repeat_bwd_k<<<grid_for(T * dxb), 256, 0, s>>>(BF(dxs), CBF(dxr), T, di, dxb, ds);
+    else repeat_bwd_k<<<grid_for(T * dxb), 256, 0, s>>>((float *)dxs, (const float *)dxr, T, di, dxb, ds);
+    kernelCheck("repeat_bwd_k (Mamba x repeat backward)");
+}
+void eng_neg_exp(float *A, const float *alog, int64_t n, cudaStream_t s) {
+    neg_exp_k<<<grid_for(n), 256, 0, s>>>(A, alog, n);
+    kernelCheck("neg_exp_k (A = -exp(A_log))");
+}
+void eng_add_mul(float *g, const float *a, const float *b, int64_t n, cudaStream_t s) {
+    add_mul_k<<<grid_for(n), 256, 0, s>>>(g, a, b, n);
+    kernelCheck("add_mul_k (A_log gradient)");
+}
+void eng_add_f32(float *y, const float *x, int64_t n, cudaStream_t s) {
+    add_f32_k<<<grid_for(n), 256, 0, s>>>(y, x, n);
+    kernelCheck("add_f32_k (gradient add)");
+}
+void eng_axpy(DType dt, void *y, const void *x, float sc, int64_t n, cudaStream_t s) {
+    if (dt == DT_BF16) axpy_k<<<grid_for(n), 256, 0, s>>>(BF(y), CBF(x), sc, n);
+    else axpy_k<<<grid_for(n), 256, 0, s>>>((float *)y, (const float *)x, sc, n);
+    kernelCheck("axpy_k (hidden-state gradient)");
+}
+void eng_colsum_add(DType dt, float *g, const void *d, const float *extra, int64_t rows, int64_t cols, cudaStream_t s) {
+    unsigned grid = (unsigned)((cols + 127) / 128);
+    if (dt == DT_BF16) colsum_k<<<grid, 128, 0, s>>>(g, CBF(d), extra, rows, cols);
+    else colsum_k<<<grid, 128, 0, s>>>(g, (const float *)d, extra, rows, cols);
+    kernelCheck("colsum_k (dt_proj.bias gradient)");
+}
+void eng_add_cols(float *dst, int64_t dc, const float *src, int64_t sc, int64_t rows, cudaStream_t s) {
+    add_cols_k<<<grid_for(rows * dc), 256, 0, s>>>(dst, dc, src, sc, rows);
+    kernelCheck("add_cols_k (padded dt_proj gradient)");
+}
