@@ -276,6 +276,10 @@ void engine_forward_range(Engine *e, const int32_t *tokens, const uint8_t *reset
     const int64_t N = e->N, d = c->d_model;
     if (l0 < 0) l0 = 0;
     if (l1 > c->n_layer) l1 = c->n_layer;
+    for (int64_t i = 0; i < N; i++)  // data readers validate ids; this guards the embedding lookup itself
+        if (tokens[i] < 0 || tokens[i] >= c->vocab)
+            dl_die(DL_EXIT_INPUT, "engine: token id %d at position %lld is outside the vocabulary 0..%d", tokens[i],
+                   (long long)i, c->vocab - 1);
     memcpy(e->tokens, tokens, (size_t)N * sizeof(int32_t));
     e->reset = NULL;
     if (reset) {
