@@ -1,0 +1,262 @@
+// gpu_bench_engine.cu: the stage-1 distillation step on the CUDA engine: frozen bf16 teacher forward + hybrid
+// student forward, CE + 0.1 KL over the vocabulary (streamed in row chunks), backward, AdamW on the Mamba
+// mixers only (every other layer is Mamba, attention kept at even layers). Random weights.
+//   gpu_bench_engine [--model smollm2|llama8b] [--layers L] [--B 2] [--T 2048] [--steps 10] [--warmup 3]
+//                    [--recompute] [--attn-cuda-cores]
+// Reports ms/step, tokens/s and MFU. FLOPs counted: teacher forward + 3x student forward (forward and
+// backward), GEMMs 2*m*n*k, causal attention 2*T*nh*hd per token for QK^T and PV each (half the square),
+// scan and element-wise work not counted. MFU against the 989 TFLOP/s dense bf16 peak of the H100 SXM and
+// against the bf16 GEMM rate measured here (8192^3 through dl_gemm).
+// Memory: the engine's table, cudaMemGetInfo's use, and plan_stage()'s estimate (the --dry-run formula).
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kernels/engine/engine_cuda.h"
+#include "kernels/train/train_cuda.h"
+
+extern "C" {
+#include "distill/plan.h"
+#include "distill/recipe.h"
+#include "distill/rng.h"
+}
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void fill_random(const Registry *r, float *p, uint64_t seed) {
+    Rng g;
+    rng_init(&g, seed, 1);
+    for (int i = 0; i < r->n; i++) {
+        const TensorInfo *t = &r->t[i];
+        float *x = p + t->offset;
+        const double sd = t->ndim >= 2 ? 1.0 / sqrt((double)t->shape[t->ndim - 1]) : 0.0;
+        for (int64_t j = 0; j < t->numel; j++) {
+            if (strstr(t->name, "A_log")) x[j] = logf(1.0f + (float)(j % t->shape[t->ndim - 1]));
+            else if (strstr(t->name, "dt_proj.bias")) x[j] = -4.0f;
+            else if (t->ndim == 1 || strstr(t->name, "conv1d")) x[j] = strstr(t->name, "conv1d") ? 0.25f : 1.0f;
+            else x[j] = (float)(sd * (2.0 * rng_uniform(&g) - 1.0) * 1.7320508);  // uniform, std sd
+        }
+    }
+}
+
+// Forward FLOPs per token of a model (see the header).
+static double fwd_flops_per_token(const HybridConfig *h, int64_t T) {
+    const LlamaConfig *c = &h->base;
+    const double d = c->d_model, ff = c->d_ff, V = c->vocab, qd = (double)c->n_head * c->head_dim;
+    const double kvd = (double)c->n_kv_head * c->head_dim, di = h->d_inner, dxb = h->d_xb, R = h->dt_rank;
+    double f = 2 * d * V;  // head
+    for (int l = 0; l < c->n_layer; l++) {
+        f += 2 * 3 * d * ff;
+        if (h->mixer[l] == MIXER_ATTN) f += 2 * (2 * d * qd + 2 * d * kvd) + 2 * 2 * (T / 2.0) * qd;
+        else f += 2 * (d * di + 2 * d * dxb + d * di + d * R + R * di + di * d);
+    }
+    return f;
+}
+
+static double gemm_rate(void) {
+    const int n = 8192;
+    void *A, *B, *C;
+    cudaMalloc(&A, (size_t)n * n * 2);
+    cudaMalloc(&B, (size_t)n * n * 2);
+    cudaMalloc(&C, (size_t)n * n * 2);
+    cudaMemset(A, 0, (size_t)n * n * 2);
+    cudaMemset(B, 0, (size_t)n * n * 2);
+    char err[256];
+    DlGemm *g = dl_gemm_new(0, err, sizeof err);
+    for (int i = 0; i < 3; i++) dl_gemm(g, n, n, n, DT_BF16, A, 0, B, 1, DT_BF16, C, NULL, 1, 0, NULL, err, sizeof err);
+    cudaDeviceSynchronize();
+    const int reps = 20;
+    double t0 = now();
+    for (int i = 0; i < reps; i++) dl_gemm(g, n, n, n, DT_BF16, A, 0, B, 1, DT_BF16, C, NULL, 1, 0, NULL, err, sizeof err);
+    cudaDeviceSynchronize();
+    double dt = (now() - t0) / reps;
+    dl_gemm_free(g);
+    cudaFree(A), cudaFree(B), cudaFree(C);
+    return 2.0 * n * n * (double)n / dt;
+}
+
+int main(int argc, char **argv) {
+    const char *model = "llama8b";
+    int layers = 8, steps = 10, warmup = 3;
+    int64_t B = 2, T = 2048;
+    bool recompute = false;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--model") && i + 1 < argc) model = argv[++i];
+        else if (!strcmp(argv[i], "--layers") && i + 1 < argc) layers = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--B") && i + 1 < argc) B = atoll(argv[++i]);
+        else if (!strcmp(argv[i], "--T") && i + 1 < argc) T = atoll(argv[++i]);
+        else if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--warmup") && i + 1 < argc) warmup = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--recompute")) recompute = true;
+        else if (!strcmp(argv[i], "--attn-cuda-cores")) attention_use_tensor_cores(0);
+        else {
+            fprintf(stderr, "usage: gpu_bench_engine [--model smollm2|llama8b] [--layers L] [--B n] [--T n] [--steps n] "
+                            "[--warmup n] [--recompute] [--attn-cuda-cores]\n");
+            return 2;
+        }
+    }
+    LlamaConfig c;
+    memset(&c, 0, sizeof c);
+    c.bos_id = c.eos_id = -1;
+    c.rms_eps = 1e-5;
+    c.max_pos = 8192;
+    if (!strcmp(model, "smollm2")) {  // SmolLM2-135M
+        c.n_layer = layers > 0 && layers != 8 ? layers : 30;
+        c.d_model = 576, c.n_head = 9, c.n_kv_head = 3, c.head_dim = 64, c.d_ff = 1536, c.vocab = 49152;
+        c.rope_theta = 100000, c.tied_embeddings = true;
+    } else {  // Llama-3-8B-shaped layers
+        c.n_layer = layers;
+        c.d_model = 4096, c.n_head = 32, c.n_kv_head = 8, c.head_dim = 128, c.d_ff = 14336, c.vocab = 128256;
+        c.rope_theta = 500000, c.tied_embeddings = false;
+    }
+    int attn[DL_MAX_LAYERS], na = 0;
+    for (int l = 0; l < c.n_layer; l += 2) attn[na++] = l;
+    HybridConfig hs, ht;
+    DlError e;
+    if (hybrid_config_init(&hs, &c, MIXER_MAMBA1, attn, na, &e)) {
+        fprintf(stderr, "%s\n", e.msg);
+        return 1;
+    }
+    hybrid_config_teacher(&ht, &c);
+    Registry rs, rt;
+    model_build_registry(&hs, &rs);
+    model_build_registry(&ht, &rt);
+    if (reg_set_trainable(&rs, "*.mamba.*", &e) < 0) {
+        fprintf(stderr, "%s\n", e.msg);
+        return 1;
+    }
+    cudaDeviceProp prop;
+    cudaGetDeviceProperties(&prop, 0);
+    printf("gpu_bench_engine: %s, %s: %d layers (%d Mamba-1 + %d attention), d %d, vocab %d, B %lld x T %lld%s\n",
+           prop.name, model, c.n_layer, c.n_layer - na, na, c.d_model, c.vocab, (long long)B, (long long)T,
+           recompute ? ", MLP recompute" : "");
+    printf("  student %.1fM params (%.1fM trainable), teacher %.1fM\n", reg_params_numel(&rs) / 1e6,
+           reg_trainable_numel(&rs) / 1e6, reg_params_numel(&rt) / 1e6);
+    size_t free0, tot;
+    cudaMemGetInfo(&free0, &tot);
+    // ---- engines (the host parameter buffers are freed after upload)
+    float *ph = (float *)malloc((size_t)DL_MAX(rs.numel, rt.numel) * 4);
+    fill_random(&rt, ph, 1);
+    EngineCuda *teacher = engine_cuda_new(&ht, &rt, ph, B, T, ECU_NO_MASTER, DT_BF16, 0, stdout, &e);
+    if (!teacher) {
+        fprintf(stderr, "teacher: %s\n", e.msg);
+        return 1;
+    }
+    fill_random(&rs, ph, 2);
+    EngineCuda *student = engine_cuda_new(&hs, &rs, ph, B, T, ECU_TRAIN | ECU_TEACHER_KL | (recompute ? ECU_RECOMPUTE_MLP : 0),
+                                          DT_BF16, 0, stdout, &e);
+    if (!student) {
+        fprintf(stderr, "student: %s\n", e.msg);
+        return 1;
+    }
+    free(ph);
+    OptimConfig oc;
+    optim_config_default(&oc);
+    oc.lr = 1e-4;
+    oc.total_steps = 1000;
+    EngineCudaOptim *opt = engine_cuda_optim_new(student, &oc, DT_F32, &e);
+    if (!opt) {
+        fprintf(stderr, "optim: %s\n", e.msg);
+        return 1;
+    }
+    float *grads = (float *)engine_cuda_alloc((size_t)rs.numel * 4);
+    size_t free1;
+    cudaMemGetInfo(&free1, &tot);
+    // ---- the plan's estimate for the same stage (what `distill RECIPE --dry-run` prints)
+    {
+        Recipe r;
+        memset(&r, 0, sizeof r);
+        r.teacher_cfg = ht;
+        r.hybrid.mixer = 0;
+        r.hybrid.n_attn = na;
+        memcpy(r.hybrid.attn_layers, attn, sizeof(int) * na);
+        r.run.device = DEVICE_CUDA;
+        r.hardware.gpus = 1;
+        r.hardware.zero = 0;
+        r.hardware.recompute = recompute ? RECOMPUTE_MLP : RECOMPUTE_NONE;
+        DataSpec ds;
+        memset(&ds, 0, sizeof ds);
+        ds.seq_len = (int)T;
+        r.data = &ds;
+        r.n_data = 1;
+        StageSpec st;
+        memset(&st, 0, sizeof st);
+        st.kind = STAGE_DISTILL;
+        st.data_index = 0;
+        st.loss.ce = 1.0;
+        st.loss.kl = 0.1;
+        st.trainable = (char *)"*.mamba.*";
+        st.opt.micro_batch = (int)B;
+        st.opt.grad_accum = 1;
+        st.teacher_logits = TEACHER_ONLINE;
+        StagePlan sp;
+        char b1[32], b2[32];
+        if (plan_stage(&r, &st, 0, &sp, &e) == 0) {
+            double real = (double)(free0 - free1);
+            printf("  memory: %s used on the GPU (cudaMemGetInfo, incl. cuBLASLt workspaces), plan estimate %s "
+                   "(weights %.2f, master %.2f, grads %.2f, optim %.2f, teacher %.2f, activations %.2f, logits %.2f GiB): "
+                   "%+.1f%%\n",
+                   plan_bytes_str(real, b1, sizeof b1), plan_bytes_str(sp.mem.total, b2, sizeof b2), sp.mem.weights / 1073741824.0,
+                   sp.mem.master / 1073741824.0, sp.mem.grads / 1073741824.0, sp.mem.optim / 1073741824.0,
+                   sp.mem.frozen_model / 1073741824.0, sp.mem.activations / 1073741824.0, sp.mem.logits / 1073741824.0,
+                   100.0 * (real - sp.mem.total) / sp.mem.total);
+        } else {
+            printf("  plan_stage: %s\n", e.msg);
+        }
+    }
+    // ---- the step
+    const int64_t N = B * T;
+    int32_t *tok = (int32_t *)malloc(N * 4), *tgt = (int32_t *)malloc(N * 4);
+    Rng g;
+    rng_init(&g, 9, 9);
+    for (int64_t i = 0; i < N; i++) tok[i] = (int32_t)rng_below(&g, (uint64_t)c.vocab);
+    for (int64_t i = 0; i < N; i++) tgt[i] = (i + 1) % T ? tok[i + 1] : -1;
+    LossSpecCuda ls;
+    memset(&ls, 0, sizeof ls);
+    ls.w.ce = 1.0f;
+    ls.w.kl = 0.1f;
+    ls.teacher = teacher;
+    double tsum = 0, tfwd_t = 0;
+    LossParts lp;
+    memset(&lp, 0, sizeof lp);
+    for (int s = 0; s < warmup + steps; s++) {
+        engine_cuda_sync();
+        double t0 = now();
+        engine_cuda_memset0(grads, (size_t)rs.numel * 4);  // (a real loop zeroes only the trainable ranges)
+        if (engine_cuda_forward(teacher, tok, NULL, &e) || engine_cuda_forward(student, tok, NULL, &e)) {
+            fprintf(stderr, "%s\n", e.msg);
+            return 1;
+        }
+        engine_cuda_sync();
+        double t1 = now();
+        lp = engine_cuda_loss(student, tgt, NULL, &ls, grads, NULL);
+        engine_cuda_backward(student, grads);
+        OptimResult res;
+        engine_cuda_optim_step(opt, grads, lp.loss, &res);
+        engine_cuda_sync();
+        double t2 = now();
+        if (s >= warmup) tsum += t2 - t0, tfwd_t += t1 - t0;
+        printf("  step %d: loss %.4f (ce %.4f kl %.4f) grad norm %.3g, %.1f ms (forwards %.1f ms)\n", s, lp.loss, lp.ce, lp.kl,
+               res.grad_norm, 1e3 * (t2 - t0), 1e3 * (t1 - t0));
+    }
+    const double step_s = tsum / steps;
+    const double ft = fwd_flops_per_token(&ht, T) * N, fs = fwd_flops_per_token(&hs, T) * N;
+    const double flops = ft + 3 * fs;
+    const double rate = gemm_rate();
+    printf("RESULT model=%s layers=%d B=%lld T=%lld step_ms=%.1f (forwards %.1f) tokens_per_s=%.0f TFLOP_per_step=%.1f "
+           "TFLOPs=%.0f MFU_989=%.1f%% gemm_rate=%.0f TFLOP/s frac_of_gemm=%.1f%%\n",
+           model, c.n_layer, (long long)B, (long long)T, 1e3 * step_s, 1e3 * tfwd_t / steps, N / step_s, flops / 1e12,
+           flops / step_s / 1e12, 100 * flops / step_s / 989e12, rate / 1e12, 100 * flops / step_s / rate);
+    engine_cuda_dfree(grads);
+    engine_cuda_optim_free(opt);
+    engine_cuda_free(student);
+    engine_cuda_free(teacher);
+    return 0;
+}

@@ -1,0 +1,339 @@
+// gpu_test_engine.cu: the CUDA engine against the CPU engine (the reference) on a small random model.
+//   1. bf16 mode, attention + Mamba-1 hybrid (2 + 2 layers, padded dt_rank, packed documents), every tensor
+//      trainable, CE + 0.1 KL against a teacher engine: logits, loss and every parameter's gradient within
+//      bf16 tolerance (relative error norm per tensor). The CPU runs in fp32 on the bf16-rounded weights.
+//   2. fp32 mode, all-attention model with tied embeddings: the same checks within 1e-4.
+//   3. 20 training steps of the stage-1 setup (only the Mamba mixers trained; device AdamW vs optim_step):
+//      losses close at every step.
+//   4. The 20 steps again on a fresh engine: identical bits (losses and final master weights).
+// Exit status != 0 on any failure. Usage: gpu_test_engine [--verbose]
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/engine/engine_cuda.h"
+
+extern "C" {
+#include "distill/rng.h"
+}
+
+static int g_fail = 0, g_pass = 0, g_verbose = 0;
+
+static double relerr(const float *a, const float *b, int64_t n) {
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double d = (double)a[i] - b[i];
+        num += d * d;
+        den += (double)b[i] * b[i];
+    }
+    if (!isfinite(num)) return INFINITY;
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static void check(bool ok, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    if (!ok || g_verbose) {
+        printf("%s ", ok ? "  ok  " : "  FAIL");
+        vprintf(fmt, ap);
+        printf("\n");
+    }
+    va_end(ap);
+    ok ? g_pass++ : g_fail++;
+}
+
+static void die_if(bool bad, const DlError *e, const char *what) {
+    if (bad) {
+        fprintf(stderr, "gpu_test_engine: %s: %s\n", what, e->msg);
+        exit(1);
+    }
+}
+
+// Random weights: matrices N(0, 0.02^2 * 64/in-ish), norms 1 + noise, Mamba specifics in their usual ranges.
+static void init_params(const Registry *r, float *p, uint64_t seed) {
+    Rng g;
+    rng_init(&g, seed, 7);
+    memset(p, 0, (size_t)r->numel * sizeof(float));
+    for (int i = 0; i < r->n; i++) {
+        const TensorInfo *t = &r->t[i];
+        float *x = p + t->offset;
+        const char *nm = t->name;
+        for (int64_t j = 0; j < t->numel; j++) {
+            double z = rng_normal(&g);
+            float v;
+            if (strstr(nm, "norm")) v = (float)(1.0 + 0.1 * z);
+            else if (strstr(nm, "A_log")) v = (float)log(1.0 + (double)(j % t->shape[t->ndim - 1])) + (float)(0.05 * z);
+            else if (strstr(nm, ".D")) v = (float)(1.0 + 0.1 * z);
+            else if (strstr(nm, "dt_proj.bias")) v = (float)(-3.0 + 0.5 * z);
+            else if (strstr(nm, "conv1d")) v = (float)(0.3 * z);
+            else if (strstr(nm, "embed") || strstr(nm, "lm_head")) v = (float)(0.5 * z);
+            else {
+                double in = (double)t->shape[t->ndim - 1];
+                v = (float)(z / sqrt(in));
+            }
+            x[j] = v;
+        }
+    }
+}
+static void round_bf16(float *p, int64_t n) {
+    for (int64_t i = 0; i < n; i++) p[i] = bf16_to_f32(f32_to_bf16(p[i]));
+}
+
+typedef struct {
+    LlamaConfig c;
+    HybridConfig h, ht;  // student (hybrid or teacher-shaped) and teacher
+    Registry r, rt;
+    float *p, *pt;       // host params
+} Model;
+
+static void model_make(Model *m, bool hybrid, bool tied, uint64_t seed) {
+    DlError e;
+    LlamaConfig *c = &m->c;
+    memset(c, 0, sizeof *c);
+    c->n_layer = 4;
+    c->d_model = 192;  // dt_rank 12: exercises the padded dt weights
+    c->n_head = 3;
+    c->n_kv_head = 1;
+    c->head_dim = 64;
+    c->d_ff = 384;
+    c->vocab = 520;
+    c->max_pos = 4096;
+    c->rope_theta = 10000.0;
+    c->rms_eps = 1e-5;
+    c->tied_embeddings = tied;
+    c->bos_id = c->eos_id = -1;
+    int attn[2] = {1, 3};
+    if (hybrid) die_if(hybrid_config_init(&m->h, c, MIXER_MAMBA1, attn, 2, &e) != 0, &e, "hybrid_config_init");
+    else hybrid_config_teacher(&m->h, c);
+    hybrid_config_teacher(&m->ht, c);
+    model_build_registry(&m->h, &m->r);
+    model_build_registry(&m->ht, &m->rt);
+    m->p = (float *)malloc((size_t)m->r.numel * 4);
+    m->pt = (float *)malloc((size_t)m->rt.numel * 4);
+    init_params(&m->r, m->p, seed);
+    init_params(&m->rt, m->pt, seed + 1000);
+}
+
+static void batch_make(int64_t B, int64_t T, int V, uint64_t seed, int32_t *tok, int32_t *tgt, uint8_t *reset) {
+    Rng g;
+    rng_init(&g, seed, 3);
+    for (int64_t i = 0; i < B * T; i++) tok[i] = (int32_t)rng_below(&g, (uint64_t)V);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < T; t++) {
+            int64_t i = b * T + t;
+            tgt[i] = t + 1 < T ? tok[i + 1] : -1;
+            reset[i] = t == 0 || (b == 1 && t == T / 3) || (b == 0 && t == 100);  // packed documents
+        }
+}
+
+// One forward + loss + backward on both engines, compare logits, loss and every gradient.
+static void parity(const char *label, bool hybrid, DType dt, double tol_logits, double tol_grad, double tol_loss) {
+    printf("-- parity: %s\n", label);
+    Model m;
+    model_make(&m, hybrid, !hybrid, 42);
+    if (dt == DT_BF16) {
+        round_bf16(m.p, m.r.numel);
+        round_bf16(m.pt, m.rt.numel);
+    }
+    const int64_t B = 2, T = 160, N = B * T, V = m.c.vocab;
+    int32_t *tok = (int32_t *)malloc(N * 4), *tgt = (int32_t *)malloc(N * 4);
+    uint8_t *reset = (uint8_t *)malloc(N);
+    batch_make(B, T, V, 5, tok, tgt, reset);
+    DlError e;
+    // CPU reference
+    Engine *ct = engine_new(&m.ht, &m.rt, m.pt, B, T, 0, &e);
+    die_if(!ct, &e, "engine_new teacher");
+    Engine *cs = engine_new(&m.h, &m.r, m.p, B, T, ENGINE_TRAIN, &e);
+    die_if(!cs, &e, "engine_new student");
+    engine_forward(ct, tok, reset);
+    LossSpec ls;
+    memset(&ls, 0, sizeof ls);
+    ls.w.ce = 1.0f;
+    ls.w.kl = 0.1f;
+    ls.teacher = ct;
+    ls.chunk_rows = 96;
+    float *gc = (float *)calloc((size_t)m.r.numel, 4);
+    LossParts lc = engine_step(cs, tok, reset, tgt, NULL, &ls, gc);
+    float *logc = (float *)malloc((size_t)N * V * 4);
+    engine_logits(cs, 0, N, logc);
+    // CUDA
+    EngineCuda *gt = engine_cuda_new(&m.ht, &m.rt, m.pt, B, T, ECU_NO_MASTER, dt, 96, NULL, &e);
+    die_if(!gt, &e, "engine_cuda_new teacher");
+    EngineCuda *gs = engine_cuda_new(&m.h, &m.r, m.p, B, T, ECU_TRAIN | ECU_TEACHER_KL, dt, 96, g_verbose ? stdout : NULL, &e);
+    die_if(!gs, &e, "engine_cuda_new student");
+    die_if(engine_cuda_forward(gt, tok, reset, &e) != 0, &e, "teacher forward");
+    die_if(engine_cuda_forward(gs, tok, reset, &e) != 0, &e, "student forward");
+    LossSpecCuda lg;
+    memset(&lg, 0, sizeof lg);
+    lg.w = ls.w;
+    lg.teacher = gt;
+    float *gd = (float *)engine_cuda_alloc((size_t)m.r.numel * 4);
+    // logits before the loss (the loss overwrites its chunk buffer with dlogits)
+    const size_t es = dt == DT_BF16 ? 2 : 4;
+    void *dl = engine_cuda_alloc((size_t)N * V * es);
+    engine_cuda_logits(gs, 0, N, dl);
+    float *logg = (float *)malloc((size_t)N * V * 4);
+    if (dt == DT_BF16) {
+        uint16_t *tmp = (uint16_t *)malloc((size_t)N * V * 2);
+        engine_cuda_copy_to_host(tmp, dl, (size_t)N * V * 2);
+        for (int64_t i = 0; i < N * V; i++) logg[i] = bf16_to_f32(tmp[i]);
+        free(tmp);
+    } else {
+        engine_cuda_copy_to_host(logg, dl, (size_t)N * V * 4);
+    }
+    LossParts lgp = engine_cuda_loss(gs, tgt, NULL, &lg, gd, NULL);
+    engine_cuda_backward(gs, gd);
+    float *gg = (float *)malloc((size_t)m.r.numel * 4);
+    engine_cuda_copy_to_host(gg, gd, (size_t)m.r.numel * 4);
+    double el = relerr(logg, logc, N * V);
+    check(el <= tol_logits, "%s logits rel err %.3g (tol %.0e)", label, el, tol_logits);
+    double dlc = fabs(lgp.loss - lc.loss) / fabs(lc.loss);
+    check(dlc <= tol_loss, "%s loss cuda %.7f cpu %.7f (ce %.5f/%.5f kl %.5f/%.5f) rel %.2g (tol %.0e)", label, lgp.loss,
+          lc.loss, lgp.ce, lc.ce, lgp.kl, lc.kl, dlc, tol_loss);
+    double worst = 0;
+    const char *wname = "";
+    int nt = 0;
+    for (int i = 0; i < m.r.n; i++) {
+        const TensorInfo *t = &m.r.t[i];
+        double er = relerr(gg + t->offset, gc + t->offset, t->numel);
+        if (g_verbose) printf("      %-52s grad rel err %.3g\n", t->name, er);
+        if (!(er <= tol_grad)) printf("  FAIL %s grad %s rel err %.3g (tol %.0e)\n", label, t->name, er, tol_grad);
+        if (!(er <= worst)) worst = er, wname = t->name;
+        nt++;
+        er <= tol_grad ? g_pass++ : g_fail++;
+    }
+    printf("  %s: %d gradients, worst rel err %.3g (%s), logits %.3g, loss rel %.2g\n", label, nt, worst, wname, el, dlc);
+    engine_cuda_dfree(gd);
+    engine_cuda_dfree(dl);
+    engine_cuda_free(gs);
+    engine_cuda_free(gt);
+    engine_free(cs);
+    engine_free(ct);
+    free(gc), free(gg), free(logc), free(logg), free(tok), free(tgt), free(reset);
+    reg_free(&m.r), reg_free(&m.rt), free(m.p), free(m.pt);
+}
+
+// 20 stage-1 steps on the GPU: losses [steps], final master into pout.
+static void gpu_train(Model *m, const OptimConfig *oc, int steps, int64_t B, int64_t T, double *loss, float *pout) {
+    DlError e;
+    const int64_t N = B * T;
+    EngineCuda *gt = engine_cuda_new(&m->ht, &m->rt, m->pt, B, T, ECU_NO_MASTER, DT_BF16, 0, NULL, &e);
+    die_if(!gt, &e, "teacher");
+    EngineCuda *gs = engine_cuda_new(&m->h, &m->r, m->p, B, T, ECU_TRAIN | ECU_TEACHER_KL, DT_BF16, 0, NULL, &e);
+    die_if(!gs, &e, "student");
+    EngineCudaOptim *o = engine_cuda_optim_new(gs, oc, DT_F32, &e);
+    die_if(!o, &e, "optim");
+    float *gd = (float *)engine_cuda_alloc((size_t)m->r.numel * 4);
+    int32_t *tok = (int32_t *)malloc(N * 4), *tgt = (int32_t *)malloc(N * 4);
+    uint8_t *reset = (uint8_t *)malloc(N);
+    LossSpecCuda lg;
+    memset(&lg, 0, sizeof lg);
+    lg.w.ce = 1.0f;
+    lg.w.kl = 0.1f;
+    lg.teacher = gt;
+    for (int s = 0; s < steps; s++) {
+        batch_make(B, T, m->c.vocab, 100 + s % 4, tok, tgt, reset);
+        engine_cuda_memset0(gd, (size_t)m->r.numel * 4);
+        die_if(engine_cuda_forward(gt, tok, reset, &e) != 0, &e, "fwd");
+        die_if(engine_cuda_forward(gs, tok, reset, &e) != 0, &e, "fwd");
+        LossParts lp = engine_cuda_loss(gs, tgt, NULL, &lg, gd, NULL);
+        engine_cuda_backward(gs, gd);
+        OptimResult res;
+        engine_cuda_optim_step(o, gd, lp.loss, &res);
+        loss[s] = lp.loss;
+    }
+    engine_cuda_get_params(gs, pout);
+    engine_cuda_dfree(gd);
+    engine_cuda_optim_free(o);
+    engine_cuda_free(gs);
+    engine_cuda_free(gt);
+    free(tok), free(tgt), free(reset);
+}
+
+static void train_test(void) {
+    printf("-- 20 stage-1 steps (Mamba mixers trained), CUDA bf16 vs CPU fp32\n");
+    Model m;
+    model_make(&m, true, false, 77);
+    round_bf16(m.p, m.r.numel);
+    round_bf16(m.pt, m.rt.numel);
+    DlError e;
+    die_if(reg_set_trainable(&m.r, "*.mamba.*", &e) < 0, &e, "trainable");
+    OptimConfig oc;
+    optim_config_default(&oc);
+    oc.lr = 1e-3;
+    oc.decay = LR_DECAY_CONSTANT;
+    oc.total_steps = 20;
+    oc.weight_decay = 0.01;
+    oc.outlier_factor = 0;
+    const int steps = 20;
+    const int64_t B = 2, T = 160, N = B * T;
+    // CPU
+    double lc[20], lg1[20], lg2[20];
+    {
+        Optim o;
+        die_if(optim_init(&o, &oc, &m.r, &e) != 0, &e, "optim_init");
+        float *p = (float *)malloc((size_t)m.r.numel * 4), *g = (float *)malloc((size_t)m.r.numel * 4);
+        memcpy(p, m.p, (size_t)m.r.numel * 4);
+        Engine *ct = engine_new(&m.ht, &m.rt, m.pt, B, T, 0, &e);
+        Engine *cs = engine_new(&m.h, &m.r, p, B, T, ENGINE_TRAIN, &e);
+        int32_t *tok = (int32_t *)malloc(N * 4), *tgt = (int32_t *)malloc(N * 4);
+        uint8_t *reset = (uint8_t *)malloc(N);
+        LossSpec ls;
+        memset(&ls, 0, sizeof ls);
+        ls.w.ce = 1.0f;
+        ls.w.kl = 0.1f;
+        ls.teacher = ct;
+        for (int s = 0; s < steps; s++) {
+            batch_make(B, T, m.c.vocab, 100 + s % 4, tok, tgt, reset);
+            optim_zero_grads(&o, g);
+            engine_forward(ct, tok, reset);
+            LossParts lp = engine_step(cs, tok, reset, tgt, NULL, &ls, g);
+            OptimResult res;
+            optim_step(&o, p, g, lp.loss, &res);
+            lc[s] = lp.loss;
+        }
+        engine_free(cs), engine_free(ct), optim_free(&o);
+        free(p), free(g), free(tok), free(tgt), free(reset);
+    }
+    float *p1 = (float *)malloc((size_t)m.r.numel * 4), *p2 = (float *)malloc((size_t)m.r.numel * 4);
+    gpu_train(&m, &oc, steps, B, T, lg1, p1);
+    gpu_train(&m, &oc, steps, B, T, lg2, p2);
+    double worst = 0;
+    for (int s = 0; s < steps; s++) {
+        double d = fabs(lg1[s] - lc[s]) / fabs(lc[s]);
+        worst = fmax(worst, d);
+        if (g_verbose || s == 0 || s == steps - 1) printf("    step %2d loss cuda %.6f cpu %.6f\n", s, lg1[s], lc[s]);
+    }
+    check(worst <= 1e-2, "20-step losses: worst rel diff %.3g (tol 1e-2), first %.5f last %.5f (cpu %.5f -> %.5f)", worst,
+          lg1[0], lg1[steps - 1], lc[0], lc[steps - 1]);
+    check(lg1[steps - 1] < lg1[0], "training lowers the loss (%.5f -> %.5f)", lg1[0], lg1[steps - 1]);
+    check(memcmp(lg1, lg2, sizeof lg1) == 0, "two CUDA runs: identical losses");
+    check(memcmp(p1, p2, (size_t)m.r.numel * 4) == 0, "two CUDA runs: identical final master weights");
+    free(p1), free(p2);
+    reg_free(&m.r), reg_free(&m.rt), free(m.p), free(m.pt);
+}
+
+// Out-of-memory path: an absurd micro-batch must come back as an error with the plan printed.
+static void oom_test(void) {
+    printf("-- out of memory is reported, not a crash\n");
+    Model m;
+    model_make(&m, true, false, 3);
+    DlError e;
+    EngineCuda *g = engine_cuda_new(&m.h, &m.r, m.p, 4096, 4096, ECU_TRAIN, DT_BF16, 0, stdout, &e);
+    check(g == NULL, "engine_cuda_new(B 4096 x T 4096) fails: %s", g ? "(allocated?)" : e.msg);
+    engine_cuda_free(g);
+    reg_free(&m.r), reg_free(&m.rt), free(m.p), free(m.pt);
+}
+
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--verbose")) g_verbose = 1;
+    parity("bf16 hybrid", true, DT_BF16, 2e-2, 3e-2, 5e-3);
+    parity("fp32 attention", false, DT_F32, 1e-4, 1e-4, 1e-5);
+    train_test();
+    oom_test();
+    printf("%d passed, %d failed\n", g_pass, g_fail);
+    return g_fail ? 1 : 0;
+}
