@@ -397,13 +397,12 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
             const int i = 4 * g + q;
             const int64_t t0 = tb + 4 * g;
             const bool tv = t0 + q < te;
-            float raw = 0.f, delta = 0.f, uu = 0.f, zz = 0.f, go = 0.f;
-            int rs = 0;
+            float raw = 0.f, delta = 0.f, uu = 0.f, zz = 0.f, go = 0.f, rs = 0.f;
             if (tv) {
                 uu = __bfloat162float(su[i * CPB + cl]);
                 raw = __bfloat162float(sdt[i * CPB + cl]) + bias;
                 delta = softplus_dev(raw);
-                rs = srs[i];
+                rs = srs[i] ? -INFINITY : 0.f;  // a reset: decay 0, which also zeroes every term through h_{t-1}
                 go = __bfloat162float(sdo[i * CPB + cl]);
                 if (p.z) zz = __bfloat162float(sz[i * CPB + cl]);
             }
@@ -418,19 +417,17 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
             for (int r = 0; r < R; r++) hs[r] = sub[(g * R + r) * THREADS + tid];
             // recompute the group's states and decays
             float hj[4][R], aj[4][R], dj[4], duj[4], uj[4], yp[4];
-            int rj[4];
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 dj[j] = __shfl_sync(FULL_MASK, delta, base + j);
                 duj[j] = __shfl_sync(FULL_MASK, du_own, base + j);
                 uj[j] = __shfl_sync(FULL_MASK, uu, base + j);
-                rj[j] = __shfl_sync(FULL_MASK, rs, base + j);
+                const float rj = __shfl_sync(FULL_MASK, rs, base + j);
                 yp[j] = 0.f;
 #pragma unroll
                 for (int r = 0; r < R; r++) {
-                    const float prev = rj[j] ? 0.f : (j ? hj[j - 1][r] : hs[r]);
-                    aj[j][r] = ex2f(dj[j] * A2[r]);
-                    hj[j][r] = aj[j][r] * prev + duj[j] * Bv[j][r];
+                    aj[j][r] = ex2f(fmaf(dj[j], A2[r], rj));
+                    hj[j][r] = aj[j][r] * (j ? hj[j - 1][r] : hs[r]) + duj[j] * Bv[j][r];
                     yp[j] += Cv[j][r] * hj[j][r];
                 }
             }
@@ -449,20 +446,21 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
             // adjoint through the 4 steps, newest first
 #pragma unroll
             for (int j = 3; j >= 0; j--) {
-                ddp[j] = 0.f, dup[j] = 0.f;
-                float cC[R], cB[R];
+                float cC[R], cB[R], sA = 0.f, sBg = 0.f;
 #pragma unroll
                 for (int r = 0; r < R; r++) {
-                    const float gr = dh[r] + gyj[j] * Cv[j][r];  // dL/dh_t
-                    const float hp = rj[j] ? 0.f : (j ? hj[j - 1][r] : hs[r]);
-                    const float ga = gr * aj[j][r];
-                    ddp[j] += ga * hp * A[r] + gr * Bv[j][r] * uj[j];
-                    dA_acc[r] += ga * hp * dj[j];
-                    dup[j] += gr * dj[j] * Bv[j][r];
-                    dh[r] = rj[j] ? 0.f : ga;  // dL/dh_{t-1}
+                    const float gr = fmaf(gyj[j], Cv[j][r], dh[r]);  // dL/dh_t
+                    const float ga = gr * aj[j][r];                  // = dL/dh_{t-1} (0 after a reset)
+                    const float gah = ga * (j ? hj[j - 1][r] : hs[r]);
+                    sA = fmaf(gah, A[r], sA);                        // d/d delta through the decay
+                    dA_acc[r] = fmaf(gah, dj[j], dA_acc[r]);
+                    sBg = fmaf(gr, Bv[j][r], sBg);                   // sum_r dL/dh_t * B: feeds du and d delta
+                    dh[r] = ga;
                     cC[r] = dvalid ? gyj[j] * hj[j][r] : 0.f;
                     cB[r] = dvalid ? gr * duj[j] : 0.f;
                 }
+                ddp[j] = fmaf(uj[j], sBg, sA);
+                dup[j] = dj[j] * sBg;
                 if constexpr (WRED) {
                     // reduce-scatter over lane bits 4, 3, 2 (the warp's 8 channels): 7 shuffles
                     const bool b4 = lane & 16, b3 = lane & 8, b2 = lane & 4;
