@@ -3,7 +3,8 @@
 //   mambainllama  MambaInLlama's HF format (export.h; Mamba-2 hybrids through export_mamba2.h)
 //   granite       GraniteMoeHybridForCausalLM config + safetensors (HF transformers, vLLM, SGLang)
 //   gguf-f16      llama.cpp granitehybrid GGUF, F16 matrices
-//   gguf-q8_0     the same with Q8_0 matrices
+//   gguf-q8_0     the same with Q8_0 matrices (gguf-f32: unrounded, for verification)
+#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,14 +54,16 @@ static int run_export(int argc, char **argv) {
         fprintf(stderr, "export: --model, --format and --out are required (see distill export --help)\n");
         return DL_EXIT_USAGE;
     }
-    const bool is_gguf = !strcmp(format, "gguf-f16") || !strcmp(format, "gguf-q8_0");
+    const bool is_gguf = !strcmp(format, "gguf-f16") || !strcmp(format, "gguf-q8_0") || !strcmp(format, "gguf-f32");
     if (!is_gguf && strcmp(format, "mambainllama") && strcmp(format, "granite")) {
         fprintf(stderr, "export: --format '%s': expected mambainllama, granite, gguf-f16 or gguf-q8_0\n", format);
         return DL_EXIT_USAGE;
     }
     DType dt = DT_BF16;  // HF formats default to bf16, as MambaInLlama's released checkpoints
     if (dtype_s) {
-        int t = dtype_from_name(dtype_s);
+        char up[16] = {0};  // dtype names are upper case ("BF16"); accept either
+        for (size_t k = 0; k + 1 < sizeof up && dtype_s[k]; k++) up[k] = (char)toupper((unsigned char)dtype_s[k]);
+        int t = dtype_from_name(up);
         if (t != DT_F32 && t != DT_F16 && t != DT_BF16) {
             fprintf(stderr, "export: --dtype '%s': expected f32, bf16 or f16 (GGUF types come from --format)\n", dtype_s);
             return DL_EXIT_USAGE;
@@ -84,7 +87,8 @@ static int run_export(int argc, char **argv) {
         GraniteOptions o = {.dtype = dt, .expand = (int)expand, .max_shard_bytes = (uint64_t)shard_mb << 20, .name_or_path = name};
         rc = export_granite(out, h, &m.reg, m.params, &o, &e);
     } else {
-        GgufExportOptions o = {.dtype = !strcmp(format, "gguf-q8_0") ? DT_Q8_0 : DT_F16, .tokenizer_gguf = tok,
+        GgufExportOptions o = {.dtype = !strcmp(format, "gguf-q8_0") ? DT_Q8_0 : !strcmp(format, "gguf-f32") ? DT_F32 : DT_F16,
+                               .tokenizer_gguf = tok,
                                .name = name, .expand = (int)expand};
         if (!tok) fprintf(stderr, "export: warning: no --tokenizer GGUF: the file has no vocabulary; llama.cpp needs one to load it\n");
         rc = export_gguf(out, h, &m.reg, m.params, &o, &e);
@@ -108,6 +112,7 @@ DL_COMMAND(export_cmd, {
         "                                   (Mamba-2 hybrids; exact, see docs/EXPORTS.md)\n"
         "                     gguf-f16      llama.cpp granitehybrid GGUF, F16 matrices (Mamba-2 hybrids)\n"
         "                     gguf-q8_0     the same, Q8_0 matrices\n"
+        "                     gguf-f32      the same, F32 (large; for checking the mapping without rounding)\n"
         "  --out PATH         output directory (mambainllama, granite) or .gguf file\n"
         "  --tokenizer GGUF   GGUF whose tokenizer.* metadata is copied (the teacher's); needed by llama.cpp\n"
         "  --dtype T          f32, bf16 (default) or f16 for the HF formats\n"

@@ -7,7 +7,8 @@
 //   test_export_formats --make-hybrid TEACHER ATTN_LAYERS SEED OUTDIR
 //       TEACHER (anything model_load reads) -> Mamba-2 hybrid keeping attention at ATTN_LAYERS ("1,3" or "-"),
 //       initialized from the teacher as MambaInLlama does, written as a MambaInLlama Mamba-2 export (f32).
-//   test_export_formats --logits MODEL IDS OUT
+//   test_export_formats --logits MODEL IDS OUT [f16|q8_0]
+//       (f16 / q8_0: with the weights rounded exactly as that GGUF export stores them)
 //       our reference logits of MODEL on the whitespace-separated token ids in IDS (one sequence): float32
 //       [T, V] raw to OUT. Attention + Mamba-2 hybrids run through the reference forward below (the CPU engine
 //       does not dispatch Mamba-2 layers yet): embedding, per layer RMSNorm -> (GQA attention with RoPE from
@@ -28,6 +29,7 @@
 #include "distill/mamba2_cpu.h"
 #include "distill/mamba_init.h"
 #include "distill/model_io.h"
+#include "distill/quant.h"
 #include "distill/safetensors.h"
 #include "tests/check.h"
 
@@ -91,10 +93,32 @@ static bool has_mamba2(const HybridConfig *h) {
     return false;
 }
 
-static int tool_logits(const char *model, const char *ids_path, const char *out) {
+// Rounds the weights as a GGUF export of type t stores them: every 2-D matrix through t (F16, or Q8_0 where a
+// row is whole blocks, else F16); 1-D tensors and the conv stay F32. Q8_0 blocks run along rows, and the export
+// only permutes, duplicates or zero-pads whole rows (or, for out_proj, appends whole zero blocks when d_inner is
+// a multiple of 32), so this equals the exported values.
+static void round_like_gguf(LoadedModel *m, DType t) {
+    for (int i = 0; i < m->reg.n; i++) {
+        const TensorInfo *ti = &m->reg.t[i];
+        if (ti->ndim != 2) continue;
+        DType tt = (t == DT_Q8_0 && ti->shape[1] % 32 == 0) ? DT_Q8_0 : DT_F16;
+        float *x = m->params + ti->offset;
+        if (tt == DT_F16)
+            for (int64_t k = 0; k < ti->numel; k++) x[k] = f16_to_f32(f32_to_f16(x[k]));
+        else {
+            uint8_t *q = malloc((size_t)(ti->numel / 32 * 34));
+            quantize(DT_Q8_0, x, q, ti->numel);
+            dequantize(DT_Q8_0, q, x, ti->numel);
+            free(q);
+        }
+    }
+}
+
+static int tool_logits(const char *model, const char *ids_path, const char *out, const char *round) {
     DlError e;
     LoadedModel m;
     if (model_load(model, 0, &m, &e)) return fprintf(stderr, "%s\n", e.msg), 1;
+    if (round) round_like_gguf(&m, !strcmp(round, "q8_0") ? DT_Q8_0 : DT_F16);
     size_t len;
     char *txt = dl_read_file(ids_path, &len, &e);
     if (!txt) return fprintf(stderr, "%s\n", e.msg), 1;
@@ -330,9 +354,9 @@ int main(int argc, char **argv) {
             return fprintf(stderr, "%s\n", e.msg), 1;
         return 0;
     }
-    if (argc == 5 && !strcmp(argv[1], "--logits")) return tool_logits(argv[2], argv[3], argv[4]);
+    if ((argc == 5 || argc == 6) && !strcmp(argv[1], "--logits")) return tool_logits(argv[2], argv[3], argv[4], argc == 6 ? argv[5] : NULL);
     if (argc != 1) {
-        fprintf(stderr, "usage: %s [--make-hybrid TEACHER ATTN_LAYERS SEED OUTDIR | --logits MODEL IDS OUT]\n", argv[0]);
+        fprintf(stderr, "usage: %s [--make-hybrid TEACHER ATTN_LAYERS SEED OUTDIR | --logits MODEL IDS OUT [f16|q8_0]]\n", argv[0]);
         return 2;
     }
     char tmp[] = "/tmp/test_export_formats-XXXXXX";
