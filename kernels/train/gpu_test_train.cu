@@ -623,6 +623,7 @@ int main(int argc, char **argv) {
         test_loss(dt, 1000, 2.0f, 1.0f, 0.5f, 0.25f, false);
         test_loss(dt, 50257, 1.0f, 1.0f, 0.1f, 0.0f, true);
         test_loss(dt, 777, 1.5f, 0.0f, 0.0f, 1.0f, false);
+        test_loss(dt, 2048, 1.5f, 1.0f, 0.5f, 0.25f, true);  // bf16: the 16-byte path, in place
         test_attention(dt, 64, true, true);
         test_attention(dt, 128, true, true);
         test_attention(dt, 128, false, true);

@@ -78,21 +78,6 @@ __global__ void colsum_add_kernel(float *dw, const float *part, int nparts, int6
 
 // ---- bf16 fast paths: 16-byte accesses (8 elements per load) when rows are multiples of 8 elements and
 // pointers 16-byte aligned; same arithmetic per element as the scalar kernels.
-__device__ __forceinline__ void unpack8(uint4 u, float *f) {
-    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        const float2 t = __bfloat1622float2(h[j]);
-        f[2 * j] = t.x, f[2 * j + 1] = t.y;
-    }
-}
-__device__ __forceinline__ uint4 pack8(const float *f) {
-    uint4 u;
-    __nv_bfloat162 *h = (__nv_bfloat162 *)&u;
-#pragma unroll
-    for (int j = 0; j < 4; j++) h[j] = __floats2bfloat162_rn(f[2 * j], f[2 * j + 1]);
-    return u;
-}
 static inline bool al16(const void *p) { return !((uintptr_t)p & 15); }
 
 __global__ void rmsnorm_fwd_vec_kernel(bf16 *out, float *rstd, bf16 *res_out, const bf16 *x, const bf16 *res_in,

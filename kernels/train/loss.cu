@@ -29,7 +29,49 @@ __device__ __forceinline__ float lse_block(float m, double s, float *shf, double
     return (float)((double)M + log(S));
 }
 
-template <typename T>
+// Row element loops: VEC (bf16 rows of a multiple of 8 elements, 16-byte aligned) reads 8 elements per
+// 16-byte load, a thread taking 8 consecutive elements; otherwise one element per thread and step.
+// f(i, s_i, t_i) reads; g(i, s_i, t_i) returns the gradient element to store at i.
+template <typename T, bool VEC, typename F>
+__device__ __forceinline__ void row_read(int64_t V, const T *s, const T *t, F f) {
+    if constexpr (VEC) {
+        const uint4 *s8 = (const uint4 *)s, *t8 = (const uint4 *)t;
+        for (int64_t i8 = threadIdx.x; i8 < V / 8; i8 += blockDim.x) {
+            float a[8], c[8];
+            unpack8(s8[i8], a);
+            if (t) unpack8(t8[i8], c);
+            else
+#pragma unroll
+                for (int j = 0; j < 8; j++) c[j] = 0.f;
+#pragma unroll
+            for (int j = 0; j < 8; j++) f(i8 * 8 + j, a[j], c[j]);
+        }
+    } else {
+        for (int64_t i = threadIdx.x; i < V; i += blockDim.x) f(i, ld(s, i), t ? ld(t, i) : 0.f);
+    }
+}
+template <typename T, bool VEC, typename G>
+__device__ __forceinline__ void row_write(int64_t V, const T *s, const T *t, T *ds, G gfn) {
+    if constexpr (VEC) {
+        const uint4 *s8 = (const uint4 *)s, *t8 = (const uint4 *)t;
+        uint4 *d8 = (uint4 *)ds;
+        for (int64_t i8 = threadIdx.x; i8 < V / 8; i8 += blockDim.x) {
+            float a[8], c[8], o[8];
+            unpack8(s8[i8], a);
+            if (t) unpack8(t8[i8], c);
+            else
+#pragma unroll
+                for (int j = 0; j < 8; j++) c[j] = 0.f;
+#pragma unroll
+            for (int j = 0; j < 8; j++) o[j] = gfn(i8 * 8 + j, a[j], c[j]);
+            d8[i8] = pack8(o);
+        }
+    } else {
+        for (int64_t i = threadIdx.x; i < V; i += blockDim.x) st(ds, i, gfn(i, ld(s, i), t ? ld(t, i) : 0.f));
+    }
+}
+
+template <typename T, bool VEC>
 __global__ void __launch_bounds__(LOSS_THREADS) loss_rows_kernel(LossK k, int64_t V, const T *logits, const T *teacher,
                                                                  const int32_t *targets, const uint8_t *mask,
                                                                  const float *row_weight, double scale, T *dlogits,
@@ -53,19 +95,18 @@ __global__ void __launch_bounds__(LOSS_THREADS) loss_rows_kernel(LossK k, int64_
     }
     // the target logit, read before any in-place gradient write (those come after the barriers of pass 1)
     const float s_tgt = k.need_ce && has_tgt && threadIdx.x == 0 ? ld(s, tgt) : 0.f;
-    const T *t = teacher ? teacher + r * V : nullptr;
     const bool need_t = k.need_kl || k.need_rkl;
+    const T *t = need_t ? teacher + r * V : nullptr;
     // pass 1: log-sum-exps of s, s/T, t/T
     float m1 = -INFINITY, mq = -INFINITY, mp = -INFINITY;
     double s1 = 0, sq = 0, sp = 0;
-    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-        const float si = ld(s, i);
+    row_read<T, VEC>(V, s, t, [&](int64_t, float si, float ti) {
         if (k.need_ce) lse_push(si, m1, s1);
         if (need_t) {
             lse_push(si * k.invT, mq, sq);
-            lse_push(ld(t, i) * k.invT, mp, sp);
+            lse_push(ti * k.invT, mp, sp);
         }
-    }
+    });
     const float lse1 = k.need_ce ? lse_block(m1, s1, shf, shd) : 0.f;
     const float lseq = need_t ? lse_block(mq, sq, shf, shd) : 0.f;
     const float lsep = need_t ? lse_block(mp, sp, shf, shd) : 0.f;
@@ -80,36 +121,39 @@ __global__ void __launch_bounds__(LOSS_THREADS) loss_rows_kernel(LossK k, int64_
     // pass 2: KL sums (and the gradient when it does not need them)
     double kl = 0, rkl = 0;
     const bool grad_in_2 = ds && !k.need_rkl;
-    if (need_t || grad_in_2) {
-        for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-            const float si = ld(s, i);
-            float d = 0.f;
-            if (need_t) {
-                const float lq = si * k.invT - lseq, lp = ld(t, i) * k.invT - lsep;
-                const float q = expf(lq), p = expf(lp);
-                if (k.need_kl) kl += (double)p * (double)(lp - lq);
-                if (k.need_rkl) rkl += (double)q * (double)(lq - lp);
-                if (k.need_kl) d += k.wkl * k.T * (q - p);
-            }
-            if (grad_in_2) {
-                if (wce != 0.f) d += wce * (expf(si - lse1) - (i == tgt ? 1.f : 0.f));
-                st(ds, i, g * d);
-            }
+    auto grad = [&](int64_t i, float si, float ti, float rklr) {
+        float d = 0.f;
+        if (need_t) {
+            const float lq = si * k.invT - lseq, lp = ti * k.invT - lsep, q = expf(lq);
+            if (k.need_rkl) d += k.wrkl * k.T * q * (lq - lp - rklr);
+            if (k.need_kl) d += k.wkl * k.T * (q - expf(lp));
+        }
+        if (wce != 0.f) d += wce * (expf(si - lse1) - (i == tgt ? 1.f : 0.f));
+        return g * d;
+    };
+    if (need_t) {
+        if (grad_in_2) {
+            row_write<T, VEC>(V, s, t, ds, [&](int64_t i, float si, float ti) {
+                const float lq = si * k.invT - lseq, lp = ti * k.invT - lsep;
+                kl += (double)expf(lp) * (double)(lp - lq);
+                return grad(i, si, ti, 0.f);
+            });
+        } else {
+            row_read<T, VEC>(V, s, t, [&](int64_t, float si, float ti) {
+                const float lq = si * k.invT - lseq, lp = ti * k.invT - lsep;
+                if (k.need_kl) kl += (double)expf(lp) * (double)(lp - lq);
+                if (k.need_rkl) rkl += (double)expf(lq) * (double)(lq - lp);
+            });
         }
         if (k.need_kl) kl = block_sum(kl, shd);
         if (k.need_rkl) rkl = block_sum(rkl, shd);
+    } else if (grad_in_2) {
+        row_write<T, VEC>(V, s, t, ds, [&](int64_t i, float si, float ti) { return grad(i, si, ti, 0.f); });
     }
     // pass 3: gradient with the reverse-KL term, which needs the row's rkl
     if (ds && k.need_rkl) {
         const float rklr = (float)rkl;
-        for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-            const float si = ld(s, i);
-            const float lq = si * k.invT - lseq, lp = ld(t, i) * k.invT - lsep, q = expf(lq);
-            float d = k.wrkl * k.T * q * (lq - lp - rklr);
-            if (k.need_kl) d += k.wkl * k.T * (q - expf(lp));
-            if (wce != 0.f) d += wce * (expf(si - lse1) - (i == tgt ? 1.f : 0.f));
-            st(ds, i, g * d);
-        }
+        row_write<T, VEC>(V, s, t, ds, [&](int64_t i, float si, float ti) { return grad(i, si, ti, rklr); });
     }
     if (threadIdx.x == 0) {
         const double T2 = (double)k.T * k.T;
@@ -145,10 +189,19 @@ extern "C" int loss_rows_cuda(DType dt, const LossWeights *w, int64_t n, int64_t
     k.wce = w->ce, k.wkl = w->kl, k.wrkl = w->rkl;
     k.need_ce = w->ce != 0 || logp_target != nullptr;
     k.need_kl = w->kl != 0, k.need_rkl = w->rkl != 0;
+    const bool vec = dt == DT_BF16 && V % 8 == 0 && !((uintptr_t)logits & 15) && !((uintptr_t)teacher & 15) &&
+                     !((uintptr_t)dlogits & 15);
+    if (vec) {
+        loss_rows_kernel<bf16, true><<<(unsigned)n, LOSS_THREADS, 0, stream>>>(
+            k, V, (const bf16 *)logits, (const bf16 *)teacher, targets, mask, row_weight, scale, (bf16 *)dlogits, rows_out,
+            logp_target);
+        kernelCheck("loss_rows_kernel<vec>");
+        return 0;
+    }
     DL_DISPATCH(dt, T, {
-        loss_rows_kernel<T><<<(unsigned)n, LOSS_THREADS, 0, stream>>>(k, V, (const T *)logits, (const T *)teacher,
-                                                                      targets, mask, row_weight, scale, (T *)dlogits,
-                                                                      rows_out, logp_target);
+        loss_rows_kernel<T, false><<<(unsigned)n, LOSS_THREADS, 0, stream>>>(k, V, (const T *)logits, (const T *)teacher,
+                                                                             targets, mask, row_weight, scale, (T *)dlogits,
+                                                                             rows_out, logp_target);
         kernelCheck("loss_rows_kernel");
     });
     return 0;

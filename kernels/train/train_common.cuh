@@ -16,6 +16,23 @@ __device__ __forceinline__ float ld(const bf16 *p, int64_t i) { return __bfloat1
 __device__ __forceinline__ void st(float *p, int64_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(bf16 *p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
 
+// 8 bf16 <-> 8 floats through one 16-byte word (the vectorized bf16 paths)
+__device__ __forceinline__ void unpack8(uint4 u, float *f) {
+    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float2 x = __bfloat1622float2(h[j]);
+        f[2 * j] = x.x, f[2 * j + 1] = x.y;
+    }
+}
+__device__ __forceinline__ uint4 pack8(const float *f) {
+    uint4 u;
+    __nv_bfloat162 *h = (__nv_bfloat162 *)&u;
+#pragma unroll
+    for (int j = 0; j < 4; j++) h[j] = __floats2bfloat162_rn(f[2 * j], f[2 * j + 1]);
+    return u;
+}
+
 // Sum over a block in a fixed order (warp butterflies, then warp 0 over the warps' partials): the result
 // depends only on the values and blockDim, never on timing. Every thread gets the total. blockDim.x must be
 // a multiple of 32 and <= 1024; `sh` is 32 elements of shared memory (reused: a barrier ends the call).
