@@ -467,7 +467,9 @@ static void oom_report(EngineCuda *E, const char *what, size_t want, FILE *f) {
 static void upload_params(EngineCuda *E, const float *params) {
     const int64_t n = E->r->numel;
     if (E->master) {
+        cudaCheck(cudaDeviceSynchronize());  // the engine's stream does not order against legacy-stream copies
         cudaCheck(cudaMemcpy(E->master, params, (size_t)n * 4, cudaMemcpyHostToDevice));
+        cudaCheck(cudaDeviceSynchronize());
         if (E->dt == DT_BF16) TC(convert_cuda(DT_BF16, E->wc, DT_F32, E->master, n, E->st, EA));
     } else {  // through a staging buffer
         const int64_t chunk = DL_MIN(n, (int64_t)16 << 20);
@@ -475,7 +477,9 @@ static void upload_params(EngineCuda *E, const float *params) {
         cudaCheck(cudaMalloc(&stage, (size_t)chunk * 4));
         for (int64_t i = 0; i < n; i += chunk) {
             int64_t k = DL_MIN(chunk, n - i);
+            cudaCheck(cudaStreamSynchronize(E->st));
             cudaCheck(cudaMemcpy(stage, params + i, (size_t)k * 4, cudaMemcpyHostToDevice));
+            cudaCheck(cudaDeviceSynchronize());
             TC(convert_cuda(E->dt, at(E->wc, i, E->es), DT_F32, stage, k, E->st, EA));
         }
         cudaCheck(cudaStreamSynchronize(E->st));
@@ -504,6 +508,7 @@ void engine_cuda_set_params(EngineCuda *E, const float *params) {
 
 void engine_cuda_get_params(const EngineCuda *E, float *params) {
     const int64_t n = E->r->numel;
+    cudaCheck(cudaDeviceSynchronize());
     if (E->master) {
         cudaCheck(cudaMemcpy(params, E->master, (size_t)n * 4, cudaMemcpyDeviceToHost));
         return;
@@ -511,6 +516,7 @@ void engine_cuda_get_params(const EngineCuda *E, float *params) {
     float *tmp = NULL;
     cudaCheck(cudaMalloc(&tmp, (size_t)n * 4));
     TC(convert_cuda(DT_F32, tmp, E->dt, E->wc, n, E->st, EA));
+    cudaCheck(cudaStreamSynchronize(E->st));
     cudaCheck(cudaMemcpy(params, tmp, (size_t)n * 4, cudaMemcpyDeviceToHost));
     cudaCheck(cudaFree(tmp));
 }
@@ -596,6 +602,7 @@ EngineCuda *engine_cuda_new(const HybridConfig *h, const Registry *r, const floa
             return NULL;
         }
         cudaCheck(cudaMemset(E->wpad, 0, (size_t)E->wpad_n * E->es));
+        cudaCheck(cudaDeviceSynchronize());
     }
     E->weight_bytes = (E->master ? (double)n * 4 : 0) + (E->wc != (void *)E->master ? (double)n * E->es : 0) +
                       (double)E->wpad_n * E->es + (double)E->gpad_n * 4;
@@ -1062,6 +1069,7 @@ EngineCudaOptim *engine_cuda_optim_new(EngineCuda *E, const OptimConfig *c, DTyp
     }
     cudaCheck(cudaMemset(o->m, 0, mb));
     cudaCheck(cudaMemset(o->v, 0, mb));
+    cudaCheck(cudaDeviceSynchronize());
     return o;
 }
 
@@ -1133,10 +1141,21 @@ void *engine_cuda_alloc(size_t bytes) {
     void *p = NULL;
     cudaCheck(cudaMalloc(&p, DL_MAX(bytes, (size_t)16)));
     cudaCheck(cudaMemset(p, 0, DL_MAX(bytes, (size_t)16)));
+    cudaCheck(cudaDeviceSynchronize());
     return p;
 }
 void engine_cuda_dfree(void *p) { cudaFree(p); }
-void engine_cuda_memset0(void *p, size_t bytes) { cudaCheck(cudaMemset(p, 0, bytes)); }
+void engine_cuda_memset0(void *p, size_t bytes) {
+    cudaCheck(cudaDeviceSynchronize());
+    cudaCheck(cudaMemset(p, 0, bytes));
+    cudaCheck(cudaDeviceSynchronize());
+}
+
+void engine_cuda_zero_trainable(EngineCuda *E, float *grads) {
+    for (int i = 0; i < E->r->n; i++)
+        if (E->r->t[i].trainable)
+            cudaCheck(cudaMemsetAsync(grads + E->r->t[i].offset, 0, (size_t)E->r->t[i].numel * 4, E->st));
+}
 void engine_cuda_copy_to_host(void *dst, const void *src, size_t bytes) {
     cudaCheck(cudaDeviceSynchronize());
     cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));

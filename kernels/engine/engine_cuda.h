@@ -103,6 +103,8 @@ void engine_cuda_dfree(void *p);
 void engine_cuda_memset0(void *p, size_t bytes);
 void engine_cuda_copy_to_host(void *dst, const void *src, size_t bytes);
 void engine_cuda_sync(void);
+// Zeroes the gradients of the engine's trainable tensors (enqueued on the engine's stream).
+void engine_cuda_zero_trainable(EngineCuda *e, float *grads);
 
 #ifdef __cplusplus
 }

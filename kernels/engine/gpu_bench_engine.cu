@@ -31,9 +31,8 @@ static double now(void) {
 }
 
 static void fill_random(const Registry *r, float *p, uint64_t seed) {
-    Rng g;
-    rng_init(&g, seed, 1);
     for (int i = 0; i < r->n; i++) {
+        uint64_t x64 = seed * 0x9E3779B97F4A7C15ull + (uint64_t)i * 0xBF58476D1CE4E5B9ull + 1;
         const TensorInfo *t = &r->t[i];
         float *x = p + t->offset;
         const double sd = t->ndim >= 2 ? 1.0 / sqrt((double)t->shape[t->ndim - 1]) : 0.0;
@@ -41,7 +40,10 @@ static void fill_random(const Registry *r, float *p, uint64_t seed) {
             if (strstr(t->name, "A_log")) x[j] = logf(1.0f + (float)(j % t->shape[t->ndim - 1]));
             else if (strstr(t->name, "dt_proj.bias")) x[j] = -4.0f;
             else if (t->ndim == 1 || strstr(t->name, "conv1d")) x[j] = strstr(t->name, "conv1d") ? 0.25f : 1.0f;
-            else x[j] = (float)(sd * (2.0 * rng_uniform(&g) - 1.0) * 1.7320508);  // uniform, std sd
+            else {
+                x64 ^= x64 << 13, x64 ^= x64 >> 7, x64 ^= x64 << 17;
+                x[j] = (float)(sd * (2.0 * ((x64 >> 11) * 0x1.0p-53) - 1.0) * 1.7320508);  // uniform, std sd
+            }
         }
     }
 }
@@ -87,6 +89,7 @@ int main(int argc, char **argv) {
     int layers = 8, steps = 10, warmup = 3;
     int64_t B = 2, T = 2048;
     bool recompute = false;
+    int64_t chunk = 1024;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--model") && i + 1 < argc) model = argv[++i];
         else if (!strcmp(argv[i], "--layers") && i + 1 < argc) layers = atoi(argv[++i]);
@@ -95,6 +98,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--warmup") && i + 1 < argc) warmup = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--recompute")) recompute = true;
+        else if (!strcmp(argv[i], "--chunk") && i + 1 < argc) chunk = atoll(argv[++i]);
         else if (!strcmp(argv[i], "--attn-cuda-cores")) attention_use_tensor_cores(0);
         else {
             fprintf(stderr, "usage: gpu_bench_engine [--model smollm2|llama8b] [--layers L] [--B n] [--T n] [--steps n] "
@@ -144,14 +148,14 @@ int main(int argc, char **argv) {
     // ---- engines (the host parameter buffers are freed after upload)
     float *ph = (float *)malloc((size_t)DL_MAX(rs.numel, rt.numel) * 4);
     fill_random(&rt, ph, 1);
-    EngineCuda *teacher = engine_cuda_new(&ht, &rt, ph, B, T, ECU_NO_MASTER, DT_BF16, 0, stdout, &e);
+    EngineCuda *teacher = engine_cuda_new(&ht, &rt, ph, B, T, ECU_NO_MASTER, DT_BF16, chunk, stdout, &e);
     if (!teacher) {
         fprintf(stderr, "teacher: %s\n", e.msg);
         return 1;
     }
     fill_random(&rs, ph, 2);
     EngineCuda *student = engine_cuda_new(&hs, &rs, ph, B, T, ECU_TRAIN | ECU_TEACHER_KL | (recompute ? ECU_RECOMPUTE_MLP : 0),
-                                          DT_BF16, 0, stdout, &e);
+                                          DT_BF16, chunk, stdout, &e);
     if (!student) {
         fprintf(stderr, "student: %s\n", e.msg);
         return 1;
@@ -229,7 +233,7 @@ int main(int argc, char **argv) {
     for (int s = 0; s < warmup + steps; s++) {
         engine_cuda_sync();
         double t0 = now();
-        engine_cuda_memset0(grads, (size_t)rs.numel * 4);  // (a real loop zeroes only the trainable ranges)
+        engine_cuda_zero_trainable(student, grads);
         if (engine_cuda_forward(teacher, tok, NULL, &e) || engine_cuda_forward(student, tok, NULL, &e)) {
             fprintf(stderr, "%s\n", e.msg);
             return 1;
