@@ -36,10 +36,11 @@ static void fill_random(const Registry *r, float *p, uint64_t seed) {
         const TensorInfo *t = &r->t[i];
         float *x = p + t->offset;
         const double sd = t->ndim >= 2 ? 1.0 / sqrt((double)t->shape[t->ndim - 1]) : 0.0;
+        const bool alog = strstr(t->name, "A_log"), dtb = strstr(t->name, "dt_proj.bias"), conv = strstr(t->name, "conv1d");
         for (int64_t j = 0; j < t->numel; j++) {
-            if (strstr(t->name, "A_log")) x[j] = logf(1.0f + (float)(j % t->shape[t->ndim - 1]));
-            else if (strstr(t->name, "dt_proj.bias")) x[j] = -4.0f;
-            else if (t->ndim == 1 || strstr(t->name, "conv1d")) x[j] = strstr(t->name, "conv1d") ? 0.25f : 1.0f;
+            if (alog) x[j] = logf(1.0f + (float)(j % t->shape[t->ndim - 1]));
+            else if (dtb) x[j] = -4.0f;
+            else if (t->ndim == 1 || conv) x[j] = conv ? 0.25f : 1.0f;
             else {
                 x64 ^= x64 << 13, x64 ^= x64 >> 7, x64 ^= x64 << 17;
                 x[j] = (float)(sd * (2.0 * ((x64 >> 11) * 0x1.0p-53) - 1.0) * 1.7320508);  // uniform, std sd
