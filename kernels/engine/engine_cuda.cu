@@ -450,11 +450,11 @@ static void oom_report(EngineCuda *E, const char *what, size_t want, FILE *f) {
     double avail = (double)fr + (E->arena ? (double)E->tab.total : 0);
     double full = (double)table_bytes(E, E->B, E->flags);
     fprintf(f, "  what would fit (activations must fit in %s):\n", gib(avail, b1, sizeof b1));
-    for (int64_t b = E->B - 1; b >= 1; b--)
-        if ((double)table_bytes(E, b, E->flags) <= avail) {
-            fprintf(f, "    micro_batch %lld (activations %s)\n", (long long)b, gib((double)table_bytes(E, b, E->flags), b1, sizeof b1));
-            break;
-        }
+    int64_t fit = 0;
+    for (int64_t b = E->B - 1; b >= 1 && !fit; b--)
+        if ((double)table_bytes(E, b, E->flags) <= avail) fit = b;
+    if (fit) fprintf(f, "    micro_batch %lld (activations %s)\n", (long long)fit, gib((double)table_bytes(E, fit, E->flags), b1, sizeof b1));
+    else fprintf(f, "    no micro-batch fits at seq_len %lld: shorten the sequences\n", (long long)E->T);
     if ((E->flags & ECU_TRAIN) && !(E->flags & ECU_RECOMPUTE_MLP)) {
         double r = (double)table_bytes(E, E->B, E->flags | ECU_RECOMPUTE_MLP);
         fprintf(f, "    recompute = \"mlp\": activations %s instead of %s%s\n", gib(r, b1, sizeof b1), gib(full, b2, sizeof b2),
