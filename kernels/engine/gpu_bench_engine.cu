@@ -242,14 +242,19 @@ int main(int argc, char **argv) {
         engine_cuda_sync();
         double t1 = now();
         lp = engine_cuda_loss(student, tgt, NULL, &ls, grads, NULL);
+        engine_cuda_sync();
+        double tl = now();
         engine_cuda_backward(student, grads);
+        engine_cuda_sync();
+        double tb = now();
         OptimResult res;
         engine_cuda_optim_step(opt, grads, lp.loss, &res);
         engine_cuda_sync();
         double t2 = now();
         if (s >= warmup) tsum += t2 - t0, tfwd_t += t1 - t0;
-        printf("  step %d: loss %.4f (ce %.4f kl %.4f) grad norm %.3g, %.1f ms (forwards %.1f ms)\n", s, lp.loss, lp.ce, lp.kl,
-               res.grad_norm, 1e3 * (t2 - t0), 1e3 * (t1 - t0));
+        printf("  step %d: loss %.4f (ce %.4f kl %.4f) grad norm %.3g, %.1f ms: forwards %.1f, head+loss %.1f, backward "
+               "%.1f, optimizer %.1f\n", s, lp.loss, lp.ce, lp.kl, res.grad_norm, 1e3 * (t2 - t0), 1e3 * (t1 - t0),
+               1e3 * (tl - t1), 1e3 * (tb - tl), 1e3 * (t2 - tb));
     }
     const double step_s = tsum / steps;
     const double ft = fwd_flops_per_token(&ht, T) * N, fs = fwd_flops_per_token(&hs, T) * N;
