@@ -29,7 +29,7 @@ static int parse_int(const char *opt, const char *v, long long lo, long long hi,
 }
 
 static int run_export(int argc, char **argv) {
-    const char *model = NULL, *format = NULL, *out = NULL, *tok = NULL, *dtype_s = NULL, *name = NULL;
+    const char *model = NULL, *format = NULL, *out = NULL, *tok = NULL, *dtype_s = NULL, *name = NULL, *hf_code = NULL;
     long long seed = 0, expand = 0, shard_mb = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -41,6 +41,7 @@ static int run_export(int argc, char **argv) {
         else if (OPT("--tokenizer")) tok = v;
         else if (OPT("--dtype")) dtype_s = v;
         else if (OPT("--name")) name = v;
+        else if (OPT("--hf-code")) hf_code = v;
         else if (OPT("--seed")) { if (parse_int("--seed", v, 0, INT64_MAX, &seed)) return DL_EXIT_USAGE; }
         else if (OPT("--expand")) { if (parse_int("--expand", v, 0, 64, &expand)) return DL_EXIT_USAGE; }
         else if (OPT("--shard-mb")) { if (parse_int("--shard-mb", v, 0, 1 << 30, &shard_mb)) return DL_EXIT_USAGE; }
@@ -83,6 +84,7 @@ static int run_export(int argc, char **argv) {
         bool m2 = false;
         for (int l = 0; l < h->base.n_layer; l++) m2 |= h->mixer[l] == MIXER_MAMBA2;
         rc = m2 ? export_mambainllama_mamba2(out, h, &m.reg, m.params, &o, &e) : export_hf(out, h, &m.reg, m.params, &o, &e);
+        if (!rc && hf_code) rc = export_add_hf_code(out, h, hf_code, &e);
     } else if (!strcmp(format, "granite")) {
         GraniteOptions o = {.dtype = dt, .expand = (int)expand, .max_shard_bytes = (uint64_t)shard_mb << 20, .name_or_path = name};
         rc = export_granite(out, h, &m.reg, m.params, &o, &e);
@@ -120,6 +122,9 @@ DL_COMMAND(export_cmd, {
         "                     smallest that fits (1 for Llama teachers), GGUF 2 (llama.cpp asserts expand 2)\n"
         "  --shard-mb N       split safetensors into shards of at most N MiB (0: one file)\n"
         "  --name S           _name_or_path / general.name\n"
+        "  --hf-code DIR      mambainllama format, Mamba-1 hybrids: add DIR/modeling_mambainllama.py and\n"
+        "                     configuration_mambainllama.py (distill's hf/ folder) and an auto_map, so HF transformers\n"
+        "                     loads it with trust_remote_code=True (e.g. for lm-evaluation-harness)\n"
         "  --seed S           seed of random weights for a config .json model\n",
     .run = run_export,
 })

@@ -16,3 +16,67 @@ int export_mambainllama_mamba2(const char *dir, const HybridConfig *h, const Reg
                        h->base.head_dim);
     return export_hf(dir, h, r, params, o, e);
 }
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static int write_file(const char *path, const char *data, size_t n, DlError *e) {
+    size_t pl = strlen(path) + 8;
+    char *tmp = dl_malloc(pl);
+    snprintf(tmp, pl, "%s.tmp", path);
+    FILE *f = fopen(tmp, "wb");
+    int rc = 0;
+    if (!f) rc = dl_fail(e, "%s: cannot create: %s", tmp, strerror(errno));
+    else {
+        if (fwrite(data, 1, n, f) != n || fflush(f) || fsync(fileno(f))) rc = dl_fail(e, "%s: write failed: %s", tmp, strerror(errno));
+        if (fclose(f) && !rc) rc = dl_fail(e, "%s: close failed: %s", tmp, strerror(errno));
+        if (!rc && rename(tmp, path)) rc = dl_fail(e, "%s: rename failed: %s", path, strerror(errno));
+        if (rc) remove(tmp);
+    }
+    free(tmp);
+    return rc;
+}
+
+int export_add_hf_code(const char *dir, const HybridConfig *h, const char *hf_dir, DlError *e) {
+    for (int l = 0; l < h->base.n_layer; l++)
+        if (h->mixer[l] == MIXER_MAMBA2)
+            return dl_fail(e, "export: --hf-code is for Mamba-1 hybrids; Mamba-2 hybrids load in transformers as "
+                              "--format granite");
+    const char *files[2] = {"modeling_mambainllama.py", "configuration_mambainllama.py"};
+    for (int i = 0; i < 2; i++) {
+        char *src = dl_path_join(hf_dir, files[i]), *dst = dl_path_join(dir, files[i]);
+        size_t n;
+        char *txt = dl_read_file(src, &n, e);
+        int rc = txt ? write_file(dst, txt, n, e) : -1;
+        free(txt), free(src), free(dst);
+        if (rc) return -1;
+    }
+    char *cp = dl_path_join(dir, "config.json"), *mp = dl_path_join(dir, "mamba_config.json");
+    size_t n1, n2;
+    char *ct = dl_read_file(cp, &n1, e), *mt = ct ? dl_read_file(mp, &n2, e) : NULL;
+    cJSON *c = mt ? cJSON_Parse(ct) : NULL, *m = c ? cJSON_Parse(mt) : NULL;
+    int rc = -1;
+    if (!m) {
+        if (mt) dl_fail(e, "export: %s or %s is not valid JSON", cp, mp);
+        goto out;
+    }
+    cJSON_AddNumberToObject(m, "d_state", h->d_state);
+    cJSON_AddNumberToObject(m, "d_conv", h->d_conv);
+    cJSON_AddNumberToObject(m, "dt_rank", h->dt_rank);
+    cJSON_AddItemToObject(c, "mamba_config", m);
+    m = NULL;
+    cJSON *am = cJSON_AddObjectToObject(c, "auto_map");
+    cJSON_AddStringToObject(am, "AutoConfig", "configuration_mambainllama.MambaInLlamaConfig");
+    cJSON_AddStringToObject(am, "AutoModelForCausalLM", "modeling_mambainllama.MambaInLlamaForCausalLM");
+    char *txt = cJSON_Print(c);
+    rc = write_file(cp, txt, strlen(txt), e);
+    cJSON_free(txt);
+out:
+    cJSON_Delete(c), cJSON_Delete(m);
+    free(ct), free(mt), free(cp), free(mp);
+    return rc;
+}

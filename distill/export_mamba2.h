@@ -11,3 +11,10 @@
 
 int export_mambainllama_mamba2(const char *dir, const HybridConfig *h, const Registry *r, const float *params,
                                const ExportOptions *o, DlError *e);
+
+// Makes an export_hf directory of a Mamba-1 hybrid loadable by HF transformers with trust_remote_code
+// (no engine implements MambaInLlama's Mamba-1): copies hf_dir/modeling_mambainllama.py and
+// configuration_mambainllama.py into dir and adds to its config.json "auto_map" (AutoConfig,
+// AutoModelForCausalLM) and "mamba_config" (mamba_config.json's keys plus d_state, d_conv, dt_rank).
+// config.json is replaced atomically; mamba_config.json stays for MambaInLlama's own loader.
+int export_add_hf_code(const char *dir, const HybridConfig *h, const char *hf_dir, DlError *e);

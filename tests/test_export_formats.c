@@ -7,6 +7,8 @@
 //   test_export_formats --make-hybrid TEACHER ATTN_LAYERS SEED OUTDIR
 //       TEACHER (anything model_load reads) -> Mamba-2 hybrid keeping attention at ATTN_LAYERS ("1,3" or "-"),
 //       initialized from the teacher as MambaInLlama does, written as a MambaInLlama Mamba-2 export (f32).
+//   test_export_formats --make-hybrid1 TEACHER ATTN_LAYERS SEED OUTDIR
+//       the same with Mamba-1 layers (MambaInLlama's HF format)
 //   test_export_formats --logits MODEL IDS OUT [f16|q8_0]
 //       (f16 / q8_0: with the weights rounded exactly as that GGUF export stores them)
 //       our reference logits of MODEL on the whitespace-separated token ids in IDS (one sequence): float32
@@ -349,14 +351,15 @@ static void test_failures(const char *cfg, const char *tmp) {
 
 int main(int argc, char **argv) {
     DlError e;
-    if (argc == 6 && !strcmp(argv[1], "--make-hybrid")) {
-        if (make_hybrid(argv[2], argv[3], strtoull(argv[4], NULL, 10), MIXER_MAMBA2, argv[5], NULL, NULL, NULL, &e))
+    if (argc == 6 && (!strcmp(argv[1], "--make-hybrid") || !strcmp(argv[1], "--make-hybrid1"))) {
+        MixerKind kind = !strcmp(argv[1], "--make-hybrid1") ? MIXER_MAMBA1 : MIXER_MAMBA2;
+        if (make_hybrid(argv[2], argv[3], strtoull(argv[4], NULL, 10), kind, argv[5], NULL, NULL, NULL, &e))
             return fprintf(stderr, "%s\n", e.msg), 1;
         return 0;
     }
     if ((argc == 5 || argc == 6) && !strcmp(argv[1], "--logits")) return tool_logits(argv[2], argv[3], argv[4], argc == 6 ? argv[5] : NULL);
     if (argc != 1) {
-        fprintf(stderr, "usage: %s [--make-hybrid TEACHER ATTN_LAYERS SEED OUTDIR | --logits MODEL IDS OUT [f16|q8_0]]\n", argv[0]);
+        fprintf(stderr, "usage: %s [--make-hybrid[1] TEACHER ATTN_LAYERS SEED OUTDIR | --logits MODEL IDS OUT [f16|q8_0]]\n", argv[0]);
         return 2;
     }
     char tmp[] = "/tmp/test_export_formats-XXXXXX";
