@@ -212,6 +212,12 @@ void optim_zero_grads(const Optim *o, float *grads) {
 }
 
 void optim_step(Optim *o, float *params, const float *grads, double loss, OptimResult *r) {
+    // the norm of a non-finite loss's gradient is meaningless: not computed (reported NaN)
+    double norm = isfinite(loss) ? optim_grad_norm(o->reg, grads, 1.0 / o->cfg.grad_accum) : NAN;
+    optim_step_norm(o, params, grads, loss, norm, r);
+}
+
+void optim_step_norm(Optim *o, float *params, const float *grads, double loss, double grad_norm, OptimResult *r) {
     const OptimConfig *c = &o->cfg;
     OptimState *s = &o->st;
     memset(r, 0, sizeof *r);
@@ -221,12 +227,12 @@ void optim_step(Optim *o, float *params, const float *grads, double loss, OptimR
     double inv_accum = 1.0 / c->grad_accum;
     r->median_norm = window_median(s);
     if (!isfinite(loss)) {
-        r->grad_norm = NAN;  // not computed: the gradient of a non-finite loss is meaningless
+        r->grad_norm = NAN;
         r->outcome = OPTIM_SKIP_NONFINITE_LOSS;
         s->n_skip_nonfinite++;
         return;
     }
-    r->grad_norm = optim_grad_norm(o->reg, grads, inv_accum);
+    r->grad_norm = grad_norm;
     if (!isfinite(r->grad_norm)) {
         r->outcome = OPTIM_SKIP_NONFINITE_GRAD;
         s->n_skip_nonfinite++;

@@ -33,7 +33,7 @@ typedef struct {
     double beta1, beta2, eps;
     double weight_decay;   // default for tensors with TensorInfo.decay (0 elsewhere)
     double clip_norm;      // global-norm clip; <= 0 disables
-    int grad_accum;        // micro-batches summed into grads per step (>= 1)
+    int grad_accum;        // micro-batches summed into grads per step, over all ranks (>= 1; data parallel: per-rank x world)
     double outlier_factor; // skip if norm > factor * running median; <= 0 disables
     int outlier_window;    // number of recent accepted norms kept (<= OPTIM_MAX_WINDOW)
     int outlier_warmup;    // accepted steps before the outlier test is armed
@@ -94,6 +94,11 @@ double optim_grad_norm(const Registry *reg, const float *grads, double scale);
 
 // One optimizer step (see the header comment). grads is read only. Returns the outcome in r.
 void optim_step(Optim *o, float *params, const float *grads, double loss, OptimResult *r);
+// The same step with the GLOBAL L2 norm of the averaged gradient (sum over micro-batches and ranks, times
+// 1/grad_accum) given by the caller: a rank that owns a shard (ZeRO-1/2) passes the norm over all ranks, so
+// every rank skips, clips and records the outlier window exactly as one rank would. optim_step is
+// optim_step_norm with optim_grad_norm(reg, grads, 1/grad_accum).
+void optim_step_norm(Optim *o, float *params, const float *grads, double loss, double grad_norm, OptimResult *r);
 // Zeroes the owned ranges of trainable tensors in grads (call before accumulating micro-batches).
 void optim_zero_grads(const Optim *o, float *grads);
 // Returns the first non-finite value of m or v over trainable tensors (tensor name and index in e), or 0.

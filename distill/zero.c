@@ -266,45 +266,15 @@ double zero_local_sq_norm(const Registry *reg, const float *grads) {
 }
 
 int zero_optim_check(const OptimConfig *c, int world, int stage, DlError *e) {
-    if (world > 1 && stage >= 1 && c->outlier_factor > 0)
-        return dl_fail(e, "ZeRO-%d over %d ranks: the gradient-norm outlier skip (outlier_factor = %g) needs the global norm "
-                          "inside optim_step, which optim.h cannot take yet; set outlier_factor = 0 or zero = 0",
-                       stage, world, c->outlier_factor);
-    return 0;
+    // every decision of the step (skip, outlier window, clip) is taken on the global norm, which every rank
+    // holds (optim_step_norm): any config runs sharded
+    if (world < 1 || stage < 0 || stage > 2)
+        return dl_fail(e, "ZeRO: stage %d over %d ranks is not supported (stage 0..2, world >= 1)", stage, world);
+    return optim_config_validate(c, e);
 }
 
 void zero_optim_step(Optim *o, int world, float *params, float *grads, double loss, double global_sq, OptimResult *r) {
-    if (world == 1) {  // the local norm is the global one
-        optim_step(o, params, grads, loss, r);
-        return;
-    }
-    const double inv_accum = 1.0 / o->cfg.grad_accum;
-    const double norm = sqrt(global_sq) * inv_accum;
-    if (!isfinite(loss) || !isfinite(norm)) {
-        // every rank skips: optim_step with a non-finite loss counts exactly one non-finite skip
-        optim_step(o, params, grads, NAN, r);
-        if (isfinite(loss)) {
-            r->outcome = OPTIM_SKIP_NONFINITE_GRAD;
-            r->grad_norm = norm;
-        }
-        return;
-    }
-    double cs = 1.0;
-    if (o->cfg.clip_norm > 0 && norm > o->cfg.clip_norm) cs = o->cfg.clip_norm / norm;
-    if (cs != 1.0) {
-        const float f = (float)cs;
-        const Registry *reg = o->reg;
-        for (int i = 0; i < reg->n; i++) {
-            const TensorInfo *t = &reg->t[i];
-            if (!t->trainable) continue;
-            for (int64_t j = t->shard_begin; j < t->shard_end; j++) grads[t->offset + j] *= f;
-        }
-    }
-    const OptimConfig saved = o->cfg;
-    o->cfg.clip_norm = 0;  // clipped above, by the global norm
-    o->cfg.outlier_factor = 0;  // refused by zero_optim_check for world > 1
-    optim_step(o, params, grads, loss, r);
-    o->cfg = saved;
-    r->grad_norm = norm;
-    r->clip_scale = cs;
+    (void)world;  // the global norm makes the step rank-count independent
+    double norm = isfinite(loss) ? sqrt(global_sq) / o->cfg.grad_accum : NAN;
+    optim_step_norm(o, params, grads, loss, norm, r);
 }

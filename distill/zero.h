@@ -109,14 +109,12 @@ int zdist_all_reduce_f64(DistGroup *g, double x, double *sum, DlError *e);
 // ---- the sharded optimizer step (any backend)
 // Sum of squares of grads over the owned ranges of reg's trainable tensors (fixed order, float64).
 double zero_local_sq_norm(const Registry *reg, const float *grads);
-// Checks that o's config can run sharded over world ranks: the norm-outlier skip needs the global norm
-// inside optim_step, which optim.h does not take yet (see docs/MULTIGPU.md), so outlier_factor must be 0.
+// Checks that o's config can run sharded over world ranks at stage (0..2); every option (clipping, the
+// outlier skip) works sharded since the step takes the global norm.
 int zero_optim_check(const OptimConfig *c, int world, int stage, DlError *e);
-// One AdamW step of a rank that owns only its shard (stages 1, 2; stage 0 calls optim_step directly).
-// global_sq: sum over ranks of zero_local_sq_norm of the reduced, not yet 1/grad_accum-scaled gradient
-// (identical on every rank, so every rank takes the same decision). Non-finite loss or norm: every rank
-// skips. Clipping by the global norm scales grads' owned ranges in place (grads is modified), then
-// optim_step runs with clipping off; so results equal unsharded optim_step within fp32 rounding when the
-// clip is active, and bitwise when it is not.
-// world 1: optim_step exactly (clipping and outlier skips included).
+// One AdamW step of a rank that owns only its shard: optim_step_norm with the global norm
+// sqrt(global_sq) / grad_accum. global_sq: sum over ranks of zero_local_sq_norm of the reduced, not yet
+// 1/grad_accum-scaled gradient (identical on every rank, so every rank skips, clips and records the outlier
+// window as one rank would); grad_accum counts micro-batches over all ranks. grads is read only. Results
+// equal unsharded optim_step bitwise given the same norm (the norm's summation order differs: rounding).
 void zero_optim_step(Optim *o, int world, float *params, float *grads, double loss, double global_sq, OptimResult *r);

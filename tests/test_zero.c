@@ -60,6 +60,7 @@ typedef struct {
     int64_t bucket_bytes;
     double clip;
     int nan_step, nan_rank;  // inject a NaN into this rank's gradient at this step (-1: never)
+    float big;               // with nan_step: add this (not NaN) instead, to trip the outlier skip (0: NaN)
     const float *init;       // initial parameters (NULL: random in [-1, 1])
 } RunCfg;
 
@@ -87,7 +88,8 @@ static void run(const Registry *base, const RunCfg *c, RunOut *out) {
     oc.weight_decay = 0.1;
     oc.clip_norm = c->clip;
     oc.grad_accum = c->accum;
-    oc.outlier_factor = 0;
+    oc.outlier_factor = c->big != 0 ? 10.0 : 0;
+    oc.outlier_warmup = 1;
     CHECK(zero_optim_check(&oc, R, c->stage, &e) == 0);
     const int64_t N = base->numel;
     Registry reg[8];
@@ -119,7 +121,8 @@ static void run(const Registry *base, const RunCfg *c, RunOut *out) {
                 }
                 int64_t i0 = (int64_t)s * NSAMP + (int64_t)m * (NSAMP / c->accum) + (int64_t)r * per;
                 for (int64_t i = i0; i < i0 + per; i++) add_sample_grad(&reg[r], i, params[r], cscale, grads[r]);
-                if (s == c->nan_step && r == c->nan_rank && m == 0) grads[r][reg[r].t[reg[r].n - 1].offset + 3] = NAN;
+                if (s == c->nan_step && r == c->nan_rank && m == 0)
+                    grads[r][reg[r].t[reg[r].n - 1].offset + 3] = c->big != 0 ? grads[r][reg[r].t[reg[r].n - 1].offset + 3] + c->big : NAN;
             }
             if (c->stage == 2) {
                 for (int r = 0; r < R; r++) zero_pack(&L, grads[r], flat[r]);
@@ -155,7 +158,8 @@ static void run(const Registry *base, const RunCfg *c, RunOut *out) {
         out->n_clipped += res[0].clip_scale < 1.0;
         for (int r = 1; r < R; r++) {
             if (memcmp(params[r], params[0], (size_t)N * sizeof(float)) || res[r].outcome != res[0].outcome ||
-                o[r].st.step != o[0].st.step || o[r].st.t != o[0].st.t || o[r].st.n_skip_nonfinite != o[0].st.n_skip_nonfinite)
+                o[r].st.step != o[0].st.step || o[r].st.t != o[0].st.t || o[r].st.n_skip_nonfinite != o[0].st.n_skip_nonfinite ||
+                o[r].st.n_skip_outlier != o[0].st.n_skip_outlier || o[r].st.window_n != o[0].st.window_n)
                 out->ranks_agree = false;
         }
     }
@@ -380,11 +384,27 @@ static void test_nonfinite(const Registry *base) {
         run_free(&o);
         run_free(&ref);
     }
+    // a gradient-norm outlier on one rank (the norm is global): every rank skips, as one rank would
+    for (int stage = 0; stage < 3; stage++) {
+        RunCfg c = {.R = 4, .stage = stage, .accum = 2, .steps = 4, .bucket_bytes = 0, .clip = 0.05, .nan_step = 2,
+                    .nan_rank = 3, .big = 1e4f};
+        RunOut o, ref;
+        run(base, &c, &o);
+        c.R = 1;
+        c.nan_rank = 0;
+        run(base, &c, &ref);
+        CHECK(o.ranks_agree);
+        CHECK(o.st.n_skip_outlier == 1 && o.st.t == 3 && o.st.step == 4 && o.st.n_skip_nonfinite == 0);
+        CHECK(ref.st.n_skip_outlier == 1 && ref.st.window_n == o.st.window_n);
+        CHECK_REL(rel_err(o.p, ref.p, NULL, base->numel), 1e-6, "outlier-skip run vs 1 rank");
+        run_free(&o);
+        run_free(&ref);
+    }
     OptimConfig oc;
     optim_config_default(&oc);
     DlError e;
-    CHECK(zero_optim_check(&oc, 2, 1, &e) == -1 && strstr(e.msg, "outlier_factor"));
-    CHECK(zero_optim_check(&oc, 1, 1, &e) == 0 && zero_optim_check(&oc, 4, 0, &e) == 0);
+    CHECK(zero_optim_check(&oc, 2, 1, &e) == 0 && zero_optim_check(&oc, 8, 2, &e) == 0);
+    CHECK(zero_optim_check(&oc, 2, 3, &e) == -1 && strstr(e.msg, "stage 3"));
 }
 
 // ---------------------------------------------------------------- layout arithmetic
