@@ -257,7 +257,7 @@ static void tl_add(TList *l, const char *name, int ndim, const int64_t *shape, c
     }
     l->names[l->n] = strdup(name);
     l->bufs[l->n] = b;
-    l->t[l->n] = (StWriteTensor){l->names[l->n], l->dtype, ndim, l->shapes[l->n], b};
+    l->t[l->n] = (StWriteTensor){l->names[l->n], l->dtype, ndim, NULL, b};  // shape pointer set before writing
     l->n++;
 }
 
@@ -350,6 +350,7 @@ int export_granite(const char *dir, const HybridConfig *h, const Registry *r, co
     if (tl_copy(&l, r, params, c->tied_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", "lm_head.weight", e))
         goto out;
 
+    for (int i = 0; i < l.n; i++) l.t[i].shape = l.shapes[i];  // l.shapes moved while growing
     if (dl_mkdirs(tmp, e)) goto out;
     const char *meta[2] = {"format", "pt"};
     int n_shards = 0;
