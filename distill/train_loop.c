@@ -4,7 +4,9 @@
 #include <math.h>
 #include <string.h>
 
+#include "distill/checkpoint_shard.h"
 #include "distill/engine.h"
+#include "distill/zero.h"
 
 typedef struct {
     Engine *student, *teacher;
@@ -12,6 +14,95 @@ typedef struct {
     float *dh;        // [B*T, d] hidden-state gradient scratch (MSE)
     TrainBatch b;
 } Loop;
+
+// Data-parallel state of one loop (world > 1; see train_loop.h).
+typedef struct {
+    DistGroup *g;
+    int rank, world, stage;
+    ZeroLayout Z;
+    Registry oreg;  // the optimizer's view: this rank's owned ranges (stage 0: every element)
+    Registry sreg;  // this rank's ZeRO slice: the pieces its checkpoint file holds (= oreg for stages 1, 2)
+    float *flat;    // [Z.flat_numel] gradients / parameters in the flat layout
+    float *shard;   // [Z.shard_numel] this rank's slice of the summed gradient
+    float *pshard;  // [Z.shard_numel] this rank's slice of the updated parameters
+} Dp;
+
+static void reg_copy(Registry *dst, const Registry *src) {
+    *dst = *src;
+    dst->cap = src->n;
+    dst->t = dl_malloc((size_t)(src->n ? src->n : 1) * sizeof(TensorInfo));
+    memcpy(dst->t, src->t, (size_t)src->n * sizeof(TensorInfo));
+}
+
+static int dp_init(Dp *d, const TrainConfig *c, const OptimConfig *oc, DlError *e) {
+    memset(d, 0, sizeof *d);
+    d->g = c->dist;
+    d->rank = dist_rank(c->dist), d->world = dist_world(c->dist), d->stage = c->zero_stage;
+    if (zero_optim_check(oc, d->world, d->stage, e) ||
+        zero_layout_build(&d->Z, c->reg, d->world, d->stage, c->zero_bucket_bytes, e))
+        return dl_fail_prefix(e, "%s: ", c->stage_name);
+    reg_copy(&d->oreg, c->reg);
+    reg_copy(&d->sreg, c->reg);
+    zero_apply_shards(&d->Z, &d->sreg, d->rank);
+    if (d->stage > 0) zero_apply_shards(&d->Z, &d->oreg, d->rank);
+    d->flat = dl_calloc((size_t)d->Z.flat_numel, sizeof(float));
+    d->shard = dl_calloc((size_t)d->Z.shard_numel, sizeof(float));
+    d->pshard = dl_calloc((size_t)d->Z.shard_numel, sizeof(float));
+    return 0;
+}
+
+static void dp_free(Dp *d) {
+    zero_layout_free(&d->Z);
+    reg_free(&d->oreg);
+    reg_free(&d->sreg);
+    free(d->flat);
+    free(d->shard);
+    free(d->pshard);
+}
+
+// Sums this rank's gradient (registry layout, all trainable elements) into its shard of the flat space:
+// accumulate = add to the shard (ZeRO-2, micro-batches after the first).
+static int dp_reduce_scatter(Dp *d, const float *grads, bool accumulate, DlError *e) {
+    zero_pack(&d->Z, grads, d->flat);
+    // CUDA backend: the gradient already lives in the flat layout on the device; nccl_reduce_scatter per
+    // bucket (nccl_comm.h) replaces this, launched as each bucket's backward finishes.
+    return zdist_reduce_scatter(d->g, &d->Z, d->flat, d->shard, accumulate, e);
+}
+
+// The optimizer step of a data-parallel rank, after its micro-batches (see train_loop.h). loss: global.
+static int dp_step(Dp *d, Optim *o, float *params, float *grads, double loss, OptimResult *r, DlError *e) {
+    if (d->stage < 2 && dp_reduce_scatter(d, grads, false, e)) return -1;
+    if (d->stage == 0) {  // all-reduce (= reduce-scatter + all-gather); every rank updates every element
+        // CUDA backend: nccl_all_reduce of each bucket instead
+        if (zdist_all_gather(d->g, &d->Z, d->shard, d->flat, e)) return -1;
+        zero_unpack(&d->Z, d->flat, grads);
+        optim_step(o, params, grads, loss, r);
+        return 0;
+    }
+    zero_shard_unpack(&d->Z, d->rank, d->shard, grads);
+    double sq = 0;
+    if (zdist_all_reduce_f64(d->g, zero_local_sq_norm(&d->oreg, grads), &sq, e)) return -1;
+    zero_optim_step(o, d->world, params, grads, loss, sq, r);
+    zero_shard_pack(&d->Z, d->rank, params, d->pshard);
+    // CUDA backend: nccl_all_gather of each bucket of the bf16/fp32 weights instead
+    if (zdist_all_gather(d->g, &d->Z, d->pshard, d->flat, e)) return -1;
+    zero_unpack(&d->Z, d->flat, params);
+    return 0;
+}
+
+// Sums n doubles over the ranks (in rank order: the same result on every rank).
+static int dp_sum(Dp *d, double *x, int n, DlError *e) {
+    double *all = dl_malloc((size_t)d->world * (size_t)n * sizeof(double));
+    int rc = dist_allgather(d->g, x, (size_t)n * sizeof(double), all, e);
+    if (rc == 0)
+        for (int i = 0; i < n; i++) {
+            double t = 0;
+            for (int q = 0; q < d->world; q++) t += all[(size_t)q * (size_t)n + (size_t)i];
+            x[i] = t;
+        }
+    free(all);
+    return rc;
+}
 
 static void loop_free(Loop *L) {
     engine_free(L->student);
@@ -34,6 +125,7 @@ static void fill_state(const TrainConfig *c, const Optim *o, BatchSource *src, i
     ckpt_state_set_int(st, TRAIN_KEY_OFFSET, c->step_offset);
     ckpt_state_set_int(st, TRAIN_KEY_TOTAL, o->cfg.total_steps);
     ckpt_state_set_int(st, TRAIN_KEY_TOKENS, tokens);
+    ckpt_state_set_int(st, TRAIN_KEY_GLOBAL_ACCUM, o->cfg.grad_accum);
     ckpt_state_set_int(st, TRAIN_KEY_DONE, done);
     uint8_t mix[DL_MAX_LAYERS];
     for (int l = 0; l < c->hc->base.n_layer; l++) mix[l] = (uint8_t)c->hc->mixer[l];
@@ -42,18 +134,27 @@ static void fill_state(const TrainConfig *c, const Optim *o, BatchSource *src, i
     if (c->annotate) c->annotate(c->annotate_ctx, st);
 }
 
-static int save(const TrainConfig *c, const Optim *o, BatchSource *src, int64_t step, int64_t tokens, bool done,
-                TrainResult *res, DlError *e) {
+static int save(const TrainConfig *c, const Optim *o, const Dp *d, BatchSource *src, int64_t step, int64_t tokens,
+                bool done, TrainResult *res, DlError *e) {
     CkptState st;
     fill_state(c, o, src, step, tokens, done, &st);
-    int rc = checkpoint_write(c->run_dir, c->reg, c->params, o, &st, c->keep_checkpoints, res->last_checkpoint,
+    int rc;
+    if (d) {  // every rank writes its slice of m, v; rank 0 the weights and the manifest, last
+        Optim view = *o;
+        view.reg = &d->sreg;
+        rc = ckpt_shard_save(d->g, c->run_dir, c->reg, c->params, &view, d->stage, &st, c->keep_checkpoints,
+                             res->last_checkpoint, sizeof res->last_checkpoint, e);
+    } else {
+        rc = checkpoint_write(c->run_dir, c->reg, c->params, o, &st, c->keep_checkpoints, res->last_checkpoint,
                               sizeof res->last_checkpoint, e);
+    }
     ckpt_state_free(&st);
     return rc;
 }
 
 // Restores weights, optimizer and batch position; returns the loop-local step to continue from, or -1.
-static int64_t resume(const TrainConfig *c, Optim *o, BatchSource *src, int64_t *tokens, DlError *e) {
+// The global batch is kept: *accum (micro-batches per rank) becomes the checkpoint's accum x world / world.
+static int64_t resume(const TrainConfig *c, Optim *o, int world, int *accum, BatchSource *src, int64_t *tokens, DlError *e) {
     CkptState st;
     ckpt_state_init(&st);
     int64_t step = -1, off = 0, total = 0;
@@ -82,8 +183,22 @@ static int64_t resume(const TrainConfig *c, Optim *o, BatchSource *src, int64_t 
         dl_fail(e, "%s: the checkpoint's layer layout (attention/Mamba per layer) differs from this stage's", c->resume_from);
         goto out;
     }
+    DlError e2;
+    int64_t gacc = 0;
+    if (ckpt_state_get_int(&st, TRAIN_KEY_GLOBAL_ACCUM, &gacc, &e2) == 0 && gacc != o->cfg.grad_accum) {
+        if (gacc % world) {
+            dl_fail(e, "%s: written with %lld micro-batches per step over all ranks, which %d ranks cannot split evenly "
+                       "(resume on a number of ranks that divides it)", c->resume_from, (long long)gacc, world);
+            goto out;
+        }
+        dl_info("%s: resuming on %d rank%s: %lld micro-batch%s per rank per step (the checkpoint's global batch)",
+                c->stage_name, world, world > 1 ? "s" : "", (long long)(gacc / world), gacc / world > 1 ? "es" : "");
+        *accum = (int)(gacc / world);
+        o->cfg.grad_accum = (int)gacc;
+    }
     if (checkpoint_load_weights(c->resume_from, c->reg, c->params, 0, e) < 0) goto out;
-    if (checkpoint_load_optim(c->resume_from, o, e)) goto out;
+    // plain or sharded, written on any number of ranks: this rank's owned ranges, or an error
+    if (ckpt_shard_load_optim(c->resume_from, o, e)) goto out;
     if (o->st.step != st.step - off) {
         dl_fail(e, "%s: optimizer step %lld does not match checkpoint step %lld", c->resume_from, (long long)o->st.step,
                 (long long)(st.step - off));
@@ -158,8 +273,23 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
     if (c->mse != 0 && c->teacher_hc->base.n_layer != c->hc->base.n_layer)
         return dl_fail(e, "%s: hidden-state MSE needs a teacher with the student's layer count", c->stage_name);
     if (reg_trainable_numel(c->reg) == 0) return dl_fail(e, "%s: no trainable tensors", c->stage_name);
+    const int world = c->dist ? dist_world(c->dist) : 1, rank = c->dist ? dist_rank(c->dist) : 0;
+    int accum = c->opt.grad_accum;  // micro-batches per rank per step
+    OptimConfig oc = c->opt;
+    oc.grad_accum = accum * world;  // the optimizer averages over every micro-batch of every rank
+    Dp dp, *d = NULL;
+    if (world > 1) {
+        if (dp_init(&dp, c, &oc, e)) {
+            dp_free(&dp);
+            return -1;
+        }
+        d = &dp;
+    }
     Optim o;
-    if (optim_init(&o, &c->opt, c->reg, e)) return dl_fail_prefix(e, "%s: ", c->stage_name);
+    if (optim_init(&o, &oc, d ? &dp.oreg : c->reg, e)) {
+        if (d) dp_free(d);
+        return dl_fail_prefix(e, "%s: ", c->stage_name);
+    }
     Loop L;
     memset(&L, 0, sizeof L);
     int rc = -1;
@@ -175,13 +305,15 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
                        dl_malloc((size_t)(B * T))};
     int64_t step = 0, tokens = 0;
     if (c->resume_from) {
-        step = resume(c, &o, src, &tokens, e);
+        step = resume(c, &o, world, &accum, src, &tokens, e);
         if (step < 0) goto out;
         dl_info("%s: resumed at step %lld of %lld from %s", c->stage_name, (long long)(c->step_offset + step),
                 (long long)(c->step_offset + o.cfg.total_steps), c->resume_from);
     }
     const int64_t total = o.cfg.total_steps;
-    const int accum = o.cfg.grad_accum;
+    if (d)
+        dl_info("%s: data parallel over %d ranks, ZeRO-%d, global batch %lld x %d x %d rows", c->stage_name, world,
+                d->stage, (long long)B, accum, world);
     const int max_skips = c->max_consecutive_skips > 0 ? c->max_consecutive_skips : 25;
     int consecutive_skips = 0;
     Progress prog;
@@ -191,7 +323,8 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
     LossSpec ls = {.w = c->w, .teacher = L.teacher};
     for (; step < total; step++) {
         double t0 = dl_now();
-        optim_zero_grads(&o, L.grads);
+        if (d) memset(L.grads, 0, (size_t)c->reg->numel * sizeof(float));  // the full local gradient
+        else optim_zero_grads(&o, L.grads);
         double loss = 0, ce = 0, kl = 0, rkl = 0, mse = 0;
         int64_t step_tokens = 0;
         MetricPart custom[4] = {{0}};
@@ -216,7 +349,7 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
                 }
                 n_custom = nmp < 4 ? nmp : 4;
                 for (int64_t i = 0; i < B * T; i++) step_tokens += L.b.mask[i] != 0;
-                continue;
+                goto micro_done;
             }
             if (cached) {
                 ls.teacher_logits = src->teacher_logits(src->ctx);
@@ -227,7 +360,7 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
                 double m = align_layers(c, &L, B * T, c->mse);
                 loss += m, mse += m;
                 for (int64_t i = 0; i < B * T; i++) step_tokens += L.b.mask[i] != 0;
-                continue;
+                goto micro_done;
             }
             engine_forward(L.student, L.b.tokens, L.b.reset);
             LossParts lp = engine_loss(L.student, L.b.targets, L.b.mask, &ls, L.grads, NULL);
@@ -236,21 +369,42 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
             loss += lp.loss + m;
             ce += lp.ce, kl += lp.kl, rkl += lp.rkl, mse += m;
             step_tokens += (int64_t)lp.n_tokens;
+        micro_done:
+            if (d && d->stage == 2) {  // ZeRO-2: into the shard accumulator now; the full buffer is staging only
+                if (dp_reduce_scatter(d, L.grads, a > 0, e)) goto fail_dist;
+                memset(L.grads, 0, (size_t)c->reg->numel * sizeof(float));
+            }
         }
-        loss /= accum, ce /= accum, kl /= accum, rkl /= accum, mse /= accum;
+        bool stop_now = c->stop && *c->stop;
         OptimResult r;
-        optim_step(&o, c->params, L.grads, loss, &r);
+        if (d) {
+            // the step's numbers over all ranks; a stop requested on any rank stops them all at this step
+            double sum[11] = {loss, ce, kl, rkl, mse, (double)step_tokens, stop_now ? 1 : 0};
+            for (int i = 0; i < 4; i++) sum[7 + i] = custom[i].value;
+            if (dp_sum(d, sum, 11, e)) goto fail_dist;
+            loss = sum[0], ce = sum[1], kl = sum[2], rkl = sum[3], mse = sum[4];
+            step_tokens = (int64_t)sum[5], stop_now = sum[6] > 0;
+            for (int i = 0; i < 4; i++) custom[i].value = sum[7 + i];
+        }
+        const int gaccum = accum * world;
+        loss /= gaccum, ce /= gaccum, kl /= gaccum, rkl /= gaccum, mse /= gaccum;
+        if (d) {
+            if (dp_step(d, &o, c->params, L.grads, loss, &r, e)) goto fail_dist;
+        } else {
+            optim_step(&o, c->params, L.grads, loss, &r);
+        }
         bool skipped = r.outcome != OPTIM_APPLIED;
         int64_t gstep = c->step_offset + step + 1;
-        tokens += B * T * accum;
-        tokens_run += B * T * accum;
+        tokens += B * T * gaccum;
+        tokens_run += B * T * gaccum;
         steps_run++;
-        double dt = dl_now() - t0, tps = dt > 0 ? (double)(B * T * accum) / dt : 0;
+        double dt = dl_now() - t0, tps = dt > 0 ? (double)(B * T * gaccum) / dt : 0;
         res->last_loss = loss;
         if (skipped) {
             res->n_skipped++;
             consecutive_skips++;
-            dl_warn("%s step %lld: %s (loss %g, gradient norm %g, running median %g); weights unchanged", c->stage_name,
+            if (rank == 0)
+                dl_warn("%s step %lld: %s (loss %g, gradient norm %g, running median %g); weights unchanged", c->stage_name,
                     (long long)gstep, optim_outcome_name(r.outcome), loss, r.grad_norm, r.median_norm);
         } else {
             consecutive_skips = 0;
@@ -264,7 +418,7 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
             if (c->mse != 0) parts[np++] = (MetricPart){"mse", mse};
             if (c->loss_fn) {
                 np = n_custom;
-                for (int i = 0; i < np; i++) parts[i] = (MetricPart){custom[i].name, custom[i].value / accum};
+                for (int i = 0; i < np; i++) parts[i] = (MetricPart){custom[i].name, custom[i].value / gaccum};
             }
             MetricsRow row = {.stage_index = c->stage_index, .stage = c->stage_name, .step = gstep,
                               .total_steps = c->step_offset + total, .loss = loss, .parts = parts, .n_parts = np,
@@ -280,9 +434,9 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
                     c->stage_name, consecutive_skips, optim_outcome_name(r.outcome), (long long)gstep);
             goto out_prog;
         }
-        bool last = step + 1 == total, interrupt = c->stop && *c->stop;
+        bool last = step + 1 == total, interrupt = stop_now;
         if (last || interrupt || (c->checkpoint_every > 0 && (step + 1) % c->checkpoint_every == 0)) {
-            if (save(c, &o, src, step + 1, tokens, last, res, e)) goto out_prog;
+            if (save(c, &o, d, src, step + 1, tokens, last, res, e)) goto out_prog;
         }
         res->steps_done = step + 1;
         if (interrupt && !last) {
@@ -298,10 +452,14 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
     res->steps_done = (res->stopped || res->interrupted) ? step + 1 : total;
     res->tokens_per_s = tokens_run / (dl_now() - t_run + 1e-9);
     rc = 0;
+    goto out_prog;
+fail_dist:  // a collective failed: a rank died or timed out (e names it); no checkpoint of this step
+    dl_fail_prefix(e, "%s, step %lld, rank %d of %d: ", c->stage_name, (long long)(c->step_offset + step + 1), rank, world);
 out_prog:
     progress_end(&prog);
 out:
     loop_free(&L);
     optim_free(&o);
+    if (d) dp_free(d);
     return rc;
 }

@@ -9,6 +9,19 @@
 // uninterrupted run with the same configuration and thread count... and in fact any thread count, where
 // the engine's reductions are thread-count independent.
 //
+// Data parallel (TrainConfig.dist with world W > 1): every rank runs this loop on its own slice of each
+// global batch (its BatchSource yields rank r's rows), so a step covers micro_batch x grad_accum x W rows.
+// After the micro-batches the gradients are summed over ranks in the ZeRO layout of zero.h (stage 0: all-
+// reduce; 1: reduce-scatter after the last micro-batch; 2: after every one), each rank updates what it
+// owns with the global gradient norm (optim_step_norm: the same skips and clipping as one rank), and the
+// parameters are all-gathered. The loss, token counts and the stop flag are summed over ranks every step,
+// so a SIGINT/SIGTERM on any rank stops every rank at the same step before the collective checkpoint.
+// Checkpoints go through ckpt_shard_save (every rank its optimizer slice, rank 0 the weights and the
+// manifest); resume reads any checkpoint (plain or sharded, any old world size) with ckpt_shard_load_optim,
+// keeping the global batch: a run of W ranks x grad_accum A resumed on W' ranks runs A*W/W' micro-batches
+// per rank (an error if that is not whole). On CPU the collectives run over dist.h's control channel
+// (zdist_*); the CUDA backend calls nccl_comm.h at the marked hooks.
+//
 // Steps are numbered within the stage: a loop may cover a sub-range [step_offset, step_offset + steps) of
 // its stage (layerwise schedule steps run one loop each), so checkpoint names and metrics rows stay
 // monotone over the whole stage.
@@ -19,6 +32,7 @@
 
 #include "distill/checkpoint.h"
 #include "distill/common.h"
+#include "distill/dist.h"
 #include "distill/losses.h"
 #include "distill/metrics.h"
 #include "distill/model.h"
@@ -99,6 +113,11 @@ typedef struct {
     // set by SIGINT/SIGTERM (RunContext.stop; may be NULL): the loop finishes the step, writes a checkpoint
     // and returns 0 with res->interrupted
     volatile sig_atomic_t *stop;
+    // data parallel (see the header comment): the process group (NULL or world 1: one process), the ZeRO
+    // stage 0..2 and the bucket size in bytes (<= 0: one bucket). opt.grad_accum is per rank.
+    DistGroup *dist;
+    int zero_stage;
+    int64_t zero_bucket_bytes;
 } TrainConfig;
 
 typedef struct {
@@ -118,5 +137,6 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
 #define TRAIN_KEY_OFFSET "train.step_offset"
 #define TRAIN_KEY_TOTAL "train.total_steps"
 #define TRAIN_KEY_TOKENS "train.tokens"
+#define TRAIN_KEY_GLOBAL_ACCUM "train.global_accum"  // micro-batches per step over all ranks (accum x world)
 #define TRAIN_KEY_DONE "train.done"       // 1 in the checkpoint written at the loop's last step
 #define TRAIN_KEY_MIXERS "model.mixers"  // blob: one byte per layer, MixerKind (the hybrid layout)
