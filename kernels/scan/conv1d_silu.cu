@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_bwd_kernel(const ConvArgs p
     const int64_t c = i % p.C, tile = (i / p.C) % ntile, b = i / (p.C * ntile);
     const int64_t t0 = tile * CONV_TT;
     float w[W], xs[NG + W - 1], g[NG];
-    int64_t st[NG];
+    int st[NG];  // window start of step t0+s, relative to t0 (clamped below at -(W+1): only compared with taps)
 #pragma unroll
     for (int k = 0; k < W; k++) w[k] = p.w[c * W + k];
     const float bias = p.bias ? p.bias[c] : 0.f;
@@ -104,13 +104,14 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_bwd_kernel(const ConvArgs p
         st[s] = 0;
         if (t >= p.L) continue;
         if (p.reset && p.reset[b * p.L + t]) lr = t;
-        st[s] = step_start(lr, W, p.x_prev != nullptr);
+        const int64_t st_abs = step_start(lr, W, p.x_prev != nullptr) - t0;
+        st[s] = (int)(st_abs < -(W + 1) ? -(W + 1) : st_abs);
         float gg = ldbf(p.dout + (b * p.L + t) * p.C + c);
         if (p.silu) {
             float acc = bias;
 #pragma unroll
             for (int k = 0; k < W; k++)
-                if (t - (W - 1) + k >= st[s]) acc += w[k] * xs[s + k];
+                if (s - (W - 1) + k >= st[s]) acc += w[k] * xs[s + k];
             const float sg = sigmoid_dev(acc);
             gg *= sg * (1.f + acc * (1.f - sg));
         }
@@ -119,7 +120,7 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_bwd_kernel(const ConvArgs p
             db += gg;
 #pragma unroll
             for (int k = 0; k < W; k++)
-                if (t - (W - 1) + k >= st[s]) dw[k] += gg * xs[s + k];
+                if (s - (W - 1) + k >= st[s]) dw[k] += gg * xs[s + k];
         }
     }
     // dx[tt] = sum_k w[k] * g[tt + W-1-k] over the steps whose window reaches tt
@@ -131,7 +132,7 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_bwd_kernel(const ConvArgs p
 #pragma unroll
         for (int k = 0; k < W; k++) {
             const int so = s + (W - 1) - k;  // the step reading tt through tap k
-            if (t0 + so < p.L && tt >= st[so]) acc += w[k] * g[so];
+            if (t0 + so < p.L && s >= st[so]) acc += w[k] * g[so];
         }
         stbf(p.dx + (b * p.L + tt) * p.C + c, acc);
     }
@@ -145,8 +146,18 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_bwd_kernel(const ConvArgs p
 __global__ void conv_reduce_kernel(const float *part, int64_t rows, int64_t C, int W, float *dw, float *dbias) {
     const int64_t m = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, M = C * (W + 1);
     if (m >= M) return;
+    // rows are summed strictly in order; 16 loads are issued before they are added, so that the sum waits for
+    // one memory latency per 16 rows instead of one per row
     float s = 0.f;
-    for (int64_t r = 0; r < rows; r++) s += part[r * M + m];
+    int64_t r = 0;
+    for (; r + 16 <= rows; r += 16) {
+        float v[16];
+#pragma unroll
+        for (int k = 0; k < 16; k++) v[k] = part[(r + k) * M + m];
+#pragma unroll
+        for (int k = 0; k < 16; k++) s += v[k];
+    }
+    for (; r < rows; r++) s += part[r * M + m];
     const int64_t c = m / (W + 1), k = m % (W + 1);
     if (k < W) dw[c * W + k] = s;
     else if (dbias) dbias[c] = s;
