@@ -10,9 +10,11 @@
 
 #include "distill/command.h"
 #include "distill/common.h"
+#include "distill/dist.h"
 #include "distill/plan.h"
 #include "distill/recipe.h"
 #include "distill/stage.h"
+#include "distill/stage_common.h"
 
 static volatile sig_atomic_t g_stop = 0;
 
@@ -61,6 +63,26 @@ static const char *body(const char *s) {
     const char *p = strstr(s, "\n[run]");
     return p ? p : s;
 }
+
+// s without its "gpus = N" lines: a run may resume on another number of GPUs (the training loop keeps the
+// global batch; train_loop.h).
+static char *without_gpus(const char *s) {
+    char *out = dl_malloc(strlen(s) + 1), *o = out;
+    for (const char *p = s; *p;) {
+        size_t n = strcspn(p, "\n");
+        if (strncmp(p, "gpus = ", 7)) {
+            memcpy(o, p, n);
+            o += n;
+            if (p[n]) *o++ = '\n';
+        }
+        p += n + (p[n] ? 1 : 0);
+    }
+    *o = 0;
+    return out;
+}
+
+// Stages that run on every rank of a data-parallel group (the others run on rank 0 while the rest wait).
+static bool runs_on_every_rank(StageKind k) { return k == STAGE_LAYERWISE || k == STAGE_DISTILL || k == STAGE_SFT; }
 
 static int usage_error(const char *msg) {
     fprintf(stderr, "distill: error: %s\nusage: distill RECIPE.toml [--set key=value ...] [--resume [RUN_DIR]] [--dry-run] [--quiet]\n", msg);
@@ -170,10 +192,48 @@ static int run_main(int argc, char **argv) {
         dl_die(DL_EXIT_INPUT, "%d stage check%s failed; nothing was run", bad, bad > 1 ? "s" : "");
     }
 
-    // ---- the run directory
+    // ---- the process group: one process per GPU (or per CPU process group) from the launcher's environment
+    DistOpts dopt;
+    DistEnv denv;
+    dist_opts_default(&dopt);
+    if (dist_opts_from_env(&dopt, &e) || dist_env_detect(&dopt, &denv, &e)) {
+        recipe_free(&r);
+        dl_die(DL_EXIT_USAGE, "data parallel launch: %s", e.msg);
+    }
+    DistGroup *group = NULL;
+    int rank = 0, world = denv.world_size;
+    if (world > 1) {
+        if (r.run.device == DEVICE_CUDA && r.hardware.gpus != world) {
+            recipe_free(&r);
+            dl_die(DL_EXIT_USAGE, "launched as %d processes but hardware.gpus = %d; set --set hardware.gpus=%d", world,
+                   r.hardware.gpus, world);
+        }
+        if (r.hardware.zero > 2) {
+            recipe_free(&r);
+            dl_die(DL_EXIT_INPUT, "hardware.zero = 3 (sharded weights) is not implemented; use 0, 1 or 2");
+        }
+        group = dist_init(&denv, &dopt, &e);
+        if (!group) {
+            recipe_free(&r);
+            dl_die(DL_EXIT_RUNTIME, "%s", e.msg);
+        }
+        rank = dist_rank(group);
+        stage_set_dist(&(StageDist){group, rank, world, r.hardware.zero});
+        if (rank > 0) dl_set_quiet(true);  // rank 0 prints progress; every rank prints its errors
+        dl_info("data parallel: %d ranks (%s), ZeRO-%d for the training stages\n", world, dist_source_name(denv.source),
+                r.hardware.zero);
+    } else if (r.hardware.gpus > 1) {
+        recipe_free(&r);
+        dl_die(DL_EXIT_USAGE, "hardware.gpus = %d: launch one process per GPU (scripts/launch-local -n %d, srun, mpirun; "
+                              "see docs/MULTIGPU.md)", r.hardware.gpus, r.hardware.gpus);
+    }
+
+    // ---- the run directory (rank 0; the others wait for it)
     char *resolved_path = dl_path_join(run_dir, "recipe.resolved.toml");
     char *now = resolved_text(&r);
-    if (resume) {
+    if (rank > 0) {
+        // nothing to check here: rank 0 compares the recipe or creates the directory
+    } else if (resume) {
         size_t n = 0;
         char *old = dl_read_file(resolved_path, &n, &e);
         if (!old) {
@@ -181,7 +241,11 @@ static int run_main(int argc, char **argv) {
             recipe_free(&r);
             dl_die(DL_EXIT_INPUT, "--resume: %s is not a run directory of distill (no recipe.resolved.toml): %s", run_dir, e.msg);
         }
-        if (strcmp(body(old), body(now))) {
+        char *bo = without_gpus(body(old)), *bn = without_gpus(body(now));
+        int differs = strcmp(bo, bn);
+        free(bo);
+        free(bn);
+        if (differs) {
             // show the first line that differs
             const char *a = body(old), *b = body(now);
             while (*a && *a == *b) a++, b++;
@@ -210,6 +274,10 @@ static int run_main(int argc, char **argv) {
         }
     }
     free(now);
+    if (group) {  // rank 0 got here: the run directory is ready (had it failed, its exit closed the group)
+        int ready = 1;
+        if (dist_bcast(group, &ready, sizeof ready, &e)) dl_die(DL_EXIT_RUNTIME, "rank %d: %s", rank, e.msg);
+    }
 
     omp_set_num_threads(threads);
     install_signals();
@@ -236,9 +304,18 @@ static int run_main(int argc, char **argv) {
             ctx.resume = resume;
             dl_info("stage %d/%d %s '%s'%s\n", i + 1, r.n_stages, stage_kind_name(st->kind), st->name, resume ? " (resuming)" : "");
             double ts = dl_now();
-            rc = dl_find_stage(st->kind)->run(&ctx, st);
-            if (rc == DL_EXIT_OK && g_stop) rc = DL_EXIT_INTERRUPTED;
-            if (rc == DL_EXIT_OK) {
+            if (!group || runs_on_every_rank(st->kind)) {
+                rc = dl_find_stage(st->kind)->run(&ctx, st);
+            } else {  // rank 0 runs it, the others wait for its status (within DISTILL_DIST_TIMEOUT)
+                int32_t s0 = rank == 0 ? dl_find_stage(st->kind)->run(&ctx, st) : 0;
+                if (dist_bcast(group, &s0, sizeof s0, &e)) {
+                    fprintf(stderr, "distill: error (rank %d): waiting for rank 0 to run stage '%s': %s\n", rank, st->name, e.msg);
+                    s0 = DL_EXIT_RUNTIME;
+                }
+                rc = s0;
+            }
+            if (rc == DL_EXIT_OK && g_stop && !group) rc = DL_EXIT_INTERRUPTED;
+            if (rc == DL_EXIT_OK && rank == 0) {
                 FILE *f = fopen(done, "w");
                 if (!f || fprintf(f, "%.3f s\n", dl_now() - ts) < 0 || fsync(fileno(f)) || fclose(f)) {
                     fprintf(stderr, "distill: error: %s: cannot write: %s\n", done, strerror(errno));
@@ -253,7 +330,15 @@ static int run_main(int argc, char **argv) {
     }
     ctx.stage_dir = NULL;
     if (ctx.state && ctx.state_free) ctx.state_free(ctx.state);
-    if (rc == DL_EXIT_INTERRUPTED)
+    if (group) {
+        if (rc == DL_EXIT_OK && dist_barrier(group, &e)) {  // every rank saw every stage through
+            fprintf(stderr, "distill: error (rank %d): %s\n", rank, e.msg);
+            rc = DL_EXIT_RUNTIME;
+        }
+        stage_set_dist(NULL);
+        dist_close(group);
+    }
+    if (rc == DL_EXIT_INTERRUPTED && rank == 0)
         fprintf(stderr, "distill: interrupted; continue with: distill %s --resume %s\n", recipe_path, run_dir);
     else if (rc == DL_EXIT_OK)
         dl_info("run '%s' finished in %.1f s: %s\n", r.run.name, dl_now() - t0, run_dir);

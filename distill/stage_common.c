@@ -353,8 +353,13 @@ static int ls_restore(void *ctx, const CkptState *st, DlError *e) {
 
 int loader_source_open(LoaderSource *ls, const char *shard, int64_t B, int64_t T, uint64_t seed, bool shuffle,
                        DlError *e) {
+    return loader_source_open_rank(ls, shard, B, T, seed, shuffle, 0, 1, e);
+}
+
+int loader_source_open_rank(LoaderSource *ls, const char *shard, int64_t B, int64_t T, uint64_t seed, bool shuffle,
+                            int rank, int world, DlError *e) {
     const char *paths[1] = {shard};
-    DataLoaderOpts o = {.paths = paths, .n_paths = 1, .seq_len = T, .batch_size = B, .rank = 0, .world_size = 1,
+    DataLoaderOpts o = {.paths = paths, .n_paths = 1, .seq_len = T, .batch_size = B, .rank = rank, .world_size = world,
                         .seed = seed, .shuffle = shuffle};
     ls->dl = NULL;
     return dataloader_open(&ls->dl, &o, e);
@@ -417,3 +422,14 @@ void stage_plot_metrics(const RunContext *ctx) {
     if (rc == 0) dl_info("loss curves: %s/loss.png", ctx->run_dir);
     else dl_info("(loss curves not drawn: plot-metrics failed; is gnuplot installed?)");
 }
+
+// ---------------------------------------------------------------- the process group
+
+static StageDist g_dist = {NULL, 0, 1, 0};
+
+void stage_set_dist(const StageDist *d) {
+    if (d) g_dist = *d;
+    else g_dist = (StageDist){NULL, 0, 1, 0};
+}
+
+const StageDist *stage_dist(void) { return &g_dist; }

@@ -19,6 +19,7 @@
 
 #include "distill/common.h"
 #include "distill/dataloader.h"
+#include "distill/dist.h"
 #include "distill/model_io.h"
 #include "distill/stage.h"
 #include "distill/tokenizer.h"
@@ -65,6 +66,9 @@ typedef struct {
 } LoaderSource;
 int loader_source_open(LoaderSource *ls, const char *shard, int64_t B, int64_t T, uint64_t seed, bool shuffle,
                        DlError *e);
+// The same for rank `rank` of `world` data-parallel ranks: its own rows of each global batch (dataloader.h).
+int loader_source_open_rank(LoaderSource *ls, const char *shard, int64_t B, int64_t T, uint64_t seed, bool shuffle,
+                            int rank, int world, DlError *e);
 void loader_source_close(LoaderSource *ls);
 BatchSource loader_source(LoaderSource *ls);
 
@@ -76,3 +80,15 @@ void stage_plot_metrics(const RunContext *ctx);
 void stage_optim_config(const StageSpec *st, int64_t total_steps, OptimConfig *oc);
 // Steps of a training length given as steps, or as epochs (micro-batches per epoch / grad_accum).
 int64_t stage_steps(int64_t steps, double epochs, int64_t batches_per_epoch, int grad_accum);
+
+// The data-parallel process group of this process (cmd_run sets it once per run from the launcher's
+// environment, dist.h). world 1 (g NULL): one process. Rank 0 owns the run directory, the metrics and the
+// progress output; the training stages split each global batch over the ranks (train_loop.h); the other
+// stages run on rank 0 while the rest wait.
+typedef struct {
+    DistGroup *g;
+    int rank, world;
+    int zero;  // ZeRO stage (hardware.zero, 0..2) of the training stages when world > 1
+} StageDist;
+void stage_set_dist(const StageDist *d);  // NULL: back to one process
+const StageDist *stage_dist(void);

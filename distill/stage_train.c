@@ -70,7 +70,26 @@ static int run_training(RunContext *ctx, const StageSpec *st) {
         goto fail;
     }
     const DataSpec *ds = &rec->data[st->data_index];
-    if (stage_data_shard(ctx, st->data_index, SPLIT_TRAIN, &shard, &e)) {
+    const StageDist *sd = stage_dist();
+    // rank 0 makes the data shard (written once, atomically); the others open it after rank 0 says it is there
+    int shard_ok = 1;
+    if (sd->rank == 0) shard_ok = stage_data_shard(ctx, st->data_index, SPLIT_TRAIN, &shard, &e) == 0;
+    if (sd->world > 1) {
+        DlError e2;
+        if (dist_bcast(sd->g, &shard_ok, sizeof shard_ok, &e2)) {
+            e = e2;
+            goto fail;
+        }
+        if (sd->rank > 0) {
+            if (!shard_ok) {
+                dl_fail(&e, "rank 0 could not prepare data set '%s' (its message says why)", ds->name);
+                rc = DL_EXIT_INPUT;
+                goto fail;
+            }
+            shard_ok = stage_data_shard(ctx, st->data_index, SPLIT_TRAIN, &shard, &e) == 0;
+        }
+    }
+    if (!shard_ok) {
         rc = DL_EXIT_INPUT;
         goto fail;
     }
@@ -92,6 +111,11 @@ static int run_training(RunContext *ctx, const StageSpec *st) {
             rc = DL_EXIT_INPUT;
             goto fail;
         }
+        if (sd->world > 1) {
+            dl_fail(&e, "teacher_logits = \"cache\" does not run data parallel yet (%d ranks); use \"online\"", sd->world);
+            rc = DL_EXIT_INPUT;
+            goto fail;
+        }
         if (st->loss.mse != 0) {
             dl_fail(&e, "the hidden-state MSE needs the teacher online (teacher_logits = \"online\")");
             rc = DL_EXIT_INPUT;
@@ -105,7 +129,7 @@ static int run_training(RunContext *ctx, const StageSpec *st) {
         src = row_source(&rows);
         steps_per_epoch = row_source_rows(&rows) / B;
     } else {
-        if (loader_source_open(&ls, shard, B, T, data_seed, ds->shuffle, &e)) {
+        if (loader_source_open_rank(&ls, shard, B, T, data_seed, ds->shuffle, sd->rank, sd->world, &e)) {
             rc = DL_EXIT_INPUT;
             goto fail;
         }
@@ -128,7 +152,7 @@ static int run_training(RunContext *ctx, const StageSpec *st) {
         }
     }
     if (stage_load_input_model(ctx, &prev, from, sizeof from, &e)) goto fail;
-    if (metrics_open(&metrics, ctx->run_dir, st->index, k_ckpt >= 0 ? ckpt_step : 0, &e)) goto fail;
+    if (sd->rank == 0 && metrics_open(&metrics, ctx->run_dir, st->index, k_ckpt >= 0 ? ckpt_step : 0, &e)) goto fail;
     const int n_sub = layerwise ? st->n_schedule : 1;
     LossWeights w = {.ce = (float)st->loss.ce, .kl = (float)st->loss.kl, .rkl = (float)st->loss.reverse_kl,
                      .temperature = st->loss.temperature > 0 ? (float)st->loss.temperature : 1.0f};
@@ -191,7 +215,12 @@ static int run_training(RunContext *ctx, const StageSpec *st) {
         c.step_offset = off_k;
         c.checkpoint_every = rec->run.checkpoint_every;
         c.keep_checkpoints = rec->run.keep_checkpoints;
-        c.metrics = &metrics;
+        c.metrics = sd->rank == 0 ? &metrics : NULL;
+        if (sd->world > 1) {
+            c.dist = sd->g;
+            c.zero_stage = sd->zero;
+            c.zero_bucket_bytes = (int64_t)25 << 20;  // reduce while backward runs (CUDA); one bucket on tiny models
+        }
         c.resume_from = resume_from;
         int sub = k;
         c.annotate = annotate_sub, c.annotate_ctx = &sub;
@@ -214,10 +243,13 @@ static int run_training(RunContext *ctx, const StageSpec *st) {
     }
     rc = DL_EXIT_OK;
     metrics_close(&metrics);
-    stage_plot_metrics(ctx);
+    if (sd->rank == 0) stage_plot_metrics(ctx);
     goto out;
 fail:
-    fprintf(stderr, "distill: error: %s: %s\n", st->name, e.msg);
+    if (stage_dist()->world > 1)
+        fprintf(stderr, "distill: error (rank %d of %d): %s: %s\n", stage_dist()->rank, stage_dist()->world, st->name, e.msg);
+    else
+        fprintf(stderr, "distill: error: %s: %s\n", st->name, e.msg);
 out:
     ckpt_state_free(&cst);
     metrics_close(&metrics);

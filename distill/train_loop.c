@@ -454,7 +454,7 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
     rc = 0;
     goto out_prog;
 fail_dist:  // a collective failed: a rank died or timed out (e names it); no checkpoint of this step
-    dl_fail_prefix(e, "%s, step %lld, rank %d of %d: ", c->stage_name, (long long)(c->step_offset + step + 1), rank, world);
+    dl_fail_prefix(e, "%s, step %lld: ", c->stage_name, (long long)(c->step_offset + step + 1));
 out_prog:
     progress_end(&prog);
 out:
