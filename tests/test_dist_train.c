@@ -6,6 +6,7 @@
 //         losses equal ref's within fp32 rounding; ZeRO-1 and ZeRO-2 equal ZeRO-0
 //   kill  2 processes, ZeRO-1: rank 1 is SIGKILLed after step 3; rank 0 exits by itself with a message naming
 //         the dead rank (no hang); --resume on 2 processes gives z1's losses bit for bit
+//   term  SIGTERM to rank 1 only: both ranks stop at the same step with a checkpoint (exit 4); resume = z1
 //   2->1  2 processes stop after 3 steps (checkpoint 2), resume on 1 process (2 micro-batches per step):
 //         losses continue those of z1 within rounding
 //   1->2  1 process stops after 3 steps, resume on 2 processes: losses continue ref's within rounding
@@ -247,6 +248,36 @@ int main(void) {
         double dk = loss_diff("kill", "z1");
         printf("kill + resume on 2 ranks vs uninterrupted: %.2e\n", dk);
         CHECK(dk == 0);
+    }
+
+    // SIGTERM (a preemption) reaching rank 1 only: the stop flag is summed every step, so both ranks stop at
+    // the same step, write one collective checkpoint and exit 4; --resume gives z1's losses bit for bit
+    {
+        pid_t pid[2];
+        start("term", 2, acc1_z1, NULL, pid);
+        double l[NSTEP];
+        int sent = 0;
+        for (int w = 0; w < 3000 && !sent; w++) {
+            if (read_losses("term", l, NSTEP) >= 2) {
+                kill(pid[1], SIGTERM);
+                sent = 1;
+            }
+            struct timespec ts = {0, 20000000};
+            nanosleep(&ts, NULL);
+        }
+        int st0, st1;
+        waitpid(pid[0], &st0, 0);
+        waitpid(pid[1], &st1, 0);
+        CHECK(sent && status_of(st0) == 4 && status_of(st1) == 4);
+        int at = read_losses("term", l, NSTEP);
+        CHECK(at >= 2 && at < NSTEP);
+        char ck[600];
+        snprintf(ck, sizeof ck, "%s/runs/term/02-layerwise/ckpt-01-%08d.done", g_dir, at);
+        CHECK(dl_file_exists(ck));  // the checkpoint of the step both ranks stopped at
+        printf("SIGTERM to rank 1: both ranks stopped after step %d with a checkpoint\n", at);
+        const char *res[] = {"--set", "optimizer.grad_accum=1", "--set", "hardware.zero=1", "--resume", NULL};
+        CHECK_EQ_I64(run("term", 2, res, NULL), 0);
+        CHECK(loss_diff("term", "z1") == 0);
     }
 
     // 2 -> 1: stop after 3 steps (the newest checkpoint is step 2), resume on one process
