@@ -279,16 +279,22 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return *(uint32_t *)&v;
 }
 __device__ __forceinline__ uint32_t lds32(const bf16 *p) { return *(const uint32_t *)p; }
+// B fragment (k = 16 rows, n = 8 columns) of a row-major [k][n] tile in shared memory, transposed on the way
+// by ldmatrix: lanes 0-15 give the addresses of rows k0 .. k0+15 at column n0 (16-byte aligned).
+__device__ __forceinline__ void ldsm_x2_trans(uint32_t &b0, uint32_t &b1, const bf16 *p) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(a));
+}
 
 template <int HD>
 __global__ void __launch_bounds__(128) attn_fwd_mma_kernel(int64_t T_, int nh, int nkv, const bf16 *q, const bf16 *k,
                                                            const bf16 *v, const int32_t *doc_start, bf16 *out,
                                                            float *lse, float scale) {
-    constexpr int QS = HD + 8, VS = TC_BK + 8;  // padded row strides (elements)
+    constexpr int QS = HD + 8;  // padded row stride (elements): fragment loads hit 32 distinct banks
     extern __shared__ __align__(16) unsigned char smraw[];
     bf16 *Qs = (bf16 *)smraw;   // [BQ][QS]
     bf16 *Ks = Qs + TC_BQ * QS; // [BK][QS]
-    bf16 *Vt = Ks + TC_BK * QS; // [HD][VS] (transposed)
+    bf16 *Vs = Ks + TC_BK * QS; // [BK][QS]
     const int h = blockIdx.y, g = h / (nh / nkv);
     const int64_t b = blockIdx.z, t0 = (int64_t)blockIdx.x * TC_BQ;
     const int64_t qst = (int64_t)nh * HD, kst = (int64_t)nkv * HD;
@@ -329,9 +335,7 @@ __global__ void __launch_bounds__(128) attn_fwd_mma_kernel(int64_t T_, int nh, i
                 vx = *(const uint4 *)(v + (b * T_ + t) * kst + (int64_t)g * HD + c);
             }
             *(uint4 *)(Ks + row * QS + c) = kx;
-            const bf16 *ve = (const bf16 *)&vx;
-#pragma unroll
-            for (int u = 0; u < 8; u++) Vt[(c + u) * VS + row] = ve[u];
+            *(uint4 *)(Vs + row * QS + c) = vx;
         }
         __syncthreads();
         float s[TC_BK / 8][4];
@@ -386,8 +390,9 @@ __global__ void __launch_bounds__(128) attn_fwd_mma_kernel(int64_t T_, int nh, i
             pa[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
             for (int n = 0; n < HD / 8; n++) {
-                const bf16 *vr = Vt + (n * 8 + gr) * VS + kk * 16 + tg * 2;
-                mma_bf16(o[n], pa, lds32(vr), lds32(vr + 8));
+                uint32_t b0, b1;
+                ldsm_x2_trans(b0, b1, Vs + (kk * 16 + (lane & 15)) * QS + n * 8);
+                mma_bf16(o[n], pa, b0, b1);
             }
         }
     }
@@ -421,22 +426,17 @@ __global__ void __launch_bounds__(128) attn_fwd_mma_kernel(int64_t T_, int nh, i
 // dS^T = P^T (dP^T - D[query]) scale, dK += dS^T Q (Q staged transposed). dk and dv are two launches so that
 // each keeps one accumulator tile in registers. Fixed tile order: deterministic, no atomics.
 
-// rows [r0, r0 + 64) of one head (zero beyond T): row-major [64][HD + 8] and/or transposed [HD][64 + 8]
+// rows [r0, r0 + 64) of one head (zero beyond T), row-major [64][HD + 8]
 template <int HD>
-__device__ __forceinline__ void stage_mma(bf16 *rowm, bf16 *trans, const bf16 *src, int64_t b, int64_t T_, int64_t r0,
-                                          int64_t stride, int head) {
-    constexpr int QS = HD + 8, VS = TC_BK + 8;
+__device__ __forceinline__ void stage_mma(bf16 *rowm, const bf16 *src, int64_t b, int64_t T_, int64_t r0, int64_t stride,
+                                          int head) {
+    constexpr int QS = HD + 8;
     for (int e = threadIdx.x; e < 64 * HD / 8; e += blockDim.x) {
         const int row = e / (HD / 8), c = (e % (HD / 8)) * 8;
         const int64_t t = r0 + row;
         uint4 x = make_uint4(0, 0, 0, 0);
         if (t < T_) x = *(const uint4 *)(src + (b * T_ + t) * stride + (int64_t)head * HD + c);
-        if (rowm) *(uint4 *)(rowm + row * QS + c) = x;
-        if (trans) {
-            const bf16 *xe = (const bf16 *)&x;
-#pragma unroll
-            for (int u = 0; u < 8; u++) trans[(c + u) * VS + row] = xe[u];
-        }
+        *(uint4 *)(rowm + row * QS + c) = x;
     }
 }
 // A fragments of this warp's 16 rows of a staged row-major tile
@@ -464,10 +464,11 @@ __device__ __forceinline__ void mma_rows(float (*acc)[4], const uint32_t (*fa)[4
         }
     }
 }
-// out[n'] (HD/8 tiles) += P (16 x 64, accumulator fragments p) times a [64][HD] operand staged transposed
+// out[n'] (HD/8 tiles) += P (16 x 64, accumulator fragments p) times a [64][HD] tile staged row-major
+// (its B fragments transposed by ldmatrix)
 template <int HD>
-__device__ __forceinline__ void mma_pv(float (*out)[4], const float (*p)[4], const bf16 *tr, int gr, int tg) {
-    constexpr int VS = TC_BK + 8;
+__device__ __forceinline__ void mma_pv(float (*out)[4], const float (*p)[4], const bf16 *rowm, int lane) {
+    constexpr int QS = HD + 8;
 #pragma unroll
     for (int kk = 0; kk < 4; kk++) {
         uint32_t pa[4];
@@ -477,8 +478,9 @@ __device__ __forceinline__ void mma_pv(float (*out)[4], const float (*p)[4], con
         pa[3] = pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]);
 #pragma unroll
         for (int n = 0; n < HD / 8; n++) {
-            const bf16 *r = tr + (n * 8 + gr) * VS + kk * 16 + tg * 2;
-            mma_bf16(out[n], pa, lds32(r), lds32(r + 8));
+            uint32_t b0, b1;
+            ldsm_x2_trans(b0, b1, rowm + (kk * 16 + (lane & 15)) * QS + n * 8);
+            mma_bf16(out[n], pa, b0, b1);
         }
     }
 }
@@ -492,7 +494,6 @@ __global__ void __launch_bounds__(128) attn_dq_mma_kernel(int64_t T_, int nh, in
     bf16 *A = (bf16 *)smraw;     // [64][QS]: Q then dO (fragments go to registers)
     bf16 *Ks = A + 64 * QS;      // [64][QS]
     bf16 *Vs = Ks + 64 * QS;     // [64][QS]
-    bf16 *Kt = Vs + 64 * QS;     // [HD][VS]
     const int h = blockIdx.y, g = h / (nh / nkv);
     const int64_t b = blockIdx.z, t0 = (int64_t)blockIdx.x * TC_BQ;
     const int64_t qst = (int64_t)nh * HD, kst = (int64_t)nkv * HD;
@@ -505,11 +506,11 @@ __global__ void __launch_bounds__(128) attn_dq_mma_kernel(int64_t T_, int nh, in
     const float L0 = i0 < T_ ? lse[sb + i0] : 0.f, L1 = i1 < T_ ? lse[sb + i1] : 0.f;
     const float D0 = i0 < T_ ? Dsum[sb + i0] : 0.f, D1 = i1 < T_ ? Dsum[sb + i1] : 0.f;
     uint32_t qa[HD / 16][4], da[HD / 16][4];
-    stage_mma<HD>(A, nullptr, q, b, T_, t0, qst, h);
+    stage_mma<HD>(A, q, b, T_, t0, qst, h);
     __syncthreads();
     load_afrag<HD>(qa, A, warp, gr, tg);
     __syncthreads();
-    stage_mma<HD>(A, nullptr, dout, b, T_, t0, qst, h);
+    stage_mma<HD>(A, dout, b, T_, t0, qst, h);
     __syncthreads();
     load_afrag<HD>(da, A, warp, gr, tg);
     float acc[HD / 8][4];
@@ -517,8 +518,8 @@ __global__ void __launch_bounds__(128) attn_dq_mma_kernel(int64_t T_, int nh, in
     for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     for (int64_t j0 = lo - lo % TC_BK; j0 <= hi; j0 += TC_BK) {
         __syncthreads();
-        stage_mma<HD>(Ks, Kt, k, b, T_, j0, kst, g);
-        stage_mma<HD>(Vs, nullptr, v, b, T_, j0, kst, g);
+        stage_mma<HD>(Ks, k, b, T_, j0, kst, g);
+        stage_mma<HD>(Vs, v, b, T_, j0, kst, g);
         __syncthreads();
         float s[8][4], dp[8][4];
         mma_rows<HD>(s, qa, Ks, gr, tg);
@@ -533,7 +534,7 @@ __global__ void __launch_bounds__(128) attn_dq_mma_kernel(int64_t T_, int nh, in
                 s[n][e] = p0 * (dp[n][e] - D0) * scale;
                 s[n][2 + e] = p1 * (dp[n][2 + e] - D1) * scale;
             }
-        mma_pv<HD>(acc, s, Kt, gr, tg);
+        mma_pv<HD>(acc, s, Ks, lane);
     }
 #pragma unroll
     for (int n = 0; n < HD / 8; n++) {
@@ -547,12 +548,11 @@ template <int HD, bool WANT_DK>
 __global__ void __launch_bounds__(128) attn_dkv_mma_kernel(int64_t T_, int nh, int nkv, const bf16 *q, const bf16 *k,
                                                            const bf16 *v, const int32_t *doc_start, const float *lse,
                                                            const float *Dsum, const bf16 *dout, bf16 *dkv, float scale) {
-    constexpr int QS = HD + 8, VS = TC_BK + 8;
+    constexpr int QS = HD + 8;
     extern __shared__ __align__(16) unsigned char smraw[];
-    bf16 *Qs = (bf16 *)smraw;    // [64][QS] (K, then V, staged here first for their fragments)
-    bf16 *Xs = Qs + 64 * QS;     // [64][QS] dO row-major (dk)
-    bf16 *Xt = Xs + 64 * QS;     // [HD][VS] Q transposed (dk) or dO transposed (dv)
-    float *ls = (float *)(Xt + HD * VS), *Ds = ls + 64;
+    bf16 *Qs = (bf16 *)smraw;    // [64][QS] Q (K, then V, staged here first for their fragments)
+    bf16 *Xs = Qs + 64 * QS;     // [64][QS] dO
+    float *ls = (float *)(Xs + 64 * QS), *Ds = ls + 64;
     int *dst = (int *)(Ds + 64);
     const int g = blockIdx.y, rep = nh / nkv;
     const int64_t b = blockIdx.z, j0 = (int64_t)blockIdx.x * TC_BK;
@@ -561,12 +561,12 @@ __global__ void __launch_bounds__(128) attn_dkv_mma_kernel(int64_t T_, int nh, i
     const int64_t jmax = min(T_ - 1, j0 + TC_BK - 1);
     const int64_t k0 = j0 + warp * 16 + gr, k1 = k0 + 8;  // this thread's key rows
     uint32_t ka[HD / 16][4], va[WANT_DK ? HD / 16 : 1][4];
-    stage_mma<HD>(Qs, nullptr, k, b, T_, j0, kst, g);
+    stage_mma<HD>(Qs, k, b, T_, j0, kst, g);
     __syncthreads();
     load_afrag<HD>(ka, Qs, warp, gr, tg);
     if constexpr (WANT_DK) {
         __syncthreads();
-        stage_mma<HD>(Qs, nullptr, v, b, T_, j0, kst, g);
+        stage_mma<HD>(Qs, v, b, T_, j0, kst, g);
         __syncthreads();
         load_afrag<HD>(va, Qs, warp, gr, tg);
     }
@@ -578,13 +578,8 @@ __global__ void __launch_bounds__(128) attn_dkv_mma_kernel(int64_t T_, int nh, i
         for (int64_t i0 = j0; i0 < T_; i0 += TC_BQ) {
             if (doc_start && doc_start[b * T_ + i0] > jmax) break;  // later queries start after our keys
             __syncthreads();
-            if (WANT_DK) {
-                stage_mma<HD>(Qs, Xt, q, b, T_, i0, qst, h);
-                stage_mma<HD>(Xs, nullptr, dout, b, T_, i0, qst, h);
-            } else {
-                stage_mma<HD>(Qs, nullptr, q, b, T_, i0, qst, h);
-                stage_mma<HD>(nullptr, Xt, dout, b, T_, i0, qst, h);
-            }
+            stage_mma<HD>(Qs, q, b, T_, i0, qst, h);
+            stage_mma<HD>(Xs, dout, b, T_, i0, qst, h);
             if (threadIdx.x < 64) {
                 const int64_t ii = i0 + threadIdx.x;
                 const bool ok = ii < T_;
@@ -614,7 +609,7 @@ __global__ void __launch_bounds__(128) attn_dkv_mma_kernel(int64_t T_, int nh, i
                         s[n][e] = p0, s[n][2 + e] = p1;
                     }
                 }
-            mma_pv<HD>(acc, s, Xt, gr, tg);
+            mma_pv<HD>(acc, s, WANT_DK ? Qs : Xs, lane);  // dK += dS^T Q, dV += P^T dO
         }
     }
 #pragma unroll
@@ -630,14 +625,14 @@ static void launch_bwd_mma(int64_t B, int64_t T_, int nh, int nkv, const void *q
                            const int32_t *doc_start, const float *lse, const float *Dsum, const void *dout, void *dq,
                            void *dk, void *dv, dl_stream_t stream) {
     const float scale = 1.0f / sqrtf((float)HD);
-    const size_t QS = HD + 8, VS = TC_BK + 8;
-    const size_t sq = (3 * 64 * QS + HD * VS) * sizeof(bf16);
+    const size_t QS = HD + 8;
+    const size_t sq = 3 * 64 * QS * sizeof(bf16);
     cudaCheck(cudaFuncSetAttribute(attn_dq_mma_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sq));
     dim3 gq((unsigned)((T_ + TC_BQ - 1) / TC_BQ), nh, (unsigned)B);
     attn_dq_mma_kernel<HD><<<gq, 128, sq, stream>>>(T_, nh, nkv, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, doc_start,
                                                     lse, Dsum, (const bf16 *)dout, (bf16 *)dq, scale);
     kernelCheck("attn_dq_mma_kernel");
-    const size_t skv = (2 * 64 * QS + HD * VS) * sizeof(bf16) + 3 * 64 * sizeof(float);
+    const size_t skv = 2 * 64 * QS * sizeof(bf16) + 3 * 64 * sizeof(float);
     cudaCheck(cudaFuncSetAttribute(attn_dkv_mma_kernel<HD, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)skv));
     cudaCheck(cudaFuncSetAttribute(attn_dkv_mma_kernel<HD, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)skv));
     dim3 gk((unsigned)((T_ + TC_BK - 1) / TC_BK), nkv, (unsigned)B);
@@ -655,7 +650,7 @@ extern "C" void attention_use_tensor_cores(int on) { use_mma = on; }
 template <int HD>
 static void launch_fwd_mma(int64_t B, int64_t T_, int nh, int nkv, const void *q, const void *k, const void *v,
                            const int32_t *doc_start, void *out, float *lse, dl_stream_t stream) {
-    const size_t sm = (size_t)(2 * TC_BQ * (HD + 8) + HD * (TC_BK + 8)) * sizeof(bf16);
+    const size_t sm = (size_t)(TC_BQ + 2 * TC_BK) * (HD + 8) * sizeof(bf16);
     cudaCheck(cudaFuncSetAttribute(attn_fwd_mma_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm));
     dim3 grid((unsigned)((T_ + TC_BQ - 1) / TC_BQ), nh, (unsigned)B);
     attn_fwd_mma_kernel<HD><<<grid, 128, sm, stream>>>(T_, nh, nkv, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v,
