@@ -193,8 +193,8 @@ static int write_shard_h5(const char *path, const Optim *opt, int rank, int worl
         ranges[4 * p + 1] = t->shard_end;
         ranges[4 * p + 2] = off;
         ranges[4 * p + 3] = t->numel;
-        memcpy(m + off, opt->m + t->offset + t->shard_begin, (size_t)n * sizeof(float));
-        memcpy(v + off, opt->v + t->offset + t->shard_begin, (size_t)n * sizeof(float));
+        memcpy(m + off, opt->m + opt->mv_off[i], (size_t)n * sizeof(float));
+        memcpy(v + off, opt->v + opt->mv_off[i], (size_t)n * sizeof(float));
         off += n;
         p++;
     }
@@ -576,8 +576,8 @@ static int load_one(const char *run_dir, const ManifestEntry *me, int world, con
         int64_t b = ranges[4 * p], en = ranges[4 * p + 1], off = ranges[4 * p + 2];
         int64_t x0 = DL_MAX(b, t->shard_begin), x1 = DL_MIN(en, t->shard_end);
         if (x1 <= x0) continue;
-        if (get_ds_range(dm, off + (x0 - b), x1 - x0, opt->m + t->offset + x0) ||
-            get_ds_range(dv, off + (x0 - b), x1 - x0, opt->v + t->offset + x0)) {
+        const int64_t at = opt->mv_off[i] + (x0 - t->shard_begin);  // optim.h: owned element x0
+        if (get_ds_range(dm, off + (x0 - b), x1 - x0, opt->m + at) || get_ds_range(dv, off + (x0 - b), x1 - x0, opt->v + at)) {
             dl_fail(e, "%s: reading m/v of %s failed", fp, t->name);
             goto out;
         }
@@ -605,7 +605,29 @@ int ckpt_shard_load_optim(const char *path, Optim *opt, DlError *e) {
     const CkptBlob *list = ckpt_state_get_blob(&st, "zero.shards");
     if (!list) {  // plain checkpoint: every tensor's full moments, of which this rank uses its range
         ckpt_state_free(&st);
-        return checkpoint_load_optim(path, opt, e);
+        if (!opt->mv_compact) return checkpoint_load_optim(path, opt, e);
+        // compact (sharded) moments: read into a registry-layout optimizer over the same tensors, keep the
+        // owned ranges (a transient full copy: plain checkpoints come from one rank, i.e. small models)
+        Registry full = *opt->reg;
+        full.t = dl_malloc((size_t)(full.n ? full.n : 1) * sizeof(TensorInfo));
+        memcpy(full.t, opt->reg->t, (size_t)full.n * sizeof(TensorInfo));
+        for (int i = 0; i < full.n; i++) full.t[i].shard_begin = 0, full.t[i].shard_end = full.t[i].numel;
+        Optim tmp;
+        int rc2 = optim_init(&tmp, &opt->cfg, &full, e);
+        if (rc2 == 0) rc2 = checkpoint_load_optim(path, &tmp, e);
+        if (rc2 == 0) {
+            for (int i = 0; i < full.n; i++) {
+                const TensorInfo *t = &opt->reg->t[i];
+                if (!t->trainable || t->shard_end <= t->shard_begin) continue;
+                size_t n = (size_t)(t->shard_end - t->shard_begin);
+                memcpy(opt->m + opt->mv_off[i], tmp.m + t->offset + t->shard_begin, n * sizeof(float));
+                memcpy(opt->v + opt->mv_off[i], tmp.v + t->offset + t->shard_begin, n * sizeof(float));
+            }
+            opt->st = tmp.st;
+        }
+        if (tmp.m) optim_free(&tmp);
+        free(full.t);
+        return rc2;
     }
     int rc = -1;
     int64_t w64 = 0;

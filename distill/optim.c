@@ -93,8 +93,31 @@ int optim_init(Optim *o, const OptimConfig *c, const Registry *reg, DlError *e) 
     if (optim_config_validate(c, e)) return -1;
     o->cfg = *c;
     o->reg = reg;
-    o->m = dl_calloc((size_t)reg->numel, sizeof(float));
-    o->v = dl_calloc((size_t)reg->numel, sizeof(float));
+    // compact moments when some trainable tensor is only partly owned (ZeRO shard ranges)
+    int64_t owned = 0;
+    o->mv_compact = false;
+    for (int i = 0; i < reg->n; i++) {
+        const TensorInfo *t = &reg->t[i];
+        if (!t->trainable) continue;
+        if (t->shard_begin != 0 || t->shard_end != t->numel) o->mv_compact = true;
+        owned += DL_MAX(t->shard_end - t->shard_begin, (int64_t)0);
+    }
+    o->mv_off = dl_calloc((size_t)(reg->n ? reg->n : 1), sizeof(int64_t));
+    int64_t pos = 0;
+    for (int i = 0; i < reg->n; i++) {
+        const TensorInfo *t = &reg->t[i];
+        if (!o->mv_compact) {
+            o->mv_off[i] = t->offset + t->shard_begin;
+        } else if (t->trainable && t->shard_end > t->shard_begin) {
+            o->mv_off[i] = pos;
+            pos += t->shard_end - t->shard_begin;
+        } else {
+            o->mv_off[i] = pos;  // owns nothing: never addressed
+        }
+    }
+    o->mv_numel = o->mv_compact ? owned : reg->numel;
+    o->m = dl_calloc((size_t)(o->mv_numel ? o->mv_numel : 1), sizeof(float));
+    o->v = dl_calloc((size_t)(o->mv_numel ? o->mv_numel : 1), sizeof(float));
     o->lr_scale = dl_malloc((size_t)(reg->n ? reg->n : 1) * sizeof(double));
     o->wd = dl_malloc((size_t)(reg->n ? reg->n : 1) * sizeof(double));
     for (int i = 0; i < reg->n; i++) {
@@ -107,6 +130,7 @@ int optim_init(Optim *o, const OptimConfig *c, const Registry *reg, DlError *e) 
 void optim_free(Optim *o) {
     free(o->m);
     free(o->v);
+    free(o->mv_off);
     free(o->lr_scale);
     free(o->wd);
     memset(o, 0, sizeof *o);
@@ -263,10 +287,12 @@ void optim_step_norm(Optim *o, float *params, const float *grads, double loss, d
         const float decay = (float)(1.0 - r->lr * o->lr_scale[i] * o->wd[i]);
         const float step_size = (float)(r->lr * o->lr_scale[i] / bc1);
         const float inv_sqrt_bc2 = (float)(1.0 / sqrt(bc2));
-        float *p = params + t->offset, *m = o->m + t->offset, *v = o->v + t->offset;
-        const float *g = grads + t->offset;
+        // the owned range [shard_begin, shard_end): element j of the tensor is index j - shard_begin here
+        float *p = params + t->offset + t->shard_begin, *m = o->m + o->mv_off[i], *v = o->v + o->mv_off[i];
+        const float *g = grads + t->offset + t->shard_begin;
+        const int64_t n = t->shard_end - t->shard_begin;
 #pragma omp parallel for schedule(static)
-        for (int64_t j = t->shard_begin; j < t->shard_end; j++) {
+        for (int64_t j = 0; j < n; j++) {
             float gj = g[j] * gscale;
             float mj = b1 * m[j] + (1.0f - b1) * gj;
             float vj = b2 * v[j] + (1.0f - b2) * gj * gj;
@@ -285,11 +311,11 @@ int optim_check_finite(const Optim *o, DlError *e) {
         const TensorInfo *t = &r->t[i];
         if (!t->trainable) continue;
         for (int which = 0; which < 2; which++) {
-            const float *b = (which ? o->v : o->m) + t->offset;
-            for (int64_t j = t->shard_begin; j < t->shard_end; j++)
+            const float *b = (which ? o->v : o->m) + o->mv_off[i];
+            for (int64_t j = 0; j < t->shard_end - t->shard_begin; j++)
                 if (!isfinite(b[j]))
                     return dl_fail(e, "optimizer state %s of tensor %s is non-finite (%g) at element %lld",
-                                   which ? "v" : "m", t->name, (double)b[j], (long long)j);
+                                   which ? "v" : "m", t->name, (double)b[j], (long long)(t->shard_begin + j));
         }
     }
     return 0;

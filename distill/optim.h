@@ -2,9 +2,12 @@
 // gradient accumulation and skipping of bad steps.
 //
 // Layout: the parameters (fp32 master weights) and the gradients are the registry's buffers
-// (reg->numel floats each, a tensor at TensorInfo.offset). The moments m and v use the same layout, so
-// checkpoints and ZeRO shards address them by tensor; only [shard_begin, shard_end) of each trainable
-// tensor is read or written. Frozen tensors (trainable == false) are never touched.
+// (reg->numel floats each, a tensor at TensorInfo.offset); only [shard_begin, shard_end) of each trainable
+// tensor is read or written. Frozen tensors (trainable == false) are never touched. The moments m and v:
+// when the registry owns every element of every trainable tensor, the registry layout (m[t->offset + j]);
+// when it carries ZeRO shard ranges (a part of some tensor is owned by another rank), compact: only the
+// owned ranges, one after the other in registry order, so a rank holds 1/world of the state. Either way
+// element j (shard_begin <= j < shard_end) of tensor i is m[mv_off[i] + (j - shard_begin)].
 //
 // One step: the caller sums the gradients of `grad_accum` micro-batches into grads and calls optim_step
 // with the mean loss. The optimizer divides by grad_accum, takes the global L2 norm, skips the step if the
@@ -67,7 +70,10 @@ typedef struct {
 typedef struct {
     OptimConfig cfg;
     const Registry *reg;
-    float *m, *v;        // [reg->numel] each, registry layout, zero-initialized
+    float *m, *v;        // [mv_numel] each, zero-initialized (see the header comment)
+    int64_t *mv_off;     // [reg->n] where tensor i's owned range starts in m and v
+    int64_t mv_numel;    // reg->numel (registry layout) or the sum of the owned ranges (compact)
+    bool mv_compact;
     double *lr_scale;    // [reg->n] per-tensor lr multiplier (1)
     double *wd;          // [reg->n] per-tensor weight decay (cfg.weight_decay if decay, else 0)
     OptimState st;

@@ -59,6 +59,20 @@ typedef struct {
     float *params;  // shared: identical on every rank after the all-gather
 } Ranks;
 
+// Element j of tensor i of m (which 0) or v (1), whatever the optimizer's layout (optim.h).
+static float *mv_at(const Optim *o, int which, int i, int64_t j) {
+    return (which ? o->v : o->m) + o->mv_off[i] + (j - o->reg->t[i].shard_begin);
+}
+
+// The owned elements of m or v in the registry layout (the rest of buf untouched).
+static void mv_to_reg(const Optim *o, int which, float *buf) {
+    for (int i = 0; i < o->reg->n; i++) {
+        const TensorInfo *t = &o->reg->t[i];
+        if (!t->trainable) continue;
+        for (int64_t j = t->shard_begin; j < t->shard_end; j++) buf[t->offset + j] = *mv_at(o, which, i, j);
+    }
+}
+
 static OptimConfig test_cfg(void) {
     OptimConfig c;
     optim_config_default(&c);
@@ -80,14 +94,16 @@ static void ranks_new(Ranks *k, const Registry *base, int world, int stage, int6
         reg_clone(&k->reg[r], base);
         zero_apply_shards(&k->L, &k->reg[r], r);
         if (optim_init(&k->opt[r], &c, &k->reg[r], &e)) abort();
-        for (int64_t x = 0; x < base->numel; x++) k->opt[r].m[x] = k->opt[r].v[x] = NAN;
+        for (int64_t x = 0; x < k->opt[r].mv_numel; x++) k->opt[r].m[x] = k->opt[r].v[x] = NAN;
+        // ZeRO-1/2 over > 1 rank: m and v hold the owned elements only (at most the shard's size)
+        if (stage > 0 && world > 1) CHECK(k->opt[r].mv_compact && k->opt[r].mv_numel <= k->L.shard_numel);
         if (!fill) continue;
         for (int i = 0; i < base->n; i++) {
             const TensorInfo *t = &k->reg[r].t[i];
             if (!t->trainable) continue;
             for (int64_t j = t->shard_begin; j < t->shard_end; j++) {
-                k->opt[r].m[t->offset + j] = m_val(t->offset + j, gen);
-                k->opt[r].v[t->offset + j] = v_val(t->offset + j, gen);
+                *mv_at(&k->opt[r], 0, i, j) = m_val(t->offset + j, gen);
+                *mv_at(&k->opt[r], 1, i, j) = v_val(t->offset + j, gen);
             }
         }
         OptimState *s = &k->opt[r].st;
@@ -151,7 +167,7 @@ static bool load_and_check(Ranks *k, const char *path, int gen, const char *what
             if (!t->trainable) continue;
             for (int64_t j = t->shard_begin; j < t->shard_end; j++, checked++) {
                 float m = m_val(t->offset + j, gen), v = v_val(t->offset + j, gen);
-                if (memcmp(&k->opt[r].m[t->offset + j], &m, 4) || memcmp(&k->opt[r].v[t->offset + j], &v, 4)) ok = false;
+                if (memcmp(mv_at(&k->opt[r], 0, i, j), &m, 4) || memcmp(mv_at(&k->opt[r], 1, i, j), &v, 4)) ok = false;
             }
         }
         if (k->stage > 0 && k->world > 1 && checked >= k->L.trainable_numel) ok = false;  // sharded: a part only
@@ -228,8 +244,12 @@ static void gather_mode(const Registry *base) {
         shv[r] = dl_malloc((size_t)a.L.shard_numel * 4);
         flm[r] = dl_malloc((size_t)a.L.flat_numel * 4);
         flv[r] = dl_malloc((size_t)a.L.flat_numel * 4);
-        zero_shard_pack(&a.L, r, a.opt[r].m, shm[r]);
-        zero_shard_pack(&a.L, r, a.opt[r].v, shv[r]);
+        float *rb = dl_calloc((size_t)base->numel, 4);
+        mv_to_reg(&a.opt[r], 0, rb);
+        zero_shard_pack(&a.L, r, rb, shm[r]);
+        mv_to_reg(&a.opt[r], 1, rb);
+        zero_shard_pack(&a.L, r, rb, shv[r]);
+        free(rb);
     }
     zsim_all_gather(&a.L, (const float *const *)shm, flm);
     zsim_all_gather(&a.L, (const float *const *)shv, flv);
@@ -279,7 +299,7 @@ static void failures(const Registry *base) {
     ranks_new(&a, base, 3, 2, 0, 1, true);
     CHECK(save_sim(&a, dir, 10, 2, good, &e) == 0);
     // a rank with a non-finite moment refuses; rank 0 then writes no manifest; step 10 stays the latest
-    a.opt[2].m[a.reg[2].t[a.reg[2].n - 1].offset + a.reg[2].t[a.reg[2].n - 1].shard_begin] = INFINITY;
+    *mv_at(&a.opt[2], 0, a.reg[2].n - 1, a.reg[2].t[a.reg[2].n - 1].shard_begin) = INFINITY;
     CHECK(save_sim(&a, dir, 11, 2, path, &e) == -1);
     CHECK(strstr(e.msg, "rank 2") && strstr(e.msg, "non-finite"));
     CHECK(checkpoint_find_latest(dir, found, sizeof found, &e) == 1 && !strcmp(found, good));
@@ -370,7 +390,7 @@ static void real_processes(const Registry *base) {
             int rc = ckpt_shard_save(g, dir, &k.reg[r], k.params, &k.opt[r], 2, &st, 0, out, sizeof out, &e);
             if (rc) fprintf(stderr, "rank %d: %s\n", r, e.msg);
             // a second save in which rank 1 fails: both ranks get the error naming rank 1
-            if (r == 1) k.opt[1].v[k.reg[1].t[0].offset + k.reg[1].t[0].shard_begin] = NAN;
+            if (r == 1) *mv_at(&k.opt[1], 1, 0, k.reg[1].t[0].shard_begin) = NAN;
             st.step = 501;
             int rc2 = ckpt_shard_save(g, dir, &k.reg[r], k.params, &k.opt[r], 2, &st, 0, out, sizeof out, &e);
             bool named = rc2 == -1 && strstr(e.msg, "rank 1 (host");

@@ -241,7 +241,9 @@ int main(void) {
         CHECK(killed && WIFSIGNALED(st1) && WTERMSIG(st1) == SIGKILL);
         CHECK(WIFEXITED(st0) && WEXITSTATUS(st0) != 0);
         CHECK(waited < 30);
-        CHECK(log_has("kill", 0, "rank 1") && log_has("kill", 0, "closed its connection"));
+        // e.g. "rank 1 (host vm) closed its connection during an allgather" or "lost rank 1 (host vm) during a
+        // broadcast" (when the kill lands in a checkpoint)
+        CHECK(log_has("kill", 0, "error (rank 0 of 2)") && log_has("kill", 0, "rank 1 (host"));
         printf("kill: rank 0 exited %.1f s after rank 1 was killed (status %d)\n", waited, status_of(st0));
         const char *res[] = {"--set", "optimizer.grad_accum=1", "--set", "hardware.zero=1", "--resume", NULL};
         CHECK_EQ_I64(run("kill", 2, res, NULL), 0);

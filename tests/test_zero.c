@@ -172,8 +172,8 @@ static void run(const Registry *base, const RunCfg *c, RunOut *out) {
             const TensorInfo *t = &reg[r].t[i];
             if (!t->trainable) continue;
             for (int64_t j = t->shard_begin; j < t->shard_end; j++) {
-                out->m[t->offset + j] = o[r].m[t->offset + j];
-                out->v[t->offset + j] = o[r].v[t->offset + j];
+                out->m[t->offset + j] = o[r].m[o[r].mv_off[i] + (j - t->shard_begin)];
+                out->v[t->offset + j] = o[r].v[o[r].mv_off[i] + (j - t->shard_begin)];
             }
         }
     out->st = o[0].st;
