@@ -11,6 +11,9 @@
 #include "kernels/scan/scan_common.cuh"
 #include "kernels/scan/selective_scan_cuda.h"
 
+#include <stdlib.h>
+#include <string.h>
+
 #define FULL_MASK 0xffffffffu
 
 namespace {
@@ -684,6 +687,281 @@ bool aligned16(const ScanShape *s, const void *const *ptrs, int n) {
     return true;
 }
 
+// ---- backward v9: one thread per channel ------------------------------------------------------------------
+// Same structure as the forward: one thread per (batch row, channel) holds all 16 states, the adjoint dh and the
+// dA sums in registers; no per-step shuffles of scalars. Per 64-step chunk (newest first): a sweep from the
+// forward's fp32 checkpoint keeps the state before every 4-step group in shared memory (private to the thread);
+// then each group, newest first, is recomputed into registers (states, y for dz, dC), and the adjoint runs
+// back through its 4 steps (the decays are recomputed rather than kept: registers, not the MUFU, limit this).
+// dC: a shuffle reduce-scatter over the 16 lanes of a C group (fixed order). dB: the same over the lanes of a
+// B group (16, 32 or 64 channels; 64 adds the block's two warp sums in shared memory in warp order).
+// Time segments for small batch: dh does not depend on the states (dh_{t-1} = a_t (dh_t + gy_t C_t)), so a
+// cheap pre-pass computes each segment's local dh at its start from zero (and sum delta / any reset), and each
+// segment starts from its later segments' combined dh. dA, dD, ddelta_bias: per-(segment, row) partials summed
+// in order by reduce_rows_kernel. Deterministic: no atomics, fixed orders, nseg fixed by the shape.
+constexpr int B1_THREADS = 64;               // channels per block
+constexpr int B1_NG = SCAN_CKPT / 4;         // 4-step groups per chunk
+struct Bwd1Args {
+    int64_t B, L, D, Gc, Gb, Db, nck, seglen;
+    int nseg;
+    const bf16 *u, *dt, *Bm, *Cm, *z, *dout;
+    const float *A, *Dskip, *delta_bias, *h0, *ckpt, *dh_last;
+    const uint8_t *reset;
+    bf16 *du, *ddt, *dB, *dC, *dz;
+    float *dh0;
+    float *dA_part, *dD_part, *ddb_part;  // [nseg * B, D, N], [nseg * B, D] x2 (row = seg * B + b)
+    float *seg_dh, *seg_sd;               // [B, nseg, D, N], [B, nseg, D]: local dh at a segment's start, sum delta
+    int *seg_rs;                          // [B, nseg, D]: 1 if the segment holds a reset
+};
+
+// Sums v[n] over the 16 lanes of a half-warp; lane l ends with the sum for n = l & 15 (15 shuffles, fixed order).
+__device__ __forceinline__ float reduce_scatter16(const float (&v)[16], int lane) {
+    float a8[8], a4[4], a2[2];
+    const bool b8 = lane & 8, b4 = lane & 4, b2 = lane & 2, b1 = lane & 1;
+#pragma unroll
+    for (int m = 0; m < 8; m++) a8[m] = (b8 ? v[m + 8] : v[m]) + __shfl_xor_sync(FULL_MASK, b8 ? v[m] : v[m + 8], 8);
+#pragma unroll
+    for (int m = 0; m < 4; m++) a4[m] = (b4 ? a8[m + 4] : a8[m]) + __shfl_xor_sync(FULL_MASK, b4 ? a8[m] : a8[m + 4], 4);
+#pragma unroll
+    for (int m = 0; m < 2; m++) a2[m] = (b2 ? a4[m + 2] : a4[m]) + __shfl_xor_sync(FULL_MASK, b2 ? a4[m] : a4[m + 2], 2);
+    return (b1 ? a2[1] : a2[0]) + __shfl_xor_sync(FULL_MASK, b1 ? a2[0] : a2[1], 1);
+}
+
+struct B1Step {
+    float u, raw, delta, go, zz, rx;
+};
+__device__ __forceinline__ B1Step b1_load(const Bwd1Args &p, int64_t row, bool valid, float bias, bool full) {
+    B1Step s;
+    s.u = valid ? ldbf(p.u + row) : 0.f;
+    s.raw = ldbf(p.dt + row) + bias;
+    s.delta = valid ? softplus_dev(s.raw) : 0.f;
+    s.rx = 0.f, s.go = 0.f, s.zz = 0.f;
+    if (full) {
+        s.go = valid ? ldbf(p.dout + row) : 0.f;
+        if (p.z) s.zz = ldbf(p.z + row);
+    }
+    return s;
+}
+
+// PRE: local dh at the segment's start from zero (segments 1..nseg-1); no outputs
+template <bool PRE, int DB>
+__global__ void __launch_bounds__(B1_THREADS) scan_bwd1_kernel(const Bwd1Args p) {
+    constexpr int N = 16, CPB = B1_THREADS;
+    extern __shared__ __align__(16) float snap[];  // [B1_NG][N][CPB]; then red [2][4][2][N]
+    float *red = snap + B1_NG * N * CPB;
+    const int64_t L = p.L, D = p.D, ncb = D / CPB;
+    int64_t bid = blockIdx.x;
+    const int64_t cb = bid % ncb;
+    bid /= ncb;
+    const int64_t b = bid % p.B;
+    const int seg = (int)(bid / p.B);
+    if (PRE && seg == 0) return;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int64_t d = cb * CPB + tid, gc = d / 16, gb = d / DB;
+    const int64_t Gc = p.Gc, Gb = p.Gb;
+    const int64_t tbs = (int64_t)seg * p.seglen, tes = tbs + p.seglen < L ? tbs + p.seglen : L;
+
+    float A2[N], dh[N], dA_acc[N];
+#pragma unroll
+    for (int n = 0; n < N; n++) A2[n] = p.A[d * N + n] * SCAN_LOG2E, dh[n] = 0.f, dA_acc[n] = 0.f;
+    const float Dd = p.Dskip[d], bias = p.delta_bias ? p.delta_bias[d] : 0.f;
+    const bool hasz = p.z != nullptr;
+
+    if (PRE) {
+        float sd = 0.f;
+        int anyrs = 0;
+#pragma unroll 1
+        for (int64_t t = tes - 1; t >= tbs; t--) {
+            const int64_t row = (b * L + t) * D + d;
+            const float delta = softplus_dev(ldbf(p.dt + row) + bias), go = ldbf(p.dout + row);
+            const bool rs = p.reset && p.reset[b * L + t];
+            const float rx = rs ? -INFINITY : 0.f;
+            float gy = go;
+            if (hasz) {
+                const float zz = ldbf(p.z + row);
+                gy = go * zz * sigmoid_dev(zz);
+            }
+            float Cv[N];
+            load_vec<N>(p.Cm + ((b * L + t) * Gc + gc) * N, Cv);
+#pragma unroll
+            for (int n = 0; n < N; n++) dh[n] = ex2f(fmaf(delta, A2[n], rx)) * fmaf(gy, Cv[n], dh[n]);
+            sd += delta, anyrs |= rs;
+        }
+        const int64_t i = (b * p.nseg + seg) * D + d;
+#pragma unroll
+        for (int n = 0; n < N; n++) p.seg_dh[i * N + n] = dh[n];
+        p.seg_sd[i] = sd, p.seg_rs[i] = anyrs;
+        return;
+    }
+
+    // incoming dh: dh_last carried back through the later segments, in order from the last
+    if (p.dh_last) {
+#pragma unroll
+        for (int n = 0; n < N; n++) dh[n] = p.dh_last[(b * D + d) * N + n];
+    }
+    for (int s = p.nseg - 1; s > seg; s--) {
+        const int64_t i = (b * p.nseg + s) * D + d;
+        const bool rs = p.seg_rs[i] != 0;
+        const float sd = p.seg_sd[i];
+#pragma unroll
+        for (int n = 0; n < N; n++) dh[n] = (rs ? 0.f : ex2f(A2[n] * sd)) * dh[n] + p.seg_dh[i * N + n];
+    }
+    float dD_acc = 0.f, ddb_acc = 0.f;
+    float *mysnap = snap + tid;
+
+#pragma unroll 1
+    for (int64_t k = (tes - 1) / SCAN_CKPT; k >= tbs / SCAN_CKPT; k--) {
+        const int64_t tb = k * SCAN_CKPT, te = tb + SCAN_CKPT < L ? tb + SCAN_CKPT : L;
+        const int ng = (int)((te - tb + 3) / 4);
+        float h[N];
+        {
+            const float4 *ck = reinterpret_cast<const float4 *>(p.ckpt + ((b * p.nck + k) * D + d) * N);
+#pragma unroll
+            for (int n = 0; n < N; n += 4) {
+                const float4 v = ck[n / 4];
+                h[n] = v.x, h[n + 1] = v.y, h[n + 2] = v.z, h[n + 3] = v.w;
+            }
+        }
+        // sweep: the state before each group (the last group's steps are not needed)
+#pragma unroll 1
+        for (int g = 0; g < ng; g++) {
+#pragma unroll
+            for (int n = 0; n < N; n++) mysnap[(g * N + n) * CPB] = h[n];
+            if (g == ng - 1) break;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {  // whole groups: only the last group can be partial
+                const int64_t t = tb + 4 * g + j, row = (b * L + t) * D + d;
+                const B1Step s = b1_load(p, row, true, bias, false);
+                const float rx = (p.reset && p.reset[b * L + t]) ? -INFINITY : 0.f;
+                float Bv[N];
+                load_vec<N>(p.Bm + ((b * L + t) * Gb + gb) * N, Bv);
+                const float du = s.delta * s.u;
+#pragma unroll
+                for (int n = 0; n < N; n++) h[n] = ex2f(fmaf(s.delta, A2[n], rx)) * h[n] + du * Bv[n];
+            }
+        }
+        // groups newest first
+#pragma unroll 1
+        for (int g = ng - 1; g >= 0; g--) {
+            const int64_t t0 = tb + 4 * g;
+            B1Step st[4];
+            float hj[4][N], gyj[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int64_t t = t0 + j;
+                const bool valid = t < te;
+                const int64_t tt = valid ? t : te - 1, row = (b * L + tt) * D + d;
+                st[j] = b1_load(p, row, valid, bias, true);
+                st[j].rx = (valid && p.reset && p.reset[b * L + tt]) ? -INFINITY : 0.f;
+                float Bv[N], Cv[N], y0 = 0.f, y1 = 0.f;
+                load_vec<N>(p.Bm + ((b * L + tt) * Gb + gb) * N, Bv);
+                load_vec<N>(p.Cm + ((b * L + tt) * Gc + gc) * N, Cv);
+                const float du = st[j].delta * st[j].u;
+#pragma unroll
+                for (int n = 0; n < N; n++) {
+                    const float prev = j ? hj[j - 1][n] : mysnap[(g * N + n) * CPB];
+                    hj[j][n] = ex2f(fmaf(st[j].delta, A2[n], st[j].rx)) * prev + du * Bv[n];
+                    if (n & 1) y1 += Cv[n] * hj[j][n];
+                    else y0 += Cv[n] * hj[j][n];
+                }
+                const float y = y0 + y1 + Dd * st[j].u, go = st[j].go, zz = st[j].zz;
+                float gy = go;
+                if (hasz) {
+                    const float sg = sigmoid_dev(zz);
+                    gy = go * zz * sg;
+                    if (valid) stbf(p.dz + row, go * y * sg * (1.f + zz * (1.f - sg)));
+                }
+                gyj[j] = gy;
+                // dC[t, gc, n] = sum over the group's 16 channels of gy * h_t[n]
+                float cC[N];
+#pragma unroll
+                for (int n = 0; n < N; n++) cC[n] = gy * hj[j][n];
+                const float sc = reduce_scatter16(cC, lane);
+                if (valid) {  // each lane holds one state's sum of its half-warp (its C group): lane l writes state l & 15
+                    stbf(p.dC + ((b * L + t) * Gc + gc) * N + (lane & 15), sc);
+                }
+            }
+            // adjoint, newest step first
+#pragma unroll
+            for (int j = 3; j >= 0; j--) {
+                const int64_t t = t0 + j;
+                const bool valid = t < te;
+                const int64_t tt = valid ? t : te - 1, row = (b * L + tt) * D + d;
+                float Bv[N], Cv[N], cB[N], sA = 0.f, sBg = 0.f;
+                load_vec<N>(p.Bm + ((b * L + tt) * Gb + gb) * N, Bv);
+                load_vec<N>(p.Cm + ((b * L + tt) * Gc + gc) * N, Cv);
+                const float delta = st[j].delta, du = delta * st[j].u, gy = gyj[j];
+#pragma unroll
+                for (int n = 0; n < N; n++) {
+                    const float prev = j ? hj[j - 1][n] : mysnap[(g * N + n) * CPB];
+                    const float gr = fmaf(gy, Cv[n], dh[n]);  // dL/dh_t
+                    const float ga = gr * ex2f(fmaf(delta, A2[n], st[j].rx));  // dL/dh_{t-1}
+                    const float gah = ga * prev;
+                    sA = fmaf(gah, A2[n], sA);
+                    dA_acc[n] = fmaf(gah, delta, dA_acc[n]);
+                    sBg = fmaf(gr, Bv[n], sBg);
+                    dh[n] = ga;
+                    cB[n] = gr * du;
+                }
+                const float ddelta = fmaf(st[j].u, sBg, sA * SCAN_LN2);
+                if (valid) {
+                    const float dtt = ddelta * dsoftplus_dev(st[j].raw);
+                    ddb_acc += dtt;
+                    dD_acc += gy * st[j].u;
+                    stbf(p.du + row, fmaf(gy, Dd, delta * sBg));
+                    stbf(p.ddt + row, dtt);
+                }
+                float sb = reduce_scatter16(cB, lane);
+                if constexpr (DB >= 32) sb += __shfl_xor_sync(FULL_MASK, sb, 16);
+                if constexpr (DB <= 32) {
+                    if (valid && (DB == 16 || lane < 16)) stbf(p.dB + ((b * L + t) * Gb + gb) * N + (lane & 15), sb);
+                } else {
+                    if (lane < 16) red[(((g & 1) * 4 + j) * 2 + warp) * N + lane] = sb;
+                }
+            }
+            if constexpr (DB == 64) {
+                // the block's two warps form one B group: add their sums in warp order
+                __syncthreads();
+                const int j = tid >> 4, n = tid & 15;
+                const float *rr = red + (((g & 1) * 4 + j) * 2) * N + n;
+                if (t0 + j < te) stbf(p.dB + ((b * L + t0 + j) * Gb + gb) * N + n, rr[0] + rr[N]);
+            }
+        }
+    }
+    const int64_t prow = (int64_t)seg * p.B + b;
+#pragma unroll
+    for (int n = 0; n < N; n++) {
+        p.dA_part[(prow * D + d) * N + n] = dA_acc[n];
+        if (seg == 0 && p.h0 && p.dh0) p.dh0[(b * D + d) * N + n] = dh[n];
+    }
+    p.dD_part[prow * D + d] = dD_acc, p.ddb_part[prow * D + d] = ddb_acc;
+}
+
+size_t bwd1_smem_bytes() { return (size_t)(B1_NG * 16 * B1_THREADS + 2 * 4 * 2 * 16) * sizeof(float); }
+
+// v9 path: N = 16, C groups of 16 channels, B groups of 16, 32 or 64 channels, D a multiple of 64, aligned rows.
+// Opt-in (DISTILL_SCAN_BWD=v9): correct and deterministic on the GPU tests, but 2.8x slower than v8 at 8x2048
+// (H100: 9.98 vs 3.58 ms; docs/KERNELS.md says why), so v8 stays the default.
+bool bwd1_eligible(const ScanShape *s, bool al16) {
+    const char *e = getenv("DISTILL_SCAN_BWD");
+    if (!e || strcmp(e, "v9") != 0) return false;
+    const int64_t Dg = s->dim / s->groups_c, Db = s->dim / s->groups_b;
+    return al16 && s->dstate == 16 && Dg == 16 && (Db == 16 || Db == 32 || Db == 64) && s->dim % B1_THREADS == 0;
+}
+int bwd1_nseg(const ScanShape *s) { return choose_nseg(s, 0); }
+
+template <int DB>
+int launch_bwd1(const Bwd1Args &a, cudaStream_t st) {
+    const size_t smem = bwd1_smem_bytes();
+    const int64_t blocks = (int64_t)a.nseg * a.B * (a.D / B1_THREADS);
+    if (a.nseg > 1) scan_bwd1_kernel<true, DB><<<(unsigned)blocks, B1_THREADS, 0, st>>>(a);
+    if (cudaFuncSetAttribute(scan_bwd1_kernel<false, DB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
+        cudaSuccess)
+        return -1;
+    scan_bwd1_kernel<false, DB><<<(unsigned)blocks, B1_THREADS, smem, st>>>(a);
+    return 0;
+}
+
 template <int N>
 int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
     constexpr int CPB = FWD1_THREADS;
@@ -737,7 +1015,10 @@ extern "C" size_t selective_scan_bwd_workspace(const ScanShape *s) {
     const int64_t cpb = s->dstate == 32 ? 32 : 64, Db = s->dim / (s->groups_b > 0 ? s->groups_b : 1);
     size_t bytes = (size_t)(s->batch * s->dim * (s->dstate + 2)) * sizeof(float);
     if (Db <= 0 || cpb % Db) bytes += (size_t)(s->batch * s->seqlen * s->groups_c * s->dstate) * sizeof(float);
-    return bytes;
+    // v9: per-(segment, row) partials and the segments' local dh, sum delta, reset flag
+    const size_t seg = (size_t)bwd1_nseg(s) * (size_t)(s->batch * s->dim);
+    const size_t v9 = seg * (size_t)(2 * s->dstate + 3) * sizeof(float) + seg * sizeof(int);
+    return bytes > v9 ? bytes : v9;
 }
 
 extern "C" int selective_scan_fwd_cuda(const ScanShape *s, const uint16_t *u, const uint16_t *dt, const float *A,
@@ -826,6 +1107,33 @@ extern "C" int selective_scan_bwd_cuda(const ScanShape *s, const uint16_t *u, co
     const void *ptrs[] = {u, dt, z, Bm, Cm, dout};
     const bool al16 = aligned16(s, ptrs, 6);
     int rc = 0;
+    if (bwd1_eligible(s, al16)) {
+        Bwd1Args b1 = {};
+        b1.B = a.B, b1.L = a.L, b1.D = a.D, b1.Gc = a.Gc, b1.Gb = a.Gb, b1.Db = a.Db, b1.nck = a.nck;
+        b1.nseg = bwd1_nseg(s);
+        b1.seglen = seg_len(s, b1.nseg);
+        b1.nseg = (int)((s->seqlen + b1.seglen - 1) / b1.seglen);
+        b1.u = a.u, b1.dt = a.dt, b1.Bm = a.Bm, b1.Cm = a.Cm, b1.z = a.z, b1.dout = a.dout;
+        b1.A = A, b1.Dskip = Dskip, b1.delta_bias = delta_bias, b1.h0 = h0, b1.ckpt = ckpt, b1.dh_last = dh_last;
+        b1.reset = reset;
+        b1.du = a.du, b1.ddt = a.ddt, b1.dB = a.dB, b1.dC = a.dC, b1.dz = a.dz, b1.dh0 = dh0;
+        const int64_t rows = (int64_t)b1.nseg * s->batch, RD = rows * s->dim;
+        b1.dA_part = (float *)workspace;
+        b1.dD_part = b1.dA_part + RD * s->dstate;
+        b1.ddb_part = b1.dD_part + RD;
+        b1.seg_dh = b1.ddb_part + RD;
+        b1.seg_sd = b1.seg_dh + RD * s->dstate;
+        b1.seg_rs = (int *)(b1.seg_sd + RD);
+        rc = a.Db == 16 ? launch_bwd1<16>(b1, st) : a.Db == 32 ? launch_bwd1<32>(b1, st) : launch_bwd1<64>(b1, st);
+        if (rc) return scan_fail(err, errlen, "selective scan backward: cannot raise the shared-memory limit");
+        if (scan_launch_check(err, errlen, "selective scan backward (v9)")) return -1;
+        const int64_t DN = s->dim * s->dstate;
+        reduce_rows_kernel<<<(unsigned)((DN + 255) / 256), 256, 0, st>>>(b1.dA_part, rows, DN, dA);
+        reduce_rows_kernel<<<(unsigned)((s->dim + 255) / 256), 256, 0, st>>>(b1.dD_part, rows, s->dim, dD);
+        if (ddelta_bias)
+            reduce_rows_kernel<<<(unsigned)((s->dim + 255) / 256), 256, 0, st>>>(b1.ddb_part, rows, s->dim, ddelta_bias);
+        return scan_launch_check(err, errlen, "selective scan backward reductions");
+    }
     switch (s->dstate) {
         case 4: rc = launch_bwd<4, 256>(a, al16, st); break;
         case 8: rc = launch_bwd<8, 256>(a, al16, st); break;
