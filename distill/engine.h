@@ -2,7 +2,8 @@
 // layers) on the CPU, fp32 — the reference engine. Parameters are read from one buffer laid out by the
 // registry (model_build_registry); gradients go to a buffer of the same layout. The decoder layer is
 //   h = x + Mixer(RMSNorm_in(x));  out = h + down(silu(gate(RMSNorm_post(h))) * up(RMSNorm_post(h)))
-// with Mixer = GQA causal attention with RoPE, or the MambaInLlama Mamba-1 mixer (distill/mamba1_cpu.h).
+// with Mixer = GQA causal attention with RoPE, or the MambaInLlama Mamba-1 / Mamba-2 mixer
+// (distill/mamba1_cpu.h, distill/mamba2_cpu.h).
 //
 // Packed sequences: reset[b,t] != 0 marks the first token of a new document in row b. Attention then sees
 // only its own document, RoPE positions restart at 0, and Mamba state and conv window are cut, so a packed
@@ -12,7 +13,8 @@
 // materializing [B*T, V]) [-> engine_add_hidden_grad] -> engine_backward (grads are ADDED into).
 // The teacher uses an inference engine (no activations kept) and is read chunk by chunk by the student's
 // engine_loss (LossSpec.teacher), so neither model ever holds [B*T, V] logits.
-// Decoding: Decoder keeps a KV cache per attention layer and conv + SSM state per Mamba layer; one decode
+// Decoding: Decoder keeps a KV cache per attention layer and conv + SSM state per Mamba layer (Mamba-1 or
+// Mamba-2: distill/mamba2_cpu.h); one decode
 // step costs O(1) in the sequence length for Mamba layers.
 //
 // Determinism: every reduction has a fixed order (static partitions over independent rows/columns).
@@ -32,8 +34,7 @@ enum {
 };
 
 // An engine for batches of B rows of T tokens. h, r and params must outlive it; params may change between
-// steps (the optimizer updates them in place). Returns NULL (e filled) if h has a mixer the CPU engine does
-// not implement (Mamba-2) or r lacks a tensor.
+// steps (the optimizer updates them in place). Returns NULL (e filled) if r does not match h (a tensor missing or of the wrong size, e.g. a Mamba-1 registry for a Mamba-2 config).
 Engine *engine_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t T, int flags,
                    DlError *e);
 void engine_free(Engine *e);
@@ -98,12 +99,31 @@ LossParts engine_step(Engine *e, const int32_t *tokens, const uint8_t *reset, co
 
 typedef struct Decoder Decoder;
 // A decoder for B sequences of up to max_len tokens each. Returns NULL (e filled) as engine_new does.
+// Every sequence has its own length: prompts of different lengths are prefilled together
+// (decoder_feed_ragged) and attention of sequence b sees only its own keys 0 .. len[b]-1 + t.
 Decoder *decoder_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t max_len,
                      DlError *e);
 void decoder_free(Decoder *d);
 void decoder_reset(Decoder *d);         // empties the caches (a new batch of sequences)
-int64_t decoder_len(const Decoder *d);  // tokens fed so far per sequence
-// Feeds tokens [B, L] at positions len .. len+L-1 of every sequence (a prefill when len == 0, a decode step
-// when L == 1). logits: [B, V] of the last fed token (NULL: not computed); all_logits: [B, L, V] (NULL: not).
-// Returns 0, or -1 (e filled) if len + L > max_len.
+int64_t decoder_len(const Decoder *d);  // tokens fed so far: the longest sequence's length
+int64_t decoder_seq_len(const Decoder *d, int64_t b);  // sequence b's length
+int64_t decoder_batch(const Decoder *d);
+int64_t decoder_vocab(const Decoder *d);
+// Feeds tokens [B, L] at positions len[b] .. len[b]+L-1 of every sequence (a prefill when len == 0, a decode
+// step when L == 1). logits: [B, V] of the last fed token (NULL: not computed); all_logits: [B, L, V] (NULL: not).
+// Returns 0, or -1 (e filled) if some len[b] + L > max_len or a token id is out of range.
 int decoder_feed(Decoder *d, const int32_t *tokens, int64_t L, float *logits, float *all_logits, DlError *e);
+// As decoder_feed, but sequence b feeds only its first n[b] (1..L) tokens of row b (the rest is padding, never
+// seen by anything later: its KV rows lie past len[b], the Mamba state stops at n[b] through the multi-step
+// scan). logits [B, V] are those of each sequence's last fed token n[b]-1. n NULL: all L.
+int decoder_feed_ragged(Decoder *d, const int32_t *tokens, int64_t L, const int64_t *n, float *logits,
+                        float *all_logits, DlError *e);
+
+// Speculative verification (mambainllama.md §5): decoder_window_begin marks the current state; the feeds that
+// follow (uniform, not ragged) are tentative; decoder_accept(keep) then keeps the first keep[b] (0 .. tokens
+// fed since) of them per sequence. Attention layers roll back by resetting the length (the KV rows past it are
+// dead); Mamba layers are replayed from the state cached at the window start over the cached mixer inputs of
+// the window by one multi-step run that stops each sequence at keep[b] — no per-token states are stored.
+// When every sequence keeps the whole window, nothing is recomputed.
+void decoder_window_begin(Decoder *d);
+int decoder_accept(Decoder *d, const int32_t *keep, DlError *e);

@@ -1,5 +1,5 @@
 // engine_cpu.c: whole-model forward/backward orchestration and decoding on the CPU (see engine.h).
-// Layer math lives in layers_cpu.c (attention, norms, MLP) and mamba1_cpu.c (the Mamba-1 mixer).
+// Layer math lives in layers_cpu.c (attention, norms, MLP), mamba1_cpu.c and mamba2_cpu.c (the Mamba mixers).
 #include "distill/engine.h"
 
 #include <math.h>
@@ -7,6 +7,7 @@
 
 #include "distill/layers_cpu.h"
 #include "distill/mamba1_cpu.h"
+#include "distill/mamba2_cpu.h"
 
 // ---------------------------------------------------------------- weights by registry name
 
@@ -53,8 +54,14 @@ static int model_w_init(ModelW *mw, const HybridConfig *h, const Registry *r, Dl
     else if (wref(r, &mw->head, V * d, e, "lm_head.weight")) return -1;
     for (int l = 0; l < c->n_layer; l++) {
         LayerW *w = &mw->layer[l];
-        if (h->mixer[l] == MIXER_MAMBA2)
-            return dl_fail(e, "engine: layer %d is a Mamba-2 layer; the CPU engine implements attention and Mamba-1", l);
+        // the mixers look their tensors up themselves: check one per kind here so a registry of the wrong
+        // variant is an error, not a crash inside the mixer
+        WRef probe;
+        if (h->mixer[l] == MIXER_MAMBA1 &&
+            wref(r, &probe, (int64_t)h->d_inner * d, e, "model.layers.%d.mamba.in_proj_z.weight", l))
+            return -1;
+        if (h->mixer[l] == MIXER_MAMBA2 && wref(r, &probe, h->d_inner, e, "model.layers.%d.mamba.norm.weight", l))
+            return -1;
         if (wref(r, &w->in_norm, d, e, "model.layers.%d.input_layernorm.weight", l) ||
             wref(r, &w->post_norm, d, e, "model.layers.%d.post_attention_layernorm.weight", l) ||
             wref(r, &w->gate, ff * d, e, "model.layers.%d.mlp.gate_proj.weight", l) ||
@@ -112,6 +119,7 @@ static void mlp_fwd(const LlamaConfig *c, const LayerW *w, const float *P, int64
 typedef struct {
     float *xn1, *rstd1, *q, *k, *v, *att, *lse, *mid, *xn2, *rstd2, *gate, *up, *act;  // [N, ...]
     Mamba1Acts *mamba;
+    Mamba2Acts *mamba2;
 } LayerActs;
 
 struct Engine {
@@ -143,7 +151,8 @@ struct Engine {
 
 static float *fbuf(int64_t n) { return dl_malloc((size_t)DL_MAX(n, 1) * sizeof(float)); }
 
-static void acts_alloc(LayerActs *a, const HybridConfig *h, int64_t B, int64_t T, bool attn, bool mamba_train) {
+// mamba_train: the Mamba kind whose training activations to keep (MIXER_ATTN: none)
+static void acts_alloc(LayerActs *a, const HybridConfig *h, int64_t B, int64_t T, bool attn, int mamba_train) {
     const LlamaConfig *c = &h->base;
     const int64_t N = B * T, d = c->d_model, ff = c->d_ff;
     const int64_t qd = (int64_t)c->n_head * c->head_dim, kvd = (int64_t)c->n_kv_head * c->head_dim;
@@ -163,13 +172,15 @@ static void acts_alloc(LayerActs *a, const HybridConfig *h, int64_t B, int64_t T
         a->att = fbuf(N * qd);
         a->lse = fbuf(B * c->n_head * T);
     }
-    if (mamba_train) a->mamba = mamba1_acts_new(h, B, T);
+    if (mamba_train == MIXER_MAMBA1) a->mamba = mamba1_acts_new(h, B, T);
+    if (mamba_train == MIXER_MAMBA2) a->mamba2 = mamba2_acts_new(h, B, T);
 }
 
 static void acts_free(LayerActs *a) {
     float *bufs[] = {a->xn1, a->rstd1, a->q, a->k, a->v, a->att, a->lse, a->mid, a->xn2, a->rstd2, a->gate, a->up, a->act};
     for (size_t i = 0; i < DL_ARRAY_LEN(bufs); i++) free(bufs[i]);
     if (a->mamba) mamba1_acts_free(a->mamba);
+    if (a->mamba2) mamba2_acts_free(a->mamba2);
 }
 
 Engine *engine_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t T, int flags,
@@ -211,10 +222,10 @@ Engine *engine_new(const HybridConfig *h, const Registry *r, const float *params
     bool any_attn = hybrid_n_attn(h) > 0;
     if (train) {
         e->acts = dl_calloc((size_t)c->n_layer, sizeof(LayerActs));
-        for (int l = 0; l < c->n_layer; l++) acts_alloc(&e->acts[l], h, B, T, h->mixer[l] == MIXER_ATTN, h->mixer[l] == MIXER_MAMBA1);
+        for (int l = 0; l < c->n_layer; l++) acts_alloc(&e->acts[l], h, B, T, h->mixer[l] == MIXER_ATTN, h->mixer[l]);
     } else {
         e->acts = dl_calloc(1, sizeof(LayerActs));
-        acts_alloc(&e->acts[0], h, B, T, any_attn, false);
+        acts_alloc(&e->acts[0], h, B, T, any_attn, MIXER_ATTN);
     }
     e->last_state = -1;
     return e;
@@ -265,7 +276,8 @@ static void layer_fwd(Engine *e, int l, const float *x, float *out) {
         memcpy(a->mid, x, (size_t)(N * d) * sizeof(float));
         linear_fwd(a->mid, a->att, pw(P, w->o), N, qd, d, true);
     } else {
-        mamba1_forward(&e->h, e->r, P, l, e->B, e->T, a->xn1, e->reset, e->mix, a->mamba);
+        if (e->h.mixer[l] == MIXER_MAMBA2) mamba2_forward(&e->h, e->r, P, l, e->B, e->T, a->xn1, e->reset, e->mix, a->mamba2);
+        else mamba1_forward(&e->h, e->r, P, l, e->B, e->T, a->xn1, e->reset, e->mix, a->mamba);
         for (int64_t i = 0; i < N * d; i++) a->mid[i] = x[i] + e->mix[i];
     }
     mlp_fwd(c, w, P, N, a->mid, out, a->xn2, a->rstd2, a->gate, a->up, a->act);
@@ -463,7 +475,10 @@ static void layer_bwd(Engine *e, int l, float *dres, float *G) {
                 memcpy(save + k, G + r->t[i].offset, (size_t)r->t[i].numel * sizeof(float));
                 k += r->t[i].numel;
             }
-        mamba1_backward(&e->h, e->r, P, l, e->B, e->T, e->reset, e->dmid, e->dxn, ntrain ? G : NULL, a->mamba);
+        if (e->h.mixer[l] == MIXER_MAMBA2)
+            mamba2_backward(&e->h, e->r, P, l, e->B, e->T, e->reset, e->dmid, e->dxn, ntrain ? G : NULL, a->mamba2);
+        else
+            mamba1_backward(&e->h, e->r, P, l, e->B, e->T, e->reset, e->dmid, e->dxn, ntrain ? G : NULL, a->mamba);
         for (int i = 0, k = 0; i < r->n && save; i++)
             if (r->t[i].layer == l && r->t[i].role == ROLE_MAMBA && !r->t[i].trainable) {
                 memcpy(G + r->t[i].offset, save + k, (size_t)r->t[i].numel * sizeof(float));
@@ -510,18 +525,68 @@ LossParts engine_step(Engine *e, const int32_t *tokens, const uint8_t *reset, co
 
 // ---------------------------------------------------------------- decoder
 
+// Recurrent state of one Mamba layer of either kind.
+typedef struct {
+    int kind;  // MIXER_MAMBA1 / MIXER_MAMBA2
+    Mamba1State m1;
+    Mamba2State m2;
+} MState;
+
+static MState mstate_new(const HybridConfig *h, int kind, int64_t B) {
+    MState m = {.kind = kind};
+    if (kind == MIXER_MAMBA1) m.m1 = mamba1_state_new(h, B);
+    else m.m2 = mamba2_state_new(h, B);
+    return m;
+}
+static void mstate_free(MState *m) {
+    if (m->kind == MIXER_MAMBA1) mamba1_state_free(&m->m1);
+    else mamba2_state_free(&m->m2);
+}
+static void mstate_reset(MState *m) {
+    if (m->kind == MIXER_MAMBA1) mamba1_state_reset(&m->m1, -1);
+    else mamba2_state_reset(&m->m2, -1);
+}
+static void mstate_copy(MState *dst, const MState *src) {
+    if (src->kind == MIXER_MAMBA1) mamba1_state_copy(&dst->m1, &src->m1);
+    else mamba2_state_copy(&dst->m2, &src->m2);
+}
+// L tokens x [B, L, d] -> out [B, L, d] from the state in m; keep [B] (or NULL: all L) as *_multistep.
+static void mstate_run(const HybridConfig *h, const Registry *r, const float *P, int l, MState *m, int64_t B,
+                       int64_t L, const float *x, const int32_t *keep, float *out) {
+    const bool m1 = m->kind == MIXER_MAMBA1;
+    if (keep) {
+        if (m1) mamba1_multistep(h, r, P, l, B, L, x, keep, out, &m->m1);
+        else mamba2_multistep(h, r, P, l, B, L, x, keep, out, &m->m2);
+    } else if (L == 1) {
+        if (m1) mamba1_step(h, r, P, l, B, x, &m->m1, out);
+        else mamba2_step(h, r, P, l, B, x, &m->m2, out);
+    } else {
+        if (m1) mamba1_prefill(h, r, P, l, B, L, x, NULL, out, &m->m1);
+        else mamba2_prefill(h, r, P, l, B, L, x, NULL, out, &m->m2);
+    }
+}
+
 struct Decoder {
     HybridConfig h;
     const Registry *r;
     const float *params;
-    int64_t B, max_len, len;
+    int64_t B, max_len;
+    int64_t *len;         // [B] tokens fed per sequence
     ModelW w;
     float inv_freq[512];
-    float **kc, **vc;     // per attention layer: [B, max_len, kvd]
-    Mamba1State *ms;      // per Mamba layer
+    float **kc, **vc;     // per attention layer: [B, max_len, kvd]; rows past len[b] are dead (rollback = len reset)
+    MState *ms;           // per Mamba layer
+    // speculative window (decoder_window_begin .. decoder_accept): the Mamba states and lengths at its start
+    // and every Mamba layer's mixer inputs fed since, so the state after any accepted prefix is replayed
+    // from the cached state by one multi-step run (no per-token states stored)
+    bool win;
+    int64_t win_n, win_cap;  // tokens per sequence fed in the window; capacity of win_x
+    int64_t *win_len0;       // [B]
+    MState *ms0;             // per Mamba layer: state at the window start
+    float **win_x;           // per Mamba layer: [B, win_cap, d] mixer inputs
     int64_t cap;          // rows the scratch below holds
     float *x, *y, *xn, *rstd, *q, *k, *v, *att, *mid, *gate, *up, *act, *mix, *last;
-    int32_t *pos;
+    int32_t *pos, *keep;
 };
 
 Decoder *decoder_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t max_len,
@@ -548,15 +613,21 @@ Decoder *decoder_new(const HybridConfig *h, const Registry *r, const float *para
     }
     rope_inv_freq(c, D->inv_freq);
     const int64_t kvd = (int64_t)c->n_kv_head * c->head_dim;
+    D->len = dl_calloc((size_t)B, sizeof(int64_t));
+    D->win_len0 = dl_calloc((size_t)B, sizeof(int64_t));
+    D->keep = dl_calloc((size_t)B, sizeof(int32_t));
     D->kc = dl_calloc((size_t)c->n_layer, sizeof(float *));
     D->vc = dl_calloc((size_t)c->n_layer, sizeof(float *));
-    D->ms = dl_calloc((size_t)c->n_layer, sizeof(Mamba1State));
+    D->ms = dl_calloc((size_t)c->n_layer, sizeof(MState));
+    D->ms0 = dl_calloc((size_t)c->n_layer, sizeof(MState));
+    D->win_x = dl_calloc((size_t)c->n_layer, sizeof(float *));
     for (int l = 0; l < c->n_layer; l++) {
         if (h->mixer[l] == MIXER_ATTN) {
             D->kc[l] = fbuf(B * max_len * kvd);
             D->vc[l] = fbuf(B * max_len * kvd);
         } else {
-            D->ms[l] = mamba1_state_new(h, B);
+            D->ms[l] = mstate_new(h, h->mixer[l], B);
+            D->ms0[l] = mstate_new(h, h->mixer[l], B);
         }
     }
     return D;
@@ -573,23 +644,38 @@ void decoder_free(Decoder *D) {
     for (int l = 0; l < D->h.base.n_layer; l++) {
         free(D->kc[l]);
         free(D->vc[l]);
-        if (D->h.mixer[l] != MIXER_ATTN) mamba1_state_free(&D->ms[l]);
+        free(D->win_x[l]);
+        if (D->h.mixer[l] != MIXER_ATTN) mstate_free(&D->ms[l]), mstate_free(&D->ms0[l]);
     }
     free(D->kc);
     free(D->vc);
     free(D->ms);
+    free(D->ms0);
+    free(D->win_x);
+    free(D->len);
+    free(D->win_len0);
+    free(D->keep);
     dec_scratch_free(D);
     free(D->w.layer);
     free(D);
 }
 
 void decoder_reset(Decoder *D) {
-    D->len = 0;
+    memset(D->len, 0, (size_t)D->B * sizeof(int64_t));
+    D->win = false;
     for (int l = 0; l < D->h.base.n_layer; l++)
-        if (D->h.mixer[l] != MIXER_ATTN) mamba1_state_reset(&D->ms[l], -1);
+        if (D->h.mixer[l] != MIXER_ATTN) mstate_reset(&D->ms[l]);
 }
 
-int64_t decoder_len(const Decoder *D) { return D->len; }
+int64_t decoder_len(const Decoder *D) {
+    int64_t m = 0;
+    for (int64_t b = 0; b < D->B; b++) m = DL_MAX(m, D->len[b]);
+    return m;
+}
+
+int64_t decoder_seq_len(const Decoder *D, int64_t b) { return b >= 0 && b < D->B ? D->len[b] : -1; }
+int64_t decoder_batch(const Decoder *D) { return D->B; }
+int64_t decoder_vocab(const Decoder *D) { return D->h.base.vocab; }
 
 static void dec_scratch(Decoder *D, int64_t N) {
     if (N <= D->cap) return;
@@ -615,39 +701,83 @@ static void dec_scratch(Decoder *D, int64_t N) {
     D->cap = N;
 }
 
-int decoder_feed(Decoder *D, const int32_t *tokens, int64_t L, float *logits, float *all_logits, DlError *err) {
+// Appends the Mamba layer l's mixer inputs xn [B, L, d] to the window cache.
+static void win_append(Decoder *D, int l, const float *xn, int64_t L) {
+    const int64_t B = D->B, d = D->h.base.d_model;
+    if (D->win_n + L > D->win_cap) {  // grow every layer's cache together
+        int64_t cap = DL_MAX(2 * D->win_cap, D->win_n + L);
+        cap = DL_MAX(cap, 8);
+        for (int j = 0; j < D->h.base.n_layer; j++) {
+            if (D->h.mixer[j] == MIXER_ATTN) continue;
+            float *nb = fbuf(B * cap * d);
+            for (int64_t b = 0; b < B && D->win_x[j]; b++)
+                memcpy(nb + b * cap * d, D->win_x[j] + b * D->win_cap * d, (size_t)(D->win_n * d) * sizeof(float));
+            free(D->win_x[j]);
+            D->win_x[j] = nb;
+        }
+        D->win_cap = cap;
+    }
+    for (int64_t b = 0; b < B; b++)
+        memcpy(D->win_x[l] + (b * D->win_cap + D->win_n) * d, xn + b * L * d, (size_t)(L * d) * sizeof(float));
+}
+
+int decoder_feed_ragged(Decoder *D, const int32_t *tokens, int64_t L, const int64_t *n, float *logits,
+                        float *all_logits, DlError *err) {
     const LlamaConfig *c = &D->h.base;
     const float *P = D->params;
-    const int64_t B = D->B, N = B * L, d = c->d_model, V = c->vocab, T0 = D->len;
+    const int64_t B = D->B, N = B * L, d = c->d_model, V = c->vocab;
     const int64_t qd = (int64_t)c->n_head * c->head_dim, kvd = (int64_t)c->n_kv_head * c->head_dim;
     if (L <= 0) return dl_fail(err, "decoder: feeding %lld tokens", (long long)L);
-    if (T0 + L > D->max_len)
-        return dl_fail(err, "decoder: %lld + %lld tokens exceed the context of %lld", (long long)T0, (long long)L,
-                       (long long)D->max_len);
+    bool ragged = false;
+    for (int64_t b = 0; b < B; b++) {
+        if (n && (n[b] < 1 || n[b] > L))
+            return dl_fail(err, "decoder: sequence %lld feeds %lld tokens, expected 1..%lld", (long long)b,
+                           (long long)n[b], (long long)L);
+        if (n && n[b] != L) ragged = true;
+        if (D->len[b] + L > D->max_len)
+            return dl_fail(err, "decoder: sequence %lld: %lld + %lld tokens exceed the context of %lld", (long long)b,
+                           (long long)D->len[b], (long long)L, (long long)D->max_len);
+    }
+    if (ragged && D->win) return dl_fail(err, "decoder: ragged feeds are not allowed inside a speculative window");
     for (int64_t i = 0; i < N; i++)
         if (tokens[i] < 0 || tokens[i] >= V) return dl_fail(err, "decoder: token id %d out of range 0..%lld", tokens[i], (long long)V - 1);
     dec_scratch(D, N);
-    // a decode step is a handful of GEMVs: memory-bound, and OpenBLAS threads would only spin
+    // A decode step (few rows) is a handful of memory-bound GEMVs: run it on one thread. With OpenBLAS's OpenMP
+    // build this pins our OpenMP loops too, deliberately: measured on SmolLM2 (2 shared cores, load ~10),
+    // 32 greedy tokens ran at 16 tok/s pinned vs 1.5 tok/s with 2 spinning threads (8.9 with passive waits).
     const int blas_prev = N < 16 ? blas_set_threads(1) : -1;
     for (int64_t b = 0; b < B; b++)
-        for (int64_t t = 0; t < L; t++) D->pos[b * L + t] = (int32_t)(T0 + t);
+        for (int64_t t = 0; t < L; t++) D->pos[b * L + t] = (int32_t)(D->len[b] + t);
+    if (ragged)
+        for (int64_t b = 0; b < B; b++) D->keep[b] = (int32_t)n[b];
     embedding_fwd(D->x, tokens, pw(P, D->w.emb), N, d);
     for (int l = 0; l < c->n_layer; l++) {
         const LayerW *w = &D->w.layer[l];
         rmsnorm_fwd(D->xn, NULL, D->x, pw(P, w->in_norm), N, d, (float)c->rms_eps);
         if (D->h.mixer[l] == MIXER_ATTN) {
             attn_qkv(c, w, P, D->inv_freq, N, D->xn, D->pos, D->q, D->k, D->v);
-            for (int64_t b = 0; b < B; b++) {  // append to the cache
-                memcpy(D->kc[l] + (b * D->max_len + T0) * kvd, D->k + b * L * kvd, (size_t)(L * kvd) * sizeof(float));
-                memcpy(D->vc[l] + (b * D->max_len + T0) * kvd, D->v + b * L * kvd, (size_t)(L * kvd) * sizeof(float));
+            for (int64_t b = 0; b < B; b++) {  // append to the cache at each sequence's own length
+                memcpy(D->kc[l] + (b * D->max_len + D->len[b]) * kvd, D->k + b * L * kvd, (size_t)(L * kvd) * sizeof(float));
+                memcpy(D->vc[l] + (b * D->max_len + D->len[b]) * kvd, D->v + b * L * kvd, (size_t)(L * kvd) * sizeof(float));
             }
-            AttnShape s = {B, L, D->max_len, T0, c->n_head, c->n_kv_head, c->head_dim};
-            attention_fwd(&s, D->q, D->kc[l], D->vc[l], NULL, D->att, NULL);
+            bool same = true;
+            for (int64_t b = 1; b < B; b++) same = same && D->len[b] == D->len[0];
+            if (same) {
+                AttnShape s = {B, L, D->max_len, D->len[0], c->n_head, c->n_kv_head, c->head_dim};
+                attention_fwd(&s, D->q, D->kc[l], D->vc[l], NULL, D->att, NULL);
+            } else {  // query t of sequence b sits at key index len[b] + t: keys past it are masked causally
+                for (int64_t b = 0; b < B; b++) {
+                    AttnShape s = {1, L, D->max_len, D->len[b], c->n_head, c->n_kv_head, c->head_dim};
+                    attention_fwd(&s, D->q + b * L * qd, D->kc[l] + b * D->max_len * kvd, D->vc[l] + b * D->max_len * kvd,
+                                  NULL, D->att + b * L * qd, NULL);
+                }
+            }
             memcpy(D->mid, D->x, (size_t)(N * d) * sizeof(float));
             linear_fwd(D->mid, D->att, pw(P, w->o), N, qd, d, true);
         } else {
-            if (L == 1) mamba1_step(&D->h, D->r, P, l, B, D->xn, &D->ms[l], D->mix);
-            else mamba1_prefill(&D->h, D->r, P, l, B, L, D->xn, NULL, D->mix, &D->ms[l]);
+            if (D->win) win_append(D, l, D->xn, L);
+            // ragged: the state stops after each sequence's n[b] tokens (its padding never enters it)
+            mstate_run(&D->h, D->r, P, l, &D->ms[l], B, L, D->xn, ragged ? D->keep : NULL, D->mix);
             for (int64_t i = 0; i < N * d; i++) D->mid[i] = D->x[i] + D->mix[i];
         }
         mlp_fwd(c, w, P, N, D->mid, D->y, D->xn, D->rstd, D->gate, D->up, D->act);
@@ -655,16 +785,60 @@ int decoder_feed(Decoder *D, const int32_t *tokens, int64_t L, float *logits, fl
         D->x = D->y;
         D->y = t;
     }
-    D->len += L;
+    for (int64_t b = 0; b < B; b++) D->len[b] += n ? n[b] : L;
+    if (D->win) D->win_n += L;
     if (all_logits) {
         rmsnorm_fwd(D->xn, NULL, D->x, pw(P, D->w.fnorm), N, d, (float)c->rms_eps);
         linear_fwd(all_logits, D->xn, pw(P, D->w.head), N, d, V, false);
     }
     if (logits) {
-        for (int64_t b = 0; b < B; b++) memcpy(D->last + b * d, D->x + (b * L + L - 1) * d, (size_t)d * sizeof(float));
+        for (int64_t b = 0; b < B; b++) {
+            int64_t t = (n ? n[b] : L) - 1;
+            memcpy(D->last + b * d, D->x + (b * L + t) * d, (size_t)d * sizeof(float));
+        }
         rmsnorm_fwd(D->xn, NULL, D->last, pw(P, D->w.fnorm), B, d, (float)c->rms_eps);
         linear_fwd(logits, D->xn, pw(P, D->w.head), B, d, V, false);
     }
     if (blas_prev > 0) blas_set_threads(blas_prev);
+    return 0;
+}
+
+int decoder_feed(Decoder *D, const int32_t *tokens, int64_t L, float *logits, float *all_logits, DlError *err) {
+    return decoder_feed_ragged(D, tokens, L, NULL, logits, all_logits, err);
+}
+
+void decoder_window_begin(Decoder *D) {
+    D->win = true;
+    D->win_n = 0;
+    memcpy(D->win_len0, D->len, (size_t)D->B * sizeof(int64_t));
+    for (int l = 0; l < D->h.base.n_layer; l++)
+        if (D->h.mixer[l] != MIXER_ATTN) mstate_copy(&D->ms0[l], &D->ms[l]);
+}
+
+int decoder_accept(Decoder *D, const int32_t *keep, DlError *err) {
+    if (!D->win) return dl_fail(err, "decoder_accept without decoder_window_begin");
+    bool all = true;
+    for (int64_t b = 0; b < D->B; b++) {
+        if (keep[b] < 0 || keep[b] > D->win_n)
+            return dl_fail(err, "decoder_accept: sequence %lld keeps %d of %lld window tokens", (long long)b, keep[b],
+                           (long long)D->win_n);
+        all = all && keep[b] == D->win_n;
+    }
+    D->win = false;
+    for (int64_t b = 0; b < D->B; b++) D->len[b] = D->win_len0[b] + keep[b];  // attention: rollback = length reset
+    if (all || D->win_n == 0) return 0;  // the Mamba states already are the states after every window token
+    const int64_t N = D->B * D->win_n, d = D->h.base.d_model;
+    dec_scratch(D, N);
+    for (int l = 0; l < D->h.base.n_layer; l++) {
+        if (D->h.mixer[l] == MIXER_ATTN) continue;
+        // replay the window from the cached state; the multi-step run stops each sequence at keep[b]
+        float *x = D->win_x[l];
+        if (D->win_cap != D->win_n) {  // compact [B, win_cap, d] -> [B, win_n, d]
+            for (int64_t b = 0; b < D->B; b++) memcpy(D->xn + b * D->win_n * d, x + b * D->win_cap * d, (size_t)(D->win_n * d) * sizeof(float));
+            x = D->xn;
+        }
+        mstate_copy(&D->ms[l], &D->ms0[l]);
+        mstate_run(&D->h, D->r, D->params, l, &D->ms[l], D->B, D->win_n, x, keep, D->mix);
+    }
     return 0;
 }

@@ -250,7 +250,8 @@ void attention_fwd(const AttnShape *s, const float *q, const float *k, const flo
     const float scale = 1.0f / sqrtf((float)hd);
     const int64_t nqb = (Tq + QB - 1) / QB, tasks = B * nh * nqb;
     const bool par = PAR(B * nh * Tq * (s->q0 + Tq) * hd / 2);
-    int blas_prev = blas_set_threads(1);
+    // the per-block GEMMs are tiny and, inside this parallel region, OpenBLAS's OpenMP build runs them
+    // serially: no thread pinning needed (pinning BLAS to 1 thread would pin OpenMP too, serializing this loop)
 #pragma omp parallel if (par)
     {
         float *S = thread_scratch(0, (size_t)(QB * Tk));
@@ -281,7 +282,6 @@ void attention_fwd(const AttnShape *s, const float *q, const float *k, const flo
                         0.0f, out + (b * Tq + t0) * qs + h * hd, (int)qs);
         }
     }
-    blas_set_threads(blas_prev);
 }
 
 void attention_bwd(const AttnShape *s, const float *q, const float *k, const float *v, const int32_t *doc_start,
@@ -293,7 +293,6 @@ void attention_bwd(const AttnShape *s, const float *q, const float *k, const flo
     memset(dk, 0, (size_t)(B * T * ks) * sizeof(float));
     memset(dv, 0, (size_t)(B * T * ks) * sizeof(float));
     const int64_t nqb = (T + QB - 1) / QB;
-    int blas_prev = blas_set_threads(1);
     // one task per (batch row, KV head): it owns dk/dv of that head and dq of the heads sharing it, and
     // walks heads and query blocks in a fixed order, so the dk/dv sums are race-free and deterministic
 #pragma omp parallel if (PAR(B * nh * T * T * hd / 2))
@@ -334,7 +333,6 @@ void attention_bwd(const AttnShape *s, const float *q, const float *k, const flo
                 }
         }
     }
-    blas_set_threads(blas_prev);
 }
 
 // ---------------------------------------------------------------- SwiGLU

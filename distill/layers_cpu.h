@@ -60,9 +60,9 @@ void attention_bwd(const AttnShape *s, const float *q, const float *k, const flo
 void swiglu_fwd(float *out, const float *gate, const float *up, int64_t n);
 void swiglu_bwd(float *dgate, float *dup, const float *dout, const float *gate, const float *up, int64_t n);
 
-// Sets the OpenBLAS thread count, returning the previous one (to restore it). Small GEMMs (decode steps)
-// and GEMMs issued from parallel tasks run single-threaded: OpenBLAS worker threads spin while waiting,
-// which costs far more than it saves when the cores are shared.
+// Sets the OpenBLAS thread count, returning the previous one (to restore it). We link OpenBLAS's OpenMP
+// build, in which this ALSO sets OpenMP's thread count for our own parallel loops, and a GEMM called inside
+// an OpenMP parallel region runs single-threaded by itself: so never pin around parallel regions.
 int blas_set_threads(int n);
 
 // exp(x) to about 2 ulp for x in [-87, 88] (clamped outside: exp(-87) ~ 1.6e-38 instead of underflow), by

@@ -1,5 +1,5 @@
 // test_engine_cpu.c: the whole-model engine on tiny random models, a teacher (all attention, tied head,
-// llama3 rope scaling) and a hybrid (attention + Mamba-1 layers, untied head):
+// llama3 rope scaling) and two hybrids (attention + Mamba-1 layers, attention + Mamba-2 layers; untied head):
 //  * gradients of every parameter tensor (sampled elements) against finite differences of the loss
 //    (CE + forward KL + reverse KL with temperature, masks, packed documents, plus a hidden-state MSE);
 //    the layers are checked against float64 in their own tests, so this checks the wiring;
@@ -7,7 +7,9 @@
 //  * prefill, chunked prefill and token-by-token decode give the logits of the full forward;
 //  * a packed row with resets equals its documents run separately (logits and gradients);
 //  * chunked head/loss streaming equals one chunk; the teacher-engine path equals given teacher logits;
-//  * a repeated step gives bit-identical loss and gradients.
+//  * a repeated step gives bit-identical loss and gradients;
+//  * the decoder: a ragged batched prefill (prompts of different lengths) then decode == each prompt alone;
+//    a speculative window (feed K tokens, accept keep[b]) leaves the state of feeding only the kept tokens.
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,7 +27,9 @@ typedef struct {
     float *p;
 } Model;
 
-static void model_make(Model *m, bool hybrid) {
+// mixer: MIXER_ATTN for the teacher, else the hybrid's Mamba kind
+static void model_make(Model *m, int mixer) {
+    const bool hybrid = mixer != MIXER_ATTN;
     LlamaConfig c = {0};
     c.n_layer = 3;
     c.d_model = 32;
@@ -45,7 +49,7 @@ static void model_make(Model *m, bool hybrid) {
     DlError e;
     if (hybrid) {
         int attn[1] = {1};
-        if (hybrid_config_init(&m->h, &c, MIXER_MAMBA1, attn, 1, &e)) {
+        if (hybrid_config_init(&m->h, &c, (MixerKind)mixer, attn, 1, &e)) {
             fprintf(stderr, "%s\n", e.msg);
             exit(1);
         }
@@ -374,24 +378,129 @@ static void test_range(Model *m) {
     free(h1), free(l1), free(l2);
 }
 
+// Ragged batched prefill: prompts of lengths 3, 7, 5 (padded to 7 with junk) prefilled together, then 2
+// decode steps, give each prompt's logits alone (a batch of 1) — attention masks each sequence's padding
+// and the Mamba state stops at each sequence's own length.
+static void test_ragged(Model *m, const char *what) {
+    DlError err;
+    const int64_t V = m->h.base.vocab;
+    enum { BR = 3, LM = 7, STEPS = 2 };
+    const int64_t n[BR] = {3, 7, 5};
+    int32_t tk[BR * LM], nxt[STEPS][BR];
+    for (int i = 0; i < BR * LM; i++) tk[i] = (int32_t)rng_below(&rng, (uint64_t)V);
+    for (int s = 0; s < STEPS; s++)
+        for (int b = 0; b < BR; b++) nxt[s][b] = (int32_t)rng_below(&rng, (uint64_t)V);
+    Decoder *D = decoder_new(&m->h, &m->r, m->p, BR, LM + STEPS, &err);
+    float *lg = malloc((size_t)(BR * V) * sizeof(float)), *got = malloc((size_t)((STEPS + 1) * BR * V) * sizeof(float));
+    float *ref = malloc((size_t)((STEPS + 1) * BR * V) * sizeof(float));
+    CHECK(decoder_feed_ragged(D, tk, LM, n, got, NULL, &err) == 0);
+    for (int b = 0; b < BR; b++) CHECK(decoder_seq_len(D, b) == n[b]);
+    for (int s = 0; s < STEPS; s++) CHECK(decoder_feed(D, nxt[s], 1, got + (s + 1) * BR * V, NULL, &err) == 0);
+    const int64_t bad[BR] = {0, 7, 5};
+    CHECK(decoder_feed_ragged(D, tk, LM, bad, lg, NULL, &err) != 0);  // n[b] outside 1..L: an error
+    Decoder *D1 = decoder_new(&m->h, &m->r, m->p, 1, LM + STEPS, &err);
+    for (int b = 0; b < BR; b++) {
+        decoder_reset(D1);
+        decoder_feed(D1, tk + b * LM, n[b], ref + b * V, NULL, &err);
+        for (int s = 0; s < STEPS; s++) decoder_feed(D1, &nxt[s][b], 1, ref + ((s + 1) * BR + b) * V, NULL, &err);
+    }
+    double rel = max_rel(got, ref, (STEPS + 1) * BR * V);
+    char buf[128];
+    snprintf(buf, sizeof buf, "%s: ragged batched prefill + decode == each prompt alone", what);
+    CHECK_REL(rel, 1e-5, buf);
+    printf("%s: ragged batch vs alone %.2e\n", what, rel);
+    decoder_free(D), decoder_free(D1);
+    free(lg), free(got), free(ref);
+}
+
+// Speculative window: after a prefill of 4, feed K = 4 tokens in a window (as verification does: one
+// multi-token feed), accept keep = {1, 4} and {0, 2}, then decode 2 tokens: the logits equal those of a
+// decoder fed only the kept tokens. Also a window of single-token feeds (a draft model's proposals).
+static void test_window(Model *m, const char *what) {
+    DlError err;
+    const int64_t V = m->h.base.vocab;
+    enum { BW = 2, P0 = 4, K = 4, AFTER = 2, ML = P0 + K + AFTER };
+    int32_t pr[BW * P0], win[BW * K], aft[AFTER][BW];
+    for (int i = 0; i < BW * P0; i++) pr[i] = (int32_t)rng_below(&rng, (uint64_t)V);
+    for (int i = 0; i < BW * K; i++) win[i] = (int32_t)rng_below(&rng, (uint64_t)V);
+    for (int s = 0; s < AFTER; s++)
+        for (int b = 0; b < BW; b++) aft[s][b] = (int32_t)rng_below(&rng, (uint64_t)V);
+    const int32_t keeps[3][BW] = {{1, 4}, {0, 2}, {3, 3}};
+    float *got = malloc((size_t)(AFTER * BW * V) * sizeof(float)), *ref = malloc((size_t)(AFTER * BW * V) * sizeof(float));
+    float *all = malloc((size_t)(BW * K * V) * sizeof(float));
+    Decoder *D = decoder_new(&m->h, &m->r, m->p, BW, ML, &err), *D1 = decoder_new(&m->h, &m->r, m->p, 1, ML, &err);
+    double worst = 0;
+    for (int c = 0; c < 3; c++)
+        for (int single = 0; single < 2; single++) {
+            decoder_reset(D);
+            CHECK(decoder_feed(D, pr, P0, NULL, NULL, &err) == 0);
+            decoder_window_begin(D);
+            if (single) {
+                for (int t = 0; t < K; t++) {
+                    int32_t col[BW];
+                    for (int b = 0; b < BW; b++) col[b] = win[b * K + t];
+                    CHECK(decoder_feed(D, col, 1, NULL, NULL, &err) == 0);
+                }
+            } else {
+                CHECK(decoder_feed(D, win, K, NULL, all, &err) == 0);
+            }
+            CHECK(decoder_accept(D, keeps[c], &err) == 0);
+            for (int b = 0; b < BW; b++) CHECK(decoder_seq_len(D, b) == P0 + keeps[c][b]);
+            for (int s = 0; s < AFTER; s++) CHECK(decoder_feed(D, aft[s], 1, got + s * BW * V, NULL, &err) == 0);
+            for (int b = 0; b < BW; b++) {
+                decoder_reset(D1);
+                int32_t seq[ML];
+                memcpy(seq, pr + b * P0, P0 * sizeof(int32_t));
+                memcpy(seq + P0, win + b * K, (size_t)keeps[c][b] * sizeof(int32_t));
+                decoder_feed(D1, seq, P0 + keeps[c][b], NULL, NULL, &err);
+                for (int s = 0; s < AFTER; s++) decoder_feed(D1, &aft[s][b], 1, ref + (s * BW + b) * V, NULL, &err);
+            }
+            double rel = max_rel(got, ref, AFTER * BW * V);
+            worst = fmax(worst, rel);
+            char buf[128];
+            snprintf(buf, sizeof buf, "%s: window accept {%d,%d} (%s) == kept tokens only", what, keeps[c][0],
+                     keeps[c][1], single ? "single feeds" : "one feed");
+            CHECK_REL(rel, 1e-5, buf);
+        }
+    int32_t over[BW] = {5, 0};
+    decoder_window_begin(D);
+    CHECK(decoder_accept(D, over, &err) != 0);  // more than the window fed: an error
+    printf("%s: speculative window accept vs kept-only worst %.2e\n", what, worst);
+    decoder_free(D), decoder_free(D1);
+    free(got), free(ref), free(all);
+}
+
 int main(void) {
     rng_init(&rng, 7, 0);
-    Model teacher, hybrid;
-    model_make(&teacher, false);
-    model_make(&hybrid, true);
+    Model teacher, hybrid, hybrid2;
+    model_make(&teacher, MIXER_ATTN);
+    model_make(&hybrid, MIXER_MAMBA1);
+    model_make(&hybrid2, MIXER_MAMBA2);
     make_batch(teacher.h.base.vocab);
     test_gradients(&teacher, "teacher");
     test_gradients(&hybrid, "hybrid");
+    test_gradients(&hybrid2, "hybrid-mamba2");
     test_decode(&teacher, "teacher");
     test_decode(&hybrid, "hybrid");
+    test_decode(&hybrid2, "hybrid-mamba2");
     test_packed(&teacher, "teacher");
     test_packed(&hybrid, "hybrid");
+    test_packed(&hybrid2, "hybrid-mamba2");
     test_range(&hybrid);
+    test_range(&hybrid2);
+    test_ragged(&teacher, "teacher");
+    test_ragged(&hybrid, "hybrid");
+    test_ragged(&hybrid2, "hybrid-mamba2");
+    test_window(&teacher, "teacher");
+    test_window(&hybrid, "hybrid");
+    test_window(&hybrid2, "hybrid-mamba2");
     test_determinism();
     DlError err;
     HybridConfig h2 = hybrid.h;
     h2.mixer[0] = MIXER_MAMBA2;
-    CHECK(engine_new(&h2, &hybrid.r, hybrid.p, 1, 4, 0, &err) == NULL);  // unsupported mixer: an error
+    CHECK(engine_new(&h2, &hybrid.r, hybrid.p, 1, 4, 0, &err) == NULL);  // Mamba-1 registry, Mamba-2 config: an error
+    CHECK(decoder_new(&h2, &hybrid.r, hybrid.p, 1, 4, &err) == NULL);
+    model_drop(&hybrid2);
     model_drop(&teacher);
     model_drop(&hybrid);
     return check_report("test_engine_cpu");
