@@ -22,6 +22,7 @@ typedef struct {
     ZeroLayout Z;
     Registry oreg;  // the optimizer's view: this rank's owned ranges (stage 0: every element)
     Registry sreg;  // this rank's ZeRO slice: the pieces its checkpoint file holds (= oreg for stages 1, 2)
+    int64_t *soff;  // stage 0: where sreg's slice of each tensor starts in the full-layout m, v (optim.h)
     float *flat;    // [Z.flat_numel] gradients / parameters in the flat layout
     float *shard;   // [Z.shard_numel] this rank's slice of the summed gradient
     float *pshard;  // [Z.shard_numel] this rank's slice of the updated parameters
@@ -43,8 +44,15 @@ static int dp_init(Dp *d, const TrainConfig *c, const OptimConfig *oc, DlError *
         return dl_fail_prefix(e, "%s: ", c->stage_name);
     reg_copy(&d->oreg, c->reg);
     reg_copy(&d->sreg, c->reg);
-    zero_apply_shards(&d->Z, &d->sreg, d->rank);
+    for (int k = 0; k < d->Z.n_seg; k++) {  // the rank's slice at any stage (zero_apply_shards: all at stage 0)
+        int64_t b = 0, en = 0;
+        zero_seg_owned(&d->Z, k, d->rank, &b, &en);
+        d->sreg.t[d->Z.seg[k].tensor].shard_begin = b;
+        d->sreg.t[d->Z.seg[k].tensor].shard_end = en;
+    }
     if (d->stage > 0) zero_apply_shards(&d->Z, &d->oreg, d->rank);
+    d->soff = dl_calloc((size_t)(c->reg->n ? c->reg->n : 1), sizeof(int64_t));
+    for (int i = 0; i < c->reg->n; i++) d->soff[i] = c->reg->t[i].offset + d->sreg.t[i].shard_begin;
     d->flat = dl_calloc((size_t)d->Z.flat_numel, sizeof(float));
     d->shard = dl_calloc((size_t)d->Z.shard_numel, sizeof(float));
     d->pshard = dl_calloc((size_t)d->Z.shard_numel, sizeof(float));
@@ -55,6 +63,7 @@ static void dp_free(Dp *d) {
     zero_layout_free(&d->Z);
     reg_free(&d->oreg);
     reg_free(&d->sreg);
+    free(d->soff);
     free(d->flat);
     free(d->shard);
     free(d->pshard);
@@ -142,6 +151,7 @@ static int save(const TrainConfig *c, const Optim *o, const Dp *d, BatchSource *
     if (d) {  // every rank writes its slice of m, v; rank 0 the weights and the manifest, last
         Optim view = *o;
         view.reg = &d->sreg;
+        if (d->stage == 0) view.mv_off = d->soff;  // every rank holds all of m, v; each writes its slice
         rc = ckpt_shard_save(d->g, c->run_dir, c->reg, c->params, &view, d->stage, &st, c->keep_checkpoints,
                              res->last_checkpoint, sizeof res->last_checkpoint, e);
     } else {
