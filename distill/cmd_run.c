@@ -365,6 +365,10 @@ DL_COMMAND(cmd_run, {
             "                    missing inputs are warnings, and teacher.config stands in for a missing teacher\n"
             "  --quiet           no progress output\n"
             "  --schema          print the recipe reference (every key, type, default, range) as Markdown\n\n"
-            "SIGINT/SIGTERM stop the run after the current step (exit 4); a second signal kills it at once.\n",
+            "SIGINT/SIGTERM stop the run after the current step (exit 4); a second signal kills it at once.\n\n"
+            "Data parallel: start one process per GPU (scripts/launch-local -n N, srun, mpirun, torchrun-style\n"
+            "RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT); the training stages split each global batch\n"
+            "(micro_batch x grad_accum x N) over the ranks with ZeRO hardware.zero = 0, 1 or 2; a run may resume\n"
+            "on another number of processes. See docs/MULTIGPU.md.\n",
     .run = run_main,
 })
