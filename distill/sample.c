@@ -62,3 +62,45 @@ int32_t sample_token(const float *logits, int64_t V, const SampleParams *p, Rng 
     free(c);
     return out;
 }
+
+void sample_probs(const float *logits, int64_t V, const SampleParams *p, double *probs) {
+    if (p->greedy || !(p->temperature > 0)) {
+        for (int64_t i = 0; i < V; i++) probs[i] = 0;
+        probs[sample_argmax(logits, V)] = 1;
+        return;
+    }
+    const double invT = 1.0 / p->temperature;
+    const double top_p = p->top_p > 0 && p->top_p < 1 ? p->top_p : 1.0;
+    double mx = -INFINITY, sum = 0;
+    for (int64_t i = 0; i < V; i++) mx = fmax(mx, (double)logits[i] * invT);
+    for (int64_t i = 0; i < V; i++) sum += probs[i] = exp((double)logits[i] * invT - mx);
+    if (top_p < 1.0) {  // zero everything outside the nucleus
+        Cand *c = dl_malloc((size_t)V * sizeof(Cand));
+        for (int64_t i = 0; i < V; i++) c[i].p = probs[i], c[i].id = (int32_t)i;
+        qsort(c, (size_t)V, sizeof(Cand), cand_cmp);
+        double acc = 0;
+        int64_t n = 0;
+        while (n < V) {
+            acc += c[n++].p;
+            if (acc >= top_p * sum) break;
+        }
+        for (int64_t i = n; i < V; i++) probs[c[i].id] = 0;
+        sum = acc;
+        free(c);
+    }
+    for (int64_t i = 0; i < V; i++) probs[i] /= sum;
+}
+
+int32_t sample_from_probs(const double *probs, int64_t V, double u) {
+    double sum = 0;
+    for (int64_t i = 0; i < V; i++) sum += probs[i];
+    double target = u * sum, acc = 0;
+    int32_t last = -1;
+    for (int64_t i = 0; i < V; i++) {
+        if (probs[i] <= 0) continue;
+        acc += probs[i];
+        last = (int32_t)i;
+        if (target < acc) return last;
+    }
+    return last < 0 ? 0 : last;  // rounding at the top end: the last token with mass
+}

@@ -16,3 +16,12 @@ typedef struct {
 int32_t sample_argmax(const float *logits, int64_t V);
 // One token from logits [V]. Deterministic for a given rng state; uses exactly one uniform draw unless greedy.
 int32_t sample_token(const float *logits, int64_t V, const SampleParams *p, Rng *rng);
+
+// The distribution sample_token draws from, as probabilities probs [V] (double, summing to 1): greedy gives
+// one-hot at sample_argmax; otherwise softmax(logits / temperature) restricted to the top-p nucleus (the same
+// nucleus as sample_token: most likely first, ties by lower id) and renormalized. Speculative sampling works
+// on these, so greedy speculative decoding reduces to exact argmax matching.
+void sample_probs(const float *logits, int64_t V, const SampleParams *p, double *probs);
+// The token i with cumsum(probs)[i-1] <= u * sum(probs) < cumsum(probs)[i] (ids in order); u in [0, 1).
+// Zero-probability tokens are never returned.
+int32_t sample_from_probs(const double *probs, int64_t V, double u);

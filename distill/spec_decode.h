@@ -1,0 +1,48 @@
+// spec_decode.h: plain and speculative generation for batches of prompts of any lengths (mambainllama.md §5).
+// A draft model proposes K tokens one at a time; the target verifies them in ONE multi-token feed
+// (decoder_window_begin + decoder_feed of [pending, d1..dK] with all logits) and keeps the accepted prefix
+// (decoder_accept: KV rollback by length, Mamba state replayed from the cached window-start state).
+// Acceptance is standard speculative sampling: d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i));
+// at the first rejection a token is drawn from normalize(max(p_i - q_i, 0)); when all K are accepted a bonus
+// token is drawn from p_{K+1}. p and q are the sampling distributions (sample_probs: temperature, top-p), so
+// the output has exactly the target's distribution, and greedy decoding (one-hot p, q) reduces to exact
+// argmax matching: the same tokens as plain greedy decoding.
+#pragma once
+#include <stdint.h>
+
+#include "distill/engine.h"
+#include "distill/rng.h"
+#include "distill/sample.h"
+
+#define SPEC_MAX_K 16
+
+typedef struct {
+    int k;                // draft tokens per step, 1 .. SPEC_MAX_K
+    SampleParams sp;      // shared by draft and target
+    int64_t max_tokens;   // per sequence
+    int32_t stop[2];      // stop token ids (< 0: none); a stop token is emitted, then the sequence ends
+} GenParams;
+
+typedef struct {
+    int64_t steps;                     // target verification steps summed over active sequences
+    int64_t accepted_at[SPEC_MAX_K];   // how often draft position i (0-based) was accepted
+    int64_t emitted;                   // tokens emitted (before truncation to max_tokens)
+    int64_t target_feeds, draft_feeds; // decoder_feed calls (any length)
+} SpecStats;
+
+// Decoder capacity (max_len) that generation of max_tokens after prompts of up to Lmax tokens needs.
+int64_t spec_max_len(int64_t Lmax, int64_t max_tokens, int k);
+
+// Plain generation: prompts [B, Lmax] (row b holds plen[b] >= 1 tokens, the rest padding), one token per step.
+// out [B, max_tokens] gets the tokens, n_out [B] their count. The target decoder has B sequences and at least
+// spec_max_len(...) capacity; it is reset first. Returns 0 or -1 (e filled).
+int gen_plain(Decoder *target, const int32_t *prompts, const int64_t *plen, int64_t Lmax, const GenParams *gp,
+              Rng *rng, int32_t *out, int64_t *n_out, DlError *e);
+// Speculative generation: as gen_plain with a draft decoder (same B and vocabulary). stats may be NULL.
+int gen_speculative(Decoder *target, Decoder *draft, const int32_t *prompts, const int64_t *plen, int64_t Lmax,
+                    const GenParams *gp, Rng *rng, int32_t *out, int64_t *n_out, SpecStats *stats, DlError *e);
+
+// A draft model cut from a model: the embeddings, final norm and head plus layers layers[0..n) (in that
+// order, renumbered 0..n-1). dh/dr/dparams are filled (free with reg_free and free). Returns 0 or -1.
+int spec_draft_from_layers(const HybridConfig *h, const Registry *r, const float *params, const int *layers, int n,
+                           HybridConfig *dh, Registry *dr, float **dparams, DlError *e);

@@ -1,0 +1,183 @@
+// test_spec_decode.c: speculative decoding on tiny random models.
+//  * greedy speculative output == plain greedy output, token for token, for a teacher target (draft: a 1-layer
+//    cut of it) and a Mamba-1 / Mamba-2 hybrid target (draft: a separate tiny model), K = 1, 2, 3, 5, batches
+//    of prompts of different lengths; and the target as its own draft (every proposal accepted);
+//  * sampled speculative output has the target's distribution: the joint distribution of the first two
+//    tokens over 6000 sequences (one batch, fixed seed: deterministic) against the exact target probabilities,
+//    chi-square with 63 degrees of freedom; the same samples against the draft's distribution must fail
+//    (the test can detect a wrong distribution).
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "distill/engine.h"
+#include "distill/spec_decode.h"
+#include "tests/check.h"
+
+#define CHECK_MSG(cond, msg)                                        \
+    do {                                                            \
+        if (cond) check_pass_++;                                    \
+        else check_fail_++, fprintf(stderr, "FAILED: %s\n", msg);  \
+    } while (0)
+
+static Rng rng;
+
+typedef struct {
+    HybridConfig h;
+    Registry r;
+    float *p;
+} Model;
+
+static void model_make(Model *m, int mixer, int n_layer, int vocab, double scale) {
+    LlamaConfig c = {0};
+    c.n_layer = n_layer, c.d_model = 32, c.n_head = 4, c.n_kv_head = 2, c.head_dim = 8, c.d_ff = 48;
+    c.vocab = vocab, c.max_pos = 4096, c.rope_theta = 10000, c.rms_eps = 1e-5, c.bos_id = c.eos_id = -1;
+    c.tied_embeddings = true;
+    DlError e;
+    int attn[1] = {1};
+    if (mixer == MIXER_ATTN) hybrid_config_teacher(&m->h, &c);
+    else CHECK(hybrid_config_init(&m->h, &c, (MixerKind)mixer, attn, 1, &e) == 0);
+    model_build_registry(&m->h, &m->r);
+    m->p = calloc((size_t)m->r.numel, sizeof(float));
+    for (int i = 0; i < m->r.n; i++) {
+        TensorInfo *t = &m->r.t[i];
+        for (int64_t k = 0; k < t->numel; k++) {
+            double z = rng_normal(&rng);
+            float *x = m->p + t->offset + k;
+            if (strstr(t->name, "norm") || strstr(t->name, ".D")) *x = 1.0f;
+            else if (strstr(t->name, "A_log")) *x = (float)log((double)(k % m->h.d_state + 1));
+            else *x = (float)(scale * z);
+        }
+    }
+}
+
+static void model_drop(Model *m) {
+    free(m->p);
+    reg_free(&m->r);
+}
+
+// greedy: speculative == plain for several K and a ragged batch of prompts
+static void test_greedy(Model *tg, Model *dr, const char *what) {
+    DlError e;
+    enum { BG = 3, LM = 6, NT = 24 };
+    const int64_t plen[BG] = {6, 2, 4};
+    int32_t pr[BG * LM];
+    for (int i = 0; i < BG * LM; i++) pr[i] = (int32_t)rng_below(&rng, (uint64_t)tg->h.base.vocab);
+    GenParams gp = {.k = 1, .sp = {.greedy = true}, .max_tokens = NT, .stop = {-1, -1}};
+    int32_t ref[BG * NT], got[BG * NT];
+    int64_t nref[BG], ngot[BG];
+    const int ks[] = {1, 2, 3, 5};
+    for (size_t ki = 0; ki < 4; ki++) {
+        gp.k = ks[ki];
+        int64_t ml = spec_max_len(LM, NT, gp.k);
+        Decoder *T = decoder_new(&tg->h, &tg->r, tg->p, BG, ml, &e), *D = decoder_new(&dr->h, &dr->r, dr->p, BG, ml, &e);
+        Rng r1, r2;
+        rng_init(&r1, 1, 0), rng_init(&r2, 1, 0);
+        CHECK(gen_plain(T, pr, plen, LM, &gp, &r1, ref, nref, &e) == 0);
+        SpecStats st;
+        CHECK(gen_speculative(T, D, pr, plen, LM, &gp, &r2, got, ngot, &st, &e) == 0);
+        bool same = true;
+        for (int b = 0; b < BG; b++) same = same && nref[b] == NT && ngot[b] == NT;
+        same = same && memcmp(ref, got, sizeof ref) == 0;
+        char buf[128];
+        snprintf(buf, sizeof buf, "%s: greedy speculative == plain (k=%d)", what, gp.k);
+        CHECK_MSG(same, buf);
+        printf("%s k=%d: %lld steps, %.2f tokens/step, accepted at pos0 %.2f\n", what, gp.k, (long long)st.steps,
+               (double)st.emitted / (double)st.steps, (double)st.accepted_at[0] / (double)st.steps);
+        decoder_free(T), decoder_free(D);
+    }
+}
+
+// exact probabilities of the first two sampled tokens after prompt: joint [V, V]
+static void exact_joint(Model *m, const int32_t *prompt, int64_t L, const SampleParams *sp, double *joint) {
+    DlError e;
+    const int64_t V = m->h.base.vocab;
+    Decoder *D = decoder_new(&m->h, &m->r, m->p, 1, L + 2, &e);
+    float *lg = malloc((size_t)V * sizeof(float));
+    double *p1 = malloc((size_t)V * sizeof(double)), *p2 = malloc((size_t)V * sizeof(double));
+    decoder_feed(D, prompt, L, lg, NULL, &e);
+    sample_probs(lg, V, sp, p1);
+    for (int32_t a = 0; a < V; a++) {
+        decoder_reset(D);
+        decoder_feed(D, prompt, L, NULL, NULL, &e);
+        decoder_feed(D, &a, 1, lg, NULL, &e);
+        sample_probs(lg, V, sp, p2);
+        for (int64_t c = 0; c < V; c++) joint[a * V + c] = p1[a] * p2[c];
+    }
+    decoder_free(D);
+    free(lg), free(p1), free(p2);
+}
+
+static double chi2(const int64_t *count, const double *prob, int64_t cells, int64_t n) {
+    double x = 0;
+    for (int64_t i = 0; i < cells; i++) {
+        double ex = prob[i] * (double)n;
+        x += ex > 0 ? (count[i] - ex) * (count[i] - ex) / ex : (count[i] ? 1e30 : 0);
+    }
+    return x;
+}
+
+static void test_distribution(int mixer, int k, bool cut, const char *what) {
+    DlError e;
+    enum { V = 8, NS = 6000, LP = 3 };
+    Model tg, dr;
+    model_make(&tg, mixer, 3, V, 0.5);
+    if (cut) {  // a 2-layer cut of the target: frequent acceptances of several tokens
+        int ls[2] = {0, 2};
+        CHECK(spec_draft_from_layers(&tg.h, &tg.r, tg.p, ls, 2, &dr.h, &dr.r, &dr.p, &e) == 0);
+    } else {
+        model_make(&dr, MIXER_ATTN, 1, V, 0.5);  // an unrelated draft: many rejections exercise the residual
+    }
+    int32_t prompt[LP] = {1, 5, 2}, *pr = malloc(sizeof(int32_t) * NS * LP);
+    int64_t *plen = malloc(sizeof(int64_t) * NS), *nout = malloc(sizeof(int64_t) * NS);
+    for (int i = 0; i < NS; i++) memcpy(pr + i * LP, prompt, sizeof prompt), plen[i] = LP;
+    GenParams gp = {.k = k, .sp = {.greedy = false, .temperature = 1.0f, .top_p = 1.0f}, .max_tokens = 2, .stop = {-1, -1}};
+    int64_t ml = spec_max_len(LP, 2, k);
+    Decoder *T = decoder_new(&tg.h, &tg.r, tg.p, NS, ml, &e), *D = decoder_new(&dr.h, &dr.r, dr.p, NS, ml, &e);
+    int32_t *out = malloc(sizeof(int32_t) * NS * 2);
+    Rng r;
+    rng_init(&r, 12345, 0);
+    SpecStats st;
+    CHECK(gen_speculative(T, D, pr, plen, LP, &gp, &r, out, nout, &st, &e) == 0);
+    int64_t count[V * V] = {0};
+    for (int i = 0; i < NS; i++) count[out[i * 2] * V + out[i * 2 + 1]]++;
+    double pt[V * V], pd[V * V];
+    exact_joint(&tg, prompt, LP, &gp.sp, pt);
+    exact_joint(&dr, prompt, LP, &gp.sp, pd);
+    // df = 63: mean 63, sd 11.2; 120 is p ~ 1e-6 (the samples are fixed by the seed, so this cannot flake)
+    double xt = chi2(count, pt, V * V, NS), xd = chi2(count, pd, V * V, NS);
+    char buf[128];
+    snprintf(buf, sizeof buf, "%s k=%d: sampled speculative output ~ target (chi2 %.1f, df 63)", what, k, xt);
+    CHECK_MSG(xt < 120, buf);
+    snprintf(buf, sizeof buf, "%s k=%d: the same samples reject the draft's distribution (chi2 %.1f)", what, k, xd);
+    if (!cut) CHECK_MSG(xd > 200, buf);  // (a cut may be close to the target)
+    printf("%s k=%d: chi2 vs target %.1f, vs draft %.1f (df 63), acceptance at pos0 %.2f\n", what, k, xt, xd,
+           (double)st.accepted_at[0] / (double)st.steps);
+    decoder_free(T), decoder_free(D);
+    free(pr), free(plen), free(nout), free(out);
+    model_drop(&tg), model_drop(&dr);
+}
+
+int main(void) {
+    rng_init(&rng, 3, 0);
+    Model teacher, cut, hyb1, hyb2, small;
+    DlError e;
+    model_make(&teacher, MIXER_ATTN, 3, 29, 0.3);
+    int layers[1] = {0};
+    CHECK(spec_draft_from_layers(&teacher.h, &teacher.r, teacher.p, layers, 1, &cut.h, &cut.r, &cut.p, &e) == 0);
+    int bad[1] = {7};
+    Model tmp;
+    CHECK(spec_draft_from_layers(&teacher.h, &teacher.r, teacher.p, bad, 1, &tmp.h, &tmp.r, &tmp.p, &e) != 0);
+    test_greedy(&teacher, &cut, "teacher target, 1-layer cut draft");
+    model_make(&hyb1, MIXER_MAMBA1, 3, 29, 0.3);
+    model_make(&hyb2, MIXER_MAMBA2, 3, 29, 0.3);
+    model_make(&small, MIXER_ATTN, 1, 29, 0.3);
+    test_greedy(&hyb1, &small, "mamba1 hybrid target");
+    test_greedy(&hyb2, &cut, "mamba2 hybrid target");
+    test_greedy(&hyb1, &hyb1, "mamba1 hybrid, itself as draft");  // all accepted: bonus tokens, 2 pending
+    test_distribution(MIXER_ATTN, 3, false, "teacher target");
+    test_distribution(MIXER_MAMBA2, 2, false, "mamba2 hybrid target");
+    test_distribution(MIXER_MAMBA1, 4, true, "mamba1 hybrid target, cut draft");
+    model_drop(&teacher), model_drop(&cut), model_drop(&hyb1), model_drop(&hyb2), model_drop(&small);
+    return check_report("test_spec_decode");
+}
