@@ -3,6 +3,10 @@
 #pragma once
 #include <stdio.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef struct {
     const char *name;     // "inspect"
     const char *usage;    // "FILE" (arguments after the name, for the usage line)
@@ -22,3 +26,7 @@ void dl_command_help(const DlCommand *cmd, FILE *f);
 #define DL_COMMAND(var, ...)                                                          \
     static const DlCommand var = __VA_ARGS__;                                         \
     __attribute__((constructor)) static void var##_register(void) { dl_register_command(&var); }
+
+#ifdef __cplusplus
+}
+#endif

@@ -63,7 +63,7 @@ void dl_info(const char *fmt, ...) {
     fputc('\n', stderr);
 }
 
-static _Noreturn void oom(size_t n, const char *file, int line) {
+static DL_NORETURN void oom(size_t n, const char *file, int line) {
     dl_die(DL_EXIT_RUNTIME,
            "out of memory allocating %zu bytes at %s:%d\n---> HINT: use a smaller model, batch or "
            "sequence length, or a machine with more memory",

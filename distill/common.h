@@ -14,6 +14,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+// C and CUDA C++ both include these headers (the CUDA engine is compiled by nvcc as C++).
+#ifdef __cplusplus
+#define DL_NORETURN [[noreturn]]
+extern "C" {
+#else
+#define DL_NORETURN _Noreturn
+#endif
+
 // Exit codes of the distill program (documented in README and `distill --help`).
 enum {
     DL_EXIT_OK = 0,
@@ -34,7 +42,7 @@ int dl_fail(DlError *e, const char *fmt, ...) __attribute__((format(printf, 2, 3
 int dl_fail_prefix(DlError *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 // Prints "distill: error: <msg>" and exits with code.
-_Noreturn void dl_die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+DL_NORETURN void dl_die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 // Prints "distill: warning: <msg>".
 void dl_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 // Informational output on stderr unless quiet mode is set (dl_set_quiet).
@@ -70,6 +78,10 @@ static inline bool dl_mul_ok(uint64_t a, uint64_t b, uint64_t *out) {
 static inline bool dl_add_ok(uint64_t a, uint64_t b, uint64_t *out) {
     return !__builtin_add_overflow(a, b, out);
 }
+
+#ifdef __cplusplus
+}
+#endif
 
 #define DL_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define DL_MAX(a, b) ((a) > (b) ? (a) : (b))

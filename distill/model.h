@@ -9,6 +9,10 @@
 #include "distill/common.h"
 #include "distill/registry.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define DL_MAX_LAYERS 256
 
 typedef struct {
@@ -67,3 +71,7 @@ void model_build_registry(const HybridConfig *h, Registry *r);
 
 // Parameters of one layer's mixer (for plans and reports).
 int64_t mixer_param_count(const HybridConfig *h, int layer);
+
+#ifdef __cplusplus
+}
+#endif

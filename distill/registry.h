@@ -10,6 +10,10 @@
 #include "distill/common.h"
 #include "distill/dtype.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define DL_TENSOR_NAME_MAX 96
 #define DL_MAX_DIMS 4
 // Offsets are aligned to this many elements (64 bytes in fp32) for vector loads and device copies.
@@ -65,3 +69,7 @@ int64_t reg_params_numel(const Registry *r);  // sum of numel, padding excluded
 // Shape as "[576, 49152]" into buf.
 const char *reg_shape_str(const TensorInfo *t, char *buf, size_t n);
 void reg_print(const Registry *r, FILE *f);
+
+#ifdef __cplusplus
+}
+#endif

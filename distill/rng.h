@@ -4,6 +4,10 @@
 #pragma once
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef struct {
     uint64_t s[4];
 } Rng;
@@ -18,3 +22,7 @@ double rng_uniform_f64(Rng *r);
 uint64_t rng_below(Rng *r, uint64_t n);
 // Standard normal (Box-Muller; uses two uniforms per call, no cached spare, so the state is all there is).
 double rng_normal(Rng *r);
+
+#ifdef __cplusplus
+}
+#endif
