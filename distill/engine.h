@@ -127,3 +127,7 @@ int decoder_feed_ragged(Decoder *d, const int32_t *tokens, int64_t L, const int6
 // When every sequence keeps the whole window, nothing is recomputed.
 void decoder_window_begin(Decoder *d);
 int decoder_accept(Decoder *d, const int32_t *keep, DlError *e);
+
+// Benchmarks only: sets every sequence's length to len without feeding tokens (the KV rows below len are
+// zeroed, Mamba states kept), so the decode speed at a long context can be timed without a long prefill.
+int decoder_seek(Decoder *d, int64_t len, DlError *e);

@@ -842,3 +842,19 @@ int decoder_accept(Decoder *D, const int32_t *keep, DlError *err) {
     }
     return 0;
 }
+
+int decoder_seek(Decoder *D, int64_t len, DlError *err) {
+    if (len < 0 || len >= D->max_len)
+        return dl_fail(err, "decoder_seek: length %lld outside 0..%lld", (long long)len, (long long)D->max_len - 1);
+    const LlamaConfig *c = &D->h.base;
+    const int64_t kvd = (int64_t)c->n_kv_head * c->head_dim;
+    for (int l = 0; l < c->n_layer; l++)
+        if (D->h.mixer[l] == MIXER_ATTN)
+            for (int64_t b = 0; b < D->B; b++) {
+                memset(D->kc[l] + b * D->max_len * kvd, 0, (size_t)(len * kvd) * sizeof(float));
+                memset(D->vc[l] + b * D->max_len * kvd, 0, (size_t)(len * kvd) * sizeof(float));
+            }
+    for (int64_t b = 0; b < D->B; b++) D->len[b] = len;
+    D->win = false;
+    return 0;
+}

@@ -1,0 +1,271 @@
+// cmd_eval_spec.c: `distill eval-spec`: plain vs speculative decoding speed of a target with a draft model
+// (a file, or a cut of the target's layers), acceptance per draft position, tokens per step and speedup, at
+// several batch sizes and K; and plain decode speed at long contexts (the hybrid against its teacher).
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "distill/command.h"
+#include "distill/common.h"
+#include "distill/engine.h"
+#include "distill/model_io.h"
+#include "distill/spec_decode.h"
+#include "distill/tokenizer.h"
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+// "1,2,4" -> values (at most cap); returns the count or -1
+static int parse_list(const char *s, int *v, int cap) {
+    int n = 0;
+    while (s && *s && n < cap) {
+        char *end;
+        long x = strtol(s, &end, 10);
+        if (end == s) return -1;
+        v[n++] = (int)x;
+        s = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') return -1;
+    }
+    return n;
+}
+
+static const char *default_prompts[] = {
+    "The history of the printing press begins",
+    "Here is a short explanation of how photosynthesis works:",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea,",
+    "The three most important rules of writing clear code are",
+    "In 1969, the first humans landed on the Moon.",
+    "A recipe for pancakes: first, mix",
+    "The capital of France is Paris. The capital of Germany is",
+};
+
+typedef struct {
+    int32_t *ids;  // [n, Lmax]
+    int64_t *len;  // [n]
+    int64_t n, Lmax;
+} Prompts;
+
+static int64_t total(const int64_t *n, int64_t B) {
+    int64_t s = 0;
+    for (int64_t b = 0; b < B; b++) s += n[b];
+    return s;
+}
+
+static int run_eval_spec(int argc, char **argv) {
+    const char *target = NULL, *draft = NULL, *draft_layers = NULL, *prompts_path = NULL, *json = NULL;
+    const char *teacher = NULL, *ks = "4", *batches = "1", *contexts = NULL;
+    int64_t max_tokens = 64;
+    double temperature = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        bool has = i + 1 < argc;
+        if (!strcmp(a, "--target") && has) target = argv[++i];
+        else if (!strcmp(a, "--draft") && has) draft = argv[++i];
+        else if (!strcmp(a, "--draft-layers") && has) draft_layers = argv[++i];
+        else if (!strcmp(a, "--teacher") && has) teacher = argv[++i];
+        else if (!strcmp(a, "--k") && has) ks = argv[++i];
+        else if (!strcmp(a, "--batch") && has) batches = argv[++i];
+        else if (!strcmp(a, "--prompts") && has) prompts_path = argv[++i];
+        else if (!strcmp(a, "--max-tokens") && has) max_tokens = atoll(argv[++i]);
+        else if (!strcmp(a, "--temperature") && has) temperature = atof(argv[++i]);
+        else if (!strcmp(a, "--contexts") && has) contexts = argv[++i];
+        else if (!strcmp(a, "--json") && has) json = argv[++i];
+        else dl_die(DL_EXIT_USAGE, "eval-spec: unknown or incomplete option %s (see distill eval-spec --help)", a);
+    }
+    if (!target) dl_die(DL_EXIT_USAGE, "eval-spec: --target MODEL is required");
+    if (!contexts && !draft == !draft_layers) dl_die(DL_EXIT_USAGE, "eval-spec: give exactly one of --draft MODEL, --draft-layers L,..");
+    int kv[16], bv[16], cv[16];
+    int nk = parse_list(ks, kv, 16), nb = parse_list(batches, bv, 16), nc = contexts ? parse_list(contexts, cv, 16) : 0;
+    if (nk <= 0 || nb <= 0 || nc < 0) dl_die(DL_EXIT_USAGE, "eval-spec: --k, --batch and --contexts take lists like 1,2,4");
+    for (int i = 0; i < nk; i++)
+        if (kv[i] < 1 || kv[i] > 8) dl_die(DL_EXIT_USAGE, "eval-spec: --k %d outside 1..8", kv[i]);
+    for (int i = 0; i < nb; i++)
+        if (bv[i] < 1) dl_die(DL_EXIT_USAGE, "eval-spec: --batch %d must be positive", bv[i]);
+    if (max_tokens < 1) dl_die(DL_EXIT_USAGE, "eval-spec: --max-tokens must be positive");
+    DlError e;
+    LoadedModel T, Dm = {0};
+    if (model_load(target, 0, &T, &e)) dl_die(DL_EXIT_INPUT, "eval-spec: %s", e.msg);
+    FILE *js = NULL;
+    if (json && !(js = fopen(json, "w"))) dl_die(DL_EXIT_RUNTIME, "eval-spec: cannot write %s", json);
+    if (js) fprintf(js, "{\"target\": \"%s\", \"max_tokens\": %lld, \"temperature\": %g", target, (long long)max_tokens, temperature);
+    GenParams gp = {.sp = {.greedy = temperature <= 0, .temperature = (float)temperature, .top_p = 1}, .max_tokens = max_tokens,
+                    .stop = {-1, -1}};  // no stop: every run generates exactly max_tokens (comparable timings)
+    if (draft || draft_layers) {
+        if (draft) {
+            if (model_load(draft, 0, &Dm, &e)) dl_die(DL_EXIT_INPUT, "eval-spec: %s", e.msg);
+        } else {
+            int lay[DL_MAX_LAYERS];
+            int nl = parse_list(draft_layers, lay, DL_MAX_LAYERS);
+            if (nl <= 0) dl_die(DL_EXIT_USAGE, "eval-spec: --draft-layers takes a list like 0,29");
+            if (spec_draft_from_layers(&T.hc, &T.reg, T.params, lay, nl, &Dm.hc, &Dm.reg, &Dm.params, &e))
+                dl_die(DL_EXIT_INPUT, "eval-spec: %s", e.msg);
+        }
+        if (Dm.hc.base.vocab != T.hc.base.vocab)
+            dl_die(DL_EXIT_INPUT, "eval-spec: draft vocabulary %d != target vocabulary %d", Dm.hc.base.vocab, T.hc.base.vocab);
+        // prompts
+        Tokenizer *tok = NULL;
+        if (tokenizer_load(target, &tok, &e)) dl_die(DL_EXIT_INPUT, "eval-spec: no tokenizer in %s (%s)", target, e.msg);
+        char **lines = NULL;
+        int64_t nl = 0;
+        if (prompts_path) {
+            FILE *f = fopen(prompts_path, "r");
+            if (!f) dl_die(DL_EXIT_INPUT, "eval-spec: cannot read %s", prompts_path);
+            char buf[8192];
+            while (fgets(buf, sizeof buf, f)) {
+                buf[strcspn(buf, "\r\n")] = 0;
+                if (!buf[0]) continue;
+                lines = realloc(lines, (size_t)(nl + 1) * sizeof(char *));
+                lines[nl++] = dl_strdup(buf);
+            }
+            fclose(f);
+            if (nl == 0) dl_die(DL_EXIT_INPUT, "eval-spec: %s has no prompts (one per line)", prompts_path);
+        } else {
+            nl = (int64_t)DL_ARRAY_LEN(default_prompts);
+            lines = malloc((size_t)nl * sizeof(char *));
+            for (int64_t i = 0; i < nl; i++) lines[i] = dl_strdup(default_prompts[i]);
+        }
+        int32_t **enc = malloc((size_t)nl * sizeof(int32_t *));
+        int64_t *elen = malloc((size_t)nl * sizeof(int64_t)), Lmax = 1;
+        for (int64_t i = 0; i < nl; i++) {
+            if (tokenizer_encode(tok, lines[i], strlen(lines[i]), &enc[i], &elen[i], &e) || elen[i] < 1)
+                dl_die(DL_EXIT_INPUT, "eval-spec: prompt %lld: cannot encode", (long long)i + 1);
+            Lmax = DL_MAX(Lmax, elen[i]);
+        }
+        printf("eval-spec: target %s (%d layers), draft %s (%d layers), %lld prompts, %lld new tokens each, %s\n", target,
+               T.hc.base.n_layer, draft ? draft : draft_layers, Dm.hc.base.n_layer, (long long)nl, (long long)max_tokens,
+               gp.sp.greedy ? "greedy" : "sampled");
+        printf("%5s %3s %10s %10s %8s %8s  %s\n", "batch", "k", "plain t/s", "spec t/s", "speedup", "tok/step", "acceptance per draft position");
+        if (js) fprintf(js, ", \"draft\": \"%s\", \"draft_layers\": %d, \"runs\": [", draft ? draft : draft_layers, Dm.hc.base.n_layer);
+        bool first = true;
+        for (int bi = 0; bi < nb; bi++) {
+            const int64_t B = bv[bi];
+            int32_t *pr = dl_calloc((size_t)(B * Lmax), sizeof(int32_t)), *out = dl_malloc((size_t)(B * max_tokens) * sizeof(int32_t));
+            int64_t *pl = dl_malloc((size_t)B * sizeof(int64_t)), *no = dl_malloc((size_t)B * sizeof(int64_t));
+            const int64_t kmax = 8;
+            Decoder *dt = decoder_new(&T.hc, &T.reg, T.params, B, spec_max_len(Lmax, max_tokens, kmax), &e);
+            Decoder *dd = decoder_new(&Dm.hc, &Dm.reg, Dm.params, B, spec_max_len(Lmax, max_tokens, kmax), &e);
+            if (!dt || !dd) dl_die(DL_EXIT_INPUT, "eval-spec: %s", e.msg);
+            // plain: every prompt once, in batches of B
+            double tp = 0;
+            int64_t ntp = 0;
+            Rng rng;
+            rng_init(&rng, 0, 0);
+            for (int64_t s = 0; s < nl; s += B) {
+                for (int64_t b = 0; b < B; b++) {  // a short last batch repeats prompts
+                    int64_t i = (s + b) % nl;
+                    memcpy(pr + b * Lmax, enc[i], (size_t)elen[i] * sizeof(int32_t));
+                    pl[b] = elen[i];
+                }
+                double t0 = now_s();
+                if (gen_plain(dt, pr, pl, Lmax, &gp, &rng, out, no, &e)) dl_die(DL_EXIT_RUNTIME, "eval-spec: %s", e.msg);
+                tp += now_s() - t0, ntp += total(no, B);
+            }
+            for (int ki = 0; ki < nk; ki++) {
+                gp.k = kv[ki];
+                SpecStats acc = {0};
+                double ts = 0;
+                int64_t nts = 0;
+                rng_init(&rng, 0, 0);
+                for (int64_t s = 0; s < nl; s += B) {
+                    for (int64_t b = 0; b < B; b++) {
+                        int64_t i = (s + b) % nl;
+                        memcpy(pr + b * Lmax, enc[i], (size_t)elen[i] * sizeof(int32_t));
+                        pl[b] = elen[i];
+                    }
+                    SpecStats st;
+                    double t0 = now_s();
+                    if (gen_speculative(dt, dd, pr, pl, Lmax, &gp, &rng, out, no, &st, &e))
+                        dl_die(DL_EXIT_RUNTIME, "eval-spec: %s", e.msg);
+                    ts += now_s() - t0, nts += total(no, B);
+                    acc.steps += st.steps, acc.emitted += st.emitted;
+                    for (int i = 0; i < gp.k; i++) acc.accepted_at[i] += st.accepted_at[i];
+                }
+                double ptps = ntp / tp, stps = nts / ts, tps = (double)acc.emitted / (double)DL_MAX(acc.steps, 1);
+                printf("%5lld %3d %10.1f %10.1f %7.2fx %8.2f ", (long long)B, gp.k, ptps, stps, stps / ptps, tps);
+                for (int i = 0; i < gp.k; i++) printf(" %.2f", (double)acc.accepted_at[i] / (double)DL_MAX(acc.steps, 1));
+                printf("\n");
+                if (js) {
+                    fprintf(js, "%s{\"batch\": %lld, \"k\": %d, \"plain_tokens_per_s\": %.3f, \"spec_tokens_per_s\": %.3f, "
+                                "\"speedup\": %.4f, \"tokens_per_step\": %.4f, \"acceptance\": [",
+                            first ? "" : ", ", (long long)B, gp.k, ptps, stps, stps / ptps, tps);
+                    for (int i = 0; i < gp.k; i++)
+                        fprintf(js, "%s%.4f", i ? ", " : "", (double)acc.accepted_at[i] / (double)DL_MAX(acc.steps, 1));
+                    fprintf(js, "]}");
+                    first = false;
+                }
+            }
+            decoder_free(dt), decoder_free(dd);
+            free(pr), free(out), free(pl), free(no);
+        }
+        if (js) fprintf(js, "]");
+        for (int64_t i = 0; i < nl; i++) free(lines[i]), free(enc[i]);
+        free(lines), free(enc), free(elen);
+        tokenizer_free(tok);
+    }
+    if (nc > 0) {  // plain decode speed at long contexts: the target (a hybrid) vs --teacher
+        LoadedModel Te = {0};
+        if (teacher && model_load(teacher, 0, &Te, &e)) dl_die(DL_EXIT_INPUT, "eval-spec: %s", e.msg);
+        printf("decode speed at context (batch 1, 32 steps, cache filled by decoder_seek):\n%8s %14s %14s\n", "context",
+               "target t/s", teacher ? "teacher t/s" : "");
+        if (js) fprintf(js, ", \"contexts\": [");
+        for (int ci = 0; ci < nc; ci++) {
+            double r[2] = {0, 0};
+            for (int m = 0; m < (teacher ? 2 : 1); m++) {
+                LoadedModel *M = m ? &Te : &T;
+                Decoder *d = decoder_new(&M->hc, &M->reg, M->params, 1, cv[ci] + 40, &e);
+                if (!d || decoder_seek(d, cv[ci], &e)) dl_die(DL_EXIT_INPUT, "eval-spec: %s", e.msg);
+                float *lg = dl_malloc((size_t)M->hc.base.vocab * sizeof(float));
+                int32_t tk = 1;
+                decoder_feed(d, &tk, 1, lg, NULL, &e);  // warm-up
+                double t0 = now_s();
+                for (int s = 0; s < 32; s++) {
+                    tk = sample_argmax(lg, M->hc.base.vocab);
+                    if (decoder_feed(d, &tk, 1, lg, NULL, &e)) dl_die(DL_EXIT_RUNTIME, "eval-spec: %s", e.msg);
+                }
+                r[m] = 32 / (now_s() - t0);
+                free(lg);
+                decoder_free(d);
+            }
+            if (teacher) printf("%8d %14.1f %14.1f\n", cv[ci], r[0], r[1]);
+            else printf("%8d %14.1f\n", cv[ci], r[0]);
+            if (js) fprintf(js, "%s{\"context\": %d, \"target_tokens_per_s\": %.3f, \"teacher_tokens_per_s\": %.3f}",
+                            ci ? ", " : "", cv[ci], r[0], r[1]);
+        }
+        if (js) fprintf(js, "]");
+        if (teacher) model_free(&Te);
+    }
+    if (js) {
+        fprintf(js, "}\n");
+        fclose(js);
+    }
+    if (Dm.params) {
+        if (draft) model_free(&Dm);
+        else free(Dm.params), reg_free(&Dm.reg);
+    }
+    model_free(&T);
+    return DL_EXIT_OK;
+}
+
+DL_COMMAND(eval_spec_cmd, {
+    .name = "eval-spec",
+    .usage = "--target MODEL (--draft MODEL | --draft-layers L,..) [--k 1,2,4] [--batch 1,4] [--prompts FILE] "
+             "[--max-tokens N] [--temperature T] [--contexts 1024,8192 --teacher MODEL] [--json OUT]",
+    .summary = "plain vs speculative decoding speed, acceptance per draft position; decode speed at long contexts",
+    .help =
+        "Times plain and speculative generation of --max-tokens tokens (no early stop) for every prompt (one per\n"
+        "line of --prompts; default: 8 built-in prompts), batched --batch at a time (prompts of any lengths),\n"
+        "for each K in --k (1..8). The draft is a model file or a cut of the target (--draft-layers 0,29: those\n"
+        "layers + embeddings + head). Greedy unless --temperature T > 0. Reports tokens/s, speedup, mean tokens\n"
+        "per target step and, per draft position i, the fraction of steps that accepted it.\n"
+        "  --contexts C,..      plain decode speed (batch 1) of the target, and of --teacher if given, at\n"
+        "                       these context lengths (the cache is zero-filled: speed only)\n"
+        "  --json OUT           also write the results as JSON\n"
+        "Example: distill eval-spec --target checkpoints/teachers/SmolLM2-135M-Instruct.Q4_1.gguf \\\n"
+        "           --draft-layers 0,29 --k 1,2,4 --batch 1,4 --max-tokens 32\n",
+    .run = run_eval_spec,
+})
