@@ -4,8 +4,8 @@
 //
 // Prompts: chat data ({"messages": [...]}, trailing assistant turns dropped, or {"prompt": "..."} as one
 // user turn) rendered with the teacher's chat template and the assistant header; jsonl/text data as raw
-// text to continue. Decoding is batched over prompts of equal token length (the decoder has no padding
-// mask), with temperature / top-p / top-k sampling from one RNG stream per prompt, so the output does not
+// text to continue. Decoding is batched over prompts of any lengths (sorted by length; the decoder keeps a
+// length per sequence: decoder_feed_ragged), with temperature / top-p / top-k sampling from one RNG stream per prompt, so the output does not
 // depend on batching or on interruptions.
 // Resume: finished responses are appended (and fsynced) to STAGE_DIR/generated.bin after every batch; a
 // restarted stage keeps them and generates the rest. The shards are written once all prompts are done.
@@ -300,23 +300,29 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
             progress_end(&prog);
             goto out;
         }
-        // a batch: consecutive prompts (sorted by length) of the same length
-        int64_t B = 1, L = p[order[k]].n;
-        while (B < Bmax && k + B < todo && p[order[k + B]].n == L) B++;
-        int64_t cap_new = DL_MIN(maxnew, (int64_t)t.hc.base.max_pos - L);
+        // a batch: up to Bmax consecutive prompts (sorted by length), each decoded at its own length;
+        // sequence b may answer with up to min(maxnew, max_pos - n_b) tokens
+        int64_t B = DL_MIN((int64_t)Bmax, todo - k), L = 0, cap_new = 0;
+        for (int64_t b = 0; b < B; b++) {
+            L = DL_MAX(L, p[order[k + b]].n);
+            cap_new = DL_MAX(cap_new, DL_MIN(maxnew, (int64_t)t.hc.base.max_pos - p[order[k + b]].n));
+        }
         Decoder *d = decoder_new(&t.hc, &t.reg, t.params, B, L + cap_new, &e);  // per batch: sized to its length
         if (!d) goto fail;
         decs[0] = d;
-        int32_t *pr = dl_malloc((size_t)(B * L) * 4);
+        int32_t *pr = dl_calloc((size_t)(B * L), 4);
+        int64_t plen[B], capb[B];
         for (int64_t b = 0; b < B; b++) {
-            memcpy(pr + b * L, p[order[k + b]].ids, (size_t)L * 4);
+            plen[b] = p[order[k + b]].n;
+            capb[b] = DL_MIN(maxnew, (int64_t)t.hc.base.max_pos - plen[b]);
+            memcpy(pr + b * L, p[order[k + b]].ids, (size_t)plen[b] * 4);
             free(resp[b]);
             resp[b] = dl_malloc((size_t)(cap_new ? cap_new : 1) * 4);
             nresp[b] = 0;
             fin[b] = false;
             rng_init(&rngs[b], (uint64_t)ctx->seed, 0x6e000000ull + (uint64_t)order[k + b]);
         }
-        int frc = decoder_feed(d, pr, L, logits, NULL, &e);
+        int frc = decoder_feed_ragged(d, pr, L, plen, logits, NULL, &e);
         free(pr);
         if (frc) goto fail;
         for (int64_t step = 0; step < cap_new; step++) {
@@ -331,7 +337,7 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
                 int32_t y = sample_token(lg, V, &sp, &rngs[b]);
                 resp[b][nresp[b]++] = y;
                 feed[b] = y;
-                if (y == stops[0] || y == stops[1] || y == stops[2]) fin[b] = true;
+                if (y == stops[0] || y == stops[1] || y == stops[2] || nresp[b] >= capb[b]) fin[b] = true;
                 else live++;
             }
             new_tokens += B;
