@@ -1,7 +1,6 @@
 // optim.c: see optim.h.
 #include "distill/optim.h"
 
-#include <fnmatch.h>
 #include <math.h>
 #include <string.h>
 
@@ -136,31 +135,20 @@ void optim_free(Optim *o) {
     memset(o, 0, sizeof *o);
 }
 
+typedef struct {
+    Optim *o;
+    double lr_scale, wd;
+} GroupSet;
+
+static void group_set(int i, void *ctx) {
+    GroupSet *g = ctx;
+    g->o->lr_scale[i] = g->lr_scale;
+    if (g->wd >= 0) g->o->wd[i] = g->wd;
+}
+
 int optim_set_group(Optim *o, const char *patterns, double lr_scale, double wd, DlError *e) {
-    const Registry *r = o->reg;
-    char *copy = dl_strdup(patterns), *save = NULL;
-    int total = 0;
-    for (char *p = strtok_r(copy, ",", &save); p; p = strtok_r(NULL, ",", &save)) {
-        while (*p == ' ') p++;
-        size_t l = strlen(p);
-        while (l && p[l - 1] == ' ') p[--l] = 0;
-        if (!l) continue;
-        int matched = 0;
-        for (int i = 0; i < r->n; i++)
-            if (fnmatch(p, r->t[i].name, 0) == 0) {
-                o->lr_scale[i] = lr_scale;
-                if (wd >= 0) o->wd[i] = wd;
-                matched++;
-            }
-        if (!matched) {
-            dl_fail(e, "optimizer group pattern '%s' matches no tensor", p);
-            free(copy);
-            return -1;
-        }
-        total += matched;
-    }
-    free(copy);
-    return total;
+    GroupSet g = {o, lr_scale, wd};
+    return reg_match(o->reg, patterns, "optimizer group", group_set, &g, e);
 }
 
 // Chunk list over the owned ranges of trainable tensors: chunk k covers [off[k], off[k]+len[k]) of the buffer.

@@ -60,8 +60,8 @@ int reg_find(const Registry *r, const char *name) {
     return -1;
 }
 
-int reg_set_trainable(Registry *r, const char *patterns, DlError *e) {
-    for (int i = 0; i < r->n; i++) r->t[i].trainable = false;
+int reg_match(const Registry *r, const char *patterns, const char *what, void (*fn)(int index, void *ctx), void *ctx,
+              DlError *e) {
     int total = 0;
     char *copy = dl_strdup(patterns), *save = NULL;
     for (char *p = strtok_r(copy, ",", &save); p; p = strtok_r(NULL, ",", &save)) {
@@ -72,18 +72,28 @@ int reg_set_trainable(Registry *r, const char *patterns, DlError *e) {
         int matched = 0;
         for (int i = 0; i < r->n; i++)
             if (fnmatch(p, r->t[i].name, 0) == 0) {
-                if (!r->t[i].trainable) total++;
-                r->t[i].trainable = true;
+                fn(i, ctx);
                 matched++;
             }
         if (!matched) {
-            dl_fail(e, "trainable pattern '%s' matches no tensor (names look like 'model.layers.0.mamba.A_log')", p);
+            dl_fail(e, "%s pattern '%s' matches no tensor (names look like 'model.layers.0.mamba.A_log')", what, p);
             free(copy);
             return -1;
         }
+        total += matched;
     }
     free(copy);
     return total;
+}
+
+static void set_trainable(int i, void *ctx) { ((Registry *)ctx)->t[i].trainable = true; }
+
+int reg_set_trainable(Registry *r, const char *patterns, DlError *e) {
+    for (int i = 0; i < r->n; i++) r->t[i].trainable = false;
+    if (reg_match(r, patterns, "trainable", set_trainable, r, e) < 0) return -1;
+    int n = 0;
+    for (int i = 0; i < r->n; i++) n += r->t[i].trainable;
+    return n;
 }
 
 int64_t reg_trainable_numel(const Registry *r) {

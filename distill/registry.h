@@ -59,6 +59,12 @@ int reg_addf(Registry *r, TensorRole role, int layer, int ndim, const int64_t *d
 int reg_find(const Registry *r, const char *name);  // index or -1
 const char *role_name(TensorRole role);
 
+// Calls fn(index, ctx) for every tensor whose name matches one of the comma-separated glob patterns
+// (fnmatch; spaces around patterns ignored). Returns the number of calls, or -1 (e filled, naming `what`)
+// if a pattern matches nothing, so recipe typos do not silently select nothing.
+int reg_match(const Registry *r, const char *patterns, const char *what, void (*fn)(int index, void *ctx), void *ctx,
+              DlError *e);
+
 // Sets trainable on every tensor whose name matches one of the comma-separated glob patterns
 // (fnmatch, e.g. "*.mamba.*,model.norm.weight"), and clears it on the rest. Returns the count matched;
 // a pattern that matches nothing is an error (so recipe typos do not silently freeze everything).
