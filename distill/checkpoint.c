@@ -1,6 +1,7 @@
 // checkpoint.c: see checkpoint.h. HDF5 C API (1.10): one dataset per tensor, SHA-256 per dataset,
 // atomic tmp + fsync + rename + marker protocol.
 #include "distill/checkpoint.h"
+#include "distill/h5util.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -229,28 +230,6 @@ out:
 
 // ---------------------------------------------------------------- HDF5 helpers
 
-// HDF5 prints its error stack on every failure by default; our messages say what went wrong instead.
-typedef struct {
-    H5E_auto2_t fn;
-    void *data;
-} H5Quiet;
-static H5Quiet h5_quiet_begin(void) {
-    H5Quiet q;
-    H5Eget_auto2(H5E_DEFAULT, &q.fn, &q.data);
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-    return q;
-}
-static void h5_quiet_end(H5Quiet q) { H5Eset_auto2(H5E_DEFAULT, q.fn, q.data); }
-
-static hid_t fapl_new(void) {
-    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
-#if H5_VERSION_GE(1, 10, 7)
-    // NFS and some Lustre mounts have no working flock; a checkpoint is written by one process anyway
-    H5Pset_file_locking(fapl, 0, 1);
-#endif
-    return fapl;
-}
-
 static int attr_write(hid_t obj, const char *name, hid_t ftype, hid_t mtype, const void *v) {
     hid_t sp = H5Screate(H5S_SCALAR);
     hid_t a = H5Acreate2(obj, name, ftype, sp, H5P_DEFAULT, H5P_DEFAULT);
@@ -432,7 +411,7 @@ static int check_finite_tensor(const TensorInfo *t, const float *p, const char *
 
 static int write_h5(const char *path, const Registry *reg, const float *params, const Optim *opt, const CkptState *st,
                     DlError *e) {
-    hid_t fapl = fapl_new();
+    hid_t fapl = h5_fapl(false);
     hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
     H5Pclose(fapl);
     if (f < 0) return dl_fail(e, "%s: cannot create HDF5 file (directory writable? disk full?)", path);
@@ -739,7 +718,7 @@ static hid_t open_ro(const char *path, DlError *e) {
         dl_fail(e, "%s: no such file", path);
         return -1;
     }
-    hid_t fapl = fapl_new();
+    hid_t fapl = h5_fapl(false);
     hid_t f = H5Fopen(path, H5F_ACC_RDONLY, fapl);
     H5Pclose(fapl);
     if (f < 0) {

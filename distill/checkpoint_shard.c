@@ -1,5 +1,6 @@
 // checkpoint_shard.c: see checkpoint_shard.h.
 #include "distill/checkpoint_shard.h"
+#include "distill/h5util.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -16,26 +17,6 @@
 #define SHARD_FORMAT_VERSION 1
 
 // ---------------------------------------------------------------- small HDF5 and file helpers
-
-typedef struct {
-    H5E_auto2_t fn;
-    void *data;
-} Quiet;
-static Quiet quiet_begin(void) {
-    Quiet q;
-    H5Eget_auto2(H5E_DEFAULT, &q.fn, &q.data);
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-    return q;
-}
-static void quiet_end(Quiet q) { H5Eset_auto2(H5E_DEFAULT, q.fn, q.data); }
-
-static hid_t fapl_nolock(void) {
-    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
-#if H5_VERSION_GE(1, 10, 7)
-    H5Pset_file_locking(fapl, 0, 1);  // NFS / Lustre without flock; each file has one writer
-#endif
-    return fapl;
-}
 
 static int put_attr_i64(hid_t o, const char *name, int64_t v) {
     hid_t sp = H5Screate(H5S_SCALAR);
@@ -200,7 +181,7 @@ static int write_shard_h5(const char *path, const Optim *opt, int rank, int worl
     }
     *n_elems = total;
     int rc = -1;
-    hid_t fapl = fapl_nolock();
+    hid_t fapl = h5_fapl(false);
     hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
     H5Pclose(fapl);
     if (f < 0) {
@@ -242,9 +223,9 @@ int ckpt_shard_write_rank(const char *run_dir, const Optim *opt, int rank, int w
         goto out;
     }
     if (dl_mkdirs(dir, e)) goto out;
-    Quiet q = quiet_begin();
+    H5Quiet q = h5_quiet_begin();
     int wr = write_shard_h5(tmp, opt, rank, world, st, &info->n_elems, e);
-    quiet_end(q);
+    h5_quiet_end(q);
     if (wr || fsync_path(tmp, false, e) || sha256_of_file(tmp, info->sha256, &info->bytes, e)) {
         unlink(tmp);
         goto out;
@@ -487,7 +468,7 @@ static int load_one(const char *run_dir, const ManifestEntry *me, int world, con
     int64_t *ranges = NULL;
     int *tidx = NULL;
     hid_t f = -1, dm = -1, dv = -1;
-    hid_t fapl = fapl_nolock();
+    hid_t fapl = h5_fapl(false);
     f = H5Fopen(fp, H5F_ACC_RDONLY, fapl);
     H5Pclose(fapl);
     if (f < 0) {
@@ -647,10 +628,10 @@ int ckpt_shard_load_optim(const char *path, Optim *opt, DlError *e) {
     else strcpy(run_dir, ".");
     const Registry *reg = opt->reg;
     covered = dl_calloc((size_t)(reg->n ? reg->n : 1), sizeof(int64_t));
-    Quiet q = quiet_begin();
+    H5Quiet q = h5_quiet_begin();
     int bad = 0;
     for (int r = 0; r < world && !bad; r++) bad = load_one(run_dir, &ents[r], world, &st, opt, covered, path, e);
-    quiet_end(q);
+    h5_quiet_end(q);
     free(run_dir);
     if (bad) goto out;
     for (int i = 0; i < reg->n; i++) {

@@ -1,6 +1,7 @@
 // shards.c: HDF5 token shard writer (buffered appends to chunked, compressed, extendible datasets; online
 // packing into overlapping rows) and reader (validated at open; random access to docs, rows and pairs).
 #include "distill/shards.h"
+#include "distill/h5util.h"
 
 #include <hdf5.h>
 #include <stdio.h>
@@ -8,14 +9,6 @@
 #include <unistd.h>
 
 static void h5_quiet(void) { H5Eset_auto2(H5E_DEFAULT, NULL, NULL); }  // we report errors ourselves
-
-// HDF5 file-access list: locking off for readers (read-only shards, often on NFS/Lustre without flock),
-// on but tolerant of lock-less file systems for writers. HDF5_USE_FILE_LOCKING=FALSE overrides both.
-static hid_t fapl_for(bool writer) {
-    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
-    H5Pset_file_locking(fapl, writer ? 1 : 0, 1);
-    return fapl;
-}
 
 // ---- appendable dataset: rows of `width` elements, extended as buffered rows are flushed
 typedef struct {
@@ -205,7 +198,7 @@ int shard_writer_open(ShardWriter **out, const char *path, const ShardWriterOpts
     w->path = dl_strdup(path);
     w->tmp = dl_malloc(strlen(path) + 8);
     sprintf(w->tmp, "%s.tmp", path);
-    hid_t fapl = fapl_for(true);
+    hid_t fapl = h5_fapl(true);  // a writer locks where the file system can
     w->f = H5Fcreate(w->tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
     H5Pclose(fapl);
     if (w->f < 0) {
@@ -502,7 +495,7 @@ int shard_open(ShardReader **out, const char *path, DlError *e) {
     if (H5Fis_hdf5(path) <= 0) return dl_fail(e, "%s: not an HDF5 file", path);
     ShardReader *r = dl_calloc(1, sizeof(ShardReader));
     r->path = dl_strdup(path);
-    hid_t fapl = fapl_for(false);
+    hid_t fapl = h5_fapl(false);  // read-only shards, often on NFS/Lustre without flock
     r->f = H5Fopen(path, H5F_ACC_RDONLY, fapl);
     H5Pclose(fapl);
     if (r->f < 0) {

@@ -1,5 +1,6 @@
 // teacher_cache.c: see teacher_cache.h.
 #include "distill/teacher_cache.h"
+#include "distill/h5util.h"
 
 #include <errno.h>
 #include <hdf5.h>
@@ -190,10 +191,7 @@ int tcache_write(const char *path, const HybridConfig *hc, const Registry *reg, 
     B = DL_MAX(1, DL_MIN(B, rows));
     char *tmp = dl_malloc(strlen(path) + 5);
     sprintf(tmp, "%s.tmp", path);
-    H5E_auto2_t fn;
-    void *fd;
-    H5Eget_auto2(H5E_DEFAULT, &fn, &fd);
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    H5Quiet quiet = h5_quiet_begin();
     hid_t f = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), ds[3] = {-1, -1, -1};
     int rc = -1;
     Engine *en = NULL;
@@ -282,7 +280,7 @@ out:
     for (int i = 0; i < 3; i++)
         if (ds[i] >= 0) H5Dclose(ds[i]);
     if (f >= 0 && H5Fclose(f) < 0 && rc == 0) rc = dl_fail(e, "%s: close failed", tmp);
-    H5Eset_auto2(H5E_DEFAULT, fn, fd);
+    h5_quiet_end(quiet);
     if (rc == 0 && rename(tmp, path) != 0) rc = dl_fail(e, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
     if (rc != 0) unlink(tmp);
     engine_free(en);
@@ -293,11 +291,10 @@ out:
 
 int tcache_open(TeacherCache **out, const char *path, DlError *e) {
     TeacherCache *tc = dl_calloc(1, sizeof *tc);
-    H5E_auto2_t fn;
-    void *fd;
-    H5Eget_auto2(H5E_DEFAULT, &fn, &fd);
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-    tc->f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    H5Quiet quiet = h5_quiet_begin();
+    hid_t fapl = h5_fapl(false);
+    tc->f = H5Fopen(path, H5F_ACC_RDONLY, fapl);
+    H5Pclose(fapl);
     int64_t k = 0, v = 0;
     int rc = -1;
     if (tc->f < 0) {
@@ -323,7 +320,7 @@ int tcache_open(TeacherCache **out, const char *path, DlError *e) {
     tc->br = dl_malloc((size_t)tc->T * 4);
     rc = 0;
 out:
-    H5Eset_auto2(H5E_DEFAULT, fn, fd);
+    h5_quiet_end(quiet);
     if (rc) tcache_close(tc), tc = NULL;
     *out = tc;
     return rc;
