@@ -27,16 +27,11 @@ typedef struct {
 } ModelW;
 
 static int wref(const Registry *r, WRef *w, int64_t numel, DlError *e, const char *fmt, ...) {
-    char name[DL_TENSOR_NAME_MAX];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(name, sizeof name, fmt, ap);
+    int i = reg_vlookup(r, numel, "engine", e, fmt, ap);
     va_end(ap);
-    int i = reg_find(r, name);
-    if (i < 0) return dl_fail(e, "engine: tensor %s missing from the registry", name);
-    if (r->t[i].numel != numel)
-        return dl_fail(e, "engine: tensor %s has %lld elements, expected %lld", name, (long long)r->t[i].numel,
-                       (long long)numel);
+    if (i < 0) return -1;
     w->off = r->t[i].offset;
     w->trainable = r->t[i].trainable;
     return 0;

@@ -88,6 +88,17 @@ int reg_match(const Registry *r, const char *patterns, const char *what, void (*
 
 static void set_trainable(int i, void *ctx) { ((Registry *)ctx)->t[i].trainable = true; }
 
+int reg_vlookup(const Registry *r, int64_t numel, const char *who, DlError *e, const char *fmt, va_list ap) {
+    char name[DL_TENSOR_NAME_MAX];
+    vsnprintf(name, sizeof name, fmt, ap);
+    int i = reg_find(r, name);
+    if (i < 0) return dl_fail(e, "%s: tensor %s missing from the registry", who, name);
+    if (r->t[i].numel != numel)
+        return dl_fail(e, "%s: tensor %s has %lld elements, expected %lld", who, name, (long long)r->t[i].numel,
+                       (long long)numel);
+    return i;
+}
+
 int reg_set_trainable(Registry *r, const char *patterns, DlError *e) {
     for (int i = 0; i < r->n; i++) r->t[i].trainable = false;
     if (reg_match(r, patterns, "trainable", set_trainable, r, e) < 0) return -1;

@@ -3,6 +3,7 @@
 // The registry drives allocation, optimizer groups, ZeRO sharding, checkpoint I/O and export, so no code
 // anywhere indexes tensors by hard-coded slots.
 #pragma once
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -57,6 +58,9 @@ int reg_add(Registry *r, const char *name, TensorRole role, int layer, int ndim,
 int reg_addf(Registry *r, TensorRole role, int layer, int ndim, const int64_t *dims, const char *fmt, ...)
     __attribute__((format(printf, 6, 7)));
 int reg_find(const Registry *r, const char *name);  // index or -1
+// Index of the tensor named by the printf-style fmt, which must hold numel elements; -1 with e filled
+// ("<who>: tensor X missing from the registry" / "... has N elements, expected M") otherwise.
+int reg_vlookup(const Registry *r, int64_t numel, const char *who, DlError *e, const char *fmt, va_list ap);
 const char *role_name(TensorRole role);
 
 // Calls fn(index, ctx) for every tensor whose name matches one of the comma-separated glob patterns
