@@ -58,7 +58,7 @@ static int64_t total(const int64_t *n, int64_t B) {
 
 static int run_eval_spec(int argc, char **argv) {
     const char *target = NULL, *draft = NULL, *draft_layers = NULL, *prompts_path = NULL, *json = NULL;
-    const char *teacher = NULL, *ks = "4", *batches = "1", *contexts = NULL;
+    const char *teacher = NULL, *tokenizer = NULL, *ks = "4", *batches = "1", *contexts = NULL;
     int64_t max_tokens = 64;
     double temperature = 0;
     for (int i = 1; i < argc; i++) {
@@ -68,6 +68,7 @@ static int run_eval_spec(int argc, char **argv) {
         else if (!strcmp(a, "--draft") && has) draft = argv[++i];
         else if (!strcmp(a, "--draft-layers") && has) draft_layers = argv[++i];
         else if (!strcmp(a, "--teacher") && has) teacher = argv[++i];
+        else if (!strcmp(a, "--tokenizer") && has) tokenizer = argv[++i];
         else if (!strcmp(a, "--k") && has) ks = argv[++i];
         else if (!strcmp(a, "--batch") && has) batches = argv[++i];
         else if (!strcmp(a, "--prompts") && has) prompts_path = argv[++i];
@@ -109,7 +110,10 @@ static int run_eval_spec(int argc, char **argv) {
             dl_die(DL_EXIT_INPUT, "eval-spec: draft vocabulary %d != target vocabulary %d", Dm.hc.base.vocab, T.hc.base.vocab);
         // prompts
         Tokenizer *tok = NULL;
-        if (tokenizer_load(target, &tok, &e)) dl_die(DL_EXIT_INPUT, "eval-spec: no tokenizer in %s (%s)", target, e.msg);
+        // a run's export carries no tokenizer files: --tokenizer (or the teacher's) names one
+        const char *tpath = tokenizer ? tokenizer : target;
+        if (tokenizer_load(tpath, &tok, &e) && !(tokenizer == NULL && teacher && tokenizer_load(teacher, &tok, &e) == 0))
+            dl_die(DL_EXIT_INPUT, "eval-spec: no tokenizer in %s (%s); pass --tokenizer GGUF|tokenizer.json", tpath, e.msg);
         char **lines = NULL;
         int64_t nl = 0;
         if (prompts_path) {
@@ -254,7 +258,7 @@ static int run_eval_spec(int argc, char **argv) {
 DL_COMMAND(eval_spec_cmd, {
     .name = "eval-spec",
     .usage = "--target MODEL (--draft MODEL | --draft-layers L,..) [--k 1,2,4] [--batch 1,4] [--prompts FILE] "
-             "[--max-tokens N] [--temperature T] [--contexts 1024,8192 --teacher MODEL] [--json OUT]",
+             "[--max-tokens N] [--temperature T] [--contexts 1024,8192 --teacher MODEL] [--tokenizer T] [--json OUT]",
     .summary = "plain vs speculative decoding speed, acceptance per draft position; decode speed at long contexts",
     .help =
         "Times plain and speculative generation of --max-tokens tokens (no early stop) for every prompt (one per\n"
@@ -264,6 +268,8 @@ DL_COMMAND(eval_spec_cmd, {
         "per target step and, per draft position i, the fraction of steps that accepted it.\n"
         "  --contexts C,..      plain decode speed (batch 1) of the target, and of --teacher if given, at\n"
         "                       these context lengths (the cache is zero-filled: speed only)\n"
+        "  --tokenizer T        tokenizer for the prompts (default: the target's, else --teacher's; a run's\n"
+        "                       export has none)\n"
         "  --json OUT           also write the results as JSON\n"
         "Example: distill eval-spec --target checkpoints/teachers/SmolLM2-135M-Instruct.Q4_1.gguf \\\n"
         "           --draft-layers 0,29 --k 1,2,4 --batch 1,4 --max-tokens 32\n",
