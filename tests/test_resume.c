@@ -20,33 +20,10 @@
 #include "distill/rng.h"
 #include "distill/shards.h"
 #include "tests/check.h"
+#include "tests/toy_corpus.h"
 
 static char g_dir[256];
 static const char *g_bin;
-
-static void write_shard(const char *path) {
-    ShardWriterOpts o = {.kind = SHARD_LM, .tokenizer_hash = 0, .tokenizer_pre = "none", .vocab_size = 256,
-                         .seq_len = 0, .pad_id = 0, .deflate = 1};
-    ShardWriter *w;
-    DlError e;
-    if (shard_writer_open(&w, path, &o, &e)) {
-        fprintf(stderr, "%s\n", e.msg);
-        exit(1);
-    }
-    Rng g;
-    rng_init(&g, 42, 0);
-    for (int d = 0; d < 120; d++) {  // documents of a simple "language": mostly tok -> (5*tok+3) mod 256
-        int32_t ids[64];
-        int n = 8 + (int)rng_below(&g, 40);
-        ids[0] = 1;
-        for (int i = 1; i < n; i++) ids[i] = rng_uniform(&g) < 0.85f ? (5 * ids[i - 1] + 3) % 256 : (int32_t)rng_below(&g, 256);
-        if (shard_add_doc(w, ids, NULL, n, &e)) exit(1);
-    }
-    if (shard_writer_close(w, &e)) {
-        fprintf(stderr, "%s\n", e.msg);
-        exit(1);
-    }
-}
 
 static void write_recipe(const char *path, const char *shard, const char *teacher) {
     FILE *f = fopen(path, "w");
@@ -154,7 +131,7 @@ int main(void) {
     snprintf(teacher, sizeof teacher, "%s/recipes/configs/tiny-llama3.json", cwd);
     snprintf(shard, sizeof shard, "%s/tokens.h5", g_dir);
     snprintf(recipe, sizeof recipe, "%s/tiny.toml", g_dir);
-    write_shard(shard);
+    toy_corpus_write(shard);
     write_recipe(recipe, shard, teacher);
     char run_a[400], run_b[400], run_c[400];
     snprintf(run_a, sizeof run_a, "%s/runs/a", g_dir);
@@ -172,25 +149,17 @@ int main(void) {
     snprintf(eval_a, sizeof eval_a, "%s/eval.json", run_a);
     CHECK(dl_file_exists(eval_a));
 
-    // B: SIGKILL once step 5 is logged (checkpoint 4 exists), then resume
+    // B: SIGKILL once step 5 is logged (checkpoint 4 exists), then resume. The run stops itself after step 5
+    // (DISTILL_TEST_PAUSE_AFTER: SIGSTOP) so the kill lands there on a fast idle machine too, not a race.
     const char *b_args[] = {recipe, "--quiet", "--set", "run.name=b", NULL};
     pid_t pid;
-    run(b_args, NULL, &pid);
-    int waited = 0, killed = 0;
-    while (waited < 6000) {  // up to 10 minutes on a loaded machine
-        if (count_steps(run_b) >= 5) {
-            kill(pid, SIGKILL);
-            killed = 1;
-            break;
-        }
-        int st;
-        if (waitpid(pid, &st, WNOHANG) == pid) break;
-        struct timespec ts = {0, 100000000};
-        nanosleep(&ts, NULL);
-        waited++;
+    run(b_args, "DISTILL_TEST_PAUSE_AFTER=5", &pid);
+    int st, killed = 0;
+    if (waitpid(pid, &st, WUNTRACED) == pid && WIFSTOPPED(st)) {
+        kill(pid, SIGKILL);
+        killed = 1;
+        waitpid(pid, &st, 0);
     }
-    int st;
-    waitpid(pid, &st, 0);
     CHECK(killed && WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
     int before = count_steps(run_b);
     printf("B killed after %d logged steps\n", before);
