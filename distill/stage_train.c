@@ -227,6 +227,8 @@ static int run_training(RunContext *ctx, const StageSpec *st) {
         c.stop = ctx->stop;
         const char *stop_env = getenv("DISTILL_TEST_STOP_AFTER");  // tests: a simulated kill after N steps
         if (stop_env) c.stop_after = atoll(stop_env);
+        const char *pause_env = getenv("DISTILL_TEST_PAUSE_AFTER");  // tests: SIGSTOP after N steps, for a SIGKILL
+        if (pause_env) c.pause_after = atoll(pause_env);
         TrainResult res;
         if (train_run(&c, &src, &res, &e)) goto fail;
         if (res.interrupted) {

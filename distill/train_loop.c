@@ -2,6 +2,7 @@
 #include "distill/train_loop.h"
 
 #include <math.h>
+#include <signal.h>
 #include <string.h>
 
 #include "distill/checkpoint_shard.h"
@@ -454,6 +455,7 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
             dl_info("\n%s: stopped at step %lld; checkpoint %s", c->stage_name, (long long)gstep, res->last_checkpoint);
             break;
         }
+        if (c->pause_after > 0 && steps_run == c->pause_after) raise(SIGSTOP);
         if (c->stop_after > 0 && steps_run >= c->stop_after && !last) {
             res->stopped = true;
             break;

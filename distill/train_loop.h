@@ -110,6 +110,9 @@ typedef struct {
     void *on_step_ctx;
     // for tests: return after this many steps of this process (a simulated kill; 0: run to the end)
     int64_t stop_after;
+    // for tests: after this many steps of this process (metrics and any due checkpoint written) the process
+    // stops itself with SIGSTOP, so a test can SIGKILL it at a known step instead of racing a fast run
+    int64_t pause_after;
     // set by SIGINT/SIGTERM (RunContext.stop; may be NULL): the loop finishes the step, writes a checkpoint
     // and returns 0 with res->interrupted
     volatile sig_atomic_t *stop;

@@ -26,34 +26,11 @@
 #include "distill/rng.h"
 #include "distill/shards.h"
 #include "tests/check.h"
+#include "tests/toy_corpus.h"
 
 static char g_dir[256];
 static const char *g_bin;
 static char g_recipe[400];
-
-static void write_shard(const char *path) {
-    ShardWriterOpts o = {.kind = SHARD_LM, .tokenizer_hash = 0, .tokenizer_pre = "none", .vocab_size = 256,
-                         .seq_len = 0, .pad_id = 0, .deflate = 1};
-    ShardWriter *w;
-    DlError e;
-    if (shard_writer_open(&w, path, &o, &e)) {
-        fprintf(stderr, "%s\n", e.msg);
-        exit(1);
-    }
-    Rng g;
-    rng_init(&g, 42, 0);
-    for (int d = 0; d < 120; d++) {  // documents of a simple "language": mostly tok -> (5*tok+3) mod 256
-        int32_t ids[64];
-        int n = 8 + (int)rng_below(&g, 40);
-        ids[0] = 1;
-        for (int i = 1; i < n; i++) ids[i] = rng_uniform(&g) < 0.85f ? (5 * ids[i - 1] + 3) % 256 : (int32_t)rng_below(&g, 256);
-        if (shard_add_doc(w, ids, NULL, n, &e)) exit(1);
-    }
-    if (shard_writer_close(w, &e)) {
-        fprintf(stderr, "%s\n", e.msg);
-        exit(1);
-    }
-}
 
 static void write_recipe(const char *path, const char *shard, const char *teacher) {
     FILE *f = fopen(path, "w");
@@ -124,6 +101,15 @@ static void start(const char *name, int world, const char *const *extra, const c
 static int status_of(int st) { return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st); }
 
 // Runs world ranks to the end; returns the first nonzero exit status (or 0).
+// Waits until both ranks have stopped themselves (SIGSTOP); 1 if they did, 0 if one exited instead.
+static int stopped_both(const pid_t *pid) {
+    for (int r = 0; r < 2; r++) {
+        int st;
+        if (waitpid(pid[r], &st, WUNTRACED) != pid[r] || !WIFSTOPPED(st)) return 0;
+    }
+    return 1;
+}
+
 static int run(const char *name, int world, const char *const *extra, const char *env) {
     pid_t pid[8];
     start(name, world, extra, env, pid);
@@ -195,7 +181,7 @@ int main(void) {
     snprintf(teacher, sizeof teacher, "%s/recipes/configs/tiny-llama3.json", cwd);
     snprintf(shard, sizeof shard, "%s/tokens.h5", g_dir);
     snprintf(g_recipe, sizeof g_recipe, "%s/tiny.toml", g_dir);
-    write_shard(shard);
+    toy_corpus_write(shard);
     write_recipe(g_recipe, shard, teacher);
     double t0 = dl_now();
     const char *acc1_z0[] = {"--set", "optimizer.grad_accum=1", "--set", "hardware.zero=0", NULL};
@@ -223,17 +209,11 @@ int main(void) {
     // kill: rank 1 dies after step 3 was logged; rank 0 must notice and exit by itself
     {
         pid_t pid[2];
-        start("kill", 2, acc1_z1, NULL, pid);
-        double l[NSTEP];
-        int killed = 0;
-        for (int w = 0; w < 3000 && !killed; w++) {
-            if (read_losses("kill", l, NSTEP) >= 3) {
-                kill(pid[1], SIGKILL);
-                killed = 1;
-            }
-            struct timespec ts = {0, 20000000};
-            nanosleep(&ts, NULL);
-        }
+        // both ranks stop themselves after step 3 (DISTILL_TEST_PAUSE_AFTER: SIGSTOP), so the kill lands
+        // there however fast the run is; then rank 1 is killed and rank 0 continued
+        start("kill", 2, acc1_z1, "DISTILL_TEST_PAUSE_AFTER=3", pid);
+        int killed = stopped_both(pid);
+        if (killed) kill(pid[1], SIGKILL), kill(pid[0], SIGCONT);
         double tk = dl_now();
         int st0, st1;
         waitpid(pid[1], &st1, 0);
@@ -257,17 +237,11 @@ int main(void) {
     // the same step, write one collective checkpoint and exit 4; --resume gives z1's losses bit for bit
     {
         pid_t pid[2];
-        start("term", 2, acc1_z0, NULL, pid);
+        // both ranks stop themselves after step 2; SIGTERM is queued for rank 1 and both are continued
+        start("term", 2, acc1_z0, "DISTILL_TEST_PAUSE_AFTER=2", pid);
         double l[NSTEP];
-        int sent = 0;
-        for (int w = 0; w < 3000 && !sent; w++) {
-            if (read_losses("term", l, NSTEP) >= 2) {
-                kill(pid[1], SIGTERM);
-                sent = 1;
-            }
-            struct timespec ts = {0, 20000000};
-            nanosleep(&ts, NULL);
-        }
+        int sent = stopped_both(pid);
+        if (sent) kill(pid[1], SIGTERM), kill(pid[0], SIGCONT), kill(pid[1], SIGCONT);
         int st0, st1;
         waitpid(pid[0], &st0, 0);
         waitpid(pid[1], &st1, 0);
