@@ -1,0 +1,49 @@
+// ssd_cuda.h: CUDA kernels of the chunked Mamba-2 SSD scan (forward and backward) for Hopper (sm_90). Same math,
+// layout and argument meaning as the CPU twin in ssd.h (token-major x [B,L,H,P], dt [B,L,H], Bm/Cm [B,L,G,N],
+// head h reads group h / (H/G); delta = softplus(dt + dt_bias) or dt + dt_bias; document resets zero the state
+// before their token).
+// Dtypes: activations (x, dt, Bm, Cm, y and their gradients) are bf16, passed as uint16_t bit patterns; A, D,
+// dt_bias, states (h0, h_last, dh_last, dh0) and the per-head parameter gradients (dA, dD, ddt_bias) are fp32.
+// All arithmetic and every accumulation is fp32 (the per-head parameter sums over batch and chunks: fp64), in a
+// fixed order: results are bitwise repeatable (no atomics).
+// Chunking: the kernels always use chunks of SSD_CUDA_CHUNK tokens; s->chunk is ignored (the twin's result does not
+// depend on its chunk beyond rounding).
+// Every pointer is a device pointer; every function only enqueues work on `stream` and returns 0, or -1 with a
+// message in err (which may be NULL) when the shape is outside what the kernels support:
+//   P (headdim) and N (dstate) multiples of 16 in [16, 128]; H % G == 0; batch, seqlen >= 1.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+#include "kernels/ssd/ssd.h"
+
+typedef struct CUstream_st *ssd_stream_t;  // = cudaStream_t
+
+#define SSD_CUDA_CHUNK 64
+
+// Forward. y [B,L,H,P] (bf16; may be NULL: only the state pass runs, e.g. to prefill a decode state),
+// h0 [B,H,P,N] optional, h_last [B,H,P,N] optional (may alias h0: each block reads its rows of h0 first).
+int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A, const uint16_t *Bm,
+                 const uint16_t *Cm, const float *D, const float *dt_bias, const uint8_t *reset, const float *h0,
+                 uint16_t *y, float *h_last, ssd_stream_t stream, char *err, size_t errlen);
+
+// Workspace of the backward in bytes (fp32 state entering and state gradient leaving every chunk,
+// 2 * B*H*ceil(L/64)*P*N floats, plus per-head dB/dC partials when heads share groups).
+size_t ssd_bwd_cuda_workspace(const SsdShape *s);
+
+// Backward given dy [B,L,H,P] (bf16) and optionally dh_last [B,H,P,N]. Writes (does not accumulate) dx [B,L,H,P],
+// ddt [B,L,H] (w.r.t. the raw dt), dBm, dCm [B,L,G,N] (bf16), dA [H], dD [H] (if D and dD), ddt_bias [H]
+// (if dt_bias and ddt_bias), dh0 [B,H,P,N] (if h0 and dh0) in fp32. Forward quantities are recomputed.
+// workspace: at least ssd_bwd_cuda_workspace(s) bytes, 256-byte aligned (cudaMalloc).
+int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A, const uint16_t *Bm,
+                 const uint16_t *Cm, const float *D, const float *dt_bias, const uint8_t *reset, const float *h0,
+                 const uint16_t *dy, const float *dh_last, uint16_t *dx, uint16_t *ddt, float *dA, uint16_t *dBm,
+                 uint16_t *dCm, float *dD, float *ddt_bias, float *dh0, void *workspace, ssd_stream_t stream,
+                 char *err, size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
