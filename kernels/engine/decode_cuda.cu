@@ -1,0 +1,747 @@
+// decode_cuda.cu: DecoderCuda (decode_cuda.h). Every feed, prefill or decode step, runs the same batched
+// multi-token path over the rows of up to `rows` tokens at a time (a long ragged prefill is cut into chunks
+// of columns):
+//   embedding -> per layer: RMSNorm -> attention (q/k/v GEMMs, RoPE, K/V appended to the cache at each
+//   sequence's own length, attention of each query over its own keys) or Mamba-1 (five input GEMMs, dt GEMM
+//   with bias, GQA repeat of x, causal conv from the cached window, multi-token selective scan from the
+//   cached state that stops each sequence after its own valid tokens, window advance) -> out GEMM ->
+//   residual + RMSNorm -> SwiGLU MLP -> residual; then the final norm and the head on each sequence's last
+//   token only, fp32 logits.
+// GEMMs, norms, RoPE, SwiGLU and the embedding come from kernels/train (train_cuda.h), the conv and the scan
+// from kernels/scan; the KV-cache writes, the decode attention, the GQA repeat, the conv-window advance and
+// the last-row gather are the small kernels below.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/engine/decode_cuda.h"
+#include "kernels/scan/selective_scan_cuda.h"
+#include "kernels/train/train_check.cuh"
+#include "kernels/train/train_cuda.h"
+
+extern "C" {
+#include "distill/layers_cpu.h"  // rope_inv_freq
+}
+
+typedef __nv_bfloat16 bf16;
+
+int sample_rows_cuda_on(const float *logits, int64_t rows, int64_t V, const DecodeSampling *s, const uint64_t *stream,
+                        const uint64_t *counter, int32_t *out, cudaStream_t st, char *err, size_t errlen);
+
+#define ATT_THREADS 128  // keys per tile = threads; head_dim <= 2 * ATT_THREADS
+#define MAX_HD 256
+
+// ---------------------------------------------------------------- small kernels
+
+// K and V rows of the fed tokens into the cache: row (b, t) goes to position lenb[b] + t of sequence b.
+// k, v [nb*lc, kvd]; kc, vc [B, max_len, kvd].
+__global__ void kv_append_kernel(bf16 *kc, bf16 *vc, const bf16 *k, const bf16 *v, const int32_t *lenb, int64_t nb,
+                                 int64_t lc, int64_t kvd, int64_t max_len) {
+    const int64_t total = nb * lc * kvd;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t row = i / kvd, c = i % kvd, b = row / lc, t = row % lc;
+        const int64_t dst = (b * max_len + lenb[b] + t) * kvd + c;
+        kc[dst] = k[i];
+        vc[dst] = v[i];
+    }
+}
+
+struct AttArgs {
+    int64_t max_len, lc, kps;  // keys per split
+    int nh, nkv, hd, nsplit;
+    float scale;
+};
+
+// Block reductions in a fixed order (deterministic). red: 32 floats of shared memory.
+__device__ static float block_max_f(float v, float *red) {
+    for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float r = red[0];
+    for (int i = 1; i < (int)(blockDim.x >> 5); i++) r = fmaxf(r, red[i]);
+    return r;
+}
+__device__ static float block_sum_f(float v, float *red) {
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float r = 0.0f;
+    for (int i = 0; i < (int)(blockDim.x >> 5); i++) r += red[i];
+    return r;
+}
+
+// One block per (query row, head, key split): query (b, t) sits at position p = lenb[b] + t and sees keys
+// 0..p of its own sequence; split s covers keys [s*kps, (s+1)*kps). Tiles of ATT_THREADS keys: one thread
+// per key computes the score, then threads over head dims accumulate p * V (online softmax across tiles).
+// Partial (acc [hd], max, sum) per split go to ws [rows, nh, nsplit, hd + 2].
+__global__ void __launch_bounds__(ATT_THREADS)
+    attn_partial_kernel(const bf16 *q, const bf16 *kc, const bf16 *vc, const int32_t *lenb, AttArgs a, float *ws) {
+    __shared__ float qs[MAX_HD];
+    __shared__ float ps[ATT_THREADS];
+    __shared__ float red[32];
+    const int64_t row = blockIdx.x;
+    const int h = blockIdx.y, s = blockIdx.z, tid = threadIdx.x, hd = a.hd;
+    const int64_t b = row / a.lc, t = row % a.lc;
+    const int64_t p = (int64_t)lenb[b] + t;
+    const int g = h / (a.nh / a.nkv);
+    const int64_t kvd = (int64_t)a.nkv * hd;
+    for (int i = tid; i < hd; i += ATT_THREADS) qs[i] = __bfloat162float(q[(row * a.nh + h) * hd + i]) * a.scale;
+    __syncthreads();
+    const bf16 *Kb = kc + b * a.max_len * kvd + (int64_t)g * hd, *Vb = vc + b * a.max_len * kvd + (int64_t)g * hd;
+    const int64_t k0 = (int64_t)s * a.kps, k1 = min(k0 + a.kps, p + 1);
+    float m = -INFINITY, l = 0.0f, acc0 = 0.0f, acc1 = 0.0f;
+    for (int64_t j0 = k0; j0 < k1; j0 += ATT_THREADS) {  // k1 and k0 are block-uniform
+        const int64_t j = j0 + tid;
+        float sc = -INFINITY;
+        if (j < k1) {
+            const uint4 *kr = (const uint4 *)(Kb + j * kvd);  // hd % 8 == 0, rows 16-byte aligned
+            float dot = 0.0f;
+            for (int c = 0; c < hd / 8; c++) {
+                const uint4 u = kr[c];
+                const bf16 *e = (const bf16 *)&u;
+#pragma unroll
+                for (int x = 0; x < 8; x++) dot += qs[c * 8 + x] * __bfloat162float(e[x]);
+            }
+            sc = dot;
+        }
+        const float mnew = fmaxf(m, block_max_f(sc, red));
+        const float pj = j < k1 ? expf(sc - mnew) : 0.0f;
+        ps[tid] = pj;
+        const float tsum = block_sum_f(pj, red);  // its barriers also publish ps
+        const float corr = expf(m - mnew);          // m = -inf at the first tile: 0
+        l = l * corr + tsum;
+        acc0 *= corr;
+        acc1 *= corr;
+        m = mnew;
+        const int nk = (int)min((int64_t)ATT_THREADS, k1 - j0);
+        for (int jj = 0; jj < nk; jj++) {
+            const float pv = ps[jj];
+            const bf16 *vr = Vb + (j0 + jj) * kvd;
+            if (tid < hd) acc0 += pv * __bfloat162float(vr[tid]);
+            if (tid + ATT_THREADS < hd) acc1 += pv * __bfloat162float(vr[tid + ATT_THREADS]);
+        }
+        __syncthreads();  // ps is rewritten by the next tile
+    }
+    float *o = ws + ((row * a.nh + h) * a.nsplit + s) * (int64_t)(hd + 2);
+    if (tid < hd) o[tid] = acc0;
+    if (tid + ATT_THREADS < hd) o[tid + ATT_THREADS] = acc1;
+    if (tid == 0) o[hd] = m, o[hd + 1] = l;
+}
+
+// Combines the splits of (row, head) in split order: out [rows, nh*hd] bf16.
+__global__ void attn_combine_kernel(const float *ws, AttArgs a, bf16 *out) {
+    const int64_t row = blockIdx.x;
+    const int h = blockIdx.y, hd = a.hd;
+    const float *o = ws + (row * a.nh + h) * a.nsplit * (int64_t)(hd + 2);
+    float M = -INFINITY;
+    for (int s = 0; s < a.nsplit; s++) M = fmaxf(M, o[s * (hd + 2) + hd]);
+    float L = 0.0f;
+    for (int s = 0; s < a.nsplit; s++) {
+        const float ms = o[s * (hd + 2) + hd];
+        if (ms > -INFINITY) L += o[s * (hd + 2) + hd + 1] * expf(ms - M);
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < a.nsplit; s++) {
+            const float ms = o[s * (hd + 2) + hd];
+            if (ms > -INFINITY) acc += o[s * (hd + 2) + d] * expf(ms - M);
+        }
+        out[(row * a.nh + h) * hd + d] = __float2bfloat16(L > 0.0f ? acc / L : 0.0f);
+    }
+}
+
+// xr [N, di]: channel c = g*N + n reads xs[(g / rep)*N + n] (repeat_kv over groups of d_state channels).
+__global__ void repeat_kernel(bf16 *xr, const bf16 *xs, int64_t N, int64_t di, int64_t dxb, int64_t ds) {
+    const int64_t total = N * di, rep = di / dxb;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t t = i / di, c = i % di, g = c / ds, n = c % ds;
+        xr[i] = xs[t * dxb + (g / rep) * ds + n];
+    }
+}
+
+// Conv window [nb, W-1, C] advanced past the first keep[b] of the K new inputs x [nb, K, C]: entry j becomes
+// element keep[b] + j of the sequence (old window, x). One thread per (b, c) reads before it writes.
+__global__ void conv_advance_kernel(bf16 *win, const bf16 *x, const int32_t *keep, int64_t nb, int64_t K, int64_t C,
+                                    int W) {
+    const int64_t total = nb * C;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t b = i / C, c = i % C;
+        const int64_t kp = keep[b];
+        bf16 nv[3];
+        for (int j = 0; j < W - 1; j++) {
+            const int64_t e = kp + j;  // index into (window[0..W-2], x[0..K-1])
+            nv[j] = e < W - 1 ? win[(b * (W - 1) + e) * C + c] : x[(b * K + (e - (W - 1))) * C + c];
+        }
+        for (int j = 0; j < W - 1; j++) win[(b * (W - 1) + j) * C + c] = nv[j];
+    }
+}
+
+// last [b] = x [idx[b]] for idx[b] >= 0 (the row of sequence b's last fed token in this chunk).
+__global__ void gather_last_kernel(bf16 *last, const bf16 *x, const int32_t *idx, int64_t nb, int64_t d) {
+    const int64_t total = nb * d;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t b = i / d, c = i % d;
+        if (idx[b] >= 0) last[i] = x[(int64_t)idx[b] * d + c];
+    }
+}
+
+static unsigned grid_of(int64_t n, int threads) {
+    int64_t g = (n + threads - 1) / threads;
+    return (unsigned)(g < 1 ? 1 : g > 65535 * 8 ? 65535 * 8 : g);
+}
+
+// ---------------------------------------------------------------- the decoder
+
+typedef struct {
+    int kind;
+    int64_t in_norm, post_norm, gate, up, down;  // bf16 element offsets into w
+    bool fused_gu;
+    int64_t q, k, v, o;                          // attention
+    bf16 *kc, *vc;                               // [B, max_len, kvd]
+    int64_t z, x, Bp, Cp, dtd, dtw, dtb, out;    // Mamba (dtd / dtw: the padded copies)
+    float *cw, *cb, *A, *D, *dtb32;              // Mamba fp32 (device, into w32)
+    float *ssm;                                  // [B, di, ds]
+    bf16 *conv;                                  // [B, W-1, di]
+} DLayer;
+
+struct DecoderCuda {
+    HybridConfig h;
+    int64_t B, nb, max_len, rows, Rp;
+    cudaStream_t st;
+    DlGemm *gemm;
+    bf16 *w;          // registry copy, then the padded dt weights
+    float *w32;       // fp32 Mamba tensors
+    int64_t emb, fnorm, head;
+    DLayer *L;
+    float *inv_freq;  // device [hd/2]
+    int64_t *len;     // host [B]
+    // scratch, [rows, ...]
+    bf16 *x, *xn, *mid, *q, *k, *v, *att, *gu, *act, *mix, *z, *xs, *Bs, *Cs, *dtl, *dt, *xr, *xc, *y;
+    bf16 *last, *lastn;  // [B, d]
+    int32_t *ints;       // device: tok [rows], pos [rows], keep [B], lastidx [B], lenb [B]
+    int32_t *hints;      // host mirror
+    float *att_ws;
+    int64_t att_ws_elems;
+    float *logits;       // [B, V]
+    uint64_t *s_u64;     // sampling: stream [B], counter [B]
+    int32_t *s_out;      // [B]
+    int n_sm;
+    double bytes;
+};
+
+#define EA err, sizeof err
+#define TCK(call)                                                                                                 \
+    do {                                                                                                          \
+        char err[256] = "";                                                                                       \
+        if ((call) != 0) {                                                                                        \
+            fprintf(stderr, "decode_cuda: %s\n", err);                                                            \
+            exit(DL_EXIT_RUNTIME);                                                                                \
+        }                                                                                                         \
+    } while (0)
+
+static void *dalloc(DecoderCuda *D, size_t bytes) {
+    void *p = NULL;
+    if (bytes == 0) bytes = 16;
+    cudaCheck(cudaMalloc(&p, bytes));
+    cudaCheck(cudaMemset(p, 0, bytes));
+    D->bytes += (double)bytes;
+    return p;
+}
+
+static int lookup(const Registry *r, int64_t numel, DlError *e, int64_t *off, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int i = reg_vlookup(r, numel, "decoder_cuda", e, fmt, ap);
+    va_end(ap);
+    if (i < 0) return -1;
+    *off = r->t[i].offset;
+    return 0;
+}
+
+static bf16 *W(const DecoderCuda *D, int64_t off) { return D->w + off; }
+
+static void lin(DecoderCuda *D, void *y, const void *x, int64_t woff, const void *bias, int64_t N, int64_t In, int64_t O,
+                int acc) {
+    TCK(dl_linear_fwd(D->gemm, DT_BF16, y, x, W(D, woff), bias, N, In, O, acc, D->st, EA));
+}
+
+void decoder_cuda_free(DecoderCuda *D) {
+    if (!D) return;
+    cudaDeviceSynchronize();
+    if (D->L) {
+        for (int l = 0; l < D->h.base.n_layer; l++) {
+            cudaFree(D->L[l].kc), cudaFree(D->L[l].vc), cudaFree(D->L[l].ssm), cudaFree(D->L[l].conv);
+        }
+    }
+    void *bufs[] = {D->w, D->w32, D->inv_freq, D->x, D->xn, D->mid, D->q, D->k, D->v, D->att, D->gu, D->act, D->mix,
+                    D->z, D->xs, D->Bs, D->Cs, D->dtl, D->dt, D->xr, D->xc, D->y, D->last, D->lastn, D->ints,
+                    D->att_ws, D->logits, D->s_u64, D->s_out};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        if (bufs[i]) cudaFree(bufs[i]);
+    if (D->gemm) dl_gemm_free(D->gemm);
+    if (D->st) cudaStreamDestroy(D->st);
+    free(D->L);
+    free(D->len);
+    free(D->hints);
+    free(D);
+}
+
+DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t max_len,
+                              FILE *log, DlError *e) {
+    const LlamaConfig *c = &h->base;
+    const int64_t d = c->d_model, ff = c->d_ff, V = c->vocab, hd = c->head_dim;
+    const int64_t qd = (int64_t)c->n_head * hd, kvd = (int64_t)c->n_kv_head * hd;
+    const int64_t di = h->d_inner, dxb = h->d_xb, ds = h->d_state, R = h->dt_rank, Wc = h->d_conv;
+    bool any_m = false;
+    if (B <= 0 || max_len <= 0 || max_len >= INT32_MAX / 2 || B > INT32_MAX / 2) {
+        dl_fail(e, "decoder_cuda: batch %lld x length %lld outside 1..2^30", (long long)B, (long long)max_len);
+        return NULL;
+    }
+    if (d % 8 || ff % 8 || V % 8 || hd % 8 || hd > MAX_HD || c->n_head % c->n_kv_head) {
+        dl_fail(e, "decoder_cuda: d_model %lld, d_ff %lld, vocab %lld and head_dim %lld must be multiples of 8, head_dim "
+                   "<= %d, heads %d a multiple of kv heads %d",
+                (long long)d, (long long)ff, (long long)V, (long long)hd, MAX_HD, c->n_head, c->n_kv_head);
+        return NULL;
+    }
+    for (int l = 0; l < c->n_layer; l++) {
+        if (h->mixer[l] == MIXER_MAMBA2) {
+            dl_fail(e, "decoder_cuda: layer %d is a Mamba-2 layer: the CUDA decoder supports attention and Mamba-1 "
+                       "layers only (decode this model on the CPU: run.device = \"cpu\")", l);
+            return NULL;
+        }
+        any_m = any_m || h->mixer[l] == MIXER_MAMBA1;
+    }
+    if (any_m && (di % ds || dxb % ds || di % dxb || di % 8 || dxb % 8 || Wc < 1 || Wc > 4 ||
+                  !(ds == 4 || ds == 8 || ds == 16 || ds == 32))) {
+        dl_fail(e, "decoder_cuda: Mamba dims d_inner %lld, d_xb %lld, d_state %lld, d_conv %lld: need multiples of 8, "
+                   "d_state in {4, 8, 16, 32} dividing both, d_conv 1..4",
+                (long long)di, (long long)dxb, (long long)ds, (long long)Wc);
+        return NULL;
+    }
+    DecoderCuda *D = (DecoderCuda *)calloc(1, sizeof *D);
+    D->h = *h;
+    D->B = D->nb = B;
+    D->max_len = max_len;
+    D->Rp = (R + 7) / 8 * 8;
+    D->L = (DLayer *)calloc((size_t)c->n_layer, sizeof(DLayer));
+    D->len = (int64_t *)calloc((size_t)B, sizeof(int64_t));
+    // weight offsets
+    int bad = lookup(r, V * d, e, &D->emb, "model.embed_tokens.weight") || lookup(r, d, e, &D->fnorm, "model.norm.weight");
+    if (!bad) {
+        if (c->tied_embeddings) D->head = D->emb;
+        else bad = lookup(r, V * d, e, &D->head, "lm_head.weight");
+    }
+    int64_t pad_at = (r->numel + 15) / 16 * 16, pad_n = 0;  // padded dt weights after the registry copy
+    for (int l = 0; l < c->n_layer && !bad; l++) {
+        DLayer *L = &D->L[l];
+        L->kind = h->mixer[l];
+        bad = lookup(r, d, e, &L->in_norm, "model.layers.%d.input_layernorm.weight", l) ||
+              lookup(r, d, e, &L->post_norm, "model.layers.%d.post_attention_layernorm.weight", l) ||
+              lookup(r, ff * d, e, &L->gate, "model.layers.%d.mlp.gate_proj.weight", l) ||
+              lookup(r, ff * d, e, &L->up, "model.layers.%d.mlp.up_proj.weight", l) ||
+              lookup(r, d * ff, e, &L->down, "model.layers.%d.mlp.down_proj.weight", l);
+        if (bad) break;
+        L->fused_gu = L->up == L->gate + ff * d;
+        if (L->kind == MIXER_ATTN) {
+            bad = lookup(r, qd * d, e, &L->q, "model.layers.%d.self_attn.q_proj.weight", l) ||
+                  lookup(r, kvd * d, e, &L->k, "model.layers.%d.self_attn.k_proj.weight", l) ||
+                  lookup(r, kvd * d, e, &L->v, "model.layers.%d.self_attn.v_proj.weight", l) ||
+                  lookup(r, d * qd, e, &L->o, "model.layers.%d.self_attn.o_proj.weight", l);
+        } else {
+            int64_t dtd, dtw;
+            bad = lookup(r, di * d, e, &L->z, "model.layers.%d.mamba.in_proj_z.weight", l) ||
+                  lookup(r, dxb * d, e, &L->x, "model.layers.%d.mamba.in_proj_x.weight", l) ||
+                  lookup(r, dxb * d, e, &L->Bp, "model.layers.%d.mamba.B_proj.weight", l) ||
+                  lookup(r, di * d, e, &L->Cp, "model.layers.%d.mamba.C_proj.weight", l) ||
+                  lookup(r, R * d, e, &dtd, "model.layers.%d.mamba.dt_proj_down.weight", l) ||
+                  lookup(r, di * R, e, &dtw, "model.layers.%d.mamba.dt_proj.weight", l) ||
+                  lookup(r, di, e, &L->dtb, "model.layers.%d.mamba.dt_proj.bias", l) ||
+                  lookup(r, di * d, e, &L->out, "model.layers.%d.mamba.out_proj.weight", l);
+            int64_t t;
+            bad = bad || lookup(r, di * Wc, e, &t, "model.layers.%d.mamba.conv1d.weight", l) ||
+                  lookup(r, di, e, &t, "model.layers.%d.mamba.conv1d.bias", l) ||
+                  lookup(r, di * ds, e, &t, "model.layers.%d.mamba.A_log", l) ||
+                  lookup(r, di, e, &t, "model.layers.%d.mamba.D", l);
+            L->dtd = pad_at + pad_n;  // [Rp, d]
+            pad_n += (D->Rp * d + 15) / 16 * 16;
+            L->dtw = pad_at + pad_n;  // [di, Rp]
+            pad_n += (di * D->Rp + 15) / 16 * 16;
+            (void)dtd, (void)dtw;
+        }
+    }
+    if (bad) {
+        decoder_cuda_free(D);
+        return NULL;
+    }
+    // size the scratch: up to `rows` tokens per pass (>= B), about 256 MiB of activations
+    const int64_t per_row = 3 * d + 2 * qd + 2 * kvd + 3 * ff + 2 * d + (any_m ? 6 * di + 2 * dxb + D->Rp : 0);
+    int64_t rows = (256ll << 20) / (per_row * 2);
+    rows = rows < B ? B : rows;
+    if (rows > B * max_len) rows = B * max_len;
+    if (rows > (1ll << 20) && B <= (1ll << 20)) rows = 1ll << 20;
+    D->rows = rows;
+    // memory check before allocating
+    size_t free_b = 0, total_b = 0;
+    cudaCheck(cudaMemGetInfo(&free_b, &total_b));
+    double need = (double)(pad_at + pad_n) * 2 + (double)rows * per_row * 2;
+    for (int l = 0; l < c->n_layer; l++)
+        need += D->L[l].kind == MIXER_ATTN ? 2.0 * B * max_len * kvd * 2 : (double)B * di * (ds * 4 + (Wc - 1) * 2);
+    if (need > (double)free_b * 0.95) {
+        dl_fail(e, "decoder_cuda: needs %.2f GiB of GPU memory for batch %lld x context %lld, %.2f GiB free: lower "
+                   "batch_size or max_new_tokens",
+                need / 1073741824.0, (long long)B, (long long)max_len, free_b / 1073741824.0);
+        decoder_cuda_free(D);
+        return NULL;
+    }
+    cudaCheck(cudaStreamCreateWithFlags(&D->st, cudaStreamNonBlocking));
+    char gerr[256] = "";
+    D->gemm = dl_gemm_new(0, gerr, sizeof gerr);
+    if (!D->gemm) {
+        dl_fail(e, "decoder_cuda: %s", gerr);
+        decoder_cuda_free(D);
+        return NULL;
+    }
+    int dev = 0;
+    cudaCheck(cudaGetDevice(&dev));
+    cudaCheck(cudaDeviceGetAttribute(&D->n_sm, cudaDevAttrMultiProcessorCount, dev));
+
+    // ---- weights: host fp32 -> bf16 through a staging buffer; padded dt weights built on the host
+    D->w = (bf16 *)dalloc(D, (size_t)(pad_at + pad_n) * 2);
+    {
+        const int64_t n = r->numel, chunk = n < (16ll << 20) ? n : (16ll << 20);
+        float *stage = (float *)dalloc(D, (size_t)chunk * 4);
+        for (int64_t i = 0; i < n; i += chunk) {
+            const int64_t k = n - i < chunk ? n - i : chunk;
+            cudaCheck(cudaMemcpyAsync(stage, params + i, (size_t)k * 4, cudaMemcpyHostToDevice, D->st));
+            TCK(convert_cuda(DT_BF16, D->w + i, DT_F32, stage, k, D->st, EA));
+        }
+        if (pad_n) {
+            float *hp = (float *)calloc((size_t)pad_n, sizeof(float));
+            for (int l = 0; l < c->n_layer; l++) {
+                if (D->L[l].kind != MIXER_MAMBA1) continue;
+                int64_t dtd, dtw;
+                lookup(r, R * d, e, &dtd, "model.layers.%d.mamba.dt_proj_down.weight", l);
+                lookup(r, di * R, e, &dtw, "model.layers.%d.mamba.dt_proj.weight", l);
+                memcpy(hp + (D->L[l].dtd - pad_at), params + dtd, (size_t)(R * d) * 4);  // rows R..Rp-1 zero
+                for (int64_t ci = 0; ci < di; ci++)
+                    memcpy(hp + (D->L[l].dtw - pad_at) + ci * D->Rp, params + dtw + ci * R, (size_t)R * 4);
+            }
+            float *stage2 = (float *)dalloc(D, (size_t)pad_n * 4);
+            cudaCheck(cudaStreamSynchronize(D->st));
+            cudaCheck(cudaMemcpyAsync(stage2, hp, (size_t)pad_n * 4, cudaMemcpyHostToDevice, D->st));
+            TCK(convert_cuda(DT_BF16, D->w + pad_at, DT_F32, stage2, pad_n, D->st, EA));
+            cudaCheck(cudaStreamSynchronize(D->st));
+            cudaCheck(cudaFree(stage2));
+            D->bytes -= (double)pad_n * 4;
+            free(hp);
+        }
+        cudaCheck(cudaStreamSynchronize(D->st));
+        cudaCheck(cudaFree(stage));
+        D->bytes -= (double)chunk * 4;
+    }
+    // fp32 Mamba tensors: conv weight [di, W], conv bias, A = -exp(A_log) [di, ds], D, dt bias
+    int64_t n32 = 0;
+    for (int l = 0; l < c->n_layer; l++)
+        if (D->L[l].kind == MIXER_MAMBA1) n32 += di * Wc + di + di * ds + di + di;
+    if (n32) {
+        float *hp = (float *)malloc((size_t)n32 * 4);
+        D->w32 = (float *)dalloc(D, (size_t)n32 * 4);
+        int64_t at = 0;
+        for (int l = 0; l < c->n_layer; l++) {
+            DLayer *L = &D->L[l];
+            if (L->kind != MIXER_MAMBA1) continue;
+            int64_t ocw, ocb, oal, oD;
+            lookup(r, di * Wc, e, &ocw, "model.layers.%d.mamba.conv1d.weight", l);
+            lookup(r, di, e, &ocb, "model.layers.%d.mamba.conv1d.bias", l);
+            lookup(r, di * ds, e, &oal, "model.layers.%d.mamba.A_log", l);
+            lookup(r, di, e, &oD, "model.layers.%d.mamba.D", l);
+            L->cw = D->w32 + at;
+            memcpy(hp + at, params + ocw, (size_t)(di * Wc) * 4), at += di * Wc;
+            L->cb = D->w32 + at;
+            memcpy(hp + at, params + ocb, (size_t)di * 4), at += di;
+            L->A = D->w32 + at;
+            for (int64_t i = 0; i < di * ds; i++) hp[at + i] = -expf(params[oal + i]);
+            at += di * ds;
+            L->D = D->w32 + at;
+            memcpy(hp + at, params + oD, (size_t)di * 4), at += di;
+            L->dtb32 = D->w32 + at;
+            memcpy(hp + at, params + L->dtb, (size_t)di * 4), at += di;
+        }
+        cudaCheck(cudaMemcpy(D->w32, hp, (size_t)n32 * 4, cudaMemcpyHostToDevice));
+        free(hp);
+    }
+    {
+        float inv[512];
+        rope_inv_freq(c, inv);
+        D->inv_freq = (float *)dalloc(D, (size_t)(hd / 2) * 4);
+        cudaCheck(cudaMemcpy(D->inv_freq, inv, (size_t)(hd / 2) * 4, cudaMemcpyHostToDevice));
+    }
+    // ---- caches and states
+    for (int l = 0; l < c->n_layer; l++) {
+        DLayer *L = &D->L[l];
+        if (L->kind == MIXER_ATTN) {
+            L->kc = (bf16 *)dalloc(D, (size_t)(B * max_len * kvd) * 2);
+            L->vc = (bf16 *)dalloc(D, (size_t)(B * max_len * kvd) * 2);
+        } else {
+            L->ssm = (float *)dalloc(D, (size_t)(B * di * ds) * 4);
+            L->conv = (bf16 *)dalloc(D, (size_t)(B * (Wc - 1 > 0 ? Wc - 1 : 1) * di) * 2);
+        }
+    }
+    // ---- scratch
+#define SCR(p, n) D->p = (bf16 *)dalloc(D, (size_t)(n) * 2)
+    SCR(x, rows * d);
+    SCR(xn, rows * d);
+    SCR(mid, rows * d);
+    SCR(mix, rows * d);
+    SCR(q, rows * qd);
+    SCR(att, rows * qd);
+    SCR(k, rows * kvd);
+    SCR(v, rows * kvd);
+    SCR(gu, rows * 2 * ff);
+    SCR(act, rows * ff);
+    if (any_m) {
+        SCR(z, rows * di);
+        SCR(Cs, rows * di);
+        SCR(dt, rows * di);
+        SCR(xr, rows * di);
+        SCR(xc, rows * di);
+        SCR(y, rows * di);
+        SCR(xs, rows * dxb);
+        SCR(Bs, rows * dxb);
+        SCR(dtl, rows * D->Rp);
+    }
+    SCR(last, B * d);
+    SCR(lastn, B * d);
+#undef SCR
+    D->ints = (int32_t *)dalloc(D, (size_t)(2 * rows + 3 * B) * 4);
+    D->hints = (int32_t *)calloc((size_t)(2 * rows + 3 * B), 4);
+    D->att_ws_elems = ((int64_t)rows * c->n_head + 2ll * D->n_sm + 64) * (hd + 2);
+    D->att_ws = (float *)dalloc(D, (size_t)D->att_ws_elems * 4);
+    D->logits = (float *)dalloc(D, (size_t)(B * V) * 4);
+    D->s_u64 = (uint64_t *)dalloc(D, (size_t)(2 * B) * 8);
+    D->s_out = (int32_t *)dalloc(D, (size_t)B * 4);
+    cudaCheck(cudaDeviceSynchronize());
+    if (log)
+        fprintf(log, "decoder_cuda: batch %lld x context %lld, %d layers (%d attention), %.2f GiB on the GPU (weights "
+                     "%.2f GiB bf16, %lld rows per pass)\n",
+                (long long)B, (long long)max_len, c->n_layer, hybrid_n_attn(h), D->bytes / 1073741824.0,
+                (double)(pad_at + pad_n) * 2 / 1073741824.0, (long long)rows);
+    return D;
+}
+
+int decoder_cuda_reset(DecoderCuda *D, int64_t nb, DlError *e) {
+    if (nb < 1 || nb > D->B)
+        return dl_fail(e, "decoder_cuda_reset: batch %lld outside 1..%lld", (long long)nb, (long long)D->B);
+    D->nb = nb;
+    memset(D->len, 0, (size_t)D->B * sizeof(int64_t));
+    const HybridConfig *h = &D->h;
+    for (int l = 0; l < h->base.n_layer; l++) {
+        DLayer *L = &D->L[l];
+        if (L->kind != MIXER_MAMBA1) continue;
+        cudaCheck(cudaMemsetAsync(L->ssm, 0, (size_t)(D->B * h->d_inner * h->d_state) * 4, D->st));
+        cudaCheck(cudaMemsetAsync(L->conv, 0, (size_t)(D->B * (h->d_conv > 1 ? h->d_conv - 1 : 1) * h->d_inner) * 2, D->st));
+    }
+    return 0;
+}
+
+int64_t decoder_cuda_batch(const DecoderCuda *D) { return D->nb; }
+int64_t decoder_cuda_capacity(const DecoderCuda *D) { return D->B; }
+int64_t decoder_cuda_max_len(const DecoderCuda *D) { return D->max_len; }
+int64_t decoder_cuda_seq_len(const DecoderCuda *D, int64_t b) { return b >= 0 && b < D->nb ? D->len[b] : -1; }
+int64_t decoder_cuda_vocab(const DecoderCuda *D) { return D->h.base.vocab; }
+double decoder_cuda_bytes(const DecoderCuda *D) { return D->bytes; }
+
+// Attention of rows nb*lc (queries at lenb[b] + t) over the cache of layer L.
+static void attention(DecoderCuda *D, const DLayer *L, int64_t lc, int64_t maxkeys) {
+    const LlamaConfig *c = &D->h.base;
+    const int64_t nrows = D->nb * lc;
+    AttArgs a;
+    a.max_len = D->max_len;
+    a.lc = lc;
+    a.nh = c->n_head;
+    a.nkv = c->n_kv_head;
+    a.hd = c->head_dim;
+    a.scale = 1.0f / sqrtf((float)c->head_dim);
+    // split the keys only when the (row, head) blocks cannot fill the GPU; the workspace bound holds because
+    // nsplit > 1 only when rows * nh < 2 * n_sm
+    const int64_t blocks = nrows * c->n_head, tiles = (maxkeys + ATT_THREADS - 1) / ATT_THREADS;
+    int64_t ns = (2ll * D->n_sm + blocks - 1) / blocks;
+    if (ns > tiles) ns = tiles;
+    if (ns < 1) ns = 1;
+    a.kps = ((maxkeys + ns - 1) / ns + ATT_THREADS - 1) / ATT_THREADS * ATT_THREADS;
+    a.nsplit = (int)((maxkeys + a.kps - 1) / a.kps);
+    if (blocks * a.nsplit * (int64_t)(a.hd + 2) > D->att_ws_elems) {  // cannot happen by the sizing above
+        fprintf(stderr, "decode_cuda: attention workspace too small (%lld rows, %d splits)\n", (long long)nrows, a.nsplit);
+        exit(DL_EXIT_RUNTIME);
+    }
+    const int32_t *lenb = D->ints + 2 * D->rows + 2 * D->B;
+    dim3 g1((unsigned)nrows, (unsigned)c->n_head, (unsigned)a.nsplit);
+    attn_partial_kernel<<<g1, ATT_THREADS, 0, D->st>>>(D->q, L->kc, L->vc, lenb, a, D->att_ws);
+    kernelCheck("attn_partial_kernel");
+    dim3 g2((unsigned)nrows, (unsigned)c->n_head);
+    attn_combine_kernel<<<g2, a.hd < 128 ? 64 : 128, 0, D->st>>>(D->att_ws, a, D->att);
+    kernelCheck("attn_combine_kernel");
+}
+
+static void mamba(DecoderCuda *D, const DLayer *L, int64_t lc) {
+    const HybridConfig *h = &D->h;
+    const int64_t nb = D->nb, N = nb * lc, d = h->base.d_model, di = h->d_inner, dxb = h->d_xb, ds = h->d_state;
+    const int64_t Rp = D->Rp;
+    const int Wc = h->d_conv;
+    const int32_t *keep = D->ints + 2 * D->rows;
+    lin(D, D->z, D->xn, L->z, NULL, N, d, di, 0);
+    lin(D, D->xs, D->xn, L->x, NULL, N, d, dxb, 0);
+    lin(D, D->Bs, D->xn, L->Bp, NULL, N, d, dxb, 0);
+    lin(D, D->Cs, D->xn, L->Cp, NULL, N, d, di, 0);
+    lin(D, D->dtl, D->xn, L->dtd, NULL, N, d, Rp, 0);
+    // dt = dt_proj(dt_low) with its bias; the scan adds the bias again (MambaInLlama's double bias)
+    lin(D, D->dt, D->dtl, L->dtw, W(D, L->dtb), N, Rp, di, 0);
+    repeat_kernel<<<grid_of(N * di, 256), 256, 0, D->st>>>(D->xr, D->xs, N, di, dxb, ds);
+    kernelCheck("repeat_kernel");
+    TCK(conv1d_silu_fwd_cuda(nb, lc, di, Wc, (const uint16_t *)D->xr, L->cw, L->cb, NULL,
+                             Wc > 1 ? (const uint16_t *)L->conv : NULL, 1, (uint16_t *)D->xc, D->st, EA));
+    ScanShape s = {nb, lc, di, ds, di / ds, dxb / ds};
+    TCK(selective_scan_multi_cuda(&s, (const uint16_t *)D->xc, (const uint16_t *)D->dt, L->A, (const uint16_t *)D->Bs,
+                                  (const uint16_t *)D->Cs, L->D, (const uint16_t *)D->z, L->dtb32, L->ssm, keep,
+                                  (uint16_t *)D->y, L->ssm, NULL, D->st, EA));
+    if (Wc > 1) {
+        conv_advance_kernel<<<grid_of(nb * di, 256), 256, 0, D->st>>>(L->conv, D->xr, keep, nb, lc, di, Wc);
+        kernelCheck("conv_advance_kernel");
+    }
+    lin(D, D->mix, D->y, L->out, NULL, N, di, d, 0);
+}
+
+// One pass over the model for the chunk already uploaded (D->ints): nb sequences x lc tokens.
+static void run_chunk(DecoderCuda *D, int64_t lc, int64_t maxkeys) {
+    const LlamaConfig *c = &D->h.base;
+    const int64_t nb = D->nb, N = nb * lc, d = c->d_model, ff = c->d_ff, hd = c->head_dim;
+    const int64_t qd = (int64_t)c->n_head * hd, kvd = (int64_t)c->n_kv_head * hd;
+    const float eps = (float)c->rms_eps;
+    const int32_t *tok = D->ints, *pos = D->ints + D->rows, *lenb = D->ints + 2 * D->rows + 2 * D->B;
+    TCK(embedding_fwd_cuda(DT_BF16, D->x, tok, W(D, D->emb), N, c->vocab, d, D->st, EA));
+    for (int l = 0; l < c->n_layer; l++) {
+        const DLayer *L = &D->L[l];
+        TCK(rmsnorm_fwd_cuda(DT_BF16, D->xn, NULL, NULL, D->x, NULL, W(D, L->in_norm), N, d, eps, D->st, EA));
+        if (L->kind == MIXER_ATTN) {
+            lin(D, D->q, D->xn, L->q, NULL, N, d, qd, 0);
+            lin(D, D->k, D->xn, L->k, NULL, N, d, kvd, 0);
+            lin(D, D->v, D->xn, L->v, NULL, N, d, kvd, 0);
+            TCK(rope_cuda(DT_BF16, D->q, pos, D->inv_freq, N, c->n_head, (int)hd, 0, D->st, EA));
+            TCK(rope_cuda(DT_BF16, D->k, pos, D->inv_freq, N, c->n_kv_head, (int)hd, 0, D->st, EA));
+            kv_append_kernel<<<grid_of(N * kvd, 256), 256, 0, D->st>>>(L->kc, L->vc, D->k, D->v, lenb, nb, lc, kvd,
+                                                                        D->max_len);
+            kernelCheck("kv_append_kernel");
+            attention(D, L, lc, maxkeys);
+            lin(D, D->mix, D->att, L->o, NULL, N, qd, d, 0);
+        } else {
+            mamba(D, L, lc);
+        }
+        // mid = x + mixer; xn = norm(mid)
+        TCK(rmsnorm_fwd_cuda(DT_BF16, D->xn, NULL, D->mid, D->mix, D->x, W(D, L->post_norm), N, d, eps, D->st, EA));
+        if (L->fused_gu) {
+            lin(D, D->gu, D->xn, L->gate, NULL, N, d, 2 * ff, 0);
+            TCK(swiglu_fwd_cuda(DT_BF16, D->act, D->gu, D->gu + ff, N, ff, 2 * ff, D->st, EA));
+        } else {
+            lin(D, D->gu, D->xn, L->gate, NULL, N, d, ff, 0);
+            lin(D, D->gu + N * ff, D->xn, L->up, NULL, N, d, ff, 0);
+            TCK(swiglu_fwd_cuda(DT_BF16, D->act, D->gu, D->gu + N * ff, N, ff, ff, D->st, EA));
+        }
+        lin(D, D->mid, D->act, L->down, NULL, N, ff, d, 1);  // mid += down(act): the next layer's input
+        bf16 *t = D->x;
+        D->x = D->mid;
+        D->mid = t;
+    }
+    const int32_t *lastidx = D->ints + 2 * D->rows + D->B;
+    gather_last_kernel<<<grid_of(nb * d, 256), 256, 0, D->st>>>(D->last, D->x, lastidx, nb, d);
+    kernelCheck("gather_last_kernel");
+}
+
+int decoder_cuda_feed_ragged(DecoderCuda *D, const int32_t *tokens, int64_t L, const int64_t *n, DlError *e) {
+    const LlamaConfig *c = &D->h.base;
+    const int64_t nb = D->nb, V = c->vocab, d = c->d_model;
+    if (L <= 0) return dl_fail(e, "decoder_cuda: feeding %lld tokens", (long long)L);
+    for (int64_t b = 0; b < nb; b++) {
+        if (n && (n[b] < 1 || n[b] > L))
+            return dl_fail(e, "decoder_cuda: sequence %lld feeds %lld tokens, expected 1..%lld", (long long)b,
+                           (long long)n[b], (long long)L);
+        if (D->len[b] + L > D->max_len)
+            return dl_fail(e, "decoder_cuda: sequence %lld: %lld + %lld tokens exceed the context of %lld", (long long)b,
+                           (long long)D->len[b], (long long)L, (long long)D->max_len);
+    }
+    for (int64_t i = 0; i < nb * L; i++)
+        if (tokens[i] < 0 || tokens[i] >= V)
+            return dl_fail(e, "decoder_cuda: token id %d out of range 0..%lld", tokens[i], (long long)V - 1);
+    const int64_t Lc = D->rows / nb < L ? D->rows / nb : L;  // columns per chunk (rows >= B >= nb)
+    int32_t *tok = D->hints, *pos = D->hints + D->rows, *keep = D->hints + 2 * D->rows;
+    int32_t *lastidx = keep + D->B, *lenb = keep + 2 * D->B;
+    for (int64_t c0 = 0; c0 < L; c0 += Lc) {
+        const int64_t lc = L - c0 < Lc ? L - c0 : Lc;
+        int64_t maxkeys = 0;
+        for (int64_t b = 0; b < nb; b++) {
+            const int64_t nbv = n ? n[b] : L, kp = nbv - c0 < 0 ? 0 : (nbv - c0 > lc ? lc : nbv - c0);
+            for (int64_t t = 0; t < lc; t++) {
+                tok[b * lc + t] = tokens[b * L + c0 + t];
+                pos[b * lc + t] = (int32_t)(D->len[b] + t);
+            }
+            keep[b] = (int32_t)kp;
+            lastidx[b] = nbv - 1 >= c0 && nbv - 1 < c0 + lc ? (int32_t)(b * lc + nbv - 1 - c0) : -1;
+            lenb[b] = (int32_t)D->len[b];
+            if (D->len[b] + lc > maxkeys) maxkeys = D->len[b] + lc;
+        }
+        // one upload for the chunk: [tok | pos] then [keep | lastidx | lenb] (stream-ordered after the last
+        // chunk's kernels; pageable copies return once the host buffer is staged)
+        cudaCheck(cudaMemcpyAsync(D->ints, D->hints, (size_t)(nb * lc) * 4, cudaMemcpyHostToDevice, D->st));
+        cudaCheck(cudaMemcpyAsync(D->ints + D->rows, D->hints + D->rows, (size_t)(nb * lc) * 4, cudaMemcpyHostToDevice, D->st));
+        cudaCheck(cudaMemcpyAsync(D->ints + 2 * D->rows, keep, (size_t)(3 * D->B) * 4, cudaMemcpyHostToDevice, D->st));
+        run_chunk(D, lc, maxkeys);
+        for (int64_t b = 0; b < nb; b++) D->len[b] += keep[b];
+    }
+    // final norm and head on each sequence's last token
+    TCK(rmsnorm_fwd_cuda(DT_BF16, D->lastn, NULL, NULL, D->last, NULL, W(D, D->fnorm), nb, d, (float)c->rms_eps, D->st, EA));
+    TCK(dl_gemm(D->gemm, (int)nb, (int)V, (int)d, DT_BF16, D->lastn, 0, W(D, D->head), 1, DT_F32, D->logits, NULL, 1.0f,
+                0.0f, D->st, EA));
+    return 0;
+}
+
+int decoder_cuda_step(DecoderCuda *D, const int32_t *tokens, DlError *e) {
+    return decoder_cuda_feed_ragged(D, tokens, 1, NULL, e);
+}
+
+const float *decoder_cuda_logits(const DecoderCuda *D) { return D->logits; }
+
+void decoder_cuda_logits_host(const DecoderCuda *D, float *out) {
+    cudaCheck(cudaMemcpyAsync(out, D->logits, (size_t)(D->nb * D->h.base.vocab) * 4, cudaMemcpyDeviceToHost, D->st));
+    cudaCheck(cudaStreamSynchronize(D->st));
+}
+
+int decoder_cuda_seek(DecoderCuda *D, int64_t len, DlError *e) {
+    if (len < 0 || len >= D->max_len)
+        return dl_fail(e, "decoder_cuda_seek: length %lld outside 0..%lld", (long long)len, (long long)D->max_len - 1);
+    const LlamaConfig *c = &D->h.base;
+    const int64_t kvd = (int64_t)c->n_kv_head * c->head_dim;
+    for (int l = 0; l < c->n_layer; l++)
+        if (D->L[l].kind == MIXER_ATTN) {
+            cudaCheck(cudaMemsetAsync(D->L[l].kc, 0, (size_t)(D->nb * D->max_len * kvd) * 2, D->st));
+            cudaCheck(cudaMemsetAsync(D->L[l].vc, 0, (size_t)(D->nb * D->max_len * kvd) * 2, D->st));
+        }
+    for (int64_t b = 0; b < D->nb; b++) D->len[b] = len;
+    return 0;
+}
+
+int decoder_cuda_sample(DecoderCuda *D, const DecodeSampling *s, const uint64_t *stream, const uint64_t *counter,
+                        int32_t *tokens, DlError *e) {
+    const int64_t nb = D->nb;
+    cudaCheck(cudaMemcpyAsync(D->s_u64, stream, (size_t)nb * 8, cudaMemcpyHostToDevice, D->st));
+    cudaCheck(cudaMemcpyAsync(D->s_u64 + D->B, counter, (size_t)nb * 8, cudaMemcpyHostToDevice, D->st));
+    char err[256] = "";
+    if (sample_rows_cuda_on(D->logits, nb, D->h.base.vocab, s, D->s_u64, D->s_u64 + D->B, D->s_out, D->st, EA))
+        return dl_fail(e, "decoder_cuda: %s", err);
+    cudaCheck(cudaMemcpyAsync(tokens, D->s_out, (size_t)nb * 4, cudaMemcpyDeviceToHost, D->st));
+    cudaCheck(cudaStreamSynchronize(D->st));
+    return 0;
+}

@@ -1,0 +1,92 @@
+// decode_cuda.h: batched generation on the GPU, callable from C. DecoderCuda is the CUDA twin of the CPU
+// Decoder (distill/engine.h) for what generation needs: B sequences of up to max_len tokens, each with its
+// own length; ragged prefill (every sequence its own prompt length); one-token decode steps; the logits of
+// each sequence's last token; sampling on the device. Teacher (all attention) or attention + Mamba-1 hybrid;
+// Mamba-2 layers are refused. Design and limits: docs/DECODE_CUDA.md.
+//
+// Precision: bf16 weights (uploaded from the host fp32 registry buffer), bf16 activations and KV cache,
+// fp32 SSM state, bf16 conv window (it holds bf16 GEMM outputs, so keeping it in bf16 loses nothing), fp32
+// logits. The Mamba conv weights, A = -exp(A_log), D and the dt bias are kept in fp32.
+// Memory: KV cache 2 * n_attn * B * max_len * kvd bf16, Mamba state n_mamba * B * d_inner * (d_state fp32
+// + 3 bf16), scratch for up to `rows` tokens per pass (a prefill of B*L tokens runs in chunks of columns).
+// Determinism: no float atomics; two runs give identical bits, and a sequence's results do not depend on
+// its slot in the batch. They may differ in the last bits between batch sizes (cuBLASLt picks kernels per
+// GEMM shape; the attention key split depends on the number of rows).
+// Errors: CUDA failures exit with the call and a hint (kernels/train/train_check.cuh); shape, length and
+// token errors return -1 / NULL with e filled.
+#pragma once
+#include <stdint.h>
+#include <stdio.h>
+
+#ifdef __cplusplus
+#ifndef _Noreturn
+#define _Noreturn [[noreturn]]
+#endif
+extern "C" {
+#endif
+
+#include "distill/common.h"
+#include "distill/model.h"
+#include "distill/registry.h"
+
+typedef struct DecoderCuda DecoderCuda;
+
+// A decoder for up to B sequences of up to max_len tokens each. params: host fp32, registry layout (the
+// host copy is not kept). log: one line with the memory use (NULL: silent). NULL with e filled on a bad
+// shape, a Mamba-2 layer, or out of memory.
+DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B,
+                              int64_t max_len, FILE *log, DlError *e);
+void decoder_cuda_free(DecoderCuda *d);
+// Empties the caches for a new batch of nb sequences (1 <= nb <= B): later calls work on slots 0..nb-1.
+int decoder_cuda_reset(DecoderCuda *d, int64_t nb, DlError *e);
+int64_t decoder_cuda_batch(const DecoderCuda *d);  // the active batch nb
+int64_t decoder_cuda_capacity(const DecoderCuda *d);  // B
+int64_t decoder_cuda_max_len(const DecoderCuda *d);
+int64_t decoder_cuda_seq_len(const DecoderCuda *d, int64_t b);
+int64_t decoder_cuda_vocab(const DecoderCuda *d);
+double decoder_cuda_bytes(const DecoderCuda *d);  // device memory held
+
+// decoder_feed_ragged on the device: tokens [nb, L] (host), sequence b feeds its first n[b] (1..L) tokens
+// (n NULL: all L) at positions len[b] .. len[b]+n[b]-1; afterwards the device logits [nb, V] (fp32) are
+// those of each sequence's last fed token. Returns 0, or -1 (e filled) if a length would pass max_len or a
+// token id is out of range (nothing is changed then).
+int decoder_cuda_feed_ragged(DecoderCuda *d, const int32_t *tokens, int64_t L, const int64_t *n, DlError *e);
+// One decode step: token[b] (host [nb]) appended to every sequence.
+int decoder_cuda_step(DecoderCuda *d, const int32_t *tokens, DlError *e);
+// The logits of the last feed: device pointer [nb, V] fp32 (valid until the next feed), or a host copy.
+const float *decoder_cuda_logits(const DecoderCuda *d);
+void decoder_cuda_logits_host(const DecoderCuda *d, float *out);
+// Benchmarks only (decoder_seek): every sequence's length set to len without feeding (the KV rows below len
+// are zeroed, Mamba states kept), so the decode speed at a long context is timed without a long prefill.
+int decoder_cuda_seek(DecoderCuda *d, int64_t len, DlError *e);
+
+// ---- sampling on the device (no [nb, V] copy to the host)
+// temperature <= 0: greedy (argmax, lowest id on ties). Otherwise softmax(logits / temperature) over the
+// top_k largest logits (top_k <= 0 or >= V: all; ties at the k-th value all kept, as the CPU stage does),
+// truncated to the top-p nucleus (top_p <= 0 or >= 1: off; most likely first, ties by lower id), then one
+// draw. The uniform of row b is a counter-based hash of (seed, stream[b], counter[b]) (sample_uniform_cuda
+// below), so a sequence's tokens do not depend on the batch it runs in. Probabilities are carried as 2^40-
+// scaled integers relative to the row maximum (sums exact and order-free); tokens less likely than 2^-40
+// times the most likely one are never drawn.
+typedef struct {
+    float temperature;
+    int top_k;
+    float top_p;
+    uint64_t seed;
+} DecodeSampling;
+
+// The uniform in [0, 1) (53 bits) used for (seed, stream, counter); the same function runs on the host.
+double decode_uniform(uint64_t seed, uint64_t stream, uint64_t counter);
+
+// Samples one token per row from the decoder's logits: stream, counter host [nb]; tokens host [nb] out.
+int decoder_cuda_sample(DecoderCuda *d, const DecodeSampling *s, const uint64_t *stream, const uint64_t *counter,
+                        int32_t *tokens, DlError *e);
+
+// The sampler alone, for tests: logits device [rows, V] fp32; stream, counter device [rows] u64; out device
+// [rows] int32. Enqueued on the default stream. Returns 0 or -1 (err) on a bad shape.
+int sample_rows_cuda(const float *logits, int64_t rows, int64_t V, const DecodeSampling *s, const uint64_t *stream,
+                     const uint64_t *counter, int32_t *out, char *err, size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
