@@ -11,6 +11,9 @@
 #include "distill/command.h"
 #include "distill/common.h"
 #include "distill/dist.h"
+#ifdef DISTILL_NCCL
+#include "distill/nccl_comm.h"
+#endif
 #include "distill/plan.h"
 #include "distill/recipe.h"
 #include "distill/stage.h"
@@ -218,7 +221,14 @@ static int run_main(int argc, char **argv) {
             dl_die(DL_EXIT_RUNTIME, "%s", e.msg);
         }
         rank = dist_rank(group);
-        stage_set_dist(&(StageDist){group, rank, world, r.hardware.zero});
+        StageDist sdist = {group, rank, world, r.hardware.zero, NULL};
+#ifdef DISTILL_NCCL
+        if (r.run.device == DEVICE_CUDA && !(sdist.nccl = nccl_comm_init(group, dist_local_rank(group), NULL, &e))) {
+            recipe_free(&r);
+            dl_die(DL_EXIT_RUNTIME, "NCCL: %s", e.msg);
+        }
+#endif
+        stage_set_dist(&sdist);
         if (rank > 0) dl_set_quiet(true);  // rank 0 prints progress; every rank prints its errors
         dl_info("data parallel: %d ranks (%s), ZeRO-%d for the training stages\n", world, dist_source_name(denv.source),
                 r.hardware.zero);
@@ -335,6 +345,9 @@ static int run_main(int argc, char **argv) {
             fprintf(stderr, "distill: error (rank %d): %s\n", rank, e.msg);
             rc = DL_EXIT_RUNTIME;
         }
+#ifdef DISTILL_NCCL
+        if (stage_dist()->nccl) nccl_comm_free(stage_dist()->nccl);
+#endif
         stage_set_dist(NULL);
         dist_close(group);
     }

@@ -4,7 +4,7 @@
 #include <math.h>
 #include <string.h>
 
-#include "distill/engine.h"
+#include "distill/train_model.h"
 #include "distill/losses.h"
 
 static void make_perm(PairSource *ps) {
@@ -101,23 +101,23 @@ static int ps_restore(void *ctx, const CkptState *st, DlError *e) {
 
 BatchSource pair_source(PairSource *ps) { return (BatchSource){ps, ps_next, ps_save, ps_restore, NULL}; }
 
-int dpo_train_loss(void *ctx, Engine *student, const TrainBatch *b, float *grads, double *loss, MetricPart *parts,
+int dpo_train_loss(void *ctx, TrainModel *student, const TrainBatch *b, float *grads, double *loss, MetricPart *parts,
                    int *n_parts, DlError *e) {
     DpoLoss *d = ctx;
     const int64_t B = b->B, P = B / 2;
-    if (!d->ref) {
-        d->ref = engine_new(d->hc, d->reg, d->ref_params, B, b->T, 0, e);
+    if (!d->ref) {  // on the student's device
+        d->ref = tm_new(tm_device(student), d->hc, d->reg, (float *)d->ref_params, B, b->T, TM_FROZEN, NULL, e);
         if (!d->ref) return -1;
         d->lp = dl_malloc((size_t)(4 * B) * sizeof(double));
         d->w = dl_malloc((size_t)B * sizeof(float));
     }
     double *pol = d->lp, *ref = d->lp + B, *pc = d->lp + 2 * B, *pr = pc + P, *dc = d->lp + 3 * B, *dr = dc + P;
     // sequence log-probs: sum over the response's targets of log softmax(logits)[target]
-    LossSpec ls = {.w = {.ce = 1}, .norm = 1};
-    engine_forward(d->ref, b->tokens, b->reset);
-    engine_loss(d->ref, b->targets, b->mask, &ls, NULL, ref);
-    engine_forward(student, b->tokens, b->reset);
-    engine_loss(student, b->targets, b->mask, &ls, NULL, pol);
+    TmLoss ls = {.w = {.ce = 1}, .norm = 1};
+    if (tm_forward(d->ref, b->tokens, b->reset, e)) return -1;
+    tm_loss(d->ref, b->targets, b->mask, &ls, NULL, ref);
+    if (tm_forward(student, b->tokens, b->reset, e)) return -1;
+    tm_loss(student, b->targets, b->mask, &ls, NULL, pol);
     double rcx[4096], rrx[4096];
     if (P > 4096) return dl_fail(e, "DPO: at most 4096 pairs per micro-batch");
     for (int64_t i = 0; i < P; i++) {
@@ -132,9 +132,9 @@ int dpo_train_loss(void *ctx, Engine *student, const TrainBatch *b, float *grads
     }
     // d loss / d logp -> row weights of the CE (= -logp): w = -dL/dlogp
     for (int64_t i = 0; i < P; i++) d->w[2 * i] = (float)-dc[i], d->w[2 * i + 1] = (float)-dr[i];
-    LossSpec lg = {.w = {.ce = 1}, .norm = 1, .seq_weight = d->w};
-    engine_loss(student, b->targets, b->mask, &lg, grads, NULL);
-    engine_backward(student, grads);
+    TmLoss lg = {.w = {.ce = 1}, .norm = 1, .seq_weight = d->w};
+    tm_loss(student, b->targets, b->mask, &lg, grads, NULL);
+    tm_backward(student, grads);
     double margin = 0;
     for (int64_t i = 0; i < P; i++) margin += d->beta * ((pc[i] - rcx[i]) - (pr[i] - rrx[i]));
     *loss = l;
@@ -146,7 +146,7 @@ int dpo_train_loss(void *ctx, Engine *student, const TrainBatch *b, float *grads
 }
 
 void dpo_loss_free(DpoLoss *d) {
-    engine_free(d->ref);
+    tm_free(d->ref);
     free(d->lp);
     free(d->w);
     d->ref = NULL, d->lp = NULL, d->w = NULL;

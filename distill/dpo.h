@@ -38,13 +38,13 @@ typedef struct {
     const Registry *reg;
     const float *ref_params;  // the frozen reference (a copy of the student's weights at stage start)
     double beta;
-    struct Engine *ref;       // created at the first batch (B, T of the batches)
+    struct TrainModel *ref;   // created at the first batch (B, T of the batches), on the student's device
     double *lp;               // scratch: [B] policy / reference log-probs
     float *w;                 // [B] row weights
 } DpoLoss;
 
 // The TrainLossFn of DPO (ctx = DpoLoss*). Parts: "dpo" (the loss), "reward_acc" (fraction of pairs with a
 // positive implicit reward margin), "margin" (mean beta * margin).
-int dpo_train_loss(void *ctx, Engine *student, const TrainBatch *b, float *grads, double *loss, MetricPart *parts,
+int dpo_train_loss(void *ctx, TrainModel *student, const TrainBatch *b, float *grads, double *loss, MetricPart *parts,
                    int *n_parts, DlError *e);
 void dpo_loss_free(DpoLoss *d);

@@ -229,32 +229,29 @@ void optim_step(Optim *o, float *params, const float *grads, double loss, OptimR
     optim_step_norm(o, params, grads, loss, norm, r);
 }
 
-void optim_step_norm(Optim *o, float *params, const float *grads, double loss, double grad_norm, OptimResult *r) {
-    const OptimConfig *c = &o->cfg;
-    OptimState *s = &o->st;
+bool optim_decide(const OptimConfig *c, OptimState *s, double loss, double grad_norm, OptimResult *r, OptimStepK *k) {
     memset(r, 0, sizeof *r);
     r->lr = optim_lr_at(c, s->step);
     r->clip_scale = 1.0;
     s->step++;
-    double inv_accum = 1.0 / c->grad_accum;
     r->median_norm = window_median(s);
     if (!isfinite(loss)) {
         r->grad_norm = NAN;
         r->outcome = OPTIM_SKIP_NONFINITE_LOSS;
         s->n_skip_nonfinite++;
-        return;
+        return false;
     }
     r->grad_norm = grad_norm;
     if (!isfinite(r->grad_norm)) {
         r->outcome = OPTIM_SKIP_NONFINITE_GRAD;
         s->n_skip_nonfinite++;
-        return;
+        return false;
     }
     if (c->outlier_factor > 0 && s->n_accepted >= c->outlier_warmup && s->window_n > 0 &&
         r->grad_norm > c->outlier_factor * r->median_norm) {
         r->outcome = OPTIM_SKIP_OUTLIER;
         s->n_skip_outlier++;
-        return;
+        return false;
     }
     // accepted: record the norm, then update
     if (c->outlier_factor > 0) {
@@ -265,16 +262,30 @@ void optim_step_norm(Optim *o, float *params, const float *grads, double loss, d
     s->n_accepted++;
     if (c->clip_norm > 0 && r->grad_norm > c->clip_norm) r->clip_scale = c->clip_norm / r->grad_norm;
     s->t++;
-    const double bc1 = 1.0 - pow(c->beta1, (double)s->t), bc2 = 1.0 - pow(c->beta2, (double)s->t);
+    k->bc1 = 1.0 - pow(c->beta1, (double)s->t);
+    k->bc2 = 1.0 - pow(c->beta2, (double)s->t);
+    k->gscale = 1.0 / c->grad_accum * r->clip_scale;
+    r->outcome = OPTIM_APPLIED;
+    return true;
+}
+
+void optim_tensor_k(const Optim *o, int i, const OptimResult *r, const OptimStepK *k, float *decay, float *step_size) {
+    *decay = (float)(1.0 - r->lr * o->lr_scale[i] * o->wd[i]);
+    *step_size = (float)(r->lr * o->lr_scale[i] / k->bc1);
+}
+
+void optim_step_norm(Optim *o, float *params, const float *grads, double loss, double grad_norm, OptimResult *r) {
+    const OptimConfig *c = &o->cfg;
+    OptimStepK k;
+    if (!optim_decide(c, &o->st, loss, grad_norm, r, &k)) return;
     const float b1 = (float)c->beta1, b2 = (float)c->beta2, eps = (float)c->eps;
-    const float gscale = (float)(inv_accum * r->clip_scale);
+    const float gscale = (float)k.gscale, inv_sqrt_bc2 = (float)(1.0 / sqrt(k.bc2));
     const Registry *reg = o->reg;
     for (int i = 0; i < reg->n; i++) {
         const TensorInfo *t = &reg->t[i];
         if (!t->trainable || t->shard_end <= t->shard_begin) continue;
-        const float decay = (float)(1.0 - r->lr * o->lr_scale[i] * o->wd[i]);
-        const float step_size = (float)(r->lr * o->lr_scale[i] / bc1);
-        const float inv_sqrt_bc2 = (float)(1.0 / sqrt(bc2));
+        float decay, step_size;
+        optim_tensor_k(o, i, r, &k, &decay, &step_size);
         // the owned range [shard_begin, shard_end): element j of the tensor is index j - shard_begin here
         float *p = params + t->offset + t->shard_begin, *m = o->m + o->mv_off[i], *v = o->v + o->mv_off[i];
         const float *g = grads + t->offset + t->shard_begin;
@@ -290,7 +301,6 @@ void optim_step_norm(Optim *o, float *params, const float *grads, double loss, d
             p[j] = p[j] * decay - step_size * mj / denom;
         }
     }
-    r->outcome = OPTIM_APPLIED;
 }
 
 int optim_check_finite(const Optim *o, DlError *e) {

@@ -105,6 +105,16 @@ void optim_step(Optim *o, float *params, const float *grads, double loss, OptimR
 // every rank skips, clips and records the outlier window exactly as one rank would. optim_step is
 // optim_step_norm with optim_grad_norm(reg, grads, 1/grad_accum).
 void optim_step_norm(Optim *o, float *params, const float *grads, double loss, double grad_norm, OptimResult *r);
+// The two halves of a step, shared by the CPU update above and the device update of the CUDA backend:
+// optim_decide takes the schedule step (lr), the skips, the outlier window and clipping, and returns true
+// when the AdamW update is to be applied with the constants in k; optim_tensor_k gives tensor i's decoupled
+// decay factor and step size (its parameter group's lr multiplier and weight decay).
+typedef struct {
+    double bc1, bc2;  // Adam bias corrections 1 - beta^t
+    double gscale;    // gradient multiplier: 1/grad_accum x clip scale
+} OptimStepK;
+bool optim_decide(const OptimConfig *c, OptimState *st, double loss, double grad_norm, OptimResult *r, OptimStepK *k);
+void optim_tensor_k(const Optim *o, int i, const OptimResult *r, const OptimStepK *k, float *decay, float *step_size);
 // Zeroes the owned ranges of trainable tensors in grads (call before accumulating micro-batches).
 void optim_zero_grads(const Optim *o, float *grads);
 // Returns the first non-finite value of m or v over trainable tensors (tensor name and index in e), or 0.

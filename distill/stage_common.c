@@ -1,6 +1,8 @@
 // stage_common.c: see stage_common.h.
 #include "distill/stage_common.h"
 
+#include "distill/train_model.h"
+
 #include <limits.h>
 #include <math.h>
 #include <string.h>
@@ -372,6 +374,19 @@ void loader_source_close(LoaderSource *ls) {
 
 BatchSource loader_source(LoaderSource *ls) { return (BatchSource){ls, ls_next, ls_save, ls_restore, NULL}; }
 
+void stage_train_device(const RunContext *ctx, TrainConfig *c) {
+    const Recipe *r = ctx->recipe;
+    c->device = r->run.device == DEVICE_CUDA ? TM_CUDA : TM_CPU;
+    c->recompute_mlp = r->hardware.recompute != RECOMPUTE_NONE;  // "full" recomputes the MLP only on CUDA today
+    const StageDist *sd = stage_dist();
+    if (sd && sd->world > 1) {
+        c->dist = sd->g;
+        c->zero_stage = sd->zero;
+        c->zero_bucket_bytes = (int64_t)25 << 20;  // reduce while backward runs (CUDA); one bucket on tiny models
+        c->nccl = sd->nccl;
+    }
+}
+
 void stage_optim_config(const StageSpec *st, int64_t total_steps, OptimConfig *oc) {
     const OptimSpec *s = &st->opt;
     optim_config_default(oc);
@@ -425,11 +440,11 @@ void stage_plot_metrics(const RunContext *ctx) {
 
 // ---------------------------------------------------------------- the process group
 
-static StageDist g_dist = {NULL, 0, 1, 0};
+static StageDist g_dist = {NULL, 0, 1, 0, NULL};
 
 void stage_set_dist(const StageDist *d) {
     if (d) g_dist = *d;
-    else g_dist = (StageDist){NULL, 0, 1, 0};
+    else g_dist = (StageDist){NULL, 0, 1, 0, NULL};
 }
 
 const StageDist *stage_dist(void) { return &g_dist; }

@@ -78,6 +78,9 @@ void stage_plot_metrics(const RunContext *ctx);
 
 // The optimizer config of a stage (OptimSpec) for a loop of total_steps steps.
 void stage_optim_config(const StageSpec *st, int64_t total_steps, OptimConfig *oc);
+// The device part of a training loop's configuration from the recipe: run.device, hardware.recompute and,
+// with several ranks, the process group, ZeRO stage and NCCL communicator (stage_dist).
+void stage_train_device(const RunContext *ctx, TrainConfig *c);
 // Steps of a training length given as steps, or as epochs (micro-batches per epoch / grad_accum).
 int64_t stage_steps(int64_t steps, double epochs, int64_t batches_per_epoch, int grad_accum);
 
@@ -89,6 +92,7 @@ typedef struct {
     DistGroup *g;
     int rank, world;
     int zero;  // ZeRO stage (hardware.zero, 0..2) of the training stages when world > 1
+    struct NcclComm *nccl;  // device cuda, world > 1: the NCCL communicator (nccl_comm.h), else NULL
 } StageDist;
 void stage_set_dist(const StageDist *d);  // NULL: back to one process
 const StageDist *stage_dist(void);

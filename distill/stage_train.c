@@ -216,11 +216,7 @@ static int run_training(RunContext *ctx, const StageSpec *st) {
         c.checkpoint_every = rec->run.checkpoint_every;
         c.keep_checkpoints = rec->run.keep_checkpoints;
         c.metrics = sd->rank == 0 ? &metrics : NULL;
-        if (sd->world > 1) {
-            c.dist = sd->g;
-            c.zero_stage = sd->zero;
-            c.zero_bucket_bytes = (int64_t)25 << 20;  // reduce while backward runs (CUDA); one bucket on tiny models
-        }
+        stage_train_device(ctx, &c);
         c.resume_from = resume_from;
         int sub = k;
         c.annotate = annotate_sub, c.annotate_ctx = &sub;

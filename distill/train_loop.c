@@ -6,13 +6,15 @@
 #include <string.h>
 
 #include "distill/checkpoint_shard.h"
-#include "distill/engine.h"
+#include "distill/train_model.h"
 #include "distill/zero.h"
+#ifdef DISTILL_NCCL
+#include "distill/nccl_comm.h"
+#endif
 
 typedef struct {
-    Engine *student, *teacher;
-    float *grads;     // [reg->numel]
-    float *dh;        // [B*T, d] hidden-state gradient scratch (MSE)
+    TrainModel *student, *teacher;
+    float *grads;     // [reg->numel], where the student computes (train_model.h)
     TrainBatch b;
 } Loop;
 
@@ -115,10 +117,9 @@ static int dp_sum(Dp *d, double *x, int n, DlError *e) {
 }
 
 static void loop_free(Loop *L) {
-    engine_free(L->student);
-    engine_free(L->teacher);
-    free(L->grads);
-    free(L->dh);
+    if (L->grads) tm_grads_free(L->student, L->grads);
+    tm_free(L->student);
+    tm_free(L->teacher);
     free(L->b.tokens);
     free(L->b.targets);
     free(L->b.mask);
@@ -144,8 +145,9 @@ static void fill_state(const TrainConfig *c, const Optim *o, BatchSource *src, i
     if (c->annotate) c->annotate(c->annotate_ctx, st);
 }
 
-static int save(const TrainConfig *c, const Optim *o, const Dp *d, BatchSource *src, int64_t step, int64_t tokens,
-                bool done, TrainResult *res, DlError *e) {
+static int save(const TrainConfig *c, Optim *o, const Dp *d, TrainModel *student, BatchSource *src, int64_t step,
+                int64_t tokens, bool done, TrainResult *res, DlError *e) {
+    tm_sync_host(student, o);  // cuda: the device master and moments are the truth
     CkptState st;
     fill_state(c, o, src, step, tokens, done, &st);
     int rc;
@@ -225,51 +227,54 @@ out:
     return step;
 }
 
+// Rows counted by the MSE terms and their scale: weight / (counted rows x d x compared layers).
+static double mse_scale(const TrainConfig *c, const TrainBatch *b, double weight) {
+    int n_cmp = 0;
+    for (int l = 0; l < c->hc->base.n_layer; l++) n_cmp += c->hc->mixer[l] != MIXER_ATTN;
+    int64_t counted = 0;
+    for (int64_t i = 0; i < b->B * b->T; i++) counted += b->mask[i] != 0;
+    if (!n_cmp || !counted) return 0;
+    return weight / ((double)counted * (double)c->hc->base.d_model * n_cmp);
+}
+
 // Mean squared difference of the student's and the teacher's hidden states after every Mamba layer of the
 // student; adds its gradient. Returns the (weighted) term.
-static double hidden_mse(const TrainConfig *c, Loop *L, int64_t rows, double weight) {
-    const int nl = c->hc->base.n_layer;
-    const int64_t d = c->hc->base.d_model;
-    int n_cmp = 0;
-    for (int l = 0; l < nl; l++) n_cmp += c->hc->mixer[l] != MIXER_ATTN;
-    if (!n_cmp) return 0;
-    int64_t counted = 0;
-    for (int64_t i = 0; i < rows; i++) counted += L->b.mask[i] != 0;
-    if (!counted) return 0;
-    const double scale = weight / ((double)counted * (double)d * n_cmp);
+static double hidden_mse(const TrainConfig *c, Loop *L, double weight) {
+    const double scale = mse_scale(c, &L->b, weight);
+    if (scale == 0) return 0;
     double total = 0;
-    for (int l = 0; l < nl; l++) {
-        if (c->hc->mixer[l] == MIXER_ATTN) continue;
-        memset(L->dh, 0, (size_t)(rows * d) * sizeof(float));
-        total += mse_rows(rows, d, engine_hidden(L->student, l + 1), engine_hidden(L->teacher, l + 1), L->b.mask, scale,
-                          L->dh);
-        engine_add_hidden_grad(L->student, l + 1, L->dh, 1.0f);
-    }
+    for (int l = 0; l < c->hc->base.n_layer; l++)
+        if (c->hc->mixer[l] != MIXER_ATTN) total += tm_mse_hidden(L->student, l + 1, L->teacher, L->b.mask, scale);
     return total;
 }
 
 // Teacher-forced per-layer alignment (the loss is MSE only): each Mamba layer l of the student gets the
 // teacher's hidden state l as input and is trained to reproduce the teacher's hidden state l+1, one layer
 // at a time (forward of that layer, MSE, backward into its own parameters). Returns the weighted MSE.
-static double align_layers(const TrainConfig *c, Loop *L, int64_t rows, double weight) {
-    const int nl = c->hc->base.n_layer;
-    const int64_t d = c->hc->base.d_model;
-    int n_cmp = 0;
-    for (int l = 0; l < nl; l++) n_cmp += c->hc->mixer[l] != MIXER_ATTN;
-    int64_t counted = 0;
-    for (int64_t i = 0; i < rows; i++) counted += L->b.mask[i] != 0;
-    if (!n_cmp || !counted) return 0;
-    const double scale = weight / ((double)counted * (double)d * n_cmp);
+static int align_layers(const TrainConfig *c, Loop *L, double weight, double *out, DlError *e) {
+    const double scale = mse_scale(c, &L->b, weight);
     double total = 0;
-    for (int l = 0; l < nl; l++) {
+    for (int l = 0; scale != 0 && l < c->hc->base.n_layer; l++) {
         if (c->hc->mixer[l] == MIXER_ATTN) continue;
-        engine_forward_range(L->student, L->b.tokens, L->b.reset, l, engine_hidden(L->teacher, l), l + 1);
-        memset(L->dh, 0, (size_t)(rows * d) * sizeof(float));
-        total += mse_rows(rows, d, engine_hidden(L->student, l + 1), engine_hidden(L->teacher, l + 1), L->b.mask, scale, L->dh);
-        engine_add_hidden_grad(L->student, l + 1, L->dh, 1.0f);
-        engine_backward(L->student, L->grads);
+        if (tm_forward_layer_from(L->student, L->b.tokens, L->b.reset, l, L->teacher, e)) return -1;
+        total += tm_mse_hidden(L->student, l + 1, L->teacher, L->b.mask, scale);
+        tm_backward(L->student, L->grads);
     }
-    return total;
+    *out = total;
+    return 0;
+}
+
+// Data parallel on CUDA (ZeRO-0): the gradients summed over the ranks on the device, in one NCCL all-reduce.
+static int cuda_allreduce(const TrainConfig *c, Loop *L, DlError *e) {
+#ifdef DISTILL_NCCL
+    if (nccl_all_reduce(c->nccl, L->grads, L->grads, c->reg->numel, DT_F32, false, tm_stream(L->student), e) ||
+        nccl_sync(c->nccl, tm_stream(L->student), e))
+        return -1;
+    return 0;
+#else
+    (void)c, (void)L;
+    return dl_fail(e, "data parallel on CUDA needs NCCL, and this build has none");
+#endif
 }
 
 int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError *e) {
@@ -284,12 +289,20 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
     if (c->mse != 0 && c->teacher_hc->base.n_layer != c->hc->base.n_layer)
         return dl_fail(e, "%s: hidden-state MSE needs a teacher with the student's layer count", c->stage_name);
     if (reg_trainable_numel(c->reg) == 0) return dl_fail(e, "%s: no trainable tensors", c->stage_name);
+    const TmDevice dev = c->device == TM_CUDA ? TM_CUDA : TM_CPU;
+    if (dev == TM_CUDA && cached)
+        return dl_fail(e, "%s: teacher_logits = \"cache\" is not supported on device = \"cuda\" (the online teacher is "
+                          "faster there: remove teacher_logits)", c->stage_name);
     const int world = c->dist ? dist_world(c->dist) : 1, rank = c->dist ? dist_rank(c->dist) : 0;
+    if (dev == TM_CUDA && world > 1 && (c->zero_stage != 0 || !c->nccl))
+        return dl_fail(e, "%s: data parallel on CUDA runs ZeRO-0 over NCCL%s (hardware.zero = %d)", c->stage_name,
+                       c->nccl ? "; ZeRO-1/2 keep their state on the host and are not implemented there" : ", which is not available",
+                       c->zero_stage);
     int accum = c->opt.grad_accum;  // micro-batches per rank per step
     OptimConfig oc = c->opt;
     oc.grad_accum = accum * world;  // the optimizer averages over every micro-batch of every rank
     Dp dp, *d = NULL;
-    if (world > 1) {
+    if (world > 1 && dev == TM_CPU) {
         if (dp_init(&dp, c, &oc, e)) {
             dp_free(&dp);
             return -1;
@@ -304,20 +317,26 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
     Loop L;
     memset(&L, 0, sizeof L);
     int rc = -1;
-    L.student = engine_new(c->hc, c->reg, c->params, B, T, ENGINE_TRAIN, e);
+    FILE *mem_log = dev == TM_CUDA && rank == 0 ? stderr : NULL;
+    if (mem_log) dl_info("%s: student on the GPU:", c->stage_name);
+    L.student = tm_new(dev, c->hc, c->reg, c->params, B, T,
+                       TM_TRAIN | (need_teacher && !align && c->w.kl + c->w.rkl != 0 ? TM_TEACHER_KL : 0) |
+                           (c->recompute_mlp ? TM_RECOMPUTE_MLP : 0), mem_log, e);
     if (!L.student) goto out;
     if (need_teacher) {
-        L.teacher = engine_new(c->teacher_hc, c->teacher_reg, c->teacher_params, B, T, c->mse != 0 ? ENGINE_KEEP_HIDDEN : 0, e);
+        if (mem_log) dl_info("%s: teacher on the GPU:", c->stage_name);
+        L.teacher = tm_new(dev, c->teacher_hc, c->teacher_reg, (float *)c->teacher_params, B, T,
+                           TM_FROZEN | (c->mse != 0 ? TM_KEEP_HIDDEN : 0), mem_log, e);
         if (!L.teacher) goto out;
     }
-    L.grads = dl_calloc((size_t)c->reg->numel, sizeof(float));
-    if (c->mse != 0) L.dh = dl_malloc((size_t)(B * T * c->hc->base.d_model) * sizeof(float));
+    L.grads = tm_grads_new(L.student);
     L.b = (TrainBatch){B, T, dl_malloc((size_t)(B * T) * 4), dl_malloc((size_t)(B * T) * 4), dl_malloc((size_t)(B * T)),
                        dl_malloc((size_t)(B * T))};
     int64_t step = 0, tokens = 0;
     if (c->resume_from) {
         step = resume(c, &o, world, &accum, src, &tokens, e);
         if (step < 0) goto out;
+        tm_load_host(L.student, &o);
         dl_info("%s: resumed at step %lld of %lld from %s", c->stage_name, (long long)(c->step_offset + step),
                 (long long)(c->step_offset + o.cfg.total_steps), c->resume_from);
     }
@@ -331,11 +350,18 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
     progress_begin(&prog, c->progress_label ? c->progress_label : c->stage_name, c->step_offset + step, c->step_offset + total);
     double t_run = dl_now();
     int64_t tokens_run = 0, steps_run = 0;
-    LossSpec ls = {.w = c->w, .teacher = L.teacher};
+    TmLoss ls = {.w = c->w, .teacher = L.teacher};
+    if (dev == TM_CUDA && rank == 0)
+        dl_info("%s: GPU memory of this loop: %.2f GiB (student %.2f, teacher %.2f)", c->stage_name,
+                (tm_device_bytes(L.student) + 8.0 * (double)reg_trainable_numel(c->reg) +
+                 (L.teacher ? tm_device_bytes(L.teacher) : 0)) / 1073741824.0,
+                (tm_device_bytes(L.student) + 8.0 * (double)reg_trainable_numel(c->reg)) / 1073741824.0,
+                L.teacher ? tm_device_bytes(L.teacher) / 1073741824.0 : 0.0);
     for (; step < total; step++) {
         double t0 = dl_now();
         if (d) memset(L.grads, 0, (size_t)c->reg->numel * sizeof(float));  // the full local gradient
-        else optim_zero_grads(&o, L.grads);
+        else if (dev == TM_CPU) optim_zero_grads(&o, L.grads);
+        else tm_grads_zero(L.student, L.grads);
         double loss = 0, ce = 0, kl = 0, rkl = 0, mse = 0;
         int64_t step_tokens = 0;
         MetricPart custom[4] = {{0}};
@@ -366,17 +392,18 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
                 ls.teacher_logits = src->teacher_logits(src->ctx);
                 ls.teacher = NULL;
             }
-            if (L.teacher) engine_forward(L.teacher, L.b.tokens, L.b.reset);
+            if (L.teacher && tm_forward(L.teacher, L.b.tokens, L.b.reset, e)) goto fail_batch;
             if (align) {
-                double m = align_layers(c, &L, B * T, c->mse);
+                double m = 0;
+                if (align_layers(c, &L, c->mse, &m, e)) goto fail_batch;
                 loss += m, mse += m;
                 for (int64_t i = 0; i < B * T; i++) step_tokens += L.b.mask[i] != 0;
                 goto micro_done;
             }
-            engine_forward(L.student, L.b.tokens, L.b.reset);
-            LossParts lp = engine_loss(L.student, L.b.targets, L.b.mask, &ls, L.grads, NULL);
-            double m = c->mse != 0 ? hidden_mse(c, &L, B * T, c->mse) : 0;
-            engine_backward(L.student, L.grads);
+            if (tm_forward(L.student, L.b.tokens, L.b.reset, e)) goto fail_batch;
+            LossParts lp = tm_loss(L.student, L.b.targets, L.b.mask, &ls, L.grads, NULL);
+            double m = c->mse != 0 ? hidden_mse(c, &L, c->mse) : 0;
+            tm_backward(L.student, L.grads);
             loss += lp.loss + m;
             ce += lp.ce, kl += lp.kl, rkl += lp.rkl, mse += m;
             step_tokens += (int64_t)lp.n_tokens;
@@ -402,7 +429,8 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
         if (d) {
             if (dp_step(d, &o, c->params, L.grads, loss, &r, e)) goto fail_dist;
         } else {
-            optim_step(&o, c->params, L.grads, loss, &r);
+            if (world > 1 && cuda_allreduce(c, &L, e)) goto fail_dist;
+            if (tm_optim_step(L.student, &o, L.grads, loss, -1, &r, e)) goto out_prog;
         }
         bool skipped = r.outcome != OPTIM_APPLIED;
         int64_t gstep = c->step_offset + step + 1;
@@ -447,7 +475,7 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
         }
         bool last = step + 1 == total, interrupt = stop_now;
         if (last || interrupt || (c->checkpoint_every > 0 && (step + 1) % c->checkpoint_every == 0)) {
-            if (save(c, &o, d, src, step + 1, tokens, last, res, e)) goto out_prog;
+            if (save(c, &o, d, L.student, src, step + 1, tokens, last, res, e)) goto out_prog;
         }
         res->steps_done = step + 1;
         if (interrupt && !last) {
@@ -464,6 +492,9 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
     res->steps_done = (res->stopped || res->interrupted) ? step + 1 : total;
     res->tokens_per_s = tokens_run / (dl_now() - t_run + 1e-9);
     rc = 0;
+    goto out_prog;
+fail_batch:  // a batch the model refused (e.g. a token id out of range): e names it
+    dl_fail_prefix(e, "%s, step %lld: ", c->stage_name, (long long)(c->step_offset + step + 1));
     goto out_prog;
 fail_dist:  // a collective failed: a rank died or timed out (e names it); no checkpoint of this step
     dl_fail_prefix(e, "%s, step %lld: ", c->stage_name, (long long)(c->step_offset + step + 1));

@@ -61,10 +61,11 @@ typedef struct {
     const float *(*teacher_logits)(void *ctx);
 } BatchSource;
 
-typedef struct Engine Engine;  // engine.h
+typedef struct TrainModel TrainModel;  // train_model.h
 // A custom loss for one micro-batch (DPO): runs the student's forward, loss and backward itself on b,
-// ADDING the gradient into grads, and returns the loss; up to 4 named parts (for metrics) go to parts.
-typedef int (*TrainLossFn)(void *ctx, Engine *student, const TrainBatch *b, float *grads, double *loss,
+// ADDING the gradient into grads (where the student computes: train_model.h), and returns the loss; up to 4
+// named parts (for metrics) go to parts.
+typedef int (*TrainLossFn)(void *ctx, TrainModel *student, const TrainBatch *b, float *grads, double *loss,
                            MetricPart *parts, int *n_parts, DlError *e);
 
 typedef struct {
@@ -121,6 +122,12 @@ typedef struct {
     DistGroup *dist;
     int zero_stage;
     int64_t zero_bucket_bytes;
+    // where the models compute (TmDevice of train_model.h: 0 = cpu, 1 = cuda) and, on cuda, whether the
+    // MLP activations are recomputed in the backward (recipe hardware.recompute = "mlp" or "full")
+    int device;
+    bool recompute_mlp;
+    // cuda, world > 1: the NCCL communicator over the ranks of dist (nccl_comm.h), or NULL
+    struct NcclComm *nccl;
 } TrainConfig;
 
 typedef struct {

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "distill/dpo.h"
+#include "distill/train_model.h"
 #include "distill/engine.h"
 #include "distill/losses.h"
 #include "tests/check.h"
@@ -99,7 +100,7 @@ int main(void) {
     float *ref = malloc((size_t)s.r.numel * 4);
     memcpy(ref, s.p, (size_t)s.r.numel * 4);
     DpoLoss d = {.hc = &s.h, .reg = &s.r, .ref_params = ref, .beta = beta};
-    Engine *se = engine_new(&s.h, &s.r, s.p, B, T, ENGINE_TRAIN, &e);
+    TrainModel *se = tm_new(TM_CPU, &s.h, &s.r, s.p, B, T, TM_TRAIN, NULL, &e);
     float *g = calloc((size_t)s.r.numel, 4);
     double loss;
     MetricPart parts[4];
@@ -135,7 +136,7 @@ int main(void) {
         if (rel > worst) worst = rel;
     }
     CHECK_REL(worst, 3e-2, "DPO gradient vs finite differences (fp32 engine)");
-    engine_free(se);
+    tm_free(se);
     dpo_loss_free(&d);
 
     // a short DPO run on the loop: the reward accuracy / margin on the training pairs rise

@@ -158,6 +158,9 @@ struct EngineCuda {
     bool have_dxf;
     void **dhid;  // lazily allocated [n_layer+1] gradients of hidden states
     bool *has_dhid;
+    // hidden-state MSE (lazily allocated)
+    uint8_t *mse_mask;
+    double *mse_rows, *mse_acc;
 };
 
 static inline char *P(const EngineCuda *e, WRef w) { return (char *)e->wc + (size_t)w.off * e->es; }
@@ -532,6 +535,9 @@ void engine_cuda_free(EngineCuda *E) {
         free(E->dhid);
         free(E->has_dhid);
     }
+    cudaFree(E->mse_mask);
+    cudaFree(E->mse_rows);
+    cudaFree(E->mse_acc);
     if (E->st) cudaStreamDestroy(E->st);
     free(E->tab.e);
     free(E->acts);
@@ -838,10 +844,10 @@ LossParts engine_cuda_loss(EngineCuda *E, const int32_t *targets, const uint8_t 
     return p;
 }
 
-void engine_cuda_add_hidden_grad(EngineCuda *E, int i, const void *dh, float scale) {
+// The gradient buffer of hidden state i, zeroed at its first use after a backward.
+static void *dhid_slot(EngineCuda *E, int i) {
     const int nl = E->h.base.n_layer;
     const int64_t n = E->N * E->h.base.d_model;
-    if (i < 0 || i > nl) return;
     if (!E->dhid) {
         E->dhid = (void **)calloc((size_t)nl + 1, sizeof(void *));
         E->has_dhid = (bool *)calloc((size_t)nl + 1, sizeof(bool));
@@ -851,7 +857,31 @@ void engine_cuda_add_hidden_grad(EngineCuda *E, int i, const void *dh, float sca
         cudaCheck(cudaMemsetAsync(E->dhid[i], 0, (size_t)n * E->es, E->st));
         E->has_dhid[i] = true;
     }
-    eng_axpy(E->dt, E->dhid[i], dh, scale, n, E->st);
+    return E->dhid[i];
+}
+
+void engine_cuda_add_hidden_grad(EngineCuda *E, int i, const void *dh, float scale) {
+    if (i < 0 || i > E->h.base.n_layer) return;
+    eng_axpy(E->dt, dhid_slot(E, i), dh, scale, E->N * E->h.base.d_model, E->st);
+}
+
+double engine_cuda_mse_hidden(EngineCuda *E, int i, const void *target, const uint8_t *mask, double scale, bool grad) {
+    const int64_t N = E->N, d = E->h.base.d_model;
+    const void *h = engine_cuda_hidden(E, i);
+    if (!h) dl_die(DL_EXIT_RUNTIME, "engine_cuda_mse_hidden: hidden state %d is not kept (ECU_KEEP_HIDDEN, or outside the last forward's range)", i);
+    if (!E->mse_rows) {
+        cudaCheck(cudaMalloc(&E->mse_mask, (size_t)N));
+        cudaCheck(cudaMalloc(&E->mse_rows, (size_t)N * sizeof(double)));
+        cudaCheck(cudaMalloc(&E->mse_acc, sizeof(double)));
+    }
+    if (mask) cudaCheck(cudaMemcpyAsync(E->mse_mask, mask, (size_t)N, cudaMemcpyHostToDevice, E->st));
+    void *da = grad ? dhid_slot(E, i) : NULL;
+    eng_mse_rows(E->dt, N, d, h, target, mask ? E->mse_mask : NULL, scale, da, E->mse_rows, E->st);
+    eng_sum_rows(E->mse_rows, N, E->mse_acc, E->st);
+    double tot = 0;
+    cudaCheck(cudaMemcpyAsync(&tot, E->mse_acc, sizeof tot, cudaMemcpyDeviceToHost, E->st));
+    cudaCheck(cudaStreamSynchronize(E->st));
+    return scale * tot;
 }
 
 // ---------------------------------------------------------------- backward
@@ -1014,34 +1044,45 @@ void engine_cuda_backward(EngineCuda *E, float *Gr) {
 
 struct EngineCudaOptim {
     EngineCuda *E;
-    OptimConfig cfg;
+    Optim *host;       // config, counters, outlier window, parameter groups (and host m, v for pull/push)
+    Optim own;         // the host Optim when made from a config (engine_cuda_optim_new)
     DType mv_dt;
     int *idx;          // trainable tensor indices
-    int64_t *moff;     // their offsets in the compact moments
+    int64_t *moff;     // their offsets in the compact device moments
     int n;
     void *m, *v;
     double *acc;
     void *ws;
-    int64_t step, t;
 };
 
-EngineCudaOptim *engine_cuda_optim_new(EngineCuda *E, const OptimConfig *c, DType mv_dt, DlError *err) {
+EngineCudaOptim *engine_cuda_optim_attach(EngineCuda *E, Optim *host, DType mv_dt, DlError *err) {
     if (!E->master) {
-        dl_fail(err, "engine_cuda_optim_new: the engine has no fp32 master (ECU_NO_MASTER)");
+        dl_fail(err, "engine_cuda_optim: the engine has no fp32 master (ECU_NO_MASTER)");
         return NULL;
     }
-    if (optim_config_validate(c, err)) return NULL;
     if (mv_dt != DT_F32 && mv_dt != DT_BF16) {
-        dl_fail(err, "engine_cuda_optim_new: moments must be fp32 or bf16");
+        dl_fail(err, "engine_cuda_optim: moments must be fp32 or bf16");
         return NULL;
     }
+    const Registry *r = E->r;
+    if (host->reg->n != r->n || host->reg->numel != r->numel) {
+        dl_fail(err, "engine_cuda_optim: the optimizer's registry is not the engine's");
+        return NULL;
+    }
+    for (int i = 0; i < r->n; i++)
+        if (host->reg->t[i].trainable != r->t[i].trainable || (r->t[i].trainable &&
+            (host->reg->t[i].shard_begin != 0 || host->reg->t[i].shard_end != r->t[i].numel))) {
+            dl_fail(err, "engine_cuda_optim: tensor %s: the optimizer must own every element of every trainable "
+                         "tensor (sharded optimizer state is not implemented on the device)", r->t[i].name);
+            return NULL;
+        }
     EngineCudaOptim *o = (EngineCudaOptim *)calloc(1, sizeof *o);
     o->E = E;
-    o->cfg = *c;
+    o->host = host;
     o->mv_dt = mv_dt;
-    const Registry *r = E->r;
-    o->idx = (int *)malloc((size_t)r->n * sizeof(int));
-    o->moff = (int64_t *)malloc((size_t)r->n * sizeof(int64_t));
+    const size_t nt = (size_t)DL_MAX(r->n, 1);
+    o->idx = (int *)malloc(nt * sizeof(int));
+    o->moff = (int64_t *)malloc(nt * sizeof(int64_t));
     int64_t tot = 0, maxn = 1;
     for (int i = 0; i < r->n; i++)
         if (r->t[i].trainable) {
@@ -1068,31 +1109,76 @@ EngineCudaOptim *engine_cuda_optim_new(EngineCuda *E, const OptimConfig *c, DTyp
     return o;
 }
 
+EngineCudaOptim *engine_cuda_optim_new(EngineCuda *E, const OptimConfig *c, DType mv_dt, DlError *err) {
+    Optim tmp;
+    if (optim_init(&tmp, c, E->r, err)) return NULL;
+    // the host moments are only used by pull/push; optim_init's calloc stays untouched (not resident) otherwise
+    Optim *keep = (Optim *)malloc(sizeof *keep);
+    *keep = tmp;
+    EngineCudaOptim *o = engine_cuda_optim_attach(E, keep, mv_dt, err);
+    if (!o) {
+        optim_free(keep);
+        free(keep);
+        return NULL;
+    }
+    o->own = *keep;
+    free(keep);
+    o->host = &o->own;
+    return o;
+}
+
 void engine_cuda_optim_free(EngineCudaOptim *o) {
     if (!o) return;
     cudaFree(o->m);
     cudaFree(o->v);
     cudaFree(o->ws);
     cudaFree(o->acc);
+    if (o->host == &o->own) optim_free(&o->own);
     free(o->idx);
     free(o->moff);
     free(o);
 }
 
-void engine_cuda_optim_step(EngineCudaOptim *o, const float *grads, double loss, OptimResult *res) {
+// Moments between the device (compact, mv_dt) and the host Optim (fp32 at mv_off), one tensor at a time.
+static void moments_move(EngineCudaOptim *o, bool to_host) {
     EngineCuda *E = o->E;
-    const OptimConfig *c = &o->cfg;
     const Registry *r = E->r;
-    memset(res, 0, sizeof *res);
-    res->lr = optim_lr_at(c, o->step);
-    res->clip_scale = 1.0;
-    o->step++;
-    const double inv_accum = 1.0 / c->grad_accum;
-    if (!isfinite(loss)) {
-        res->grad_norm = NAN;
-        res->outcome = OPTIM_SKIP_NONFINITE_LOSS;
-        return;
+    int64_t maxn = 1;
+    for (int k = 0; k < o->n; k++) maxn = DL_MAX(maxn, r->t[o->idx[k]].numel);
+    float *tmp = NULL;
+    if (o->mv_dt != DT_F32) cudaCheck(cudaMalloc(&tmp, (size_t)maxn * 4));
+    const size_t mes = o->mv_dt == DT_F32 ? 4 : 2;
+    cudaCheck(cudaDeviceSynchronize());
+    for (int k = 0; k < o->n; k++) {
+        const int i = o->idx[k];
+        const int64_t n = r->t[i].numel;
+        for (int which = 0; which < 2; which++) {
+            float *h = (which ? o->host->v : o->host->m) + o->host->mv_off[i];
+            void *dv = at(which ? o->v : o->m, o->moff[k], mes);
+            if (o->mv_dt == DT_F32) {
+                cudaCheck(cudaMemcpy(to_host ? (void *)h : dv, to_host ? dv : (void *)h, (size_t)n * 4,
+                                     to_host ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice));
+            } else if (to_host) {
+                TC(convert_cuda(DT_F32, tmp, o->mv_dt, dv, n, E->st, EA));
+                cudaCheck(cudaStreamSynchronize(E->st));
+                cudaCheck(cudaMemcpy(h, tmp, (size_t)n * 4, cudaMemcpyDeviceToHost));
+            } else {
+                cudaCheck(cudaMemcpy(tmp, h, (size_t)n * 4, cudaMemcpyHostToDevice));
+                cudaCheck(cudaDeviceSynchronize());
+                TC(convert_cuda(o->mv_dt, dv, DT_F32, tmp, n, E->st, EA));
+                cudaCheck(cudaStreamSynchronize(E->st));
+            }
+        }
     }
+    cudaFree(tmp);
+}
+void engine_cuda_optim_pull(EngineCudaOptim *o) { moments_move(o, true); }
+void engine_cuda_optim_push(EngineCudaOptim *o) { moments_move(o, false); }
+Optim *engine_cuda_optim_host(EngineCudaOptim *o) { return o->host; }
+
+double engine_cuda_grad_norm(EngineCudaOptim *o, const float *grads, double scale) {
+    EngineCuda *E = o->E;
+    const Registry *r = E->r;
     cudaCheck(cudaMemsetAsync(o->acc, 0, sizeof(double), E->st));
     for (int k = 0; k < o->n; k++) {
         const TensorInfo *t = &r->t[o->idx[k]];
@@ -1101,33 +1187,34 @@ void engine_cuda_optim_step(EngineCudaOptim *o, const float *grads, double loss,
     double ss = 0;
     cudaCheck(cudaMemcpyAsync(&ss, o->acc, sizeof ss, cudaMemcpyDeviceToHost, E->st));
     cudaCheck(cudaStreamSynchronize(E->st));
-    res->grad_norm = sqrt(ss) * inv_accum;
-    if (!isfinite(res->grad_norm)) {
-        res->outcome = OPTIM_SKIP_NONFINITE_GRAD;
-        return;
-    }
-    if (c->clip_norm > 0 && res->grad_norm > c->clip_norm) res->clip_scale = c->clip_norm / res->grad_norm;
-    o->t++;
-    const double bc1 = 1.0 - pow(c->beta1, (double)o->t), bc2 = 1.0 - pow(c->beta2, (double)o->t);
+    return sqrt(ss) * scale;
+}
+
+void engine_cuda_optim_step(EngineCudaOptim *o, const float *grads, double loss, OptimResult *res) {
+    EngineCuda *E = o->E;
+    Optim *h = o->host;
+    const Registry *r = E->r;
+    // the norm is only needed (and only taken) when the loss is finite, as optim_step decides
+    const double norm = isfinite(loss) ? engine_cuda_grad_norm(o, grads, 1.0 / h->cfg.grad_accum) : NAN;
+    OptimStepK k;
+    if (!optim_decide(&h->cfg, &h->st, loss, norm, res, &k)) return;
     AdamWArgs a;
-    a.gscale = (float)(inv_accum * res->clip_scale);
-    a.b1 = (float)c->beta1;
-    a.b2 = (float)c->beta2;
-    a.eps = (float)c->eps;
-    a.step_size = (float)(res->lr / bc1);
-    a.inv_sqrt_bc2 = (float)(1.0 / sqrt(bc2));
-    a.seed = 0x9e3779b97f4a7c15ull * (uint64_t)o->step;
+    a.gscale = (float)k.gscale;
+    a.b1 = (float)h->cfg.beta1;
+    a.b2 = (float)h->cfg.beta2;
+    a.eps = (float)h->cfg.eps;
+    a.inv_sqrt_bc2 = (float)(1.0 / sqrt(k.bc2));
+    a.seed = 0x9e3779b97f4a7c15ull * (uint64_t)h->st.step;
     const size_t mes = o->mv_dt == DT_F32 ? 4 : 2;
-    for (int k = 0; k < o->n; k++) {
-        const TensorInfo *t = &r->t[o->idx[k]];
-        const double wd = t->decay ? c->weight_decay : 0.0;
-        a.decay = (float)(1.0 - res->lr * wd);
-        TC(adamw_cuda(&a, t->numel, E->master + t->offset, grads + t->offset, o->mv_dt, at(o->m, o->moff[k], mes),
-                      at(o->v, o->moff[k], mes), E->dt == DT_BF16 ? DT_BF16 : DT_F32,
+    for (int q = 0; q < o->n; q++) {
+        const int i = o->idx[q];
+        const TensorInfo *t = &r->t[i];
+        optim_tensor_k(h, i, res, &k, &a.decay, &a.step_size);
+        TC(adamw_cuda(&a, t->numel, E->master + t->offset, grads + t->offset, o->mv_dt, at(o->m, o->moff[q], mes),
+                      at(o->v, o->moff[q], mes), E->dt == DT_BF16 ? DT_BF16 : DT_F32,
                       E->dt == DT_BF16 ? at(E->wc, t->offset, 2) : NULL, E->st, EA));
     }
     refresh_pad(E);
-    res->outcome = OPTIM_APPLIED;
 }
 
 // ---------------------------------------------------------------- helpers for C programs
@@ -1155,4 +1242,9 @@ void engine_cuda_copy_to_host(void *dst, const void *src, size_t bytes) {
     cudaCheck(cudaDeviceSynchronize());
     cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
 }
+void engine_cuda_copy_to_device(void *dst, const void *src, size_t bytes) {
+    cudaCheck(cudaDeviceSynchronize());
+    cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+}
+void *engine_cuda_stream(EngineCuda *E) { return (void *)E->st; }
 void engine_cuda_sync(void) { cudaCheck(cudaDeviceSynchronize()); }

@@ -83,18 +83,32 @@ LossParts engine_cuda_loss(EngineCuda *e, const int32_t *targets, const uint8_t 
                            float *grads, double *seq_logprob);
 // Adds scale * dh (device, dt, [N, d]) to the gradient of hidden state i.
 void engine_cuda_add_hidden_grad(EngineCuda *e, int i, const void *dh, float scale);
+// Hidden-state MSE against target (device, dt, [N, d]; e.g. the teacher's hidden state): returns scale x the
+// sum over rows with mask[r] != 0 (host [N], NULL: all) of |h_i - target|^2 (losses.c mse_rows), and with
+// grad adds its gradient to hidden state i's gradient for the next backward. Hidden state i must be kept.
+double engine_cuda_mse_hidden(EngineCuda *e, int i, const void *target, const uint8_t *mask, double scale, bool grad);
 // Backward; grads (device fp32, registry layout) are ADDED into, for trainable tensors only; the pass stops
 // below the lowest trainable layer.
 void engine_cuda_backward(EngineCuda *e, float *grads);
 
-// ---- optimizer on the device: optim_step's rules (non-finite skips, global-norm clipping, AdamW with
-// per-tensor decay from TensorInfo.decay) over the engine's trainable tensors. Moments are stored only for
-// trainable tensors (fp32, or bf16 with stochastic rounding). The outlier skip of optim_step is not done.
+// ---- optimizer on the device: optim_step's rules exactly (optim_decide: non-finite and outlier skips,
+// global-norm clipping, the schedule; optim_tensor_k: per-tensor lr multipliers and weight decay), AdamW on
+// the device over the engine's trainable tensors. The host Optim holds the configuration and the counters;
+// the moments live on the device (fp32, or bf16 with stochastic rounding), compact per trainable tensor, and
+// are copied into the host Optim's m, v (fp32, at mv_off) by pull — for a checkpoint — and back by push.
+// The host Optim must own whole tensors (no ZeRO shard ranges) and have the engine's registry layout.
 typedef struct EngineCudaOptim EngineCudaOptim;
+EngineCudaOptim *engine_cuda_optim_attach(EngineCuda *e, Optim *host, DType mv_dt, DlError *err);
+// The same with a host Optim of its own made from c (tests, benchmarks).
 EngineCudaOptim *engine_cuda_optim_new(EngineCuda *e, const OptimConfig *c, DType mv_dt, DlError *err);
 void engine_cuda_optim_free(EngineCudaOptim *o);
+Optim *engine_cuda_optim_host(EngineCudaOptim *o);
+void engine_cuda_optim_pull(EngineCudaOptim *o);  // device moments -> host Optim m, v
+void engine_cuda_optim_push(EngineCudaOptim *o);  // host Optim m, v -> device moments
+// Global L2 norm of grads (device fp32, registry layout) over the trainable tensors, times scale (fp64 sums).
+double engine_cuda_grad_norm(EngineCudaOptim *o, const float *grads, double scale);
 // grads: device fp32 registry layout, summed over grad_accum micro-batches. Updates the master and the compute
-// copy. r gets lr, grad_norm, clip_scale, outcome.
+// copy. r gets lr, grad_norm, clip_scale, outcome (the host Optim's counters advance as optim_step's).
 void engine_cuda_optim_step(EngineCudaOptim *o, const float *grads, double loss, OptimResult *r);
 
 // Device helpers for programs (C code cannot call cudaMalloc without the runtime headers).
@@ -102,6 +116,8 @@ void *engine_cuda_alloc(size_t bytes);  // zeroed; exits with the memory hint on
 void engine_cuda_dfree(void *p);
 void engine_cuda_memset0(void *p, size_t bytes);
 void engine_cuda_copy_to_host(void *dst, const void *src, size_t bytes);
+void engine_cuda_copy_to_device(void *dst, const void *src, size_t bytes);
+void *engine_cuda_stream(EngineCuda *e);  // the engine's cudaStream_t (its work is ordered on it)
 void engine_cuda_sync(void);
 // Zeroes the gradients of the engine's trainable tensors (enqueued on the engine's stream).
 void engine_cuda_zero_trainable(EngineCuda *e, float *grads);

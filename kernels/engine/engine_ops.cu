@@ -90,3 +90,45 @@ void eng_add_cols(float *dst, int64_t dc, const float *src, int64_t sc, int64_t 
     add_cols_k<<<grid_for(rows * dc), 256, 0, s>>>(dst, dc, src, sc, rows);
     kernelCheck("add_cols_k (padded dt_proj gradient)");
 }
+
+// One block per row; each thread sums a strided slice in fp64, then a fixed-shape tree: deterministic.
+template <typename T>
+__global__ void mse_rows_k(int64_t d, const T *a, const T *b, const uint8_t *mask, float g2, T *da, double *rows) {
+    __shared__ double red[256];
+    const int64_t r = blockIdx.x;
+    if (mask && !mask[r]) {
+        if (threadIdx.x == 0) rows[r] = 0.0;
+        return;
+    }
+    double s = 0.0;
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+        const float e = ld(a, r * d + i) - ld(b, r * d + i);
+        s += (double)e * e;
+        if (da) st(da, r * d + i, ld(da, r * d + i) + g2 * e);
+    }
+    red[threadIdx.x] = s;
+    __syncthreads();
+    for (int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if ((int)threadIdx.x < k) red[threadIdx.x] += red[threadIdx.x + k];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) rows[r] = red[0];
+}
+__global__ void sum_rows_k(const double *rows, int64_t n, double *acc) {
+    double s = 0.0;
+    for (int64_t i = 0; i < n; i++) s += rows[i];
+    acc[0] = s;
+}
+
+void eng_mse_rows(DType dt, int64_t n, int64_t d, const void *a, const void *b, const uint8_t *mask, double scale,
+                  void *da, double *rows, cudaStream_t s) {
+    if (n <= 0) return;
+    const float g2 = (float)(2.0 * scale);
+    if (dt == DT_BF16) mse_rows_k<<<(unsigned)n, 256, 0, s>>>(d, CBF(a), CBF(b), mask, g2, BF(da), rows);
+    else mse_rows_k<<<(unsigned)n, 256, 0, s>>>(d, (const float *)a, (const float *)b, mask, g2, (float *)da, rows);
+    cudaCheck(cudaGetLastError());
+}
+void eng_sum_rows(const double *rows, int64_t n, double *acc, cudaStream_t s) {
+    sum_rows_k<<<1, 1, 0, s>>>(rows, n, acc);
+    cudaCheck(cudaGetLastError());
+}

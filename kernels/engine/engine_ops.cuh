@@ -23,3 +23,10 @@ void eng_axpy(DType dt, void *y, const void *x, float scale, int64_t n, cudaStre
 void eng_colsum_add(DType dt, float *g, const void *d, const float *extra, int64_t rows, int64_t cols, cudaStream_t s);
 // dst [rows, dc] += src [rows, sc] (first dc columns; fp32): a gradient of a padded weight into its tensor
 void eng_add_cols(float *dst, int64_t dc, const float *src, int64_t sc, int64_t rows, cudaStream_t s);
+// Hidden-state MSE (losses.c mse_rows): rows [n] (fp64) gets, per row with mask[r] != 0 (mask device [n] or
+// NULL: all), the sum over d columns of (a - b)^2, summed in a fixed order; da [n, d] (dt, may be NULL) gets
+// += 2 scale (a - b) on those rows.
+void eng_mse_rows(DType dt, int64_t n, int64_t d, const void *a, const void *b, const uint8_t *mask, double scale,
+                  void *da, double *rows, cudaStream_t s);
+// acc [0] = sum of rows [n] in order (one thread: n is a batch's row count)
+void eng_sum_rows(const double *rows, int64_t n, double *acc, cudaStream_t s);

@@ -1,0 +1,262 @@
+// train_model.c: see train_model.h. Each call is a switch over the two engines; nothing else lives here.
+#include "distill/train_model.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "distill/engine.h"
+#ifdef DISTILL_CUDA
+#include "kernels/engine/engine_cuda.h"
+#endif
+
+struct TrainModel {
+    TmDevice dev;
+    const HybridConfig *h;
+    const Registry *r;
+    float *params;  // host
+    int64_t B, T;
+    Engine *cpu;
+    float *dh;      // CPU: [B*T, d] hidden-gradient scratch of tm_mse_hidden (lazy)
+#ifdef DISTILL_CUDA
+    EngineCuda *cu;
+    EngineCudaOptim *opt;  // made at the first tm_optim_step / tm_load_host with that Optim
+    Optim *opt_host;
+    int64_t grad_bytes;
+#endif
+};
+
+bool tm_device_available(TmDevice dev) {
+#ifdef DISTILL_CUDA
+    (void)dev;
+    return true;
+#else
+    return dev == TM_CPU;
+#endif
+}
+
+TrainModel *tm_new(TmDevice dev, const HybridConfig *h, const Registry *r, float *params, int64_t B, int64_t T,
+                   int flags, FILE *log, DlError *e) {
+    TrainModel *m = dl_calloc(1, sizeof *m);
+    m->dev = dev, m->h = h, m->r = r, m->params = params, m->B = B, m->T = T;
+    if (dev == TM_CPU) {
+        int ef = (flags & TM_TRAIN ? ENGINE_TRAIN : 0) | (flags & TM_KEEP_HIDDEN ? ENGINE_KEEP_HIDDEN : 0);
+        if (!(m->cpu = engine_new(h, r, params, B, T, ef, e))) goto fail;
+        return m;
+    }
+#ifdef DISTILL_CUDA
+    int cf = (flags & TM_TRAIN ? ECU_TRAIN : 0) | (flags & TM_KEEP_HIDDEN ? ECU_KEEP_HIDDEN : 0) |
+             (flags & TM_TEACHER_KL ? ECU_TEACHER_KL : 0) | (flags & TM_FROZEN ? ECU_NO_MASTER : 0) |
+             (flags & TM_RECOMPUTE_MLP ? ECU_RECOMPUTE_MLP : 0);
+    if (!(m->cu = engine_cuda_new(h, r, params, B, T, cf, DT_BF16, 0, log, e))) goto fail;
+    return m;
+#else
+    (void)log;
+    dl_fail(e, "this build has no CUDA (rebuild where nvcc is installed)");
+#endif
+fail:
+    free(m);
+    return NULL;
+}
+
+void tm_free(TrainModel *m) {
+    if (!m) return;
+    engine_free(m->cpu);
+    free(m->dh);
+#ifdef DISTILL_CUDA
+    engine_cuda_optim_free(m->opt);
+    engine_cuda_free(m->cu);
+#endif
+    free(m);
+}
+
+TmDevice tm_device(const TrainModel *m) { return m->dev; }
+
+int tm_forward(TrainModel *m, const int32_t *tokens, const uint8_t *reset, DlError *e) {
+#ifdef DISTILL_CUDA
+    if (m->cu) return engine_cuda_forward(m->cu, tokens, reset, e);
+#endif
+    (void)e;
+    engine_forward(m->cpu, tokens, reset);
+    return 0;
+}
+
+int tm_forward_layer_from(TrainModel *m, const int32_t *tokens, const uint8_t *reset, int l, const TrainModel *src,
+                          DlError *e) {
+    if (src->dev != m->dev) return dl_fail(e, "teacher forcing: the two models are on different devices");
+#ifdef DISTILL_CUDA
+    if (m->cu) return engine_cuda_forward_range(m->cu, tokens, reset, l, engine_cuda_hidden(src->cu, l), l + 1, e);
+#endif
+    engine_forward_range(m->cpu, tokens, reset, l, engine_hidden(src->cpu, l), l + 1);
+    return 0;
+}
+
+LossParts tm_loss(TrainModel *m, const int32_t *targets, const uint8_t *mask, const TmLoss *spec, float *grads,
+                  double *seq_logprob) {
+#ifdef DISTILL_CUDA
+    if (m->cu) {
+        if (spec->teacher_logits)  // the stages refuse this before training starts (stage_common.c)
+            dl_die(DL_EXIT_RUNTIME, "tm_loss: a cached teacher (teacher_logits = \"cache\") is not supported on CUDA");
+        LossSpecCuda ls = {.w = spec->w, .norm = spec->norm, .teacher = spec->teacher ? spec->teacher->cu : NULL,
+                           .seq_weight = spec->seq_weight};
+        return engine_cuda_loss(m->cu, targets, mask, &ls, grads, seq_logprob);
+    }
+#endif
+    LossSpec ls = {.w = spec->w, .norm = spec->norm, .teacher_logits = spec->teacher_logits,
+                   .teacher = spec->teacher ? spec->teacher->cpu : NULL, .seq_weight = spec->seq_weight};
+    return engine_loss(m->cpu, targets, mask, &ls, grads, seq_logprob);
+}
+
+double tm_mse_hidden(TrainModel *m, int i, const TrainModel *t, const uint8_t *mask, double scale) {
+#ifdef DISTILL_CUDA
+    if (m->cu) return engine_cuda_mse_hidden(m->cu, i, engine_cuda_hidden(t->cu, i), mask, scale, true);
+#endif
+    const int64_t rows = m->B * m->T, d = m->h->base.d_model;
+    if (!m->dh) m->dh = dl_malloc((size_t)(rows * d) * sizeof(float));
+    memset(m->dh, 0, (size_t)(rows * d) * sizeof(float));
+    double v = mse_rows(rows, d, engine_hidden(m->cpu, i), engine_hidden(t->cpu, i), mask, scale, m->dh);
+    engine_add_hidden_grad(m->cpu, i, m->dh, 1.0f);
+    return v;
+}
+
+void tm_backward(TrainModel *m, float *grads) {
+#ifdef DISTILL_CUDA
+    if (m->cu) {
+        engine_cuda_backward(m->cu, grads);
+        return;
+    }
+#endif
+    engine_backward(m->cpu, grads);
+}
+
+float *tm_grads_new(TrainModel *m) {
+#ifdef DISTILL_CUDA
+    if (m->cu) {
+        m->grad_bytes = m->r->numel * 4;
+        return engine_cuda_alloc((size_t)m->r->numel * 4);
+    }
+#endif
+    return dl_calloc((size_t)m->r->numel, sizeof(float));
+}
+
+void tm_grads_free(TrainModel *m, float *grads) {
+#ifdef DISTILL_CUDA
+    if (m && m->cu) {
+        engine_cuda_dfree(grads);
+        return;
+    }
+#endif
+    (void)m;
+    free(grads);
+}
+
+void tm_grads_zero(TrainModel *m, float *grads) {
+#ifdef DISTILL_CUDA
+    if (m->cu) {
+        engine_cuda_zero_trainable(m->cu, grads);
+        return;
+    }
+#endif
+    for (int i = 0; i < m->r->n; i++)
+        if (m->r->t[i].trainable) memset(grads + m->r->t[i].offset, 0, (size_t)m->r->t[i].numel * sizeof(float));
+}
+
+void tm_grads_to_host(TrainModel *m, const float *grads, float *host) {
+#ifdef DISTILL_CUDA
+    if (m->cu) {
+        engine_cuda_copy_to_host(host, grads, (size_t)m->r->numel * 4);
+        return;
+    }
+#endif
+    if (host != grads) memcpy(host, grads, (size_t)m->r->numel * sizeof(float));
+}
+
+void tm_grads_from_host(TrainModel *m, float *grads, const float *host) {
+#ifdef DISTILL_CUDA
+    if (m->cu) {
+        engine_cuda_copy_to_device(grads, host, (size_t)m->r->numel * 4);
+        return;
+    }
+#endif
+    if (host != grads) memcpy(grads, host, (size_t)m->r->numel * sizeof(float));
+}
+
+#ifdef DISTILL_CUDA
+static int cuda_optim(TrainModel *m, Optim *o, DlError *e) {
+    if (m->opt && m->opt_host == o) return 0;
+    engine_cuda_optim_free(m->opt);
+    m->opt_host = o;
+    if (!(m->opt = engine_cuda_optim_attach(m->cu, o, DT_F32, e))) return -1;
+    return 0;
+}
+#endif
+
+int tm_optim_step(TrainModel *m, Optim *o, float *grads, double loss, double grad_norm, OptimResult *r, DlError *e) {
+#ifdef DISTILL_CUDA
+    if (m->cu) {
+        if (cuda_optim(m, o, e)) return -1;
+        if (grad_norm >= 0)
+            return dl_fail(e, "tm_optim_step: a caller-given gradient norm (ZeRO-1/2) is not supported on CUDA");
+        engine_cuda_optim_step(m->opt, grads, loss, r);
+        return 0;
+    }
+#endif
+    (void)e;
+    if (grad_norm >= 0) optim_step_norm(o, m->params, grads, loss, grad_norm, r);
+    else optim_step(o, m->params, grads, loss, r);
+    return 0;
+}
+
+double tm_grad_norm(TrainModel *m, Optim *o, const float *grads, double scale) {
+#ifdef DISTILL_CUDA
+    if (m->cu) {
+        DlError e;
+        if (cuda_optim(m, o, &e)) dl_die(DL_EXIT_RUNTIME, "%s", e.msg);
+        return engine_cuda_grad_norm(m->opt, grads, scale);
+    }
+#endif
+    return optim_grad_norm(o->reg, grads, scale);
+}
+
+void tm_sync_host(TrainModel *m, Optim *o) {
+#ifdef DISTILL_CUDA
+    if (m->cu) {
+        engine_cuda_get_params(m->cu, m->params);
+        if (o && m->opt && m->opt_host == o) engine_cuda_optim_pull(m->opt);
+    }
+#endif
+    (void)m, (void)o;
+}
+
+void tm_load_host(TrainModel *m, Optim *o) {
+#ifdef DISTILL_CUDA
+    if (m->cu) {
+        engine_cuda_set_params(m->cu, m->params);
+        DlError e;
+        if (o) {
+            if (cuda_optim(m, o, &e)) dl_die(DL_EXIT_RUNTIME, "%s", e.msg);
+            engine_cuda_optim_push(m->opt);
+        }
+    }
+#endif
+    (void)m, (void)o;
+}
+
+void *tm_stream(TrainModel *m) {
+#ifdef DISTILL_CUDA
+    if (m->cu) return engine_cuda_stream(m->cu);
+#endif
+    (void)m;
+    return NULL;
+}
+
+double tm_device_bytes(const TrainModel *m) {
+#ifdef DISTILL_CUDA
+    if (m->cu) {
+        double w = 0, a = 0;
+        engine_cuda_memory(m->cu, &w, &a);
+        return w + a + (double)m->grad_bytes;
+    }
+#endif
+    (void)m;
+    return 0;
+}

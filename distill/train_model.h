@@ -1,0 +1,87 @@
+// train_model.h: one model of a training loop (the student, the online teacher, DPO's frozen reference) on
+// either device behind one set of calls, so the loop (train_loop.c) and custom losses (dpo.c) are written
+// once. The CPU form is the fp32 reference engine (engine.h) over the caller's host parameters; the CUDA
+// form is engine_cuda (kernels/engine/engine_cuda.h): bf16 compute copy, fp32 master weights, gradients and
+// AdamW moments on the GPU, hidden states and the teacher's logits never leave it.
+//
+// Buffers: gradients (tm_grads_new) live where the model computes: host memory on the CPU, device memory on
+// CUDA, in registry layout either way; the loop only passes them back in. Parameters: the caller's host
+// buffer is the truth on the CPU; on CUDA the device master is, and tm_sync_host copies it (and the AdamW
+// moments, into the host Optim) back before a checkpoint; tm_load_host goes the other way after a resume.
+#pragma once
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "distill/common.h"
+#include "distill/engine.h"  // LossParts
+#include "distill/losses.h"
+#include "distill/model.h"
+#include "distill/optim.h"
+#include "distill/registry.h"
+
+typedef enum { TM_CPU = 0, TM_CUDA = 1 } TmDevice;
+
+enum {
+    TM_TRAIN = 1,          // keep activations for a backward
+    TM_KEEP_HIDDEN = 2,    // keep every layer's hidden state (MSE targets, teacher forcing)
+    TM_TEACHER_KL = 4,     // the student of a loss with an online teacher (CUDA reserves a logits chunk)
+    TM_FROZEN = 8,         // never trained (a teacher, a reference): CUDA keeps no fp32 master
+    TM_RECOMPUTE_MLP = 16, // CUDA: recompute the MLP activations in the backward instead of keeping them
+};
+
+typedef struct TrainModel TrainModel;
+
+// params: host fp32, registry layout. CPU: used in place (the optimizer updates it). CUDA: uploaded; the
+// host copy is refreshed by tm_sync_host. log: where CUDA prints its memory table (NULL: silent).
+TrainModel *tm_new(TmDevice dev, const HybridConfig *h, const Registry *r, float *params, int64_t B, int64_t T,
+                   int flags, FILE *log, DlError *e);
+void tm_free(TrainModel *m);
+TmDevice tm_device(const TrainModel *m);
+// true when this build can make models on dev (CUDA: compiled with nvcc)
+bool tm_device_available(TmDevice dev);
+
+// Forward of a batch: tokens, reset host [B*T] (reset may be NULL).
+int tm_forward(TrainModel *m, const int32_t *tokens, const uint8_t *reset, DlError *e);
+// Teacher forcing: layer l of m alone, its input = hidden state l of src (a model on the same device that ran
+// forward on the same batch with TM_KEEP_HIDDEN).
+int tm_forward_layer_from(TrainModel *m, const int32_t *tokens, const uint8_t *reset, int l, const TrainModel *src,
+                          DlError *e);
+
+typedef struct {
+    LossWeights w;
+    double norm;                 // 0: number of counted rows
+    const TrainModel *teacher;   // online teacher that ran forward on the same batch (same device), or NULL
+    const float *teacher_logits; // host [B*T, V] teacher log-probs (a teacher cache; CPU only), or NULL
+    const float *seq_weight;     // host [B] or NULL
+} TmLoss;
+
+// Loss of the last forward (engine_loss / engine_cuda_loss). grads != NULL: keeps d loss / d final hidden for
+// tm_backward and adds the head's gradient. seq_logprob host [B] optional.
+LossParts tm_loss(TrainModel *m, const int32_t *targets, const uint8_t *mask, const TmLoss *spec, float *grads,
+                  double *seq_logprob);
+// scale x sum over counted rows of |hidden_i(m) - hidden_i(t)|^2 (mask host [B*T]); adds its gradient to m's
+// hidden state i for the next tm_backward. t ran forward on the same batch with TM_KEEP_HIDDEN.
+double tm_mse_hidden(TrainModel *m, int i, const TrainModel *t, const uint8_t *mask, double scale);
+// Backward into grads (ADDED; trainable tensors only).
+void tm_backward(TrainModel *m, float *grads);
+
+// ---- gradients and the optimizer
+float *tm_grads_new(TrainModel *m);              // zeroed, registry layout, where m computes
+void tm_grads_free(TrainModel *m, float *grads);
+void tm_grads_zero(TrainModel *m, float *grads);  // the trainable tensors' ranges
+// Copies grads (registry layout) to host memory (data-parallel collectives on the CPU path).
+void tm_grads_to_host(TrainModel *m, const float *grads, float *host);
+void tm_grads_from_host(TrainModel *m, float *grads, const float *host);
+// One optimizer step: o holds the configuration, counters and (CPU) the moments; on CUDA the moments live on
+// the device (see the header comment). grad_norm < 0: computed here over the trainable tensors.
+int tm_optim_step(TrainModel *m, Optim *o, float *grads, double loss, double grad_norm, OptimResult *r, DlError *e);
+// Global L2 norm of grads over the trainable tensors, times scale.
+double tm_grad_norm(TrainModel *m, Optim *o, const float *grads, double scale);
+// CUDA: master weights -> the host params, device moments -> o's m, v (before a checkpoint). CPU: nothing.
+void tm_sync_host(TrainModel *m, Optim *o);
+// CUDA: host params -> device master and compute copy, o's m, v -> device moments (after a resume). CPU: nothing.
+void tm_load_host(TrainModel *m, Optim *o);
+// The CUDA stream of m (NULL on the CPU), for collectives enqueued in order with its work.
+void *tm_stream(TrainModel *m);
+// Device memory of m in bytes (0 on the CPU): weights, activations and gradients (not the AdamW moments).
+double tm_device_bytes(const TrainModel *m);
