@@ -177,6 +177,8 @@ static const Field STAGE_FIELDS[] = {
     SFLD("batch_size", F_I32, batch_size, 1, 1 << 20, KB(STAGE_GENERATE) | KB(STAGE_TEACHER_CACHE) | KB(STAGE_EVAL),
          "sequences per forward pass"),
     SFLD("max_prompts", F_INT, max_prompts, 0, 1e15, KB(STAGE_GENERATE), "prompts used (0: all)"),
+    SFLD("samples_per_prompt", F_I32, samples_per_prompt, 1, 1 << 20, KB(STAGE_GENERATE),
+         "responses sampled per prompt, each from its own RNG stream and each its own document"),
     {"method", F_ENUM, offsetof(StageSpec, init_method), 0, 0, 0, false, INIT_CHOICES, KB(STAGE_INIT),
      "attention: Mamba from W_Q/W_K/W_V/W_O (the paper); random: ablation"},
     {"format", F_ENUM, offsetof(StageSpec, export_format), 0, 0, 0, false, EXPORT_CHOICES, KB(STAGE_EXPORT),
@@ -601,6 +603,7 @@ static void stage_defaults(StageSpec *s, StageKind kind, const OptimSpec *opt) {
     s->top_p = 0.9;
     s->top_k = kind == STAGE_TEACHER_CACHE ? 64 : 0;
     s->batch_size = 8;
+    s->samples_per_prompt = 1;
     s->export_format = EXPORT_HF;
     s->export_dtype = EXPORT_BF16;
     s->shard_mb = 5000;

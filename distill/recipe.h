@@ -154,6 +154,7 @@ typedef struct {
     int top_k;             // generate: 0 = off; teacher_cache: logits kept per position
     int batch_size;
     int64_t max_prompts;   // 0 = all
+    int samples_per_prompt;  // generate: responses per prompt, each its own RNG stream (default 1)
     // init
     int init_method;       // INIT_*
     // export

@@ -4,11 +4,16 @@
 //
 // Prompts: chat data ({"messages": [...]}, trailing assistant turns dropped, or {"prompt": "..."} as one
 // user turn) rendered with the teacher's chat template and the assistant header; jsonl/text data as raw
-// text to continue. Decoding is batched over prompts of any lengths (sorted by length; the decoder keeps a
-// length per sequence: decoder_feed_ragged), with temperature / top-p / top-k sampling from one RNG stream per prompt, so the output does not
-// depend on batching or on interruptions.
+// text to continue. samples_per_prompt = S gives S responses per prompt (jobs (prompt, sample)), each from
+// its own RNG stream and each its own document (prompt-major order). Decoding is batched over jobs of any
+// prompt lengths (sorted by length; the decoder keeps a length per sequence: decoder_feed_ragged), with
+// temperature / top-p / top-k sampling from one RNG stream per job, so the output does not depend on
+// batching or on interruptions.
+// Devices: run.device = "cpu" decodes with the CPU Decoder (engine.h) and sample.h (rng.h stream per job);
+// "cuda" with DecoderCuda and the GPU sampler (kernels/engine/decode_cuda.h: counter-based draws keyed by
+// (seed, prompt, sample, token position)). Each is reproducible; they give different samples.
 // Resume: finished responses are appended (and fsynced) to STAGE_DIR/generated.bin after every batch; a
-// restarted stage keeps them and generates the rest. The shards are written once all prompts are done.
+// restarted stage keeps them and generates the rest. The shards are written once all jobs are done.
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <math.h>
@@ -21,17 +26,28 @@
 #include "distill/sample.h"
 #include "distill/shards.h"
 #include "distill/stage_common.h"
+#ifdef DISTILL_CUDA
+#include "kernels/engine/decode_cuda.h"
+#endif
 
 typedef struct {
     int32_t *ids;
     int64_t n;
-    int32_t *resp;  // generated (NULL until done)
-    int64_t n_resp;
 } Prompt;
 
+// One response to produce: job j answers prompt j / S as its sample j % S (S = samples_per_prompt).
+typedef struct {
+    int32_t *resp;  // generated (NULL until done)
+    int64_t n_resp; // -1: skipped (prompt too long)
+} Job;
+
 static void prompts_free(Prompt *p, int64_t n) {
-    for (int64_t i = 0; i < n; i++) free(p[i].ids), free(p[i].resp);
+    for (int64_t i = 0; i < n; i++) free(p[i].ids);
     free(p);
+}
+static void jobs_free(Job *j, int64_t n) {
+    for (int64_t i = 0; j && i < n; i++) free(j[i].resp);
+    free(j);
 }
 
 // One JSONL record -> prompt ids; returns 1 (ok), 0 (bad record: why filled), -1 (error in e).
@@ -150,8 +166,10 @@ fail:
     return -1;
 }
 
-// generated.bin records: int64 index, int64 n_resp, int32 ids[n_resp]. A torn last record is dropped.
-static int64_t load_done(const char *path, Prompt *p, int64_t n, DlError *e) {
+// generated.bin records: int64 key, int64 n_resp, int32 ids[n_resp], key = sample << 32 | prompt (= the
+// prompt index when S = 1). A record's RNG stream depends only on (seed, prompt, sample), so records stay
+// valid when samples_per_prompt changes between runs (samples >= S are ignored). A torn last record is dropped.
+static int64_t load_done(const char *path, Job *jobs, int64_t np, int64_t S, DlError *e) {
     if (!dl_file_exists(path)) return 0;
     size_t len;
     char *buf = dl_read_file(path, &len, e);
@@ -159,14 +177,16 @@ static int64_t load_done(const char *path, Prompt *p, int64_t n, DlError *e) {
     size_t off = 0, good = 0;
     int64_t done = 0;
     while (off + 16 <= len) {
-        int64_t idx, nr;
-        memcpy(&idx, buf + off, 8);
+        int64_t key, nr;
+        memcpy(&key, buf + off, 8);
         memcpy(&nr, buf + off + 8, 8);
-        if (idx < 0 || idx >= n || nr < 0 || nr > (1 << 24) || off + 16 + (size_t)nr * 4 > len) break;
-        if (!p[idx].resp) {
-            p[idx].resp = dl_malloc((size_t)(nr ? nr : 1) * 4);
-            memcpy(p[idx].resp, buf + off + 16, (size_t)nr * 4);
-            p[idx].n_resp = nr;
+        const int64_t pi = key & 0xffffffffll, si = (int64_t)((uint64_t)key >> 32);
+        if (key < 0 || pi >= np || nr < 0 || nr > (1 << 24) || off + 16 + (size_t)nr * 4 > len) break;
+        Job *j = si < S ? &jobs[pi * S + si] : NULL;
+        if (j && !j->resp) {
+            j->resp = dl_malloc((size_t)(nr ? nr : 1) * 4);
+            memcpy(j->resp, buf + off + 16, (size_t)nr * 4);
+            j->n_resp = nr;
             done++;
         }
         off += 16 + (size_t)nr * 4;
@@ -210,10 +230,15 @@ static void apply_top_k(float *x, int64_t V, int k, float *tmp) {
         if (x[i] < kth) x[i] = -INFINITY;
 }
 
+typedef struct {
+    const Prompt *p;
+    int64_t S;
+} SortCtx;
+// jobs by prompt length, then job index
 static int cmp_len(const void *a, const void *b, void *ctx) {
-    const Prompt *p = ctx;
-    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-    if (p[x].n != p[y].n) return p[x].n < p[y].n ? -1 : 1;
+    const SortCtx *c = ctx;
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b, nx = c->p[x / c->S].n, ny = c->p[y / c->S].n;
+    if (nx != ny) return nx < ny ? -1 : 1;
     return x < y ? -1 : x > y;
 }
 
@@ -226,16 +251,23 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
     memset(&t, 0, sizeof t);
     bool have_t = false;
     Prompt *p = NULL;
-    int64_t np = 0;
+    Job *jobs = NULL;
+    int64_t np = 0, nj = 0;
+    const int64_t S = st->samples_per_prompt > 0 ? st->samples_per_prompt : 1;
     FILE *gf = NULL;
-    Decoder **decs = NULL;
+    Decoder *dcpu = NULL;
     int64_t *order = NULL;
     float *logits = NULL, *tmp = NULL;
-    int32_t *feed = NULL, **resp = NULL;
+    int32_t *feed = NULL, *ytok = NULL, **resp = NULL;
     int64_t *nresp = NULL;
+    uint64_t *streams = NULL, *counters = NULL;
     bool *fin = NULL;
     Rng *rngs = NULL;
     ShardWriter *w = NULL;
+    const bool gpu = ctx->device == DEVICE_CUDA;
+#ifdef DISTILL_CUDA
+    DecoderCuda *dgpu = NULL;
+#endif
     char *gen_path = dl_path_join(ctx->stage_dir, "generated.bin"), *all = NULL, *tr = NULL, *ho = NULL;
     const DataSpec *in = &rec->data[st->data_index], *outd = &rec->data[st->output_index];
     if (stage_load_tokenizer(ctx, &tok, &e) || read_prompts(ctx, st, in, tok, &p, &np, &e)) {
@@ -247,15 +279,22 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
         goto fail;
     }
     have_t = true;
-    const int64_t V = t.hc.base.vocab, maxnew = st->max_new_tokens;
+    const int64_t V = t.hc.base.vocab, maxnew = st->max_new_tokens, max_pos = t.hc.base.max_pos;
     if (tokenizer_vocab_size(tok) > V) {
         dl_fail(&e, "tokenizer has %d tokens but the teacher's vocabulary is %lld", tokenizer_vocab_size(tok), (long long)V);
         rc = DL_EXIT_INPUT;
         goto fail;
     }
+    if (np > 0xffffffffll) {
+        dl_fail(&e, "generate: %lld prompts, at most 2^32 supported", (long long)np);
+        rc = DL_EXIT_INPUT;
+        goto fail;
+    }
+    nj = np * S;
+    jobs = dl_calloc((size_t)nj, sizeof *jobs);
     // stop tokens: eos and the end-of-turn tokens of the chat families
     int32_t stops[3] = {tokenizer_eos(tok), tokenizer_token_id(tok, "<|im_end|>"), tokenizer_token_id(tok, "<|eot_id|>")};
-    int64_t done = ctx->resume ? load_done(gen_path, p, np, &e) : 0;
+    int64_t done = ctx->resume ? load_done(gen_path, jobs, np, S, &e) : 0;
     if (done < 0) goto fail;
     if (!ctx->resume) unlink(gen_path);
     gf = fopen(gen_path, "ab");
@@ -263,78 +302,114 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
         dl_fail(&e, "%s: cannot open: %s", gen_path, strerror(errno));
         goto fail;
     }
-    order = dl_malloc((size_t)np * sizeof *order);
-    int64_t todo = 0;
+    order = dl_malloc((size_t)nj * sizeof *order);
+    int64_t todo = 0, longest = 0;
     for (int64_t i = 0; i < np; i++)
-        if (!p[i].resp) {
-            if (p[i].n + maxnew > t.hc.base.max_pos) {  // too long for the teacher's context: shorten the answer
-                if (p[i].n >= t.hc.base.max_pos) {
-                    dl_warn("generate: prompt %lld has %lld tokens, more than the teacher's context %d; skipped",
-                            (long long)i, (long long)p[i].n, t.hc.base.max_pos);
-                    p[i].resp = dl_malloc(4), p[i].n_resp = -1;  // marked skipped
-                    continue;
-                }
-            }
-            order[todo++] = i;
+        if (p[i].n >= max_pos) {  // too long for the teacher's context (shorter ones get shortened answers)
+            dl_warn("generate: prompt %lld has %lld tokens, more than the teacher's context %lld; skipped", (long long)i,
+                    (long long)p[i].n, (long long)max_pos);
+            for (int64_t s = 0; s < S; s++)
+                if (!jobs[i * S + s].resp) jobs[i * S + s].resp = dl_malloc(4), jobs[i * S + s].n_resp = -1;
         }
-    qsort_r(order, (size_t)todo, sizeof *order, cmp_len, p);
+    for (int64_t j = 0; j < nj; j++)
+        if (!jobs[j].resp) {
+            order[todo++] = j;
+            longest = DL_MAX(longest, p[j / S].n);
+        }
+    SortCtx sc = {p, S};
+    qsort_r(order, (size_t)todo, sizeof *order, cmp_len, &sc);
     const int Bmax = st->batch_size > 0 ? st->batch_size : 1;
-    decs = dl_calloc(1, sizeof *decs);
-    logits = dl_malloc((size_t)(Bmax * V) * 4);
+    logits = dl_malloc((size_t)(gpu ? 1 : Bmax * V) * 4);
     tmp = dl_malloc((size_t)V * 4);
     feed = dl_malloc((size_t)Bmax * 4);
+    ytok = dl_malloc((size_t)Bmax * 4);
     resp = dl_calloc((size_t)Bmax, sizeof *resp);
     nresp = dl_calloc((size_t)Bmax, sizeof *nresp);
+    streams = dl_calloc((size_t)Bmax, sizeof *streams);
+    counters = dl_calloc((size_t)Bmax, sizeof *counters);
     fin = dl_calloc((size_t)Bmax, sizeof *fin);
     rngs = dl_calloc((size_t)Bmax, sizeof *rngs);
     SampleParams sp = {.greedy = st->sample_temperature <= 0, .temperature = (float)st->sample_temperature,
                        .top_p = st->top_p > 0 ? (float)st->top_p : 1.0f};
+    if (gpu && todo > 0) {
+#ifdef DISTILL_CUDA
+        // one decoder for the whole stage, sized for the longest prompt + a full answer
+        dgpu = decoder_cuda_new(&t.hc, &t.reg, t.params, DL_MIN((int64_t)Bmax, todo), longest + maxnew,
+                                ctx->quiet ? NULL : stdout, &e);
+        if (!dgpu) goto fail;
+#else
+        dl_fail(&e, "run.device = \"cuda\" but this build has no CUDA");
+        goto fail;
+#endif
+    }
     Progress prog;
-    progress_begin(&prog, st->name, done, np);
+    progress_begin(&prog, st->name, done, nj);
     int64_t n_gen = done, new_tokens = 0;
     double t0 = dl_now();
-    if (done) dl_info("generate: %lld of %lld responses kept from the interrupted run", (long long)done, (long long)np);
+    if (done) dl_info("generate: %lld of %lld responses kept from the interrupted run", (long long)done, (long long)nj);
     for (int64_t k = 0; k < todo;) {
         if (run_should_stop(ctx)) {
             rc = DL_EXIT_INTERRUPTED;
             progress_end(&prog);
             goto out;
         }
-        // a batch: up to Bmax consecutive prompts (sorted by length), each decoded at its own length;
+        // a batch: up to Bmax consecutive jobs (sorted by prompt length), each decoded at its own length;
         // sequence b may answer with up to min(maxnew, max_pos - n_b) tokens
         int64_t B = DL_MIN((int64_t)Bmax, todo - k), L = 0, cap_new = 0;
         for (int64_t b = 0; b < B; b++) {
-            L = DL_MAX(L, p[order[k + b]].n);
-            cap_new = DL_MAX(cap_new, DL_MIN(maxnew, (int64_t)t.hc.base.max_pos - p[order[k + b]].n));
+            const int64_t n = p[order[k + b] / S].n;
+            L = DL_MAX(L, n);
+            cap_new = DL_MAX(cap_new, DL_MIN(maxnew, max_pos - n));
         }
-        Decoder *d = decoder_new(&t.hc, &t.reg, t.params, B, L + cap_new, &e);  // per batch: sized to its length
-        if (!d) goto fail;
-        decs[0] = d;
         int32_t *pr = dl_calloc((size_t)(B * L), 4);
         int64_t plen[B], capb[B];
         for (int64_t b = 0; b < B; b++) {
-            plen[b] = p[order[k + b]].n;
-            capb[b] = DL_MIN(maxnew, (int64_t)t.hc.base.max_pos - plen[b]);
-            memcpy(pr + b * L, p[order[k + b]].ids, (size_t)plen[b] * 4);
+            const int64_t j = order[k + b], pi = j / S, si = j % S;
+            plen[b] = p[pi].n;
+            capb[b] = DL_MIN(maxnew, max_pos - plen[b]);
+            memcpy(pr + b * L, p[pi].ids, (size_t)plen[b] * 4);
             free(resp[b]);
             resp[b] = dl_malloc((size_t)(cap_new ? cap_new : 1) * 4);
             nresp[b] = 0;
             fin[b] = false;
-            rng_init(&rngs[b], (uint64_t)ctx->seed, 0x6e000000ull + (uint64_t)order[k + b]);
+            // sample 0 keeps the stream of the single-sample stage (resumable across the change)
+            rng_init(&rngs[b], (uint64_t)ctx->seed, 0x6e000000ull + (uint64_t)pi + ((uint64_t)si << 40));
+            streams[b] = ((uint64_t)si << 32) | (uint64_t)pi;
         }
-        int frc = decoder_feed_ragged(d, pr, L, plen, logits, NULL, &e);
+        int frc;
+#ifdef DISTILL_CUDA
+        if (gpu) frc = decoder_cuda_reset(dgpu, B, &e) || decoder_cuda_feed_ragged(dgpu, pr, L, plen, &e);
+        else
+#endif
+        {
+            dcpu = decoder_new(&t.hc, &t.reg, t.params, B, L + cap_new, &e);  // per batch: sized to its length
+            frc = dcpu ? decoder_feed_ragged(dcpu, pr, L, plen, logits, NULL, &e) : -1;
+        }
         free(pr);
         if (frc) goto fail;
         for (int64_t step = 0; step < cap_new; step++) {
+#ifdef DISTILL_CUDA
+            if (gpu) {
+                DecodeSampling ds = {.temperature = (float)st->sample_temperature, .top_k = st->top_k,
+                                     .top_p = (float)st->top_p, .seed = (uint64_t)ctx->seed};
+                for (int64_t b = 0; b < B; b++) counters[b] = (uint64_t)nresp[b];
+                if (decoder_cuda_sample(dgpu, &ds, streams, counters, ytok, &e)) goto fail;
+            }
+#endif
             int live = 0;
             for (int64_t b = 0; b < B; b++) {
                 if (fin[b]) {
                     feed[b] = stops[0] >= 0 ? stops[0] : 0;
                     continue;
                 }
-                float *lg = logits + b * V;
-                if (st->top_k > 0 && !sp.greedy) apply_top_k(lg, V, st->top_k, tmp);
-                int32_t y = sample_token(lg, V, &sp, &rngs[b]);
+                int32_t y;
+                if (gpu) {
+                    y = ytok[b];
+                } else {
+                    float *lg = logits + b * V;
+                    if (st->top_k > 0 && !sp.greedy) apply_top_k(lg, V, st->top_k, tmp);
+                    y = sample_token(lg, V, &sp, &rngs[b]);
+                }
                 resp[b][nresp[b]++] = y;
                 feed[b] = y;
                 if (y == stops[0] || y == stops[1] || y == stops[2] || nresp[b] >= capb[b]) fin[b] = true;
@@ -342,15 +417,21 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
             }
             new_tokens += B;
             if (!live || step + 1 == cap_new) break;
-            if (decoder_feed(d, feed, 1, logits, NULL, &e)) goto fail;
+#ifdef DISTILL_CUDA
+            if (gpu) {
+                if (decoder_cuda_step(dgpu, feed, &e)) goto fail;
+                continue;
+            }
+#endif
+            if (decoder_feed(dcpu, feed, 1, logits, NULL, &e)) goto fail;
         }
-        decoder_free(d);
-        decs[0] = NULL;
+        decoder_free(dcpu);
+        dcpu = NULL;
         for (int64_t b = 0; b < B; b++) {
-            Prompt *q = &p[order[k + b]];
-            q->resp = resp[b], q->n_resp = nresp[b];
+            const int64_t j = order[k + b], key = (int64_t)(((uint64_t)(j % S) << 32) | (uint64_t)(j / S));
+            jobs[j].resp = resp[b], jobs[j].n_resp = nresp[b];
             resp[b] = NULL;
-            if (append_done(gf, order[k + b], q->resp, q->n_resp, &e)) goto fail;
+            if (append_done(gf, key, jobs[j].resp, jobs[j].n_resp, &e)) goto fail;
         }
         if (fflush(gf) || fsync(fileno(gf))) {
             dl_fail(&e, "%s: write failed: %s", gen_path, strerror(errno));
@@ -363,7 +444,7 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
     progress_end(&prog);
     fclose(gf);
     gf = NULL;
-    // the output data set: prompt + response, loss on the response
+    // the output data set: prompt + response, loss on the response (prompt-major, then sample)
     char name[300];
     snprintf(name, sizeof name, "%s.all.h5", outd->name);
     all = dl_path_join(ctx->stage_dir, name);
@@ -371,23 +452,26 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
                          .vocab_size = (int32_t)V, .seq_len = 0, .pad_id = 0, .deflate = 1};
     if (shard_writer_open(&w, all, &o, &e)) goto fail;
     int64_t n_docs = 0, n_resp_tok = 0, n_stopped = 0;
-    for (int64_t i = 0; i < np; i++) {
-        if (p[i].n_resp < 0) continue;
-        int64_t n = p[i].n + p[i].n_resp;
+    for (int64_t j = 0; j < nj; j++) {
+        const Prompt *q = &p[j / S];
+        const Job *jb = &jobs[j];
+        if (jb->n_resp < 0) continue;
+        int64_t n = q->n + jb->n_resp;
         int32_t *ids = dl_malloc((size_t)n * 4);
         uint8_t *mask = dl_calloc((size_t)n, 1);
-        memcpy(ids, p[i].ids, (size_t)p[i].n * 4);
-        memcpy(ids + p[i].n, p[i].resp, (size_t)p[i].n_resp * 4);
-        memset(mask + p[i].n, 1, (size_t)p[i].n_resp);
+        memcpy(ids, q->ids, (size_t)q->n * 4);
+        memcpy(ids + q->n, jb->resp, (size_t)jb->n_resp * 4);
+        memset(mask + q->n, 1, (size_t)jb->n_resp);
         int r = shard_add_doc(w, ids, mask, n, &e);
         free(ids), free(mask);
         if (r) goto fail;
         n_docs++;
-        n_resp_tok += p[i].n_resp;
-        int32_t last = p[i].n_resp ? p[i].resp[p[i].n_resp - 1] : -1;
-        n_stopped += p[i].n_resp && (last == stops[0] || last == stops[1] || last == stops[2]);
+        n_resp_tok += jb->n_resp;
+        int32_t last = jb->n_resp ? jb->resp[jb->n_resp - 1] : -1;
+        n_stopped += jb->n_resp && (last == stops[0] || last == stops[1] || last == stops[2]);
     }
     shard_writer_attr_i64(w, "generated_responses", n_docs, NULL);
+    shard_writer_attr_i64(w, "samples_per_prompt", S, NULL);
     {
         ShardWriter *w1 = w;
         w = NULL;
@@ -399,9 +483,10 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
     tr = dl_path_join(ctx->stage_dir, trn);
     ho = dl_path_join(ctx->stage_dir, hon);
     if (stage_split_shard(all, tr, ho, outd->holdout, (uint64_t)ctx->seed, outd->seq_len, 0, true, &e)) goto fail;
-    dl_info("generate: %lld responses, %lld tokens (mean %.1f, %lld ended by a stop token) -> data '%s' (%s)",
-            (long long)n_docs, (long long)n_resp_tok, n_docs ? (double)n_resp_tok / n_docs : 0.0, (long long)n_stopped,
-            outd->name, ctx->stage_dir);
+    dl_info("generate: %lld responses (%lld per prompt, %s), %lld tokens (mean %.1f, %lld ended by a stop token) -> "
+            "data '%s' (%s)",
+            (long long)n_docs, (long long)S, gpu ? "cuda" : "cpu", (long long)n_resp_tok,
+            n_docs ? (double)n_resp_tok / n_docs : 0.0, (long long)n_stopped, outd->name, ctx->stage_dir);
     rc = DL_EXIT_OK;
     goto out;
 fail:
@@ -409,11 +494,15 @@ fail:
 out:
     if (w) shard_writer_abort(w);
     if (gf) fclose(gf);
-    if (decs) decoder_free(decs[0]);
-    free(decs);
+    decoder_free(dcpu);
+#ifdef DISTILL_CUDA
+    decoder_cuda_free(dgpu);
+#endif
     if (resp)
         for (int i = 0; i < (st->batch_size > 0 ? st->batch_size : 1); i++) free(resp[i]);
-    free(resp), free(nresp), free(fin), free(rngs), free(feed), free(logits), free(tmp), free(order);
+    free(resp), free(nresp), free(fin), free(rngs), free(feed), free(ytok), free(streams), free(counters);
+    free(logits), free(tmp), free(order);
+    jobs_free(jobs, nj);
     if (p) prompts_free(p, np);
     if (have_t) model_free(&t);
     tokenizer_free(tok);

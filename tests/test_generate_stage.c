@@ -3,6 +3,8 @@
 // every good prompt gets a document = its chat rendering with the assistant header + a response of at
 // most max_new_tokens, loss mask exactly on the response; a bad JSONL line is skipped; the output does not
 // depend on the batch size; an interrupted run (generated.bin cut inside a record) resumes to the same data.
+// samples_per_prompt = 3: three documents per prompt in prompt-major order, sample 0 equal to the single-
+// sample run's response, the samples of a prompt not all equal, independent of the batch size, resumable.
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -13,21 +15,27 @@
 #include "tests/check.h"
 
 #define GGUF "checkpoints/teachers/SmolLM2-135M-Instruct.Q4_1.gguf"
+#define MAXD 16
 
 static char g_dir[256];
 
-static int run_bin(const char *bin, const char *recipe, const char *name, bool resume, int batch) {
+static int run_bin_s(const char *bin, const char *recipe, const char *name, bool resume, int batch, int samples) {
     char cmd[2048];
-    snprintf(cmd, sizeof cmd, "'%s' '%s' --quiet --set run.name=%s --set stage.generate.batch_size=%d %s >> %s/log.txt 2>&1",
-             bin, recipe, name, batch, resume ? "--resume" : "", g_dir);
+    snprintf(cmd, sizeof cmd,
+             "'%s' '%s' --quiet --set run.name=%s --set stage.generate.batch_size=%d "
+             "--set stage.generate.samples_per_prompt=%d %s >> %s/log.txt 2>&1",
+             bin, recipe, name, batch, samples, resume ? "--resume" : "", g_dir);
     int st = system(cmd);
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
+static int run_bin(const char *bin, const char *recipe, const char *name, bool resume, int batch) {
+    return run_bin_s(bin, recipe, name, resume, batch, 1);
+}
 
 typedef struct {
-    int32_t *ids[8];
-    uint8_t *mask[8];
-    int64_t n[8];
+    int32_t *ids[MAXD];
+    uint8_t *mask[MAXD];
+    int64_t n[MAXD];
     int64_t docs;
 } Docs;
 
@@ -40,13 +48,13 @@ static void read_docs(const char *path, Docs *d) {
         return;
     }
     d->docs = shard_info(r)->n_docs;
-    for (int64_t i = 0; i < d->docs && i < 8; i++) shard_read_doc(r, i, &d->ids[i], &d->mask[i], &d->n[i], &e);
+    for (int64_t i = 0; i < d->docs && i < MAXD; i++) shard_read_doc(r, i, &d->ids[i], &d->mask[i], &d->n[i], &e);
     shard_close(r);
 }
 
 static bool same_docs(const Docs *a, const Docs *b) {
     if (a->docs != b->docs) return false;
-    for (int64_t i = 0; i < a->docs && i < 8; i++)
+    for (int64_t i = 0; i < a->docs && i < MAXD; i++)
         if (a->n[i] != b->n[i] || memcmp(a->ids[i], b->ids[i], (size_t)a->n[i] * 4) || memcmp(a->mask[i], b->mask[i], (size_t)a->n[i]))
             return false;
     return true;
@@ -141,6 +149,57 @@ int main(void) {
     Docs c;
     read_docs(all, &c);
     CHECK(same_docs(&a, &c));
+
+    // samples_per_prompt = 3: 15 documents, prompt-major; sample 0 = the single-sample response
+    CHECK_EQ_I64(run_bin_s(bin, recipe, "s3", false, 4, 3), 0);
+    Docs s3;
+    snprintf(all, sizeof all, "%s/runs/s3/01-generate/pseudo.all.h5", g_dir);
+    read_docs(all, &s3);
+    CHECK_EQ_I64(s3.docs, 15);
+    int same0 = 0, prompt_ok = 0, differ = 0;
+    for (int i = 0; i < 5 && s3.docs == 15; i++) {
+        ChatMessage m = {"user", prompts[i]};
+        int32_t *ids;
+        int64_t n;
+        chat_render(tok, fam, &m, 1, true, &ids, NULL, &n, &e);
+        same0 += s3.n[3 * i] == a.n[i] && !memcmp(s3.ids[3 * i], a.ids[i], (size_t)a.n[i] * 4);
+        for (int k = 0; k < 3; k++) {
+            const int64_t di = 3 * i + k, resp = s3.n[di] - n;
+            bool ok = resp >= 1 && resp <= 6 && !memcmp(ids, s3.ids[di], (size_t)n * 4);
+            for (int64_t j = 0; ok && j < s3.n[di]; j++) ok = s3.mask[di][j] == (j >= n);
+            prompt_ok += ok;
+        }
+        bool all_same = s3.n[3 * i] == s3.n[3 * i + 1] && s3.n[3 * i] == s3.n[3 * i + 2] &&
+                        !memcmp(s3.ids[3 * i], s3.ids[3 * i + 1], (size_t)s3.n[3 * i] * 4) &&
+                        !memcmp(s3.ids[3 * i], s3.ids[3 * i + 2], (size_t)s3.n[3 * i] * 4);
+        differ += !all_same;
+        free(ids);
+    }
+    CHECK_EQ_I64(same0, 5);
+    CHECK_EQ_I64(prompt_ok, 15);
+    CHECK(differ >= 4);  // 6 tokens at temperature 0.8 from a random 49k-vocabulary teacher: samples differ
+    // batch size 1: the same 15 documents; then an interruption inside generated.bin resumes to them
+    CHECK_EQ_I64(run_bin_s(bin, recipe, "s3b", false, 1, 3), 0);
+    Docs s3b;
+    snprintf(all, sizeof all, "%s/runs/s3b/01-generate/pseudo.all.h5", g_dir);
+    read_docs(all, &s3b);
+    CHECK(same_docs(&s3, &s3b));
+    snprintf(gen, sizeof gen, "%s/runs/s3b/01-generate/generated.bin", g_dir);
+    f = fopen(gen, "rb");
+    int64_t rec[2] = {0, 0};
+    long off = 0;
+    for (int r = 0; f && r < 7; r++) {  // keep 7 whole records and half of the 8th
+        CHECK(fseek(f, off, SEEK_SET) == 0 && fread(rec, 8, 2, f) == 2);
+        off += 16 + 4 * (long)rec[1];
+    }
+    if (f) fclose(f);
+    CHECK(truncate(gen, off + 10) == 0);
+    snprintf(cmd, sizeof cmd, "cd %s/runs/s3b/01-generate && rm -f DONE pseudo.*.h5", g_dir);
+    CHECK(system(cmd) == 0);
+    CHECK_EQ_I64(run_bin_s(bin, recipe, "s3b", true, 1, 3), 0);
+    Docs s3c;
+    read_docs(all, &s3c);
+    CHECK(same_docs(&s3, &s3c));
 
     tokenizer_free(tok);
     if (check_fail_ == 0) {
