@@ -302,7 +302,7 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
     OptimConfig oc = c->opt;
     oc.grad_accum = accum * world;  // the optimizer averages over every micro-batch of every rank
     Dp dp, *d = NULL;
-    if (world > 1 && dev == TM_CPU) {
+    if (world > 1) {  // on CUDA too: the checkpoint layout, the sums of the step's numbers, the stop flag
         if (dp_init(&dp, c, &oc, e)) {
             dp_free(&dp);
             return -1;
@@ -359,7 +359,7 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
                 L.teacher ? tm_device_bytes(L.teacher) / 1073741824.0 : 0.0);
     for (; step < total; step++) {
         double t0 = dl_now();
-        if (d) memset(L.grads, 0, (size_t)c->reg->numel * sizeof(float));  // the full local gradient
+        if (d && dev == TM_CPU) memset(L.grads, 0, (size_t)c->reg->numel * sizeof(float));  // the full local gradient
         else if (dev == TM_CPU) optim_zero_grads(&o, L.grads);
         else tm_grads_zero(L.student, L.grads);
         double loss = 0, ce = 0, kl = 0, rkl = 0, mse = 0;
@@ -426,10 +426,10 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
         }
         const int gaccum = accum * world;
         loss /= gaccum, ce /= gaccum, kl /= gaccum, rkl /= gaccum, mse /= gaccum;
-        if (d) {
+        if (d && dev == TM_CPU) {
             if (dp_step(d, &o, c->params, L.grads, loss, &r, e)) goto fail_dist;
         } else {
-            if (world > 1 && cuda_allreduce(c, &L, e)) goto fail_dist;
+            if (world > 1 && cuda_allreduce(c, &L, e)) goto fail_dist;  // ZeRO-0: every rank then takes the same step
             if (tm_optim_step(L.student, &o, L.grads, loss, -1, &r, e)) goto out_prog;
         }
         bool skipped = r.outcome != OPTIM_APPLIED;
