@@ -384,6 +384,8 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
     rows = rows < B ? B : rows;
     if (rows > B * max_len) rows = B * max_len;
     if (rows > (1ll << 20) && B <= (1ll << 20)) rows = 1ll << 20;
+    const char *env = getenv("DISTILL_DECODE_ROWS");  // tests: force chunked prefills
+    if (env && atoll(env) > 0) rows = atoll(env) < B ? B : atoll(env);
     D->rows = rows;
     // memory check before allocating
     size_t free_b = 0, total_b = 0;

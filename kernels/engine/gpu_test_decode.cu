@@ -1,0 +1,448 @@
+// gpu_test_decode.cu: DecoderCuda and the GPU sampler (decode_cuda.h) against the CPU Decoder and sample.h.
+//   1. Hybrid (attention + Mamba-1, 4 layers, tied head) and teacher (all attention, untied head), weights
+//      rounded to bf16 so the CPU (fp32) sees the same model: ragged prefill of 4 / 3 prompts of different
+//      lengths (up to 300 tokens), then 16 decode steps fed the CPU's greedy tokens: logits of every sequence
+//      within a relative error norm of 2e-2 after the prefill and every step; GPU greedy token = CPU greedy
+//      token for >= 90% of (step, sequence). The decode steps at 300+ keys and 12 (row, head) blocks use the
+//      split-key attention. The same with the prefill cut into chunks of 7 columns (DISTILL_DECODE_ROWS).
+//   2. decoder_cuda_seek vs decoder_seek (zeroed KV rows below the length) then 4 steps: logits close.
+//   3. Determinism: a second GPU run gives identical logits; the batch in reverse order gives each sequence
+//      identical logits. Errors: a feed past max_len and a bad token id return -1.
+//   4. Sampling: greedy = host argmax (lowest id on ties); for several (temperature, top_k, top_p) on a
+//      64-token vocabulary with ties, 200k draws match the CPU distribution (top-k as the stage applies it,
+//      then sample_probs) by chi-square and never leave its support; a tie-only nucleus takes the lowest
+//      ids; a 49152-token row keeps the nucleus; identical draws on a rerun and per stream under permutation.
+// Every output buffer is poisoned before each check. Exit status != 0 on any failure.
+// Usage: gpu_test_decode [--verbose]
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/engine/decode_cuda.h"
+
+extern "C" {
+#include "distill/engine.h"
+#include "distill/rng.h"
+#include "distill/sample.h"
+}
+
+static int g_fail = 0, g_pass = 0, g_verbose = 0;
+
+#define CK(call)                                                                                              \
+    do {                                                                                                      \
+        cudaError_t e_ = (call);                                                                              \
+        if (e_ != cudaSuccess) {                                                                              \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_));            \
+            exit(1);                                                                                          \
+        }                                                                                                     \
+    } while (0)
+
+static void check(bool ok, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    if (!ok || g_verbose) {
+        printf("%s ", ok ? "  ok  " : "  FAIL");
+        vprintf(fmt, ap);
+        printf("\n");
+    }
+    va_end(ap);
+    ok ? g_pass++ : g_fail++;
+}
+
+static void die_if(bool bad, const DlError *e, const char *what) {
+    if (bad) {
+        fprintf(stderr, "gpu_test_decode: %s: %s\n", what, e->msg);
+        exit(1);
+    }
+}
+
+static double relerr(const float *a, const float *b, int64_t n) {
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double d = (double)a[i] - b[i];
+        num += d * d;
+        den += (double)b[i] * b[i];
+    }
+    if (!isfinite(num)) return INFINITY;
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static void init_params(const Registry *r, float *p, uint64_t seed) {
+    Rng g;
+    rng_init(&g, seed, 11);
+    memset(p, 0, (size_t)r->numel * sizeof(float));
+    for (int i = 0; i < r->n; i++) {
+        const TensorInfo *t = &r->t[i];
+        float *x = p + t->offset;
+        const char *nm = t->name;
+        for (int64_t j = 0; j < t->numel; j++) {
+            double z = rng_normal(&g);
+            float v;
+            if (strstr(nm, "norm")) v = (float)(1.0 + 0.1 * z);
+            else if (strstr(nm, "A_log")) v = (float)log(1.0 + (double)(j % t->shape[t->ndim - 1])) + (float)(0.05 * z);
+            else if (strstr(nm, ".D")) v = (float)(1.0 + 0.1 * z);
+            else if (strstr(nm, "dt_proj.bias")) v = (float)(-3.0 + 0.5 * z);
+            else if (strstr(nm, "conv1d")) v = (float)(0.3 * z);
+            else if (strstr(nm, "embed") || strstr(nm, "lm_head")) v = (float)(0.5 * z);
+            else v = (float)(z / sqrt((double)t->shape[t->ndim - 1]));
+            x[j] = bf16_to_f32(f32_to_bf16(v));  // the GPU holds bf16 weights: the CPU sees the same model
+        }
+    }
+}
+
+typedef struct {
+    HybridConfig h;
+    Registry r;
+    float *p;
+} Model;
+
+static void model_make(Model *m, bool hybrid, uint64_t seed) {
+    DlError e;
+    LlamaConfig c;
+    memset(&c, 0, sizeof c);
+    c.n_layer = 4;
+    c.d_model = 192;  // dt_rank 12: the padded dt weights
+    c.n_head = 3;
+    c.n_kv_head = 1;
+    c.head_dim = 64;
+    c.d_ff = 384;
+    c.vocab = 520;
+    c.max_pos = 4096;
+    c.rope_theta = 10000.0;
+    c.rms_eps = 1e-5;
+    c.tied_embeddings = hybrid;  // hybrid: tied head; teacher: its own lm_head
+    c.bos_id = c.eos_id = -1;
+    int attn[2] = {1, 3};
+    if (hybrid) die_if(hybrid_config_init(&m->h, &c, MIXER_MAMBA1, attn, 2, &e) != 0, &e, "hybrid_config_init");
+    else hybrid_config_teacher(&m->h, &c);
+    model_build_registry(&m->h, &m->r);
+    m->p = (float *)malloc((size_t)m->r.numel * 4);
+    init_params(&m->r, m->p, seed);
+}
+
+static int32_t argmax(const float *x, int64_t V) {
+    int32_t b = 0;
+    for (int64_t i = 1; i < V; i++)
+        if (x[i] > x[b]) b = (int32_t)i;
+    return b;
+}
+
+static void poison_logits(DecoderCuda *d) {
+    CK(cudaMemset((void *)decoder_cuda_logits(d), 0xff, (size_t)(decoder_cuda_batch(d) * decoder_cuda_vocab(d)) * 4));
+}
+
+// Ragged prefill + 16 greedy steps (tokens from the CPU), GPU vs CPU. Returns the worst relative error.
+static double decode_vs_cpu(const Model *m, const char *name, int64_t B, const int64_t *plen, int64_t L, int steps,
+                            float *keep_logits /* [steps+1, B, V] or NULL */) {
+    DlError e;
+    const int64_t V = m->h.base.vocab, max_len = L + steps + 8;
+    Decoder *cpu = decoder_new(&m->h, &m->r, m->p, B, max_len, &e);
+    die_if(!cpu, &e, "decoder_new");
+    DecoderCuda *gpu = decoder_cuda_new(&m->h, &m->r, m->p, B, max_len, g_verbose ? stdout : NULL, &e);
+    die_if(!gpu, &e, "decoder_cuda_new");
+    int32_t *tok = (int32_t *)calloc((size_t)(B * L), 4);
+    Rng g;
+    rng_init(&g, 5, 1);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < plen[b]; t++) tok[b * L + t] = (int32_t)rng_below(&g, (uint64_t)V);
+    float *lc = (float *)malloc((size_t)(B * V) * 4), *lg = (float *)malloc((size_t)(B * V) * 4);
+    die_if(decoder_feed_ragged(cpu, tok, L, plen, lc, NULL, &e) != 0, &e, "cpu prefill");
+    die_if(decoder_cuda_reset(gpu, B, &e) != 0, &e, "reset");
+    poison_logits(gpu);
+    die_if(decoder_cuda_feed_ragged(gpu, tok, L, plen, &e) != 0, &e, "gpu prefill");
+    decoder_cuda_logits_host(gpu, lg);
+    double worst = relerr(lg, lc, B * V);
+    check(worst < 2e-2, "%s: logits after the ragged prefill: relative error %.3e (< 2e-2)", name, worst);
+    bool lens_ok = true;
+    for (int64_t b = 0; b < B; b++) lens_ok = lens_ok && decoder_cuda_seq_len(gpu, b) == plen[b];
+    check(lens_ok, "%s: sequence lengths after the prefill = prompt lengths", name);
+    if (keep_logits) memcpy(keep_logits, lg, (size_t)(B * V) * 4);
+    int agree = 0, total = 0;
+    double wstep = 0;
+    int32_t *next = (int32_t *)malloc((size_t)B * 4);
+    for (int s = 0; s < steps; s++) {
+        for (int64_t b = 0; b < B; b++) {
+            next[b] = argmax(lc + b * V, V);
+            agree += argmax(lg + b * V, V) == next[b];
+            total++;
+        }
+        die_if(decoder_feed(cpu, next, 1, lc, NULL, &e) != 0, &e, "cpu step");
+        poison_logits(gpu);
+        die_if(decoder_cuda_step(gpu, next, &e) != 0, &e, "gpu step");
+        decoder_cuda_logits_host(gpu, lg);
+        if (keep_logits) memcpy(keep_logits + (s + 1) * B * V, lg, (size_t)(B * V) * 4);
+        wstep = fmax(wstep, relerr(lg, lc, B * V));
+    }
+    check(wstep < 2e-2, "%s: logits over %d decode steps: worst relative error %.3e (< 2e-2)", name, steps, wstep);
+    check(agree >= 0.9 * total, "%s: greedy tokens equal in %d of %d (step, sequence)", name, agree, total);
+    // errors: past max_len, bad token id (nothing changes)
+    int32_t badtok[64];
+    for (int64_t b = 0; b < B; b++) badtok[b] = 0;
+    badtok[B - 1] = (int32_t)V;
+    check(decoder_cuda_step(gpu, badtok, &e) != 0, "%s: a token id = vocab is refused (%s)", name, e.msg);
+    int32_t *big = (int32_t *)calloc((size_t)(B * max_len), 4);
+    check(decoder_cuda_feed_ragged(gpu, big, max_len, NULL, &e) != 0, "%s: a feed past max_len is refused (%s)", name,
+          e.msg);
+    free(big);
+    // seek: zeroed KV rows below the length on both, then 4 steps
+    die_if(decoder_seek(cpu, L, &e) != 0, &e, "cpu seek");
+    die_if(decoder_cuda_seek(gpu, L, &e) != 0, &e, "gpu seek");
+    double wseek = 0;
+    for (int s = 0; s < 4; s++) {
+        for (int64_t b = 0; b < B; b++) next[b] = (int32_t)((7 * s + 3 * b) % V);
+        die_if(decoder_feed(cpu, next, 1, lc, NULL, &e) != 0, &e, "cpu step");
+        poison_logits(gpu);
+        die_if(decoder_cuda_step(gpu, next, &e) != 0, &e, "gpu step");
+        decoder_cuda_logits_host(gpu, lg);
+        wseek = fmax(wseek, relerr(lg, lc, B * V));
+    }
+    check(wseek < 2e-2, "%s: decode after seek(%lld): worst relative error %.3e (< 2e-2)", name, (long long)L, wseek);
+    decoder_free(cpu);
+    decoder_cuda_free(gpu);
+    free(tok), free(lc), free(lg), free(next);
+    return fmax(worst, wstep);
+}
+
+// The GPU alone: prefill + steps with the sequences in the given order (perm[b]: which prompt sits in slot b).
+static void gpu_run(const Model *m, int64_t B, const int64_t *plen, int64_t L, int steps, const int64_t *perm,
+                    float *out /* [steps+1, B, V] in prompt order */) {
+    DlError e;
+    const int64_t V = m->h.base.vocab;
+    DecoderCuda *gpu = decoder_cuda_new(&m->h, &m->r, m->p, B, L + steps + 8, NULL, &e);
+    die_if(!gpu, &e, "decoder_cuda_new");
+    int32_t *tok = (int32_t *)calloc((size_t)(B * L), 4), *tokp = (int32_t *)calloc((size_t)(B * L), 4);
+    Rng g;
+    rng_init(&g, 5, 1);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < plen[b]; t++) tok[b * L + t] = (int32_t)rng_below(&g, (uint64_t)V);
+    int64_t pl[64];
+    for (int64_t b = 0; b < B; b++) {
+        memcpy(tokp + b * L, tok + perm[b] * L, (size_t)L * 4);
+        pl[b] = plen[perm[b]];
+    }
+    float *lg = (float *)malloc((size_t)(B * V) * 4);
+    int32_t next[64];
+    die_if(decoder_cuda_reset(gpu, B, &e) != 0, &e, "reset");
+    poison_logits(gpu);
+    die_if(decoder_cuda_feed_ragged(gpu, tokp, L, pl, &e) != 0, &e, "prefill");
+    for (int s = 0; s <= steps; s++) {
+        decoder_cuda_logits_host(gpu, lg);
+        for (int64_t b = 0; b < B; b++) memcpy(out + (s * B + perm[b]) * V, lg + b * V, (size_t)V * 4);
+        if (s == steps) break;
+        for (int64_t b = 0; b < B; b++) next[b] = (int32_t)((perm[b] * 31 + s * 17) % V);
+        poison_logits(gpu);
+        die_if(decoder_cuda_step(gpu, next, &e) != 0, &e, "step");
+    }
+    decoder_cuda_free(gpu);
+    free(tok), free(tokp), free(lg);
+}
+
+// ---------------------------------------------------------------- sampling
+
+// The distribution the CPU stage samples from: top-k as apply_top_k (keep logits >= the k-th largest),
+// then sample_probs (temperature, top-p nucleus).
+static void cpu_probs(const float *logits, int64_t V, const DecodeSampling *s, double *probs) {
+    float *x = (float *)malloc((size_t)V * 4), *srt = (float *)malloc((size_t)V * 4);
+    memcpy(x, logits, (size_t)V * 4);
+    if (s->temperature > 0 && s->top_k > 0 && s->top_k < V) {
+        memcpy(srt, x, (size_t)V * 4);
+        qsort(srt, (size_t)V, 4, [](const void *a, const void *b) {
+            float u = *(const float *)a, v = *(const float *)b;
+            return u > v ? -1 : u < v;
+        });
+        const float kth = srt[s->top_k - 1];
+        for (int64_t i = 0; i < V; i++)
+            if (x[i] < kth) x[i] = -INFINITY;
+    }
+    SampleParams sp = {s->temperature <= 0, s->temperature, s->top_p > 0 && s->top_p < 1 ? s->top_p : 1.0f};
+    sample_probs(x, V, &sp, probs);
+    free(x), free(srt);
+}
+
+typedef struct {
+    float *logits;       // device [rows, V]
+    uint64_t *st, *ctr;  // device [rows]
+    int32_t *out;        // device [rows]
+} SampleBufs;
+
+static void draw(const SampleBufs *sb, int64_t rows, int64_t V, const DecodeSampling *s, int32_t *host_out) {
+    char err[256];
+    CK(cudaMemset(sb->out, 0x7f, (size_t)rows * 4));  // poison: ids far out of range
+    if (sample_rows_cuda(sb->logits, rows, V, s, sb->st, sb->ctr, sb->out, err, sizeof err)) {
+        fprintf(stderr, "sample_rows_cuda: %s\n", err);
+        exit(1);
+    }
+    CK(cudaMemcpy(host_out, sb->out, (size_t)rows * 4, cudaMemcpyDeviceToHost));
+}
+
+// rows copies of one logits row, streams 0..rows-1 (counter 7); chi-square of the counts against probs.
+static void chi_square_case(const char *name, const float *logit_row, int64_t V, const DecodeSampling *s, int64_t rows) {
+    SampleBufs sb;
+    CK(cudaMalloc(&sb.logits, (size_t)(rows * V) * 4));
+    CK(cudaMalloc(&sb.st, (size_t)rows * 8));
+    CK(cudaMalloc(&sb.ctr, (size_t)rows * 8));
+    CK(cudaMalloc(&sb.out, (size_t)rows * 4));
+    float *hl = (float *)malloc((size_t)(rows * V) * 4);
+    uint64_t *hs = (uint64_t *)malloc((size_t)rows * 8), *hc = (uint64_t *)malloc((size_t)rows * 8);
+    for (int64_t r = 0; r < rows; r++) {
+        memcpy(hl + r * V, logit_row, (size_t)V * 4);
+        hs[r] = (uint64_t)r;
+        hc[r] = 7;
+    }
+    CK(cudaMemcpy(sb.logits, hl, (size_t)(rows * V) * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(sb.st, hs, (size_t)rows * 8, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(sb.ctr, hc, (size_t)rows * 8, cudaMemcpyHostToDevice));
+    int32_t *o = (int32_t *)malloc((size_t)rows * 4), *o2 = (int32_t *)malloc((size_t)rows * 4);
+    draw(&sb, rows, V, s, o);
+    double *probs = (double *)malloc((size_t)V * 8);
+    cpu_probs(logit_row, V, s, probs);
+    int64_t *cnt = (int64_t *)calloc((size_t)V, 8), outside = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        if (o[r] < 0 || o[r] >= V || probs[o[r]] <= 0) outside++;
+        else cnt[o[r]]++;
+    }
+    check(outside == 0, "%s: %lld of %lld draws outside the CPU support", name, (long long)outside, (long long)rows);
+    // chi-square, cells expecting < 5 pooled
+    double chi = 0, pool_e = 0, pool_o = 0;
+    int df = -1;
+    for (int64_t i = 0; i < V; i++) {
+        const double ex = probs[i] * rows;
+        if (ex <= 0) continue;
+        if (ex < 5) {
+            pool_e += ex, pool_o += cnt[i];
+            continue;
+        }
+        chi += (cnt[i] - ex) * (cnt[i] - ex) / ex;
+        df++;
+    }
+    if (pool_e > 0) chi += (pool_o - pool_e) * (pool_o - pool_e) / pool_e, df++;
+    if (df < 1) df = 1;
+    const double bound = df + 6 * sqrt(2.0 * df);
+    check(chi < bound, "%s: chi-square %.1f with %d df (bound %.1f)", name, chi, df, bound);
+    // determinism: rerun identical; reversed streams give reversed draws (a row's draw depends on its stream)
+    draw(&sb, rows, V, s, o2);
+    check(!memcmp(o, o2, (size_t)rows * 4), "%s: a second run draws identical tokens", name);
+    for (int64_t r = 0; r < rows; r++) hs[r] = (uint64_t)(rows - 1 - r);
+    CK(cudaMemcpy(sb.st, hs, (size_t)rows * 8, cudaMemcpyHostToDevice));
+    draw(&sb, rows, V, s, o2);
+    int64_t mism = 0;
+    for (int64_t r = 0; r < rows; r++) mism += o2[r] != o[rows - 1 - r];
+    check(mism == 0, "%s: permuted streams give the same draw per stream (%lld mismatches)", name, (long long)mism);
+    cudaFree(sb.logits), cudaFree(sb.st), cudaFree(sb.ctr), cudaFree(sb.out);
+    free(hl), free(hs), free(hc), free(o), free(o2), free(probs), free(cnt);
+}
+
+static void test_sampling(void) {
+    const int64_t V = 64, rows = 200000;
+    float row[64];
+    Rng g;
+    rng_init(&g, 77, 3);
+    for (int64_t i = 0; i < V; i++) row[i] = (float)(1.5 * rng_normal(&g));
+    row[10] = row[20] = row[30] = row[5];  // ties across the top-k / top-p boundaries
+    row[40] = row[41] = -INFINITY;         // never drawn
+    DecodeSampling cases[] = {
+        {1.0f, 0, 1.0f, 9},     // plain softmax
+        {0.7f, 0, 0.9f, 9},     // the demo recipe's setting
+        {1.0f, 10, 1.0f, 9},    // top-k
+        {1.3f, 20, 0.8f, 123},  // both
+        {0.5f, 4, 0.5f, 9},     // narrow
+    };
+    char name[128];
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        snprintf(name, sizeof name, "sample T=%.1f k=%d p=%.2f", cases[c].temperature, cases[c].top_k, cases[c].top_p);
+        chi_square_case(name, row, V, &cases[c], rows);
+    }
+    // all logits equal: the top-p nucleus is the lowest ceil(p * V) ids (ties by lower id)
+    float flat[64];
+    for (int64_t i = 0; i < V; i++) flat[i] = 0.25f;
+    DecodeSampling fp = {1.0f, 0, 0.1f, 4};
+    chi_square_case("sample all-tied p=0.1 (lowest 7 ids)", flat, V, &fp, 50000);
+
+    // greedy and the large-vocabulary nucleus on random rows
+    const int64_t R = 512, VB = 49152;
+    SampleBufs sb;
+    CK(cudaMalloc(&sb.logits, (size_t)(R * VB) * 4));
+    CK(cudaMalloc(&sb.st, (size_t)R * 8));
+    CK(cudaMalloc(&sb.ctr, (size_t)R * 8));
+    CK(cudaMalloc(&sb.out, (size_t)R * 4));
+    float *hl = (float *)malloc((size_t)(R * VB) * 4);
+    uint64_t *hs = (uint64_t *)malloc((size_t)R * 8);
+    for (int64_t r = 0; r < R; r++) {
+        for (int64_t i = 0; i < VB; i++) hl[r * VB + i] = (float)(2.0 * rng_normal(&g));
+        if (r % 7 == 0) hl[r * VB + 100] = hl[r * VB + 3000] = 50.0f;  // tied maxima: lowest id wins
+        hs[r] = (uint64_t)r * 3;
+    }
+    CK(cudaMemcpy(sb.logits, hl, (size_t)(R * VB) * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(sb.st, hs, (size_t)R * 8, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(sb.ctr, hs, (size_t)R * 8, cudaMemcpyHostToDevice));
+    int32_t *o = (int32_t *)malloc((size_t)R * 4);
+    DecodeSampling gr = {0.0f, 0, 1.0f, 1};
+    draw(&sb, R, VB, &gr, o);
+    int64_t bad = 0;
+    for (int64_t r = 0; r < R; r++) bad += o[r] != sample_argmax(hl + r * VB, VB);
+    check(bad == 0, "greedy on %lld rows x %lld: %lld differ from the host argmax", (long long)R, (long long)VB, (long long)bad);
+    DecodeSampling np = {0.7f, 50, 0.9f, 2};
+    draw(&sb, R, VB, &np, o);
+    double *probs = (double *)malloc((size_t)VB * 8);
+    bad = 0;
+    for (int64_t r = 0; r < R; r++) {
+        cpu_probs(hl + r * VB, VB, &np, probs);
+        bad += o[r] < 0 || o[r] >= VB || probs[o[r]] <= 0;
+    }
+    check(bad == 0, "T=0.7 k=50 p=0.9 on %lld rows x %lld: %lld draws outside the nucleus", (long long)R, (long long)VB,
+          (long long)bad);
+    cudaFree(sb.logits), cudaFree(sb.st), cudaFree(sb.ctr), cudaFree(sb.out);
+    free(hl), free(hs), free(o), free(probs);
+    double mean = 0;
+    for (int i = 0; i < 100000; i++) mean += decode_uniform(1, 2, (uint64_t)i);
+    mean /= 100000;
+    check(fabs(mean - 0.5) < 0.005, "decode_uniform mean %.4f over 1e5 counters", mean);
+}
+
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--verbose")) g_verbose = 1;
+    int dev = 0;
+    cudaDeviceProp prop;
+    CK(cudaGetDevice(&dev));
+    CK(cudaGetDeviceProperties(&prop, dev));
+    printf("gpu_test_decode: %s\n", prop.name);
+
+    Model hy, te;
+    model_make(&hy, true, 1);
+    model_make(&te, false, 2);
+    const int64_t plen_h[4] = {300, 5, 170, 64}, plen_t[3] = {33, 250, 1};
+    const int steps = 16;
+    decode_vs_cpu(&hy, "hybrid", 4, plen_h, 300, steps, NULL);
+    decode_vs_cpu(&te, "teacher", 3, plen_t, 250, steps, NULL);
+    // chunked prefill: 4 sequences x 7 columns per pass
+    setenv("DISTILL_DECODE_ROWS", "28", 1);
+    decode_vs_cpu(&hy, "hybrid, prefill in 7-column chunks", 4, plen_h, 300, steps, NULL);
+    unsetenv("DISTILL_DECODE_ROWS");
+
+    // determinism and batch-order independence (GPU only)
+    const int64_t V = hy.h.base.vocab, B = 4;
+    float *a = (float *)malloc((size_t)((steps + 1) * B * V) * 4), *b = (float *)malloc((size_t)((steps + 1) * B * V) * 4);
+    const int64_t id[4] = {0, 1, 2, 3}, rev[4] = {3, 2, 1, 0};
+    gpu_run(&hy, B, plen_h, 300, steps, id, a);
+    gpu_run(&hy, B, plen_h, 300, steps, id, b);
+    check(!memcmp(a, b, (size_t)((steps + 1) * B * V) * 4), "hybrid: two GPU runs give identical logits");
+    gpu_run(&hy, B, plen_h, 300, steps, rev, b);
+    double dmax = 0;
+    for (int64_t i = 0; i < (steps + 1) * B * V; i++) dmax = fmax(dmax, fabs((double)a[i] - b[i]));
+    check(dmax == 0, "hybrid: the batch in reverse order gives each sequence identical logits (max diff %.3e)", dmax);
+    free(a), free(b);
+    DlError e;
+    HybridConfig h2 = hy.h;
+    for (int l = 0; l < h2.base.n_layer; l++)
+        if (h2.mixer[l] != MIXER_ATTN) h2.mixer[l] = MIXER_MAMBA2;
+    check(decoder_cuda_new(&h2, &hy.r, hy.p, 2, 16, NULL, &e) == NULL && strstr(e.msg, "Mamba-2"),
+          "a Mamba-2 layer is refused: %s", e.msg);
+
+    test_sampling();
+    printf("gpu_test_decode: %d passed, %d failed\n", g_pass, g_fail);
+    return g_fail ? 1 : 0;
+}
