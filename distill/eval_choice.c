@@ -373,3 +373,31 @@ void choice_print_table(FILE *f, const ChoiceResult *r, int n) {
         }
     }
 }
+
+int choice_eval_models(const char *const *files, int n_files, const EvalModel *models, const char *const *labels,
+                       int n_models, const Tokenizer *tok, int64_t batch, ChoiceResult **out, int *n_out, DlError *e) {
+    ChoiceResult *r = dl_calloc((size_t)(n_files * n_models > 0 ? n_files * n_models : 1), sizeof *r);
+    int n = 0;
+    for (int f = 0; f < n_files; f++) {
+        ChoiceSet s;
+        if (choice_set_load(files[f], &s, e)) {
+            free(r);
+            return -1;
+        }
+        for (int k = 0; k < n_models; k++) {
+            double t0 = dl_now();
+            if (choice_eval(&models[k], tok, &s, 0, batch, labels[k], &r[n], NULL, NULL, e)) {
+                choice_set_free(&s);
+                free(r);
+                return -1;
+            }
+            dl_info("multiple choice %s, %s: %lld questions, accuracy %.4f (per token %.4f, chance %.2f), %.1f s", s.name,
+                    labels[k], (long long)r[n].n_questions, r[n].acc, r[n].acc_norm, r[n].chance, dl_now() - t0);
+            n++;
+        }
+        choice_set_free(&s);
+    }
+    *out = r;
+    *n_out = n;
+    return 0;
+}

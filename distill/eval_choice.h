@@ -68,3 +68,8 @@ int choice_eval(const EvalModel *m, const Tokenizer *tok, const ChoiceSet *s, in
 int choice_add_json(const char *path, const ChoiceResult *r, int n, DlError *e);
 // A table: one row per set and metric, one column per distinct label (in first-seen order).
 void choice_print_table(FILE *f, const ChoiceResult *r, int n);
+
+// Every file on every model: out (malloc'd, n_files * n_models results, file-major) with labels[i] for
+// models[i]. Prints one progress line per (file, model) through dl_info.
+int choice_eval_models(const char *const *files, int n_files, const EvalModel *models, const char *const *labels,
+                       int n_models, const Tokenizer *tok, int64_t batch, ChoiceResult **out, int *n_out, DlError *e);

@@ -14,7 +14,7 @@
 // ================================================================================================ names
 
 static const char *const KIND_NAMES[] = {"generate", "teacher_cache", "init", "layerwise", "distill",
-                                         "sft",      "dpo",           "export", "eval", NULL};
+                                         "sft",      "dpo",           "export", "eval", "pairs", NULL};
 const char *stage_kind_name(StageKind k) { return k < STAGE_KIND_COUNT ? KIND_NAMES[k] : "?"; }
 bool stage_kind_trains(StageKind k) {
     return k == STAGE_LAYERWISE || k == STAGE_DISTILL || k == STAGE_SFT || k == STAGE_DPO;
@@ -159,6 +159,8 @@ static const Field STAGE_FIELDS[] = {
     {"data", F_STRLIST, offsetof(StageSpec, eval_sets), offsetof(StageSpec, n_eval_sets), 0, 0, false, NULL, KB(STAGE_EVAL),
      "data sets evaluated (their held-out part when holdout > 0)"},
     SFLD("output", F_STR, output, 0, 0, KB(STAGE_GENERATE), "data set the responses are written to"),
+    SFLD("data", F_STR, data, 0, 0, KB(STAGE_PAIRS), "data set of responses to score (a generate stage's output)"),
+    SFLD("output", F_STR, output, 0, 0, KB(STAGE_PAIRS), "preference data set the pairs are written to"),
     SFLD("steps", F_INT, steps, 1, 1e12, K_TRAIN, "optimizer steps (or epochs)"),
     {"epochs", F_FLOAT, offsetof(StageSpec, epochs), 0, 0, 1000, true, NULL, K_TRAIN, "passes over the data (or steps)"},
     {"loss", F_SPECIAL, 0, 0, 0, 0, false, NULL, K_KD, "[stage.loss] weights (ce, kl, reverse_kl, temperature, mse)"},
@@ -174,7 +176,7 @@ static const Field STAGE_FIELDS[] = {
     {"top_p", F_FLOAT, offsetof(StageSpec, top_p), 0, 0, 1, true, NULL, KB(STAGE_GENERATE), "nucleus sampling"},
     SFLD("top_k", F_I32, top_k, 0, 1 << 20, KB(STAGE_GENERATE), "sample among the k most likely tokens (0: off)"),
     SFLD("top_k", F_I32, top_k, 1, 1 << 20, KB(STAGE_TEACHER_CACHE), "logits kept per position (+ log-sum-exp of the rest)"),
-    SFLD("batch_size", F_I32, batch_size, 1, 1 << 20, KB(STAGE_GENERATE) | KB(STAGE_TEACHER_CACHE) | KB(STAGE_EVAL),
+    SFLD("batch_size", F_I32, batch_size, 1, 1 << 20, KB(STAGE_GENERATE) | KB(STAGE_TEACHER_CACHE) | KB(STAGE_EVAL) | KB(STAGE_PAIRS),
          "sequences per forward pass"),
     SFLD("max_prompts", F_INT, max_prompts, 0, 1e15, KB(STAGE_GENERATE), "prompts used (0: all)"),
     SFLD("samples_per_prompt", F_I32, samples_per_prompt, 1, 1 << 20, KB(STAGE_GENERATE),
@@ -187,6 +189,12 @@ static const Field STAGE_FIELDS[] = {
     {"dtype", F_ENUM, offsetof(StageSpec, export_dtype), 0, 0, 0, false, DTYPE_CHOICES, KB(STAGE_EXPORT), "tensor dtype"},
     SFLD("shard_mb", F_INT, shard_mb, 0, 1e9, KB(STAGE_EXPORT), "max safetensors shard size in MB (0: one file)"),
     SFLD("max_sequences", F_INT, max_sequences, 0, 1e15, KB(STAGE_EVAL), "sequences evaluated per set (0: all)"),
+    {"choice", F_STRLIST, offsetof(StageSpec, choice_sets), offsetof(StageSpec, n_choice_sets), 0, 0, false, NULL, KB(STAGE_EVAL),
+     "multiple-choice JSONL files, options scored by log-likelihood (accuracy per model)"},
+    SFLD("min_margin", F_FLOAT, min_margin, 0, 1e6, KB(STAGE_PAIRS), "skip a prompt when best - worst score < this (nats/token)"),
+    SFLD("unfinished_penalty", F_FLOAT, unfinished_penalty, 0, 1e6, KB(STAGE_PAIRS),
+         "score penalty of a response without a stop token (cut at max length)"),
+    SFLD("repeat_penalty", F_FLOAT, repeat_penalty, 0, 1e6, KB(STAGE_PAIRS), "score penalty per fraction of repeated 4-grams"),
 };
 
 typedef struct {
@@ -607,6 +615,9 @@ static void stage_defaults(StageSpec *s, StageKind kind, const OptimSpec *opt) {
     s->export_format = EXPORT_HF;
     s->export_dtype = EXPORT_BF16;
     s->shard_mb = 5000;
+    s->min_margin = 0.05;
+    s->unfinished_penalty = 1.0;
+    s->repeat_penalty = 2.0;
 }
 
 static char *stem(const char *path) {
@@ -1025,7 +1036,7 @@ static void check_stages(Ctx *c) {
     // data sets written by generate stages (first, so a use before the write is caught below)
     for (int i = 0; i < r->n_stages; i++) {
         StageSpec *s = &r->stages[i];
-        if (s->kind == STAGE_GENERATE) {
+        if (s->kind == STAGE_GENERATE || s->kind == STAGE_PAIRS) {
             if (!s->output) err_v(c, stage_val(r, s, "kind"), "stage '%s' needs output = \"NAME\" (the [data.NAME] it writes)", s->name);
             else {
                 int di = find_data(r, s->output);
@@ -1041,7 +1052,7 @@ static void check_stages(Ctx *c) {
                           s->name, s->output);
                 else {
                     r->data[di].produced_by = i;
-                    r->data[di].format = FMT_CHAT;  // prompt + teacher response
+                    r->data[di].format = s->kind == STAGE_PAIRS ? FMT_PREFERENCE : FMT_CHAT;  // pairs / prompt + response
                 }
                 if (s->data && s->output && !strcmp(s->data, s->output))
                     err_v(c, stage_val(r, s, "output"), "stage '%s' reads and writes the same data set", s->name);
@@ -1057,11 +1068,12 @@ static void check_stages(Ctx *c) {
             if (n_init++) err_v(c, stage_val(r, s, "kind"), "a recipe has one init stage (this is the second)");
             else init_at = i;
         }
-        bool student = s->kind != STAGE_GENERATE && s->kind != STAGE_TEACHER_CACHE && s->kind != STAGE_INIT;
+        bool student = s->kind != STAGE_GENERATE && s->kind != STAGE_TEACHER_CACHE && s->kind != STAGE_INIT && s->kind != STAGE_PAIRS;
         if (student && init_at < 0)
             err_v(c, stage_val(r, s, "kind"), "stage '%s' (%s) works on the hybrid: put an init stage before it", s->name,
                   KIND_NAMES[s->kind]);
-        bool needs_data = stage_kind_trains(s->kind) || s->kind == STAGE_GENERATE || s->kind == STAGE_TEACHER_CACHE;
+        bool needs_data = stage_kind_trains(s->kind) || s->kind == STAGE_GENERATE || s->kind == STAGE_TEACHER_CACHE ||
+                          s->kind == STAGE_PAIRS;
         if (needs_data && !s->data) err_v(c, stage_val(r, s, "kind"), "stage '%s' needs data = \"NAME\" (a [data.NAME] table)", s->name);
         if (s->kind == STAGE_EVAL && s->n_eval_sets == 0)
             err_v(c, stage_val(r, s, "kind"), "stage '%s' needs data = [\"NAME\", ...] (the sets to evaluate)", s->name);
@@ -1103,6 +1115,13 @@ static void check_stages(Ctx *c) {
             err_v(c, stage_val(r, s, "loss"), "stage '%s': every loss weight is 0", s->name);
         if (s->kind == STAGE_LAYERWISE && s->loss.mse > 0 && s->teacher_logits == TEACHER_CACHE)
             err_v(c, stage_val(r, s, "teacher_logits"), "stage '%s': the hidden-state loss (mse) needs the teacher online", s->name);
+    }
+    for (int i = 0; i < r->n_stages; i++) {  // eval: multiple-choice files
+        const StageSpec *s = &r->stages[i];
+        const TomlValue *cv = stage_val(r, s, "choice");
+        for (int k = 0; k < s->n_choice_sets; k++)
+            check_path(c, cv && cv->type == TOML_ARRAY && k < cv->u.arr.n ? cv->u.arr.items[k] : cv, "choice file",
+                       s->choice_sets[k]);
     }
     // data sets: sources or a producer
     for (int i = 0; i < r->n_data; i++) {
@@ -1147,7 +1166,7 @@ int recipe_stage_layout(const Recipe *r, const StageSpec *st, int step, HybridCo
         hybrid_config_teacher(h, &r->teacher_cfg.base);
         return 0;
     }
-    if (st->kind == STAGE_GENERATE || st->kind == STAGE_TEACHER_CACHE) {  // these always run the teacher
+    if (st->kind == STAGE_GENERATE || st->kind == STAGE_TEACHER_CACHE || st->kind == STAGE_PAIRS) {  // these run the teacher
         hybrid_config_teacher(h, &r->teacher_cfg.base);
         return 0;
     }
@@ -1468,6 +1487,7 @@ void recipe_free(Recipe *r) {
         free(s->data);
         free(s->output);
         free_list(s->eval_sets, s->n_eval_sets);
+        free_list(s->choice_sets, s->n_choice_sets);
         free(s->eval_index);
         free(s->trainable);
         free(s->schedule);

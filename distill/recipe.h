@@ -24,6 +24,7 @@ typedef enum {
     STAGE_DPO,           // direct preference optimization, reference = frozen student at stage start
     STAGE_EXPORT,        // MambaInLlama HF export
     STAGE_EVAL,          // perplexity, KL to teacher, top-1 agreement
+    STAGE_PAIRS,         // preference pairs from scored teacher samples (best vs worst response per prompt)
     STAGE_KIND_COUNT
 } StageKind;
 
@@ -164,6 +165,12 @@ typedef struct {
     int64_t shard_mb;      // max safetensors shard size, 0 = one file
     // eval
     int64_t max_sequences; // 0 = all held-out sequences
+    char **choice_sets;    // eval: multiple-choice JSONL files scored by log-likelihood (eval_choice.h)
+    int n_choice_sets;
+    // pairs (stage_pairs.c): score = teacher mean log-prob - penalties; pairs need best - worst >= min_margin
+    double min_margin;
+    double unfinished_penalty;  // subtracted when a response did not end with a stop token
+    double repeat_penalty;      // times the fraction of repeated 4-grams in the response
 } StageSpec;
 
 typedef struct {

@@ -2,11 +2,13 @@
 // each eval data set (the whole set when holdout = 0): perplexity, KL(teacher||student), top-1 agreement,
 // accuracy, each with its ratio to the teacher (eval.h). When the run has an init stage, its untrained
 // hybrid is evaluated too, to show what training bought. Writes STAGE_DIR/eval.json and RUN_DIR/eval.json
-// and prints the table on stdout.
+// and prints the table on stdout. With choice = ["file.jsonl", ...], also the multiple-choice accuracy of the
+// teacher, the student and the init (eval_choice.h), under the key "choice" of eval.json.
 #include <string.h>
 
 #include "distill/checkpoint.h"
 #include "distill/eval.h"
+#include "distill/eval_choice.h"
 #include "distill/stage_common.h"
 
 static int run_eval(RunContext *ctx, const StageSpec *st) {
@@ -22,6 +24,8 @@ static int run_eval(RunContext *ctx, const StageSpec *st) {
     EvalResult *res = dl_calloc((size_t)(2 * st->n_eval_sets + 1), sizeof *res);
     int nres = 0;
     char from[1100], init_path[1024] = "";
+    ChoiceResult *cres = NULL;  // multiple-choice accuracy per model (choice = [...])
+    int ncres = 0;
     if (stage_load_input_model(ctx, &m, from, sizeof from, &e) || stage_load_teacher(ctx, &t, &e)) goto fail;
     have_t = true;
     for (int i = 0; i < st->index; i++)  // the init stage's model, if it is not the model evaluated
@@ -81,12 +85,24 @@ static int run_eval(RunContext *ctx, const StageSpec *st) {
         }
         free(shard);
     }
+    if (st->n_choice_sets > 0) {
+        Tokenizer *tok = NULL;
+        EvalModel cm[3] = {et, em, ei};
+        const char *cl[3] = {"teacher", "student", "init"};
+        int cr = stage_load_tokenizer(ctx, &tok, &e) ||
+                 choice_eval_models((const char *const *)st->choice_sets, st->n_choice_sets, cm, cl, have_init ? 3 : 2, tok,
+                                    st->batch_size, &cres, &ncres, &e);
+        tokenizer_free(tok);
+        if (cr) goto fail;
+    }
     char *p1 = dl_path_join(ctx->stage_dir, "eval.json"), *p2 = dl_path_join(ctx->run_dir, "eval.json");
     int w = eval_write_json(p1, res, nres, &e) || eval_write_json(p2, res, nres, &e);
+    if (!w && ncres) w = choice_add_json(p1, cres, ncres, &e) || choice_add_json(p2, cres, ncres, &e);
     free(p1), free(p2);
     if (w) goto fail;
     printf("\nevaluation of %s against the teacher (%s)\n", from, rec->teacher.path);
     eval_print_table(stdout, res, nres);
+    if (ncres) printf("\n"), choice_print_table(stdout, cres, ncres);
     fflush(stdout);
     rc = DL_EXIT_OK;
     goto out;
@@ -94,6 +110,7 @@ fail:
     fprintf(stderr, "distill: error: %s: %s\n", st->name, e.msg);
 out:
     free(res);
+    free(cres);
     stage_model_free(&m);
     if (have_init) stage_model_free(&init);
     if (have_t) model_free(&t);
