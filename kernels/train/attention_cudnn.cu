@@ -622,6 +622,9 @@ static int write_bias(SdpaCudnn *s, DType dt, int64_t B, int64_t T, const int32_
 static int execute(SdpaCudnn *s, SdpaPlan *p, int n, const int64_t *uids, void *const *ptrs, dl_stream_t stream, char *err,
                    size_t errlen) {
     const CudnnApi &a = s->api;
+    if ((size_t)p->workspace > s->ws_bytes)  // only after a failed workspace allocation for another shape
+        return train_fail(err, errlen, "sdpa_cudnn: the shared workspace was lost to a failed allocation (%lld B needed)",
+                          (long long)p->workspace);
     cudnnStatus_t st = a.setStream(s->handle, (cudaStream_t)stream);
     if (st != CUDNN_STATUS_SUCCESS) return train_fail(err, errlen, "sdpa_cudnn: cudnnSetStream failed: %s", a.errorString(st));
     std::vector<cudnnBackendDescriptor_t> descs;
