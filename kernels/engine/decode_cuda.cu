@@ -249,6 +249,7 @@ static void *dalloc(DecoderCuda *D, size_t bytes) {
     if (bytes == 0) bytes = 16;
     cudaCheck(cudaMalloc(&p, bytes));
     cudaCheck(cudaMemset(p, 0, bytes));
+    cudaCheck(cudaDeviceSynchronize());  // the legacy-stream memset does not order against the decoder's stream
     D->bytes += (double)bytes;
     return p;
 }

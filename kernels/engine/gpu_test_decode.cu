@@ -132,6 +132,7 @@ static int32_t argmax(const float *x, int64_t V) {
 
 static void poison_logits(DecoderCuda *d) {
     CK(cudaMemset((void *)decoder_cuda_logits(d), 0xff, (size_t)(decoder_cuda_batch(d) * decoder_cuda_vocab(d)) * 4));
+    CK(cudaDeviceSynchronize());  // the decoder runs on its own non-blocking stream
 }
 
 // Ragged prefill + 16 greedy steps (tokens from the CPU), GPU vs CPU. Returns the worst relative error.
