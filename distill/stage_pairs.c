@@ -424,9 +424,16 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
         sum_margin += G->margin, sum_ch += c->score, sum_rj += r->score;
         n_unfin += !r->finished;
     }
+    int bad = fflush(jf) != 0 || fsync(fileno(jf)) != 0;  // the decisions, also when there is no pair (to audit)
+    bad |= fclose(jf) != 0;
+    jf = NULL;
+    if (bad || rename(jtmp, jpath) != 0) {
+        dl_fail(&e, "%s: write failed: %s", jpath, strerror(errno));
+        goto fail;
+    }
     if (n_pairs == 0) {
         dl_fail(&e, "no pairs: all %lld prompts with >= 2 responses have a score margin below min_margin = %g (see %s)",
-                (long long)n_low, st->min_margin, jtmp);
+                (long long)n_low, st->min_margin, jpath);
         rc = DL_EXIT_INPUT;
         goto fail;
     }
@@ -438,13 +445,6 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
         ShardWriter *w1 = w;
         w = NULL;
         if (shard_writer_close(w1, &e)) goto fail;
-    }
-    int bad = fflush(jf) != 0 || fsync(fileno(jf)) != 0;
-    bad |= fclose(jf) != 0;
-    jf = NULL;
-    if (bad || rename(jtmp, jpath) != 0) {
-        dl_fail(&e, "%s: write failed: %s", jpath, strerror(errno));
-        goto fail;
     }
     dl_info("%s: %lld pairs -> data '%s' (%s); %lld prompts below min_margin %g; mean margin %.3f, chosen score %.3f, "
             "rejected %.3f (%lld rejected did not finish)", st->name, (long long)n_pairs, outd->name, out_path,

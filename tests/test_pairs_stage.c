@@ -1,7 +1,7 @@
 // test_pairs_stage.c: the pairs stage through $DISTILL_BIN, with the real SmolLM2 tokenizer (skipped when
 // scripts/fetch-teacher has not run) and a small random-weight teacher of the same vocabulary.
-//   * recipe 1: generate (prompts repeated 3 times = 3 samples per prompt, short max_new_tokens so most are
-//     cut) -> pairs; pairs on chat data with several answers per prompt (one repetitive, one multi-turn bad
+//   * recipe 1: generate (samples_per_prompt = 2, one prompt given twice so its group has 4 responses, short
+//     max_new_tokens so most are cut) -> pairs; pairs on chat data with several answers per prompt (one repetitive, one multi-turn bad
 //     record skipped, one prompt with a single answer); init; dpo on the pairs (the shard is what DPO reads).
 //     Every pair is checked against an independent computation: the teacher's log-likelihood of each
 //     response run alone through the CPU engine (float64 log-softmax), the stop token, the repeated 4-grams,
@@ -9,7 +9,8 @@
 //   * resume: scores.bin cut inside its second record, outputs removed, --resume: the same bytes.
 //   * bad input: an invalid JSONL line (bad_records = "fail") stops the run with exit 3 naming FILE:LINE; a
 //     multi-turn record with bad_records = "fail" names the shard and document; a data set with one response
-//     per prompt is refused with a hint.
+//     per prompt is refused with a hint; so is a set where no prompt reaches min_margin (no
+//     shard left; pairs.jsonl shows the margins).
 #include <math.h>
 #include <string.h>
 #include <sys/wait.h>
@@ -195,13 +196,11 @@ int main(void) {
     if (!mkdtemp(g_dir)) return 1;
     char cwd[300], path[600], recipe[600], buf[8192];
     if (!getcwd(cwd, sizeof cwd)) return 1;
-    // prompts: each of 3 prompts three times in a row (as samples_per_prompt = 3 writes them), one once
-    const char *prompts[4] = {"Name a fruit.", "Say hi.", "Count to three.", "What is the capital of Italy?"};
+    // prompts: the first twice (its 2 x 2 samples form one group of 4), two more (2 samples each)
+    const char *prompts[4] = {"Name a fruit.", "Name a fruit.", "Say hi.", "Count to three."};
     snprintf(path, sizeof path, "%s/prompts.jsonl", g_dir);
     FILE *f = fopen(path, "w");
-    for (int i = 0; i < 4; i++)
-        for (int k = 0; k < (i < 3 ? 3 : 1); k++)
-            fprintf(f, "{\"messages\": [{\"role\": \"user\", \"content\": \"%s\"}]}\n", prompts[i]);
+    for (int i = 0; i < 4; i++) fprintf(f, "{\"messages\": [{\"role\": \"user\", \"content\": \"%s\"}]}\n", prompts[i]);
     fclose(f);
     // chat answers: 3 for the first prompt (one repetitive), 2 for the second, 1 for the third; a multi-turn record
     snprintf(path, sizeof path, "%s/answers.jsonl", g_dir);
@@ -236,7 +235,7 @@ int main(void) {
             "[data.answers]\nsources = [\"%s/answers.jsonl\"]\nformat = \"chat\"\nseq_len = 64\n\n"
             "[data.prefs]\nseq_len = 64\n\n[data.prefs2]\nseq_len = 64\n\n"
             "[[stage]]\nkind = \"generate\"\ndata = \"prompts\"\noutput = \"samples\"\nmax_new_tokens = 8\ntemperature = 1.0\n"
-            "top_p = 1.0\nbatch_size = 4\n\n"
+            "top_p = 1.0\nbatch_size = 4\nsamples_per_prompt = 2\n\n"
             "[[stage]]\nkind = \"pairs\"\nname = \"pairs-gen\"\ndata = \"samples\"\noutput = \"prefs\"\nmin_margin = 0.001\nbatch_size = 2\n\n"
             "[[stage]]\nkind = \"pairs\"\nname = \"pairs-chat\"\ndata = \"answers\"\noutput = \"prefs2\"\nmin_margin = 0\n"
             "repeat_penalty = 3.0\nunfinished_penalty = 0.5\n\n"
@@ -263,19 +262,19 @@ int main(void) {
     int64_t pairs[16][2];
     TDoc *d;
     int64_t nd;
-    // 1. generated samples: 3 prompts x 3 responses (+ 1 single) -> up to 3 pairs; default penalties
+    // 1. generated samples: 3 distinct prompts, 4 + 2 + 2 responses -> up to 3 pairs; default penalties
     char in1[700], out1[700], in2[700], out2[700], js1[700];
     snprintf(in1, sizeof in1, "%s/runs/p/01-generate/samples.train.h5", g_dir);
     snprintf(out1, sizeof out1, "%s/runs/p/02-pairs-gen/prefs.train.h5", g_dir);
     snprintf(js1, sizeof js1, "%s/runs/p/02-pairs-gen/pairs.jsonl", g_dir);
     int np = expected_pairs(in1, &t, stops, 1.0, 2.0, 0.001, pairs, 16, &d, &nd);
-    CHECK_EQ_I64(nd, 10);
+    CHECK_EQ_I64(nd, 8);
     CHECK(np >= 2);
     check_pairs(out1, d, pairs, np);
     for (int64_t i = 0; i < nd; i++) free(d[i].ids);
     free(d);
     char *j1 = slurp(js1);
-    CHECK(j1 && strstr(j1, "\"responses\":3") && strstr(j1, "\"mean_logprob\":"));
+    CHECK(j1 && strstr(j1, "\"responses\":4") && strstr(j1, "\"responses\":2") && strstr(j1, "\"mean_logprob\":"));
     // 2. chat answers: the repetitive answer is the rejected one of the first prompt
     snprintf(in2, sizeof in2, "%s/runs/p/data/answers.train.h5", g_dir);
     snprintf(out2, sizeof out2, "%s/runs/p/03-pairs-chat/prefs2.train.h5", g_dir);
@@ -309,11 +308,11 @@ int main(void) {
     clear_log();
     rc = run_bin(bin, recipe, "p", "--resume");
     CHECK_EQ_I64(rc, 0);
-    {  // the kept record was loaded, not discarded: the 9 scores follow it (its chunk is rescored whole)
+    {  // the kept record was loaded, not discarded: the 8 scores follow it (its chunk is rescored whole)
         FILE *g = fopen(sb, "rb");
         long sz = -1;
         if (g) fseek(g, 0, SEEK_END), sz = ftell(g), fclose(g);
-        CHECK_EQ_I64(sz, 24 * (1 + 9));
+        CHECK_EQ_I64(sz, 24 * (1 + 8));
     }
     char *j2 = slurp(js1);
     CHECK(j1 && j2 && !strcmp(j1, j2));  // the same decisions and the same scores, to the last digit
@@ -367,6 +366,25 @@ int main(void) {
     clear_log();
     CHECK_EQ_I64(run_bin(bin, recipe, "b3", ""), 3);
     CHECK(log_has("every prompt has a single response (2 prompts)"));
+
+    // no pair above min_margin: refused, no output left
+    snprintf(recipe, sizeof recipe, "%s/bad4.toml", g_dir);
+    f = fopen(recipe, "w");
+    fprintf(f, head, g_dir, g_dir, cwd, GGUF);
+    fprintf(f, "[data.answers]\nsources = [\"%s/answers.jsonl\"]\nformat = \"chat\"\nseq_len = 64\n\n"
+               "[data.prefs]\nseq_len = 64\n\n[[stage]]\nkind = \"pairs\"\ndata = \"answers\"\noutput = \"prefs\"\n"
+               "min_margin = 1000\n",
+            g_dir);
+    fclose(f);
+    clear_log();
+    CHECK_EQ_I64(run_bin(bin, recipe, "b4", ""), 3);
+    CHECK(log_has("no pairs: all 2 prompts with >= 2 responses have a score margin below min_margin = 1000"));
+    snprintf(buf, sizeof buf, "%s/runs/b4/01-pairs/prefs.train.h5", g_dir);
+    CHECK(!dl_file_exists(buf));
+    snprintf(buf, sizeof buf, "%s/runs/b4/01-pairs/pairs.jsonl", g_dir);  // the decisions, to see why
+    char *j4 = slurp(buf);
+    CHECK(j4 && strstr(j4, "\"pair\":false") && !strstr(j4, "\"pair\":true"));
+    free(j4);
 
     tokenizer_free(tok);
     model_free(&t);
