@@ -465,6 +465,23 @@ out:
     return rc;
 }
 
+// Peak host bytes of the CPU engine: fp32 teacher weights, one layer's activations of a batch of
+// batch_size rows of the input set's seq_len tokens (hidden states, MLP, attention scores), the logits chunk.
+static double estimate_pairs(const Recipe *r, const StageSpec *st, int step) {
+    (void)step;
+    const LlamaConfig *c = &r->teacher_cfg.base;
+    HybridConfig h;
+    hybrid_config_teacher(&h, c);
+    Registry reg;
+    model_build_registry(&h, &reg);
+    double P = (double)reg_params_numel(&reg);
+    reg_free(&reg);
+    double T = st->data_index >= 0 ? r->data[st->data_index].seq_len : 2048, B = st->batch_size > 0 ? st->batch_size : 8;
+    double V = c->vocab, act = B * T * (10.0 * c->d_model + 3.0 * c->d_ff + (double)c->n_head * T);
+    double chunk = DL_MIN(B * T, DL_MAX(1.0, (double)(16 << 20) / V));
+    return 4 * P + 4 * act + 4 * chunk * V;
+}
+
 DL_STAGE(stage_pairs_def, {.kind = STAGE_PAIRS,
                            .summary = "preference pairs: the teacher scores sampled responses, best vs worst per prompt",
-                           .run = run_pairs})
+                           .run = run_pairs, .estimate_bytes = estimate_pairs})
