@@ -75,7 +75,7 @@ __device__ static float block_sum_f(float v, float *red) {
     return r;
 }
 
-// One block per (query row, head, key split): query (b, t) sits at position p = lenb[b] + t and sees keys
+// One block per (query row, head) x key split: query (b, t) sits at position p = lenb[b] + t and sees keys
 // 0..p of its own sequence; split s covers keys [s*kps, (s+1)*kps). Tiles of ATT_THREADS keys: one thread
 // per key computes the score, then threads over head dims accumulate p * V (online softmax across tiles).
 // Partial (acc [hd], max, sum) per split go to ws [rows, nh, nsplit, hd + 2].
@@ -84,8 +84,9 @@ __global__ void __launch_bounds__(ATT_THREADS)
     __shared__ float qs[MAX_HD];
     __shared__ float ps[ATT_THREADS];
     __shared__ float red[32];
-    const int64_t row = blockIdx.x;
-    const int h = blockIdx.y, s = blockIdx.z, tid = threadIdx.x, hd = a.hd;
+    // block x = row * nh + head: the heads of one KV group run back to back, so their K/V reads share L2
+    const int64_t row = blockIdx.x / a.nh;
+    const int h = (int)(blockIdx.x % a.nh), s = blockIdx.y, tid = threadIdx.x, hd = a.hd;
     const int64_t b = row / a.lc, t = row % a.lc;
     const int64_t p = (int64_t)lenb[b] + t;
     const int g = h / (a.nh / a.nkv);
@@ -386,8 +387,13 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
     if (rows > B * max_len) rows = B * max_len;
     if (rows > (1ll << 20) && B <= (1ll << 20)) rows = 1ll << 20;
     const char *env = getenv("DISTILL_DECODE_ROWS");  // tests: force chunked prefills
-    if (env && atoll(env) > 0) rows = atoll(env) < B ? B : atoll(env);
+    if (env && atoll(env) > 0) rows = atoll(env) < B ? B : (atoll(env) > rows ? rows : atoll(env));
     D->rows = rows;
+    if (rows * c->n_head >= INT32_MAX) {  // attention grid: one block per (row, head)
+        dl_fail(e, "decoder_cuda: batch %lld x %d heads is too large", (long long)B, c->n_head);
+        decoder_cuda_free(D);
+        return NULL;
+    }
     // memory check before allocating
     size_t free_b = 0, total_b = 0;
     cudaCheck(cudaMemGetInfo(&free_b, &total_b));
@@ -583,7 +589,7 @@ static void attention(DecoderCuda *D, const DLayer *L, int64_t lc, int64_t maxke
         exit(DL_EXIT_RUNTIME);
     }
     const int32_t *lenb = D->ints + 2 * D->rows + 2 * D->B;
-    dim3 g1((unsigned)nrows, (unsigned)c->n_head, (unsigned)a.nsplit);
+    dim3 g1((unsigned)(nrows * c->n_head), (unsigned)a.nsplit);
     attn_partial_kernel<<<g1, ATT_THREADS, 0, D->st>>>(D->q, L->kc, L->vc, lenb, a, D->att_ws);
     kernelCheck("attn_partial_kernel");
     dim3 g2((unsigned)nrows, (unsigned)c->n_head);
