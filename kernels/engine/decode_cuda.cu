@@ -233,6 +233,11 @@ struct DecoderCuda {
     int32_t *s_out;      // [B]
     int n_sm;
     double bytes;
+    // DISTILL_DECODE_GRAPH=1: decode steps replay a CUDA graph of the whole pass (captured per batch size nb;
+    // the attention split is then sized for max_len so no kernel argument changes between steps)
+    bool use_graph;
+    cudaGraphExec_t gexec;
+    int64_t g_nb;
 };
 
 #define EA err, sizeof err
@@ -285,6 +290,7 @@ void decoder_cuda_free(DecoderCuda *D) {
                     D->att_ws, D->logits, D->s_u64, D->s_out};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) cudaFree(bufs[i]);
+    if (D->gexec) cudaGraphExecDestroy(D->gexec);
     if (D->gemm) dl_gemm_free(D->gemm);
     if (D->st) cudaStreamDestroy(D->st);
     free(D->L);
@@ -418,6 +424,8 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
     int dev = 0;
     cudaCheck(cudaGetDevice(&dev));
     cudaCheck(cudaDeviceGetAttribute(&D->n_sm, cudaDevAttrMultiProcessorCount, dev));
+    const char *genv = getenv("DISTILL_DECODE_GRAPH");
+    D->use_graph = genv && atoi(genv) > 0;
 
     // ---- weights: host fp32 -> bf16 through a staging buffer; padded dt weights built on the host
     D->w = (bf16 *)dalloc(D, (size_t)(pad_at + pad_n) * 2);
@@ -670,9 +678,18 @@ static void run_chunk(DecoderCuda *D, int64_t lc, int64_t maxkeys) {
     kernelCheck("gather_last_kernel");
 }
 
-int decoder_cuda_feed_ragged(DecoderCuda *D, const int32_t *tokens, int64_t L, const int64_t *n, DlError *e) {
+// Final norm and head on each sequence's last token: logits [nb, V] fp32.
+static void head(DecoderCuda *D) {
     const LlamaConfig *c = &D->h.base;
     const int64_t nb = D->nb, V = c->vocab, d = c->d_model;
+    TCK(rmsnorm_fwd_cuda(DT_BF16, D->lastn, NULL, NULL, D->last, NULL, W(D, D->fnorm), nb, d, (float)c->rms_eps, D->st, EA));
+    TCK(dl_gemm(D->gemm, (int)nb, (int)V, (int)d, DT_BF16, D->lastn, 0, W(D, D->head), 1, DT_F32, D->logits, NULL, 1.0f,
+                0.0f, D->st, EA));
+}
+
+int decoder_cuda_feed_ragged(DecoderCuda *D, const int32_t *tokens, int64_t L, const int64_t *n, DlError *e) {
+    const LlamaConfig *c = &D->h.base;
+    const int64_t nb = D->nb, V = c->vocab;
     if (L <= 0) return dl_fail(e, "decoder_cuda: feeding %lld tokens", (long long)L);
     for (int64_t b = 0; b < nb; b++) {
         if (n && (n[b] < 1 || n[b] > L))
@@ -707,13 +724,27 @@ int decoder_cuda_feed_ragged(DecoderCuda *D, const int32_t *tokens, int64_t L, c
         cudaCheck(cudaMemcpyAsync(D->ints, D->hints, (size_t)(nb * lc) * 4, cudaMemcpyHostToDevice, D->st));
         cudaCheck(cudaMemcpyAsync(D->ints + D->rows, D->hints + D->rows, (size_t)(nb * lc) * 4, cudaMemcpyHostToDevice, D->st));
         cudaCheck(cudaMemcpyAsync(D->ints + 2 * D->rows, keep, (size_t)(3 * D->B) * 4, cudaMemcpyHostToDevice, D->st));
+        if (D->use_graph && L == 1) {
+            if (!D->gexec || D->g_nb != nb) {  // capture the pass once per batch size (nothing runs while capturing)
+                if (D->gexec) cudaCheck(cudaGraphExecDestroy(D->gexec));
+                D->gexec = NULL;
+                cudaGraph_t g;
+                cudaCheck(cudaStreamBeginCapture(D->st, cudaStreamCaptureModeThreadLocal));
+                run_chunk(D, 1, D->max_len);
+                head(D);
+                cudaCheck(cudaStreamEndCapture(D->st, &g));
+                cudaCheck(cudaGraphInstantiate(&D->gexec, g, 0));
+                cudaCheck(cudaGraphDestroy(g));
+                D->g_nb = nb;
+            }
+            cudaCheck(cudaGraphLaunch(D->gexec, D->st));
+            for (int64_t b = 0; b < nb; b++) D->len[b] += keep[b];
+            return 0;
+        }
         run_chunk(D, lc, maxkeys);
         for (int64_t b = 0; b < nb; b++) D->len[b] += keep[b];
     }
-    // final norm and head on each sequence's last token
-    TCK(rmsnorm_fwd_cuda(DT_BF16, D->lastn, NULL, NULL, D->last, NULL, W(D, D->fnorm), nb, d, (float)c->rms_eps, D->st, EA));
-    TCK(dl_gemm(D->gemm, (int)nb, (int)V, (int)d, DT_BF16, D->lastn, 0, W(D, D->head), 1, DT_F32, D->logits, NULL, 1.0f,
-                0.0f, D->st, EA));
+    head(D);
     return 0;
 }
 

@@ -6,8 +6,9 @@
 //     bytes the step must read (bf16 weights + KV rows) over the time: the fraction of the HBM bandwidth.
 //   * prefill: 64 ragged prompts of 30..300 tokens (the demo's prompt lengths), tokens/s.
 //   * sampling alone at batch 64 over the 49152-token vocabulary.
-// Usage: gpu_bench_decode [--config recipes/configs/smollm2-135m.json] [--steps 32] [--hbm 3.35e12]
-// Prints RESULT lines: RESULT decode model=... B=... ctx=... tok_s=... ms_step=... [hbm_frac=...]
+//   --graph: decode steps replayed from a CUDA graph (DISTILL_DECODE_GRAPH=1): launch overhead removed.
+// Usage: gpu_bench_decode [--config recipes/configs/smollm2-135m.json] [--steps 32] [--hbm 3.35e12] [--graph]
+// Prints RESULT lines: RESULT decode model=... B=... ctx=... graph=0|1 tok_s=... ms_step=... hbm_frac=...
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
@@ -64,12 +65,14 @@ int main(int argc, char **argv) {
     const char *cfg = "recipes/configs/smollm2-135m.json";
     int steps = 32;
     double hbm = 3.35e12;  // H100 SXM
+    int graph = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--config") && i + 1 < argc) cfg = argv[++i];
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--hbm") && i + 1 < argc) hbm = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--graph")) graph = 1;
         else {
-            fprintf(stderr, "usage: gpu_bench_decode [--config PATH] [--steps N] [--hbm BYTES_PER_S]\n");
+            fprintf(stderr, "usage: gpu_bench_decode [--config PATH] [--steps N] [--hbm BYTES_PER_S] [--graph]\n");
             return 2;
         }
     }
@@ -78,7 +81,8 @@ int main(int argc, char **argv) {
     int dev = 0;
     cudaGetDevice(&dev);
     cudaGetDeviceProperties(&prop, dev);
-    printf("gpu_bench_decode: %s, config %s, %d steps per point\n", prop.name, cfg, steps);
+    if (graph) setenv("DISTILL_DECODE_GRAPH", "1", 1);
+    printf("gpu_bench_decode: %s, config %s, %d steps per point%s\n", prop.name, cfg, steps, graph ? ", CUDA graphs" : "");
 
     LoadedModel lm;
     die_if(model_load(cfg, 1, &lm, &e) != 0, &e, "model_load");
@@ -154,8 +158,8 @@ int main(int argc, char **argv) {
                 const double sec = now() - t0, ms = sec / steps * 1e3;
                 // bytes a step reads at batch B: weights once + every sequence's K and V rows
                 const double bytes = wb + (double)B * n_attn * 2.0 * (ctx + 3 + steps / 2) * kvd * 2;
-                printf("RESULT decode model=%s B=%lld ctx=%lld tok_s=%.0f ms_step=%.3f read_GB=%.3f hbm_frac=%.2f\n",
-                       models[mi].name, (long long)B, (long long)ctx, B * steps / sec, ms, bytes / 1e9,
+                printf("RESULT decode model=%s B=%lld ctx=%lld graph=%d tok_s=%.0f ms_step=%.3f read_GB=%.3f hbm_frac=%.2f\n",
+                       models[mi].name, (long long)B, (long long)ctx, graph, B * steps / sec, ms, bytes / 1e9,
                        bytes / (ms * 1e-3) / hbm);
             }
             decoder_cuda_free(d);

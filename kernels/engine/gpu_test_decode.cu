@@ -12,6 +12,7 @@
 //      64-token vocabulary with ties, 200k draws match the CPU distribution (top-k as the stage applies it,
 //      then sample_probs) by chi-square and never leave its support; a tie-only nucleus takes the lowest
 //      ids; a 49152-token row keeps the nucleus; identical draws on a rerun and per stream under permutation.
+//   5. Last: 1 again with the decode steps replayed from a CUDA graph (DISTILL_DECODE_GRAPH=1).
 // Every output buffer is poisoned before each check. Exit status != 0 on any failure.
 // Usage: gpu_test_decode [--verbose]
 #include <cuda_runtime.h>
@@ -444,6 +445,11 @@ int main(int argc, char **argv) {
           "a Mamba-2 layer is refused: %s", e.msg);
 
     test_sampling();
+    // last (a capture failure exits): decode steps replayed from a CUDA graph give the same results
+    setenv("DISTILL_DECODE_GRAPH", "1", 1);
+    decode_vs_cpu(&hy, "hybrid, CUDA-graph decode steps", 4, plen_h, 300, steps, NULL);
+    decode_vs_cpu(&te, "teacher, CUDA-graph decode steps", 3, plen_t, 250, steps, NULL);
+    unsetenv("DISTILL_DECODE_GRAPH");
     printf("gpu_test_decode: %d passed, %d failed\n", g_pass, g_fail);
     return g_fail ? 1 : 0;
 }
