@@ -743,6 +743,11 @@ extern "C" SdpaCudnn *sdpa_cudnn_new(int deterministic, char *err, size_t errlen
         delete s;
         return NULL;
     }
+    if (s->version == 91000 || s->version == 91001) {  // cuDNN's frontend refuses these for fp16/bf16 SDPA too
+        train_fail(err, errlen, "cuDNN %ld has known fused-attention bugs (use 9.10.2 or newer)", s->version);
+        delete s;
+        return NULL;
+    }
     int dev = 0, major = 0;
     cudaError_t ce = cudaGetDevice(&dev);
     if (ce == cudaSuccess) ce = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
