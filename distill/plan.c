@@ -1,17 +1,29 @@
 // plan.c: the dry-run plan and the memory estimate (see plan.h).
 //
 // Memory model, per GPU (device cuda) or host (device cpu). P = student parameters, P_t = trainable ones,
-// P_T = teacher parameters, G = hardware.gpus, Z = hardware.zero; "/G if Z>=k" is ZeRO sharding.
+// P_T = teacher parameters, P_f = the Mamba-1 tensors the CUDA kernels read in fp32 and that are not trainable
+// (conv1d weight and bias, A_log, D, dt_proj.bias), G = hardware.gpus, Z = hardware.zero; "/G if Z>=k" is
+// ZeRO sharding. On cuda these are kernels/engine/engine_cuda.cu's buffers (which also pad each tensor to a
+// multiple of DL_TENSOR_ALIGN elements, and keep padded dt_proj copies: 2 (Rp d + di Rp) + 4 Rp max(d, di)
+// bytes per Mamba-1 layer, Rp = dt_rank rounded up to 8; both under 0.2% and not counted here):
 //
-//   cuda: weights = 2 P (bf16 working copy)          /G if Z>=3 (training stages; inference stages keep whole copies)
-//         master  = 4 P_t (fp32 master weights)      /G if Z>=1
+//   cuda: weights = 2 P (bf16 compute copy)          /G if Z>=3 (training stages; inference stages keep whole copies)
+//         master  = 4 P_t (fp32 master weights)      /G if Z>=1,   + 4 P_f (never sharded)
 //         grads   = 4 P_t (fp32, accumulated)        /G if Z>=2
 //         optim   = 8 P_t (AdamW m and v, fp32)      /G if Z>=1
-//         frozen  = 2 P_T (bf16 teacher)             /G if Z>=3   (DPO: 2 P, the frozen reference)
+//         frozen  = 2 P_T (bf16 teacher, no master)  /G if Z>=3   (DPO: 2 P + 4 P_f, the frozen reference)
 //   cpu:  weights = 4 P (fp32 weights are the master), grads = 4 P_t, optim = 8 P_t, frozen = 4 P_T.
 //
-// Activations saved for backward, per token and layer, in elements of the compute dtype (a = 2 bytes on
-// cuda, 4 on cpu); d = d_model, q = n_head*head_dim, kv = n_kv_head*head_dim, f = d_ff, di = d_inner,
+// The CUDA engine does not shard (data parallel on CUDA is ZeRO-0 today): with hardware.zero >= 1 on cuda the
+// plan shows what the sharded layout would need.
+// Activations on cuda: the engine's activation table (build_table in engine_cuda.cu), entry by entry, for the
+// student (training) and for the online teacher or DPO reference (inference); see cuda_tables below for the
+// formula. The logits are streamed in chunks of c = min(B T, max(1, 2^24 / V)) rows (the engine's default):
+// "logits" = 2 c V bytes for the student's chunk, the same for the teacher's chunk it computes for KL, and for
+// the teacher engine's own chunk.
+//
+// Activations on cpu, saved for backward, per token and layer, in elements of the compute dtype (a = 4
+// bytes); d = d_model, q = n_head*head_dim, kv = n_kv_head*head_dim, f = d_ff, di = d_inner,
 // dxb = d_xb, R = dt_rank, N = d_state, H = n_head:
 //   every layer:  input x, RMSNorm out, residual h, post-norm out            4 d
 //                 MLP: gate, up, silu(gate)*up                              3 f
@@ -23,19 +35,23 @@
 // Only layers from the first one holding a trainable tensor onward are saved (nothing before it needs a
 // gradient). recompute = "mlp" drops the 3 f; "full" keeps only the layer input x (d) per layer plus one
 // layer's full set. Tokens = micro_batch * seq_len (x2 for DPO: chosen and rejected).
-// Logits: 4 bytes x tokens x vocab for the student logits (their gradient is computed in place), plus the
-// same again for the teacher's logits when a KL term runs online. Stages without backward (generate,
-// teacher_cache, eval) keep one layer's working set and the logits; generate adds the KV cache:
-// 2 x n_layer x kv x (prompt + new tokens) x batch x a.
-// What is not counted: CUDA/NCCL workspaces, allocator fragmentation, the data loader, and on cpu the
-// teacher's quantized file (mmapped, not resident after dequantization).
+// Logits (cpu): 4 bytes x tokens x vocab for the student logits (their gradient is computed in place), plus
+// the same again for the teacher's logits when a KL term runs online. Stages without backward (generate,
+// teacher_cache, eval) keep one layer's working set and the logits (both devices); generate adds the KV
+// cache: 2 x n_layer x kv x (prompt + new tokens) x batch x a.
+// What is not counted: cuBLASLt (32 MiB per engine), cuDNN, NCCL and selective-scan workspaces (tens of MiB),
+// allocator fragmentation, the data loader, and on cpu the teacher's quantized file (mmapped, not resident
+// after dequantization).
 #include "distill/plan.h"
 
+#include <math.h>
 #include <string.h>
 
 #include "distill/model.h"
 #include "distill/registry.h"
 #include "distill/stage.h"
+#include "kernels/engine/engine_cuda.h"        // ECU_CHUNK_LOGITS (a define: no CUDA code is called)
+#include "kernels/scan/selective_scan_cuda.h"  // SCAN_CKPT
 
 #define SCAN_CHUNK 64  // tokens between saved scan states in the selective-scan backward (assumption)
 
@@ -69,6 +85,79 @@ static double layer_act_elems(const HybridConfig *h, int l, int recompute, int T
     case MIXER_MAMBA2: e += 2 * di + 2 * (2 * dxb + di) + H + di * N / SCAN_CHUNK; break;
     }
     return e;
+}
+
+// ---- cuda: the engine's allocation (kernels/engine/engine_cuda.cu); engine_cuda_plan computes the same numbers
+// from the engine's own code, and gpu_bench_engine --plan-only prints both side by side.
+
+enum { CT_TRAIN = 1, CT_KEEP = 2, CT_RMLP = 4, CT_TEACHER_KL = 8 };  // = ECU_TRAIN, ECU_KEEP_HIDDEN, ...
+
+static double al256(double b) { return (double)(((int64_t)b + 255) / 256 * 256); }  // one table entry
+
+// The Mamba-1 tensors the conv and scan kernels read in fp32: the engine keeps an fp32 master of them always.
+static bool f32_read(const HybridConfig *h, const TensorInfo *t) {
+    if (t->layer < 0 || h->mixer[t->layer] != MIXER_MAMBA1) return false;
+    static const char *const S[] = {".mamba.conv1d.weight", ".mamba.conv1d.bias", ".mamba.A_log", ".mamba.D", ".mamba.dt_proj.bias"};
+    const size_t n = strlen(t->name);
+    for (size_t k = 0; k < DL_ARRAY_LEN(S); k++)
+        if (n >= strlen(S[k]) && !strcmp(t->name + n - strlen(S[k]), S[k])) return true;
+    return false;
+}
+
+// Bytes of one engine's activation table (build_table), its logits chunks reported apart in *logits. bf16
+// (e = 2 bytes per element), N = B T rows, per entry rounded up to 256 bytes:
+//   hidden states       (L+1) N d e when training or keeping them, else 2 N d e
+//   per layer (every layer when training, else one set shared by all): xn1, mid, xn2 3 N d e, rstd1/2 2 N 4,
+//     gate|up and silu(gate)*up 3 N f e (unless MLP recompute: then one shared set),
+//     attention: q, att 2 N q e, k, v 2 N kv e, lse N H 4;
+//     Mamba-1: z, C, y 3 N di e, x, B 2 N dxb e, dt_low N Rp e, training: scan states B ceil(T/SCAN_CKPT) di N 4
+//   shared: mixer out, final norm out 2 N d e, final rstd N 4; Mamba: dt, repeated x, conv out 3 N di e, A di N 4;
+//     tokens, positions, doc starts, targets, logp, row weights 6 N 4, resets and counted rows 2 N;
+//     loss rows/sums 32 c + 64; logits chunk c V e (+ the teacher's with a KL term)
+//   backward: d final hidden, d residual, d mid, d normed 4 N d e, d gate|up, d act 3 N f e, RMSNorm dw
+//     partials min(N, 256) d 4, embedding plan 3 N 4 + 4; attention: dq, d att out 2 N q e, dk, dv 2 N kv e,
+//     workspace N H 4; Mamba-1: dy, d conv out, d dt, dC, dz, d repeated x 6 N di e, dB, dx 2 N dxb e,
+//     d dt_low N Rp e, dA di N 4, dD, d delta_bias, d conv bias 3 di 4, d conv w di W 4, conv workspace
+//     B ceil(T/16) di 5 4
+// Mamba-2 layers (refused by the CUDA engine) are counted with the cpu formula in bf16.
+static double cuda_table(const HybridConfig *h, double B, double T, int flags, double *logits) {
+    const LlamaConfig *c = &h->base;
+    const double e = 2, N = B * T, d = c->d_model, f = c->d_ff, V = c->vocab, H = c->n_head;
+    const double q = (double)c->n_head * c->head_dim, kv = (double)c->n_kv_head * c->head_dim;
+    const double di = h->d_inner, dxb = h->d_xb, ds = h->d_state, Rp = (double)((h->dt_rank + 7) / 8 * 8);
+    const bool train = flags & CT_TRAIN, keep = train || (flags & CT_KEEP), rmlp = train && (flags & CT_RMLP);
+    bool attn = false, mamba = false;
+    for (int l = 0; l < c->n_layer; l++) attn |= h->mixer[l] == MIXER_ATTN, mamba |= h->mixer[l] == MIXER_MAMBA1;
+    const double chunk = DL_MIN(N, (double)DL_MAX((int64_t)1, (int64_t)ECU_CHUNK_LOGITS / c->vocab));
+    double t = al256((keep ? c->n_layer + 1 : 2) * N * d * e);
+    for (int l = 0; l < (train ? c->n_layer : 1); l++) {
+        const bool la = train ? h->mixer[l] == MIXER_ATTN : attn, lm = train ? h->mixer[l] == MIXER_MAMBA1 : mamba;
+        t += 3 * al256(N * d * e) + 2 * al256(N * 4);
+        if (!rmlp) t += al256(N * 2 * f * e) + al256(N * f * e);
+        if (la) t += 2 * al256(N * q * e) + 2 * al256(N * kv * e) + al256(N * H * 4);
+        if (lm) {
+            t += 3 * al256(N * di * e) + 2 * al256(N * dxb * e) + al256(N * Rp * e);
+            if (train) t += al256(B * ceil(T / SCAN_CKPT) * di * ds * 4);
+        }
+        if (train && h->mixer[l] == MIXER_MAMBA2) t += layer_act_elems(h, l, RECOMPUTE_NONE, (int)T, false) * e * N;
+    }
+    if (rmlp) t += al256(N * 2 * f * e) + al256(N * f * e);
+    t += 2 * al256(N * d * e) + al256(N * 4);
+    if (mamba) t += 3 * al256(N * di * e) + al256(di * ds * 4);
+    t += 3 * al256(N * 4) + al256(N);
+    const double lg = al256(chunk * V * e) * ((flags & CT_TEACHER_KL) ? 2 : 1);
+    t += lg + al256(chunk * 32) + al256(64) + 3 * al256(N * 4) + al256(N);
+    if (train) {
+        t += 4 * al256(N * d * e) + al256(N * 2 * f * e) + al256(N * f * e) + al256(DL_MIN(N, 256) * d * 4);
+        t += 2 * al256(N * 4) + al256((N + 1) * 4);
+        if (attn) t += 2 * al256(N * q * e) + 2 * al256(N * kv * e) + al256(B * T * H * 4);
+        if (mamba) {
+            t += 6 * al256(N * di * e) + 2 * al256(N * dxb * e) + al256(N * Rp * e) + al256(di * ds * 4) + 3 * al256(di * 4);
+            t += al256(di * h->d_conv * 4) + al256(B * ceil(T / 16) * di * 5 * 4);
+        }
+    }
+    *logits = lg;
+    return t - lg;
 }
 
 static bool needs_teacher_online(const StageSpec *st) {
@@ -123,20 +212,53 @@ int plan_stage(const Recipe *r, const StageSpec *st, int step, StagePlan *p, DlE
     const bool teacher_only = st->kind == STAGE_GENERATE || st->kind == STAGE_TEACHER_CACHE;
 
     // ---- parameters and optimizer state
-    if (!teacher_only) m->weights = (cuda ? 2 * P : 4 * P) / (cuda && Z >= 3 && train ? G : 1);
-    if (train) {
-        if (cuda) m->master = 4 * Pt / (Z >= 1 ? G : 1);
+    if (cuda && train) {  // the engine's layout (kernels/engine/engine_cuda.cu engine_layout)
+        double Pf = 0, Pf_all = 0;
+        for (int i = 0; i < reg.n; i++)
+            if (f32_read(&h, &reg.t[i])) {
+                Pf_all += (double)reg.t[i].numel;
+                if (!reg.t[i].trainable) Pf += (double)reg.t[i].numel;
+            }
+        m->weights = 2 * P / (Z >= 3 ? G : 1);
+        m->master = 4 * Pt / (Z >= 1 ? G : 1) + 4 * Pf;
         m->grads = 4 * Pt / (Z >= 2 ? G : 1);
         m->optim = 8 * Pt / (Z >= 1 ? G : 1);
+        // a teacher used inside training is sharded like the student under ZeRO-3
+        if (needs_teacher_online(st)) m->frozen_model = 2 * PT / (Z >= 3 ? G : 1);
+        // DPO's reference: a frozen student-shaped engine (its master holds the fp32-read tensors only)
+        if (st->kind == STAGE_DPO) m->frozen_model = 2 * P / (Z >= 3 ? G : 1) + 4 * Pf_all;
+    } else {  // cpu, and the cuda inference stages (generate, teacher_cache, eval, init: whole copies per GPU)
+        if (!teacher_only) m->weights = cuda ? 2 * P : 4 * P;
+        if (train) {
+            m->grads = 4 * Pt / (Z >= 2 ? G : 1);
+            m->optim = 8 * Pt / (Z >= 1 ? G : 1);
+        }
+        if (needs_teacher_online(st)) m->frozen_model = (cuda ? 2 : 4) * PT;
+        if (st->kind == STAGE_DPO) m->frozen_model = 4 * P;
     }
-    // a teacher used inside training is sharded like the student under ZeRO-3; the inference stages
-    // (generate, teacher_cache, eval, init) keep a whole copy per GPU
-    if (needs_teacher_online(st)) m->frozen_model = (cuda ? 2 : 4) * PT / (cuda && Z >= 3 && train ? G : 1);
-    if (st->kind == STAGE_DPO) m->frozen_model = (cuda ? 2 : 4) * P / (cuda && Z >= 3 ? G : 1);
 
     // ---- activations and logits
     double V = c->vocab;
-    if (train) {
+    if (train && cuda) {
+        // the engines train_loop.c makes: the student (training), the online teacher or DPO's reference (inference)
+        const double B = o->micro_batch * (st->kind == STAGE_DPO ? 2.0 : 1.0), N = B * T;
+        p->tokens_per_step = (int64_t)(B * o->grad_accum * G * T);
+        const StageLoss *L = &st->loss;
+        const bool has_teacher = st->kind != STAGE_DPO && needs_teacher_online(st);
+        const bool align = L->mse != 0 && L->ce == 0 && L->kl == 0 && L->reverse_kl == 0;
+        const bool kl = has_teacher && !align && L->kl + L->reverse_kl != 0;
+        double lg = 0, lt = 0;
+        m->activations = cuda_table(&h, B, T, CT_TRAIN | (r->hardware.recompute != RECOMPUTE_NONE ? CT_RMLP : 0) |
+                                                   (kl ? CT_TEACHER_KL : 0), &lg);
+        if (L->mse != 0 && st->kind != STAGE_DPO) {  // hidden-state gradients after each Mamba layer, MSE sums
+            int nm = 0;
+            for (int l = 0; l < c->n_layer; l++) nm += h.mixer[l] != MIXER_ATTN;
+            m->activations += nm * N * c->d_model * 2 + 9 * N + 8;
+        }
+        if (has_teacher) m->activations += cuda_table(&teacher, B, T, L->mse != 0 ? CT_KEEP : 0, &lt);
+        if (st->kind == STAGE_DPO) m->activations += cuda_table(&h, B, T, 0, &lt);
+        m->logits = lg + lt;
+    } else if (train) {
         double B = o->micro_batch * (st->kind == STAGE_DPO ? 2.0 : 1.0);
         p->tokens_per_step = (int64_t)(B * o->grad_accum * G * T);
         int first = c->n_layer;  // first layer that needs saved activations

@@ -130,9 +130,9 @@ void tm_backward(TrainModel *m, float *grads) {
 
 float *tm_grads_new(TrainModel *m) {
 #ifdef DISTILL_CUDA
-    if (m->cu) {
-        m->grad_bytes = m->r->numel * 4;
-        return engine_cuda_alloc((size_t)m->r->numel * 4);
+    if (m->cu) {  // the engine's compact layout: the trained tensors only
+        m->grad_bytes = engine_cuda_grads_numel(m->cu) * 4;
+        return engine_cuda_grads_new(m->cu);
     }
 #endif
     return dl_calloc((size_t)m->r->numel, sizeof(float));
@@ -163,7 +163,7 @@ void tm_grads_zero(TrainModel *m, float *grads) {
 void tm_grads_to_host(TrainModel *m, const float *grads, float *host) {
 #ifdef DISTILL_CUDA
     if (m->cu) {
-        engine_cuda_copy_to_host(host, grads, (size_t)m->r->numel * 4);
+        engine_cuda_grads_to_host(m->cu, grads, host);
         return;
     }
 #endif
@@ -173,7 +173,7 @@ void tm_grads_to_host(TrainModel *m, const float *grads, float *host) {
 void tm_grads_from_host(TrainModel *m, float *grads, const float *host) {
 #ifdef DISTILL_CUDA
     if (m->cu) {
-        engine_cuda_copy_to_device(grads, host, (size_t)m->r->numel * 4);
+        engine_cuda_grads_from_host(m->cu, grads, host);
         return;
     }
 #endif

@@ -34,9 +34,13 @@ static char g_err[512];
 
 // ---------------------------------------------------------------- weights by registry name
 
+// A tensor's places: off in the registry layout (the compute copy, the host buffers), moff in the compact fp32
+// master, goff in the compact gradients (and AdamW moments); -1 where it has none (engine_layout).
 typedef struct {
-    int64_t off;  // element offset (-1: absent)
-    bool trainable;
+    int64_t off;   // element offset in the registry layout (-1: absent)
+    int idx;       // registry index (-1: absent)
+    int64_t moff;  // element offset in E->master (-1: no fp32 master)
+    int64_t goff;  // element offset in the gradient buffer (-1: not trained by this engine)
 } WRef;
 
 typedef struct {
@@ -54,7 +58,8 @@ static int wref(const Registry *r, WRef *w, int64_t numel, DlError *e, const cha
     va_end(ap);
     if (i < 0) return -1;
     w->off = r->t[i].offset;
-    w->trainable = r->t[i].trainable;
+    w->idx = i;
+    w->moff = w->goff = -1;  // set by engine_layout
     return 0;
 }
 
@@ -116,8 +121,14 @@ struct EngineCuda {
     bool has_mamba;
     cudaStream_t st;
     DlGemm *gemm;
-    float *master;     // fp32 [numel] or NULL
-    void *wc;          // compute copy [numel] in dt (== master in fp32 mode)
+    // compact parameter-side layout (engine_layout), per registry tensor: -1 where absent
+    int64_t *moff;     // [r->n] offsets in master
+    int64_t *goff;     // [r->n] offsets in the gradients / AdamW moments
+    bool *f32read;     // [r->n] read in fp32 by the kernels (Mamba conv1d weight/bias, A_log, D, dt_proj.bias)
+    int64_t master_n;  // elements of master (0: none)
+    int64_t grad_n;    // elements of a gradient buffer (engine_cuda_grads_numel)
+    float *master;     // fp32 [master_n] or NULL; in fp32 mode the registry layout (= wc)
+    void *wc;          // compute copy [numel] in dt, registry layout (== master in fp32 mode)
     void *wpad;        // padded dt_proj_down / dt_proj copies (dt)
     int64_t wpad_n;
     float *gpad;       // fp32 gradients of the padded dt weights (one layer at a time)
@@ -164,8 +175,8 @@ struct EngineCuda {
 };
 
 static inline char *P(const EngineCuda *e, WRef w) { return (char *)e->wc + (size_t)w.off * e->es; }
-static inline float *PM(const EngineCuda *e, WRef w) { return e->master + w.off; }
-static inline float *G(float *grads, WRef w) { return grads && w.trainable ? grads + w.off : NULL; }
+static inline float *PM(const EngineCuda *e, WRef w) { return e->master + w.moff; }  // engine_layout guarantees moff >= 0
+static inline float *G(float *grads, WRef w) { return grads && w.goff >= 0 ? grads + w.goff : NULL; }
 static inline char *at(const void *p, int64_t elems, size_t es) { return (char *)p + (size_t)elems * es; }
 
 static int layer_w_init(EngineCuda *E, DlError *e) {
@@ -190,7 +201,6 @@ static int layer_w_init(EngineCuda *E, DlError *e) {
             wref(r, &w->up, ff * d, e, "model.layers.%d.mlp.up_proj.weight", l) ||
             wref(r, &w->down, d * ff, e, "model.layers.%d.mlp.down_proj.weight", l))
             return -1;
-        w->fused_gu = w->up.off == w->gate.off + ff * d && w->up.trainable == w->gate.trainable;
         if (h->mixer[l] == MIXER_ATTN) {
             if (wref(r, &w->q, qd * d, e, "model.layers.%d.self_attn.q_proj.weight", l) ||
                 wref(r, &w->k, kvd * d, e, "model.layers.%d.self_attn.k_proj.weight", l) ||
@@ -209,6 +219,9 @@ static int layer_w_init(EngineCuda *E, DlError *e) {
                 MW(out, d * di, "out_proj.weight"))
                 return -1;
 #undef MW
+            // the PM(E, w) operands: the conv and scan kernels take these in fp32
+            E->f32read[w->dtb.idx] = E->f32read[w->cw.idx] = E->f32read[w->cb.idx] = true;
+            E->f32read[w->alog.idx] = E->f32read[w->D.idx] = true;
             w->pad_dtd = E->wpad_n;
             E->wpad_n += ((int64_t)E->Rp * d + 15) / 16 * 16;
             w->pad_dtw = E->wpad_n;
@@ -216,14 +229,66 @@ static int layer_w_init(EngineCuda *E, DlError *e) {
             E->has_mamba = true;
         }
     }
+    return 0;
+}
+
+#define LAYER_REFS(w)                                                                                          \
+    &(w)->in_norm, &(w)->post_norm, &(w)->gate, &(w)->up, &(w)->down, &(w)->q, &(w)->k, &(w)->v, &(w)->o, &(w)->z, \
+        &(w)->x, &(w)->Bp, &(w)->Cp, &(w)->dtd, &(w)->dtw, &(w)->dtb, &(w)->cw, &(w)->cb, &(w)->alog, &(w)->D, &(w)->out
+
+static void wref_place(const EngineCuda *E, WRef *w) {
+    if (w->idx < 0) {
+        w->moff = w->goff = -1;
+        return;
+    }
+    w->moff = E->moff[w->idx];
+    w->goff = E->goff[w->idx];
+}
+
+// The compact layout of the fp32 master and of the gradients (after layer_w_init marked the fp32-read tensors).
+// A frozen engine (ECU_NO_MASTER) trains nothing, whatever the registry's flags say. bf16 mode: the master holds
+// the trained tensors and the fp32-read Mamba tensors; the gradients hold the trained tensors; both in registry
+// order, each tensor at a multiple of DL_TENSOR_ALIGN elements (as the registry). fp32 mode: the master is the
+// compute copy, in registry layout.
+static void engine_layout(EngineCuda *E) {
+    const Registry *r = E->r;
+    const LlamaConfig *c = &E->h.base;
+    const bool frozen = E->flags & ECU_NO_MASTER;
+    int64_t mn = 0, gn = 0;
+    for (int i = 0; i < r->n; i++) {
+        const TensorInfo *t = &r->t[i];
+        const bool train = !frozen && t->trainable;
+        const int64_t span = (t->numel + DL_TENSOR_ALIGN - 1) / DL_TENSOR_ALIGN * DL_TENSOR_ALIGN;
+        E->goff[i] = train ? gn : -1;
+        if (train) gn += span;
+        if (E->dt == DT_F32) {
+            E->moff[i] = t->offset;
+        } else {
+            E->moff[i] = train || E->f32read[i] ? mn : -1;
+            if (E->moff[i] >= 0) mn += span;
+        }
+    }
+    E->master_n = E->dt == DT_F32 ? r->numel : mn;
+    E->grad_n = gn;
+    wref_place(E, &E->emb);
+    wref_place(E, &E->fnorm);
+    wref_place(E, &E->head);
+    const int64_t gu = (int64_t)c->d_ff * c->d_model;
+    for (int l = 0; l < c->n_layer; l++) {
+        LayerW *w = &E->w[l];
+        WRef *refs[] = {LAYER_REFS(w)};
+        for (size_t k = 0; k < sizeof refs / sizeof refs[0]; k++) wref_place(E, refs[k]);
+        // one [2ff, d] GEMM (and one [2ff, d] weight gradient) when gate and up are adjacent in both layouts
+        w->fused_gu = w->up.off == w->gate.off + gu && (w->up.goff < 0) == (w->gate.goff < 0) &&
+                      (w->up.goff < 0 || w->up.goff == w->gate.goff + gu);
+    }
     E->lowest = c->n_layer;
     for (int i = 0; i < r->n; i++) {
         const TensorInfo *t = &r->t[i];
-        if (!t->trainable) continue;
+        if (E->goff[i] < 0) continue;
         if (t->layer >= 0 && t->layer < E->lowest) E->lowest = t->layer;
         if (t->role == ROLE_EMBED) E->lowest = -1;
     }
-    return 0;
 }
 
 // The shapes every kernel accepts, checked once here so a step never meets a refusal.
@@ -395,14 +460,20 @@ static size_t table_bytes(EngineCuda *E, int64_t B, int flags) {
 
 void engine_cuda_print_memory(const EngineCuda *E, FILE *f) {
     if (!f) return;
-    char b1[32], b2[32];
+    char b1[32], b2[32], b3[32], b4[32];
     const ActTable *t = &E->tab;
+    EngineCudaMemory m;
+    engine_cuda_memory_parts(E, &m);
     fprintf(f, "engine_cuda: %s, B %lld x T %lld, %d layers (%d attention), %s\n", E->dt == DT_BF16 ? "bf16" : "fp32",
             (long long)E->B, (long long)E->T, E->h.base.n_layer, hybrid_n_attn(&E->h),
             (E->flags & ECU_TRAIN) ? ((E->flags & ECU_RECOMPUTE_MLP) ? "training, MLP recomputed" : "training")
                                    : "inference");
-    fprintf(f, "  weights %s (fp32 master %s, compute copy %s)\n", gib(E->weight_bytes, b1, sizeof b1),
-            E->master ? "yes" : "no", E->dt == DT_BF16 ? "bf16" : "= master");
+    fprintf(f, "  weights %s: compute copy %s (%s), fp32 master %s (%s), padded dt copies %s\n",
+            gib(E->weight_bytes, b1, sizeof b1), gib(m.compute, b2, sizeof b2), E->dt == DT_BF16 ? "bf16" : "fp32, = master",
+            gib(m.master, b3, sizeof b3),
+            E->dt == DT_F32 ? "the compute copy" : E->master_n ? "trained tensors + fp32-read Mamba tensors" : "none",
+            gib(m.padded, b4, sizeof b4));
+    if (E->grad_n) fprintf(f, "  gradients %s per buffer (engine_cuda_grads_new: trained tensors only)\n", gib(m.grads, b1, sizeof b1));
     // group the table by name (layers summed)
     fprintf(f, "  activations %s in one allocation:\n", gib((double)t->total, b1, sizeof b1));
     for (int i = 0; i < t->n; i++) {
@@ -417,6 +488,19 @@ void engine_cuda_print_memory(const EngineCuda *E, FILE *f) {
         if (cnt > 1) fprintf(f, "    %-34s %10s  (%d x %s)\n", t->e[i].name, gib(sum, b1, sizeof b1), cnt, gib(sum / cnt, b2, sizeof b2));
         else fprintf(f, "    %-34s %10s\n", t->e[i].name, gib(sum, b1, sizeof b1));
     }
+}
+
+static size_t al256(size_t b) { return (b + 255) & ~(size_t)255; }  // tab_add's entry alignment
+
+void engine_cuda_memory_parts(const EngineCuda *E, EngineCudaMemory *m) {
+    const int64_t n = E->r->numel;
+    memset(m, 0, sizeof *m);
+    m->compute = (double)n * (double)E->es;  // fp32 mode: the compute copy is the master
+    m->master = E->dt == DT_F32 ? 0 : (double)E->master_n * 4;
+    m->padded = (double)E->wpad_n * (double)E->es + (double)E->gpad_n * 4;
+    m->activations = (double)E->tab.total;
+    m->logits = (double)al256((size_t)(E->chunk * E->h.base.vocab) * E->es) * ((E->flags & ECU_TEACHER_KL) ? 2 : 1);
+    m->grads = (double)E->grad_n * 4;
 }
 
 void engine_cuda_memory(const EngineCuda *E, double *weights, double *activations) {
@@ -462,27 +546,41 @@ static void oom_report(EngineCuda *E, const char *what, size_t want, FILE *f) {
                "(hardware.gpus, hardware.zero = 1/2/3)\n");
 }
 
+// Host params (fp32, registry layout) -> the compute copy (every tensor) and the master (its tensors).
 static void upload_params(EngineCuda *E, const float *params) {
-    const int64_t n = E->r->numel;
-    if (E->master) {
-        cudaCheck(cudaDeviceSynchronize());  // the engine's stream does not order against legacy-stream copies
+    const Registry *r = E->r;
+    const int64_t n = r->numel;
+    cudaCheck(cudaDeviceSynchronize());  // the engine's stream does not order against legacy-stream copies
+    if (E->dt == DT_F32) {  // the master is the compute copy, in registry layout
         cudaCheck(cudaMemcpy(E->master, params, (size_t)n * 4, cudaMemcpyHostToDevice));
         cudaCheck(cudaDeviceSynchronize());
-        if (E->dt == DT_BF16) TC(convert_cuda(DT_BF16, E->wc, DT_F32, E->master, n, E->st, EA));
-    } else {  // through a staging buffer
-        const int64_t chunk = DL_MIN(n, (int64_t)16 << 20);
-        float *stage = NULL;
-        cudaCheck(cudaMalloc(&stage, (size_t)chunk * 4));
-        for (int64_t i = 0; i < n; i += chunk) {
-            int64_t k = DL_MIN(chunk, n - i);
-            cudaCheck(cudaStreamSynchronize(E->st));
-            cudaCheck(cudaMemcpy(stage, params + i, (size_t)k * 4, cudaMemcpyHostToDevice));
-            cudaCheck(cudaDeviceSynchronize());
-            TC(convert_cuda(E->dt, at(E->wc, i, E->es), DT_F32, stage, k, E->st, EA));
-        }
-        cudaCheck(cudaStreamSynchronize(E->st));
-        cudaCheck(cudaFree(stage));
+        return;
     }
+    // the compute copy through a staging buffer of up to 16M floats; without room for one, through the
+    // activation arena (scratch between steps: nothing in it outlives a forward/backward pair)
+    int64_t chunk = DL_MIN(n, (int64_t)16 << 20);
+    float *stage = (float *)try_alloc((size_t)chunk * 4);
+    const bool own = stage != NULL;
+    if (!own) {
+        if (!E->arena || E->tab.total < 4) dl_die(DL_EXIT_RUNTIME, "engine_cuda: no GPU memory left for staging the weights");
+        stage = (float *)E->arena;
+        chunk = DL_MIN(chunk, (int64_t)(E->tab.total / 4));
+    }
+    for (int64_t i = 0; i < n; i += chunk) {
+        int64_t k = DL_MIN(chunk, n - i);
+        cudaCheck(cudaStreamSynchronize(E->st));
+        cudaCheck(cudaMemcpy(stage, params + i, (size_t)k * 4, cudaMemcpyHostToDevice));
+        cudaCheck(cudaDeviceSynchronize());
+        TC(convert_cuda(E->dt, at(E->wc, i, E->es), DT_F32, stage, k, E->st, EA));
+    }
+    cudaCheck(cudaStreamSynchronize(E->st));
+    if (own) cudaCheck(cudaFree(stage));
+    // the master's tensors at their compact offsets (the same fp32 values the compute copy was rounded from)
+    for (int i = 0; i < r->n; i++)
+        if (E->moff[i] >= 0)
+            cudaCheck(cudaMemcpy(E->master + E->moff[i], params + r->t[i].offset, (size_t)r->t[i].numel * 4,
+                                 cudaMemcpyHostToDevice));
+    cudaCheck(cudaDeviceSynchronize());
 }
 
 // The padded copies of dt_proj_down [R, d] -> [Rp, d] and dt_proj [di, R] -> [di, Rp] (zeros in the padding).
@@ -504,22 +602,61 @@ void engine_cuda_set_params(EngineCuda *E, const float *params) {
     cudaCheck(cudaStreamSynchronize(E->st));
 }
 
+// Only the master's tensors come back (trained tensors, and the fp32-read Mamba tensors, which never change):
+// a frozen tensor's device copy is bf16, so writing it back would round the host's values, and the host copy
+// of a tensor the engine never updates is already the truth.
 void engine_cuda_get_params(const EngineCuda *E, float *params) {
-    const int64_t n = E->r->numel;
+    const Registry *r = E->r;
+    if (!E->master) return;
     cudaCheck(cudaDeviceSynchronize());
-    if (E->master) {
-        cudaCheck(cudaMemcpy(params, E->master, (size_t)n * 4, cudaMemcpyDeviceToHost));
-        return;
-    }
-    float *tmp = NULL;
-    cudaCheck(cudaMalloc(&tmp, (size_t)n * 4));
-    TC(convert_cuda(DT_F32, tmp, E->dt, E->wc, n, E->st, EA));
-    cudaCheck(cudaStreamSynchronize(E->st));
-    cudaCheck(cudaMemcpy(params, tmp, (size_t)n * 4, cudaMemcpyDeviceToHost));
-    cudaCheck(cudaFree(tmp));
+    for (int i = 0; i < r->n; i++)
+        if (E->moff[i] >= 0)
+            cudaCheck(cudaMemcpy(params + r->t[i].offset, E->master + E->moff[i], (size_t)r->t[i].numel * 4,
+                                 cudaMemcpyDeviceToHost));
 }
 
 float *engine_cuda_master(EngineCuda *E) { return E->master; }
+int64_t engine_cuda_master_offset(const EngineCuda *E, int i) { return i >= 0 && i < E->r->n ? E->moff[i] : -1; }
+
+// ---------------------------------------------------------------- gradient buffers (compact layout)
+
+int64_t engine_cuda_grads_numel(const EngineCuda *E) { return E->grad_n; }
+int64_t engine_cuda_grad_offset(const EngineCuda *E, int i) { return i >= 0 && i < E->r->n ? E->goff[i] : -1; }
+float *engine_cuda_grads_new(EngineCuda *E) { return (float *)engine_cuda_alloc((size_t)E->grad_n * 4); }
+
+void engine_cuda_grads_to_host(const EngineCuda *E, const float *grads, float *host) {
+    const Registry *r = E->r;
+    memset(host, 0, (size_t)r->numel * sizeof(float));
+    cudaCheck(cudaDeviceSynchronize());
+    for (int i = 0; i < r->n; i++)
+        if (E->goff[i] >= 0)
+            cudaCheck(cudaMemcpy(host + r->t[i].offset, grads + E->goff[i], (size_t)r->t[i].numel * 4, cudaMemcpyDeviceToHost));
+}
+
+void engine_cuda_grads_from_host(const EngineCuda *E, float *grads, const float *host) {
+    const Registry *r = E->r;
+    cudaCheck(cudaDeviceSynchronize());
+    if (E->grad_n) cudaCheck(cudaMemset(grads, 0, (size_t)E->grad_n * 4));  // the alignment gaps stay zero
+    for (int i = 0; i < r->n; i++)
+        if (E->goff[i] >= 0)
+            cudaCheck(cudaMemcpy(grads + E->goff[i], host + r->t[i].offset, (size_t)r->t[i].numel * 4, cudaMemcpyHostToDevice));
+    cudaCheck(cudaDeviceSynchronize());
+}
+
+// ---------------------------------------------------------------- creation
+
+// Host memory of an engine (engine_setup's part; no CUDA calls).
+static void engine_host_free(EngineCuda *E) {
+    free(E->tab.e);
+    free(E->acts);
+    free(E->w);
+    free(E->moff);
+    free(E->goff);
+    free(E->f32read);
+    free(E->tok_h);
+    free(E->reset_h);
+    free(E);
+}
 
 void engine_cuda_free(EngineCuda *E) {
     if (!E) return;
@@ -539,16 +676,14 @@ void engine_cuda_free(EngineCuda *E) {
     cudaFree(E->mse_rows);
     cudaFree(E->mse_acc);
     if (E->st) cudaStreamDestroy(E->st);
-    free(E->tab.e);
-    free(E->acts);
-    free(E->w);
-    free(E->tok_h);
-    free(E->reset_h);
-    free(E);
+    engine_host_free(E);
 }
 
-EngineCuda *engine_cuda_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t T,
-                            int flags, DType dt, int64_t chunk_rows, FILE *log, DlError *err) {
+// Everything engine_cuda_new decides before touching the GPU: weight lookups, shape checks, the compact layout,
+// the padded-weight sizes and the activation table (sizes only; the pointers are set once the arena exists).
+// engine_cuda_plan runs exactly this, so its numbers are the engine's.
+static EngineCuda *engine_setup(const HybridConfig *h, const Registry *r, int64_t B, int64_t T, int flags, DType dt,
+                                int64_t chunk_rows, DlError *err) {
     const LlamaConfig *c = &h->base;
     if (B <= 0 || T <= 0) {
         dl_fail(err, "engine_cuda: batch %lld x seqlen %lld must be positive", (long long)B, (long long)T);
@@ -564,28 +699,56 @@ EngineCuda *engine_cuda_new(const HybridConfig *h, const Registry *r, const floa
     E->dt = dt;
     E->es = dt == DT_BF16 ? 2 : 4;
     E->Rp = (h->dt_rank + 7) / 8 * 8;
-    E->w = (LayerW *)calloc((size_t)c->n_layer, sizeof(LayerW));
-    E->acts = (LayerActs *)calloc((size_t)c->n_layer, sizeof(LayerActs));
+    E->w = (LayerW *)calloc((size_t)DL_MAX(c->n_layer, 1), sizeof(LayerW));
+    E->acts = (LayerActs *)calloc((size_t)DL_MAX(c->n_layer, 1), sizeof(LayerActs));
+    const size_t nt = (size_t)DL_MAX(r->n, 1);
+    E->moff = (int64_t *)malloc(nt * sizeof(int64_t));
+    E->goff = (int64_t *)malloc(nt * sizeof(int64_t));
+    E->f32read = (bool *)calloc(nt, sizeof(bool));
     if (layer_w_init(E, err) || check_shapes(E, err)) {
-        engine_cuda_free(E);
+        engine_host_free(E);
         return NULL;
     }
+    engine_layout(E);
     const int64_t V = c->vocab;
-    int64_t chunk = chunk_rows > 0 ? chunk_rows : DL_MAX(1, (16 << 20) / V);
+    int64_t chunk = chunk_rows > 0 ? chunk_rows : DL_MAX(1, (int64_t)ECU_CHUNK_LOGITS / V);
     E->chunk = DL_MIN(chunk, E->N);
+    if (E->wpad_n) E->gpad_n = (int64_t)E->Rp * DL_MAX((int64_t)c->d_model, (int64_t)h->d_inner);
+    build_table(E, &E->tab);
+    EngineCudaMemory m;
+    engine_cuda_memory_parts(E, &m);
+    E->weight_bytes = m.compute + m.master + m.padded;
+    return E;
+}
+
+int engine_cuda_plan(const HybridConfig *h, const Registry *r, int64_t B, int64_t T, int flags, DType dt,
+                     int64_t chunk_rows, EngineCudaMemory *m, DlError *err) {
+    EngineCuda *E = engine_setup(h, r, B, T, flags, dt, chunk_rows, err);
+    if (!E) return -1;
+    engine_cuda_memory_parts(E, m);
+    engine_host_free(E);
+    return 0;
+}
+
+EngineCuda *engine_cuda_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t T,
+                            int flags, DType dt, int64_t chunk_rows, FILE *log, DlError *err) {
+    EngineCuda *E = engine_setup(h, r, B, T, flags, dt, chunk_rows, err);
+    if (!E) return NULL;
+    const LlamaConfig *c = &h->base;
     cudaCheck(cudaStreamCreateWithFlags(&E->st, cudaStreamNonBlocking));
-    // ---- parameters: fp32 master (training, Mamba tensors read in fp32, or fp32 mode) and the compute copy
+    // ---- parameters: the compact fp32 master (engine_layout) and the compute copy
     const int64_t n = r->numel;
-    const bool need_master = !(flags & ECU_NO_MASTER) || E->has_mamba || dt == DT_F32;
     FILE *lf = log ? log : stderr;
     char b1[32];
-    if (need_master && !(E->master = (float *)try_alloc((size_t)n * 4))) {
-        oom_report(E, "fp32 master weights", (size_t)n * 4, lf);
-        dl_fail(err, "engine_cuda: out of GPU memory for the fp32 master weights (%s)", gib((double)n * 4, b1, sizeof b1));
+    if (E->master_n && !(E->master = (float *)try_alloc((size_t)E->master_n * 4))) {
+        oom_report(E, "fp32 master weights", (size_t)E->master_n * 4, lf);
+        dl_fail(err, "engine_cuda: out of GPU memory for the fp32 master weights (%s)",
+                gib((double)E->master_n * 4, b1, sizeof b1));
         engine_cuda_free(E);
         return NULL;
     }
-    if (dt == DT_F32 && E->master) E->wc = E->master;
+    if (E->master) cudaCheck(cudaMemset(E->master, 0, (size_t)E->master_n * 4));  // the alignment gaps stay zero
+    if (dt == DT_F32) E->wc = E->master;  // fp32 mode: master_n = numel, registry layout
     else if (!(E->wc = try_alloc((size_t)n * E->es))) {
         oom_report(E, "compute copy of the weights", (size_t)n * E->es, lf);
         dl_fail(err, "engine_cuda: out of GPU memory for the weights");
@@ -594,7 +757,6 @@ EngineCuda *engine_cuda_new(const HybridConfig *h, const Registry *r, const floa
     }
     if (E->wpad_n) {
         E->wpad = try_alloc((size_t)E->wpad_n * E->es);
-        E->gpad_n = (int64_t)E->Rp * DL_MAX((int64_t)c->d_model, (int64_t)h->d_inner);
         E->gpad = (float *)try_alloc((size_t)E->gpad_n * 4);
         if (!E->wpad || !E->gpad) {
             oom_report(E, "padded dt_proj weights", (size_t)E->wpad_n * E->es, lf);
@@ -603,10 +765,8 @@ EngineCuda *engine_cuda_new(const HybridConfig *h, const Registry *r, const floa
             return NULL;
         }
         cudaCheck(cudaMemset(E->wpad, 0, (size_t)E->wpad_n * E->es));
-        cudaCheck(cudaDeviceSynchronize());
     }
-    E->weight_bytes = (E->master ? (double)n * 4 : 0) + (E->wc != (void *)E->master ? (double)n * E->es : 0) +
-                      (double)E->wpad_n * E->es + (double)E->gpad_n * 4;
+    cudaCheck(cudaDeviceSynchronize());
     if (!(E->gemm = dl_gemm_new(0, err ? err->msg : NULL, err ? sizeof err->msg : 0))) {
         engine_cuda_free(E);
         return NULL;
@@ -615,8 +775,7 @@ EngineCuda *engine_cuda_new(const HybridConfig *h, const Registry *r, const floa
     rope_inv_freq(c, invf);
     cudaCheck(cudaMalloc(&E->inv_freq, 512 * sizeof(float)));
     cudaCheck(cudaMemcpy(E->inv_freq, invf, sizeof invf, cudaMemcpyHostToDevice));
-    // ---- the activation table, one allocation
-    build_table(E, &E->tab);
+    // ---- the activation table (built by engine_setup), one allocation
     if (!(E->arena = (char *)try_alloc(E->tab.total))) {
         oom_report(E, "the activation table", E->tab.total, lf);
         dl_fail(err, "engine_cuda: out of GPU memory for activations (%s at micro-batch %lld)",
@@ -1017,7 +1176,7 @@ void engine_cuda_backward(EngineCuda *E, float *Gr) {
         TC(rmsnorm_bwd_cuda(E->dt, E->dres, G(Gr, E->fnorm), E->dxf, state_ptr(E, E->l1), P(E, E->fnorm), E->rstdf, N, d,
                             E->rms_ws, E->st, EA));
     const int stop = DL_MAX(E->l0, E->lowest);
-    const bool emb_grad = E->l0 == 0 && E->emb.trainable && E->lowest < 0;
+    const bool emb_grad = E->l0 == 0 && E->emb.goff >= 0 && E->lowest < 0;
     for (int l = top; l >= stop; l--) {
         if (E->has_dhid && E->has_dhid[l + 1]) eng_axpy(E->dt, E->dres, E->dhid[l + 1], 1.0f, N * d, E->st);
         // the input gradient of the lowest layer is needed only for the embedding
@@ -1032,7 +1191,7 @@ void engine_cuda_backward(EngineCuda *E, float *Gr) {
         cudaCheck(cudaMemcpyAsync(E->eorder, order, (size_t)N * 4, cudaMemcpyHostToDevice, E->st));
         cudaCheck(cudaMemcpyAsync(E->eseg, seg, (size_t)(N + 1) * 4, cudaMemcpyHostToDevice, E->st));
         cudaCheck(cudaMemcpyAsync(E->euniq, uniq, (size_t)N * 4, cudaMemcpyHostToDevice, E->st));
-        TC(embedding_bwd_cuda(E->dt, Gr + E->emb.off, E->dres, E->eorder, E->eseg, E->euniq, U, d, E->st, EA));
+        TC(embedding_bwd_cuda(E->dt, G(Gr, E->emb), E->dres, E->eorder, E->eseg, E->euniq, U, d, E->st, EA));
         cudaCheck(cudaStreamSynchronize(E->st));
         free(plan);
     }
@@ -1047,17 +1206,18 @@ struct EngineCudaOptim {
     Optim *host;       // config, counters, outlier window, parameter groups (and host m, v for pull/push)
     Optim own;         // the host Optim when made from a config (engine_cuda_optim_new)
     DType mv_dt;
-    int *idx;          // trainable tensor indices
-    int64_t *moff;     // their offsets in the compact device moments
+    int *idx;          // trained tensor indices (E->goff >= 0)
+    int64_t *moff;     // their offsets in the device moments (= E->goff: the gradients' compact layout)
     int n;
+    size_t bytes;      // device memory of the moments and workspaces
     void *m, *v;
     double *acc;
     void *ws;
 };
 
 EngineCudaOptim *engine_cuda_optim_attach(EngineCuda *E, Optim *host, DType mv_dt, DlError *err) {
-    if (!E->master) {
-        dl_fail(err, "engine_cuda_optim: the engine has no fp32 master (ECU_NO_MASTER)");
+    if (E->flags & ECU_NO_MASTER) {
+        dl_fail(err, "engine_cuda_optim: the engine is frozen (ECU_NO_MASTER): it has no fp32 master to update");
         return NULL;
     }
     if (mv_dt != DT_F32 && mv_dt != DT_BF16) {
@@ -1070,7 +1230,7 @@ EngineCudaOptim *engine_cuda_optim_attach(EngineCuda *E, Optim *host, DType mv_d
         return NULL;
     }
     for (int i = 0; i < r->n; i++)
-        if (host->reg->t[i].trainable != r->t[i].trainable || (r->t[i].trainable &&
+        if (host->reg->t[i].trainable != (E->goff[i] >= 0) || (E->goff[i] >= 0 &&
             (host->reg->t[i].shard_begin != 0 || host->reg->t[i].shard_end != r->t[i].numel))) {
             dl_fail(err, "engine_cuda_optim: tensor %s: the optimizer must own every element of every trainable "
                          "tensor (sharded optimizer state is not implemented on the device)", r->t[i].name);
@@ -1083,19 +1243,19 @@ EngineCudaOptim *engine_cuda_optim_attach(EngineCuda *E, Optim *host, DType mv_d
     const size_t nt = (size_t)DL_MAX(r->n, 1);
     o->idx = (int *)malloc(nt * sizeof(int));
     o->moff = (int64_t *)malloc(nt * sizeof(int64_t));
-    int64_t tot = 0, maxn = 1;
+    int64_t maxn = 1;
     for (int i = 0; i < r->n; i++)
-        if (r->t[i].trainable) {
+        if (E->goff[i] >= 0) {
             o->idx[o->n] = i;
-            o->moff[o->n++] = tot;
-            tot += (r->t[i].numel + 15) / 16 * 16;
+            o->moff[o->n++] = E->goff[i];
             maxn = DL_MAX(maxn, r->t[i].numel);
         }
-    size_t mb = (size_t)tot * (mv_dt == DT_F32 ? 4 : 2);
+    size_t mb = (size_t)E->grad_n * (mv_dt == DT_F32 ? 4 : 2);
     o->m = try_alloc(DL_MAX(mb, (size_t)16));
     o->v = try_alloc(DL_MAX(mb, (size_t)16));
     o->ws = try_alloc(DL_MAX(grad_sumsq_workspace(maxn), (size_t)16));
     o->acc = (double *)try_alloc(sizeof(double));
+    o->bytes = 2 * DL_MAX(mb, (size_t)16) + DL_MAX(grad_sumsq_workspace(maxn), (size_t)16) + sizeof(double);
     if (!o->m || !o->v || !o->ws || !o->acc) {
         char b1[32];
         oom_report(E, "AdamW moments", 2 * mb, stderr);
@@ -1175,6 +1335,7 @@ static void moments_move(EngineCudaOptim *o, bool to_host) {
 void engine_cuda_optim_pull(EngineCudaOptim *o) { moments_move(o, true); }
 void engine_cuda_optim_push(EngineCudaOptim *o) { moments_move(o, false); }
 Optim *engine_cuda_optim_host(EngineCudaOptim *o) { return o->host; }
+double engine_cuda_optim_bytes(const EngineCudaOptim *o) { return (double)o->bytes; }
 
 double engine_cuda_grad_norm(EngineCudaOptim *o, const float *grads, double scale) {
     EngineCuda *E = o->E;
@@ -1182,7 +1343,7 @@ double engine_cuda_grad_norm(EngineCudaOptim *o, const float *grads, double scal
     cudaCheck(cudaMemsetAsync(o->acc, 0, sizeof(double), E->st));
     for (int k = 0; k < o->n; k++) {
         const TensorInfo *t = &r->t[o->idx[k]];
-        TC(grad_sumsq_cuda(grads + t->offset, t->numel, o->acc, o->ws, E->st, EA));
+        TC(grad_sumsq_cuda(grads + o->moff[k], t->numel, o->acc, o->ws, E->st, EA));
     }
     double ss = 0;
     cudaCheck(cudaMemcpyAsync(&ss, o->acc, sizeof ss, cudaMemcpyDeviceToHost, E->st));
@@ -1210,7 +1371,7 @@ void engine_cuda_optim_step(EngineCudaOptim *o, const float *grads, double loss,
         const int i = o->idx[q];
         const TensorInfo *t = &r->t[i];
         optim_tensor_k(h, i, res, &k, &a.decay, &a.step_size);
-        TC(adamw_cuda(&a, t->numel, E->master + t->offset, grads + t->offset, o->mv_dt, at(o->m, o->moff[q], mes),
+        TC(adamw_cuda(&a, t->numel, E->master + E->moff[i], grads + o->moff[q], o->mv_dt, at(o->m, o->moff[q], mes),
                       at(o->v, o->moff[q], mes), E->dt == DT_BF16 ? DT_BF16 : DT_F32,
                       E->dt == DT_BF16 ? at(E->wc, t->offset, 2) : NULL, E->st, EA));
     }
@@ -1234,9 +1395,7 @@ void engine_cuda_memset0(void *p, size_t bytes) {
 }
 
 void engine_cuda_zero_trainable(EngineCuda *E, float *grads) {
-    for (int i = 0; i < E->r->n; i++)
-        if (E->r->t[i].trainable)
-            cudaCheck(cudaMemsetAsync(grads + E->r->t[i].offset, 0, (size_t)E->r->t[i].numel * 4, E->st));
+    if (E->grad_n) cudaCheck(cudaMemsetAsync(grads, 0, (size_t)E->grad_n * 4, E->st));  // the whole compact buffer
 }
 void engine_cuda_copy_to_host(void *dst, const void *src, size_t bytes) {
     cudaCheck(cudaDeviceSynchronize());

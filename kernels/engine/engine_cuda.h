@@ -1,7 +1,7 @@
 // engine_cuda.h: the CUDA twin of the CPU engine (distill/engine.h), callable from C. Same model (teacher or
 // attention + Mamba-1 hybrid), same registry layout, same call sequence:
 //   engine_cuda_forward -> engine_cuda_loss (head + loss streamed in row chunks) [-> add_hidden_grad]
-//   -> engine_cuda_backward (fp32 gradients ADDED into a device buffer in registry layout)
+//   -> engine_cuda_backward (fp32 gradients ADDED into a device buffer from engine_cuda_grads_new)
 //   -> engine_cuda_optim_step (grad norm, clipping, AdamW on the device; writes the bf16 compute copy).
 // Built from kernels/train (GEMMs, norms, RoPE, SwiGLU, attention, losses, AdamW) and kernels/scan (conv1d +
 // selective scan); design and limits in docs/CUDA_BACKEND.md ("engine_cuda").
@@ -9,9 +9,14 @@
 // Precision. dt = DT_BF16 (training): bf16 compute copy of the weights and bf16 activations, fp32 master
 // weights, gradients and moments. dt = DT_F32 (parity): everything fp32; only for models without Mamba
 // layers, because the scan and conv kernels are bf16-only.
-// Memory. Parameters: one device buffer each for the fp32 master and the compute copy (registry offsets).
-// Activations: a table of named buffers (engine_cuda_print_memory) sized from (h, B, T, flags), in ONE
-// allocation. Running out of memory prints the plan and what would fit, and engine_cuda_new returns NULL.
+// Memory. Parameters: the compute copy of every tensor (dt, registry offsets) and, in bf16 mode, a COMPACT fp32
+// master holding only the tensors this engine trains (registry trainable, unless ECU_NO_MASTER) plus the Mamba
+// tensors the kernels read in fp32 (conv1d weight and bias, A_log, D, dt_proj.bias); in fp32 mode the master is
+// the compute copy. Gradients (and the device AdamW moments) hold the trained tensors only, compact, in
+// registry order (engine_cuda_grads_*). Activations: a table of named buffers (engine_cuda_print_memory) sized
+// from (h, B, T, flags), in ONE allocation. engine_cuda_plan gives all of these without a GPU (the --dry-run
+// plan, distill/plan.c, models the same formula). Running out of memory prints the plan and what would fit,
+// and engine_cuda_new returns NULL.
 // Errors: a failing CUDA call exits with the call, file:line and a hint (kernels/train/train_check.cuh);
 // shape limits are checked in engine_cuda_new and reported through DlError.
 // Determinism: every kernel used is deterministic, so two runs give identical bits.
@@ -40,8 +45,12 @@ enum {
     ECU_KEEP_HIDDEN = 2,    // keep every hidden state (= ENGINE_KEEP_HIDDEN)
     ECU_RECOMPUTE_MLP = 4,  // do not keep the MLP's [N, 3 ff] activations: recompute them in the backward
     ECU_TEACHER_KL = 8,     // reserve a teacher-logits chunk (losses with a teacher engine)
-    ECU_NO_MASTER = 16,     // frozen bf16 model (a teacher): no fp32 master copy on the device
+    ECU_NO_MASTER = 16,     // frozen model (a teacher): trains nothing whatever the registry says; no fp32 master
+                            // beyond the fp32-read Mamba tensors
 };
+
+// Default rows of logits per loss chunk (chunk_rows = 0): max(1, ECU_CHUNK_LOGITS / vocab), at most B*T.
+#define ECU_CHUNK_LOGITS (16 << 20)
 
 // params: host fp32 buffer in registry layout (uploaded; the host copy is not kept). dt: DT_BF16 or DT_F32.
 // chunk_rows: rows of logits per loss chunk (0: about 16M logits). Prints the memory table to `log` (NULL:
@@ -49,15 +58,44 @@ enum {
 EngineCuda *engine_cuda_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t T,
                             int flags, DType dt, int64_t chunk_rows, FILE *log, DlError *e);
 void engine_cuda_free(EngineCuda *e);
-// Device memory of the engine in bytes: weights (master + compute copy), activations (the table).
+// Device memory of the engine in bytes: weights (compute copy + master + padded copies), activations (the table).
 void engine_cuda_memory(const EngineCuda *e, double *weights, double *activations);
 void engine_cuda_print_memory(const EngineCuda *e, FILE *f);
 
-// Re-uploads host params (fp32, registry layout) into the master and compute copies.
+// Memory by purpose, in bytes.
+typedef struct {
+    double compute;      // compute copy of every tensor (2 or 4 bytes x r->numel); in fp32 mode also the master
+    double master;       // compact fp32 master (bf16 mode): trained tensors + the fp32-read Mamba tensors
+    double padded;       // padded dt_proj_down / dt_proj copies (dt) and their fp32 gradient scratch
+    double activations;  // the activation table, one allocation (logits chunks included)
+    double logits;       // of which the logits chunk (and the teacher-logits chunk with ECU_TEACHER_KL)
+    double grads;        // one buffer of engine_cuda_grads_new (allocated by the caller, not in the above)
+} EngineCudaMemory;
+void engine_cuda_memory_parts(const EngineCuda *e, EngineCudaMemory *m);
+// What engine_cuda_new with these arguments would allocate, computed on the host by the same code (no CUDA
+// call: runs on a machine without a GPU). Returns 0, or -1 with err filled where engine_cuda_new would refuse.
+int engine_cuda_plan(const HybridConfig *h, const Registry *r, int64_t B, int64_t T, int flags, DType dt,
+                     int64_t chunk_rows, EngineCudaMemory *m, DlError *err);
+
+// Re-uploads host params (fp32, registry layout): every tensor into the compute copy, the master's tensors into
+// the master. Call between steps (without memory for a staging buffer it stages through the activations).
 void engine_cuda_set_params(EngineCuda *e, const float *params);
-// Downloads the fp32 master (or the compute copy when there is no master) into host params.
+// Writes the master's tensors (fp32) at their registry offsets of host params and leaves every other element
+// alone: a tensor without a master is never changed by the engine, so the host copy stays its truth (its
+// device copy is only bf16). Nothing is written when the engine has no master.
 void engine_cuda_get_params(const EngineCuda *e, float *params);
-float *engine_cuda_master(EngineCuda *e);  // device fp32 [r->numel] (NULL with ECU_NO_MASTER)
+float *engine_cuda_master(EngineCuda *e);  // device fp32 [compact]; NULL when no tensor has a master
+int64_t engine_cuda_master_offset(const EngineCuda *e, int tensor);  // element offset in it, -1: none
+
+// ---- gradients: device fp32 in the engine's compact layout (the tensors it trains, registry order, each at a
+// multiple of DL_TENSOR_ALIGN elements). Every grads argument below and above is such a buffer.
+int64_t engine_cuda_grads_numel(const EngineCuda *e);
+int64_t engine_cuda_grad_offset(const EngineCuda *e, int tensor);  // element offset, -1: not trained
+float *engine_cuda_grads_new(EngineCuda *e);  // zeroed; free with engine_cuda_dfree
+// host [r->numel] in registry layout <- grads (zeros for the tensors not trained and the padding)
+void engine_cuda_grads_to_host(const EngineCuda *e, const float *grads, float *host);
+// grads <- host [r->numel] in registry layout (its tensors not trained are ignored)
+void engine_cuda_grads_from_host(const EngineCuda *e, float *grads, const float *host);
 
 // Forward: tokens [B*T] and reset [B*T] (or NULL) are HOST arrays (validated: ids < vocab).
 int engine_cuda_forward(EngineCuda *e, const int32_t *tokens, const uint8_t *reset, DlError *err);
@@ -77,7 +115,7 @@ typedef struct {
     const float *seq_weight;     // host [B] or NULL
 } LossSpecCuda;
 
-// Loss against host targets [N] / mask [N]. grads (device fp32, registry layout) != NULL: keeps d loss /
+// Loss against host targets [N] / mask [N]. grads (engine_cuda_grads_new) != NULL: keeps d loss /
 // d final hidden for the backward and adds the head's gradient (if trainable). seq_logprob host [B] optional.
 LossParts engine_cuda_loss(EngineCuda *e, const int32_t *targets, const uint8_t *mask, const LossSpecCuda *spec,
                            float *grads, double *seq_logprob);
@@ -87,8 +125,8 @@ void engine_cuda_add_hidden_grad(EngineCuda *e, int i, const void *dh, float sca
 // sum over rows with mask[r] != 0 (host [N], NULL: all) of |h_i - target|^2 (losses.c mse_rows), and with
 // grad adds its gradient to hidden state i's gradient for the next backward. Hidden state i must be kept.
 double engine_cuda_mse_hidden(EngineCuda *e, int i, const void *target, const uint8_t *mask, double scale, bool grad);
-// Backward; grads (device fp32, registry layout) are ADDED into, for trainable tensors only; the pass stops
-// below the lowest trainable layer.
+// Backward; grads (engine_cuda_grads_new) are ADDED into, for the trained tensors; the pass stops below the
+// lowest trained layer.
 void engine_cuda_backward(EngineCuda *e, float *grads);
 
 // ---- optimizer on the device: optim_step's rules exactly (optim_decide: non-finite and outlier skips,
@@ -103,11 +141,12 @@ EngineCudaOptim *engine_cuda_optim_attach(EngineCuda *e, Optim *host, DType mv_d
 EngineCudaOptim *engine_cuda_optim_new(EngineCuda *e, const OptimConfig *c, DType mv_dt, DlError *err);
 void engine_cuda_optim_free(EngineCudaOptim *o);
 Optim *engine_cuda_optim_host(EngineCudaOptim *o);
+double engine_cuda_optim_bytes(const EngineCudaOptim *o);  // device memory of the moments and workspaces
 void engine_cuda_optim_pull(EngineCudaOptim *o);  // device moments -> host Optim m, v
 void engine_cuda_optim_push(EngineCudaOptim *o);  // host Optim m, v -> device moments
-// Global L2 norm of grads (device fp32, registry layout) over the trainable tensors, times scale (fp64 sums).
+// Global L2 norm of grads (engine_cuda_grads_new) over the trained tensors, times scale (fp64 sums).
 double engine_cuda_grad_norm(EngineCudaOptim *o, const float *grads, double scale);
-// grads: device fp32 registry layout, summed over grad_accum micro-batches. Updates the master and the compute
+// grads (engine_cuda_grads_new) summed over grad_accum micro-batches. Updates the master and the compute
 // copy. r gets lr, grad_norm, clip_scale, outcome (the host Optim's counters advance as optim_step's).
 void engine_cuda_optim_step(EngineCudaOptim *o, const float *grads, double loss, OptimResult *r);
 
@@ -119,7 +158,7 @@ void engine_cuda_copy_to_host(void *dst, const void *src, size_t bytes);
 void engine_cuda_copy_to_device(void *dst, const void *src, size_t bytes);
 void *engine_cuda_stream(EngineCuda *e);  // the engine's cudaStream_t (its work is ordered on it)
 void engine_cuda_sync(void);
-// Zeroes the gradients of the engine's trainable tensors (enqueued on the engine's stream).
+// Zeroes a gradient buffer (engine_cuda_grads_new; enqueued on the engine's stream).
 void engine_cuda_zero_trainable(EngineCuda *e, float *grads);
 
 #ifdef __cplusplus

@@ -2,12 +2,16 @@
 // student forward, CE + 0.1 KL over the vocabulary (streamed in row chunks), backward, AdamW on the Mamba
 // mixers only (every other layer is Mamba, attention kept at even layers). Random weights.
 //   gpu_bench_engine [--model smollm2|llama8b] [--layers L] [--B 2] [--T 2048] [--steps 10] [--warmup 3]
-//                    [--recompute] [--attn-cuda-cores]
+//                    [--recompute] [--attn-cuda-cores] [--chunk rows] [--plan-only]
 // Reports ms/step, tokens/s and MFU. FLOPs counted: teacher forward + 3x student forward (forward and
 // backward), GEMMs 2*m*n*k, causal attention 2*T*nh*hd per token for QK^T and PV each (half the square),
 // scan and element-wise work not counted. MFU against the 989 TFLOP/s dense bf16 peak of the H100 SXM and
 // against the bf16 GEMM rate measured here (8192^3 through dl_gemm).
-// Memory: the engine's table, cudaMemGetInfo's use, and plan_stage()'s estimate (the --dry-run formula).
+// Memory: the engines' allocations by purpose (engine_cuda_memory_parts, the optimizer's moments) next to
+// plan_stage()'s estimate (the --dry-run formula) with their ratio, and cudaMemGetInfo's use. --plan-only prints
+// that comparison from engine_cuda_plan (what the engines would allocate) and exits without touching a GPU.
+// The plan assumes the engine's default loss chunk (--chunk 0, as the pipeline runs); the default here is 1024
+// rows, which adds (1024 - default) x vocab x 2 bytes for each of the two logits chunks.
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
@@ -85,11 +89,44 @@ static double gemm_rate(void) {
     return 2.0 * n * n * (double)n / dt;
 }
 
+// The engines' device memory by purpose next to the plan's estimate (MemEstimate) and their ratio. optim: the
+// AdamW moments' bytes. measured: cudaMemGetInfo's difference over the engines' creation (< 0: not measured).
+static void print_vs_plan(const EngineCudaMemory *s, const EngineCudaMemory *t, double optim, const StagePlan *sp,
+                          double measured) {
+    const MemEstimate *p = &sp->mem;
+    const double G = 1073741824.0;
+    const struct {
+        const char *name;
+        double engine, plan;
+    } rows[] = {
+        {"weights (bf16 copy + padded dt)", s->compute + s->padded, p->weights},
+        {"fp32 master", s->master, p->master},
+        {"gradients", s->grads, p->grads},
+        {"AdamW moments", optim, p->optim},
+        {"teacher weights", t->compute + t->master + t->padded, p->frozen_model},
+        {"activations (both tables)", s->activations - s->logits + t->activations - t->logits, p->activations},
+        {"logits chunks", s->logits + t->logits, p->logits},
+    };
+    double et = 0;
+    printf("  memory (GiB)                        engine      plan   engine/plan\n");
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
+        et += rows[i].engine;
+        printf("    %-32s %9.3f %9.3f   %s", rows[i].name, rows[i].engine / G, rows[i].plan / G, rows[i].plan > 0 ? "" : "-\n");
+        if (rows[i].plan > 0) printf("%.3f\n", rows[i].engine / rows[i].plan);
+    }
+    printf("    %-32s %9.3f %9.3f   %.3f\n", "total", et / G, p->total / G, et / p->total);
+    if (measured >= 0)
+        printf("  memory: %.3f GiB used on the GPU (cudaMemGetInfo over the engines' creation, cuBLASLt workspaces "
+               "included), plan %.3f GiB: %+.1f%%\n", measured / G, p->total / G, 100.0 * (measured - p->total) / p->total);
+    printf("RESULT_MEMORY engine_GiB=%.3f plan_GiB=%.3f ratio=%.3f%s\n", et / G, p->total / G, et / p->total,
+           measured >= 0 ? "" : " (engine_cuda_plan)");
+}
+
 int main(int argc, char **argv) {
     const char *model = "llama8b";
     int layers = 8, steps = 10, warmup = 3;
     int64_t B = 2, T = 2048;
-    bool recompute = false;
+    bool recompute = false, plan_only = false;
     int64_t chunk = 1024;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--model") && i + 1 < argc) model = argv[++i];
@@ -101,9 +138,10 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--recompute")) recompute = true;
         else if (!strcmp(argv[i], "--chunk") && i + 1 < argc) chunk = atoll(argv[++i]);
         else if (!strcmp(argv[i], "--attn-cuda-cores")) attention_use_tensor_cores(0);
+        else if (!strcmp(argv[i], "--plan-only")) plan_only = true;
         else {
             fprintf(stderr, "usage: gpu_bench_engine [--model smollm2|llama8b] [--layers L] [--B n] [--T n] [--steps n] "
-                            "[--warmup n] [--recompute] [--attn-cuda-cores]\n");
+                            "[--warmup n] [--recompute] [--attn-cuda-cores] [--chunk rows] [--plan-only]\n");
             return 2;
         }
     }
@@ -137,44 +175,10 @@ int main(int argc, char **argv) {
         fprintf(stderr, "%s\n", e.msg);
         return 1;
     }
-    cudaDeviceProp prop;
-    cudaGetDeviceProperties(&prop, 0);
-    printf("gpu_bench_engine: %s, %s: %d layers (%d Mamba-1 + %d attention), d %d, vocab %d, B %lld x T %lld%s\n",
-           prop.name, model, c.n_layer, c.n_layer - na, na, c.d_model, c.vocab, (long long)B, (long long)T,
-           recompute ? ", MLP recompute" : "");
-    printf("  student %.1fM params (%.1fM trainable), teacher %.1fM\n", reg_params_numel(&rs) / 1e6,
-           reg_trainable_numel(&rs) / 1e6, reg_params_numel(&rt) / 1e6);
-    size_t free0, tot;
-    cudaMemGetInfo(&free0, &tot);
-    // ---- engines (the host parameter buffers are freed after upload)
-    float *ph = (float *)malloc((size_t)DL_MAX(rs.numel, rt.numel) * 4);
-    fill_random(&rt, ph, 1);
-    EngineCuda *teacher = engine_cuda_new(&ht, &rt, ph, B, T, ECU_NO_MASTER, DT_BF16, chunk, stdout, &e);
-    if (!teacher) {
-        fprintf(stderr, "teacher: %s\n", e.msg);
-        return 1;
-    }
-    fill_random(&rs, ph, 2);
-    EngineCuda *student = engine_cuda_new(&hs, &rs, ph, B, T, ECU_TRAIN | ECU_TEACHER_KL | (recompute ? ECU_RECOMPUTE_MLP : 0),
-                                          DT_BF16, chunk, stdout, &e);
-    if (!student) {
-        fprintf(stderr, "student: %s\n", e.msg);
-        return 1;
-    }
-    free(ph);
-    OptimConfig oc;
-    optim_config_default(&oc);
-    oc.lr = 1e-4;
-    oc.total_steps = 1000;
-    EngineCudaOptim *opt = engine_cuda_optim_new(student, &oc, DT_F32, &e);
-    if (!opt) {
-        fprintf(stderr, "optim: %s\n", e.msg);
-        return 1;
-    }
-    float *grads = (float *)engine_cuda_alloc((size_t)rs.numel * 4);
-    size_t free1;
-    cudaMemGetInfo(&free1, &tot);
+    const int sflags = ECU_TRAIN | ECU_TEACHER_KL | (recompute ? ECU_RECOMPUTE_MLP : 0);
     // ---- the plan's estimate for the same stage (what `distill RECIPE --dry-run` prints)
+    StagePlan sp;
+    bool have_plan = false;
     {
         Recipe r;
         memset(&r, 0, sizeof r);
@@ -201,20 +205,63 @@ int main(int argc, char **argv) {
         st.opt.micro_batch = (int)B;
         st.opt.grad_accum = 1;
         st.teacher_logits = TEACHER_ONLINE;
-        StagePlan sp;
-        char b1[32], b2[32];
-        if (plan_stage(&r, &st, 0, &sp, &e) == 0) {
-            double real = (double)(free0 - free1);
-            printf("  memory: %s used on the GPU (cudaMemGetInfo, incl. cuBLASLt workspaces), plan estimate %s "
-                   "(weights %.2f, master %.2f, grads %.2f, optim %.2f, teacher %.2f, activations %.2f, logits %.2f GiB): "
-                   "%+.1f%%\n",
-                   plan_bytes_str(real, b1, sizeof b1), plan_bytes_str(sp.mem.total, b2, sizeof b2), sp.mem.weights / 1073741824.0,
-                   sp.mem.master / 1073741824.0, sp.mem.grads / 1073741824.0, sp.mem.optim / 1073741824.0,
-                   sp.mem.frozen_model / 1073741824.0, sp.mem.activations / 1073741824.0, sp.mem.logits / 1073741824.0,
-                   100.0 * (real - sp.mem.total) / sp.mem.total);
-        } else {
-            printf("  plan_stage: %s\n", e.msg);
+        if (plan_stage(&r, &st, 0, &sp, &e) == 0) have_plan = true;
+        else printf("  plan_stage: %s\n", e.msg);
+    }
+    printf("gpu_bench_engine: %s, %s: %d layers (%d Mamba-1 + %d attention), d %d, vocab %d, B %lld x T %lld%s, loss "
+           "chunk %lld rows%s\n", plan_only ? "plan only (no GPU)" : "", model, c.n_layer, c.n_layer - na, na, c.d_model,
+           c.vocab, (long long)B, (long long)T, recompute ? ", MLP recompute" : "", (long long)chunk,
+           chunk > 0 ? "" : " (engine default)");
+    printf("  student %.1fM params (%.1fM trainable), teacher %.1fM\n", reg_params_numel(&rs) / 1e6,
+           reg_trainable_numel(&rs) / 1e6, reg_params_numel(&rt) / 1e6);
+    if (plan_only) {
+        EngineCudaMemory ms, mt;
+        if (engine_cuda_plan(&hs, &rs, B, T, sflags, DT_BF16, chunk, &ms, &e) ||
+            engine_cuda_plan(&ht, &rt, B, T, ECU_NO_MASTER, DT_BF16, chunk, &mt, &e)) {
+            fprintf(stderr, "engine_cuda_plan: %s\n", e.msg);
+            return 1;
         }
+        // AdamW fp32 m and v over the compact gradient layout (engine_cuda_optim_attach)
+        if (have_plan) print_vs_plan(&ms, &mt, 2 * ms.grads, &sp, -1);
+        return 0;
+    }
+    cudaDeviceProp prop;
+    cudaGetDeviceProperties(&prop, 0);
+    printf("  device: %s\n", prop.name);
+    size_t free0, tot;
+    cudaMemGetInfo(&free0, &tot);
+    // ---- engines (the host parameter buffers are freed after upload)
+    float *ph = (float *)malloc((size_t)DL_MAX(rs.numel, rt.numel) * 4);
+    fill_random(&rt, ph, 1);
+    EngineCuda *teacher = engine_cuda_new(&ht, &rt, ph, B, T, ECU_NO_MASTER, DT_BF16, chunk, stdout, &e);
+    if (!teacher) {
+        fprintf(stderr, "teacher: %s\n", e.msg);
+        return 1;
+    }
+    fill_random(&rs, ph, 2);
+    EngineCuda *student = engine_cuda_new(&hs, &rs, ph, B, T, sflags, DT_BF16, chunk, stdout, &e);
+    if (!student) {
+        fprintf(stderr, "student: %s\n", e.msg);
+        return 1;
+    }
+    free(ph);
+    OptimConfig oc;
+    optim_config_default(&oc);
+    oc.lr = 1e-4;
+    oc.total_steps = 1000;
+    EngineCudaOptim *opt = engine_cuda_optim_new(student, &oc, DT_F32, &e);
+    if (!opt) {
+        fprintf(stderr, "optim: %s\n", e.msg);
+        return 1;
+    }
+    float *grads = engine_cuda_grads_new(student);
+    size_t free1;
+    cudaMemGetInfo(&free1, &tot);
+    {
+        EngineCudaMemory ms, mt;
+        engine_cuda_memory_parts(student, &ms);
+        engine_cuda_memory_parts(teacher, &mt);
+        if (have_plan) print_vs_plan(&ms, &mt, engine_cuda_optim_bytes(opt), &sp, (double)(free0 - free1));
     }
     // ---- the step
     const int64_t N = B * T;

@@ -6,6 +6,10 @@
 //   3. 20 training steps of the stage-1 setup (only the Mamba mixers trained; device AdamW vs optim_step):
 //      losses close at every step.
 //   4. The 20 steps again on a fresh engine: identical bits (losses and final master weights).
+//   5. The compact layout (fp32 master: trained + fp32-read Mamba tensors; gradients: trained tensors) with a
+//      mixed trainable set: offsets, sizes = engine_cuda_plan, gradient copies, one step's gradients vs the CPU
+//      engine, get_params writing only the master's tensors. (1.-2. also check that a frozen ECU_NO_MASTER
+//      engine gives bit-identical logits.)
 // Exit status != 0 on any failure. Usage: gpu_test_engine [--verbose]
 #include <math.h>
 #include <stdarg.h>
@@ -169,7 +173,9 @@ static void parity(const char *label, bool hybrid, DType dt, double tol_logits, 
     memset(&lg, 0, sizeof lg);
     lg.w = ls.w;
     lg.teacher = gt;
-    float *gd = (float *)engine_cuda_alloc((size_t)m.r.numel * 4);
+    float *gd = engine_cuda_grads_new(gs);
+    check(engine_cuda_grads_numel(gs) >= reg_params_numel(&m.r), "%s: every tensor trained: %lld gradient elements for "
+          "%lld parameters", label, (long long)engine_cuda_grads_numel(gs), (long long)reg_params_numel(&m.r));
     // logits before the loss (the loss overwrites its chunk buffer with dlogits)
     const size_t es = dt == DT_BF16 ? 2 : 4;
     void *dl = engine_cuda_alloc((size_t)N * V * es);
@@ -183,10 +189,29 @@ static void parity(const char *label, bool hybrid, DType dt, double tol_logits, 
     } else {
         engine_cuda_copy_to_host(logg, dl, (size_t)N * V * 4);
     }
+    // the same weights in a frozen engine (no master beyond the fp32-read Mamba tensors, at other offsets): the
+    // same logits, bit for bit
+    {
+        EngineCuda *gf = engine_cuda_new(&m.h, &m.r, m.p, B, T, ECU_NO_MASTER, dt, 96, NULL, &e);
+        die_if(!gf, &e, "engine_cuda_new frozen student");
+        check(engine_cuda_grads_numel(gf) == 0, "%s: a frozen engine has no gradients (%lld)", label,
+              (long long)engine_cuda_grads_numel(gf));
+        die_if(engine_cuda_forward(gf, tok, reset, &e) != 0, &e, "frozen forward");
+        void *dl2 = engine_cuda_alloc((size_t)N * V * es);
+        engine_cuda_logits(gf, 0, N, dl2);
+        char *h1 = (char *)malloc((size_t)N * V * es), *h2 = (char *)malloc((size_t)N * V * es);
+        engine_cuda_copy_to_host(h1, dl, (size_t)N * V * es);
+        engine_cuda_copy_to_host(h2, dl2, (size_t)N * V * es);
+        check(memcmp(h1, h2, (size_t)N * V * es) == 0, "%s: frozen engine (ECU_NO_MASTER) logits identical to the "
+              "training engine's", label);
+        free(h1), free(h2);
+        engine_cuda_dfree(dl2);
+        engine_cuda_free(gf);
+    }
     LossParts lgp = engine_cuda_loss(gs, tgt, NULL, &lg, gd, NULL);
     engine_cuda_backward(gs, gd);
     float *gg = (float *)malloc((size_t)m.r.numel * 4);
-    engine_cuda_copy_to_host(gg, gd, (size_t)m.r.numel * 4);
+    engine_cuda_grads_to_host(gs, gd, gg);
     double el = relerr(logg, logc, N * V);
     check(el <= tol_logits, "%s logits rel err %.3g (tol %.0e)", label, el, tol_logits);
     double dlc = fabs(lgp.loss - lc.loss) / fabs(lc.loss);
@@ -225,7 +250,7 @@ static void gpu_train(Model *m, const OptimConfig *oc, int steps, int64_t B, int
     die_if(!gs, &e, "student");
     EngineCudaOptim *o = engine_cuda_optim_new(gs, oc, DT_F32, &e);
     die_if(!o, &e, "optim");
-    float *gd = (float *)engine_cuda_alloc((size_t)m->r.numel * 4);
+    float *gd = engine_cuda_grads_new(gs);
     int32_t *tok = (int32_t *)malloc(N * 4), *tgt = (int32_t *)malloc(N * 4);
     uint8_t *reset = (uint8_t *)malloc(N);
     LossSpecCuda lg;
@@ -235,7 +260,7 @@ static void gpu_train(Model *m, const OptimConfig *oc, int steps, int64_t B, int
     lg.teacher = gt;
     for (int s = 0; s < steps; s++) {
         batch_make(B, T, m->c.vocab, 100 + s % 4, tok, tgt, reset);
-        engine_cuda_memset0(gd, (size_t)m->r.numel * 4);
+        engine_cuda_zero_trainable(gs, gd);
         die_if(engine_cuda_forward(gt, tok, reset, &e) != 0, &e, "fwd");
         die_if(engine_cuda_forward(gs, tok, reset, &e) != 0, &e, "fwd");
         LossParts lp = engine_cuda_loss(gs, tgt, NULL, &lg, gd, NULL);
@@ -244,6 +269,8 @@ static void gpu_train(Model *m, const OptimConfig *oc, int steps, int64_t B, int
         engine_cuda_optim_step(o, gd, lp.loss, &res);
         loss[s] = lp.loss;
     }
+    // get_params writes the master's tensors only: the frozen ones keep the host's values
+    memcpy(pout, m->p, (size_t)m->r.numel * 4);
     engine_cuda_get_params(gs, pout);
     engine_cuda_dfree(gd);
     engine_cuda_optim_free(o);
@@ -315,6 +342,132 @@ static void train_test(void) {
     reg_free(&m.r), reg_free(&m.rt), free(m.p), free(m.pt);
 }
 
+// The compact layout with a mixed trainable set (an MLP, one Mamba projection; the fp32-read Mamba tensors
+// frozen but kept in the master): offsets, sizes against engine_cuda_plan, the gradient copies, one step's
+// gradients against the CPU engine (fused gate|up gradient in the compact buffer), and get_params' contract.
+static void layout_test(void) {
+    printf("-- compact master / gradients (trainable: MLPs + in_proj_x)\n");
+    Model m;
+    model_make(&m, true, false, 11);
+    round_bf16(m.p, m.r.numel);
+    round_bf16(m.pt, m.rt.numel);
+    DlError e;
+    die_if(reg_set_trainable(&m.r, "*.mlp.*,*.mamba.in_proj_x.weight", &e) < 0, &e, "trainable");
+    const int64_t B = 2, T = 160, N = B * T;
+    const int flags = ECU_TRAIN | ECU_TEACHER_KL;
+    EngineCuda *gs = engine_cuda_new(&m.h, &m.r, m.p, B, T, flags, DT_BF16, 96, g_verbose ? stdout : NULL, &e);
+    die_if(!gs, &e, "engine_cuda_new");
+    // offsets: trained tensors in registry order, aligned, disjoint; fp32-read Mamba tensors have a master only
+    int64_t want_g = 0, want_m = 0, prev_end = 0;
+    bool offs_ok = true, f32_ok = true;
+    int n_f32 = 0;
+    for (int i = 0; i < m.r.n; i++) {
+        const TensorInfo *t = &m.r.t[i];
+        const int64_t span = (t->numel + DL_TENSOR_ALIGN - 1) / DL_TENSOR_ALIGN * DL_TENSOR_ALIGN;
+        const int64_t go = engine_cuda_grad_offset(gs, i), mo = engine_cuda_master_offset(gs, i);
+        const bool f32 = strstr(t->name, ".conv1d.") || strstr(t->name, ".A_log") || strstr(t->name, "dt_proj.bias") ||
+                         (strstr(t->name, ".mamba.D") && t->ndim == 1);
+        if (t->trainable) {
+            offs_ok &= go >= prev_end && go % DL_TENSOR_ALIGN == 0 && mo >= 0;
+            prev_end = go + t->numel;
+            want_g += span;
+        } else {
+            offs_ok &= go == -1;
+        }
+        if (f32 && !t->trainable) f32_ok &= mo >= 0, n_f32++;
+        if (!f32 && !t->trainable) f32_ok &= mo == -1;
+        if (t->trainable || f32) want_m += span;
+    }
+    check(offs_ok, "gradient offsets: trained tensors only, in registry order, aligned, disjoint");
+    check(f32_ok && n_f32 == 10, "master: trained tensors + the %d frozen fp32-read Mamba tensors (want 10), nothing else",
+          n_f32);
+    check(engine_cuda_grads_numel(gs) == want_g, "gradient elements %lld (want %lld of %lld in the registry)",
+          (long long)engine_cuda_grads_numel(gs), (long long)want_g, (long long)m.r.numel);
+    EngineCudaMemory mem, plan;
+    engine_cuda_memory_parts(gs, &mem);
+    check(mem.master == 4.0 * (double)want_m, "master %.0f bytes (want %.0f)", mem.master, 4.0 * (double)want_m);
+    die_if(engine_cuda_plan(&m.h, &m.r, B, T, flags, DT_BF16, 96, &plan, &e) != 0, &e, "engine_cuda_plan");
+    check(memcmp(&mem, &plan, sizeof mem) == 0, "engine_cuda_plan = the engine's memory (compute %.0f master %.0f padded "
+          "%.0f activations %.0f grads %.0f)", plan.compute, plan.master, plan.padded, plan.activations, plan.grads);
+    // gradient copies: registry layout <-> compact
+    float *h1 = (float *)malloc((size_t)m.r.numel * 4), *h2 = (float *)malloc((size_t)m.r.numel * 4);
+    for (int64_t i = 0; i < m.r.numel; i++) h1[i] = (float)(i % 1013) - 500.0f;
+    float *gd = engine_cuda_grads_new(gs);
+    engine_cuda_grads_from_host(gs, gd, h1);
+    engine_cuda_grads_to_host(gs, gd, h2);
+    bool rt = true;
+    for (int i = 0; i < m.r.n; i++) {
+        const TensorInfo *t = &m.r.t[i];
+        for (int64_t j = 0; j < t->numel && rt; j++)
+            rt = h2[t->offset + j] == (t->trainable ? h1[t->offset + j] : 0.0f);
+    }
+    check(rt, "grads_from_host -> grads_to_host: trained tensors kept, the others zero");
+    // one step against the CPU engine with the same trainable set
+    int32_t *tok = (int32_t *)malloc(N * 4), *tgt = (int32_t *)malloc(N * 4);
+    uint8_t *reset = (uint8_t *)malloc(N);
+    batch_make(B, T, m.c.vocab, 21, tok, tgt, reset);
+    Engine *ct = engine_new(&m.ht, &m.rt, m.pt, B, T, 0, &e);
+    die_if(!ct, &e, "engine_new teacher");
+    Engine *cs = engine_new(&m.h, &m.r, m.p, B, T, ENGINE_TRAIN, &e);
+    die_if(!cs, &e, "engine_new student");
+    engine_forward(ct, tok, reset);
+    LossSpec ls;
+    memset(&ls, 0, sizeof ls);
+    ls.w.ce = 1.0f;
+    ls.w.kl = 0.1f;
+    ls.teacher = ct;
+    ls.chunk_rows = 96;
+    float *gc = (float *)calloc((size_t)m.r.numel, 4);
+    engine_step(cs, tok, reset, tgt, NULL, &ls, gc);
+    EngineCuda *gt = engine_cuda_new(&m.ht, &m.rt, m.pt, B, T, ECU_NO_MASTER, DT_BF16, 96, NULL, &e);
+    die_if(!gt, &e, "engine_cuda_new teacher");
+    LossSpecCuda lg;
+    memset(&lg, 0, sizeof lg);
+    lg.w = ls.w;
+    lg.teacher = gt;
+    engine_cuda_zero_trainable(gs, gd);
+    die_if(engine_cuda_forward(gt, tok, reset, &e) != 0, &e, "teacher forward");
+    die_if(engine_cuda_forward(gs, tok, reset, &e) != 0, &e, "student forward");
+    engine_cuda_loss(gs, tgt, NULL, &lg, gd, NULL);
+    engine_cuda_backward(gs, gd);
+    engine_cuda_grads_to_host(gs, gd, h2);
+    double worst = 0;
+    int nt = 0;
+    bool zeros = true;
+    for (int i = 0; i < m.r.n; i++) {
+        const TensorInfo *t = &m.r.t[i];
+        if (!t->trainable) {
+            for (int64_t j = 0; j < t->numel; j++) zeros &= h2[t->offset + j] == 0.0f;
+            continue;
+        }
+        double er = relerr(h2 + t->offset, gc + t->offset, t->numel);
+        if (g_verbose || !(er <= 3e-2)) printf("      %-52s grad rel err %.3g\n", t->name, er);
+        worst = fmax(worst, er);
+        if (!(er <= 3e-2)) worst = INFINITY;
+        nt++;
+    }
+    check(worst <= 3e-2, "%d trained tensors' gradients vs the CPU engine: worst rel err %.3g (tol 3e-2)", nt, worst);
+    check(zeros, "untrained tensors read back as zero gradients");
+    // get_params: the master's tensors only; a sentinel marks what must stay untouched
+    for (int64_t i = 0; i < m.r.numel; i++) h1[i] = -12345.0f;
+    engine_cuda_get_params(gs, h1);
+    bool gp = true;
+    for (int i = 0; i < m.r.n; i++) {
+        const TensorInfo *t = &m.r.t[i];
+        const bool has = engine_cuda_master_offset(gs, i) >= 0;
+        for (int64_t j = 0; j < t->numel && gp; j++)
+            gp = has ? h1[t->offset + j] == m.p[t->offset + j] : h1[t->offset + j] == -12345.0f;
+    }
+    check(gp, "get_params writes exactly the master's tensors (their uploaded fp32 values) and leaves the rest alone");
+    engine_cuda_dfree(gd);
+    engine_cuda_free(gs);
+    engine_cuda_free(gt);
+    engine_free(cs);
+    engine_free(ct);
+    free(h1), free(h2), free(gc), free(tok), free(tgt), free(reset);
+    reg_free(&m.r), reg_free(&m.rt), free(m.p), free(m.pt);
+}
+
 // Out-of-memory path: an absurd micro-batch must come back as an error with the plan printed.
 static void oom_test(void) {
     printf("-- out of memory is reported, not a crash\n");
@@ -333,6 +486,7 @@ int main(int argc, char **argv) {
     parity("bf16 hybrid", true, DT_BF16, 2e-2, 3e-2, 5e-3);
     parity("fp32 attention", false, DT_F32, 1e-4, 1e-4, 1e-5);
     train_test();
+    layout_test();
     oom_test();
     printf("%d passed, %d failed\n", g_pass, g_fail);
     return g_fail ? 1 : 0;
