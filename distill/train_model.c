@@ -138,6 +138,13 @@ float *tm_grads_new(TrainModel *m) {
     return dl_calloc((size_t)m->r->numel, sizeof(float));
 }
 
+int64_t tm_grads_numel(const TrainModel *m) {
+#ifdef DISTILL_CUDA
+    if (m->cu) return engine_cuda_grads_numel(m->cu);
+#endif
+    return m->r->numel;
+}
+
 void tm_grads_free(TrainModel *m, float *grads) {
 #ifdef DISTILL_CUDA
     if (m && m->cu) {

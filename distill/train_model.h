@@ -4,10 +4,12 @@
 // form is engine_cuda (kernels/engine/engine_cuda.h): bf16 compute copy, fp32 master weights, gradients and
 // AdamW moments on the GPU, hidden states and the teacher's logits never leave it.
 //
-// Buffers: gradients (tm_grads_new) live where the model computes: host memory on the CPU, device memory on
-// CUDA, in registry layout either way; the loop only passes them back in. Parameters: the caller's host
-// buffer is the truth on the CPU; on CUDA the device master is, and tm_sync_host copies it (and the AdamW
-// moments, into the host Optim) back before a checkpoint; tm_load_host goes the other way after a resume.
+// Buffers: gradients (tm_grads_new) live where the model computes: host memory in registry layout on the CPU,
+// device memory in the engine's compact layout on CUDA (the trained tensors only, tm_grads_numel floats;
+// tm_grads_to_host converts); the loop only passes them back in. Parameters: the caller's host buffer is the
+// truth on the CPU; on CUDA the device master is for the trained tensors, and tm_sync_host copies those (and
+// the AdamW moments, into the host Optim) back before a checkpoint, leaving the frozen ones as they are;
+// tm_load_host goes the other way after a resume.
 #pragma once
 #include <stdbool.h>
 #include <stdint.h>
@@ -66,7 +68,8 @@ double tm_mse_hidden(TrainModel *m, int i, const TrainModel *t, const uint8_t *m
 void tm_backward(TrainModel *m, float *grads);
 
 // ---- gradients and the optimizer
-float *tm_grads_new(TrainModel *m);              // zeroed, registry layout, where m computes
+float *tm_grads_new(TrainModel *m);              // zeroed, where m computes: CPU registry layout, CUDA compact
+int64_t tm_grads_numel(const TrainModel *m);     // floats in it (CUDA: the trained tensors, engine_cuda_grads_numel)
 void tm_grads_free(TrainModel *m, float *grads);
 void tm_grads_zero(TrainModel *m, float *grads);  // the trainable tensors' ranges
 // Copies grads (registry layout) to host memory (data-parallel collectives on the CPU path).
