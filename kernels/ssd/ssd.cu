@@ -9,10 +9,11 @@
 //   S_out    = dlast S_in + sum_k w_k x_k (x) B_k
 // Exponents are clamped to <= 0 (kernels.md §8.4: a cum difference rounded above 0 must not grow a decay).
 //
-// Kernels (one block = 256 threads, contractions as register-blocked fp32 tiles over shared memory):
-//   ssd_fwd_kernel<Y>     one block per (b, h, tile of PT rows of P), sequential over chunks, state tile [PT,N]
-//                         in shared memory: y (if Y) and the state; optionally stores the state entering every
-//                         chunk (the backward's recompute). No state ever goes through global memory in between.
+// Kernels (one block = 256 threads = 8 warps; every contraction on tensor cores through WMMA 16x16x16 bf16 tiles
+// with fp32 accumulation, fp32 operands split into bf16 hi + lo: see "tensor-core tiles" below):
+//   ssd_fwd_kernel<Y>     one block per (b, h, 16 rows of P), sequential over chunks, fp32 state tile [16,N] in
+//                         shared memory: y (if Y) and the state; optionally stores the state entering every chunk
+//                         (the backward's recompute). No state goes through global memory in between.
 //   ssd_dstate_kernel     the reverse pass of the state gradient, same decomposition: stores dS leaving every
 //                         chunk; dS_in = dlast dS + sum_m din_m dy_m (x) C_m; dh0 at the end.
 //   ssd_bwd_chunk_kernel  one block per (b, h, chunk), all of P and N: every gradient of the chunk's tokens from
@@ -21,14 +22,20 @@
 //                         of a group (when G < H).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 #include <stdint.h>
 #include <string.h>
+
+#include <type_traits>
 
 #include "kernels/scan/scan_common.cuh"
 #include "kernels/ssd/ssd_cuda.h"
 
 #define SSD_Q SSD_CUDA_CHUNK
 #define SSD_THREADS 256
+#define SSD_PT 16  // rows of P per block in the sequential passes
+
+using namespace nvcuda;
 
 namespace {
 
@@ -49,50 +56,82 @@ struct SsdDev {
 __device__ __forceinline__ float bf(bf16 v) { return __bfloat162float(v); }
 
 // ---------------------------------------------------------------------------------------------- shared layouts
-// Row strides: bf16 rows of n + 2 (odd number of 4-byte words for n % 4 == 0), fp32 rows of n + 1: 16 threads reading
-// 16 consecutive rows at one column hit 16 different banks.
-__host__ __device__ inline int64_t al16(int64_t v) { return (v + 15) & ~(int64_t)15; }
+// Row strides: bf16 rows of n + 8 elements (WMMA needs a multiple of 8; the extra 16 bytes stagger the rows over the
+// banks), fp32 rows of n + 4 (WMMA needs a multiple of 4). Buffers start on 128-byte boundaries, so every 16 x 16
+// tile starts on a 32-byte boundary as WMMA requires.
+__host__ __device__ constexpr int64_t ld16(int64_t n) { return n + 8; }
+__host__ __device__ constexpr int64_t ld32(int64_t n) { return n + 4; }
+__host__ __device__ inline int64_t al128(int64_t v) { return (v + 127) & ~(int64_t)127; }
+__host__ __device__ inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-struct PassLayout {  // ssd_fwd_kernel and ssd_dstate_kernel
-    int64_t C, B, X, W, S, scal, total;
+struct FwdLayout {  // ssd_fwd_kernel; W* and WB* share one region (W is dead when WB is formed), Y1/Y2 and T another
+    int64_t C, B, X, Wf, Wh, Wl, WBh, WBl, Sf, Sh, Sl, Y1, Y2, T, scal, total;
 };
-__host__ __device__ inline PassLayout pass_layout(int64_t N, int64_t PT) {
-    PassLayout l;
+__host__ __device__ inline FwdLayout fwd_layout(int64_t N) {
+    const int64_t Q = SSD_Q, PT = SSD_PT;
+    FwdLayout l;
     int64_t o = 0;
-    l.C = o, o = al16(o + SSD_Q * (N + 2) * 2);
-    l.B = o, o = al16(o + SSD_Q * (N + 2) * 2);
-    l.X = o, o = al16(o + SSD_Q * (PT + 2) * 2);
-    l.W = o, o = al16(o + SSD_Q * (SSD_Q + 1) * 4);
-    l.S = o, o = al16(o + PT * (N + 1) * 4);
-    l.scal = o, o = al16(o + 8 * SSD_Q * 4);
+    l.C = o, o = al128(o + Q * ld16(N) * 2);
+    l.B = o, o = al128(o + Q * ld16(N) * 2);
+    l.X = o, o = al128(o + Q * ld16(PT) * 2);
+    const int64_t r1 = o;
+    l.Wf = r1, l.Wh = al128(l.Wf + Q * ld32(Q) * 4), l.Wl = al128(l.Wh + Q * ld16(Q) * 2);
+    l.WBh = r1, l.WBl = al128(l.WBh + Q * ld16(N) * 2);
+    o = max64(al128(l.Wl + Q * ld16(Q) * 2), al128(l.WBl + Q * ld16(N) * 2));
+    l.Sf = o, o = al128(o + PT * ld32(N) * 4);
+    l.Sh = o, o = al128(o + PT * ld16(N) * 2);
+    l.Sl = o, o = al128(o + PT * ld16(N) * 2);
+    const int64_t r2 = o;
+    l.Y1 = r2, l.Y2 = al128(l.Y1 + Q * ld32(PT) * 4);
+    l.T = r2;
+    o = max64(al128(l.Y2 + Q * ld32(PT) * 4), al128(l.T + PT * ld32(N) * 4));
+    l.scal = o, o = al128(o + 8 * Q * 4);
     l.total = o;
     return l;
 }
 
-struct ChunkLayout {  // ssd_bwd_chunk_kernel
-    int64_t X, DY, B, C, CB, DG, E, S, R, scal, total;
+struct DstLayout {  // ssd_dstate_kernel
+    int64_t DY, DCh, DCl, Sf, T, scal, total;
+};
+__host__ __device__ inline DstLayout dst_layout(int64_t N) {
+    const int64_t Q = SSD_Q, PT = SSD_PT;
+    DstLayout l;
+    int64_t o = 0;
+    l.DY = o, o = al128(o + Q * ld16(PT) * 2);
+    l.DCh = o, o = al128(o + Q * ld16(N) * 2);
+    l.DCl = o, o = al128(o + Q * ld16(N) * 2);
+    l.Sf = o, o = al128(o + PT * ld32(N) * 4);
+    l.T = o, o = al128(o + PT * ld32(N) * 4);
+    l.scal = o, o = al128(o + 8 * Q * 4);
+    l.total = o;
+    return l;
+}
+
+struct ChunkLayout {  // ssd_bwd_chunk_kernel; CB (fp32) then W hi/lo share a region, as do dG and V; E lives in R
+    int64_t X, DY, B, C, CB, Wh, Wl, DG, Vh, Vl, Sh, Sl, R, scal, total;
 };
 __host__ __device__ inline ChunkLayout chunk_layout(int64_t P, int64_t N) {
+    const int64_t Q = SSD_Q, PN = max64(P, N);
     ChunkLayout l;
-    const int64_t PN = P > N ? P : N;
     int64_t o = 0;
-    l.X = o, o = al16(o + SSD_Q * (P + 2) * 2);
-    l.DY = o, o = al16(o + SSD_Q * (P + 2) * 2);
-    l.B = o, o = al16(o + SSD_Q * (N + 2) * 2);
-    l.C = o, o = al16(o + SSD_Q * (N + 2) * 2);
-    l.CB = o, o = al16(o + SSD_Q * (SSD_Q + 1) * 4);
-    l.DG = o, o = al16(o + SSD_Q * (SSD_Q + 1) * 4);
-    l.E = o, o = al16(o + SSD_Q * (SSD_Q + 1) * 4);
-    l.S = o, o = al16(o + P * (N + 1) * 4);
-    l.R = o, o = al16(o + SSD_Q * (PN + 1) * 4);
-    l.scal = o, o = al16(o + 16 * SSD_Q * 4);
+    l.X = o, o = al128(o + Q * ld16(P) * 2);
+    l.DY = o, o = al128(o + Q * ld16(P) * 2);
+    l.B = o, o = al128(o + Q * ld16(N) * 2);
+    l.C = o, o = al128(o + Q * ld16(N) * 2);
+    const int64_t wv = max64(al128(Q * ld32(Q) * 4), 2 * al128(Q * ld16(Q) * 2));
+    l.CB = o, l.Wh = o, l.Wl = o + al128(Q * ld16(Q) * 2), o += wv;
+    l.DG = o, l.Vh = o, l.Vl = o + al128(Q * ld16(Q) * 2), o += wv;
+    l.Sh = o, o = al128(o + P * ld16(N) * 2);
+    l.Sl = o, o = al128(o + P * ld16(N) * 2);
+    l.R = o, o = al128(o + max64(Q * ld32(PN), Q * ld32(Q)) * 4);
+    l.scal = o, o = al128(o + 16 * Q * 4);
     l.total = o;
     return l;
 }
 
 // Per-chunk scalars in shared memory (float arrays of Q; lastr is int).
 struct Scal {
-    float *delta, *cum, *v, *din, *w, *xdsb, *tmp, *dd;
+    float *delta, *cum, *v, *din, *w, *xdsb, *tmp, *dd, *tj;
     int *lastr;
     float *red;  // 32 floats of reduction scratch
 };
@@ -103,9 +142,9 @@ __device__ inline Scal scal_at(unsigned char *p, int n_arrays) {
     s.lastr = reinterpret_cast<int *>(f + 5 * SSD_Q);
     s.red = f + 6 * SSD_Q;  // 32 floats (6*Q + 32 < 8*Q)
     if (n_arrays > 8) {     // the chunk kernel's layout has 16 arrays
-        s.xdsb = f + 7 * SSD_Q, s.tmp = f + 8 * SSD_Q, s.dd = f + 9 * SSD_Q;
+        s.xdsb = f + 7 * SSD_Q, s.tmp = f + 8 * SSD_Q, s.dd = f + 9 * SSD_Q, s.tj = f + 10 * SSD_Q;
     } else {
-        s.xdsb = s.tmp = s.dd = nullptr;
+        s.xdsb = s.tmp = s.dd = s.tj = nullptr;
     }
     return s;
 }
@@ -172,75 +211,55 @@ __device__ __forceinline__ void chunk_weights(const Scal &sc) {
     }
 }
 
-// ---------------------------------------------------------------------------------------------- block contraction
-// out(i, j, sum_k fa1(i,k) fb1(j,k) + sum_k fa2(i,k) fb2(j,k)) for every i < M, j < Nc. 256 threads as 16 x 16, each
-// holding TM x TN outputs at rows i0 + ty + 16r, columns j0 + tx + 16c; the k loops run in ascending order with one
-// fma per term (so each output's rounding does not depend on the tiling). Reads only; no barrier inside.
-template <int TM, int TN, typename FA1, typename FB1, typename FA2, typename FB2, typename FO>
-__device__ __forceinline__ void block_mm2(int M, int Nc, int K1, FA1 fa1, FB1 fb1, int K2, FA2 fa2, FB2 fb2, FO out) {
-    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-    for (int i0 = 0; i0 < M; i0 += 16 * TM)
-        for (int j0 = 0; j0 < Nc; j0 += 16 * TN) {
-            float acc[TM][TN];
-            int ii[TM], jj[TN];
-#pragma unroll
-            for (int r = 0; r < TM; r++) {
-                const int i = i0 + ty + 16 * r;
-                ii[r] = i < M ? i : M - 1;
-#pragma unroll
-                for (int c = 0; c < TN; c++) acc[r][c] = 0.f;
-            }
-#pragma unroll
-            for (int c = 0; c < TN; c++) {
-                const int j = j0 + tx + 16 * c;
-                jj[c] = j < Nc ? j : Nc - 1;
-            }
-#pragma unroll 4
-            for (int k = 0; k < K1; k++) {
-                float av[TM], bv[TN];
-#pragma unroll
-                for (int r = 0; r < TM; r++) av[r] = fa1(ii[r], k);
-#pragma unroll
-                for (int c = 0; c < TN; c++) bv[c] = fb1(jj[c], k);
-#pragma unroll
-                for (int r = 0; r < TM; r++)
-#pragma unroll
-                    for (int c = 0; c < TN; c++) acc[r][c] = fmaf(av[r], bv[c], acc[r][c]);
-            }
-#pragma unroll 4
-            for (int k = 0; k < K2; k++) {
-                float av[TM], bv[TN];
-#pragma unroll
-                for (int r = 0; r < TM; r++) av[r] = fa2(ii[r], k);
-#pragma unroll
-                for (int c = 0; c < TN; c++) bv[c] = fb2(jj[c], k);
-#pragma unroll
-                for (int r = 0; r < TM; r++)
-#pragma unroll
-                    for (int c = 0; c < TN; c++) acc[r][c] = fmaf(av[r], bv[c], acc[r][c]);
-            }
-#pragma unroll
-            for (int r = 0; r < TM; r++)
-#pragma unroll
-                for (int c = 0; c < TN; c++) {
-                    const int i = i0 + ty + 16 * r, j = j0 + tx + 16 * c;
-                    if (i < M && j < Nc) out(i, j, acc[r][c]);
-                }
-        }
-}
-template <int TM, int TN, typename FA, typename FB, typename FO>
-__device__ __forceinline__ void block_mm(int M, int Nc, int K, FA fa, FB fb, FO out) {
-    block_mm2<TM, TN>(M, Nc, K, fa, fb, 0, fa, fb, out);
+// ---------------------------------------------------------------------------------------------- tensor-core tiles
+// Every contraction multiplies an exact bf16 operand (x, dy, B, C: the inputs) by either another one (C B^T, dy x^T:
+// exact products) or an fp32 operand v (decay-weighted matrices, states), which enters as two bf16 terms
+// v = hi + lo (hi = bf16(v), lo = bf16(v - hi)): the product keeps ~16 bits of v, against bf16's 8 (~1e-5 relative),
+// for twice the (cheap) MMAs. Accumulation is fp32.
+typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> Acc;
+
+__device__ __forceinline__ void split_bf(float v, bf16 *hi, bf16 *lo) {
+    const bf16 hv = __float2bfloat16_rn(v);
+    *hi = hv;
+    *lo = __float2bfloat16_rn(v - __bfloat162float(hv));
 }
 
-// Loads rows 0..Q-1 of a [rows, width] bf16 slice into shared memory (row stride width + 2); rows >= q are zero.
+// acc += A[i0:i0+16, 0:K] B[0:K, j0:j0+16], K a multiple of 16. A row_major: element (i,k) at A[i*lda + k],
+// col_major: at A[k*lda + i]; B row_major: (k,j) at B[k*ldb + j], col_major: at B[j*ldb + k].
+template <typename LA, typename LB>
+__device__ __forceinline__ void mma_k(Acc &acc, const bf16 *A, int lda, const bf16 *B, int ldb, int i0, int j0, int K) {
+    constexpr bool ra = std::is_same<LA, wmma::row_major>::value, rb = std::is_same<LB, wmma::row_major>::value;
+    for (int k = 0; k < K; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb;
+        wmma::load_matrix_sync(fa, ra ? A + i0 * lda + k : A + k * lda + i0, lda);
+        wmma::load_matrix_sync(fb, rb ? B + k * ldb + j0 : B + j0 * ldb + k, ldb);
+        wmma::mma_sync(acc, fa, fb, acc);
+    }
+}
+
+// Every 16 x 16 tile of an M x Nc fp32 row-major matrix C (ldc), dealt to the 8 warps in turn:
+// C = terms (load = false) or C += terms (load = true: in place). Warp-uniform; no block barrier inside.
+template <typename F>
+__device__ __forceinline__ void block_tiles(int M, int Nc, float *C, int ldc, bool load, F terms) {
+    const int warp = threadIdx.x >> 5, nt = Nc / 16, total = (M / 16) * nt;
+    for (int t = warp; t < total; t += SSD_THREADS / 32) {
+        const int i0 = (t / nt) * 16, j0 = (t % nt) * 16;
+        Acc acc;
+        if (load) wmma::load_matrix_sync(acc, C + i0 * ldc + j0, ldc, wmma::mem_row_major);
+        else wmma::fill_fragment(acc, 0.f);
+        terms(acc, i0, j0);
+        wmma::store_matrix_sync(C + i0 * ldc + j0, acc, ldc, wmma::mem_row_major);
+    }
+}
+
+// Loads rows 0..Q-1 of a [rows, width] bf16 slice into shared memory (row stride ld); rows >= q are zero.
 // src(m) points at row m's first element in global memory (only called for m < q).
 template <typename FSrc>
-__device__ __forceinline__ void load_rows(bf16 *dst, int width, int q, FSrc src) {
-    const int stride = width + 2;
+__device__ __forceinline__ void load_rows(bf16 *dst, int width, int ld, int q, FSrc src) {
     for (int idx = threadIdx.x; idx < SSD_Q * width; idx += SSD_THREADS) {
         const int m = idx / width, n = idx - m * width;
-        dst[m * stride + n] = m < q ? src(m)[n] : __float2bfloat16_rn(0.f);
+        dst[m * ld + n] = m < q ? src(m)[n] : __float2bfloat16_rn(0.f);
     }
 }
 
@@ -259,14 +278,23 @@ __device__ float block_sum(float v, float *red) {
 }
 
 // ---------------------------------------------------------------------------------------------- forward pass
+// One block per (b, h, 16 rows of P), sequential over chunks; the state tile S [16, N] stays in shared memory (fp32).
 template <bool Y>
 __global__ void __launch_bounds__(SSD_THREADS) ssd_fwd_kernel(SsdDev a) {
-    extern __shared__ __align__(16) unsigned char smem[];
-    const int N = (int)a.N, PT = a.PT, sN = N + 2, sP = PT + 2, sQ = SSD_Q + 1, sS = N + 1;
-    const PassLayout lay = pass_layout(N, PT);
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int N = (int)a.N, PT = SSD_PT, Q = SSD_Q;
+    const int lN = (int)ld16(N), lP = (int)ld16(PT), lQ = (int)ld16(Q), lQf = (int)ld32(Q), lPf = (int)ld32(PT);
+    const int lNf = (int)ld32(N);
+    const FwdLayout lay = fwd_layout(N);
     bf16 *Cs = reinterpret_cast<bf16 *>(smem + lay.C), *Bs = reinterpret_cast<bf16 *>(smem + lay.B);
     bf16 *Xs = reinterpret_cast<bf16 *>(smem + lay.X);
-    float *Ws = reinterpret_cast<float *>(smem + lay.W), *Ss = reinterpret_cast<float *>(smem + lay.S);
+    float *Wf = reinterpret_cast<float *>(smem + lay.Wf);
+    bf16 *Wh = reinterpret_cast<bf16 *>(smem + lay.Wh), *Wl = reinterpret_cast<bf16 *>(smem + lay.Wl);
+    bf16 *WBh = reinterpret_cast<bf16 *>(smem + lay.WBh), *WBl = reinterpret_cast<bf16 *>(smem + lay.WBl);
+    float *Sf = reinterpret_cast<float *>(smem + lay.Sf);
+    bf16 *Sh = reinterpret_cast<bf16 *>(smem + lay.Sh), *Sl = reinterpret_cast<bf16 *>(smem + lay.Sl);
+    float *Y1 = reinterpret_cast<float *>(smem + lay.Y1), *Y2 = reinterpret_cast<float *>(smem + lay.Y2);
+    float *T = reinterpret_cast<float *>(smem + lay.T);
     const Scal sc = scal_at(smem + lay.scal, 8);
 
     const int64_t npt = a.P / PT;
@@ -277,67 +305,92 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_fwd_kernel(SsdDev a) {
 
     for (int i = threadIdx.x; i < PT * N; i += SSD_THREADS) {
         const int p = i / N, n = i - p * N;
-        Ss[p * sS + n] = a.h0 ? a.h0[(bh * P + p0 + p) * a.N + n] : 0.f;
+        Sf[p * lNf + n] = a.h0 ? a.h0[(bh * P + p0 + p) * a.N + n] : 0.f;
     }
     for (int64_t c = 0; c < a.nch; c++) {
         const int64_t t0 = c * SSD_Q;
         const int q = (int)(L - t0 < SSD_Q ? L - t0 : SSD_Q);
         __syncthreads();  // the previous chunk's readers of every buffer are done
         if (threadIdx.x < 32) chunk_scalars(a, b, h, t0, q, sc);
-        load_rows(Bs, N, q, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * a.N; });
-        load_rows(Xs, PT, q, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * P + p0; });
-        if (Y) load_rows(Cs, N, q, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * a.N; });
+        load_rows(Bs, N, lN, q, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * a.N; });
+        load_rows(Xs, PT, lP, q, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * P + p0; });
+        if (Y) {
+            load_rows(Cs, N, lN, q, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * a.N; });
+            for (int i = threadIdx.x; i < PT * N; i += SSD_THREADS) {
+                const int p = i / N, n = i - p * N;
+                split_bf(Sf[p * lNf + n], &Sh[p * lN + n], &Sl[p * lN + n]);
+            }
+        }
         __syncthreads();
         chunk_weights(sc);
         __syncthreads();
         if (Y) {
-            // W[m,k] = (C_m . B_k) Lm[m,k] delta_k
-            block_mm<4, 4>(
-                SSD_Q, SSD_Q, N, [&](int m, int n) { return bf(Cs[m * sN + n]); },
-                [&](int k, int n) { return bf(Bs[k * sN + n]); },
-                [&](int m, int k, float acc) { Ws[m * sQ + k] = acc * decay_mk(sc, m, k) * sc.delta[k]; });
+            // CB = C B^T, then W[m,k] = CB[m,k] Lm[m,k] delta_k as hi + lo
+            block_tiles(Q, Q, Wf, lQf, false, [&](Acc &acc, int i0, int j0) {
+                mma_k<wmma::row_major, wmma::col_major>(acc, Cs, lN, Bs, lN, i0, j0, N);
+            });
             __syncthreads();
-            // y[m,p] = sum_k W[m,k] x[k,p] + din_m sum_n C[m,n] S[p,n] + D x[m,p]
-            block_mm2<4, 2>(
-                SSD_Q, PT, SSD_Q, [&](int m, int k) { return Ws[m * sQ + k]; },
-                [&](int p, int k) { return bf(Xs[k * sP + p]); }, N,
-                [&](int m, int n) { return sc.din[m] * bf(Cs[m * sN + n]); },
-                [&](int p, int n) { return Ss[p * sS + n]; },
-                [&](int m, int p, float acc) {
-                    if (m < q) a.y[((b * L + t0 + m) * H + h) * P + p0 + p] =
-                                   __float2bfloat16_rn(acc + Dh * bf(Xs[m * sP + p]));
-                });
-            __syncthreads();  // y read the state; it is updated below
+            for (int i = threadIdx.x; i < Q * Q; i += SSD_THREADS) {
+                const int m = i / Q, k = i - m * Q;
+                split_bf(Wf[m * lQf + k] * decay_mk(sc, m, k) * sc.delta[k], &Wh[m * lQ + k], &Wl[m * lQ + k]);
+            }
+            __syncthreads();
+            // Y1 = W x (intra-chunk), Y2 = C S^T (incoming state)
+            block_tiles(Q, PT, Y1, lPf, false, [&](Acc &acc, int i0, int j0) {
+                mma_k<wmma::row_major, wmma::row_major>(acc, Wh, lQ, Xs, lP, i0, j0, Q);
+                mma_k<wmma::row_major, wmma::row_major>(acc, Wl, lQ, Xs, lP, i0, j0, Q);
+            });
+            block_tiles(Q, PT, Y2, lPf, false, [&](Acc &acc, int i0, int j0) {
+                mma_k<wmma::row_major, wmma::col_major>(acc, Cs, lN, Sh, lN, i0, j0, N);
+                mma_k<wmma::row_major, wmma::col_major>(acc, Cs, lN, Sl, lN, i0, j0, N);
+            });
+            __syncthreads();
+            for (int i = threadIdx.x; i < q * PT; i += SSD_THREADS) {
+                const int m = i / PT, p = i - m * PT;
+                const float v = Y1[m * lPf + p] + sc.din[m] * Y2[m * lPf + p] + Dh * bf(Xs[m * lP + p]);
+                a.y[((b * L + t0 + m) * H + h) * P + p0 + p] = __float2bfloat16_rn(v);
+            }
+            __syncthreads();  // W and Y are dead; their regions hold WB and T below
         }
-        // S[p,n] = dlast S[p,n] + sum_k w_k x[k,p] B[k,n]; the state entering the chunk is stored first (backward)
+        // S = dlast S + x^T (w B): T = x^T (w B) first; the state entering the chunk is stored (backward)
+        for (int i = threadIdx.x; i < Q * N; i += SSD_THREADS) {
+            const int k = i / N, n = i - k * N;
+            split_bf(sc.w[k] * bf(Bs[k * lN + n]), &WBh[k * lN + n], &WBl[k * lN + n]);
+        }
+        __syncthreads();
+        block_tiles(PT, N, T, lNf, false, [&](Acc &acc, int i0, int j0) {
+            mma_k<wmma::col_major, wmma::row_major>(acc, Xs, lP, WBh, lN, i0, j0, Q);
+            mma_k<wmma::col_major, wmma::row_major>(acc, Xs, lP, WBl, lN, i0, j0, Q);
+        });
+        __syncthreads();
         const float dlast = sc.din[SSD_Q - 1];
         float *st = a.Sin ? a.Sin + ((bh * a.nch + c) * P + p0) * a.N : nullptr;
-        block_mm<2, 8>(
-            PT, N, SSD_Q, [&](int p, int k) { return sc.w[k] * bf(Xs[k * sP + p]); },
-            [&](int n, int k) { return bf(Bs[k * sN + n]); },
-            [&](int p, int n, float acc) {
-                const float old = Ss[p * sS + n];
-                if (st) st[(int64_t)p * N + n] = old;
-                Ss[p * sS + n] = fmaf(dlast, old, acc);
-            });
+        for (int i = threadIdx.x; i < PT * N; i += SSD_THREADS) {
+            const int p = i / N, n = i - p * N;
+            const float old = Sf[p * lNf + n];
+            if (st) st[i] = old;  // i = p*N + n
+            Sf[p * lNf + n] = fmaf(dlast, old, T[p * lNf + n]);
+        }
     }
     __syncthreads();
     if (a.h_last)
         for (int i = threadIdx.x; i < PT * N; i += SSD_THREADS) {
             const int p = i / N, n = i - p * N;
-            a.h_last[(bh * P + p0 + p) * a.N + n] = Ss[p * sS + n];
+            a.h_last[(bh * P + p0 + p) * a.N + n] = Sf[p * lNf + n];
         }
 }
 
 // ---------------------------------------------------------------------------------------------- state gradient pass
 // dS (gradient w.r.t. the state leaving chunk c) for c = nch-1 .. 0, stored to dSo; then dS_in = dlast dS +
-// sum_m din_m dy_m (x) C_m becomes the next (earlier) chunk's dS. dh0 = the final dS.
+// dy^T (din C) becomes the next (earlier) chunk's dS. dh0 = the final dS. Same decomposition as the forward.
 __global__ void __launch_bounds__(SSD_THREADS) ssd_dstate_kernel(SsdDev a) {
-    extern __shared__ __align__(16) unsigned char smem[];
-    const int N = (int)a.N, PT = a.PT, sN = N + 2, sP = PT + 2, sS = N + 1;
-    const PassLayout lay = pass_layout(N, PT);
-    bf16 *Cs = reinterpret_cast<bf16 *>(smem + lay.C), *DYs = reinterpret_cast<bf16 *>(smem + lay.X);
-    float *Ss = reinterpret_cast<float *>(smem + lay.S);
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int N = (int)a.N, PT = SSD_PT, Q = SSD_Q;
+    const int lN = (int)ld16(N), lP = (int)ld16(PT), lNf = (int)ld32(N);
+    const DstLayout lay = dst_layout(N);
+    bf16 *DYs = reinterpret_cast<bf16 *>(smem + lay.DY);
+    bf16 *DCh = reinterpret_cast<bf16 *>(smem + lay.DCh), *DCl = reinterpret_cast<bf16 *>(smem + lay.DCl);
+    float *Sf = reinterpret_cast<float *>(smem + lay.Sf), *T = reinterpret_cast<float *>(smem + lay.T);
     const Scal sc = scal_at(smem + lay.scal, 8);
 
     const int64_t npt = a.P / PT;
@@ -347,34 +400,42 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_dstate_kernel(SsdDev a) {
 
     for (int i = threadIdx.x; i < PT * N; i += SSD_THREADS) {
         const int p = i / N, n = i - p * N;
-        Ss[p * sS + n] = a.dhl ? a.dhl[(bh * P + p0 + p) * a.N + n] : 0.f;
+        Sf[p * lNf + n] = a.dhl ? a.dhl[(bh * P + p0 + p) * a.N + n] : 0.f;
     }
     for (int64_t c = a.nch - 1; c >= 0; c--) {
         const int64_t t0 = c * SSD_Q;
         const int q = (int)(L - t0 < SSD_Q ? L - t0 : SSD_Q);
         __syncthreads();
         if (threadIdx.x < 32) chunk_scalars(a, b, h, t0, q, sc);
-        load_rows(Cs, N, q, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * a.N; });
-        load_rows(DYs, PT, q, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * P + p0; });
+        load_rows(DYs, PT, lP, q, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * P + p0; });
         __syncthreads();
         chunk_weights(sc);
         __syncthreads();
+        for (int i = threadIdx.x; i < Q * N; i += SSD_THREADS) {
+            const int m = i / N, n = i - m * N;
+            const float cv = m < q ? bf(a.Cm[((b * L + t0 + m) * G + g) * a.N + n]) : 0.f;
+            split_bf(sc.din[m] * cv, &DCh[m * lN + n], &DCl[m * lN + n]);
+        }
+        __syncthreads();
+        block_tiles(PT, N, T, lNf, false, [&](Acc &acc, int i0, int j0) {
+            mma_k<wmma::col_major, wmma::row_major>(acc, DYs, lP, DCh, lN, i0, j0, Q);
+            mma_k<wmma::col_major, wmma::row_major>(acc, DYs, lP, DCl, lN, i0, j0, Q);
+        });
+        __syncthreads();
         const float dlast = sc.din[SSD_Q - 1];
         float *st = a.dSo + ((bh * a.nch + c) * P + p0) * a.N;
-        block_mm<2, 8>(
-            PT, N, SSD_Q, [&](int p, int m) { return sc.din[m] * bf(DYs[m * sP + p]); },
-            [&](int n, int m) { return bf(Cs[m * sN + n]); },
-            [&](int p, int n, float acc) {
-                const float old = Ss[p * sS + n];
-                st[(int64_t)p * N + n] = old;
-                Ss[p * sS + n] = fmaf(dlast, old, acc);
-            });
+        for (int i = threadIdx.x; i < PT * N; i += SSD_THREADS) {
+            const int p = i / N, n = i - p * N;
+            const float old = Sf[p * lNf + n];
+            st[i] = old;
+            Sf[p * lNf + n] = fmaf(dlast, old, T[p * lNf + n]);
+        }
     }
     __syncthreads();
     if (a.dh0)
         for (int i = threadIdx.x; i < PT * N; i += SSD_THREADS) {
             const int p = i / N, n = i - p * N;
-            a.dh0[(bh * P + p0 + p) * a.N + n] = Ss[p * sS + n];
+            a.dh0[(bh * P + p0 + p) * a.N + n] = Sf[p * lNf + n];
         }
 }
 
@@ -384,20 +445,24 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_dstate_kernel(SsdDev a) {
 //   W = CB Lm delta_k, V = dG Lm delta_k, E = dG CB Lm       [Q,Q] (elementwise)
 //   dx  = D dy + w_k (B dS^T)[k,p] + W^T dy
 //   dB  = w_k (x dS)[k,n] + V^T C
-//   dC  = V B + din_m (dy S0)[m,n]
+//   dC  = din_m (dy S0)[m,n] + V B
 //   ddelta_k = Lm[Q-1,k] x_k.(B_k dS^T) + sum_m E[m,k]
 //   d(cum) terms: tmp_m = din_m C_m.(dy S0)_m, u = dlast <dS, S0>, M[m,k] = E[m,k] delta_k (k < m) and the state's
 //   M[Q-1,k] = w_k x_k.(B_k dS^T): da_j = sum_{m>=j} tmp_m + u + sum_{m>=j} sum_{k<j} M[m,k].
+// The fp32 terms of dx/dB/dC are formed in R first, and the MMAs accumulate onto them in place.
 __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
-    extern __shared__ __align__(16) unsigned char smem[];
-    const int P = (int)a.P, N = (int)a.N, sP = P + 2, sN = N + 2, sQ = SSD_Q + 1, sS = N + 1;
-    const int sR = (P > N ? P : N) + 1;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int P = (int)a.P, N = (int)a.N, Q = SSD_Q;
+    const int lP = (int)ld16(P), lN = (int)ld16(N), lQ = (int)ld16(Q), lQf = (int)ld32(Q);
+    const int lR = (int)ld32(P > N ? P : N);
     const ChunkLayout lay = chunk_layout(P, N);
     bf16 *Xs = reinterpret_cast<bf16 *>(smem + lay.X), *DYs = reinterpret_cast<bf16 *>(smem + lay.DY);
     bf16 *Bs = reinterpret_cast<bf16 *>(smem + lay.B), *Cs = reinterpret_cast<bf16 *>(smem + lay.C);
-    float *CBs = reinterpret_cast<float *>(smem + lay.CB), *DGs = reinterpret_cast<float *>(smem + lay.DG);
-    float *Es = reinterpret_cast<float *>(smem + lay.E), *Ss = reinterpret_cast<float *>(smem + lay.S);
-    float *Rs = reinterpret_cast<float *>(smem + lay.R);
+    float *CBf = reinterpret_cast<float *>(smem + lay.CB), *DGf = reinterpret_cast<float *>(smem + lay.DG);
+    bf16 *Wh = reinterpret_cast<bf16 *>(smem + lay.Wh), *Wl = reinterpret_cast<bf16 *>(smem + lay.Wl);
+    bf16 *Vh = reinterpret_cast<bf16 *>(smem + lay.Vh), *Vl = reinterpret_cast<bf16 *>(smem + lay.Vl);
+    bf16 *Sh = reinterpret_cast<bf16 *>(smem + lay.Sh), *Sl = reinterpret_cast<bf16 *>(smem + lay.Sl);
+    float *Rs = reinterpret_cast<float *>(smem + lay.R), *Es = Rs;  // E is dead before R is first written
     const Scal sc = scal_at(smem + lay.scal, 16);
 
     const int64_t c = (int64_t)blockIdx.x % a.nch, bh = (int64_t)blockIdx.x / a.nch;
@@ -408,136 +473,177 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     const int tid = threadIdx.x;
 
     if (tid < 32) chunk_scalars(a, b, h, t0, q, sc);
-    load_rows(Xs, P, q, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * a.P; });
-    load_rows(DYs, P, q, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * a.P; });
-    load_rows(Bs, N, q, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * a.N; });
-    load_rows(Cs, N, q, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * a.N; });
+    load_rows(Xs, P, lP, q, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * a.P; });
+    load_rows(DYs, P, lP, q, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * a.P; });
+    load_rows(Bs, N, lN, q, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * a.N; });
+    load_rows(Cs, N, lN, q, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * a.N; });
     const float *S0g = a.Sin + (bh * a.nch + c) * a.P * a.N;
     const float *dSg = a.dSo + (bh * a.nch + c) * a.P * a.N;
-    // dS into shared memory; u = <dS, S0> (S0 read from global here, once)
+    // dS as hi + lo; u = <dS, S0> (S0 read from global here)
     float up = 0.f;
     for (int i = tid; i < P * N; i += SSD_THREADS) {
         const int p = i / N, n = i - p * N;
         const float d = dSg[i];
-        Ss[p * sS + n] = d;
+        split_bf(d, &Sh[p * lN + n], &Sl[p * lN + n]);
         up = fmaf(d, S0g[i], up);
     }
     __syncthreads();
     chunk_weights(sc);
     // CB = C B^T and dG = dy x^T
-    block_mm<4, 4>(
-        SSD_Q, SSD_Q, N, [&](int m, int n) { return bf(Cs[m * sN + n]); }, [&](int k, int n) { return bf(Bs[k * sN + n]); },
-        [&](int m, int k, float acc) { CBs[m * sQ + k] = acc; });
-    block_mm<4, 4>(
-        SSD_Q, SSD_Q, P, [&](int m, int p) { return bf(DYs[m * sP + p]); },
-        [&](int k, int p) { return bf(Xs[k * sP + p]); }, [&](int m, int k, float acc) { DGs[m * sQ + k] = acc; });
+    block_tiles(Q, Q, CBf, lQf, false, [&](Acc &acc, int i0, int j0) {
+        mma_k<wmma::row_major, wmma::col_major>(acc, Cs, lN, Bs, lN, i0, j0, N);
+    });
+    block_tiles(Q, Q, DGf, lQf, false, [&](Acc &acc, int i0, int j0) {
+        mma_k<wmma::row_major, wmma::col_major>(acc, DYs, lP, Xs, lP, i0, j0, P);
+    });
     const float u_raw = block_sum(up, sc.red);  // contains barriers: CB, dG, din, w are complete after it
     const float dlast = sc.din[SSD_Q - 1];
     const float u = dlast * u_raw;
-    // W, V, E in place
-    for (int i = tid; i < SSD_Q * SSD_Q; i += SSD_THREADS) {
-        const int m = i / SSD_Q, k = i - m * SSD_Q;
-        const float l = decay_mk(sc, m, k), cb = CBs[m * sQ + k], dg = DGs[m * sQ + k];
-        CBs[m * sQ + k] = cb * l * sc.delta[k];  // W
-        DGs[m * sQ + k] = dg * l * sc.delta[k];  // V
-        Es[m * sQ + k] = dg * cb * l;            // E
-    }
-    // R = B dS^T  [k,p]
-    block_mm<4, 4>(
-        SSD_Q, P, N, [&](int k, int n) { return bf(Bs[k * sN + n]); }, [&](int p, int n) { return Ss[p * sS + n]; },
-        [&](int k, int p, float acc) { Rs[k * sR + p] = acc; });
-    __syncthreads();
-    // xdsb_k = x_k . R_k
-    if (tid < SSD_Q) {
-        float s = 0.f;
-        for (int p = 0; p < P; p++) s = fmaf(bf(Xs[tid * sP + p]), Rs[tid * sR + p], s);
-        sc.xdsb[tid] = s;
-    }
-    // dx[k,p] = D dy[k,p] + w_k R[k,p] + sum_m W[m,k] dy[m,p]
-    block_mm<4, 4>(
-        SSD_Q, P, SSD_Q, [&](int k, int m) { return CBs[m * sQ + k]; }, [&](int p, int m) { return bf(DYs[m * sP + p]); },
-        [&](int k, int p, float acc) {
-            if (k < q)
-                a.dx[((b * L + t0 + k) * H + h) * a.P + p] =
-                    __float2bfloat16_rn(acc + sc.w[k] * Rs[k * sR + p] + Dh * bf(DYs[k * sP + p]));
-        });
-    __syncthreads();
-    // R = x dS  [k,n]
-    block_mm<4, 4>(
-        SSD_Q, N, P, [&](int k, int p) { return bf(Xs[k * sP + p]); }, [&](int n, int p) { return Ss[p * sS + n]; },
-        [&](int k, int n, float acc) { Rs[k * sR + n] = acc; });
-    __syncthreads();
-    // dB[k,n] = w_k R[k,n] + sum_m V[m,k] C[m,n]
-    block_mm<4, 4>(
-        SSD_Q, N, SSD_Q, [&](int k, int m) { return DGs[m * sQ + k]; }, [&](int n, int m) { return bf(Cs[m * sN + n]); },
-        [&](int k, int n, float acc) {
-            if (k < q) {
-                const float v = fmaf(sc.w[k], Rs[k * sR + n], acc);
-                if (a.rep == 1) a.dBm[((b * L + t0 + k) * G + g) * a.N + n] = __float2bfloat16_rn(v);
-                else a.dBh[((b * L + t0 + k) * H + h) * a.N + n] = v;
-            }
-        });
-    __syncthreads();
-    // S0 into shared memory, R = dy S0  [m,n]
-    for (int i = tid; i < P * N; i += SSD_THREADS) {
-        const int p = i / N, n = i - p * N;
-        Ss[p * sS + n] = S0g[i];
+    // W, V (kept in registers while CB/dG are read: their regions become W/V hi + lo), E into R
+    constexpr int PER = SSD_Q * SSD_Q / SSD_THREADS;
+    static_assert(PER * SSD_THREADS == SSD_Q * SSD_Q, "Q*Q must be a multiple of the block size");
+    float wr[PER], vr[PER];
+#pragma unroll
+    for (int r = 0; r < PER; r++) {
+        const int i = tid + r * SSD_THREADS, m = i / Q, k = i - m * Q;
+        const float l = decay_mk(sc, m, k), cb = CBf[m * lQf + k], dg = DGf[m * lQf + k];
+        wr[r] = cb * l * sc.delta[k];
+        vr[r] = dg * l * sc.delta[k];
+        Es[m * lQf + k] = dg * cb * l;
     }
     __syncthreads();
-    block_mm<4, 4>(
-        SSD_Q, N, P, [&](int m, int p) { return bf(DYs[m * sP + p]); }, [&](int n, int p) { return Ss[p * sS + n]; },
-        [&](int m, int n, float acc) { Rs[m * sR + n] = acc; });
-    __syncthreads();
-    // tmp_m = din_m C_m . R_m
-    if (tid < SSD_Q) {
-        float s = 0.f;
-        for (int n = 0; n < N; n++) s = fmaf(bf(Cs[tid * sN + n]), Rs[tid * sR + n], s);
-        sc.tmp[tid] = sc.din[tid] * s;
+#pragma unroll
+    for (int r = 0; r < PER; r++) {
+        const int i = tid + r * SSD_THREADS, m = i / Q, k = i - m * Q;
+        split_bf(wr[r], &Wh[m * lQ + k], &Wl[m * lQ + k]);
+        split_bf(vr[r], &Vh[m * lQ + k], &Vl[m * lQ + k]);
     }
-    // dC[m,n] = sum_k V[m,k] B[k,n] + din_m R[m,n]
-    block_mm<4, 4>(
-        SSD_Q, N, SSD_Q, [&](int m, int k) { return DGs[m * sQ + k]; }, [&](int n, int k) { return bf(Bs[k * sN + n]); },
-        [&](int m, int n, float acc) {
-            if (m < q) {
-                const float v = fmaf(sc.din[m], Rs[m * sR + n], acc);
-                if (a.rep == 1) a.dCm[((b * L + t0 + m) * G + g) * a.N + n] = __float2bfloat16_rn(v);
-                else a.dCh[((b * L + t0 + m) * H + h) * a.N + n] = v;
-            }
-        });
-    // ddelta_k = Lm[Q-1,k] xdsb_k + sum_{m>=k} E[m,k]   (column sums; Es is rewritten only after the barrier)
+    // column sums of E: the intra-chunk part of ddelta_k
     if (tid < SSD_Q) {
         const int k = tid;
         float s = 0.f;
-        for (int m = k; m < SSD_Q; m++) s += Es[m * sQ + k];
-        sc.dd[k] = decay_mk(sc, SSD_Q - 1, k) * sc.xdsb[k] + s;
+        for (int m = k; m < SSD_Q; m++) s += Es[m * lQf + k];
+        sc.dd[k] = s;
     }
     __syncthreads();
-    // row prefixes of M: Es[m][j] = sum_{k<j} E[m,k] delta_k for j <= m, 0 for j > m
+    // row prefixes of M in place: Es[m][j] = sum_{k<j} E[m,k] delta_k for j <= m, 0 for j > m
     if (tid < SSD_Q) {
         const int m = tid;
         float pre = 0.f;
         for (int j = 0; j < SSD_Q; j++) {
-            const float e = Es[m * sQ + j];
-            Es[m * sQ + j] = j <= m ? pre : 0.f;
+            const float e = Es[m * lQf + j];
+            Es[m * lQf + j] = j <= m ? pre : 0.f;
             if (j < m) pre = fmaf(e, sc.delta[j], pre);
         }
     }
     __syncthreads();
-    // da_j, ddt, and this block's partials of dA, ddt_bias, dD
+    if (tid < SSD_Q) {  // tj_j = sum_{m>=j} sum_{k<j} M[m,k]
+        const int j = tid;
+        float s = 0.f;
+        for (int m = SSD_Q - 1; m >= j; m--) s += Es[m * lQf + j];
+        sc.tj[j] = s;
+    }
+    __syncthreads();  // E is dead: R may be written
+    // R = B dS^T  [k,p]
+    block_tiles(Q, P, Rs, lR, false, [&](Acc &acc, int i0, int j0) {
+        mma_k<wmma::row_major, wmma::col_major>(acc, Bs, lN, Sh, lN, i0, j0, N);
+        mma_k<wmma::row_major, wmma::col_major>(acc, Bs, lN, Sl, lN, i0, j0, N);
+    });
+    __syncthreads();
+    if (tid < SSD_Q) {  // xdsb_k = x_k . R_k
+        float s = 0.f;
+        for (int p = 0; p < P; p++) s = fmaf(bf(Xs[tid * lP + p]), Rs[tid * lR + p], s);
+        sc.xdsb[tid] = s;
+    }
+    __syncthreads();
+    // dx = (w_k R + D dy) + W^T dy
+    for (int i = tid; i < Q * P; i += SSD_THREADS) {
+        const int k = i / P, p = i - k * P;
+        Rs[k * lR + p] = fmaf(sc.w[k], Rs[k * lR + p], Dh * bf(DYs[k * lP + p]));
+    }
+    __syncthreads();
+    block_tiles(Q, P, Rs, lR, true, [&](Acc &acc, int i0, int j0) {
+        mma_k<wmma::col_major, wmma::row_major>(acc, Wh, lQ, DYs, lP, i0, j0, Q);
+        mma_k<wmma::col_major, wmma::row_major>(acc, Wl, lQ, DYs, lP, i0, j0, Q);
+    });
+    __syncthreads();
+    for (int i = tid; i < q * P; i += SSD_THREADS) {
+        const int k = i / P, p = i - k * P;
+        a.dx[((b * L + t0 + k) * H + h) * a.P + p] = __float2bfloat16_rn(Rs[k * lR + p]);
+    }
+    __syncthreads();
+    // dB = w_k (x dS) + V^T C
+    block_tiles(Q, N, Rs, lR, false, [&](Acc &acc, int i0, int j0) {
+        mma_k<wmma::row_major, wmma::row_major>(acc, Xs, lP, Sh, lN, i0, j0, P);
+        mma_k<wmma::row_major, wmma::row_major>(acc, Xs, lP, Sl, lN, i0, j0, P);
+    });
+    __syncthreads();
+    for (int i = tid; i < Q * N; i += SSD_THREADS) {
+        const int k = i / N, n = i - k * N;
+        Rs[k * lR + n] *= sc.w[k];
+    }
+    __syncthreads();
+    block_tiles(Q, N, Rs, lR, true, [&](Acc &acc, int i0, int j0) {
+        mma_k<wmma::col_major, wmma::row_major>(acc, Vh, lQ, Cs, lN, i0, j0, Q);
+        mma_k<wmma::col_major, wmma::row_major>(acc, Vl, lQ, Cs, lN, i0, j0, Q);
+    });
+    __syncthreads();
+    for (int i = tid; i < q * N; i += SSD_THREADS) {
+        const int k = i / N, n = i - k * N;
+        const float v = Rs[k * lR + n];
+        if (a.rep == 1) a.dBm[((b * L + t0 + k) * G + g) * a.N + n] = __float2bfloat16_rn(v);
+        else a.dBh[((b * L + t0 + k) * H + h) * a.N + n] = v;
+    }
+    __syncthreads();
+    // S0 as hi + lo (over dS), then dC = din_m (dy S0) + V B
+    for (int i = tid; i < P * N; i += SSD_THREADS) {
+        const int p = i / N, n = i - p * N;
+        split_bf(S0g[i], &Sh[p * lN + n], &Sl[p * lN + n]);
+    }
+    __syncthreads();
+    block_tiles(Q, N, Rs, lR, false, [&](Acc &acc, int i0, int j0) {
+        mma_k<wmma::row_major, wmma::row_major>(acc, DYs, lP, Sh, lN, i0, j0, P);
+        mma_k<wmma::row_major, wmma::row_major>(acc, DYs, lP, Sl, lN, i0, j0, P);
+    });
+    __syncthreads();
+    if (tid < SSD_Q) {  // tmp_m = din_m C_m . (dy S0)_m
+        float s = 0.f;
+        for (int n = 0; n < N; n++) s = fmaf(bf(Cs[tid * lN + n]), Rs[tid * lR + n], s);
+        sc.tmp[tid] = sc.din[tid] * s;
+    }
+    __syncthreads();
+    for (int i = tid; i < Q * N; i += SSD_THREADS) {
+        const int m = i / N, n = i - m * N;
+        Rs[m * lR + n] *= sc.din[m];
+    }
+    __syncthreads();
+    block_tiles(Q, N, Rs, lR, true, [&](Acc &acc, int i0, int j0) {
+        mma_k<wmma::row_major, wmma::row_major>(acc, Vh, lQ, Bs, lN, i0, j0, Q);
+        mma_k<wmma::row_major, wmma::row_major>(acc, Vl, lQ, Bs, lN, i0, j0, Q);
+    });
+    __syncthreads();
+    for (int i = tid; i < q * N; i += SSD_THREADS) {
+        const int m = i / N, n = i - m * N;
+        const float v = Rs[m * lR + n];
+        if (a.rep == 1) a.dCm[((b * L + t0 + m) * G + g) * a.N + n] = __float2bfloat16_rn(v);
+        else a.dCh[((b * L + t0 + m) * H + h) * a.N + n] = v;
+    }
+    // da_j, ddt, and this block's partials of dA, ddt_bias, dD (thread j reads only finished scalars)
     float pa = 0.f, pb = 0.f, pd = 0.f;
     if (tid < SSD_Q) {
         const int j = tid;
-        float da = u;
-        for (int m = SSD_Q - 1; m >= j; m--) da += sc.tmp[m] + Es[m * sQ + j];
+        float da = u + sc.tj[j];
+        for (int m = SSD_Q - 1; m >= j; m--) da += sc.tmp[m];
         for (int k = 0; k < j; k++) da = fmaf(sc.w[k], sc.xdsb[k], da);
-        const float dd = fmaf(da, Ah, sc.dd[j]);
+        const float ddelta = fmaf(decay_mk(sc, SSD_Q - 1, j), sc.xdsb[j], sc.dd[j]);
+        const float dd = fmaf(da, Ah, ddelta);
         pa = da * sc.delta[j];
         if (j < q) {
             const float v = sc.v[j];
             const float graw = a.softplus ? (v > 20.f ? dd : dd / (1.f + expf(-v))) : dd;
             a.ddt[(b * L + t0 + j) * H + h] = __float2bfloat16_rn(graw);
             pb = graw;
-            for (int p = 0; p < P; p++) pd = fmaf(bf(DYs[j * sP + p]), bf(Xs[j * sP + p]), pd);
+            for (int p = 0; p < P; p++) pd = fmaf(bf(DYs[j * lP + p]), bf(Xs[j * lP + p]), pd);
         }
     }
     const float sa = block_sum(pa, sc.red);
@@ -597,14 +703,6 @@ int check_shape(const SsdShape *s, char *err, size_t errlen, const char *who) {
     return 0;
 }
 
-// rows of P per block of the sequential passes: 32, or 16 when (b, h, 32-row tiles) would not fill 2 blocks per SM
-int pick_pt(const SsdShape *s) {
-    int dev = 0, sms = 132;
-    if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    if (s->headdim % 32) return 16;
-    return s->batch * s->nheads * (s->headdim / 32) >= 2 * (int64_t)sms ? 32 : 16;
-}
-
 int smem_ok(int64_t bytes, char *err, size_t errlen, const char *who) {
     int dev = 0, maxopt = 0;
     cudaError_t e = cudaGetDevice(&dev);
@@ -630,7 +728,7 @@ SsdDev make_args(const SsdShape *s) {
     a.rep = s->nheads / s->ngroups;
     a.nch = (s->seqlen + SSD_Q - 1) / SSD_Q;
     a.softplus = s->dt_softplus;
-    a.PT = pick_pt(s);
+    a.PT = SSD_PT;
     return a;
 }
 
@@ -673,7 +771,7 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     a.y = (bf16 *)y, a.h_last = h_last;
     const int64_t blocks = a.B * a.H * (a.P / a.PT);
     if (blocks > 0x7fffffff) return scan_fail(err, errlen, "%s: %lld blocks exceed the grid limit", who, (long long)blocks);
-    const int64_t smem = pass_layout(a.N, a.PT).total;
+    const int64_t smem = fwd_layout(a.N).total;
     if (smem_ok(smem, err, errlen, who)) return -1;
     cudaStream_t st = (cudaStream_t)stream;
     if (y) {
@@ -714,18 +812,19 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     const int64_t pass_blocks = a.B * a.H * (a.P / a.PT), chunk_blocks = a.B * a.H * a.nch;
     if (chunk_blocks > 0x7fffffff)
         return scan_fail(err, errlen, "%s: %lld blocks exceed the grid limit", who, (long long)chunk_blocks);
-    const int64_t smem_pass = pass_layout(a.N, a.PT).total, smem_chunk = chunk_layout(a.P, a.N).total;
-    if (smem_ok(smem_pass > smem_chunk ? smem_pass : smem_chunk, err, errlen, who)) return -1;
-    if (set_smem(ssd_fwd_kernel<false>, smem_pass, err, errlen, who) ||
-        set_smem(ssd_dstate_kernel, smem_pass, err, errlen, who) ||
+    const int64_t smem_fwd = fwd_layout(a.N).total, smem_dst = dst_layout(a.N).total;
+    const int64_t smem_chunk = chunk_layout(a.P, a.N).total;
+    if (smem_ok(max64(max64(smem_fwd, smem_dst), smem_chunk), err, errlen, who)) return -1;
+    if (set_smem(ssd_fwd_kernel<false>, smem_fwd, err, errlen, who) ||
+        set_smem(ssd_dstate_kernel, smem_dst, err, errlen, who) ||
         set_smem(ssd_bwd_chunk_kernel, smem_chunk, err, errlen, who))
         return -1;
     cudaStream_t st = (cudaStream_t)stream;
     // 1. states entering every chunk (forward recompute, no y)
-    ssd_fwd_kernel<false><<<(unsigned)pass_blocks, SSD_THREADS, (size_t)smem_pass, st>>>(a);
+    ssd_fwd_kernel<false><<<(unsigned)pass_blocks, SSD_THREADS, (size_t)smem_fwd, st>>>(a);
     if (scan_launch_check(err, errlen, "ssd_bwd_cuda: state pass")) return -1;
     // 2. state gradients leaving every chunk, dh0
-    ssd_dstate_kernel<<<(unsigned)pass_blocks, SSD_THREADS, (size_t)smem_pass, st>>>(a);
+    ssd_dstate_kernel<<<(unsigned)pass_blocks, SSD_THREADS, (size_t)smem_dst, st>>>(a);
     if (scan_launch_check(err, errlen, "ssd_bwd_cuda: state-gradient pass")) return -1;
     // 3. per-chunk gradients
     ssd_bwd_chunk_kernel<<<(unsigned)chunk_blocks, SSD_THREADS, (size_t)smem_chunk, st>>>(a);
