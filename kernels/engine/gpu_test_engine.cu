@@ -448,6 +448,29 @@ static void layout_test(void) {
     }
     check(worst <= 3e-2, "%d trained tensors' gradients vs the CPU engine: worst rel err %.3g (tol 3e-2)", nt, worst);
     check(zeros, "untrained tensors read back as zero gradients");
+    // the same step on an engine that trains every tensor (registry-ordered compact layout = the registry's,
+    // padding aside): the same bits for the tensors both train
+    {
+        Registry rall;
+        model_build_registry(&m.h, &rall);  // every tensor trainable
+        EngineCuda *ga = engine_cuda_new(&m.h, &rall, m.p, B, T, flags, DT_BF16, 96, NULL, &e);
+        die_if(!ga, &e, "engine_cuda_new (all trainable)");
+        float *gda = engine_cuda_grads_new(ga);
+        die_if(engine_cuda_forward(ga, tok, reset, &e) != 0, &e, "forward (all trainable)");
+        engine_cuda_loss(ga, tgt, NULL, &lg, gda, NULL);
+        engine_cuda_backward(ga, gda);
+        engine_cuda_grads_to_host(ga, gda, h1);
+        bool same = true;
+        for (int i = 0; i < m.r.n; i++)
+            if (m.r.t[i].trainable && memcmp(h1 + m.r.t[i].offset, h2 + m.r.t[i].offset, (size_t)m.r.t[i].numel * 4)) {
+                printf("      %s: gradient differs from the all-trainable engine's\n", m.r.t[i].name);
+                same = false;
+            }
+        check(same, "trained tensors' gradients bit-identical to an all-trainable engine's");
+        engine_cuda_dfree(gda);
+        engine_cuda_free(ga);
+        reg_free(&rall);
+    }
     // get_params: the master's tensors only; a sentinel marks what must stay untouched
     for (int64_t i = 0; i < m.r.numel; i++) h1[i] = -12345.0f;
     engine_cuda_get_params(gs, h1);
