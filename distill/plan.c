@@ -17,7 +17,7 @@
 // The CUDA engine does not shard (data parallel on CUDA is ZeRO-0 today): with hardware.zero >= 1 on cuda the
 // plan shows what the sharded layout would need.
 // Activations on cuda: the engine's activation table (build_table in engine_cuda.cu), entry by entry, for the
-// student (training) and for the online teacher or DPO reference (inference); see cuda_tables below for the
+// student (training) and for the online teacher or DPO reference (inference); see cuda_table below for the
 // formula. The logits are streamed in chunks of c = min(B T, max(1, 2^24 / V)) rows (the engine's default):
 // "logits" = 2 c V bytes for the student's chunk, the same for the teacher's chunk it computes for KL, and for
 // the teacher engine's own chunk.
