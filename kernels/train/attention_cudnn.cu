@@ -782,7 +782,7 @@ extern "C" SdpaCudnn *sdpa_cudnn_new_offline(int deterministic, const char *devi
     }
     s->version = (long)s->api.getVersion();
     if (s->version < 90800) {
-        train_fail(err, errlen, "offline plans need cuDNN 9.8 or newer (device-properties descriptors); this is %ld", s->version);
+        train_fail(err, errlen, "offline plans: need cuDNN 9.8 (device-properties descriptors); this is %ld", s->version);
         delete s;
         return NULL;
     }
