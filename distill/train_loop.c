@@ -267,7 +267,7 @@ static int align_layers(const TrainConfig *c, Loop *L, double weight, double *ou
 // Data parallel on CUDA (ZeRO-0): the gradients summed over the ranks on the device, in one NCCL all-reduce.
 static int cuda_allreduce(const TrainConfig *c, Loop *L, DlError *e) {
 #ifdef DISTILL_NCCL
-    if (nccl_all_reduce(c->nccl, L->grads, L->grads, c->reg->numel, DT_F32, false, tm_stream(L->student), e) ||
+    if (nccl_all_reduce(c->nccl, L->grads, L->grads, tm_grads_numel(L->student), DT_F32, false, tm_stream(L->student), e) ||
         nccl_sync(c->nccl, tm_stream(L->student), e))
         return -1;
     return 0;
