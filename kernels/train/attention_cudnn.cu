@@ -21,7 +21,6 @@
 #include "kernels/train/attention_cudnn.h"
 #include "kernels/train/train_common.cuh"
 
-#include <cuda_fp16.h>
 #include <float.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -614,8 +613,8 @@ __global__ void doc_bias_kernel(TT *bias, const int32_t *doc_start, int64_t rows
 
 static int write_bias(SdpaCudnn *s, DType dt, int64_t B, int64_t T, const int32_t *doc_start, dl_stream_t stream) {
     const int grid = (int)(B * T < 65535 ? B * T : 65535);
-    if (dt == DT_F16) doc_bias_kernel<__half><<<grid, 256, 0, stream>>>((__half *)s->bias, doc_start, B * T, T, -65504.0f);
-    else doc_bias_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>((__nv_bfloat16 *)s->bias, doc_start, B * T, T, -1e30f);
+    (void)dt;  // bf16 (check_shape)
+    doc_bias_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>((__nv_bfloat16 *)s->bias, doc_start, B * T, T, -1e30f);
     return cudaGetLastError() == cudaSuccess ? 0 : -1;
 }
 
@@ -648,8 +647,8 @@ static int execute(SdpaCudnn *s, SdpaPlan *p, int n, const int64_t *uids, void *
 
 static int check_shape(const char *fn, DType dt, int64_t B, int64_t T, int nh, int nkv, int hd, int causal, int docs, char *err,
                        size_t errlen) {
-    if (dt != DT_BF16 && dt != DT_F16)
-        return train_fail(err, errlen, "%s: dtype %s not supported by cuDNN's fused attention (bf16 or fp16)", fn, dt_name(dt));
+    if (dt != DT_BF16)  // cuDNN also takes fp16; only bf16 (the training dtype) is tested, so only bf16 is offered
+        return train_fail(err, errlen, "%s: dtype %s not supported by the cuDNN path (bf16 only)", fn, dt_name(dt));
     if (hd < 8 || hd > 128 || hd % 8) return train_fail(err, errlen, "%s: head_dim %d not supported (a multiple of 8, <= 128)", fn, hd);
     if (nh < 1 || nkv < 1 || nh % nkv) return train_fail(err, errlen, "%s: %d query heads not a multiple of %d KV heads", fn, nh, nkv);
     if (B < 0 || T < 0 || T > (1 << 20)) return train_fail(err, errlen, "%s: batch %lld / length %lld out of range", fn, (long long)B, (long long)T);

@@ -4,7 +4,8 @@
 //   q [B*T, nh, hd], k/v [B*T, nkv, hd] token-major; out [B*T, nh*hd]; lse [B, nh, T] fp32 (natural log).
 //   doc_start [B*T] int32 (absolute key index of the query's document start within its row; NULL: one
 //   document per row): query t of row b sees keys [doc_start[b*T+t], t].
-// Activations must be DT_BF16 or DT_F16 with 16-byte aligned pointers; hd a multiple of 8, <= 128.
+// Activations must be DT_BF16 (the training dtype; fp32 parity runs keep the hand-written kernels) with
+// 16-byte aligned pointers; hd a multiple of 8, <= 128.
 //
 // cuDNN is loaded at run time (dlopen of libcudnn.so.9, or the file named by $DISTILL_CUDNN_LIB), so a
 // binary built with the headers runs where no cuDNN is installed: sdpa_cudnn_new then returns NULL with
