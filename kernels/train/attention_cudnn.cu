@@ -105,6 +105,8 @@ struct SdpaPlan {
     DType dt;
     int pad;         // version workaround: padding mask with lengths T
     int offline_ok;  // offline handle: an engine compiled the graph (no driver to load it)
+    int failed;      // no plan for this shape: later calls fail fast with the same message
+    char why[512];
     std::vector<cudnnBackendDescriptor_t> descs;
     cudnnBackendDescriptor_t plan;
     int64_t engine, workspace;
@@ -524,13 +526,17 @@ static SdpaPlan *find_plan(const SdpaCudnn *s, int bwd, DType dt, int64_t B, int
 static SdpaPlan *get_plan(SdpaCudnn *s, int bwd, DType dt, int64_t B, int64_t T, int H, int G, int D, int causal, int docs,
                           char *err, size_t errlen) {
     SdpaPlan *p = find_plan(s, bwd, dt, B, T, H, G, D, causal, docs);
+    if (p && p->failed) {
+        train_fail(err, errlen, "%s", p->why);
+        return NULL;
+    }
     if (p) return p;
     p = new SdpaPlan();
     p->bwd = bwd, p->causal = causal, p->docs = docs, p->B = B, p->T = T, p->H = H, p->G = G, p->D = D, p->dt = dt;
     // DISTILL_SDPA_PAD=1 forces the workaround everywhere (to check that graph where the version does not need it)
     const char *force_pad = getenv("DISTILL_SDPA_PAD");
     p->pad = (bwd && T % 128 != 0 && s->version <= 91500) || (force_pad && *force_pad == '1');
-    p->offline_ok = 0, p->plan = NULL, p->engine = -1, p->workspace = 0, p->aux = NULL, p->dsum = p->dq_acc = NULL, p->seqlen = NULL;
+    p->offline_ok = 0, p->failed = 0, p->why[0] = 0, p->plan = NULL, p->engine = -1, p->workspace = 0, p->aux = NULL, p->dsum = p->dq_acc = NULL, p->seqlen = NULL;
     p->scale = 1.0f / sqrtf((float)D);
     p->neg_inf = s->version < 91000 ? -FLT_MAX : -INFINITY;
     p->one = 1.0f;
@@ -539,7 +545,8 @@ static SdpaPlan *get_plan(SdpaCudnn *s, int bwd, DType dt, int64_t B, int64_t T,
              dt_name(dt), (long long)B, (long long)T, H, G, D, causal ? ", causal" : "", docs ? ", documents" : "",
              bwd ? (s->det ? ", deterministic" : ", dQ atomics") : "");
     Graph g;
-    g.a = &s->api, g.descs = &p->descs, g.next_uid = UID_VIRTUAL, g.ctx = ctx, g.err = err, g.errlen = errlen, g.bad = false;
+    g.a = &s->api, g.descs = &p->descs, g.next_uid = UID_VIRTUAL, g.ctx = ctx, g.err = p->why, g.errlen = sizeof p->why;
+    g.bad = false;
     if (bwd) build_bwd(g, *p, s->version, s->det);
     else build_fwd(g, *p);
     if (!g.bad) make_plan(g, s->handle, s->devprop, s->det, p);
@@ -547,9 +554,13 @@ static SdpaPlan *get_plan(SdpaCudnn *s, int bwd, DType dt, int64_t B, int64_t T,
         s->plans.push_back(p);
         return p;
     }
-    if (g.bad || !p->plan) {
-        if (!g.bad) train_fail(err, errlen, "%s: no execution plan", ctx);
-        plan_free(s, p);
+    if (g.bad || !p->plan) {  // remembered (descriptors released), so that this shape fails fast from now on
+        if (!g.bad) snprintf(p->why, sizeof p->why, "%s: no execution plan", ctx);
+        for (size_t i = p->descs.size(); i-- > 0;) s->api.bDestroy(p->descs[i]);
+        p->descs.clear();
+        p->plan = NULL, p->failed = 1;
+        s->plans.push_back(p);
+        train_fail(err, errlen, "%s", p->why);
         return NULL;
     }
     if (!s->handle) {  // offline: the plan is the result; nothing runs, nothing is allocated
@@ -809,10 +820,16 @@ extern "C" int sdpa_cudnn_prepare(SdpaCudnn *s, int backward, DType dt, int64_t 
 }
 
 extern "C" long sdpa_cudnn_version(const SdpaCudnn *s) { return s ? s->version : 0; }
-extern "C" int sdpa_cudnn_plan_count(const SdpaCudnn *s) { return s ? (int)s->plans.size() : 0; }
+extern "C" int sdpa_cudnn_plan_count(const SdpaCudnn *s) {
+    int n = 0;
+    if (s)
+        for (const SdpaPlan *p : s->plans) n += !p->failed;
+    return n;
+}
 extern "C" int sdpa_cudnn_plan_info(const SdpaCudnn *s, int backward, DType dt, int64_t B, int64_t T, int nh, int nkv, int hd,
                                     int causal, int docs, int64_t *engine, int64_t *workspace_bytes) {
     const SdpaPlan *p = s ? find_plan(s, backward != 0, dt, B, T, nh, nkv, hd, causal != 0, docs != 0) : NULL;
+    if (p && p->failed) p = NULL;
     if (engine) *engine = p ? p->engine : -1;
     if (workspace_bytes) *workspace_bytes = p ? p->workspace : -1;
     return p ? 0 : -1;

@@ -16,7 +16,8 @@
 // Plans: one finalized execution plan per (direction, B, T, nh, nkv, hd, dtype, causal, documents),
 // built on first use and cached for the life of the handle, with its workspace sized then (one device
 // workspace shared by all plans, grown at build time only; the per-plan buffers of the backward graph
-// are allocated with the plan). Calls after the first for a shape allocate nothing.
+// are allocated with the plan). Calls after the first for a shape allocate nothing. A shape for which no
+// engine finalizes is remembered too, and fails fast with the same message on later calls.
 //
 // Determinism (deterministic = 1): the backward graph writes dQ directly from the dS·K matmul (cuDNN's
 // "dP workspace" variant, which keeps dP in the workspace, B*nh*T*T bf16 bytes rounded up to 64-row
