@@ -4,7 +4,7 @@
 // 128 (Llama-3-8B), an MHA and a non-causal case, with and without document resets, T not a multiple of
 // 64. Checks per case: out and lse (forward), dq/dk/dv (backward from the reference forward, rounded to
 // bf16, so every side differentiates the same forward), relative error norms <= 1e-2 (lse 1e-3); the
-// same against the hand-written kernels; identical bits on a second backward (deterministic handle); the
+// same against the hand-written kernels (2e-2: both sides carry their own bf16 error); identical bits on a second backward (deterministic handle); the
 // non-deterministic (fp32 dQ accumulator) variant against the reference; plans reused (no new plan on a
 // repeat); refused calls (bad head size, dtype, head ratio, alignment) return -1 and leave outputs alone.
 // Prints "N passed, N failed"; exit status 1 on any failure.
@@ -223,7 +223,7 @@ static void run_case(SdpaCudnn *s, SdpaCudnn *snd, const Case &c) {
         std::vector<bf16> o2_h = dget(o2, qn);
         std::vector<float> lse2_h = dget(lse2, c.B * c.H * c.T);
         snprintf(name, sizeof name, "fwd out cuDNN vs hand-written (%s)", tag);
-        check_rel(rel_bb(o_h, o2_h), 1e-2, name);
+        check_rel(rel_bb(o_h, o2_h), 2e-2, name);
         std::vector<double> l2(lse2_h.begin(), lse2_h.end());
         snprintf(name, sizeof name, "fwd lse cuDNN vs hand-written (%s)", tag);
         check_rel(rel_f(lse_h.data(), l2.data(), (int64_t)l2.size()), 1e-3, name);
@@ -271,11 +271,11 @@ static void run_case(SdpaCudnn *s, SdpaCudnn *snd, const Case &c) {
         check_true(rc == 0, name, err);
         std::vector<bf16> hq = dget(gq2, qn), hk = dget(gk2, kn), hv = dget(gv2, kn);
         snprintf(name, sizeof name, "bwd dq cuDNN vs hand-written (%s)", tag);
-        check_rel(rel_bb(gq_h, hq), 1e-2, name);
+        check_rel(rel_bb(gq_h, hq), 2e-2, name);
         snprintf(name, sizeof name, "bwd dk cuDNN vs hand-written (%s)", tag);
-        check_rel(rel_bb(gk_h, hk), 1e-2, name);
+        check_rel(rel_bb(gk_h, hk), 2e-2, name);
         snprintf(name, sizeof name, "bwd dv cuDNN vs hand-written (%s)", tag);
-        check_rel(rel_bb(gv_h, hv), 1e-2, name);
+        check_rel(rel_bb(gv_h, hv), 2e-2, name);
         CK(cudaFree(ws));
     }
     if (snd) {  // the fp32 dQ-accumulator graph
