@@ -219,16 +219,16 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
     ShardWriter *w = NULL;
     const DataSpec *in = &rec->data[st->data_index], *outd = &rec->data[st->output_index];
 
+    if (stage_data_shard(ctx, st->data_index, SPLIT_TRAIN, &shard, &e) ||
+        read_docs(shard, in, rec->teacher_cfg.base.max_pos, &d, &nd, &info, &pre, &n_bad, &e)) {
+        rc = DL_EXIT_INPUT;
+        goto fail;
+    }
     if (stage_load_teacher(ctx, &t, &e)) {
         rc = DL_EXIT_INPUT;
         goto fail;
     }
     have_t = true;
-    if (stage_data_shard(ctx, st->data_index, SPLIT_TRAIN, &shard, &e) ||
-        read_docs(shard, in, t.hc.base.max_pos, &d, &nd, &info, &pre, &n_bad, &e)) {
-        rc = DL_EXIT_INPUT;
-        goto fail;
-    }
     if (info.vocab_size > t.hc.base.vocab) {
         dl_fail(&e, "%s: vocabulary %d is larger than the teacher's %d", shard, info.vocab_size, t.hc.base.vocab);
         rc = DL_EXIT_INPUT;
