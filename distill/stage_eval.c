@@ -117,6 +117,17 @@ out:
     return rc;
 }
 
+// Before anything runs: every choice file parses (a bad line should not wait for the end of training).
+static int check_eval(const RunContext *ctx, const StageSpec *st, DlError *e) {
+    (void)ctx;
+    for (int k = 0; k < st->n_choice_sets; k++) {
+        ChoiceSet s;
+        if (choice_set_load(st->choice_sets[k], &s, e)) return -1;
+        choice_set_free(&s);
+    }
+    return 0;
+}
+
 DL_STAGE(stage_eval_def, {.kind = STAGE_EVAL,
                           .summary = "perplexity, KL to the teacher and top-1 agreement on held-out data",
-                          .run = run_eval})
+                          .run = run_eval, .check = check_eval})

@@ -10,7 +10,8 @@
 //   * bad input: an invalid JSONL line (bad_records = "fail") stops the run with exit 3 naming FILE:LINE; a
 //     multi-turn record with bad_records = "fail" names the shard and document; a data set with one response
 //     per prompt is refused with a hint; so is a set where no prompt reaches min_margin (no
-//     shard left; pairs.jsonl shows the margins).
+//     shard left; pairs.jsonl shows the margins); a bad line in an eval stage's choice file stops the run
+//     before anything runs, naming FILE:LINE.
 #include <math.h>
 #include <string.h>
 #include <sys/wait.h>
@@ -385,6 +386,24 @@ int main(void) {
     char *j4 = slurp(buf);
     CHECK(j4 && strstr(j4, "\"pair\":false") && !strstr(j4, "\"pair\":true"));
     free(j4);
+
+    // a bad line in an eval stage's choice file stops the run before any stage runs
+    snprintf(path, sizeof path, "%s/mcbad.jsonl", g_dir);
+    write_file(path, "{\"question\": \"2+2?\", \"choices\": [\"3\", \"4\"], \"answer\": 1}\n"
+                     "{\"question\": \"3+3?\", \"choices\": [\"6\", \"7\"], \"answer\": 2}\n");
+    snprintf(recipe, sizeof recipe, "%s/bad5.toml", g_dir);
+    f = fopen(recipe, "w");
+    fprintf(f, head, g_dir, g_dir, cwd, GGUF);
+    fprintf(f, "[data.answers]\nsources = [\"%s/answers.jsonl\"]\nformat = \"chat\"\nseq_len = 64\n\n"
+               "[[stage]]\nkind = \"init\"\n\n[[stage]]\nkind = \"eval\"\ndata = [\"answers\"]\nchoice = [\"%s\"]\n",
+            g_dir, path);
+    fclose(f);
+    clear_log();
+    CHECK_EQ_I64(run_bin(bin, recipe, "b5", ""), 3);
+    snprintf(buf, sizeof buf, "%s:2: \"answer\" must be an integer index 0..1", path);
+    CHECK(log_has(buf));
+    snprintf(buf, sizeof buf, "%s/runs/b5", g_dir);
+    CHECK(!dl_file_exists(buf));  // nothing ran
 
     tokenizer_free(tok);
     model_free(&t);
