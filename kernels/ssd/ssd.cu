@@ -1,13 +1,14 @@
 // ssd.cu: CUDA kernels of the chunked Mamba-2 SSD scan (math and layouts: ssd.h; API: ssd_cuda.h).
 //
-// Chunks of Q = 64 tokens. Per (batch b, head h) and chunk, with delta_t, cum_m = sum_{j<=m} delta_j A (within
-// the chunk), lastr_m = the last reset at a position <= m (-1: none):
-//   Lm[m,k]  = exp(cum_m - cum_k) for lastr_m <= k <= m, else 0      (decay from token k to token m)
-//   din_m    = exp(cum_m) if lastr_m < 0 else 0                      (decay of the incoming state)
+// Chunks of Q = 64 tokens. Per (batch b, head h) and chunk, with delta_t, a_j = delta_j A, lastr_m = the last reset
+// at a position <= m (-1: none):
+//   Lm[m,k]  = exp(sum_{j=k+1..m} a_j) for lastr_m <= k <= m, else 0  (decay from token k to token m)
+//   din_m    = exp(sum_{j<=m} a_j) if lastr_m < 0 else 0              (decay of the incoming state)
 //   w_k      = Lm[Q-1,k] delta_k,  dlast = din_{Q-1}                  (padded tokens: delta 0, x = B = C = 0)
 //   y_m      = sum_k (C_m.B_k) Lm[m,k] delta_k x_k + din_m S_in C_m + D x_m
 //   S_out    = dlast S_in + sum_k w_k x_k (x) B_k
-// Exponents are clamped to <= 0 (kernels.md §8.4: a cum difference rounded above 0 must not grow a decay).
+// Interval sums are formed from partial sums that each lie inside the interval (never as a difference of two chunk
+// cumsums: kernels.md §8.4's overflow cannot occur, and a small interval after large steps keeps its precision).
 //
 // Kernels (one block = 256 threads = 8 warps; every contraction on tensor cores through WMMA 16x16x16 bf16 tiles
 // with fp32 accumulation, fp32 operands split into bf16 hi + lo: see "tensor-core tiles" below):
@@ -34,6 +35,7 @@
 #define SSD_Q SSD_CUDA_CHUNK
 #define SSD_THREADS 256
 #define SSD_PT 16  // rows of P per block in the sequential passes
+#define SSD_SCAL 16  // arrays of Q floats of per-chunk scalars
 
 using namespace nvcuda;
 
@@ -43,6 +45,7 @@ namespace {
 struct SsdDev {
     int64_t B, L, H, P, N, G, rep, nch;
     int softplus, PT;  // PT: rows of P per block in the sequential passes
+    int vec;           // x, dy, Bm, Cm 16-byte aligned: 16-byte loads
     const bf16 *x, *dt, *Bm, *Cm, *dy;
     const float *A, *D, *bias, *h0, *dhl;
     const uint8_t *reset;
@@ -85,7 +88,7 @@ __host__ __device__ inline FwdLayout fwd_layout(int64_t N) {
     l.Y1 = r2, l.Y2 = al128(l.Y1 + Q * ld32(PT) * 4);
     l.T = r2;
     o = max64(al128(l.Y2 + Q * ld32(PT) * 4), al128(l.T + PT * ld32(N) * 4));
-    l.scal = o, o = al128(o + 8 * Q * 4);
+    l.scal = o, o = al128(o + SSD_SCAL * Q * 4);
     l.total = o;
     return l;
 }
@@ -102,7 +105,7 @@ __host__ __device__ inline DstLayout dst_layout(int64_t N) {
     l.DCl = o, o = al128(o + Q * ld16(N) * 2);
     l.Sf = o, o = al128(o + PT * ld32(N) * 4);
     l.T = o, o = al128(o + PT * ld32(N) * 4);
-    l.scal = o, o = al128(o + 8 * Q * 4);
+    l.scal = o, o = al128(o + SSD_SCAL * Q * 4);
     l.total = o;
     return l;
 }
@@ -124,89 +127,111 @@ __host__ __device__ inline ChunkLayout chunk_layout(int64_t P, int64_t N) {
     l.Sh = o, o = al128(o + P * ld16(N) * 2);
     l.Sl = o, o = al128(o + P * ld16(N) * 2);
     l.R = o, o = al128(o + max64(Q * ld32(PN), Q * ld32(Q)) * 4);
-    l.scal = o, o = al128(o + 16 * Q * 4);
+    l.scal = o, o = al128(o + SSD_SCAL * Q * 4);
     l.total = o;
     return l;
 }
 
-// Per-chunk scalars in shared memory (float arrays of Q; lastr is int).
+// Per-chunk scalars in shared memory: SSD_SCAL arrays of Q floats (lastr: ints). a_j = delta_j A; the decay sums
+// use sub-blocks of 8 tokens: pre_m = sum of a over m's sub-block up to m, suf_k = sum of a over k's sub-block after
+// k, btw[kb*8 + mb] = sum of the sub-block totals strictly between kb and mb, bp[mb] = sum of the totals before mb.
 struct Scal {
-    float *delta, *cum, *v, *din, *w, *xdsb, *tmp, *dd, *tj;
+    float *delta, *v, *din, *w, *a, *pre, *suf, *btw, *bp, *xdsb, *tmp, *dd, *tj;
     int *lastr;
     float *red;  // 32 floats of reduction scratch
 };
-__device__ inline Scal scal_at(unsigned char *p, int n_arrays) {
+__device__ inline Scal scal_at(unsigned char *p) {
     float *f = reinterpret_cast<float *>(p);
     Scal s;
-    s.delta = f, s.cum = f + SSD_Q, s.v = f + 2 * SSD_Q, s.din = f + 3 * SSD_Q, s.w = f + 4 * SSD_Q;
-    s.lastr = reinterpret_cast<int *>(f + 5 * SSD_Q);
-    s.red = f + 6 * SSD_Q;  // 32 floats (6*Q + 32 < 8*Q)
-    if (n_arrays > 8) {     // the chunk kernel's layout has 16 arrays
-        s.xdsb = f + 7 * SSD_Q, s.tmp = f + 8 * SSD_Q, s.dd = f + 9 * SSD_Q, s.tj = f + 10 * SSD_Q;
-    } else {
-        s.xdsb = s.tmp = s.dd = s.tj = nullptr;
-    }
+    s.delta = f, s.v = f + SSD_Q, s.din = f + 2 * SSD_Q, s.w = f + 3 * SSD_Q;
+    s.lastr = reinterpret_cast<int *>(f + 4 * SSD_Q);
+    s.red = f + 5 * SSD_Q, s.bp = s.red + 32;  // 32 + 9 floats
+    s.a = f + 6 * SSD_Q, s.pre = f + 7 * SSD_Q, s.suf = f + 8 * SSD_Q, s.btw = f + 9 * SSD_Q;
+    s.xdsb = f + 10 * SSD_Q, s.tmp = f + 11 * SSD_Q, s.dd = f + 12 * SSD_Q, s.tj = f + 13 * SSD_Q;
     return s;
 }
 
 // ---------------------------------------------------------------------------------------------- chunk scalars
 __device__ __forceinline__ float softplus_acc(float v) { return v > 20.f ? v : log1pf(expf(v)); }
 
-// Warp 0 only. delta, cum (inclusive prefix of delta*A over the chunk), lastr (last reset at a position <= m, -1 if
-// none) and v = dt + dt_bias for positions 0..Q-1 of chunk t0 (q real tokens; the rest is padding: delta 0).
-// Lane l owns positions 2l and 2l+1; the prefix sums are a fixed shuffle tree (deterministic).
+// Warp 0 only. delta, a = delta*A, lastr (last reset at a position <= m, -1 if none), v = dt + dt_bias and the
+// sub-block sums for positions 0..Q-1 of chunk t0 (q real tokens; the rest is padding: delta 0). Every decay is then
+// the exp of a sum of terms that each cover part of its own interval (all <= 0): its rounding is relative to the
+// interval's sum, never to a whole-chunk cumulative sum (a difference of two large cumsums would lose the small ones).
 __device__ void chunk_scalars(const SsdDev &a, int64_t b, int64_t h, int64_t t0, int q, const Scal &sc) {
     const int lane = threadIdx.x & 31;
     const float Ah = a.A[h], bias = a.bias ? a.bias[h] : 0.f;
-    float d[2], av[2];
     int rp[2];
 #pragma unroll
     for (int e = 0; e < 2; e++) {
         const int m = 2 * lane + e;
-        d[e] = 0.f, av[e] = 0.f, rp[e] = -1;
-        float v = 0.f;
+        float v = 0.f, d = 0.f;
+        rp[e] = -1;
         if (m < q) {
             const int64_t t = t0 + m;
             v = bf(a.dt[(b * a.L + t) * a.H + h]) + bias;
-            d[e] = a.softplus ? softplus_acc(v) : v;
-            av[e] = d[e] * Ah;
+            d = a.softplus ? softplus_acc(v) : v;
             if (a.reset && a.reset[b * a.L + t]) rp[e] = m;
         }
         sc.v[m] = v;
-        sc.delta[m] = d[e];
+        sc.delta[m] = d;
+        sc.a[m] = d * Ah;
     }
-    float s = av[0] + av[1];
     int mx = rp[0] > rp[1] ? rp[0] : rp[1];
 #pragma unroll
     for (int off = 1; off < 32; off *= 2) {
-        const float so = __shfl_up_sync(0xffffffffu, s, off);
         const int mo = __shfl_up_sync(0xffffffffu, mx, off);
-        if (lane >= off) {
-            s += so;
-            mx = mo > mx ? mo : mx;
-        }
+        if (lane >= off) mx = mo > mx ? mo : mx;
     }
-    float ex = __shfl_up_sync(0xffffffffu, s, 1);
     int exm = __shfl_up_sync(0xffffffffu, mx, 1);
-    if (lane == 0) ex = 0.f, exm = -1;
-    const float c0 = ex + av[0];
-    sc.cum[2 * lane] = c0;
-    sc.cum[2 * lane + 1] = c0 + av[1];
+    if (lane == 0) exm = -1;
     const int l0 = exm > rp[0] ? exm : rp[0];
     sc.lastr[2 * lane] = l0;
     sc.lastr[2 * lane + 1] = l0 > rp[1] ? l0 : rp[1];
+    __syncwarp();
+    if (lane < SSD_Q / 8) {  // sub-block `lane`: prefix and suffix sums
+        const int s0 = lane * 8;
+        float p = 0.f, f = 0.f;
+        for (int j = 0; j < 8; j++) p += sc.a[s0 + j], sc.pre[s0 + j] = p;
+        for (int j = 7; j >= 0; j--) sc.suf[s0 + j] = f, f += sc.a[s0 + j];
+    }
+    __syncwarp();
+    if (lane < SSD_Q / 8) {  // row kb = lane of btw
+        float acc = 0.f;
+        for (int mb = 0; mb < SSD_Q / 8; mb++) {
+            sc.btw[lane * 8 + mb] = mb > lane ? acc : 0.f;
+            if (mb > lane) acc += sc.pre[mb * 8 + 7];
+        }
+    } else if (lane == 31) {
+        float acc = 0.f;
+        for (int mb = 0; mb <= SSD_Q / 8; mb++) {
+            sc.bp[mb] = acc;
+            if (mb < SSD_Q / 8) acc += sc.pre[mb * 8 + 7];
+        }
+    }
+}
+
+// sum_{j=k+1..m} a_j for k <= m (<= 0)
+__device__ __forceinline__ float interval_sum(const Scal &sc, int k, int m) {
+    const int kb = k >> 3, mb = m >> 3;
+    if (kb == mb) {
+        float s = 0.f;
+        for (int j = k + 1; j <= m; j++) s += sc.a[j];
+        return s;
+    }
+    return sc.suf[k] + sc.btw[kb * 8 + mb] + sc.pre[m];
 }
 
 // decay from token k to token m of the chunk (0 when k > m or a reset lies in (k, m])
 __device__ __forceinline__ float decay_mk(const Scal &sc, int m, int k) {
-    return (k <= m && k >= sc.lastr[m]) ? expf(fminf(sc.cum[m] - sc.cum[k], 0.f)) : 0.f;
+    return (k <= m && k >= sc.lastr[m]) ? expf(fminf(interval_sum(sc, k, m), 0.f)) : 0.f;
 }
 
-// After chunk_scalars and a barrier: din_m and w_k (threads 0..Q-1).
+// After chunk_scalars and a barrier: din_m = exp(sum_{j<=m} a_j) (0 after a reset) and w_k (threads 0..Q-1).
 __device__ __forceinline__ void chunk_weights(const Scal &sc) {
     const int m = threadIdx.x;
     if (m < SSD_Q) {
-        sc.din[m] = sc.lastr[m] < 0 ? expf(fminf(sc.cum[m], 0.f)) : 0.f;
+        sc.din[m] = sc.lastr[m] < 0 ? expf(fminf(sc.bp[m >> 3] + sc.pre[m], 0.f)) : 0.f;
         sc.w[m] = decay_mk(sc, SSD_Q - 1, m) * sc.delta[m];
     }
 }
@@ -254,12 +279,23 @@ __device__ __forceinline__ void block_tiles(int M, int Nc, float *C, int ldc, bo
 }
 
 // Loads rows 0..Q-1 of a [rows, width] bf16 slice into shared memory (row stride ld); rows >= q are zero.
-// src(m) points at row m's first element in global memory (only called for m < q).
+// src(m) points at row m's first element in global memory (only called for m < q). vec: 16-byte copies (width % 8
+// == 0, ld % 8 == 0, rows 16-byte aligned in global memory: the host checks the base pointers).
 template <typename FSrc>
-__device__ __forceinline__ void load_rows(bf16 *dst, int width, int ld, int q, FSrc src) {
-    for (int idx = threadIdx.x; idx < SSD_Q * width; idx += SSD_THREADS) {
-        const int m = idx / width, n = idx - m * width;
-        dst[m * ld + n] = m < q ? src(m)[n] : __float2bfloat16_rn(0.f);
+__device__ __forceinline__ void load_rows(bf16 *dst, int width, int ld, int q, bool vec, FSrc src) {
+    if (vec) {
+        const int wv = width / 8;
+        for (int idx = threadIdx.x; idx < SSD_Q * wv; idx += SSD_THREADS) {
+            const int m = idx / wv, n = (idx - m * wv) * 8;
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (m < q) v = *reinterpret_cast<const uint4 *>(src(m) + n);
+            *reinterpret_cast<uint4 *>(dst + m * ld + n) = v;
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < SSD_Q * width; idx += SSD_THREADS) {
+            const int m = idx / width, n = idx - m * width;
+            dst[m * ld + n] = m < q ? src(m)[n] : __float2bfloat16_rn(0.f);
+        }
     }
 }
 
@@ -295,7 +331,7 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_fwd_kernel(SsdDev a) {
     bf16 *Sh = reinterpret_cast<bf16 *>(smem + lay.Sh), *Sl = reinterpret_cast<bf16 *>(smem + lay.Sl);
     float *Y1 = reinterpret_cast<float *>(smem + lay.Y1), *Y2 = reinterpret_cast<float *>(smem + lay.Y2);
     float *T = reinterpret_cast<float *>(smem + lay.T);
-    const Scal sc = scal_at(smem + lay.scal, 8);
+    const Scal sc = scal_at(smem + lay.scal);
 
     const int64_t npt = a.P / PT;
     const int64_t bh = (int64_t)blockIdx.x / npt, p0 = ((int64_t)blockIdx.x % npt) * PT;
@@ -312,10 +348,10 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_fwd_kernel(SsdDev a) {
         const int q = (int)(L - t0 < SSD_Q ? L - t0 : SSD_Q);
         __syncthreads();  // the previous chunk's readers of every buffer are done
         if (threadIdx.x < 32) chunk_scalars(a, b, h, t0, q, sc);
-        load_rows(Bs, N, lN, q, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * a.N; });
-        load_rows(Xs, PT, lP, q, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * P + p0; });
+        load_rows(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * a.N; });
+        load_rows(Xs, PT, lP, q, a.vec, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * P + p0; });
         if (Y) {
-            load_rows(Cs, N, lN, q, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * a.N; });
+            load_rows(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * a.N; });
             for (int i = threadIdx.x; i < PT * N; i += SSD_THREADS) {
                 const int p = i / N, n = i - p * N;
                 split_bf(Sf[p * lNf + n], &Sh[p * lN + n], &Sl[p * lN + n]);
@@ -391,7 +427,7 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_dstate_kernel(SsdDev a) {
     bf16 *DYs = reinterpret_cast<bf16 *>(smem + lay.DY);
     bf16 *DCh = reinterpret_cast<bf16 *>(smem + lay.DCh), *DCl = reinterpret_cast<bf16 *>(smem + lay.DCl);
     float *Sf = reinterpret_cast<float *>(smem + lay.Sf), *T = reinterpret_cast<float *>(smem + lay.T);
-    const Scal sc = scal_at(smem + lay.scal, 8);
+    const Scal sc = scal_at(smem + lay.scal);
 
     const int64_t npt = a.P / PT;
     const int64_t bh = (int64_t)blockIdx.x / npt, p0 = ((int64_t)blockIdx.x % npt) * PT;
@@ -407,7 +443,7 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_dstate_kernel(SsdDev a) {
         const int q = (int)(L - t0 < SSD_Q ? L - t0 : SSD_Q);
         __syncthreads();
         if (threadIdx.x < 32) chunk_scalars(a, b, h, t0, q, sc);
-        load_rows(DYs, PT, lP, q, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * P + p0; });
+        load_rows(DYs, PT, lP, q, a.vec, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * P + p0; });
         __syncthreads();
         chunk_weights(sc);
         __syncthreads();
@@ -463,7 +499,7 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     bf16 *Vh = reinterpret_cast<bf16 *>(smem + lay.Vh), *Vl = reinterpret_cast<bf16 *>(smem + lay.Vl);
     bf16 *Sh = reinterpret_cast<bf16 *>(smem + lay.Sh), *Sl = reinterpret_cast<bf16 *>(smem + lay.Sl);
     float *Rs = reinterpret_cast<float *>(smem + lay.R), *Es = Rs;  // E is dead before R is first written
-    const Scal sc = scal_at(smem + lay.scal, 16);
+    const Scal sc = scal_at(smem + lay.scal);
 
     const int64_t c = (int64_t)blockIdx.x % a.nch, bh = (int64_t)blockIdx.x / a.nch;
     const int64_t b = bh / a.H, h = bh % a.H, g = h / a.rep;
@@ -473,10 +509,10 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     const int tid = threadIdx.x;
 
     if (tid < 32) chunk_scalars(a, b, h, t0, q, sc);
-    load_rows(Xs, P, lP, q, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * a.P; });
-    load_rows(DYs, P, lP, q, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * a.P; });
-    load_rows(Bs, N, lN, q, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * a.N; });
-    load_rows(Cs, N, lN, q, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * a.N; });
+    load_rows(Xs, P, lP, q, a.vec, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * a.P; });
+    load_rows(DYs, P, lP, q, a.vec, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * a.P; });
+    load_rows(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * a.N; });
+    load_rows(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * a.N; });
     const float *S0g = a.Sin + (bh * a.nch + c) * a.P * a.N;
     const float *dSg = a.dSo + (bh * a.nch + c) * a.P * a.N;
     // dS as hi + lo; u = <dS, S0> (S0 read from global here)
@@ -732,6 +768,12 @@ SsdDev make_args(const SsdShape *s) {
     return a;
 }
 
+// 16-byte loads need 16-byte aligned tensor bases (row offsets are multiples of 16 elements)
+bool vec_ok(const void *x, const void *Bm, const void *Cm, const void *dy) {
+    const uintptr_t bits = (uintptr_t)x | (uintptr_t)Bm | (uintptr_t)Cm | (uintptr_t)dy;  // NULL: 0
+    return (bits & 15) == 0;
+}
+
 struct BwdWs {
     size_t Sin, dSo, pA, pD, pb, dBh, dCh, total;  // byte offsets
 };
@@ -769,6 +811,7 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     a.x = (const bf16 *)x, a.dt = (const bf16 *)dt, a.Bm = (const bf16 *)Bm, a.Cm = (const bf16 *)Cm;
     a.A = A, a.D = D, a.bias = dt_bias, a.reset = reset, a.h0 = h0;
     a.y = (bf16 *)y, a.h_last = h_last;
+    a.vec = vec_ok(x, Bm, Cm, nullptr);
     const int64_t blocks = a.B * a.H * (a.P / a.PT);
     if (blocks > 0x7fffffff) return scan_fail(err, errlen, "%s: %lld blocks exceed the grid limit", who, (long long)blocks);
     const int64_t smem = fwd_layout(a.N).total;
@@ -800,6 +843,7 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     SsdDev a = make_args(s);
     a.x = (const bf16 *)x, a.dt = (const bf16 *)dt, a.Bm = (const bf16 *)Bm, a.Cm = (const bf16 *)Cm;
     a.dy = (const bf16 *)dy;
+    a.vec = vec_ok(x, Bm, Cm, dy);
     a.A = A, a.D = D, a.bias = dt_bias, a.reset = reset, a.h0 = h0, a.dhl = dh_last;
     a.dx = (bf16 *)dx, a.ddt = (bf16 *)ddt, a.dBm = (bf16 *)dBm, a.dCm = (bf16 *)dCm;
     a.dh0 = h0 ? dh0 : nullptr;
