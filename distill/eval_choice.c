@@ -263,6 +263,16 @@ int choice_eval(const EvalModel *m, const Tokenizer *tok, const ChoiceSet *s, in
             if (sum[r + k] > sum[r + best]) best = k;
             if (mean[r + k] > mean[r + best_norm]) best_norm = k;
         }
+        const char *cat = it->category ? it->category : "other";
+        int ci = 0;
+        while (ci < out->n_cat && strcmp(out->cat[ci], cat)) ci++;
+        if (ci == out->n_cat && out->n_cat < 16) snprintf(out->cat[out->n_cat++], sizeof out->cat[0], "%s", cat);
+        else if (ci == out->n_cat) {  // more than 16 categories: the last slot becomes "other"
+            ci = 15;
+            snprintf(out->cat[15], sizeof out->cat[0], "other");
+        }
+        out->cat_n[ci]++;
+        out->cat_correct[ci] += best == it->answer;
         out->n_correct += best == it->answer;
         out->n_correct_norm += best_norm == it->answer;
         chance += 1.0 / it->n_choices;
@@ -310,6 +320,13 @@ int choice_add_json(const char *path, const ChoiceResult *r, int n, DlError *e) 
         cJSON_AddNumberToObject(o, "acc", r[i].acc);
         cJSON_AddNumberToObject(o, "acc_norm", r[i].acc_norm);
         cJSON_AddNumberToObject(o, "chance", r[i].chance);
+        cJSON *bc = cJSON_AddObjectToObject(o, "by_category");
+        for (int k = 0; k < r[i].n_cat; k++) {
+            cJSON *c = cJSON_AddObjectToObject(bc, r[i].cat[k]);
+            cJSON_AddNumberToObject(c, "questions", (double)r[i].cat_n[k]);
+            cJSON_AddNumberToObject(c, "correct", (double)r[i].cat_correct[k]);
+            cJSON_AddNumberToObject(c, "acc", r[i].cat_n[k] ? (double)r[i].cat_correct[k] / (double)r[i].cat_n[k] : 0);
+        }
         cJSON_AddItemToArray(arr, o);
     }
     char *txt = cJSON_Print(root);

@@ -56,6 +56,9 @@ typedef struct {
     int64_t n_correct_norm;// by per-token mean log-likelihood
     double acc, acc_norm;  // n_correct / n_questions, n_correct_norm / n_questions
     double chance;         // mean of 1/choices over the questions
+    int n_cat;             // per category (first 16 in file order; the rest and uncategorized: "other")
+    char cat[16][32];
+    int64_t cat_n[16], cat_correct[16];  // questions and right answers (summed log-likelihood)
 } ChoiceResult;
 
 // Evaluates model m on the first max_items questions of s (0: all). ll_sum / ll_mean (may be NULL) get, per
@@ -63,7 +66,8 @@ typedef struct {
 int choice_eval(const EvalModel *m, const Tokenizer *tok, const ChoiceSet *s, int64_t max_items, int64_t batch,
                 const char *label, ChoiceResult *out, double *ll_sum, double *ll_mean, DlError *e);
 
-// Adds (or replaces) the key "choice": [{label, set, questions, correct, acc, acc_norm, chance}, ...] in the JSON
+// Adds (or replaces) the key "choice": [{label, set, questions, correct, correct_norm, acc, acc_norm, chance,
+// by_category: {CATEGORY: {questions, correct, acc}}}, ...] in the JSON
 // object of path (created as {} when missing), rewritten atomically.
 int choice_add_json(const char *path, const ChoiceResult *r, int n, DlError *e);
 // A table: one row per set and metric, one column per distinct label (in first-seen order).

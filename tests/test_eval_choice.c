@@ -210,6 +210,16 @@ static void test_teacher(void) {
     CHECK_EQ_I64(r.n_correct, c);
     CHECK_EQ_I64(r.n_correct_norm, cn);
     CHECK(fabs(r.chance - 0.25) < 1e-12);
+    int64_t cn_sum = 0, cc_sum = 0;  // per category: the counts add up, the names are the file's
+    bool names = r.n_cat >= 2;
+    for (int k = 0; k < r.n_cat; k++) {
+        cn_sum += r.cat_n[k], cc_sum += r.cat_correct[k];
+        names &= !strcmp(r.cat[k], "general knowledge") || !strcmp(r.cat[k], "arithmetic") ||
+                 !strcmp(r.cat[k], "commonsense") || !strcmp(r.cat[k], "word meaning");
+    }
+    CHECK(names);
+    CHECK_EQ_I64(cn_sum, NQ);
+    CHECK_EQ_I64(cc_sum, r.n_correct);
     printf("test_eval_choice: teacher on %lld questions: acc %.3f, acc_norm %.3f (chance 0.25), %.1f s\n", (long long)NQ,
            r.acc, r.acc_norm, dt);
     // above chance: 20 questions at chance give >= 10 right with probability 0.014
@@ -221,6 +231,8 @@ static void test_teacher(void) {
         printf("test_eval_choice: teacher on all %lld questions: acc %.3f, acc_norm %.3f, %.1f s\n",
                (long long)full.n_questions, full.acc, full.acc_norm, dl_now() - t0);
         choice_print_table(stdout, &full, 1);
+        for (int k = 0; k < full.n_cat; k++)
+            printf("  %-20s %lld/%lld\n", full.cat[k], (long long)full.cat_correct[k], (long long)full.cat_n[k]);
     }
     choice_set_free(&s);
     tokenizer_free(tok);

@@ -293,7 +293,8 @@ int main(void) {
     char *ej = slurp(buf);
     CHECK(ej && strstr(ej, "\"results\"") && strstr(ej, "\"choice\""));
     CHECK(ej && strstr(ej, "\"label\":\t\"teacher\"") && strstr(ej, "\"label\":\t\"student\"") &&
-          strstr(ej, "\"label\":\t\"init\"") && strstr(ej, "\"questions\":\t2") && strstr(ej, "\"chance\":\t0.41666"));
+          strstr(ej, "\"label\":\t\"init\"") && strstr(ej, "\"questions\":\t2") && strstr(ej, "\"chance\":\t0.41666") &&
+          strstr(ej, "\"by_category\":\t{\n\t\t\t\t\"other\":\t{"));
     free(ej);
 
     // resume: cut scores.bin inside its second record, drop the outputs and the later stages' markers
