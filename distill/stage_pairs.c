@@ -310,6 +310,12 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
     rows = dl_malloc((size_t)CH * sizeof *rows);
     len = dl_malloc((size_t)CH * sizeof *len), from = dl_malloc((size_t)CH * sizeof *from);
     sum = dl_malloc((size_t)CH * sizeof *sum);
+    if (ngood == 0) {
+        dl_fail(&e, "data '%s': no usable document (%lld bad: see the warnings above; expected prompt + one response span)",
+                in->name, (long long)n_bad);
+        rc = DL_EXIT_INPUT;
+        goto fail;
+    }
     if (ng == n_single) {
         dl_fail(&e, "data '%s': every prompt has a single response (%lld prompts): a pair needs >= 2 responses per prompt "
                 "(sample several per prompt in the generate stage)", in->name, (long long)ng);
