@@ -1,12 +1,13 @@
 // gpu_test_ssd.cu: the CUDA chunked SSD (forward, backward) against the CPU twin ssd_cpu.c (itself checked against a
 // float64 recurrence and float64 finite differences by test_ssd_cpu in CI, to ~1e-6), on fresh random bf16 inputs
 // (the twin gets the same bf16 values as floats), all outputs poisoned (all bits set: NaN) before every call.
-// Errors are relative norms ||gpu - twin|| / ||twin|| accumulated in double. Shapes: L = 1, L < and not a multiple
-// of the chunk, exact multiples, resets (at t = 0 and on consecutive tokens), groups shared by several heads,
-// no D/bias/h0, no softplus, delta above softplus's threshold, MambaInLlama-8B Mamba-2 heads (H 32, P = N = 128,
-// G = 32) and GQA-style grouping (G 8 of 32 heads), and B*L*H*P > 2^31 (64-bit offsets; the twin runs on the last
-// head, where offsets are largest). Also: two runs give identical bits, y = NULL runs only the state pass (same
-// h_last bits), h_last may alias h0, unsupported shapes are refused with a message.
+// Errors are relative norms ||gpu - twin|| / ||twin|| accumulated in double: bf16 outputs (y, dx, ddt, dB, dC) to
+// 1e-2, fp32 ones (h_last, dA, dD, ddt_bias, dh0) to 1e-3. Shapes: L = 1, L < and not a multiple of the chunk, exact
+// multiples, resets (at t = 0 and on consecutive tokens), groups shared by several heads, no D/bias/h0, no softplus,
+// delta above softplus's threshold, MambaInLlama-8B Mamba-2 heads (H 32, P = N = 128, G = 32), GQA-style grouping
+// (G 8 of 32 heads), tensors not 16-byte aligned, and B*L*H*P > 2^31 (64-bit offsets; the twin runs on the last head,
+// where offsets are largest). Also: two runs give identical bits, y = NULL runs only the state pass (same h_last
+// bits), h_last may alias h0, unsupported shapes are refused with a message.
 // Exit status 1 if any check fails. Usage: gpu_test_ssd [--no-huge]
 #include <algorithm>
 #include <vector>
@@ -74,6 +75,7 @@ typedef struct {
     double reset_p;     // < 0: no reset tensor
     float dlo, dhi;     // raw dt range
     int64_t gcheck;     // groups checked against the twin (the last ones); 0: all
+    int misalign;       // x, dy, Bm, Cm start 2 bytes into their allocation (the kernels' unvectorized loads)
 } TCase;
 
 static void run_case(const TCase *c) {
@@ -84,8 +86,11 @@ static void run_case(const TCase *c) {
     const int64_t nx = rows * H * P, nB = rows * G * N, nh = B * H * P * N, ndt = rows * H;
     const bool huge = nx > (1ll << 31);
     const uint64_t seed = gmix64(hs++);
-    bf16 *x = dalloc<bf16>(nx), *dt = dalloc<bf16>(ndt), *Bm = dalloc<bf16>(nB), *Cm = dalloc<bf16>(nB);
-    bf16 *dy = dalloc<bf16>(nx), *y = dalloc<bf16>(nx);
+    const int mis = c->misalign ? 1 : 0;
+    bf16 *xa = dalloc<bf16>(nx + mis), *dya = dalloc<bf16>(nx + mis), *Ba = dalloc<bf16>(nB + mis);
+    bf16 *Ca = dalloc<bf16>(nB + mis);
+    bf16 *x = xa + mis, *dy = dya + mis, *Bm = Ba + mis, *Cm = Ca + mis;
+    bf16 *dt = dalloc<bf16>(ndt), *y = dalloc<bf16>(nx);
     uint8_t *rs = c->reset_p >= 0 ? dalloc<uint8_t>(rows) : NULL;
     fill_bf16(x, nx, seed + 1, 0, -1.f, 1.f);
     fill_bf16(dt, ndt, seed + 2, 0, c->dlo, c->dhi);
@@ -229,7 +234,7 @@ static void run_case(const TCase *c) {
         void *d2[] = {y2, dx1, ddt1, dB1, dC1, hl2, p1, dh01};
         for (void *p : d2) CK(cudaFree(p));
     }
-    void *dev[] = {x, dt, Bm, Cm, dy, y, rs, A, Dk, bias, h0, dhl, hl, dx, ddt, dB, dC, dA, dD, ddb, dh0, ws};
+    void *dev[] = {xa, dt, Ba, Ca, dya, y, rs, A, Dk, bias, h0, dhl, hl, dx, ddt, dB, dC, dA, dD, ddb, dh0, ws};
     for (void *p : dev)
         if (p) CK(cudaFree(p));
 }
@@ -267,7 +272,7 @@ int main(int argc, char **argv) {
     CK(cudaGetDeviceProperties(&prop, 0));
     printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
     const TCase cases[] = {
-        // name                                    B   L       H   P    N    G  sp D  b  h0 dhl reset  dlo   dhi  gchk
+        // name                                    B   L       H   P    N    G  sp D  b  h0 dhl reset  dlo   dhi  gchk mis
         {"L=1", 2, 1, 2, 16, 16, 2, 1, 1, 1, 1, 1, 0.0, -1.f, 1.f, 0},
         {"L=37 < chunk, 4 heads in 2 groups, resets", 2, 37, 4, 32, 32, 2, 1, 1, 1, 1, 1, 0.1, -1.f, 1.f, 0},
         {"L=200 B=3 P=64 N=16 G=1, resets", 3, 200, 4, 64, 16, 1, 1, 1, 1, 1, 1, 0.02, -1.f, 1.f, 0},
@@ -276,6 +281,7 @@ int main(int argc, char **argv) {
         {"L=192 = 3 chunks, h0, no resets", 1, 192, 4, 128, 128, 4, 1, 1, 1, 1, 1, -1, -1.f, 1.f, 0},
         {"8B Mamba-2 heads H32 P128 N128 G32, resets", 2, 300, 32, 128, 128, 32, 1, 1, 1, 1, 1, 0.01, -1.f, 1.f, 0},
         {"GQA grouping H32 G8 P64 N64", 1, 520, 32, 64, 64, 8, 1, 1, 1, 1, 1, 0.005, -1.f, 1.f, 0},
+        {"unaligned tensors (2-byte loads), G=2 of 4", 2, 150, 4, 32, 64, 2, 1, 1, 1, 1, 1, 0.03, -1.f, 1.f, 0, 1},
         {"B*L*H*P > 2^31 (last head)", 1, 540000, 64, 64, 64, 64, 1, 1, 1, 1, 1, 1e-4, -1.f, 1.f, 1},
     };
     for (const TCase &c : cases) {

@@ -243,10 +243,11 @@ __device__ __forceinline__ void chunk_weights(const Scal &sc) {
 // for twice the (cheap) MMAs. Accumulation is fp32.
 typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> Acc;
 
+// (__fsub_rn: never fused with a product that forms v, so every kernel splits a value into the same bits)
 __device__ __forceinline__ void split_bf(float v, bf16 *hi, bf16 *lo) {
     const bf16 hv = __float2bfloat16_rn(v);
     *hi = hv;
-    *lo = __float2bfloat16_rn(v - __bfloat162float(hv));
+    *lo = __float2bfloat16_rn(__fsub_rn(v, __bfloat162float(hv)));
 }
 
 // acc += A[i0:i0+16, 0:K] B[0:K, j0:j0+16], K a multiple of 16. A row_major: element (i,k) at A[i*lda + k],
