@@ -35,7 +35,7 @@
 #define SSD_Q SSD_CUDA_CHUNK
 #define SSD_THREADS 256
 #define SSD_PT 16  // rows of P per block in the sequential passes
-#define SSD_SCAL 16  // arrays of Q floats of per-chunk scalars
+#define SSD_SCAL 18  // arrays of Q floats of per-chunk scalars
 
 using namespace nvcuda;
 
@@ -137,6 +137,7 @@ __host__ __device__ inline ChunkLayout chunk_layout(int64_t P, int64_t N) {
 // k, btw[kb*8 + mb] = sum of the sub-block totals strictly between kb and mb, bp[mb] = sum of the totals before mb.
 struct Scal {
     float *delta, *v, *din, *w, *a, *pre, *suf, *btw, *bp, *xdsb, *tmp, *dd, *tj;
+    float *epre, *esuf, *ebtw;  // exp of pre, suf, btw
     int *lastr;
     float *red;  // 32 floats of reduction scratch
 };
@@ -148,6 +149,7 @@ __device__ inline Scal scal_at(unsigned char *p) {
     s.red = f + 5 * SSD_Q, s.bp = s.red + 32;  // 32 + 9 floats
     s.a = f + 6 * SSD_Q, s.pre = f + 7 * SSD_Q, s.suf = f + 8 * SSD_Q, s.btw = f + 9 * SSD_Q;
     s.xdsb = f + 10 * SSD_Q, s.tmp = f + 11 * SSD_Q, s.dd = f + 12 * SSD_Q, s.tj = f + 13 * SSD_Q;
+    s.epre = f + 14 * SSD_Q, s.esuf = f + 15 * SSD_Q, s.ebtw = f + 16 * SSD_Q;
     return s;
 }
 
@@ -209,6 +211,14 @@ __device__ void chunk_scalars(const SsdDev &a, int64_t b, int64_t h, int64_t t0,
             if (mb < SSD_Q / 8) acc += sc.pre[mb * 8 + 7];
         }
     }
+    __syncwarp();
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+        const int i = 2 * lane + e;
+        sc.epre[i] = expf(sc.pre[i]);
+        sc.esuf[i] = expf(sc.suf[i]);
+        sc.ebtw[i] = expf(sc.btw[i]);
+    }
 }
 
 // sum_{j=k+1..m} a_j for k <= m (<= 0)
@@ -222,9 +232,13 @@ __device__ __forceinline__ float interval_sum(const Scal &sc, int k, int m) {
     return sc.suf[k] + sc.btw[kb * 8 + mb] + sc.pre[m];
 }
 
-// decay from token k to token m of the chunk (0 when k > m or a reset lies in (k, m])
+// decay from token k to token m of the chunk (0 when k > m or a reset lies in (k, m]). Across sub-blocks it is the
+// product of the exps of the three partial sums (each <= 0, so a factor underflows only when the whole does).
 __device__ __forceinline__ float decay_mk(const Scal &sc, int m, int k) {
-    return (k <= m && k >= sc.lastr[m]) ? expf(fminf(interval_sum(sc, k, m), 0.f)) : 0.f;
+    if (k > m || k < sc.lastr[m]) return 0.f;
+    const int kb = k >> 3, mb = m >> 3;
+    if (kb == mb) return expf(fminf(interval_sum(sc, k, m), 0.f));
+    return sc.esuf[k] * sc.ebtw[kb * 8 + mb] * sc.epre[m];
 }
 
 // After chunk_scalars and a barrier: din_m = exp(sum_{j<=m} a_j) (0 after a reset) and w_k (threads 0..Q-1).
