@@ -264,12 +264,14 @@ __device__ __forceinline__ void split_bf(float v, bf16 *hi, bf16 *lo) {
     *lo = __float2bfloat16_rn(__fsub_rn(v, __bfloat162float(hv)));
 }
 
-// acc += A[i0:i0+16, 0:K] B[0:K, j0:j0+16], K a multiple of 16. A row_major: element (i,k) at A[i*lda + k],
-// col_major: at A[k*lda + i]; B row_major: (k,j) at B[k*ldb + j], col_major: at B[j*ldb + k].
+// acc += A[i0:i0+16, k0:k1] B[k0:k1, j0:j0+16], k0 and k1 multiples of 16. A row_major: element (i,k) at
+// A[i*lda + k], col_major: at A[k*lda + i]; B row_major: (k,j) at B[k*ldb + j], col_major: at B[j*ldb + k].
+// Triangular operands (W, V: zero for k > m) pass only the k range that can be nonzero.
 template <typename LA, typename LB>
-__device__ __forceinline__ void mma_k(Acc &acc, const bf16 *A, int lda, const bf16 *B, int ldb, int i0, int j0, int K) {
+__device__ __forceinline__ void mma_k(Acc &acc, const bf16 *A, int lda, const bf16 *B, int ldb, int i0, int j0, int k0,
+                                      int k1) {
     constexpr bool ra = std::is_same<LA, wmma::row_major>::value, rb = std::is_same<LB, wmma::row_major>::value;
-    for (int k = 0; k < K; k += 16) {
+    for (int k = k0; k < k1; k += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb;
         wmma::load_matrix_sync(fa, ra ? A + i0 * lda + k : A + k * lda + i0, lda);
@@ -378,7 +380,7 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_fwd_kernel(SsdDev a) {
         if (Y) {
             // CB = C B^T, then W[m,k] = CB[m,k] Lm[m,k] delta_k as hi + lo
             block_tiles(Q, Q, Wf, lQf, false, [&](Acc &acc, int i0, int j0) {
-                mma_k<wmma::row_major, wmma::col_major>(acc, Cs, lN, Bs, lN, i0, j0, N);
+                mma_k<wmma::row_major, wmma::col_major>(acc, Cs, lN, Bs, lN, i0, j0, 0, N);
             });
             __syncthreads();
             for (int i = threadIdx.x; i < Q * Q; i += SSD_THREADS) {
@@ -388,12 +390,12 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_fwd_kernel(SsdDev a) {
             __syncthreads();
             // Y1 = W x (intra-chunk), Y2 = C S^T (incoming state)
             block_tiles(Q, PT, Y1, lPf, false, [&](Acc &acc, int i0, int j0) {
-                mma_k<wmma::row_major, wmma::row_major>(acc, Wh, lQ, Xs, lP, i0, j0, Q);
-                mma_k<wmma::row_major, wmma::row_major>(acc, Wl, lQ, Xs, lP, i0, j0, Q);
+                mma_k<wmma::row_major, wmma::row_major>(acc, Wh, lQ, Xs, lP, i0, j0, 0, i0 + 16);
+                mma_k<wmma::row_major, wmma::row_major>(acc, Wl, lQ, Xs, lP, i0, j0, 0, i0 + 16);
             });
             block_tiles(Q, PT, Y2, lPf, false, [&](Acc &acc, int i0, int j0) {
-                mma_k<wmma::row_major, wmma::col_major>(acc, Cs, lN, Sh, lN, i0, j0, N);
-                mma_k<wmma::row_major, wmma::col_major>(acc, Cs, lN, Sl, lN, i0, j0, N);
+                mma_k<wmma::row_major, wmma::col_major>(acc, Cs, lN, Sh, lN, i0, j0, 0, N);
+                mma_k<wmma::row_major, wmma::col_major>(acc, Cs, lN, Sl, lN, i0, j0, 0, N);
             });
             __syncthreads();
             for (int i = threadIdx.x; i < q * PT; i += SSD_THREADS) {
@@ -410,8 +412,8 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_fwd_kernel(SsdDev a) {
         }
         __syncthreads();
         block_tiles(PT, N, T, lNf, false, [&](Acc &acc, int i0, int j0) {
-            mma_k<wmma::col_major, wmma::row_major>(acc, Xs, lP, WBh, lN, i0, j0, Q);
-            mma_k<wmma::col_major, wmma::row_major>(acc, Xs, lP, WBl, lN, i0, j0, Q);
+            mma_k<wmma::col_major, wmma::row_major>(acc, Xs, lP, WBh, lN, i0, j0, 0, Q);
+            mma_k<wmma::col_major, wmma::row_major>(acc, Xs, lP, WBl, lN, i0, j0, 0, Q);
         });
         __syncthreads();
         const float dlast = sc.din[SSD_Q - 1];
@@ -469,8 +471,8 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_dstate_kernel(SsdDev a) {
         }
         __syncthreads();
         block_tiles(PT, N, T, lNf, false, [&](Acc &acc, int i0, int j0) {
-            mma_k<wmma::col_major, wmma::row_major>(acc, DYs, lP, DCh, lN, i0, j0, Q);
-            mma_k<wmma::col_major, wmma::row_major>(acc, DYs, lP, DCl, lN, i0, j0, Q);
+            mma_k<wmma::col_major, wmma::row_major>(acc, DYs, lP, DCh, lN, i0, j0, 0, Q);
+            mma_k<wmma::col_major, wmma::row_major>(acc, DYs, lP, DCl, lN, i0, j0, 0, Q);
         });
         __syncthreads();
         const float dlast = sc.din[SSD_Q - 1];
@@ -542,10 +544,10 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     chunk_weights(sc);
     // CB = C B^T and dG = dy x^T
     block_tiles(Q, Q, CBf, lQf, false, [&](Acc &acc, int i0, int j0) {
-        mma_k<wmma::row_major, wmma::col_major>(acc, Cs, lN, Bs, lN, i0, j0, N);
+        mma_k<wmma::row_major, wmma::col_major>(acc, Cs, lN, Bs, lN, i0, j0, 0, N);
     });
     block_tiles(Q, Q, DGf, lQf, false, [&](Acc &acc, int i0, int j0) {
-        mma_k<wmma::row_major, wmma::col_major>(acc, DYs, lP, Xs, lP, i0, j0, P);
+        mma_k<wmma::row_major, wmma::col_major>(acc, DYs, lP, Xs, lP, i0, j0, 0, P);
     });
     const float u_raw = block_sum(up, sc.red);  // contains barriers: CB, dG, din, w are complete after it
     const float dlast = sc.din[SSD_Q - 1];
@@ -597,8 +599,8 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     __syncthreads();  // E is dead: R may be written
     // R = B dS^T  [k,p]
     block_tiles(Q, P, Rs, lR, false, [&](Acc &acc, int i0, int j0) {
-        mma_k<wmma::row_major, wmma::col_major>(acc, Bs, lN, Sh, lN, i0, j0, N);
-        mma_k<wmma::row_major, wmma::col_major>(acc, Bs, lN, Sl, lN, i0, j0, N);
+        mma_k<wmma::row_major, wmma::col_major>(acc, Bs, lN, Sh, lN, i0, j0, 0, N);
+        mma_k<wmma::row_major, wmma::col_major>(acc, Bs, lN, Sl, lN, i0, j0, 0, N);
     });
     __syncthreads();
     if (tid < SSD_Q) {  // xdsb_k = x_k . R_k
@@ -614,8 +616,8 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     }
     __syncthreads();
     block_tiles(Q, P, Rs, lR, true, [&](Acc &acc, int i0, int j0) {
-        mma_k<wmma::col_major, wmma::row_major>(acc, Wh, lQ, DYs, lP, i0, j0, Q);
-        mma_k<wmma::col_major, wmma::row_major>(acc, Wl, lQ, DYs, lP, i0, j0, Q);
+        mma_k<wmma::col_major, wmma::row_major>(acc, Wh, lQ, DYs, lP, i0, j0, i0, Q);
+        mma_k<wmma::col_major, wmma::row_major>(acc, Wl, lQ, DYs, lP, i0, j0, i0, Q);
     });
     __syncthreads();
     for (int i = tid; i < q * P; i += SSD_THREADS) {
@@ -625,8 +627,8 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     __syncthreads();
     // dB = w_k (x dS) + V^T C
     block_tiles(Q, N, Rs, lR, false, [&](Acc &acc, int i0, int j0) {
-        mma_k<wmma::row_major, wmma::row_major>(acc, Xs, lP, Sh, lN, i0, j0, P);
-        mma_k<wmma::row_major, wmma::row_major>(acc, Xs, lP, Sl, lN, i0, j0, P);
+        mma_k<wmma::row_major, wmma::row_major>(acc, Xs, lP, Sh, lN, i0, j0, 0, P);
+        mma_k<wmma::row_major, wmma::row_major>(acc, Xs, lP, Sl, lN, i0, j0, 0, P);
     });
     __syncthreads();
     for (int i = tid; i < Q * N; i += SSD_THREADS) {
@@ -635,8 +637,8 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     }
     __syncthreads();
     block_tiles(Q, N, Rs, lR, true, [&](Acc &acc, int i0, int j0) {
-        mma_k<wmma::col_major, wmma::row_major>(acc, Vh, lQ, Cs, lN, i0, j0, Q);
-        mma_k<wmma::col_major, wmma::row_major>(acc, Vl, lQ, Cs, lN, i0, j0, Q);
+        mma_k<wmma::col_major, wmma::row_major>(acc, Vh, lQ, Cs, lN, i0, j0, i0, Q);
+        mma_k<wmma::col_major, wmma::row_major>(acc, Vl, lQ, Cs, lN, i0, j0, i0, Q);
     });
     __syncthreads();
     for (int i = tid; i < q * N; i += SSD_THREADS) {
@@ -653,8 +655,8 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     }
     __syncthreads();
     block_tiles(Q, N, Rs, lR, false, [&](Acc &acc, int i0, int j0) {
-        mma_k<wmma::row_major, wmma::row_major>(acc, DYs, lP, Sh, lN, i0, j0, P);
-        mma_k<wmma::row_major, wmma::row_major>(acc, DYs, lP, Sl, lN, i0, j0, P);
+        mma_k<wmma::row_major, wmma::row_major>(acc, DYs, lP, Sh, lN, i0, j0, 0, P);
+        mma_k<wmma::row_major, wmma::row_major>(acc, DYs, lP, Sl, lN, i0, j0, 0, P);
     });
     __syncthreads();
     if (tid < SSD_Q) {  // tmp_m = din_m C_m . (dy S0)_m
@@ -669,8 +671,8 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     }
     __syncthreads();
     block_tiles(Q, N, Rs, lR, true, [&](Acc &acc, int i0, int j0) {
-        mma_k<wmma::row_major, wmma::row_major>(acc, Vh, lQ, Bs, lN, i0, j0, Q);
-        mma_k<wmma::row_major, wmma::row_major>(acc, Vl, lQ, Bs, lN, i0, j0, Q);
+        mma_k<wmma::row_major, wmma::row_major>(acc, Vh, lQ, Bs, lN, i0, j0, 0, i0 + 16);
+        mma_k<wmma::row_major, wmma::row_major>(acc, Vl, lQ, Bs, lN, i0, j0, 0, i0 + 16);
     });
     __syncthreads();
     for (int i = tid; i < q * N; i += SSD_THREADS) {
