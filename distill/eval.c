@@ -6,7 +6,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "distill/engine.h"
+#include "distill/train_model.h"
 
 // log-softmax statistics of one row of V logits: max, log-sum-exp, argmax (lowest index on ties).
 static void row_stats(const float *x, int64_t V, double *lse, int64_t *arg) {
@@ -28,27 +28,31 @@ int eval_run(const EvalModel *student, const EvalModel *teacher, BatchSource *sr
         return dl_fail(e, "eval: student vocabulary %d differs from the teacher's %d", student->hc->base.vocab,
                        teacher->hc->base.vocab);
     const int64_t V = student->hc->base.vocab, N = B * T;
-    Engine *se = engine_new(student->hc, student->reg, student->params, B, T, 0, e);
+    TrainModel *se = tm_new(student->device, student->hc, student->reg, (float *)student->params, B, T, TM_FROZEN, NULL, e);
     if (!se) return -1;
-    Engine *te = engine_new(teacher->hc, teacher->reg, teacher->params, B, T, 0, e);
+    TrainModel *te = tm_new(teacher->device, teacher->hc, teacher->reg, (float *)teacher->params, B, T, TM_FROZEN, NULL, e);
     if (!te) {
-        engine_free(se);
+        tm_free(se);
         return -1;
     }
     TrainBatch b = {B, T, dl_malloc((size_t)N * 4), dl_malloc((size_t)N * 4), dl_malloc((size_t)N), dl_malloc((size_t)N)};
-    const int64_t chunk = DL_MAX(1, DL_MIN(N, (int64_t)(4 << 20) / V));
+    const int64_t chunk = DL_MAX(1, DL_MIN(N, (int64_t)(32 << 20) / V));
     float *ls = dl_malloc((size_t)(chunk * V) * 4), *lt = dl_malloc((size_t)(chunk * V) * 4);
+    double *st = dl_malloc((size_t)chunk * 8 * sizeof(double));  // per row: counted, nll, tnll, kl, ent, agree, acc, tacc
     double nll = 0, tnll = 0, kl = 0, ent = 0, agree = 0, acc = 0, tacc = 0, count = 0;
     int rc = -1;
     for (int64_t k = 0; k < n_batches; k++) {
         if (src->next(src->ctx, &b, e)) goto out;
-        engine_forward(te, b.tokens, b.reset);
-        engine_forward(se, b.tokens, b.reset);
+        if (tm_forward(te, b.tokens, b.reset, e) || tm_forward(se, b.tokens, b.reset, e)) goto out;
         for (int64_t r0 = 0; r0 < N; r0 += chunk) {
             int64_t n = DL_MIN(chunk, N - r0);
-            engine_logits(se, r0, r0 + n, ls);
-            engine_logits(te, r0, r0 + n, lt);
+            tm_logits(se, r0, r0 + n, ls);
+            tm_logits(te, r0, r0 + n, lt);
+            // rows in parallel, each into its own slot; summed below in row order (thread-count independent)
+#pragma omp parallel for schedule(dynamic, 4)
             for (int64_t i = 0; i < n; i++) {
+                double *o = st + i * 8;
+                memset(o, 0, 8 * sizeof(double));
                 int64_t r = r0 + i;
                 int32_t y = b.targets[r];
                 if (y < 0 || y >= V || !b.mask[r]) continue;
@@ -63,13 +67,13 @@ int eval_run(const EvalModel *student, const EvalModel *teacher, BatchSource *sr
                     klr += pt * (lpt - lps);
                     h -= pt * lpt;
                 }
-                nll += lse_s - s[y];
-                tnll += lse_t - t[y];
-                kl += klr;
-                ent += h;
-                agree += as == at;
-                acc += as == y;
-                tacc += at == y;
+                o[0] = 1, o[1] = lse_s - s[y], o[2] = lse_t - t[y], o[3] = klr, o[4] = h;
+                o[5] = as == at, o[6] = as == y, o[7] = at == y;
+            }
+            for (int64_t i = 0; i < n; i++) {
+                const double *o = st + i * 8;
+                if (o[0] == 0) continue;
+                nll += o[1], tnll += o[2], kl += o[3], ent += o[4], agree += o[5], acc += o[6], tacc += o[7];
                 count++;
             }
         }
@@ -95,9 +99,9 @@ int eval_run(const EvalModel *student, const EvalModel *teacher, BatchSource *sr
     rc = 0;
 out:
     free(b.tokens), free(b.targets), free(b.mask), free(b.reset);
-    free(ls), free(lt);
-    engine_free(se);
-    engine_free(te);
+    free(ls), free(lt), free(st);
+    tm_free(se);
+    tm_free(te);
     return rc;
 }
 

@@ -31,6 +31,7 @@ typedef struct {
     const HybridConfig *hc;
     const Registry *reg;
     const float *params;
+    int device;  // TmDevice (train_model.h): 0 the CPU engine, 1 the CUDA engine (bf16)
 } EvalModel;
 
 // Evaluates student against teacher over n_batches micro-batches of B rows of T tokens from src.

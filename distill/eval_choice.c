@@ -8,7 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "distill/engine.h"
+#include "distill/train_model.h"
 
 // ---------------------------------------------------------------- scoring
 
@@ -49,14 +49,14 @@ int lm_score_rows(const EvalModel *m, const int32_t *const *rows, const int64_t 
     const int64_t Tmax = len[order[0]], Bmax = DL_MIN(batch, n);
     int32_t *tokens = dl_malloc((size_t)(Bmax * Tmax) * 4), *targets = dl_malloc((size_t)(Bmax * Tmax) * 4);
     double *lp = dl_malloc((size_t)Bmax * sizeof *lp);
-    Engine *eng = NULL;
+    TrainModel *eng = NULL;
     int64_t eB = 0, eT = 0;
     int rc = -1;
     for (int64_t k = 0; k < n; k += batch) {
         const int64_t B = DL_MIN(batch, n - k), T = len[order[k]];
         if (!eng || eB != B || eT != T) {  // engines are sized per batch shape
-            engine_free(eng);
-            eng = engine_new(m->hc, m->reg, m->params, B, T, 0, e);
+            tm_free(eng);
+            eng = tm_new(m->device, m->hc, m->reg, (float *)m->params, B, T, TM_FROZEN, NULL, e);
             if (!eng) goto out;
             eB = B, eT = T;
         }
@@ -68,12 +68,12 @@ int lm_score_rows(const EvalModel *m, const int32_t *const *rows, const int64_t 
             for (int64_t t = len[i]; t < T; t++) tk[t] = 0;
             for (int64_t t = 0; t < T; t++) tg[t] = t + 1 >= from[i] && t + 1 < len[i] ? rows[i][t + 1] : -1;
         }
-        engine_forward(eng, tokens, NULL);
-        LossSpec spec;
+        if (tm_forward(eng, tokens, NULL, e)) goto out;
+        TmLoss spec;
         memset(&spec, 0, sizeof spec);
         spec.w = (LossWeights){1, 0, 0, 1};
         spec.norm = 1;
-        engine_loss(eng, targets, NULL, &spec, NULL, lp);
+        tm_loss(eng, targets, NULL, &spec, NULL, lp);
         for (int64_t b = 0; b < B; b++) {
             const int64_t i = order[k + b];
             sum[i] = lp[b];
@@ -82,7 +82,7 @@ int lm_score_rows(const EvalModel *m, const int32_t *const *rows, const int64_t 
     }
     rc = 0;
 out:
-    engine_free(eng);
+    tm_free(eng);
     free(order), free(tokens), free(targets), free(lp);
     return rc;
 }

@@ -10,6 +10,7 @@
 #include "distill/eval.h"
 #include "distill/eval_choice.h"
 #include "distill/stage_common.h"
+#include "distill/train_model.h"
 
 static int run_eval(RunContext *ctx, const StageSpec *st) {
     const Recipe *rec = ctx->recipe;
@@ -36,7 +37,9 @@ static int run_eval(RunContext *ctx, const StageSpec *st) {
                 have_init = true;
             free(d);
         }
-    EvalModel em = {&m.hc, &m.reg, m.params}, et = {&t.hc, &t.reg, t.params}, ei = {&init.hc, &init.reg, init.params};
+    const int dev = rec->run.device == DEVICE_CUDA ? TM_CUDA : TM_CPU;
+    EvalModel em = {&m.hc, &m.reg, m.params, dev}, et = {&t.hc, &t.reg, t.params, dev},
+              ei = {&init.hc, &init.reg, init.params, dev};
     for (int k = 0; k < st->n_eval_sets; k++) {
         int di = st->eval_index[k];
         const DataSpec *ds = &rec->data[di];

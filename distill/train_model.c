@@ -118,6 +118,16 @@ double tm_mse_hidden(TrainModel *m, int i, const TrainModel *t, const uint8_t *m
     return v;
 }
 
+void tm_logits(const TrainModel *m, int64_t r0, int64_t r1, float *out) {
+#ifdef DISTILL_CUDA
+    if (m->cu) {
+        engine_cuda_logits_host(m->cu, r0, r1, out);
+        return;
+    }
+#endif
+    engine_logits(m->cpu, r0, r1, out);
+}
+
 void tm_backward(TrainModel *m, float *grads) {
 #ifdef DISTILL_CUDA
     if (m->cu) {

@@ -64,6 +64,8 @@ LossParts tm_loss(TrainModel *m, const int32_t *targets, const uint8_t *mask, co
 // scale x sum over counted rows of |hidden_i(m) - hidden_i(t)|^2 (mask host [B*T]); adds its gradient to m's
 // hidden state i for the next tm_backward. t ran forward on the same batch with TM_KEEP_HIDDEN.
 double tm_mse_hidden(TrainModel *m, int i, const TrainModel *t, const uint8_t *mask, double scale);
+// Logits of rows [r0, r1) of the last forward into host memory, fp32 [(r1-r0), V].
+void tm_logits(const TrainModel *m, int64_t r0, int64_t r1, float *out);
 // Backward into grads (ADDED; trainable tensors only).
 void tm_backward(TrainModel *m, float *grads);
 

@@ -7,6 +7,7 @@
 
 #include "distill/engine.h"
 #include "distill/eval.h"
+#include "distill/train_model.h"
 #include "tests/check.h"
 #include "tests/tiny_model.h"
 
@@ -16,7 +17,7 @@ int main(void) {
     tiny_teacher(&t, 3, true, 8);
     int attn[1] = {1};
     tiny_hybrid(&s, &t, attn, 1, 9);
-    EvalModel em_t = {&t.h, &t.r, t.p}, em_s = {&s.h, &s.r, s.p};
+    EvalModel em_t = {&t.h, &t.r, t.p, TM_CPU}, em_s = {&s.h, &s.r, s.p, TM_CPU};
     const int64_t B = 2, T = 16, NB = 3;
     DlError e;
     SynthSource ss;

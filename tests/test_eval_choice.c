@@ -14,6 +14,7 @@
 
 #include "distill/engine.h"
 #include "distill/eval_choice.h"
+#include "distill/train_model.h"
 #include "distill/model_io.h"
 #include "tests/check.h"
 #include "tests/tiny_model.h"
@@ -122,7 +123,7 @@ static void test_scorer_tiny(void) {
         for (int64_t k = 0; k < len[i]; k++) rows[i][k] = (int32_t)(rng_u64(&g) % 37);
     }
     for (int mi = 0; mi < 2; mi++) {
-        EvalModel m = {&models[mi]->h, &models[mi]->r, models[mi]->p};
+        EvalModel m = {&models[mi]->h, &models[mi]->r, models[mi]->p, TM_CPU};
         double want[N], worst = 0;
         for (int i = 0; i < N; i++) want[i] = direct_ll(&m, rows[i], len[i], from[i]);
         int batches[3] = {1, 3, 8};
@@ -139,7 +140,7 @@ static void test_scorer_tiny(void) {
         CHECK_REL(worst, 1e-5, mi ? "lm_score_rows (hybrid) vs direct" : "lm_score_rows (teacher) vs direct");
     }
     // rows that cannot be scored
-    EvalModel m = {&t.h, &t.r, t.p};
+    EvalModel m = {&t.h, &t.r, t.p, TM_CPU};
     double s1;
     DlError e;
     int64_t l1 = 3, f0 = 0, f3 = 3;
@@ -168,7 +169,7 @@ static void test_teacher(void) {
         CHECK(0);
         return;
     }
-    EvalModel m = {&t.hc, &t.reg, t.params};
+    EvalModel m = {&t.hc, &t.reg, t.params, TM_CPU};
     const int64_t NQ = 20;
     double sum[NQ * 4], mean[NQ * 4];
     ChoiceResult r;

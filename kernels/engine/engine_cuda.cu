@@ -928,6 +928,24 @@ void engine_cuda_logits(const EngineCuda *E, int64_t r0, int64_t r1, void *out) 
                      c->vocab, 0, E->st, EA));
 }
 
+void engine_cuda_logits_host(const EngineCuda *E, int64_t r0, int64_t r1, float *out) {
+    const int64_t V = E->h.base.vocab;
+    for (int64_t a = r0; a < r1; a += E->chunk) {  // through the loss's logits buffer, a chunk at a time
+        const int64_t n = DL_MIN(E->chunk, r1 - a);
+        engine_cuda_logits(E, a, a + n, E->lbuf);
+        void *f32 = E->lbuf;
+        if (E->dt != DT_F32) {
+            float *tmp = NULL;
+            cudaCheck(cudaMallocAsync((void **)&tmp, (size_t)(n * V) * 4, E->st));
+            TC(convert_cuda(DT_F32, tmp, E->dt, E->lbuf, n * V, E->st, EA));
+            f32 = tmp;
+        }
+        cudaCheck(cudaMemcpyAsync(out + (a - r0) * V, f32, (size_t)(n * V) * 4, cudaMemcpyDeviceToHost, E->st));
+        if (f32 != E->lbuf) cudaCheck(cudaFreeAsync(f32, E->st));
+        cudaCheck(cudaStreamSynchronize(E->st));
+    }
+}
+
 // ---------------------------------------------------------------- loss
 
 LossParts engine_cuda_loss(EngineCuda *E, const int32_t *targets, const uint8_t *mask, const LossSpecCuda *spec,

@@ -107,6 +107,8 @@ const void *engine_cuda_hidden(const EngineCuda *e, int i);
 const void *engine_cuda_final_hidden(const EngineCuda *e);
 // Logits of rows [r0, r1) into out (device, dt, [(r1-r0), V]).
 void engine_cuda_logits(const EngineCuda *e, int64_t r0, int64_t r1, void *out);
+// The same into host memory as fp32 [(r1-r0), V] (through the engine's logits chunk; for evaluation).
+void engine_cuda_logits_host(const EngineCuda *e, int64_t r0, int64_t r1, float *out);
 
 typedef struct {
     LossWeights w;
