@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/engine/gpu_test_params.cuh"
 #include "kernels/engine/decode_cuda.h"
 
 extern "C" {
@@ -72,28 +73,8 @@ static double relerr(const float *a, const float *b, int64_t n) {
     return den > 0 ? sqrt(num / den) : sqrt(num);
 }
 
-static void init_params(const Registry *r, float *p, uint64_t seed) {
-    Rng g;
-    rng_init(&g, seed, 11);
-    memset(p, 0, (size_t)r->numel * sizeof(float));
-    for (int i = 0; i < r->n; i++) {
-        const TensorInfo *t = &r->t[i];
-        float *x = p + t->offset;
-        const char *nm = t->name;
-        for (int64_t j = 0; j < t->numel; j++) {
-            double z = rng_normal(&g);
-            float v;
-            if (strstr(nm, "norm")) v = (float)(1.0 + 0.1 * z);
-            else if (strstr(nm, "A_log")) v = (float)log(1.0 + (double)(j % t->shape[t->ndim - 1])) + (float)(0.05 * z);
-            else if (strstr(nm, ".D")) v = (float)(1.0 + 0.1 * z);
-            else if (strstr(nm, "dt_proj.bias")) v = (float)(-3.0 + 0.5 * z);
-            else if (strstr(nm, "conv1d")) v = (float)(0.3 * z);
-            else if (strstr(nm, "embed") || strstr(nm, "lm_head")) v = (float)(0.5 * z);
-            else v = (float)(z / sqrt((double)t->shape[t->ndim - 1]));
-            x[j] = bf16_to_f32(f32_to_bf16(v));  // the GPU holds bf16 weights: the CPU sees the same model
-        }
-    }
-}
+// the GPU holds bf16 weights: the CPU sees the same model
+static void init_params(const Registry *r, float *p, uint64_t seed) { test_params_init(r, p, seed, 11, true); }
 
 typedef struct {
     HybridConfig h;

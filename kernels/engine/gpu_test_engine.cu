@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "kernels/engine/engine_cuda.h"
+#include "kernels/engine/gpu_test_params.cuh"
 
 extern "C" {
 #include "distill/rng.h"
@@ -56,31 +57,7 @@ static void die_if(bool bad, const DlError *e, const char *what) {
 }
 
 // Random weights: matrices N(0, 0.02^2 * 64/in-ish), norms 1 + noise, Mamba specifics in their usual ranges.
-static void init_params(const Registry *r, float *p, uint64_t seed) {
-    Rng g;
-    rng_init(&g, seed, 7);
-    memset(p, 0, (size_t)r->numel * sizeof(float));
-    for (int i = 0; i < r->n; i++) {
-        const TensorInfo *t = &r->t[i];
-        float *x = p + t->offset;
-        const char *nm = t->name;
-        for (int64_t j = 0; j < t->numel; j++) {
-            double z = rng_normal(&g);
-            float v;
-            if (strstr(nm, "norm")) v = (float)(1.0 + 0.1 * z);
-            else if (strstr(nm, "A_log")) v = (float)log(1.0 + (double)(j % t->shape[t->ndim - 1])) + (float)(0.05 * z);
-            else if (strstr(nm, ".D")) v = (float)(1.0 + 0.1 * z);
-            else if (strstr(nm, "dt_proj.bias")) v = (float)(-3.0 + 0.5 * z);
-            else if (strstr(nm, "conv1d")) v = (float)(0.3 * z);
-            else if (strstr(nm, "embed") || strstr(nm, "lm_head")) v = (float)(0.5 * z);
-            else {
-                double in = (double)t->shape[t->ndim - 1];
-                v = (float)(z / sqrt(in));
-            }
-            x[j] = v;
-        }
-    }
-}
+static void init_params(const Registry *r, float *p, uint64_t seed) { test_params_init(r, p, seed, 7, false); }
 static void round_bf16(float *p, int64_t n) {
     for (int64_t i = 0; i < n; i++) p[i] = bf16_to_f32(f32_to_bf16(p[i]));
 }

@@ -15,25 +15,7 @@ static int REPS = 30;
 static const int NSET = 3;
 
 template <typename F>
-static double median_ms(F &&call) {
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a)), CK(cudaEventCreate(&b));
-    for (int i = 0; i < 3; i++) call(i);
-    std::vector<float> ts;
-    for (int i = 0; i < REPS; i++) {
-        CK(cudaEventRecord(a));
-        call(i);
-        CK(cudaEventRecord(b));
-        CK(cudaEventSynchronize(b));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, a, b));
-        ts.push_back(ms);
-    }
-    CK(cudaGetLastError());
-    std::sort(ts.begin(), ts.end());
-    CK(cudaEventDestroy(a)), CK(cudaEventDestroy(b));
-    return ts[ts.size() / 2];
-}
+static double median_ms(F &&call) { return gpu_median_ms(REPS, call); }
 
 struct Set {
     bf16 *u, *dt, *z, *Bm, *Cm, *out, *dout, *du, *ddt, *dz, *dB, *dC;

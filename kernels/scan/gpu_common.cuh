@@ -18,6 +18,37 @@ static inline void ck_(cudaError_t e, const char *file, int line, const char *wh
 }
 #define CK(call) ck_((call), __FILE__, __LINE__, #call)
 
+// Median time in ms of reps calls of call(i) (i = 0, 1, ...: e.g. to rotate input sets), each between two CUDA
+// events on the legacy stream, after 3 warm-up calls. The one timer of every benchmark program.
+template <typename F>
+static double gpu_median_ms(int reps, F &&call) {
+    cudaEvent_t a, b;
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    for (int i = 0; i < 3; i++) call(i);
+    CK(cudaDeviceSynchronize());
+    float *ts = (float *)malloc((size_t)(reps > 0 ? reps : 1) * sizeof(float));
+    for (int i = 0; i < reps; i++) {
+        CK(cudaEventRecord(a));
+        call(i);
+        CK(cudaEventRecord(b));
+        CK(cudaEventSynchronize(b));
+        CK(cudaEventElapsedTime(&ts[i], a, b));
+    }
+    CK(cudaGetLastError());
+    CK(cudaEventDestroy(a));
+    CK(cudaEventDestroy(b));
+    // insertion sort: reps is small
+    for (int i = 1; i < reps; i++)
+        for (int j = i; j > 0 && ts[j - 1] > ts[j]; j--) {
+            float t = ts[j];
+            ts[j] = ts[j - 1], ts[j - 1] = t;
+        }
+    const double m = reps > 0 ? ts[reps / 2] : 0.0;
+    free(ts);
+    return m;
+}
+
 __host__ __device__ inline uint64_t gmix64(uint64_t z) {
     z += 0x9E3779B97F4A7C15ull;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;

@@ -19,25 +19,7 @@ static int REPS = 30;
 static const int NSET = 3;
 
 template <typename F>
-static double median_ms(F &&call) {
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a)), CK(cudaEventCreate(&b));
-    for (int i = 0; i < 3; i++) call(i);
-    std::vector<float> ts;
-    for (int i = 0; i < REPS; i++) {
-        CK(cudaEventRecord(a));
-        call(i);
-        CK(cudaEventRecord(b));
-        CK(cudaEventSynchronize(b));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, a, b));
-        ts.push_back(ms);
-    }
-    CK(cudaGetLastError());
-    std::sort(ts.begin(), ts.end());
-    CK(cudaEventDestroy(a)), CK(cudaEventDestroy(b));
-    return ts[ts.size() / 2];
-}
+static double median_ms(F &&call) { return gpu_median_ms(REPS, call); }
 
 // the bandwidth probe: 16-byte loads and stores, grid-stride
 __global__ void copy_kernel(const uint4 *__restrict__ src, uint4 *__restrict__ dst, int64_t n) {

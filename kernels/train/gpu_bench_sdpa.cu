@@ -33,28 +33,7 @@ static void need(int rc, const char *what) {
         exit(1);
     }
 }
-static double time_ms(const std::function<void()> &fn) {
-    for (int i = 0; i < 3; i++) fn();
-    CK(cudaDeviceSynchronize());
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    std::vector<float> t;
-    for (int i = 0; i < reps; i++) {
-        CK(cudaEventRecord(a));
-        fn();
-        CK(cudaEventRecord(b));
-        CK(cudaEventSynchronize(b));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, a, b));
-        t.push_back(ms);
-    }
-    CK(cudaGetLastError());
-    CK(cudaEventDestroy(a));
-    CK(cudaEventDestroy(b));
-    std::sort(t.begin(), t.end());
-    return t[t.size() / 2];
-}
+static double time_ms(const std::function<void()> &fn) { return gpu_median_ms(reps, [&](int) { fn(); }); }
 static bf16 *rbf(int64_t n, uint64_t seed) {
     bf16 *p;
     CK(cudaMalloc(&p, (size_t)n * 2));
