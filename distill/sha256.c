@@ -1,7 +1,15 @@
-// sha256.c: see sha256.h. Straight from the FIPS 180-4 definitions (§4.1.2, §5.3.3, §6.2).
+// sha256.c: see sha256.h. Straight from the FIPS 180-4 definitions (§4.1.2, §5.3.3, §6.2), plus the same
+// compression on the x86 SHA extensions where the CPU has them (checkpoints hash every byte twice: the
+// portable code runs at ~290 MB/s, a minute per 16 GB of weights).
 #include "distill/sha256.h"
 
+#include <stdbool.h>
 #include <string.h>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define SHA256_X86 1
+#endif
 
 static const uint32_t K[64] = {
     0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
@@ -40,6 +48,74 @@ static void compress(uint32_t h[8], const uint8_t *p) {
     h[0] += a, h[1] += b, h[2] += c, h[3] += d, h[4] += e, h[5] += f, h[6] += g, h[7] += k;
 }
 
+#ifdef SHA256_X86
+// nblocks 64-byte blocks with SHA256RNDS2 / MSG1 / MSG2. The instructions keep the state as two vectors,
+// ABEF and CDGH (A in the top lane); the message words go big-endian -> lanes, four at a time, and each
+// vector of W+K feeds two rounds per SHA256RNDS2.
+__attribute__((target("sha,sse4.1,ssse3"))) static void compress_x86(uint32_t h[8], const uint8_t *p, size_t nblocks) {
+    const __m128i bswap = _mm_set_epi64x(0x0c0d0e0f08090a0bLL, 0x0405060700010203LL);
+    __m128i t = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&h[0]), 0xB1);  // B A D C
+    __m128i s1 = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&h[4]), 0x1B); // H G F E
+    __m128i s0 = _mm_alignr_epi8(t, s1, 8);                                         // F E B A = ABEF
+    s1 = _mm_blend_epi16(s1, t, 0xF0);                                              // H G D C = CDGH
+    for (; nblocks; nblocks--, p += 64) {
+        const __m128i save0 = s0, save1 = s1;
+        __m128i m[4];
+        for (int i = 0; i < 4; i++) m[i] = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(p + 16 * i)), bswap);
+        for (int j = 0; j < 16; j++) {
+            __m128i w;
+            if (j < 4) {
+                w = m[j];
+            } else {  // W[4j..4j+3] from W[4j-16..4j-1] = m[0..3]
+                w = _mm_add_epi32(_mm_sha256msg1_epu32(m[0], m[1]), _mm_alignr_epi8(m[3], m[2], 4));
+                w = _mm_sha256msg2_epu32(w, m[3]);
+                m[0] = m[1], m[1] = m[2], m[2] = m[3], m[3] = w;
+            }
+            __m128i wk = _mm_add_epi32(w, _mm_loadu_si128((const __m128i *)&K[4 * j]));
+            s1 = _mm_sha256rnds2_epu32(s1, s0, wk);  // rounds 4j, 4j+1: s1 becomes the new ABEF
+            wk = _mm_shuffle_epi32(wk, 0x0E);
+            s0 = _mm_sha256rnds2_epu32(s0, s1, wk);  // rounds 4j+2, 4j+3: ABEF back in s0
+        }
+        s0 = _mm_add_epi32(s0, save0);
+        s1 = _mm_add_epi32(s1, save1);
+    }
+    t = _mm_shuffle_epi32(s0, 0x1B);                                      // A B E F
+    s1 = _mm_shuffle_epi32(s1, 0xB1);                                     // G H C D
+    _mm_storeu_si128((__m128i *)&h[0], _mm_blend_epi16(t, s1, 0xF0));     // A B C D
+    _mm_storeu_si128((__m128i *)&h[4], _mm_alignr_epi8(s1, t, 8));        // E F G H
+}
+
+static bool cpu_has_sha(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_SSE4_1) || !(c & bit_SSSE3)) return false;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return (b >> 29) & 1;  // CPUID.(EAX=7,ECX=0):EBX.SHA[bit 29]
+}
+#endif
+
+static int g_impl = -1;  // -1: not decided yet; 0: portable; 1: x86 SHA extensions
+
+static void compress_blocks(uint32_t h[8], const uint8_t *p, size_t nblocks) {
+#ifdef SHA256_X86
+    if (g_impl < 0) g_impl = cpu_has_sha() ? 1 : 0;
+    if (g_impl == 1) {
+        compress_x86(h, p, nblocks);
+        return;
+    }
+#endif
+    for (; nblocks; nblocks--, p += 64) compress(h, p);
+}
+
+int sha256_use_portable(int portable) {
+#ifdef SHA256_X86
+    g_impl = portable ? 0 : (cpu_has_sha() ? 1 : 0);
+    return g_impl;
+#else
+    (void)portable;
+    return 0;
+#endif
+}
+
 void sha256_init(Sha256 *s) {
     static const uint32_t H0[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
                                    0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
@@ -58,10 +134,12 @@ void sha256_update(Sha256 *s, const void *data, size_t n) {
         p += take;
         n -= take;
         if (s->nbuf < 64) return;
-        compress(s->h, s->buf);
+        compress_blocks(s->h, s->buf, 1);
         s->nbuf = 0;
     }
-    for (; n >= 64; p += 64, n -= 64) compress(s->h, p);
+    compress_blocks(s->h, p, n / 64);
+    p += n / 64 * 64;
+    n %= 64;
     memcpy(s->buf, p, n);
     s->nbuf = (int)n;
 }

@@ -17,3 +17,6 @@ void sha256_final(Sha256 *s, uint8_t out[32]);
 // One-shot digest as 64 lowercase hex characters + NUL.
 void sha256_hex(const void *data, size_t n, char out[65]);
 void sha256_to_hex(const uint8_t d[32], char out[65]);
+// The compressor: the x86 SHA extensions where the CPU has them (about 5x faster), else portable C.
+// portable != 0 forces the portable one (tests compare the two). Returns 1 if the extensions are in use.
+int sha256_use_portable(int portable);
