@@ -23,7 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "kernels/engine/gpu_test_params.cuh"
+#include "kernels/engine/gpu_test_common.cuh"
 #include "kernels/engine/decode_cuda.h"
 
 extern "C" {
@@ -32,7 +32,6 @@ extern "C" {
 #include "distill/sample.h"
 }
 
-static int g_fail = 0, g_pass = 0, g_verbose = 0;
 
 #define CK(call)                                                                                              \
     do {                                                                                                      \
@@ -43,17 +42,6 @@ static int g_fail = 0, g_pass = 0, g_verbose = 0;
         }                                                                                                     \
     } while (0)
 
-static void check(bool ok, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    if (!ok || g_verbose) {
-        printf("%s ", ok ? "  ok  " : "  FAIL");
-        vprintf(fmt, ap);
-        printf("\n");
-    }
-    va_end(ap);
-    ok ? g_pass++ : g_fail++;
-}
 
 static void die_if(bool bad, const DlError *e, const char *what) {
     if (bad) {
@@ -62,16 +50,6 @@ static void die_if(bool bad, const DlError *e, const char *what) {
     }
 }
 
-static double relerr(const float *a, const float *b, int64_t n) {
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < n; i++) {
-        double d = (double)a[i] - b[i];
-        num += d * d;
-        den += (double)b[i] * b[i];
-    }
-    if (!isfinite(num)) return INFINITY;
-    return den > 0 ? sqrt(num / den) : sqrt(num);
-}
 
 // the GPU holds bf16 weights: the CPU sees the same model
 static void init_params(const Registry *r, float *p, uint64_t seed) { test_params_init(r, p, seed, 11, true); }

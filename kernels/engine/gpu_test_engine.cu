@@ -18,36 +18,14 @@
 #include <string.h>
 
 #include "kernels/engine/engine_cuda.h"
-#include "kernels/engine/gpu_test_params.cuh"
+#include "kernels/engine/gpu_test_common.cuh"
 
 extern "C" {
 #include "distill/rng.h"
 }
 
-static int g_fail = 0, g_pass = 0, g_verbose = 0;
 
-static double relerr(const float *a, const float *b, int64_t n) {
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < n; i++) {
-        double d = (double)a[i] - b[i];
-        num += d * d;
-        den += (double)b[i] * b[i];
-    }
-    if (!isfinite(num)) return INFINITY;
-    return den > 0 ? sqrt(num / den) : sqrt(num);
-}
 
-static void check(bool ok, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    if (!ok || g_verbose) {
-        printf("%s ", ok ? "  ok  " : "  FAIL");
-        vprintf(fmt, ap);
-        printf("\n");
-    }
-    va_end(ap);
-    ok ? g_pass++ : g_fail++;
-}
 
 static void die_if(bool bad, const DlError *e, const char *what) {
     if (bad) {
