@@ -90,8 +90,9 @@ static void batch_make(int64_t B, int64_t T, int V, uint64_t seed, int32_t *tok,
 }
 
 // One forward + loss + backward on both engines, compare logits, loss and every gradient.
-static void parity_v(const char *label, bool hybrid, bool tied, int vocab, float wce, float wkl, DType dt, double tol_logits,
-                     double tol_grad, double tol_loss) {
+// seqw: per-row weights of every loss term ([B]: DPO's -dL/dlogp), or NULL
+static void parity_v(const char *label, bool hybrid, bool tied, int vocab, float wce, float wkl, const float *seqw, DType dt,
+                     double tol_logits, double tol_grad, double tol_loss) {
     printf("-- parity: %s\n", label);
     Model m;
     model_make_v(&m, hybrid, tied, vocab, 42);
@@ -115,6 +116,7 @@ static void parity_v(const char *label, bool hybrid, bool tied, int vocab, float
     ls.w.ce = wce;
     ls.w.kl = wkl;
     ls.teacher = ct;
+    ls.seq_weight = seqw;
     ls.chunk_rows = 96;
     float *gc = (float *)calloc((size_t)m.r.numel, 4);
     LossParts lc = engine_step(cs, tok, reset, tgt, NULL, &ls, gc);
@@ -131,6 +133,7 @@ static void parity_v(const char *label, bool hybrid, bool tied, int vocab, float
     memset(&lg, 0, sizeof lg);
     lg.w = ls.w;
     lg.teacher = gt;
+    lg.seq_weight = seqw;
     float *gd = engine_cuda_grads_new(gs);
     check(engine_cuda_grads_numel(gs) >= reg_params_numel(&m.r), "%s: every tensor trained: %lld gradient elements for "
           "%lld parameters", label, (long long)engine_cuda_grads_numel(gs), (long long)reg_params_numel(&m.r));
@@ -462,7 +465,7 @@ static void oom_test(void) {
 }
 
 static void parity(const char *label, bool hybrid, DType dt, double tol_logits, double tol_grad, double tol_loss) {
-    parity_v(label, hybrid, !hybrid, 520, 1.0f, 0.1f, dt, tol_logits, tol_grad, tol_loss);
+    parity_v(label, hybrid, !hybrid, 520, 1.0f, 0.1f, NULL, dt, tol_logits, tol_grad, tol_loss);
 }
 
 int main(int argc, char **argv) {
@@ -473,8 +476,11 @@ int main(int argc, char **argv) {
     // SmolLM2's case: a hybrid with tied embeddings and a large vocabulary, every tensor trained, bf16 (the
     // pipeline's all-parameter stages on SmolLM2 showed CUDA gradient norms 2.4-8.6x below the CPU's at step 1)
     // with the end-to-end distill stage's loss (KL only) and with CE + 0.1 KL
-    parity_v("bf16 hybrid, tied, vocab 49152, KL", true, true, 49152, 0.0f, 1.0f, DT_BF16, 2e-2, 3e-2, 5e-3);
-    parity_v("bf16 hybrid, tied, vocab 49152, CE + 0.1 KL", true, true, 49152, 1.0f, 0.1f, DT_BF16, 2e-2, 3e-2, 5e-3);
+    parity_v("bf16 hybrid, tied, vocab 49152, KL", true, true, 49152, 0.0f, 1.0f, NULL, DT_BF16, 2e-2, 3e-2, 5e-3);
+    parity_v("bf16 hybrid, tied, vocab 49152, CE + 0.1 KL", true, true, 49152, 1.0f, 0.1f, NULL, DT_BF16, 2e-2, 3e-2, 5e-3);
+    // DPO's gradient: CE with opposite row weights on a chosen and a rejected row (B = 2)
+    static const float dpo_w[2] = {0.06f, -0.02f};  // opposite signs, not cancelling (the loss check is relative)
+    parity_v("bf16 hybrid, tied, vocab 49152, row-weighted CE", true, true, 49152, 1.0f, 0.0f, dpo_w, DT_BF16, 2e-2, 3e-2, 5e-3);
     train_test();
     layout_test();
     oom_test();
