@@ -351,17 +351,15 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
     double t_run = dl_now();
     int64_t tokens_run = 0, steps_run = 0;
     TmLoss ls = {.w = c->w, .teacher = L.teacher};
-    if (dev == TM_CUDA && rank == 0)
-        dl_info("%s: GPU memory of this loop: %.2f GiB (student %.2f, teacher %.2f)", c->stage_name,
-                (tm_device_bytes(L.student) + 8.0 * (double)reg_trainable_numel(c->reg) +
-                 (L.teacher ? tm_device_bytes(L.teacher) : 0)) / 1073741824.0,
-                (tm_device_bytes(L.student) + 8.0 * (double)reg_trainable_numel(c->reg)) / 1073741824.0,
-                L.teacher ? tm_device_bytes(L.teacher) / 1073741824.0 : 0.0);
+    if (dev == TM_CUDA && rank == 0) {  // the student's with its fp32 AdamW moments (made at the first step)
+        const double gib = 1073741824.0, sb = tm_device_bytes(L.student) + 8.0 * (double)reg_trainable_numel(c->reg),
+                     tb = L.teacher ? tm_device_bytes(L.teacher) : 0;
+        dl_info("%s: GPU memory of this loop: %.2f GiB (student %.2f, teacher %.2f)", c->stage_name, (sb + tb) / gib,
+                sb / gib, tb / gib);
+    }
     for (; step < total; step++) {
         double t0 = dl_now();
-        if (d && dev == TM_CPU) memset(L.grads, 0, (size_t)c->reg->numel * sizeof(float));  // the full local gradient
-        else if (dev == TM_CPU) optim_zero_grads(&o, L.grads);
-        else tm_grads_zero(L.student, L.grads);
+        tm_grads_zero(L.student, L.grads);  // every trainable tensor whole (a ZeRO rank sums its full local gradient)
         double loss = 0, ce = 0, kl = 0, rkl = 0, mse = 0;
         int64_t step_tokens = 0;
         MetricPart custom[4] = {{0}};
@@ -410,7 +408,7 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
         micro_done:
             if (d && d->stage == 2) {  // ZeRO-2: into the shard accumulator now; the full buffer is staging only
                 if (dp_reduce_scatter(d, L.grads, a > 0, e)) goto fail_dist;
-                memset(L.grads, 0, (size_t)c->reg->numel * sizeof(float));
+                tm_grads_zero(L.student, L.grads);
             }
         }
         bool stop_now = c->stop && *c->stop;
@@ -430,7 +428,7 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
             if (dp_step(d, &o, c->params, L.grads, loss, &r, e)) goto fail_dist;
         } else {
             if (world > 1 && cuda_allreduce(c, &L, e)) goto fail_dist;  // ZeRO-0: every rank then takes the same step
-            if (tm_optim_step(L.student, &o, L.grads, loss, -1, &r, e)) goto out_prog;
+            if (tm_optim_step(L.student, &o, L.grads, loss, &r, e)) goto out_prog;
         }
         bool skipped = r.outcome != OPTIM_APPLIED;
         int64_t gstep = c->step_offset + step + 1;

@@ -25,15 +25,6 @@ struct TrainModel {
 #endif
 };
 
-bool tm_device_available(TmDevice dev) {
-#ifdef DISTILL_CUDA
-    (void)dev;
-    return true;
-#else
-    return dev == TM_CPU;
-#endif
-}
-
 TrainModel *tm_new(TmDevice dev, const HybridConfig *h, const Registry *r, float *params, int64_t B, int64_t T,
                    int flags, FILE *log, DlError *e) {
     TrainModel *m = dl_calloc(1, sizeof *m);
@@ -177,26 +168,6 @@ void tm_grads_zero(TrainModel *m, float *grads) {
         if (m->r->t[i].trainable) memset(grads + m->r->t[i].offset, 0, (size_t)m->r->t[i].numel * sizeof(float));
 }
 
-void tm_grads_to_host(TrainModel *m, const float *grads, float *host) {
-#ifdef DISTILL_CUDA
-    if (m->cu) {
-        engine_cuda_grads_to_host(m->cu, grads, host);
-        return;
-    }
-#endif
-    if (host != grads) memcpy(host, grads, (size_t)m->r->numel * sizeof(float));
-}
-
-void tm_grads_from_host(TrainModel *m, float *grads, const float *host) {
-#ifdef DISTILL_CUDA
-    if (m->cu) {
-        engine_cuda_grads_from_host(m->cu, grads, host);
-        return;
-    }
-#endif
-    if (host != grads) memcpy(grads, host, (size_t)m->r->numel * sizeof(float));
-}
-
 #ifdef DISTILL_CUDA
 static int cuda_optim(TrainModel *m, Optim *o, DlError *e) {
     if (m->opt && m->opt_host == o) return 0;
@@ -207,31 +178,17 @@ static int cuda_optim(TrainModel *m, Optim *o, DlError *e) {
 }
 #endif
 
-int tm_optim_step(TrainModel *m, Optim *o, float *grads, double loss, double grad_norm, OptimResult *r, DlError *e) {
+int tm_optim_step(TrainModel *m, Optim *o, float *grads, double loss, OptimResult *r, DlError *e) {
 #ifdef DISTILL_CUDA
     if (m->cu) {
         if (cuda_optim(m, o, e)) return -1;
-        if (grad_norm >= 0)
-            return dl_fail(e, "tm_optim_step: a caller-given gradient norm (ZeRO-1/2) is not supported on CUDA");
         engine_cuda_optim_step(m->opt, grads, loss, r);
         return 0;
     }
 #endif
     (void)e;
-    if (grad_norm >= 0) optim_step_norm(o, m->params, grads, loss, grad_norm, r);
-    else optim_step(o, m->params, grads, loss, r);
+    optim_step(o, m->params, grads, loss, r);
     return 0;
-}
-
-double tm_grad_norm(TrainModel *m, Optim *o, const float *grads, double scale) {
-#ifdef DISTILL_CUDA
-    if (m->cu) {
-        DlError e;
-        if (cuda_optim(m, o, &e)) dl_die(DL_EXIT_RUNTIME, "%s", e.msg);
-        return engine_cuda_grad_norm(m->opt, grads, scale);
-    }
-#endif
-    return optim_grad_norm(o->reg, grads, scale);
 }
 
 void tm_sync_host(TrainModel *m, Optim *o) {

@@ -5,8 +5,8 @@
 // AdamW moments on the GPU, hidden states and the teacher's logits never leave it.
 //
 // Buffers: gradients (tm_grads_new) live where the model computes: host memory in registry layout on the CPU,
-// device memory in the engine's compact layout on CUDA (the trained tensors only, tm_grads_numel floats;
-// tm_grads_to_host converts); the loop only passes them back in. Parameters: the caller's host buffer is the
+// device memory in the engine's compact layout on CUDA (the trained tensors only, tm_grads_numel floats);
+// the loop only passes them back in. Parameters: the caller's host buffer is the
 // truth on the CPU; on CUDA the device master is for the trained tensors, and tm_sync_host copies those (and
 // the AdamW moments, into the host Optim) back before a checkpoint, leaving the frozen ones as they are;
 // tm_load_host goes the other way after a resume.
@@ -39,8 +39,6 @@ TrainModel *tm_new(TmDevice dev, const HybridConfig *h, const Registry *r, float
                    int flags, FILE *log, DlError *e);
 void tm_free(TrainModel *m);
 TmDevice tm_device(const TrainModel *m);
-// true when this build can make models on dev (CUDA: compiled with nvcc)
-bool tm_device_available(TmDevice dev);
 
 // Forward of a batch: tokens, reset host [B*T] (reset may be NULL).
 int tm_forward(TrainModel *m, const int32_t *tokens, const uint8_t *reset, DlError *e);
@@ -74,14 +72,9 @@ float *tm_grads_new(TrainModel *m);              // zeroed, where m computes: CP
 int64_t tm_grads_numel(const TrainModel *m);     // floats in it (CUDA: the trained tensors, engine_cuda_grads_numel)
 void tm_grads_free(TrainModel *m, float *grads);
 void tm_grads_zero(TrainModel *m, float *grads);  // the trainable tensors' ranges
-// Copies grads (registry layout) to host memory (data-parallel collectives on the CPU path).
-void tm_grads_to_host(TrainModel *m, const float *grads, float *host);
-void tm_grads_from_host(TrainModel *m, float *grads, const float *host);
 // One optimizer step: o holds the configuration, counters and (CPU) the moments; on CUDA the moments live on
-// the device (see the header comment). grad_norm < 0: computed here over the trainable tensors.
-int tm_optim_step(TrainModel *m, Optim *o, float *grads, double loss, double grad_norm, OptimResult *r, DlError *e);
-// Global L2 norm of grads over the trainable tensors, times scale.
-double tm_grad_norm(TrainModel *m, Optim *o, const float *grads, double scale);
+// the device (see the header comment).
+int tm_optim_step(TrainModel *m, Optim *o, float *grads, double loss, OptimResult *r, DlError *e);
 // CUDA: master weights -> the host params, device moments -> o's m, v (before a checkpoint). CPU: nothing.
 void tm_sync_host(TrainModel *m, Optim *o);
 // CUDA: host params -> device master and compute copy, o's m, v -> device moments (after a resume). CPU: nothing.

@@ -1352,7 +1352,6 @@ static void moments_move(EngineCudaOptim *o, bool to_host) {
 }
 void engine_cuda_optim_pull(EngineCudaOptim *o) { moments_move(o, true); }
 void engine_cuda_optim_push(EngineCudaOptim *o) { moments_move(o, false); }
-Optim *engine_cuda_optim_host(EngineCudaOptim *o) { return o->host; }
 double engine_cuda_optim_bytes(const EngineCudaOptim *o) { return (double)o->bytes; }
 
 double engine_cuda_grad_norm(EngineCudaOptim *o, const float *grads, double scale) {
@@ -1418,10 +1417,6 @@ void engine_cuda_zero_trainable(EngineCuda *E, float *grads) {
 void engine_cuda_copy_to_host(void *dst, const void *src, size_t bytes) {
     cudaCheck(cudaDeviceSynchronize());
     cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
-}
-void engine_cuda_copy_to_device(void *dst, const void *src, size_t bytes) {
-    cudaCheck(cudaDeviceSynchronize());
-    cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
 }
 void *engine_cuda_stream(EngineCuda *E) { return (void *)E->st; }
 void engine_cuda_sync(void) { cudaCheck(cudaDeviceSynchronize()); }

@@ -142,7 +142,6 @@ EngineCudaOptim *engine_cuda_optim_attach(EngineCuda *e, Optim *host, DType mv_d
 // The same with a host Optim of its own made from c (tests, benchmarks).
 EngineCudaOptim *engine_cuda_optim_new(EngineCuda *e, const OptimConfig *c, DType mv_dt, DlError *err);
 void engine_cuda_optim_free(EngineCudaOptim *o);
-Optim *engine_cuda_optim_host(EngineCudaOptim *o);
 double engine_cuda_optim_bytes(const EngineCudaOptim *o);  // device memory of the moments and workspaces
 void engine_cuda_optim_pull(EngineCudaOptim *o);  // device moments -> host Optim m, v
 void engine_cuda_optim_push(EngineCudaOptim *o);  // host Optim m, v -> device moments
@@ -157,7 +156,6 @@ void *engine_cuda_alloc(size_t bytes);  // zeroed; exits with the memory hint on
 void engine_cuda_dfree(void *p);
 void engine_cuda_memset0(void *p, size_t bytes);
 void engine_cuda_copy_to_host(void *dst, const void *src, size_t bytes);
-void engine_cuda_copy_to_device(void *dst, const void *src, size_t bytes);
 void *engine_cuda_stream(EngineCuda *e);  // the engine's cudaStream_t (its work is ordered on it)
 void engine_cuda_sync(void);
 // Zeroes a gradient buffer (engine_cuda_grads_new; enqueued on the engine's stream).
