@@ -374,9 +374,11 @@ void loader_source_close(LoaderSource *ls) {
 
 BatchSource loader_source(LoaderSource *ls) { return (BatchSource){ls, ls_next, ls_save, ls_restore, NULL}; }
 
+int stage_device(const RunContext *ctx) { return ctx->recipe->run.device == DEVICE_CUDA ? TM_CUDA : TM_CPU; }
+
 void stage_train_device(const RunContext *ctx, TrainConfig *c) {
     const Recipe *r = ctx->recipe;
-    c->device = r->run.device == DEVICE_CUDA ? TM_CUDA : TM_CPU;
+    c->device = stage_device(ctx);
     c->recompute_mlp = r->hardware.recompute != RECOMPUTE_NONE;  // "full" recomputes the MLP only on CUDA today
     const StageDist *sd = stage_dist();
     if (sd && sd->world > 1) {

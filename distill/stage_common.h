@@ -78,6 +78,8 @@ void stage_plot_metrics(const RunContext *ctx);
 
 // The optimizer config of a stage (OptimSpec) for a loop of total_steps steps.
 void stage_optim_config(const StageSpec *st, int64_t total_steps, OptimConfig *oc);
+// Where the stage's models compute (TmDevice of train_model.h) from the recipe's run.device.
+int stage_device(const RunContext *ctx);
 // The device part of a training loop's configuration from the recipe: run.device, hardware.recompute and,
 // with several ranks, the process group, ZeRO stage and NCCL communicator (stage_dist).
 void stage_train_device(const RunContext *ctx, TrainConfig *c);

@@ -6,7 +6,6 @@
 #include "distill/checkpoint.h"
 #include "distill/dpo.h"
 #include "distill/stage_common.h"
-#include "distill/train_model.h"
 
 static int run_dpo(RunContext *ctx, const StageSpec *st) {
     const Recipe *rec = ctx->recipe;
@@ -70,7 +69,7 @@ static int run_dpo(RunContext *ctx, const StageSpec *st) {
     c.metrics = &metrics;
     c.resume_from = resume_from;
     c.stop = ctx->stop;
-    c.device = ctx->recipe->run.device == DEVICE_CUDA ? TM_CUDA : TM_CPU;
+    c.device = stage_device(ctx);
     dl_info("%s: %lld pairs, beta %g, reference = %s, %lld steps of %lld pairs x %d", st->name, (long long)ps.n_pairs,
             st->beta, from, (long long)steps, (long long)pairs, c.opt.grad_accum);
     TrainResult res;

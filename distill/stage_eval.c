@@ -10,7 +10,6 @@
 #include "distill/eval.h"
 #include "distill/eval_choice.h"
 #include "distill/stage_common.h"
-#include "distill/train_model.h"
 
 static int run_eval(RunContext *ctx, const StageSpec *st) {
     const Recipe *rec = ctx->recipe;
@@ -37,7 +36,7 @@ static int run_eval(RunContext *ctx, const StageSpec *st) {
                 have_init = true;
             free(d);
         }
-    const int dev = rec->run.device == DEVICE_CUDA ? TM_CUDA : TM_CPU;
+    const int dev = stage_device(ctx);
     EvalModel em = {&m.hc, &m.reg, m.params, dev}, et = {&t.hc, &t.reg, t.params, dev},
               ei = {&init.hc, &init.reg, init.params, dev};
     for (int k = 0; k < st->n_eval_sets; k++) {

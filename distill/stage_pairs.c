@@ -26,7 +26,6 @@
 #include "distill/metrics.h"
 #include "distill/shards.h"
 #include "distill/stage_common.h"
-#include "distill/train_model.h"
 
 #define REPEAT_N 4  // n-gram length of the repetition measure
 
@@ -326,7 +325,7 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
     dl_info("%s: %lld documents, %lld prompts with >= 2 responses (%lld responses to score, %lld kept from the "
             "interrupted run), %lld with one, %lld bad documents skipped", st->name, (long long)nd,
             (long long)(ng - n_single), (long long)ntodo, (long long)done, (long long)n_single, (long long)n_bad);
-    EvalModel em = {&t.hc, &t.reg, t.params, ctx->recipe->run.device == DEVICE_CUDA ? TM_CUDA : TM_CPU};
+    EvalModel em = {&t.hc, &t.reg, t.params, stage_device(ctx)};
     Progress prog;
     progress_begin(&prog, st->name, done, ntodo);
     int64_t n_scored = done, ntok = 0;
