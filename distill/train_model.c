@@ -38,7 +38,7 @@ TrainModel *tm_new(TmDevice dev, const HybridConfig *h, const Registry *r, float
     int cf = (flags & TM_TRAIN ? ECU_TRAIN : 0) | (flags & TM_KEEP_HIDDEN ? ECU_KEEP_HIDDEN : 0) |
              (flags & TM_TEACHER_KL ? ECU_TEACHER_KL : 0) | (flags & TM_FROZEN ? ECU_NO_MASTER : 0) |
              (flags & TM_RECOMPUTE_MLP ? ECU_RECOMPUTE_MLP : 0);
-    if (!(m->cu = engine_cuda_new(h, r, params, B, T, cf, DT_BF16, 0, log, e))) goto fail;
+    if (!(m->cu = engine_cuda_new(h, r, params, B, T, cf, flags & TM_FP32 ? DT_F32 : DT_BF16, 0, log, e))) goto fail;
     return m;
 #else
     (void)log;
@@ -166,6 +166,19 @@ void tm_grads_zero(TrainModel *m, float *grads) {
 #endif
     for (int i = 0; i < m->r->n; i++)
         if (m->r->t[i].trainable) memset(grads + m->r->t[i].offset, 0, (size_t)m->r->t[i].numel * sizeof(float));
+}
+
+void tm_grads_to_host(const TrainModel *m, const float *grads, float *host) {
+#ifdef DISTILL_CUDA
+    if (m->cu) {
+        engine_cuda_grads_to_host(m->cu, grads, host);
+        return;
+    }
+#endif
+    memset(host, 0, (size_t)m->r->numel * sizeof(float));
+    for (int i = 0; i < m->r->n; i++)
+        if (m->r->t[i].trainable)
+            memcpy(host + m->r->t[i].offset, grads + m->r->t[i].offset, (size_t)m->r->t[i].numel * sizeof(float));
 }
 
 #ifdef DISTILL_CUDA

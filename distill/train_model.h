@@ -29,6 +29,7 @@ enum {
     TM_TEACHER_KL = 4,     // the student of a loss with an online teacher (CUDA reserves a logits chunk)
     TM_FROZEN = 8,         // never trained (a teacher, a reference): CUDA keeps no fp32 master
     TM_RECOMPUTE_MLP = 16, // CUDA: recompute the MLP activations in the backward instead of keeping them
+    TM_FP32 = 32,          // CUDA: compute in fp32 instead of bf16 (parity checks; `distill parity --fp32`)
 };
 
 typedef struct TrainModel TrainModel;
@@ -72,6 +73,8 @@ float *tm_grads_new(TrainModel *m);              // zeroed, where m computes: CP
 int64_t tm_grads_numel(const TrainModel *m);     // floats in it (CUDA: the trained tensors, engine_cuda_grads_numel)
 void tm_grads_free(TrainModel *m, float *grads);
 void tm_grads_zero(TrainModel *m, float *grads);  // the trainable tensors' ranges
+// host [r->numel] in registry layout <- grads (zeros for tensors not trained): for comparing the devices.
+void tm_grads_to_host(const TrainModel *m, const float *grads, float *host);
 // One optimizer step: o holds the configuration, counters and (CPU) the moments; on CUDA the moments live on
 // the device (see the header comment).
 int tm_optim_step(TrainModel *m, Optim *o, float *grads, double loss, OptimResult *r, DlError *e);
