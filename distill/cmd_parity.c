@@ -15,6 +15,7 @@
 
 #include "distill/command.h"
 #include "distill/common.h"
+#include "distill/dtype.h"
 #include "distill/mamba_init.h"
 #include "distill/model_io.h"
 #include "distill/rng.h"
@@ -22,11 +23,11 @@
 #include "distill/train_model.h"
 
 typedef struct {
-    const char *model, *text, *train, *attn, *row_w;
+    const char *model, *text, *train, *attn, *row_w, *against;
     int64_t B, T;
     float ce, kl;
     int fd, steps;
-    bool fp32, cpu_only, mamba2;
+    bool fp32, cpu_only, mamba2, round;
     double lr, tol_loss, tol_grad, tol_norm;
     uint64_t seed;
 } Args;
@@ -136,11 +137,13 @@ typedef struct {
     float *grads;
 } Side;
 
-static Side side_new(const Args *a, TmDevice dev, const Student *st, const LoadedModel *src, float *params) {
+// tparams: the teacher's weights (src->params, or a bf16-rounded copy)
+static Side side_new(const Args *a, TmDevice dev, const Student *st, const LoadedModel *src, float *params,
+                     float *tparams) {
     DlError e;
     Side d = {0};
     int fp = dev == TM_CUDA && a->fp32 ? TM_FP32 : 0;
-    if (a->kl > 0 && !(d.t = tm_new(dev, &src->hc, &src->reg, src->params, a->B, a->T, TM_FROZEN | fp, NULL, &e)))
+    if (a->kl > 0 && !(d.t = tm_new(dev, &src->hc, &src->reg, tparams, a->B, a->T, TM_FROZEN | fp, NULL, &e)))
         dl_die(DL_EXIT_RUNTIME, "parity: teacher on %s: %s", dev == TM_CUDA ? "cuda" : "cpu", e.msg);
     int f = TM_TRAIN | fp | (a->kl > 0 ? TM_TEACHER_KL : 0);
     if (!(d.s = tm_new(dev, &st->h, &st->r, params, a->B, a->T, f, NULL, &e)))
@@ -173,7 +176,7 @@ static int fd_check(const Args *a, const Student *st, const LoadedModel *src, co
     float *p = dl_malloc((size_t)st->r.numel * sizeof(float));
     memcpy(p, st->params, (size_t)st->r.numel * sizeof(float));
     Args a1 = *a;
-    Side d = side_new(&a1, TM_CPU, st, src, p);
+    Side d = side_new(&a1, TM_CPU, st, src, p, src->params);
     int bad = 0;
     printf("\nfinite differences of the CPU loss along each kind's gradient (eps on a unit direction):\n");
     enum { NE = 4 };
@@ -212,6 +215,16 @@ static int fd_check(const Args *a, const Student *st, const LoadedModel *src, co
     return bad;
 }
 
+static float *copy_bf16(const float *x, int64_t n) {
+    float *y = dl_malloc((size_t)n * sizeof(float));
+    for (int64_t i = 0; i < n; i++) y[i] = bf16_to_f32(f32_to_bf16(x[i]));
+    return y;
+}
+
+static void round_bf16(float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
+}
+
 static double relerr(const float *x, const float *ref, int64_t n) {
     double d2 = 0, r2 = 0;
     for (int64_t i = 0; i < n; i++) d2 += ((double)x[i] - ref[i]) * ((double)x[i] - ref[i]), r2 += (double)ref[i] * ref[i];
@@ -228,6 +241,8 @@ static int run_parity(int argc, char **argv) {
         else if (!strcmp(o, "--train") && has) a.train = argv[++i];
         else if (!strcmp(o, "--attn-layers") && has) a.attn = argv[++i];
         else if (!strcmp(o, "--row-weights") && has) a.row_w = argv[++i];
+        else if (!strcmp(o, "--against") && has) a.against = argv[++i];
+        else if (!strcmp(o, "--round-bf16")) a.round = true;
         else if (!strcmp(o, "--batch") && has) a.B = atoll(argv[++i]);
         else if (!strcmp(o, "--seq") && has) a.T = atoll(argv[++i]);
         else if (!strcmp(o, "--ce") && has) a.ce = (float)atof(argv[++i]);
@@ -245,6 +260,12 @@ static int run_parity(int argc, char **argv) {
         else dl_die(DL_EXIT_USAGE, "parity: more than one MODEL ('%s')", o);
     }
     if (!a.model) dl_die(DL_EXIT_USAGE, "parity: no MODEL (see distill parity --help)");
+    if (!a.against) a.against = "cuda";
+    if (strcmp(a.against, "cuda") && strcmp(a.against, "cpu-bf16"))
+        dl_die(DL_EXIT_USAGE, "parity: --against '%s': expected cuda or cpu-bf16", a.against);
+    const bool vs_cpu = !strcmp(a.against, "cpu-bf16");
+    const TmDevice dev2 = vs_cpu ? TM_CPU : TM_CUDA;
+    const char *name2 = vs_cpu ? "cpu-bf16" : "cuda";
     if (a.B < 1 || a.T < 2) dl_die(DL_EXIT_USAGE, "parity: --batch must be >= 1 and --seq >= 2");
     if (a.fp32) a.tol_loss = 1e-4, a.tol_grad = a.tol_grad == 3e-2 ? 1e-3 : a.tol_grad, a.tol_norm = 1e-4;
     DlError e;
@@ -252,6 +273,9 @@ static int run_parity(int argc, char **argv) {
     if (model_load(a.model, a.seed, &src, &e)) dl_die(DL_EXIT_INPUT, "parity: %s", e.msg);
     Student st;
     make_student(&a, &src, &st);
+    if (a.round) round_bf16(src.params, src.reg.numel), round_bf16(st.params, st.r.numel);
+    // the second side's weights: as given, or (cpu-bf16) rounded to bf16 as the CUDA engine's compute copy is
+    float *tp2 = vs_cpu ? copy_bf16(src.params, src.reg.numel) : src.params;
     const int64_t V = st.h.base.vocab, N = a.B * a.T;
     int32_t *tok = dl_malloc((size_t)N * sizeof(int32_t)), *tgt = dl_malloc((size_t)N * sizeof(int32_t));
     make_batch(&a, V, tok, tgt);
@@ -275,7 +299,7 @@ static int run_parity(int argc, char **argv) {
     // 1. one step on the CPU (the reference), then on CUDA
     float *pc = dl_malloc((size_t)st.r.numel * sizeof(float));
     memcpy(pc, st.params, (size_t)st.r.numel * sizeof(float));
-    Side cpu = side_new(&a, TM_CPU, &st, &src, pc);
+    Side cpu = side_new(&a, TM_CPU, &st, &src, pc, src.params);
     double t0 = dl_now();
     LossParts lc = side_step(&a, &cpu, tok, tgt, roww, true);
     printf("cpu : loss %.6f (ce %.6f kl %.6f), %.1f s\n", lc.loss, lc.ce, lc.kl, dl_now() - t0);
@@ -285,20 +309,20 @@ static int run_parity(int argc, char **argv) {
     tm_grads_to_host(cpu.s, cpu.grads, gc);
     tm_logits(cpu.s, 0, nrow, xc);
     int bad = 0;
-    bool have_cuda = false;
+    bool have2 = false;
     LossParts lg = {0};
     if (!a.cpu_only) {
-        float *pg = dl_malloc((size_t)st.r.numel * sizeof(float));
-        memcpy(pg, st.params, (size_t)st.r.numel * sizeof(float));
-        Side cu = side_new(&a, TM_CUDA, &st, &src, pg);
+        float *pg = vs_cpu ? copy_bf16(st.params, st.r.numel) : dl_malloc((size_t)st.r.numel * sizeof(float));
+        if (!vs_cpu) memcpy(pg, st.params, (size_t)st.r.numel * sizeof(float));
+        Side cu = side_new(&a, dev2, &st, &src, pg, tp2);
         t0 = dl_now();
         lg = side_step(&a, &cu, tok, tgt, roww, true);
         tm_grads_to_host(cu.s, cu.grads, gg);
         tm_logits(cu.s, 0, nrow, xg);
-        printf("cuda: loss %.6f (ce %.6f kl %.6f), %.2f s\n", lg.loss, lg.ce, lg.kl, dl_now() - t0);
+        printf("%s: loss %.6f (ce %.6f kl %.6f), %.2f s\n", name2, lg.loss, lg.ce, lg.kl, dl_now() - t0);
         side_free(&cu);
         free(pg);
-        have_cuda = true;
+        have2 = true;
         double dl = fabs(lg.loss - lc.loss) / fmax(fabs(lc.loss), 1e-30), dx = relerr(xg, xc, nrow * V);
         printf("loss rel err %.2e (tol %.0e); logits of rows 0..%lld rel err %.2e\n", dl, a.tol_loss, (long long)nrow - 1, dx);
         bad += dl > a.tol_loss;
@@ -309,7 +333,9 @@ static int run_parity(int argc, char **argv) {
     int nk = 0;
     double G2 = 0, C2 = 0;
     char kb[128];
-    if (have_cuda) printf("\n  %-52s %10s %10s %10s %9s\n", "tensor", "numel", "|g cpu|", "|g cuda|", "rel err");
+    char gl[32], ll[32], nl[32];
+    snprintf(gl, sizeof gl, "|g %s|", name2), snprintf(ll, sizeof ll, "loss %s", name2), snprintf(nl, sizeof nl, "norm %s", name2);
+    if (have2) printf("\n  %-52s %10s %10s %10s %9s\n", "tensor", "numel", "|g cpu|", gl, "rel err");
     for (int i = 0; i < st.r.n; i++) {
         const TensorInfo *t = &st.r.t[i];
         if (!t->trainable) continue;
@@ -322,20 +348,20 @@ static int run_parity(int argc, char **argv) {
         k[q].g2 += g2, k[q].c2 += c2, k[q].d2 += d2, k[q].n++;
         G2 += g2, C2 += c2;
         double r = g2 > 0 ? sqrt(d2 / g2) : sqrt(d2);
-        if (have_cuda && (r > a.tol_grad || getenv("DISTILL_PARITY_ALL")))
+        if (have2 && (r > a.tol_grad || getenv("DISTILL_PARITY_ALL")))
             printf("  %-52s %10lld %10.4g %10.4g %9.2e%s\n", t->name, (long long)t->numel, sqrt(g2), sqrt(c2), r,
                    r > a.tol_grad ? "  <-- over tol" : "");
     }
-    printf("\n  %-40s %5s %12s %12s %9s\n", "kind", "count", "|g cpu|", "|g cuda|", "rel err");
+    printf("\n  %-40s %5s %12s %12s %9s\n", "kind", "count", "|g cpu|", gl, "rel err");
     for (int q = 0; q < nk; q++) {
         double r = k[q].g2 > 0 ? sqrt(k[q].d2 / k[q].g2) : 0;
-        bool over = have_cuda && r > a.tol_grad;
+        bool over = have2 && r > a.tol_grad;
         bad += over;
-        printf("  %-40s %5d %12.5g %12.5g %9.2e%s\n", k[q].name, k[q].n, sqrt(k[q].g2), have_cuda ? sqrt(k[q].c2) : NAN,
-               have_cuda ? r : NAN, over ? "  <-- over tol" : "");
+        printf("  %-40s %5d %12.5g %12.5g %9.2e%s\n", k[q].name, k[q].n, sqrt(k[q].g2), have2 ? sqrt(k[q].c2) : NAN,
+               have2 ? r : NAN, over ? "  <-- over tol" : "");
     }
-    printf("  %-40s %5s %12.5g %12.5g\n", "all trained", "", sqrt(G2), have_cuda ? sqrt(C2) : NAN);
-    if (have_cuda) bad += fabs(sqrt(C2) - sqrt(G2)) > a.tol_norm * sqrt(G2);
+    printf("  %-40s %5s %12.5g %12.5g\n", "all trained", "", sqrt(G2), have2 ? sqrt(C2) : NAN);
+    if (have2) bad += fabs(sqrt(C2) - sqrt(G2)) > a.tol_norm * sqrt(G2);
     fflush(stdout);
 
     // 2. the CPU gradient against finite differences
@@ -350,30 +376,30 @@ static int run_parity(int argc, char **argv) {
         if (optim_init(&oc_cpu, &oc, &st.r, &e)) dl_die(DL_EXIT_USAGE, "parity: %s", e.msg);
         float *pg = NULL;
         Side cu = {0};
-        if (have_cuda) {
+        if (have2) {
             if (optim_init(&oc_cu, &oc, &st.r, &e)) dl_die(DL_EXIT_USAGE, "parity: %s", e.msg);
-            pg = dl_malloc((size_t)st.r.numel * sizeof(float));
-            memcpy(pg, st.params, (size_t)st.r.numel * sizeof(float));
-            cu = side_new(&a, TM_CUDA, &st, &src, pg);
+            pg = vs_cpu ? copy_bf16(st.params, st.r.numel) : dl_malloc((size_t)st.r.numel * sizeof(float));
+            if (!vs_cpu) memcpy(pg, st.params, (size_t)st.r.numel * sizeof(float));
+            cu = side_new(&a, dev2, &st, &src, pg, tp2);
         }
         memcpy(pc, st.params, (size_t)st.r.numel * sizeof(float));
-        printf("\n%5s %12s %12s %9s %12s %12s %9s\n", "step", "loss cpu", "loss cuda", "rel", "norm cpu", "norm cuda", "rel");
+        printf("\n%5s %12s %12s %9s %12s %12s %9s\n", "step", "loss cpu", ll, "rel", "norm cpu", nl, "rel");
         double worst = 0;
         for (int s = 0; s < a.steps; s++) {
             OptimResult rc = {0}, rg = {0};
             LossParts a1 = side_step(&a, &cpu, tok, tgt, roww, true), a2 = {0};
             if (tm_optim_step(cpu.s, &oc_cpu, cpu.grads, a1.loss, &rc, &e)) dl_die(DL_EXIT_RUNTIME, "parity: %s", e.msg);
-            if (have_cuda) {
+            if (have2) {
                 a2 = side_step(&a, &cu, tok, tgt, roww, true);
                 if (tm_optim_step(cu.s, &oc_cu, cu.grads, a2.loss, &rg, &e)) dl_die(DL_EXIT_RUNTIME, "parity: %s", e.msg);
             }
-            double r1 = have_cuda ? fabs(a2.loss - a1.loss) / fabs(a1.loss) : NAN;
-            double r2 = have_cuda ? fabs(rg.grad_norm - rc.grad_norm) / rc.grad_norm : NAN;
-            if (have_cuda) worst = fmax(worst, r1);
+            double r1 = have2 ? fabs(a2.loss - a1.loss) / fabs(a1.loss) : NAN;
+            double r2 = have2 ? fabs(rg.grad_norm - rc.grad_norm) / rc.grad_norm : NAN;
+            if (have2) worst = fmax(worst, r1);
             printf("%5d %12.6f %12.6f %9.2e %12.5g %12.5g %9.2e\n", s + 1, a1.loss, a2.loss, r1, rc.grad_norm, rg.grad_norm, r2);
             fflush(stdout);
         }
-        if (have_cuda) {
+        if (have2) {
             printf("worst loss rel err over %d steps: %.2e (tol %.0e)\n", a.steps, worst, 3 * a.tol_loss);
             bad += worst > 3 * a.tol_loss;
             side_free(&cu);
@@ -386,6 +412,7 @@ static int run_parity(int argc, char **argv) {
     side_free(&cpu);
     free(pc), free(gc), free(gg), free(xc), free(xg), free(k), free(tok), free(tgt), free(roww);
     free(st.params);
+    if (tp2 != src.params) free(tp2);
     reg_free(&st.r);
     model_free(&src);
     return bad ? DL_EXIT_RUNTIME : DL_EXIT_OK;
@@ -409,6 +436,9 @@ DL_COMMAND(parity_cmd, {
             "  --fd N            check the CPU gradient by finite differences along the first N kinds\n"
             "  --steps N         then N AdamW steps (--lr, default 1e-4) on both, comparing losses and norms\n"
             "  --cpu-only        no CUDA (with --fd: checks the CPU reference alone)\n"
+            "  --against cpu-bf16  compare with the CPU engine on bf16-rounded weights instead of CUDA: how much the\n"
+            "                    gradient moves from weight rounding alone (the floor any bf16 engine can reach)\n"
+            "  --round-bf16      round the starting weights to bf16 on both sides (only activation precision differs)\n"
             "  --seed S --tol-grad X\n"
             "Set DISTILL_PARITY_ALL=1 to print every tensor, not only those over the tolerance.\n"
             "Example: distill parity checkpoints/teachers/SmolLM2-135M-Instruct.Q4_1.gguf --attn-layers odd --kl 1 "

@@ -17,39 +17,7 @@ extern "C" {
 #include "kernels/train/train_check.cuh"
 #include "kernels/train/train_cuda.h"
 
-// A kernels/train or kernels/scan entry point returned -1: its shape limits were checked in engine_cuda_new,
-// so this is an engine bug; name the call and stop.
-static char g_err[512];
-#define TC(call)                                                                                            \
-    do {                                                                                                    \
-        g_err[0] = 0;                                                                                       \
-        if ((call) != 0) {                                                                                  \
-            fprintf(stderr, "%s:%d: engine_cuda: %s refused: %s\n  hint: a shape outside the kernel's limits " \
-                            "reached it; engine_cuda_new should have rejected the model\n",                  \
-                    __FILE__, __LINE__, #call, g_err);                                                      \
-            exit(1);                                                                                        \
-        }                                                                                                   \
-    } while (0)
-#define EA g_err, sizeof g_err
-
-// ---------------------------------------------------------------- weights by registry name
-
-// A tensor's places: off in the registry layout (the compute copy, the host buffers), moff in the compact fp32
-// master, goff in the compact gradients (and AdamW moments); -1 where it has none (engine_layout).
-typedef struct {
-    int64_t off;   // element offset in the registry layout (-1: absent)
-    int idx;       // registry index (-1: absent)
-    int64_t moff;  // element offset in E->master (-1: no fp32 master)
-    int64_t goff;  // element offset in the gradient buffer (-1: not trained by this engine)
-} WRef;
-
-typedef struct {
-    WRef in_norm, post_norm, gate, up, down;
-    WRef q, k, v, o;                                              // attention
-    WRef z, x, Bp, Cp, dtd, dtw, dtb, cw, cb, alog, D, out;       // Mamba-1
-    int64_t pad_dtd, pad_dtw;  // element offsets of the padded dt weights in the padded-weights buffer
-    bool fused_gu;             // gate and up adjacent in the buffer (one [2ff, d] GEMM)
-} LayerW;
+#include "kernels/engine/engine_cuda_internal.cuh"
 
 static int wref(const Registry *r, WRef *w, int64_t numel, DlError *e, const char *fmt, ...) {
     va_list ap;
@@ -62,22 +30,6 @@ static int wref(const Registry *r, WRef *w, int64_t numel, DlError *e, const cha
     w->moff = w->goff = -1;  // set by engine_layout
     return 0;
 }
-
-// ---------------------------------------------------------------- activation table
-
-typedef struct {
-    char name[40];
-    int layer;     // -1: shared
-    size_t bytes;
-    size_t off;
-    void **slot;
-} ActEntry;
-
-typedef struct {
-    ActEntry *e;
-    int n, cap;
-    size_t total;
-} ActTable;
 
 static void tab_add(ActTable *t, void **slot, const char *name, int layer, size_t bytes) {
     if (bytes == 0) {
@@ -98,86 +50,6 @@ static void tab_add(ActTable *t, void **slot, const char *name, int layer, size_
 }
 #define TADD(t, ptr, name, layer, bytes) tab_add((t), (void **)&(ptr), (name), (layer), (size_t)(bytes))
 
-// ---------------------------------------------------------------- engine
-
-typedef struct {
-    void *xn1, *q, *k, *v, *att, *mid, *xn2, *gu, *act;  // dt
-    float *rstd1, *rstd2, *lse;
-    void *z, *xs, *Bs, *Cs, *dtl, *y;                     // Mamba-1 (dt); dtl is [N, Rp]
-    float *ckpt;                                          // scan states every SCAN_CKPT steps
-} LayerActs;
-
-struct EngineCuda {
-    HybridConfig h;
-    const Registry *r;
-    int64_t B, T, N, chunk;
-    int flags;
-    DType dt;
-    size_t es;  // bytes per activation element
-    int Rp;     // dt_rank padded to 8 (cuBLASLt needs leading dimensions of 8 elements)
-    LayerW *w;
-    WRef emb, fnorm, head;
-    int lowest;
-    bool has_mamba;
-    cudaStream_t st;
-    DlGemm *gemm;
-    // compact parameter-side layout (engine_layout), per registry tensor: -1 where absent
-    int64_t *moff;     // [r->n] offsets in master
-    int64_t *goff;     // [r->n] offsets in the gradients / AdamW moments
-    bool *f32read;     // [r->n] read in fp32 by the kernels (Mamba conv1d weight/bias, A_log, D, dt_proj.bias)
-    int64_t master_n;  // elements of master (0: none)
-    int64_t grad_n;    // elements of a gradient buffer (engine_cuda_grads_numel)
-    float *master;     // fp32 [master_n] or NULL; in fp32 mode the registry layout (= wc)
-    void *wc;          // compute copy [numel] in dt, registry layout (== master in fp32 mode)
-    void *wpad;        // padded dt_proj_down / dt_proj copies (dt)
-    int64_t wpad_n;
-    float *gpad;       // fp32 gradients of the padded dt weights (one layer at a time)
-    int64_t gpad_n;
-    float *inv_freq;   // [hd/2]
-    double weight_bytes;
-    // activation table, one allocation
-    ActTable tab;
-    char *arena;
-    LayerActs *acts;   // [n_layer] when training, else [1]
-    void *states;      // [n_states, N, d]
-    int n_states;
-    void *mix, *xf;
-    float *rstdf;
-    void *mdt, *xr, *xc;  // Mamba scratch [N, di]
-    float *A;             // [di, ds]
-    void *scan_ws;
-    int32_t *tok, *pos, *docs;
-    uint8_t *reset_d;
-    // backward
-    void *gu_sh, *act_sh;  // MLP recompute
-    void *dres, *dmid, *dxn, *dxf, *dgu, *dact, *dq, *datt, *dk, *dv;
-    void *dy, *dxc, *ddt, *dC, *dz, *dxr, *dB, *dxs, *ddtl;
-    float *dA, *dD, *ddb, *dcw, *dcb;
-    void *rms_ws, *attn_ws, *scanb_ws, *conv_ws;
-    int32_t *eorder, *eseg, *euniq;
-    // loss
-    void *lbuf, *tbuf;
-    double *rows, *acc;
-    float *logp, *rw;
-    int32_t *targ;
-    uint8_t *cnt;
-    // host state
-    int32_t *tok_h;
-    uint8_t *reset_h;
-    bool have_reset;
-    int l0, l1, last_state;
-    bool have_dxf;
-    void **dhid;  // lazily allocated [n_layer+1] gradients of hidden states
-    bool *has_dhid;
-    // hidden-state MSE (lazily allocated)
-    uint8_t *mse_mask;
-    double *mse_rows, *mse_acc;
-};
-
-static inline char *P(const EngineCuda *e, WRef w) { return (char *)e->wc + (size_t)w.off * e->es; }
-static inline float *PM(const EngineCuda *e, WRef w) { return e->master + w.moff; }  // engine_layout guarantees moff >= 0
-static inline float *G(float *grads, WRef w) { return grads && w.goff >= 0 ? grads + w.goff : NULL; }
-static inline char *at(const void *p, int64_t elems, size_t es) { return (char *)p + (size_t)elems * es; }
 
 static int layer_w_init(EngineCuda *E, DlError *e) {
     const HybridConfig *h = &E->h;
@@ -436,7 +308,7 @@ static void build_table(EngineCuda *E, ActTable *t) {
 
 // ---------------------------------------------------------------- creation, memory
 
-static const char *gib(double b, char *buf, size_t n) {
+const char *ecu_gib(double b, char *buf, size_t n) {
     if (b >= 1024.0 * 1024 * 1024) snprintf(buf, n, "%.2f GiB", b / (1024.0 * 1024 * 1024));
     else snprintf(buf, n, "%.1f MiB", b / (1024.0 * 1024));
     return buf;
@@ -469,13 +341,13 @@ void engine_cuda_print_memory(const EngineCuda *E, FILE *f) {
             (E->flags & ECU_TRAIN) ? ((E->flags & ECU_RECOMPUTE_MLP) ? "training, MLP recomputed" : "training")
                                    : "inference");
     fprintf(f, "  weights %s: compute copy %s (%s), fp32 master %s (%s), padded dt copies %s\n",
-            gib(E->weight_bytes, b1, sizeof b1), gib(m.compute, b2, sizeof b2), E->dt == DT_BF16 ? "bf16" : "fp32, = master",
-            gib(m.master, b3, sizeof b3),
+            ecu_gib(E->weight_bytes, b1, sizeof b1), ecu_gib(m.compute, b2, sizeof b2), E->dt == DT_BF16 ? "bf16" : "fp32, = master",
+            ecu_gib(m.master, b3, sizeof b3),
             E->dt == DT_F32 ? "the compute copy" : E->master_n ? "trained tensors + fp32-read Mamba tensors" : "none",
-            gib(m.padded, b4, sizeof b4));
-    if (E->grad_n) fprintf(f, "  gradients %s per buffer (engine_cuda_grads_new: trained tensors only)\n", gib(m.grads, b1, sizeof b1));
+            ecu_gib(m.padded, b4, sizeof b4));
+    if (E->grad_n) fprintf(f, "  gradients %s per buffer (engine_cuda_grads_new: trained tensors only)\n", ecu_gib(m.grads, b1, sizeof b1));
     // group the table by name (layers summed)
-    fprintf(f, "  activations %s in one allocation:\n", gib((double)t->total, b1, sizeof b1));
+    fprintf(f, "  activations %s in one allocation:\n", ecu_gib((double)t->total, b1, sizeof b1));
     for (int i = 0; i < t->n; i++) {
         bool first = true;
         for (int j = 0; j < i; j++)
@@ -485,8 +357,8 @@ void engine_cuda_print_memory(const EngineCuda *E, FILE *f) {
         int cnt = 0;
         for (int j = i; j < t->n; j++)
             if (!strcmp(t->e[j].name, t->e[i].name)) sum += (double)t->e[j].bytes, cnt++;
-        if (cnt > 1) fprintf(f, "    %-34s %10s  (%d x %s)\n", t->e[i].name, gib(sum, b1, sizeof b1), cnt, gib(sum / cnt, b2, sizeof b2));
-        else fprintf(f, "    %-34s %10s\n", t->e[i].name, gib(sum, b1, sizeof b1));
+        if (cnt > 1) fprintf(f, "    %-34s %10s  (%d x %s)\n", t->e[i].name, ecu_gib(sum, b1, sizeof b1), cnt, ecu_gib(sum / cnt, b2, sizeof b2));
+        else fprintf(f, "    %-34s %10s\n", t->e[i].name, ecu_gib(sum, b1, sizeof b1));
     }
 }
 
@@ -509,7 +381,7 @@ void engine_cuda_memory(const EngineCuda *E, double *weights, double *activation
 }
 
 // cudaMalloc that reports instead of exiting (the caller prints the plan).
-static void *try_alloc(size_t bytes) {
+void *ecu_try_alloc(size_t bytes) {
     void *p = NULL;
     if (bytes == 0) return NULL;
     cudaError_t rc = cudaMalloc(&p, bytes);
@@ -520,26 +392,26 @@ static void *try_alloc(size_t bytes) {
     return p;
 }
 
-static void oom_report(EngineCuda *E, const char *what, size_t want, FILE *f) {
+void ecu_oom_report(EngineCuda *E, const char *what, size_t want, FILE *f) {
     if (!f) f = stderr;
     char b1[32], b2[32], b3[32];
     size_t fr = 0, tot = 0;
     cudaMemGetInfo(&fr, &tot);
-    fprintf(f, "engine_cuda: out of GPU memory allocating %s (%s; %s free of %s)\n", what, gib((double)want, b1, sizeof b1),
-            gib((double)fr, b2, sizeof b2), gib((double)tot, b3, sizeof b3));
+    fprintf(f, "engine_cuda: out of GPU memory allocating %s (%s; %s free of %s)\n", what, ecu_gib((double)want, b1, sizeof b1),
+            ecu_gib((double)fr, b2, sizeof b2), ecu_gib((double)tot, b3, sizeof b3));
     engine_cuda_print_memory(E, f);
     // what would fit: the weights stay, activations scale with the micro-batch
     double avail = (double)fr + (E->arena ? (double)E->tab.total : 0);
     double full = (double)table_bytes(E, E->B, E->flags);
-    fprintf(f, "  what would fit (activations must fit in %s):\n", gib(avail, b1, sizeof b1));
+    fprintf(f, "  what would fit (activations must fit in %s):\n", ecu_gib(avail, b1, sizeof b1));
     int64_t fit = 0;
     for (int64_t b = E->B - 1; b >= 1 && !fit; b--)
         if ((double)table_bytes(E, b, E->flags) <= avail) fit = b;
-    if (fit) fprintf(f, "    micro_batch %lld (activations %s)\n", (long long)fit, gib((double)table_bytes(E, fit, E->flags), b1, sizeof b1));
+    if (fit) fprintf(f, "    micro_batch %lld (activations %s)\n", (long long)fit, ecu_gib((double)table_bytes(E, fit, E->flags), b1, sizeof b1));
     else fprintf(f, "    no micro-batch fits at seq_len %lld: shorten the sequences\n", (long long)E->T);
     if ((E->flags & ECU_TRAIN) && !(E->flags & ECU_RECOMPUTE_MLP)) {
         double r = (double)table_bytes(E, E->B, E->flags | ECU_RECOMPUTE_MLP);
-        fprintf(f, "    recompute = \"mlp\": activations %s instead of %s%s\n", gib(r, b1, sizeof b1), gib(full, b2, sizeof b2),
+        fprintf(f, "    recompute = \"mlp\": activations %s instead of %s%s\n", ecu_gib(r, b1, sizeof b1), ecu_gib(full, b2, sizeof b2),
                 r <= avail ? " (fits)" : "");
     }
     fprintf(f, "    more GPUs with ZeRO: master weights, gradients and AdamW moments shard over the GPUs "
@@ -559,7 +431,7 @@ static void upload_params(EngineCuda *E, const float *params) {
     // the compute copy through a staging buffer of up to 16M floats; without room for one, through the
     // activation arena (scratch between steps: nothing in it outlives a forward/backward pair)
     int64_t chunk = DL_MIN(n, (int64_t)16 << 20);
-    float *stage = (float *)try_alloc((size_t)chunk * 4);
+    float *stage = (float *)ecu_try_alloc((size_t)chunk * 4);
     const bool own = stage != NULL;
     if (!own) {
         if (!E->arena || E->tab.total < 4) dl_die(DL_EXIT_RUNTIME, "engine_cuda: no GPU memory left for staging the weights");
@@ -584,7 +456,7 @@ static void upload_params(EngineCuda *E, const float *params) {
 }
 
 // The padded copies of dt_proj_down [R, d] -> [Rp, d] and dt_proj [di, R] -> [di, Rp] (zeros in the padding).
-static void refresh_pad(EngineCuda *E) {
+void ecu_refresh_pad(EngineCuda *E) {
     const HybridConfig *h = &E->h;
     const int64_t d = h->base.d_model, di = h->d_inner, R = h->dt_rank, es = E->es;
     for (int l = 0; l < h->base.n_layer; l++) {
@@ -598,7 +470,7 @@ static void refresh_pad(EngineCuda *E) {
 
 void engine_cuda_set_params(EngineCuda *E, const float *params) {
     upload_params(E, params);
-    refresh_pad(E);
+    ecu_refresh_pad(E);
     cudaCheck(cudaStreamSynchronize(E->st));
 }
 
@@ -740,26 +612,26 @@ EngineCuda *engine_cuda_new(const HybridConfig *h, const Registry *r, const floa
     const int64_t n = r->numel;
     FILE *lf = log ? log : stderr;
     char b1[32];
-    if (E->master_n && !(E->master = (float *)try_alloc((size_t)E->master_n * 4))) {
-        oom_report(E, "fp32 master weights", (size_t)E->master_n * 4, lf);
+    if (E->master_n && !(E->master = (float *)ecu_try_alloc((size_t)E->master_n * 4))) {
+        ecu_oom_report(E, "fp32 master weights", (size_t)E->master_n * 4, lf);
         dl_fail(err, "engine_cuda: out of GPU memory for the fp32 master weights (%s)",
-                gib((double)E->master_n * 4, b1, sizeof b1));
+                ecu_gib((double)E->master_n * 4, b1, sizeof b1));
         engine_cuda_free(E);
         return NULL;
     }
     if (E->master) cudaCheck(cudaMemset(E->master, 0, (size_t)E->master_n * 4));  // the alignment gaps stay zero
     if (dt == DT_F32) E->wc = E->master;  // fp32 mode: master_n = numel, registry layout
-    else if (!(E->wc = try_alloc((size_t)n * E->es))) {
-        oom_report(E, "compute copy of the weights", (size_t)n * E->es, lf);
+    else if (!(E->wc = ecu_try_alloc((size_t)n * E->es))) {
+        ecu_oom_report(E, "compute copy of the weights", (size_t)n * E->es, lf);
         dl_fail(err, "engine_cuda: out of GPU memory for the weights");
         engine_cuda_free(E);
         return NULL;
     }
     if (E->wpad_n) {
-        E->wpad = try_alloc((size_t)E->wpad_n * E->es);
-        E->gpad = (float *)try_alloc((size_t)E->gpad_n * 4);
+        E->wpad = ecu_try_alloc((size_t)E->wpad_n * E->es);
+        E->gpad = (float *)ecu_try_alloc((size_t)E->gpad_n * 4);
         if (!E->wpad || !E->gpad) {
-            oom_report(E, "padded dt_proj weights", (size_t)E->wpad_n * E->es, lf);
+            ecu_oom_report(E, "padded dt_proj weights", (size_t)E->wpad_n * E->es, lf);
             dl_fail(err, "engine_cuda: out of GPU memory for the padded dt weights");
             engine_cuda_free(E);
             return NULL;
@@ -776,10 +648,10 @@ EngineCuda *engine_cuda_new(const HybridConfig *h, const Registry *r, const floa
     cudaCheck(cudaMalloc(&E->inv_freq, 512 * sizeof(float)));
     cudaCheck(cudaMemcpy(E->inv_freq, invf, sizeof invf, cudaMemcpyHostToDevice));
     // ---- the activation table (built by engine_setup), one allocation
-    if (!(E->arena = (char *)try_alloc(E->tab.total))) {
-        oom_report(E, "the activation table", E->tab.total, lf);
+    if (!(E->arena = (char *)ecu_try_alloc(E->tab.total))) {
+        ecu_oom_report(E, "the activation table", E->tab.total, lf);
         dl_fail(err, "engine_cuda: out of GPU memory for activations (%s at micro-batch %lld)",
-                gib((double)E->tab.total, b1, sizeof b1), (long long)B);
+                ecu_gib((double)E->tab.total, b1, sizeof b1), (long long)B);
         engine_cuda_free(E);
         return NULL;
     }
@@ -789,7 +661,7 @@ EngineCuda *engine_cuda_new(const HybridConfig *h, const Registry *r, const floa
     E->tok_h = (int32_t *)malloc((size_t)E->N * 4);
     E->reset_h = (uint8_t *)malloc((size_t)E->N);
     upload_params(E, params);
-    refresh_pad(E);
+    ecu_refresh_pad(E);
     cudaCheck(cudaStreamSynchronize(E->st));
     E->last_state = -1;
     if (log) engine_cuda_print_memory(E, log);
@@ -1215,184 +1087,6 @@ void engine_cuda_backward(EngineCuda *E, float *Gr) {
     }
     E->have_dxf = false;
     if (E->has_dhid) memset(E->has_dhid, 0, (size_t)(c->n_layer + 1) * sizeof(bool));
-}
-
-// ---------------------------------------------------------------- optimizer
-
-struct EngineCudaOptim {
-    EngineCuda *E;
-    Optim *host;       // config, counters, outlier window, parameter groups (and host m, v for pull/push)
-    Optim own;         // the host Optim when made from a config (engine_cuda_optim_new)
-    DType mv_dt;
-    int *idx;          // trained tensor indices (E->goff >= 0)
-    int64_t *moff;     // their offsets in the device moments (= E->goff: the gradients' compact layout)
-    int n;
-    size_t bytes;      // device memory of the moments and workspaces
-    void *m, *v;
-    double *acc;
-    void *ws;
-};
-
-EngineCudaOptim *engine_cuda_optim_attach(EngineCuda *E, Optim *host, DType mv_dt, DlError *err) {
-    if (E->flags & ECU_NO_MASTER) {
-        dl_fail(err, "engine_cuda_optim: the engine is frozen (ECU_NO_MASTER): it has no fp32 master to update");
-        return NULL;
-    }
-    if (mv_dt != DT_F32 && mv_dt != DT_BF16) {
-        dl_fail(err, "engine_cuda_optim: moments must be fp32 or bf16");
-        return NULL;
-    }
-    const Registry *r = E->r;
-    if (host->reg->n != r->n || host->reg->numel != r->numel) {
-        dl_fail(err, "engine_cuda_optim: the optimizer's registry is not the engine's");
-        return NULL;
-    }
-    for (int i = 0; i < r->n; i++)
-        if (host->reg->t[i].trainable != (E->goff[i] >= 0) || (E->goff[i] >= 0 &&
-            (host->reg->t[i].shard_begin != 0 || host->reg->t[i].shard_end != r->t[i].numel))) {
-            dl_fail(err, "engine_cuda_optim: tensor %s: the optimizer must own every element of every trainable "
-                         "tensor (sharded optimizer state is not implemented on the device)", r->t[i].name);
-            return NULL;
-        }
-    EngineCudaOptim *o = (EngineCudaOptim *)calloc(1, sizeof *o);
-    o->E = E;
-    o->host = host;
-    o->mv_dt = mv_dt;
-    const size_t nt = (size_t)DL_MAX(r->n, 1);
-    o->idx = (int *)malloc(nt * sizeof(int));
-    o->moff = (int64_t *)malloc(nt * sizeof(int64_t));
-    int64_t maxn = 1;
-    for (int i = 0; i < r->n; i++)
-        if (E->goff[i] >= 0) {
-            o->idx[o->n] = i;
-            o->moff[o->n++] = E->goff[i];
-            maxn = DL_MAX(maxn, r->t[i].numel);
-        }
-    size_t mb = (size_t)E->grad_n * (mv_dt == DT_F32 ? 4 : 2);
-    o->m = try_alloc(DL_MAX(mb, (size_t)16));
-    o->v = try_alloc(DL_MAX(mb, (size_t)16));
-    o->ws = try_alloc(DL_MAX(grad_sumsq_workspace(maxn), (size_t)16));
-    o->acc = (double *)try_alloc(sizeof(double));
-    o->bytes = 2 * DL_MAX(mb, (size_t)16) + DL_MAX(grad_sumsq_workspace(maxn), (size_t)16) + sizeof(double);
-    if (!o->m || !o->v || !o->ws || !o->acc) {
-        char b1[32];
-        oom_report(E, "AdamW moments", 2 * mb, stderr);
-        dl_fail(err, "engine_cuda: out of GPU memory for the AdamW moments (%s)", gib(2.0 * mb, b1, sizeof b1));
-        engine_cuda_optim_free(o);
-        return NULL;
-    }
-    cudaCheck(cudaMemset(o->m, 0, mb));
-    cudaCheck(cudaMemset(o->v, 0, mb));
-    cudaCheck(cudaDeviceSynchronize());
-    return o;
-}
-
-EngineCudaOptim *engine_cuda_optim_new(EngineCuda *E, const OptimConfig *c, DType mv_dt, DlError *err) {
-    Optim tmp;
-    if (optim_init(&tmp, c, E->r, err)) return NULL;
-    // the host moments are only used by pull/push; optim_init's calloc stays untouched (not resident) otherwise
-    Optim *keep = (Optim *)malloc(sizeof *keep);
-    *keep = tmp;
-    EngineCudaOptim *o = engine_cuda_optim_attach(E, keep, mv_dt, err);
-    if (!o) {
-        optim_free(keep);
-        free(keep);
-        return NULL;
-    }
-    o->own = *keep;
-    free(keep);
-    o->host = &o->own;
-    return o;
-}
-
-void engine_cuda_optim_free(EngineCudaOptim *o) {
-    if (!o) return;
-    cudaFree(o->m);
-    cudaFree(o->v);
-    cudaFree(o->ws);
-    cudaFree(o->acc);
-    if (o->host == &o->own) optim_free(&o->own);
-    free(o->idx);
-    free(o->moff);
-    free(o);
-}
-
-// Moments between the device (compact, mv_dt) and the host Optim (fp32 at mv_off), one tensor at a time.
-static void moments_move(EngineCudaOptim *o, bool to_host) {
-    EngineCuda *E = o->E;
-    const Registry *r = E->r;
-    int64_t maxn = 1;
-    for (int k = 0; k < o->n; k++) maxn = DL_MAX(maxn, r->t[o->idx[k]].numel);
-    float *tmp = NULL;
-    if (o->mv_dt != DT_F32) cudaCheck(cudaMalloc(&tmp, (size_t)maxn * 4));
-    const size_t mes = o->mv_dt == DT_F32 ? 4 : 2;
-    cudaCheck(cudaDeviceSynchronize());
-    for (int k = 0; k < o->n; k++) {
-        const int i = o->idx[k];
-        const int64_t n = r->t[i].numel;
-        for (int which = 0; which < 2; which++) {
-            float *h = (which ? o->host->v : o->host->m) + o->host->mv_off[i];
-            void *dv = at(which ? o->v : o->m, o->moff[k], mes);
-            if (o->mv_dt == DT_F32) {
-                cudaCheck(cudaMemcpy(to_host ? (void *)h : dv, to_host ? dv : (void *)h, (size_t)n * 4,
-                                     to_host ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice));
-            } else if (to_host) {
-                TC(convert_cuda(DT_F32, tmp, o->mv_dt, dv, n, E->st, EA));
-                cudaCheck(cudaStreamSynchronize(E->st));
-                cudaCheck(cudaMemcpy(h, tmp, (size_t)n * 4, cudaMemcpyDeviceToHost));
-            } else {
-                cudaCheck(cudaMemcpy(tmp, h, (size_t)n * 4, cudaMemcpyHostToDevice));
-                cudaCheck(cudaDeviceSynchronize());
-                TC(convert_cuda(o->mv_dt, dv, DT_F32, tmp, n, E->st, EA));
-                cudaCheck(cudaStreamSynchronize(E->st));
-            }
-        }
-    }
-    cudaFree(tmp);
-}
-void engine_cuda_optim_pull(EngineCudaOptim *o) { moments_move(o, true); }
-void engine_cuda_optim_push(EngineCudaOptim *o) { moments_move(o, false); }
-double engine_cuda_optim_bytes(const EngineCudaOptim *o) { return (double)o->bytes; }
-
-double engine_cuda_grad_norm(EngineCudaOptim *o, const float *grads, double scale) {
-    EngineCuda *E = o->E;
-    const Registry *r = E->r;
-    cudaCheck(cudaMemsetAsync(o->acc, 0, sizeof(double), E->st));
-    for (int k = 0; k < o->n; k++) {
-        const TensorInfo *t = &r->t[o->idx[k]];
-        TC(grad_sumsq_cuda(grads + o->moff[k], t->numel, o->acc, o->ws, E->st, EA));
-    }
-    double ss = 0;
-    cudaCheck(cudaMemcpyAsync(&ss, o->acc, sizeof ss, cudaMemcpyDeviceToHost, E->st));
-    cudaCheck(cudaStreamSynchronize(E->st));
-    return sqrt(ss) * scale;
-}
-
-void engine_cuda_optim_step(EngineCudaOptim *o, const float *grads, double loss, OptimResult *res) {
-    EngineCuda *E = o->E;
-    Optim *h = o->host;
-    const Registry *r = E->r;
-    // the norm is only needed (and only taken) when the loss is finite, as optim_step decides
-    const double norm = isfinite(loss) ? engine_cuda_grad_norm(o, grads, 1.0 / h->cfg.grad_accum) : NAN;
-    OptimStepK k;
-    if (!optim_decide(&h->cfg, &h->st, loss, norm, res, &k)) return;
-    AdamWArgs a;
-    a.gscale = (float)k.gscale;
-    a.b1 = (float)h->cfg.beta1;
-    a.b2 = (float)h->cfg.beta2;
-    a.eps = (float)h->cfg.eps;
-    a.inv_sqrt_bc2 = (float)(1.0 / sqrt(k.bc2));
-    a.seed = 0x9e3779b97f4a7c15ull * (uint64_t)h->st.step;
-    const size_t mes = o->mv_dt == DT_F32 ? 4 : 2;
-    for (int q = 0; q < o->n; q++) {
-        const int i = o->idx[q];
-        const TensorInfo *t = &r->t[i];
-        optim_tensor_k(h, i, res, &k, &a.decay, &a.step_size);
-        TC(adamw_cuda(&a, t->numel, E->master + E->moff[i], grads + o->moff[q], o->mv_dt, at(o->m, o->moff[q], mes),
-                      at(o->v, o->moff[q], mes), E->dt == DT_BF16 ? DT_BF16 : DT_F32,
-                      E->dt == DT_BF16 ? at(E->wc, t->offset, 2) : NULL, E->st, EA));
-    }
-    refresh_pad(E);
 }
 
 // ---------------------------------------------------------------- helpers for C programs
