@@ -97,7 +97,7 @@ int main(int argc, char **argv) {
         auto fwd = [&](int i) {
             Set &t = set[i % NSET];
             if (ssd_fwd_cuda(&s, (uint16_t *)t.x, (uint16_t *)t.dt, A, (uint16_t *)t.Bm, (uint16_t *)t.Cm, Dk, bias,
-                             NULL, NULL, (uint16_t *)t.y, NULL, NULL, err, sizeof err)) {
+                             NULL, NULL, (uint16_t *)t.y, NULL, ws, NULL, err, sizeof err)) {
                 fprintf(stderr, "forward: %s\n", err);
                 exit(1);
             }

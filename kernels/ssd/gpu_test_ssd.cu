@@ -118,10 +118,14 @@ static void run_case(const TCase *c) {
     const float *Dp = c->D ? Dk : NULL, *bp = c->bias ? bias : NULL, *h0p = c->h0 ? h0 : NULL;
     const float *dhlp = c->dhl ? dhl : NULL;
     char err[512] = "";
+    const size_t fwsz = ssd_fwd_cuda_workspace(&s);
+    void *fws = dalloc<char>((int64_t)fwsz);
 
-    auto fwd = [&](uint16_t *yy, float *hh) {
+    // ws: the forward's workspace (NULL: the v1 kernels)
+    auto fwd = [&](uint16_t *yy, float *hh, void *ws) {
+        if (ws) poison((char *)ws, (int64_t)fwsz);
         if (ssd_fwd_cuda(&s, (uint16_t *)x, (uint16_t *)dt, A, (uint16_t *)Bm, (uint16_t *)Cm, Dp, bp, rs, h0p, yy, hh,
-                         NULL, err, sizeof err)) {
+                         ws, NULL, err, sizeof err)) {
             printf("  FAIL forward refused: %s\n", err), nfail++;
             return false;
         }
@@ -129,7 +133,7 @@ static void run_case(const TCase *c) {
         return true;
     };
     poison(y, nx), poison(hl, nh);
-    if (!fwd((uint16_t *)y, hl)) return;
+    if (!fwd((uint16_t *)y, hl, fws)) return;
 
     bf16 *dx = dalloc<bf16>(nx), *ddt = dalloc<bf16>(ndt), *dB = dalloc<bf16>(nB), *dC = dalloc<bf16>(nB);
     float *dA = dalloc<float>(H), *dD = dalloc<float>(H), *ddb = dalloc<float>(H), *dh0 = dalloc<float>(nh);
@@ -203,7 +207,7 @@ static void run_case(const TCase *c) {
         CK(cudaMemcpy(p1 + 2 * H, ddb, H * 4, cudaMemcpyDeviceToDevice));
         CK(cudaMemcpy(dh01, dh0, nh * 4, cudaMemcpyDeviceToDevice));
         poison(y2, nx), poison(hl2, nh);
-        if (fwd((uint16_t *)y2, hl2) && bwd()) {
+        if (fwd((uint16_t *)y2, hl2, fws) && bwd()) {
             CK(cudaDeviceSynchronize());
             bool same = same_bits(y, y2, nx * 2) && same_bits(hl, hl2, nh * 4) && same_bits(dx, dx1, nx * 2) &&
                         same_bits(ddt, ddt1, ndt * 2) && same_bits(dB, dB1, nB * 2) && same_bits(dC, dC1, nB * 2) &&
@@ -215,7 +219,7 @@ static void run_case(const TCase *c) {
         }
         // y = NULL: the state pass alone gives the same h_last bits
         poison(hl2, nh);
-        if (fwd(NULL, hl2)) {
+        if (fwd(NULL, hl2, fws)) {
             CK(cudaDeviceSynchronize());
             check_true(same_bits(hl, hl2, nh * 4), c->name, "state pass alone (y = NULL): same h_last");
         }
@@ -224,17 +228,26 @@ static void run_case(const TCase *c) {
             CK(cudaMemcpy(hl2, h0, nh * 4, cudaMemcpyDeviceToDevice));
             poison(y2, nx);
             if (ssd_fwd_cuda(&s, (uint16_t *)x, (uint16_t *)dt, A, (uint16_t *)Bm, (uint16_t *)Cm, Dp, bp, rs, hl2,
-                             (uint16_t *)y2, hl2, NULL, err, sizeof err) == 0) {
+                             (uint16_t *)y2, hl2, fws, NULL, err, sizeof err) == 0) {
                 CK(cudaDeviceSynchronize());
                 check_true(same_bits(hl, hl2, nh * 4) && same_bits(y, y2, nx * 2), c->name, "h_last aliasing h0");
             } else {
                 printf("  FAIL aliased forward refused: %s\n", err), nfail++;
             }
         }
+        // the v1 forward (no workspace) against the twin too: both kernel generations stay checked
+        poison(y2, nx), poison(hl2, nh);
+        if (fwd((uint16_t *)y2, hl2, NULL)) {
+            CK(cudaDeviceSynchronize());
+            get_bf(t.data(), y2, rows, H * P, hlo * P, Hs * P);
+            check(relerr(t.data(), y_r.data(), nxs), 1e-2, c->name, "y (v1)");
+            get_f(t.data(), hl2, B, H * P * N, hlo * P * N, Hs * P * N);
+            check(relerr(t.data(), hl_r.data(), nhs), 1e-3, c->name, "h_last (v1)");
+        }
         void *d2[] = {y2, dx1, ddt1, dB1, dC1, hl2, p1, dh01};
         for (void *p : d2) CK(cudaFree(p));
     }
-    void *dev[] = {xa, dt, Ba, Ca, dya, y, rs, A, Dk, bias, h0, dhl, hl, dx, ddt, dB, dC, dA, dD, ddb, dh0, ws};
+    void *dev[] = {xa, dt, Ba, Ca, dya, y, rs, A, Dk, bias, h0, dhl, hl, dx, ddt, dB, dC, dA, dD, ddb, dh0, ws, fws};
     for (void *p : dev)
         if (p) CK(cudaFree(p));
 }
@@ -252,7 +265,7 @@ static void run_refusals(void) {
         err[0] = 0;
         const int rf = ssd_fwd_cuda(&s, (const uint16_t *)8, (const uint16_t *)8, (const float *)8,
                                     (const uint16_t *)8, (const uint16_t *)8, NULL, NULL, NULL, NULL, (uint16_t *)8,
-                                    NULL, NULL, err, sizeof err);
+                                    NULL, NULL, NULL, err, sizeof err);
         const bool okf = rf == -1 && err[0];
         printf("    refused: %s\n", err);
         err[0] = 0;

@@ -25,6 +25,8 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <type_traits>
@@ -54,6 +56,8 @@ struct SsdDev {
     float *dBh, *dCh;                // rep > 1: fp32 per-head partials [B,L,H,N]
     float *pA, *pD, *pb;             // [B,H,nch] partial sums
     float *dh0;
+    float *dl;  // v2: [B,H,nch] decay of the whole chunk (dlast)
+    int yvec;   // v2: y 4-byte aligned: bf16 pairs
 };
 
 __device__ __forceinline__ float bf(bf16 v) { return __bfloat162float(v); }
@@ -738,6 +742,211 @@ __global__ void ssd_group_reduce_kernel(SsdDev a) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------- v2: chunk-parallel
+// The v2 forward and the first two stages of the v2 backward split the sequential state pass in two: every chunk's own
+// contribution T_c [P,N] is formed in parallel over (b, h, chunk) on tensor cores (ssd_chunk_state_kernel), then a
+// short elementwise scan over the chunks (ssd_scan_kernel, one thread per 4 state entries of a (b, h)) turns the T_c
+// into the state entering (or, for the gradient, leaving) every chunk, in place: S_c = dl_{c-1} S_{c-1} + T_{c-1}.
+// The chunk output (ssd_chunk_out_kernel) is then parallel over (b, h, chunk, P tile) too. Same arithmetic as v1
+// (same splits, same MMA order, the same fmaf for the state update), so the states match v1 bit for bit.
+
+struct CstLayout {  // ssd_chunk_state_kernel
+    int64_t X, Mh, Ml, scal, total;
+};
+__host__ __device__ inline CstLayout cst_layout(int64_t P, int64_t N) {
+    const int64_t Q = SSD_Q;
+    CstLayout l;
+    int64_t o = 0;
+    l.X = o, o = al128(o + Q * ld16(P) * 2);
+    l.Mh = o, o = al128(o + Q * ld16(N) * 2);
+    l.Ml = o, o = al128(o + Q * ld16(N) * 2);
+    l.scal = o, o = al128(o + SSD_SCAL * Q * 4);
+    l.total = o;
+    return l;
+}
+
+// One block per (b, h, chunk): T [P,N] = X^T (wt o M), stored to [B,H,nch,P,N].
+//   forward (GRAD = false): X = x, M = B, wt_k = w_k; T goes to Sin, and dl = dlast of the chunk.
+//   state gradient (GRAD = true): X = dy, M = C, wt_m = din_m; T goes to dSo.
+template <bool GRAD>
+__global__ void __launch_bounds__(SSD_THREADS) ssd_chunk_state_kernel(SsdDev a) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int P = (int)a.P, N = (int)a.N, Q = SSD_Q;
+    const int lP = (int)ld16(P), lN = (int)ld16(N);
+    const CstLayout lay = cst_layout(P, N);
+    bf16 *Xs = reinterpret_cast<bf16 *>(smem + lay.X);
+    bf16 *Mh = reinterpret_cast<bf16 *>(smem + lay.Mh), *Ml = reinterpret_cast<bf16 *>(smem + lay.Ml);
+    const Scal sc = scal_at(smem + lay.scal);
+
+    const int64_t c = (int64_t)blockIdx.x % a.nch, bh = (int64_t)blockIdx.x / a.nch;
+    const int64_t b = bh / a.H, h = bh % a.H, g = h / a.rep;
+    const int64_t L = a.L, H = a.H, G = a.G, t0 = c * SSD_Q;
+    const int q = (int)(L - t0 < SSD_Q ? L - t0 : SSD_Q);
+    const bf16 *Xg = GRAD ? a.dy : a.x, *Mg = GRAD ? a.Cm : a.Bm;
+
+    if (threadIdx.x < 32) chunk_scalars(a, b, h, t0, q, sc);
+    load_rows(Xs, P, lP, q, a.vec, [&](int m) { return Xg + ((b * L + t0 + m) * H + h) * a.P; });
+    load_rows(Mh, N, lN, q, a.vec, [&](int m) { return Mg + ((b * L + t0 + m) * G + g) * a.N; });
+    __syncthreads();
+    chunk_weights(sc);
+    __syncthreads();
+    const float *wt = GRAD ? sc.din : sc.w;
+    for (int i = threadIdx.x; i < Q * N; i += SSD_THREADS) {  // in place: each element is read and written by one thread
+        const int k = i / N, n = i - k * N;
+        split_bf(wt[k] * bf(Mh[k * lN + n]), &Mh[k * lN + n], &Ml[k * lN + n]);
+    }
+    if (!GRAD && threadIdx.x == 0) a.dl[bh * a.nch + c] = sc.din[SSD_Q - 1];
+    __syncthreads();
+    float *T = (GRAD ? a.dSo : a.Sin) + (bh * a.nch + c) * a.P * a.N;
+    const int warp = threadIdx.x >> 5, nt = N / 16, total = (P / 16) * nt;
+    for (int t = warp; t < total; t += SSD_THREADS / 32) {
+        const int i0 = (t / nt) * 16, j0 = (t % nt) * 16;
+        Acc acc;
+        wmma::fill_fragment(acc, 0.f);
+        mma_k<wmma::col_major, wmma::row_major>(acc, Xs, lP, Mh, lN, i0, j0, 0, Q);
+        mma_k<wmma::col_major, wmma::row_major>(acc, Xs, lP, Ml, lN, i0, j0, 0, Q);
+        wmma::store_matrix_sync(T + (int64_t)i0 * a.N + j0, acc, (unsigned)a.N, wmma::mem_row_major);
+    }
+}
+
+// In place over st [B,H,nch,P,N] (holding T_c): st_c = the running state s before chunk c's contribution, then
+// s = dl_c s + T_c. Forward (REV = false): chunks in order from s = init (h0 or 0): st_c = the state entering chunk c,
+// fin = h_last. State gradient (REV = true): chunks from the last one back, from s = dh_last (or 0): st_c = the
+// gradient w.r.t. the state leaving chunk c, fin = dh0. One thread per 4 consecutive entries of a (b, h)'s state; the
+// loads of U chunks are issued before their (dependent) updates.
+template <bool REV>
+__global__ void __launch_bounds__(256) ssd_scan_kernel(SsdDev a, float *st_all, const float *init, float *fin) {
+    const int64_t PN4 = a.P * a.N / 4;
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= a.B * a.H * PN4) return;
+    const int64_t bh = i / PN4, e = i - bh * PN4;
+    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (init) s = make_float4(init[4 * i], init[4 * i + 1], init[4 * i + 2], init[4 * i + 3]);
+    float4 *st = reinterpret_cast<float4 *>(st_all) + bh * a.nch * PN4 + e;
+    const float *dl = a.dl + bh * a.nch;
+    constexpr int U = 8;
+    for (int64_t c0 = 0; c0 < a.nch; c0 += U) {
+        float4 t[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int64_t j = c0 + u, c = REV ? a.nch - 1 - j : j;
+            if (j < a.nch) t[u] = __ldcs(st + c * PN4);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int64_t j = c0 + u, c = REV ? a.nch - 1 - j : j;
+            if (j < a.nch) {
+                const float d = dl[c];
+                st[c * PN4] = s;
+                s.x = fmaf(d, s.x, t[u].x), s.y = fmaf(d, s.y, t[u].y);
+                s.z = fmaf(d, s.z, t[u].z), s.w = fmaf(d, s.w, t[u].w);
+            }
+        }
+    }
+    if (fin) fin[4 * i] = s.x, fin[4 * i + 1] = s.y, fin[4 * i + 2] = s.z, fin[4 * i + 3] = s.w;
+}
+
+// P tile of the chunk-output kernel: 64 rows where P allows (two blocks per (b, h, chunk) at P = 128)
+__host__ __device__ inline int out_pt(int64_t P) {
+    return P <= 64 ? (int)P : P % 64 == 0 ? 64 : P % 32 == 0 ? 32 : 16;
+}
+
+struct OutLayout {  // ssd_chunk_out_kernel; W (hi, lo) lives in B's region, the per-warp scratch in CB's
+    int64_t C, B, Wh, Wl, X, CB, Sh, Sl, scal, total;
+};
+__host__ __device__ inline OutLayout out_layout(int64_t PT, int64_t N) {
+    const int64_t Q = SSD_Q;
+    OutLayout l;
+    int64_t o = 0;
+    l.C = o, o = al128(o + Q * ld16(N) * 2);
+    l.B = o, l.Wh = o, l.Wl = o + al128(Q * ld16(Q) * 2);
+    o = max64(al128(o + Q * ld16(N) * 2), l.Wl + al128(Q * ld16(Q) * 2));
+    l.X = o, o = al128(o + Q * ld16(PT) * 2);
+    l.CB = o, o = max64(al128(o + Q * ld32(Q) * 4), al128(o + (SSD_THREADS / 32) * 2 * 256 * 4));
+    l.Sh = o, o = al128(o + PT * ld16(N) * 2);
+    l.Sl = o, o = al128(o + PT * ld16(N) * 2);
+    l.scal = o, o = al128(o + SSD_SCAL * Q * 4);
+    l.total = o;
+    return l;
+}
+
+// One block per (b, h, chunk, PT rows of P): y = W x + diag(din) C S_in^T + D x with W = (C B^T) o decay o delta
+// (S_in from the scan). Each warp owns whole 16 x 16 output tiles: both products go to its scratch, and its lanes
+// combine them and store bf16 pairs.
+__global__ void __launch_bounds__(SSD_THREADS) ssd_chunk_out_kernel(SsdDev a) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int N = (int)a.N, Q = SSD_Q, PT = out_pt(a.P);
+    const int lN = (int)ld16(N), lP = (int)ld16(PT), lQ = (int)ld16(Q), lQf = (int)ld32(Q);
+    const OutLayout lay = out_layout(PT, N);
+    bf16 *Cs = reinterpret_cast<bf16 *>(smem + lay.C), *Bs = reinterpret_cast<bf16 *>(smem + lay.B);
+    bf16 *Wh = reinterpret_cast<bf16 *>(smem + lay.Wh), *Wl = reinterpret_cast<bf16 *>(smem + lay.Wl);
+    bf16 *Xs = reinterpret_cast<bf16 *>(smem + lay.X);
+    float *CBf = reinterpret_cast<float *>(smem + lay.CB);
+    bf16 *Sh = reinterpret_cast<bf16 *>(smem + lay.Sh), *Sl = reinterpret_cast<bf16 *>(smem + lay.Sl);
+    const Scal sc = scal_at(smem + lay.scal);
+
+    const int64_t npt = a.P / PT;
+    const int64_t pt = (int64_t)blockIdx.x % npt, rest = (int64_t)blockIdx.x / npt;
+    const int64_t c = rest % a.nch, bh = rest / a.nch;
+    const int64_t b = bh / a.H, h = bh % a.H, g = h / a.rep, p0 = pt * PT;
+    const int64_t L = a.L, H = a.H, G = a.G, P = a.P, t0 = c * SSD_Q;
+    const int q = (int)(L - t0 < SSD_Q ? L - t0 : SSD_Q);
+    const float Dh = a.D ? a.D[h] : 0.f;
+    const int tid = threadIdx.x;
+
+    if (tid < 32) chunk_scalars(a, b, h, t0, q, sc);
+    load_rows(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * a.N; });
+    load_rows(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * a.N; });
+    load_rows(Xs, PT, lP, q, a.vec, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * P + p0; });
+    {  // S_in rows p0 .. p0+PT-1 as hi + lo (16-byte loads: the workspace is 256-byte aligned, N % 16 == 0)
+        const float4 *S0 = reinterpret_cast<const float4 *>(a.Sin + ((bh * a.nch + c) * P + p0) * a.N);
+        for (int i = tid; i < PT * N / 4; i += SSD_THREADS) {
+            const float4 v = __ldcs(S0 + i);
+            const int p = (4 * i) / N, n = 4 * i - p * N;
+            bf16 *hp = Sh + p * lN + n, *lp = Sl + p * lN + n;
+            split_bf(v.x, hp, lp), split_bf(v.y, hp + 1, lp + 1), split_bf(v.z, hp + 2, lp + 2);
+            split_bf(v.w, hp + 3, lp + 3);
+        }
+    }
+    __syncthreads();
+    chunk_weights(sc);
+    block_tiles(Q, Q, CBf, lQf, false, [&](Acc &acc, int i0, int j0) {
+        mma_k<wmma::row_major, wmma::col_major>(acc, Cs, lN, Bs, lN, i0, j0, 0, N);
+    });
+    __syncthreads();  // CB complete, B dead: W goes to its region
+    for (int i = tid; i < Q * Q; i += SSD_THREADS) {
+        const int m = i / Q, k = i - m * Q;
+        split_bf(CBf[m * lQf + k] * decay_mk(sc, m, k) * sc.delta[k], &Wh[m * lQ + k], &Wl[m * lQ + k]);
+    }
+    __syncthreads();  // W complete, CB dead: the per-warp scratch goes to its region
+    const int warp = tid >> 5, lane = tid & 31, nt = PT / 16, total = (Q / 16) * nt;
+    float *s1 = CBf + warp * 512, *s2 = s1 + 256;
+    for (int t = warp; t < total; t += SSD_THREADS / 32) {
+        const int i0 = (t / nt) * 16, j0 = (t % nt) * 16;
+        Acc a1, a2;
+        wmma::fill_fragment(a1, 0.f);
+        wmma::fill_fragment(a2, 0.f);
+        mma_k<wmma::row_major, wmma::row_major>(a1, Wh, lQ, Xs, lP, i0, j0, 0, i0 + 16);
+        mma_k<wmma::row_major, wmma::row_major>(a1, Wl, lQ, Xs, lP, i0, j0, 0, i0 + 16);
+        mma_k<wmma::row_major, wmma::col_major>(a2, Cs, lN, Sh, lN, i0, j0, 0, N);
+        mma_k<wmma::row_major, wmma::col_major>(a2, Cs, lN, Sl, lN, i0, j0, 0, N);
+        wmma::store_matrix_sync(s1, a1, 16, wmma::mem_row_major);
+        wmma::store_matrix_sync(s2, a2, 16, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 128; e += 32) {  // 16 rows x 8 pairs
+            const int r = e >> 3, cc = (e & 7) * 2, m = i0 + r, p = j0 + cc;
+            if (m < q) {
+                const float v0 = s1[r * 16 + cc] + sc.din[m] * s2[r * 16 + cc] + Dh * bf(Xs[m * lP + p]);
+                const float v1 = s1[r * 16 + cc + 1] + sc.din[m] * s2[r * 16 + cc + 1] + Dh * bf(Xs[m * lP + p + 1]);
+                bf16 *yp = a.y + ((b * L + t0 + m) * H + h) * P + p0 + p;
+                if (a.yvec) *reinterpret_cast<__nv_bfloat162 *>(yp) = __floats2bfloat162_rn(v0, v1);
+                else yp[0] = __float2bfloat16_rn(v0), yp[1] = __float2bfloat16_rn(v1);
+            }
+        }
+        __syncwarp();
+    }
+}
+
 // ---------------------------------------------------------------------------------------------- host side
 int check_shape(const SsdShape *s, char *err, size_t errlen, const char *who) {
     if (!s) return scan_fail(err, errlen, "%s: shape is NULL", who);
@@ -791,49 +1000,130 @@ bool vec_ok(const void *x, const void *Bm, const void *Cm, const void *dy) {
     return (bits & 15) == 0;
 }
 
-struct BwdWs {
-    size_t Sin, dSo, pA, pD, pb, dBh, dCh, total;  // byte offsets
+// Workspaces: byte offsets into one 256-byte aligned buffer. The forward (v2) needs the states [B,H,nch,P,N] and dl;
+// the backward also the state gradients and the partials.
+struct Ws {
+    size_t Sin, dSo, dl, pA, pD, pb, dBh, dCh, total;
 };
-BwdWs bwd_ws(const SsdShape *s) {
+Ws make_ws(const SsdShape *s, bool bwd) {
     const size_t nch = (size_t)((s->seqlen + SSD_Q - 1) / SSD_Q);
     const size_t states = (size_t)s->batch * s->nheads * nch * s->headdim * s->dstate * 4;
     const size_t parts = (size_t)s->batch * s->nheads * nch * 4;
-    const size_t heads = s->ngroups < s->nheads ? (size_t)s->batch * s->seqlen * s->nheads * s->dstate * 4 : 0;
+    const size_t heads =
+        bwd && s->ngroups < s->nheads ? (size_t)s->batch * s->seqlen * s->nheads * s->dstate * 4 : 0;
     auto up = [](size_t v) { return (v + 255) & ~(size_t)255; };
-    BwdWs w;
+    Ws w;
     size_t o = 0;
     w.Sin = o, o = up(o + states);
-    w.dSo = o, o = up(o + states);
-    w.pA = o, o = up(o + parts);
-    w.pD = o, o = up(o + parts);
-    w.pb = o, o = up(o + parts);
+    w.dl = o, o = up(o + parts);
+    w.dSo = o, o = up(o + (bwd ? states : 0));
+    w.pA = o, o = up(o + (bwd ? parts : 0));
+    w.pD = o, o = up(o + (bwd ? parts : 0));
+    w.pb = o, o = up(o + (bwd ? parts : 0));
     w.dBh = o, o = up(o + heads);
     w.dCh = o, o = up(o + heads);
     w.total = o;
     return w;
 }
 
+// DISTILL_SSD=v1 selects the first kernels (sequential state passes in shared memory) instead of v2.
+bool use_v1(void) {
+    const char *v = getenv("DISTILL_SSD");
+    return v && !strcmp(v, "v1");
+}
+
+// DISTILL_SSD_TIMING=1: every call synchronizes and prints the time of each of its stages to stderr (diagnostics).
+struct Stages {
+    bool on = false;
+    int n = 0;
+    cudaEvent_t ev[8];
+    const char *name[8];
+    cudaStream_t st;
+    Stages(const char *who, cudaStream_t s) : st(s) {
+        const char *v = getenv("DISTILL_SSD_TIMING");
+        on = v && v[0] == '1';
+        name[0] = who;
+        mark(who);
+    }
+    void mark(const char *what) {
+        if (!on || n >= 8) return;
+        cudaEventCreate(&ev[n]);
+        cudaEventRecord(ev[n], st);
+        name[n++] = what;
+    }
+    ~Stages() {
+        if (!on) return;
+        cudaEventSynchronize(ev[n - 1]);
+        fprintf(stderr, "%s stages ms:", name[0]);
+        for (int i = 1; i < n; i++) {
+            float ms = 0.f;
+            cudaEventElapsedTime(&ms, ev[i - 1], ev[i]);
+            fprintf(stderr, " %s %.3f", name[i], ms);
+        }
+        fprintf(stderr, "\n");
+        for (int i = 0; i < n; i++) cudaEventDestroy(ev[i]);
+    }
+};
+
+int64_t grid_of(int64_t threads, int per) { return (threads + per - 1) / per; }
+
+// v2 stages 1 + 2 of the forward and backward: the state entering every chunk into a.Sin, h_last into fin
+int states_v2(const SsdDev &a, const float *init, float *fin, cudaStream_t st, Stages &tm, char *err, size_t errlen,
+              const char *who) {
+    const int64_t smem = cst_layout(a.P, a.N).total;
+    if (set_smem(ssd_chunk_state_kernel<false>, smem, err, errlen, who)) return -1;
+    ssd_chunk_state_kernel<false><<<(unsigned)(a.B * a.H * a.nch), SSD_THREADS, (size_t)smem, st>>>(a);
+    if (scan_launch_check(err, errlen, who)) return -1;
+    tm.mark("chunk_state");
+    ssd_scan_kernel<false><<<(unsigned)grid_of(a.B * a.H * a.P * a.N / 4, 256), 256, 0, st>>>(a, a.Sin, init, fin);
+    if (scan_launch_check(err, errlen, who)) return -1;
+    tm.mark("scan");
+    return 0;
+}
+
 }  // namespace
+
+extern "C" size_t ssd_fwd_cuda_workspace(const SsdShape *s) { return make_ws(s, false).total; }
 
 extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A,
                             const uint16_t *Bm, const uint16_t *Cm, const float *D, const float *dt_bias,
-                            const uint8_t *reset, const float *h0, uint16_t *y, float *h_last, ssd_stream_t stream,
-                            char *err, size_t errlen) {
+                            const uint8_t *reset, const float *h0, uint16_t *y, float *h_last, void *workspace,
+                            ssd_stream_t stream, char *err, size_t errlen) {
     const char *who = "ssd_fwd_cuda";
     if (check_shape(s, err, errlen, who)) return -1;
     if (!x || !dt || !A || !Bm || !(y || h_last))
         return scan_fail(err, errlen, "%s: x, dt, A, Bm and one of y / h_last are required", who);
     if (y && !Cm) return scan_fail(err, errlen, "%s: Cm is required for y", who);
+    if ((uintptr_t)workspace % 256) return scan_fail(err, errlen, "%s: workspace is not 256-byte aligned", who);
     SsdDev a = make_args(s);
     a.x = (const bf16 *)x, a.dt = (const bf16 *)dt, a.Bm = (const bf16 *)Bm, a.Cm = (const bf16 *)Cm;
     a.A = A, a.D = D, a.bias = dt_bias, a.reset = reset, a.h0 = h0;
     a.y = (bf16 *)y, a.h_last = h_last;
     a.vec = vec_ok(x, Bm, Cm, nullptr);
+    a.yvec = ((uintptr_t)y & 3) == 0;
+    cudaStream_t st = (cudaStream_t)stream;
+    Stages tm(workspace && !use_v1() ? "ssd_fwd_cuda v2" : "ssd_fwd_cuda v1", st);
+    if (workspace && !use_v1()) {  // v2: chunk states, scan, chunk outputs
+        const int64_t blocks = a.B * a.H * a.nch * (a.P / out_pt(a.P));
+        if (blocks > 0x7fffffff)
+            return scan_fail(err, errlen, "%s: %lld blocks exceed the grid limit", who, (long long)blocks);
+        const Ws w = make_ws(s, false);
+        a.Sin = (float *)((char *)workspace + w.Sin), a.dl = (float *)((char *)workspace + w.dl);
+        const int64_t smem = out_layout(out_pt(a.P), a.N).total;
+        if (smem_ok(max64(smem, cst_layout(a.P, a.N).total), err, errlen, who)) return -1;
+        if (states_v2(a, h0, h_last, st, tm, err, errlen, who)) return -1;
+        if (y) {
+            if (set_smem(ssd_chunk_out_kernel, smem, err, errlen, who)) return -1;
+            ssd_chunk_out_kernel<<<(unsigned)blocks, SSD_THREADS, (size_t)smem, st>>>(a);
+            if (scan_launch_check(err, errlen, who)) return -1;
+            tm.mark("chunk_out");
+        }
+        return 0;
+    }
     const int64_t blocks = a.B * a.H * (a.P / a.PT);
     if (blocks > 0x7fffffff) return scan_fail(err, errlen, "%s: %lld blocks exceed the grid limit", who, (long long)blocks);
     const int64_t smem = fwd_layout(a.N).total;
     if (smem_ok(smem, err, errlen, who)) return -1;
-    cudaStream_t st = (cudaStream_t)stream;
     if (y) {
         if (set_smem(ssd_fwd_kernel<true>, smem, err, errlen, who)) return -1;
         ssd_fwd_kernel<true><<<(unsigned)blocks, SSD_THREADS, (size_t)smem, st>>>(a);
@@ -841,10 +1131,12 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
         if (set_smem(ssd_fwd_kernel<false>, smem, err, errlen, who)) return -1;
         ssd_fwd_kernel<false><<<(unsigned)blocks, SSD_THREADS, (size_t)smem, st>>>(a);
     }
-    return scan_launch_check(err, errlen, who);
+    if (scan_launch_check(err, errlen, who)) return -1;
+    tm.mark("fused");
+    return 0;
 }
 
-extern "C" size_t ssd_bwd_cuda_workspace(const SsdShape *s) { return bwd_ws(s).total; }
+extern "C" size_t ssd_bwd_cuda_workspace(const SsdShape *s) { return make_ws(s, true).total; }
 
 extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A,
                             const uint16_t *Bm, const uint16_t *Cm, const float *D, const float *dt_bias,
@@ -864,32 +1156,51 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     a.A = A, a.D = D, a.bias = dt_bias, a.reset = reset, a.h0 = h0, a.dhl = dh_last;
     a.dx = (bf16 *)dx, a.ddt = (bf16 *)ddt, a.dBm = (bf16 *)dBm, a.dCm = (bf16 *)dCm;
     a.dh0 = h0 ? dh0 : nullptr;
-    const BwdWs w = bwd_ws(s);
+    const Ws w = make_ws(s, true);
     char *ws = (char *)workspace;
-    a.Sin = (float *)(ws + w.Sin), a.dSo = (float *)(ws + w.dSo);
+    a.Sin = (float *)(ws + w.Sin), a.dSo = (float *)(ws + w.dSo), a.dl = (float *)(ws + w.dl);
     a.pA = (float *)(ws + w.pA), a.pD = (float *)(ws + w.pD), a.pb = (float *)(ws + w.pb);
     if (a.rep > 1) a.dBh = (float *)(ws + w.dBh), a.dCh = (float *)(ws + w.dCh);
+    const bool v1 = use_v1();
 
     const int64_t pass_blocks = a.B * a.H * (a.P / a.PT), chunk_blocks = a.B * a.H * a.nch;
     if (chunk_blocks > 0x7fffffff)
         return scan_fail(err, errlen, "%s: %lld blocks exceed the grid limit", who, (long long)chunk_blocks);
     const int64_t smem_fwd = fwd_layout(a.N).total, smem_dst = dst_layout(a.N).total;
-    const int64_t smem_chunk = chunk_layout(a.P, a.N).total;
-    if (smem_ok(max64(max64(smem_fwd, smem_dst), smem_chunk), err, errlen, who)) return -1;
-    if (set_smem(ssd_fwd_kernel<false>, smem_fwd, err, errlen, who) ||
-        set_smem(ssd_dstate_kernel, smem_dst, err, errlen, who) ||
-        set_smem(ssd_bwd_chunk_kernel, smem_chunk, err, errlen, who))
-        return -1;
+    const int64_t smem_chunk = chunk_layout(a.P, a.N).total, smem_cst = cst_layout(a.P, a.N).total;
+    if (smem_ok(max64(max64(v1 ? smem_fwd : smem_cst, smem_dst), smem_chunk), err, errlen, who)) return -1;
+    if (set_smem(ssd_bwd_chunk_kernel, smem_chunk, err, errlen, who)) return -1;
     cudaStream_t st = (cudaStream_t)stream;
-    // 1. states entering every chunk (forward recompute, no y)
-    ssd_fwd_kernel<false><<<(unsigned)pass_blocks, SSD_THREADS, (size_t)smem_fwd, st>>>(a);
-    if (scan_launch_check(err, errlen, "ssd_bwd_cuda: state pass")) return -1;
-    // 2. state gradients leaving every chunk, dh0
-    ssd_dstate_kernel<<<(unsigned)pass_blocks, SSD_THREADS, (size_t)smem_dst, st>>>(a);
-    if (scan_launch_check(err, errlen, "ssd_bwd_cuda: state-gradient pass")) return -1;
+    Stages tm(v1 ? "ssd_bwd_cuda v1" : "ssd_bwd_cuda v2", st);
+    if (v1) {
+        if (set_smem(ssd_fwd_kernel<false>, smem_fwd, err, errlen, who) ||
+            set_smem(ssd_dstate_kernel, smem_dst, err, errlen, who))
+            return -1;
+        // 1. states entering every chunk (forward recompute, no y)
+        ssd_fwd_kernel<false><<<(unsigned)pass_blocks, SSD_THREADS, (size_t)smem_fwd, st>>>(a);
+        if (scan_launch_check(err, errlen, "ssd_bwd_cuda: state pass")) return -1;
+        tm.mark("state_pass");
+        // 2. state gradients leaving every chunk, dh0
+        ssd_dstate_kernel<<<(unsigned)pass_blocks, SSD_THREADS, (size_t)smem_dst, st>>>(a);
+        if (scan_launch_check(err, errlen, "ssd_bwd_cuda: state-gradient pass")) return -1;
+        tm.mark("dstate_pass");
+    } else {
+        // 1. states entering every chunk: chunk contributions, then the scan
+        if (states_v2(a, h0, nullptr, st, tm, err, errlen, "ssd_bwd_cuda: states")) return -1;
+        // 2. state gradients leaving every chunk: chunk contributions, then the reverse scan (dh0 at its end)
+        if (set_smem(ssd_chunk_state_kernel<true>, smem_cst, err, errlen, who)) return -1;
+        ssd_chunk_state_kernel<true><<<(unsigned)chunk_blocks, SSD_THREADS, (size_t)smem_cst, st>>>(a);
+        if (scan_launch_check(err, errlen, "ssd_bwd_cuda: chunk state gradients")) return -1;
+        tm.mark("chunk_dstate");
+        ssd_scan_kernel<true><<<(unsigned)grid_of(a.B * a.H * a.P * a.N / 4, 256), 256, 0, st>>>(a, a.dSo, a.dhl,
+                                                                                                 a.dh0);
+        if (scan_launch_check(err, errlen, "ssd_bwd_cuda: state-gradient scan")) return -1;
+        tm.mark("rscan");
+    }
     // 3. per-chunk gradients
     ssd_bwd_chunk_kernel<<<(unsigned)chunk_blocks, SSD_THREADS, (size_t)smem_chunk, st>>>(a);
     if (scan_launch_check(err, errlen, "ssd_bwd_cuda: chunk gradients")) return -1;
+    tm.mark("chunk_grads");
     // 4. fixed-order reductions
     ssd_param_reduce_kernel<<<(unsigned)((a.H + 127) / 128), 128, 0, st>>>(a, dA, D ? dD : nullptr,
                                                                            dt_bias ? ddt_bias : nullptr);
@@ -901,5 +1212,6 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
         ssd_group_reduce_kernel<<<(unsigned)blocks, 256, 0, st>>>(a);
         if (scan_launch_check(err, errlen, "ssd_bwd_cuda: group reduction")) return -1;
     }
+    tm.mark("reduce");
     return 0;
 }

@@ -24,14 +24,21 @@ typedef struct CUstream_st *ssd_stream_t;  // = cudaStream_t
 
 #define SSD_CUDA_CHUNK 64
 
+// Workspace of the forward in bytes: the fp32 state entering every chunk, B*H*ceil(L/64)*P*N floats, and one float
+// per (b, h, chunk).
+size_t ssd_fwd_cuda_workspace(const SsdShape *s);
+
 // Forward. y [B,L,H,P] (bf16; may be NULL: only the state pass runs, e.g. to prefill a decode state),
-// h0 [B,H,P,N] optional, h_last [B,H,P,N] optional (may alias h0: each block reads its rows of h0 first).
+// h0 [B,H,P,N] optional, h_last [B,H,P,N] optional (may alias h0: each entry of h0 is read before it is written).
+// workspace: ssd_fwd_cuda_workspace(s) bytes, 256-byte aligned, for the chunk-parallel kernels (v2); NULL runs the
+// first kernels (v1: sequential over chunks, no workspace, several times slower), as does DISTILL_SSD=v1.
 int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A, const uint16_t *Bm,
                  const uint16_t *Cm, const float *D, const float *dt_bias, const uint8_t *reset, const float *h0,
-                 uint16_t *y, float *h_last, ssd_stream_t stream, char *err, size_t errlen);
+                 uint16_t *y, float *h_last, void *workspace, ssd_stream_t stream, char *err, size_t errlen);
 
 // Workspace of the backward in bytes (fp32 state entering and state gradient leaving every chunk,
-// 2 * B*H*ceil(L/64)*P*N floats, plus per-head dB/dC partials when heads share groups).
+// 2 * B*H*ceil(L/64)*P*N floats, per-chunk scalars, plus per-head dB/dC partials when heads share groups).
+// DISTILL_SSD=v1 selects the first kernels here too (same workspace).
 size_t ssd_bwd_cuda_workspace(const SsdShape *s);
 
 // Backward given dy [B,L,H,P] (bf16) and optionally dh_last [B,H,P,N]. Writes (does not accumulate) dx [B,L,H,P],
