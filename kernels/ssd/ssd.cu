@@ -56,7 +56,8 @@ struct SsdDev {
     float *dBh, *dCh;                // rep > 1: fp32 per-head partials [B,L,H,N]
     float *pA, *pD, *pb;             // [B,H,nch] partial sums
     float *dh0;
-    float *dl;  // v2: [B,H,nch] decay of the whole chunk (dlast)
+    float *dl;        // v2, v3: [B,H,nch] decay of the whole chunk (dlast)
+    float *wv, *dv;   // v3: [B,H,nch,Q] w and din of every chunk position
     int yvec;   // v2: y 4-byte aligned: bf16 pairs
 };
 
@@ -947,6 +948,173 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_chunk_out_kernel(SsdDev a) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------- v3: fused state pass
+// The v2 state pass writes every chunk's T_c and reads it back in the scan: two extra fp32 round trips of the states.
+// v3 walks the chunks in order per (b, h, TP x TN tile of the state) with the state tile held in WMMA accumulators
+// (registers): per chunk, store it (the state entering the chunk), scale it by dl_c (a uniform scale: the fragment
+// layout does not matter) and accumulate X^T (wt o M) onto it on tensor cores. The chunk scalars (w, din, dl) come from
+// a small kernel beforehand, so the sequential loop only loads x (or dy) and B (or C) tiles, one chunk ahead.
+
+// wv, dv [B,H,nch,Q] = w and din of every chunk position, dl [B,H,nch] = dlast. One block of Q threads per chunk.
+__global__ void __launch_bounds__(SSD_Q) ssd_scalars_kernel(SsdDev a) {
+    __shared__ __align__(16) float buf[SSD_SCAL * SSD_Q];
+    const Scal sc = scal_at(reinterpret_cast<unsigned char *>(buf));
+    const int64_t c = (int64_t)blockIdx.x % a.nch, bh = (int64_t)blockIdx.x / a.nch;
+    const int64_t b = bh / a.H, h = bh % a.H, t0 = c * SSD_Q;
+    const int q = (int)(a.L - t0 < SSD_Q ? a.L - t0 : SSD_Q);
+    if (threadIdx.x < 32) chunk_scalars(a, b, h, t0, q, sc);
+    __syncthreads();
+    chunk_weights(sc);  // thread m writes din[m], w[m]
+    const int64_t o = (bh * a.nch + c) * SSD_Q + threadIdx.x;
+    a.wv[o] = sc.w[threadIdx.x];
+    a.dv[o] = sc.din[threadIdx.x];
+    if (threadIdx.x == SSD_Q - 1) a.dl[bh * a.nch + c] = sc.din[SSD_Q - 1];
+}
+
+struct PassLayout {  // ssd_state_pass_kernel
+    int64_t X, Mh, Ml, scr, total;
+};
+__host__ __device__ inline PassLayout pass_layout(int64_t TP, int64_t TN) {
+    const int64_t Q = SSD_Q;
+    PassLayout l;
+    int64_t o = 0;
+    l.X = o, o = al128(o + Q * ld16(TP) * 2);
+    l.Mh = o, o = al128(o + Q * ld16(TN) * 2);
+    l.Ml = o, o = al128(o + Q * ld16(TN) * 2);
+    l.scr = o, o = al128(o + (SSD_THREADS / 32) * 256 * 4);
+    l.total = o;
+    return l;
+}
+
+// 16-byte slots of one chunk's [Q, W] bf16 tile per thread (W <= 64: at most 2)
+constexpr int PASS_SLOTS = SSD_Q * 64 / 8 / SSD_THREADS;
+
+// One block per (b, h, TP rows of P, TN columns of N) (TP, TN = out_pt: 64 at P = N = 128), 8 warps, each owning up to
+// two 16 x 16 tiles of the state. Forward (GRAD = false): X = x, M = B, wt = w, chunks in order from init = h0 (or
+// 0); st_all[c] = the state entering chunk c, fin = h_last. GRAD: X = dy, M = C, wt = din, chunks from the last one
+// back from init = dh_last (or 0); st_all[c] = the gradient w.r.t. the state leaving chunk c, fin = dh0.
+template <bool GRAD>
+__global__ void __launch_bounds__(SSD_THREADS) ssd_state_pass_kernel(SsdDev a, float *st_all, const float *init,
+                                                                      float *fin) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int TP = out_pt(a.P), TN = out_pt(a.N), Q = SSD_Q;
+    const int lX = (int)ld16(TP), lM = (int)ld16(TN);
+    const PassLayout lay = pass_layout(TP, TN);
+    bf16 *Xs = reinterpret_cast<bf16 *>(smem + lay.X);
+    bf16 *Mh = reinterpret_cast<bf16 *>(smem + lay.Mh), *Ml = reinterpret_cast<bf16 *>(smem + lay.Ml);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    float *scr = reinterpret_cast<float *>(smem + lay.scr) + warp * 256;
+
+    const int64_t npt = a.P / TP, nnt = a.N / TN;
+    const int64_t nt = (int64_t)blockIdx.x % nnt, rest = (int64_t)blockIdx.x / nnt;
+    const int64_t pt = rest % npt, bh = rest / npt;
+    const int64_t b = bh / a.H, h = bh % a.H, g = h / a.rep, p0 = pt * TP, n0 = nt * TN;
+    const int64_t L = a.L, H = a.H, G = a.G, P = a.P, N = a.N;
+    const bf16 *Xg = GRAD ? a.dy : a.x, *Mg = GRAD ? a.Cm : a.Bm;
+    const float *wg = GRAD ? a.dv : a.wv;
+
+    // this warp's tiles of the [TP, TN] state: t = warp, warp + 8
+    const int ntn = TN / 16, ntl = (TP / 16) * ntn;
+    Acc acc[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int t = warp + r * (SSD_THREADS / 32);
+        if (t >= ntl) continue;
+        const int i0 = (t / ntn) * 16, j0 = (t % ntn) * 16;
+        for (int e = lane; e < 256; e += 32) {
+            const int i = e >> 4, j = e & 15;
+            scr[e] = init ? init[(bh * P + p0 + i0 + i) * N + n0 + j0 + j] : 0.f;
+        }
+        __syncwarp();
+        wmma::load_matrix_sync(acc[r], scr, 16, wmma::mem_row_major);
+        __syncwarp();
+    }
+
+    // 16-byte slots: X slot s covers row idx / (TP/8), columns (idx % (TP/8))*8 .. +8 (idx = tid + s*256); M likewise
+    const int xw = TP / 8, mw = TN / 8;
+    uint4 xr[PASS_SLOTS], mr[PASS_SLOTS];
+    float wr[PASS_SLOTS];
+    auto fetch = [&](int64_t c) {  // chunk c's slots into registers (vec path)
+        const int64_t t0 = c * SSD_Q;
+        const int q = (int)(L - t0 < SSD_Q ? L - t0 : SSD_Q);
+#pragma unroll
+        for (int s = 0; s < PASS_SLOTS; s++) {
+            const int idx = tid + s * SSD_THREADS;
+            xr[s] = make_uint4(0u, 0u, 0u, 0u), mr[s] = make_uint4(0u, 0u, 0u, 0u), wr[s] = 0.f;
+            if (idx < Q * xw) {
+                const int m = idx / xw, col = (idx % xw) * 8;
+                if (m < q) xr[s] = *reinterpret_cast<const uint4 *>(Xg + ((b * L + t0 + m) * H + h) * P + p0 + col);
+            }
+            if (idx < Q * mw) {
+                const int m = idx / mw, col = (idx % mw) * 8;
+                if (m < q) mr[s] = *reinterpret_cast<const uint4 *>(Mg + ((b * L + t0 + m) * G + g) * N + n0 + col);
+                wr[s] = wg[(bh * a.nch + c) * SSD_Q + m];
+            }
+        }
+    };
+    if (a.vec) fetch(GRAD ? a.nch - 1 : 0);
+    for (int64_t j = 0; j < a.nch; j++) {
+        const int64_t c = GRAD ? a.nch - 1 - j : j, t0 = c * SSD_Q;
+        const int q = (int)(L - t0 < SSD_Q ? L - t0 : SSD_Q);
+        __syncthreads();  // the previous chunk's MMAs are done with Xs, Mh, Ml
+        if (a.vec) {
+#pragma unroll
+            for (int s = 0; s < PASS_SLOTS; s++) {
+                const int idx = tid + s * SSD_THREADS;
+                if (idx < Q * xw) {
+                    const int m = idx / xw, col = (idx % xw) * 8;
+                    *reinterpret_cast<uint4 *>(Xs + m * lX + col) = xr[s];
+                }
+                if (idx < Q * mw) {
+                    const int m = idx / mw, col = (idx % mw) * 8;
+                    const bf16 *mv = reinterpret_cast<const bf16 *>(&mr[s]);
+                    __align__(16) bf16 hi[8], lo[8];
+#pragma unroll
+                    for (int e = 0; e < 8; e++) split_bf(wr[s] * bf(mv[e]), &hi[e], &lo[e]);
+                    *reinterpret_cast<uint4 *>(Mh + m * lM + col) = *reinterpret_cast<const uint4 *>(hi);
+                    *reinterpret_cast<uint4 *>(Ml + m * lM + col) = *reinterpret_cast<const uint4 *>(lo);
+                }
+            }
+            if (j + 1 < a.nch) fetch(GRAD ? c - 1 : c + 1);  // in flight during this chunk's MMAs
+        } else {
+            load_rows(Xs, TP, lX, q, false, [&](int m) { return Xg + ((b * L + t0 + m) * H + h) * P + p0; });
+            for (int i = tid; i < Q * TN; i += SSD_THREADS) {
+                const int m = i / TN, n = i - m * TN;
+                const float v = m < q ? bf(Mg[((b * L + t0 + m) * G + g) * N + n0 + n]) : 0.f;
+                split_bf(wg[(bh * a.nch + c) * SSD_Q + m] * v, &Mh[m * lM + n], &Ml[m * lM + n]);
+            }
+        }
+        __syncthreads();
+        const float dl = a.dl[bh * a.nch + c];
+        float *st = st_all + ((bh * a.nch + c) * P + p0) * N + n0;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int t = warp + r * (SSD_THREADS / 32);
+            if (t >= ntl) continue;
+            const int i0 = (t / ntn) * 16, j0 = (t % ntn) * 16;
+            wmma::store_matrix_sync(st + (int64_t)i0 * N + j0, acc[r], (unsigned)N, wmma::mem_row_major);
+#pragma unroll
+            for (int e = 0; e < acc[r].num_elements; e++) acc[r].x[e] *= dl;
+            mma_k<wmma::col_major, wmma::row_major>(acc[r], Xs, lX, Mh, lM, i0, j0, 0, Q);
+            mma_k<wmma::col_major, wmma::row_major>(acc[r], Xs, lX, Ml, lM, i0, j0, 0, Q);
+        }
+    }
+    if (!fin) return;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int t = warp + r * (SSD_THREADS / 32);
+        if (t >= ntl) continue;
+        const int i0 = (t / ntn) * 16, j0 = (t % ntn) * 16;
+        wmma::store_matrix_sync(scr, acc[r], 16, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 256; e += 32) {
+            const int i = e >> 4, jj = e & 15;
+            fin[(bh * P + p0 + i0 + i) * N + n0 + j0 + jj] = scr[e];
+        }
+        __syncwarp();
+    }
+}
+
 // ---------------------------------------------------------------------------------------------- host side
 int check_shape(const SsdShape *s, char *err, size_t errlen, const char *who) {
     if (!s) return scan_fail(err, errlen, "%s: shape is NULL", who);
@@ -1003,7 +1171,7 @@ bool vec_ok(const void *x, const void *Bm, const void *Cm, const void *dy) {
 // Workspaces: byte offsets into one 256-byte aligned buffer. The forward (v2) needs the states [B,H,nch,P,N] and dl;
 // the backward also the state gradients and the partials.
 struct Ws {
-    size_t Sin, dSo, dl, pA, pD, pb, dBh, dCh, total;
+    size_t Sin, dSo, dl, wv, dv, pA, pD, pb, dBh, dCh, total;
 };
 Ws make_ws(const SsdShape *s, bool bwd) {
     const size_t nch = (size_t)((s->seqlen + SSD_Q - 1) / SSD_Q);
@@ -1016,6 +1184,8 @@ Ws make_ws(const SsdShape *s, bool bwd) {
     size_t o = 0;
     w.Sin = o, o = up(o + states);
     w.dl = o, o = up(o + parts);
+    w.wv = o, o = up(o + parts * SSD_Q);
+    w.dv = o, o = up(o + parts * SSD_Q);
     w.dSo = o, o = up(o + (bwd ? states : 0));
     w.pA = o, o = up(o + (bwd ? parts : 0));
     w.pD = o, o = up(o + (bwd ? parts : 0));
@@ -1026,11 +1196,15 @@ Ws make_ws(const SsdShape *s, bool bwd) {
     return w;
 }
 
-// DISTILL_SSD=v1 selects the first kernels (sequential state passes in shared memory) instead of v2.
-bool use_v1(void) {
+// DISTILL_SSD=v1 selects the first kernels (sequential state passes in shared memory, per 16 rows of P), v2 the
+// chunk-parallel state pass (chunk states, then an elementwise scan); the default is v3 (fused state pass).
+int ssd_version(void) {
     const char *v = getenv("DISTILL_SSD");
-    return v && !strcmp(v, "v1");
+    if (v && !strcmp(v, "v1")) return 1;
+    if (v && !strcmp(v, "v2")) return 2;
+    return 3;
 }
+bool use_v1(void) { return ssd_version() == 1; }
 
 // DISTILL_SSD_TIMING=1: every call synchronizes and prints the time of each of its stages to stderr (diagnostics).
 struct Stages {
@@ -1067,9 +1241,21 @@ struct Stages {
 
 int64_t grid_of(int64_t threads, int per) { return (threads + per - 1) / per; }
 
-// v2 stages 1 + 2 of the forward and backward: the state entering every chunk into a.Sin, h_last into fin
-int states_v2(const SsdDev &a, const float *init, float *fin, cudaStream_t st, Stages &tm, char *err, size_t errlen,
+// The state entering every chunk into a.Sin (h_last into fin): v3 (scalars, fused pass) or v2 (chunk states, scan).
+int chunk_states(const SsdDev &a, const float *init, float *fin, cudaStream_t st, Stages &tm, char *err, size_t errlen,
               const char *who) {
+    if (ssd_version() == 3) {
+        ssd_scalars_kernel<<<(unsigned)(a.B * a.H * a.nch), SSD_Q, 0, st>>>(a);
+        if (scan_launch_check(err, errlen, who)) return -1;
+        tm.mark("scalars");
+        const int64_t smem = pass_layout(out_pt(a.P), out_pt(a.N)).total;
+        const int64_t blocks = a.B * a.H * (a.P / out_pt(a.P)) * (a.N / out_pt(a.N));
+        if (set_smem(ssd_state_pass_kernel<false>, smem, err, errlen, who)) return -1;
+        ssd_state_pass_kernel<false><<<(unsigned)blocks, SSD_THREADS, (size_t)smem, st>>>(a, a.Sin, init, fin);
+        if (scan_launch_check(err, errlen, who)) return -1;
+        tm.mark("state_pass");
+        return 0;
+    }
     const int64_t smem = cst_layout(a.P, a.N).total;
     if (set_smem(ssd_chunk_state_kernel<false>, smem, err, errlen, who)) return -1;
     ssd_chunk_state_kernel<false><<<(unsigned)(a.B * a.H * a.nch), SSD_THREADS, (size_t)smem, st>>>(a);
@@ -1102,16 +1288,18 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     a.vec = vec_ok(x, Bm, Cm, nullptr);
     a.yvec = ((uintptr_t)y & 3) == 0;
     cudaStream_t st = (cudaStream_t)stream;
-    Stages tm(workspace && !use_v1() ? "ssd_fwd_cuda v2" : "ssd_fwd_cuda v1", st);
+    static const char *names[] = {"", "ssd_fwd_cuda v1", "ssd_fwd_cuda v2", "ssd_fwd_cuda v3"};
+    Stages tm(names[workspace ? ssd_version() : 1], st);
     if (workspace && !use_v1()) {  // v2: chunk states, scan, chunk outputs
         const int64_t blocks = a.B * a.H * a.nch * (a.P / out_pt(a.P));
         if (blocks > 0x7fffffff)
             return scan_fail(err, errlen, "%s: %lld blocks exceed the grid limit", who, (long long)blocks);
         const Ws w = make_ws(s, false);
         a.Sin = (float *)((char *)workspace + w.Sin), a.dl = (float *)((char *)workspace + w.dl);
+        a.wv = (float *)((char *)workspace + w.wv), a.dv = (float *)((char *)workspace + w.dv);
         const int64_t smem = out_layout(out_pt(a.P), a.N).total;
         if (smem_ok(max64(smem, cst_layout(a.P, a.N).total), err, errlen, who)) return -1;
-        if (states_v2(a, h0, h_last, st, tm, err, errlen, who)) return -1;
+        if (chunk_states(a, h0, h_last, st, tm, err, errlen, who)) return -1;
         if (y) {
             if (set_smem(ssd_chunk_out_kernel, smem, err, errlen, who)) return -1;
             ssd_chunk_out_kernel<<<(unsigned)blocks, SSD_THREADS, (size_t)smem, st>>>(a);
@@ -1159,9 +1347,11 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     const Ws w = make_ws(s, true);
     char *ws = (char *)workspace;
     a.Sin = (float *)(ws + w.Sin), a.dSo = (float *)(ws + w.dSo), a.dl = (float *)(ws + w.dl);
+    a.wv = (float *)(ws + w.wv), a.dv = (float *)(ws + w.dv);
     a.pA = (float *)(ws + w.pA), a.pD = (float *)(ws + w.pD), a.pb = (float *)(ws + w.pb);
     if (a.rep > 1) a.dBh = (float *)(ws + w.dBh), a.dCh = (float *)(ws + w.dCh);
-    const bool v1 = use_v1();
+    const int ver = ssd_version();
+    const bool v1 = ver == 1;
 
     const int64_t pass_blocks = a.B * a.H * (a.P / a.PT), chunk_blocks = a.B * a.H * a.nch;
     if (chunk_blocks > 0x7fffffff)
@@ -1171,7 +1361,8 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     if (smem_ok(max64(max64(v1 ? smem_fwd : smem_cst, smem_dst), smem_chunk), err, errlen, who)) return -1;
     if (set_smem(ssd_bwd_chunk_kernel, smem_chunk, err, errlen, who)) return -1;
     cudaStream_t st = (cudaStream_t)stream;
-    Stages tm(v1 ? "ssd_bwd_cuda v1" : "ssd_bwd_cuda v2", st);
+    static const char *names[] = {"", "ssd_bwd_cuda v1", "ssd_bwd_cuda v2", "ssd_bwd_cuda v3"};
+    Stages tm(names[ver], st);
     if (v1) {
         if (set_smem(ssd_fwd_kernel<false>, smem_fwd, err, errlen, who) ||
             set_smem(ssd_dstate_kernel, smem_dst, err, errlen, who))
@@ -1186,16 +1377,26 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
         tm.mark("dstate_pass");
     } else {
         // 1. states entering every chunk: chunk contributions, then the scan
-        if (states_v2(a, h0, nullptr, st, tm, err, errlen, "ssd_bwd_cuda: states")) return -1;
-        // 2. state gradients leaving every chunk: chunk contributions, then the reverse scan (dh0 at its end)
-        if (set_smem(ssd_chunk_state_kernel<true>, smem_cst, err, errlen, who)) return -1;
-        ssd_chunk_state_kernel<true><<<(unsigned)chunk_blocks, SSD_THREADS, (size_t)smem_cst, st>>>(a);
-        if (scan_launch_check(err, errlen, "ssd_bwd_cuda: chunk state gradients")) return -1;
-        tm.mark("chunk_dstate");
-        ssd_scan_kernel<true><<<(unsigned)grid_of(a.B * a.H * a.P * a.N / 4, 256), 256, 0, st>>>(a, a.dSo, a.dhl,
-                                                                                                 a.dh0);
-        if (scan_launch_check(err, errlen, "ssd_bwd_cuda: state-gradient scan")) return -1;
-        tm.mark("rscan");
+        if (chunk_states(a, h0, nullptr, st, tm, err, errlen, "ssd_bwd_cuda: states")) return -1;
+        // 2. state gradients leaving every chunk (dh0 at the end): the fused reverse pass (v3), or the chunk
+        //    contributions and the reverse scan (v2)
+        if (ver == 3) {
+            const int64_t smem = pass_layout(out_pt(a.P), out_pt(a.N)).total;
+            const int64_t blocks = a.B * a.H * (a.P / out_pt(a.P)) * (a.N / out_pt(a.N));
+            if (set_smem(ssd_state_pass_kernel<true>, smem, err, errlen, who)) return -1;
+            ssd_state_pass_kernel<true><<<(unsigned)blocks, SSD_THREADS, (size_t)smem, st>>>(a, a.dSo, a.dhl, a.dh0);
+            if (scan_launch_check(err, errlen, "ssd_bwd_cuda: state-gradient pass")) return -1;
+            tm.mark("dstate_pass");
+        } else {
+            if (set_smem(ssd_chunk_state_kernel<true>, smem_cst, err, errlen, who)) return -1;
+            ssd_chunk_state_kernel<true><<<(unsigned)chunk_blocks, SSD_THREADS, (size_t)smem_cst, st>>>(a);
+            if (scan_launch_check(err, errlen, "ssd_bwd_cuda: chunk state gradients")) return -1;
+            tm.mark("chunk_dstate");
+            const int64_t sb = grid_of(a.B * a.H * a.P * a.N / 4, 256);
+            ssd_scan_kernel<true><<<(unsigned)sb, 256, 0, st>>>(a, a.dSo, a.dhl, a.dh0);
+            if (scan_launch_check(err, errlen, "ssd_bwd_cuda: state-gradient scan")) return -1;
+            tm.mark("rscan");
+        }
     }
     // 3. per-chunk gradients
     ssd_bwd_chunk_kernel<<<(unsigned)chunk_blocks, SSD_THREADS, (size_t)smem_chunk, st>>>(a);
