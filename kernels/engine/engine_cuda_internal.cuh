@@ -7,6 +7,7 @@
 #include <stdlib.h>
 
 #include "kernels/engine/engine_cuda.h"
+#include "kernels/train/attention_cudnn.h"
 #include "kernels/train/train_check.cuh"
 #include "kernels/train/train_cuda.h"
 
@@ -63,6 +64,14 @@ typedef struct {
 
 // ---------------------------------------------------------------- engine
 
+// DISTILL_ENGINE_PROFILE=1: GPU time per region of the step (engine_cuda.cu prof), printed by engine_cuda_free
+typedef struct {
+    const char *name;  // a string literal
+    double ms;
+    long n;
+} ProfRow;
+#define ECU_PROF_ROWS 48
+
 typedef struct {
     void *xn1, *q, *k, *v, *att, *mid, *xn2, *gu, *act;  // dt
     float *rstd1, *rstd2, *lse;
@@ -97,6 +106,14 @@ struct EngineCuda {
     float *gpad;       // fp32 gradients of the padded dt weights (one layer at a time)
     int64_t gpad_n;
     float *inv_freq;   // [hd/2]
+    // attention kernels (engine_cuda.cu attn_select): cuDNN's fused SDPA (DISTILL_ATTN=cudnn, bf16, deterministic
+    // backward) or NULL: the hand-written kernels. A shape cuDNN refuses falls back per call (same out and lse).
+    SdpaCudnn *sdpa;
+    bool sdpa_warned;  // a refusal was reported (one line per engine)
+    bool prof;           // DISTILL_ENGINE_PROFILE=1
+    cudaEvent_t pev[2];  // the last region boundary, the next
+    ProfRow prow[ECU_PROF_ROWS];
+    int nprow;
     double weight_bytes;
     // activation table, one allocation
     ActTable tab;
@@ -128,6 +145,7 @@ struct EngineCuda {
     int32_t *tok_h;
     uint8_t *reset_h;
     bool have_reset;
+    bool multi_doc;  // some row packs several documents (cuDNN then needs the document bias)
     int l0, l1, last_state;
     bool have_dxf;
     void **dhid;  // lazily allocated [n_layer+1] gradients of hidden states

@@ -38,13 +38,31 @@ __global__ void add_mul_k(float *g, const float *a, const float *b, int64_t n) {
 __global__ void add_f32_k(float *y, const float *x, int64_t n) { GRID_STRIDE(i, n) y[i] += x[i]; }
 template <typename T>
 __global__ void axpy_k(T *y, const T *x, float s, int64_t n) { GRID_STRIDE(i, n) st(y, i, ld(y, i) + s * ld(x, i)); }
+// block (32 columns x 8 row lanes) per (column tile, row group): lane y sums rows r0 + y, r0 + y + 8, ... of its
+// group in order, then the 8 lanes are added in a fixed tree; the group's sum goes to ws [group, c]
 template <typename T>
-__global__ void colsum_k(float *g, const T *d, const float *extra, int64_t rows, int64_t cols) {
-    int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-    if (c >= cols) return;
+__global__ void colsum_part_k(float *ws, const T *d, int64_t rows, int64_t cols) {
+    __shared__ float red[8][33];
+    const int64_t c = blockIdx.x * 32 + threadIdx.x;
+    const int64_t per = (rows + gridDim.y - 1) / gridDim.y;
+    const int64_t r0 = blockIdx.y * per, r1 = r0 + per < rows ? r0 + per : rows;
     float s = 0.0f;
-    for (int64_t t = 0; t < rows; t++) s += ld(d, t * cols + c);
-    g[c] += s + extra[c];
+    if (c < cols)
+        for (int64_t t = r0 + threadIdx.y; t < r1; t += 8) s += ld(d, t * cols + c);
+    red[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    for (int k = 4; k > 0; k >>= 1) {
+        if ((int)threadIdx.y < k) red[threadIdx.y][threadIdx.x] += red[threadIdx.y + k][threadIdx.x];
+        __syncthreads();
+    }
+    if (threadIdx.y == 0 && c < cols) ws[blockIdx.y * cols + c] = red[0][threadIdx.x];
+}
+__global__ void colsum_fold_k(float *g, const float *ws, const float *extra, int groups, int64_t cols) {
+    GRID_STRIDE(c, cols) {
+        float s = 0.0f;
+        for (int j = 0; j < groups; j++) s += ws[j * cols + c];
+        g[c] += s + extra[c];
+    }
 }
 __global__ void add_cols_k(float *dst, int64_t dc, const float *src, int64_t sc, int64_t rows) {
     GRID_STRIDE(i, rows * dc) dst[i] += src[(i / dc) * sc + i % dc];
@@ -80,11 +98,13 @@ void eng_axpy(DType dt, void *y, const void *x, float sc, int64_t n, cudaStream_
     else axpy_k<<<grid_for(n), 256, 0, s>>>((float *)y, (const float *)x, sc, n);
     kernelCheck("axpy_k (hidden-state gradient)");
 }
-void eng_colsum_add(DType dt, float *g, const void *d, const float *extra, int64_t rows, int64_t cols, cudaStream_t s) {
-    unsigned grid = (unsigned)((cols + 127) / 128);
-    if (dt == DT_BF16) colsum_k<<<grid, 128, 0, s>>>(g, CBF(d), extra, rows, cols);
-    else colsum_k<<<grid, 128, 0, s>>>(g, (const float *)d, extra, rows, cols);
-    kernelCheck("colsum_k (dt_proj.bias gradient)");
+void eng_colsum_add(DType dt, float *g, const void *d, const float *extra, int64_t rows, int64_t cols, float *ws, cudaStream_t s) {
+    const dim3 grid((unsigned)((cols + 31) / 32), ENG_COLSUM_GROUPS), block(32, 8);
+    if (dt == DT_BF16) colsum_part_k<<<grid, block, 0, s>>>(ws, CBF(d), rows, cols);
+    else colsum_part_k<<<grid, block, 0, s>>>(ws, (const float *)d, rows, cols);
+    kernelCheck("colsum_part_k (dt_proj.bias gradient, row-group sums)");
+    colsum_fold_k<<<grid_for(cols), 256, 0, s>>>(g, ws, extra, ENG_COLSUM_GROUPS, cols);
+    kernelCheck("colsum_fold_k (dt_proj.bias gradient)");
 }
 void eng_add_cols(float *dst, int64_t dc, const float *src, int64_t sc, int64_t rows, cudaStream_t s) {
     add_cols_k<<<grid_for(rows * dc), 256, 0, s>>>(dst, dc, src, sc, rows);

@@ -12,6 +12,9 @@
 // that comparison from engine_cuda_plan (what the engines would allocate) and exits without touching a GPU.
 // The plan assumes the engine's default loss chunk (--chunk 0, as the pipeline runs); the default here is 1024
 // rows, which adds (1024 - default) x vocab x 2 bytes for each of the two logits chunks.
+// Environment: DISTILL_ATTN=cudnn|native picks the attention kernels (engine_cuda.cu attn_select; the RESULT line
+// names it); DISTILL_ENGINE_PROFILE=1 prints each engine's GPU time per region of the step when it is freed (the
+// regions synchronize, so the step times printed then are not the benchmark's).
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
@@ -307,9 +310,10 @@ int main(int argc, char **argv) {
     const double ft = fwd_flops_per_token(&ht, T) * N, fs = fwd_flops_per_token(&hs, T) * N;
     const double flops = ft + 3 * fs;
     const double rate = gemm_rate();
-    printf("RESULT model=%s layers=%d B=%lld T=%lld step_ms=%.1f (forwards %.1f) tokens_per_s=%.0f TFLOP_per_step=%.1f "
+    const char *attn_env = getenv("DISTILL_ATTN");
+    printf("RESULT attn=%s model=%s layers=%d B=%lld T=%lld step_ms=%.1f (forwards %.1f) tokens_per_s=%.0f TFLOP_per_step=%.1f "
            "TFLOPs=%.0f MFU_989=%.1f%% gemm_rate=%.0f TFLOP/s frac_of_gemm=%.1f%%\n",
-           model, c.n_layer, (long long)B, (long long)T, 1e3 * step_s, 1e3 * tfwd_t / steps, N / step_s, flops / 1e12,
+           attn_env && *attn_env ? attn_env : "default", model, c.n_layer, (long long)B, (long long)T, 1e3 * step_s, 1e3 * tfwd_t / steps, N / step_s, flops / 1e12,
            flops / step_s / 1e12, 100 * flops / step_s / 989e12, rate / 1e12, 100 * flops / step_s / rate);
     engine_cuda_dfree(grads);
     engine_cuda_optim_free(opt);

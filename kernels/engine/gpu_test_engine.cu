@@ -10,7 +10,12 @@
 //      mixed trainable set: offsets, sizes = engine_cuda_plan, gradient copies, one step's gradients vs the CPU
 //      engine, get_params writing only the master's tensors. (1.-2. also check that a frozen ECU_NO_MASTER
 //      engine gives bit-identical logits.)
-// Exit status != 0 on any failure. Usage: gpu_test_engine [--verbose]
+//   6. Attention through cuDNN's fused SDPA (DISTILL_ATTN=cudnn, set by the test; cases 1-5 run with the caller's
+//      DISTILL_ATTN, native by default): case 1 with packed documents and with one document per row, each against
+//      the CPU engine and against the hand-written kernels (close, and not bit-identical: cuDNN really ran), and
+//      the 20 steps of case 3 twice (bit-identical: the deterministic backward). Fails where cuDNN cannot be
+//      loaded. A bad DISTILL_ATTN value is refused.
+// Exit status != 0 on any failure. Usage: gpu_test_engine [--verbose] [--no-cudnn]
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -19,6 +24,7 @@
 
 #include "kernels/engine/engine_cuda.h"
 #include "kernels/engine/gpu_test_common.cuh"
+#include "kernels/train/attention_cudnn.h"
 
 extern "C" {
 #include "distill/rng.h"
@@ -77,7 +83,8 @@ static void model_make_v(Model *m, bool hybrid, bool tied, int vocab, uint64_t s
 
 static void model_make(Model *m, bool hybrid, bool tied, uint64_t seed) { model_make_v(m, hybrid, tied, 520, seed); }
 
-static void batch_make(int64_t B, int64_t T, int V, uint64_t seed, int32_t *tok, int32_t *tgt, uint8_t *reset) {
+// packed: several documents in both rows (resets inside the rows); else one document per row
+static void batch_make_p(int64_t B, int64_t T, int V, uint64_t seed, bool packed, int32_t *tok, int32_t *tgt, uint8_t *reset) {
     Rng g;
     rng_init(&g, seed, 3);
     for (int64_t i = 0; i < B * T; i++) tok[i] = (int32_t)rng_below(&g, (uint64_t)V);
@@ -85,14 +92,23 @@ static void batch_make(int64_t B, int64_t T, int V, uint64_t seed, int32_t *tok,
         for (int64_t t = 0; t < T; t++) {
             int64_t i = b * T + t;
             tgt[i] = t + 1 < T ? tok[i + 1] : -1;
-            reset[i] = t == 0 || (b == 1 && t == T / 3) || (b == 0 && t == 100);  // packed documents
+            reset[i] = t == 0 || (packed && ((b == 1 && t == T / 3) || (b == 0 && t == 100)));
         }
 }
+static void batch_make(int64_t B, int64_t T, int V, uint64_t seed, int32_t *tok, int32_t *tgt, uint8_t *reset) {
+    batch_make_p(B, T, V, seed, true, tok, tgt, reset);
+}
+
+// What parity_v computed on the GPU (host copies; registry-layout gradients), for comparing two attention paths.
+typedef struct {
+    float *logits, *grads;  // [N, V], [numel]
+    int64_t n_logits, n_grads;
+} ParityOut;
 
 // One forward + loss + backward on both engines, compare logits, loss and every gradient.
 // seqw: per-row weights of every loss term ([B]: DPO's -dL/dlogp), or NULL
 static void parity_v(const char *label, bool hybrid, bool tied, int vocab, float wce, float wkl, const float *seqw, DType dt,
-                     double tol_logits, double tol_grad, double tol_loss) {
+                     double tol_logits, double tol_grad, double tol_loss, bool packed = true, ParityOut *out = NULL) {
     printf("-- parity: %s\n", label);
     Model m;
     model_make_v(&m, hybrid, tied, vocab, 42);
@@ -103,7 +119,7 @@ static void parity_v(const char *label, bool hybrid, bool tied, int vocab, float
     const int64_t B = 2, T = 160, N = B * T, V = m.c.vocab;
     int32_t *tok = (int32_t *)malloc(N * 4), *tgt = (int32_t *)malloc(N * 4);
     uint8_t *reset = (uint8_t *)malloc(N);
-    batch_make(B, T, V, 5, tok, tgt, reset);
+    batch_make_p(B, T, V, 5, packed, tok, tgt, reset);
     DlError e;
     // CPU reference
     Engine *ct = engine_new(&m.ht, &m.rt, m.pt, B, T, 0, &e);
@@ -191,6 +207,10 @@ static void parity_v(const char *label, bool hybrid, bool tied, int vocab, float
         er <= tol_grad ? g_pass++ : g_fail++;
     }
     printf("  %s: %d gradients, worst rel err %.3g (%s), logits %.3g, loss rel %.2g\n", label, nt, worst, wname, el, dlc);
+    if (out) {  // handed over to the caller
+        out->logits = logg, out->grads = gg, out->n_logits = N * V, out->n_grads = m.r.numel;
+        logg = gg = NULL;
+    }
     engine_cuda_dfree(gd);
     engine_cuda_dfree(dl);
     engine_cuda_free(gs);
@@ -241,7 +261,8 @@ static void gpu_train(Model *m, const OptimConfig *oc, int steps, int64_t B, int
 }
 
 static void train_test(void) {
-    printf("-- 20 stage-1 steps (Mamba mixers trained), CUDA bf16 vs CPU fp32\n");
+    const char *attn = getenv("DISTILL_ATTN");
+    printf("-- 20 stage-1 steps (Mamba mixers trained), CUDA bf16 vs CPU fp32 (DISTILL_ATTN=%s)\n", attn && *attn ? attn : "default");
     Model m;
     model_make(&m, true, false, 77);
     round_bf16(m.p, m.r.numel);
@@ -464,13 +485,64 @@ static void oom_test(void) {
     reg_free(&m.r), reg_free(&m.rt), free(m.p), free(m.pt);
 }
 
+// 6. cuDNN's fused attention in the engine (DISTILL_ATTN=cudnn) against the CPU engine and the hand-written kernels.
+static void cudnn_test(void) {
+    printf("-- attention through cuDNN (DISTILL_ATTN=cudnn) vs the hand-written kernels and the CPU engine\n");
+    char why[512];
+    SdpaCudnn *probe = sdpa_cudnn_new(1, why, sizeof why);
+    check(probe != NULL, "cuDNN fused attention loads (%s)", probe ? "ok" : why);
+    if (!probe) return;
+    printf("  cuDNN %ld\n", sdpa_cudnn_version(probe));
+    sdpa_cudnn_free(probe);
+    {  // a bad value is an error, not a silent default
+        Model m;
+        model_make(&m, true, false, 3);
+        DlError e;
+        setenv("DISTILL_ATTN", "flash", 1);
+        EngineCuda *g = engine_cuda_new(&m.h, &m.r, m.p, 2, 64, ECU_TRAIN, DT_BF16, 0, NULL, &e);
+        check(g == NULL, "DISTILL_ATTN=flash refused: %s", g ? "(accepted)" : e.msg);
+        engine_cuda_free(g);
+        reg_free(&m.r), reg_free(&m.rt), free(m.p), free(m.pt);
+    }
+    for (int packed = 1; packed >= 0; packed--) {
+        ParityOut nat, cud;
+        char l1[96], l2[96];
+        snprintf(l1, sizeof l1, "bf16 hybrid, %s, native attention", packed ? "packed documents" : "one document per row");
+        snprintf(l2, sizeof l2, "bf16 hybrid, %s, cuDNN attention", packed ? "packed documents" : "one document per row");
+        setenv("DISTILL_ATTN", "native", 1);
+        parity_v(l1, true, false, 520, 1.0f, 0.1f, NULL, DT_BF16, 2e-2, 3e-2, 5e-3, packed, &nat);
+        setenv("DISTILL_ATTN", "cudnn", 1);
+        parity_v(l2, true, false, 520, 1.0f, 0.1f, NULL, DT_BF16, 2e-2, 3e-2, 5e-3, packed, &cud);
+        const double el = relerr(cud.logits, nat.logits, nat.n_logits);
+        check(el <= 1e-2, "%s: cuDNN vs hand-written logits rel err %.3g (tol 1e-2)", l2, el);
+        check(memcmp(cud.logits, nat.logits, (size_t)nat.n_logits * 4) != 0,
+              "%s: logits differ in bits from the hand-written kernels' (cuDNN ran, no silent fallback)", l2);
+        const double eg = relerr(cud.grads, nat.grads, nat.n_grads);
+        check(eg <= 2e-2, "%s: cuDNN vs hand-written gradients (all tensors) rel err %.3g (tol 2e-2)", l2, eg);
+        free(nat.logits), free(nat.grads), free(cud.logits), free(cud.grads);
+    }
+    // 20 steps twice with cuDNN attention: close to the CPU, bit-identical to each other
+    setenv("DISTILL_ATTN", "cudnn", 1);
+    train_test();
+    unsetenv("DISTILL_ATTN");
+}
+
 static void parity(const char *label, bool hybrid, DType dt, double tol_logits, double tol_grad, double tol_loss) {
     parity_v(label, hybrid, !hybrid, 520, 1.0f, 0.1f, NULL, dt, tol_logits, tol_grad, tol_loss);
 }
 
 int main(int argc, char **argv) {
-    for (int i = 1; i < argc; i++)
+    bool cudnn = true;
+    for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--verbose")) g_verbose = 1;
+        else if (!strcmp(argv[i], "--no-cudnn")) cudnn = false;
+        else {
+            fprintf(stderr, "usage: gpu_test_engine [--verbose] [--no-cudnn]\n");
+            return 2;
+        }
+    }
+    const char *attn = getenv("DISTILL_ATTN");
+    printf("gpu_test_engine: cases 1-5 with DISTILL_ATTN=%s\n", attn && *attn ? attn : "(unset: the engine's default)");
     parity("bf16 hybrid", true, DT_BF16, 2e-2, 3e-2, 5e-3);
     parity("fp32 attention", false, DT_F32, 1e-4, 1e-4, 1e-5);
     // SmolLM2's case: a hybrid with tied embeddings and a large vocabulary, every tensor trained, bf16 (the
@@ -484,6 +556,7 @@ int main(int argc, char **argv) {
     train_test();
     layout_test();
     oom_test();
+    if (cudnn) cudnn_test();
     printf("%d passed, %d failed\n", g_pass, g_fail);
     return g_fail ? 1 : 0;
 }
