@@ -918,7 +918,11 @@ int engine_cuda_forward_range(EngineCuda *E, const int32_t *tokens, const uint8_
     E->l1 = l1;
     void *x = state_ptr(E, l0);
     prof_start(E);
-    if (x0) cudaCheck(cudaMemcpyAsync(x, x0, (size_t)(N * d) * E->es, cudaMemcpyDeviceToDevice, E->st));
+    if (x0) {
+        // x0 is usually another engine's hidden state (teacher forcing), written on that engine's stream: wait for it
+        cudaCheck(cudaDeviceSynchronize());
+        cudaCheck(cudaMemcpyAsync(x, x0, (size_t)(N * d) * E->es, cudaMemcpyDeviceToDevice, E->st));
+    }
     else TC(embedding_fwd_cuda(E->dt, x, E->tok, P(E, E->emb), N, c->vocab, d, E->st, EA));
     for (int l = l0; l < l1; l++) layer_fwd(E, l, state_ptr(E, l), state_ptr(E, l + 1));
     E->last_state = l1;
@@ -1077,6 +1081,7 @@ double engine_cuda_mse_hidden(EngineCuda *E, int i, const void *target, const ui
         cudaCheck(cudaMalloc(&E->mse_acc, sizeof(double)));
     }
     if (mask) cudaCheck(cudaMemcpyAsync(E->mse_mask, mask, (size_t)N, cudaMemcpyHostToDevice, E->st));
+    cudaCheck(cudaDeviceSynchronize());  // target is another engine's hidden state, written on that engine's stream
     void *da = grad ? dhid_slot(E, i) : NULL;
     eng_mse_rows(E->dt, N, d, h, target, mask ? E->mse_mask : NULL, scale, da, E->mse_rows, E->st);
     eng_sum_rows(E->mse_rows, N, E->mse_acc, E->st);
