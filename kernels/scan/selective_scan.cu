@@ -293,8 +293,14 @@ struct BwdArgs {
     const uint8_t *reset;
     bf16 *du, *ddt, *dB, *dC, *dz;
     float *dh0;
-    float *dA_part, *dD_part, *ddb_part;  // [B, D, N], [B, D], [B, D]
+    float *dA_part, *dD_part, *ddb_part;  // [nseg * B, D, N], [nseg * B, D] x2 (row = seg * B + b)
     float *dB_part;                       // [B, L, Gc, N] when B groups do not fit a block, else NULL
+    // time segments (v10): segment s covers steps [s * seglen, min((s + 1) * seglen, L)), seglen a multiple of
+    // SCAN_CKPT; seg_* from scan_bwd_seg_prepass (segments 1..nseg-1)
+    int nseg;
+    int64_t seglen;
+    float *seg_dh, *seg_sd;  // [B, nseg, D, N] local dh at the segment's start (from zero), [B, nseg, D] sum of delta
+    int *seg_rs;             // [B, nseg, D] 1 if the segment holds a reset
 };
 
 constexpr int BWD_GROUPS = SCAN_CKPT / 4;
@@ -321,7 +327,9 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
     const int warp = threadIdx.x >> 5;
 
     const int64_t L = p.L, D = p.D, ncb = (D + CPB - 1) / CPB;
-    const int64_t cb = blockIdx.x % ncb, b = blockIdx.x / ncb;
+    // blockIdx.x = (seg * B + b) * ncb + cb
+    const int64_t cb = blockIdx.x % ncb, b = (blockIdx.x / ncb) % p.B;
+    const int seg = (int)(blockIdx.x / ncb / p.B);
     const int tid = threadIdx.x, lane = tid & 31, q = tid & 3, base = lane & ~3, cl = tid >> 2;
     const int64_t c0 = cb * CPB, d_raw = c0 + cl;
     const int nchv = (int)(D - c0 < CPB ? D - c0 : CPB);
@@ -342,11 +350,23 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
         dh[r] = p.dh_last ? p.dh_last[(b * D + d) * N + q * R + r] : 0.f;
         dA_acc[r] = 0.f;
     }
+    // incoming adjoint of a segment: dh_last carried back through the later segments, last first:
+    // dh <- (reset in s ? 0 : 2^(A log2e sum delta)) * dh + local dh of s (fixed order: deterministic)
+    for (int s2 = p.nseg - 1; s2 > seg; s2--) {
+        const int64_t i = (b * p.nseg + s2) * D + d;
+        const bool rs = p.seg_rs[i] != 0;
+        const float sd = p.seg_sd[i];
+#pragma unroll
+        for (int r = 0; r < R; r++) dh[r] = (rs ? 0.f : ex2f(A2[r] * sd)) * dh[r] + p.seg_dh[i * N + q * R + r];
+    }
     const float Dd = p.Dskip[d], bias = p.delta_bias ? p.delta_bias[d] : 0.f;
+    const float vmask = dvalid ? 1.f : 0.f;  // channels past D (last block) compute on channel D-1, add nothing
     float dD_acc = 0.f, ddb_acc = 0.f;
+    const int64_t tseg0 = (int64_t)seg * p.seglen, tseg1 = tseg0 + p.seglen < L ? tseg0 + p.seglen : L;
+    const int64_t kfirst = tseg0 / T, klast = (tseg1 - 1) / T;  // the segment's chunks (segments are T-aligned)
 
     auto issue = [&](int64_t k) {
-        if (k >= 0) {
+        if (k >= kfirst) {
             const int64_t ts = k * T;
             const int ns = (int)(L - ts < T ? L - ts : T);
             load_tile<T, CPB, 4, THREADS, AL16>(smem + (k & 1) * geo.bytes, geo, src, b, c0, nchv, gblo * N, nBv,
@@ -354,8 +374,8 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
         }
         cp_async_commit();
     };
-    issue(p.nck - 1);
-    for (int64_t k = p.nck - 1; k >= 0; k--) {
+    issue(klast);
+    for (int64_t k = klast; k >= kfirst; k--) {
         cp_async_wait<0>();
         __syncthreads();
         issue(k - 1);
@@ -450,6 +470,7 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
 #pragma unroll
             for (int j = 3; j >= 0; j--) {
                 float cC[R], cB[R], sA = 0.f, sBg = 0.f;
+                const float gyv = gyj[j] * vmask, duv = duj[j] * vmask;
 #pragma unroll
                 for (int r = 0; r < R; r++) {
                     const float gr = fmaf(gyj[j], Cv[j][r], dh[r]);  // dL/dh_t
@@ -459,8 +480,8 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
                     dA_acc[r] = fmaf(gah, dj[j], dA_acc[r]);
                     sBg = fmaf(gr, Bv[j][r], sBg);                   // sum_r dL/dh_t * B: feeds du and d delta
                     dh[r] = ga;
-                    cC[r] = dvalid ? gyj[j] * hj[j][r] : 0.f;
-                    cB[r] = dvalid ? gr * duj[j] : 0.f;
+                    cC[r] = gyv * hj[j][r];
+                    cB[r] = gr * duv;
                 }
                 ddp[j] = fmaf(uj[j], sBg, sA);
                 dup[j] = dj[j] * sBg;
@@ -555,12 +576,61 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
     ddb_acc += __shfl_xor_sync(FULL_MASK, ddb_acc, 1);
     ddb_acc += __shfl_xor_sync(FULL_MASK, ddb_acc, 2);
     if (!dvalid) return;
+    const int64_t prow = (int64_t)seg * p.B + b;
 #pragma unroll
     for (int r = 0; r < R; r++) {
-        p.dA_part[(b * D + d) * N + q * R + r] = dA_acc[r];
-        if (p.h0 && p.dh0) p.dh0[(b * D + d) * N + q * R + r] = dh[r];
+        p.dA_part[(prow * D + d) * N + q * R + r] = dA_acc[r];
+        if (seg == 0 && p.h0 && p.dh0) p.dh0[(b * D + d) * N + q * R + r] = dh[r];
     }
-    if (q == 0) p.dD_part[b * D + d] = dD_acc, p.ddb_part[b * D + d] = ddb_acc;
+    if (q == 0) p.dD_part[prow * D + d] = dD_acc, p.ddb_part[prow * D + d] = ddb_acc;
+}
+
+// Backward time-segment pre-pass (v10): for segments 1..nseg-1, the adjoint at the segment's start when it
+// starts from zero at the segment's end: dh_{t-1} = a_t (dh_t + gy_t C_t), which does not involve the states,
+// so it costs one exp and two FMAs per state and step; plus sum delta and "holds a reset" (the product of the
+// segment's decays is 0 after a reset, else 2^(A log2e sum delta)). One thread per (segment, row, channel).
+template <int N, bool AL16>
+__global__ void __launch_bounds__(128) scan_bwd_seg_prepass(const BwdArgs p) {
+    const int64_t D = p.D, L = p.L, ncb = (D + 127) / 128;
+    const int64_t cb = blockIdx.x % ncb, b = (blockIdx.x / ncb) % p.B;
+    const int seg = 1 + (int)(blockIdx.x / ncb / p.B);
+    const int64_t d = cb * 128 + threadIdx.x;
+    if (d >= D) return;
+    const int64_t gc = d / p.Dg, Gc = p.Gc;
+    const int64_t tb = (int64_t)seg * p.seglen, te = tb + p.seglen < L ? tb + p.seglen : L;
+    float A2[N], dh[N];
+#pragma unroll
+    for (int n = 0; n < N; n++) A2[n] = p.A[d * N + n] * SCAN_LOG2E, dh[n] = 0.f;
+    const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
+    float sd = 0.f;
+    int anyrs = 0;
+#pragma unroll 4
+    for (int64_t t = te - 1; t >= tb; t--) {
+        const int64_t row = (b * L + t) * D + d;
+        const float delta = softplus_dev(ldbf(p.dt + row) + bias), go = ldbf(p.dout + row);
+        const bool rs = p.reset && p.reset[b * L + t];
+        const float rx = rs ? -INFINITY : 0.f;
+        float gy = go;
+        if (p.z) {
+            const float zz = ldbf(p.z + row);
+            gy = go * zz * sigmoid_dev(zz);
+        }
+        float Cv[N];
+        const bf16 *cp = p.Cm + ((b * L + t) * Gc + gc) * N;
+        if constexpr (AL16 && N % 8 == 0) {
+            load_vec<N>(cp, Cv);
+        } else {
+#pragma unroll
+            for (int n = 0; n < N; n++) Cv[n] = ldbf(cp + n);
+        }
+#pragma unroll
+        for (int n = 0; n < N; n++) dh[n] = ex2f(fmaf(delta, A2[n], rx)) * fmaf(gy, Cv[n], dh[n]);
+        sd += delta, anyrs |= rs;
+    }
+    const int64_t i = (b * p.nseg + seg) * D + d;
+#pragma unroll
+    for (int n = 0; n < N; n++) p.seg_dh[i * N + n] = dh[n];
+    p.seg_sd[i] = sd, p.seg_rs[i] = anyrs;
 }
 
 // out[m] = sum over b of part[b*M + m], in order of b
@@ -677,6 +747,46 @@ int choose_nseg(const ScanShape *s, int nseg) {
 int64_t seg_len(const ScanShape *s, int nseg) {
     const int64_t per = (s->seqlen + nseg - 1) / nseg;
     return (per + SCAN_CKPT - 1) / SCAN_CKPT * SCAN_CKPT;
+}
+
+// Backward time segments (v10). The backward kernel runs one block of 64 channels (32 for N = 32) per SM (its
+// shared memory), so a shape with few (row, channel-block) pairs leaves SMs idle: 1 x 8192 at D 4096 has 64
+// blocks for 132 SMs. Model: BWD_SLOTS blocks run at once (H100/H200: 132 SMs x 1); a segment of c chunks costs
+// c + 1 chunk-times (the +1: its pipeline fill and carry); the pre-pass costs ~0.15 chunk-times per chunk
+// (one exp per state and step, no outputs) per wave of 1024 threads per SM. The fewest segments with the least
+// modelled time win. Fixed by the shape (not by the device), so results are the same bits on every GPU.
+// DISTILL_SCAN_BWD=v8: no segments (the previous default); DISTILL_SCAN_BWD_NSEG=n forces n (benchmarks).
+constexpr int BWD_SLOTS = 132;
+const char *bwd_version() {
+    const char *e = getenv("DISTILL_SCAN_BWD");
+    return e ? e : "v10";
+}
+int bwd_nseg(const ScanShape *s) {
+    const int64_t nck = n_ckpt(s);
+    if (nck <= 1) return 1;
+    if (!strcmp(bwd_version(), "v8")) return 1;
+    if (const char *e = getenv("DISTILL_SCAN_BWD_NSEG")) {
+        const int n = atoi(e);
+        if (n >= 1) {
+            const int64_t per = (nck + n - 1) / n;  // chunks per segment
+            return (int)((nck + per - 1) / per);
+        }
+    }
+    const int64_t cpb = s->dstate == 32 ? 32 : 64, cols = s->batch * ((s->dim + cpb - 1) / cpb);
+    double best = 1e300;
+    int bestn = 1;
+    for (int n = 1; n <= 64 && n <= nck; n++) {
+        const int64_t per = (nck + n - 1) / n, ns = (nck + per - 1) / per;  // chunks per segment, segments
+        if (ns != n) continue;                                              // same as a smaller n
+        const int64_t waves = (cols * ns + BWD_SLOTS - 1) / BWD_SLOTS;
+        double cost = (double)(waves * (per + 1));
+        if (ns > 1) {
+            const double thr = (double)(s->batch * s->dim * (ns - 1)) / (BWD_SLOTS * 1024.0);
+            cost += 0.15 * (double)per * (thr > 1 ? thr : 1);
+        }
+        if (cost < best - 1e-9) best = cost, bestn = n;
+    }
+    return bestn;
 }
 
 // 16-byte copies need 16-byte aligned rows and group spans
@@ -986,7 +1096,12 @@ int launch_bwd(const BwdArgs &a, bool al16, cudaStream_t st) {
     constexpr int CPB = THREADS / QL;
     const TileGeom g = make_geom(SCAN_CKPT, CPB, 4, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
     const size_t smem = bwd_smem_bytes<N, THREADS>(g);
-    const int64_t blocks = a.B * ((a.D + CPB - 1) / CPB);
+    const int64_t blocks = (int64_t)a.nseg * a.B * ((a.D + CPB - 1) / CPB);
+    if (a.nseg > 1) {
+        const unsigned pb = (unsigned)((int64_t)(a.nseg - 1) * a.B * ((a.D + 127) / 128));
+        if (al16) scan_bwd_seg_prepass<N, true><<<pb, 128, 0, st>>>(a);
+        else scan_bwd_seg_prepass<N, false><<<pb, 128, 0, st>>>(a);
+    }
     auto go = [&](auto kern) {
         // per device and cheap: set on every call rather than cached
         if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) return -1;
@@ -1013,7 +1128,10 @@ extern "C" size_t selective_scan_fwd_workspace(const ScanShape *s, int nseg) {
 
 extern "C" size_t selective_scan_bwd_workspace(const ScanShape *s) {
     const int64_t cpb = s->dstate == 32 ? 32 : 64, Db = s->dim / (s->groups_b > 0 ? s->groups_b : 1);
-    size_t bytes = (size_t)(s->batch * s->dim * (s->dstate + 2)) * sizeof(float);
+    // v8/v10: per-(segment, row) partials of dA, dD, ddelta_bias; the segments' local dh, sum delta, reset flag;
+    // the per-C-group dB partials when a B group does not fit a block
+    const size_t rows = (size_t)bwd_nseg(s) * (size_t)(s->batch * s->dim);
+    size_t bytes = rows * (size_t)(2 * s->dstate + 3) * sizeof(float) + rows * sizeof(int);
     if (Db <= 0 || cpb % Db) bytes += (size_t)(s->batch * s->seqlen * s->groups_c * s->dstate) * sizeof(float);
     // v9: per-(segment, row) partials and the segments' local dh, sum delta, reset flag
     const size_t seg = (size_t)bwd1_nseg(s) * (size_t)(s->batch * s->dim);
@@ -1087,12 +1205,18 @@ extern "C" int selective_scan_bwd_cuda(const ScanShape *s, const uint16_t *u, co
     a.reset = reset;
     a.du = (bf16 *)du, a.ddt = (bf16 *)ddt, a.dB = (bf16 *)dB, a.dC = (bf16 *)dC, a.dz = (bf16 *)dz, a.dh0 = dh0;
     const int64_t BD = s->batch * s->dim;
+    a.nseg = bwd_nseg(s);
+    a.seglen = (n_ckpt(s) + a.nseg - 1) / a.nseg * SCAN_CKPT;
+    const int64_t RD = a.nseg * BD;  // partial rows: (segment, batch row)
     a.dA_part = (float *)workspace;
-    a.dD_part = a.dA_part + BD * s->dstate;
-    a.ddb_part = a.dD_part + BD;
+    a.dD_part = a.dA_part + RD * s->dstate;
+    a.ddb_part = a.dD_part + RD;
+    a.seg_dh = a.ddb_part + RD;
+    a.seg_sd = a.seg_dh + RD * s->dstate;
+    a.seg_rs = (int *)(a.seg_sd + RD);
     const int cpb = s->dstate == 32 ? 32 : 64;
     const bool fastB = cpb % a.Db == 0;
-    a.dB_part = fastB ? NULL : a.ddb_part + BD;
+    a.dB_part = fastB ? NULL : (float *)(a.seg_rs + RD);
     if (s->seqlen == 0) {  // gradients of an empty sequence: dh0 = dh_last, the rest zero
         cudaMemsetAsync(dA, 0, (size_t)(s->dim * s->dstate) * sizeof(float), st);
         cudaMemsetAsync(dD, 0, (size_t)s->dim * sizeof(float), st);
@@ -1143,10 +1267,11 @@ extern "C" int selective_scan_bwd_cuda(const ScanShape *s, const uint16_t *u, co
     if (rc) return scan_fail(err, errlen, "selective scan backward: cannot raise the shared-memory limit");
     if (scan_launch_check(err, errlen, "selective scan backward")) return -1;
     const int64_t DN = s->dim * s->dstate;
-    reduce_rows_kernel<<<(unsigned)((DN + 255) / 256), 256, 0, st>>>(a.dA_part, s->batch, DN, dA);
-    reduce_rows_kernel<<<(unsigned)((s->dim + 255) / 256), 256, 0, st>>>(a.dD_part, s->batch, s->dim, dD);
+    const int64_t prows = (int64_t)a.nseg * s->batch;
+    reduce_rows_kernel<<<(unsigned)((DN + 255) / 256), 256, 0, st>>>(a.dA_part, prows, DN, dA);
+    reduce_rows_kernel<<<(unsigned)((s->dim + 255) / 256), 256, 0, st>>>(a.dD_part, prows, s->dim, dD);
     if (ddelta_bias)
-        reduce_rows_kernel<<<(unsigned)((s->dim + 255) / 256), 256, 0, st>>>(a.ddb_part, s->batch, s->dim, ddelta_bias);
+        reduce_rows_kernel<<<(unsigned)((s->dim + 255) / 256), 256, 0, st>>>(a.ddb_part, prows, s->dim, ddelta_bias);
     if (!fastB) {
         const int64_t n = s->batch * s->seqlen * s->groups_b * s->dstate;
         reduce_dB_kernel<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(a.dB_part, s->batch * s->seqlen, s->groups_b,
