@@ -6,12 +6,133 @@
 #include <string.h>
 
 #include "distill/common.h"
+#ifdef DISTILL_CUDA
+#include "kernels/engine/decode_cuda.h"
+#endif
 
 int64_t spec_max_len(int64_t Lmax, int64_t max_tokens, int k) {
     // a step grows a sequence by at most k + 1 (draft: k + 1 with two pending tokens); finished sequences
     // keep stepping until the whole batch is done, at most max_tokens steps
     return Lmax + (int64_t)(k + 2) * (max_tokens + 1) + 4;
 }
+
+// ---- the two devices behind one interface (GenDecoder)
+
+int gen_decoder_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t max_len,
+                    int cuda, int graph, GenDecoder *g, DlError *e) {
+    g->cpu = NULL, g->cuda = NULL;
+    if (!cuda) {
+        (void)graph;
+        return (g->cpu = decoder_new(h, r, params, B, max_len, e)) ? 0 : -1;
+    }
+#ifdef DISTILL_CUDA
+    if (!(g->cuda = decoder_cuda_new(h, r, params, B, max_len, NULL, e))) return -1;
+    decoder_cuda_use_graph(g->cuda, graph);
+    return decoder_cuda_reset(g->cuda, B, e);
+#else
+    return dl_fail(e, "this distill was built without CUDA: decode on the CPU");
+#endif
+}
+
+void gen_decoder_free(GenDecoder *g) {
+    if (g->cpu) decoder_free(g->cpu);
+#ifdef DISTILL_CUDA
+    if (g->cuda) decoder_cuda_free(g->cuda);
+#endif
+    g->cpu = NULL, g->cuda = NULL;
+}
+
+#ifdef DISTILL_CUDA
+#define ON_GPU(g, cuda_expr, cpu_expr) ((g).cuda ? (cuda_expr) : (cpu_expr))
+#else
+#define ON_GPU(g, cuda_expr, cpu_expr) (cpu_expr)
+#endif
+
+static int64_t gd_batch(GenDecoder g) { return ON_GPU(g, decoder_cuda_batch(g.cuda), decoder_batch(g.cpu)); }
+static int64_t gd_vocab(GenDecoder g) { return ON_GPU(g, decoder_cuda_vocab(g.cuda), decoder_vocab(g.cpu)); }
+
+static int gd_reset(GenDecoder g, DlError *e) {
+    return ON_GPU(g, decoder_cuda_reset(g.cuda, decoder_cuda_batch(g.cuda), e), (decoder_reset(g.cpu), 0));
+}
+
+// Feeds tokens [B, L] (n: ragged counts or NULL). The logits of each sequence's last token ([B, V]; all: of every
+// token, [B, L, V]) stay with the decoder until gd_logits / gd_argmax; host is where they go on the host (the CPU
+// decoder writes there at once; NULL: not needed).
+static int gd_feed(GenDecoder g, const int32_t *tok, int64_t L, const int64_t *n, bool all, float *host, DlError *e) {
+    return ON_GPU(g, decoder_cuda_feed(g.cuda, tok, L, n, all, e),
+                  decoder_feed_ragged(g.cpu, tok, L, n, all ? NULL : host, all ? host : NULL, e));
+}
+
+// The last feed's logits rows on the host (the CPU decoder already put them there).
+static void gd_logits(GenDecoder g, float *host) {
+#ifdef DISTILL_CUDA
+    if (g.cuda) decoder_cuda_logits_host(g.cuda, host);
+#endif
+    (void)g, (void)host;
+}
+
+// Argmax of each of the last feed's `rows` logits rows (lowest id on ties).
+static int gd_argmax(GenDecoder g, const float *host, int64_t rows, int32_t *out, DlError *e) {
+#ifdef DISTILL_CUDA
+    if (g.cuda) return decoder_cuda_argmax(g.cuda, out, e);
+#endif
+    const int64_t V = gd_vocab(g);
+    for (int64_t r = 0; r < rows; r++) out[r] = sample_argmax(host + r * V, V);
+    (void)e;
+    return 0;
+}
+
+static void gd_window_begin(GenDecoder g) {
+#ifdef DISTILL_CUDA
+    if (g.cuda) {
+        decoder_cuda_window_begin(g.cuda);
+        return;
+    }
+#endif
+    decoder_window_begin(g.cpu);
+}
+
+static int gd_accept(GenDecoder g, const int32_t *keep, DlError *e) {
+    return ON_GPU(g, decoder_cuda_accept(g.cuda, keep, e), decoder_accept(g.cpu, keep, e));
+}
+
+static int gd_seek(GenDecoder g, int64_t len, DlError *e) {
+    return ON_GPU(g, decoder_cuda_seek(g.cuda, len, e), decoder_seek(g.cpu, len, e));
+}
+
+// One token per row of the last feed's logits (rows of host [rows, V]): the argmax when greedy, else a draw
+// from sample_probs (probs [V] scratch; q [rows, V] optional: keeps each row's distribution).
+static int gd_pick(GenDecoder g, float *host, int64_t rows, const SampleParams *sp, Rng *rng, double *probs, double *q,
+                   int32_t *out, DlError *e) {
+    if (sp->greedy) return gd_argmax(g, host, rows, out, e);
+    const int64_t V = gd_vocab(g);
+    gd_logits(g, host);
+    for (int64_t r = 0; r < rows; r++) {
+        double *p = q ? q + r * V : probs;
+        sample_probs(host + r * V, V, sp, p);
+        out[r] = sample_from_probs(p, V, rng_uniform_f64(rng));
+    }
+    return 0;
+}
+
+double gen_decode_speed(GenDecoder g, int64_t ctx, int steps, DlError *e) {
+    const int64_t B = gd_batch(g), V = gd_vocab(g);
+    float *lg = dl_malloc((size_t)(B * V) * sizeof(float));
+    int32_t *tk = dl_calloc((size_t)B, sizeof(int32_t));
+    double r = -1;
+    if (gd_reset(g, e) == 0 && gd_seek(g, ctx, e) == 0 && gd_feed(g, tk, 1, NULL, false, lg, e) == 0 &&
+        gd_argmax(g, lg, B, tk, e) == 0) {  // a warm-up step (graph capture, GEMM heuristics)
+        const double t0 = dl_now();
+        int s = 0;
+        for (; s < steps; s++)
+            if (gd_feed(g, tk, 1, NULL, false, lg, e) || gd_argmax(g, lg, B, tk, e)) break;
+        if (s == steps) r = (double)(B * steps) / (dl_now() - t0);
+    }
+    free(lg), free(tk);
+    return r;
+}
+
+// ---- generation
 
 typedef struct {
     int32_t *out;
@@ -34,8 +155,8 @@ static bool all_done(const Emit *em, int64_t B) {
     return true;
 }
 
-static int check_prompts(const Decoder *d, const int64_t *plen, int64_t Lmax, const GenParams *gp, DlError *e) {
-    const int64_t B = decoder_batch(d);
+static int check_prompts(GenDecoder d, const int64_t *plen, int64_t Lmax, const GenParams *gp, DlError *e) {
+    const int64_t B = gd_batch(d);
     if (gp->max_tokens <= 0) return dl_fail(e, "generate: max_tokens %lld must be positive", (long long)gp->max_tokens);
     for (int64_t b = 0; b < B; b++)
         if (plen[b] < 1 || plen[b] > Lmax)
@@ -44,9 +165,9 @@ static int check_prompts(const Decoder *d, const int64_t *plen, int64_t Lmax, co
     return 0;
 }
 
-int gen_plain(Decoder *T, const int32_t *prompts, const int64_t *plen, int64_t Lmax, const GenParams *gp, Rng *rng,
+int gen_plain(GenDecoder T, const int32_t *prompts, const int64_t *plen, int64_t Lmax, const GenParams *gp, Rng *rng,
               int32_t *out, int64_t *n_out, DlError *e) {
-    const int64_t B = decoder_batch(T), V = decoder_vocab(T);
+    const int64_t B = gd_batch(T), V = gd_vocab(T);
     if (check_prompts(T, plen, Lmax, gp, e)) return -1;
     float *lg = dl_malloc((size_t)(B * V) * sizeof(float));
     double *pr = dl_malloc((size_t)V * sizeof(double));
@@ -54,37 +175,37 @@ int gen_plain(Decoder *T, const int32_t *prompts, const int64_t *plen, int64_t L
     uint8_t *done = dl_calloc((size_t)B, 1);
     Emit em = {out, n_out, done, gp->max_tokens, gp->stop};
     memset(n_out, 0, (size_t)B * sizeof(int64_t));
-    decoder_reset(T);
-    int rc = decoder_feed_ragged(T, prompts, Lmax, plen, lg, NULL, e);
+    int rc = gd_reset(T, e);
+    if (rc == 0) rc = gd_feed(T, prompts, Lmax, plen, false, lg, e);
     while (rc == 0) {
-        for (int64_t b = 0; b < B; b++) {
-            sample_probs(lg + b * V, V, &gp->sp, pr);
-            tok[b] = sample_from_probs(pr, V, rng_uniform_f64(rng));
-            emit(&em, b, tok[b]);
-        }
+        if ((rc = gd_pick(T, lg, B, &gp->sp, rng, pr, NULL, tok, e)) != 0) break;
+        for (int64_t b = 0; b < B; b++) emit(&em, b, tok[b]);
         if (all_done(&em, B)) break;
-        rc = decoder_feed(T, tok, 1, lg, NULL, e);
+        rc = gd_feed(T, tok, 1, NULL, false, lg, e);
     }
     free(lg), free(pr), free(tok), free(done);
     return rc;
 }
 
-int gen_speculative(Decoder *T, Decoder *Dr, const int32_t *prompts, const int64_t *plen, int64_t Lmax,
+int gen_speculative(GenDecoder T, GenDecoder Dr, const int32_t *prompts, const int64_t *plen, int64_t Lmax,
                     const GenParams *gp, Rng *rng, int32_t *out, int64_t *n_out, SpecStats *stats, DlError *e) {
-    const int64_t B = decoder_batch(T), V = decoder_vocab(T);
+    const int64_t B = gd_batch(T), V = gd_vocab(T);
     const int K = gp->k;
+    const bool greedy = gp->sp.greedy;
     if (K < 1 || K > SPEC_MAX_K) return dl_fail(e, "speculative: k = %d, expected 1..%d", K, SPEC_MAX_K);
-    if (decoder_batch(Dr) != B || decoder_vocab(Dr) != V)
+    if (gd_batch(Dr) != B || gd_vocab(Dr) != V)
         return dl_fail(e, "speculative: draft has batch %lld and vocabulary %lld, the target %lld and %lld",
-                       (long long)decoder_batch(Dr), (long long)decoder_vocab(Dr), (long long)B, (long long)V);
+                       (long long)gd_batch(Dr), (long long)gd_vocab(Dr), (long long)B, (long long)V);
     if (check_prompts(T, plen, Lmax, gp, e)) return -1;
     SpecStats st = {0};
-    float *lg = dl_malloc((size_t)(B * V) * sizeof(float));             // draft logits [B, V]
-    float *tl = dl_malloc((size_t)(B * (K + 1) * V) * sizeof(float));   // target logits [B, K+1, V]
-    double *q = dl_malloc((size_t)(B * K * V) * sizeof(double));        // draft distributions [B, K, V]
+    float *lg = dl_malloc((size_t)(B * V) * sizeof(float));                     // draft logits [B, V]
+    float *tl = dl_malloc((size_t)(B * (K + 1) * V) * sizeof(float));           // target logits [B, K+1, V]
+    double *q = greedy ? NULL : dl_malloc((size_t)(B * K * V) * sizeof(double)); // draft distributions [B, K, V]
+    double *qs = greedy ? NULL : dl_malloc((size_t)(B * V) * sizeof(double));   // [B, V]: position i of each
     double *p = dl_malloc((size_t)V * sizeof(double)), *res = dl_malloc((size_t)V * sizeof(double));
     int32_t *dtok = dl_malloc((size_t)(B * K) * sizeof(int32_t));      // proposals [B, K]
     int32_t *ver = dl_malloc((size_t)(B * (K + 1)) * sizeof(int32_t)); // [pending, d1..dK] per sequence
+    int32_t *am = dl_malloc((size_t)(B * (K + 1)) * sizeof(int32_t));  // greedy: the target's argmax per position
     int32_t *pend = dl_malloc((size_t)(B * 2) * sizeof(int32_t));      // draft's unfed tokens [B, 2]
     int64_t *npend = dl_malloc((size_t)B * sizeof(int64_t));
     int32_t *t0 = dl_malloc((size_t)B * sizeof(int32_t)), *col = dl_malloc((size_t)B * sizeof(int32_t));
@@ -92,16 +213,15 @@ int gen_speculative(Decoder *T, Decoder *Dr, const int32_t *prompts, const int64
     uint8_t *done = dl_calloc((size_t)B, 1);
     Emit em = {out, n_out, done, gp->max_tokens, gp->stop};
     memset(n_out, 0, (size_t)B * sizeof(int64_t));
-    decoder_reset(T);
-    decoder_reset(Dr);
-    // prefill both; the target's first token is sampled from its own prompt logits
-    int rc = decoder_feed_ragged(T, prompts, Lmax, plen, lg, NULL, e);
-    if (rc == 0) rc = decoder_feed_ragged(Dr, prompts, Lmax, plen, NULL, NULL, e);
+    // prefill both; the target's first token is picked from its own prompt logits
+    int rc = gd_reset(T, e);
+    if (rc == 0) rc = gd_reset(Dr, e);
+    if (rc == 0) rc = gd_feed(T, prompts, Lmax, plen, false, lg, e);
+    if (rc == 0) rc = gd_pick(T, lg, B, &gp->sp, rng, p, NULL, t0, e);
+    if (rc == 0) rc = gd_feed(Dr, prompts, Lmax, plen, false, NULL, e);
     st.target_feeds++, st.draft_feeds++;
     if (rc == 0)
         for (int64_t b = 0; b < B; b++) {
-            sample_probs(lg + b * V, V, &gp->sp, p);
-            t0[b] = sample_from_probs(p, V, rng_uniform_f64(rng));
             emit(&em, b, t0[b]);
             pend[b * 2] = t0[b];
             npend[b] = 1;
@@ -112,20 +232,20 @@ int gen_speculative(Decoder *T, Decoder *Dr, const int32_t *prompts, const int64
         for (int64_t b = 0; b < B; b++) Lp = DL_MAX(Lp, npend[b]);
         if (Lp == 1) {  // the usual case: one pending token each
             for (int64_t b = 0; b < B; b++) col[b] = pend[b * 2];
-            rc = decoder_feed(Dr, col, 1, lg, NULL, e);
+            rc = gd_feed(Dr, col, 1, NULL, false, lg, e);
         } else {        // pend [B, 2], ragged: sequences with one pending token ignore column 1
-            rc = decoder_feed_ragged(Dr, pend, 2, npend, lg, NULL, e);
+            rc = gd_feed(Dr, pend, 2, npend, false, lg, e);
         }
         if (rc) break;
         st.draft_feeds++;
-        decoder_window_begin(Dr);
+        gd_window_begin(Dr);
         for (int i = 0; i < K && rc == 0; i++) {
+            if ((rc = gd_pick(Dr, lg, B, &gp->sp, rng, NULL, qs, col, e)) != 0) break;
             for (int64_t b = 0; b < B; b++) {
-                double *qi = q + (b * K + i) * V;
-                sample_probs(lg + b * V, V, &gp->sp, qi);
-                dtok[b * K + i] = col[b] = sample_from_probs(qi, V, rng_uniform_f64(rng));
+                dtok[b * K + i] = col[b];
+                if (q) memcpy(q + (b * K + i) * V, qs + b * V, (size_t)V * sizeof(double));
             }
-            if (i + 1 < K) rc = decoder_feed(Dr, col, 1, lg, NULL, e), st.draft_feeds++;
+            if (i + 1 < K) rc = gd_feed(Dr, col, 1, NULL, false, lg, e), st.draft_feeds++;
         }
         if (rc) break;
         // target: verify [t0, d1..dK] in one feed
@@ -133,26 +253,34 @@ int gen_speculative(Decoder *T, Decoder *Dr, const int32_t *prompts, const int64
             ver[b * (K + 1)] = t0[b];
             memcpy(ver + b * (K + 1) + 1, dtok + b * K, (size_t)K * sizeof(int32_t));
         }
-        decoder_window_begin(T);
-        if ((rc = decoder_feed(T, ver, K + 1, NULL, tl, e)) != 0) break;
+        gd_window_begin(T);
+        if ((rc = gd_feed(T, ver, K + 1, NULL, true, tl, e)) != 0) break;
         st.target_feeds++;
+        if (greedy) rc = gd_argmax(T, tl, B * (K + 1), am, e);
+        else gd_logits(T, tl);
+        if (rc) break;
         for (int64_t b = 0; b < B; b++) {
             int j = 0;
             int32_t next = -1;
-            for (; j < K; j++) {
-                sample_probs(tl + (b * (K + 1) + j) * V, V, &gp->sp, p);
-                const double *qi = q + (b * K + j) * V;
-                const int32_t d = dtok[b * K + j];
-                const double u = rng_uniform_f64(rng);
-                if (qi[d] > 0 && u * qi[d] < p[d]) continue;  // accepted with probability min(1, p/q)
-                double s = 0;
-                for (int64_t v = 0; v < V; v++) s += res[v] = p[v] > qi[v] ? p[v] - qi[v] : 0;
-                next = sample_from_probs(s > 0 ? res : p, V, rng_uniform_f64(rng));
-                break;
-            }
-            if (j == K) {  // all accepted: a bonus token from the target's last distribution
-                sample_probs(tl + (b * (K + 1) + K) * V, V, &gp->sp, p);
-                next = sample_from_probs(p, V, rng_uniform_f64(rng));
+            if (greedy) {  // exact argmax matching (speculative sampling with one-hot p and q)
+                while (j < K && am[b * (K + 1) + j] == dtok[b * K + j]) j++;
+                next = am[b * (K + 1) + j];
+            } else {
+                for (; j < K; j++) {
+                    sample_probs(tl + (b * (K + 1) + j) * V, V, &gp->sp, p);
+                    const double *qi = q + (b * K + j) * V;
+                    const int32_t d = dtok[b * K + j];
+                    const double u = rng_uniform_f64(rng);
+                    if (qi[d] > 0 && u * qi[d] < p[d]) continue;  // accepted with probability min(1, p/q)
+                    double s = 0;
+                    for (int64_t v = 0; v < V; v++) s += res[v] = p[v] > qi[v] ? p[v] - qi[v] : 0;
+                    next = sample_from_probs(s > 0 ? res : p, V, rng_uniform_f64(rng));
+                    break;
+                }
+                if (j == K) {  // all accepted: a bonus token from the target's last distribution
+                    sample_probs(tl + (b * (K + 1) + K) * V, V, &gp->sp, p);
+                    next = sample_from_probs(p, V, rng_uniform_f64(rng));
+                }
             }
             if (!done[b]) {
                 st.steps++;
@@ -169,11 +297,11 @@ int gen_speculative(Decoder *T, Decoder *Dr, const int32_t *prompts, const int64
             if (npend[b] == 1) pend[b * 2 + 1] = next;  // padding column
             t0[b] = next;
         }
-        if ((rc = decoder_accept(T, keep_t, e)) != 0) break;
-        if ((rc = decoder_accept(Dr, keep_d, e)) != 0) break;
+        if ((rc = gd_accept(T, keep_t, e)) != 0) break;
+        if ((rc = gd_accept(Dr, keep_d, e)) != 0) break;
     }
     if (stats) *stats = st;
-    free(lg), free(tl), free(q), free(p), free(res), free(dtok), free(ver), free(pend), free(npend);
+    free(lg), free(tl), free(q), free(qs), free(p), free(res), free(dtok), free(ver), free(am), free(pend), free(npend);
     free(t0), free(col), free(keep_t), free(keep_d), free(done);
     return rc;
 }

@@ -1,7 +1,8 @@
 // spec_decode.h: plain and speculative generation for batches of prompts of any lengths (mambainllama.md §5).
 // A draft model proposes K tokens one at a time; the target verifies them in ONE multi-token feed
 // (decoder_window_begin + decoder_feed of [pending, d1..dK] with all logits) and keeps the accepted prefix
-// (decoder_accept: KV rollback by length, Mamba state replayed from the cached window-start state).
+// (decoder_accept: KV rollback by length, Mamba state replayed from the cached window-start state). The same
+// code drives the CPU Decoder and the GPU DecoderCuda (GenDecoder below).
 // Acceptance is standard speculative sampling: d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i));
 // at the first rejection a token is drawn from normalize(max(p_i - q_i, 0)); when all K are accepted a bonus
 // token is drawn from p_{K+1}. p and q are the sampling distributions (sample_probs: temperature, top-p), so
@@ -33,13 +34,42 @@ typedef struct {
 // Decoder capacity (max_len) that generation of max_tokens after prompts of up to Lmax tokens needs.
 int64_t spec_max_len(int64_t Lmax, int64_t max_tokens, int k);
 
+// The decoder the generation loops drive: the CPU Decoder (engine.h) or the GPU DecoderCuda
+// (kernels/engine/decode_cuda.h), exactly one set. Both have the same feed / window / accept semantics, so
+// one algorithm serves both. Picks: greedy tokens are argmaxes (on the GPU computed there: only token ids
+// cross to the host); sampled decoding works on host probabilities (sample_probs), for which the GPU copies
+// the logits rows it needs to the host.
+typedef struct DecoderCuda DecoderCuda;
+typedef struct {
+    Decoder *cpu;
+    DecoderCuda *cuda;
+} GenDecoder;
+static inline GenDecoder gen_cpu(Decoder *d) {
+    GenDecoder g = {d, NULL};
+    return g;
+}
+static inline GenDecoder gen_cuda(DecoderCuda *d) {
+    GenDecoder g = {NULL, d};
+    return g;
+}
+// A decoder for B sequences of up to max_len tokens on the CPU (cuda = 0) or the GPU (cuda = 1: batch B, bf16
+// weights, CUDA graphs for short feeds when graph != 0). Returns 0 or -1 (e filled; also when built without
+// CUDA). Free with gen_decoder_free.
+int gen_decoder_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t max_len,
+                    int cuda, int graph, GenDecoder *g, DlError *e);
+void gen_decoder_free(GenDecoder *g);
+// Plain decode speed at a long context (benchmarks): seek to ctx (zeroed KV rows, speed only), one warm-up
+// step, then `steps` greedy single-token steps of every sequence; returns tokens/s (or -1, e filled).
+double gen_decode_speed(GenDecoder g, int64_t ctx, int steps, DlError *e);
+
 // Plain generation: prompts [B, Lmax] (row b holds plen[b] >= 1 tokens, the rest padding), one token per step.
 // out [B, max_tokens] gets the tokens, n_out [B] their count. The target decoder has B sequences and at least
 // spec_max_len(...) capacity; it is reset first. Returns 0 or -1 (e filled).
-int gen_plain(Decoder *target, const int32_t *prompts, const int64_t *plen, int64_t Lmax, const GenParams *gp,
+int gen_plain(GenDecoder target, const int32_t *prompts, const int64_t *plen, int64_t Lmax, const GenParams *gp,
               Rng *rng, int32_t *out, int64_t *n_out, DlError *e);
-// Speculative generation: as gen_plain with a draft decoder (same B and vocabulary). stats may be NULL.
-int gen_speculative(Decoder *target, Decoder *draft, const int32_t *prompts, const int64_t *plen, int64_t Lmax,
+// Speculative generation: as gen_plain with a draft decoder (same B and vocabulary; either device). stats may
+// be NULL.
+int gen_speculative(GenDecoder target, GenDecoder draft, const int32_t *prompts, const int64_t *plen, int64_t Lmax,
                     const GenParams *gp, Rng *rng, int32_t *out, int64_t *n_out, SpecStats *stats, DlError *e);
 
 // A draft model cut from a model: the embeddings, final norm and head plus layers layers[0..n) (in that

@@ -73,9 +73,9 @@ static void test_greedy(Model *tg, Model *dr, const char *what) {
         Decoder *T = decoder_new(&tg->h, &tg->r, tg->p, BG, ml, &e), *D = decoder_new(&dr->h, &dr->r, dr->p, BG, ml, &e);
         Rng r1, r2;
         rng_init(&r1, 1, 0), rng_init(&r2, 1, 0);
-        CHECK(gen_plain(T, pr, plen, LM, &gp, &r1, ref, nref, &e) == 0);
+        CHECK(gen_plain(gen_cpu(T), pr, plen, LM, &gp, &r1, ref, nref, &e) == 0);
         SpecStats st;
-        CHECK(gen_speculative(T, D, pr, plen, LM, &gp, &r2, got, ngot, &st, &e) == 0);
+        CHECK(gen_speculative(gen_cpu(T), gen_cpu(D), pr, plen, LM, &gp, &r2, got, ngot, &st, &e) == 0);
         bool same = true;
         for (int b = 0; b < BG; b++) same = same && nref[b] == NT && ngot[b] == NT;
         same = same && memcmp(ref, got, sizeof ref) == 0;
@@ -149,7 +149,7 @@ static void test_distribution(int mixer, int k, bool cut, const char *what) {
     Rng r;
     rng_init(&r, 777, 0);
     SpecStats st;
-    CHECK(gen_speculative(T, D, pr, plen, LP, &gp, &r, out, nout, &st, &e) == 0);
+    CHECK(gen_speculative(gen_cpu(T), gen_cpu(D), pr, plen, LP, &gp, &r, out, nout, &st, &e) == 0);
     int64_t count[V * V] = {0};
     for (int i = 0; i < NS; i++) count[out[i * 2] * V + out[i * 2 + 1]]++;
     double pt[V * V], pd[V * V];

@@ -10,6 +10,9 @@
 // GEMMs, norms, RoPE, SwiGLU and the embedding come from kernels/train (train_cuda.h), the conv and the scan
 // from kernels/scan; the KV-cache writes, the decode attention, the GQA repeat, the conv-window advance and
 // the last-row gather are the small kernels below.
+// Speculative windows (decoder_cuda_window_begin / accept): each Mamba layer stores its window tokens' conv
+// and scan inputs (win_store_kernel) and keeps one copy of its window-start state; accept replays the
+// window from that copy with the multi-token scan, stopping each sequence at its accepted length.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -191,6 +194,22 @@ __global__ void gather_last_kernel(bf16 *last, const bf16 *x, const int32_t *idx
     }
 }
 
+// The window's copy of a Mamba layer's per-token inputs: array a (blockIdx.y) of the chunk, src [nb*lc, C],
+// goes to dst [B, cap, C] at columns ofs[0] + t (ofs on the device, so a captured graph reads it per launch).
+struct WinStore {
+    const bf16 *src[4];
+    bf16 *dst[4];
+    int64_t C[4];
+};
+__global__ void win_store_kernel(WinStore w, const int32_t *ofs, int64_t nb, int64_t lc, int64_t cap) {
+    const int a = blockIdx.y;
+    const int64_t C = w.C[a], total = nb * lc * C, o = ofs[0];
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t row = i / C, c = i % C, b = row / lc, t = row % lc;
+        w.dst[a][(b * cap + o + t) * C + c] = w.src[a][i];
+    }
+}
+
 static unsigned grid_of(int64_t n, int threads) {
     int64_t g = (n + threads - 1) / threads;
     return (unsigned)(g < 1 ? 1 : g > 65535 * 8 ? 65535 * 8 : g);
@@ -206,9 +225,19 @@ typedef struct {
     bf16 *kc, *vc;                               // [B, max_len, kvd]
     int64_t z, x, Bp, Cp, dtd, dtw, dtb, out;    // Mamba (dtd / dtw: the padded copies)
     float *cw, *cb, *A, *D, *dtb32;              // Mamba fp32 (device, into w32)
-    float *ssm;                                  // [B, di, ds]
-    bf16 *conv;                                  // [B, W-1, di]
+    float *ssm;                                  // [B, di, ds] (a slice of ssm_all)
+    bf16 *conv;                                  // [B, W-1, di] (a slice of conv_all)
+    int mi;                                      // Mamba layer index (slices of the *_all buffers)
+    bf16 *w_xr, *w_xc, *w_dt, *w_B;              // window inputs [B, wcap, di] (B: [B, wcap, dxb])
 } DLayer;
+
+#define MAX_GRAPHS 8
+#define GRAPH_MAX_L 32
+struct GraphEntry {
+    cudaGraphExec_t ex;
+    int64_t nb, lc;
+    int all, win;
+};
 
 struct DecoderCuda {
     HybridConfig h;
@@ -224,20 +253,34 @@ struct DecoderCuda {
     // scratch, [rows, ...]
     bf16 *x, *xn, *mid, *q, *k, *v, *att, *gu, *act, *mix, *z, *xs, *Bs, *Cs, *dtl, *dt, *xr, *xc, *y;
     bf16 *last, *lastn;  // [B, d]
-    int32_t *ints;       // device: tok [rows], pos [rows], keep [B], lastidx [B], lenb [B]
+    int32_t *ints;       // device: tok [rows], pos [rows], keep [B], lastidx [B], lenb [B], window offset [1]
     int32_t *hints;      // host mirror
     float *att_ws;
     int64_t att_ws_elems;
-    float *logits;       // [B, V]
+    float *logits;       // [lcap, V]: the last feed's lrows rows
+    int64_t lrows, lcap;
     uint64_t *s_u64;     // sampling: stream [B], counter [B]
     int32_t *s_out;      // [B]
+    int32_t *am_out;     // argmax: [lcap]
+    uint64_t *am_u64;    // [lcap] zeros (the sampler's stream / counter, unused when greedy)
     int n_sm;
     double bytes;
-    // DISTILL_DECODE_GRAPH=1: decode steps replay a CUDA graph of the whole pass (captured per batch size nb;
-    // the attention split is then sized for max_len so no kernel argument changes between steps)
+    // Mamba states of all layers [n_m, B, ...] in one buffer each, and their window-start copies
+    int n_m;
+    float *ssm_all, *ssm0_all;
+    bf16 *conv_all, *conv0_all;
+    // speculative window: open flag, tokens fed since it opened, capacity of the input buffers
+    bool win;
+    int64_t wlen, wcap;
+    int64_t *len0;       // host [B]: lengths at the window start
+    bf16 *wbuf, *wy;     // per Mamba layer the 4 input arrays [B, wcap, .]; replay outputs [B, wcap, di]
+    int32_t *acc_keep;   // device [B]
+    // CUDA graphs (DISTILL_DECODE_GRAPH=1 or decoder_cuda_use_graph): short single-chunk feeds replay a graph of
+    // the whole pass, one per (nb, L, all, win); the attention split is then sized for max_len, so no kernel
+    // argument changes between launches (per-feed data comes through D->ints)
     bool use_graph;
-    cudaGraphExec_t gexec;
-    int64_t g_nb;
+    GraphEntry g[MAX_GRAPHS];
+    int ng, gnext;
 };
 
 #define EA err, sizeof err
@@ -281,20 +324,20 @@ void decoder_cuda_free(DecoderCuda *D) {
     if (!D) return;
     cudaDeviceSynchronize();
     if (D->L) {
-        for (int l = 0; l < D->h.base.n_layer; l++) {
-            cudaFree(D->L[l].kc), cudaFree(D->L[l].vc), cudaFree(D->L[l].ssm), cudaFree(D->L[l].conv);
-        }
+        for (int l = 0; l < D->h.base.n_layer; l++) cudaFree(D->L[l].kc), cudaFree(D->L[l].vc);
     }
     void *bufs[] = {D->w, D->w32, D->inv_freq, D->x, D->xn, D->mid, D->q, D->k, D->v, D->att, D->gu, D->act, D->mix,
                     D->z, D->xs, D->Bs, D->Cs, D->dtl, D->dt, D->xr, D->xc, D->y, D->last, D->lastn, D->ints,
-                    D->att_ws, D->logits, D->s_u64, D->s_out};
+                    D->att_ws, D->logits, D->s_u64, D->s_out, D->am_out, D->am_u64, D->ssm_all, D->ssm0_all,
+                    D->conv_all, D->conv0_all, D->wbuf, D->wy, D->acc_keep};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) cudaFree(bufs[i]);
-    if (D->gexec) cudaGraphExecDestroy(D->gexec);
+    for (int i = 0; i < D->ng; i++) cudaGraphExecDestroy(D->g[i].ex);
     if (D->gemm) dl_gemm_free(D->gemm);
     if (D->st) cudaStreamDestroy(D->st);
     free(D->L);
     free(D->len);
+    free(D->len0);
     free(D->hints);
     free(D);
 }
@@ -338,6 +381,7 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
     D->Rp = (R + 7) / 8 * 8;
     D->L = (DLayer *)calloc((size_t)c->n_layer, sizeof(DLayer));
     D->len = (int64_t *)calloc((size_t)B, sizeof(int64_t));
+    D->len0 = (int64_t *)calloc((size_t)B, sizeof(int64_t));
     // weight offsets
     int bad = lookup(r, V * d, e, &D->emb, "model.embed_tokens.weight") || lookup(r, d, e, &D->fnorm, "model.norm.weight");
     if (!bad) {
@@ -405,7 +449,7 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
     cudaCheck(cudaMemGetInfo(&free_b, &total_b));
     double need = (double)(pad_at + pad_n) * 2 + (double)rows * per_row * 2;
     for (int l = 0; l < c->n_layer; l++)
-        need += D->L[l].kind == MIXER_ATTN ? 2.0 * B * max_len * kvd * 2 : (double)B * di * (ds * 4 + (Wc - 1) * 2);
+        need += D->L[l].kind == MIXER_ATTN ? 2.0 * B * max_len * kvd * 2 : 2.0 * B * di * (ds * 4 + (Wc - 1) * 2);  // + window copy
     if (need > (double)free_b * 0.95) {
         dl_fail(e, "decoder_cuda: needs %.2f GiB of GPU memory for batch %lld x context %lld, %.2f GiB free: lower "
                    "batch_size or max_new_tokens",
@@ -498,15 +542,25 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
         D->inv_freq = (float *)dalloc(D, (size_t)(hd / 2) * 4);
         cudaCheck(cudaMemcpy(D->inv_freq, inv, (size_t)(hd / 2) * 4, cudaMemcpyHostToDevice));
     }
-    // ---- caches and states
+    // ---- caches and states (Mamba: all layers in one buffer, so a window start copies them in one call)
+    const int64_t cwin = Wc - 1 > 0 ? Wc - 1 : 1;
+    for (int l = 0; l < c->n_layer; l++)
+        if (D->L[l].kind != MIXER_ATTN) D->L[l].mi = D->n_m++;
+    if (D->n_m) {
+        D->ssm_all = (float *)dalloc(D, (size_t)(D->n_m * B * di * ds) * 4);
+        D->ssm0_all = (float *)dalloc(D, (size_t)(D->n_m * B * di * ds) * 4);
+        D->conv_all = (bf16 *)dalloc(D, (size_t)(D->n_m * B * cwin * di) * 2);
+        D->conv0_all = (bf16 *)dalloc(D, (size_t)(D->n_m * B * cwin * di) * 2);
+        D->acc_keep = (int32_t *)dalloc(D, (size_t)B * 4);
+    }
     for (int l = 0; l < c->n_layer; l++) {
         DLayer *L = &D->L[l];
         if (L->kind == MIXER_ATTN) {
             L->kc = (bf16 *)dalloc(D, (size_t)(B * max_len * kvd) * 2);
             L->vc = (bf16 *)dalloc(D, (size_t)(B * max_len * kvd) * 2);
         } else {
-            L->ssm = (float *)dalloc(D, (size_t)(B * di * ds) * 4);
-            L->conv = (bf16 *)dalloc(D, (size_t)(B * (Wc - 1 > 0 ? Wc - 1 : 1) * di) * 2);
+            L->ssm = D->ssm_all + L->mi * B * di * ds;
+            L->conv = D->conv_all + L->mi * B * cwin * di;
         }
     }
     // ---- scratch
@@ -535,11 +589,15 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
     SCR(last, B * d);
     SCR(lastn, B * d);
 #undef SCR
-    D->ints = (int32_t *)dalloc(D, (size_t)(2 * rows + 3 * B) * 4);
-    D->hints = (int32_t *)calloc((size_t)(2 * rows + 3 * B), 4);
+    D->ints = (int32_t *)dalloc(D, (size_t)(2 * rows + 3 * B + 1) * 4);
+    D->hints = (int32_t *)calloc((size_t)(2 * rows + 3 * B + 1), 4);
     D->att_ws_elems = ((int64_t)rows * c->n_head + 2ll * D->n_sm + 64) * (hd + 2);
     D->att_ws = (float *)dalloc(D, (size_t)D->att_ws_elems * 4);
     D->logits = (float *)dalloc(D, (size_t)(B * V) * 4);
+    D->am_out = (int32_t *)dalloc(D, (size_t)B * 4);
+    D->am_u64 = (uint64_t *)dalloc(D, (size_t)B * 8);
+    D->lcap = B;
+    D->lrows = B;
     D->s_u64 = (uint64_t *)dalloc(D, (size_t)(2 * B) * 8);
     D->s_out = (int32_t *)dalloc(D, (size_t)B * 4);
     cudaCheck(cudaDeviceSynchronize());
@@ -555,13 +613,12 @@ int decoder_cuda_reset(DecoderCuda *D, int64_t nb, DlError *e) {
     if (nb < 1 || nb > D->B)
         return dl_fail(e, "decoder_cuda_reset: batch %lld outside 1..%lld", (long long)nb, (long long)D->B);
     D->nb = nb;
+    D->win = false;
     memset(D->len, 0, (size_t)D->B * sizeof(int64_t));
     const HybridConfig *h = &D->h;
-    for (int l = 0; l < h->base.n_layer; l++) {
-        DLayer *L = &D->L[l];
-        if (L->kind != MIXER_MAMBA1) continue;
-        cudaCheck(cudaMemsetAsync(L->ssm, 0, (size_t)(D->B * h->d_inner * h->d_state) * 4, D->st));
-        cudaCheck(cudaMemsetAsync(L->conv, 0, (size_t)(D->B * (h->d_conv > 1 ? h->d_conv - 1 : 1) * h->d_inner) * 2, D->st));
+    if (D->n_m) {
+        cudaCheck(cudaMemsetAsync(D->ssm_all, 0, (size_t)(D->n_m * D->B * h->d_inner * h->d_state) * 4, D->st));
+        cudaCheck(cudaMemsetAsync(D->conv_all, 0, (size_t)(D->n_m * D->B * (h->d_conv > 1 ? h->d_conv - 1 : 1) * h->d_inner) * 2, D->st));
     }
     return 0;
 }
@@ -622,6 +679,12 @@ static void mamba(DecoderCuda *D, const DLayer *L, int64_t lc) {
     kernelCheck("repeat_kernel");
     TCK(conv1d_silu_fwd_cuda(nb, lc, di, Wc, (const uint16_t *)D->xr, L->cw, L->cb, NULL,
                              Wc > 1 ? (const uint16_t *)L->conv : NULL, 1, (uint16_t *)D->xc, D->st, EA));
+    if (D->win) {  // the window's copy of what a replay needs: conv input, scan input u, dt, B
+        WinStore ws = {{D->xr, D->xc, D->dt, D->Bs}, {L->w_xr, L->w_xc, L->w_dt, L->w_B}, {di, di, di, dxb}};
+        win_store_kernel<<<dim3(grid_of(N * di, 256), 4), 256, 0, D->st>>>(ws, D->ints + 2 * D->rows + 3 * D->B, nb, lc,
+                                                                          D->wcap);
+        kernelCheck("win_store_kernel");
+    }
     ScanShape s = {nb, lc, di, ds, di / ds, dxb / ds};
     TCK(selective_scan_multi_cuda(&s, (const uint16_t *)D->xc, (const uint16_t *)D->dt, L->A, (const uint16_t *)D->Bs,
                                   (const uint16_t *)D->Cs, L->D, (const uint16_t *)D->z, L->dtb32, L->ssm, keep,
@@ -687,24 +750,128 @@ static void head(DecoderCuda *D) {
                 0.0f, D->st, EA));
 }
 
+// Final norm and head on every row of the chunk (columns c0 .. c0+lc-1 of an L-token feed): logits [nb, L, V].
+static void head_all(DecoderCuda *D, int64_t lc, int64_t c0, int64_t L) {
+    const LlamaConfig *c = &D->h.base;
+    const int64_t nb = D->nb, V = c->vocab, d = c->d_model, N = nb * lc;
+    TCK(rmsnorm_fwd_cuda(DT_BF16, D->xn, NULL, NULL, D->x, NULL, W(D, D->fnorm), N, d, (float)c->rms_eps, D->st, EA));
+    if (lc == L) {
+        TCK(dl_gemm(D->gemm, (int)N, (int)V, (int)d, DT_BF16, D->xn, 0, W(D, D->head), 1, DT_F32, D->logits, NULL, 1.0f,
+                    0.0f, D->st, EA));
+        return;
+    }
+    for (int64_t b = 0; b < nb; b++)  // a chunked feed: sequence b's columns land at rows b*L + c0 ..
+        TCK(dl_gemm(D->gemm, (int)lc, (int)V, (int)d, DT_BF16, D->xn + b * lc * d, 0, W(D, D->head), 1, DT_F32,
+                    D->logits + (b * L + c0) * V, NULL, 1.0f, 0.0f, D->st, EA));
+}
+
+static void graphs_drop(DecoderCuda *D) {
+    for (int i = 0; i < D->ng; i++) cudaCheck(cudaGraphExecDestroy(D->g[i].ex));
+    D->ng = D->gnext = 0;
+}
+
+// Room for `rows` rows of logits (and their argmax); captured graphs hold the old pointer: dropped.
+static void ensure_logits(DecoderCuda *D, int64_t rows) {
+    if (rows <= D->lcap) return;
+    cudaCheck(cudaStreamSynchronize(D->st));
+    graphs_drop(D);
+    const int64_t V = D->h.base.vocab;
+    cudaCheck(cudaFree(D->logits)), cudaCheck(cudaFree(D->am_out)), cudaCheck(cudaFree(D->am_u64));
+    D->bytes -= (double)D->lcap * (V * 4 + 12);
+    D->logits = (float *)dalloc(D, (size_t)(rows * V) * 4);
+    D->am_out = (int32_t *)dalloc(D, (size_t)rows * 4);
+    D->am_u64 = (uint64_t *)dalloc(D, (size_t)rows * 8);
+    D->lcap = rows;
+}
+
+// Window input buffers for `need` tokens per sequence (the old contents kept); graphs dropped on growth.
+static void ensure_window(DecoderCuda *D, int64_t need) {
+    if (need <= D->wcap || D->n_m == 0) return;
+    const HybridConfig *h = &D->h;
+    const int64_t B = D->B, di = h->d_inner, dxb = h->d_xb, per = 3 * di + dxb;
+    const int64_t cap = need > 2 * D->wcap ? need : 2 * D->wcap;
+    cudaCheck(cudaStreamSynchronize(D->st));
+    graphs_drop(D);
+    bf16 *nbuf = (bf16 *)dalloc(D, (size_t)(D->n_m * B * cap * per) * 2);
+    for (int l = 0; l < h->base.n_layer; l++) {
+        DLayer *L = &D->L[l];
+        if (L->kind == MIXER_ATTN) continue;
+        bf16 *base = nbuf + L->mi * B * cap * per;
+        bf16 *nw[4] = {base, base + B * cap * di, base + 2 * B * cap * di, base + 3 * B * cap * di};
+        bf16 *ow[4] = {L->w_xr, L->w_xc, L->w_dt, L->w_B};
+        const int64_t C[4] = {di, di, di, dxb};
+        for (int a = 0; a < 4; a++) {
+            if (D->wcap && D->wlen)  // [B, wcap, C] -> [B, cap, C]: the first wlen columns of each sequence
+                cudaCheck(cudaMemcpy2DAsync(nw[a], (size_t)(cap * C[a]) * 2, ow[a], (size_t)(D->wcap * C[a]) * 2,
+                                            (size_t)(D->wlen * C[a]) * 2, (size_t)B, cudaMemcpyDeviceToDevice, D->st));
+        }
+        L->w_xr = nw[0], L->w_xc = nw[1], L->w_dt = nw[2], L->w_B = nw[3];
+    }
+    cudaCheck(cudaStreamSynchronize(D->st));
+    if (D->wbuf) {
+        cudaCheck(cudaFree(D->wbuf)), cudaCheck(cudaFree(D->wy));
+        D->bytes -= (double)(D->n_m * B * D->wcap * per + B * D->wcap * di) * 2;
+    }
+    D->wbuf = nbuf;
+    D->wy = (bf16 *)dalloc(D, (size_t)(B * cap * di) * 2);
+    D->wcap = cap;
+}
+
+// The graph of one pass for this feed's shape, captured on first use (nothing runs while capturing).
+static cudaGraphExec_t graph_for(DecoderCuda *D, int64_t lc, int all) {
+    const int win = D->win && D->n_m > 0;
+    for (int i = 0; i < D->ng; i++)
+        if (D->g[i].nb == D->nb && D->g[i].lc == lc && D->g[i].all == all && D->g[i].win == win) return D->g[i].ex;
+    int slot;
+    if (D->ng < MAX_GRAPHS) {
+        slot = D->ng++;
+    } else {  // full: replace round robin
+        slot = D->gnext;
+        D->gnext = (D->gnext + 1) % MAX_GRAPHS;
+        cudaCheck(cudaStreamSynchronize(D->st));
+        cudaCheck(cudaGraphExecDestroy(D->g[slot].ex));
+    }
+    cudaGraph_t g;
+    cudaCheck(cudaStreamBeginCapture(D->st, cudaStreamCaptureModeThreadLocal));
+    run_chunk(D, lc, D->max_len);
+    if (all) head_all(D, lc, 0, lc);
+    else head(D);
+    cudaCheck(cudaStreamEndCapture(D->st, &g));
+    GraphEntry *ge = &D->g[slot];
+    cudaCheck(cudaGraphInstantiate(&ge->ex, g, 0));
+    cudaCheck(cudaGraphDestroy(g));
+    ge->nb = D->nb, ge->lc = lc, ge->all = all, ge->win = win;
+    return ge->ex;
+}
+
 int decoder_cuda_feed_ragged(DecoderCuda *D, const int32_t *tokens, int64_t L, const int64_t *n, DlError *e) {
+    return decoder_cuda_feed(D, tokens, L, n, 0, e);
+}
+
+int decoder_cuda_feed(DecoderCuda *D, const int32_t *tokens, int64_t L, const int64_t *n, int all, DlError *e) {
     const LlamaConfig *c = &D->h.base;
     const int64_t nb = D->nb, V = c->vocab;
     if (L <= 0) return dl_fail(e, "decoder_cuda: feeding %lld tokens", (long long)L);
+    bool ragged = false;
     for (int64_t b = 0; b < nb; b++) {
         if (n && (n[b] < 1 || n[b] > L))
             return dl_fail(e, "decoder_cuda: sequence %lld feeds %lld tokens, expected 1..%lld", (long long)b,
                            (long long)n[b], (long long)L);
+        ragged = ragged || (n && n[b] != L);
         if (D->len[b] + L > D->max_len)
             return dl_fail(e, "decoder_cuda: sequence %lld: %lld + %lld tokens exceed the context of %lld", (long long)b,
                            (long long)D->len[b], (long long)L, (long long)D->max_len);
     }
+    if (ragged && D->win) return dl_fail(e, "decoder_cuda: ragged feeds are not allowed inside a speculative window");
     for (int64_t i = 0; i < nb * L; i++)
         if (tokens[i] < 0 || tokens[i] >= V)
             return dl_fail(e, "decoder_cuda: token id %d out of range 0..%lld", tokens[i], (long long)V - 1);
+    if (all) ensure_logits(D, nb * L);
+    if (D->win) ensure_window(D, D->wlen + L);
     const int64_t Lc = D->rows / nb < L ? D->rows / nb : L;  // columns per chunk (rows >= B >= nb)
     int32_t *tok = D->hints, *pos = D->hints + D->rows, *keep = D->hints + 2 * D->rows;
-    int32_t *lastidx = keep + D->B, *lenb = keep + 2 * D->B;
+    int32_t *lastidx = keep + D->B, *lenb = keep + 2 * D->B, *wofs = keep + 3 * D->B;
+    D->lrows = all ? nb * L : nb;
     for (int64_t c0 = 0; c0 < L; c0 += Lc) {
         const int64_t lc = L - c0 < Lc ? L - c0 : Lc;
         int64_t maxkeys = 0;
@@ -719,32 +886,91 @@ int decoder_cuda_feed_ragged(DecoderCuda *D, const int32_t *tokens, int64_t L, c
             lenb[b] = (int32_t)D->len[b];
             if (D->len[b] + lc > maxkeys) maxkeys = D->len[b] + lc;
         }
-        // one upload for the chunk: [tok | pos] then [keep | lastidx | lenb] (stream-ordered after the last
-        // chunk's kernels; pageable copies return once the host buffer is staged)
+        wofs[0] = (int32_t)(D->wlen + c0);
+        // one upload for the chunk: [tok | pos] then [keep | lastidx | lenb | window offset] (stream-ordered
+        // after the last chunk's kernels; pageable copies return once the host buffer is staged)
         cudaCheck(cudaMemcpyAsync(D->ints, D->hints, (size_t)(nb * lc) * 4, cudaMemcpyHostToDevice, D->st));
         cudaCheck(cudaMemcpyAsync(D->ints + D->rows, D->hints + D->rows, (size_t)(nb * lc) * 4, cudaMemcpyHostToDevice, D->st));
-        cudaCheck(cudaMemcpyAsync(D->ints + 2 * D->rows, keep, (size_t)(3 * D->B) * 4, cudaMemcpyHostToDevice, D->st));
-        if (D->use_graph && L == 1) {
-            if (!D->gexec || D->g_nb != nb) {  // capture the pass once per batch size (nothing runs while capturing)
-                if (D->gexec) cudaCheck(cudaGraphExecDestroy(D->gexec));
-                D->gexec = NULL;
-                cudaGraph_t g;
-                cudaCheck(cudaStreamBeginCapture(D->st, cudaStreamCaptureModeThreadLocal));
-                run_chunk(D, 1, D->max_len);
-                head(D);
-                cudaCheck(cudaStreamEndCapture(D->st, &g));
-                cudaCheck(cudaGraphInstantiate(&D->gexec, g, 0));
-                cudaCheck(cudaGraphDestroy(g));
-                D->g_nb = nb;
-            }
-            cudaCheck(cudaGraphLaunch(D->gexec, D->st));
+        cudaCheck(cudaMemcpyAsync(D->ints + 2 * D->rows, keep, (size_t)(3 * D->B + 1) * 4, cudaMemcpyHostToDevice, D->st));
+        if (D->use_graph && Lc == L && L <= GRAPH_MAX_L) {  // one chunk: the whole feed is one graph launch
+            cudaCheck(cudaGraphLaunch(graph_for(D, L, all), D->st));
             for (int64_t b = 0; b < nb; b++) D->len[b] += keep[b];
+            if (D->win) D->wlen += L;
             return 0;
         }
         run_chunk(D, lc, maxkeys);
+        if (all) head_all(D, lc, c0, L);
         for (int64_t b = 0; b < nb; b++) D->len[b] += keep[b];
     }
-    head(D);
+    if (!all) head(D);
+    if (D->win) D->wlen += L;
+    return 0;
+}
+
+void decoder_cuda_window_begin(DecoderCuda *D) {
+    D->win = true;
+    D->wlen = 0;
+    memcpy(D->len0, D->len, (size_t)D->B * sizeof(int64_t));
+    if (!D->n_m) return;
+    // the window-start state of every Mamba layer: the first nb sequences of each layer's slice
+    const HybridConfig *h = &D->h;
+    const int64_t B = D->B, nb = D->nb, sd = h->d_inner * h->d_state, cw = (h->d_conv > 1 ? h->d_conv - 1 : 1) * h->d_inner;
+    cudaCheck(cudaMemcpy2DAsync(D->ssm0_all, (size_t)(B * sd) * 4, D->ssm_all, (size_t)(B * sd) * 4, (size_t)(nb * sd) * 4,
+                                (size_t)D->n_m, cudaMemcpyDeviceToDevice, D->st));
+    if (h->d_conv > 1)
+        cudaCheck(cudaMemcpy2DAsync(D->conv0_all, (size_t)(B * cw) * 2, D->conv_all, (size_t)(B * cw) * 2,
+                                    (size_t)(nb * cw) * 2, (size_t)D->n_m, cudaMemcpyDeviceToDevice, D->st));
+}
+
+int decoder_cuda_accept(DecoderCuda *D, const int32_t *keep, DlError *e) {
+    if (!D->win) return dl_fail(e, "decoder_cuda_accept without decoder_cuda_window_begin");
+    const int64_t nb = D->nb;
+    bool all = true;
+    for (int64_t b = 0; b < nb; b++) {
+        if (keep[b] < 0 || keep[b] > D->wlen)
+            return dl_fail(e, "decoder_cuda_accept: sequence %lld keeps %d of %lld window tokens", (long long)b, keep[b],
+                           (long long)D->wlen);
+        all = all && keep[b] == D->wlen;
+    }
+    D->win = false;
+    for (int64_t b = 0; b < nb; b++) D->len[b] = D->len0[b] + keep[b];  // attention: rollback = length reset
+    if (all || D->wlen == 0 || D->n_m == 0) return 0;  // the Mamba states already are those after every token
+    const HybridConfig *h = &D->h;
+    const int64_t B = D->B, di = h->d_inner, ds = h->d_state, dxb = h->d_xb, cw = (h->d_conv > 1 ? h->d_conv - 1 : 1) * di;
+    const int Wc = h->d_conv;
+    cudaCheck(cudaMemcpyAsync(D->acc_keep, keep, (size_t)nb * 4, cudaMemcpyHostToDevice, D->st));
+    if (Wc > 1)  // conv windows back to the window start, then advanced past the kept inputs
+        cudaCheck(cudaMemcpy2DAsync(D->conv_all, (size_t)(B * cw) * 2, D->conv0_all, (size_t)(B * cw) * 2,
+                                    (size_t)(nb * cw) * 2, (size_t)D->n_m, cudaMemcpyDeviceToDevice, D->st));
+    // the replay runs all wcap columns (the buffers' stride); columns past wlen only feed states after keep
+    ScanShape s = {nb, D->wcap, di, ds, di / ds, dxb / ds};
+    for (int l = 0; l < h->base.n_layer; l++) {
+        const DLayer *L = &D->L[l];
+        if (L->kind == MIXER_ATTN) continue;
+        // C does not enter the state: any [nb, wcap, di] buffer serves (u's); outputs go to scratch
+        TCK(selective_scan_multi_cuda(&s, (const uint16_t *)L->w_xc, (const uint16_t *)L->w_dt, L->A,
+                                      (const uint16_t *)L->w_B, (const uint16_t *)L->w_xc, L->D, NULL, L->dtb32,
+                                      D->ssm0_all + L->mi * B * di * ds, D->acc_keep, (uint16_t *)D->wy, L->ssm, NULL,
+                                      D->st, EA));
+        if (Wc > 1) {
+            conv_advance_kernel<<<grid_of(nb * di, 256), 256, 0, D->st>>>(L->conv, L->w_xr, D->acc_keep, nb, D->wcap, di, Wc);
+            kernelCheck("conv_advance_kernel");
+        }
+    }
+    return 0;
+}
+
+void decoder_cuda_use_graph(DecoderCuda *D, int on) { D->use_graph = on != 0; }
+
+int64_t decoder_cuda_logits_rows(const DecoderCuda *D) { return D->lrows; }
+
+int decoder_cuda_argmax(DecoderCuda *D, int32_t *tokens, DlError *e) {
+    const DecodeSampling g = {0.0f, 0, 1.0f, 0};
+    char err[256] = "";
+    if (sample_rows_cuda_on(D->logits, D->lrows, D->h.base.vocab, &g, D->am_u64, D->am_u64, D->am_out, D->st, EA))
+        return dl_fail(e, "decoder_cuda: %s", err);
+    cudaCheck(cudaMemcpyAsync(tokens, D->am_out, (size_t)D->lrows * 4, cudaMemcpyDeviceToHost, D->st));
+    cudaCheck(cudaStreamSynchronize(D->st));
     return 0;
 }
 
@@ -755,7 +981,7 @@ int decoder_cuda_step(DecoderCuda *D, const int32_t *tokens, DlError *e) {
 const float *decoder_cuda_logits(const DecoderCuda *D) { return D->logits; }
 
 void decoder_cuda_logits_host(const DecoderCuda *D, float *out) {
-    cudaCheck(cudaMemcpyAsync(out, D->logits, (size_t)(D->nb * D->h.base.vocab) * 4, cudaMemcpyDeviceToHost, D->st));
+    cudaCheck(cudaMemcpyAsync(out, D->logits, (size_t)(D->lrows * D->h.base.vocab) * 4, cudaMemcpyDeviceToHost, D->st));
     cudaCheck(cudaStreamSynchronize(D->st));
 }
 
@@ -770,12 +996,15 @@ int decoder_cuda_seek(DecoderCuda *D, int64_t len, DlError *e) {
             cudaCheck(cudaMemsetAsync(D->L[l].vc, 0, (size_t)(D->nb * D->max_len * kvd) * 2, D->st));
         }
     for (int64_t b = 0; b < D->nb; b++) D->len[b] = len;
+    D->win = false;
     return 0;
 }
 
 int decoder_cuda_sample(DecoderCuda *D, const DecodeSampling *s, const uint64_t *stream, const uint64_t *counter,
                         int32_t *tokens, DlError *e) {
     const int64_t nb = D->nb;
+    if (D->lrows != nb)
+        return dl_fail(e, "decoder_cuda_sample: the last feed kept the logits of every token (use decoder_cuda_argmax)");
     cudaCheck(cudaMemcpyAsync(D->s_u64, stream, (size_t)nb * 8, cudaMemcpyHostToDevice, D->st));
     cudaCheck(cudaMemcpyAsync(D->s_u64 + D->B, counter, (size_t)nb * 8, cudaMemcpyHostToDevice, D->st));
     char err[256] = "";

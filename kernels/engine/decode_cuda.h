@@ -53,9 +53,33 @@ double decoder_cuda_bytes(const DecoderCuda *d);  // device memory held
 int decoder_cuda_feed_ragged(DecoderCuda *d, const int32_t *tokens, int64_t L, const int64_t *n, DlError *e);
 // One decode step: token[b] (host [nb]) appended to every sequence.
 int decoder_cuda_step(DecoderCuda *d, const int32_t *tokens, DlError *e);
-// The logits of the last feed: device pointer [nb, V] fp32 (valid until the next feed), or a host copy.
+// The general feed (decoder_feed_ragged's twin): as decoder_cuda_feed_ragged; all_logits != 0 keeps the logits
+// of every fed token, [nb, L, V] (row b*L + t; rows past n[b] are padding), else those of each sequence's
+// last fed token, [nb, V].
+int decoder_cuda_feed(DecoderCuda *d, const int32_t *tokens, int64_t L, const int64_t *n, int all_logits, DlError *e);
+// The logits of the last feed: device pointer [rows, V] fp32 with rows = decoder_cuda_logits_rows (nb, or
+// nb * L after an all-logits feed; valid until the next feed), or a host copy of all those rows.
 const float *decoder_cuda_logits(const DecoderCuda *d);
+int64_t decoder_cuda_logits_rows(const DecoderCuda *d);
 void decoder_cuda_logits_host(const DecoderCuda *d, float *out);
+// Greedy tokens of every row of the last feed's logits (argmax on the device, lowest id on ties, as
+// sample_argmax): host [decoder_cuda_logits_rows]. Only the ids cross to the host.
+int decoder_cuda_argmax(DecoderCuda *d, int32_t *tokens, DlError *e);
+
+// Speculative verification window (decoder_window_begin / decoder_accept of engine.h, same meaning):
+// window_begin marks the current state; the feeds that follow (uniform, not ragged; any number and length)
+// are tentative; accept(keep) keeps the first keep[b] (0 .. tokens fed since) of them per sequence (host
+// [nb]). Attention layers roll back by resetting the length (the KV rows past it are dead). Mamba layers
+// keep one copy of their state (SSM + conv window) from the window start and the scan and conv inputs of
+// the window's tokens (x, u, dt, B: [nb, window, .] bf16); accept replays the window from that copy with the
+// multi-token scan (selective_scan_multi_cuda), which stops each sequence at keep[b] and writes only the
+// state after it: no per-token states are stored. When every sequence keeps the whole window nothing is
+// recomputed. The window buffers grow on demand (the first window sizes them).
+void decoder_cuda_window_begin(DecoderCuda *d);
+int decoder_cuda_accept(DecoderCuda *d, const int32_t *keep, DlError *e);
+// CUDA graphs for short feeds (L <= 32 tokens, one chunk: decode steps and verification windows), captured
+// once per (batch, L, all_logits, window) shape. Default: the DISTILL_DECODE_GRAPH environment variable.
+void decoder_cuda_use_graph(DecoderCuda *d, int on);
 // Benchmarks only (decoder_seek): every sequence's length set to len without feeding (the KV rows below len
 // are zeroed, Mamba states kept), so the decode speed at a long context is timed without a long prefill.
 int decoder_cuda_seek(DecoderCuda *d, int64_t len, DlError *e);
