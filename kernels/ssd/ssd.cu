@@ -131,7 +131,7 @@ __host__ __device__ inline ChunkLayout chunk_layout(int64_t P, int64_t N) {
     l.DG = o, l.Vh = o, l.Vl = o + al128(Q * ld16(Q) * 2), o += wv;
     l.Sh = o, o = al128(o + P * ld16(N) * 2);
     l.Sl = o, o = al128(o + P * ld16(N) * 2);
-    l.R = o, o = al128(o + max64(Q * ld32(PN), Q * ld32(Q)) * 4);
+    l.R = o, o = al128(o + max64(Q * ld32(PN), Q * (Q + 1) + 8 * Q) * 4);  // R, or E [Q, Q+1] and 2 x [4, Q]
     l.scal = o, o = al128(o + SSD_SCAL * Q * 4);
     l.total = o;
     return l;
@@ -297,6 +297,56 @@ __device__ __forceinline__ void block_tiles(int M, int Nc, float *C, int ldc, bo
         else wmma::fill_fragment(acc, 0.f);
         terms(acc, i0, j0);
         wmma::store_matrix_sync(C + i0 * ldc + j0, acc, ldc, wmma::mem_row_major);
+    }
+}
+
+// C (M x Nc fp32, ldc; = or += as block_tiles) = A[:, 0:K] (Bh + Bl)[0:K, :]: an exact bf16 A times an fp32 operand
+// given as hi + lo. When the tile columns divide the 8 warps, every warp's tiles share one column block j0, so the
+// warp loads each B fragment (hi and lo) once per k step for all of its (up to 4) row tiles instead of once per tile;
+// otherwise it falls back to block_tiles. (The hi and lo products alternate per k step.)
+template <typename LA, typename LB>
+__device__ __forceinline__ void block_tiles_hilo(int M, int Nc, float *C, int ldc, bool load, const bf16 *A, int lda,
+                                                 const bf16 *Bh, const bf16 *Bl, int ldb, int K) {
+    constexpr bool ra = std::is_same<LA, wmma::row_major>::value, rb = std::is_same<LB, wmma::row_major>::value;
+    constexpr int W = SSD_THREADS / 32, MAXR = 4;
+    const int warp = threadIdx.x >> 5, nt = Nc / 16, total = (M / 16) * nt;
+    if (W % nt != 0 || total > W * MAXR) {
+        block_tiles(M, Nc, C, ldc, load, [&](Acc &acc, int i0, int j0) {
+            mma_k<LA, LB>(acc, A, lda, Bh, ldb, i0, j0, 0, K);
+            mma_k<LA, LB>(acc, A, lda, Bl, ldb, i0, j0, 0, K);
+        });
+        return;
+    }
+    const int j0 = (warp % nt) * 16;  // t = warp + W r: column (t % nt) is the same for every r
+    Acc acc[MAXR];
+#pragma unroll
+    for (int r = 0; r < MAXR; r++) {
+        const int t = warp + W * r;
+        if (t >= total) break;
+        const int i0 = (t / nt) * 16;
+        if (load) wmma::load_matrix_sync(acc[r], C + i0 * ldc + j0, ldc, wmma::mem_row_major);
+        else wmma::fill_fragment(acc[r], 0.f);
+    }
+    for (int k = 0; k < K; k += 16) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fh, fl;
+        wmma::load_matrix_sync(fh, rb ? Bh + k * ldb + j0 : Bh + j0 * ldb + k, ldb);
+        wmma::load_matrix_sync(fl, rb ? Bl + k * ldb + j0 : Bl + j0 * ldb + k, ldb);
+#pragma unroll
+        for (int r = 0; r < MAXR; r++) {
+            const int t = warp + W * r;
+            if (t >= total) break;
+            const int i0 = (t / nt) * 16;
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
+            wmma::load_matrix_sync(fa, ra ? A + i0 * lda + k : A + k * lda + i0, lda);
+            wmma::mma_sync(acc[r], fa, fh, acc[r]);
+            wmma::mma_sync(acc[r], fa, fl, acc[r]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < MAXR; r++) {
+        const int t = warp + W * r;
+        if (t >= total) break;
+        wmma::store_matrix_sync(C + ((t / nt) * 16) * ldc + j0, acc[r], ldc, wmma::mem_row_major);
     }
 }
 
@@ -539,11 +589,13 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     const float *dSg = a.dSo + (bh * a.nch + c) * a.P * a.N;
     // dS as hi + lo; u = <dS, S0> (S0 read from global here)
     float up = 0.f;
-    for (int i = tid; i < P * N; i += SSD_THREADS) {
-        const int p = i / N, n = i - p * N;
-        const float d = dSg[i];
-        split_bf(d, &Sh[p * lN + n], &Sl[p * lN + n]);
-        up = fmaf(d, S0g[i], up);
+    for (int i = tid; i < P * N / 4; i += SSD_THREADS) {  // 16-byte loads (workspace: 256-byte aligned, N % 16 == 0)
+        const int p = 4 * i / N, n = 4 * i - p * N;
+        const float4 d = __ldcs(reinterpret_cast<const float4 *>(dSg) + i);
+        const float4 s0 = __ldcs(reinterpret_cast<const float4 *>(S0g) + i);
+        bf16 *hp = Sh + p * lN + n, *lp = Sl + p * lN + n;
+        split_bf(d.x, hp, lp), split_bf(d.y, hp + 1, lp + 1), split_bf(d.z, hp + 2, lp + 2), split_bf(d.w, hp + 3, lp + 3);
+        up = fmaf(d.x, s0.x, up), up = fmaf(d.y, s0.y, up), up = fmaf(d.z, s0.z, up), up = fmaf(d.w, s0.w, up);
     }
     __syncthreads();
     chunk_weights(sc);
@@ -557,9 +609,12 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     const float u_raw = block_sum(up, sc.red);  // contains barriers: CB, dG, din, w are complete after it
     const float dlast = sc.din[SSD_Q - 1];
     const float u = dlast * u_raw;
-    // W, V (kept in registers while CB/dG are read: their regions become W/V hi + lo), E into R
-    constexpr int PER = SSD_Q * SSD_Q / SSD_THREADS;
+    // W, V (kept in registers while CB/dG are read: their regions become W/V hi + lo), E into R (row stride lE: odd,
+    // so that a warp walking 32 rows at one column, or one row, hits 32 banks)
+    constexpr int PER = SSD_Q * SSD_Q / SSD_THREADS, lE = SSD_Q + 1;
     static_assert(PER * SSD_THREADS == SSD_Q * SSD_Q, "Q*Q must be a multiple of the block size");
+    static_assert(SSD_THREADS == 4 * SSD_Q, "4 threads per row or column of the chunk");
+    float *part1 = Es + SSD_Q * lE, *part2 = part1 + 4 * SSD_Q;  // [4][Q] partial sums (R has room: lR >= Q + 4)
     float wr[PER], vr[PER];
 #pragma unroll
     for (int r = 0; r < PER; r++) {
@@ -567,7 +622,7 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
         const float l = decay_mk(sc, m, k), cb = CBf[m * lQf + k], dg = DGf[m * lQf + k];
         wr[r] = cb * l * sc.delta[k];
         vr[r] = dg * l * sc.delta[k];
-        Es[m * lQf + k] = dg * cb * l;
+        Es[m * lE + k] = dg * cb * l;
     }
     __syncthreads();
 #pragma unroll
@@ -576,42 +631,47 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
         split_bf(wr[r], &Wh[m * lQ + k], &Wl[m * lQ + k]);
         split_bf(vr[r], &Vh[m * lQ + k], &Vl[m * lQ + k]);
     }
-    // column sums of E: the intra-chunk part of ddelta_k
-    if (tid < SSD_Q) {
-        const int k = tid;
-        float s = 0.f;
-        for (int m = k; m < SSD_Q; m++) s += Es[m * lQf + k];
-        sc.dd[k] = s;
+    // Every thread: column / row index ix = tid % Q, quarter qr = tid / Q (16 rows or columns each).
+    const int ix = tid & (SSD_Q - 1), qr = tid / SSD_Q, r0 = qr * (SSD_Q / 4), r1 = r0 + SSD_Q / 4;
+    {  // quarter sums: part1 = column sums of E over rows m >= ix (ddelta); part2 = row sums of M[m,k] = E[m,k]
+       // delta_k over k < m (the row prefixes below)
+        float cs = 0.f, rs = 0.f;
+        for (int m = r0 > ix ? r0 : ix; m < r1; m++) cs += Es[m * lE + ix];
+        for (int k = r0; k < r1 && k < ix; k++) rs = fmaf(Es[ix * lE + k], sc.delta[k], rs);
+        part1[qr * SSD_Q + ix] = cs;
+        part2[qr * SSD_Q + ix] = rs;
     }
     __syncthreads();
-    // row prefixes of M in place: Es[m][j] = sum_{k<j} E[m,k] delta_k for j <= m, 0 for j > m
-    if (tid < SSD_Q) {
-        const int m = tid;
+    if (tid < SSD_Q) sc.dd[tid] = (part1[tid] + part1[SSD_Q + tid]) + (part1[2 * SSD_Q + tid] + part1[3 * SSD_Q + tid]);
+    {  // row prefixes of M in place: Es[m][j] = sum_{k<j} E[m,k] delta_k for j <= m, 0 for j > m (row m = ix)
+        const int m = ix;
         float pre = 0.f;
-        for (int j = 0; j < SSD_Q; j++) {
-            const float e = Es[m * lQf + j];
-            Es[m * lQf + j] = j <= m ? pre : 0.f;
+        for (int r = 0; r < qr; r++) pre += part2[r * SSD_Q + m];
+        for (int j = r0; j < r1; j++) {
+            const float e = Es[m * lE + j];
+            Es[m * lE + j] = j <= m ? pre : 0.f;
             if (j < m) pre = fmaf(e, sc.delta[j], pre);
         }
     }
     __syncthreads();
-    if (tid < SSD_Q) {  // tj_j = sum_{m>=j} sum_{k<j} M[m,k]
-        const int j = tid;
-        float s = 0.f;
-        for (int m = SSD_Q - 1; m >= j; m--) s += Es[m * lQf + j];
-        sc.tj[j] = s;
+    {  // tj_j = sum_{m>=j} sum_{k<j} M[m,k]: quarter sums of column j = ix (part1 is free again)
+        float cs = 0.f;
+        for (int m = r0 > ix ? r0 : ix; m < r1; m++) cs += Es[m * lE + ix];
+        part1[qr * SSD_Q + ix] = cs;
     }
+    __syncthreads();
+    if (tid < SSD_Q) sc.tj[tid] = (part1[tid] + part1[SSD_Q + tid]) + (part1[2 * SSD_Q + tid] + part1[3 * SSD_Q + tid]);
     __syncthreads();  // E is dead: R may be written
     // R = B dS^T  [k,p]
-    block_tiles(Q, P, Rs, lR, false, [&](Acc &acc, int i0, int j0) {
-        mma_k<wmma::row_major, wmma::col_major>(acc, Bs, lN, Sh, lN, i0, j0, 0, N);
-        mma_k<wmma::row_major, wmma::col_major>(acc, Bs, lN, Sl, lN, i0, j0, 0, N);
-    });
+    block_tiles_hilo<wmma::row_major, wmma::col_major>(Q, P, Rs, lR, false, Bs, lN, Sh, Sl, lN, N);
     __syncthreads();
-    if (tid < SSD_Q) {  // xdsb_k = x_k . R_k
+    {  // xdsb_k = x_k . R_k: 4 lanes per row k, interleaved columns (no bank conflicts), then a shuffle sum
+        const int k = tid >> 2, c4 = tid & 3;
         float s = 0.f;
-        for (int p = 0; p < P; p++) s = fmaf(bf(Xs[tid * lP + p]), Rs[tid * lR + p], s);
-        sc.xdsb[tid] = s;
+        for (int p = c4; p < P; p += 4) s = fmaf(bf(Xs[k * lP + p]), Rs[k * lR + p], s);
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        if (c4 == 0) sc.xdsb[k] = s;
     }
     __syncthreads();
     // dx = (w_k R + D dy) + W^T dy
@@ -631,10 +691,7 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     }
     __syncthreads();
     // dB = w_k (x dS) + V^T C
-    block_tiles(Q, N, Rs, lR, false, [&](Acc &acc, int i0, int j0) {
-        mma_k<wmma::row_major, wmma::row_major>(acc, Xs, lP, Sh, lN, i0, j0, 0, P);
-        mma_k<wmma::row_major, wmma::row_major>(acc, Xs, lP, Sl, lN, i0, j0, 0, P);
-    });
+    block_tiles_hilo<wmma::row_major, wmma::row_major>(Q, N, Rs, lR, false, Xs, lP, Sh, Sl, lN, P);
     __syncthreads();
     for (int i = tid; i < Q * N; i += SSD_THREADS) {
         const int k = i / N, n = i - k * N;
@@ -654,20 +711,22 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     }
     __syncthreads();
     // S0 as hi + lo (over dS), then dC = din_m (dy S0) + V B
-    for (int i = tid; i < P * N; i += SSD_THREADS) {
-        const int p = i / N, n = i - p * N;
-        split_bf(S0g[i], &Sh[p * lN + n], &Sl[p * lN + n]);
+    for (int i = tid; i < P * N / 4; i += SSD_THREADS) {
+        const int p = 4 * i / N, n = 4 * i - p * N;
+        const float4 v = __ldcs(reinterpret_cast<const float4 *>(S0g) + i);
+        bf16 *hp = Sh + p * lN + n, *lp = Sl + p * lN + n;
+        split_bf(v.x, hp, lp), split_bf(v.y, hp + 1, lp + 1), split_bf(v.z, hp + 2, lp + 2), split_bf(v.w, hp + 3, lp + 3);
     }
     __syncthreads();
-    block_tiles(Q, N, Rs, lR, false, [&](Acc &acc, int i0, int j0) {
-        mma_k<wmma::row_major, wmma::row_major>(acc, DYs, lP, Sh, lN, i0, j0, 0, P);
-        mma_k<wmma::row_major, wmma::row_major>(acc, DYs, lP, Sl, lN, i0, j0, 0, P);
-    });
+    block_tiles_hilo<wmma::row_major, wmma::row_major>(Q, N, Rs, lR, false, DYs, lP, Sh, Sl, lN, P);
     __syncthreads();
-    if (tid < SSD_Q) {  // tmp_m = din_m C_m . (dy S0)_m
+    {  // tmp_m = din_m C_m . (dy S0)_m, 4 lanes per row as above
+        const int m = tid >> 2, c4 = tid & 3;
         float s = 0.f;
-        for (int n = 0; n < N; n++) s = fmaf(bf(Cs[tid * lN + n]), Rs[tid * lR + n], s);
-        sc.tmp[tid] = sc.din[tid] * s;
+        for (int n = c4; n < N; n += 4) s = fmaf(bf(Cs[m * lN + n]), Rs[m * lR + n], s);
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        if (c4 == 0) sc.tmp[m] = sc.din[m] * s;
     }
     __syncthreads();
     for (int i = tid; i < Q * N; i += SSD_THREADS) {
@@ -701,8 +760,12 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
             const float graw = a.softplus ? (v > 20.f ? dd : dd / (1.f + expf(-v))) : dd;
             a.ddt[(b * L + t0 + j) * H + h] = __float2bfloat16_rn(graw);
             pb = graw;
-            for (int p = 0; p < P; p++) pd = fmaf(bf(DYs[j * lP + p]), bf(Xs[j * lP + p]), pd);
         }
+    }
+    {  // this thread's part of sum_j dy_j . x_j (dD): row tid / 4, every 4th column
+        const int j = tid >> 2, c4 = tid & 3;
+        if (j < q)
+            for (int p = c4; p < P; p += 4) pd = fmaf(bf(DYs[j * lP + p]), bf(Xs[j * lP + p]), pd);
     }
     const float sa = block_sum(pa, sc.red);
     const float sb = block_sum(pb, sc.red);
