@@ -353,20 +353,73 @@ __device__ __forceinline__ void block_tiles_hilo(int M, int Nc, float *C, int ld
 // Loads rows 0..Q-1 of a [rows, width] bf16 slice into shared memory (row stride ld); rows >= q are zero.
 // src(m) points at row m's first element in global memory (only called for m < q). vec: 16-byte copies (width % 8
 // == 0, ld % 8 == 0, rows 16-byte aligned in global memory: the host checks the base pointers).
+// The loads of a batch are all issued before any of its shared-memory stores: the compiler cannot move a global load
+// above a store through another generic pointer (they might alias), so a load-store loop would wait one full memory
+// latency per iteration (measured: most of the first kernels' time).
 template <typename FSrc>
 __device__ __forceinline__ void load_rows(bf16 *dst, int width, int ld, int q, bool vec, FSrc src) {
     if (vec) {
-        const int wv = width / 8;
-        for (int idx = threadIdx.x; idx < SSD_Q * wv; idx += SSD_THREADS) {
-            const int m = idx / wv, n = (idx - m * wv) * 8;
-            uint4 v = make_uint4(0u, 0u, 0u, 0u);
-            if (m < q) v = *reinterpret_cast<const uint4 *>(src(m) + n);
-            *reinterpret_cast<uint4 *>(dst + m * ld + n) = v;
+        constexpr int U = 4;  // 16-byte loads in flight per thread (a [64, 128] tile: all of it)
+        const int wv = width / 8, total = SSD_Q * wv;
+        for (int base = threadIdx.x; base < total; base += U * SSD_THREADS) {
+            uint4 v[U];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int idx = base + u * SSD_THREADS, m = idx / wv, n = (idx - m * wv) * 8;
+                v[u] = make_uint4(0u, 0u, 0u, 0u);
+                if (idx < total && m < q) v[u] = __ldg(reinterpret_cast<const uint4 *>(src(m) + n));
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int idx = base + u * SSD_THREADS, m = idx / wv, n = (idx - m * wv) * 8;
+                if (idx < total) *reinterpret_cast<uint4 *>(dst + m * ld + n) = v[u];
+            }
         }
     } else {
         for (int idx = threadIdx.x; idx < SSD_Q * width; idx += SSD_THREADS) {
             const int m = idx / width, n = idx - m * width;
             dst[m * ld + n] = m < q ? src(m)[n] : __float2bfloat16_rn(0.f);
+        }
+    }
+}
+
+// load_rows without registers: 16-byte cp.async copies (scan_common.cuh; rows >= q: zero stores) that stay in flight
+// until cp_async_wait_all(), which the caller issues before the barrier that precedes the first read. Falls back to
+// load_rows (complete on return) when the tensors are not 16-byte aligned.
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+template <typename FSrc>
+__device__ __forceinline__ void load_rows_async(bf16 *dst, int width, int ld, int q, bool vec, FSrc src) {
+    if (!vec) {
+        load_rows(dst, width, ld, q, false, src);
+        return;
+    }
+    const int wv = width / 8, total = SSD_Q * wv;
+    for (int idx = threadIdx.x; idx < total; idx += SSD_THREADS) {
+        const int m = idx / wv, n = (idx - m * wv) * 8;
+        if (m < q) cp_async16(dst + m * ld + n, src(m) + n);
+        else *reinterpret_cast<uint4 *>(dst + m * ld + n) = make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
+// An fp32 [rows, width] matrix in global memory (n4 = rows*width/4 float4s, 16-byte aligned) into shared memory as
+// bf16 hi + lo (row stride ld), 8 loads in flight per thread (see load_rows).
+__device__ __forceinline__ void split_rows4(bf16 *hi, bf16 *lo, int ld, const float4 *src, int n4, int width) {
+    constexpr int U = 8;
+    for (int i0 = threadIdx.x; i0 < n4; i0 += U * SSD_THREADS) {
+        float4 v[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int i = i0 + u * SSD_THREADS;
+            if (i < n4) v[u] = __ldcs(src + i);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int i = i0 + u * SSD_THREADS;
+            if (i >= n4) break;
+            const int r = 4 * i / width, n = 4 * i - r * width;
+            bf16 *hp = hi + r * ld + n, *lp = lo + r * ld + n;
+            split_bf(v[u].x, hp, lp), split_bf(v[u].y, hp + 1, lp + 1), split_bf(v[u].z, hp + 2, lp + 2);
+            split_bf(v[u].w, hp + 3, lp + 3);
         }
     }
 }
@@ -580,23 +633,38 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     const float Dh = a.D ? a.D[h] : 0.f, Ah = a.A[h];
     const int tid = threadIdx.x;
 
+    load_rows_async(Xs, P, lP, q, a.vec, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * a.P; });
+    load_rows_async(DYs, P, lP, q, a.vec, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * a.P; });
+    load_rows_async(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * a.N; });
+    load_rows_async(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * a.N; });
     if (tid < 32) chunk_scalars(a, b, h, t0, q, sc);
-    load_rows(Xs, P, lP, q, a.vec, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * a.P; });
-    load_rows(DYs, P, lP, q, a.vec, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * a.P; });
-    load_rows(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * a.N; });
-    load_rows(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * a.N; });
     const float *S0g = a.Sin + (bh * a.nch + c) * a.P * a.N;
     const float *dSg = a.dSo + (bh * a.nch + c) * a.P * a.N;
     // dS as hi + lo; u = <dS, S0> (S0 read from global here)
     float up = 0.f;
-    for (int i = tid; i < P * N / 4; i += SSD_THREADS) {  // 16-byte loads (workspace: 256-byte aligned, N % 16 == 0)
-        const int p = 4 * i / N, n = 4 * i - p * N;
-        const float4 d = __ldcs(reinterpret_cast<const float4 *>(dSg) + i);
-        const float4 s0 = __ldcs(reinterpret_cast<const float4 *>(S0g) + i);
-        bf16 *hp = Sh + p * lN + n, *lp = Sl + p * lN + n;
-        split_bf(d.x, hp, lp), split_bf(d.y, hp + 1, lp + 1), split_bf(d.z, hp + 2, lp + 2), split_bf(d.w, hp + 3, lp + 3);
-        up = fmaf(d.x, s0.x, up), up = fmaf(d.y, s0.y, up), up = fmaf(d.z, s0.z, up), up = fmaf(d.w, s0.w, up);
+    for (int i0 = tid; i0 < P * N / 4; i0 += 4 * SSD_THREADS) {  // 16-byte loads, 8 in flight (see load_rows)
+        float4 d[4], s0[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int i = i0 + u * SSD_THREADS;
+            if (i < P * N / 4) {
+                d[u] = __ldcs(reinterpret_cast<const float4 *>(dSg) + i);
+                s0[u] = __ldcs(reinterpret_cast<const float4 *>(S0g) + i);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int i = i0 + u * SSD_THREADS;
+            if (i >= P * N / 4) break;
+            const int p = 4 * i / N, n = 4 * i - p * N;
+            bf16 *hp = Sh + p * lN + n, *lp = Sl + p * lN + n;
+            split_bf(d[u].x, hp, lp), split_bf(d[u].y, hp + 1, lp + 1), split_bf(d[u].z, hp + 2, lp + 2);
+            split_bf(d[u].w, hp + 3, lp + 3);
+            up = fmaf(d[u].x, s0[u].x, up), up = fmaf(d[u].y, s0[u].y, up), up = fmaf(d[u].z, s0[u].z, up);
+            up = fmaf(d[u].w, s0[u].w, up);
+        }
     }
+    cp_async_wait_all();
     __syncthreads();
     chunk_weights(sc);
     // CB = C B^T and dG = dy x^T
@@ -711,12 +779,7 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     }
     __syncthreads();
     // S0 as hi + lo (over dS), then dC = din_m (dy S0) + V B
-    for (int i = tid; i < P * N / 4; i += SSD_THREADS) {
-        const int p = 4 * i / N, n = 4 * i - p * N;
-        const float4 v = __ldcs(reinterpret_cast<const float4 *>(S0g) + i);
-        bf16 *hp = Sh + p * lN + n, *lp = Sl + p * lN + n;
-        split_bf(v.x, hp, lp), split_bf(v.y, hp + 1, lp + 1), split_bf(v.z, hp + 2, lp + 2), split_bf(v.w, hp + 3, lp + 3);
-    }
+    split_rows4(Sh, Sl, lN, reinterpret_cast<const float4 *>(S0g), P * N / 4, N);
     __syncthreads();
     block_tiles_hilo<wmma::row_major, wmma::row_major>(Q, N, Rs, lR, false, DYs, lP, Sh, Sl, lN, P);
     __syncthreads();
@@ -958,20 +1021,15 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_chunk_out_kernel(SsdDev a) {
     const float Dh = a.D ? a.D[h] : 0.f;
     const int tid = threadIdx.x;
 
+    load_rows_async(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * a.N; });
+    load_rows_async(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * a.N; });
+    load_rows_async(Xs, PT, lP, q, a.vec, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * P + p0; });
     if (tid < 32) chunk_scalars(a, b, h, t0, q, sc);
-    load_rows(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * a.N; });
-    load_rows(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * a.N; });
-    load_rows(Xs, PT, lP, q, a.vec, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * P + p0; });
     {  // S_in rows p0 .. p0+PT-1 as hi + lo (16-byte loads: the workspace is 256-byte aligned, N % 16 == 0)
         const float4 *S0 = reinterpret_cast<const float4 *>(a.Sin + ((bh * a.nch + c) * P + p0) * a.N);
-        for (int i = tid; i < PT * N / 4; i += SSD_THREADS) {
-            const float4 v = __ldcs(S0 + i);
-            const int p = (4 * i) / N, n = 4 * i - p * N;
-            bf16 *hp = Sh + p * lN + n, *lp = Sl + p * lN + n;
-            split_bf(v.x, hp, lp), split_bf(v.y, hp + 1, lp + 1), split_bf(v.z, hp + 2, lp + 2);
-            split_bf(v.w, hp + 3, lp + 3);
-        }
+        split_rows4(Sh, Sl, lN, S0, PT * N / 4, N);
     }
+    cp_async_wait_all();
     __syncthreads();
     chunk_weights(sc);
     block_tiles(Q, Q, CBf, lQf, false, [&](Acc &acc, int i0, int j0) {
@@ -1052,15 +1110,16 @@ __host__ __device__ inline PassLayout pass_layout(int64_t TP, int64_t TN) {
 // 16-byte slots of one chunk's [Q, W] bf16 tile per thread (W <= 64: at most 2)
 constexpr int PASS_SLOTS = SSD_Q * 64 / 8 / SSD_THREADS;
 
-// One block per (b, h, TP rows of P, TN columns of N) (TP, TN = out_pt: 64 at P = N = 128), 8 warps, each owning up to
+// One block per (b, h, TP rows of P, TN columns of N) (TN = out_pt, TP = pass_tp: 64 at P = N = 128 unless that gives
+// too few blocks to fill the GPU), 8 warps, each owning up to
 // two 16 x 16 tiles of the state. Forward (GRAD = false): X = x, M = B, wt = w, chunks in order from init = h0 (or
 // 0); st_all[c] = the state entering chunk c, fin = h_last. GRAD: X = dy, M = C, wt = din, chunks from the last one
 // back from init = dh_last (or 0); st_all[c] = the gradient w.r.t. the state leaving chunk c, fin = dh0.
 template <bool GRAD>
-__global__ void __launch_bounds__(SSD_THREADS) ssd_state_pass_kernel(SsdDev a, float *st_all, const float *init,
-                                                                      float *fin) {
+__global__ void __launch_bounds__(SSD_THREADS) ssd_state_pass_kernel(SsdDev a, int TP, float *st_all,
+                                                                      const float *init, float *fin) {
     extern __shared__ __align__(128) unsigned char smem[];
-    const int TP = out_pt(a.P), TN = out_pt(a.N), Q = SSD_Q;
+    const int TN = out_pt(a.N), Q = SSD_Q;
     const int lX = (int)ld16(TP), lM = (int)ld16(TN);
     const PassLayout lay = pass_layout(TP, TN);
     bf16 *Xs = reinterpret_cast<bf16 *>(smem + lay.X);
@@ -1304,6 +1363,18 @@ struct Stages {
 
 int64_t grid_of(int64_t threads, int per) { return (threads + per - 1) / per; }
 
+// Rows of P per block of the sequential state pass: out_pt(P), halved (down to 16) while that leaves fewer than two
+// blocks per SM (e.g. 1 x 8192 with 32 heads: 128 blocks of 64 x 64 -> 256 of 32 x 64)
+int pass_tp(const SsdDev &a) {
+    int dev = 0, sms = 132;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev))
+        sms = 132;
+    int tp = out_pt(a.P);
+    while (tp % 32 == 0 && a.B * a.H * (a.P / tp) * (a.N / out_pt(a.N)) < 2 * sms) tp /= 2;
+    return tp;
+}
+int64_t pass_grid(const SsdDev &a, int tp) { return a.B * a.H * (a.P / tp) * (a.N / out_pt(a.N)); }
+
 // The state entering every chunk into a.Sin (h_last into fin): v3 (scalars, fused pass) or v2 (chunk states, scan).
 int chunk_states(const SsdDev &a, const float *init, float *fin, cudaStream_t st, Stages &tm, char *err, size_t errlen,
               const char *who) {
@@ -1311,10 +1382,11 @@ int chunk_states(const SsdDev &a, const float *init, float *fin, cudaStream_t st
         ssd_scalars_kernel<<<(unsigned)(a.B * a.H * a.nch), SSD_Q, 0, st>>>(a);
         if (scan_launch_check(err, errlen, who)) return -1;
         tm.mark("scalars");
-        const int64_t smem = pass_layout(out_pt(a.P), out_pt(a.N)).total;
-        const int64_t blocks = a.B * a.H * (a.P / out_pt(a.P)) * (a.N / out_pt(a.N));
+        const int tp = pass_tp(a);
+        const int64_t smem = pass_layout(tp, out_pt(a.N)).total;
         if (set_smem(ssd_state_pass_kernel<false>, smem, err, errlen, who)) return -1;
-        ssd_state_pass_kernel<false><<<(unsigned)blocks, SSD_THREADS, (size_t)smem, st>>>(a, a.Sin, init, fin);
+        ssd_state_pass_kernel<false><<<(unsigned)pass_grid(a, tp), SSD_THREADS, (size_t)smem, st>>>(a, tp, a.Sin,
+                                                                                                     init, fin);
         if (scan_launch_check(err, errlen, who)) return -1;
         tm.mark("state_pass");
         return 0;
@@ -1444,10 +1516,11 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
         // 2. state gradients leaving every chunk (dh0 at the end): the fused reverse pass (v3), or the chunk
         //    contributions and the reverse scan (v2)
         if (ver == 3) {
-            const int64_t smem = pass_layout(out_pt(a.P), out_pt(a.N)).total;
-            const int64_t blocks = a.B * a.H * (a.P / out_pt(a.P)) * (a.N / out_pt(a.N));
+            const int tp = pass_tp(a);
+            const int64_t smem = pass_layout(tp, out_pt(a.N)).total;
             if (set_smem(ssd_state_pass_kernel<true>, smem, err, errlen, who)) return -1;
-            ssd_state_pass_kernel<true><<<(unsigned)blocks, SSD_THREADS, (size_t)smem, st>>>(a, a.dSo, a.dhl, a.dh0);
+            ssd_state_pass_kernel<true><<<(unsigned)pass_grid(a, tp), SSD_THREADS, (size_t)smem, st>>>(a, tp, a.dSo,
+                                                                                                        a.dhl, a.dh0);
             if (scan_launch_check(err, errlen, "ssd_bwd_cuda: state-gradient pass")) return -1;
             tm.mark("dstate_pass");
         } else {
