@@ -13,7 +13,17 @@
 //      64-token vocabulary with ties, 200k draws match the CPU distribution (top-k as the stage applies it,
 //      then sample_probs) by chi-square and never leave its support; a tie-only nucleus takes the lowest
 //      ids; a 49152-token row keeps the nucleus; identical draws on a rerun and per stream under permutation.
-//   5. Last: 1 again with the decode steps replayed from a CUDA graph (DISTILL_DECODE_GRAPH=1).
+//   5. Speculative windows (hybrid and teacher): the logits of a K-token verification window equal those of K
+//      single decode steps (relative error < 2e-2, argmax equal in >= 90% of rows) and the CPU Decoder's
+//      window logits; after accept(keep) with keep = 0 .. K per sequence (one window feed, or K single-token
+//      feeds as the draft does) the lengths are rolled back and the next steps' logits equal a decoder that
+//      was only ever fed the kept tokens (ragged prefill of prompt + kept tokens), and the CPU Decoder's
+//      after the same window / accept; a window accept(all) changes nothing. Then greedy speculative
+//      generation on the GPU (spec_decode.h, the same code as the CPU) equals plain greedy generation token
+//      for token (a divergence counts only if it is a bf16 near-tie: the plain run's top two logits within
+//      1e-2 of the row's largest magnitude), with a 2-layer cut of the target and with the target as its own
+//      draft (acceptance >= 95% then), K = 1, 2, 4.
+//   6. Last: 1, 5 again with the decode steps replayed from CUDA graphs (DISTILL_DECODE_GRAPH=1).
 // Every output buffer is poisoned before each check. Exit status != 0 on any failure.
 // Usage: gpu_test_decode [--verbose]
 #include <cuda_runtime.h>
@@ -30,6 +40,7 @@ extern "C" {
 #include "distill/engine.h"
 #include "distill/rng.h"
 #include "distill/sample.h"
+#include "distill/spec_decode.h"
 }
 
 
@@ -200,6 +211,236 @@ static void gpu_run(const Model *m, int64_t B, const int64_t *plen, int64_t L, i
     }
     decoder_cuda_free(gpu);
     free(tok), free(tokp), free(lg);
+}
+
+// ---------------------------------------------------------------- speculative windows
+
+// Random tokens [B, L]: row b holds plen[b] ids (plen NULL: L), then zeros.
+static void random_tokens(int32_t *tok, int64_t B, int64_t L, const int64_t *plen, int64_t V, uint64_t seed) {
+    Rng g;
+    rng_init(&g, seed, 3);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < L; t++) tok[b * L + t] = t < (plen ? plen[b] : L) ? (int32_t)rng_below(&g, (uint64_t)V) : 0;
+}
+
+// Window of K tokens after a ragged prefill: as one feed (split = 0) or K single-token feeds (split = 1).
+// Logits vs K single steps and vs the CPU; rollback by accept(keep) vs a decoder fed only the kept tokens.
+static void window_case(const Model *m, const char *name, int64_t B, const int64_t *plen, int64_t L, int K, int split) {
+    DlError e;
+    char nm[160];
+    snprintf(nm, sizeof nm, "%s, K=%d window%s", name, K, split ? " of single-token feeds" : "");
+    const int64_t V = m->h.base.vocab, max_len = L + 3 * K + 16;
+    int32_t *pr = (int32_t *)calloc((size_t)(B * L), 4), *win = (int32_t *)calloc((size_t)(B * K), 4);
+    random_tokens(pr, B, L, plen, V, 11);
+    random_tokens(win, B, K, NULL, V, 12);
+    DecoderCuda *gs = decoder_cuda_new(&m->h, &m->r, m->p, B, max_len, NULL, &e);  // single steps
+    die_if(!gs, &e, "decoder_cuda_new");
+    DecoderCuda *gw = decoder_cuda_new(&m->h, &m->r, m->p, B, max_len, NULL, &e);  // the window
+    die_if(!gw, &e, "decoder_cuda_new");
+    Decoder *cpu = decoder_new(&m->h, &m->r, m->p, B, max_len, &e);
+    die_if(!cpu, &e, "decoder_new");
+    const bool graph = getenv("DISTILL_DECODE_GRAPH") != NULL;
+    decoder_cuda_use_graph(gs, graph), decoder_cuda_use_graph(gw, graph);
+    die_if(decoder_cuda_reset(gs, B, &e) || decoder_cuda_feed_ragged(gs, pr, L, plen, &e), &e, "prefill");
+    die_if(decoder_cuda_reset(gw, B, &e) || decoder_cuda_feed_ragged(gw, pr, L, plen, &e), &e, "prefill");
+    die_if(decoder_feed_ragged(cpu, pr, L, plen, NULL, NULL, &e) != 0, &e, "cpu prefill");
+    float *ls = (float *)malloc((size_t)(B * K * V) * 4), *lw = (float *)malloc((size_t)(B * K * V) * 4);
+    float *lc = (float *)malloc((size_t)(B * K * V) * 4), *row = (float *)malloc((size_t)(B * V) * 4);
+    int32_t *col = (int32_t *)malloc((size_t)B * 4);
+    for (int i = 0; i < K; i++) {  // reference: K single steps, logits into [B, K, V]
+        for (int64_t b = 0; b < B; b++) col[b] = win[b * K + i];
+        die_if(decoder_cuda_step(gs, col, &e) != 0, &e, "step");
+        decoder_cuda_logits_host(gs, row);
+        for (int64_t b = 0; b < B; b++) memcpy(ls + (b * K + i) * V, row + b * V, (size_t)V * 4);
+    }
+    decoder_cuda_window_begin(gw);
+    decoder_window_begin(cpu);
+    CK(cudaMemset((void *)decoder_cuda_logits(gw), 0xff, (size_t)(B * V) * 4));
+    CK(cudaDeviceSynchronize());
+    if (!split) {
+        die_if(decoder_cuda_feed(gw, win, K, NULL, 1, &e) != 0, &e, "window feed");
+        check(decoder_cuda_logits_rows(gw) == B * K, "%s: logits rows %lld = B*K", nm, (long long)decoder_cuda_logits_rows(gw));
+        decoder_cuda_logits_host(gw, lw);
+        die_if(decoder_feed(cpu, win, K, NULL, lc, &e) != 0, &e, "cpu window feed");
+        // argmax on the device = host argmax of the same rows
+        int32_t *am = (int32_t *)malloc((size_t)(B * K) * 4);
+        die_if(decoder_cuda_argmax(gw, am, &e) != 0, &e, "argmax");
+        int64_t bad = 0;
+        for (int64_t r = 0; r < B * K; r++) bad += am[r] != sample_argmax(lw + r * V, V);
+        check(bad == 0, "%s: device argmax of the %lld window rows = host argmax (%lld differ)", nm, (long long)(B * K), (long long)bad);
+        free(am);
+    } else {
+        for (int i = 0; i < K; i++) {
+            for (int64_t b = 0; b < B; b++) col[b] = win[b * K + i];
+            die_if(decoder_cuda_step(gw, col, &e) != 0, &e, "window step");
+            decoder_cuda_logits_host(gw, row);
+            for (int64_t b = 0; b < B; b++) memcpy(lw + (b * K + i) * V, row + b * V, (size_t)V * 4);
+            die_if(decoder_feed(cpu, col, 1, row, NULL, &e) != 0, &e, "cpu window step");
+            for (int64_t b = 0; b < B; b++) memcpy(lc + (b * K + i) * V, row + b * V, (size_t)V * 4);
+        }
+    }
+    const double es = relerr(lw, ls, B * K * V), ec = relerr(lw, lc, B * K * V);
+    int agree = 0;
+    for (int64_t r = 0; r < B * K; r++) agree += sample_argmax(lw + r * V, V) == sample_argmax(ls + r * V, V);
+    check(es < 2e-2, "%s: logits of all K positions vs K single decode steps: relative error %.3e", nm, es);
+    check(agree >= 0.9 * B * K, "%s: argmax equal to the single steps' in %d of %lld rows", nm, agree, (long long)(B * K));
+    check(ec < 2e-2, "%s: window logits vs the CPU Decoder's: relative error %.3e", nm, ec);
+    // rollback: sequence b keeps (b * 3 + 1) % (K + 1) tokens (0 .. K all occur for B > K)
+    int32_t keep[64];
+    int64_t n[64];
+    for (int64_t b = 0; b < B; b++) keep[b] = (int32_t)((b * 3 + 1) % (K + 1));
+    keep[0] = 0;
+    if (B > 1) keep[B - 1] = K;
+    die_if(decoder_cuda_accept(gw, keep, &e) != 0, &e, "accept");
+    die_if(decoder_accept(cpu, keep, &e) != 0, &e, "cpu accept");
+    bool lens = true;
+    for (int64_t b = 0; b < B; b++) lens = lens && decoder_cuda_seq_len(gw, b) == plen[b] + keep[b];
+    check(lens, "%s: lengths after accept = prompt + kept tokens", nm);
+    int32_t bad_keep[64];
+    for (int64_t b = 0; b < B; b++) bad_keep[b] = 0;
+    check(decoder_cuda_accept(gw, bad_keep, &e) != 0, "%s: accept without an open window is refused (%s)", nm, e.msg);
+    // reference: a fresh decoder fed prompt + kept tokens + the next token in one ragged prefill
+    const int64_t LR = L + K + 1;
+    int32_t *rt = (int32_t *)calloc((size_t)(B * LR), 4), *nx = (int32_t *)malloc((size_t)B * 4);
+    for (int64_t b = 0; b < B; b++) {
+        memcpy(rt + b * LR, pr + b * L, (size_t)plen[b] * 4);
+        memcpy(rt + b * LR + plen[b], win + b * K, (size_t)keep[b] * 4);
+        nx[b] = (int32_t)((b * 37 + 5) % V);
+        rt[b * LR + plen[b] + keep[b]] = nx[b];
+        n[b] = plen[b] + keep[b] + 1;
+    }
+    DecoderCuda *gr = decoder_cuda_new(&m->h, &m->r, m->p, B, max_len + 8, NULL, &e);
+    die_if(!gr, &e, "decoder_cuda_new");
+    die_if(decoder_cuda_reset(gr, B, &e) || decoder_cuda_feed_ragged(gr, rt, LR, n, &e), &e, "reference prefill");
+    float *lr = (float *)malloc((size_t)(B * V) * 4), *lcpu = (float *)malloc((size_t)(B * V) * 4);
+    double er = 0, ecpu = 0;
+    for (int s = 0; s < 4; s++) {
+        if (s > 0) {
+            for (int64_t b = 0; b < B; b++) nx[b] = (int32_t)((b * 11 + s * 29) % V);
+            die_if(decoder_cuda_step(gr, nx, &e) != 0, &e, "reference step");
+        }
+        die_if(decoder_cuda_step(gw, nx, &e) != 0, &e, "step after accept");
+        die_if(decoder_feed(cpu, nx, 1, lcpu, NULL, &e) != 0, &e, "cpu step after accept");
+        decoder_cuda_logits_host(gr, lr);
+        decoder_cuda_logits_host(gw, row);
+        er = fmax(er, relerr(row, lr, B * V));
+        ecpu = fmax(ecpu, relerr(row, lcpu, B * V));
+        if (s == 0) {  // the test's resolution: how far a decoder that kept every window token is
+            die_if(decoder_cuda_step(gs, nx, &e) != 0, &e, "step");
+            float *la = (float *)malloc((size_t)(B * V) * 4);
+            decoder_cuda_logits_host(gs, la);
+            if (g_verbose)
+                printf("        (%s: a decoder that kept the whole window is at relative error %.3e)\n", nm, relerr(la, lr, B * V));
+            free(la);
+        }
+    }
+    check(er < 2e-2, "%s: 4 steps after accept(keep) vs a decoder fed only the kept tokens: relative error %.3e", nm, er);
+    check(ecpu < 2e-2, "%s: 4 steps after accept(keep) vs the CPU Decoder after the same accept: relative error %.3e", nm, ecpu);
+    // a window kept whole: every token stays, the next step matches the CPU after the same window
+    int64_t len_before[64];
+    for (int64_t b = 0; b < B; b++) len_before[b] = decoder_cuda_seq_len(gw, b);
+    decoder_cuda_window_begin(gw);
+    decoder_window_begin(cpu);
+    die_if(decoder_cuda_feed(gw, win, K, NULL, 1, &e) != 0, &e, "window feed");
+    die_if(decoder_feed(cpu, win, K, NULL, NULL, &e) != 0, &e, "cpu window feed");
+    for (int64_t b = 0; b < B; b++) keep[b] = K;
+    die_if(decoder_cuda_accept(gw, keep, &e) || decoder_accept(cpu, keep, &e), &e, "accept all");
+    bool same_len = true;
+    for (int64_t b = 0; b < B; b++) same_len = same_len && decoder_cuda_seq_len(gw, b) == len_before[b] + K;
+    check(same_len, "%s: accept(all) keeps every token", nm);
+    for (int64_t b = 0; b < B; b++) col[b] = (int32_t)(b % V);
+    die_if(decoder_cuda_step(gw, col, &e) || decoder_feed(cpu, col, 1, lcpu, NULL, &e), &e, "step");
+    decoder_cuda_logits_host(gw, row);
+    const double eall = relerr(row, lcpu, B * V);
+    check(eall < 2e-2, "%s: a step after accept(all) vs the CPU: relative error %.3e", nm, eall);
+    decoder_cuda_window_begin(gw);
+    n[0] = 1;
+    for (int64_t b = 1; b < B; b++) n[b] = 2;
+    check(B == 1 || decoder_cuda_feed(gw, win, 2, n, 0, &e) != 0, "%s: a ragged feed inside a window is refused", nm);
+    for (int64_t b = 0; b < B; b++) keep[b] = 0;
+    die_if(decoder_cuda_accept(gw, keep, &e) != 0, &e, "accept(0)");
+    decoder_cuda_free(gs), decoder_cuda_free(gw), decoder_cuda_free(gr);
+    decoder_free(cpu);
+    free(pr), free(win), free(ls), free(lw), free(lc), free(row), free(col), free(rt), free(nx), free(lr), free(lcpu);
+}
+
+// Greedy speculative == plain greedy on the GPU (one code path with the CPU: spec_decode.c).
+static void spec_case(const Model *t, const Model *d, const char *name, bool self_draft) {
+    DlError e;
+    enum { B = 3, LM = 40, NT = 40 };
+    const int64_t plen[B] = {40, 7, 19}, V = t->h.base.vocab;
+    int32_t pr[B * LM];
+    random_tokens(pr, B, LM, plen, V, 21);
+    const bool graph = getenv("DISTILL_DECODE_GRAPH") != NULL;
+    const int ks[3] = {1, 2, 4};
+    for (int ki = 0; ki < 3; ki++) {
+        GenParams gp;
+        memset(&gp, 0, sizeof gp);
+        gp.k = ks[ki], gp.sp.greedy = true, gp.max_tokens = NT, gp.stop[0] = gp.stop[1] = -1;
+        const int64_t ml = spec_max_len(LM, NT, gp.k);
+        GenDecoder T, D;
+        die_if(gen_decoder_new(&t->h, &t->r, t->p, B, ml, 1, graph, &T, &e) != 0, &e, "target");
+        die_if(gen_decoder_new(&d->h, &d->r, d->p, B, ml, 1, graph, &D, &e) != 0, &e, "draft");
+        int32_t ref[B * NT], got[B * NT];
+        int64_t nref[B], ngot[B];
+        Rng r1, r2;
+        rng_init(&r1, 1, 0), rng_init(&r2, 1, 0);
+        die_if(gen_plain(T, pr, plen, LM, &gp, &r1, ref, nref, &e) != 0, &e, "gen_plain");
+        SpecStats st;
+        die_if(gen_speculative(T, D, pr, plen, LM, &gp, &r2, got, ngot, &st, &e) != 0, &e, "gen_speculative");
+        int equal = 0, near_tie = 0, real_diff = 0;
+        for (int64_t b = 0; b < B; b++) {
+            int64_t i = 0;
+            while (i < NT && ref[b * NT + i] == got[b * NT + i]) i++;
+            if (i == NT && nref[b] == NT && ngot[b] == NT) {
+                equal++;
+                continue;
+            }
+            // the first divergence: the plain run's logits there (prompt + the common prefix, one ragged prefill)
+            DecoderCuda *g = decoder_cuda_new(&t->h, &t->r, t->p, 1, LM + NT + 4, NULL, &e);
+            die_if(!g, &e, "decoder_cuda_new");
+            int32_t seq[LM + NT];
+            memcpy(seq, pr + b * LM, (size_t)plen[b] * 4);
+            memcpy(seq + plen[b], ref + b * NT, (size_t)i * 4);
+            float *lg = (float *)malloc((size_t)V * 4);
+            die_if(decoder_cuda_reset(g, 1, &e) || decoder_cuda_feed_ragged(g, seq, plen[b] + i, NULL, &e), &e, "prefill");
+            decoder_cuda_logits_host(g, lg);
+            double mx = 0;
+            for (int64_t v = 0; v < V; v++) mx = fmax(mx, fabs((double)lg[v]));
+            const double gap = fabs((double)lg[ref[b * NT + i]] - lg[got[b * NT + i]]);
+            (gap <= 1e-2 * mx ? near_tie : real_diff)++;
+            printf("        %s K=%d: sequence %lld diverges at token %lld (plain %d, speculative %d; logit gap %.3e, max |logit| %.2f)\n",
+                   name, gp.k, (long long)b, (long long)i, ref[b * NT + i], got[b * NT + i], gap, mx);
+            free(lg);
+            decoder_cuda_free(g);
+        }
+        const double acc = (double)st.accepted_at[0] / (double)(st.steps > 0 ? st.steps : 1);
+        check(real_diff == 0, "%s K=%d%s: greedy speculative == plain greedy on the GPU in %d of %d sequences (%d bf16 near-ties), "
+              "%.2f tokens per target step", name, gp.k, graph ? " (graphs)" : "", equal, B, near_tie,
+              (double)st.emitted / (double)(st.steps > 0 ? st.steps : 1));
+        if (self_draft) check(acc >= 0.95, "%s K=%d: the target as its own draft: first proposal accepted in %.3f of steps", name, gp.k, acc);
+        gen_decoder_free(&T), gen_decoder_free(&D);
+    }
+}
+
+static void test_speculative(const Model *hy, const Model *te) {
+    const int64_t plen_h[5] = {30, 5, 17, 64, 2}, plen_t[3] = {33, 50, 1};
+    for (int split = 0; split < 2; split++) {
+        window_case(hy, "hybrid", 5, plen_h, 64, 4, split);
+        window_case(te, "teacher", 3, plen_t, 50, 4, split);
+    }
+    window_case(hy, "hybrid", 5, plen_h, 64, 9, 0);
+    DlError e;
+    Model hcut, tcut;
+    const int hl[2] = {0, 1}, tl[2] = {0, 3};  // hybrid: a Mamba and an attention layer
+    die_if(spec_draft_from_layers(&hy->h, &hy->r, hy->p, hl, 2, &hcut.h, &hcut.r, &hcut.p, &e) != 0, &e, "cut");
+    die_if(spec_draft_from_layers(&te->h, &te->r, te->p, tl, 2, &tcut.h, &tcut.r, &tcut.p, &e) != 0, &e, "cut");
+    spec_case(hy, &hcut, "hybrid target, 2-layer cut draft", false);
+    spec_case(hy, hy, "hybrid target, itself as draft", true);
+    spec_case(te, &tcut, "teacher target, 2-layer cut draft", false);
+    spec_case(te, te, "teacher target, itself as draft", true);
+    free(hcut.p), free(tcut.p);
+    reg_free(&hcut.r), reg_free(&tcut.r);
 }
 
 // ---------------------------------------------------------------- sampling
@@ -405,10 +646,12 @@ int main(int argc, char **argv) {
           "a Mamba-2 layer is refused: %s", e.msg);
 
     test_sampling();
-    // last (a capture failure exits): decode steps replayed from a CUDA graph give the same results
+    test_speculative(&hy, &te);
+    // last (a capture failure exits): decode steps and windows replayed from CUDA graphs give the same results
     setenv("DISTILL_DECODE_GRAPH", "1", 1);
     decode_vs_cpu(&hy, "hybrid, CUDA-graph decode steps", 4, plen_h, 300, steps, NULL);
     decode_vs_cpu(&te, "teacher, CUDA-graph decode steps", 3, plen_t, 250, steps, NULL);
+    test_speculative(&hy, &te);
     unsetenv("DISTILL_DECODE_GRAPH");
     printf("gpu_test_decode: %d passed, %d failed\n", g_pass, g_fail);
     return g_fail ? 1 : 0;
