@@ -590,10 +590,7 @@ static EngineCuda *engine_setup(const HybridConfig *h, const Registry *r, int64_
     const int64_t V = c->vocab;
     int64_t chunk = chunk_rows > 0 ? chunk_rows : DL_MAX(1, (int64_t)ECU_CHUNK_LOGITS / V);
     E->chunk = DL_MIN(chunk, E->N);
-    // gpad also holds the row-group partial sums of dt_proj.bias's gradient (eng_colsum_add)
-    if (E->wpad_n)
-        E->gpad_n = DL_MAX((int64_t)E->Rp * DL_MAX((int64_t)c->d_model, (int64_t)h->d_inner),
-                           (int64_t)ENG_COLSUM_GROUPS * h->d_inner);
+    if (E->wpad_n) E->gpad_n = (int64_t)E->Rp * DL_MAX((int64_t)c->d_model, (int64_t)h->d_inner);
     build_table(E, &E->tab);
     EngineCudaMemory m;
     engine_cuda_memory_parts(E, &m);
@@ -1132,11 +1129,13 @@ static void mamba_bwd(EngineCuda *E, int l, LayerActs *a, const void *dy_mix, fl
     prof(E, "bwd mamba conv, repeat");
     dgrad(E, E->ddtl, E->ddt, at(E->wpad, w->pad_dtw, es), N, Rp, di, 0);  // [N, Rp]
     if (G(Gr, w->alog)) eng_add_mul(G(Gr, w->alog), E->dA, E->A, di * ds, E->st);  // A = -exp(A_log): dA/dA_log = A
-    if (G(Gr, w->D)) eng_add_f32(G(Gr, w->D), E->dD, di, E->st);
-    // dt_proj.bias enters twice: through dt_proj (ddt summed over tokens) and as delta_bias
-    if (G(Gr, w->dtb)) eng_colsum_add(E->dt, G(Gr, w->dtb), E->ddt, E->ddb, N, di, E->gpad, E->st);
-    if (G(Gr, w->cw)) eng_add_f32(G(Gr, w->cw), E->dcw, di * h->d_conv, E->st);
-    if (G(Gr, w->cb)) eng_add_f32(G(Gr, w->cb), E->dcb, di, E->st);
+    if (G(Gr, w->D)) eng_add_f32(G(Gr, w->D), E->dD, 1.0f, di, E->st);
+    // dt_proj.bias enters twice: through dt_proj (its gradient: ddt summed over tokens) and as delta_bias (ddb). The
+    // scan sees dt and delta_bias only as their sum, so ddb IS that token sum of ddt, taken in fp32 before ddt is
+    // rounded to bf16: add it twice (the CPU engine's sum + ddb up to summation order; no [N, di] pass).
+    if (G(Gr, w->dtb)) eng_add_f32(G(Gr, w->dtb), E->ddb, 2.0f, di, E->st);
+    if (G(Gr, w->cw)) eng_add_f32(G(Gr, w->cw), E->dcw, 1.0f, di * h->d_conv, E->st);
+    if (G(Gr, w->cb)) eng_add_f32(G(Gr, w->cb), E->dcb, 1.0f, di, E->st);
     if (G(Gr, w->dtw)) {  // through the padded [di, Rp] copy
         TC(dl_linear_wgrad(E->gemm, E->dt, DT_F32, E->gpad, E->ddt, a->dtl, N, Rp, di, 0, E->st, EA));
         eng_add_cols(G(Gr, w->dtw), R, E->gpad, Rp, di, E->st);
@@ -1148,7 +1147,7 @@ static void mamba_bwd(EngineCuda *E, int l, LayerActs *a, const void *dy_mix, fl
     wgrad(E, G(Gr, w->Cp), E->dC, a->xn1, N, d, di);
     if (G(Gr, w->dtd)) {  // [Rp, d]; the padding rows are zero and dropped
         TC(dl_linear_wgrad(E->gemm, E->dt, DT_F32, E->gpad, E->ddtl, a->xn1, N, d, Rp, 0, E->st, EA));
-        eng_add_f32(G(Gr, w->dtd), E->gpad, R * d, E->st);
+        eng_add_f32(G(Gr, w->dtd), E->gpad, 1.0f, R * d, E->st);
     }
     prof(E, "bwd mamba in_proj wgrad");
     if (need_dx) {

@@ -35,35 +35,9 @@ __global__ void repeat_bwd_k(T *dxs, const T *dxr, int64_t T_, int64_t di, int64
 }
 __global__ void neg_exp_k(float *A, const float *alog, int64_t n) { GRID_STRIDE(i, n) A[i] = -expf(alog[i]); }
 __global__ void add_mul_k(float *g, const float *a, const float *b, int64_t n) { GRID_STRIDE(i, n) g[i] += a[i] * b[i]; }
-__global__ void add_f32_k(float *y, const float *x, int64_t n) { GRID_STRIDE(i, n) y[i] += x[i]; }
+__global__ void add_f32_k(float *y, const float *x, float a, int64_t n) { GRID_STRIDE(i, n) y[i] += a * x[i]; }
 template <typename T>
 __global__ void axpy_k(T *y, const T *x, float s, int64_t n) { GRID_STRIDE(i, n) st(y, i, ld(y, i) + s * ld(x, i)); }
-// block (32 columns x 8 row lanes) per (column tile, row group): lane y sums rows r0 + y, r0 + y + 8, ... of its
-// group in order, then the 8 lanes are added in a fixed tree; the group's sum goes to ws [group, c]
-template <typename T>
-__global__ void colsum_part_k(float *ws, const T *d, int64_t rows, int64_t cols) {
-    __shared__ float red[8][33];
-    const int64_t c = blockIdx.x * 32 + threadIdx.x;
-    const int64_t per = (rows + gridDim.y - 1) / gridDim.y;
-    const int64_t r0 = blockIdx.y * per, r1 = r0 + per < rows ? r0 + per : rows;
-    float s = 0.0f;
-    if (c < cols)
-        for (int64_t t = r0 + threadIdx.y; t < r1; t += 8) s += ld(d, t * cols + c);
-    red[threadIdx.y][threadIdx.x] = s;
-    __syncthreads();
-    for (int k = 4; k > 0; k >>= 1) {
-        if ((int)threadIdx.y < k) red[threadIdx.y][threadIdx.x] += red[threadIdx.y + k][threadIdx.x];
-        __syncthreads();
-    }
-    if (threadIdx.y == 0 && c < cols) ws[blockIdx.y * cols + c] = red[0][threadIdx.x];
-}
-__global__ void colsum_fold_k(float *g, const float *ws, const float *extra, int groups, int64_t cols) {
-    GRID_STRIDE(c, cols) {
-        float s = 0.0f;
-        for (int j = 0; j < groups; j++) s += ws[j * cols + c];
-        g[c] += s + extra[c];
-    }
-}
 __global__ void add_cols_k(float *dst, int64_t dc, const float *src, int64_t sc, int64_t rows) {
     GRID_STRIDE(i, rows * dc) dst[i] += src[(i / dc) * sc + i % dc];
 }
@@ -89,22 +63,14 @@ void eng_add_mul(float *g, const float *a, const float *b, int64_t n, cudaStream
     add_mul_k<<<grid_for(n), 256, 0, s>>>(g, a, b, n);
     kernelCheck("add_mul_k (A_log gradient)");
 }
-void eng_add_f32(float *y, const float *x, int64_t n, cudaStream_t s) {
-    add_f32_k<<<grid_for(n), 256, 0, s>>>(y, x, n);
+void eng_add_f32(float *y, const float *x, float a, int64_t n, cudaStream_t s) {
+    add_f32_k<<<grid_for(n), 256, 0, s>>>(y, x, a, n);
     kernelCheck("add_f32_k (gradient add)");
 }
 void eng_axpy(DType dt, void *y, const void *x, float sc, int64_t n, cudaStream_t s) {
     if (dt == DT_BF16) axpy_k<<<grid_for(n), 256, 0, s>>>(BF(y), CBF(x), sc, n);
     else axpy_k<<<grid_for(n), 256, 0, s>>>((float *)y, (const float *)x, sc, n);
     kernelCheck("axpy_k (hidden-state gradient)");
-}
-void eng_colsum_add(DType dt, float *g, const void *d, const float *extra, int64_t rows, int64_t cols, float *ws, cudaStream_t s) {
-    const dim3 grid((unsigned)((cols + 31) / 32), ENG_COLSUM_GROUPS), block(32, 8);
-    if (dt == DT_BF16) colsum_part_k<<<grid, block, 0, s>>>(ws, CBF(d), rows, cols);
-    else colsum_part_k<<<grid, block, 0, s>>>(ws, (const float *)d, rows, cols);
-    kernelCheck("colsum_part_k (dt_proj.bias gradient, row-group sums)");
-    colsum_fold_k<<<grid_for(cols), 256, 0, s>>>(g, ws, extra, ENG_COLSUM_GROUPS, cols);
-    kernelCheck("colsum_fold_k (dt_proj.bias gradient)");
 }
 void eng_add_cols(float *dst, int64_t dc, const float *src, int64_t sc, int64_t rows, cudaStream_t s) {
     add_cols_k<<<grid_for(rows * dc), 256, 0, s>>>(dst, dc, src, sc, rows);

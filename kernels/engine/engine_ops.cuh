@@ -1,7 +1,6 @@
 // engine_ops.cuh: the few element-wise kernels engine_cuda needs beyond kernels/train and kernels/scan
 // (MambaInLlama's x repeat over KV groups, A = -exp(A_log), Mamba parameter-gradient folds, axpy). Each is the
-// device form of a loop in distill/mamba1_cpu.c or engine_cpu.c, with the same order of fp32 operations, except
-// the dt_proj.bias column sum (fixed row groups, for parallelism; still deterministic).
+// device form of a loop in distill/mamba1_cpu.c or engine_cpu.c, with the same order of fp32 operations.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -16,15 +15,10 @@ void eng_repeat_bwd(DType dt, void *dxs, const void *dxr, int64_t T, int64_t di,
 void eng_neg_exp(float *A, const float *alog, int64_t n, cudaStream_t s);
 // g [n] += a [n] * b [n]   (A_log's gradient: dA * A)
 void eng_add_mul(float *g, const float *a, const float *b, int64_t n, cudaStream_t s);
-// y [n] += x [n] (fp32)
-void eng_add_f32(float *y, const float *x, int64_t n, cudaStream_t s);
+// y [n] += a * x [n] (fp32; a = 1 adds exactly)
+void eng_add_f32(float *y, const float *x, float a, int64_t n, cudaStream_t s);
 // y [n] += scale * x [n] in dt
 void eng_axpy(DType dt, void *y, const void *x, float scale, int64_t n, cudaStream_t s);
-// g [c] += (sum over rows t of d [t, c]) + extra [c]   (dt_proj.bias: ddt summed + ddelta_bias). Deterministic:
-// ENG_COLSUM_GROUPS fixed row groups, each summed by 8 row lanes (rows in order) and a fixed tree, write partial
-// sums into ws [ENG_COLSUM_GROUPS, cols] (fp32 scratch); a second pass adds them in group order.
-#define ENG_COLSUM_GROUPS 16
-void eng_colsum_add(DType dt, float *g, const void *d, const float *extra, int64_t rows, int64_t cols, float *ws, cudaStream_t s);
 // dst [rows, dc] += src [rows, sc] (first dc columns; fp32): a gradient of a padded weight into its tensor
 void eng_add_cols(float *dst, int64_t dc, const float *src, int64_t sc, int64_t rows, cudaStream_t s);
 // Hidden-state MSE (losses.c mse_rows): rows [n] (fp64) gets, per row with mask[r] != 0 (mask device [n] or
