@@ -2,7 +2,7 @@
 // student forward, CE + 0.1 KL over the vocabulary (streamed in row chunks), backward, AdamW on the Mamba
 // mixers only (every other layer is Mamba, attention kept at even layers). Random weights.
 //   gpu_bench_engine [--model smollm2|llama8b] [--layers L] [--B 2] [--T 2048] [--steps 10] [--warmup 3]
-//                    [--recompute] [--attn-cuda-cores] [--chunk rows] [--plan-only]
+//                    [--recompute] [--attn-cuda-cores] [--chunk rows] [--share-prefix] [--plan-only]
 // Reports ms/step, tokens/s and MFU. FLOPs counted: teacher forward + 3x student forward (forward and
 // backward), GEMMs 2*m*n*k, causal attention 2*T*nh*hd per token for QK^T and PV each (half the square),
 // scan and element-wise work not counted. MFU against the 989 TFLOP/s dense bf16 peak of the H100 SXM and
@@ -12,6 +12,10 @@
 // that comparison from engine_cuda_plan (what the engines would allocate) and exits without touching a GPU.
 // The plan assumes the engine's default loss chunk (--chunk 0, as the pipeline runs); the default here is 1024
 // rows, which adds (1024 - default) x vocab x 2 bytes for each of the two logits chunks.
+// --share-prefix: the student's layers below its first Mamba layer get the teacher's weights (as stage 1's
+// initialization gives them: frozen and equal), the teacher keeps its hidden states, and the student's forward
+// starts from the teacher's hidden state there (engine_cuda_forward_range) instead of recomputing those layers.
+// The pipeline (train_loop.c) does not do this yet; the option measures what it would save.
 // Environment: DISTILL_ATTN=cudnn|native picks the attention kernels (engine_cuda.cu attn_select; the RESULT line
 // names it); DISTILL_ENGINE_PROFILE=1 prints each engine's GPU time per region of the step when it is freed (the
 // regions synchronize, so the step times printed then are not the benchmark's).
@@ -129,7 +133,7 @@ int main(int argc, char **argv) {
     const char *model = "llama8b";
     int layers = 8, steps = 10, warmup = 3;
     int64_t B = 2, T = 2048;
-    bool recompute = false, plan_only = false;
+    bool recompute = false, plan_only = false, share = false;
     int64_t chunk = 1024;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--model") && i + 1 < argc) model = argv[++i];
@@ -139,12 +143,13 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--warmup") && i + 1 < argc) warmup = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--recompute")) recompute = true;
+        else if (!strcmp(argv[i], "--share-prefix")) share = true;
         else if (!strcmp(argv[i], "--chunk") && i + 1 < argc) chunk = atoll(argv[++i]);
         else if (!strcmp(argv[i], "--attn-cuda-cores")) attention_use_tensor_cores(0);
         else if (!strcmp(argv[i], "--plan-only")) plan_only = true;
         else {
             fprintf(stderr, "usage: gpu_bench_engine [--model smollm2|llama8b] [--layers L] [--B n] [--T n] [--steps n] "
-                            "[--warmup n] [--recompute] [--attn-cuda-cores] [--chunk rows] [--plan-only]\n");
+                            "[--warmup n] [--recompute] [--attn-cuda-cores] [--chunk rows] [--share-prefix] [--plan-only]\n");
             return 2;
         }
     }
@@ -236,12 +241,28 @@ int main(int argc, char **argv) {
     // ---- engines (the host parameter buffers are freed after upload)
     float *ph = (float *)malloc((size_t)DL_MAX(rs.numel, rt.numel) * 4);
     fill_random(&rt, ph, 1);
-    EngineCuda *teacher = engine_cuda_new(&ht, &rt, ph, B, T, ECU_NO_MASTER, DT_BF16, chunk, stdout, &e);
+    int lowest = 0;  // the student's first Mamba layer
+    while (lowest < c.n_layer && hs.mixer[lowest] != MIXER_MAMBA1) lowest++;
+    float *pt = NULL;  // --share-prefix: the teacher's weights, for the student's frozen prefix
+    if (share) {
+        pt = (float *)malloc((size_t)rt.numel * 4);
+        memcpy(pt, ph, (size_t)rt.numel * 4);
+        printf("  --share-prefix: student layers 0..%d take the teacher's weights; the student's forward starts from the "
+               "teacher's hidden state %d\n", lowest - 1, lowest);
+    }
+    EngineCuda *teacher = engine_cuda_new(&ht, &rt, ph, B, T, ECU_NO_MASTER | (share ? ECU_KEEP_HIDDEN : 0), DT_BF16,
+                                          chunk, stdout, &e);
     if (!teacher) {
         fprintf(stderr, "teacher: %s\n", e.msg);
         return 1;
     }
     fill_random(&rs, ph, 2);
+    for (int i = 0; share && i < rs.n; i++) {  // by name: layers below `lowest` and the non-layer tensors (as stage 1 inits)
+        const TensorInfo *t = &rs.t[i];
+        const int j = reg_find(&rt, t->name);
+        if (j >= 0 && t->layer < lowest) memcpy(ph + t->offset, pt + rt.t[j].offset, (size_t)t->numel * 4);
+    }
+    free(pt);
     EngineCuda *student = engine_cuda_new(&hs, &rs, ph, B, T, sflags, DT_BF16, chunk, stdout, &e);
     if (!student) {
         fprintf(stderr, "student: %s\n", e.msg);
@@ -285,7 +306,9 @@ int main(int argc, char **argv) {
         engine_cuda_sync();
         double t0 = now();
         engine_cuda_zero_trainable(student, grads);
-        if (engine_cuda_forward(teacher, tok, NULL, &e) || engine_cuda_forward(student, tok, NULL, &e)) {
+        if (engine_cuda_forward(teacher, tok, NULL, &e) ||
+            (share ? engine_cuda_forward_range(student, tok, NULL, lowest, engine_cuda_hidden(teacher, lowest), c.n_layer, &e)
+                   : engine_cuda_forward(student, tok, NULL, &e))) {
             fprintf(stderr, "%s\n", e.msg);
             return 1;
         }
