@@ -14,6 +14,7 @@ extern "C" {
 #include "distill/common.h"
 #include "distill/dist.h"
 #include "distill/dtype.h"
+#include "distill/zero.h"
 }
 #include "distill/nccl_comm.h"
 
@@ -361,6 +362,41 @@ int nccl_group_end(NcclComm *c, DlError *e) {
         return track(c, "group of collectives", c->group_count, c->group_dt, c->group_stream, e);
     }
     return 0;
+}
+
+#define GROUP_MAX 256  // operations per ncclGroupStart/End of the range calls
+
+static int ranges_op(NcclComm *c, float *buf, const ZeroRange *rg, int n, bool reduce, void *stream, DlError *e) {
+    if (nccl_comm_check(c, e)) return -1;
+    cudaStream_t s = (cudaStream_t)stream;
+    for (int i0 = 0; i0 < n; i0 += GROUP_MAX) {
+        const int i1 = n - i0 < GROUP_MAX ? n : i0 + GROUP_MAX;
+        if (nccl_group_begin(c, e)) return -1;
+        for (int i = i0; i < i1; i++) {
+            float *p = buf + rg[i].off;
+            ncclResult_t r;
+            ENQUEUE(r = reduce ? ncclReduce(p, p, (size_t)rg[i].n, ncclFloat32, ncclSum, rg[i].root, c->comm, s)
+                               : ncclBroadcast(p, p, (size_t)rg[i].n, ncclFloat32, rg[i].root, c->comm, s));
+            if (r != ncclSuccess && r != ncclInProgress) {
+                DlError e2;
+                nccl_group_end(c, &e2);
+                return dl_fail(e, "rank %d (host %s, GPU %d): %s of %lld elements onto/from rank %d failed: %s", c->rank,
+                               c->host, c->device, reduce ? "ncclReduce" : "ncclBroadcast", (long long)rg[i].n, rg[i].root,
+                               ncclGetErrorString(r));
+            }
+            if (track(c, reduce ? "reduce" : "broadcast", rg[i].n, DT_F32, s, e)) return -1;
+        }
+        if (nccl_group_end(c, e)) return -1;
+    }
+    return 0;
+}
+
+int nccl_reduce_ranges(NcclComm *c, float *buf, const ZeroRange *r, int n, void *stream, DlError *e) {
+    return ranges_op(c, buf, r, n, true, stream, e);
+}
+
+int nccl_bcast_ranges(NcclComm *c, float *buf, const ZeroRange *r, int n, void *stream, DlError *e) {
+    return ranges_op(c, buf, r, n, false, stream, e);
 }
 
 int nccl_sync(NcclComm *c, void *stream, DlError *e) {

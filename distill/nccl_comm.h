@@ -26,6 +26,7 @@
 #include "distill/common.h"
 #include "distill/dist.h"
 #include "distill/dtype.h"
+#include "distill/zero.h"  // ZeroRange
 
 #ifdef __cplusplus
 extern "C" {
@@ -58,6 +59,12 @@ int nccl_all_gather(NcclComm *c, const void *send, void *recv, int64_t send_coun
 // Several collectives as one group (ncclGroupStart/End), e.g. every bucket of a layer.
 int nccl_group_begin(NcclComm *c, DlError *e);
 int nccl_group_end(NcclComm *c, DlError *e);
+// ZeRO on compact device buffers (zero.h's ZeroRange lists; every rank passes the same list), in place, fp32,
+// issued in groups: nccl_reduce_ranges sums each range over the ranks onto its root (ncclReduce; the other
+// ranks' copies are left as they were), nccl_bcast_ranges copies each range from its root to every rank
+// (ncclBroadcast). A group's operations run concurrently, so the ranges of one call must not overlap.
+int nccl_reduce_ranges(NcclComm *c, float *buf, const ZeroRange *r, int n, void *stream, DlError *e);
+int nccl_bcast_ranges(NcclComm *c, float *buf, const ZeroRange *r, int n, void *stream, DlError *e);
 // Waits for everything enqueued on stream (watchdog-aware). -1 if the communicator was aborted.
 int nccl_sync(NcclComm *c, void *stream, DlError *e);
 

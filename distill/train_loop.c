@@ -8,9 +8,6 @@
 #include "distill/checkpoint_shard.h"
 #include "distill/train_model.h"
 #include "distill/zero.h"
-#ifdef DISTILL_NCCL
-#include "distill/nccl_comm.h"
-#endif
 
 typedef struct {
     TrainModel *student, *teacher;
@@ -26,9 +23,10 @@ typedef struct {
     Registry oreg;  // the optimizer's view: this rank's owned ranges (stage 0: every element)
     Registry sreg;  // this rank's ZeRO slice: the pieces its checkpoint file holds (= oreg for stages 1, 2)
     int64_t *soff;  // stage 0: where sreg's slice of each tensor starts in the full-layout m, v (optim.h)
-    float *flat;    // [Z.flat_numel] gradients / parameters in the flat layout
-    float *shard;   // [Z.shard_numel] this rank's slice of the summed gradient
-    float *pshard;  // [Z.shard_numel] this rank's slice of the updated parameters
+    float *flat;    // [Z.flat_numel] gradients / parameters in the flat layout (CPU only)
+    float *shard;   // [Z.shard_numel] this rank's slice of the summed gradient (CPU only)
+    float *pshard;  // [Z.shard_numel] this rank's slice of the updated parameters (CPU only)
+    TmDp *cu;       // CUDA: the device-side reductions, step and gather (train_model.h)
 } Dp;
 
 static void reg_copy(Registry *dst, const Registry *src) {
@@ -56,13 +54,16 @@ static int dp_init(Dp *d, const TrainConfig *c, const OptimConfig *oc, DlError *
     if (d->stage > 0) zero_apply_shards(&d->Z, &d->oreg, d->rank);
     d->soff = dl_calloc((size_t)(c->reg->n ? c->reg->n : 1), sizeof(int64_t));
     for (int i = 0; i < c->reg->n; i++) d->soff[i] = c->reg->t[i].offset + d->sreg.t[i].shard_begin;
-    d->flat = dl_calloc((size_t)d->Z.flat_numel, sizeof(float));
-    d->shard = dl_calloc((size_t)d->Z.shard_numel, sizeof(float));
-    d->pshard = dl_calloc((size_t)d->Z.shard_numel, sizeof(float));
+    if (c->device != TM_CUDA) {  // CUDA reduces and gathers in the device buffers (tm_dp_*)
+        d->flat = dl_calloc((size_t)d->Z.flat_numel, sizeof(float));
+        d->shard = dl_calloc((size_t)d->Z.shard_numel, sizeof(float));
+        d->pshard = dl_calloc((size_t)d->Z.shard_numel, sizeof(float));
+    }
     return 0;
 }
 
 static void dp_free(Dp *d) {
+    tm_dp_free(d->cu);
     zero_layout_free(&d->Z);
     reg_free(&d->oreg);
     reg_free(&d->sreg);
@@ -76,8 +77,7 @@ static void dp_free(Dp *d) {
 // accumulate = add to the shard (ZeRO-2, micro-batches after the first).
 static int dp_reduce_scatter(Dp *d, const float *grads, bool accumulate, DlError *e) {
     zero_pack(&d->Z, grads, d->flat);
-    // CUDA backend: the gradient already lives in the flat layout on the device; nccl_reduce_scatter per
-    // bucket (nccl_comm.h) replaces this, launched as each bucket's backward finishes.
+    // (CUDA: tm_dp_micro / tm_dp_step reduce each bucket slice in the device gradient buffer instead)
     return zdist_reduce_scatter(d->g, &d->Z, d->flat, d->shard, accumulate, e);
 }
 
@@ -85,7 +85,6 @@ static int dp_reduce_scatter(Dp *d, const float *grads, bool accumulate, DlError
 static int dp_step(Dp *d, Optim *o, float *params, float *grads, double loss, OptimResult *r, DlError *e) {
     if (d->stage < 2 && dp_reduce_scatter(d, grads, false, e)) return -1;
     if (d->stage == 0) {  // all-reduce (= reduce-scatter + all-gather); every rank updates every element
-        // CUDA backend: nccl_all_reduce of each bucket instead
         if (zdist_all_gather(d->g, &d->Z, d->shard, d->flat, e)) return -1;
         zero_unpack(&d->Z, d->flat, grads);
         optim_step(o, params, grads, loss, r);
@@ -96,7 +95,6 @@ static int dp_step(Dp *d, Optim *o, float *params, float *grads, double loss, Op
     if (zdist_all_reduce_f64(d->g, zero_local_sq_norm(&d->oreg, grads), &sq, e)) return -1;
     zero_optim_step(o, d->world, params, grads, loss, sq, r);
     zero_shard_pack(&d->Z, d->rank, params, d->pshard);
-    // CUDA backend: nccl_all_gather of each bucket of the bf16/fp32 weights instead
     if (zdist_all_gather(d->g, &d->Z, d->pshard, d->flat, e)) return -1;
     zero_unpack(&d->Z, d->flat, params);
     return 0;
@@ -264,19 +262,6 @@ static int align_layers(const TrainConfig *c, Loop *L, double weight, double *ou
     return 0;
 }
 
-// Data parallel on CUDA (ZeRO-0): the gradients summed over the ranks on the device, in one NCCL all-reduce.
-static int cuda_allreduce(const TrainConfig *c, Loop *L, DlError *e) {
-#ifdef DISTILL_NCCL
-    if (nccl_all_reduce(c->nccl, L->grads, L->grads, tm_grads_numel(L->student), DT_F32, false, tm_stream(L->student), e) ||
-        nccl_sync(c->nccl, tm_stream(L->student), e))
-        return -1;
-    return 0;
-#else
-    (void)c, (void)L;
-    return dl_fail(e, "data parallel on CUDA needs NCCL, and this build has none");
-#endif
-}
-
 int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError *e) {
     memset(res, 0, sizeof *res);
     const int64_t B = c->micro_batch, T = c->seq_len;
@@ -294,10 +279,8 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
         return dl_fail(e, "%s: teacher_logits = \"cache\" is not supported on device = \"cuda\" (the online teacher is "
                           "faster there: remove teacher_logits)", c->stage_name);
     const int world = c->dist ? dist_world(c->dist) : 1, rank = c->dist ? dist_rank(c->dist) : 0;
-    if (dev == TM_CUDA && world > 1 && (c->zero_stage != 0 || !c->nccl))
-        return dl_fail(e, "%s: data parallel on CUDA runs ZeRO-0 over NCCL%s (hardware.zero = %d)", c->stage_name,
-                       c->nccl ? "; ZeRO-1/2 keep their state on the host and are not implemented there" : ", which is not available",
-                       c->zero_stage);
+    if (dev == TM_CUDA && world > 1 && !c->nccl)
+        return dl_fail(e, "%s: data parallel on CUDA runs over NCCL, which this build or run does not have", c->stage_name);
     int accum = c->opt.grad_accum;  // micro-batches per rank per step
     OptimConfig oc = c->opt;
     oc.grad_accum = accum * world;  // the optimizer averages over every micro-batch of every rank
@@ -330,6 +313,10 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
         if (!L.teacher) goto out;
     }
     L.grads = tm_grads_new(L.student);
+    if (d && dev == TM_CUDA && !(d->cu = tm_dp_new(L.student, &o, &d->Z, rank, d->g, c->nccl, e))) {
+        dl_fail_prefix(e, "%s: ", c->stage_name);
+        goto out;
+    }
     L.b = (TrainBatch){B, T, dl_malloc((size_t)(B * T) * 4), dl_malloc((size_t)(B * T) * 4), dl_malloc((size_t)(B * T)),
                        dl_malloc((size_t)(B * T))};
     int64_t step = 0, tokens = 0;
@@ -352,7 +339,7 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
     int64_t tokens_run = 0, steps_run = 0;
     TmLoss ls = {.w = c->w, .teacher = L.teacher};
     if (dev == TM_CUDA && rank == 0) {  // the student's with its fp32 AdamW moments (made at the first step)
-        const double gib = 1073741824.0, sb = tm_device_bytes(L.student) + 8.0 * (double)reg_trainable_numel(c->reg),
+        const double gib = 1073741824.0, sb = tm_device_bytes(L.student) + tm_dp_moment_bytes(&o),
                      tb = L.teacher ? tm_device_bytes(L.teacher) : 0;
         dl_info("%s: GPU memory of this loop: %.2f GiB (student %.2f, teacher %.2f)", c->stage_name, (sb + tb) / gib,
                 sb / gib, tb / gib);
@@ -406,7 +393,9 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
             ce += lp.ce, kl += lp.kl, rkl += lp.rkl, mse += m;
             step_tokens += (int64_t)lp.n_tokens;
         micro_done:
-            if (d && d->stage == 2) {  // ZeRO-2: into the shard accumulator now; the full buffer is staging only
+            if (d && d->stage == 2 && d->cu) {  // ZeRO-2 on CUDA: onto the owners now; keep what this rank owns
+                if (tm_dp_micro(d->cu, L.grads, e)) goto fail_dist;
+            } else if (d && d->stage == 2) {  // ZeRO-2: into the shard accumulator now; the full buffer is staging only
                 if (dp_reduce_scatter(d, L.grads, a > 0, e)) goto fail_dist;
                 tm_grads_zero(L.student, L.grads);
             }
@@ -424,10 +413,11 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
         }
         const int gaccum = accum * world;
         loss /= gaccum, ce /= gaccum, kl /= gaccum, rkl /= gaccum, mse /= gaccum;
-        if (d && dev == TM_CPU) {
+        if (d && d->cu) {
+            if (tm_dp_step(d->cu, L.grads, loss, &r, e)) goto fail_dist;
+        } else if (d) {
             if (dp_step(d, &o, c->params, L.grads, loss, &r, e)) goto fail_dist;
         } else {
-            if (world > 1 && cuda_allreduce(c, &L, e)) goto fail_dist;  // ZeRO-0: every rank then takes the same step
             if (tm_optim_step(L.student, &o, L.grads, loss, &r, e)) goto out_prog;
         }
         bool skipped = r.outcome != OPTIM_APPLIED;

@@ -8,6 +8,9 @@
 #ifdef DISTILL_CUDA
 #include "kernels/engine/engine_cuda.h"
 #endif
+#ifdef DISTILL_NCCL
+#include "distill/nccl_comm.h"
+#endif
 
 struct TrainModel {
     TmDevice dev;
@@ -247,3 +250,113 @@ double tm_device_bytes(const TrainModel *m) {
     (void)m;
     return 0;
 }
+
+// ---------------------------------------------------------------- data parallel on CUDA
+
+double tm_dp_moment_bytes(const Optim *o) {
+    return 8.0 * (double)(o->mv_compact ? o->mv_numel : reg_trainable_numel(o->reg));
+}
+
+struct TmDp {
+    TrainModel *m;
+    Optim *o;
+    DistGroup *g;
+    NcclComm *c;
+    int stage;
+    ZeroRange *slices;  // every rank's slice of every bucket in the gradient buffer (stages 1, 2)
+    ZeroRange *pieces;  // every rank's owned piece of every trained tensor in the fp32 master (stages 1, 2)
+    int n_slices, n_pieces;
+};
+
+void tm_dp_free(TmDp *d) {
+    if (!d) return;
+    free(d->slices);
+    free(d->pieces);
+    free(d);
+}
+
+#if defined(DISTILL_CUDA) && defined(DISTILL_NCCL)
+TmDp *tm_dp_new(TrainModel *m, Optim *o, const ZeroLayout *Z, int rank, DistGroup *g, NcclComm *c, DlError *e) {
+    if (!m->cu || !c) {
+        dl_fail(e, "data parallel on the device: needs a CUDA model and an NCCL communicator");
+        return NULL;
+    }
+    const Registry *r = m->r;
+    for (int k = 0; k < Z->n_seg; k++) {  // the optimizer must own exactly this rank's part of the layout
+        const TensorInfo *t = &o->reg->t[Z->seg[k].tensor];
+        int64_t b = 0, en = t->numel;
+        if (Z->stage > 0) zero_seg_owned(Z, k, rank, &b, &en);
+        if (b == en) b = en = 0;
+        if (t->shard_begin != b || t->shard_end != en) {
+            dl_fail(e, "data parallel: the optimizer owns [%lld, %lld) of %s, the ZeRO-%d layout gives rank %d [%lld, %lld)",
+                    (long long)t->shard_begin, (long long)t->shard_end, t->name, Z->stage, rank, (long long)b, (long long)en);
+            return NULL;
+        }
+    }
+    if (cuda_optim(m, o, e)) return NULL;
+    TmDp *d = dl_calloc(1, sizeof *d);
+    d->m = m, d->o = o, d->g = g, d->c = c, d->stage = Z->stage;
+    if (d->stage > 0) {
+        int64_t *goff = dl_malloc((size_t)(r->n ? r->n : 1) * sizeof(int64_t));
+        int64_t *moff = dl_malloc((size_t)(r->n ? r->n : 1) * sizeof(int64_t));
+        for (int i = 0; i < r->n; i++) {
+            goff[i] = engine_cuda_grad_offset(m->cu, i);
+            moff[i] = engine_cuda_master_offset(m->cu, i);
+        }
+        d->slices = dl_malloc((size_t)zero_slice_ranges_max(Z) * sizeof(ZeroRange));
+        d->pieces = dl_malloc((size_t)zero_piece_ranges_max(Z) * sizeof(ZeroRange));
+        int rc = zero_slice_ranges(Z, goff, d->slices, &d->n_slices, e);
+        if (!rc) rc = zero_piece_ranges(Z, moff, d->pieces, &d->n_pieces, e);
+        free(goff);
+        free(moff);
+        if (rc) {
+            dl_fail_prefix(e, "data parallel on the device: ");
+            tm_dp_free(d);
+            return NULL;
+        }
+    }
+    return d;
+}
+
+int tm_dp_micro(TmDp *d, float *grads, DlError *e) {
+    if (d->stage != 2) return 0;
+    if (nccl_reduce_ranges(d->c, grads, d->slices, d->n_slices, engine_cuda_stream(d->m->cu), e)) return -1;
+    engine_cuda_optim_keep_owned(d->m->opt, grads);
+    return 0;
+}
+
+int tm_dp_step(TmDp *d, float *grads, double loss, OptimResult *r, DlError *e) {
+    TrainModel *m = d->m;
+    void *st = engine_cuda_stream(m->cu);
+    if (d->stage == 0) {
+        if (nccl_all_reduce(d->c, grads, grads, engine_cuda_grads_numel(m->cu), DT_F32, false, st, e) || nccl_sync(d->c, st, e))
+            return -1;
+        engine_cuda_optim_step(m->opt, grads, loss, r);
+        return 0;
+    }
+    if (d->stage == 1 && nccl_reduce_ranges(d->c, grads, d->slices, d->n_slices, st, e)) return -1;
+    if (nccl_sync(d->c, st, e)) return -1;
+    double sq = 0;
+    if (zdist_all_reduce_f64(d->g, engine_cuda_optim_sq_norm(m->opt, grads), &sq, e)) return -1;
+    engine_cuda_optim_step_norm(m->opt, grads, loss, zero_global_norm(&d->o->cfg, loss, sq), r);
+    if (r->outcome != OPTIM_APPLIED) return 0;  // every rank decided alike (the same global norm)
+    if (nccl_bcast_ranges(d->c, engine_cuda_master(m->cu), d->pieces, d->n_pieces, st, e) || nccl_sync(d->c, st, e)) return -1;
+    engine_cuda_optim_gathered(m->opt);
+    return 0;
+}
+#else
+TmDp *tm_dp_new(TrainModel *m, Optim *o, const ZeroLayout *Z, int rank, DistGroup *g, NcclComm *c, DlError *e) {
+    (void)m, (void)o, (void)Z, (void)rank, (void)g, (void)c;
+    dl_fail(e, "data parallel on the device needs CUDA and NCCL, and this build lacks one (rebuild where nvcc and "
+               "nccl.h are installed)");
+    return NULL;
+}
+int tm_dp_micro(TmDp *d, float *grads, DlError *e) {
+    (void)d, (void)grads;
+    return dl_fail(e, "data parallel on the device: not in this build");
+}
+int tm_dp_step(TmDp *d, float *grads, double loss, OptimResult *r, DlError *e) {
+    (void)d, (void)grads, (void)loss, (void)r;
+    return dl_fail(e, "data parallel on the device: not in this build");
+}
+#endif

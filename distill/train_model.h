@@ -20,6 +20,7 @@
 #include "distill/model.h"
 #include "distill/optim.h"
 #include "distill/registry.h"
+#include "distill/zero.h"
 
 typedef enum { TM_CPU = 0, TM_CUDA = 1 } TmDevice;
 
@@ -86,3 +87,31 @@ void tm_load_host(TrainModel *m, Optim *o);
 void *tm_stream(TrainModel *m);
 // Device memory of m in bytes (0 on the CPU): weights, activations and gradients (not the AdamW moments).
 double tm_device_bytes(const TrainModel *m);
+
+// ---- data parallel on CUDA: one process per GPU, NCCL (nccl_comm.h), ZeRO-0/1/2 over the model's compact
+// device gradient buffer, whose buckets are zero.h's (the same owned ranges as the CPU path, so the sharded
+// checkpoints are the same files). Used by train_loop.c; the CPU path sums through zero.h's zdist_* instead.
+//   ZeRO-0: after the last micro-batch one all-reduce of the whole buffer; every rank takes the same step.
+//   ZeRO-1: after the last micro-batch each bucket slice is reduced onto its owner (grouped in-place
+//           ncclReduce: the slices are ranges of the buffer, no staging copy).
+//   ZeRO-2: the same after EVERY micro-batch; each rank then zeroes what it does not own, so the next
+//           micro-batch's backward adds onto its owned running sum only (the buffer itself stays whole: the
+//           engine's backward writes every trained tensor).
+//   1 and 2: the global gradient norm = sqrt(sum over ranks of the owned squared norms) (one all-reduce of a
+//           double over the process group), AdamW on the owned elements only (the device moments hold the owned
+//           ranges: 1/world), then each owned piece of the fp32 master is broadcast from its owner (grouped
+//           ncclBroadcast in place) and every rank rounds the pieces it received into its bf16 compute copy.
+// Every rank sums, decides and rounds in the same order: results depend only on the world size.
+typedef struct NcclComm NcclComm;
+typedef struct TmDp TmDp;
+// m: the student on CUDA; o: its optimizer, whose registry carries rank's owned ranges of Z (zero_apply_shards;
+// stage 0: whole tensors); Z: zero_layout_build over m's registry for g's world size (kept by the caller).
+// NULL with e: not CUDA, no NCCL in this build, or owned ranges / gradient layout that do not match Z.
+TmDp *tm_dp_new(TrainModel *m, Optim *o, const ZeroLayout *Z, int rank, DistGroup *g, NcclComm *c, DlError *e);
+void tm_dp_free(TmDp *d);
+// After each micro-batch's backward into grads (ZeRO-2: the reduction; otherwise nothing).
+int tm_dp_micro(TmDp *d, float *grads, DlError *e);
+// The step after the last micro-batch; loss is the global mean over every micro-batch of every rank.
+int tm_dp_step(TmDp *d, float *grads, double loss, OptimResult *r, DlError *e);
+// Device bytes of the AdamW moments this rank holds (8 per owned element).
+double tm_dp_moment_bytes(const Optim *o);

@@ -273,8 +273,55 @@ int zero_optim_check(const OptimConfig *c, int world, int stage, DlError *e) {
     return optim_config_validate(c, e);
 }
 
+double zero_global_norm(const OptimConfig *c, double loss, double global_sq) {
+    return isfinite(loss) ? sqrt(global_sq) * (1.0 / c->grad_accum) : NAN;
+}
+
 void zero_optim_step(Optim *o, int world, float *params, float *grads, double loss, double global_sq, OptimResult *r) {
     (void)world;  // the global norm makes the step rank-count independent
-    double norm = isfinite(loss) ? sqrt(global_sq) / o->cfg.grad_accum : NAN;
-    optim_step_norm(o, params, grads, loss, norm, r);
+    optim_step_norm(o, params, grads, loss, zero_global_norm(&o->cfg, loss, global_sq), r);
+}
+
+// ---- compact buffers
+
+int zero_slice_ranges_max(const ZeroLayout *L) { return L->n_bucket * L->world; }
+int zero_piece_ranges_max(const ZeroLayout *L) { return L->n_seg + L->n_bucket * (L->world - 1); }
+
+int zero_slice_ranges(const ZeroLayout *L, const int64_t *off, ZeroRange *out, int *n_out, DlError *e) {
+    int n = 0;
+    for (int b = 0; b < L->n_bucket; b++) {
+        const ZeroBucket *k = &L->bucket[b];
+        const ZeroSeg *s0 = &L->seg[k->seg_begin], *s1 = &L->seg[k->seg_end - 1];
+        const int64_t base = off[s0->tensor];  // where the bucket's flat_begin falls in the buffer
+        for (int q = k->seg_begin; q < k->seg_end; q++) {
+            const ZeroSeg *s = &L->seg[q];
+            if (off[s->tensor] < 0 || off[s->tensor] - base != s->flat_offset - k->flat_begin)
+                return dl_fail(e, "ZeRO: tensor %d (bucket %d) lies at element %lld of the compact buffer, where the layout "
+                                  "expects %lld (the buffer must hold the trained tensors in registry order, each at a "
+                                  "multiple of %lld elements)", s->tensor, b, (long long)off[s->tensor],
+                               (long long)(base + s->flat_offset - k->flat_begin), (long long)L->align);
+        }
+        const int64_t end = base + (s1->flat_offset - k->flat_begin) + s1->numel;  // the bucket's data, unpadded
+        for (int q = 0; q < L->world; q++) {
+            const int64_t lo = base + (int64_t)q * k->slice, hi = DL_MIN(lo + k->slice, end);
+            if (hi > lo) out[n++] = (ZeroRange){lo, hi - lo, q};
+        }
+    }
+    *n_out = n;
+    return 0;
+}
+
+int zero_piece_ranges(const ZeroLayout *L, const int64_t *off, ZeroRange *out, int *n_out, DlError *e) {
+    int n = 0;
+    for (int k = 0; k < L->n_seg; k++) {
+        const int t = L->seg[k].tensor;
+        if (off[t] < 0) return dl_fail(e, "ZeRO: trainable tensor %d has no place in the compact buffer", t);
+        for (int q = 0; q < L->world; q++) {
+            int64_t b, en;
+            zero_seg_owned(L, k, q, &b, &en);
+            if (en > b) out[n++] = (ZeroRange){off[t] + b, en - b, q};
+        }
+    }
+    *n_out = n;
+    return 0;
 }

@@ -106,7 +106,32 @@ int zdist_reduce_scatter(DistGroup *g, const ZeroLayout *L, const float *flat, f
 int zdist_all_gather(DistGroup *g, const ZeroLayout *L, const float *shard, float *flat, DlError *e);
 int zdist_all_reduce_f64(DistGroup *g, double x, double *sum, DlError *e);
 
+// ---- compact buffers (the CUDA backend: its gradients and fp32 master hold the trained tensors in registry
+// order, each at a multiple of align elements, with no padding between buckets). off[i]: where registry tensor i
+// starts in such a buffer (-1: not in it); a bucket's tensors are then one contiguous run there, at zero.h's
+// in-bucket offsets, and rank q's slice of the bucket is one range of the buffer (clipped to the run: the
+// bucket's padding is not in the buffer). Collectives then work in place on these ranges: a reduction of each
+// range to its owner (ncclReduce) and a broadcast of each owned piece from its owner (ncclBroadcast).
+typedef struct {
+    int64_t off, n;  // elements [off, off + n) of the buffer
+    int root;        // the owning rank
+} ZeroRange;
+// Rank q's slice of every bucket in a compact gradient buffer: at most n_bucket * world ranges (empty ones
+// left out), bucket by bucket in reduction order, ranks in order. -1 with e if the buffer's offsets do not
+// match the layout (a bucket's tensors not contiguous or not at the layout's in-bucket offsets).
+int zero_slice_ranges(const ZeroLayout *L, const int64_t *off, ZeroRange *out, int *n_out, DlError *e);
+// Every rank's owned piece of every trainable tensor in a compact buffer at off[] (e.g. the fp32 master):
+// at most n_seg + n_bucket * (world - 1) ranges, segment by segment, ranks in order. -1 with e if a trainable
+// tensor has no offset.
+int zero_piece_ranges(const ZeroLayout *L, const int64_t *off, ZeroRange *out, int *n_out, DlError *e);
+// Upper bounds of the two counts, for allocating out.
+int zero_slice_ranges_max(const ZeroLayout *L);
+int zero_piece_ranges_max(const ZeroLayout *L);
+
 // ---- the sharded optimizer step (any backend)
+// The global norm of the averaged gradient from the sum over ranks of the local squared norms (NaN when the
+// loss is not finite, so optim_decide skips): sqrt(global_sq) * (1 / grad_accum), as the unsharded steps scale.
+double zero_global_norm(const OptimConfig *c, double loss, double global_sq);
 // Sum of squares of grads over the owned ranges of reg's trainable tensors (fixed order, float64).
 double zero_local_sq_norm(const Registry *reg, const float *grads);
 // Checks that o's config can run sharded over world ranks at stage (0..2); every option (clipping, the

@@ -136,7 +136,11 @@ void engine_cuda_backward(EngineCuda *e, float *grads);
 // the device over the engine's trainable tensors. The host Optim holds the configuration and the counters;
 // the moments live on the device (fp32, or bf16 with stochastic rounding), compact per trainable tensor, and
 // are copied into the host Optim's m, v (fp32, at mv_off) by pull — for a checkpoint — and back by push.
-// The host Optim must own whole tensors (no ZeRO shard ranges) and have the engine's registry layout.
+// The host Optim has the engine's registry layout. If it carries ZeRO-1/2 shard ranges (optim.h: compact m, v
+// over the owned ranges [shard_begin, shard_end)), the device moments mirror that compact layout (1/world of the
+// state) and a step updates only the owned elements of the master and the compute copy; the data-parallel
+// caller then sums the gradient onto each owner before the step and hands the updated master pieces to every
+// rank after it (distill/train_model.c, over NCCL), and calls engine_cuda_optim_gathered.
 typedef struct EngineCudaOptim EngineCudaOptim;
 EngineCudaOptim *engine_cuda_optim_attach(EngineCuda *e, Optim *host, DType mv_dt, DlError *err);
 // The same with a host Optim of its own made from c (tests, benchmarks).
@@ -150,6 +154,18 @@ double engine_cuda_grad_norm(EngineCudaOptim *o, const float *grads, double scal
 // grads (engine_cuda_grads_new) summed over grad_accum micro-batches. Updates the master and the compute
 // copy. r gets lr, grad_norm, clip_scale, outcome (the host Optim's counters advance as optim_step's).
 void engine_cuda_optim_step(EngineCudaOptim *o, const float *grads, double loss, OptimResult *r);
+// ---- ZeRO-1/2 (a sharded host Optim)
+// Sum of squares of grads over the owned ranges only (fp64, fixed order): a rank's share of the global norm.
+double engine_cuda_optim_sq_norm(EngineCudaOptim *o, const float *grads);
+// The step with the caller's global norm of the averaged gradient (NaN: skip, as optim_decide): updates the owned
+// ranges of the master and of the compute copy. Unsharded, engine_cuda_optim_step is this with its own norm.
+void engine_cuda_optim_step_norm(EngineCudaOptim *o, const float *grads, double loss, double norm, OptimResult *r);
+// Zeroes the elements of grads outside the owned ranges (enqueued on the engine's stream): ZeRO-2 after each
+// micro-batch's reduction, so the next micro-batch's gradient adds onto this rank's running sum only.
+void engine_cuda_optim_keep_owned(EngineCudaOptim *o, float *grads);
+// After the other ranks' updated master pieces were written into the master (engine_cuda_master): the compute
+// copy of those elements (rounded to nearest, as the update rounds its own) and the padded dt weights.
+void engine_cuda_optim_gathered(EngineCudaOptim *o);
 
 // Device helpers for programs (C code cannot call cudaMalloc without the runtime headers).
 void *engine_cuda_alloc(size_t bytes);  // zeroed; exits with the memory hint on failure

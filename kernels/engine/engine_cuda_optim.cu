@@ -1,7 +1,9 @@
-// engine_cuda_optim.cu: AdamW on the device for EngineCuda (engine_cuda.h): fp32 (or bf16) moments in the
-// gradients' compact layout, the global gradient norm, the update of the fp32 master and the bf16 compute copy.
-// The decisions (schedule, skips, clipping, parameter groups) are the host optimizer's (optim_decide,
-// optim_tensor_k), shared with the CPU step.
+// engine_cuda_optim.cu: AdamW on the device for EngineCuda (engine_cuda.h): fp32 (or bf16) moments, the global
+// gradient norm, the update of the fp32 master and the bf16 compute copy. The decisions (schedule, skips,
+// clipping, parameter groups) are the host optimizer's (optim_decide, optim_tensor_k), shared with the CPU step.
+// Each trained tensor i is updated over the host Optim's owned range [shard_begin, shard_end): the whole tensor
+// (moments in the gradients' compact layout), or a ZeRO-1/2 shard (moments in the host Optim's compact layout,
+// mv_off: 1/world of the state per rank; distill/zero.h).
 #include <math.h>
 #include <string.h>
 
@@ -13,8 +15,11 @@ struct EngineCudaOptim {
     Optim own;         // the host Optim when made from a config (engine_cuda_optim_new)
     DType mv_dt;
     int *idx;          // trained tensor indices (E->goff >= 0)
-    int64_t *moff;     // their offsets in the device moments (= E->goff: the gradients' compact layout)
+    int64_t *moff;     // where element b[k] of each sits in the device moments (E->goff, or the host's mv_off)
+    int64_t *b, *e;    // the owned range [b, e) of each (the whole tensor unless the host Optim is sharded)
     int n;
+    bool sharded;      // some range is not the whole tensor (ZeRO-1/2)
+    int64_t mv_n;      // elements of each device moment
     size_t bytes;      // device memory of the moments and workspaces
     void *m, *v;
     double *acc;
@@ -35,28 +40,39 @@ EngineCudaOptim *engine_cuda_optim_attach(EngineCuda *E, Optim *host, DType mv_d
         dl_fail(err, "engine_cuda_optim: the optimizer's registry is not the engine's");
         return NULL;
     }
-    for (int i = 0; i < r->n; i++)
-        if (host->reg->t[i].trainable != (E->goff[i] >= 0) || (E->goff[i] >= 0 &&
-            (host->reg->t[i].shard_begin != 0 || host->reg->t[i].shard_end != r->t[i].numel))) {
-            dl_fail(err, "engine_cuda_optim: tensor %s: the optimizer must own every element of every trainable "
-                         "tensor (sharded optimizer state is not implemented on the device)", r->t[i].name);
+    for (int i = 0; i < r->n; i++) {
+        const TensorInfo *h = &host->reg->t[i];
+        if (h->trainable != (E->goff[i] >= 0) ||
+            (E->goff[i] >= 0 && !(0 <= h->shard_begin && h->shard_begin <= h->shard_end && h->shard_end <= r->t[i].numel))) {
+            dl_fail(err, "engine_cuda_optim: tensor %s: the optimizer's owned range [%lld, %lld) is not a range of the "
+                         "tensor's %lld elements, or its trainable flag differs from the engine's", r->t[i].name,
+                    (long long)h->shard_begin, (long long)h->shard_end, (long long)r->t[i].numel);
             return NULL;
         }
+    }
     EngineCudaOptim *o = (EngineCudaOptim *)calloc(1, sizeof *o);
     o->E = E;
     o->host = host;
     o->mv_dt = mv_dt;
+    o->sharded = host->mv_compact;  // optim_init: compact moments iff some trainable tensor is only partly owned
     const size_t nt = (size_t)DL_MAX(r->n, 1);
     o->idx = (int *)malloc(nt * sizeof(int));
     o->moff = (int64_t *)malloc(nt * sizeof(int64_t));
+    o->b = (int64_t *)malloc(nt * sizeof(int64_t));
+    o->e = (int64_t *)malloc(nt * sizeof(int64_t));
     int64_t maxn = 1;
     for (int i = 0; i < r->n; i++)
         if (E->goff[i] >= 0) {
+            const TensorInfo *h = &host->reg->t[i];
             o->idx[o->n] = i;
-            o->moff[o->n++] = E->goff[i];
-            maxn = DL_MAX(maxn, r->t[i].numel);
+            o->b[o->n] = o->sharded ? h->shard_begin : 0;
+            o->e[o->n] = o->sharded ? h->shard_end : r->t[i].numel;
+            o->moff[o->n] = o->sharded ? host->mv_off[i] : E->goff[i];
+            maxn = DL_MAX(maxn, o->e[o->n] - o->b[o->n]);
+            o->n++;
         }
-    size_t mb = (size_t)E->grad_n * (mv_dt == DT_F32 ? 4 : 2);
+    o->mv_n = o->sharded ? host->mv_numel : E->grad_n;
+    size_t mb = (size_t)o->mv_n * (mv_dt == DT_F32 ? 4 : 2);
     o->m = ecu_try_alloc(DL_MAX(mb, (size_t)16));
     o->v = ecu_try_alloc(DL_MAX(mb, (size_t)16));
     o->ws = ecu_try_alloc(DL_MAX(grad_sumsq_workspace(maxn), (size_t)16));
@@ -102,22 +118,24 @@ void engine_cuda_optim_free(EngineCudaOptim *o) {
     if (o->host == &o->own) optim_free(&o->own);
     free(o->idx);
     free(o->moff);
+    free(o->b);
+    free(o->e);
     free(o);
 }
 
 // Moments between the device (compact, mv_dt) and the host Optim (fp32 at mv_off), one tensor at a time.
 static void moments_move(EngineCudaOptim *o, bool to_host) {
     EngineCuda *E = o->E;
-    const Registry *r = E->r;
     int64_t maxn = 1;
-    for (int k = 0; k < o->n; k++) maxn = DL_MAX(maxn, r->t[o->idx[k]].numel);
+    for (int k = 0; k < o->n; k++) maxn = DL_MAX(maxn, o->e[k] - o->b[k]);
     float *tmp = NULL;
     if (o->mv_dt != DT_F32) cudaCheck(cudaMalloc(&tmp, (size_t)maxn * 4));
     const size_t mes = o->mv_dt == DT_F32 ? 4 : 2;
     cudaCheck(cudaDeviceSynchronize());
     for (int k = 0; k < o->n; k++) {
         const int i = o->idx[k];
-        const int64_t n = r->t[i].numel;
+        const int64_t n = o->e[k] - o->b[k];  // host element shard_begin sits at mv_off[i] in either layout
+        if (n <= 0) continue;
         for (int which = 0; which < 2; which++) {
             float *h = (which ? o->host->v : o->host->m) + o->host->mv_off[i];
             void *dv = at(which ? o->v : o->m, o->moff[k], mes);
@@ -142,26 +160,31 @@ void engine_cuda_optim_pull(EngineCudaOptim *o) { moments_move(o, true); }
 void engine_cuda_optim_push(EngineCudaOptim *o) { moments_move(o, false); }
 double engine_cuda_optim_bytes(const EngineCudaOptim *o) { return (double)o->bytes; }
 
-double engine_cuda_grad_norm(EngineCudaOptim *o, const float *grads, double scale) {
+// Sum of squares of grads over the owned ranges (fp64 on the device, in a fixed order), to the host.
+static double owned_sumsq(EngineCudaOptim *o, const float *grads) {
     EngineCuda *E = o->E;
-    const Registry *r = E->r;
     cudaCheck(cudaMemsetAsync(o->acc, 0, sizeof(double), E->st));
-    for (int k = 0; k < o->n; k++) {
-        const TensorInfo *t = &r->t[o->idx[k]];
-        TC(grad_sumsq_cuda(grads + o->moff[k], t->numel, o->acc, o->ws, E->st, EA));
-    }
+    for (int k = 0; k < o->n; k++)
+        TC(grad_sumsq_cuda(grads + E->goff[o->idx[k]] + o->b[k], o->e[k] - o->b[k], o->acc, o->ws, E->st, EA));
     double ss = 0;
     cudaCheck(cudaMemcpyAsync(&ss, o->acc, sizeof ss, cudaMemcpyDeviceToHost, E->st));
     cudaCheck(cudaStreamSynchronize(E->st));
-    return sqrt(ss) * scale;
+    return ss;
 }
 
+double engine_cuda_grad_norm(EngineCudaOptim *o, const float *grads, double scale) { return sqrt(owned_sumsq(o, grads)) * scale; }
+double engine_cuda_optim_sq_norm(EngineCudaOptim *o, const float *grads) { return owned_sumsq(o, grads); }
+
 void engine_cuda_optim_step(EngineCudaOptim *o, const float *grads, double loss, OptimResult *res) {
+    // the norm is only needed (and only taken) when the loss is finite, as optim_step decides
+    const double norm = isfinite(loss) ? engine_cuda_grad_norm(o, grads, 1.0 / o->host->cfg.grad_accum) : NAN;
+    engine_cuda_optim_step_norm(o, grads, loss, norm, res);
+}
+
+void engine_cuda_optim_step_norm(EngineCudaOptim *o, const float *grads, double loss, double norm, OptimResult *res) {
     EngineCuda *E = o->E;
     Optim *h = o->host;
     const Registry *r = E->r;
-    // the norm is only needed (and only taken) when the loss is finite, as optim_step decides
-    const double norm = isfinite(loss) ? engine_cuda_grad_norm(o, grads, 1.0 / h->cfg.grad_accum) : NAN;
     OptimStepK k;
     if (!optim_decide(&h->cfg, &h->st, loss, norm, res, &k)) return;
     AdamWArgs a;
@@ -170,16 +193,41 @@ void engine_cuda_optim_step(EngineCudaOptim *o, const float *grads, double loss,
     a.b2 = (float)h->cfg.beta2;
     a.eps = (float)h->cfg.eps;
     a.inv_sqrt_bc2 = (float)(1.0 / sqrt(k.bc2));
-    a.seed = 0x9e3779b97f4a7c15ull * (uint64_t)h->st.step;
+    a.seed = 0x9e3779b97f4a7c15ull * (uint64_t)h->st.step;  // bf16 moments: a shard hashes its own indices
     const size_t mes = o->mv_dt == DT_F32 ? 4 : 2;
     for (int q = 0; q < o->n; q++) {
         const int i = o->idx[q];
         const TensorInfo *t = &r->t[i];
+        const int64_t b = o->b[q], n = o->e[q] - o->b[q];
+        if (n <= 0) continue;
         optim_tensor_k(h, i, res, &k, &a.decay, &a.step_size);
-        TC(adamw_cuda(&a, t->numel, E->master + E->moff[i], grads + o->moff[q], o->mv_dt, at(o->m, o->moff[q], mes),
+        TC(adamw_cuda(&a, n, E->master + E->moff[i] + b, grads + E->goff[i] + b, o->mv_dt, at(o->m, o->moff[q], mes),
                       at(o->v, o->moff[q], mes), E->dt == DT_BF16 ? DT_BF16 : DT_F32,
-                      E->dt == DT_BF16 ? at(E->wc, t->offset, 2) : NULL, E->st, EA));
+                      E->dt == DT_BF16 ? at(E->wc, t->offset + b, 2) : NULL, E->st, EA));
     }
-    ecu_refresh_pad(E);
+    if (!o->sharded) ecu_refresh_pad(E);  // sharded: after the other ranks' pieces arrived (engine_cuda_optim_gathered)
 }
 
+void engine_cuda_optim_keep_owned(EngineCudaOptim *o, float *grads) {
+    EngineCuda *E = o->E;
+    for (int k = 0; k < o->n; k++) {
+        float *g = grads + E->goff[o->idx[k]];
+        const int64_t numel = E->r->t[o->idx[k]].numel;
+        if (o->b[k] > 0) cudaCheck(cudaMemsetAsync(g, 0, (size_t)o->b[k] * 4, E->st));
+        if (o->e[k] < numel) cudaCheck(cudaMemsetAsync(g + o->e[k], 0, (size_t)(numel - o->e[k]) * 4, E->st));
+    }
+}
+
+void engine_cuda_optim_gathered(EngineCudaOptim *o) {
+    EngineCuda *E = o->E;
+    if (E->dt == DT_BF16)  // the compute copy of the elements other ranks updated, rounded as adamw_cuda rounds
+        for (int k = 0; k < o->n; k++) {
+            const int i = o->idx[k];
+            const int64_t numel = E->r->t[i].numel, off = E->r->t[i].offset;
+            const float *p = E->master + E->moff[i];
+            if (o->b[k] > 0) TC(convert_cuda(DT_BF16, at(E->wc, off, 2), DT_F32, p, o->b[k], E->st, EA));
+            if (o->e[k] < numel)
+                TC(convert_cuda(DT_BF16, at(E->wc, off + o->e[k], 2), DT_F32, p + o->e[k], numel - o->e[k], E->st, EA));
+        }
+    ecu_refresh_pad(E);
+}

@@ -3,6 +3,7 @@
 
   check_metrics.py A/metrics.jsonl B/metrics.jsonl --exact          every (stage, step) loss identical
   check_metrics.py A/metrics.jsonl B/metrics.jsonl --rel 0.03       |a - b| <= rel * max(|b|, 0.1) per step
+  ... --stages layerwise,distill                                      only the rows of these stages
 
 Rows are keyed by (stage, step); when a step appears more than once (a resumed run repeats nothing, but a
 stage restarted from a checkpoint re-writes the steps after it), the last row wins. Both files must hold the
@@ -31,6 +32,13 @@ def main():
     exact = "--exact" in sys.argv
     rel = float(sys.argv[sys.argv.index("--rel") + 1]) if "--rel" in sys.argv else 0.0
     a, b = load(a_path), load(b_path)
+    if "--stages" in sys.argv:
+        keep = set(sys.argv[sys.argv.index("--stages") + 1].split(","))
+        a = {k: v for k, v in a.items() if k[0] in keep}
+        b = {k: v for k, v in b.items() if k[0] in keep}
+        if not a or not b:
+            print(f"FAIL no rows of stages {sorted(keep)} in {a_path if not a else b_path}")
+            return 1
     fail = 0
     if set(a) != set(b):
         print(f"FAIL steps differ: only in A {sorted(set(a) - set(b))[:6]}, only in B {sorted(set(b) - set(a))[:6]}")

@@ -9,11 +9,17 @@
 #   4. a CUDA run killed after 4 steps of the first training loop (no checkpoint of step 4) and resumed
 #      gives the uninterrupted run's losses bit for bit (exact resume: weights, AdamW moments on the
 #      device, data position).
-#   5. with 2 GPUs (nvidia-smi lists >= 2): the same global batch over 2 ranks (NCCL all-reduce, ZeRO-0,
-#      launched by scripts/launch-local) gives the 1-GPU losses within 1e-3, and two 2-GPU runs agree bit
-#      for bit.
-# PIPELINE_PARTS picks checks (default "a b cpu resume gpu2"; a = the reference CUDA run, which the others
-# compare with). Prints "N passed, N failed"; exit status 1 on any failure.
+#   5. gpu2 (2 GPUs, nvidia-smi lists >= 2; tests/recipes/gpu-dp.toml, launched by scripts/launch-local):
+#      the same global batch on 1 GPU and over 2 (ZeRO-0: NCCL all-reduce) within 1e-3; ZeRO-1 and ZeRO-2
+#      (reductions onto each slice's owner, sharded AdamW, broadcast of the updated master) equal ZeRO-0
+#      (identical expected; within 1e-3 required); ZeRO-2 accumulating 2 micro-batches per GPU within 1e-3;
+#      one optimizer shard file per rank.
+#   6. gpu2resume (2 GPUs): a ZeRO-2 run stopped after step 4 and resumed on 2 GPUs gives the
+#      uninterrupted run's losses bit for bit; saved on 2 GPUs (ZeRO-1) and resumed on 1, and saved on 1
+#      and resumed on 2 (ZeRO-2): within 1e-3 of the uninterrupted runs (re-sharded moments; another
+#      summation order after the resume). Uses gpu2's runs when the same pass made them.
+# PIPELINE_PARTS picks checks (default "a b cpu resume gpu2 gpu2resume"; a = the reference CUDA run, which b,
+# cpu and resume compare with). Prints "N passed, N failed"; exit status 1 on any failure.
 set -u
 D=${1:?usage: pipeline.sh DISTILL OUT}
 OUT=${2:?usage: pipeline.sh DISTILL OUT}
@@ -36,7 +42,7 @@ run() {  # run NAME [args...]: a fresh run; its log in OUT/NAME.log; returns dis
 }
 metrics() { cp "$RUNS/$1/metrics.jsonl" "$OUT/$1.metrics.jsonl" 2>/dev/null; echo "$RUNS/$1/metrics.jsonl"; }
 
-PARTS=" ${PIPELINE_PARTS:-a b cpu resume gpu2} "
+PARTS=" ${PIPELINE_PARTS:-a b cpu resume gpu2 gpu2resume} "
 part() { [[ "$PARTS" == *" $1 "* ]]; }
 if part a && run cuda-a && [ -f "$RUNS/cuda-a/export/config.json" ]; then ok "CUDA run finished and exported"; else bad "CUDA run (see $OUT/cuda-a.log)"; tail -20 "$OUT/cuda-a.log"; fi
 grep -E "GPU memory of this loop|finished in" "$OUT/cuda-a.log" | head -20
@@ -57,23 +63,91 @@ if [ $rc -eq 0 ]; then
 else bad "resume exit $rc (see $OUT/cuda-r.resume.log)"; tail -20 "$OUT/cuda-r.resume.log"; fi
 fi
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
-if ! part gpu2; then :
-elif [ "${ngpu:-0}" -ge 2 ]; then
-    # global batch as the 1-GPU run: 2 rows x 1 micro-batch x 2 ranks (layerwise, distill; DPO runs on rank 0)
-    two=(--set hardware.gpus=2 --set optimizer.grad_accum=1)
-    for name in gpu2-a gpu2-b; do
-        rm -rf "${RUNS:?}/$name"
-        t0=$(date +%s)
-        scripts/launch-local -n 2 "$D" "$R" --set "run.name=$name" "${two[@]}" > "$OUT/$name.log" 2>&1
-        rc=$?
-        echo "  ($name: exit $rc, $(( $(date +%s) - t0 )) s)"
-        [ $rc -eq 0 ] || { bad "2-GPU run $name (see $OUT/$name.log)"; tail -20 "$OUT/$name.log"; }
-    done
-    python3 "$HERE/check_metrics.py" "$(metrics gpu2-a)" "$(metrics gpu2-b)" --exact && ok "two 2-GPU runs: identical losses" || bad "two 2-GPU runs differ"
-    python3 "$HERE/check_metrics.py" "$(metrics gpu2-a)" "$(metrics cuda-a)" --rel 1e-3 && ok "2 GPUs vs 1 GPU (same global batch): losses within 1e-3" || bad "2 GPUs vs 1 GPU"
-    grep -E "data parallel|tok/s" "$OUT/gpu2-a.log" | head -6
+# ---- 2 GPUs (tests/recipes/gpu-dp.toml: layerwise with the Mamba mixers trained, then KL over every parameter;
+# global batch 4 rows: 2 x 2 on 1 GPU, 2 x 1 or 1 x 2 per GPU on 2)
+DR=tests/recipes/gpu-dp.toml
+rundp() {  # rundp NAME NPROC [args...]: a fresh gpu-dp run on NPROC GPUs (scripts/launch-local); log OUT/NAME.log
+    local name=$1 np=$2
+    shift 2
+    rm -rf "${RUNS:?}/$name"
+    local t0=$(date +%s) rc
+    if [ "$np" -gt 1 ]; then
+        scripts/launch-local -n "$np" "$D" "$DR" --set "run.name=$name" --set hardware.gpus="$np" "$@" > "$OUT/$name.log" 2>&1
+    else
+        "$D" "$DR" --set "run.name=$name" "$@" > "$OUT/$name.log" 2>&1
+    fi
+    rc=$?
+    echo "  ($name on $np GPU(s): exit $rc, $(( $(date +%s) - t0 )) s)"
+    return $rc
+}
+resumedp() {  # resumedp NAME NPROC [args...]: --resume of run NAME on NPROC GPUs; log OUT/NAME.resume.log
+    local name=$1 np=$2
+    shift 2
+    local t0=$(date +%s) rc
+    if [ "$np" -gt 1 ]; then
+        scripts/launch-local -n "$np" "$D" "$DR" --set "run.name=$name" --set hardware.gpus="$np" "$@" --resume "$RUNS/$name" > "$OUT/$name.resume.log" 2>&1
+    else
+        "$D" "$DR" --set "run.name=$name" --set hardware.gpus=1 "$@" --resume "$RUNS/$name" > "$OUT/$name.resume.log" 2>&1
+    fi
+    rc=$?
+    echo "  ($name resumed on $np GPU(s): exit $rc, $(( $(date +%s) - t0 )) s)"
+    [ $rc -eq 0 ] || { bad "resume of $name on $np GPU(s) (see $OUT/$name.resume.log)"; tail -20 "$OUT/$name.resume.log"; }
+    return $rc
+}
+have() { [ -f "$RUNS/$1/metrics.jsonl" ] && grep -q '"loss"' "$RUNS/$1/metrics.jsonl"; }
+need() {  # need NAME NPROC [args...]: the run unless an earlier part of this pass made it
+    have "$1" && return 0
+    rundp "$@" || { bad "run $1 (see $OUT/$1.log)"; tail -20 "$OUT/$1.log"; return 1; }
+}
+same() {  # same A B WHAT: losses identical (expected), or at least within bf16 tolerance (1e-3)
+    if python3 "$HERE/check_metrics.py" "$(metrics "$1")" "$(metrics "$2")" --exact; then ok "$3: identical losses"
+    elif python3 "$HERE/check_metrics.py" "$(metrics "$1")" "$(metrics "$2")" --rel 1e-3; then ok "$3: losses within 1e-3 (not bitwise)"
+    else bad "$3"; fi
+}
+close() {  # close A B WHAT [check_metrics options]: losses within 1e-3 (another summation order or micro-batch shape)
+    python3 "$HERE/check_metrics.py" "$(metrics "$1")" "$(metrics "$2")" --rel 1e-3 "${@:4}" && ok "$3: losses within 1e-3" || bad "$3"
+}
+one=(--set optimizer.grad_accum=1)   # 2 rows x 1 micro-batch per GPU
+acc=(--set optimizer.micro_batch=1)  # 1 row x 2 micro-batches per GPU (ZeRO-2 reduces after each)
+if [ "${ngpu:-0}" -lt 2 ]; then
+    part gpu2 || part gpu2resume && echo "  (one GPU: the 2-GPU checks need nvidia-smi to list 2)"
 else
-    echo "  (one GPU: the 2-GPU checks need nvidia-smi to list 2)"
+    if part gpu2; then
+        need dp1 1
+        need dp2-z0 2 "${one[@]}" --set hardware.zero=0 && close dp2-z0 dp1 "2 GPUs ZeRO-0 vs 1 GPU (same global batch)"
+        need dp2-z1 2 "${one[@]}" --set hardware.zero=1 && same dp2-z1 dp2-z0 "2 GPUs ZeRO-1 vs ZeRO-0"
+        need dp2-z2 2 "${one[@]}" --set hardware.zero=2 && same dp2-z2 dp2-z0 "2 GPUs ZeRO-2 vs ZeRO-0"
+        need dp2-z2a 2 "${acc[@]}" --set hardware.zero=2 && close dp2-z2a dp2-z0 "2 GPUs ZeRO-2 with 2 micro-batches vs ZeRO-0"
+        # ZeRO-1/2 checkpoints: one optimizer file per rank next to rank 0's main file
+        n=$(ls "$RUNS"/dp2-z1/shards/*/rank-0000[01]-of-00002.h5 2>/dev/null | wc -l)
+        [ "$n" -ge 2 ] && ok "ZeRO-1 checkpoint: a shard file per rank ($n files kept)" || bad "ZeRO-1 shard files missing ($n)"
+        for name in dp1 dp2-z0 dp2-z1 dp2-z2; do
+            echo "  $name: $(grep -hE "GPU memory of this loop" "$OUT/$name.log" | sed 's/^\[[0-9]\] //' | tr '\n' ' ')"
+        done
+        grep -hE "data parallel over" "$OUT/dp2-z1.log" | head -2
+    fi
+    if part gpu2resume; then
+        # kill and resume on 2 GPUs (ZeRO-2, 2 micro-batches per GPU): stopped after 4 layerwise steps, without
+        # a checkpoint of step 4 (the last is step 3), resumed: the uninterrupted run's losses bit for bit
+        if need dp2-z2a 2 "${acc[@]}" --set hardware.zero=2; then
+            DISTILL_TEST_STOP_AFTER=4 rundp dp2-z2r 2 "${acc[@]}" --set hardware.zero=2
+            resumedp dp2-z2r 2 "${acc[@]}" --set hardware.zero=2 &&
+                { python3 "$HERE/check_metrics.py" "$(metrics dp2-z2a)" "$(metrics dp2-z2r)" --exact && ok "2 GPUs killed after step 4 + resumed: identical losses" || bad "2-GPU resume differs"; }
+        fi
+        # 2 -> 1: ZeRO-1 on 2 GPUs stopped after 4 layerwise steps, resumed on 1 GPU (the checkpoint's global
+        # batch: 2 micro-batches; re-sharded moments). Compared over the layerwise stage only: a stage that
+        # STARTS after the resume takes the recipe's per-GPU batch, so its global batch follows the GPU count.
+        if need dp2-z1 2 "${one[@]}" --set hardware.zero=1; then
+            DISTILL_TEST_STOP_AFTER=4 rundp dp21 2 "${one[@]}" --set hardware.zero=1
+            resumedp dp21 1 "${one[@]}" --set hardware.zero=1 &&
+                close dp21 dp2-z1 "saved on 2 GPUs (ZeRO-1), resumed on 1 (layerwise)" --stages layerwise
+        fi
+        # 1 -> 2: 1 GPU stopped after 4 layerwise steps, resumed on 2 GPUs with ZeRO-2 (1 micro-batch of 2 rows each)
+        if need dp1 1; then
+            DISTILL_TEST_STOP_AFTER=4 rundp dp12 1 --set hardware.zero=2
+            resumedp dp12 2 --set hardware.zero=2 && close dp12 dp1 "saved on 1 GPU, resumed on 2 (ZeRO-2; layerwise)" --stages layerwise
+        fi
+    fi
 fi
 echo "pipeline.sh: $pass passed, $fail failed"
 [ $fail -eq 0 ]
