@@ -305,9 +305,24 @@ struct BwdArgs {
 
 constexpr int BWD_GROUPS = SCAN_CKPT / 4;
 
+// two staged chunks, the group snapshots, the dB/dC exchange, and the chunk's B and C spans in fp32
 template <int N, int THREADS>
 size_t bwd_smem_bytes(const TileGeom &g) {
-    return 2 * (size_t)g.bytes + (size_t)(BWD_GROUPS * (N / QL) * THREADS + 2 * 4 * (THREADS / QL) * N) * sizeof(float);
+    return 2 * (size_t)g.bytes + (size_t)(BWD_GROUPS * (N / QL) * THREADS + 2 * 4 * (THREADS / QL) * N) * sizeof(float) +
+           (size_t)g.T * (g.pB + g.pC) * sizeof(float);
+}
+
+// loads R consecutive floats from shared memory (aligned to R floats for R <= 4, to 4 floats otherwise)
+template <int R>
+__device__ __forceinline__ void ldsf_r(const float *p, float (&v)[R]) {
+    if constexpr (R == 1) {
+        v[0] = *p;
+    } else if constexpr (R == 2) {
+        const float2 x = *reinterpret_cast<const float2 *>(p);
+        v[0] = x.x, v[1] = x.y;
+    } else {
+        ldsf_vec<R>(p, v);
+    }
 }
 
 __device__ __forceinline__ float dsoftplus_dev(float x) { return x <= 20.f ? sigmoid_dev(x) : 1.f; }
@@ -324,6 +339,7 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
     float *sub = (float *)(smem + 2 * geo.bytes);  // [BWD_GROUPS][R][THREADS]
     float *redC = sub + BWD_GROUPS * R * THREADS;   // [4][CPB][N]; WRED: redW [2 buffers][4][NW][2][N]
     float *redB = redC + 4 * CPB * N;               // [4][CPB][N]
+    float *fBC = redB + 4 * CPB * N;                // [T][pB] then [T][pC]: the chunk's B and C in fp32
     const int warp = threadIdx.x >> 5;
 
     const int64_t L = p.L, D = p.D, ncb = (D + CPB - 1) / CPB;
@@ -381,8 +397,20 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
         issue(k - 1);
         const char *tile = smem + (k & 1) * geo.bytes;
         const bf16 *su = (const bf16 *)tile, *sdt = su + T * CPB, *sz = sdt + T * CPB, *sdo = sz + T * CPB;
-        const bf16 *sB = (const bf16 *)(tile + geo.offB) + (gb - gblo) * N + q * R;
-        const bf16 *sC = (const bf16 *)(tile + geo.offC) + (gc - gclo) * N + q * R;
+        {
+            // B and C to fp32 once per chunk: each value is read 3 times per lane (sweep, recompute) by up to
+            // Db / Dg channels, and the bf16 unpacking was ~12 instructions per lane and step
+            const __nv_bfloat162 *tB = (const __nv_bfloat162 *)(tile + geo.offB);
+            const int nb2 = T * (geo.pB + geo.pC) / 2;  // pB, pC even; the C span follows B's in both layouts
+            const int offC2 = (geo.offC - geo.offB) / 4, nB2 = T * geo.pB / 2;
+            for (int e = tid; e < nb2; e += THREADS) {
+                const __nv_bfloat162 v = e < nB2 ? tB[e] : tB[offC2 + (e - nB2)];
+                reinterpret_cast<float2 *>(fBC)[e] = __bfloat1622float2(v);
+            }
+            __syncthreads();
+        }
+        const float *sB = fBC + (gb - gblo) * N + q * R;
+        const float *sC = fBC + T * geo.pB + (gc - gclo) * N + q * R;
         const uint8_t *srs = (const uint8_t *)(tile + geo.offR);
         const int64_t tb = k * T, te = tb + T < L ? tb + T : L;
         const int ng = (int)((te - tb + 3) / 4);
@@ -396,12 +424,9 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
             for (int r = 0; r < R; r++) sub[(g * R + r) * THREADS + tid] = h[r];
             const int i = 4 * g + q;
             const bool tv = tb + i < te;
-            float delta = 0.f, uu = 0.f, rsx = 0.f;
-            if (tv) {
-                uu = __bfloat162float(su[i * CPB + cl]);
-                delta = softplus_dev(__bfloat162float(sdt[i * CPB + cl]) + bias);
-                rsx = srs[i] ? -INFINITY : 0.f;
-            }
+            const float uu = tv ? __bfloat162float(su[i * CPB + cl]) : 0.f;
+            const float delta = tv ? softplus_dev(__bfloat162float(sdt[i * CPB + cl]) + bias) : 0.f;
+            const float rsx = srs[i] ? -INFINITY : 0.f;
             const float du_own = delta * uu;
 #pragma unroll
             for (int j = 0; j < 4; j++) {
@@ -409,7 +434,7 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
                 const float duj = __shfl_sync(FULL_MASK, du_own, base + j);
                 const float rj = __shfl_sync(FULL_MASK, rsx, base + j);
                 float Bv[R];
-                lds_vec<R>(sB + (4 * g + j) * geo.pB, Bv);
+                ldsf_r<R>(sB + (4 * g + j) * geo.pB, Bv);
 #pragma unroll
                 for (int r = 0; r < R; r++) h[r] = ex2f(fmaf(dj, A2[r], rj)) * h[r] + duj * Bv[r];
             }
@@ -420,31 +445,29 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
             const int i = 4 * g + q;
             const int64_t t0 = tb + 4 * g;
             const bool tv = t0 + q < te;
-            float raw = 0.f, delta = 0.f, uu = 0.f, zz = 0.f, go = 0.f, rs = 0.f;
-            if (tv) {
-                uu = __bfloat162float(su[i * CPB + cl]);
-                raw = __bfloat162float(sdt[i * CPB + cl]) + bias;
-                delta = softplus_dev(raw);
-                rs = srs[i] ? -INFINITY : 0.f;  // a reset: decay 0, which also zeroes every term through h_{t-1}
-                go = __bfloat162float(sdo[i * CPB + cl]);
-                if (p.z) zz = __bfloat162float(sz[i * CPB + cl]);
-            }
+            // branch-free (no divergence before the shuffles): rows past the chunk's end hold stale data, which
+            // the selects drop; their B and C are zero and their reset byte 0
+            const float raw = __bfloat162float(sdt[i * CPB + cl]) + bias;
+            const float uu = tv ? __bfloat162float(su[i * CPB + cl]) : 0.f;
+            const float delta = tv ? softplus_dev(raw) : 0.f;
+            const float rs = srs[i] ? -INFINITY : 0.f;  // a reset: decay 0, which also zeroes every term through h_{t-1}
+            const float go = tv ? __bfloat162float(sdo[i * CPB + cl]) : 0.f;
+            const float zz = (tv && p.z) ? __bfloat162float(sz[i * CPB + cl]) : 0.f;
             const float du_own = delta * uu;
             float Bv[4][R], Cv[4][R], hs[R];
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                lds_vec<R>(sB + (4 * g + j) * geo.pB, Bv[j]);
-                lds_vec<R>(sC + (4 * g + j) * geo.pC, Cv[j]);
+                ldsf_r<R>(sB + (4 * g + j) * geo.pB, Bv[j]);
+                ldsf_r<R>(sC + (4 * g + j) * geo.pC, Cv[j]);
             }
 #pragma unroll
             for (int r = 0; r < R; r++) hs[r] = sub[(g * R + r) * THREADS + tid];
             // recompute the group's states and decays
-            float hj[4][R], aj[4][R], dj[4], duj[4], uj[4], yp[4];
+            float hj[4][R], aj[4][R], dj[4], duj[4], yp[4];
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 dj[j] = __shfl_sync(FULL_MASK, delta, base + j);
                 duj[j] = __shfl_sync(FULL_MASK, du_own, base + j);
-                uj[j] = __shfl_sync(FULL_MASK, uu, base + j);
                 const float rj = __shfl_sync(FULL_MASK, rs, base + j);
                 yp[j] = 0.f;
 #pragma unroll
@@ -483,8 +506,8 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
                     cC[r] = gyv * hj[j][r];
                     cB[r] = gr * duv;
                 }
-                ddp[j] = fmaf(uj[j], sBg, sA);
-                dup[j] = dj[j] * sBg;
+                ddp[j] = sA;   // d delta = u * sum sBg + sum sA, formed by the step's owner lane
+                dup[j] = sBg;
                 if constexpr (WRED) {
                     // reduce-scatter over lane bits 4, 3, 2 (the warp's 8 channels): 7 shuffles
                     const bool b4 = lane & 16, b3 = lane & 8, b2 = lane & 4;
@@ -509,7 +532,8 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
                     for (int r = 0; r < R; r++) pc[r] = cC[r], pb[r] = cB[r];
                 }
             }
-            const float dd_own = reduce_scatter4(ddp, q), du_sc = reduce_scatter4(dup, q);
+            const float sA_own = reduce_scatter4(ddp, q), sB_own = reduce_scatter4(dup, q);
+            const float dd_own = fmaf(uu, sB_own, sA_own), du_sc = delta * sB_own;
             if (tv && dvalid) {
                 const float dtt = dd_own * dsoftplus_dev(raw);
                 const int64_t row = (b * L + t0 + q) * D + d;
@@ -522,6 +546,22 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
             if constexpr (WRED) {
                 // per-warp sums -> dC (Dg/8 warps) and dB (Db/8 warps), in warp order; buffers alternate with g
                 const float *rw = redC + (g & 1) * 4 * NW * 2 * N;
+                if (THREADS == 256 && p.Dg == 16 && p.Db == 64) {
+                    // MambaInLlama's grouping: 4 C groups of 2 warps and 1 B group of 8 warps per block; one dC
+                    // value per thread and one dB value for threads 0..63, same summation order as below
+                    const int j = tid >> 6, gi = (tid >> 4) & 3, n = tid & 15;
+                    const int64_t tt = t0 + j, gcg = cb * 4 + gi;
+                    const float sC = rw[((j * NW + 2 * gi) * 2) * N + n] + rw[((j * NW + 2 * gi + 1) * 2) * N + n];
+                    if (tt < te && gcg < p.Gc) stbf(p.dC + ((b * L + tt) * p.Gc + gcg) * N + n, sC);
+                    if (tid < 64) {
+                        const int jb = tid >> 4;
+                        float sBv = 0.f;
+#pragma unroll
+                        for (int w = 0; w < 8; w++) sBv += rw[((jb * NW + w) * 2 + 1) * N + n];
+                        if (t0 + jb < te && cb < p.Gb) stbf(p.dB + ((b * L + t0 + jb) * p.Gb + cb) * N + n, sBv);
+                    }
+                    continue;
+                }
                 const int wpc = (int)p.Dg / 8, wpb = (int)p.Db / 8, tot = 4 * (ngrp + nbg) * N;
                 for (int e = tid; e < tot; e += THREADS) {
                     const int n = e % N, x = e / N, j = x % 4, gi = x / 4;  // gi < ngrp: C group, else B group
