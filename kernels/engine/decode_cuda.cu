@@ -281,6 +281,8 @@ struct DecoderCuda {
     bool use_graph;
     GraphEntry g[MAX_GRAPHS];
     int ng, gnext;
+    GraphEntry rg[MAX_GRAPHS];  // accept's replay, per (nb, wcap) (lc = wcap)
+    int nrg;
 };
 
 #define EA err, sizeof err
@@ -333,6 +335,7 @@ void decoder_cuda_free(DecoderCuda *D) {
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) cudaFree(bufs[i]);
     for (int i = 0; i < D->ng; i++) cudaGraphExecDestroy(D->g[i].ex);
+    for (int i = 0; i < D->nrg; i++) cudaGraphExecDestroy(D->rg[i].ex);
     if (D->gemm) dl_gemm_free(D->gemm);
     if (D->st) cudaStreamDestroy(D->st);
     free(D->L);
@@ -767,7 +770,8 @@ static void head_all(DecoderCuda *D, int64_t lc, int64_t c0, int64_t L) {
 
 static void graphs_drop(DecoderCuda *D) {
     for (int i = 0; i < D->ng; i++) cudaCheck(cudaGraphExecDestroy(D->g[i].ex));
-    D->ng = D->gnext = 0;
+    for (int i = 0; i < D->nrg; i++) cudaCheck(cudaGraphExecDestroy(D->rg[i].ex));
+    D->ng = D->gnext = D->nrg = 0;
 }
 
 // Room for `rows` rows of logits (and their argmax); captured graphs hold the old pointer: dropped.
@@ -922,6 +926,8 @@ void decoder_cuda_window_begin(DecoderCuda *D) {
                                     (size_t)(nb * cw) * 2, (size_t)D->n_m, cudaMemcpyDeviceToDevice, D->st));
 }
 
+static void replay(DecoderCuda *D);
+
 int decoder_cuda_accept(DecoderCuda *D, const int32_t *keep, DlError *e) {
     if (!D->win) return dl_fail(e, "decoder_cuda_accept without decoder_cuda_window_begin");
     const int64_t nb = D->nb;
@@ -935,10 +941,39 @@ int decoder_cuda_accept(DecoderCuda *D, const int32_t *keep, DlError *e) {
     D->win = false;
     for (int64_t b = 0; b < nb; b++) D->len[b] = D->len0[b] + keep[b];  // attention: rollback = length reset
     if (all || D->wlen == 0 || D->n_m == 0) return 0;  // the Mamba states already are those after every token
-    const HybridConfig *h = &D->h;
-    const int64_t B = D->B, di = h->d_inner, ds = h->d_state, dxb = h->d_xb, cw = (h->d_conv > 1 ? h->d_conv - 1 : 1) * di;
-    const int Wc = h->d_conv;
     cudaCheck(cudaMemcpyAsync(D->acc_keep, keep, (size_t)nb * 4, cudaMemcpyHostToDevice, D->st));
+    if (!D->use_graph) {
+        replay(D);
+        return 0;
+    }
+    int i = 0;  // the replay's graph for (nb, wcap), captured on first use
+    while (i < D->nrg && !(D->rg[i].nb == nb && D->rg[i].lc == D->wcap)) i++;
+    if (i == D->nrg) {
+        if (D->nrg == MAX_GRAPHS) {  // full: replace the first
+            cudaCheck(cudaStreamSynchronize(D->st));
+            cudaCheck(cudaGraphExecDestroy(D->rg[0].ex));
+            i = 0;
+        } else {
+            D->nrg++;
+        }
+        cudaGraph_t g;
+        cudaCheck(cudaStreamBeginCapture(D->st, cudaStreamCaptureModeThreadLocal));
+        replay(D);
+        cudaCheck(cudaStreamEndCapture(D->st, &g));
+        cudaCheck(cudaGraphInstantiate(&D->rg[i].ex, g, 0));
+        cudaCheck(cudaGraphDestroy(g));
+        D->rg[i].nb = nb, D->rg[i].lc = D->wcap, D->rg[i].all = D->rg[i].win = 0;
+    }
+    cudaCheck(cudaGraphLaunch(D->rg[i].ex, D->st));
+    return 0;
+}
+
+// The Mamba layers' states after each sequence's acc_keep[b] window tokens, from the window-start copy.
+static void replay(DecoderCuda *D) {
+    const HybridConfig *h = &D->h;
+    const int64_t B = D->B, nb = D->nb, di = h->d_inner, ds = h->d_state, dxb = h->d_xb;
+    const int64_t cw = (h->d_conv > 1 ? h->d_conv - 1 : 1) * di;
+    const int Wc = h->d_conv;
     if (Wc > 1)  // conv windows back to the window start, then advanced past the kept inputs
         cudaCheck(cudaMemcpy2DAsync(D->conv_all, (size_t)(B * cw) * 2, D->conv0_all, (size_t)(B * cw) * 2,
                                     (size_t)(nb * cw) * 2, (size_t)D->n_m, cudaMemcpyDeviceToDevice, D->st));
@@ -957,7 +992,6 @@ int decoder_cuda_accept(DecoderCuda *D, const int32_t *keep, DlError *e) {
             kernelCheck("conv_advance_kernel");
         }
     }
-    return 0;
 }
 
 void decoder_cuda_use_graph(DecoderCuda *D, int on) { D->use_graph = on != 0; }
