@@ -338,7 +338,7 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
     double t_run = dl_now();
     int64_t tokens_run = 0, steps_run = 0;
     TmLoss ls = {.w = c->w, .teacher = L.teacher};
-    if (dev == TM_CUDA && rank == 0) {  // the student's with its fp32 AdamW moments (made at the first step)
+    if (dev == TM_CUDA && rank == 0) {  // the student's with its fp32 AdamW moments (this rank's share under ZeRO-1/2)
         const double gib = 1073741824.0, sb = tm_device_bytes(L.student) + tm_dp_moment_bytes(&o),
                      tb = L.teacher ? tm_device_bytes(L.teacher) : 0;
         dl_info("%s: GPU memory of this loop: %.2f GiB (student %.2f, teacher %.2f)", c->stage_name, (sb + tb) / gib,

@@ -14,6 +14,11 @@
 // tokens_per_s(W) / (W x tokens_per_s(1)), for the same per-GPU batch (tests/gpu/dp_scaling.sh).
 #include <cuda_runtime.h>
 #include <math.h>
+
+#include <algorithm>
+#include <atomic>
+#include <thread>
+#include <vector>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,23 +41,38 @@ static void die(const char *what, const DlError *e) {
 }
 
 // Random weights of the scale a trained model has (uniform, std 1/sqrt(fan-in)); the Mamba tensors as an init.
-static void fill_random(const Registry *r, float *p, uint64_t seed) {
-    for (int i = 0; i < r->n; i++) {
-        uint64_t x64 = seed * 0x9E3779B97F4A7C15ull + (uint64_t)i * 0xBF58476D1CE4E5B9ull + 1;
-        const TensorInfo *t = &r->t[i];
-        float *x = p + t->offset;
-        const double sd = t->ndim >= 2 ? 1.0 / sqrt((double)t->shape[t->ndim - 1]) : 0.0;
-        const bool alog = strstr(t->name, "A_log"), dtb = strstr(t->name, "dt_proj.bias"), conv = strstr(t->name, "conv1d");
-        for (int64_t j = 0; j < t->numel; j++) {
-            if (alog) x[j] = logf(1.0f + (float)(j % t->shape[t->ndim - 1]));
-            else if (dtb) x[j] = -4.0f;
-            else if (t->ndim == 1 || conv) x[j] = conv ? 0.25f : 1.0f;
-            else {
-                x64 ^= x64 << 13, x64 ^= x64 >> 7, x64 ^= x64 << 17;
-                x[j] = (float)(sd * (2.0 * ((x64 >> 11) * 0x1.0p-53) - 1.0) * 1.7320508);
-            }
+// In chunks of 4M elements, each with its own seed, over host threads (an 8B model is 8G elements per model).
+#define FILL_CHUNK ((int64_t)4 << 20)
+static void fill_chunk(const TensorInfo *t, float *x, int i, int64_t j0, int64_t j1, uint64_t seed) {
+    uint64_t x64 = seed * 0x9E3779B97F4A7C15ull + (uint64_t)i * 0xBF58476D1CE4E5B9ull + (uint64_t)(j0 / FILL_CHUNK + 1) * 0x94D049BB133111EBull;
+    const double sd = t->ndim >= 2 ? 1.0 / sqrt((double)t->shape[t->ndim - 1]) : 0.0;
+    const bool alog = strstr(t->name, "A_log"), dtb = strstr(t->name, "dt_proj.bias"), conv = strstr(t->name, "conv1d");
+    for (int64_t j = j0; j < j1; j++) {
+        if (alog) x[j] = logf(1.0f + (float)(j % t->shape[t->ndim - 1]));
+        else if (dtb) x[j] = -4.0f;
+        else if (t->ndim == 1 || conv) x[j] = conv ? 0.25f : 1.0f;
+        else {
+            x64 ^= x64 << 13, x64 ^= x64 >> 7, x64 ^= x64 << 17;
+            x[j] = (float)(sd * (2.0 * ((x64 >> 11) * 0x1.0p-53) - 1.0) * 1.7320508);
         }
     }
+}
+
+static void fill_random(const Registry *r, float *p, uint64_t seed) {
+    std::vector<std::pair<int, int64_t>> work;  // (tensor, first element) of each chunk
+    for (int i = 0; i < r->n; i++)
+        for (int64_t j = 0; j < r->t[i].numel; j += FILL_CHUNK) work.push_back({i, j});
+    std::atomic<size_t> next(0);
+    auto run = [&]() {
+        for (size_t w; (w = next++) < work.size();) {
+            const TensorInfo *t = &r->t[work[w].first];
+            fill_chunk(t, p + t->offset, work[w].first, work[w].second, std::min(t->numel, work[w].second + FILL_CHUNK), seed);
+        }
+    };
+    unsigned nt = std::max(1u, std::min(16u, std::thread::hardware_concurrency() / 2));
+    std::vector<std::thread> th;
+    for (unsigned k = 0; k < nt; k++) th.emplace_back(run);
+    for (auto &x : th) x.join();
 }
 
 int main(int argc, char **argv) {
@@ -116,7 +136,7 @@ int main(int argc, char **argv) {
                "accum %d per GPU%s; student %.2fB params (%.3fB trained), teacher %.2fB\n", world, world > 1 ? "s" : "", zero,
                c.n_layer, c.n_layer - na, na, (long long)B, (long long)T, accum, recompute ? ", MLP recompute" : "",
                reg_params_numel(&rs) / 1e9, reg_trainable_numel(&rs) / 1e9, reg_params_numel(&rt) / 1e9);
-    // ---- models (the host copies are only read at tm_new: no tm_sync_host here)
+    // ---- models
     float *pt = (float *)dl_malloc((size_t)rt.numel * 4);
     fill_random(&rt, pt, 1);
     TrainModel *teacher = tm_new(TM_CUDA, &ht, &rt, pt, B, T, TM_FROZEN, NULL, &e);
@@ -127,6 +147,7 @@ int main(int argc, char **argv) {
     TrainModel *student = tm_new(TM_CUDA, &hs, &rs, ps, B, T, TM_TRAIN | TM_TEACHER_KL | (recompute ? TM_RECOMPUTE_MLP : 0),
                                  rank == 0 ? stdout : NULL, &e);
     if (!student) die("student", &e);
+    free(ps);  // uploaded; the host copy would only be read by tm_sync_host, never called here
     // ---- optimizer: this rank's owned ranges of the ZeRO layout (train_loop.c's dp_init)
     OptimConfig oc;
     optim_config_default(&oc);
@@ -208,7 +229,6 @@ int main(int argc, char **argv) {
     optim_free(&o);
     zero_layout_free(&Z);
     free(oreg.t);
-    free(ps);
     free(tok), free(tgt), free(mask);
     if (nc) nccl_comm_free(nc);
     if (g) dist_close(g);
