@@ -278,6 +278,177 @@ __global__ void __launch_bounds__(FWD1_THREADS) scan_fwd_kernel(const FwdArgs p,
     }
 }
 
+// loads R consecutive floats from shared memory (aligned to R floats for R <= 4, to 4 floats otherwise)
+template <int R>
+__device__ __forceinline__ void ldsf_r(const float *p, float (&v)[R]) {
+    if constexpr (R == 1) {
+        v[0] = *p;
+    } else if constexpr (R == 2) {
+        const float2 x = *reinterpret_cast<const float2 *>(p);
+        v[0] = x.x, v[1] = x.y;
+    } else {
+        ldsf_vec<R>(p, v);
+    }
+}
+
+// Forward v10: two lanes per (batch row, channel), N/2 states each, 128 channels (256 threads) per block: the same
+// tiles as the one-lane kernel above but twice the warps (16 per SM at 8 x 2048 instead of 8), which the one-lane
+// kernel lacked to keep the MUFU busy (it issued at ~51 % with 2 warps per scheduler). The per-step scalars are
+// not computed twice: steps go in pairs, lane `hf` of a channel computes softplus (and the gate) for step i + hf
+// and the pair swaps deltas with one shuffle; y's two halves meet with one shuffle per step, and lane hf stores
+// step i + hf. So the MUFU work stays 16 + 4 per token-channel, plus 1.5 shuffles per lane and step.
+constexpr int FWD2_THREADS = 256;  // 128 channels x 2 lanes
+
+template <int N, bool PREPASS, bool AL16>
+__global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArgs p, const TileGeom geo) {
+    constexpr int CPB = FWD1_THREADS, H = N / 2;
+    static_assert(FT % 2 == 0, "steps go in pairs");
+    extern __shared__ __align__(16) char smem[];
+    const int64_t ncb = (p.D + CPB - 1) / CPB;
+    int64_t bid = blockIdx.x;
+    const int64_t cb = bid % ncb;
+    bid /= ncb;
+    const int64_t b = bid % p.B;
+    const int seg = (int)(bid / p.B);
+    if (PREPASS && seg == p.nseg - 1) return;
+    const int tid = threadIdx.x, cl = tid >> 1, hf = tid & 1, n0 = hf * H;
+    const int64_t c0 = cb * CPB, d_raw = c0 + cl;
+    const int nchv = (int)(p.D - c0 < CPB ? p.D - c0 : CPB);
+    const bool dvalid = d_raw < p.D;
+    const int64_t d = dvalid ? d_raw : p.D - 1;  // out-of-range lanes compute on a real channel, store nothing
+    const int64_t gc = d / p.Dg, gb = d / p.Db;
+    const int64_t gclo = c0 / p.Dg, gblo = c0 / p.Db;
+    const int nCv = (int)((c0 + nchv - 1) / p.Dg - gclo + 1) * N, nBv = (int)((c0 + nchv - 1) / p.Db - gblo + 1) * N;
+    const int64_t tb = (int64_t)seg * p.seglen, te = tb + p.seglen < p.L ? tb + p.seglen : p.L;
+    const int64_t L = p.L, D = p.D;
+    const TileSrc src = {{p.u, p.dt, PREPASS ? nullptr : p.z, nullptr}, p.Bm, p.Cm, p.reset, L, D, p.Gb * N, p.Gc * N};
+
+    float A2[H], h[H];
+#pragma unroll
+    for (int n = 0; n < H; n++) A2[n] = p.A[d * N + n0 + n] * SCAN_LOG2E;
+    const float Dd = PREPASS ? 0.f : p.Dskip[d];
+    const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
+#pragma unroll
+    for (int n = 0; n < H; n++) h[n] = (!PREPASS && p.h0) ? p.h0[(b * D + d) * N + n0 + n] : 0.f;
+    if (!PREPASS) {
+        for (int s = 0; s < seg; s++) {  // carry from the earlier segments: h <- decay(s) * h + local_end(s)
+            const int64_t i = (b * p.nseg + s) * D + d;
+            const bool rs = p.seg_rs[i] != 0;
+            const float sd = p.seg_sd[i];
+#pragma unroll
+            for (int n = 0; n < H; n++) h[n] = (rs ? 0.f : ex2f(A2[n] * sd)) * h[n] + p.seg_h[i * N + n0 + n];
+        }
+    }
+    float sd = 0.f;
+    int anyrs = 0;
+
+    const int ntile = (int)((te - tb + FT - 1) / FT);
+    auto issue = [&](int kt) {
+        if (kt < ntile) {
+            const int64_t ts = tb + (int64_t)kt * FT;
+            const int ns = (int)(te - ts < FT ? te - ts : FT);
+            load_tile<FT, CPB, 3, FWD2_THREADS, AL16>(smem + (kt % FNST) * geo.bytes, geo, src, b, c0, nchv, gblo * N,
+                                                     nBv, gclo * N, PREPASS ? 0 : nCv, ts, ns);
+        }
+        cp_async_commit();
+    };
+    for (int k = 0; k < FNST - 1; k++) issue(k);
+
+    for (int kt = 0; kt < ntile; kt++) {
+        cp_async_wait<FNST - 2>();
+        __syncthreads();
+        issue(kt + FNST - 1);
+        const char *tile = smem + (kt % FNST) * geo.bytes;
+        const bf16 *su = (const bf16 *)tile + cl, *sdt = su + FT * CPB, *sz = sdt + FT * CPB;
+        const uint8_t *srs = (const uint8_t *)(tile + geo.offR);
+        {
+            float *fB = (float *)(smem + FNST * geo.bytes), *fC = fB + FT * geo.pB;
+            const __nv_bfloat162 *tB = (const __nv_bfloat162 *)(tile + geo.offB);
+            const __nv_bfloat162 *tC = (const __nv_bfloat162 *)(tile + geo.offC);
+            for (int e = tid; e < FT * geo.pB / 2; e += FWD2_THREADS)
+                reinterpret_cast<float2 *>(fB)[e] = __bfloat1622float2(tB[e]);
+            if (!PREPASS)
+                for (int e = tid; e < FT * geo.pC / 2; e += FWD2_THREADS)
+                    reinterpret_cast<float2 *>(fC)[e] = __bfloat1622float2(tC[e]);
+            __syncthreads();
+        }
+        const float *sB = (const float *)(smem + FNST * geo.bytes) + (gb - gblo) * N + n0;
+        const float *sC = (const float *)(smem + FNST * geo.bytes) + FT * geo.pB + (gc - gclo) * N + n0;
+        const int64_t ts = tb + (int64_t)kt * FT;
+        const int ns = (int)(te - ts < FT ? te - ts : FT);
+        if (!PREPASS && p.ckpt && (ts % SCAN_CKPT) == 0 && dvalid) {
+            float *ck = p.ckpt + ((b * p.nck + ts / SCAN_CKPT) * D + d) * N + n0;
+            if constexpr (H % 4 == 0) {
+#pragma unroll
+                for (int n = 0; n < H; n += 4) reinterpret_cast<float4 *>(ck)[n / 4] = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
+            } else {
+#pragma unroll
+                for (int n = 0; n < H; n++) ck[n] = h[n];
+            }
+        }
+        bf16 *outp = PREPASS ? nullptr : p.out + (b * L + ts) * D + d;
+        const bool hasz = !PREPASS && p.z != nullptr;
+        // steps i and i + 1 (i even); lane hf computes step i + hf's scalars; steps past ns are identities
+        auto pair = [&](int i) {
+            const int me = i + hf;
+            const bool vme = me < ns, v1 = i + 1 < ns;
+            const float dl_me = vme ? softplus_dev(__bfloat162float(sdt[me * CPB]) + bias) : 0.f;
+            const float dl_o = __shfl_xor_sync(FULL_MASK, dl_me, 1);
+            const float dl[2] = {hf ? dl_o : dl_me, hf ? dl_me : dl_o};
+            const float uu[2] = {__bfloat162float(su[i * CPB]), v1 ? __bfloat162float(su[(i + 1) * CPB]) : 0.f};
+            float yp[2];
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                const float rx = srs[i + j] ? -INFINITY : 0.f;  // a reset zeroes the decay: ex2(-inf) = 0
+                const float du = dl[j] * uu[j];
+                float Bv[H];
+                ldsf_r<H>(sB + (i + j) * geo.pB, Bv);
+                if (PREPASS) {
+#pragma unroll
+                    for (int n = 0; n < H; n++) h[n] = ex2f(fmaf(dl[j], A2[n], rx)) * h[n] + du * Bv[n];
+                    sd = rx != 0.f ? dl[j] : sd + dl[j];
+                    anyrs |= rx != 0.f;
+                } else {
+                    float Cv[H], y0 = 0.f, y1 = 0.f;
+                    ldsf_r<H>(sC + (i + j) * geo.pC, Cv);
+#pragma unroll
+                    for (int n = 0; n < H; n++) {
+                        h[n] = ex2f(fmaf(dl[j], A2[n], rx)) * h[n] + du * Bv[n];
+                        if (n & 1) y1 += Cv[n] * h[n];
+                        else y0 += Cv[n] * h[n];
+                    }
+                    yp[j] = y0 + y1;
+                }
+            }
+            if (!PREPASS) {
+                const float mine = hf ? yp[0] : yp[1], keep = hf ? yp[1] : yp[0];  // send the partner's step
+                const float y = keep + __shfl_xor_sync(FULL_MASK, mine, 1);        // full y of step i + hf
+                const float zz = hasz ? __bfloat162float(sz[me * CPB]) : 0.f;
+                const float gate = hasz ? zz * sigmoid_dev(zz) : 1.f;
+                if (dvalid && vme) stbf(outp + (int64_t)me * D, (y + Dd * (hf ? uu[1] : uu[0])) * gate);
+            }
+        };
+        if (ns == FT) {
+#pragma unroll
+            for (int i = 0; i < FT; i += 2) pair(i);
+        } else {
+#pragma unroll 1
+            for (int i = 0; i < ns; i += 2) pair(i);
+        }
+    }
+    cp_async_wait<0>();
+    if (!dvalid) return;
+    if (PREPASS) {
+        const int64_t i = (b * p.nseg + seg) * D + d;
+#pragma unroll
+        for (int n = 0; n < H; n++) p.seg_h[i * N + n0 + n] = h[n];
+        if (hf == 0) p.seg_sd[i] = sd, p.seg_rs[i] = anyrs;
+    } else if (seg == p.nseg - 1 && p.h_last) {
+#pragma unroll
+        for (int n = 0; n < H; n++) p.h_last[(b * D + d) * N + n0 + n] = h[n];
+    }
+}
+
 // ---- backward ----------------------------------------------------------------------------------------------
 // Per (batch row, block of CPB channels), chunks of SCAN_CKPT steps in reverse, each staged in shared memory
 // while the previous chunk is processed. For each chunk: a forward sweep from the forward's checkpoint stores
@@ -310,19 +481,6 @@ template <int N, int THREADS>
 size_t bwd_smem_bytes(const TileGeom &g) {
     return 2 * (size_t)g.bytes + (size_t)(BWD_GROUPS * (N / QL) * THREADS + 2 * 4 * (THREADS / QL) * N) * sizeof(float) +
            (size_t)g.T * (g.pB + g.pC) * sizeof(float);
-}
-
-// loads R consecutive floats from shared memory (aligned to R floats for R <= 4, to 4 floats otherwise)
-template <int R>
-__device__ __forceinline__ void ldsf_r(const float *p, float (&v)[R]) {
-    if constexpr (R == 1) {
-        v[0] = *p;
-    } else if constexpr (R == 2) {
-        const float2 x = *reinterpret_cast<const float2 *>(p);
-        v[0] = x.x, v[1] = x.y;
-    } else {
-        ldsf_vec<R>(p, v);
-    }
 }
 
 __device__ __forceinline__ float dsoftplus_dev(float x) { return x <= 20.f ? sigmoid_dev(x) : 1.f; }
@@ -1112,6 +1270,12 @@ int launch_bwd1(const Bwd1Args &a, cudaStream_t st) {
     return 0;
 }
 
+// forward kernel: two lanes per channel (v10, default) or one (v5: DISTILL_SCAN_FWD=v5)
+bool fwd_two_lanes() {
+    const char *e = getenv("DISTILL_SCAN_FWD");
+    return !(e && !strcmp(e, "v5"));
+}
+
 template <int N>
 int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
     constexpr int CPB = FWD1_THREADS;
@@ -1124,6 +1288,16 @@ int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
         return 0;
     };
     int rc = 0;
+    if (fwd_two_lanes()) {
+        auto go2 = [&](auto kern) {
+            if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) return -1;
+            kern<<<(unsigned)blocks, FWD2_THREADS, smem, st>>>(a, g);
+            return 0;
+        };
+        if (a.nseg > 1) rc |= al16 ? go2(scan_fwd2_kernel<N, true, true>) : go2(scan_fwd2_kernel<N, true, false>);
+        rc |= al16 ? go2(scan_fwd2_kernel<N, false, true>) : go2(scan_fwd2_kernel<N, false, false>);
+        return rc;
+    }
     if (a.nseg > 1) rc |= al16 ? go(scan_fwd_kernel<N, true, true>) : go(scan_fwd_kernel<N, true, false>);
     rc |= al16 ? go(scan_fwd_kernel<N, false, true>) : go(scan_fwd_kernel<N, false, false>);
     return rc;
