@@ -1,0 +1,230 @@
+// gpu_test_zero_optim.cu: the sharded device optimizer of ZeRO-1/2 (engine_cuda_optim with a sharded host Optim,
+// engine_cuda.h) on ONE GPU, with R = 2 and 3 simulated ranks: one engine per rank, the NCCL collectives of
+// train_model.c's tm_dp_* replaced by host sums and device copies between the engines' buffers, and an
+// unsharded engine (engine_cuda_optim_step) as the reference. A small bf16 hybrid (2 attention + 2 Mamba-1
+// layers, tied embeddings), every tensor trained, 2 KiB ZeRO buckets (many buckets, tensors cut between ranks):
+//   1. zero_slice_ranges / zero_piece_ranges accept the engine's gradient and master offsets;
+//   2. engine_cuda_optim_keep_owned zeroes exactly the elements a rank does not own;
+//   3. 6 AdamW steps (weight decay, grad_accum 2): each rank holds the summed gradient in its owned ranges
+//      (and its own local gradient elsewhere, as after a reduction), the global norm from the ranks' owned
+//      squared norms, engine_cuda_optim_step_norm, the owned master pieces copied to the other ranks,
+//      engine_cuda_optim_gathered. Clipping off: every rank's fp32 master equals the reference's bit for bit,
+//      and a forward + loss on every rank (bf16 compute copy, padded dt weights) equals the reference's bit
+//      for bit. Clipping active: masters within 1e-6.
+//   4. the moments pulled into each rank's compact host Optim equal the reference's on the owned ranges, bit
+//      for bit; a fresh attach + push (a resume) and 2 more steps stay equal to the reference.
+// Exit status != 0 on any failure. Usage: gpu_test_zero_optim [--verbose]
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/engine/engine_cuda.h"
+#include "kernels/engine/gpu_test_common.cuh"
+
+extern "C" {
+#include "distill/zero.h"
+}
+
+#include <cuda_runtime.h>
+
+static void die_if(bool bad, const DlError *e, const char *what) {
+    if (bad) {
+        fprintf(stderr, "gpu_test_zero_optim: %s: %s\n", what, e->msg);
+        exit(1);
+    }
+}
+
+#define MAXR 3
+static const int64_t B = 2, T = 64;
+
+typedef struct {
+    HybridConfig h;
+    Registry r;
+    float *p;
+} Model;
+
+static void model_make(Model *m) {
+    DlError e;
+    LlamaConfig c;
+    memset(&c, 0, sizeof c);
+    c.n_layer = 4, c.d_model = 192, c.n_head = 3, c.n_kv_head = 1, c.head_dim = 64, c.d_ff = 384, c.vocab = 520;
+    c.max_pos = 4096, c.rope_theta = 10000.0, c.rms_eps = 1e-5, c.tied_embeddings = true, c.bos_id = c.eos_id = -1;
+    int attn[2] = {1, 3};
+    die_if(hybrid_config_init(&m->h, &c, MIXER_MAMBA1, attn, 2, &e) != 0, &e, "hybrid_config_init");
+    model_build_registry(&m->h, &m->r);
+    for (int i = 0; i < m->r.n; i++) m->r.t[i].trainable = true;
+    m->p = (float *)malloc((size_t)m->r.numel * 4);
+    test_params_init(&m->r, m->p, 5, 7, false);
+}
+
+static void reg_dup(Registry *d, const Registry *s) {
+    *d = *s;
+    d->t = (TensorInfo *)malloc((size_t)s->n * sizeof(TensorInfo));
+    memcpy(d->t, s->t, (size_t)s->n * sizeof(TensorInfo));
+    d->cap = s->n;
+}
+
+static double loss_of(EngineCuda *E, const int32_t *tok, const int32_t *tgt) {
+    DlError e;
+    die_if(engine_cuda_forward(E, tok, NULL, &e) != 0, &e, "forward");
+    LossSpecCuda ls;
+    memset(&ls, 0, sizeof ls);
+    ls.w.ce = 1.0f;
+    return engine_cuda_loss(E, tgt, NULL, &ls, NULL, NULL).loss;
+}
+
+static void run(int R, double clip) {
+    DlError e;
+    Model m;
+    model_make(&m);
+    const Registry *r = &m.r;
+    OptimConfig oc;
+    optim_config_default(&oc);
+    oc.lr = 3e-3, oc.total_steps = 20, oc.weight_decay = 0.1, oc.grad_accum = 2, oc.clip_norm = clip;
+    oc.outlier_factor = 0;
+    ZeroLayout Z;
+    die_if(zero_layout_build(&Z, r, R, 1, 2048, &e) != 0, &e, "layout");
+    // reference (unsharded) and R ranks
+    EngineCuda *ref = engine_cuda_new(&m.h, r, m.p, B, T, ECU_TRAIN, DT_BF16, 0, NULL, &e);
+    die_if(!ref, &e, "engine");
+    Optim oref;
+    die_if(optim_init(&oref, &oc, r, &e) != 0, &e, "optim");
+    EngineCudaOptim *xref = engine_cuda_optim_attach(ref, &oref, DT_F32, &e);
+    die_if(!xref, &e, "attach");
+    EngineCuda *E[MAXR];
+    Registry oreg[MAXR];
+    Optim o[MAXR];
+    EngineCudaOptim *x[MAXR];
+    float *g[MAXR];
+    for (int q = 0; q < R; q++) {
+        die_if(!(E[q] = engine_cuda_new(&m.h, r, m.p, B, T, ECU_TRAIN, DT_BF16, 0, NULL, &e)), &e, "engine");
+        reg_dup(&oreg[q], r);
+        zero_apply_shards(&Z, &oreg[q], q);
+        die_if(optim_init(&o[q], &oc, &oreg[q], &e) != 0, &e, "optim");
+        die_if(!(x[q] = engine_cuda_optim_attach(E[q], &o[q], DT_F32, &e)), &e, "attach (sharded)");
+        g[q] = engine_cuda_grads_new(E[q]);
+    }
+    float *gref = engine_cuda_grads_new(ref);
+    // 1. the ranges over the engine's offsets
+    int64_t *goff = (int64_t *)malloc((size_t)r->n * 8), *moff = (int64_t *)malloc((size_t)r->n * 8);
+    for (int i = 0; i < r->n; i++) goff[i] = engine_cuda_grad_offset(E[0], i), moff[i] = engine_cuda_master_offset(E[0], i);
+    ZeroRange *sl = (ZeroRange *)malloc((size_t)zero_slice_ranges_max(&Z) * sizeof(ZeroRange));
+    ZeroRange *pc = (ZeroRange *)malloc((size_t)zero_piece_ranges_max(&Z) * sizeof(ZeroRange));
+    int ns = 0, np = 0;
+    int rc1 = zero_slice_ranges(&Z, goff, sl, &ns, &e), rc2 = zero_piece_ranges(&Z, moff, pc, &np, &e);
+    check(rc1 == 0 && rc2 == 0, "R=%d: slice and piece ranges over the engine's offsets (%s)", R, rc1 || rc2 ? e.msg : "ok");
+    check(Z.n_bucket > 4 && np > Z.n_seg, "R=%d: %d buckets, %d slices, %d pieces for %d tensors (tensors cut)", R, Z.n_bucket,
+          ns, np, Z.n_seg);
+    const int64_t N = r->numel;
+    float *loc[MAXR], *sum = (float *)malloc((size_t)N * 4), *h = (float *)malloc((size_t)N * 4),
+                      *hr = (float *)malloc((size_t)N * 4);
+    for (int q = 0; q < R; q++) loc[q] = (float *)malloc((size_t)N * 4);
+    int32_t tok[B * T], tgt[B * T];
+    Rng rg;
+    rng_init(&rg, 77, (uint64_t)R);
+    for (int64_t i = 0; i < B * T; i++) tok[i] = (int32_t)rng_below(&rg, 520);
+    for (int64_t i = 0; i < B * T; i++) tgt[i] = (i + 1) % T ? tok[i + 1] : -1;
+    bool keep_ok = true, master_ok = true, loss_ok = true, mv_ok = true;
+    double worst = 0;
+    for (int s = 0; s < 8; s++) {
+        // the ranks' local gradients and their rank-order sum (what the reduction leaves on each owner)
+        for (int q = 0; q < R; q++)
+            for (int64_t k = 0; k < N; k++) loc[q][k] = (float)(rng_normal(&rg) * 0.05);
+        for (int64_t k = 0; k < N; k++) {
+            float a = loc[0][k];
+            for (int q = 1; q < R; q++) a += loc[q][k];
+            sum[k] = a;
+        }
+        engine_cuda_grads_from_host(ref, gref, sum);
+        for (int q = 0; q < R; q++) {
+            memcpy(h, loc[q], (size_t)N * 4);
+            for (int i = 0; i < r->n; i++)
+                for (int64_t j = oreg[q].t[i].shard_begin; j < oreg[q].t[i].shard_end; j++) h[r->t[i].offset + j] = sum[r->t[i].offset + j];
+            engine_cuda_grads_from_host(E[q], g[q], h);
+            if (s == 0) {  // 2. keep_owned: the owned elements stay, the others become 0 (the step reads the owned only)
+                engine_cuda_optim_keep_owned(x[q], g[q]);
+                engine_cuda_sync();
+                engine_cuda_grads_to_host(E[q], g[q], hr);
+                for (int i = 0; i < r->n; i++)
+                    for (int64_t j = 0; j < r->t[i].numel; j++) {
+                        bool own = j >= oreg[q].t[i].shard_begin && j < oreg[q].t[i].shard_end;
+                        float want = own ? sum[r->t[i].offset + j] : 0.0f;
+                        keep_ok &= hr[r->t[i].offset + j] == want;
+                    }
+            }
+        }
+        if (s == 6) {  // 4. a resume: moments pulled, fresh device state, pushed back
+            engine_cuda_optim_pull(xref);
+            for (int q = 0; q < R; q++) {
+                engine_cuda_optim_pull(x[q]);
+                for (int i = 0; i < r->n; i++)
+                    for (int64_t j = oreg[q].t[i].shard_begin; j < oreg[q].t[i].shard_end; j++) {
+                        const int64_t a = o[q].mv_off[i] + j - oreg[q].t[i].shard_begin, b = oref.mv_off[i] + j;
+                        mv_ok &= o[q].m[a] == oref.m[b] && o[q].v[a] == oref.v[b];
+                    }
+                engine_cuda_optim_free(x[q]);
+                die_if(!(x[q] = engine_cuda_optim_attach(E[q], &o[q], DT_F32, &e)), &e, "re-attach");
+                engine_cuda_optim_push(x[q]);
+            }
+        }
+        // 3. the step
+        OptimResult rr, rq;
+        engine_cuda_optim_step(xref, gref, 1.0, &rr);
+        double sq = 0;
+        for (int q = 0; q < R; q++) sq += engine_cuda_optim_sq_norm(x[q], g[q]);
+        const double norm = zero_global_norm(&oc, 1.0, sq);
+        for (int q = 0; q < R; q++) engine_cuda_optim_step_norm(x[q], g[q], 1.0, norm, &rq);
+        engine_cuda_sync();
+        for (int k = 0; k < np; k++)  // the broadcast of every owned piece from its owner
+            for (int q = 0; q < R; q++)
+                if (q != pc[k].root)
+                    cudaMemcpy(engine_cuda_master(E[q]) + pc[k].off, engine_cuda_master(E[pc[k].root]) + pc[k].off,
+                               (size_t)pc[k].n * 4, cudaMemcpyDeviceToDevice);
+        engine_cuda_sync();  // device-to-device copies need not be done when cudaMemcpy returns
+        for (int q = 0; q < R; q++) engine_cuda_optim_gathered(x[q]);
+        engine_cuda_sync();
+        check(fabs(rr.grad_norm - rq.grad_norm) <= 1e-12 * rr.grad_norm && rr.outcome == rq.outcome,
+              "R=%d step %d: norm %.9g vs %.9g (clip scale %.4g)", R, s, rq.grad_norm, rr.grad_norm, rr.clip_scale);
+        engine_cuda_get_params(ref, hr);
+        const double lref = loss_of(ref, tok, tgt);
+        for (int q = 0; q < R; q++) {
+            memcpy(h, hr, (size_t)N * 4);
+            engine_cuda_get_params(E[q], h);
+            double d = relerr(h, hr, N);
+            worst = fmax(worst, d);
+            master_ok &= clip > 0 ? d <= 1e-6 : memcmp(h, hr, (size_t)N * 4) == 0;
+            if (clip <= 0) loss_ok &= loss_of(E[q], tok, tgt) == lref;
+        }
+    }
+    check(keep_ok, "R=%d: keep_owned leaves exactly the owned elements", R);
+    check(master_ok, "R=%d clip %g: every rank's fp32 master vs the unsharded step: worst %.2e (%s)", R, clip, worst,
+          clip > 0 ? "within 1e-6" : "bitwise");
+    if (clip <= 0) check(loss_ok, "R=%d: forward losses of every rank equal the reference's bitwise (compute copy refreshed)", R);
+    check(mv_ok, "R=%d: pulled moments equal the reference's on the owned ranges; after push the steps stay equal", R);
+    for (int q = 0; q < R; q++) {
+        engine_cuda_dfree(g[q]);
+        engine_cuda_optim_free(x[q]);
+        engine_cuda_free(E[q]);
+        optim_free(&o[q]);
+        free(oreg[q].t);
+        free(loc[q]);
+    }
+    engine_cuda_dfree(gref);
+    engine_cuda_optim_free(xref);
+    engine_cuda_free(ref);
+    optim_free(&oref);
+    zero_layout_free(&Z);
+    free(sum), free(h), free(hr), free(goff), free(moff), free(sl), free(pc), free(m.p);
+    reg_free(&m.r);
+}
+
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--verbose")) g_verbose = 1;
+    run(2, 0);
+    run(3, 0);
+    run(2, 0.05);
+    printf("gpu_test_zero_optim: %d passed, %d failed\n", g_pass, g_fail);
+    return g_fail != 0;
+}
