@@ -1043,29 +1043,63 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_chunk_out_kernel(SsdDev a) {
     __syncthreads();  // W complete, CB dead: the per-warp scratch goes to its region
     const int warp = tid >> 5, lane = tid & 31, nt = PT / 16, total = (Q / 16) * nt;
     float *s1 = CBf + warp * 512, *s2 = s1 + 256;
-    for (int t = warp; t < total; t += SSD_THREADS / 32) {
-        const int i0 = (t / nt) * 16, j0 = (t % nt) * 16;
-        Acc a1, a2;
-        wmma::fill_fragment(a1, 0.f);
-        wmma::fill_fragment(a2, 0.f);
-        mma_k<wmma::row_major, wmma::row_major>(a1, Wh, lQ, Xs, lP, i0, j0, 0, i0 + 16);
-        mma_k<wmma::row_major, wmma::row_major>(a1, Wl, lQ, Xs, lP, i0, j0, 0, i0 + 16);
-        mma_k<wmma::row_major, wmma::col_major>(a2, Cs, lN, Sh, lN, i0, j0, 0, N);
-        mma_k<wmma::row_major, wmma::col_major>(a2, Cs, lN, Sl, lN, i0, j0, 0, N);
-        wmma::store_matrix_sync(s1, a1, 16, wmma::mem_row_major);
-        wmma::store_matrix_sync(s2, a2, 16, wmma::mem_row_major);
-        __syncwarp();
-        for (int e = lane; e < 128; e += 32) {  // 16 rows x 8 pairs
-            const int r = e >> 3, cc = (e & 7) * 2, m = i0 + r, p = j0 + cc;
-            if (m < q) {
-                const float v0 = s1[r * 16 + cc] + sc.din[m] * s2[r * 16 + cc] + Dh * bf(Xs[m * lP + p]);
-                const float v1 = s1[r * 16 + cc + 1] + sc.din[m] * s2[r * 16 + cc + 1] + Dh * bf(Xs[m * lP + p + 1]);
-                bf16 *yp = a.y + ((b * L + t0 + m) * H + h) * P + p0 + p;
-                if (a.yvec) *reinterpret_cast<__nv_bfloat162 *>(yp) = __floats2bfloat162_rn(v0, v1);
-                else yp[0] = __float2bfloat16_rn(v0), yp[1] = __float2bfloat16_rn(v1);
+    // a1 = W x (intra-chunk), a2 = C S^T (incoming state) for up to two tiles t = warp, warp + 8 per warp. When nt
+    // divides the 8 warps both tiles share the column block j0, and each x and S fragment is loaded once for both.
+    constexpr int W8 = SSD_THREADS / 32;
+    const bool shared_j = W8 % nt == 0;
+    for (int t = warp; t < total; t += (shared_j ? 2 : 1) * W8) {
+        const int nr = shared_j && t + W8 < total ? 2 : 1, j0 = (t % nt) * 16;
+        int i0[2];
+        i0[0] = (t / nt) * 16, i0[1] = ((t + W8) / nt) * 16;
+        Acc a1[2], a2[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) wmma::fill_fragment(a1[r], 0.f), wmma::fill_fragment(a2[r], 0.f);
+        const int kmax = i0[nr - 1] + 16;  // W is lower triangular: k tiles above a row tile's diagonal are zero
+        for (int k = 0; k < kmax; k += 16) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> fx;
+            wmma::load_matrix_sync(fx, Xs + k * lP + j0, lP);
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                if (r >= nr || k >= i0[r] + 16) continue;
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fw;
+                wmma::load_matrix_sync(fw, Wh + i0[r] * lQ + k, lQ);
+                wmma::mma_sync(a1[r], fw, fx, a1[r]);
+                wmma::load_matrix_sync(fw, Wl + i0[r] * lQ + k, lQ);
+                wmma::mma_sync(a1[r], fw, fx, a1[r]);
             }
         }
-        __syncwarp();
+        for (int k = 0; k < N; k += 16) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fh, fl;
+            wmma::load_matrix_sync(fh, Sh + j0 * lN + k, lN);
+            wmma::load_matrix_sync(fl, Sl + j0 * lN + k, lN);
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                if (r >= nr) continue;
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fc;
+                wmma::load_matrix_sync(fc, Cs + i0[r] * lN + k, lN);
+                wmma::mma_sync(a2[r], fc, fh, a2[r]);
+                wmma::mma_sync(a2[r], fc, fl, a2[r]);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            if (r >= nr) continue;
+            wmma::store_matrix_sync(s1, a1[r], 16, wmma::mem_row_major);
+            wmma::store_matrix_sync(s2, a2[r], 16, wmma::mem_row_major);
+            __syncwarp();
+            for (int e = lane; e < 128; e += 32) {  // 16 rows x 8 pairs
+                const int rr = e >> 3, cc = (e & 7) * 2, m = i0[r] + rr, p = j0 + cc;
+                if (m < q) {
+                    const float v0 = s1[rr * 16 + cc] + sc.din[m] * s2[rr * 16 + cc] + Dh * bf(Xs[m * lP + p]);
+                    const float v1 =
+                        s1[rr * 16 + cc + 1] + sc.din[m] * s2[rr * 16 + cc + 1] + Dh * bf(Xs[m * lP + p + 1]);
+                    bf16 *yp = a.y + ((b * L + t0 + m) * H + h) * P + p0 + p;
+                    if (a.yvec) *reinterpret_cast<__nv_bfloat162 *>(yp) = __floats2bfloat162_rn(v0, v1);
+                    else yp[0] = __float2bfloat16_rn(v0), yp[1] = __float2bfloat16_rn(v1);
+                }
+            }
+            __syncwarp();
+        }
     }
 }
 
@@ -1363,14 +1397,14 @@ struct Stages {
 
 int64_t grid_of(int64_t threads, int per) { return (threads + per - 1) / per; }
 
-// Rows of P per block of the sequential state pass: out_pt(P), halved (down to 16) while that leaves fewer than two
+// Rows of P per block of the sequential state pass: out_pt(P), halved (down to 32) while that leaves fewer than two
 // blocks per SM (e.g. 1 x 8192 with 32 heads: 128 blocks of 64 x 64 -> 256 of 32 x 64)
 int pass_tp(const SsdDev &a) {
     int dev = 0, sms = 132;
     if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev))
         sms = 132;
     int tp = out_pt(a.P);
-    while (tp % 32 == 0 && a.B * a.H * (a.P / tp) * (a.N / out_pt(a.N)) < 2 * sms) tp /= 2;
+    while (tp % 64 == 0 && a.B * a.H * (a.P / tp) * (a.N / out_pt(a.N)) < 2 * sms) tp /= 2;
     return tp;
 }
 int64_t pass_grid(const SsdDev &a, int tp) { return a.B * a.H * (a.P / tp) * (a.N / out_pt(a.N)); }
