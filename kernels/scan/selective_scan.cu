@@ -472,6 +472,10 @@ struct BwdArgs {
     int64_t seglen;
     float *seg_dh, *seg_sd;  // [B, nseg, D, N] local dh at the segment's start (from zero), [B, nseg, D] sum of delta
     int *seg_rs;             // [B, nseg, D] 1 if the segment holds a reset
+    // the same for pieces of piecelen steps (npps per segment 1..nseg-1), folded into seg_* by scan_bwd_seg_fold
+    int64_t piecelen, npps;
+    float *piece_dh, *piece_sd;  // [B, nseg - 1, npps, D, N], [B, nseg - 1, npps, D]
+    int *piece_rs;               // [B, nseg - 1, npps, D]
 };
 
 constexpr int BWD_GROUPS = SCAN_CKPT / 4;
@@ -575,11 +579,12 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
         float h[R];
 #pragma unroll
         for (int r = 0; r < R; r++) h[r] = p.ckpt[((b * p.nck + k) * D + d) * N + q * R + r];
-        // sweep: state before each group
+        // sweep: state before each group (the last group's own steps are not needed)
 #pragma unroll 1
         for (int g = 0; g < ng; g++) {
 #pragma unroll
             for (int r = 0; r < R; r++) sub[(g * R + r) * THREADS + tid] = h[r];
+            if (g == ng - 1) break;
             const int i = 4 * g + q;
             const bool tv = tb + i < te;
             const float uu = tv ? __bfloat162float(su[i * CPB + cl]) : 0.f;
@@ -783,36 +788,45 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
     if (q == 0) p.dD_part[prow * D + d] = dD_acc, p.ddb_part[prow * D + d] = ddb_acc;
 }
 
-// Backward time-segment pre-pass (v10): for segments 1..nseg-1, the adjoint at the segment's start when it
-// starts from zero at the segment's end: dh_{t-1} = a_t (dh_t + gy_t C_t), which does not involve the states,
-// so it costs one exp and two FMAs per state and step; plus sum delta and "holds a reset" (the product of the
-// segment's decays is 0 after a reset, else 2^(A log2e sum delta)). One thread per (segment, row, channel).
+// Backward time-segment pre-pass (v10). For segments 1..nseg-1, the adjoint at the segment's start when it starts
+// from zero at the segment's end: dh_{t-1} = a_t (dh_t + gy_t C_t) does not involve the states, so it costs one
+// exp and two FMAs per state and step; plus sum delta and "holds a reset" (the product of the decays is 0 after a
+// reset, else 2^(A log2e sum delta)). A serial walk over a whole segment waits one memory latency per step (it cost
+// 0.4-3 ms at 1 x 8192 on the H100), so pieces of piecelen steps (64 by default) run in parallel, one thread per
+// (piece, row, channel), and scan_bwd_seg_fold composes each segment's pieces, last first (exact: the map is linear).
 template <int N, bool AL16>
-__global__ void __launch_bounds__(128) scan_bwd_seg_prepass(const BwdArgs p) {
+__global__ void __launch_bounds__(128) scan_bwd_piece_prepass(const BwdArgs p) {
     const int64_t D = p.D, L = p.L, ncb = (D + 127) / 128;
-    const int64_t cb = blockIdx.x % ncb, b = (blockIdx.x / ncb) % p.B;
-    const int seg = 1 + (int)(blockIdx.x / ncb / p.B);
+    int64_t bid = blockIdx.x;
+    const int64_t cb = bid % ncb;
+    bid /= ncb;
+    const int64_t b = bid % p.B;
+    bid /= p.B;
+    const int64_t pc = bid % p.npps;
+    const int seg = 1 + (int)(bid / p.npps);
     const int64_t d = cb * 128 + threadIdx.x;
     if (d >= D) return;
     const int64_t gc = d / p.Dg, Gc = p.Gc;
-    const int64_t tb = (int64_t)seg * p.seglen, te = tb + p.seglen < L ? tb + p.seglen : L;
+    const int64_t sb = (int64_t)seg * p.seglen, se = sb + p.seglen < L ? sb + p.seglen : L;
+    const int64_t tb = sb + pc * p.piecelen, te = tb + p.piecelen < se ? tb + p.piecelen : se;  // may be empty
     float A2[N], dh[N];
 #pragma unroll
     for (int n = 0; n < N; n++) A2[n] = p.A[d * N + n] * SCAN_LOG2E, dh[n] = 0.f;
     const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
+    // no branches in the loop, so that the loads of later steps can be issued early: absent z / resets read a
+    // stand-in array and are masked
+    const bool hasz = p.z != nullptr, hasrs = p.reset != nullptr;
+    const bf16 *zsrc = hasz ? p.z : p.dt;
+    const uint8_t *rsrc = hasrs ? p.reset : (const uint8_t *)p.dt;
     float sd = 0.f;
     int anyrs = 0;
 #pragma unroll 4
     for (int64_t t = te - 1; t >= tb; t--) {
         const int64_t row = (b * L + t) * D + d;
-        const float delta = softplus_dev(ldbf(p.dt + row) + bias), go = ldbf(p.dout + row);
-        const bool rs = p.reset && p.reset[b * L + t];
+        const float delta = softplus_dev(ldbf(p.dt + row) + bias), go = ldbf(p.dout + row), zz = ldbf(zsrc + row);
+        const bool rs = hasrs && __ldg(rsrc + b * L + t) != 0;
         const float rx = rs ? -INFINITY : 0.f;
-        float gy = go;
-        if (p.z) {
-            const float zz = ldbf(p.z + row);
-            gy = go * zz * sigmoid_dev(zz);
-        }
+        const float gy = hasz ? go * zz * sigmoid_dev(zz) : go;
         float Cv[N];
         const bf16 *cp = p.Cm + ((b * L + t) * Gc + gc) * N;
         if constexpr (AL16 && N % 8 == 0) {
@@ -824,6 +838,33 @@ __global__ void __launch_bounds__(128) scan_bwd_seg_prepass(const BwdArgs p) {
 #pragma unroll
         for (int n = 0; n < N; n++) dh[n] = ex2f(fmaf(delta, A2[n], rx)) * fmaf(gy, Cv[n], dh[n]);
         sd += delta, anyrs |= rs;
+    }
+    const int64_t i = ((b * (p.nseg - 1) + seg - 1) * p.npps + pc) * D + d;
+#pragma unroll
+    for (int n = 0; n < N; n++) p.piece_dh[i * N + n] = dh[n];
+    p.piece_sd[i] = sd, p.piece_rs[i] = anyrs;
+}
+
+// seg_* of segment s >= 1 from its pieces, last first: dh <- (reset ? 0 : 2^(A log2e sd)) dh + piece dh
+template <int N>
+__global__ void __launch_bounds__(128) scan_bwd_seg_fold(const BwdArgs p) {
+    const int64_t D = p.D, ncb = (D + 127) / 128;
+    const int64_t cb = blockIdx.x % ncb, b = (blockIdx.x / ncb) % p.B;
+    const int seg = 1 + (int)(blockIdx.x / ncb / p.B);
+    const int64_t d = cb * 128 + threadIdx.x;
+    if (d >= D) return;
+    float A2[N], dh[N];
+#pragma unroll
+    for (int n = 0; n < N; n++) A2[n] = p.A[d * N + n] * SCAN_LOG2E, dh[n] = 0.f;
+    float sd = 0.f;
+    int anyrs = 0;
+    for (int64_t pc = p.npps - 1; pc >= 0; pc--) {
+        const int64_t i = ((b * (p.nseg - 1) + seg - 1) * p.npps + pc) * D + d;
+        const bool rs = p.piece_rs[i] != 0;
+        const float s2 = p.piece_sd[i];
+#pragma unroll
+        for (int n = 0; n < N; n++) dh[n] = (rs ? 0.f : ex2f(A2[n] * s2)) * dh[n] + p.piece_dh[i * N + n];
+        sd += s2, anyrs |= rs;
     }
     const int64_t i = (b * p.nseg + seg) * D + d;
 #pragma unroll
@@ -978,13 +1019,27 @@ int bwd_nseg(const ScanShape *s) {
         if (ns != n) continue;                                              // same as a smaller n
         const int64_t waves = (cols * ns + BWD_SLOTS - 1) / BWD_SLOTS;
         double cost = (double)(waves * (per + 1));
-        if (ns > 1) {
-            const double thr = (double)(s->batch * s->dim * (ns - 1)) / (BWD_SLOTS * 1024.0);
-            cost += 0.15 * (double)per * (thr > 1 ? thr : 1);
-        }
+        // pre-pass: (ns - 1) * per chunks of every column at ~0.08 chunk-times per wave (one MUFU-bound pass, 18
+        // special-function ops per token-channel against ~1000 instructions in the main kernel), + fold and launches
+        if (ns > 1) cost += 0.5 + 0.08 * (double)(cols * (ns - 1) * per) / BWD_SLOTS;
         if (cost < best - 1e-9) best = cost, bestn = n;
     }
     return bestn;
+}
+
+// pre-pass pieces: 64 steps each, or more so that their partials stay under 64 MiB
+void bwd_pieces(const ScanShape *s, int nseg, int64_t *piecelen, int64_t *npps) {
+    const int64_t cps = (n_ckpt(s) + nseg - 1) / nseg;  // chunks per segment
+    const double bytes = (double)(s->batch * s->dim * (nseg - 1) * cps) * (double)(s->dstate + 2) * 4.0;
+    int64_t pcs = (int64_t)(bytes / (64.0 * 1024 * 1024)) + 1;
+    if (pcs > cps) pcs = cps;
+    *piecelen = pcs * SCAN_CKPT, *npps = (cps + pcs - 1) / pcs;
+}
+size_t bwd_piece_bytes(const ScanShape *s, int nseg) {
+    if (nseg <= 1) return 0;
+    int64_t pl, np;
+    bwd_pieces(s, nseg, &pl, &np);
+    return (size_t)(s->batch * (nseg - 1) * np * s->dim) * (size_t)(s->dstate + 2) * sizeof(float);
 }
 
 // 16-byte copies need 16-byte aligned rows and group spans
@@ -1312,9 +1367,10 @@ int launch_bwd(const BwdArgs &a, bool al16, cudaStream_t st) {
     const size_t smem = bwd_smem_bytes<N, THREADS>(g);
     const int64_t blocks = (int64_t)a.nseg * a.B * ((a.D + CPB - 1) / CPB);
     if (a.nseg > 1) {
-        const unsigned pb = (unsigned)((int64_t)(a.nseg - 1) * a.B * ((a.D + 127) / 128));
-        if (al16) scan_bwd_seg_prepass<N, true><<<pb, 128, 0, st>>>(a);
-        else scan_bwd_seg_prepass<N, false><<<pb, 128, 0, st>>>(a);
+        const int64_t fb = (int64_t)(a.nseg - 1) * a.B * ((a.D + 127) / 128);
+        if (al16) scan_bwd_piece_prepass<N, true><<<(unsigned)(fb * a.npps), 128, 0, st>>>(a);
+        else scan_bwd_piece_prepass<N, false><<<(unsigned)(fb * a.npps), 128, 0, st>>>(a);
+        scan_bwd_seg_fold<N><<<(unsigned)fb, 128, 0, st>>>(a);
     }
     auto go = [&](auto kern) {
         // per device and cheap: set on every call rather than cached
@@ -1347,6 +1403,7 @@ extern "C" size_t selective_scan_bwd_workspace(const ScanShape *s) {
     const size_t rows = (size_t)bwd_nseg(s) * (size_t)(s->batch * s->dim);
     size_t bytes = rows * (size_t)(2 * s->dstate + 3) * sizeof(float) + rows * sizeof(int);
     if (Db <= 0 || cpb % Db) bytes += (size_t)(s->batch * s->seqlen * s->groups_c * s->dstate) * sizeof(float);
+    bytes += bwd_piece_bytes(s, bwd_nseg(s));
     // v9: per-(segment, row) partials and the segments' local dh, sum delta, reset flag
     const size_t seg = (size_t)bwd1_nseg(s) * (size_t)(s->batch * s->dim);
     const size_t v9 = seg * (size_t)(2 * s->dstate + 3) * sizeof(float) + seg * sizeof(int);
@@ -1431,6 +1488,13 @@ extern "C" int selective_scan_bwd_cuda(const ScanShape *s, const uint16_t *u, co
     const int cpb = s->dstate == 32 ? 32 : 64;
     const bool fastB = cpb % a.Db == 0;
     a.dB_part = fastB ? NULL : (float *)(a.seg_rs + RD);
+    if (a.nseg > 1) {
+        bwd_pieces(s, a.nseg, &a.piecelen, &a.npps);
+        const int64_t PD = s->batch * (a.nseg - 1) * a.npps * s->dim;
+        a.piece_dh = (float *)(a.seg_rs + RD) + (fastB ? 0 : s->batch * s->seqlen * s->groups_c * s->dstate);
+        a.piece_sd = a.piece_dh + PD * s->dstate;
+        a.piece_rs = (int *)(a.piece_sd + PD);
+    }
     if (s->seqlen == 0) {  // gradients of an empty sequence: dh0 = dh_last, the rest zero
         cudaMemsetAsync(dA, 0, (size_t)(s->dim * s->dstate) * sizeof(float), st);
         cudaMemsetAsync(dD, 0, (size_t)s->dim * sizeof(float), st);
