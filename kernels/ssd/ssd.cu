@@ -1126,14 +1126,23 @@ __global__ void __launch_bounds__(SSD_Q) ssd_scalars_kernel(SsdDev a) {
     if (threadIdx.x == SSD_Q - 1) a.dl[bh * a.nch + c] = sc.din[SSD_Q - 1];
 }
 
-struct PassLayout {  // ssd_state_pass_kernel
-    int64_t X, Mh, Ml, scr, total;
+// The sequential pass keeps PASS_STAGES chunks in flight: each stage holds one chunk's X and raw M tiles, its weights
+// and dlast, filled by cp.async (PASS_STAGES - 1 chunks ahead of the one in the MMAs), so the walk is not one memory
+// latency per chunk.
+constexpr int PASS_STAGES = 4;
+
+struct PassLayout {  // ssd_state_pass_kernel: stages of (X [Q,TP], M [Q,TN] bf16, wt [Q] and dlast), M hi/lo, scratch
+    int64_t Xst, Mst, Wst, stage, Mh, Ml, scr, total;
 };
 __host__ __device__ inline PassLayout pass_layout(int64_t TP, int64_t TN) {
     const int64_t Q = SSD_Q;
     PassLayout l;
     int64_t o = 0;
-    l.X = o, o = al128(o + Q * ld16(TP) * 2);
+    l.Xst = o, o = al128(o + Q * ld16(TP) * 2);
+    l.Mst = o, o = al128(o + Q * ld16(TN) * 2);
+    l.Wst = o, o = al128(o + (Q + 4) * 4);
+    l.stage = o;
+    o = PASS_STAGES * l.stage;
     l.Mh = o, o = al128(o + Q * ld16(TN) * 2);
     l.Ml = o, o = al128(o + Q * ld16(TN) * 2);
     l.scr = o, o = al128(o + (SSD_THREADS / 32) * 256 * 4);
@@ -1141,14 +1150,16 @@ __host__ __device__ inline PassLayout pass_layout(int64_t TP, int64_t TN) {
     return l;
 }
 
-// 16-byte slots of one chunk's [Q, W] bf16 tile per thread (W <= 64: at most 2)
-constexpr int PASS_SLOTS = SSD_Q * 64 / 8 / SSD_THREADS;
+__device__ __forceinline__ void cp_async4(void *smem, const void *gmem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
+}
 
 // One block per (b, h, TP rows of P, TN columns of N) (TN = out_pt, TP = pass_tp: 64 at P = N = 128 unless that gives
-// too few blocks to fill the GPU), 8 warps, each owning up to
-// two 16 x 16 tiles of the state. Forward (GRAD = false): X = x, M = B, wt = w, chunks in order from init = h0 (or
-// 0); st_all[c] = the state entering chunk c, fin = h_last. GRAD: X = dy, M = C, wt = din, chunks from the last one
-// back from init = dh_last (or 0); st_all[c] = the gradient w.r.t. the state leaving chunk c, fin = dh0.
+// too few blocks to fill the GPU), 8 warps, each owning up to two 16 x 16 tiles of the state. Forward (GRAD = false):
+// X = x, M = B, wt = w, chunks in order from init = h0 (or 0); st_all[c] = the state entering chunk c, fin = h_last.
+// GRAD: X = dy, M = C, wt = din, chunks from the last one back from init = dh_last (or 0); st_all[c] = the gradient
+// w.r.t. the state leaving chunk c, fin = dh0.
 template <bool GRAD>
 __global__ void __launch_bounds__(SSD_THREADS) ssd_state_pass_kernel(SsdDev a, int TP, float *st_all,
                                                                       const float *init, float *fin) {
@@ -1156,7 +1167,6 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_state_pass_kernel(SsdDev a, i
     const int TN = out_pt(a.N), Q = SSD_Q;
     const int lX = (int)ld16(TP), lM = (int)ld16(TN);
     const PassLayout lay = pass_layout(TP, TN);
-    bf16 *Xs = reinterpret_cast<bf16 *>(smem + lay.X);
     bf16 *Mh = reinterpret_cast<bf16 *>(smem + lay.Mh), *Ml = reinterpret_cast<bf16 *>(smem + lay.Ml);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     float *scr = reinterpret_cast<float *>(smem + lay.scr) + warp * 256;
@@ -1165,7 +1175,7 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_state_pass_kernel(SsdDev a, i
     const int64_t nt = (int64_t)blockIdx.x % nnt, rest = (int64_t)blockIdx.x / nnt;
     const int64_t pt = rest % npt, bh = rest / npt;
     const int64_t b = bh / a.H, h = bh % a.H, g = h / a.rep, p0 = pt * TP, n0 = nt * TN;
-    const int64_t L = a.L, H = a.H, G = a.G, P = a.P, N = a.N;
+    const int64_t L = a.L, H = a.H, G = a.G, P = a.P, N = a.N, nch = a.nch;
     const bf16 *Xg = GRAD ? a.dy : a.x, *Mg = GRAD ? a.Cm : a.Bm;
     const float *wg = GRAD ? a.dv : a.wv;
 
@@ -1177,72 +1187,61 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_state_pass_kernel(SsdDev a, i
         const int t = warp + r * (SSD_THREADS / 32);
         if (t >= ntl) continue;
         const int i0 = (t / ntn) * 16, j0 = (t % ntn) * 16;
-        for (int e = lane; e < 256; e += 32) {
-            const int i = e >> 4, j = e & 15;
-            scr[e] = init ? init[(bh * P + p0 + i0 + i) * N + n0 + j0 + j] : 0.f;
+        float v[8];  // all 8 loads in flight before the stores (see load_rows)
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int e = lane + 32 * u, i = e >> 4, j = e & 15;
+            v[u] = init ? init[(bh * P + p0 + i0 + i) * N + n0 + j0 + j] : 0.f;
         }
+#pragma unroll
+        for (int u = 0; u < 8; u++) scr[lane + 32 * u] = v[u];
         __syncwarp();
         wmma::load_matrix_sync(acc[r], scr, 16, wmma::mem_row_major);
         __syncwarp();
     }
 
-    // 16-byte slots: X slot s covers row idx / (TP/8), columns (idx % (TP/8))*8 .. +8 (idx = tid + s*256); M likewise
-    const int xw = TP / 8, mw = TN / 8;
-    uint4 xr[PASS_SLOTS], mr[PASS_SLOTS];
-    float wr[PASS_SLOTS];
-    auto fetch = [&](int64_t c) {  // chunk c's slots into registers (vec path)
+    auto chunk_of = [&](int64_t j) { return GRAD ? nch - 1 - j : j; };
+    auto issue = [&](int64_t c, int s) {  // chunk c into stage s (asynchronous when the tensors are 16-byte aligned)
+        unsigned char *base = smem + s * lay.stage;
+        bf16 *Xd = reinterpret_cast<bf16 *>(base + lay.Xst), *Md = reinterpret_cast<bf16 *>(base + lay.Mst);
+        float *wd = reinterpret_cast<float *>(base + lay.Wst);
         const int64_t t0 = c * SSD_Q;
         const int q = (int)(L - t0 < SSD_Q ? L - t0 : SSD_Q);
-#pragma unroll
-        for (int s = 0; s < PASS_SLOTS; s++) {
-            const int idx = tid + s * SSD_THREADS;
-            xr[s] = make_uint4(0u, 0u, 0u, 0u), mr[s] = make_uint4(0u, 0u, 0u, 0u), wr[s] = 0.f;
-            if (idx < Q * xw) {
-                const int m = idx / xw, col = (idx % xw) * 8;
-                if (m < q) xr[s] = *reinterpret_cast<const uint4 *>(Xg + ((b * L + t0 + m) * H + h) * P + p0 + col);
-            }
-            if (idx < Q * mw) {
-                const int m = idx / mw, col = (idx % mw) * 8;
-                if (m < q) mr[s] = *reinterpret_cast<const uint4 *>(Mg + ((b * L + t0 + m) * G + g) * N + n0 + col);
-                wr[s] = wg[(bh * a.nch + c) * SSD_Q + m];
-            }
-        }
+        load_rows_async(Xd, TP, lX, q, a.vec, [&](int m) { return Xg + ((b * L + t0 + m) * H + h) * P + p0; });
+        load_rows_async(Md, TN, lM, q, a.vec, [&](int m) { return Mg + ((b * L + t0 + m) * G + g) * N + n0; });
+        const float *wsrc = wg + (bh * nch + c) * SSD_Q;  // 256-byte aligned (workspace)
+        if (tid < SSD_Q / 4) cp_async16(wd + 4 * tid, wsrc + 4 * tid);
+        else if (tid == SSD_Q / 4) cp_async4(wd + SSD_Q, a.dl + bh * nch + c);
     };
-    if (a.vec) fetch(GRAD ? a.nch - 1 : 0);
-    for (int64_t j = 0; j < a.nch; j++) {
-        const int64_t c = GRAD ? a.nch - 1 - j : j, t0 = c * SSD_Q;
-        const int q = (int)(L - t0 < SSD_Q ? L - t0 : SSD_Q);
-        __syncthreads();  // the previous chunk's MMAs are done with Xs, Mh, Ml
-        if (a.vec) {
+#pragma unroll 1
+    for (int s = 0; s < PASS_STAGES - 1; s++) {
+        if (s < nch) issue(chunk_of(s), s);
+        cp_async_commit();
+    }
+    for (int64_t j = 0; j < nch; j++) {
+        const int64_t c = chunk_of(j);
+        const int s = (int)(j % PASS_STAGES);
+        if (j + PASS_STAGES - 1 < nch) issue(chunk_of(j + PASS_STAGES - 1), (int)((j + PASS_STAGES - 1) % PASS_STAGES));
+        cp_async_commit();  // one group per iteration (maybe empty): chunk j's is complete after the wait
+        cp_async_wait<PASS_STAGES - 1>();
+        __syncthreads();
+        unsigned char *base = smem + s * lay.stage;
+        const bf16 *Xd = reinterpret_cast<const bf16 *>(base + lay.Xst), *Md = reinterpret_cast<const bf16 *>(base + lay.Mst);
+        const float *wd = reinterpret_cast<const float *>(base + lay.Wst);
+        for (int i = tid; i < Q * (TN / 8); i += SSD_THREADS) {  // M as wt_k M_k in hi + lo
+            const int m = i / (TN / 8), col = (i % (TN / 8)) * 8;
+            const uint4 raw = *reinterpret_cast<const uint4 *>(Md + m * lM + col);
+            const bf16 *mv = reinterpret_cast<const bf16 *>(&raw);
+            const float wk = wd[m];
+            __align__(16) bf16 hi[8], lo[8];
 #pragma unroll
-            for (int s = 0; s < PASS_SLOTS; s++) {
-                const int idx = tid + s * SSD_THREADS;
-                if (idx < Q * xw) {
-                    const int m = idx / xw, col = (idx % xw) * 8;
-                    *reinterpret_cast<uint4 *>(Xs + m * lX + col) = xr[s];
-                }
-                if (idx < Q * mw) {
-                    const int m = idx / mw, col = (idx % mw) * 8;
-                    const bf16 *mv = reinterpret_cast<const bf16 *>(&mr[s]);
-                    __align__(16) bf16 hi[8], lo[8];
-#pragma unroll
-                    for (int e = 0; e < 8; e++) split_bf(wr[s] * bf(mv[e]), &hi[e], &lo[e]);
-                    *reinterpret_cast<uint4 *>(Mh + m * lM + col) = *reinterpret_cast<const uint4 *>(hi);
-                    *reinterpret_cast<uint4 *>(Ml + m * lM + col) = *reinterpret_cast<const uint4 *>(lo);
-                }
-            }
-            if (j + 1 < a.nch) fetch(GRAD ? c - 1 : c + 1);  // in flight during this chunk's MMAs
-        } else {
-            load_rows(Xs, TP, lX, q, false, [&](int m) { return Xg + ((b * L + t0 + m) * H + h) * P + p0; });
-            for (int i = tid; i < Q * TN; i += SSD_THREADS) {
-                const int m = i / TN, n = i - m * TN;
-                const float v = m < q ? bf(Mg[((b * L + t0 + m) * G + g) * N + n0 + n]) : 0.f;
-                split_bf(wg[(bh * a.nch + c) * SSD_Q + m] * v, &Mh[m * lM + n], &Ml[m * lM + n]);
-            }
+            for (int e = 0; e < 8; e++) split_bf(wk * bf(mv[e]), &hi[e], &lo[e]);
+            *reinterpret_cast<uint4 *>(Mh + m * lM + col) = *reinterpret_cast<const uint4 *>(hi);
+            *reinterpret_cast<uint4 *>(Ml + m * lM + col) = *reinterpret_cast<const uint4 *>(lo);
         }
         __syncthreads();
-        const float dl = a.dl[bh * a.nch + c];
-        float *st = st_all + ((bh * a.nch + c) * P + p0) * N + n0;
+        const float dl = wd[SSD_Q];
+        float *st = st_all + ((bh * nch + c) * P + p0) * N + n0;
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             const int t = warp + r * (SSD_THREADS / 32);
@@ -1251,9 +1250,10 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_state_pass_kernel(SsdDev a, i
             wmma::store_matrix_sync(st + (int64_t)i0 * N + j0, acc[r], (unsigned)N, wmma::mem_row_major);
 #pragma unroll
             for (int e = 0; e < acc[r].num_elements; e++) acc[r].x[e] *= dl;
-            mma_k<wmma::col_major, wmma::row_major>(acc[r], Xs, lX, Mh, lM, i0, j0, 0, Q);
-            mma_k<wmma::col_major, wmma::row_major>(acc[r], Xs, lX, Ml, lM, i0, j0, 0, Q);
+            mma_k<wmma::col_major, wmma::row_major>(acc[r], Xd, lX, Mh, lM, i0, j0, 0, Q);
+            mma_k<wmma::col_major, wmma::row_major>(acc[r], Xd, lX, Ml, lM, i0, j0, 0, Q);
         }
+        __syncthreads();  // stage s, Mh and Ml are free again
     }
     if (!fin) return;
 #pragma unroll
@@ -1300,9 +1300,13 @@ int smem_ok(int64_t bytes, char *err, size_t errlen, const char *who) {
     return 0;
 }
 
+// The dynamic shared memory a kernel needs, and the largest carveout (shared memory vs L1) so that the driver does not
+// pick a configuration that fits fewer blocks per SM than the registers and shared memory allow.
 template <typename K>
 int set_smem(K kernel, int64_t bytes, char *err, size_t errlen, const char *who) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+    if (e == cudaSuccess)
+        e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
     if (e != cudaSuccess) return scan_fail(err, errlen, "%s: cudaFuncSetAttribute: %s", who, cudaGetErrorString(e));
     return 0;
 }
