@@ -114,6 +114,7 @@ struct EngineCuda {
     cudaEvent_t pev[2];  // the last region boundary, the next
     ProfRow prow[ECU_PROF_ROWS];
     int nprow;
+    long nfwd;  // forward calls so far (the profile skips the first step)
     double weight_bytes;
     // activation table, one allocation
     ActTable tab;

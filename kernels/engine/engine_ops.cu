@@ -33,6 +33,33 @@ __global__ void repeat_bwd_k(T *dxs, const T *dxr, int64_t T_, int64_t di, int64
         st(dxs, i, s);
     }
 }
+// bf16, ds a multiple of 8: 8 channels (16 bytes) per thread; the channel index math in 32 bits (di < 2^31)
+__global__ void repeat_fwd_v8_k(uint4 *xr, const uint4 *xs, int64_t T_, int di8, int dxb8, int ds8, int rep) {
+    GRID_STRIDE(i, T_ * di8) {
+        const int64_t t = i / di8;
+        const int c = (int)(i - t * di8), g = c / ds8, n = c - g * ds8;
+        xr[i] = xs[t * dxb8 + (g / rep) * ds8 + n];
+    }
+}
+__global__ void repeat_bwd_v8_k(uint4 *dxs, const uint4 *dxr, int64_t T_, int di8, int dxb8, int ds8, int rep) {
+    GRID_STRIDE(i, T_ * dxb8) {
+        const int64_t t = i / dxb8;
+        const int c = (int)(i - t * dxb8), j = c / ds8, n = c - j * ds8;
+        float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int k = 0; k < rep; k++) {  // the copies in order, as repeat_bwd_k
+            const uint4 v = dxr[t * di8 + (j * rep + k) * ds8 + n];
+            const __nv_bfloat162 *h = (const __nv_bfloat162 *)&v;
+            for (int e = 0; e < 4; e++) {
+                const float2 f = __bfloat1622float2(h[e]);
+                s[2 * e] += f.x, s[2 * e + 1] += f.y;
+            }
+        }
+        uint4 o;
+        __nv_bfloat162 *h = (__nv_bfloat162 *)&o;
+        for (int e = 0; e < 4; e++) h[e] = __floats2bfloat162_rn(s[2 * e], s[2 * e + 1]);
+        dxs[i] = o;
+    }
+}
 __global__ void neg_exp_k(float *A, const float *alog, int64_t n) { GRID_STRIDE(i, n) A[i] = -expf(alog[i]); }
 __global__ void add_mul_k(float *g, const float *a, const float *b, int64_t n) { GRID_STRIDE(i, n) g[i] += a[i] * b[i]; }
 __global__ void add_f32_k(float *y, const float *x, float a, int64_t n) { GRID_STRIDE(i, n) y[i] += a * x[i]; }
@@ -45,13 +72,23 @@ __global__ void add_cols_k(float *dst, int64_t dc, const float *src, int64_t sc,
 #define BF(p) ((__nv_bfloat16 *)(p))
 #define CBF(p) ((const __nv_bfloat16 *)(p))
 
+// the 16-byte path: bf16, 8 | ds (then 8 | di, dxb), 16-byte aligned buffers
+static bool v8(DType dt, const void *a, const void *b, int64_t ds) {
+    return dt == DT_BF16 && ds % 8 == 0 && !(((uintptr_t)a | (uintptr_t)b) & 15);
+}
 void eng_repeat_fwd(DType dt, void *xr, const void *xs, int64_t T, int64_t di, int64_t dxb, int64_t ds, cudaStream_t s) {
-    if (dt == DT_BF16) repeat_fwd_k<<<grid_for(T * di), 256, 0, s>>>(BF(xr), CBF(xs), T, di, dxb, ds);
+    if (v8(dt, xr, xs, ds))
+        repeat_fwd_v8_k<<<grid_for(T * di / 8), 256, 0, s>>>((uint4 *)xr, (const uint4 *)xs, T, (int)(di / 8), (int)(dxb / 8),
+                                                              (int)(ds / 8), (int)(di / dxb));
+    else if (dt == DT_BF16) repeat_fwd_k<<<grid_for(T * di), 256, 0, s>>>(BF(xr), CBF(xs), T, di, dxb, ds);
     else repeat_fwd_k<<<grid_for(T * di), 256, 0, s>>>((float *)xr, (const float *)xs, T, di, dxb, ds);
     kernelCheck("repeat_fwd_k (Mamba x repeat over KV groups)");
 }
 void eng_repeat_bwd(DType dt, void *dxs, const void *dxr, int64_t T, int64_t di, int64_t dxb, int64_t ds, cudaStream_t s) {
-    if (dt == DT_BF16) repeat_bwd_k<<<grid_for(T * dxb), 256, 0, s>>>(BF(dxs), CBF(dxr), T, di, dxb, ds);
+    if (v8(dt, dxs, dxr, ds))
+        repeat_bwd_v8_k<<<grid_for(T * dxb / 8), 256, 0, s>>>((uint4 *)dxs, (const uint4 *)dxr, T, (int)(di / 8), (int)(dxb / 8),
+                                                               (int)(ds / 8), (int)(di / dxb));
+    else if (dt == DT_BF16) repeat_bwd_k<<<grid_for(T * dxb), 256, 0, s>>>(BF(dxs), CBF(dxr), T, di, dxb, ds);
     else repeat_bwd_k<<<grid_for(T * dxb), 256, 0, s>>>((float *)dxs, (const float *)dxr, T, di, dxb, ds);
     kernelCheck("repeat_bwd_k (Mamba x repeat backward)");
 }
