@@ -269,6 +269,30 @@ __device__ __forceinline__ void split_bf(float v, bf16 *hi, bf16 *lo) {
     *lo = __float2bfloat16_rn(__fsub_rn(v, __bfloat162float(hv)));
 }
 
+// bf16 fragment loads from shared memory through the PTX instruction with the .shared state space: the WMMA header's
+// bf16 loads come out as generic 32-bit loads (4 LD per fragment and thread, through the generic-address path; seen
+// in the SASS of the first kernels), while this gives shared-memory loads. Same fragment layout: it is the same PTX
+// family as the wmma.mma the fragments feed.
+template <typename Use, typename Layout>
+__device__ __forceinline__ void ldfrag(wmma::fragment<Use, 16, 16, 16, bf16, Layout> &f, const bf16 *p, unsigned ld) {
+    static_assert(sizeof(f.x) == 16, "bf16 16x16x16 operand fragments hold 4 registers");
+    unsigned *r = reinterpret_cast<unsigned *>(&f.x[0]);
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    constexpr bool isa = std::is_same<Use, wmma::matrix_a>::value, row = std::is_same<Layout, wmma::row_major>::value;
+    if (isa && row)
+        asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0,%1,%2,%3}, [%4], %5;\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a), "r"(ld) : "memory");
+    else if (isa)
+        asm volatile("wmma.load.a.sync.aligned.col.m16n16k16.shared.bf16 {%0,%1,%2,%3}, [%4], %5;\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a), "r"(ld) : "memory");
+    else if (row)
+        asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16 {%0,%1,%2,%3}, [%4], %5;\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a), "r"(ld) : "memory");
+    else
+        asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0,%1,%2,%3}, [%4], %5;\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a), "r"(ld) : "memory");
+}
+
 // acc += A[i0:i0+16, k0:k1] B[k0:k1, j0:j0+16], k0 and k1 multiples of 16. A row_major: element (i,k) at
 // A[i*lda + k], col_major: at A[k*lda + i]; B row_major: (k,j) at B[k*ldb + j], col_major: at B[j*ldb + k].
 // Triangular operands (W, V: zero for k > m) pass only the k range that can be nonzero.
@@ -279,8 +303,8 @@ __device__ __forceinline__ void mma_k(Acc &acc, const bf16 *A, int lda, const bf
     for (int k = k0; k < k1; k += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb;
-        wmma::load_matrix_sync(fa, ra ? A + i0 * lda + k : A + k * lda + i0, lda);
-        wmma::load_matrix_sync(fb, rb ? B + k * ldb + j0 : B + j0 * ldb + k, ldb);
+        ldfrag(fa, ra ? A + i0 * lda + k : A + k * lda + i0, lda);
+        ldfrag(fb, rb ? B + k * ldb + j0 : B + j0 * ldb + k, ldb);
         wmma::mma_sync(acc, fa, fb, acc);
     }
 }
@@ -329,15 +353,15 @@ __device__ __forceinline__ void block_tiles_hilo(int M, int Nc, float *C, int ld
     }
     for (int k = 0; k < K; k += 16) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fh, fl;
-        wmma::load_matrix_sync(fh, rb ? Bh + k * ldb + j0 : Bh + j0 * ldb + k, ldb);
-        wmma::load_matrix_sync(fl, rb ? Bl + k * ldb + j0 : Bl + j0 * ldb + k, ldb);
+        ldfrag(fh, rb ? Bh + k * ldb + j0 : Bh + j0 * ldb + k, ldb);
+        ldfrag(fl, rb ? Bl + k * ldb + j0 : Bl + j0 * ldb + k, ldb);
 #pragma unroll
         for (int r = 0; r < MAXR; r++) {
             const int t = warp + W * r;
             if (t >= total) break;
             const int i0 = (t / nt) * 16;
             wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
-            wmma::load_matrix_sync(fa, ra ? A + i0 * lda + k : A + k * lda + i0, lda);
+            ldfrag(fa, ra ? A + i0 * lda + k : A + k * lda + i0, lda);
             wmma::mma_sync(acc[r], fa, fh, acc[r]);
             wmma::mma_sync(acc[r], fa, fl, acc[r]);
         }
@@ -1054,29 +1078,29 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_chunk_out_kernel(SsdDev a) {
         Acc a1[2], a2[2];
 #pragma unroll
         for (int r = 0; r < 2; r++) wmma::fill_fragment(a1[r], 0.f), wmma::fill_fragment(a2[r], 0.f);
-        const int kmax = i0[nr - 1] + 16;  // W is lower triangular: k tiles above a row tile's diagonal are zero
+        const int kmax = (nr == 2 ? i0[1] : i0[0]) + 16;  // W is lower triangular: k tiles past the diagonal are 0
         for (int k = 0; k < kmax; k += 16) {
             wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> fx;
-            wmma::load_matrix_sync(fx, Xs + k * lP + j0, lP);
+            ldfrag(fx, Xs + k * lP + j0, lP);
 #pragma unroll
             for (int r = 0; r < 2; r++) {
                 if (r >= nr || k >= i0[r] + 16) continue;
                 wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fw;
-                wmma::load_matrix_sync(fw, Wh + i0[r] * lQ + k, lQ);
+                ldfrag(fw, Wh + i0[r] * lQ + k, lQ);
                 wmma::mma_sync(a1[r], fw, fx, a1[r]);
-                wmma::load_matrix_sync(fw, Wl + i0[r] * lQ + k, lQ);
+                ldfrag(fw, Wl + i0[r] * lQ + k, lQ);
                 wmma::mma_sync(a1[r], fw, fx, a1[r]);
             }
         }
         for (int k = 0; k < N; k += 16) {
             wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fh, fl;
-            wmma::load_matrix_sync(fh, Sh + j0 * lN + k, lN);
-            wmma::load_matrix_sync(fl, Sl + j0 * lN + k, lN);
+            ldfrag(fh, Sh + j0 * lN + k, lN);
+            ldfrag(fl, Sl + j0 * lN + k, lN);
 #pragma unroll
             for (int r = 0; r < 2; r++) {
                 if (r >= nr) continue;
                 wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fc;
-                wmma::load_matrix_sync(fc, Cs + i0[r] * lN + k, lN);
+                ldfrag(fc, Cs + i0[r] * lN + k, lN);
                 wmma::mma_sync(a2[r], fc, fh, a2[r]);
                 wmma::mma_sync(a2[r], fc, fl, a2[r]);
             }
