@@ -155,6 +155,15 @@ static void engine_layout(EngineCuda *E) {
         // one [2ff, d] GEMM (and one [2ff, d] weight gradient) when gate and up are adjacent in both layouts
         w->fused_gu = w->up.off == w->gate.off + gu && (w->up.goff < 0) == (w->gate.goff < 0) &&
                       (w->up.goff < 0 || w->up.goff == w->gate.goff + gu);
+        // z|x|B|C as one [2di + 2dxb, d] projection: its output (or its gradient) passes through the [N, 2ff]
+        // gate|up buffer (or its gradient), free while the mixer runs, so it must fit there
+        w->fused_in = w->fused_in_grad = false;
+        if (E->h.mixer[l] == MIXER_MAMBA1 && 2 * E->h.d_inner + 2 * E->h.d_xb <= 2 * (int64_t)c->d_ff) {
+            const int64_t d = c->d_model, nz = (int64_t)E->h.d_inner * d, nx = (int64_t)E->h.d_xb * d;
+            w->fused_in = w->x.off == w->z.off + nz && w->Bp.off == w->x.off + nx && w->Cp.off == w->Bp.off + nx;
+            w->fused_in_grad = w->z.goff >= 0 && w->x.goff == w->z.goff + nz && w->Bp.goff == w->x.goff + nx &&
+                               w->Cp.goff == w->Bp.goff + nx;
+        }
     }
     E->lowest = c->n_layer;
     for (int i = 0; i < r->n; i++) {
@@ -828,16 +837,35 @@ static void attn_bwd(EngineCuda *E, LayerActs *a) {
                           a->lse, E->datt, E->dq, E->dk, E->dv, E->attn_ws, E->st, EA));
 }
 
+// Columns [c0, c0 + w) of the [N, ld] matrix src into the [N, w] matrix dst (to = 0), or back (to = 1).
+static void cols_copy(EngineCuda *E, void *dense, int64_t w, void *wide, int64_t ld, int64_t c0, int to) {
+    const size_t es = E->es;
+    void *d = to ? at(wide, c0, es) : dense;
+    const void *s = to ? dense : at(wide, c0, es);
+    cudaCheck(cudaMemcpy2DAsync(d, (size_t)(to ? ld : w) * es, s, (size_t)(to ? w : ld) * es, (size_t)w * es, (size_t)E->N,
+                                cudaMemcpyDeviceToDevice, E->st));
+}
+
 static void mamba_fwd(EngineCuda *E, int l, LayerActs *a, const void *u, void *out) {
     const HybridConfig *h = &E->h;
     const LayerW *w = &E->w[l];
     const int64_t N = E->N, d = h->base.d_model, di = h->d_inner, dxb = h->d_xb, ds = h->d_state, Rp = E->Rp;
     const ScanShape s = scan_shape(E);
     const uint8_t *rs = E->have_reset ? E->reset_d : NULL;
-    lin(E, a->z, u, P(E, w->z), NULL, N, d, di, 0);
-    lin(E, a->xs, u, P(E, w->x), NULL, N, d, dxb, 0);
-    lin(E, a->Bs, u, P(E, w->Bp), NULL, N, d, dxb, 0);
-    lin(E, a->Cs, u, P(E, w->Cp), NULL, N, d, di, 0);
+    if (w->fused_in) {  // one [N, 2di + 2dxb] GEMM into the layer's gate|up buffer (its MLP writes it later), split
+        const int64_t W4 = 2 * di + 2 * dxb;
+        void *cat = a->gu ? a->gu : E->gu_sh;
+        lin(E, cat, u, P(E, w->z), NULL, N, d, W4, 0);
+        cols_copy(E, a->z, di, cat, W4, 0, 0);
+        cols_copy(E, a->xs, dxb, cat, W4, di, 0);
+        cols_copy(E, a->Bs, dxb, cat, W4, di + dxb, 0);
+        cols_copy(E, a->Cs, di, cat, W4, di + 2 * dxb, 0);
+    } else {
+        lin(E, a->z, u, P(E, w->z), NULL, N, d, di, 0);
+        lin(E, a->xs, u, P(E, w->x), NULL, N, d, dxb, 0);
+        lin(E, a->Bs, u, P(E, w->Bp), NULL, N, d, dxb, 0);
+        lin(E, a->Cs, u, P(E, w->Cp), NULL, N, d, di, 0);
+    }
     lin(E, a->dtl, u, at(E->wpad, w->pad_dtd, E->es), NULL, N, d, Rp, 0);
     prof(E, "fwd mamba in_proj");
     // dt = dt_proj(dtl) with its bias (the scan adds the bias again as delta_bias: MambaInLlama's double bias)
@@ -1145,20 +1173,38 @@ static void mamba_bwd(EngineCuda *E, int l, LayerActs *a, const void *dy_mix, fl
         eng_add_cols(G(Gr, w->dtw), R, E->gpad, Rp, di, E->st);
     }
     prof(E, "bwd mamba dt, param folds");
-    wgrad(E, G(Gr, w->z), E->dz, a->xn1 ? a->xn1 : NULL, N, d, di);
-    wgrad(E, G(Gr, w->x), E->dxs, a->xn1, N, d, dxb);
-    wgrad(E, G(Gr, w->Bp), E->dB, a->xn1, N, d, dxb);
-    wgrad(E, G(Gr, w->Cp), E->dC, a->xn1, N, d, di);
+    // z|x|B|C gradients side by side in the [N, 2ff] MLP gradient buffer (free in the mixer's backward): one
+    // weight-gradient GEMM and one input-gradient GEMM instead of four each
+    const int64_t W4 = 2 * di + 2 * dxb;
+    const bool cat_dx = need_dx && w->fused_in, cat_w = w->fused_in_grad && G(Gr, w->z);
+    if (cat_dx || cat_w) {
+        cols_copy(E, E->dz, di, E->dgu, W4, 0, 1);
+        cols_copy(E, E->dxs, dxb, E->dgu, W4, di, 1);
+        cols_copy(E, E->dB, dxb, E->dgu, W4, di + dxb, 1);
+        cols_copy(E, E->dC, di, E->dgu, W4, di + 2 * dxb, 1);
+    }
+    if (cat_w) {
+        wgrad(E, G(Gr, w->z), E->dgu, a->xn1, N, d, W4);
+    } else {
+        wgrad(E, G(Gr, w->z), E->dz, a->xn1, N, d, di);
+        wgrad(E, G(Gr, w->x), E->dxs, a->xn1, N, d, dxb);
+        wgrad(E, G(Gr, w->Bp), E->dB, a->xn1, N, d, dxb);
+        wgrad(E, G(Gr, w->Cp), E->dC, a->xn1, N, d, di);
+    }
     if (G(Gr, w->dtd)) {  // [Rp, d]; the padding rows are zero and dropped
         TC(dl_linear_wgrad(E->gemm, E->dt, DT_F32, E->gpad, E->ddtl, a->xn1, N, d, Rp, 0, E->st, EA));
         eng_add_f32(G(Gr, w->dtd), E->gpad, 1.0f, R * d, E->st);
     }
     prof(E, "bwd mamba in_proj wgrad");
     if (need_dx) {
-        dgrad(E, E->dxn, E->dz, P(E, w->z), N, d, di, 0);
-        dgrad(E, E->dxn, E->dxs, P(E, w->x), N, d, dxb, 1);
-        dgrad(E, E->dxn, E->dB, P(E, w->Bp), N, d, dxb, 1);
-        dgrad(E, E->dxn, E->dC, P(E, w->Cp), N, d, di, 1);
+        if (cat_dx) {
+            dgrad(E, E->dxn, E->dgu, P(E, w->z), N, d, W4, 0);
+        } else {
+            dgrad(E, E->dxn, E->dz, P(E, w->z), N, d, di, 0);
+            dgrad(E, E->dxn, E->dxs, P(E, w->x), N, d, dxb, 1);
+            dgrad(E, E->dxn, E->dB, P(E, w->Bp), N, d, dxb, 1);
+            dgrad(E, E->dxn, E->dC, P(E, w->Cp), N, d, di, 1);
+        }
         dgrad(E, E->dxn, E->ddtl, at(E->wpad, w->pad_dtd, es), N, d, Rp, 1);
         prof(E, "bwd mamba in_proj dgrad");
     }

@@ -43,6 +43,9 @@ typedef struct {
     WRef z, x, Bp, Cp, dtd, dtw, dtb, cw, cb, alog, D, out;       // Mamba-1
     int64_t pad_dtd, pad_dtw;  // element offsets of the padded dt weights in the padded-weights buffer
     bool fused_gu;             // gate and up adjacent in the buffer (one [2ff, d] GEMM)
+    // Mamba z|x|B|C projections: fused_in, their weights adjacent ([2di + 2dxb, d], one GEMM through the layer's
+    // gate|up buffer, then split); fused_in_grad, all four trained with adjacent gradients (one weight-gradient GEMM)
+    bool fused_in, fused_in_grad;
 } LayerW;
 
 // ---------------------------------------------------------------- activation table
