@@ -448,6 +448,19 @@ __device__ __forceinline__ void split_rows4(bf16 *hi, bf16 *lo, int ld, const fl
     }
 }
 
+// f(r, c) for every cell of an R x C grid, dealt to the block's threads in row-major order (as the loop
+// i = tid, tid + SSD_THREADS, ... with r = i / C), stepping without integer divisions.
+template <typename F>
+__device__ __forceinline__ void grid_rc(int R, int C, F f) {
+    int r = threadIdx.x / C, c = threadIdx.x - r * C;
+    const int dr = SSD_THREADS / C, dc = SSD_THREADS - dr * C;
+    while (r < R) {
+        f(r, c);
+        c += dc, r += dr;
+        if (c >= C) c -= C, r++;
+    }
+}
+
 // Deterministic block sum of one float per thread (all 256 threads call; result valid in every thread).
 __device__ float block_sum(float v, float *red) {
 #pragma unroll
@@ -767,40 +780,36 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     }
     __syncthreads();
     // dx = (w_k R + D dy) + W^T dy
-    for (int i = tid; i < Q * P; i += SSD_THREADS) {
-        const int k = i / P, p = i - k * P;
+    grid_rc(Q, P, [&](int k, int p) {
         Rs[k * lR + p] = fmaf(sc.w[k], Rs[k * lR + p], Dh * bf(DYs[k * lP + p]));
-    }
+    });
     __syncthreads();
     block_tiles(Q, P, Rs, lR, true, [&](Acc &acc, int i0, int j0) {
         mma_k<wmma::col_major, wmma::row_major>(acc, Wh, lQ, DYs, lP, i0, j0, i0, Q);
         mma_k<wmma::col_major, wmma::row_major>(acc, Wl, lQ, DYs, lP, i0, j0, i0, Q);
     });
     __syncthreads();
-    for (int i = tid; i < q * P; i += SSD_THREADS) {
-        const int k = i / P, p = i - k * P;
+    grid_rc(q, P, [&](int k, int p) {
         a.dx[((b * L + t0 + k) * H + h) * a.P + p] = __float2bfloat16_rn(Rs[k * lR + p]);
-    }
+    });
     __syncthreads();
     // dB = w_k (x dS) + V^T C
     block_tiles_hilo<wmma::row_major, wmma::row_major>(Q, N, Rs, lR, false, Xs, lP, Sh, Sl, lN, P);
     __syncthreads();
-    for (int i = tid; i < Q * N; i += SSD_THREADS) {
-        const int k = i / N, n = i - k * N;
+    grid_rc(Q, N, [&](int k, int n) {
         Rs[k * lR + n] *= sc.w[k];
-    }
+    });
     __syncthreads();
     block_tiles(Q, N, Rs, lR, true, [&](Acc &acc, int i0, int j0) {
         mma_k<wmma::col_major, wmma::row_major>(acc, Vh, lQ, Cs, lN, i0, j0, i0, Q);
         mma_k<wmma::col_major, wmma::row_major>(acc, Vl, lQ, Cs, lN, i0, j0, i0, Q);
     });
     __syncthreads();
-    for (int i = tid; i < q * N; i += SSD_THREADS) {
-        const int k = i / N, n = i - k * N;
+    grid_rc(q, N, [&](int k, int n) {
         const float v = Rs[k * lR + n];
         if (a.rep == 1) a.dBm[((b * L + t0 + k) * G + g) * a.N + n] = __float2bfloat16_rn(v);
         else a.dBh[((b * L + t0 + k) * H + h) * a.N + n] = v;
-    }
+    });
     __syncthreads();
     // S0 as hi + lo (over dS), then dC = din_m (dy S0) + V B
     split_rows4(Sh, Sl, lN, reinterpret_cast<const float4 *>(S0g), P * N / 4, N);
@@ -816,22 +825,20 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
         if (c4 == 0) sc.tmp[m] = sc.din[m] * s;
     }
     __syncthreads();
-    for (int i = tid; i < Q * N; i += SSD_THREADS) {
-        const int m = i / N, n = i - m * N;
+    grid_rc(Q, N, [&](int m, int n) {
         Rs[m * lR + n] *= sc.din[m];
-    }
+    });
     __syncthreads();
     block_tiles(Q, N, Rs, lR, true, [&](Acc &acc, int i0, int j0) {
         mma_k<wmma::row_major, wmma::row_major>(acc, Vh, lQ, Bs, lN, i0, j0, 0, i0 + 16);
         mma_k<wmma::row_major, wmma::row_major>(acc, Vl, lQ, Bs, lN, i0, j0, 0, i0 + 16);
     });
     __syncthreads();
-    for (int i = tid; i < q * N; i += SSD_THREADS) {
-        const int m = i / N, n = i - m * N;
+    grid_rc(q, N, [&](int m, int n) {
         const float v = Rs[m * lR + n];
         if (a.rep == 1) a.dCm[((b * L + t0 + m) * G + g) * a.N + n] = __float2bfloat16_rn(v);
         else a.dCh[((b * L + t0 + m) * H + h) * a.N + n] = v;
-    }
+    });
     // da_j, ddt, and this block's partials of dA, ddt_bias, dD (thread j reads only finished scalars)
     float pa = 0.f, pb = 0.f, pd = 0.f;
     if (tid < SSD_Q) {
