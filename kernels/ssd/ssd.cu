@@ -648,7 +648,7 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_dstate_kernel(SsdDev a) {
 //   d(cum) terms: tmp_m = din_m C_m.(dy S0)_m, u = dlast <dS, S0>, M[m,k] = E[m,k] delta_k (k < m) and the state's
 //   M[Q-1,k] = w_k x_k.(B_k dS^T): da_j = sum_{m>=j} tmp_m + u + sum_{m>=j} sum_{k<j} M[m,k].
 // The fp32 terms of dx/dB/dC are formed in R first, and the MMAs accumulate onto them in place.
-__global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
+__global__ void __launch_bounds__(SSD_THREADS, 1) ssd_bwd_chunk_kernel(SsdDev a) {
     extern __shared__ __align__(128) unsigned char smem[];
     const int P = (int)a.P, N = (int)a.N, Q = SSD_Q;
     const int lP = (int)ld16(P), lN = (int)ld16(N), lQ = (int)ld16(Q), lQf = (int)ld32(Q);
@@ -679,10 +679,10 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     const float *dSg = a.dSo + (bh * a.nch + c) * a.P * a.N;
     // dS as hi + lo; u = <dS, S0> (S0 read from global here)
     float up = 0.f;
-    for (int i0 = tid; i0 < P * N / 4; i0 += 4 * SSD_THREADS) {  // 16-byte loads, 8 in flight (see load_rows)
-        float4 d[4], s0[4];
+    for (int i0 = tid; i0 < P * N / 4; i0 += 8 * SSD_THREADS) {  // 16-byte loads, 16 in flight (see load_rows)
+        float4 d[8], s0[8];
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
+        for (int u = 0; u < 8; u++) {
             const int i = i0 + u * SSD_THREADS;
             if (i < P * N / 4) {
                 d[u] = __ldcs(reinterpret_cast<const float4 *>(dSg) + i);
@@ -690,7 +690,7 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
             }
         }
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
+        for (int u = 0; u < 8; u++) {
             const int i = i0 + u * SSD_THREADS;
             if (i >= P * N / 4) break;
             const int p = 4 * i / N, n = 4 * i - p * N;
