@@ -20,6 +20,7 @@ extern "C" {
 #include "kernels/engine/engine_cuda_internal.cuh"
 
 static void prof_print(const EngineCuda *E);  // DISTILL_ENGINE_PROFILE's table (with the step's regions, below)
+static void live_set(EngineCuda *E, bool on);   // the live-engine list of wait_hidden (below)
 
 static int wref(const Registry *r, WRef *w, int64_t numel, DlError *e, const char *fmt, ...) {
     va_list ap;
@@ -545,6 +546,9 @@ void engine_cuda_free(EngineCuda *E) {
     if (!E) return;
     if (E->gemm) dl_gemm_free(E->gemm);
     sdpa_cudnn_free(E->sdpa);
+    live_set(E, false);
+    for (int i = 0; E->ev_state && i < E->h.base.n_layer + 2; i++) cudaEventDestroy(E->ev_state[i]);
+    free(E->ev_state);
     prof_print(E);
     if (E->prof) cudaEventDestroy(E->pev[0]), cudaEventDestroy(E->pev[1]);
     cudaFree(E->arena);
@@ -703,6 +707,9 @@ EngineCuda *engine_cuda_new(const HybridConfig *h, const Registry *r, const floa
         engine_cuda_free(E);
         return NULL;
     }
+    E->ev_state = (cudaEvent_t *)calloc((size_t)c->n_layer + 2, sizeof(cudaEvent_t));
+    for (int i = 0; i < c->n_layer + 2; i++) cudaCheck(cudaEventCreateWithFlags(&E->ev_state[i], cudaEventDisableTiming));
+    live_set(E, true);
     const char *pe = getenv("DISTILL_ENGINE_PROFILE");
     if ((E->prof = pe && *pe == '1')) {
         cudaCheck(cudaEventCreate(&E->pev[0]));
@@ -743,6 +750,36 @@ static void *state_ptr(const EngineCuda *E, int i) {
     int slot = E->n_states == E->h.base.n_layer + 1 ? i : i % 2;
     return at(E->states, (int64_t)slot * E->N * E->h.base.d_model, E->es);
 }
+// ---- reading another engine's hidden states (teacher forcing, hidden-state MSE, the teacher's logits): the reader's
+// stream waits for the event the writer recorded after that state, not for the whole device. Engines register
+// themselves here; a pointer that is no live engine's hidden state makes the reader wait for the device.
+#define ECU_MAX_LIVE 64
+static EngineCuda *g_live[ECU_MAX_LIVE];
+static void live_set(EngineCuda *E, bool on) {
+    for (int i = 0; i < ECU_MAX_LIVE; i++)
+        if (g_live[i] == (on ? NULL : E)) {
+            g_live[i] = on ? E : NULL;
+            return;
+        }
+}
+static void wait_hidden(EngineCuda *E, const void *p) {
+    const char *q = (const char *)p;
+    for (int k = 0; k < ECU_MAX_LIVE; k++) {
+        const EngineCuda *o = g_live[k];
+        if (!o || o == E) continue;
+        const int nl = o->h.base.n_layer;
+        const size_t one = (size_t)(o->N * o->h.base.d_model) * o->es;
+        int i = -1;
+        if (q == (const char *)o->xf) i = nl + 1;
+        else if (q >= (const char *)o->states && q < (const char *)o->states + one * o->n_states)
+            i = o->n_states == nl + 1 ? (int)((size_t)(q - (const char *)o->states) / one) : o->last_state;
+        if (i < 0) continue;
+        cudaCheck(cudaStreamWaitEvent(E->st, o->ev_state[i], 0));
+        return;
+    }
+    cudaCheck(cudaDeviceSynchronize());
+}
+
 static LayerActs *acts_of(EngineCuda *E, int l) { return (E->flags & ECU_TRAIN) ? &E->acts[l] : &E->acts[0]; }
 static void lin(EngineCuda *E, void *y, const void *x, const void *W, const void *bias, int64_t N, int64_t In, int64_t O, int acc) {
     TC(dl_linear_fwd(E->gemm, E->dt, y, x, W, bias, N, In, O, acc, E->st, EA));
@@ -948,16 +985,21 @@ int engine_cuda_forward_range(EngineCuda *E, const int32_t *tokens, const uint8_
     E->nfwd++;
     prof_start(E);
     if (x0) {
-        // x0 is usually another engine's hidden state (teacher forcing), written on that engine's stream: wait for it
-        cudaCheck(cudaDeviceSynchronize());
+        wait_hidden(E, x0);  // usually another engine's hidden state (teacher forcing), written on its stream
         cudaCheck(cudaMemcpyAsync(x, x0, (size_t)(N * d) * E->es, cudaMemcpyDeviceToDevice, E->st));
     }
     else TC(embedding_fwd_cuda(E->dt, x, E->tok, P(E, E->emb), N, c->vocab, d, E->st, EA));
-    for (int l = l0; l < l1; l++) layer_fwd(E, l, state_ptr(E, l), state_ptr(E, l + 1));
+    cudaCheck(cudaEventRecord(E->ev_state[l0], E->st));
+    for (int l = l0; l < l1; l++) {
+        layer_fwd(E, l, state_ptr(E, l), state_ptr(E, l + 1));
+        cudaCheck(cudaEventRecord(E->ev_state[l + 1], E->st));
+    }
     E->last_state = l1;
-    if (l1 == c->n_layer)
+    if (l1 == c->n_layer) {
         TC(rmsnorm_fwd_cuda(E->dt, E->xf, E->rstdf, NULL, state_ptr(E, l1), NULL, P(E, E->fnorm), N, d, (float)c->rms_eps,
                             E->st, EA));
+        cudaCheck(cudaEventRecord(E->ev_state[c->n_layer + 1], E->st));
+    }
     prof(E, "fwd norms");
     E->have_dxf = false;
     if (E->has_dhid) memset(E->has_dhid, 0, (size_t)(c->n_layer + 1) * sizeof(bool));
@@ -1033,8 +1075,8 @@ LossParts engine_cuda_loss(EngineCuda *E, const int32_t *targets, const uint8_t 
         prof(E, "loss student head");
         const void *tl = NULL;
         if (spec->teacher && (spec->w.kl != 0 || spec->w.rkl != 0)) {
-            // the teacher's head on its own stream's results: order the two streams
-            cudaCheck(cudaStreamSynchronize(spec->teacher->st));
+            // the teacher's final hidden state comes from its own stream: order the two streams
+            wait_hidden(E, spec->teacher->xf);
             TC(dl_linear_fwd(E->gemm, E->dt, E->tbuf, at(spec->teacher->xf, r0 * d, E->es), P(spec->teacher, spec->teacher->head),
                              NULL, n, d, V, 0, E->st, EA));
             tl = E->tbuf;
@@ -1110,7 +1152,7 @@ double engine_cuda_mse_hidden(EngineCuda *E, int i, const void *target, const ui
         cudaCheck(cudaMalloc(&E->mse_acc, sizeof(double)));
     }
     if (mask) cudaCheck(cudaMemcpyAsync(E->mse_mask, mask, (size_t)N, cudaMemcpyHostToDevice, E->st));
-    cudaCheck(cudaDeviceSynchronize());  // target is another engine's hidden state, written on that engine's stream
+    wait_hidden(E, target);  // another engine's hidden state, written on that engine's stream
     void *da = grad ? dhid_slot(E, i) : NULL;
     eng_mse_rows(E->dt, N, d, h, target, mask ? E->mse_mask : NULL, scale, da, E->mse_rows, E->st);
     eng_sum_rows(E->mse_rows, N, E->mse_acc, E->st);

@@ -118,6 +118,9 @@ struct EngineCuda {
     ProfRow prow[ECU_PROF_ROWS];
     int nprow;
     long nfwd;  // forward calls so far (the profile skips the first step)
+    // recorded on st when hidden state i is written (i = 0..n_layer; n_layer + 1: the final norm's output), so that
+    // another engine's stream can wait for exactly what it reads (engine_cuda.cu wait_hidden)
+    cudaEvent_t *ev_state;
     double weight_bytes;
     // activation table, one allocation
     ActTable tab;
