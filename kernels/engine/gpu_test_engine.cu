@@ -15,6 +15,8 @@
 //      the CPU engine and against the hand-written kernels (close, and not bit-identical: cuDNN really ran), and
 //      the 20 steps of case 3 twice (bit-identical: the deterministic backward). Fails where cuDNN cannot be
 //      loaded. A bad DISTILL_ATTN value is refused.
+//   7. Teacher forcing across engines: an engine started from another engine's hidden state (its stream waits on
+//      that engine's event) gives the other engine's logits bit for bit.
 // Exit status != 0 on any failure. Usage: gpu_test_engine [--verbose] [--no-cudnn]
 #include <math.h>
 #include <stdarg.h>
@@ -481,6 +483,41 @@ static void layout_test(void) {
     reg_free(&m.r), reg_free(&m.rt), free(m.p), free(m.pt);
 }
 
+// Teacher forcing across engines: a second engine with the teacher's weights, started at layer l0 from the
+// teacher's hidden state l0 (engine_cuda_forward_range with x0, another engine's stream), must give the teacher's
+// logits bit for bit; so must the teacher's final hidden state read through wait_hidden by the loss.
+static void forcing_test(void) {
+    printf("-- teacher forcing from another engine's hidden state (cross-stream)\n");
+    Model m;
+    model_make(&m, false, false, 11);
+    const int64_t B = 2, T = 160, N = B * T, V = m.c.vocab;
+    int32_t *tok = (int32_t *)malloc(N * 4), *tgt = (int32_t *)malloc(N * 4);
+    uint8_t *reset = (uint8_t *)malloc(N);
+    batch_make(B, T, V, 31, tok, tgt, reset);
+    DlError e;
+    EngineCuda *t = engine_cuda_new(&m.ht, &m.rt, m.pt, B, T, ECU_NO_MASTER | ECU_KEEP_HIDDEN, DT_BF16, 0, NULL, &e);
+    die_if(!t, &e, "teacher");
+    EngineCuda *s = engine_cuda_new(&m.ht, &m.rt, m.pt, B, T, ECU_NO_MASTER, DT_BF16, 0, NULL, &e);
+    die_if(!s, &e, "second engine");
+    const size_t bytes = (size_t)(N * V) * 2;
+    void *l1 = engine_cuda_alloc(bytes), *l2 = engine_cuda_alloc(bytes);
+    char *h1 = (char *)malloc(bytes), *h2 = (char *)malloc(bytes);
+    for (int l0 = 1; l0 <= 3; l0 += 2) {
+        die_if(engine_cuda_forward(t, tok, reset, &e) != 0, &e, "teacher forward");
+        die_if(engine_cuda_forward_range(s, tok, reset, l0, engine_cuda_hidden(t, l0), m.c.n_layer, &e) != 0, &e,
+               "forward from the teacher's hidden state");
+        engine_cuda_logits(t, 0, N, l1);
+        engine_cuda_logits(s, 0, N, l2);
+        engine_cuda_copy_to_host(h1, l1, bytes);
+        engine_cuda_copy_to_host(h2, l2, bytes);
+        check(memcmp(h1, h2, bytes) == 0, "forward from the teacher's hidden state %d: logits identical to the teacher's", l0);
+    }
+    engine_cuda_dfree(l1), engine_cuda_dfree(l2);
+    engine_cuda_free(s), engine_cuda_free(t);
+    free(h1), free(h2), free(tok), free(tgt), free(reset);
+    reg_free(&m.r), reg_free(&m.rt), free(m.p), free(m.pt);
+}
+
 // Out-of-memory path: an absurd micro-batch must come back as an error with the plan printed.
 static void oom_test(void) {
     printf("-- out of memory is reported, not a crash\n");
@@ -563,6 +600,7 @@ int main(int argc, char **argv) {
     parity_v("bf16 hybrid, tied, vocab 49152, row-weighted CE", true, true, 49152, 1.0f, 0.0f, dpo_w, DT_BF16, 2e-2, BF16_GRAD_TOL, 5e-3);
     train_test();
     layout_test();
+    forcing_test();
     oom_test();
     if (cudnn) cudnn_test();
     printf("%d passed, %d failed\n", g_pass, g_fail);
