@@ -114,7 +114,7 @@ static bool f32_read(const HybridConfig *h, const TensorInfo *t) {
 //   shared: mixer out, final norm out 2 N d e, final rstd N 4; Mamba: dt, repeated x, conv out 3 N di e, A di N 4;
 //     tokens, positions, doc starts, targets, logp, row weights 6 N 4, resets and counted rows 2 N;
 //     loss rows/sums 32 c + 64; logits chunk c V e (+ the teacher's with a KL term)
-//   backward: d final hidden, d residual, d mid, d normed 4 N d e, d gate|up, d act 3 N f e, RMSNorm dw
+//   backward: d final hidden, d residual, d normed 3 N d e, d gate|up, d act 3 N f e, RMSNorm dw
 //     partials min(N, 256) d 4, embedding plan 3 N 4 + 4; attention: dq, d att out 2 N q e, dk, dv 2 N kv e,
 //     workspace N H 4; Mamba-1: dy, d conv out, d dt, dC, dz, d repeated x 6 N di e, dB, dx 2 N dxb e,
 //     d dt_low N Rp e, dA di N 4, dD, d delta_bias, d conv bias 3 di 4, d conv w di W 4, conv workspace
@@ -148,7 +148,7 @@ static double cuda_table(const HybridConfig *h, double B, double T, int flags, d
     const double lg = al256(chunk * V * e) * ((flags & CT_TEACHER_KL) ? 2 : 1);
     t += lg + al256(chunk * 32) + al256(64) + 3 * al256(N * 4) + al256(N);
     if (train) {
-        t += 4 * al256(N * d * e) + al256(N * 2 * f * e) + al256(N * f * e) + al256(DL_MIN(N, 256) * d * 4);
+        t += 3 * al256(N * d * e) + al256(N * 2 * f * e) + al256(N * f * e) + al256(DL_MIN(N, 256) * d * 4);
         t += 2 * al256(N * 4) + al256((N + 1) * 4);
         if (attn) t += 2 * al256(N * q * e) + 2 * al256(N * kv * e) + al256(B * T * H * 4);
         if (mamba) {

@@ -282,7 +282,6 @@ static void build_table(EngineCuda *E, ActTable *t) {
     if (train) {
         TADD(t, E->dxf, "d final hidden", -1, N * d * es);
         TADD(t, E->dres, "d residual", -1, N * d * es);
-        TADD(t, E->dmid, "d mid", -1, N * d * es);
         TADD(t, E->dxn, "d normed", -1, N * d * es);
         TADD(t, E->dgu, "d gate|up", -1, N * 2 * ff * es);
         TADD(t, E->dact, "d act", -1, N * ff * es);
@@ -1280,15 +1279,15 @@ static void layer_bwd(EngineCuda *E, int l, float *Gr, bool need_dx) {
         wgrad(E, G(Gr, w->up), dup, a->xn2, N, d, ff);
     }
     prof(E, "bwd mlp");
-    cudaCheck(cudaMemcpyAsync(E->dmid, E->dres, (size_t)(N * d) * es, cudaMemcpyDeviceToDevice, E->st));
-    TC(rmsnorm_bwd_cuda(E->dt, E->dmid, G(Gr, w->post_norm), E->dxn, a->mid, P(E, w->post_norm), a->rstd2, N, d, E->rms_ws,
+    // dres becomes d loss / d mid in place: the norm's input gradient adds onto the residual's (din +=)
+    TC(rmsnorm_bwd_cuda(E->dt, E->dres, G(Gr, w->post_norm), E->dxn, a->mid, P(E, w->post_norm), a->rstd2, N, d, E->rms_ws,
                         E->st, EA));
     prof(E, "bwd norms");
     // mixer half: mid = x + mixer(xn1)
     const bool mixer_dx = need_dx || G(Gr, w->in_norm);
     if (E->h.mixer[l] == MIXER_ATTN) {
-        dgrad(E, E->datt, E->dmid, P(E, w->o), N, qd, d, 0);
-        wgrad(E, G(Gr, w->o), E->dmid, a->att, N, qd, d);
+        dgrad(E, E->datt, E->dres, P(E, w->o), N, qd, d, 0);
+        wgrad(E, G(Gr, w->o), E->dres, a->att, N, qd, d);
         prof(E, "bwd attn o_proj");
         attn_bwd(E, a);
         prof(E, "bwd attn core");
@@ -1304,10 +1303,10 @@ static void layer_bwd(EngineCuda *E, int l, float *Gr, bool need_dx) {
         }
         prof(E, "bwd attn rope, qkv");
     } else {
-        mamba_bwd(E, l, a, E->dmid, Gr, mixer_dx);
+        mamba_bwd(E, l, a, E->dres, Gr, mixer_dx);
     }
     if (mixer_dx) {
-        cudaCheck(cudaMemcpyAsync(E->dres, E->dmid, (size_t)(N * d) * es, cudaMemcpyDeviceToDevice, E->st));
+        // and d loss / d (layer input) in place (the mixer's consumers of d mid ran before)
         TC(rmsnorm_bwd_cuda(E->dt, E->dres, G(Gr, w->in_norm), E->dxn, x, P(E, w->in_norm), a->rstd1, N, d, E->rms_ws,
                             E->st, EA));
         prof(E, "bwd norms");

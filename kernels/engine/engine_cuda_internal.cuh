@@ -137,7 +137,7 @@ struct EngineCuda {
     uint8_t *reset_d;
     // backward
     void *gu_sh, *act_sh;  // MLP recompute
-    void *dres, *dmid, *dxn, *dxf, *dgu, *dact, *dq, *datt, *dk, *dv;
+    void *dres, *dxn, *dxf, *dgu, *dact, *dq, *datt, *dk, *dv;
     void *dy, *dxc, *ddt, *dC, *dz, *dxr, *dB, *dxs, *ddtl;
     float *dA, *dD, *ddb, *dcw, *dcb;
     void *rms_ws, *attn_ws, *scanb_ws, *conv_ws;
