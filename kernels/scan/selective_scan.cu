@@ -299,10 +299,10 @@ __device__ __forceinline__ void ldsf_r(const float *p, float (&v)[R]) {
 // step i + hf. So the MUFU work stays 16 + 4 per token-channel, plus 1.5 shuffles per lane and step.
 constexpr int FWD2_THREADS = 256;  // 128 channels x 2 lanes
 
-template <int N, bool PREPASS, bool AL16>
+template <int N, bool PREPASS, bool AL16, int FT, int FNST>
 __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArgs p, const TileGeom geo) {
     constexpr int CPB = FWD1_THREADS, H = N / 2;
-    static_assert(FT % 2 == 0, "steps go in pairs");
+    static_assert(FT % 2 == 0 && SCAN_CKPT % FT == 0 && FNST >= 2, "steps go in pairs; tiles divide SCAN_CKPT");
     extern __shared__ __align__(16) char smem[];
     const int64_t ncb = (p.D + CPB - 1) / CPB;
     int64_t bid = blockIdx.x;
@@ -1344,13 +1344,25 @@ int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
     };
     int rc = 0;
     if (fwd_two_lanes()) {
+        // tiles of 16 steps, 3 in flight, or (DISTILL_SCAN_FWD_TILE=32) 32 steps, 2 in flight: half the per-tile
+        // barriers, copies and B/C conversions per step, in about the same shared memory
+        const char *te = getenv("DISTILL_SCAN_FWD_TILE");
+        const bool t32 = te && atoi(te) == 32;
+        const int T2 = t32 ? 32 : FT, NS2 = t32 ? 2 : FNST;
+        const TileGeom g2 = make_geom(T2, CPB, 3, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
+        const size_t smem2 = (size_t)NS2 * g2.bytes + (size_t)T2 * (g2.pB + g2.pC) * sizeof(float);
         auto go2 = [&](auto kern) {
-            if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) return -1;
-            kern<<<(unsigned)blocks, FWD2_THREADS, smem, st>>>(a, g);
+            if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem2) != cudaSuccess) return -1;
+            kern<<<(unsigned)blocks, FWD2_THREADS, smem2, st>>>(a, g2);
             return 0;
         };
-        if (a.nseg > 1) rc |= al16 ? go2(scan_fwd2_kernel<N, true, true>) : go2(scan_fwd2_kernel<N, true, false>);
-        rc |= al16 ? go2(scan_fwd2_kernel<N, false, true>) : go2(scan_fwd2_kernel<N, false, false>);
+        if (t32) {
+            if (a.nseg > 1) rc |= al16 ? go2(scan_fwd2_kernel<N, true, true, 32, 2>) : go2(scan_fwd2_kernel<N, true, false, 32, 2>);
+            rc |= al16 ? go2(scan_fwd2_kernel<N, false, true, 32, 2>) : go2(scan_fwd2_kernel<N, false, false, 32, 2>);
+        } else {
+            if (a.nseg > 1) rc |= al16 ? go2(scan_fwd2_kernel<N, true, true, FT, FNST>) : go2(scan_fwd2_kernel<N, true, false, FT, FNST>);
+            rc |= al16 ? go2(scan_fwd2_kernel<N, false, true, FT, FNST>) : go2(scan_fwd2_kernel<N, false, false, FT, FNST>);
+        }
         return rc;
     }
     if (a.nseg > 1) rc |= al16 ? go(scan_fwd_kernel<N, true, true>) : go(scan_fwd_kernel<N, true, false>);
