@@ -624,10 +624,10 @@ int engine_cuda_plan(const HybridConfig *h, const Registry *r, int64_t B, int64_
 // attention.cu); unset: ECU_ATTN_DEFAULT. cuDNN serves bf16 engines with attention layers; where it cannot be
 // loaded or has no engine for this model's shapes, one line says so and the hand-written kernels run. The plans
 // of the engine's shapes (forward; backward when training; one document per row) are built here, so that the
-// first step does not pay for their compilation and their workspace exists from the start. cuDNN is the default:
-// on an H100 at Llama-3-8B shapes (2 x 2048, 32/8 heads of 128) its forward is 6.6x and its deterministic backward
-// 8.7x faster than the hand-written kernels (gpu_bench_sdpa), and the stage-1 step went from 127 to 109 ms.
-#define ECU_ATTN_DEFAULT "cudnn"
+// first step does not pay for their compilation and their workspace exists from the start. The hand-written kernels
+// stay the default: with cuDNN the real SmolLM2 50% hybrid (distill parity, all tensors trained) got gradients 10-20x
+// too large below layer ~11 (H100, cuDNN 9.14, 2026-11-23) while the small gpu_test_engine cases agree; under study.
+#define ECU_ATTN_DEFAULT "native"
 static int attn_select(EngineCuda *E, FILE *log, DlError *err) {
     const LlamaConfig *c = &E->h.base;
     const char *env = getenv("DISTILL_ATTN");
