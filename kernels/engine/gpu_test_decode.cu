@@ -23,6 +23,8 @@
 //      for token (a divergence counts only if it is a bf16 near-tie: the plain run's top two logits within
 //      1e-2 of the row's largest magnitude), with a 2-layer cut of the target and with the target as its own
 //      draft (acceptance >= 95% then), K = 1, 2, 4.
+//      Sampled speculative decoding (the same code, probabilities on the host from GPU logits): the first two
+//      tokens of 6000 sequences follow the target's exact joint (chi-square), and not an unrelated draft's.
 //   6. Last: 1, 5 again with the decode steps replayed from CUDA graphs (DISTILL_DECODE_GRAPH=1).
 // Every output buffer is poisoned before each check. Exit status != 0 on any failure.
 // Usage: gpu_test_decode [--verbose]
@@ -211,6 +213,29 @@ static void gpu_run(const Model *m, int64_t B, const int64_t *plen, int64_t L, i
     }
     decoder_cuda_free(gpu);
     free(tok), free(tokp), free(lg);
+}
+
+// Pearson chi-square of counts [cells] (n draws) against probs [cells]; cells expecting < 5 draws pooled into
+// one; a draw in a zero-probability cell gives infinity. *df: degrees of freedom (at least 1).
+static double chi_square(const int64_t *cnt, const double *probs, int64_t cells, int64_t n, int *df) {
+    double chi = 0, pool_e = 0, pool_o = 0;
+    int d = -1;
+    for (int64_t i = 0; i < cells; i++) {
+        const double ex = probs[i] * n;
+        if (ex <= 0) {
+            if (cnt[i]) chi = INFINITY;
+            continue;
+        }
+        if (ex < 5) {
+            pool_e += ex, pool_o += cnt[i];
+            continue;
+        }
+        chi += (cnt[i] - ex) * (cnt[i] - ex) / ex;
+        d++;
+    }
+    if (pool_e > 0) chi += (pool_o - pool_e) * (pool_o - pool_e) / pool_e, d++;
+    *df = d < 1 ? 1 : d;
+    return chi;
 }
 
 // ---------------------------------------------------------------- speculative windows
@@ -423,6 +448,93 @@ static void spec_case(const Model *t, const Model *d, const char *name, bool sel
     }
 }
 
+// Exact distribution of the first two sampled tokens after prompt [L] as the GPU computes it: joint [V, V].
+static void gpu_joint(const Model *m, const int32_t *prompt, int64_t L, const SampleParams *sp, double *joint) {
+    DlError e;
+    const int64_t V = m->h.base.vocab;
+    DecoderCuda *d = decoder_cuda_new(&m->h, &m->r, m->p, V, L + 2, NULL, &e);
+    die_if(!d, &e, "decoder_cuda_new");
+    int32_t *tok = (int32_t *)malloc((size_t)(V * (L + 1)) * 4);
+    for (int64_t a = 0; a < V; a++) {  // row a: prompt, then token a
+        memcpy(tok + a * (L + 1), prompt, (size_t)L * 4);
+        tok[a * (L + 1) + L] = (int32_t)a;
+    }
+    float *lg = (float *)malloc((size_t)(V * (L + 1) * V) * 4);
+    double *p1 = (double *)malloc((size_t)V * 8), *p2 = (double *)malloc((size_t)V * 8);
+    die_if(decoder_cuda_reset(d, V, &e) || decoder_cuda_feed(d, tok, L + 1, NULL, 1, &e), &e, "joint feed");
+    decoder_cuda_logits_host(d, lg);  // [V, L+1, V]: row a's position L-1 gives p1, position L gives p2(. | a)
+    sample_probs(lg + (L - 1) * V, V, sp, p1);
+    for (int64_t a = 0; a < V; a++) {
+        sample_probs(lg + (a * (L + 1) + L) * V, V, sp, p2);
+        for (int64_t c = 0; c < V; c++) joint[a * V + c] = p1[a] * p2[c];
+    }
+    decoder_cuda_free(d);
+    free(tok), free(lg), free(p1), free(p2);
+}
+
+// Sampled speculative decoding on the GPU has the target's distribution: the first two tokens of 6000
+// sequences (one batch, fixed seed) against the exact joint of the target (chi-square below df + 6 sd), and
+// against the draft's (must fail for an unrelated draft: the test can see a wrong distribution).
+static void spec_sampled_case(void) {
+    DlError e;
+    LlamaConfig c;
+    memset(&c, 0, sizeof c);
+    c.n_layer = 3, c.d_model = 64, c.n_head = 4, c.n_kv_head = 2, c.head_dim = 16, c.d_ff = 128, c.vocab = 8;
+    c.max_pos = 4096, c.rope_theta = 10000.0, c.rms_eps = 1e-5, c.tied_embeddings = true, c.bos_id = c.eos_id = -1;
+    Model tg, un, cut;
+    int attn[1] = {1};
+    die_if(hybrid_config_init(&tg.h, &c, MIXER_MAMBA1, attn, 1, &e) != 0, &e, "hybrid_config_init");
+    model_build_registry(&tg.h, &tg.r);
+    tg.p = (float *)malloc((size_t)tg.r.numel * 4);
+    init_params(&tg.r, tg.p, 31);
+    LlamaConfig c1 = c;
+    c1.n_layer = 1;
+    hybrid_config_teacher(&un.h, &c1);  // an unrelated 1-layer draft: many rejections exercise the residual
+    model_build_registry(&un.h, &un.r);
+    un.p = (float *)malloc((size_t)un.r.numel * 4);
+    init_params(&un.r, un.p, 32);
+    const int cl[2] = {0, 2};
+    die_if(spec_draft_from_layers(&tg.h, &tg.r, tg.p, cl, 2, &cut.h, &cut.r, &cut.p, &e) != 0, &e, "cut");
+    enum { NS = 6000, LP = 3, V = 8 };
+    const int32_t prompt[LP] = {1, 5, 2};
+    int32_t *pr = (int32_t *)malloc(sizeof(int32_t) * NS * LP), *out = (int32_t *)malloc(sizeof(int32_t) * NS * 2);
+    int64_t *plen = (int64_t *)malloc(8 * NS), *nout = (int64_t *)malloc(8 * NS);
+    for (int i = 0; i < NS; i++) memcpy(pr + i * LP, prompt, sizeof prompt), plen[i] = LP;
+    static double pt[V * V], pd[V * V];
+    const Model *drafts[2] = {&cut, &un};
+    const int kk[2] = {3, 2};
+    for (int di = 0; di < 2; di++) {
+        GenParams gp;
+        memset(&gp, 0, sizeof gp);
+        gp.k = kk[di], gp.sp.greedy = false, gp.sp.temperature = 1.0f, gp.sp.top_p = 1.0f, gp.max_tokens = 2;
+        gp.stop[0] = gp.stop[1] = -1;
+        const int64_t ml = spec_max_len(LP, 2, gp.k);
+        GenDecoder T, D;
+        die_if(gen_decoder_new(&tg.h, &tg.r, tg.p, NS, ml, 1, 0, &T, &e) != 0, &e, "target");
+        die_if(gen_decoder_new(&drafts[di]->h, &drafts[di]->r, drafts[di]->p, NS, ml, 1, 0, &D, &e) != 0, &e, "draft");
+        Rng r;
+        rng_init(&r, 777, di);
+        SpecStats st;
+        die_if(gen_speculative(T, D, pr, plen, LP, &gp, &r, out, nout, &st, &e) != 0, &e, "gen_speculative");
+        int64_t count[V * V];
+        memset(count, 0, sizeof count);
+        for (int i = 0; i < NS; i++) count[out[i * 2] * V + out[i * 2 + 1]]++;
+        gpu_joint(&tg, prompt, LP, &gp.sp, pt);
+        gpu_joint(drafts[di], prompt, LP, &gp.sp, pd);
+        int df, dfd;
+        const double xt = chi_square(count, pt, V * V, NS, &df), xd = chi_square(count, pd, V * V, NS, &dfd);
+        const double bound = df + 6 * sqrt(2.0 * df);
+        const char *nm = di ? "sampled speculative, unrelated draft" : "sampled speculative, 2-layer cut draft";
+        check(xt < bound, "%s K=%d: the first two tokens of %d sequences ~ the target's joint (chi-square %.1f, %d df, "
+              "bound %.1f; acceptance at position 0 %.2f)", nm, gp.k, NS, xt, df, bound,
+              (double)st.accepted_at[0] / (double)(st.steps > 0 ? st.steps : 1));
+        if (di) check(xd > 4 * bound, "%s: the same samples reject the draft's joint (chi-square %.1f)", nm, xd);
+        gen_decoder_free(&T), gen_decoder_free(&D);
+    }
+    free(pr), free(out), free(plen), free(nout), free(tg.p), free(un.p), free(cut.p);
+    reg_free(&tg.r), reg_free(&un.r), reg_free(&cut.r);
+}
+
 static void test_speculative(const Model *hy, const Model *te) {
     const int64_t plen_h[5] = {30, 5, 17, 64, 2}, plen_t[3] = {33, 50, 1};
     for (int split = 0; split < 2; split++) {
@@ -439,6 +551,7 @@ static void test_speculative(const Model *hy, const Model *te) {
     spec_case(hy, hy, "hybrid target, itself as draft", true);
     spec_case(te, &tcut, "teacher target, 2-layer cut draft", false);
     spec_case(te, te, "teacher target, itself as draft", true);
+    if (!getenv("DISTILL_DECODE_GRAPH")) spec_sampled_case();  // (no graphs: the same path)
     free(hcut.p), free(tcut.p);
     reg_free(&hcut.r), reg_free(&tcut.r);
 }
@@ -508,22 +621,8 @@ static void chi_square_case(const char *name, const float *logit_row, int64_t V,
         else cnt[o[r]]++;
     }
     check(outside == 0, "%s: %lld of %lld draws outside the CPU support", name, (long long)outside, (long long)rows);
-    // chi-square, cells expecting < 5 pooled
-    double chi = 0, pool_e = 0, pool_o = 0;
-    int df = -1;
-    for (int64_t i = 0; i < V; i++) {
-        const double ex = probs[i] * rows;
-        if (ex <= 0) continue;
-        if (ex < 5) {
-            pool_e += ex, pool_o += cnt[i];
-            continue;
-        }
-        chi += (cnt[i] - ex) * (cnt[i] - ex) / ex;
-        df++;
-    }
-    if (pool_e > 0) chi += (pool_o - pool_e) * (pool_o - pool_e) / pool_e, df++;
-    if (df < 1) df = 1;
-    const double bound = df + 6 * sqrt(2.0 * df);
+    int df;
+    const double chi = chi_square(cnt, probs, V, rows, &df), bound = df + 6 * sqrt(2.0 * df);
     check(chi < bound, "%s: chi-square %.1f with %d df (bound %.1f)", name, chi, df, bound);
     // determinism: rerun identical; reversed streams give reversed draws (a row's draw depends on its stream)
     draw(&sb, rows, V, s, o2);
