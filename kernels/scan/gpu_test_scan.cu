@@ -4,7 +4,9 @@
 // N = 4/8/16/32, both dB paths, resets (at t = 0 and consecutive), extreme delta and A, time segments, a
 // grid of more than 65535 (batch x channel) blocks, L >= 65536, and B*L*D > 2^31 (64-bit offsets; the
 // reference is computed for the last channels of that problem, where offsets are largest).
-// The backward is also run twice and must give identical bits. Exit status 1 if any check fails.
+// The backward is also run twice and must give identical bits. The small cases run again with each selectable
+// previous version / option (DISTILL_SCAN_FWD=v5, DISTILL_SCAN_FWD_TILE=32, DISTILL_SCAN_BWD=v8,
+// DISTILL_SCAN_BWD_NSEG=3). Exit status 1 if any check fails.
 // Usage: gpu_test_scan [--no-huge]
 #include "kernels/scan/gpu_common.cuh"
 #include "kernels/scan/selective_scan_cuda.h"
@@ -347,6 +349,24 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         if (!huge && cases[i].B * cases[i].L * cases[i].D > (1ll << 31)) continue;
         run_scan_case(&cases[i]);
+    }
+    // the selectable previous versions and options (selective_scan.cu reads these at every call) on the small cases
+    const char *variants[][2] = {{"DISTILL_SCAN_FWD", "v5"},
+                                 {"DISTILL_SCAN_FWD_TILE", "32"},
+                                 {"DISTILL_SCAN_BWD", "v8"},
+                                 {"DISTILL_SCAN_BWD_NSEG", "3"}};
+    for (const auto &v : variants) {
+        if (getenv(v[0])) continue;  // set by the caller: the main loop above already ran it
+        setenv(v[0], v[1], 1);
+        for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+            if (cases[i].B * cases[i].L * cases[i].D > (1ll << 24)) continue;
+            GCase c = cases[i];
+            char name[128];
+            snprintf(name, sizeof name, "%s [%s=%s]", c.name, v[0], v[1]);
+            c.name = name;
+            run_scan_case(&c);
+        }
+        unsetenv(v[0]);
     }
     run_multi_case(5, 4, 64, 16, 4, 1);
     run_multi_case(3, 1, 96, 8, 12, 3);
