@@ -846,13 +846,50 @@ static void sdpa_refused(EngineCuda *E, const char *why) {
 // starts either way).
 static const int32_t *sdpa_docs(const EngineCuda *E) { return E->multi_doc ? E->docs : NULL; }
 
-static void attn_fwd(EngineCuda *E, LayerActs *a) {
+// DISTILL_ATTN_CHECK=1 (diagnostic): after every cuDNN call, the hand-written kernels run on the same inputs into
+// scratch buffers and one line per call on stderr gives the relative error norms of cuDNN's outputs against them.
+static double check_rel(const EngineCuda *E, const void *a, const void *b, int64_t n, bool f32) {
+    const size_t bytes = (size_t)n * (f32 ? 4 : E->es);
+    char *ha = (char *)malloc(bytes), *hb = (char *)malloc(bytes);
+    cudaCheck(cudaStreamSynchronize(E->st));
+    cudaCheck(cudaMemcpy(ha, a, bytes, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(hb, b, bytes, cudaMemcpyDeviceToHost));
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const double x = f32 || E->es == 4 ? ((float *)ha)[i] : bf16_to_f32(((uint16_t *)ha)[i]);
+        const double y = f32 || E->es == 4 ? ((float *)hb)[i] : bf16_to_f32(((uint16_t *)hb)[i]);
+        num += (x - y) * (x - y), den += y * y;
+    }
+    free(ha), free(hb);
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+static bool attn_check_on(void) {
+    const char *v = getenv("DISTILL_ATTN_CHECK");
+    return v && *v == '1';
+}
+static void *check_buf(void **slot, size_t bytes) {
+    if (!*slot) cudaCheck(cudaMalloc(slot, bytes));
+    return *slot;
+}
+static void *g_chk[5];  // out, lse, dq, dk, dv of the hand-written kernels (diagnostic only, never freed)
+
+static void attn_fwd(EngineCuda *E, LayerActs *a, int l) {
     const LlamaConfig *c = &E->h.base;
     if (E->sdpa) {
         char why[512];
         if (!sdpa_cudnn_fwd(E->sdpa, E->dt, E->B, E->T, c->n_head, c->n_kv_head, c->head_dim, 1, a->q, a->k, a->v,
-                            sdpa_docs(E), a->att, a->lse, E->st, why, sizeof why))
+                            sdpa_docs(E), a->att, a->lse, E->st, why, sizeof why)) {
+            if (attn_check_on()) {
+                const int64_t no = E->N * c->n_head * c->head_dim, nl = E->B * c->n_head * E->T;
+                void *o2 = check_buf(&g_chk[0], (size_t)no * E->es);
+                float *l2 = (float *)check_buf(&g_chk[1], (size_t)nl * 4);
+                TC(attention_fwd_cuda(E->dt, E->B, E->T, c->n_head, c->n_kv_head, c->head_dim, a->q, a->k, a->v, E->docs, o2,
+                                      l2, E->st, EA));
+                fprintf(stderr, "attn check layer %d forward%s: out %.3g lse %.3g\n", l, E->multi_doc ? " (documents)" : "",
+                        check_rel(E, a->att, o2, no, false), check_rel(E, a->lse, l2, nl, true));
+            }
             return;
+        }
         sdpa_refused(E, why);
     }
     TC(attention_fwd_cuda(E->dt, E->B, E->T, c->n_head, c->n_kv_head, c->head_dim, a->q, a->k, a->v, E->docs, a->att,
@@ -860,13 +897,24 @@ static void attn_fwd(EngineCuda *E, LayerActs *a) {
 }
 
 // dq, dk, dv from datt (d loss / d attention out)
-static void attn_bwd(EngineCuda *E, LayerActs *a) {
+static void attn_bwd(EngineCuda *E, LayerActs *a, int l) {
     const LlamaConfig *c = &E->h.base;
     if (E->sdpa) {
         char why[512];
         if (!sdpa_cudnn_bwd(E->sdpa, E->dt, E->B, E->T, c->n_head, c->n_kv_head, c->head_dim, 1, a->q, a->k, a->v,
-                            sdpa_docs(E), a->att, a->lse, E->datt, E->dq, E->dk, E->dv, E->st, why, sizeof why))
+                            sdpa_docs(E), a->att, a->lse, E->datt, E->dq, E->dk, E->dv, E->st, why, sizeof why)) {
+            if (attn_check_on()) {
+                const int64_t nq = E->N * c->n_head * c->head_dim, nk = E->N * c->n_kv_head * c->head_dim;
+                void *q2 = check_buf(&g_chk[2], (size_t)nq * E->es), *k2 = check_buf(&g_chk[3], (size_t)nk * E->es);
+                void *v2 = check_buf(&g_chk[4], (size_t)nk * E->es);
+                TC(attention_bwd_cuda(E->dt, E->B, E->T, c->n_head, c->n_kv_head, c->head_dim, a->q, a->k, a->v, E->docs,
+                                      a->att, a->lse, E->datt, q2, k2, v2, E->attn_ws, E->st, EA));
+                fprintf(stderr, "attn check layer %d backward%s: dq %.3g dk %.3g dv %.3g\n", l,
+                        E->multi_doc ? " (documents)" : "", check_rel(E, E->dq, q2, nq, false),
+                        check_rel(E, E->dk, k2, nk, false), check_rel(E, E->dv, v2, nk, false));
+            }
             return;
+        }
         sdpa_refused(E, why);
     }
     TC(attention_bwd_cuda(E->dt, E->B, E->T, c->n_head, c->n_kv_head, c->head_dim, a->q, a->k, a->v, E->docs, a->att,
@@ -934,7 +982,7 @@ static void layer_fwd(EngineCuda *E, int l, const void *x, void *out) {
         TC(rope_cuda(E->dt, a->q, E->pos, E->inv_freq, N, c->n_head, c->head_dim, 0, E->st, EA));
         TC(rope_cuda(E->dt, a->k, E->pos, E->inv_freq, N, c->n_kv_head, c->head_dim, 0, E->st, EA));
         prof(E, "fwd attn qkv + rope");
-        attn_fwd(E, a);
+        attn_fwd(E, a, l);
         prof(E, "fwd attn core");
         lin(E, E->mix, a->att, P(E, w->o), NULL, N, qd, d, 0);
         prof(E, "fwd attn o_proj");
@@ -1289,7 +1337,7 @@ static void layer_bwd(EngineCuda *E, int l, float *Gr, bool need_dx) {
         dgrad(E, E->datt, E->dres, P(E, w->o), N, qd, d, 0);
         wgrad(E, G(Gr, w->o), E->dres, a->att, N, qd, d);
         prof(E, "bwd attn o_proj");
-        attn_bwd(E, a);
+        attn_bwd(E, a, l);
         prof(E, "bwd attn core");
         TC(rope_cuda(E->dt, E->dq, E->pos, E->inv_freq, N, c->n_head, c->head_dim, 1, E->st, EA));
         TC(rope_cuda(E->dt, E->dk, E->pos, E->inv_freq, N, c->n_kv_head, c->head_dim, 1, E->st, EA));

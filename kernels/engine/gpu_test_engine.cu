@@ -62,24 +62,27 @@ typedef struct {
     float *p, *pt;       // host params
 } Model;
 
+// smol: SmolLM2-135M's layer shapes (d 576, 9/3 heads of 64, d_ff 1536) in 8 layers, attention at odd layers
+static bool g_smol = false;
+
 static void model_make_v(Model *m, bool hybrid, bool tied, int vocab, uint64_t seed) {
     DlError e;
     LlamaConfig *c = &m->c;
     memset(c, 0, sizeof *c);
-    c->n_layer = 4;
-    c->d_model = 192;  // dt_rank 12: exercises the padded dt weights
-    c->n_head = 3;
-    c->n_kv_head = 1;
+    c->n_layer = g_smol ? 8 : 4;
+    c->d_model = g_smol ? 576 : 192;  // dt_rank 12 (36): exercises the padded dt weights
+    c->n_head = g_smol ? 9 : 3;
+    c->n_kv_head = g_smol ? 3 : 1;
     c->head_dim = 64;
-    c->d_ff = 384;
+    c->d_ff = g_smol ? 1536 : 384;
     c->vocab = vocab;
     c->max_pos = 4096;
     c->rope_theta = 10000.0;
     c->rms_eps = 1e-5;
     c->tied_embeddings = tied;
     c->bos_id = c->eos_id = -1;
-    int attn[2] = {1, 3};
-    if (hybrid) die_if(hybrid_config_init(&m->h, c, MIXER_MAMBA1, attn, 2, &e) != 0, &e, "hybrid_config_init");
+    int attn[4] = {1, 3, 5, 7};
+    if (hybrid) die_if(hybrid_config_init(&m->h, c, MIXER_MAMBA1, attn, c->n_layer / 2, &e) != 0, &e, "hybrid_config_init");
     else hybrid_config_teacher(&m->h, c);
     hybrid_config_teacher(&m->ht, c);
     model_build_registry(&m->h, &m->r);
@@ -121,11 +124,12 @@ static void parity_v(const char *label, bool hybrid, bool tied, int vocab, float
     printf("-- parity: %s\n", label);
     Model m;
     model_make_v(&m, hybrid, tied, vocab, 42);
+    printf("   (%d layers, d %d, heads %d/%d, T %d)\n", m.c.n_layer, m.c.d_model, m.c.n_head, m.c.n_kv_head, g_smol ? 256 : 160);
     if (dt == DT_BF16) {
         round_bf16(m.p, m.r.numel);
         round_bf16(m.pt, m.rt.numel);
     }
-    const int64_t B = 2, T = 160, N = B * T, V = m.c.vocab;
+    const int64_t B = 2, T = g_smol ? 256 : 160, N = B * T, V = m.c.vocab;
     int32_t *tok = (int32_t *)malloc(N * 4), *tgt = (int32_t *)malloc(N * 4);
     uint8_t *reset = (uint8_t *)malloc(N);
     batch_make_p(B, T, V, 5, packed, tok, tgt, reset);
@@ -549,11 +553,14 @@ static void cudnn_test(void) {
         engine_cuda_free(g);
         reg_free(&m.r), reg_free(&m.rt), free(m.p), free(m.pt);
     }
-    for (int packed = 1; packed >= 0; packed--) {
+    for (int k = 0; k < 4; k++) {  // tiny and SmolLM2-shaped, packed documents and one document per row
+        const int packed = !(k & 1);
+        g_smol = k >= 2;
         ParityOut nat, cud;
-        char l1[96], l2[96];
-        snprintf(l1, sizeof l1, "bf16 hybrid, %s, native attention", packed ? "packed documents" : "one document per row");
-        snprintf(l2, sizeof l2, "bf16 hybrid, %s, cuDNN attention", packed ? "packed documents" : "one document per row");
+        char l1[128], l2[128];
+        const char *shape = g_smol ? "SmolLM2-shaped 8 layers" : "4 layers", *docs = packed ? "packed documents" : "one document per row";
+        snprintf(l1, sizeof l1, "bf16 hybrid %s, %s, native attention", shape, docs);
+        snprintf(l2, sizeof l2, "bf16 hybrid %s, %s, cuDNN attention", shape, docs);
         setenv("DISTILL_ATTN", "native", 1);
         parity_v(l1, true, false, 520, 1.0f, 0.1f, NULL, DT_BF16, 2e-2, BF16_GRAD_TOL, 5e-3, packed, &nat);
         setenv("DISTILL_ATTN", "cudnn", 1);
@@ -566,6 +573,7 @@ static void cudnn_test(void) {
         check(eg <= 2e-2, "%s: cuDNN vs hand-written gradients (all tensors) rel err %.3g (tol 2e-2)", l2, eg);
         free(nat.logits), free(nat.grads), free(cud.logits), free(cud.grads);
     }
+    g_smol = false;
     // 20 steps twice with cuDNN attention: close to the CPU, bit-identical to each other
     setenv("DISTILL_ATTN", "cudnn", 1);
     train_test();

@@ -648,10 +648,19 @@ static int execute(SdpaCudnn *s, SdpaPlan *p, int n, const int64_t *uids, void *
     GSET(g, vp, CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, n, ptrs);
     GSET(g, vp, CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1, &ws);
     GFIN(g, vp, "variant pack");
+    // diagnostics: DISTILL_SDPA_ZERO_WS=1 zeroes the workspace (and the backward's Dsum) before every execution;
+    // DISTILL_SDPA_SYNC=1 synchronizes the device around it (orders cuDNN against work on other streams)
+    const char *zw = getenv("DISTILL_SDPA_ZERO_WS"), *sy = getenv("DISTILL_SDPA_SYNC");
+    if (!g.bad && zw && *zw == '1') {
+        if (s->ws_bytes) cudaMemsetAsync(s->ws, 0, s->ws_bytes, (cudaStream_t)stream);
+        if (p->dsum) cudaMemsetAsync(p->dsum, 0, (size_t)(p->B * p->H * p->T) * sizeof(float), (cudaStream_t)stream);
+    }
+    if (!g.bad && sy && *sy == '1') cudaDeviceSynchronize();
     if (!g.bad) {
         st = a.bExecute(s->handle, p->plan, vp);
         if (st != CUDNN_STATUS_SUCCESS) g_fail(g, st, "cudnnBackendExecute", "execution plan");
     }
+    if (!g.bad && sy && *sy == '1') cudaDeviceSynchronize();
     for (cudnnBackendDescriptor_t d : descs) a.bDestroy(d);
     return g.bad ? -1 : 0;
 }
