@@ -151,7 +151,7 @@ static int wait_nccl(NcclComm *c, ncclResult_t r, const char *what, double deadl
         if (now_s() > deadline) {
             pthread_mutex_lock(&c->mu);
             char msg[DL_ERR_LEN];
-            snprintf(msg, sizeof msg, "rank %d (host %s, GPU %d): %s did not finish within %.0f s (a rank missing or stuck?)",
+            snprintf(msg, sizeof msg, "rank %d (host %s, GPU %d): %s did not complete within %.0f s (a rank missing or stuck?)",
                      c->rank, c->host, c->device, what, c->timeout);
             abort_locked(c, msg);
             pthread_mutex_unlock(&c->mu);
