@@ -11,16 +11,19 @@
 // cumsums: kernels.md §8.4's overflow cannot occur, and a small interval after large steps keeps its precision).
 //
 // Kernels (one block = 256 threads = 8 warps; every contraction on tensor cores through WMMA 16x16x16 bf16 tiles
-// with fp32 accumulation, fp32 operands split into bf16 hi + lo: see "tensor-core tiles" below):
-//   ssd_fwd_kernel<Y>     one block per (b, h, 16 rows of P), sequential over chunks, fp32 state tile [16,N] in
-//                         shared memory: y (if Y) and the state; optionally stores the state entering every chunk
-//                         (the backward's recompute). No state goes through global memory in between.
-//   ssd_dstate_kernel     the reverse pass of the state gradient, same decomposition: stores dS leaving every
-//                         chunk; dS_in = dlast dS + sum_m din_m dy_m (x) C_m; dh0 at the end.
-//   ssd_bwd_chunk_kernel  one block per (b, h, chunk), all of P and N: every gradient of the chunk's tokens from
-//                         S_in and dS (both from the passes above), and per-block partials of dA, dD, ddt_bias.
-//   ssd_param_reduce_kernel, ssd_group_reduce_kernel: fixed-order sums over (batch, chunk) and over the heads
-//                         of a group (when G < H).
+// with fp32 accumulation, fp32 operands split into bf16 hi + lo: see "tensor-core tiles" below). Three generations,
+// chosen by DISTILL_SSD (docs/KERNELS.md says why and what each costs):
+//   v3 (default)  ssd_scalars_kernel (w, din, dlast per chunk position), ssd_state_pass_kernel (one block per
+//                 (b, h, state tile) walking the chunks with the tile in accumulators, 4 chunks in flight; forward
+//                 and, reversed, the state gradient), ssd_chunk_out_kernel (y per (b, h, chunk, 64 rows of P)).
+//   v2            ssd_chunk_state_kernel (each chunk's own state contribution, in parallel) + ssd_scan_kernel (an
+//                 in-place elementwise scan over the chunks) instead of the sequential pass; same y kernel.
+//   v1            ssd_fwd_kernel<Y> (one block per (b, h, 16 rows of P), sequential over chunks, y inside) and
+//                 ssd_dstate_kernel (the state-gradient walk), states in shared memory.
+//   all           ssd_bwd_chunk_kernel: one block per (b, h, chunk), all of P and N: every gradient of the chunk's
+//                 tokens from the state entering it and the gradient leaving it, and per-block partials of dA, dD,
+//                 ddt_bias; ssd_param_reduce_kernel, ssd_group_reduce_kernel: fixed-order sums over (batch, chunk)
+//                 and over the heads of a group (when G < H).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
