@@ -74,6 +74,15 @@ __host__ __device__ constexpr int64_t ld16(int64_t n) { return n + 8; }
 __host__ __device__ constexpr int64_t ld32(int64_t n) { return n + 4; }
 __host__ __device__ inline int64_t al128(int64_t v) { return (v + 127) & ~(int64_t)127; }
 __host__ __device__ inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+// Consecutive regions of a shared-memory buffer, each starting on a 128-byte boundary.
+struct Carve {
+    int64_t o = 0;
+    __host__ __device__ int64_t take(int64_t bytes) {
+        const int64_t at = o;
+        o = al128(o + bytes);
+        return at;
+    }
+};
 
 struct FwdLayout {  // ssd_fwd_kernel; W* and WB* share one region (W is dead when WB is formed), Y1/Y2 and T another
     int64_t C, B, X, Wf, Wh, Wl, WBh, WBl, Sf, Sh, Sl, Y1, Y2, T, scal, total;
@@ -107,14 +116,14 @@ struct DstLayout {  // ssd_dstate_kernel
 __host__ __device__ inline DstLayout dst_layout(int64_t N) {
     const int64_t Q = SSD_Q, PT = SSD_PT;
     DstLayout l;
-    int64_t o = 0;
-    l.DY = o, o = al128(o + Q * ld16(PT) * 2);
-    l.DCh = o, o = al128(o + Q * ld16(N) * 2);
-    l.DCl = o, o = al128(o + Q * ld16(N) * 2);
-    l.Sf = o, o = al128(o + PT * ld32(N) * 4);
-    l.T = o, o = al128(o + PT * ld32(N) * 4);
-    l.scal = o, o = al128(o + SSD_SCAL * Q * 4);
-    l.total = o;
+    Carve c;
+    l.DY = c.take(Q * ld16(PT) * 2);
+    l.DCh = c.take(Q * ld16(N) * 2);
+    l.DCl = c.take(Q * ld16(N) * 2);
+    l.Sf = c.take(PT * ld32(N) * 4);
+    l.T = c.take(PT * ld32(N) * 4);
+    l.scal = c.take(SSD_SCAL * Q * 4);
+    l.total = c.o;
     return l;
 }
 
@@ -917,12 +926,12 @@ struct CstLayout {  // ssd_chunk_state_kernel
 __host__ __device__ inline CstLayout cst_layout(int64_t P, int64_t N) {
     const int64_t Q = SSD_Q;
     CstLayout l;
-    int64_t o = 0;
-    l.X = o, o = al128(o + Q * ld16(P) * 2);
-    l.Mh = o, o = al128(o + Q * ld16(N) * 2);
-    l.Ml = o, o = al128(o + Q * ld16(N) * 2);
-    l.scal = o, o = al128(o + SSD_SCAL * Q * 4);
-    l.total = o;
+    Carve c;
+    l.X = c.take(Q * ld16(P) * 2);
+    l.Mh = c.take(Q * ld16(N) * 2);
+    l.Ml = c.take(Q * ld16(N) * 2);
+    l.scal = c.take(SSD_SCAL * Q * 4);
+    l.total = c.o;
     return l;
 }
 
@@ -1171,16 +1180,16 @@ struct PassLayout {  // ssd_state_pass_kernel: stages of (X [Q,TP], M [Q,TN] bf1
 __host__ __device__ inline PassLayout pass_layout(int64_t TP, int64_t TN) {
     const int64_t Q = SSD_Q;
     PassLayout l;
-    int64_t o = 0;
-    l.Xst = o, o = al128(o + Q * ld16(TP) * 2);
-    l.Mst = o, o = al128(o + Q * ld16(TN) * 2);
-    l.Wst = o, o = al128(o + (Q + 4) * 4);
-    l.stage = o;
-    o = PASS_STAGES * l.stage;
-    l.Mh = o, o = al128(o + Q * ld16(TN) * 2);
-    l.Ml = o, o = al128(o + Q * ld16(TN) * 2);
-    l.scr = o, o = al128(o + (SSD_THREADS / 32) * 256 * 4);
-    l.total = o;
+    Carve st, c;  // one stage, then the whole buffer (the stages first)
+    l.Xst = st.take(Q * ld16(TP) * 2);
+    l.Mst = st.take(Q * ld16(TN) * 2);
+    l.Wst = st.take((Q + 4) * 4);
+    l.stage = st.o;
+    c.take(PASS_STAGES * l.stage);
+    l.Mh = c.take(Q * ld16(TN) * 2);
+    l.Ml = c.take(Q * ld16(TN) * 2);
+    l.scr = c.take((SSD_THREADS / 32) * 256 * 4);
+    l.total = c.o;
     return l;
 }
 
