@@ -5,8 +5,8 @@
 // grid of more than 65535 (batch x channel) blocks, L >= 65536, and B*L*D > 2^31 (64-bit offsets; the
 // reference is computed for the last channels of that problem, where offsets are largest).
 // The backward is also run twice and must give identical bits. The small cases run again with each selectable
-// previous version / option (DISTILL_SCAN_FWD=v5, DISTILL_SCAN_FWD_TILE=32, DISTILL_SCAN_BWD=v8,
-// DISTILL_SCAN_BWD_NSEG=3). Exit status 1 if any check fails.
+// previous version / option (DISTILL_SCAN_BWD=v8: no time segments; DISTILL_SCAN_BWD_NSEG=3). Exit status 1 if
+// any check fails.
 // Usage: gpu_test_scan [--no-huge]
 #include "kernels/scan/gpu_common.cuh"
 #include "kernels/scan/selective_scan_cuda.h"
@@ -351,10 +351,7 @@ int main(int argc, char **argv) {
         run_scan_case(&cases[i]);
     }
     // the selectable previous versions and options (selective_scan.cu reads these at every call) on the small cases
-    const char *variants[][2] = {{"DISTILL_SCAN_FWD", "v5"},
-                                 {"DISTILL_SCAN_FWD_TILE", "32"},
-                                 {"DISTILL_SCAN_BWD", "v8"},
-                                 {"DISTILL_SCAN_BWD_NSEG", "3"}};
+    const char *variants[][2] = {{"DISTILL_SCAN_BWD", "v8"}, {"DISTILL_SCAN_BWD_NSEG", "3"}};
     for (const auto &v : variants) {
         if (getenv(v[0])) continue;  // set by the caller: the main loop above already ran it
         setenv(v[0], v[1], 1);

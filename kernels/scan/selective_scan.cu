@@ -1,13 +1,13 @@
 // selective_scan.cu: the Mamba-1 selective scan on Hopper: forward (with an optional time-segment pre-pass),
 // deterministic backward, multi-token decode. Design notes: docs/KERNELS.md.
 //
-// Work mapping, all kernels: 4 consecutive lanes of a warp own one (batch row, channel) recurrence and split
-// its N states (R = N/4 each), so that a warp covers 8 channels and a C group of 16 channels spans 64 lanes.
-// Time advances in groups of 4 steps; lane q "owns" step t0+q of each group: it loads that step's per-channel
-// scalars (u, dt, z, dout), computes softplus/sigmoid once, shares them with its 3 neighbours by shuffles, and
-// after the group receives the step's full sum over states (a 2-round reduce-scatter) to write that step's
-// outputs. So every per-(token, channel) transcendental is computed once, the per-state work (one ex2 and a few
-// FMAs per state and step) is spread over 4 lanes, and the grid has 4x more threads than channels.
+// Work mapping. Forward: two lanes per (batch row, channel), N/2 states each. Backward: 4 consecutive lanes own
+// one recurrence and split its N states (R = N/4 each), so that a warp covers 8 channels and a C group of 16
+// channels spans 64 lanes; time advances in groups of 4 steps, lane q "owns" step t0+q of each group: it loads
+// that step's per-channel scalars (u, dt, z, dout), computes softplus/sigmoid once, shares them with its 3
+// neighbours by shuffles, and after the group receives the step's sums over states (a 2-round reduce-scatter)
+// to write that step's outputs. Decode: 4 lanes per channel. Every per-(token, channel) transcendental is
+// computed once.
 #include "kernels/scan/scan_common.cuh"
 #include "kernels/scan/selective_scan_cuda.h"
 
@@ -134,149 +134,9 @@ __device__ void load_tile(char *tile, const TileGeom &g, const TileSrc &s, int64
     }
 }
 
-// Forward main pass (PREPASS = false) or segment pre-pass (PREPASS = true: local end state from zero, no
-// outputs). One thread per (batch row, channel) holds all N states: the forward needs no cross-lane traffic, and
-// softplus / the gate are computed once per (token, channel). blockIdx.x = (seg * B + b) * nblocks_d + block.
-// (The 4-lanes-per-channel mapping of the backward was 1.6x slower here: its shuffles and per-lane overhead cost
-// more issue slots than the extra parallelism bought; docs/KERNELS.md.)
 constexpr int FWD1_THREADS = 128;  // channels per forward block
 constexpr int FT = 16;             // steps per forward tile
 constexpr int FNST = 3;            // tiles in flight
-
-template <int N, bool PREPASS, bool AL16>
-__global__ void __launch_bounds__(FWD1_THREADS) scan_fwd_kernel(const FwdArgs p, const TileGeom geo) {
-    constexpr int CPB = FWD1_THREADS;
-    extern __shared__ __align__(16) char smem[];
-    const int64_t ncb = (p.D + CPB - 1) / CPB;
-    int64_t bid = blockIdx.x;
-    const int64_t cb = bid % ncb;
-    bid /= ncb;
-    const int64_t b = bid % p.B;
-    const int seg = (int)(bid / p.B);
-    if (PREPASS && seg == p.nseg - 1) return;  // the last segment's local end state is never used
-    const int cl = threadIdx.x;
-    const int64_t c0 = cb * CPB, d_raw = c0 + cl;
-    const int nchv = (int)(p.D - c0 < CPB ? p.D - c0 : CPB);
-    const bool dvalid = d_raw < p.D;
-    const int64_t d = dvalid ? d_raw : p.D - 1;  // out-of-range threads compute on a real channel, store nothing
-    const int64_t gc = d / p.Dg, gb = d / p.Db;
-    const int64_t gclo = c0 / p.Dg, gblo = c0 / p.Db;
-    const int nCv = (int)((c0 + nchv - 1) / p.Dg - gclo + 1) * N, nBv = (int)((c0 + nchv - 1) / p.Db - gblo + 1) * N;
-    const int64_t tb = (int64_t)seg * p.seglen, te = tb + p.seglen < p.L ? tb + p.seglen : p.L;
-    const int64_t L = p.L, D = p.D;
-    const TileSrc src = {{p.u, p.dt, PREPASS ? nullptr : p.z, nullptr}, p.Bm, p.Cm, p.reset, L, D, p.Gb * N, p.Gc * N};
-
-    float A2[N], h[N];
-#pragma unroll
-    for (int n = 0; n < N; n++) A2[n] = p.A[d * N + n] * SCAN_LOG2E;
-    const float Dd = PREPASS ? 0.f : p.Dskip[d];
-    const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
-#pragma unroll
-    for (int n = 0; n < N; n++) h[n] = (!PREPASS && p.h0) ? p.h0[(b * D + d) * N + n] : 0.f;
-    if (!PREPASS) {
-        // carry from the earlier segments: h <- decay(s) * h + local_end(s)
-        for (int s = 0; s < seg; s++) {
-            const int64_t i = (b * p.nseg + s) * D + d;
-            const bool rs = p.seg_rs[i] != 0;
-            const float sd = p.seg_sd[i];
-#pragma unroll
-            for (int n = 0; n < N; n++) h[n] = (rs ? 0.f : ex2f(A2[n] * sd)) * h[n] + p.seg_h[i * N + n];
-        }
-    }
-    float sd = 0.f;
-    int anyrs = 0;
-
-    const int ntile = (int)((te - tb + FT - 1) / FT);
-    auto issue = [&](int kt) {
-        if (kt < ntile) {
-            const int64_t ts = tb + (int64_t)kt * FT;
-            const int ns = (int)(te - ts < FT ? te - ts : FT);
-            load_tile<FT, CPB, 3, FWD1_THREADS, AL16>(smem + (kt % FNST) * geo.bytes, geo, src, b, c0, nchv, gblo * N, nBv, gclo * N,
-                            PREPASS ? 0 : nCv, ts, ns);
-        }
-        cp_async_commit();
-    };
-    for (int k = 0; k < FNST - 1; k++) issue(k);
-
-    for (int kt = 0; kt < ntile; kt++) {
-        cp_async_wait<FNST - 2>();
-        __syncthreads();
-        issue(kt + FNST - 1);
-        const char *tile = smem + (kt % FNST) * geo.bytes;
-        const bf16 *su = (const bf16 *)tile + cl, *sdt = su + FT * CPB, *sz = sdt + FT * CPB;
-        const uint8_t *srs = (const uint8_t *)(tile + geo.offR);
-        {
-            // B and C to fp32 once per tile (each value serves up to Dg / Db threads, so converting at every use
-            // cost ~2N integer instructions per token-channel)
-            float *fB = (float *)(smem + FNST * geo.bytes), *fC = fB + FT * geo.pB;
-            const __nv_bfloat162 *tB = (const __nv_bfloat162 *)(tile + geo.offB);
-            const __nv_bfloat162 *tC = (const __nv_bfloat162 *)(tile + geo.offC);
-            for (int e = threadIdx.x; e < FT * geo.pB / 2; e += FWD1_THREADS)
-                reinterpret_cast<float2 *>(fB)[e] = __bfloat1622float2(tB[e]);
-            if (!PREPASS)
-                for (int e = threadIdx.x; e < FT * geo.pC / 2; e += FWD1_THREADS)
-                    reinterpret_cast<float2 *>(fC)[e] = __bfloat1622float2(tC[e]);
-            __syncthreads();
-        }
-        const float *sB = (const float *)(smem + FNST * geo.bytes) + (gb - gblo) * N;
-        const float *sC = (const float *)(smem + FNST * geo.bytes) + FT * geo.pB + (gc - gclo) * N;
-        const int64_t ts = tb + (int64_t)kt * FT;
-        const int ns = (int)(te - ts < FT ? te - ts : FT);
-        // checkpoint: tiles are FT-aligned and FT divides SCAN_CKPT
-        if (!PREPASS && p.ckpt && (ts % SCAN_CKPT) == 0 && dvalid) {
-            float4 *ck = reinterpret_cast<float4 *>(p.ckpt + ((b * p.nck + ts / SCAN_CKPT) * D + d) * N);
-#pragma unroll
-            for (int n = 0; n < N; n += 4) ck[n / 4] = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
-        }
-        bf16 *outp = PREPASS ? nullptr : p.out + (b * L + ts) * D + d;
-        const bool hasz = !PREPASS && p.z != nullptr;
-        // one step; no branches, so that the compiler can overlap consecutive steps of an unrolled tile
-        auto step = [&](int i) {
-            const float uu = __bfloat162float(su[i * CPB]);
-            const float delta = softplus_dev(__bfloat162float(sdt[i * CPB]) + bias);
-            const float rx = srs[i] ? -INFINITY : 0.f;  // a reset zeroes the decay: ex2(-inf) = 0
-            const float du = delta * uu;
-            float Bv[N];
-            ldsf_vec<N>(sB + i * geo.pB, Bv);
-            if (PREPASS) {
-#pragma unroll
-                for (int n = 0; n < N; n++) h[n] = ex2f(fmaf(delta, A2[n], rx)) * h[n] + du * Bv[n];
-                sd = rx != 0.f ? delta : sd + delta;
-                anyrs |= rx != 0.f;
-            } else {
-                float Cv[N], y0 = 0.f, y1 = 0.f;
-                ldsf_vec<N>(sC + i * geo.pC, Cv);
-#pragma unroll
-                for (int n = 0; n < N; n++) {
-                    h[n] = ex2f(fmaf(delta, A2[n], rx)) * h[n] + du * Bv[n];
-                    if (n & 1) y1 += Cv[n] * h[n];
-                    else y0 += Cv[n] * h[n];
-                }
-                const float zz = __bfloat162float(sz[i * CPB]);
-                const float gate = hasz ? zz * sigmoid_dev(zz) : 1.f;
-                if (dvalid) stbf(outp + (int64_t)i * D, (y0 + y1 + Dd * uu) * gate);
-            }
-        };
-        if (ns == FT) {
-#pragma unroll
-            for (int i = 0; i < FT; i++) step(i);
-        } else {
-#pragma unroll 1
-            for (int i = 0; i < ns; i++) step(i);
-        }
-    }
-    cp_async_wait<0>();
-    if (!dvalid) return;
-    if (PREPASS) {
-        const int64_t i = (b * p.nseg + seg) * D + d;
-#pragma unroll
-        for (int n = 0; n < N; n++) p.seg_h[i * N + n] = h[n];
-        p.seg_sd[i] = sd, p.seg_rs[i] = anyrs;
-    } else if (seg == p.nseg - 1 && p.h_last) {
-#pragma unroll
-        for (int n = 0; n < N; n++) p.h_last[(b * D + d) * N + n] = h[n];
-    }
-}
 
 // loads R consecutive floats from shared memory (aligned to R floats for R <= 4, to 4 floats otherwise)
 template <int R>
@@ -291,18 +151,19 @@ __device__ __forceinline__ void ldsf_r(const float *p, float (&v)[R]) {
     }
 }
 
-// Forward v10: two lanes per (batch row, channel), N/2 states each, 128 channels (256 threads) per block: the same
-// tiles as the one-lane kernel above but twice the warps (16 per SM at 8 x 2048 instead of 8), which the one-lane
-// kernel lacked to keep the MUFU busy (it issued at ~51 % with 2 warps per scheduler). The per-step scalars are
+// Forward (v10): main pass (PREPASS = false) or segment pre-pass (PREPASS = true: local end state from zero, no
+// outputs). Two lanes per (batch row, channel), N/2 states each, 128 channels (256 threads) per block,
+// blockIdx.x = (seg * B + b) * nblocks_d + block. The one-thread-per-channel kernel it replaced (v5) ran 8 warps
+// per SM at 8 x 2048 and was 5-20 % slower at every benchmarked shape (H100, 2026-11-23). The per-step scalars are
 // not computed twice: steps go in pairs, lane `hf` of a channel computes softplus (and the gate) for step i + hf
 // and the pair swaps deltas with one shuffle; y's two halves meet with one shuffle per step, and lane hf stores
 // step i + hf. So the MUFU work stays 16 + 4 per token-channel, plus 1.5 shuffles per lane and step.
 constexpr int FWD2_THREADS = 256;  // 128 channels x 2 lanes
 
-template <int N, bool PREPASS, bool AL16, int FT, int FNST>
+template <int N, bool PREPASS, bool AL16>
 __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArgs p, const TileGeom geo) {
     constexpr int CPB = FWD1_THREADS, H = N / 2;
-    static_assert(FT % 2 == 0 && SCAN_CKPT % FT == 0 && FNST >= 2, "steps go in pairs; tiles divide SCAN_CKPT");
+    static_assert(FT % 2 == 0, "steps go in pairs");
     extern __shared__ __align__(16) char smem[];
     const int64_t ncb = (p.D + CPB - 1) / CPB;
     int64_t bid = blockIdx.x;
@@ -1325,12 +1186,6 @@ int launch_bwd1(const Bwd1Args &a, cudaStream_t st) {
     return 0;
 }
 
-// forward kernel: two lanes per channel (v10, default) or one (v5: DISTILL_SCAN_FWD=v5)
-bool fwd_two_lanes() {
-    const char *e = getenv("DISTILL_SCAN_FWD");
-    return !(e && !strcmp(e, "v5"));
-}
-
 template <int N>
 int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
     constexpr int CPB = FWD1_THREADS;
@@ -1339,34 +1194,12 @@ int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
     const int64_t blocks = (int64_t)a.nseg * a.B * ((a.D + CPB - 1) / CPB);
     auto go = [&](auto kern) {
         if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) return -1;
-        kern<<<(unsigned)blocks, FWD1_THREADS, smem, st>>>(a, g);
+        kern<<<(unsigned)blocks, FWD2_THREADS, smem, st>>>(a, g);
         return 0;
     };
     int rc = 0;
-    if (fwd_two_lanes()) {
-        // tiles of 16 steps, 3 in flight, or (DISTILL_SCAN_FWD_TILE=32) 32 steps, 2 in flight: half the per-tile
-        // barriers, copies and B/C conversions per step, in about the same shared memory
-        const char *te = getenv("DISTILL_SCAN_FWD_TILE");
-        const bool t32 = te && atoi(te) == 32;
-        const int T2 = t32 ? 32 : FT, NS2 = t32 ? 2 : FNST;
-        const TileGeom g2 = make_geom(T2, CPB, 3, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
-        const size_t smem2 = (size_t)NS2 * g2.bytes + (size_t)T2 * (g2.pB + g2.pC) * sizeof(float);
-        auto go2 = [&](auto kern) {
-            if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem2) != cudaSuccess) return -1;
-            kern<<<(unsigned)blocks, FWD2_THREADS, smem2, st>>>(a, g2);
-            return 0;
-        };
-        if (t32) {
-            if (a.nseg > 1) rc |= al16 ? go2(scan_fwd2_kernel<N, true, true, 32, 2>) : go2(scan_fwd2_kernel<N, true, false, 32, 2>);
-            rc |= al16 ? go2(scan_fwd2_kernel<N, false, true, 32, 2>) : go2(scan_fwd2_kernel<N, false, false, 32, 2>);
-        } else {
-            if (a.nseg > 1) rc |= al16 ? go2(scan_fwd2_kernel<N, true, true, FT, FNST>) : go2(scan_fwd2_kernel<N, true, false, FT, FNST>);
-            rc |= al16 ? go2(scan_fwd2_kernel<N, false, true, FT, FNST>) : go2(scan_fwd2_kernel<N, false, false, FT, FNST>);
-        }
-        return rc;
-    }
-    if (a.nseg > 1) rc |= al16 ? go(scan_fwd_kernel<N, true, true>) : go(scan_fwd_kernel<N, true, false>);
-    rc |= al16 ? go(scan_fwd_kernel<N, false, true>) : go(scan_fwd_kernel<N, false, false>);
+    if (a.nseg > 1) rc |= al16 ? go(scan_fwd2_kernel<N, true, true>) : go(scan_fwd2_kernel<N, true, false>);
+    rc |= al16 ? go(scan_fwd2_kernel<N, false, true>) : go(scan_fwd2_kernel<N, false, false>);
     return rc;
 }
 
