@@ -4,6 +4,7 @@
   check_metrics.py A/metrics.jsonl B/metrics.jsonl --exact          every (stage, step) loss identical
   check_metrics.py A/metrics.jsonl B/metrics.jsonl --rel 0.03       |a - b| <= rel * max(|b|, 0.1) per step
   ... --stages layerwise,distill                                      only the rows of these stages
+  ... --steps 1                                                      only steps <= 1 of each stage
 
 Rows are keyed by (stage, step); when a step appears more than once (a resumed run repeats nothing, but a
 stage restarted from a checkpoint re-writes the steps after it), the last row wins. Both files must hold the
@@ -39,6 +40,10 @@ def main():
         if not a or not b:
             print(f"FAIL no rows of stages {sorted(keep)} in {a_path if not a else b_path}")
             return 1
+    if "--steps" in sys.argv:
+        last = int(sys.argv[sys.argv.index("--steps") + 1])
+        a = {k: v for k, v in a.items() if k[1] <= last}
+        b = {k: v for k, v in b.items() if k[1] <= last}
     fail = 0
     if set(a) != set(b):
         print(f"FAIL steps differ: only in A {sorted(set(a) - set(b))[:6]}, only in B {sorted(set(b) - set(a))[:6]}")

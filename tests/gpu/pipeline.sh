@@ -116,7 +116,10 @@ else
         need dp2-z0 2 "${one[@]}" --set hardware.zero=0 && same dp2-z0 dp1 "2 GPUs ZeRO-0 vs 1 GPU (same global batch)"
         need dp2-z1 2 "${one[@]}" --set hardware.zero=1 && same dp2-z1 dp2-z0 "2 GPUs ZeRO-1 vs ZeRO-0"
         need dp2-z2 2 "${one[@]}" --set hardware.zero=2 && same dp2-z2 dp2-z0 "2 GPUs ZeRO-2 vs ZeRO-0"
-        need dp2-z2a 2 "${acc[@]}" --set hardware.zero=2 && same dp2-z2a dp2-z0 "2 GPUs ZeRO-2 with 2 micro-batches of 1 row vs ZeRO-0"
+        # Other micro-batch shapes run other GEMM shapes (other rounding); this model's gradient is ill-conditioned
+        # (docs/BENCHMARKS.md, "Gradient parity on the real model"), so later steps drift by a few % (2e-2 / 4.7e-2
+        # by steps 4-6 on 2 x H200 at 68a5aa8): only the first stage's first step, before any update, must agree.
+        need dp2-z2a 2 "${acc[@]}" --set hardware.zero=2 && same dp2-z2a dp2-z0 "2 GPUs ZeRO-2 with 2 micro-batches of 1 row vs ZeRO-0 (first step)" --stages layerwise --steps 1
         # ZeRO-1/2 checkpoints: one optimizer file per rank next to rank 0's main file (in each stage's folder)
         n=$(ls "$RUNS"/dp2-z1/*/shards/*/rank-0000[01]-of-00002.h5 2>/dev/null | wc -l)
         [ "$n" -ge 2 ] && ok "ZeRO-1 checkpoint: a shard file per rank ($n files kept)" || bad "ZeRO-1 shard files missing ($n)"
