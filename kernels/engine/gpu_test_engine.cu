@@ -561,16 +561,22 @@ static void cudnn_test(void) {
         const char *shape = g_smol ? "SmolLM2-shaped 8 layers" : "4 layers", *docs = packed ? "packed documents" : "one document per row";
         snprintf(l1, sizeof l1, "bf16 hybrid %s, %s, native attention", shape, docs);
         snprintf(l2, sizeof l2, "bf16 hybrid %s, %s, cuDNN attention", shape, docs);
+        // The 8-layer case looks for a gross error (the real SmolLM2 hybrid's gradients came out 10-20x too large
+        // with cuDNN), so its tolerances sit above its measured bf16 floor rather than at the 4-layer ones: on the
+        // H100 (e19e914) the hand-written kernels reached 5.2-5.7e-2 per tensor against the CPU at 8 layers (bf16
+        // error grows with depth), cuDNN 5.1-6.2e-2, and the two differed by 1.1e-2 (logits) and 3.1-3.6e-2
+        // (all gradients).
+        const double tg = g_smol ? 8e-2 : BF16_GRAD_TOL, tl = g_smol ? 2e-2 : 1e-2, tx = g_smol ? 5e-2 : 2e-2;
         setenv("DISTILL_ATTN", "native", 1);
-        parity_v(l1, true, false, 520, 1.0f, 0.1f, NULL, DT_BF16, 2e-2, BF16_GRAD_TOL, 5e-3, packed, &nat);
+        parity_v(l1, true, false, 520, 1.0f, 0.1f, NULL, DT_BF16, 2e-2, tg, 5e-3, packed, &nat);
         setenv("DISTILL_ATTN", "cudnn", 1);
-        parity_v(l2, true, false, 520, 1.0f, 0.1f, NULL, DT_BF16, 2e-2, BF16_GRAD_TOL, 5e-3, packed, &cud);
+        parity_v(l2, true, false, 520, 1.0f, 0.1f, NULL, DT_BF16, 2e-2, tg, 5e-3, packed, &cud);
         const double el = relerr(cud.logits, nat.logits, nat.n_logits);
-        check(el <= 1e-2, "%s: cuDNN vs hand-written logits rel err %.3g (tol 1e-2)", l2, el);
+        check(el <= tl, "%s: cuDNN vs hand-written logits rel err %.3g (tol %.0e)", l2, el, tl);
         check(memcmp(cud.logits, nat.logits, (size_t)nat.n_logits * 4) != 0,
               "%s: logits differ in bits from the hand-written kernels' (cuDNN ran, no silent fallback)", l2);
         const double eg = relerr(cud.grads, nat.grads, nat.n_grads);
-        check(eg <= 2e-2, "%s: cuDNN vs hand-written gradients (all tensors) rel err %.3g (tol 2e-2)", l2, eg);
+        check(eg <= tx, "%s: cuDNN vs hand-written gradients (all tensors) rel err %.3g (tol %.0e)", l2, eg, tx);
         free(nat.logits), free(nat.grads), free(cud.logits), free(cud.grads);
     }
     g_smol = false;

@@ -113,6 +113,7 @@ struct SdpaPlan {
     void *aux;        // backward: Dsum [B, H, T] fp32, then (non-deterministic) dQ accumulator [B, H, T, D] fp32
     float *dsum, *dq_acc;
     int32_t *seqlen;  // [B] = T (pad only)
+    size_t aux_bytes, guard;  // DISTILL_SDPA_GUARD: aux is followed by `guard` bytes of 0xA5
     float scale, neg_inf, one;  // by-value scalars (read by cudnnBackendExecute from these addresses)
 };
 
@@ -127,6 +128,7 @@ struct SdpaCudnn {
     size_t ws_bytes;
     void *bias;  // document bias [B, 1, T, T] of the activation dtype
     size_t bias_bytes;
+    size_t ws_guard;  // DISTILL_SDPA_GUARD: the workspace is followed by this many bytes of 0xA5
 };
 
 // ---------------------------------------------------------------- graph building with checked calls
@@ -537,6 +539,7 @@ static SdpaPlan *get_plan(SdpaCudnn *s, int bwd, DType dt, int64_t B, int64_t T,
     const char *force_pad = getenv("DISTILL_SDPA_PAD");
     p->pad = (bwd && T % 128 != 0 && s->version <= 91500) || (force_pad && *force_pad == '1');
     p->offline_ok = 0, p->failed = 0, p->why[0] = 0, p->plan = NULL, p->engine = -1, p->workspace = 0, p->aux = NULL, p->dsum = p->dq_acc = NULL, p->seqlen = NULL;
+    p->aux_bytes = p->guard = 0;
     p->scale = 1.0f / sqrtf((float)D);
     p->neg_inf = s->version < 91000 ? -FLT_MAX : -INFINITY;
     p->one = 1.0f;
@@ -578,12 +581,19 @@ static SdpaPlan *get_plan(SdpaCudnn *s, int bwd, DType dt, int64_t B, int64_t T,
     off_len = (aux + 255) & ~(size_t)255;
     if (p->pad) aux = off_len + (size_t)B * sizeof(int32_t);
     cudaError_t ce = cudaSuccess;
-    if (aux) ce = cudaMalloc(&p->aux, aux);
+    // diagnostic DISTILL_SDPA_GUARD=1: 64 MiB of 0xA5 after the workspace and the plan buffers, checked after every
+    // execution (execute), to catch cuDNN writing past what it asked for
+    const char *gv = getenv("DISTILL_SDPA_GUARD");
+    const size_t guard = gv && *gv == '1' ? (size_t)64 << 20 : 0;
+    p->aux_bytes = aux, p->guard = aux ? guard : 0;
+    if (aux) ce = cudaMalloc(&p->aux, aux + p->guard);
+    if (ce == cudaSuccess && p->guard) ce = cudaMemset((char *)p->aux + aux, 0xA5, p->guard);
     if (ce == cudaSuccess && (size_t)p->workspace > s->ws_bytes) {
         if (s->ws) cudaFree(s->ws);
         s->ws = NULL, s->ws_bytes = 0;
-        ce = cudaMalloc(&s->ws, (size_t)p->workspace);
-        if (ce == cudaSuccess) s->ws_bytes = (size_t)p->workspace;
+        ce = cudaMalloc(&s->ws, (size_t)p->workspace + guard);
+        if (ce == cudaSuccess) s->ws_bytes = (size_t)p->workspace, s->ws_guard = guard;
+        if (ce == cudaSuccess && guard) ce = cudaMemset((char *)s->ws + s->ws_bytes, 0xA5, guard);
     }
     const size_t bias = docs ? (size_t)(B * T * T) * 2 : 0;
     if (ce == cudaSuccess && bias > s->bias_bytes) {
@@ -629,6 +639,19 @@ static int write_bias(SdpaCudnn *s, DType dt, int64_t B, int64_t T, const int32_
     return cudaGetLastError() == cudaSuccess ? 0 : -1;
 }
 
+// DISTILL_SDPA_GUARD: the guard bytes after buf (n of them) must still be 0xA5; one line on stderr if not
+static void guard_check(const char *what, const SdpaPlan *p, const void *buf, size_t n) {
+    if (!n) return;
+    std::vector<unsigned char> h(n);
+    if (cudaMemcpy(h.data(), buf, n, cudaMemcpyDeviceToHost) != cudaSuccess) return;
+    size_t lo = n, hi = 0;
+    for (size_t i = 0; i < n; i++)
+        if (h[i] != 0xA5) lo = i < lo ? i : lo, hi = i;
+    if (lo < n)
+        fprintf(stderr, "sdpa_cudnn %s (B %lld, T %lld, heads %d/%d, hd %d): %s guard overwritten at bytes +%zu..+%zu past its end\n",
+                p->bwd ? "backward" : "forward", (long long)p->B, (long long)p->T, p->H, p->G, p->D, what, lo, hi);
+}
+
 static int execute(SdpaCudnn *s, SdpaPlan *p, int n, const int64_t *uids, void *const *ptrs, dl_stream_t stream, char *err,
                    size_t errlen) {
     const CudnnApi &a = s->api;
@@ -661,6 +684,11 @@ static int execute(SdpaCudnn *s, SdpaPlan *p, int n, const int64_t *uids, void *
         if (st != CUDNN_STATUS_SUCCESS) g_fail(g, st, "cudnnBackendExecute", "execution plan");
     }
     if (!g.bad && sy && *sy == '1') cudaDeviceSynchronize();
+    if (!g.bad && (s->ws_guard || p->guard)) {
+        cudaStreamSynchronize((cudaStream_t)stream);
+        guard_check("workspace", p, (char *)s->ws + s->ws_bytes, s->ws ? s->ws_guard : 0);
+        guard_check("plan buffer (Dsum)", p, (char *)p->aux + p->aux_bytes, p->aux ? p->guard : 0);
+    }
     for (cudnnBackendDescriptor_t d : descs) a.bDestroy(d);
     return g.bad ? -1 : 0;
 }
@@ -751,7 +779,7 @@ extern "C" void sdpa_cudnn_free(SdpaCudnn *s) {
 
 extern "C" SdpaCudnn *sdpa_cudnn_new(int deterministic, char *err, size_t errlen) {
     SdpaCudnn *s = new SdpaCudnn();
-    s->handle = NULL, s->devprop = NULL, s->det = deterministic != 0, s->ws = s->bias = NULL, s->ws_bytes = s->bias_bytes = 0;
+    s->handle = NULL, s->devprop = NULL, s->det = deterministic != 0, s->ws = s->bias = NULL, s->ws_bytes = s->bias_bytes = s->ws_guard = 0;
     if (api_load(&s->api, err, errlen)) {
         delete s;
         return NULL;
@@ -794,7 +822,7 @@ extern "C" SdpaCudnn *sdpa_cudnn_new(int deterministic, char *err, size_t errlen
 
 extern "C" SdpaCudnn *sdpa_cudnn_new_offline(int deterministic, const char *device_json, char *err, size_t errlen) {
     SdpaCudnn *s = new SdpaCudnn();
-    s->handle = NULL, s->devprop = NULL, s->det = deterministic != 0, s->ws = s->bias = NULL, s->ws_bytes = s->bias_bytes = 0;
+    s->handle = NULL, s->devprop = NULL, s->det = deterministic != 0, s->ws = s->bias = NULL, s->ws_bytes = s->bias_bytes = s->ws_guard = 0;
     if (api_load(&s->api, err, errlen)) {
         delete s;
         return NULL;
