@@ -1,10 +1,18 @@
 // gpu_test_mamba2.cu: the device Mamba-2 mixer (mamba2_cuda.h) against its CPU twin (distill/mamba2_cpu.c, fp32,
-// itself checked against float64 finite differences by tests/test_mamba2) on the same bf16-rounded weights and
-// inputs. Per shape: the output (relative error norm <= 2e-2), dx and every weight gradient (<= 5e-2 each; the
-// device adds into buffers pre-filled with 0.25, which the check subtracts), with every output, activation and
-// scratch buffer poisoned (NaN) first. Then: a second run with a different poison gives identical bits (output, dx,
-// gradients); dx without weight gradients, weight gradients without dx, and the norm/out_proj-only early exit give
-// the same bits as the full backward; a forward-only (inference) scratch gives the same output bits.
+// itself checked against float64 finite differences by tests/test_mamba2_cpu) on the same bf16-rounded weights and
+// inputs. Per shape: the output (relative error norm <= 2e-2), dx and every weight gradient (<= 5e-2; the device adds
+// into buffers pre-filled with 0.25, which the check subtracts), with every output, activation and scratch buffer
+// poisoned (NaN) first. Then: a second run with a different poison gives identical bits (output, dx, gradients); dx
+// without weight gradients, weight gradients without dx, and the norm/out_proj-only early exit give the same bits as
+// the full backward; a forward-only (inference) scratch gives the same output bits.
+// Conditioning (docs/MAMBA2_CUDA.md, "Accuracy"): the gated norm's gradient is orthogonal to its input, so d D
+// (sum dy.x), d dt_bias and the dt rows of in_proj (through d delta, which holds dy.x terms) cancel where y ~ c x; bf16
+// storage of the forward activations then moves them by several percent in any bf16 implementation. Those three are
+// checked at 1e-1, and every gradient also passes within 4x its floor: how far the fp32 twin's own gradient moves
+// when the input is perturbed by bf16-sized noise (u (1 + 2^-8 (2U - 1)), one sample; the project's floor rule). At
+// L = 1 (every token a document start, y = c x exactly) those three are zero up to eps: printed, not checked.
+// Weights: test_params_init, with dt_bias over MambaInLlama's init range softplus^-1([1e-3, 1e-1]) = [-6.9, -2.3]
+// across the heads and A_log = log(1 .. 16) (its A range).
 // Shapes: SmolLM2-135M's (d 576, 9 heads of P = N = 64, 3 KV groups: dt rows padded 9 -> 16) with packed documents
 // (resets on consecutive tokens, on a chunk boundary, on the last token) and a long row over 16 chunks; a
 // Llama-3-like head (8 heads of 128, 2 KV groups) with one document per row (no reset tensor) and packed; L = 1;
@@ -166,11 +174,14 @@ static void run_case(const Case *cs, DlGemm *gm) {
         }
         off[k] = r.t[i].offset, numel[k] = r.t[i].numel;
     }
-    // dt_bias spread over softplus^-1 of about 0.02 .. 0.7 (MambaInLlama's init range and above)
+    // dt_bias across MambaInLlama's init range softplus^-1([1e-3, 1e-1]) = [-6.9, -2.3], A_log = log(1 .. 16)
     Rng rg;
     rng_init(&rg, 99, (uint64_t)cs->d);
-    for (int k = 0; k < cs->H; k++)
-        p[off[T_DTB] + k] = bfr((float)(-4.0 + 4.0 * k / (cs->H > 1 ? cs->H - 1 : 1) + 0.1 * rng_normal(&rg)));
+    const double hm = cs->H > 1 ? cs->H - 1 : 1;
+    for (int k = 0; k < cs->H; k++) {
+        p[off[T_DTB] + k] = bfr((float)(-6.9 + 4.6 * k / hm + 0.1 * rng_normal(&rg)));
+        p[off[T_ALOG] + k] = bfr((float)log(1.0 + 15.0 * k / hm));
+    }
     const int64_t B = cs->B, L = cs->L, N = B * L, d = cs->d;
     std::vector<float> u((size_t)(N * d)), dout((size_t)(N * d));
     for (auto &v : u) v = bfr((float)rng_normal(&rg));
@@ -187,6 +198,14 @@ static void run_case(const Case *cs, DlGemm *gm) {
     Mamba2Acts *ca = mamba2_acts_new(&h, B, L);
     mamba2_forward(&h, &r, p, 0, B, L, u.data(), rs_h, out_c.data(), ca);
     mamba2_backward(&h, &r, p, 0, B, L, rs_h, dout.data(), dx_c.data(), gc, ca);
+    // the floor: the twin again on u (1 + 2^-8 (2U - 1)) (bf16-sized noise)
+    std::vector<float> up((size_t)(N * d)), out_f((size_t)(N * d)), dx_f((size_t)(N * d));
+    Rng pr;
+    rng_init(&pr, 7, 7);
+    for (int64_t i = 0; i < N * d; i++) up[i] = u[i] * (1.f + (2.f * rng_uniform(&pr) - 1.f) / 256.f);
+    float *gf = (float *)calloc((size_t)r.numel, 4);
+    mamba2_forward(&h, &r, p, 0, B, L, up.data(), rs_h, out_f.data(), ca);
+    mamba2_backward(&h, &r, p, 0, B, L, rs_h, dout.data(), dx_f.data(), gf, ca);
     mamba2_acts_free(ca);
 
     // device
@@ -225,26 +244,26 @@ static void run_case(const Case *cs, DlGemm *gm) {
     run_dev(&D, gm, 0xFF, 0xFF, true);
     const Bits b1 = grab(&D);
     std::vector<float> o = down_bf16(D.out, N * d), dxv = down_bf16(D.dx, N * d);
+    const bool l1 = L == 1;  // D, dt_bias and the dt rows are zero up to eps (y = c x at a document start)
     const double eo = relerr(o.data(), out_c.data(), N * d), ex = relerr(dxv.data(), dx_c.data(), N * d);
+    const double fx = relerr(dx_f.data(), dx_c.data(), N * d);
     check(eo <= 2e-2, "%s: out rel err %.2e (tol 2e-2)", cs->name, eo);
-    check(ex <= 5e-2, "%s: dx rel err %.2e (tol 5e-2)", cs->name, ex);
-    printf("   out %.2e  dx %.2e", eo, ex);
-    for (int k = 0; k < 8; k++) {
-        std::vector<float> gv((size_t)numel[k]);
-        const float *raw = (const float *)b1.g[k].data();
-        for (int64_t i = 0; i < numel[k]; i++) gv[i] = raw[i] - 0.25f;
-        const double eg = relerr(gv.data(), gc + off[k], numel[k]);
-        check(eg <= 5e-2, "%s: d %s rel err %.2e (tol 5e-2)", cs->name, TNAMES[k], eg);
-        printf("  d%s %.2e", TNAMES[k], eg);
-    }
-    {  // the dt rows of in_proj alone (they go through the padded copy; the whole tensor's norm would hide them)
-        const int64_t r0 = (int64_t)(h.d_inner + 2 * h.d_xb + h.d_inner) * d, n = (int64_t)cs->H * d;
+    check(ex <= 5e-2 || ex <= 4 * fx, "%s: dx rel err %.2e (tol 5e-2, floor %.2e)", cs->name, ex, fx);
+    printf("   rel err (floor): out %.2e  dx %.2e (%.2e)", eo, ex, fx);
+    const int64_t r0 = (int64_t)(h.d_inner + 2 * h.d_xb + h.d_inner) * d;  // first dt row of in_proj
+    for (int k = 0; k <= 8; k++) {  // k = 8: the dt rows of in_proj alone (the whole tensor's norm would hide them)
+        const int kk = k < 8 ? k : T_IN;
+        const int64_t o0 = k < 8 ? 0 : r0, n = k < 8 ? numel[k] : (int64_t)cs->H * d;
         std::vector<float> gv((size_t)n);
-        const float *raw = (const float *)b1.g[T_IN].data() + r0;
+        const float *raw = (const float *)b1.g[kk].data() + o0;
         for (int64_t i = 0; i < n; i++) gv[i] = raw[i] - 0.25f;
-        const double eg = relerr(gv.data(), gc + off[T_IN] + r0, n);
-        check(eg <= 5e-2, "%s: d in_proj dt rows rel err %.2e (tol 5e-2)", cs->name, eg);
-        printf("  (dt rows %.2e)", eg);
+        const double eg = relerr(gv.data(), gc + off[kk] + o0, n), fl = relerr(gf + off[kk] + o0, gc + off[kk] + o0, n);
+        const bool cancels = k == 8 || k == T_D || k == T_DTB;
+        const double tol = cancels ? 1e-1 : 5e-2;
+        const char *nm = k < 8 ? TNAMES[k] : "in_proj dt rows";
+        printf("  d%s %.2e (%.2e)%s", nm, eg, fl, l1 && cancels ? " [not checked]" : "");
+        if (!(l1 && cancels))
+            check(eg <= tol || eg <= 4 * fl, "%s: d %s rel err %.2e (tol %.0e, floor %.2e)", cs->name, nm, eg, tol, fl);
     }
     printf("\n");
 
@@ -309,6 +328,7 @@ static void run_case(const Case *cs, DlGemm *gm) {
     for (int k = 0; k < 8; k++) cudaFree(D.g[k]);
     cudaFree(D.u), cudaFree(D.dout), cudaFree(D.out), cudaFree(D.dx), cudaFree(D.reset), cudaFree(D.arena);
     free(gc);
+    free(gf);
     free(p);
     reg_free(&r);
 }
