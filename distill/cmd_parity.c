@@ -178,6 +178,9 @@ static int fd_check(const Args *a, const Student *st, const LoadedModel *src, co
     Args a1 = *a;
     Side d = side_new(&a1, TM_CPU, st, src, p, src->params);
     int bad = 0;
+    // The loss is fp32 arithmetic summed in double: a change below ~1e-6 of it is rounding, so a kind whose largest
+    // step moves the loss less than that (2 * 1e-2 * |g| < 1e-6 |L|) cannot be judged by differences.
+    const double L0 = fabs(side_step(a, &d, tok, tgt, roww, false).loss);
     printf("\nfinite differences of the CPU loss along each kind's gradient (eps on a unit direction):\n");
     enum { NE = 4 };
     const double eps[NE] = {1e-2, 2e-3, 5e-4, 1e-4};
@@ -204,10 +207,11 @@ static int fd_check(const Args *a, const Student *st, const LoadedModel *src, co
             best = fmin(best, fabs(fdv[q] - gn) / gn);
         }
         // a step too large meets curvature, one too small fp32 rounding: one of them must agree
-        bool ok = best < 5e-2;
+        const bool resolved = 2 * eps[0] * gn >= 1e-6 * L0;
+        bool ok = best < 5e-2 || !resolved;
         bad += !ok;
         printf("  %-40s %11.5g %11.5g %11.5g %11.5g %11.5g %9.2e%s\n", k[ki].name, gn, fdv[0], fdv[1], fdv[2], fdv[3], best,
-               ok ? "" : "  <-- differs");
+               !resolved ? "  (below fp32 resolution: not judged)" : ok ? "" : "  <-- differs");
         fflush(stdout);
     }
     side_free(&d);
@@ -311,10 +315,10 @@ static int run_parity(int argc, char **argv) {
         }
     }
     printf("parity: %s, %d layers (%d attention), %lld of %lld parameters trained (%s), batch %lld x %lld, "
-           "loss %.3g CE + %.3g KL%s, CUDA in %s\n",
+           "loss %.3g CE + %.3g KL%s, %s\n",
            src.source, st.h.base.n_layer, hybrid_n_attn(&st.h), (long long)reg_trainable_numel(&st.r),
            (long long)st.r.numel, a.train, (long long)a.B, (long long)a.T, a.ce, a.kl, roww ? ", row-weighted" : "",
-           a.fp32 ? "fp32" : "bf16");
+           a.cpu_only ? "CPU only" : vs_cpu ? "against the CPU on bf16-rounded weights" : a.fp32 ? "CUDA in fp32" : "CUDA in bf16");
 
     // 1. one step on the CPU (the reference), then on CUDA
     float *pc = dl_malloc((size_t)st.r.numel * sizeof(float));
