@@ -40,6 +40,7 @@ typedef struct {
     double outlier_factor; // skip if norm > factor * running median; <= 0 disables
     int outlier_window;    // number of recent accepted norms kept (<= OPTIM_MAX_WINDOW)
     int outlier_warmup;    // accepted steps before the outlier test is armed
+    bool moments_bf16;     // CUDA: AdamW m, v stored in bf16 with stochastic rounding (the CPU step keeps fp32)
 } OptimConfig;
 
 #define OPTIM_MAX_WINDOW 256

@@ -222,7 +222,7 @@ int plan_stage(const Recipe *r, const StageSpec *st, int step, StagePlan *p, DlE
         m->weights = 2 * P / (Z >= 3 ? G : 1);
         m->master = 4 * Pt / (Z >= 1 ? G : 1) + 4 * Pf;
         m->grads = 4 * Pt / (Z >= 2 ? G : 1);
-        m->optim = 8 * Pt / (Z >= 1 ? G : 1);
+        m->optim = (o->moments == MOMENTS_BF16 ? 4 : 8) * Pt / (Z >= 1 ? G : 1);
         // a teacher used inside training is sharded like the student under ZeRO-3
         if (needs_teacher_online(st)) m->frozen_model = 2 * PT / (Z >= 3 ? G : 1);
         // DPO's reference: a frozen student-shaped engine (its master holds the fp32-read tensors only)

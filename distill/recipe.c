@@ -30,6 +30,7 @@ static const char *const INIT_CHOICES[] = {"attention", "random", NULL};
 static const char *const EXPORT_CHOICES[] = {"hf", NULL};
 static const char *const DTYPE_CHOICES[] = {"bf16", "f16", "f32", NULL};
 static const char *const RECOMPUTE_CHOICES[] = {"none", "mlp", "full", NULL};
+static const char *const MOMENTS_CHOICES[] = {"fp32", "bf16", NULL};
 
 // ================================================================================================ fields
 
@@ -109,6 +110,8 @@ static const Field OPTIM_FIELDS[] = {
     FLD(OptimSpec, "clip", F_FLOAT, clip, 0, 1e6, "global gradient-norm clip (0: off)"),
     FLD(OptimSpec, "micro_batch", F_I32, micro_batch, 1, 1 << 20, "sequences per forward/backward per GPU"),
     FLD(OptimSpec, "grad_accum", F_I32, grad_accum, 1, 1 << 20, "micro-batches per optimizer step"),
+    {"moments", F_ENUM, offsetof(OptimSpec, moments), 0, 0, 0, false, MOMENTS_CHOICES, K_ALL,
+     "AdamW m and v: fp32, or bf16 with stochastic rounding (half the memory; device = \"cuda\" only)"},
 };
 
 static const Field HARDWARE_FIELDS[] = {
@@ -1152,6 +1155,15 @@ static void check_misc(Ctx *c) {
               "or use --dry-run to see the plan)");
 #endif
     const TomlValue *ot = toml_get(r->doc, "optimizer");
+    if (r->run.device != DEVICE_CUDA)  // the CPU optimizer keeps fp32 moments
+        for (int i = 0; i < r->n_stages; i++)
+            if (r->stages[i].opt.moments == MOMENTS_BF16 && stage_kind_trains(r->stages[i].kind)) {
+                const TomlValue *so = stage_val(r, &r->stages[i], "optimizer");
+                const TomlValue *pos = toml_get(so, "moments") ? toml_get(so, "moments") : toml_get(ot, "moments");
+                err_v(c, pos, "optimizer.moments = \"bf16\" (stage '%s') needs run.device = \"cuda\": the CPU optimizer keeps "
+                      "fp32 moments", r->stages[i].name ? r->stages[i].name : KIND_NAMES[r->stages[i].kind]);
+                break;
+            }
     if (toml_get(ot, "warmup_steps") && toml_get(ot, "warmup_ratio"))
         err_v(c, toml_get(ot, "warmup_ratio"), "[optimizer]: give warmup_steps or warmup_ratio, not both");
     if (r->tokenizer.path) check_path(c, toml_get(toml_get(r->doc, "tokenizer"), "path"), "tokenizer.path", r->tokenizer.path);

@@ -37,6 +37,7 @@ enum { INIT_ATTENTION = 0, INIT_RANDOM };
 enum { EXPORT_HF = 0 };
 enum { EXPORT_BF16 = 0, EXPORT_F16, EXPORT_F32 };
 enum { RECOMPUTE_NONE = 0, RECOMPUTE_MLP, RECOMPUTE_FULL };
+enum { MOMENTS_FP32 = 0, MOMENTS_BF16 };
 
 const char *stage_kind_name(StageKind k);
 // true for kinds that train (layerwise, distill, sft, dpo)
@@ -82,6 +83,7 @@ typedef struct {
     double clip;           // global gradient-norm clip (0 = off)
     int micro_batch;       // sequences per forward/backward per GPU
     int grad_accum;        // micro-batches per optimizer step
+    int moments;           // MOMENTS_*: AdamW m, v in fp32, or bf16 with stochastic rounding (CUDA only)
 } OptimSpec;
 
 typedef struct {

@@ -189,7 +189,7 @@ static int cuda_optim(TrainModel *m, Optim *o, DlError *e) {
     if (m->opt && m->opt_host == o) return 0;
     engine_cuda_optim_free(m->opt);
     m->opt_host = o;
-    if (!(m->opt = engine_cuda_optim_attach(m->cu, o, DT_F32, e))) return -1;
+    if (!(m->opt = engine_cuda_optim_attach(m->cu, o, o->cfg.moments_bf16 ? DT_BF16 : DT_F32, e))) return -1;
     return 0;
 }
 #endif

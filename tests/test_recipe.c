@@ -570,6 +570,43 @@ static void test_shipped_recipes(void) {
     CHECK(n >= 6);
 }
 
+// optimizer.moments: fp32 by default, bf16 on CUDA (per stage too), refused on the CPU naming the key; the
+// --dry-run plan counts 4 instead of 8 bytes of AdamW state per trained parameter.
+static void test_moments(void) {
+    Recipe r;
+    RecipeErrors errs;
+    CHECK(load(GOOD_STAGES, NULL, 0, false, &r, &errs) == 0);
+    CHECK(r.n_stages == 2 && r.stages[1].opt.moments == MOMENTS_FP32);
+    recipe_errors_free(&errs);
+    recipe_free(&r);
+    EXPECT_ERR("[optimizer]\n"            // 9
+               "moments = \"bf16\"\n"   // 10
+               GOOD_STAGES,
+               10, 11, "optimizer.moments = \"bf16\" (stage 'layerwise') needs run.device = \"cuda\"");
+    EXPECT_ERR("[optimizer]\n"            // 9
+               "moments = \"fp16\"\n"   // 10
+               GOOD_STAGES,
+               10, 11, "moments");
+    const char *cuda[] = {"run.device=cuda"};
+    double optim[2] = {0, 0};
+    for (int k = 0; k < 2; k++) {
+        const char *tail = k ? GOOD_STAGES "[stage.optimizer]\nmoments = \"bf16\"\n" : GOOD_STAGES;
+        int rc = load(tail, cuda, 1, true, &r, &errs);
+        CHECK(rc == 0);
+        for (int i = 0; i < errs.n; i++) fprintf(stderr, "  %s\n", errs.msg[i]);
+        if (rc == 0) {
+            CHECK(r.stages[1].opt.moments == (k ? MOMENTS_BF16 : MOMENTS_FP32));
+            StagePlan p;
+            DlError e;
+            if (plan_stage(&r, &r.stages[1], 0, &p, &e) == 0) optim[k] = p.mem.optim;
+            else fprintf(stderr, "  plan: %s\n", e.msg);
+        }
+        recipe_errors_free(&errs);
+        recipe_free(&r);
+    }
+    CHECK(optim[0] > 0 && optim[1] == optim[0] / 2);
+}
+
 int main(void) {
     setup();
     test_good_and_defaults();
@@ -579,6 +616,7 @@ int main(void) {
     test_set();
     test_fractions();
     test_plan();
+    test_moments();
     test_shipped_recipes();
     teardown();
     return check_report("test_recipe");
