@@ -1154,6 +1154,17 @@ static void check_misc(Ctx *c) {
         err_v(c, toml_get(run, "device"), "run.device = \"cuda\" but this build has no CUDA (rebuild where nvcc is installed, "
               "or use --dry-run to see the plan)");
 #endif
+    // the CUDA engine has attention and Mamba-1 layers (the device Mamba-2 mixer, kernels/engine/mamba2_cuda.h, is
+    // not in it yet): say so before any stage runs, not after the generate stage has spent its GPU time
+    if (r->run.device == DEVICE_CUDA && r->hybrid.mixer == 1)  // MIXER_CHOICES[1] = "mamba2"
+        for (int i = 0; i < r->n_stages; i++)
+            if (stage_kind_trains(r->stages[i].kind) || r->stages[i].kind == STAGE_EVAL) {
+                err_v(c, toml_get(toml_get(r->doc, "hybrid"), "mixer"),
+                      "hybrid.mixer = \"mamba2\" cannot run on run.device = \"cuda\" yet (the CUDA engine has attention "
+                      "and Mamba-1 layers; stage '%s' would fail): use device = \"cpu\" or mixer = \"mamba1\"",
+                      r->stages[i].name ? r->stages[i].name : KIND_NAMES[r->stages[i].kind]);
+                break;
+            }
     const TomlValue *ot = toml_get(r->doc, "optimizer");
     if (r->run.device != DEVICE_CUDA)  // the CPU optimizer keeps fp32 moments
         for (int i = 0; i < r->n_stages; i++)

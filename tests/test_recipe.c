@@ -607,6 +607,22 @@ static void test_moments(void) {
     CHECK(optim[0] > 0 && optim[1] == optim[0] / 2);
 }
 
+// A Mamba-2 hybrid on CUDA is refused up front (the CUDA engine has Mamba-1 only), naming hybrid.mixer; on the
+// CPU it is fine.
+static void test_mamba2_device(void) {
+    const char *cuda[] = {"run.device=cuda"};
+    CHECK(expect_err_("[hybrid]\n"                // 9
+                      "mixer = \"mamba2\"\n"    // 10
+                      GOOD_STAGES,
+                      cuda, 1, 10, 9, "hybrid.mixer = \"mamba2\" cannot run on run.device = \"cuda\"", __LINE__));
+    Recipe r;
+    RecipeErrors errs;
+    CHECK(load("[hybrid]\nmixer = \"mamba2\"\n" GOOD_STAGES, NULL, 0, false, &r, &errs) == 0);
+    for (int i = 0; i < errs.n; i++) fprintf(stderr, "  %s\n", errs.msg[i]);
+    recipe_errors_free(&errs);
+    recipe_free(&r);
+}
+
 int main(void) {
     setup();
     test_good_and_defaults();
@@ -617,6 +633,7 @@ int main(void) {
     test_fractions();
     test_plan();
     test_moments();
+    test_mamba2_device();
     test_shipped_recipes();
     teardown();
     return check_report("test_recipe");
