@@ -215,16 +215,6 @@ void add_f32(float *y, const float *x, int64_t n, cudaStream_t st) {
     kernelCheck("mamba2 add");
 }
 
-int fail(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
-
 int add_buf(Mamba2CudaBuf *o, int n, const char *name, void **slot, size_t bytes) {
     o[n].name = name, o[n].slot = slot, o[n].bytes = bytes;
     return n + 1;
@@ -268,22 +258,22 @@ extern "C" int mamba2_cuda_shape(const HybridConfig *h, int64_t B, int64_t L, Ma
                                  size_t errlen) {
     const LlamaConfig *c = &h->base;
     const int64_t H = c->n_head, P = c->head_dim, kv = c->n_kv_head;
-    if (B < 1 || L < 1) return fail(err, errlen, "mamba2_cuda: batch %lld x seqlen %lld must be positive", (long long)B, (long long)L);
+    if (B < 1 || L < 1) return train_fail(err, errlen, "mamba2_cuda: batch %lld x seqlen %lld must be positive", (long long)B, (long long)L);
     if (B * L > 0x7fffffff)
-        return fail(err, errlen, "mamba2_cuda: %lld tokens in one call; at most 2^31 - 1 (GEMM dimensions)", (long long)(B * L));
+        return train_fail(err, errlen, "mamba2_cuda: %lld tokens in one call; at most 2^31 - 1 (GEMM dimensions)", (long long)(B * L));
     if (h->d_state != P)
-        return fail(err, errlen, "mamba2_cuda: d_state %d must equal head_dim %lld (MambaInLlama's Mamba-2)", h->d_state, (long long)P);
+        return train_fail(err, errlen, "mamba2_cuda: d_state %d must equal head_dim %lld (MambaInLlama's Mamba-2)", h->d_state, (long long)P);
     if (P < 16 || P > 128 || P % 16)
-        return fail(err, errlen, "mamba2_cuda: head_dim = d_state %lld; the SSD kernels take multiples of 16 in [16, 128]",
+        return train_fail(err, errlen, "mamba2_cuda: head_dim = d_state %lld; the SSD kernels take multiples of 16 in [16, 128]",
                     (long long)P);
     if (kv < 1 || H < 1 || H % kv)
-        return fail(err, errlen, "mamba2_cuda: n_head %lld is not a multiple of n_kv_head %lld", (long long)H, (long long)kv);
+        return train_fail(err, errlen, "mamba2_cuda: n_head %lld is not a multiple of n_kv_head %lld", (long long)H, (long long)kv);
     if (h->d_inner != H * P || h->d_xb != kv * P)
-        return fail(err, errlen, "mamba2_cuda: d_inner %d / d_xb %d must be n_head*head_dim %lld / n_kv_head*head_dim %lld",
+        return train_fail(err, errlen, "mamba2_cuda: d_inner %d / d_xb %d must be n_head*head_dim %lld / n_kv_head*head_dim %lld",
                     h->d_inner, h->d_xb, (long long)(H * P), (long long)(kv * P));
     if (c->d_model < 8 || c->d_model % 8)
-        return fail(err, errlen, "mamba2_cuda: d_model %d must be a multiple of 8 (cuBLASLt needs 16-byte rows)", c->d_model);
-    if (h->d_conv < 1 || h->d_conv > 4) return fail(err, errlen, "mamba2_cuda: d_conv %d; the conv kernel takes 1..4", h->d_conv);
+        return train_fail(err, errlen, "mamba2_cuda: d_model %d must be a multiple of 8 (cuBLASLt needs 16-byte rows)", c->d_model);
+    if (h->d_conv < 1 || h->d_conv > 4) return train_fail(err, errlen, "mamba2_cuda: d_conv %d; the conv kernel takes 1..4", h->d_conv);
     s->B = B, s->L = L, s->d = c->d_model, s->H = H, s->P = P, s->kv = kv, s->W = h->d_conv, s->eps = (float)c->rms_eps;
     return 0;
 }
@@ -344,9 +334,9 @@ extern "C" int mamba2_cuda_fwd(DlGemm *g, const Mamba2CudaShape *s, const Mamba2
     const Dims m = dims_of(s);
     cudaStream_t st = (cudaStream_t)stream;
     if (!w->in_proj || !w->conv_w || !w->conv_b || !w->dt_bias || !w->A_log || !w->D || !w->norm_w || !w->out_proj)
-        return fail(err, errlen, "mamba2_cuda_fwd: a weight pointer is NULL");
+        return train_fail(err, errlen, "mamba2_cuda_fwd: a weight pointer is NULL");
     if (!u || !out || !a->z || !a->xraw || !a->dt || !a->y || !a->rstd || !scratch_ok(ws, false))
-        return fail(err, errlen, "mamba2_cuda_fwd: input, output, activation or scratch buffer missing");
+        return train_fail(err, errlen, "mamba2_cuda_fwd: input, output, activation or scratch buffer missing");
     const bf16 *Win = (const bf16 *)w->in_proj;
     // in_proj: z [N, di], xBC [N, xbc] straight from their row blocks; dt [N, H] through the padded rows
     CALL(dl_linear_fwd(g, DT_BF16, a->z, u, Win, NULL, m.N, m.d, m.di, 0, stream, err, errlen));
@@ -382,9 +372,9 @@ extern "C" int mamba2_cuda_bwd(DlGemm *g, const Mamba2CudaShape *s, const Mamba2
     const bool below = dx || gr->in_proj || gr->conv_w || gr->conv_b || gr->dt_bias || gr->A_log || gr->D;
     if (!below && !gr->norm_w && !gr->out_proj) return 0;
     if (!w->in_proj || !w->conv_w || !w->conv_b || !w->dt_bias || !w->A_log || !w->D || !w->norm_w || !w->out_proj)
-        return fail(err, errlen, "mamba2_cuda_bwd: a weight pointer is NULL");
+        return train_fail(err, errlen, "mamba2_cuda_bwd: a weight pointer is NULL");
     if (!u || !dout || !a->z || !a->xraw || !a->dt || !a->y || !a->rstd || !scratch_ok(ws, true))
-        return fail(err, errlen, "mamba2_cuda_bwd: input, activation or scratch buffer missing (scratch needs train = 1)");
+        return train_fail(err, errlen, "mamba2_cuda_bwd: input, activation or scratch buffer missing (scratch needs train = 1)");
     const int64_t N = m.N, di = m.di, d = m.d;
     void *yn = ws->heads, *dyn = ws->dheads;  // slice 0 of each, free until the SSD's recomputation / backward
     // out_proj: dyn = dout W_out; dW_out += dout^T yn (yn recomputed: the forward's bits)
