@@ -170,13 +170,32 @@ static LossParts side_step(const Args *a, Side *d, const int32_t *tok, const int
     return p;
 }
 
+static void round_bf16(float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
+}
+
+// A copy of x [n], rounded to bf16 when round (as the CUDA engine's compute copy is).
+static float *params_copy(const float *x, int64_t n, bool round) {
+    float *y = dl_malloc((size_t)n * sizeof(float));
+    memcpy(y, x, (size_t)n * sizeof(float));
+    if (round) round_bf16(y, n);
+    return y;
+}
+
+// |x - ref| / |ref| of one number (the loss)
+static double rel1(double x, double ref) { return fabs(x - ref) / fmax(fabs(ref), 1e-30); }
+
+static double relerr(const float *x, const float *ref, int64_t n) {
+    double d2 = 0, r2 = 0;
+    for (int64_t i = 0; i < n; i++) d2 += ((double)x[i] - ref[i]) * ((double)x[i] - ref[i]), r2 += (double)ref[i] * ref[i];
+    return r2 > 0 ? sqrt(d2 / r2) : sqrt(d2);
+}
+
 // Central differences of the CPU loss along u = (the gradient restricted to each kind) / its norm.
 static int fd_check(const Args *a, const Student *st, const LoadedModel *src, const int32_t *tok, const int32_t *tgt,
                     const float *roww, const float *g, Kind *k, int nk) {
-    float *p = dl_malloc((size_t)st->r.numel * sizeof(float));
-    memcpy(p, st->params, (size_t)st->r.numel * sizeof(float));
-    Args a1 = *a;
-    Side d = side_new(&a1, TM_CPU, st, src, p, src->params);
+    float *p = params_copy(st->params, st->r.numel, false);
+    Side d = side_new(a, TM_CPU, st, src, p, src->params);
     int bad = 0;
     // The loss is fp32 arithmetic summed in double: a change below ~1e-6 of it is rounding, so a kind whose largest
     // step moves the loss less than that (2 * 1e-2 * |g| < 1e-6 |L|) cannot be judged by differences.
@@ -219,29 +238,12 @@ static int fd_check(const Args *a, const Student *st, const LoadedModel *src, co
     return bad;
 }
 
-static float *copy_bf16(const float *x, int64_t n) {
-    float *y = dl_malloc((size_t)n * sizeof(float));
-    for (int64_t i = 0; i < n; i++) y[i] = bf16_to_f32(f32_to_bf16(x[i]));
-    return y;
-}
-
-static void round_bf16(float *x, int64_t n) {
-    for (int64_t i = 0; i < n; i++) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
-}
-
-static double relerr(const float *x, const float *ref, int64_t n) {
-    double d2 = 0, r2 = 0;
-    for (int64_t i = 0; i < n; i++) d2 += ((double)x[i] - ref[i]) * ((double)x[i] - ref[i]), r2 += (double)ref[i] * ref[i];
-    return r2 > 0 ? sqrt(d2 / r2) : sqrt(d2);
-}
-
 // One forward/loss/backward of a fresh student (and teacher) on dev, with the weights as given or rounded to
 // bf16; the gradient into g (host, registry layout) and rows [0, nrow) of logits into x.
 static LossParts grads_once(const Args *a, TmDevice dev, bool round, const Student *st, const LoadedModel *src,
                             const int32_t *tok, const int32_t *tgt, const float *roww, float *g, float *x, int64_t nrow) {
-    float *p = round ? copy_bf16(st->params, st->r.numel) : dl_malloc((size_t)st->r.numel * sizeof(float));
-    if (!round) memcpy(p, st->params, (size_t)st->r.numel * sizeof(float));
-    float *tp = round ? copy_bf16(src->params, src->reg.numel) : src->params;
+    float *p = params_copy(st->params, st->r.numel, round);
+    float *tp = round ? params_copy(src->params, src->reg.numel, true) : src->params;
     Side d = side_new(a, dev, st, src, p, tp);
     LossParts l = side_step(a, &d, tok, tgt, roww, true);
     tm_grads_to_host(d.s, d.grads, g);
@@ -299,7 +301,7 @@ static int run_parity(int argc, char **argv) {
     make_student(&a, &src, &st);
     if (a.round) round_bf16(src.params, src.reg.numel), round_bf16(st.params, st.r.numel);
     // the second side's weights: as given, or (cpu-bf16) rounded to bf16 as the CUDA engine's compute copy is
-    float *tp2 = vs_cpu ? copy_bf16(src.params, src.reg.numel) : src.params;
+    float *tp2 = vs_cpu ? params_copy(src.params, src.reg.numel, true) : src.params;
     const int64_t V = st.h.base.vocab, N = a.B * a.T;
     int32_t *tok = dl_malloc((size_t)N * sizeof(int32_t)), *tgt = dl_malloc((size_t)N * sizeof(int32_t));
     make_batch(&a, V, tok, tgt);
@@ -321,8 +323,7 @@ static int run_parity(int argc, char **argv) {
            a.cpu_only ? "CPU only" : vs_cpu ? "against the CPU on bf16-rounded weights" : a.fp32 ? "CUDA in fp32" : "CUDA in bf16");
 
     // 1. one step on the CPU (the reference), then on CUDA
-    float *pc = dl_malloc((size_t)st.r.numel * sizeof(float));
-    memcpy(pc, st.params, (size_t)st.r.numel * sizeof(float));
+    float *pc = params_copy(st.params, st.r.numel, false);
     Side cpu = side_new(&a, TM_CPU, &st, &src, pc, src.params);
     double t0 = dl_now();
     LossParts lc = side_step(&a, &cpu, tok, tgt, roww, true);
@@ -340,7 +341,7 @@ static int run_parity(int argc, char **argv) {
         lg = grads_once(&a, dev2, vs_cpu, &st, &src, tok, tgt, roww, gg, xg, nrow);
         printf("%s: loss %.6f (ce %.6f kl %.6f), %.2f s\n", name2, lg.loss, lg.ce, lg.kl, dl_now() - t0);
         have2 = true;
-        double dl = fabs(lg.loss - lc.loss) / fmax(fabs(lc.loss), 1e-30), dx = relerr(xg, xc, nrow * V);
+        double dl = rel1(lg.loss, lc.loss), dx = relerr(xg, xc, nrow * V);
         printf("loss rel err %.2e (tol %.0e); logits of rows 0..%lld rel err %.2e\n", dl, a.tol_loss, (long long)nrow - 1, dx);
         bad += dl > a.tol_loss;
     }
@@ -351,7 +352,7 @@ static int run_parity(int argc, char **argv) {
         float *xf = dl_malloc((size_t)(nrow * V) * sizeof(float));
         LossParts lf = grads_once(&a, TM_CPU, true, &st, &src, tok, tgt, roww, gf, xf, nrow);
         printf("floor (cpu on bf16-rounded weights): loss %.6f, loss rel err %.2e, logits rel err %.2e\n", lf.loss,
-               fabs(lf.loss - lc.loss) / fmax(fabs(lc.loss), 1e-30), relerr(xf, xc, nrow * V));
+               rel1(lf.loss, lc.loss), relerr(xf, xc, nrow * V));
         free(xf);
     }
 
@@ -407,8 +408,7 @@ static int run_parity(int argc, char **argv) {
         Side cu = {0};
         if (have2) {
             if (optim_init(&oc_cu, &oc, &st.r, &e)) dl_die(DL_EXIT_USAGE, "parity: %s", e.msg);
-            pg = vs_cpu ? copy_bf16(st.params, st.r.numel) : dl_malloc((size_t)st.r.numel * sizeof(float));
-            if (!vs_cpu) memcpy(pg, st.params, (size_t)st.r.numel * sizeof(float));
+            pg = params_copy(st.params, st.r.numel, vs_cpu);
             cu = side_new(&a, dev2, &st, &src, pg, tp2);
         }
         memcpy(pc, st.params, (size_t)st.r.numel * sizeof(float));
