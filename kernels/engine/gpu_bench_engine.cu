@@ -34,30 +34,12 @@ extern "C" {
 #include "distill/recipe.h"
 #include "distill/rng.h"
 }
+#include "kernels/engine/gpu_bench_weights.cuh"
 
 static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static void fill_random(const Registry *r, float *p, uint64_t seed) {
-    for (int i = 0; i < r->n; i++) {
-        uint64_t x64 = seed * 0x9E3779B97F4A7C15ull + (uint64_t)i * 0xBF58476D1CE4E5B9ull + 1;
-        const TensorInfo *t = &r->t[i];
-        float *x = p + t->offset;
-        const double sd = t->ndim >= 2 ? 1.0 / sqrt((double)t->shape[t->ndim - 1]) : 0.0;
-        const bool alog = strstr(t->name, "A_log"), dtb = strstr(t->name, "dt_proj.bias"), conv = strstr(t->name, "conv1d");
-        for (int64_t j = 0; j < t->numel; j++) {
-            if (alog) x[j] = logf(1.0f + (float)(j % t->shape[t->ndim - 1]));
-            else if (dtb) x[j] = -4.0f;
-            else if (t->ndim == 1 || conv) x[j] = conv ? 0.25f : 1.0f;
-            else {
-                x64 ^= x64 << 13, x64 ^= x64 >> 7, x64 ^= x64 << 17;
-                x[j] = (float)(sd * (2.0 * ((x64 >> 11) * 0x1.0p-53) - 1.0) * 1.7320508);  // uniform, std sd
-            }
-        }
-    }
 }
 
 // Forward FLOPs per token of a model (see the header).
@@ -240,7 +222,7 @@ int main(int argc, char **argv) {
     cudaMemGetInfo(&free0, &tot);
     // ---- engines (the host parameter buffers are freed after upload)
     float *ph = (float *)malloc((size_t)DL_MAX(rs.numel, rt.numel) * 4);
-    fill_random(&rt, ph, 1);
+    bench_fill_random(&rt, ph, 1);
     int lowest = 0;  // the student's first Mamba layer
     while (lowest < c.n_layer && hs.mixer[lowest] != MIXER_MAMBA1) lowest++;
     float *pt = NULL;  // --share-prefix: the teacher's weights, for the student's frozen prefix
@@ -256,7 +238,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "teacher: %s\n", e.msg);
         return 1;
     }
-    fill_random(&rs, ph, 2);
+    bench_fill_random(&rs, ph, 2);
     for (int i = 0; share && i < rs.n; i++) {  // by name: layers below `lowest` and the non-layer tensors (as stage 1 inits)
         const TensorInfo *t = &rs.t[i];
         const int j = reg_find(&rt, t->name);
