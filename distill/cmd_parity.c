@@ -170,15 +170,11 @@ static LossParts side_step(const Args *a, Side *d, const int32_t *tok, const int
     return p;
 }
 
-static void round_bf16(float *x, int64_t n) {
-    for (int64_t i = 0; i < n; i++) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
-}
-
 // A copy of x [n], rounded to bf16 when round (as the CUDA engine's compute copy is).
 static float *params_copy(const float *x, int64_t n, bool round) {
     float *y = dl_malloc((size_t)n * sizeof(float));
     memcpy(y, x, (size_t)n * sizeof(float));
-    if (round) round_bf16(y, n);
+    if (round) bf16_round_array(y, n);
     return y;
 }
 
@@ -299,7 +295,7 @@ static int run_parity(int argc, char **argv) {
     if (model_load(a.model, a.seed, &src, &e)) dl_die(DL_EXIT_INPUT, "parity: %s", e.msg);
     Student st;
     make_student(&a, &src, &st);
-    if (a.round) round_bf16(src.params, src.reg.numel), round_bf16(st.params, st.r.numel);
+    if (a.round) bf16_round_array(src.params, src.reg.numel), bf16_round_array(st.params, st.r.numel);
     // the second side's weights: as given, or (cpu-bf16) rounded to bf16 as the CUDA engine's compute copy is
     float *tp2 = vs_cpu ? params_copy(src.params, src.reg.numel, true) : src.params;
     const int64_t V = st.h.base.vocab, N = a.B * a.T;

@@ -51,6 +51,8 @@ float f16_to_f32(uint16_t h);
 uint16_t f32_to_f16(float f);
 float bf16_to_f32(uint16_t b);
 uint16_t f32_to_bf16(float f);
+// x[i] <- x[i] rounded to bf16 (and back to fp32), for i < n: what a bf16 copy of fp32 weights holds.
+void bf16_round_array(float *x, int64_t n);
 
 #ifdef __cplusplus
 }

@@ -51,9 +51,6 @@ static void die_if(bool bad, const DlError *e, const char *what) {
 
 // Random weights: matrices N(0, 0.02^2 * 64/in-ish), norms 1 + noise, Mamba specifics in their usual ranges.
 static void init_params(const Registry *r, float *p, uint64_t seed) { test_params_init(r, p, seed, 7, false); }
-static void round_bf16(float *p, int64_t n) {
-    for (int64_t i = 0; i < n; i++) p[i] = bf16_to_f32(f32_to_bf16(p[i]));
-}
 
 typedef struct {
     LlamaConfig c;
@@ -126,8 +123,8 @@ static void parity_v(const char *label, bool hybrid, bool tied, int vocab, float
     model_make_v(&m, hybrid, tied, vocab, 42);
     printf("   (%d layers, d %d, heads %d/%d, T %d)\n", m.c.n_layer, m.c.d_model, m.c.n_head, m.c.n_kv_head, g_smol ? 256 : 160);
     if (dt == DT_BF16) {
-        round_bf16(m.p, m.r.numel);
-        round_bf16(m.pt, m.rt.numel);
+        bf16_round_array(m.p, m.r.numel);
+        bf16_round_array(m.pt, m.rt.numel);
     }
     const int64_t B = 2, T = g_smol ? 256 : 160, N = B * T, V = m.c.vocab;
     int32_t *tok = (int32_t *)malloc(N * 4), *tgt = (int32_t *)malloc(N * 4);
@@ -278,8 +275,8 @@ static void train_test(void) {
     printf("-- 20 stage-1 steps (Mamba mixers trained), CUDA bf16 vs CPU fp32 (DISTILL_ATTN=%s)\n", attn && *attn ? attn : "default");
     Model m;
     model_make(&m, true, false, 77);
-    round_bf16(m.p, m.r.numel);
-    round_bf16(m.pt, m.rt.numel);
+    bf16_round_array(m.p, m.r.numel);
+    bf16_round_array(m.pt, m.rt.numel);
     DlError e;
     die_if(reg_set_trainable(&m.r, "*.mamba.*", &e) < 0, &e, "trainable");
     OptimConfig oc;
@@ -344,8 +341,8 @@ static void layout_test(void) {
     printf("-- compact master / gradients (trainable: MLPs + in_proj_x)\n");
     Model m;
     model_make(&m, true, false, 11);
-    round_bf16(m.p, m.r.numel);
-    round_bf16(m.pt, m.rt.numel);
+    bf16_round_array(m.p, m.r.numel);
+    bf16_round_array(m.pt, m.rt.numel);
     DlError e;
     die_if(reg_set_trainable(&m.r, "*.mlp.*,*.mamba.in_proj_x.weight", &e) < 0, &e, "trainable");
     const int64_t B = 2, T = 160, N = B * T;
