@@ -1361,6 +1361,58 @@ static void layer_bwd(EngineCuda *E, int l, float *Gr, bool need_dx) {
     }
 }
 
+// DISTILL_BWD_TRACE=1 (diagnostic): the backward snapshots the activation table when it starts; after each layer's
+// backward it prints the layer, its mixer and |d residual|, and names every saved entry of a lower layer (and every
+// hidden state 0..l) whose bytes changed since the snapshot: what the rest of the backward will read must not change.
+typedef struct {
+    char *snap;  // host copy of the arena at the start of the backward
+    char *cur;   // host scratch
+} BwdTrace;
+static bool bwd_trace_on(void) {
+    const char *v = getenv("DISTILL_BWD_TRACE");
+    return v && *v == '1';
+}
+static void bwd_trace_start(EngineCuda *E, BwdTrace *t) {
+    t->snap = (char *)malloc(E->tab.total), t->cur = (char *)malloc(E->tab.total);
+    if (!t->snap || !t->cur) dl_die(DL_EXIT_RUNTIME, "DISTILL_BWD_TRACE: no host memory for %zu bytes", E->tab.total);
+    cudaCheck(cudaStreamSynchronize(E->st));
+    cudaCheck(cudaMemcpy(t->snap, E->arena, E->tab.total, cudaMemcpyDeviceToHost));
+}
+static void bwd_trace_changed(const BwdTrace *t, const char *name, int layer, size_t off, size_t bytes, int after) {
+    size_t lo = bytes, hi = 0, n = 0;
+    for (size_t i = 0; i < bytes; i++)
+        if (t->snap[off + i] != t->cur[off + i]) lo = i < lo ? i : lo, hi = i, n++;
+    if (n)
+        fprintf(stderr, "bwd trace: after layer %d's backward, saved '%s' of layer %d changed: %zu of %zu bytes, +%zu..+%zu\n",
+                after, name, layer, n, bytes, lo, hi);
+}
+static void bwd_trace_layer(EngineCuda *E, BwdTrace *t, int l) {
+    const LlamaConfig *c = &E->h.base;
+    cudaCheck(cudaStreamSynchronize(E->st));
+    cudaCheck(cudaMemcpy(t->cur, E->arena, E->tab.total, cudaMemcpyDeviceToHost));
+    const int64_t nd = E->N * c->d_model;
+    double s2 = 0;
+    const size_t dro = (size_t)((char *)E->dres - E->arena);
+    for (int64_t i = 0; i < nd; i++) {
+        const double v = E->es == 4 ? ((float *)(t->cur + dro))[i] : bf16_to_f32(((uint16_t *)(t->cur + dro))[i]);
+        s2 += v * v;
+    }
+    fprintf(stderr, "bwd trace: layer %d (%s) |d residual| %.6g\n", l, E->h.mixer[l] == MIXER_ATTN ? "attention" : "mamba",
+            sqrt(s2));
+    for (int i = 0; i < E->tab.n; i++) {
+        const ActEntry *a = &E->tab.e[i];
+        if (a->layer >= 0 && a->layer < l) bwd_trace_changed(t, a->name, a->layer, a->off, a->bytes, l);
+        if (a->slot == (void **)&E->states && E->n_states == c->n_layer + 1) {
+            const size_t sb = (size_t)nd * E->es;
+            for (int s = 0; s <= l; s++) {
+                char nm[40];
+                snprintf(nm, sizeof nm, "hidden state %d", s);
+                bwd_trace_changed(t, nm, s, a->off + (size_t)s * sb, sb, l);
+            }
+        }
+    }
+}
+
 void engine_cuda_backward(EngineCuda *E, float *Gr) {
     const LlamaConfig *c = &E->h.base;
     const int64_t N = E->N, d = c->d_model;
@@ -1377,11 +1429,15 @@ void engine_cuda_backward(EngineCuda *E, float *Gr) {
     prof(E, "bwd norms");
     const int stop = DL_MAX(E->l0, E->lowest);
     const bool emb_grad = E->l0 == 0 && E->emb.goff >= 0 && E->lowest < 0;
+    BwdTrace tr = {NULL, NULL};
+    if (bwd_trace_on()) bwd_trace_start(E, &tr);
     for (int l = top; l >= stop; l--) {
         if (E->has_dhid && E->has_dhid[l + 1]) eng_axpy(E->dt, E->dres, E->dhid[l + 1], 1.0f, N * d, E->st);
         // the input gradient of the lowest layer is needed only for the embedding
         layer_bwd(E, l, Gr, l > stop || emb_grad);
+        if (tr.snap) bwd_trace_layer(E, &tr, l);
     }
+    free(tr.snap), free(tr.cur);
     if (emb_grad) {
         if (E->has_dhid && E->has_dhid[0]) eng_axpy(E->dt, E->dres, E->dhid[0], 1.0f, N * d, E->st);
         int32_t *plan = (int32_t *)malloc((size_t)(3 * N + 1) * 4);
