@@ -660,9 +660,10 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_dstate_kernel(SsdDev a) {
 //   d(cum) terms: tmp_m = din_m C_m.(dy S0)_m, u = dlast <dS, S0>, M[m,k] = E[m,k] delta_k (k < m) and the state's
 //   M[Q-1,k] = w_k x_k.(B_k dS^T): da_j = sum_{m>=j} tmp_m + u + sum_{m>=j} sum_{k<j} M[m,k].
 // The fp32 terms of dx/dB/dC are formed in R first, and the MMAs accumulate onto them in place.
-__global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
+template <int PC, int NC>  // P and N at compile time (0: at run time)
+__global__ void __launch_bounds__(SSD_THREADS, 1) ssd_bwd_chunk_kernel(SsdDev a) {
     extern __shared__ __align__(128) unsigned char smem[];
-    const int P = (int)a.P, N = (int)a.N, Q = SSD_Q;
+    const int P = PC ? PC : (int)a.P, N = NC ? NC : (int)a.N, Q = SSD_Q;
     const int lP = (int)ld16(P), lN = (int)ld16(N), lQ = (int)ld16(Q), lQf = (int)ld32(Q);
     const int lR = (int)ld32(P > N ? P : N);
     const ChunkLayout lay = chunk_layout(P, N);
@@ -682,19 +683,19 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     const float Dh = a.D ? a.D[h] : 0.f, Ah = a.A[h];
     const int tid = threadIdx.x;
 
-    load_rows_async(Xs, P, lP, q, a.vec, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * a.P; });
-    load_rows_async(DYs, P, lP, q, a.vec, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * a.P; });
-    load_rows_async(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * a.N; });
-    load_rows_async(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * a.N; });
+    load_rows_async(Xs, P, lP, q, a.vec, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * P; });
+    load_rows_async(DYs, P, lP, q, a.vec, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * P; });
+    load_rows_async(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * N; });
+    load_rows_async(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * N; });
     if (tid < 32) chunk_scalars(a, b, h, t0, q, sc);
-    const float *S0g = a.Sin + (bh * a.nch + c) * a.P * a.N;
-    const float *dSg = a.dSo + (bh * a.nch + c) * a.P * a.N;
+    const float *S0g = a.Sin + (bh * a.nch + c) * P * N;
+    const float *dSg = a.dSo + (bh * a.nch + c) * P * N;
     // dS as hi + lo; u = <dS, S0> (S0 read from global here)
     float up = 0.f;
-    for (int i0 = tid; i0 < P * N / 4; i0 += 4 * SSD_THREADS) {  // 16-byte loads, 8 in flight (see load_rows)
-        float4 d[4], s0[4];
+    for (int i0 = tid; i0 < P * N / 4; i0 += 8 * SSD_THREADS) {  // 16-byte loads, 16 in flight (see load_rows)
+        float4 d[8], s0[8];
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
+        for (int u = 0; u < 8; u++) {
             const int i = i0 + u * SSD_THREADS;
             if (i < P * N / 4) {
                 d[u] = __ldcs(reinterpret_cast<const float4 *>(dSg) + i);
@@ -702,7 +703,7 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
             }
         }
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
+        for (int u = 0; u < 8; u++) {
             const int i = i0 + u * SSD_THREADS;
             if (i >= P * N / 4) break;
             const int p = 4 * i / N, n = 4 * i - p * N;
@@ -802,7 +803,7 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     });
     __syncthreads();
     grid_rc(q, P, [&](int k, int p) {
-        a.dx[((b * L + t0 + k) * H + h) * a.P + p] = __float2bfloat16_rn(Rs[k * lR + p]);
+        a.dx[((b * L + t0 + k) * H + h) * P + p] = __float2bfloat16_rn(Rs[k * lR + p]);
     });
     __syncthreads();
     // dB = w_k (x dS) + V^T C
@@ -819,8 +820,8 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     __syncthreads();
     grid_rc(q, N, [&](int k, int n) {
         const float v = Rs[k * lR + n];
-        if (a.rep == 1) a.dBm[((b * L + t0 + k) * G + g) * a.N + n] = __float2bfloat16_rn(v);
-        else a.dBh[((b * L + t0 + k) * H + h) * a.N + n] = v;
+        if (a.rep == 1) a.dBm[((b * L + t0 + k) * G + g) * N + n] = __float2bfloat16_rn(v);
+        else a.dBh[((b * L + t0 + k) * H + h) * N + n] = v;
     });
     __syncthreads();
     // S0 as hi + lo (over dS), then dC = din_m (dy S0) + V B
@@ -848,8 +849,8 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_bwd_chunk_kernel(SsdDev a) {
     __syncthreads();
     grid_rc(q, N, [&](int m, int n) {
         const float v = Rs[m * lR + n];
-        if (a.rep == 1) a.dCm[((b * L + t0 + m) * G + g) * a.N + n] = __float2bfloat16_rn(v);
-        else a.dCh[((b * L + t0 + m) * H + h) * a.N + n] = v;
+        if (a.rep == 1) a.dCm[((b * L + t0 + m) * G + g) * N + n] = __float2bfloat16_rn(v);
+        else a.dCh[((b * L + t0 + m) * H + h) * N + n] = v;
     });
     // da_j, ddt, and this block's partials of dA, ddt_bias, dD (thread j reads only finished scalars)
     float pa = 0.f, pb = 0.f, pd = 0.f;
@@ -1043,9 +1044,11 @@ __host__ __device__ inline OutLayout out_layout(int64_t PT, int64_t N) {
 // One block per (b, h, chunk, PT rows of P): y = W x + diag(din) C S_in^T + D x with W = (C B^T) o decay o delta
 // (S_in from the scan). Each warp owns whole 16 x 16 output tiles: both products go to its scratch, and its lanes
 // combine them and store bf16 pairs.
+template <int PC, int NC>  // P and N at compile time (0: at run time)
 __global__ void __launch_bounds__(SSD_THREADS) ssd_chunk_out_kernel(SsdDev a) {
     extern __shared__ __align__(128) unsigned char smem[];
-    const int N = (int)a.N, Q = SSD_Q, PT = out_pt(a.P);
+    const int64_t P = PC ? PC : a.P;
+    const int N = NC ? NC : (int)a.N, Q = SSD_Q, PT = out_pt(P);
     const int lN = (int)ld16(N), lP = (int)ld16(PT), lQ = (int)ld16(Q), lQf = (int)ld32(Q);
     const OutLayout lay = out_layout(PT, N);
     bf16 *Cs = reinterpret_cast<bf16 *>(smem + lay.C), *Bs = reinterpret_cast<bf16 *>(smem + lay.B);
@@ -1055,21 +1058,21 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_chunk_out_kernel(SsdDev a) {
     bf16 *Sh = reinterpret_cast<bf16 *>(smem + lay.Sh), *Sl = reinterpret_cast<bf16 *>(smem + lay.Sl);
     const Scal sc = scal_at(smem + lay.scal);
 
-    const int64_t npt = a.P / PT;
+    const int64_t npt = P / PT;
     const int64_t pt = (int64_t)blockIdx.x % npt, rest = (int64_t)blockIdx.x / npt;
     const int64_t c = rest % a.nch, bh = rest / a.nch;
     const int64_t b = bh / a.H, h = bh % a.H, g = h / a.rep, p0 = pt * PT;
-    const int64_t L = a.L, H = a.H, G = a.G, P = a.P, t0 = c * SSD_Q;
+    const int64_t L = a.L, H = a.H, G = a.G, t0 = c * SSD_Q;
     const int q = (int)(L - t0 < SSD_Q ? L - t0 : SSD_Q);
     const float Dh = a.D ? a.D[h] : 0.f;
     const int tid = threadIdx.x;
 
-    load_rows_async(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * a.N; });
-    load_rows_async(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * a.N; });
+    load_rows_async(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * N; });
+    load_rows_async(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * N; });
     load_rows_async(Xs, PT, lP, q, a.vec, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * P + p0; });
     if (tid < 32) chunk_scalars(a, b, h, t0, q, sc);
     {  // S_in rows p0 .. p0+PT-1 as hi + lo (16-byte loads: the workspace is 256-byte aligned, N % 16 == 0)
-        const float4 *S0 = reinterpret_cast<const float4 *>(a.Sin + ((bh * a.nch + c) * P + p0) * a.N);
+        const float4 *S0 = reinterpret_cast<const float4 *>(a.Sin + ((bh * a.nch + c) * P + p0) * N);
         split_rows4(Sh, Sl, lN, S0, PT * N / 4, N);
     }
     cp_async_wait_all();
@@ -1203,22 +1206,23 @@ __device__ __forceinline__ void cp_async4(void *smem, const void *gmem) {
 // X = x, M = B, wt = w, chunks in order from init = h0 (or 0); st_all[c] = the state entering chunk c, fin = h_last.
 // GRAD: X = dy, M = C, wt = din, chunks from the last one back from init = dh_last (or 0); st_all[c] = the gradient
 // w.r.t. the state leaving chunk c, fin = dh0.
-template <bool GRAD>
-__global__ void __launch_bounds__(SSD_THREADS) ssd_state_pass_kernel(SsdDev a, int TP, float *st_all,
+template <bool GRAD, int PC, int NC, int TPC>  // P, N and TP at compile time (0: at run time)
+__global__ void __launch_bounds__(SSD_THREADS) ssd_state_pass_kernel(SsdDev a, int tp_rt, float *st_all,
                                                                       const float *init, float *fin) {
     extern __shared__ __align__(128) unsigned char smem[];
-    const int TN = out_pt(a.N), Q = SSD_Q;
+    const int64_t P = PC ? PC : a.P, N = NC ? NC : a.N;
+    const int TP = TPC ? TPC : tp_rt, TN = out_pt(N), Q = SSD_Q;
     const int lX = (int)ld16(TP), lM = (int)ld16(TN);
     const PassLayout lay = pass_layout(TP, TN);
     bf16 *Mh = reinterpret_cast<bf16 *>(smem + lay.Mh), *Ml = reinterpret_cast<bf16 *>(smem + lay.Ml);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     float *scr = reinterpret_cast<float *>(smem + lay.scr) + warp * 256;
 
-    const int64_t npt = a.P / TP, nnt = a.N / TN;
+    const int64_t npt = P / TP, nnt = N / TN;
     const int64_t nt = (int64_t)blockIdx.x % nnt, rest = (int64_t)blockIdx.x / nnt;
     const int64_t pt = rest % npt, bh = rest / npt;
     const int64_t b = bh / a.H, h = bh % a.H, g = h / a.rep, p0 = pt * TP, n0 = nt * TN;
-    const int64_t L = a.L, H = a.H, G = a.G, P = a.P, N = a.N, nch = a.nch;
+    const int64_t L = a.L, H = a.H, G = a.G, nch = a.nch;
     const bf16 *Xg = GRAD ? a.dy : a.x, *Mg = GRAD ? a.Cm : a.Bm;
     const float *wg = GRAD ? a.dv : a.wv;
 
@@ -1456,6 +1460,35 @@ int pass_tp(const SsdDev &a) {
 }
 int64_t pass_grid(const SsdDev &a, int tp) { return a.B * a.H * (a.P / tp) * (a.N / out_pt(a.N)); }
 
+// The (P, N) shapes compiled with sizes as constants (MambaInLlama-8B: 128/128, and 128/64); any other runs the
+// kernels' run-time-size instances (<0, 0>). f receives the two sizes as std::integral_constant.
+template <typename F>
+int by_shape(int64_t P, int64_t N, F f) {
+    using std::integral_constant;
+    if (P == 128 && N == 128) return f(integral_constant<int, 128>(), integral_constant<int, 128>());
+    if (P == 128 && N == 64) return f(integral_constant<int, 128>(), integral_constant<int, 64>());
+    return f(integral_constant<int, 0>(), integral_constant<int, 0>());
+}
+
+// The sequential state pass (GRAD: the state-gradient pass) with its P tile tp
+template <bool GRAD>
+int launch_pass(const SsdDev &a, float *st_all, const float *init, float *fin, cudaStream_t st, char *err,
+                size_t errlen, const char *who) {
+    const int tp = pass_tp(a);
+    const int64_t smem = pass_layout(tp, out_pt(a.N)).total;
+    return by_shape(a.P, a.N, [&](auto pc, auto nc) {
+        constexpr int PC = decltype(pc)::value, NC = decltype(nc)::value;
+        auto go = [&](auto kernel) {
+            if (set_smem(kernel, smem, err, errlen, who)) return -1;
+            kernel<<<(unsigned)pass_grid(a, tp), SSD_THREADS, (size_t)smem, st>>>(a, tp, st_all, init, fin);
+            return scan_launch_check(err, errlen, who);
+        };
+        if (PC && tp == 64) return go(ssd_state_pass_kernel<GRAD, PC, NC, (PC ? 64 : 0)>);
+        if (PC && tp == 32) return go(ssd_state_pass_kernel<GRAD, PC, NC, (PC ? 32 : 0)>);
+        return go(ssd_state_pass_kernel<GRAD, 0, 0, 0>);
+    });
+}
+
 // The state entering every chunk into a.Sin (h_last into fin): v3 (scalars, fused pass) or v2 (chunk states, scan).
 int chunk_states(const SsdDev &a, const float *init, float *fin, cudaStream_t st, Stages &tm, char *err, size_t errlen,
               const char *who) {
@@ -1463,12 +1496,7 @@ int chunk_states(const SsdDev &a, const float *init, float *fin, cudaStream_t st
         ssd_scalars_kernel<<<(unsigned)(a.B * a.H * a.nch), SSD_Q, 0, st>>>(a);
         if (scan_launch_check(err, errlen, who)) return -1;
         tm.mark("scalars");
-        const int tp = pass_tp(a);
-        const int64_t smem = pass_layout(tp, out_pt(a.N)).total;
-        if (set_smem(ssd_state_pass_kernel<false>, smem, err, errlen, who)) return -1;
-        ssd_state_pass_kernel<false><<<(unsigned)pass_grid(a, tp), SSD_THREADS, (size_t)smem, st>>>(a, tp, a.Sin,
-                                                                                                     init, fin);
-        if (scan_launch_check(err, errlen, who)) return -1;
+        if (launch_pass<false>(a, a.Sin, init, fin, st, err, errlen, who)) return -1;
         tm.mark("state_pass");
         return 0;
     }
@@ -1517,9 +1545,13 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
         if (smem_ok(max64(smem, cst_layout(a.P, a.N).total), err, errlen, who)) return -1;
         if (chunk_states(a, h0, h_last, st, tm, err, errlen, who)) return -1;
         if (y) {
-            if (set_smem(ssd_chunk_out_kernel, smem, err, errlen, who)) return -1;
-            ssd_chunk_out_kernel<<<(unsigned)blocks, SSD_THREADS, (size_t)smem, st>>>(a);
-            if (scan_launch_check(err, errlen, who)) return -1;
+            if (by_shape(a.P, a.N, [&](auto pc, auto nc) {
+                    auto kernel = ssd_chunk_out_kernel<decltype(pc)::value, decltype(nc)::value>;
+                    if (set_smem(kernel, smem, err, errlen, who)) return -1;
+                    kernel<<<(unsigned)blocks, SSD_THREADS, (size_t)smem, st>>>(a);
+                    return scan_launch_check(err, errlen, who);
+                }))
+                return -1;
             tm.mark("chunk_out");
         }
         return 0;
@@ -1575,7 +1607,6 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     const int64_t smem_fwd = fwd_layout(a.N).total, smem_dst = dst_layout(a.N).total;
     const int64_t smem_chunk = chunk_layout(a.P, a.N).total, smem_cst = cst_layout(a.P, a.N).total;
     if (smem_ok(max64(max64(v1 ? smem_fwd : smem_cst, smem_dst), smem_chunk), err, errlen, who)) return -1;
-    if (set_smem(ssd_bwd_chunk_kernel, smem_chunk, err, errlen, who)) return -1;
     cudaStream_t st = (cudaStream_t)stream;
     static const char *names[] = {"", "ssd_bwd_cuda v1", "ssd_bwd_cuda v2", "ssd_bwd_cuda v3"};
     Stages tm(names[ver], st);
@@ -1597,12 +1628,8 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
         // 2. state gradients leaving every chunk (dh0 at the end): the fused reverse pass (v3), or the chunk
         //    contributions and the reverse scan (v2)
         if (ver == 3) {
-            const int tp = pass_tp(a);
-            const int64_t smem = pass_layout(tp, out_pt(a.N)).total;
-            if (set_smem(ssd_state_pass_kernel<true>, smem, err, errlen, who)) return -1;
-            ssd_state_pass_kernel<true><<<(unsigned)pass_grid(a, tp), SSD_THREADS, (size_t)smem, st>>>(a, tp, a.dSo,
-                                                                                                        a.dhl, a.dh0);
-            if (scan_launch_check(err, errlen, "ssd_bwd_cuda: state-gradient pass")) return -1;
+            if (launch_pass<true>(a, a.dSo, a.dhl, a.dh0, st, err, errlen, "ssd_bwd_cuda: state-gradient pass"))
+                return -1;
             tm.mark("dstate_pass");
         } else {
             if (set_smem(ssd_chunk_state_kernel<true>, smem_cst, err, errlen, who)) return -1;
@@ -1616,8 +1643,13 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
         }
     }
     // 3. per-chunk gradients
-    ssd_bwd_chunk_kernel<<<(unsigned)chunk_blocks, SSD_THREADS, (size_t)smem_chunk, st>>>(a);
-    if (scan_launch_check(err, errlen, "ssd_bwd_cuda: chunk gradients")) return -1;
+    if (by_shape(a.P, a.N, [&](auto pc, auto nc) {
+            auto kernel = ssd_bwd_chunk_kernel<decltype(pc)::value, decltype(nc)::value>;
+            if (set_smem(kernel, smem_chunk, err, errlen, who)) return -1;
+            kernel<<<(unsigned)chunk_blocks, SSD_THREADS, (size_t)smem_chunk, st>>>(a);
+            return scan_launch_check(err, errlen, "ssd_bwd_cuda: chunk gradients");
+        }))
+        return -1;
     tm.mark("chunk_grads");
     // 4. fixed-order reductions
     ssd_param_reduce_kernel<<<(unsigned)((a.H + 127) / 128), 128, 0, st>>>(a, dA, D ? dD : nullptr,
