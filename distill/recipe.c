@@ -14,10 +14,10 @@
 // ================================================================================================ names
 
 static const char *const KIND_NAMES[] = {"generate", "teacher_cache", "init", "layerwise", "distill",
-                                         "sft",      "dpo",           "export", "eval", "pairs", NULL};
+                                         "sft",      "dpo",           "export", "eval", "pairs", "draft", NULL};
 const char *stage_kind_name(StageKind k) { return k < STAGE_KIND_COUNT ? KIND_NAMES[k] : "?"; }
 bool stage_kind_trains(StageKind k) {
-    return k == STAGE_LAYERWISE || k == STAGE_DISTILL || k == STAGE_SFT || k == STAGE_DPO;
+    return k == STAGE_LAYERWISE || k == STAGE_DISTILL || k == STAGE_SFT || k == STAGE_DPO || k == STAGE_DRAFT;
 }
 
 static const char *const DEVICE_CHOICES[] = {"cpu", "cuda", NULL};
@@ -53,8 +53,9 @@ typedef enum {
 #define NOMAX (INFINITY)
 #define KB(k) (1u << (k))
 #define K_ALL 0u
-#define K_TRAIN (KB(STAGE_LAYERWISE) | KB(STAGE_DISTILL) | KB(STAGE_SFT) | KB(STAGE_DPO))
+#define K_TRAIN (KB(STAGE_LAYERWISE) | KB(STAGE_DISTILL) | KB(STAGE_SFT) | KB(STAGE_DPO) | KB(STAGE_DRAFT))
 #define K_KD (KB(STAGE_LAYERWISE) | KB(STAGE_DISTILL) | KB(STAGE_SFT))
+#define K_LOSS (K_KD | KB(STAGE_DRAFT))  // kinds with a [stage.loss] table (the draft: ce, kl, reverse_kl, temperature)
 
 typedef struct {
     const char *key;
@@ -166,7 +167,7 @@ static const Field STAGE_FIELDS[] = {
     SFLD("output", F_STR, output, 0, 0, KB(STAGE_PAIRS), "preference data set the pairs are written to"),
     SFLD("steps", F_INT, steps, 1, 1e12, K_TRAIN, "optimizer steps (or epochs)"),
     {"epochs", F_FLOAT, offsetof(StageSpec, epochs), 0, 0, 1000, true, NULL, K_TRAIN, "passes over the data (or steps)"},
-    {"loss", F_SPECIAL, 0, 0, 0, 0, false, NULL, K_KD, "[stage.loss] weights (ce, kl, reverse_kl, temperature, mse)"},
+    {"loss", F_SPECIAL, 0, 0, 0, 0, false, NULL, K_LOSS, "[stage.loss] weights (ce, kl, reverse_kl, temperature, mse)"},
     SFLD("trainable", F_PATTERNS, trainable, 0, 0, K_TRAIN, "glob patterns of trained tensors (the rest stay frozen)"),
     {"optimizer", F_SPECIAL, 0, 0, 0, 0, false, NULL, K_TRAIN, "[stage.optimizer]: overrides of [optimizer]"},
     {"teacher_logits", F_ENUM, offsetof(StageSpec, teacher_logits), 0, 0, 0, false, TLOGITS_CHOICES, K_KD,
@@ -198,6 +199,18 @@ static const Field STAGE_FIELDS[] = {
     SFLD("unfinished_penalty", F_FLOAT, unfinished_penalty, 0, 1e6, KB(STAGE_PAIRS),
          "score penalty of a response without a stop token (cut at max length)"),
     SFLD("repeat_penalty", F_FLOAT, repeat_penalty, 0, 1e6, KB(STAGE_PAIRS), "score penalty per fraction of repeated 4-grams"),
+    {"layers", F_INTLIST, offsetof(StageSpec, draft_layers), offsetof(StageSpec, n_draft_layers), 0, DL_MAX_LAYERS - 1, false, NULL,
+     KB(STAGE_DRAFT), "teacher layers the draft keeps, ascending (default: the first and the last), plus embeddings, norm, head"},
+    SFLD("draft", F_STR, spec_draft, 0, 0, KB(STAGE_EVAL),
+         "draft stage whose model the speculative rows use (default: the last draft stage before this eval, if any)"),
+    {"spec_k", F_INTLIST, offsetof(StageSpec, spec_k), offsetof(StageSpec, n_spec_k), 0, DL_MAX_LAYERS - 1, false, NULL,
+     KB(STAGE_EVAL), "speculative decoding: draft lengths K measured, each 1..8 (default [2, 4])"},
+    SFLD("spec_tokens", F_I32, spec_tokens, 1, 1 << 16, KB(STAGE_EVAL), "speculative decoding: new tokens per prompt (no early stop)"),
+    SFLD("spec_prompts", F_I32, spec_prompts, 0, 1 << 20, KB(STAGE_EVAL),
+         "speculative decoding: prompts measured at batch 1 (0: no speculative measurement)"),
+    SFLD("spec_data", F_STR, spec_data, 0, 0, KB(STAGE_EVAL),
+         "speculative decoding: data set whose held-out documents give the prompts (default: the first of data)"),
+    SFLD("spec_teacher", F_BOOL, spec_teacher, 0, 0, KB(STAGE_EVAL), "speculative decoding: also with the teacher as the target"),
 };
 
 typedef struct {
@@ -621,6 +634,11 @@ static void stage_defaults(StageSpec *s, StageKind kind, const OptimSpec *opt) {
     s->min_margin = 0.05;
     s->unfinished_penalty = 1.0;
     s->repeat_penalty = 2.0;
+    s->spec_draft_index = s->spec_data_index = -1;
+    s->spec_k[0] = 2, s->spec_k[1] = 4, s->n_spec_k = 2;
+    s->spec_tokens = 64;
+    s->spec_prompts = 8;
+    s->spec_teacher = true;
 }
 
 static char *stem(const char *path) {
@@ -719,7 +737,8 @@ static void read_stage(Ctx *c, const TomlValue *t, int idx, StageSpec *s) {
     char where[160];
     StageKind kind = STAGE_KIND_COUNT;
     if (!kk) {
-        err_v(c, t, "[[stage]] #%d has no kind (one of: generate, teacher_cache, init, layerwise, distill, sft, dpo, export, eval)",
+        err_v(c, t, "[[stage]] #%d has no kind (one of: generate, teacher_cache, init, layerwise, distill, sft, dpo, export, eval, "
+                    "pairs, draft)",
               idx + 1);
     } else if (kk->val->type != TOML_STRING) {
         err_v(c, kk->val, "[[stage]] #%d: kind must be a string", idx + 1);
@@ -744,7 +763,7 @@ static void read_stage(Ctx *c, const TomlValue *t, int idx, StageSpec *s) {
 
     char sub[200];
     snprintf(sub, sizeof sub, "%s loss", where);
-    const TomlValue *lt = (KB(kind) & K_KD) ? sub_table(c, t, "loss", sub) : NULL;
+    const TomlValue *lt = (KB(kind) & K_LOSS) ? sub_table(c, t, "loss", sub) : NULL;
     if (lt) read_table(c, lt, sub, LOSS_FIELDS, DL_ARRAY_LEN(LOSS_FIELDS), &s->loss, 0, NULL);
     snprintf(sub, sizeof sub, "%s optimizer", where);
     const TomlValue *ot = (KB(kind) & K_TRAIN) ? sub_table(c, t, "optimizer", sub) : NULL;
@@ -931,6 +950,26 @@ static bool subset(const int *a, int na, const int *b, int nb) {
     return true;
 }
 
+// A draft stage's layers: default the first and the last teacher layer; each exists, ascending, once.
+static void check_draft_layers(Ctx *c, StageSpec *s, int L) {
+    if (s->kind != STAGE_DRAFT) return;
+    if (s->n_draft_layers == 0) {
+        s->draft_layers[s->n_draft_layers++] = 0;
+        if (L > 1) s->draft_layers[s->n_draft_layers++] = L - 1;
+        return;
+    }
+    const TomlValue *lv = stage_val(c->r, s, "layers");
+    for (int i = 0; i < s->n_draft_layers; i++) {
+        const TomlValue *pos = lv && lv->type == TOML_ARRAY && i < lv->u.arr.n ? lv->u.arr.items[i] : lv;
+        if (s->draft_layers[i] >= L)
+            err_v(c, pos, "stage '%s'.layers: layer %d does not exist (the teacher has %d layers, 0..%d)", s->name, s->draft_layers[i],
+                  L, L - 1);
+        else if (i > 0 && s->draft_layers[i] <= s->draft_layers[i - 1])
+            err_v(c, pos, "stage '%s'.layers must be ascending, each layer once (%d after %d)", s->name, s->draft_layers[i],
+                  s->draft_layers[i - 1]);
+    }
+}
+
 static void check_layouts(Ctx *c) {
     Recipe *r = c->r;
     int L = r->teacher_cfg.base.n_layer;
@@ -949,6 +988,7 @@ static void check_layouts(Ctx *c) {
         err_v(c, toml_get(ht, "mixer") ? toml_get(ht, "mixer") : ht, "[hybrid]: %s", e.msg);
         return;
     }
+    for (int si = 0; si < r->n_stages; si++) check_draft_layers(c, &r->stages[si], L);
     for (int si = 0; si < r->n_stages; si++) {
         StageSpec *s = &r->stages[si];
         if (s->kind != STAGE_LAYERWISE) continue;
@@ -1013,6 +1053,65 @@ static void check_trainable(Ctx *c) {
     }
 }
 
+// An eval stage's speculative-decoding keys: the draft stage (named, or the last one before the eval), K values,
+// the data set of the prompts (an LM set, not a preference set).
+static void check_spec(Ctx *c, StageSpec *s) {
+    Recipe *r = c->r;
+    char hb[96];
+    s->spec_draft_index = -1;
+    if (s->spec_draft) {
+        const char *names[64];
+        int nn = 0;
+        for (int j = 0; j < r->n_stages; j++) {
+            if (r->stages[j].name && nn < 64 && r->stages[j].kind == STAGE_DRAFT) names[nn++] = r->stages[j].name;
+            if (r->stages[j].name && !strcmp(r->stages[j].name, s->spec_draft)) s->spec_draft_index = j;
+        }
+        const int j = s->spec_draft_index;
+        if (j < 0)
+            err_v(c, stage_val(r, s, "draft"), "stage '%s': no stage named '%s' (draft = the name of a draft stage)%s", s->name,
+                  s->spec_draft, hint(s->spec_draft, names, nn, hb, sizeof hb));
+        else if (r->stages[j].kind != STAGE_DRAFT)
+            err_v(c, stage_val(r, s, "draft"), "stage '%s': draft = '%s' is not a draft stage (its kind is %s)", s->name, s->spec_draft,
+                  KIND_NAMES[r->stages[j].kind]);
+        else if (j > s->index)
+            err_v(c, stage_val(r, s, "draft"), "stage '%s' uses the draft of stage '%s', which runs after it", s->name, s->spec_draft);
+        if (j < 0 || r->stages[j].kind != STAGE_DRAFT || j > s->index) s->spec_draft_index = -1;
+    } else {
+        for (int j = 0; j < s->index; j++)
+            if (r->stages[j].kind == STAGE_DRAFT) s->spec_draft_index = j;
+    }
+    for (int k = 0; k < s->n_spec_k; k++)
+        if (s->spec_k[k] < 1 || s->spec_k[k] > 8) {
+            const TomlValue *kv = stage_val(r, s, "spec_k");
+            err_v(c, kv && kv->type == TOML_ARRAY && k < kv->u.arr.n ? kv->u.arr.items[k] : kv,
+                  "stage '%s'.spec_k: K = %d is outside 1..8", s->name, s->spec_k[k]);
+        }
+    if (s->n_spec_k == 0)  // spec_k = []
+        err_v(c, stage_val(r, s, "spec_k"), "stage '%s'.spec_k is empty: give at least one K (or spec_prompts = 0)", s->name);
+    s->spec_data_index = -1;
+    if (s->spec_data) {
+        int di = find_data(r, s->spec_data);
+        if (di < 0)
+            err_v(c, stage_val(r, s, "spec_data"), "stage '%s': no data set '%s' (define [data.%s])%s", s->name, s->spec_data,
+                  s->spec_data, data_hint(r, s->spec_data, hb, sizeof hb));
+        else if (r->data[di].format == FMT_PREFERENCE)
+            err_v(c, stage_val(r, s, "spec_data"), "stage '%s': spec_data '%s' is a preference set; the prompts come from an LM or "
+                  "chat set", s->name, s->spec_data);
+        else if (r->data[di].produced_by >= s->index)
+            err_v(c, stage_val(r, s, "spec_data"), "stage '%s' uses data '%s' before stage '%s' writes it", s->name, s->spec_data,
+                  r->stages[r->data[di].produced_by].name);
+        else s->spec_data_index = di;
+    } else {
+        for (int k = 0; k < s->n_eval_sets && s->spec_data_index < 0; k++) {
+            int di = find_data(r, s->eval_sets[k]);
+            if (di >= 0 && r->data[di].format != FMT_PREFERENCE) s->spec_data_index = di;
+        }
+        if (s->spec_draft_index >= 0 && s->spec_prompts > 0 && s->spec_data_index < 0 && s->n_eval_sets > 0)
+            err_v(c, stage_val(r, s, "data"), "stage '%s': every data set is a preference set: name an LM or chat set for the "
+                  "speculative prompts (spec_data = \"NAME\")", s->name);
+    }
+}
+
 static void check_stages(Ctx *c) {
     Recipe *r = c->r;
     char hb[96];
@@ -1071,7 +1170,8 @@ static void check_stages(Ctx *c) {
             if (n_init++) err_v(c, stage_val(r, s, "kind"), "a recipe has one init stage (this is the second)");
             else init_at = i;
         }
-        bool student = s->kind != STAGE_GENERATE && s->kind != STAGE_TEACHER_CACHE && s->kind != STAGE_INIT && s->kind != STAGE_PAIRS;
+        bool student = s->kind != STAGE_GENERATE && s->kind != STAGE_TEACHER_CACHE && s->kind != STAGE_INIT && s->kind != STAGE_PAIRS &&
+                       s->kind != STAGE_DRAFT;
         if (student && init_at < 0)
             err_v(c, stage_val(r, s, "kind"), "stage '%s' (%s) works on the hybrid: put an init stage before it", s->name,
                   KIND_NAMES[s->kind]);
@@ -1114,8 +1214,12 @@ static void check_stages(Ctx *c) {
                 err_v(c, stage_val(r, s, "teacher_logits"), "stage '%s': teacher_logits = \"cache\" needs an earlier teacher_cache "
                       "stage on data '%s'", s->name, s->data ? s->data : "?");
         }
-        if ((KB(s->kind) & K_KD) && s->loss.ce + s->loss.kl + s->loss.reverse_kl + s->loss.mse <= 0)
+        if ((KB(s->kind) & K_LOSS) && s->loss.ce + s->loss.kl + s->loss.reverse_kl + s->loss.mse <= 0)
             err_v(c, stage_val(r, s, "loss"), "stage '%s': every loss weight is 0", s->name);
+        if (s->kind == STAGE_DRAFT && s->loss.mse > 0)
+            err_v(c, stage_val(r, s, "loss"), "stage '%s' (draft): loss.mse aligns Mamba layers; a draft has none (use ce and/or kl)",
+                  s->name);
+        if (s->kind == STAGE_EVAL) check_spec(c, s);
         if (s->kind == STAGE_LAYERWISE && s->loss.mse > 0 && s->teacher_logits == TEACHER_CACHE)
             err_v(c, stage_val(r, s, "teacher_logits"), "stage '%s': the hidden-state loss (mse) needs the teacher online", s->name);
     }
@@ -1191,6 +1295,12 @@ int recipe_stage_layout(const Recipe *r, const StageSpec *st, int step, HybridCo
     }
     if (st->kind == STAGE_GENERATE || st->kind == STAGE_TEACHER_CACHE || st->kind == STAGE_PAIRS) {  // these run the teacher
         hybrid_config_teacher(h, &r->teacher_cfg.base);
+        return 0;
+    }
+    if (st->kind == STAGE_DRAFT) {  // the teacher cut to the draft's layers (spec_draft_from_layers), attention throughout
+        if (st->n_draft_layers < 1) return dl_fail(e, "stage '%s': the draft has no layers", st->name ? st->name : "draft");
+        hybrid_config_teacher(h, &r->teacher_cfg.base);
+        h->base.n_layer = st->n_draft_layers;
         return 0;
     }
     MixerKind mk = r->hybrid.mixer == 1 ? MIXER_MAMBA2 : MIXER_MAMBA1;
@@ -1515,6 +1625,8 @@ void recipe_free(Recipe *r) {
         free(s->trainable);
         free(s->schedule);
         free(s->export_dir);
+        free(s->spec_draft);
+        free(s->spec_data);
     }
     free(r->stages);
     free(r->model_source);
@@ -1643,7 +1755,7 @@ void recipe_write_resolved(const Recipe *r, FILE *f) {
             write_field(f, fd, s);
         }
         if (stage_kind_trains(s->kind) && s->kind != STAGE_LAYERWISE) write_length(f, s->steps, s->epochs);
-        if (kb & K_KD) {
+        if (kb & K_LOSS) {
             fputs("[stage.loss]\n", f);
             for (int i = 0; i < (int)DL_ARRAY_LEN(LOSS_FIELDS); i++) write_field(f, &LOSS_FIELDS[i], &s->loss);
         }

@@ -25,6 +25,7 @@ typedef enum {
     STAGE_EXPORT,        // MambaInLlama HF export
     STAGE_EVAL,          // perplexity, KL to teacher, top-1 agreement
     STAGE_PAIRS,         // preference pairs from scored teacher samples (best vs worst response per prompt)
+    STAGE_DRAFT,         // a few-layer cut of the teacher, fine-tuned as the speculative-decoding draft
     STAGE_KIND_COUNT
 } StageKind;
 
@@ -40,7 +41,7 @@ enum { RECOMPUTE_NONE = 0, RECOMPUTE_MLP, RECOMPUTE_FULL };
 enum { MOMENTS_FP32 = 0, MOMENTS_BF16 };
 
 const char *stage_kind_name(StageKind k);
-// true for kinds that train (layerwise, distill, sft, dpo)
+// true for kinds that train (layerwise, distill, sft, dpo, draft)
 bool stage_kind_trains(StageKind k);
 
 typedef struct {
@@ -173,6 +174,20 @@ typedef struct {
     double min_margin;
     double unfinished_penalty;  // subtracted when a response did not end with a stop token
     double repeat_penalty;      // times the fraction of repeated 4-grams in the response
+    // draft (stage_draft.c): the teacher layers the draft keeps, in order (after validation: [0, n_layer-1]
+    // when not given)
+    int draft_layers[DL_MAX_LAYERS];
+    int n_draft_layers;
+    // eval: speculative decoding (spec_eval.h) of the student (and the teacher) with a draft stage's model
+    char *spec_draft;      // the draft stage's name (NULL: the last draft stage before this eval, if any)
+    int spec_draft_index;  // after validation: that stage's index, or -1 (no speculative measurement)
+    int spec_k[DL_MAX_LAYERS];  // draft lengths K measured (after validation: [2, 4] when not given)
+    int n_spec_k;
+    int spec_tokens;       // new tokens per prompt
+    int spec_prompts;      // prompts measured (0: no speculative measurement)
+    char *spec_data;       // data set whose documents' prompts are used (NULL: the first of data)
+    int spec_data_index;
+    bool spec_teacher;     // also the teacher as the target
 } StageSpec;
 
 typedef struct {

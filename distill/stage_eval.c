@@ -4,12 +4,183 @@
 // hybrid is evaluated too, to show what training bought. Writes STAGE_DIR/eval.json and RUN_DIR/eval.json
 // and prints the table on stdout. With choice = ["file.jsonl", ...], also the multiple-choice accuracy of the
 // teacher, the student and the init (eval_choice.h), under the key "choice" of eval.json.
+// With a draft stage before it (or draft = "NAME"), also speculative decoding (spec_eval.h, the measurement of
+// `distill eval-spec`): plain vs speculative tokens/s, acceptance per draft position and speedup at batch 1,
+// greedy, for the student (and the teacher) as the target and the draft stage's model as the draft, on the
+// run's device, under the key "speculative" of eval.json and as a table.
+#include <cjson/cJSON.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "distill/checkpoint.h"
 #include "distill/eval.h"
 #include "distill/eval_choice.h"
+#include "distill/shards.h"
+#include "distill/spec_eval.h"
 #include "distill/stage_common.h"
+
+// ---- speculative decoding
+
+#define SPEC_MAX_PROMPT 512  // prompt tokens kept (the end of a longer prompt): the decoders' capacity stays small
+
+typedef struct {
+    int32_t **ids;
+    int64_t *len;
+    int64_t n;
+} SpecPrompts;
+
+static void spec_prompts_free(SpecPrompts *p) {
+    for (int64_t i = 0; i < p->n; i++) free(p->ids[i]);
+    free(p->ids), free(p->len);
+    memset(p, 0, sizeof *p);
+}
+
+// Up to `want` distinct prompts from the documents of shard: in a document with a loss mask (a chat or generate
+// set: the response is masked) the tokens before the first masked one; in plain text (all masked) the first
+// quarter of the document (at most 64 tokens). Documents that give no prompt are passed over.
+static int spec_prompts_load(const char *shard, int64_t want, SpecPrompts *p, DlError *e) {
+    memset(p, 0, sizeof *p);
+    ShardReader *r;
+    if (shard_open(&r, shard, e)) return -1;
+    const int64_t nd = shard_info(r)->n_docs;
+    p->ids = dl_calloc((size_t)want, sizeof *p->ids);
+    p->len = dl_calloc((size_t)want, sizeof *p->len);
+    for (int64_t d = 0; d < nd && p->n < want; d++) {
+        int32_t *ids;
+        uint8_t *mask;
+        int64_t n;
+        if (shard_read_doc(r, d, &ids, &mask, &n, e)) {
+            shard_close(r);
+            spec_prompts_free(p);
+            return -1;
+        }
+        int64_t k = 0;
+        while (k < n && !mask[k]) k++;
+        int64_t len = k > 0 && k < n ? k : k == 0 ? DL_MIN(n / 4, 64) : 0;
+        int64_t from = len > SPEC_MAX_PROMPT ? len - SPEC_MAX_PROMPT : 0;
+        len -= from;
+        bool dup = len < 1;
+        for (int64_t i = 0; i < p->n && !dup; i++)
+            dup = p->len[i] == len && !memcmp(p->ids[i], ids + from, (size_t)len * sizeof(int32_t));
+        if (!dup) {
+            p->ids[p->n] = dl_malloc((size_t)len * sizeof(int32_t));
+            memcpy(p->ids[p->n], ids + from, (size_t)len * sizeof(int32_t));
+            p->len[p->n++] = len;
+        }
+        free(ids), free(mask);
+    }
+    shard_close(r);
+    if (p->n == 0) {
+        spec_prompts_free(p);
+        return dl_fail(e, "%s: no document gives a prompt for the speculative rows", shard);
+    }
+    return 0;
+}
+
+// Adds (replaces) key in the JSON object file path, written to a temporary name and renamed.
+static int json_file_set(const char *path, const char *key, cJSON *val, DlError *e) {
+    cJSON *root = NULL;
+    if (dl_file_exists(path)) {
+        size_t len;
+        char *text = dl_read_file(path, &len, e);
+        if (!text) return cJSON_Delete(val), -1;
+        root = cJSON_Parse(text);
+        free(text);
+        if (!root || !cJSON_IsObject(root)) {
+            cJSON_Delete(root), cJSON_Delete(val);
+            return dl_fail(e, "%s: not a JSON object; cannot add \"%s\"", path, key);
+        }
+    } else {
+        root = cJSON_CreateObject();
+    }
+    cJSON_DeleteItemFromObjectCaseSensitive(root, key);
+    cJSON_AddItemToObject(root, key, val);
+    char *txt = cJSON_Print(root);
+    cJSON_Delete(root);
+    char *tmp = dl_malloc(strlen(path) + 8);
+    sprintf(tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "wb");
+    int rc = 0;
+    if (!f || fputs(txt, f) < 0 || fputc('\n', f) == EOF || fclose(f) || rename(tmp, path)) {
+        if (f) unlink(tmp);
+        rc = dl_fail(e, "cannot write %s", path);
+    }
+    free(txt), free(tmp);
+    return rc;
+}
+
+// The speculative rows: the draft stage's model against the student (and the teacher) as targets, batch 1,
+// greedy. Fills *out (a JSON object for eval.json) and prints the table.
+static int spec_measure(RunContext *ctx, const StageSpec *st, const EvalModel *student, const EvalModel *teacher, cJSON **out,
+                        DlError *e) {
+    const Recipe *rec = ctx->recipe;
+    const StageSpec *ds = &rec->stages[st->spec_draft_index];
+    const DataSpec *pd = &rec->data[st->spec_data_index];
+    char *sdir = run_stage_dir(ctx, st->spec_draft_index), *dpath = dl_path_join(sdir, "model"), *shard = NULL;
+    free(sdir);
+    LoadedModel dm;
+    memset(&dm, 0, sizeof dm);
+    SpecPrompts pr = {0};
+    int rc = -1;
+    if (model_load(dpath, 0, &dm, e)) {
+        dl_fail_prefix(e, "the draft of stage '%s' (run it first): ", ds->name);
+        goto out;
+    }
+    if (stage_data_shard(ctx, st->spec_data_index, pd->holdout > 0 ? SPLIT_HOLDOUT : SPLIT_TRAIN, &shard, e) ||
+        spec_prompts_load(shard, st->spec_prompts, &pr, e))
+        goto out;
+    const int cuda = student->device == 1;
+    const int batch1 = 1;
+    const EvalModel *targets[2] = {student, teacher};
+    const char *labels[2] = {"student", "teacher"};
+    const int nt = st->spec_teacher ? 2 : 1;
+    SpecEvalRow *rows = dl_calloc((size_t)(nt * st->n_spec_k), sizeof *rows);
+    for (int ti = 0; ti < nt; ti++) {
+        SpecEvalConfig c = {.target = {targets[ti]->hc, targets[ti]->reg, targets[ti]->params},
+                            .draft = {&dm.hc, &dm.reg, dm.params},
+                            .prompts = (const int32_t *const *)pr.ids, .plen = pr.len, .n_prompts = pr.n,
+                            .ks = st->spec_k, .nk = st->n_spec_k, .batches = &batch1, .nb = 1,
+                            .max_tokens = st->spec_tokens, .temperature = 0, .cuda = cuda, .graph = 1};
+        if (spec_eval_run(&c, rows + ti * st->n_spec_k, e)) {
+            free(rows);
+            dl_fail_prefix(e, "speculative decoding (target %s): ", labels[ti]);
+            goto out;
+        }
+    }
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "draft", dpath);
+    cJSON_AddStringToObject(o, "draft_stage", ds->name);
+    cJSON *dl = cJSON_AddArrayToObject(o, "draft_teacher_layers");
+    for (int i = 0; i < ds->n_draft_layers; i++) cJSON_AddItemToArray(dl, cJSON_CreateNumber(ds->draft_layers[i]));
+    cJSON_AddStringToObject(o, "device", cuda ? "cuda" : "cpu");
+    cJSON_AddStringToObject(o, "decoding", "greedy");
+    cJSON_AddStringToObject(o, "prompts_from", pd->name);
+    cJSON_AddNumberToObject(o, "prompts", (double)pr.n);
+    cJSON_AddNumberToObject(o, "max_tokens", st->spec_tokens);
+    cJSON *runs = cJSON_AddArrayToObject(o, "runs");
+    printf("\nspeculative decoding on %s: draft %s (teacher layers", cuda ? "cuda" : "cpu", dpath);
+    for (int i = 0; i < ds->n_draft_layers; i++) printf("%s%d", i ? "," : " ", ds->draft_layers[i]);
+    printf("), %lld prompts of '%s', %d new tokens each, greedy, batch 1\n", (long long)pr.n, pd->name, st->spec_tokens);
+    for (int ti = 0; ti < nt; ti++) {
+        printf("target %s\n", labels[ti]);
+        spec_eval_print_header(stdout);
+        for (int k = 0; k < st->n_spec_k; k++) {
+            const SpecEvalRow *r = &rows[ti * st->n_spec_k + k];
+            spec_eval_print_row(stdout, r);
+            cJSON *j = spec_eval_row_json(r);
+            cJSON_AddStringToObject(j, "target", labels[ti]);
+            cJSON_AddItemToArray(runs, j);
+        }
+    }
+    free(rows);
+    *out = o;
+    rc = 0;
+out:
+    spec_prompts_free(&pr);
+    if (dm.params) model_free(&dm);
+    free(dpath), free(shard);
+    return rc;
+}
 
 static int run_eval(RunContext *ctx, const StageSpec *st) {
     const Recipe *rec = ctx->recipe;
@@ -97,15 +268,23 @@ static int run_eval(RunContext *ctx, const StageSpec *st) {
         tokenizer_free(tok);
         if (cr) goto fail;
     }
-    char *p1 = dl_path_join(ctx->stage_dir, "eval.json"), *p2 = dl_path_join(ctx->run_dir, "eval.json");
-    int w = eval_write_json(p1, res, nres, &e) || eval_write_json(p2, res, nres, &e);
-    if (!w && ncres) w = choice_add_json(p1, cres, ncres, &e) || choice_add_json(p2, cres, ncres, &e);
-    free(p1), free(p2);
-    if (w) goto fail;
     printf("\nevaluation of %s against the teacher (%s)\n", from, rec->teacher.path);
     eval_print_table(stdout, res, nres);
     if (ncres) printf("\n"), choice_print_table(stdout, cres, ncres);
     fflush(stdout);
+    cJSON *spec = NULL;
+    if (st->spec_draft_index >= 0 && st->spec_prompts > 0 && spec_measure(ctx, st, &em, &et, &spec, &e)) goto fail;
+    fflush(stdout);
+    char *p1 = dl_path_join(ctx->stage_dir, "eval.json"), *p2 = dl_path_join(ctx->run_dir, "eval.json");
+    int w = eval_write_json(p1, res, nres, &e) || eval_write_json(p2, res, nres, &e);
+    if (!w && ncres) w = choice_add_json(p1, cres, ncres, &e) || choice_add_json(p2, cres, ncres, &e);
+    if (!w && spec && !(w = json_file_set(p1, "speculative", cJSON_Duplicate(spec, 1), &e))) {
+        w = json_file_set(p2, "speculative", spec, &e);  // takes spec
+        spec = NULL;
+    }
+    cJSON_Delete(spec);
+    free(p1), free(p2);
+    if (w) goto fail;
     rc = DL_EXIT_OK;
     goto out;
 fail:

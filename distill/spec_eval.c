@@ -1,0 +1,160 @@
+// spec_eval.c: see spec_eval.h.
+#include "distill/spec_eval.h"
+
+#include <cjson/cJSON.h>
+#include <string.h>
+
+#include "distill/rng.h"
+
+static int64_t sum_i64(const int64_t *n, int64_t B) {
+    int64_t s = 0;
+    for (int64_t b = 0; b < B; b++) s += n[b];
+    return s;
+}
+
+// Rows [B, Lmax] of prompts s, s+1, ... (wrapping: a short last batch repeats prompts).
+static void fill_batch(const SpecEvalConfig *c, int64_t s, int64_t B, int64_t Lmax, int32_t *pr, int64_t *pl) {
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t i = (s + b) % c->n_prompts;
+        memcpy(pr + b * Lmax, c->prompts[i], (size_t)c->plen[i] * sizeof(int32_t));
+        pl[b] = c->plen[i];
+    }
+}
+
+// One batch size: plain once per prompt (the reference outputs), then speculative for each K.
+static int run_batch(const SpecEvalConfig *c, int64_t B, int64_t Lmax, const GenParams *gp0, SpecEvalRow *rows, DlError *e) {
+    const int64_t T = c->max_tokens, nl = c->n_prompts, nbatches = (nl + B - 1) / B;
+    int32_t *pr = dl_calloc((size_t)(B * Lmax), sizeof(int32_t)), *out = dl_malloc((size_t)(B * T) * sizeof(int32_t));
+    int64_t *pl = dl_malloc((size_t)B * sizeof(int64_t)), *no = dl_malloc((size_t)B * sizeof(int64_t));
+    int32_t *ref = dl_malloc((size_t)(nbatches * B * T) * sizeof(int32_t));  // plain outputs [nbatches * B, T]
+    int64_t *nref = dl_malloc((size_t)(nbatches * B) * sizeof(int64_t));
+    GenDecoder dt = {0}, dd = {0};
+    GenParams gp = *gp0;
+    Rng rng;
+    int rc = -1;
+    const int64_t cap = spec_max_len(Lmax, T, SPEC_EVAL_MAX_K);
+    if (gen_decoder_new(c->target.hc, c->target.reg, c->target.params, B, cap, c->cuda, c->graph, &dt, e) ||
+        gen_decoder_new(c->draft.hc, c->draft.reg, c->draft.params, B, cap, c->cuda, c->graph, &dd, e))
+        goto out;
+    if (c->cuda) {  // warm-up: one short run of each, untimed
+        GenParams wp = gp;
+        wp.max_tokens = DL_MIN(T, 8), wp.k = c->ks[0];
+        fill_batch(c, 0, B, Lmax, pr, pl);
+        rng_init(&rng, 0, 0);
+        if (gen_plain(dt, pr, pl, Lmax, &wp, &rng, out, no, e) || gen_speculative(dt, dd, pr, pl, Lmax, &wp, &rng, out, no, NULL, e))
+            goto out;
+    }
+    double tp = 0;
+    int64_t ntp = 0;
+    rng_init(&rng, 0, 0);
+    for (int64_t s = 0; s < nl; s += B) {
+        fill_batch(c, s, B, Lmax, pr, pl);
+        double t0 = dl_now();
+        if (gen_plain(dt, pr, pl, Lmax, &gp, &rng, out, no, e)) goto out;
+        tp += dl_now() - t0, ntp += sum_i64(no, B);
+        memcpy(ref + (s / B) * B * T, out, (size_t)(B * T) * sizeof(int32_t));
+        memcpy(nref + (s / B) * B, no, (size_t)B * sizeof(int64_t));
+    }
+    for (int ki = 0; ki < c->nk; ki++) {
+        SpecEvalRow *row = &rows[ki];
+        memset(row, 0, sizeof *row);
+        gp.k = c->ks[ki];
+        SpecStats acc;
+        memset(&acc, 0, sizeof acc);
+        double ts = 0;
+        int64_t nts = 0, same = 0, nseq = 0;
+        rng_init(&rng, 0, 0);
+        for (int64_t s = 0; s < nl; s += B) {
+            fill_batch(c, s, B, Lmax, pr, pl);
+            SpecStats st;
+            double t0 = dl_now();
+            if (gen_speculative(dt, dd, pr, pl, Lmax, &gp, &rng, out, no, &st, e)) goto out;
+            ts += dl_now() - t0, nts += sum_i64(no, B);
+            for (int64_t b = 0; b < B && s + b < nl; b++, nseq++) {  // the repeated prompts of a short batch do not count
+                const int64_t r = (s / B) * B + b;
+                same += no[b] == nref[r] && !memcmp(out + b * T, ref + r * T, (size_t)no[b] * sizeof(int32_t));
+            }
+            acc.steps += st.steps, acc.emitted += st.emitted;
+            for (int i = 0; i < gp.k; i++) acc.accepted_at[i] += st.accepted_at[i];
+        }
+        const double steps = (double)DL_MAX(acc.steps, 1);
+        row->batch = B, row->k = gp.k;
+        row->plain_tps = (double)ntp / tp, row->spec_tps = (double)nts / ts;
+        row->speedup = row->spec_tps / row->plain_tps;
+        row->tokens_per_step = (double)acc.emitted / steps;
+        for (int i = 0; i < gp.k; i++) {
+            row->acceptance[i] = (double)acc.accepted_at[i] / steps;
+            row->acceptance_rate += (double)acc.accepted_at[i];
+        }
+        row->acceptance_rate /= steps * gp.k;
+        row->same = gp.sp.greedy ? same : -1;
+        row->sequences = nseq;
+        if (c->progress) spec_eval_print_row(c->progress, row), fflush(c->progress);
+    }
+    rc = 0;
+out:
+    gen_decoder_free(&dt), gen_decoder_free(&dd);
+    free(pr), free(out), free(pl), free(no), free(ref), free(nref);
+    return rc;
+}
+
+int spec_eval_run(const SpecEvalConfig *c, SpecEvalRow *rows, DlError *e) {
+    if (c->n_prompts < 1 || !c->prompts || !c->plen) return dl_fail(e, "speculative eval: no prompts");
+    if (c->nk < 1 || c->nb < 1) return dl_fail(e, "speculative eval: no K or batch size given");
+    if (c->max_tokens < 1) return dl_fail(e, "speculative eval: max_tokens = %lld must be positive", (long long)c->max_tokens);
+    for (int i = 0; i < c->nk; i++)
+        if (c->ks[i] < 1 || c->ks[i] > SPEC_EVAL_MAX_K)
+            return dl_fail(e, "speculative eval: K = %d outside 1..%d", c->ks[i], SPEC_EVAL_MAX_K);
+    for (int i = 0; i < c->nb; i++)
+        if (c->batches[i] < 1) return dl_fail(e, "speculative eval: batch size %d must be positive", c->batches[i]);
+    if (c->draft.hc->base.vocab != c->target.hc->base.vocab)
+        return dl_fail(e, "speculative eval: draft vocabulary %d != target vocabulary %d", c->draft.hc->base.vocab,
+                       c->target.hc->base.vocab);
+    int64_t Lmax = 1;
+    for (int64_t i = 0; i < c->n_prompts; i++) {
+        if (c->plen[i] < 1) return dl_fail(e, "speculative eval: prompt %lld is empty", (long long)i + 1);
+        Lmax = DL_MAX(Lmax, c->plen[i]);
+    }
+    // no stop tokens: every run generates exactly max_tokens (comparable timings)
+    GenParams gp = {.sp = {.greedy = c->temperature <= 0, .temperature = (float)c->temperature, .top_p = 1},
+                    .max_tokens = c->max_tokens, .stop = {-1, -1}};
+    for (int bi = 0; bi < c->nb; bi++)
+        if (run_batch(c, c->batches[bi], Lmax, &gp, rows + (int64_t)bi * c->nk, e)) return -1;
+    return 0;
+}
+
+void spec_eval_print_header(FILE *f) {
+    fprintf(f, "%5s %3s %10s %10s %8s %8s %7s %7s  %s\n", "batch", "k", "plain t/s", "spec t/s", "speedup", "tok/step", "accept",
+            "same", "acceptance per draft position");
+}
+
+void spec_eval_print_row(FILE *f, const SpecEvalRow *r) {
+    char sm[48] = "-";
+    if (r->same >= 0) snprintf(sm, sizeof sm, "%lld/%lld", (long long)r->same, (long long)r->sequences);
+    fprintf(f, "%5lld %3d %10.1f %10.1f %7.2fx %8.2f %7.3f %7s ", (long long)r->batch, r->k, r->plain_tps, r->spec_tps,
+            r->speedup, r->tokens_per_step, r->acceptance_rate, sm);
+    for (int i = 0; i < r->k; i++) fprintf(f, " %.2f", r->acceptance[i]);
+    fputc('\n', f);
+}
+
+// numbers rounded to 1/scale (as the old fprintf JSON wrote them: no 17-digit noise)
+static double rounded(double x, double scale) { return (double)(int64_t)(x * scale + (x >= 0 ? 0.5 : -0.5)) / scale; }
+static void add_num(cJSON *o, const char *key, double x, double scale) { cJSON_AddNumberToObject(o, key, rounded(x, scale)); }
+
+cJSON *spec_eval_row_json(const SpecEvalRow *r) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "batch", (double)r->batch);
+    cJSON_AddNumberToObject(o, "k", r->k);
+    add_num(o, "plain_tokens_per_s", r->plain_tps, 1e3);
+    add_num(o, "spec_tokens_per_s", r->spec_tps, 1e3);
+    add_num(o, "speedup", r->speedup, 1e4);
+    add_num(o, "tokens_per_step", r->tokens_per_step, 1e4);
+    add_num(o, "acceptance_rate", r->acceptance_rate, 1e4);
+    if (r->same >= 0) {
+        cJSON_AddNumberToObject(o, "greedy_equal_sequences", (double)r->same);
+        cJSON_AddNumberToObject(o, "sequences", (double)r->sequences);
+    }
+    cJSON *a = cJSON_AddArrayToObject(o, "acceptance");
+    for (int i = 0; i < r->k; i++) cJSON_AddItemToArray(a, cJSON_CreateNumber(rounded(r->acceptance[i], 1e4)));
+    return o;
+}

@@ -1,0 +1,65 @@
+// spec_eval.h: the speculative-decoding measurement shared by `distill eval-spec` (cmd_eval_spec.c) and the
+// pipeline's eval stage (stage_eval.c): for each batch size B and draft length K, plain and speculative
+// generation of max_tokens tokens (no stop token: every run generates exactly max_tokens, so timings compare)
+// for every prompt, batched B at a time (a short last batch repeats prompts; only the real ones count for the
+// greedy comparison), on the CPU or the GPU through the generation code of spec_decode.h.
+//
+// Per (B, K) row: plain and speculative tokens/s, speedup, mean tokens per target step, the acceptance rate
+// (accepted / proposed draft tokens), the fraction of verification steps that accepted draft position i, and
+// with greedy decoding how many sequences equal the plain output token for token (exactness: all of them).
+#pragma once
+#include <stdint.h>
+#include <stdio.h>
+
+#include "distill/common.h"
+#include "distill/model.h"
+#include "distill/registry.h"
+#include "distill/spec_decode.h"
+
+#define SPEC_EVAL_MAX_K 8  // K values accepted (decoder capacity is sized for this)
+
+typedef struct {
+    const HybridConfig *hc;
+    const Registry *reg;
+    const float *params;  // fp32, registry order (the GPU decoder converts to bf16)
+} SpecModel;
+
+typedef struct {
+    SpecModel target, draft;     // same vocabulary
+    const int32_t *const *prompts;  // n_prompts token arrays, prompt i has plen[i] >= 1 tokens
+    const int64_t *plen;
+    int64_t n_prompts;
+    const int *ks;               // nk draft lengths, each 1..SPEC_EVAL_MAX_K
+    int nk;
+    const int *batches;          // nb batch sizes, each >= 1
+    int nb;
+    int64_t max_tokens;          // new tokens per sequence (>= 1)
+    double temperature;          // 0: greedy; > 0: sampled (top-p 1), fixed seeds
+    int cuda, graph;             // decode on the GPU (DecoderCuda), CUDA graphs for short feeds
+    FILE *progress;              // each row printed as it is measured (spec_eval_print_row), or NULL
+} SpecEvalConfig;
+
+typedef struct {
+    int64_t batch;
+    int k;
+    double plain_tps, spec_tps, speedup;  // tokens/s (generated tokens of the whole batch / wall time)
+    double tokens_per_step;               // emitted tokens per target verification step (1 .. K+1)
+    double acceptance_rate;               // accepted draft tokens / proposed
+    double acceptance[SPEC_MAX_K];        // [k]: fraction of steps that accepted draft position i
+    int64_t same, sequences;              // greedy: sequences equal to the plain output; same = -1 when sampled
+} SpecEvalRow;
+
+// Runs the measurement; rows [nb * nk] are filled batch-major (row bi * nk + ki). On the GPU one short
+// untimed warm-up of plain and speculative generation precedes each batch size (cuBLASLt heuristics, graph
+// captures). Returns 0, or -1 with e filled (bad configuration, decoder or generation failure).
+int spec_eval_run(const SpecEvalConfig *c, SpecEvalRow *rows, DlError *e);
+
+// The table: header line, then one line per row.
+void spec_eval_print_header(FILE *f);
+void spec_eval_print_row(FILE *f, const SpecEvalRow *r);
+
+// One row as a new JSON object (cJSON; the caller adds it to its document): batch, k, plain_tokens_per_s,
+// spec_tokens_per_s, speedup, tokens_per_step, acceptance_rate, (greedy:) greedy_equal_sequences and
+// sequences, and acceptance (array of k).
+struct cJSON;
+struct cJSON *spec_eval_row_json(const SpecEvalRow *r);

@@ -1,0 +1,148 @@
+// stage_draft.c: the `draft` stage: the speculative-decoding draft model of the paper's section 5 ("shrink
+// and fine-tune"): the teacher cut to a few of its layers (`layers`, default the first and the last) with
+// its embeddings, final norm and head (spec_draft_from_layers), then fine-tuned with the shared training loop
+// on `data` (prompt-masked CE on the teacher's generated responses, and/or KL to the online teacher), on the
+// run's device. The draft never replaces the student: later stages still find the hybrid (stage_find_model
+// skips this kind).
+//
+// Output: STAGE_DIR/model/, an HF Llama directory (config.json + model.safetensors, fp32: the trained
+// weights exactly), loadable by `distill eval-spec --draft` and HF transformers; the eval stage uses it for
+// its speculative rows. Checkpoints of the training loop live in STAGE_DIR as for every training stage, so
+// --resume continues an interrupted fine-tune bit-exactly (and only exports when training had finished).
+#include <string.h>
+
+#include "distill/checkpoint.h"
+#include "distill/export.h"
+#include "distill/spec_decode.h"
+#include "distill/stage_common.h"
+
+// STAGE_DIR/model, the directory the stage writes (newly allocated).
+static char *draft_dir(const char *stage_dir) { return dl_path_join(stage_dir, "model"); }
+
+static bool draft_complete(const char *dir) {
+    char *cfg = dl_path_join(dir, "config.json");
+    bool ok = dl_file_exists(cfg);
+    free(cfg);
+    return ok;
+}
+
+static int run_draft(RunContext *ctx, const StageSpec *st) {
+    const Recipe *rec = ctx->recipe;
+    DlError e;
+    int rc = DL_EXIT_RUNTIME;
+    char *out = draft_dir(ctx->stage_dir), *shard = NULL;
+    LoadedModel t;
+    memset(&t, 0, sizeof t);
+    bool have_t = false;
+    StageModel d;
+    memset(&d, 0, sizeof d);
+    LoaderSource ls = {0};
+    Metrics metrics = {0};
+    CkptState cst;
+    ckpt_state_init(&cst);
+    char latest[1024] = "";
+    if (ctx->resume && draft_complete(out)) {
+        dl_info("%s: already complete (%s)", st->name, out);
+        rc = DL_EXIT_OK;
+        goto out;
+    }
+    const DataSpec *ds = &rec->data[st->data_index];
+    if (stage_data_shard(ctx, st->data_index, SPLIT_TRAIN, &shard, &e)) {
+        rc = DL_EXIT_INPUT;
+        goto fail;
+    }
+    if (stage_load_teacher(ctx, &t, &e)) {
+        rc = DL_EXIT_INPUT;
+        goto fail;
+    }
+    have_t = true;
+    // [n_draft_layers] teacher layers + embeddings, norm, head; the recipe checked the layer list
+    if (spec_draft_from_layers(&t.hc, &t.reg, t.params, st->draft_layers, st->n_draft_layers, &d.hc, &d.reg, &d.params, &e))
+        goto fail;
+    if (reg_set_trainable(&d.reg, st->trainable && *st->trainable ? st->trainable : "*", &e) < 0) {
+        rc = DL_EXIT_INPUT;
+        goto fail;
+    }
+    const int64_t B = st->opt.micro_batch, T = ds->seq_len;
+    const uint64_t data_seed = (uint64_t)ctx->seed ^ (0x9e37ull * (uint64_t)(st->index + 1));
+    if (loader_source_open(&ls, shard, B, T, data_seed, ds->shuffle, &e)) {
+        rc = DL_EXIT_INPUT;
+        goto fail;
+    }
+    const int64_t steps = stage_steps(st->steps, st->epochs, dataloader_steps_per_epoch(ls.dl), st->opt.grad_accum);
+    // resume: a finished fine-tune only needs its export; an unfinished one continues from its checkpoint
+    int64_t done = 0;
+    const char *resume_from = NULL;
+    if (ctx->resume) {
+        int f = checkpoint_find_latest(ctx->stage_dir, latest, sizeof latest, &e);
+        if (f < 0) goto fail;
+        if (f == 1) {
+            if (checkpoint_read_state(latest, &cst, &e) || ckpt_state_get_int(&cst, TRAIN_KEY_DONE, &done, &e)) goto fail;
+            resume_from = latest;
+        }
+    }
+    char layers[256];
+    size_t o = 0;
+    for (int i = 0; i < st->n_draft_layers && o < sizeof layers; i++)
+        o += (size_t)snprintf(layers + o, sizeof layers - o, "%s%d", i ? "," : "", st->draft_layers[i]);
+    dl_info("%s: teacher layers [%s] -> a %d-layer draft, %lld parameters (%lld trainable), %lld steps%s%s", st->name, layers,
+            d.hc.base.n_layer, (long long)reg_params_numel(&d.reg), (long long)reg_trainable_numel(&d.reg), (long long)steps,
+            resume_from ? ", from " : "", resume_from ? latest : "");
+    if (done) {
+        if (checkpoint_load_weights(latest, &d.reg, d.params, 0, &e) < 0) goto fail;
+    } else {
+        if (metrics_open(&metrics, ctx->run_dir, st->index, resume_from ? cst.step : 0, &e)) goto fail;
+        const bool teacher_online = st->loss.kl != 0 || st->loss.reverse_kl != 0;
+        TrainConfig c;
+        memset(&c, 0, sizeof c);
+        c.hc = &d.hc, c.reg = &d.reg, c.params = d.params;
+        if (teacher_online) c.teacher_hc = &t.hc, c.teacher_reg = &t.reg, c.teacher_params = t.params;
+        c.w = (LossWeights){.ce = (float)st->loss.ce, .kl = (float)st->loss.kl, .rkl = (float)st->loss.reverse_kl,
+                            .temperature = st->loss.temperature > 0 ? (float)st->loss.temperature : 1.0f};
+        c.micro_batch = B, c.seq_len = T;
+        stage_optim_config(st, steps, &c.opt);
+        c.run_dir = ctx->stage_dir;
+        c.stage_index = st->index;
+        c.stage_name = st->name;
+        c.checkpoint_every = rec->run.checkpoint_every;
+        c.keep_checkpoints = rec->run.keep_checkpoints;
+        c.metrics = &metrics;
+        stage_train_device(ctx, &c);
+        // one process: with several ranks the runner runs this stage on rank 0 alone (a draft is small)
+        c.dist = NULL, c.nccl = NULL, c.zero_stage = 0;
+        c.resume_from = resume_from;
+        c.stop = ctx->stop;
+        const char *stop_env = getenv("DISTILL_TEST_STOP_AFTER");  // tests: a simulated kill after N steps
+        if (stop_env) c.stop_after = atoll(stop_env);
+        BatchSource src = loader_source(&ls);
+        TrainResult res;
+        if (train_run(&c, &src, &res, &e)) goto fail;
+        metrics_close(&metrics);
+        if (res.interrupted || res.stopped) {  // a checkpoint of the last step was written: --resume continues
+            rc = DL_EXIT_INTERRUPTED;
+            goto out;
+        }
+        stage_plot_metrics(ctx);
+    }
+    // fp32: the trained weights exactly (a 2-layer draft of a 135M teacher is ~140 MB)
+    ExportOptions eo = {.dtype = DT_F32, .max_shard_bytes = 0, .name_or_path = rec->teacher.path};
+    if (export_hf(out, &d.hc, &d.reg, d.params, &eo, &e)) goto fail;
+    dl_info("%s: draft written to %s", st->name, out);
+    rc = DL_EXIT_OK;
+    goto out;
+fail:
+    fprintf(stderr, "distill: error: %s: %s\n", st->name, e.msg);
+out:
+    ckpt_state_free(&cst);
+    metrics_close(&metrics);
+    loader_source_close(&ls);
+    free(shard);
+    free(out);
+    stage_model_free(&d);
+    if (have_t) model_free(&t);
+    return rc;
+}
+
+DL_STAGE(stage_draft_def, {.kind = STAGE_DRAFT,
+                           .summary = "speculative-decoding draft: a few teacher layers + embeddings/head, fine-tuned",
+                           .run = run_draft})

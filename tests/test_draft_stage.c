@@ -1,0 +1,335 @@
+// test_draft_stage.c: the draft stage and the eval stage's speculative rows through $DISTILL_BIN, with the real
+// SmolLM2 tokenizer (skipped when scripts/fetch-teacher has not run) and a small random-weight 4-layer teacher
+// of the same vocabulary.
+//   * pipeline: generate -> init -> layerwise -> draft "cut" (layers [1, 3], lr 1e-30: the weights stay the
+//     cut, checked tensor by tensor against teacher layers 1 and 3) -> draft "draft" (layers [0, 3], CE + KL,
+//     only model.layers.* train: embeddings and norm equal the teacher's, layer weights moved) -> eval with
+//     draft = "draft": eval.json's "speculative" rows (student and teacher targets, K 1 and 3): greedy output
+//     equal to plain for every prompt, acceptance in [0, 1] and falling with the position, tokens per step =
+//     1 + the summed acceptance; draft "same" (all 4 layers, lr 1e-30: the teacher itself) -> an eval that
+//     picks the last draft by default: with the teacher as the target, acceptance >= 0.9.
+//   * `distill eval-spec --draft RUN/NN-draft/model --json`: the same library, the same exactness.
+//   * resume: a draft stage stopped after 2 of 5 steps and resumed writes the same bytes as an uninterrupted run.
+//   * bad recipes: layer out of range, layers not ascending, layers on a layerwise stage, loss.mse on a draft,
+//     an eval's draft naming no stage / a non-draft stage / a later stage, spec_k outside 1..8, a draft without
+//     data: exit 3, every message, nothing run.
+#include <cjson/cJSON.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "distill/model_io.h"
+#include "tests/check.h"
+
+#define GGUF "checkpoints/teachers/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+static char g_dir[256];
+
+static int run_cmd(const char *cmd_fmt, const char *a, const char *b, const char *c) {
+    char cmd[4096], full[4400];
+    snprintf(cmd, sizeof cmd, cmd_fmt, a, b, c);
+    snprintf(full, sizeof full, "%s >> %s/log.txt 2>&1", cmd, g_dir);
+    int st = system(full);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static char *slurp(const char *path) {
+    size_t n;
+    DlError e;
+    return dl_read_file(path, &n, &e);
+}
+
+static bool log_has(const char *what) {
+    char p[400];
+    snprintf(p, sizeof p, "%s/log.txt", g_dir);
+    char *t = slurp(p);
+    bool ok = t && strstr(t, what);
+    if (!ok) fprintf(stderr, "log.txt lacks: %s\n", what);
+    free(t);
+    return ok;
+}
+
+static void clear_log(void) {
+    char p[400];
+    snprintf(p, sizeof p, "%s/log.txt", g_dir);
+    FILE *f = fopen(p, "w");
+    if (f) fclose(f);
+}
+
+static void dump_log(void) {
+    char cmd[400];
+    snprintf(cmd, sizeof cmd, "cat %s/log.txt >&2", g_dir);
+    if (system(cmd)) {}
+}
+
+static void write_file(const char *path, const char *text) {
+    FILE *f = fopen(path, "w");
+    fputs(text, f);
+    fclose(f);
+}
+
+// Max |a - b| over tensor `an` of a and `bn` of b (same numel), or -1 when either is missing.
+static double tensor_diff(const LoadedModel *a, const char *an, const LoadedModel *b, const char *bn) {
+    int i = reg_find(&a->reg, an), j = reg_find(&b->reg, bn);
+    if (i < 0 || j < 0 || a->reg.t[i].numel != b->reg.t[j].numel) return -1;
+    double m = 0;
+    for (int64_t k = 0; k < a->reg.t[i].numel; k++) {
+        double d = fabs((double)a->params[a->reg.t[i].offset + k] - (double)b->params[b->reg.t[j].offset + k]);
+        if (d > m) m = d;
+    }
+    return m;
+}
+
+// Every layer tensor of draft layer dl equals teacher layer tl (exactly), and the shared tensors equal.
+static void check_cut(const LoadedModel *d, const LoadedModel *t, int dl, int tl) {
+    int n = 0;
+    for (int i = 0; i < d->reg.n; i++) {
+        int li, off = 0;
+        const char *nm = d->reg.t[i].name;
+        char tn[DL_TENSOR_NAME_MAX];
+        if (sscanf(nm, "model.layers.%d.%n", &li, &off) == 1 && off > 0) {
+            if (li != dl) continue;
+            snprintf(tn, sizeof tn, "model.layers.%d.%s", tl, nm + off);
+        } else {
+            snprintf(tn, sizeof tn, "%s", nm);
+        }
+        double df = tensor_diff(d, nm, t, tn);
+        if (df != 0) fprintf(stderr, "cut: %s vs teacher %s: %g\n", nm, tn, df);
+        CHECK(df == 0);
+        n++;
+    }
+    CHECK(n >= 9);  // norms, q, k, v, o, gate, up, down (+ shared tensors)
+}
+
+// The "speculative" object of eval.json: every row's invariants; returns the number of rows.
+static int check_spec_rows(const cJSON *runs, int want_prompts) {
+    int n = 0;
+    const cJSON *r;
+    cJSON_ArrayForEach(r, runs) {
+        n++;
+        int k = (int)cJSON_GetObjectItem(r, "k")->valuedouble;
+        const cJSON *acc = cJSON_GetObjectItem(r, "acceptance");
+        CHECK(cJSON_GetArraySize(acc) == k);
+        double sum = 0;
+        bool in01 = true, mono = true;
+        double prev = 1;
+        for (int i = 0; i < k; i++) {
+            double a = cJSON_GetArrayItem(acc, i)->valuedouble;
+            in01 &= a >= 0 && a <= 1;
+            mono &= a <= prev + 1e-9;  // position i+1 is accepted only after position i
+            prev = a;
+            sum += a;
+        }
+        CHECK(in01);
+        CHECK(mono);
+        double tps = cJSON_GetObjectItem(r, "tokens_per_step")->valuedouble;
+        // greedy: each verification step emits the accepted draft tokens plus one target token
+        CHECK(fabs(tps - (1 + sum)) < 2e-3 * k + 1e-4);
+        CHECK_EQ_I64(cJSON_GetObjectItem(r, "greedy_equal_sequences")->valuedouble, cJSON_GetObjectItem(r, "sequences")->valuedouble);
+        if (want_prompts > 0) CHECK_EQ_I64(cJSON_GetObjectItem(r, "sequences")->valuedouble, want_prompts);
+        CHECK(cJSON_GetObjectItem(r, "plain_tokens_per_s")->valuedouble > 0);
+        CHECK(cJSON_GetObjectItem(r, "spec_tokens_per_s")->valuedouble > 0);
+    }
+    return n;
+}
+
+int main(void) {
+    const char *bin = getenv("DISTILL_BIN");
+    if (!bin || access(GGUF, R_OK)) {
+        printf("test_draft_stage: skipped (needs DISTILL_BIN and %s; run scripts/fetch-teacher)\n", GGUF);
+        return 0;
+    }
+    snprintf(g_dir, sizeof g_dir, "/tmp/distill_test_draft_XXXXXX");
+    if (!mkdtemp(g_dir)) return 1;
+    char cwd[300], path[700], recipe[700], recipe2[700], bad[700];
+    if (!getcwd(cwd, sizeof cwd)) return 1;
+    snprintf(path, sizeof path, "%s/prompts.jsonl", g_dir);
+    write_file(path, "{\"messages\": [{\"role\": \"user\", \"content\": \"Name a fruit.\"}]}\n"
+                     "{\"messages\": [{\"role\": \"user\", \"content\": \"Say hi.\"}]}\n"
+                     "{\"messages\": [{\"role\": \"user\", \"content\": \"Count to three.\"}]}\n"
+                     "{\"messages\": [{\"role\": \"user\", \"content\": \"What is the sky?\"}]}\n"
+                     "{\"messages\": [{\"role\": \"user\", \"content\": \"Tell a joke.\"}]}\n"
+                     "{\"messages\": [{\"role\": \"user\", \"content\": \"Why is water wet?\"}]}\n");
+    snprintf(path, sizeof path, "%s/teacher.json", g_dir);
+    write_file(path, "{\"architectures\": [\"LlamaForCausalLM\"], \"model_type\": \"llama\", \"hidden_size\": 32, "
+                     "\"intermediate_size\": 64, \"num_hidden_layers\": 4, \"num_attention_heads\": 4, \"num_key_value_heads\": 2, "
+                     "\"head_dim\": 8, \"vocab_size\": 49152, \"max_position_embeddings\": 512, \"rope_theta\": 10000.0, "
+                     "\"rms_norm_eps\": 1e-05, \"tie_word_embeddings\": true, \"bos_token_id\": 1, \"eos_token_id\": 2, "
+                     "\"initializer_range\": 0.3}\n");
+    char head[1200];
+    snprintf(head, sizeof head,
+             "[run]\noutput_dir = \"%s/runs\"\nseed = 5\ncheckpoint_every = 2\nthreads = 2\n\n[teacher]\npath = \"%s/teacher.json\"\n\n"
+             "[tokenizer]\npath = \"%s/%s\"\n\n[hybrid]\nattn_fraction = 0.5\n\n[optimizer]\nlr = 1e-2\nmicro_batch = 2\n\n"
+             "[data.prompts]\nsources = [\"%s/prompts.jsonl\"]\nformat = \"chat\"\nseq_len = 48\n\n"
+             "[data.samples]\nseq_len = 48\nholdout = 0.3\n\n"
+             "[[stage]]\nkind = \"generate\"\ndata = \"prompts\"\noutput = \"samples\"\nmax_new_tokens = 12\ntemperature = 1.0\n"
+             "top_p = 1.0\nbatch_size = 6\nsamples_per_prompt = 2\n\n",
+             g_dir, g_dir, cwd, GGUF, g_dir);
+    // ---- the pipeline
+    snprintf(recipe, sizeof recipe, "%s/draft.toml", g_dir);
+    FILE *f = fopen(recipe, "w");
+    fprintf(f, "%s", head);
+    fputs("[[stage]]\nkind = \"init\"\n\n[[stage]]\nkind = \"layerwise\"\ndata = \"samples\"\nsteps = 2\n\n"
+          "[[stage]]\nkind = \"draft\"\nname = \"cut\"\ndata = \"samples\"\nlayers = [1, 3]\nsteps = 1\n"
+          "[stage.optimizer]\nlr = 1e-30\n\n"
+          "[[stage]]\nkind = \"draft\"\nname = \"draft\"\ndata = \"samples\"\nlayers = [0, 3]\nsteps = 4\n"
+          "trainable = \"model.layers.*\"\n[stage.loss]\nce = 1.0\nkl = 0.5\n\n"
+          "[[stage]]\nkind = \"draft\"\nname = \"same\"\ndata = \"samples\"\nlayers = [0, 1, 2, 3]\nsteps = 1\n"
+          "[stage.optimizer]\nlr = 1e-30\n\n"
+          "[[stage]]\nkind = \"eval\"\nname = \"eval\"\ndata = [\"samples\"]\ndraft = \"draft\"\nspec_k = [1, 3]\nspec_tokens = 10\nspec_prompts = 3\n\n"
+          "[[stage]]\nkind = \"eval\"\nname = \"eval-same\"\ndata = [\"samples\"]\nspec_k = [3]\nspec_tokens = 12\nspec_prompts = 2\n",
+          f);
+    fclose(f);
+    int rc = run_cmd("'%s' '%s' --set run.name=%s", bin, recipe, "p");
+    CHECK_EQ_I64(rc, 0);
+    if (rc) dump_log();
+    LoadedModel t, cut, dr;
+    DlError e;
+    snprintf(path, sizeof path, "%s/teacher.json", g_dir);
+    if (model_load(path, 5, &t, &e)) {
+        fprintf(stderr, "%s\n", e.msg);
+        return 1;
+    }
+    snprintf(path, sizeof path, "%s/runs/p/04-cut/model", g_dir);
+    int lc = model_load(path, 0, &cut, &e);
+    CHECK(lc == 0);
+    if (lc == 0) {
+        CHECK_EQ_I64(cut.hc.base.n_layer, 2);
+        check_cut(&cut, &t, 0, 1);
+        check_cut(&cut, &t, 1, 3);
+        model_free(&cut);
+    } else fprintf(stderr, "%s\n", e.msg);
+    snprintf(path, sizeof path, "%s/runs/p/05-draft/model", g_dir);
+    int ld = model_load(path, 0, &dr, &e);
+    CHECK(ld == 0);
+    if (ld == 0) {
+        CHECK_EQ_I64(dr.hc.base.n_layer, 2);
+        CHECK(dr.hc.mixer[0] == MIXER_ATTN && dr.hc.mixer[1] == MIXER_ATTN);
+        CHECK(tensor_diff(&dr, "model.embed_tokens.weight", &t, "model.embed_tokens.weight") == 0);  // frozen
+        CHECK(tensor_diff(&dr, "model.norm.weight", &t, "model.norm.weight") == 0);
+        CHECK(tensor_diff(&dr, "model.layers.1.mlp.down_proj.weight", &t, "model.layers.3.mlp.down_proj.weight") > 1e-4);  // trained
+        CHECK(tensor_diff(&dr, "model.layers.0.self_attn.q_proj.weight", &t, "model.layers.0.self_attn.q_proj.weight") > 1e-4);
+        model_free(&dr);
+    } else fprintf(stderr, "%s\n", e.msg);
+    model_free(&t);
+    // eval.json's speculative rows
+    snprintf(path, sizeof path, "%s/runs/p/07-eval/eval.json", g_dir);
+    char *js = slurp(path);
+    cJSON *root = js ? cJSON_Parse(js) : NULL;
+    const cJSON *sp = cJSON_GetObjectItem(root, "speculative");
+    CHECK(sp != NULL);
+    if (sp) {
+        CHECK(!strcmp(cJSON_GetObjectItem(sp, "draft_stage")->valuestring, "draft"));
+        CHECK(!strcmp(cJSON_GetObjectItem(sp, "device")->valuestring, "cpu"));
+        int np = (int)cJSON_GetObjectItem(sp, "prompts")->valuedouble;
+        CHECK(np >= 1 && np <= 3);  // distinct prompts of the held-out documents (2 samples of each prompt), at most spec_prompts
+        int nrows = check_spec_rows(cJSON_GetObjectItem(sp, "runs"), np);
+        CHECK_EQ_I64(nrows, 4);  // student and teacher x K 1, 3
+        CHECK(cJSON_GetObjectItem(root, "results") != NULL || cJSON_GetArraySize(root) > 1);  // the eval results stay
+    }
+    cJSON_Delete(root);
+    free(js);
+    // the last eval (the run's eval.json): its draft is the teacher itself (all layers, unchanged), so with the
+    // teacher as the target nearly every draft token is accepted (exact ties aside: batched vs one-token sums)
+    snprintf(path, sizeof path, "%s/runs/p/eval.json", g_dir);
+    js = slurp(path);
+    root = js ? cJSON_Parse(js) : NULL;
+    sp = cJSON_GetObjectItem(root, "speculative");
+    CHECK(sp != NULL);
+    if (sp) {
+        CHECK(!strcmp(cJSON_GetObjectItem(sp, "draft_stage")->valuestring, "same"));  // the last draft before it
+        const cJSON *runs = cJSON_GetObjectItem(sp, "runs");
+        CHECK_EQ_I64(check_spec_rows(runs, (int)cJSON_GetObjectItem(sp, "prompts")->valuedouble), 2);
+        const cJSON *tr = cJSON_GetArrayItem(runs, 1);
+        CHECK(tr && !strcmp(cJSON_GetObjectItem(tr, "target")->valuestring, "teacher"));
+        if (tr) {
+            double ar = cJSON_GetObjectItem(tr, "acceptance_rate")->valuedouble;
+            if (!(ar >= 0.9)) fprintf(stderr, "identical draft: acceptance %g\n", ar);
+            CHECK(ar >= 0.9);
+            CHECK(cJSON_GetObjectItem(tr, "tokens_per_step")->valuedouble >= 3.6);  // of at most K + 1 = 4
+        }
+    }
+    cJSON_Delete(root);
+    free(js);
+    CHECK(log_has("speculative decoding on cpu"));
+    CHECK(log_has("target teacher"));
+    // ---- the command, on the stage's draft
+    char args[1600];
+    snprintf(args, sizeof args, "--target %s/teacher.json --draft %s/runs/p/05-draft/model --tokenizer %s/%s --k 2 --batch 1,2 "
+             "--max-tokens 9 --json %s/spec.json", g_dir, g_dir, cwd, GGUF, g_dir);
+    rc = run_cmd("'%s' eval-spec %s%s", bin, args, "");
+    CHECK_EQ_I64(rc, 0);
+    snprintf(path, sizeof path, "%s/spec.json", g_dir);
+    js = slurp(path);
+    root = js ? cJSON_Parse(js) : NULL;
+    CHECK(root != NULL);
+    if (root) CHECK_EQ_I64(check_spec_rows(cJSON_GetObjectItem(root, "runs"), 8), 2);  // 8 built-in prompts, batch 1 and 2
+    cJSON_Delete(root);
+    free(js);
+    // ---- resume: generate -> draft, stopped after 2 of 5 steps, resumed; against an uninterrupted run
+    snprintf(recipe2, sizeof recipe2, "%s/resume.toml", g_dir);
+    f = fopen(recipe2, "w");
+    fprintf(f, "%s", head);
+    fputs("[[stage]]\nkind = \"draft\"\ndata = \"samples\"\nsteps = 5\n[stage.loss]\nce = 1.0\nkl = 1.0\n", f);
+    fclose(f);
+    rc = run_cmd("'%s' '%s' --quiet --set run.name=%s", bin, recipe2, "whole");
+    CHECK_EQ_I64(rc, 0);
+    rc = run_cmd("DISTILL_TEST_STOP_AFTER=2 '%s' '%s' --quiet --set run.name=%s", bin, recipe2, "cut");
+    CHECK_EQ_I64(rc, 4);
+    snprintf(path, sizeof path, "%s/runs/cut/02-draft/model", g_dir);
+    CHECK(!dl_is_dir(path));  // no export of an unfinished fine-tune
+    rc = run_cmd("'%s' '%s' --quiet --resume --set run.name=%s", bin, recipe2, "cut");
+    CHECK_EQ_I64(rc, 0);
+    char a[700], b[700];
+    snprintf(a, sizeof a, "%s/runs/whole/02-draft/model/model.safetensors", g_dir);
+    snprintf(b, sizeof b, "%s/runs/cut/02-draft/model/model.safetensors", g_dir);
+    size_t na = 0, nb = 0;
+    char *ta = dl_read_file(a, &na, &e), *tb = dl_read_file(b, &nb, &e);
+    CHECK(ta && tb && na == nb && na > 0 && !memcmp(ta, tb, na));
+    free(ta), free(tb);
+    // ---- bad recipes: every problem at once, nothing run
+    clear_log();
+    snprintf(bad, sizeof bad, "%s/bad.toml", g_dir);
+    f = fopen(bad, "w");
+    fprintf(f, "%s", head);
+    fputs("[[stage]]\nkind = \"init\"\n\n[[stage]]\nkind = \"layerwise\"\ndata = \"samples\"\nsteps = 2\nlayers = [0, 1]\n\n"
+          "[[stage]]\nkind = \"draft\"\nname = \"d1\"\ndata = \"samples\"\nlayers = [0, 9]\nsteps = 2\n\n"
+          "[[stage]]\nkind = \"draft\"\nname = \"d2\"\ndata = \"samples\"\nlayers = [3, 1]\nsteps = 2\n[stage.loss]\nmse = 1.0\n\n"
+          "[[stage]]\nkind = \"draft\"\nname = \"d3\"\nsteps = 2\n\n"
+          "[[stage]]\nkind = \"eval\"\nname = \"e1\"\ndata = [\"samples\"]\ndraft = \"d4\"\nspec_k = [2, 9]\n\n"
+          "[[stage]]\nkind = \"eval\"\nname = \"e2\"\ndata = [\"samples\"]\ndraft = \"init\"\n\n"
+          "[[stage]]\nkind = \"eval\"\nname = \"e3\"\ndata = [\"samples\"]\ndraft = \"d4\"\n\n"
+          "[[stage]]\nkind = \"draft\"\nname = \"d4\"\ndata = \"samples\"\nsteps = 2\n",
+          f);
+    fclose(f);
+    rc = run_cmd("'%s' '%s' --set run.name=%s", bin, bad, "bad");
+    CHECK_EQ_I64(rc, 3);
+    CHECK(log_has("key 'layers' does not apply to a layerwise stage (it is for: draft)"));
+    CHECK(log_has("stage 'd1'.layers: layer 9 does not exist (the teacher has 4 layers, 0..3)"));
+    CHECK(log_has("stage 'd2'.layers must be ascending, each layer once (1 after 3)"));
+    CHECK(log_has("stage 'd2' (draft): loss.mse aligns Mamba layers; a draft has none"));
+    CHECK(log_has("stage 'd3' needs data = \"NAME\""));
+    CHECK(log_has("stage 'e1'.spec_k: K = 9 is outside 1..8"));
+    CHECK(log_has("stage 'e1' uses the draft of stage 'd4', which runs after it"));
+    CHECK(log_has("stage 'e2': draft = 'init' is not a draft stage (its kind is init)"));
+    CHECK(log_has("stage 'e3' uses the draft of stage 'd4', which runs after it"));
+    snprintf(path, sizeof path, "%s/runs/bad", g_dir);
+    CHECK(!dl_is_dir(path));
+    clear_log();
+    f = fopen(bad, "w");
+    fprintf(f, "%s", head);
+    fputs("[[stage]]\nkind = \"init\"\n\n[[stage]]\nkind = \"eval\"\ndata = [\"samples\"]\ndraft = \"drfat\"\n\n"
+          "[[stage]]\nkind = \"draft\"\nname = \"draft\"\ndata = \"samples\"\nsteps = 2\n",
+          f);
+    fclose(f);
+    rc = run_cmd("'%s' '%s' --set run.name=%s", bin, bad, "bad2");
+    CHECK_EQ_I64(rc, 3);
+    CHECK(log_has("stage 'eval': no stage named 'drfat' (draft = the name of a draft stage) (did you mean 'draft'?)"));
+    if (check_fail_) dump_log();
+    else if (getenv("DISTILL_TEST_KEEP")) printf("kept %s\n", g_dir);  // to look at the runs
+    else {
+        snprintf(args, sizeof args, "rm -rf '%s'", g_dir);
+        if (system(args)) {}
+    }
+    return check_report("test_draft_stage");
+}
