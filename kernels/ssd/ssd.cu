@@ -62,6 +62,8 @@ struct SsdDev {
     float *dl;        // v2, v3: [B,H,nch] decay of the whole chunk (dlast)
     float *wv, *dv;   // v3: [B,H,nch,Q] w and din of every chunk position
     int yvec;   // v2: y 4-byte aligned: bf16 pairs
+    int ovec;   // v4: dx, dBm, dCm 4-byte aligned: bf16 pairs
+    float *tw, *uw;  // v4 backward: [B,H,nch,Q] tmp_m and [B,H,nch] u of every chunk (ssd_bwd_bc_kernel's)
 };
 
 __device__ __forceinline__ float bf(bf16 v) { return __bfloat162float(v); }
@@ -1318,6 +1320,574 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_state_pass_kernel(SsdDev a, i
     }
 }
 
+// ---------------------------------------------------------------------------------------------- v4: mma.sync kernels
+// v4 keeps v3's scalars kernel and state passes and replaces the per-chunk kernels: the chunk output becomes one block
+// per (b, h, chunk) (C B^T and the decays once instead of once per P half), and the chunk-gradient kernel is split in
+// two that each fit two blocks per SM: ssd_bwd_bc_kernel (dB, dC, and the d(cum) scalars tmp_m, u that need S0) and
+// ssd_bwd_dx_kernel (dx, ddt and the parameter partials). Their [Q, P] / [Q, N] outputs stay in mma.sync register
+// fragments from the first product to the store (no fp32 round trip through shared memory), and the fp32 states are
+// read from global memory straight into B-operand fragments (split into hi + lo there): dS once per kernel, S0 once.
+//
+// m16n8k16 fragments (PTX ISA, "matrix fragments for mma.m16n8k16", bf16), g = lane / 4, t = lane % 4:
+//   A (16 x 16): a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], a2 = A[g][2t+8, 2t+9], a3 = A[g+8][2t+8, 2t+9]
+//   B (16 x 8):  b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g]
+//   D (16 x 8):  d0, d1 = D[g][2t, 2t+1], d2, d3 = D[g+8][2t, 2t+1]        (bf16 pairs: lower index in the low half)
+__device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <bool TRANS>
+__device__ __forceinline__ void ldsm4(unsigned (&r)[4], const bf16 *p) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s) : "memory");
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s) : "memory");
+}
+// A fragment of rows i0.., columns k0.. of A [m][k] (row stride ld) in shared memory
+__device__ __forceinline__ void lda_row(unsigned (&r)[4], const bf16 *A, int ld, int i0, int k0) {
+    const int l = threadIdx.x & 31;
+    ldsm4<false>(r, A + (i0 + (l & 15)) * ld + k0 + (l >> 4) * 8);
+}
+// A fragment of A = At^T, At [k][m] in shared memory (A's rows i0.., columns k0..)
+__device__ __forceinline__ void lda_col(unsigned (&r)[4], const bf16 *At, int ld, int i0, int k0) {
+    const int l = threadIdx.x & 31;
+    ldsm4<true>(r, At + (k0 + (l >> 4) * 8 + (l & 7)) * ld + i0 + ((l >> 3) & 1) * 8);
+}
+// B fragments of two 8-column tiles n0, n0 + 8 (r0, r1 and r2, r3) of B = Bt^T, Bt [n][k] in shared memory
+__device__ __forceinline__ void ldb_nk(unsigned (&r)[4], const bf16 *Bt, int ld, int n0, int k0) {
+    const int l = threadIdx.x & 31;
+    ldsm4<false>(r, Bt + (n0 + (l >> 4) * 8 + (l & 7)) * ld + k0 + ((l >> 3) & 1) * 8);
+}
+// the same from B [k][n] in shared memory
+__device__ __forceinline__ void ldb_kn(unsigned (&r)[4], const bf16 *Bk, int ld, int k0, int n0) {
+    const int l = threadIdx.x & 31;
+    ldsm4<true>(r, Bk + (k0 + ((l >> 3) & 1) * 8 + (l & 7)) * ld + n0 + (l >> 4) * 8);
+}
+__device__ __forceinline__ unsigned pack_bf2(bf16 a, bf16 b) {  // a: lower index
+    return (unsigned)__bfloat16_as_ushort(a) | ((unsigned)__bfloat16_as_ushort(b) << 16);
+}
+// two fp32 values of a B fragment register as bf16 hi and lo pairs (split_bf's rule: same bits as every kernel)
+__device__ __forceinline__ void split2(float v0, float v1, unsigned &hi, unsigned &lo) {
+    bf16 h0, l0, h1, l1;
+    split_bf(v0, &h0, &l0), split_bf(v1, &h1, &l1);
+    hi = pack_bf2(h0, h1), lo = pack_bf2(l0, l1);
+}
+__device__ __forceinline__ void st_pair(bf16 *p, float v0, float v1, bool vec) {
+    if (vec) *reinterpret_cast<__nv_bfloat162 *>(p) = __floats2bfloat162_rn(v0, v1);
+    else p[0] = __float2bfloat16_rn(v0), p[1] = __float2bfloat16_rn(v1);
+}
+
+// A [Q, Q] product per warp: the 16 x 32 slab of rows mi = 16 (warp / 2), columns kc = 32 (warp % 2) (4 tiles of 8).
+// acc[j] += A[mi.., :K] Bt[kc + 8j.., :K]^T with A [m][k], Bt [n][k] bf16 in shared memory.
+__device__ __forceinline__ void qq_slab(float (&acc)[4][4], const bf16 *A, int lda, const bf16 *Bt, int ldb, int mi,
+                                        int kc, int K) {
+    for (int k0 = 0; k0 < K; k0 += 16) {
+        unsigned fa[4], f0[4], f1[4];
+        lda_row(fa, A, lda, mi, k0);
+        ldb_nk(f0, Bt, ldb, kc, k0);
+        ldb_nk(f1, Bt, ldb, kc + 16, k0);
+        mma16816(acc[0], fa, f0[0], f0[1]), mma16816(acc[1], fa, f0[2], f0[3]);
+        mma16816(acc[2], fa, f1[0], f1[1]), mma16816(acc[3], fa, f1[2], f1[3]);
+    }
+}
+// f(e, m, k) for the slab's cells: acc[j][e] is cell (m, k) = (mi + g + 8 (e / 2), kc + 8j + 2t + e % 2)
+template <typename F>
+__device__ __forceinline__ void slab_cells(int mi, int kc, F f) {
+    const int l = threadIdx.x & 31, g = l >> 2, t = l & 3;
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int hh = 0; hh < 2; hh++) f(j, hh, mi + g + 8 * hh, kc + 8 * j + 2 * t);
+}
+
+// The [Q, 16 cb .. 16 cb + 15] output columns of the [Q, P] or [Q, N] products are dealt to the warps as units of one
+// 16-column block and 4 / rs row tiles (rs row splits so that 8 warps stay busy when there are fewer than 8 blocks).
+__host__ __device__ constexpr int v4_splits(int ncb) { return ncb * 4 <= 8 ? 4 : ncb * 2 <= 8 ? 2 : 1; }
+struct Unit {
+    int cb, mt0, nmt;
+    bool on;
+};
+__device__ __forceinline__ Unit unit_of(int warp, int ncb) {
+    const int rs = v4_splits(ncb);
+    Unit u;
+    u.on = warp < ncb * rs;
+    u.cb = warp % ncb;
+    u.nmt = 4 / rs;
+    u.mt0 = (warp / ncb) * u.nmt;
+    return u;
+}
+typedef float Frag[4][2][4];  // [row tile][8-column tile][register]: a unit's [16 nmt, 16] output
+
+// acc[mt][nt] += A[rows of mt, :K] S^T-fragment, A [m][k] bf16 in shared memory, S an fp32 [rows, K] matrix in global
+// memory read straight into B fragments (element (k, n) = S[n0 + n][k], n0 = 16 cb) and split into hi + lo there.
+// The next k step's eight values are loaded before this step's MMAs.
+__device__ __forceinline__ void mma_state_nk(Frag &acc, const Unit &u, const bf16 *A, int lda, const float *S, int ldS,
+                                             int n0, int K) {
+    const int l = threadIdx.x & 31, g = l >> 2, t = l & 3;
+    const float *r0 = S + (int64_t)(n0 + g) * ldS + 2 * t, *r1 = r0 + (int64_t)8 * ldS;
+    float2 cur[4], nxt[4];
+    cur[0] = __ldg(reinterpret_cast<const float2 *>(r0)), cur[1] = __ldg(reinterpret_cast<const float2 *>(r0 + 8));
+    cur[2] = __ldg(reinterpret_cast<const float2 *>(r1)), cur[3] = __ldg(reinterpret_cast<const float2 *>(r1 + 8));
+    for (int k0 = 0; k0 < K; k0 += 16) {
+        if (k0 + 16 < K) {
+            const int k1 = k0 + 16;
+            nxt[0] = __ldg(reinterpret_cast<const float2 *>(r0 + k1));
+            nxt[1] = __ldg(reinterpret_cast<const float2 *>(r0 + k1 + 8));
+            nxt[2] = __ldg(reinterpret_cast<const float2 *>(r1 + k1));
+            nxt[3] = __ldg(reinterpret_cast<const float2 *>(r1 + k1 + 8));
+        }
+        unsigned hi[4], lo[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) split2(cur[i].x, cur[i].y, hi[i], lo[i]);
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++) {
+            if (mt >= u.nmt) break;
+            unsigned fa[4];
+            lda_row(fa, A, lda, (u.mt0 + mt) * 16, k0);
+            mma16816(acc[mt][0], fa, hi[0], hi[1]), mma16816(acc[mt][0], fa, lo[0], lo[1]);
+            mma16816(acc[mt][1], fa, hi[2], hi[3]), mma16816(acc[mt][1], fa, lo[2], lo[3]);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) cur[i] = nxt[i];
+    }
+}
+
+// f(mt, nt, hh, row, col) for a unit's output cells: acc[mt][nt][2hh], [2hh+1] are (row, col), (row, col + 1)
+template <typename F>
+__device__ __forceinline__ void unit_cells(const Unit &u, F f) {
+    const int l = threadIdx.x & 31, g = l >> 2, t = l & 3;
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++) {
+        if (mt >= u.nmt) break;
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int hh = 0; hh < 2; hh++) f(mt, nt, hh, (u.mt0 + mt) * 16 + g + 8 * hh, u.cb * 16 + 8 * nt + 2 * t);
+    }
+}
+
+// Per-row sums over a unit's 16 columns of v(mt, nt, hh, row, col) (two columns per call), reduced over the 4 lanes
+// of a row: red[cb * Q + row] (each (cb, row) written by one warp).
+template <typename F>
+__device__ __forceinline__ void unit_row_sums(const Unit &u, float *red, F v) {
+    const int l = threadIdx.x & 31, g = l >> 2, t = l & 3;
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++) {
+        if (mt >= u.nmt) break;
+#pragma unroll
+        for (int hh = 0; hh < 2; hh++) {
+            const int row = (u.mt0 + mt) * 16 + g + 8 * hh;
+            float s = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++) s += v(mt, nt, hh, row, u.cb * 16 + 8 * nt + 2 * t);
+            s += __shfl_xor_sync(0xffffffffu, s, 1);
+            s += __shfl_xor_sync(0xffffffffu, s, 2);
+            if (t == 0) red[u.cb * SSD_Q + row] = s;
+        }
+    }
+}
+
+struct V4Layout {  // shared memory of the v4 kernels (unused regions: size 0)
+    int64_t X, DY, B, C, Wh, Wl, E, red, scal, total;
+};
+// kind 0: ssd_bwd_dx_kernel (X, DY, B, C, W hi/lo, E [Q, Q+1] with 8 rows of partials after it, also the row sums)
+// kind 1: ssd_bwd_bc_kernel (X, DY, B, C, V hi/lo in W's place, row sums)
+// kind 2: ssd_chunk_out4_kernel (X, B, C, W hi/lo)
+__host__ __device__ inline V4Layout v4_layout(int kind, int64_t P, int64_t N) {
+    const int64_t Q = SSD_Q;
+    V4Layout l;
+    Carve c;
+    l.X = c.take(Q * ld16(P) * 2);
+    l.DY = c.take(kind == 2 ? 0 : Q * ld16(P) * 2);
+    l.B = c.take(Q * ld16(N) * 2);
+    l.C = c.take(Q * ld16(N) * 2);
+    l.Wh = c.take(Q * ld16(Q) * 2);
+    l.Wl = c.take(Q * ld16(Q) * 2);
+    l.E = c.take(kind == 0 ? (Q * (Q + 1) + 8 * Q) * 4 : 0);
+    l.red = kind == 0 ? l.E + Q * (Q + 1) * 4 : c.take(kind == 1 ? 8 * Q * 4 : 0);
+    l.scal = c.take(SSD_SCAL * Q * 4);
+    l.total = c.o;
+    return l;
+}
+
+// One block per (b, h, chunk): y = din_m C S_in^T + W x + D x, W = (C B^T) o decay o delta (one per chunk: v3's kernel
+// formed C B^T and the decays once per 64 rows of P). Each warp owns a unit of y in registers.
+template <int PC, int NC>
+__global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int P = PC ? PC : (int)a.P, N = NC ? NC : (int)a.N, Q = SSD_Q;
+    const int lP = (int)ld16(P), lN = (int)ld16(N), lQ = (int)ld16(Q);
+    const V4Layout lay = v4_layout(2, P, N);
+    bf16 *Xs = reinterpret_cast<bf16 *>(smem + lay.X), *Bs = reinterpret_cast<bf16 *>(smem + lay.B);
+    bf16 *Cs = reinterpret_cast<bf16 *>(smem + lay.C);
+    bf16 *Wh = reinterpret_cast<bf16 *>(smem + lay.Wh), *Wl = reinterpret_cast<bf16 *>(smem + lay.Wl);
+    const Scal sc = scal_at(smem + lay.scal);
+    const int64_t c = (int64_t)blockIdx.x % a.nch, bh = (int64_t)blockIdx.x / a.nch;
+    const int64_t b = bh / a.H, h = bh % a.H, g = h / a.rep;
+    const int64_t L = a.L, H = a.H, G = a.G, t0 = c * SSD_Q;
+    const int q = (int)(L - t0 < SSD_Q ? L - t0 : SSD_Q);
+    const float Dh = a.D ? a.D[h] : 0.f;
+    const int tid = threadIdx.x, warp = tid >> 5;
+
+    load_rows_async(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * N; });
+    load_rows_async(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * N; });
+    load_rows_async(Xs, P, lP, q, a.vec, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * P; });
+    if (tid < 32) chunk_scalars(a, b, h, t0, q, sc);
+    cp_async_wait_all();
+    __syncthreads();
+    chunk_weights(sc);
+    __syncthreads();
+    {  // W as hi + lo (the slabs strictly above the diagonal are zero and never read)
+        const int mi = (warp >> 1) * 16, kc = (warp & 1) * 32;
+        if (kc <= mi + 15) {
+            float cb[4][4] = {};
+            qq_slab(cb, Cs, lN, Bs, lN, mi, kc, N);
+            slab_cells(mi, kc, [&](int j, int hh, int m, int k) {
+                unsigned hi, lo;
+                split2(cb[j][2 * hh] * decay_mk(sc, m, k) * sc.delta[k],
+                       cb[j][2 * hh + 1] * decay_mk(sc, m, k + 1) * sc.delta[k + 1], hi, lo);
+                *reinterpret_cast<unsigned *>(Wh + m * lQ + k) = hi;
+                *reinterpret_cast<unsigned *>(Wl + m * lQ + k) = lo;
+            });
+        }
+    }
+    __syncthreads();
+    const Unit u = unit_of(warp, P / 16);
+    if (!u.on) return;
+    const int p0 = u.cb * 16;
+    Frag acc = {};
+    mma_state_nk(acc, u, Cs, lN, a.Sin + (bh * a.nch + c) * (int64_t)P * N, N, p0, N);  // C S_in^T
+    unit_cells(u, [&](int mt, int nt, int hh, int row, int col) {
+        acc[mt][nt][2 * hh] *= sc.din[row], acc[mt][nt][2 * hh + 1] *= sc.din[row];
+    });
+    const int last = (u.mt0 + u.nmt - 1) * 16;
+    for (int kk = 0; kk <= last; kk += 16) {  // + W x (W lower triangular: k tiles up to the row tile)
+        unsigned fx[4];
+        ldb_kn(fx, Xs, lP, kk, p0);
+#pragma unroll
+        for (int mt = 0; mt < 4; mt++) {
+            if (mt >= u.nmt || kk > (u.mt0 + mt) * 16) continue;
+            unsigned fw[4];
+            lda_row(fw, Wh, lQ, (u.mt0 + mt) * 16, kk);
+            mma16816(acc[mt][0], fw, fx[0], fx[1]), mma16816(acc[mt][1], fw, fx[2], fx[3]);
+            lda_row(fw, Wl, lQ, (u.mt0 + mt) * 16, kk);
+            mma16816(acc[mt][0], fw, fx[0], fx[1]), mma16816(acc[mt][1], fw, fx[2], fx[3]);
+        }
+    }
+    unit_cells(u, [&](int mt, int nt, int hh, int row, int col) {
+        if (row >= q) return;
+        const float v0 = fmaf(Dh, bf(Xs[row * lP + col]), acc[mt][nt][2 * hh]);
+        const float v1 = fmaf(Dh, bf(Xs[row * lP + col + 1]), acc[mt][nt][2 * hh + 1]);
+        st_pair(a.y + ((b * L + t0 + row) * H + h) * P + col, v0, v1, a.yvec);
+    });
+}
+
+// Backward, first of two per-chunk kernels (one block per (b, h, chunk)): dB = w_k (x dS) + V^T C and
+// dC = din_m (dy S0) + V B with V = (dy x^T) o decay o delta, and for ssd_bwd_dx_kernel tmp_m = din_m C_m.(dy S0)_m
+// (a.tw) and u = dlast <dS, S0> (a.uw). dS and S0 are read once each, straight into fragments.
+template <int PC, int NC>
+__global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int P = PC ? PC : (int)a.P, N = NC ? NC : (int)a.N, Q = SSD_Q;
+    const int lP = (int)ld16(P), lN = (int)ld16(N), lQ = (int)ld16(Q);
+    const V4Layout lay = v4_layout(1, P, N);
+    bf16 *Xs = reinterpret_cast<bf16 *>(smem + lay.X), *DYs = reinterpret_cast<bf16 *>(smem + lay.DY);
+    bf16 *Bs = reinterpret_cast<bf16 *>(smem + lay.B), *Cs = reinterpret_cast<bf16 *>(smem + lay.C);
+    bf16 *Vh = reinterpret_cast<bf16 *>(smem + lay.Wh), *Vl = reinterpret_cast<bf16 *>(smem + lay.Wl);
+    float *red = reinterpret_cast<float *>(smem + lay.red);
+    const Scal sc = scal_at(smem + lay.scal);
+    const int64_t c = (int64_t)blockIdx.x % a.nch, bh = (int64_t)blockIdx.x / a.nch;
+    const int64_t b = bh / a.H, h = bh % a.H, g = h / a.rep;
+    const int64_t L = a.L, H = a.H, G = a.G, t0 = c * SSD_Q;
+    const int q = (int)(L - t0 < SSD_Q ? L - t0 : SSD_Q);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, lg = lane >> 2, lt = lane & 3;
+
+    load_rows_async(Xs, P, lP, q, a.vec, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * P; });
+    load_rows_async(DYs, P, lP, q, a.vec, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * P; });
+    load_rows_async(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * N; });
+    load_rows_async(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * N; });
+    if (tid < 32) chunk_scalars(a, b, h, t0, q, sc);
+    cp_async_wait_all();
+    __syncthreads();
+    chunk_weights(sc);
+    __syncthreads();
+    {  // V as hi + lo
+        const int mi = (warp >> 1) * 16, kc = (warp & 1) * 32;
+        if (kc <= mi + 15) {
+            float dg[4][4] = {};
+            qq_slab(dg, DYs, lP, Xs, lP, mi, kc, P);
+            slab_cells(mi, kc, [&](int j, int hh, int m, int k) {
+                unsigned hi, lo;
+                split2(dg[j][2 * hh] * decay_mk(sc, m, k) * sc.delta[k],
+                       dg[j][2 * hh + 1] * decay_mk(sc, m, k + 1) * sc.delta[k + 1], hi, lo);
+                *reinterpret_cast<unsigned *>(Vh + m * lQ + k) = hi;
+                *reinterpret_cast<unsigned *>(Vl + m * lQ + k) = lo;
+            });
+        }
+    }
+    __syncthreads();
+    const Unit u = unit_of(warp, N / 16);
+    float up = 0.f;
+    if (u.on) {
+        const int n0 = u.cb * 16;
+        const float *dS = a.dSo + (bh * a.nch + c) * (int64_t)P * N, *S0 = a.Sin + (bh * a.nch + c) * (int64_t)P * N;
+        Frag fb = {}, fc = {};
+        // x dS and dy S0 over k = p; this thread's state cells: rows k0 + 2t + {0, 1, 8, 9}, columns n0 + g + {0, 8}
+        auto load = [&](float (&vs)[8], float (&vz)[8], int k0) {
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const int64_t o = (int64_t)(k0 + 2 * lt + (i & 1) + ((i >> 1) & 1) * 8) * N + n0 + 8 * (i >> 2) + lg;
+                vs[i] = __ldg(dS + o), vz[i] = __ldcs(S0 + o);
+            }
+        };
+        float cs[8], cz[8], ns[8], nz[8];
+        load(cs, cz, 0);
+        const bool ucount = u.mt0 == 0;  // u: each state cell counted by one warp
+        for (int k0 = 0; k0 < P; k0 += 16) {
+            if (k0 + 16 < P) load(ns, nz, k0 + 16);
+            unsigned sh[4], sl[4], zh[4], zl[4];  // [nt * 2 + (b0, b1)]
+#pragma unroll
+            for (int i = 0; i < 4; i++) split2(cs[2 * i], cs[2 * i + 1], sh[i], sl[i]);
+#pragma unroll
+            for (int i = 0; i < 4; i++) split2(cz[2 * i], cz[2 * i + 1], zh[i], zl[i]);
+            if (ucount)
+#pragma unroll
+                for (int i = 0; i < 8; i++) up = fmaf(cs[i], cz[i], up);
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++) {
+                if (mt >= u.nmt) break;
+                unsigned fx[4], fy[4];
+                lda_row(fx, Xs, lP, (u.mt0 + mt) * 16, k0);
+                lda_row(fy, DYs, lP, (u.mt0 + mt) * 16, k0);
+#pragma unroll
+                for (int nt = 0; nt < 2; nt++) {
+                    mma16816(fb[mt][nt], fx, sh[2 * nt], sh[2 * nt + 1]);
+                    mma16816(fb[mt][nt], fx, sl[2 * nt], sl[2 * nt + 1]);
+                    mma16816(fc[mt][nt], fy, zh[2 * nt], zh[2 * nt + 1]);
+                    mma16816(fc[mt][nt], fy, zl[2 * nt], zl[2 * nt + 1]);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 8; i++) cs[i] = ns[i], cz[i] = nz[i];
+        }
+        // dB = w_k (x dS) + V^T C (V^T upper triangular: m tiles from the row tile on)
+        unit_cells(u, [&](int mt, int nt, int hh, int row, int col) {
+            fb[mt][nt][2 * hh] *= sc.w[row], fb[mt][nt][2 * hh + 1] *= sc.w[row];
+        });
+        for (int kk = u.mt0 * 16; kk < Q; kk += 16) {
+            unsigned fcm[4];
+            ldb_kn(fcm, Cs, lN, kk, n0);
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++) {
+                if (mt >= u.nmt || kk < (u.mt0 + mt) * 16) continue;
+                unsigned fv[4];
+                lda_col(fv, Vh, lQ, (u.mt0 + mt) * 16, kk);
+                mma16816(fb[mt][0], fv, fcm[0], fcm[1]), mma16816(fb[mt][1], fv, fcm[2], fcm[3]);
+                lda_col(fv, Vl, lQ, (u.mt0 + mt) * 16, kk);
+                mma16816(fb[mt][0], fv, fcm[0], fcm[1]), mma16816(fb[mt][1], fv, fcm[2], fcm[3]);
+            }
+        }
+        unit_cells(u, [&](int mt, int nt, int hh, int row, int col) {
+            if (row >= q) return;
+            const float v0 = fb[mt][nt][2 * hh], v1 = fb[mt][nt][2 * hh + 1];
+            if (a.rep == 1) st_pair(a.dBm + ((b * L + t0 + row) * G + g) * N + col, v0, v1, a.ovec);
+            else *reinterpret_cast<float2 *>(a.dBh + ((b * L + t0 + row) * H + h) * N + col) = make_float2(v0, v1);
+        });
+        // tmp_m's row sums C_m.(dy S0)_m, then dC = din_m (dy S0) + V B (V lower triangular: k tiles up to the row's)
+        unit_row_sums(u, red, [&](int mt, int nt, int hh, int row, int col) {
+            return fmaf(bf(Cs[row * lN + col]), fc[mt][nt][2 * hh], bf(Cs[row * lN + col + 1]) * fc[mt][nt][2 * hh + 1]);
+        });
+        unit_cells(u, [&](int mt, int nt, int hh, int row, int col) {
+            fc[mt][nt][2 * hh] *= sc.din[row], fc[mt][nt][2 * hh + 1] *= sc.din[row];
+        });
+        const int last = (u.mt0 + u.nmt - 1) * 16;
+        for (int kk = 0; kk <= last; kk += 16) {
+            unsigned fbm[4];
+            ldb_kn(fbm, Bs, lN, kk, n0);
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++) {
+                if (mt >= u.nmt || kk > (u.mt0 + mt) * 16) continue;
+                unsigned fv[4];
+                lda_row(fv, Vh, lQ, (u.mt0 + mt) * 16, kk);
+                mma16816(fc[mt][0], fv, fbm[0], fbm[1]), mma16816(fc[mt][1], fv, fbm[2], fbm[3]);
+                lda_row(fv, Vl, lQ, (u.mt0 + mt) * 16, kk);
+                mma16816(fc[mt][0], fv, fbm[0], fbm[1]), mma16816(fc[mt][1], fv, fbm[2], fbm[3]);
+            }
+        }
+        unit_cells(u, [&](int mt, int nt, int hh, int row, int col) {
+            if (row >= q) return;
+            const float v0 = fc[mt][nt][2 * hh], v1 = fc[mt][nt][2 * hh + 1];
+            if (a.rep == 1) st_pair(a.dCm + ((b * L + t0 + row) * G + g) * N + col, v0, v1, a.ovec);
+            else *reinterpret_cast<float2 *>(a.dCh + ((b * L + t0 + row) * H + h) * N + col) = make_float2(v0, v1);
+        });
+    }
+    const float u_raw = block_sum(up, sc.red);  // its barriers also complete red
+    const int64_t o = bh * a.nch + c;
+    if (tid < SSD_Q) {
+        float s = 0.f;
+        for (int cb = 0; cb < N / 16; cb++) s += red[cb * SSD_Q + tid];
+        a.tw[o * SSD_Q + tid] = sc.din[tid] * s;
+    }
+    if (tid == 0) a.uw[o] = sc.din[SSD_Q - 1] * u_raw;
+}
+
+// Backward, second per-chunk kernel (after ssd_bwd_bc_kernel): dx = D dy + w_k (B dS^T) + W^T dy and ddt, with the
+// interval-sum bookkeeping of v3's chunk kernel (E = (dy x^T) o (C B^T) o decay), tmp and u from ssd_bwd_bc_kernel,
+// and this block's partials of dA, ddt_bias, dD.
+template <int PC, int NC>
+__global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int P = PC ? PC : (int)a.P, N = NC ? NC : (int)a.N, Q = SSD_Q;
+    const int lP = (int)ld16(P), lN = (int)ld16(N), lQ = (int)ld16(Q);
+    const V4Layout lay = v4_layout(0, P, N);
+    bf16 *Xs = reinterpret_cast<bf16 *>(smem + lay.X), *DYs = reinterpret_cast<bf16 *>(smem + lay.DY);
+    bf16 *Bs = reinterpret_cast<bf16 *>(smem + lay.B), *Cs = reinterpret_cast<bf16 *>(smem + lay.C);
+    bf16 *Wh = reinterpret_cast<bf16 *>(smem + lay.Wh), *Wl = reinterpret_cast<bf16 *>(smem + lay.Wl);
+    float *Es = reinterpret_cast<float *>(smem + lay.E), *red = reinterpret_cast<float *>(smem + lay.red);
+    const Scal sc = scal_at(smem + lay.scal);
+    const int64_t c = (int64_t)blockIdx.x % a.nch, bh = (int64_t)blockIdx.x / a.nch;
+    const int64_t b = bh / a.H, h = bh % a.H, g = h / a.rep;
+    const int64_t L = a.L, H = a.H, G = a.G, t0 = c * SSD_Q, o = bh * a.nch + c;
+    const int q = (int)(L - t0 < SSD_Q ? L - t0 : SSD_Q);
+    const float Dh = a.D ? a.D[h] : 0.f, Ah = a.A[h];
+    const int tid = threadIdx.x, warp = tid >> 5;
+
+    load_rows_async(Xs, P, lP, q, a.vec, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * P; });
+    load_rows_async(DYs, P, lP, q, a.vec, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * P; });
+    load_rows_async(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * N; });
+    load_rows_async(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * N; });
+    if (tid < 32) chunk_scalars(a, b, h, t0, q, sc);
+    else if (tid < 32 + SSD_Q) sc.tmp[tid - 32] = a.tw[o * SSD_Q + tid - 32];
+    const float u = a.uw[o];
+    cp_async_wait_all();
+    __syncthreads();
+    chunk_weights(sc);
+    __syncthreads();
+    // W (hi + lo) and E (row stride lE, odd: a warp walking a column or a row hits 32 banks)
+    constexpr int lE = SSD_Q + 1;
+    {
+        const int mi = (warp >> 1) * 16, kc = (warp & 1) * 32;
+        if (kc <= mi + 15) {  // (strictly upper slabs: W = E = 0 there, never read)
+            float cb[4][4] = {}, dg[4][4] = {};
+            qq_slab(cb, Cs, lN, Bs, lN, mi, kc, N);
+            qq_slab(dg, DYs, lP, Xs, lP, mi, kc, P);
+            slab_cells(mi, kc, [&](int j, int hh, int m, int k) {
+                const float l0 = decay_mk(sc, m, k), l1 = decay_mk(sc, m, k + 1);
+                const float c0 = cb[j][2 * hh], c1 = cb[j][2 * hh + 1];
+                unsigned hi, lo;
+                split2(c0 * l0 * sc.delta[k], c1 * l1 * sc.delta[k + 1], hi, lo);
+                *reinterpret_cast<unsigned *>(Wh + m * lQ + k) = hi;
+                *reinterpret_cast<unsigned *>(Wl + m * lQ + k) = lo;
+                Es[m * lE + k] = dg[j][2 * hh] * c0 * l0;
+                Es[m * lE + k + 1] = dg[j][2 * hh + 1] * c1 * l1;
+            });
+        }
+    }
+    __syncthreads();
+    // ddelta's column sums of E and the row prefixes of M = E delta_k (as v3's chunk kernel)
+    static_assert(SSD_THREADS == 4 * SSD_Q, "4 threads per row or column of the chunk");
+    float *part1 = red, *part2 = red + 4 * SSD_Q;
+    const int ix = tid & (SSD_Q - 1), qr = tid / SSD_Q, r0 = qr * (SSD_Q / 4), r1 = r0 + SSD_Q / 4;
+    {
+        float cs = 0.f, rs = 0.f;
+        for (int m = r0 > ix ? r0 : ix; m < r1; m++) cs += Es[m * lE + ix];
+        for (int k = r0; k < r1 && k < ix; k++) rs = fmaf(Es[ix * lE + k], sc.delta[k], rs);
+        part1[qr * SSD_Q + ix] = cs;
+        part2[qr * SSD_Q + ix] = rs;
+    }
+    __syncthreads();
+    if (tid < SSD_Q) sc.dd[tid] = (part1[tid] + part1[SSD_Q + tid]) + (part1[2 * SSD_Q + tid] + part1[3 * SSD_Q + tid]);
+    {
+        const int m = ix;
+        float pre = 0.f;
+        for (int r = 0; r < qr; r++) pre += part2[r * SSD_Q + m];
+        for (int j = r0; j < r1; j++) {
+            const float e = Es[m * lE + j];
+            Es[m * lE + j] = j <= m ? pre : 0.f;
+            if (j < m) pre = fmaf(e, sc.delta[j], pre);
+        }
+    }
+    __syncthreads();
+    {
+        float cs = 0.f;
+        for (int m = r0 > ix ? r0 : ix; m < r1; m++) cs += Es[m * lE + ix];
+        part1[qr * SSD_Q + ix] = cs;
+    }
+    __syncthreads();
+    if (tid < SSD_Q) sc.tj[tid] = (part1[tid] + part1[SSD_Q + tid]) + (part1[2 * SSD_Q + tid] + part1[3 * SSD_Q + tid]);
+    __syncthreads();  // part1/part2 are free: red holds the row sums below
+    const Unit un = unit_of(warp, P / 16);
+    if (un.on) {
+        const int p0 = un.cb * 16;
+        Frag acc = {};
+        mma_state_nk(acc, un, Bs, lN, a.dSo + o * (int64_t)P * N, N, p0, N);  // R = B dS^T
+        unit_row_sums(un, red, [&](int mt, int nt, int hh, int row, int col) {  // xdsb_k = x_k . R_k
+            return fmaf(bf(Xs[row * lP + col]), acc[mt][nt][2 * hh], bf(Xs[row * lP + col + 1]) * acc[mt][nt][2 * hh + 1]);
+        });
+        unit_cells(un, [&](int mt, int nt, int hh, int row, int col) {  // w_k R + D dy
+            float *v = &acc[mt][nt][2 * hh];
+            v[0] = fmaf(sc.w[row], v[0], Dh * bf(DYs[row * lP + col]));
+            v[1] = fmaf(sc.w[row], v[1], Dh * bf(DYs[row * lP + col + 1]));
+        });
+        for (int kk = un.mt0 * 16; kk < Q; kk += 16) {  // + W^T dy (W^T upper triangular)
+            unsigned fd[4];
+            ldb_kn(fd, DYs, lP, kk, p0);
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++) {
+                if (mt >= un.nmt || kk < (un.mt0 + mt) * 16) continue;
+                unsigned fw[4];
+                lda_col(fw, Wh, lQ, (un.mt0 + mt) * 16, kk);
+                mma16816(acc[mt][0], fw, fd[0], fd[1]), mma16816(acc[mt][1], fw, fd[2], fd[3]);
+                lda_col(fw, Wl, lQ, (un.mt0 + mt) * 16, kk);
+                mma16816(acc[mt][0], fw, fd[0], fd[1]), mma16816(acc[mt][1], fw, fd[2], fd[3]);
+            }
+        }
+        unit_cells(un, [&](int mt, int nt, int hh, int row, int col) {
+            if (row < q)
+                st_pair(a.dx + ((b * L + t0 + row) * H + h) * P + col, acc[mt][nt][2 * hh], acc[mt][nt][2 * hh + 1],
+                        a.ovec);
+        });
+    }
+    __syncthreads();
+    if (tid < SSD_Q) {
+        float s = 0.f;
+        for (int cb = 0; cb < P / 16; cb++) s += red[cb * SSD_Q + tid];
+        sc.xdsb[tid] = s;
+    }
+    __syncthreads();
+    // da_j, ddt, and this block's partials of dA, ddt_bias, dD (as v3's chunk kernel)
+    float pa = 0.f, pb = 0.f, pd = 0.f;
+    if (tid < SSD_Q) {
+        const int j = tid;
+        float da = u + sc.tj[j];
+        for (int m = SSD_Q - 1; m >= j; m--) da += sc.tmp[m];
+        for (int k = 0; k < j; k++) da = fmaf(sc.w[k], sc.xdsb[k], da);
+        const float ddelta = fmaf(decay_mk(sc, SSD_Q - 1, j), sc.xdsb[j], sc.dd[j]);
+        const float dd = fmaf(da, Ah, ddelta);
+        pa = da * sc.delta[j];
+        if (j < q) {
+            const float v = sc.v[j];
+            const float graw = a.softplus ? (v > 20.f ? dd : dd / (1.f + expf(-v))) : dd;
+            a.ddt[(b * L + t0 + j) * H + h] = __float2bfloat16_rn(graw);
+            pb = graw;
+        }
+    }
+    {
+        const int j = tid >> 2, c4 = tid & 3;
+        if (j < q)
+            for (int p = c4; p < P; p += 4) pd = fmaf(bf(DYs[j * lP + p]), bf(Xs[j * lP + p]), pd);
+    }
+    const float sa = block_sum(pa, sc.red);
+    const float sb = block_sum(pb, sc.red);
+    const float sd = block_sum(pd, sc.red);
+    if (tid == 0) a.pA[o] = sa, a.pb[o] = sb, a.pD[o] = sd;
+}
+
 // ---------------------------------------------------------------------------------------------- host side
 int check_shape(const SsdShape *s, char *err, size_t errlen, const char *who) {
     if (!s) return scan_fail(err, errlen, "%s: shape is NULL", who);
@@ -1378,7 +1948,7 @@ bool vec_ok(const void *x, const void *Bm, const void *Cm, const void *dy) {
 // Workspaces: byte offsets into one 256-byte aligned buffer. The forward (v2) needs the states [B,H,nch,P,N] and dl;
 // the backward also the state gradients and the partials.
 struct Ws {
-    size_t Sin, dSo, dl, wv, dv, pA, pD, pb, dBh, dCh, total;
+    size_t Sin, dSo, dl, wv, dv, pA, pD, pb, tw, uw, dBh, dCh, total;
 };
 Ws make_ws(const SsdShape *s, bool bwd) {
     const size_t nch = (size_t)((s->seqlen + SSD_Q - 1) / SSD_Q);
@@ -1397,6 +1967,8 @@ Ws make_ws(const SsdShape *s, bool bwd) {
     w.pA = o, o = up(o + (bwd ? parts : 0));
     w.pD = o, o = up(o + (bwd ? parts : 0));
     w.pb = o, o = up(o + (bwd ? parts : 0));
+    w.tw = o, o = up(o + (bwd ? parts * SSD_Q : 0));
+    w.uw = o, o = up(o + (bwd ? parts : 0));
     w.dBh = o, o = up(o + heads);
     w.dCh = o, o = up(o + heads);
     w.total = o;
@@ -1404,11 +1976,13 @@ Ws make_ws(const SsdShape *s, bool bwd) {
 }
 
 // DISTILL_SSD=v1 selects the first kernels (sequential state passes in shared memory, per 16 rows of P), v2 the
-// chunk-parallel state pass (chunk states, then an elementwise scan); the default is v3 (fused state pass).
+// chunk-parallel state pass (chunk states, then an elementwise scan), v4 v3's state passes with the mma.sync chunk
+// kernels; the default is v3 (fused state pass).
 int ssd_version(void) {
     const char *v = getenv("DISTILL_SSD");
     if (v && !strcmp(v, "v1")) return 1;
     if (v && !strcmp(v, "v2")) return 2;
+    if (v && !strcmp(v, "v4")) return 4;
     return 3;
 }
 bool use_v1(void) { return ssd_version() == 1; }
@@ -1492,7 +2066,7 @@ int launch_pass(const SsdDev &a, float *st_all, const float *init, float *fin, c
 // The state entering every chunk into a.Sin (h_last into fin): v3 (scalars, fused pass) or v2 (chunk states, scan).
 int chunk_states(const SsdDev &a, const float *init, float *fin, cudaStream_t st, Stages &tm, char *err, size_t errlen,
               const char *who) {
-    if (ssd_version() == 3) {
+    if (ssd_version() >= 3) {
         ssd_scalars_kernel<<<(unsigned)(a.B * a.H * a.nch), SSD_Q, 0, st>>>(a);
         if (scan_launch_check(err, errlen, who)) return -1;
         tm.mark("scalars");
@@ -1532,7 +2106,7 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     a.vec = vec_ok(x, Bm, Cm, nullptr);
     a.yvec = ((uintptr_t)y & 3) == 0;
     cudaStream_t st = (cudaStream_t)stream;
-    static const char *names[] = {"", "ssd_fwd_cuda v1", "ssd_fwd_cuda v2", "ssd_fwd_cuda v3"};
+    static const char *names[] = {"", "ssd_fwd_cuda v1", "ssd_fwd_cuda v2", "ssd_fwd_cuda v3", "ssd_fwd_cuda v4"};
     Stages tm(names[workspace ? ssd_version() : 1], st);
     if (workspace && !use_v1()) {  // v2: chunk states, scan, chunk outputs
         const int64_t blocks = a.B * a.H * a.nch * (a.P / out_pt(a.P));
@@ -1541,10 +2115,20 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
         const Ws w = make_ws(s, false);
         a.Sin = (float *)((char *)workspace + w.Sin), a.dl = (float *)((char *)workspace + w.dl);
         a.wv = (float *)((char *)workspace + w.wv), a.dv = (float *)((char *)workspace + w.dv);
-        const int64_t smem = out_layout(out_pt(a.P), a.N).total;
+        const bool v4 = ssd_version() == 4;
+        const int64_t smem = v4 ? v4_layout(2, a.P, a.N).total : out_layout(out_pt(a.P), a.N).total;
         if (smem_ok(max64(smem, cst_layout(a.P, a.N).total), err, errlen, who)) return -1;
         if (chunk_states(a, h0, h_last, st, tm, err, errlen, who)) return -1;
-        if (y) {
+        if (y && v4) {  // one block per (b, h, chunk)
+            if (by_shape(a.P, a.N, [&](auto pc, auto nc) {
+                    auto kernel = ssd_chunk_out4_kernel<decltype(pc)::value, decltype(nc)::value>;
+                    if (set_smem(kernel, smem, err, errlen, who)) return -1;
+                    kernel<<<(unsigned)(a.B * a.H * a.nch), SSD_THREADS, (size_t)smem, st>>>(a);
+                    return scan_launch_check(err, errlen, who);
+                }))
+                return -1;
+            tm.mark("chunk_out");
+        } else if (y) {
             if (by_shape(a.P, a.N, [&](auto pc, auto nc) {
                     auto kernel = ssd_chunk_out_kernel<decltype(pc)::value, decltype(nc)::value>;
                     if (set_smem(kernel, smem, err, errlen, who)) return -1;
@@ -1591,12 +2175,14 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     a.vec = vec_ok(x, Bm, Cm, dy);
     a.A = A, a.D = D, a.bias = dt_bias, a.reset = reset, a.h0 = h0, a.dhl = dh_last;
     a.dx = (bf16 *)dx, a.ddt = (bf16 *)ddt, a.dBm = (bf16 *)dBm, a.dCm = (bf16 *)dCm;
+    a.ovec = (((uintptr_t)dx | (uintptr_t)dBm | (uintptr_t)dCm) & 3) == 0;
     a.dh0 = h0 ? dh0 : nullptr;
     const Ws w = make_ws(s, true);
     char *ws = (char *)workspace;
     a.Sin = (float *)(ws + w.Sin), a.dSo = (float *)(ws + w.dSo), a.dl = (float *)(ws + w.dl);
     a.wv = (float *)(ws + w.wv), a.dv = (float *)(ws + w.dv);
     a.pA = (float *)(ws + w.pA), a.pD = (float *)(ws + w.pD), a.pb = (float *)(ws + w.pb);
+    a.tw = (float *)(ws + w.tw), a.uw = (float *)(ws + w.uw);
     if (a.rep > 1) a.dBh = (float *)(ws + w.dBh), a.dCh = (float *)(ws + w.dCh);
     const int ver = ssd_version();
     const bool v1 = ver == 1;
@@ -1608,7 +2194,7 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     const int64_t smem_chunk = chunk_layout(a.P, a.N).total, smem_cst = cst_layout(a.P, a.N).total;
     if (smem_ok(max64(max64(v1 ? smem_fwd : smem_cst, smem_dst), smem_chunk), err, errlen, who)) return -1;
     cudaStream_t st = (cudaStream_t)stream;
-    static const char *names[] = {"", "ssd_bwd_cuda v1", "ssd_bwd_cuda v2", "ssd_bwd_cuda v3"};
+    static const char *names[] = {"", "ssd_bwd_cuda v1", "ssd_bwd_cuda v2", "ssd_bwd_cuda v3", "ssd_bwd_cuda v4"};
     Stages tm(names[ver], st);
     if (v1) {
         if (set_smem(ssd_fwd_kernel<false>, smem_fwd, err, errlen, who) ||
@@ -1627,7 +2213,7 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
         if (chunk_states(a, h0, nullptr, st, tm, err, errlen, "ssd_bwd_cuda: states")) return -1;
         // 2. state gradients leaving every chunk (dh0 at the end): the fused reverse pass (v3), or the chunk
         //    contributions and the reverse scan (v2)
-        if (ver == 3) {
+        if (ver >= 3) {
             if (launch_pass<true>(a, a.dSo, a.dhl, a.dh0, st, err, errlen, "ssd_bwd_cuda: state-gradient pass"))
                 return -1;
             tm.mark("dstate_pass");
@@ -1642,15 +2228,33 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
             tm.mark("rscan");
         }
     }
-    // 3. per-chunk gradients
-    if (by_shape(a.P, a.N, [&](auto pc, auto nc) {
-            auto kernel = ssd_bwd_chunk_kernel<decltype(pc)::value, decltype(nc)::value>;
-            if (set_smem(kernel, smem_chunk, err, errlen, who)) return -1;
-            kernel<<<(unsigned)chunk_blocks, SSD_THREADS, (size_t)smem_chunk, st>>>(a);
-            return scan_launch_check(err, errlen, "ssd_bwd_cuda: chunk gradients");
-        }))
-        return -1;
-    tm.mark("chunk_grads");
+    // 3. per-chunk gradients: v4's two kernels (dB/dC with tmp and u, then dx and ddt), or the single chunk kernel
+    if (ver == 4) {
+        const int64_t sbc = v4_layout(1, a.P, a.N).total, sdx = v4_layout(0, a.P, a.N).total;
+        if (smem_ok(max64(sbc, sdx), err, errlen, who)) return -1;
+        if (by_shape(a.P, a.N, [&](auto pc, auto nc) {
+                constexpr int PC = decltype(pc)::value, NC = decltype(nc)::value;
+                if (set_smem(ssd_bwd_bc_kernel<PC, NC>, sbc, err, errlen, who)) return -1;
+                ssd_bwd_bc_kernel<PC, NC><<<(unsigned)chunk_blocks, SSD_THREADS, (size_t)sbc, st>>>(a);
+                if (scan_launch_check(err, errlen, "ssd_bwd_cuda: dB/dC gradients")) return -1;
+                tm.mark("bc_grads");
+                if (set_smem(ssd_bwd_dx_kernel<PC, NC>, sdx, err, errlen, who)) return -1;
+                ssd_bwd_dx_kernel<PC, NC><<<(unsigned)chunk_blocks, SSD_THREADS, (size_t)sdx, st>>>(a);
+                if (scan_launch_check(err, errlen, "ssd_bwd_cuda: dx/ddt gradients")) return -1;
+                tm.mark("dx_grads");
+                return 0;
+            }))
+            return -1;
+    } else {
+        if (by_shape(a.P, a.N, [&](auto pc, auto nc) {
+                auto kernel = ssd_bwd_chunk_kernel<decltype(pc)::value, decltype(nc)::value>;
+                if (set_smem(kernel, smem_chunk, err, errlen, who)) return -1;
+                kernel<<<(unsigned)chunk_blocks, SSD_THREADS, (size_t)smem_chunk, st>>>(a);
+                return scan_launch_check(err, errlen, "ssd_bwd_cuda: chunk gradients");
+            }))
+            return -1;
+        tm.mark("chunk_grads");
+    }
     // 4. fixed-order reductions
     ssd_param_reduce_kernel<<<(unsigned)((a.H + 127) / 128), 128, 0, st>>>(a, dA, D ? dD : nullptr,
                                                                            dt_bias ? ddt_bias : nullptr);
