@@ -1208,9 +1208,10 @@ __device__ __forceinline__ void cp_async4(void *smem, const void *gmem) {
 // X = x, M = B, wt = w, chunks in order from init = h0 (or 0); st_all[c] = the state entering chunk c, fin = h_last.
 // GRAD: X = dy, M = C, wt = din, chunks from the last one back from init = dh_last (or 0); st_all[c] = the gradient
 // w.r.t. the state leaving chunk c, fin = dh0.
+// (The body of block blk: ssd_state_pass_kernel runs one direction, ssd_state_pass_both_kernel both.)
 template <bool GRAD, int PC, int NC, int TPC>  // P, N and TP at compile time (0: at run time)
-__global__ void __launch_bounds__(SSD_THREADS) ssd_state_pass_kernel(SsdDev a, int tp_rt, float *st_all,
-                                                                      const float *init, float *fin) {
+__device__ __forceinline__ void state_pass(const SsdDev &a, int tp_rt, int64_t blk, float *st_all, const float *init,
+                                           float *fin) {
     extern __shared__ __align__(128) unsigned char smem[];
     const int64_t P = PC ? PC : a.P, N = NC ? NC : a.N;
     const int TP = TPC ? TPC : tp_rt, TN = out_pt(N), Q = SSD_Q;
@@ -1221,7 +1222,7 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_state_pass_kernel(SsdDev a, i
     float *scr = reinterpret_cast<float *>(smem + lay.scr) + warp * 256;
 
     const int64_t npt = P / TP, nnt = N / TN;
-    const int64_t nt = (int64_t)blockIdx.x % nnt, rest = (int64_t)blockIdx.x / nnt;
+    const int64_t nt = blk % nnt, rest = blk / nnt;
     const int64_t pt = rest % npt, bh = rest / npt;
     const int64_t b = bh / a.H, h = bh % a.H, g = h / a.rep, p0 = pt * TP, n0 = nt * TN;
     const int64_t L = a.L, H = a.H, G = a.G, nch = a.nch;
@@ -1318,6 +1319,21 @@ __global__ void __launch_bounds__(SSD_THREADS) ssd_state_pass_kernel(SsdDev a, i
         }
         __syncwarp();
     }
+}
+
+template <bool GRAD, int PC, int NC, int TPC>
+__global__ void __launch_bounds__(SSD_THREADS) ssd_state_pass_kernel(SsdDev a, int tp_rt, float *st_all,
+                                                                      const float *init, float *fin) {
+    state_pass<GRAD, PC, NC, TPC>(a, tp_rt, blockIdx.x, st_all, init, fin);
+}
+// The backward's two passes in one launch (v4): blocks [0, nb) walk the states forward from init (h0 or 0) into Sin,
+// blocks [nb, 2 nb) the state gradients backward from dh_last into dSo (dh0 at the end). They are independent, and
+// at 1 x 8192 each alone has too few blocks to hide its per-chunk latency.
+template <int PC, int NC, int TPC>
+__global__ void __launch_bounds__(SSD_THREADS) ssd_state_pass_both_kernel(SsdDev a, int tp_rt, int64_t nb,
+                                                                           const float *init) {
+    if ((int64_t)blockIdx.x < nb) state_pass<false, PC, NC, TPC>(a, tp_rt, blockIdx.x, a.Sin, init, nullptr);
+    else state_pass<true, PC, NC, TPC>(a, tp_rt, (int64_t)blockIdx.x - nb, a.dSo, a.dhl, a.dh0);
 }
 
 // ---------------------------------------------------------------------------------------------- v4: mma.sync kernels
@@ -2024,12 +2040,12 @@ int64_t grid_of(int64_t threads, int per) { return (threads + per - 1) / per; }
 
 // Rows of P per block of the sequential state pass: out_pt(P), halved (down to 32) while that leaves fewer than two
 // blocks per SM (e.g. 1 x 8192 with 32 heads: 128 blocks of 64 x 64 -> 256 of 32 x 64)
-int pass_tp(const SsdDev &a) {
+int pass_tp(const SsdDev &a, int passes = 1) {  // passes: launched together (ssd_state_pass_both_kernel: 2)
     int dev = 0, sms = 132;
     if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev))
         sms = 132;
     int tp = out_pt(a.P);
-    while (tp % 64 == 0 && a.B * a.H * (a.P / tp) * (a.N / out_pt(a.N)) < 2 * sms) tp /= 2;
+    while (tp % 64 == 0 && passes * a.B * a.H * (a.P / tp) * (a.N / out_pt(a.N)) < 2 * sms) tp /= 2;
     return tp;
 }
 int64_t pass_grid(const SsdDev &a, int tp) { return a.B * a.H * (a.P / tp) * (a.N / out_pt(a.N)); }
@@ -2060,6 +2076,24 @@ int launch_pass(const SsdDev &a, float *st_all, const float *init, float *fin, c
         if (PC && tp == 64) return go(ssd_state_pass_kernel<GRAD, PC, NC, (PC ? 64 : 0)>);
         if (PC && tp == 32) return go(ssd_state_pass_kernel<GRAD, PC, NC, (PC ? 32 : 0)>);
         return go(ssd_state_pass_kernel<GRAD, 0, 0, 0>);
+    });
+}
+
+// Both passes of the backward in one launch (v4); the scalars kernel must have run.
+int launch_passes_both(const SsdDev &a, const float *init, cudaStream_t st, char *err, size_t errlen, const char *who) {
+    const int tp = pass_tp(a, 2);
+    const int64_t smem = pass_layout(tp, out_pt(a.N)).total, nb = pass_grid(a, tp);
+    if (2 * nb > 0x7fffffff) return scan_fail(err, errlen, "%s: %lld blocks exceed the grid limit", who, (long long)(2 * nb));
+    return by_shape(a.P, a.N, [&](auto pc, auto nc) {
+        constexpr int PC = decltype(pc)::value, NC = decltype(nc)::value;
+        auto go = [&](auto kernel) {
+            if (set_smem(kernel, smem, err, errlen, who)) return -1;
+            kernel<<<(unsigned)(2 * nb), SSD_THREADS, (size_t)smem, st>>>(a, tp, nb, init);
+            return scan_launch_check(err, errlen, who);
+        };
+        if (PC && tp == 64) return go(ssd_state_pass_both_kernel<PC, NC, (PC ? 64 : 0)>);
+        if (PC && tp == 32) return go(ssd_state_pass_both_kernel<PC, NC, (PC ? 32 : 0)>);
+        return go(ssd_state_pass_both_kernel<0, 0, 0>);
     });
 }
 
@@ -2208,6 +2242,13 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
         ssd_dstate_kernel<<<(unsigned)pass_blocks, SSD_THREADS, (size_t)smem_dst, st>>>(a);
         if (scan_launch_check(err, errlen, "ssd_bwd_cuda: state-gradient pass")) return -1;
         tm.mark("dstate_pass");
+    } else if (ver == 4) {
+        // 1 + 2. the chunk scalars, then the state pass and the state-gradient pass in one launch
+        ssd_scalars_kernel<<<(unsigned)(a.B * a.H * a.nch), SSD_Q, 0, st>>>(a);
+        if (scan_launch_check(err, errlen, "ssd_bwd_cuda: scalars")) return -1;
+        tm.mark("scalars");
+        if (launch_passes_both(a, h0, st, err, errlen, "ssd_bwd_cuda: state passes")) return -1;
+        tm.mark("passes");
     } else {
         // 1. states entering every chunk: chunk contributions, then the scan
         if (chunk_states(a, h0, nullptr, st, tm, err, errlen, "ssd_bwd_cuda: states")) return -1;
