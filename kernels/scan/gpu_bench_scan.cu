@@ -130,7 +130,18 @@ int main(int argc, char **argv) {
                 row(k, median_ms([&](int i) { fwd(i, ns, true); }), fbytes + ckb, ex2_f, 0);
             }
             for (int k = 0; k < NSET; k++) fwd(k, 0, true);
+            // backward: the default, then each selectable version (DISTILL_SCAN_BWD) and, at small batch, forced
+            // segment counts of v11; every row in the same run, so that they compare
             row("bwd", median_ms([&](int i) { bwd(i); }), bbytes, ex2_b, mamba_b);
+            const char *envs[][3] = {{"v10", NULL, "bwd-v10"}, {"v11", NULL, "bwd-v11"}, {"v11", "2", "bwd-v11-s2"},
+                                     {"v11", "4", "bwd-v11-s4"}, {"v11", "8", "bwd-v11-s8"}};
+            for (const auto &e : envs) {
+                if (e[1] && B > 2) continue;
+                setenv("DISTILL_SCAN_BWD", e[0], 1);
+                if (e[1]) setenv("DISTILL_SCAN_BWD_NSEG", e[1], 1);
+                row(e[2], median_ms([&](int i) { bwd(i); }), bbytes, ex2_b, e[1] ? 0 : mamba_b);
+                unsetenv("DISTILL_SCAN_BWD"), unsetenv("DISTILL_SCAN_BWD_NSEG");
+            }
             if (B == 8 && L == 2048) {
                 // conv1d at the same shape: x [B,L,D] -> out; backward x, dout -> dx
                 float *w, *cb, *dw, *dcb;

@@ -5,9 +5,10 @@
 // grid of more than 65535 (batch x channel) blocks, L >= 65536, and B*L*D > 2^31 (64-bit offsets; the
 // reference is computed for the last channels of that problem, where offsets are largest).
 // The backward is also run twice and must give identical bits. The small cases run again with each selectable
-// previous version / option (DISTILL_SCAN_BWD=v8: no time segments; DISTILL_SCAN_BWD_NSEG=3). Exit status 1 if
-// any check fails.
-// Usage: gpu_test_scan [--no-huge]
+// version / option (DISTILL_SCAN_BWD=v8: no time segments; =v11: the lane-pair kernel; DISTILL_SCAN_BWD_NSEG=3;
+// v11 with 3 segments). Run the whole program with DISTILL_SCAN_BWD=v11 to put v11 through every case, the
+// > 2^31 one included. Exit status 1 if any check fails.
+// Usage: gpu_test_scan [--no-huge | --quick]
 #include "kernels/scan/gpu_common.cuh"
 #include "kernels/scan/selective_scan_cuda.h"
 
@@ -327,7 +328,9 @@ static void run_conv_case(int64_t B, int64_t L, int64_t C, int W, int silu, int 
 }
 
 int main(int argc, char **argv) {
-    const int huge = !(argc > 1 && !strcmp(argv[1], "--no-huge"));
+    // --quick: only the scan cases of at most 2^22 elements, once (for compute-sanitizer runs)
+    const int quick = argc > 1 && !strcmp(argv[1], "--quick");
+    const int huge = !(argc > 1 && (!strcmp(argv[1], "--no-huge") || quick));
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
@@ -340,6 +343,8 @@ int main(int argc, char **argv) {
         {"N=4", 2, 129, 32, 4, 8, 2, 0, 1, 1, 1, 0, 0, 1, 0},
         {"extreme delta, A", 2, 150, 64, 16, 4, 1, 1, 1, 1, 1, 1, 1, 1, 0},
         {"8B grouping, no h0/z", 2, 513, 256, 16, 16, 4, 0, 0, 1, 0, 0, 0, 1, 0},
+        {"B groups of 16 channels", 2, 300, 128, 16, 8, 8, 1, 1, 1, 1, 1, 0, 1, 0},
+        {"B groups of 32 channels", 3, 131, 192, 16, 12, 6, 1, 0, 1, 1, 0, 0, 1, 0},
         {"segments x4", 1, 1000, 64, 16, 4, 1, 1, 1, 1, 1, 1, 0, 4, 0},
         {"segments auto", 1, 777, 128, 16, 8, 2, 1, 1, 1, 1, 1, 0, 0, 0},
         {">65535 blocks", 32, 5, 163840, 16, 10240, 2560, 1, 1, 1, 1, 1, 0, 1, 0},
@@ -348,22 +353,33 @@ int main(int argc, char **argv) {
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         if (!huge && cases[i].B * cases[i].L * cases[i].D > (1ll << 31)) continue;
+        if (quick && cases[i].B * cases[i].L * cases[i].D > (1ll << 22)) continue;
         run_scan_case(&cases[i]);
     }
-    // the selectable previous versions and options (selective_scan.cu reads these at every call) on the small cases
-    const char *variants[][2] = {{"DISTILL_SCAN_BWD", "v8"}, {"DISTILL_SCAN_BWD_NSEG", "3"}};
+    if (quick) {
+        printf("gpu_test_scan: %d passed, %d failed\n", npass, nfail);
+        return nfail ? 1 : 0;
+    }
+    // the selectable versions and options (selective_scan.cu reads these at every call) on the small cases
+    const char *variants[][4] = {{"DISTILL_SCAN_BWD", "v8", NULL, NULL},
+                                 {"DISTILL_SCAN_BWD", "v11", NULL, NULL},
+                                 {"DISTILL_SCAN_BWD_NSEG", "3", NULL, NULL},
+                                 {"DISTILL_SCAN_BWD", "v11", "DISTILL_SCAN_BWD_NSEG", "3"}};
     for (const auto &v : variants) {
-        if (getenv(v[0])) continue;  // set by the caller: the main loop above already ran it
+        if (getenv(v[0]) || (v[2] && getenv(v[2]))) continue;  // set by the caller: the main loop above already ran it
         setenv(v[0], v[1], 1);
+        if (v[2]) setenv(v[2], v[3], 1);
         for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
             if (cases[i].B * cases[i].L * cases[i].D > (1ll << 24)) continue;
             GCase c = cases[i];
-            char name[128];
-            snprintf(name, sizeof name, "%s [%s=%s]", c.name, v[0], v[1]);
+            char name[160];
+            snprintf(name, sizeof name, "%s [%s=%s%s%s%s%s]", c.name, v[0], v[1], v[2] ? " " : "", v[2] ? v[2] : "",
+                     v[2] ? "=" : "", v[2] ? v[3] : "");
             c.name = name;
             run_scan_case(&c);
         }
         unsetenv(v[0]);
+        if (v[2]) unsetenv(v[2]);
     }
     run_multi_case(5, 4, 64, 16, 4, 1);
     run_multi_case(3, 1, 96, 8, 12, 3);

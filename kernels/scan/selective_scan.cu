@@ -849,6 +849,359 @@ int64_t seg_len(const ScanShape *s, int nseg) {
     return (per + SCAN_CKPT - 1) / SCAN_CKPT * SCAN_CKPT;
 }
 
+// ---- backward v11: a lane pair per channel, 8-step groups in registers, dB/dC through shared memory ---------
+// One block = 64 channels x 2 lanes (lane hf owns states [8 hf, 8 hf + 8)); a warp = 16 channels = one C group;
+// 2 blocks per SM. Per 64-step chunk, newest first: a sweep from the forward's fp32 checkpoint keeps the state
+// before every 8-step group in shared memory; then each group, newest first, is recomputed into registers (8 steps
+// x 8 states of h and of the decay a: two exps per state and step in all), and the adjoint runs back through its 8
+// steps. Per-step scalars are computed once per (step, channel): lane hf owns steps 2q + hf of a group and leaves
+// delta, delta*u and the gated output gradient in a per-warp buffer for its partner; the pair's partial sums over
+// states (y, sum dh B, sum dh a h A) meet with one shuffle per step pair. dB and dC: every lane writes its 8 + 8
+// per-state terms to a per-warp buffer; lane l then sums one column (dC of state l, or the warp's partial dB of
+// state l - 16) over the warp's 16 channels in a fixed order; B groups wider than a warp add the warps' partials in
+// warp order after the group's barrier. No atomics: deterministic.
+// Inputs arrive by cp.async in 8-step slots: when group g of chunk k is done, its slot is refilled with the group of
+// chunk k - 1 that uses it (7 - g: slots alternate direction with the chunk's parity, so that the groups the next
+// sweep needs first are loaded first). Each warp converts its own B and C rows of a group to fp32 when it starts it.
+// Why a lane pair rather than one thread per channel: 8 x 16 states of h and a do not fit 255 registers, and
+// snapshots every 4 steps (16 x 64 bytes per channel) would leave room for ~4 warps per SM (docs/KERNELS.md).
+constexpr int B11_CH = 64, B11_THREADS = 128, B11_G = 8, B11_NG = SCAN_CKPT / B11_G, B11_WARPS = B11_THREADS / 32;
+static_assert(SCAN_CKPT == 64, "the slot scheme assumes 8 groups of 8 steps per chunk");
+constexpr int B11_WBUF = B11_G * 32 + B11_G * 3 * 16 + 512;  // floats per warp: B/C rows, step scalars, dB/dC terms
+
+struct B11Geom {  // byte offsets into dynamic shared memory
+    int act, Bs, Cs, ck, rxf, snap, wbuf, redB, bytes;
+};
+template <int DB>
+B11Geom b11_geom() {
+    constexpr int PB = (B11_CH / DB) * 16;
+    B11Geom g;
+    int o = 0;
+    g.act = o, o += 4 * SCAN_CKPT * B11_CH * 2;               // u, dt, z, dout [kind][physical step][channel] bf16
+    g.Bs = o, o += SCAN_CKPT * PB * 2;                        // B span [physical step][PB] bf16
+    g.Cs = o, o += SCAN_CKPT * B11_CH * 2;                    // C span [physical step][64] bf16 (4 groups of 16)
+    g.ck = o, o += B11_CH * 16 * 4;                           // the chunk's checkpoint [channel][16] fp32
+    g.rxf = o, o += SCAN_CKPT * 4;                            // 0 or -inf (reset) per logical step
+    g.snap = o, o += (B11_NG - 1) * B11_THREADS * 8 * 4;      // state before groups 1..7 [g-1][half][thread][4]
+    g.wbuf = o, o += B11_WARPS * B11_WBUF * 4;                // per warp, see B11_WBUF
+    g.redB = o, o += DB > 16 ? 2 * B11_G * B11_WARPS * 16 * 4 : 0;  // [group parity][step][warp][16]
+    g.bytes = o;
+    return g;
+}
+
+// softplus(x) and its derivative sigmoid(x) from one exp (F.softplus's threshold of 20)
+__device__ __forceinline__ void softplus_d(float x, float &sp, float &dsp) {
+    const float y = ex2f(x * SCAN_LOG2E);
+    const float small = y * (1.f - y * (0.5f - y * (1.f / 3.f)));
+    const float r = y < 1e-3f ? small : lg2f(1.f + y) * SCAN_LN2;
+    sp = x <= 20.f ? r : x;
+    dsp = x <= 20.f ? __fdividef(y, 1.f + y) : 1.f;
+}
+// 8 floats of a state from two float4 at p and p + stride
+__device__ __forceinline__ void ld_state8(const float *p, int stride, float (&v)[8]) {
+    const float4 a = *reinterpret_cast<const float4 *>(p), c = *reinterpret_cast<const float4 *>(p + stride);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = c.x, v[5] = c.y, v[6] = c.z, v[7] = c.w;
+}
+
+template <int DB>
+__global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArgs p, const B11Geom geo) {
+    constexpr int N = 16, H = 8, CH = B11_CH, NTH = B11_THREADS, T = SCAN_CKPT, G = B11_G;
+    constexpr int PB = (CH / DB) * N, NBG = CH / DB, WPB = DB / 16;  // B span, B groups per block, warps per B group
+    extern __shared__ __align__(16) char smem[];
+    bf16 *act = (bf16 *)(smem + geo.act), *Bs = (bf16 *)(smem + geo.Bs), *Cs = (bf16 *)(smem + geo.Cs);
+    float *ck = (float *)(smem + geo.ck), *rxf = (float *)(smem + geo.rxf), *snap = (float *)(smem + geo.snap);
+    float *redB = (float *)(smem + geo.redB);
+
+    const int64_t L = p.L, D = p.D, ncb = D / CH;
+    const int64_t cb = blockIdx.x % ncb, b = (blockIdx.x / ncb) % p.B;
+    const int seg = (int)(blockIdx.x / ncb / p.B);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, hf = tid & 1, cl = tid >> 1, cw = lane >> 1;
+    const int64_t c0 = cb * CH, d = c0 + cl, gc0 = c0 / 16, gb0 = c0 / DB;
+    const int64_t GbN = p.Gb * N, GcN = p.Gc * N;
+    const bool hasz = p.z != nullptr;
+    // per-warp buffers: wbc [8 steps][B 16 | C 16] fp32; wsc [8 steps][delta, delta*u, gy][16 channels]; red (below)
+    float *wbc = (float *)(smem + geo.wbuf) + warp * B11_WBUF, *wsc = wbc + G * 32, *red = wsc + G * 3 * 16;
+    const int boff = ((16 * warp) / DB) * 16;  // the warp's B group within the block's B span
+
+    float A2[H], dh[H], dA[H];
+#pragma unroll
+    for (int n = 0; n < H; n++) {
+        A2[n] = p.A[d * N + hf * H + n] * SCAN_LOG2E;
+        dh[n] = p.dh_last ? p.dh_last[(b * D + d) * N + hf * H + n] : 0.f;
+        dA[n] = 0.f;
+    }
+    for (int s2 = p.nseg - 1; s2 > seg; s2--) {  // incoming adjoint: through the later segments, last first
+        const int64_t i = (b * p.nseg + s2) * D + d;
+        const bool rs = p.seg_rs[i] != 0;
+        const float sd = p.seg_sd[i];
+#pragma unroll
+        for (int n = 0; n < H; n++) dh[n] = (rs ? 0.f : ex2f(A2[n] * sd)) * dh[n] + p.seg_dh[i * N + hf * H + n];
+    }
+    const float Dd = p.Dskip[d], bias = p.delta_bias ? p.delta_bias[d] : 0.f;
+    float dD_acc = 0.f, ddb_acc = 0.f;
+    const int64_t tseg0 = (int64_t)seg * p.seglen, tseg1 = tseg0 + p.seglen < L ? tseg0 + p.seglen : L;
+    const int64_t kfirst = tseg0 / T, klast = (tseg1 - 1) / T;
+
+    // logical group gg of chunk kk lives in slot (kk odd ? 7 - gg : gg)
+    auto slot_of = [](int64_t kk, int gg) { return (kk & 1) ? G - 1 - gg : gg; };
+    auto load_group = [&](int64_t kk, int gg) {
+        const int sl = slot_of(kk, gg);
+        const int64_t t0 = kk * T + gg * G;
+        const int nv = (int)(L - t0 < G ? (L - t0 > 0 ? L - t0 : 0) : G);
+        const int64_t row0 = b * L + t0;
+#pragma unroll
+        for (int it = 0; it < 4 * G * 8 / NTH; it++) {  // 4 kinds x 8 steps x 8 16-byte pieces
+            const int e = tid + it * NTH, kind = e >> 6, i = (e >> 3) & 7, x = (e & 7) * 8;
+            const bf16 *src = kind == 0 ? p.u : kind == 1 ? p.dt : kind == 2 ? p.z : p.dout;
+            if (i < nv && src) cp_async16(act + (kind * T + sl * G + i) * CH + x, src + (row0 + i) * D + c0 + x);
+        }
+        for (int e = tid; e < G * (PB / 8); e += NTH) {
+            const int i = e / (PB / 8), x = (e % (PB / 8)) * 8;
+            if (i < nv) cp_async16(Bs + (sl * G + i) * PB + x, p.Bm + (row0 + i) * GbN + gb0 * N + x);
+        }
+        if (tid < G * 8) {
+            const int i = tid >> 3, x = (tid & 7) * 8;
+            if (i < nv) cp_async16(Cs + (sl * G + i) * CH + x, p.Cm + (row0 + i) * GcN + gc0 * N + x);
+        }
+    };
+    auto load_ck = [&](int64_t kk) {  // 64 channels x 16 states, contiguous
+        const float *src = p.ckpt + ((b * p.nck + kk) * D + c0) * N;
+#pragma unroll
+        for (int it = 0; it < CH * N / 4 / NTH; it++) cp_async16(ck + (tid + it * NTH) * 4, src + (tid + it * NTH) * 4);
+    };
+    // the warp's B and C rows of a group (slot sl, nv valid steps) to fp32; zero past the end, so padded steps are
+    // identities. Lane l: step l >> 2, 8 values (l & 3 < 2: B, else C).
+    auto warp_bc = [&](int sl, int nv) {
+        __syncwarp();  // the previous group's values have been read
+        const int i = lane >> 2, x = lane & 3;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (i < nv)
+            v = x < 2 ? *reinterpret_cast<const uint4 *>(Bs + (sl * G + i) * PB + boff + x * 8)
+                      : *reinterpret_cast<const uint4 *>(Cs + (sl * G + i) * CH + warp * 16 + (x - 2) * 8);
+        const __nv_bfloat162 *h2 = reinterpret_cast<const __nv_bfloat162 *>(&v);
+        const float2 f0 = __bfloat1622float2(h2[0]), f1 = __bfloat1622float2(h2[1]);
+        const float2 f2 = __bfloat1622float2(h2[2]), f3 = __bfloat1622float2(h2[3]);
+        float4 *dp = reinterpret_cast<float4 *>(wbc + i * 32 + x * 8);
+        dp[0] = make_float4(f0.x, f0.y, f1.x, f1.y);
+        dp[1] = make_float4(f2.x, f2.y, f3.x, f3.y);
+        __syncwarp();
+    };
+    const float *sB = wbc + hf * H, *sC = wbc + 16 + hf * H;  // + step * 32
+
+    for (int gg = 0; gg < B11_NG; gg++) load_group(klast, gg);
+    load_ck(klast);
+    cp_async_commit();
+    int rsv = (tid < T && p.reset && klast * T + tid < L) ? p.reset[b * L + klast * T + tid] : 0;
+
+    for (int64_t k = klast; k >= kfirst; k--) {
+        cp_async_wait<0>();
+        if (tid < T) rxf[tid] = rsv ? -INFINITY : 0.f;  // 0 past the end (rsv is 0 there)
+        __syncthreads();
+        rsv = (tid < T && p.reset && k > kfirst) ? p.reset[b * L + (k - 1) * T + tid] : 0;  // for the next chunk
+        const int64_t tb = k * T, te = tb + T < L ? tb + T : L;
+        const int ns = (int)(te - tb), ng = (ns + G - 1) / G;
+        if (k > kfirst) {  // slots of groups past the chunk's end (only in the last chunk) are free already
+            for (int gg = ng; gg < B11_NG; gg++) load_group(k - 1, G - 1 - gg);
+        }
+        cp_async_commit();
+
+        const bf16 *su = act + cl, *sdt = su + T * CH, *sz = sdt + T * CH, *sdo = sz + T * CH;
+        float h[H];
+        ldsf_vec<H>(ck + cl * N + hf * H, h);
+        // sweep: the state before each group 1..ng-1 (whole groups: only the chunk's last group can be partial)
+#pragma unroll 1
+        for (int g = 0; g < ng - 1; g++) {
+            const int sl = slot_of(k, g);
+            warp_bc(sl, G);
+            float dl[G], du[G];
+#pragma unroll
+            for (int q = 0; q < G / 2; q++) {
+                const int ps = sl * G + 2 * q + hf;
+                const float uu = __bfloat162float(su[ps * CH]);
+                const float dm = softplus_dev(__bfloat162float(sdt[ps * CH]) + bias), um = dm * uu;
+                const float dox = __shfl_xor_sync(FULL_MASK, dm, 1), uox = __shfl_xor_sync(FULL_MASK, um, 1);
+                dl[2 * q] = hf ? dox : dm, dl[2 * q + 1] = hf ? dm : dox;
+                du[2 * q] = hf ? uox : um, du[2 * q + 1] = hf ? um : uox;
+            }
+#pragma unroll
+            for (int j = 0; j < G; j++) {
+                float Bv[H];
+                ldsf_vec<H>(sB + j * 32, Bv);
+                const float rx = rxf[g * G + j];
+#pragma unroll
+                for (int n = 0; n < H; n++) h[n] = ex2f(fmaf(dl[j], A2[n], rx)) * h[n] + du[j] * Bv[n];
+            }
+            float4 *sn = reinterpret_cast<float4 *>(snap) + (g * 2) * NTH + tid;
+            sn[0] = make_float4(h[0], h[1], h[2], h[3]);
+            sn[NTH] = make_float4(h[4], h[5], h[6], h[7]);
+        }
+        // groups newest first
+#pragma unroll 1
+        for (int g = ng - 1; g >= 0; g--) {
+            const int sl = slot_of(k, g);
+            const int64_t t0 = tb + g * G;
+            const int nv = (int)(te - t0 < G ? te - t0 : G);
+            const float *hsrc = g ? snap + ((g - 1) * 2 * NTH + tid) * 4 : ck + cl * N + hf * H;
+            const int hstride = g ? NTH * 4 : 4;  // the second float4 of the state
+            warp_bc(sl, nv);
+            // own steps 2q + hf: scalars once per (step, channel), left in wsc for the partner lane
+            float uo[G / 2], dspo[G / 2], dzf[G / 2];
+#pragma unroll
+            for (int q = 0; q < G / 2; q++) {
+                const int j = 2 * q + hf, ps = sl * G + j;
+                const bool tv = j < nv;
+                const float raw = __bfloat162float(sdt[ps * CH]) + bias;
+                const float uu = tv ? __bfloat162float(su[ps * CH]) : 0.f;
+                const float go = tv ? __bfloat162float(sdo[ps * CH]) : 0.f;
+                const float zz = (tv && hasz) ? __bfloat162float(sz[ps * CH]) : 0.f;
+                float sp, dsp;
+                softplus_d(raw, sp, dsp);
+                const float dm = tv ? sp : 0.f;
+                float gm = go, zf = 0.f;
+                if (hasz) {
+                    const float sg = sigmoid_dev(zz);
+                    gm = go * zz * sg;
+                    zf = go * sg * (1.f + zz * (1.f - sg));  // dz = zf * y
+                }
+                uo[q] = uu, dspo[q] = dsp, dzf[q] = zf;
+                dD_acc = fmaf(gm, uu, dD_acc);
+                wsc[(j * 3 + 0) * 16 + cw] = dm;
+                wsc[(j * 3 + 1) * 16 + cw] = dm * uu;
+                wsc[(j * 3 + 2) * 16 + cw] = gm;
+            }
+            __syncwarp();
+            // recompute the group's states and decays; after each step pair, the owners' gate gradient (y = both
+            // halves' sums + D u)
+            float hj[G][H], aj[G][H];
+            {
+                float hp[H], yo = 0.f;
+                ld_state8(hsrc, hstride, hp);
+#pragma unroll
+                for (int j = 0; j < G; j++) {
+                    float Bv[H], Cv[H], y0 = 0.f, y1 = 0.f;
+                    ldsf_vec<H>(sB + j * 32, Bv);
+                    ldsf_vec<H>(sC + j * 32, Cv);
+                    const float rx = rxf[g * G + j], dlj = wsc[(j * 3) * 16 + cw], duj = wsc[(j * 3 + 1) * 16 + cw];
+#pragma unroll
+                    for (int n = 0; n < H; n++) {
+                        aj[j][n] = ex2f(fmaf(dlj, A2[n], rx));
+                        hj[j][n] = aj[j][n] * (j ? hj[j - 1][n] : hp[n]) + duj * Bv[n];
+                        if (n & 1) y1 = fmaf(Cv[n], hj[j][n], y1);
+                        else y0 = fmaf(Cv[n], hj[j][n], y0);
+                    }
+                    if (!(j & 1)) {
+                        yo = y0 + y1;
+                    } else {
+                        const int q = j >> 1;
+                        const float ye = yo, yd = y0 + y1, keep = hf ? yd : ye, send = hf ? ye : yd;
+                        const float y = keep + __shfl_xor_sync(FULL_MASK, send, 1) + Dd * uo[q];
+                        if (hasz && 2 * q + hf < nv) stbf(p.dz + (b * L + t0 + 2 * q + hf) * D + d, dzf[q] * y);
+                    }
+                }
+            }
+            // adjoint through the 8 steps, newest first
+            float sAo = 0.f, sBo = 0.f;  // the odd step's partial sums, combined with the even step's
+#pragma unroll
+            for (int j = G - 1; j >= 0; j--) {
+                float Bv[H], Cv[H], hp[H], cB[H], cC[H], sA = 0.f, sBg = 0.f;
+                ldsf_vec<H>(sB + j * 32, Bv);
+                ldsf_vec<H>(sC + j * 32, Cv);
+                if (j == 0) ld_state8(hsrc, hstride, hp);
+                const float dlj = wsc[(j * 3) * 16 + cw], duj = wsc[(j * 3 + 1) * 16 + cw], gyj = wsc[(j * 3 + 2) * 16 + cw];
+#pragma unroll
+                for (int n = 0; n < H; n++) {
+                    const float prev = j ? hj[j - 1][n] : hp[n];
+                    const float gr = fmaf(gyj, Cv[n], dh[n]);  // dL/dh_t
+                    const float ga = gr * aj[j][n];            // dL/dh_{t-1} (0 after a reset)
+                    const float gah = ga * prev;
+                    sA = fmaf(gah, A2[n], sA);
+                    dA[n] = fmaf(gah, dlj, dA[n]);
+                    sBg = fmaf(gr, Bv[n], sBg);
+                    dh[n] = ga;
+                    cB[n] = gr * duj;
+                    cC[n] = gyj * hj[j][n];
+                }
+                // dC (kind 0) and dB (kind 1) terms: float4 [kind][q][channel in warp][hf]
+                reinterpret_cast<float4 *>(red)[(0 * 16 + cw) * 2 + hf] = make_float4(cC[0], cC[1], cC[2], cC[3]);
+                reinterpret_cast<float4 *>(red)[(1 * 16 + cw) * 2 + hf] = make_float4(cC[4], cC[5], cC[6], cC[7]);
+                reinterpret_cast<float4 *>(red)[(2 * 16 + cw) * 2 + hf] = make_float4(cB[0], cB[1], cB[2], cB[3]);
+                reinterpret_cast<float4 *>(red)[(3 * 16 + cw) * 2 + hf] = make_float4(cB[4], cB[5], cB[6], cB[7]);
+                __syncwarp();
+                // lane l: kind l >> 4, state n = l & 15; rows staggered so that the 32 lanes hit distinct banks
+                float v = 0.f;
+                {
+                    const int kind = lane >> 4, n = lane & 15, qq = (n >> 2) & 1, hn = n >> 3, e = n & 3;
+                    const float *col = red + ((kind * 2 + qq) * 16 * 2 + hn) * 4 + e;
+#pragma unroll
+                    for (int i = 0; i < 16; i++) v += col[((i + qq + 2 * kind) & 15) * 8];
+                }
+                __syncwarp();
+                if (j < nv) {
+                    const int64_t t = t0 + j;
+                    if (lane < 16) stbf(p.dC + (b * L + t) * GcN + (gc0 + warp) * N + lane, v);
+                    else if (DB == 16) stbf(p.dB + (b * L + t) * GbN + (gb0 + warp) * N + (lane - 16), v);
+                    else redB[(((g & 1) * G + j) * B11_WARPS + warp) * 16 + (lane - 16)] = v;
+                }
+                if (j & 1) {
+                    sAo = sA, sBo = sBg;
+                } else {  // steps j, j + 1 complete: the owner of each gets both lanes' sums
+                    const int q = j >> 1, jo = j + hf;
+                    const float kA = hf ? sAo : sA, xA = hf ? sA : sAo, kB = hf ? sBo : sBg, xB = hf ? sBg : sBo;
+                    const float SA = kA + __shfl_xor_sync(FULL_MASK, xA, 1), SB = kB + __shfl_xor_sync(FULL_MASK, xB, 1);
+                    const float dlo = wsc[(jo * 3) * 16 + cw], gyo = wsc[(jo * 3 + 2) * 16 + cw];
+                    const float dtt = fmaf(uo[q], SB, SA * SCAN_LN2) * dspo[q];
+                    if (jo < nv) {
+                        const int64_t row = (b * L + t0 + jo) * D + d;
+                        ddb_acc += dtt;
+                        stbf(p.du + row, fmaf(gyo, Dd, dlo * SB));
+                        stbf(p.ddt + row, dtt);
+                    }
+                }
+            }
+            __syncthreads();
+            if constexpr (DB > 16) {  // B groups wider than a warp: the warps' partials in warp order
+                const float *rb = redB + (g & 1) * G * B11_WARPS * 16;
+                for (int e = tid; e < G * NBG * 16; e += NTH) {
+                    const int j = e / (NBG * 16), bi = (e >> 4) % NBG, n = e & 15;
+                    float s = 0.f;
+#pragma unroll
+                    for (int w = 0; w < WPB; w++) s += rb[(j * B11_WARPS + bi * WPB + w) * 16 + n];
+                    if (j < nv) stbf(p.dB + (b * L + t0 + j) * GbN + (gb0 + bi) * N + n, s);
+                }
+            }
+            if (k > kfirst) {  // this slot now takes the group of chunk k - 1 that uses it
+                load_group(k - 1, G - 1 - g);
+                if (g == 0) load_ck(k - 1);
+            }
+            cp_async_commit();
+        }
+    }
+    cp_async_wait<0>();
+    dD_acc += __shfl_xor_sync(FULL_MASK, dD_acc, 1);
+    ddb_acc += __shfl_xor_sync(FULL_MASK, ddb_acc, 1);
+    const int64_t prow = (int64_t)seg * p.B + b;
+#pragma unroll
+    for (int n = 0; n < H; n++) {
+        p.dA_part[(prow * D + d) * N + hf * H + n] = dA[n];
+        if (seg == 0 && p.h0 && p.dh0) p.dh0[(b * D + d) * N + hf * H + n] = dh[n];
+    }
+    if (hf == 0) p.dD_part[prow * D + d] = dD_acc, p.ddb_part[prow * D + d] = ddb_acc;
+}
+
+// v11 takes N = 16, C groups of 16 channels (a warp's 16 channels), B groups of 16, 32 or 64 channels, D a multiple
+// of 64 and 16-byte aligned rows; other shapes run v10.
+bool bwd11_shape_ok(const ScanShape *s) {
+    if (s->groups_c < 1 || s->groups_b < 1) return false;
+    const int64_t Dg = s->dim / s->groups_c, Db = s->dim / s->groups_b;
+    return s->dstate == 16 && Dg == 16 && (Db == 16 || Db == 32 || Db == 64) && s->dim % B11_CH == 0;
+}
+size_t bwd11_smem(const ScanShape *s) {
+    const int64_t Db = s->dim / s->groups_b;
+    return (size_t)(Db == 16 ? b11_geom<16>().bytes : Db == 32 ? b11_geom<32>().bytes : b11_geom<64>().bytes);
+}
+// blocks per SM the shared memory allows (228 KB per SM, 1 KB reserved per block; registers allow 2)
+int bwd11_blocks_per_sm(const ScanShape *s) { return bwd11_smem(s) + 1024 <= 114 * 1024 ? 2 : 1; }
+
 // Backward time segments (v10). The backward kernel runs one block of 64 channels (32 for N = 32) per SM (its
 // shared memory), so a shape with few (row, channel-block) pairs leaves SMs idle: 1 x 8192 at D 4096 has 64
 // blocks for 132 SMs. Model: BWD_SLOTS blocks run at once (H100/H200: 132 SMs x 1); a segment of c chunks costs
@@ -861,10 +1214,12 @@ const char *bwd_version() {
     const char *e = getenv("DISTILL_SCAN_BWD");
     return e ? e : "v10";
 }
-int bwd_nseg(const ScanShape *s) {
+// ver: 10 (v10's kernel) or 11 (v11's). v11 runs 2 blocks of 64 channels per SM and costs ~2.5x less per chunk, so
+// the pre-pass weighs more (0.2 chunk-times per chunk per wave).
+int bwd_nseg_for(const ScanShape *s, int ver) {
     const int64_t nck = n_ckpt(s);
     if (nck <= 1) return 1;
-    if (!strcmp(bwd_version(), "v8")) return 1;
+    if (ver == 8) return 1;
     if (const char *e = getenv("DISTILL_SCAN_BWD_NSEG")) {
         const int n = atoi(e);
         if (n >= 1) {
@@ -872,21 +1227,29 @@ int bwd_nseg(const ScanShape *s) {
             return (int)((nck + per - 1) / per);
         }
     }
-    const int64_t cpb = s->dstate == 32 ? 32 : 64, cols = s->batch * ((s->dim + cpb - 1) / cpb);
+    const bool v11 = ver == 11 && bwd11_shape_ok(s);
+    const int64_t cpb = v11 ? B11_CH : s->dstate == 32 ? 32 : 64, cols = s->batch * ((s->dim + cpb - 1) / cpb);
+    const int64_t slots = v11 ? (int64_t)BWD_SLOTS * bwd11_blocks_per_sm(s) : BWD_SLOTS;
+    const double pre = v11 ? 0.2 : 0.08;
     double best = 1e300;
     int bestn = 1;
     for (int n = 1; n <= 64 && n <= nck; n++) {
         const int64_t per = (nck + n - 1) / n, ns = (nck + per - 1) / per;  // chunks per segment, segments
         if (ns != n) continue;                                              // same as a smaller n
-        const int64_t waves = (cols * ns + BWD_SLOTS - 1) / BWD_SLOTS;
+        const int64_t waves = (cols * ns + slots - 1) / slots;
         double cost = (double)(waves * (per + 1));
         // pre-pass: (ns - 1) * per chunks of every column at ~0.08 chunk-times per wave (one MUFU-bound pass, 18
-        // special-function ops per token-channel against ~1000 instructions in the main kernel), + fold and launches
-        if (ns > 1) cost += 0.5 + 0.08 * (double)(cols * (ns - 1) * per) / BWD_SLOTS;
+        // special-function ops per token-channel against ~1000 instructions in v10's kernel), + fold and launches
+        if (ns > 1) cost += 0.5 + pre * (double)(cols * (ns - 1) * per) / slots;
         if (cost < best - 1e-9) best = cost, bestn = n;
     }
     return bestn;
 }
+int bwd_ver() {
+    const char *v = bwd_version();
+    return !strcmp(v, "v8") ? 8 : !strcmp(v, "v11") ? 11 : 10;
+}
+int bwd_nseg(const ScanShape *s) { return bwd_nseg_for(s, bwd_ver()); }
 
 // pre-pass pieces: 64 steps each, or more so that their partials stay under 64 MiB
 void bwd_pieces(const ScanShape *s, int nseg, int64_t *piecelen, int64_t *npps) {
@@ -1203,6 +1566,25 @@ int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
     return rc;
 }
 
+// v11: the segment pre-pass (shared with v10) when nseg > 1, then the main kernel
+template <int DB>
+int launch_bwd11_db(const BwdArgs &a, cudaStream_t st) {
+    const B11Geom g = b11_geom<DB>();
+    const int64_t blocks = (int64_t)a.nseg * a.B * (a.D / B11_CH);
+    if (cudaFuncSetAttribute(scan_bwd11_kernel<DB>, cudaFuncAttributeMaxDynamicSharedMemorySize, g.bytes) != cudaSuccess)
+        return -1;
+    scan_bwd11_kernel<DB><<<(unsigned)blocks, B11_THREADS, g.bytes, st>>>(a, g);
+    return 0;
+}
+int launch_bwd11(const BwdArgs &a, cudaStream_t st) {
+    if (a.nseg > 1) {
+        const int64_t fb = (int64_t)(a.nseg - 1) * a.B * ((a.D + 127) / 128);
+        scan_bwd_piece_prepass<16, true><<<(unsigned)(fb * a.npps), 128, 0, st>>>(a);
+        scan_bwd_seg_fold<16><<<(unsigned)fb, 128, 0, st>>>(a);
+    }
+    return a.Db == 16 ? launch_bwd11_db<16>(a, st) : a.Db == 32 ? launch_bwd11_db<32>(a, st) : launch_bwd11_db<64>(a, st);
+}
+
 template <int N, int THREADS>
 int launch_bwd(const BwdArgs &a, bool al16, cudaStream_t st) {
     constexpr int CPB0 = THREADS / QL;
@@ -1243,16 +1625,22 @@ extern "C" size_t selective_scan_fwd_workspace(const ScanShape *s, int nseg) {
 
 extern "C" size_t selective_scan_bwd_workspace(const ScanShape *s) {
     const int64_t cpb = s->dstate == 32 ? 32 : 64, Db = s->dim / (s->groups_b > 0 ? s->groups_b : 1);
-    // v8/v10: per-(segment, row) partials of dA, dD, ddelta_bias; the segments' local dh, sum delta, reset flag;
-    // the per-C-group dB partials when a B group does not fit a block
-    const size_t rows = (size_t)bwd_nseg(s) * (size_t)(s->batch * s->dim);
-    size_t bytes = rows * (size_t)(2 * s->dstate + 3) * sizeof(float) + rows * sizeof(int);
-    if (Db <= 0 || cpb % Db) bytes += (size_t)(s->batch * s->seqlen * s->groups_c * s->dstate) * sizeof(float);
-    bytes += bwd_piece_bytes(s, bwd_nseg(s));
+    // v8/v10/v11: per-(segment, row) partials of dA, dD, ddelta_bias; the segments' local dh, sum delta, reset flag;
+    // the per-C-group dB partials when a B group does not fit a block; the pre-pass pieces. Sized for the larger of
+    // v10's and v11's segment counts, so that DISTILL_SCAN_BWD may change between calls.
+    size_t best = 0;
+    for (int ver : {10, 11}) {
+        const int nseg = bwd_nseg_for(s, ver);
+        const size_t rows = (size_t)nseg * (size_t)(s->batch * s->dim);
+        size_t bytes = rows * (size_t)(2 * s->dstate + 3) * sizeof(float) + rows * sizeof(int);
+        if (Db <= 0 || cpb % Db) bytes += (size_t)(s->batch * s->seqlen * s->groups_c * s->dstate) * sizeof(float);
+        bytes += bwd_piece_bytes(s, nseg);
+        best = bytes > best ? bytes : best;
+    }
     // v9: per-(segment, row) partials and the segments' local dh, sum delta, reset flag
     const size_t seg = (size_t)bwd1_nseg(s) * (size_t)(s->batch * s->dim);
     const size_t v9 = seg * (size_t)(2 * s->dstate + 3) * sizeof(float) + seg * sizeof(int);
-    return bytes > v9 ? bytes : v9;
+    return best > v9 ? best : v9;
 }
 
 extern "C" int selective_scan_fwd_cuda(const ScanShape *s, const uint16_t *u, const uint16_t *dt, const float *A,
@@ -1381,11 +1769,15 @@ extern "C" int selective_scan_bwd_cuda(const ScanShape *s, const uint16_t *u, co
             reduce_rows_kernel<<<(unsigned)((s->dim + 255) / 256), 256, 0, st>>>(b1.ddb_part, rows, s->dim, ddelta_bias);
         return scan_launch_check(err, errlen, "selective scan backward reductions");
     }
-    switch (s->dstate) {
-        case 4: rc = launch_bwd<4, 256>(a, al16, st); break;
-        case 8: rc = launch_bwd<8, 256>(a, al16, st); break;
-        case 16: rc = launch_bwd<16, 256>(a, al16, st); break;
-        case 32: rc = launch_bwd<32, 128>(a, al16, st); break;
+    if (bwd_ver() == 11 && al16 && bwd11_shape_ok(s)) {
+        rc = launch_bwd11(a, st);
+    } else {
+        switch (s->dstate) {
+            case 4: rc = launch_bwd<4, 256>(a, al16, st); break;
+            case 8: rc = launch_bwd<8, 256>(a, al16, st); break;
+            case 16: rc = launch_bwd<16, 256>(a, al16, st); break;
+            case 32: rc = launch_bwd<32, 128>(a, al16, st); break;
+        }
     }
     if (rc) return scan_fail(err, errlen, "selective scan backward: cannot raise the shared-memory limit");
     if (scan_launch_check(err, errlen, "selective scan backward")) return -1;
