@@ -16,6 +16,7 @@
 #include "distill/command.h"
 #include "distill/common.h"
 #include "distill/dtype.h"
+#include "distill/layers_cpu.h"
 #include "distill/mamba_init.h"
 #include "distill/model_io.h"
 #include "distill/rng.h"
@@ -236,11 +237,14 @@ static int fd_check(const Args *a, const Student *st, const LoadedModel *src, co
 
 // One forward/loss/backward of a fresh student (and teacher) on dev, with the weights as given or rounded to
 // bf16; the gradient into g (host, registry layout) and rows [0, nrow) of logits into x.
+// flash: the device side ran flash attention (bf16 P·V, tm_flash_attention), set by the CUDA call and read by the floor
 static LossParts grads_once(const Args *a, TmDevice dev, bool round, const Student *st, const LoadedModel *src,
-                            const int32_t *tok, const int32_t *tgt, const float *roww, float *g, float *x, int64_t nrow) {
+                            const int32_t *tok, const int32_t *tgt, const float *roww, float *g, float *x, int64_t nrow,
+                            bool *flash) {
     float *p = params_copy(st->params, st->r.numel, round);
     float *tp = round ? params_copy(src->params, src->reg.numel, true) : src->params;
     Side d = side_new(a, dev, st, src, p, tp);
+    if (dev == TM_CUDA && flash) *flash = tm_flash_attention(d.s);
     LossParts l = side_step(a, &d, tok, tgt, roww, true);
     tm_grads_to_host(d.s, d.grads, g);
     tm_logits(d.s, 0, nrow, x);
@@ -330,25 +334,28 @@ static int run_parity(int argc, char **argv) {
     tm_grads_to_host(cpu.s, cpu.grads, gc);
     tm_logits(cpu.s, 0, nrow, xc);
     int bad = 0;
-    bool have2 = false;
+    bool have2 = false, flash = false;
     LossParts lg = {0};
     if (!a.cpu_only) {
         t0 = dl_now();
-        lg = grads_once(&a, dev2, vs_cpu, &st, &src, tok, tgt, roww, gg, xg, nrow);
+        lg = grads_once(&a, dev2, vs_cpu, &st, &src, tok, tgt, roww, gg, xg, nrow, &flash);
         printf("%s: loss %.6f (ce %.6f kl %.6f), %.2f s\n", name2, lg.loss, lg.ce, lg.kl, dl_now() - t0);
         have2 = true;
         double dl = rel1(lg.loss, lc.loss), dx = relerr(xg, xc, nrow * V);
         printf("loss rel err %.2e (tol %.0e); logits of rows 0..%lld rel err %.2e\n", dl, a.tol_loss, (long long)nrow - 1, dx);
         bad += dl > a.tol_loss;
     }
-    // the floor: how far the CPU's own gradient moves when only the weights are rounded to bf16
+    // the floor: how far the CPU's own gradient moves when only the weights are rounded to bf16 (and, where the device
+    // ran flash attention, P as its P·V takes it)
     float *gf = NULL;
     if (a.floor && have2 && !vs_cpu) {
         gf = dl_calloc((size_t)st.r.numel, sizeof(float));
         float *xf = dl_malloc((size_t)(nrow * V) * sizeof(float));
-        LossParts lf = grads_once(&a, TM_CPU, true, &st, &src, tok, tgt, roww, gf, xf, nrow);
-        printf("floor (cpu on bf16-rounded weights): loss %.6f, loss rel err %.2e, logits rel err %.2e\n", lf.loss,
-               rel1(lf.loss, lc.loss), relerr(xf, xc, nrow * V));
+        attention_cpu_round_p(flash);
+        LossParts lf = grads_once(&a, TM_CPU, true, &st, &src, tok, tgt, roww, gf, xf, nrow, NULL);
+        attention_cpu_round_p(false);
+        printf("floor (cpu on bf16-rounded weights%s): loss %.6f, loss rel err %.2e, logits rel err %.2e\n",
+               flash ? ", attention P in bf16" : "", lf.loss, rel1(lf.loss, lc.loss), relerr(xf, xc, nrow * V));
         free(xf);
     }
 

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "distill/common.h"
+#include "distill/dtype.h"
 
 // Parallelize a loop only when it has enough work: fork/join of threads costs microseconds on an idle
 // machine but a scheduler quantum when cores are shared, and decode steps run hundreds of tiny loops.
@@ -242,8 +243,21 @@ int blas_set_threads(int n) {
     return prev;
 }
 
+// Rounding in attention_fwd: bit 1 rounds the softmax weights to bf16 before P·V (as fused flash-attention kernels
+// such as cuDNN's do), bit 2 the output (as any bf16 engine stores it). The backward still recomputes an fp32 P from
+// the lse, as those kernels do. DISTILL_CPU_ATTN_ROUND=p|o|po (a diagnostic of the init hybrid's conditioning,
+// docs/ENGINE_CUDA.md) overrides attention_cpu_round_p.
+static int g_attn_round = 0;
+void attention_cpu_round_p(bool on) { g_attn_round = on ? 1 : 0; }
+static int attn_round_mode(void) {
+    const char *v = getenv("DISTILL_CPU_ATTN_ROUND");
+    if (!v || !*v) return g_attn_round;
+    return (strchr(v, 'p') ? 1 : 0) | (strchr(v, 'o') ? 2 : 0);
+}
+
 void attention_fwd(const AttnShape *s, const float *q, const float *k, const float *v, const int32_t *doc_start,
                    float *out, float *lse) {
+    const int round_mode = attn_round_mode();
     const int64_t B = s->B, Tq = s->Tq, Tk = s->Tk;
     const int nh = s->nh, nkv = s->nkv, hd = s->hd, rep = nh / nkv;
     const int64_t qs = (int64_t)nh * hd, ks = (int64_t)nkv * hd;
@@ -275,11 +289,14 @@ void attention_fwd(const AttnShape *s, const float *q, const float *k, const flo
                 double sum = dl_exp_affine(row + rlo, row + rlo, rhi - rlo + 1, 1.0f, mx, 1.0f);
                 float inv = (float)(1.0 / sum);
                 for (int64_t j = rlo; j <= rhi; j++) row[j] *= inv;
+                if (round_mode & 1) bf16_round_array(row + rlo, rhi - rlo + 1);
                 if (lse) lse[(b * nh + h) * Tq + t] = mx + (float)log(sum);
             }
             // O_blk [n, hd] = P V
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, hd, (int)span, 1.0f, S, (int)span, vb, (int)ks,
                         0.0f, out + (b * Tq + t0) * qs + h * hd, (int)qs);
+            if (round_mode & 2)
+                for (int64_t i = 0; i < n; i++) bf16_round_array(out + (b * Tq + t0 + i) * qs + h * hd, hd);
         }
     }
 }

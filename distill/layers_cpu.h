@@ -51,6 +51,10 @@ typedef struct {
 // out [B*Tq, nh*hd]; lse [B, nh, Tq] (optional): log-sum-exp of the scaled scores, for the backward.
 void attention_fwd(const AttnShape *s, const float *q, const float *k, const float *v, const int32_t *doc_start,
                    float *out, float *lse);
+// attention_fwd's rounding of P (the softmax weights) to bf16 before P·V, as fused flash-attention kernels (cuDNN's)
+// compute it in bf16 training: on for a reference of such a device path (gpu_test_engine's cuDNN cases, distill
+// parity's floor). Off by default; the diagnostic DISTILL_CPU_ATTN_ROUND=p|o|po (p: P, o: the output) overrides it.
+void attention_cpu_round_p(bool on);
 // Training backward (q0 = 0, Tq = Tk): writes dq, dk, dv (same shapes as q, k, v). Scores are recomputed
 // from lse (no [T, T] probabilities kept). Parallel over (batch, KV head), so dk/dv sums are race-free.
 void attention_bwd(const AttnShape *s, const float *q, const float *k, const float *v, const int32_t *doc_start,

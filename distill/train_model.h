@@ -87,6 +87,9 @@ void tm_load_host(TrainModel *m, Optim *o);
 void *tm_stream(TrainModel *m);
 // Device memory of m in bytes (0 on the CPU): weights, activations and gradients (not the AdamW moments).
 double tm_device_bytes(const TrainModel *m);
+// true when m's attention is a fused flash-attention kernel with a bf16 P·V (CUDA with cuDNN): a CPU reference of its
+// numerics rounds P as well (attention_cpu_round_p)
+bool tm_flash_attention(const TrainModel *m);
 
 // ---- data parallel on CUDA: one process per GPU, NCCL (nccl_comm.h), ZeRO-0/1/2 over the model's compact
 // device gradient buffer, whose buckets are zero.h's (the same owned ranges as the CPU path, so the sharded
@@ -115,3 +118,19 @@ int tm_dp_micro(TmDp *d, float *grads, DlError *e);
 int tm_dp_step(TmDp *d, float *grads, double loss, OptimResult *r, DlError *e);
 // Device bytes of the AdamW moments this rank holds (8 per owned element).
 double tm_dp_moment_bytes(const Optim *o);
+// Overlap of the reductions with the backward (opt-in: tm_dp_set_overlap, or DISTILL_DP_OVERLAP=1 in the
+// environment of tm_dp_new). Call tm_dp_before_backward before the backward that completes a micro-batch's
+// gradient (last: the step's last micro-batch); with overlap on, when that backward's gradient is due for
+// reduction (every micro-batch at ZeRO-2, the last one at ZeRO-0/1), the engine reports its progress
+// (engine_cuda_set_grad_hook) and each bucket's reduction is enqueued on the communicator's stream
+// (nccl_comm_stream) as soon as the backward has enqueued the bucket's last gradient, ordered after it by an
+// event (zero.h's bucket levels say which buckets are final when). tm_dp_micro / tm_dp_step then make the
+// compute stream wait for them instead of reducing. The operations are the unoverlapped ones, bucket by bucket:
+// ZeRO-1/2 the same ncclReduce of each bucket slice onto its owner (grouped per bucket instead of all at once),
+// ZeRO-0 an all-reduce per bucket instead of one of the whole buffer. With 2 ranks every element is a sum of two
+// numbers, which IEEE addition gives identically in any order: bitwise the unoverlapped results; with more
+// ranks NCCL's internal order may follow the operation's size (deterministic for a fixed world and layout).
+// Off (default), or a backward not announced (teacher-forced layers, custom losses): the present path.
+void tm_dp_set_overlap(TmDp *d, bool on);
+bool tm_dp_overlap(const TmDp *d);
+int tm_dp_before_backward(TmDp *d, float *grads, bool last_micro, DlError *e);

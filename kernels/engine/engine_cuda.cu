@@ -624,10 +624,13 @@ int engine_cuda_plan(const HybridConfig *h, const Registry *r, int64_t B, int64_
 // attention.cu); unset: ECU_ATTN_DEFAULT. cuDNN serves bf16 engines with attention layers; where it cannot be
 // loaded or has no engine for this model's shapes, one line says so and the hand-written kernels run. The plans
 // of the engine's shapes (forward; backward when training; one document per row) are built here, so that the
-// first step does not pay for their compilation and their workspace exists from the start. The hand-written kernels
-// stay the default: with cuDNN the real SmolLM2 50% hybrid (distill parity, all tensors trained) got gradients 10-20x
-// too large below layer ~11 (H100, cuDNN 9.14, 2026-11-23) while the small gpu_test_engine cases agree; under study.
-#define ECU_ATTN_DEFAULT "native"
+// first step does not pay for their compilation and their workspace exists from the start. cuDNN is the default
+// (8 Llama-3-8B-shaped layers: 106 vs 124 ms per step on an H100). Its P·V product takes P in bf16, as flash
+// attention does; on the freshly initialized SmolLM2 hybrid, whose gradient is ill-conditioned, that alone moves the
+// CPU's own fp32 gradient norm by 58% (DISTILL_CPU_ATTN_ROUND=p), and one step's gradient differs from the
+// hand-written kernels' far more than their per-call agreement suggests; trained through the 50% recipe, both paths
+// give the same losses and model (docs/ENGINE_CUDA.md, "Attention kernels").
+#define ECU_ATTN_DEFAULT "cudnn"
 static int attn_select(EngineCuda *E, FILE *log, DlError *err) {
     const LlamaConfig *c = &E->h.base;
     const char *env = getenv("DISTILL_ATTN");
@@ -742,6 +745,8 @@ EngineCuda *engine_cuda_new(const HybridConfig *h, const Registry *r, const floa
     if (log) engine_cuda_print_memory(E, log);
     return E;
 }
+
+bool engine_cuda_cudnn_attention(const EngineCuda *E) { return E && E->sdpa; }
 
 // ---------------------------------------------------------------- forward
 
@@ -1427,6 +1432,7 @@ void engine_cuda_backward(EngineCuda *E, float *Gr) {
         TC(rmsnorm_bwd_cuda(E->dt, E->dres, G(Gr, E->fnorm), E->dxf, state_ptr(E, E->l1), P(E, E->fnorm), E->rstdf, N, d,
                             E->rms_ws, E->st, EA));
     prof(E, "bwd norms");
+    if (E->grad_hook) E->grad_hook(E->grad_hook_ctx, top + 1);  // head, final norm, layers above top: final
     const int stop = DL_MAX(E->l0, E->lowest);
     const bool emb_grad = E->l0 == 0 && E->emb.goff >= 0 && E->lowest < 0;
     BwdTrace tr = {NULL, NULL};
@@ -1435,6 +1441,7 @@ void engine_cuda_backward(EngineCuda *E, float *Gr) {
         if (E->has_dhid && E->has_dhid[l + 1]) eng_axpy(E->dt, E->dres, E->dhid[l + 1], 1.0f, N * d, E->st);
         // the input gradient of the lowest layer is needed only for the embedding
         layer_bwd(E, l, Gr, l > stop || emb_grad);
+        if (E->grad_hook) E->grad_hook(E->grad_hook_ctx, l);
         if (tr.snap) bwd_trace_layer(E, &tr, l);
     }
     free(tr.snap), free(tr.cur);
@@ -1451,8 +1458,14 @@ void engine_cuda_backward(EngineCuda *E, float *Gr) {
         cudaCheck(cudaStreamSynchronize(E->st));
         free(plan);
     }
+    if (E->grad_hook) E->grad_hook(E->grad_hook_ctx, -1);
     E->have_dxf = false;
     if (E->has_dhid) memset(E->has_dhid, 0, (size_t)(c->n_layer + 1) * sizeof(bool));
+}
+
+void engine_cuda_set_grad_hook(EngineCuda *E, EngineCudaGradHook fn, void *ctx) {
+    E->grad_hook = fn;
+    E->grad_hook_ctx = ctx;
 }
 
 // ---------------------------------------------------------------- helpers for C programs

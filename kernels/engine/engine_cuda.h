@@ -58,6 +58,9 @@ enum {
 EngineCuda *engine_cuda_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t T,
                             int flags, DType dt, int64_t chunk_rows, FILE *log, DlError *e);
 void engine_cuda_free(EngineCuda *e);
+// true when the engine's attention runs through cuDNN's fused SDPA (DISTILL_ATTN, default cudnn for bf16 engines):
+// its P·V takes P in bf16, so a CPU reference of it rounds P too (attention_cpu_round_p)
+bool engine_cuda_cudnn_attention(const EngineCuda *e);
 // Device memory of the engine in bytes: weights (compute copy + master + padded copies), activations (the table).
 void engine_cuda_memory(const EngineCuda *e, double *weights, double *activations);
 void engine_cuda_print_memory(const EngineCuda *e, FILE *f);
@@ -130,6 +133,15 @@ double engine_cuda_mse_hidden(EngineCuda *e, int i, const void *target, const ui
 // Backward; grads (engine_cuda_grads_new) are ADDED into, for the trained tensors; the pass stops below the
 // lowest trained layer.
 void engine_cuda_backward(EngineCuda *e, float *grads);
+
+// Progress of the backward, for overlapping data-parallel reductions with it (distill/train_model.c, tm_dp_*):
+// fn(ctx, level) is called on the host by engine_cuda_backward each time the work that finishes some gradients
+// has been ENQUEUED on the engine's stream (an event recorded on that stream then marks their completion), with
+// zero.h's levels: the highest layer the pass starts above + 1 (n_layer in a full pass: the head and the final
+// norm are final), then l after decoder layer l's backward, then -1 at the end (embeddings): every gradient of a
+// tensor whose level (zero_tensor_level) is >= the argument is final for this backward. NULL: no calls (default).
+typedef void (*EngineCudaGradHook)(void *ctx, int level);
+void engine_cuda_set_grad_hook(EngineCuda *e, EngineCudaGradHook fn, void *ctx);
 
 // ---- optimizer on the device: optim_step's rules exactly (optim_decide: non-finite and outlier skips,
 // global-norm clipping, the schedule; optim_tensor_k: per-tensor lr multipliers and weight decay), AdamW on
