@@ -1329,6 +1329,28 @@ static void set_origin(TomlValue *v, const char *lab) {
 }
 
 // Finds or creates the table at the dotted path parts[0..n) for --set, and the field set that applies.
+// Stage i's name as validation will give it: explicit, else the kind (kind-N when the kind repeats).
+static void stage_eff_name(TomlValue *arr, int i, char *out, size_t n) {
+    TomlValue *st = arr->u.arr.items[i];
+    TomlValue *nm = toml_get(st, "name"), *kd = toml_get(st, "kind");
+    if (nm && nm->type == TOML_STRING) {
+        snprintf(out, n, "%s", nm->u.s);
+        return;
+    }
+    out[0] = 0;
+    if (!kd || kd->type != TOML_STRING) return;
+    int same = 0, nth = 0;
+    for (int j = 0; j < arr->u.arr.n; j++) {
+        TomlValue *kj = toml_get(arr->u.arr.items[j], "kind");
+        if (kj && kj->type == TOML_STRING && !strcmp(kj->u.s, kd->u.s)) {
+            same++;
+            if (j <= i) nth++;
+        }
+    }
+    if (same > 1) snprintf(out, n, "%s-%d", kd->u.s, nth);
+    else snprintf(out, n, "%s", kd->u.s);
+}
+
 static int apply_set(Ctx *c, TomlValue *root, const char *setarg) {
     const char *eq = strchr(setarg, '=');
     char label[600];
@@ -1366,24 +1388,10 @@ static int apply_set(Ctx *c, TomlValue *root, const char *setarg) {
         if (!arr || arr->type != TOML_ARRAY) SET_ERR("the recipe has no [[stage]]");
         if (np < 3) SET_ERR("name the stage and the key: stage.NAME.key (NAME: a stage name or a kind used once)");
         int found = -1, nkind = 0;
+        char names[256] = "";  // the names of the stages of that kind, for the error below
         for (int i = 0; i < arr->u.arr.n; i++) {
-            // the stage's name as validation will give it: explicit, else the kind (kind-N when repeated)
-            TomlValue *st = arr->u.arr.items[i];
-            TomlValue *nm = toml_get(st, "name"), *kd = toml_get(st, "kind");
-            char dflt[64] = "";
-            if (kd && kd->type == TOML_STRING) {
-                int same = 0, nth = 0;
-                for (int j = 0; j < arr->u.arr.n; j++) {
-                    TomlValue *kj = toml_get(arr->u.arr.items[j], "kind");
-                    if (kj && kj->type == TOML_STRING && !strcmp(kj->u.s, kd->u.s)) {
-                        same++;
-                        if (j <= i) nth++;
-                    }
-                }
-                if (same > 1) snprintf(dflt, sizeof dflt, "%s-%d", kd->u.s, nth);
-                else snprintf(dflt, sizeof dflt, "%s", kd->u.s);
-            }
-            const char *eff = nm && nm->type == TOML_STRING ? nm->u.s : dflt;
+            char eff[64];
+            stage_eff_name(arr, i, eff, sizeof eff);
             if (!strcmp(eff, parts[1])) {
                 found = i;
                 nkind = 1;
@@ -1396,10 +1404,14 @@ static int apply_set(Ctx *c, TomlValue *root, const char *setarg) {
                 if (kd && kd->type == TOML_STRING && !strcmp(kd->u.s, parts[1])) {
                     if (!nkind) found = i;
                     nkind++;
+                    char eff[64];
+                    stage_eff_name(arr, i, eff, sizeof eff);
+                    const size_t n = strlen(names);
+                    snprintf(names + n, sizeof names - n, "%sstage.%s", n ? ", " : "", eff);
                 }
             }
         if (found < 0) SET_ERR("no stage named '%s' (and no stage of that kind)", parts[1]);
-        if (nkind > 1) SET_ERR("%d stages have kind '%s': name one of them (stage.NAME.key)", nkind, parts[1]);
+        if (nkind > 1) SET_ERR("%d stages have kind '%s': name one of them (%s)", nkind, parts[1], names);
         t = arr->u.arr.items[found];
         if (t->type != TOML_TABLE) SET_ERR("stage '%s' is not a table", parts[1]);
         TomlValue *kd = toml_get(t, "kind");
@@ -1844,7 +1856,7 @@ void recipe_write_schema(FILE *f) {
     free(d.field);
     schema_table(f, "[[stage]]", STAGE_FIELDS, DL_ARRAY_LEN(STAGE_FIELDS), NULL, true, false);
     StageLoss l = {.ce = 1, .kl = 0.1, .temperature = 1};
-    schema_table(f, "[stage.loss] (defaults shown for layerwise; distill: kl = 1, ce = 0; sft: ce = 1, kl = 0)", LOSS_FIELDS,
+    schema_table(f, "[stage.loss] (defaults shown for layerwise; distill: kl = 1, ce = 0; sft, draft: ce = 1, kl = 0)", LOSS_FIELDS,
                  DL_ARRAY_LEN(LOSS_FIELDS), &l, false, false);
     fputs("\n`[stage.optimizer]` takes the keys of `[optimizer]` and overrides them for that stage.\n", f);
     ScheduleStep ss = {.attn_fraction = -1};
