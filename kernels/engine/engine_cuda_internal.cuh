@@ -156,6 +156,8 @@ struct EngineCuda {
     int l0, l1, last_state;
     bool have_dxf;
     void **dhid;  // lazily allocated [n_layer+1] gradients of hidden states
+    EngineCudaGradHook grad_hook;  // engine_cuda_set_grad_hook: the backward's progress (data-parallel overlap)
+    void *grad_hook_ctx;
     bool *has_dhid;
     // hidden-state MSE (lazily allocated)
     uint8_t *mse_mask;
