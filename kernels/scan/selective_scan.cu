@@ -1044,8 +1044,13 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
             const float *hsrc = g ? snap + ((g - 1) * 2 * NTH + tid) * 4 : ck + cl * N + hf * H;
             const int hstride = g ? NTH * 4 : 4;  // the second float4 of the state
             warp_bc(sl, nv);
+            // output offsets of the group's first step (64-bit once per group; steps add 32-bit multiples)
+            const int64_t rowg = b * L + t0, offx = (rowg + hf) * D + d;  // du, ddt, dz of step hf; + q * 2D
+            const int64_t offc = rowg * GcN + (gc0 + warp) * N + (lane & 15);                  // dC; + j * GcN
+            const int64_t offb = rowg * GbN + gb0 * N + (DB == 16 ? warp * N + (lane & 15) : 0);  // dB; + j * GbN
+            const int D2 = (int)(2 * D), sGc = (int)GcN, sGb = (int)GbN;
             // own steps 2q + hf: scalars once per (step, channel), left in wsc for the partner lane
-            float uo[G / 2], dspo[G / 2], dzf[G / 2];
+            float dspo[G / 2], dzf[G / 2];  // u is re-read where needed (registers)
 #pragma unroll
             for (int q = 0; q < G / 2; q++) {
                 const int j = 2 * q + hf, ps = sl * G + j;
@@ -1063,7 +1068,7 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                     gm = go * zz * sg;
                     zf = go * sg * (1.f + zz * (1.f - sg));  // dz = zf * y
                 }
-                uo[q] = uu, dspo[q] = dsp, dzf[q] = zf;
+                dspo[q] = dsp, dzf[q] = zf;
                 dD_acc = fmaf(gm, uu, dD_acc);
                 wsc[(j * 3 + 0) * 16 + cw] = dm;
                 wsc[(j * 3 + 1) * 16 + cw] = dm * uu;
@@ -1094,8 +1099,10 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                     } else {
                         const int q = j >> 1;
                         const float ye = yo, yd = y0 + y1, keep = hf ? yd : ye, send = hf ? ye : yd;
-                        const float y = keep + __shfl_xor_sync(FULL_MASK, send, 1) + Dd * uo[q];
-                        if (hasz && 2 * q + hf < nv) stbf(p.dz + (b * L + t0 + 2 * q + hf) * D + d, dzf[q] * y);
+                        const int jo = 2 * q + hf;
+                        const float uu = jo < nv ? __bfloat162float(su[(sl * G + jo) * CH]) : 0.f;
+                        const float y = keep + __shfl_xor_sync(FULL_MASK, send, 1) + Dd * uu;
+                        if (hasz && jo < nv) stbf(p.dz + offx + q * D2, dzf[q] * y);
                     }
                 }
             }
@@ -1137,9 +1144,8 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                 }
                 __syncwarp();
                 if (j < nv) {
-                    const int64_t t = t0 + j;
-                    if (lane < 16) stbf(p.dC + (b * L + t) * GcN + (gc0 + warp) * N + lane, v);
-                    else if (DB == 16) stbf(p.dB + (b * L + t) * GbN + (gb0 + warp) * N + (lane - 16), v);
+                    if (lane < 16) stbf(p.dC + offc + j * sGc, v);
+                    else if (DB == 16) stbf(p.dB + offb + j * sGb, v);
                     else redB[(((g & 1) * G + j) * B11_WARPS + warp) * 16 + (lane - 16)] = v;
                 }
                 if (j & 1) {
@@ -1149,9 +1155,10 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                     const float kA = hf ? sAo : sA, xA = hf ? sA : sAo, kB = hf ? sBo : sBg, xB = hf ? sBg : sBo;
                     const float SA = kA + __shfl_xor_sync(FULL_MASK, xA, 1), SB = kB + __shfl_xor_sync(FULL_MASK, xB, 1);
                     const float dlo = wsc[(jo * 3) * 16 + cw], gyo = wsc[(jo * 3 + 2) * 16 + cw];
-                    const float dtt = fmaf(uo[q], SB, SA * SCAN_LN2) * dspo[q];
+                    const float uu = jo < nv ? __bfloat162float(su[(sl * G + jo) * CH]) : 0.f;
+                    const float dtt = fmaf(uu, SB, SA * SCAN_LN2) * dspo[q];
                     if (jo < nv) {
-                        const int64_t row = (b * L + t0 + jo) * D + d;
+                        const int64_t row = offx + q * D2;
                         ddb_acc += dtt;
                         stbf(p.du + row, fmaf(gyo, Dd, dlo * SB));
                         stbf(p.ddt + row, dtt);
@@ -1166,7 +1173,7 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                     float s = 0.f;
 #pragma unroll
                     for (int w = 0; w < WPB; w++) s += rb[(j * B11_WARPS + bi * WPB + w) * 16 + n];
-                    if (j < nv) stbf(p.dB + (b * L + t0 + j) * GbN + (gb0 + bi) * N + n, s);
+                    if (j < nv) stbf(p.dB + offb + j * sGb + bi * N + n, s);
                 }
             }
             if (k > kfirst) {  // this slot now takes the group of chunk k - 1 that uses it
