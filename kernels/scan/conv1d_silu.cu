@@ -6,6 +6,9 @@
 #include "kernels/scan/scan_common.cuh"
 #include "kernels/scan/selective_scan_cuda.h"
 
+#include <stdlib.h>
+#include <string.h>
+
 namespace {
 
 constexpr int CONV_TT = 16;
@@ -142,6 +145,196 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_bwd_kernel(const ConvArgs p
     pp[W] = db;
 }
 
+// ---- backward v2: CPT channels per thread, vector loads, a block sums its dw/dbias over its time tiles ---------
+// Block = 32 threads across channels (32 * CPT contiguous channels: one 8- or 16-byte load per thread and row) x
+// 8 warps along time (tiles of CB_TT steps). Each thread walks its tile once, newest output last: it keeps the
+// last W input rows, output gradients and window widths in registers, so every x and dout row is loaded once (plus
+// the W - 1 halo rows at either end). dw and dbias: per thread over its tile, then summed over the block's 8 warps in
+// warp order in shared memory, one partial per (row, block of time), summed in order by conv_reduce_kernel.
+// Resets: the block's reset bytes (with halo) are staged in shared memory. Requires C % CPT == 0 and rows aligned to
+// CPT * 2 bytes; otherwise v1 runs. CPT = 4: 111 registers at W = 4, 2 blocks per SM; CPT = 8 needs 1 block per SM.
+constexpr int CB_TT = 32, CB_WARPS = 8, CB_THREADS = 32 * CB_WARPS, CB_STEPS = CB_TT * CB_WARPS;
+
+template <int CPT>
+__device__ __forceinline__ void ld_row(const bf16 *p, float (&v)[CPT]) {
+    if constexpr (CPT == 4) {
+        const uint2 r = __ldg(reinterpret_cast<const uint2 *>(p));
+        const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&r);
+        const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+        v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+    } else {
+        const uint4 r = __ldg(reinterpret_cast<const uint4 *>(p));
+        const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&r);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const float2 a = __bfloat1622float2(h[k]);
+            v[2 * k] = a.x, v[2 * k + 1] = a.y;
+        }
+    }
+}
+template <int CPT>
+__device__ __forceinline__ void st_row(bf16 *p, const float (&v)[CPT]) {
+    if constexpr (CPT == 4) {
+        uint2 r;
+        __nv_bfloat162 *h = reinterpret_cast<__nv_bfloat162 *>(&r);
+        h[0] = __floats2bfloat162_rn(v[0], v[1]), h[1] = __floats2bfloat162_rn(v[2], v[3]);
+        *reinterpret_cast<uint2 *>(p) = r;
+    } else {
+        uint4 r;
+        __nv_bfloat162 *h = reinterpret_cast<__nv_bfloat162 *>(&r);
+#pragma unroll
+        for (int k = 0; k < 4; k++) h[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+        *reinterpret_cast<uint4 *>(p) = r;
+    }
+}
+
+template <int W, int CPT>
+__global__ void __launch_bounds__(CB_THREADS, CPT == 8 ? 1 : 2) conv_bwd2_kernel(const ConvArgs p) {
+    constexpr int NG = CB_TT + W - 1;  // steps whose output gradient reaches the tile's inputs
+    __shared__ uint8_t srs[CB_STEPS + 2 * W];
+    __shared__ float sred[CB_WARPS][W + 1][32 * CPT];
+    const int64_t L = p.L, C = p.C, CW = 32 * CPT;
+    const int64_t ncg = (C + CW - 1) / CW, nbt = (L + CB_STEPS - 1) / CB_STEPS;
+    const int64_t cg = blockIdx.x % ncg, bt = (blockIdx.x / ncg) % nbt, b = blockIdx.x / (ncg * nbt);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t tb0 = bt * CB_STEPS, t0 = tb0 + (int64_t)warp * CB_TT;
+    const int64_t c0 = cg * CW + lane * CPT;
+    const bool cval = c0 < C;
+    const int64_t c = cval ? c0 : C - CPT;  // lanes past C compute on real channels and store nothing
+    // reset bytes of steps [tb0 - W, tb0 + CB_STEPS + W)
+    for (int i = threadIdx.x; i < CB_STEPS + 2 * W; i += CB_THREADS) {
+        const int64_t t = tb0 - W + i;
+        srs[i] = (p.reset && t >= 0 && t < L) ? p.reset[b * L + t] : 0;
+    }
+    __syncthreads();
+    auto rs_at = [&](int64_t t) { return srs[t - tb0 + W] != 0; };
+    float w[W][CPT], bias[CPT];
+#pragma unroll
+    for (int i = 0; i < CPT; i++) {
+#pragma unroll
+        for (int k = 0; k < W; k++) w[k][i] = p.w[(c + i) * W + k];
+        bias[i] = p.bias ? p.bias[c + i] : 0.f;
+    }
+    auto x_row = [&](int64_t tt, float (&v)[CPT]) {
+        if (tt >= L) {
+#pragma unroll
+            for (int i = 0; i < CPT; i++) v[i] = 0.f;
+        } else if (tt >= 0) {
+            ld_row<CPT>(p.x + (b * L + tt) * C + c, v);
+        } else if (p.x_prev) {
+            ld_row<CPT>(p.x_prev + (b * (W - 1) + (W - 1) + tt) * C + c, v);
+        } else {
+#pragma unroll
+            for (int i = 0; i < CPT; i++) v[i] = 0.f;
+        }
+    };
+    // window: xw[k] = x row s - (W - 1) + k; gw[k] = g of step s - k; nvw[k] = valid taps of step s - k
+    float xw[W][CPT], gw[W][CPT], dw[W][CPT], db[CPT];
+    int nvw[W];
+#pragma unroll
+    for (int k = 0; k < W; k++) {
+        nvw[k] = 0;
+#pragma unroll
+        for (int i = 0; i < CPT; i++) gw[k][i] = 0.f, dw[k][i] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < CPT; i++) db[i] = 0.f;
+#pragma unroll
+    for (int k = 1; k < W; k++) x_row(t0 - W + k, xw[k]);  // rows t0 - (W - 1) .. t0 - 1 (slot 0 is shifted out)
+    // last reset at or before t0 - 1 that can still cut a window (within W - 2 steps)
+    int64_t lr = -1;
+#pragma unroll
+    for (int k = W - 2; k >= 1; k--)
+        if (t0 - k >= 0 && rs_at(t0 - k)) lr = t0 - k;
+    const bool has_prev = p.x_prev != nullptr;
+    // unrolled by W: the window rotation then needs no register moves, and loads are not all hoisted (registers)
+#pragma unroll W
+    for (int s = 0; s < NG; s++) {
+        const int64_t t = t0 + s;
+        // shift the windows by one step
+#pragma unroll
+        for (int k = 0; k < W - 1; k++) {
+#pragma unroll
+            for (int i = 0; i < CPT; i++) xw[k][i] = xw[k + 1][i];
+        }
+#pragma unroll
+        for (int k = W - 1; k > 0; k--) {
+            nvw[k] = nvw[k - 1];
+#pragma unroll
+            for (int i = 0; i < CPT; i++) gw[k][i] = gw[k - 1][i];
+        }
+        x_row(t, xw[W - 1]);
+        float g[CPT];
+        int nv = 0;
+        if (t < L) {
+            if (rs_at(t)) lr = t;
+            const int64_t st = lr >= 0 ? lr : (has_prev ? -(int64_t)(W - 1) : 0);  // lowest readable time
+            const int64_t n = t - st + 1;
+            nv = n < W ? (int)n : W;  // taps k >= W - nv read inside the window
+            float dv[CPT];
+            ld_row<CPT>(p.dout + (b * L + t) * C + c, dv);
+#pragma unroll
+            for (int i = 0; i < CPT; i++) {
+                float gg = dv[i];
+                if (p.silu) {
+                    float acc = bias[i];
+#pragma unroll
+                    for (int k = 0; k < W; k++)
+                        if (k >= W - nv) acc = fmaf(w[k][i], xw[k][i], acc);
+                    const float sg = sigmoid_dev(acc);
+                    gg *= sg * (1.f + acc * (1.f - sg));
+                }
+                g[i] = gg;
+            }
+            if (s < CB_TT) {  // dw and dbias from the steps this tile owns
+#pragma unroll
+                for (int i = 0; i < CPT; i++) {
+                    db[i] += g[i];
+#pragma unroll
+                    for (int k = 0; k < W; k++)
+                        if (k >= W - nv) dw[k][i] = fmaf(g[i], xw[k][i], dw[k][i]);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < CPT; i++) g[i] = 0.f;
+        }
+        nvw[0] = nv;
+#pragma unroll
+        for (int i = 0; i < CPT; i++) gw[0][i] = g[i];
+        // dx of step tt = t - (W - 1): step t - k reads it through tap k, if that tap is inside its window
+        const int64_t tt = t - (W - 1);
+        if (s >= W - 1 && tt < L && cval) {
+            float dx[CPT];
+#pragma unroll
+            for (int i = 0; i < CPT; i++) {
+                float a = 0.f;
+#pragma unroll
+                for (int k = 0; k < W; k++)
+                    if (k >= W - nvw[k]) a = fmaf(w[k][i], gw[k][i], a);
+                dx[i] = a;
+            }
+            st_row<CPT>(p.dx + (b * L + tt) * C + c, dx);
+        }
+    }
+    // the block's dw, dbias: warps' sums in warp order
+#pragma unroll
+    for (int i = 0; i < CPT; i++) {
+#pragma unroll
+        for (int k = 0; k < W; k++) sred[warp][k][lane * CPT + i] = dw[k][i];
+        sred[warp][W][lane * CPT + i] = db[i];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < (W + 1) * CW; e += CB_THREADS) {
+        const int k = e / CW, ci = e % CW;
+        float s2 = 0.f;
+#pragma unroll
+        for (int w2 = 0; w2 < CB_WARPS; w2++) s2 += sred[w2][k][ci];
+        const int64_t cc = cg * CW + ci;
+        if (cc < C) p.part[((b * nbt + bt) * C + cc) * (W + 1) + k] = s2;
+    }
+}
+
 // dw[c, k] and dbias[c]: sums over the B*ntile partials, in order
 __global__ void conv_reduce_kernel(const float *part, int64_t rows, int64_t C, int W, float *dw, float *dbias) {
     const int64_t m = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, M = C * (W + 1);
@@ -211,16 +404,45 @@ extern "C" int conv1d_silu_bwd_cuda(int64_t B, int64_t L, int64_t C, int W, cons
     ConvArgs a = {};
     a.B = B, a.L = L, a.C = C, a.x = (const bf16 *)x, a.x_prev = (const bf16 *)x_prev, a.w = w, a.bias = bias;
     a.reset = reset, a.silu = silu, a.dout = (const bf16 *)dout, a.dx = (bf16 *)dx, a.part = (float *)workspace;
-    const int64_t ntile = (L + CONV_TT - 1) / CONV_TT, n = B * ntile * C;
-    const unsigned blocks = (unsigned)((n + CONV_THREADS - 1) / CONV_THREADS);
-    switch (W) {
-        case 1: conv_bwd_kernel<1><<<blocks, CONV_THREADS, 0, st>>>(a); break;
-        case 2: conv_bwd_kernel<2><<<blocks, CONV_THREADS, 0, st>>>(a); break;
-        case 3: conv_bwd_kernel<3><<<blocks, CONV_THREADS, 0, st>>>(a); break;
-        case 4: conv_bwd_kernel<4><<<blocks, CONV_THREADS, 0, st>>>(a); break;
+    // DISTILL_CONV_BWD: v1 (one channel per thread), v2 (4 channels per thread, 8-byte rows, 2 blocks per SM) or
+    // v2c8 (8 channels, 16-byte rows, 1 block per SM: ptxas spills at 2); v2 needs C a multiple of the channels per
+    // thread and rows aligned to their width, else v1 runs
+    const char *ver = getenv("DISTILL_CONV_BWD");
+    const int cpt = !ver ? 0 : !strcmp(ver, "v2") ? 4 : !strcmp(ver, "v2c8") ? 8 : 0;
+    const uintptr_t al = (uintptr_t)x | (uintptr_t)dout | (uintptr_t)dx | (uintptr_t)x_prev;
+    int64_t rows;
+    if (cpt && C % cpt == 0 && (al & (uintptr_t)(2 * cpt - 1)) == 0) {
+        const int64_t nbt = (L + CB_STEPS - 1) / CB_STEPS, blocks = B * nbt * ((C + 32 * cpt - 1) / (32 * cpt));
+        rows = B * nbt;
+        auto go = [&](auto kern) { kern<<<(unsigned)blocks, CB_THREADS, 0, st>>>(a); };
+        if (cpt == 8) {
+            switch (W) {
+                case 1: go(conv_bwd2_kernel<1, 8>); break;
+                case 2: go(conv_bwd2_kernel<2, 8>); break;
+                case 3: go(conv_bwd2_kernel<3, 8>); break;
+                case 4: go(conv_bwd2_kernel<4, 8>); break;
+            }
+        } else {
+            switch (W) {
+                case 1: go(conv_bwd2_kernel<1, 4>); break;
+                case 2: go(conv_bwd2_kernel<2, 4>); break;
+                case 3: go(conv_bwd2_kernel<3, 4>); break;
+                case 4: go(conv_bwd2_kernel<4, 4>); break;
+            }
+        }
+    } else {
+        const int64_t ntile = (L + CONV_TT - 1) / CONV_TT, n = B * ntile * C;
+        const unsigned blocks = (unsigned)((n + CONV_THREADS - 1) / CONV_THREADS);
+        rows = B * ntile;
+        switch (W) {
+            case 1: conv_bwd_kernel<1><<<blocks, CONV_THREADS, 0, st>>>(a); break;
+            case 2: conv_bwd_kernel<2><<<blocks, CONV_THREADS, 0, st>>>(a); break;
+            case 3: conv_bwd_kernel<3><<<blocks, CONV_THREADS, 0, st>>>(a); break;
+            case 4: conv_bwd_kernel<4><<<blocks, CONV_THREADS, 0, st>>>(a); break;
+        }
     }
     if (scan_launch_check(err, errlen, "conv1d backward")) return -1;
     const int64_t M = C * (W + 1);
-    conv_reduce_kernel<<<(unsigned)((M + 255) / 256), 256, 0, st>>>(a.part, B * ntile, C, W, dw, dbias);
+    conv_reduce_kernel<<<(unsigned)((M + 255) / 256), 256, 0, st>>>(a.part, rows, C, W, dw, dbias);
     return scan_launch_check(err, errlen, "conv1d backward reduction");
 }

@@ -155,11 +155,19 @@ int main(int argc, char **argv) {
                         conv1d_silu_fwd_cuda(B, L, D, 4, (uint16_t *)x.u, w, cb, NULL, NULL, 1, (uint16_t *)x.out,
                                              NULL, err, sizeof err);
                     }), nx * 4.0, 0, 0);
-                row("conv-bwd", median_ms([&](int i) {
-                        Set &x = set[i % NSET];
-                        conv1d_silu_bwd_cuda(B, L, D, 4, (uint16_t *)x.u, w, cb, NULL, NULL, 1, (uint16_t *)x.dout,
-                                             (uint16_t *)x.du, dw, dcb, cws, NULL, err, sizeof err);
-                    }), nx * 6.0, 0, 0);
+                // backward: the default and each version of DISTILL_CONV_BWD
+                const char *cvs[][2] = {{NULL, "conv-bwd"}, {"v1", "conv-bwd-v1"}, {"v2", "conv-bwd-v2"},
+                                        {"v2c8", "conv-bwd-v2c8"}};
+                for (const auto &cv : cvs) {
+                    if (cv[0]) setenv("DISTILL_CONV_BWD", cv[0], 1);
+                    row(cv[1], median_ms([&](int i) {
+                            Set &x = set[i % NSET];
+                            conv1d_silu_bwd_cuda(B, L, D, 4, (uint16_t *)x.u, w, cb, NULL, NULL, 1,
+                                                 (uint16_t *)x.dout, (uint16_t *)x.du, dw, dcb, cws, NULL, err,
+                                                 sizeof err);
+                        }), nx * 6.0, 0, 0);
+                    unsetenv("DISTILL_CONV_BWD");
+                }
                 CK(cudaFree(w)), CK(cudaFree(cb)), CK(cudaFree(dw)), CK(cudaFree(dcb)), CK(cudaFree(cws));
                 // decode: K tokens per row from a cached fp32 state [B, D, N]
                 float *h, *hk;

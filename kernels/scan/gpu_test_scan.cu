@@ -271,8 +271,9 @@ static void run_multi_case(int64_t B, int64_t K, int64_t D, int64_t N, int64_t G
 
 static void run_conv_case(int64_t B, int64_t L, int64_t C, int W, int silu, int resets, int prev) {
     char name[96];
-    snprintf(name, sizeof name, "conv B%lld L%lld C%lld W%d silu%d res%d prev%d", (long long)B, (long long)L,
-             (long long)C, W, silu, resets, prev);
+    const char *ver = getenv("DISTILL_CONV_BWD");
+    snprintf(name, sizeof name, "conv B%lld L%lld C%lld W%d silu%d res%d prev%d%s%s", (long long)B, (long long)L,
+             (long long)C, W, silu, resets, prev, ver ? " bwd " : "", ver ? ver : "");
     printf("%s\n", name);
     const int64_t n = B * L * C, np = B * (W - 1) * C;
     const uint64_t seed = gmix64(hs++);
@@ -384,12 +385,22 @@ int main(int argc, char **argv) {
     run_multi_case(5, 4, 64, 16, 4, 1);
     run_multi_case(3, 1, 96, 8, 12, 3);
     run_multi_case(2, 7, 64, 32, 2, 1);
-    run_conv_case(1, 1, 8, 4, 1, 0, 0);
-    run_conv_case(2, 37, 96, 4, 1, 1, 1);
-    run_conv_case(3, 50, 65, 4, 1, 1, 0);
-    run_conv_case(2, 20, 33, 3, 0, 1, 1);
-    run_conv_case(1, 30, 17, 2, 1, 0, 1);
-    run_conv_case(1, 70000, 16, 4, 1, 1, 0);
+    // conv backward versions (DISTILL_CONV_BWD): v1, v2 (4 channels per thread), v2c8; odd C falls back to v1
+    const char *conv_vers[] = {NULL, "v2", "v2c8"};
+    for (const char *cv : conv_vers) {
+        if (cv) setenv("DISTILL_CONV_BWD", cv, 1);
+        run_conv_case(1, 1, 8, 4, 1, 0, 0);
+        run_conv_case(2, 37, 96, 4, 1, 1, 1);
+        run_conv_case(3, 50, 65, 4, 1, 1, 0);
+        run_conv_case(2, 20, 33, 3, 0, 1, 1);
+        run_conv_case(1, 30, 17, 2, 1, 0, 1);
+        run_conv_case(2, 600, 136, 4, 1, 1, 1);
+        run_conv_case(1, 300, 264, 3, 0, 1, 0);
+        run_conv_case(3, 257, 64, 1, 1, 1, 1);
+        run_conv_case(2, 513, 40, 2, 1, 0, 1);
+        run_conv_case(1, 70000, 16, 4, 1, 1, 0);
+        if (cv) unsetenv("DISTILL_CONV_BWD");
+    }
     printf("gpu_test_scan: %d passed, %d failed\n", npass, nfail);
     return nfail ? 1 : 0;
 }
