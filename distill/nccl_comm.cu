@@ -60,6 +60,8 @@ struct NcclComm {
     int head, n;  // oldest pending at ring[head]
     cudaEvent_t free_ev[RING];
     int n_free;
+    cudaStream_t cst;     // nccl_comm_stream (NULL until asked for)
+    cudaEvent_t order_ev; // nccl_stream_order's event (a wait takes the record current at the call: reusable)
 };
 
 static double now_s(void) { return dl_now(); }
@@ -254,6 +256,8 @@ void nccl_comm_free(NcclComm *c) {
     if (!c->aborted) ncclCommDestroy(c->comm);  // an aborted communicator was released by ncclCommAbort
     for (int i = 0; i < c->n; i++) cudaEventDestroy(c->ring[(c->head + i) % RING].ev);
     for (int i = 0; i < c->n_free; i++) cudaEventDestroy(c->free_ev[i]);
+    if (c->order_ev) cudaEventDestroy(c->order_ev);
+    if (c->cst) cudaStreamDestroy(c->cst);
     pthread_mutex_destroy(&c->mu);
     free(c);
 }
@@ -421,4 +425,23 @@ int nccl_sync(NcclComm *c, void *stream, DlError *e) {
     cudaEventDestroy(ev);
     if (rc == 0) rc = nccl_comm_check(c, e);
     return rc;
+}
+
+void *nccl_comm_stream(NcclComm *c, DlError *e) {
+    if (!c->cst) {
+        cudaError_t err = cudaStreamCreateWithFlags(&c->cst, cudaStreamNonBlocking);
+        if (err != cudaSuccess) {
+            c->cst = NULL;
+            dl_fail(e, "rank %d (host %s): cudaStreamCreateWithFlags failed: %s", c->rank, c->host, cudaGetErrorString(err));
+            return NULL;
+        }
+    }
+    return (void *)c->cst;
+}
+
+int nccl_stream_order(NcclComm *c, void *waiter, void *signaler, DlError *e) {
+    if (!c->order_ev) CUDA_OK(cudaEventCreateWithFlags(&c->order_ev, cudaEventDisableTiming));
+    CUDA_OK(cudaEventRecord(c->order_ev, (cudaStream_t)signaler));
+    CUDA_OK(cudaStreamWaitEvent((cudaStream_t)waiter, c->order_ev, 0));
+    return 0;
 }

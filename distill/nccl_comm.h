@@ -67,6 +67,12 @@ int nccl_reduce_ranges(NcclComm *c, float *buf, const ZeroRange *r, int n, void 
 int nccl_bcast_ranges(NcclComm *c, float *buf, const ZeroRange *r, int n, void *stream, DlError *e);
 // Waits for everything enqueued on stream (watchdog-aware). -1 if the communicator was aborted.
 int nccl_sync(NcclComm *c, void *stream, DlError *e);
+// The communicator's own stream (non-blocking, made at the first call, destroyed by nccl_comm_free): collectives
+// overlapped with the compute stream's work go there (tm_dp_*: each bucket's reduction during the backward).
+void *nccl_comm_stream(NcclComm *c, DlError *e);
+// Orders two streams without blocking the host: work enqueued on `waiter` after this call starts only once
+// everything enqueued on `signaler` before it has finished (an event recorded on signaler, waited for by waiter).
+int nccl_stream_order(NcclComm *c, void *waiter, void *signaler, DlError *e);
 
 #ifdef __cplusplus
 }

@@ -388,6 +388,7 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
             if (tm_forward(L.student, L.b.tokens, L.b.reset, e)) goto fail_batch;
             LossParts lp = tm_loss(L.student, L.b.targets, L.b.mask, &ls, L.grads, NULL);
             double m = c->mse != 0 ? hidden_mse(c, &L, c->mse) : 0;
+            if (d && d->cu && tm_dp_before_backward(d->cu, L.grads, a == accum - 1, e)) goto fail_dist;  // overlap (opt-in)
             tm_backward(L.student, L.grads);
             loss += lp.loss + m;
             ce += lp.ce, kl += lp.kl, rkl += lp.rkl, mse += m;

@@ -274,14 +274,30 @@ struct TmDp {
     ZeroRange *slices;  // every rank's slice of every bucket in the gradient buffer (stages 1, 2)
     ZeroRange *pieces;  // every rank's owned piece of every trained tensor in the fp32 master (stages 1, 2)
     int n_slices, n_pieces;
+    // overlap with the backward (tm_dp_set_overlap)
+    bool overlap;
+    int n_bucket;
+    int *first;         // [n_bucket + 1] bucket b's ranges in slices: [first[b], first[b + 1])
+    int *level;         // [n_bucket] zero_bucket_levels
+    void *cst;          // the communicator's stream
+    float *grads;       // the buffer the armed backward writes
+    bool armed;         // the engine's hook is set: the running backward's buckets go out as they become final
+    int launched;       // buckets enqueued on cst by the armed backward
+    bool reduced;       // every bucket of the last armed backward was enqueued; the compute stream has not waited yet
+    bool failed;        // an NCCL call inside the hook failed: err, reported by tm_dp_micro / tm_dp_step
+    DlError err;
 };
 
 void tm_dp_free(TmDp *d) {
     if (!d) return;
     free(d->slices);
     free(d->pieces);
+    free(d->first);
+    free(d->level);
     free(d);
 }
+
+bool tm_dp_overlap(const TmDp *d) { return d->overlap; }
 
 #if defined(DISTILL_CUDA) && defined(DISTILL_NCCL)
 TmDp *tm_dp_new(TrainModel *m, Optim *o, const ZeroLayout *Z, int rank, DistGroup *g, NcclComm *c, DlError *e) {
@@ -304,7 +320,12 @@ TmDp *tm_dp_new(TrainModel *m, Optim *o, const ZeroLayout *Z, int rank, DistGrou
     if (cuda_optim(m, o, e)) return NULL;
     TmDp *d = dl_calloc(1, sizeof *d);
     d->m = m, d->o = o, d->g = g, d->c = c, d->stage = Z->stage;
-    if (d->stage > 0) {
+    // the slices and each bucket's level at every stage (ZeRO-0's overlap all-reduces bucket by bucket)
+    d->n_bucket = Z->n_bucket;
+    d->first = dl_malloc((size_t)(Z->n_bucket + 1) * sizeof(int));
+    d->level = dl_malloc((size_t)(Z->n_bucket ? Z->n_bucket : 1) * sizeof(int));
+    zero_bucket_levels(Z, r, m->h->base.n_layer, d->level);
+    {
         int64_t *goff = dl_malloc((size_t)(r->n ? r->n : 1) * sizeof(int64_t));
         int64_t *moff = dl_malloc((size_t)(r->n ? r->n : 1) * sizeof(int64_t));
         for (int i = 0; i < r->n; i++) {
@@ -313,7 +334,7 @@ TmDp *tm_dp_new(TrainModel *m, Optim *o, const ZeroLayout *Z, int rank, DistGrou
         }
         d->slices = dl_malloc((size_t)zero_slice_ranges_max(Z) * sizeof(ZeroRange));
         d->pieces = dl_malloc((size_t)zero_piece_ranges_max(Z) * sizeof(ZeroRange));
-        int rc = zero_slice_ranges(Z, goff, d->slices, &d->n_slices, e);
+        int rc = zero_slice_ranges_split(Z, goff, d->slices, &d->n_slices, d->first, e);
         if (!rc) rc = zero_piece_ranges(Z, moff, d->pieces, &d->n_pieces, e);
         free(goff);
         free(moff);
@@ -323,12 +344,82 @@ TmDp *tm_dp_new(TrainModel *m, Optim *o, const ZeroLayout *Z, int rank, DistGrou
             return NULL;
         }
     }
+    const char *ov = getenv("DISTILL_DP_OVERLAP");
+    d->overlap = ov && *ov == '1';
+    if (d->overlap && rank == 0)
+        dl_info("data parallel: each bucket's reduction overlapped with the backward (DISTILL_DP_OVERLAP=1, %d buckets)",
+                Z->n_bucket);
     return d;
+}
+
+void tm_dp_set_overlap(TmDp *d, bool on) { d->overlap = on; }
+
+// Enqueues the reductions of buckets [launched, upto) on the communicator's stream, after everything the
+// compute stream holds so far (the backward's writes of those buckets' gradients).
+static void dp_launch(TmDp *d, int upto) {
+    if (upto <= d->launched || d->failed) return;
+    if (nccl_stream_order(d->c, d->cst, engine_cuda_stream(d->m->cu), &d->err)) goto fail;
+    for (int b = d->launched; b < upto; b++) {
+        const ZeroRange *rg = d->slices + d->first[b];
+        const int n = d->first[b + 1] - d->first[b];
+        if (d->stage == 0) {  // the bucket's data: its slices are adjacent
+            const int64_t off = rg[0].off, end = rg[n - 1].off + rg[n - 1].n;
+            if (nccl_all_reduce(d->c, d->grads + off, d->grads + off, end - off, DT_F32, false, d->cst, &d->err)) goto fail;
+        } else if (nccl_reduce_ranges(d->c, d->grads, rg, n, d->cst, &d->err)) goto fail;
+    }
+    d->launched = upto;
+    return;
+fail:
+    d->failed = true;
+}
+
+// engine_cuda_backward's progress (EngineCudaGradHook): the buckets whose level it reached go out.
+static void dp_hook(void *ctx, int level) {
+    TmDp *d = ctx;
+    dp_launch(d, zero_buckets_ready(d->level, d->n_bucket, level));
+    if (level < 0) {  // the end of the backward: every bucket went out
+        engine_cuda_set_grad_hook(d->m->cu, NULL, NULL);
+        d->armed = false;
+        d->reduced = !d->failed;
+    }
+}
+
+int tm_dp_before_backward(TmDp *d, float *grads, bool last_micro, DlError *e) {
+    if (!d->overlap || (d->stage != 2 && !last_micro)) return 0;
+    if (d->armed || d->reduced)
+        return dl_fail(e, "data parallel: tm_dp_before_backward twice without tm_dp_micro / tm_dp_step between");
+    if (!d->cst && !(d->cst = nccl_comm_stream(d->c, e))) return -1;
+    d->grads = grads, d->launched = 0, d->failed = false, d->armed = true;
+    engine_cuda_set_grad_hook(d->m->cu, dp_hook, d);
+    return 0;
+}
+
+// 1: the last announced backward's reductions were enqueued on the communicator's stream, and the compute stream
+// now waits for them; 0: none announced (reduce now); -1: an error (in the hook, or a backward that never ran).
+static int dp_join(TmDp *d, float *grads, DlError *e) {
+    if (d->failed) {
+        d->failed = d->reduced = d->armed = false;
+        engine_cuda_set_grad_hook(d->m->cu, NULL, NULL);
+        *e = d->err;
+        return -1;
+    }
+    if (d->armed) {
+        engine_cuda_set_grad_hook(d->m->cu, NULL, NULL);
+        d->armed = false;
+        return dl_fail(e, "data parallel: tm_dp_before_backward was not followed by a backward");
+    }
+    if (!d->reduced) return 0;
+    d->reduced = false;
+    if (grads != d->grads) return dl_fail(e, "data parallel: the overlapped backward wrote another gradient buffer");
+    if (nccl_stream_order(d->c, engine_cuda_stream(d->m->cu), d->cst, e)) return -1;
+    return 1;
 }
 
 int tm_dp_micro(TmDp *d, float *grads, DlError *e) {
     if (d->stage != 2) return 0;
-    if (nccl_reduce_ranges(d->c, grads, d->slices, d->n_slices, engine_cuda_stream(d->m->cu), e)) return -1;
+    const int j = dp_join(d, grads, e);
+    if (j < 0) return -1;
+    if (!j && nccl_reduce_ranges(d->c, grads, d->slices, d->n_slices, engine_cuda_stream(d->m->cu), e)) return -1;
     engine_cuda_optim_keep_owned(d->m->opt, grads);
     return 0;
 }
@@ -336,13 +427,16 @@ int tm_dp_micro(TmDp *d, float *grads, DlError *e) {
 int tm_dp_step(TmDp *d, float *grads, double loss, OptimResult *r, DlError *e) {
     TrainModel *m = d->m;
     void *st = engine_cuda_stream(m->cu);
+    const int j = d->stage == 2 ? 0 : dp_join(d, grads, e);
+    if (j < 0) return -1;
     if (d->stage == 0) {
-        if (nccl_all_reduce(d->c, grads, grads, engine_cuda_grads_numel(m->cu), DT_F32, false, st, e) || nccl_sync(d->c, st, e))
+        if ((!j && nccl_all_reduce(d->c, grads, grads, engine_cuda_grads_numel(m->cu), DT_F32, false, st, e)) ||
+            nccl_sync(d->c, st, e))
             return -1;
         engine_cuda_optim_step(m->opt, grads, loss, r);
         return 0;
     }
-    if (d->stage == 1 && nccl_reduce_ranges(d->c, grads, d->slices, d->n_slices, st, e)) return -1;
+    if (d->stage == 1 && !j && nccl_reduce_ranges(d->c, grads, d->slices, d->n_slices, st, e)) return -1;
     if (nccl_sync(d->c, st, e)) return -1;
     double sq = 0;
     if (zdist_all_reduce_f64(d->g, engine_cuda_optim_sq_norm(m->opt, grads), &sq, e)) return -1;
@@ -365,6 +459,11 @@ int tm_dp_micro(TmDp *d, float *grads, DlError *e) {
 }
 int tm_dp_step(TmDp *d, float *grads, double loss, OptimResult *r, DlError *e) {
     (void)d, (void)grads, (void)loss, (void)r;
+    return dl_fail(e, "data parallel on the device: not in this build");
+}
+void tm_dp_set_overlap(TmDp *d, bool on) { (void)d, (void)on; }
+int tm_dp_before_backward(TmDp *d, float *grads, bool last_micro, DlError *e) {
+    (void)d, (void)grads, (void)last_micro;
     return dl_fail(e, "data parallel on the device: not in this build");
 }
 #endif

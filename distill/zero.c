@@ -288,8 +288,13 @@ int zero_slice_ranges_max(const ZeroLayout *L) { return L->n_bucket * L->world; 
 int zero_piece_ranges_max(const ZeroLayout *L) { return L->n_seg + L->n_bucket * (L->world - 1); }
 
 int zero_slice_ranges(const ZeroLayout *L, const int64_t *off, ZeroRange *out, int *n_out, DlError *e) {
+    return zero_slice_ranges_split(L, off, out, n_out, NULL, e);
+}
+
+int zero_slice_ranges_split(const ZeroLayout *L, const int64_t *off, ZeroRange *out, int *n_out, int *first, DlError *e) {
     int n = 0;
     for (int b = 0; b < L->n_bucket; b++) {
+        if (first) first[b] = n;
         const ZeroBucket *k = &L->bucket[b];
         const ZeroSeg *s0 = &L->seg[k->seg_begin], *s1 = &L->seg[k->seg_end - 1];
         const int64_t base = off[s0->tensor];  // where the bucket's flat_begin falls in the buffer
@@ -307,8 +312,29 @@ int zero_slice_ranges(const ZeroLayout *L, const int64_t *off, ZeroRange *out, i
             if (hi > lo) out[n++] = (ZeroRange){lo, hi - lo, q};
         }
     }
+    if (first) first[L->n_bucket] = n;
     *n_out = n;
     return 0;
+}
+
+int zero_tensor_level(const TensorInfo *t, int n_layer) {
+    if (t->layer >= 0) return t->layer;
+    return t->role == ROLE_EMBED ? -1 : n_layer;
+}
+
+void zero_bucket_levels(const ZeroLayout *L, const Registry *reg, int n_layer, int *level) {
+    for (int b = 0; b < L->n_bucket; b++) {
+        int lv = n_layer;
+        for (int k = L->bucket[b].seg_begin; k < L->bucket[b].seg_end; k++)
+            lv = DL_MIN(lv, zero_tensor_level(&reg->t[L->seg[k].tensor], n_layer));
+        level[b] = lv;
+    }
+}
+
+int zero_buckets_ready(const int *level, int n_bucket, int reached) {
+    int n = 0;
+    while (n < n_bucket && level[n] >= reached) n++;
+    return n;
 }
 
 int zero_piece_ranges(const ZeroLayout *L, const int64_t *off, ZeroRange *out, int *n_out, DlError *e) {

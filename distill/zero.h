@@ -127,6 +127,24 @@ int zero_piece_ranges(const ZeroLayout *L, const int64_t *off, ZeroRange *out, i
 // Upper bounds of the two counts, for allocating out.
 int zero_slice_ranges_max(const ZeroLayout *L);
 int zero_piece_ranges_max(const ZeroLayout *L);
+// The same list with first[b] .. first[b + 1] - 1 the ranges of bucket b (first: n_bucket + 1 ints): each
+// bucket's ranges are adjacent in the buffer, so [out[first[b]].off, end of out[first[b + 1] - 1]) is the
+// bucket's data there (what a per-bucket all-reduce covers).
+int zero_slice_ranges_split(const ZeroLayout *L, const int64_t *off, ZeroRange *out, int *n_out, int *first, DlError *e);
+
+// ---- overlap of the reductions with the backward (CUDA, tm_dp_*): when each bucket's gradient is final.
+// The backward reports how far it got as a LEVEL: n_layer once the head's and the final norm's gradients are
+// written (the loss, then the backward's first step), l after decoder layer l's backward, -1 at its end (the
+// embeddings, which also receive a tied head's gradient). A tensor's level is the one after which nothing
+// writes its gradient any more: its layer for a decoder-layer tensor, -1 for the embeddings, n_layer for the
+// other global tensors (final norm, untied head). A bucket's level is the lowest of its tensors'; since
+// buckets are formed walking the registry backwards, levels never increase from one bucket to the next, and
+// the buckets final at a level are a prefix of the reduction order.
+int zero_tensor_level(const TensorInfo *t, int n_layer);
+// level[b] for every bucket (n_bucket ints). reg: the registry the layout was built from.
+void zero_bucket_levels(const ZeroLayout *L, const Registry *reg, int n_layer, int *level);
+// How many leading buckets are final once the backward has reached `reached` (level[b] >= reached).
+int zero_buckets_ready(const int *level, int n_bucket, int reached);
 
 // ---- the sharded optimizer step (any backend)
 // The global norm of the averaged gradient from the sum over ranks of the local squared norms (NaN when the

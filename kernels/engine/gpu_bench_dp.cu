@@ -4,8 +4,12 @@
 // the training loop's own calls (train_model.h: tm_* for the models, tm_dp_* for the NCCL reductions, the
 // sharded step and the gather), one process per GPU, launched by scripts/launch-local:
 //   build/gpu_bench_dp [--layers 8] [--B 2] [--T 2048] [--accum 1] [--steps 10] [--warmup 3] [--zero 0|1|2]
-//                      [--recompute]
+//                      [--recompute] [--overlap]
 //   scripts/launch-local -n 2 build/gpu_bench_dp --zero 1
+// --overlap: each bucket's reduction goes out on the communicator's stream as soon as the backward has finished
+// it (tm_dp_before_backward; train_model.h), instead of after the backward. Rank 0 prints every step's loss and
+// gradient norm with 17 digits (the `step N:` lines): runs with and without --overlap must print the same digits
+// (2 ranks: bitwise, train_model.h says why); tests/gpu/dp_scaling.sh compares them.
 // One process is the 1-GPU baseline (no NCCL: tm_optim_step, as train_loop.c). Rank 0 prints per step the
 // time of the micro-batches (forward, loss, backward, ZeRO-2's per-micro-batch reductions; a device sync
 // ends them) and of the data-parallel step (reduction, global norm, AdamW, gather), and the line
@@ -41,7 +45,7 @@ static void die(const char *what, const DlError *e) {
 int main(int argc, char **argv) {
     int layers = 8, steps = 10, warmup = 3, zero = 0, accum = 1;
     int64_t B = 2, T = 2048;
-    bool recompute = false;
+    bool recompute = false, overlap = false;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--layers") && i + 1 < argc) layers = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--B") && i + 1 < argc) B = atoll(argv[++i]);
@@ -51,9 +55,10 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--warmup") && i + 1 < argc) warmup = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--zero") && i + 1 < argc) zero = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--recompute")) recompute = true;
+        else if (!strcmp(argv[i], "--overlap")) overlap = true;
         else {
             fprintf(stderr, "usage: gpu_bench_dp [--layers L] [--B n] [--T n] [--accum n] [--steps n] [--warmup n] "
-                            "[--zero 0|1|2] [--recompute]   (several GPUs: scripts/launch-local -n N build/gpu_bench_dp ...)\n");
+                            "[--zero 0|1|2] [--recompute] [--overlap]   (several GPUs: scripts/launch-local -n N build/gpu_bench_dp ...)\n");
             return 2;
         }
     }
@@ -129,9 +134,11 @@ int main(int argc, char **argv) {
     float *grads = tm_grads_new(student);
     TmDp *dp = NULL;
     if (world > 1 && !(dp = tm_dp_new(student, &o, &Z, rank, g, nc, &e))) die("data parallel", &e);
+    if (dp) tm_dp_set_overlap(dp, overlap);
     if (rank == 0 && world > 1)
-        printf("  ZeRO-%d plan: %d buckets, %lld trained elements, shard %lld per rank; AdamW moments %.2f GiB per GPU\n", zero,
-               Z.n_bucket, (long long)Z.trainable_numel, (long long)Z.shard_numel, tm_dp_moment_bytes(&o) / 1073741824.0);
+        printf("  ZeRO-%d plan: %d buckets, %lld trained elements, shard %lld per rank; AdamW moments %.2f GiB per GPU; "
+               "overlap %s\n", zero, Z.n_bucket, (long long)Z.trainable_numel, (long long)Z.shard_numel,
+               tm_dp_moment_bytes(&o) / 1073741824.0, overlap ? "on" : "off");
     // ---- data: random tokens, different on every rank
     const int64_t N = B * T;
     int32_t *tok = (int32_t *)dl_malloc((size_t)N * 4), *tgt = (int32_t *)dl_malloc((size_t)N * 4);
@@ -156,6 +163,7 @@ int main(int argc, char **argv) {
             for (int64_t i = 0; i < N; i++) mask[i] = tgt[i] >= 0;
             if (tm_forward(teacher, tok, NULL, &e) || tm_forward(student, tok, NULL, &e)) die("forward", &e);
             LossParts lp = tm_loss(student, tgt, mask, &ls, grads, NULL);
+            if (dp && tm_dp_before_backward(dp, grads, a == accum - 1, &e)) die("overlap", &e);
             tm_backward(student, grads);
             loss += lp.loss;
             if (dp && tm_dp_micro(dp, grads, &e)) die("ZeRO-2 reduction", &e);
@@ -177,13 +185,13 @@ int main(int argc, char **argv) {
         const double t2 = dl_now();
         if (s >= warmup) t_step += t2 - t0, t_comp += t1 - t0, t_dp += t2 - t1;
         if (rank == 0)
-            printf("  step %d: loss %.4f, grad norm %.4g (%s), %.1f ms: micro-batches %.1f, data-parallel step %.1f\n", s, mean,
+            printf("  step %d: loss %.17g, grad norm %.17g (%s), %.1f ms: micro-batches %.1f, data-parallel step %.1f\n", s, mean,
                    r.grad_norm, optim_outcome_name(r.outcome), 1e3 * (t2 - t0), 1e3 * (t1 - t0), 1e3 * (t2 - t1));
     }
     const double step_s = t_step / steps;
     if (rank == 0)
-        printf("RESULT_DP world=%d zero=%d layers=%d B=%lld T=%lld accum=%d step_ms=%.1f compute_ms=%.1f dp_ms=%.1f "
-               "tokens_per_s=%.0f per_gpu=%.0f\n", world, zero, c.n_layer, (long long)B, (long long)T, accum, 1e3 * step_s,
+        printf("RESULT_DP world=%d zero=%d overlap=%d layers=%d B=%lld T=%lld accum=%d step_ms=%.1f compute_ms=%.1f dp_ms=%.1f "
+               "tokens_per_s=%.0f per_gpu=%.0f\n", world, zero, overlap ? 1 : 0, c.n_layer, (long long)B, (long long)T, accum, 1e3 * step_s,
                1e3 * t_comp / steps, 1e3 * t_dp / steps, (double)world * accum * N / step_s, (double)accum * N / step_s);
     tm_dp_free(dp);
     tm_grads_free(student, grads);

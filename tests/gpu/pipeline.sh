@@ -14,6 +14,8 @@
 #      onto each slice's owner, sharded AdamW, broadcast of the updated master) vs ZeRO-0; ZeRO-2
 #      accumulating 2 micro-batches of 1 row per GPU vs ZeRO-0; one optimizer shard file per rank. Each
 #      comparison reports "identical" or "within 1e-3 (not bitwise)"; beyond 1e-3 fails.
+#      With DISTILL_DP_OVERLAP=1 (reductions overlapped with the backward) ZeRO-0, ZeRO-1 and ZeRO-2 (2
+#      micro-batches) must give the unoverlapped runs' losses bit for bit.
 #   6. gpu2resume (2 GPUs): a ZeRO-2 run stopped after step 4 and resumed on 2 GPUs gives the
 #      uninterrupted run's losses bit for bit; saved on 2 GPUs (ZeRO-1) and resumed on 1, and saved on 1
 #      and resumed on 2 (ZeRO-2), vs the uninterrupted run on the new GPU count (layerwise stage: identical
@@ -128,6 +130,21 @@ else
         # (docs/BENCHMARKS.md, "Gradient parity on the real model"), so later steps drift by a few % (2e-2 / 4.7e-2
         # by steps 4-6 on 2 x H200 at 68a5aa8): only the first stage's first step, before any update, must agree.
         need dp2-z2a 2 "${acc[@]}" --set hardware.zero=2 && same dp2-z2a dp2-z0 "2 GPUs ZeRO-2 with 2 micro-batches of 1 row vs ZeRO-0 (first step)" --stages layerwise --steps 1
+        # overlap (DISTILL_DP_OVERLAP=1: each bucket's reduction on NCCL's stream as soon as the backward finished it):
+        # the same operations bucket by bucket, so with 2 GPUs the unoverlapped losses bit for bit (ZeRO-0 and 1:
+        # after the last micro-batch; ZeRO-2 with 2 micro-batches: after each)
+        for spec in "dp2-z0 0 one" "dp2-z1 1 one" "dp2-z2a 2 acc"; do
+            read -r nm z mode <<< "$spec"
+            if [ "$mode" = one ]; then args=("${one[@]}"); else args=("${acc[@]}"); fi
+            if need "$nm" 2 "${args[@]}" --set hardware.zero="$z"; then
+                export DISTILL_DP_OVERLAP=1
+                need "$nm-ov" 2 "${args[@]}" --set hardware.zero="$z"
+                unset DISTILL_DP_OVERLAP
+                if ! grep -q "overlapped with the backward" "$OUT/$nm-ov.log" 2>/dev/null; then bad "ZeRO-$z overlap run: no overlap line in its log"
+                elif python3 "$HERE/check_metrics.py" "$(metrics "$nm-ov")" "$(metrics "$nm")" --exact; then ok "2 GPUs ZeRO-$z ($mode) overlapped vs not: identical losses"
+                else bad "2 GPUs ZeRO-$z ($mode) overlapped vs not: losses differ"; fi
+            fi
+        done
         # ZeRO-1/2 checkpoints: one optimizer file per rank next to rank 0's main file (in each stage's folder)
         n=$(ls "$RUNS"/dp2-z1/*/shards/*/rank-0000[01]-of-00002.h5 2>/dev/null | wc -l)
         [ "$n" -ge 2 ] && ok "ZeRO-1 checkpoint: a shard file per rank ($n files kept)" || bad "ZeRO-1 shard files missing ($n)"
