@@ -83,7 +83,15 @@ int main(int argc, char **argv) {
             fws = std::max(fws, selective_scan_fwd_workspace(&s, 0));
             void *fw = NULL, *bwsp = NULL;
             if (fws) CK(cudaMalloc(&fw, fws));
-            CK(cudaMalloc(&bwsp, selective_scan_bwd_workspace(&s)));
+            // the backward workspace depends on the segment count, which DISTILL_SCAN_BWD_NSEG forces below: size it
+            // for the largest of the settings used
+            size_t bws = selective_scan_bwd_workspace(&s);
+            for (const char *ns : {"2", "4", "8"}) {
+                setenv("DISTILL_SCAN_BWD_NSEG", ns, 1);
+                bws = std::max(bws, selective_scan_bwd_workspace(&s));
+            }
+            unsetenv("DISTILL_SCAN_BWD_NSEG");
+            CK(cudaMalloc(&bwsp, bws));
             char err[256];
             auto fwd = [&](int i, int nseg, bool train) {
                 Set &x = set[i % NSET];
@@ -129,12 +137,17 @@ int main(int argc, char **argv) {
                     snprintf(k, sizeof k, "fwd-s%d", ns);
                 row(k, median_ms([&](int i) { fwd(i, ns, true); }), fbytes + ckb, ex2_f, 0);
             }
+            // forward v11 (DISTILL_SCAN_FWD=v11: 32-step tiles, 2 in flight), training and inference
+            setenv("DISTILL_SCAN_FWD", "v11", 1);
+            row("fwd-v11", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, mamba_f);
+            row("fwd-v11-inf", median_ms([&](int i) { fwd(i, 0, false); }), fbytes, ex2_f, 0);
+            unsetenv("DISTILL_SCAN_FWD");
             for (int k = 0; k < NSET; k++) fwd(k, 0, true);
-            // backward: the default, then each selectable version (DISTILL_SCAN_BWD) and, at small batch, forced
+            // backward: the default (v11), then each selectable version (DISTILL_SCAN_BWD) and, at small batch, forced
             // segment counts of v11; every row in the same run, so that they compare
             row("bwd", median_ms([&](int i) { bwd(i); }), bbytes, ex2_b, mamba_b);
-            const char *envs[][3] = {{"v10", NULL, "bwd-v10"}, {"v11", NULL, "bwd-v11"}, {"v11", "2", "bwd-v11-s2"},
-                                     {"v11", "4", "bwd-v11-s4"}, {"v11", "8", "bwd-v11-s8"}};
+            const char *envs[][3] = {{"v10", NULL, "bwd-v10"}, {"v11", "2", "bwd-v11-s2"}, {"v11", "4", "bwd-v11-s4"},
+                                     {"v11", "8", "bwd-v11-s8"}};
             for (const auto &e : envs) {
                 if (e[1] && B > 2) continue;
                 setenv("DISTILL_SCAN_BWD", e[0], 1);

@@ -5,10 +5,11 @@
 // grid of more than 65535 (batch x channel) blocks, L >= 65536, and B*L*D > 2^31 (64-bit offsets; the
 // reference is computed for the last channels of that problem, where offsets are largest).
 // The backward is also run twice and must give identical bits. The small cases run again with each selectable
-// version / option (DISTILL_SCAN_BWD=v8: no time segments; =v11: the lane-pair kernel; DISTILL_SCAN_BWD_NSEG=3;
-// v11 with 3 segments). Run the whole program with DISTILL_SCAN_BWD=v11 to put v11 through every case, the
-// > 2^31 one included. Exit status 1 if any check fails.
-// Usage: gpu_test_scan [--no-huge | --quick]
+// version / option (the backward's default is v11; DISTILL_SCAN_BWD=v10, =v8: v10 without time segments;
+// DISTILL_SCAN_BWD_NSEG=3 with v11 and v10; DISTILL_SCAN_FWD=v11: 32-step forward tiles), and every conv case with
+// each conv backward (DISTILL_CONV_BWD=v2, v2c8). Run with a version in the environment and --only-huge to put it
+// through the > 2^31 case too. Exit status 1 if any check fails.
+// Usage: gpu_test_scan [--no-huge | --quick | --only-huge]
 #include "kernels/scan/gpu_common.cuh"
 #include "kernels/scan/selective_scan_cuda.h"
 
@@ -329,8 +330,9 @@ static void run_conv_case(int64_t B, int64_t L, int64_t C, int W, int silu, int 
 }
 
 int main(int argc, char **argv) {
-    // --quick: only the scan cases of at most 2^22 elements, once (for compute-sanitizer runs)
-    const int quick = argc > 1 && !strcmp(argv[1], "--quick");
+    // --quick: only the scan cases of at most 2^22 elements, once (for compute-sanitizer runs); --only-huge: only the
+    // > 2^31-element case (to put a version selected by the environment through it)
+    const int quick = argc > 1 && !strcmp(argv[1], "--quick"), only_huge = argc > 1 && !strcmp(argv[1], "--only-huge");
     const int huge = !(argc > 1 && (!strcmp(argv[1], "--no-huge") || quick));
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
@@ -355,17 +357,19 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         if (!huge && cases[i].B * cases[i].L * cases[i].D > (1ll << 31)) continue;
         if (quick && cases[i].B * cases[i].L * cases[i].D > (1ll << 22)) continue;
+        if (only_huge && cases[i].B * cases[i].L * cases[i].D <= (1ll << 31)) continue;
         run_scan_case(&cases[i]);
     }
-    if (quick) {
+    if (quick || only_huge) {
         printf("gpu_test_scan: %d passed, %d failed\n", npass, nfail);
         return nfail ? 1 : 0;
     }
     // the selectable versions and options (selective_scan.cu reads these at every call) on the small cases
-    const char *variants[][4] = {{"DISTILL_SCAN_BWD", "v8", NULL, NULL},
-                                 {"DISTILL_SCAN_BWD", "v11", NULL, NULL},
+    const char *variants[][4] = {{"DISTILL_SCAN_BWD", "v10", NULL, NULL},
+                                 {"DISTILL_SCAN_BWD", "v8", NULL, NULL},
                                  {"DISTILL_SCAN_BWD_NSEG", "3", NULL, NULL},
-                                 {"DISTILL_SCAN_BWD", "v11", "DISTILL_SCAN_BWD_NSEG", "3"}};
+                                 {"DISTILL_SCAN_BWD", "v10", "DISTILL_SCAN_BWD_NSEG", "3"},
+                                 {"DISTILL_SCAN_FWD", "v11", NULL, NULL}};
     for (const auto &v : variants) {
         if (getenv(v[0]) || (v[2] && getenv(v[2]))) continue;  // set by the caller: the main loop above already ran it
         setenv(v[0], v[1], 1);

@@ -135,8 +135,8 @@ __device__ void load_tile(char *tile, const TileGeom &g, const TileSrc &s, int64
 }
 
 constexpr int FWD1_THREADS = 128;  // channels per forward block
-constexpr int FT = 16;             // steps per forward tile
-constexpr int FNST = 3;            // tiles in flight
+constexpr int FT0 = 16;            // steps per forward tile (v10)
+constexpr int FNST0 = 3;           // tiles in flight (v10)
 
 // loads R consecutive floats from shared memory (aligned to R floats for R <= 4, to 4 floats otherwise)
 template <int R>
@@ -160,10 +160,31 @@ __device__ __forceinline__ void ldsf_r(const float *p, float (&v)[R]) {
 // step i + hf. So the MUFU work stays 16 + 4 per token-channel, plus 1.5 shuffles per lane and step.
 constexpr int FWD2_THREADS = 256;  // 128 channels x 2 lanes
 
-template <int N, bool PREPASS, bool AL16>
+// The per-thread 16-byte pieces of a full tile's u, dt, z rows (FAST: forward v11). With 128 channels and 256 threads
+// each thread copies channels [8 (tid & 15), + 8) of steps tid / 16 + 16 jj, jj < FT / 16, of each kind: its
+// addresses are one 64-bit base per tile plus compile-time multiples of 16 D (no per-piece index arithmetic).
+template <int FT, int NK>
+__device__ __forceinline__ void load_acts_fast(bf16 *act, const bf16 *const (&src)[4], int64_t base, int64_t D16) {
+    constexpr int CPB = FWD1_THREADS;
+    static_assert(FWD2_THREADS == 256 && CPB == 128 && FT % 16 == 0, "fixed geometry");
+    const int tid = threadIdx.x, i0 = tid >> 4, ch = (tid & 15) * 8;
+#pragma unroll
+    for (int k = 0; k < NK; k++) {
+        if (!src[k]) continue;
+#pragma unroll
+        for (int jj = 0; jj < FT / 16; jj++)
+            cp_async16(act + (k * FT + i0 + 16 * jj) * CPB + ch, src[k] + base + jj * D16);
+    }
+}
+
+// FT steps per tile, FNST tiles in flight. FAST (v11, DISTILL_SCAN_FWD=v11): 32-step tiles with 2 in flight (half
+// the barriers, checkpoint tests and B/C conversion passes per step), full tiles' u/dt/z copied by load_acts_fast,
+// and the reset of each step as a float (0 or -inf) made in the conversion pass, one shared load per step.
+template <int N, bool PREPASS, bool AL16, int FT, int FNST, bool FAST>
 __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArgs p, const TileGeom geo) {
     constexpr int CPB = FWD1_THREADS, H = N / 2;
-    static_assert(FT % 2 == 0, "steps go in pairs");
+    static_assert(FT % 2 == 0 && SCAN_CKPT % FT == 0 && FNST >= 2, "steps go in pairs; tiles divide SCAN_CKPT");
+    static_assert(!FAST || AL16, "the fast loader needs aligned rows");
     extern __shared__ __align__(16) char smem[];
     const int64_t ncb = (p.D + CPB - 1) / CPB;
     int64_t bid = blockIdx.x;
@@ -208,8 +229,16 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
         if (kt < ntile) {
             const int64_t ts = tb + (int64_t)kt * FT;
             const int ns = (int)(te - ts < FT ? te - ts : FT);
-            load_tile<FT, CPB, 3, FWD2_THREADS, AL16>(smem + (kt % FNST) * geo.bytes, geo, src, b, c0, nchv, gblo * N,
-                                                     nBv, gclo * N, PREPASS ? 0 : nCv, ts, ns);
+            char *tl = smem + (kt % FNST) * geo.bytes;
+            if (FAST && ns == FT && nchv == CPB) {
+                load_acts_fast<FT, PREPASS ? 2 : 3>((bf16 *)tl, src.act, (b * L + ts + (tid >> 4)) * D + c0 + (tid & 15) * 8,
+                                                    16 * D);
+                load_tile<FT, CPB, 0, FWD2_THREADS, AL16>(tl, geo, src, b, c0, nchv, gblo * N, nBv, gclo * N,
+                                                         PREPASS ? 0 : nCv, ts, ns);
+            } else {
+                load_tile<FT, CPB, 3, FWD2_THREADS, AL16>(tl, geo, src, b, c0, nchv, gblo * N, nBv, gclo * N,
+                                                         PREPASS ? 0 : nCv, ts, ns);
+            }
         }
         cp_async_commit();
     };
@@ -231,6 +260,7 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
             if (!PREPASS)
                 for (int e = tid; e < FT * geo.pC / 2; e += FWD2_THREADS)
                     reinterpret_cast<float2 *>(fC)[e] = __bfloat1622float2(tC[e]);
+            if (FAST && tid < FT) (fC + FT * geo.pC)[tid] = ((const uint8_t *)(tile + geo.offR))[tid] ? -INFINITY : 0.f;
             __syncthreads();
         }
         const float *sB = (const float *)(smem + FNST * geo.bytes) + (gb - gblo) * N + n0;
@@ -260,7 +290,9 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
             float yp[2];
 #pragma unroll
             for (int j = 0; j < 2; j++) {
-                const float rx = srs[i + j] ? -INFINITY : 0.f;  // a reset zeroes the decay: ex2(-inf) = 0
+                // a reset zeroes the decay: ex2(-inf) = 0
+                const float rx = FAST ? (((const float *)(smem + FNST * geo.bytes)) + FT * (geo.pB + geo.pC))[i + j]
+                                      : srs[i + j] ? -INFINITY : 0.f;
                 const float du = dl[j] * uu[j];
                 float Bv[H];
                 ldsf_r<H>(sB + (i + j) * geo.pB, Bv);
@@ -290,8 +322,12 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
             }
         };
         if (ns == FT) {
+            // at most 8 pairs unrolled (registers: 16 unrolled pairs of a 32-step tile spill)
+#pragma unroll 1
+            for (int i0 = 0; i0 < FT; i0 += 16) {
 #pragma unroll
-            for (int i = 0; i < FT; i += 2) pair(i);
+                for (int i = 0; i < 16 && i < FT; i += 2) pair(i0 + i);
+            }
         } else {
 #pragma unroll 1
             for (int i = 0; i < ns; i += 2) pair(i);
@@ -1110,7 +1146,8 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
             float sAo = 0.f, sBo = 0.f;  // the odd step's partial sums, combined with the even step's
 #pragma unroll
             for (int j = G - 1; j >= 0; j--) {
-                float Bv[H], Cv[H], hp[H], cB[H], cC[H], sA = 0.f, sBg = 0.f;
+                // two accumulators per sum over states (a dependent chain of 8 FMAs stalls with 2 warps per scheduler)
+                float Bv[H], Cv[H], hp[H], cB[H], cC[H], sA2[2] = {0.f, 0.f}, sB2[2] = {0.f, 0.f};
                 ldsf_vec<H>(sB + j * 32, Bv);
                 ldsf_vec<H>(sC + j * 32, Cv);
                 if (j == 0) ld_state8(hsrc, hstride, hp);
@@ -1121,13 +1158,14 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                     const float gr = fmaf(gyj, Cv[n], dh[n]);  // dL/dh_t
                     const float ga = gr * aj[j][n];            // dL/dh_{t-1} (0 after a reset)
                     const float gah = ga * prev;
-                    sA = fmaf(gah, A2[n], sA);
+                    sA2[n & 1] = fmaf(gah, A2[n], sA2[n & 1]);
                     dA[n] = fmaf(gah, dlj, dA[n]);
-                    sBg = fmaf(gr, Bv[n], sBg);
+                    sB2[n & 1] = fmaf(gr, Bv[n], sB2[n & 1]);
                     dh[n] = ga;
                     cB[n] = gr * duj;
                     cC[n] = gyj * hj[j][n];
                 }
+                const float sA = sA2[0] + sA2[1], sBg = sB2[0] + sB2[1];
                 // dC (kind 0) and dB (kind 1) terms: float4 [kind][q][channel in warp][hf]
                 reinterpret_cast<float4 *>(red)[(0 * 16 + cw) * 2 + hf] = make_float4(cC[0], cC[1], cC[2], cC[3]);
                 reinterpret_cast<float4 *>(red)[(1 * 16 + cw) * 2 + hf] = make_float4(cC[4], cC[5], cC[6], cC[7]);
@@ -1135,12 +1173,15 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                 reinterpret_cast<float4 *>(red)[(3 * 16 + cw) * 2 + hf] = make_float4(cB[4], cB[5], cB[6], cB[7]);
                 __syncwarp();
                 // lane l: kind l >> 4, state n = l & 15; rows staggered so that the 32 lanes hit distinct banks
-                float v = 0.f;
+                // (4 interleaved partial sums, combined in a fixed order: deterministic, and no 16-long add chain)
+                float v;
                 {
                     const int kind = lane >> 4, n = lane & 15, qq = (n >> 2) & 1, hn = n >> 3, e = n & 3;
                     const float *col = red + ((kind * 2 + qq) * 16 * 2 + hn) * 4 + e;
+                    float v4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-                    for (int i = 0; i < 16; i++) v += col[((i + qq + 2 * kind) & 15) * 8];
+                    for (int i = 0; i < 16; i++) v4[i & 3] += col[((i + qq + 2 * kind) & 15) * 8];
+                    v = (v4[0] + v4[1]) + (v4[2] + v4[3]);
                 }
                 __syncwarp();
                 if (j < nv) {
@@ -1215,11 +1256,12 @@ int bwd11_blocks_per_sm(const ScanShape *s) { return bwd11_smem(s) + 1024 <= 114
 // c + 1 chunk-times (the +1: its pipeline fill and carry); the pre-pass costs ~0.15 chunk-times per chunk
 // (one exp per state and step, no outputs) per wave of 1024 threads per SM. The fewest segments with the least
 // modelled time win. Fixed by the shape (not by the device), so results are the same bits on every GPU.
-// DISTILL_SCAN_BWD=v8: no segments (the previous default); DISTILL_SCAN_BWD_NSEG=n forces n (benchmarks).
+// DISTILL_SCAN_BWD selects the backward: v11 (default; shapes it does not take run v10), v10, v8 (v10's kernel
+// without segments), v9; DISTILL_SCAN_BWD_NSEG=n forces n segments (benchmarks).
 constexpr int BWD_SLOTS = 132;
 const char *bwd_version() {
     const char *e = getenv("DISTILL_SCAN_BWD");
-    return e ? e : "v10";
+    return e ? e : "v11";
 }
 // ver: 10 (v10's kernel) or 11 (v11's). v11 runs 2 blocks of 64 channels per SM and costs ~2.5x less per chunk, so
 // the pre-pass weighs more (0.2 chunk-times per chunk per wave).
@@ -1254,7 +1296,7 @@ int bwd_nseg_for(const ScanShape *s, int ver) {
 }
 int bwd_ver() {
     const char *v = bwd_version();
-    return !strcmp(v, "v8") ? 8 : !strcmp(v, "v11") ? 11 : 10;
+    return !strcmp(v, "v8") ? 8 : !strcmp(v, "v10") ? 10 : 11;
 }
 int bwd_nseg(const ScanShape *s) { return bwd_nseg_for(s, bwd_ver()); }
 
@@ -1556,11 +1598,17 @@ int launch_bwd1(const Bwd1Args &a, cudaStream_t st) {
     return 0;
 }
 
-template <int N>
-int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
+// forward version: DISTILL_SCAN_FWD=v11 (32-step tiles, 2 in flight, fast loader; aligned rows, N <= 16), else v10
+bool fwd_v11() {
+    const char *e = getenv("DISTILL_SCAN_FWD");
+    return e && !strcmp(e, "v11");
+}
+
+template <int N, int FT, int FNST, bool FAST>
+int launch_fwd_t(const FwdArgs &a, bool al16, cudaStream_t st) {
     constexpr int CPB = FWD1_THREADS;
     const TileGeom g = make_geom(FT, CPB, 3, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
-    const size_t smem = (size_t)FNST * g.bytes + (size_t)FT * (g.pB + g.pC) * sizeof(float);
+    const size_t smem = (size_t)FNST * g.bytes + (size_t)FT * (g.pB + g.pC + (FAST ? 1 : 0)) * sizeof(float);
     const int64_t blocks = (int64_t)a.nseg * a.B * ((a.D + CPB - 1) / CPB);
     auto go = [&](auto kern) {
         if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) return -1;
@@ -1568,9 +1616,21 @@ int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
         return 0;
     };
     int rc = 0;
-    if (a.nseg > 1) rc |= al16 ? go(scan_fwd2_kernel<N, true, true>) : go(scan_fwd2_kernel<N, true, false>);
-    rc |= al16 ? go(scan_fwd2_kernel<N, false, true>) : go(scan_fwd2_kernel<N, false, false>);
+    if constexpr (FAST) {
+        if (a.nseg > 1) rc |= go(scan_fwd2_kernel<N, true, true, FT, FNST, true>);
+        rc |= go(scan_fwd2_kernel<N, false, true, FT, FNST, true>);
+    } else {
+        if (a.nseg > 1)
+            rc |= al16 ? go(scan_fwd2_kernel<N, true, true, FT, FNST, false>) : go(scan_fwd2_kernel<N, true, false, FT, FNST, false>);
+        rc |= al16 ? go(scan_fwd2_kernel<N, false, true, FT, FNST, false>) : go(scan_fwd2_kernel<N, false, false, FT, FNST, false>);
+    }
     return rc;
+}
+template <int N>
+int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
+    if constexpr (N <= 16)  // N = 32 spills at 32-step tiles
+        if (al16 && fwd_v11()) return launch_fwd_t<N, 32, 2, true>(a, al16, st);
+    return launch_fwd_t<N, FT0, FNST0, false>(a, al16, st);
 }
 
 // v11: the segment pre-pass (shared with v10) when nseg > 1, then the main kernel
