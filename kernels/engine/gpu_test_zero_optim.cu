@@ -13,6 +13,8 @@
 //      for bit. Clipping active: masters within 1e-6.
 //   4. the moments pulled into each rank's compact host Optim equal the reference's on the owned ranges, bit
 //      for bit; a fresh attach + push (a resume) and 2 more steps stay equal to the reference.
+//   5. engine_cuda_set_grad_hook (the overlap of tm_dp_*): see hook_case below; tied and untied heads, every
+//      tensor / the Mamba mixers + final norm trained, a full pass (CE) and a partial one (MSE on hidden 2).
 // Exit status != 0 on any failure. Usage: gpu_test_zero_optim [--verbose]
 #include <math.h>
 #include <stdio.h>
@@ -44,12 +46,12 @@ typedef struct {
     float *p;
 } Model;
 
-static void model_make(Model *m) {
+static void model_make(Model *m, bool tied) {
     DlError e;
     LlamaConfig c;
     memset(&c, 0, sizeof c);
     c.n_layer = 4, c.d_model = 192, c.n_head = 3, c.n_kv_head = 1, c.head_dim = 64, c.d_ff = 384, c.vocab = 520;
-    c.max_pos = 4096, c.rope_theta = 10000.0, c.rms_eps = 1e-5, c.tied_embeddings = true, c.bos_id = c.eos_id = -1;
+    c.max_pos = 4096, c.rope_theta = 10000.0, c.rms_eps = 1e-5, c.tied_embeddings = tied, c.bos_id = c.eos_id = -1;
     int attn[2] = {1, 3};
     die_if(hybrid_config_init(&m->h, &c, MIXER_MAMBA1, attn, 2, &e) != 0, &e, "hybrid_config_init");
     model_build_registry(&m->h, &m->r);
@@ -77,7 +79,7 @@ static double loss_of(EngineCuda *E, const int32_t *tok, const int32_t *tgt) {
 static void run(int R, double clip) {
     DlError e;
     Model m;
-    model_make(&m);
+    model_make(&m, true);
     const Registry *r = &m.r;
     OptimConfig oc;
     optim_config_default(&oc);
@@ -219,9 +221,117 @@ static void run(int R, double clip) {
     reg_free(&m.r);
 }
 
+// ---- 5. the backward's progress reports (engine_cuda_set_grad_hook) against the real engine: at each report,
+// every bucket zero_buckets_ready calls final is copied (on the engine's stream, so after exactly the work
+// enqueued so far) into a snapshot; after the backward each snapshot must equal the final gradient bit for bit
+// (nothing wrote the bucket after the report that released it: what the overlapped reduction would have sent
+// is the whole gradient). Control: snapshots of EVERY bucket at the first report must differ from the final
+// gradient for the buckets written later (the comparison has power).
+typedef struct {
+    EngineCuda *E;
+    const ZeroLayout *Z;
+    const int *level, *first;
+    const ZeroRange *sl;
+    float *g, *snap;
+    int sent, reports;
+    int *at;       // [n_bucket] the report that released each bucket
+    bool control;  // snapshot everything at the first report
+} HookT;
+
+static void hook_fn(void *ctx, int level) {
+    HookT *t = (HookT *)ctx;
+    const int ready = t->control && t->reports == 0 ? t->Z->n_bucket : zero_buckets_ready(t->level, t->Z->n_bucket, level);
+    cudaStream_t st = (cudaStream_t)engine_cuda_stream(t->E);
+    for (int b = t->sent; b < ready; b++) {
+        const ZeroRange *a = &t->sl[t->first[b]], *z = &t->sl[t->first[b + 1] - 1];
+        const int64_t off = a->off, n = z->off + z->n - a->off;
+        cudaMemcpyAsync(t->snap + off, t->g + off, (size_t)n * 4, cudaMemcpyDeviceToDevice, st);
+        t->at[b] = t->reports;
+    }
+    if (ready > t->sent) t->sent = ready;
+    t->reports++;
+}
+
+// mode 0: CE over the whole model; 1: an MSE on hidden state 2 only (the pass starts at layer 1).
+static void hook_case(bool tied, const char *trained, int mode) {
+    DlError e;
+    Model m;
+    model_make(&m, tied);
+    const Registry *r = &m.r;
+    die_if(reg_set_trainable(&m.r, trained, &e) < 0, &e, "trainable");
+    ZeroLayout Z;
+    die_if(zero_layout_build(&Z, r, 2, 2, 2048, &e) != 0, &e, "layout");
+    int64_t *goff = (int64_t *)malloc((size_t)r->n * 8);
+    int *level = (int *)malloc((size_t)Z.n_bucket * sizeof(int)), *first = (int *)malloc((size_t)(Z.n_bucket + 1) * sizeof(int));
+    int *at = (int *)malloc((size_t)Z.n_bucket * sizeof(int));
+    ZeroRange *sl = (ZeroRange *)malloc((size_t)zero_slice_ranges_max(&Z) * sizeof(ZeroRange));
+    zero_bucket_levels(&Z, r, m.h.base.n_layer, level);
+    int32_t tok[B * T], tgt[B * T];
+    for (int64_t i = 0; i < B * T; i++) tok[i] = (int32_t)((i * 7919 + 13) % m.h.base.vocab);
+    for (int64_t i = 0; i < B * T; i++) tgt[i] = (i + 1) % T ? tok[i + 1] : -1;
+    for (int control = 0; control < 2; control++) {
+        EngineCuda *E = engine_cuda_new(&m.h, r, m.p, B, T, ECU_TRAIN, DT_BF16, 0, NULL, &e);
+        die_if(!E, &e, "engine");
+        for (int i = 0; i < r->n; i++) goff[i] = engine_cuda_grad_offset(E, i);
+        int ns = 0;
+        die_if(zero_slice_ranges_split(&Z, goff, sl, &ns, first, &e) != 0, &e, "slice ranges");
+        const int64_t gn = engine_cuda_grads_numel(E);
+        float *g = engine_cuda_grads_new(E), *snap = (float *)engine_cuda_alloc((size_t)gn * 4);
+        HookT t = {E, &Z, level, first, sl, g, snap, 0, 0, at, control != 0};
+        for (int b = 0; b < Z.n_bucket; b++) at[b] = -1;
+        die_if(engine_cuda_forward(E, tok, NULL, &e) != 0, &e, "forward");
+        if (mode == 0) {
+            LossSpecCuda ls;
+            memset(&ls, 0, sizeof ls);
+            ls.w.ce = 1.0f;
+            engine_cuda_loss(E, tgt, NULL, &ls, g, NULL);
+        } else {
+            engine_cuda_mse_hidden(E, 2, engine_cuda_hidden(E, 1), NULL, 1.0, true);
+        }
+        engine_cuda_set_grad_hook(E, hook_fn, &t);
+        engine_cuda_backward(E, g);
+        engine_cuda_set_grad_hook(E, NULL, NULL);
+        engine_cuda_sync();
+        float *hg = (float *)malloc((size_t)gn * 4), *hs = (float *)malloc((size_t)gn * 4);
+        engine_cuda_copy_to_host(hg, g, (size_t)gn * 4);
+        engine_cuda_copy_to_host(hs, snap, (size_t)gn * 4);
+        int equal = 0, nonzero = 0, all_sent = t.sent == Z.n_bucket;
+        for (int b = 0; b < Z.n_bucket; b++) {
+            const ZeroRange *a = &sl[first[b]], *z = &sl[first[b + 1] - 1];
+            bool eq = !memcmp(hg + a->off, hs + a->off, (size_t)(z->off + z->n - a->off) * 4), nz = false;
+            for (int64_t k = a->off; k < z->off + z->n; k++) nz |= hg[k] != 0;
+            equal += eq, nonzero += nz;
+            all_sent &= at[b] >= 0;
+        }
+        if (!control) {
+            check(all_sent && equal == Z.n_bucket && nonzero > 0,
+                  "grad hook (%s, trained '%s', %s): %d buckets released over %d reports, every one's snapshot at its "
+                  "release == final gradient bitwise (%d of %d; %d with a nonzero gradient)",
+                  tied ? "tied" : "untied", trained, mode ? "MSE on hidden 2" : "CE", Z.n_bucket, t.reports, equal,
+                  Z.n_bucket, nonzero);
+        } else {
+            int late = 0;  // buckets whose own release comes after the first report: their snapshot must be stale
+            for (int b = 0; b < Z.n_bucket; b++) late += zero_buckets_ready(level, Z.n_bucket, mode ? 2 : m.h.base.n_layer) <= b;
+            check(Z.n_bucket - equal >= 1 && late >= 1,
+                  "grad hook control (%s, '%s', %s): snapshots of every bucket at the first report: %d of %d stale (%d "
+                  "released later)", tied ? "tied" : "untied", trained, mode ? "MSE" : "CE", Z.n_bucket - equal, Z.n_bucket, late);
+        }
+        free(hg), free(hs);
+        engine_cuda_dfree(g), engine_cuda_dfree(snap);
+        engine_cuda_free(E);
+    }
+    free(goff), free(level), free(first), free(at), free(sl), free(m.p);
+    zero_layout_free(&Z);
+    reg_free(&m.r);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--verbose")) g_verbose = 1;
+    hook_case(true, "*", 0);
+    hook_case(false, "*", 0);
+    hook_case(false, "*.mamba.*,model.norm.weight", 0);
+    hook_case(true, "*", 1);
     run(2, 0);
     run(3, 0);
     run(2, 0.05);
