@@ -906,8 +906,12 @@ static_assert(SCAN_CKPT == 64, "the slot scheme assumes 8 groups of 8 steps per 
 constexpr int B11_WBUF = B11_G * 32 + B11_G * 3 * 16 + 512;  // floats per warp: B/C rows, step scalars, dB/dC terms
 
 struct B11Geom {  // byte offsets into dynamic shared memory
-    int act, Bs, Cs, ck, rxf, snap, wbuf, redB, bytes;
+    int act, Bs, Cs, ck, rxf, snap, wbuf, redB, so, bytes;
 };
+// a group's outputs are staged in shared memory (du, ddt, dz [step][channel], dC [step][4 groups x 16], dB [step][4
+// groups x 16] when B groups are 16 channels wide) and written after the group's barrier as 16-byte rows: the
+// per-step 2-byte stores each cost a 64-bit address computation that the registers could not keep
+constexpr int B11_SOK = 5;
 template <int DB>
 B11Geom b11_geom() {
     constexpr int PB = (B11_CH / DB) * 16;
@@ -921,6 +925,7 @@ B11Geom b11_geom() {
     g.snap = o, o += (B11_NG - 1) * B11_THREADS * 8 * 4;      // state before groups 1..7 [g-1][half][thread][4]
     g.wbuf = o, o += B11_WARPS * B11_WBUF * 4;                // per warp, see B11_WBUF
     g.redB = o, o += DB > 16 ? 2 * B11_G * B11_WARPS * 16 * 4 : 0;  // [group parity][step][warp][16]
+    g.so = o, o += 2 * B11_SOK * B11_G * B11_CH * 2;          // staged outputs [group parity][kind][step][64] bf16
     g.bytes = o;
     return g;
 }
@@ -1081,10 +1086,7 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
             const int hstride = g ? NTH * 4 : 4;  // the second float4 of the state
             warp_bc(sl, nv);
             // output offsets of the group's first step (64-bit once per group; steps add 32-bit multiples)
-            const int64_t rowg = b * L + t0, offx = (rowg + hf) * D + d;  // du, ddt, dz of step hf; + q * 2D
-            const int64_t offc = rowg * GcN + (gc0 + warp) * N + (lane & 15);                  // dC; + j * GcN
-            const int64_t offb = rowg * GbN + gb0 * N + (DB == 16 ? warp * N + (lane & 15) : 0);  // dB; + j * GbN
-            const int D2 = (int)(2 * D), sGc = (int)GcN, sGb = (int)GbN;
+            bf16 *so = (bf16 *)(smem + geo.so) + (g & 1) * B11_SOK * G * CH;  // [kind][step][64]
             // own steps 2q + hf: scalars once per (step, channel), left in wsc for the partner lane
             float dspo[G / 2], dzf[G / 2];  // u is re-read where needed (registers)
 #pragma unroll
@@ -1138,7 +1140,7 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                         const int jo = 2 * q + hf;
                         const float uu = jo < nv ? __bfloat162float(su[(sl * G + jo) * CH]) : 0.f;
                         const float y = keep + __shfl_xor_sync(FULL_MASK, send, 1) + Dd * uu;
-                        if (hasz && jo < nv) stbf(p.dz + offx + q * D2, dzf[q] * y);
+                        so[(2 * G + jo) * CH + cl] = __float2bfloat16_rn(dzf[q] * y);
                     }
                 }
             }
@@ -1184,11 +1186,9 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                     v = (v4[0] + v4[1]) + (v4[2] + v4[3]);
                 }
                 __syncwarp();
-                if (j < nv) {
-                    if (lane < 16) stbf(p.dC + offc + j * sGc, v);
-                    else if (DB == 16) stbf(p.dB + offb + j * sGb, v);
-                    else redB[(((g & 1) * G + j) * B11_WARPS + warp) * 16 + (lane - 16)] = v;
-                }
+                if (lane < 16) so[(3 * G + j) * CH + warp * 16 + lane] = __float2bfloat16_rn(v);
+                else if (DB == 16) so[(4 * G + j) * CH + warp * 16 + lane - 16] = __float2bfloat16_rn(v);
+                else redB[(((g & 1) * G + j) * B11_WARPS + warp) * 16 + (lane - 16)] = v;
                 if (j & 1) {
                     sAo = sA, sBo = sBg;
                 } else {  // steps j, j + 1 complete: the owner of each gets both lanes' sums
@@ -1198,12 +1198,9 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                     const float dlo = wsc[(jo * 3) * 16 + cw], gyo = wsc[(jo * 3 + 2) * 16 + cw];
                     const float uu = jo < nv ? __bfloat162float(su[(sl * G + jo) * CH]) : 0.f;
                     const float dtt = fmaf(uu, SB, SA * SCAN_LN2) * dspo[q];
-                    if (jo < nv) {
-                        const int64_t row = offx + q * D2;
-                        ddb_acc += dtt;
-                        stbf(p.du + row, fmaf(gyo, Dd, dlo * SB));
-                        stbf(p.ddt + row, dtt);
-                    }
+                    if (jo < nv) ddb_acc += dtt;
+                    so[(0 * G + jo) * CH + cl] = __float2bfloat16_rn(fmaf(gyo, Dd, dlo * SB));
+                    so[(1 * G + jo) * CH + cl] = __float2bfloat16_rn(dtt);
                 }
             }
             __syncthreads();
@@ -1214,8 +1211,21 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                     float s = 0.f;
 #pragma unroll
                     for (int w = 0; w < WPB; w++) s += rb[(j * B11_WARPS + bi * WPB + w) * 16 + n];
-                    if (j < nv) stbf(p.dB + offb + j * sGb + bi * N + n, s);
+                    if (j < nv) stbf(p.dB + (b * L + t0 + j) * GbN + (gb0 + bi) * N + n, s);
                 }
+            }
+            // the staged outputs of the group's valid steps, 16 bytes per thread and copy
+            for (int e = tid; e < B11_SOK * G * 8; e += NTH) {
+                const int kind = e >> 6, i = (e >> 3) & 7, x = (e & 7) * 8;
+                if (i >= nv || (kind == 2 && !hasz) || (kind == 4 && DB != 16)) continue;
+                const uint4 v = *reinterpret_cast<const uint4 *>(so + (kind * G + i) * CH + x);
+                const int64_t row = b * L + t0 + i;
+                bf16 *dst = kind == 0   ? p.du + row * D + c0
+                            : kind == 1 ? p.ddt + row * D + c0
+                            : kind == 2 ? p.dz + row * D + c0
+                            : kind == 3 ? p.dC + row * GcN + gc0 * N
+                                        : p.dB + row * GbN + gb0 * N;
+                *reinterpret_cast<uint4 *>(dst + x) = v;
             }
             if (k > kfirst) {  // this slot now takes the group of chunk k - 1 that uses it
                 load_group(k - 1, G - 1 - g);
