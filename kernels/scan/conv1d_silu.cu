@@ -335,6 +335,78 @@ __global__ void __launch_bounds__(CB_THREADS, CPT == 8 ? 1 : 2) conv_bwd2_kernel
     }
 }
 
+// ---- forward v2 (DISTILL_CONV_FWD=v2): CPT channels per thread, vector rows, a rolling window of W inputs --------
+// Same block shape as the backward v2 (32 lanes across 32 * CPT channels x 8 warps of CB_TT steps): every x row is
+// loaded once per tile (plus W - 1 halo rows), as one 8- or 16-byte load per thread, and the output is one vector
+// store per row.
+template <int W, int CPT>
+__global__ void __launch_bounds__(CB_THREADS, 2) conv_fwd2_kernel(const ConvArgs p) {
+    __shared__ uint8_t srs[CB_STEPS + 2 * W];
+    const int64_t L = p.L, C = p.C, CW = 32 * CPT;
+    const int64_t ncg = (C + CW - 1) / CW, nbt = (L + CB_STEPS - 1) / CB_STEPS;
+    const int64_t cg = blockIdx.x % ncg, bt = (blockIdx.x / ncg) % nbt, b = blockIdx.x / (ncg * nbt);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t tb0 = bt * CB_STEPS, t0 = tb0 + (int64_t)warp * CB_TT;
+    const int64_t c0 = cg * CW + lane * CPT;
+    const bool cval = c0 < C;
+    const int64_t c = cval ? c0 : C - CPT;
+    for (int i = threadIdx.x; i < CB_STEPS + 2 * W; i += CB_THREADS) {
+        const int64_t t = tb0 - W + i;
+        srs[i] = (p.reset && t >= 0 && t < L) ? p.reset[b * L + t] : 0;
+    }
+    __syncthreads();
+    auto rs_at = [&](int64_t t) { return srs[t - tb0 + W] != 0; };
+    float w[W][CPT], bias[CPT];
+#pragma unroll
+    for (int i = 0; i < CPT; i++) {
+#pragma unroll
+        for (int k = 0; k < W; k++) w[k][i] = p.w[(c + i) * W + k];
+        bias[i] = p.bias ? p.bias[c + i] : 0.f;
+    }
+    float xw[W][CPT];
+#pragma unroll
+    for (int k = 1; k < W; k++) {
+        const int64_t tt = t0 - W + k;
+        if (tt >= 0 && tt < L) ld_row<CPT>(p.x + (b * L + tt) * C + c, xw[k]);
+        else if (tt < 0 && p.x_prev) ld_row<CPT>(p.x_prev + (b * (W - 1) + (W - 1) + tt) * C + c, xw[k]);
+        else {
+#pragma unroll
+            for (int i = 0; i < CPT; i++) xw[k][i] = 0.f;
+        }
+    }
+    int64_t lr = -1;
+#pragma unroll
+    for (int k = W - 2; k >= 1; k--)
+        if (t0 - k >= 0 && rs_at(t0 - k)) lr = t0 - k;
+    const bool has_prev = p.x_prev != nullptr;
+#pragma unroll W
+    for (int s = 0; s < CB_TT; s++) {
+        const int64_t t = t0 + s;
+#pragma unroll
+        for (int k = 0; k < W - 1; k++) {
+#pragma unroll
+            for (int i = 0; i < CPT; i++) xw[k][i] = xw[k + 1][i];
+        }
+        if (t < L) {
+            ld_row<CPT>(p.x + (b * L + t) * C + c, xw[W - 1]);
+            if (rs_at(t)) lr = t;
+            const int64_t st = lr >= 0 ? lr : (has_prev ? -(int64_t)(W - 1) : 0);
+            const int64_t n = t - st + 1;
+            const int nv = n < W ? (int)n : W;
+            float o[CPT];
+#pragma unroll
+            for (int i = 0; i < CPT; i++) {
+                float acc = bias[i];
+#pragma unroll
+                for (int k = 0; k < W; k++)
+                    if (k >= W - nv) acc = fmaf(w[k][i], xw[k][i], acc);
+                o[i] = p.silu ? acc * sigmoid_dev(acc) : acc;
+            }
+            if (cval) st_row<CPT>(p.out + (b * L + t) * C + c, o);
+        }
+    }
+}
+
 // dw[c, k] and dbias[c]: sums over the B*ntile partials, in order
 __global__ void conv_reduce_kernel(const float *part, int64_t rows, int64_t C, int W, float *dw, float *dbias) {
     const int64_t m = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, M = C * (W + 1);
@@ -373,9 +445,22 @@ extern "C" int conv1d_silu_fwd_cuda(int64_t B, int64_t L, int64_t C, int W, cons
     ConvArgs a = {};
     a.B = B, a.L = L, a.C = C, a.x = (const bf16 *)x, a.x_prev = (const bf16 *)x_prev, a.w = w, a.bias = bias;
     a.reset = reset, a.silu = silu, a.out = (bf16 *)out;
+    cudaStream_t st = (cudaStream_t)stream;
+    // DISTILL_CONV_FWD=v2: 4 channels per thread, 8-byte rows (C a multiple of 4, rows 8-byte aligned), else v1
+    const char *ver = getenv("DISTILL_CONV_FWD");
+    const uintptr_t al = (uintptr_t)x | (uintptr_t)out | (uintptr_t)x_prev;
+    if (ver && !strcmp(ver, "v2") && C % 4 == 0 && (al & 7) == 0) {
+        const int64_t blocks = B * ((L + CB_STEPS - 1) / CB_STEPS) * ((C + 127) / 128);
+        switch (W) {
+            case 1: conv_fwd2_kernel<1, 4><<<(unsigned)blocks, CB_THREADS, 0, st>>>(a); break;
+            case 2: conv_fwd2_kernel<2, 4><<<(unsigned)blocks, CB_THREADS, 0, st>>>(a); break;
+            case 3: conv_fwd2_kernel<3, 4><<<(unsigned)blocks, CB_THREADS, 0, st>>>(a); break;
+            case 4: conv_fwd2_kernel<4, 4><<<(unsigned)blocks, CB_THREADS, 0, st>>>(a); break;
+        }
+        return scan_launch_check(err, errlen, "conv1d forward");
+    }
     const int64_t n = B * ((L + CONV_TT - 1) / CONV_TT) * C;
     const unsigned blocks = (unsigned)((n + CONV_THREADS - 1) / CONV_THREADS);
-    cudaStream_t st = (cudaStream_t)stream;
     switch (W) {
         case 1: conv_fwd_kernel<1><<<blocks, CONV_THREADS, 0, st>>>(a); break;
         case 2: conv_fwd_kernel<2><<<blocks, CONV_THREADS, 0, st>>>(a); break;

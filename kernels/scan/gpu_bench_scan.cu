@@ -163,11 +163,15 @@ int main(int argc, char **argv) {
                 CK(cudaMemset(w, 0, D * 16)), CK(cudaMemset(cb, 0, D * 4));
                 void *cws;
                 CK(cudaMalloc(&cws, conv1d_silu_bwd_workspace(B, L, D)));
-                row("conv-fwd", median_ms([&](int i) {
-                        Set &x = set[i % NSET];
-                        conv1d_silu_fwd_cuda(B, L, D, 4, (uint16_t *)x.u, w, cb, NULL, NULL, 1, (uint16_t *)x.out,
-                                             NULL, err, sizeof err);
-                    }), nx * 4.0, 0, 0);
+                for (const char *fv : {(const char *)NULL, "v2"}) {
+                    if (fv) setenv("DISTILL_CONV_FWD", fv, 1);
+                    row(fv ? "conv-fwd-v2" : "conv-fwd", median_ms([&](int i) {
+                            Set &x = set[i % NSET];
+                            conv1d_silu_fwd_cuda(B, L, D, 4, (uint16_t *)x.u, w, cb, NULL, NULL, 1, (uint16_t *)x.out,
+                                                 NULL, err, sizeof err);
+                        }), nx * 4.0, 0, 0);
+                    unsetenv("DISTILL_CONV_FWD");
+                }
                 // backward: the default and each version of DISTILL_CONV_BWD
                 const char *cvs[][2] = {{NULL, "conv-bwd"}, {"v1", "conv-bwd-v1"}, {"v2", "conv-bwd-v2"},
                                         {"v2c8", "conv-bwd-v2c8"}};

@@ -7,8 +7,8 @@
 // The backward is also run twice and must give identical bits. The small cases run again with each selectable
 // version / option (the backward's default is v11; DISTILL_SCAN_BWD=v10, =v8: v10 without time segments;
 // DISTILL_SCAN_BWD_NSEG=3 with v11 and v10; DISTILL_SCAN_FWD=v11: 32-step forward tiles), and every conv case with
-// each conv backward (DISTILL_CONV_BWD=v2, v2c8). Run with a version in the environment and --only-huge to put it
-// through the > 2^31 case too. Exit status 1 if any check fails.
+// the conv forward v2 (DISTILL_CONV_FWD=v2) and each conv backward (DISTILL_CONV_BWD=v2, v2c8). Run with a version
+// in the environment and --only-huge to put it through the > 2^31 case too. Exit status 1 if any check fails.
 // Usage: gpu_test_scan [--no-huge | --quick | --only-huge]
 #include "kernels/scan/gpu_common.cuh"
 #include "kernels/scan/selective_scan_cuda.h"
@@ -272,9 +272,10 @@ static void run_multi_case(int64_t B, int64_t K, int64_t D, int64_t N, int64_t G
 
 static void run_conv_case(int64_t B, int64_t L, int64_t C, int W, int silu, int resets, int prev) {
     char name[96];
-    const char *ver = getenv("DISTILL_CONV_BWD");
-    snprintf(name, sizeof name, "conv B%lld L%lld C%lld W%d silu%d res%d prev%d%s%s", (long long)B, (long long)L,
-             (long long)C, W, silu, resets, prev, ver ? " bwd " : "", ver ? ver : "");
+    const char *ver = getenv("DISTILL_CONV_BWD"), *fver = getenv("DISTILL_CONV_FWD");
+    snprintf(name, sizeof name, "conv B%lld L%lld C%lld W%d silu%d res%d prev%d%s%s%s%s", (long long)B, (long long)L,
+             (long long)C, W, silu, resets, prev, fver ? " fwd " : "", fver ? fver : "", ver ? " bwd " : "",
+             ver ? ver : "");
     printf("%s\n", name);
     const int64_t n = B * L * C, np = B * (W - 1) * C;
     const uint64_t seed = gmix64(hs++);
@@ -389,10 +390,10 @@ int main(int argc, char **argv) {
     run_multi_case(5, 4, 64, 16, 4, 1);
     run_multi_case(3, 1, 96, 8, 12, 3);
     run_multi_case(2, 7, 64, 32, 2, 1);
-    // conv backward versions (DISTILL_CONV_BWD): v1, v2 (4 channels per thread), v2c8; odd C falls back to v1
+    // conv versions: v1; forward v2 (DISTILL_CONV_FWD) with backward v2 or v2c8 (DISTILL_CONV_BWD); odd C runs v1
     const char *conv_vers[] = {NULL, "v2", "v2c8"};
     for (const char *cv : conv_vers) {
-        if (cv) setenv("DISTILL_CONV_BWD", cv, 1);
+        if (cv) setenv("DISTILL_CONV_BWD", cv, 1), setenv("DISTILL_CONV_FWD", "v2", 1);
         run_conv_case(1, 1, 8, 4, 1, 0, 0);
         run_conv_case(2, 37, 96, 4, 1, 1, 1);
         run_conv_case(3, 50, 65, 4, 1, 1, 0);
@@ -403,7 +404,7 @@ int main(int argc, char **argv) {
         run_conv_case(3, 257, 64, 1, 1, 1, 1);
         run_conv_case(2, 513, 40, 2, 1, 0, 1);
         run_conv_case(1, 70000, 16, 4, 1, 1, 0);
-        if (cv) unsetenv("DISTILL_CONV_BWD");
+        if (cv) unsetenv("DISTILL_CONV_BWD"), unsetenv("DISTILL_CONV_FWD");
     }
     printf("gpu_test_scan: %d passed, %d failed\n", npass, nfail);
     return nfail ? 1 : 0;
