@@ -8,14 +8,15 @@
 // bytes per Mamba-1 layer, Rp = dt_rank rounded up to 8; both under 0.2% and not counted here):
 //
 //   cuda: weights = 2 P (bf16 compute copy)          /G if Z>=3 (training stages; inference stages keep whole copies)
-//         master  = 4 P_t (fp32 master weights)      /G if Z>=1,   + 4 P_f (never sharded)
-//         grads   = 4 P_t (fp32, accumulated)        /G if Z>=2
+//         master  = 4 P_t (fp32 master weights)      + 4 P_f (whole on every rank: ZeRO-1/2 broadcast the
+//                                                    updated fp32 master pieces, the checkpoint writes it)
+//         grads   = 4 P_t (fp32, accumulated)        whole at ZeRO-2 too (the engine's backward writes every
+//                                                    trained tensor into one buffer; docs/MULTIGPU.md)
 //         optim   = 8 P_t (AdamW m and v, fp32)      /G if Z>=1
 //         frozen  = 2 P_T (bf16 teacher, no master)  /G if Z>=3   (DPO: 2 P + 4 P_f, the frozen reference)
 //   cpu:  weights = 4 P (fp32 weights are the master), grads = 4 P_t, optim = 8 P_t, frozen = 4 P_T.
 //
-// The CUDA engine does not shard (data parallel on CUDA is ZeRO-0 today): with hardware.zero >= 1 on cuda the
-// plan shows what the sharded layout would need.
+// Data parallel on CUDA (train_model.c tm_dp_*) shards the AdamW moments at ZeRO-1 and 2; ZeRO-3 is refused.
 // Activations on cuda: the engine's activation table (build_table in engine_cuda.cu), entry by entry, for the
 // student (training) and for the online teacher or DPO reference (inference); see cuda_table below for the
 // formula. The logits are streamed in chunks of c = min(B T, max(1, 2^24 / V)) rows (the engine's default):
@@ -220,8 +221,8 @@ int plan_stage(const Recipe *r, const StageSpec *st, int step, StagePlan *p, DlE
                 if (!reg.t[i].trainable) Pf += (double)reg.t[i].numel;
             }
         m->weights = 2 * P / (Z >= 3 ? G : 1);
-        m->master = 4 * Pt / (Z >= 1 ? G : 1) + 4 * Pf;
-        m->grads = 4 * Pt / (Z >= 2 ? G : 1);
+        m->master = 4 * Pt + 4 * Pf;  // every rank keeps the whole fp32 master (tm_dp_step broadcasts the pieces)
+        m->grads = 4 * Pt;            // the engine's one gradient buffer, whole at every ZeRO stage
         m->optim = (o->moments == MOMENTS_BF16 ? 4 : 8) * Pt / (Z >= 1 ? G : 1);
         // a teacher used inside training is sharded like the student under ZeRO-3
         if (needs_teacher_online(st)) m->frozen_model = 2 * PT / (Z >= 3 ? G : 1);

@@ -1,0 +1,60 @@
+// test_plan_zero: the --dry-run memory plan's data-parallel terms on CUDA (plan.c) for tests/recipes/good-tiny.toml
+// (SmolLM2-135M config, 50% Mamba-1) on run.device = "cuda" with 2 GPUs, ZeRO-0/1/2, layerwise and distill
+// stages. What data parallel on CUDA allocates per GPU (train_model.c tm_dp_*, docs/MULTIGPU.md): the fp32 master
+// and the gradient buffer whole at every stage (the master pieces are broadcast in fp32; the engine's backward
+// writes every trained tensor into one buffer), the AdamW moments 1/G from ZeRO-1 on. So: grads = 4 P_t and
+// master = 4 P_t + 4 P_f at ZeRO-0, 1 and 2 alike; adamw(ZeRO-1) = adamw(ZeRO-2) = adamw(ZeRO-0) / 2; and the
+// moments of one GPU (ZeRO-0) are 8 P_t.
+#include <math.h>
+#include <string.h>
+
+#include "distill/plan.h"
+#include "distill/recipe.h"
+#include "tests/check.h"
+
+static int load(int zero, Recipe *r) {
+    char z[40];
+    snprintf(z, sizeof z, "hardware.zero=%d", zero);
+    const char *sets[] = {"run.device=cuda", "hardware.gpus=2", z};
+    RecipeOptions o = {.dry_run = true};
+    RecipeErrors errs = {0};
+    int rc = recipe_load("tests/recipes/good-tiny.toml", sets, 3, &o, r, &errs);
+    for (int i = 0; i < errs.n; i++) fprintf(stderr, "%s\n", errs.msg[i]);
+    recipe_errors_free(&errs);
+    return rc;
+}
+
+int main(void) {
+    StagePlan p[3][2];  // [zero][layerwise, distill-like first training stage found]
+    int n_train = 0;
+    for (int z = 0; z < 3; z++) {
+        Recipe r;
+        if (load(z, &r)) {
+            CHECK(0);
+            return check_report("test_plan_zero");
+        }
+        int k = 0;
+        for (int s = 0; s < r.n_stages && k < 2; s++) {
+            if (r.stages[s].kind != STAGE_LAYERWISE && r.stages[s].kind != STAGE_DISTILL) continue;
+            DlError e;
+            CHECK(plan_stage(&r, &r.stages[s], 0, &p[z][k], &e) == 0);
+            k++;
+        }
+        n_train = k;
+        recipe_free(&r);
+    }
+    CHECK(n_train >= 1);
+    for (int k = 0; k < n_train; k++) {
+        const double Pt = (double)p[0][k].params_trainable;
+        CHECK(Pt > 0);
+        const MemEstimate *m0 = &p[0][k].mem, *m1 = &p[1][k].mem, *m2 = &p[2][k].mem;
+        CHECK(m0->grads == 4 * Pt && m1->grads == 4 * Pt && m2->grads == 4 * Pt);
+        CHECK(m0->master == m1->master && m1->master == m2->master && m0->master >= 4 * Pt);
+        CHECK(m0->optim == 8 * Pt);
+        CHECK(m1->optim == m0->optim / 2 && m2->optim == m0->optim / 2);
+        CHECK(fabs(m0->total - m1->total - m0->optim / 2) <= 1e-6 * m0->total);
+        printf("stage %d: %.0f trained; per GPU grads %.1f MB at ZeRO-0/1/2, master %.1f MB, AdamW %.1f / %.1f / %.1f MB\n", k,
+               Pt, m2->grads / 1e6, m2->master / 1e6, m0->optim / 1e6, m1->optim / 1e6, m2->optim / 1e6);
+    }
+    return check_report("test_plan_zero");
+}
