@@ -5,12 +5,13 @@
 // poisoned (NaN) first. Then: a second run with a different poison gives identical bits (output, dx, gradients); dx
 // without weight gradients, weight gradients without dx, and the norm/out_proj-only early exit give the same bits as
 // the full backward; a forward-only (inference) scratch gives the same output bits.
-// Conditioning (docs/MAMBA2_CUDA.md, "Accuracy"): the gated norm's gradient is orthogonal to its input, so d D
-// (sum dy.x), d dt_bias and the dt rows of in_proj (through d delta, which holds dy.x terms) cancel where y ~ c x; bf16
-// storage of the forward activations then moves them by several percent in any bf16 implementation. Those three are
-// checked at 1e-1, and every gradient also passes within 4x its floor: how far the fp32 twin's own gradient moves
-// when the input is perturbed by bf16-sized noise (u (1 + 2^-8 (2U - 1)), one sample; the project's floor rule). At
-// L = 1 (every token a document start, y = c x exactly) those three are zero up to eps: printed, not checked.
+// Tolerances (docs/MAMBA2_CUDA.md, "Accuracy"): the gated norm makes this gradient ill-conditioned where a head's
+// output nearly vanishes (y ~ c x with c ~ 0: 1/rms up to 1/sqrt(eps)), so every gradient is also judged against its
+// floor: how far the fp32 twin's own gradient moves when its weights, input and output gradient are replaced by other
+// fp32 values with the same bf16 rounding (value + U(-1/2, 1/2) of its bf16 spacing; the largest of 4 draws). A
+// tensor passes within its tolerance (output 2e-2, gradients 5e-2) or within 2x its floor. d D = sum dy.x is a
+// cancelling sum (dy is orthogonal to y ~ c x) that the SSD's bf16 y and dy move beyond the floor: 1.5e-1. At L = 1
+// (every token a document start, y = c x exactly) d D, d dt_bias and the dt rows are zero up to eps: printed only.
 // Weights: test_params_init, with dt_bias over MambaInLlama's init range softplus^-1([1e-3, 1e-1]) = [-6.9, -2.3]
 // across the heads and A_log = log(1 .. 16) (its A range).
 // Shapes: SmolLM2-135M's (d 576, 9 heads of P = N = 64, 3 KV groups: dt rows padded 9 -> 16) with packed documents
@@ -59,6 +60,13 @@ static const char *TNAMES[8] = {"in_proj.weight", "conv1d.weight", "conv1d.bias"
 enum { T_IN = 0, T_CW, T_CB, T_DTB, T_ALOG, T_D, T_NORM, T_OUT };
 
 static float bfr(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+// Another fp32 value with the same bf16 rounding as v (a bf16 value): v + U(-1/2, 1/2) of v's bf16 spacing.
+static float bf16_jitter(float v, Rng *g) {
+    if (v == 0.f || !isfinite(v)) return v;
+    int e;
+    frexpf(v, &e);  // |v| in [2^(e-1), 2^e): 8 significant bits -> spacing 2^(e-8)
+    return v + (float)((rng_uniform(g) - 0.5) * ldexpf(1.f, e - 8));
+}
 
 static void *dmalloc(size_t n) {
     void *p = NULL;
@@ -198,14 +206,29 @@ static void run_case(const Case *cs, DlGemm *gm) {
     Mamba2Acts *ca = mamba2_acts_new(&h, B, L);
     mamba2_forward(&h, &r, p, 0, B, L, u.data(), rs_h, out_c.data(), ca);
     mamba2_backward(&h, &r, p, 0, B, L, rs_h, dout.data(), dx_c.data(), gc, ca);
-    // the floor: the twin again on u (1 + 2^-8 (2U - 1)) (bf16-sized noise)
-    std::vector<float> up((size_t)(N * d)), out_f((size_t)(N * d)), dx_f((size_t)(N * d));
-    Rng pr;
-    rng_init(&pr, 7, 7);
-    for (int64_t i = 0; i < N * d; i++) up[i] = u[i] * (1.f + (2.f * rng_uniform(&pr) - 1.f) / 256.f);
-    float *gf = (float *)calloc((size_t)r.numel, 4);
-    mamba2_forward(&h, &r, p, 0, B, L, up.data(), rs_h, out_f.data(), ca);
-    mamba2_backward(&h, &r, p, 0, B, L, rs_h, dout.data(), dx_f.data(), gf, ca);
+    // the floor: the twin on 4 other fp32 sets of weights, input and output gradient with the same bf16 rounding
+    double fl_dx[1] = {0}, fl_g[9] = {0};  // largest movement: dx; 8 tensors + the dt rows
+    {
+        const int64_t r0 = (int64_t)(h.d_inner + 2 * h.d_xb + h.d_inner) * d;  // first dt row of in_proj
+        float *pj = (float *)malloc((size_t)r.numel * 4), *gj = (float *)malloc((size_t)r.numel * 4);
+        std::vector<float> uj((size_t)(N * d)), dj((size_t)(N * d)), oj((size_t)(N * d)), xj((size_t)(N * d));
+        for (int kf = 1; kf <= 4; kf++) {
+            Rng jg;
+            rng_init(&jg, 555 + (uint64_t)kf, 0);
+            for (int64_t i = 0; i < r.numel; i++) pj[i] = bf16_jitter(p[i], &jg);
+            for (int64_t i = 0; i < N * d; i++) uj[i] = bf16_jitter(u[i], &jg);
+            for (int64_t i = 0; i < N * d; i++) dj[i] = bf16_jitter(dout[i], &jg);
+            memset(gj, 0, (size_t)r.numel * 4);
+            mamba2_forward(&h, &r, pj, 0, B, L, uj.data(), rs_h, oj.data(), ca);
+            mamba2_backward(&h, &r, pj, 0, B, L, rs_h, dj.data(), xj.data(), gj, ca);
+            fl_dx[0] = fmax(fl_dx[0], relerr(xj.data(), dx_c.data(), N * d));
+            for (int k = 0; k <= 8; k++) {
+                const int64_t o0 = k < 8 ? off[k] : off[T_IN] + r0, n = k < 8 ? numel[k] : (int64_t)cs->H * d;
+                fl_g[k] = fmax(fl_g[k], relerr(gj + o0, gc + o0, n));
+            }
+        }
+        free(pj), free(gj);
+    }
     mamba2_acts_free(ca);
 
     // device
@@ -246,10 +269,9 @@ static void run_case(const Case *cs, DlGemm *gm) {
     std::vector<float> o = down_bf16(D.out, N * d), dxv = down_bf16(D.dx, N * d);
     const bool l1 = L == 1;  // D, dt_bias and the dt rows are zero up to eps (y = c x at a document start)
     const double eo = relerr(o.data(), out_c.data(), N * d), ex = relerr(dxv.data(), dx_c.data(), N * d);
-    const double fx = relerr(dx_f.data(), dx_c.data(), N * d);
     check(eo <= 2e-2, "%s: out rel err %.2e (tol 2e-2)", cs->name, eo);
-    check(ex <= 5e-2 || ex <= 4 * fx, "%s: dx rel err %.2e (tol 5e-2, floor %.2e)", cs->name, ex, fx);
-    printf("   rel err (floor): out %.2e  dx %.2e (%.2e)", eo, ex, fx);
+    check(ex <= 5e-2 || ex <= 2 * fl_dx[0], "%s: dx rel err %.2e (tol 5e-2, floor %.2e)", cs->name, ex, fl_dx[0]);
+    printf("   rel err (floor): out %.2e  dx %.2e (%.2e)", eo, ex, fl_dx[0]);
     const int64_t r0 = (int64_t)(h.d_inner + 2 * h.d_xb + h.d_inner) * d;  // first dt row of in_proj
     for (int k = 0; k <= 8; k++) {  // k = 8: the dt rows of in_proj alone (the whole tensor's norm would hide them)
         const int kk = k < 8 ? k : T_IN;
@@ -257,13 +279,13 @@ static void run_case(const Case *cs, DlGemm *gm) {
         std::vector<float> gv((size_t)n);
         const float *raw = (const float *)b1.g[kk].data() + o0;
         for (int64_t i = 0; i < n; i++) gv[i] = raw[i] - 0.25f;
-        const double eg = relerr(gv.data(), gc + off[kk] + o0, n), fl = relerr(gf + off[kk] + o0, gc + off[kk] + o0, n);
+        const double eg = relerr(gv.data(), gc + off[kk] + o0, n), fl = fl_g[k];
         const bool cancels = k == 8 || k == T_D || k == T_DTB;
-        const double tol = cancels ? 1e-1 : 5e-2;
+        const double tol = k == T_D ? 1.5e-1 : 5e-2;
         const char *nm = k < 8 ? TNAMES[k] : "in_proj dt rows";
         printf("  d%s %.2e (%.2e)%s", nm, eg, fl, l1 && cancels ? " [not checked]" : "");
         if (!(l1 && cancels))
-            check(eg <= tol || eg <= 4 * fl, "%s: d %s rel err %.2e (tol %.0e, floor %.2e)", cs->name, nm, eg, tol, fl);
+            check(eg <= tol || eg <= 2 * fl, "%s: d %s rel err %.2e (tol %.0e, floor %.2e)", cs->name, nm, eg, tol, fl);
     }
     printf("\n");
 
@@ -328,7 +350,6 @@ static void run_case(const Case *cs, DlGemm *gm) {
     for (int k = 0; k < 8; k++) cudaFree(D.g[k]);
     cudaFree(D.u), cudaFree(D.dout), cudaFree(D.out), cudaFree(D.dx), cudaFree(D.reset), cudaFree(D.arena);
     free(gc);
-    free(gf);
     free(p);
     reg_free(&r);
 }
