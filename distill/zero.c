@@ -351,3 +351,111 @@ int zero_piece_ranges(const ZeroLayout *L, const int64_t *off, ZeroRange *out, i
     *n_out = n;
     return 0;
 }
+
+// ---- ZeRO-2's staged gradient pages (see zero.h)
+
+static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Appends [x0, x1) minus the element intervals cut[0..n) (sorted, disjoint) to out.
+static void add_minus(ZeroRange *out, int *n_out, int64_t x0, int64_t x1, const int64_t *cut, int n) {
+    for (int i = 0; i < n && x0 < x1; i++) {
+        const int64_t c0 = cut[2 * i], c1 = cut[2 * i + 1];
+        if (c1 <= c0 || c1 <= x0 || c0 >= x1) continue;
+        if (c0 > x0) out[(*n_out)++] = (ZeroRange){x0, c0 - x0, -1};
+        x0 = DL_MAX(x0, c1);
+    }
+    if (x1 > x0) out[(*n_out)++] = (ZeroRange){x0, x1 - x0, -1};
+}
+
+int zero_stage_plan(const ZeroLayout *L, const Registry *reg, const int64_t *off, int64_t n_elems, int n_layer,
+                    int rank, int64_t page, ZeroStagePlan *P, DlError *e) {
+    memset(P, 0, sizeof *P);
+    if (page < 1 || n_elems < 1) return dl_fail(e, "ZeRO-2 staging: page %lld and buffer %lld elements must be >= 1",
+                                                (long long)page, (long long)n_elems);
+    ZeroRange *sl = dl_malloc((size_t)zero_slice_ranges_max(L) * sizeof(ZeroRange));
+    int *first = dl_malloc((size_t)(L->n_bucket + 1) * sizeof(int)), ns = 0;
+    if (zero_slice_ranges_split(L, off, sl, &ns, first, e)) {
+        free(sl), free(first);
+        return -1;
+    }
+    P->page = page;
+    P->n_pages = cdiv(n_elems, page);
+    P->n_bucket = L->n_bucket;
+    P->b = dl_calloc((size_t)(L->n_bucket ? L->n_bucket : 1), sizeof(ZeroStageBucket));
+    P->clear = dl_malloc((size_t)(4 * L->n_bucket + 1) * sizeof(ZeroRange));
+    uint8_t *staged = dl_calloc((size_t)P->n_pages, 1);
+    int n_staged_buckets = 0;
+    for (int b = 0; b < L->n_bucket; b++) {
+        ZeroStageBucket *z = &P->b[b];
+        z->lo = n_layer, z->hi = -1;
+        for (int k = L->bucket[b].seg_begin; k < L->bucket[b].seg_end; k++) {
+            const TensorInfo *t = &reg->t[L->seg[k].tensor];
+            const int lv = zero_tensor_level(t, n_layer);
+            z->lo = DL_MIN(z->lo, lv), z->hi = DL_MAX(z->hi, lv);
+            z->keep |= t->layer < 0;
+        }
+        const ZeroRange *r0 = &sl[first[b]], *r1 = &sl[first[b + 1] - 1];
+        const int64_t run0 = r0->off, run1 = r1->off + r1->n;
+        int64_t own0 = run0, own1 = run0;  // none
+        for (int i = first[b]; i < first[b + 1]; i++)
+            if (sl[i].root == rank) own0 = sl[i].off, own1 = sl[i].off + sl[i].n;
+        if (!z->keep) {
+            if (own1 > own0) {
+                z->a0 = cdiv(run0, page), z->a1 = own0 / page;
+                z->b0 = cdiv(own1, page), z->b1 = run1 / page;
+            } else {
+                z->a0 = cdiv(run0, page), z->a1 = run1 / page;
+            }
+            if (z->a1 <= z->a0) z->a0 = z->a1 = 0;
+            if (z->b1 <= z->b0) z->b0 = z->b1 = 0;
+        }
+        const int64_t np = (z->a1 - z->a0) + (z->b1 - z->b0);
+        for (int64_t p = z->a0; p < z->a1; p++) staged[p] = 1;
+        for (int64_t p = z->b0; p < z->b1; p++) staged[p] = 1;
+        z->sidx = np > 0 ? n_staged_buckets++ : -1;
+        P->slot_pages = DL_MAX(P->slot_pages, np);
+        P->staged_pages += np;
+        // the non-owned elements left on permanent pages
+        const int64_t cut[4] = {z->a0 * page, z->a1 * page, z->b0 * page, z->b1 * page};
+        if (own1 > own0) {
+            add_minus(P->clear, &P->n_clear, run0, own0, cut, 2);
+            add_minus(P->clear, &P->n_clear, own1, run1, cut, 2);
+        } else {
+            add_minus(P->clear, &P->n_clear, run0, run1, cut, 2);
+        }
+    }
+    // permanent runs: the complement of the staged pages
+    P->perm = dl_malloc((size_t)(2 * (L->n_bucket * 2 + 2)) * sizeof(int64_t));
+    for (int64_t p = 0; p < P->n_pages;) {
+        if (staged[p]) {
+            p++;
+            continue;
+        }
+        int64_t q = p;
+        while (q < P->n_pages && !staged[q]) q++;
+        P->perm[2 * P->n_perm] = p, P->perm[2 * P->n_perm + 1] = q;
+        P->n_perm++;
+        P->perm_pages += q - p;
+        p = q;
+    }
+    // slots: the most staged buckets mapped and not yet launched at any report lv (lowest level < lv, highest
+    // level >= lv - 1), plus one
+    int most = 0;
+    for (int lv = n_layer; lv >= 0; lv--) {
+        int live = 0;
+        for (int b = 0; b < L->n_bucket; b++) live += P->b[b].sidx >= 0 && P->b[b].lo < lv && P->b[b].hi >= lv - 1;
+        most = DL_MAX(most, live);
+    }
+    P->slots = n_staged_buckets ? DL_MIN(most + 1, n_staged_buckets) : 0;
+    free(staged), free(sl), free(first);
+    return 0;
+}
+
+void zero_stage_plan_free(ZeroStagePlan *P) {
+    free(P->b), free(P->perm), free(P->clear);
+    memset(P, 0, sizeof *P);
+}
+
+double zero_stage_bytes(const ZeroStagePlan *P) {
+    return 4.0 * (double)P->page * (double)(P->perm_pages + (int64_t)P->slots * P->slot_pages);
+}

@@ -161,3 +161,44 @@ int zero_optim_check(const OptimConfig *c, int world, int stage, DlError *e);
 // window as one rank would); grad_accum counts micro-batches over all ranks. grads is read only. Results
 // equal unsharded optim_step bitwise given the same norm (the norm's summation order differs: rounding).
 void zero_optim_step(Optim *o, int world, float *params, float *grads, double loss, double global_sq, OptimResult *r);
+
+// ---- ZeRO-2's gradient memory on CUDA (kernels/engine/grad_stage.h, opt-in): the compact gradient buffer keeps
+// its addresses (the engine's backward writes it unchanged) but only some of its pages are backed by memory.
+// Pages of `page` elements. A bucket's STAGED pages are the pages wholly inside its data that hold none of this
+// rank's slice: at most two runs, before and after the slice. They get memory (one of K slots, round robin over
+// the staged buckets) when the backward is about to write the bucket and lose it once the bucket's reduction
+// onto its owners has completed. Every other page is PERMANENT (this rank's slices, pages shared by two buckets
+// or by a slice and its neighbours, alignment gaps, and whole KEPT buckets: those holding a global tensor, whose
+// gradient the loss writes before the backward reports anything). The reports (zero_buckets_ready) drive it: at
+// the report of level lv every bucket that layer lv - 1's backward writes (its highest tensor level >= lv - 1) is
+// mapped, in bucket order, and every final one launched as soon as it is mapped; so the buckets mapped and not yet
+// launched are those with lowest level < lv <= highest level + 1, and K = 1 + the most of them at any report
+// leaves a launched bucket's reduction one report to finish before its slot is needed again.
+typedef struct {
+    int64_t a0, a1, b0, b1;  // staged page runs [a0, a1), [b0, b1) (empty: equal ends)
+    int lo, hi;              // lowest and highest tensor level (zero_tensor_level)
+    bool keep;               // kept whole (a global tensor in it): no staged pages
+    int sidx;                // index among the staged buckets (-1: none staged), slot = sidx % slots
+} ZeroStageBucket;
+
+typedef struct {
+    int64_t page, n_pages;      // elements per page; pages of the buffer (n_elems rounded up)
+    int n_bucket;
+    ZeroStageBucket *b;         // [n_bucket]
+    int64_t *perm;              // permanent page runs, pairs [perm[2i], perm[2i+1]) in pages, ascending
+    int n_perm;
+    ZeroRange *clear;           // elements on permanent pages that this rank does not own (zeroed after each
+    int n_clear;                //   micro-batch's reduction, as engine_cuda_optim_keep_owned): root unused
+    int slots;                  // K
+    int64_t slot_pages;         // the most staged pages of one bucket
+    int64_t perm_pages, staged_pages;  // totals (staged: summed over the buckets)
+} ZeroStagePlan;
+
+// The plan for `rank` over a compact buffer of n_elems floats whose tensors lie at off[] (zero_slice_ranges'
+// rule), reg: the layout's registry, n_layer: the model's layers. -1 with e on offsets that break the layout.
+int zero_stage_plan(const ZeroLayout *L, const Registry *reg, const int64_t *off, int64_t n_elems, int n_layer,
+                    int rank, int64_t page, ZeroStagePlan *P, DlError *e);
+void zero_stage_plan_free(ZeroStagePlan *P);
+// Bytes of gradient memory the plan backs: (permanent pages + slots x slot_pages) x page x 4.
+double zero_stage_bytes(const ZeroStagePlan *P);
+
