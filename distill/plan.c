@@ -52,6 +52,7 @@
 #include "distill/registry.h"
 #include "distill/stage.h"
 #include "kernels/engine/engine_cuda.h"        // ECU_CHUNK_LOGITS (a define: no CUDA code is called)
+#include "kernels/engine/mamba2_cuda.h"        // the Mamba-2 unit's buffer tables (host functions, no CUDA calls)
 #include "kernels/scan/selective_scan_cuda.h"  // SCAN_CKPT
 
 #define SCAN_CHUNK 64  // tokens between saved scan states in the selective-scan backward (assumption)
@@ -95,10 +96,11 @@ enum { CT_TRAIN = 1, CT_KEEP = 2, CT_RMLP = 4, CT_TEACHER_KL = 8 };  // = ECU_TR
 
 static double al256(double b) { return (double)(((int64_t)b + 255) / 256 * 256); }  // one table entry
 
-// The Mamba-1 tensors the conv and scan kernels read in fp32: the engine keeps an fp32 master of them always.
+// The Mamba tensors the conv, scan and SSD kernels read in fp32: the engine keeps an fp32 master of them always.
 static bool f32_read(const HybridConfig *h, const TensorInfo *t) {
-    if (t->layer < 0 || h->mixer[t->layer] != MIXER_MAMBA1) return false;
-    static const char *const S[] = {".mamba.conv1d.weight", ".mamba.conv1d.bias", ".mamba.A_log", ".mamba.D", ".mamba.dt_proj.bias"};
+    if (t->layer < 0 || h->mixer[t->layer] == MIXER_ATTN) return false;
+    static const char *const S[] = {".mamba.conv1d.weight", ".mamba.conv1d.bias", ".mamba.A_log", ".mamba.D", ".mamba.dt_proj.bias",
+                                    ".mamba.dt_bias"};
     const size_t n = strlen(t->name);
     for (size_t k = 0; k < DL_ARRAY_LEN(S); k++)
         if (n >= strlen(S[k]) && !strcmp(t->name + n - strlen(S[k]), S[k])) return true;
@@ -120,7 +122,24 @@ static bool f32_read(const HybridConfig *h, const TensorInfo *t) {
 //     workspace N H 4; Mamba-1: dy, d conv out, d dt, dC, dz, d repeated x 6 N di e, dB, dx 2 N dxb e,
 //     d dt_low N Rp e, dA di N 4, dD, d delta_bias, d conv bias 3 di 4, d conv w di W 4, conv workspace
 //     B ceil(T/16) di 5 4
-// Mamba-2 layers (refused by the CUDA engine) are counted with the cpu formula in bf16.
+// Mamba-2 layers: the unit's own buffer tables (mamba2_cuda_acts_bufs per layer, mamba2_cuda_scratch_bufs once).
+// The Mamba-2 unit's buffers (kernels/engine/mamba2_cuda.h: its own tables, 256-byte entries): per layer
+// (scratch = 0) or the shared scratch (1).
+static double m2_bytes(const HybridConfig *h, int64_t B, int64_t T, int scratch, bool train) {
+#if DISTILL_CUDA
+    Mamba2CudaShape s;
+    Mamba2CudaActs a;
+    Mamba2CudaScratch w;
+    Mamba2CudaBuf b[MAMBA2_CUDA_MAX_BUFS];
+    if (mamba2_cuda_shape(h, B, T, &s, NULL, 0)) return 0;  // the engine refuses this shape
+    const int n = scratch ? mamba2_cuda_scratch_bufs(&s, train, &w, b) : mamba2_cuda_acts_bufs(&s, &a, b);
+    return (double)mamba2_cuda_bufs_bytes(b, n);
+#else  // no CUDA build: the cpu formula's per-layer elements in bf16
+    (void)scratch, (void)train;
+    return scratch ? 0 : 2.0 * (double)(B * T) * (2.0 * h->d_inner + 2.0 * (2 * h->d_xb + h->d_inner) + h->base.n_head);
+#endif
+}
+
 static double cuda_table(const HybridConfig *h, double B, double T, int flags, double *logits) {
     const LlamaConfig *c = &h->base;
     const double e = 2, N = B * T, d = c->d_model, f = c->d_ff, V = c->vocab, H = c->n_head;
@@ -128,7 +147,9 @@ static double cuda_table(const HybridConfig *h, double B, double T, int flags, d
     const double di = h->d_inner, dxb = h->d_xb, ds = h->d_state, Rp = (double)((h->dt_rank + 7) / 8 * 8);
     const bool train = flags & CT_TRAIN, keep = train || (flags & CT_KEEP), rmlp = train && (flags & CT_RMLP);
     bool attn = false, mamba = false;
+    bool m2 = false;
     for (int l = 0; l < c->n_layer; l++) attn |= h->mixer[l] == MIXER_ATTN, mamba |= h->mixer[l] == MIXER_MAMBA1;
+    for (int l = 0; l < c->n_layer; l++) m2 |= h->mixer[l] == MIXER_MAMBA2;
     const double chunk = DL_MIN(N, (double)DL_MAX((int64_t)1, (int64_t)ECU_CHUNK_LOGITS / c->vocab));
     double t = al256((keep ? c->n_layer + 1 : 2) * N * d * e);
     for (int l = 0; l < (train ? c->n_layer : 1); l++) {
@@ -140,8 +161,9 @@ static double cuda_table(const HybridConfig *h, double B, double T, int flags, d
             t += 3 * al256(N * di * e) + 2 * al256(N * dxb * e) + al256(N * Rp * e);
             if (train) t += al256(B * ceil(T / SCAN_CKPT) * di * ds * 4);
         }
-        if (train && h->mixer[l] == MIXER_MAMBA2) t += layer_act_elems(h, l, RECOMPUTE_NONE, (int)T, false) * e * N;
+        if (train ? h->mixer[l] == MIXER_MAMBA2 : m2) t += m2_bytes(h, (int64_t)B, (int64_t)T, 0, train);  // per layer / one set
     }
+    if (m2) t += m2_bytes(h, (int64_t)B, (int64_t)T, 1, train);
     if (rmlp) t += al256(N * 2 * f * e) + al256(N * f * e);
     t += 2 * al256(N * d * e) + al256(N * 4);
     if (mamba) t += 3 * al256(N * di * e) + al256(di * ds * 4);

@@ -1258,17 +1258,23 @@ static void check_misc(Ctx *c) {
         err_v(c, toml_get(run, "device"), "run.device = \"cuda\" but this build has no CUDA (rebuild where nvcc is installed, "
               "or use --dry-run to see the plan)");
 #endif
-    // the CUDA engine has attention and Mamba-1 layers (the device Mamba-2 mixer, kernels/engine/mamba2_cuda.h, is
-    // not in it yet): say so before any stage runs, not after the generate stage has spent its GPU time
+    // the CUDA engine trains and evaluates Mamba-2 hybrids (kernels/engine/mamba2_cuda.h), but the CUDA decoder
+    // (kernels/engine/decode_cuda.h) has attention and Mamba-1 layers only: an eval stage that measures speculative
+    // decoding (spec_prompts > 0 and a draft stage before it, or draft = "NAME") on a Mamba-2 hybrid would fail
+    // after the training stages have spent their GPU time, so say so before any stage runs
     if (r->run.device == DEVICE_CUDA && r->hybrid.mixer == 1)  // MIXER_CHOICES[1] = "mamba2"
-        for (int i = 0; i < r->n_stages; i++)
-            if (stage_kind_trains(r->stages[i].kind) || r->stages[i].kind == STAGE_EVAL) {
-                err_v(c, toml_get(toml_get(r->doc, "hybrid"), "mixer"),
-                      "hybrid.mixer = \"mamba2\" cannot run on run.device = \"cuda\" yet (the CUDA engine has attention "
-                      "and Mamba-1 layers; stage '%s' would fail): use device = \"cpu\" or mixer = \"mamba1\"",
-                      r->stages[i].name ? r->stages[i].name : KIND_NAMES[r->stages[i].kind]);
+        for (int i = 0; i < r->n_stages; i++) {
+            const StageSpec *s = &r->stages[i];
+            bool draft = s->spec_draft != NULL;
+            for (int j = 0; j < i && !draft; j++) draft = r->stages[j].kind == STAGE_DRAFT;
+            if (s->kind == STAGE_EVAL && s->spec_prompts > 0 && draft) {
+                err_v(c, stage_val(r, s, "spec_prompts") ? stage_val(r, s, "spec_prompts") : toml_get(toml_get(r->doc, "hybrid"), "mixer"),
+                      "stage '%s' measures speculative decoding of a hybrid.mixer = \"mamba2\" model on run.device = \"cuda\", "
+                      "and the CUDA decoder has attention and Mamba-1 layers only: set spec_prompts = 0 in that stage (or "
+                      "use device = \"cpu\" or mixer = \"mamba1\")", s->name ? s->name : KIND_NAMES[s->kind]);
                 break;
             }
+        }
     const TomlValue *ot = toml_get(r->doc, "optimizer");
     if (r->run.device != DEVICE_CUDA)  // the CPU optimizer keeps fp32 moments
         for (int i = 0; i < r->n_stages; i++)

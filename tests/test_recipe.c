@@ -607,20 +607,34 @@ static void test_moments(void) {
     CHECK(optim[0] > 0 && optim[1] == optim[0] / 2);
 }
 
-// A Mamba-2 hybrid on CUDA is refused up front (the CUDA engine has Mamba-1 only), naming hybrid.mixer; on the
-// CPU it is fine.
+// A Mamba-2 hybrid trains and evaluates on CUDA; only speculative decoding (the CUDA decoder has attention and
+// Mamba-1 layers) is refused up front, naming the eval stage's spec_prompts; spec_prompts = 0 or the CPU is fine.
 static void test_mamba2_device(void) {
     const char *cuda[] = {"run.device=cuda"};
-    CHECK(expect_err_("[hybrid]\n"                // 9
-                      "mixer = \"mamba2\"\n"    // 10
-                      GOOD_STAGES,
-                      cuda, 1, 10, 9, "hybrid.mixer = \"mamba2\" cannot run on run.device = \"cuda\"", __LINE__));
-    Recipe r;
-    RecipeErrors errs;
-    CHECK(load("[hybrid]\nmixer = \"mamba2\"\n" GOOD_STAGES, NULL, 0, false, &r, &errs) == 0);
-    for (int i = 0; i < errs.n; i++) fprintf(stderr, "  %s\n", errs.msg[i]);
-    recipe_errors_free(&errs);
-    recipe_free(&r);
+#define M2_SPEC(n)                                                                                                     \
+    "[hybrid]\n"                  /* 9 */                                                                              \
+    "mixer = \"mamba2\"\n"        /* 10 */                                                                             \
+    GOOD_STAGES                   /* 11-16 */                                                                          \
+    "[[stage]]\n"                 /* 17 */                                                                             \
+    "kind = \"draft\"\n"          /* 18 */                                                                             \
+    "data = \"train\"\n"          /* 19 */                                                                             \
+    "layers = [0, 1]\n"           /* 20 */                                                                             \
+    "steps = 2\n"                 /* 21 */                                                                             \
+    "[[stage]]\n"                 /* 22 */                                                                             \
+    "kind = \"eval\"\n"           /* 23 */                                                                             \
+    "data = \"train\"\n"          /* 24 */                                                                             \
+    "spec_prompts = " #n "\n"     /* 25 */
+    CHECK(expect_err_(M2_SPEC(4), cuda, 1, 25, 16, "measures speculative decoding of a hybrid.mixer = \"mamba2\"", __LINE__));
+    const char *tails[3] = {"[hybrid]\nmixer = \"mamba2\"\n" GOOD_STAGES, M2_SPEC(0), M2_SPEC(4)};
+    for (int k = 0; k < 3; k++) {  // training on CUDA; no speculative rows on CUDA; speculative rows on the CPU
+        Recipe r;
+        RecipeErrors errs;
+        CHECK(load(tails[k], k < 2 ? cuda : NULL, k < 2, true, &r, &errs) == 0);
+        for (int i = 0; i < errs.n; i++) fprintf(stderr, "  %s\n", errs.msg[i]);
+        recipe_errors_free(&errs);
+        recipe_free(&r);
+    }
+#undef M2_SPEC
 }
 
 int main(void) {

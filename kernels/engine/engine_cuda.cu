@@ -68,8 +68,6 @@ static int layer_w_init(EngineCuda *E, DlError *e) {
     for (int l = 0; l < c->n_layer; l++) {
         LayerW *w = &E->w[l];
         memset(w, 0xff, sizeof *w);
-        if (h->mixer[l] == MIXER_MAMBA2)
-            return dl_fail(e, "engine_cuda: layer %d is a Mamba-2 layer; the CUDA engine implements attention and Mamba-1", l);
         if (wref(r, &w->in_norm, d, e, "model.layers.%d.input_layernorm.weight", l) ||
             wref(r, &w->post_norm, d, e, "model.layers.%d.post_attention_layernorm.weight", l) ||
             wref(r, &w->gate, ff * d, e, "model.layers.%d.mlp.gate_proj.weight", l) ||
@@ -82,6 +80,20 @@ static int layer_w_init(EngineCuda *E, DlError *e) {
                 wref(r, &w->v, kvd * d, e, "model.layers.%d.self_attn.v_proj.weight", l) ||
                 wref(r, &w->o, d * qd, e, "model.layers.%d.self_attn.o_proj.weight", l))
                 return -1;
+        } else if (h->mixer[l] == MIXER_MAMBA2) {  // kernels/engine/mamba2_cuda.h
+            const int64_t H = c->n_head, xbc = 2 * dxb + di;
+            const char *m = "model.layers.%d.mamba.";
+            char f[128];
+#define MW(field, numel, suffix) (snprintf(f, sizeof f, "%s%s", m, suffix), wref(r, &w->field, numel, e, f, l))
+            if (MW(m2in, (di + xbc + H) * d, "in_proj.weight") || MW(cw, xbc * h->d_conv, "conv1d.weight") ||
+                MW(cb, xbc, "conv1d.bias") || MW(dtb, H, "dt_bias") || MW(alog, H, "A_log") || MW(D, H, "D") ||
+                MW(m2norm, di, "norm.weight") || MW(out, d * di, "out_proj.weight"))
+                return -1;
+#undef MW
+            // the conv and SSD kernels read these in fp32 (PM operands)
+            E->f32read[w->dtb.idx] = E->f32read[w->cw.idx] = E->f32read[w->cb.idx] = true;
+            E->f32read[w->alog.idx] = E->f32read[w->D.idx] = true;
+            E->has_mamba2 = true;
         } else {
             const char *m = "model.layers.%d.mamba.";
             char f[128];
@@ -109,7 +121,8 @@ static int layer_w_init(EngineCuda *E, DlError *e) {
 
 #define LAYER_REFS(w)                                                                                          \
     &(w)->in_norm, &(w)->post_norm, &(w)->gate, &(w)->up, &(w)->down, &(w)->q, &(w)->k, &(w)->v, &(w)->o, &(w)->z, \
-        &(w)->x, &(w)->Bp, &(w)->Cp, &(w)->dtd, &(w)->dtw, &(w)->dtb, &(w)->cw, &(w)->cb, &(w)->alog, &(w)->D, &(w)->out
+        &(w)->x, &(w)->Bp, &(w)->Cp, &(w)->dtd, &(w)->dtw, &(w)->dtb, &(w)->cw, &(w)->cb, &(w)->alog, &(w)->D, &(w)->out, \
+        &(w)->m2in, &(w)->m2norm
 
 static void wref_place(const EngineCuda *E, WRef *w) {
     if (w->idx < 0) {
@@ -198,6 +211,13 @@ static int check_shapes(const EngineCuda *E, DlError *e) {
                            h->d_xb, ds);
         if (h->d_conv < 1 || h->d_conv > 4) return dl_fail(e, "engine_cuda: d_conv %d; the conv kernel takes 1..4", h->d_conv);
     }
+    if (E->has_mamba2) {
+        if (E->dt != DT_BF16)
+            return dl_fail(e, "engine_cuda: fp32 mode with Mamba-2 layers: the SSD and conv kernels are bf16-only");
+        char m[256];
+        Mamba2CudaShape s;
+        if (mamba2_cuda_shape(h, E->B, E->T, &s, m, sizeof m)) return dl_fail(e, "engine_cuda: %s", m);
+    }
     return 0;
 }
 
@@ -217,6 +237,10 @@ static void build_table(EngineCuda *E, ActTable *t) {
     const bool rmlp = train && (E->flags & ECU_RECOMPUTE_MLP);
     const bool attn = hybrid_n_attn(h) > 0;
     const ScanShape ss = scan_shape(E);
+    // Mamba-2 buffers (mamba2_cuda.h) for this table's B (table_bytes re-runs this with other batch sizes)
+    Mamba2CudaShape m2 = {};
+    if (E->has_mamba2) mamba2_cuda_shape(h, E->B, E->T, &m2, NULL, 0);  // valid: check_shapes accepted B, and B' <= B
+    Mamba2CudaBuf m2b[MAMBA2_CUDA_MAX_BUFS];
     memset(t, 0, sizeof *t);
     E->n_states = keep ? c->n_layer + 1 : 2;
     TADD(t, E->states, "hidden states", -1, E->n_states * N * d * es);
@@ -226,7 +250,10 @@ static void build_table(EngineCuda *E, ActTable *t) {
         LayerActs *a = &E->acts[l];
         const bool lat = train ? h->mixer[l] == MIXER_ATTN : attn;
         const bool lm = train ? h->mixer[l] == MIXER_MAMBA1 : E->has_mamba;
+        const bool lm2 = train ? h->mixer[l] == MIXER_MAMBA2 : E->has_mamba2;
         const int L = train ? l : -1;
+        if (lm2)
+            for (int i = 0, n = mamba2_cuda_acts_bufs(&m2, &a->m2, m2b); i < n; i++) tab_add(t, m2b[i].slot, m2b[i].name, L, m2b[i].bytes);
         TADD(t, a->xn1, "xn1 (input norm out)", L, N * d * es);
         TADD(t, a->rstd1, "rstd1", L, N * 4);
         TADD(t, a->mid, "mid (x + mixer)", L, N * d * es);
@@ -267,6 +294,9 @@ static void build_table(EngineCuda *E, ActTable *t) {
         TADD(t, E->A, "mamba A", -1, di * h->d_state * 4);
         TADD(t, E->scan_ws, "scan fwd workspace", -1, selective_scan_fwd_workspace(&ss, 0));
     }
+    if (E->has_mamba2)
+        for (int i = 0, n = mamba2_cuda_scratch_bufs(&m2, train, &E->m2s, m2b); i < n; i++)
+            tab_add(t, m2b[i].slot, m2b[i].name, -1, m2b[i].bytes);
     TADD(t, E->tok, "tokens", -1, N * 4);
     TADD(t, E->pos, "positions", -1, N * 4);
     TADD(t, E->docs, "doc starts", -1, N * 4);
@@ -599,6 +629,7 @@ static EngineCuda *engine_setup(const HybridConfig *h, const Registry *r, int64_
         return NULL;
     }
     engine_layout(E);
+    if (E->has_mamba2) mamba2_cuda_shape(h, B, T, &E->m2shape, NULL, 0);  // accepted by check_shapes
     const int64_t V = c->vocab;
     int64_t chunk = chunk_rows > 0 ? chunk_rows : DL_MAX(1, (int64_t)ECU_CHUNK_LOGITS / V);
     E->chunk = DL_MIN(chunk, E->N);
@@ -935,9 +966,22 @@ static void cols_copy(EngineCuda *E, void *dense, int64_t w, void *wide, int64_t
                                 cudaMemcpyDeviceToDevice, E->st));
 }
 
+// Mamba-2 weights of layer w for mamba2_cuda.h: matrices and norm from the compute copy, the per-channel tensors fp32
+static Mamba2CudaW m2_weights(const EngineCuda *E, const LayerW *w) {
+    Mamba2CudaW m = {(const uint16_t *)P(E, w->m2in), PM(E, w->cw),   PM(E, w->cb), PM(E, w->dtb),
+                     PM(E, w->alog), PM(E, w->D), (const uint16_t *)P(E, w->m2norm), (const uint16_t *)P(E, w->out)};
+    return m;
+}
+
 static void mamba_fwd(EngineCuda *E, int l, LayerActs *a, const void *u, void *out) {
     const HybridConfig *h = &E->h;
     const LayerW *w = &E->w[l];
+    if (h->mixer[l] == MIXER_MAMBA2) {
+        const Mamba2CudaW w2 = m2_weights(E, w);
+        TC(mamba2_cuda_fwd(E->gemm, &E->m2shape, &w2, u, E->have_reset ? E->reset_d : NULL, out, &a->m2, &E->m2s, E->st, EA));
+        prof(E, "fwd mamba2");
+        return;
+    }
     const int64_t N = E->N, d = h->base.d_model, di = h->d_inner, dxb = h->d_xb, ds = h->d_state, Rp = E->Rp;
     const ScanShape s = scan_shape(E);
     const uint8_t *rs = E->have_reset ? E->reset_d : NULL;
@@ -1227,6 +1271,15 @@ static void wgrad(EngineCuda *E, float *dW, const void *dy, const void *x, int64
 static void mamba_bwd(EngineCuda *E, int l, LayerActs *a, const void *dy_mix, float *Gr, bool need_dx) {
     const HybridConfig *h = &E->h;
     const LayerW *w = &E->w[l];
+    if (h->mixer[l] == MIXER_MAMBA2) {  // u = xn1 (the forward's mixer input)
+        const Mamba2CudaW w2 = m2_weights(E, w);
+        const Mamba2CudaG g2 = {G(Gr, w->m2in), G(Gr, w->cw),   G(Gr, w->cb),     G(Gr, w->dtb),
+                                G(Gr, w->alog), G(Gr, w->D),    G(Gr, w->m2norm), G(Gr, w->out)};
+        TC(mamba2_cuda_bwd(E->gemm, &E->m2shape, &w2, &g2, a->xn1, E->have_reset ? E->reset_d : NULL, dy_mix,
+                           need_dx ? E->dxn : NULL, &a->m2, &E->m2s, E->st, EA));
+        prof(E, "bwd mamba2");
+        return;
+    }
     const int64_t N = E->N, d = h->base.d_model, di = h->d_inner, dxb = h->d_xb, ds = h->d_state, Rp = E->Rp;
     const int64_t R = h->dt_rank;
     const ScanShape s = scan_shape(E);

@@ -54,7 +54,7 @@ enum {
 
 // params: host fp32 buffer in registry layout (uploaded; the host copy is not kept). dt: DT_BF16 or DT_F32.
 // chunk_rows: rows of logits per loss chunk (0: about 16M logits). Prints the memory table to `log` (NULL:
-// silent). Returns NULL with e filled on a bad shape, a Mamba-2 layer, or out of memory.
+// silent). Returns NULL with e filled on a bad shape or out of memory.
 EngineCuda *engine_cuda_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t T,
                             int flags, DType dt, int64_t chunk_rows, FILE *log, DlError *e);
 void engine_cuda_free(EngineCuda *e);

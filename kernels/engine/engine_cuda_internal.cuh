@@ -7,6 +7,7 @@
 #include <stdlib.h>
 
 #include "kernels/engine/engine_cuda.h"
+#include "kernels/engine/mamba2_cuda.h"
 #include "kernels/train/attention_cudnn.h"
 #include "kernels/train/train_check.cuh"
 #include "kernels/train/train_cuda.h"
@@ -40,7 +41,8 @@ typedef struct {
 typedef struct {
     WRef in_norm, post_norm, gate, up, down;
     WRef q, k, v, o;                                              // attention
-    WRef z, x, Bp, Cp, dtd, dtw, dtb, cw, cb, alog, D, out;       // Mamba-1
+    WRef z, x, Bp, Cp, dtd, dtw, dtb, cw, cb, alog, D, out;       // Mamba-1 (Mamba-2: cw, cb, dtb = dt_bias, alog, D, out)
+    WRef m2in, m2norm;                                            // Mamba-2: in_proj [z|x|B|C|dt], norm.weight
     int64_t pad_dtd, pad_dtw;  // element offsets of the padded dt weights in the padded-weights buffer
     bool fused_gu;             // gate and up adjacent in the buffer (one [2ff, d] GEMM)
     // Mamba z|x|B|C projections: fused_in, their weights adjacent ([2di + 2dxb, d], one GEMM through the layer's
@@ -80,6 +82,7 @@ typedef struct {
     float *rstd1, *rstd2, *lse;
     void *z, *xs, *Bs, *Cs, *dtl, *y;                     // Mamba-1 (dt); dtl is [N, Rp]
     float *ckpt;                                          // scan states every SCAN_CKPT steps
+    Mamba2CudaActs m2;                                    // Mamba-2 (mamba2_cuda.h)
 } LayerActs;
 
 struct EngineCuda {
@@ -93,7 +96,10 @@ struct EngineCuda {
     LayerW *w;
     WRef emb, fnorm, head;
     int lowest;
-    bool has_mamba;
+    bool has_mamba;       // a Mamba-1 layer
+    bool has_mamba2;      // a Mamba-2 layer (mamba2_cuda.h)
+    Mamba2CudaShape m2shape;
+    Mamba2CudaScratch m2s;  // shared by the Mamba-2 layers (activation table)
     cudaStream_t st;
     DlGemm *gemm;
     // compact parameter-side layout (engine_layout), per registry tensor: -1 where absent
