@@ -445,3 +445,5 @@ int nccl_stream_order(NcclComm *c, void *waiter, void *signaler, DlError *e) {
     CUDA_OK(cudaStreamWaitEvent((cudaStream_t)waiter, c->order_ev, 0));
     return 0;
 }
+
+int nccl_comm_device(const NcclComm *c) { return c->device; }

@@ -42,6 +42,8 @@ typedef struct {
 
 // The communicator over all ranks of g, on CUDA device `device` (usually dist_local_rank(g)).
 NcclComm *nccl_comm_init(DistGroup *g, int device, const NcclCommOpts *o, DlError *e);
+// The CUDA device the communicator runs on.
+int nccl_comm_device(const NcclComm *c);
 // Clean finish: ncclCommDestroy (ncclCommAbort if it was aborted), stops the watchdog.
 void nccl_comm_free(NcclComm *c);
 // -1 with the reason once the communicator was aborted (by the watchdog or an NCCL error).

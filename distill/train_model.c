@@ -7,6 +7,7 @@
 #include "distill/engine.h"
 #ifdef DISTILL_CUDA
 #include "kernels/engine/engine_cuda.h"
+#include "kernels/engine/grad_stage.h"
 #endif
 #ifdef DISTILL_NCCL
 #include "distill/nccl_comm.h"
@@ -25,6 +26,8 @@ struct TrainModel {
     EngineCudaOptim *opt;  // made at the first tm_optim_step / tm_load_host with that Optim
     Optim *opt_host;
     int64_t grad_bytes;
+    GradStage *gs;       // ZeRO-2 staged gradients (tm_dp_stage_grads): the buffer tm_grads_* then handle
+    bool gs_armed;       // the running backward was announced (tm_dp_before_backward)
 #endif
 };
 
@@ -58,6 +61,7 @@ void tm_free(TrainModel *m) {
     free(m->dh);
 #ifdef DISTILL_CUDA
     engine_cuda_optim_free(m->opt);
+    grad_stage_free(m->gs);
     engine_cuda_free(m->cu);
 #endif
     free(m);
@@ -125,6 +129,10 @@ void tm_logits(const TrainModel *m, int64_t r0, int64_t r1, float *out) {
 void tm_backward(TrainModel *m, float *grads) {
 #ifdef DISTILL_CUDA
     if (m->cu) {
+        if (m->gs && !m->gs_armed)  // the staged pages are mapped by the announced backward's reports only
+            dl_die(DL_EXIT_INPUT, "DISTILL_DP_STAGE_GRADS=1 (ZeRO-2 staged gradients) needs every backward announced "
+                                   "to the data-parallel reductions; this stage's loss (teacher-forced layers or a custom "
+                                   "loss) runs its own: unset DISTILL_DP_STAGE_GRADS");
         engine_cuda_backward(m->cu, grads);
         return;
     }
@@ -152,6 +160,11 @@ int64_t tm_grads_numel(const TrainModel *m) {
 void tm_grads_free(TrainModel *m, float *grads) {
 #ifdef DISTILL_CUDA
     if (m && m->cu) {
+        if (m->gs && grads == grad_stage_ptr(m->gs)) {
+            grad_stage_free(m->gs);
+            m->gs = NULL;
+            return;
+        }
         engine_cuda_dfree(grads);
         return;
     }
@@ -163,6 +176,11 @@ void tm_grads_free(TrainModel *m, float *grads) {
 void tm_grads_zero(TrainModel *m, float *grads) {
 #ifdef DISTILL_CUDA
     if (m->cu) {
+        DlError e;
+        if (m->gs && grads == grad_stage_ptr(m->gs)) {
+            if (grad_stage_zero(m->gs, engine_cuda_stream(m->cu), &e)) dl_die(DL_EXIT_RUNTIME, "%s", e.msg);
+            return;
+        }
         engine_cuda_zero_trainable(m->cu, grads);
         return;
     }
@@ -174,6 +192,9 @@ void tm_grads_zero(TrainModel *m, float *grads) {
 void tm_grads_to_host(const TrainModel *m, const float *grads, float *host) {
 #ifdef DISTILL_CUDA
     if (m->cu) {
+        if (m->gs && grads == grad_stage_ptr(m->gs))
+            dl_die(DL_EXIT_RUNTIME, "tm_grads_to_host: staged ZeRO-2 gradients have pages without memory (diagnostics "
+                                    "need DISTILL_DP_STAGE_GRADS unset)");
         engine_cuda_grads_to_host(m->cu, grads, host);
         return;
     }
@@ -286,6 +307,9 @@ struct TmDp {
     bool reduced;       // every bucket of the last armed backward was enqueued; the compute stream has not waited yet
     bool failed;        // an NCCL call inside the hook failed: err, reported by tm_dp_micro / tm_dp_step
     DlError err;
+    const ZeroLayout *Z;  // the caller's
+    int rank;
+    GradStage *gs;      // tm_dp_stage_grads (owned by the model: m->gs)
 };
 
 void tm_dp_free(TmDp *d) {
@@ -319,7 +343,7 @@ TmDp *tm_dp_new(TrainModel *m, Optim *o, const ZeroLayout *Z, int rank, DistGrou
     }
     if (cuda_optim(m, o, e)) return NULL;
     TmDp *d = dl_calloc(1, sizeof *d);
-    d->m = m, d->o = o, d->g = g, d->c = c, d->stage = Z->stage;
+    d->m = m, d->o = o, d->g = g, d->c = c, d->stage = Z->stage, d->Z = Z, d->rank = rank;
     // the slices and each bucket's level at every stage (ZeRO-0's overlap all-reduces bucket by bucket)
     d->n_bucket = Z->n_bucket;
     d->first = dl_malloc((size_t)(Z->n_bucket + 1) * sizeof(int));
@@ -352,7 +376,7 @@ TmDp *tm_dp_new(TrainModel *m, Optim *o, const ZeroLayout *Z, int rank, DistGrou
     return d;
 }
 
-void tm_dp_set_overlap(TmDp *d, bool on) { d->overlap = on; }
+void tm_dp_set_overlap(TmDp *d, bool on) { d->overlap = on || d->gs; }  // staged gradients need it
 
 // Enqueues the reductions of buckets [launched, upto) on the communicator's stream, after everything the
 // compute stream holds so far (the backward's writes of those buckets' gradients).
@@ -373,13 +397,29 @@ fail:
     d->failed = true;
 }
 
+// grad_stage_report's launch: bucket b's slices onto their owners (ZeRO-2).
+static int dp_launch_staged(void *ctx, int b, void *comm, DlError *e) {
+    TmDp *d = ctx;
+    return nccl_reduce_ranges(d->c, d->grads, d->slices + d->first[b], d->first[b + 1] - d->first[b], comm, e);
+}
+
 // engine_cuda_backward's progress (EngineCudaGradHook): the buckets whose level it reached go out.
 static void dp_hook(void *ctx, int level) {
     TmDp *d = ctx;
-    dp_launch(d, zero_buckets_ready(d->level, d->n_bucket, level));
+    if (d->gs) {  // staged: the next layer's buckets get memory, the final ones go out (grad_stage.h)
+        if (!d->failed) {
+            const int n = grad_stage_report(d->gs, d->level, level, engine_cuda_stream(d->m->cu), d->cst, dp_launch_staged,
+                                            d, &d->err);
+            if (n < 0) d->failed = true;
+            else d->launched = n;
+        }
+    } else {
+        dp_launch(d, zero_buckets_ready(d->level, d->n_bucket, level));
+    }
     if (level < 0) {  // the end of the backward: every bucket went out
         engine_cuda_set_grad_hook(d->m->cu, NULL, NULL);
         d->armed = false;
+        d->m->gs_armed = false;
         d->reduced = !d->failed;
     }
 }
@@ -390,7 +430,43 @@ int tm_dp_before_backward(TmDp *d, float *grads, bool last_micro, DlError *e) {
         return dl_fail(e, "data parallel: tm_dp_before_backward twice without tm_dp_micro / tm_dp_step between");
     if (!d->cst && !(d->cst = nccl_comm_stream(d->c, e))) return -1;
     d->grads = grads, d->launched = 0, d->failed = false, d->armed = true;
+    if (d->gs) {
+        grad_stage_begin(d->gs);
+        d->m->gs_armed = true;
+    }
     engine_cuda_set_grad_hook(d->m->cu, dp_hook, d);
+    return 0;
+}
+
+int tm_dp_stage_grads(TmDp *d, float **grads, DlError *e) {
+    const char *v = getenv("DISTILL_DP_STAGE_GRADS");
+    if (!v || *v != '1') return 0;
+    if (d->stage != 2) return dl_fail(e, "DISTILL_DP_STAGE_GRADS=1 stages ZeRO-2's gradients: set hardware.zero = 2 (got %d)", d->stage);
+    TrainModel *m = d->m;
+    const int dev = nccl_comm_device(d->c);
+    const int64_t page = grad_stage_page(dev, e);
+    if (page < 0) return -1;
+    const Registry *r = m->r;
+    int64_t *goff = dl_malloc((size_t)(r->n ? r->n : 1) * sizeof(int64_t));
+    for (int i = 0; i < r->n; i++) goff[i] = engine_cuda_grad_offset(m->cu, i);
+    ZeroStagePlan P;
+    const int64_t n = engine_cuda_grads_numel(m->cu);
+    int rc = zero_stage_plan(d->Z, r, goff, n, m->h->base.n_layer, d->rank, page, &P, e);
+    free(goff);
+    if (rc) return -1;
+    GradStage *gs = grad_stage_new(&P, n, dev, e);
+    if (gs && d->rank == 0)
+        dl_info("data parallel: ZeRO-2 staged gradients (DISTILL_DP_STAGE_GRADS=1): %.3f GiB per GPU instead of %.3f "
+                "(%lld permanent pages, %d slots of %lld pages, %lld-element pages)", grad_stage_bytes(gs) / 1073741824.0,
+                4.0 * (double)n / 1073741824.0, (long long)P.perm_pages, P.slots, (long long)P.slot_pages, (long long)page);
+    zero_stage_plan_free(&P);
+    if (!gs) return -1;
+    tm_grads_free(m, *grads);
+    *grads = grad_stage_ptr(gs);
+    m->gs = gs;
+    m->grad_bytes = (int64_t)grad_stage_bytes(gs);
+    d->gs = gs;
+    d->overlap = true;
     return 0;
 }
 
@@ -398,14 +474,14 @@ int tm_dp_before_backward(TmDp *d, float *grads, bool last_micro, DlError *e) {
 // now waits for them; 0: none announced (reduce now); -1: an error (in the hook, or a backward that never ran).
 static int dp_join(TmDp *d, float *grads, DlError *e) {
     if (d->failed) {
-        d->failed = d->reduced = d->armed = false;
+        d->failed = d->reduced = d->armed = d->m->gs_armed = false;
         engine_cuda_set_grad_hook(d->m->cu, NULL, NULL);
         *e = d->err;
         return -1;
     }
     if (d->armed) {
         engine_cuda_set_grad_hook(d->m->cu, NULL, NULL);
-        d->armed = false;
+        d->armed = d->m->gs_armed = false;
         return dl_fail(e, "data parallel: tm_dp_before_backward was not followed by a backward");
     }
     if (!d->reduced) return 0;
@@ -419,7 +495,10 @@ int tm_dp_micro(TmDp *d, float *grads, DlError *e) {
     if (d->stage != 2) return 0;
     const int j = dp_join(d, grads, e);
     if (j < 0) return -1;
+    if (!j && d->gs)
+        return dl_fail(e, "data parallel: ZeRO-2 staged gradients need every backward announced (tm_dp_before_backward)");
     if (!j && nccl_reduce_ranges(d->c, grads, d->slices, d->n_slices, engine_cuda_stream(d->m->cu), e)) return -1;
+    if (d->gs) return grad_stage_clear(d->gs, engine_cuda_stream(d->m->cu), e);
     engine_cuda_optim_keep_owned(d->m->opt, grads);
     return 0;
 }
@@ -462,6 +541,10 @@ int tm_dp_step(TmDp *d, float *grads, double loss, OptimResult *r, DlError *e) {
     return dl_fail(e, "data parallel on the device: not in this build");
 }
 void tm_dp_set_overlap(TmDp *d, bool on) { (void)d, (void)on; }
+int tm_dp_stage_grads(TmDp *d, float **grads, DlError *e) {
+    (void)d, (void)grads, (void)e;
+    return 0;
+}
 int tm_dp_before_backward(TmDp *d, float *grads, bool last_micro, DlError *e) {
     (void)d, (void)grads, (void)last_micro;
     return dl_fail(e, "data parallel on the device: not in this build");

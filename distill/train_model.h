@@ -132,5 +132,13 @@ double tm_dp_moment_bytes(const Optim *o);
 // ranks NCCL's internal order may follow the operation's size (deterministic for a fixed world and layout).
 // Off (default), or a backward not announced (teacher-forced layers, custom losses): the present path.
 void tm_dp_set_overlap(TmDp *d, bool on);
+// ZeRO-2's gradient memory (opt-in: DISTILL_DP_STAGE_GRADS=1; ZeRO-2 only; turns overlap on): replaces *grads
+// (from tm_grads_new, freed here) by a buffer with the same layout of which only this rank's slices, the pages
+// it shares and K staging slots have memory (kernels/engine/grad_stage.h, zero.h zero_stage_plan): every bucket's
+// other pages exist only between the backward writing them and its reduction onto the owners. Same numbers bit
+// for bit. Every backward must then be announced (tm_dp_before_backward): a teacher-forced layerwise stage or a
+// custom loss stops with an error naming the variable. tm_grads_zero / tm_grads_free / tm_device_bytes know the
+// buffer. 0 and *grads unchanged when the variable is not set.
+int tm_dp_stage_grads(TmDp *d, float **grads, DlError *e);
 bool tm_dp_overlap(const TmDp *d);
 int tm_dp_before_backward(TmDp *d, float *grads, bool last_micro, DlError *e);

@@ -4,12 +4,19 @@
 // the training loop's own calls (train_model.h: tm_* for the models, tm_dp_* for the NCCL reductions, the
 // sharded step and the gather), one process per GPU, launched by scripts/launch-local:
 //   build/gpu_bench_dp [--layers 8] [--B 2] [--T 2048] [--accum 1] [--steps 10] [--warmup 3] [--zero 0|1|2]
-//                      [--recompute] [--overlap]
+//                      [--recompute] [--overlap] [--stage-grads]
 //   scripts/launch-local -n 2 build/gpu_bench_dp --zero 1
 // --overlap: each bucket's reduction goes out on the communicator's stream as soon as the backward has finished
 // it (tm_dp_before_backward; train_model.h), instead of after the backward. Rank 0 prints every step's loss and
 // gradient norm with 17 digits (the `step N:` lines): runs with and without --overlap must print the same digits
 // (2 ranks: bitwise, train_model.h says why); tests/gpu/dp_scaling.sh compares them.
+// --stage-grads (ZeRO-2): the staged gradient buffer (DISTILL_DP_STAGE_GRADS, train_model.h tm_dp_stage_grads;
+// implies --overlap). Rank 0 prints the line
+//   MEMORY_DP zero=Z stage_grads=S grads_gib=... plan_grads_gib=... device_used_gib=... peak_step_used_gib=...
+// grads: what the gradient buffer holds (zero_stage_plan's figure when staged), whole_grads: 4 x its elements,
+// plan_saving = their difference, measured_saving: cudaMemGetInfo's used memory before minus after replacing the
+// whole buffer by the staged one (setup, before any step), device_used: used memory after setup, peak_step_used:
+// the most after any step (staging slots are allocated up front, so it should stay at device_used).
 // One process is the 1-GPU baseline (no NCCL: tm_optim_step, as train_loop.c). Rank 0 prints per step the
 // time of the micro-batches (forward, loss, backward, ZeRO-2's per-micro-batch reductions; a device sync
 // ends them) and of the data-parallel step (reduction, global norm, AdamW, gather), and the line
@@ -45,7 +52,7 @@ static void die(const char *what, const DlError *e) {
 int main(int argc, char **argv) {
     int layers = 8, steps = 10, warmup = 3, zero = 0, accum = 1;
     int64_t B = 2, T = 2048;
-    bool recompute = false, overlap = false;
+    bool recompute = false, overlap = false, stage_grads = false;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--layers") && i + 1 < argc) layers = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--B") && i + 1 < argc) B = atoll(argv[++i]);
@@ -56,9 +63,10 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--zero") && i + 1 < argc) zero = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--recompute")) recompute = true;
         else if (!strcmp(argv[i], "--overlap")) overlap = true;
+        else if (!strcmp(argv[i], "--stage-grads")) stage_grads = overlap = true;
         else {
             fprintf(stderr, "usage: gpu_bench_dp [--layers L] [--B n] [--T n] [--accum n] [--steps n] [--warmup n] "
-                            "[--zero 0|1|2] [--recompute] [--overlap]   (several GPUs: scripts/launch-local -n N build/gpu_bench_dp ...)\n");
+                            "[--zero 0|1|2] [--recompute] [--overlap] [--stage-grads]   (several GPUs: scripts/launch-local -n N build/gpu_bench_dp ...)\n");
             return 2;
         }
     }
@@ -135,6 +143,24 @@ int main(int argc, char **argv) {
     TmDp *dp = NULL;
     if (world > 1 && !(dp = tm_dp_new(student, &o, &Z, rank, g, nc, &e))) die("data parallel", &e);
     if (dp) tm_dp_set_overlap(dp, overlap);
+    const double whole_grads = 4.0 * (double)tm_grads_numel(student), dev0 = tm_device_bytes(student);
+    size_t fr = 0, tot = 0;
+    cudaDeviceSynchronize();
+    cudaMemGetInfo(&fr, &tot);
+    const double used_whole = (double)(tot - fr);
+    if (stage_grads) {
+        if (!dp || zero != 2) {
+            fprintf(stderr, "gpu_bench_dp: --stage-grads needs 2 or more GPUs and --zero 2\n");
+            return 2;
+        }
+        setenv("DISTILL_DP_STAGE_GRADS", "1", 1);
+        if (tm_dp_stage_grads(dp, &grads, &e)) die("staged gradients", &e);
+    }
+    const double grads_now = whole_grads - (dev0 - tm_device_bytes(student));  // the plan's figure when staged
+    cudaDeviceSynchronize();
+    cudaMemGetInfo(&fr, &tot);
+    const double used0 = (double)(tot - fr);
+    double peak_used = used0;
     if (rank == 0 && world > 1)
         printf("  ZeRO-%d plan: %d buckets, %lld trained elements, shard %lld per rank; AdamW moments %.2f GiB per GPU; "
                "overlap %s\n", zero, Z.n_bucket, (long long)Z.trainable_numel, (long long)Z.shard_numel,
@@ -183,6 +209,8 @@ int main(int argc, char **argv) {
         if (dp ? tm_dp_step(dp, grads, mean, &r, &e) : tm_optim_step(student, &o, grads, mean, &r, &e)) die("step", &e);
         cudaDeviceSynchronize();
         const double t2 = dl_now();
+        cudaMemGetInfo(&fr, &tot);
+        if ((double)(tot - fr) > peak_used) peak_used = (double)(tot - fr);
         if (s >= warmup) t_step += t2 - t0, t_comp += t1 - t0, t_dp += t2 - t1;
         if (rank == 0)
             printf("  step %d: loss %.17g, grad norm %.17g (%s), %.1f ms: micro-batches %.1f, data-parallel step %.1f\n", s, mean,
@@ -193,6 +221,11 @@ int main(int argc, char **argv) {
         printf("RESULT_DP world=%d zero=%d overlap=%d layers=%d B=%lld T=%lld accum=%d step_ms=%.1f compute_ms=%.1f dp_ms=%.1f "
                "tokens_per_s=%.0f per_gpu=%.0f\n", world, zero, overlap ? 1 : 0, c.n_layer, (long long)B, (long long)T, accum, 1e3 * step_s,
                1e3 * t_comp / steps, 1e3 * t_dp / steps, (double)world * accum * N / step_s, (double)accum * N / step_s);
+    if (rank == 0)
+        printf("MEMORY_DP zero=%d stage_grads=%d grads_gib=%.3f whole_grads_gib=%.3f plan_saving_gib=%.3f "
+               "measured_saving_gib=%.3f device_used_gib=%.3f peak_step_used_gib=%.3f\n", zero, stage_grads ? 1 : 0,
+               grads_now / 1073741824.0, whole_grads / 1073741824.0, (whole_grads - grads_now) / 1073741824.0,
+               (used_whole - used0) / 1073741824.0, used0 / 1073741824.0, peak_used / 1073741824.0);
     tm_dp_free(dp);
     tm_grads_free(student, grads);
     tm_free(student);

@@ -15,6 +15,7 @@
 //      for bit; a fresh attach + push (a resume) and 2 more steps stay equal to the reference.
 //   5. engine_cuda_set_grad_hook (the overlap of tm_dp_*): see hook_case below; tied and untied heads, every
 //      tensor / the Mamba mixers + final norm trained, a full pass (CE) and a partial one (MSE on hidden 2).
+//   6. ZeRO-2 staged gradients (grad_stage.h) for rank 0 and rank 1 of 2: see stage_case below.
 // Exit status != 0 on any failure. Usage: gpu_test_zero_optim [--verbose]
 #include <math.h>
 #include <stdio.h>
@@ -23,6 +24,7 @@
 
 #include "kernels/engine/engine_cuda.h"
 #include "kernels/engine/gpu_test_common.cuh"
+#include "kernels/engine/grad_stage.h"
 
 extern "C" {
 #include "distill/zero.h"
@@ -325,9 +327,170 @@ static void hook_case(bool tied, const char *trained, int mode) {
     reg_free(&m.r);
 }
 
+// ---- 6. ZeRO-2 staged gradients on one GPU, as rank q of 2 (no NCCL: the "reduction" of each bucket copies the
+// bucket's data, on the communication stream at its launch, into a snapshot). A wider model (d 1024, 4 layers,
+// every tensor trained, 8 MiB buckets) so buckets span several 2 MiB pages. Three micro-batches: engine A runs
+// each one's backward densely into a fresh buffer (g_k) and into an accumulating one (g_acc, cleared of what q does
+// not own after each micro-batch, the keep_owned rule); engine B (same weights) runs it into the staged buffer
+// through grad_stage_report. At every launch the snapshot must equal, bit for bit, g_acc on q's owned elements and
+// g_k elsewhere (the staged pages were mapped before the backward wrote them and zeroed); every bucket is launched;
+// the staged buffer holds less memory than the whole one.
+typedef struct {
+    GradStage *gs;
+    float *g, *snap;
+    const ZeroRange *sl;
+    const int *first;
+} StageT;
+
+static int stage_launch(void *ctx, int b, void *comm, DlError *e) {
+    StageT *t = (StageT *)ctx;
+    const ZeroRange *a = &t->sl[t->first[b]], *z = &t->sl[t->first[b + 1] - 1];
+    cudaError_t r = cudaMemcpyAsync(t->snap + a->off, t->g + a->off, (size_t)(z->off + z->n - a->off) * 4,
+                                    cudaMemcpyDeviceToDevice, (cudaStream_t)comm);
+    return r == cudaSuccess ? 0 : dl_fail(e, "snapshot copy: %s", cudaGetErrorString(r));
+}
+
+typedef struct {
+    StageT *t;
+    const int *level;
+    cudaStream_t compute, comm;
+    int launched;
+    bool failed;
+    DlError err;
+} StageHook;
+
+static void stage_hook(void *ctx, int lv) {
+    StageHook *h = (StageHook *)ctx;
+    if (h->failed) return;
+    const int n = grad_stage_report(h->t->gs, h->level, lv, h->compute, h->comm, stage_launch, h->t, &h->err);
+    if (n < 0) h->failed = true;
+    else h->launched = n;
+}
+
+static void stage_case(int q) {
+    DlError e;
+    Model m;
+    LlamaConfig c;
+    memset(&c, 0, sizeof c);
+    c.n_layer = 4, c.d_model = 1024, c.n_head = 8, c.n_kv_head = 2, c.head_dim = 128, c.d_ff = 2048, c.vocab = 520;
+    c.max_pos = 4096, c.rope_theta = 10000.0, c.rms_eps = 1e-5, c.tied_embeddings = false, c.bos_id = c.eos_id = -1;
+    int attn[2] = {1, 3};
+    die_if(hybrid_config_init(&m.h, &c, MIXER_MAMBA1, attn, 2, &e) != 0, &e, "hybrid_config_init");
+    model_build_registry(&m.h, &m.r);
+    for (int i = 0; i < m.r.n; i++) m.r.t[i].trainable = true;
+    m.p = (float *)malloc((size_t)m.r.numel * 4);
+    test_params_init(&m.r, m.p, 9, 3, false);
+    const Registry *r = &m.r;
+    ZeroLayout Z;
+    die_if(zero_layout_build(&Z, r, 2, 2, 8 << 20, &e) != 0, &e, "layout");
+    EngineCuda *A = engine_cuda_new(&m.h, r, m.p, B, T, ECU_TRAIN, DT_BF16, 0, NULL, &e);
+    die_if(!A, &e, "engine A");
+    EngineCuda *Bn = engine_cuda_new(&m.h, r, m.p, B, T, ECU_TRAIN, DT_BF16, 0, NULL, &e);
+    die_if(!Bn, &e, "engine B");
+    const int64_t gn = engine_cuda_grads_numel(A);
+    int64_t *goff = (int64_t *)malloc((size_t)r->n * 8);
+    for (int i = 0; i < r->n; i++) goff[i] = engine_cuda_grad_offset(A, i);
+    int *level = (int *)malloc((size_t)Z.n_bucket * sizeof(int)), *first = (int *)malloc((size_t)(Z.n_bucket + 1) * sizeof(int));
+    ZeroRange *sl = (ZeroRange *)malloc((size_t)zero_slice_ranges_max(&Z) * sizeof(ZeroRange));
+    int ns = 0;
+    die_if(zero_slice_ranges_split(&Z, goff, sl, &ns, first, &e) != 0, &e, "slices");
+    zero_bucket_levels(&Z, r, c.n_layer, level);
+    int dev = 0;
+    cudaGetDevice(&dev);
+    const int64_t page = grad_stage_page(dev, &e);
+    die_if(page < 0, &e, "page");
+    ZeroStagePlan P;
+    die_if(zero_stage_plan(&Z, r, goff, gn, c.n_layer, q, page, &P, &e) != 0, &e, "stage plan");
+    GradStage *gs = grad_stage_new(&P, gn, dev, &e);
+    die_if(!gs, &e, "grad_stage_new");
+    float *gk = engine_cuda_grads_new(A), *gacc = engine_cuda_grads_new(A), *snap = (float *)engine_cuda_alloc((size_t)gn * 4);
+    float *g = grad_stage_ptr(gs);
+    cudaStream_t comm;
+    cudaStreamCreateWithFlags(&comm, cudaStreamNonBlocking);
+    cudaEvent_t ev;
+    cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+    StageT t = {gs, g, snap, sl, first};
+    StageHook hk = {&t, level, (cudaStream_t)engine_cuda_stream(Bn), comm, 0, false, {{0}}};
+    // q's owned elements
+    uint8_t *own = (uint8_t *)calloc((size_t)gn, 1);
+    for (int k = 0; k < Z.n_seg; k++) {
+        int64_t b0, b1;
+        zero_seg_owned(&Z, k, q, &b0, &b1);
+        for (int64_t x = b0; x < b1; x++) own[goff[Z.seg[k].tensor] + x] = 1;
+    }
+    float *hk_h = (float *)malloc((size_t)gn * 4), *ha = (float *)malloc((size_t)gn * 4), *hs = (float *)malloc((size_t)gn * 4);
+    die_if(grad_stage_zero(gs, engine_cuda_stream(Bn), &e) != 0, &e, "zero");
+    bool ok = true, all = true;
+    int64_t staged_checked = 0;
+    int32_t tok[B * T], tgt[B * T];
+    LossSpecCuda ls;
+    memset(&ls, 0, sizeof ls);
+    ls.w.ce = 1.0f;
+    for (int mb = 0; mb < 3; mb++) {
+        for (int64_t i = 0; i < B * T; i++) tok[i] = (int32_t)((i * 7919 + 13 + 101 * mb) % c.vocab);
+        for (int64_t i = 0; i < B * T; i++) tgt[i] = (i + 1) % T ? tok[i + 1] : -1;
+        // dense: this micro-batch alone, and accumulated
+        engine_cuda_zero_trainable(A, gk);
+        die_if(engine_cuda_forward(A, tok, NULL, &e) != 0, &e, "forward");
+        engine_cuda_loss(A, tgt, NULL, &ls, gk, NULL);
+        engine_cuda_backward(A, gk);
+        die_if(engine_cuda_forward(A, tok, NULL, &e) != 0, &e, "forward");
+        engine_cuda_loss(A, tgt, NULL, &ls, gacc, NULL);
+        engine_cuda_backward(A, gacc);
+        // staged
+        die_if(engine_cuda_forward(Bn, tok, NULL, &e) != 0, &e, "forward");
+        engine_cuda_loss(Bn, tgt, NULL, &ls, g, NULL);
+        grad_stage_begin(gs);
+        engine_cuda_set_grad_hook(Bn, stage_hook, &hk);
+        engine_cuda_backward(Bn, g);
+        engine_cuda_set_grad_hook(Bn, NULL, NULL);
+        die_if(hk.failed, &hk.err, "grad_stage_report");
+        all &= hk.launched == Z.n_bucket;
+        cudaEventRecord(ev, comm);
+        cudaStreamWaitEvent((cudaStream_t)engine_cuda_stream(Bn), ev, 0);
+        die_if(grad_stage_clear(gs, engine_cuda_stream(Bn), &e) != 0, &e, "clear");
+        engine_cuda_sync();
+        engine_cuda_copy_to_host(hk_h, gk, (size_t)gn * 4);
+        engine_cuda_copy_to_host(ha, gacc, (size_t)gn * 4);
+        engine_cuda_copy_to_host(hs, snap, (size_t)gn * 4);
+        for (int b = 0; b < Z.n_bucket; b++)
+            for (int64_t x = sl[first[b]].off; x < sl[first[b + 1] - 1].off + sl[first[b + 1] - 1].n; x++) {
+                const float want = own[x] ? ha[x] : hk_h[x];
+                if (memcmp(&want, &hs[x], 4)) {
+                    if (ok) fprintf(stderr, "stage rank %d micro %d bucket %d element %lld: %g, want %g (%s)\n", q, mb, b,
+                                    (long long)x, hs[x], want, own[x] ? "owned" : "not owned");
+                    ok = false;
+                }
+                staged_checked += !own[x];
+            }
+        // the keep_owned rule on the dense accumulator
+        for (int64_t x = 0; x < gn; x++)
+            if (!own[x]) ha[x] = 0;
+        cudaMemcpy(gacc, ha, (size_t)gn * 4, cudaMemcpyHostToDevice);
+    }
+    check(ok && all && grad_stage_bytes(gs) < 4.0 * (double)gn && P.staged_pages > 0,
+          "ZeRO-2 staged gradients, rank %d of 2: 3 micro-batches, %d buckets launched each, every snapshot == dense "
+          "(owned: accumulated; %lld other elements: this micro-batch's) bitwise; %.1f MB held vs %.1f MB whole (%lld "
+          "permanent pages, %d slots x %lld pages)", q, Z.n_bucket, (long long)staged_checked, grad_stage_bytes(gs) / 1e6,
+          4.0 * (double)gn / 1e6, (long long)P.perm_pages, P.slots, (long long)P.slot_pages);
+    free(hk_h), free(ha), free(hs), free(own), free(goff), free(level), free(first), free(sl);
+    engine_cuda_dfree(gk), engine_cuda_dfree(gacc), engine_cuda_dfree(snap);
+    grad_stage_free(gs);
+    zero_stage_plan_free(&P);
+    cudaStreamDestroy(comm);
+    cudaEventDestroy(ev);
+    engine_cuda_free(A);
+    engine_cuda_free(Bn);
+    zero_layout_free(&Z);
+    free(m.p);
+    reg_free(&m.r);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--verbose")) g_verbose = 1;
+    stage_case(0);
+    stage_case(1);
     hook_case(true, "*", 0);
     hook_case(false, "*", 0);
     hook_case(false, "*.mamba.*,model.norm.weight", 0);

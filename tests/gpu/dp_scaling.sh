@@ -10,8 +10,9 @@
 # GPUs they must be identical (train_model.h: each element is a sum of two, whatever the grouping). Default
 # options: --layers 32 --B 2 --T 2048 --steps 6 --warmup 2 (the whole Llama-3-8B shape, 50% Mamba: 975M
 # trained elements; ~65 GiB per GPU, so an H200; --layers 8 is gpu_bench_engine's case). ZEROS="0 1 2" picks
-# the stages, OVERLAPS="0 1" the modes. Exit status 1 if a run fails or overlap changes a number (not if E < 0.9:
-# a benchmark).
+# the stages, OVERLAPS="0 1" the modes (default: 0 1, and at ZeRO-2 also s = --stage-grads, the staged gradient
+# memory: "STAGED zero=2 identical" likewise, and its MEMORY_DP line against the unstaged run's). Exit status 1 if a
+# run fails or overlap / staging changes a number (not if E < 0.9: a benchmark).
 set -u
 BUILD=${1:-build}
 shift || true
@@ -25,18 +26,23 @@ echo "$out1" | grep -E "gpu_bench_dp:|RESULT_DP|step [0-9]+:" | tail -4
 t1=$(echo "$out1" | tps)
 for z in ${ZEROS:-0 1 2}; do
     ref=""
-    for ov in ${OVERLAPS:-0 1}; do
+    modes=${OVERLAPS:-0 1}
+    [ "$z" = 2 ] && [ -z "${OVERLAPS:-}" ] && modes="0 1 s"
+    for ov in $modes; do
         flag=()
         [ "$ov" = 1 ] && flag=(--overlap)
+        [ "$ov" = s ] && flag=(--stage-grads)
         out2=$(timeout 300 scripts/launch-local -n 2 "$BUILD/gpu_bench_dp" "${opts[@]}" --zero "$z" "${flag[@]}" 2>&1) ||
             { echo "$out2" | tail -20; echo "2-GPU ZeRO-$z overlap=$ov run failed"; rc=1; continue; }
-        echo "$out2" | grep -E "ZeRO-. plan|RESULT_DP|step [0-9]+:" | sed 's/^\[0\] //' | tail -4
+        echo "$out2" | grep -E "ZeRO-. plan|RESULT_DP|MEMORY_DP|step [0-9]+:" | sed 's/^\[0\] //' | tail -5
         t2=$(echo "$out2" | tps)
         python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); print(f'SCALING zero=$z overlap=$ov tokens_per_s_1gpu={a:.0f} tokens_per_s_2gpu={b:.0f} efficiency={b / (2 * a):.3f}')" "$t1" "$t2"
         s=$(echo "$out2" | steps)
         if [ "$ov" = 0 ]; then ref=$s; elif [ -n "$ref" ]; then
-            if [ "$s" = "$ref" ] && [ -n "$s" ]; then echo "OVERLAP zero=$z identical ($(echo "$s" | wc -l) steps)"
-            else echo "OVERLAP zero=$z DIFFERENT:"; diff <(echo "$ref") <(echo "$s") | head -6; rc=1; fi
+            what=OVERLAP
+            [ "$ov" = s ] && what=STAGED
+            if [ "$s" = "$ref" ] && [ -n "$s" ]; then echo "$what zero=$z identical ($(echo "$s" | wc -l) steps)"
+            else echo "$what zero=$z DIFFERENT:"; diff <(echo "$ref") <(echo "$s") | head -6; rc=1; fi
         fi
     done
 done

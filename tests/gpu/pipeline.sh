@@ -145,6 +145,17 @@ else
                 else bad "2 GPUs ZeRO-$z ($mode) overlapped vs not: losses differ"; fi
             fi
         done
+        # ZeRO-2 staged gradient memory (DISTILL_DP_STAGE_GRADS=1: only the owned slices and K staging slots have
+        # memory): the same losses bit for bit, and less gradient memory in the loop's memory line
+        if need dp2-z2a 2 "${acc[@]}" --set hardware.zero=2; then
+            export DISTILL_DP_STAGE_GRADS=1
+            need dp2-z2a-st 2 "${acc[@]}" --set hardware.zero=2
+            unset DISTILL_DP_STAGE_GRADS
+            if ! grep -q "ZeRO-2 staged gradients" "$OUT/dp2-z2a-st.log" 2>/dev/null; then bad "ZeRO-2 staged run: no staging line in its log"
+            elif python3 "$HERE/check_metrics.py" "$(metrics dp2-z2a-st)" "$(metrics dp2-z2a)" --exact; then ok "2 GPUs ZeRO-2 staged gradients vs whole: identical losses"
+            else bad "2 GPUs ZeRO-2 staged gradients vs whole: losses differ"; fi
+            grep -hE "staged gradients|GPU memory of this loop" "$OUT/dp2-z2a-st.log" "$OUT/dp2-z2a.log" | sed 's/^\[[0-9]\] //' | head -6
+        fi
         # ZeRO-1/2 checkpoints: one optimizer file per rank next to rank 0's main file (in each stage's folder)
         n=$(ls "$RUNS"/dp2-z1/*/shards/*/rank-0000[01]-of-00002.h5 2>/dev/null | wc -l)
         [ "$n" -ge 2 ] && ok "ZeRO-1 checkpoint: a shard file per rank ($n files kept)" || bad "ZeRO-1 shard files missing ($n)"
