@@ -145,14 +145,14 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_bwd_kernel(const ConvArgs p
     pp[W] = db;
 }
 
-// ---- backward v2: CPT channels per thread, vector loads, a block sums its dw/dbias over its time tiles ---------
-// Block = 32 threads across channels (32 * CPT contiguous channels: one 8- or 16-byte load per thread and row) x
-// 8 warps along time (tiles of CB_TT steps). Each thread walks its tile once, newest output last: it keeps the
-// last W input rows, output gradients and window widths in registers, so every x and dout row is loaded once (plus
-// the W - 1 halo rows at either end). dw and dbias: per thread over its tile, then summed over the block's 8 warps in
-// warp order in shared memory, one partial per (row, block of time), summed in order by conv_reduce_kernel.
-// Resets: the block's reset bytes (with halo) are staged in shared memory. Requires C % CPT == 0 and rows aligned to
-// CPT * 2 bytes; otherwise v1 runs. CPT = 4: 111 registers at W = 4, 2 blocks per SM; CPT = 8 needs 1 block per SM.
+// ---- v2 kernels: CPT channels per thread, vector rows, a rolling window; forward and backward ------------------
+// Block = 32 lanes across 32 * CPT contiguous channels (one 8- or 16-byte load per thread and row) x 8 warps along
+// time (tiles of CB_TT steps). A thread walks its tile once, keeping the last W input rows (and, backward, output
+// gradients and window widths) in registers, so every row is loaded once per tile plus W - 1 halo rows. The
+// block's reset bytes (with halo) are staged in shared memory. Backward dw and dbias: per thread over its tile, then
+// over the block's 8 warps in warp order in shared memory, one partial per (row, 256 steps), summed in order by
+// conv_reduce_kernel. Requires C % CPT == 0 and rows aligned to CPT * 2 bytes; otherwise v1 runs.
+// CPT = 4: <= 111 registers, 2 blocks per SM; CPT = 8 (backward only) needs 1 block per SM (ptxas spills at 2).
 constexpr int CB_TT = 32, CB_WARPS = 8, CB_THREADS = 32 * CB_WARPS, CB_STEPS = CB_TT * CB_WARPS;
 
 template <int CPT>
@@ -188,47 +188,96 @@ __device__ __forceinline__ void st_row(bf16 *p, const float (&v)[CPT]) {
     }
 }
 
+// A thread's place in the v2 grid, its weights, and the tile's input rows and window widths.
 template <int W, int CPT>
-__global__ void __launch_bounds__(CB_THREADS, CPT == 8 ? 1 : 2) conv_bwd2_kernel(const ConvArgs p) {
-    constexpr int NG = CB_TT + W - 1;  // steps whose output gradient reaches the tile's inputs
-    __shared__ uint8_t srs[CB_STEPS + 2 * W];
-    __shared__ float sred[CB_WARPS][W + 1][32 * CPT];
-    const int64_t L = p.L, C = p.C, CW = 32 * CPT;
-    const int64_t ncg = (C + CW - 1) / CW, nbt = (L + CB_STEPS - 1) / CB_STEPS;
-    const int64_t cg = blockIdx.x % ncg, bt = (blockIdx.x / ncg) % nbt, b = blockIdx.x / (ncg * nbt);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int64_t tb0 = bt * CB_STEPS, t0 = tb0 + (int64_t)warp * CB_TT;
-    const int64_t c0 = cg * CW + lane * CPT;
-    const bool cval = c0 < C;
-    const int64_t c = cval ? c0 : C - CPT;  // lanes past C compute on real channels and store nothing
-    // reset bytes of steps [tb0 - W, tb0 + CB_STEPS + W)
-    for (int i = threadIdx.x; i < CB_STEPS + 2 * W; i += CB_THREADS) {
-        const int64_t t = tb0 - W + i;
-        srs[i] = (p.reset && t >= 0 && t < L) ? p.reset[b * L + t] : 0;
-    }
-    __syncthreads();
-    auto rs_at = [&](int64_t t) { return srs[t - tb0 + W] != 0; };
+struct ConvTile2 {
+    int64_t L, C, b, bt, nbt, cg, tb0, t0, c;
+    int lane, warp;
+    bool cval, has_prev;
+    const uint8_t *srs;  // reset bytes of steps [tb0 - W, tb0 + CB_STEPS + W)
     float w[W][CPT], bias[CPT];
+
+    // stages the block's reset bytes (all threads; one barrier) and loads the thread's weights
+    __device__ __forceinline__ ConvTile2(const ConvArgs &p, uint8_t *srs_buf) {
+        L = p.L, C = p.C;
+        const int64_t CW = 32 * CPT, ncg = (C + CW - 1) / CW;
+        nbt = (L + CB_STEPS - 1) / CB_STEPS;
+        cg = blockIdx.x % ncg, bt = (blockIdx.x / ncg) % nbt, b = blockIdx.x / (ncg * nbt);
+        lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        tb0 = bt * CB_STEPS, t0 = tb0 + (int64_t)warp * CB_TT;
+        const int64_t c0 = cg * CW + lane * CPT;
+        cval = c0 < C;
+        c = cval ? c0 : C - CPT;  // lanes past C compute on real channels and store nothing
+        has_prev = p.x_prev != nullptr;
+        for (int i = threadIdx.x; i < CB_STEPS + 2 * W; i += CB_THREADS) {
+            const int64_t t = tb0 - W + i;
+            srs_buf[i] = (p.reset && t >= 0 && t < L) ? p.reset[b * L + t] : 0;
+        }
+        srs = srs_buf;
+        __syncthreads();
 #pragma unroll
-    for (int i = 0; i < CPT; i++) {
+        for (int i = 0; i < CPT; i++) {
 #pragma unroll
-        for (int k = 0; k < W; k++) w[k][i] = p.w[(c + i) * W + k];
-        bias[i] = p.bias ? p.bias[c + i] : 0.f;
+            for (int k = 0; k < W; k++) w[k][i] = p.w[(c + i) * W + k];
+            bias[i] = p.bias ? p.bias[c + i] : 0.f;
+        }
     }
-    auto x_row = [&](int64_t tt, float (&v)[CPT]) {
-        if (tt >= L) {
-#pragma unroll
-            for (int i = 0; i < CPT; i++) v[i] = 0.f;
-        } else if (tt >= 0) {
+    __device__ __forceinline__ bool rs_at(int64_t t) const { return srs[t - tb0 + W] != 0; }
+    // x row tt (x_prev before 0, zero past the end or without x_prev)
+    __device__ __forceinline__ void x_row(const ConvArgs &p, int64_t tt, float (&v)[CPT]) const {
+        if (tt >= 0 && tt < L) {
             ld_row<CPT>(p.x + (b * L + tt) * C + c, v);
-        } else if (p.x_prev) {
+        } else if (tt < 0 && p.x_prev) {
             ld_row<CPT>(p.x_prev + (b * (W - 1) + (W - 1) + tt) * C + c, v);
         } else {
 #pragma unroll
             for (int i = 0; i < CPT; i++) v[i] = 0.f;
         }
-    };
-    // window: xw[k] = x row s - (W - 1) + k; gw[k] = g of step s - k; nvw[k] = valid taps of step s - k
+    }
+    // fills window slots 1..W-1 with rows t0 - (W - 1) .. t0 - 1 (slot 0 is shifted out at the first step) and
+    // returns the last reset before t0 that can still cut a window (within W - 2 steps), or -1
+    __device__ __forceinline__ int64_t start(const ConvArgs &p, float (&xw)[W][CPT]) const {
+#pragma unroll
+        for (int k = 1; k < W; k++) x_row(p, t0 - W + k, xw[k]);
+        int64_t lr = -1;
+#pragma unroll
+        for (int k = W - 2; k >= 1; k--)
+            if (t0 - k >= 0 && rs_at(t0 - k)) lr = t0 - k;
+        return lr;
+    }
+    // step t < L: updates the last reset and returns how many taps (the last ones) read inside the window
+    __device__ __forceinline__ int width(int64_t t, int64_t &lr) const {
+        if (rs_at(t)) lr = t;
+        const int64_t st = lr >= 0 ? lr : (has_prev ? -(int64_t)(W - 1) : 0);  // lowest readable time
+        const int64_t n = t - st + 1;
+        return n < W ? (int)n : W;
+    }
+    // bias + the window's taps k >= W - nv, channel i
+    __device__ __forceinline__ float acc(const float (&xw)[W][CPT], int i, int nv) const {
+        float a = bias[i];
+#pragma unroll
+        for (int k = 0; k < W; k++)
+            if (k >= W - nv) a = fmaf(w[k][i], xw[k][i], a);
+        return a;
+    }
+};
+template <int W, int CPT>
+__device__ __forceinline__ void shift_rows(float (&v)[W][CPT]) {  // v[k] <- v[k + 1]
+#pragma unroll
+    for (int k = 0; k < W - 1; k++) {
+#pragma unroll
+        for (int i = 0; i < CPT; i++) v[k][i] = v[k + 1][i];
+    }
+}
+
+template <int W, int CPT>
+__global__ void __launch_bounds__(CB_THREADS, CPT == 8 ? 1 : 2) conv_bwd2_kernel(const ConvArgs p) {
+    constexpr int NG = CB_TT + W - 1;  // steps whose output gradient reaches the tile's inputs
+    __shared__ uint8_t srs[CB_STEPS + 2 * W];
+    __shared__ float sred[CB_WARPS][W + 1][32 * CPT];
+    const ConvTile2<W, CPT> tl(p, srs);
+    const int64_t L = tl.L, C = tl.C, b = tl.b, t0 = tl.t0, c = tl.c;
+    // window: xw[k] = x row t - (W - 1) + k; gw[k] = g of step t - k; nvw[k] = valid taps of step t - k
     float xw[W][CPT], gw[W][CPT], dw[W][CPT], db[CPT];
     int nvw[W];
 #pragma unroll
@@ -239,49 +288,30 @@ __global__ void __launch_bounds__(CB_THREADS, CPT == 8 ? 1 : 2) conv_bwd2_kernel
     }
 #pragma unroll
     for (int i = 0; i < CPT; i++) db[i] = 0.f;
-#pragma unroll
-    for (int k = 1; k < W; k++) x_row(t0 - W + k, xw[k]);  // rows t0 - (W - 1) .. t0 - 1 (slot 0 is shifted out)
-    // last reset at or before t0 - 1 that can still cut a window (within W - 2 steps)
-    int64_t lr = -1;
-#pragma unroll
-    for (int k = W - 2; k >= 1; k--)
-        if (t0 - k >= 0 && rs_at(t0 - k)) lr = t0 - k;
-    const bool has_prev = p.x_prev != nullptr;
+    int64_t lr = tl.start(p, xw);
     // unrolled by W: the window rotation then needs no register moves, and loads are not all hoisted (registers)
 #pragma unroll W
     for (int s = 0; s < NG; s++) {
         const int64_t t = t0 + s;
-        // shift the windows by one step
+        shift_rows<W, CPT>(xw);
 #pragma unroll
-        for (int k = 0; k < W - 1; k++) {
-#pragma unroll
-            for (int i = 0; i < CPT; i++) xw[k][i] = xw[k + 1][i];
-        }
-#pragma unroll
-        for (int k = W - 1; k > 0; k--) {
+        for (int k = W - 1; k > 0; k--) {  // gw[k] <- gw[k - 1]: g of one step older
             nvw[k] = nvw[k - 1];
 #pragma unroll
             for (int i = 0; i < CPT; i++) gw[k][i] = gw[k - 1][i];
         }
-        x_row(t, xw[W - 1]);
+        tl.x_row(p, t, xw[W - 1]);
         float g[CPT];
         int nv = 0;
         if (t < L) {
-            if (rs_at(t)) lr = t;
-            const int64_t st = lr >= 0 ? lr : (has_prev ? -(int64_t)(W - 1) : 0);  // lowest readable time
-            const int64_t n = t - st + 1;
-            nv = n < W ? (int)n : W;  // taps k >= W - nv read inside the window
+            nv = tl.width(t, lr);
             float dv[CPT];
             ld_row<CPT>(p.dout + (b * L + t) * C + c, dv);
 #pragma unroll
             for (int i = 0; i < CPT; i++) {
                 float gg = dv[i];
                 if (p.silu) {
-                    float acc = bias[i];
-#pragma unroll
-                    for (int k = 0; k < W; k++)
-                        if (k >= W - nv) acc = fmaf(w[k][i], xw[k][i], acc);
-                    const float sg = sigmoid_dev(acc);
+                    const float acc = tl.acc(xw, i, nv), sg = sigmoid_dev(acc);
                     gg *= sg * (1.f + acc * (1.f - sg));
                 }
                 g[i] = gg;
@@ -304,14 +334,14 @@ __global__ void __launch_bounds__(CB_THREADS, CPT == 8 ? 1 : 2) conv_bwd2_kernel
         for (int i = 0; i < CPT; i++) gw[0][i] = g[i];
         // dx of step tt = t - (W - 1): step t - k reads it through tap k, if that tap is inside its window
         const int64_t tt = t - (W - 1);
-        if (s >= W - 1 && tt < L && cval) {
+        if (s >= W - 1 && tt < L && tl.cval) {
             float dx[CPT];
 #pragma unroll
             for (int i = 0; i < CPT; i++) {
                 float a = 0.f;
 #pragma unroll
                 for (int k = 0; k < W; k++)
-                    if (k >= W - nvw[k]) a = fmaf(w[k][i], gw[k][i], a);
+                    if (k >= W - nvw[k]) a = fmaf(tl.w[k][i], gw[k][i], a);
                 dx[i] = a;
             }
             st_row<CPT>(p.dx + (b * L + tt) * C + c, dx);
@@ -321,88 +351,42 @@ __global__ void __launch_bounds__(CB_THREADS, CPT == 8 ? 1 : 2) conv_bwd2_kernel
 #pragma unroll
     for (int i = 0; i < CPT; i++) {
 #pragma unroll
-        for (int k = 0; k < W; k++) sred[warp][k][lane * CPT + i] = dw[k][i];
-        sred[warp][W][lane * CPT + i] = db[i];
+        for (int k = 0; k < W; k++) sred[tl.warp][k][tl.lane * CPT + i] = dw[k][i];
+        sred[tl.warp][W][tl.lane * CPT + i] = db[i];
     }
     __syncthreads();
+    constexpr int CW = 32 * CPT;
     for (int e = threadIdx.x; e < (W + 1) * CW; e += CB_THREADS) {
         const int k = e / CW, ci = e % CW;
         float s2 = 0.f;
 #pragma unroll
         for (int w2 = 0; w2 < CB_WARPS; w2++) s2 += sred[w2][k][ci];
-        const int64_t cc = cg * CW + ci;
-        if (cc < C) p.part[((b * nbt + bt) * C + cc) * (W + 1) + k] = s2;
+        const int64_t cc = tl.cg * CW + ci;
+        if (cc < C) p.part[((b * tl.nbt + tl.bt) * C + cc) * (W + 1) + k] = s2;
     }
 }
 
-// ---- forward v2 (DISTILL_CONV_FWD=v2): CPT channels per thread, vector rows, a rolling window of W inputs --------
-// Same block shape as the backward v2 (32 lanes across 32 * CPT channels x 8 warps of CB_TT steps): every x row is
-// loaded once per tile (plus W - 1 halo rows), as one 8- or 16-byte load per thread, and the output is one vector
-// store per row.
+// forward v2 (DISTILL_CONV_FWD=v2): one vector load and one vector store per row
 template <int W, int CPT>
 __global__ void __launch_bounds__(CB_THREADS, 2) conv_fwd2_kernel(const ConvArgs p) {
     __shared__ uint8_t srs[CB_STEPS + 2 * W];
-    const int64_t L = p.L, C = p.C, CW = 32 * CPT;
-    const int64_t ncg = (C + CW - 1) / CW, nbt = (L + CB_STEPS - 1) / CB_STEPS;
-    const int64_t cg = blockIdx.x % ncg, bt = (blockIdx.x / ncg) % nbt, b = blockIdx.x / (ncg * nbt);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int64_t tb0 = bt * CB_STEPS, t0 = tb0 + (int64_t)warp * CB_TT;
-    const int64_t c0 = cg * CW + lane * CPT;
-    const bool cval = c0 < C;
-    const int64_t c = cval ? c0 : C - CPT;
-    for (int i = threadIdx.x; i < CB_STEPS + 2 * W; i += CB_THREADS) {
-        const int64_t t = tb0 - W + i;
-        srs[i] = (p.reset && t >= 0 && t < L) ? p.reset[b * L + t] : 0;
-    }
-    __syncthreads();
-    auto rs_at = [&](int64_t t) { return srs[t - tb0 + W] != 0; };
-    float w[W][CPT], bias[CPT];
-#pragma unroll
-    for (int i = 0; i < CPT; i++) {
-#pragma unroll
-        for (int k = 0; k < W; k++) w[k][i] = p.w[(c + i) * W + k];
-        bias[i] = p.bias ? p.bias[c + i] : 0.f;
-    }
+    const ConvTile2<W, CPT> tl(p, srs);
     float xw[W][CPT];
-#pragma unroll
-    for (int k = 1; k < W; k++) {
-        const int64_t tt = t0 - W + k;
-        if (tt >= 0 && tt < L) ld_row<CPT>(p.x + (b * L + tt) * C + c, xw[k]);
-        else if (tt < 0 && p.x_prev) ld_row<CPT>(p.x_prev + (b * (W - 1) + (W - 1) + tt) * C + c, xw[k]);
-        else {
-#pragma unroll
-            for (int i = 0; i < CPT; i++) xw[k][i] = 0.f;
-        }
-    }
-    int64_t lr = -1;
-#pragma unroll
-    for (int k = W - 2; k >= 1; k--)
-        if (t0 - k >= 0 && rs_at(t0 - k)) lr = t0 - k;
-    const bool has_prev = p.x_prev != nullptr;
+    int64_t lr = tl.start(p, xw);
 #pragma unroll W
     for (int s = 0; s < CB_TT; s++) {
-        const int64_t t = t0 + s;
-#pragma unroll
-        for (int k = 0; k < W - 1; k++) {
-#pragma unroll
-            for (int i = 0; i < CPT; i++) xw[k][i] = xw[k + 1][i];
-        }
-        if (t < L) {
-            ld_row<CPT>(p.x + (b * L + t) * C + c, xw[W - 1]);
-            if (rs_at(t)) lr = t;
-            const int64_t st = lr >= 0 ? lr : (has_prev ? -(int64_t)(W - 1) : 0);
-            const int64_t n = t - st + 1;
-            const int nv = n < W ? (int)n : W;
+        const int64_t t = tl.t0 + s;
+        shift_rows<W, CPT>(xw);
+        if (t < tl.L) {
+            tl.x_row(p, t, xw[W - 1]);
+            const int nv = tl.width(t, lr);
             float o[CPT];
 #pragma unroll
             for (int i = 0; i < CPT; i++) {
-                float acc = bias[i];
-#pragma unroll
-                for (int k = 0; k < W; k++)
-                    if (k >= W - nv) acc = fmaf(w[k][i], xw[k][i], acc);
+                const float acc = tl.acc(xw, i, nv);
                 o[i] = p.silu ? acc * sigmoid_dev(acc) : acc;
             }
-            if (cval) st_row<CPT>(p.out + (b * L + t) * C + c, o);
+            if (tl.cval) st_row<CPT>(p.out + (tl.b * tl.L + t) * tl.C + tl.c, o);
         }
     }
 }

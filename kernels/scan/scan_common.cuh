@@ -23,12 +23,18 @@ __device__ __forceinline__ float lg2f(float x) {
     asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
-// softplus with F.softplus's threshold of 20; small e^x uses the series, where log2(1 + y) would lose bits
-__device__ __forceinline__ float softplus_dev(float x) {
-    const float y = ex2f(x * SCAN_LOG2E);
+// softplus with F.softplus's threshold of 20, from y = e^x; small y uses the series, where log2(1 + y) would lose bits
+__device__ __forceinline__ float softplus_of_exp(float x, float y) {
     const float small = y * (1.f - y * (0.5f - y * (1.f / 3.f)));
     const float r = y < 1e-3f ? small : lg2f(1.f + y) * SCAN_LN2;
     return x <= 20.f ? r : x;
+}
+__device__ __forceinline__ float softplus_dev(float x) { return softplus_of_exp(x, ex2f(x * SCAN_LOG2E)); }
+// softplus(x) and its derivative sigmoid(x) from one exp
+__device__ __forceinline__ void softplus_d(float x, float &sp, float &dsp) {
+    const float y = ex2f(x * SCAN_LOG2E);
+    sp = softplus_of_exp(x, y);
+    dsp = x <= 20.f ? __fdividef(y, 1.f + y) : 1.f;
 }
 __device__ __forceinline__ float sigmoid_dev(float x) { return __fdividef(1.f, 1.f + ex2f(-x * SCAN_LOG2E)); }
 

@@ -375,6 +375,20 @@ struct BwdArgs {
     int *piece_rs;               // [B, nseg - 1, npps, D]
 };
 
+// Incoming adjoint of segment seg (states n0 .. n0 + R - 1 of channel d): dh_last carried back through the later
+// segments, last first: dh <- (reset in s ? 0 : 2^(A log2e sum delta)) * dh + local dh of s (fixed order)
+template <int N, int R>
+__device__ __forceinline__ void seg_carry_dh(const BwdArgs &p, int64_t b, int64_t d, int seg, int n0,
+                                             const float (&A2)[R], float (&dh)[R]) {
+    for (int s2 = p.nseg - 1; s2 > seg; s2--) {
+        const int64_t i = (b * p.nseg + s2) * p.D + d;
+        const bool rs = p.seg_rs[i] != 0;
+        const float sd = p.seg_sd[i];
+#pragma unroll
+        for (int r = 0; r < R; r++) dh[r] = (rs ? 0.f : ex2f(A2[r] * sd)) * dh[r] + p.seg_dh[i * N + n0 + r];
+    }
+}
+
 constexpr int BWD_GROUPS = SCAN_CKPT / 4;
 
 // two staged chunks, the group snapshots, the dB/dC exchange, and the chunk's B and C spans in fp32
@@ -425,15 +439,7 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
         dh[r] = p.dh_last ? p.dh_last[(b * D + d) * N + q * R + r] : 0.f;
         dA_acc[r] = 0.f;
     }
-    // incoming adjoint of a segment: dh_last carried back through the later segments, last first:
-    // dh <- (reset in s ? 0 : 2^(A log2e sum delta)) * dh + local dh of s (fixed order: deterministic)
-    for (int s2 = p.nseg - 1; s2 > seg; s2--) {
-        const int64_t i = (b * p.nseg + s2) * D + d;
-        const bool rs = p.seg_rs[i] != 0;
-        const float sd = p.seg_sd[i];
-#pragma unroll
-        for (int r = 0; r < R; r++) dh[r] = (rs ? 0.f : ex2f(A2[r] * sd)) * dh[r] + p.seg_dh[i * N + q * R + r];
-    }
+    seg_carry_dh<N, R>(p, b, d, seg, q * R, A2, dh);
     const float Dd = p.Dskip[d], bias = p.delta_bias ? p.delta_bias[d] : 0.f;
     const float vmask = dvalid ? 1.f : 0.f;  // channels past D (last block) compute on channel D-1, add nothing
     float dD_acc = 0.f, ddb_acc = 0.f;
@@ -930,14 +936,6 @@ B11Geom b11_geom() {
     return g;
 }
 
-// softplus(x) and its derivative sigmoid(x) from one exp (F.softplus's threshold of 20)
-__device__ __forceinline__ void softplus_d(float x, float &sp, float &dsp) {
-    const float y = ex2f(x * SCAN_LOG2E);
-    const float small = y * (1.f - y * (0.5f - y * (1.f / 3.f)));
-    const float r = y < 1e-3f ? small : lg2f(1.f + y) * SCAN_LN2;
-    sp = x <= 20.f ? r : x;
-    dsp = x <= 20.f ? __fdividef(y, 1.f + y) : 1.f;
-}
 // 8 floats of a state from two float4 at p and p + stride
 __device__ __forceinline__ void ld_state8(const float *p, int stride, float (&v)[8]) {
     const float4 a = *reinterpret_cast<const float4 *>(p), c = *reinterpret_cast<const float4 *>(p + stride);
@@ -971,13 +969,7 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
         dh[n] = p.dh_last ? p.dh_last[(b * D + d) * N + hf * H + n] : 0.f;
         dA[n] = 0.f;
     }
-    for (int s2 = p.nseg - 1; s2 > seg; s2--) {  // incoming adjoint: through the later segments, last first
-        const int64_t i = (b * p.nseg + s2) * D + d;
-        const bool rs = p.seg_rs[i] != 0;
-        const float sd = p.seg_sd[i];
-#pragma unroll
-        for (int n = 0; n < H; n++) dh[n] = (rs ? 0.f : ex2f(A2[n] * sd)) * dh[n] + p.seg_dh[i * N + hf * H + n];
-    }
+    seg_carry_dh<N, H>(p, b, d, seg, hf * H, A2, dh);
     const float Dd = p.Dskip[d], bias = p.delta_bias ? p.delta_bias[d] : 0.f;
     float dD_acc = 0.f, ddb_acc = 0.f;
     const int64_t tseg0 = (int64_t)seg * p.seglen, tseg1 = tseg0 + p.seglen < L ? tseg0 + p.seglen : L;
