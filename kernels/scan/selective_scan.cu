@@ -389,6 +389,21 @@ __device__ __forceinline__ void seg_carry_dh(const BwdArgs &p, int64_t b, int64_
     }
 }
 
+// A lane's per-(segment, row) partials of dA (states n0 .. n0 + R - 1), dh0 from segment 0, and (one lane per
+// channel) dD and ddelta_bias
+template <int N, int R>
+__device__ __forceinline__ void put_bwd_partials(const BwdArgs &p, int seg, int64_t b, int64_t d, int n0,
+                                                 const float (&dA)[R], const float (&dh)[R], bool scalars, float dD,
+                                                 float ddb) {
+    const int64_t prow = (int64_t)seg * p.B + b, D = p.D;
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        p.dA_part[(prow * D + d) * N + n0 + r] = dA[r];
+        if (seg == 0 && p.h0 && p.dh0) p.dh0[(b * D + d) * N + n0 + r] = dh[r];
+    }
+    if (scalars) p.dD_part[prow * D + d] = dD, p.ddb_part[prow * D + d] = ddb;
+}
+
 constexpr int BWD_GROUPS = SCAN_CKPT / 4;
 
 // two staged chunks, the group snapshots, the dB/dC exchange, and the chunk's B and C spans in fp32
@@ -681,14 +696,7 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
     dD_acc += __shfl_xor_sync(FULL_MASK, dD_acc, 2);
     ddb_acc += __shfl_xor_sync(FULL_MASK, ddb_acc, 1);
     ddb_acc += __shfl_xor_sync(FULL_MASK, ddb_acc, 2);
-    if (!dvalid) return;
-    const int64_t prow = (int64_t)seg * p.B + b;
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        p.dA_part[(prow * D + d) * N + q * R + r] = dA_acc[r];
-        if (seg == 0 && p.h0 && p.dh0) p.dh0[(b * D + d) * N + q * R + r] = dh[r];
-    }
-    if (q == 0) p.dD_part[prow * D + d] = dD_acc, p.ddb_part[prow * D + d] = ddb_acc;
+    if (dvalid) put_bwd_partials<N, R>(p, seg, b, d, q * R, dA_acc, dh, q == 0, dD_acc, ddb_acc);
 }
 
 // Backward time-segment pre-pass (v10). For segments 1..nseg-1, the adjoint at the segment's start when it starts
@@ -1229,13 +1237,7 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
     cp_async_wait<0>();
     dD_acc += __shfl_xor_sync(FULL_MASK, dD_acc, 1);
     ddb_acc += __shfl_xor_sync(FULL_MASK, ddb_acc, 1);
-    const int64_t prow = (int64_t)seg * p.B + b;
-#pragma unroll
-    for (int n = 0; n < H; n++) {
-        p.dA_part[(prow * D + d) * N + hf * H + n] = dA[n];
-        if (seg == 0 && p.h0 && p.dh0) p.dh0[(b * D + d) * N + hf * H + n] = dh[n];
-    }
-    if (hf == 0) p.dD_part[prow * D + d] = dD_acc, p.ddb_part[prow * D + d] = ddb_acc;
+    put_bwd_partials<N, H>(p, seg, b, d, hf * H, dA, dh, hf == 0, dD_acc, ddb_acc);
 }
 
 // v11 takes N = 16, C groups of 16 channels (a warp's 16 channels), B groups of 16, 32 or 64 channels, D a multiple
