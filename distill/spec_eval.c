@@ -2,6 +2,7 @@
 #include "distill/spec_eval.h"
 
 #include <cjson/cJSON.h>
+#include <math.h>
 #include <string.h>
 
 #include "distill/rng.h"
@@ -19,6 +20,35 @@ static void fill_batch(const SpecEvalConfig *c, int64_t s, int64_t B, int64_t Lm
         memcpy(pr + b * Lmax, c->prompts[i], (size_t)c->plen[i] * sizeof(int32_t));
         pl[b] = c->plen[i];
     }
+}
+
+// The fp32 CPU reference at a divergence: the target's logits after the prompt and the plain output's first
+// d->position tokens.
+static int analyse_divergence(const SpecEvalConfig *c, const int32_t *plain, SpecDivergence *d, DlError *e) {
+    const int64_t np = c->plen[d->prompt], L = np + d->position, V = c->target.hc->base.vocab;
+    Decoder *dec = decoder_new(c->target.hc, c->target.reg, c->target.params, 1, L + 1, e);
+    if (!dec) return -1;
+    int32_t *tok = dl_malloc((size_t)L * sizeof(int32_t));
+    float *lg = dl_malloc((size_t)V * sizeof(float));
+    memcpy(tok, c->prompts[d->prompt], (size_t)np * sizeof(int32_t));
+    memcpy(tok + np, plain, (size_t)d->position * sizeof(int32_t));
+    int rc = decoder_feed(dec, tok, L, lg, NULL, e);
+    if (rc == 0) {
+        int64_t a = 0, b = -1;
+        double m = 0;
+        for (int64_t v = 0; v < V; v++) {
+            m = DL_MAX(m, fabs((double)lg[v]));
+            if (lg[v] > lg[a]) b = a, a = v;
+            else if (v != a && (b < 0 || lg[v] > lg[b])) b = v;
+        }
+        d->ref_token = (int32_t)a;
+        d->top2_gap = b >= 0 ? (double)lg[a] - (double)lg[b] : 0;
+        d->max_abs = m;
+        d->gap = (double)lg[d->plain_token] - (double)lg[d->spec_token];
+    }
+    free(tok), free(lg);
+    decoder_free(dec);
+    return rc;
 }
 
 // One batch size: plain once per prompt (the reference outputs), then speculative for each K.
@@ -57,7 +87,7 @@ static int run_batch(const SpecEvalConfig *c, int64_t B, int64_t Lmax, const Gen
     }
     for (int ki = 0; ki < c->nk; ki++) {
         SpecEvalRow *row = &rows[ki];
-        memset(row, 0, sizeof *row);
+        memset(row, 0, sizeof *row);  // (row->n_div counts during the loop)
         gp.k = c->ks[ki];
         SpecStats acc;
         memset(&acc, 0, sizeof acc);
@@ -72,7 +102,18 @@ static int run_batch(const SpecEvalConfig *c, int64_t B, int64_t Lmax, const Gen
             ts += dl_now() - t0, nts += sum_i64(no, B);
             for (int64_t b = 0; b < B && s + b < nl; b++, nseq++) {  // the repeated prompts of a short batch do not count
                 const int64_t r = (s / B) * B + b;
-                same += no[b] == nref[r] && !memcmp(out + b * T, ref + r * T, (size_t)no[b] * sizeof(int32_t));
+                const bool eq = no[b] == nref[r] && !memcmp(out + b * T, ref + r * T, (size_t)no[b] * sizeof(int32_t));
+                same += eq;
+                if (!eq && gp.sp.greedy && row->n_div < SPEC_EVAL_MAX_DIV) {
+                    SpecDivergence *d = &row->div[row->n_div++];
+                    int64_t i = 0;
+                    while (i < no[b] && i < nref[r] && out[b * T + i] == ref[r * T + i]) i++;
+                    d->prompt = s + b, d->position = i;
+                    d->plain_token = i < nref[r] ? ref[r * T + i] : -1;
+                    d->spec_token = i < no[b] ? out[b * T + i] : -1;
+                    if (d->plain_token < 0 || d->spec_token < 0) row->n_div--;  // a length difference only (no stop: cannot happen)
+                    else if (analyse_divergence(c, ref + r * T, d, e)) goto out;
+                }
             }
             acc.steps += st.steps, acc.emitted += st.emitted;
             for (int i = 0; i < gp.k; i++) acc.accepted_at[i] += st.accepted_at[i];
@@ -135,6 +176,13 @@ void spec_eval_print_row(FILE *f, const SpecEvalRow *r) {
             r->speedup, r->tokens_per_step, r->acceptance_rate, sm);
     for (int i = 0; i < r->k; i++) fprintf(f, " %.2f", r->acceptance[i]);
     fputc('\n', f);
+    for (int i = 0; i < r->n_div; i++) {
+        const SpecDivergence *d = &r->div[i];
+        fprintf(f, "      differs: prompt %lld, new token %lld: plain %d, speculative %d; fp32 reference: logit gap %.4g, "
+                   "top-2 gap %.4g, max |logit| %.3g, argmax %d\n",
+                (long long)d->prompt + 1, (long long)d->position, d->plain_token, d->spec_token, d->gap, d->top2_gap, d->max_abs,
+                d->ref_token);
+    }
 }
 
 // numbers rounded to 1/scale (as the old fprintf JSON wrote them: no 17-digit noise)
@@ -153,6 +201,22 @@ cJSON *spec_eval_row_json(const SpecEvalRow *r) {
     if (r->same >= 0) {
         cJSON_AddNumberToObject(o, "greedy_equal_sequences", (double)r->same);
         cJSON_AddNumberToObject(o, "sequences", (double)r->sequences);
+    }
+    if (r->n_div > 0) {
+        cJSON *dv = cJSON_AddArrayToObject(o, "divergences");
+        for (int i = 0; i < r->n_div; i++) {
+            const SpecDivergence *d = &r->div[i];
+            cJSON *x = cJSON_CreateObject();
+            cJSON_AddNumberToObject(x, "prompt", (double)d->prompt);
+            cJSON_AddNumberToObject(x, "position", (double)d->position);
+            cJSON_AddNumberToObject(x, "plain_token", d->plain_token);
+            cJSON_AddNumberToObject(x, "spec_token", d->spec_token);
+            cJSON_AddNumberToObject(x, "ref_token", d->ref_token);
+            cJSON_AddNumberToObject(x, "ref_logit_gap", d->gap);
+            cJSON_AddNumberToObject(x, "ref_top2_gap", d->top2_gap);
+            cJSON_AddNumberToObject(x, "ref_max_abs_logit", d->max_abs);
+            cJSON_AddItemToArray(dv, x);
+        }
     }
     cJSON *a = cJSON_AddArrayToObject(o, "acceptance");
     for (int i = 0; i < r->k; i++) cJSON_AddItemToArray(a, cJSON_CreateNumber(rounded(r->acceptance[i], 1e4)));

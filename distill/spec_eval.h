@@ -17,6 +17,21 @@
 #include "distill/spec_decode.h"
 
 #define SPEC_EVAL_MAX_K 8  // K values accepted (decoder capacity is sized for this)
+#define SPEC_EVAL_MAX_DIV 4  // greedy divergences analysed per row
+
+// A greedy speculative sequence that differs from the plain one: where, and how close its two candidate tokens
+// are in an fp32 CPU reference of the target (decoder_feed of the prompt and the plain output before the
+// divergence). A gap far below the bf16 noise of the GPU decoders (~1e-2 of max |logit|) is a near-tie that
+// the verification (several tokens per pass) and the plain steps (one token) may break differently; a large gap,
+// or any divergence on the CPU, is a bug.
+typedef struct {
+    int64_t prompt, position;         // prompt index; index of the first differing new token
+    int32_t plain_token, spec_token;  // what each run emitted there
+    int32_t ref_token;                // the reference's argmax
+    double gap;                       // reference logit(plain_token) - logit(spec_token)
+    double top2_gap;                  // reference top-1 minus top-2 logit
+    double max_abs;                   // reference largest |logit| of the row
+} SpecDivergence;
 
 typedef struct {
     const HybridConfig *hc;
@@ -47,6 +62,8 @@ typedef struct {
     double acceptance_rate;               // accepted draft tokens / proposed
     double acceptance[SPEC_MAX_K];        // [k]: fraction of steps that accepted draft position i
     int64_t same, sequences;              // greedy: sequences equal to the plain output; same = -1 when sampled
+    SpecDivergence div[SPEC_EVAL_MAX_DIV];  // greedy: the first differing sequences (n_div of them)
+    int n_div;
 } SpecEvalRow;
 
 // Runs the measurement; rows [nb * nk] are filled batch-major (row bi * nk + ki). On the GPU one short
@@ -54,12 +71,13 @@ typedef struct {
 // captures). Returns 0, or -1 with e filled (bad configuration, decoder or generation failure).
 int spec_eval_run(const SpecEvalConfig *c, SpecEvalRow *rows, DlError *e);
 
-// The table: header line, then one line per row.
+// The table: header line, then one line per row (and one line per divergence under it).
 void spec_eval_print_header(FILE *f);
 void spec_eval_print_row(FILE *f, const SpecEvalRow *r);
 
 // One row as a new JSON object (cJSON; the caller adds it to its document): batch, k, plain_tokens_per_s,
 // spec_tokens_per_s, speedup, tokens_per_step, acceptance_rate, (greedy:) greedy_equal_sequences and
-// sequences, and acceptance (array of k).
+// sequences, acceptance (array of k) and, when some greedy sequence differed, divergences (prompt, position,
+// plain_token, spec_token, ref_token, ref_logit_gap, ref_top2_gap, ref_max_abs_logit).
 struct cJSON;
 struct cJSON *spec_eval_row_json(const SpecEvalRow *r);
