@@ -652,6 +652,14 @@ static void attention(DecoderCuda *D, const DLayer *L, int64_t lc, int64_t maxke
     if (ns < 1) ns = 1;
     a.kps = ((maxkeys + ns - 1) / ns + ATT_THREADS - 1) / ATT_THREADS * ATT_THREADS;
     a.nsplit = (int)((maxkeys + a.kps - 1) / a.kps);
+    // DISTILL_DECODE_KPS=N (diagnostic): in the decode regime, N keys per split whatever the number of query rows,
+    // so a row's softmax sums group the same keys in a 1-token step and in a (K+1)-token verification (the
+    // default split count depends on the rows, so the two differ in the last bits past 128 keys)
+    static const long fixed_kps = getenv("DISTILL_DECODE_KPS") ? atol(getenv("DISTILL_DECODE_KPS")) : 0;
+    if (fixed_kps > 0 && blocks < 2ll * D->n_sm) {
+        const int64_t k2 = (fixed_kps + ATT_THREADS - 1) / ATT_THREADS * ATT_THREADS, n2 = (maxkeys + k2 - 1) / k2;
+        if (blocks * n2 * (int64_t)(a.hd + 2) <= D->att_ws_elems) a.kps = k2, a.nsplit = (int)n2;
+    }
     if (blocks * a.nsplit * (int64_t)(a.hd + 2) > D->att_ws_elems) {  // cannot happen by the sizing above
         fprintf(stderr, "decode_cuda: attention workspace too small (%lld rows, %d splits)\n", (long long)nrows, a.nsplit);
         exit(DL_EXIT_RUNTIME);
