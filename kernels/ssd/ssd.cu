@@ -66,7 +66,6 @@ struct SsdDev {
     float *wv, *dv;   // v3: [B,H,nch,Q] w and din of every chunk position
     int yvec;   // v2: y 4-byte aligned: bf16 pairs
     int ovec;   // v4: dx, dBm, dCm 4-byte aligned: bf16 pairs
-    int sbf;    // v4: Sin and dSo hold bf16 (DISTILL_SSD_STATES=bf16; same element offsets as fp32)
     float *tw, *uw;  // v4 backward: [B,H,nch,Q] tmp_m and [B,H,nch] u of every chunk (ssd_bwd_bc_kernel's)
 };
 
@@ -1301,19 +1300,7 @@ __device__ __forceinline__ void state_pass(const SsdDev &a, int tp_rt, int64_t b
             const int t = warp + r * (SSD_THREADS / 32);
             if (t >= ntl) continue;
             const int i0 = (t / ntn) * 16, j0 = (t % ntn) * 16;
-            if (a.sbf) {  // through the warp's scratch: each lane converts and stores 8 consecutive entries of a row
-                wmma::store_matrix_sync(scr, acc[r], 16, wmma::mem_row_major);
-                __syncwarp();
-                const int row = lane >> 1, col = (lane & 1) * 8;
-                __align__(16) bf16 v[8];
-#pragma unroll
-                for (int e = 0; e < 8; e++) v[e] = __float2bfloat16_rn(scr[row * 16 + col + e]);
-                bf16 *dst = reinterpret_cast<bf16 *>(st_all) + ((bh * nch + c) * P + p0 + i0 + row) * N + n0 + j0 + col;
-                *reinterpret_cast<uint4 *>(dst) = *reinterpret_cast<const uint4 *>(v);
-                __syncwarp();
-            } else {
-                wmma::store_matrix_sync(st + (int64_t)i0 * N + j0, acc[r], (unsigned)N, wmma::mem_row_major);
-            }
+            wmma::store_matrix_sync(st + (int64_t)i0 * N + j0, acc[r], (unsigned)N, wmma::mem_row_major);
 #pragma unroll
             for (int e = 0; e < acc[r].num_elements; e++) acc[r].x[e] *= dl;
             mma_k<wmma::col_major, wmma::row_major>(acc[r], Xd, lX, Mh, lM, i0, j0, 0, Q);
@@ -1455,33 +1442,23 @@ __device__ __forceinline__ Unit unit_of(int warp, int ncb) {
 }
 typedef float Frag[4][2][4];  // [row tile][8-column tile][register]: a unit's [16 nmt, 16] output
 
-// Stored states (Sin, dSo): fp32, or bf16 when sbf (DISTILL_SSD_STATES=bf16), at the same element offsets.
-// Elements i and i + 1 (i even) as floats, and element i.
-__device__ __forceinline__ float2 ld_state2(const float *S, int64_t i, bool sbf) {
-    if (!sbf) return __ldg(reinterpret_cast<const float2 *>(S + i));
-    const unsigned v = __ldg(reinterpret_cast<const unsigned *>(reinterpret_cast<const bf16 *>(S) + i));
-    return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
-}
-__device__ __forceinline__ float ld_state1(const float *S, int64_t i, bool sbf) {
-    if (!sbf) return __ldg(S + i);
-    return bf(reinterpret_cast<const bf16 *>(S)[i]);
-}
-
-// acc[mt][nt] += A[rows of mt, :K] S^T-fragment, A [m][k] bf16 in shared memory, S a stored [rows, K] state in global
-// memory read straight into B fragments (element (k, n) = S[n0 + n][k], n0 = 16 cb) and split into hi + lo there
-// (bf16 states: exact, no lo term). The next k step's eight values are loaded before this step's MMAs.
+// acc[mt][nt] += A[rows of mt, :K] S^T-fragment, A [m][k] bf16 in shared memory, S an fp32 [rows, K] matrix in global
+// memory read straight into B fragments (element (k, n) = S[n0 + n][k], n0 = 16 cb) and split into hi + lo there.
+// The next k step's eight values are loaded before this step's MMAs.
 __device__ __forceinline__ void mma_state_nk(Frag &acc, const Unit &u, const bf16 *A, int lda, const float *S, int ldS,
-                                             int n0, int K, bool sbf) {
+                                             int n0, int K) {
     const int l = threadIdx.x & 31, g = l >> 2, t = l & 3;
-    const int64_t r0 = (int64_t)(n0 + g) * ldS + 2 * t, r1 = r0 + (int64_t)8 * ldS;
+    const float *r0 = S + (int64_t)(n0 + g) * ldS + 2 * t, *r1 = r0 + (int64_t)8 * ldS;
     float2 cur[4], nxt[4];
-    cur[0] = ld_state2(S, r0, sbf), cur[1] = ld_state2(S, r0 + 8, sbf);
-    cur[2] = ld_state2(S, r1, sbf), cur[3] = ld_state2(S, r1 + 8, sbf);
+    cur[0] = __ldg(reinterpret_cast<const float2 *>(r0)), cur[1] = __ldg(reinterpret_cast<const float2 *>(r0 + 8));
+    cur[2] = __ldg(reinterpret_cast<const float2 *>(r1)), cur[3] = __ldg(reinterpret_cast<const float2 *>(r1 + 8));
     for (int k0 = 0; k0 < K; k0 += 16) {
         if (k0 + 16 < K) {
             const int k1 = k0 + 16;
-            nxt[0] = ld_state2(S, r0 + k1, sbf), nxt[1] = ld_state2(S, r0 + k1 + 8, sbf);
-            nxt[2] = ld_state2(S, r1 + k1, sbf), nxt[3] = ld_state2(S, r1 + k1 + 8, sbf);
+            nxt[0] = __ldg(reinterpret_cast<const float2 *>(r0 + k1));
+            nxt[1] = __ldg(reinterpret_cast<const float2 *>(r0 + k1 + 8));
+            nxt[2] = __ldg(reinterpret_cast<const float2 *>(r1 + k1));
+            nxt[3] = __ldg(reinterpret_cast<const float2 *>(r1 + k1 + 8));
         }
         unsigned hi[4], lo[4];
 #pragma unroll
@@ -1491,8 +1468,8 @@ __device__ __forceinline__ void mma_state_nk(Frag &acc, const Unit &u, const bf1
             if (mt >= u.nmt) break;
             unsigned fa[4];
             lda_row(fa, A, lda, (u.mt0 + mt) * 16, k0);
-            mma16816(acc[mt][0], fa, hi[0], hi[1]), mma16816(acc[mt][1], fa, hi[2], hi[3]);
-            if (!sbf) mma16816(acc[mt][0], fa, lo[0], lo[1]), mma16816(acc[mt][1], fa, lo[2], lo[3]);
+            mma16816(acc[mt][0], fa, hi[0], hi[1]), mma16816(acc[mt][0], fa, lo[0], lo[1]);
+            mma16816(acc[mt][1], fa, hi[2], hi[3]), mma16816(acc[mt][1], fa, lo[2], lo[3]);
         }
 #pragma unroll
         for (int i = 0; i < 4; i++) cur[i] = nxt[i];
@@ -1603,10 +1580,7 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a
     if (!u.on) return;
     const int p0 = u.cb * 16;
     Frag acc = {};
-    const float *S = a.sbf ? reinterpret_cast<const float *>(reinterpret_cast<const bf16 *>(a.Sin) +
-                                                              (bh * a.nch + c) * (int64_t)P * N)
-                           : a.Sin + (bh * a.nch + c) * (int64_t)P * N;
-    mma_state_nk(acc, u, Cs, lN, S, N, p0, N, a.sbf);  // C S_in^T
+    mma_state_nk(acc, u, Cs, lN, a.Sin + (bh * a.nch + c) * (int64_t)P * N, N, p0, N);  // C S_in^T
     unit_cells(u, [&](int mt, int nt, int hh, int row, int col) {
         acc[mt][nt][2 * hh] *= sc.din[row], acc[mt][nt][2 * hh + 1] *= sc.din[row];
     });
@@ -1680,15 +1654,14 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
     float up = 0.f;
     if (u.on) {
         const int n0 = u.cb * 16;
-        const int64_t so = (bh * a.nch + c) * (int64_t)P * N;  // element offset of this chunk's states
-        const bool sbf = a.sbf;
+        const float *dS = a.dSo + (bh * a.nch + c) * (int64_t)P * N, *S0 = a.Sin + (bh * a.nch + c) * (int64_t)P * N;
         Frag fb = {}, fc = {};
         // x dS and dy S0 over k = p; this thread's state cells: rows k0 + 2t + {0, 1, 8, 9}, columns n0 + g + {0, 8}
         auto load = [&](float (&vs)[8], float (&vz)[8], int k0) {
 #pragma unroll
             for (int i = 0; i < 8; i++) {
                 const int64_t o = (int64_t)(k0 + 2 * lt + (i & 1) + ((i >> 1) & 1) * 8) * N + n0 + 8 * (i >> 2) + lg;
-                vs[i] = ld_state1(a.dSo, so + o, sbf), vz[i] = ld_state1(a.Sin, so + o, sbf);
+                vs[i] = __ldg(dS + o), vz[i] = __ldcs(S0 + o);
             }
         };
         float cs[8], cz[8], ns[8], nz[8];
@@ -1713,11 +1686,9 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
 #pragma unroll
                 for (int nt = 0; nt < 2; nt++) {
                     mma16816(fb[mt][nt], fx, sh[2 * nt], sh[2 * nt + 1]);
+                    mma16816(fb[mt][nt], fx, sl[2 * nt], sl[2 * nt + 1]);
                     mma16816(fc[mt][nt], fy, zh[2 * nt], zh[2 * nt + 1]);
-                    if (!sbf) {  // (bf16 states are exact: lo = 0)
-                        mma16816(fb[mt][nt], fx, sl[2 * nt], sl[2 * nt + 1]);
-                        mma16816(fc[mt][nt], fy, zl[2 * nt], zl[2 * nt + 1]);
-                    }
+                    mma16816(fc[mt][nt], fy, zl[2 * nt], zl[2 * nt + 1]);
                 }
             }
 #pragma unroll
@@ -1873,9 +1844,7 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
     if (un.on) {
         const int p0 = un.cb * 16;
         Frag acc = {};
-        const float *dS = a.sbf ? reinterpret_cast<const float *>(reinterpret_cast<const bf16 *>(a.dSo) + o * (int64_t)P * N)
-                                : a.dSo + o * (int64_t)P * N;
-        mma_state_nk(acc, un, Bs, lN, dS, N, p0, N, a.sbf);  // R = B dS^T
+        mma_state_nk(acc, un, Bs, lN, a.dSo + o * (int64_t)P * N, N, p0, N);  // R = B dS^T
         unit_row_sums(un, red, [&](int mt, int nt, int hh, int row, int col) {  // xdsb_k = x_k . R_k
             return fmaf(bf(Xs[row * lP + col]), acc[mt][nt][2 * hh], bf(Xs[row * lP + col + 1]) * acc[mt][nt][2 * hh + 1]);
         });
@@ -2035,14 +2004,6 @@ int ssd_version(void) {
     if (v && !strcmp(v, "v3")) return 3;
     return 4;
 }
-// DISTILL_SSD_STATES=bf16 (v4 only): the states and state gradients at chunk boundaries are stored in the workspace
-// as bf16 (as mamba_ssm stores its inter-chunk states: out_dtype=C.dtype) instead of fp32, halving the state traffic.
-// The running state stays fp32 in the passes' accumulators (h_last and dh0 are unaffected); what reads the stored
-// copies (y, every gradient but dD) sees them rounded to 8 bits. Not the default.
-bool states_bf16(void) {
-    const char *v = getenv("DISTILL_SSD_STATES");
-    return v && !strcmp(v, "bf16") && ssd_version() == 4;
-}
 bool use_v1(void) { return ssd_version() == 1; }
 
 // DISTILL_SSD_TIMING=1: every call synchronizes and prints the time of each of its stages to stderr (diagnostics).
@@ -2181,7 +2142,6 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     a.y = (bf16 *)y, a.h_last = h_last;
     a.vec = vec_ok(x, Bm, Cm, nullptr);
     a.yvec = ((uintptr_t)y & 3) == 0;
-    a.sbf = states_bf16();
     cudaStream_t st = (cudaStream_t)stream;
     static const char *names[] = {"", "ssd_fwd_cuda v1", "ssd_fwd_cuda v2", "ssd_fwd_cuda v3", "ssd_fwd_cuda v4"};
     Stages tm(names[workspace ? ssd_version() : 1], st);
@@ -2253,7 +2213,6 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     a.A = A, a.D = D, a.bias = dt_bias, a.reset = reset, a.h0 = h0, a.dhl = dh_last;
     a.dx = (bf16 *)dx, a.ddt = (bf16 *)ddt, a.dBm = (bf16 *)dBm, a.dCm = (bf16 *)dCm;
     a.ovec = (((uintptr_t)dx | (uintptr_t)dBm | (uintptr_t)dCm) & 3) == 0;
-    a.sbf = states_bf16();
     a.dh0 = h0 ? dh0 : nullptr;
     const Ws w = make_ws(s, true);
     char *ws = (char *)workspace;
