@@ -366,7 +366,7 @@ __global__ void __launch_bounds__(CB_THREADS, CPT == 8 ? 1 : 2) conv_bwd2_kernel
     }
 }
 
-// forward v2 (DISTILL_CONV_FWD=v2): one vector load and one vector store per row
+// forward v2 (the default; DISTILL_CONV_FWD=v1 for v1): one vector load and one vector store per row
 template <int W, int CPT>
 __global__ void __launch_bounds__(CB_THREADS, 2) conv_fwd2_kernel(const ConvArgs p) {
     __shared__ uint8_t srs[CB_STEPS + 2 * W];
@@ -430,10 +430,11 @@ extern "C" int conv1d_silu_fwd_cuda(int64_t B, int64_t L, int64_t C, int W, cons
     a.B = B, a.L = L, a.C = C, a.x = (const bf16 *)x, a.x_prev = (const bf16 *)x_prev, a.w = w, a.bias = bias;
     a.reset = reset, a.silu = silu, a.out = (bf16 *)out;
     cudaStream_t st = (cudaStream_t)stream;
-    // DISTILL_CONV_FWD=v2: 4 channels per thread, 8-byte rows (C a multiple of 4, rows 8-byte aligned), else v1
+    // v2 (default): 4 channels per thread, 8-byte rows (C a multiple of 4, rows 8-byte aligned); DISTILL_CONV_FWD=v1
+    // or other shapes: one channel per thread
     const char *ver = getenv("DISTILL_CONV_FWD");
     const uintptr_t al = (uintptr_t)x | (uintptr_t)out | (uintptr_t)x_prev;
-    if (ver && !strcmp(ver, "v2") && C % 4 == 0 && (al & 7) == 0) {
+    if (!(ver && !strcmp(ver, "v1")) && C % 4 == 0 && (al & 7) == 0) {
         const int64_t blocks = B * ((L + CB_STEPS - 1) / CB_STEPS) * ((C + 127) / 128);
         switch (W) {
             case 1: conv_fwd2_kernel<1, 4><<<(unsigned)blocks, CB_THREADS, 0, st>>>(a); break;
@@ -473,11 +474,12 @@ extern "C" int conv1d_silu_bwd_cuda(int64_t B, int64_t L, int64_t C, int W, cons
     ConvArgs a = {};
     a.B = B, a.L = L, a.C = C, a.x = (const bf16 *)x, a.x_prev = (const bf16 *)x_prev, a.w = w, a.bias = bias;
     a.reset = reset, a.silu = silu, a.dout = (const bf16 *)dout, a.dx = (bf16 *)dx, a.part = (float *)workspace;
-    // DISTILL_CONV_BWD: v1 (one channel per thread), v2 (4 channels per thread, 8-byte rows, 2 blocks per SM) or
-    // v2c8 (8 channels, 16-byte rows, 1 block per SM: ptxas spills at 2); v2 needs C a multiple of the channels per
-    // thread and rows aligned to their width, else v1 runs
+    // DISTILL_CONV_BWD: v2 (the default: 4 channels per thread, 8-byte rows, 2 blocks per SM; H100: 0.40 vs v1's
+    // 0.84 ms at 8 x 2048 x 4096), v2c8 (8 channels, 16-byte rows, 1 block per SM: ptxas spills at 2; 0.47 ms) or v1
+    // (one channel per thread); v2 needs C a multiple of the channels per thread and rows aligned to their width,
+    // else v1 runs
     const char *ver = getenv("DISTILL_CONV_BWD");
-    const int cpt = !ver ? 0 : !strcmp(ver, "v2") ? 4 : !strcmp(ver, "v2c8") ? 8 : 0;
+    const int cpt = !ver ? 4 : !strcmp(ver, "v1") ? 0 : !strcmp(ver, "v2c8") ? 8 : 4;
     const uintptr_t al = (uintptr_t)x | (uintptr_t)dout | (uintptr_t)dx | (uintptr_t)x_prev;
     int64_t rows;
     if (cpt && C % cpt == 0 && (al & (uintptr_t)(2 * cpt - 1)) == 0) {

@@ -137,10 +137,10 @@ int main(int argc, char **argv) {
                     snprintf(k, sizeof k, "fwd-s%d", ns);
                 row(k, median_ms([&](int i) { fwd(i, ns, true); }), fbytes + ckb, ex2_f, 0);
             }
-            // forward v11 (DISTILL_SCAN_FWD=v11: 32-step tiles, 2 in flight), training and inference
-            setenv("DISTILL_SCAN_FWD", "v11", 1);
-            row("fwd-v11", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, mamba_f);
-            row("fwd-v11-inf", median_ms([&](int i) { fwd(i, 0, false); }), fbytes, ex2_f, 0);
+            // the previous forward (DISTILL_SCAN_FWD=v10: 16-step tiles, 3 in flight), training and inference
+            setenv("DISTILL_SCAN_FWD", "v10", 1);
+            row("fwd-v10", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, mamba_f);
+            row("fwd-v10-inf", median_ms([&](int i) { fwd(i, 0, false); }), fbytes, ex2_f, 0);
             unsetenv("DISTILL_SCAN_FWD");
             for (int k = 0; k < NSET; k++) fwd(k, 0, true);
             // backward: the default (v11), then each selectable version (DISTILL_SCAN_BWD) and, at small batch, forced
@@ -163,9 +163,9 @@ int main(int argc, char **argv) {
                 CK(cudaMemset(w, 0, D * 16)), CK(cudaMemset(cb, 0, D * 4));
                 void *cws;
                 CK(cudaMalloc(&cws, conv1d_silu_bwd_workspace(B, L, D)));
-                for (const char *fv : {(const char *)NULL, "v2"}) {
+                for (const char *fv : {(const char *)NULL, "v1"}) {
                     if (fv) setenv("DISTILL_CONV_FWD", fv, 1);
-                    row(fv ? "conv-fwd-v2" : "conv-fwd", median_ms([&](int i) {
+                    row(fv ? "conv-fwd-v1" : "conv-fwd", median_ms([&](int i) {
                             Set &x = set[i % NSET];
                             conv1d_silu_fwd_cuda(B, L, D, 4, (uint16_t *)x.u, w, cb, NULL, NULL, 1, (uint16_t *)x.out,
                                                  NULL, err, sizeof err);
@@ -173,8 +173,7 @@ int main(int argc, char **argv) {
                     unsetenv("DISTILL_CONV_FWD");
                 }
                 // backward: the default and each version of DISTILL_CONV_BWD
-                const char *cvs[][2] = {{NULL, "conv-bwd"}, {"v1", "conv-bwd-v1"}, {"v2", "conv-bwd-v2"},
-                                        {"v2c8", "conv-bwd-v2c8"}};
+                const char *cvs[][2] = {{NULL, "conv-bwd"}, {"v1", "conv-bwd-v1"}, {"v2c8", "conv-bwd-v2c8"}};
                 for (const auto &cv : cvs) {
                     if (cv[0]) setenv("DISTILL_CONV_BWD", cv[0], 1);
                     row(cv[1], median_ms([&](int i) {

@@ -177,7 +177,7 @@ __device__ __forceinline__ void load_acts_fast(bf16 *act, const bf16 *const (&sr
     }
 }
 
-// FT steps per tile, FNST tiles in flight. FAST (v11, DISTILL_SCAN_FWD=v11): 32-step tiles with 2 in flight (half
+// FT steps per tile, FNST tiles in flight. FAST (v11, the default; DISTILL_SCAN_FWD=v10 for v10): 32-step tiles with 2 in flight (half
 // the barriers, checkpoint tests and B/C conversion passes per step), full tiles' u/dt/z copied by load_acts_fast,
 // and the reset of each step as a float (0 or -inf) made in the conversion pass, one shared load per step.
 template <int N, bool PREPASS, bool AL16, int FT, int FNST, bool FAST>
@@ -1602,10 +1602,11 @@ int launch_bwd1(const Bwd1Args &a, cudaStream_t st) {
     return 0;
 }
 
-// forward version: DISTILL_SCAN_FWD=v11 (32-step tiles, 2 in flight, fast loader; aligned rows, N <= 16), else v10
+// forward version: v11 (32-step tiles, 2 in flight, fast loader; aligned rows, N <= 16), the default since the H100
+// run of 1375774 (faster at every benchmarked shape), or DISTILL_SCAN_FWD=v10 (16-step tiles, 3 in flight)
 bool fwd_v11() {
     const char *e = getenv("DISTILL_SCAN_FWD");
-    return e && !strcmp(e, "v11");
+    return !e || strcmp(e, "v10") != 0;
 }
 
 template <int N, int FT, int FNST, bool FAST>
