@@ -1,13 +1,15 @@
 // selective_scan.cu: the Mamba-1 selective scan on Hopper: forward (with an optional time-segment pre-pass),
 // deterministic backward, multi-token decode. Design notes: docs/KERNELS.md.
 //
-// Work mapping. Forward: two lanes per (batch row, channel), N/2 states each. Backward: 4 consecutive lanes own
-// one recurrence and split its N states (R = N/4 each), so that a warp covers 8 channels and a C group of 16
-// channels spans 64 lanes; time advances in groups of 4 steps, lane q "owns" step t0+q of each group: it loads
-// that step's per-channel scalars (u, dt, z, dout), computes softplus/sigmoid once, shares them with its 3
-// neighbours by shuffles, and after the group receives the step's sums over states (a 2-round reduce-scatter)
-// to write that step's outputs. Decode: 4 lanes per channel. Every per-(token, channel) transcendental is
-// computed once.
+// Work mapping. Forward: two lanes per (batch row, channel), N/2 states each (v11: 32-step tiles; v10: 16).
+// Backward v11 (the default for MambaInLlama's shapes, scan_bwd11_kernel): two lanes per channel, 8-step groups of
+// states and decays in registers, dB/dC summed per warp through shared memory. Backward v10 (other shapes,
+// DISTILL_SCAN_BWD=v10): 4 consecutive lanes own one recurrence and split its N states (R = N/4 each), so that a
+// warp covers 8 channels and a C group of 16 channels spans 64 lanes; time advances in groups of 4 steps, lane q
+// "owns" step t0+q of each group: it loads that step's per-channel scalars (u, dt, z, dout), computes
+// softplus/sigmoid once, shares them with its 3 neighbours by shuffles, and after the group receives the step's
+// sums over states (a 2-round reduce-scatter) to write that step's outputs. Decode: 4 lanes per channel. Every
+// per-(token, channel) transcendental is computed once per pass.
 #include "kernels/scan/scan_common.cuh"
 #include "kernels/scan/selective_scan_cuda.h"
 
