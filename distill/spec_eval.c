@@ -61,6 +61,7 @@ static int run_batch(const SpecEvalConfig *c, int64_t B, int64_t Lmax, const Gen
     GenDecoder dt = {0}, dd = {0};
     GenParams gp = *gp0;
     Rng rng;
+    DlError e2;
     int rc = -1;
     const int64_t cap = spec_max_len(Lmax, T, SPEC_EVAL_MAX_K);
     if (gen_decoder_new(c->target.hc, c->target.reg, c->target.params, B, cap, c->cuda, c->graph, &dt, e) ||
@@ -112,7 +113,10 @@ static int run_batch(const SpecEvalConfig *c, int64_t B, int64_t Lmax, const Gen
                     d->plain_token = i < nref[r] ? ref[r * T + i] : -1;
                     d->spec_token = i < no[b] ? out[b * T + i] : -1;
                     if (d->plain_token < 0 || d->spec_token < 0) row->n_div--;  // a length difference only (no stop: cannot happen)
-                    else if (analyse_divergence(c, ref + r * T, d, e)) goto out;
+                    else if (analyse_divergence(c, ref + r * T, d, &e2)) {  // a diagnostic: never fails the measurement
+                        d->gap = d->top2_gap = d->max_abs = NAN, d->ref_token = -1;
+                        dl_warn("speculative eval: no fp32 reference for the divergence (%s)", e2.msg);
+                    }
                 }
             }
             acc.steps += st.steps, acc.emitted += st.emitted;
