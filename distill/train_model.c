@@ -324,6 +324,30 @@ void tm_dp_free(TmDp *d) {
 bool tm_dp_overlap(const TmDp *d) { return d->overlap; }
 
 #if defined(DISTILL_CUDA) && defined(DISTILL_NCCL)
+// Every rank's slice of every bucket in the gradient buffer (split by bucket) and every owned piece of the master.
+static int dp_ranges(TmDp *d, DlError *e) {
+    const Registry *r = d->m->r;
+    const ZeroLayout *Z = d->Z;
+    int64_t *goff = dl_malloc((size_t)(r->n ? r->n : 1) * sizeof(int64_t));
+    int64_t *moff = dl_malloc((size_t)(r->n ? r->n : 1) * sizeof(int64_t));
+    for (int i = 0; i < r->n; i++) {
+        goff[i] = engine_cuda_grad_offset(d->m->cu, i);
+        moff[i] = engine_cuda_master_offset(d->m->cu, i);
+    }
+    d->slices = dl_malloc((size_t)zero_slice_ranges_max(Z) * sizeof(ZeroRange));
+    d->pieces = dl_malloc((size_t)zero_piece_ranges_max(Z) * sizeof(ZeroRange));
+    int rc = zero_slice_ranges_split(Z, goff, d->slices, &d->n_slices, d->first, e);
+    if (!rc) rc = zero_piece_ranges(Z, moff, d->pieces, &d->n_pieces, e);
+    free(goff);
+    free(moff);
+    if (rc) {
+        free(d->slices), free(d->pieces);
+        d->slices = d->pieces = NULL;
+        return dl_fail_prefix(e, "data parallel on the device: ");
+    }
+    return 0;
+}
+
 TmDp *tm_dp_new(TrainModel *m, Optim *o, const ZeroLayout *Z, int rank, DistGroup *g, NcclComm *c, DlError *e) {
     if (!m->cu || !c) {
         dl_fail(e, "data parallel on the device: needs a CUDA model and an NCCL communicator");
@@ -344,31 +368,16 @@ TmDp *tm_dp_new(TrainModel *m, Optim *o, const ZeroLayout *Z, int rank, DistGrou
     if (cuda_optim(m, o, e)) return NULL;
     TmDp *d = dl_calloc(1, sizeof *d);
     d->m = m, d->o = o, d->g = g, d->c = c, d->stage = Z->stage, d->Z = Z, d->rank = rank;
-    // the slices and each bucket's level at every stage (ZeRO-0's overlap all-reduces bucket by bucket)
+    // each bucket's level (host arithmetic); the slices and pieces at ZeRO-1/2 (ZeRO-0: only once overlap asks)
     d->n_bucket = Z->n_bucket;
     d->first = dl_malloc((size_t)(Z->n_bucket + 1) * sizeof(int));
     d->level = dl_malloc((size_t)(Z->n_bucket ? Z->n_bucket : 1) * sizeof(int));
     zero_bucket_levels(Z, r, m->h->base.n_layer, d->level);
-    {
-        int64_t *goff = dl_malloc((size_t)(r->n ? r->n : 1) * sizeof(int64_t));
-        int64_t *moff = dl_malloc((size_t)(r->n ? r->n : 1) * sizeof(int64_t));
-        for (int i = 0; i < r->n; i++) {
-            goff[i] = engine_cuda_grad_offset(m->cu, i);
-            moff[i] = engine_cuda_master_offset(m->cu, i);
-        }
-        d->slices = dl_malloc((size_t)zero_slice_ranges_max(Z) * sizeof(ZeroRange));
-        d->pieces = dl_malloc((size_t)zero_piece_ranges_max(Z) * sizeof(ZeroRange));
-        int rc = zero_slice_ranges_split(Z, goff, d->slices, &d->n_slices, d->first, e);
-        if (!rc) rc = zero_piece_ranges(Z, moff, d->pieces, &d->n_pieces, e);
-        free(goff);
-        free(moff);
-        if (rc) {
-            dl_fail_prefix(e, "data parallel on the device: ");
-            tm_dp_free(d);
-            return NULL;
-        }
-    }
     const char *ov = getenv("DISTILL_DP_OVERLAP");
+    if ((d->stage > 0 || (ov && *ov == '1')) && dp_ranges(d, e)) {
+        tm_dp_free(d);
+        return NULL;
+    }
     d->overlap = ov && *ov == '1';
     if (d->overlap && rank == 0)
         dl_info("data parallel: each bucket's reduction overlapped with the backward (DISTILL_DP_OVERLAP=1, %d buckets)",
@@ -429,6 +438,7 @@ int tm_dp_before_backward(TmDp *d, float *grads, bool last_micro, DlError *e) {
     if (d->armed || d->reduced)
         return dl_fail(e, "data parallel: tm_dp_before_backward twice without tm_dp_micro / tm_dp_step between");
     if (!d->cst && !(d->cst = nccl_comm_stream(d->c, e))) return -1;
+    if (!d->slices && dp_ranges(d, e)) return -1;  // ZeRO-0 turned to overlap by tm_dp_set_overlap
     d->grads = grads, d->launched = 0, d->failed = false, d->armed = true;
     if (d->gs) {
         grad_stage_begin(d->gs);

@@ -498,7 +498,7 @@ static void test_plan(void) {
     reg_free(&reg);
     recipe_errors_free(&errs);
     recipe_free(&r);
-    // cuda, 4 GPUs, ZeRO-1: bf16 weights whole, master and moments sharded, grads whole
+    // cuda, 4 GPUs, ZeRO-1: bf16 weights whole, fp32 master whole (tm_dp_* broadcasts it), moments sharded, grads whole
     const char *sets[] = {"run.device=cuda", "hardware.gpus=4", "hardware.zero=1", "optimizer.grad_accum=2"};
     rc = load(GOOD_STAGES, sets, 4, true, &r, &errs);
     CHECK(rc == 0);
@@ -506,7 +506,7 @@ static void test_plan(void) {
     StagePlan q;
     CHECK(plan_stage(&r, &r.stages[1], 0, &q, &e) == 0);
     CHECK(q.mem.weights == 2.0 * q.params_total);
-    CHECK(q.mem.master == 4.0 * q.params_trainable / 4 && q.mem.optim == 8.0 * q.params_trainable / 4);
+    CHECK(q.mem.master == 4.0 * q.params_trainable && q.mem.optim == 8.0 * q.params_trainable / 4);
     CHECK(q.mem.grads == 4.0 * q.params_trainable);
     CHECK_EQ_I64(q.tokens_per_step, 1 * 2 * 4 * 64);
     CHECK(q.mem.activations < p.mem.activations);  // bf16, and no T^2 attention probabilities
