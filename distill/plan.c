@@ -11,7 +11,8 @@
 //         master  = 4 P_t (fp32 master weights)      + 4 P_f (whole on every rank: ZeRO-1/2 broadcast the
 //                                                    updated fp32 master pieces, the checkpoint writes it)
 //         grads   = 4 P_t (fp32, accumulated)        whole at ZeRO-2 too (the engine's backward writes every
-//                                                    trained tensor into one buffer; docs/MULTIGPU.md)
+//                                                    trained tensor into one buffer; docs/MULTIGPU.md), unless
+//                                                    DISTILL_DP_STAGE_GRADS=1 stages it: zero_stage_plan's bytes
 //         optim   = 8 P_t (AdamW m and v, fp32)      /G if Z>=1
 //         frozen  = 2 P_T (bf16 teacher, no master)  /G if Z>=3   (DPO: 2 P + 4 P_f, the frozen reference)
 //   cpu:  weights = 4 P (fp32 weights are the master), grads = 4 P_t, optim = 8 P_t, frozen = 4 P_T.
@@ -46,11 +47,13 @@
 #include "distill/plan.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "distill/model.h"
 #include "distill/registry.h"
 #include "distill/stage.h"
+#include "distill/zero.h"
 #include "kernels/engine/engine_cuda.h"        // ECU_CHUNK_LOGITS (a define: no CUDA code is called)
 #include "kernels/engine/mamba2_cuda.h"        // the Mamba-2 unit's buffer tables (host functions, no CUDA calls)
 #include "kernels/scan/selective_scan_cuda.h"  // SCAN_CKPT
@@ -87,6 +90,33 @@ static double layer_act_elems(const HybridConfig *h, int l, int recompute, int T
     case MIXER_MAMBA2: e += 2 * di + 2 * (2 * dxb + di) + H + di * N / SCAN_CHUNK; break;
     }
     return e;
+}
+
+// ZeRO-2 staged gradients (DISTILL_DP_STAGE_GRADS=1 in the environment, which the run reads too; train_model.h
+// tm_dp_stage_grads): the most gradient memory any of the G ranks holds, from zero_stage_plan over the engine's
+// compact layout (trained tensors in registry order at multiples of DL_TENSOR_ALIGN) with 2 MiB pages; -1 when
+// the variable is not set or there is one GPU.
+static double staged_grad_bytes(const HybridConfig *h, const Registry *reg, int G) {
+    const char *v = getenv("DISTILL_DP_STAGE_GRADS");
+    if (!v || *v != '1' || G < 2) return -1;
+    ZeroLayout L;
+    DlError e;
+    if (zero_layout_build(&L, reg, G, 2, ZERO_BUCKET_BYTES, &e)) return -1;
+    int64_t *off = dl_malloc((size_t)(reg->n ? reg->n : 1) * sizeof(int64_t)), n = 0;
+    for (int i = 0; i < reg->n; i++) {
+        off[i] = reg->t[i].trainable ? n : -1;
+        if (reg->t[i].trainable) n += (reg->t[i].numel + DL_TENSOR_ALIGN - 1) / DL_TENSOR_ALIGN * DL_TENSOR_ALIGN;
+    }
+    double most = -1;
+    for (int q = 0; q < G; q++) {
+        ZeroStagePlan P;
+        if (zero_stage_plan(&L, reg, off, n, h->base.n_layer, q, ZERO_STAGE_PAGE_ELEMS, &P, &e)) break;
+        most = DL_MAX(most, zero_stage_bytes(&P));
+        zero_stage_plan_free(&P);
+    }
+    free(off);
+    zero_layout_free(&L);
+    return most;
 }
 
 // ---- cuda: the engine's allocation (kernels/engine/engine_cuda.cu); engine_cuda_plan computes the same numbers
@@ -245,6 +275,8 @@ int plan_stage(const Recipe *r, const StageSpec *st, int step, StagePlan *p, DlE
         m->weights = 2 * P / (Z >= 3 ? G : 1);
         m->master = 4 * Pt + 4 * Pf;  // every rank keeps the whole fp32 master (tm_dp_step broadcasts the pieces)
         m->grads = 4 * Pt;            // the engine's one gradient buffer, whole at every ZeRO stage
+        const double staged = Z == 2 ? staged_grad_bytes(&h, &reg, (int)G) : -1;
+        if (staged >= 0) m->grads = staged;  // unless ZeRO-2 stages it (opt-in)
         m->optim = (o->moments == MOMENTS_BF16 ? 4 : 8) * Pt / (Z >= 1 ? G : 1);
         // a teacher used inside training is sharded like the student under ZeRO-3
         if (needs_teacher_online(st)) m->frozen_model = 2 * PT / (Z >= 3 ? G : 1);

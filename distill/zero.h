@@ -174,6 +174,11 @@ void zero_optim_step(Optim *o, int world, float *params, float *grads, double lo
 // mapped, in bucket order, and every final one launched as soon as it is mapped; so the buckets mapped and not yet
 // launched are those with lowest level < lv <= highest level + 1, and K = 1 + the most of them at any report
 // leaves a launched bucket's reduction one report to finish before its slot is needed again.
+// The bucket size the training stages use (stage_common.c says 25 MiB too) and the page of the H100/H200's
+// allocation granularity (2 MiB), for plans made without a GPU.
+#define ZERO_BUCKET_BYTES ((int64_t)25 << 20)
+#define ZERO_STAGE_PAGE_ELEMS ((int64_t)1 << 19)
+
 typedef struct {
     int64_t a0, a1, b0, b1;  // staged page runs [a0, a1), [b0, b1) (empty: equal ends)
     int lo, hi;              // lowest and highest tensor level (zero_tensor_level)

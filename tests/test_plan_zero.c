@@ -4,8 +4,10 @@
 // and the gradient buffer whole at every stage (the master pieces are broadcast in fp32; the engine's backward
 // writes every trained tensor into one buffer), the AdamW moments 1/G from ZeRO-1 on. So: grads = 4 P_t and
 // master = 4 P_t + 4 P_f at ZeRO-0, 1 and 2 alike; adamw(ZeRO-1) = adamw(ZeRO-2) = adamw(ZeRO-0) / 2; and the
-// moments of one GPU (ZeRO-0) are 8 P_t.
+// moments of one GPU (ZeRO-0) are 8 P_t. With DISTILL_DP_STAGE_GRADS=1 the ZeRO-2 gradient term is the staged
+// buffer's (zero_stage_plan): below 4 P_t, at least this rank's half; ZeRO-1 unchanged.
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "distill/plan.h"
@@ -56,5 +58,30 @@ int main(void) {
         printf("stage %d: %.0f trained; per GPU grads %.1f MB at ZeRO-0/1/2, master %.1f MB, AdamW %.1f / %.1f / %.1f MB\n", k,
                Pt, m2->grads / 1e6, m2->master / 1e6, m0->optim / 1e6, m1->optim / 1e6, m2->optim / 1e6);
     }
+    // ZeRO-2 staged gradients (DISTILL_DP_STAGE_GRADS=1, read by the plan as by the run): the plan counts less
+    // than the whole buffer but at least this rank's half; ZeRO-1 is unaffected
+    setenv("DISTILL_DP_STAGE_GRADS", "1", 1);
+    for (int z = 1; z < 3; z++) {
+        Recipe r;
+        if (load(z, &r)) {
+            CHECK(0);
+            break;
+        }
+        for (int s = 0; s < r.n_stages; s++) {
+            if (r.stages[s].kind != STAGE_LAYERWISE) continue;
+            StagePlan q;
+            DlError e;
+            CHECK(plan_stage(&r, &r.stages[s], 0, &q, &e) == 0);
+            const double Pt = (double)q.params_trainable;
+            if (z == 1) CHECK(q.mem.grads == 4 * Pt);
+            else {
+                CHECK(q.mem.grads < 4 * Pt && q.mem.grads >= 2 * Pt);
+                printf("ZeRO-2 staged (2 GPUs): grads %.1f MB per GPU instead of %.1f\n", q.mem.grads / 1e6, 4 * Pt / 1e6);
+            }
+            break;
+        }
+        recipe_free(&r);
+    }
+    unsetenv("DISTILL_DP_STAGE_GRADS");
     return check_report("test_plan_zero");
 }
