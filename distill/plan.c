@@ -222,6 +222,7 @@ static bool needs_teacher_online(const StageSpec *st) {
     case STAGE_LAYERWISE:
     case STAGE_DISTILL:
     case STAGE_SFT:
+    case STAGE_DRAFT:
         return st->teacher_logits == TEACHER_ONLINE && (st->loss.kl > 0 || st->loss.reverse_kl > 0 || st->loss.mse > 0);
     default: return false;
     }
@@ -240,6 +241,11 @@ int plan_stage(const Recipe *r, const StageSpec *st, int step, StagePlan *p, DlE
     HybridConfig h, teacher;
     if (recipe_stage_layout(r, st, step, &h, e)) return -1;
     hybrid_config_teacher(&teacher, &r->teacher_cfg.base);
+    if (st->kind == STAGE_DRAFT) {  // the draft is the teacher cut to its chosen layers (stage_draft.c)
+        LlamaConfig dc = r->teacher_cfg.base;
+        dc.n_layer = st->n_draft_layers;
+        hybrid_config_teacher(&h, &dc);
+    }
     Registry reg, treg;
     model_build_registry(&h, &reg);
     model_build_registry(&teacher, &treg);
@@ -405,6 +411,14 @@ static const char *what_stage_does(const Recipe *r, const StageSpec *st, char *b
                  : st->teacher_logits == TEACHER_CACHE ? "logits from the cache" : "online");
         break;
     case STAGE_DPO: snprintf(buf, n, "DPO on '%s', beta %g, reference = the student at the stage start", d, st->beta); break;
+    case STAGE_DRAFT: {
+        size_t o = (size_t)snprintf(buf, n, "speculative draft: teacher layers [");
+        for (int k = 0; k < st->n_draft_layers && o < n; k++) o += (size_t)snprintf(buf + o, n - o, "%s%d", k ? "," : "", st->draft_layers[k]);
+        if (o < n)
+            snprintf(buf + o, n - o, "] + embeddings/head, trained on '%s': loss %g CE + %g KL (T=%g)", d, st->loss.ce, st->loss.kl,
+                     st->loss.temperature);
+        break;
+    }
     case STAGE_EXPORT:
         snprintf(buf, n, "export %s to %s", st->export_format == EXPORT_HF ? "MambaInLlama HF (safetensors)" : "?",
                  st->export_dir ? st->export_dir : "RUN_DIR/export");
