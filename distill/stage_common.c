@@ -11,6 +11,7 @@
 #include "distill/checkpoint.h"
 #include "distill/ingest.h"
 #include "distill/shards.h"
+#include "distill/zero.h"
 
 void stage_model_free(StageModel *m) {
     reg_free(&m->reg);
@@ -384,7 +385,7 @@ void stage_train_device(const RunContext *ctx, TrainConfig *c) {
     if (sd && sd->world > 1) {
         c->dist = sd->g;
         c->zero_stage = sd->zero;
-        c->zero_bucket_bytes = (int64_t)25 << 20;  // reduce while backward runs (CUDA); one bucket on tiny models
+        c->zero_bucket_bytes = ZERO_BUCKET_BYTES;  // (zero.h) buckets reduced as the backward finishes them (CUDA); one on tiny models
         c->nccl = sd->nccl;
     }
 }
