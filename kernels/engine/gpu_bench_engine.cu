@@ -2,7 +2,7 @@
 // student forward, CE + 0.1 KL over the vocabulary (streamed in row chunks), backward, AdamW on the Mamba
 // mixers only (every other layer is Mamba, attention kept at even layers). Random weights.
 //   gpu_bench_engine [--model smollm2|llama8b] [--layers L] [--B 2] [--T 2048] [--steps 10] [--warmup 3]
-//                    [--recompute] [--attn-cuda-cores] [--chunk rows] [--share-prefix] [--plan-only]
+//                    [--recompute] [--attn-cuda-cores] [--chunk rows[,rows...]] [--share-prefix] [--plan-only]
 // Reports ms/step, tokens/s and MFU. FLOPs counted: teacher forward + 3x student forward (forward and
 // backward), GEMMs 2*m*n*k, causal attention 2*T*nh*hd per token for QK^T and PV each (half the square),
 // scan and element-wise work not counted. MFU against the 989 TFLOP/s dense bf16 peak of the H100 SXM and
@@ -10,8 +10,9 @@
 // Memory: the engines' allocations by purpose (engine_cuda_memory_parts, the optimizer's moments) next to
 // plan_stage()'s estimate (the --dry-run formula) with their ratio, and cudaMemGetInfo's use. --plan-only prints
 // that comparison from engine_cuda_plan (what the engines would allocate) and exits without touching a GPU.
-// The plan assumes the engine's default loss chunk (--chunk 0, as the pipeline runs); the default here is 1024
-// rows, which adds (1024 - default) x vocab x 2 bytes for each of the two logits chunks.
+// --chunk: rows of logits per loss chunk; 0 (the default) is the engine's default, which the pipeline runs and
+// the plan assumes. A list (--chunk 0,256,1024) measures the step at each in one process: the random weights
+// are generated once and the engines rebuilt per chunk; each gives a RESULT line naming its chunk.
 // --share-prefix: the student's layers below its first Mamba layer get the teacher's weights (as stage 1's
 // initialization gives them: frozen and equal), the teacher keeps its hidden states, and the student's forward
 // starts from the teacher's hidden state there (engine_cuda_forward_range) instead of recomputing those layers.
@@ -116,7 +117,8 @@ int main(int argc, char **argv) {
     int layers = 8, steps = 10, warmup = 3;
     int64_t B = 2, T = 2048;
     bool recompute = false, plan_only = false, share = false;
-    int64_t chunk = 1024;
+    int64_t chunks[16] = {0};
+    int n_chunks = 1;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--model") && i + 1 < argc) model = argv[++i];
         else if (!strcmp(argv[i], "--layers") && i + 1 < argc) layers = atoi(argv[++i]);
@@ -126,12 +128,25 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--warmup") && i + 1 < argc) warmup = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--recompute")) recompute = true;
         else if (!strcmp(argv[i], "--share-prefix")) share = true;
-        else if (!strcmp(argv[i], "--chunk") && i + 1 < argc) chunk = atoll(argv[++i]);
+        else if (!strcmp(argv[i], "--chunk") && i + 1 < argc) {
+            n_chunks = 0;
+            for (char *p = argv[++i]; *p && n_chunks < 16;) {
+                chunks[n_chunks++] = strtoll(p, &p, 10);
+                if (*p == ',') p++;
+                else if (*p) n_chunks = 0, *p = 0;  // not a list of numbers: usage
+            }
+            for (int k = 0; k < n_chunks; k++)
+                if (chunks[k] < 0) n_chunks = 0;
+            if (n_chunks == 0) {
+                fprintf(stderr, "gpu_bench_engine: --chunk wants rows[,rows...] (0: the engine's default)\n");
+                return 2;
+            }
+        }
         else if (!strcmp(argv[i], "--attn-cuda-cores")) attention_use_tensor_cores(0);
         else if (!strcmp(argv[i], "--plan-only")) plan_only = true;
         else {
             fprintf(stderr, "usage: gpu_bench_engine [--model smollm2|llama8b] [--layers L] [--B n] [--T n] [--steps n] "
-                            "[--warmup n] [--recompute] [--attn-cuda-cores] [--chunk rows] [--share-prefix] [--plan-only]\n");
+                            "[--warmup n] [--recompute] [--attn-cuda-cores] [--chunk rows[,rows...]] [--share-prefix] [--plan-only]\n");
             return 2;
         }
     }
@@ -198,131 +213,145 @@ int main(int argc, char **argv) {
         if (plan_stage(&r, &st, 0, &sp, &e) == 0) have_plan = true;
         else printf("  plan_stage: %s\n", e.msg);
     }
+    // the engine's rows per loss chunk for a --chunk value (its activation table's logits entry says it)
+    auto chunk_rows_of = [&](const EngineCudaMemory *m) {
+        return (int64_t)llround(m->logits / 2.0 / (2.0 * c.vocab));  // two bf16 chunks (student, teacher's for KL)
+    };
     printf("gpu_bench_engine: %s, %s: %d layers (%d Mamba-1 + %d attention), d %d, vocab %d, B %lld x T %lld%s, loss "
-           "chunk %lld rows%s\n", plan_only ? "plan only (no GPU)" : "", model, c.n_layer, c.n_layer - na, na, c.d_model,
-           c.vocab, (long long)B, (long long)T, recompute ? ", MLP recompute" : "", (long long)chunk,
-           chunk > 0 ? "" : " (engine default)");
+           "chunk", plan_only ? "plan only (no GPU)" : "", model, c.n_layer, c.n_layer - na, na, c.d_model, c.vocab,
+           (long long)B, (long long)T, recompute ? ", MLP recompute" : "");
+    for (int k = 0; k < n_chunks; k++) printf("%s %lld%s", k ? "," : "", (long long)chunks[k], chunks[k] > 0 ? "" : " (engine default)");
+    printf(" rows\n");
     printf("  student %.1fM params (%.1fM trainable), teacher %.1fM\n", reg_params_numel(&rs) / 1e6,
            reg_trainable_numel(&rs) / 1e6, reg_params_numel(&rt) / 1e6);
     if (plan_only) {
-        EngineCudaMemory ms, mt;
-        if (engine_cuda_plan(&hs, &rs, B, T, sflags, DT_BF16, chunk, &ms, &e) ||
-            engine_cuda_plan(&ht, &rt, B, T, ECU_NO_MASTER, DT_BF16, chunk, &mt, &e)) {
-            fprintf(stderr, "engine_cuda_plan: %s\n", e.msg);
-            return 1;
+        for (int k = 0; k < n_chunks; k++) {
+            EngineCudaMemory ms, mt;
+            if (engine_cuda_plan(&hs, &rs, B, T, sflags, DT_BF16, chunks[k], &ms, &e) ||
+                engine_cuda_plan(&ht, &rt, B, T, ECU_NO_MASTER, DT_BF16, chunks[k], &mt, &e)) {
+                fprintf(stderr, "engine_cuda_plan: %s\n", e.msg);
+                return 1;
+            }
+            printf("  --chunk %lld: the engine's loss chunk is %lld rows\n", (long long)chunks[k], (long long)chunk_rows_of(&ms));
+            // AdamW fp32 m and v over the compact gradient layout (engine_cuda_optim_attach)
+            if (have_plan) print_vs_plan(&ms, &mt, 2 * ms.grads, &sp, -1);
         }
-        // AdamW fp32 m and v over the compact gradient layout (engine_cuda_optim_attach)
-        if (have_plan) print_vs_plan(&ms, &mt, 2 * ms.grads, &sp, -1);
         return 0;
     }
     cudaDeviceProp prop;
     cudaGetDeviceProperties(&prop, 0);
     printf("  device: %s\n", prop.name);
-    size_t free0, tot;
-    cudaMemGetInfo(&free0, &tot);
-    // ---- engines (the host parameter buffers are freed after upload)
-    float *ph = (float *)malloc((size_t)DL_MAX(rs.numel, rt.numel) * 4);
-    bench_fill_random(&rt, ph, 1);
-    int lowest = 0;  // the student's first Mamba layer
-    while (lowest < c.n_layer && hs.mixer[lowest] != MIXER_MAMBA1) lowest++;
-    float *pt = NULL;  // --share-prefix: the teacher's weights, for the student's frozen prefix
-    if (share) {
-        pt = (float *)malloc((size_t)rt.numel * 4);
-        memcpy(pt, ph, (size_t)rt.numel * 4);
-        printf("  --share-prefix: student layers 0..%d take the teacher's weights; the student's forward starts from the "
-               "teacher's hidden state %d\n", lowest - 1, lowest);
-    }
-    EngineCuda *teacher = engine_cuda_new(&ht, &rt, ph, B, T, ECU_NO_MASTER | (share ? ECU_KEEP_HIDDEN : 0), DT_BF16,
-                                          chunk, stdout, &e);
-    if (!teacher) {
-        fprintf(stderr, "teacher: %s\n", e.msg);
+    // ---- random weights, once (host fp32, registry layout): the teacher's, then the student's
+    float *pt = (float *)malloc((size_t)rt.numel * 4), *ps = (float *)malloc((size_t)rs.numel * 4);
+    if (!pt || !ps) {
+        fprintf(stderr, "gpu_bench_engine: out of host memory for the weights (%.1f GB)\n", (rt.numel + rs.numel) * 4e-9);
         return 1;
     }
-    bench_fill_random(&rs, ph, 2);
+    bench_fill_random(&rt, pt, 1);
+    int lowest = 0;  // the student's first Mamba layer
+    while (lowest < c.n_layer && hs.mixer[lowest] != MIXER_MAMBA1) lowest++;
+    if (share)
+        printf("  --share-prefix: student layers 0..%d take the teacher's weights; the student's forward starts from the "
+               "teacher's hidden state %d\n", lowest - 1, lowest);
+    bench_fill_random(&rs, ps, 2);
     for (int i = 0; share && i < rs.n; i++) {  // by name: layers below `lowest` and the non-layer tensors (as stage 1 inits)
         const TensorInfo *t = &rs.t[i];
         const int j = reg_find(&rt, t->name);
-        if (j >= 0 && t->layer < lowest) memcpy(ph + t->offset, pt + rt.t[j].offset, (size_t)t->numel * 4);
+        if (j >= 0 && t->layer < lowest) memcpy(ps + t->offset, pt + rt.t[j].offset, (size_t)t->numel * 4);
     }
-    free(pt);
-    EngineCuda *student = engine_cuda_new(&hs, &rs, ph, B, T, sflags, DT_BF16, chunk, stdout, &e);
-    if (!student) {
-        fprintf(stderr, "student: %s\n", e.msg);
-        return 1;
-    }
-    free(ph);
-    OptimConfig oc;
-    optim_config_default(&oc);
-    oc.lr = 1e-4;
-    oc.total_steps = 1000;
-    EngineCudaOptim *opt = engine_cuda_optim_new(student, &oc, DT_F32, &e);
-    if (!opt) {
-        fprintf(stderr, "optim: %s\n", e.msg);
-        return 1;
-    }
-    float *grads = engine_cuda_grads_new(student);
-    size_t free1;
-    cudaMemGetInfo(&free1, &tot);
-    {
-        EngineCudaMemory ms, mt;
-        engine_cuda_memory_parts(student, &ms);
-        engine_cuda_memory_parts(teacher, &mt);
-        if (have_plan) print_vs_plan(&ms, &mt, engine_cuda_optim_bytes(opt), &sp, (double)(free0 - free1));
-    }
-    // ---- the step
     const int64_t N = B * T;
     int32_t *tok = (int32_t *)malloc(N * 4), *tgt = (int32_t *)malloc(N * 4);
     Rng g;
     rng_init(&g, 9, 9);
     for (int64_t i = 0; i < N; i++) tok[i] = (int32_t)rng_below(&g, (uint64_t)c.vocab);
     for (int64_t i = 0; i < N; i++) tgt[i] = (i + 1) % T ? tok[i + 1] : -1;
-    LossSpecCuda ls;
-    memset(&ls, 0, sizeof ls);
-    ls.w.ce = 1.0f;
-    ls.w.kl = 0.1f;
-    ls.teacher = teacher;
-    double tsum = 0, tfwd_t = 0;
-    LossParts lp;
-    memset(&lp, 0, sizeof lp);
-    for (int s = 0; s < warmup + steps; s++) {
-        engine_cuda_sync();
-        double t0 = now();
-        engine_cuda_zero_trainable(student, grads);
-        if (engine_cuda_forward(teacher, tok, NULL, &e) ||
-            (share ? engine_cuda_forward_range(student, tok, NULL, lowest, engine_cuda_hidden(teacher, lowest), c.n_layer, &e)
-                   : engine_cuda_forward(student, tok, NULL, &e))) {
-            fprintf(stderr, "%s\n", e.msg);
+    const double rate = gemm_rate();
+    for (int k = 0; k < n_chunks; k++) {
+        const int64_t chunk = chunks[k];
+        size_t free0, tot;
+        cudaMemGetInfo(&free0, &tot);
+        EngineCuda *teacher = engine_cuda_new(&ht, &rt, pt, B, T, ECU_NO_MASTER | (share ? ECU_KEEP_HIDDEN : 0), DT_BF16,
+                                              chunk, k ? NULL : stdout, &e);
+        if (!teacher) {
+            fprintf(stderr, "teacher: %s\n", e.msg);
             return 1;
         }
-        engine_cuda_sync();
-        double t1 = now();
-        lp = engine_cuda_loss(student, tgt, NULL, &ls, grads, NULL);
-        engine_cuda_sync();
-        double tl = now();
-        engine_cuda_backward(student, grads);
-        engine_cuda_sync();
-        double tb = now();
-        OptimResult res;
-        engine_cuda_optim_step(opt, grads, lp.loss, &res);
-        engine_cuda_sync();
-        double t2 = now();
-        if (s >= warmup) tsum += t2 - t0, tfwd_t += t1 - t0;
-        printf("  step %d: loss %.4f (ce %.4f kl %.4f) grad norm %.3g, %.1f ms: forwards %.1f, head+loss %.1f, backward "
-               "%.1f, optimizer %.1f\n", s, lp.loss, lp.ce, lp.kl, res.grad_norm, 1e3 * (t2 - t0), 1e3 * (t1 - t0),
-               1e3 * (tl - t1), 1e3 * (tb - tl), 1e3 * (t2 - tb));
+        EngineCuda *student = engine_cuda_new(&hs, &rs, ps, B, T, sflags, DT_BF16, chunk, k ? NULL : stdout, &e);
+        if (!student) {
+            fprintf(stderr, "student: %s\n", e.msg);
+            return 1;
+        }
+        OptimConfig oc;
+        optim_config_default(&oc);
+        oc.lr = 1e-4;
+        oc.total_steps = 1000;
+        EngineCudaOptim *opt = engine_cuda_optim_new(student, &oc, DT_F32, &e);
+        if (!opt) {
+            fprintf(stderr, "optim: %s\n", e.msg);
+            return 1;
+        }
+        float *grads = engine_cuda_grads_new(student);
+        size_t free1;
+        cudaMemGetInfo(&free1, &tot);
+        EngineCudaMemory ms, mt;
+        engine_cuda_memory_parts(student, &ms);
+        engine_cuda_memory_parts(teacher, &mt);
+        const int64_t rows = chunk_rows_of(&ms);
+        printf("== loss chunk %lld rows (--chunk %lld)\n", (long long)rows, (long long)chunk);
+        if (have_plan && (k == 0 || chunk == 0)) print_vs_plan(&ms, &mt, engine_cuda_optim_bytes(opt), &sp, (double)(free0 - free1));
+        // ---- the step
+        LossSpecCuda ls;
+        memset(&ls, 0, sizeof ls);
+        ls.w.ce = 1.0f;
+        ls.w.kl = 0.1f;
+        ls.teacher = teacher;
+        double tsum = 0, tfwd_t = 0, tloss = 0;
+        LossParts lp;
+        memset(&lp, 0, sizeof lp);
+        for (int s = 0; s < warmup + steps; s++) {
+            engine_cuda_sync();
+            double t0 = now();
+            engine_cuda_zero_trainable(student, grads);
+            if (engine_cuda_forward(teacher, tok, NULL, &e) ||
+                (share ? engine_cuda_forward_range(student, tok, NULL, lowest, engine_cuda_hidden(teacher, lowest), c.n_layer, &e)
+                       : engine_cuda_forward(student, tok, NULL, &e))) {
+                fprintf(stderr, "%s\n", e.msg);
+                return 1;
+            }
+            engine_cuda_sync();
+            double t1 = now();
+            lp = engine_cuda_loss(student, tgt, NULL, &ls, grads, NULL);
+            engine_cuda_sync();
+            double tl = now();
+            engine_cuda_backward(student, grads);
+            engine_cuda_sync();
+            double tb = now();
+            OptimResult res;
+            engine_cuda_optim_step(opt, grads, lp.loss, &res);
+            engine_cuda_sync();
+            double t2 = now();
+            if (s >= warmup) tsum += t2 - t0, tfwd_t += t1 - t0, tloss += tl - t1;
+            printf("  step %d: loss %.4f (ce %.4f kl %.4f) grad norm %.3g, %.1f ms: forwards %.1f, head+loss %.1f, backward "
+                   "%.1f, optimizer %.1f\n", s, lp.loss, lp.ce, lp.kl, res.grad_norm, 1e3 * (t2 - t0), 1e3 * (t1 - t0),
+                   1e3 * (tl - t1), 1e3 * (tb - tl), 1e3 * (t2 - tb));
+        }
+        const double step_s = tsum / steps;
+        const double ft = fwd_flops_per_token(&ht, T) * N, fs = fwd_flops_per_token(&hs, T) * N;
+        const double flops = ft + 3 * fs;
+        const char *attn_env = getenv("DISTILL_ATTN");
+        printf("RESULT attn=%s model=%s layers=%d B=%lld T=%lld chunk=%lld%s step_ms=%.1f (forwards %.1f, head+loss %.1f) "
+               "tokens_per_s=%.0f TFLOP_per_step=%.1f TFLOPs=%.0f MFU_989=%.1f%% gemm_rate=%.0f TFLOP/s frac_of_gemm=%.1f%%\n",
+               attn_env && *attn_env ? attn_env : "default", model, c.n_layer, (long long)B, (long long)T, (long long)rows,
+               chunk > 0 ? "" : "(default)", 1e3 * step_s, 1e3 * tfwd_t / steps, 1e3 * tloss / steps, N / step_s, flops / 1e12,
+               flops / step_s / 1e12, 100 * flops / step_s / 989e12, rate / 1e12, 100 * flops / step_s / rate);
+        engine_cuda_dfree(grads);
+        engine_cuda_optim_free(opt);
+        engine_cuda_free(student);
+        engine_cuda_free(teacher);
     }
-    const double step_s = tsum / steps;
-    const double ft = fwd_flops_per_token(&ht, T) * N, fs = fwd_flops_per_token(&hs, T) * N;
-    const double flops = ft + 3 * fs;
-    const double rate = gemm_rate();
-    const char *attn_env = getenv("DISTILL_ATTN");
-    printf("RESULT attn=%s model=%s layers=%d B=%lld T=%lld step_ms=%.1f (forwards %.1f) tokens_per_s=%.0f TFLOP_per_step=%.1f "
-           "TFLOPs=%.0f MFU_989=%.1f%% gemm_rate=%.0f TFLOP/s frac_of_gemm=%.1f%%\n",
-           attn_env && *attn_env ? attn_env : "default", model, c.n_layer, (long long)B, (long long)T, 1e3 * step_s, 1e3 * tfwd_t / steps, N / step_s, flops / 1e12,
-           flops / step_s / 1e12, 100 * flops / step_s / 989e12, rate / 1e12, 100 * flops / step_s / rate);
-    engine_cuda_dfree(grads);
-    engine_cuda_optim_free(opt);
-    engine_cuda_free(student);
-    engine_cuda_free(teacher);
+    free(pt);
+    free(ps);
+    free(tok);
+    free(tgt);
     return 0;
 }

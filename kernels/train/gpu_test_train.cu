@@ -354,10 +354,13 @@ static void test_embedding(DType dt) {
 
 // ---------------------------------------------------------------- losses
 
-static void test_loss(DType dt, int64_t V, float T, float wce, float wkl, float wrkl, bool inplace) {
+// kern: "block" or "cluster" picks loss_rows_cuda's kernel through DISTILL_LOSS_ROWS, "auto" its default
+static void test_loss(DType dt, int64_t V, float T, float wce, float wkl, float wrkl, bool inplace, const char *kern = "auto") {
     const int64_t n = 37;
-    printf("loss (%s): n %lld, V %lld, T %.1f, ce %.1f kl %.1f rkl %.1f, %s\n", dtn(dt), (long long)n, (long long)V, T, wce,
-           wkl, wrkl, inplace ? "dlogits in place" : "separate dlogits");
+    if (strcmp(kern, "auto")) setenv("DISTILL_LOSS_ROWS", kern, 1);
+    else unsetenv("DISTILL_LOSS_ROWS");
+    printf("loss (%s, %s kernel): n %lld, V %lld, T %.1f, ce %.1f kl %.1f rkl %.1f, %s\n", dtn(dt), kern, (long long)n,
+           (long long)V, T, wce, wkl, wrkl, inplace ? "dlogits in place" : "separate dlogits");
     Vec s = randn(n * V, 3), t = randn(n * V, 3), rw(n);
     std::vector<int32_t> tgt(n);
     std::vector<uint8_t> mask(n);
@@ -394,14 +397,14 @@ static void test_loss(DType dt, int64_t V, float T, float wce, float wkl, float 
     const char *nm[4] = {"ce sum", "kl sum", "rkl sum", "counted rows"};
     for (int j = 0; j < 4; j++) {
         const double e = fabs(ga[j] - ref[j]) / fmax(fabs(ref[j]), 1e-30);
-        snprintf(name, sizeof name, "loss %s (%s, V %lld)", nm[j], dtn(dt), (long long)V);
+        snprintf(name, sizeof name, "loss %s (%s, %s, V %lld)", nm[j], dtn(dt), kern, (long long)V);
         check_rel(ref[j] == 0 ? fabs(ga[j]) : e, ls_tol, name);
     }
-    snprintf(name, sizeof name, "loss dlogits (%s, V %lld)", dtn(dt), (long long)V);
+    snprintf(name, sizeof name, "loss dlogits (%s, %s, V %lld)", dtn(dt), kern, (long long)V);
     check_rel(rel(down(bd), ds), dt == DT_BF16 ? 1e-2 : 1e-5, name);
     Vec glp(n);
     CK(cudaMemcpy(glp.data(), lp, n * 4, cudaMemcpyDeviceToHost));
-    snprintf(name, sizeof name, "loss logp_target (%s, V %lld)", dtn(dt), (long long)V);
+    snprintf(name, sizeof name, "loss logp_target (%s, %s, V %lld)", dtn(dt), kern, (long long)V);
     check_rel(rel(glp, lpc), 1e-5, name);
     if (!inplace) {  // determinism: rerun into a second buffer
         Buf bd2 = dalloc(dt, n * V);
@@ -411,7 +414,7 @@ static void test_loss(DType dt, int64_t V, float T, float wce, float wkl, float 
         need(loss_sum_cuda(rows2, n, acc + 4, NULL, err, sizeof err), "loss sum");
         double gb[8];
         CK(cudaMemcpy(gb, acc, sizeof gb, cudaMemcpyDeviceToHost));
-        snprintf(name, sizeof name, "loss deterministic (%s, V %lld)", dtn(dt), (long long)V);
+        snprintf(name, sizeof name, "loss deterministic (%s, %s, V %lld)", dtn(dt), kern, (long long)V);
         det(same_bits(bd, bd2) && !memcmp(gb, gb + 4, 4 * sizeof(double)), name);
         CK(cudaFree(rows2));
         dfree(bd2);
@@ -624,6 +627,20 @@ int main(int argc, char **argv) {
         test_loss(dt, 50257, 1.0f, 1.0f, 0.1f, 0.0f, true);
         test_loss(dt, 777, 1.5f, 0.0f, 0.0f, 1.0f, false);
         test_loss(dt, 2048, 1.5f, 1.0f, 0.5f, 0.25f, true);  // bf16: the 16-byte path, in place
+        if (dt == DT_BF16) {
+            // both bf16 kernels by name (DISTILL_LOSS_ROWS), on the cluster kernel's shapes: 1 block (V 1000,
+            // 2048), clusters of 4 x 1 word per thread (16384), 8 x 2 words with a partial last word row (49144),
+            // 8 x 4 (Llama-3's 128256: the engine's CE + 0.1 KL in place, and the reverse-KL path)
+            for (const char *kern : {"cluster", "block"}) {
+                test_loss(dt, 1000, 2.0f, 1.0f, 0.5f, 0.25f, false, kern);
+                test_loss(dt, 2048, 1.5f, 1.0f, 0.5f, 0.25f, true, kern);
+                test_loss(dt, 16384, 1.0f, 1.0f, 0.0f, 0.0f, true, kern);
+                test_loss(dt, 49144, 1.0f, 1.0f, 0.1f, 0.0f, false, kern);
+                test_loss(dt, 128256, 1.0f, 1.0f, 0.1f, 0.0f, true, kern);
+                test_loss(dt, 128256, 2.0f, 0.5f, 1.0f, 0.5f, false, kern);
+            }
+            unsetenv("DISTILL_LOSS_ROWS");
+        }
         test_attention(dt, 64, true, true);
         test_attention(dt, 128, true, true);
         test_attention(dt, 128, false, true);

@@ -100,8 +100,8 @@ int embedding_bwd_cuda(DType dt, float *dwte, const void *dout, const int32_t *o
                        const int32_t *uniq, int64_t U, int64_t d, dl_stream_t stream, char *err, size_t errlen);
 
 // ---------------------------------------------------------------- losses over the vocabulary
-// loss_rows on the GPU: one block per row streams its V logits (dt) three times at most (log-sum-exps,
-// KL sums, gradient), never storing probabilities. teacher [n, V] (dt) needed if kl or rkl != 0; targets
+// loss_rows on the GPU, never storing probabilities: one block per row streams it three times at most, or (bf16
+// rows, V % 8 == 0, 16-byte aligned, V <= 262144; DISTILL_LOSS_ROWS=cluster) a cluster of blocks reads it once. teacher [n, V] (dt) needed if kl or rkl != 0; targets
 // [n] int32, mask [n] u8 (NULL: all), row_weight [n] fp32 (NULL: 1). dlogits [n, V] (dt; may alias logits;
 // NULL: no gradient) gets scale * d(w.ce ce + w.kl kl + w.rkl rkl)/ds; rows with mask 0 get zeros.
 // rows_out [n, 4] fp64 gets per row (ce, kl, rkl, counted) exactly as loss_rows sums them; logp_target [n]
