@@ -1,5 +1,5 @@
 // mamba2_cuda.cu: the MambaInLlama Mamba-2 mixer on the device (see mamba2_cuda.h for the math and the interface).
-// The GEMMs go through DlGemm, the conv through kernels/scan, the scan through kernels/ssd; this file holds the
+// The GEMMs go through DlGemm, the scan through kernels/ssd; this file holds the conv (fp32 input) and the
 // glue kernels: the GQA repeat of x and B to the heads and its transpose, the gated RMSNorm per head and its
 // backward, the norm weight's column sums, and the fp32 folds of the per-head gradients.
 #include "kernels/engine/mamba2_cuda.h"
@@ -10,7 +10,6 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "kernels/scan/selective_scan_cuda.h"
 #include "kernels/ssd/ssd_cuda.h"
 #include "kernels/train/train_check.cuh"
 
@@ -197,6 +196,76 @@ __global__ void col_sum_add_k(const float *part, int64_t nb, int64_t n, float *g
     }
 }
 
+// The causal depthwise conv + SiLU on the fp32 xBC (mamba2_cpu.c's conv1d_silu_*_cpu math: bias first, then the W
+// taps oldest first; resets cut the window). The conv input stays fp32 because rounding it to bf16 is what
+// amplifies the gradient error where the gated norm is ill-conditioned (docs/MAMBA2_CUDA.md, "Accuracy"); the
+// bf16 kernels of kernels/scan take bf16 input, hence these. x [N, C] fp32 token-major, rows of L tokens; w [C, W].
+// Smallest position of token t's window (t global, p = t % L its position in the row): back to W-1 tokens, not
+// before the row start nor before a document start (reset[t'] != 0: t' starts a document) at or before p.
+__device__ __forceinline__ int64_t win_lo(const uint8_t *reset, int64_t t, int64_t p, int W) {
+    int64_t lo = p;
+    for (int j = 1; j < W && p - j >= 0; j++) {
+        if (reset && reset[t - j + 1]) break;
+        lo = p - j;
+    }
+    return lo;
+}
+// pre-activation of token t (position p, window from lo), channel c
+__device__ __forceinline__ float conv_pre(const float *x, const float *w, const float *b, int64_t t, int64_t p,
+                                          int64_t lo, int64_t C, int64_t c, int W) {
+    float acc = b[c];
+    for (int k = 0; k < W; k++)
+        if (p - (W - 1) + k >= lo) acc += w[c * W + k] * x[(t - (W - 1) + k) * C + c];
+    return acc;
+}
+__device__ __forceinline__ float dsilu(float a) {
+    const float sg = 1.f / (1.f + expf(-a));
+    return sg * (1.f + a * (1.f - sg));
+}
+// out [N, C] bf16 = silu(conv(x) + b)
+__global__ void conv_fwd_k(const float *x, const float *w, const float *b, const uint8_t *reset, bf16 *out, int64_t N,
+                           int64_t L, int64_t C, int W) {
+    GRID_STRIDE(i, N * C) {
+        const int64_t t = i / C, c = i - t * C, p = t % L;
+        out[i] = __float2bfloat16_rn(silu(conv_pre(x, w, b, t, p, win_lo(reset, t, p, W), C, c, W)));
+    }
+}
+// dx [N, C] bf16 = the conv's transpose of g = dout * silu'(pre): token s receives from the tokens t = s .. s+W-1 of
+// its row whose window reaches back to s (in order of t)
+__global__ void conv_bwd_dx_k(const float *x, const float *w, const float *b, const uint8_t *reset, const bf16 *dout,
+                              bf16 *dx, int64_t N, int64_t L, int64_t C, int W) {
+    GRID_STRIDE(i, N * C) {
+        const int64_t s = i / C, c = i - s * C, q = s % L;
+        float acc = 0.f;
+        for (int j = 0; j < W && q + j < L; j++) {
+            const int64_t t = s + j, p = q + j, lo = win_lo(reset, t, p, W);
+            if (lo > q) break;  // a document starts after s: later tokens do not see s either
+            const float g = __bfloat162float(dout[t * C + c]) * dsilu(conv_pre(x, w, b, t, p, lo, C, c, W));
+            acc += w[c * W + (W - 1 - j)] * g;
+        }
+        dx[i] = __float2bfloat16_rn(acc);
+    }
+}
+// d w, d b pass 1: part [nb, C W + C] = per block of `rows` tokens, in order, sum of g x (per tap) and of g
+// (one thread per channel); pass 2: col_sum_add_k
+__global__ void conv_dw_part_k(const float *x, const float *w, const float *b, const uint8_t *reset, const bf16 *dout,
+                               float *part, int64_t N, int64_t L, int64_t C, int W, int64_t rows) {
+    const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, rb = blockIdx.y;
+    if (c >= C) return;
+    const int64_t t1 = (rb + 1) * rows < N ? (rb + 1) * rows : N;
+    float dw[4] = {0.f, 0.f, 0.f, 0.f}, db = 0.f;
+    for (int64_t t = rb * rows; t < t1; t++) {
+        const int64_t p = t % L, lo = win_lo(reset, t, p, W);
+        const float g = __bfloat162float(dout[t * C + c]) * dsilu(conv_pre(x, w, b, t, p, lo, C, c, W));
+        db += g;
+        for (int k = 0; k < W; k++)
+            if (p - (W - 1) + k >= lo) dw[k] += g * x[(t - (W - 1) + k) * C + c];
+    }
+    float *o = part + rb * (C * W + C);
+    for (int k = 0; k < W; k++) o[c * W + k] = dw[k];
+    o[C * W + c] = db;
+}
+
 // A [n] = -exp(A_log)
 __global__ void neg_exp_k(float *A, const float *alog, int64_t n) {
     GRID_STRIDE(i, n) A[i] = -expf(alog[i]);
@@ -241,10 +310,16 @@ void split_heads(const Dims &m, const void *xc, void *heads, cudaStream_t st) {
     kernelCheck("mamba2 split heads");
 }
 
+void conv_fwd(const Dims &m, const float *xraw, const Mamba2CudaW *w, const uint8_t *reset, void *xc, cudaStream_t st) {
+    conv_fwd_k<<<grid_for(m.N * m.xbc, 256), 256, 0, st>>>(xraw, w->conv_w, w->conv_b, reset, (bf16 *)xc, m.N, m.L, m.xbc,
+                                                           m.W);
+    kernelCheck("mamba2 conv forward");
+}
+
 bool scratch_ok(const Mamba2CudaScratch *ws, bool train) {
     if (!ws->xc || !ws->heads || !ws->dtp || !ws->wdt || !ws->A || !ws->ssd_fwd_ws) return false;
     return !train || (ws->dheads && ws->dys && ws->dz && ws->ddt && ws->dpar && ws->gwdt && ws->gnorm &&
-                      ws->ssd_bwd_ws && ws->conv_ws);
+                      ws->ssd_bwd_ws && ws->conv_part);
 }
 
 }  // namespace
@@ -283,7 +358,7 @@ extern "C" int mamba2_cuda_acts_bufs(const Mamba2CudaShape *s, Mamba2CudaActs *a
     memset(a, 0, sizeof *a);
     int n = 0;
     n = add_buf(out, n, "mamba2 z", &a->z, (size_t)(m.N * m.di) * 2);
-    n = add_buf(out, n, "mamba2 xBC (conv in)", &a->xraw, (size_t)(m.N * m.xbc) * 2);
+    n = add_buf(out, n, "mamba2 xBC (conv in, fp32)", (void **)&a->xraw, (size_t)(m.N * m.xbc) * 4);
     n = add_buf(out, n, "mamba2 dt", &a->dt, (size_t)(m.N * m.H) * 2);
     n = add_buf(out, n, "mamba2 y", &a->y, (size_t)(m.N * m.di) * 2);
     n = add_buf(out, n, "mamba2 gated norm rstd", (void **)&a->rstd, (size_t)(m.N * m.H) * 4);
@@ -310,7 +385,8 @@ extern "C" int mamba2_cuda_scratch_bufs(const Mamba2CudaShape *s, int train, Mam
     n = add_buf(out, n, "mamba2 d dt rows padded", (void **)&w->gwdt, (size_t)(m.Hp * m.d) * 4);
     n = add_buf(out, n, "mamba2 d norm w partials", (void **)&w->gnorm, (size_t)(gn_blocks(m.N) * m.di) * 4);
     n = add_buf(out, n, "ssd bwd workspace", &w->ssd_bwd_ws, ssd_bwd_cuda_workspace(&sh));
-    n = add_buf(out, n, "mamba2 conv bwd workspace", &w->conv_ws, conv1d_silu_bwd_workspace(m.B, m.L, m.xbc));
+    n = add_buf(out, n, "mamba2 conv d w|b partials", (void **)&w->conv_part,
+                (size_t)(gn_blocks(m.N) * (m.xbc * m.W + m.xbc)) * 4);
     return n;
 }
 
@@ -340,14 +416,14 @@ extern "C" int mamba2_cuda_fwd(DlGemm *g, const Mamba2CudaShape *s, const Mamba2
     const bf16 *Win = (const bf16 *)w->in_proj;
     // in_proj: z [N, di], xBC [N, xbc] straight from their row blocks; dt [N, H] through the padded rows
     CALL(dl_linear_fwd(g, DT_BF16, a->z, u, Win, NULL, m.N, m.d, m.di, 0, stream, err, errlen));
-    CALL(dl_linear_fwd(g, DT_BF16, a->xraw, u, Win + m.di * m.d, NULL, m.N, m.d, m.xbc, 0, stream, err, errlen));
+    CALL(dl_gemm(g, (int)m.N, (int)m.xbc, (int)m.d, DT_BF16, u, 0, Win + m.di * m.d, 1, DT_F32, a->xraw, NULL, 1.f, 0.f,
+                 stream, err, errlen));  // fp32 output: the conv input is kept fp32
     dt_rows(m, w, ws, st);
     CALL(dl_linear_fwd(g, DT_BF16, ws->dtp, u, ws->wdt, NULL, m.N, m.d, m.Hp, 0, stream, err, errlen));
     cudaCheck(cudaMemcpy2DAsync(a->dt, (size_t)m.H * 2, ws->dtp, (size_t)m.Hp * 2, (size_t)m.H * 2, (size_t)m.N,
                                 cudaMemcpyDeviceToDevice, st));
     // conv + SiLU over the compact xBC (resets cut the window), then the heads for the SSD
-    CALL(conv1d_silu_fwd_cuda(m.B, m.L, m.xbc, m.W, (const uint16_t *)a->xraw, w->conv_w, w->conv_b, reset, NULL, 1,
-                              (uint16_t *)ws->xc, stream, err, errlen));
+    conv_fwd(m, a->xraw, w, reset, ws->xc, st);
     split_heads(m, ws->xc, ws->heads, st);
     neg_exp_k<<<1, 256, 0, st>>>(ws->A, w->A_log, m.H);
     kernelCheck("mamba2 A");
@@ -399,8 +475,7 @@ extern "C" int mamba2_cuda_bwd(DlGemm *g, const Mamba2CudaShape *s, const Mamba2
                                                               (bf16 *)ws->dz, N, (int)m.H, (int)m.P);
     kernelCheck("mamba2 gated norm backward");
     // recompute the SSD inputs: conv output, heads, A
-    CALL(conv1d_silu_fwd_cuda(m.B, m.L, m.xbc, m.W, (const uint16_t *)a->xraw, w->conv_w, w->conv_b, reset, NULL, 1,
-                              (uint16_t *)ws->xc, stream, err, errlen));
+    conv_fwd(m, a->xraw, w, reset, ws->xc, st);
     split_heads(m, ws->xc, ws->heads, st);
     neg_exp_k<<<1, 256, 0, st>>>(ws->A, w->A_log, m.H);
     kernelCheck("mamba2 A");
@@ -423,8 +498,18 @@ extern "C" int mamba2_cuda_bwd(DlGemm *g, const Mamba2CudaShape *s, const Mamba2
                                                                  m.xbc, m.P, m.rep);
     kernelCheck("mamba2 merge heads");
     void *dxraw = ws->heads;
-    CALL(conv1d_silu_bwd_cuda(m.B, m.L, m.xbc, m.W, (const uint16_t *)a->xraw, w->conv_w, w->conv_b, reset, NULL, 1,
-                              (const uint16_t *)ws->xc, (uint16_t *)dxraw, dcw, dcb, ws->conv_ws, stream, err, errlen));
+    conv_bwd_dx_k<<<grid_for(N * m.xbc, 256), 256, 0, st>>>(a->xraw, w->conv_w, w->conv_b, reset, (const bf16 *)ws->xc,
+                                                            (bf16 *)dxraw, N, m.L, m.xbc, m.W);
+    kernelCheck("mamba2 conv backward (d x)");
+    if (gr->conv_w || gr->conv_b) {  // d w, d b into dcw, dcb (adjacent in dpar) by fixed row blocks
+        const int64_t rows = gn_rows(N), nb = gn_blocks(N), nc = m.xbc * m.W + m.xbc;
+        conv_dw_part_k<<<dim3((unsigned)((m.xbc + 255) / 256), (unsigned)nb), 256, 0, st>>>(
+            a->xraw, w->conv_w, w->conv_b, reset, (const bf16 *)ws->xc, ws->conv_part, N, m.L, m.xbc, m.W, rows);
+        kernelCheck("mamba2 conv backward (d w partials)");
+        cudaCheck(cudaMemsetAsync(dcw, 0, (size_t)nc * 4, st));
+        col_sum_add_k<<<grid_for(nc, 256), 256, 0, st>>>(ws->conv_part, nb, nc, dcw);
+        kernelCheck("mamba2 conv backward (d w sums)");
+    }
     if (gr->conv_w) add_f32(gr->conv_w, dcw, m.xbc * m.W, st);
     if (gr->conv_b) add_f32(gr->conv_b, dcb, m.xbc, st);
     // d dt into the padded [N, Hp] layout (zero columns: they meet the zero rows of wdt)

@@ -7,10 +7,12 @@
 //        A = -exp(A_log), y = ssd(x, delta, A, B, C) + D x (resets zero the state)
 //   yn = rmsnorm_per_head(y * silu(z)) * norm_w       (RMSNormGated, norm_before_gate = False, eps = rms_eps)
 //   out = yn W_out^T
-// Kernels: three dl_linear GEMMs for in_proj (its row count n_in = 2 di + 2 dxb + H is rarely a multiple of 8, which
-// cuBLASLt's 16-byte rows need, and the conv wants xBC contiguous: z and xBC are row blocks of in_proj.weight read in
-// place, the H dt rows go through a zero-padded [Hp, d] copy refreshed by every call, Hp = H rounded up to 8);
-// conv1d_silu_*_cuda (kernels/scan); ssd_fwd_cuda / ssd_bwd_cuda (kernels/ssd) with G = H groups: the SSD kernels
+// Kernels: three GEMMs for in_proj (its row count n_in = 2 di + 2 dxb + H is rarely a multiple of 8, which cuBLASLt's
+// 16-byte rows need, and the conv wants xBC contiguous: z and xBC are row blocks of in_proj.weight read in place, xBC
+// with an fp32 output, the H dt rows go through a zero-padded [Hp, d] copy refreshed by every call, Hp = H rounded up
+// to 8); this file's causal conv + SiLU on the fp32 conv input (mamba2_cpu.c's conv math: a bf16 conv input is what
+// amplifies the gradient error where the gated norm is ill-conditioned); ssd_fwd_cuda / ssd_bwd_cuda (kernels/ssd)
+// with G = H groups: the SSD kernels
 // give x one head each and share B and C per group, while MambaInLlama shares x and B per KV group and gives C one
 // head each, so x and B are repeated to the H heads in a scratch buffer (and their gradients summed back per KV
 // group, heads in order); the gated RMSNorm, the repeat and a few fp32 folds are this file's kernels.
@@ -64,7 +66,7 @@ typedef struct {
 // What the forward saves for the backward (one set per layer when training; one shared set for inference).
 typedef struct {
     void *z;      // [N, di] bf16     in_proj's z rows
-    void *xraw;   // [N, xbc] bf16    in_proj's xBC rows (the conv input)
+    float *xraw;  // [N, xbc] fp32    in_proj's xBC rows (the conv input; fp32: see docs/MAMBA2_CUDA.md, "Accuracy")
     void *dt;     // [N, H] bf16      in_proj's dt rows (raw: the SSD adds dt_bias and applies softplus)
     void *y;      // [N, di] bf16     SSD output (with D x), before the gate
     float *rstd;  // [N, H] fp32      1/rms of each head group of y*silu(z)
@@ -89,7 +91,7 @@ typedef struct {
     float *gwdt;   // [Hp, d] fp32      d of the padded dt rows
     float *gnorm;  // [nb, di] fp32: norm weight gradient partials per block of R = max(64, ceil(N/4096)) rows
     void *ssd_bwd_ws;   // ssd_bwd_cuda_workspace bytes
-    void *conv_ws;      // conv1d_silu_bwd_workspace bytes
+    float *conv_part;   // [nb, xbc W + xbc] fp32: conv weight and bias gradient partials per block of R rows
 } Mamba2CudaScratch;
 
 // A buffer of the engine's activation table: name, bytes and where its pointer goes (tab_add's slot).
