@@ -2,7 +2,7 @@
 // student forward, CE + 0.1 KL over the vocabulary (streamed in row chunks), backward, AdamW on the Mamba
 // mixers only (every other layer is Mamba, attention kept at even layers). Random weights.
 //   gpu_bench_engine [--model smollm2|llama8b] [--layers L] [--B 2] [--T 2048] [--steps 10] [--warmup 3]
-//                    [--recompute] [--attn-cuda-cores] [--chunk rows[,rows...]] [--share-prefix] [--plan-only]
+//                    [--recompute] [--attn-cuda-cores] [--chunk rows[,rows...]] [--share-prefix] [--attn-odd] [--plan-only]
 // Reports ms/step, tokens/s and MFU. FLOPs counted: teacher forward + 3x student forward (forward and
 // backward), GEMMs 2*m*n*k, causal attention 2*T*nh*hd per token for QK^T and PV each (half the square),
 // scan and element-wise work not counted. MFU against the 989 TFLOP/s dense bf16 peak of the H100 SXM and
@@ -13,6 +13,8 @@
 // --chunk: rows of logits per loss chunk; 0 (the default) is the engine's default, which the pipeline runs and
 // the plan assumes. A list (--chunk 0,256,1024) measures the step at each in one process: the random weights
 // are generated once and the engines rebuilt per chunk; each gives a RESULT line naming its chunk.
+// --attn-odd: attention kept at the odd layers, Mamba at 0, 2, ... (the layout of the recipes and of MambaInLlama's
+// 50% Llama-3 models: the backward then runs down to layer 0); the default keeps attention at the even layers.
 // --share-prefix: the student's layers below its first Mamba layer get the teacher's weights (as stage 1's
 // initialization gives them: frozen and equal), the teacher keeps its hidden states, and the student's forward
 // starts from the teacher's hidden state there (engine_cuda_forward_range) instead of recomputing those layers.
@@ -116,7 +118,7 @@ int main(int argc, char **argv) {
     const char *model = "llama8b";
     int layers = 8, steps = 10, warmup = 3;
     int64_t B = 2, T = 2048;
-    bool recompute = false, plan_only = false, share = false;
+    bool recompute = false, plan_only = false, share = false, attn_odd = false;
     int64_t chunks[16] = {0};
     int n_chunks = 1;
     for (int i = 1; i < argc; i++) {
@@ -128,6 +130,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--warmup") && i + 1 < argc) warmup = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--recompute")) recompute = true;
         else if (!strcmp(argv[i], "--share-prefix")) share = true;
+        else if (!strcmp(argv[i], "--attn-odd")) attn_odd = true;
         else if (!strcmp(argv[i], "--chunk") && i + 1 < argc) {
             n_chunks = 0;
             for (char *p = argv[++i]; *p && n_chunks < 16;) {
@@ -146,7 +149,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--plan-only")) plan_only = true;
         else {
             fprintf(stderr, "usage: gpu_bench_engine [--model smollm2|llama8b] [--layers L] [--B n] [--T n] [--steps n] "
-                            "[--warmup n] [--recompute] [--attn-cuda-cores] [--chunk rows[,rows...]] [--share-prefix] [--plan-only]\n");
+                            "[--warmup n] [--recompute] [--attn-cuda-cores] [--chunk rows[,rows...]] [--share-prefix] [--attn-odd] [--plan-only]\n");
             return 2;
         }
     }
@@ -165,7 +168,7 @@ int main(int argc, char **argv) {
         c.rope_theta = 500000, c.tied_embeddings = false;
     }
     int attn[DL_MAX_LAYERS], na = 0;
-    for (int l = 0; l < c.n_layer; l += 2) attn[na++] = l;
+    for (int l = attn_odd ? 1 : 0; l < c.n_layer; l += 2) attn[na++] = l;
     HybridConfig hs, ht;
     DlError e;
     if (hybrid_config_init(&hs, &c, MIXER_MAMBA1, attn, na, &e)) {
