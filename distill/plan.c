@@ -14,7 +14,9 @@
 //                                                    trained tensor into one buffer; docs/MULTIGPU.md), unless
 //                                                    DISTILL_DP_STAGE_GRADS=1 stages it: zero_stage_plan's bytes
 //         optim   = 8 P_t (AdamW m and v, fp32)      /G if Z>=1
-//         frozen  = 2 P_T (bf16 teacher, no master)  /G if Z>=3   (DPO: 2 P + 4 P_f, the frozen reference)
+//         frozen  = 2 P_T (bf16 teacher, no master)  /G if Z>=3   (DPO: 2 P + 4 P_f, the frozen reference);
+//                   hardware.teacher = "sharded": 2 (sum_l S_l + 2 max_l G S_l + P_glob), S_l = layer l's span / G
+//                   rounded up to 16 elements, P_glob = embedding, final norm, head (distill/teacher_shard.h)
 //   cpu:  weights = 4 P (fp32 weights are the master), grads = 4 P_t, optim = 8 P_t, frozen = 4 P_T.
 //
 // Data parallel on CUDA (train_model.c tm_dp_*) shards the AdamW moments at ZeRO-1 and 2; ZeRO-3 is refused.
@@ -53,6 +55,7 @@
 #include "distill/model.h"
 #include "distill/registry.h"
 #include "distill/stage.h"
+#include "distill/teacher_shard.h"
 #include "distill/zero.h"
 #include "kernels/engine/engine_cuda.h"        // ECU_CHUNK_LOGITS (a define: no CUDA code is called)
 #include "kernels/engine/mamba2_cuda.h"        // the Mamba-2 unit's buffer tables (host functions, no CUDA calls)
@@ -286,6 +289,20 @@ int plan_stage(const Recipe *r, const StageSpec *st, int step, StagePlan *p, DlE
         m->optim = (o->moments == MOMENTS_BF16 ? 4 : 8) * Pt / (Z >= 1 ? G : 1);
         // a teacher used inside training is sharded like the student under ZeRO-3
         if (needs_teacher_online(st)) m->frozen_model = 2 * PT / (Z >= 3 ? G : 1);
+        // hardware.teacher = "sharded": this rank's pieces of every layer, two gather buffers and the whole global
+        // tensors (teacher_shard.h; the draft stage trains on rank 0 alone, so its teacher is "sharded" over 1)
+        if (needs_teacher_online(st) && r->hardware.teacher_sharded) {
+            TShardPlan tp;
+            if (tshard_plan(&tp, &treg, teacher.base.n_layer, st->kind == STAGE_DRAFT ? 1 : (int)G, e)) {
+                reg_free(&reg);
+                reg_free(&treg);
+                return -1;
+            }
+            TShardBytes tb;
+            tshard_bytes(&tp, 2, &tb);
+            m->frozen_model = tb.total;
+            tshard_plan_free(&tp);
+        }
         // DPO's reference: a frozen student-shaped engine (its master holds the fp32-read tensors only)
         if (st->kind == STAGE_DPO) m->frozen_model = 2 * P / (Z >= 3 ? G : 1) + 4 * Pf_all;
     } else {  // cpu, and the cuda inference stages (generate, teacher_cache, eval, init: whole copies per GPU)

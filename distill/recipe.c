@@ -120,6 +120,9 @@ static const Field HARDWARE_FIELDS[] = {
     FLD(HardwareSpec, "zero", F_I32, zero, 0, 3, "ZeRO stage: 1 shards optimizer state, 2 also grads, 3 also weights"),
     {"recompute", F_ENUM, offsetof(HardwareSpec, recompute), 0, 0, 0, false, RECOMPUTE_CHOICES, K_ALL,
      "activation recomputation in backward"},
+    FLD(HardwareSpec, "teacher", F_STR, teacher, 0, 0,
+        "the frozen teacher on each GPU: \"replicated\" (the default: a whole copy) or \"sharded\" (1/gpus of each layer, gathered "
+        "a layer ahead during its forward; cuda)"),
 };
 
 static const Field DATA_FIELDS[] = {
@@ -1285,6 +1288,17 @@ static void check_misc(Ctx *c) {
                       "fp32 moments", r->stages[i].name ? r->stages[i].name : KIND_NAMES[r->stages[i].kind]);
                 break;
             }
+    // hardware.teacher (teacher_shard.h): kept out of the resolved recipe unless written, so that runs started
+    // before the key existed resume unchanged
+    if (r->hardware.teacher) {
+        const TomlValue *tv = toml_get(hw, "teacher");
+        if (!strcmp(r->hardware.teacher, "sharded")) r->hardware.teacher_sharded = true;
+        else if (strcmp(r->hardware.teacher, "replicated"))
+            err_v(c, tv, "hardware.teacher = \"%s\": expected \"replicated\" or \"sharded\"", r->hardware.teacher);
+        if (r->hardware.teacher_sharded && r->run.device != DEVICE_CUDA)
+            err_v(c, tv, "hardware.teacher = \"sharded\" needs run.device = \"cuda\" (it splits the teacher over the GPUs' "
+                  "memory; on the CPU every process keeps its copy)");
+    }
     if (toml_get(ot, "warmup_steps") && toml_get(ot, "warmup_ratio"))
         err_v(c, toml_get(ot, "warmup_ratio"), "[optimizer]: give warmup_steps or warmup_ratio, not both");
     if (r->tokenizer.path) check_path(c, toml_get(toml_get(r->doc, "tokenizer"), "path"), "tokenizer.path", r->tokenizer.path);
@@ -1626,6 +1640,7 @@ void recipe_free(Recipe *r) {
     free(r->teacher.path);
     free(r->teacher.config);
     free(r->tokenizer.path);
+    free(r->hardware.teacher);
     for (int i = 0; i < r->n_data; i++) {
         free(r->data[i].name);
         free_list(r->data[i].sources, r->data[i].n_sources);

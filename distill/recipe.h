@@ -91,6 +91,8 @@ typedef struct {
     int gpus;         // data-parallel ranks
     int zero;         // ZeRO stage 0..3 (1: optimizer state, 2: + grads, 3: + weights sharded)
     int recompute;    // RECOMPUTE_*: activation recomputation in backward
+    char *teacher;    // "replicated" (NULL: not written, the default) or "sharded" (distill/teacher_shard.h)
+    bool teacher_sharded;  // teacher == "sharded" (set by recipe_load's checks)
 } HardwareSpec;
 
 typedef struct {

@@ -308,8 +308,12 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
     if (!L.student) goto out;
     if (need_teacher) {
         if (mem_log) dl_info("%s: teacher on the GPU:", c->stage_name);
-        L.teacher = tm_new(dev, c->teacher_hc, c->teacher_reg, (float *)c->teacher_params, B, T,
-                           TM_FROZEN | (c->mse != 0 ? TM_KEEP_HIDDEN : 0), mem_log, e);
+        if (c->teacher_shard && dev == TM_CUDA)  // (teacher_shard.h: bitwise the same teacher)
+            L.teacher = tm_new_sharded_teacher(c->teacher_hc, c->teacher_reg, c->teacher_params, B, T,
+                                               c->mse != 0 ? TM_KEEP_HIDDEN : 0, rank, world, c->nccl, mem_log, e);
+        else
+            L.teacher = tm_new(dev, c->teacher_hc, c->teacher_reg, (float *)c->teacher_params, B, T,
+                               TM_FROZEN | (c->mse != 0 ? TM_KEEP_HIDDEN : 0), mem_log, e);
         if (!L.teacher) goto out;
     }
     L.grads = tm_grads_new(L.student);

@@ -128,6 +128,9 @@ typedef struct {
     bool recompute_mlp;
     // cuda, world > 1: the NCCL communicator over the ranks of dist (nccl_comm.h), or NULL
     struct NcclComm *nccl;
+    // cuda: the online teacher keeps 1/world of each layer and gathers layers during its forward (recipe
+    // hardware.teacher = "sharded", tm_new_sharded_teacher); same numbers as the whole teacher
+    bool teacher_shard;
 } TrainConfig;
 
 typedef struct {

@@ -8,6 +8,7 @@
 #ifdef DISTILL_CUDA
 #include "kernels/engine/engine_cuda.h"
 #include "kernels/engine/grad_stage.h"
+#include "kernels/engine/teacher_shard.h"
 #endif
 #ifdef DISTILL_NCCL
 #include "distill/nccl_comm.h"
@@ -28,6 +29,7 @@ struct TrainModel {
     int64_t grad_bytes;
     GradStage *gs;       // ZeRO-2 staged gradients (tm_dp_stage_grads): the buffer tm_grads_* then handle
     bool gs_armed;       // the running backward was announced (tm_dp_before_backward)
+    TeacherShard *ts;    // tm_new_sharded_teacher: the engine's weights (rank's pieces, gathered per layer)
 #endif
 };
 
@@ -55,11 +57,42 @@ fail:
     return NULL;
 }
 
+TrainModel *tm_new_sharded_teacher(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t T,
+                                   int flags, int rank, int world, struct NcclComm *c, FILE *log, DlError *e) {
+#ifdef DISTILL_CUDA
+    if (world > 1 && !c) {
+        dl_fail(e, "the sharded teacher (hardware.teacher = \"sharded\") over %d ranks needs the run's NCCL communicator", world);
+        return NULL;
+    }
+    void *stream = NULL;
+    TeacherShardGather gather = teacher_shard_copy_gather;
+#ifdef DISTILL_NCCL
+    if (c && !(stream = nccl_comm_stream(c, e))) return NULL;
+    if (c) gather = tshard_nccl_gather;
+#endif
+    TrainModel *m = dl_calloc(1, sizeof *m);
+    m->dev = TM_CUDA, m->h = h, m->r = r, m->params = (float *)params, m->B = B, m->T = T;
+    const int cf = ECU_NO_MASTER | ECU_EXTERN_WEIGHTS | (flags & TM_KEEP_HIDDEN ? ECU_KEEP_HIDDEN : 0);
+    if (!(m->cu = engine_cuda_new(h, r, NULL, B, T, cf, DT_BF16, 0, log, e)) ||
+        !(m->ts = teacher_shard_new(m->cu, r, h->base.n_layer, rank, world, params, gather, c, stream, log, e))) {
+        dl_fail_prefix(e, "sharded teacher: ");
+        tm_free(m);
+        return NULL;
+    }
+    return m;
+#else
+    (void)h, (void)r, (void)params, (void)B, (void)T, (void)flags, (void)rank, (void)world, (void)c, (void)log;
+    dl_fail(e, "the sharded teacher (hardware.teacher = \"sharded\") needs a CUDA build");
+    return NULL;
+#endif
+}
+
 void tm_free(TrainModel *m) {
     if (!m) return;
     engine_free(m->cpu);
     free(m->dh);
 #ifdef DISTILL_CUDA
+    teacher_shard_free(m->ts);
     engine_cuda_optim_free(m->opt);
     grad_stage_free(m->gs);
     engine_cuda_free(m->cu);
@@ -265,7 +298,7 @@ double tm_device_bytes(const TrainModel *m) {
     if (m->cu) {
         double w = 0, a = 0;
         engine_cuda_memory(m->cu, &w, &a);
-        return w + a + (double)m->grad_bytes;
+        return w + a + (double)m->grad_bytes + (m->ts ? teacher_shard_bytes(m->ts) : 0);
     }
 #endif
     (void)m;

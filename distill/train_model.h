@@ -39,6 +39,14 @@ typedef struct TrainModel TrainModel;
 // host copy is refreshed by tm_sync_host. log: where CUDA prints its memory table (NULL: silent).
 TrainModel *tm_new(TmDevice dev, const HybridConfig *h, const Registry *r, float *params, int64_t B, int64_t T,
                    int flags, FILE *log, DlError *e);
+// The frozen teacher sharded over the ranks of a data-parallel run (recipe hardware.teacher = "sharded"; kernels/
+// engine/teacher_shard.h), CUDA bf16 only: the model of tm_new(TM_CUDA, ..., TM_FROZEN | flags) with bitwise the same
+// hidden states and logits, whose GPU keeps rank's 1/world of each decoder layer (plus the global tensors and two
+// layer buffers) and all-gathers each layer a layer ahead during the forward over c (world 1: c may be NULL, the
+// gather is a device copy). flags: TM_KEEP_HIDDEN or 0. params: the whole teacher (host fp32), only read here.
+struct NcclComm;
+TrainModel *tm_new_sharded_teacher(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t T,
+                                   int flags, int rank, int world, struct NcclComm *c, FILE *log, DlError *e);
 void tm_free(TrainModel *m);
 TmDevice tm_device(const TrainModel *m);
 

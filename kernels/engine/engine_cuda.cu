@@ -382,7 +382,8 @@ void engine_cuda_print_memory(const EngineCuda *E, FILE *f) {
             (E->flags & ECU_TRAIN) ? ((E->flags & ECU_RECOMPUTE_MLP) ? "training, MLP recomputed" : "training")
                                    : "inference");
     fprintf(f, "  weights %s: compute copy %s (%s), fp32 master %s (%s), padded dt copies %s\n",
-            ecu_gib(E->weight_bytes, b1, sizeof b1), ecu_gib(m.compute, b2, sizeof b2), E->dt == DT_BF16 ? "bf16" : "fp32, = master",
+            ecu_gib(E->weight_bytes, b1, sizeof b1), ecu_gib(m.compute, b2, sizeof b2),
+            E->flags & ECU_EXTERN_WEIGHTS ? "held outside the engine" : E->dt == DT_BF16 ? "bf16" : "fp32, = master",
             ecu_gib(m.master, b3, sizeof b3),
             E->dt == DT_F32 ? "the compute copy" : E->master_n ? "trained tensors + fp32-read Mamba tensors" : "none",
             ecu_gib(m.padded, b4, sizeof b4));
@@ -408,7 +409,7 @@ static size_t al256(size_t b) { return (b + 255) & ~(size_t)255; }  // tab_add's
 void engine_cuda_memory_parts(const EngineCuda *E, EngineCudaMemory *m) {
     const int64_t n = E->r->numel;
     memset(m, 0, sizeof *m);
-    m->compute = (double)n * (double)E->es;  // fp32 mode: the compute copy is the master
+    m->compute = E->flags & ECU_EXTERN_WEIGHTS ? 0 : (double)n * (double)E->es;  // fp32 mode: the compute copy is the master
     m->master = E->dt == DT_F32 ? 0 : (double)E->master_n * 4;
     m->padded = (double)E->wpad_n * (double)E->es + (double)E->gpad_n * 4;
     m->activations = (double)E->tab.total;
@@ -510,6 +511,7 @@ void ecu_refresh_pad(EngineCuda *E) {
 }
 
 void engine_cuda_set_params(EngineCuda *E, const float *params) {
+    if (E->wext) dl_die(DL_EXIT_RUNTIME, "engine_cuda_set_params: this engine holds no weights (ECU_EXTERN_WEIGHTS)");
     upload_params(E, params);
     ecu_refresh_pad(E);
     cudaCheck(cudaStreamSynchronize(E->st));
@@ -568,6 +570,7 @@ static void engine_host_free(EngineCuda *E) {
     free(E->f32read);
     free(E->tok_h);
     free(E->reset_h);
+    free(E->wext);
     free(E);
 }
 
@@ -629,6 +632,14 @@ static EngineCuda *engine_setup(const HybridConfig *h, const Registry *r, int64_
         return NULL;
     }
     engine_layout(E);
+    if (flags & ECU_EXTERN_WEIGHTS && (!(flags & ECU_NO_MASTER) || dt != DT_BF16 || E->has_mamba || E->has_mamba2)) {
+        // the caller's pointers replace the compute copy only; a master, fp32 weights or the Mamba kernels' fp32 and
+        // padded copies would still need the whole model on this GPU
+        dl_fail(err, "engine_cuda: ECU_EXTERN_WEIGHTS (weights held outside the engine, e.g. a sharded teacher) needs a "
+                     "frozen (ECU_NO_MASTER) bf16 model without Mamba layers");
+        engine_host_free(E);
+        return NULL;
+    }
     if (E->has_mamba2) mamba2_cuda_shape(h, B, T, &E->m2shape, NULL, 0);  // accepted by check_shapes
     const int64_t V = c->vocab;
     int64_t chunk = chunk_rows > 0 ? chunk_rows : DL_MAX(1, (int64_t)ECU_CHUNK_LOGITS / V);
@@ -718,6 +729,7 @@ EngineCuda *engine_cuda_new(const HybridConfig *h, const Registry *r, const floa
     }
     if (E->master) cudaCheck(cudaMemset(E->master, 0, (size_t)E->master_n * 4));  // the alignment gaps stay zero
     if (dt == DT_F32) E->wc = E->master;  // fp32 mode: master_n = numel, registry layout
+    else if (flags & ECU_EXTERN_WEIGHTS) E->wext = (const void **)calloc((size_t)DL_MAX(r->n, 1), sizeof(void *));
     else if (!(E->wc = ecu_try_alloc((size_t)n * E->es))) {
         ecu_oom_report(E, "compute copy of the weights", (size_t)n * E->es, lf);
         dl_fail(err, "engine_cuda: out of GPU memory for the weights");
@@ -769,8 +781,10 @@ EngineCuda *engine_cuda_new(const HybridConfig *h, const Registry *r, const floa
         for (int l = 0; l < c->n_layer; l++) E->acts[l].gu = E->gu_sh, E->acts[l].act = E->act_sh;
     E->tok_h = (int32_t *)malloc((size_t)E->N * 4);
     E->reset_h = (uint8_t *)malloc((size_t)E->N);
-    upload_params(E, params);
-    ecu_refresh_pad(E);
+    if (!E->wext) {  // (ECU_EXTERN_WEIGHTS: the caller provides the weights)
+        upload_params(E, params);
+        ecu_refresh_pad(E);
+    }
     cudaCheck(cudaStreamSynchronize(E->st));
     E->last_state = -1;
     if (log) engine_cuda_print_memory(E, log);
@@ -1075,6 +1089,17 @@ int engine_cuda_forward_range(EngineCuda *E, const int32_t *tokens, const uint8_
     cudaCheck(cudaStreamSynchronize(E->st));  // the host arrays are freed below
     free(pos);
     free(docs);
+    if (E->wext) {  // every weight this pass reads must have been given (the hook gives the layers')
+        const WRef need[] = {x0 ? E->fnorm : E->emb, E->fnorm, E->head};
+        for (int k = 0; k < 3; k++)
+            if (!E->wext[need[k].idx])
+                return dl_fail(err, "engine_cuda: tensor %s has no weights (ECU_EXTERN_WEIGHTS: engine_cuda_set_weight)",
+                               E->r->t[need[k].idx].name);
+        for (int i = 0; i < E->r->n && !E->layer_hook; i++)
+            if (!E->wext[i] && E->r->t[i].layer >= l0 && E->r->t[i].layer < l1)
+                return dl_fail(err, "engine_cuda: tensor %s has no weights (ECU_EXTERN_WEIGHTS without a layer hook)",
+                               E->r->t[i].name);
+    }
     E->l0 = l0;
     E->l1 = l1;
     void *x = state_ptr(E, l0);
@@ -1087,6 +1112,7 @@ int engine_cuda_forward_range(EngineCuda *E, const int32_t *tokens, const uint8_
     else TC(embedding_fwd_cuda(E->dt, x, E->tok, P(E, E->emb), N, c->vocab, d, E->st, EA));
     cudaCheck(cudaEventRecord(E->ev_state[l0], E->st));
     for (int l = l0; l < l1; l++) {
+        if (E->layer_hook && E->layer_hook(E->layer_hook_ctx, l, l1, err)) return -1;
         layer_fwd(E, l, state_ptr(E, l), state_ptr(E, l + 1));
         cudaCheck(cudaEventRecord(E->ev_state[l + 1], E->st));
     }
@@ -1100,6 +1126,19 @@ int engine_cuda_forward_range(EngineCuda *E, const int32_t *tokens, const uint8_
     E->have_dxf = false;
     if (E->has_dhid) memset(E->has_dhid, 0, (size_t)(c->n_layer + 1) * sizeof(bool));
     return 0;
+}
+
+int engine_cuda_set_weight(EngineCuda *E, int i, const void *dev, DlError *err) {
+    if (!E->wext) return dl_fail(err, "engine_cuda_set_weight: the engine was made without ECU_EXTERN_WEIGHTS");
+    if (i < 0 || i >= E->r->n) return dl_fail(err, "engine_cuda_set_weight: tensor index %d outside 0..%d", i, E->r->n - 1);
+    if ((uintptr_t)dev & 15) return dl_fail(err, "engine_cuda_set_weight: %s's weights are not 16-byte aligned", E->r->t[i].name);
+    E->wext[i] = dev;
+    return 0;
+}
+
+void engine_cuda_set_layer_hook(EngineCuda *E, EngineCudaLayerHook fn, void *ctx) {
+    E->layer_hook = fn;
+    E->layer_hook_ctx = ctx;
 }
 
 int engine_cuda_forward(EngineCuda *E, const int32_t *tokens, const uint8_t *reset, DlError *err) {

@@ -47,6 +47,10 @@ enum {
     ECU_TEACHER_KL = 8,     // reserve a teacher-logits chunk (losses with a teacher engine)
     ECU_NO_MASTER = 16,     // frozen model (a teacher): trains nothing whatever the registry says; no fp32 master
                             // beyond the fp32-read Mamba tensors
+    ECU_EXTERN_WEIGHTS = 32,  // no compute copy: the caller points every tensor at device memory it owns
+                              // (engine_cuda_set_weight), e.g. per layer from a layer hook (kernels/engine/
+                              // teacher_shard.h). Frozen bf16 models without Mamba layers only (with ECU_NO_MASTER);
+                              // params of engine_cuda_new is then unused (may be NULL)
 };
 
 // Default rows of logits per loss chunk (chunk_rows = 0): max(1, ECU_CHUNK_LOGITS / vocab), at most B*T.
@@ -142,6 +146,17 @@ void engine_cuda_backward(EngineCuda *e, float *grads);
 // tensor whose level (zero_tensor_level) is >= the argument is final for this backward. NULL: no calls (default).
 typedef void (*EngineCudaGradHook)(void *ctx, int level);
 void engine_cuda_set_grad_hook(EngineCuda *e, EngineCudaGradHook fn, void *ctx);
+
+// ---- weights held outside the engine (ECU_EXTERN_WEIGHTS; kernels/engine/teacher_shard.h)
+// Registry tensor `tensor` is read from dev (device, the engine's dtype, the tensor's shape; 16-byte aligned) by the
+// work enqueued from now on. -1 with err on an engine without ECU_EXTERN_WEIGHTS or a bad index.
+int engine_cuda_set_weight(EngineCuda *e, int tensor, const void *dev, DlError *err);
+// Forward layer hook: fn(ctx, l, l1, err) is called on the host just before decoder layer l of a forward pass over
+// layers [.., l1) is enqueued on the engine's stream, so that it can point layer l's tensors at their weights
+// (engine_cuda_set_weight) and make the stream wait for them; a nonzero return makes the forward return -1 with err.
+// NULL: no calls (default). Without a hook an ECU_EXTERN_WEIGHTS forward needs every tensor set beforehand.
+typedef int (*EngineCudaLayerHook)(void *ctx, int layer, int l1, DlError *err);
+void engine_cuda_set_layer_hook(EngineCuda *e, EngineCudaLayerHook fn, void *ctx);
 
 // ---- optimizer on the device: optim_step's rules exactly (optim_decide: non-finite and outlier skips,
 // global-norm clipping, the schedule; optim_tensor_k: per-tensor lr multipliers and weight decay), AdamW on

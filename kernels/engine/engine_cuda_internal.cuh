@@ -109,7 +109,10 @@ struct EngineCuda {
     int64_t master_n;  // elements of master (0: none)
     int64_t grad_n;    // elements of a gradient buffer (engine_cuda_grads_numel)
     float *master;     // fp32 [master_n] or NULL; in fp32 mode the registry layout (= wc)
-    void *wc;          // compute copy [numel] in dt, registry layout (== master in fp32 mode)
+    void *wc;          // compute copy [numel] in dt, registry layout (== master in fp32 mode); NULL with ECU_EXTERN_WEIGHTS
+    const void **wext; // ECU_EXTERN_WEIGHTS: [r->n] where each tensor is read (engine_cuda_set_weight), else NULL
+    EngineCudaLayerHook layer_hook;  // engine_cuda_set_layer_hook: called before each layer of a forward
+    void *layer_hook_ctx;
     void *wpad;        // padded dt_proj_down / dt_proj copies (dt)
     int64_t wpad_n;
     float *gpad;       // fp32 gradients of the padded dt weights (one layer at a time)
@@ -170,7 +173,10 @@ struct EngineCuda {
     double *mse_rows, *mse_acc;
 };
 
-static inline char *P(const EngineCuda *e, WRef w) { return (char *)e->wc + (size_t)w.off * e->es; }
+static inline char *P(const EngineCuda *e, WRef w) {
+    if (e->wext) return w.idx >= 0 ? (char *)e->wext[w.idx] : NULL;  // ECU_EXTERN_WEIGHTS: the caller's pointers
+    return (char *)e->wc + (size_t)w.off * e->es;
+}
 static inline float *PM(const EngineCuda *e, WRef w) { return e->master + w.moff; }  // engine_layout guarantees moff >= 0
 static inline float *G(float *grads, WRef w) { return grads && w.goff >= 0 ? grads + w.goff : NULL; }
 static inline char *at(const void *p, int64_t elems, size_t es) { return (char *)p + (size_t)elems * es; }
