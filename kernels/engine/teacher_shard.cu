@@ -47,8 +47,8 @@ static int upload_bf16(void *dst, const float *src, int64_t n, float *stage, int
     char msg[256] = "";
     for (int64_t i = 0; i < n; i += cap) {
         const int64_t k = DL_MIN(cap, n - i);
-        cudaCheck(cudaStreamSynchronize(st));  // stage is free again
-        cudaCheck(cudaMemcpy(stage, src + i, (size_t)k * 4, cudaMemcpyHostToDevice));
+        cudaCheck(cudaStreamSynchronize(st));  // stage is free again (and src may be pageable: the copy goes in order on st)
+        cudaCheck(cudaMemcpyAsync(stage, src + i, (size_t)k * 4, cudaMemcpyHostToDevice, st));
         if (convert_cuda(DT_BF16, (char *)dst + (size_t)i * 2, DT_F32, stage, k, st, msg, sizeof msg))
             return dl_fail(e, "teacher shard: fp32 -> bf16 conversion refused: %s", msg);
     }
