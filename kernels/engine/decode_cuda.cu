@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "kernels/engine/decode_cuda.h"
+#include "kernels/engine/decode_gemm.h"
 #include "kernels/scan/selective_scan_cuda.h"
 #include "kernels/train/train_check.cuh"
 #include "kernels/train/train_cuda.h"
@@ -78,6 +79,9 @@ __device__ static float block_sum_f(float v, float *red) {
     return r;
 }
 
+// ---- the previous attention (DISTILL_DECODE_INVARIANT=0, kept to measure against and to show what the
+// invariance test catches): the number of key splits follows the number of (row, head) blocks, so a query's
+// softmax sums are grouped differently in a 1-token step and in a (K+1)-token verification.
 // One block per (query row, head) x key split: query (b, t) sits at position p = lenb[b] + t and sees keys
 // 0..p of its own sequence; split s covers keys [s*kps, (s+1)*kps). Tiles of ATT_THREADS keys: one thread
 // per key computes the score, then threads over head dims accumulate p * V (online softmax across tiles).
@@ -156,6 +160,117 @@ __global__ void attn_combine_kernel(const float *ws, AttArgs a, bf16 *out) {
             if (ms > -INFINITY) acc += o[s * (hd + 2) + d] * expf(ms - M);
         }
         out[(row * a.nh + h) * hd + d] = __float2bfloat16(L > 0.0f ? acc / L : 0.0f);
+    }
+}
+
+// ---- batch-invariant attention (the default). The keys of a query are cut into fixed tiles of ATT_THREADS
+// keys (tile i: keys [128 i, 128 i + 128)), whatever the number of query rows, the batch or the context the
+// feed was sized for. Each tile gives a softmax partial (its max m, sum l = sum exp(s - m), acc = sum
+// exp(s - m) v, every sum in one fixed order); the partials are folded left to right, tile 0 first:
+//   (M, L, acc) <- (max(M, m), L e^(M - M') + l e^(m - M'), acc e^(M - M') + a e^(m - M'))
+// and out = acc / L. The fold runs either inside one block per (row, head) (attn_tiles_kernel<false>: many
+// rows) or across blocks, one per tile, then attn_fold_kernel (few rows: the blocks fill the GPU). Both use
+// the same functions with explicit roundings, so the choice never changes a bit.
+
+// e^(M - M') and e^(m - M') for M' = max(M, m): the factors of one fold step.
+__device__ __forceinline__ void fold_factors(float M, float m, float &ca, float &cb) {
+    const float Mn = fmaxf(M, m);
+    ca = expf(__fsub_rn(M, Mn));
+    cb = expf(__fsub_rn(m, Mn));
+}
+__device__ __forceinline__ float fold_one(float x, float ca, float y, float cb) { return __fmaf_rn(x, ca, __fmul_rn(y, cb)); }
+
+// One block per (query row, head) [x one tile when SPLIT]. SPLIT: the tile's partial (acc [hd], m, l) goes to
+// ws [rows, nh, nsplit, hd + 2] (m = -inf for a tile past the query's keys); otherwise the block folds all the
+// query's tiles and writes out [rows, nh*hd] bf16.
+template <bool SPLIT>
+__global__ void __launch_bounds__(ATT_THREADS)
+    attn_tiles_kernel(const bf16 *q, const bf16 *kc, const bf16 *vc, const int32_t *lenb, AttArgs a, float *ws,
+                      bf16 *out) {
+    __shared__ float qs[MAX_HD];
+    __shared__ float ps[ATT_THREADS];
+    __shared__ float red[32];
+    const int64_t row = blockIdx.x / a.nh;
+    const int h = (int)(blockIdx.x % a.nh), tid = threadIdx.x, hd = a.hd;
+    const int64_t b = row / a.lc, t = row % a.lc;
+    const int64_t p = (int64_t)lenb[b] + t;  // the query's position: it sees keys 0..p
+    const int g = h / (a.nh / a.nkv);
+    const int64_t kvd = (int64_t)a.nkv * hd;
+    for (int i = tid; i < hd; i += ATT_THREADS) qs[i] = __fmul_rn(__bfloat162float(q[(row * a.nh + h) * hd + i]), a.scale);
+    __syncthreads();
+    const bf16 *Kb = kc + b * a.max_len * kvd + (int64_t)g * hd, *Vb = vc + b * a.max_len * kvd + (int64_t)g * hd;
+    const int64_t ntile = p / ATT_THREADS + 1;
+    const int64_t tb = SPLIT ? (int64_t)blockIdx.y : 0, te = SPLIT ? (tb + 1 < ntile ? tb + 1 : ntile) : ntile;
+    float M = -INFINITY, L = 0.0f, acc0 = 0.0f, acc1 = 0.0f;
+    for (int64_t tile = tb; tile < te; tile++) {  // block-uniform bounds
+        const int64_t j0 = tile * ATT_THREADS, j = j0 + tid;
+        float sc = -INFINITY;
+        if (j <= p) {
+            const uint4 *kr = (const uint4 *)(Kb + j * kvd);  // hd % 8 == 0, rows 16-byte aligned
+            float dot = 0.0f;
+            for (int c = 0; c < hd / 8; c++) {
+                const uint4 u = kr[c];
+                const bf16 *e = (const bf16 *)&u;
+#pragma unroll
+                for (int x = 0; x < 8; x++) dot = __fmaf_rn(qs[c * 8 + x], __bfloat162float(e[x]), dot);
+            }
+            sc = dot;
+        }
+        const float mt = block_max_f(sc, red);  // finite: key j0 <= p is in the tile
+        const float pj = j <= p ? expf(__fsub_rn(sc, mt)) : 0.0f;
+        ps[tid] = pj;
+        const float lt = block_sum_f(pj, red);  // its barriers also publish ps
+        const int nk = (int)min((int64_t)ATT_THREADS, p + 1 - j0);
+        float a0 = 0.0f, a1 = 0.0f;
+        for (int jj = 0; jj < nk; jj++) {
+            const float pv = ps[jj];
+            const bf16 *vr = Vb + (j0 + jj) * kvd;
+            if (tid < hd) a0 = __fmaf_rn(pv, __bfloat162float(vr[tid]), a0);
+            if (tid + ATT_THREADS < hd) a1 = __fmaf_rn(pv, __bfloat162float(vr[tid + ATT_THREADS]), a1);
+        }
+        if (tile == tb) {
+            M = mt, L = lt, acc0 = a0, acc1 = a1;
+        } else {
+            float ca, cb;
+            fold_factors(M, mt, ca, cb);
+            L = fold_one(L, ca, lt, cb);
+            acc0 = fold_one(acc0, ca, a0, cb);
+            acc1 = fold_one(acc1, ca, a1, cb);
+            M = fmaxf(M, mt);
+        }
+        __syncthreads();  // ps and red are rewritten by the next tile
+    }
+    if (SPLIT) {
+        float *o = ws + ((row * a.nh + h) * a.nsplit + blockIdx.y) * (int64_t)(hd + 2);
+        if (tid < hd) o[tid] = acc0;
+        if (tid + ATT_THREADS < hd) o[tid + ATT_THREADS] = acc1;
+        if (tid == 0) o[hd] = M, o[hd + 1] = L;
+    } else {
+        bf16 *o = out + (row * a.nh + h) * hd;
+        if (tid < hd) o[tid] = __float2bfloat16_rn(__fdiv_rn(acc0, L));
+        if (tid + ATT_THREADS < hd) o[tid + ATT_THREADS] = __float2bfloat16_rn(__fdiv_rn(acc1, L));
+    }
+}
+
+// The fold of attn_tiles_kernel<true>'s partials, tile 0 first (tile 0 always holds key 0; tiles past the
+// query's keys carry m = -inf and are skipped): out [rows, nh*hd] bf16.
+__global__ void attn_fold_kernel(const float *ws, AttArgs a, bf16 *out) {
+    const int64_t row = blockIdx.x;
+    const int h = blockIdx.y, hd = a.hd;
+    const float *o = ws + (row * a.nh + h) * a.nsplit * (int64_t)(hd + 2);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float M = o[hd], L = o[hd + 1], acc = o[d];
+        for (int s = 1; s < a.nsplit; s++) {
+            const float *os = o + s * (int64_t)(hd + 2);
+            const float m = os[hd];
+            if (!(m > -INFINITY)) continue;
+            float ca, cb;
+            fold_factors(M, m, ca, cb);
+            L = fold_one(L, ca, os[hd + 1], cb);
+            acc = fold_one(acc, ca, os[d], cb);
+            M = fmaxf(M, m);
+        }
+        out[(row * a.nh + h) * hd + d] = __float2bfloat16_rn(__fdiv_rn(acc, L));
     }
 }
 
@@ -264,6 +379,7 @@ struct DecoderCuda {
     int32_t *am_out;     // argmax: [lcap]
     uint64_t *am_u64;    // [lcap] zeros (the sampler's stream / counter, unused when greedy)
     int n_sm;
+    bool invariant;      // batch-invariant arithmetic (default; DISTILL_DECODE_INVARIANT=0: cuBLASLt + row-dependent splits)
     double bytes;
     // Mamba states of all layers [n_m, B, ...] in one buffer each, and their window-start copies
     int n_m;
@@ -317,9 +433,19 @@ static int lookup(const Registry *r, int64_t numel, DlError *e, int64_t *off, co
 
 static bf16 *W(const DecoderCuda *D, int64_t off) { return D->w + off; }
 
+// y [N, O] (+)= x [N, In] @ W^T (+ bias): the batch-invariant GEMM, or cuBLASLt with the legacy arithmetic.
 static void lin(DecoderCuda *D, void *y, const void *x, int64_t woff, const void *bias, int64_t N, int64_t In, int64_t O,
                 int acc) {
-    TCK(dl_linear_fwd(D->gemm, DT_BF16, y, x, W(D, woff), bias, N, In, O, acc, D->st, EA));
+    if (D->invariant) TCK(decode_gemm(DT_BF16, y, x, W(D, woff), bias, N, O, In, acc, D->st, EA));
+    else TCK(dl_linear_fwd(D->gemm, DT_BF16, y, x, W(D, woff), bias, N, In, O, acc, D->st, EA));
+}
+
+// fp32 logits [rows, V] of the normed rows x [rows, d].
+static void head_gemm(DecoderCuda *D, float *logits, const bf16 *x, int64_t rows) {
+    const int64_t V = D->h.base.vocab, d = D->h.base.d_model;
+    if (D->invariant) TCK(decode_gemm(DT_F32, logits, x, W(D, D->head), NULL, rows, V, d, 0, D->st, EA));
+    else TCK(dl_gemm(D->gemm, (int)rows, (int)V, (int)d, DT_BF16, x, 0, W(D, D->head), 1, DT_F32, logits, NULL, 1.0f, 0.0f,
+                     D->st, EA));
 }
 
 void decoder_cuda_free(DecoderCuda *D) {
@@ -473,6 +599,8 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
     cudaCheck(cudaDeviceGetAttribute(&D->n_sm, cudaDevAttrMultiProcessorCount, dev));
     const char *genv = getenv("DISTILL_DECODE_GRAPH");
     D->use_graph = genv && atoi(genv) > 0;
+    const char *ienv = getenv("DISTILL_DECODE_INVARIANT");
+    D->invariant = !(ienv && !strcmp(ienv, "0"));
 
     // ---- weights: host fp32 -> bf16 through a staging buffer; padded dt weights built on the host
     D->w = (bf16 *)dalloc(D, (size_t)(pad_at + pad_n) * 2);
@@ -594,7 +722,15 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
 #undef SCR
     D->ints = (int32_t *)dalloc(D, (size_t)(2 * rows + 3 * B + 1) * 4);
     D->hints = (int32_t *)calloc((size_t)(2 * rows + 3 * B + 1), 4);
+    // attention workspace: the legacy splits need (rows * nh + 2 n_sm) partials; the invariant per-tile
+    // partials are used while rows * nh < 2 n_sm, with up to ceil(max_len / 128) tiles each (capped at 256 MiB:
+    // past it the fold runs inside the blocks, same bits)
     D->att_ws_elems = ((int64_t)rows * c->n_head + 2ll * D->n_sm + 64) * (hd + 2);
+    {
+        int64_t tiles = 2ll * D->n_sm * ((max_len + ATT_THREADS - 1) / ATT_THREADS) * (hd + 2);
+        if (tiles > (1ll << 26)) tiles = 1ll << 26;
+        if (tiles > D->att_ws_elems) D->att_ws_elems = tiles;
+    }
     D->att_ws = (float *)dalloc(D, (size_t)D->att_ws_elems * 4);
     D->logits = (float *)dalloc(D, (size_t)(B * V) * 4);
     D->am_out = (int32_t *)dalloc(D, (size_t)B * 4);
@@ -644,9 +780,27 @@ static void attention(DecoderCuda *D, const DLayer *L, int64_t lc, int64_t maxke
     a.nkv = c->n_kv_head;
     a.hd = c->head_dim;
     a.scale = 1.0f / sqrtf((float)c->head_dim);
-    // split the keys only when the (row, head) blocks cannot fill the GPU; the workspace bound holds because
-    // nsplit > 1 only when rows * nh < 2 * n_sm
     const int64_t blocks = nrows * c->n_head, tiles = (maxkeys + ATT_THREADS - 1) / ATT_THREADS;
+    const int32_t *lenb = D->ints + 2 * D->rows + 2 * D->B;
+    if (D->invariant) {  // one partial per tile of 128 keys, folded in tile order (same bits either way)
+        a.kps = ATT_THREADS;
+        a.nsplit = (int)tiles;
+        if (blocks < 2ll * D->n_sm && blocks * tiles * (int64_t)(a.hd + 2) <= D->att_ws_elems) {
+            dim3 g1((unsigned)blocks, (unsigned)tiles);
+            attn_tiles_kernel<true><<<g1, ATT_THREADS, 0, D->st>>>(D->q, L->kc, L->vc, lenb, a, D->att_ws, D->att);
+            kernelCheck("attn_tiles_kernel (per tile)");
+            dim3 g2((unsigned)nrows, (unsigned)c->n_head);
+            attn_fold_kernel<<<g2, a.hd < 128 ? 64 : 128, 0, D->st>>>(D->att_ws, a, D->att);
+            kernelCheck("attn_fold_kernel");
+        } else {
+            a.nsplit = 1;
+            attn_tiles_kernel<false><<<(unsigned)blocks, ATT_THREADS, 0, D->st>>>(D->q, L->kc, L->vc, lenb, a, NULL, D->att);
+            kernelCheck("attn_tiles_kernel");
+        }
+        return;
+    }
+    // legacy: split the keys only when the (row, head) blocks cannot fill the GPU; the workspace bound holds
+    // because nsplit > 1 only when rows * nh < 2 * n_sm
     int64_t ns = (2ll * D->n_sm + blocks - 1) / blocks;
     if (ns > tiles) ns = tiles;
     if (ns < 1) ns = 1;
@@ -664,7 +818,6 @@ static void attention(DecoderCuda *D, const DLayer *L, int64_t lc, int64_t maxke
         fprintf(stderr, "decode_cuda: attention workspace too small (%lld rows, %d splits)\n", (long long)nrows, a.nsplit);
         exit(DL_EXIT_RUNTIME);
     }
-    const int32_t *lenb = D->ints + 2 * D->rows + 2 * D->B;
     dim3 g1((unsigned)(nrows * c->n_head), (unsigned)a.nsplit);
     attn_partial_kernel<<<g1, ATT_THREADS, 0, D->st>>>(D->q, L->kc, L->vc, lenb, a, D->att_ws);
     kernelCheck("attn_partial_kernel");
@@ -755,10 +908,9 @@ static void run_chunk(DecoderCuda *D, int64_t lc, int64_t maxkeys) {
 // Final norm and head on each sequence's last token: logits [nb, V] fp32.
 static void head(DecoderCuda *D) {
     const LlamaConfig *c = &D->h.base;
-    const int64_t nb = D->nb, V = c->vocab, d = c->d_model;
+    const int64_t nb = D->nb, d = c->d_model;
     TCK(rmsnorm_fwd_cuda(DT_BF16, D->lastn, NULL, NULL, D->last, NULL, W(D, D->fnorm), nb, d, (float)c->rms_eps, D->st, EA));
-    TCK(dl_gemm(D->gemm, (int)nb, (int)V, (int)d, DT_BF16, D->lastn, 0, W(D, D->head), 1, DT_F32, D->logits, NULL, 1.0f,
-                0.0f, D->st, EA));
+    head_gemm(D, D->logits, D->lastn, nb);
 }
 
 // Final norm and head on every row of the chunk (columns c0 .. c0+lc-1 of an L-token feed): logits [nb, L, V].
@@ -767,13 +919,11 @@ static void head_all(DecoderCuda *D, int64_t lc, int64_t c0, int64_t L) {
     const int64_t nb = D->nb, V = c->vocab, d = c->d_model, N = nb * lc;
     TCK(rmsnorm_fwd_cuda(DT_BF16, D->xn, NULL, NULL, D->x, NULL, W(D, D->fnorm), N, d, (float)c->rms_eps, D->st, EA));
     if (lc == L) {
-        TCK(dl_gemm(D->gemm, (int)N, (int)V, (int)d, DT_BF16, D->xn, 0, W(D, D->head), 1, DT_F32, D->logits, NULL, 1.0f,
-                    0.0f, D->st, EA));
+        head_gemm(D, D->logits, D->xn, N);
         return;
     }
     for (int64_t b = 0; b < nb; b++)  // a chunked feed: sequence b's columns land at rows b*L + c0 ..
-        TCK(dl_gemm(D->gemm, (int)lc, (int)V, (int)d, DT_BF16, D->xn + b * lc * d, 0, W(D, D->head), 1, DT_F32,
-                    D->logits + (b * L + c0) * V, NULL, 1.0f, 0.0f, D->st, EA));
+        head_gemm(D, D->logits + (b * L + c0) * V, D->xn + b * lc * d, lc);
 }
 
 static void graphs_drop(DecoderCuda *D) {

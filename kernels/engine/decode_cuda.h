@@ -9,9 +9,12 @@
 // logits. The Mamba conv weights, A = -exp(A_log), D and the dt bias are kept in fp32.
 // Memory: KV cache 2 * n_attn * B * max_len * kvd bf16, Mamba state n_mamba * B * d_inner * (d_state fp32
 // + 3 bf16), scratch for up to `rows` tokens per pass (a prefill of B*L tokens runs in chunks of columns).
-// Determinism: no float atomics; two runs give identical bits, and a sequence's results do not depend on
-// its slot in the batch. They may differ in the last bits between batch sizes (cuBLASLt picks kernels per
-// GEMM shape; the attention key split depends on the number of rows).
+// Determinism and batch invariance: no float atomics; two runs give identical bits. Every token's logits are
+// bit-identical whether it is fed in a 1-token step, a K-token speculative window, a prefill (one chunk or
+// many), at any batch size or slot, with or without CUDA graphs: the GEMMs are decode_gemm.h (one reduction
+// order per element, fixed by K alone) and the attention folds fixed 128-key tiles in order. So greedy
+// speculative decoding reproduces plain greedy decoding exactly. DISTILL_DECODE_INVARIANT=0 restores the
+// previous arithmetic (cuBLASLt, key splits chosen from the number of rows) for comparisons only.
 // Errors: CUDA failures exit with the call and a hint (kernels/train/train_check.cuh); shape, length and
 // token errors return -1 / NULL with e filled.
 #pragma once

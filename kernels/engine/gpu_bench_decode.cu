@@ -7,8 +7,10 @@
 //   * prefill: 64 ragged prompts of 30..300 tokens (the demo's prompt lengths), tokens/s.
 //   * sampling alone at batch 64 over the 49152-token vocabulary.
 //   --graph: decode steps replayed from a CUDA graph (DISTILL_DECODE_GRAPH=1): launch overhead removed.
+//   The decoder's arithmetic is the batch-invariant one unless DISTILL_DECODE_INVARIANT=0 (the previous
+//   cuBLASLt GEMMs and row-dependent key splits): run both for the cost of invariance (inv=1 / inv=0 below).
 // Usage: gpu_bench_decode [--config recipes/configs/smollm2-135m.json] [--steps 32] [--hbm 3.35e12] [--graph]
-// Prints RESULT lines: RESULT decode model=... B=... ctx=... graph=0|1 tok_s=... ms_step=... hbm_frac=...
+// Prints RESULT lines: RESULT decode model=... B=... ctx=... graph=0|1 inv=0|1 tok_s=... ms_step=... hbm_frac=...
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
@@ -82,7 +84,10 @@ int main(int argc, char **argv) {
     cudaGetDevice(&dev);
     cudaGetDeviceProperties(&prop, dev);
     if (graph) setenv("DISTILL_DECODE_GRAPH", "1", 1);
-    printf("gpu_bench_decode: %s, config %s, %d steps per point%s\n", prop.name, cfg, steps, graph ? ", CUDA graphs" : "");
+    const char *ienv = getenv("DISTILL_DECODE_INVARIANT");
+    const int inv = !(ienv && !strcmp(ienv, "0"));
+    printf("gpu_bench_decode: %s, config %s, %d steps per point%s, %s arithmetic\n", prop.name, cfg, steps,
+           graph ? ", CUDA graphs" : "", inv ? "batch-invariant" : "legacy (DISTILL_DECODE_INVARIANT=0)");
 
     LoadedModel lm;
     die_if(model_load(cfg, 1, &lm, &e) != 0, &e, "model_load");
@@ -103,13 +108,13 @@ int main(int argc, char **argv) {
         const Registry *r;
         const float *p;
     } models[2] = {{"teacher", &lm.hc, &lm.reg, lm.params}, {"hybrid50", &hh, &hr, hp}};
-    const int64_t batches[2] = {1, 64}, ctxs[3] = {512, 2048, 8192};
+    const int64_t batches[3] = {1, 4, 64}, ctxs[3] = {512, 2048, 8192};
     const int64_t V = c->vocab, kvd = (int64_t)c->n_kv_head * c->head_dim;
     DecodeSampling ds = {0.7f, 0, 0.9f, 1};
     for (int mi = 0; mi < 2; mi++) {
         const double wb = weight_bytes(models[mi].r);
         const int n_attn = hybrid_n_attn(models[mi].h);
-        for (int bi = 0; bi < 2; bi++) {
+        for (int bi = 0; bi < 3; bi++) {
             const int64_t B = batches[bi];
             DecoderCuda *d = decoder_cuda_new(models[mi].h, models[mi].r, models[mi].p, B, ctxs[2] + steps + 8, stdout, &e);
             die_if(!d, &e, "decoder_cuda_new");
@@ -132,8 +137,8 @@ int main(int argc, char **argv) {
                     decoder_cuda_sample(d, &ds, st, ctr, next, &e);  // synchronizes
                     if (rep) best = fmin(best, now() - t0);
                 }
-                printf("RESULT prefill model=%s B=%lld prompt_tokens=%lld ms=%.2f tok_s=%.0f (padded to 300: %.0f)\n",
-                       models[mi].name, (long long)B, (long long)total, best * 1e3, total / best, B * 300 / best);
+                printf("RESULT prefill model=%s B=%lld inv=%d prompt_tokens=%lld ms=%.2f tok_s=%.0f (padded to 300: %.0f)\n",
+                       models[mi].name, (long long)B, inv, (long long)total, best * 1e3, total / best, B * 300 / best);
                 // sampling alone
                 double t0 = now();
                 for (int rep = 0; rep < 20; rep++) decoder_cuda_sample(d, &ds, st, ctr, next, &e);
@@ -158,8 +163,8 @@ int main(int argc, char **argv) {
                 const double sec = now() - t0, ms = sec / steps * 1e3;
                 // bytes a step reads at batch B: weights once + every sequence's K and V rows
                 const double bytes = wb + (double)B * n_attn * 2.0 * (ctx + 3 + steps / 2) * kvd * 2;
-                printf("RESULT decode model=%s B=%lld ctx=%lld graph=%d tok_s=%.0f ms_step=%.3f read_GB=%.3f hbm_frac=%.2f\n",
-                       models[mi].name, (long long)B, (long long)ctx, graph, B * steps / sec, ms, bytes / 1e9,
+                printf("RESULT decode model=%s B=%lld ctx=%lld graph=%d inv=%d tok_s=%.0f ms_step=%.3f read_GB=%.3f hbm_frac=%.2f\n",
+                       models[mi].name, (long long)B, (long long)ctx, graph, inv, B * steps / sec, ms, bytes / 1e9,
                        bytes / (ms * 1e-3) / hbm);
             }
             decoder_cuda_free(d);

@@ -178,7 +178,9 @@ int main(int argc, char **argv) {
     int dev = 0;
     cudaGetDevice(&dev);
     cudaGetDeviceProperties(&prop, dev);
-    printf("gpu_bench_spec: %s, config %s%s\n", prop.name, cfg, graph ? ", CUDA graphs" : "");
+    const char *ienv = getenv("DISTILL_DECODE_INVARIANT");  // 0: the legacy (not batch-invariant) arithmetic
+    printf("gpu_bench_spec: %s, config %s%s, %s decoder arithmetic\n", prop.name, cfg, graph ? ", CUDA graphs" : "",
+           ienv && !strcmp(ienv, "0") ? "legacy (DISTILL_DECODE_INVARIANT=0)" : "batch-invariant");
     LoadedModel lm;
     die_if(model_load(cfg, 1, &lm, &e) != 0, &e, "model_load");
     const LlamaConfig *c = &lm.hc.base;

@@ -1,0 +1,41 @@
+// decode_gemm.h: the decoder's batch-invariant bf16 GEMM (y = x @ W^T, nn.Linear's layout). Every output
+// element is reduced in one fixed order that depends on K only, never on M (the number of token rows) nor on
+// the other rows: so a token's projections, and in the end its logits, are bit-identical whether it is fed in a
+// 1-token decode step, a (K+1)-token speculative verification, a prefill chunk of any length, or at any batch
+// size. cuBLASLt cannot promise this: it picks a kernel (tile, split-K) per shape, and a different M is a
+// different shape.
+//
+// The fixed order: K is cut into chunks of 32 (the last one zero-padded; K % 8 == 0), the chunks into 4
+// contiguous slices ([s*nch/4, (s+1)*nch/4) for nch = ceil(K/32)); slice s is accumulated in fp32 chunk after
+// chunk by tensor-core MMAs (mma.sync m16n8k16 bf16, two per chunk, fixed k-slot mapping), and the output is
+// ((p0 + p1) + p2) + p3 (+ bias) (+ y if accumulating), rounded once to the output dtype. An MMA computes each
+// output row from that row alone, and rows past M are zeros, so the tile shape (chosen from M for speed: m16 x
+// n8 per block for decode, up to m64 x n32 for prefills) never changes a bit. Design and measurements:
+// docs/DECODE_CUDA.md ("Batch invariance").
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cuda_runtime.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#include "distill/dtype.h"
+
+// y [M, N] (out_dt: DT_BF16 or DT_F32) = x [M, K] (bf16) @ W^T, W [N, K] (bf16), + bias [N] (bf16, optional),
+// + y itself if accumulate. Pointers 16-byte aligned, N and K multiples of 8, M >= 0 (0: nothing). Enqueued on
+// `stream`; returns 0, or -1 with a message in err when the shape, dtype or alignment is not supported.
+int decode_gemm(DType out_dt, void *y, const void *x, const void *W, const void *bias, int64_t M, int64_t N,
+                int64_t K, int accumulate, cudaStream_t stream, char *err, size_t errlen);
+
+// The tile variant decode_gemm uses for M rows (0: m16 x n8, 1: m32 x n16, 2: m64 x n32; for tests), and
+// decode_gemm forced to one variant (tests show the variants give identical bits).
+int decode_gemm_variant(int64_t M);
+int decode_gemm_with(int variant, DType out_dt, void *y, const void *x, const void *W, const void *bias, int64_t M,
+                     int64_t N, int64_t K, int accumulate, cudaStream_t stream, char *err, size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,496 @@
+// gpu_test_decode_inv.cu: batch invariance of DecoderCuda (docs/DECODE_CUDA.md, "Batch invariance"): a token's
+// logits are bit-identical however it is fed. Every comparison below is BITWISE (memcmp of fp32 logits).
+//   1. decode_gemm: the rows of an M-row product equal, bit for bit, the same rows computed at M = 1, 3, 16,
+//      17, 36, 64, 65, 300, at another offset in the batch, and by each of the three tile variants; and the
+//      result is within 1e-2 (bf16 out) / 1e-5 (fp32 out) of a float64 reference (bias, accumulate, K = 40
+//      with a zero-padded chunk). For information: how many rows cuBLASLt (the legacy path) changes with M.
+//   2. Decoder, random hybrid (attention + Mamba-1) and teacher (all attention), prompts of up to 1000
+//      tokens (8 key tiles of 128), batch 1 and 4, with and without CUDA graphs: the logits of 9 single
+//      decode steps == those of one K-token verification window (K = 1..8) == a ragged prefill of prompt +
+//      tokens (all-logits feed, one chunk and chunks of 3 columns); after accept(keep) the next step equals
+//      the single-step run at the same position; batch 1 == the same sequence at batch 4; graphs == none.
+//   3. Greedy speculative == plain greedy, token for token, on 16 prompts (5..300 tokens, 40 new tokens) at
+//      batch 1 and 4, K = 2, 4, 8, a 2-layer-cut draft and the target itself as draft, for a teacher and a
+//      hybrid whose head rows come in near-identical pairs (row v + V/2 = row v * (1 + 0.02 noise)): the top
+//      two logits of most positions are then within 1% of each other, so any difference in the last bits
+//      between a step and a verification flips tokens (the test checks that the near-ties are there).
+// With DISTILL_DECODE_INVARIANT=0 (the previous arithmetic: cuBLASLt GEMMs, key splits that depend on the
+// number of rows) sections 2 and 3 are expected to FAIL: that is how the test shows it can see the problem.
+// Usage: gpu_test_decode_inv [--verbose]. Exit status != 0 on any failure.
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/engine/decode_cuda.h"
+#include "kernels/engine/decode_gemm.h"
+#include "kernels/engine/gpu_test_common.cuh"
+#include "kernels/train/train_cuda.h"
+
+extern "C" {
+#include "distill/rng.h"
+#include "distill/sample.h"
+#include "distill/spec_decode.h"
+}
+
+#define CK(call)                                                                                              \
+    do {                                                                                                      \
+        cudaError_t e_ = (call);                                                                              \
+        if (e_ != cudaSuccess) {                                                                              \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_));            \
+            exit(1);                                                                                          \
+        }                                                                                                     \
+    } while (0)
+
+static void die_if(bool bad, const DlError *e, const char *what) {
+    if (bad) {
+        fprintf(stderr, "gpu_test_decode_inv: %s: %s\n", what, e->msg);
+        exit(1);
+    }
+}
+
+// rows of [n, V] that differ in any bit; *mx = the largest |a - b|
+static int64_t rows_differ(const float *a, const float *b, int64_t n, int64_t V, double *mx) {
+    int64_t bad = 0;
+    for (int64_t r = 0; r < n; r++) {
+        if (memcmp(a + r * V, b + r * V, (size_t)V * 4)) bad++;
+        for (int64_t v = 0; v < V && mx; v++) *mx = fmax(*mx, fabs((double)a[r * V + v] - b[r * V + v]));
+    }
+    return bad;
+}
+
+// ---------------------------------------------------------------- 1. the GEMM
+
+static void gemm_case(int64_t N, int64_t K, bool bias, bool acc, DType odt, DlGemm *lt) {
+    const int64_t MM = 305;  // rows of the big product; M-row calls use rows [off, off + M)
+    const int osz = odt == DT_F32 ? 4 : 2;
+    Rng g;
+    rng_init(&g, (uint64_t)(N * 131 + K), 3);
+    uint16_t *hx = (uint16_t *)malloc((size_t)(MM * K) * 2), *hw = (uint16_t *)malloc((size_t)(N * K) * 2);
+    uint16_t *hb = (uint16_t *)malloc((size_t)N * 2);
+    float *y0 = (float *)malloc((size_t)(MM * N) * 4);  // initial y (accumulate), as float
+    for (int64_t i = 0; i < MM * K; i++) hx[i] = f32_to_bf16((float)rng_normal(&g));
+    for (int64_t i = 0; i < N * K; i++) hw[i] = f32_to_bf16((float)(rng_normal(&g) / sqrt((double)K)));
+    for (int64_t i = 0; i < N; i++) hb[i] = f32_to_bf16((float)rng_normal(&g));
+    for (int64_t i = 0; i < MM * N; i++) y0[i] = odt == DT_F32 ? (float)rng_normal(&g) : bf16_to_f32(f32_to_bf16((float)rng_normal(&g)));
+    void *dx, *dw, *db, *dy;
+    CK(cudaMalloc(&dx, (size_t)(MM * K) * 2));
+    CK(cudaMalloc(&dw, (size_t)(N * K) * 2));
+    CK(cudaMalloc(&db, (size_t)N * 2));
+    CK(cudaMalloc(&dy, (size_t)(MM * N) * 4));
+    CK(cudaMemcpy(dx, hx, (size_t)(MM * K) * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dw, hw, (size_t)(N * K) * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(db, hb, (size_t)N * 2, cudaMemcpyHostToDevice));
+    // y init in the output dtype
+    void *hy0 = malloc((size_t)(MM * N) * osz);
+    for (int64_t i = 0; i < MM * N; i++) {
+        if (odt == DT_F32) ((float *)hy0)[i] = y0[i];
+        else ((uint16_t *)hy0)[i] = f32_to_bf16(y0[i]);
+    }
+    char err[256] = "", nm[128];
+    snprintf(nm, sizeof nm, "decode_gemm N %lld K %lld%s%s, %s out", (long long)N, (long long)K, bias ? " +bias" : "",
+             acc ? " +accumulate" : "", odt == DT_F32 ? "f32" : "bf16");
+    // run(M, off, variant) -> host [M, N] as float
+    auto run = [&](int64_t M, int64_t off, int variant, float *out) {
+        CK(cudaMemcpy(dy, hy0, (size_t)(MM * N) * osz, cudaMemcpyHostToDevice));
+        const void *x = (const uint16_t *)dx + off * K;
+        void *y = (char *)dy + (size_t)(off * N) * osz;
+        const int rc = variant < 0 ? decode_gemm(odt, y, x, dw, bias ? db : NULL, M, N, K, acc, NULL, err, sizeof err)
+                                   : decode_gemm_with(variant, odt, y, x, dw, bias ? db : NULL, M, N, K, acc, NULL, err, sizeof err);
+        if (rc) {
+            printf("  FAIL %s: refused: %s\n", nm, err);
+            exit(1);
+        }
+        CK(cudaDeviceSynchronize());
+        void *h = malloc((size_t)(M * N) * osz);
+        CK(cudaMemcpy(h, y, (size_t)(M * N) * osz, cudaMemcpyDeviceToHost));
+        for (int64_t i = 0; i < M * N; i++) out[i] = odt == DT_F32 ? ((float *)h)[i] : bf16_to_f32(((uint16_t *)h)[i]);
+        free(h);
+    };
+    float *big = (float *)malloc((size_t)(MM * N) * 4), *part = (float *)malloc((size_t)(MM * N) * 4);
+    run(MM, 0, -1, big);
+    // vs float64
+    double num = 0, den = 0;
+    for (int64_t m = 0; m < MM; m++)
+        for (int64_t n = 0; n < N; n++) {
+            double s = 0;
+            for (int64_t k = 0; k < K; k++) s += (double)bf16_to_f32(hx[m * K + k]) * bf16_to_f32(hw[n * K + k]);
+            if (bias) s += bf16_to_f32(hb[n]);
+            if (acc) s += y0[m * N + n];
+            const double d = big[m * N + n] - s;
+            num += d * d, den += s * s;
+        }
+    const double rel = sqrt(num / den), tol = odt == DT_F32 ? 1e-5 : 1e-2;
+    check(rel < tol, "%s: M %lld vs float64: relative error %.2e (< %.0e)", nm, (long long)MM, rel, tol);
+    const int64_t Ms[8] = {1, 3, 16, 17, 36, 64, 65, 300};
+    int64_t bad = 0;
+    for (int i = 0; i < 8; i++) {
+        run(Ms[i], 0, -1, part);
+        bad += rows_differ(part, big, Ms[i], N, NULL);
+        run(Ms[i], 5, -1, part);  // the same rows at another place in the batch
+        bad += rows_differ(part, big + 5 * N, Ms[i], N, NULL);
+    }
+    check(bad == 0, "%s: rows bitwise equal at M = 1, 3, 16, 17, 36, 64, 65, 300 and offset 5 (%lld rows differ)", nm,
+          (long long)bad);
+    bad = 0;
+    for (int v = 0; v < 3; v++) {
+        run(MM, 0, v, part);
+        bad += rows_differ(part, big, MM, N, NULL);
+    }
+    check(bad == 0, "%s: the three tile variants give identical bits (%lld rows differ)", nm, (long long)bad);
+    if (lt && !acc && !bias) {  // information: the legacy cuBLASLt path at M = 1 .. 9 vs M = 300
+        float *ref = (float *)malloc((size_t)(MM * N) * 4);
+        int64_t lbad = 0;
+        for (int64_t M = 300; M >= 1; M = M == 300 ? 9 : M - 1) {
+            if (dl_gemm(lt, (int)M, (int)N, (int)K, DT_BF16, dx, 0, dw, 1, odt, dy, NULL, 1.0f, 0.0f, NULL, err, sizeof err)) {
+                printf("  (cuBLASLt refused: %s)\n", err);
+                break;
+            }
+            CK(cudaDeviceSynchronize());
+            void *h = malloc((size_t)(M * N) * osz);
+            CK(cudaMemcpy(h, dy, (size_t)(M * N) * osz, cudaMemcpyDeviceToHost));
+            for (int64_t i = 0; i < M * N; i++) part[i] = odt == DT_F32 ? ((float *)h)[i] : bf16_to_f32(((uint16_t *)h)[i]);
+            free(h);
+            if (M == 300) memcpy(ref, part, (size_t)(M * N) * 4);
+            else lbad += rows_differ(part, ref, M, N, NULL);
+        }
+        printf("        (%s: cuBLASLt, the legacy path: %lld of the 45 rows of M = 1..9 differ from the same rows at M = 300)\n",
+               nm, (long long)lbad);
+        free(ref);
+    }
+    CK(cudaFree(dx));
+    CK(cudaFree(dw));
+    CK(cudaFree(db));
+    CK(cudaFree(dy));
+    free(hx), free(hw), free(hb), free(y0), free(hy0), free(big), free(part);
+}
+
+static void test_gemm(void) {
+    char err[256];
+    DlGemm *lt = dl_gemm_new(0, err, sizeof err);
+    gemm_case(576, 576, false, false, DT_BF16, lt);   // SmolLM2's q / o
+    gemm_case(192, 40, true, false, DT_BF16, NULL);   // the padded dt_proj with its bias: K % 32 != 0
+    gemm_case(576, 1536, false, true, DT_BF16, NULL); // down_proj accumulated into the residual
+    gemm_case(520, 192, false, false, DT_F32, lt);    // a head: fp32 logits
+    gemm_case(72, 4104, false, false, DT_F32, NULL);  // long K, N not a multiple of the wide tiles
+    // bad shapes are refused
+    check(decode_gemm(DT_BF16, NULL, NULL, NULL, NULL, 4, 12, 64, 0, NULL, err, sizeof err) != 0,
+          "decode_gemm refuses N = 12 (not a multiple of 8): %s", err);
+    if (lt) dl_gemm_free(lt);
+}
+
+// ---------------------------------------------------------------- models
+
+typedef struct {
+    HybridConfig h;
+    Registry r;
+    float *p;
+} Model;
+
+// 4 layers, d 192, 3 heads (1 KV head), untied head, vocabulary 520. twins: head rows v + V/2 = row v times
+// (1 + 0.02 noise), so argmaxes are near-ties (section 3).
+static void model_make(Model *m, bool hybrid, uint64_t seed, bool twins) {
+    DlError e;
+    LlamaConfig c;
+    memset(&c, 0, sizeof c);
+    c.n_layer = 4, c.d_model = 192, c.n_head = 3, c.n_kv_head = 1, c.head_dim = 64, c.d_ff = 384, c.vocab = 520;
+    c.max_pos = 4096, c.rope_theta = 10000.0, c.rms_eps = 1e-5, c.tied_embeddings = false, c.bos_id = c.eos_id = -1;
+    int attn[2] = {1, 3};
+    if (hybrid) die_if(hybrid_config_init(&m->h, &c, MIXER_MAMBA1, attn, 2, &e) != 0, &e, "hybrid_config_init");
+    else hybrid_config_teacher(&m->h, &c);
+    model_build_registry(&m->h, &m->r);
+    m->p = (float *)malloc((size_t)m->r.numel * 4);
+    test_params_init(&m->r, m->p, seed, 11, true);
+    if (twins) {
+        const int i = reg_find(&m->r, "lm_head.weight");
+        die_if(i < 0, &e, "lm_head.weight");
+        float *w = m->p + m->r.t[i].offset;
+        const int64_t V = c.vocab, d = c.d_model, half = V / 2;
+        Rng g;
+        rng_init(&g, seed, 99);
+        for (int64_t v = 0; v < half; v++)
+            for (int64_t j = 0; j < d; j++)
+                w[(v + half) * d + j] = bf16_to_f32(f32_to_bf16(w[v * d + j] * (float)(1.0 + 0.02 * rng_normal(&g))));
+    }
+}
+
+static void random_tokens(int32_t *tok, int64_t B, int64_t L, const int64_t *plen, int64_t V, uint64_t seed) {
+    Rng g;
+    rng_init(&g, seed, 1);
+    memset(tok, 0, (size_t)(B * L) * 4);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < (plen ? plen[b] : L); t++) tok[b * L + t] = (int32_t)rng_below(&g, (uint64_t)V);
+}
+
+// ---------------------------------------------------------------- 2. the decoder
+
+enum { NS = 9 };  // continuation tokens: single steps 0..8
+
+// prompts [B, L] (plen), continuation cont [B, NS]: the logits of NS single steps, ls [B, NS, V], and of the
+// prefill's last tokens, lp [B, V].
+static void single_steps(const Model *m, DecoderCuda *d, int64_t B, const int32_t *pr, const int64_t *plen, int64_t L,
+                         const int32_t *cont, float *ls, float *lp) {
+    DlError e;
+    const int64_t V = m->h.base.vocab;
+    float *row = (float *)malloc((size_t)(B * V) * 4);
+    int32_t col[8];
+    die_if(decoder_cuda_reset(d, B, &e) || decoder_cuda_feed_ragged(d, pr, L, plen, &e), &e, "prefill");
+    decoder_cuda_logits_host(d, lp);
+    for (int i = 0; i < NS; i++) {
+        for (int64_t b = 0; b < B; b++) col[b] = cont[b * NS + i];
+        die_if(decoder_cuda_step(d, col, &e) != 0, &e, "step");
+        decoder_cuda_logits_host(d, row);
+        for (int64_t b = 0; b < B; b++) memcpy(ls + (b * NS + i) * V, row + b * V, (size_t)V * 4);
+    }
+    free(row);
+}
+
+static void decoder_case(const Model *m, const char *name, int64_t B, const int64_t *plen, int64_t L, bool graph,
+                         float *ls_out /* [B, NS, V] or NULL */) {
+    DlError e;
+    char nm[160];
+    snprintf(nm, sizeof nm, "%s, batch %lld%s", name, (long long)B, graph ? ", CUDA graphs" : "");
+    const int64_t V = m->h.base.vocab, max_len = L + NS + 8;
+    int32_t *pr = (int32_t *)malloc((size_t)(B * L) * 4), *cont = (int32_t *)malloc((size_t)(B * NS) * 4);
+    random_tokens(pr, B, L, plen, V, 41);
+    random_tokens(cont, B, NS, NULL, V, 42);
+    if (B > 1) {  // sequence 0 of a batch = the batch-1 sequence (same prompt and continuation)
+        int32_t *p1 = (int32_t *)malloc((size_t)L * 4), *c1 = (int32_t *)malloc((size_t)NS * 4);
+        random_tokens(p1, 1, L, plen, V, 41);
+        random_tokens(c1, 1, NS, NULL, V, 42);
+        memcpy(pr, p1, (size_t)L * 4), memcpy(cont, c1, (size_t)NS * 4);
+        free(p1), free(c1);
+    }
+    DecoderCuda *d = decoder_cuda_new(&m->h, &m->r, m->p, B, max_len, NULL, &e);
+    die_if(!d, &e, "decoder_cuda_new");
+    decoder_cuda_use_graph(d, graph);
+    float *ls = (float *)malloc((size_t)(B * NS * V) * 4), *lp = (float *)malloc((size_t)(B * V) * 4);
+    float *lw = (float *)malloc((size_t)(B * NS * V) * 4), *row = (float *)malloc((size_t)(B * V) * 4);
+    single_steps(m, d, B, pr, plen, L, cont, ls, lp);
+    if (ls_out) memcpy(ls_out, ls, (size_t)(B * NS * V) * 4);
+    // K-token verification windows, then accept(keep) and one step
+    int64_t wbad = 0, abad = 0, wrows = 0, arows = 0;
+    double wmx = 0, amx = 0;
+    for (int K = 1; K <= 8; K++) {
+        die_if(decoder_cuda_reset(d, B, &e) || decoder_cuda_feed_ragged(d, pr, L, plen, &e), &e, "prefill");
+        int32_t *win = (int32_t *)malloc((size_t)(B * K) * 4);
+        for (int64_t b = 0; b < B; b++) memcpy(win + b * K, cont + b * NS, (size_t)K * 4);
+        decoder_cuda_window_begin(d);
+        die_if(decoder_cuda_feed(d, win, K, NULL, 1, &e) != 0, &e, "window");
+        decoder_cuda_logits_host(d, lw);  // [B, K, V]
+        for (int64_t b = 0; b < B; b++) wbad += rows_differ(lw + b * K * V, ls + b * NS * V, K, V, &wmx);
+        wrows += B * K;
+        int32_t keep[8], col[8];
+        for (int64_t b = 0; b < B; b++) {
+            keep[b] = (int32_t)((K + 2 * b) % (K + 1));  // 0 .. K over the batches and K values
+            col[b] = cont[b * NS + keep[b]];             // the next token: the single-step run's at that position
+        }
+        die_if(decoder_cuda_accept(d, keep, &e) != 0, &e, "accept");
+        die_if(decoder_cuda_step(d, col, &e) != 0, &e, "step after accept");
+        decoder_cuda_logits_host(d, row);
+        for (int64_t b = 0; b < B; b++) abad += rows_differ(row + b * V, ls + (b * NS + keep[b]) * V, 1, V, &amx);
+        arows += B;
+        free(win);
+    }
+    check(wbad == 0, "%s: K-token verification windows (K = 1..8) == single decode steps, bitwise: %lld of %lld rows "
+          "differ (max |diff| %.3e)", nm, (long long)wbad, (long long)wrows, wmx);
+    check(abad == 0, "%s: the step after accept(keep) == the single-step run at that position, bitwise: %lld of %lld "
+          "rows differ (max |diff| %.3e)", nm, (long long)abad, (long long)arows, amx);
+    // a prefill of prompt + all continuation tokens with every row's logits, in one chunk and in 3-column chunks
+    if (!graph) {
+        const int64_t LP = L + NS;
+        int32_t *pp = (int32_t *)calloc((size_t)(B * LP), 4);
+        int64_t n[8];
+        for (int64_t b = 0; b < B; b++) {
+            memcpy(pp + b * LP, pr + b * L, (size_t)plen[b] * 4);
+            memcpy(pp + b * LP + plen[b], cont + b * NS, (size_t)NS * 4);
+            n[b] = plen[b] + NS;
+        }
+        float *la = (float *)malloc((size_t)(B * LP * V) * 4);
+        for (int chunked = 0; chunked < 2; chunked++) {
+            if (chunked) setenv("DISTILL_DECODE_ROWS", B == 1 ? "3" : "12", 1);
+            DecoderCuda *dp = decoder_cuda_new(&m->h, &m->r, m->p, B, max_len, NULL, &e);
+            if (chunked) unsetenv("DISTILL_DECODE_ROWS");
+            die_if(!dp, &e, "decoder_cuda_new");
+            die_if(decoder_cuda_reset(dp, B, &e) || decoder_cuda_feed(dp, pp, LP, n, 1, &e), &e, "prefill all logits");
+            decoder_cuda_logits_host(dp, la);  // [B, LP, V]
+            int64_t pbad = 0;
+            double pmx = 0;
+            for (int64_t b = 0; b < B; b++) {
+                pbad += rows_differ(la + (b * LP + plen[b] - 1) * V, lp + b * V, 1, V, &pmx);       // the prompt's last
+                pbad += rows_differ(la + (b * LP + plen[b]) * V, ls + b * NS * V, NS, V, &pmx);    // the steps'
+            }
+            check(pbad == 0, "%s: a prefill of prompt + %d tokens%s == the prefill + single steps, bitwise: %lld of %lld "
+                  "rows differ (max |diff| %.3e)", nm, NS, chunked ? " in 3-column chunks" : "", (long long)pbad,
+                  (long long)(B * (NS + 1)), pmx);
+            decoder_cuda_free(dp);
+        }
+        free(pp), free(la);
+    }
+    decoder_cuda_free(d);
+    free(pr), free(cont), free(ls), free(lp), free(lw), free(row);
+}
+
+static void test_decoder(const Model *hy, const Model *te) {
+    const Model *ms[2] = {hy, te};
+    const char *names[2] = {"hybrid", "teacher"};
+    // batch 1: a 1000-token prompt (8 key tiles); batch 4: 1000, 37, 700 and 260 tokens
+    const int64_t p1[1] = {1000}, p4[4] = {1000, 37, 700, 260};
+    const int64_t V = hy->h.base.vocab;
+    float *l1 = (float *)malloc((size_t)(NS * V) * 4), *l4 = (float *)malloc((size_t)(4 * NS * V) * 4);
+    float *g1 = (float *)malloc((size_t)(NS * V) * 4), *g4 = (float *)malloc((size_t)(4 * NS * V) * 4);
+    for (int i = 0; i < 2; i++) {
+        decoder_case(ms[i], names[i], 1, p1, 1000, false, l1);
+        decoder_case(ms[i], names[i], 4, p4, 1000, false, l4);
+        decoder_case(ms[i], names[i], 1, p1, 1000, true, g1);
+        decoder_case(ms[i], names[i], 4, p4, 1000, true, g4);
+        double mx = 0;
+        const int64_t b14 = rows_differ(l1, l4, NS, V, &mx);  // sequence 0 of the batch = the batch-1 sequence
+        check(b14 == 0, "%s: sequence 0 at batch 4 == alone at batch 1, bitwise: %lld of %d step rows differ (max %.3e)",
+              names[i], (long long)b14, NS, mx);
+        mx = 0;
+        const int64_t bg = rows_differ(g4, l4, 4 * NS, V, &mx) + rows_differ(g1, l1, NS, V, &mx);
+        check(bg == 0, "%s: graph-replayed steps == plain launches, bitwise: %lld of %d rows differ (max %.3e)", names[i],
+              (long long)bg, 5 * NS, mx);
+    }
+    free(l1), free(l4), free(g1), free(g4);
+}
+
+// ---------------------------------------------------------------- 3. greedy speculative == plain greedy
+
+// Fraction of the plain output's positions whose top-2 logits lie within 1% of the row's largest |logit|.
+static double near_tie_fraction(const Model *t, const int32_t *pr, const int64_t *plen, int64_t LM, const int32_t *out,
+                                const int64_t *nout, int64_t NP, int64_t NT) {
+    DlError e;
+    const int64_t V = t->h.base.vocab;
+    DecoderCuda *d = decoder_cuda_new(&t->h, &t->r, t->p, 1, LM + NT + 4, NULL, &e);
+    die_if(!d, &e, "decoder_cuda_new");
+    int32_t *seq = (int32_t *)malloc((size_t)(LM + NT) * 4);
+    float *lg = (float *)malloc((size_t)((LM + NT) * V) * 4);
+    int64_t near = 0, tot = 0;
+    for (int64_t s = 0; s < NP; s++) {
+        const int64_t n = plen[s] + nout[s];
+        memcpy(seq, pr + s * LM, (size_t)plen[s] * 4);
+        memcpy(seq + plen[s], out + s * NT, (size_t)nout[s] * 4);
+        die_if(decoder_cuda_reset(d, 1, &e) || decoder_cuda_feed(d, seq, n, NULL, 1, &e), &e, "teacher-forced feed");
+        decoder_cuda_logits_host(d, lg);
+        for (int64_t i = 0; i < nout[s]; i++) {  // row plen - 1 + i predicts output token i
+            const float *x = lg + (plen[s] - 1 + i) * V;
+            float a = -INFINITY, b = -INFINITY, mx = 0;
+            for (int64_t v = 0; v < V; v++) {
+                mx = fmaxf(mx, fabsf(x[v]));
+                if (x[v] > a) b = a, a = x[v];
+                else if (x[v] > b) b = x[v];
+            }
+            near += (a - b) <= 1e-2f * mx;
+            tot++;
+        }
+    }
+    decoder_cuda_free(d);
+    free(seq), free(lg);
+    return tot ? (double)near / tot : 0.0;
+}
+
+static void spec_equal_case(const Model *t, const Model *dr, const char *name) {
+    DlError e;
+    enum { NP = 16, LM = 300, NT = 40 };
+    const int64_t V = t->h.base.vocab;
+    int64_t plen[NP];
+    Rng g;
+    rng_init(&g, 7, 7);
+    for (int i = 0; i < NP; i++) plen[i] = 5 + (int64_t)rng_below(&g, LM - 4);
+    plen[0] = LM;
+    int32_t *pr = (int32_t *)malloc(sizeof(int32_t) * NP * LM);
+    random_tokens(pr, NP, LM, plen, V, 51);
+    int32_t *ref = (int32_t *)malloc(sizeof(int32_t) * NP * NT), *got = (int32_t *)malloc(sizeof(int32_t) * NP * NT);
+    int64_t nref[NP], ngot[NP];
+    const int ks[3] = {2, 4, 8}, bs[2] = {1, 4};
+    const bool graph = true;  // as eval-spec runs
+    bool first = true;
+    for (int bi = 0; bi < 2; bi++) {
+        const int64_t B = bs[bi];
+        for (int ki = 0; ki < 3; ki++) {
+            GenParams gp;
+            memset(&gp, 0, sizeof gp);
+            gp.k = ks[ki], gp.sp.greedy = true, gp.max_tokens = NT, gp.stop[0] = gp.stop[1] = -1;
+            const int64_t ml = spec_max_len(LM, NT, gp.k);
+            GenDecoder T, D;
+            die_if(gen_decoder_new(&t->h, &t->r, t->p, B, ml, 1, graph, &T, &e) != 0, &e, "target");
+            die_if(gen_decoder_new(&dr->h, &dr->r, dr->p, B, ml, 1, graph, &D, &e) != 0, &e, "draft");
+            int equal = 0, first_div = -1;
+            int64_t steps = 0, acc0 = 0;
+            for (int64_t s0 = 0; s0 < NP; s0 += B) {
+                Rng r1, r2;
+                rng_init(&r1, 1, 0), rng_init(&r2, 1, 0);
+                die_if(gen_plain(T, pr + s0 * LM, plen + s0, LM, &gp, &r1, ref + s0 * NT, nref + s0, &e) != 0, &e, "gen_plain");
+                SpecStats st;
+                die_if(gen_speculative(T, D, pr + s0 * LM, plen + s0, LM, &gp, &r2, got + s0 * NT, ngot + s0, &st, &e) != 0,
+                       &e, "gen_speculative");
+                steps += st.steps, acc0 += st.accepted_at[0];
+            }
+            for (int64_t s = 0; s < NP; s++) {
+                int64_t i = 0;
+                while (i < NT && ref[s * NT + i] == got[s * NT + i]) i++;
+                if (i == NT && nref[s] == NT && ngot[s] == NT) equal++;
+                else if (first_div < 0) first_div = (int)i;
+            }
+            check(equal == NP, "%s, batch %lld, K=%d: greedy speculative == plain greedy in %d of %d sequences (first "
+                  "divergence at token %d; acceptance at position 0 %.2f)", name, (long long)B, gp.k, equal, NP, first_div,
+                  (double)acc0 / (double)(steps > 0 ? steps : 1));
+            if (first) {  // the plain outputs are near-ties: the case can fail
+                const double f = near_tie_fraction(t, pr, plen, LM, ref, nref, NP, NT);
+                check(f >= 0.3, "%s: %.0f%% of the plain greedy tokens are near-ties (top two logits within 1%% of the row's "
+                      "largest |logit|; need >= 30%% for the case to have power)", name, 100 * f);
+                first = false;
+            }
+            gen_decoder_free(&T), gen_decoder_free(&D);
+        }
+    }
+    free(pr), free(ref), free(got);
+}
+
+static void test_spec(void) {
+    DlError e;
+    Model te, hy;
+    model_make(&te, false, 61, true);
+    model_make(&hy, true, 62, true);
+    const Model *ms[2] = {&te, &hy};
+    const char *nm[2] = {"near-tie teacher", "near-tie hybrid"};
+    for (int i = 0; i < 2; i++) {
+        Model cut;
+        const int cl[2] = {0, 1};
+        die_if(spec_draft_from_layers(&ms[i]->h, &ms[i]->r, ms[i]->p, cl, 2, &cut.h, &cut.r, &cut.p, &e) != 0, &e, "cut");
+        char n1[96], n2[96];
+        snprintf(n1, sizeof n1, "%s, 2-layer cut draft", nm[i]);
+        snprintf(n2, sizeof n2, "%s, itself as draft", nm[i]);
+        spec_equal_case(ms[i], &cut, n1);
+        spec_equal_case(ms[i], ms[i], n2);
+        free(cut.p);
+        reg_free(&cut.r);
+    }
+    free(te.p), free(hy.p);
+    reg_free(&te.r), reg_free(&hy.r);
+}
+
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--verbose")) g_verbose = 1;
+    cudaDeviceProp prop;
+    int dev = 0;
+    CK(cudaGetDevice(&dev));
+    CK(cudaGetDeviceProperties(&prop, dev));
+    const char *inv = getenv("DISTILL_DECODE_INVARIANT");
+    printf("gpu_test_decode_inv: %s, decoder arithmetic: %s\n", prop.name,
+           inv && !strcmp(inv, "0") ? "LEGACY (DISTILL_DECODE_INVARIANT=0: sections 2-3 are expected to fail)" : "batch-invariant");
+    test_gemm();
+    Model hy, te;
+    model_make(&hy, true, 1, false);
+    model_make(&te, false, 2, false);
+    test_decoder(&hy, &te);
+    test_spec();
+    free(hy.p), free(te.p);
+    reg_free(&hy.r), reg_free(&te.r);
+    printf("gpu_test_decode_inv: %d passed, %d failed\n", g_pass, g_fail);
+    return g_fail ? 1 : 0;
+}
