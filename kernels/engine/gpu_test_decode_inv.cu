@@ -2,14 +2,14 @@
 // logits are bit-identical however it is fed. Every comparison below is BITWISE (memcmp of fp32 logits).
 //   1. decode_gemm: the rows of an M-row product equal, bit for bit, the same rows computed at M = 1, 3, 16,
 //      17, 36, 64, 65, 300, at another offset in the batch, and by each of the three tile variants; and the
-//      result is within 1e-2 (bf16 out) / 1e-5 (fp32 out) of a float64 reference (bias, accumulate, K = 40
+//      result is within 1e-2 (bf16 out) / 1e-4 (fp32 out) of a float64 reference (bias, accumulate, K = 40
 //      with a zero-padded chunk). For information: how many rows cuBLASLt (the legacy path) changes with M.
-//   2. Decoder, random hybrid (attention + Mamba-1) and teacher (all attention), prompts of up to 1000
-//      tokens (8 key tiles of 128), batch 1 and 4, with and without CUDA graphs: the logits of 9 single
+//   2. Decoder, random hybrid (attention + Mamba-1) and teacher (all attention), prompts of up to 2500
+//      tokens (20 key tiles of 128), batch 1 and 4, with and without CUDA graphs: the logits of 9 single
 //      decode steps == those of one K-token verification window (K = 1..8) == a ragged prefill of prompt +
 //      tokens (all-logits feed, one chunk and chunks of 3 columns); after accept(keep) the next step equals
 //      the single-step run at the same position; batch 1 == the same sequence at batch 4; graphs == none.
-//   3. Greedy speculative == plain greedy, token for token, on 16 prompts (5..300 tokens, 40 new tokens) at
+//   3. Greedy speculative == plain greedy, token for token, on 16 prompts (5..2500 tokens, 40 new tokens) at
 //      batch 1 and 4, K = 2, 4, 8, a 2-layer-cut draft and the target itself as draft, for a teacher and a
 //      hybrid whose head rows come in near-identical pairs (row v + V/2 = row v * (1 + 0.02 noise)): the top
 //      two logits of most positions are then within 1% of each other, so any difference in the last bits
@@ -121,7 +121,7 @@ static void gemm_case(int64_t N, int64_t K, bool bias, bool acc, DType odt, DlGe
             const double d = big[m * N + n] - s;
             num += d * d, den += s * s;
         }
-    const double rel = sqrt(num / den), tol = odt == DT_F32 ? 1e-5 : 1e-2;
+    const double rel = sqrt(num / den), tol = odt == DT_F32 ? 1e-4 : 1e-2;  // bf16 inputs; tensor-core fp32 sums
     check(rel < tol, "%s: M %lld vs float64: relative error %.2e (< %.0e)", nm, (long long)MM, rel, tol);
     const int64_t Ms[8] = {1, 3, 16, 17, 36, 64, 65, 300};
     int64_t bad = 0;
@@ -335,16 +335,17 @@ static void decoder_case(const Model *m, const char *name, int64_t B, const int6
 static void test_decoder(const Model *hy, const Model *te) {
     const Model *ms[2] = {hy, te};
     const char *names[2] = {"hybrid", "teacher"};
-    // batch 1: a 1000-token prompt (8 key tiles); batch 4: 1000, 37, 700 and 260 tokens
-    const int64_t p1[1] = {1000}, p4[4] = {1000, 37, 700, 260};
+    // batch 1: a 2500-token prompt (20 key tiles: enough that the legacy split count, capped by the tiles,
+    // differs between steps and verifications even at batch 1); batch 4: 2500, 37, 1700 and 260 tokens
+    const int64_t p1[1] = {2500}, p4[4] = {2500, 37, 1700, 260};
     const int64_t V = hy->h.base.vocab;
     float *l1 = (float *)malloc((size_t)(NS * V) * 4), *l4 = (float *)malloc((size_t)(4 * NS * V) * 4);
     float *g1 = (float *)malloc((size_t)(NS * V) * 4), *g4 = (float *)malloc((size_t)(4 * NS * V) * 4);
     for (int i = 0; i < 2; i++) {
-        decoder_case(ms[i], names[i], 1, p1, 1000, false, l1);
-        decoder_case(ms[i], names[i], 4, p4, 1000, false, l4);
-        decoder_case(ms[i], names[i], 1, p1, 1000, true, g1);
-        decoder_case(ms[i], names[i], 4, p4, 1000, true, g4);
+        decoder_case(ms[i], names[i], 1, p1, 2500, false, l1);
+        decoder_case(ms[i], names[i], 4, p4, 2500, false, l4);
+        decoder_case(ms[i], names[i], 1, p1, 2500, true, g1);
+        decoder_case(ms[i], names[i], 4, p4, 2500, true, g4);
         double mx = 0;
         const int64_t b14 = rows_differ(l1, l4, NS, V, &mx);  // sequence 0 of the batch = the batch-1 sequence
         check(b14 == 0, "%s: sequence 0 at batch 4 == alone at batch 1, bitwise: %lld of %d step rows differ (max %.3e)",
@@ -394,7 +395,7 @@ static double near_tie_fraction(const Model *t, const int32_t *pr, const int64_t
 
 static void spec_equal_case(const Model *t, const Model *dr, const char *name) {
     DlError e;
-    enum { NP = 16, LM = 300, NT = 40 };
+    enum { NP = 16, LM = 2500, NT = 40 };  // contexts up to 20 key tiles
     const int64_t V = t->h.base.vocab;
     int64_t plen[NP];
     Rng g;
