@@ -218,6 +218,15 @@ static void plan_terms(void) {
             CHECK(rc == 0);
             if (rc) continue;
             CHECK(r.hardware.teacher_sharded == (s == 1));
+            if (k == 0) {  // the resolved recipe (compared on --resume) carries the key as given
+                char *txt = NULL;
+                size_t len = 0;
+                FILE *f = open_memstream(&txt, &len);
+                recipe_write_resolved(&r, f);
+                fclose(f);
+                CHECK(strstr(txt, s ? "teacher = \"sharded\"" : "teacher = \"replicated\"") != NULL);
+                free(txt);
+            }
             for (int i = 0; i < r.n_stages; i++) {
                 if (r.stages[i].kind != STAGE_LAYERWISE) continue;
                 StagePlan sp;
@@ -246,6 +255,23 @@ static void plan_terms(void) {
     CHECK(frozen[0][0] > 0 && frozen[0][0] == frozen[0][1] && frozen[0][1] == frozen[0][2]);
     CHECK(frozen[1][0] > frozen[0][0]);                  // one GPU: the whole teacher plus two gather buffers
     CHECK(frozen[1][1] < frozen[0][1] && frozen[1][2] < frozen[1][1]);
+    {  // without the key, the resolved recipe is what it was before the key existed (older runs resume)
+        const char *sets[] = {"run.device=cuda"};
+        Recipe r;
+        RecipeErrors errs = {0};
+        if (load(sets, 1, &r, &errs) == 0) {
+            char *txt = NULL;
+            size_t len = 0;
+            FILE *f = open_memstream(&txt, &len);
+            recipe_write_resolved(&r, f);
+            fclose(f);
+            const char *hw = strstr(txt, "[hardware]");
+            CHECK(hw && !strstr(hw, "\nteacher = ") && !r.hardware.teacher_sharded);
+            free(txt);
+            recipe_free(&r);
+        } else CHECK(0);
+        recipe_errors_free(&errs);
+    }
     // recipe errors: a bad value, and sharded on the CPU
     const char *bad[][2] = {{"run.device=cuda", "hardware.teacher=halved"}, {"run.device=cpu", "hardware.teacher=sharded"}};
     const char *want[] = {"expected \"replicated\" or \"sharded\"", "needs run.device = \"cuda\""};
