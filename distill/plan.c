@@ -22,7 +22,7 @@
 // Data parallel on CUDA (train_model.c tm_dp_*) shards the AdamW moments at ZeRO-1 and 2; ZeRO-3 is refused.
 // Activations on cuda: the engine's activation table (build_table in engine_cuda.cu), entry by entry, for the
 // student (training) and for the online teacher or DPO reference (inference); see cuda_table below for the
-// formula. The logits are streamed in chunks of c = min(B T, max(1, 2^24 / V)) rows (the engine's default):
+// formula. The logits are streamed in chunks of c = min(B T, max(1, 2^27 / V)) rows (the engine's default, ECU_CHUNK_LOGITS):
 // "logits" = 2 c V bytes for the student's chunk, the same for the teacher's chunk it computes for KL, and for
 // the teacher engine's own chunk.
 //

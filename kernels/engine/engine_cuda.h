@@ -53,11 +53,14 @@ enum {
                               // params of engine_cuda_new is then unused (may be NULL)
 };
 
-// Default rows of logits per loss chunk (chunk_rows = 0): max(1, ECU_CHUNK_LOGITS / vocab), at most B*T.
-#define ECU_CHUNK_LOGITS (16 << 20)
+// Default rows of logits per loss chunk (chunk_rows = 0): max(1, ECU_CHUNK_LOGITS / vocab), at most B*T. 2^27
+// logits (1046 rows at vocab 128256, 256 MiB of bf16 per chunk buffer): the head GEMMs need ~1k rows to run at the
+// GEMM rate; at 2^24 (130 rows) the 8-layer Llama-3-8B-shaped step took 123.9 ms, at 1024 rows 106.0 and at 4096
+// 105.9 (H100, bc76de5, docs/BENCHMARKS.md)
+#define ECU_CHUNK_LOGITS (128 << 20)
 
 // params: host fp32 buffer in registry layout (uploaded; the host copy is not kept). dt: DT_BF16 or DT_F32.
-// chunk_rows: rows of logits per loss chunk (0: about 16M logits). Prints the memory table to `log` (NULL:
+// chunk_rows: rows of logits per loss chunk (0: about 128M logits). Prints the memory table to `log` (NULL:
 // silent). Returns NULL with e filled on a bad shape or out of memory.
 EngineCuda *engine_cuda_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t T,
                             int flags, DType dt, int64_t chunk_rows, FILE *log, DlError *e);
