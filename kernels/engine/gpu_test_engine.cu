@@ -162,12 +162,50 @@ typedef struct {
 
 // One forward + loss + backward on both engines, compare logits, loss and every gradient.
 // seqw: per-row weights of every loss term ([B]: DPO's -dL/dlogp), or NULL
+// One CPU fp32 step of the student with weights p against the teacher with weights pt: gradients into g (calloc'd
+// here), the loss returned, logits into logits when non-NULL. The reference of every parity case, and the floor's run.
+static LossParts cpu_step(const Model *m, const float *p, const float *pt, int64_t B, int64_t T, const int32_t *tok,
+                          const uint8_t *reset, const int32_t *tgt, float wce, float wkl, const float *seqw, float **g,
+                          float *logits) {
+    DlError e;
+    Engine *ct = engine_new(&m->ht, &m->rt, pt, B, T, 0, &e);
+    die_if(!ct, &e, "engine_new teacher");
+    Engine *cs = engine_new(&m->h, &m->r, p, B, T, ENGINE_TRAIN, &e);
+    die_if(!cs, &e, "engine_new student");
+    engine_forward(ct, tok, reset);
+    LossSpec ls;
+    memset(&ls, 0, sizeof ls);
+    ls.w.ce = wce;
+    ls.w.kl = wkl;
+    ls.teacher = ct;
+    ls.seq_weight = seqw;
+    ls.chunk_rows = 96;
+    *g = (float *)calloc((size_t)m->r.numel, 4);
+    LossParts l = engine_step(cs, tok, reset, tgt, NULL, &ls, *g);
+    if (logits) engine_logits(cs, 0, B * T, logits);
+    engine_free(cs);
+    engine_free(ct);
+    return l;
+}
+
+// Mamba-2 hybrids' gradients are ill-conditioned (docs/MAMBA2_CUDA.md "Accuracy"): there a tensor also passes within
+// FLOOR_FACTOR x its floor, how far the CPU's own fp32 gradient moves when only the weights are rounded to bf16 --
+// the rule of `distill parity --floor` (distill/cmd_parity.c), which judges the real Mamba-2 hybrid the same way
+#define FLOOR_FACTOR 4.0
+
 static void parity_v(const char *label, bool hybrid, bool tied, int vocab, float wce, float wkl, const float *seqw, DType dt,
                      double tol_logits, double tol_grad, double tol_loss, bool packed = true, ParityOut *out = NULL) {
     printf("-- parity: %s\n", label);
     Model m;
     model_make_v(&m, hybrid, tied, vocab, 42);
     printf("   (%d layers, d %d, heads %d/%d, T %d)\n", m.c.n_layer, m.c.d_model, m.c.n_head, m.c.n_kv_head, g_smol ? 256 : 160);
+    // the floor's weights: the model before rounding (Mamba-2 bf16 cases)
+    const bool with_floor = dt == DT_BF16 && g_mixer == MIXER_MAMBA2;
+    float *p32 = NULL, *pt32 = NULL;
+    if (with_floor) {
+        p32 = (float *)malloc((size_t)m.r.numel * 4), pt32 = (float *)malloc((size_t)m.rt.numel * 4);
+        memcpy(p32, m.p, (size_t)m.r.numel * 4), memcpy(pt32, m.pt, (size_t)m.rt.numel * 4);
+    }
     if (dt == DT_BF16) {
         bf16_round_array(m.p, m.r.numel);
         bf16_round_array(m.pt, m.rt.numel);
@@ -184,30 +222,18 @@ static void parity_v(const char *label, bool hybrid, bool tied, int vocab, float
     EngineCuda *gs = engine_cuda_new(&m.h, &m.r, m.p, B, T, ECU_TRAIN | ECU_TEACHER_KL, dt, 96, g_verbose ? stdout : NULL, &e);
     die_if(!gs, &e, "engine_cuda_new student");
     attention_cpu_round_p(engine_cuda_cudnn_attention(gs));
-    // CPU reference
-    Engine *ct = engine_new(&m.ht, &m.rt, m.pt, B, T, 0, &e);
-    die_if(!ct, &e, "engine_new teacher");
-    Engine *cs = engine_new(&m.h, &m.r, m.p, B, T, ENGINE_TRAIN, &e);
-    die_if(!cs, &e, "engine_new student");
-    engine_forward(ct, tok, reset);
-    LossSpec ls;
-    memset(&ls, 0, sizeof ls);
-    ls.w.ce = wce;
-    ls.w.kl = wkl;
-    ls.teacher = ct;
-    ls.seq_weight = seqw;
-    ls.chunk_rows = 96;
-    float *gc = (float *)calloc((size_t)m.r.numel, 4);
-    LossParts lc = engine_step(cs, tok, reset, tgt, NULL, &ls, gc);
-    float *logc = (float *)malloc((size_t)N * V * 4);
-    engine_logits(cs, 0, N, logc);
+    // CPU reference (and the floor: the same step on the unrounded weights)
+    float *gc, *gfl = NULL, *logc = (float *)malloc((size_t)N * V * 4);
+    LossParts lc = cpu_step(&m, m.p, m.pt, B, T, tok, reset, tgt, wce, wkl, seqw, &gc, logc);
+    if (with_floor) cpu_step(&m, p32, pt32, B, T, tok, reset, tgt, wce, wkl, seqw, &gfl, NULL);
     attention_cpu_round_p(false);
     // CUDA
     die_if(engine_cuda_forward(gt, tok, reset, &e) != 0, &e, "teacher forward");
     die_if(engine_cuda_forward(gs, tok, reset, &e) != 0, &e, "student forward");
     LossSpecCuda lg;
     memset(&lg, 0, sizeof lg);
-    lg.w = ls.w;
+    lg.w.ce = wce;
+    lg.w.kl = wkl;
     lg.teacher = gt;
     lg.seq_weight = seqw;
     float *gd = engine_cuda_grads_new(gs);
@@ -256,17 +282,21 @@ static void parity_v(const char *label, bool hybrid, bool tied, int vocab, float
           lc.loss, lgp.ce, lc.ce, lgp.kl, lc.kl, dlc, tol_loss);
     double worst = 0;
     const char *wname = "";
-    int nt = 0;
+    int nt = 0, nfloor = 0;
     for (int i = 0; i < m.r.n; i++) {
         const TensorInfo *t = &m.r.t[i];
         double er = relerr(gg + t->offset, gc + t->offset, t->numel);
         const double tol = grad_tol(t->name, tol_grad);
-        if (g_verbose) printf("      %-52s grad rel err %.3g\n", t->name, er);
-        if (!(er <= tol)) printf("  FAIL %s grad %s rel err %.3g (tol %.0e)\n", label, t->name, er, tol);
+        const double fl = gfl ? relerr(gfl + t->offset, gc + t->offset, t->numel) : 0.0;
+        const bool ok = er <= tol || er <= FLOOR_FACTOR * fl;
+        if (g_verbose) printf("      %-52s grad rel err %.3g floor %.3g\n", t->name, er, fl);
+        if (!ok) printf("  FAIL %s grad %s rel err %.3g (tol %.0e, floor %.3g)\n", label, t->name, er, tol, fl);
+        if (gfl && !(er <= tol) && ok) nfloor++;
         if (!(er <= worst)) worst = er, wname = t->name;
         nt++;
-        er <= tol ? g_pass++ : g_fail++;
+        ok ? g_pass++ : g_fail++;
     }
+    if (gfl) printf("  %s: %d gradients above their tolerance pass within %.0fx their floor\n", label, nfloor, FLOOR_FACTOR);
     printf("  %s: %d gradients, worst rel err %.3g (%s), logits %.3g, loss rel %.2g\n", label, nt, worst, wname, el, dlc);
     if (out) {  // handed over to the caller
         out->logits = logg, out->grads = gg, out->n_logits = N * V, out->n_grads = m.r.numel;
@@ -276,9 +306,7 @@ static void parity_v(const char *label, bool hybrid, bool tied, int vocab, float
     engine_cuda_dfree(dl);
     engine_cuda_free(gs);
     engine_cuda_free(gt);
-    engine_free(cs);
-    engine_free(ct);
-    free(gc), free(gg), free(logc), free(logg), free(tok), free(tgt), free(reset);
+    free(gc), free(gfl), free(p32), free(pt32), free(gg), free(logc), free(logg), free(tok), free(tgt), free(reset);
     reg_free(&m.r), reg_free(&m.rt), free(m.p), free(m.pt);
 }
 
