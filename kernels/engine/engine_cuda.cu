@@ -1147,7 +1147,8 @@ int engine_cuda_forward(EngineCuda *E, const int32_t *tokens, const uint8_t *res
 
 const void *engine_cuda_hidden(const EngineCuda *E, int i) {
     if (i < 0 || i > E->h.base.n_layer) return NULL;
-    if (E->n_states == 2 && i != E->last_state) return NULL;
+    // only the last forward's output is kept unless every state is (n_states == L + 1, which is also 2 at L = 1)
+    if (E->n_states != E->h.base.n_layer + 1 && i != E->last_state) return NULL;
     return state_ptr(E, i);
 }
 const void *engine_cuda_final_hidden(const EngineCuda *E) { return E->xf; }
