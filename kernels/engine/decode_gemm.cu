@@ -9,26 +9,16 @@
 // hardware's, fixed). The 4 slice partials meet in shared memory and are added in slice order. Nothing in
 // this depends on M: MT / NT / U (loads in flight) only choose how many tiles a warp carries at once.
 #include <cuda_bf16.h>
-#include <stdarg.h>
 #include <stdio.h>
 
 #include "kernels/engine/decode_gemm.h"
+#include "kernels/train/train_check.cuh"  // train_fail
 
 typedef __nv_bfloat16 bf16;
 
 #define GEMM_SLICES 4  // part of the arithmetic: changing it changes bits (never make it depend on the shape)
 #define GEMM_THREADS (32 * GEMM_SLICES)
 #define GEMM_CHUNK 32
-
-static int gemm_fail(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
 
 // c += A (16 x 16, rows g / g+8 in a01 / a23 halves as below) * B (16 x 8), fp32 accumulate.
 __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -142,22 +132,22 @@ extern "C" int decode_gemm_variant(int64_t M) { return M <= 16 ? 0 : M <= 64 ? 1
 extern "C" int decode_gemm_with(int variant, DType out_dt, void *y, const void *x, const void *W, const void *bias,
                                 int64_t M, int64_t N, int64_t K, int accumulate, cudaStream_t stream, char *err,
                                 size_t errlen) {
-    if (out_dt != DT_BF16 && out_dt != DT_F32) return gemm_fail(err, errlen, "decode_gemm: the output must be bf16 or f32");
+    if (out_dt != DT_BF16 && out_dt != DT_F32) return train_fail(err, errlen, "decode_gemm: the output must be bf16 or f32");
     if (M < 0 || N < 8 || K < 8 || N % 8 || K % 8)
-        return gemm_fail(err, errlen, "decode_gemm: M %lld, N %lld, K %lld: need M >= 0 and N, K positive multiples of 8",
+        return train_fail(err, errlen, "decode_gemm: M %lld, N %lld, K %lld: need M >= 0 and N, K positive multiples of 8",
                          (long long)M, (long long)N, (long long)K);
     if (((uintptr_t)y | (uintptr_t)x | (uintptr_t)W) & 15 || ((uintptr_t)bias & 1))
-        return gemm_fail(err, errlen, "decode_gemm: x, W and y must be 16-byte aligned (bias 2-byte)");
-    if (variant < 0 || variant > 2) return gemm_fail(err, errlen, "decode_gemm: variant %d outside 0..2", variant);
+        return train_fail(err, errlen, "decode_gemm: x, W and y must be 16-byte aligned (bias 2-byte)");
+    if (variant < 0 || variant > 2) return train_fail(err, errlen, "decode_gemm: variant %d outside 0..2", variant);
     if (N / 8 > 0x7fffffffll || (M + 15) / 16 > 65535ll * (variant == 0 ? 1 : variant == 1 ? 2 : 4))
-        return gemm_fail(err, errlen, "decode_gemm: M %lld x N %lld exceeds the grid", (long long)M, (long long)N);
+        return train_fail(err, errlen, "decode_gemm: M %lld x N %lld exceeds the grid", (long long)M, (long long)N);
     if (M == 0) return 0;
     if (out_dt == DT_BF16)
         launch<bf16>(variant, (bf16 *)y, (const bf16 *)x, (const bf16 *)W, (const bf16 *)bias, M, N, K, accumulate, stream);
     else
         launch<float>(variant, (float *)y, (const bf16 *)x, (const bf16 *)W, (const bf16 *)bias, M, N, K, accumulate, stream);
     const cudaError_t ce = cudaGetLastError();
-    if (ce != cudaSuccess) return gemm_fail(err, errlen, "decode_gemm: launch failed: %s", cudaGetErrorString(ce));
+    if (ce != cudaSuccess) return train_fail(err, errlen, "decode_gemm: launch failed: %s", cudaGetErrorString(ce));
     return 0;
 }
 

@@ -28,13 +28,6 @@ extern "C" {
 #include "distill/spec_decode.h"
 }
 
-static void die_if(bool bad, const DlError *e, const char *what) {
-    if (bad) {
-        fprintf(stderr, "gpu_bench_spec: %s: %s\n", what, e->msg);
-        exit(1);
-    }
-}
-
 typedef struct {
     const char *name;
     HybridConfig h;

@@ -1,18 +1,40 @@
 // gpu_test_common.cuh: what the engine's GPU test programs share (not part of the library): pass/fail
-// counting with check(), the relative error norm, and random weights in the usual ranges of each tensor kind.
+// counting with check(), fatal-error exits (die_if, CK), the relative error norm, and random weights in the usual
+// ranges of each tensor kind.
 #pragma once
+#include <cuda_runtime.h>
+#include <errno.h>  // program_invocation_short_name (glibc)
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 extern "C" {
 #include "distill/dtype.h"
+#include "distill/common.h"
 #include "distill/registry.h"
 #include "distill/rng.h"
 }
 
 static int g_fail = 0, g_pass = 0, g_verbose = 0;
+
+// A setup step that must not fail (an engine, a forward): its message and exit 1.
+static inline void die_if(bool bad, const DlError *e, const char *what) {
+    if (!bad) return;
+    fprintf(stderr, "%s: %s: %s\n", program_invocation_short_name, what, e ? e->msg : "");
+    exit(1);
+}
+
+// A CUDA runtime call of the test itself.
+#define CK(call)                                                                                              \
+    do {                                                                                                      \
+        cudaError_t e_ = (call);                                                                              \
+        if (e_ != cudaSuccess) {                                                                              \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_));            \
+            exit(1);                                                                                          \
+        }                                                                                                     \
+    } while (0)
 
 // Counts a check; prints it when it fails (or always with --verbose).
 static void check(bool ok, const char *fmt, ...) {

@@ -46,24 +46,6 @@ extern "C" {
 }
 
 
-#define CK(call)                                                                                              \
-    do {                                                                                                      \
-        cudaError_t e_ = (call);                                                                              \
-        if (e_ != cudaSuccess) {                                                                              \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_));            \
-            exit(1);                                                                                          \
-        }                                                                                                     \
-    } while (0)
-
-
-static void die_if(bool bad, const DlError *e, const char *what) {
-    if (bad) {
-        fprintf(stderr, "gpu_test_decode: %s: %s\n", what, e->msg);
-        exit(1);
-    }
-}
-
-
 // the GPU holds bf16 weights: the CPU sees the same model
 static void init_params(const Registry *r, float *p, uint64_t seed) { test_params_init(r, p, seed, 11, true); }
 

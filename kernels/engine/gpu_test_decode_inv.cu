@@ -34,22 +34,6 @@ extern "C" {
 #include "distill/spec_decode.h"
 }
 
-#define CK(call)                                                                                              \
-    do {                                                                                                      \
-        cudaError_t e_ = (call);                                                                              \
-        if (e_ != cudaSuccess) {                                                                              \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_));            \
-            exit(1);                                                                                          \
-        }                                                                                                     \
-    } while (0)
-
-static void die_if(bool bad, const DlError *e, const char *what) {
-    if (bad) {
-        fprintf(stderr, "gpu_test_decode_inv: %s: %s\n", what, e->msg);
-        exit(1);
-    }
-}
-
 // rows of [n, V] that differ in any bit; *mx = the largest |a - b|
 static int64_t rows_differ(const float *a, const float *b, int64_t n, int64_t V, double *mx) {
     int64_t bad = 0;

@@ -87,13 +87,6 @@ static void mamba2_init_ranges(const HybridConfig *h, const Registry *r, float *
     }
 }
 
-static void die_if(bool bad, const DlError *e, const char *what) {
-    if (bad) {
-        fprintf(stderr, "gpu_test_engine: %s: %s\n", what, e->msg);
-        exit(1);
-    }
-}
-
 // Random weights: matrices N(0, 0.02^2 * 64/in-ish), norms 1 + noise, Mamba specifics in their usual ranges.
 static void init_params(const Registry *r, float *p, uint64_t seed) { test_params_init(r, p, seed, 7, false); }
 

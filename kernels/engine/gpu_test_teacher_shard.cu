@@ -37,12 +37,6 @@ extern "C" {
 #include "kernels/train/train_check.cuh"
 #include "kernels/engine/teacher_shard.h"
 
-static void die_if(bool bad, const DlError *e, const char *what) {
-    if (!bad) return;
-    fprintf(stderr, "gpu_test_teacher_shard: %s: %s\n", what, e ? e->msg : "");
-    exit(1);
-}
-
 static void cfg(LlamaConfig *c, int L, int d, int H, int KV, int hd, int ff, int V, bool tied) {
     memset(c, 0, sizeof *c);
     c->n_layer = L, c->d_model = d, c->n_head = H, c->n_kv_head = KV, c->head_dim = hd, c->d_ff = ff, c->vocab = V;

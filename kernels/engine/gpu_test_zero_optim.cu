@@ -32,13 +32,6 @@ extern "C" {
 
 #include <cuda_runtime.h>
 
-static void die_if(bool bad, const DlError *e, const char *what) {
-    if (bad) {
-        fprintf(stderr, "gpu_test_zero_optim: %s: %s\n", what, e->msg);
-        exit(1);
-    }
-}
-
 #define MAXR 3
 static const int64_t B = 2, T = 64;
 
