@@ -342,7 +342,7 @@ struct TmDp {
     DlError err;
     const ZeroLayout *Z;  // the caller's
     int rank;
-    GradStage *gs;      // tm_dp_stage_grads (owned by the model: m->gs)
+    struct GradStage *gs;  // tm_dp_stage_grads (owned by the model: m->gs)
 };
 
 void tm_dp_free(TmDp *d) {
