@@ -5,8 +5,10 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "distill/dtype.h"
 #include "kernels/scan/selective_scan.h"
 #include "kernels/ssd/ssd.h"
 
@@ -67,6 +69,29 @@ static Tensors tensors_of(const HybridConfig *h, const Registry *r, const float 
 }
 
 static inline float silu_f(float v) { return v / (1.f + expf(-v)); }
+
+// bf16 storage emulation (mamba2_cpu_round_storage): bit 1 the intermediates, bit 2 the boundary
+enum { RND_MID = 1, RND_IO = 2 };
+static int g_m2_round = 0;
+void mamba2_cpu_round_storage(bool on) { g_m2_round = on ? RND_MID | RND_IO : 0; }
+static int round_mode(void) {
+    const char *v = getenv("DISTILL_CPU_M2_ROUND");
+    if (!v || !*v) return g_m2_round;
+    return (strchr(v, 'i') ? RND_MID : 0) | (strchr(v, 'b') ? RND_IO : 0);
+}
+// Columns c0 .. c0+n-1 of every row of x [rows, stride] rounded to bf16 (z and dt inside [T, n_in]).
+static void round_cols(float *x, int64_t rows, int64_t stride, int64_t c0, int64_t n) {
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < rows; t++) bf16_round_array(x + t * stride + c0, n);
+}
+// With the boundary rounded: a bf16-rounded copy of x [n] (the caller frees it); else NULL.
+static float *io_copy(const float *x, int64_t n, int rnd) {
+    if (!(rnd & RND_IO)) return NULL;
+    float *c = dl_malloc((size_t)n * sizeof(float));
+    memcpy(c, x, (size_t)n * sizeof(float));
+    bf16_round_array(c, n);
+    return c;
+}
 
 struct Mamba2Acts {
     int64_t cap;   // tokens
@@ -146,18 +171,28 @@ static void core_forward(const Dims *m, const Tensors *tn, int64_t B, int64_t L,
                          float *out, Fwd *f, const float *conv_prev, const float *h0, const int32_t *keep,
                          float *h_keep) {
     const int64_t T = B * L, H = m->H, P = m->P, di = m->di;
+    const int rnd = round_mode();
+    float *xb = io_copy(x, T * m->d, rnd);  // the device's bf16 mixer input
+    if (xb) x = xb;
     // [T, n_in] = x [T, d] @ W_in^T
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)m->n_in, (int)m->d, 1.f, x, (int)m->d,
                 tn->p[T_IN], (int)m->d, 0.f, f->proj, (int)m->n_in);
+    free(xb);
+    if (rnd & RND_MID) {  // z and dt are stored bf16; xBC stays fp32 (the conv input)
+        round_cols(f->proj, T, m->n_in, 0, di);
+        round_cols(f->proj, T, m->n_in, di + m->xbc, H);
+    }
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < T; t++)
         memcpy(f->xraw + t * m->xbc, f->proj + t * m->n_in + di, (size_t)m->xbc * sizeof(float));
     conv1d_silu_fwd_cpu(B, L, m->xbc, m->W, f->xraw, tn->p[T_CONVW], tn->p[T_CONVB], reset, conv_prev, 1, f->xc);
+    if (rnd & RND_MID) bf16_round_array(f->xc, T * m->xbc);
     ScanIn s = scan_in_new(m, T);
     scan_in_fill(m, tn, T, f->proj, f->xc, &s);
     const SsdShape sh = ssd_shape(m, B, L);
     ssd_fwd_cpu(&sh, s.xr, s.dt, s.A, s.Br, s.Cc, tn->p[T_D], tn->p[T_DTB], reset, h0, f->y, NULL, keep, h_keep);
     scan_in_free(&s);
+    if (rnd & RND_MID) bf16_round_array(f->y, T * di);
     // gated RMSNorm per head group (norm_before_gate = False): yn = rmsnorm_P(y * silu(z)) * w
     const float *nw = tn->p[T_NORM];
 #pragma omp parallel for schedule(static)
@@ -177,9 +212,11 @@ static void core_forward(const Dims *m, const Tensors *tn, int64_t B, int64_t L,
             for (int64_t p = 0; p < P; p++) o[p] = o[p] * rs * nw[h * P + p];
         }
     }
+    if (rnd & RND_MID) bf16_round_array(f->yn, T * di);
     // out [T, d] = yn [T, di] @ W_out^T
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)m->d, (int)di, 1.f, f->yn, (int)di,
                 tn->p[T_OUT], (int)di, 0.f, out, (int)m->d);
+    if (rnd & RND_IO) bf16_round_array(out, T * m->d);
 }
 
 static Fwd fwd_temp(const Dims *m, int64_t T) {
@@ -205,6 +242,7 @@ void mamba2_forward(const HybridConfig *h, const Registry *r, const float *param
         dl_die(DL_EXIT_RUNTIME, "mamba2_forward: acts hold %lld tokens, %lld needed", (long long)acts->cap,
                (long long)(B * L));
     memcpy(acts->u, x, (size_t)(B * L * m.d) * sizeof(float));
+    if (round_mode() & RND_IO) bf16_round_array(acts->u, B * L * m.d);  // in_proj's wgrad reads the bf16 input
     Fwd f = {acts->proj, acts->xraw, acts->xc, acts->y, acts->rstd, acts->yn};
     core_forward(&m, &tn, B, L, x, reset, out, &f, NULL, NULL, NULL, NULL);
 }
@@ -220,9 +258,13 @@ void mamba2_backward(const HybridConfig *h, const Registry *r, const float *para
     float *dyn = dl_malloc((size_t)(T * di) * sizeof(float));
     float *dproj = dl_malloc((size_t)(T * n_in) * sizeof(float));
     float *dys = dl_malloc((size_t)(T * di) * sizeof(float));
+    const int rnd = round_mode();
+    float *doutb = io_copy(dout, T * m.d, rnd);  // the device's bf16 d out
+    if (doutb) dout = doutb;
     // out_proj: dyn = dout @ W_out; dW_out += dout^T @ yn
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)T, (int)di, (int)m.d, 1.f, dout, (int)m.d,
                 tn.p[T_OUT], (int)di, 0.f, dyn, (int)di);
+    if (rnd & RND_MID) bf16_round_array(dyn, T * di);
     if (grads)
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)m.d, (int)di, (int)T, 1.f, dout, (int)m.d, a->yn,
                     (int)di, 1.f, g_out, (int)di);
@@ -250,6 +292,10 @@ void mamba2_backward(const HybridConfig *h, const Registry *r, const float *para
             }
         }
     }
+    if (rnd & RND_MID) {
+        bf16_round_array(dys, T * di);
+        round_cols(dproj, T, n_in, 0, di);  // d z
+    }
     // norm weight: sum over tokens in order, parallel over channels
     if (grads) {
 #pragma omp parallel for schedule(static)
@@ -274,6 +320,10 @@ void mamba2_backward(const HybridConfig *h, const Registry *r, const float *para
     ssd_bwd_cpu(&sh, s.xr, s.dt, s.A, s.Br, s.Cc, tn.p[T_D], tn.p[T_DTB], reset, NULL, dys, NULL, dxr, ddt, dA, dBr, dCc,
                 dD, dbias, NULL);
     free(dys);
+    if (rnd & RND_MID) {  // the SSD's bf16 outputs (per head, before the KV-group sums)
+        bf16_round_array(dxr, T * H * P), bf16_round_array(dBr, T * H * N);
+        bf16_round_array(dCc, T * H * N), bf16_round_array(ddt, T * H);
+    }
     for (int64_t hh = 0; grads && hh < H; hh++) {
         grads[tn.off[T_ALOG] + hh] += dA[hh] * s.A[hh];  // A = -exp(A_log): dA/dA_log = A
         grads[tn.off[T_D] + hh] += dD[hh];
@@ -299,6 +349,7 @@ void mamba2_backward(const HybridConfig *h, const Registry *r, const float *para
         for (int64_t hh = 0; hh < H; hh++) dproj[t * n_in + di + xbc + hh] = ddt[t * H + hh];
     }
     free(dxr), free(dBr), free(dCc), free(ddt);
+    if (rnd & RND_MID) bf16_round_array(dxc, T * xbc);  // the sums in fp32, rounded once
     // conv backward (dw, dbias written into temporaries, then added)
     float *dcw = dl_malloc((size_t)(xbc * m.W) * sizeof(float)), *dcb = dl_malloc((size_t)xbc * sizeof(float));
     conv1d_silu_bwd_cpu(B, L, xbc, m.W, a->xraw, tn.p[T_CONVW], tn.p[T_CONVB], reset, NULL, 1, dxc, dxraw, dcw, dcb);
@@ -307,17 +358,20 @@ void mamba2_backward(const HybridConfig *h, const Registry *r, const float *para
         for (int64_t i = 0; i < xbc; i++) grads[tn.off[T_CONVB] + i] += dcb[i];
     }
     free(dcw), free(dcb), free(dxc);
+    if (rnd & RND_MID) bf16_round_array(dxraw, T * xbc);
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < T; t++) memcpy(dproj + t * n_in + di, dxraw + t * xbc, (size_t)xbc * sizeof(float));
     free(dxraw);
     // in_proj: dx = dproj @ W_in; dW_in += dproj^T @ u
-    if (dx)
+    if (dx) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)T, (int)m.d, (int)n_in, 1.f, dproj, (int)n_in,
                     tn.p[T_IN], (int)m.d, 0.f, dx, (int)m.d);
+        if (rnd & RND_IO) bf16_round_array(dx, T * m.d);
+    }
     if (grads)
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)n_in, (int)m.d, (int)T, 1.f, dproj, (int)n_in, a->u,
                     (int)m.d, 1.f, g_in, (int)m.d);
-    free(dproj);
+    free(dproj), free(doutb);
 }
 
 // ---------------------------------------------------------------- generation state

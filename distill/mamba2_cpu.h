@@ -19,6 +19,7 @@
 // Resets: reset[b,t] != 0 starts a new document at t: the SSM state is zeroed and the conv window does not
 // reach before t, so packed sequences equal their documents run separately.
 #pragma once
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "distill/common.h"
@@ -47,6 +48,15 @@ void mamba2_forward(const HybridConfig *h, const Registry *r, const float *param
 // Deterministic: every reduction runs in a fixed order independent of the thread count.
 void mamba2_backward(const HybridConfig *h, const Registry *r, const float *params, int layer, int64_t B, int64_t L,
                      const uint8_t *reset, const float *dout, float *dx, float *grads, Mamba2Acts *acts);
+
+// Test hook: the CUDA mixer (kernels/engine/mamba2_cuda.cu) stores its intermediates in bf16 between kernels. On,
+// this mixer rounds to bf16 at exactly those points: forward z, dt, the conv output, the SSD output y, the gated
+// norm's output yn; backward d yn, d y, d z, the SSD's per-head d x, d B, d C and d dt, the KV-group sums of d x and
+// d B, the conv's d xBC; and its own boundary as the engine holds it (input u, output, d out, d u). The conv input
+// xBC, the norm's 1/rms and every weight gradient stay fp32 (the device keeps them so). Off by default: off, the
+// bits are unchanged. DISTILL_CPU_M2_ROUND=i|b|ib (i: the intermediates, b: the boundary) overrides it, for
+// diagnostics (docs/MAMBA2_CUDA.md "Accuracy").
+void mamba2_cpu_round_storage(bool on);
 
 // Recurrent state for generation: one per Mamba layer.
 typedef struct {

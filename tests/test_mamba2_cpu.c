@@ -2,7 +2,8 @@
 // formulas of mambainllama.md §1b written here token by token (no chunking, no GEMMs); its backward
 // against float64 central finite differences for the input and every parameter tensor; the cached paths
 // (prefill, chunked prefill, step, multi-token step with per-row accepted prefixes) against each other and
-// the forward; packed documents with resets against the documents run alone; init from attention.
+// the forward; packed documents with resets against the documents run alone; init from attention; the bf16
+// storage emulation (mamba2_cpu_round_storage): bf16 output and dx, off again gives the same bits as before.
 //
 // Also a tool for tests/py/test_mamba2_granite.py:
 //   test_mamba2_cpu --run-layer IN OUT
@@ -17,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "distill/dtype.h"
 #include "distill/mamba2_cpu.h"
 #include "distill/model.h"
 #include "distill/rng.h"
@@ -651,6 +653,41 @@ static int run_layer(const char *in_path, const char *out_path, int bwd) {
     return 0;
 }
 
+// ---------------------------------------------------------------- bf16 storage emulation
+static bool all_bf16(const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (bf16_to_f32(f32_to_bf16(x[i])) != x[i]) return false;
+    return true;
+}
+static void test_round_storage(void) {
+    Model m;
+    model_new(&m, 48, 6, 2, 8);
+    const int64_t B = 2, L = 40, T = B * L, d = 48;
+    float *x = frand(T * d, -1, 1), *dout = frand(T * d, -1, 1);
+    uint8_t *reset = calloc((size_t)T, 1);
+    reset[0] = reset[17] = reset[L] = 1;
+    Mamba2Acts *a = mamba2_acts_new(&m.h, B, L);
+    float *out[3], *dx[3], *g[3], *oinf = fnan(T * d);
+    for (int k = 0; k < 3; k++) {  // off, on, off again
+        mamba2_cpu_round_storage(k == 1);
+        out[k] = fnan(T * d), dx[k] = fnan(T * d), g[k] = calloc((size_t)m.r.numel, sizeof(float));
+        mamba2_forward(&m.h, &m.r, m.p, m.layer, B, L, x, reset, out[k], a);
+        mamba2_backward(&m.h, &m.r, m.p, m.layer, B, L, reset, dout, dx[k], g[k], a);
+        if (k == 1) mamba2_forward(&m.h, &m.r, m.p, m.layer, B, L, x, reset, oinf, NULL);
+    }
+    mamba2_cpu_round_storage(false);
+    CHECK(all_bf16(out[1], T * d) && all_bf16(dx[1], T * d));                  // the device's bf16 output and dx
+    CHECK(!all_bf16(out[0], T * d) && memcmp(oinf, out[1], (size_t)(T * d) * 4) == 0);  // inference: the same bits
+    CHECK_REL(rel_ff(out[1], out[0], T * d), 2e-2, "bf16 storage: output near fp32");
+    CHECK(memcmp(out[2], out[0], (size_t)(T * d) * 4) == 0 && memcmp(dx[2], dx[0], (size_t)(T * d) * 4) == 0 &&
+          memcmp(g[2], g[0], (size_t)m.r.numel * 4) == 0);  // off again: fp32 bits
+    printf("bf16 storage: output %.2e, dx %.2e from fp32\n", rel_ff(out[1], out[0], T * d), rel_ff(dx[1], dx[0], T * d));
+    for (int k = 0; k < 3; k++) free(out[k]), free(dx[k]), free(g[k]);
+    mamba2_acts_free(a);
+    free(x), free(dout), free(reset), free(oinf);
+    model_free(&m);
+}
+
 int main(int argc, char **argv) {
     if (argc == 4 && strcmp(argv[1], "--run-layer") == 0) return run_layer(argv[2], argv[3], 0);
     if (argc == 4 && strcmp(argv[1], "--run-layer-bwd") == 0) return run_layer(argv[2], argv[3], 1);
@@ -664,5 +701,6 @@ int main(int argc, char **argv) {
     test_cached();
     test_packed();
     test_init();
+    test_round_storage();
     return check_report("test_mamba2_cpu");
 }
