@@ -297,6 +297,13 @@ static void parity_v(const char *label, bool hybrid, bool tied, int vocab, float
         const double fl = gfl ? relerr(gfl + t->offset, gfr + t->offset, t->numel) : 0.0;
         const bool ok = er <= tol || er <= FLOOR_FACTOR * fl;
         if (g_verbose) printf("      %-52s grad rel err %.3g floor %.3g\n", t->name, er, fl);
+        if (g_verbose && gfl && t->numel <= 16) {  // per-head tensors (dt_bias, A_log, D): where the error sits
+            printf("        cuda");
+            for (int64_t k = 0; k < t->numel; k++) printf(" %10.3e", gg[t->offset + k]);
+            printf("\n        cpu ");
+            for (int64_t k = 0; k < t->numel; k++) printf(" %10.3e", gc[t->offset + k]);
+            printf("\n");
+        }
         if (!ok) printf("  FAIL %s grad %s rel err %.3g (tol %.0e, floor %.3g)\n", label, t->name, er, tol, fl);
         if (gfl && !(er <= tol) && ok) nfloor++;
         if (!(er <= worst)) worst = er, wname = t->name;
