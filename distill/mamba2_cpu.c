@@ -363,10 +363,16 @@ void mamba2_backward(const HybridConfig *h, const Registry *r, const float *para
     for (int64_t t = 0; t < T; t++) memcpy(dproj + t * n_in + di, dxraw + t * xbc, (size_t)xbc * sizeof(float));
     free(dxraw);
     // in_proj: dx = dproj @ W_in; dW_in += dproj^T @ u
-    if (dx) {
+    if (dx && (rnd & RND_IO)) {  // the device adds the z, xBC and dt blocks' products into its bf16 dx one by one
+        const int64_t c0[3] = {0, di, di + xbc}, nc[3] = {di, xbc, H};
+        for (int k = 0; k < 3; k++) {
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)T, (int)m.d, (int)nc[k], 1.f, dproj + c0[k],
+                        (int)n_in, tn.p[T_IN] + c0[k] * m.d, (int)m.d, k ? 1.f : 0.f, dx, (int)m.d);
+            bf16_round_array(dx, T * m.d);
+        }
+    } else if (dx) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)T, (int)m.d, (int)n_in, 1.f, dproj, (int)n_in,
                     tn.p[T_IN], (int)m.d, 0.f, dx, (int)m.d);
-        if (rnd & RND_IO) bf16_round_array(dx, T * m.d);
     }
     if (grads)
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)n_in, (int)m.d, (int)T, 1.f, dproj, (int)n_in, a->u,
