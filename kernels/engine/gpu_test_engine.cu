@@ -156,8 +156,6 @@ typedef struct {
     int64_t n_logits, n_grads;
 } ParityOut;
 
-// One forward + loss + backward on both engines, compare logits, loss and every gradient.
-// seqw: per-row weights of every loss term ([B]: DPO's -dL/dlogp), or NULL
 // One CPU fp32 step of the student with weights p against the teacher with weights pt: gradients into g (calloc'd
 // here), the loss returned, logits into logits when non-NULL. The reference of every parity case, and the floor's run.
 static LossParts cpu_step(const Model *m, const float *p, const float *pt, int64_t B, int64_t T, const int32_t *tok,
@@ -189,6 +187,8 @@ static LossParts cpu_step(const Model *m, const float *p, const float *pt, int64
 // the rule of `distill parity --floor` (distill/cmd_parity.c), which judges the real Mamba-2 hybrid the same way
 #define FLOOR_FACTOR 4.0
 
+// One forward + loss + backward on both engines, compare logits, loss and every gradient.
+// seqw: per-row weights of every loss term ([B]: DPO's -dL/dlogp), or NULL
 static void parity_v(const char *label, bool hybrid, bool tied, int vocab, float wce, float wkl, const float *seqw, DType dt,
                      double tol_logits, double tol_grad, double tol_loss, bool packed = true, ParityOut *out = NULL) {
     printf("-- parity: %s\n", label);
