@@ -84,44 +84,70 @@ char *export_mamba_config_json(const HybridConfig *h) {
     return s;
 }
 
-static int write_text(const char *dir, const char *name, const char *text, DlError *e) {
-    char *p = dl_path_join(dir, name);
-    FILE *f = fopen(p, "wb");
-    int rc = 0;
-    if (!f) rc = dl_fail(e, "%s: cannot create: %s", p, strerror(errno));
-    else {
-        size_t n = strlen(text);
-        if (fwrite(text, 1, n, f) != n || fputc('\n', f) == EOF || fflush(f) || fsync(fileno(f))) rc = dl_fail(e, "%s: write failed: %s", p, strerror(errno));
-        if (fclose(f) && !rc) rc = dl_fail(e, "%s: close failed: %s", p, strerror(errno));
-    }
-    free(p);
-    return rc;
-}
-
 static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
     (void)sb, (void)flag, (void)ftw;
     return remove(path);
 }
 static void rm_tree(const char *path) { nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS); }
 
+int export_dir_begin(ExportDir *d, const char *dir, DlError *e) {
+    size_t n = strlen(dir);
+    while (n > 1 && dir[n - 1] == '/') n--;
+    d->final = dl_malloc(n + 1), d->tmp = dl_malloc(n + 32), d->old = dl_malloc(n + 32), d->committed = 0;
+    memcpy(d->final, dir, n);
+    d->final[n] = 0;
+    snprintf(d->tmp, n + 32, "%s.tmp-%d", d->final, (int)getpid());
+    snprintf(d->old, n + 32, "%s.old-%d", d->final, (int)getpid());
+    rm_tree(d->tmp);
+    return dl_mkdirs(d->tmp, e);
+}
+
+int export_dir_write_text(const ExportDir *d, const char *name, const char *text, DlError *e) {
+    char *p = dl_path_join(d->tmp, name);
+    FILE *f = fopen(p, "wb");
+    int rc = 0;
+    if (!f) rc = dl_fail(e, "%s: cannot create: %s", p, strerror(errno));
+    else {
+        size_t n = strlen(text);
+        if (fwrite(text, 1, n, f) != n || fputc('\n', f) == EOF || fflush(f) || fsync(fileno(f)))
+            rc = dl_fail(e, "%s: write failed: %s", p, strerror(errno));
+        if (fclose(f) && !rc) rc = dl_fail(e, "%s: close failed: %s", p, strerror(errno));
+    }
+    free(p);
+    return rc;
+}
+
+// DIR -> DIR.old, tmp -> DIR, remove DIR.old (a failed second rename puts DIR back)
+int export_dir_commit(ExportDir *d, DlError *e) {
+    bool had = dl_file_exists(d->final);
+    if (had && rename(d->final, d->old) != 0)
+        return dl_fail(e, "export: cannot move the previous %s aside: %s", d->final, strerror(errno));
+    if (rename(d->tmp, d->final) != 0) {
+        dl_fail(e, "export: cannot rename %s to %s: %s", d->tmp, d->final, strerror(errno));
+        if (had) rename(d->old, d->final);
+        return -1;
+    }
+    if (had) rm_tree(d->old);
+    d->committed = 1;
+    return 0;
+}
+
+void export_dir_end(ExportDir *d) {
+    if (d->tmp && !d->committed) rm_tree(d->tmp);
+    free(d->final), free(d->tmp), free(d->old);
+    d->final = d->tmp = d->old = NULL;
+}
+
 int export_hf(const char *dir, const HybridConfig *h, const Registry *r, const float *params, const ExportOptions *o,
               DlError *e) {
     if (o->dtype != DT_F32 && o->dtype != DT_BF16 && o->dtype != DT_F16)
         return dl_fail(e, "export: dtype %s not supported (f32, bf16 or f16)", dtype_name(o->dtype));
-    size_t dl = strlen(dir);
-    while (dl > 1 && dir[dl - 1] == '/') dl--;
-    char *final = dl_malloc(dl + 1);
-    memcpy(final, dir, dl);
-    final[dl] = 0;
-    char *tmp = dl_malloc(dl + 32), *old = dl_malloc(dl + 32);
-    snprintf(tmp, dl + 32, "%s.tmp-%d", final, (int)getpid());
-    snprintf(old, dl + 32, "%s.old-%d", final, (int)getpid());
-    rm_tree(tmp);
     int rc = -1;
     StWriteTensor *wt = dl_calloc((size_t)(r->n ? r->n : 1), sizeof *wt);
     void **bufs = dl_calloc((size_t)(r->n ? r->n : 1), sizeof *bufs);
     char *cfg = NULL, *mcfg = NULL;
-    if (dl_mkdirs(tmp, e)) goto out;
+    ExportDir d;
+    if (export_dir_begin(&d, dir, e)) goto out;
     for (int i = 0; i < r->n; i++) {
         const TensorInfo *t = &r->t[i];
         const float *src = params + t->offset;
@@ -134,34 +160,21 @@ int export_hf(const char *dir, const HybridConfig *h, const Registry *r, const f
     }
     const char *meta[2] = {"format", "pt"};
     int n_shards = 0;
-    if (st_write_sharded(tmp, wt, r->n, o->max_shard_bytes ? o->max_shard_bytes : UINT64_MAX / 4, meta, 1, &n_shards, e))
+    if (st_write_sharded(d.tmp, wt, r->n, o->max_shard_bytes ? o->max_shard_bytes : UINT64_MAX / 4, meta, 1, &n_shards, e))
         goto out;
     cfg = export_config_json(h, o->dtype, o->name_or_path);
-    if (write_text(tmp, "config.json", cfg, e)) goto out;
+    if (export_dir_write_text(&d, "config.json", cfg, e)) goto out;
     if (hybrid_n_attn(h) < h->base.n_layer) {
         mcfg = export_mamba_config_json(h);
-        if (write_text(tmp, "mamba_config.json", mcfg, e)) goto out;
+        if (export_dir_write_text(&d, "mamba_config.json", mcfg, e)) goto out;
     }
-    // swap into place: DIR -> DIR.old, tmp -> DIR, remove DIR.old
-    bool had = dl_file_exists(final);
-    if (had && rename(final, old) != 0) {
-        dl_fail(e, "export: cannot move the previous %s aside: %s", final, strerror(errno));
-        goto out;
-    }
-    if (rename(tmp, final) != 0) {
-        dl_fail(e, "export: cannot rename %s to %s: %s", tmp, final, strerror(errno));
-        if (had) rename(old, final);
-        goto out;
-    }
-    if (had) rm_tree(old);
-    rc = 0;
+    rc = export_dir_commit(&d, e);
 out:
-    if (rc) rm_tree(tmp);
+    export_dir_end(&d);
     for (int i = 0; i < r->n; i++) free(bufs[i]);
     free(bufs);
     free(wt);
     cJSON_free(cfg);
     cJSON_free(mcfg);
-    free(final), free(tmp), free(old);
     return rc;
 }

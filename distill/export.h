@@ -25,6 +25,18 @@ typedef struct {
 int export_hf(const char *dir, const HybridConfig *h, const Registry *r, const float *params, const ExportOptions *o,
               DlError *e);
 
+// An export directory written atomically (every exporter of a directory): files go into DIR.tmp-PID;
+// export_dir_commit renames it to DIR, moving a previous DIR aside and removing it only afterwards;
+// export_dir_end removes the temporary directory unless the commit succeeded, and frees the paths.
+typedef struct {
+    char *final, *tmp, *old;  // DIR without trailing slashes, DIR.tmp-PID, DIR.old-PID
+    int committed;
+} ExportDir;
+int export_dir_begin(ExportDir *d, const char *dir, DlError *e);  // creates DIR.tmp-PID (a stale one is removed)
+int export_dir_write_text(const ExportDir *d, const char *name, const char *text, DlError *e);  // text + newline, fsynced
+int export_dir_commit(ExportDir *d, DlError *e);
+void export_dir_end(ExportDir *d);
+
 // The two JSON texts (newly allocated), for tests and `distill inspect`.
 char *export_config_json(const HybridConfig *h, DType dtype, const char *name_or_path);
 char *export_mamba_config_json(const HybridConfig *h);

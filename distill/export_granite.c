@@ -2,15 +2,12 @@
 #include "distill/export_granite.h"
 
 #include <cjson/cJSON.h>
-#include <errno.h>
-#include <ftw.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
+#include "distill/export.h"  // ExportDir
 #include "distill/safetensors.h"
 
 int mamba2_std_heads(const HybridConfig *h, int expand, int *heads, int *expand_out, DlError *e) {
@@ -202,29 +199,6 @@ char *export_granite_config_json(const HybridConfig *h, int H_out, int expand, D
     return s;
 }
 
-// ---- directory helpers (atomic: dir.tmp-PID, then rename)
-
-static int write_text(const char *dir, const char *name, const char *text, DlError *e) {
-    char *p = dl_path_join(dir, name);
-    FILE *f = fopen(p, "wb");
-    int rc = 0;
-    if (!f) rc = dl_fail(e, "%s: cannot create: %s", p, strerror(errno));
-    else {
-        size_t n = strlen(text);
-        if (fwrite(text, 1, n, f) != n || fputc('\n', f) == EOF || fflush(f) || fsync(fileno(f)))
-            rc = dl_fail(e, "%s: write failed: %s", p, strerror(errno));
-        if (fclose(f) && !rc) rc = dl_fail(e, "%s: close failed: %s", p, strerror(errno));
-    }
-    free(p);
-    return rc;
-}
-
-static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
-    (void)sb, (void)flag, (void)ftw;
-    return remove(path);
-}
-static void rm_tree(const char *path) { nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS); }
-
 // A growing list of tensors to write; every buffer is owned (freed at the end).
 typedef struct {
     StWriteTensor *t;
@@ -286,14 +260,8 @@ int export_granite(const char *dir, const HybridConfig *h, const Registry *r, co
     TList l = {.dtype = o->dtype};
     int rc = -1;
     char *cfg = NULL;
-    size_t dlen = strlen(dir);
-    while (dlen > 1 && dir[dlen - 1] == '/') dlen--;
-    char *final = dl_malloc(dlen + 1), *tmp = dl_malloc(dlen + 32), *old = dl_malloc(dlen + 32);
-    memcpy(final, dir, dlen);
-    final[dlen] = 0;
-    snprintf(tmp, dlen + 32, "%s.tmp-%d", final, (int)getpid());
-    snprintf(old, dlen + 32, "%s.old-%d", final, (int)getpid());
-    rm_tree(tmp);
+    ExportDir d;
+    if (export_dir_begin(&d, dir, e)) goto out;
 
     char nm[DL_TENSOR_NAME_MAX], on[DL_TENSOR_NAME_MAX];
     if (tl_copy(&l, r, params, "model.embed_tokens.weight", NULL, e)) goto out;
@@ -351,29 +319,16 @@ int export_granite(const char *dir, const HybridConfig *h, const Registry *r, co
         goto out;
 
     for (int i = 0; i < l.n; i++) l.t[i].shape = l.shapes[i];  // l.shapes moved while growing
-    if (dl_mkdirs(tmp, e)) goto out;
     const char *meta[2] = {"format", "pt"};
     int n_shards = 0;
-    if (st_write_sharded(tmp, l.t, l.n, o->max_shard_bytes ? o->max_shard_bytes : UINT64_MAX / 4, meta, 1, &n_shards, e))
+    if (st_write_sharded(d.tmp, l.t, l.n, o->max_shard_bytes ? o->max_shard_bytes : UINT64_MAX / 4, meta, 1, &n_shards, e))
         goto out;
     cfg = export_granite_config_json(h, H_out, expand, o->dtype, o->name_or_path);
-    if (write_text(tmp, "config.json", cfg, e)) goto out;
-    bool had = dl_file_exists(final);
-    if (had && rename(final, old) != 0) {
-        dl_fail(e, "export: cannot move the previous %s aside: %s", final, strerror(errno));
-        goto out;
-    }
-    if (rename(tmp, final) != 0) {
-        dl_fail(e, "export: cannot rename %s to %s: %s", tmp, final, strerror(errno));
-        if (had) rename(old, final);
-        goto out;
-    }
-    if (had) rm_tree(old);
-    rc = 0;
+    if (export_dir_write_text(&d, "config.json", cfg, e)) goto out;
+    rc = export_dir_commit(&d, e);
 out:
-    if (rc) rm_tree(tmp);
+    export_dir_end(&d);
     tl_free(&l);
     cJSON_free(cfg);
-    free(final), free(tmp), free(old);
     return rc;
 }
