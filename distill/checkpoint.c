@@ -230,41 +230,15 @@ out:
 
 // ---------------------------------------------------------------- HDF5 helpers
 
-static int attr_write(hid_t obj, const char *name, hid_t ftype, hid_t mtype, const void *v) {
-    hid_t sp = H5Screate(H5S_SCALAR);
-    hid_t a = H5Acreate2(obj, name, ftype, sp, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t rc = a < 0 ? -1 : H5Awrite(a, mtype, v);
-    if (a >= 0) H5Aclose(a);
-    H5Sclose(sp);
-    return rc < 0 ? -1 : 0;
-}
-static int attr_i64(hid_t obj, const char *name, int64_t v) { return attr_write(obj, name, H5T_STD_I64LE, H5T_NATIVE_INT64, &v); }
-static int attr_f64(hid_t obj, const char *name, double v) { return attr_write(obj, name, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &v); }
 static int attr_str(hid_t obj, const char *name, const char *s) {
     hid_t t = H5Tcopy(H5T_C_S1);
     H5Tset_size(t, strlen(s) ? strlen(s) : 1);
     H5Tset_strpad(t, H5T_STR_NULLPAD);
-    int rc = attr_write(obj, name, t, t, s);
+    int rc = h5_attr_put(obj, name, t, t, s);
     H5Tclose(t);
     return rc;
 }
 
-static int attr_read_i64(hid_t obj, const char *name, int64_t *v) {
-    if (H5Aexists(obj, name) <= 0) return -1;
-    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
-    if (a < 0) return -1;
-    herr_t rc = H5Aread(a, H5T_NATIVE_INT64, v);
-    H5Aclose(a);
-    return rc < 0 ? -1 : 0;
-}
-static int attr_read_f64(hid_t obj, const char *name, double *v) {
-    if (H5Aexists(obj, name) <= 0) return -1;
-    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
-    if (a < 0) return -1;
-    herr_t rc = H5Aread(a, H5T_NATIVE_DOUBLE, v);
-    H5Aclose(a);
-    return rc < 0 ? -1 : 0;
-}
 // Fixed-length string attribute into buf (truncated to n-1).
 static int attr_read_str(hid_t obj, const char *name, char *buf, size_t n) {
     if (H5Aexists(obj, name) <= 0) return -1;
@@ -417,9 +391,9 @@ static int write_h5(const char *path, const Registry *reg, const float *params, 
     if (f < 0) return dl_fail(e, "%s: cannot create HDF5 file (directory writable? disk full?)", path);
     int rc = -1;
     hid_t g = -1, g2 = -1;
-    if (attr_str(f, "format", CKPT_FORMAT) || attr_i64(f, "format_version", CKPT_FORMAT_VERSION) ||
-        attr_str(f, "program_version", DISTILL_VERSION) || attr_i64(f, "stage_index", st->stage_index) ||
-        attr_str(f, "stage_name", st->stage_name) || attr_i64(f, "step", st->step)) {
+    if (attr_str(f, "format", CKPT_FORMAT) || h5_attr_put_i64(f, "format_version", CKPT_FORMAT_VERSION) ||
+        attr_str(f, "program_version", DISTILL_VERSION) || h5_attr_put_i64(f, "stage_index", st->stage_index) ||
+        attr_str(f, "stage_name", st->stage_name) || h5_attr_put_i64(f, "step", st->step)) {
         dl_fail(e, "%s: cannot write attributes", path);
         goto out;
     }
@@ -439,13 +413,13 @@ static int write_h5(const char *path, const Registry *reg, const float *params, 
         const OptimState *s = &opt->st;
         const OptimConfig *c = &opt->cfg;
         g = H5Gcreate2(f, "optim", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-        if (attr_i64(g, "step", s->step) || attr_i64(g, "t", s->t) || attr_i64(g, "n_skip_nonfinite", s->n_skip_nonfinite) ||
-            attr_i64(g, "n_skip_outlier", s->n_skip_outlier) || attr_i64(g, "window_n", s->window_n) ||
-            attr_i64(g, "window_pos", s->window_pos) || attr_i64(g, "n_accepted", s->n_accepted) ||
-            attr_f64(g, "lr", c->lr) || attr_f64(g, "beta1", c->beta1) || attr_f64(g, "beta2", c->beta2) ||
-            attr_f64(g, "eps", c->eps) || attr_f64(g, "weight_decay", c->weight_decay) ||
-            attr_f64(g, "clip_norm", c->clip_norm) || attr_i64(g, "grad_accum", c->grad_accum) ||
-            attr_i64(g, "total_steps", c->total_steps)) {
+        if (h5_attr_put_i64(g, "step", s->step) || h5_attr_put_i64(g, "t", s->t) || h5_attr_put_i64(g, "n_skip_nonfinite", s->n_skip_nonfinite) ||
+            h5_attr_put_i64(g, "n_skip_outlier", s->n_skip_outlier) || h5_attr_put_i64(g, "window_n", s->window_n) ||
+            h5_attr_put_i64(g, "window_pos", s->window_pos) || h5_attr_put_i64(g, "n_accepted", s->n_accepted) ||
+            h5_attr_put_f64(g, "lr", c->lr) || h5_attr_put_f64(g, "beta1", c->beta1) || h5_attr_put_f64(g, "beta2", c->beta2) ||
+            h5_attr_put_f64(g, "eps", c->eps) || h5_attr_put_f64(g, "weight_decay", c->weight_decay) ||
+            h5_attr_put_f64(g, "clip_norm", c->clip_norm) || h5_attr_put_i64(g, "grad_accum", c->grad_accum) ||
+            h5_attr_put_i64(g, "total_steps", c->total_steps)) {
             dl_fail(e, "%s: cannot write optimizer attributes", path);
             goto out;
         }
@@ -481,7 +455,7 @@ static int write_h5(const char *path, const Registry *reg, const float *params, 
     H5Gclose(g);
     g = group_create_ordered(f, "ints");
     for (int i = 0; i < st->n_ints; i++)
-        if (attr_i64(g, st->ints[i].key, st->ints[i].value)) {
+        if (h5_attr_put_i64(g, st->ints[i].key, st->ints[i].value)) {
             dl_fail(e, "%s: cannot write integer %s", path, st->ints[i].key);
             goto out;
         }
@@ -732,7 +706,7 @@ static hid_t open_ro(const char *path, DlError *e) {
         return -1;
     }
     int64_t v = 0;
-    if (attr_read_i64(f, "format_version", &v) || v != CKPT_FORMAT_VERSION) {
+    if (h5_attr_get_i64(f, "format_version", &v) || v != CKPT_FORMAT_VERSION) {
         H5Fclose(f);
         dl_fail(e, "%s: checkpoint format version %lld, this program reads version %d", path, (long long)v,
                 CKPT_FORMAT_VERSION);
@@ -749,7 +723,7 @@ typedef struct {
 static herr_t ints_cb(hid_t loc, const char *name, const H5A_info_t *info, void *data) {
     IntsIter *it = data;
     int64_t v;
-    if (strlen(name) >= CKPT_KEY_MAX || attr_read_i64(loc, name, &v)) {
+    if (strlen(name) >= CKPT_KEY_MAX || h5_attr_get_i64(loc, name, &v)) {
         it->bad = 1;
         return 1;
     }
@@ -760,9 +734,9 @@ static herr_t ints_cb(hid_t loc, const char *name, const H5A_info_t *info, void 
 static int read_state(hid_t f, const char *path, CkptState *st, DlError *e) {
     ckpt_state_free(st);
     int64_t v;
-    if (attr_read_i64(f, "stage_index", &v)) return dl_fail(e, "%s: attribute stage_index missing", path);
+    if (h5_attr_get_i64(f, "stage_index", &v)) return dl_fail(e, "%s: attribute stage_index missing", path);
     st->stage_index = (int)v;
-    if (attr_read_i64(f, "step", &st->step)) return dl_fail(e, "%s: attribute step missing", path);
+    if (h5_attr_get_i64(f, "step", &st->step)) return dl_fail(e, "%s: attribute step missing", path);
     if (attr_read_str(f, "stage_name", st->stage_name, sizeof st->stage_name))
         return dl_fail(e, "%s: attribute stage_name missing", path);
     if (attr_read_str(f, "program_version", st->version, sizeof st->version))
@@ -903,10 +877,10 @@ int checkpoint_load_optim(const char *path, Optim *opt, DlError *e) {
     OptimState s;
     memset(&s, 0, sizeof s);
     int64_t wn = 0, wp = 0;
-    if (attr_read_i64(g, "step", &s.step) || attr_read_i64(g, "t", &s.t) ||
-        attr_read_i64(g, "n_skip_nonfinite", &s.n_skip_nonfinite) || attr_read_i64(g, "n_skip_outlier", &s.n_skip_outlier) ||
-        attr_read_i64(g, "window_n", &wn) || attr_read_i64(g, "window_pos", &wp) ||
-        attr_read_i64(g, "n_accepted", &s.n_accepted)) {
+    if (h5_attr_get_i64(g, "step", &s.step) || h5_attr_get_i64(g, "t", &s.t) ||
+        h5_attr_get_i64(g, "n_skip_nonfinite", &s.n_skip_nonfinite) || h5_attr_get_i64(g, "n_skip_outlier", &s.n_skip_outlier) ||
+        h5_attr_get_i64(g, "window_n", &wn) || h5_attr_get_i64(g, "window_pos", &wp) ||
+        h5_attr_get_i64(g, "n_accepted", &s.n_accepted)) {
         dl_fail(e, "%s: optimizer attributes missing", path);
         goto out;
     }
@@ -1018,10 +992,10 @@ int checkpoint_describe(const char *path, FILE *out, DlError *e) {
         hid_t g = H5Gopen2(f, "optim", H5P_DEFAULT);
         int64_t step = 0, t = 0, s1 = 0, s2 = 0, accum = 0, total = 0;
         double lr = 0, b1 = 0, b2 = 0, wd = 0, clip = 0;
-        attr_read_i64(g, "step", &step), attr_read_i64(g, "t", &t), attr_read_i64(g, "n_skip_nonfinite", &s1);
-        attr_read_i64(g, "n_skip_outlier", &s2), attr_read_i64(g, "grad_accum", &accum), attr_read_i64(g, "total_steps", &total);
-        attr_read_f64(g, "lr", &lr), attr_read_f64(g, "beta1", &b1), attr_read_f64(g, "beta2", &b2);
-        attr_read_f64(g, "weight_decay", &wd), attr_read_f64(g, "clip_norm", &clip);
+        h5_attr_get_i64(g, "step", &step), h5_attr_get_i64(g, "t", &t), h5_attr_get_i64(g, "n_skip_nonfinite", &s1);
+        h5_attr_get_i64(g, "n_skip_outlier", &s2), h5_attr_get_i64(g, "grad_accum", &accum), h5_attr_get_i64(g, "total_steps", &total);
+        h5_attr_get_f64(g, "lr", &lr), h5_attr_get_f64(g, "beta1", &b1), h5_attr_get_f64(g, "beta2", &b2);
+        h5_attr_get_f64(g, "weight_decay", &wd), h5_attr_get_f64(g, "clip_norm", &clip);
         fprintf(out, "  optimizer: AdamW lr %g betas (%g, %g) wd %g clip %g accum %lld; step %lld of %lld, %lld updates, "
                      "skipped %lld non-finite + %lld outliers\n",
                 lr, b1, b2, wd, clip, (long long)accum, (long long)step, (long long)total, (long long)t, (long long)s1,

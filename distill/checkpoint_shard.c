@@ -18,33 +18,12 @@
 
 // ---------------------------------------------------------------- small HDF5 and file helpers
 
-static int put_attr_i64(hid_t o, const char *name, int64_t v) {
-    hid_t sp = H5Screate(H5S_SCALAR);
-    hid_t a = H5Acreate2(o, name, H5T_STD_I64LE, sp, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t rc = a < 0 ? -1 : H5Awrite(a, H5T_NATIVE_INT64, &v);
-    if (a >= 0) H5Aclose(a);
-    H5Sclose(sp);
-    return rc < 0 ? -1 : 0;
-}
-
 static int put_attr_str(hid_t o, const char *name, const char *s) {
     hid_t t = H5Tcopy(H5T_C_S1);
     H5Tset_size(t, strlen(s) + 1);
-    hid_t sp = H5Screate(H5S_SCALAR);
-    hid_t a = H5Acreate2(o, name, t, sp, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t rc = a < 0 ? -1 : H5Awrite(a, t, s);
-    if (a >= 0) H5Aclose(a);
-    H5Sclose(sp);
+    int rc = h5_attr_put(o, name, t, t, s);
     H5Tclose(t);
-    return rc < 0 ? -1 : 0;
-}
-
-static int get_attr_i64(hid_t o, const char *name, int64_t *v) {
-    if (H5Aexists(o, name) <= 0) return -1;
-    hid_t a = H5Aopen(o, name, H5P_DEFAULT);
-    herr_t rc = a < 0 ? -1 : H5Aread(a, H5T_NATIVE_INT64, v);
-    if (a >= 0) H5Aclose(a);
-    return rc < 0 ? -1 : 0;
+    return rc;
 }
 
 static int get_attr_str(hid_t o, const char *name, char *buf, size_t n) {
@@ -189,9 +168,9 @@ static int write_shard_h5(const char *path, const Optim *opt, int rank, int worl
         goto out;
     }
     hsize_t dn = names_len, dr[2] = {(hsize_t)npiece, 4}, dm = (hsize_t)total;
-    if (put_attr_str(f, "format", SHARD_FORMAT) || put_attr_i64(f, "format_version", SHARD_FORMAT_VERSION) ||
-        put_attr_i64(f, "rank", rank) || put_attr_i64(f, "world", world) || put_attr_i64(f, "stage_index", st->stage_index) ||
-        put_attr_i64(f, "step", st->step) || put_attr_i64(f, "optim_step", opt->st.step) || put_attr_i64(f, "optim_t", opt->st.t) ||
+    if (put_attr_str(f, "format", SHARD_FORMAT) || h5_attr_put_i64(f, "format_version", SHARD_FORMAT_VERSION) ||
+        h5_attr_put_i64(f, "rank", rank) || h5_attr_put_i64(f, "world", world) || h5_attr_put_i64(f, "stage_index", st->stage_index) ||
+        h5_attr_put_i64(f, "step", st->step) || h5_attr_put_i64(f, "optim_step", opt->st.step) || h5_attr_put_i64(f, "optim_t", opt->st.t) ||
         put_ds(f, "names", H5T_STD_U8LE, H5T_NATIVE_UINT8, 1, &dn, names) ||
         put_ds(f, "ranges", H5T_STD_I64LE, H5T_NATIVE_INT64, 2, dr, ranges) ||
         put_ds(f, "m", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, 1, &dm, m) || put_ds(f, "v", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, 1, &dm, v))
@@ -478,9 +457,9 @@ static int load_one(const char *run_dir, const ManifestEntry *me, int world, con
     }
     char fmt[64] = "";
     int64_t frank = -1, fworld = -1, fstage = -1, fstep = -1, fos = -1;
-    if (get_attr_str(f, "format", fmt, sizeof fmt) || strcmp(fmt, SHARD_FORMAT) || get_attr_i64(f, "rank", &frank) ||
-        get_attr_i64(f, "world", &fworld) || get_attr_i64(f, "stage_index", &fstage) || get_attr_i64(f, "step", &fstep) ||
-        get_attr_i64(f, "optim_step", &fos)) {
+    if (get_attr_str(f, "format", fmt, sizeof fmt) || strcmp(fmt, SHARD_FORMAT) || h5_attr_get_i64(f, "rank", &frank) ||
+        h5_attr_get_i64(f, "world", &fworld) || h5_attr_get_i64(f, "stage_index", &fstage) || h5_attr_get_i64(f, "step", &fstep) ||
+        h5_attr_get_i64(f, "optim_step", &fos)) {
         dl_fail(e, "%s: not a distill optimizer shard (attributes format/rank/world/step)", fp);
         goto out;
     }

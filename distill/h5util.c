@@ -17,3 +17,28 @@ hid_t h5_fapl(bool lock) {
 #endif
     return fapl;
 }
+
+int h5_attr_put(hid_t obj, const char *name, hid_t ftype, hid_t mtype, const void *v) {
+    if (H5Aexists(obj, name) > 0) H5Adelete(obj, name);
+    hid_t sp = H5Screate(H5S_SCALAR);
+    hid_t a = H5Acreate2(obj, name, ftype, sp, H5P_DEFAULT, H5P_DEFAULT);
+    herr_t rc = a < 0 ? -1 : H5Awrite(a, mtype, v);
+    if (a >= 0) H5Aclose(a);
+    H5Sclose(sp);
+    return rc < 0 ? -1 : 0;
+}
+int h5_attr_put_i64(hid_t obj, const char *name, int64_t v) { return h5_attr_put(obj, name, H5T_STD_I64LE, H5T_NATIVE_INT64, &v); }
+int h5_attr_put_u64(hid_t obj, const char *name, uint64_t v) { return h5_attr_put(obj, name, H5T_STD_U64LE, H5T_NATIVE_UINT64, &v); }
+int h5_attr_put_f64(hid_t obj, const char *name, double v) { return h5_attr_put(obj, name, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &v); }
+
+int h5_attr_get(hid_t obj, const char *name, hid_t mtype, void *v) {
+    if (H5Aexists(obj, name) <= 0) return -1;
+    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
+    if (a < 0) return -1;
+    herr_t rc = H5Aread(a, mtype, v);
+    H5Aclose(a);
+    return rc < 0 ? -1 : 0;
+}
+int h5_attr_get_i64(hid_t obj, const char *name, int64_t *v) { return h5_attr_get(obj, name, H5T_NATIVE_INT64, v); }
+int h5_attr_get_u64(hid_t obj, const char *name, uint64_t *v) { return h5_attr_get(obj, name, H5T_NATIVE_UINT64, v); }
+int h5_attr_get_f64(hid_t obj, const char *name, double *v) { return h5_attr_get(obj, name, H5T_NATIVE_DOUBLE, v); }

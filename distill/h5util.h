@@ -3,6 +3,7 @@
 #pragma once
 #include <hdf5.h>
 #include <stdbool.h>
+#include <stdint.h>
 
 // HDF5 prints its error stack on every failure by default; our messages say what went wrong instead.
 // Silence it between begin and end (restores the previous handler).
@@ -17,3 +18,15 @@ void h5_quiet_end(H5Quiet q);
 // files turn locking off (lock = false); with lock = true HDF5 locks but tolerates file systems that cannot.
 // HDF5_USE_FILE_LOCKING=FALSE in the environment overrides both. Close with H5Pclose.
 hid_t h5_fapl(bool lock);
+
+// Scalar attributes of obj (a file, group or dataset). A put replaces an attribute of the same name; a get
+// fails when the attribute is missing or unreadable. 0 on success, -1 on failure. ftype: the type in the file
+// (little-endian standard types), mtype: the type in memory.
+int h5_attr_put(hid_t obj, const char *name, hid_t ftype, hid_t mtype, const void *v);
+int h5_attr_put_i64(hid_t obj, const char *name, int64_t v);
+int h5_attr_put_u64(hid_t obj, const char *name, uint64_t v);
+int h5_attr_put_f64(hid_t obj, const char *name, double v);
+int h5_attr_get(hid_t obj, const char *name, hid_t mtype, void *v);
+int h5_attr_get_i64(hid_t obj, const char *name, int64_t *v);
+int h5_attr_get_u64(hid_t obj, const char *name, uint64_t *v);
+int h5_attr_get_f64(hid_t obj, const char *name, double *v);

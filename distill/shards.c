@@ -93,49 +93,12 @@ static void col_close(Col *c) {
 
 // ---- attributes
 static int attr_str(hid_t loc, const char *key, const char *value) {
-    if (H5Aexists(loc, key) > 0) H5Adelete(loc, key);
     hid_t ty = H5Tcopy(H5T_C_S1);
     H5Tset_size(ty, strlen(value) > 0 ? strlen(value) : 1);
     H5Tset_cset(ty, H5T_CSET_UTF8);
-    hid_t sp = H5Screate(H5S_SCALAR);
-    hid_t a = H5Acreate2(loc, key, ty, sp, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t st = a < 0 ? -1 : H5Awrite(a, ty, strlen(value) > 0 ? value : "");
-    if (a >= 0) H5Aclose(a);
-    H5Sclose(sp);
+    int rc = h5_attr_put(loc, key, ty, ty, strlen(value) > 0 ? value : "");
     H5Tclose(ty);
-    return st < 0 ? -1 : 0;
-}
-static int attr_i64(hid_t loc, const char *key, int64_t v) {
-    if (H5Aexists(loc, key) > 0) H5Adelete(loc, key);
-    hid_t sp = H5Screate(H5S_SCALAR);
-    hid_t a = H5Acreate2(loc, key, H5T_STD_I64LE, sp, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t st = a < 0 ? -1 : H5Awrite(a, H5T_NATIVE_INT64, &v);
-    if (a >= 0) H5Aclose(a);
-    H5Sclose(sp);
-    return st < 0 ? -1 : 0;
-}
-static int attr_u64(hid_t loc, const char *key, uint64_t v) {
-    if (H5Aexists(loc, key) > 0) H5Adelete(loc, key);
-    hid_t sp = H5Screate(H5S_SCALAR);
-    hid_t a = H5Acreate2(loc, key, H5T_STD_U64LE, sp, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t st = a < 0 ? -1 : H5Awrite(a, H5T_NATIVE_UINT64, &v);
-    if (a >= 0) H5Aclose(a);
-    H5Sclose(sp);
-    return st < 0 ? -1 : 0;
-}
-static bool read_attr_i64(hid_t loc, const char *key, int64_t *v) {
-    if (H5Aexists(loc, key) <= 0) return false;
-    hid_t a = H5Aopen(loc, key, H5P_DEFAULT);
-    herr_t st = H5Aread(a, H5T_NATIVE_INT64, v);
-    H5Aclose(a);
-    return st >= 0;
-}
-static bool read_attr_u64(hid_t loc, const char *key, uint64_t *v) {
-    if (H5Aexists(loc, key) <= 0) return false;
-    hid_t a = H5Aopen(loc, key, H5P_DEFAULT);
-    herr_t st = H5Aread(a, H5T_NATIVE_UINT64, v);
-    H5Aclose(a);
-    return st >= 0;
+    return rc;
 }
 // Fixed or variable-length string attribute -> malloc'd string.
 static char *read_attr_str(hid_t loc, const char *key) {
@@ -339,7 +302,7 @@ int shard_writer_attr_str(ShardWriter *w, const char *key, const char *value, Dl
     return 0;
 }
 int shard_writer_attr_i64(ShardWriter *w, const char *key, int64_t value, DlError *e) {
-    if (attr_i64(w->f, key, value)) return dl_fail(e, "%s: cannot write attribute %s", w->path, key);
+    if (h5_attr_put_i64(w->f, key, value)) return dl_fail(e, "%s: cannot write attribute %s", w->path, key);
     return 0;
 }
 
@@ -389,17 +352,17 @@ int shard_writer_close(ShardWriter *w, DlError *e) {
         hid_t f = w->f;
         int a = 0;
         a |= attr_str(f, "format", SHARD_FORMAT);
-        a |= attr_i64(f, "format_version", SHARD_FORMAT_VERSION);
+        a |= h5_attr_put_i64(f, "format_version", SHARD_FORMAT_VERSION);
         a |= attr_str(f, "kind", w->o.kind == SHARD_LM ? "lm" : "preference");
-        a |= attr_u64(f, "tokenizer_hash", w->o.tokenizer_hash);
+        a |= h5_attr_put_u64(f, "tokenizer_hash", w->o.tokenizer_hash);
         a |= attr_str(f, "tokenizer_pre", w->o.tokenizer_pre ? w->o.tokenizer_pre : "");
-        a |= attr_i64(f, "vocab_size", w->o.vocab_size);
-        a |= attr_i64(f, "n_tokens", w->n_tokens);
-        a |= attr_i64(f, "n_docs", w->n_docs);
-        a |= attr_i64(f, "seq_len", w->o.seq_len);
-        a |= attr_i64(f, "n_seqs", w->n_rows);
-        a |= attr_i64(f, "n_pairs", w->n_pairs);
-        a |= attr_i64(f, "pad_id", w->o.pad_id);
+        a |= h5_attr_put_i64(f, "vocab_size", w->o.vocab_size);
+        a |= h5_attr_put_i64(f, "n_tokens", w->n_tokens);
+        a |= h5_attr_put_i64(f, "n_docs", w->n_docs);
+        a |= h5_attr_put_i64(f, "seq_len", w->o.seq_len);
+        a |= h5_attr_put_i64(f, "n_seqs", w->n_rows);
+        a |= h5_attr_put_i64(f, "n_pairs", w->n_pairs);
+        a |= h5_attr_put_i64(f, "pad_id", w->o.pad_id);
         a |= attr_str(f, "created_by", "distill " DISTILL_VERSION);
         if (a) rc = dl_fail(e, "%s: cannot write the file attributes", p);
     }
@@ -507,7 +470,7 @@ int shard_open(ShardReader **out, const char *path, DlError *e) {
     free(fmt);
     if (!ok) { dl_fail(e, "%s: not a distill token shard (attribute format != \"%s\")", path, SHARD_FORMAT); goto fail; }
     int64_t v = 0;
-    if (!read_attr_i64(r->f, "format_version", &v) || v != SHARD_FORMAT_VERSION) {
+    if (h5_attr_get_i64(r->f, "format_version", &v) || v != SHARD_FORMAT_VERSION) {
         dl_fail(e, "%s: shard format version %lld, this build reads version %d", path, (long long)v, SHARD_FORMAT_VERSION);
         goto fail;
     }
@@ -519,14 +482,14 @@ int shard_open(ShardReader **out, const char *path, DlError *e) {
     free(kind);
     if (!kind_ok) { dl_fail(e, "%s: attribute kind must be \"lm\" or \"preference\"", path); goto fail; }
     int64_t vs = 0;
-    if (!read_attr_u64(r->f, "tokenizer_hash", &in->tokenizer_hash) || !read_attr_i64(r->f, "vocab_size", &vs) || vs <= 0 ||
+    if (h5_attr_get_u64(r->f, "tokenizer_hash", &in->tokenizer_hash) || h5_attr_get_i64(r->f, "vocab_size", &vs) || vs <= 0 ||
         vs > INT32_MAX) {
         dl_fail(e, "%s: missing or invalid tokenizer_hash/vocab_size attributes", path);
         goto fail;
     }
     in->vocab_size = (int32_t)vs;
     int64_t pad = 0;
-    if (read_attr_i64(r->f, "pad_id", &pad) && pad >= 0 && pad < vs) in->pad_id = (int32_t)pad;
+    if (!h5_attr_get_i64(r->f, "pad_id", &pad) && pad >= 0 && pad < vs) in->pad_id = (int32_t)pad;
     if (in->kind == SHARD_LM) {
         in->n_tokens = ds_len(r, "tokens");
         in->n_docs = ds_len(r, "doc_offsets") - 1;
@@ -535,7 +498,7 @@ int shard_open(ShardReader **out, const char *path, DlError *e) {
         if ((r->mask = open_ds(r, "loss_mask", 1, in->n_tokens, 0, e)) < 0) goto fail;
         if (read_offsets(r, "doc_offsets", in->n_docs, in->n_tokens, &r->doc_off, e)) goto fail;
         int64_t T = 0;
-        read_attr_i64(r->f, "seq_len", &T);
+        h5_attr_get_i64(r->f, "seq_len", &T);  // absent: not packed (T stays 0)
         if (T > 0) {
             in->seq_len = T;
             in->n_seqs = ds_len(r, "packed/tokens");

@@ -137,29 +137,12 @@ struct TeacherCache {
     float *bl, *br;
 };
 
-static int attr_i64(hid_t o, const char *name, int64_t v) {
-    hid_t sp = H5Screate(H5S_SCALAR), a = H5Acreate2(o, name, H5T_STD_I64LE, sp, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t r = a < 0 ? -1 : H5Awrite(a, H5T_NATIVE_INT64, &v);
-    if (a >= 0) H5Aclose(a);
-    H5Sclose(sp);
-    return r < 0 ? -1 : 0;
-}
 static int attr_str(hid_t o, const char *name, const char *s) {
     hid_t t = H5Tcopy(H5T_C_S1);
     H5Tset_size(t, strlen(s) ? strlen(s) : 1);
-    hid_t sp = H5Screate(H5S_SCALAR), a = H5Acreate2(o, name, t, sp, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t r = a < 0 ? -1 : H5Awrite(a, t, s);
-    if (a >= 0) H5Aclose(a);
-    H5Sclose(sp);
+    int r = h5_attr_put(o, name, t, t, s);
     H5Tclose(t);
-    return r < 0 ? -1 : 0;
-}
-static int attr_get_i64(hid_t o, const char *name, int64_t *v) {
-    if (H5Aexists(o, name) <= 0) return -1;
-    hid_t a = H5Aopen(o, name, H5P_DEFAULT);
-    herr_t r = H5Aread(a, H5T_NATIVE_INT64, v);
-    H5Aclose(a);
-    return r < 0 ? -1 : 0;
+    return r;
 }
 
 // rows [r0, r0+n) of a dataset of shape [rows, T(, k)]
@@ -209,8 +192,8 @@ int tcache_write(const char *path, const HybridConfig *hc, const Registry *reg, 
         ds[1] = H5Dcreate2(f, "logp", H5T_IEEE_F32LE, s3, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
         ds[2] = H5Dcreate2(f, "rest", H5T_IEEE_F32LE, s2, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
         H5Sclose(s3), H5Sclose(s2);
-        if (ds[0] < 0 || ds[1] < 0 || ds[2] < 0 || attr_str(f, "format", TCACHE_FORMAT) || attr_i64(f, "format_version", 1) ||
-            attr_i64(f, "k", k) || attr_i64(f, "vocab", V) || attr_i64(f, "seq_len", T) || attr_i64(f, "rows", rows) ||
+        if (ds[0] < 0 || ds[1] < 0 || ds[2] < 0 || attr_str(f, "format", TCACHE_FORMAT) || h5_attr_put_i64(f, "format_version", 1) ||
+            h5_attr_put_i64(f, "k", k) || h5_attr_put_i64(f, "vocab", V) || h5_attr_put_i64(f, "seq_len", T) || h5_attr_put_i64(f, "rows", rows) ||
             attr_str(f, "source", shard)) {
             dl_fail(e, "%s: cannot create datasets", tmp);
             goto out;
@@ -301,8 +284,8 @@ int tcache_open(TeacherCache **out, const char *path, DlError *e) {
         dl_fail(e, "%s: cannot open teacher cache", path);
         goto out;
     }
-    if (attr_get_i64(tc->f, "k", &k) || attr_get_i64(tc->f, "vocab", &v) || attr_get_i64(tc->f, "seq_len", &tc->T) ||
-        attr_get_i64(tc->f, "rows", &tc->rows) || k < 1 || k > v) {
+    if (h5_attr_get_i64(tc->f, "k", &k) || h5_attr_get_i64(tc->f, "vocab", &v) || h5_attr_get_i64(tc->f, "seq_len", &tc->T) ||
+        h5_attr_get_i64(tc->f, "rows", &tc->rows) || k < 1 || k > v) {
         dl_fail(e, "%s: not a teacher cache (attributes k, vocab, seq_len, rows)", path);
         goto out;
     }
