@@ -13,6 +13,7 @@
 extern "C" {
 #include "distill/dtype.h"
 #include "distill/common.h"
+#include "distill/model.h"
 #include "distill/registry.h"
 #include "distill/rng.h"
 }
@@ -37,6 +38,14 @@ static inline void die_if(bool bad, const DlError *e, const char *what) {
     } while (0)
 
 // Counts a check; prints it when it fails (or always with --verbose).
+// The small Llama the decode and ZeRO tests build their hybrids from: 4 layers, d 192, 3 heads (1 KV head) of 64,
+// d_ff 384, vocabulary 520.
+static inline void test_small_llama(LlamaConfig *c, bool tied) {
+    memset(c, 0, sizeof *c);
+    c->n_layer = 4, c->d_model = 192, c->n_head = 3, c->n_kv_head = 1, c->head_dim = 64, c->d_ff = 384, c->vocab = 520;
+    c->max_pos = 4096, c->rope_theta = 10000.0, c->rms_eps = 1e-5, c->tied_embeddings = tied, c->bos_id = c->eos_id = -1;
+}
+
 static void check(bool ok, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);

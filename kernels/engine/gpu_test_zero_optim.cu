@@ -44,9 +44,7 @@ typedef struct {
 static void model_make(Model *m, bool tied) {
     DlError e;
     LlamaConfig c;
-    memset(&c, 0, sizeof c);
-    c.n_layer = 4, c.d_model = 192, c.n_head = 3, c.n_kv_head = 1, c.head_dim = 64, c.d_ff = 384, c.vocab = 520;
-    c.max_pos = 4096, c.rope_theta = 10000.0, c.rms_eps = 1e-5, c.tied_embeddings = tied, c.bos_id = c.eos_id = -1;
+    test_small_llama(&c, tied);
     int attn[2] = {1, 3};
     die_if(hybrid_config_init(&m->h, &c, MIXER_MAMBA1, attn, 2, &e) != 0, &e, "hybrid_config_init");
     model_build_registry(&m->h, &m->r);
