@@ -55,6 +55,10 @@ extern "C" {
 // Mamba-2's D: d D = sum dy.x is a cancelling sum (the gated norm's dy is orthogonal to y ~ c x), which the SSD's
 // bf16 y and dy move beyond the bf16 floor; gpu_test_mamba2 bounds the mixer alone at 1.5e-1 (docs/MAMBA2_CUDA.md)
 #define BF16_GRAD_TOL_M2_D 1.5e-1
+// Mamba-2's A_log takes dt_bias's bound: both are per-head sums over every token of terms that change sign (dA_h =
+// A_h sum_t delta_t sum dh.h_prev.a), so the whole hybrid's bf16 activation noise (3e-2 per tensor here) survives
+// their cancellation the same way. Measured: the mixer alone 1.6e-2 (gpu_test_mamba2); the tied vocabulary-49152 KL
+// case's layer 2 (3 heads) 5.68e-2 with the storage-rounded CPU reference (H100, 0a7055e), 6.56e-2 before it.
 
 // The mixer of the hybrid models' Mamba layers (case 8 switches to Mamba-2).
 static MixerKind g_mixer = MIXER_MAMBA1;
@@ -64,6 +68,7 @@ static double grad_tol(const char *name, double tol_grad) {
     if (tol_grad < BF16_GRAD_TOL) return tol_grad;  // fp32 mode
     if (strstr(name, "dt_proj.bias") || strstr(name, "mamba.dt_bias")) return fmax(tol_grad, BF16_GRAD_TOL_DT_BIAS);
     if (g_mixer == MIXER_MAMBA2 && strstr(name, ".mamba.D")) return fmax(tol_grad, BF16_GRAD_TOL_M2_D);
+    if (g_mixer == MIXER_MAMBA2 && strstr(name, ".mamba.A_log")) return fmax(tol_grad, BF16_GRAD_TOL_DT_BIAS);
     return tol_grad;
 }
 
