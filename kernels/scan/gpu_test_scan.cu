@@ -1,9 +1,11 @@
 // gpu_test_scan.cu: the CUDA selective scan (forward, backward, multi-token decode) and conv1d kernels against
 // the float64 references, on fresh random inputs, outputs poisoned (all bits set: NaN) before every call.
 // Shapes: L = 1, L not a multiple of 4 or of the checkpoint interval, D not a multiple of the block's channels,
-// N = 4/8/16/32, both dB paths, resets (at t = 0 and consecutive), extreme delta and A, time segments, a
-// grid of more than 65535 (batch x channel) blocks, L >= 65536, and B*L*D > 2^31 (64-bit offsets; the
-// reference is computed for the last channels of that problem, where offsets are largest).
+// N = 4/8/16/32, both dB paths (and in v11 B groups of 16/32/64 channels summed in the block, of 48/80/128 through
+// per-warp partials: SmolLM2-135M's D 576 with 12 B groups of 48 among them), resets (at t = 0 and consecutive),
+// extreme delta and A, time segments, a grid of more than 65535 (batch x channel) blocks, L >= 65536, and
+// B*L*D > 2^31 (64-bit offsets; the reference is computed for the last channels of that problem, where offsets
+// are largest).
 // The backward is also run twice and must give identical bits. The small cases run again with each selectable
 // version / option (defaults: forward and backward v11; DISTILL_SCAN_BWD=v10, =v8: v10 without time segments;
 // DISTILL_SCAN_BWD_NSEG=3 with v11 and v10; DISTILL_SCAN_FWD=v10: 16-step forward tiles), and every conv case with
@@ -351,6 +353,15 @@ int main(int argc, char **argv) {
         {"B groups of 32 channels", 3, 131, 192, 16, 12, 6, 1, 0, 1, 1, 0, 0, 1, 0},
         {"segments x4", 1, 1000, 64, 16, 4, 1, 1, 1, 1, 1, 1, 0, 4, 0},
         {"segments auto", 1, 777, 128, 16, 8, 2, 1, 1, 1, 1, 1, 0, 0, 0},
+        // B groups of 48/80/128 channels: v11's generic dB mode (per-warp partials, then reduce_dB_kernel); a 48- or
+        // 80-channel group straddles two 64-channel blocks. SmolLM2-135M: D 576, 12 B groups of 48. Backward
+        // segments (automatic, fixed by the shape): 8, 6, 24, 1, 4, 3 in this order
+        {"SmolLM2 Db=48 (v11 generic dB)", 2, 1003, 576, 16, 36, 12, 1, 1, 1, 1, 1, 0, 1, 0},
+        {"SmolLM2 Db=48, no z/h0", 3, 333, 576, 16, 36, 12, 0, 0, 1, 1, 0, 0, 1, 0},
+        {"SmolLM2 Db=48, B=1 (24 bwd segments)", 1, 1500, 576, 16, 36, 12, 1, 1, 1, 1, 1, 0, 0, 0},
+        {"SmolLM2 Db=48, B=16 (no bwd segments)", 16, 130, 576, 16, 36, 12, 1, 1, 1, 1, 1, 0, 1, 0},
+        {"Db=80 (v11 generic dB)", 2, 200, 640, 16, 40, 8, 1, 1, 0, 1, 1, 0, 1, 0},
+        {"Db=128 (v11 generic dB)", 3, 131, 384, 16, 24, 3, 1, 0, 1, 1, 0, 0, 1, 0},
         {">65535 blocks", 32, 5, 163840, 16, 10240, 2560, 1, 1, 1, 1, 1, 0, 1, 0},
         {"L=70000", 1, 70000, 64, 16, 4, 1, 1, 1, 1, 1, 1, 0, 0, 0},
         {"B*L*D > 2^31 (last 64 ch)", 1, 65600, 32768, 16, 2048, 512, 1, 1, 1, 1, 1, 0, 0, 64},

@@ -910,8 +910,9 @@ int64_t seg_len(const ScanShape *s, int nseg) {
 // delta, delta*u and the gated output gradient in a per-warp buffer for its partner; the pair's partial sums over
 // states (y, sum dh B, sum dh a h A) meet with one shuffle per step pair. dB and dC: every lane writes its 8 + 8
 // per-state terms to a per-warp buffer; lane l then sums one column (dC of state l, or the warp's partial dB of
-// state l - 16) over the warp's 16 channels in a fixed order; B groups wider than a warp add the warps' partials in
-// warp order after the group's barrier. No atomics: deterministic.
+// state l - 16) over the warp's 16 channels in a fixed order; B groups of 32 or 64 channels add the warps' partials
+// in warp order after the group's barrier; other widths (48, 80, ..., which may straddle blocks) write the warps'
+// partials to an fp32 workspace that reduce_dB_kernel sums in order. No atomics: deterministic.
 // Inputs arrive by cp.async in 8-step slots: when group g of chunk k is done, its slot is refilled with the group of
 // chunk k - 1 that uses it (7 - g: slots alternate direction with the chunk's parity, so that the groups the next
 // sweep needs first are loaded first). Each warp converts its own B and C rows of a group to fp32 when it starts it.
@@ -927,10 +928,14 @@ struct B11Geom {  // byte offsets into dynamic shared memory
 // a group's outputs are staged in shared memory (du, ddt, dz [step][channel], dC [step][4 groups x 16], dB [step][4
 // groups x 16] when B groups are 16 channels wide) and written after the group's barrier as 16-byte rows: the
 // per-step 2-byte stores each cost a 64-bit address computation that the registers could not keep
+// DB: channels per B group, 16, 32 or 64; 0 = any other multiple of 16 (48, 80, 96, 128, ...: the generic mode, in
+// which a B group may straddle blocks): each warp stages its own B group's rows (the B span holds 4 rows of 16, as
+// for DB = 16), and the warps' partial dB (sums over their 16 channels = one C group) go through redB to the fp32
+// workspace dB_part [B*L, Gc, 16] as 16-byte rows; reduce_dB_kernel then sums each B group's Db/16 partials in order.
 constexpr int B11_SOK = 5;
 template <int DB>
 B11Geom b11_geom() {
-    constexpr int PB = (B11_CH / DB) * 16;
+    constexpr int PB = DB ? (B11_CH / DB) * 16 : B11_WARPS * 16;
     B11Geom g;
     int o = 0;
     g.act = o, o += 4 * SCAN_CKPT * B11_CH * 2;               // u, dt, z, dout [kind][physical step][channel] bf16
@@ -940,7 +945,7 @@ B11Geom b11_geom() {
     g.rxf = o, o += SCAN_CKPT * 4;                            // 0 or -inf (reset) per logical step
     g.snap = o, o += (B11_NG - 1) * B11_THREADS * 8 * 4;      // state before groups 1..7 [g-1][half][thread][4]
     g.wbuf = o, o += B11_WARPS * B11_WBUF * 4;                // per warp, see B11_WBUF
-    g.redB = o, o += DB > 16 ? 2 * B11_G * B11_WARPS * 16 * 4 : 0;  // [group parity][step][warp][16]
+    g.redB = o, o += DB != 16 ? 2 * B11_G * B11_WARPS * 16 * 4 : 0;  // [group parity][step][warp][16]
     g.so = o, o += 2 * B11_SOK * B11_G * B11_CH * 2;          // staged outputs [group parity][kind][step][64] bf16
     g.bytes = o;
     return g;
@@ -955,7 +960,8 @@ __device__ __forceinline__ void ld_state8(const float *p, int stride, float (&v)
 template <int DB>
 __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArgs p, const B11Geom geo) {
     constexpr int N = 16, H = 8, CH = B11_CH, NTH = B11_THREADS, T = SCAN_CKPT, G = B11_G;
-    constexpr int PB = (CH / DB) * N, NBG = CH / DB, WPB = DB / 16;  // B span, B groups per block, warps per B group
+    // B span, B groups per block, warps per B group (DB = 0: a row per warp, see b11_geom)
+    constexpr int PB = DB ? (CH / DB) * N : B11_WARPS * N, NBG = DB ? CH / DB : B11_WARPS, WPB = DB ? DB / 16 : 1;
     extern __shared__ __align__(16) char smem[];
     bf16 *act = (bf16 *)(smem + geo.act), *Bs = (bf16 *)(smem + geo.Bs), *Cs = (bf16 *)(smem + geo.Cs);
     float *ck = (float *)(smem + geo.ck), *rxf = (float *)(smem + geo.rxf), *snap = (float *)(smem + geo.snap);
@@ -965,12 +971,12 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
     const int64_t cb = blockIdx.x % ncb, b = (blockIdx.x / ncb) % p.B;
     const int seg = (int)(blockIdx.x / ncb / p.B);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, hf = tid & 1, cl = tid >> 1, cw = lane >> 1;
-    const int64_t c0 = cb * CH, d = c0 + cl, gc0 = c0 / 16, gb0 = c0 / DB;
+    const int64_t c0 = cb * CH, d = c0 + cl, gc0 = c0 / 16, gb0 = DB ? c0 / DB : 0;
     const int64_t GbN = p.Gb * N, GcN = p.Gc * N;
     const bool hasz = p.z != nullptr;
     // per-warp buffers: wbc [8 steps][B 16 | C 16] fp32; wsc [8 steps][delta, delta*u, gy][16 channels]; red (below)
     float *wbc = (float *)(smem + geo.wbuf) + warp * B11_WBUF, *wsc = wbc + G * 32, *red = wsc + G * 3 * 16;
-    const int boff = ((16 * warp) / DB) * 16;  // the warp's B group within the block's B span
+    const int boff = DB ? ((16 * warp) / DB) * 16 : warp * 16;  // the warp's B group within the block's B span
 
     float A2[H], dh[H], dA[H];
 #pragma unroll
@@ -998,9 +1004,17 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
             const bf16 *src = kind == 0 ? p.u : kind == 1 ? p.dt : kind == 2 ? p.z : p.dout;
             if (i < nv && src) cp_async16(act + (kind * T + sl * G + i) * CH + x, src + (row0 + i) * D + c0 + x);
         }
-        for (int e = tid; e < G * (PB / 8); e += NTH) {
-            const int i = e / (PB / 8), x = (e % (PB / 8)) * 8;
-            if (i < nv) cp_async16(Bs + (sl * G + i) * PB + x, p.Bm + (row0 + i) * GbN + gb0 * N + x);
+        if constexpr (DB != 0) {
+            for (int e = tid; e < G * (PB / 8); e += NTH) {
+                const int i = e / (PB / 8), x = (e % (PB / 8)) * 8;
+                if (i < nv) cp_async16(Bs + (sl * G + i) * PB + x, p.Bm + (row0 + i) * GbN + gb0 * N + x);
+            }
+        } else {  // row x >> 4 of the span: the B group of warp x >> 4's channels, (c0 + 16 (x >> 4)) / Db
+            static_assert(G * (PB / 8) <= NTH, "one 16-byte piece per thread");
+            const int i = tid >> 3, x = (tid & 7) * 8;
+            const int64_t gw = (int64_t)((uint32_t)(c0 + 16 * (x >> 4)) / (uint32_t)p.Db);
+            if (tid < G * (PB / 8) && i < nv)
+                cp_async16(Bs + (sl * G + i) * PB + x, p.Bm + (row0 + i) * GbN + gw * N + (x & 15));
         }
         if (tid < G * 8) {
             const int i = tid >> 3, x = (tid & 7) * 8;
@@ -1215,6 +1229,15 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                     for (int w = 0; w < WPB; w++) s += rb[(j * B11_WARPS + bi * WPB + w) * 16 + n];
                     if (j < nv) stbf(p.dB + (b * L + t0 + j) * GbN + (gb0 + bi) * N + n, s);
                 }
+            } else if constexpr (DB == 0) {
+                // the warps' partials to dB_part [B*L, Gc, 16]: per step, the block's 4 C groups are 64 contiguous
+                // floats there as in redB; 8 steps x 16 float4, one per thread
+                static_assert(G * B11_WARPS * 16 / 4 == NTH, "one float4 per thread");
+                const float *rb = redB + (g & 1) * G * B11_WARPS * 16;
+                const int j = tid >> 4, x = (tid & 15) * 4;
+                if (j < nv)
+                    *reinterpret_cast<float4 *>(p.dB_part + ((b * L + t0 + j) * p.Gc + gc0) * N + x) =
+                        *reinterpret_cast<const float4 *>(rb + j * B11_WARPS * 16 + x);
             }
             // the staged outputs of the group's valid steps, 16 bytes per thread and copy
             for (int e = tid; e < B11_SOK * G * 8; e += NTH) {
@@ -1242,16 +1265,20 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
     put_bwd_partials<N, H>(p, seg, b, d, hf * H, dA, dh, hf == 0, dD_acc, ddb_acc);
 }
 
-// v11 takes N = 16, C groups of 16 channels (a warp's 16 channels), B groups of 16, 32 or 64 channels, D a multiple
-// of 64 and 16-byte aligned rows; other shapes run v10.
+// v11 takes N = 16, C groups of 16 channels (a warp's 16 channels), B groups of any multiple of 16 channels (16, 32
+// and 64 summed within the block; others through dB_part, DB = 0), D a multiple of 64 and 16-byte aligned rows;
+// other shapes run v10.
 bool bwd11_shape_ok(const ScanShape *s) {
-    if (s->groups_c < 1 || s->groups_b < 1) return false;
+    if (s->groups_c < 1 || s->groups_b < 1 || s->dim % s->groups_b) return false;
     const int64_t Dg = s->dim / s->groups_c, Db = s->dim / s->groups_b;
-    return s->dstate == 16 && Dg == 16 && (Db == 16 || Db == 32 || Db == 64) && s->dim % B11_CH == 0;
+    return s->dstate == 16 && Dg == 16 && Db % 16 == 0 && s->dim % B11_CH == 0;
 }
 size_t bwd11_smem(const ScanShape *s) {
     const int64_t Db = s->dim / s->groups_b;
-    return (size_t)(Db == 16 ? b11_geom<16>().bytes : Db == 32 ? b11_geom<32>().bytes : b11_geom<64>().bytes);
+    return (size_t)(Db == 16   ? b11_geom<16>().bytes
+                    : Db == 32 ? b11_geom<32>().bytes
+                    : Db == 64 ? b11_geom<64>().bytes
+                               : b11_geom<0>().bytes);
 }
 // blocks per SM the shared memory allows (228 KB per SM, 1 KB reserved per block; registers allow 2)
 int bwd11_blocks_per_sm(const ScanShape *s) { return bwd11_smem(s) + 1024 <= 114 * 1024 ? 2 : 1; }
@@ -1656,7 +1683,10 @@ int launch_bwd11(const BwdArgs &a, cudaStream_t st) {
         scan_bwd_piece_prepass<16, true><<<(unsigned)(fb * a.npps), 128, 0, st>>>(a);
         scan_bwd_seg_fold<16><<<(unsigned)fb, 128, 0, st>>>(a);
     }
-    return a.Db == 16 ? launch_bwd11_db<16>(a, st) : a.Db == 32 ? launch_bwd11_db<32>(a, st) : launch_bwd11_db<64>(a, st);
+    if (a.Db == 16) return launch_bwd11_db<16>(a, st);
+    if (a.Db == 32) return launch_bwd11_db<32>(a, st);
+    if (a.Db == 64) return launch_bwd11_db<64>(a, st);
+    return launch_bwd11_db<0>(a, st);  // per-warp dB partials to dB_part, summed by reduce_dB_kernel
 }
 
 template <int N, int THREADS>
@@ -1700,8 +1730,10 @@ extern "C" size_t selective_scan_fwd_workspace(const ScanShape *s, int nseg) {
 extern "C" size_t selective_scan_bwd_workspace(const ScanShape *s) {
     const int64_t cpb = s->dstate == 32 ? 32 : 64, Db = s->dim / (s->groups_b > 0 ? s->groups_b : 1);
     // v8/v10/v11: per-(segment, row) partials of dA, dD, ddelta_bias; the segments' local dh, sum delta, reset flag;
-    // the per-C-group dB partials when a B group does not fit a block; the pre-pass pieces. Sized for the larger of
-    // v10's and v11's segment counts, so that DISTILL_SCAN_BWD may change between calls.
+    // the per-C-group dB partials [B*L, Gc, N] fp32 when a B group does not fit a block (64 % Db != 0 at N = 16: v10,
+    // and v11's generic mode, whose per-warp partials are per-C-group partials since its C groups are 16 channels);
+    // the pre-pass pieces. Sized for the larger of v10's and v11's segment counts, so that DISTILL_SCAN_BWD may
+    // change between calls.
     size_t best = 0;
     for (int ver : {10, 11}) {
         const int nseg = bwd_nseg_for(s, ver);
@@ -1843,7 +1875,8 @@ extern "C" int selective_scan_bwd_cuda(const ScanShape *s, const uint16_t *u, co
             reduce_rows_kernel<<<(unsigned)((s->dim + 255) / 256), 256, 0, st>>>(b1.ddb_part, rows, s->dim, ddelta_bias);
         return scan_launch_check(err, errlen, "selective scan backward reductions");
     }
-    if (bwd_ver() == 11 && al16 && bwd11_shape_ok(s)) {
+    // v11's generic dB mode stores 16-byte rows of dB_part (aligned whenever the workspace is)
+    if (bwd_ver() == 11 && al16 && bwd11_shape_ok(s) && (fastB || ((uintptr_t)a.dB_part & 15) == 0)) {
         rc = launch_bwd11(a, st);
     } else {
         switch (s->dstate) {
