@@ -182,8 +182,9 @@ static void test_gemm(DlGemm *g, DType dt) {
 
 // ---------------------------------------------------------------- RMSNorm
 
-static void test_rmsnorm(DType dt, int64_t d) {  // d % 8 == 0: the bf16 16-byte path
-    const int64_t N = 77;
+// d % 8 == 0: the bf16 16-byte paths (warp per row for d <= 2048 with dw, and for every d without dw; the block
+// kernel for larger d with dw); N > 256 puts several rows in each of the backward's 256 row ranges
+static void test_rmsnorm(DType dt, int64_t d, int64_t N = 77) {
     const float eps = 1e-5f;
     printf("RMSNorm (%s): N %lld, d %lld\n", dtn(dt), (long long)N, (long long)d);
     Vec x = randn(N * d, 1), r = randn(N * d, 1), w = randn(d, 0.3);
@@ -233,6 +234,13 @@ static void test_rmsnorm(DType dt, int64_t d) {  // d % 8 == 0: the bf16 16-byte
     check_rel(rel(down(bdin), din), tol_of(dt), name);
     snprintf(name, sizeof name, "rmsnorm bwd: dw += (fp32, %s in)", dtn(dt));
     check_rel(rel(down(bdw), dw), 1e-5, name);
+    {  // frozen weight (dw NULL, as stage 1's norms): din only
+        Buf bdin3 = up(dt, din0);
+        need(rmsnorm_bwd_cuda(dt, bdin3.p, NULL, bdy.p, bhh.p, bw.p, rstd, N, d, NULL, NULL, err, sizeof err), "bwd");
+        snprintf(name, sizeof name, "rmsnorm bwd without dw: din += (%s)", dtn(dt));
+        check_rel(rel(down(bdin3), din), tol_of(dt), name);
+        dfree(bdin3);
+    }
     Buf bdw2 = up(DT_F32, dw0), bdin2 = up(dt, din0);
     upload_into(bdin, din0);
     upload_into(bdw, dw0);
@@ -619,6 +627,8 @@ int main(int argc, char **argv) {
         test_gemm(g, dt);
         test_rmsnorm(dt, 1000);
         test_rmsnorm(dt, 1001);
+        test_rmsnorm(dt, 576, 3001);   // SmolLM2's width, ~12 rows per range
+        test_rmsnorm(dt, 4096, 600);   // Llama-3-8B's: the block kernel with dw
         test_rope(dt);
         test_swiglu(dt, 704);
         test_swiglu(dt, 700);
