@@ -110,18 +110,20 @@ __global__ void __launch_bounds__(LOSS_THREADS) loss_rows_kernel(LossK k, int64_
     const float s_tgt = k.need_ce && has_tgt && threadIdx.x == 0 ? ld(s, tgt) : 0.f;
     const bool need_t = k.need_kl || k.need_rkl;
     const T *t = need_t ? teacher + r * V : nullptr;
-    // pass 1: log-sum-exps of s, s/T, t/T
+    // pass 1: log-sum-exps of s, s/T, t/T. At temperature 1 (the recipes' default) s/T is s: one sum serves CE
+    // and the KLs, and below q = softmax(s) is the CE's softmax too (a third fewer exponentials per element).
+    const bool t1 = need_t && k.need_ce && k.invT == 1.f;
     float m1 = -INFINITY, mq = -INFINITY, mp = -INFINITY;
     double s1 = 0, sq = 0, sp = 0;
     row_read<T, VEC>(V, s, t, [&](int64_t, float si, float ti) {
         if (k.need_ce) lse_push(si, m1, s1);
         if (need_t) {
-            lse_push(si * k.invT, mq, sq);
+            if (!t1) lse_push(si * k.invT, mq, sq);
             lse_push(ti * k.invT, mp, sp);
         }
     });
     const float lse1 = k.need_ce ? lse_block(m1, s1, shf, shd) : 0.f;
-    const float lseq = need_t ? lse_block(mq, sq, shf, shd) : 0.f;
+    const float lseq = t1 ? lse1 : need_t ? lse_block(mq, sq, shf, shd) : 0.f;
     const float lsep = need_t ? lse_block(mp, sp, shf, shd) : 0.f;
     const double rw = row_weight ? (double)row_weight[r] : 1.0;
     const float g = (float)(scale * rw);
@@ -135,13 +137,14 @@ __global__ void __launch_bounds__(LOSS_THREADS) loss_rows_kernel(LossK k, int64_
     double kl = 0, rkl = 0;
     const bool grad_in_2 = ds && !k.need_rkl;
     auto grad = [&](int64_t i, float si, float ti, float rklr) {
-        float d = 0.f;
+        float d = 0.f, q = 0.f;
         if (need_t) {
-            const float lq = si * k.invT - lseq, lp = ti * k.invT - lsep, q = expf(lq);
+            const float lq = si * k.invT - lseq, lp = ti * k.invT - lsep;
+            q = expf(lq);
             if (k.need_rkl) d += k.wrkl * k.T * q * (lq - lp - rklr);
             if (k.need_kl) d += k.wkl * k.T * (q - expf(lp));
         }
-        if (wce != 0.f) d += wce * (expf(si - lse1) - (i == tgt ? 1.f : 0.f));
+        if (wce != 0.f) d += wce * ((t1 ? q : expf(si - lse1)) - (i == tgt ? 1.f : 0.f));
         return g * d;
     };
     if (need_t) {
