@@ -7,9 +7,11 @@
 //   mma 2: the same slots      <- elements (8t+4, 8t+5)    and            (8t+6, 8t+7)
 // (A and B use the same mapping, so each product pairs matching k; the order of slots inside an MMA is the
 // hardware's, fixed). The 4 slice partials meet in shared memory and are added in slice order. Nothing in
-// this depends on M: MT / NT / U (loads in flight) only choose how many tiles a warp carries at once.
+// this depends on M: MT / NT / U (loads in flight) only choose how many tiles a warp carries at once, and MFAST
+// (the order in which blocks walk the tiles) only which blocks run at the same time.
 #include <cuda_bf16.h>
 #include <stdio.h>
+#include <stdlib.h>
 
 #include "kernels/engine/decode_gemm.h"
 #include "kernels/train/train_check.cuh"  // train_fail
@@ -33,14 +35,23 @@ __device__ __forceinline__ float out_load(const bf16 *p) { return __bfloat162flo
 __device__ __forceinline__ void out_store(float *p, float v) { *p = v; }
 __device__ __forceinline__ void out_store(bf16 *p, float v) { *p = __float2bfloat16_rn(v); }
 
-// grid (ceil(N / (8 NT)), ceil(M / (16 MT))), GEMM_THREADS threads.
-template <typename OutT, int MT, int NT, int U>
+// GEMM_THREADS threads; grid (ceil(N / (8 NT)), ceil(M / (16 MT))), or with MFAST one dimension of both counts'
+// product, row tiles first: the blocks that share a weight tile run together, so a weight matrix larger than L2
+// (a 49152-row head) is read from memory once instead of once per row tile.
+template <typename OutT, int MT, int NT, int U, bool MFAST>
 __global__ void __launch_bounds__(GEMM_THREADS)
     decode_gemm_kernel(OutT *__restrict__ y, const bf16 *__restrict__ x, const bf16 *__restrict__ W,
                        const bf16 *__restrict__ bias, int64_t M, int64_t N, int64_t K, int accumulate) {
-    __shared__ float red[GEMM_SLICES][MT * NT * 4][32];
+    // the slice partials pass through shared memory in rounds of at most 64 accumulators per lane (32 KB)
+    constexpr int NACC = MT * NT * 4, ROUND = NACC < 64 ? NACC : 64;
+    __shared__ float red[GEMM_SLICES][ROUND][32];
     const int lane = threadIdx.x & 31, s = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int64_t n0 = (int64_t)blockIdx.x * (8 * NT), m0 = (int64_t)blockIdx.y * (16 * MT);
+    unsigned bm = blockIdx.y, bn = blockIdx.x;
+    if (MFAST) {
+        const unsigned gm = (unsigned)((M + 16 * MT - 1) / (16 * MT));  // the grid has < 2^31 blocks
+        bm = blockIdx.x % gm, bn = blockIdx.x / gm;
+    }
+    const int64_t n0 = (int64_t)bn * (8 * NT), m0 = (int64_t)bm * (16 * MT);
     const int64_t nch = (K + GEMM_CHUNK - 1) / GEMM_CHUNK;
     const int64_t c0 = s * nch / GEMM_SLICES, c1 = (s + 1) * nch / GEMM_SLICES;  // this warp's slice of chunks
     float acc[MT][NT][4];
@@ -83,51 +94,88 @@ __global__ void __launch_bounds__(GEMM_THREADS)
         }
     }
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++)
+    for (int r0 = 0; r0 < NACC; r0 += ROUND) {
+        if (r0) __syncthreads();  // the previous round is read
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++)
+        for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) red[s][(mt * NT + nt) * 4 + i][lane] = acc[mt][nt][i];
-    __syncthreads();
-    // epilogue: element (idx, ln) is accumulator i of tile (mt, nt) in lane ln: row g (+8 for i >= 2), column
-    // 2t + (i & 1) of the tile
-    for (int e = threadIdx.x; e < MT * NT * 4 * 32; e += GEMM_THREADS) {
-        const int idx = e >> 5, ln = e & 31, i = idx & 3, tile = idx >> 2, mt = tile / NT, nt = tile % NT;
-        const int64_t row = m0 + mt * 16 + (ln >> 2) + (i >= 2 ? 8 : 0), col = n0 + nt * 8 + (ln & 3) * 2 + (i & 1);
-        if (row >= M || col >= N) continue;
-        float v = red[0][idx][ln];
+            for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-        for (int q = 1; q < GEMM_SLICES; q++) v = __fadd_rn(v, red[q][idx][ln]);  // slice order
-        if (bias) v = __fadd_rn(v, __bfloat162float(bias[col]));
-        OutT *yp = y + row * N + col;
-        if (accumulate) v = __fadd_rn(v, out_load(yp));
-        out_store(yp, v);
+                for (int i = 0; i < 4; i++) {
+                    const int idx = (mt * NT + nt) * 4 + i;
+                    if (idx >= r0 && idx < r0 + ROUND) red[s][idx - r0][lane] = acc[mt][nt][i];
+                }
+        __syncthreads();
+        // epilogue: element (idx, ln) is accumulator i of tile (mt, nt) in lane ln: row g (+8 for i >= 2), column
+        // 2t + (i & 1) of the tile
+        for (int e = threadIdx.x; e < ROUND * 32; e += GEMM_THREADS) {
+            const int j = e >> 5, idx = r0 + j, ln = e & 31, i = idx & 3, tile = idx >> 2, mt = tile / NT, nt = tile % NT;
+            const int64_t row = m0 + mt * 16 + (ln >> 2) + (i >= 2 ? 8 : 0), col = n0 + nt * 8 + (ln & 3) * 2 + (i & 1);
+            if (row >= M || col >= N) continue;
+            float v = red[0][j][ln];
+#pragma unroll
+            for (int q = 1; q < GEMM_SLICES; q++) v = __fadd_rn(v, red[q][j][ln]);  // slice order
+            if (bias) v = __fadd_rn(v, __bfloat162float(bias[col]));
+            OutT *yp = y + row * N + col;
+            if (accumulate) v = __fadd_rn(v, out_load(yp));
+            out_store(yp, v);
+        }
     }
+}
+
+// The variants: tile m(16 MT) x n(8 NT), U chunks in flight per warp, block order. 0, 1 and 3 are decode_gemm_variant's
+// choices for M <= 16, <= 64, > 64; 3-7 are candidates for large M (gpu_bench_decode --gemm times them all).
+static const struct {
+    int mt, nt, u, mfast;
+} kVariants[] = {
+    {1, 1, 4, 0},  // 0 decode: m16 x n8, 4 chunks in flight per warp (weight streaming)
+    {2, 2, 2, 0},  // 1 m32 x n16
+    {4, 4, 1, 0},  // 2 prefill: m64 x n32 (each operand read once per block)
+    {4, 4, 1, 1},  // 3 = 2 with row tiles first (a large head's weights read once)
+    {4, 4, 2, 1},  // 4 = 3 with 2 chunks in flight
+    {2, 4, 4, 1},  // 5 m32 x n32, 4 chunks in flight: twice the blocks of 3
+    {4, 8, 1, 1},  // 6 m64 x n64: a third less operand traffic through L2 than 3
+    {1, 4, 4, 1},  // 7 m16 x n32, 4 chunks in flight: four times the blocks of 3
+};
+#define GEMM_VARIANTS ((int)(sizeof kVariants / sizeof kVariants[0]))
+
+template <typename OutT, int MT, int NT, int U, bool MFAST>
+static void launch_t(OutT *y, const bf16 *x, const bf16 *W, const bf16 *bias, int64_t M, int64_t N, int64_t K,
+                     int accumulate, cudaStream_t st) {
+    const int64_t gm = (M + 16 * MT - 1) / (16 * MT), gn = (N + 8 * NT - 1) / (8 * NT);
+    const dim3 grid = MFAST ? dim3((unsigned)(gm * gn)) : dim3((unsigned)gn, (unsigned)gm);
+    decode_gemm_kernel<OutT, MT, NT, U, MFAST><<<grid, GEMM_THREADS, 0, st>>>(y, x, W, bias, M, N, K, accumulate);
 }
 
 template <typename OutT>
 static void launch(int variant, OutT *y, const bf16 *x, const bf16 *W, const bf16 *bias, int64_t M, int64_t N,
                    int64_t K, int accumulate, cudaStream_t st) {
     switch (variant) {
-        case 0: {  // decode: m16 x n8 per block, 4 chunks in flight per warp (weight streaming)
-            dim3 grid((unsigned)((N + 7) / 8), (unsigned)((M + 15) / 16));
-            decode_gemm_kernel<OutT, 1, 1, 4><<<grid, GEMM_THREADS, 0, st>>>(y, x, W, bias, M, N, K, accumulate);
-            break;
-        }
-        case 1: {
-            dim3 grid((unsigned)((N + 15) / 16), (unsigned)((M + 31) / 32));
-            decode_gemm_kernel<OutT, 2, 2, 2><<<grid, GEMM_THREADS, 0, st>>>(y, x, W, bias, M, N, K, accumulate);
-            break;
-        }
-        default: {  // prefill: m64 x n32 per block (each operand read once per block)
-            dim3 grid((unsigned)((N + 31) / 32), (unsigned)((M + 63) / 64));
-            decode_gemm_kernel<OutT, 4, 4, 1><<<grid, GEMM_THREADS, 0, st>>>(y, x, W, bias, M, N, K, accumulate);
-            break;
-        }
+        case 0: launch_t<OutT, 1, 1, 4, false>(y, x, W, bias, M, N, K, accumulate, st); break;
+        case 1: launch_t<OutT, 2, 2, 2, false>(y, x, W, bias, M, N, K, accumulate, st); break;
+        case 2: launch_t<OutT, 4, 4, 1, false>(y, x, W, bias, M, N, K, accumulate, st); break;
+        case 3: launch_t<OutT, 4, 4, 1, true>(y, x, W, bias, M, N, K, accumulate, st); break;
+        case 4: launch_t<OutT, 4, 4, 2, true>(y, x, W, bias, M, N, K, accumulate, st); break;
+        case 5: launch_t<OutT, 2, 4, 4, true>(y, x, W, bias, M, N, K, accumulate, st); break;
+        case 6: launch_t<OutT, 4, 8, 1, true>(y, x, W, bias, M, N, K, accumulate, st); break;
+        default: launch_t<OutT, 1, 4, 4, true>(y, x, W, bias, M, N, K, accumulate, st); break;
     }
 }
 
-extern "C" int decode_gemm_variant(int64_t M) { return M <= 16 ? 0 : M <= 64 ? 1 : 2; }
+// M > 64: variant 3 (m64 x n32, row tiles first). gpu_bench_decode --gemm at M 512, H100, f61e4c8 + this change,
+// 2026-11-23: the head (N 49152, K 576, fp32 out) 244 us vs variant 2's 292; N 3072 / K 576 19.4 vs 21.3 us; N 576
+// with K 576 or 1536 within 2% of the best (variants 1 and 5 by 0.4 / 0.2 us). DISTILL_DECODE_GEMM_LARGE=v picks
+// another (variants never change bits, only speed); read once.
+static int large_m_variant(void) {
+    static int v = -2;
+    if (v == -2) {
+        const char *e = getenv("DISTILL_DECODE_GEMM_LARGE");
+        v = e ? atoi(e) : 3;
+        if (v < 0 || v >= GEMM_VARIANTS) v = 3;
+    }
+    return v;
+}
+extern "C" int decode_gemm_variant(int64_t M) { return M <= 16 ? 0 : M <= 64 ? 1 : large_m_variant(); }
 
 extern "C" int decode_gemm_with(int variant, DType out_dt, void *y, const void *x, const void *W, const void *bias,
                                 int64_t M, int64_t N, int64_t K, int accumulate, cudaStream_t stream, char *err,
@@ -138,8 +186,11 @@ extern "C" int decode_gemm_with(int variant, DType out_dt, void *y, const void *
                          (long long)M, (long long)N, (long long)K);
     if (((uintptr_t)y | (uintptr_t)x | (uintptr_t)W) & 15 || ((uintptr_t)bias & 1))
         return train_fail(err, errlen, "decode_gemm: x, W and y must be 16-byte aligned (bias 2-byte)");
-    if (variant < 0 || variant > 2) return train_fail(err, errlen, "decode_gemm: variant %d outside 0..2", variant);
-    if (N / 8 > 0x7fffffffll || (M + 15) / 16 > 65535ll * (variant == 0 ? 1 : variant == 1 ? 2 : 4))
+    if (variant < 0 || variant >= GEMM_VARIANTS)
+        return train_fail(err, errlen, "decode_gemm: variant %d outside 0..%d", variant, GEMM_VARIANTS - 1);
+    const int64_t gm = (M + 16 * kVariants[variant].mt - 1) / (16 * kVariants[variant].mt),
+                  gn = (N + 8 * kVariants[variant].nt - 1) / (8 * kVariants[variant].nt);
+    if (kVariants[variant].mfast ? gm * gn > 0x7fffffffll : gn > 0x7fffffffll || gm > 65535)
         return train_fail(err, errlen, "decode_gemm: M %lld x N %lld exceeds the grid", (long long)M, (long long)N);
     if (M == 0) return 0;
     if (out_dt == DT_BF16)

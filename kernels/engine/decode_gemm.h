@@ -30,7 +30,8 @@ extern "C" {
 int decode_gemm(DType out_dt, void *y, const void *x, const void *W, const void *bias, int64_t M, int64_t N,
                 int64_t K, int accumulate, cudaStream_t stream, char *err, size_t errlen);
 
-// The tile variant decode_gemm uses for M rows (0: m16 x n8, 1: m32 x n16, 2: m64 x n32; for tests), and
+// The tile variant decode_gemm uses for M rows (0: m16 x n8, 1: m32 x n16, for M > 64 3: m64 x n32 rows first, or the
+// variant DISTILL_DECODE_GEMM_LARGE names; 3-7: tiles and block orders for large M, see decode_gemm.cu), and
 // decode_gemm forced to one variant (tests show the variants give identical bits).
 int decode_gemm_variant(int64_t M);
 int decode_gemm_with(int variant, DType out_dt, void *y, const void *x, const void *W, const void *bias, int64_t M,

@@ -9,8 +9,15 @@
 //   --graph: decode steps replayed from a CUDA graph (DISTILL_DECODE_GRAPH=1): launch overhead removed.
 //   The decoder's arithmetic is the batch-invariant one unless DISTILL_DECODE_INVARIANT=0 (the previous
 //   cuBLASLt GEMMs and row-dependent key splits): run both for the cost of invariance (inv=1 / inv=0 below).
+//   --gemm: only decode_gemm, every variant (decode_gemm_with) at M = 512 on the generate stage's shapes (N, K) =
+//     (576, 576) q/o, (3072, 576) gate+up, (576, 1536) down (bf16 out), (vocab, 576) head (fp32 out); each
+//     variant's output is compared bitwise with variant 2's. --sample: only the sampler kernel at batch 512 over
+//     the vocabulary (T 0.7, top-p 0.9), fast vs reference kernel, ids compared. Both flags: both parts.
 // Usage: gpu_bench_decode [--config recipes/configs/smollm2-135m.json] [--steps 32] [--hbm 3.35e12] [--graph]
-// Prints RESULT lines: RESULT decode model=... B=... ctx=... graph=0|1 inv=0|1 tok_s=... ms_step=... hbm_frac=...
+//                         [--gemm] [--sample]
+// Prints RESULT lines: RESULT decode model=... B=... ctx=... graph=0|1 inv=0|1 tok_s=... ms_step=... hbm_frac=...;
+// RESULT gemm M=... N=... K=... out=... variant=... us=... tflops=... same_bits=0|1 and RESULT gemm_best per shape;
+// RESULT sample_kernel B=... V=... rows=... fast_ms=... ref_ms=... speedup=... same_ids=0|1.
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
@@ -18,7 +25,10 @@
 #include <string.h>
 #include <time.h>
 
+#include <cuda_bf16.h>
+
 #include "kernels/engine/decode_cuda.h"
+#include "kernels/engine/decode_gemm.h"
 
 extern "C" {
 #include "distill/model_io.h"
@@ -63,18 +73,159 @@ static double weight_bytes(const Registry *r) {
     return 2 * n;
 }
 
+extern "C" int sample_rows_cuda_reference(const float *logits, int64_t rows, int64_t V, const DecodeSampling *s,
+                                          const uint64_t *stream, const uint64_t *counter, int32_t *out, char *err,
+                                          size_t errlen);  // sample_cuda.cu (not in decode_cuda.h)
+
+#define CKB(call)                                                                                  \
+    do {                                                                                           \
+        const cudaError_t ce_ = (call);                                                            \
+        if (ce_ != cudaSuccess) {                                                                  \
+            fprintf(stderr, "gpu_bench_decode: %s: %s\n", #call, cudaGetErrorString(ce_));         \
+            exit(1);                                                                               \
+        }                                                                                          \
+    } while (0)
+
+// Tile of each decode_gemm variant, for the printout (mirrors kVariants in decode_gemm.cu).
+static const char *gemm_variant_name(int v) {
+    static const char *names[] = {"m16xn8 U4",          "m32xn16 U2",          "m64xn32 U1",
+                                  "m64xn32 U1 rows-first", "m64xn32 U2 rows-first", "m32xn32 U4 rows-first",
+                                  "m64xn64 U1 rows-first", "m16xn32 U4 rows-first"};
+    return v < (int)(sizeof names / sizeof names[0]) ? names[v] : "?";
+}
+
+// Every decode_gemm variant at M rows on the generate stage's shapes; the fastest per shape.
+static void bench_gemm(int64_t M, int64_t vocab, int64_t d, int64_t ffn) {
+    const int64_t shapes[4][2] = {{d, d}, {2 * ffn, d}, {d, ffn}, {vocab, d}};
+    for (int si = 0; si < 4; si++) {
+        const int64_t N = shapes[si][0], K = shapes[si][1];
+        const bool head = si == 3;
+        const DType odt = head ? DT_F32 : DT_BF16;
+        const size_t osz = head ? 4 : 2;
+        Rng g;
+        rng_init(&g, (uint64_t)(N * 7 + K), 11);
+        __nv_bfloat16 *hx = (__nv_bfloat16 *)malloc((size_t)(M * K) * 2), *hw = (__nv_bfloat16 *)malloc((size_t)(N * K) * 2);
+        for (int64_t i = 0; i < M * K; i++) hx[i] = __float2bfloat16_rn((float)(2.0 * rng_uniform_f64(&g) - 1.0));
+        for (int64_t i = 0; i < N * K; i++) hw[i] = __float2bfloat16_rn((float)((2.0 * rng_uniform_f64(&g) - 1.0) / sqrt((double)K)));
+        void *dx, *dw, *dy;
+        CKB(cudaMalloc(&dx, (size_t)(M * K) * 2));
+        CKB(cudaMalloc(&dw, (size_t)(N * K) * 2));
+        CKB(cudaMalloc(&dy, (size_t)(M * N) * osz));
+        CKB(cudaMemcpy(dx, hx, (size_t)(M * K) * 2, cudaMemcpyHostToDevice));
+        CKB(cudaMemcpy(dw, hw, (size_t)(N * K) * 2, cudaMemcpyHostToDevice));
+        char *ref = (char *)malloc((size_t)(M * N) * osz), *out = (char *)malloc((size_t)(M * N) * osz);
+        cudaEvent_t e0, e1;
+        CKB(cudaEventCreate(&e0));
+        CKB(cudaEventCreate(&e1));
+        double best = 1e30;
+        int best_v = -1;
+        // variant 2 first (the reference bits and today's choice for M > 64), then 0, 1, 3, 4, ... until refused
+        for (int k = 0;; k++) {
+            const int v = k == 0 ? 2 : k <= 2 ? k - 1 : k;
+            char err[256];
+            if (decode_gemm_with(v, odt, dy, dx, dw, NULL, M, N, K, 0, NULL, err, sizeof err)) break;
+            CKB(cudaDeviceSynchronize());
+            CKB(cudaMemcpy(k == 0 ? ref : out, dy, (size_t)(M * N) * osz, cudaMemcpyDeviceToHost));
+            const int same = k == 0 || !memcmp(ref, out, (size_t)(M * N) * osz);
+            const int reps = head ? 20 : 200;
+            for (int r = 0; r < 3; r++) decode_gemm_with(v, odt, dy, dx, dw, NULL, M, N, K, 0, NULL, err, sizeof err);
+            CKB(cudaEventRecord(e0));
+            for (int r = 0; r < reps; r++) decode_gemm_with(v, odt, dy, dx, dw, NULL, M, N, K, 0, NULL, err, sizeof err);
+            CKB(cudaEventRecord(e1));
+            CKB(cudaEventSynchronize(e1));
+            float ms;
+            CKB(cudaEventElapsedTime(&ms, e0, e1));
+            const double us = ms * 1e3 / reps;
+            printf("RESULT gemm M=%lld N=%lld K=%lld out=%s variant=%d tile=\"%s\" us=%.2f tflops=%.1f same_bits=%d\n",
+                   (long long)M, (long long)N, (long long)K, head ? "f32" : "bf16", v, gemm_variant_name(v), us,
+                   2.0 * M * N * K / (us * 1e-6) / 1e12, same);
+            if (same && us < best) best = us, best_v = v;
+        }
+        printf("RESULT gemm_best M=%lld N=%lld K=%lld variant=%d us=%.2f (decode_gemm_variant(%lld) = %d)\n", (long long)M,
+               (long long)N, (long long)K, best_v, best, (long long)M, decode_gemm_variant(M));
+        CKB(cudaEventDestroy(e0));
+        CKB(cudaEventDestroy(e1));
+        CKB(cudaFree(dx));
+        CKB(cudaFree(dw));
+        CKB(cudaFree(dy));
+        free(hx), free(hw), free(ref), free(out);
+    }
+}
+
+// The sampler kernel alone on B rows of V logits: the fast kernel vs the reference, same ids expected.
+static void bench_sample(int64_t B, int64_t V) {
+    const DecodeSampling ds = {0.7f, 0, 0.9f, 1};
+    float *hl = (float *)malloc((size_t)(B * V) * 4), *dl;
+    uint64_t *hs = (uint64_t *)malloc((size_t)B * 8), *ds_, *dc;
+    int32_t *ho = (int32_t *)malloc((size_t)B * 4), *hr = (int32_t *)malloc((size_t)B * 4), *dout;
+    CKB(cudaMalloc(&dl, (size_t)(B * V) * 4));
+    CKB(cudaMalloc(&ds_, (size_t)B * 8));
+    CKB(cudaMalloc(&dc, (size_t)B * 8));
+    CKB(cudaMalloc(&dout, (size_t)B * 4));
+    for (int64_t b = 0; b < B; b++) hs[b] = (uint64_t)b;
+    CKB(cudaMemcpy(ds_, hs, (size_t)B * 8, cudaMemcpyHostToDevice));
+    CKB(cudaMemcpy(dc, hs, (size_t)B * 8, cudaMemcpyHostToDevice));
+    const char *kinds[2] = {"normal", "peaked"};  // N(0, 2^2) logits; or N(-5, 2.5^2) with a few at 12..15
+    cudaEvent_t e0, e1;
+    CKB(cudaEventCreate(&e0));
+    CKB(cudaEventCreate(&e1));
+    for (int kind = 0; kind < 2; kind++) {
+        Rng g;
+        rng_init(&g, 99 + kind, 4);
+        for (int64_t i = 0; i < B * V; i++) {
+            const double z = rng_normal(&g);
+            hl[i] = kind == 0 ? (float)(2.0 * z) : (i % V) % 6151 == 17 ? 12.0f + (float)((i % V) % 7) * 0.5f : (float)(2.5 * z - 5.0);
+        }
+        CKB(cudaMemcpy(dl, hl, (size_t)(B * V) * 4, cudaMemcpyHostToDevice));
+        double ms2[2];
+        for (int which = 0; which < 2; which++) {
+            char err[256];
+            auto call = [&]() {
+                const int rc = which ? sample_rows_cuda_reference(dl, B, V, &ds, ds_, dc, dout, err, sizeof err)
+                                     : sample_rows_cuda(dl, B, V, &ds, ds_, dc, dout, err, sizeof err);
+                if (rc) {
+                    fprintf(stderr, "gpu_bench_decode: sample: %s\n", err);
+                    exit(1);
+                }
+            };
+            call();
+            CKB(cudaDeviceSynchronize());
+            CKB(cudaMemcpy(which ? hr : ho, dout, (size_t)B * 4, cudaMemcpyDeviceToHost));
+            const int reps = 20;
+            CKB(cudaEventRecord(e0));
+            for (int r = 0; r < reps; r++) call();
+            CKB(cudaEventRecord(e1));
+            CKB(cudaEventSynchronize(e1));
+            float ms;
+            CKB(cudaEventElapsedTime(&ms, e0, e1));
+            ms2[which] = ms / reps;
+        }
+        printf("RESULT sample_kernel B=%lld V=%lld rows=%s T=0.7 top_p=0.9 fast_ms=%.3f ref_ms=%.3f speedup=%.1f same_ids=%d\n",
+               (long long)B, (long long)V, kinds[kind], ms2[0], ms2[1], ms2[1] / ms2[0], !memcmp(ho, hr, (size_t)B * 4));
+    }
+    CKB(cudaEventDestroy(e0));
+    CKB(cudaEventDestroy(e1));
+    CKB(cudaFree(dl));
+    CKB(cudaFree(ds_));
+    CKB(cudaFree(dc));
+    CKB(cudaFree(dout));
+    free(hl), free(hs), free(ho), free(hr);
+}
+
 int main(int argc, char **argv) {
     const char *cfg = "recipes/configs/smollm2-135m.json";
     int steps = 32;
     double hbm = 3.35e12;  // H100 SXM
-    int graph = 0;
+    int graph = 0, only_gemm = 0, only_sample = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--config") && i + 1 < argc) cfg = argv[++i];
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--hbm") && i + 1 < argc) hbm = atof(argv[++i]);
         else if (!strcmp(argv[i], "--graph")) graph = 1;
+        else if (!strcmp(argv[i], "--gemm")) only_gemm = 1;
+        else if (!strcmp(argv[i], "--sample")) only_sample = 1;
         else {
-            fprintf(stderr, "usage: gpu_bench_decode [--config PATH] [--steps N] [--hbm BYTES_PER_S] [--graph]\n");
+            fprintf(stderr, "usage: gpu_bench_decode [--config PATH] [--steps N] [--hbm BYTES_PER_S] [--graph] [--gemm] [--sample]\n");
             return 2;
         }
     }
@@ -93,6 +244,12 @@ int main(int argc, char **argv) {
     die_if(model_load(cfg, 1, &lm, &e) != 0, &e, "model_load");
     // the 50% hybrid: attention kept at even layers
     const LlamaConfig *c = &lm.hc.base;
+    if (only_gemm || only_sample) {
+        if (only_gemm) bench_gemm(512, c->vocab, c->d_model, c->d_ff);
+        if (only_sample) bench_sample(512, c->vocab);
+        model_free(&lm);
+        return 0;
+    }
     HybridConfig hh;
     int attn[256], na = 0;
     for (int l = 0; l < c->n_layer; l += 2) attn[na++] = l;

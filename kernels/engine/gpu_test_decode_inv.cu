@@ -1,7 +1,7 @@
 // gpu_test_decode_inv.cu: batch invariance of DecoderCuda (docs/DECODE_CUDA.md, "Batch invariance"): a token's
 // logits are bit-identical however it is fed. Every comparison below is BITWISE (memcmp of fp32 logits).
 //   1. decode_gemm: the rows of an M-row product equal, bit for bit, the same rows computed at M = 1, 3, 16,
-//      17, 36, 64, 65, 300, at another offset in the batch, and by each of the three tile variants; and the
+//      17, 36, 64, 65, 300, at another offset in the batch, and by each of the kGemmVariants variants; and the
 //      result is within 1e-2 (bf16 out) / 1e-4 (fp32 out) of a float64 reference (bias, accumulate, K = 40
 //      with a zero-padded chunk). For information: how many rows cuBLASLt (the legacy path) changes with M.
 //   2. Decoder, random hybrid (attention + Mamba-1) and teacher (all attention), prompts of up to 2500
@@ -14,9 +14,13 @@
 //      hybrid whose head rows come in near-identical pairs (row v + V/2 = row v * (1 + 0.02 noise)): the top
 //      two logits of most positions are then within 1% of each other, so any difference in the last bits
 //      between a step and a verification flips tokens (the test checks that the near-ties are there).
+//   4. The sampler (sample_rows_cuda) draws the same ids as its reference kernel (sample_rows_cuda_reference,
+//      the first version), bit for bit, on rows of 64 .. 131072 logits of 13 kinds (normal, peaked, quantized
+//      with many equal values, all equal, NaN / -inf / +inf, ids sorted by logit, near the zero-weight limit)
+//      under 12 settings (greedy, T from 1e-39 to 5, top-k, top-p): every path of the fast kernel.
 // With DISTILL_DECODE_INVARIANT=0 (the previous arithmetic: cuBLASLt GEMMs, key splits that depend on the
 // number of rows) sections 2 and 3 are expected to FAIL: that is how the test shows it can see the problem.
-// Usage: gpu_test_decode_inv [--verbose]. Exit status != 0 on any failure.
+// Usage: gpu_test_decode_inv [--verbose] [--only gemm,decoder,spec,sample]. Exit status != 0 on any failure.
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
@@ -33,6 +37,8 @@ extern "C" {
 #include "distill/sample.h"
 #include "distill/spec_decode.h"
 }
+
+#define kGemmVariants 8  // decode_gemm_with's variants 0..7 (the test checks that 8 is refused)
 
 // rows of [n, V] that differ in any bit; *mx = the largest |a - b|
 static int64_t rows_differ(const float *a, const float *b, int64_t n, int64_t V, double *mx) {
@@ -118,11 +124,12 @@ static void gemm_case(int64_t N, int64_t K, bool bias, bool acc, DType odt, DlGe
     check(bad == 0, "%s: rows bitwise equal at M = 1, 3, 16, 17, 36, 64, 65, 300 and offset 5 (%lld rows differ)", nm,
           (long long)bad);
     bad = 0;
-    for (int v = 0; v < 3; v++) {
+    for (int v = 0; v < kGemmVariants; v++) {
         run(MM, 0, v, part);
         bad += rows_differ(part, big, MM, N, NULL);
     }
-    check(bad == 0, "%s: the three tile variants give identical bits (%lld rows differ)", nm, (long long)bad);
+    check(bad == 0, "%s: the %d tile variants give identical bits (%lld rows differ)", nm, kGemmVariants,
+          (long long)bad);
     if (lt && !acc && !bias) {  // information: the legacy cuBLASLt path at M = 1 .. 9 vs M = 300
         float *ref = (float *)malloc((size_t)(MM * N) * 4);
         int64_t lbad = 0;
@@ -161,6 +168,8 @@ static void test_gemm(void) {
     // bad shapes are refused
     check(decode_gemm(DT_BF16, NULL, NULL, NULL, NULL, 4, 12, 64, 0, NULL, err, sizeof err) != 0,
           "decode_gemm refuses N = 12 (not a multiple of 8): %s", err);
+    check(decode_gemm_with(kGemmVariants, DT_BF16, NULL, NULL, NULL, NULL, 4, 16, 64, 0, NULL, err, sizeof err) != 0,
+          "decode_gemm_with refuses variant %d (kGemmVariants is up to date): %s", kGemmVariants, err);
     if (lt) dl_gemm_free(lt);
 }
 
@@ -456,9 +465,118 @@ static void test_spec(void) {
     reg_free(&te.r), reg_free(&hy.r);
 }
 
+// ---------------------------------------------------------------- 4. the sampler
+
+extern "C" int sample_rows_cuda_reference(const float *logits, int64_t rows, int64_t V, const DecodeSampling *s,
+                                          const uint64_t *stream, const uint64_t *counter, int32_t *out, char *err,
+                                          size_t errlen);  // sample_cuda.cu (not in decode_cuda.h: tests only)
+
+#define SAMPLE_KINDS 13
+
+// Logit i of a row of kind `kind` (variant j: a different random row of the same kind).
+static float sample_logit(int kind, int64_t i, int64_t V, Rng *g) {
+    switch (kind) {
+        case 0: return (float)(2.0 * rng_normal(g));                                 // normal
+        case 1: {                                                                     // peaked, like a language model
+            const float v = (float)(2.5 * rng_normal(g) - 5.0);
+            return i % 6151 == 17 ? 12.0f + (float)(i % 7) * 0.5f : v;
+        }
+        case 2: return roundf((float)(3.0 * rng_normal(g)) * 4.0f) / 4.0f;           // quantized: many ties
+        case 3: return 0.5f;                                                          // all equal
+        case 4: return i % 3 == 0 ? 1.0f : 0.0f;                                      // two levels of ties
+        case 5: {                                                                     // NaN and -inf inside
+            if (i % 97 == 5) return NAN;
+            if (i % 89 == 7) return -INFINITY;
+            return (float)(2.0 * rng_normal(g));
+        }
+        case 6: return i == V / 3 ? INFINITY : (float)(2.0 * rng_normal(g));         // +inf: infinite max
+        case 7: return (float)(30.0 * rng_normal(g));                                 // wide: most weigh 0
+        case 8: return i == V / 2 ? 0.0f : (float)(-30.0 + 4.0 * rng_uniform_f64(g)); // z around -28 at T 1
+        case 9: return i % 2 ? NAN : -INFINITY;                                       // nothing finite
+        case 10: return bf16_to_f32(f32_to_bf16((float)(3.0 * rng_normal(g))));      // bf16 values
+        case 11: return -(float)i * 1e-3f;                                            // falling with the id
+        default: return (float)i * 1e-3f;                                             // rising with the id
+    }
+}
+
+static void test_sampler(void) {
+    const int64_t Vs[5] = {64, 1000, 49152, 50257, 131072}, per_kind = 8, R = SAMPLE_KINDS * per_kind;
+    const DecodeSampling settings[12] = {
+        {0.7f, 0, 0.9f, 1},      // the generate stage's
+        {1.0f, 0, 1.0f, 2},      // plain softmax
+        {0.7f, 50, 0.9f, 3},     // top-k then top-p
+        {1.3f, 20, 0.8f, 4},     //
+        {1.0f, 1, 1.0f, 5},      // top-k 1
+        {0.05f, 0, 0.5f, 6},     // cold
+        {5.0f, 0, 0.95f, 7},     // hot: wide nucleus
+        {1.0f, 0, 0.3f, 8},      //
+        {1e-39f, 0, 0.9f, 9},    // 1/T overflows to inf
+        {0.7f, 1000, 0.99f, 10}, //
+        {0.0f, 0, 0.9f, 11},     // greedy
+        {1.0f, 0, 0.999f, 12},   //
+    };
+    char err[256];
+    Rng g;
+    rng_init(&g, 4242, 9);
+    for (int vi = 0; vi < 5; vi++) {
+        const int64_t V = Vs[vi];
+        float *hl = (float *)malloc((size_t)(R * V) * 4), *dl;
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t i = 0; i < V; i++) hl[r * V + i] = sample_logit((int)(r % SAMPLE_KINDS), i, V, &g);
+        uint64_t *hs = (uint64_t *)malloc((size_t)R * 8), *hc = (uint64_t *)malloc((size_t)R * 8), *ds, *dc;
+        int32_t *ho = (int32_t *)malloc((size_t)R * 4), *hr = (int32_t *)malloc((size_t)R * 4), *dout;
+        CK(cudaMalloc(&dl, (size_t)(R * V) * 4));
+        CK(cudaMalloc(&ds, (size_t)R * 8));
+        CK(cudaMalloc(&dc, (size_t)R * 8));
+        CK(cudaMalloc(&dout, (size_t)R * 4));
+        CK(cudaMemcpy(dl, hl, (size_t)(R * V) * 4, cudaMemcpyHostToDevice));
+        int64_t draws = 0, bad = 0, shown = 0;
+        for (int si = 0; si < 12; si++)
+            for (int rep = 0; rep < 4; rep++) {
+                for (int64_t r = 0; r < R; r++) hs[r] = (uint64_t)(r * 1000003 + rep), hc[r] = (uint64_t)(rep * 977 + r);
+                CK(cudaMemcpy(ds, hs, (size_t)R * 8, cudaMemcpyHostToDevice));
+                CK(cudaMemcpy(dc, hc, (size_t)R * 8, cudaMemcpyHostToDevice));
+                for (int which = 0; which < 2; which++) {
+                    CK(cudaMemset(dout, 0x7f, (size_t)R * 4));  // the same poison: a row left unwritten must match
+                    const int rc = which ? sample_rows_cuda_reference(dl, R, V, &settings[si], ds, dc, dout, err, sizeof err)
+                                         : sample_rows_cuda(dl, R, V, &settings[si], ds, dc, dout, err, sizeof err);
+                    if (rc) {
+                        printf("  FAIL sampler: refused: %s\n", err);
+                        exit(1);
+                    }
+                    CK(cudaDeviceSynchronize());
+                    CK(cudaMemcpy(which ? hr : ho, dout, (size_t)R * 4, cudaMemcpyDeviceToHost));
+                }
+                for (int64_t r = 0; r < R; r++) {
+                    draws++;
+                    if (ho[r] == hr[r]) continue;
+                    bad++;
+                    if (shown++ < 8)
+                        printf("        sampler V %lld kind %d row %lld setting %d rep %d: fast %d, reference %d\n",
+                               (long long)V, (int)(r % SAMPLE_KINDS), (long long)r, si, rep, ho[r], hr[r]);
+                }
+            }
+        check(bad == 0, "sampler V = %lld: the fast kernel draws the reference's ids (%lld of %lld draws differ)",
+              (long long)V, (long long)bad, (long long)draws);
+        CK(cudaFree(dl));
+        CK(cudaFree(ds));
+        CK(cudaFree(dc));
+        CK(cudaFree(dout));
+        free(hl), free(hs), free(hc), free(ho), free(hr);
+    }
+}
+
 int main(int argc, char **argv) {
-    for (int i = 1; i < argc; i++)
+    const char *only = NULL;  // comma-separated sections, all by default
+    for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--verbose")) g_verbose = 1;
+        else if (!strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
+        else {
+            fprintf(stderr, "usage: gpu_test_decode_inv [--verbose] [--only gemm,decoder,spec,sample]\n");
+            return 2;
+        }
+    }
+    auto want = [&](const char *sec) { return !only || strstr(only, sec) != NULL; };
     cudaDeviceProp prop;
     int dev = 0;
     CK(cudaGetDevice(&dev));
@@ -466,14 +584,17 @@ int main(int argc, char **argv) {
     const char *inv = getenv("DISTILL_DECODE_INVARIANT");
     printf("gpu_test_decode_inv: %s, decoder arithmetic: %s\n", prop.name,
            inv && !strcmp(inv, "0") ? "LEGACY (DISTILL_DECODE_INVARIANT=0: sections 2-3 are expected to fail)" : "batch-invariant");
-    test_gemm();
-    Model hy, te;
-    model_make(&hy, true, 1, false);
-    model_make(&te, false, 2, false);
-    test_decoder(&hy, &te);
-    test_spec();
-    free(hy.p), free(te.p);
-    reg_free(&hy.r), reg_free(&te.r);
+    if (want("gemm")) test_gemm();
+    if (want("decoder")) {
+        Model hy, te;
+        model_make(&hy, true, 1, false);
+        model_make(&te, false, 2, false);
+        test_decoder(&hy, &te);
+        free(hy.p), free(te.p);
+        reg_free(&hy.r), reg_free(&te.r);
+    }
+    if (want("spec")) test_spec();
+    if (want("sample")) test_sampler();
     printf("gpu_test_decode_inv: %d passed, %d failed\n", g_pass, g_fail);
     return g_fail ? 1 : 0;
 }

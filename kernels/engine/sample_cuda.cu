@@ -1,22 +1,47 @@
-// sample_cuda.cu: token sampling on the GPU (decode_cuda.h, "sampling on the device"). One block per row
-// reads its V logits a few times from global memory (L2-resident at V ~ 50k) and never writes them:
-//   1. argmax (greedy, and the maximum for the softmax);
-//   2. top-k: radix select (4 passes of 8 bits, integer histogram counts) of the k-th largest logit;
-//   3. top-p: radix select weighted by the probability mass of the kept tokens, down to the exact logit tau
-//      where the cumulative mass (most likely first) reaches top_p, then the number c of tokens equal to tau
-//      (lowest ids first) still needed;
-//   4. the draw: each thread owns a contiguous id range; an exclusive scan of the members' masses in id order
-//      places u * total in exactly one thread's range, which walks it.
-// Probabilities are 2^40-scaled integers exp((x - max) / T) * 2^40, so every sum is exact and the result
-// does not depend on the thread count or the order of atomic updates.
+// sample_cuda.cu: token sampling on the GPU (decode_cuda.h, "sampling on the device"). One block per row, which
+// reads its V logits from global memory and never writes them. What is drawn:
+//   greedy: the argmax, lowest id on ties (NaN counts as -inf);
+//   top-k: keep the keys >= the k-th largest key (ties at it all kept);
+//   top-p: the nucleus, most likely first and ties by lower id: the exact logit tau where the cumulative mass
+//     reaches top_p, and the number c of tokens equal to tau (lowest ids first) still needed;
+//   the draw: u * total placed among the members' masses in id order.
+// Probabilities are 2^40-scaled integers exp((x - max) / T) * 2^40, so every sum is exact and the result does not
+// depend on the thread count, the traversal order or the order of atomic updates. The draw is a counter-based
+// hash of (seed, stream, counter).
+//
+// How (the reference kernel at the end of the file is the first version: 4 + 4 radix passes over the row with
+// 64-bit shared atomics that all hit the same few bins, and strided per-thread walks; the fast one gives the
+// same ids bit for bit, which gpu_test_decode_inv checks):
+//   A. argmax (the maximum m for the softmax);
+//   B. every token's weight once: the total mass, and per warp a mass histogram over z = (x - m) / T in steps of
+//      1/4 (a monotone function of the logit, so the bins are ranges of keys, ordered like radix bins). Each warp
+//      owns a contiguous range of ids, so its histogram is also the mass of its range by bin. Tokens with
+//      z < -28 weigh 0 (e^-28 * 2^40 < 1) and cost no exp;
+//   C. (top-p) the bin where the cumulative mass reaches the target holds tau: its tokens are copied to shared
+//      memory (at most CAND_CAP of them; about 500 of 49152 N(0, 2^2) logits at T 0.7) and tau, c come from a
+//      radix select over them there; the member mass of each warp's id range is then its histogram above that
+//      bin plus its copied tokens above tau plus its share of the c ties (without top-p: its whole histogram),
+//      so the draw only walks the one warp range (V / 16 ids) where u * total falls.
+// Passes over the row: 3 (A, B, C) plus 1/16 of one, instead of 8 plus the atomics' serialization.
+// Rows this does not fit (a boundary bin past CAND_CAP tokens, e.g. all logits equal; an infinite logit or
+// 1/T; V >= 2^24, where 64-bit sums could wrap) take the general path: the reference algorithm, with
+// per-warp histograms, run-length merged atomic updates and a parallel bin search.
 #include <cuda_runtime.h>
 #include <math.h>
+#include <string.h>
+#include <stdlib.h>
 #include <stdint.h>
 
 #include "kernels/engine/decode_cuda.h"
 #include "kernels/train/train_check.cuh"
 
 #define SAMPLE_THREADS 512
+#define SAMPLE_WARPS (SAMPLE_THREADS / 32)
+#define SAMPLE_UNROLL 8        // loads in flight per thread in a pass over the row
+#define COARSE_BINS 128        // pass B's histogram: z in steps of 1/4 down to -31.75 (coarse_bin)
+#define CAND_CAP 2048          // tokens of the nucleus boundary's coarse bin kept in shared memory
+#define ZERO_WEIGHT_Z (-28.0f) // below it exp(z) * 2^40 < 0.77 (expf is within 2 ulp): weight 0
+#define FULL_MASK 0xffffffffu
 
 __host__ __device__ static inline uint64_t mix64(uint64_t z) {  // splitmix64's finalizer: a bijection
     z += 0x9E3779B97F4A7C15ull;
@@ -46,15 +71,30 @@ __device__ static inline uint32_t okey(float f) {
 __device__ static inline float okey_inv(uint32_t k) {
     return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
-// The integer weight of a logit: exp((v - m) * inv_t) * 2^40 (v <= m, so <= 2^40).
-__device__ static inline uint64_t weight(float v, float m, float inv_t) {
-    float e = expf((v - m) * inv_t);
-    return (uint64_t)((double)e * 1099511627776.0);
+__device__ static inline float zval(float v, float m, float inv_t) { return (v - m) * inv_t; }
+// The integer weight exp(z) * 2^40 (z <= 0, so <= 2^40). The float product is exact (a power of two only moves
+// the exponent; no overflow for e <= 1), so the truncation equals the reference's double one (NaN -> 0 in both).
+__device__ static inline uint64_t weight_z(float z) { return (uint64_t)(expf(z) * 1099511627776.0f); }
+__device__ static inline uint64_t weight(float v, float m, float inv_t) { return weight_z(zval(v, m, inv_t)); }
+// Pass B's bin of z: monotone (larger z, larger bin, like a radix bin of the key). Bin 127 holds z in (-1/4, 0],
+// bin 127 - j z in (-(j+1)/4, -j/4], bin 0 z <= -31.75 (weight 0) and NaN.
+__device__ static inline int coarse_bin(float z) {
+    const float b = z * -4.0f;  // exact
+    if (!(b < (float)(COARSE_BINS - 1))) return 0;
+    return COARSE_BINS - 1 - max((int)b, 0);
+}
+
+__device__ static inline void atomic_add_u64(uint64_t *p, uint64_t v) {
+    atomicAdd((unsigned long long *)p, (unsigned long long)v);
+}
+__device__ static inline uint64_t sat_add(uint64_t a, uint64_t b) {  // min(a + b, 2^64 - 1): associative
+    const uint64_t s = a + b;
+    return s < a ? ~0ull : s;
 }
 
 // Sum over the block in a fixed order (integers: exact anyway). sh: 32 entries.
 __device__ static uint64_t block_sum_u64(uint64_t v, uint64_t *sh) {
-    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
     const int w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     __syncthreads();
     if ((threadIdx.x & 31) == 0) sh[w] = v;
@@ -69,7 +109,7 @@ __device__ static uint64_t block_excl_scan_u64(uint64_t v, uint64_t *sh, uint64_
     const int l = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     uint64_t x = v;
     for (int o = 1; o < 32; o <<= 1) {
-        uint64_t y = __shfl_up_sync(0xffffffffu, x, o);
+        uint64_t y = __shfl_up_sync(FULL_MASK, x, o);
         if (l >= o) x += y;
     }
     __syncthreads();
@@ -93,12 +133,419 @@ struct SampleArgs {
     uint64_t seed;
 };
 
-// Radix select from the top over keys (restricted to key >= floor_key) weighted by count (by_mass = 0) or
-// by mass: returns the key where the cumulative weight, largest keys first, reaches `need`; *rest gets the
-// weight still needed from entries equal to that key.
-__device__ static uint32_t radix_select(const float *x, const SampleArgs &a, float m, uint32_t floor_key, int by_mass,
-                                        uint64_t need, uint64_t *hist, uint32_t *s_prefix, uint64_t *s_need,
-                                        uint64_t *rest) {
+struct SampleSmem {
+    union {
+        uint64_t radix[SAMPLE_WARPS][256];  // general path: one radix histogram per warp (32 KB)
+        struct {
+            uint64_t coarse[SAMPLE_WARPS][COARSE_BINS];  // pass B: mass by warp range and bin (16 KB)
+            uint32_t ckey[CAND_CAP], cid[CAND_CAP];      // pass C: the boundary bin's keys and ids (16 KB)
+        } nuc;
+    } u;
+    uint64_t merged[256];             // a histogram summed over warps, or the candidates' radix histogram
+    uint64_t wmass[SAMPLE_WARPS];     // member mass of each warp's id range
+    uint64_t wtb[SAMPLE_WARPS];       // ties (key == tau) in the ranges of lower warps
+    uint32_t wtie[SAMPLE_WARPS];      // ties in each warp's range
+    uint32_t wand[SAMPLE_WARPS], wor[SAMPLE_WARPS];
+    uint64_t sh[32];
+    float shv[32];
+    int64_t shi[32];
+    uint64_t need, pick_base, t;
+    uint32_t ncand;
+    int bin, pick_w;
+};
+
+// f(ok, i, v) for the ids lo + lane, lo + lane + 32, ... of [lo, hi) (a warp reads 128 contiguous bytes), with
+// SAMPLE_UNROLL loads issued before any is used; every lane runs the same rounds (ok = false past hi), so f may
+// use warp votes.
+template <typename F>
+__device__ __forceinline__ void warp_range(const float *x, int64_t lo, int64_t hi, F f) {
+    const uint32_t lane = threadIdx.x & 31, h = (uint32_t)hi;  // ids < V <= INT32_MAX: 32-bit indices
+    for (uint32_t base = (uint32_t)lo; base < h; base += 32 * SAMPLE_UNROLL) {
+        float v[SAMPLE_UNROLL];
+#pragma unroll
+        for (int u = 0; u < SAMPLE_UNROLL; u++) {
+            const uint32_t i = base + 32 * u + lane;
+            v[u] = i < h ? __ldg(x + i) : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < SAMPLE_UNROLL; u++) {
+            const uint32_t i = base + 32 * u + lane;
+            f(i < h, (int64_t)i, clean(v[u]));
+        }
+    }
+}
+// The same over [0, V) for the whole block: thread t gets t, t + blockDim.x, ...
+template <typename F>
+__device__ __forceinline__ void block_range(const float *x, int64_t V, F f) {
+    const uint32_t nt = blockDim.x, h = (uint32_t)V;
+    for (uint32_t base = 0; base < h; base += nt * SAMPLE_UNROLL) {
+        float v[SAMPLE_UNROLL];
+#pragma unroll
+        for (int u = 0; u < SAMPLE_UNROLL; u++) {
+            const uint32_t i = base + u * nt + threadIdx.x;
+            v[u] = i < h ? __ldg(x + i) : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < SAMPLE_UNROLL; u++) {
+            const uint32_t i = base + u * nt + threadIdx.x;
+            f(i < h, (int64_t)i, clean(v[u]));
+        }
+    }
+}
+
+// Radix step: the largest bin b of hist[NB] whose cumulative weight from the top reaches need, and need minus the
+// weight above b (bin 0 if none does): the sequential "for b = NB-1..1: if (hist[b] >= need) break; need -=
+// hist[b]" of the reference, found by warp 0 with saturating suffix sums instead of one thread's loop over 256
+// bins. Same answer: sums above the bin are < need, so never saturated. Results in s_bin / s_need for every thread.
+template <int NB>
+__device__ static void pick_bin(const uint64_t *hist, uint64_t need, int *s_bin, uint64_t *s_need) {
+    constexpr int P = NB / 32;  // bins per lane, lane l holding [l P, l P + P)
+    __syncthreads();            // hist complete; earlier readers of s_bin / s_need done
+    if (threadIdx.x < 32) {
+        const int l = threadIdx.x;
+        uint64_t h[P], loc = 0;
+#pragma unroll
+        for (int p = 0; p < P; p++) h[p] = hist[l * P + p], loc = sat_add(loc, h[p]);
+        uint64_t suf = loc;  // this lane's bins and every higher lane's
+        for (int o = 1; o < 32; o <<= 1) {
+            const uint64_t y = __shfl_down_sync(FULL_MASK, suf, o);
+            if (l + o < 32) suf = sat_add(suf, y);
+        }
+        uint64_t run = __shfl_down_sync(FULL_MASK, suf, 1);
+        if (l == 31) run = 0;
+        int hit = -1;
+        uint64_t above = 0;
+#pragma unroll
+        for (int p = P - 1; p >= 0; p--) {
+            const uint64_t nr = sat_add(run, h[p]);
+            if (hit < 0 && (nr >= need || l * P + p == 0)) hit = l * P + p, above = run;  // bin 0: the fallback
+            run = nr;
+        }
+        const unsigned ball = __ballot_sync(FULL_MASK, hit >= 0);  // lane 0 always hits
+        const int src = 31 - __clz(ball);
+        const int b = __shfl_sync(FULL_MASK, hit, src);
+        const uint64_t ab = __shfl_sync(FULL_MASK, above, src);
+        if (l == 0) *s_bin = b, *s_need = need - ab;
+    }
+    __syncthreads();
+}
+
+// General radix select over the row (the reference algorithm): keys >= floor_key weighted by count (by_mass =
+// false) or mass; returns the key where the cumulative weight, largest keys first, reaches `need`; *rest gets the
+// weight still needed from entries equal to it. The first digits put nearly every logit into one or two bins, so
+// each thread merges runs of equal bins before its atomic update, into its warp's own histogram.
+__device__ static uint32_t radix_select_rows(const float *x, const SampleArgs &a, float m, uint32_t floor_key,
+                                             bool by_mass, uint64_t need, SampleSmem &S, uint64_t *rest) {
+    const int tid = threadIdx.x;
+    uint64_t *const hist = S.u.radix[tid >> 5];
+    uint32_t prefix = 0, mask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = tid; i < SAMPLE_WARPS * 256; i += blockDim.x) (&S.u.radix[0][0])[i] = 0;
+        __syncthreads();
+        uint64_t run = 0;
+        int rb = 0;
+        block_range(x, a.V, [&](bool ok, int64_t, float v) {
+            const uint32_t k = okey(v);
+            if (!ok || k < floor_key || (k & mask) != prefix) return;
+            const int b = (k >> shift) & 255;
+            if (b != rb) {
+                if (run) atomic_add_u64(&hist[rb], run);
+                rb = b, run = 0;
+            }
+            run += by_mass ? weight(v, m, a.inv_t) : 1;
+        });
+        if (run) atomic_add_u64(&hist[rb], run);
+        __syncthreads();
+        if (tid < 256) {
+            uint64_t s = 0;
+            for (int w = 0; w < SAMPLE_WARPS; w++) s += S.u.radix[w][tid];
+            S.merged[tid] = s;
+        }
+        pick_bin<256>(S.merged, need, &S.bin, &S.need);
+        prefix |= (uint32_t)S.bin << shift;
+        need = S.need;
+        mask |= 255u << shift;
+    }
+    *rest = need;
+    return prefix;
+}
+
+// The same selection by mass over the n copied tokens of pass C (all of the boundary bin's tokens; `need` at most
+// their mass). A digit that every candidate shares is taken without a histogram: that histogram would hold all
+// the remaining mass (>= need) in that one bin, so the step would pick it and leave need unchanged.
+__device__ static uint32_t radix_select_cand(SampleSmem &S, int n, const SampleArgs &a, float m, uint64_t need,
+                                             uint64_t *rest) {
+    const int tid = threadIdx.x;
+    uint32_t an = ~0u, orr = 0u;
+    for (int j = tid; j < n; j += blockDim.x) an &= S.u.nuc.ckey[j], orr |= S.u.nuc.ckey[j];
+    an = __reduce_and_sync(FULL_MASK, an);
+    orr = __reduce_or_sync(FULL_MASK, orr);
+    if ((tid & 31) == 0) S.wand[tid >> 5] = an, S.wor[tid >> 5] = orr;
+    __syncthreads();
+    an = ~0u, orr = 0u;
+    for (int w = 0; w < SAMPLE_WARPS; w++) an &= S.wand[w], orr |= S.wor[w];
+    uint32_t prefix = 0, mask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        const uint32_t dm = 255u << shift;
+        if (!((an ^ orr) & dm)) {
+            prefix |= an & dm, mask |= dm;
+            continue;
+        }
+        for (int i = tid; i < 256; i += blockDim.x) S.merged[i] = 0;
+        __syncthreads();
+        uint64_t run = 0;
+        int rb = 0;
+        for (int j = tid; j < n; j += blockDim.x) {
+            const uint32_t k = S.u.nuc.ckey[j];
+            if ((k & mask) != prefix) continue;
+            const int b = (k >> shift) & 255;
+            if (b != rb) {
+                if (run) atomic_add_u64(&S.merged[rb], run);
+                rb = b, run = 0;
+            }
+            run += weight(okey_inv(k), m, a.inv_t);
+        }
+        if (run) atomic_add_u64(&S.merged[rb], run);
+        pick_bin<256>(S.merged, need, &S.bin, &S.need);
+        prefix |= (uint32_t)S.bin << shift;
+        need = S.need;
+        mask |= dm;
+    }
+    *rest = need;
+    return prefix;
+}
+
+// The draw among the ids [lo, hi): each thread takes a contiguous id range, ties at tau are ranked from tie_base0
+// in id order, member masses are scanned in id order from mass_base, and the id where the cumulative mass first
+// exceeds t is written. own_total: [lo, hi) is the whole row and t comes from u and its total here.
+__device__ static void draw_range(const float *x, int64_t lo, int64_t hi, const SampleArgs &a, float m,
+                                  uint32_t kth, bool nucleus, uint32_t tau, uint64_t c, uint64_t tie_base0,
+                                  uint64_t mass_base, uint64_t t, bool own_total, double u, int32_t *out_row,
+                                  uint64_t *sh) {
+    const int64_t n = hi - lo, nt = blockDim.x, per = (n + nt - 1) / nt;
+    const int64_t i0 = lo + min(n, (int64_t)threadIdx.x * per), i1 = lo + min(n, (int64_t)threadIdx.x * per + per);
+    uint64_t tie_base = tie_base0, tot;
+    if (nucleus) {
+        uint64_t cnt = 0;
+        for (int64_t i = i0; i < i1; i++) cnt += okey(clean(x[i])) == tau;
+        tie_base += block_excl_scan_u64(cnt, sh, &tot);
+    }
+    uint64_t mass = 0, r = tie_base;
+    for (int64_t i = i0; i < i1; i++) {
+        const float v = clean(x[i]);
+        const uint32_t k = okey(v);
+        if (k < kth) continue;
+        bool mem = true;
+        if (nucleus) {
+            if (k < tau) mem = false;
+            else if (k == tau) mem = r++ < c;
+        }
+        if (mem) mass += weight(v, m, a.inv_t);
+    }
+    uint64_t total_n;
+    const uint64_t base = mass_base + block_excl_scan_u64(mass, sh, &total_n);
+    if (own_total) {
+        t = (uint64_t)(u * (double)total_n);
+        if (t >= total_n) t = total_n - 1;
+    }
+    if (mass > 0 && t >= base && t < base + mass) {
+        uint64_t acc = base;
+        r = tie_base;
+        for (int64_t i = i0; i < i1; i++) {
+            const float v = clean(x[i]);
+            const uint32_t k = okey(v);
+            if (k < kth) continue;
+            bool mem = true;
+            if (nucleus) {
+                if (k < tau) mem = false;
+                else if (k == tau) mem = r++ < c;
+            }
+            if (!mem) continue;
+            acc += weight(v, m, a.inv_t);
+            if (acc > t) {
+                *out_row = (int32_t)i;
+                break;
+            }
+        }
+    }
+}
+
+// At most 64 registers (2 blocks of 512 threads per SM; 40 for 3 blocks spills), no spills.
+__global__ void __launch_bounds__(SAMPLE_THREADS, 2)
+    sample_kernel(const float *logits, SampleArgs a, const uint64_t *stream, const uint64_t *counter, int32_t *out) {
+    __shared__ SampleSmem S;
+    const int64_t row = blockIdx.x, V = a.V;
+    const float *x = logits + row * V;
+    const int tid = threadIdx.x, wid = tid >> 5;
+
+    // A. argmax, lowest id on ties (NaN counts as -inf): the same (value, id) in any traversal order
+    float bv = -INFINITY;
+    int64_t bi = INT64_MAX;
+    block_range(x, V, [&](bool ok, int64_t i, float v) {
+        if (ok && (v > bv || (v == bv && i < bi))) bv = v, bi = i;
+    });
+    for (int o = 16; o; o >>= 1) {
+        const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
+        const int64_t oi = __shfl_xor_sync(FULL_MASK, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
+    }
+    if ((tid & 31) == 0) S.shv[wid] = bv, S.shi[wid] = bi;
+    __syncthreads();
+    bv = S.shv[0], bi = S.shi[0];
+    for (int w = 1; w < SAMPLE_WARPS; w++)
+        if (S.shv[w] > bv || (S.shv[w] == bv && S.shi[w] < bi)) bv = S.shv[w], bi = S.shi[w];
+    if (a.greedy || !(bv > -INFINITY)) {  // block-uniform condition
+        if (tid == 0) out[row] = (int32_t)bi;
+        return;
+    }
+    const float m = bv;
+
+    // top-k: keep keys >= the k-th largest key (ties at it all kept)
+    uint32_t kth = 0;
+    uint64_t rest;
+    if (a.top_k > 0 && a.top_k < V) kth = radix_select_rows(x, a, m, 0, false, (uint64_t)a.top_k, S, &rest);
+
+    // B. total mass; per warp (a contiguous id range, `seg` ids, a multiple of 32) the mass by coarse bin. Runs of
+    // one bin are summed in registers before the atomic update (a narrow distribution is mostly one bin).
+    const int64_t seg = (V + 32 * SAMPLE_WARPS - 1) / (32 * SAMPLE_WARPS) * 32;
+    const int64_t wlo = min(V, (int64_t)wid * seg), whi = min(V, wlo + seg);
+    for (int i = tid; i < SAMPLE_WARPS * COARSE_BINS; i += blockDim.x) (&S.u.nuc.coarse[0][0])[i] = 0;
+    __syncthreads();
+    uint64_t total;
+    {
+        uint64_t part = 0, run = 0;
+        int rb = 0;
+        uint64_t *const coarse = S.u.nuc.coarse[wid];
+        warp_range(x, wlo, whi, [&](bool ok, int64_t, float v) {
+            if (!ok || okey(v) < kth) return;
+            const float z = zval(v, m, a.inv_t);
+            if (z < ZERO_WEIGHT_Z) return;  // weight 0
+            const uint64_t w = weight_z(z);
+            part += w;
+            const int b = coarse_bin(z);
+            if (b != rb) {
+                if (run) atomic_add_u64(&coarse[rb], run);
+                rb = b, run = 0;
+            }
+            run += w;
+        });
+        if (run) atomic_add_u64(&coarse[rb], run);
+        total = block_sum_u64(part, S.sh);  // (its barriers also complete the histograms)
+    }
+    const bool nucleus = a.top_p > 0.0f && a.top_p < 1.0f;
+    uint64_t target = 0;
+    if (nucleus) {
+        target = (uint64_t)ceil((double)a.top_p * (double)total);
+        if (target < 1) target = 1;
+        if (target > total) target = total;
+    }
+
+    // C. the fast path: exact sums (V < 2^24, so no 64-bit sum wraps) and total >= 2^40 (finite m and 1/T: the
+    // maximum weighs exp(0) * 2^40), so target >= 1 and every radix step finds a bin with mass
+    if (m < INFINITY && isfinite(a.inv_t) && V < ((int64_t)1 << 24)) {
+        int bstar = -1;  // the coarse bin holding tau (none without top-p: every bin is above)
+        uint64_t need = 0;
+        if (nucleus) {
+            if (tid < COARSE_BINS) {
+                uint64_t s = 0;
+                for (int w = 0; w < SAMPLE_WARPS; w++) s += S.u.nuc.coarse[w][tid];
+                S.merged[tid] = s;
+            }
+            pick_bin<COARSE_BINS>(S.merged, target, &S.bin, &S.need);
+            bstar = S.bin, need = S.need;  // need: target minus the mass of the bins above, >= 1
+        }
+        if (tid < SAMPLE_WARPS) {
+            uint64_t s = 0;
+            for (int b = bstar + 1; b < COARSE_BINS; b++) s += S.u.nuc.coarse[tid][b];
+            S.wmass[tid] = s, S.wtie[tid] = 0;
+        }
+        if (tid == 0) S.ncand = 0;
+        __syncthreads();
+        bool fits = true;
+        uint32_t tau = 0;
+        uint64_t c = 0, q_tau = 0;
+        if (nucleus) {
+            // copy the boundary bin's tokens (order does not matter: everything below is a sum or a count)
+            const int lane = tid & 31;
+            warp_range(x, wlo, whi, [&](bool ok, int64_t i, float v) {
+                const uint32_t k = okey(v);
+                const bool p = ok && k >= kth && coarse_bin(zval(v, m, a.inv_t)) == bstar;
+                const unsigned bal = __ballot_sync(FULL_MASK, p);
+                if (!bal) return;
+                uint32_t pos = 0;
+                if (lane == 0) pos = atomicAdd(&S.ncand, (uint32_t)__popc(bal));
+                pos = __shfl_sync(FULL_MASK, pos, 0) + __popc(bal & ((1u << lane) - 1u));
+                if (p && pos < CAND_CAP) S.u.nuc.ckey[pos] = k, S.u.nuc.cid[pos] = (uint32_t)i;
+            });
+            __syncthreads();
+            const int n = (int)S.ncand;
+            fits = n <= CAND_CAP;
+            if (fits) {
+                tau = radix_select_cand(S, n, a, m, need, &rest);
+                q_tau = weight(okey_inv(tau), m, a.inv_t);  // >= 1: tau's bin held mass >= rest >= 1
+                c = q_tau ? (rest + q_tau - 1) / q_tau : 1;
+                for (int j = tid; j < n; j += blockDim.x) {
+                    const uint32_t k = S.u.nuc.ckey[j];
+                    const int w = (int)(S.u.nuc.cid[j] / (uint32_t)seg);
+                    if (k > tau) atomic_add_u64(&S.wmass[w], weight(okey_inv(k), m, a.inv_t));
+                    else if (k == tau) atomicAdd(&S.wtie[w], 1u);
+                }
+                __syncthreads();
+            }
+        }
+        if (fits) {
+            if (tid == 0) {
+                // the c lowest-id ties (all of weight q_tau) are members: the first warps' ranges take them
+                uint64_t before = 0, tot = 0;
+                for (int w = 0; w < SAMPLE_WARPS; w++) {
+                    if (nucleus) {
+                        const uint64_t tw = S.wtie[w], left = before < c ? c - before : 0;
+                        S.wmass[w] += (tw < left ? tw : left) * q_tau;
+                        S.wtb[w] = before;
+                        before += tw;
+                    }
+                    tot += S.wmass[w];
+                }
+                const double u = uniform3(a.seed, stream[row], counter[row]);
+                uint64_t t = (uint64_t)(u * (double)tot);
+                if (t >= tot) t = tot - 1;
+                uint64_t acc = 0;
+                int w = 0;
+                for (; w < SAMPLE_WARPS - 1 && t >= acc + S.wmass[w]; w++) acc += S.wmass[w];
+                S.pick_w = w, S.pick_base = acc, S.t = t;
+            }
+            __syncthreads();
+            const int w = S.pick_w;
+            const int64_t lo = min(V, (int64_t)w * seg), hi = min(V, lo + seg);
+            draw_range(x, lo, hi, a, m, kth, nucleus, tau, c, nucleus ? S.wtb[w] : 0, S.pick_base, S.t, false, 0.0,
+                       out + row, S.sh);
+            return;
+        }
+    }
+
+    // The general path: tau by radix select over the row, the draw over the whole row.
+    uint32_t tau = 0;
+    uint64_t c = 0;
+    if (nucleus) {
+        tau = radix_select_rows(x, a, m, kth, true, target, S, &rest);
+        const uint64_t q_tau = weight(okey_inv(tau), m, a.inv_t);
+        c = q_tau ? (rest + q_tau - 1) / q_tau : 1;
+    }
+    draw_range(x, 0, V, a, m, kth, nucleus, tau, c, 0, 0, 0, true, uniform3(a.seed, stream[row], counter[row]),
+               out + row, S.sh);
+}
+
+// ---------------------------------------------------------------- reference
+// The first kernel, unchanged: the bitwise reference for the one above (gpu_test_decode_inv, gpu_bench_decode).
+
+__device__ static inline uint64_t weight_ref(float v, float m, float inv_t) {
+    float e = expf((v - m) * inv_t);
+    return (uint64_t)((double)e * 1099511627776.0);
+}
+
+__device__ static uint32_t radix_select_ref(const float *x, const SampleArgs &a, float m, uint32_t floor_key,
+                                            int by_mass, uint64_t need, uint64_t *hist, uint32_t *s_prefix,
+                                            uint64_t *s_need, uint64_t *rest) {
     uint32_t prefix = 0, mask = 0;
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
@@ -107,7 +554,8 @@ __device__ static uint32_t radix_select(const float *x, const SampleArgs &a, flo
             const float v = clean(x[i]);
             const uint32_t k = okey(v);
             if (k >= floor_key && (k & mask) == prefix)
-                atomicAdd((unsigned long long *)&hist[(k >> shift) & 255u], (unsigned long long)(by_mass ? weight(v, m, a.inv_t) : 1));
+                atomicAdd((unsigned long long *)&hist[(k >> shift) & 255u],
+                          (unsigned long long)(by_mass ? weight_ref(v, m, a.inv_t) : 1));
         }
         __syncthreads();
         if (threadIdx.x == 0) {
@@ -130,8 +578,9 @@ __device__ static uint32_t radix_select(const float *x, const SampleArgs &a, flo
     return prefix;
 }
 
-__global__ void __launch_bounds__(SAMPLE_THREADS)
-    sample_kernel(const float *logits, SampleArgs a, const uint64_t *stream, const uint64_t *counter, int32_t *out) {
+__global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel_ref(const float *logits, SampleArgs a,
+                                                                   const uint64_t *stream, const uint64_t *counter,
+                                                                   int32_t *out) {
     __shared__ uint64_t sh[32];
     __shared__ float shv[32];
     __shared__ int64_t shi[32];
@@ -142,7 +591,6 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
     const float *x = logits + row * V;
     const int tid = threadIdx.x, nt = blockDim.x;
 
-    // 1. argmax, lowest id on ties (NaN counts as -inf)
     float bv = -INFINITY;
     int64_t bi = INT64_MAX;
     for (int64_t i = tid; i < V; i += nt) {
@@ -150,8 +598,8 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
         if (v > bv || (v == bv && i < bi)) bv = v, bi = i;
     }
     for (int o = 16; o; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
+        const int64_t oi = __shfl_xor_sync(FULL_MASK, bi, o);
         if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
     }
     if ((tid & 31) == 0) shv[tid >> 5] = bv, shi[tid >> 5] = bi;
@@ -159,18 +607,16 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
     bv = shv[0], bi = shi[0];
     for (int w = 1; w < nt / 32; w++)
         if (shv[w] > bv || (shv[w] == bv && shi[w] < bi)) bv = shv[w], bi = shi[w];
-    if (a.greedy || !(bv > -INFINITY)) {  // block-uniform condition
+    if (a.greedy || !(bv > -INFINITY)) {
         if (tid == 0) out[row] = (int32_t)bi;
         return;
     }
     const float m = bv;
 
-    // 2. top-k: keep keys >= the k-th largest key (ties at it all kept)
     uint32_t kth = 0;
     uint64_t rest;
-    if (a.top_k > 0 && a.top_k < V) kth = radix_select(x, a, m, 0, 0, (uint64_t)a.top_k, hist, &s_prefix, &s_need, &rest);
+    if (a.top_k > 0 && a.top_k < V) kth = radix_select_ref(x, a, m, 0, 0, (uint64_t)a.top_k, hist, &s_prefix, &s_need, &rest);
 
-    // 3. top-p: the threshold key tau and the number c of tokens at tau (lowest ids first) in the nucleus
     const bool nucleus = a.top_p > 0.0f && a.top_p < 1.0f;
     uint32_t tau = 0;
     uint64_t c = 0;
@@ -178,18 +624,17 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
         uint64_t part = 0;
         for (int64_t i = tid; i < V; i += nt) {
             const float v = clean(x[i]);
-            if (okey(v) >= kth) part += weight(v, m, a.inv_t);
+            if (okey(v) >= kth) part += weight_ref(v, m, a.inv_t);
         }
         const uint64_t total = block_sum_u64(part, sh);
         uint64_t target = (uint64_t)ceil((double)a.top_p * (double)total);
         if (target < 1) target = 1;
         if (target > total) target = total;
-        tau = radix_select(x, a, m, kth, 1, target, hist, &s_prefix, &s_need, &rest);
-        const uint64_t q_tau = weight(okey_inv(tau), m, a.inv_t);  // >= 1: the tau bin held >= rest >= 1
+        tau = radix_select_ref(x, a, m, kth, 1, target, hist, &s_prefix, &s_need, &rest);
+        const uint64_t q_tau = weight_ref(okey_inv(tau), m, a.inv_t);
         c = q_tau ? (rest + q_tau - 1) / q_tau : 1;
     }
 
-    // 4. the draw over contiguous id ranges
     const int64_t per = (V + nt - 1) / nt, i0 = min(V, (int64_t)tid * per), i1 = min(V, i0 + per);
     uint64_t tie_base = 0, tot;
     if (nucleus) {
@@ -207,7 +652,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
             if (k < tau) mem = false;
             else if (k == tau) mem = r++ < c;
         }
-        if (mem) mass += weight(v, m, a.inv_t);
+        if (mem) mass += weight_ref(v, m, a.inv_t);
     }
     uint64_t total_n;
     const uint64_t base = block_excl_scan_u64(mass, sh, &total_n);
@@ -227,7 +672,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
                 else if (k == tau) mem = r++ < c;
             }
             if (!mem) continue;
-            acc += weight(v, m, a.inv_t);
+            acc += weight_ref(v, m, a.inv_t);
             if (acc > t) {
                 out[row] = (int32_t)i;
                 break;
@@ -236,20 +681,35 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
     }
 }
 
-// Internal: enqueue on a given stream (decode_cuda.cu).
-int sample_rows_cuda_on(const float *logits, int64_t rows, int64_t V, const DecodeSampling *s, const uint64_t *stream,
-                        const uint64_t *counter, int32_t *out, cudaStream_t st, char *err, size_t errlen) {
+// ---------------------------------------------------------------- launch
+
+static int sample_args(int64_t rows, int64_t V, const DecodeSampling *s, SampleArgs *a, char *err, size_t errlen) {
     if (rows <= 0 || V <= 0 || V > INT32_MAX || rows > INT32_MAX)
         return train_fail(err, errlen, "sample: bad shape rows %lld x vocab %lld", (long long)rows, (long long)V);
     if (!(s->temperature <= 0.0f) && !(s->temperature < INFINITY))
         return train_fail(err, errlen, "sample: temperature %g must be finite", (double)s->temperature);
+    a->V = V;
+    a->greedy = s->temperature <= 0.0f;
+    a->inv_t = a->greedy ? 1.0f : 1.0f / s->temperature;
+    a->top_k = s->top_k > 0 ? s->top_k : 0;
+    a->top_p = s->top_p > 0.0f && s->top_p < 1.0f ? s->top_p : 0.0f;
+    a->seed = s->seed;
+    return 0;
+}
+
+// Internal: enqueue on a given stream (decode_cuda.cu).
+int sample_rows_cuda_on(const float *logits, int64_t rows, int64_t V, const DecodeSampling *s, const uint64_t *stream,
+                        const uint64_t *counter, int32_t *out, cudaStream_t st, char *err, size_t errlen) {
     SampleArgs a;
-    a.V = V;
-    a.greedy = s->temperature <= 0.0f;
-    a.inv_t = a.greedy ? 1.0f : 1.0f / s->temperature;
-    a.top_k = s->top_k > 0 ? s->top_k : 0;
-    a.top_p = s->top_p > 0.0f && s->top_p < 1.0f ? s->top_p : 0.0f;
-    a.seed = s->seed;
+    if (sample_args(rows, V, s, &a, err, errlen)) return -1;
+    // DISTILL_SAMPLE=reference: the previous kernel (same draws; for A/B timing on a device)
+    static int ref = -1;
+    if (ref < 0) ref = getenv("DISTILL_SAMPLE") && !strcmp(getenv("DISTILL_SAMPLE"), "reference");
+    if (ref) {
+        sample_kernel_ref<<<(unsigned)rows, SAMPLE_THREADS, 0, st>>>(logits, a, stream, counter, out);
+        kernelCheck("sample_kernel_ref");
+        return 0;
+    }
     sample_kernel<<<(unsigned)rows, SAMPLE_THREADS, 0, st>>>(logits, a, stream, counter, out);
     kernelCheck("sample_kernel");
     return 0;
@@ -259,4 +719,16 @@ extern "C" int sample_rows_cuda(const float *logits, int64_t rows, int64_t V, co
                                 const uint64_t *stream, const uint64_t *counter, int32_t *out, char *err,
                                 size_t errlen) {
     return sample_rows_cuda_on(logits, rows, V, s, stream, counter, out, 0, err, errlen);
+}
+
+// sample_rows_cuda through the reference kernel (same arguments and results; for tests and benchmarks only, so
+// not in decode_cuda.h: they declare it themselves).
+extern "C" int sample_rows_cuda_reference(const float *logits, int64_t rows, int64_t V, const DecodeSampling *s,
+                                          const uint64_t *stream, const uint64_t *counter, int32_t *out, char *err,
+                                          size_t errlen) {
+    SampleArgs a;
+    if (sample_args(rows, V, s, &a, err, errlen)) return -1;
+    sample_kernel_ref<<<(unsigned)rows, SAMPLE_THREADS, 0, 0>>>(logits, a, stream, counter, out);
+    kernelCheck("sample_kernel_ref");
+    return 0;
 }
