@@ -125,6 +125,35 @@ __global__ void rmsnorm_fwd_vec_kernel(bf16 *out, float *rstd, bf16 *res_out, co
     }
 }
 
+// 8 elements of the backward's two passes, shared by the block and the warp kernels: w.dy.x for the row's dot,
+// then dx += r w dy - c x and (pw != NULL) the dw terms dy x r added to the fp32 partial row pw (16-byte accesses).
+__device__ __forceinline__ float rms_bwd_dot8(uint4 x, uint4 dy, uint4 w) {
+    float a[8], g[8], ww[8], dot = 0.f;
+    unpack8(x, a);
+    unpack8(dy, g);
+    unpack8(w, ww);
+#pragma unroll
+    for (int j = 0; j < 8; j++) dot += ww[j] * g[j] * a[j];
+    return dot;
+}
+__device__ __forceinline__ void rms_bwd_dx8(uint4 *dx, uint4 x, uint4 dy, uint4 w, float r, float c, float *pw) {
+    float a[8], g[8], ww[8], o[8];
+    unpack8(x, a);
+    unpack8(dy, g);
+    unpack8(w, ww);
+    unpack8(*dx, o);
+#pragma unroll
+    for (int j = 0; j < 8; j++) o[j] = o[j] + (r * ww[j] * g[j] - c * a[j]);
+    *dx = pack8(o);
+    if (pw) {
+        float4 *p4 = (float4 *)pw;
+        float4 u = p4[0], v = p4[1];
+        u.x += g[0] * (a[0] * r), u.y += g[1] * (a[1] * r), u.z += g[2] * (a[2] * r), u.w += g[3] * (a[3] * r);
+        v.x += g[4] * (a[4] * r), v.y += g[5] * (a[5] * r), v.z += g[6] * (a[6] * r), v.w += g[7] * (a[7] * r);
+        p4[0] = u, p4[1] = v;
+    }
+}
+
 __global__ void rmsnorm_bwd_vec_kernel(bf16 *din, float *part, const bf16 *dout, const bf16 *in, const bf16 *w,
                                        const float *rstd, int64_t N, int64_t d, int64_t per) {
     __shared__ float sh[32];
@@ -138,34 +167,12 @@ __global__ void rmsnorm_bwd_vec_kernel(bf16 *din, float *part, const bf16 *dout,
         const uint4 *x = (const uint4 *)(in + n * d), *dy = (const uint4 *)(dout + n * d);
         const float r = rstd[n];
         float dot = 0.f;
-        for (int64_t i = threadIdx.x; i < d8; i += blockDim.x) {
-            float a[8], g[8], ww[8];
-            unpack8(x[i], a);
-            unpack8(dy[i], g);
-            unpack8(wv[i], ww);
-#pragma unroll
-            for (int j = 0; j < 8; j++) dot += ww[j] * g[j] * a[j];
-        }
+        for (int64_t i = threadIdx.x; i < d8; i += blockDim.x) dot += rms_bwd_dot8(x[i], dy[i], wv[i]);
         dot = block_sum(dot, sh);
         const float c = dot * r * r * r / (float)d;
         uint4 *dx = (uint4 *)(din + n * d);
-        for (int64_t i = threadIdx.x; i < d8; i += blockDim.x) {
-            float a[8], g[8], ww[8], o[8];
-            unpack8(x[i], a);
-            unpack8(dy[i], g);
-            unpack8(wv[i], ww);
-            unpack8(dx[i], o);
-#pragma unroll
-            for (int j = 0; j < 8; j++) o[j] = o[j] + (r * ww[j] * g[j] - c * a[j]);
-            dx[i] = pack8(o);
-            if (pb) {
-                float4 *p4 = (float4 *)(pb + 8 * i);
-                float4 u = p4[0], v = p4[1];
-                u.x += g[0] * (a[0] * r), u.y += g[1] * (a[1] * r), u.z += g[2] * (a[2] * r), u.w += g[3] * (a[3] * r);
-                v.x += g[4] * (a[4] * r), v.y += g[5] * (a[5] * r), v.z += g[6] * (a[6] * r), v.w += g[7] * (a[7] * r);
-                p4[0] = u, p4[1] = v;
-            }
-        }
+        for (int64_t i = threadIdx.x; i < d8; i += blockDim.x)
+            rms_bwd_dx8(dx + i, x[i], dy[i], wv[i], r, c, pb ? pb + 8 * i : nullptr);
     }
 }
 
@@ -190,35 +197,13 @@ __global__ void __launch_bounds__(NORM_WARPS * 32)
         const uint4 *x = (const uint4 *)(in + n * d), *dy = (const uint4 *)(dout + n * d);
         const float r = rstd[n];
         float dot = 0.f;
-        for (int64_t i = lane; i < d8; i += 32) {
-            float a[8], g[8], ww[8];
-            unpack8(x[i], a);
-            unpack8(dy[i], g);
-            unpack8(wv[i], ww);
-#pragma unroll
-            for (int j = 0; j < 8; j++) dot += ww[j] * g[j] * a[j];
-        }
+        for (int64_t i = lane; i < d8; i += 32) dot += rms_bwd_dot8(x[i], dy[i], wv[i]);
 #pragma unroll
         for (int o = 16; o; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
         const float c = dot * r * r * r / (float)d;
         uint4 *dx = (uint4 *)(din + n * d);
-        for (int64_t i = lane; i < d8; i += 32) {
-            float a[8], g[8], ww[8], o[8];
-            unpack8(x[i], a);
-            unpack8(dy[i], g);
-            unpack8(wv[i], ww);
-            unpack8(dx[i], o);
-#pragma unroll
-            for (int j = 0; j < 8; j++) o[j] = o[j] + (r * ww[j] * g[j] - c * a[j]);
-            dx[i] = pack8(o);
-            if (wp) {  // 16-byte accesses: a warp's 32 x 32 bytes in conflict-free phases
-                float4 *p4 = (float4 *)(wp + 8 * i);
-                float4 u = p4[0], v = p4[1];
-                u.x += g[0] * (a[0] * r), u.y += g[1] * (a[1] * r), u.z += g[2] * (a[2] * r), u.w += g[3] * (a[3] * r);
-                v.x += g[4] * (a[4] * r), v.y += g[5] * (a[5] * r), v.z += g[6] * (a[6] * r), v.w += g[7] * (a[7] * r);
-                p4[0] = u, p4[1] = v;
-            }
-        }
+        for (int64_t i = lane; i < d8; i += 32)  // shared memory: a warp's 32 x 32 bytes in conflict-free phases
+            rms_bwd_dx8(dx + i, x[i], dy[i], wv[i], r, c, wp ? wp + 8 * i : nullptr);
     }
     if (!part) return;
     __syncthreads();
