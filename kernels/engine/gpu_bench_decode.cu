@@ -12,7 +12,8 @@
 //   --gemm: only decode_gemm, every variant (decode_gemm_with) at M = 512 on the generate stage's shapes (N, K) =
 //     (576, 576) q/o, (3072, 576) gate+up, (576, 1536) down (bf16 out), (vocab, 576) head (fp32 out); each
 //     variant's output is compared bitwise with variant 2's. --sample: only the sampler kernel at batch 512 over
-//     the vocabulary (T 0.7, top-p 0.9), fast vs reference kernel, ids compared. Both flags: both parts.
+//     the vocabulary (T 0.7, top-p 0.9), the fast path vs the general path alone (sample_rows_cuda_reference),
+//     ids compared. Both flags: both parts.
 // Usage: gpu_bench_decode [--config recipes/configs/smollm2-135m.json] [--steps 32] [--hbm 3.35e12] [--graph]
 //                         [--gemm] [--sample]
 // Prints RESULT lines: RESULT decode model=... B=... ctx=... graph=0|1 inv=0|1 tok_s=... ms_step=... hbm_frac=...;

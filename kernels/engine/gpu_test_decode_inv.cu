@@ -14,8 +14,8 @@
 //      hybrid whose head rows come in near-identical pairs (row v + V/2 = row v * (1 + 0.02 noise)): the top
 //      two logits of most positions are then within 1% of each other, so any difference in the last bits
 //      between a step and a verification flips tokens (the test checks that the near-ties are there).
-//   4. The sampler (sample_rows_cuda) draws the same ids as its reference kernel (sample_rows_cuda_reference,
-//      the first version), bit for bit, on rows of 64 .. 131072 logits of 13 kinds (normal, peaked, quantized
+//   4. The sampler (sample_rows_cuda) draws the same ids as its general path alone (sample_rows_cuda_reference:
+//      radix select and the draw over the whole row, the first version's algorithm), bit for bit, on rows of 64 .. 131072 logits of 13 kinds (normal, peaked, quantized
 //      with many equal values, all equal, NaN / -inf / +inf, ids sorted by logit, near the zero-weight limit)
 //      under 12 settings (greedy, T from 1e-39 to 5, top-k, top-p): every path of the fast kernel.
 // With DISTILL_DECODE_INVARIANT=0 (the previous arithmetic: cuBLASLt GEMMs, key splits that depend on the

@@ -9,9 +9,10 @@
 // depend on the thread count, the traversal order or the order of atomic updates. The draw is a counter-based
 // hash of (seed, stream, counter).
 //
-// How (the reference kernel at the end of the file is the first version: 4 + 4 radix passes over the row with
-// 64-bit shared atomics that all hit the same few bins, and strided per-thread walks; the fast one gives the
-// same ids bit for bit, which gpu_test_decode_inv checks):
+// How (the first version, until 0f35392, made 4 + 4 radix passes over every row with 64-bit shared atomics that all
+// hit the same few bins: the general path below is that algorithm with per-warp histograms; the fast path gives the
+// same ids bit for bit, which gpu_test_decode_inv checks against the general path, sample_rows_cuda_reference, and
+// which the generate stage's output showed against the first version, docs/BENCHMARKS.md):
 //   A. argmax (the maximum m for the softmax);
 //   B. every token's weight once: the total mass, and per warp a mass histogram over z = (x - m) / T in steps of
 //      1/4 (a monotone function of the logit, so the bins are ranges of keys, ordered like radix bins). Each warp
@@ -24,8 +25,8 @@
 //      so the draw only walks the one warp range (V / 16 ids) where u * total falls.
 // Passes over the row: 3 (A, B, C) plus 1/16 of one, instead of 8 plus the atomics' serialization.
 // Rows this does not fit (a boundary bin past CAND_CAP tokens, e.g. all logits equal; an infinite logit or
-// 1/T; V >= 2^24, where 64-bit sums could wrap) take the general path: the reference algorithm, with
-// per-warp histograms, run-length merged atomic updates and a parallel bin search.
+// 1/T; V >= 2^24, where 64-bit sums could wrap) take the general path: radix select over the whole row, with
+// per-warp histograms, run-length merged atomic updates and a parallel bin search, and the draw over the whole row.
 #include <cuda_runtime.h>
 #include <math.h>
 #include <string.h>
@@ -131,6 +132,7 @@ struct SampleArgs {
     int64_t top_k;  // 0: off
     float top_p;    // 0: off
     uint64_t seed;
+    int general;    // 1: every row takes the general path (sample_rows_cuda_reference: the oracle of the fast path)
 };
 
 struct SampleSmem {
@@ -442,7 +444,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS, 2)
 
     // C. the fast path: exact sums (V < 2^24, so no 64-bit sum wraps) and total >= 2^40 (finite m and 1/T: the
     // maximum weighs exp(0) * 2^40), so target >= 1 and every radix step finds a bin with mass
-    if (m < INFINITY && isfinite(a.inv_t) && V < ((int64_t)1 << 24)) {
+    if (!a.general && m < INFINITY && isfinite(a.inv_t) && V < ((int64_t)1 << 24)) {
         int bstar = -1;  // the coarse bin holding tau (none without top-p: every bin is above)
         uint64_t need = 0;
         if (nucleus) {
@@ -535,152 +537,6 @@ __global__ void __launch_bounds__(SAMPLE_THREADS, 2)
                out + row, S.sh);
 }
 
-// ---------------------------------------------------------------- reference
-// The first kernel, unchanged: the bitwise reference for the one above (gpu_test_decode_inv, gpu_bench_decode).
-
-__device__ static inline uint64_t weight_ref(float v, float m, float inv_t) {
-    float e = expf((v - m) * inv_t);
-    return (uint64_t)((double)e * 1099511627776.0);
-}
-
-__device__ static uint32_t radix_select_ref(const float *x, const SampleArgs &a, float m, uint32_t floor_key,
-                                            int by_mass, uint64_t need, uint64_t *hist, uint32_t *s_prefix,
-                                            uint64_t *s_need, uint64_t *rest) {
-    uint32_t prefix = 0, mask = 0;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
-        __syncthreads();
-        for (int64_t i = threadIdx.x; i < a.V; i += blockDim.x) {
-            const float v = clean(x[i]);
-            const uint32_t k = okey(v);
-            if (k >= floor_key && (k & mask) == prefix)
-                atomicAdd((unsigned long long *)&hist[(k >> shift) & 255u],
-                          (unsigned long long)(by_mass ? weight_ref(v, m, a.inv_t) : 1));
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            uint64_t nd = need;
-            int bin = 255;
-            for (; bin > 0; bin--) {
-                if (hist[bin] >= nd) break;
-                nd -= hist[bin];
-            }
-            *s_prefix = prefix | ((uint32_t)bin << shift);
-            *s_need = nd;
-        }
-        __syncthreads();
-        prefix = *s_prefix;
-        need = *s_need;
-        mask |= 255u << shift;
-        __syncthreads();
-    }
-    *rest = need;
-    return prefix;
-}
-
-__global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel_ref(const float *logits, SampleArgs a,
-                                                                   const uint64_t *stream, const uint64_t *counter,
-                                                                   int32_t *out) {
-    __shared__ uint64_t sh[32];
-    __shared__ float shv[32];
-    __shared__ int64_t shi[32];
-    __shared__ uint64_t hist[256];
-    __shared__ uint32_t s_prefix;
-    __shared__ uint64_t s_need;
-    const int64_t row = blockIdx.x, V = a.V;
-    const float *x = logits + row * V;
-    const int tid = threadIdx.x, nt = blockDim.x;
-
-    float bv = -INFINITY;
-    int64_t bi = INT64_MAX;
-    for (int64_t i = tid; i < V; i += nt) {
-        const float v = clean(x[i]);
-        if (v > bv || (v == bv && i < bi)) bv = v, bi = i;
-    }
-    for (int o = 16; o; o >>= 1) {
-        const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
-        const int64_t oi = __shfl_xor_sync(FULL_MASK, bi, o);
-        if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
-    }
-    if ((tid & 31) == 0) shv[tid >> 5] = bv, shi[tid >> 5] = bi;
-    __syncthreads();
-    bv = shv[0], bi = shi[0];
-    for (int w = 1; w < nt / 32; w++)
-        if (shv[w] > bv || (shv[w] == bv && shi[w] < bi)) bv = shv[w], bi = shi[w];
-    if (a.greedy || !(bv > -INFINITY)) {
-        if (tid == 0) out[row] = (int32_t)bi;
-        return;
-    }
-    const float m = bv;
-
-    uint32_t kth = 0;
-    uint64_t rest;
-    if (a.top_k > 0 && a.top_k < V) kth = radix_select_ref(x, a, m, 0, 0, (uint64_t)a.top_k, hist, &s_prefix, &s_need, &rest);
-
-    const bool nucleus = a.top_p > 0.0f && a.top_p < 1.0f;
-    uint32_t tau = 0;
-    uint64_t c = 0;
-    if (nucleus) {
-        uint64_t part = 0;
-        for (int64_t i = tid; i < V; i += nt) {
-            const float v = clean(x[i]);
-            if (okey(v) >= kth) part += weight_ref(v, m, a.inv_t);
-        }
-        const uint64_t total = block_sum_u64(part, sh);
-        uint64_t target = (uint64_t)ceil((double)a.top_p * (double)total);
-        if (target < 1) target = 1;
-        if (target > total) target = total;
-        tau = radix_select_ref(x, a, m, kth, 1, target, hist, &s_prefix, &s_need, &rest);
-        const uint64_t q_tau = weight_ref(okey_inv(tau), m, a.inv_t);
-        c = q_tau ? (rest + q_tau - 1) / q_tau : 1;
-    }
-
-    const int64_t per = (V + nt - 1) / nt, i0 = min(V, (int64_t)tid * per), i1 = min(V, i0 + per);
-    uint64_t tie_base = 0, tot;
-    if (nucleus) {
-        uint64_t cnt = 0;
-        for (int64_t i = i0; i < i1; i++) cnt += okey(clean(x[i])) == tau;
-        tie_base = block_excl_scan_u64(cnt, sh, &tot);
-    }
-    uint64_t mass = 0, r = tie_base;
-    for (int64_t i = i0; i < i1; i++) {
-        const float v = clean(x[i]);
-        const uint32_t k = okey(v);
-        if (k < kth) continue;
-        bool mem = true;
-        if (nucleus) {
-            if (k < tau) mem = false;
-            else if (k == tau) mem = r++ < c;
-        }
-        if (mem) mass += weight_ref(v, m, a.inv_t);
-    }
-    uint64_t total_n;
-    const uint64_t base = block_excl_scan_u64(mass, sh, &total_n);
-    const double u = uniform3(a.seed, stream[row], counter[row]);
-    uint64_t t = (uint64_t)(u * (double)total_n);
-    if (t >= total_n) t = total_n - 1;
-    if (mass > 0 && t >= base && t < base + mass) {
-        uint64_t acc = base;
-        r = tie_base;
-        for (int64_t i = i0; i < i1; i++) {
-            const float v = clean(x[i]);
-            const uint32_t k = okey(v);
-            if (k < kth) continue;
-            bool mem = true;
-            if (nucleus) {
-                if (k < tau) mem = false;
-                else if (k == tau) mem = r++ < c;
-            }
-            if (!mem) continue;
-            acc += weight_ref(v, m, a.inv_t);
-            if (acc > t) {
-                out[row] = (int32_t)i;
-                break;
-            }
-        }
-    }
-}
-
 // ---------------------------------------------------------------- launch
 
 static int sample_args(int64_t rows, int64_t V, const DecodeSampling *s, SampleArgs *a, char *err, size_t errlen) {
@@ -694,6 +550,7 @@ static int sample_args(int64_t rows, int64_t V, const DecodeSampling *s, SampleA
     a->top_k = s->top_k > 0 ? s->top_k : 0;
     a->top_p = s->top_p > 0.0f && s->top_p < 1.0f ? s->top_p : 0.0f;
     a->seed = s->seed;
+    a->general = 0;
     return 0;
 }
 
@@ -702,14 +559,10 @@ int sample_rows_cuda_on(const float *logits, int64_t rows, int64_t V, const Deco
                         const uint64_t *counter, int32_t *out, cudaStream_t st, char *err, size_t errlen) {
     SampleArgs a;
     if (sample_args(rows, V, s, &a, err, errlen)) return -1;
-    // DISTILL_SAMPLE=reference: the previous kernel (same draws; for A/B timing on a device)
+    // DISTILL_SAMPLE=reference: every row through the general path (same draws; for A/B timing on a device)
     static int ref = -1;
     if (ref < 0) ref = getenv("DISTILL_SAMPLE") && !strcmp(getenv("DISTILL_SAMPLE"), "reference");
-    if (ref) {
-        sample_kernel_ref<<<(unsigned)rows, SAMPLE_THREADS, 0, st>>>(logits, a, stream, counter, out);
-        kernelCheck("sample_kernel_ref");
-        return 0;
-    }
+    a.general = ref;
     sample_kernel<<<(unsigned)rows, SAMPLE_THREADS, 0, st>>>(logits, a, stream, counter, out);
     kernelCheck("sample_kernel");
     return 0;
@@ -721,14 +574,15 @@ extern "C" int sample_rows_cuda(const float *logits, int64_t rows, int64_t V, co
     return sample_rows_cuda_on(logits, rows, V, s, stream, counter, out, 0, err, errlen);
 }
 
-// sample_rows_cuda through the reference kernel (same arguments and results; for tests and benchmarks only, so
-// not in decode_cuda.h: they declare it themselves).
+// sample_rows_cuda with every row through the general path (radix select over the whole row, the draw over the whole
+// row): the oracle of the fast path in tests and benchmarks (not in decode_cuda.h: they declare it themselves).
 extern "C" int sample_rows_cuda_reference(const float *logits, int64_t rows, int64_t V, const DecodeSampling *s,
                                           const uint64_t *stream, const uint64_t *counter, int32_t *out, char *err,
                                           size_t errlen) {
     SampleArgs a;
     if (sample_args(rows, V, s, &a, err, errlen)) return -1;
-    sample_kernel_ref<<<(unsigned)rows, SAMPLE_THREADS, 0, 0>>>(logits, a, stream, counter, out);
-    kernelCheck("sample_kernel_ref");
+    a.general = 1;
+    sample_kernel<<<(unsigned)rows, SAMPLE_THREADS, 0, 0>>>(logits, a, stream, counter, out);
+    kernelCheck("sample_kernel (general path)");
     return 0;
 }
