@@ -124,18 +124,24 @@ __global__ void __launch_bounds__(GEMM_THREADS)
 }
 
 // The variants: tile m(16 MT) x n(8 NT), U chunks in flight per warp, block order. 0, 1 and 3 are decode_gemm_variant's
-// choices for M <= 16, <= 64, > 64; 3-7 are candidates for large M (gpu_bench_decode --gemm times them all).
+// choices for M <= 16, <= 64, > 64; 3-7 are candidates for large M (gpu_bench_decode --gemm times them all). One list
+// makes both the host table (grid checks, decode_gemm_variant_name) and the kernel instances, so the two cannot disagree.
+//        variant, MT, NT, U, MFAST
+#define GEMM_VARIANT_LIST(X)                                                                                      \
+    X(0, 1, 1, 4, false) /* decode: m16 x n8, 4 chunks in flight per warp (weight streaming) */                    \
+    X(1, 2, 2, 2, false) /* m32 x n16 */                                                                           \
+    X(2, 4, 4, 1, false) /* prefill: m64 x n32 (each operand read once per block) */                               \
+    X(3, 4, 4, 1, true)  /* = 2 with row tiles first (a large head's weights read once) */                         \
+    X(4, 4, 4, 2, true)  /* = 3 with 2 chunks in flight */                                                         \
+    X(5, 2, 4, 4, true)  /* m32 x n32, 4 chunks in flight: twice the blocks of 3 */                                \
+    X(6, 4, 8, 1, true)  /* m64 x n64: a third less operand traffic through L2 than 3 */                           \
+    X(7, 1, 4, 4, true)  /* m16 x n32, 4 chunks in flight: four times the blocks of 3 */
 static const struct {
     int mt, nt, u, mfast;
 } kVariants[] = {
-    {1, 1, 4, 0},  // 0 decode: m16 x n8, 4 chunks in flight per warp (weight streaming)
-    {2, 2, 2, 0},  // 1 m32 x n16
-    {4, 4, 1, 0},  // 2 prefill: m64 x n32 (each operand read once per block)
-    {4, 4, 1, 1},  // 3 = 2 with row tiles first (a large head's weights read once)
-    {4, 4, 2, 1},  // 4 = 3 with 2 chunks in flight
-    {2, 4, 4, 1},  // 5 m32 x n32, 4 chunks in flight: twice the blocks of 3
-    {4, 8, 1, 1},  // 6 m64 x n64: a third less operand traffic through L2 than 3
-    {1, 4, 4, 1},  // 7 m16 x n32, 4 chunks in flight: four times the blocks of 3
+#define GEMM_VARIANT_ROW(v, MT, NT, U, MFAST) {MT, NT, U, MFAST},
+    GEMM_VARIANT_LIST(GEMM_VARIANT_ROW)
+#undef GEMM_VARIANT_ROW
 };
 #define GEMM_VARIANTS ((int)(sizeof kVariants / sizeof kVariants[0]))
 
@@ -150,16 +156,19 @@ static void launch_t(OutT *y, const bf16 *x, const bf16 *W, const bf16 *bias, in
 template <typename OutT>
 static void launch(int variant, OutT *y, const bf16 *x, const bf16 *W, const bf16 *bias, int64_t M, int64_t N,
                    int64_t K, int accumulate, cudaStream_t st) {
-    switch (variant) {
-        case 0: launch_t<OutT, 1, 1, 4, false>(y, x, W, bias, M, N, K, accumulate, st); break;
-        case 1: launch_t<OutT, 2, 2, 2, false>(y, x, W, bias, M, N, K, accumulate, st); break;
-        case 2: launch_t<OutT, 4, 4, 1, false>(y, x, W, bias, M, N, K, accumulate, st); break;
-        case 3: launch_t<OutT, 4, 4, 1, true>(y, x, W, bias, M, N, K, accumulate, st); break;
-        case 4: launch_t<OutT, 4, 4, 2, true>(y, x, W, bias, M, N, K, accumulate, st); break;
-        case 5: launch_t<OutT, 2, 4, 4, true>(y, x, W, bias, M, N, K, accumulate, st); break;
-        case 6: launch_t<OutT, 4, 8, 1, true>(y, x, W, bias, M, N, K, accumulate, st); break;
-        default: launch_t<OutT, 1, 4, 4, true>(y, x, W, bias, M, N, K, accumulate, st); break;
+    switch (variant) {  // decode_gemm_with checked the range
+#define GEMM_VARIANT_CASE(v, MT, NT, U, MFAST) \
+    case v: launch_t<OutT, MT, NT, U, MFAST>(y, x, W, bias, M, N, K, accumulate, st); break;
+        GEMM_VARIANT_LIST(GEMM_VARIANT_CASE)
+#undef GEMM_VARIANT_CASE
     }
+}
+
+extern "C" int decode_gemm_variant_name(int variant, char *buf, size_t n) {
+    if (variant < 0 || variant >= GEMM_VARIANTS) return -1;
+    const int mt = kVariants[variant].mt, nt = kVariants[variant].nt;
+    snprintf(buf, n, "m%dxn%d U%d%s", 16 * mt, 8 * nt, kVariants[variant].u, kVariants[variant].mfast ? " rows-first" : "");
+    return 0;
 }
 
 // M > 64: variant 3 (m64 x n32, row tiles first). gpu_bench_decode --gemm at M 512, H100, f61e4c8 + this change,

@@ -34,6 +34,9 @@ int decode_gemm(DType out_dt, void *y, const void *x, const void *W, const void 
 // variant DISTILL_DECODE_GEMM_LARGE names; 3-7: tiles and block orders for large M, see decode_gemm.cu), and
 // decode_gemm forced to one variant (tests show the variants give identical bits).
 int decode_gemm_variant(int64_t M);
+// The tile of a variant as text ("m64xn32 U1 rows-first": rows x columns per block, chunks in flight, block order)
+// into buf; -1 for a variant that does not exist.
+int decode_gemm_variant_name(int variant, char *buf, size_t n);
 int decode_gemm_with(int variant, DType out_dt, void *y, const void *x, const void *W, const void *bias, int64_t M,
                      int64_t N, int64_t K, int accumulate, cudaStream_t stream, char *err, size_t errlen);
 

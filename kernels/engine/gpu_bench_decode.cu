@@ -87,14 +87,6 @@ extern "C" int sample_rows_cuda_reference(const float *logits, int64_t rows, int
         }                                                                                          \
     } while (0)
 
-// Tile of each decode_gemm variant, for the printout (mirrors kVariants in decode_gemm.cu).
-static const char *gemm_variant_name(int v) {
-    static const char *names[] = {"m16xn8 U4",          "m32xn16 U2",          "m64xn32 U1",
-                                  "m64xn32 U1 rows-first", "m64xn32 U2 rows-first", "m32xn32 U4 rows-first",
-                                  "m64xn64 U1 rows-first", "m16xn32 U4 rows-first"};
-    return v < (int)(sizeof names / sizeof names[0]) ? names[v] : "?";
-}
-
 // Every decode_gemm variant at M rows on the generate stage's shapes; the fastest per shape.
 static void bench_gemm(int64_t M, int64_t vocab, int64_t d, int64_t ffn) {
     const int64_t shapes[4][2] = {{d, d}, {2 * ffn, d}, {d, ffn}, {vocab, d}};
@@ -120,7 +112,7 @@ static void bench_gemm(int64_t M, int64_t vocab, int64_t d, int64_t ffn) {
         CKB(cudaEventCreate(&e1));
         double best = 1e30;
         int best_v = -1;
-        // variant 2 first (the reference bits and today's choice for M > 64), then 0, 1, 3, 4, ... until refused
+        // variant 2 first (the reference bits: the choice for M > 64 until 0f35392), then 0, 1, 3, 4, ... until refused
         for (int k = 0;; k++) {
             const int v = k == 0 ? 2 : k <= 2 ? k - 1 : k;
             char err[256];
@@ -128,6 +120,8 @@ static void bench_gemm(int64_t M, int64_t vocab, int64_t d, int64_t ffn) {
             CKB(cudaDeviceSynchronize());
             CKB(cudaMemcpy(k == 0 ? ref : out, dy, (size_t)(M * N) * osz, cudaMemcpyDeviceToHost));
             const int same = k == 0 || !memcmp(ref, out, (size_t)(M * N) * osz);
+            char tile[64];
+            decode_gemm_variant_name(v, tile, sizeof tile);
             const int reps = head ? 20 : 200;
             for (int r = 0; r < 3; r++) decode_gemm_with(v, odt, dy, dx, dw, NULL, M, N, K, 0, NULL, err, sizeof err);
             CKB(cudaEventRecord(e0));
@@ -138,7 +132,7 @@ static void bench_gemm(int64_t M, int64_t vocab, int64_t d, int64_t ffn) {
             CKB(cudaEventElapsedTime(&ms, e0, e1));
             const double us = ms * 1e3 / reps;
             printf("RESULT gemm M=%lld N=%lld K=%lld out=%s variant=%d tile=\"%s\" us=%.2f tflops=%.1f same_bits=%d\n",
-                   (long long)M, (long long)N, (long long)K, head ? "f32" : "bf16", v, gemm_variant_name(v), us,
+                   (long long)M, (long long)N, (long long)K, head ? "f32" : "bf16", v, tile, us,
                    2.0 * M * N * K / (us * 1e-6) / 1e12, same);
             if (same && us < best) best = us, best_v = v;
         }
