@@ -179,8 +179,13 @@ static int large_m_variant(void) {
     static int v = -2;
     if (v == -2) {
         const char *e = getenv("DISTILL_DECODE_GEMM_LARGE");
-        v = e ? atoi(e) : 3;
-        if (v < 0 || v >= GEMM_VARIANTS) v = 3;
+        char *end = NULL;
+        const long x = e ? strtol(e, &end, 10) : 3;
+        v = 3;
+        if (e && (end == e || *end || x < 0 || x >= GEMM_VARIANTS))
+            fprintf(stderr, "decode_gemm: DISTILL_DECODE_GEMM_LARGE=\"%s\" is not a variant 0..%d; using 3\n", e,
+                    GEMM_VARIANTS - 1);
+        else v = (int)x;
     }
     return v;
 }

@@ -30,6 +30,7 @@
 #include <cuda_runtime.h>
 #include <math.h>
 #include <string.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <stdint.h>
 
@@ -561,7 +562,11 @@ int sample_rows_cuda_on(const float *logits, int64_t rows, int64_t V, const Deco
     if (sample_args(rows, V, s, &a, err, errlen)) return -1;
     // DISTILL_SAMPLE=reference: every row through the general path (same draws; for A/B timing on a device)
     static int ref = -1;
-    if (ref < 0) ref = getenv("DISTILL_SAMPLE") && !strcmp(getenv("DISTILL_SAMPLE"), "reference");
+    if (ref < 0) {
+        const char *e = getenv("DISTILL_SAMPLE");
+        ref = e && !strcmp(e, "reference");
+        if (e && !ref && *e) fprintf(stderr, "sample_rows_cuda: DISTILL_SAMPLE=\"%s\" unknown (only \"reference\"); ignored\n", e);
+    }
     a.general = ref;
     sample_kernel<<<(unsigned)rows, SAMPLE_THREADS, 0, st>>>(logits, a, stream, counter, out);
     kernelCheck("sample_kernel");
