@@ -5,6 +5,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 static bool g_quiet = false;
 
@@ -149,6 +150,30 @@ int dl_mkdirs(const char *path, DlError *e) {
     int rc = 0;
     if (mkdir(p, 0777) != 0 && errno != EEXIST) rc = dl_fail(e, "%s: cannot create directory: %s", p, strerror(errno));
     free(p);
+    return rc;
+}
+
+int dl_copy_file(const char *src, const char *dst, DlError *e) {
+    size_t n = strlen(dst);
+    char *tmp = dl_malloc(n + 5);
+    memcpy(tmp, dst, n), memcpy(tmp + n, ".tmp", 5);
+    FILE *in = fopen(src, "rb"), *out = in ? fopen(tmp, "wb") : NULL;
+    int rc = 0;
+    if (!in || !out) {
+        rc = dl_fail(e, "%s: cannot open: %s", in ? tmp : src, strerror(errno));
+        goto out;
+    }
+    char buf[1 << 16];
+    size_t k;
+    while ((k = fread(buf, 1, sizeof buf, in)) > 0)
+        if (fwrite(buf, 1, k, out) != k) break;
+    if (ferror(in) || ferror(out) || fflush(out) || fsync(fileno(out))) rc = dl_fail(e, "%s -> %s: copy failed: %s", src, tmp, strerror(errno));
+out:
+    if (in) fclose(in);
+    if (out && fclose(out) && !rc) rc = dl_fail(e, "%s: write failed: %s", tmp, strerror(errno));
+    if (!rc && rename(tmp, dst) != 0) rc = dl_fail(e, "%s -> %s: cannot rename: %s", tmp, dst, strerror(errno));
+    if (rc && out) unlink(tmp);
+    free(tmp);
     return rc;
 }
 

@@ -198,6 +198,8 @@ static const Field STAGE_FIELDS[] = {
     SFLD("max_sequences", F_INT, max_sequences, 0, 1e15, KB(STAGE_EVAL), "sequences evaluated per set (0: all)"),
     {"choice", F_STRLIST, offsetof(StageSpec, choice_sets), offsetof(StageSpec, n_choice_sets), 0, 0, false, NULL, KB(STAGE_EVAL),
      "multiple-choice JSONL files, options scored by log-likelihood (accuracy per model)"},
+    SFLD("reuse", F_BOOL, reuse, 0, 0, KB(STAGE_GENERATE),
+         "reuse the responses of an earlier generate with the same teacher, prompts, sampling and device (OUTPUT_DIR/.generate-cache)"),
     SFLD("min_margin", F_FLOAT, min_margin, 0, 1e6, KB(STAGE_PAIRS), "skip a prompt when best - worst score < this (nats/token)"),
     SFLD("unfinished_penalty", F_FLOAT, unfinished_penalty, 0, 1e6, KB(STAGE_PAIRS),
          "score penalty of a response without a stop token (cut at max length)"),
@@ -631,6 +633,7 @@ static void stage_defaults(StageSpec *s, StageKind kind, const OptimSpec *opt) {
     s->top_k = kind == STAGE_TEACHER_CACHE ? 64 : 0;
     s->batch_size = 8;
     s->samples_per_prompt = 1;
+    s->reuse = true;
     s->export_format = EXPORT_HF;
     s->export_dtype = EXPORT_BF16;
     s->shard_mb = 5000;

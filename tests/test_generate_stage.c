@@ -5,6 +5,8 @@
 // depend on the batch size; an interrupted run (generated.bin cut inside a record) resumes to the same data.
 // samples_per_prompt = 3: three documents per prompt in prompt-major order, sample 0 equal to the single-
 // sample run's response, the samples of a prompt not all equal, independent of the batch size, resumable.
+// reuse (the default; off above so that they generate): a second run with the same settings takes its
+// responses from OUTPUT_DIR/.generate-cache (shown by editing the cached file), other settings do not.
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -18,13 +20,14 @@
 #define MAXD 16
 
 static char g_dir[256];
+static const char *g_extra = "--set stage.generate.reuse=false";  // these checks are about generating
 
 static int run_bin_s(const char *bin, const char *recipe, const char *name, bool resume, int batch, int samples) {
     char cmd[2048];
     snprintf(cmd, sizeof cmd,
              "'%s' '%s' --quiet --set run.name=%s --set stage.generate.batch_size=%d "
-             "--set stage.generate.samples_per_prompt=%d %s >> %s/log.txt 2>&1",
-             bin, recipe, name, batch, samples, resume ? "--resume" : "", g_dir);
+             "--set stage.generate.samples_per_prompt=%d %s %s >> %s/log.txt 2>&1",
+             bin, recipe, name, batch, samples, g_extra, resume ? "--resume" : "", g_dir);
     int st = system(cmd);
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
@@ -200,6 +203,68 @@ int main(void) {
     Docs s3c;
     read_docs(all, &s3c);
     CHECK(same_docs(&s3, &s3c));
+
+    // reuse: run r1 fills the cache (one file) with run g's responses; its first response is then edited
+    // in the cached file, and run r2 (same settings, another run) gets the edited response; r3 with another
+    // temperature and r4 with reuse off generate their own
+    g_extra = "";
+    CHECK_EQ_I64(run_bin(bin, recipe, "r1", false, 2), 0);
+    Docs r1;
+    snprintf(all, sizeof all, "%s/runs/r1/01-generate/pseudo.all.h5", g_dir);
+    read_docs(all, &r1);
+    CHECK(same_docs(&a, &r1));
+    char cached[800] = "";
+    snprintf(cmd, sizeof cmd, "ls %s/runs/.generate-cache/*.bin 2>/dev/null | wc -l", g_dir);
+    FILE *ls = popen(cmd, "r");
+    int n_cached = -1;
+    CHECK(ls && fscanf(ls, "%d", &n_cached) == 1);
+    if (ls) pclose(ls);
+    CHECK_EQ_I64(n_cached, 1);
+    snprintf(cmd, sizeof cmd, "ls %s/runs/.generate-cache/*.bin", g_dir);
+    ls = popen(cmd, "r");
+    CHECK(ls && fscanf(ls, "%799s", cached) == 1);
+    if (ls) pclose(ls);
+    f = fopen(cached, "r+b");
+    int64_t h0[2] = {-1, 0};
+    CHECK(f && fread(h0, 8, 2, f) == 2 && h0[1] >= 1);
+    const int64_t first = h0[0] & 0xffffffffll;  // the prompt of the first cached record (batches go by length)
+    int32_t forty2[8] = {42, 42, 42, 42, 42, 42, 42, 42};
+    CHECK(f && h0[1] <= 8 && fseek(f, 16, SEEK_SET) == 0 && fwrite(forty2, 4, (size_t)h0[1], f) == (size_t)h0[1]);
+    if (f) fclose(f);
+    CHECK_EQ_I64(run_bin(bin, recipe, "r2", false, 2), 0);
+    Docs r2;
+    snprintf(all, sizeof all, "%s/runs/r2/01-generate/pseudo.all.h5", g_dir);
+    read_docs(all, &r2);
+    CHECK_EQ_I64(r2.docs, 5);
+    int edited = 0, same_rest = 0;
+    for (int64_t i = 0; i < 5 && r2.docs == 5 && a.docs == 5; i++) {
+        if (i == first) {
+            const int64_t resp = h0[1], np = r2.n[i] - resp;
+            bool ok = r2.n[i] == a.n[i] && !memcmp(r2.ids[i], a.ids[i], (size_t)np * 4);
+            for (int64_t j = np; ok && j < r2.n[i]; j++) ok = r2.ids[i][j] == 42;
+            edited += ok;
+        } else {
+            same_rest += r2.n[i] == a.n[i] && !memcmp(r2.ids[i], a.ids[i], (size_t)a.n[i] * 4);
+        }
+    }
+    CHECK_EQ_I64(edited, 1);
+    CHECK_EQ_I64(same_rest, 4);
+    snprintf(cmd, sizeof cmd,
+             "'%s' '%s' --quiet --set run.name=r3 --set stage.generate.batch_size=2 --set stage.generate.temperature=0.5 "
+             ">> %s/log.txt 2>&1",
+             bin, recipe, g_dir);
+    CHECK(system(cmd) == 0);
+    Docs r3;
+    snprintf(all, sizeof all, "%s/runs/r3/01-generate/pseudo.all.h5", g_dir);
+    read_docs(all, &r3);
+    CHECK_EQ_I64(r3.docs, 5);
+    CHECK(!same_docs(&r2, &r3));
+    g_extra = "--set stage.generate.reuse=false";
+    CHECK_EQ_I64(run_bin(bin, recipe, "r4", false, 2), 0);
+    Docs r4;
+    snprintf(all, sizeof all, "%s/runs/r4/01-generate/pseudo.all.h5", g_dir);
+    read_docs(all, &r4);
+    CHECK(same_docs(&a, &r4));
 
     tokenizer_free(tok);
     if (check_fail_ == 0) {
