@@ -161,7 +161,7 @@ typedef struct {
     int batch_size;
     int64_t max_prompts;   // 0 = all
     int samples_per_prompt;  // generate: responses per prompt, each its own RNG stream (default 1)
-    bool reuse;              // generate: reuse the responses of an identical earlier generate (OUTPUT_DIR/.generate-cache)
+    bool reuse;              // generate, pairs: reuse the progress file of an identical earlier stage (stage_reuse.h)
     // init
     int init_method;       // INIT_*
     // export

@@ -14,24 +14,22 @@
 // (seed, prompt, sample, token position)). Each is reproducible; they give different samples.
 // Resume: finished responses are appended (and fsynced) to STAGE_DIR/generated.bin after every batch; a
 // restarted stage keeps them and generates the rest. The shards are written once all jobs are done.
-// Reuse (`reuse = true`, the default): a finished generated.bin is also kept as
+// Reuse (`reuse = true`, the default; stage_reuse.h): a finished generated.bin is also kept as
 // OUTPUT_DIR/.generate-cache/KEY.bin, KEY a hash of everything the responses depend on (program version,
 // device, teacher file, tokenizer, the prompt token ids, samples per prompt, sampling settings, batch size,
 // seed). A later generate with the same KEY (e.g. the 25% recipe after the 50% one, or a run restarted
 // from scratch) starts from that file through the resume path above and generates nothing.
 #include <cjson/cJSON.h>
-#include <dirent.h>
 #include <errno.h>
 #include <math.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "distill/chat.h"
 #include "distill/engine.h"
 #include "distill/metrics.h"
 #include "distill/sample.h"
-#include "distill/sha256.h"
+#include "distill/stage_reuse.h"
 #include "distill/shards.h"
 #include "distill/stage_common.h"
 #ifdef DISTILL_CUDA
@@ -250,71 +248,22 @@ static int cmp_len(const void *a, const void *b, void *ctx) {
     return x < y ? -1 : x > y;
 }
 
-// A sample of a file's bytes for the cache key: its size and its first and last MiB (a whole 8B teacher
-// would take a minute to hash); a directory (HF model) contributes each regular file, in name order.
-static void hash_file_sample(Sha256 *h, const char *path, int depth) {
-    struct stat sb;
-    if (stat(path, &sb) != 0) {
-        sha256_update(h, "missing", 7);
-        return;
-    }
-    if (S_ISDIR(sb.st_mode) && depth == 0) {
-        struct dirent **ents = NULL;
-        int n = scandir(path, &ents, NULL, alphasort);
-        for (int i = 0; i < n; i++) {
-            if (ents[i]->d_name[0] != '.') {
-                char *f = dl_path_join(path, ents[i]->d_name);
-                sha256_update(h, ents[i]->d_name, strlen(ents[i]->d_name) + 1);
-                hash_file_sample(h, f, depth + 1);
-                free(f);
-            }
-            free(ents[i]);
-        }
-        free(ents);
-        return;
-    }
-    if (!S_ISREG(sb.st_mode)) return;
-    const int64_t size = sb.st_size, part = (int64_t)1 << 20;
-    sha256_update(h, &size, sizeof size);
-    FILE *f = fopen(path, "rb");
-    if (!f) return;
-    char *buf = dl_malloc((size_t)part);
-    for (int k = 0; k < 2; k++) {
-        const int64_t at = k == 0 ? 0 : DL_MAX((int64_t)0, size - part);
-        if (fseeko(f, (off_t)at, SEEK_SET) != 0) break;
-        const size_t got = fread(buf, 1, (size_t)part, f);
-        sha256_update(h, buf, got);
-    }
-    free(buf);
-    fclose(f);
-}
-
-// OUTPUT_DIR/.generate-cache/KEY.bin for this stage's jobs (newly allocated).
+// OUTPUT_DIR/.generate-cache/KEY.bin for this stage's jobs (stage_reuse.h; newly allocated).
 static char *cache_path(const RunContext *ctx, const StageSpec *st, const Tokenizer *tok, const Prompt *p, int64_t np,
                         int64_t S) {
-    const Recipe *rec = ctx->recipe;
-    Sha256 h;
-    sha256_init(&h);
+    ReuseKey k;
+    reuse_key_begin(&k, ctx, "generate");
     char head[512];
-    const int n = snprintf(head, sizeof head,
-                           "distill generate v1\nversion %s\ndevice %d\nseed %llu\nteacher_seed %lld\nsamples %lld\n"
-                           "max_new %lld\ntemperature %.17g\ntop_p %.17g\ntop_k %d\nbatch %d\ntokenizer %016llx\n",
-                           DISTILL_VERSION, ctx->device, (unsigned long long)ctx->seed, (long long)rec->teacher.seed,
-                           (long long)S, (long long)st->max_new_tokens, st->sample_temperature, st->top_p, st->top_k,
-                           st->batch_size, (unsigned long long)tokenizer_hash(tok));
-    sha256_update(&h, head, (size_t)n);
-    hash_file_sample(&h, rec->teacher.path, 0);
-    sha256_update(&h, &np, sizeof np);
+    const int n = snprintf(head, sizeof head, "samples %lld\nmax_new %lld\ntemperature %.17g\ntop_p %.17g\ntop_k %d\nbatch %d\n"
+                           "tokenizer %016llx\n", (long long)S, (long long)st->max_new_tokens, st->sample_temperature,
+                           st->top_p, st->top_k, st->batch_size, (unsigned long long)tokenizer_hash(tok));
+    reuse_key_add(&k, head, (size_t)n);
+    reuse_key_add(&k, &np, sizeof np);
     for (int64_t i = 0; i < np; i++) {
-        sha256_update(&h, &p[i].n, sizeof p[i].n);
-        sha256_update(&h, p[i].ids, (size_t)p[i].n * 4);
+        reuse_key_add(&k, &p[i].n, sizeof p[i].n);
+        reuse_key_add(&k, p[i].ids, (size_t)p[i].n * 4);
     }
-    uint8_t d[32];
-    char hex[65], name[64];
-    sha256_final(&h, d);
-    sha256_to_hex(d, hex);
-    snprintf(name, sizeof name, ".generate-cache/%.32s.bin", hex);
-    return dl_path_join(rec->run.output_dir, name);
+    return reuse_key_path(&k, ctx);
 }
 
 static int run_generate(RunContext *ctx, const StageSpec *st) {
@@ -373,10 +322,9 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
     bool reused = false;
     if (st->reuse) {
         cache = cache_path(ctx, st, tok, p, np, S);
-        if (dl_file_exists(cache)) {  // a finished generate with the same key: its responses, through resume
-            if (dl_copy_file(cache, gen_path, &e)) goto fail;
-            reused = true;
-        }
+        const int f = reuse_fetch(cache, gen_path, &e);  // a finished generate with the same key: its responses
+        if (f < 0) goto fail;
+        reused = f == 1;
     }
     int64_t done = ctx->resume || reused ? load_done(gen_path, jobs, np, S, &e) : 0;
     if (done < 0) goto fail;
@@ -528,13 +476,7 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
     progress_end(&prog);
     fclose(gf);
     gf = NULL;
-    if (cache && (!reused || done < nj)) {  // every job is done: keep the responses for an identical later stage
-        char *dir = dl_path_join(ctx->recipe->run.output_dir, ".generate-cache/");
-        DlError ce;
-        if (dl_mkdirs(dir, &ce) || dl_copy_file(gen_path, cache, &ce))
-            dl_warn("generate: the responses were not kept for reuse: %s", ce.msg);
-        free(dir);
-    }
+    if (cache && (!reused || done < nj)) reuse_keep(cache, gen_path, st->name);  // every job is done
     // the output data set: prompt + response, loss on the response (prompt-major, then sample)
     char name[300];
     snprintf(name, sizeof name, "%s.all.h5", outd->name);

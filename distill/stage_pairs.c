@@ -16,6 +16,10 @@
 // scores are appended to STAGE_DIR/scores.bin and fsynced, so a restarted stage keeps them, rescores only
 // unfinished chunks (exactly the same batches: bit-identical) and writes the same outputs.
 // The outputs are written under temporary names and renamed when complete.
+// Reuse (`reuse = true`, the default; stage_reuse.h): a complete scores.bin is kept as
+// OUTPUT_DIR/.pairs-cache/KEY.bin, KEY a hash of the documents, batch_size, the teacher, device and version; a
+// later pairs stage with the same KEY (the 25% demo after the 50% one) starts from it and scores nothing. The
+// penalties and min_margin act after scoring, so they may differ.
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <math.h>
@@ -26,6 +30,7 @@
 #include "distill/metrics.h"
 #include "distill/shards.h"
 #include "distill/stage_common.h"
+#include "distill/stage_reuse.h"
 
 #define REPEAT_N 4  // n-gram length of the repetition measure
 
@@ -210,7 +215,7 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
     int64_t nd = 0, n_bad = 0;
     ShardInfo info;
     char *pre = NULL, *shard = NULL, *out_path = NULL, *jpath = NULL, *jtmp = NULL;
-    char *spath = dl_path_join(ctx->stage_dir, "scores.bin");
+    char *spath = dl_path_join(ctx->stage_dir, "scores.bin"), *cache = NULL;
     FILE *sf = NULL, *jf = NULL;
     int64_t *order = NULL, *todo = NULL, *len = NULL, *from = NULL;
     const int32_t **rows = NULL;
@@ -290,23 +295,39 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
     for (int64_t i = 0; i < nd; i++)
         if (d[i].group >= 0 && g[d[i].group].n >= 2) todo[ntodo++] = i;
         else if (d[i].group >= 0) d[i].group = -2 - d[i].group;  // a single response: kept out of scoring
+    const int64_t B = st->batch_size > 0 ? st->batch_size : 8, CH = 4 * B;
     int64_t done = 0;
-    if (ctx->resume) {
+    if (!ctx->resume) unlink(spath);
+    bool reused = false;
+    if (st->reuse) {
+        ReuseKey k;
+        reuse_key_begin(&k, ctx, "pairs");
+        reuse_key_add(&k, &B, sizeof B);
+        reuse_key_add(&k, &nd, sizeof nd);
+        for (int64_t i = 0; i < nd; i++) {
+            const int64_t h[4] = {d[i].n, d[i].p, d[i].n_used, d[i].group >= 0};
+            reuse_key_add(&k, h, sizeof h);
+            reuse_key_add(&k, d[i].ids, (size_t)d[i].n * 4);
+        }
+        cache = reuse_key_path(&k, ctx);
+        const int f = reuse_fetch(cache, spath, &e);
+        if (f < 0) goto fail;
+        reused = f == 1;
+    }
+    if (ctx->resume || reused) {
         // single-response documents are never in scores.bin: mark them invalid while loading
         done = load_scores(spath, d, nd, &e);
         if (done < 0) {
             rc = DL_EXIT_INPUT;
             goto fail;
         }
-    } else {
-        unlink(spath);
+        if (reused) dl_info("%s: %lld scores reused from %s", st->name, (long long)done, cache);
     }
     sf = fopen(spath, "ab");
     if (!sf) {
         dl_fail(&e, "%s: cannot open: %s", spath, strerror(errno));
         goto fail;
     }
-    const int64_t B = st->batch_size > 0 ? st->batch_size : 8, CH = 4 * B;
     rows = dl_malloc((size_t)CH * sizeof *rows);
     len = dl_malloc((size_t)CH * sizeof *len), from = dl_malloc((size_t)CH * sizeof *from);
     sum = dl_malloc((size_t)CH * sizeof *sum);
@@ -365,6 +386,7 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
     progress_end(&prog);
     fclose(sf);
     sf = NULL;
+    if (cache && (!reused || done < ntodo)) reuse_keep(cache, spath, st->name);  // every response is scored
 
     // scores and decisions
     for (int64_t k = 0; k < ntodo; k++) {
@@ -465,7 +487,7 @@ out:
     if (sf) fclose(sf);
     docs_free(d, nd);
     free(order), free(todo), free(g), free(rows), free(len), free(from), free(sum);
-    free(pre), free(shard), free(out_path), free(jpath), free(jtmp), free(spath);
+    free(pre), free(shard), free(out_path), free(jpath), free(jtmp), free(spath), free(cache);
     tokenizer_free(tok);
     if (have_t) model_free(&t);
     return rc;

@@ -7,6 +7,8 @@
 //     response run alone through the CPU engine (float64 log-softmax), the stop token, the repeated 4-grams,
 //     the penalties, best vs worst per prompt, min_margin.
 //   * resume: scores.bin cut inside its second record, outputs removed, --resume: the same bytes.
+//   * reuse: a second run takes its scores from OUTPUT_DIR/.pairs-cache (shown by editing the cached file);
+//     with reuse = false it scores again, to the first run's decisions.
 //   * bad input: an invalid JSONL line (bad_records = "fail") stops the run with exit 3 naming FILE:LINE; a
 //     multi-turn record with bad_records = "fail" names the shard and document; a data set with one response
 //     per prompt is refused with a hint; so is a set where no prompt reaches min_margin (no
@@ -304,11 +306,11 @@ int main(void) {
     ShardReader *r0;
     int64_t before_pairs = -1;
     if (shard_open(&r0, out1, &e) == 0) before_pairs = shard_info(r0)->n_pairs, shard_close(r0);
-    snprintf(buf, sizeof buf, "cd %s/runs/p && rm -f 02-pairs-gen/DONE 02-pairs-gen/prefs.train.h5 02-pairs-gen/pairs.jsonl "
-             "03-pairs-chat/DONE 04-init/DONE 05-dpo/DONE 06-eval/DONE && rm -rf 04-init/ckpt* 05-dpo/ckpt*", g_dir);
+    snprintf(buf, sizeof buf, "rm -r %s/runs/.pairs-cache && cd %s/runs/p && rm -f 02-pairs-gen/DONE 02-pairs-gen/prefs.train.h5 02-pairs-gen/pairs.jsonl "
+             "03-pairs-chat/DONE 04-init/DONE 05-dpo/DONE 06-eval/DONE && rm -rf 04-init/ckpt* 05-dpo/ckpt*", g_dir, g_dir);
     CHECK(system(buf) == 0);
     clear_log();
-    rc = run_bin(bin, recipe, "p", "--resume");
+    rc = run_bin(bin, recipe, "p", "--resume");  // the resume path: the cache was removed
     CHECK_EQ_I64(rc, 0);
     {  // the kept record was loaded, not discarded: the 8 scores follow it (its chunk is rescored whole)
         FILE *g = fopen(sb, "rb");
@@ -318,7 +320,48 @@ int main(void) {
     }
     char *j2 = slurp(js1);
     CHECK(j1 && j2 && !strcmp(j1, j2));  // the same decisions and the same scores, to the last digit
-    free(j1), free(j2);
+    free(j2);
+
+    // reuse: the cached copy of run p's scores gets its last score changed; run q (same recipe) takes it
+    {
+        size_t orig_n = 0;
+        char *orig = dl_read_file(sb, &orig_n, &e);  // kept for reuse when the resumed stage finished
+        char cached[800] = "", line[800];
+        snprintf(buf, sizeof buf, "ls %s/runs/.pairs-cache/*.bin", g_dir);
+        FILE *ls = popen(buf, "r");
+        int n_cache = 0;
+        while (ls && fscanf(ls, "%799s", line) == 1) {
+            n_cache++;
+            size_t n;
+            DlError ce;
+            char *c = dl_read_file(line, &n, &ce);
+            if (c && orig && n == orig_n && !memcmp(c, orig, n)) snprintf(cached, sizeof cached, "%s", line);
+            free(c);
+        }
+        if (ls) pclose(ls);
+        CHECK_EQ_I64(n_cache, 2);  // pairs-gen and pairs-chat
+        CHECK(cached[0]);
+        const double low = -1e4;
+        FILE *g = fopen(cached, "r+b");
+        // the last record (the resumed file repeats its first document in a later record, which would win)
+        CHECK(g && orig_n >= 24 && fseek(g, (long)orig_n - 8, SEEK_SET) == 0 && fwrite(&low, 8, 1, g) == 1);
+        if (g) fclose(g);
+        CHECK_EQ_I64(run_bin(bin, recipe, "q", ""), 0);
+        snprintf(buf, sizeof buf, "%s/runs/q/02-pairs-gen/scores.bin", g_dir);
+        size_t nq;
+        char *sq = dl_read_file(buf, &nq, &e), *ed = dl_read_file(cached, &orig_n, &e);
+        CHECK(sq && ed && nq == orig_n && !memcmp(sq, ed, nq));
+        snprintf(buf, sizeof buf, "%s/runs/q/02-pairs-gen/pairs.jsonl", g_dir);
+        char *jq = slurp(buf);
+        CHECK(jq && j1 && strcmp(jq, j1));  // the edited score changed a decision or a printed score
+        free(sq), free(ed), free(jq);
+        CHECK_EQ_I64(run_bin(bin, recipe, "q2", "--set stage.pairs-gen.reuse=false"), 0);
+        snprintf(buf, sizeof buf, "%s/runs/q2/02-pairs-gen/pairs.jsonl", g_dir);
+        jq = slurp(buf);
+        CHECK(jq && j1 && !strcmp(jq, j1));
+        free(jq), free(orig);
+    }
+    free(j1);
     np = expected_pairs(in1, &t, stops, 1.0, 2.0, 0.001, pairs, 16, &d, &nd);
     CHECK_EQ_I64(np, before_pairs);
     check_pairs(out1, d, pairs, np);

@@ -1,0 +1,85 @@
+// stage_reuse.c: the cache of finished progress files (stage_reuse.h).
+#include "distill/stage_reuse.h"
+
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "distill/common.h"
+#include "distill/recipe.h"
+
+// A file's size and its first and last MiB; a directory (HF model) contributes each regular file in name order.
+static void hash_file_sample(Sha256 *h, const char *path, int depth) {
+    struct stat sb;
+    if (stat(path, &sb) != 0) {
+        sha256_update(h, "missing", 7);
+        return;
+    }
+    if (S_ISDIR(sb.st_mode) && depth == 0) {
+        struct dirent **ents = NULL;
+        const int n = scandir(path, &ents, NULL, alphasort);
+        for (int i = 0; i < n; i++) {
+            if (ents[i]->d_name[0] != '.') {
+                char *f = dl_path_join(path, ents[i]->d_name);
+                sha256_update(h, ents[i]->d_name, strlen(ents[i]->d_name) + 1);
+                hash_file_sample(h, f, depth + 1);
+                free(f);
+            }
+            free(ents[i]);
+        }
+        free(ents);
+        return;
+    }
+    if (!S_ISREG(sb.st_mode)) return;
+    const int64_t size = sb.st_size, part = (int64_t)1 << 20;
+    sha256_update(h, &size, sizeof size);
+    FILE *f = fopen(path, "rb");
+    if (!f) return;
+    char *buf = dl_malloc((size_t)part);
+    for (int k = 0; k < 2; k++) {
+        const int64_t at = k == 0 ? 0 : DL_MAX((int64_t)0, size - part);
+        if (fseeko(f, (off_t)at, SEEK_SET) != 0) break;
+        sha256_update(h, buf, fread(buf, 1, (size_t)part, f));
+    }
+    free(buf);
+    fclose(f);
+}
+
+void reuse_key_begin(ReuseKey *k, const RunContext *ctx, const char *kind) {
+    const Recipe *rec = ctx->recipe;
+    sha256_init(&k->h);
+    k->kind = kind;
+    char head[256];
+    const int n = snprintf(head, sizeof head, "distill %s v1\nversion %s\ndevice %d\nseed %llu\nteacher_seed %lld\n", kind,
+                           DISTILL_VERSION, ctx->device, (unsigned long long)ctx->seed, (long long)rec->teacher.seed);
+    sha256_update(&k->h, head, (size_t)n);
+    hash_file_sample(&k->h, rec->teacher.path, 0);
+}
+
+void reuse_key_add(ReuseKey *k, const void *data, size_t n) { sha256_update(&k->h, data, n); }
+
+char *reuse_key_path(ReuseKey *k, const RunContext *ctx) {
+    uint8_t d[32];
+    char hex[65], name[96];
+    sha256_final(&k->h, d);
+    sha256_to_hex(d, hex);
+    snprintf(name, sizeof name, ".%s-cache/%.32s.bin", k->kind, hex);
+    return dl_path_join(ctx->recipe->run.output_dir, name);
+}
+
+int reuse_fetch(const char *cache, const char *progress, DlError *e) {
+    if (!dl_file_exists(cache)) return 0;
+    return dl_copy_file(cache, progress, e) ? -1 : 1;
+}
+
+void reuse_keep(const char *cache, const char *progress, const char *stage_name) {
+    char *dir = dl_strdup(cache);
+    char *slash = strrchr(dir, '/');
+    if (slash) slash[1] = 0;
+    DlError e;
+    if (dl_mkdirs(dir, &e) || dl_copy_file(progress, cache, &e))
+        dl_warn("%s: not kept for reuse: %s", stage_name, e.msg);
+    free(dir);
+}
