@@ -55,6 +55,13 @@ static void read_docs(const char *path, Docs *d) {
     shard_close(r);
 }
 
+// The documents of run RUN's generate stage.
+static void run_docs(const char *run, Docs *d) {
+    char all[700];
+    snprintf(all, sizeof all, "%s/runs/%s/01-generate/pseudo.all.h5", g_dir, run);
+    read_docs(all, d);
+}
+
 static bool same_docs(const Docs *a, const Docs *b) {
     if (a->docs != b->docs) return false;
     for (int64_t i = 0; i < a->docs && i < MAXD; i++)
@@ -101,10 +108,8 @@ int main(void) {
     fclose(f);
 
     CHECK_EQ_I64(run_bin(bin, recipe, "g", false, 2), 0);
-    char all[700];
-    snprintf(all, sizeof all, "%s/runs/g/01-generate/pseudo.all.h5", g_dir);
     Docs a;
-    read_docs(all, &a);
+    run_docs("g", &a);
     CHECK_EQ_I64(a.docs, 5);
     // documents: the chat rendering (with the assistant header) + a response of 1..6 tokens, masked exactly
     Tokenizer *tok;
@@ -133,8 +138,7 @@ int main(void) {
     // batch size 1: the same responses (one RNG stream per prompt)
     CHECK_EQ_I64(run_bin(bin, recipe, "g1", false, 1), 0);
     Docs b;
-    snprintf(all, sizeof all, "%s/runs/g1/01-generate/pseudo.all.h5", g_dir);
-    read_docs(all, &b);
+    run_docs("g1", &b);
     CHECK(same_docs(&a, &b));
 
     // an interruption inside generated.bin: keep the first record and half of the next, drop the outputs
@@ -150,14 +154,13 @@ int main(void) {
     CHECK(system(cmd) == 0);
     CHECK_EQ_I64(run_bin(bin, recipe, "g1", true, 1), 0);
     Docs c;
-    read_docs(all, &c);
+    run_docs("g1", &c);
     CHECK(same_docs(&a, &c));
 
     // samples_per_prompt = 3: 15 documents, prompt-major; sample 0 = the single-sample response
     CHECK_EQ_I64(run_bin_s(bin, recipe, "s3", false, 4, 3), 0);
     Docs s3;
-    snprintf(all, sizeof all, "%s/runs/s3/01-generate/pseudo.all.h5", g_dir);
-    read_docs(all, &s3);
+    run_docs("s3", &s3);
     CHECK_EQ_I64(s3.docs, 15);
     int same0 = 0, prompt_ok = 0, differ = 0;
     for (int i = 0; i < 5 && s3.docs == 15; i++) {
@@ -184,8 +187,7 @@ int main(void) {
     // batch size 1: the same 15 documents; then an interruption inside generated.bin resumes to them
     CHECK_EQ_I64(run_bin_s(bin, recipe, "s3b", false, 1, 3), 0);
     Docs s3b;
-    snprintf(all, sizeof all, "%s/runs/s3b/01-generate/pseudo.all.h5", g_dir);
-    read_docs(all, &s3b);
+    run_docs("s3b", &s3b);
     CHECK(same_docs(&s3, &s3b));
     snprintf(gen, sizeof gen, "%s/runs/s3b/01-generate/generated.bin", g_dir);
     f = fopen(gen, "rb");
@@ -201,7 +203,7 @@ int main(void) {
     CHECK(system(cmd) == 0);
     CHECK_EQ_I64(run_bin_s(bin, recipe, "s3b", true, 1, 3), 0);
     Docs s3c;
-    read_docs(all, &s3c);
+    run_docs("s3b", &s3c);
     CHECK(same_docs(&s3, &s3c));
 
     // reuse: run r1 fills the cache (one file) with run g's responses; its first response is then edited
@@ -210,8 +212,7 @@ int main(void) {
     g_extra = "";
     CHECK_EQ_I64(run_bin(bin, recipe, "r1", false, 2), 0);
     Docs r1;
-    snprintf(all, sizeof all, "%s/runs/r1/01-generate/pseudo.all.h5", g_dir);
-    read_docs(all, &r1);
+    run_docs("r1", &r1);
     CHECK(same_docs(&a, &r1));
     char cached[800] = "";
     snprintf(cmd, sizeof cmd, "ls %s/runs/.generate-cache/*.bin 2>/dev/null | wc -l", g_dir);
@@ -233,8 +234,7 @@ int main(void) {
     if (f) fclose(f);
     CHECK_EQ_I64(run_bin(bin, recipe, "r2", false, 2), 0);
     Docs r2;
-    snprintf(all, sizeof all, "%s/runs/r2/01-generate/pseudo.all.h5", g_dir);
-    read_docs(all, &r2);
+    run_docs("r2", &r2);
     CHECK_EQ_I64(r2.docs, 5);
     int edited = 0, same_rest = 0;
     for (int64_t i = 0; i < 5 && r2.docs == 5 && a.docs == 5; i++) {
@@ -255,15 +255,13 @@ int main(void) {
              bin, recipe, g_dir);
     CHECK(system(cmd) == 0);
     Docs r3;
-    snprintf(all, sizeof all, "%s/runs/r3/01-generate/pseudo.all.h5", g_dir);
-    read_docs(all, &r3);
+    run_docs("r3", &r3);
     CHECK_EQ_I64(r3.docs, 5);
     CHECK(!same_docs(&r2, &r3));
     g_extra = "--set stage.generate.reuse=false";
     CHECK_EQ_I64(run_bin(bin, recipe, "r4", false, 2), 0);
     Docs r4;
-    snprintf(all, sizeof all, "%s/runs/r4/01-generate/pseudo.all.h5", g_dir);
-    read_docs(all, &r4);
+    run_docs("r4", &r4);
     CHECK(same_docs(&a, &r4));
 
     tokenizer_free(tok);
