@@ -154,13 +154,20 @@ int dl_mkdirs(const char *path, DlError *e) {
 }
 
 int dl_copy_file(const char *src, const char *dst, DlError *e) {
+    // a unique temporary name (mkstemp): two runs keeping the same file at once each write their own copy
     size_t n = strlen(dst);
-    char *tmp = dl_malloc(n + 5);
-    memcpy(tmp, dst, n), memcpy(tmp + n, ".tmp", 5);
-    FILE *in = fopen(src, "rb"), *out = in ? fopen(tmp, "wb") : NULL;
-    int rc = 0;
-    if (!in || !out) {
-        rc = dl_fail(e, "%s: cannot open: %s", in ? tmp : src, strerror(errno));
+    char *tmp = dl_malloc(n + 12);
+    memcpy(tmp, dst, n), memcpy(tmp + n, ".tmp.XXXXXX", 12);
+    FILE *in = fopen(src, "rb"), *out = NULL;
+    int rc = 0, fd = -1;
+    if (!in) {
+        rc = dl_fail(e, "%s: cannot open: %s", src, strerror(errno));
+        goto out;
+    }
+    if ((fd = mkstemp(tmp)) < 0 || fchmod(fd, 0644) != 0 || !(out = fdopen(fd, "wb"))) {  // mkstemp makes 0600
+        rc = dl_fail(e, "%s: cannot create: %s", tmp, strerror(errno));
+        if (fd >= 0) close(fd), unlink(tmp);
+        fd = -1;
         goto out;
     }
     char buf[1 << 16];

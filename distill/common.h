@@ -65,7 +65,8 @@ bool dl_file_exists(const char *path);
 bool dl_is_dir(const char *path);
 // mkdir -p; returns 0 or -1 with e filled.
 int dl_mkdirs(const char *path, DlError *e);
-// Copies src to dst through dst.tmp + fsync + rename, so dst is either absent, the old file or the whole copy.
+// Copies src to dst through a unique dst.tmp.XXXXXX + fsync + rename, so dst is either absent, the old file or
+// one whole copy.
 int dl_copy_file(const char *src, const char *dst, DlError *e);
 // Joins a and b with a '/', into a newly allocated string.
 char *dl_path_join(const char *a, const char *b);
