@@ -72,7 +72,8 @@ static int run_batch(const SpecEvalConfig *c, int64_t B, int64_t Lmax, const Gen
         wp.max_tokens = DL_MIN(T, 8), wp.k = c->ks[0];
         fill_batch(c, 0, B, Lmax, pr, pl);
         rng_init(&rng, 0, 0);
-        if (gen_plain(dt, pr, pl, Lmax, &wp, &rng, out, no, e) || gen_speculative(dt, dd, pr, pl, Lmax, &wp, &rng, out, no, NULL, e))
+        if (gen_plain(dt, pr, pl, Lmax, &wp, &rng, out, no, e) || gen_plain(dd, pr, pl, Lmax, &wp, &rng, out, no, e) ||
+            gen_speculative(dt, dd, pr, pl, Lmax, &wp, &rng, out, no, NULL, e))
             goto out;
     }
     double tp = 0;
@@ -85,6 +86,15 @@ static int run_batch(const SpecEvalConfig *c, int64_t B, int64_t Lmax, const Gen
         tp += dl_now() - t0, ntp += sum_i64(no, B);
         memcpy(ref + (s / B) * B * T, out, (size_t)(B * T) * sizeof(int32_t));
         memcpy(nref + (s / B) * B, no, (size_t)B * sizeof(int64_t));
+    }
+    double td = 0;  // the draft alone, the same prompts and batches: its cost per token
+    int64_t ntd = 0;
+    rng_init(&rng, 0, 0);
+    for (int64_t s = 0; s < nl; s += B) {
+        fill_batch(c, s, B, Lmax, pr, pl);
+        double t0 = dl_now();
+        if (gen_plain(dd, pr, pl, Lmax, &gp, &rng, out, no, e)) goto out;
+        td += dl_now() - t0, ntd += sum_i64(no, B);
     }
     for (int ki = 0; ki < c->nk; ki++) {
         SpecEvalRow *row = &rows[ki];
@@ -127,6 +137,9 @@ static int run_batch(const SpecEvalConfig *c, int64_t B, int64_t Lmax, const Gen
         row->plain_tps = (double)ntp / tp, row->spec_tps = (double)nts / ts;
         row->speedup = row->spec_tps / row->plain_tps;
         row->tokens_per_step = (double)acc.emitted / steps;
+        row->draft_tps = (double)ntd / td;
+        row->draft_cost = row->plain_tps / row->draft_tps;
+        row->model_speedup = row->tokens_per_step / (1 + gp.k * row->draft_cost);
         for (int i = 0; i < gp.k; i++) {
             row->acceptance[i] = (double)acc.accepted_at[i] / steps;
             row->acceptance_rate += (double)acc.accepted_at[i];
@@ -169,15 +182,15 @@ int spec_eval_run(const SpecEvalConfig *c, SpecEvalRow *rows, DlError *e) {
 }
 
 void spec_eval_print_header(FILE *f) {
-    fprintf(f, "%5s %3s %10s %10s %8s %8s %7s %7s  %s\n", "batch", "k", "plain t/s", "spec t/s", "speedup", "tok/step", "accept",
-            "same", "acceptance per draft position");
+    fprintf(f, "%5s %3s %10s %10s %8s %8s %7s %7s %6s %6s  %s\n", "batch", "k", "plain t/s", "spec t/s", "speedup", "tok/step",
+            "accept", "same", "cost", "model", "acceptance per draft position");
 }
 
 void spec_eval_print_row(FILE *f, const SpecEvalRow *r) {
     char sm[48] = "-";
     if (r->same >= 0) snprintf(sm, sizeof sm, "%lld/%lld", (long long)r->same, (long long)r->sequences);
-    fprintf(f, "%5lld %3d %10.1f %10.1f %7.2fx %8.2f %7.3f %7s ", (long long)r->batch, r->k, r->plain_tps, r->spec_tps,
-            r->speedup, r->tokens_per_step, r->acceptance_rate, sm);
+    fprintf(f, "%5lld %3d %10.1f %10.1f %7.2fx %8.2f %7.3f %7s %6.3f %5.2fx ", (long long)r->batch, r->k, r->plain_tps,
+            r->spec_tps, r->speedup, r->tokens_per_step, r->acceptance_rate, sm, r->draft_cost, r->model_speedup);
     for (int i = 0; i < r->k; i++) fprintf(f, " %.2f", r->acceptance[i]);
     fputc('\n', f);
     for (int i = 0; i < r->n_div; i++) {
@@ -202,6 +215,9 @@ cJSON *spec_eval_row_json(const SpecEvalRow *r) {
     add_num(o, "speedup", r->speedup, 1e4);
     add_num(o, "tokens_per_step", r->tokens_per_step, 1e4);
     add_num(o, "acceptance_rate", r->acceptance_rate, 1e4);
+    add_num(o, "draft_tokens_per_s", r->draft_tps, 1e3);
+    add_num(o, "draft_cost", r->draft_cost, 1e4);
+    add_num(o, "model_speedup", r->model_speedup, 1e4);
     if (r->same >= 0) {
         cJSON_AddNumberToObject(o, "greedy_equal_sequences", (double)r->same);
         cJSON_AddNumberToObject(o, "sequences", (double)r->sequences);

@@ -7,6 +7,8 @@
 // Per (B, K) row: plain and speculative tokens/s, speedup, mean tokens per target step, the acceptance rate
 // (accepted / proposed draft tokens), the fraction of verification steps that accepted draft position i, and
 // with greedy decoding how many sequences equal the plain output token for token (exactness: all of them).
+// Also the draft's cost per token relative to the target's (its own plain generation timed the same way) and the
+// speedup that acceptance and cost allow, tokens_per_step / (1 + K cost): what a better draft must change.
 #pragma once
 #include <stdint.h>
 #include <stdio.h>
@@ -59,6 +61,10 @@ typedef struct {
     int k;
     double plain_tps, spec_tps, speedup;  // tokens/s (generated tokens of the whole batch / wall time)
     double tokens_per_step;               // emitted tokens per target verification step (1 .. K+1)
+    double draft_tps;                     // the draft's own plain generation, tokens/s (same prompts and batch)
+    double draft_cost;                    // plain_tps / draft_tps: one draft token's time in target tokens
+    double model_speedup;                 // tokens_per_step / (1 + K draft_cost): the speedup if verifying K + 1
+                                          // tokens cost one plain target step (measured below it: verification cost)
     double acceptance_rate;               // accepted draft tokens / proposed
     double acceptance[SPEC_MAX_K];        // [k]: fraction of steps that accepted draft position i
     int64_t same, sequences;              // greedy: sequences equal to the plain output; same = -1 when sampled

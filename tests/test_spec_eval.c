@@ -6,7 +6,8 @@
 //   c = 1 (y[0] comes from the prefill); while c < T: one step; j = matches g[c+i] == y[c+i], i < K;
 //   accepted_at[0..j) += 1; emitted += j + 1; c += j + 1.
 // Checked exactly for K 1..4 and two drafts (cuts of a random 4-layer teacher, one with intermediate
-// acceptance), plus the exactness count (greedy speculative = plain in every sequence) and bad configurations.
+// acceptance), plus the exactness count (greedy speculative = plain in every sequence), the draft's cost and the
+// model speedup derived from it, and bad configurations.
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -131,6 +132,9 @@ int main(void) {
             for (int a = 0; a < K; a++) printf(" %.3f", r->acceptance[a]);
             printf("\n");
             CHECK(r->plain_tps > 0 && r->spec_tps > 0 && fabs(r->speedup - r->spec_tps / r->plain_tps) < 1e-9);
+            // the draft's cost per token and the speedup it allows
+            CHECK(r->draft_tps > 0 && fabs(r->draft_cost - r->plain_tps / r->draft_tps) < 1e-9);
+            CHECK(fabs(r->model_speedup - r->tokens_per_step / (1 + K * r->draft_cost)) < 1e-9);
         }
         free(dr.params), reg_free(&dr.reg);
     }
