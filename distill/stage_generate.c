@@ -378,7 +378,7 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
     progress_begin(&prog, st->name, done, nj);
     int64_t n_gen = done, new_tokens = 0;
     double t0 = dl_now();
-    if (done) dl_info("generate: %lld of %lld responses kept from the interrupted run", (long long)done, (long long)nj);
+    if (done && !reused) dl_info("generate: %lld of %lld responses kept from the interrupted run", (long long)done, (long long)nj);
     for (int64_t k = 0; k < todo;) {
         if (run_should_stop(ctx)) {
             rc = DL_EXIT_INTERRUPTED;

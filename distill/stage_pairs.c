@@ -343,9 +343,9 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
         rc = DL_EXIT_INPUT;
         goto fail;
     }
-    dl_info("%s: %lld documents, %lld prompts with >= 2 responses (%lld responses to score, %lld kept from the "
-            "interrupted run), %lld with one, %lld bad documents skipped", st->name, (long long)nd,
-            (long long)(ng - n_single), (long long)ntodo, (long long)done, (long long)n_single, (long long)n_bad);
+    dl_info("%s: %lld documents, %lld prompts with >= 2 responses (%lld responses to score, %lld %s), %lld with one, "
+            "%lld bad documents skipped", st->name, (long long)nd, (long long)(ng - n_single), (long long)ntodo, (long long)done,
+            reused ? "reused" : "kept from the interrupted run", (long long)n_single, (long long)n_bad);
     EvalModel em = {&t.hc, &t.reg, t.params, stage_device(ctx)};
     Progress prog;
     progress_begin(&prog, st->name, done, ntodo);
