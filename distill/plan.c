@@ -411,9 +411,9 @@ static const char *what_stage_does(const Recipe *r, const StageSpec *st, char *b
     const char *d = st->data ? st->data : "-";
     switch (st->kind) {
     case STAGE_GENERATE:
-        snprintf(buf, n, "the teacher answers the prompts of '%s' -> data '%s' (up to %d new tokens, temperature %g%s)", d,
-                 st->output ? st->output : "?", st->max_new_tokens, st->sample_temperature,
-                 st->max_prompts ? ", first prompts only" : "");
+        snprintf(buf, n, "the teacher answers the prompts of '%s' -> %s '%s' (up to %d new tokens, temperature %g%s)", d,
+                 st->as_prompts ? "its answers become prompts of" : "data", st->output ? st->output : "?", st->max_new_tokens,
+                 st->sample_temperature, st->max_prompts ? ", first prompts only" : "");
         break;
     case STAGE_TEACHER_CACHE: snprintf(buf, n, "cache the teacher's top-%d logits over '%s'", st->top_k, d); break;
     case STAGE_INIT:

@@ -198,6 +198,8 @@ static const Field STAGE_FIELDS[] = {
     SFLD("max_sequences", F_INT, max_sequences, 0, 1e15, KB(STAGE_EVAL), "sequences evaluated per set (0: all)"),
     {"choice", F_STRLIST, offsetof(StageSpec, choice_sets), offsetof(StageSpec, n_choice_sets), 0, 0, false, NULL, KB(STAGE_EVAL),
      "multiple-choice JSONL files, options scored by log-likelihood (accuracy per model)"},
+    SFLD("as_prompts", F_BOOL, as_prompts, 0, 0, KB(STAGE_GENERATE),
+         "the responses become prompts (one user message each, deduplicated) that a later generate stage reads: teacher-written prompts"),
     SFLD("reuse", F_BOOL, reuse, 0, 0, KB(STAGE_GENERATE) | KB(STAGE_PAIRS),
          "reuse the responses (generate) or teacher scores (pairs) of an identical earlier stage (OUTPUT_DIR/.KIND-cache)"),
     SFLD("min_margin", F_FLOAT, min_margin, 0, 1e6, KB(STAGE_PAIRS), "skip a prompt when best - worst score < this (nats/token)"),
@@ -1155,7 +1157,7 @@ static void check_stages(Ctx *c) {
                 else if (r->data[di].produced_by >= 0)
                     err_v(c, stage_val(r, s, "output"), "data set '%s' is written by two stages ('%s' and '%s')", s->output,
                           r->stages[r->data[di].produced_by].name, s->name);
-                else if (r->data[di].n_sources)
+                else if (r->data[di].n_sources && !s->as_prompts)  // a prompt set: its sources, then what the stage writes
                     err_v(c, stage_val(r, s, "output"), "stage '%s' writes data set '%s', which already has sources: drop them",
                           s->name, s->output);
                 else {
@@ -1205,6 +1207,12 @@ static void check_stages(Ctx *c) {
             DataSpec *d = &r->data[di];
             if (d->produced_by >= i)
                 err_v(c, pos, "stage '%s' uses data '%s' before stage '%s' writes it", s->name, d->name, r->stages[d->produced_by].name);
+            if (s->kind == STAGE_GENERATE && d->produced_by >= 0 && d->produced_by < i && !r->stages[d->produced_by].as_prompts)
+                err_v(c, pos, "stage '%s' (generate) reads prompts, but '%s' holds prompt + response documents from stage '%s' "
+                      "(as_prompts = true there makes its responses a prompt set)", s->name, d->name, r->stages[d->produced_by].name);
+            if (d->produced_by >= 0 && d->produced_by < i && r->stages[d->produced_by].as_prompts && s->kind != STAGE_GENERATE)
+                err_v(c, pos, "stage '%s' (%s) cannot use '%s': it is a prompt set (written by stage '%s' with as_prompts), "
+                      "read only by generate stages", s->name, KIND_NAMES[s->kind], d->name, r->stages[d->produced_by].name);
             if (s->kind == STAGE_DPO && d->format != FMT_PREFERENCE)
                 err_v(c, pos, "stage '%s' (dpo) needs a data set with format = \"preference\"; '%s' is %s", s->name, d->name,
                       FORMAT_CHOICES[d->format]);

@@ -162,6 +162,7 @@ typedef struct {
     int64_t max_prompts;   // 0 = all
     int samples_per_prompt;  // generate: responses per prompt, each its own RNG stream (default 1)
     bool reuse;              // generate, pairs: reuse the progress file of an identical earlier stage (stage_reuse.h)
+    bool as_prompts;         // generate: the responses become a prompt set (STAGE_DIR/OUTPUT.prompts.jsonl) for a later generate
     // init
     int init_method;       // INIT_*
     // export

@@ -9,6 +9,8 @@
 // prompt lengths (sorted by length; the decoder keeps a length per sequence: decoder_feed_ragged), with
 // temperature / top-p / top-k sampling from one RNG stream per job, so the output does not depend on
 // batching or on interruptions.
+// as_prompts = true: the responses become prompts instead of documents (write_prompt_set: teacher-written
+// prompts), STAGE_DIR/OUTPUT.prompts.jsonl, which a later generate stage reads after OUTPUT's own sources.
 // Devices: run.device = "cpu" decodes with the CPU Decoder (engine.h) and sample.h (rng.h stream per job);
 // "cuda" with DecoderCuda and the GPU sampler (kernels/engine/decode_cuda.h: counter-based draws keyed by
 // (seed, prompt, sample, token position)). Each is reproducible; they give different samples.
@@ -109,6 +111,20 @@ out:
     return rc;
 }
 
+static void files_free(char **f, int n) {
+    for (int i = 0; i < n; i++) free(f[i]);
+    free(f);
+}
+
+// STAGE_DIR/NAME.prompts.jsonl of the generate stage that writes prompt set ds (as_prompts; newly allocated).
+static char *written_prompts_path(const RunContext *ctx, const DataSpec *ds) {
+    char *dir = run_stage_dir(ctx, ds->produced_by), name[300];
+    snprintf(name, sizeof name, "%s.prompts.jsonl", ds->name);
+    char *p = dl_path_join(dir, name);
+    free(dir);
+    return p;
+}
+
 static int read_prompts(const RunContext *ctx, const StageSpec *st, const DataSpec *ds, const Tokenizer *tok,
                         Prompt **out, int64_t *n_out, DlError *e) {
     ChatFamily fam = CHAT_CHATML;
@@ -117,9 +133,14 @@ static int read_prompts(const RunContext *ctx, const StageSpec *st, const DataSp
     int64_t cap = 64, n = 0, limit = st->max_prompts > 0 ? st->max_prompts : INT64_MAX, bad = 0;
     if (ds->max_records > 0 && ds->max_records < limit) limit = ds->max_records;
     Prompt *p = dl_calloc((size_t)cap, sizeof *p);
-    for (int s = 0; s < ds->n_sources && n < limit; s++) {
+    // the files: the sources, then for a prompt set written by an earlier generate stage (as_prompts) its file
+    const int nf = ds->n_sources + (ds->produced_by >= 0);
+    char **files = dl_calloc((size_t)nf + 1, sizeof *files);
+    for (int s = 0; s < ds->n_sources; s++) files[s] = dl_strdup(ds->sources[s]);
+    if (ds->produced_by >= 0) files[nf - 1] = written_prompts_path(ctx, ds);
+    for (int s = 0; s < nf && n < limit; s++) {
         size_t len;
-        char *text = dl_read_file(ds->sources[s], &len, e);
+        char *text = dl_read_file(files[s], &len, e);
         if (!text) goto fail;
         if (ds->format == FMT_TEXT) {  // the whole file is one prompt
             Prompt q = {0};
@@ -146,11 +167,11 @@ static int read_prompts(const RunContext *ctx, const StageSpec *st, const DataSp
             }
             if (r == 0) {
                 if (ds->bad_records == BAD_FAIL) {
-                    dl_fail(e, "%s:%lld: %s", ds->sources[s], (long long)lineno, why);
+                    dl_fail(e, "%s:%lld: %s", files[s], (long long)lineno, why);
                     free(text);
                     goto fail;
                 }
-                if (bad++ < 5) dl_warn("%s:%lld: %s; skipped", ds->sources[s], (long long)lineno, why);
+                if (bad++ < 5) dl_warn("%s:%lld: %s; skipped", files[s], (long long)lineno, why);
                 continue;
             }
             if (n == cap) p = dl_realloc(p, (size_t)(cap *= 2) * sizeof *p);
@@ -165,9 +186,10 @@ static int read_prompts(const RunContext *ctx, const StageSpec *st, const DataSp
     }
     *out = p;
     *n_out = n;
-    (void)ctx;
+    files_free(files, nf);
     return 0;
 fail:
+    files_free(files, nf);
     prompts_free(p, n);
     return -1;
 }
@@ -264,6 +286,91 @@ static char *cache_path(const RunContext *ctx, const StageSpec *st, const Tokeni
         reuse_key_add(&k, p[i].ids, (size_t)p[i].n * 4);
     }
     return reuse_key_path(&k, ctx);
+}
+
+// as_prompts: each response, decoded without its stop token and trimmed, becomes one prompt {"messages": [{"role": "user", "content": TEXT}]} of
+// STAGE_DIR/OUTPUT.prompts.jsonl, in job order; repeats (same text after lowercasing and dropping all but letters
+// and digits) and empty texts are dropped. Written to a temporary name and renamed.
+static uint64_t norm_hash(const char *t) {
+    uint64_t h = 1469598103934665603ull;
+    int any = 0;
+    for (const unsigned char *c = (const unsigned char *)t; *c; c++) {
+        unsigned char x = *c;
+        if (x >= 'A' && x <= 'Z') x = (unsigned char)(x - 'A' + 'a');
+        if (!((x >= 'a' && x <= 'z') || (x >= '0' && x <= '9') || x >= 0x80)) continue;
+        h = (h ^ x) * 1099511628211ull, any = 1;
+    }
+    return any ? (h ? h : 1) : 0;  // 0: nothing but punctuation and space
+}
+
+static int write_prompt_set(const RunContext *ctx, const StageSpec *st, const DataSpec *outd, const Tokenizer *tok,
+                            const Job *jobs, int64_t nj, const int32_t stops[3], DlError *e) {
+    char name[300];
+    snprintf(name, sizeof name, "%s.prompts.jsonl", outd->name);
+    char *path = dl_path_join(ctx->stage_dir, name), *tmp = dl_malloc(strlen(path) + 5);
+    sprintf(tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "wb");
+    int64_t cap = 1, n_out = 0, n_cut = 0, n_empty = 0, n_dup = 0;
+    while (cap < 2 * nj + 2) cap *= 2;
+    uint64_t *seen = dl_calloc((size_t)cap, sizeof *seen);  // open addressing on the normalized-text hash
+    int rc = 0;
+    if (!f) {
+        rc = dl_fail(e, "%s: cannot create: %s", tmp, strerror(errno));
+        goto out;
+    }
+    for (int64_t j = 0; j < nj; j++) {
+        const Job *jb = &jobs[j];
+        if (jb->n_resp <= 0) continue;
+        const int32_t last = jb->resp[jb->n_resp - 1];
+        const bool stopped = last == stops[0] || last == stops[1] || last == stops[2];
+        n_cut += !stopped;
+        char *text = NULL;
+        size_t len = 0;
+        if (tokenizer_decode(tok, jb->resp, jb->n_resp - !!stopped, &text, &len)) {
+            rc = dl_fail(e, "%s: cannot decode response %lld", st->name, (long long)j);
+            goto out;
+        }
+        char *a = text, *b = text + len;
+        while (a < b && (*a == ' ' || *a == '\n' || *a == '\t' || *a == '\r')) a++;
+        while (b > a && (b[-1] == ' ' || b[-1] == '\n' || b[-1] == '\t' || b[-1] == '\r')) b--;
+        *b = 0;
+        const uint64_t h = norm_hash(a);
+        bool dup = false;
+        if (h) {
+            int64_t k = (int64_t)(h & (uint64_t)(cap - 1));
+            while (seen[k] && seen[k] != h) k = (k + 1) & (cap - 1);
+            dup = seen[k] == h;
+            seen[k] = h;
+        }
+        if (!h) n_empty++;
+        else if (dup) n_dup++;
+        else {
+            cJSON *o = cJSON_CreateObject(), *m = cJSON_AddArrayToObject(o, "messages"), *u = cJSON_CreateObject();
+            cJSON_AddStringToObject(u, "role", "user");
+            cJSON_AddStringToObject(u, "content", a);
+            cJSON_AddItemToArray(m, u);
+            char *js = cJSON_PrintUnformatted(o);
+            if (fprintf(f, "%s\n", js) < 0) rc = dl_fail(e, "%s: write failed: %s", tmp, strerror(errno));
+            free(js);
+            cJSON_Delete(o);
+            n_out++;
+        }
+        free(text);
+        if (rc) goto out;
+    }
+    if (fflush(f) || fsync(fileno(f))) rc = dl_fail(e, "%s: write failed: %s", tmp, strerror(errno));
+out:
+    if (f && fclose(f) && !rc) rc = dl_fail(e, "%s: write failed: %s", tmp, strerror(errno));
+    if (!rc && n_out == 0)
+        rc = dl_fail(e, "%s: no usable prompt among %lld responses (%lld empty, %lld repeated)", st->name, (long long)nj,
+                     (long long)n_empty, (long long)n_dup);
+    if (!rc && rename(tmp, path) != 0) rc = dl_fail(e, "%s -> %s: cannot rename: %s", tmp, path, strerror(errno));
+    if (rc) unlink(tmp);
+    else
+        dl_info("generate: %lld prompts written to %s (of %lld responses: %lld empty, %lld repeated dropped; %lld cut at "
+                "max_new_tokens kept)", (long long)n_out, path, (long long)nj, (long long)n_empty, (long long)n_dup, (long long)n_cut);
+    free(seen), free(path), free(tmp);
+    return rc;
 }
 
 static int run_generate(RunContext *ctx, const StageSpec *st) {
@@ -477,6 +584,11 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
     fclose(gf);
     gf = NULL;
     if (cache && (!reused || done < nj)) reuse_keep(cache, gen_path, st->name);  // every job is done
+    if (st->as_prompts) {  // teacher-written prompts for a later generate stage, instead of documents
+        if (write_prompt_set(ctx, st, outd, tok, jobs, nj, stops, &e)) goto fail;
+        rc = DL_EXIT_OK;
+        goto out;
+    }
     // the output data set: prompt + response, loss on the response (prompt-major, then sample)
     char name[300];
     snprintf(name, sizeof name, "%s.all.h5", outd->name);

@@ -7,9 +7,14 @@
 // sample run's response, the samples of a prompt not all equal, independent of the batch size, resumable.
 // reuse (the default; off above so that they generate): a second run with the same settings takes its
 // responses from OUTPUT_DIR/.generate-cache (shown by editing the cached file), other settings do not.
+// as_prompts: a generate stage's responses become prompts (trimmed, deduplicated, each one of the responses in
+// generated.bin) that a later generate stage answers after the prompt set's own sources; no other stage kind
+// may use such a set.
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include <cjson/cJSON.h>
 
 #include "distill/chat.h"
 #include "distill/shards.h"
@@ -263,6 +268,104 @@ int main(void) {
     Docs r4;
     run_docs("r4", &r4);
     CHECK(same_docs(&a, &r4));
+
+    // as_prompts: stage 'write' turns 2 responses per prompt into prompts; stage 'answer' answers the set: its own
+    // source (the 5 prompts), then the written ones in file order
+    char sp[600];
+    snprintf(sp, sizeof sp, "%s/sp.toml", g_dir);
+    f = fopen(sp, "w");
+    fprintf(f,
+            "[run]\nname = \"sp\"\noutput_dir = \"%s/runs\"\nseed = 3\n\n[teacher]\npath = \"%s/teacher.json\"\n\n"
+            "[tokenizer]\npath = \"%s/%s\"\n\n[hybrid]\nattn_fraction = 0.5\n\n"
+            "[data.prompts]\nsources = [\"%s/prompts.jsonl\"]\nformat = \"chat\"\nseq_len = 64\n\n"
+            "[data.made]\nsources = [\"%s/prompts.jsonl\"]\nformat = \"chat\"\nseq_len = 64\n\n"
+            "[data.pseudo]\nseq_len = 32\nholdout = 0.2\n\n"
+            "[[stage]]\nkind = \"generate\"\nname = \"write\"\ndata = \"prompts\"\noutput = \"made\"\nas_prompts = true\n"
+            "max_new_tokens = 6\ntemperature = 1.0\ntop_p = 1.0\nsamples_per_prompt = 2\nbatch_size = 4\n\n"
+            "[[stage]]\nkind = \"generate\"\nname = \"answer\"\ndata = \"made\"\noutput = \"pseudo\"\nmax_new_tokens = 4\n"
+            "temperature = 0.8\nbatch_size = 4\n",
+            g_dir, g_dir, cwd, GGUF, g_dir, g_dir);
+    fclose(f);
+    snprintf(cmd, sizeof cmd, "'%s' '%s' --quiet >> %s/log.txt 2>&1", bin, sp, g_dir);
+    CHECK(system(cmd) == 0);
+    {
+        // the responses of 'write', decoded without a final stop token and trimmed
+        char texts[10][256];
+        int nt = 0;
+        snprintf(gen, sizeof gen, "%s/runs/sp/01-write/generated.bin", g_dir);
+        f = fopen(gen, "rb");
+        int64_t rh[2];
+        int32_t ids[64];
+        while (f && nt < 10 && fread(rh, 8, 2, f) == 2 && rh[1] <= 64 && fread(ids, 4, (size_t)rh[1], f) == (size_t)rh[1]) {
+            int64_t n = rh[1];
+            if (n && (ids[n - 1] == tokenizer_eos(tok) || ids[n - 1] == tokenizer_token_id(tok, "<|im_end|>"))) n--;
+            char *t;
+            size_t len;
+            CHECK(tokenizer_decode(tok, ids, n, &t, &len) == 0);
+            char *x = t, *y = t + len;
+            while (x < y && strchr(" \n\t\r", *x)) x++;
+            while (y > x && strchr(" \n\t\r", y[-1])) y--;
+            snprintf(texts[nt++], sizeof texts[0], "%.*s", (int)(y - x), x);
+            free(t);
+        }
+        if (f) fclose(f);
+        CHECK_EQ_I64(nt, 10);
+        // the written prompt set: each line one of those texts, none twice
+        char mp[700];
+        snprintf(mp, sizeof mp, "%s/runs/sp/01-write/made.prompts.jsonl", g_dir);
+        size_t ml;
+        char *mt = dl_read_file(mp, &ml, &e), *contents[10];
+        int nl = 0, member = 0, distinct = 1;
+        for (char *sv = NULL, *ln = mt ? strtok_r(mt, "\n", &sv) : NULL; ln && nl < 10; ln = strtok_r(NULL, "\n", &sv)) {
+            cJSON *o = cJSON_Parse(ln);
+            const cJSON *m = o ? cJSON_GetArrayItem(cJSON_GetObjectItem(o, "messages"), 0) : NULL;
+            const cJSON *r = m ? cJSON_GetObjectItem(m, "role") : NULL, *c = m ? cJSON_GetObjectItem(m, "content") : NULL;
+            CHECK(cJSON_IsString(r) && !strcmp(r->valuestring, "user") && cJSON_IsString(c) && *c->valuestring);
+            contents[nl] = dl_strdup(cJSON_IsString(c) ? c->valuestring : "");
+            for (int k = 0; k < nt; k++)
+                if (!strcmp(contents[nl], texts[k])) {
+                    member++;
+                    break;
+                }
+            for (int k = 0; k < nl; k++) distinct &= strcmp(contents[k], contents[nl]) != 0;
+            nl++;
+            cJSON_Delete(o);
+        }
+        CHECK(nl >= 8);  // 6 random tokens from a 49k vocabulary: repeats or empty texts are rare
+        CHECK_EQ_I64(member, nl);
+        CHECK(distinct);
+        // 'answer': the 5 source prompts, then the written ones, each rendered as a chat prompt
+        Docs sd;
+        char all[700];
+        snprintf(all, sizeof all, "%s/runs/sp/02-answer/pseudo.all.h5", g_dir);
+        read_docs(all, &sd);
+        CHECK_EQ_I64(sd.docs, 5 + nl);
+        int rendered = 0;
+        for (int i = 0; i < nl && 5 + i < sd.docs && 5 + i < MAXD; i++) {
+            ChatMessage m = {"user", contents[i]};
+            int32_t *rid;
+            int64_t rn;
+            chat_render(tok, fam, &m, 1, true, &rid, NULL, &rn, &e);
+            rendered += rn < sd.n[5 + i] && !memcmp(rid, sd.ids[5 + i], (size_t)rn * 4);
+            free(rid);
+        }
+        CHECK_EQ_I64(rendered, DL_MIN(nl, MAXD - 5));
+        for (int i = 0; i < nl; i++) free(contents[i]);
+        free(mt);
+    }
+    // only a generate stage reads a prompt set; a generate stage does not read prompt + response documents
+    snprintf(cmd, sizeof cmd,
+             "cp '%s' %s/bad1.toml && printf '\\n[[stage]]\\nkind = \"init\"\\n\\n[[stage]]\\nkind = \"layerwise\"\\ndata = \"made\"\\n"
+             "steps = 1\\n' >> %s/bad1.toml && '%s' %s/bad1.toml --dry-run > %s/bad1.log 2>&1; test $? = 3 && "
+             "grep -q \"cannot use 'made': it is a prompt set\" %s/bad1.log",
+             sp, g_dir, g_dir, bin, g_dir, g_dir, g_dir);
+    CHECK(system(cmd) == 0);
+    snprintf(cmd, sizeof cmd,
+             "cp '%s' %s/bad2.toml && printf '\\n[data.more]\\nseq_len = 32\\n\\n[[stage]]\\nkind = \"generate\"\\nname = \"again\"\\n"
+             "data = \"pseudo\"\\noutput = \"more\"\\n' >> %s/bad2.toml && '%s' %s/bad2.toml --dry-run > %s/bad2.log 2>&1; "
+             "test $? = 3 && grep -q \"holds prompt + response documents\" %s/bad2.log",
+             sp, g_dir, g_dir, bin, g_dir, g_dir, g_dir);
+    CHECK(system(cmd) == 0);
 
     tokenizer_free(tok);
     if (check_fail_ == 0) {
