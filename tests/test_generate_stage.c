@@ -75,6 +75,20 @@ static bool same_docs(const Docs *a, const Docs *b) {
     return true;
 }
 
+// A recipe file with the run (NAME), the random-weight teacher, the SmolLM2 tokenizer, the prompts and the
+// output set 'pseudo'; the caller adds data sets and stages, and closes it.
+static FILE *recipe_head(const char *path, const char *name, const char *cwd) {
+    FILE *f = fopen(path, "w");
+    if (!f) return NULL;
+    fprintf(f,
+            "[run]\nname = \"%s\"\noutput_dir = \"%s/runs\"\nseed = 3\n\n[teacher]\npath = \"%s/teacher.json\"\n\n"
+            "[tokenizer]\npath = \"%s/%s\"\n\n[hybrid]\nattn_fraction = 0.5\n\n"
+            "[data.prompts]\nsources = [\"%s/prompts.jsonl\"]\nformat = \"chat\"\nseq_len = 64\n\n"
+            "[data.pseudo]\nseq_len = 32\nholdout = 0.2\n\n",
+            name, g_dir, g_dir, cwd, GGUF, g_dir);
+    return f;
+}
+
 int main(void) {
     const char *bin = getenv("DISTILL_BIN");
     if (!bin || access(GGUF, R_OK)) {
@@ -101,15 +115,9 @@ int main(void) {
                "\"rms_norm_eps\": 1e-05, \"tie_word_embeddings\": true, \"bos_token_id\": 1, \"eos_token_id\": 2}\n");
     fclose(f);
     snprintf(recipe, sizeof recipe, "%s/gen.toml", g_dir);
-    f = fopen(recipe, "w");
-    fprintf(f,
-            "[run]\nname = \"g\"\noutput_dir = \"%s/runs\"\nseed = 3\n\n[teacher]\npath = \"%s/teacher.json\"\n\n"
-            "[tokenizer]\npath = \"%s/%s\"\n\n[hybrid]\nattn_fraction = 0.5\n\n"
-            "[data.prompts]\nsources = [\"%s/prompts.jsonl\"]\nformat = \"chat\"\nseq_len = 64\n\n"
-            "[data.pseudo]\nseq_len = 32\nholdout = 0.2\n\n"
-            "[[stage]]\nkind = \"generate\"\ndata = \"prompts\"\noutput = \"pseudo\"\nmax_new_tokens = 6\n"
-            "temperature = 0.8\ntop_p = 0.95\ntop_k = 50\nbatch_size = 2\n",
-            g_dir, g_dir, cwd, GGUF, g_dir);
+    f = recipe_head(recipe, "g", cwd);
+    fprintf(f, "[[stage]]\nkind = \"generate\"\ndata = \"prompts\"\noutput = \"pseudo\"\nmax_new_tokens = 6\n"
+               "temperature = 0.8\ntop_p = 0.95\ntop_k = 50\nbatch_size = 2\n");
     fclose(f);
 
     CHECK_EQ_I64(run_bin(bin, recipe, "g", false, 2), 0);
@@ -273,18 +281,14 @@ int main(void) {
     // source (the 5 prompts), then the written ones in file order
     char sp[600];
     snprintf(sp, sizeof sp, "%s/sp.toml", g_dir);
-    f = fopen(sp, "w");
+    f = recipe_head(sp, "sp", cwd);
     fprintf(f,
-            "[run]\nname = \"sp\"\noutput_dir = \"%s/runs\"\nseed = 3\n\n[teacher]\npath = \"%s/teacher.json\"\n\n"
-            "[tokenizer]\npath = \"%s/%s\"\n\n[hybrid]\nattn_fraction = 0.5\n\n"
-            "[data.prompts]\nsources = [\"%s/prompts.jsonl\"]\nformat = \"chat\"\nseq_len = 64\n\n"
             "[data.made]\nsources = [\"%s/prompts.jsonl\"]\nformat = \"chat\"\nseq_len = 64\n\n"
-            "[data.pseudo]\nseq_len = 32\nholdout = 0.2\n\n"
             "[[stage]]\nkind = \"generate\"\nname = \"write\"\ndata = \"prompts\"\noutput = \"made\"\nas_prompts = true\n"
             "max_new_tokens = 6\ntemperature = 1.0\ntop_p = 1.0\nsamples_per_prompt = 2\nbatch_size = 4\n\n"
             "[[stage]]\nkind = \"generate\"\nname = \"answer\"\ndata = \"made\"\noutput = \"pseudo\"\nmax_new_tokens = 4\n"
             "temperature = 0.8\nbatch_size = 4\n",
-            g_dir, g_dir, cwd, GGUF, g_dir, g_dir);
+            g_dir);
     fclose(f);
     snprintf(cmd, sizeof cmd, "'%s' '%s' --quiet >> %s/log.txt 2>&1", bin, sp, g_dir);
     CHECK(system(cmd) == 0);
