@@ -51,7 +51,31 @@ static int analyse_divergence(const SpecEvalConfig *c, const int32_t *plain, Spe
     return rc;
 }
 
-// One batch size: plain once per prompt (the reference outputs), then speculative for each K.
+// Plain generation of every prompt with decoder d, B at a time: tokens/s into *tps; the outputs into ref / nref
+// ([batches * B, T] / [batches * B]) when given. pr, pl, out, no: scratch of batch size B.
+static int plain_tps(const SpecEvalConfig *c, GenDecoder d, int64_t B, int64_t Lmax, const GenParams *gp, int32_t *pr,
+                     int64_t *pl, int32_t *out, int64_t *no, int32_t *ref, int64_t *nref, double *tps, DlError *e) {
+    const int64_t T = c->max_tokens;
+    double t = 0;
+    int64_t n = 0;
+    Rng rng;
+    rng_init(&rng, 0, 0);
+    for (int64_t s = 0; s < c->n_prompts; s += B) {
+        fill_batch(c, s, B, Lmax, pr, pl);
+        const double t0 = dl_now();
+        if (gen_plain(d, pr, pl, Lmax, gp, &rng, out, no, e)) return -1;
+        t += dl_now() - t0, n += sum_i64(no, B);
+        if (ref) {
+            memcpy(ref + (s / B) * B * T, out, (size_t)(B * T) * sizeof(int32_t));
+            memcpy(nref + (s / B) * B, no, (size_t)B * sizeof(int64_t));
+        }
+    }
+    *tps = (double)n / t;
+    return 0;
+}
+
+// One batch size: plain once per prompt (the reference outputs) and the draft's plain speed, then speculative
+// for each K.
 static int run_batch(const SpecEvalConfig *c, int64_t B, int64_t Lmax, const GenParams *gp0, SpecEvalRow *rows, DlError *e) {
     const int64_t T = c->max_tokens, nl = c->n_prompts, nbatches = (nl + B - 1) / B;
     int32_t *pr = dl_calloc((size_t)(B * Lmax), sizeof(int32_t)), *out = dl_malloc((size_t)(B * T) * sizeof(int32_t));
@@ -76,26 +100,10 @@ static int run_batch(const SpecEvalConfig *c, int64_t B, int64_t Lmax, const Gen
             gen_speculative(dt, dd, pr, pl, Lmax, &wp, &rng, out, no, NULL, e))
             goto out;
     }
-    double tp = 0;
-    int64_t ntp = 0;
-    rng_init(&rng, 0, 0);
-    for (int64_t s = 0; s < nl; s += B) {
-        fill_batch(c, s, B, Lmax, pr, pl);
-        double t0 = dl_now();
-        if (gen_plain(dt, pr, pl, Lmax, &gp, &rng, out, no, e)) goto out;
-        tp += dl_now() - t0, ntp += sum_i64(no, B);
-        memcpy(ref + (s / B) * B * T, out, (size_t)(B * T) * sizeof(int32_t));
-        memcpy(nref + (s / B) * B, no, (size_t)B * sizeof(int64_t));
-    }
-    double td = 0;  // the draft alone, the same prompts and batches: its cost per token
-    int64_t ntd = 0;
-    rng_init(&rng, 0, 0);
-    for (int64_t s = 0; s < nl; s += B) {
-        fill_batch(c, s, B, Lmax, pr, pl);
-        double t0 = dl_now();
-        if (gen_plain(dd, pr, pl, Lmax, &gp, &rng, out, no, e)) goto out;
-        td += dl_now() - t0, ntd += sum_i64(no, B);
-    }
+    double tps, draft_tps;  // the target's plain outputs kept as the reference; the draft alone: its cost per token
+    if (plain_tps(c, dt, B, Lmax, &gp, pr, pl, out, no, ref, nref, &tps, e) ||
+        plain_tps(c, dd, B, Lmax, &gp, pr, pl, out, no, NULL, NULL, &draft_tps, e))
+        goto out;
     for (int ki = 0; ki < c->nk; ki++) {
         SpecEvalRow *row = &rows[ki];
         memset(row, 0, sizeof *row);  // (row->n_div counts during the loop)
@@ -134,10 +142,10 @@ static int run_batch(const SpecEvalConfig *c, int64_t B, int64_t Lmax, const Gen
         }
         const double steps = (double)DL_MAX(acc.steps, 1);
         row->batch = B, row->k = gp.k;
-        row->plain_tps = (double)ntp / tp, row->spec_tps = (double)nts / ts;
+        row->plain_tps = tps, row->spec_tps = (double)nts / ts;
         row->speedup = row->spec_tps / row->plain_tps;
         row->tokens_per_step = (double)acc.emitted / steps;
-        row->draft_tps = (double)ntd / td;
+        row->draft_tps = draft_tps;
         row->draft_cost = row->plain_tps / row->draft_tps;
         row->model_speedup = row->tokens_per_step / (1 + gp.k * row->draft_cost);
         for (int i = 0; i < gp.k; i++) {
