@@ -13,6 +13,7 @@
 #include "distill/model_io.h"
 #include "distill/zero.h"
 #include "tests/check.h"
+#include "tests/llama8b_stage1.h"
 #include "tests/tiny_model.h"
 #include "tests/toy_loss.h"
 
@@ -534,19 +535,13 @@ static void test_layouts(const Registry *base) {
 
 // Issue 12's arithmetic: Llama-3-8B shape, 50% Mamba, stage 1 trains the Mamba layers; 8, 4, 2 ranks.
 static void test_8b(void) {
-    HybridConfig teacher, hc;
+    HybridConfig hc;
+    Registry reg;
     DlError e;
-    if (model_read_config("recipes/configs/llama3-8b.json", &teacher, &e)) {
-        fprintf(stderr, "%s\n", e.msg);
+    if (llama8b_stage1(&hc, &reg)) {
         CHECK(0);
         return;
     }
-    int attn[16];
-    for (int i = 0; i < 16; i++) attn[i] = 2 * i;
-    CHECK(hybrid_config_init(&hc, &teacher.base, MIXER_MAMBA1, attn, 16, &e) == 0);
-    Registry reg;
-    model_build_registry(&hc, &reg);
-    CHECK(reg_set_trainable(&reg, "*.mamba.*", &e) > 0);
     int64_t trainable = reg_trainable_numel(&reg);
     const int worlds[] = {8, 4, 2};
     for (size_t w = 0; w < DL_ARRAY_LEN(worlds); w++) {

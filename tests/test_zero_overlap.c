@@ -23,6 +23,7 @@
 #include "distill/model_io.h"
 #include "distill/zero.h"
 #include "tests/check.h"
+#include "tests/llama8b_stage1.h"
 #include "tests/tiny_model.h"
 
 static int64_t span(int64_t n) { return (n + DL_TENSOR_ALIGN - 1) / DL_TENSOR_ALIGN * DL_TENSOR_ALIGN; }
@@ -214,19 +215,13 @@ static void check_stage(const Registry *reg, const ZeroLayout *L, int n_layer, i
 // The Llama-3-8B shape, 50% Mamba-1, the Mamba mixers trained (issue 8's benchmark), 25 MiB buckets, 2 MiB pages:
 // the gradient memory of one rank with and without staging, for 2, 4 and 8 ranks.
 static void stage_8b(void) {
-    HybridConfig teacher, hc;
+    HybridConfig hc;
+    Registry reg;
     DlError e;
-    if (model_read_config("recipes/configs/llama3-8b.json", &teacher, &e)) {
-        fprintf(stderr, "%s\n", e.msg);
+    if (llama8b_stage1(&hc, &reg)) {
         CHECK(0);
         return;
     }
-    int attn[16];
-    for (int i = 0; i < 16; i++) attn[i] = 2 * i;
-    CHECK(hybrid_config_init(&hc, &teacher.base, MIXER_MAMBA1, attn, 16, &e) == 0);
-    Registry reg;
-    model_build_registry(&hc, &reg);
-    CHECK(reg_set_trainable(&reg, "*.mamba.*", &e) > 0);
     int64_t *off = malloc((size_t)reg.n * sizeof(int64_t));
     const int64_t n = compact(&reg, off);
     for (int w = 2; w <= 8; w *= 2) {
