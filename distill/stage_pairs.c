@@ -317,6 +317,11 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
     if (ctx->resume || reused) {
         // single-response documents are never in scores.bin: mark them invalid while loading
         done = load_scores(spath, d, nd, &e);
+        if (done < 0 && reused) {  // the cache only saves time: a file that does not fit is dropped and rescored
+            reuse_drop(cache, spath, st->name, e.msg);
+            for (int64_t i = 0; i < nd; i++) d[i].scored = false;
+            done = 0, reused = false;
+        }
         if (done < 0) {
             rc = DL_EXIT_INPUT;
             goto fail;

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "distill/common.h"
 #include "distill/recipe.h"
@@ -72,6 +73,13 @@ char *reuse_key_path(ReuseKey *k, const RunContext *ctx) {
 int reuse_fetch(const char *cache, const char *progress, DlError *e) {
     if (!dl_file_exists(cache)) return 0;
     return dl_copy_file(cache, progress, e) ? -1 : 1;
+}
+
+void reuse_drop(const char *cache, const char *progress, const char *stage_name, const char *why) {
+    dl_warn("%s: the reused %s does not fit this stage (%s); it is removed and everything is computed again", stage_name,
+            cache, why);
+    unlink(cache);
+    unlink(progress);
 }
 
 void reuse_keep(const char *cache, const char *progress, const char *stage_name) {

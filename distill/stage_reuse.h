@@ -23,5 +23,8 @@ void reuse_key_add(ReuseKey *k, const void *data, size_t n);
 char *reuse_key_path(ReuseKey *k, const RunContext *ctx);
 // Copies a cached file to `progress` when there is one: 1 copied, 0 none, -1 error (e filled).
 int reuse_fetch(const char *cache, const char *progress, DlError *e);
+// Drops a cached file that does not fit the stage's data (why: the reader's message), and the progress file copied
+// from it, with a warning naming both: the stage then computes everything and keeps its own file.
+void reuse_drop(const char *cache, const char *progress, const char *stage_name, const char *why);
 // Keeps a complete `progress` file as `cache` (a failure only warns: the stage's own output is complete).
 void reuse_keep(const char *cache, const char *progress, const char *stage_name);

@@ -8,7 +8,8 @@
 //     the penalties, best vs worst per prompt, min_margin.
 //   * resume: scores.bin cut inside its second record, outputs removed, --resume: the same bytes.
 //   * reuse: a second run takes its scores from OUTPUT_DIR/.pairs-cache (shown by editing the cached file);
-//     with reuse = false it scores again, to the first run's decisions.
+//     with reuse = false it scores again, to the first run's decisions; a cached file that does not fit the data
+//     is dropped with a warning and the stage scores again.
 //   * bad input: an invalid JSONL line (bad_records = "fail") stops the run with exit 3 naming FILE:LINE; a
 //     multi-turn record with bad_records = "fail" names the shard and document; a data set with one response
 //     per prompt is refused with a hint; so is a set where no prompt reaches min_margin (no
@@ -359,6 +360,23 @@ int main(void) {
         snprintf(buf, sizeof buf, "%s/runs/q2/02-pairs-gen/pairs.jsonl", g_dir);
         jq = slurp(buf);
         CHECK(jq && j1 && !strcmp(jq, j1));
+        free(jq);
+        // a cached file that does not fit the data (its first record names a document that does not exist) is
+        // dropped with a warning: run q3 scores again, to the first run's decisions, and keeps a fitting file
+        const int64_t bad_doc = 999999;
+        g = fopen(cached, "r+b");
+        CHECK(g && fwrite(&bad_doc, 8, 1, g) == 1);
+        if (g) fclose(g);
+        clear_log();
+        CHECK_EQ_I64(run_bin(bin, recipe, "q3", ""), 0);
+        CHECK(log_has("does not fit this stage"));
+        snprintf(buf, sizeof buf, "%s/runs/q3/02-pairs-gen/pairs.jsonl", g_dir);
+        jq = slurp(buf);
+        CHECK(jq && j1 && !strcmp(jq, j1));
+        int64_t first_doc = -1;
+        g = fopen(cached, "rb");
+        CHECK(g && fread(&first_doc, 8, 1, g) == 1 && first_doc >= 0 && first_doc < bad_doc);
+        if (g) fclose(g);
         free(jq), free(orig);
     }
     free(j1);
