@@ -167,7 +167,6 @@ int dl_copy_file(const char *src, const char *dst, DlError *e) {
     if ((fd = mkstemp(tmp)) < 0 || fchmod(fd, 0644) != 0 || !(out = fdopen(fd, "wb"))) {  // mkstemp makes 0600
         rc = dl_fail(e, "%s: cannot create: %s", tmp, strerror(errno));
         if (fd >= 0) close(fd), unlink(tmp);
-        fd = -1;
         goto out;
     }
     char buf[1 << 16];

@@ -111,11 +111,6 @@ out:
     return rc;
 }
 
-static void files_free(char **f, int n) {
-    for (int i = 0; i < n; i++) free(f[i]);
-    free(f);
-}
-
 // STAGE_DIR/NAME.prompts.jsonl of the generate stage that writes prompt set ds (as_prompts; newly allocated).
 static char *written_prompts_path(const RunContext *ctx, const DataSpec *ds) {
     char *dir = run_stage_dir(ctx, ds->produced_by), name[300];
@@ -134,13 +129,12 @@ static int read_prompts(const RunContext *ctx, const StageSpec *st, const DataSp
     if (ds->max_records > 0 && ds->max_records < limit) limit = ds->max_records;
     Prompt *p = dl_calloc((size_t)cap, sizeof *p);
     // the files: the sources, then for a prompt set written by an earlier generate stage (as_prompts) its file
-    const int nf = ds->n_sources + (ds->produced_by >= 0);
-    char **files = dl_calloc((size_t)nf + 1, sizeof *files);
-    for (int s = 0; s < ds->n_sources; s++) files[s] = dl_strdup(ds->sources[s]);
-    if (ds->produced_by >= 0) files[nf - 1] = written_prompts_path(ctx, ds);
+    char *written = ds->produced_by >= 0 ? written_prompts_path(ctx, ds) : NULL;
+    const int nf = ds->n_sources + (written != NULL);
     for (int s = 0; s < nf && n < limit; s++) {
+        const char *file = s < ds->n_sources ? ds->sources[s] : written;
         size_t len;
-        char *text = dl_read_file(files[s], &len, e);
+        char *text = dl_read_file(file, &len, e);
         if (!text) goto fail;
         if (ds->format == FMT_TEXT) {  // the whole file is one prompt
             Prompt q = {0};
@@ -167,11 +161,11 @@ static int read_prompts(const RunContext *ctx, const StageSpec *st, const DataSp
             }
             if (r == 0) {
                 if (ds->bad_records == BAD_FAIL) {
-                    dl_fail(e, "%s:%lld: %s", files[s], (long long)lineno, why);
+                    dl_fail(e, "%s:%lld: %s", file, (long long)lineno, why);
                     free(text);
                     goto fail;
                 }
-                if (bad++ < 5) dl_warn("%s:%lld: %s; skipped", files[s], (long long)lineno, why);
+                if (bad++ < 5) dl_warn("%s:%lld: %s; skipped", file, (long long)lineno, why);
                 continue;
             }
             if (n == cap) p = dl_realloc(p, (size_t)(cap *= 2) * sizeof *p);
@@ -186,10 +180,10 @@ static int read_prompts(const RunContext *ctx, const StageSpec *st, const DataSp
     }
     *out = p;
     *n_out = n;
-    files_free(files, nf);
+    free(written);
     return 0;
 fail:
-    files_free(files, nf);
+    free(written);
     prompts_free(p, n);
     return -1;
 }
@@ -288,9 +282,8 @@ static char *cache_path(const RunContext *ctx, const StageSpec *st, const Tokeni
     return reuse_key_path(&k, ctx);
 }
 
-// as_prompts: each response, decoded without its stop token and trimmed, becomes one prompt {"messages": [{"role": "user", "content": TEXT}]} of
-// STAGE_DIR/OUTPUT.prompts.jsonl, in job order; repeats (same text after lowercasing and dropping all but letters
-// and digits) and empty texts are dropped. Written to a temporary name and renamed.
+// FNV-1a of the text lowercased, letters, digits and non-ASCII bytes only: equal for texts that differ in case,
+// spacing or punctuation; 0 for a text with none of them.
 static uint64_t norm_hash(const char *t) {
     uint64_t h = 1469598103934665603ull;
     int any = 0;
@@ -303,6 +296,9 @@ static uint64_t norm_hash(const char *t) {
     return any ? (h ? h : 1) : 0;  // 0: nothing but punctuation and space
 }
 
+// as_prompts: each response, decoded without its stop token and trimmed, becomes one prompt
+// {"messages": [{"role": "user", "content": TEXT}]} of STAGE_DIR/OUTPUT.prompts.jsonl, in job order; empty texts
+// and repeats (equal norm_hash) are dropped. Written to a temporary name and renamed.
 static int write_prompt_set(const RunContext *ctx, const StageSpec *st, const DataSpec *outd, const Tokenizer *tok,
                             const Job *jobs, int64_t nj, const int32_t stops[3], DlError *e) {
     char name[300];
