@@ -12,6 +12,8 @@
 
 // ---------------------------------------------------------------- scoring
 
+#define SCORE_PAD 32
+
 typedef struct {
     const int64_t *len;
 } LenOrder;
@@ -21,6 +23,11 @@ static int cmp_len_desc(const void *a, const void *b, void *ctx) {
     int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
     if (len[x] != len[y]) return len[x] > len[y] ? -1 : 1;
     return x < y ? -1 : x > y;
+}
+
+static int64_t pad_len(int64_t n, int64_t max_pos) {
+    const int64_t t = (n + SCORE_PAD - 1) / SCORE_PAD * SCORE_PAD;
+    return max_pos > 0 && t > max_pos ? max_pos : t;
 }
 
 int lm_score_rows(const EvalModel *m, const int32_t *const *rows, const int64_t *len, const int64_t *from, int64_t n,
@@ -46,14 +53,17 @@ int lm_score_rows(const EvalModel *m, const int32_t *const *rows, const int64_t 
     for (int64_t i = 0; i < n; i++) order[i] = i;
     LenOrder lo = {len};
     qsort_r(order, (size_t)n, sizeof *order, cmp_len_desc, &lo);
-    const int64_t Tmax = len[order[0]], Bmax = DL_MIN(batch, n);
+    const int64_t Tmax = pad_len(len[order[0]], c->max_pos), Bmax = DL_MIN(batch, n);
     int32_t *tokens = dl_malloc((size_t)(Bmax * Tmax) * 4), *targets = dl_malloc((size_t)(Bmax * Tmax) * 4);
     double *lp = dl_malloc((size_t)Bmax * sizeof *lp);
     TrainModel *eng = NULL;
     int64_t eB = 0, eT = 0;
     int rc = -1;
     for (int64_t k = 0; k < n; k += batch) {
-        const int64_t B = DL_MIN(batch, n - k), T = len[order[k]];
+        // the batch's length rounded up to a multiple of SCORE_PAD (padding is never scored): sorted rows then
+        // share a few shapes, so an engine (on CUDA: device buffers, the weights' upload) serves many batches;
+        // one engine per exact length made the pairs stage spend most of its time building engines
+        const int64_t B = DL_MIN(batch, n - k), T = pad_len(len[order[k]], c->max_pos);
         if (!eng || eB != B || eT != T) {  // engines are sized per batch shape
             tm_free(eng);
             eng = tm_new(m->device, m->hc, m->reg, (float *)m->params, B, T, TM_FROZEN, NULL, e);

@@ -21,7 +21,8 @@
 #include "distill/eval.h"
 #include "distill/tokenizer.h"
 
-// Scores n rows in batches of up to `batch` rows (longest first; each batch padded to its longest row).
+// Scores n rows in batches of up to `batch` rows (longest first; each batch padded to its longest row rounded up
+// to a multiple of 32, so that few engine shapes serve all batches).
 // sum [n] gets the summed log-prob of the scored positions; mean [n] (may be NULL) the per-token mean.
 // Requires 1 <= from[i] < len[i] <= the model's max_pos and ids < vocab; else -1 with e naming the row.
 // Deterministic: the batches depend only on the lengths.

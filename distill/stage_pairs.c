@@ -303,6 +303,7 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
         ReuseKey k;
         reuse_key_begin(&k, ctx, "pairs");
         reuse_key_add(&k, &B, sizeof B);
+        reuse_key_add(&k, "pad32", 5);  // lm_score_rows' batch shapes (lengths rounded up to 32) since session 9
         reuse_key_add(&k, &nd, sizeof nd);
         for (int64_t i = 0; i < nd; i++) {
             const int64_t h[4] = {d[i].n, d[i].p, d[i].n_used, d[i].group >= 0};
