@@ -105,6 +105,9 @@ Decoder *decoder_new(const HybridConfig *h, const Registry *r, const float *para
                      DlError *e);
 void decoder_free(Decoder *d);
 void decoder_reset(Decoder *d);         // empties the caches (a new batch of sequences)
+// Empties sequence b alone (length 0, Mamba state zero) while the others keep theirs: a finished sequence's slot
+// takes a new prompt (continuous batching in the generate stage). Not inside a speculative window.
+int decoder_reset_seq(Decoder *d, int64_t b, DlError *e);
 int64_t decoder_len(const Decoder *d);  // tokens fed so far: the longest sequence's length
 int64_t decoder_seq_len(const Decoder *d, int64_t b);  // sequence b's length
 int64_t decoder_batch(const Decoder *d);

@@ -537,9 +537,9 @@ static void mstate_free(MState *m) {
     if (m->kind == MIXER_MAMBA1) mamba1_state_free(&m->m1);
     else mamba2_state_free(&m->m2);
 }
-static void mstate_reset(MState *m) {
-    if (m->kind == MIXER_MAMBA1) mamba1_state_reset(&m->m1, -1);
-    else mamba2_state_reset(&m->m2, -1);
+static void mstate_reset(MState *m, int64_t b) {  // b = -1: every sequence
+    if (m->kind == MIXER_MAMBA1) mamba1_state_reset(&m->m1, b);
+    else mamba2_state_reset(&m->m2, b);
 }
 static void mstate_copy(MState *dst, const MState *src) {
     if (src->kind == MIXER_MAMBA1) mamba1_state_copy(&dst->m1, &src->m1);
@@ -659,7 +659,16 @@ void decoder_reset(Decoder *D) {
     memset(D->len, 0, (size_t)D->B * sizeof(int64_t));
     D->win = false;
     for (int l = 0; l < D->h.base.n_layer; l++)
-        if (D->h.mixer[l] != MIXER_ATTN) mstate_reset(&D->ms[l]);
+        if (D->h.mixer[l] != MIXER_ATTN) mstate_reset(&D->ms[l], -1);
+}
+
+int decoder_reset_seq(Decoder *D, int64_t b, DlError *err) {
+    if (b < 0 || b >= D->B) return dl_fail(err, "decoder_reset_seq: sequence %lld outside 0..%lld", (long long)b, (long long)D->B - 1);
+    if (D->win) return dl_fail(err, "decoder_reset_seq: not allowed inside a speculative window");
+    D->len[b] = 0;
+    for (int l = 0; l < D->h.base.n_layer; l++)
+        if (D->h.mixer[l] != MIXER_ATTN) mstate_reset(&D->ms[l], b);
+    return 0;
 }
 
 int64_t decoder_len(const Decoder *D) {

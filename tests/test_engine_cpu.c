@@ -413,6 +413,54 @@ static void test_ragged(Model *m, const char *what) {
     free(lg), free(got), free(ref);
 }
 
+// Continuous batching (the generate stage): sequence 1 is emptied with decoder_reset_seq while 0 and 2 keep
+// running; its new prompt is prefilled in a ragged feed beside their next tokens. Every sequence's logits equal
+// those of a decoder that fed it alone (for 1: only the new prompt, so no trace of the old one is left).
+static void test_reset_seq(Model *m, const char *what) {
+    DlError err;
+    const int64_t V = m->h.base.vocab;
+    enum { BR = 3, LM = 6, LN = 5, ML = 24 };
+    const int64_t n[BR] = {4, 6, 2};
+    int32_t tk[BR * LM], np[LN], s1[BR], s2[BR], s3[BR];
+    for (int i = 0; i < BR * LM; i++) tk[i] = (int32_t)rng_below(&rng, (uint64_t)V);
+    for (int i = 0; i < LN; i++) np[i] = (int32_t)rng_below(&rng, (uint64_t)V);
+    for (int b = 0; b < BR; b++)
+        s1[b] = (int32_t)rng_below(&rng, (uint64_t)V), s2[b] = (int32_t)rng_below(&rng, (uint64_t)V),
+        s3[b] = (int32_t)rng_below(&rng, (uint64_t)V);
+    Decoder *D = decoder_new(&m->h, &m->r, m->p, BR, ML, &err), *D1 = decoder_new(&m->h, &m->r, m->p, 1, ML, &err);
+    float *got = malloc((size_t)(2 * BR * V) * sizeof(float)), *ref = malloc((size_t)(2 * BR * V) * sizeof(float));
+    float *tmp = malloc((size_t)V * sizeof(float));
+    CHECK(decoder_feed_ragged(D, tk, LM, n, got, NULL, &err) == 0);
+    CHECK(decoder_feed(D, s1, 1, got, NULL, &err) == 0);
+    CHECK(decoder_reset_seq(D, 3, &err) != 0);  // outside the batch: an error
+    CHECK(decoder_reset_seq(D, 1, &err) == 0);
+    CHECK(decoder_seq_len(D, 1) == 0 && decoder_seq_len(D, 0) == n[0] + 1);
+    int32_t mix[BR * LN] = {0};
+    const int64_t nm[BR] = {1, LN, 1};
+    mix[0] = s2[0], mix[2 * LN] = s2[2];
+    memcpy(mix + LN, np, sizeof np);
+    CHECK(decoder_feed_ragged(D, mix, LN, nm, got, NULL, &err) == 0);
+    CHECK(decoder_feed(D, s3, 1, got + BR * V, NULL, &err) == 0);
+    for (int b = 0; b < BR; b++) {
+        decoder_reset(D1);
+        if (b == 1) {
+            decoder_feed(D1, np, LN, ref + b * V, NULL, &err);
+        } else {
+            decoder_feed(D1, tk + b * LM, n[b], tmp, NULL, &err);
+            decoder_feed(D1, &s1[b], 1, tmp, NULL, &err);
+            decoder_feed(D1, &s2[b], 1, ref + b * V, NULL, &err);
+        }
+        decoder_feed(D1, &s3[b], 1, ref + (BR + b) * V, NULL, &err);
+    }
+    double rel = max_rel(got, ref, 2 * BR * V);
+    char buf[160];
+    snprintf(buf, sizeof buf, "%s: a sequence emptied and refilled beside running ones == each alone", what);
+    CHECK_REL(rel, 1e-5, buf);
+    printf("%s: reset_seq + refill vs alone %.2e\n", what, rel);
+    decoder_free(D), decoder_free(D1);
+    free(got), free(ref), free(tmp);
+}
+
 // Speculative window: after a prefill of 4, feed K = 4 tokens in a window (as verification does: one
 // multi-token feed), accept keep = {1, 4} and {0, 2}, then decode 2 tokens: the logits equal those of a
 // decoder fed only the kept tokens. Also a window of single-token feeds (a draft model's proposals).
@@ -491,6 +539,9 @@ int main(void) {
     test_ragged(&teacher, "teacher");
     test_ragged(&hybrid, "hybrid");
     test_ragged(&hybrid2, "hybrid-mamba2");
+    test_reset_seq(&teacher, "teacher");
+    test_reset_seq(&hybrid, "hybrid");
+    test_reset_seq(&hybrid2, "hybrid-mamba2");
     test_window(&teacher, "teacher");
     test_window(&hybrid, "hybrid");
     test_window(&hybrid2, "hybrid-mamba2");

@@ -762,6 +762,20 @@ int decoder_cuda_reset(DecoderCuda *D, int64_t nb, DlError *e) {
     return 0;
 }
 
+int decoder_cuda_reset_seq(DecoderCuda *D, int64_t b, DlError *e) {
+    if (b < 0 || b >= D->nb)
+        return dl_fail(e, "decoder_cuda_reset_seq: sequence %lld outside 0..%lld", (long long)b, (long long)D->nb - 1);
+    if (D->win) return dl_fail(e, "decoder_cuda_reset_seq: not allowed inside a speculative window");
+    D->len[b] = 0;
+    const HybridConfig *h = &D->h;
+    if (D->n_m) {  // layer-major [n_m, B, ...]: one strided memset per state array
+        const int64_t s1 = h->d_inner * h->d_state, s2 = (h->d_conv > 1 ? h->d_conv - 1 : 1) * h->d_inner;
+        cudaCheck(cudaMemset2DAsync(D->ssm_all + b * s1, (size_t)(D->B * s1) * 4, 0, (size_t)s1 * 4, (size_t)D->n_m, D->st));
+        cudaCheck(cudaMemset2DAsync(D->conv_all + b * s2, (size_t)(D->B * s2) * 2, 0, (size_t)s2 * 2, (size_t)D->n_m, D->st));
+    }
+    return 0;
+}
+
 int64_t decoder_cuda_batch(const DecoderCuda *D) { return D->nb; }
 int64_t decoder_cuda_capacity(const DecoderCuda *D) { return D->B; }
 int64_t decoder_cuda_max_len(const DecoderCuda *D) { return D->max_len; }

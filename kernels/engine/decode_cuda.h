@@ -42,6 +42,8 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
 void decoder_cuda_free(DecoderCuda *d);
 // Empties the caches for a new batch of nb sequences (1 <= nb <= B): later calls work on slots 0..nb-1.
 int decoder_cuda_reset(DecoderCuda *d, int64_t nb, DlError *e);
+// decoder_reset_seq on the device: sequence b (< nb) alone is emptied (length 0, Mamba state zero).
+int decoder_cuda_reset_seq(DecoderCuda *d, int64_t b, DlError *e);
 int64_t decoder_cuda_batch(const DecoderCuda *d);  // the active batch nb
 int64_t decoder_cuda_capacity(const DecoderCuda *d);  // B
 int64_t decoder_cuda_max_len(const DecoderCuda *d);

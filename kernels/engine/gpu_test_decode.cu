@@ -689,6 +689,49 @@ static void test_sampling(void) {
     check(fabs(mean - 0.5) < 0.005, "decode_uniform mean %.4f over 1e5 counters", mean);
 }
 
+// Continuous batching (the generate stage): sequence 1 is emptied with decoder_cuda_reset_seq while the others
+// keep decoding, and its new prompt is prefilled in a ragged feed beside their next tokens. The decoder is batch
+// invariant, so every sequence's logits must equal, bit for bit, those of a decoder that fed it alone.
+static void test_reset_seq(const Model *m, const char *nm) {
+    DlError e;
+    const int64_t V = m->h.base.vocab, B = 3, LM = 40, LN = 23, ML = 128;
+    const int64_t n[3] = {17, 40, 3}, nm2[3] = {1, LN, 1};
+    int32_t tk[3 * 40], np[23], s1[3], s2[3], s3[3], mix[3 * 23];
+    for (int64_t i = 0; i < B * LM; i++) tk[i] = (int32_t)((i * 7919 + 13) % V);
+    for (int64_t i = 0; i < LN; i++) np[i] = (int32_t)((i * 104729 + 5) % V);
+    for (int64_t b = 0; b < B; b++) s1[b] = (int32_t)((b * 31 + 1) % V), s2[b] = (int32_t)((b * 57 + 2) % V), s3[b] = (int32_t)((b * 91 + 3) % V);
+    memset(mix, 0, sizeof mix);
+    mix[0] = s2[0], mix[2 * LN] = s2[2];
+    memcpy(mix + LN, np, sizeof np);
+    DecoderCuda *g = decoder_cuda_new(&m->h, &m->r, m->p, B, ML, NULL, &e), *g1 = decoder_cuda_new(&m->h, &m->r, m->p, 1, ML, NULL, &e);
+    die_if(!g || !g1, &e, "decoder_cuda_new");
+    float *got = (float *)malloc((size_t)(2 * B * V) * 4), *ref = (float *)malloc((size_t)(2 * B * V) * 4);
+    die_if(decoder_cuda_reset(g, B, &e) || decoder_cuda_feed_ragged(g, tk, LM, n, &e) || decoder_cuda_step(g, s1, &e), &e, "prefill");
+    check(decoder_cuda_reset_seq(g, B, &e) != 0, "%s: reset_seq outside the batch is refused (%s)", nm, e.msg);
+    die_if(decoder_cuda_reset_seq(g, 1, &e), &e, "reset_seq");
+    check(decoder_cuda_seq_len(g, 1) == 0 && decoder_cuda_seq_len(g, 0) == n[0] + 1, "%s: reset_seq empties only its sequence", nm);
+    die_if(decoder_cuda_feed_ragged(g, mix, LN, nm2, &e), &e, "refill feed");
+    decoder_cuda_logits_host(g, got);
+    die_if(decoder_cuda_step(g, s3, &e), &e, "step");
+    decoder_cuda_logits_host(g, got + B * V);
+    for (int64_t b = 0; b < B; b++) {
+        die_if(decoder_cuda_reset(g1, 1, &e), &e, "reset");
+        if (b == 1) {
+            die_if(decoder_cuda_feed_ragged(g1, np, LN, NULL, &e), &e, "alone");
+        } else {
+            die_if(decoder_cuda_feed_ragged(g1, tk + b * LM, n[b], NULL, &e) || decoder_cuda_step(g1, &s1[b], &e) ||
+                   decoder_cuda_step(g1, &s2[b], &e), &e, "alone");
+        }
+        decoder_cuda_logits_host(g1, ref + b * V);
+        die_if(decoder_cuda_step(g1, &s3[b], &e), &e, "alone step");
+        decoder_cuda_logits_host(g1, ref + (B + b) * V);
+    }
+    check(!memcmp(got, ref, (size_t)(2 * B * V) * 4),
+          "%s: a sequence emptied and refilled beside running ones: every sequence's logits identical to it alone", nm);
+    decoder_cuda_free(g), decoder_cuda_free(g1);
+    free(got), free(ref);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--verbose")) g_verbose = 1;
@@ -731,6 +774,8 @@ int main(int argc, char **argv) {
 
     test_sampling();
     test_speculative(&hy, &te);
+    test_reset_seq(&hy, "hybrid");
+    test_reset_seq(&te, "teacher");
     // last (a capture failure exits): decode steps and windows replayed from CUDA graphs give the same results
     setenv("DISTILL_DECODE_GRAPH", "1", 1);
     decode_vs_cpu(&hy, "hybrid, CUDA-graph decode steps", 4, plen_h, 300, steps, NULL);
