@@ -200,6 +200,9 @@ static const Field STAGE_FIELDS[] = {
      "multiple-choice JSONL files, options scored by log-likelihood (accuracy per model)"},
     SFLD("as_prompts", F_BOOL, as_prompts, 0, 0, KB(STAGE_GENERATE),
          "the responses become prompts (one user message each, deduplicated) that a later generate stage reads: teacher-written prompts"),
+    SFLD("prompt_filter", F_BOOL, prompt_filter, 0, 0, KB(STAGE_GENERATE),
+         "as_prompts: keep a response only as the clean prompt it holds (distill/prompt_filter.h; offers, refusals, "
+         "fragments and responses cut at max_new_tokens dropped)"),
     SFLD("reuse", F_BOOL, reuse, 0, 0, KB(STAGE_GENERATE) | KB(STAGE_PAIRS),
          "reuse the responses (generate) or teacher scores (pairs) of an identical earlier stage (OUTPUT_DIR/.KIND-cache)"),
     SFLD("min_margin", F_FLOAT, min_margin, 0, 1e6, KB(STAGE_PAIRS), "skip a prompt when best - worst score < this (nats/token)"),
@@ -636,6 +639,7 @@ static void stage_defaults(StageSpec *s, StageKind kind, const OptimSpec *opt) {
     s->batch_size = 8;
     s->samples_per_prompt = 1;
     s->reuse = true;
+    s->prompt_filter = true;
     s->export_format = EXPORT_HF;
     s->export_dtype = EXPORT_BF16;
     s->shard_mb = 5000;

@@ -161,6 +161,7 @@ typedef struct {
     int batch_size;
     int64_t max_prompts;   // 0 = all
     int samples_per_prompt;  // generate: responses per prompt, each its own RNG stream (default 1)
+    bool prompt_filter;      // generate with as_prompts: keep only clean prompts (prompt_filter.h); cut ones dropped
     bool reuse;              // generate, pairs: reuse the progress file of an identical earlier stage (stage_reuse.h)
     bool as_prompts;         // generate: the responses become a prompt set (STAGE_DIR/OUTPUT.prompts.jsonl) for a later generate
     // init

@@ -31,6 +31,7 @@
 #include "distill/chat.h"
 #include "distill/engine.h"
 #include "distill/metrics.h"
+#include "distill/prompt_filter.h"
 #include "distill/sample.h"
 #include "distill/stage_reuse.h"
 #include "distill/shards.h"
@@ -297,7 +298,8 @@ static uint64_t norm_hash(const char *t) {
     return any ? (h ? h : 1) : 0;  // 0: nothing but punctuation and space
 }
 
-// as_prompts: each response, decoded without its stop token and trimmed, becomes one prompt
+// as_prompts: each response, decoded without its stop token and trimmed (with prompt_filter on: only a finished
+// response, as the clean prompt prompt_filter finds in it, or nothing), becomes one prompt
 // {"messages": [{"role": "user", "content": TEXT}]} of STAGE_DIR/OUTPUT.prompts.jsonl, in job order; empty texts
 // and repeats (equal norm_hash) are dropped. Written to a temporary name and renamed.
 static int write_prompt_set(const RunContext *ctx, const StageSpec *st, const DataSpec *outd, const Tokenizer *tok,
@@ -307,7 +309,7 @@ static int write_prompt_set(const RunContext *ctx, const StageSpec *st, const Da
     char *path = dl_path_join(ctx->stage_dir, name), *tmp = dl_malloc(strlen(path) + 5);
     sprintf(tmp, "%s.tmp", path);
     FILE *f = fopen(tmp, "wb");
-    int64_t cap = 1, n_out = 0, n_cut = 0, n_empty = 0, n_dup = 0;
+    int64_t cap = 1, n_out = 0, n_cut = 0, n_empty = 0, n_dup = 0, n_filtered = 0;
     while (cap < 2 * nj + 2) cap *= 2;
     uint64_t *seen = dl_calloc((size_t)cap, sizeof *seen);  // open addressing on the normalized-text hash
     int rc = 0;
@@ -327,10 +329,18 @@ static int write_prompt_set(const RunContext *ctx, const StageSpec *st, const Da
             rc = dl_fail(e, "%s: cannot decode response %lld", st->name, (long long)j);
             goto out;
         }
-        char *a = text, *b = text + len;
+        char *a = text, *b = text + len, *clean = NULL;
         while (a < b && (*a == ' ' || *a == '\n' || *a == '\t' || *a == '\r')) a++;
         while (b > a && (b[-1] == ' ' || b[-1] == '\n' || b[-1] == '\t' || b[-1] == '\r')) b--;
         *b = 0;
+        if (st->prompt_filter) {  // only the clean prompt a reply holds; a reply cut at max_new_tokens is unfinished
+            if (!stopped || !prompt_filter(a, &clean, NULL)) {
+                n_filtered++;
+                free(text);
+                continue;
+            }
+            a = clean;
+        }
         const uint64_t h = norm_hash(a);
         bool dup = false;
         if (h) {
@@ -352,20 +362,21 @@ static int write_prompt_set(const RunContext *ctx, const StageSpec *st, const Da
             cJSON_Delete(o);
             n_out++;
         }
-        free(text);
+        free(text), free(clean);
         if (rc) goto out;
     }
     if (fflush(f) || fsync(fileno(f))) rc = dl_fail(e, "%s: write failed: %s", tmp, strerror(errno));
 out:
     if (f && fclose(f) && !rc) rc = dl_fail(e, "%s: write failed: %s", tmp, strerror(errno));
     if (!rc && n_out == 0)
-        rc = dl_fail(e, "%s: no usable prompt among %lld responses (%lld empty, %lld repeated)", st->name, (long long)nj,
-                     (long long)n_empty, (long long)n_dup);
+        rc = dl_fail(e, "%s: no usable prompt among %lld responses (%lld empty, %lld repeated, %lld dropped by prompt_filter)",
+                     st->name, (long long)nj, (long long)n_empty, (long long)n_dup, (long long)n_filtered);
     if (!rc && rename(tmp, path) != 0) rc = dl_fail(e, "%s -> %s: cannot rename: %s", tmp, path, strerror(errno));
     if (rc) unlink(tmp);
     else
-        dl_info("generate: %lld prompts written to %s (of %lld responses: %lld empty, %lld repeated dropped; %lld cut at "
-                "max_new_tokens kept)", (long long)n_out, path, (long long)nj, (long long)n_empty, (long long)n_dup, (long long)n_cut);
+        dl_info("generate: %lld prompts written to %s (of %lld responses: %lld dropped by prompt_filter, %lld empty, %lld "
+                "repeated; %lld cut at max_new_tokens, %s)", (long long)n_out, path, (long long)nj, (long long)n_filtered,
+                (long long)n_empty, (long long)n_dup, (long long)n_cut, st->prompt_filter ? "dropped" : "kept");
     free(seen), free(path), free(tmp);
     return rc;
 }

@@ -307,6 +307,7 @@ int main(void) {
     fprintf(f,
             "[data.made]\nsources = [\"%s/prompts.jsonl\"]\nformat = \"chat\"\nseq_len = 64\n\n"
             "[[stage]]\nkind = \"generate\"\nname = \"write\"\ndata = \"prompts\"\noutput = \"made\"\nas_prompts = true\n"
+            "prompt_filter = false\n"
             "max_new_tokens = 6\ntemperature = 1.0\ntop_p = 1.0\nsamples_per_prompt = 2\nbatch_size = 4\n\n"
             "[[stage]]\nkind = \"generate\"\nname = \"answer\"\ndata = \"made\"\noutput = \"pseudo\"\nmax_new_tokens = 4\n"
             "temperature = 0.8\nbatch_size = 4\n",
@@ -378,6 +379,21 @@ int main(void) {
         CHECK_EQ_I64(rendered, DL_MIN(nl, MAXD - 5));
         for (int i = 0; i < nl; i++) free(contents[i]);
         free(mt);
+    }
+    // prompt_filter on: the random teacher's 6-token replies never stop, so every one is dropped as unfinished
+    // and the stage fails saying so, writing no prompt set
+    snprintf(cmd, sizeof cmd, "'%s' '%s' --quiet --set run.name=spf --set stage.write.prompt_filter=true > %s/spf.txt 2>&1",
+             bin, sp, g_dir);
+    CHECK(system(cmd) != 0);
+    {
+        char lp[700], mp[700];
+        snprintf(lp, sizeof lp, "%s/spf.txt", g_dir);
+        snprintf(mp, sizeof mp, "%s/runs/spf/01-write/made.prompts.jsonl", g_dir);
+        size_t ll;
+        char *lt = dl_read_file(lp, &ll, &e);
+        CHECK(lt && strstr(lt, "no usable prompt among 10 responses") && strstr(lt, "10 dropped by prompt_filter"));
+        CHECK(!dl_file_exists(mp));
+        free(lt);
     }
     // only a generate stage reads a prompt set; a generate stage does not read prompt + response documents
     CHECK(refused(bin, sp, "\n[[stage]]\nkind = \"init\"\n\n[[stage]]\nkind = \"layerwise\"\ndata = \"made\"\nsteps = 1\n",
