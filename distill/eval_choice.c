@@ -32,6 +32,21 @@ static int64_t pad_len(int64_t n, int64_t max_pos) {
 
 int lm_score_rows(const EvalModel *m, const int32_t *const *rows, const int64_t *len, const int64_t *from, int64_t n,
                   int64_t batch, double *sum, double *mean, DlError *e) {
+    ScoreKeep k;
+    memset(&k, 0, sizeof k);
+    const int rc = lm_score_rows_keep(m, rows, len, from, n, batch, sum, mean, &k, e);
+    score_keep_free(&k);
+    return rc;
+}
+
+void score_keep_free(ScoreKeep *k) {
+    tm_free(k->eng);
+    k->eng = NULL;
+    k->B = k->T = 0;
+}
+
+int lm_score_rows_keep(const EvalModel *m, const int32_t *const *rows, const int64_t *len, const int64_t *from, int64_t n,
+                       int64_t batch, double *sum, double *mean, ScoreKeep *keep, DlError *e) {
     const LlamaConfig *c = &m->hc->base;
     const int64_t V = c->vocab;
     if (batch < 1) batch = 1;
@@ -56,20 +71,22 @@ int lm_score_rows(const EvalModel *m, const int32_t *const *rows, const int64_t 
     const int64_t Tmax = pad_len(len[order[0]], c->max_pos), Bmax = DL_MIN(batch, n);
     int32_t *tokens = dl_malloc((size_t)(Bmax * Tmax) * 4), *targets = dl_malloc((size_t)(Bmax * Tmax) * 4);
     double *lp = dl_malloc((size_t)Bmax * sizeof *lp);
-    TrainModel *eng = NULL;
-    int64_t eB = 0, eT = 0;
     int rc = -1;
     for (int64_t k = 0; k < n; k += batch) {
         // the batch's length rounded up to a multiple of SCORE_PAD (padding is never scored): sorted rows then
         // share a few shapes, so an engine (on CUDA: device buffers, the weights' upload) serves many batches;
         // one engine per exact length made the pairs stage spend most of its time building engines
         const int64_t B = DL_MIN(batch, n - k), T = pad_len(len[order[k]], c->max_pos);
-        if (!eng || eB != B || eT != T) {  // engines are sized per batch shape
-            tm_free(eng);
-            eng = tm_new(m->device, m->hc, m->reg, (float *)m->params, B, T, TM_FROZEN, NULL, e);
-            if (!eng) goto out;
-            eB = B, eT = T;
+        if (!keep->eng || keep->B != B || keep->T != T) {  // engines are sized per batch shape
+            score_keep_free(keep);
+            const double t0 = dl_now();
+            keep->eng = tm_new(m->device, m->hc, m->reg, (float *)m->params, B, T, TM_FROZEN, NULL, e);
+            if (!keep->eng) goto out;
+            keep->B = B, keep->T = T;
+            keep->built++;
+            keep->build_s += dl_now() - t0;
         }
+        TrainModel *eng = keep->eng;
         // row b: its tokens padded with 0; position t predicts token t+1 when t+1 is a scored position
         for (int64_t b = 0; b < B; b++) {
             const int64_t i = order[k + b];
@@ -92,7 +109,6 @@ int lm_score_rows(const EvalModel *m, const int32_t *const *rows, const int64_t 
     }
     rc = 0;
 out:
-    tm_free(eng);
     free(order), free(tokens), free(targets), free(lp);
     return rc;
 }

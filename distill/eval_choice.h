@@ -28,6 +28,17 @@
 // Deterministic: the batches depend only on the lengths.
 int lm_score_rows(const EvalModel *m, const int32_t *const *rows, const int64_t *len, const int64_t *from, int64_t n,
                   int64_t batch, double *sum, double *mean, DlError *e);
+// The same, keeping the last engine in *keep across calls (an engine is built per batch shape; on CUDA that costs
+// seconds: device buffers, the weights' upload, attention graphs), so a caller that scores many chunks of rows in
+// length order builds each shape once. score_keep_free releases it; *keep starts zeroed.
+typedef struct {
+    struct TrainModel *eng;
+    int64_t B, T, built;  // the kept engine's shape; engines built so far
+    double build_s;       // seconds spent building them
+} ScoreKeep;
+int lm_score_rows_keep(const EvalModel *m, const int32_t *const *rows, const int64_t *len, const int64_t *from, int64_t n,
+                       int64_t batch, double *sum, double *mean, ScoreKeep *keep, DlError *e);
+void score_keep_free(ScoreKeep *keep);
 
 typedef struct {
     char *question;

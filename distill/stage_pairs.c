@@ -93,6 +93,14 @@ static int cmp_prompt(const void *a, const void *b, void *ctx) {
     return x < y ? -1 : x > y;
 }
 
+// todo order: longest scored length first, then document order
+static int cmp_used_desc(const void *a, const void *b, void *ctx) {
+    const Doc *d = ctx;
+    const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    if (d[x].n_used != d[y].n_used) return d[x].n_used > d[y].n_used ? -1 : 1;
+    return x < y ? -1 : x > y;
+}
+
 // scores.bin records: int64 doc, int64 response tokens, double summed log-prob. A torn last record is cut;
 // a record that does not fit the data (index or length) means the file belongs to other data: an error.
 static int64_t load_scores(const char *path, Doc *d, int64_t n, DlError *e) {
@@ -216,6 +224,8 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
     ShardInfo info;
     char *pre = NULL, *shard = NULL, *out_path = NULL, *jpath = NULL, *jtmp = NULL;
     char *spath = dl_path_join(ctx->stage_dir, "scores.bin"), *cache = NULL;
+    ScoreKeep keep;  // the scoring engine, kept across chunks
+    memset(&keep, 0, sizeof keep);
     FILE *sf = NULL, *jf = NULL;
     int64_t *order = NULL, *todo = NULL, *len = NULL, *from = NULL;
     const int32_t **rows = NULL;
@@ -288,13 +298,15 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
         free(g), free(rank), free(byfirst);
         g = g2;
     }
-    // the documents to score: those in groups of >= 2, in document order, in fixed chunks
+    // the documents to score: those in groups of >= 2, longest first (then in document order), in fixed chunks:
+    // consecutive chunks then share batch shapes, and the kept engine (ScoreKeep) serves them all
     todo = dl_malloc((size_t)(nd ? nd : 1) * sizeof *todo);
     int64_t ntodo = 0, n_single = 0;
     for (int64_t x = 0; x < ng; x++) n_single += g[x].n == 1;
     for (int64_t i = 0; i < nd; i++)
         if (d[i].group >= 0 && g[d[i].group].n >= 2) todo[ntodo++] = i;
         else if (d[i].group >= 0) d[i].group = -2 - d[i].group;  // a single response: kept out of scoring
+    qsort_r(todo, (size_t)ntodo, sizeof *todo, cmp_used_desc, d);
     const int64_t B = st->batch_size > 0 ? st->batch_size : 8, CH = 4 * B;
     int64_t done = 0;
     if (!ctx->resume) unlink(spath);
@@ -303,7 +315,7 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
         ReuseKey k;
         reuse_key_begin(&k, ctx, "pairs");
         reuse_key_add(&k, &B, sizeof B);
-        reuse_key_add(&k, "pad32", 5);  // lm_score_rows' batch shapes (lengths rounded up to 32) since session 9
+        reuse_key_add(&k, "pad32-sorted", 12);  // the batches since session 9: lengths rounded up to 32, longest first
         reuse_key_add(&k, &nd, sizeof nd);
         for (int64_t i = 0; i < nd; i++) {
             const int64_t h[4] = {d[i].n, d[i].p, d[i].n_used, d[i].group >= 0};
@@ -372,7 +384,7 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
             rows[k] = x->ids, len[k] = x->n_used, from[k] = x->p;
             ntok += x->n_used;
         }
-        if (lm_score_rows(&em, rows, len, from, m, B, sum, NULL, &e)) goto fail;
+        if (lm_score_rows_keep(&em, rows, len, from, m, B, sum, NULL, &keep, &e)) goto fail;
         for (int64_t k = 0; k < m; k++) {
             Doc *x = &d[todo[c0 + k]];
             int64_t i = todo[c0 + k], rl = resp_len(x);
@@ -390,6 +402,9 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
         progress_update(&prog, n_scored, NAN, (double)ntok / (dl_now() - t0 + 1e-9));
     }
     progress_end(&prog);
+    if (keep.built)
+        dl_info("%s: scored with %lld engine shapes (%.1f s building them)", st->name, (long long)keep.built, keep.build_s);
+    score_keep_free(&keep);
     fclose(sf);
     sf = NULL;
     if (cache && (!reused || done < ntodo)) reuse_keep(cache, spath, st->name);  // every response is scored
@@ -488,6 +503,7 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
 fail:
     fprintf(stderr, "distill: error: %s: %s\n", st->name, e.msg);
 out:
+    score_keep_free(&keep);
     if (w) shard_writer_abort(w);
     if (jf) fclose(jf), unlink(jtmp);
     if (sf) fclose(sf);
