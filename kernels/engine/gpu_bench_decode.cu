@@ -15,7 +15,7 @@
 //     the vocabulary (T 0.7, top-p 0.9), the fast path vs the general path alone (sample_rows_cuda_reference),
 //     ids compared. Both flags: both parts.
 // Usage: gpu_bench_decode [--config recipes/configs/smollm2-135m.json] [--steps 32] [--hbm 3.35e12] [--graph]
-//                         [--gemm] [--sample]
+//                         [--gemm] [--sample] [--gen]
 // Prints RESULT lines: RESULT decode model=... B=... ctx=... graph=0|1 inv=0|1 tok_s=... ms_step=... hbm_frac=...;
 // RESULT gemm M=... N=... K=... out=... variant=... us=... tflops=... same_bits=0|1 and RESULT gemm_best per shape;
 // RESULT sample_kernel B=... V=... rows=... fast_ms=... ref_ms=... speedup=... same_ids=0|1.
@@ -207,11 +207,65 @@ static void bench_sample(int64_t B, int64_t V) {
     free(hl), free(hs), free(ho), free(hr);
 }
 
+// --gen: the generate stage's loop on the teacher at batch 512 (continuous batching, stage_generate.c): a decode
+// step + sampling at contexts 128 / 256 / 512, and a refill feed (128 new prompts of L tokens beside 384 running
+// sequences that feed 1 token each, all 512 x L columns computed) against a prefill of the 128 prompts alone.
+static void bench_gen(const LoadedModel *lm, int steps) {
+    DlError e;
+    const int64_t B = 512, V = lm->hc.base.vocab, L = 100, NEW = 128;
+    DecodeSampling ds = {0.7f, 0, 0.9f, 1};
+    DecoderCuda *d = decoder_cuda_new(&lm->hc, &lm->reg, lm->params, B, 1024, stdout, &e);
+    die_if(!d, &e, "decoder_cuda_new");
+    int32_t *tok = (int32_t *)calloc((size_t)(B * L), 4), *next = (int32_t *)calloc((size_t)B, 4);
+    uint64_t *st = (uint64_t *)calloc((size_t)B, 8), *ctr = (uint64_t *)calloc((size_t)B, 8);
+    int64_t n[512];
+    for (int64_t b = 0; b < B; b++) st[b] = (uint64_t)b, next[b] = (int32_t)(b % V);
+    const int64_t ctxs[3] = {128, 256, 512};
+    for (int ci = 0; ci < 3; ci++) {
+        die_if(decoder_cuda_reset(d, B, &e) || decoder_cuda_seek(d, ctxs[ci], &e), &e, "seek");
+        for (int s = 0; s < 3; s++)
+            die_if(decoder_cuda_step(d, next, &e) || decoder_cuda_sample(d, &ds, st, ctr, next, &e), &e, "warm-up");
+        double t0 = now(), ts = 0;
+        for (int s = 0; s < steps; s++) {
+            die_if(decoder_cuda_step(d, next, &e) != 0, &e, "step");
+            cudaDeviceSynchronize();
+            const double t1 = now();
+            die_if(decoder_cuda_sample(d, &ds, st, ctr, next, &e) != 0, &e, "sample");
+            ts += now() - t1;
+        }
+        const double sec = now() - t0;
+        printf("RESULT gen_step B=%lld ctx=%lld ms_step=%.3f (sample %.3f) tok_s=%.0f\n", (long long)B, (long long)ctxs[ci],
+               sec / steps * 1e3, ts / steps * 1e3, B * steps / sec);
+    }
+    for (int64_t i = 0; i < B * L; i++) tok[i] = (int32_t)((i * 131 + 7) % V);
+    double best_mix = 1e30, best_new = 1e30;
+    for (int rep = 0; rep < 4; rep++) {
+        die_if(decoder_cuda_reset(d, B, &e) || decoder_cuda_seek(d, 256, &e), &e, "seek");
+        for (int64_t b = 0; b < B; b++) n[b] = b < NEW ? L : 1;
+        for (int64_t b = 0; b < NEW; b++) die_if(decoder_cuda_reset_seq(d, b, &e), &e, "reset_seq");
+        cudaDeviceSynchronize();
+        double t0 = now();
+        die_if(decoder_cuda_feed_ragged(d, tok, L, n, &e), &e, "refill feed");
+        cudaDeviceSynchronize();
+        if (rep) best_mix = fmin(best_mix, now() - t0);
+        die_if(decoder_cuda_reset(d, NEW, &e), &e, "reset");
+        cudaDeviceSynchronize();
+        t0 = now();
+        die_if(decoder_cuda_feed_ragged(d, tok, L, NULL, &e), &e, "prefill");
+        cudaDeviceSynchronize();
+        if (rep) best_new = fmin(best_new, now() - t0);
+    }
+    printf("RESULT gen_refill B=%lld new=%lld L=%lld mixed_ms=%.2f alone_ms=%.2f\n", (long long)B, (long long)NEW, (long long)L,
+           best_mix * 1e3, best_new * 1e3);
+    decoder_cuda_free(d);
+    free(tok), free(next), free(st), free(ctr);
+}
+
 int main(int argc, char **argv) {
     const char *cfg = "recipes/configs/smollm2-135m.json";
     int steps = 32;
     double hbm = 3.35e12;  // H100 SXM
-    int graph = 0, only_gemm = 0, only_sample = 0;
+    int graph = 0, only_gemm = 0, only_sample = 0, only_gen = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--config") && i + 1 < argc) cfg = argv[++i];
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
@@ -219,8 +273,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--graph")) graph = 1;
         else if (!strcmp(argv[i], "--gemm")) only_gemm = 1;
         else if (!strcmp(argv[i], "--sample")) only_sample = 1;
+        else if (!strcmp(argv[i], "--gen")) only_gen = 1;
         else {
-            fprintf(stderr, "usage: gpu_bench_decode [--config PATH] [--steps N] [--hbm BYTES_PER_S] [--graph] [--gemm] [--sample]\n");
+            fprintf(stderr, "usage: gpu_bench_decode [--config PATH] [--steps N] [--hbm BYTES_PER_S] [--graph] [--gemm] [--sample] [--gen]\n");
             return 2;
         }
     }
@@ -239,7 +294,8 @@ int main(int argc, char **argv) {
     die_if(model_load(cfg, 1, &lm, &e) != 0, &e, "model_load");
     // the 50% hybrid: attention kept at even layers
     const LlamaConfig *c = &lm.hc.base;
-    if (only_gemm || only_sample) {
+    if (only_gemm || only_sample || only_gen) {
+        if (only_gen) bench_gen(&lm, steps);
         if (only_gemm) bench_gemm(512, c->vocab, c->d_model, c->d_ff);
         if (only_sample) bench_sample(512, c->vocab);
         model_free(&lm);
