@@ -108,6 +108,9 @@ void decoder_reset(Decoder *d);         // empties the caches (a new batch of se
 // Empties sequence b alone (length 0, Mamba state zero) while the others keep theirs: a finished sequence's slot
 // takes a new prompt (continuous batching in the generate stage). Not inside a speculative window.
 int decoder_reset_seq(Decoder *d, int64_t b, DlError *e);
+// Sequence b of d becomes a copy of sequence j of src (same model; its KV rows, Mamba state and length): a prompt
+// prefilled in a small batch of its own joins a running batch (the generate stage's refills).
+int decoder_copy_seq(Decoder *d, int64_t b, const Decoder *src, int64_t j, DlError *e);
 int64_t decoder_len(const Decoder *d);  // tokens fed so far: the longest sequence's length
 int64_t decoder_seq_len(const Decoder *d, int64_t b);  // sequence b's length
 int64_t decoder_batch(const Decoder *d);

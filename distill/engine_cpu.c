@@ -671,6 +671,38 @@ int decoder_reset_seq(Decoder *D, int64_t b, DlError *err) {
     return 0;
 }
 
+int decoder_copy_seq(Decoder *D, int64_t b, const Decoder *S, int64_t j, DlError *err) {
+    const LlamaConfig *c = &D->h.base;
+    if (b < 0 || b >= D->B || j < 0 || j >= S->B)
+        return dl_fail(err, "decoder_copy_seq: sequence %lld -> %lld outside the batches (%lld, %lld)", (long long)j, (long long)b,
+                       (long long)S->B, (long long)D->B);
+    if (S->h.base.n_layer != c->n_layer || S->len[j] > D->max_len)
+        return dl_fail(err, "decoder_copy_seq: another model, or %lld tokens past the context of %lld", (long long)S->len[j],
+                       (long long)D->max_len);
+    if (D->win) return dl_fail(err, "decoder_copy_seq: not allowed inside a speculative window");
+    const int64_t kvd = (int64_t)c->n_kv_head * c->head_dim, n = S->len[j];
+    for (int l = 0; l < c->n_layer; l++) {
+        if (D->h.mixer[l] == MIXER_ATTN) {
+            memcpy(D->kc[l] + b * D->max_len * kvd, S->kc[l] + j * S->max_len * kvd, (size_t)(n * kvd) * sizeof(float));
+            memcpy(D->vc[l] + b * D->max_len * kvd, S->vc[l] + j * S->max_len * kvd, (size_t)(n * kvd) * sizeof(float));
+        } else if (D->h.mixer[l] == MIXER_MAMBA1) {
+            const Mamba1State *s = &S->ms[l].m1;
+            Mamba1State *d = &D->ms[l].m1;
+            const int64_t nc = (int64_t)(s->d_conv - 1) * s->d_inner, ns = s->d_inner * s->d_state;
+            memcpy(d->conv + b * nc, s->conv + j * nc, (size_t)nc * sizeof(float));
+            memcpy(d->ssm + b * ns, s->ssm + j * ns, (size_t)ns * sizeof(float));
+        } else {
+            const Mamba2State *s = &S->ms[l].m2;
+            Mamba2State *d = &D->ms[l].m2;
+            const int64_t nc = (int64_t)(s->d_conv - 1) * s->xbc, ns = s->nheads * s->headdim * s->d_state;
+            memcpy(d->conv + b * nc, s->conv + j * nc, (size_t)nc * sizeof(float));
+            memcpy(d->ssm + b * ns, s->ssm + j * ns, (size_t)ns * sizeof(float));
+        }
+    }
+    D->len[b] = n;
+    return 0;
+}
+
 int64_t decoder_len(const Decoder *D) {
     int64_t m = 0;
     for (int64_t b = 0; b < D->B; b++) m = DL_MAX(m, D->len[b]);

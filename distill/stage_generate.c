@@ -394,20 +394,21 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
     int64_t np = 0, nj = 0;
     const int64_t S = st->samples_per_prompt > 0 ? st->samples_per_prompt : 1;
     FILE *gf = NULL;
-    Decoder *dcpu = NULL;
+    Decoder *dcpu = NULL, *pcpu = NULL;  // the running slots; new prompts' prefill
     int64_t *order = NULL;
     float *logits = NULL, *tmp = NULL;
     int32_t *feed = NULL, *ytok = NULL, **resp = NULL;
     int64_t *nresp = NULL;
     uint64_t *streams = NULL, *counters = NULL;
-    bool *fin = NULL, *fresh = NULL;
+    bool *fin = NULL;
     Rng *rngs = NULL;
-    int64_t *slot_job = NULL, *capb = NULL, *nfeed = NULL;
+    int64_t *slot_job = NULL, *capb = NULL, *nfeed = NULL, *slot_of = NULL, *row_of = NULL;
+    uint64_t *pstreams = NULL, *pcounters = NULL;
     int32_t *pr = NULL;
     ShardWriter *w = NULL;
     const bool gpu = ctx->device == DEVICE_CUDA;
 #ifdef DISTILL_CUDA
-    DecoderCuda *dgpu = NULL;
+    DecoderCuda *dgpu = NULL, *pgpu = NULL;
 #endif
     char *gen_path = dl_path_join(ctx->stage_dir, "generated.bin"), *all = NULL, *tr = NULL, *ho = NULL, *cache = NULL;
     const DataSpec *in = &rec->data[st->data_index], *outd = &rec->data[st->output_index];
@@ -468,15 +469,14 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
     SortCtx sc = {p, S};
     qsort_r(order, (size_t)todo, sizeof *order, cmp_len, &sc);
     // Continuous batching: Bs slots decode one job each; a finished job's slot takes the next job (by prompt
-    // length) once at least `refill` slots are free (or none is decoding), and the new prompts are prefilled in
-    // one ragged feed together with the running slots' next tokens. Before, a batch of Bmax jobs ran until its
-    // longest response ended while finished slots idled (on the H100 a third of the steps of the 50% demo).
+    // length) once at least `refill` slots are free (or none is decoding). The new prompts are prefilled in a
+    // decoder of their own (pre: only their rows, so the cost is theirs alone; a ragged feed in the main decoder
+    // computed every slot's padding columns too, 9x the time on the H100) and copied into the free slots
+    // (decoder_copy_seq). Before, a batch ran until its longest response ended while finished slots idled.
     // The output is unchanged: every job keeps its own sampling stream and the decoders' logits do not depend
     // on the batch (decode_cuda.h; the CPU decoder computes each sequence's rows alike).
     const int Bmax = st->batch_size > 0 ? st->batch_size : 1;
     const int64_t Bs = DL_MIN((int64_t)Bmax, todo), refill = DL_MAX((int64_t)1, Bs / 4);
-    // room for a ragged feed's padding columns past a running sequence (up to the longest prompt, at most 512)
-    const int64_t dec_len = longest + maxnew + DL_MIN(longest, (int64_t)512);
     logits = dl_malloc((size_t)(gpu ? 1 : DL_MAX(Bs, (int64_t)1) * V) * 4);
     tmp = dl_malloc((size_t)V * 4);
     feed = dl_malloc((size_t)Bmax * 4);
@@ -490,22 +490,26 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
     slot_job = dl_malloc((size_t)Bmax * sizeof *slot_job);
     capb = dl_calloc((size_t)Bmax, sizeof *capb);
     nfeed = dl_calloc((size_t)Bmax, sizeof *nfeed);
-    fresh = dl_calloc((size_t)Bmax, sizeof *fresh);
+    slot_of = dl_calloc((size_t)Bmax, sizeof *slot_of), row_of = dl_calloc((size_t)Bmax, sizeof *row_of);
+    pstreams = dl_calloc((size_t)Bmax, sizeof *pstreams), pcounters = dl_calloc((size_t)Bmax, sizeof *pcounters);
     for (int64_t b = 0; b < Bmax; b++) slot_job[b] = -1, fin[b] = true;
     SampleParams sp = {.greedy = st->sample_temperature <= 0, .temperature = (float)st->sample_temperature,
                        .top_p = st->top_p > 0 ? (float)st->top_p : 1.0f};
     if (todo > 0) {
         if (gpu) {
 #ifdef DISTILL_CUDA
-            dgpu = decoder_cuda_new(&t.hc, &t.reg, t.params, Bs, dec_len, ctx->quiet ? NULL : stdout, &e);
+            dgpu = decoder_cuda_new(&t.hc, &t.reg, t.params, Bs, longest + maxnew, ctx->quiet ? NULL : stdout, &e);
             if (!dgpu || decoder_cuda_reset(dgpu, Bs, &e)) goto fail;
+            pgpu = decoder_cuda_new(&t.hc, &t.reg, t.params, Bs, longest, ctx->quiet ? NULL : stdout, &e);
+            if (!pgpu) goto fail;
 #else
             dl_fail(&e, "run.device = \"cuda\" but this build has no CUDA");
             goto fail;
 #endif
         } else {
-            dcpu = decoder_new(&t.hc, &t.reg, t.params, Bs, dec_len, &e);
-            if (!dcpu) goto fail;
+            dcpu = decoder_new(&t.hc, &t.reg, t.params, Bs, longest + maxnew, &e);
+            pcpu = dcpu ? decoder_new(&t.hc, &t.reg, t.params, Bs, longest, &e) : NULL;
+            if (!pcpu) goto fail;
         }
     }
     Progress prog;
@@ -520,106 +524,115 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
             if (fflush(gf) || fsync(fileno(gf))) dl_fail(&e, "%s: write failed: %s", gen_path, strerror(errno)), rc = DL_EXIT_RUNTIME;
             goto out;
         }
-        // the new jobs of this feed, if it refills: L = their longest prompt (1: a plain decode step)
-        int64_t L = 1, nnew = 0, maxlen = 0;
-        for (int64_t b = 0; b < Bs; b++)
-            if (!fin[b]) {
-#ifdef DISTILL_CUDA
-                const int64_t n = gpu ? decoder_cuda_seq_len(dgpu, b) : decoder_seq_len(dcpu, b);
-#else
-                const int64_t n = decoder_seq_len(dcpu, b);
-#endif
-                maxlen = DL_MAX(maxlen, n);
-            }
+        // refill: the next jobs take the free slots; pre prefills their prompts (row r -> slot slot_of[r])
+        int64_t nnew = 0, L = 1;
         if (next < todo && (Bs - live >= refill || live == 0 || Bs - live >= todo - next)) {
-            int64_t want = 0, Lw = 1;
-            for (int64_t b = 0; b < Bs && next + want < todo; b++)
-                if (fin[b]) {
-                    const int64_t n = p[order[next + want++] / S].n;  // (not inside DL_MAX: it evaluates twice)
-                    Lw = DL_MAX(Lw, n);
-                }
-            if (live == 0 || maxlen + Lw <= dec_len) L = Lw, nnew = want;  // else after the long ones finish
+            for (int64_t b = 0; b < Bs && next < todo; b++) {
+                if (!fin[b]) continue;
+                const int64_t j = order[next++], pi = j / S, si = j % S;
+                slot_job[b] = j;
+                fin[b] = false;
+                capb[b] = DL_MIN(maxnew, max_pos - p[pi].n);
+                free(resp[b]);
+                resp[b] = dl_malloc((size_t)DL_MAX(capb[b], (int64_t)1) * 4);
+                nresp[b] = 0;
+                // sample 0 keeps the stream of the single-sample stage (resumable across the change)
+                rng_init(&rngs[b], (uint64_t)ctx->seed, 0x6e000000ull + (uint64_t)pi + ((uint64_t)si << 40));
+                streams[b] = ((uint64_t)si << 32) | (uint64_t)pi;
+                slot_of[nnew] = b, row_of[nnew] = nnew;
+                pstreams[nnew] = streams[b], pcounters[nnew] = 0;
+                nfeed[nnew] = p[pi].n;
+                L = DL_MAX(L, p[pi].n);
+                nnew++;
+                live++;
+            }
         }
-        for (int64_t b = 0; b < Bs; b++) fresh[b] = false;
-        for (int64_t b = 0, k = 0; b < Bs && k < nnew; b++) {
-            if (!fin[b]) continue;
-            const int64_t j = order[next++], pi = j / S, si = j % S;
-            k++;
-            slot_job[b] = j;
-            fin[b] = false, fresh[b] = true;
-            capb[b] = DL_MIN(maxnew, max_pos - p[pi].n);
-            free(resp[b]);
-            resp[b] = dl_malloc((size_t)DL_MAX(capb[b], (int64_t)1) * 4);
-            nresp[b] = 0;
-            // sample 0 keeps the stream of the single-sample stage (resumable across the change)
-            rng_init(&rngs[b], (uint64_t)ctx->seed, 0x6e000000ull + (uint64_t)pi + ((uint64_t)si << 40));
-            streams[b] = ((uint64_t)si << 32) | (uint64_t)pi;
-            live++;
-        }
-        // the feed: a new job's prompt, a running job's last token, an idle slot one token from empty
-        int frc = 0;
-        if (nnew) {
-            free(pr);
-            pr = dl_calloc((size_t)(Bs * L), 4);
-        }
-        for (int64_t b = 0; b < Bs && !frc; b++) {
-            const bool reset = fresh[b] || fin[b];
-            if (reset) {
+        // one round: the new jobs' first tokens from pre, then (if any job runs on) one step of the running ones
+        for (int round = nnew ? 0 : 1; round < 2; round++) {
+            int frc = 0;
+            if (round == 0) {
+                free(pr);
+                pr = dl_calloc((size_t)(nnew * L), 4);
+                for (int64_t r = 0; r < nnew; r++) memcpy(pr + r * L, p[slot_job[slot_of[r]] / S].ids, (size_t)nfeed[r] * 4);
 #ifdef DISTILL_CUDA
-                if (gpu) frc = decoder_cuda_reset_seq(dgpu, b, &e);
+                if (gpu) frc = decoder_cuda_reset(pgpu, nnew, &e) || decoder_cuda_feed_ragged(pgpu, pr, L, nfeed, &e);
                 else
 #endif
-                    frc = decoder_reset_seq(dcpu, b, &e);
-            }
-            const int32_t y = fresh[b] ? 0 : fin[b] ? 0 : feed[b];
-            if (fresh[b]) memcpy(pr + b * L, p[slot_job[b] / S].ids, (size_t)p[slot_job[b] / S].n * 4);
-            else if (nnew) pr[b * L] = y;
-            nfeed[b] = fresh[b] ? p[slot_job[b] / S].n : 1;
-            feed[b] = y;
-        }
-        if (frc) goto fail;
-        if (nnew) {
-#ifdef DISTILL_CUDA
-            if (gpu) frc = decoder_cuda_feed_ragged(dgpu, pr, L, nfeed, &e);
-            else
-#endif
-                frc = decoder_feed_ragged(dcpu, pr, L, nfeed, logits, NULL, &e);
-        } else {
-#ifdef DISTILL_CUDA
-            if (gpu) frc = decoder_cuda_step(dgpu, feed, &e);
-            else
-#endif
-                frc = decoder_feed(dcpu, feed, 1, logits, NULL, &e);
-        }
-        if (frc) goto fail;
-#ifdef DISTILL_CUDA
-        if (gpu) {
-            DecodeSampling ds = {.temperature = (float)st->sample_temperature, .top_k = st->top_k,
-                                 .top_p = (float)st->top_p, .seed = (uint64_t)ctx->seed};
-            for (int64_t b = 0; b < Bs; b++) counters[b] = (uint64_t)nresp[b];
-            if (decoder_cuda_sample(dgpu, &ds, streams, counters, ytok, &e)) goto fail;
-        }
-#endif
-        for (int64_t b = 0; b < Bs; b++) {
-            if (fin[b]) continue;
-            int32_t y;
-            if (gpu) {
-                y = ytok[b];
+                {
+                    decoder_reset(pcpu);
+                    // the CPU pre decoder runs all Bs rows: rows past nnew feed one padding token
+                    int32_t *pp = dl_calloc((size_t)(Bs * L), 4);
+                    int64_t *pn = dl_malloc((size_t)Bs * sizeof *pn);
+                    memcpy(pp, pr, (size_t)(nnew * L) * 4);
+                    for (int64_t r = 0; r < Bs; r++) pn[r] = r < nnew ? nfeed[r] : 1;
+                    frc = decoder_feed_ragged(pcpu, pp, L, pn, logits, NULL, &e);
+                    free(pp), free(pn);
+                }
             } else {
-                float *lg = logits + b * V;
-                if (st->top_k > 0 && !sp.greedy) apply_top_k(lg, V, st->top_k, tmp);
-                y = sample_token(lg, V, &sp, &rngs[b]);
+                if (!live) break;
+                for (int64_t b = 0; b < Bs && !frc; b++)  // a free slot is emptied and fed one padding token
+                    if (fin[b]) {
+#ifdef DISTILL_CUDA
+                        if (gpu) frc = decoder_cuda_reset_seq(dgpu, b, &e);
+                        else
+#endif
+                            frc = decoder_reset_seq(dcpu, b, &e);
+                        feed[b] = 0;
+                    }
+#ifdef DISTILL_CUDA
+                if (!frc && gpu) frc = decoder_cuda_step(dgpu, feed, &e);
+                else
+#endif
+                    if (!frc) frc = decoder_feed(dcpu, feed, 1, logits, NULL, &e);
             }
-            resp[b][nresp[b]++] = y;
-            feed[b] = y;
-            new_tokens++;
-            if (y == stops[0] || y == stops[1] || y == stops[2] || nresp[b] >= capb[b]) {
-                const int64_t j = slot_job[b], key = (int64_t)(((uint64_t)(j % S) << 32) | (uint64_t)(j / S));
-                jobs[j].resp = resp[b], jobs[j].n_resp = nresp[b];
-                resp[b] = NULL;
-                if (append_done(gf, key, jobs[j].resp, jobs[j].n_resp, &e)) goto fail;
-                fin[b] = true, slot_job[b] = -1;
-                live--, n_gen++, unsynced++;
+            if (frc) goto fail;
+            // rows of this round: round 0 row r is slot slot_of[r]; round 1 row b is slot b
+            const int64_t nrows = round == 0 ? nnew : Bs;
+#ifdef DISTILL_CUDA
+            if (gpu) {
+                DecodeSampling ds = {.temperature = (float)st->sample_temperature, .top_k = st->top_k,
+                                     .top_p = (float)st->top_p, .seed = (uint64_t)ctx->seed};
+                if (round == 0) {
+                    if (decoder_cuda_sample(pgpu, &ds, pstreams, pcounters, ytok, &e)) goto fail;
+                } else {
+                    for (int64_t b = 0; b < Bs; b++) counters[b] = (uint64_t)nresp[b];
+                    if (decoder_cuda_sample(dgpu, &ds, streams, counters, ytok, &e)) goto fail;
+                }
+            }
+#endif
+            for (int64_t r = 0; r < nrows; r++) {
+                const int64_t b = round == 0 ? slot_of[r] : r;
+                if (fin[b]) continue;  // a free slot
+                int32_t y;
+                if (gpu) {
+                    y = ytok[r];
+                } else {
+                    float *lg = logits + r * V;
+                    if (st->top_k > 0 && !sp.greedy) apply_top_k(lg, V, st->top_k, tmp);
+                    y = sample_token(lg, V, &sp, &rngs[b]);
+                }
+                resp[b][nresp[b]++] = y;
+                feed[b] = y;
+                new_tokens++;
+                if (y == stops[0] || y == stops[1] || y == stops[2] || nresp[b] >= capb[b]) {
+                    const int64_t j = slot_job[b], key = (int64_t)(((uint64_t)(j % S) << 32) | (uint64_t)(j / S));
+                    jobs[j].resp = resp[b], jobs[j].n_resp = nresp[b];
+                    resp[b] = NULL;
+                    if (append_done(gf, key, jobs[j].resp, jobs[j].n_resp, &e)) goto fail;
+                    fin[b] = true, slot_job[b] = -1;
+                    live--, n_gen++, unsynced++;
+                }
+            }
+            if (round == 0) {  // the prompts' caches join the main decoder (finished ones too: their slots are reset)
+#ifdef DISTILL_CUDA
+                if (gpu) {
+                    if (decoder_cuda_copy_seqs(dgpu, slot_of, pgpu, row_of, nnew, &e)) goto fail;
+                } else
+#endif
+                {
+                    for (int64_t r = 0; r < nnew; r++)
+                        if (decoder_copy_seq(dcpu, slot_of[r], pcpu, r, &e)) goto fail;
+                }
             }
         }
         if (unsynced >= refill || (next == todo && live == 0)) {  // finished responses survive an interruption
@@ -690,14 +703,15 @@ fail:
 out:
     if (w) shard_writer_abort(w);
     if (gf) fclose(gf);
-    decoder_free(dcpu);
+    decoder_free(dcpu), decoder_free(pcpu);
 #ifdef DISTILL_CUDA
-    decoder_cuda_free(dgpu);
+    decoder_cuda_free(dgpu), decoder_cuda_free(pgpu);
 #endif
     if (resp)
         for (int i = 0; i < (st->batch_size > 0 ? st->batch_size : 1); i++) free(resp[i]);
     free(resp), free(nresp), free(fin), free(rngs), free(feed), free(ytok), free(streams), free(counters);
-    free(logits), free(tmp), free(order), free(pr), free(slot_job), free(capb), free(nfeed), free(fresh);
+    free(logits), free(tmp), free(order), free(pr), free(slot_job), free(capb), free(nfeed);
+    free(slot_of), free(row_of), free(pstreams), free(pcounters);
     jobs_free(jobs, nj);
     if (p) prompts_free(p, np);
     if (have_t) model_free(&t);

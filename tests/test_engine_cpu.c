@@ -461,6 +461,46 @@ static void test_reset_seq(Model *m, const char *what) {
     free(got), free(ref), free(tmp);
 }
 
+// The generate stage's refill: a prompt prefilled in a decoder of its own (row 1 of 2) is copied into slot 0 of a
+// running batch (decoder_copy_seq); the next steps' logits equal those of a decoder that fed it alone, and the
+// other slot is untouched.
+static void test_copy_seq(Model *m, const char *what) {
+    DlError err;
+    const int64_t V = m->h.base.vocab;
+    enum { LN = 5, ML = 16 };
+    int32_t np[LN], pad[2 * LN] = {0}, run0[2], st1[2], st2[2];
+    for (int i = 0; i < LN; i++) np[i] = (int32_t)rng_below(&rng, (uint64_t)V);
+    for (int b = 0; b < 2; b++)
+        run0[b] = (int32_t)rng_below(&rng, (uint64_t)V), st1[b] = (int32_t)rng_below(&rng, (uint64_t)V),
+        st2[b] = (int32_t)rng_below(&rng, (uint64_t)V);
+    Decoder *D = decoder_new(&m->h, &m->r, m->p, 2, ML, &err), *P = decoder_new(&m->h, &m->r, m->p, 2, LN, &err),
+            *D1 = decoder_new(&m->h, &m->r, m->p, 1, ML, &err);
+    float *got = malloc((size_t)(4 * V) * sizeof(float)), *ref = malloc((size_t)(4 * V) * sizeof(float)), *tmp = malloc((size_t)(2 * V) * sizeof(float));
+    CHECK(decoder_feed(D, run0, 1, tmp, NULL, &err) == 0 && decoder_feed(D, run0, 1, tmp, NULL, &err) == 0);
+    memcpy(pad + LN, np, sizeof np);
+    const int64_t pn[2] = {1, LN};
+    CHECK(decoder_feed_ragged(P, pad, LN, pn, tmp, NULL, &err) == 0);
+    CHECK(decoder_copy_seq(D, 0, P, 2, &err) != 0);  // outside the source batch: an error
+    CHECK(decoder_copy_seq(D, 0, P, 1, &err) == 0);
+    CHECK(decoder_seq_len(D, 0) == LN && decoder_seq_len(D, 1) == 2);
+    CHECK(decoder_feed(D, st1, 1, got, NULL, &err) == 0 && decoder_feed(D, st2, 1, got + 2 * V, NULL, &err) == 0);
+    decoder_feed(D1, np, LN, tmp, NULL, &err);  // slot 0 alone: the prompt, then st1[0], st2[0]
+    decoder_feed(D1, &st1[0], 1, ref, NULL, &err);
+    decoder_feed(D1, &st2[0], 1, ref + 2 * V, NULL, &err);
+    decoder_reset(D1);  // slot 1 alone: run0 twice, then st1[1], st2[1]
+    decoder_feed(D1, &run0[1], 1, tmp, NULL, &err);
+    decoder_feed(D1, &run0[1], 1, tmp, NULL, &err);
+    decoder_feed(D1, &st1[1], 1, ref + V, NULL, &err);
+    decoder_feed(D1, &st2[1], 1, ref + 3 * V, NULL, &err);
+    double rel = max_rel(got, ref, 4 * V);
+    char buf[160];
+    snprintf(buf, sizeof buf, "%s: a prompt prefilled apart and copied into a running batch == each alone", what);
+    CHECK_REL(rel, 1e-5, buf);
+    printf("%s: copy_seq vs alone %.2e\n", what, rel);
+    decoder_free(D), decoder_free(P), decoder_free(D1);
+    free(got), free(ref), free(tmp);
+}
+
 // Speculative window: after a prefill of 4, feed K = 4 tokens in a window (as verification does: one
 // multi-token feed), accept keep = {1, 4} and {0, 2}, then decode 2 tokens: the logits equal those of a
 // decoder fed only the kept tokens. Also a window of single-token feeds (a draft model's proposals).
@@ -542,6 +582,9 @@ int main(void) {
     test_reset_seq(&teacher, "teacher");
     test_reset_seq(&hybrid, "hybrid");
     test_reset_seq(&hybrid2, "hybrid-mamba2");
+    test_copy_seq(&teacher, "teacher");
+    test_copy_seq(&hybrid, "hybrid");
+    test_copy_seq(&hybrid2, "hybrid-mamba2");
     test_window(&teacher, "teacher");
     test_window(&hybrid, "hybrid");
     test_window(&hybrid2, "hybrid-mamba2");

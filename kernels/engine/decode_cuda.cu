@@ -776,6 +776,73 @@ int decoder_cuda_reset_seq(DecoderCuda *D, int64_t b, DlError *e) {
     return 0;
 }
 
+// Up to COPY_MAX sequences' KV rows per launch, passed by value: dst slot b, src slot j, rows len.
+#define COPY_MAX 256
+struct CopyList {
+    int32_t b[COPY_MAX], j[COPY_MAX], len[COPY_MAX];
+};
+
+// blockIdx.y = the sequence; 16-byte words when a row is a multiple of 16 bytes (cudaMalloc bases are aligned).
+__global__ void kv_copy_kernel(bf16 *dk, bf16 *dv, const bf16 *sk, const bf16 *sv, CopyList cl, int64_t dmax, int64_t smax,
+                               int64_t kvd) {
+    const int k = blockIdx.y;
+    const int64_t doff = (int64_t)cl.b[k] * dmax * kvd, soff = (int64_t)cl.j[k] * smax * kvd, n = (int64_t)cl.len[k] * kvd;
+    if ((kvd * 2) % 16 == 0) {
+        const int64_t w = n / 8;
+        const uint4 *a = (const uint4 *)(sk + soff), *c = (const uint4 *)(sv + soff);
+        uint4 *x = (uint4 *)(dk + doff), *y = (uint4 *)(dv + doff);
+        for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < w; i += (int64_t)gridDim.x * blockDim.x) x[i] = a[i], y[i] = c[i];
+    } else {
+        for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+            dk[doff + i] = sk[soff + i], dv[doff + i] = sv[soff + i];
+    }
+}
+
+int decoder_cuda_copy_seqs(DecoderCuda *D, const int64_t *b, const DecoderCuda *S, const int64_t *j, int64_t n, DlError *e) {
+    const HybridConfig *h = &D->h;
+    const LlamaConfig *c = &h->base;
+    if (S->h.base.n_layer != c->n_layer || S->n_m != D->n_m)
+        return dl_fail(e, "decoder_cuda_copy_seqs: the two decoders hold different models");
+    if (D->win) return dl_fail(e, "decoder_cuda_copy_seqs: not allowed inside a speculative window");
+    for (int64_t i = 0; i < n; i++) {
+        if (b[i] < 0 || b[i] >= D->nb || j[i] < 0 || j[i] >= S->nb)
+            return dl_fail(e, "decoder_cuda_copy_seqs: sequence %lld -> %lld outside the batches (%lld, %lld)", (long long)j[i],
+                           (long long)b[i], (long long)S->nb, (long long)D->nb);
+        if (S->len[j[i]] > D->max_len)
+            return dl_fail(e, "decoder_cuda_copy_seqs: %lld tokens exceed the context of %lld", (long long)S->len[j[i]],
+                           (long long)D->max_len);
+    }
+    cudaCheck(cudaStreamSynchronize(S->st));  // src's prefill is done; D's stream orders the copy before D's next feed
+    const int64_t kvd = (int64_t)c->n_kv_head * c->head_dim;
+    for (int64_t i0 = 0; i0 < n; i0 += COPY_MAX) {
+        const int64_t m = n - i0 < COPY_MAX ? n - i0 : COPY_MAX;
+        CopyList cl;
+        int64_t most = 1;
+        for (int64_t i = 0; i < m; i++) {
+            cl.b[i] = (int32_t)b[i0 + i], cl.j[i] = (int32_t)j[i0 + i], cl.len[i] = (int32_t)S->len[j[i0 + i]];
+            most = cl.len[i] > most ? cl.len[i] : most;
+        }
+        const unsigned gx = (unsigned)((most * kvd / 8 + 255) / 256);
+        for (int l = 0; l < c->n_layer; l++) {
+            if (D->L[l].kind != MIXER_ATTN) continue;
+            kv_copy_kernel<<<dim3(gx ? gx : 1, (unsigned)m), 256, 0, D->st>>>(D->L[l].kc, D->L[l].vc, S->L[l].kc, S->L[l].vc, cl,
+                                                                             D->max_len, S->max_len, kvd);
+            kernelCheck("kv_copy_kernel");
+        }
+    }
+    if (D->n_m) {  // layer-major [n_m, B, ...] state arrays: one strided copy per sequence and array
+        const int64_t s1 = h->d_inner * h->d_state, s2 = (h->d_conv > 1 ? h->d_conv - 1 : 1) * h->d_inner;
+        for (int64_t i = 0; i < n; i++) {
+            cudaCheck(cudaMemcpy2DAsync(D->ssm_all + b[i] * s1, (size_t)(D->B * s1) * 4, S->ssm_all + j[i] * s1,
+                                        (size_t)(S->B * s1) * 4, (size_t)s1 * 4, (size_t)D->n_m, cudaMemcpyDeviceToDevice, D->st));
+            cudaCheck(cudaMemcpy2DAsync(D->conv_all + b[i] * s2, (size_t)(D->B * s2) * 2, S->conv_all + j[i] * s2,
+                                        (size_t)(S->B * s2) * 2, (size_t)s2 * 2, (size_t)D->n_m, cudaMemcpyDeviceToDevice, D->st));
+        }
+    }
+    for (int64_t i = 0; i < n; i++) D->len[b[i]] = S->len[j[i]];
+    return 0;
+}
+
 int64_t decoder_cuda_batch(const DecoderCuda *D) { return D->nb; }
 int64_t decoder_cuda_capacity(const DecoderCuda *D) { return D->B; }
 int64_t decoder_cuda_max_len(const DecoderCuda *D) { return D->max_len; }

@@ -44,6 +44,9 @@ void decoder_cuda_free(DecoderCuda *d);
 int decoder_cuda_reset(DecoderCuda *d, int64_t nb, DlError *e);
 // decoder_reset_seq on the device: sequence b (< nb) alone is emptied (length 0, Mamba state zero).
 int decoder_cuda_reset_seq(DecoderCuda *d, int64_t b, DlError *e);
+// decoder_copy_seq on the device for n sequences at once: sequence b[i] of d becomes a copy of sequence j[i] of
+// src (same model; KV rows, Mamba state, length). Ordered after src's work so far and before d's next feed.
+int decoder_cuda_copy_seqs(DecoderCuda *d, const int64_t *b, const DecoderCuda *src, const int64_t *j, int64_t n, DlError *e);
 int64_t decoder_cuda_batch(const DecoderCuda *d);  // the active batch nb
 int64_t decoder_cuda_capacity(const DecoderCuda *d);  // B
 int64_t decoder_cuda_max_len(const DecoderCuda *d);

@@ -732,6 +732,49 @@ static void test_reset_seq(const Model *m, const char *nm) {
     free(got), free(ref);
 }
 
+// The generate stage's refill: prompts prefilled in a decoder of their own are copied into slots of a running batch
+// (decoder_cuda_copy_seqs, rows 1, 0 -> slots 0, 2); the next steps' logits of every slot must equal, bit for bit,
+// those of a decoder that fed its sequence alone.
+static void test_copy_seqs(const Model *m, const char *nm) {
+    DlError e;
+    const int64_t V = m->h.base.vocab, B = 3, LP = 37, ML = 96;
+    int32_t pp[2 * 37], run[3], s1[3], s2[3];
+    const int64_t pn[2] = {37, 12};
+    for (int64_t i = 0; i < 2 * LP; i++) pp[i] = (int32_t)((i * 6151 + 3) % V);
+    for (int64_t b = 0; b < B; b++) run[b] = (int32_t)((b * 13 + 4) % V), s1[b] = (int32_t)((b * 71 + 9) % V), s2[b] = (int32_t)((b * 29 + 6) % V);
+    DecoderCuda *g = decoder_cuda_new(&m->h, &m->r, m->p, B, ML, NULL, &e), *P = decoder_cuda_new(&m->h, &m->r, m->p, 2, LP, NULL, &e),
+                *g1 = decoder_cuda_new(&m->h, &m->r, m->p, 1, ML, NULL, &e);
+    die_if(!g || !P || !g1, &e, "decoder_cuda_new");
+    float *got = (float *)malloc((size_t)(2 * B * V) * 4), *ref = (float *)malloc((size_t)(2 * B * V) * 4);
+    die_if(decoder_cuda_reset(g, B, &e) || decoder_cuda_step(g, run, &e) || decoder_cuda_step(g, run, &e), &e, "running");
+    die_if(decoder_cuda_reset(P, 2, &e) || decoder_cuda_feed_ragged(P, pp, LP, pn, &e), &e, "prefill apart");
+    const int64_t to[2] = {0, 2}, from[2] = {1, 0}, bad[1] = {2};
+    check(decoder_cuda_copy_seqs(g, to, P, bad, 1, &e) != 0, "%s: copy from outside the source batch is refused (%s)", nm, e.msg);
+    die_if(decoder_cuda_copy_seqs(g, to, P, from, 2, &e), &e, "copy_seqs");
+    check(decoder_cuda_seq_len(g, 0) == pn[1] && decoder_cuda_seq_len(g, 1) == 2 && decoder_cuda_seq_len(g, 2) == pn[0],
+          "%s: copy_seqs sets the copied lengths only", nm);
+    die_if(decoder_cuda_step(g, s1, &e), &e, "step 1");
+    decoder_cuda_logits_host(g, got);
+    die_if(decoder_cuda_step(g, s2, &e), &e, "step 2");
+    decoder_cuda_logits_host(g, got + B * V);
+    for (int64_t b = 0; b < B; b++) {
+        die_if(decoder_cuda_reset(g1, 1, &e), &e, "reset");
+        if (b == 1) die_if(decoder_cuda_step(g1, &run[1], &e) || decoder_cuda_step(g1, &run[1], &e), &e, "alone");
+        else {
+            const int64_t r = b == 0 ? 1 : 0;
+            die_if(decoder_cuda_feed_ragged(g1, pp + r * LP, pn[r], NULL, &e), &e, "alone");
+        }
+        die_if(decoder_cuda_step(g1, &s1[b], &e), &e, "alone step 1");
+        decoder_cuda_logits_host(g1, ref + b * V);
+        die_if(decoder_cuda_step(g1, &s2[b], &e), &e, "alone step 2");
+        decoder_cuda_logits_host(g1, ref + (B + b) * V);
+    }
+    check(!memcmp(got, ref, (size_t)(2 * B * V) * 4),
+          "%s: prompts prefilled apart and copied into a running batch: every slot's logits identical to it alone", nm);
+    decoder_cuda_free(g), decoder_cuda_free(P), decoder_cuda_free(g1);
+    free(got), free(ref);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--verbose")) g_verbose = 1;
@@ -776,6 +819,8 @@ int main(int argc, char **argv) {
     test_speculative(&hy, &te);
     test_reset_seq(&hy, "hybrid");
     test_reset_seq(&te, "teacher");
+    test_copy_seqs(&hy, "hybrid");
+    test_copy_seqs(&te, "teacher");
     // last (a capture failure exits): decode steps and windows replayed from CUDA graphs give the same results
     setenv("DISTILL_DECODE_GRAPH", "1", 1);
     decode_vs_cpu(&hy, "hybrid, CUDA-graph decode steps", 4, plen_h, 300, steps, NULL);
