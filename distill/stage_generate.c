@@ -7,8 +7,8 @@
 // text to continue. samples_per_prompt = S gives S responses per prompt (jobs (prompt, sample)), each from
 // its own RNG stream and each its own document (prompt-major order). Decoding is continuously batched over
 // jobs of any prompt lengths (sorted by length; batch_size slots, each a sequence with its own length: a
-// finished job's slot is emptied, decoder_reset_seq, and takes the next job, prefilled in a ragged feed with the
-// running slots' next tokens), with temperature / top-p / top-k sampling from one RNG stream per job, so the
+// finished job's slot takes the next job, whose prompt is prefilled with the other new ones in a second decoder
+// and copied in, decoder_copy_seq), with temperature / top-p / top-k sampling from one RNG stream per job, so the
 // output does not depend on batching or on interruptions.
 // as_prompts = true: the responses become prompts instead of documents (write_prompt_set: teacher-written
 // prompts), STAGE_DIR/OUTPUT.prompts.jsonl, which a later generate stage reads after OUTPUT's own sources.
