@@ -359,7 +359,8 @@ int plan_stage(const Recipe *r, const StageSpec *st, int step, StagePlan *p, DlE
         if (st->kind == STAGE_DPO) m->logits = 4.0 * B * T * V;  // the reference's logits are reduced to log-probs at once
     } else if (st->kind == STAGE_GENERATE) {
         double B = st->batch_size, L = T + st->max_new_tokens;
-        m->kv_cache = 2.0 * c->n_layer * c->n_kv_head * c->head_dim * L * B * a;
+        // the running slots' caches (prompt + answer) and the refill decoder's (prompts only; stage_generate.c)
+        m->kv_cache = 2.0 * c->n_layer * c->n_kv_head * c->head_dim * (L + T) * B * a;
         m->activations = layer_act_elems(&teacher, 0, RECOMPUTE_NONE, (int)L, !cuda) * a * B;  // one token per sequence
         m->logits = 4.0 * B * V;
     } else if (st->kind == STAGE_TEACHER_CACHE || st->kind == STAGE_EVAL) {
