@@ -38,17 +38,10 @@ static void install_signals(void) {
 
 // Writes the resolved recipe to path atomically (temporary file, fsync, rename).
 static int write_resolved(const Recipe *r, const char *path, DlError *e) {
-    char tmp[4096];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "w");
-    if (!f) return dl_fail(e, "%s: cannot create: %s", tmp, strerror(errno));
-    recipe_write_resolved(r, f);
-    if (fflush(f) || fsync(fileno(f))) {
-        fclose(f);
-        return dl_fail(e, "%s: write failed: %s", tmp, strerror(errno));
-    }
-    if (fclose(f) || rename(tmp, path)) return dl_fail(e, "%s: cannot write: %s", path, strerror(errno));
-    return 0;
+    DlAtomic a;
+    if (dl_atomic_open(&a, path, e)) return -1;
+    recipe_write_resolved(r, a.f);
+    return dl_atomic_commit(&a, e);
 }
 
 __attribute__((noinline)) static char *resolved_text(const Recipe *r) {

@@ -2,6 +2,7 @@
 #include "distill/common.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -153,34 +154,79 @@ int dl_mkdirs(const char *path, DlError *e) {
     return rc;
 }
 
-int dl_copy_file(const char *src, const char *dst, DlError *e) {
-    // a unique temporary name (mkstemp): two runs keeping the same file at once each write their own copy
-    size_t n = strlen(dst);
-    char *tmp = dl_malloc(n + 12);
-    memcpy(tmp, dst, n), memcpy(tmp + n, ".tmp.XXXXXX", 12);
-    FILE *in = fopen(src, "rb"), *out = NULL;
-    int rc = 0, fd = -1;
-    if (!in) {
-        rc = dl_fail(e, "%s: cannot open: %s", src, strerror(errno));
-        goto out;
+int dl_atomic_open(DlAtomic *a, const char *path, DlError *e) {
+    const size_t n = strlen(path);
+    a->path = dl_strdup(path);
+    a->tmp = dl_malloc(n + 12);
+    memcpy(a->tmp, path, n), memcpy(a->tmp + n, ".tmp.XXXXXX", 12);
+    a->f = NULL;
+    const int fd = mkstemp(a->tmp);
+    if (fd < 0 || fchmod(fd, 0644) != 0 || !(a->f = fdopen(fd, "wb"))) {  // mkstemp makes 0600
+        const int rc = dl_fail(e, "%s: cannot create: %s", a->tmp, strerror(errno));
+        if (fd >= 0) close(fd), unlink(a->tmp);
+        free(a->tmp), free(a->path);
+        a->tmp = a->path = NULL;
+        return rc;
     }
-    if ((fd = mkstemp(tmp)) < 0 || fchmod(fd, 0644) != 0 || !(out = fdopen(fd, "wb"))) {  // mkstemp makes 0600
-        rc = dl_fail(e, "%s: cannot create: %s", tmp, strerror(errno));
-        if (fd >= 0) close(fd), unlink(tmp);
-        goto out;
+    return 0;
+}
+
+int dl_atomic_commit(DlAtomic *a, DlError *e) {
+    int rc = 0;
+    if (ferror(a->f) || fflush(a->f) || fsync(fileno(a->f))) rc = dl_fail(e, "%s: write failed: %s", a->tmp, strerror(errno));
+    if (fclose(a->f) && !rc) rc = dl_fail(e, "%s: write failed: %s", a->tmp, strerror(errno));
+    a->f = NULL;
+    if (!rc && rename(a->tmp, a->path) != 0) rc = dl_fail(e, "%s -> %s: cannot rename: %s", a->tmp, a->path, strerror(errno));
+    if (rc) unlink(a->tmp);
+    else {  // the rename itself reaches the disk with the directory (best effort: some filesystems refuse)
+        char *slash = strrchr(a->path, '/');
+        if (slash) *slash = 0;
+        const int dfd = open(slash ? (*a->path ? a->path : "/") : ".", O_RDONLY | O_DIRECTORY);
+        if (dfd >= 0) fsync(dfd), close(dfd);
+    }
+    free(a->tmp), free(a->path);
+    a->tmp = a->path = NULL;
+    return rc;
+}
+
+void dl_atomic_abort(DlAtomic *a) {
+    if (a->f) fclose(a->f), unlink(a->tmp);
+    a->f = NULL;
+    free(a->tmp), free(a->path);
+    a->tmp = a->path = NULL;
+}
+
+int dl_write_file_atomic(const char *path, const void *data, size_t n, DlError *e) {
+    DlAtomic a;
+    if (dl_atomic_open(&a, path, e)) return -1;
+    if (n && fwrite(data, 1, n, a.f) != n) {
+        const int rc = dl_fail(e, "%s: write failed: %s", a.tmp, strerror(errno));
+        dl_atomic_abort(&a);
+        return rc;
+    }
+    return dl_atomic_commit(&a, e);
+}
+
+int dl_copy_file(const char *src, const char *dst, DlError *e) {
+    FILE *in = fopen(src, "rb");
+    if (!in) return dl_fail(e, "%s: cannot open: %s", src, strerror(errno));
+    DlAtomic a;
+    if (dl_atomic_open(&a, dst, e)) {
+        fclose(in);
+        return -1;
     }
     char buf[1 << 16];
     size_t k;
     while ((k = fread(buf, 1, sizeof buf, in)) > 0)
-        if (fwrite(buf, 1, k, out) != k) break;
-    if (ferror(in) || ferror(out) || fflush(out) || fsync(fileno(out))) rc = dl_fail(e, "%s -> %s: copy failed: %s", src, tmp, strerror(errno));
-out:
-    if (in) fclose(in);
-    if (out && fclose(out) && !rc) rc = dl_fail(e, "%s: write failed: %s", tmp, strerror(errno));
-    if (!rc && rename(tmp, dst) != 0) rc = dl_fail(e, "%s -> %s: cannot rename: %s", tmp, dst, strerror(errno));
-    if (rc && out) unlink(tmp);
-    free(tmp);
-    return rc;
+        if (fwrite(buf, 1, k, a.f) != k) break;
+    const bool bad = ferror(in) || ferror(a.f);
+    fclose(in);
+    if (bad) {
+        const int rc = dl_fail(e, "%s -> %s: copy failed: %s", src, a.tmp, strerror(errno));
+        dl_atomic_abort(&a);
+        return rc;
+    }
+    return dl_atomic_commit(&a, e);
 }
 
 char *dl_path_join(const char *a, const char *b) {

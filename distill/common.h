@@ -65,8 +65,20 @@ bool dl_file_exists(const char *path);
 bool dl_is_dir(const char *path);
 // mkdir -p; returns 0 or -1 with e filled.
 int dl_mkdirs(const char *path, DlError *e);
-// Copies src to dst through a unique dst.tmp.XXXXXX + fsync + rename, so dst is either absent, the old file or
-// one whole copy.
+// Atomic file writes: dl_atomic_open creates a unique temporary beside path (PATH.tmp.XXXXXX, mode 0644) to write
+// into through a->f; dl_atomic_commit flushes, fsyncs, closes and renames it over path, so path is either its old
+// self or the whole new file (two writers of one path never share a temporary). A failed commit and
+// dl_atomic_abort remove the temporary. Every function returns 0 or -1 with e filled (naming the file).
+typedef struct {
+    FILE *f;
+    char *tmp, *path;
+} DlAtomic;
+int dl_atomic_open(DlAtomic *a, const char *path, DlError *e);
+int dl_atomic_commit(DlAtomic *a, DlError *e);
+void dl_atomic_abort(DlAtomic *a);
+// The whole file at once: n bytes of data (dl_atomic_open + fwrite + dl_atomic_commit).
+int dl_write_file_atomic(const char *path, const void *data, size_t n, DlError *e);
+// Copies src to dst atomically (as dl_atomic_open / commit).
 int dl_copy_file(const char *src, const char *dst, DlError *e);
 // Joins a and b with a '/', into a newly allocated string.
 char *dl_path_join(const char *a, const char *b);

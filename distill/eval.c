@@ -111,14 +111,9 @@ static void jnum(FILE *f, const char *k, double v, bool comma) {
 }
 
 int eval_write_json(const char *path, const EvalResult *r, int n, DlError *e) {
-    char *tmp = dl_malloc(strlen(path) + 5);
-    sprintf(tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
-    if (!f) {
-        int rc = dl_fail(e, "%s: cannot create: %s", tmp, strerror(errno));
-        free(tmp);
-        return rc;
-    }
+    DlAtomic a;
+    if (dl_atomic_open(&a, path, e)) return -1;
+    FILE *f = a.f;
     fprintf(f, "{\"results\": [\n");
     for (int i = 0; i < n; i++) {
         const EvalResult *x = &r[i];
@@ -132,12 +127,7 @@ int eval_write_json(const char *path, const EvalResult *r, int n, DlError *e) {
         fprintf(f, "}%s\n", i + 1 < n ? "," : "");
     }
     fprintf(f, "]}\n");
-    int bad = fflush(f) != 0 || fsync(fileno(f)) != 0;
-    bad |= fclose(f) != 0;
-    int rc = 0;
-    if (bad || rename(tmp, path) != 0) rc = dl_fail(e, "%s: write failed: %s", path, strerror(errno));
-    free(tmp);
-    return rc;
+    return dl_atomic_commit(&a, e);
 }
 
 void eval_print_table(FILE *f, const EvalResult *r, int n) {

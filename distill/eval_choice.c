@@ -357,21 +357,9 @@ int choice_add_json(const char *path, const ChoiceResult *r, int n, DlError *e) 
     }
     char *txt = cJSON_Print(root);
     cJSON_Delete(root);
-    char *tmp = dl_malloc(strlen(path) + 5);
-    sprintf(tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
-    int rc = 0;
-    if (!f) {
-        rc = dl_fail(e, "%s: cannot create: %s", tmp, strerror(errno));
-    } else {
-        int bad = fputs(txt, f) < 0 || fputc('\n', f) == EOF || fflush(f) != 0 || fsync(fileno(f)) != 0;
-        bad |= fclose(f) != 0;
-        if (bad || rename(tmp, path) != 0) {
-            rc = dl_fail(e, "%s: write failed: %s", path, strerror(errno));
-            unlink(tmp);
-        }
-    }
-    free(tmp);
+    const size_t len = strlen(txt);
+    txt[len] = '\n';  // cJSON_Print's terminator becomes the file's last newline
+    const int rc = dl_write_file_atomic(path, txt, len + 1, e);
     free(txt);
     return rc;
 }

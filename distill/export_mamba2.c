@@ -24,23 +24,6 @@ int export_mambainllama_mamba2(const char *dir, const HybridConfig *h, const Reg
 #include <string.h>
 #include <unistd.h>
 
-static int write_file(const char *path, const char *data, size_t n, DlError *e) {
-    size_t pl = strlen(path) + 8;
-    char *tmp = dl_malloc(pl);
-    snprintf(tmp, pl, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
-    int rc = 0;
-    if (!f) rc = dl_fail(e, "%s: cannot create: %s", tmp, strerror(errno));
-    else {
-        if (fwrite(data, 1, n, f) != n || fflush(f) || fsync(fileno(f))) rc = dl_fail(e, "%s: write failed: %s", tmp, strerror(errno));
-        if (fclose(f) && !rc) rc = dl_fail(e, "%s: close failed: %s", tmp, strerror(errno));
-        if (!rc && rename(tmp, path)) rc = dl_fail(e, "%s: rename failed: %s", path, strerror(errno));
-        if (rc) remove(tmp);
-    }
-    free(tmp);
-    return rc;
-}
-
 int export_add_hf_code(const char *dir, const HybridConfig *h, const char *hf_dir, DlError *e) {
     for (int l = 0; l < h->base.n_layer; l++)
         if (h->mixer[l] == MIXER_MAMBA2)
@@ -51,7 +34,7 @@ int export_add_hf_code(const char *dir, const HybridConfig *h, const char *hf_di
         char *src = dl_path_join(hf_dir, files[i]), *dst = dl_path_join(dir, files[i]);
         size_t n;
         char *txt = dl_read_file(src, &n, e);
-        int rc = txt ? write_file(dst, txt, n, e) : -1;
+        int rc = txt ? dl_write_file_atomic(dst, txt, n, e) : -1;
         free(txt), free(src), free(dst);
         if (rc) return -1;
     }
@@ -73,7 +56,7 @@ int export_add_hf_code(const char *dir, const HybridConfig *h, const char *hf_di
     cJSON_AddStringToObject(am, "AutoConfig", "configuration_mambainllama.MambaInLlamaConfig");
     cJSON_AddStringToObject(am, "AutoModelForCausalLM", "modeling_mambainllama.MambaInLlamaForCausalLM");
     char *txt = cJSON_Print(c);
-    rc = write_file(cp, txt, strlen(txt), e);
+    rc = dl_write_file_atomic(cp, txt, strlen(txt), e);
     cJSON_free(txt);
 out:
     cJSON_Delete(c), cJSON_Delete(m);

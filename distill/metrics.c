@@ -34,15 +34,12 @@ static int truncate_after(const char *path, int stage, int64_t step, DlError *e)
     size_t len;
     char *text = dl_read_file(path, &len, e);
     if (!text) return -1;
-    char *tmp = dl_malloc(strlen(path) + 5);
-    sprintf(tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
-    if (!f) {
+    DlAtomic a;
+    if (dl_atomic_open(&a, path, e)) {
         free(text);
-        int rc = dl_fail(e, "%s: cannot create: %s", tmp, strerror(errno));
-        free(tmp);
-        return rc;
+        return -1;
     }
+    FILE *f = a.f;
     int kept = 0, dropped = 0;
     for (char *line = text, *next; line && *line; line = next) {
         char *nl = strchr(line, '\n');
@@ -64,14 +61,7 @@ static int truncate_after(const char *path, int stage, int64_t step, DlError *e)
         else dropped++;
     }
     free(text);
-    int bad = fflush(f) != 0 || fsync(fileno(f)) != 0;
-    bad |= fclose(f) != 0;
-    if (bad || rename(tmp, path) != 0) {
-        int rc = dl_fail(e, "%s: cannot rewrite: %s", path, strerror(errno));
-        free(tmp);
-        return rc;
-    }
-    free(tmp);
+    if (dl_atomic_commit(&a, e)) return -1;
     if (dropped) dl_info("metrics: dropped %d rows written after the checkpoint resumed from", dropped);
     return 0;
 }

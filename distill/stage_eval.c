@@ -97,15 +97,10 @@ static int json_file_set(const char *path, const char *key, cJSON *val, DlError 
     cJSON_AddItemToObject(root, key, val);
     char *txt = cJSON_Print(root);
     cJSON_Delete(root);
-    char *tmp = dl_malloc(strlen(path) + 8);
-    sprintf(tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
-    int rc = 0;
-    if (!f || fputs(txt, f) < 0 || fputc('\n', f) == EOF || fclose(f) || rename(tmp, path)) {
-        if (f) unlink(tmp);
-        rc = dl_fail(e, "cannot write %s", path);
-    }
-    free(txt), free(tmp);
+    const size_t n = strlen(txt);
+    txt[n] = '\n';  // cJSON_Print's terminator becomes the file's last newline
+    const int rc = dl_write_file_atomic(path, txt, n + 1, e);
+    free(txt);
     return rc;
 }
 

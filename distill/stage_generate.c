@@ -301,20 +301,20 @@ static uint64_t norm_hash(const char *t) {
 // as_prompts: each response, decoded without its stop token and trimmed (with prompt_filter on: only a finished
 // response, as the clean prompt prompt_filter finds in it, or nothing), becomes one prompt
 // {"messages": [{"role": "user", "content": TEXT}]} of STAGE_DIR/OUTPUT.prompts.jsonl, in job order; empty texts
-// and repeats (equal norm_hash) are dropped. Written to a temporary name and renamed.
+// and repeats (equal norm_hash) are dropped. Written atomically (dl_atomic_open / commit).
 static int write_prompt_set(const RunContext *ctx, const StageSpec *st, const DataSpec *outd, const Tokenizer *tok,
                             const Job *jobs, int64_t nj, const int32_t stops[3], DlError *e) {
     char name[300];
     snprintf(name, sizeof name, "%s.prompts.jsonl", outd->name);
-    char *path = dl_path_join(ctx->stage_dir, name), *tmp = dl_malloc(strlen(path) + 5);
-    sprintf(tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
+    char *path = dl_path_join(ctx->stage_dir, name);
+    DlAtomic af;
+    FILE *f = dl_atomic_open(&af, path, e) ? NULL : af.f;
     int64_t cap = 1, n_out = 0, n_cut = 0, n_empty = 0, n_dup = 0, n_filtered = 0;
     while (cap < 2 * nj + 2) cap *= 2;
     uint64_t *seen = dl_calloc((size_t)cap, sizeof *seen);  // open addressing on the normalized-text hash
     int rc = 0;
     if (!f) {
-        rc = dl_fail(e, "%s: cannot create: %s", tmp, strerror(errno));
+        rc = -1;
         goto out;
     }
     for (int64_t j = 0; j < nj; j++) {
@@ -357,7 +357,7 @@ static int write_prompt_set(const RunContext *ctx, const StageSpec *st, const Da
             cJSON_AddStringToObject(u, "content", a);
             cJSON_AddItemToArray(m, u);
             char *js = cJSON_PrintUnformatted(o);
-            if (fprintf(f, "%s\n", js) < 0) rc = dl_fail(e, "%s: write failed: %s", tmp, strerror(errno));
+            if (fprintf(f, "%s\n", js) < 0) rc = dl_fail(e, "%s: write failed: %s", af.tmp, strerror(errno));
             free(js);
             cJSON_Delete(o);
             n_out++;
@@ -365,19 +365,19 @@ static int write_prompt_set(const RunContext *ctx, const StageSpec *st, const Da
         free(text), free(clean);
         if (rc) goto out;
     }
-    if (fflush(f) || fsync(fileno(f))) rc = dl_fail(e, "%s: write failed: %s", tmp, strerror(errno));
 out:
-    if (f && fclose(f) && !rc) rc = dl_fail(e, "%s: write failed: %s", tmp, strerror(errno));
     if (!rc && n_out == 0)
         rc = dl_fail(e, "%s: no usable prompt among %lld responses (%lld empty, %lld repeated, %lld dropped by prompt_filter)",
                      st->name, (long long)nj, (long long)n_empty, (long long)n_dup, (long long)n_filtered);
-    if (!rc && rename(tmp, path) != 0) rc = dl_fail(e, "%s -> %s: cannot rename: %s", tmp, path, strerror(errno));
-    if (rc) unlink(tmp);
-    else
+    if (f) {  // committed whole, or nothing is left behind
+        if (rc) dl_atomic_abort(&af);
+        else rc = dl_atomic_commit(&af, e);
+    }
+    if (!rc)
         dl_info("generate: %lld prompts written to %s (of %lld responses: %lld dropped by prompt_filter, %lld empty, %lld "
                 "repeated; %lld cut at max_new_tokens, %s)", (long long)n_out, path, (long long)nj, (long long)n_filtered,
                 (long long)n_empty, (long long)n_dup, (long long)n_cut, st->prompt_filter ? "dropped" : "kept");
-    free(seen), free(path), free(tmp);
+    free(seen), free(path);
     return rc;
 }
 

@@ -222,11 +222,12 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
     Doc *d = NULL;
     int64_t nd = 0, n_bad = 0;
     ShardInfo info;
-    char *pre = NULL, *shard = NULL, *out_path = NULL, *jpath = NULL, *jtmp = NULL;
+    char *pre = NULL, *shard = NULL, *out_path = NULL, *jpath = NULL;
     char *spath = dl_path_join(ctx->stage_dir, "scores.bin"), *cache = NULL;
     ScoreKeep keep;  // the scoring engine, kept across chunks
     memset(&keep, 0, sizeof keep);
     FILE *sf = NULL, *jf = NULL;
+    DlAtomic ja;  // pairs.jsonl, written atomically through jf
     int64_t *order = NULL, *todo = NULL, *len = NULL, *from = NULL;
     const int32_t **rows = NULL;
     double *sum = NULL;
@@ -432,12 +433,8 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
     snprintf(name, sizeof name, "%s.train.h5", outd->name);
     out_path = dl_path_join(ctx->stage_dir, name);
     jpath = dl_path_join(ctx->stage_dir, "pairs.jsonl");
-    jtmp = dl_path_join(ctx->stage_dir, "pairs.jsonl.tmp");
-    jf = fopen(jtmp, "wb");
-    if (!jf) {
-        dl_fail(&e, "%s: cannot create: %s", jtmp, strerror(errno));
-        goto fail;
-    }
+    if (dl_atomic_open(&ja, jpath, &e)) goto fail;
+    jf = ja.f;
     if (shard_writer_open(&w, out_path, &o, &e)) goto fail;
     int64_t n_pairs = 0, n_low = 0, n_unfin = 0;
     double sum_margin = 0, sum_ch = 0, sum_rj = 0;
@@ -461,7 +458,7 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
         int bad = fprintf(jf, "%s\n", txt) < 0;
         free(txt);
         if (bad) {
-            dl_fail(&e, "%s: write failed: %s", jtmp, strerror(errno));
+            dl_fail(&e, "%s: write failed: %s", ja.tmp, strerror(errno));
             goto fail;
         }
         if (!G->pair) {
@@ -473,13 +470,8 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
         sum_margin += G->margin, sum_ch += c->score, sum_rj += r->score;
         n_unfin += !r->finished;
     }
-    int bad = fflush(jf) != 0 || fsync(fileno(jf)) != 0;  // the decisions, also when there is no pair (to audit)
-    bad |= fclose(jf) != 0;
-    jf = NULL;
-    if (bad || rename(jtmp, jpath) != 0) {
-        dl_fail(&e, "%s: write failed: %s", jpath, strerror(errno));
-        goto fail;
-    }
+    jf = NULL;  // the decisions are kept, also when there is no pair (to audit)
+    if (dl_atomic_commit(&ja, &e)) goto fail;
     if (n_pairs == 0) {
         dl_fail(&e, "no pairs: all %lld prompts with >= 2 responses have a score margin below min_margin = %g (see %s)",
                 (long long)n_low, st->min_margin, jpath);
@@ -505,11 +497,11 @@ fail:
 out:
     score_keep_free(&keep);
     if (w) shard_writer_abort(w);
-    if (jf) fclose(jf), unlink(jtmp);
+    if (jf) dl_atomic_abort(&ja);
     if (sf) fclose(sf);
     docs_free(d, nd);
     free(order), free(todo), free(g), free(rows), free(len), free(from), free(sum);
-    free(pre), free(shard), free(out_path), free(jpath), free(jtmp), free(spath), free(cache);
+    free(pre), free(shard), free(out_path), free(jpath), free(spath), free(cache);
     tokenizer_free(tok);
     if (have_t) model_free(&t);
     return rc;
