@@ -31,6 +31,7 @@ static const char *const EXPORT_CHOICES[] = {"hf", NULL};
 static const char *const DTYPE_CHOICES[] = {"bf16", "f16", "f32", NULL};
 static const char *const RECOMPUTE_CHOICES[] = {"none", "mlp", "full", NULL};
 static const char *const MOMENTS_CHOICES[] = {"fp32", "bf16", NULL};
+static const char *const KLFROM_CHOICES[] = {"teacher", "student", NULL};
 
 // ================================================================================================ fields
 
@@ -211,6 +212,9 @@ static const Field STAGE_FIELDS[] = {
     SFLD("repeat_penalty", F_FLOAT, repeat_penalty, 0, 1e6, KB(STAGE_PAIRS), "score penalty per fraction of repeated 4-grams"),
     {"layers", F_INTLIST, offsetof(StageSpec, draft_layers), offsetof(StageSpec, n_draft_layers), 0, DL_MAX_LAYERS - 1, false, NULL,
      KB(STAGE_DRAFT), "teacher layers the draft keeps, ascending (default: the first and the last), plus embeddings, norm, head"},
+    {"kl_from", F_ENUM, offsetof(StageSpec, kl_from), 0, 0, 0, false, KLFROM_CHOICES, KB(STAGE_DRAFT),
+     "whose next-token distribution the draft's KL terms follow: the teacher, or the student the draft will serve (the "
+     "newest earlier model: higher acceptance with it as the speculative target)"},
     SFLD("draft", F_STR, spec_draft, 0, 0, KB(STAGE_EVAL),
          "draft stage whose model the speculative rows use (default: the last draft stage before this eval, if any)"),
     {"spec_k", F_INTLIST, offsetof(StageSpec, spec_k), offsetof(StageSpec, n_spec_k), 0, DL_MAX_LAYERS - 1, false, NULL,
@@ -982,6 +986,24 @@ static void check_draft_layers(Ctx *c, StageSpec *s, int L) {
     }
 }
 
+bool stage_kind_makes_model(StageKind k) {
+    return k == STAGE_INIT || k == STAGE_LAYERWISE || k == STAGE_DISTILL || k == STAGE_SFT || k == STAGE_DPO;
+}
+
+// kl_from = "student": KL terms to follow, and an earlier stage that makes the student.
+static void check_draft_kl(Ctx *c, const StageSpec *s) {
+    if (s->kind != STAGE_DRAFT || s->kl_from != KL_FROM_STUDENT) return;
+    const TomlValue *v = stage_val(c->r, s, "kl_from");
+    if (s->loss.kl == 0 && s->loss.reverse_kl == 0)
+        err_v(c, v, "stage '%s': kl_from = \"student\" needs [stage.loss] kl or reverse_kl > 0 (the draft learns the "
+                    "student's distribution through them)", s->name);
+    bool made = false;
+    for (int i = 0; i < s->index; i++) made |= stage_kind_makes_model(c->r->stages[i].kind);
+    if (!made)
+        err_v(c, v, "stage '%s': kl_from = \"student\" needs an earlier stage that makes the student (init, layerwise, "
+                    "distill, sft or dpo)", s->name);
+}
+
 static void check_layouts(Ctx *c) {
     Recipe *r = c->r;
     int L = r->teacher_cfg.base.n_layer;
@@ -1000,7 +1022,7 @@ static void check_layouts(Ctx *c) {
         err_v(c, toml_get(ht, "mixer") ? toml_get(ht, "mixer") : ht, "[hybrid]: %s", e.msg);
         return;
     }
-    for (int si = 0; si < r->n_stages; si++) check_draft_layers(c, &r->stages[si], L);
+    for (int si = 0; si < r->n_stages; si++) check_draft_layers(c, &r->stages[si], L), check_draft_kl(c, &r->stages[si]);
     for (int si = 0; si < r->n_stages; si++) {
         StageSpec *s = &r->stages[si];
         if (s->kind != STAGE_LAYERWISE) continue;

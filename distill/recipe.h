@@ -28,12 +28,15 @@ typedef enum {
     STAGE_DRAFT,         // a few-layer cut of the teacher, fine-tuned as the speculative-decoding draft
     STAGE_KIND_COUNT
 } StageKind;
+// True for the kinds whose result is a model (init, layerwise, distill, sft, dpo).
+bool stage_kind_makes_model(StageKind k);
 
 enum { DEVICE_CPU = 0, DEVICE_CUDA };
 enum { SCHED_COSINE = 0, SCHED_LINEAR, SCHED_CONSTANT };
 enum { FMT_TEXT = 0, FMT_JSONL, FMT_CHAT, FMT_PREFERENCE };
 enum { BAD_SKIP = 0, BAD_FAIL };
 enum { TEACHER_ONLINE = 0, TEACHER_CACHE };
+enum { KL_FROM_TEACHER = 0, KL_FROM_STUDENT };  // a draft stage's KL source
 enum { INIT_ATTENTION = 0, INIT_RANDOM };
 enum { EXPORT_HF = 0 };
 enum { EXPORT_BF16 = 0, EXPORT_F16, EXPORT_F32 };
@@ -161,6 +164,7 @@ typedef struct {
     int batch_size;
     int64_t max_prompts;   // 0 = all
     int samples_per_prompt;  // generate: responses per prompt, each its own RNG stream (default 1)
+    int kl_from;             // draft: KL_FROM_TEACHER, or KL_FROM_STUDENT (the newest earlier model: the speculative target)
     bool prompt_filter;      // generate with as_prompts: keep only clean prompts (prompt_filter.h); cut ones dropped
     bool reuse;              // generate, pairs: reuse the progress file of an identical earlier stage (stage_reuse.h)
     bool as_prompts;         // generate: the responses become a prompt set (STAGE_DIR/OUTPUT.prompts.jsonl) for a later generate

@@ -31,10 +31,6 @@ int stage_load_tokenizer(const RunContext *ctx, Tokenizer **t, DlError *e) {
     return 0;
 }
 
-bool stage_kind_makes_model(StageKind k) {
-    return k == STAGE_INIT || k == STAGE_LAYERWISE || k == STAGE_DISTILL || k == STAGE_SFT || k == STAGE_DPO;
-}
-
 int stage_find_model(const RunContext *ctx, int before, char *out, size_t n, DlError *e) {
     for (int i = before - 1; i >= 0; i--) {
         if (!stage_kind_makes_model(ctx->recipe->stages[i].kind)) continue;

@@ -37,8 +37,6 @@ int stage_load_teacher(const RunContext *ctx, LoadedModel *t, DlError *e);
 // The recipe's tokenizer (tokenizer.path, else the teacher's file).
 int stage_load_tokenizer(const RunContext *ctx, Tokenizer **t, DlError *e);
 
-// True for the kinds whose result is a model (init, layerwise, distill, sft, dpo).
-bool stage_kind_makes_model(StageKind k);
 // The newest complete checkpoint of the closest model-producing stage before stage `before`.
 // Returns 1 (path in out), 0 if no earlier stage made a model, -1 on error.
 int stage_find_model(const RunContext *ctx, int before, char *out, size_t n, DlError *e);

@@ -2,7 +2,9 @@
 // and fine-tune"): the teacher cut to a few of its layers (`layers`, default the first and the last) with
 // its embeddings, final norm and head (spec_draft_from_layers), then fine-tuned with the shared training loop
 // on `data` (prompt-masked CE on the teacher's generated responses, and/or KL to the online teacher), on the
-// run's device. The draft never replaces the student: later stages still find the hybrid (stage_find_model
+// run's device. kl_from = "student": the KL terms follow the newest earlier model instead, the hybrid the draft
+// will propose tokens to: acceptance is agreement with the target, and a draft that learned the teacher is
+// accepted only as far as the student agrees with the teacher. The draft never replaces the student: later stages still find the hybrid (stage_find_model
 // skips this kind).
 //
 // Output: STAGE_DIR/model/, an HF Llama directory (config.json + model.safetensors, fp32: the trained
@@ -34,8 +36,10 @@ static int run_draft(RunContext *ctx, const StageSpec *st) {
     LoadedModel t;
     memset(&t, 0, sizeof t);
     bool have_t = false;
-    StageModel d;
+    StageModel d, sm;  // the draft; the student (kl_from = "student")
     memset(&d, 0, sizeof d);
+    memset(&sm, 0, sizeof sm);
+    char from[1024] = "";
     LoaderSource ls = {0};
     Metrics metrics = {0};
     CkptState cst;
@@ -96,7 +100,13 @@ static int run_draft(RunContext *ctx, const StageSpec *st) {
         TrainConfig c;
         memset(&c, 0, sizeof c);
         c.hc = &d.hc, c.reg = &d.reg, c.params = d.params;
-        if (teacher_online) c.teacher_hc = &t.hc, c.teacher_reg = &t.reg, c.teacher_params = t.params;
+        if (teacher_online && st->kl_from == KL_FROM_STUDENT) {
+            if (stage_load_input_model(ctx, &sm, from, sizeof from, &e)) goto fail;
+            dl_info("%s: KL to the student %s (the speculative target)", st->name, from);
+            c.teacher_hc = &sm.hc, c.teacher_reg = &sm.reg, c.teacher_params = sm.params;
+        } else if (teacher_online) {
+            c.teacher_hc = &t.hc, c.teacher_reg = &t.reg, c.teacher_params = t.params;
+        }
         c.w = (LossWeights){.ce = (float)st->loss.ce, .kl = (float)st->loss.kl, .rkl = (float)st->loss.reverse_kl,
                             .temperature = st->loss.temperature > 0 ? (float)st->loss.temperature : 1.0f};
         c.micro_batch = B, c.seq_len = T;
@@ -139,6 +149,7 @@ out:
     free(shard);
     free(out);
     stage_model_free(&d);
+    stage_model_free(&sm);
     if (have_t) model_free(&t);
     return rc;
 }

@@ -10,6 +10,7 @@
 //     picks the last draft by default: with the teacher as the target, acceptance >= 0.9.
 //   * `distill eval-spec --draft RUN/NN-draft/model --json`: the same library, the same exactness.
 //   * resume: a draft stage stopped after 2 of 5 steps and resumed writes the same bytes as an uninterrupted run.
+//   * kl_from: the teacher-identical draft starts at KL 0 to the teacher and at KL > 0 to the student.
 //   * bad recipes: layer out of range, layers not ascending, layers on a layerwise stage, loss.mse on a draft,
 //     an eval's draft naming no stage / a non-draft stage / a later stage, spec_k outside 1..8, a draft without
 //     data: exit 3, every message, nothing run.
@@ -287,6 +288,41 @@ int main(void) {
     char *ta = dl_read_file(a, &na, &e), *tb = dl_read_file(b, &nb, &e);
     CHECK(ta && tb && na == nb && na > 0 && !memcmp(ta, tb, na));
     free(ta), free(tb);
+    // ---- kl_from: a draft of all 4 teacher layers (the teacher itself, lr 1e-30) starts at KL 0 to the teacher;
+    // with kl_from = "student" its KL at step 1 is the student's distance from the teacher, > 0
+    snprintf(recipe2, sizeof recipe2, "%s/klfrom.toml", g_dir);
+    f = fopen(recipe2, "w");
+    fprintf(f, "%s", head);
+    fputs("[[stage]]\nkind = \"init\"\n\n[[stage]]\nkind = \"layerwise\"\ndata = \"samples\"\nsteps = 2\n\n"
+          "[[stage]]\nkind = \"draft\"\nname = \"kt\"\ndata = \"samples\"\nlayers = [0, 1, 2, 3]\nsteps = 1\n"
+          "[stage.loss]\nce = 0.0\nkl = 1.0\n[stage.optimizer]\nlr = 1e-30\n\n"
+          "[[stage]]\nkind = \"draft\"\nname = \"ks\"\ndata = \"samples\"\nlayers = [0, 1, 2, 3]\nsteps = 1\nkl_from = \"student\"\n"
+          "[stage.loss]\nce = 0.0\nkl = 1.0\n[stage.optimizer]\nlr = 1e-30\n",
+          f);
+    fclose(f);
+    clear_log();
+    rc = run_cmd("'%s' '%s' --set run.name=%s", bin, recipe2, "kl");
+    CHECK_EQ_I64(rc, 0);
+    CHECK(log_has("ks: KL to the student"));
+    {
+        double kl[2] = {-1, -1};  // step 1 of kt, ks
+        snprintf(path, sizeof path, "%s/runs/kl/metrics.jsonl", g_dir);
+        char *mt = slurp(path);
+        for (char *sv = NULL, *ln = mt ? strtok_r(mt, "\n", &sv) : NULL; ln; ln = strtok_r(NULL, "\n", &sv)) {
+            cJSON *o = cJSON_Parse(ln);
+            const cJSON *stg = cJSON_GetObjectItem(o, "stage"), *step = cJSON_GetObjectItem(o, "step");
+            const cJSON *k = cJSON_GetObjectItem(cJSON_GetObjectItem(o, "parts"), "kl");
+            if (cJSON_IsString(stg) && cJSON_IsNumber(step) && step->valuedouble == 1 && cJSON_IsNumber(k)) {
+                if (!strcmp(stg->valuestring, "kt")) kl[0] = k->valuedouble;
+                if (!strcmp(stg->valuestring, "ks")) kl[1] = k->valuedouble;
+            }
+            cJSON_Delete(o);
+        }
+        free(mt);
+        if (!(kl[0] >= 0 && kl[0] < 1e-5 && kl[1] > 1e-2)) fprintf(stderr, "kl_from: step-1 KL teacher %g, student %g\n", kl[0], kl[1]);
+        CHECK(kl[0] >= 0 && kl[0] < 1e-5);
+        CHECK(kl[1] > 1e-2);
+    }
     // ---- bad recipes: every problem at once, nothing run
     clear_log();
     snprintf(bad, sizeof bad, "%s/bad.toml", g_dir);
@@ -296,6 +332,7 @@ int main(void) {
           "[[stage]]\nkind = \"draft\"\nname = \"d1\"\ndata = \"samples\"\nlayers = [0, 9]\nsteps = 2\n\n"
           "[[stage]]\nkind = \"draft\"\nname = \"d2\"\ndata = \"samples\"\nlayers = [3, 1]\nsteps = 2\n[stage.loss]\nmse = 1.0\n\n"
           "[[stage]]\nkind = \"draft\"\nname = \"d3\"\nsteps = 2\n\n"
+          "[[stage]]\nkind = \"draft\"\nname = \"d5\"\ndata = \"samples\"\nsteps = 2\nkl_from = \"student\"\n[stage.loss]\nkl = 0.0\n\n"
           "[[stage]]\nkind = \"eval\"\nname = \"e1\"\ndata = [\"samples\"]\ndraft = \"d4\"\nspec_k = [2, 9]\n\n"
           "[[stage]]\nkind = \"eval\"\nname = \"e2\"\ndata = [\"samples\"]\ndraft = \"init\"\n\n"
           "[[stage]]\nkind = \"eval\"\nname = \"e3\"\ndata = [\"samples\"]\ndraft = \"d4\"\n\n"
@@ -309,6 +346,7 @@ int main(void) {
     CHECK(log_has("stage 'd2'.layers must be ascending, each layer once (1 after 3)"));
     CHECK(log_has("stage 'd2' (draft): loss.mse aligns Mamba layers; a draft has none"));
     CHECK(log_has("stage 'd3' needs data = \"NAME\""));
+    CHECK(log_has("stage 'd5': kl_from = \"student\" needs [stage.loss] kl or reverse_kl > 0"));
     CHECK(log_has("stage 'e1'.spec_k: K = 9 is outside 1..8"));
     CHECK(log_has("stage 'e1' uses the draft of stage 'd4', which runs after it"));
     CHECK(log_has("stage 'e2': draft = 'init' is not a draft stage (its kind is init)"));
@@ -325,6 +363,16 @@ int main(void) {
     rc = run_cmd("'%s' '%s' --set run.name=%s", bin, bad, "bad2");
     CHECK_EQ_I64(rc, 3);
     CHECK(log_has("stage 'eval': no stage named 'drfat' (draft = the name of a draft stage) (did you mean 'draft'?)"));
+    clear_log();
+    f = fopen(bad, "w");
+    fprintf(f, "%s", head);
+    fputs("[[stage]]\nkind = \"draft\"\nname = \"early\"\ndata = \"samples\"\nsteps = 2\nkl_from = \"student\"\n"
+          "[stage.loss]\nkl = 1.0\n\n[[stage]]\nkind = \"init\"\n",
+          f);
+    fclose(f);
+    rc = run_cmd("'%s' '%s' --set run.name=%s", bin, bad, "bad3");
+    CHECK_EQ_I64(rc, 3);
+    CHECK(log_has("stage 'early': kl_from = \"student\" needs an earlier stage that makes the student"));
     if (check_fail_) dump_log();
     else if (getenv("DISTILL_TEST_KEEP")) printf("kept %s\n", g_dir);  // to look at the runs
     else {
