@@ -507,9 +507,8 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
             goto fail;
 #endif
         } else {
-            dcpu = decoder_new(&t.hc, &t.reg, t.params, Bs, longest + maxnew, &e);
-            pcpu = dcpu ? decoder_new(&t.hc, &t.reg, t.params, Bs, longest, &e) : NULL;
-            if (!pcpu) goto fail;
+            dcpu = decoder_new(&t.hc, &t.reg, t.params, Bs, longest + maxnew, &e);  // (pcpu: per refill)
+            if (!dcpu) goto fail;
         }
     }
     Progress prog;
@@ -558,15 +557,10 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
                 if (gpu) frc = decoder_cuda_reset(pgpu, nnew, &e) || decoder_cuda_feed_ragged(pgpu, pr, L, nfeed, &e);
                 else
 #endif
-                {
-                    decoder_reset(pcpu);
-                    // the CPU pre decoder runs all Bs rows: rows past nnew feed one padding token
-                    int32_t *pp = dl_calloc((size_t)(Bs * L), 4);
-                    int64_t *pn = dl_malloc((size_t)Bs * sizeof *pn);
-                    memcpy(pp, pr, (size_t)(nnew * L) * 4);
-                    for (int64_t r = 0; r < Bs; r++) pn[r] = r < nnew ? nfeed[r] : 1;
-                    frc = decoder_feed_ragged(pcpu, pp, L, pn, logits, NULL, &e);
-                    free(pp), free(pn);
+                {  // the CPU decoder computes all of its rows: one sized for this refill
+                    decoder_free(pcpu);
+                    pcpu = decoder_new(&t.hc, &t.reg, t.params, nnew, L, &e);
+                    frc = pcpu ? decoder_feed_ragged(pcpu, pr, L, nfeed, logits, NULL, &e) : -1;
                 }
             } else {
                 if (!live) break;
