@@ -1026,14 +1026,9 @@ int gguf_writer_write(GgufWriter *w, const char *path, DlError *e) {
         off += w->t[i].nbytes;
         off = (off + align - 1) / align * align;
     }
-    char *tmp = dl_malloc(strlen(path) + 8);
-    sprintf(tmp, "%s.tmp", path);
-    WOut o = {.f = fopen(tmp, "wb")};
-    if (!o.f) {
-        int rc = dl_fail(e, "%s: cannot create: %s", tmp, strerror(errno));
-        free(tmp);
-        return rc;
-    }
+    DlAtomic a;
+    if (dl_atomic_open(&a, path, e)) return -1;
+    WOut o = {.f = a.f};
     wu32(&o, 0x46554747u);
     wu32(&o, 3);
     wu64(&o, (uint64_t)w->n_t);
@@ -1070,11 +1065,10 @@ int gguf_writer_write(GgufWriter *w, const char *path, DlError *e) {
         }
         wpad(&o, align);
     }
-    int rc = 0;
-    if (o.err || fflush(o.f) || fsync(fileno(o.f))) rc = dl_fail(e, "%s: write failed: %s", tmp, strerror(errno));
-    if (fclose(o.f) && !rc) rc = dl_fail(e, "%s: close failed: %s", tmp, strerror(errno));
-    if (!rc && rename(tmp, path)) rc = dl_fail(e, "%s: cannot rename to %s: %s", tmp, path, strerror(errno));
-    if (rc) unlink(tmp);
-    free(tmp);
-    return rc;
+    if (o.err) {
+        const int rc = dl_fail(e, "%s: write failed: %s", a.tmp, strerror(errno));
+        dl_atomic_abort(&a);
+        return rc;
+    }
+    return dl_atomic_commit(&a, e);
 }

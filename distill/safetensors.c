@@ -446,12 +446,9 @@ int st_write(const char *path, const StWriteTensor *t, int n, const char *const 
         free(ord);
         return rc;
     }
-    char *tmp = dl_malloc(strlen(path) + 8);
-    sprintf(tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
-    if (!f) {
-        rc = dl_fail(e, "%s: cannot create: %s", tmp, strerror(errno));
-    } else {
+    DlAtomic a;
+    if (dl_atomic_open(&a, path, e) == 0) {
+        FILE *f = a.f;
         uint64_t hl = h.n;
         bool ok = fwrite(&hl, 8, 1, f) == 1 && fwrite(h.s, 1, h.n, f) == h.n;
         for (int i = 0; i < n && ok; i++) {
@@ -459,13 +456,15 @@ int st_write(const char *path, const StWriteTensor *t, int n, const char *const 
             tensor_bytes(ord[i], &nb, NULL);
             ok = !nb || fwrite(ord[i]->data, 1, nb, f) == nb;
         }
-        ok = ok && fflush(f) == 0 && fsync(fileno(f)) == 0;
-        if (fclose(f)) ok = false;
-        if (!ok) rc = dl_fail(e, "%s: write failed: %s", tmp, strerror(errno));
-        else if (rename(tmp, path)) rc = dl_fail(e, "%s: cannot rename to %s: %s", tmp, path, strerror(errno));
-        if (rc) unlink(tmp);
+        if (!ok) {
+            rc = dl_fail(e, "%s: write failed: %s", a.tmp, strerror(errno));
+            dl_atomic_abort(&a);
+        } else {
+            rc = dl_atomic_commit(&a, e);
+        }
+    } else {
+        rc = -1;
     }
-    free(tmp);
     free(h.s);
     free(ord);
     return rc;
@@ -533,15 +532,7 @@ int st_write_sharded(const char *dir, const StWriteTensor *t, int n, uint64_t ma
         bputs(&b, "\n  }\n}\n");
         free(ord);
         char *p = dl_path_join(dir, "model.safetensors.index.json");
-        char *tmpp = dl_malloc(strlen(p) + 8);
-        sprintf(tmpp, "%s.tmp", p);
-        FILE *f = fopen(tmpp, "wb");
-        bool ok = f && fwrite(b.s, 1, b.n, f) == b.n && fflush(f) == 0 && fsync(fileno(f)) == 0;
-        if (f && fclose(f)) ok = false;
-        if (!ok) rc = dl_fail(e, "%s: write failed: %s", tmpp, strerror(errno));
-        else if (rename(tmpp, p)) rc = dl_fail(e, "%s: cannot rename: %s", tmpp, strerror(errno));
-        if (rc) unlink(tmpp);
-        free(tmpp);
+        rc = dl_write_file_atomic(p, b.s, b.n, e);
         free(p);
         free(b.s);
     }
