@@ -325,6 +325,10 @@ __global__ void win_store_kernel(WinStore w, const int32_t *ofs, int64_t nb, int
     }
 }
 
+// One sequence's Mamba state per layer: the SSM state (fp32) and the conv window (bf16), in elements.
+static int64_t ssm_per_seq(const HybridConfig *h) { return h->d_inner * h->d_state; }
+static int64_t conv_per_seq(const HybridConfig *h) { return (h->d_conv > 1 ? h->d_conv - 1 : 1) * h->d_inner; }
+
 static unsigned grid_of(int64_t n, int threads) {
     int64_t g = (n + threads - 1) / threads;
     return (unsigned)(g < 1 ? 1 : g > 65535 * 8 ? 65535 * 8 : g);
@@ -756,8 +760,8 @@ int decoder_cuda_reset(DecoderCuda *D, int64_t nb, DlError *e) {
     memset(D->len, 0, (size_t)D->B * sizeof(int64_t));
     const HybridConfig *h = &D->h;
     if (D->n_m) {
-        cudaCheck(cudaMemsetAsync(D->ssm_all, 0, (size_t)(D->n_m * D->B * h->d_inner * h->d_state) * 4, D->st));
-        cudaCheck(cudaMemsetAsync(D->conv_all, 0, (size_t)(D->n_m * D->B * (h->d_conv > 1 ? h->d_conv - 1 : 1) * h->d_inner) * 2, D->st));
+        cudaCheck(cudaMemsetAsync(D->ssm_all, 0, (size_t)(D->n_m * D->B * ssm_per_seq(h)) * 4, D->st));
+        cudaCheck(cudaMemsetAsync(D->conv_all, 0, (size_t)(D->n_m * D->B * conv_per_seq(h)) * 2, D->st));
     }
     return 0;
 }
@@ -769,7 +773,7 @@ int decoder_cuda_reset_seq(DecoderCuda *D, int64_t b, DlError *e) {
     D->len[b] = 0;
     const HybridConfig *h = &D->h;
     if (D->n_m) {  // layer-major [n_m, B, ...]: one strided memset per state array
-        const int64_t s1 = h->d_inner * h->d_state, s2 = (h->d_conv > 1 ? h->d_conv - 1 : 1) * h->d_inner;
+        const int64_t s1 = ssm_per_seq(h), s2 = conv_per_seq(h);
         cudaCheck(cudaMemset2DAsync(D->ssm_all + b * s1, (size_t)(D->B * s1) * 4, 0, (size_t)s1 * 4, (size_t)D->n_m, D->st));
         cudaCheck(cudaMemset2DAsync(D->conv_all + b * s2, (size_t)(D->B * s2) * 2, 0, (size_t)s2 * 2, (size_t)D->n_m, D->st));
     }
@@ -831,7 +835,7 @@ int decoder_cuda_copy_seqs(DecoderCuda *D, const int64_t *b, const DecoderCuda *
         }
     }
     if (D->n_m) {  // layer-major [n_m, B, ...] state arrays: one strided copy per sequence and array
-        const int64_t s1 = h->d_inner * h->d_state, s2 = (h->d_conv > 1 ? h->d_conv - 1 : 1) * h->d_inner;
+        const int64_t s1 = ssm_per_seq(h), s2 = conv_per_seq(h);
         for (int64_t i = 0; i < n; i++) {
             cudaCheck(cudaMemcpy2DAsync(D->ssm_all + b[i] * s1, (size_t)(D->B * s1) * 4, S->ssm_all + j[i] * s1,
                                         (size_t)(S->B * s1) * 4, (size_t)s1 * 4, (size_t)D->n_m, cudaMemcpyDeviceToDevice, D->st));
@@ -1157,7 +1161,7 @@ void decoder_cuda_window_begin(DecoderCuda *D) {
     if (!D->n_m) return;
     // the window-start state of every Mamba layer: the first nb sequences of each layer's slice
     const HybridConfig *h = &D->h;
-    const int64_t B = D->B, nb = D->nb, sd = h->d_inner * h->d_state, cw = (h->d_conv > 1 ? h->d_conv - 1 : 1) * h->d_inner;
+    const int64_t B = D->B, nb = D->nb, sd = ssm_per_seq(h), cw = conv_per_seq(h);
     cudaCheck(cudaMemcpy2DAsync(D->ssm0_all, (size_t)(B * sd) * 4, D->ssm_all, (size_t)(B * sd) * 4, (size_t)(nb * sd) * 4,
                                 (size_t)D->n_m, cudaMemcpyDeviceToDevice, D->st));
     if (h->d_conv > 1)
@@ -1211,7 +1215,7 @@ int decoder_cuda_accept(DecoderCuda *D, const int32_t *keep, DlError *e) {
 static void replay(DecoderCuda *D) {
     const HybridConfig *h = &D->h;
     const int64_t B = D->B, nb = D->nb, di = h->d_inner, ds = h->d_state, dxb = h->d_xb;
-    const int64_t cw = (h->d_conv > 1 ? h->d_conv - 1 : 1) * di;
+    const int64_t cw = conv_per_seq(h);
     const int Wc = h->d_conv;
     if (Wc > 1)  // conv windows back to the window start, then advanced past the kept inputs
         cudaCheck(cudaMemcpy2DAsync(D->conv_all, (size_t)(B * cw) * 2, D->conv0_all, (size_t)(B * cw) * 2,
