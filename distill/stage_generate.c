@@ -307,13 +307,12 @@ static int write_prompt_set(const RunContext *ctx, const StageSpec *st, const Da
     char name[300];
     snprintf(name, sizeof name, "%s.prompts.jsonl", outd->name);
     char *path = dl_path_join(ctx->stage_dir, name);
-    DlAtomic af;
-    FILE *f = dl_atomic_open(&af, path, e) ? NULL : af.f;
+    DlAtomic af = {0};  // af.f: open until committed or aborted
     int64_t cap = 1, n_out = 0, n_cut = 0, n_empty = 0, n_dup = 0, n_filtered = 0;
     while (cap < 2 * nj + 2) cap *= 2;
     uint64_t *seen = dl_calloc((size_t)cap, sizeof *seen);  // open addressing on the normalized-text hash
     int rc = 0;
-    if (!f) {
+    if (dl_atomic_open(&af, path, e)) {
         rc = -1;
         goto out;
     }
@@ -357,7 +356,7 @@ static int write_prompt_set(const RunContext *ctx, const StageSpec *st, const Da
             cJSON_AddStringToObject(u, "content", a);
             cJSON_AddItemToArray(m, u);
             char *js = cJSON_PrintUnformatted(o);
-            if (fprintf(f, "%s\n", js) < 0) rc = dl_fail(e, "%s: write failed: %s", af.tmp, strerror(errno));
+            if (fprintf(af.f, "%s\n", js) < 0) rc = dl_fail(e, "%s: write failed: %s", af.tmp, strerror(errno));
             free(js);
             cJSON_Delete(o);
             n_out++;
@@ -369,7 +368,7 @@ out:
     if (!rc && n_out == 0)
         rc = dl_fail(e, "%s: no usable prompt among %lld responses (%lld empty, %lld repeated, %lld dropped by prompt_filter)",
                      st->name, (long long)nj, (long long)n_empty, (long long)n_dup, (long long)n_filtered);
-    if (f) {  // committed whole, or nothing is left behind
+    if (af.f) {  // committed whole, or nothing is left behind
         if (rc) dl_atomic_abort(&af);
         else rc = dl_atomic_commit(&af, e);
     }
@@ -492,7 +491,8 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
     nfeed = dl_calloc((size_t)Bmax, sizeof *nfeed);
     slot_of = dl_calloc((size_t)Bmax, sizeof *slot_of), row_of = dl_calloc((size_t)Bmax, sizeof *row_of);
     pstreams = dl_calloc((size_t)Bmax, sizeof *pstreams), pcounters = dl_calloc((size_t)Bmax, sizeof *pcounters);
-    for (int64_t b = 0; b < Bmax; b++) slot_job[b] = -1, fin[b] = true;
+    for (int64_t b = 0; b < Bmax; b++) slot_job[b] = -1, fin[b] = true, row_of[b] = b;  // pre's rows 0..nnew-1 in order
+    // (pcounters stay 0: a new job's first token is its counter 0)
     SampleParams sp = {.greedy = st->sample_temperature <= 0, .temperature = (float)st->sample_temperature,
                        .top_p = st->top_p > 0 ? (float)st->top_p : 1.0f};
     if (todo > 0) {
@@ -538,8 +538,8 @@ static int run_generate(RunContext *ctx, const StageSpec *st) {
                 // sample 0 keeps the stream of the single-sample stage (resumable across the change)
                 rng_init(&rngs[b], (uint64_t)ctx->seed, 0x6e000000ull + (uint64_t)pi + ((uint64_t)si << 40));
                 streams[b] = ((uint64_t)si << 32) | (uint64_t)pi;
-                slot_of[nnew] = b, row_of[nnew] = nnew;
-                pstreams[nnew] = streams[b], pcounters[nnew] = 0;
+                slot_of[nnew] = b;
+                pstreams[nnew] = streams[b];
                 nfeed[nnew] = p[pi].n;
                 L = DL_MAX(L, p[pi].n);
                 nnew++;

@@ -226,8 +226,8 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
     char *spath = dl_path_join(ctx->stage_dir, "scores.bin"), *cache = NULL;
     ScoreKeep keep;  // the scoring engine, kept across chunks
     memset(&keep, 0, sizeof keep);
-    FILE *sf = NULL, *jf = NULL;
-    DlAtomic ja;  // pairs.jsonl, written atomically through jf
+    FILE *sf = NULL;
+    DlAtomic ja = {0};  // pairs.jsonl, written atomically (ja.f open until committed)
     int64_t *order = NULL, *todo = NULL, *len = NULL, *from = NULL;
     const int32_t **rows = NULL;
     double *sum = NULL;
@@ -434,7 +434,6 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
     out_path = dl_path_join(ctx->stage_dir, name);
     jpath = dl_path_join(ctx->stage_dir, "pairs.jsonl");
     if (dl_atomic_open(&ja, jpath, &e)) goto fail;
-    jf = ja.f;
     if (shard_writer_open(&w, out_path, &o, &e)) goto fail;
     int64_t n_pairs = 0, n_low = 0, n_unfin = 0;
     double sum_margin = 0, sum_ch = 0, sum_rj = 0;
@@ -455,7 +454,7 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
         json_resp(j, "rejected", d, G->rejected);
         char *txt = cJSON_PrintUnformatted(j);
         cJSON_Delete(j);
-        int bad = fprintf(jf, "%s\n", txt) < 0;
+        int bad = fprintf(ja.f, "%s\n", txt) < 0;
         free(txt);
         if (bad) {
             dl_fail(&e, "%s: write failed: %s", ja.tmp, strerror(errno));
@@ -470,8 +469,7 @@ static int run_pairs(RunContext *ctx, const StageSpec *st) {
         sum_margin += G->margin, sum_ch += c->score, sum_rj += r->score;
         n_unfin += !r->finished;
     }
-    jf = NULL;  // the decisions are kept, also when there is no pair (to audit)
-    if (dl_atomic_commit(&ja, &e)) goto fail;
+    if (dl_atomic_commit(&ja, &e)) goto fail;  // the decisions are kept, also when there is no pair (to audit)
     if (n_pairs == 0) {
         dl_fail(&e, "no pairs: all %lld prompts with >= 2 responses have a score margin below min_margin = %g (see %s)",
                 (long long)n_low, st->min_margin, jpath);
@@ -497,7 +495,7 @@ fail:
 out:
     score_keep_free(&keep);
     if (w) shard_writer_abort(w);
-    if (jf) dl_atomic_abort(&ja);
+    if (ja.f) dl_atomic_abort(&ja);
     if (sf) fclose(sf);
     docs_free(d, nd);
     free(order), free(todo), free(g), free(rows), free(len), free(from), free(sum);
