@@ -69,6 +69,14 @@ static void write_file(const char *path, const char *text) {
     fclose(f);
 }
 
+// path <- the recipe head (teacher, data, the generate stage), then stages.
+static void write_recipe(const char *path, const char *head, const char *stages) {
+    FILE *f = fopen(path, "w");
+    fputs(head, f);
+    fputs(stages, f);
+    fclose(f);
+}
+
 // Max |a - b| over tensor `an` of a and `bn` of b (same numel), or -1 when either is missing.
 static double tensor_diff(const LoadedModel *a, const char *an, const LoadedModel *b, const char *bn) {
     int i = reg_find(&a->reg, an), j = reg_find(&b->reg, bn);
@@ -168,19 +176,15 @@ int main(void) {
              g_dir, g_dir, cwd, GGUF, g_dir);
     // ---- the pipeline
     snprintf(recipe, sizeof recipe, "%s/draft.toml", g_dir);
-    FILE *f = fopen(recipe, "w");
-    fprintf(f, "%s", head);
-    fputs("[[stage]]\nkind = \"init\"\n\n[[stage]]\nkind = \"layerwise\"\ndata = \"samples\"\nsteps = 2\n\n"
-          "[[stage]]\nkind = \"draft\"\nname = \"cut\"\ndata = \"samples\"\nlayers = [1, 3]\nsteps = 1\n"
-          "[stage.optimizer]\nlr = 1e-30\n\n"
-          "[[stage]]\nkind = \"draft\"\nname = \"draft\"\ndata = \"samples\"\nlayers = [0, 3]\nsteps = 4\n"
-          "trainable = \"model.layers.*\"\n[stage.loss]\nce = 1.0\nkl = 0.5\n\n"
-          "[[stage]]\nkind = \"draft\"\nname = \"same\"\ndata = \"samples\"\nlayers = [0, 1, 2, 3]\nsteps = 1\n"
-          "[stage.optimizer]\nlr = 1e-30\n\n"
-          "[[stage]]\nkind = \"eval\"\nname = \"eval\"\ndata = [\"samples\"]\ndraft = \"draft\"\nspec_k = [1, 3]\nspec_tokens = 10\nspec_prompts = 3\n\n"
-          "[[stage]]\nkind = \"eval\"\nname = \"eval-same\"\ndata = [\"samples\"]\nspec_k = [3]\nspec_tokens = 12\nspec_prompts = 2\n",
-          f);
-    fclose(f);
+    write_recipe(recipe, head, "[[stage]]\nkind = \"init\"\n\n[[stage]]\nkind = \"layerwise\"\ndata = \"samples\"\nsteps = 2\n\n"
+                               "[[stage]]\nkind = \"draft\"\nname = \"cut\"\ndata = \"samples\"\nlayers = [1, 3]\nsteps = 1\n"
+                               "[stage.optimizer]\nlr = 1e-30\n\n"
+                               "[[stage]]\nkind = \"draft\"\nname = \"draft\"\ndata = \"samples\"\nlayers = [0, 3]\nsteps = 4\n"
+                               "trainable = \"model.layers.*\"\n[stage.loss]\nce = 1.0\nkl = 0.5\n\n"
+                               "[[stage]]\nkind = \"draft\"\nname = \"same\"\ndata = \"samples\"\nlayers = [0, 1, 2, 3]\nsteps = 1\n"
+                               "[stage.optimizer]\nlr = 1e-30\n\n"
+                               "[[stage]]\nkind = \"eval\"\nname = \"eval\"\ndata = [\"samples\"]\ndraft = \"draft\"\nspec_k = [1, 3]\nspec_tokens = 10\nspec_prompts = 3\n\n"
+                               "[[stage]]\nkind = \"eval\"\nname = \"eval-same\"\ndata = [\"samples\"]\nspec_k = [3]\nspec_tokens = 12\nspec_prompts = 2\n");
     int rc = run_cmd("'%s' '%s' --set run.name=%s", bin, recipe, "p");
     CHECK_EQ_I64(rc, 0);
     if (rc) dump_log();
@@ -269,10 +273,7 @@ int main(void) {
     free(js);
     // ---- resume: generate -> draft, stopped after 2 of 5 steps, resumed; against an uninterrupted run
     snprintf(recipe2, sizeof recipe2, "%s/resume.toml", g_dir);
-    f = fopen(recipe2, "w");
-    fprintf(f, "%s", head);
-    fputs("[[stage]]\nkind = \"draft\"\ndata = \"samples\"\nsteps = 5\n[stage.loss]\nce = 1.0\nkl = 1.0\n", f);
-    fclose(f);
+    write_recipe(recipe2, head, "[[stage]]\nkind = \"draft\"\ndata = \"samples\"\nsteps = 5\n[stage.loss]\nce = 1.0\nkl = 1.0\n");
     rc = run_cmd("'%s' '%s' --quiet --set run.name=%s", bin, recipe2, "whole");
     CHECK_EQ_I64(rc, 0);
     rc = run_cmd("DISTILL_TEST_STOP_AFTER=2 '%s' '%s' --quiet --set run.name=%s", bin, recipe2, "cut");
@@ -291,15 +292,11 @@ int main(void) {
     // ---- kl_from: a draft of all 4 teacher layers (the teacher itself, lr 1e-30) starts at KL 0 to the teacher;
     // with kl_from = "student" its KL at step 1 is the student's distance from the teacher, > 0
     snprintf(recipe2, sizeof recipe2, "%s/klfrom.toml", g_dir);
-    f = fopen(recipe2, "w");
-    fprintf(f, "%s", head);
-    fputs("[[stage]]\nkind = \"init\"\n\n[[stage]]\nkind = \"layerwise\"\ndata = \"samples\"\nsteps = 2\n\n"
-          "[[stage]]\nkind = \"draft\"\nname = \"kt\"\ndata = \"samples\"\nlayers = [0, 1, 2, 3]\nsteps = 1\n"
-          "[stage.loss]\nce = 0.0\nkl = 1.0\n[stage.optimizer]\nlr = 1e-30\n\n"
-          "[[stage]]\nkind = \"draft\"\nname = \"ks\"\ndata = \"samples\"\nlayers = [0, 1, 2, 3]\nsteps = 1\nkl_from = \"student\"\n"
-          "[stage.loss]\nce = 0.0\nkl = 1.0\n[stage.optimizer]\nlr = 1e-30\n",
-          f);
-    fclose(f);
+    write_recipe(recipe2, head, "[[stage]]\nkind = \"init\"\n\n[[stage]]\nkind = \"layerwise\"\ndata = \"samples\"\nsteps = 2\n\n"
+                                "[[stage]]\nkind = \"draft\"\nname = \"kt\"\ndata = \"samples\"\nlayers = [0, 1, 2, 3]\nsteps = 1\n"
+                                "[stage.loss]\nce = 0.0\nkl = 1.0\n[stage.optimizer]\nlr = 1e-30\n\n"
+                                "[[stage]]\nkind = \"draft\"\nname = \"ks\"\ndata = \"samples\"\nlayers = [0, 1, 2, 3]\nsteps = 1\nkl_from = \"student\"\n"
+                                "[stage.loss]\nce = 0.0\nkl = 1.0\n[stage.optimizer]\nlr = 1e-30\n");
     clear_log();
     rc = run_cmd("'%s' '%s' --set run.name=%s", bin, recipe2, "kl");
     CHECK_EQ_I64(rc, 0);
@@ -326,19 +323,15 @@ int main(void) {
     // ---- bad recipes: every problem at once, nothing run
     clear_log();
     snprintf(bad, sizeof bad, "%s/bad.toml", g_dir);
-    f = fopen(bad, "w");
-    fprintf(f, "%s", head);
-    fputs("[[stage]]\nkind = \"init\"\n\n[[stage]]\nkind = \"layerwise\"\ndata = \"samples\"\nsteps = 2\nlayers = [0, 1]\n\n"
-          "[[stage]]\nkind = \"draft\"\nname = \"d1\"\ndata = \"samples\"\nlayers = [0, 9]\nsteps = 2\n\n"
-          "[[stage]]\nkind = \"draft\"\nname = \"d2\"\ndata = \"samples\"\nlayers = [3, 1]\nsteps = 2\n[stage.loss]\nmse = 1.0\n\n"
-          "[[stage]]\nkind = \"draft\"\nname = \"d3\"\nsteps = 2\n\n"
-          "[[stage]]\nkind = \"draft\"\nname = \"d5\"\ndata = \"samples\"\nsteps = 2\nkl_from = \"student\"\n[stage.loss]\nkl = 0.0\n\n"
-          "[[stage]]\nkind = \"eval\"\nname = \"e1\"\ndata = [\"samples\"]\ndraft = \"d4\"\nspec_k = [2, 9]\n\n"
-          "[[stage]]\nkind = \"eval\"\nname = \"e2\"\ndata = [\"samples\"]\ndraft = \"init\"\n\n"
-          "[[stage]]\nkind = \"eval\"\nname = \"e3\"\ndata = [\"samples\"]\ndraft = \"d4\"\n\n"
-          "[[stage]]\nkind = \"draft\"\nname = \"d4\"\ndata = \"samples\"\nsteps = 2\n",
-          f);
-    fclose(f);
+    write_recipe(bad, head, "[[stage]]\nkind = \"init\"\n\n[[stage]]\nkind = \"layerwise\"\ndata = \"samples\"\nsteps = 2\nlayers = [0, 1]\n\n"
+                            "[[stage]]\nkind = \"draft\"\nname = \"d1\"\ndata = \"samples\"\nlayers = [0, 9]\nsteps = 2\n\n"
+                            "[[stage]]\nkind = \"draft\"\nname = \"d2\"\ndata = \"samples\"\nlayers = [3, 1]\nsteps = 2\n[stage.loss]\nmse = 1.0\n\n"
+                            "[[stage]]\nkind = \"draft\"\nname = \"d3\"\nsteps = 2\n\n"
+                            "[[stage]]\nkind = \"draft\"\nname = \"d5\"\ndata = \"samples\"\nsteps = 2\nkl_from = \"student\"\n[stage.loss]\nkl = 0.0\n\n"
+                            "[[stage]]\nkind = \"eval\"\nname = \"e1\"\ndata = [\"samples\"]\ndraft = \"d4\"\nspec_k = [2, 9]\n\n"
+                            "[[stage]]\nkind = \"eval\"\nname = \"e2\"\ndata = [\"samples\"]\ndraft = \"init\"\n\n"
+                            "[[stage]]\nkind = \"eval\"\nname = \"e3\"\ndata = [\"samples\"]\ndraft = \"d4\"\n\n"
+                            "[[stage]]\nkind = \"draft\"\nname = \"d4\"\ndata = \"samples\"\nsteps = 2\n");
     rc = run_cmd("'%s' '%s' --set run.name=%s", bin, bad, "bad");
     CHECK_EQ_I64(rc, 3);
     CHECK(log_has("key 'layers' does not apply to a layerwise stage (it is for: draft)"));
@@ -354,22 +347,14 @@ int main(void) {
     snprintf(path, sizeof path, "%s/runs/bad", g_dir);
     CHECK(!dl_is_dir(path));
     clear_log();
-    f = fopen(bad, "w");
-    fprintf(f, "%s", head);
-    fputs("[[stage]]\nkind = \"init\"\n\n[[stage]]\nkind = \"eval\"\ndata = [\"samples\"]\ndraft = \"drfat\"\n\n"
-          "[[stage]]\nkind = \"draft\"\nname = \"draft\"\ndata = \"samples\"\nsteps = 2\n",
-          f);
-    fclose(f);
+    write_recipe(bad, head, "[[stage]]\nkind = \"init\"\n\n[[stage]]\nkind = \"eval\"\ndata = [\"samples\"]\ndraft = \"drfat\"\n\n"
+                            "[[stage]]\nkind = \"draft\"\nname = \"draft\"\ndata = \"samples\"\nsteps = 2\n");
     rc = run_cmd("'%s' '%s' --set run.name=%s", bin, bad, "bad2");
     CHECK_EQ_I64(rc, 3);
     CHECK(log_has("stage 'eval': no stage named 'drfat' (draft = the name of a draft stage) (did you mean 'draft'?)"));
     clear_log();
-    f = fopen(bad, "w");
-    fprintf(f, "%s", head);
-    fputs("[[stage]]\nkind = \"draft\"\nname = \"early\"\ndata = \"samples\"\nsteps = 2\nkl_from = \"student\"\n"
-          "[stage.loss]\nkl = 1.0\n\n[[stage]]\nkind = \"init\"\n",
-          f);
-    fclose(f);
+    write_recipe(bad, head, "[[stage]]\nkind = \"draft\"\nname = \"early\"\ndata = \"samples\"\nsteps = 2\nkl_from = \"student\"\n"
+                            "[stage.loss]\nkl = 1.0\n\n[[stage]]\nkind = \"init\"\n");
     rc = run_cmd("'%s' '%s' --set run.name=%s", bin, bad, "bad3");
     CHECK_EQ_I64(rc, 3);
     CHECK(log_has("stage 'early': kl_from = \"student\" needs an earlier stage that makes the student"));

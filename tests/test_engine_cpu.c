@@ -237,6 +237,16 @@ static double max_rel(const float *a, const float *b, int64_t n) {
     return sqrt(num / den);
 }
 
+// A batched decoder's logits got [n] against ref [n] from decoders that fed each sequence alone: CHECK_REL at
+// 1e-5 under "what: claim", and the error printed as "what: tag vs alone".
+static void check_vs_alone(const char *what, const char *claim, const char *tag, const float *got, const float *ref, int64_t n) {
+    const double rel = max_rel(got, ref, n);
+    char buf[200];
+    snprintf(buf, sizeof buf, "%s: %s", what, claim);
+    CHECK_REL(rel, 1e-5, buf);
+    printf("%s: %s vs alone %.2e\n", what, tag, rel);
+}
+
 static void test_decode(Model *m, const char *what) {
     DlError err;
     const int64_t V = m->h.base.vocab;
@@ -404,11 +414,7 @@ static void test_ragged(Model *m, const char *what) {
         decoder_feed(D1, tk + b * LM, n[b], ref + b * V, NULL, &err);
         for (int s = 0; s < STEPS; s++) decoder_feed(D1, &nxt[s][b], 1, ref + ((s + 1) * BR + b) * V, NULL, &err);
     }
-    double rel = max_rel(got, ref, (STEPS + 1) * BR * V);
-    char buf[128];
-    snprintf(buf, sizeof buf, "%s: ragged batched prefill + decode == each prompt alone", what);
-    CHECK_REL(rel, 1e-5, buf);
-    printf("%s: ragged batch vs alone %.2e\n", what, rel);
+    check_vs_alone(what, "ragged batched prefill + decode == each prompt alone", "ragged batch", got, ref, (STEPS + 1) * BR * V);
     decoder_free(D), decoder_free(D1);
     free(lg), free(got), free(ref);
 }
@@ -452,11 +458,8 @@ static void test_reset_seq(Model *m, const char *what) {
         }
         decoder_feed(D1, &s3[b], 1, ref + (BR + b) * V, NULL, &err);
     }
-    double rel = max_rel(got, ref, 2 * BR * V);
-    char buf[160];
-    snprintf(buf, sizeof buf, "%s: a sequence emptied and refilled beside running ones == each alone", what);
-    CHECK_REL(rel, 1e-5, buf);
-    printf("%s: reset_seq + refill vs alone %.2e\n", what, rel);
+    check_vs_alone(what, "a sequence emptied and refilled beside running ones == each alone", "reset_seq + refill", got, ref,
+                   2 * BR * V);
     decoder_free(D), decoder_free(D1);
     free(got), free(ref), free(tmp);
 }
@@ -492,11 +495,7 @@ static void test_copy_seq(Model *m, const char *what) {
     decoder_feed(D1, &run0[1], 1, tmp, NULL, &err);
     decoder_feed(D1, &st1[1], 1, ref + V, NULL, &err);
     decoder_feed(D1, &st2[1], 1, ref + 3 * V, NULL, &err);
-    double rel = max_rel(got, ref, 4 * V);
-    char buf[160];
-    snprintf(buf, sizeof buf, "%s: a prompt prefilled apart and copied into a running batch == each alone", what);
-    CHECK_REL(rel, 1e-5, buf);
-    printf("%s: copy_seq vs alone %.2e\n", what, rel);
+    check_vs_alone(what, "a prompt prefilled apart and copied into a running batch == each alone", "copy_seq", got, ref, 4 * V);
     decoder_free(D), decoder_free(P), decoder_free(D1);
     free(got), free(ref), free(tmp);
 }
