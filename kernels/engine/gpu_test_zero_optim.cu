@@ -15,7 +15,8 @@
 //      for bit; a fresh attach + push (a resume) and 2 more steps stay equal to the reference.
 //   5. engine_cuda_set_grad_hook (the overlap of tm_dp_*): see hook_case below; tied and untied heads, every
 //      tensor / the Mamba mixers + final norm trained, a full pass (CE) and a partial one (MSE on hidden 2).
-//   6. ZeRO-2 staged gradients (grad_stage.h) for rank 0 and rank 1 of 2: see stage_case below.
+//   6. ZeRO-2 staged gradients (grad_stage.h) for ranks 0 and 1 of 2 and 1 and 2 of 3 (runs shorter than a slot, two
+//      runs in one bucket): see stage_case below.
 // Exit status != 0 on any failure. Usage: gpu_test_zero_optim [--verbose]
 #include <math.h>
 #include <stdio.h>
@@ -358,12 +359,15 @@ static void stage_hook(void *ctx, int lv) {
     else h->launched = n;
 }
 
-static void stage_case(int q) {
+// Rank q of W. d_ff 3072 (not a multiple of the 2 MiB page in elements) gives staged runs of different lengths,
+// some shorter than a slot, and at W = 3 the middle rank's buckets have two runs (before and after its slice): the
+// mappings that a slot of one allocation could not serve on a GPU (grad_stage.cu's header).
+static void stage_case(int W, int q) {
     DlError e;
     Model m;
     LlamaConfig c;
     memset(&c, 0, sizeof c);
-    c.n_layer = 4, c.d_model = 1024, c.n_head = 8, c.n_kv_head = 2, c.head_dim = 128, c.d_ff = 2048, c.vocab = 520;
+    c.n_layer = 4, c.d_model = 1024, c.n_head = 8, c.n_kv_head = 2, c.head_dim = 128, c.d_ff = 3072, c.vocab = 520;
     c.max_pos = 4096, c.rope_theta = 10000.0, c.rms_eps = 1e-5, c.tied_embeddings = false, c.bos_id = c.eos_id = -1;
     int attn[2] = {1, 3};
     die_if(hybrid_config_init(&m.h, &c, MIXER_MAMBA1, attn, 2, &e) != 0, &e, "hybrid_config_init");
@@ -373,7 +377,7 @@ static void stage_case(int q) {
     test_params_init(&m.r, m.p, 9, 3, false);
     const Registry *r = &m.r;
     ZeroLayout Z;
-    die_if(zero_layout_build(&Z, r, 2, 2, 8 << 20, &e) != 0, &e, "layout");
+    die_if(zero_layout_build(&Z, r, W, 2, 8 << 20, &e) != 0, &e, "layout");
     EngineCuda *A = engine_cuda_new(&m.h, r, m.p, B, T, ECU_TRAIN, DT_BF16, 0, NULL, &e);
     die_if(!A, &e, "engine A");
     EngineCuda *Bn = engine_cuda_new(&m.h, r, m.p, B, T, ECU_TRAIN, DT_BF16, 0, NULL, &e);
@@ -459,11 +463,18 @@ static void stage_case(int q) {
             if (!own[x]) ha[x] = 0;
         cudaMemcpy(gacc, ha, (size_t)gn * 4, cudaMemcpyHostToDevice);
     }
-    check(ok && all && grad_stage_bytes(gs) < 4.0 * (double)gn && P.staged_pages > 0,
-          "ZeRO-2 staged gradients, rank %d of 2: 3 micro-batches, %d buckets launched each, every snapshot == dense "
+    int shorter = 0, two = 0;  // staged buckets whose pages fill only part of a slot; with runs on both sides
+    for (int b = 0; b < P.n_bucket; b++) {
+        const int64_t na = P.b[b].a1 - P.b[b].a0, nb = P.b[b].b1 - P.b[b].b0;
+        shorter += na + nb > 0 && na + nb < P.slot_pages;
+        two += na > 0 && nb > 0;
+    }
+    check(ok && all && grad_stage_bytes(gs) < 4.0 * (double)gn && P.staged_pages > 0 && (shorter > 0 || two > 0),
+          "ZeRO-2 staged gradients, rank %d of %d: 3 micro-batches, %d buckets launched each, every snapshot == dense "
           "(owned: accumulated; %lld other elements: this micro-batch's) bitwise; %.1f MB held vs %.1f MB whole (%lld "
-          "permanent pages, %d slots x %lld pages)", q, Z.n_bucket, (long long)staged_checked, grad_stage_bytes(gs) / 1e6,
-          4.0 * (double)gn / 1e6, (long long)P.perm_pages, P.slots, (long long)P.slot_pages);
+          "permanent pages, %d slots x %lld pages; %d buckets fill part of a slot, %d have two runs)", q, W, Z.n_bucket,
+          (long long)staged_checked, grad_stage_bytes(gs) / 1e6, 4.0 * (double)gn / 1e6, (long long)P.perm_pages, P.slots,
+          (long long)P.slot_pages, shorter, two);
     free(hk_h), free(ha), free(hs), free(own), free(goff), free(level), free(first), free(sl);
     engine_cuda_dfree(gk), engine_cuda_dfree(gacc), engine_cuda_dfree(snap);
     grad_stage_free(gs);
@@ -480,8 +491,10 @@ static void stage_case(int q) {
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--verbose")) g_verbose = 1;
-    stage_case(0);
-    stage_case(1);
+    stage_case(2, 0);
+    stage_case(2, 1);
+    stage_case(3, 1);  // two runs per bucket
+    stage_case(3, 2);
     hook_case(true, "*", 0);
     hook_case(false, "*", 0);
     hook_case(false, "*.mamba.*,model.norm.weight", 0);

@@ -1,5 +1,11 @@
 // grad_stage.cu: see grad_stage.h. Host code; the driver's virtual-memory calls are looked up through the runtime
 // (cudaGetDriverEntryPointByVersion), so nothing links libcuda directly.
+// A slot is slot_pages physical allocations of ONE page each, and a bucket's run of n staged pages is n mappings of
+// whole allocations. The first version made a slot one allocation of slot_pages pages and mapped parts of it (a run
+// shorter than the slot; a second run at an offset into it). It passed gpu_test_zero_optim, where every staged run
+// was as long as the slot, and failed in the first 2-GPU runs (2 x H200, 2026-11-24: cuMemMap CUDA_ERROR_NOT_SUPPORTED),
+// whose runs are not. A probe on an H100 (driver 580.159.04) gave 801 for the first page of a 2-page allocation and for
+// its second page at an offset, and success for 1-page allocations mapped side by side with one cuMemSetAccess.
 #include <cuda.h>
 #include <cuda_runtime.h>
 #include <stdio.h>
@@ -69,7 +75,7 @@ struct GradStage {
     CUdeviceptr base;
     size_t va_bytes;
     CUmemGenericAllocationHandle *perm_h;  // [P.n_perm]
-    CUmemGenericAllocationHandle *slot_h;  // [P.slots]
+    CUmemGenericAllocationHandle *slot_h;  // [P.slots * P.slot_pages] one page each; slot s: [s * slot_pages, ...)
     int *slot_owner;                       // [P.slots] bucket mapped there, -1: none
     bool *slot_released;                   // its reduction's release event was recorded
     cudaEvent_t *slot_ev;                  // [P.slots] recorded on the comm stream after the owner's reduction
@@ -129,13 +135,14 @@ static int setup(GradStage *g, const ZeroStagePlan *P, int64_t n, int device, Dl
         RT(cudaMemset((void *)(g->base + at), 0, sz));
     }
     const int K = P->slots;
-    g->slot_h = (CUmemGenericAllocationHandle *)dl_calloc((size_t)(K ? K : 1), sizeof *g->slot_h);
     g->slot_owner = (int *)dl_malloc((size_t)(K ? K : 1) * sizeof(int));
     g->slot_released = (bool *)dl_calloc((size_t)(K ? K : 1), sizeof(bool));
     g->slot_ev = (cudaEvent_t *)dl_calloc((size_t)(K ? K : 1), sizeof(cudaEvent_t));
+    g->slot_h = (CUmemGenericAllocationHandle *)dl_calloc((size_t)(K * P->slot_pages + 1), sizeof *g->slot_h);
+    for (int s = 0; s < K; s++) g->slot_owner[s] = -1;  // (grad_stage_free reads them if a create below fails)
     for (int s = 0; s < K; s++) {
-        g->slot_owner[s] = -1;
-        DRV(D.create(&g->slot_h[s], (size_t)P->slot_pages * g->gran, &pr, 0), "cuMemCreate (staging slot)");
+        for (int64_t i = 0; i < P->slot_pages; i++)
+            DRV(D.create(&g->slot_h[(size_t)s * P->slot_pages + i], g->gran, &pr, 0), "cuMemCreate (staging slot)");
         RT(cudaEventCreateWithFlags(&g->slot_ev[s], cudaEventDisableTiming));
     }
     RT(cudaEventCreateWithFlags(&g->order_ev, cudaEventDisableTiming));
@@ -163,11 +170,22 @@ GradStage *grad_stage_new(const ZeroStagePlan *P, int64_t n, int device, DlError
     return g;
 }
 
+// Pages [p0, p1) of the buffer: unmapped one by one (cuMemUnmap takes whole mappings), or mapped to the slot's
+// allocations from index h on and made accessible (one call for the run).
+static int unmap_run(GradStage *g, int64_t p0, int64_t p1, DlError *e) {
+    for (int64_t p = p0; p < p1; p++) DRV(D.unmap(g->base + (size_t)p * g->gran, g->gran), "cuMemUnmap");
+    return 0;
+}
+
+static int map_run(GradStage *g, int64_t p0, int64_t p1, const CUmemGenericAllocationHandle *h, DlError *e) {
+    if (p1 <= p0) return 0;
+    for (int64_t p = p0; p < p1; p++) DRV(D.map(g->base + (size_t)p * g->gran, g->gran, 0, h[p - p0], 0), "cuMemMap (staging slot)");
+    return set_access(g, g->base + (size_t)p0 * g->gran, (size_t)(p1 - p0) * g->gran, e);
+}
+
 static int unmap_bucket(GradStage *g, int b, DlError *e) {
     const ZeroStageBucket *z = &g->P.b[b];
-    if (z->a1 > z->a0) DRV(D.unmap(g->base + (size_t)z->a0 * g->gran, (size_t)(z->a1 - z->a0) * g->gran), "cuMemUnmap");
-    if (z->b1 > z->b0) DRV(D.unmap(g->base + (size_t)z->b0 * g->gran, (size_t)(z->b1 - z->b0) * g->gran), "cuMemUnmap");
-    return 0;
+    return unmap_run(g, z->a0, z->a1, e) || unmap_run(g, z->b0, z->b1, e) ? -1 : 0;
 }
 
 void grad_stage_free(GradStage *g) {
@@ -181,10 +199,10 @@ void grad_stage_free(GradStage *g) {
             D.unmap(g->base + (size_t)g->P.perm[2 * i] * g->gran, (size_t)(g->P.perm[2 * i + 1] - g->P.perm[2 * i]) * g->gran);
             D.release(g->perm_h[i]);
         }
-    for (int s = 0; g->slot_h && s < g->P.slots; s++) {
-        if (g->slot_h[s]) D.release(g->slot_h[s]);
+    for (int64_t i = 0; g->slot_h && i < (int64_t)g->P.slots * g->P.slot_pages; i++)
+        if (g->slot_h[i]) D.release(g->slot_h[i]);
+    for (int s = 0; g->slot_ev && s < g->P.slots; s++)
         if (g->slot_ev[s]) cudaEventDestroy(g->slot_ev[s]);
-    }
     if (g->order_ev) cudaEventDestroy(g->order_ev);
     if (g->base) D.addr_free(g->base, g->va_bytes);
     free(g->perm_h), free(g->slot_h), free(g->slot_owner), free(g->slot_released), free(g->slot_ev);
@@ -226,18 +244,8 @@ static int map_bucket(GradStage *g, int b, cudaStream_t compute, DlError *e) {
             if (unmap_bucket(g, g->slot_owner[s], e)) return -1;
             g->slot_owner[s] = -1;
         }
-        size_t in_slot = 0;
-        if (z->a1 > z->a0) {
-            const size_t sz = (size_t)(z->a1 - z->a0) * g->gran;
-            DRV(D.map(g->base + (size_t)z->a0 * g->gran, sz, 0, g->slot_h[s], 0), "cuMemMap (staging slot)");
-            if (set_access(g, g->base + (size_t)z->a0 * g->gran, sz, e)) return -1;
-            in_slot = sz;
-        }
-        if (z->b1 > z->b0) {
-            const size_t sz = (size_t)(z->b1 - z->b0) * g->gran;
-            DRV(D.map(g->base + (size_t)z->b0 * g->gran, sz, in_slot, g->slot_h[s], 0), "cuMemMap (staging slot)");
-            if (set_access(g, g->base + (size_t)z->b0 * g->gran, sz, e)) return -1;
-        }
+        const CUmemGenericAllocationHandle *h = g->slot_h + (size_t)s * g->P.slot_pages;  // run b after run a's pages
+        if (map_run(g, z->a0, z->a1, h, e) || map_run(g, z->b0, z->b1, h + (z->a1 - z->a0), e)) return -1;
         g->slot_owner[s] = b;
     }
     g->slot_released[s] = false;
