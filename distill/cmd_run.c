@@ -60,13 +60,18 @@ static const char *body(const char *s) {
     return p ? p : s;
 }
 
-// s without its "gpus = N" lines: a run may resume on another number of GPUs (the training loop keeps the
-// global batch; train_loop.h).
-static char *without_gpus(const char *s) {
+// s without the [hardware] lines a run may change when it resumes: "gpus = N" (another number of GPUs: the
+// training loop keeps the global batch; train_loop.h) and the switches that change where gradients live or when
+// they are reduced but not their values (overlap, stage_grads).
+static bool resume_may_change(const char *line) {
+    return !strncmp(line, "gpus = ", 7) || !strncmp(line, "overlap = ", 10) || !strncmp(line, "stage_grads = ", 14);
+}
+
+static char *without_resumable(const char *s) {
     char *out = dl_malloc(strlen(s) + 1), *o = out;
     for (const char *p = s; *p;) {
         size_t n = strcspn(p, "\n");
-        if (strncmp(p, "gpus = ", 7)) {
+        if (!resume_may_change(p)) {
             memcpy(o, p, n);
             o += n;
             if (p[n]) *o++ = '\n';
@@ -244,7 +249,7 @@ static int run_main(int argc, char **argv) {
             recipe_free(&r);
             dl_die(DL_EXIT_INPUT, "--resume: %s is not a run directory of distill (no recipe.resolved.toml): %s", run_dir, e.msg);
         }
-        char *bo = without_gpus(body(old)), *bn = without_gpus(body(now));
+        char *bo = without_resumable(body(old)), *bn = without_resumable(body(now));
         int differs = strcmp(bo, bn);
         free(bo);
         free(bn);

@@ -126,6 +126,11 @@ char *dl_read_file(const char *path, size_t *len, DlError *e) {
     return buf;
 }
 
+bool dl_env_switch(const char *name, bool recipe) {
+    const char *v = getenv(name);
+    return v && (*v == '1' || *v == '0') && !v[1] ? *v == '1' : recipe;
+}
+
 bool dl_file_exists(const char *path) {
     struct stat st;
     return stat(path, &st) == 0;

@@ -62,6 +62,8 @@ char *dl_strdup(const char *s);
 // Reads a whole file into a NUL-terminated buffer. Returns NULL and fills e on failure.
 char *dl_read_file(const char *path, size_t *len, DlError *e);
 bool dl_file_exists(const char *path);
+// A recipe switch unless the environment variable `name` is "1" or "0" (tests and benchmarks set them).
+bool dl_env_switch(const char *name, bool recipe);
 bool dl_is_dir(const char *path);
 // mkdir -p; returns 0 or -1 with e filled.
 int dl_mkdirs(const char *path, DlError *e);

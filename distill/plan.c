@@ -95,13 +95,12 @@ static double layer_act_elems(const HybridConfig *h, int l, int recompute, int T
     return e;
 }
 
-// ZeRO-2 staged gradients (DISTILL_DP_STAGE_GRADS=1 in the environment, which the run reads too; train_model.h
-// tm_dp_stage_grads): the most gradient memory any of the G ranks holds, from zero_stage_plan over the engine's
-// compact layout (trained tensors in registry order at multiples of DL_TENSOR_ALIGN) with 2 MiB pages; -1 when
-// the variable is not set or there is one GPU.
-static double staged_grad_bytes(const HybridConfig *h, const Registry *reg, int G) {
-    const char *v = getenv("DISTILL_DP_STAGE_GRADS");
-    if (!v || *v != '1' || G < 2) return -1;
+// ZeRO-2 staged gradients (recipe hardware.stage_grads, or DISTILL_DP_STAGE_GRADS=1/0 in the environment, which
+// the run reads too; train_model.h tm_dp_stage_grads): the most gradient memory any of the G ranks holds, from
+// zero_stage_plan over the engine's compact layout (trained tensors in registry order at multiples of
+// DL_TENSOR_ALIGN) with 2 MiB pages; -1 when off or there is one GPU.
+static double staged_grad_bytes(const HybridConfig *h, const Registry *reg, int G, bool on) {
+    if (!dl_env_switch("DISTILL_DP_STAGE_GRADS", on) || G < 2) return -1;
     ZeroLayout L;
     DlError e;
     if (zero_layout_build(&L, reg, G, 2, ZERO_BUCKET_BYTES, &e)) return -1;
@@ -284,7 +283,10 @@ int plan_stage(const Recipe *r, const StageSpec *st, int step, StagePlan *p, DlE
         m->weights = 2 * P / (Z >= 3 ? G : 1);
         m->master = 4 * Pt + 4 * Pf;  // every rank keeps the whole fp32 master (tm_dp_step broadcasts the pieces)
         m->grads = 4 * Pt;            // the engine's one gradient buffer, whole at every ZeRO stage
-        const double staged = Z == 2 ? staged_grad_bytes(&h, &reg, (int)G) : -1;
+        // (a teacher-forced layerwise stage, MSE alone, keeps whole gradients: train_loop.c)
+        const StageLoss *SL = &st->loss;
+        const bool forced = SL->mse != 0 && SL->ce == 0 && SL->kl == 0 && SL->reverse_kl == 0 && st->kind != STAGE_DPO;
+        const double staged = Z == 2 ? staged_grad_bytes(&h, &reg, (int)G, r->hardware.stage_grads && !forced) : -1;
         if (staged >= 0) m->grads = staged;  // unless ZeRO-2 stages it (opt-in)
         m->optim = (o->moments == MOMENTS_BF16 ? 4 : 8) * Pt / (Z >= 1 ? G : 1);
         // a teacher used inside training is sharded like the student under ZeRO-3

@@ -124,6 +124,11 @@ static const Field HARDWARE_FIELDS[] = {
     FLD(HardwareSpec, "teacher", F_STR, teacher, 0, 0,
         "the frozen teacher on each GPU: \"replicated\" (the default: a whole copy) or \"sharded\" (1/gpus of each layer, gathered "
         "a layer ahead during its forward; cuda)"),
+    FLD(HardwareSpec, "overlap", F_BOOL, overlap, 0, 0,
+        "data parallel on cuda: reduce each gradient bucket while the backward computes the next layers (same numbers)"),
+    FLD(HardwareSpec, "stage_grads", F_BOOL, stage_grads, 0, 0,
+        "ZeRO-2 on cuda: gradient memory for this GPU's slices only, other pages mapped while the backward writes them "
+        "(same numbers; implies overlap; not in teacher-forced layerwise stages)"),
 };
 
 static const Field DATA_FIELDS[] = {
@@ -1336,6 +1341,13 @@ static void check_misc(Ctx *c) {
             err_v(c, tv, "hardware.teacher = \"sharded\" needs run.device = \"cuda\" (it splits the teacher over the GPUs' "
                   "memory; on the CPU every process keeps its copy)");
     }
+    if (r->hardware.stage_grads && (r->hardware.zero != 2 || r->run.device != DEVICE_CUDA))
+        err_v(c, toml_get(hw, "stage_grads"), "hardware.stage_grads = true stages ZeRO-2's gradient memory on the GPU: it needs "
+              "hardware.zero = 2 and run.device = \"cuda\" (got zero = %d, device \"%s\")", r->hardware.zero,
+              r->run.device == DEVICE_CUDA ? "cuda" : "cpu");
+    if (r->hardware.overlap && r->run.device != DEVICE_CUDA)
+        err_v(c, toml_get(hw, "overlap"), "hardware.overlap = true overlaps the GPUs' NCCL reductions with the backward: "
+              "it needs run.device = \"cuda\"");
     if (toml_get(ot, "warmup_steps") && toml_get(ot, "warmup_ratio"))
         err_v(c, toml_get(ot, "warmup_ratio"), "[optimizer]: give warmup_steps or warmup_ratio, not both");
     if (r->tokenizer.path) check_path(c, toml_get(toml_get(r->doc, "tokenizer"), "path"), "tokenizer.path", r->tokenizer.path);

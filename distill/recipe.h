@@ -96,6 +96,8 @@ typedef struct {
     int recompute;    // RECOMPUTE_*: activation recomputation in backward
     char *teacher;    // "replicated" (NULL: not written, the default) or "sharded" (distill/teacher_shard.h)
     bool teacher_sharded;  // teacher == "sharded" (set by recipe_load's checks)
+    bool overlap;          // data parallel on cuda: each bucket's reduction during the backward (train_model.h)
+    bool stage_grads;      // ZeRO-2 on cuda: gradient memory only for the owned slices + staging slots (grad_stage.h)
 } HardwareSpec;
 
 typedef struct {

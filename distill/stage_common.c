@@ -378,6 +378,7 @@ void stage_train_device(const RunContext *ctx, TrainConfig *c) {
     c->device = stage_device(ctx);
     c->recompute_mlp = r->hardware.recompute != RECOMPUTE_NONE;  // "full" recomputes the MLP only on CUDA today
     c->teacher_shard = r->hardware.teacher_sharded;  // (cuda: the recipe checks refuse it elsewhere)
+    c->dp_overlap = r->hardware.overlap, c->dp_stage_grads = r->hardware.stage_grads;
     const StageDist *sd = stage_dist();
     if (sd && sd->world > 1) {
         c->dist = sd->g;

@@ -317,8 +317,8 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
         if (!L.teacher) goto out;
     }
     L.grads = tm_grads_new(L.student);
-    if (d && dev == TM_CUDA && (!(d->cu = tm_dp_new(L.student, &o, &d->Z, rank, d->g, c->nccl, e)) ||
-                                tm_dp_stage_grads(d->cu, &L.grads, e))) {  // (staging: opt-in, ZeRO-2)
+    if (d && dev == TM_CUDA && (!(d->cu = tm_dp_new(L.student, &o, &d->Z, rank, d->g, c->nccl, c->dp_overlap, e)) ||
+                                tm_dp_stage_grads(d->cu, &L.grads, c->dp_stage_grads && !align, e))) {
         dl_fail_prefix(e, "%s: ", c->stage_name);
         goto out;
     }

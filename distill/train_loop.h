@@ -131,6 +131,10 @@ typedef struct {
     // cuda: the online teacher keeps 1/world of each layer and gathers layers during its forward (recipe
     // hardware.teacher = "sharded", tm_new_sharded_teacher); same numbers as the whole teacher
     bool teacher_shard;
+    // cuda, world > 1: overlap each bucket's reduction with the backward; ZeRO-2: staged gradient memory (recipe
+    // hardware.overlap / stage_grads; DISTILL_DP_OVERLAP / DISTILL_DP_STAGE_GRADS = 1 or 0 override them). Staging
+    // is skipped in a teacher-forced layerwise stage, whose per-layer backward is not announced to the reductions.
+    bool dp_overlap, dp_stage_grads;
 } TrainConfig;
 
 typedef struct {

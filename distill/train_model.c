@@ -163,9 +163,9 @@ void tm_backward(TrainModel *m, float *grads) {
 #ifdef DISTILL_CUDA
     if (m->cu) {
         if (m->gs && !m->gs_armed)  // the staged pages are mapped by the announced backward's reports only
-            dl_die(DL_EXIT_INPUT, "DISTILL_DP_STAGE_GRADS=1 (ZeRO-2 staged gradients) needs every backward announced "
-                                   "to the data-parallel reductions; this stage's loss (teacher-forced layers or a custom "
-                                   "loss) runs its own: unset DISTILL_DP_STAGE_GRADS");
+            dl_die(DL_EXIT_INPUT, "ZeRO-2 staged gradients (hardware.stage_grads, DISTILL_DP_STAGE_GRADS) need every backward "
+                                   "announced to the data-parallel reductions; this stage's loss (a custom loss) runs its "
+                                   "own: set hardware.stage_grads = false (or DISTILL_DP_STAGE_GRADS=0)");
         engine_cuda_backward(m->cu, grads);
         return;
     }
@@ -227,7 +227,7 @@ void tm_grads_to_host(const TrainModel *m, const float *grads, float *host) {
     if (m->cu) {
         if (m->gs && grads == grad_stage_ptr(m->gs))
             dl_die(DL_EXIT_RUNTIME, "tm_grads_to_host: staged ZeRO-2 gradients have pages without memory (diagnostics "
-                                    "need DISTILL_DP_STAGE_GRADS unset)");
+                                    "need hardware.stage_grads = false)");
         engine_cuda_grads_to_host(m->cu, grads, host);
         return;
     }
@@ -381,7 +381,7 @@ static int dp_ranges(TmDp *d, DlError *e) {
     return 0;
 }
 
-TmDp *tm_dp_new(TrainModel *m, Optim *o, const ZeroLayout *Z, int rank, DistGroup *g, NcclComm *c, DlError *e) {
+TmDp *tm_dp_new(TrainModel *m, Optim *o, const ZeroLayout *Z, int rank, DistGroup *g, NcclComm *c, bool overlap, DlError *e) {
     if (!m->cu || !c) {
         dl_fail(e, "data parallel on the device: needs a CUDA model and an NCCL communicator");
         return NULL;
@@ -406,14 +406,13 @@ TmDp *tm_dp_new(TrainModel *m, Optim *o, const ZeroLayout *Z, int rank, DistGrou
     d->first = dl_malloc((size_t)(Z->n_bucket + 1) * sizeof(int));
     d->level = dl_malloc((size_t)(Z->n_bucket ? Z->n_bucket : 1) * sizeof(int));
     zero_bucket_levels(Z, r, m->h->base.n_layer, d->level);
-    const char *ov = getenv("DISTILL_DP_OVERLAP");
-    if ((d->stage > 0 || (ov && *ov == '1')) && dp_ranges(d, e)) {
+    d->overlap = dl_env_switch("DISTILL_DP_OVERLAP", overlap);
+    if ((d->stage > 0 || d->overlap) && dp_ranges(d, e)) {
         tm_dp_free(d);
         return NULL;
     }
-    d->overlap = ov && *ov == '1';
     if (d->overlap && rank == 0)
-        dl_info("data parallel: each bucket's reduction overlapped with the backward (DISTILL_DP_OVERLAP=1, %d buckets)",
+        dl_info("data parallel: each bucket's reduction overlapped with the backward (hardware.overlap, %d buckets)",
                 Z->n_bucket);
     return d;
 }
@@ -481,10 +480,11 @@ int tm_dp_before_backward(TmDp *d, float *grads, bool last_micro, DlError *e) {
     return 0;
 }
 
-int tm_dp_stage_grads(TmDp *d, float **grads, DlError *e) {
-    const char *v = getenv("DISTILL_DP_STAGE_GRADS");
-    if (!v || *v != '1') return 0;
-    if (d->stage != 2) return dl_fail(e, "DISTILL_DP_STAGE_GRADS=1 stages ZeRO-2's gradients: set hardware.zero = 2 (got %d)", d->stage);
+int tm_dp_stage_grads(TmDp *d, float **grads, bool on, DlError *e) {
+    if (!dl_env_switch("DISTILL_DP_STAGE_GRADS", on)) return 0;
+    if (d->stage != 2)
+        return dl_fail(e, "hardware.stage_grads (or DISTILL_DP_STAGE_GRADS=1) stages ZeRO-2's gradients: set hardware.zero = 2 "
+                          "(got %d)", d->stage);
     TrainModel *m = d->m;
     const int dev = nccl_comm_device(d->c);
     const int64_t page = grad_stage_page(dev, e);
@@ -499,7 +499,7 @@ int tm_dp_stage_grads(TmDp *d, float **grads, DlError *e) {
     if (rc) return -1;
     GradStage *gs = grad_stage_new(&P, n, dev, e);
     if (gs && d->rank == 0)
-        dl_info("data parallel: ZeRO-2 staged gradients (DISTILL_DP_STAGE_GRADS=1): %.3f GiB per GPU instead of %.3f "
+        dl_info("data parallel: ZeRO-2 staged gradients (hardware.stage_grads): %.3f GiB per GPU instead of %.3f "
                 "(%lld permanent pages, %d slots of %lld pages, %lld-element pages)", grad_stage_bytes(gs) / 1073741824.0,
                 4.0 * (double)n / 1073741824.0, (long long)P.perm_pages, P.slots, (long long)P.slot_pages, (long long)page);
     zero_stage_plan_free(&P);
@@ -569,8 +569,8 @@ int tm_dp_step(TmDp *d, float *grads, double loss, OptimResult *r, DlError *e) {
     return 0;
 }
 #else
-TmDp *tm_dp_new(TrainModel *m, Optim *o, const ZeroLayout *Z, int rank, DistGroup *g, NcclComm *c, DlError *e) {
-    (void)m, (void)o, (void)Z, (void)rank, (void)g, (void)c;
+TmDp *tm_dp_new(TrainModel *m, Optim *o, const ZeroLayout *Z, int rank, DistGroup *g, NcclComm *c, bool overlap, DlError *e) {
+    (void)m, (void)o, (void)Z, (void)rank, (void)g, (void)c, (void)overlap;
     dl_fail(e, "data parallel on the device needs CUDA and NCCL, and this build lacks one (rebuild where nvcc and "
                "nccl.h are installed)");
     return NULL;
@@ -584,8 +584,8 @@ int tm_dp_step(TmDp *d, float *grads, double loss, OptimResult *r, DlError *e) {
     return dl_fail(e, "data parallel on the device: not in this build");
 }
 void tm_dp_set_overlap(TmDp *d, bool on) { (void)d, (void)on; }
-int tm_dp_stage_grads(TmDp *d, float **grads, DlError *e) {
-    (void)d, (void)grads, (void)e;
+int tm_dp_stage_grads(TmDp *d, float **grads, bool on, DlError *e) {
+    (void)d, (void)grads, (void)on, (void)e;
     return 0;
 }
 int tm_dp_before_backward(TmDp *d, float *grads, bool last_micro, DlError *e) {

@@ -10,7 +10,7 @@
 // it (tm_dp_before_backward; train_model.h), instead of after the backward. Rank 0 prints every step's loss and
 // gradient norm with 17 digits (the `step N:` lines): runs with and without --overlap must print the same digits
 // (2 ranks: bitwise, train_model.h says why); tests/gpu/dp_scaling.sh compares them.
-// --stage-grads (ZeRO-2): the staged gradient buffer (DISTILL_DP_STAGE_GRADS, train_model.h tm_dp_stage_grads;
+// --stage-grads (ZeRO-2): the staged gradient buffer (hardware.stage_grads, train_model.h tm_dp_stage_grads;
 // implies --overlap). Rank 0 prints the line
 //   MEMORY_DP zero=Z stage_grads=S grads_gib=... plan_grads_gib=... device_used_gib=... peak_step_used_gib=...
 // grads: what the gradient buffer holds (zero_stage_plan's figure when staged), whole_grads: 4 x its elements,
@@ -141,8 +141,7 @@ int main(int argc, char **argv) {
     if (optim_init(&o, &oc, &oreg, &e)) die("optimizer", &e);
     float *grads = tm_grads_new(student);
     TmDp *dp = NULL;
-    if (world > 1 && !(dp = tm_dp_new(student, &o, &Z, rank, g, nc, &e))) die("data parallel", &e);
-    if (dp) tm_dp_set_overlap(dp, overlap);
+    if (world > 1 && !(dp = tm_dp_new(student, &o, &Z, rank, g, nc, overlap, &e))) die("data parallel", &e);
     const double whole_grads = 4.0 * (double)tm_grads_numel(student), dev0 = tm_device_bytes(student);
     size_t fr = 0, tot = 0;
     cudaDeviceSynchronize();
@@ -153,8 +152,7 @@ int main(int argc, char **argv) {
             fprintf(stderr, "gpu_bench_dp: --stage-grads needs 2 or more GPUs and --zero 2\n");
             return 2;
         }
-        setenv("DISTILL_DP_STAGE_GRADS", "1", 1);
-        if (tm_dp_stage_grads(dp, &grads, &e)) die("staged gradients", &e);
+        if (tm_dp_stage_grads(dp, &grads, true, &e)) die("staged gradients", &e);
     }
     const double grads_now = whole_grads - (dev0 - tm_device_bytes(student));  // the plan's figure when staged
     cudaDeviceSynchronize();
