@@ -90,6 +90,21 @@ static bool env_set(const char *name) {
     return s && *s;
 }
 
+// The id every rank of an MPI launch shares: Open MPI 4's job id, or the PMIx namespace (Open MPI 5, PRRTE,
+// srun --mpi=pmix); NULL for other launchers.
+static const char *mpi_job_id(void) {
+    const char *v = getenv("OMPI_MCA_ess_base_jobid");
+    if (v && *v) return v;
+    v = getenv("PMIX_NAMESPACE");
+    return v && *v ? v : NULL;
+}
+
+static uint32_t fnv1a(const char *s) {
+    uint32_t h = 2166136261u;
+    for (; *s; s++) h = (h ^ (uint8_t)*s) * 16777619u;
+    return h;
+}
+
 int dist_env_detect(const DistOpts *o, DistEnv *env, DlError *e) {
     memset(env, 0, sizeof *env);
     env->rank = 0;
@@ -163,6 +178,9 @@ int dist_env_detect(const DistOpts *o, DistEnv *env, DlError *e) {
         if (!nl || !*nl) nl = getenv("SLURM_JOB_NODELIST");
         if (nl && *nl && dist_hostlist_first(nl, env->master_addr, sizeof env->master_addr, e))
             return dl_fail_prefix(e, "SLURM_JOB_NODELIST: ");
+        // every rank on this host (mpirun -np N on one node, a launcher that says so): rank 0 is local
+        if (!env->master_addr[0] && env->world_size > 1 && env->local_size == env->world_size)
+            snprintf(env->master_addr, sizeof env->master_addr, "127.0.0.1");
     }
     if (o && o->master_port > 0) env->master_port = o->master_port;
     else {
@@ -171,6 +189,8 @@ int dist_env_detect(const DistOpts *o, DistEnv *env, DlError *e) {
             int id;
             if (env_int("SLURM_JOB_ID", 0, 2147483647, &id, NULL, e)) return -1;
             env->master_port = 20000 + id % 20000;  // same on every task of the job, spread across jobs
+        } else if (!f1 && mpi_job_id()) {
+            env->master_port = 20000 + (int)(fnv1a(mpi_job_id()) % 20000);  // likewise for an MPI launch
         }
     }
 
@@ -180,6 +200,7 @@ int dist_env_detect(const DistOpts *o, DistEnv *env, DlError *e) {
         snprintf(env->key, sizeof env->key, "slurm-%s.%s", getenv("SLURM_JOB_ID"),
                  env_set("SLURM_RESTART_COUNT") ? getenv("SLURM_RESTART_COUNT") : "0");
     else if (env_set("TORCHELASTIC_RUN_ID")) snprintf(env->key, sizeof env->key, "%s", getenv("TORCHELASTIC_RUN_ID"));
+    else if (mpi_job_id()) snprintf(env->key, sizeof env->key, "mpi-%.40s", mpi_job_id());
     if (env->world_size == 1) env->local_rank = 0, env->local_size = env->local_size < 0 ? 1 : env->local_size;
     return 0;
 }
@@ -517,8 +538,9 @@ static int tcp_connect(DistGroup *g, const char *addr, int port, double deadline
 static int tcp_rendezvous(DistGroup *g, const DistEnv *env, DlError *e) {
     double deadline = dl_now() + g->timeout;
     if (!env->master_addr[0] && g->rank != 0)
-        return dl_fail(e, "rank %d (host %s): no address for rank 0: set MASTER_ADDR (and MASTER_PORT), or use the file rendezvous",
-                       g->rank, my_host(g));
+        return dl_fail(e, "rank %d (host %s): no address for rank 0 (launched by %s over several hosts): set MASTER_ADDR to rank "
+                          "0's host (mpirun: -x MASTER_ADDR=HOST), or use the file rendezvous (DISTILL_RDZV=file)",
+                       g->rank, my_host(g), dist_source_name(env->source));
     if (env->master_port <= 0)
         return dl_fail(e, "rank %d (host %s): no port for rank 0: set MASTER_PORT (launched by %s)", g->rank, my_host(g),
                        dist_source_name(env->source));

@@ -71,7 +71,8 @@ static const char *VARS[] = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SI
                              "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS",
                              "SLURM_LOCALID", "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST",
                              "SLURM_NTASKS_PER_NODE", "SLURM_RESTART_COUNT", "PMIX_RANK", "PMI_RANK", "PMI_SIZE",
-                             "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "TORCHELASTIC_RUN_ID", "DISTILL_DIST_TIMEOUT"};
+                             "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "TORCHELASTIC_RUN_ID", "DISTILL_DIST_TIMEOUT",
+                             "OMPI_MCA_ess_base_jobid", "PMIX_NAMESPACE"};
 
 static void clear_env(void) {
     for (size_t i = 0; i < DL_ARRAY_LEN(VARS); i++) unsetenv(VARS[i]);
@@ -127,6 +128,21 @@ static void test_env(void) {
     CHECK(dist_env_detect(&o, &env, &e) == 0);
     CHECK(env.source == DIST_SRC_OMPI && env.rank == 3 && env.world_size == 16 && env.local_rank == 3 && env.local_size == 8);
     CHECK(env.master_addr[0] == 0 && env.master_port == -1);
+    // mpirun's job id gives every rank the same port and job key; over 2 hosts rank 0's address stays unknown
+    setenv("OMPI_MCA_ess_base_jobid", "1469972481", 1);
+    CHECK(dist_env_detect(&o, &env, &e) == 0);
+    const int port = env.master_port;
+    CHECK(env.master_addr[0] == 0 && port >= 20000 && port < 40000 && !strcmp(env.key, "mpi-1469972481"));
+    // all ranks on one host (mpirun -np 2 on one node): rank 0 is 127.0.0.1
+    setenv("OMPI_COMM_WORLD_SIZE", "2", 1), setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "2", 1), setenv("OMPI_COMM_WORLD_RANK", "1", 1);
+    setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1", 1);
+    CHECK(dist_env_detect(&o, &env, &e) == 0);
+    CHECK(!strcmp(env.master_addr, "127.0.0.1") && env.master_port == port);
+    setenv("OMPI_MCA_ess_base_jobid", "1469972482", 1);  // another job: another port (spread by a hash)
+    CHECK(dist_env_detect(&o, &env, &e) == 0 && env.master_port != port && !strcmp(env.key, "mpi-1469972482"));
+    setenv("MASTER_ADDR", "10.1.2.3", 1), setenv("MASTER_PORT", "29400", 1);  // the explicit ones win
+    CHECK(dist_env_detect(&o, &env, &e) == 0 && !strcmp(env.master_addr, "10.1.2.3") && env.master_port == 29400);
+    unsetenv("MASTER_ADDR"), unsetenv("MASTER_PORT"), unsetenv("OMPI_MCA_ess_base_jobid");
     unsetenv("OMPI_COMM_WORLD_SIZE");
     CHECK(dist_env_detect(&o, &env, &e) == -1 && strstr(e.msg, "OMPI_COMM_WORLD_SIZE"));
 
