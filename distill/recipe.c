@@ -219,7 +219,7 @@ static const Field STAGE_FIELDS[] = {
      KB(STAGE_DRAFT), "teacher layers the draft keeps, ascending (default: the first and the last), plus embeddings, norm, head"},
     {"kl_from", F_ENUM, offsetof(StageSpec, kl_from), 0, 0, 0, false, KLFROM_CHOICES, KB(STAGE_DRAFT),
      "whose next-token distribution the draft's KL terms follow: the teacher, or the student the draft will serve (the "
-     "newest earlier model: higher acceptance with it as the speculative target)"},
+     "newest earlier model; on the 25% demo no higher acceptance than toward the teacher)"},
     SFLD("draft", F_STR, spec_draft, 0, 0, KB(STAGE_EVAL),
          "draft stage whose model the speculative rows use (default: the last draft stage before this eval, if any)"),
     {"spec_k", F_INTLIST, offsetof(StageSpec, spec_k), offsetof(StageSpec, n_spec_k), 0, DL_MAX_LAYERS - 1, false, NULL,
