@@ -57,6 +57,19 @@ static int free_port(void) {
     return ntohs(a.sin_port);
 }
 
+// Appends "distill RECIPE --quiet --set run.name=NAME [extra...]" and the NULL to argv from index n (child side;
+// nm holds the run.name option).
+static void distill_args(char **argv, int n, char *nm, size_t nm_n, const char *name, const char *const *extra) {
+    snprintf(nm, nm_n, "run.name=%s", name);
+    argv[n++] = (char *)g_bin;
+    argv[n++] = g_recipe;
+    argv[n++] = "--quiet";
+    argv[n++] = "--set";
+    argv[n++] = nm;
+    for (int i = 0; extra && extra[i]; i++) argv[n++] = (char *)extra[i];
+    argv[n] = NULL;
+}
+
 // Starts `world` ranks of distill RECIPE --quiet --set run.name=NAME [extra...]; pids into pid[].
 // env: one extra "K=V" or NULL. Each rank logs to g_dir/NAME.RANK.log (appended).
 static void start(const char *name, int world, const char *const *extra, const char *env, pid_t *pid) {
@@ -81,17 +94,8 @@ static void start(const char *name, int world, const char *const *extra, const c
                 setenv("DISTILL_DIST_TIMEOUT", "60", 1);
             }
             if (env) putenv((char *)env);
-            char nm[100];
-            snprintf(nm, sizeof nm, "run.name=%s", name);
-            char *argv[24];
-            int n = 0;
-            argv[n++] = (char *)g_bin;
-            argv[n++] = g_recipe;
-            argv[n++] = "--quiet";
-            argv[n++] = "--set";
-            argv[n++] = nm;
-            for (int i = 0; extra && extra[i]; i++) argv[n++] = (char *)extra[i];
-            argv[n] = NULL;
+            char nm[100], *argv[24];
+            distill_args(argv, 0, nm, sizeof nm, name, extra);
             execv(g_bin, argv);
             _exit(127);
         }
@@ -149,22 +153,9 @@ static int run_mpi(const char *mpirun, const char *name, int world, const char *
         const char *drop[] = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DISTILL_DIST_KEY"};
         for (size_t i = 0; i < sizeof drop / sizeof drop[0]; i++) unsetenv(drop[i]);
         setenv("DISTILL_DIST_TIMEOUT", "60", 1);
-        snprintf(nm, sizeof nm, "run.name=%s", name);
         snprintf(np, sizeof np, "%d", world);
-        char *argv[32];
-        int n = 0;
-        argv[n++] = (char *)mpirun;
-        argv[n++] = "--allow-run-as-root";
-        argv[n++] = "--oversubscribe";
-        argv[n++] = "-np";
-        argv[n++] = np;
-        argv[n++] = (char *)g_bin;
-        argv[n++] = g_recipe;
-        argv[n++] = "--quiet";
-        argv[n++] = "--set";
-        argv[n++] = nm;
-        for (int i = 0; extra && extra[i]; i++) argv[n++] = (char *)extra[i];
-        argv[n] = NULL;
+        char *argv[32] = {(char *)mpirun, "--allow-run-as-root", "--oversubscribe", "-np", np};
+        distill_args(argv, 5, nm, sizeof nm, name, extra);
         execv(mpirun, argv);
         _exit(127);
     }
