@@ -435,8 +435,8 @@ static const char *what_stage_does(const Recipe *r, const StageSpec *st, char *b
         size_t o = (size_t)snprintf(buf, n, "speculative draft: teacher layers [");
         for (int k = 0; k < st->n_draft_layers && o < n; k++) o += (size_t)snprintf(buf + o, n - o, "%s%d", k ? "," : "", st->draft_layers[k]);
         if (o < n)
-            snprintf(buf + o, n - o, "] + embeddings/head, trained on '%s': loss %g CE + %g KL (T=%g)", d, st->loss.ce, st->loss.kl,
-                     st->loss.temperature);
+            snprintf(buf + o, n - o, "] + embeddings/head, trained on '%s': loss %g CE + %g KL (T=%g) to the %s", d, st->loss.ce,
+                     st->loss.kl, st->loss.temperature, st->kl_from == KL_FROM_STUDENT ? "student" : "teacher");
         break;
     }
     case STAGE_EXPORT:
