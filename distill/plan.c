@@ -271,6 +271,10 @@ int plan_stage(const Recipe *r, const StageSpec *st, int step, StagePlan *p, DlE
     const OptimSpec *o = &st->opt;
     MemEstimate *m = &p->mem;
     const bool teacher_only = st->kind == STAGE_GENERATE || st->kind == STAGE_TEACHER_CACHE;
+    // teacher-forced per-layer alignment, MSE alone (train_loop.c's align): no student forward through the loss, so
+    // no teacher KL buffers, and whole gradients even where ZeRO-2 would stage them
+    const StageLoss *SL = &st->loss;
+    const bool align = SL->mse != 0 && SL->ce == 0 && SL->kl == 0 && SL->reverse_kl == 0;
 
     // ---- parameters and optimizer state
     if (cuda && train) {  // the engine's layout (kernels/engine/engine_cuda.cu engine_layout)
@@ -283,9 +287,7 @@ int plan_stage(const Recipe *r, const StageSpec *st, int step, StagePlan *p, DlE
         m->weights = 2 * P / (Z >= 3 ? G : 1);
         m->master = 4 * Pt + 4 * Pf;  // every rank keeps the whole fp32 master (tm_dp_step broadcasts the pieces)
         m->grads = 4 * Pt;            // the engine's one gradient buffer, whole at every ZeRO stage
-        // (a teacher-forced layerwise stage, MSE alone, keeps whole gradients: train_loop.c)
-        const StageLoss *SL = &st->loss;
-        const bool forced = SL->mse != 0 && SL->ce == 0 && SL->kl == 0 && SL->reverse_kl == 0 && st->kind != STAGE_DPO;
+        const bool forced = align && st->kind != STAGE_DPO;
         const double staged = Z == 2 ? staged_grad_bytes(&h, &reg, (int)G, r->hardware.stage_grads && !forced) : -1;
         if (staged >= 0) m->grads = staged;  // unless ZeRO-2 stages it (opt-in)
         m->optim = (o->moments == MOMENTS_BF16 ? 4 : 8) * Pt / (Z >= 1 ? G : 1);
@@ -323,19 +325,17 @@ int plan_stage(const Recipe *r, const StageSpec *st, int step, StagePlan *p, DlE
         // the engines train_loop.c makes: the student (training), the online teacher or DPO's reference (inference)
         const double B = o->micro_batch * (st->kind == STAGE_DPO ? 2.0 : 1.0), N = B * T;
         p->tokens_per_step = (int64_t)(B * o->grad_accum * G * T);
-        const StageLoss *L = &st->loss;
         const bool has_teacher = st->kind != STAGE_DPO && needs_teacher_online(st);
-        const bool align = L->mse != 0 && L->ce == 0 && L->kl == 0 && L->reverse_kl == 0;
-        const bool kl = has_teacher && !align && L->kl + L->reverse_kl != 0;
+        const bool kl = has_teacher && !align && SL->kl + SL->reverse_kl != 0;
         double lg = 0, lt = 0;
         m->activations = cuda_table(&h, B, T, CT_TRAIN | (r->hardware.recompute != RECOMPUTE_NONE ? CT_RMLP : 0) |
                                                    (kl ? CT_TEACHER_KL : 0), &lg);
-        if (L->mse != 0 && st->kind != STAGE_DPO) {  // hidden-state gradients after each Mamba layer, MSE sums
+        if (SL->mse != 0 && st->kind != STAGE_DPO) {  // hidden-state gradients after each Mamba layer, MSE sums
             int nm = 0;
             for (int l = 0; l < c->n_layer; l++) nm += h.mixer[l] != MIXER_ATTN;
             m->activations += nm * N * c->d_model * 2 + 9 * N + 8;
         }
-        if (has_teacher) m->activations += cuda_table(&teacher, B, T, L->mse != 0 ? CT_KEEP : 0, &lt);
+        if (has_teacher) m->activations += cuda_table(&teacher, B, T, SL->mse != 0 ? CT_KEEP : 0, &lt);
         if (st->kind == STAGE_DPO) m->activations += cuda_table(&h, B, T, 0, &lt);
         m->logits = lg + lt;
     } else if (train) {
