@@ -328,7 +328,7 @@ struct TmDp {
     ZeroRange *slices;  // every rank's slice of every bucket in the gradient buffer (stages 1, 2)
     ZeroRange *pieces;  // every rank's owned piece of every trained tensor in the fp32 master (stages 1, 2)
     int n_slices, n_pieces;
-    // overlap with the backward (tm_dp_set_overlap)
+    // overlap with the backward (tm_dp_new's switch; tm_dp_stage_grads turns it on)
     bool overlap;
     int n_bucket;
     int *first;         // [n_bucket + 1] bucket b's ranges in slices: [first[b], first[b + 1])
@@ -417,7 +417,6 @@ TmDp *tm_dp_new(TrainModel *m, Optim *o, const ZeroLayout *Z, int rank, DistGrou
     return d;
 }
 
-void tm_dp_set_overlap(TmDp *d, bool on) { d->overlap = on || d->gs; }  // staged gradients need it
 
 // Enqueues the reductions of buckets [launched, upto) on the communicator's stream, after everything the
 // compute stream holds so far (the backward's writes of those buckets' gradients).
@@ -470,7 +469,6 @@ int tm_dp_before_backward(TmDp *d, float *grads, bool last_micro, DlError *e) {
     if (d->armed || d->reduced)
         return dl_fail(e, "data parallel: tm_dp_before_backward twice without tm_dp_micro / tm_dp_step between");
     if (!d->cst && !(d->cst = nccl_comm_stream(d->c, e))) return -1;
-    if (!d->slices && dp_ranges(d, e)) return -1;  // ZeRO-0 turned to overlap by tm_dp_set_overlap
     d->grads = grads, d->launched = 0, d->failed = false, d->armed = true;
     if (d->gs) {
         grad_stage_begin(d->gs);
@@ -583,7 +581,6 @@ int tm_dp_step(TmDp *d, float *grads, double loss, OptimResult *r, DlError *e) {
     (void)d, (void)grads, (void)loss, (void)r;
     return dl_fail(e, "data parallel on the device: not in this build");
 }
-void tm_dp_set_overlap(TmDp *d, bool on) { (void)d, (void)on; }
 int tm_dp_stage_grads(TmDp *d, float **grads, bool on, DlError *e) {
     (void)d, (void)grads, (void)on, (void)e;
     return 0;

@@ -118,7 +118,8 @@ typedef struct TmDp TmDp;
 // m: the student on CUDA; o: its optimizer, whose registry carries rank's owned ranges of Z (zero_apply_shards;
 // stage 0: whole tensors); Z: zero_layout_build over m's registry for g's world size (kept by the caller).
 // NULL with e: not CUDA, no NCCL in this build, or owned ranges / gradient layout that do not match Z.
-// overlap: tm_dp_set_overlap's switch from the start (recipe hardware.overlap; DISTILL_DP_OVERLAP=1/0 overrides it).
+// overlap: the reductions overlapped with the backward (below; recipe hardware.overlap; DISTILL_DP_OVERLAP=1/0
+// overrides it).
 TmDp *tm_dp_new(TrainModel *m, Optim *o, const ZeroLayout *Z, int rank, DistGroup *g, NcclComm *c, bool overlap, DlError *e);
 void tm_dp_free(TmDp *d);
 // After each micro-batch's backward into grads (ZeRO-2: the reduction; otherwise nothing).
@@ -127,8 +128,8 @@ int tm_dp_micro(TmDp *d, float *grads, DlError *e);
 int tm_dp_step(TmDp *d, float *grads, double loss, OptimResult *r, DlError *e);
 // Device bytes of the AdamW moments this rank holds (8 per owned element).
 double tm_dp_moment_bytes(const Optim *o);
-// Overlap of the reductions with the backward (opt-in: tm_dp_new's overlap, tm_dp_set_overlap, or
-// DISTILL_DP_OVERLAP=1 in the environment of tm_dp_new). Call tm_dp_before_backward before the backward that completes a micro-batch's
+// Overlap of the reductions with the backward (opt-in: tm_dp_new's overlap, or DISTILL_DP_OVERLAP=1 in its
+// environment). Call tm_dp_before_backward before the backward that completes a micro-batch's
 // gradient (last: the step's last micro-batch); with overlap on, when that backward's gradient is due for
 // reduction (every micro-batch at ZeRO-2, the last one at ZeRO-0/1), the engine reports its progress
 // (engine_cuda_set_grad_hook) and each bucket's reduction is enqueued on the communicator's stream
@@ -140,7 +141,6 @@ double tm_dp_moment_bytes(const Optim *o);
 // numbers, which IEEE addition gives identically in any order: bitwise the unoverlapped results; with more
 // ranks NCCL's internal order may follow the operation's size (deterministic for a fixed world and layout).
 // Off (default), or a backward not announced (teacher-forced layers, custom losses): the present path.
-void tm_dp_set_overlap(TmDp *d, bool on);
 // ZeRO-2's gradient memory (opt-in: on, i.e. hardware.stage_grads, unless DISTILL_DP_STAGE_GRADS=1/0 says otherwise;
 // ZeRO-2 only; turns overlap on): replaces *grads
 // (from tm_grads_new, freed here) by a buffer with the same layout of which only this rank's slices, the pages
