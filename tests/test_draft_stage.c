@@ -78,6 +78,13 @@ static void write_recipe(const char *path, const char *head, const char *stages)
 }
 
 // Max |a - b| over tensor `an` of a and `bn` of b (same numel), or -1 when either is missing.
+// A fresh log, the recipe head + stages written to path, and `distill path --set run.name=name`: its exit status.
+static int run_recipe_fresh(const char *bin, const char *path, const char *head, const char *stages, const char *name) {
+    clear_log();
+    write_recipe(path, head, stages);
+    return run_cmd("'%s' '%s' --set run.name=%s", bin, path, name);
+}
+
 static double tensor_diff(const LoadedModel *a, const char *an, const LoadedModel *b, const char *bn) {
     int i = reg_find(&a->reg, an), j = reg_find(&b->reg, bn);
     if (i < 0 || j < 0 || a->reg.t[i].numel != b->reg.t[j].numel) return -1;
@@ -321,9 +328,8 @@ int main(void) {
         CHECK(kl[1] > 1e-2);
     }
     // ---- bad recipes: every problem at once, nothing run
-    clear_log();
     snprintf(bad, sizeof bad, "%s/bad.toml", g_dir);
-    write_recipe(bad, head, "[[stage]]\nkind = \"init\"\n\n[[stage]]\nkind = \"layerwise\"\ndata = \"samples\"\nsteps = 2\nlayers = [0, 1]\n\n"
+    rc = run_recipe_fresh(bin, bad, head, "[[stage]]\nkind = \"init\"\n\n[[stage]]\nkind = \"layerwise\"\ndata = \"samples\"\nsteps = 2\nlayers = [0, 1]\n\n"
                             "[[stage]]\nkind = \"draft\"\nname = \"d1\"\ndata = \"samples\"\nlayers = [0, 9]\nsteps = 2\n\n"
                             "[[stage]]\nkind = \"draft\"\nname = \"d2\"\ndata = \"samples\"\nlayers = [3, 1]\nsteps = 2\n[stage.loss]\nmse = 1.0\n\n"
                             "[[stage]]\nkind = \"draft\"\nname = \"d3\"\nsteps = 2\n\n"
@@ -331,8 +337,7 @@ int main(void) {
                             "[[stage]]\nkind = \"eval\"\nname = \"e1\"\ndata = [\"samples\"]\ndraft = \"d4\"\nspec_k = [2, 9]\n\n"
                             "[[stage]]\nkind = \"eval\"\nname = \"e2\"\ndata = [\"samples\"]\ndraft = \"init\"\n\n"
                             "[[stage]]\nkind = \"eval\"\nname = \"e3\"\ndata = [\"samples\"]\ndraft = \"d4\"\n\n"
-                            "[[stage]]\nkind = \"draft\"\nname = \"d4\"\ndata = \"samples\"\nsteps = 2\n");
-    rc = run_cmd("'%s' '%s' --set run.name=%s", bin, bad, "bad");
+                            "[[stage]]\nkind = \"draft\"\nname = \"d4\"\ndata = \"samples\"\nsteps = 2\n", "bad");
     CHECK_EQ_I64(rc, 3);
     CHECK(log_has("key 'layers' does not apply to a layerwise stage (it is for: draft)"));
     CHECK(log_has("stage 'd1'.layers: layer 9 does not exist (the teacher has 4 layers, 0..3)"));
@@ -346,16 +351,12 @@ int main(void) {
     CHECK(log_has("stage 'e3' uses the draft of stage 'd4', which runs after it"));
     snprintf(path, sizeof path, "%s/runs/bad", g_dir);
     CHECK(!dl_is_dir(path));
-    clear_log();
-    write_recipe(bad, head, "[[stage]]\nkind = \"init\"\n\n[[stage]]\nkind = \"eval\"\ndata = [\"samples\"]\ndraft = \"drfat\"\n\n"
-                            "[[stage]]\nkind = \"draft\"\nname = \"draft\"\ndata = \"samples\"\nsteps = 2\n");
-    rc = run_cmd("'%s' '%s' --set run.name=%s", bin, bad, "bad2");
+    rc = run_recipe_fresh(bin, bad, head, "[[stage]]\nkind = \"init\"\n\n[[stage]]\nkind = \"eval\"\ndata = [\"samples\"]\ndraft = \"drfat\"\n\n"
+                          "[[stage]]\nkind = \"draft\"\nname = \"draft\"\ndata = \"samples\"\nsteps = 2\n", "bad2");
     CHECK_EQ_I64(rc, 3);
     CHECK(log_has("stage 'eval': no stage named 'drfat' (draft = the name of a draft stage) (did you mean 'draft'?)"));
-    clear_log();
-    write_recipe(bad, head, "[[stage]]\nkind = \"draft\"\nname = \"early\"\ndata = \"samples\"\nsteps = 2\nkl_from = \"student\"\n"
-                            "[stage.loss]\nkl = 1.0\n\n[[stage]]\nkind = \"init\"\n");
-    rc = run_cmd("'%s' '%s' --set run.name=%s", bin, bad, "bad3");
+    rc = run_recipe_fresh(bin, bad, head, "[[stage]]\nkind = \"draft\"\nname = \"early\"\ndata = \"samples\"\nsteps = 2\nkl_from = \"student\"\n"
+                          "[stage.loss]\nkl = 1.0\n\n[[stage]]\nkind = \"init\"\n", "bad3");
     CHECK_EQ_I64(rc, 3);
     CHECK(log_has("stage 'early': kl_from = \"student\" needs an earlier stage that makes the student"));
     if (check_fail_) dump_log();
