@@ -5,6 +5,7 @@
 // reductions excluded, so each shape always runs one fixed, deterministic kernel.
 #include <cublasLt.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "kernels/train/train_check.cuh"
@@ -58,6 +59,25 @@ extern "C" void dl_gemm_free(DlGemm *g) {
     free(g);
 }
 
+// The heuristic's first `want` algorithms for a plan: 16-byte aligned operands, no in-place split-K reduction
+// (its atomics would make the sum order vary between runs).
+static cublasStatus_t heuristics(DlGemm *g, GemmPlan *p, int want, cublasLtMatmulHeuristicResult_t *res, int *found) {
+    cublasLtMatmulPreference_t pref;
+    cublasCheck(cublasLtMatmulPreferenceCreate(&pref));
+    uint64_t ws = g->ws_bytes;
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+    uint32_t red = CUBLASLT_REDUCTION_SCHEME_MASK & ~(uint32_t)CUBLASLT_REDUCTION_SCHEME_INPLACE;
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &red, sizeof red));
+    uint32_t align = 16;
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align, sizeof align));
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align, sizeof align));
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align, sizeof align));
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align, sizeof align));
+    cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(g->lt, p->desc, p->la, p->lb, p->lc, p->lc, pref, want, res, found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    return st;
+}
+
 static GemmPlan *plan_get(DlGemm *g, const GemmKey *key, char *err, size_t errlen) {
     for (int i = 0; i < g->n; i++)
         if (!memcmp(&g->plans[i].key, key, sizeof *key)) return &g->plans[i];
@@ -92,21 +112,9 @@ static GemmPlan *plan_get(DlGemm *g, const GemmKey *key, char *err, size_t errle
     if (key->ta) cublasCheck(cublasLtMatrixLayoutCreate(&p->lb, cuda_type(ab), m, k, m));  // A stored [k, m]
     else cublasCheck(cublasLtMatrixLayoutCreate(&p->lb, cuda_type(ab), k, m, k));          // A stored [m, k]
     cublasCheck(cublasLtMatrixLayoutCreate(&p->lc, cuda_type(cd), n, m, n));
-    cublasLtMatmulPreference_t pref;
-    cublasCheck(cublasLtMatmulPreferenceCreate(&pref));
-    uint64_t ws = g->ws_bytes;
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
-    uint32_t red = CUBLASLT_REDUCTION_SCHEME_MASK & ~(uint32_t)CUBLASLT_REDUCTION_SCHEME_INPLACE;
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &red, sizeof red));
-    uint32_t align = 16;
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align, sizeof align));
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align, sizeof align));
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align, sizeof align));
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align, sizeof align));
     cublasLtMatmulHeuristicResult_t res;
     int found = 0;
-    cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(g->lt, p->desc, p->la, p->lb, p->lc, p->lc, pref, 1, &res, &found);
-    cublasLtMatmulPreferenceDestroy(pref);
+    cublasStatus_t st = heuristics(g, p, 1, &res, &found);
     if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
         cublasLtMatmulDescDestroy(p->desc);
         cublasLtMatrixLayoutDestroy(p->la);
@@ -121,6 +129,73 @@ static GemmPlan *plan_get(DlGemm *g, const GemmKey *key, char *err, size_t errle
     p->algo = res.algo;
     g->n++;
     return p;
+}
+
+// An algorithm's identity for the survey's lines: cuBLASLt's algo id, tile, stages, split-K and cluster shape.
+static void algo_name(const cublasLtMatmulAlgo_t *a, char *buf, size_t len) {
+    int id = 0, tile = 0, stages = 0, splitk = 1, cluster = 0;
+    size_t w;
+    cublasLtMatmulAlgoConfigGetAttribute(a, CUBLASLT_ALGO_CONFIG_ID, &id, sizeof id, &w);
+    cublasLtMatmulAlgoConfigGetAttribute(a, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof tile, &w);
+    cublasLtMatmulAlgoConfigGetAttribute(a, CUBLASLT_ALGO_CONFIG_STAGES_ID, &stages, sizeof stages, &w);
+    cublasLtMatmulAlgoConfigGetAttribute(a, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splitk, sizeof splitk, &w);
+    cublasLtMatmulAlgoConfigGetAttribute(a, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &cluster, sizeof cluster, &w);
+    snprintf(buf, len, "algo %d tile %d stages %d splitk %d cluster %d", id, tile, stages, splitk, cluster);
+}
+
+// DISTILL_GEMM_SURVEY=1: at a shape's first call, time each of the (up to 16) algorithms the heuristic offers on
+// the call's own operands, into a scratch output, and print them beside the chosen one (the first). The choice
+// is not changed: this only says whether another algorithm would pay for a shape of a real step.
+static void survey(DlGemm *g, GemmPlan *p, const void *A, const void *B, const void *bias, cudaStream_t stream) {
+    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    cudaStreamIsCapturing(stream, &cap);
+    if (cap != cudaStreamCaptureStatusNone) return;  // no timing inside a graph capture
+    enum { MAX_ALGOS = 16, REPS = 10 };
+    cublasLtMatmulHeuristicResult_t res[MAX_ALGOS];
+    int found = 0;
+    if (heuristics(g, p, MAX_ALGOS, res, &found) != CUBLAS_STATUS_SUCCESS || found == 0) return;
+    const GemmKey *k = &p->key;
+    void *C = NULL;
+    if (cudaMalloc(&C, (size_t)k->m * k->n * esize((DType)k->c_dt)) != cudaSuccess) {
+        cudaGetLastError();
+        return;
+    }
+    if (bias) cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
+    cudaEvent_t e0, e1;
+    cudaCheck(cudaEventCreate(&e0));
+    cudaCheck(cudaEventCreate(&e1));
+    const float one = 1.f, zero = 0.f;
+    const double flop = 2.0 * k->m * k->n * k->k;
+    float best_ms = 0, first_ms = 0;
+    int best = -1;
+    for (int i = 0; i < found; i++) {
+        cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
+        for (int r = 0; r < 2 && st == CUBLAS_STATUS_SUCCESS; r++)
+            st = cublasLtMatmul(g->lt, p->desc, &one, B, p->la, A, p->lb, &zero, C, p->lc, C, p->lc, &res[i].algo, g->ws,
+                                g->ws_bytes, stream);
+        if (st != CUBLAS_STATUS_SUCCESS) continue;
+        cudaCheck(cudaEventRecord(e0, stream));
+        for (int r = 0; r < REPS; r++)
+            cublasLtMatmul(g->lt, p->desc, &one, B, p->la, A, p->lb, &zero, C, p->lc, C, p->lc, &res[i].algo, g->ws,
+                           g->ws_bytes, stream);
+        cudaCheck(cudaEventRecord(e1, stream));
+        cudaCheck(cudaEventSynchronize(e1));
+        float ms = 0;
+        cudaCheck(cudaEventElapsedTime(&ms, e0, e1));
+        ms /= REPS;
+        if (i == 0) first_ms = ms;
+        if (best < 0 || ms < best_ms) best = i, best_ms = ms;
+        char name[128];
+        algo_name(&res[i].algo, name, sizeof name);
+        fprintf(stderr, "gemm survey   #%-2d %8.4f ms %6.1f TF/s  %s\n", i, ms, flop / ms * 1e-9, name);
+    }
+    fprintf(stderr, "gemm survey m %d n %d k %d transA %d transB %d %s out%s beta %d: chosen #0 %.4f ms, best #%d %.4f ms "
+                    "(%+.1f%%), %d algorithms\n", k->m, k->n, k->k, k->ta, k->tb, k->c_dt == DT_BF16 ? "bf16" : "f32",
+            k->bias ? " bias" : "", k->beta_nz, first_ms, best, best_ms, first_ms > 0 ? 100.0 * (best_ms / first_ms - 1) : 0.0,
+            found);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaFree(C);
 }
 
 extern "C" int dl_gemm(DlGemm *g, int m, int n, int k, DType ab_dt, const void *A, int transA, const void *B, int transB,
@@ -140,8 +215,14 @@ extern "C" int dl_gemm(DlGemm *g, int m, int n, int k, DType ab_dt, const void *
     memset(&key, 0, sizeof key);
     key.m = m, key.n = n, key.k = k, key.ta = !!transA, key.tb = !!transB, key.ab_dt = ab_dt, key.c_dt = c_dt;
     key.bias = bias != NULL, key.beta_nz = beta != 0.f;
+    const int plans_before = g->n;
     GemmPlan *p = plan_get(g, &key, err, errlen);
     if (!p) return -1;
+    if (g->n > plans_before) {
+        static int survey_on = -1;
+        if (survey_on < 0) survey_on = getenv("DISTILL_GEMM_SURVEY") && !strcmp(getenv("DISTILL_GEMM_SURVEY"), "1");
+        if (survey_on) survey(g, p, A, B, bias, (cudaStream_t)stream);
+    }
     if (bias) cublasCheck(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
     cublasCheck(cublasLtMatmul(g->lt, p->desc, &alpha, B, p->la, A, p->lb, &beta, C, p->lc, C, p->lc, &p->algo, g->ws,
                                g->ws_bytes, (cudaStream_t)stream));
