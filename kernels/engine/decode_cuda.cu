@@ -274,6 +274,198 @@ __global__ void attn_fold_kernel(const float *ws, AttArgs a, bf16 *out) {
     }
 }
 
+// ---- GQA attention for many rows (the default for the fold-in-block path; DISTILL_DECODE_ATTN=tiles forces
+// attn_tiles_kernel<false> for A/B measurements). One block of ATT_THREADS threads per (query row, KV group):
+// the G = nh / nkv query heads that share a KV head read each K row and V row of the tile once (the per-head
+// kernel read them G times, through L2), and the P*V of a tile runs over G * HD independent (head, dim)
+// chains instead of the hd of one head, reading V from shared memory instead of global memory.
+// Per tile of 128 keys:
+//   * the tile's V rows go to shared memory with cp.async, issued first so the copy overlaps the scores;
+//   * thread tid computes key j0 + tid's score for every head of the group from one read of the K row;
+//   * per head, the tile max and sum with the tree of block_max_f / block_sum_f;
+//   * thread tid owns W consecutive dims of one head (W = the power of two that brings G * HD chains within
+//     ATT_THREADS threads) and accumulates p * V over the tile's keys, then folds the tile into its running
+//     (M, L, acc).
+// Bits (option (a) of the design brief: no change of arithmetic): for each (query row, head) every value is
+// produced by the same operations in the same order as attn_tiles_kernel<false>:
+//   q scaled with __fmul_rn; each score one chain of __fmaf_rn over d ascending from 0.0f (the K row's bf16
+//   values converted exactly); the tile max = the xor-shuffle tree 16, 8, 4, 2, 1 within each warp of 32 keys,
+//   then fmaxf(red[0], red[1]), ... in warp order; p = expf(__fsub_rn(s, m)) for keys <= p, 0 otherwise; the tile
+//   sum = the same shuffle tree with +, then 0.0f + red[0] + red[1] + ... in warp order; each output dim one
+//   __fmaf_rn chain from 0.0f over the tile's keys in order (keys past the query's position not visited), the
+//   bf16 V values copied to shared memory unchanged; tile 0 taken as is and later tiles folded with
+//   fold_factors / fold_one; out = bf16_rn(__fdiv_rn(acc, L)). The block is ATT_THREADS = 128 threads, 4 warps,
+//   as in the per-head kernel, so the warp-level trees group the same keys. Which block or thread does the
+//   work changes no rounding, so the output is bit-identical to attn_tiles_kernel<false> and hence (the same
+//   per-tile partials and fold) to attn_tiles_kernel<true> + attn_fold_kernel; gpu_test_decode_inv's "attn"
+//   section compares the three bit for bit.
+__device__ __forceinline__ void attn_cp_async16(void *smem, const void *gmem) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+
+template <int G, int HD>
+__global__ void __launch_bounds__(ATT_THREADS)
+    attn_gqa_kernel(const bf16 *q, const bf16 *kc, const bf16 *vc, const int32_t *lenb, AttArgs a, bf16 *out) {
+    constexpr int NW = ATT_THREADS / 32;                   // warps: 4, as in block_max_f / block_sum_f
+    constexpr int NCH = G * HD;                            // (head, dim) chains of the P*V
+    constexpr int W = NCH <= ATT_THREADS ? 1 : NCH <= 2 * ATT_THREADS ? 2 : NCH <= 4 * ATT_THREADS ? 4 : 8;
+    constexpr int UPH = HD / W, NU = G * UPH;              // threads per head, threads with chains
+    constexpr int PST = ATT_THREADS + 4;                   // ps row stride: heads in different banks
+    static_assert(HD % 8 == 0 && HD % W == 0 && NU <= ATT_THREADS, "attn_gqa_kernel: bad G / HD");
+    __shared__ __align__(16) float qs[G][HD];
+    __shared__ float ps[G][PST];
+    __shared__ float redm[G][NW], reds[G][NW];
+    __shared__ __align__(16) bf16 vs[ATT_THREADS * HD];
+    const int64_t row = blockIdx.x / a.nkv;
+    const int g = (int)(blockIdx.x % a.nkv), tid = threadIdx.x, lane = tid & 31, wp = tid >> 5;
+    const int64_t b = row / a.lc, t = row % a.lc;
+    const int64_t p = (int64_t)lenb[b] + t;  // the query's position: it sees keys 0..p
+    const int64_t kvd = (int64_t)a.nkv * HD;
+    for (int i = tid; i < G * HD; i += ATT_THREADS)  // heads g*G .. g*G + G-1 are the group's
+        qs[i / HD][i % HD] = __fmul_rn(__bfloat162float(q[(row * a.nh + (int64_t)g * G) * HD + i]), a.scale);
+    __syncthreads();
+    const bf16 *Kb = kc + b * a.max_len * kvd + (int64_t)g * HD, *Vb = vc + b * a.max_len * kvd + (int64_t)g * HD;
+    const bool own = tid < NU;  // this thread's chains: head hu, dims du .. du + W - 1
+    const int hu = own ? tid / UPH : 0, du = own ? (tid % UPH) * W : 0;
+    float M = -INFINITY, L = 0.0f, acc[W];
+#pragma unroll
+    for (int w = 0; w < W; w++) acc[w] = 0.0f;
+    const int64_t ntile = p / ATT_THREADS + 1;
+    for (int64_t tile = 0; tile < ntile; tile++) {  // block-uniform bounds
+        const int64_t j0 = tile * ATT_THREADS, j = j0 + tid;
+        const int nk = (int)min((int64_t)ATT_THREADS, p + 1 - j0);  // the tile's keys <= p
+        for (int c = tid; c < nk * (HD / 8); c += ATT_THREADS) {    // rows <= p < max_len only
+            const int r = c / (HD / 8), x = c % (HD / 8);
+            attn_cp_async16(vs + r * HD + x * 8, Vb + (j0 + r) * kvd + x * 8);
+        }
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+        float sc[G];
+#pragma unroll
+        for (int h = 0; h < G; h++) sc[h] = -INFINITY;
+        if (j <= p) {
+            const uint4 *kr = (const uint4 *)(Kb + j * kvd);  // HD % 8 == 0, rows 16-byte aligned
+            float dot[G];
+#pragma unroll
+            for (int h = 0; h < G; h++) dot[h] = 0.0f;
+#pragma unroll
+            for (int c = 0; c < HD / 8; c++) {
+                const uint4 u = kr[c];
+                const bf16 *e = (const bf16 *)&u;
+#pragma unroll
+                for (int x = 0; x < 8; x++) {
+                    const float kx = __bfloat162float(e[x]);
+#pragma unroll
+                    for (int h = 0; h < G; h++) dot[h] = __fmaf_rn(qs[h][c * 8 + x], kx, dot[h]);
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < G; h++) sc[h] = dot[h];
+        }
+        // tile max per head (block_max_f's tree)
+#pragma unroll
+        for (int h = 0; h < G; h++) {
+            float v = sc[h];
+            for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+            if (lane == 0) redm[h][wp] = v;
+        }
+        __syncthreads();
+        // p per key and head, tile sum per head (block_sum_f's tree)
+#pragma unroll
+        for (int h = 0; h < G; h++) {
+            float mt = redm[h][0];
+            for (int i = 1; i < NW; i++) mt = fmaxf(mt, redm[h][i]);  // finite: key j0 <= p is in the tile
+            const float pj = j <= p ? expf(__fsub_rn(sc[h], mt)) : 0.0f;
+            ps[h][tid] = pj;
+            float v = pj;
+            for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0) reds[h][wp] = v;
+        }
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
+        __syncthreads();  // publishes ps, reds and the V tile
+        float mt = redm[hu][0];
+        for (int i = 1; i < NW; i++) mt = fmaxf(mt, redm[hu][i]);
+        float lt = 0.0f;
+        for (int i = 0; i < NW; i++) lt += reds[hu][i];
+        float av[W];
+#pragma unroll
+        for (int w = 0; w < W; w++) av[w] = 0.0f;
+        if (own) {
+            const float *pr = ps[hu];
+            const bf16 *vr = vs + du;
+#pragma unroll 4
+            for (int jj = 0; jj < nk; jj++) {
+                const float pv = pr[jj];
+                float vv[W];
+                if (W == 8) {
+                    const uint4 u = *(const uint4 *)(vr + jj * HD);
+                    const bf16 *e = (const bf16 *)&u;
+#pragma unroll
+                    for (int w = 0; w < W; w++) vv[w] = __bfloat162float(e[w]);
+                } else if (W == 4) {
+                    const uint2 u = *(const uint2 *)(vr + jj * HD);
+                    const bf16 *e = (const bf16 *)&u;
+#pragma unroll
+                    for (int w = 0; w < W; w++) vv[w] = __bfloat162float(e[w]);
+                } else if (W == 2) {
+                    const unsigned u = *(const unsigned *)(vr + jj * HD);
+                    const bf16 *e = (const bf16 *)&u;
+#pragma unroll
+                    for (int w = 0; w < W; w++) vv[w] = __bfloat162float(e[w]);
+                } else {
+                    vv[0] = __bfloat162float(vr[jj * HD]);
+                }
+#pragma unroll
+                for (int w = 0; w < W; w++) av[w] = __fmaf_rn(pv, vv[w], av[w]);
+            }
+        }
+        if (tile == 0) {
+            M = mt, L = lt;
+#pragma unroll
+            for (int w = 0; w < W; w++) acc[w] = av[w];
+        } else {
+            float ca, cb;
+            fold_factors(M, mt, ca, cb);
+            L = fold_one(L, ca, lt, cb);
+#pragma unroll
+            for (int w = 0; w < W; w++) acc[w] = fold_one(acc[w], ca, av[w], cb);
+            M = fmaxf(M, mt);
+        }
+        __syncthreads();  // vs, ps, redm and reds are rewritten by the next tile
+    }
+    if (own) {
+        bf16 *o = out + (row * a.nh + (int64_t)g * G + hu) * HD + du;
+#pragma unroll
+        for (int w = 0; w < W; w++) o[w] = __float2bfloat16_rn(__fdiv_rn(acc[w], L));
+    }
+}
+
+// attn_gqa_kernel<G, HD> over nrows query rows when it is instantiated for the model's shape (nh a multiple
+// of nkv, G = nh / nkv in {1, 2, 3, 4, 8}, hd 64 or 128): true; false (nothing launched) otherwise.
+static bool attn_gqa_launch(const bf16 *q, const bf16 *kc, const bf16 *vc, const int32_t *lenb, const AttArgs &a,
+                            int64_t nrows, bf16 *out, cudaStream_t st) {
+    if (a.nkv <= 0 || a.nh % a.nkv || nrows * a.nkv <= 0 || nrows * a.nkv >= INT32_MAX) return false;
+    const int G = a.nh / a.nkv;
+    const unsigned grid = (unsigned)(nrows * a.nkv);
+#define GQA_CASE(GG, HH)                                                                           \
+    if (G == GG && a.hd == HH) {                                                                   \
+        attn_gqa_kernel<GG, HH><<<grid, ATT_THREADS, 0, st>>>(q, kc, vc, lenb, a, out);            \
+        return true;                                                                               \
+    }
+    GQA_CASE(1, 64)
+    GQA_CASE(2, 64)
+    GQA_CASE(3, 64)
+    GQA_CASE(4, 64)
+    GQA_CASE(8, 64)
+    GQA_CASE(1, 128)
+    GQA_CASE(2, 128)
+    GQA_CASE(3, 128)
+    GQA_CASE(4, 128)
+    GQA_CASE(8, 128)
+#undef GQA_CASE
+    return false;
+}
+
 // xr [N, di]: channel c = g*N + n reads xs[(g / rep)*N + n] (repeat_kv over groups of d_state channels).
 __global__ void repeat_kernel(bf16 *xr, const bf16 *xs, int64_t N, int64_t di, int64_t dxb, int64_t ds) {
     const int64_t total = N * di, rep = di / dxb;
@@ -384,6 +576,7 @@ struct DecoderCuda {
     uint64_t *am_u64;    // [lcap] zeros (the sampler's stream / counter, unused when greedy)
     int n_sm;
     bool invariant;      // batch-invariant arithmetic (default; DISTILL_DECODE_INVARIANT=0: cuBLASLt + row-dependent splits)
+    bool attn_gqa;       // many rows: attn_gqa_kernel where instantiated (default; DISTILL_DECODE_ATTN=tiles: attn_tiles_kernel)
     double bytes;
     // Mamba states of all layers [n_m, B, ...] in one buffer each, and their window-start copies
     int n_m;
@@ -605,6 +798,8 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
     D->use_graph = genv && atoi(genv) > 0;
     const char *ienv = getenv("DISTILL_DECODE_INVARIANT");
     D->invariant = !(ienv && !strcmp(ienv, "0"));
+    const char *aenv = getenv("DISTILL_DECODE_ATTN");  // "tiles": the per-(row, head) kernel (same bits, A/B timing)
+    D->attn_gqa = !(aenv && !strcmp(aenv, "tiles"));
 
     // ---- weights: host fp32 -> bf16 through a staging buffer; padded dt weights built on the host
     D->w = (bf16 *)dalloc(D, (size_t)(pad_at + pad_n) * 2);
@@ -878,9 +1073,15 @@ static void attention(DecoderCuda *D, const DLayer *L, int64_t lc, int64_t maxke
             attn_fold_kernel<<<g2, a.hd < 128 ? 64 : 128, 0, D->st>>>(D->att_ws, a, D->att);
             kernelCheck("attn_fold_kernel");
         } else {
+            // the fold inside the blocks: one block per (row, KV group) when that still gives every SM a block
+            // and the GQA kernel is instantiated for the shape, else one per (row, head); same bits either way
             a.nsplit = 1;
-            attn_tiles_kernel<false><<<(unsigned)blocks, ATT_THREADS, 0, D->st>>>(D->q, L->kc, L->vc, lenb, a, NULL, D->att);
-            kernelCheck("attn_tiles_kernel");
+            if (D->attn_gqa && nrows * a.nkv >= D->n_sm && attn_gqa_launch(D->q, L->kc, L->vc, lenb, a, nrows, D->att, D->st)) {
+                kernelCheck("attn_gqa_kernel");
+            } else {
+                attn_tiles_kernel<false><<<(unsigned)blocks, ATT_THREADS, 0, D->st>>>(D->q, L->kc, L->vc, lenb, a, NULL, D->att);
+                kernelCheck("attn_tiles_kernel");
+            }
         }
         return;
     }
@@ -1289,5 +1490,57 @@ int decoder_cuda_sample(DecoderCuda *D, const DecodeSampling *s, const uint64_t 
         return dl_fail(e, "decoder_cuda: %s", err);
     cudaCheck(cudaMemcpyAsync(tokens, D->s_out, (size_t)nb * 4, cudaMemcpyDeviceToHost, D->st));
     cudaCheck(cudaStreamSynchronize(D->st));
+    return 0;
+}
+
+// The decode attention alone (decode_cuda.h): the decoder's kernels on caller buffers, default stream.
+int decode_attention_cuda(int kernel, const void *q, const void *kc, const void *vc, const int32_t *lenb, int64_t nb,
+                          int64_t lc, int64_t max_len, int nh, int nkv, int hd, int64_t maxkeys, void *out, char *err,
+                          size_t errlen) {
+    if (nb < 1 || lc < 1 || nkv < 1 || nh < nkv || nh % nkv || hd < 8 || hd % 8 || hd > MAX_HD || maxkeys < 1 ||
+        maxkeys > max_len || nb * lc * nh >= INT32_MAX) {
+        snprintf(err, errlen, "decode_attention_cuda: bad shape (nb %lld, lc %lld, nh %d, nkv %d, hd %d, keys %lld of %lld)",
+                 (long long)nb, (long long)lc, nh, nkv, hd, (long long)maxkeys, (long long)max_len);
+        return -1;
+    }
+    AttArgs a;
+    a.max_len = max_len;
+    a.lc = lc;
+    a.nh = nh;
+    a.nkv = nkv;
+    a.hd = hd;
+    a.scale = 1.0f / sqrtf((float)hd);  // as attention() computes it
+    a.kps = ATT_THREADS;
+    a.nsplit = 1;
+    const int64_t nrows = nb * lc, tiles = (maxkeys + ATT_THREADS - 1) / ATT_THREADS;
+    const bf16 *Q = (const bf16 *)q, *K = (const bf16 *)kc, *V = (const bf16 *)vc;
+    bf16 *O = (bf16 *)out;
+    if (kernel == 0) {
+        attn_tiles_kernel<false><<<(unsigned)(nrows * nh), ATT_THREADS>>>(Q, K, V, lenb, a, NULL, O);
+        kernelCheck("attn_tiles_kernel");
+    } else if (kernel == 1) {
+        if (tiles > 65535) {
+            snprintf(err, errlen, "decode_attention_cuda: %lld tiles per query for the per-tile grid", (long long)tiles);
+            return -1;
+        }
+        a.nsplit = (int)tiles;
+        float *ws = NULL;
+        cudaCheck(cudaMalloc(&ws, (size_t)(nrows * nh * tiles * (hd + 2)) * 4));
+        attn_tiles_kernel<true><<<dim3((unsigned)(nrows * nh), (unsigned)tiles), ATT_THREADS>>>(Q, K, V, lenb, a, ws, O);
+        kernelCheck("attn_tiles_kernel (per tile)");
+        attn_fold_kernel<<<dim3((unsigned)nrows, (unsigned)nh), hd < 128 ? 64 : 128>>>(ws, a, O);
+        kernelCheck("attn_fold_kernel");
+        cudaCheck(cudaDeviceSynchronize());
+        cudaCheck(cudaFree(ws));
+    } else if (kernel == 2) {
+        if (!attn_gqa_launch(Q, K, V, lenb, a, nrows, O, 0)) {
+            snprintf(err, errlen, "decode_attention_cuda: no GQA kernel for %d heads / %d KV heads of %d", nh, nkv, hd);
+            return -1;
+        }
+        kernelCheck("attn_gqa_kernel");
+    } else {
+        snprintf(err, errlen, "decode_attention_cuda: kernel %d (0, 1 or 2)", kernel);
+        return -1;
+    }
     return 0;
 }

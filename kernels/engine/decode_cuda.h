@@ -119,6 +119,18 @@ int decoder_cuda_sample(DecoderCuda *d, const DecodeSampling *s, const uint64_t 
 int sample_rows_cuda(const float *logits, int64_t rows, int64_t V, const DecodeSampling *s, const uint64_t *stream,
                      const uint64_t *counter, int32_t *out, char *err, size_t errlen);
 
+// The decode attention alone, for tests and benchmarks: q device [nb*lc, nh*hd] bf16 (row b*lc + t: the query at
+// position lenb[b] + t, which sees keys 0..lenb[b] + t of sequence b), kc, vc device [nb, max_len, nkv*hd] bf16,
+// lenb device [nb] int32, out device [nb*lc, nh*hd] bf16; every query's keys <= maxkeys <= max_len. kernel: 0 =
+// attn_tiles_kernel<false> (one block per (row, head), the fold in the block), 1 = attn_tiles_kernel<true> +
+// attn_fold_kernel (one block per tile, the decoder's few-rows path; allocates and frees its workspace,
+// synchronizes), 2 = attn_gqa_kernel (one block per (row, KV group); -1 where it is not instantiated: nh / nkv
+// not in {1, 2, 3, 4, 8} or hd not 64 / 128). The three give the same bits. Default stream; -1 (err) on a bad
+// shape.
+int decode_attention_cuda(int kernel, const void *q, const void *kc, const void *vc, const int32_t *lenb, int64_t nb,
+                          int64_t lc, int64_t max_len, int nh, int nkv, int hd, int64_t maxkeys, void *out, char *err,
+                          size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

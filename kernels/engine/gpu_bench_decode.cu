@@ -14,11 +14,16 @@
 //     variant's output is compared bitwise with variant 2's. --sample: only the sampler kernel at batch 512 over
 //     the vocabulary (T 0.7, top-p 0.9), the fast path vs the general path alone (sample_rows_cuda_reference),
 //     ids compared. Both flags: both parts.
+//   --attn: only the decode attention kernels at batch 512, contexts 128 / 256 / 512, on the config's head shapes:
+//     one block per (row, head) (attn_tiles_kernel<false>, what DISTILL_DECODE_ATTN=tiles forces) vs one block per
+//     (row, KV group) (attn_gqa_kernel, the default for many rows), bits compared, and the bytes-over-bandwidth floor.
+//     Combines with --gen / --gemm / --sample.
 // Usage: gpu_bench_decode [--config recipes/configs/smollm2-135m.json] [--steps 32] [--hbm 3.35e12] [--graph]
-//                         [--gemm] [--sample] [--gen]
+//                         [--gemm] [--sample] [--gen] [--attn]
 // Prints RESULT lines: RESULT decode model=... B=... ctx=... graph=0|1 inv=0|1 tok_s=... ms_step=... hbm_frac=...;
 // RESULT gemm M=... N=... K=... out=... variant=... us=... tflops=... same_bits=0|1 and RESULT gemm_best per shape;
-// RESULT sample_kernel B=... V=... rows=... fast_ms=... ref_ms=... speedup=... same_ids=0|1.
+// RESULT sample_kernel B=... V=... rows=... fast_ms=... ref_ms=... speedup=... same_ids=0|1;
+// RESULT attn kernel=tiles|gqa B=512 ctx=... us=... floor_us=... floor_frac=... and RESULT attn_ab ... same_bits=0|1.
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
@@ -207,6 +212,86 @@ static void bench_sample(int64_t B, int64_t V) {
     free(hl), free(hs), free(ho), free(hr);
 }
 
+// Random bf16 in [-1, 1) from a hash of the index (the bench only needs finite values).
+__global__ void fill_bf16_kernel(__nv_bfloat16 *x, int64_t n, uint32_t seed) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 15, h *= 2246822519u, h ^= h >> 13, h *= 3266489917u, h ^= h >> 16;
+        x[i] = __float2bfloat16_rn((float)(h >> 8) * (2.0f / 16777216.0f) - 1.0f);
+    }
+}
+
+// --attn: the decode attention alone at batch 512 (one query per sequence at position ctx, keys 0..ctx) on the
+// model's head shapes, contexts 128 / 256 / 512: the per-(row, head) kernel (attn_tiles_kernel<false>, "tiles")
+// and the per-(row, KV group) kernel (attn_gqa_kernel, "gqa"), their outputs compared bitwise; floor = the bytes
+// one call must read and write (q, every sequence's K and V rows 0..ctx, out) over the HBM bandwidth.
+static void bench_attn(const LlamaConfig *c, double hbm) {
+    const int64_t B = 512, max_len = 1024, nh = c->n_head, nkv = c->n_kv_head, hd = c->head_dim, kvd = nkv * hd;
+    const int64_t qn = B * nh * hd, cache = B * max_len * kvd;
+    __nv_bfloat16 *dq, *dk, *dv, *dout;
+    int32_t *dl;
+    CKB(cudaMalloc(&dq, (size_t)qn * 2));
+    CKB(cudaMalloc(&dk, (size_t)cache * 2));
+    CKB(cudaMalloc(&dv, (size_t)cache * 2));
+    CKB(cudaMalloc(&dout, (size_t)qn * 2));
+    CKB(cudaMalloc(&dl, (size_t)B * 4));
+    fill_bf16_kernel<<<1024, 256>>>(dq, qn, 1u);
+    fill_bf16_kernel<<<4096, 256>>>(dk, cache, 2u);
+    fill_bf16_kernel<<<4096, 256>>>(dv, cache, 3u);
+    CKB(cudaGetLastError());
+    int32_t *hl = (int32_t *)malloc((size_t)B * 4);
+    uint16_t *ho[2] = {(uint16_t *)malloc((size_t)qn * 2), (uint16_t *)malloc((size_t)qn * 2)};
+    const char *names[2] = {"tiles", "gqa"};
+    const int kern[2] = {0, 2};
+    cudaEvent_t e0, e1;
+    CKB(cudaEventCreate(&e0));
+    CKB(cudaEventCreate(&e1));
+    const int64_t ctxs[3] = {128, 256, 512};
+    for (int ci = 0; ci < 3; ci++) {
+        const int64_t ctx = ctxs[ci];
+        for (int64_t b = 0; b < B; b++) hl[b] = (int32_t)ctx;
+        CKB(cudaMemcpy(dl, hl, (size_t)B * 4, cudaMemcpyHostToDevice));
+        const double bytes = 2.0 * qn * 2 + 2.0 * B * (ctx + 1) * kvd * 2, floor_us = bytes / hbm * 1e6;
+        double us[2] = {0, 0};
+        for (int k = 0; k < 2; k++) {
+            char err[256];
+            auto call = [&]() {
+                if (decode_attention_cuda(kern[k], dq, dk, dv, dl, B, 1, max_len, (int)nh, (int)nkv, (int)hd, ctx + 1, dout, err,
+                                          sizeof err)) {
+                    fprintf(stderr, "gpu_bench_decode: attention: %s\n", err);
+                    exit(1);
+                }
+            };
+            CKB(cudaMemset(dout, 0xff, (size_t)qn * 2));
+            call();
+            CKB(cudaDeviceSynchronize());
+            CKB(cudaMemcpy(ho[k], dout, (size_t)qn * 2, cudaMemcpyDeviceToHost));
+            for (int r = 0; r < 3; r++) call();
+            const int reps = 50;
+            CKB(cudaEventRecord(e0));
+            for (int r = 0; r < reps; r++) call();
+            CKB(cudaEventRecord(e1));
+            CKB(cudaEventSynchronize(e1));
+            float ms;
+            CKB(cudaEventElapsedTime(&ms, e0, e1));
+            us[k] = ms * 1e3 / reps;
+            printf("RESULT attn kernel=%s B=%lld ctx=%lld nh=%lld nkv=%lld hd=%lld us=%.1f floor_us=%.1f floor_frac=%.2f GB_s=%.0f\n",
+                   names[k], (long long)B, (long long)ctx, (long long)nh, (long long)nkv, (long long)hd, us[k], floor_us,
+                   floor_us / us[k], bytes / (us[k] * 1e-6) / 1e9);
+        }
+        printf("RESULT attn_ab B=%lld ctx=%lld tiles_us=%.1f gqa_us=%.1f speedup=%.2f same_bits=%d\n", (long long)B,
+               (long long)ctx, us[0], us[1], us[0] / us[1], !memcmp(ho[0], ho[1], (size_t)qn * 2));
+    }
+    CKB(cudaEventDestroy(e0));
+    CKB(cudaEventDestroy(e1));
+    CKB(cudaFree(dq));
+    CKB(cudaFree(dk));
+    CKB(cudaFree(dv));
+    CKB(cudaFree(dout));
+    CKB(cudaFree(dl));
+    free(hl), free(ho[0]), free(ho[1]);
+}
+
 // --gen: the generate stage's loop on the teacher at batch 512 (continuous batching, stage_generate.c): a decode
 // step + sampling at contexts 128 / 256 / 512, and a refill feed (128 new prompts of L tokens beside 384 running
 // sequences that feed 1 token each, all 512 x L columns computed) against a prefill of the 128 prompts alone.
@@ -265,7 +350,7 @@ int main(int argc, char **argv) {
     const char *cfg = "recipes/configs/smollm2-135m.json";
     int steps = 32;
     double hbm = 3.35e12;  // H100 SXM
-    int graph = 0, only_gemm = 0, only_sample = 0, only_gen = 0;
+    int graph = 0, only_gemm = 0, only_sample = 0, only_gen = 0, only_attn = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--config") && i + 1 < argc) cfg = argv[++i];
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
@@ -274,8 +359,10 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--gemm")) only_gemm = 1;
         else if (!strcmp(argv[i], "--sample")) only_sample = 1;
         else if (!strcmp(argv[i], "--gen")) only_gen = 1;
+        else if (!strcmp(argv[i], "--attn")) only_attn = 1;
         else {
-            fprintf(stderr, "usage: gpu_bench_decode [--config PATH] [--steps N] [--hbm BYTES_PER_S] [--graph] [--gemm] [--sample] [--gen]\n");
+            fprintf(stderr, "usage: gpu_bench_decode [--config PATH] [--steps N] [--hbm BYTES_PER_S] [--graph] [--gemm] "
+                            "[--sample] [--gen] [--attn]\n");
             return 2;
         }
     }
@@ -287,14 +374,18 @@ int main(int argc, char **argv) {
     if (graph) setenv("DISTILL_DECODE_GRAPH", "1", 1);
     const char *ienv = getenv("DISTILL_DECODE_INVARIANT");
     const int inv = !(ienv && !strcmp(ienv, "0"));
-    printf("gpu_bench_decode: %s, config %s, %d steps per point%s, %s arithmetic\n", prop.name, cfg, steps,
-           graph ? ", CUDA graphs" : "", inv ? "batch-invariant" : "legacy (DISTILL_DECODE_INVARIANT=0)");
+    const char *aenv = getenv("DISTILL_DECODE_ATTN");
+    const int tiles = aenv && !strcmp(aenv, "tiles");
+    printf("gpu_bench_decode: %s, config %s, %d steps per point%s, %s arithmetic, many-rows attention: %s\n", prop.name,
+           cfg, steps, graph ? ", CUDA graphs" : "", inv ? "batch-invariant" : "legacy (DISTILL_DECODE_INVARIANT=0)",
+           tiles ? "one block per (row, head) (DISTILL_DECODE_ATTN=tiles)" : "one block per (row, KV group) where instantiated");
 
     LoadedModel lm;
     die_if(model_load(cfg, 1, &lm, &e) != 0, &e, "model_load");
     // the 50% hybrid: attention kept at even layers
     const LlamaConfig *c = &lm.hc.base;
-    if (only_gemm || only_sample || only_gen) {
+    if (only_gemm || only_sample || only_gen || only_attn) {
+        if (only_attn) bench_attn(c, hbm);
         if (only_gen) bench_gen(&lm, steps);
         if (only_gemm) bench_gemm(512, c->vocab, c->d_model, c->d_ff);
         if (only_sample) bench_sample(512, c->vocab);

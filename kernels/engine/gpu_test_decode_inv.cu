@@ -20,7 +20,14 @@
 //      under 12 settings (greedy, T from 1e-39 to 5, top-k, top-p): every path of the fast kernel.
 // With DISTILL_DECODE_INVARIANT=0 (the previous arithmetic: cuBLASLt GEMMs, key splits that depend on the
 // number of rows) sections 2 and 3 are expected to FAIL: that is how the test shows it can see the problem.
-// Usage: gpu_test_decode_inv [--verbose] [--only gemm,decoder,spec,sample]. Exit status != 0 on any failure.
+//   5. The attention kernels alone (decode_attention_cuda) on random q, K, V: one block per (row, head)
+//      (attn_tiles_kernel<false>), the per-tile blocks + fold (the few-rows path) and one block per (row, KV
+//      group) (attn_gqa_kernel, the default for many rows) give the same bits, at batch 1 .. 512, 1 .. 4 query
+//      rows per sequence, ragged lengths of 1 .. 700 keys (tile edges 128 / 129 included), SmolLM2's 9 / 3
+//      heads of 64 and G = 1, 2, 3, 4, 8 at hd 64 and 128; shapes without a GQA kernel are refused; all within
+//      1e-2 of a float64 softmax. And a decoder's all-logits prefill (teacher, hybrid) is the same bits with the
+//      GQA kernel and with DISTILL_DECODE_ATTN=tiles.
+// Usage: gpu_test_decode_inv [--verbose] [--only gemm,decoder,spec,sample,attn]. Exit status != 0 on any failure.
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
@@ -566,13 +573,164 @@ static void test_sampler(void) {
     }
 }
 
+// ---------------------------------------------------------------- 5. the attention kernels
+
+// nb sequences, lc query rows each at positions lenb[b] + t (len: lenb, or NULL for random lengths): the
+// decoder's three attention kernels (decode_attention_cuda 0: one block per (row, head); 1: per-tile blocks +
+// fold; 2: one block per (row, KV group)) compared bit for bit, and against a float64 softmax (loose: bf16 out).
+static void attn_case(int nh, int nkv, int hd, int64_t nb, int64_t lc, const int64_t *len, int64_t max_len, uint64_t seed) {
+    const int64_t kvd = (int64_t)nkv * hd, qd = (int64_t)nh * hd, rows = nb * lc, cache = nb * max_len * kvd;
+    const int G = nh / nkv;
+    const bool gqa = nh % nkv == 0 && (hd == 64 || hd == 128) && (G == 1 || G == 2 || G == 3 || G == 4 || G == 8);
+    Rng g;
+    rng_init(&g, seed, 7);
+    int32_t *hl = (int32_t *)malloc((size_t)nb * 4);
+    int64_t maxkeys = 1, minkeys = max_len;
+    for (int64_t b = 0; b < nb; b++) {
+        hl[b] = (int32_t)(len ? len[b] : (int64_t)rng_below(&g, (uint64_t)(max_len - lc + 1)));
+        maxkeys = hl[b] + lc > maxkeys ? hl[b] + lc : maxkeys;
+        minkeys = hl[b] + 1 < minkeys ? hl[b] + 1 : minkeys;
+    }
+    uint16_t *hq = (uint16_t *)malloc((size_t)(rows * qd) * 2), *hk = (uint16_t *)malloc((size_t)cache * 2);
+    uint16_t *hv = (uint16_t *)malloc((size_t)cache * 2), *ho[3];
+    for (int64_t i = 0; i < rows * qd; i++) hq[i] = f32_to_bf16((float)(2.0 * rng_normal(&g)));
+    for (int64_t i = 0; i < cache; i++) hk[i] = f32_to_bf16((float)rng_normal(&g)), hv[i] = f32_to_bf16((float)rng_normal(&g));
+    void *dq, *dk, *dv, *dout;
+    int32_t *dl;
+    CK(cudaMalloc(&dq, (size_t)(rows * qd) * 2));
+    CK(cudaMalloc(&dk, (size_t)cache * 2));
+    CK(cudaMalloc(&dv, (size_t)cache * 2));
+    CK(cudaMalloc(&dout, (size_t)(rows * qd) * 2));
+    CK(cudaMalloc(&dl, (size_t)nb * 4));
+    CK(cudaMemcpy(dq, hq, (size_t)(rows * qd) * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dk, hk, (size_t)cache * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dv, hv, (size_t)cache * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dl, hl, (size_t)nb * 4, cudaMemcpyHostToDevice));
+    char nm[200], err[256];
+    snprintf(nm, sizeof nm, "attention %d heads / %d KV heads of %d, %lld sequences x %lld rows, keys %lld..%lld", nh, nkv,
+             hd, (long long)nb, (long long)lc, (long long)minkeys, (long long)maxkeys);
+    int rc[3];
+    for (int k = 0; k < 3; k++) {
+        ho[k] = (uint16_t *)malloc((size_t)(rows * qd) * 2);
+        CK(cudaMemset(dout, 0xff, (size_t)(rows * qd) * 2));  // NaNs where a kernel writes nothing
+        rc[k] = decode_attention_cuda(k, dq, dk, dv, dl, nb, lc, max_len, nh, nkv, hd, maxkeys, dout, err, sizeof err);
+        CK(cudaDeviceSynchronize());
+        CK(cudaMemcpy(ho[k], dout, (size_t)(rows * qd) * 2, cudaMemcpyDeviceToHost));
+    }
+    check(rc[0] == 0 && rc[1] == 0, "%s: the per-head and per-tile kernels run", nm);
+    check(!memcmp(ho[0], ho[1], (size_t)(rows * qd) * 2), "%s: per-tile blocks + fold == one block per (row, head), bitwise", nm);
+    if (gqa) {
+        check(rc[2] == 0, "%s: the GQA kernel runs", nm);
+        int64_t bad = 0;
+        for (int64_t i = 0; i < rows * qd; i++) bad += ho[2][i] != ho[0][i];
+        check(bad == 0, "%s: one block per (row, KV group) == one block per (row, head), bitwise: %lld of %lld values differ",
+              nm, (long long)bad, (long long)(rows * qd));
+    } else {
+        check(rc[2] != 0, "%s: the GQA kernel is refused (not instantiated for this shape): %s", nm, rc[2] ? err : "ran");
+    }
+    // float64 reference of kernel 0's output (the others equal it bitwise or were refused)
+    const double scale = 1.0 / sqrt((double)hd);
+    double mx = 0;
+    double *sc = (double *)malloc((size_t)max_len * 8), *o = (double *)malloc((size_t)hd * 8);
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t b = r / lc, p = hl[b] + r % lc;
+        for (int h = 0; h < nh; h++) {
+            const uint16_t *qr = hq + (r * nh + h) * hd;
+            const int64_t kv0 = b * max_len * kvd + (int64_t)(h / G) * hd;
+            double m = -INFINITY, l = 0;
+            for (int64_t j = 0; j <= p; j++) {
+                double s = 0;
+                for (int d = 0; d < hd; d++) s += (double)bf16_to_f32(qr[d]) * bf16_to_f32(hk[kv0 + j * kvd + d]);
+                sc[j] = s * scale;
+                m = fmax(m, sc[j]);
+            }
+            for (int d = 0; d < hd; d++) o[d] = 0;
+            for (int64_t j = 0; j <= p; j++) {
+                const double e = exp(sc[j] - m);
+                l += e;
+                for (int d = 0; d < hd; d++) o[d] += e * bf16_to_f32(hv[kv0 + j * kvd + d]);
+            }
+            for (int d = 0; d < hd; d++) {
+                const double x = bf16_to_f32(ho[0][(r * nh + h) * hd + d]), ref = o[d] / l;
+                const double dd = fabs(x - ref) / (1.0 + fabs(ref));
+                mx = dd == dd ? fmax(mx, dd) : INFINITY;
+            }
+        }
+    }
+    check(mx < 1e-2, "%s: within 1e-2 of a float64 softmax (max |diff| / (1 + |ref|) %.2e)", nm, mx);
+    free(sc), free(o);
+    CK(cudaFree(dq));
+    CK(cudaFree(dk));
+    CK(cudaFree(dv));
+    CK(cudaFree(dout));
+    CK(cudaFree(dl));
+    free(hl), free(hq), free(hk), free(hv), free(ho[0]), free(ho[1]), free(ho[2]);
+}
+
+// A decoder's all-logits prefill with the default attention (the GQA kernel on these many rows) == the same with
+// DISTILL_DECODE_ATTN=tiles (one block per (row, head)), bitwise.
+static void attn_decoder_case(const Model *m, const char *name) {
+    DlError e;
+    const int64_t B = 4, LP = 600, V = m->h.base.vocab;
+    const int64_t n[4] = {600, 37, 300, 129};
+    int32_t *tok = (int32_t *)malloc((size_t)(B * LP) * 4);
+    random_tokens(tok, B, LP, n, V, 77);
+    float *la[2];
+    for (int k = 0; k < 2; k++) {
+        if (k) setenv("DISTILL_DECODE_ATTN", "tiles", 1);
+        DecoderCuda *d = decoder_cuda_new(&m->h, &m->r, m->p, B, LP + 8, NULL, &e);
+        if (k) unsetenv("DISTILL_DECODE_ATTN");
+        die_if(!d, &e, "decoder_cuda_new");
+        la[k] = (float *)malloc((size_t)(B * LP * V) * 4);
+        die_if(decoder_cuda_reset(d, B, &e) || decoder_cuda_feed(d, tok, LP, n, 1, &e), &e, "prefill all logits");
+        decoder_cuda_logits_host(d, la[k]);
+        decoder_cuda_free(d);
+    }
+    int64_t bad = 0, tot = 0;
+    double mx = 0;
+    for (int64_t b = 0; b < B; b++) bad += rows_differ(la[0] + b * LP * V, la[1] + b * LP * V, n[b], V, &mx), tot += n[b];
+    check(bad == 0, "%s: prefill logits with the GQA attention == with DISTILL_DECODE_ATTN=tiles, bitwise: %lld of %lld rows "
+          "differ (max |diff| %.3e)", name, (long long)bad, (long long)tot, mx);
+    free(tok), free(la[0]), free(la[1]);
+}
+
+static void test_attn(void) {
+    const int64_t l1[4][1] = {{0}, {127}, {128}, {516}};
+    for (int i = 0; i < 4; i++) attn_case(9, 3, 64, 1, 1, l1[i], 520, 10 + i);  // SmolLM2: 1 key .. 517 keys (5 tiles)
+    attn_case(9, 3, 64, 5, 1, NULL, 700, 20);    // ragged
+    attn_case(9, 3, 64, 64, 3, NULL, 600, 21);   // 3-token windows
+    {
+        int64_t *l = (int64_t *)malloc(512 * 8);
+        for (int64_t b = 0; b < 512; b++) l[b] = b % 4 == 0 ? 512 : (b * 37) % 520;  // the generate stage's batch
+        attn_case(9, 3, 64, 512, 1, l, 521, 22);
+        free(l);
+    }
+    attn_case(3, 1, 64, 4, 4, NULL, 400, 23);    // the tests' small model
+    attn_case(4, 4, 64, 6, 2, NULL, 300, 24);    // G = 1
+    attn_case(4, 2, 64, 6, 2, NULL, 300, 25);    // G = 2
+    attn_case(16, 2, 64, 3, 2, NULL, 300, 26);   // G = 8
+    attn_case(2, 2, 128, 6, 1, NULL, 300, 27);   // hd 128, G = 1
+    attn_case(6, 2, 128, 6, 2, NULL, 400, 28);   // G = 3
+    attn_case(8, 2, 128, 16, 2, NULL, 300, 29);  // G = 4 (Llama-3-like)
+    attn_case(16, 2, 128, 8, 1, NULL, 300, 30);  // G = 8
+    attn_case(10, 2, 64, 4, 2, NULL, 300, 31);   // G = 5: no GQA kernel, refused
+    attn_case(6, 2, 96, 4, 1, NULL, 300, 32);    // hd 96: refused
+    Model hy, te;
+    model_make(&hy, true, 1, false);
+    model_make(&te, false, 2, false);
+    attn_decoder_case(&hy, "hybrid");
+    attn_decoder_case(&te, "teacher");
+    free(hy.p), free(te.p);
+    reg_free(&hy.r), reg_free(&te.r);
+}
+
 int main(int argc, char **argv) {
     const char *only = NULL;  // comma-separated sections, all by default
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--verbose")) g_verbose = 1;
         else if (!strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
         else {
-            fprintf(stderr, "usage: gpu_test_decode_inv [--verbose] [--only gemm,decoder,spec,sample]\n");
+            fprintf(stderr, "usage: gpu_test_decode_inv [--verbose] [--only gemm,decoder,spec,sample,attn]\n");
             return 2;
         }
     }
@@ -595,6 +753,7 @@ int main(int argc, char **argv) {
     }
     if (want("spec")) test_spec();
     if (want("sample")) test_sampler();
+    if (want("attn")) test_attn();
     printf("gpu_test_decode_inv: %d passed, %d failed\n", g_pass, g_fail);
     return g_fail ? 1 : 0;
 }
