@@ -193,6 +193,10 @@ static int run_main(int argc, char **argv) {
         dl_die(DL_EXIT_INPUT, "%d stage check%s failed; nothing was run", bad, bad > 1 ? "s" : "");
     }
 
+    // hardware.gemm_tune reaches the GEMM wrapper (kernels/train/gemm_lt.cu) as DISTILL_GEMM_TUNE; a value already in
+    // the environment wins, as for the other hardware switches
+    if (r.run.device == DEVICE_CUDA && r.hardware.gemm_tune) setenv("DISTILL_GEMM_TUNE", "1", 0);
+
     // ---- the process group: one process per GPU (or per CPU process group) from the launcher's environment
     DistOpts dopt;
     DistEnv denv;

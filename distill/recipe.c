@@ -129,6 +129,9 @@ static const Field HARDWARE_FIELDS[] = {
     FLD(HardwareSpec, "stage_grads", F_BOOL, stage_grads, 0, 0,
         "ZeRO-2 on cuda: gradient memory for this GPU's slices only, other pages mapped while the backward writes them "
         "(same numbers; implies overlap; not in teacher-forced layerwise stages)"),
+    FLD(HardwareSpec, "gemm_tune", F_BOOL, gemm_tune, 0, 0,
+        "cuda: time cuBLASLt's 8 offers at each GEMM shape's first call and keep the fastest if 5% faster (H100: steps "
+        "1-2.4% faster); choices are cached in ~/.cache/distill/gemm-tune.txt (DISTILL_GEMM_TUNE_FILE) for later runs"),
 };
 
 static const Field DATA_FIELDS[] = {

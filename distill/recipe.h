@@ -98,6 +98,7 @@ typedef struct {
     bool teacher_sharded;  // teacher == "sharded" (set by recipe_load's checks)
     bool overlap;          // data parallel on cuda: each bucket's reduction during the backward (train_model.h)
     bool stage_grads;      // ZeRO-2 on cuda: gradient memory only for the owned slices + staging slots (grad_stage.h)
+    bool gemm_tune;        // cuda: one-time timing of cuBLASLt's offers per GEMM shape (kernels/train/gemm_lt.cu)
 } HardwareSpec;
 
 typedef struct {

@@ -158,8 +158,10 @@ static void algo_name(const cublasLtMatmulAlgo_t *a, char *buf, size_t len) {
 // shape) and appended to a cache file, read back by every later process on the same GPU model, cuBLASLt version
 // and workspace (DISTILL_GEMM_TUNE_FILE, default $XDG_CACHE_HOME or ~/.cache /distill/gemm-tune.txt). Only calls
 // that overwrite their output (beta = 0) outside a graph capture are timed; the others keep the first offer unless
-// the file already names a choice. DISTILL_GEMM_TUNE=0 turns tuning off (the first offer everywhere);
-// DISTILL_GEMM_SURVEY=1 prints every timed offer.
+// the file already names a choice. Opt-in (DISTILL_GEMM_TUNE=1, recipe hardware.gemm_tune): measured on an H100
+// (docs/BENCHMARKS.md) it made steps 1-2.4% faster, and a first run's choices depend on timings within the margin,
+// so two first runs on a machine without the cache may differ in their last bits; off, the first offer is used
+// everywhere. DISTILL_GEMM_SURVEY=1 prints every timed offer (and times, without keeping, when tuning is off).
 enum { TUNE_OFFERS = 8, TUNE_ROUNDS = 3, TUNE_REPS = 3 };
 static const double TUNE_MARGIN = 0.05;
 
@@ -199,7 +201,7 @@ static const TuneEntry *tune_find(const GemmKey *key, uint64_t ws) {
 // A cache line: device|cuBLASLt version|m n k ta tb ab c bias beta ws|8 hex words of the algorithm.
 static void tune_load(void) {
     const char *on = getenv("DISTILL_GEMM_TUNE"), *sv = getenv("DISTILL_GEMM_SURVEY");
-    g_tune.on = !(on && !strcmp(on, "0"));
+    g_tune.on = on && !strcmp(on, "1");
     g_tune.survey = sv && !strcmp(sv, "1");
     g_tune.lt_version = (int)cublasLtGetVersion();
     cudaDeviceProp prop;
