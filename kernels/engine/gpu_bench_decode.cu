@@ -93,6 +93,24 @@ extern "C" int sample_rows_cuda_reference(const float *logits, int64_t rows, int
     } while (0)
 
 // Every decode_gemm variant at M rows on the generate stage's shapes; the fastest per shape.
+// Milliseconds per call of f: `warm` untimed calls, then `reps` between two events on the default stream.
+template <typename F>
+static double time_calls(F f, int warm, int reps) {
+    cudaEvent_t e0, e1;
+    CKB(cudaEventCreate(&e0));
+    CKB(cudaEventCreate(&e1));
+    for (int r = 0; r < warm; r++) f();
+    CKB(cudaEventRecord(e0));
+    for (int r = 0; r < reps; r++) f();
+    CKB(cudaEventRecord(e1));
+    CKB(cudaEventSynchronize(e1));
+    float ms;
+    CKB(cudaEventElapsedTime(&ms, e0, e1));
+    CKB(cudaEventDestroy(e0));
+    CKB(cudaEventDestroy(e1));
+    return ms / reps;
+}
+
 static void bench_gemm(int64_t M, int64_t vocab, int64_t d, int64_t ffn) {
     const int64_t shapes[4][2] = {{d, d}, {2 * ffn, d}, {d, ffn}, {vocab, d}};
     for (int si = 0; si < 4; si++) {
@@ -112,9 +130,6 @@ static void bench_gemm(int64_t M, int64_t vocab, int64_t d, int64_t ffn) {
         CKB(cudaMemcpy(dx, hx, (size_t)(M * K) * 2, cudaMemcpyHostToDevice));
         CKB(cudaMemcpy(dw, hw, (size_t)(N * K) * 2, cudaMemcpyHostToDevice));
         char *ref = (char *)malloc((size_t)(M * N) * osz), *out = (char *)malloc((size_t)(M * N) * osz);
-        cudaEvent_t e0, e1;
-        CKB(cudaEventCreate(&e0));
-        CKB(cudaEventCreate(&e1));
         double best = 1e30;
         int best_v = -1;
         // variant 2 first (the reference bits: the choice for M > 64 until 0f35392), then 0, 1, 3, 4, ... until refused
@@ -127,15 +142,8 @@ static void bench_gemm(int64_t M, int64_t vocab, int64_t d, int64_t ffn) {
             const int same = k == 0 || !memcmp(ref, out, (size_t)(M * N) * osz);
             char tile[64];
             decode_gemm_variant_name(v, tile, sizeof tile);
-            const int reps = head ? 20 : 200;
-            for (int r = 0; r < 3; r++) decode_gemm_with(v, odt, dy, dx, dw, NULL, M, N, K, 0, NULL, err, sizeof err);
-            CKB(cudaEventRecord(e0));
-            for (int r = 0; r < reps; r++) decode_gemm_with(v, odt, dy, dx, dw, NULL, M, N, K, 0, NULL, err, sizeof err);
-            CKB(cudaEventRecord(e1));
-            CKB(cudaEventSynchronize(e1));
-            float ms;
-            CKB(cudaEventElapsedTime(&ms, e0, e1));
-            const double us = ms * 1e3 / reps;
+            const double us = 1e3 * time_calls([&]() { decode_gemm_with(v, odt, dy, dx, dw, NULL, M, N, K, 0, NULL, err, sizeof err); },
+                                               3, head ? 20 : 200);
             printf("RESULT gemm M=%lld N=%lld K=%lld out=%s variant=%d tile=\"%s\" us=%.2f tflops=%.1f same_bits=%d\n",
                    (long long)M, (long long)N, (long long)K, head ? "f32" : "bf16", v, tile, us,
                    2.0 * M * N * K / (us * 1e-6) / 1e12, same);
@@ -143,8 +151,6 @@ static void bench_gemm(int64_t M, int64_t vocab, int64_t d, int64_t ffn) {
         }
         printf("RESULT gemm_best M=%lld N=%lld K=%lld variant=%d us=%.2f (decode_gemm_variant(%lld) = %d)\n", (long long)M,
                (long long)N, (long long)K, best_v, best, (long long)M, decode_gemm_variant(M));
-        CKB(cudaEventDestroy(e0));
-        CKB(cudaEventDestroy(e1));
         CKB(cudaFree(dx));
         CKB(cudaFree(dw));
         CKB(cudaFree(dy));
@@ -166,9 +172,6 @@ static void bench_sample(int64_t B, int64_t V) {
     CKB(cudaMemcpy(ds_, hs, (size_t)B * 8, cudaMemcpyHostToDevice));
     CKB(cudaMemcpy(dc, hs, (size_t)B * 8, cudaMemcpyHostToDevice));
     const char *kinds[2] = {"normal", "peaked"};  // N(0, 2^2) logits; or N(-5, 2.5^2) with a few at 12..15
-    cudaEvent_t e0, e1;
-    CKB(cudaEventCreate(&e0));
-    CKB(cudaEventCreate(&e1));
     for (int kind = 0; kind < 2; kind++) {
         Rng g;
         rng_init(&g, 99 + kind, 4);
@@ -191,20 +194,11 @@ static void bench_sample(int64_t B, int64_t V) {
             call();
             CKB(cudaDeviceSynchronize());
             CKB(cudaMemcpy(which ? hr : ho, dout, (size_t)B * 4, cudaMemcpyDeviceToHost));
-            const int reps = 20;
-            CKB(cudaEventRecord(e0));
-            for (int r = 0; r < reps; r++) call();
-            CKB(cudaEventRecord(e1));
-            CKB(cudaEventSynchronize(e1));
-            float ms;
-            CKB(cudaEventElapsedTime(&ms, e0, e1));
-            ms2[which] = ms / reps;
+            ms2[which] = time_calls(call, 0, 20);
         }
         printf("RESULT sample_kernel B=%lld V=%lld rows=%s T=0.7 top_p=0.9 fast_ms=%.3f ref_ms=%.3f speedup=%.1f same_ids=%d\n",
                (long long)B, (long long)V, kinds[kind], ms2[0], ms2[1], ms2[1] / ms2[0], !memcmp(ho, hr, (size_t)B * 4));
     }
-    CKB(cudaEventDestroy(e0));
-    CKB(cudaEventDestroy(e1));
     CKB(cudaFree(dl));
     CKB(cudaFree(ds_));
     CKB(cudaFree(dc));
@@ -243,9 +237,6 @@ static void bench_attn(const LlamaConfig *c, double hbm) {
     uint16_t *ho[2] = {(uint16_t *)malloc((size_t)qn * 2), (uint16_t *)malloc((size_t)qn * 2)};
     const char *names[2] = {"tiles", "gqa"};
     const int kern[2] = {0, 2};
-    cudaEvent_t e0, e1;
-    CKB(cudaEventCreate(&e0));
-    CKB(cudaEventCreate(&e1));
     const int64_t ctxs[3] = {128, 256, 512};
     for (int ci = 0; ci < 3; ci++) {
         const int64_t ctx = ctxs[ci];
@@ -266,15 +257,7 @@ static void bench_attn(const LlamaConfig *c, double hbm) {
             call();
             CKB(cudaDeviceSynchronize());
             CKB(cudaMemcpy(ho[k], dout, (size_t)qn * 2, cudaMemcpyDeviceToHost));
-            for (int r = 0; r < 3; r++) call();
-            const int reps = 50;
-            CKB(cudaEventRecord(e0));
-            for (int r = 0; r < reps; r++) call();
-            CKB(cudaEventRecord(e1));
-            CKB(cudaEventSynchronize(e1));
-            float ms;
-            CKB(cudaEventElapsedTime(&ms, e0, e1));
-            us[k] = ms * 1e3 / reps;
+            us[k] = 1e3 * time_calls(call, 3, 50);
             printf("RESULT attn kernel=%s B=%lld ctx=%lld nh=%lld nkv=%lld hd=%lld us=%.1f floor_us=%.1f floor_frac=%.2f GB_s=%.0f\n",
                    names[k], (long long)B, (long long)ctx, (long long)nh, (long long)nkv, (long long)hd, us[k], floor_us,
                    floor_us / us[k], bytes / (us[k] * 1e-6) / 1e9);
@@ -282,8 +265,6 @@ static void bench_attn(const LlamaConfig *c, double hbm) {
         printf("RESULT attn_ab B=%lld ctx=%lld tiles_us=%.1f gqa_us=%.1f speedup=%.2f same_bits=%d\n", (long long)B,
                (long long)ctx, us[0], us[1], us[0] / us[1], !memcmp(ho[0], ho[1], (size_t)qn * 2));
     }
-    CKB(cudaEventDestroy(e0));
-    CKB(cudaEventDestroy(e1));
     CKB(cudaFree(dq));
     CKB(cudaFree(dk));
     CKB(cudaFree(dv));
