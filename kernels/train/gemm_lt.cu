@@ -261,6 +261,13 @@ static void tune_save(const GemmKey *k, uint64_t ws, const cublasLtMatmulAlgo_t 
     close(fd);
 }
 
+extern "C" void dl_gemm_tune_reload(void) {
+    pthread_mutex_lock(&g_tune.mu);
+    free(g_tune.e);
+    g_tune.e = NULL, g_tune.n = g_tune.cap = 0, g_tune.loaded = 0;
+    pthread_mutex_unlock(&g_tune.mu);
+}
+
 // Median time (ms) of each offer over TUNE_ROUNDS interleaved rounds of TUNE_REPS calls, into C (which the caller
 // owns for that long); an offer that fails to run gets +inf.
 static void time_offers(DlGemm *g, GemmPlan *p, const cublasLtMatmulHeuristicResult_t *res, int found, const void *A,

@@ -5,6 +5,7 @@
 // tolerance 1e-2). Determinism: the reducing kernels run twice and must give identical bits.
 // Shapes are small and awkward (rows not multiples of the tiles, V not a multiple of the block, GQA,
 // several documents per row). Exit status 1 if any check fails.
+#include <unistd.h>
 #include <cublasLt.h>
 
 #include <vector>
@@ -178,6 +179,55 @@ static void test_gemm(DlGemm *g, DType dt) {
     int rc = dl_gemm(g, 3, 5, 7, dt, dx_.p, 0, dW_.p, 1, dt, dyo.p, NULL, 1, 0, NULL, err, sizeof err);
     check_flag(rc == -1, "dl_gemm refuses unaligned rows", err);
     for (Buf *b : {&dx_, &dW_, &dbias, &ddy, &dyo, &ddx, &ddW, &a1, &a2, &w1, &w2}) dfree(*b);
+}
+
+// GEMM tuning (DISTILL_GEMM_TUNE=1): a tuned shape gives the reference's numbers; a second "process" (the
+// process-wide choices forgotten, the cache file read back) runs the same kernel, bit for bit, also with junk
+// lines in the file; tuning off still gives the reference's numbers. Which offer wins is the GPU's business.
+static void test_gemm_tune() {
+    const int64_t N = 520, In = 256, O = 1032;
+    printf("GEMM tuning: N %lld, In %lld, O %lld\n", (long long)N, (long long)In, (long long)O);
+    char path[128];
+    snprintf(path, sizeof path, "/tmp/distill-gemm-tune-%d.txt", (int)getpid());
+    remove(path);
+    setenv("DISTILL_GEMM_TUNE_FILE", path, 1);
+    Vec x = randn(N * In, 1), W = randn(O * In, 0.05), y(N * O);
+    linear_fwd(y.data(), x.data(), W.data(), N, In, O, false);
+    Buf dx = up(DT_BF16, x), dW = up(DT_BF16, W);
+    Buf out[4] = {dalloc(DT_BF16, N * O), dalloc(DT_BF16, N * O), dalloc(DT_BF16, N * O), dalloc(DT_BF16, N * O)};
+    const char *tune[4] = {"1", "1", "1", "0"};
+    for (int run = 0; run < 4; run++) {
+        setenv("DISTILL_GEMM_TUNE", tune[run], 1);
+        if (run == 2) {  // lines a reader must skip: torn, foreign, wrong field counts
+            FILE *f = fopen(path, "a");
+            if (f) fputs("junk\n|||\nsome GPU|1|1 2 3|0\n", f), fclose(f);
+        }
+        dl_gemm_tune_reload();
+        DlGemm *g = dl_gemm_new(0, err, sizeof err);
+        if (!g) {
+            need(1, "dl_gemm_new");
+            continue;
+        }
+        need(dl_linear_fwd(g, DT_BF16, out[run].p, dx.p, dW.p, NULL, N, In, O, 0, NULL, err, sizeof err), "linear_fwd tuned");
+        dl_gemm_free(g);
+        char name[96];
+        snprintf(name, sizeof name, "tuned GEMM, run %d (DISTILL_GEMM_TUNE=%s) vs the CPU", run, tune[run]);
+        check_rel(rel(down(out[run]), y), 1e-2, name);
+    }
+    FILE *f = fopen(path, "r");
+    int lines = 0;
+    char line[1024];
+    while (f && fgets(line, sizeof line, f)) lines++;
+    if (f) fclose(f);
+    check(lines >= 4, "tuning cache file written", "%g lines (>= %g: 1 + 3 junk)", lines, 4);
+    det(same_bits(out[0], out[1]), "GEMM run 2 (cache read back) = run 1");
+    det(same_bits(out[0], out[2]), "GEMM run 3 (cache with junk lines) = run 1");
+    unsetenv("DISTILL_GEMM_TUNE");
+    unsetenv("DISTILL_GEMM_TUNE_FILE");
+    dl_gemm_tune_reload();
+    remove(path);
+    for (Buf &b : out) dfree(b);
+    dfree(dx), dfree(dW);
 }
 
 // ---------------------------------------------------------------- RMSNorm
@@ -661,6 +711,7 @@ int main(int argc, char **argv) {
     }
     test_optim(DT_F32);
     test_optim(DT_BF16);
+    test_gemm_tune();
     dl_gemm_free(g);
     CK(cudaDeviceSynchronize());
     printf("gpu_test_train: %d passed, %d failed\n", npass, nfail);

@@ -29,11 +29,15 @@ typedef struct CUstream_st *dl_stream_t;  // = cudaStream_t
 
 // ---------------------------------------------------------------- GEMM (cuBLASLt)
 // One handle per device/stream user: owns the cuBLASLt handle, a workspace and a cache of descriptors and
-// the algorithm chosen for each shape (the first heuristic result, fixed for the life of the handle, with
+// the algorithm chosen for each shape (the first heuristic result, or with DISTILL_GEMM_TUNE=1 the fastest of
+// the first 8 as tuned once per process and cache file, gemm_lt.cu; fixed for the life of the handle, with
 // split-K schemes that reduce in place excluded, so a shape always runs the same deterministic kernel).
 typedef struct DlGemm DlGemm;
 DlGemm *dl_gemm_new(size_t workspace_bytes, char *err, size_t errlen);  // 0: 32 MiB
 void dl_gemm_free(DlGemm *g);
+// Tests: forget the process-wide tuned choices; the next new shape reads DISTILL_GEMM_TUNE(_FILE) and the file
+// again, as a new process would.
+void dl_gemm_tune_reload(void);
 
 // Row-major C [m, n] = alpha * op(A) @ op(B) + beta * C (+ bias [n] broadcast over rows).
 // op(A) [m, k]: A stored [m, k], or [k, m] if transA. op(B) [k, n]: B stored [k, n], or [n, k] if transB.
