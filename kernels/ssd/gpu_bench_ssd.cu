@@ -7,8 +7,11 @@
 //   fp32 floor   = the same FLOPs / 67 TFLOP/s (nominal fp32 FMA peak: what these SIMT kernels can reach at best)
 //   floor = max(HBM floor, tensor floor); %floor = floor / time.
 // Timing: CUDA events around every call, median of `reps` calls after 3 warm-up calls, inputs rotated among 3 sets so
-// that no call finds its inputs in L2. Usage: gpu_bench_ssd [reps [BxL]]
+// that no call finds its inputs in L2. Every shape is timed with each kernel generation in VERSIONS (DISTILL_SSD set
+// in turn; default "v4,v5": v4 stores the fp32 state at every 64-token chunk boundary, v5 at every 128 tokens), in
+// the same run. Usage: gpu_bench_ssd [reps [BxL|all [VERSIONS]]]
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include "kernels/scan/gpu_common.cuh"
@@ -33,7 +36,17 @@ struct Set {
 
 int main(int argc, char **argv) {
     if (argc > 1) REPS = std::max(1, atoi(argv[1]));
-    const char *only = argc > 2 ? argv[2] : NULL;
+    const char *only = argc > 2 && strcmp(argv[2], "all") ? argv[2] : NULL;
+    std::vector<std::string> vers;
+    {
+        std::string list = argc > 3 ? argv[3] : "v4,v5";
+        size_t at = 0;
+        while (at <= list.size()) {
+            const size_t e = std::min(list.find(',', at), list.size());
+            if (e > at) vers.push_back(list.substr(at, e - at));
+            at = e + 1;
+        }
+    }
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
@@ -60,7 +73,7 @@ int main(int argc, char **argv) {
         {1, 8192, 32, 128, 128, 32},
         {8, 2048, 32, 128, 64, 8},
     };
-    printf("\n%-8s %-16s %-4s %9s %9s %9s %9s %7s %7s\n", "shape", "H/P/N/G", "call", "time ms", "HBM ms", "tc ms",
+    printf("\n%-8s %-16s %-7s %9s %9s %9s %9s %7s %7s\n", "shape", "H/P/N/G", "call", "time ms", "HBM ms", "tc ms",
            "fp32 ms", "%floor", "TB/s");
     for (const Shape &sh : shapes) {
         char shape[32], hpng[32];
@@ -121,26 +134,35 @@ int main(int argc, char **argv) {
         const double P = (double)sh.P, N = (double)sh.N;
         const double fflops = chunks * 2 * (Q * Q * N + Q * Q * P + 2 * Q * P * N);
         const double bflops = chunks * 2 * (3 * Q * Q * N + 2 * Q * Q * P + 5 * Q * P * N);
-        auto row = [&](const char *k, double ms, double bytes, double flops) {
+        auto row = [&](const char *ver, const char *k, double ms, double bytes, double flops) {
             const double hbm = bytes / bw * 1e3, tc = flops / tc_rate * 1e3, f32 = flops / fp32_rate * 1e3;
             const double fl = std::max(hbm, tc);
-            printf("%-8s %-16s %-4s %9.3f %9.3f %9.3f %9.3f %6.1f%% %7.2f\n", shape, hpng, k, ms, hbm, tc, f32,
+            char call[16];
+            snprintf(call, sizeof call, "%s %s", ver, k);
+            printf("%-8s %-16s %-7s %9.3f %9.3f %9.3f %9.3f %6.1f%% %7.2f\n", shape, hpng, call, ms, hbm, tc, f32,
                    100 * fl / ms, bytes / (ms * 1e-3) / 1e12);
-            printf("RESULT kernel=ssd_%s shape=%s H=%lld P=%lld N=%lld G=%lld ms=%.4f floor_ms=%.4f hbm_floor_ms=%.4f "
-                   "tc_floor_ms=%.4f fp32_floor_ms=%.4f frac_floor=%.4f copy_TBps=%.3f device=\"%s\"\n",
-                   k, shape, (long long)sh.H, (long long)sh.P, (long long)sh.N, (long long)sh.G, ms, fl, hbm, tc, f32,
-                   fl / ms, bw / 1e12, prop.name);
+            printf("RESULT kernel=ssd_%s version=%s shape=%s H=%lld P=%lld N=%lld G=%lld ms=%.4f floor_ms=%.4f "
+                   "hbm_floor_ms=%.4f tc_floor_ms=%.4f fp32_floor_ms=%.4f frac_floor=%.4f copy_TBps=%.3f device=\"%s\"\n",
+                   k, ver, shape, (long long)sh.H, (long long)sh.P, (long long)sh.N, (long long)sh.G, ms, fl, hbm, tc,
+                   f32, fl / ms, bw / 1e12, prop.name);
             fflush(stdout);
         };
-        const double fms = median_ms(fwd), bms = median_ms(bwd);
-        row("fwd", fms, fbytes, fflops);
-        row("bwd", bms, bbytes, bflops);
         // mamba_ssm's Triton SSD (mamba_chunk_scan_combined, chunk 256) on an H100, as quoted in issue #10
         const double ref = sh.N == 128 && sh.G == 32 ? (sh.B == 8 && sh.L == 2048 ? 7.17 : sh.B == 1 && sh.L == 8192 ? 4.75 : 0)
                                                      : 0;
-        if (ref > 0)
-            printf("%-8s %-16s fwd+bwd %.3f ms; mamba_ssm Triton (H100, issue #10) %.2f ms: %.2fx (goal >= 3x)\n", shape,
-                   hpng, fms + bms, ref, ref / (fms + bms));
+        std::vector<double> tot;
+        for (const std::string &ver : vers) {
+            setenv("DISTILL_SSD", ver.c_str(), 1);
+            const double fms = median_ms(fwd), bms = median_ms(bwd);
+            row(ver.c_str(), "fwd", fms, fbytes, fflops);
+            row(ver.c_str(), "bwd", bms, bbytes, bflops);
+            tot.push_back(fms + bms);
+            if (ref > 0)
+                printf("%-8s %-16s %s fwd+bwd %.3f ms; mamba_ssm Triton (H100, issue #10) %.2f ms: %.2fx (goal >= 3x)\n",
+                       shape, hpng, ver.c_str(), fms + bms, ref, ref / (fms + bms));
+        }
+        for (size_t i = 1; i < vers.size(); i++)
+            printf("%-8s %-16s fwd+bwd %s / %s = %.3f\n", shape, hpng, vers[i].c_str(), vers[0].c_str(), tot[i] / tot[0]);
         for (int k = 0; k < NSET; k++) {
             void *ps[] = {set[k].x, set[k].y, set[k].dy, set[k].dx, set[k].dt, set[k].ddt, set[k].Bm, set[k].Cm,
                           set[k].dB, set[k].dC};
