@@ -1467,16 +1467,30 @@ typedef float Frag[4][2][4];  // [row tile][8-column tile][register]: a unit's [
 struct Rec {
     const bf16 *Ta, *Tb;
     int lda, ldb;
-    const float *sc;
+    const float *sc;  // nullptr: Tb (hi) and Tl (lo) already hold sc_k Tb[k][c] split (presplit), shared by the warps
     float dl;
+    const bf16 *Tl;
 };
 __device__ __forceinline__ float2 bf2_to_f2(unsigned u) {  // a bf16 pair (lower index in the low half) as floats
     return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
 }
+// (Without presplit every warp splits all of sc o Tb that its columns need: in ssd_bwd_dx_kernel, which has no room
+// for the lo half, it stays so.)
 __device__ __forceinline__ void recon16(float (&v)[8], const Rec &rc, int r0, int c0) {
     const int t = threadIdx.x & 3;
     float d0[4] = {rc.dl * v[0], rc.dl * v[1], rc.dl * v[4], rc.dl * v[5]};  // columns c0..: rows g, g + 8
     float d1[4] = {rc.dl * v[2], rc.dl * v[3], rc.dl * v[6], rc.dl * v[7]};  // columns c0 + 8..
+    if (!rc.sc) {  // presplit operand: two fragment loads and four MMAs per k step, nothing else
+#pragma unroll
+        for (int k0 = 0; k0 < SSD_Q; k0 += 16) {
+            unsigned fa[4], fh[4], fl[4];
+            lda_col(fa, rc.Ta, rc.lda, r0, k0);
+            ldb_kn(fh, rc.Tb, rc.ldb, k0, c0);
+            ldb_kn(fl, rc.Tl, rc.ldb, k0, c0);
+            mma16816(d0, fa, fh[0], fh[1]), mma16816(d0, fa, fl[0], fl[1]);
+            mma16816(d1, fa, fh[2], fh[3]), mma16816(d1, fa, fl[2], fl[3]);
+        }
+    } else
 #pragma unroll
     for (int k0 = 0; k0 < SSD_Q; k0 += 16) {
         unsigned fa[4], fb[4];
@@ -1500,6 +1514,23 @@ __device__ __forceinline__ void recon16(float (&v)[8], const Rec &rc, int r0, in
 // acc[mt][nt] += A[rows of mt, :K] S^T-fragment, A [m][k] bf16 in shared memory, S an fp32 [rows, K] matrix in global
 // memory read straight into B fragments (element (k, n) = S[n0 + n][k], n0 = 16 cb) and split into hi + lo there.
 // The next k step's eight values are loaded before this step's MMAs.
+// sc_k T[k][c] for a [Q, width] bf16 tile in shared memory (row stride ld), split: hi in place, lo into Tl (same
+// stride); the block's threads share the work (the pass splits wt o M the same way). A barrier must follow.
+__device__ __forceinline__ void presplit(bf16 *T, bf16 *Tl, int width, int ld, const float *sc) {
+    const int w8 = width / 8;
+    for (int i = threadIdx.x; i < SSD_Q * w8; i += SSD_THREADS) {
+        const int m = i / w8, col = (i - m * w8) * 8;
+        const uint4 raw = *reinterpret_cast<const uint4 *>(T + m * ld + col);
+        const bf16 *mv = reinterpret_cast<const bf16 *>(&raw);
+        const float wk = sc[m];
+        __align__(16) bf16 hi[8], lo[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) split_bf(wk * bf(mv[e]), &hi[e], &lo[e]);
+        *reinterpret_cast<uint4 *>(T + m * ld + col) = *reinterpret_cast<const uint4 *>(hi);
+        *reinterpret_cast<uint4 *>(Tl + m * ld + col) = *reinterpret_cast<const uint4 *>(lo);
+    }
+}
+
 // REC and rec (v5): S is the stored state one chunk away and every 16 x 16 tile is rebuilt first (recon16: rows n0..,
 // columns k0..).
 template <bool REC = false>
@@ -1582,9 +1613,11 @@ struct V4Layout {  // shared memory of the v4 kernels (unused regions: size 0)
 // kind 1: ssd_bwd_bc_kernel (X, DY, B, C, V hi/lo in W's place, row sums)
 // kind 2: ssd_chunk_out4_kernel (X, B, C, W hi/lo)
 // r5 (v5) adds the neighbouring chunk's two tiles for recon16: T1 [Q, P] (x or dy), T2 [Q, N] (B or C). Each kernel
-// stays within two blocks per SM (<= 113 KB at P = N = 128): kind 2 gives them their own regions (108 KB); kind 1 puts
-// T2 in B's region (B is loaded after the state products, behind dB) and adds T1 (110 KB); kind 0 puts T2 in C's
-// region (dead once W and E are formed) and T1 in E's (dead after the ddelta bookkeeping), the partials after it.
+// stays within two blocks per SM (<= 113 KB at P = N = 128): kind 2 gives them their own regions (108 KB; the lo half
+// of the presplit T2 goes to B's region once W is formed); kind 1 puts T2 in B's region (B is loaded after the state
+// products, behind V and dB) and adds T1 (110 KB; the presplit T1's lo half lives in V's region, V being formed after
+// the state products); kind 0 puts T2 in C's region (dead once W and E are formed) and T1 in E's (dead after the
+// ddelta bookkeeping), the partials after it (no room for a presplit: recon16 splits in registers there).
 __host__ __device__ inline V4Layout v4_layout(int kind, int64_t P, int64_t N, bool r5 = false) {
     const int64_t Q = SSD_Q;
     V4Layout l;
@@ -1638,7 +1671,7 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a
         const int64_t t1 = t0 - SSD_Q, o1 = bh * a.nch + c - 1;
         rc.Ta = reinterpret_cast<const bf16 *>(smem + lay.T1), rc.lda = lP;
         rc.Tb = reinterpret_cast<const bf16 *>(smem + lay.T2), rc.ldb = lN;
-        rc.sc = sc.sc2, rc.dl = a.dl[o1];
+        rc.Tl = Bs, rc.sc = nullptr, rc.dl = a.dl[o1];  // w o B of chunk c - 1: hi in T2, lo in B's region (below)
         load_rows_async(reinterpret_cast<bf16 *>(smem + lay.T1), P, lP, SSD_Q, a.vec,
                         [&](int m) { return a.x + ((b * L + t1 + m) * H + h) * P; });
         load_rows_async(reinterpret_cast<bf16 *>(smem + lay.T2), N, lN, SSD_Q, a.vec,
@@ -1665,6 +1698,10 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a
         }
     }
     __syncthreads();
+    if (rec) {  // B is dead once W is formed: w o B of chunk c - 1 as hi (in place) + lo (B's region)
+        presplit(reinterpret_cast<bf16 *>(smem + lay.T2), Bs, N, lN, sc.sc2);
+        __syncthreads();
+    }
     const Unit u = unit_of(warp, P / 16);
     if (!u.on) return;
     const int p0 = u.cb * 16;
@@ -1704,7 +1741,8 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a
 // (a.tw) and u = dlast <dS, S0> (a.uw). dS and S0 are read once each, straight into fragments.
 // R5 (v5): the passes stored S0 for even chunks and dS for odd ones (and the last): an odd chunk rebuilds S0 from the
 // previous chunk (x, B, w, dlast), an even one dS from the next (dy, C, din, dlast), inside the x dS / dy S0 loop
-// (recon16 on the transposed tiles). The two tiles of that chunk take T1 and B's region; B follows after the loop.
+// (recon16 on the transposed tiles). The two tiles of that chunk take T1 and B's region, sc o (x or dy) presplit with
+// its lo half in V's region; V is formed after the loop, while B comes into its region.
 template <int PC, int NC, bool R5>
 __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
     extern __shared__ __align__(128) unsigned char smem[];
@@ -1740,14 +1778,16 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
         load_rows_async(T2, N, lN, q2, a.vec, [&](int m) { return Tg + ((b * L + t2 + m) * G + g) * N; });
         load_rows_async(T1, P, lP, q2, a.vec, [&](int m) { return Xg + ((b * L + t2 + m) * H + h) * P; });
         if (tid >= 32 && tid < 32 + SSD_Q) sc.sc2[tid - 32] = (rS0 ? a.wv : a.dv)[o2 * SSD_Q + tid - 32];
-        rc.Ta = T2, rc.lda = lN, rc.Tb = T1, rc.ldb = lP, rc.sc = sc.sc2, rc.dl = a.dl[o2];
+        // sc o Tb presplit: hi in T1, lo in V's region (V is formed after the state products under R5)
+        rc.Ta = T2, rc.lda = lN, rc.Tb = T1, rc.Tl = Vh, rc.ldb = lP, rc.sc = nullptr, rc.dl = a.dl[o2];
     }
     if (tid < 32) chunk_scalars(a, b, h, t0, q, sc);
     cp_async_wait_all();
     __syncthreads();
     chunk_weights(sc);
+    if (R5 && rec) presplit(reinterpret_cast<bf16 *>(smem + lay.T1), Vh, P, lP, sc.sc2);
     __syncthreads();
-    {  // V as hi + lo
+    auto v_slab = [&]() {  // V as hi + lo
         const int mi = (warp >> 1) * 16, kc = (warp & 1) * 32;
         if (kc <= mi + 15) {
             float dg[4][4] = {};
@@ -1760,8 +1800,11 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
                 *reinterpret_cast<unsigned *>(Vl + m * lQ + k) = lo;
             });
         }
+    };
+    if (!R5) {
+        v_slab();
+        __syncthreads();
     }
-    __syncthreads();
     const Unit u = unit_of(warp, N / 16);
     const int n0 = u.cb * 16;
     float up = 0.f;
@@ -1811,9 +1854,11 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
             for (int i = 0; i < 8; i++) cs[i] = ns[i], cz[i] = nz[i];
         }
     }
-    if (R5 && rec) {  // the partner tiles are dead: B into its region, in flight while dB is formed
+    if (R5) {  // the partner tiles are dead: B into its region, in flight while V and dB are formed
         __syncthreads();
-        load_b();
+        if (rec) load_b();
+        v_slab();
+        __syncthreads();
     }
     if (u.on) {
         // dB = w_k (x dS) + V^T C (V^T upper triangular: m tiles from the row tile on)
