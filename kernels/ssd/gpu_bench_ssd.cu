@@ -9,7 +9,8 @@
 // Timing: CUDA events around every call, median of `reps` calls after 3 warm-up calls, inputs rotated among 3 sets so
 // that no call finds its inputs in L2. Every shape is timed with each kernel generation in VERSIONS (DISTILL_SSD set
 // in turn; default "v4,v5": v4 stores the fp32 state at every 64-token chunk boundary, v5 at every 128 tokens), in
-// the same run. Usage: gpu_bench_ssd [reps [BxL|all [VERSIONS]]]
+// the same run. "bwd kept" times ssd_bwd_cuda_after_fwd, each call right after an (untimed) forward into the same
+// workspace, whose states it reads instead of recomputing them. Usage: gpu_bench_ssd [reps [BxL|all [VERSIONS]]]
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -73,7 +74,7 @@ int main(int argc, char **argv) {
         {1, 8192, 32, 128, 128, 32},
         {8, 2048, 32, 128, 64, 8},
     };
-    printf("\n%-8s %-16s %-7s %9s %9s %9s %9s %7s %7s\n", "shape", "H/P/N/G", "call", "time ms", "HBM ms", "tc ms",
+    printf("\n%-8s %-16s %-10s %9s %9s %9s %9s %7s %7s\n", "shape", "H/P/N/G", "call", "time ms", "HBM ms", "tc ms",
            "fp32 ms", "%floor", "TB/s");
     for (const Shape &sh : shapes) {
         char shape[32], hpng[32];
@@ -124,6 +125,35 @@ int main(int argc, char **argv) {
                 exit(1);
             }
         };
+        auto bwd_kept = [&](int i) {
+            Set &t = set[i % NSET];
+            if (ssd_bwd_cuda_after_fwd(&s, (uint16_t *)t.x, (uint16_t *)t.dt, A, (uint16_t *)t.Bm, (uint16_t *)t.Cm, Dk,
+                                       bias, NULL, NULL, (uint16_t *)t.dy, NULL, (uint16_t *)t.dx, (uint16_t *)t.ddt,
+                                       dA, (uint16_t *)t.dB, (uint16_t *)t.dC, dD, ddb, NULL, ws, NULL, err,
+                                       sizeof err)) {
+                fprintf(stderr, "backward after forward: %s\n", err);
+                exit(1);
+            }
+        };
+        // median time of bwd_kept(i), each after an untimed fwd(i) into the same workspace
+        auto kept_median_ms = [&]() {
+            cudaEvent_t e0, e1;
+            CK(cudaEventCreate(&e0)), CK(cudaEventCreate(&e1));
+            for (int i = 0; i < 3; i++) fwd(i), bwd_kept(i);
+            CK(cudaDeviceSynchronize());
+            std::vector<float> ts(REPS);
+            for (int i = 0; i < REPS; i++) {
+                fwd(i);
+                CK(cudaEventRecord(e0));
+                bwd_kept(i);
+                CK(cudaEventRecord(e1));
+                CK(cudaEventSynchronize(e1));
+                CK(cudaEventElapsedTime(&ts[i], e0, e1));
+            }
+            CK(cudaEventDestroy(e0)), CK(cudaEventDestroy(e1));
+            std::sort(ts.begin(), ts.end());
+            return (double)ts[REPS / 2];
+        };
         // bytes: fwd x, dt, B, C in, y out; bwd x, dt, B, C, dy in, dx, ddt, dB, dC out
         const double HP = (double)sh.H * sh.P, GN = (double)sh.G * sh.N, Q = SSD_CUDA_CHUNK;
         const double fbytes = rows * (2 * HP * 2 + sh.H * 2.0 + 2 * GN * 2);
@@ -137,9 +167,9 @@ int main(int argc, char **argv) {
         auto row = [&](const char *ver, const char *k, double ms, double bytes, double flops) {
             const double hbm = bytes / bw * 1e3, tc = flops / tc_rate * 1e3, f32 = flops / fp32_rate * 1e3;
             const double fl = std::max(hbm, tc);
-            char call[16];
+            char call[24];
             snprintf(call, sizeof call, "%s %s", ver, k);
-            printf("%-8s %-16s %-7s %9.3f %9.3f %9.3f %9.3f %6.1f%% %7.2f\n", shape, hpng, call, ms, hbm, tc, f32,
+            printf("%-8s %-16s %-10s %9.3f %9.3f %9.3f %9.3f %6.1f%% %7.2f\n", shape, hpng, call, ms, hbm, tc, f32,
                    100 * fl / ms, bytes / (ms * 1e-3) / 1e12);
             printf("RESULT kernel=ssd_%s version=%s shape=%s H=%lld P=%lld N=%lld G=%lld ms=%.4f floor_ms=%.4f "
                    "hbm_floor_ms=%.4f tc_floor_ms=%.4f fp32_floor_ms=%.4f frac_floor=%.4f copy_TBps=%.3f device=\"%s\"\n",
@@ -154,12 +184,18 @@ int main(int argc, char **argv) {
         for (const std::string &ver : vers) {
             setenv("DISTILL_SSD", ver.c_str(), 1);
             const double fms = median_ms(fwd), bms = median_ms(bwd);
+            const bool old = ver == "v1" || ver == "v2" || ver == "v3";  // no kept states
+            const double kms = old ? 0 : kept_median_ms();
             row(ver.c_str(), "fwd", fms, fbytes, fflops);
             row(ver.c_str(), "bwd", bms, bbytes, bflops);
+            if (!old) row(ver.c_str(), "bwdkept", kms, bbytes, bflops);
             tot.push_back(fms + bms);
             if (ref > 0)
                 printf("%-8s %-16s %s fwd+bwd %.3f ms; mamba_ssm Triton (H100, issue #10) %.2f ms: %.2fx (goal >= 3x)\n",
                        shape, hpng, ver.c_str(), fms + bms, ref, ref / (fms + bms));
+            if (ref > 0 && !old)
+                printf("%-8s %-16s %s fwd+bwd, states kept %.3f ms: %.2fx\n", shape, hpng, ver.c_str(), fms + kms,
+                       ref / (fms + kms));
         }
         for (size_t i = 1; i < vers.size(); i++)
             printf("%-8s %-16s fwd+bwd %s / %s = %.3f\n", shape, hpng, vers[i].c_str(), vers[0].c_str(), tot[i] / tot[0]);

@@ -2401,13 +2401,15 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
 
 extern "C" size_t ssd_bwd_cuda_workspace(const SsdShape *s) { return make_ws(s, true).total; }
 
-extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A,
-                            const uint16_t *Bm, const uint16_t *Cm, const float *D, const float *dt_bias,
-                            const uint8_t *reset, const float *h0, const uint16_t *dy, const float *dh_last,
-                            uint16_t *dx, uint16_t *ddt, float *dA, uint16_t *dBm, uint16_t *dCm, float *dD,
-                            float *ddt_bias, float *dh0, void *workspace, ssd_stream_t stream, char *err,
-                            size_t errlen) {
-    const char *who = "ssd_bwd_cuda";
+namespace {
+// kept: the forward left the states entering the chunks and the chunk scalars in the workspace (its regions are the
+// first ones of the backward's: same offsets), so only the state-gradient pass runs (v4, v5).
+int ssd_bwd_impl(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A, const uint16_t *Bm,
+                 const uint16_t *Cm, const float *D, const float *dt_bias, const uint8_t *reset, const float *h0,
+                 const uint16_t *dy, const float *dh_last, uint16_t *dx, uint16_t *ddt, float *dA, uint16_t *dBm,
+                 uint16_t *dCm, float *dD, float *ddt_bias, float *dh0, void *workspace, ssd_stream_t stream,
+                 char *err, size_t errlen, bool kept) {
+    const char *who = kept ? "ssd_bwd_cuda_after_fwd" : "ssd_bwd_cuda";
     if (check_shape(s, err, errlen, who)) return -1;
     if (!x || !dt || !A || !Bm || !Cm || !dy || !dx || !ddt || !dA || !dBm || !dCm || !workspace)
         return scan_fail(err, errlen, "%s: x, dt, A, Bm, Cm, dy, dx, ddt, dA, dBm, dCm and workspace are required", who);
@@ -2429,6 +2431,9 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     if (a.rep > 1) a.dBh = (float *)(ws + w.dBh), a.dCh = (float *)(ws + w.dCh);
     const int ver = ssd_version();
     const bool v1 = ver == 1;
+    if (kept && ver < 4)
+        return scan_fail(err, errlen, "%s: the forward's states are kept by the v4 and v5 kernels only (DISTILL_SSD=v%d)",
+                         who, ver);
 
     const int64_t pass_blocks = a.B * a.H * (a.P / a.PT), chunk_blocks = a.B * a.H * a.nch;
     if (chunk_blocks > 0x7fffffff)
@@ -2451,6 +2456,12 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
         // 2. state gradients leaving every chunk, dh0
         ssd_dstate_kernel<<<(unsigned)pass_blocks, SSD_THREADS, (size_t)smem_dst, st>>>(a);
         if (scan_launch_check(err, errlen, "ssd_bwd_cuda: state-gradient pass")) return -1;
+        tm.mark("dstate_pass");
+    } else if (kept) {
+        // 1. (the forward's chunk scalars and states) 2. the state-gradient pass alone (v5: every other one stored)
+        if (ver == 5 ? launch_pass<true, true>(a, a.dSo, a.dhl, a.dh0, st, err, errlen, "ssd_bwd_cuda: state-gradient pass")
+                     : launch_pass<true>(a, a.dSo, a.dhl, a.dh0, st, err, errlen, "ssd_bwd_cuda: state-gradient pass"))
+            return -1;
         tm.mark("dstate_pass");
     } else if (ver >= 4) {
         // 1 + 2. the chunk scalars, then the state pass and the state-gradient pass in one launch (v5: every other
@@ -2527,4 +2538,25 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     }
     tm.mark("reduce");
     return 0;
+}
+}  // namespace
+
+extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A,
+                            const uint16_t *Bm, const uint16_t *Cm, const float *D, const float *dt_bias,
+                            const uint8_t *reset, const float *h0, const uint16_t *dy, const float *dh_last,
+                            uint16_t *dx, uint16_t *ddt, float *dA, uint16_t *dBm, uint16_t *dCm, float *dD,
+                            float *ddt_bias, float *dh0, void *workspace, ssd_stream_t stream, char *err,
+                            size_t errlen) {
+    return ssd_bwd_impl(s, x, dt, A, Bm, Cm, D, dt_bias, reset, h0, dy, dh_last, dx, ddt, dA, dBm, dCm, dD, ddt_bias,
+                        dh0, workspace, stream, err, errlen, false);
+}
+
+extern "C" int ssd_bwd_cuda_after_fwd(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A,
+                                      const uint16_t *Bm, const uint16_t *Cm, const float *D, const float *dt_bias,
+                                      const uint8_t *reset, const float *h0, const uint16_t *dy, const float *dh_last,
+                                      uint16_t *dx, uint16_t *ddt, float *dA, uint16_t *dBm, uint16_t *dCm, float *dD,
+                                      float *ddt_bias, float *dh0, void *workspace, ssd_stream_t stream, char *err,
+                                      size_t errlen) {
+    return ssd_bwd_impl(s, x, dt, A, Bm, Cm, D, dt_bias, reset, h0, dy, dh_last, dx, ddt, dA, dBm, dCm, dD, ddt_bias,
+                        dh0, workspace, stream, err, errlen, true);
 }
