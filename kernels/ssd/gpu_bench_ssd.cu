@@ -7,8 +7,12 @@
 //   fp32 floor   = the same FLOPs / 67 TFLOP/s (nominal fp32 FMA peak: what these SIMT kernels can reach at best)
 //   floor = max(HBM floor, tensor floor); %floor = floor / time.
 // Timing: CUDA events around every call, median of `reps` calls after 3 warm-up calls, inputs rotated among 3 sets so
-// that no call finds its inputs in L2. Usage: gpu_bench_ssd [reps [BxL]]
+// that no call finds its inputs in L2. Every shape is timed with each kernel generation in VERSIONS (DISTILL_SSD set
+// in turn; default "v4,v5": v4 stores the fp32 state at every 64-token chunk boundary, v5 at every 128 tokens), in
+// the same run. "bwd kept" times ssd_bwd_cuda_after_fwd, each call right after an (untimed) forward into the same
+// workspace, whose states it reads instead of recomputing them. Usage: gpu_bench_ssd [reps [BxL|all [VERSIONS]]]
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include "kernels/scan/gpu_common.cuh"
@@ -33,7 +37,17 @@ struct Set {
 
 int main(int argc, char **argv) {
     if (argc > 1) REPS = std::max(1, atoi(argv[1]));
-    const char *only = argc > 2 ? argv[2] : NULL;
+    const char *only = argc > 2 && strcmp(argv[2], "all") ? argv[2] : NULL;
+    std::vector<std::string> vers;
+    {
+        std::string list = argc > 3 ? argv[3] : "v4,v5";
+        size_t at = 0;
+        while (at <= list.size()) {
+            const size_t e = std::min(list.find(',', at), list.size());
+            if (e > at) vers.push_back(list.substr(at, e - at));
+            at = e + 1;
+        }
+    }
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
@@ -60,7 +74,7 @@ int main(int argc, char **argv) {
         {1, 8192, 32, 128, 128, 32},
         {8, 2048, 32, 128, 64, 8},
     };
-    printf("\n%-8s %-16s %-4s %9s %9s %9s %9s %7s %7s\n", "shape", "H/P/N/G", "call", "time ms", "HBM ms", "tc ms",
+    printf("\n%-8s %-16s %-10s %9s %9s %9s %9s %7s %7s\n", "shape", "H/P/N/G", "call", "time ms", "HBM ms", "tc ms",
            "fp32 ms", "%floor", "TB/s");
     for (const Shape &sh : shapes) {
         char shape[32], hpng[32];
@@ -111,6 +125,35 @@ int main(int argc, char **argv) {
                 exit(1);
             }
         };
+        auto bwd_kept = [&](int i) {
+            Set &t = set[i % NSET];
+            if (ssd_bwd_cuda_after_fwd(&s, (uint16_t *)t.x, (uint16_t *)t.dt, A, (uint16_t *)t.Bm, (uint16_t *)t.Cm, Dk,
+                                       bias, NULL, NULL, (uint16_t *)t.dy, NULL, (uint16_t *)t.dx, (uint16_t *)t.ddt,
+                                       dA, (uint16_t *)t.dB, (uint16_t *)t.dC, dD, ddb, NULL, ws, NULL, err,
+                                       sizeof err)) {
+                fprintf(stderr, "backward after forward: %s\n", err);
+                exit(1);
+            }
+        };
+        // median time of bwd_kept(i), each after an untimed fwd(i) into the same workspace
+        auto kept_median_ms = [&]() {
+            cudaEvent_t e0, e1;
+            CK(cudaEventCreate(&e0)), CK(cudaEventCreate(&e1));
+            for (int i = 0; i < 3; i++) fwd(i), bwd_kept(i);
+            CK(cudaDeviceSynchronize());
+            std::vector<float> ts(REPS);
+            for (int i = 0; i < REPS; i++) {
+                fwd(i);
+                CK(cudaEventRecord(e0));
+                bwd_kept(i);
+                CK(cudaEventRecord(e1));
+                CK(cudaEventSynchronize(e1));
+                CK(cudaEventElapsedTime(&ts[i], e0, e1));
+            }
+            CK(cudaEventDestroy(e0)), CK(cudaEventDestroy(e1));
+            std::sort(ts.begin(), ts.end());
+            return (double)ts[REPS / 2];
+        };
         // bytes: fwd x, dt, B, C in, y out; bwd x, dt, B, C, dy in, dx, ddt, dB, dC out
         const double HP = (double)sh.H * sh.P, GN = (double)sh.G * sh.N, Q = SSD_CUDA_CHUNK;
         const double fbytes = rows * (2 * HP * 2 + sh.H * 2.0 + 2 * GN * 2);
@@ -121,26 +164,41 @@ int main(int argc, char **argv) {
         const double P = (double)sh.P, N = (double)sh.N;
         const double fflops = chunks * 2 * (Q * Q * N + Q * Q * P + 2 * Q * P * N);
         const double bflops = chunks * 2 * (3 * Q * Q * N + 2 * Q * Q * P + 5 * Q * P * N);
-        auto row = [&](const char *k, double ms, double bytes, double flops) {
+        auto row = [&](const char *ver, const char *k, double ms, double bytes, double flops) {
             const double hbm = bytes / bw * 1e3, tc = flops / tc_rate * 1e3, f32 = flops / fp32_rate * 1e3;
             const double fl = std::max(hbm, tc);
-            printf("%-8s %-16s %-4s %9.3f %9.3f %9.3f %9.3f %6.1f%% %7.2f\n", shape, hpng, k, ms, hbm, tc, f32,
+            char call[24];
+            snprintf(call, sizeof call, "%s %s", ver, k);
+            printf("%-8s %-16s %-10s %9.3f %9.3f %9.3f %9.3f %6.1f%% %7.2f\n", shape, hpng, call, ms, hbm, tc, f32,
                    100 * fl / ms, bytes / (ms * 1e-3) / 1e12);
-            printf("RESULT kernel=ssd_%s shape=%s H=%lld P=%lld N=%lld G=%lld ms=%.4f floor_ms=%.4f hbm_floor_ms=%.4f "
-                   "tc_floor_ms=%.4f fp32_floor_ms=%.4f frac_floor=%.4f copy_TBps=%.3f device=\"%s\"\n",
-                   k, shape, (long long)sh.H, (long long)sh.P, (long long)sh.N, (long long)sh.G, ms, fl, hbm, tc, f32,
-                   fl / ms, bw / 1e12, prop.name);
+            printf("RESULT kernel=ssd_%s version=%s shape=%s H=%lld P=%lld N=%lld G=%lld ms=%.4f floor_ms=%.4f "
+                   "hbm_floor_ms=%.4f tc_floor_ms=%.4f fp32_floor_ms=%.4f frac_floor=%.4f copy_TBps=%.3f device=\"%s\"\n",
+                   k, ver, shape, (long long)sh.H, (long long)sh.P, (long long)sh.N, (long long)sh.G, ms, fl, hbm, tc,
+                   f32, fl / ms, bw / 1e12, prop.name);
             fflush(stdout);
         };
-        const double fms = median_ms(fwd), bms = median_ms(bwd);
-        row("fwd", fms, fbytes, fflops);
-        row("bwd", bms, bbytes, bflops);
         // mamba_ssm's Triton SSD (mamba_chunk_scan_combined, chunk 256) on an H100, as quoted in issue #10
         const double ref = sh.N == 128 && sh.G == 32 ? (sh.B == 8 && sh.L == 2048 ? 7.17 : sh.B == 1 && sh.L == 8192 ? 4.75 : 0)
                                                      : 0;
-        if (ref > 0)
-            printf("%-8s %-16s fwd+bwd %.3f ms; mamba_ssm Triton (H100, issue #10) %.2f ms: %.2fx (goal >= 3x)\n", shape,
-                   hpng, fms + bms, ref, ref / (fms + bms));
+        std::vector<double> tot;
+        for (const std::string &ver : vers) {
+            setenv("DISTILL_SSD", ver.c_str(), 1);
+            const double fms = median_ms(fwd), bms = median_ms(bwd);
+            const bool old = ver == "v1" || ver == "v2" || ver == "v3";  // no kept states
+            const double kms = old ? 0 : kept_median_ms();
+            row(ver.c_str(), "fwd", fms, fbytes, fflops);
+            row(ver.c_str(), "bwd", bms, bbytes, bflops);
+            if (!old) row(ver.c_str(), "bwdkept", kms, bbytes, bflops);
+            tot.push_back(fms + bms);
+            if (ref > 0)
+                printf("%-8s %-16s %s fwd+bwd %.3f ms; mamba_ssm Triton (H100, issue #10) %.2f ms: %.2fx (goal >= 3x)\n",
+                       shape, hpng, ver.c_str(), fms + bms, ref, ref / (fms + bms));
+            if (ref > 0 && !old)
+                printf("%-8s %-16s %s fwd+bwd, states kept %.3f ms: %.2fx\n", shape, hpng, ver.c_str(), fms + kms,
+                       ref / (fms + kms));
+        }
+        for (size_t i = 1; i < vers.size(); i++)
+            printf("%-8s %-16s fwd+bwd %s / %s = %.3f\n", shape, hpng, vers[i].c_str(), vers[0].c_str(), tot[i] / tot[0]);
         for (int k = 0; k < NSET; k++) {
             void *ps[] = {set[k].x, set[k].y, set[k].dy, set[k].dx, set[k].dt, set[k].ddt, set[k].Bm, set[k].Cm,
                           set[k].dB, set[k].dC};

@@ -7,7 +7,8 @@
 // delta above softplus's threshold, MambaInLlama-8B Mamba-2 heads (H 32, P = N = 128, G = 32), GQA-style grouping
 // (G 8 of 32 heads), tensors not 16-byte aligned, and B*L*H*P > 2^31 (64-bit offsets; the twin runs on the last head,
 // where offsets are largest). Also: two runs give identical bits, y = NULL runs only the state pass (same h_last
-// bits), h_last may alias h0, unsupported shapes are refused with a message.
+// bits), h_last may alias h0, ssd_bwd_cuda_after_fwd (the forward's states kept in the workspace) gives the same bits
+// as ssd_bwd_cuda, unsupported shapes are refused with a message.
 // Exit status 1 if any check fails. Usage: gpu_test_ssd [--no-huge]
 #include <algorithm>
 #include <vector>
@@ -216,6 +217,34 @@ static void run_case(const TCase *c) {
             if (c->bias) same = same && same_bits(ddb, p1 + 2 * H, H * 4);
             if (c->h0) same = same && same_bits(dh0, dh01, nh * 4);
             check_true(same, c->name, "fwd + bwd bitwise repeatable");
+        }
+        // the backward after a forward into its own workspace (ssd_bwd_cuda_after_fwd: the forward's states kept)
+        // gives the same bits; v1-v3 refuse it with a message
+        {
+            const char *ver = getenv("DISTILL_SSD");
+            const bool old = ver && (!strcmp(ver, "v1") || !strcmp(ver, "v2") || !strcmp(ver, "v3"));
+            poison((char *)ws, (int64_t)wsz), poison(y2, nx);
+            const bool f = fwd((uint16_t *)y2, NULL, ws);
+            poison(dx, nx), poison(ddt, ndt), poison(dB, nB), poison(dC, nB), poison(dA, H), poison(dD, H);
+            poison(ddb, H), poison(dh0, nh);
+            const int rc = ssd_bwd_cuda_after_fwd(&s, (uint16_t *)x, (uint16_t *)dt, A, (uint16_t *)Bm, (uint16_t *)Cm,
+                                                  Dp, bp, rs, h0p, (uint16_t *)dy, dhlp, (uint16_t *)dx, (uint16_t *)ddt,
+                                                  dA, (uint16_t *)dB, (uint16_t *)dC, dD, ddb, dh0, ws, NULL, err,
+                                                  sizeof err);
+            CK(cudaGetLastError());
+            CK(cudaDeviceSynchronize());
+            if (old) {
+                check_true(rc != 0 && err[0], c->name, "bwd after fwd refused by v1-v3");
+            } else if (f && rc == 0) {
+                bool same = same_bits(dx, dx1, nx * 2) && same_bits(ddt, ddt1, ndt * 2) && same_bits(dB, dB1, nB * 2) &&
+                            same_bits(dC, dC1, nB * 2) && same_bits(dA, p1, H * 4);
+                if (c->D) same = same && same_bits(dD, p1 + H, H * 4);
+                if (c->bias) same = same && same_bits(ddb, p1 + 2 * H, H * 4);
+                if (c->h0) same = same && same_bits(dh0, dh01, nh * 4);
+                check_true(same, c->name, "bwd after fwd (states kept): same bits as bwd");
+            } else {
+                printf("  FAIL bwd after fwd refused: %s\n", err), nfail++;
+            }
         }
         // y = NULL: the state pass alone gives the same h_last bits
         poison(hl2, nh);

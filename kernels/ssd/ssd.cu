@@ -17,6 +17,10 @@
 //   v4 (default)  v3's scalars kernel and state passes (the backward's two in one launch: ssd_state_pass_both_kernel),
 //                 ssd_chunk_out4_kernel (y per (b, h, chunk)), and the chunk gradients split in ssd_bwd_bc_kernel (dB,
 //                 dC) and ssd_bwd_dx_kernel (dx, ddt), all three on mma.sync with register-resident outputs.
+//   v5            v4 with half the fp32 states: the passes (HALF) store the state every 128 tokens (entering even
+//                 chunks; the state gradient leaving odd ones), and the per-chunk kernels (R5) rebuild the state at the
+//                 64-token midpoint from the neighbouring chunk's tiles on tensor cores (recon16), inside the products
+//                 that read it. Same per-chunk math as v4; the states move through HBM half as often.
 //   v3            ssd_scalars_kernel (w, din, dlast per chunk position), ssd_state_pass_kernel (one block per
 //                 (b, h, state tile) walking the chunks with the tile in accumulators, 4 chunks in flight; forward
 //                 and, reversed, the state gradient), ssd_chunk_out_kernel (y per (b, h, chunk, 64 rows of P)).
@@ -160,6 +164,7 @@ __host__ __device__ inline ChunkLayout chunk_layout(int64_t P, int64_t N) {
 struct Scal {
     float *delta, *v, *din, *w, *a, *pre, *suf, *btw, *bp, *xdsb, *tmp, *dd, *tj;
     float *epre, *esuf, *ebtw;  // exp of pre, suf, btw
+    float *sc2;  // v5: the partner chunk's w (or din), for a state reconstructed at the 64-token midpoint
     int *lastr;
     float *red;  // 32 floats of reduction scratch
 };
@@ -172,6 +177,7 @@ __device__ inline Scal scal_at(unsigned char *p) {
     s.a = f + 6 * SSD_Q, s.pre = f + 7 * SSD_Q, s.suf = f + 8 * SSD_Q, s.btw = f + 9 * SSD_Q;
     s.xdsb = f + 10 * SSD_Q, s.tmp = f + 11 * SSD_Q, s.dd = f + 12 * SSD_Q, s.tj = f + 13 * SSD_Q;
     s.epre = f + 14 * SSD_Q, s.esuf = f + 15 * SSD_Q, s.ebtw = f + 16 * SSD_Q;
+    s.sc2 = f + 17 * SSD_Q;
     return s;
 }
 
@@ -1212,7 +1218,10 @@ __device__ __forceinline__ void cp_async4(void *smem, const void *gmem) {
 // GRAD: X = dy, M = C, wt = din, chunks from the last one back from init = dh_last (or 0); st_all[c] = the gradient
 // w.r.t. the state leaving chunk c, fin = dh0.
 // (The body of block blk: ssd_state_pass_kernel runs one direction, ssd_state_pass_both_kernel both.)
-template <bool GRAD, int PC, int NC, int TPC>  // P, N and TP at compile time (0: at run time)
+// HALF (v5): the same walk, but only the states at 128-token boundaries are stored, at index c / 2: the forward the
+// state entering every even chunk, GRAD the gradient leaving every odd chunk (and the last chunk). The per-chunk
+// kernels rebuild the other half on tensor cores from the neighbouring chunk (recon16).
+template <bool GRAD, int PC, int NC, int TPC, bool HALF = false>  // P, N and TP at compile time (0: at run time)
 __device__ __forceinline__ void state_pass(const SsdDev &a, int tp_rt, int64_t blk, float *st_all, const float *init,
                                            float *fin) {
     extern __shared__ __align__(128) unsigned char smem[];
@@ -1294,13 +1303,15 @@ __device__ __forceinline__ void state_pass(const SsdDev &a, int tp_rt, int64_t b
         }
         __syncthreads();
         const float dl = wd[SSD_Q];
-        float *st = st_all + ((bh * nch + c) * P + p0) * N + n0;
+        const bool keep = !HALF || (GRAD ? ((c & 1) || c == nch - 1) : !(c & 1));
+        float *st = HALF ? st_all + ((bh * ((nch + 1) / 2) + (c >> 1)) * P + p0) * N + n0
+                         : st_all + ((bh * nch + c) * P + p0) * N + n0;
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             const int t = warp + r * (SSD_THREADS / 32);
             if (t >= ntl) continue;
             const int i0 = (t / ntn) * 16, j0 = (t % ntn) * 16;
-            wmma::store_matrix_sync(st + (int64_t)i0 * N + j0, acc[r], (unsigned)N, wmma::mem_row_major);
+            if (keep) wmma::store_matrix_sync(st + (int64_t)i0 * N + j0, acc[r], (unsigned)N, wmma::mem_row_major);
 #pragma unroll
             for (int e = 0; e < acc[r].num_elements; e++) acc[r].x[e] *= dl;
             mma_k<wmma::col_major, wmma::row_major>(acc[r], Xd, lX, Mh, lM, i0, j0, 0, Q);
@@ -1324,19 +1335,19 @@ __device__ __forceinline__ void state_pass(const SsdDev &a, int tp_rt, int64_t b
     }
 }
 
-template <bool GRAD, int PC, int NC, int TPC>
+template <bool GRAD, int PC, int NC, int TPC, bool HALF>
 __global__ void __launch_bounds__(SSD_THREADS) ssd_state_pass_kernel(SsdDev a, int tp_rt, float *st_all,
                                                                       const float *init, float *fin) {
-    state_pass<GRAD, PC, NC, TPC>(a, tp_rt, blockIdx.x, st_all, init, fin);
+    state_pass<GRAD, PC, NC, TPC, HALF>(a, tp_rt, blockIdx.x, st_all, init, fin);
 }
 // The backward's two passes in one launch (v4): blocks [0, nb) walk the states forward from init (h0 or 0) into Sin,
 // blocks [nb, 2 nb) the state gradients backward from dh_last into dSo (dh0 at the end). They are independent, and
 // at 1 x 8192 each alone has too few blocks to hide its per-chunk latency.
-template <int PC, int NC, int TPC>
+template <int PC, int NC, int TPC, bool HALF>
 __global__ void __launch_bounds__(SSD_THREADS) ssd_state_pass_both_kernel(SsdDev a, int tp_rt, int64_t nb,
                                                                            const float *init) {
-    if ((int64_t)blockIdx.x < nb) state_pass<false, PC, NC, TPC>(a, tp_rt, blockIdx.x, a.Sin, init, nullptr);
-    else state_pass<true, PC, NC, TPC>(a, tp_rt, (int64_t)blockIdx.x - nb, a.dSo, a.dhl, a.dh0);
+    if ((int64_t)blockIdx.x < nb) state_pass<false, PC, NC, TPC, HALF>(a, tp_rt, blockIdx.x, a.Sin, init, nullptr);
+    else state_pass<true, PC, NC, TPC, HALF>(a, tp_rt, (int64_t)blockIdx.x - nb, a.dSo, a.dhl, a.dh0);
 }
 
 // ---------------------------------------------------------------------------------------------- v4: mma.sync kernels
@@ -1442,11 +1453,89 @@ __device__ __forceinline__ Unit unit_of(int warp, int ncb) {
 }
 typedef float Frag[4][2][4];  // [row tile][8-column tile][register]: a unit's [16 nmt, 16] output
 
+// v5: a 16 x 16 tile (rows r0.., columns c0..) of a state that the passes did not store (the one at a 64-token
+// midpoint), rebuilt from the stored state one chunk away and that chunk's tiles:
+//   S(r, c) = dl Sst(r, c) + sum_k Ta[k][r] (sc_k Tb[k][c])     (k over the Q tokens of the neighbouring chunk)
+// Forward state entering odd chunk o from the state entering e = o - 1: Sst = S_e, Ta/Tb = x_e/B_e (or B_e/x_e for
+// the transposed tile), sc = w_e, dl = dlast_e: the pass's own update. State gradient leaving even chunk e from the
+// one leaving o = e + 1: Sst = dS_o, Ta/Tb = dy_o/C_o (or C_o/dy_o), sc = din_o, dl = dlast_o.
+// Ta and Tb are exact bf16 tiles in shared memory; sc_k Tb enters as hi + lo (split_bf), as wt o M does in the pass.
+// v[2i], v[2i+1] hold the stored values on entry and the rebuilt ones on return: i = 0: (r0 + g, c0 + 2t, +1),
+// 1: (r0 + g, c0 + 8 + 2t, +1), 2: (r0 + g + 8, c0 + 2t, +1), 3: (r0 + g + 8, c0 + 8 + 2t, +1) (g = lane / 4,
+// t = lane % 4): the two m16n8 accumulator tiles of columns c0.. and c0 + 8.., which are also the B-fragment pairs
+// that mma_state_nk and the x dS / dy S0 products of ssd_bwd_bc_kernel consume. Warp-uniform (mma.sync).
+struct Rec {
+    const bf16 *Ta, *Tb;
+    int lda, ldb;
+    const float *sc;  // nullptr: Tb (hi) and Tl (lo) already hold sc_k Tb[k][c] split (presplit), shared by the warps
+    float dl;
+    const bf16 *Tl;
+};
+__device__ __forceinline__ float2 bf2_to_f2(unsigned u) {  // a bf16 pair (lower index in the low half) as floats
+    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+}
+// (Without presplit every warp splits all of sc o Tb that its columns need: in ssd_bwd_dx_kernel, which has no room
+// for the lo half, it stays so.)
+__device__ __forceinline__ void recon16(float (&v)[8], const Rec &rc, int r0, int c0) {
+    const int t = threadIdx.x & 3;
+    float d0[4] = {rc.dl * v[0], rc.dl * v[1], rc.dl * v[4], rc.dl * v[5]};  // columns c0..: rows g, g + 8
+    float d1[4] = {rc.dl * v[2], rc.dl * v[3], rc.dl * v[6], rc.dl * v[7]};  // columns c0 + 8..
+    if (!rc.sc) {  // presplit operand: two fragment loads and four MMAs per k step, nothing else
+#pragma unroll
+        for (int k0 = 0; k0 < SSD_Q; k0 += 16) {
+            unsigned fa[4], fh[4], fl[4];
+            lda_col(fa, rc.Ta, rc.lda, r0, k0);
+            ldb_kn(fh, rc.Tb, rc.ldb, k0, c0);
+            ldb_kn(fl, rc.Tl, rc.ldb, k0, c0);
+            mma16816(d0, fa, fh[0], fh[1]), mma16816(d0, fa, fl[0], fl[1]);
+            mma16816(d1, fa, fh[2], fh[3]), mma16816(d1, fa, fl[2], fl[3]);
+        }
+    } else
+#pragma unroll
+    for (int k0 = 0; k0 < SSD_Q; k0 += 16) {
+        unsigned fa[4], fb[4];
+        lda_col(fa, rc.Ta, rc.lda, r0, k0);
+        ldb_kn(fb, rc.Tb, rc.ldb, k0, c0);
+        const float2 s0 = *reinterpret_cast<const float2 *>(rc.sc + k0 + 2 * t);      // rows k0 + 2t, +1
+        const float2 s8 = *reinterpret_cast<const float2 *>(rc.sc + k0 + 8 + 2 * t);  // rows k0 + 8 + 2t, +1
+        unsigned hi[4], lo[4];  // fb[0], fb[1]: b0, b1 of columns c0..; fb[2], fb[3]: of columns c0 + 8..
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const float2 s = (i & 1) ? s8 : s0, b = bf2_to_f2(fb[i]);
+            split2(s.x * b.x, s.y * b.y, hi[i], lo[i]);
+        }
+        mma16816(d0, fa, hi[0], hi[1]), mma16816(d0, fa, lo[0], lo[1]);
+        mma16816(d1, fa, hi[2], hi[3]), mma16816(d1, fa, lo[2], lo[3]);
+    }
+    v[0] = d0[0], v[1] = d0[1], v[4] = d0[2], v[5] = d0[3];
+    v[2] = d1[0], v[3] = d1[1], v[6] = d1[2], v[7] = d1[3];
+}
+
 // acc[mt][nt] += A[rows of mt, :K] S^T-fragment, A [m][k] bf16 in shared memory, S an fp32 [rows, K] matrix in global
 // memory read straight into B fragments (element (k, n) = S[n0 + n][k], n0 = 16 cb) and split into hi + lo there.
 // The next k step's eight values are loaded before this step's MMAs.
+// sc_k T[k][c] for a [Q, width] bf16 tile in shared memory (row stride ld), split: hi in place, lo into Tl (same
+// stride); the block's threads share the work (the pass splits wt o M the same way). A barrier must follow.
+__device__ __forceinline__ void presplit(bf16 *T, bf16 *Tl, int width, int ld, const float *sc) {
+    const int w8 = width / 8;
+    for (int i = threadIdx.x; i < SSD_Q * w8; i += SSD_THREADS) {
+        const int m = i / w8, col = (i - m * w8) * 8;
+        const uint4 raw = *reinterpret_cast<const uint4 *>(T + m * ld + col);
+        const bf16 *mv = reinterpret_cast<const bf16 *>(&raw);
+        const float wk = sc[m];
+        __align__(16) bf16 hi[8], lo[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) split_bf(wk * bf(mv[e]), &hi[e], &lo[e]);
+        *reinterpret_cast<uint4 *>(T + m * ld + col) = *reinterpret_cast<const uint4 *>(hi);
+        *reinterpret_cast<uint4 *>(Tl + m * ld + col) = *reinterpret_cast<const uint4 *>(lo);
+    }
+}
+
+// REC and rec (v5): S is the stored state one chunk away and every 16 x 16 tile is rebuilt first (recon16: rows n0..,
+// columns k0..).
+template <bool REC = false>
 __device__ __forceinline__ void mma_state_nk(Frag &acc, const Unit &u, const bf16 *A, int lda, const float *S, int ldS,
-                                             int n0, int K) {
+                                             int n0, int K, const Rec *rc = nullptr, bool rec = false) {
     const int l = threadIdx.x & 31, g = l >> 2, t = l & 3;
     const float *r0 = S + (int64_t)(n0 + g) * ldS + 2 * t, *r1 = r0 + (int64_t)8 * ldS;
     float2 cur[4], nxt[4];
@@ -1459,6 +1548,12 @@ __device__ __forceinline__ void mma_state_nk(Frag &acc, const Unit &u, const bf1
             nxt[1] = __ldg(reinterpret_cast<const float2 *>(r0 + k1 + 8));
             nxt[2] = __ldg(reinterpret_cast<const float2 *>(r1 + k1));
             nxt[3] = __ldg(reinterpret_cast<const float2 *>(r1 + k1 + 8));
+        }
+        if (REC && rec) {
+            float v[8] = {cur[0].x, cur[0].y, cur[1].x, cur[1].y, cur[2].x, cur[2].y, cur[3].x, cur[3].y};
+            recon16(v, *rc, n0, k0);
+#pragma unroll
+            for (int i = 0; i < 4; i++) cur[i] = make_float2(v[2 * i], v[2 * i + 1]);
         }
         unsigned hi[4], lo[4];
 #pragma unroll
@@ -1512,12 +1607,18 @@ __device__ __forceinline__ void unit_row_sums(const Unit &u, float *red, F v) {
 }
 
 struct V4Layout {  // shared memory of the v4 kernels (unused regions: size 0)
-    int64_t X, DY, B, C, Wh, Wl, E, red, scal, total;
+    int64_t X, DY, B, C, Wh, Wl, E, red, scal, T1, T2, total;
 };
 // kind 0: ssd_bwd_dx_kernel (X, DY, B, C, W hi/lo, E [Q, Q+1] with 8 rows of partials after it, also the row sums)
 // kind 1: ssd_bwd_bc_kernel (X, DY, B, C, V hi/lo in W's place, row sums)
 // kind 2: ssd_chunk_out4_kernel (X, B, C, W hi/lo)
-__host__ __device__ inline V4Layout v4_layout(int kind, int64_t P, int64_t N) {
+// r5 (v5) adds the neighbouring chunk's two tiles for recon16: T1 [Q, P] (x or dy), T2 [Q, N] (B or C). Each kernel
+// stays within two blocks per SM (<= 113 KB at P = N = 128): kind 2 gives them their own regions (108 KB; the lo half
+// of the presplit T2 goes to B's region once W is formed); kind 1 puts T2 in B's region (B is loaded after the state
+// products, behind V and dB) and adds T1 (110 KB; the presplit T1's lo half lives in V's region, V being formed after
+// the state products); kind 0 puts T2 in C's region (dead once W and E are formed) and T1 in E's (dead after the
+// ddelta bookkeeping), the partials after it (no room for a presplit: recon16 splits in registers there).
+__host__ __device__ inline V4Layout v4_layout(int kind, int64_t P, int64_t N, bool r5 = false) {
     const int64_t Q = SSD_Q;
     V4Layout l;
     Carve c;
@@ -1527,21 +1628,29 @@ __host__ __device__ inline V4Layout v4_layout(int kind, int64_t P, int64_t N) {
     l.C = c.take(Q * ld16(N) * 2);
     l.Wh = c.take(Q * ld16(Q) * 2);
     l.Wl = c.take(Q * ld16(Q) * 2);
-    l.E = c.take(kind == 0 ? (Q * (Q + 1) + 8 * Q) * 4 : 0);
-    l.red = kind == 0 ? l.E + Q * (Q + 1) * 4 : c.take(kind == 1 ? 8 * Q * 4 : 0);
+    const int64_t e_main = kind == 0 && r5 ? max64(al128(Q * (Q + 1) * 4), Q * ld16(P) * 2) : Q * (Q + 1) * 4;
+    l.E = c.take(kind == 0 ? e_main + 8 * Q * 4 : 0);
+    l.red = kind == 0 ? l.E + e_main : c.take(kind == 1 ? 8 * Q * 4 : 0);
     l.scal = c.take(SSD_SCAL * Q * 4);
+    l.T1 = l.T2 = 0;
+    if (r5) {
+        l.T1 = kind == 0 ? l.E : c.take(Q * ld16(P) * 2);
+        l.T2 = kind == 0 ? l.C : kind == 1 ? l.B : c.take(Q * ld16(N) * 2);
+    }
     l.total = c.o;
     return l;
 }
 
 // One block per (b, h, chunk): y = din_m C S_in^T + W x + D x, W = (C B^T) o decay o delta (one per chunk: v3's kernel
 // formed C B^T and the decays once per 64 rows of P). Each warp owns a unit of y in registers.
-template <int PC, int NC>
+// R5 (v5): the passes stored S_in for even chunks only; an odd chunk rebuilds its own from the previous chunk's
+// (recon16 inside the C S_in^T product, with that chunk's x, B tiles and w, dlast).
+template <int PC, int NC, bool R5>
 __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a) {
     extern __shared__ __align__(128) unsigned char smem[];
     const int P = PC ? PC : (int)a.P, N = NC ? NC : (int)a.N, Q = SSD_Q;
     const int lP = (int)ld16(P), lN = (int)ld16(N), lQ = (int)ld16(Q);
-    const V4Layout lay = v4_layout(2, P, N);
+    const V4Layout lay = v4_layout(2, P, N, R5);
     bf16 *Xs = reinterpret_cast<bf16 *>(smem + lay.X), *Bs = reinterpret_cast<bf16 *>(smem + lay.B);
     bf16 *Cs = reinterpret_cast<bf16 *>(smem + lay.C);
     bf16 *Wh = reinterpret_cast<bf16 *>(smem + lay.Wh), *Wl = reinterpret_cast<bf16 *>(smem + lay.Wl);
@@ -1556,6 +1665,19 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a
     load_rows_async(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * N; });
     load_rows_async(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * N; });
     load_rows_async(Xs, P, lP, q, a.vec, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * P; });
+    const bool rec = R5 && (c & 1);  // the previous chunk (full) is the partner
+    Rec rc = {};
+    if (rec) {
+        const int64_t t1 = t0 - SSD_Q, o1 = bh * a.nch + c - 1;
+        rc.Ta = reinterpret_cast<const bf16 *>(smem + lay.T1), rc.lda = lP;
+        rc.Tb = reinterpret_cast<const bf16 *>(smem + lay.T2), rc.ldb = lN;
+        rc.Tl = Bs, rc.sc = nullptr, rc.dl = a.dl[o1];  // w o B of chunk c - 1: hi in T2, lo in B's region (below)
+        load_rows_async(reinterpret_cast<bf16 *>(smem + lay.T1), P, lP, SSD_Q, a.vec,
+                        [&](int m) { return a.x + ((b * L + t1 + m) * H + h) * P; });
+        load_rows_async(reinterpret_cast<bf16 *>(smem + lay.T2), N, lN, SSD_Q, a.vec,
+                        [&](int m) { return a.Bm + ((b * L + t1 + m) * G + g) * N; });
+        if (tid >= 32 && tid < 32 + SSD_Q) sc.sc2[tid - 32] = a.wv[o1 * SSD_Q + tid - 32];
+    }
     if (tid < 32) chunk_scalars(a, b, h, t0, q, sc);
     cp_async_wait_all();
     __syncthreads();
@@ -1576,11 +1698,19 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a
         }
     }
     __syncthreads();
+    if (rec) {  // B is dead once W is formed: w o B of chunk c - 1 as hi (in place) + lo (B's region)
+        presplit(reinterpret_cast<bf16 *>(smem + lay.T2), Bs, N, lN, sc.sc2);
+        __syncthreads();
+    }
     const Unit u = unit_of(warp, P / 16);
     if (!u.on) return;
     const int p0 = u.cb * 16;
     Frag acc = {};
-    mma_state_nk(acc, u, Cs, lN, a.Sin + (bh * a.nch + c) * (int64_t)P * N, N, p0, N);  // C S_in^T
+    if (R5)  // C S_in^T, S_in stored (even c) or rebuilt (odd c) from the stored state entering c - 1
+        mma_state_nk<true>(acc, u, Cs, lN, a.Sin + (bh * ((a.nch + 1) / 2) + (c >> 1)) * (int64_t)P * N, N, p0, N,
+                           &rc, rec);
+    else
+        mma_state_nk(acc, u, Cs, lN, a.Sin + (bh * a.nch + c) * (int64_t)P * N, N, p0, N);  // C S_in^T
     unit_cells(u, [&](int mt, int nt, int hh, int row, int col) {
         acc[mt][nt][2 * hh] *= sc.din[row], acc[mt][nt][2 * hh + 1] *= sc.din[row];
     });
@@ -1609,12 +1739,16 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a
 // Backward, first of two per-chunk kernels (one block per (b, h, chunk)): dB = w_k (x dS) + V^T C and
 // dC = din_m (dy S0) + V B with V = (dy x^T) o decay o delta, and for ssd_bwd_dx_kernel tmp_m = din_m C_m.(dy S0)_m
 // (a.tw) and u = dlast <dS, S0> (a.uw). dS and S0 are read once each, straight into fragments.
-template <int PC, int NC>
+// R5 (v5): the passes stored S0 for even chunks and dS for odd ones (and the last): an odd chunk rebuilds S0 from the
+// previous chunk (x, B, w, dlast), an even one dS from the next (dy, C, din, dlast), inside the x dS / dy S0 loop
+// (recon16 on the transposed tiles). The two tiles of that chunk take T1 and B's region, sc o (x or dy) presplit with
+// its lo half in V's region; V is formed after the loop, while B comes into its region.
+template <int PC, int NC, bool R5>
 __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
     extern __shared__ __align__(128) unsigned char smem[];
     const int P = PC ? PC : (int)a.P, N = NC ? NC : (int)a.N, Q = SSD_Q;
     const int lP = (int)ld16(P), lN = (int)ld16(N), lQ = (int)ld16(Q);
-    const V4Layout lay = v4_layout(1, P, N);
+    const V4Layout lay = v4_layout(1, P, N, R5);
     bf16 *Xs = reinterpret_cast<bf16 *>(smem + lay.X), *DYs = reinterpret_cast<bf16 *>(smem + lay.DY);
     bf16 *Bs = reinterpret_cast<bf16 *>(smem + lay.B), *Cs = reinterpret_cast<bf16 *>(smem + lay.C);
     bf16 *Vh = reinterpret_cast<bf16 *>(smem + lay.Wh), *Vl = reinterpret_cast<bf16 *>(smem + lay.Wl);
@@ -1626,16 +1760,34 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
     const int q = (int)(L - t0 < SSD_Q ? L - t0 : SSD_Q);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, lg = lane >> 2, lt = lane & 3;
 
+    // R5: rS0 (odd c): S0 rebuilt from chunk c - 1; rdS (even c with a successor): dS rebuilt from chunk c + 1
+    const bool rS0 = R5 && (c & 1), rdS = R5 && !(c & 1) && c + 1 < a.nch, rec = rS0 || rdS;
+    auto load_b = [&]() {
+        load_rows_async(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * N; });
+    };
     load_rows_async(Xs, P, lP, q, a.vec, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * P; });
     load_rows_async(DYs, P, lP, q, a.vec, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * P; });
-    load_rows_async(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * N; });
+    if (!rec) load_b();
     load_rows_async(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * N; });
+    Rec rc = {};
+    if (rec) {  // Ta = B or C of the partner chunk [Q, N] (in B's region), Tb = its x or dy [Q, P]
+        const int64_t c2 = rS0 ? c - 1 : c + 1, t2 = c2 * SSD_Q, o2 = bh * a.nch + c2;
+        const int q2 = (int)(L - t2 < SSD_Q ? L - t2 : SSD_Q);
+        bf16 *T1 = reinterpret_cast<bf16 *>(smem + lay.T1), *T2 = reinterpret_cast<bf16 *>(smem + lay.T2);
+        const bf16 *Tg = rS0 ? a.Bm : a.Cm, *Xg = rS0 ? a.x : a.dy;
+        load_rows_async(T2, N, lN, q2, a.vec, [&](int m) { return Tg + ((b * L + t2 + m) * G + g) * N; });
+        load_rows_async(T1, P, lP, q2, a.vec, [&](int m) { return Xg + ((b * L + t2 + m) * H + h) * P; });
+        if (tid >= 32 && tid < 32 + SSD_Q) sc.sc2[tid - 32] = (rS0 ? a.wv : a.dv)[o2 * SSD_Q + tid - 32];
+        // sc o Tb presplit: hi in T1, lo in V's region (V is formed after the state products under R5)
+        rc.Ta = T2, rc.lda = lN, rc.Tb = T1, rc.Tl = Vh, rc.ldb = lP, rc.sc = nullptr, rc.dl = a.dl[o2];
+    }
     if (tid < 32) chunk_scalars(a, b, h, t0, q, sc);
     cp_async_wait_all();
     __syncthreads();
     chunk_weights(sc);
+    if (R5 && rec) presplit(reinterpret_cast<bf16 *>(smem + lay.T1), Vh, P, lP, sc.sc2);
     __syncthreads();
-    {  // V as hi + lo
+    auto v_slab = [&]() {  // V as hi + lo
         const int mi = (warp >> 1) * 16, kc = (warp & 1) * 32;
         if (kc <= mi + 15) {
             float dg[4][4] = {};
@@ -1648,20 +1800,25 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
                 *reinterpret_cast<unsigned *>(Vl + m * lQ + k) = lo;
             });
         }
+    };
+    if (!R5) {
+        v_slab();
+        __syncthreads();
     }
-    __syncthreads();
     const Unit u = unit_of(warp, N / 16);
+    const int n0 = u.cb * 16;
     float up = 0.f;
+    Frag fb = {}, fc = {};
     if (u.on) {
-        const int n0 = u.cb * 16;
-        const float *dS = a.dSo + (bh * a.nch + c) * (int64_t)P * N, *S0 = a.Sin + (bh * a.nch + c) * (int64_t)P * N;
-        Frag fb = {}, fc = {};
+        const int64_t so = R5 ? (bh * ((a.nch + 1) / 2) + (c >> 1)) * (int64_t)P * N : (bh * a.nch + c) * (int64_t)P * N;
+        const float *dS = a.dSo + so, *S0 = a.Sin + so;
         // x dS and dy S0 over k = p; this thread's state cells: rows k0 + 2t + {0, 1, 8, 9}, columns n0 + g + {0, 8}
+        // (R5: each stored state is read by two neighbouring blocks, so S0 is not streamed past L2)
         auto load = [&](float (&vs)[8], float (&vz)[8], int k0) {
 #pragma unroll
             for (int i = 0; i < 8; i++) {
                 const int64_t o = (int64_t)(k0 + 2 * lt + (i & 1) + ((i >> 1) & 1) * 8) * N + n0 + 8 * (i >> 2) + lg;
-                vs[i] = __ldg(dS + o), vz[i] = __ldcs(S0 + o);
+                vs[i] = __ldg(dS + o), vz[i] = R5 ? __ldg(S0 + o) : __ldcs(S0 + o);
             }
         };
         float cs[8], cz[8], ns[8], nz[8];
@@ -1669,6 +1826,8 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
         const bool ucount = u.mt0 == 0;  // u: each state cell counted by one warp
         for (int k0 = 0; k0 < P; k0 += 16) {
             if (k0 + 16 < P) load(ns, nz, k0 + 16);
+            if (R5 && rdS) recon16(cs, rc, n0, k0);  // dS^T tile: rows n0.., columns (p) k0..
+            if (R5 && rS0) recon16(cz, rc, n0, k0);
             unsigned sh[4], sl[4], zh[4], zl[4];  // [nt * 2 + (b0, b1)]
 #pragma unroll
             for (int i = 0; i < 4; i++) split2(cs[2 * i], cs[2 * i + 1], sh[i], sl[i]);
@@ -1694,6 +1853,14 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
 #pragma unroll
             for (int i = 0; i < 8; i++) cs[i] = ns[i], cz[i] = nz[i];
         }
+    }
+    if (R5) {  // the partner tiles are dead: B into its region, in flight while V and dB are formed
+        __syncthreads();
+        if (rec) load_b();
+        v_slab();
+        __syncthreads();
+    }
+    if (u.on) {
         // dB = w_k (x dS) + V^T C (V^T upper triangular: m tiles from the row tile on)
         unit_cells(u, [&](int mt, int nt, int hh, int row, int col) {
             fb[mt][nt][2 * hh] *= sc.w[row], fb[mt][nt][2 * hh + 1] *= sc.w[row];
@@ -1724,6 +1891,12 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
         unit_cells(u, [&](int mt, int nt, int hh, int row, int col) {
             fc[mt][nt][2 * hh] *= sc.din[row], fc[mt][nt][2 * hh + 1] *= sc.din[row];
         });
+    }
+    if (R5 && rec) {
+        cp_async_wait_all();
+        __syncthreads();
+    }
+    if (u.on) {
         const int last = (u.mt0 + u.nmt - 1) * 16;
         for (int kk = 0; kk <= last; kk += 16) {
             unsigned fbm[4];
@@ -1758,12 +1931,15 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
 // Backward, second per-chunk kernel (after ssd_bwd_bc_kernel): dx = D dy + w_k (B dS^T) + W^T dy and ddt, with the
 // interval-sum bookkeeping of v3's chunk kernel (E = (dy x^T) o (C B^T) o decay), tmp and u from ssd_bwd_bc_kernel,
 // and this block's partials of dA, ddt_bias, dD.
-template <int PC, int NC>
+// R5 (v5): dS is stored for odd chunks (and the last); an even chunk rebuilds it from the next chunk's (dy, C, din,
+// dlast) inside R = B dS^T (recon16). That chunk's C goes to C's region once W and E are formed, its dy to E's
+// region after the ddelta bookkeeping.
+template <int PC, int NC, bool R5>
 __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
     extern __shared__ __align__(128) unsigned char smem[];
     const int P = PC ? PC : (int)a.P, N = NC ? NC : (int)a.N, Q = SSD_Q;
     const int lP = (int)ld16(P), lN = (int)ld16(N), lQ = (int)ld16(Q);
-    const V4Layout lay = v4_layout(0, P, N);
+    const V4Layout lay = v4_layout(0, P, N, R5);
     bf16 *Xs = reinterpret_cast<bf16 *>(smem + lay.X), *DYs = reinterpret_cast<bf16 *>(smem + lay.DY);
     bf16 *Bs = reinterpret_cast<bf16 *>(smem + lay.B), *Cs = reinterpret_cast<bf16 *>(smem + lay.C);
     bf16 *Wh = reinterpret_cast<bf16 *>(smem + lay.Wh), *Wl = reinterpret_cast<bf16 *>(smem + lay.Wl);
@@ -1780,8 +1956,18 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
     load_rows_async(DYs, P, lP, q, a.vec, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * P; });
     load_rows_async(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * N; });
     load_rows_async(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * N; });
+    const bool rec = R5 && !(c & 1) && c + 1 < a.nch;  // dS rebuilt from chunk c + 1
+    const int64_t t2 = t0 + SSD_Q, o2 = o + 1;
+    const int q2 = (int)(L - t2 < SSD_Q ? L - t2 : SSD_Q);
+    Rec rc = {};
+    if (rec) {
+        rc.Ta = reinterpret_cast<const bf16 *>(smem + lay.T1), rc.lda = lP;  // dy of chunk c + 1 [Q, P]
+        rc.Tb = reinterpret_cast<const bf16 *>(smem + lay.T2), rc.ldb = lN;  // its C [Q, N]
+        rc.sc = sc.sc2, rc.dl = a.dl[o2];
+    }
     if (tid < 32) chunk_scalars(a, b, h, t0, q, sc);
     else if (tid < 32 + SSD_Q) sc.tmp[tid - 32] = a.tw[o * SSD_Q + tid - 32];
+    else if (rec && tid < 32 + 2 * SSD_Q) sc.sc2[tid - 32 - SSD_Q] = a.dv[o2 * SSD_Q + tid - 32 - SSD_Q];
     const float u = a.uw[o];
     cp_async_wait_all();
     __syncthreads();
@@ -1808,6 +1994,9 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
         }
     }
     __syncthreads();
+    if (rec)  // C is dead: the next chunk's C into its region
+        load_rows_async(reinterpret_cast<bf16 *>(smem + lay.T2), N, lN, q2, a.vec,
+                        [&](int m) { return a.Cm + ((b * L + t2 + m) * G + g) * N; });
     // ddelta's column sums of E and the row prefixes of M = E delta_k (as v3's chunk kernel)
     static_assert(SSD_THREADS == 4 * SSD_Q, "4 threads per row or column of the chunk");
     float *part1 = red, *part2 = red + 4 * SSD_Q;
@@ -1838,13 +2027,21 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
         part1[qr * SSD_Q + ix] = cs;
     }
     __syncthreads();
+    if (rec)  // E is dead: the next chunk's dy into its region (the partials lie after it)
+        load_rows_async(reinterpret_cast<bf16 *>(smem + lay.T1), P, lP, q2, a.vec,
+                        [&](int m) { return a.dy + ((b * L + t2 + m) * H + h) * P; });
     if (tid < SSD_Q) sc.tj[tid] = (part1[tid] + part1[SSD_Q + tid]) + (part1[2 * SSD_Q + tid] + part1[3 * SSD_Q + tid]);
+    if (rec) cp_async_wait_all();
     __syncthreads();  // part1/part2 are free: red holds the row sums below
     const Unit un = unit_of(warp, P / 16);
     if (un.on) {
         const int p0 = un.cb * 16;
         Frag acc = {};
-        mma_state_nk(acc, un, Bs, lN, a.dSo + o * (int64_t)P * N, N, p0, N);  // R = B dS^T
+        if (R5)  // R = B dS^T, dS stored (odd c, the last c) or rebuilt from the stored one leaving c + 1
+            mma_state_nk<true>(acc, un, Bs, lN, a.dSo + (bh * ((a.nch + 1) / 2) + (c >> 1)) * (int64_t)P * N, N, p0,
+                               N, &rc, rec);
+        else
+            mma_state_nk(acc, un, Bs, lN, a.dSo + o * (int64_t)P * N, N, p0, N);  // R = B dS^T
         unit_row_sums(un, red, [&](int mt, int nt, int hh, int row, int col) {  // xdsb_k = x_k . R_k
             return fmaf(bf(Xs[row * lP + col]), acc[mt][nt][2 * hh], bf(Xs[row * lP + col + 1]) * acc[mt][nt][2 * hh + 1]);
         });
@@ -1997,11 +2194,13 @@ Ws make_ws(const SsdShape *s, bool bwd) {
 // DISTILL_SSD=v1 selects the first kernels (sequential state passes in shared memory, per 16 rows of P), v2 the
 // chunk-parallel state pass (chunk states, then an elementwise scan), v3 the fused state pass with the WMMA chunk
 // kernels; the default is v4 (v3's state passes, the backward's two in one launch, and the mma.sync chunk kernels).
+// v5 (DISTILL_SSD=v5): v4 with the states stored every 128 tokens (the passes' HALF, the per-chunk kernels' R5).
 int ssd_version(void) {
     const char *v = getenv("DISTILL_SSD");
     if (v && !strcmp(v, "v1")) return 1;
     if (v && !strcmp(v, "v2")) return 2;
     if (v && !strcmp(v, "v3")) return 3;
+    if (v && !strcmp(v, "v5")) return 5;
     return 4;
 }
 bool use_v1(void) { return ssd_version() == 1; }
@@ -2063,8 +2262,8 @@ int by_shape(int64_t P, int64_t N, F f) {
     return f(integral_constant<int, 0>(), integral_constant<int, 0>());
 }
 
-// The sequential state pass (GRAD: the state-gradient pass) with its P tile tp
-template <bool GRAD>
+// The sequential state pass (GRAD: the state-gradient pass) with its P tile tp (HALF: v5's, every other state)
+template <bool GRAD, bool HALF = false>
 int launch_pass(const SsdDev &a, float *st_all, const float *init, float *fin, cudaStream_t st, char *err,
                 size_t errlen, const char *who) {
     const int tp = pass_tp(a);
@@ -2076,13 +2275,14 @@ int launch_pass(const SsdDev &a, float *st_all, const float *init, float *fin, c
             kernel<<<(unsigned)pass_grid(a, tp), SSD_THREADS, (size_t)smem, st>>>(a, tp, st_all, init, fin);
             return scan_launch_check(err, errlen, who);
         };
-        if (PC && tp == 64) return go(ssd_state_pass_kernel<GRAD, PC, NC, (PC ? 64 : 0)>);
-        if (PC && tp == 32) return go(ssd_state_pass_kernel<GRAD, PC, NC, (PC ? 32 : 0)>);
-        return go(ssd_state_pass_kernel<GRAD, 0, 0, 0>);
+        if (PC && tp == 64) return go(ssd_state_pass_kernel<GRAD, PC, NC, (PC ? 64 : 0), HALF>);
+        if (PC && tp == 32) return go(ssd_state_pass_kernel<GRAD, PC, NC, (PC ? 32 : 0), HALF>);
+        return go(ssd_state_pass_kernel<GRAD, 0, 0, 0, HALF>);
     });
 }
 
-// Both passes of the backward in one launch (v4); the scalars kernel must have run.
+// Both passes of the backward in one launch (v4; HALF: v5); the scalars kernel must have run.
+template <bool HALF>
 int launch_passes_both(const SsdDev &a, const float *init, cudaStream_t st, char *err, size_t errlen, const char *who) {
     const int tp = pass_tp(a, 2);
     const int64_t smem = pass_layout(tp, out_pt(a.N)).total, nb = pass_grid(a, tp);
@@ -2094,9 +2294,9 @@ int launch_passes_both(const SsdDev &a, const float *init, cudaStream_t st, char
             kernel<<<(unsigned)(2 * nb), SSD_THREADS, (size_t)smem, st>>>(a, tp, nb, init);
             return scan_launch_check(err, errlen, who);
         };
-        if (PC && tp == 64) return go(ssd_state_pass_both_kernel<PC, NC, (PC ? 64 : 0)>);
-        if (PC && tp == 32) return go(ssd_state_pass_both_kernel<PC, NC, (PC ? 32 : 0)>);
-        return go(ssd_state_pass_both_kernel<0, 0, 0>);
+        if (PC && tp == 64) return go(ssd_state_pass_both_kernel<PC, NC, (PC ? 64 : 0), HALF>);
+        if (PC && tp == 32) return go(ssd_state_pass_both_kernel<PC, NC, (PC ? 32 : 0), HALF>);
+        return go(ssd_state_pass_both_kernel<0, 0, 0, HALF>);
     });
 }
 
@@ -2107,7 +2307,9 @@ int chunk_states(const SsdDev &a, const float *init, float *fin, cudaStream_t st
         ssd_scalars_kernel<<<(unsigned)(a.B * a.H * a.nch), SSD_Q, 0, st>>>(a);
         if (scan_launch_check(err, errlen, who)) return -1;
         tm.mark("scalars");
-        if (launch_pass<false>(a, a.Sin, init, fin, st, err, errlen, who)) return -1;
+        if (ssd_version() == 5 ? launch_pass<false, true>(a, a.Sin, init, fin, st, err, errlen, who)
+                               : launch_pass<false>(a, a.Sin, init, fin, st, err, errlen, who))
+            return -1;
         tm.mark("state_pass");
         return 0;
     }
@@ -2143,7 +2345,8 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     a.vec = vec_ok(x, Bm, Cm, nullptr);
     a.yvec = ((uintptr_t)y & 3) == 0;
     cudaStream_t st = (cudaStream_t)stream;
-    static const char *names[] = {"", "ssd_fwd_cuda v1", "ssd_fwd_cuda v2", "ssd_fwd_cuda v3", "ssd_fwd_cuda v4"};
+    static const char *names[] = {"",      "ssd_fwd_cuda v1", "ssd_fwd_cuda v2", "ssd_fwd_cuda v3", "ssd_fwd_cuda v4",
+                                  "ssd_fwd_cuda v5"};
     Stages tm(names[workspace ? ssd_version() : 1], st);
     if (workspace && !use_v1()) {  // v2: chunk states, scan, chunk outputs
         const int64_t blocks = a.B * a.H * a.nch * (a.P / out_pt(a.P));
@@ -2152,16 +2355,19 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
         const Ws w = make_ws(s, false);
         a.Sin = (float *)((char *)workspace + w.Sin), a.dl = (float *)((char *)workspace + w.dl);
         a.wv = (float *)((char *)workspace + w.wv), a.dv = (float *)((char *)workspace + w.dv);
-        const bool v4 = ssd_version() == 4;
-        const int64_t smem = v4 ? v4_layout(2, a.P, a.N).total : out_layout(out_pt(a.P), a.N).total;
+        const bool v4 = ssd_version() >= 4, v5 = ssd_version() == 5;
+        const int64_t smem = v4 ? v4_layout(2, a.P, a.N, v5).total : out_layout(out_pt(a.P), a.N).total;
         if (smem_ok(max64(smem, cst_layout(a.P, a.N).total), err, errlen, who)) return -1;
         if (chunk_states(a, h0, h_last, st, tm, err, errlen, who)) return -1;
         if (y && v4) {  // one block per (b, h, chunk)
             if (by_shape(a.P, a.N, [&](auto pc, auto nc) {
-                    auto kernel = ssd_chunk_out4_kernel<decltype(pc)::value, decltype(nc)::value>;
-                    if (set_smem(kernel, smem, err, errlen, who)) return -1;
-                    kernel<<<(unsigned)(a.B * a.H * a.nch), SSD_THREADS, (size_t)smem, st>>>(a);
-                    return scan_launch_check(err, errlen, who);
+                    constexpr int PC = decltype(pc)::value, NC = decltype(nc)::value;
+                    auto go = [&](auto kernel) {
+                        if (set_smem(kernel, smem, err, errlen, who)) return -1;
+                        kernel<<<(unsigned)(a.B * a.H * a.nch), SSD_THREADS, (size_t)smem, st>>>(a);
+                        return scan_launch_check(err, errlen, who);
+                    };
+                    return v5 ? go(ssd_chunk_out4_kernel<PC, NC, true>) : go(ssd_chunk_out4_kernel<PC, NC, false>);
                 }))
                 return -1;
             tm.mark("chunk_out");
@@ -2195,13 +2401,15 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
 
 extern "C" size_t ssd_bwd_cuda_workspace(const SsdShape *s) { return make_ws(s, true).total; }
 
-extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A,
-                            const uint16_t *Bm, const uint16_t *Cm, const float *D, const float *dt_bias,
-                            const uint8_t *reset, const float *h0, const uint16_t *dy, const float *dh_last,
-                            uint16_t *dx, uint16_t *ddt, float *dA, uint16_t *dBm, uint16_t *dCm, float *dD,
-                            float *ddt_bias, float *dh0, void *workspace, ssd_stream_t stream, char *err,
-                            size_t errlen) {
-    const char *who = "ssd_bwd_cuda";
+namespace {
+// kept: the forward left the states entering the chunks and the chunk scalars in the workspace (its regions are the
+// first ones of the backward's: same offsets), so only the state-gradient pass runs (v4, v5).
+int ssd_bwd_impl(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A, const uint16_t *Bm,
+                 const uint16_t *Cm, const float *D, const float *dt_bias, const uint8_t *reset, const float *h0,
+                 const uint16_t *dy, const float *dh_last, uint16_t *dx, uint16_t *ddt, float *dA, uint16_t *dBm,
+                 uint16_t *dCm, float *dD, float *ddt_bias, float *dh0, void *workspace, ssd_stream_t stream,
+                 char *err, size_t errlen, bool kept) {
+    const char *who = kept ? "ssd_bwd_cuda_after_fwd" : "ssd_bwd_cuda";
     if (check_shape(s, err, errlen, who)) return -1;
     if (!x || !dt || !A || !Bm || !Cm || !dy || !dx || !ddt || !dA || !dBm || !dCm || !workspace)
         return scan_fail(err, errlen, "%s: x, dt, A, Bm, Cm, dy, dx, ddt, dA, dBm, dCm and workspace are required", who);
@@ -2223,6 +2431,9 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     if (a.rep > 1) a.dBh = (float *)(ws + w.dBh), a.dCh = (float *)(ws + w.dCh);
     const int ver = ssd_version();
     const bool v1 = ver == 1;
+    if (kept && ver < 4)
+        return scan_fail(err, errlen, "%s: the forward's states are kept by the v4 and v5 kernels only (DISTILL_SSD=v%d)",
+                         who, ver);
 
     const int64_t pass_blocks = a.B * a.H * (a.P / a.PT), chunk_blocks = a.B * a.H * a.nch;
     if (chunk_blocks > 0x7fffffff)
@@ -2231,7 +2442,8 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     const int64_t smem_chunk = chunk_layout(a.P, a.N).total, smem_cst = cst_layout(a.P, a.N).total;
     if (smem_ok(max64(max64(v1 ? smem_fwd : smem_cst, smem_dst), smem_chunk), err, errlen, who)) return -1;
     cudaStream_t st = (cudaStream_t)stream;
-    static const char *names[] = {"", "ssd_bwd_cuda v1", "ssd_bwd_cuda v2", "ssd_bwd_cuda v3", "ssd_bwd_cuda v4"};
+    static const char *names[] = {"",      "ssd_bwd_cuda v1", "ssd_bwd_cuda v2", "ssd_bwd_cuda v3", "ssd_bwd_cuda v4",
+                                  "ssd_bwd_cuda v5"};
     Stages tm(names[ver], st);
     if (v1) {
         if (set_smem(ssd_fwd_kernel<false>, smem_fwd, err, errlen, who) ||
@@ -2245,12 +2457,21 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
         ssd_dstate_kernel<<<(unsigned)pass_blocks, SSD_THREADS, (size_t)smem_dst, st>>>(a);
         if (scan_launch_check(err, errlen, "ssd_bwd_cuda: state-gradient pass")) return -1;
         tm.mark("dstate_pass");
-    } else if (ver == 4) {
-        // 1 + 2. the chunk scalars, then the state pass and the state-gradient pass in one launch
+    } else if (kept) {
+        // 1. (the forward's chunk scalars and states) 2. the state-gradient pass alone (v5: every other one stored)
+        if (ver == 5 ? launch_pass<true, true>(a, a.dSo, a.dhl, a.dh0, st, err, errlen, "ssd_bwd_cuda: state-gradient pass")
+                     : launch_pass<true>(a, a.dSo, a.dhl, a.dh0, st, err, errlen, "ssd_bwd_cuda: state-gradient pass"))
+            return -1;
+        tm.mark("dstate_pass");
+    } else if (ver >= 4) {
+        // 1 + 2. the chunk scalars, then the state pass and the state-gradient pass in one launch (v5: every other
+        //    state stored)
         ssd_scalars_kernel<<<(unsigned)(a.B * a.H * a.nch), SSD_Q, 0, st>>>(a);
         if (scan_launch_check(err, errlen, "ssd_bwd_cuda: scalars")) return -1;
         tm.mark("scalars");
-        if (launch_passes_both(a, h0, st, err, errlen, "ssd_bwd_cuda: state passes")) return -1;
+        if (ver == 5 ? launch_passes_both<true>(a, h0, st, err, errlen, "ssd_bwd_cuda: state passes")
+                     : launch_passes_both<false>(a, h0, st, err, errlen, "ssd_bwd_cuda: state passes"))
+            return -1;
         tm.mark("passes");
     } else {
         // 1. states entering every chunk: chunk contributions, then the scan
@@ -2273,20 +2494,25 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
         }
     }
     // 3. per-chunk gradients: v4's two kernels (dB/dC with tmp and u, then dx and ddt), or the single chunk kernel
-    if (ver == 4) {
-        const int64_t sbc = v4_layout(1, a.P, a.N).total, sdx = v4_layout(0, a.P, a.N).total;
+    if (ver >= 4) {
+        const bool v5 = ver == 5;
+        const int64_t sbc = v4_layout(1, a.P, a.N, v5).total, sdx = v4_layout(0, a.P, a.N, v5).total;
         if (smem_ok(max64(sbc, sdx), err, errlen, who)) return -1;
         if (by_shape(a.P, a.N, [&](auto pc, auto nc) {
                 constexpr int PC = decltype(pc)::value, NC = decltype(nc)::value;
-                if (set_smem(ssd_bwd_bc_kernel<PC, NC>, sbc, err, errlen, who)) return -1;
-                ssd_bwd_bc_kernel<PC, NC><<<(unsigned)chunk_blocks, SSD_THREADS, (size_t)sbc, st>>>(a);
-                if (scan_launch_check(err, errlen, "ssd_bwd_cuda: dB/dC gradients")) return -1;
-                tm.mark("bc_grads");
-                if (set_smem(ssd_bwd_dx_kernel<PC, NC>, sdx, err, errlen, who)) return -1;
-                ssd_bwd_dx_kernel<PC, NC><<<(unsigned)chunk_blocks, SSD_THREADS, (size_t)sdx, st>>>(a);
-                if (scan_launch_check(err, errlen, "ssd_bwd_cuda: dx/ddt gradients")) return -1;
-                tm.mark("dx_grads");
-                return 0;
+                auto go = [&](auto bc, auto dx) {
+                    if (set_smem(bc, sbc, err, errlen, who)) return -1;
+                    bc<<<(unsigned)chunk_blocks, SSD_THREADS, (size_t)sbc, st>>>(a);
+                    if (scan_launch_check(err, errlen, "ssd_bwd_cuda: dB/dC gradients")) return -1;
+                    tm.mark("bc_grads");
+                    if (set_smem(dx, sdx, err, errlen, who)) return -1;
+                    dx<<<(unsigned)chunk_blocks, SSD_THREADS, (size_t)sdx, st>>>(a);
+                    if (scan_launch_check(err, errlen, "ssd_bwd_cuda: dx/ddt gradients")) return -1;
+                    tm.mark("dx_grads");
+                    return 0;
+                };
+                return v5 ? go(ssd_bwd_bc_kernel<PC, NC, true>, ssd_bwd_dx_kernel<PC, NC, true>)
+                          : go(ssd_bwd_bc_kernel<PC, NC, false>, ssd_bwd_dx_kernel<PC, NC, false>);
             }))
             return -1;
     } else {
@@ -2312,4 +2538,25 @@ extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     }
     tm.mark("reduce");
     return 0;
+}
+}  // namespace
+
+extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A,
+                            const uint16_t *Bm, const uint16_t *Cm, const float *D, const float *dt_bias,
+                            const uint8_t *reset, const float *h0, const uint16_t *dy, const float *dh_last,
+                            uint16_t *dx, uint16_t *ddt, float *dA, uint16_t *dBm, uint16_t *dCm, float *dD,
+                            float *ddt_bias, float *dh0, void *workspace, ssd_stream_t stream, char *err,
+                            size_t errlen) {
+    return ssd_bwd_impl(s, x, dt, A, Bm, Cm, D, dt_bias, reset, h0, dy, dh_last, dx, ddt, dA, dBm, dCm, dD, ddt_bias,
+                        dh0, workspace, stream, err, errlen, false);
+}
+
+extern "C" int ssd_bwd_cuda_after_fwd(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A,
+                                      const uint16_t *Bm, const uint16_t *Cm, const float *D, const float *dt_bias,
+                                      const uint8_t *reset, const float *h0, const uint16_t *dy, const float *dh_last,
+                                      uint16_t *dx, uint16_t *ddt, float *dA, uint16_t *dBm, uint16_t *dCm, float *dD,
+                                      float *ddt_bias, float *dh0, void *workspace, ssd_stream_t stream, char *err,
+                                      size_t errlen) {
+    return ssd_bwd_impl(s, x, dt, A, Bm, Cm, D, dt_bias, reset, h0, dy, dh_last, dx, ddt, dA, dBm, dCm, dD, ddt_bias,
+                        dh0, workspace, stream, err, errlen, true);
 }
