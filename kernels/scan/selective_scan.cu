@@ -920,7 +920,13 @@ int64_t seg_len(const ScanShape *s, int nseg) {
 // snapshots every 4 steps (16 x 64 bytes per channel) would leave room for ~4 warps per SM (docs/KERNELS.md).
 constexpr int B11_CH = 64, B11_THREADS = 128, B11_G = 8, B11_NG = SCAN_CKPT / B11_G, B11_WARPS = B11_THREADS / 32;
 static_assert(SCAN_CKPT == 64, "the slot scheme assumes 8 groups of 8 steps per chunk");
-constexpr int B11_WBUF = B11_G * 32 + B11_G * 3 * 16 + 512;  // floats per warp: B/C rows, step scalars, dB/dC terms
+// v12's dB/dC terms of a step: [lane half hf][channel in warp: 20 floats, 16 used: 8 h (dC), 8 dL/dh (dB)]; the
+// half stride 336 (= 16 mod 32) and the row stride 20 keep the writers' float4 stores and the readers' column loads
+// free of bank conflicts
+constexpr int B12_RHALF = 336, B12_RROW = 20, B12_RED = B12_RHALF + 16 * B12_RROW;
+// floats per warp: B/C rows, step scalars, dB/dC terms
+template <bool V12>
+__host__ __device__ constexpr int b11_wbuf() { return B11_G * 32 + B11_G * 3 * 16 + (V12 ? B12_RED : 512); }
 
 struct B11Geom {  // byte offsets into dynamic shared memory
     int act, Bs, Cs, ck, rxf, snap, wbuf, redB, so, bytes;
@@ -933,7 +939,10 @@ struct B11Geom {  // byte offsets into dynamic shared memory
 // for DB = 16), and the warps' partial dB (sums over their 16 channels = one C group) go through redB to the fp32
 // workspace dB_part [B*L, Gc, 16] as 16-byte rows; reduce_dB_kernel then sums each B group's Db/16 partials in order.
 constexpr int B11_SOK = 5;
-template <int DB>
+// staged output kinds: v12 leaves out dB's unless B groups are 16 channels wide (v11 kept room for it)
+template <int DB, bool V12>
+__host__ __device__ constexpr int b11_sok() { return V12 && DB != 16 ? 4 : B11_SOK; }
+template <int DB, bool V12>
 B11Geom b11_geom() {
     constexpr int PB = DB ? (B11_CH / DB) * 16 : B11_WARPS * 16;
     B11Geom g;
@@ -944,9 +953,9 @@ B11Geom b11_geom() {
     g.ck = o, o += B11_CH * 16 * 4;                           // the chunk's checkpoint [channel][16] fp32
     g.rxf = o, o += SCAN_CKPT * 4;                            // 0 or -inf (reset) per logical step
     g.snap = o, o += (B11_NG - 1) * B11_THREADS * 8 * 4;      // state before groups 1..7 [g-1][half][thread][4]
-    g.wbuf = o, o += B11_WARPS * B11_WBUF * 4;                // per warp, see B11_WBUF
+    g.wbuf = o, o += B11_WARPS * b11_wbuf<V12>() * 4;         // per warp, see b11_wbuf
     g.redB = o, o += DB != 16 ? 2 * B11_G * B11_WARPS * 16 * 4 : 0;  // [group parity][step][warp][16]
-    g.so = o, o += 2 * B11_SOK * B11_G * B11_CH * 2;          // staged outputs [group parity][kind][step][64] bf16
+    g.so = o, o += 2 * b11_sok<DB, V12>() * B11_G * B11_CH * 2;  // staged outputs [group parity][kind][step][64] bf16
     g.bytes = o;
     return g;
 }
@@ -981,7 +990,8 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
     const int64_t GbN = p.Gb * N, GcN = p.Gc * N;
     const bool hasz = p.z != nullptr;
     // per-warp buffers: wbc [8 steps][B 16 | C 16] fp32; wsc [8 steps][delta, delta*u, gy][16 channels]; red (below)
-    float *wbc = (float *)(smem + geo.wbuf) + warp * B11_WBUF, *wsc = wbc + G * 32, *red = wsc + G * 3 * 16;
+    constexpr int SOK = b11_sok<DB, V12>();
+    float *wbc = (float *)(smem + geo.wbuf) + warp * b11_wbuf<V12>(), *wsc = wbc + G * 32, *red = wsc + G * 3 * 16;
     const int boff = DB ? ((16 * warp) / DB) * 16 : warp * 16;  // the warp's B group within the block's B span
 
     float A2[H], dh[H], dA[H];
@@ -1129,7 +1139,7 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
             const int hstride = g ? NTH * 4 : 4;  // the second float4 of the state
             warp_bc(sl, nv);
             // output offsets of the group's first step (64-bit once per group; steps add 32-bit multiples)
-            bf16 *so = (bf16 *)(smem + geo.so) + (g & 1) * B11_SOK * G * CH;  // [kind][step][64]
+            bf16 *so = (bf16 *)(smem + geo.so) + (g & 1) * SOK * G * CH;  // [kind][step][64]
             // own steps 2q + hf: scalars once per (step, channel), left in wsc for the partner lane
             float dspo[G / 2], dzf[G / 2];  // u is re-read where needed (registers)
 #pragma unroll
@@ -1191,18 +1201,21 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                 // adjoint through the 8 steps, newest first. Step j's dB/dC terms go to red in iteration j; their
                 // column sums are loaded in iteration j - 1 (for step 0 after the loop), before that iteration
                 // overwrites red, and added after it has stored its own terms: the loads and adds overlap step j - 1's
-                // arithmetic. Step j's B, C and scalars are loaded during step j + 1. Same operations and order as v11
-                // per value, so the same bits.
-                const int ckind = lane >> 4, cn = lane & 15, cqq = (cn >> 2) & 1, crot = cqq + 2 * ckind;
-                const float *col = red + ((ckind * 2 + cqq) * 16 * 2 + (cn >> 3)) * 4 + (cn & 3);
-                auto col_load = [&](float (&cv)[16]) {
+                // arithmetic. Step j's B, C and scalars are loaded during step j + 1. The terms are unscaled (h for
+                // dC, dL/dh for dB): the reading lane multiplies each channel's by its gy (dC) or delta*u (dB),
+                // 16 FFMA in place of v11's 16 FMUL per lane and step on the writing side plus 16 FADD.
+                const int ckind = lane >> 4, cn = lane & 15;
+                const float *col = red + (cn >> 3) * B12_RHALF + ckind * 8 + (cn & 7);  // + channel * B12_RROW
+                float4 *rw = reinterpret_cast<float4 *>(red + hf * B12_RHALF + cw * B12_RROW);  // + kind * 2 + k
+                auto col_load = [&](float (&cv)[16], float (&sc)[16], int js) {
 #pragma unroll
-                    for (int i = 0; i < 16; i++) cv[i] = col[((i + crot) & 15) * 8];
+                    for (int c = 0; c < 16; c++) cv[c] = col[c * B12_RROW];
+                    ldsf_vec<16>(wsc + (js * 3 + 2 - ckind) * 16, sc);  // gy (dC) or delta*u (dB) per channel
                 };
-                auto col_put = [&](const float (&cv)[16], int js) {
+                auto col_put = [&](const float (&cv)[16], const float (&sc)[16], int js) {
                     float v4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-                    for (int i = 0; i < 16; i++) v4[i & 3] += cv[i];
+                    for (int c = 0; c < 16; c++) v4[c & 3] = fmaf(sc[c], cv[c], v4[c & 3]);
                     const float v = (v4[0] + v4[1]) + (v4[2] + v4[3]);
                     if (lane < 16) so[(3 * G + js) * CH + warp * 16 + lane] = __float2bfloat16_rn(v);
                     else if (DB == 16) so[(4 * G + js) * CH + warp * 16 + lane - 16] = __float2bfloat16_rn(v);
@@ -1212,19 +1225,17 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                 float Bn[H], Cn[H], hp0[H];  // the next step's B and C rows; the state before the group
                 ldsf_vec<H>(sB + (G - 1) * 32, Bn);
                 ldsf_vec<H>(sC + (G - 1) * 32, Cn);
-                float dln = wsc[((G - 1) * 3) * 16 + cw], dun = wsc[((G - 1) * 3 + 1) * 16 + cw];
-                float gyn = wsc[((G - 1) * 3 + 2) * 16 + cw];
+                float dln = wsc[((G - 1) * 3) * 16 + cw], gyn = wsc[((G - 1) * 3 + 2) * 16 + cw];
 #pragma unroll
                 for (int j = G - 1; j >= 0; j--) {
-                    float Bv[H], Cv[H], cB[H], cC[H], sA2[2] = {0.f, 0.f}, sB2[2] = {0.f, 0.f};
+                    float Bv[H], Cv[H], grs[H], sA2[2] = {0.f, 0.f}, sB2[2] = {0.f, 0.f};
 #pragma unroll
                     for (int n = 0; n < H; n++) Bv[n] = Bn[n], Cv[n] = Cn[n];
-                    const float dlj = dln, duj = dun, gyj = gyn;
+                    const float dlj = dln, gyj = gyn;
                     if (j > 0) {
                         ldsf_vec<H>(sB + (j - 1) * 32, Bn);
                         ldsf_vec<H>(sC + (j - 1) * 32, Cn);
-                        dln = wsc[((j - 1) * 3) * 16 + cw], dun = wsc[((j - 1) * 3 + 1) * 16 + cw];
-                        gyn = wsc[((j - 1) * 3 + 2) * 16 + cw];
+                        dln = wsc[((j - 1) * 3) * 16 + cw], gyn = wsc[((j - 1) * 3 + 2) * 16 + cw];
                     }
                     if (j == 1) ld_state8(hsrc, hstride, hp0);
 #pragma unroll
@@ -1237,21 +1248,20 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                         dA[n] = fmaf(gah, dlj, dA[n]);
                         sB2[n & 1] = fmaf(gr, Bv[n], sB2[n & 1]);
                         dh[n] = ga;
-                        cB[n] = gr * duj;
-                        cC[n] = gyj * hj[j][n];
+                        grs[n] = gr;
                     }
                     const float sA = sA2[0] + sA2[1], sBg = sB2[0] + sB2[1];
-                    float cv[16];
+                    float cv[16], sc[16];
                     if (j < G - 1) {
-                        col_load(cv);  // step j + 1's terms
-                        __syncwarp();  // read by every lane before this step's terms replace them
+                        col_load(cv, sc, j + 1);  // step j + 1's terms
+                        __syncwarp();             // read by every lane before this step's terms replace them
                     }
-                    reinterpret_cast<float4 *>(red)[(0 * 16 + cw) * 2 + hf] = make_float4(cC[0], cC[1], cC[2], cC[3]);
-                    reinterpret_cast<float4 *>(red)[(1 * 16 + cw) * 2 + hf] = make_float4(cC[4], cC[5], cC[6], cC[7]);
-                    reinterpret_cast<float4 *>(red)[(2 * 16 + cw) * 2 + hf] = make_float4(cB[0], cB[1], cB[2], cB[3]);
-                    reinterpret_cast<float4 *>(red)[(3 * 16 + cw) * 2 + hf] = make_float4(cB[4], cB[5], cB[6], cB[7]);
+                    rw[0] = make_float4(hj[j][0], hj[j][1], hj[j][2], hj[j][3]);
+                    rw[1] = make_float4(hj[j][4], hj[j][5], hj[j][6], hj[j][7]);
+                    rw[2] = make_float4(grs[0], grs[1], grs[2], grs[3]);
+                    rw[3] = make_float4(grs[4], grs[5], grs[6], grs[7]);
                     __syncwarp();
-                    if (j < G - 1) col_put(cv, j + 1);
+                    if (j < G - 1) col_put(cv, sc, j + 1);
                     if (j & 1) {
                         sAo = sA, sBo = sBg;
                     } else {  // steps j, j + 1 complete: the owner of each gets both lanes' sums
@@ -1266,9 +1276,9 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                         so[(1 * G + jo) * CH + cl] = __float2bfloat16_rn(dtt);
                     }
                 }
-                float cv[16];
-                col_load(cv);  // step 0's terms
-                col_put(cv, 0);
+                float cv[16], sc[16];
+                col_load(cv, sc, 0);  // step 0's terms
+                col_put(cv, sc, 0);
             } else {
                 // adjoint through the 8 steps, newest first
                 float sAo = 0.f, sBo = 0.f;  // the odd step's partial sums, combined with the even step's
@@ -1367,7 +1377,7 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                     }
                 }
             } else
-            for (int e = tid; e < B11_SOK * G * 8; e += NTH) {
+            for (int e = tid; e < SOK * G * 8; e += NTH) {
                 const int kind = e >> 6, i = (e >> 3) & 7, x = (e & 7) * 8;
                 if (i >= nv || (kind == 2 && !hasz) || (kind == 4 && DB != 16)) continue;
                 const uint4 v = *reinterpret_cast<const uint4 *>(so + (kind * G + i) * CH + x);
@@ -1402,10 +1412,12 @@ bool bwd11_shape_ok(const ScanShape *s) {
 }
 size_t bwd11_smem(const ScanShape *s) {
     const int64_t Db = s->dim / s->groups_b;
-    return (size_t)(Db == 16   ? b11_geom<16>().bytes
-                    : Db == 32 ? b11_geom<32>().bytes
-                    : Db == 64 ? b11_geom<64>().bytes
-                               : b11_geom<0>().bytes);
+    // the larger of v11's and v12's (the segment model, which uses it, is the same for both)
+    auto mx = [](const B11Geom &a, const B11Geom &b) { return (size_t)(a.bytes > b.bytes ? a.bytes : b.bytes); };
+    return Db == 16   ? mx(b11_geom<16, false>(), b11_geom<16, true>())
+           : Db == 32 ? mx(b11_geom<32, false>(), b11_geom<32, true>())
+           : Db == 64 ? mx(b11_geom<64, false>(), b11_geom<64, true>())
+                      : mx(b11_geom<0, false>(), b11_geom<0, true>());
 }
 // blocks per SM the shared memory allows (228 KB per SM, 1 KB reserved per block; registers allow 2)
 int bwd11_blocks_per_sm(const ScanShape *s) { return bwd11_smem(s) + 1024 <= 114 * 1024 ? 2 : 1; }
@@ -1797,7 +1809,7 @@ int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
 // v11: the segment pre-pass (shared with v10) when nseg > 1, then the main kernel
 template <int DB, bool V12>
 int launch_bwd11_db(const BwdArgs &a, cudaStream_t st) {
-    const B11Geom g = b11_geom<DB>();
+    const B11Geom g = b11_geom<DB, V12>();
     const int64_t blocks = (int64_t)a.nseg * a.B * (a.D / B11_CH);
     if (cudaFuncSetAttribute(scan_bwd11_kernel<DB, V12>, cudaFuncAttributeMaxDynamicSharedMemorySize, g.bytes) !=
         cudaSuccess)
