@@ -152,7 +152,7 @@ int main(int argc, char **argv) {
         row("fwd-v10-inf", median_ms([&](int i) { fwd(i, 0, false); }), fbytes, ex2_f, 0);
         unsetenv("DISTILL_SCAN_FWD");
         for (int k = 0; k < NSET; k++) fwd(k, 0, true);
-        // backward: the default, then each selectable version (DISTILL_SCAN_BWD: v11, v12, v10) and, at small batch,
+        // backward: the default (v12), then each selectable version (DISTILL_SCAN_BWD: v11, v12, v10) and, at small batch,
         // forced segment counts of v11 and v12; every row in the same run, so that they compare
         row("bwd", median_ms([&](int i) { bwd(i); }), bbytes, ex2_b, mamba_b);
         // (forced segments: at batch <= 2 of the 8B shapes, and at the SmolLM2 shape, which gets 3 automatically)

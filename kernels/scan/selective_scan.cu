@@ -2,8 +2,9 @@
 // deterministic backward, multi-token decode. Design notes: docs/KERNELS.md.
 //
 // Work mapping. Forward: two lanes per (batch row, channel), N/2 states each (v11: 32-step tiles; v10: 16).
-// Backward v11 (the default for MambaInLlama's shapes, scan_bwd11_kernel): two lanes per channel, 8-step groups of
-// states and decays in registers, dB/dC summed per warp through shared memory. Backward v10 (other shapes,
+// Backward v12 (the default for MambaInLlama's shapes; scan_bwd11_kernel<DB, true>) and v11 (DISTILL_SCAN_BWD=v11,
+// the same kernel <DB, false>): two lanes per channel, 8-step groups of states and decays in registers, dB/dC summed
+// per warp through shared memory (v12: lagged one step, scaled on the reading side). Backward v10 (other shapes,
 // DISTILL_SCAN_BWD=v10): 4 consecutive lanes own one recurrence and split its N states (R = N/4 each), so that a
 // warp covers 8 channels and a C group of 16 channels spans 64 lanes; time advances in groups of 4 steps, lane q
 // "owns" step t0+q of each group: it loads that step's per-channel scalars (u, dt, z, dout), computes
@@ -966,7 +967,7 @@ __device__ __forceinline__ void ld_state8(const float *p, int stride, float (&v)
     v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = c.x, v[5] = c.y, v[6] = c.z, v[7] = c.w;
 }
 
-// V12 (DISTILL_SCAN_BWD=v12): the same kernel with (1) the adjoint's per-step column sums lagged by one step, so
+// V12 (the default; DISTILL_SCAN_BWD=v11 selects V12 = false): the same kernel with (1) the adjoint's per-step column sums lagged by one step, so
 // that step j + 1's column loads and adds overlap step j's arithmetic, and step j's B, C and scalars loaded one step
 // ahead (v11 loaded them after the step's last __syncwarp, so every step waited a shared-memory latency twice);
 // (2) one 64-bit offset per thread and group for every 16-byte row piece it copies (u, dt, z, dout, C in; du, ddt,
@@ -1428,12 +1429,13 @@ int bwd11_blocks_per_sm(const ScanShape *s) { return bwd11_smem(s) + 1024 <= 114
 // c + 1 chunk-times (the +1: its pipeline fill and carry); the pre-pass costs ~0.15 chunk-times per chunk
 // (one exp per state and step, no outputs) per wave of 1024 threads per SM. The fewest segments with the least
 // modelled time win. Fixed by the shape (not by the device), so results are the same bits on every GPU.
-// DISTILL_SCAN_BWD selects the backward: v11 (default; shapes it does not take run v10), v10, v8 (v10's kernel
-// without segments), v9; DISTILL_SCAN_BWD_NSEG=n forces n segments (benchmarks).
+// DISTILL_SCAN_BWD selects the backward: v12 (default; shapes it does not take run v10), v11 (v12's kernel before
+// its v12 changes), v10, v8 (v10's kernel without segments), v9; DISTILL_SCAN_BWD_NSEG=n forces n segments
+// (benchmarks).
 constexpr int BWD_SLOTS = 132;
 const char *bwd_version() {
     const char *e = getenv("DISTILL_SCAN_BWD");
-    return e ? e : "v11";
+    return e ? e : "v12";
 }
 // ver: 10 (v10's kernel) or 11 (v11's). v11 runs 2 blocks of 64 channels per SM and costs ~2.5x less per chunk, so
 // the pre-pass weighs more (0.2 chunk-times per chunk per wave).
@@ -1468,7 +1470,7 @@ int bwd_nseg_for(const ScanShape *s, int ver) {
 }
 int bwd_ver() {
     const char *v = bwd_version();
-    return !strcmp(v, "v8") ? 8 : !strcmp(v, "v10") ? 10 : !strcmp(v, "v12") ? 12 : 11;
+    return !strcmp(v, "v8") ? 8 : !strcmp(v, "v10") ? 10 : !strcmp(v, "v11") ? 11 : 12;
 }
 int bwd_nseg(const ScanShape *s) { return bwd_nseg_for(s, bwd_ver()); }
 
