@@ -152,12 +152,14 @@ int main(int argc, char **argv) {
         row("fwd-v10-inf", median_ms([&](int i) { fwd(i, 0, false); }), fbytes, ex2_f, 0);
         unsetenv("DISTILL_SCAN_FWD");
         for (int k = 0; k < NSET; k++) fwd(k, 0, true);
-        // backward: the default (v11), then each selectable version (DISTILL_SCAN_BWD) and, at small batch, forced
-        // segment counts of v11; every row in the same run, so that they compare
+        // backward: the default (v12), then each selectable version (DISTILL_SCAN_BWD: v11, v12, v10) and, at small batch,
+        // forced segment counts of v11 and v12; every row in the same run, so that they compare
         row("bwd", median_ms([&](int i) { bwd(i); }), bbytes, ex2_b, mamba_b);
         // (forced segments: at batch <= 2 of the 8B shapes, and at the SmolLM2 shape, which gets 3 automatically)
-        const char *envs[][3] = {{"v10", NULL, "bwd-v10"}, {"v11", "1", "bwd-v11-s1"}, {"v11", "2", "bwd-v11-s2"},
-                                 {"v11", "4", "bwd-v11-s4"}, {"v11", "8", "bwd-v11-s8"}};
+        const char *envs[][3] = {{"v11", NULL, "bwd-v11"},    {"v12", NULL, "bwd-v12"},    {"v10", NULL, "bwd-v10"},
+                                 {"v11", "1", "bwd-v11-s1"}, {"v11", "2", "bwd-v11-s2"}, {"v11", "4", "bwd-v11-s4"},
+                                 {"v11", "8", "bwd-v11-s8"}, {"v12", "1", "bwd-v12-s1"}, {"v12", "2", "bwd-v12-s2"},
+                                 {"v12", "4", "bwd-v12-s4"}, {"v12", "8", "bwd-v12-s8"}};
         for (const auto &e : envs) {
             if (e[1] && is8b && (B > 2 || !strcmp(e[1], "1"))) continue;
             setenv("DISTILL_SCAN_BWD", e[0], 1);

@@ -2,8 +2,9 @@
 // deterministic backward, multi-token decode. Design notes: docs/KERNELS.md.
 //
 // Work mapping. Forward: two lanes per (batch row, channel), N/2 states each (v11: 32-step tiles; v10: 16).
-// Backward v11 (the default for MambaInLlama's shapes, scan_bwd11_kernel): two lanes per channel, 8-step groups of
-// states and decays in registers, dB/dC summed per warp through shared memory. Backward v10 (other shapes,
+// Backward v12 (the default for MambaInLlama's shapes; scan_bwd11_kernel<DB, true>) and v11 (DISTILL_SCAN_BWD=v11,
+// the same kernel <DB, false>): two lanes per channel, 8-step groups of states and decays in registers, dB/dC summed
+// per warp through shared memory (v12: lagged one step, scaled on the reading side). Backward v10 (other shapes,
 // DISTILL_SCAN_BWD=v10): 4 consecutive lanes own one recurrence and split its N states (R = N/4 each), so that a
 // warp covers 8 channels and a C group of 16 channels spans 64 lanes; time advances in groups of 4 steps, lane q
 // "owns" step t0+q of each group: it loads that step's per-channel scalars (u, dt, z, dout), computes
@@ -920,7 +921,13 @@ int64_t seg_len(const ScanShape *s, int nseg) {
 // snapshots every 4 steps (16 x 64 bytes per channel) would leave room for ~4 warps per SM (docs/KERNELS.md).
 constexpr int B11_CH = 64, B11_THREADS = 128, B11_G = 8, B11_NG = SCAN_CKPT / B11_G, B11_WARPS = B11_THREADS / 32;
 static_assert(SCAN_CKPT == 64, "the slot scheme assumes 8 groups of 8 steps per chunk");
-constexpr int B11_WBUF = B11_G * 32 + B11_G * 3 * 16 + 512;  // floats per warp: B/C rows, step scalars, dB/dC terms
+// v12's dB/dC terms of a step: [lane half hf][channel in warp: 20 floats, 16 used: 8 h (dC), 8 dL/dh (dB)]; the
+// half stride 336 (= 16 mod 32) and the row stride 20 keep the writers' float4 stores and the readers' column loads
+// free of bank conflicts
+constexpr int B12_RHALF = 336, B12_RROW = 20, B12_RED = B12_RHALF + 16 * B12_RROW;
+// floats per warp: B/C rows, step scalars, dB/dC terms
+template <bool V12>
+__host__ __device__ constexpr int b11_wbuf() { return B11_G * 32 + B11_G * 3 * 16 + (V12 ? B12_RED : 512); }
 
 struct B11Geom {  // byte offsets into dynamic shared memory
     int act, Bs, Cs, ck, rxf, snap, wbuf, redB, so, bytes;
@@ -933,7 +940,10 @@ struct B11Geom {  // byte offsets into dynamic shared memory
 // for DB = 16), and the warps' partial dB (sums over their 16 channels = one C group) go through redB to the fp32
 // workspace dB_part [B*L, Gc, 16] as 16-byte rows; reduce_dB_kernel then sums each B group's Db/16 partials in order.
 constexpr int B11_SOK = 5;
-template <int DB>
+// staged output kinds: v12 leaves out dB's unless B groups are 16 channels wide (v11 kept room for it)
+template <int DB, bool V12>
+__host__ __device__ constexpr int b11_sok() { return V12 && DB != 16 ? 4 : B11_SOK; }
+template <int DB, bool V12>
 B11Geom b11_geom() {
     constexpr int PB = DB ? (B11_CH / DB) * 16 : B11_WARPS * 16;
     B11Geom g;
@@ -944,9 +954,9 @@ B11Geom b11_geom() {
     g.ck = o, o += B11_CH * 16 * 4;                           // the chunk's checkpoint [channel][16] fp32
     g.rxf = o, o += SCAN_CKPT * 4;                            // 0 or -inf (reset) per logical step
     g.snap = o, o += (B11_NG - 1) * B11_THREADS * 8 * 4;      // state before groups 1..7 [g-1][half][thread][4]
-    g.wbuf = o, o += B11_WARPS * B11_WBUF * 4;                // per warp, see B11_WBUF
+    g.wbuf = o, o += B11_WARPS * b11_wbuf<V12>() * 4;         // per warp, see b11_wbuf
     g.redB = o, o += DB != 16 ? 2 * B11_G * B11_WARPS * 16 * 4 : 0;  // [group parity][step][warp][16]
-    g.so = o, o += 2 * B11_SOK * B11_G * B11_CH * 2;          // staged outputs [group parity][kind][step][64] bf16
+    g.so = o, o += 2 * b11_sok<DB, V12>() * B11_G * B11_CH * 2;  // staged outputs [group parity][kind][step][64] bf16
     g.bytes = o;
     return g;
 }
@@ -957,7 +967,13 @@ __device__ __forceinline__ void ld_state8(const float *p, int stride, float (&v)
     v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = c.x, v[5] = c.y, v[6] = c.z, v[7] = c.w;
 }
 
-template <int DB>
+// V12 (the default; DISTILL_SCAN_BWD=v11 selects V12 = false): the same kernel with (1) the adjoint's per-step column sums lagged by one step, so
+// that step j + 1's column loads and adds overlap step j's arithmetic, and step j's B, C and scalars loaded one step
+// ahead (v11 loaded them after the step's last __syncwarp, so every step waited a shared-memory latency twice);
+// (2) one 64-bit offset per thread and group for every 16-byte row piece it copies (u, dt, z, dout, C in; du, ddt,
+// dz, dC and 16-channel dB out: C groups of 16 channels make C's row stride D, as is dB's for 16-channel B groups),
+// where v11 computed a 64-bit address per piece and kind with selects.
+template <int DB, bool V12>
 __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArgs p, const B11Geom geo) {
     constexpr int N = 16, H = 8, CH = B11_CH, NTH = B11_THREADS, T = SCAN_CKPT, G = B11_G;
     // B span, B groups per block, warps per B group (DB = 0: a row per warp, see b11_geom)
@@ -975,7 +991,8 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
     const int64_t GbN = p.Gb * N, GcN = p.Gc * N;
     const bool hasz = p.z != nullptr;
     // per-warp buffers: wbc [8 steps][B 16 | C 16] fp32; wsc [8 steps][delta, delta*u, gy][16 channels]; red (below)
-    float *wbc = (float *)(smem + geo.wbuf) + warp * B11_WBUF, *wsc = wbc + G * 32, *red = wsc + G * 3 * 16;
+    constexpr int SOK = b11_sok<DB, V12>();
+    float *wbc = (float *)(smem + geo.wbuf) + warp * b11_wbuf<V12>(), *wsc = wbc + G * 32, *red = wsc + G * 3 * 16;
     const int boff = DB ? ((16 * warp) / DB) * 16 : warp * 16;  // the warp's B group within the block's B span
 
     float A2[H], dh[H], dA[H];
@@ -998,25 +1015,46 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
         const int64_t t0 = kk * T + gg * G;
         const int nv = (int)(L - t0 < G ? (L - t0 > 0 ? L - t0 : 0) : G);
         const int64_t row0 = b * L + t0;
+        if constexpr (V12) {
+            // thread: step i, channels c0 + x .. + 7 of u, dt, C (threads < 64) or z, dout (the others); one
+            // offset for all (C: Gc * 16 == D and gc0 * 16 == c0)
+            static_assert(G * 8 * 2 == NTH, "two threads per (step, 16-byte piece)");
+            const int i = (tid >> 3) & 7, x = (tid & 7) * 8;
+            if (i < nv) {
+                const int64_t off = (row0 + i) * D + c0 + x;
+                bf16 *dst = act + (sl * G + i) * CH + x;
+                if (tid < 64) {
+                    cp_async16(dst, p.u + off);
+                    cp_async16(dst + T * CH, p.dt + off);
+                    cp_async16(Cs + (sl * G + i) * CH + x, p.Cm + off);
+                } else {
+                    if (hasz) cp_async16(dst + 2 * T * CH, p.z + off);
+                    cp_async16(dst + 3 * T * CH, p.dout + off);
+                }
+            }
+        } else {
 #pragma unroll
-        for (int it = 0; it < 4 * G * 8 / NTH; it++) {  // 4 kinds x 8 steps x 8 16-byte pieces
-            const int e = tid + it * NTH, kind = e >> 6, i = (e >> 3) & 7, x = (e & 7) * 8;
-            const bf16 *src = kind == 0 ? p.u : kind == 1 ? p.dt : kind == 2 ? p.z : p.dout;
-            if (i < nv && src) cp_async16(act + (kind * T + sl * G + i) * CH + x, src + (row0 + i) * D + c0 + x);
+            for (int it = 0; it < 4 * G * 8 / NTH; it++) {  // 4 kinds x 8 steps x 8 16-byte pieces
+                const int e = tid + it * NTH, kind = e >> 6, i = (e >> 3) & 7, x = (e & 7) * 8;
+                const bf16 *src = kind == 0 ? p.u : kind == 1 ? p.dt : kind == 2 ? p.z : p.dout;
+                if (i < nv && src) cp_async16(act + (kind * T + sl * G + i) * CH + x, src + (row0 + i) * D + c0 + x);
+            }
         }
+        // B: v12 puts the pieces on threads 64.. first (threads < 64 copy three pieces above, the others two)
+        const int tb8 = V12 ? (tid + 64) & (NTH - 1) : tid;
         if constexpr (DB != 0) {
-            for (int e = tid; e < G * (PB / 8); e += NTH) {
+            for (int e = tb8; e < G * (PB / 8); e += NTH) {
                 const int i = e / (PB / 8), x = (e % (PB / 8)) * 8;
                 if (i < nv) cp_async16(Bs + (sl * G + i) * PB + x, p.Bm + (row0 + i) * GbN + gb0 * N + x);
             }
         } else {  // row x >> 4 of the span: the B group of warp x >> 4's channels, (c0 + 16 (x >> 4)) / Db
             static_assert(G * (PB / 8) <= NTH, "one 16-byte piece per thread");
-            const int i = tid >> 3, x = (tid & 7) * 8;
+            const int i = tb8 >> 3, x = (tb8 & 7) * 8;
             const int64_t gw = (int64_t)((uint32_t)(c0 + 16 * (x >> 4)) / (uint32_t)p.Db);
-            if (tid < G * (PB / 8) && i < nv)
+            if (tb8 < G * (PB / 8) && i < nv)
                 cp_async16(Bs + (sl * G + i) * PB + x, p.Bm + (row0 + i) * GbN + gw * N + (x & 15));
         }
-        if (tid < G * 8) {
+        if (!V12 && tid < G * 8) {
             const int i = tid >> 3, x = (tid & 7) * 8;
             if (i < nv) cp_async16(Cs + (sl * G + i) * CH + x, p.Cm + (row0 + i) * GcN + gc0 * N + x);
         }
@@ -1102,7 +1140,7 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
             const int hstride = g ? NTH * 4 : 4;  // the second float4 of the state
             warp_bc(sl, nv);
             // output offsets of the group's first step (64-bit once per group; steps add 32-bit multiples)
-            bf16 *so = (bf16 *)(smem + geo.so) + (g & 1) * B11_SOK * G * CH;  // [kind][step][64]
+            bf16 *so = (bf16 *)(smem + geo.so) + (g & 1) * SOK * G * CH;  // [kind][step][64]
             // own steps 2q + hf: scalars once per (step, channel), left in wsc for the partner lane
             float dspo[G / 2], dzf[G / 2];  // u is re-read where needed (registers)
 #pragma unroll
@@ -1160,63 +1198,147 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                     }
                 }
             }
-            // adjoint through the 8 steps, newest first
-            float sAo = 0.f, sBo = 0.f;  // the odd step's partial sums, combined with the even step's
+            if constexpr (V12) {
+                // adjoint through the 8 steps, newest first. Step j's dB/dC terms go to red in iteration j; their
+                // column sums are loaded in iteration j - 1 (for step 0 after the loop), before that iteration
+                // overwrites red, and added after it has stored its own terms: the loads and adds overlap step j - 1's
+                // arithmetic. Step j's B, C and scalars are loaded during step j + 1. The terms are unscaled (h for
+                // dC, dL/dh for dB): the reading lane multiplies each channel's by its gy (dC) or delta*u (dB),
+                // 16 FFMA in place of v11's 16 FMUL per lane and step on the writing side plus 16 FADD.
+                const int ckind = lane >> 4, cn = lane & 15;
+                const float *col = red + (cn >> 3) * B12_RHALF + ckind * 8 + (cn & 7);  // + channel * B12_RROW
+                float4 *rw = reinterpret_cast<float4 *>(red + hf * B12_RHALF + cw * B12_RROW);  // + kind * 2 + k
+                auto col_load = [&](float (&cv)[16], float (&sc)[16], int js) {
 #pragma unroll
-            for (int j = G - 1; j >= 0; j--) {
-                // two accumulators per sum over states (a dependent chain of 8 FMAs stalls with 2 warps per scheduler)
-                float Bv[H], Cv[H], hp[H], cB[H], cC[H], sA2[2] = {0.f, 0.f}, sB2[2] = {0.f, 0.f};
-                ldsf_vec<H>(sB + j * 32, Bv);
-                ldsf_vec<H>(sC + j * 32, Cv);
-                if (j == 0) ld_state8(hsrc, hstride, hp);
-                const float dlj = wsc[(j * 3) * 16 + cw], duj = wsc[(j * 3 + 1) * 16 + cw], gyj = wsc[(j * 3 + 2) * 16 + cw];
-#pragma unroll
-                for (int n = 0; n < H; n++) {
-                    const float prev = j ? hj[j - 1][n] : hp[n];
-                    const float gr = fmaf(gyj, Cv[n], dh[n]);  // dL/dh_t
-                    const float ga = gr * aj[j][n];            // dL/dh_{t-1} (0 after a reset)
-                    const float gah = ga * prev;
-                    sA2[n & 1] = fmaf(gah, A2[n], sA2[n & 1]);
-                    dA[n] = fmaf(gah, dlj, dA[n]);
-                    sB2[n & 1] = fmaf(gr, Bv[n], sB2[n & 1]);
-                    dh[n] = ga;
-                    cB[n] = gr * duj;
-                    cC[n] = gyj * hj[j][n];
-                }
-                const float sA = sA2[0] + sA2[1], sBg = sB2[0] + sB2[1];
-                // dC (kind 0) and dB (kind 1) terms: float4 [kind][q][channel in warp][hf]
-                reinterpret_cast<float4 *>(red)[(0 * 16 + cw) * 2 + hf] = make_float4(cC[0], cC[1], cC[2], cC[3]);
-                reinterpret_cast<float4 *>(red)[(1 * 16 + cw) * 2 + hf] = make_float4(cC[4], cC[5], cC[6], cC[7]);
-                reinterpret_cast<float4 *>(red)[(2 * 16 + cw) * 2 + hf] = make_float4(cB[0], cB[1], cB[2], cB[3]);
-                reinterpret_cast<float4 *>(red)[(3 * 16 + cw) * 2 + hf] = make_float4(cB[4], cB[5], cB[6], cB[7]);
-                __syncwarp();
-                // lane l: kind l >> 4, state n = l & 15; rows staggered so that the 32 lanes hit distinct banks
-                // (4 interleaved partial sums, combined in a fixed order: deterministic, and no 16-long add chain)
-                float v;
-                {
-                    const int kind = lane >> 4, n = lane & 15, qq = (n >> 2) & 1, hn = n >> 3, e = n & 3;
-                    const float *col = red + ((kind * 2 + qq) * 16 * 2 + hn) * 4 + e;
+                    for (int c = 0; c < 16; c++) cv[c] = col[c * B12_RROW];
+                    ldsf_vec<16>(wsc + (js * 3 + 2 - ckind) * 16, sc);  // gy (dC) or delta*u (dB) per channel
+                };
+                auto col_put = [&](const float (&cv)[16], const float (&sc)[16], int js) {
                     float v4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-                    for (int i = 0; i < 16; i++) v4[i & 3] += col[((i + qq + 2 * kind) & 15) * 8];
-                    v = (v4[0] + v4[1]) + (v4[2] + v4[3]);
+                    for (int c = 0; c < 16; c++) v4[c & 3] = fmaf(sc[c], cv[c], v4[c & 3]);
+                    const float v = (v4[0] + v4[1]) + (v4[2] + v4[3]);
+                    if (lane < 16) so[(3 * G + js) * CH + warp * 16 + lane] = __float2bfloat16_rn(v);
+                    else if (DB == 16) so[(4 * G + js) * CH + warp * 16 + lane - 16] = __float2bfloat16_rn(v);
+                    else redB[(((g & 1) * G + js) * B11_WARPS + warp) * 16 + (lane - 16)] = v;
+                };
+                float sAo = 0.f, sBo = 0.f;  // the odd step's partial sums, combined with the even step's
+                float Bn[H], Cn[H], hp0[H];  // the next step's B and C rows; the state before the group
+                ldsf_vec<H>(sB + (G - 1) * 32, Bn);
+                ldsf_vec<H>(sC + (G - 1) * 32, Cn);
+                float dln = wsc[((G - 1) * 3) * 16 + cw], gyn = wsc[((G - 1) * 3 + 2) * 16 + cw];
+#pragma unroll
+                for (int j = G - 1; j >= 0; j--) {
+                    float Bv[H], Cv[H], grs[H], sA2[2] = {0.f, 0.f}, sB2[2] = {0.f, 0.f};
+#pragma unroll
+                    for (int n = 0; n < H; n++) Bv[n] = Bn[n], Cv[n] = Cn[n];
+                    const float dlj = dln, gyj = gyn;
+                    if (j > 0) {
+                        ldsf_vec<H>(sB + (j - 1) * 32, Bn);
+                        ldsf_vec<H>(sC + (j - 1) * 32, Cn);
+                        dln = wsc[((j - 1) * 3) * 16 + cw], gyn = wsc[((j - 1) * 3 + 2) * 16 + cw];
+                    }
+                    if (j == 1) ld_state8(hsrc, hstride, hp0);
+#pragma unroll
+                    for (int n = 0; n < H; n++) {
+                        const float prev = j ? hj[j - 1][n] : hp0[n];
+                        const float gr = fmaf(gyj, Cv[n], dh[n]);  // dL/dh_t
+                        const float ga = gr * aj[j][n];            // dL/dh_{t-1} (0 after a reset)
+                        const float gah = ga * prev;
+                        sA2[n & 1] = fmaf(gah, A2[n], sA2[n & 1]);
+                        dA[n] = fmaf(gah, dlj, dA[n]);
+                        sB2[n & 1] = fmaf(gr, Bv[n], sB2[n & 1]);
+                        dh[n] = ga;
+                        grs[n] = gr;
+                    }
+                    const float sA = sA2[0] + sA2[1], sBg = sB2[0] + sB2[1];
+                    float cv[16], sc[16];
+                    if (j < G - 1) {
+                        col_load(cv, sc, j + 1);  // step j + 1's terms
+                        __syncwarp();             // read by every lane before this step's terms replace them
+                    }
+                    rw[0] = make_float4(hj[j][0], hj[j][1], hj[j][2], hj[j][3]);
+                    rw[1] = make_float4(hj[j][4], hj[j][5], hj[j][6], hj[j][7]);
+                    rw[2] = make_float4(grs[0], grs[1], grs[2], grs[3]);
+                    rw[3] = make_float4(grs[4], grs[5], grs[6], grs[7]);
+                    __syncwarp();
+                    if (j < G - 1) col_put(cv, sc, j + 1);
+                    if (j & 1) {
+                        sAo = sA, sBo = sBg;
+                    } else {  // steps j, j + 1 complete: the owner of each gets both lanes' sums
+                        const int q = j >> 1, jo = j + hf;
+                        const float kA = hf ? sAo : sA, xA = hf ? sA : sAo, kB = hf ? sBo : sBg, xB = hf ? sBg : sBo;
+                        const float SA = kA + __shfl_xor_sync(FULL_MASK, xA, 1), SB = kB + __shfl_xor_sync(FULL_MASK, xB, 1);
+                        const float dlo = wsc[(jo * 3) * 16 + cw], gyo = wsc[(jo * 3 + 2) * 16 + cw];
+                        const float uu = jo < nv ? __bfloat162float(su[(sl * G + jo) * CH]) : 0.f;
+                        const float dtt = fmaf(uu, SB, SA * SCAN_LN2) * dspo[q];
+                        if (jo < nv) ddb_acc += dtt;
+                        so[(0 * G + jo) * CH + cl] = __float2bfloat16_rn(fmaf(gyo, Dd, dlo * SB));
+                        so[(1 * G + jo) * CH + cl] = __float2bfloat16_rn(dtt);
+                    }
                 }
-                __syncwarp();
-                if (lane < 16) so[(3 * G + j) * CH + warp * 16 + lane] = __float2bfloat16_rn(v);
-                else if (DB == 16) so[(4 * G + j) * CH + warp * 16 + lane - 16] = __float2bfloat16_rn(v);
-                else redB[(((g & 1) * G + j) * B11_WARPS + warp) * 16 + (lane - 16)] = v;
-                if (j & 1) {
-                    sAo = sA, sBo = sBg;
-                } else {  // steps j, j + 1 complete: the owner of each gets both lanes' sums
-                    const int q = j >> 1, jo = j + hf;
-                    const float kA = hf ? sAo : sA, xA = hf ? sA : sAo, kB = hf ? sBo : sBg, xB = hf ? sBg : sBo;
-                    const float SA = kA + __shfl_xor_sync(FULL_MASK, xA, 1), SB = kB + __shfl_xor_sync(FULL_MASK, xB, 1);
-                    const float dlo = wsc[(jo * 3) * 16 + cw], gyo = wsc[(jo * 3 + 2) * 16 + cw];
-                    const float uu = jo < nv ? __bfloat162float(su[(sl * G + jo) * CH]) : 0.f;
-                    const float dtt = fmaf(uu, SB, SA * SCAN_LN2) * dspo[q];
-                    if (jo < nv) ddb_acc += dtt;
-                    so[(0 * G + jo) * CH + cl] = __float2bfloat16_rn(fmaf(gyo, Dd, dlo * SB));
-                    so[(1 * G + jo) * CH + cl] = __float2bfloat16_rn(dtt);
+                float cv[16], sc[16];
+                col_load(cv, sc, 0);  // step 0's terms
+                col_put(cv, sc, 0);
+            } else {
+                // adjoint through the 8 steps, newest first
+                float sAo = 0.f, sBo = 0.f;  // the odd step's partial sums, combined with the even step's
+    #pragma unroll
+                for (int j = G - 1; j >= 0; j--) {
+                    // two accumulators per sum over states (a dependent chain of 8 FMAs stalls with 2 warps per scheduler)
+                    float Bv[H], Cv[H], hp[H], cB[H], cC[H], sA2[2] = {0.f, 0.f}, sB2[2] = {0.f, 0.f};
+                    ldsf_vec<H>(sB + j * 32, Bv);
+                    ldsf_vec<H>(sC + j * 32, Cv);
+                    if (j == 0) ld_state8(hsrc, hstride, hp);
+                    const float dlj = wsc[(j * 3) * 16 + cw], duj = wsc[(j * 3 + 1) * 16 + cw], gyj = wsc[(j * 3 + 2) * 16 + cw];
+    #pragma unroll
+                    for (int n = 0; n < H; n++) {
+                        const float prev = j ? hj[j - 1][n] : hp[n];
+                        const float gr = fmaf(gyj, Cv[n], dh[n]);  // dL/dh_t
+                        const float ga = gr * aj[j][n];            // dL/dh_{t-1} (0 after a reset)
+                        const float gah = ga * prev;
+                        sA2[n & 1] = fmaf(gah, A2[n], sA2[n & 1]);
+                        dA[n] = fmaf(gah, dlj, dA[n]);
+                        sB2[n & 1] = fmaf(gr, Bv[n], sB2[n & 1]);
+                        dh[n] = ga;
+                        cB[n] = gr * duj;
+                        cC[n] = gyj * hj[j][n];
+                    }
+                    const float sA = sA2[0] + sA2[1], sBg = sB2[0] + sB2[1];
+                    // dC (kind 0) and dB (kind 1) terms: float4 [kind][q][channel in warp][hf]
+                    reinterpret_cast<float4 *>(red)[(0 * 16 + cw) * 2 + hf] = make_float4(cC[0], cC[1], cC[2], cC[3]);
+                    reinterpret_cast<float4 *>(red)[(1 * 16 + cw) * 2 + hf] = make_float4(cC[4], cC[5], cC[6], cC[7]);
+                    reinterpret_cast<float4 *>(red)[(2 * 16 + cw) * 2 + hf] = make_float4(cB[0], cB[1], cB[2], cB[3]);
+                    reinterpret_cast<float4 *>(red)[(3 * 16 + cw) * 2 + hf] = make_float4(cB[4], cB[5], cB[6], cB[7]);
+                    __syncwarp();
+                    // lane l: kind l >> 4, state n = l & 15; rows staggered so that the 32 lanes hit distinct banks
+                    // (4 interleaved partial sums, combined in a fixed order: deterministic, and no 16-long add chain)
+                    float v;
+                    {
+                        const int kind = lane >> 4, n = lane & 15, qq = (n >> 2) & 1, hn = n >> 3, e = n & 3;
+                        const float *col = red + ((kind * 2 + qq) * 16 * 2 + hn) * 4 + e;
+                        float v4[4] = {0.f, 0.f, 0.f, 0.f};
+    #pragma unroll
+                        for (int i = 0; i < 16; i++) v4[i & 3] += col[((i + qq + 2 * kind) & 15) * 8];
+                        v = (v4[0] + v4[1]) + (v4[2] + v4[3]);
+                    }
+                    __syncwarp();
+                    if (lane < 16) so[(3 * G + j) * CH + warp * 16 + lane] = __float2bfloat16_rn(v);
+                    else if (DB == 16) so[(4 * G + j) * CH + warp * 16 + lane - 16] = __float2bfloat16_rn(v);
+                    else redB[(((g & 1) * G + j) * B11_WARPS + warp) * 16 + (lane - 16)] = v;
+                    if (j & 1) {
+                        sAo = sA, sBo = sBg;
+                    } else {  // steps j, j + 1 complete: the owner of each gets both lanes' sums
+                        const int q = j >> 1, jo = j + hf;
+                        const float kA = hf ? sAo : sA, xA = hf ? sA : sAo, kB = hf ? sBo : sBg, xB = hf ? sBg : sBo;
+                        const float SA = kA + __shfl_xor_sync(FULL_MASK, xA, 1), SB = kB + __shfl_xor_sync(FULL_MASK, xB, 1);
+                        const float dlo = wsc[(jo * 3) * 16 + cw], gyo = wsc[(jo * 3 + 2) * 16 + cw];
+                        const float uu = jo < nv ? __bfloat162float(su[(sl * G + jo) * CH]) : 0.f;
+                        const float dtt = fmaf(uu, SB, SA * SCAN_LN2) * dspo[q];
+                        if (jo < nv) ddb_acc += dtt;
+                        so[(0 * G + jo) * CH + cl] = __float2bfloat16_rn(fmaf(gyo, Dd, dlo * SB));
+                        so[(1 * G + jo) * CH + cl] = __float2bfloat16_rn(dtt);
+                    }
                 }
             }
             __syncthreads();
@@ -1240,7 +1362,23 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                         *reinterpret_cast<const float4 *>(rb + j * B11_WARPS * 16 + x);
             }
             // the staged outputs of the group's valid steps, 16 bytes per thread and copy
-            for (int e = tid; e < B11_SOK * G * 8; e += NTH) {
+            if constexpr (V12) {  // one offset for du, ddt, dz, dC (Gc * 16 == D) and 16-channel dB (Gb * 16 == D)
+                const int i = (tid >> 3) & 7, x = (tid & 7) * 8;
+                if (i < nv) {
+                    const int64_t off = (b * L + t0 + i) * D + c0 + x;
+                    const bf16 *src = so + i * CH + x;  // + kind * G * CH
+                    if (tid < 64) {
+                        *reinterpret_cast<uint4 *>(p.du + off) = *reinterpret_cast<const uint4 *>(src);
+                        *reinterpret_cast<uint4 *>(p.ddt + off) = *reinterpret_cast<const uint4 *>(src + G * CH);
+                        if constexpr (DB == 16)
+                            *reinterpret_cast<uint4 *>(p.dB + off) = *reinterpret_cast<const uint4 *>(src + 4 * G * CH);
+                    } else {
+                        if (hasz) *reinterpret_cast<uint4 *>(p.dz + off) = *reinterpret_cast<const uint4 *>(src + 2 * G * CH);
+                        *reinterpret_cast<uint4 *>(p.dC + off) = *reinterpret_cast<const uint4 *>(src + 3 * G * CH);
+                    }
+                }
+            } else
+            for (int e = tid; e < SOK * G * 8; e += NTH) {
                 const int kind = e >> 6, i = (e >> 3) & 7, x = (e & 7) * 8;
                 if (i >= nv || (kind == 2 && !hasz) || (kind == 4 && DB != 16)) continue;
                 const uint4 v = *reinterpret_cast<const uint4 *>(so + (kind * G + i) * CH + x);
@@ -1275,10 +1413,12 @@ bool bwd11_shape_ok(const ScanShape *s) {
 }
 size_t bwd11_smem(const ScanShape *s) {
     const int64_t Db = s->dim / s->groups_b;
-    return (size_t)(Db == 16   ? b11_geom<16>().bytes
-                    : Db == 32 ? b11_geom<32>().bytes
-                    : Db == 64 ? b11_geom<64>().bytes
-                               : b11_geom<0>().bytes);
+    // the larger of v11's and v12's (the segment model, which uses it, is the same for both)
+    auto mx = [](const B11Geom &a, const B11Geom &b) { return (size_t)(a.bytes > b.bytes ? a.bytes : b.bytes); };
+    return Db == 16   ? mx(b11_geom<16, false>(), b11_geom<16, true>())
+           : Db == 32 ? mx(b11_geom<32, false>(), b11_geom<32, true>())
+           : Db == 64 ? mx(b11_geom<64, false>(), b11_geom<64, true>())
+                      : mx(b11_geom<0, false>(), b11_geom<0, true>());
 }
 // blocks per SM the shared memory allows (228 KB per SM, 1 KB reserved per block; registers allow 2)
 int bwd11_blocks_per_sm(const ScanShape *s) { return bwd11_smem(s) + 1024 <= 114 * 1024 ? 2 : 1; }
@@ -1289,12 +1429,13 @@ int bwd11_blocks_per_sm(const ScanShape *s) { return bwd11_smem(s) + 1024 <= 114
 // c + 1 chunk-times (the +1: its pipeline fill and carry); the pre-pass costs ~0.15 chunk-times per chunk
 // (one exp per state and step, no outputs) per wave of 1024 threads per SM. The fewest segments with the least
 // modelled time win. Fixed by the shape (not by the device), so results are the same bits on every GPU.
-// DISTILL_SCAN_BWD selects the backward: v11 (default; shapes it does not take run v10), v10, v8 (v10's kernel
-// without segments), v9; DISTILL_SCAN_BWD_NSEG=n forces n segments (benchmarks).
+// DISTILL_SCAN_BWD selects the backward: v12 (default; shapes it does not take run v10), v11 (v12's kernel before
+// its v12 changes), v10, v8 (v10's kernel without segments), v9; DISTILL_SCAN_BWD_NSEG=n forces n segments
+// (benchmarks).
 constexpr int BWD_SLOTS = 132;
 const char *bwd_version() {
     const char *e = getenv("DISTILL_SCAN_BWD");
-    return e ? e : "v11";
+    return e ? e : "v12";
 }
 // ver: 10 (v10's kernel) or 11 (v11's). v11 runs 2 blocks of 64 channels per SM and costs ~2.5x less per chunk, so
 // the pre-pass weighs more (0.2 chunk-times per chunk per wave).
@@ -1309,7 +1450,7 @@ int bwd_nseg_for(const ScanShape *s, int ver) {
             return (int)((nck + per - 1) / per);
         }
     }
-    const bool v11 = ver == 11 && bwd11_shape_ok(s);
+    const bool v11 = ver >= 11 && bwd11_shape_ok(s);  // v11's kernel (v12 is the same kernel, restructured)
     const int64_t cpb = v11 ? B11_CH : s->dstate == 32 ? 32 : 64, cols = s->batch * ((s->dim + cpb - 1) / cpb);
     const int64_t slots = v11 ? (int64_t)BWD_SLOTS * bwd11_blocks_per_sm(s) : BWD_SLOTS;
     const double pre = v11 ? 0.2 : 0.08;
@@ -1329,7 +1470,7 @@ int bwd_nseg_for(const ScanShape *s, int ver) {
 }
 int bwd_ver() {
     const char *v = bwd_version();
-    return !strcmp(v, "v8") ? 8 : !strcmp(v, "v10") ? 10 : 11;
+    return !strcmp(v, "v8") ? 8 : !strcmp(v, "v10") ? 10 : !strcmp(v, "v11") ? 11 : 12;
 }
 int bwd_nseg(const ScanShape *s) { return bwd_nseg_for(s, bwd_ver()); }
 
@@ -1668,25 +1809,30 @@ int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
 }
 
 // v11: the segment pre-pass (shared with v10) when nseg > 1, then the main kernel
-template <int DB>
+template <int DB, bool V12>
 int launch_bwd11_db(const BwdArgs &a, cudaStream_t st) {
-    const B11Geom g = b11_geom<DB>();
+    const B11Geom g = b11_geom<DB, V12>();
     const int64_t blocks = (int64_t)a.nseg * a.B * (a.D / B11_CH);
-    if (cudaFuncSetAttribute(scan_bwd11_kernel<DB>, cudaFuncAttributeMaxDynamicSharedMemorySize, g.bytes) != cudaSuccess)
+    if (cudaFuncSetAttribute(scan_bwd11_kernel<DB, V12>, cudaFuncAttributeMaxDynamicSharedMemorySize, g.bytes) !=
+        cudaSuccess)
         return -1;
-    scan_bwd11_kernel<DB><<<(unsigned)blocks, B11_THREADS, g.bytes, st>>>(a, g);
+    scan_bwd11_kernel<DB, V12><<<(unsigned)blocks, B11_THREADS, g.bytes, st>>>(a, g);
     return 0;
 }
-int launch_bwd11(const BwdArgs &a, cudaStream_t st) {
+template <int DB>
+int launch_bwd11_v(const BwdArgs &a, bool v12, cudaStream_t st) {
+    return v12 ? launch_bwd11_db<DB, true>(a, st) : launch_bwd11_db<DB, false>(a, st);
+}
+int launch_bwd11(const BwdArgs &a, bool v12, cudaStream_t st) {
     if (a.nseg > 1) {
         const int64_t fb = (int64_t)(a.nseg - 1) * a.B * ((a.D + 127) / 128);
         scan_bwd_piece_prepass<16, true><<<(unsigned)(fb * a.npps), 128, 0, st>>>(a);
         scan_bwd_seg_fold<16><<<(unsigned)fb, 128, 0, st>>>(a);
     }
-    if (a.Db == 16) return launch_bwd11_db<16>(a, st);
-    if (a.Db == 32) return launch_bwd11_db<32>(a, st);
-    if (a.Db == 64) return launch_bwd11_db<64>(a, st);
-    return launch_bwd11_db<0>(a, st);  // per-warp dB partials to dB_part, summed by reduce_dB_kernel
+    if (a.Db == 16) return launch_bwd11_v<16>(a, v12, st);
+    if (a.Db == 32) return launch_bwd11_v<32>(a, v12, st);
+    if (a.Db == 64) return launch_bwd11_v<64>(a, v12, st);
+    return launch_bwd11_v<0>(a, v12, st);  // per-warp dB partials to dB_part, summed by reduce_dB_kernel
 }
 
 template <int N, int THREADS>
@@ -1876,8 +2022,8 @@ extern "C" int selective_scan_bwd_cuda(const ScanShape *s, const uint16_t *u, co
         return scan_launch_check(err, errlen, "selective scan backward reductions");
     }
     // v11's generic dB mode stores 16-byte rows of dB_part (aligned whenever the workspace is)
-    if (bwd_ver() == 11 && al16 && bwd11_shape_ok(s) && (fastB || ((uintptr_t)a.dB_part & 15) == 0)) {
-        rc = launch_bwd11(a, st);
+    if (bwd_ver() >= 11 && al16 && bwd11_shape_ok(s) && (fastB || ((uintptr_t)a.dB_part & 15) == 0)) {
+        rc = launch_bwd11(a, bwd_ver() == 12, st);
     } else {
         switch (s->dstate) {
             case 4: rc = launch_bwd<4, 256>(a, al16, st); break;
