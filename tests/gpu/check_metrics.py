@@ -3,7 +3,8 @@
 
   check_metrics.py A/metrics.jsonl B/metrics.jsonl --exact          every (stage, step) loss identical
   check_metrics.py A/metrics.jsonl B/metrics.jsonl --rel 0.03       |a - b| <= rel * max(|b|, 0.1) per step
-  ... --stages layerwise,distill                                      only the rows of these stages
+  ... --stages layerwise,distill                                      only the rows of these stages (a name also
+                                                                     takes its stepwise parts: layerwise-1, -2, ...)
   ... --steps 1                                                      only steps <= 1 of each stage
 
 Rows are keyed by (stage, step); when a step appears more than once (a resumed run repeats nothing, but a
@@ -35,8 +36,13 @@ def main():
     a, b = load(a_path), load(b_path)
     if "--stages" in sys.argv:
         keep = set(sys.argv[sys.argv.index("--stages") + 1].split(","))
-        a = {k: v for k, v in a.items() if k[0] in keep}
-        b = {k: v for k, v in b.items() if k[0] in keep}
+
+        def kept(stage):
+            base, _, part = stage.rpartition("-")
+            return stage in keep or (part.isdigit() and base in keep)
+
+        a = {k: v for k, v in a.items() if kept(k[0])}
+        b = {k: v for k, v in b.items() if kept(k[0])}
         if not a or not b:
             print(f"FAIL no rows of stages {sorted(keep)} in {a_path if not a else b_path}")
             return 1
