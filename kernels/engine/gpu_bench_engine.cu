@@ -21,7 +21,8 @@
 // The pipeline (train_loop.c) does not do this yet; the option measures what it would save.
 // Environment: DISTILL_ATTN=cudnn|native picks the attention kernels (engine_cuda.cu attn_select; the RESULT line
 // names it); DISTILL_ENGINE_PROFILE=1 prints each engine's GPU time per region of the step when it is freed (the
-// regions synchronize, so the step times printed then are not the benchmark's).
+// regions synchronize, so the step times printed then are not the benchmark's); DISTILL_GEMM_TUNE=1 tunes the GEMMs
+// (kernels/train/gemm_lt.cu; the RESULT line says gemm_tune=1; the first step of a fresh tuning is a warm-up step).
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
@@ -341,10 +342,11 @@ int main(int argc, char **argv) {
         const double step_s = tsum / steps;
         const double ft = fwd_flops_per_token(&ht, T) * N, fs = fwd_flops_per_token(&hs, T) * N;
         const double flops = ft + 3 * fs;
-        const char *attn_env = getenv("DISTILL_ATTN");
-        printf("RESULT attn=%s model=%s layers=%d B=%lld T=%lld chunk=%lld%s step_ms=%.1f (forwards %.1f, head+loss %.1f) "
+        const char *attn_env = getenv("DISTILL_ATTN"), *tune_env = getenv("DISTILL_GEMM_TUNE");
+        printf("RESULT attn=%s gemm_tune=%d model=%s layers=%d B=%lld T=%lld chunk=%lld%s step_ms=%.1f (forwards %.1f, head+loss %.1f) "
                "tokens_per_s=%.0f TFLOP_per_step=%.1f TFLOPs=%.0f MFU_989=%.1f%% gemm_rate=%.0f TFLOP/s frac_of_gemm=%.1f%%\n",
-               attn_env && *attn_env ? attn_env : "default", model, c.n_layer, (long long)B, (long long)T, (long long)rows,
+               attn_env && *attn_env ? attn_env : "default", tune_env && !strcmp(tune_env, "1"), model, c.n_layer, (long long)B,
+               (long long)T, (long long)rows,
                chunk > 0 ? "" : "(default)", 1e3 * step_s, 1e3 * tfwd_t / steps, 1e3 * tloss / steps, N / step_s, flops / 1e12,
                flops / step_s / 1e12, 100 * flops / step_s / 989e12, rate / 1e12, 100 * flops / step_s / rate);
         engine_cuda_dfree(grads);
