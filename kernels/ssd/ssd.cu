@@ -21,6 +21,8 @@
 //                 chunks; the state gradient leaving odd ones), and the per-chunk kernels (R5) rebuild the state at the
 //                 64-token midpoint from the neighbouring chunk's tiles on tensor cores (recon16), inside the products
 //                 that read it. Same per-chunk math as v4; the states move through HBM half as often.
+//   v6            v4 with the fp32 state loads of ssd_chunk_out4_kernel and ssd_bwd_dx_kernel issued at the kernel's
+//                 start and several k steps ahead (PF, StatePf): the same bits as v4.
 //   v3            ssd_scalars_kernel (w, din, dlast per chunk position), ssd_state_pass_kernel (one block per
 //                 (b, h, state tile) walking the chunks with the tile in accumulators, 4 chunks in flight; forward
 //                 and, reversed, the state gradient), ssd_chunk_out_kernel (y per (b, h, chunk, 64 rows of P)).
@@ -1571,6 +1573,60 @@ __device__ __forceinline__ void mma_state_nk(Frag &acc, const Unit &u, const bf1
     }
 }
 
+#ifndef SSD_V6_PF_OUT
+#define SSD_V6_PF_OUT 3
+#endif
+#ifndef SSD_V6_PF_DX
+#define SSD_V6_PF_DX 2
+#endif
+// v6: mma_state_nk's product with the fp32 state loads issued D k steps ahead (v4: one), the first D of them by
+// state_pf_begin as early as the kernel knows S (before its tile loads land and its W / E phases run), so that their
+// latency overlaps that work instead of stalling the first MMAs. Same values, same MMAs in the same order: the same
+// bits as mma_state_nk. The ring slot of a k step is fixed at compile time (the inner loop over the D slots unrolls),
+// so the ring stays in registers for any K (a multiple of 16).
+template <int D>
+struct StatePf {
+    float2 v[D][4];
+    const float *r0, *r1;
+};
+template <int D>
+__device__ __forceinline__ void state_pf_load(StatePf<D> &pf, int j, int k) {
+    pf.v[j][0] = __ldg(reinterpret_cast<const float2 *>(pf.r0 + k));
+    pf.v[j][1] = __ldg(reinterpret_cast<const float2 *>(pf.r0 + k + 8));
+    pf.v[j][2] = __ldg(reinterpret_cast<const float2 *>(pf.r1 + k));
+    pf.v[j][3] = __ldg(reinterpret_cast<const float2 *>(pf.r1 + k + 8));
+}
+template <int D>
+__device__ __forceinline__ void state_pf_begin(StatePf<D> &pf, const float *S, int ldS, int n0, int K) {
+    const int l = threadIdx.x & 31, g = l >> 2, t = l & 3;
+    pf.r0 = S + (int64_t)(n0 + g) * ldS + 2 * t, pf.r1 = pf.r0 + (int64_t)8 * ldS;
+#pragma unroll
+    for (int j = 0; j < D; j++)
+        if (16 * j < K) state_pf_load(pf, j, 16 * j);
+}
+template <int D>
+__device__ __forceinline__ void mma_state_pf(Frag &acc, const Unit &u, const bf16 *A, int lda, StatePf<D> &pf, int K) {
+    for (int kb = 0; kb < K; kb += 16 * D) {
+#pragma unroll
+        for (int j = 0; j < D; j++) {
+            const int k0 = kb + 16 * j;
+            if (k0 >= K) break;
+            unsigned hi[4], lo[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) split2(pf.v[j][i].x, pf.v[j][i].y, hi[i], lo[i]);
+            if (k0 + 16 * D < K) state_pf_load(pf, j, k0 + 16 * D);  // the slot is free once split
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++) {
+                if (mt >= u.nmt) break;
+                unsigned fa[4];
+                lda_row(fa, A, lda, (u.mt0 + mt) * 16, k0);
+                mma16816(acc[mt][0], fa, hi[0], hi[1]), mma16816(acc[mt][0], fa, lo[0], lo[1]);
+                mma16816(acc[mt][1], fa, hi[2], hi[3]), mma16816(acc[mt][1], fa, lo[2], lo[3]);
+            }
+        }
+    }
+}
+
 // f(mt, nt, hh, row, col) for a unit's output cells: acc[mt][nt][2hh], [2hh+1] are (row, col), (row, col + 1)
 template <typename F>
 __device__ __forceinline__ void unit_cells(const Unit &u, F f) {
@@ -1645,8 +1701,10 @@ __host__ __device__ inline V4Layout v4_layout(int kind, int64_t P, int64_t N, bo
 // formed C B^T and the decays once per 64 rows of P). Each warp owns a unit of y in registers.
 // R5 (v5): the passes stored S_in for even chunks only; an odd chunk rebuilds its own from the previous chunk's
 // (recon16 inside the C S_in^T product, with that chunk's x, B tiles and w, dlast).
-template <int PC, int NC, bool R5>
+// PF (v6, R5 off): the state loads issued PF k steps ahead, the first PF of them right after the tile loads (StatePf).
+template <int PC, int NC, bool R5, int PF = 0>
 __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a) {
+    static_assert(!(R5 && PF), "v6's early state loads are for v4's stored states");
     extern __shared__ __align__(128) unsigned char smem[];
     const int P = PC ? PC : (int)a.P, N = NC ? NC : (int)a.N, Q = SSD_Q;
     const int lP = (int)ld16(P), lN = (int)ld16(N), lQ = (int)ld16(Q);
@@ -1665,6 +1723,9 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a
     load_rows_async(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * N; });
     load_rows_async(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * N; });
     load_rows_async(Xs, P, lP, q, a.vec, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * P; });
+    const Unit u = unit_of(warp, P / 16);
+    StatePf<PF ? PF : 1> pf;
+    if (PF && u.on) state_pf_begin(pf, a.Sin + (bh * a.nch + c) * (int64_t)P * N, N, u.cb * 16, N);
     const bool rec = R5 && (c & 1);  // the previous chunk (full) is the partner
     Rec rc = {};
     if (rec) {
@@ -1702,11 +1763,12 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a
         presplit(reinterpret_cast<bf16 *>(smem + lay.T2), Bs, N, lN, sc.sc2);
         __syncthreads();
     }
-    const Unit u = unit_of(warp, P / 16);
     if (!u.on) return;
     const int p0 = u.cb * 16;
     Frag acc = {};
-    if (R5)  // C S_in^T, S_in stored (even c) or rebuilt (odd c) from the stored state entering c - 1
+    if (PF)
+        mma_state_pf(acc, u, Cs, lN, pf, N);  // C S_in^T, its first loads issued at the start
+    else if (R5)  // C S_in^T, S_in stored (even c) or rebuilt (odd c) from the stored state entering c - 1
         mma_state_nk<true>(acc, u, Cs, lN, a.Sin + (bh * ((a.nch + 1) / 2) + (c >> 1)) * (int64_t)P * N, N, p0, N,
                            &rc, rec);
     else
@@ -1934,8 +1996,10 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
 // R5 (v5): dS is stored for odd chunks (and the last); an even chunk rebuilds it from the next chunk's (dy, C, din,
 // dlast) inside R = B dS^T (recon16). That chunk's C goes to C's region once W and E are formed, its dy to E's
 // region after the ddelta bookkeeping.
-template <int PC, int NC, bool R5>
+// PF (v6, R5 off): the dS loads issued PF k steps ahead, the first PF of them right after the tile loads (StatePf).
+template <int PC, int NC, bool R5, int PF = 0>
 __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
+    static_assert(!(R5 && PF), "v6's early state loads are for v4's stored states");
     extern __shared__ __align__(128) unsigned char smem[];
     const int P = PC ? PC : (int)a.P, N = NC ? NC : (int)a.N, Q = SSD_Q;
     const int lP = (int)ld16(P), lN = (int)ld16(N), lQ = (int)ld16(Q);
@@ -1956,6 +2020,9 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
     load_rows_async(DYs, P, lP, q, a.vec, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * P; });
     load_rows_async(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * N; });
     load_rows_async(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * N; });
+    const Unit un = unit_of(warp, P / 16);
+    StatePf<PF ? PF : 1> pf;
+    if (PF && un.on) state_pf_begin(pf, a.dSo + o * (int64_t)P * N, N, un.cb * 16, N);
     const bool rec = R5 && !(c & 1) && c + 1 < a.nch;  // dS rebuilt from chunk c + 1
     const int64_t t2 = t0 + SSD_Q, o2 = o + 1;
     const int q2 = (int)(L - t2 < SSD_Q ? L - t2 : SSD_Q);
@@ -2033,11 +2100,12 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
     if (tid < SSD_Q) sc.tj[tid] = (part1[tid] + part1[SSD_Q + tid]) + (part1[2 * SSD_Q + tid] + part1[3 * SSD_Q + tid]);
     if (rec) cp_async_wait_all();
     __syncthreads();  // part1/part2 are free: red holds the row sums below
-    const Unit un = unit_of(warp, P / 16);
     if (un.on) {
         const int p0 = un.cb * 16;
         Frag acc = {};
-        if (R5)  // R = B dS^T, dS stored (odd c, the last c) or rebuilt from the stored one leaving c + 1
+        if (PF)
+            mma_state_pf(acc, un, Bs, lN, pf, N);  // R = B dS^T, its first loads issued at the start
+        else if (R5)  // R = B dS^T, dS stored (odd c, the last c) or rebuilt from the stored one leaving c + 1
             mma_state_nk<true>(acc, un, Bs, lN, a.dSo + (bh * ((a.nch + 1) / 2) + (c >> 1)) * (int64_t)P * N, N, p0,
                                N, &rc, rec);
         else
@@ -2195,12 +2263,15 @@ Ws make_ws(const SsdShape *s, bool bwd) {
 // chunk-parallel state pass (chunk states, then an elementwise scan), v3 the fused state pass with the WMMA chunk
 // kernels; the default is v4 (v3's state passes, the backward's two in one launch, and the mma.sync chunk kernels).
 // v5 (DISTILL_SSD=v5): v4 with the states stored every 128 tokens (the passes' HALF, the per-chunk kernels' R5).
+// v6 (DISTILL_SSD=v6): v4 with the chunk-output and dx/ddt kernels' fp32 state loads issued earlier and further ahead
+// (PF: SSD_V6_PF_OUT / SSD_V6_PF_DX k steps, the first of them at the kernel's start); the same bits as v4.
 int ssd_version(void) {
     const char *v = getenv("DISTILL_SSD");
     if (v && !strcmp(v, "v1")) return 1;
     if (v && !strcmp(v, "v2")) return 2;
     if (v && !strcmp(v, "v3")) return 3;
     if (v && !strcmp(v, "v5")) return 5;
+    if (v && !strcmp(v, "v6")) return 6;
     return 4;
 }
 bool use_v1(void) { return ssd_version() == 1; }
@@ -2346,7 +2417,7 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     a.yvec = ((uintptr_t)y & 3) == 0;
     cudaStream_t st = (cudaStream_t)stream;
     static const char *names[] = {"",      "ssd_fwd_cuda v1", "ssd_fwd_cuda v2", "ssd_fwd_cuda v3", "ssd_fwd_cuda v4",
-                                  "ssd_fwd_cuda v5"};
+                                  "ssd_fwd_cuda v5", "ssd_fwd_cuda v6"};
     Stages tm(names[workspace ? ssd_version() : 1], st);
     if (workspace && !use_v1()) {  // v2: chunk states, scan, chunk outputs
         const int64_t blocks = a.B * a.H * a.nch * (a.P / out_pt(a.P));
@@ -2355,7 +2426,7 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
         const Ws w = make_ws(s, false);
         a.Sin = (float *)((char *)workspace + w.Sin), a.dl = (float *)((char *)workspace + w.dl);
         a.wv = (float *)((char *)workspace + w.wv), a.dv = (float *)((char *)workspace + w.dv);
-        const bool v4 = ssd_version() >= 4, v5 = ssd_version() == 5;
+        const bool v4 = ssd_version() >= 4, v5 = ssd_version() == 5, v6 = ssd_version() == 6;
         const int64_t smem = v4 ? v4_layout(2, a.P, a.N, v5).total : out_layout(out_pt(a.P), a.N).total;
         if (smem_ok(max64(smem, cst_layout(a.P, a.N).total), err, errlen, who)) return -1;
         if (chunk_states(a, h0, h_last, st, tm, err, errlen, who)) return -1;
@@ -2367,7 +2438,9 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
                         kernel<<<(unsigned)(a.B * a.H * a.nch), SSD_THREADS, (size_t)smem, st>>>(a);
                         return scan_launch_check(err, errlen, who);
                     };
-                    return v5 ? go(ssd_chunk_out4_kernel<PC, NC, true>) : go(ssd_chunk_out4_kernel<PC, NC, false>);
+                    return v5   ? go(ssd_chunk_out4_kernel<PC, NC, true>)
+                           : v6 ? go(ssd_chunk_out4_kernel<PC, NC, false, SSD_V6_PF_OUT>)
+                                : go(ssd_chunk_out4_kernel<PC, NC, false>);
                 }))
                 return -1;
             tm.mark("chunk_out");
@@ -2432,7 +2505,7 @@ int ssd_bwd_impl(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const
     const int ver = ssd_version();
     const bool v1 = ver == 1;
     if (kept && ver < 4)
-        return scan_fail(err, errlen, "%s: the forward's states are kept by the v4 and v5 kernels only (DISTILL_SSD=v%d)",
+        return scan_fail(err, errlen, "%s: the forward's states are kept by the v4-v6 kernels only (DISTILL_SSD=v%d)",
                          who, ver);
 
     const int64_t pass_blocks = a.B * a.H * (a.P / a.PT), chunk_blocks = a.B * a.H * a.nch;
@@ -2443,7 +2516,7 @@ int ssd_bwd_impl(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const
     if (smem_ok(max64(max64(v1 ? smem_fwd : smem_cst, smem_dst), smem_chunk), err, errlen, who)) return -1;
     cudaStream_t st = (cudaStream_t)stream;
     static const char *names[] = {"",      "ssd_bwd_cuda v1", "ssd_bwd_cuda v2", "ssd_bwd_cuda v3", "ssd_bwd_cuda v4",
-                                  "ssd_bwd_cuda v5"};
+                                  "ssd_bwd_cuda v5", "ssd_bwd_cuda v6"};
     Stages tm(names[ver], st);
     if (v1) {
         if (set_smem(ssd_fwd_kernel<false>, smem_fwd, err, errlen, who) ||
@@ -2512,7 +2585,8 @@ int ssd_bwd_impl(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const
                     return 0;
                 };
                 return v5 ? go(ssd_bwd_bc_kernel<PC, NC, true>, ssd_bwd_dx_kernel<PC, NC, true>)
-                          : go(ssd_bwd_bc_kernel<PC, NC, false>, ssd_bwd_dx_kernel<PC, NC, false>);
+                     : ver == 6 ? go(ssd_bwd_bc_kernel<PC, NC, false>, ssd_bwd_dx_kernel<PC, NC, false, SSD_V6_PF_DX>)
+                                : go(ssd_bwd_bc_kernel<PC, NC, false>, ssd_bwd_dx_kernel<PC, NC, false>);
             }))
             return -1;
     } else {
