@@ -22,7 +22,8 @@
 //                 64-token midpoint from the neighbouring chunk's tiles on tensor cores (recon16), inside the products
 //                 that read it. Same per-chunk math as v4; the states move through HBM half as often.
 //   v6            v4 with the fp32 state loads of ssd_chunk_out4_kernel and ssd_bwd_dx_kernel issued at the kernel's
-//                 start and several k steps ahead (PF, StatePf): the same bits as v4.
+//                 start and several k steps ahead (PF, StatePf), ssd_bwd_bc_kernel's first ones at its start: the
+//                 same bits as v4.
 //   v3            ssd_scalars_kernel (w, din, dlast per chunk position), ssd_state_pass_kernel (one block per
 //                 (b, h, state tile) walking the chunks with the tile in accumulators, 4 chunks in flight; forward
 //                 and, reversed, the state gradient), ssd_chunk_out_kernel (y per (b, h, chunk, 64 rows of P)).
@@ -1805,8 +1806,10 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a
 // previous chunk (x, B, w, dlast), an even one dS from the next (dy, C, din, dlast), inside the x dS / dy S0 loop
 // (recon16 on the transposed tiles). The two tiles of that chunk take T1 and B's region, sc o (x or dy) presplit with
 // its lo half in V's region; V is formed after the loop, while B comes into its region.
-template <int PC, int NC, bool R5>
+// PF (v6, R5 off): the first k step's dS and S0 loads issued right after the tile loads (v4: after the V slab).
+template <int PC, int NC, bool R5, int PF = 0>
 __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
+    static_assert(!(R5 && PF), "v6's early state loads are for v4's stored states");
     extern __shared__ __align__(128) unsigned char smem[];
     const int P = PC ? PC : (int)a.P, N = NC ? NC : (int)a.N, Q = SSD_Q;
     const int lP = (int)ld16(P), lN = (int)ld16(N), lQ = (int)ld16(Q);
@@ -1831,6 +1834,21 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
     load_rows_async(DYs, P, lP, q, a.vec, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * P; });
     if (!rec) load_b();
     load_rows_async(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * N; });
+    const Unit u = unit_of(warp, N / 16);
+    const int n0 = u.cb * 16;
+    const int64_t so = R5 ? (bh * ((a.nch + 1) / 2) + (c >> 1)) * (int64_t)P * N : (bh * a.nch + c) * (int64_t)P * N;
+    const float *dS = a.dSo + so, *S0 = a.Sin + so;
+    // x dS and dy S0 over k = p; this thread's state cells: rows k0 + 2t + {0, 1, 8, 9}, columns n0 + g + {0, 8}
+    // (R5: each stored state is read by two neighbouring blocks, so S0 is not streamed past L2)
+    auto load = [&](float (&vs)[8], float (&vz)[8], int k0) {
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const int64_t o = (int64_t)(k0 + 2 * lt + (i & 1) + ((i >> 1) & 1) * 8) * N + n0 + 8 * (i >> 2) + lg;
+            vs[i] = __ldg(dS + o), vz[i] = R5 ? __ldg(S0 + o) : __ldcs(S0 + o);
+        }
+    };
+    float cs[8], cz[8];
+    if (PF && u.on) load(cs, cz, 0);
     Rec rc = {};
     if (rec) {  // Ta = B or C of the partner chunk [Q, N] (in B's region), Tb = its x or dy [Q, P]
         const int64_t c2 = rS0 ? c - 1 : c + 1, t2 = c2 * SSD_Q, o2 = bh * a.nch + c2;
@@ -1867,24 +1885,11 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
         v_slab();
         __syncthreads();
     }
-    const Unit u = unit_of(warp, N / 16);
-    const int n0 = u.cb * 16;
     float up = 0.f;
     Frag fb = {}, fc = {};
     if (u.on) {
-        const int64_t so = R5 ? (bh * ((a.nch + 1) / 2) + (c >> 1)) * (int64_t)P * N : (bh * a.nch + c) * (int64_t)P * N;
-        const float *dS = a.dSo + so, *S0 = a.Sin + so;
-        // x dS and dy S0 over k = p; this thread's state cells: rows k0 + 2t + {0, 1, 8, 9}, columns n0 + g + {0, 8}
-        // (R5: each stored state is read by two neighbouring blocks, so S0 is not streamed past L2)
-        auto load = [&](float (&vs)[8], float (&vz)[8], int k0) {
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                const int64_t o = (int64_t)(k0 + 2 * lt + (i & 1) + ((i >> 1) & 1) * 8) * N + n0 + 8 * (i >> 2) + lg;
-                vs[i] = __ldg(dS + o), vz[i] = R5 ? __ldg(S0 + o) : __ldcs(S0 + o);
-            }
-        };
-        float cs[8], cz[8], ns[8], nz[8];
-        load(cs, cz, 0);
+        float ns[8], nz[8];
+        if (!PF) load(cs, cz, 0);
         const bool ucount = u.mt0 == 0;  // u: each state cell counted by one warp
         for (int k0 = 0; k0 < P; k0 += 16) {
             if (k0 + 16 < P) load(ns, nz, k0 + 16);
@@ -2585,7 +2590,7 @@ int ssd_bwd_impl(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const
                     return 0;
                 };
                 return v5 ? go(ssd_bwd_bc_kernel<PC, NC, true>, ssd_bwd_dx_kernel<PC, NC, true>)
-                     : ver == 6 ? go(ssd_bwd_bc_kernel<PC, NC, false>, ssd_bwd_dx_kernel<PC, NC, false, SSD_V6_PF_DX>)
+                     : ver == 6 ? go(ssd_bwd_bc_kernel<PC, NC, false, 1>, ssd_bwd_dx_kernel<PC, NC, false, SSD_V6_PF_DX>)
                                 : go(ssd_bwd_bc_kernel<PC, NC, false>, ssd_bwd_dx_kernel<PC, NC, false>);
             }))
             return -1;
