@@ -14,16 +14,18 @@
 // bf16 tiles with fp32 accumulation, fp32 operands split into bf16 hi + lo: see "tensor-core tiles" below). Four
 // generations, chosen by DISTILL_SSD (docs/KERNELS.md says why and what each costs); ssd_param_reduce_kernel and
 // ssd_group_reduce_kernel serve all of them:
-//   v4 (default)  v3's scalars kernel and state passes (the backward's two in one launch: ssd_state_pass_both_kernel),
+//   v4            v3's scalars kernel and state passes (the backward's two in one launch: ssd_state_pass_both_kernel),
 //                 ssd_chunk_out4_kernel (y per (b, h, chunk)), and the chunk gradients split in ssd_bwd_bc_kernel (dB,
 //                 dC) and ssd_bwd_dx_kernel (dx, ddt), all three on mma.sync with register-resident outputs.
 //   v5            v4 with half the fp32 states: the passes (HALF) store the state every 128 tokens (entering even
 //                 chunks; the state gradient leaving odd ones), and the per-chunk kernels (R5) rebuild the state at the
 //                 64-token midpoint from the neighbouring chunk's tiles on tensor cores (recon16), inside the products
 //                 that read it. Same per-chunk math as v4; the states move through HBM half as often.
-//   v6            v4 with the fp32 state loads of ssd_chunk_out4_kernel and ssd_bwd_dx_kernel issued at the kernel's
-//                 start and several k steps ahead (PF, StatePf), ssd_bwd_bc_kernel's first ones at its start: the
-//                 same bits as v4.
+//   v6 (default)  v4 with the fp32 state loads of ssd_chunk_out4_kernel and ssd_bwd_dx_kernel issued at the kernel's
+//                 start and several k steps ahead (PF, StatePf), ssd_bwd_bc_kernel's first ones at its start (N = 128),
+//                 and fewer barriers: none between chunk_weights and the Q x Q slabs (which need chunk_scalars only),
+//                 dx/ddt's row sums in E's dead region (no barrier between tj and the products) and its dD partial
+//                 before the xdsb barrier. Same operations in the same order: the same bits as v4.
 //   v3            ssd_scalars_kernel (w, din, dlast per chunk position), ssd_state_pass_kernel (one block per
 //                 (b, h, state tile) walking the chunks with the tile in accumulators, 4 chunks in flight; forward
 //                 and, reversed, the state gradient), ssd_chunk_out_kernel (y per (b, h, chunk, 64 rows of P)).
@@ -1744,7 +1746,7 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a
     cp_async_wait_all();
     __syncthreads();
     chunk_weights(sc);
-    __syncthreads();
+    if (!PF) __syncthreads();  // (v6: the W slab needs chunk_scalars only; din and w are read after its barrier)
     {  // W as hi + lo (the slabs strictly above the diagonal are zero and never read)
         const int mi = (warp >> 1) * 16, kc = (warp & 1) * 32;
         if (kc <= mi + 15) {
@@ -1806,7 +1808,8 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a
 // previous chunk (x, B, w, dlast), an even one dS from the next (dy, C, din, dlast), inside the x dS / dy S0 loop
 // (recon16 on the transposed tiles). The two tiles of that chunk take T1 and B's region, sc o (x or dy) presplit with
 // its lo half in V's region; V is formed after the loop, while B comes into its region.
-// PF (v6, R5 off): the first k step's dS and S0 loads issued right after the tile loads (v4: after the V slab).
+// PF (v6, R5 off): 1: no barrier between chunk_weights and the V slab (which needs chunk_scalars only); 2: that and
+// the first k step's dS and S0 loads issued right after the tile loads (v4: after the V slab).
 template <int PC, int NC, bool R5, int PF = 0>
 __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
     static_assert(!(R5 && PF), "v6's early state loads are for v4's stored states");
@@ -1848,7 +1851,7 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
         }
     };
     float cs[8], cz[8];
-    if (PF && u.on) load(cs, cz, 0);
+    if (PF == 2 && u.on) load(cs, cz, 0);
     Rec rc = {};
     if (rec) {  // Ta = B or C of the partner chunk [Q, N] (in B's region), Tb = its x or dy [Q, P]
         const int64_t c2 = rS0 ? c - 1 : c + 1, t2 = c2 * SSD_Q, o2 = bh * a.nch + c2;
@@ -1866,7 +1869,7 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
     __syncthreads();
     chunk_weights(sc);
     if (R5 && rec) presplit(reinterpret_cast<bf16 *>(smem + lay.T1), Vh, P, lP, sc.sc2);
-    __syncthreads();
+    if (!PF) __syncthreads();
     auto v_slab = [&]() {  // V as hi + lo
         const int mi = (warp >> 1) * 16, kc = (warp & 1) * 32;
         if (kc <= mi + 15) {
@@ -1889,7 +1892,7 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
     Frag fb = {}, fc = {};
     if (u.on) {
         float ns[8], nz[8];
-        if (!PF) load(cs, cz, 0);
+        if (PF != 2) load(cs, cz, 0);
         const bool ucount = u.mt0 == 0;  // u: each state cell counted by one warp
         for (int k0 = 0; k0 < P; k0 += 16) {
             if (k0 + 16 < P) load(ns, nz, k0 + 16);
@@ -2044,7 +2047,7 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
     cp_async_wait_all();
     __syncthreads();
     chunk_weights(sc);
-    __syncthreads();
+    if (!PF) __syncthreads();  // (v6: W and E need chunk_scalars only; w is read after their barrier)
     // W (hi + lo) and E (row stride lE, odd: a warp walking a column or a row hits 32 banks)
     constexpr int lE = SSD_Q + 1;
     {
@@ -2104,7 +2107,10 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
                         [&](int m) { return a.dy + ((b * L + t2 + m) * H + h) * P; });
     if (tid < SSD_Q) sc.tj[tid] = (part1[tid] + part1[SSD_Q + tid]) + (part1[2 * SSD_Q + tid] + part1[3 * SSD_Q + tid]);
     if (rec) cp_async_wait_all();
-    __syncthreads();  // part1/part2 are free: red holds the row sums below
+    // part1/part2 are free: red holds the row sums below (v6: E's region, dead after the last column sums, so tj
+    // above and the products below need no barrier between them)
+    if (!PF) __syncthreads();
+    float *rsum = PF ? Es : red;
     if (un.on) {
         const int p0 = un.cb * 16;
         Frag acc = {};
@@ -2115,7 +2121,7 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
                                N, &rc, rec);
         else
             mma_state_nk(acc, un, Bs, lN, a.dSo + o * (int64_t)P * N, N, p0, N);  // R = B dS^T
-        unit_row_sums(un, red, [&](int mt, int nt, int hh, int row, int col) {  // xdsb_k = x_k . R_k
+        unit_row_sums(un, rsum, [&](int mt, int nt, int hh, int row, int col) {  // xdsb_k = x_k . R_k
             return fmaf(bf(Xs[row * lP + col]), acc[mt][nt][2 * hh], bf(Xs[row * lP + col + 1]) * acc[mt][nt][2 * hh + 1]);
         });
         unit_cells(un, [&](int mt, int nt, int hh, int row, int col) {  // w_k R + D dy
@@ -2142,15 +2148,22 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
                         a.ovec);
         });
     }
+    float pd = 0.f;  // this thread's part of dD's partial: dy . x over a quarter of row j (v6: before the xdsb barrier,
+    auto pd_rows = [&]() {  // so that the threads past the first 64 work while those sum xdsb)
+        const int j = tid >> 2, c4 = tid & 3;
+        if (j < q)
+            for (int p = c4; p < P; p += 4) pd = fmaf(bf(DYs[j * lP + p]), bf(Xs[j * lP + p]), pd);
+    };
+    if (PF) pd_rows();
     __syncthreads();
     if (tid < SSD_Q) {
         float s = 0.f;
-        for (int cb = 0; cb < P / 16; cb++) s += red[cb * SSD_Q + tid];
+        for (int cb = 0; cb < P / 16; cb++) s += rsum[cb * SSD_Q + tid];
         sc.xdsb[tid] = s;
     }
     __syncthreads();
     // da_j, ddt, and this block's partials of dA, ddt_bias, dD (as v3's chunk kernel)
-    float pa = 0.f, pb = 0.f, pd = 0.f;
+    float pa = 0.f, pb = 0.f;
     if (tid < SSD_Q) {
         const int j = tid;
         float da = u + sc.tj[j];
@@ -2166,11 +2179,7 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
             pb = graw;
         }
     }
-    {
-        const int j = tid >> 2, c4 = tid & 3;
-        if (j < q)
-            for (int p = c4; p < P; p += 4) pd = fmaf(bf(DYs[j * lP + p]), bf(Xs[j * lP + p]), pd);
-    }
+    if (!PF) pd_rows();
     const float sa = block_sum(pa, sc.red);
     const float sb = block_sum(pb, sc.red);
     const float sd = block_sum(pd, sc.red);
@@ -2266,18 +2275,19 @@ Ws make_ws(const SsdShape *s, bool bwd) {
 
 // DISTILL_SSD=v1 selects the first kernels (sequential state passes in shared memory, per 16 rows of P), v2 the
 // chunk-parallel state pass (chunk states, then an elementwise scan), v3 the fused state pass with the WMMA chunk
-// kernels; the default is v4 (v3's state passes, the backward's two in one launch, and the mma.sync chunk kernels).
+// kernels, v4 v3's state passes (the backward's two in one launch) and the mma.sync chunk kernels.
 // v5 (DISTILL_SSD=v5): v4 with the states stored every 128 tokens (the passes' HALF, the per-chunk kernels' R5).
-// v6 (DISTILL_SSD=v6): v4 with the chunk-output and dx/ddt kernels' fp32 state loads issued earlier and further ahead
-// (PF: SSD_V6_PF_OUT / SSD_V6_PF_DX k steps, the first of them at the kernel's start); the same bits as v4.
+// v6 (the default; DISTILL_SSD=v4 for the kernels before it): v4 with the per-chunk kernels' fp32 state loads issued
+// earlier and further ahead (PF: SSD_V6_PF_OUT / SSD_V6_PF_DX k steps, the first ones at the kernel's start) and
+// fewer barriers; the same bits as v4.
 int ssd_version(void) {
     const char *v = getenv("DISTILL_SSD");
     if (v && !strcmp(v, "v1")) return 1;
     if (v && !strcmp(v, "v2")) return 2;
     if (v && !strcmp(v, "v3")) return 3;
+    if (v && !strcmp(v, "v4")) return 4;
     if (v && !strcmp(v, "v5")) return 5;
-    if (v && !strcmp(v, "v6")) return 6;
-    return 4;
+    return 6;
 }
 bool use_v1(void) { return ssd_version() == 1; }
 
@@ -2590,7 +2600,8 @@ int ssd_bwd_impl(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const
                     return 0;
                 };
                 return v5 ? go(ssd_bwd_bc_kernel<PC, NC, true>, ssd_bwd_dx_kernel<PC, NC, true>)
-                     : ver == 6 ? go(ssd_bwd_bc_kernel<PC, NC, false, 1>, ssd_bwd_dx_kernel<PC, NC, false, SSD_V6_PF_DX>)
+                     : ver == 6 ? go(ssd_bwd_bc_kernel<PC, NC, false, NC == 128 ? 2 : 1>,
+                                   ssd_bwd_dx_kernel<PC, NC, false, SSD_V6_PF_DX>)
                                 : go(ssd_bwd_bc_kernel<PC, NC, false>, ssd_bwd_dx_kernel<PC, NC, false>);
             }))
             return -1;
