@@ -8,7 +8,7 @@
 //   floor = max(HBM floor, tensor floor); %floor = floor / time.
 // Timing: CUDA events around every call, median of `reps` calls after 3 warm-up calls, inputs rotated among 3 sets so
 // that no call finds its inputs in L2. Every shape is timed with each kernel generation in VERSIONS (DISTILL_SSD set
-// in turn; default "v4,v5": v4 stores the fp32 state at every 64-token chunk boundary, v5 at every 128 tokens), in
+// in turn; default "v4,v6": v6 is v4 with the state loads issued earlier; v5 stores the state every 128 tokens), in
 // the same run. "bwd kept" times ssd_bwd_cuda_after_fwd, each call right after an (untimed) forward into the same
 // workspace, whose states it reads instead of recomputing them. Usage: gpu_bench_ssd [reps [BxL|all [VERSIONS]]]
 #include <algorithm>
@@ -40,7 +40,7 @@ int main(int argc, char **argv) {
     const char *only = argc > 2 && strcmp(argv[2], "all") ? argv[2] : NULL;
     std::vector<std::string> vers;
     {
-        std::string list = argc > 3 ? argv[3] : "v4,v5";
+        std::string list = argc > 3 ? argv[3] : "v4,v6";
         size_t at = 0;
         while (at <= list.size()) {
             const size_t e = std::min(list.find(',', at), list.size());

@@ -8,9 +8,11 @@
 // (G 8 of 32 heads), tensors not 16-byte aligned, and B*L*H*P > 2^31 (64-bit offsets; the twin runs on the last head,
 // where offsets are largest). Also: two runs give identical bits, y = NULL runs only the state pass (same h_last
 // bits), h_last may alias h0, ssd_bwd_cuda_after_fwd (the forward's states kept in the workspace) gives the same bits
-// as ssd_bwd_cuda, unsupported shapes are refused with a message.
+// as ssd_bwd_cuda, v4 and v6 give the same bits (the one not selected by DISTILL_SSD is run too), unsupported shapes
+// are refused with a message.
 // Exit status 1 if any check fails. Usage: gpu_test_ssd [--no-huge]
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include "kernels/scan/gpu_common.cuh"
@@ -217,6 +219,32 @@ static void run_case(const TCase *c) {
             if (c->bias) same = same && same_bits(ddb, p1 + 2 * H, H * 4);
             if (c->h0) same = same && same_bits(dh0, dh01, nh * 4);
             check_true(same, c->name, "fwd + bwd bitwise repeatable");
+        }
+        // v4 and v6 differ only in when the state loads are issued: the other one (both when DISTILL_SSD is unset)
+        // gives the same bits (y and h_last of the forward, every gradient of the backward)
+        {
+            const char *cur = getenv("DISTILL_SSD");
+            const std::string keep = cur ? cur : "";
+            for (const char *other : {"v4", "v6"}) {
+                if (cur && strcmp(cur, "v4") && strcmp(cur, "v6")) break;
+                if (cur && !strcmp(cur, other)) continue;
+                setenv("DISTILL_SSD", other, 1);
+                poison(y2, nx), poison(hl2, nh);
+                const bool ok = fwd((uint16_t *)y2, hl2, fws) && bwd();
+                if (cur) setenv("DISTILL_SSD", keep.c_str(), 1);
+                else unsetenv("DISTILL_SSD");
+                if (!ok) continue;
+                CK(cudaDeviceSynchronize());
+                bool same = same_bits(y, y2, nx * 2) && same_bits(hl, hl2, nh * 4) && same_bits(dx, dx1, nx * 2) &&
+                            same_bits(ddt, ddt1, ndt * 2) && same_bits(dB, dB1, nB * 2) && same_bits(dC, dC1, nB * 2) &&
+                            same_bits(dA, p1, H * 4);
+                if (c->D) same = same && same_bits(dD, p1 + H, H * 4);
+                if (c->bias) same = same && same_bits(ddb, p1 + 2 * H, H * 4);
+                if (c->h0) same = same && same_bits(dh0, dh01, nh * 4);
+                char what[64];
+                snprintf(what, sizeof what, "DISTILL_SSD=%s: same bits", other);
+                check_true(same, c->name, what);
+            }
         }
         // the backward after a forward into its own workspace (ssd_bwd_cuda_after_fwd: the forward's states kept)
         // gives the same bits; v1-v3 refuse it with a message

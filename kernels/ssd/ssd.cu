@@ -14,13 +14,18 @@
 // bf16 tiles with fp32 accumulation, fp32 operands split into bf16 hi + lo: see "tensor-core tiles" below). Four
 // generations, chosen by DISTILL_SSD (docs/KERNELS.md says why and what each costs); ssd_param_reduce_kernel and
 // ssd_group_reduce_kernel serve all of them:
-//   v4 (default)  v3's scalars kernel and state passes (the backward's two in one launch: ssd_state_pass_both_kernel),
+//   v4            v3's scalars kernel and state passes (the backward's two in one launch: ssd_state_pass_both_kernel),
 //                 ssd_chunk_out4_kernel (y per (b, h, chunk)), and the chunk gradients split in ssd_bwd_bc_kernel (dB,
 //                 dC) and ssd_bwd_dx_kernel (dx, ddt), all three on mma.sync with register-resident outputs.
 //   v5            v4 with half the fp32 states: the passes (HALF) store the state every 128 tokens (entering even
 //                 chunks; the state gradient leaving odd ones), and the per-chunk kernels (R5) rebuild the state at the
 //                 64-token midpoint from the neighbouring chunk's tiles on tensor cores (recon16), inside the products
 //                 that read it. Same per-chunk math as v4; the states move through HBM half as often.
+//   v6 (default)  v4 with the fp32 state loads of ssd_chunk_out4_kernel and ssd_bwd_dx_kernel issued at the kernel's
+//                 start and several k steps ahead (PF, StatePf), ssd_bwd_bc_kernel's first ones at its start (N = 128),
+//                 and fewer barriers: none between chunk_weights and the Q x Q slabs (which need chunk_scalars only),
+//                 dx/ddt's row sums in E's dead region (no barrier between tj and the products) and its dD partial
+//                 before the xdsb barrier. Same operations in the same order: the same bits as v4.
 //   v3            ssd_scalars_kernel (w, din, dlast per chunk position), ssd_state_pass_kernel (one block per
 //                 (b, h, state tile) walking the chunks with the tile in accumulators, 4 chunks in flight; forward
 //                 and, reversed, the state gradient), ssd_chunk_out_kernel (y per (b, h, chunk, 64 rows of P)).
@@ -1571,6 +1576,60 @@ __device__ __forceinline__ void mma_state_nk(Frag &acc, const Unit &u, const bf1
     }
 }
 
+#ifndef SSD_V6_PF_OUT
+#define SSD_V6_PF_OUT 3
+#endif
+#ifndef SSD_V6_PF_DX
+#define SSD_V6_PF_DX 2
+#endif
+// v6: mma_state_nk's product with the fp32 state loads issued D k steps ahead (v4: one), the first D of them by
+// state_pf_begin as early as the kernel knows S (before its tile loads land and its W / E phases run), so that their
+// latency overlaps that work instead of stalling the first MMAs. Same values, same MMAs in the same order: the same
+// bits as mma_state_nk. The ring slot of a k step is fixed at compile time (the inner loop over the D slots unrolls),
+// so the ring stays in registers for any K (a multiple of 16).
+template <int D>
+struct StatePf {
+    float2 v[D][4];
+    const float *r0, *r1;
+};
+template <int D>
+__device__ __forceinline__ void state_pf_load(StatePf<D> &pf, int j, int k) {
+    pf.v[j][0] = __ldg(reinterpret_cast<const float2 *>(pf.r0 + k));
+    pf.v[j][1] = __ldg(reinterpret_cast<const float2 *>(pf.r0 + k + 8));
+    pf.v[j][2] = __ldg(reinterpret_cast<const float2 *>(pf.r1 + k));
+    pf.v[j][3] = __ldg(reinterpret_cast<const float2 *>(pf.r1 + k + 8));
+}
+template <int D>
+__device__ __forceinline__ void state_pf_begin(StatePf<D> &pf, const float *S, int ldS, int n0, int K) {
+    const int l = threadIdx.x & 31, g = l >> 2, t = l & 3;
+    pf.r0 = S + (int64_t)(n0 + g) * ldS + 2 * t, pf.r1 = pf.r0 + (int64_t)8 * ldS;
+#pragma unroll
+    for (int j = 0; j < D; j++)
+        if (16 * j < K) state_pf_load(pf, j, 16 * j);
+}
+template <int D>
+__device__ __forceinline__ void mma_state_pf(Frag &acc, const Unit &u, const bf16 *A, int lda, StatePf<D> &pf, int K) {
+    for (int kb = 0; kb < K; kb += 16 * D) {
+#pragma unroll
+        for (int j = 0; j < D; j++) {
+            const int k0 = kb + 16 * j;
+            if (k0 >= K) break;
+            unsigned hi[4], lo[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) split2(pf.v[j][i].x, pf.v[j][i].y, hi[i], lo[i]);
+            if (k0 + 16 * D < K) state_pf_load(pf, j, k0 + 16 * D);  // the slot is free once split
+#pragma unroll
+            for (int mt = 0; mt < 4; mt++) {
+                if (mt >= u.nmt) break;
+                unsigned fa[4];
+                lda_row(fa, A, lda, (u.mt0 + mt) * 16, k0);
+                mma16816(acc[mt][0], fa, hi[0], hi[1]), mma16816(acc[mt][0], fa, lo[0], lo[1]);
+                mma16816(acc[mt][1], fa, hi[2], hi[3]), mma16816(acc[mt][1], fa, lo[2], lo[3]);
+            }
+        }
+    }
+}
+
 // f(mt, nt, hh, row, col) for a unit's output cells: acc[mt][nt][2hh], [2hh+1] are (row, col), (row, col + 1)
 template <typename F>
 __device__ __forceinline__ void unit_cells(const Unit &u, F f) {
@@ -1645,8 +1704,10 @@ __host__ __device__ inline V4Layout v4_layout(int kind, int64_t P, int64_t N, bo
 // formed C B^T and the decays once per 64 rows of P). Each warp owns a unit of y in registers.
 // R5 (v5): the passes stored S_in for even chunks only; an odd chunk rebuilds its own from the previous chunk's
 // (recon16 inside the C S_in^T product, with that chunk's x, B tiles and w, dlast).
-template <int PC, int NC, bool R5>
+// PF (v6, R5 off): the state loads issued PF k steps ahead, the first PF of them right after the tile loads (StatePf).
+template <int PC, int NC, bool R5, int PF = 0>
 __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a) {
+    static_assert(!(R5 && PF), "v6's early state loads are for v4's stored states");
     extern __shared__ __align__(128) unsigned char smem[];
     const int P = PC ? PC : (int)a.P, N = NC ? NC : (int)a.N, Q = SSD_Q;
     const int lP = (int)ld16(P), lN = (int)ld16(N), lQ = (int)ld16(Q);
@@ -1665,6 +1726,9 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a
     load_rows_async(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * N; });
     load_rows_async(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * N; });
     load_rows_async(Xs, P, lP, q, a.vec, [&](int m) { return a.x + ((b * L + t0 + m) * H + h) * P; });
+    const Unit u = unit_of(warp, P / 16);
+    StatePf<PF ? PF : 1> pf;
+    if (PF && u.on) state_pf_begin(pf, a.Sin + (bh * a.nch + c) * (int64_t)P * N, N, u.cb * 16, N);
     const bool rec = R5 && (c & 1);  // the previous chunk (full) is the partner
     Rec rc = {};
     if (rec) {
@@ -1682,7 +1746,7 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a
     cp_async_wait_all();
     __syncthreads();
     chunk_weights(sc);
-    __syncthreads();
+    if (!PF) __syncthreads();  // (v6: the W slab needs chunk_scalars only; din and w are read after its barrier)
     {  // W as hi + lo (the slabs strictly above the diagonal are zero and never read)
         const int mi = (warp >> 1) * 16, kc = (warp & 1) * 32;
         if (kc <= mi + 15) {
@@ -1702,11 +1766,12 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a
         presplit(reinterpret_cast<bf16 *>(smem + lay.T2), Bs, N, lN, sc.sc2);
         __syncthreads();
     }
-    const Unit u = unit_of(warp, P / 16);
     if (!u.on) return;
     const int p0 = u.cb * 16;
     Frag acc = {};
-    if (R5)  // C S_in^T, S_in stored (even c) or rebuilt (odd c) from the stored state entering c - 1
+    if (PF)
+        mma_state_pf(acc, u, Cs, lN, pf, N);  // C S_in^T, its first loads issued at the start
+    else if (R5)  // C S_in^T, S_in stored (even c) or rebuilt (odd c) from the stored state entering c - 1
         mma_state_nk<true>(acc, u, Cs, lN, a.Sin + (bh * ((a.nch + 1) / 2) + (c >> 1)) * (int64_t)P * N, N, p0, N,
                            &rc, rec);
     else
@@ -1743,8 +1808,11 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_chunk_out4_kernel(SsdDev a
 // previous chunk (x, B, w, dlast), an even one dS from the next (dy, C, din, dlast), inside the x dS / dy S0 loop
 // (recon16 on the transposed tiles). The two tiles of that chunk take T1 and B's region, sc o (x or dy) presplit with
 // its lo half in V's region; V is formed after the loop, while B comes into its region.
-template <int PC, int NC, bool R5>
+// PF (v6, R5 off): 1: no barrier between chunk_weights and the V slab (which needs chunk_scalars only); 2: that and
+// the first k step's dS and S0 loads issued right after the tile loads (v4: after the V slab).
+template <int PC, int NC, bool R5, int PF = 0>
 __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
+    static_assert(!(R5 && PF), "v6's early state loads are for v4's stored states");
     extern __shared__ __align__(128) unsigned char smem[];
     const int P = PC ? PC : (int)a.P, N = NC ? NC : (int)a.N, Q = SSD_Q;
     const int lP = (int)ld16(P), lN = (int)ld16(N), lQ = (int)ld16(Q);
@@ -1769,6 +1837,21 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
     load_rows_async(DYs, P, lP, q, a.vec, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * P; });
     if (!rec) load_b();
     load_rows_async(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * N; });
+    const Unit u = unit_of(warp, N / 16);
+    const int n0 = u.cb * 16;
+    const int64_t so = R5 ? (bh * ((a.nch + 1) / 2) + (c >> 1)) * (int64_t)P * N : (bh * a.nch + c) * (int64_t)P * N;
+    const float *dS = a.dSo + so, *S0 = a.Sin + so;
+    // x dS and dy S0 over k = p; this thread's state cells: rows k0 + 2t + {0, 1, 8, 9}, columns n0 + g + {0, 8}
+    // (R5: each stored state is read by two neighbouring blocks, so S0 is not streamed past L2)
+    auto load = [&](float (&vs)[8], float (&vz)[8], int k0) {
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const int64_t o = (int64_t)(k0 + 2 * lt + (i & 1) + ((i >> 1) & 1) * 8) * N + n0 + 8 * (i >> 2) + lg;
+            vs[i] = __ldg(dS + o), vz[i] = R5 ? __ldg(S0 + o) : __ldcs(S0 + o);
+        }
+    };
+    float cs[8], cz[8];
+    if (PF == 2 && u.on) load(cs, cz, 0);
     Rec rc = {};
     if (rec) {  // Ta = B or C of the partner chunk [Q, N] (in B's region), Tb = its x or dy [Q, P]
         const int64_t c2 = rS0 ? c - 1 : c + 1, t2 = c2 * SSD_Q, o2 = bh * a.nch + c2;
@@ -1786,7 +1869,7 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
     __syncthreads();
     chunk_weights(sc);
     if (R5 && rec) presplit(reinterpret_cast<bf16 *>(smem + lay.T1), Vh, P, lP, sc.sc2);
-    __syncthreads();
+    if (!PF) __syncthreads();
     auto v_slab = [&]() {  // V as hi + lo
         const int mi = (warp >> 1) * 16, kc = (warp & 1) * 32;
         if (kc <= mi + 15) {
@@ -1805,24 +1888,11 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
         v_slab();
         __syncthreads();
     }
-    const Unit u = unit_of(warp, N / 16);
-    const int n0 = u.cb * 16;
     float up = 0.f;
     Frag fb = {}, fc = {};
     if (u.on) {
-        const int64_t so = R5 ? (bh * ((a.nch + 1) / 2) + (c >> 1)) * (int64_t)P * N : (bh * a.nch + c) * (int64_t)P * N;
-        const float *dS = a.dSo + so, *S0 = a.Sin + so;
-        // x dS and dy S0 over k = p; this thread's state cells: rows k0 + 2t + {0, 1, 8, 9}, columns n0 + g + {0, 8}
-        // (R5: each stored state is read by two neighbouring blocks, so S0 is not streamed past L2)
-        auto load = [&](float (&vs)[8], float (&vz)[8], int k0) {
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                const int64_t o = (int64_t)(k0 + 2 * lt + (i & 1) + ((i >> 1) & 1) * 8) * N + n0 + 8 * (i >> 2) + lg;
-                vs[i] = __ldg(dS + o), vz[i] = R5 ? __ldg(S0 + o) : __ldcs(S0 + o);
-            }
-        };
-        float cs[8], cz[8], ns[8], nz[8];
-        load(cs, cz, 0);
+        float ns[8], nz[8];
+        if (PF != 2) load(cs, cz, 0);
         const bool ucount = u.mt0 == 0;  // u: each state cell counted by one warp
         for (int k0 = 0; k0 < P; k0 += 16) {
             if (k0 + 16 < P) load(ns, nz, k0 + 16);
@@ -1934,8 +2004,10 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_bc_kernel(SsdDev a) {
 // R5 (v5): dS is stored for odd chunks (and the last); an even chunk rebuilds it from the next chunk's (dy, C, din,
 // dlast) inside R = B dS^T (recon16). That chunk's C goes to C's region once W and E are formed, its dy to E's
 // region after the ddelta bookkeeping.
-template <int PC, int NC, bool R5>
+// PF (v6, R5 off): the dS loads issued PF k steps ahead, the first PF of them right after the tile loads (StatePf).
+template <int PC, int NC, bool R5, int PF = 0>
 __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
+    static_assert(!(R5 && PF), "v6's early state loads are for v4's stored states");
     extern __shared__ __align__(128) unsigned char smem[];
     const int P = PC ? PC : (int)a.P, N = NC ? NC : (int)a.N, Q = SSD_Q;
     const int lP = (int)ld16(P), lN = (int)ld16(N), lQ = (int)ld16(Q);
@@ -1956,6 +2028,9 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
     load_rows_async(DYs, P, lP, q, a.vec, [&](int m) { return a.dy + ((b * L + t0 + m) * H + h) * P; });
     load_rows_async(Bs, N, lN, q, a.vec, [&](int m) { return a.Bm + ((b * L + t0 + m) * G + g) * N; });
     load_rows_async(Cs, N, lN, q, a.vec, [&](int m) { return a.Cm + ((b * L + t0 + m) * G + g) * N; });
+    const Unit un = unit_of(warp, P / 16);
+    StatePf<PF ? PF : 1> pf;
+    if (PF && un.on) state_pf_begin(pf, a.dSo + o * (int64_t)P * N, N, un.cb * 16, N);
     const bool rec = R5 && !(c & 1) && c + 1 < a.nch;  // dS rebuilt from chunk c + 1
     const int64_t t2 = t0 + SSD_Q, o2 = o + 1;
     const int q2 = (int)(L - t2 < SSD_Q ? L - t2 : SSD_Q);
@@ -1972,7 +2047,7 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
     cp_async_wait_all();
     __syncthreads();
     chunk_weights(sc);
-    __syncthreads();
+    if (!PF) __syncthreads();  // (v6: W and E need chunk_scalars only; w is read after their barrier)
     // W (hi + lo) and E (row stride lE, odd: a warp walking a column or a row hits 32 banks)
     constexpr int lE = SSD_Q + 1;
     {
@@ -2032,17 +2107,21 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
                         [&](int m) { return a.dy + ((b * L + t2 + m) * H + h) * P; });
     if (tid < SSD_Q) sc.tj[tid] = (part1[tid] + part1[SSD_Q + tid]) + (part1[2 * SSD_Q + tid] + part1[3 * SSD_Q + tid]);
     if (rec) cp_async_wait_all();
-    __syncthreads();  // part1/part2 are free: red holds the row sums below
-    const Unit un = unit_of(warp, P / 16);
+    // part1/part2 are free: red holds the row sums below (v6: E's region, dead after the last column sums, so tj
+    // above and the products below need no barrier between them)
+    if (!PF) __syncthreads();
+    float *rsum = PF ? Es : red;
     if (un.on) {
         const int p0 = un.cb * 16;
         Frag acc = {};
-        if (R5)  // R = B dS^T, dS stored (odd c, the last c) or rebuilt from the stored one leaving c + 1
+        if (PF)
+            mma_state_pf(acc, un, Bs, lN, pf, N);  // R = B dS^T, its first loads issued at the start
+        else if (R5)  // R = B dS^T, dS stored (odd c, the last c) or rebuilt from the stored one leaving c + 1
             mma_state_nk<true>(acc, un, Bs, lN, a.dSo + (bh * ((a.nch + 1) / 2) + (c >> 1)) * (int64_t)P * N, N, p0,
                                N, &rc, rec);
         else
             mma_state_nk(acc, un, Bs, lN, a.dSo + o * (int64_t)P * N, N, p0, N);  // R = B dS^T
-        unit_row_sums(un, red, [&](int mt, int nt, int hh, int row, int col) {  // xdsb_k = x_k . R_k
+        unit_row_sums(un, rsum, [&](int mt, int nt, int hh, int row, int col) {  // xdsb_k = x_k . R_k
             return fmaf(bf(Xs[row * lP + col]), acc[mt][nt][2 * hh], bf(Xs[row * lP + col + 1]) * acc[mt][nt][2 * hh + 1]);
         });
         unit_cells(un, [&](int mt, int nt, int hh, int row, int col) {  // w_k R + D dy
@@ -2069,15 +2148,22 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
                         a.ovec);
         });
     }
+    float pd = 0.f;  // this thread's part of dD's partial: dy . x over a quarter of row j (v6: before the xdsb barrier,
+    auto pd_rows = [&]() {  // so that the threads past the first 64 work while those sum xdsb)
+        const int j = tid >> 2, c4 = tid & 3;
+        if (j < q)
+            for (int p = c4; p < P; p += 4) pd = fmaf(bf(DYs[j * lP + p]), bf(Xs[j * lP + p]), pd);
+    };
+    if (PF) pd_rows();
     __syncthreads();
     if (tid < SSD_Q) {
         float s = 0.f;
-        for (int cb = 0; cb < P / 16; cb++) s += red[cb * SSD_Q + tid];
+        for (int cb = 0; cb < P / 16; cb++) s += rsum[cb * SSD_Q + tid];
         sc.xdsb[tid] = s;
     }
     __syncthreads();
     // da_j, ddt, and this block's partials of dA, ddt_bias, dD (as v3's chunk kernel)
-    float pa = 0.f, pb = 0.f, pd = 0.f;
+    float pa = 0.f, pb = 0.f;
     if (tid < SSD_Q) {
         const int j = tid;
         float da = u + sc.tj[j];
@@ -2093,11 +2179,7 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
             pb = graw;
         }
     }
-    {
-        const int j = tid >> 2, c4 = tid & 3;
-        if (j < q)
-            for (int p = c4; p < P; p += 4) pd = fmaf(bf(DYs[j * lP + p]), bf(Xs[j * lP + p]), pd);
-    }
+    if (!PF) pd_rows();
     const float sa = block_sum(pa, sc.red);
     const float sb = block_sum(pb, sc.red);
     const float sd = block_sum(pd, sc.red);
@@ -2193,15 +2275,19 @@ Ws make_ws(const SsdShape *s, bool bwd) {
 
 // DISTILL_SSD=v1 selects the first kernels (sequential state passes in shared memory, per 16 rows of P), v2 the
 // chunk-parallel state pass (chunk states, then an elementwise scan), v3 the fused state pass with the WMMA chunk
-// kernels; the default is v4 (v3's state passes, the backward's two in one launch, and the mma.sync chunk kernels).
+// kernels, v4 v3's state passes (the backward's two in one launch) and the mma.sync chunk kernels.
 // v5 (DISTILL_SSD=v5): v4 with the states stored every 128 tokens (the passes' HALF, the per-chunk kernels' R5).
+// v6 (the default; DISTILL_SSD=v4 for the kernels before it): v4 with the per-chunk kernels' fp32 state loads issued
+// earlier and further ahead (PF: SSD_V6_PF_OUT / SSD_V6_PF_DX k steps, the first ones at the kernel's start) and
+// fewer barriers; the same bits as v4.
 int ssd_version(void) {
     const char *v = getenv("DISTILL_SSD");
     if (v && !strcmp(v, "v1")) return 1;
     if (v && !strcmp(v, "v2")) return 2;
     if (v && !strcmp(v, "v3")) return 3;
+    if (v && !strcmp(v, "v4")) return 4;
     if (v && !strcmp(v, "v5")) return 5;
-    return 4;
+    return 6;
 }
 bool use_v1(void) { return ssd_version() == 1; }
 
@@ -2346,7 +2432,7 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     a.yvec = ((uintptr_t)y & 3) == 0;
     cudaStream_t st = (cudaStream_t)stream;
     static const char *names[] = {"",      "ssd_fwd_cuda v1", "ssd_fwd_cuda v2", "ssd_fwd_cuda v3", "ssd_fwd_cuda v4",
-                                  "ssd_fwd_cuda v5"};
+                                  "ssd_fwd_cuda v5", "ssd_fwd_cuda v6"};
     Stages tm(names[workspace ? ssd_version() : 1], st);
     if (workspace && !use_v1()) {  // v2: chunk states, scan, chunk outputs
         const int64_t blocks = a.B * a.H * a.nch * (a.P / out_pt(a.P));
@@ -2355,7 +2441,7 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
         const Ws w = make_ws(s, false);
         a.Sin = (float *)((char *)workspace + w.Sin), a.dl = (float *)((char *)workspace + w.dl);
         a.wv = (float *)((char *)workspace + w.wv), a.dv = (float *)((char *)workspace + w.dv);
-        const bool v4 = ssd_version() >= 4, v5 = ssd_version() == 5;
+        const bool v4 = ssd_version() >= 4, v5 = ssd_version() == 5, v6 = ssd_version() == 6;
         const int64_t smem = v4 ? v4_layout(2, a.P, a.N, v5).total : out_layout(out_pt(a.P), a.N).total;
         if (smem_ok(max64(smem, cst_layout(a.P, a.N).total), err, errlen, who)) return -1;
         if (chunk_states(a, h0, h_last, st, tm, err, errlen, who)) return -1;
@@ -2367,7 +2453,9 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
                         kernel<<<(unsigned)(a.B * a.H * a.nch), SSD_THREADS, (size_t)smem, st>>>(a);
                         return scan_launch_check(err, errlen, who);
                     };
-                    return v5 ? go(ssd_chunk_out4_kernel<PC, NC, true>) : go(ssd_chunk_out4_kernel<PC, NC, false>);
+                    return v5   ? go(ssd_chunk_out4_kernel<PC, NC, true>)
+                           : v6 ? go(ssd_chunk_out4_kernel<PC, NC, false, SSD_V6_PF_OUT>)
+                                : go(ssd_chunk_out4_kernel<PC, NC, false>);
                 }))
                 return -1;
             tm.mark("chunk_out");
@@ -2432,7 +2520,7 @@ int ssd_bwd_impl(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const
     const int ver = ssd_version();
     const bool v1 = ver == 1;
     if (kept && ver < 4)
-        return scan_fail(err, errlen, "%s: the forward's states are kept by the v4 and v5 kernels only (DISTILL_SSD=v%d)",
+        return scan_fail(err, errlen, "%s: the forward's states are kept by the v4-v6 kernels only (DISTILL_SSD=v%d)",
                          who, ver);
 
     const int64_t pass_blocks = a.B * a.H * (a.P / a.PT), chunk_blocks = a.B * a.H * a.nch;
@@ -2443,7 +2531,7 @@ int ssd_bwd_impl(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const
     if (smem_ok(max64(max64(v1 ? smem_fwd : smem_cst, smem_dst), smem_chunk), err, errlen, who)) return -1;
     cudaStream_t st = (cudaStream_t)stream;
     static const char *names[] = {"",      "ssd_bwd_cuda v1", "ssd_bwd_cuda v2", "ssd_bwd_cuda v3", "ssd_bwd_cuda v4",
-                                  "ssd_bwd_cuda v5"};
+                                  "ssd_bwd_cuda v5", "ssd_bwd_cuda v6"};
     Stages tm(names[ver], st);
     if (v1) {
         if (set_smem(ssd_fwd_kernel<false>, smem_fwd, err, errlen, who) ||
@@ -2512,7 +2600,9 @@ int ssd_bwd_impl(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const
                     return 0;
                 };
                 return v5 ? go(ssd_bwd_bc_kernel<PC, NC, true>, ssd_bwd_dx_kernel<PC, NC, true>)
-                          : go(ssd_bwd_bc_kernel<PC, NC, false>, ssd_bwd_dx_kernel<PC, NC, false>);
+                     : ver == 6 ? go(ssd_bwd_bc_kernel<PC, NC, false, NC == 128 ? 2 : 1>,
+                                   ssd_bwd_dx_kernel<PC, NC, false, SSD_V6_PF_DX>)
+                                : go(ssd_bwd_bc_kernel<PC, NC, false>, ssd_bwd_dx_kernel<PC, NC, false>);
             }))
             return -1;
     } else {

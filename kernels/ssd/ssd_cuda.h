@@ -9,7 +9,7 @@
 // Chunking: the kernels always use chunks of SSD_CUDA_CHUNK tokens; s->chunk is ignored (the twin's result does not
 // depend on its chunk beyond rounding).
 // Environment (docs/KERNELS.md): DISTILL_SSD=v1|v2|v3|v4 selects an earlier kernel generation, v5 the states stored
-// every 128 tokens (default v4).
+// every 128 tokens (default v6: v4's kernels with the state loads issued earlier and fewer barriers, same bits).
 // Every pointer is a device pointer; every function only enqueues work on `stream` and returns 0, or -1 with a
 // message in err (which may be NULL) when the shape is outside what the kernels support:
 //   P (headdim) and N (dstate) multiples of 16 in [16, 128]; H % G == 0; batch, seqlen >= 1.
@@ -55,10 +55,10 @@ int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const
 
 // ssd_bwd_cuda without recomputing the forward's states: `workspace` (ssd_bwd_cuda_workspace(s) bytes) is the one
 // that the ssd_fwd_cuda call on the same inputs (x, dt, A, Bm, dt_bias, reset, h0; y may have been NULL) was given, on
-// the same stream before this call and with nothing else written to it since, under the same kernel generation (v4 or
-// v5: DISTILL_SSD=v1..v3 refuse with a message). The forward's workspace is the first part of the backward's (same
+// the same stream before this call and with nothing else written to it since, under the same kernel generation (v4-v6:
+// DISTILL_SSD=v1..v3 refuse with a message). The forward's workspace is the first part of the backward's (same
 // offsets), so its states and chunk scalars are read in place and only the state-gradient pass runs: it trades keeping
-// that workspace from the forward to the backward (B*H*ceil(L/64)*P*N floats with v4, half that with v5) for the
+// that workspace from the forward to the backward (B*H*ceil(L/64)*P*N floats with v4 and v6, half that with v5) for the
 // forward-state pass. Same results, bit for bit, as ssd_bwd_cuda.
 int ssd_bwd_cuda_after_fwd(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A, const uint16_t *Bm,
                            const uint16_t *Cm, const float *D, const float *dt_bias, const uint8_t *reset,
