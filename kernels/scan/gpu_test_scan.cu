@@ -377,7 +377,9 @@ int main(int argc, char **argv) {
         return nfail ? 1 : 0;
     }
     // the selectable versions and options (selective_scan.cu reads these at every call) on the small cases
-    const char *variants[][4] = {{"DISTILL_SCAN_BWD", "v11", NULL, NULL},
+    const char *variants[][4] = {{"DISTILL_SCAN_BWD", "v13", NULL, NULL},
+                                 {"DISTILL_SCAN_BWD", "v13", "DISTILL_SCAN_BWD_NSEG", "3"},
+                                 {"DISTILL_SCAN_BWD", "v11", NULL, NULL},
                                  {"DISTILL_SCAN_BWD", "v11", "DISTILL_SCAN_BWD_NSEG", "3"},
                                  {"DISTILL_SCAN_BWD", "v10", NULL, NULL},
                                  {"DISTILL_SCAN_BWD", "v8", NULL, NULL},

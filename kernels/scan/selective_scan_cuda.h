@@ -21,7 +21,10 @@ typedef struct CUstream_st *scan_stream_t;  // = cudaStream_t
 
 // The forward writes the state before every SCAN_CKPT-th step to ckpt [B, ceil(L/SCAN_CKPT), D, N] (fp32)
 // when ckpt != NULL; the backward needs it (one fp32 state per 64 steps: about 1 byte per token-channel at
-// N = 16, far cheaper than a second forward sweep in the backward).
+// N = 16, far cheaper than a second forward sweep in the backward). With DISTILL_SCAN_BWD=v13 (backward v13,
+// opt-in) the forward stores the state before every 8th step instead, [B, ceil(L/8), D, N] (8 bytes per
+// token-channel), which v13 reads in place of its per-chunk sweep; the forward and backward of a pass must run
+// with the same setting, and selective_scan_ckpt_elems returns the size for the setting at the time of the call.
 #define SCAN_CKPT 64
 size_t selective_scan_ckpt_elems(const ScanShape *s);
 
