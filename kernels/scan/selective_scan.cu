@@ -1126,7 +1126,7 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
     int rsv = (tid < T && p.reset && klast * T + tid < L) ? p.reset[b * L + klast * T + tid] : 0;
 
     for (int64_t k = klast; k >= kfirst; k--) {
-        cp_async_wait<0>();
+        if (!V13 || k == klast) cp_async_wait<0>();  // v13 waits per group, below
         if (tid < T) rxf[tid] = rsv ? -INFINITY : 0.f;  // 0 past the end (rsv is 0 there)
         __syncthreads();
         rsv = (tid < T && p.reset && k > kfirst) ? p.reset[b * L + (k - 1) * T + tid] : 0;  // for the next chunk
@@ -1179,6 +1179,13 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
             const float *hsrc = V13 ? snap + (sl * CH + cl) * N + hf * H
                                 : g ? snap + ((g - 1) * 2 * NTH + tid) * 4 : ck + cl * N + hf * H;
             const int hstride = (g && !V13) ? NTH * 4 : 4;  // the second float4 of the state
+            if constexpr (V13) {
+                // this group's slot was filled by the commit 8 before the latest (counted from the group's refill in
+                // chunk k + 1: its g later groups, this chunk's start, this chunk's 7 - g earlier groups), or by the
+                // first chunk's, which the chunk start waited for
+                cp_async_wait<8>();
+                __syncthreads();
+            }
             warp_bc(sl, nv);
             // output offsets of the group's first step (64-bit once per group; steps add 32-bit multiples)
             bf16 *so = (bf16 *)(smem + geo.so) + (g & 1) * SOK * G * CH;  // [kind][step][64]
