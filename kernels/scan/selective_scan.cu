@@ -2,9 +2,10 @@
 // deterministic backward, multi-token decode. Design notes: docs/KERNELS.md.
 //
 // Work mapping. Forward: two lanes per (batch row, channel), N/2 states each (v11: 32-step tiles; v10: 16).
-// Backward v12 (the default for MambaInLlama's shapes; scan_bwd11_kernel<DB, true>) and v11 (DISTILL_SCAN_BWD=v11,
-// the same kernel <DB, false>): two lanes per channel, 8-step groups of states and decays in registers, dB/dC summed
-// per warp through shared memory (v12: lagged one step, scaled on the reading side). Backward v10 (other shapes,
+// Backward v13 (the default for MambaInLlama's shapes; scan_bwd11_kernel<DB, 13>), v12 (DISTILL_SCAN_BWD=v12, <DB, 12>)
+// and v11 (DISTILL_SCAN_BWD=v11, <DB, 11>): two lanes per channel, 8-step groups of states and decays in registers,
+// dB/dC summed per warp through shared memory (v12: lagged one step, scaled on the reading side; v13: the state
+// before each group read from the forward's checkpoints every 8 steps instead of a sweep per chunk). Backward v10 (other shapes,
 // DISTILL_SCAN_BWD=v10): 4 consecutive lanes own one recurrence and split its N states (R = N/4 each), so that a
 // warp covers 8 channels and a C group of 16 channels spans 64 lanes; time advances in groups of 4 steps, lane q
 // "owns" step t0+q of each group: it loads that step's per-channel scalars (u, dt, z, dout), computes
