@@ -2,9 +2,10 @@
 // deterministic backward, multi-token decode. Design notes: docs/KERNELS.md.
 //
 // Work mapping. Forward: two lanes per (batch row, channel), N/2 states each (v11: 32-step tiles; v10: 16).
-// Backward v12 (the default for MambaInLlama's shapes; scan_bwd11_kernel<DB, true>) and v11 (DISTILL_SCAN_BWD=v11,
-// the same kernel <DB, false>): two lanes per channel, 8-step groups of states and decays in registers, dB/dC summed
-// per warp through shared memory (v12: lagged one step, scaled on the reading side). Backward v10 (other shapes,
+// Backward v13 (the default for MambaInLlama's shapes; scan_bwd11_kernel<DB, 13>), v12 (DISTILL_SCAN_BWD=v12, <DB, 12>)
+// and v11 (DISTILL_SCAN_BWD=v11, <DB, 11>): two lanes per channel, 8-step groups of states and decays in registers,
+// dB/dC summed per warp through shared memory (v12: lagged one step, scaled on the reading side; v13: the state
+// before each group read from the forward's checkpoints every 8 steps instead of a sweep per chunk). Backward v10 (other shapes,
 // DISTILL_SCAN_BWD=v10): 4 consecutive lanes own one recurrence and split its N states (R = N/4 each), so that a
 // warp covers 8 channels and a C group of 16 channels spans 64 lanes; time advances in groups of 4 steps, lane q
 // "owns" step t0+q of each group: it loads that step's per-channel scalars (u, dt, z, dout), computes
@@ -18,6 +19,9 @@
 #include <string.h>
 
 #define FULL_MASK 0xffffffffu
+// the backward's chunk: v8..v12 read the forward's state before every 64th step, v13 before every 8th (SCAN_CKPT in
+// selective_scan_cuda.h: the default's interval)
+#define SCAN_CHUNK 64
 
 namespace {
 
@@ -32,7 +36,8 @@ struct FwdArgs {
     bf16 *out;
     float *h_last, *ckpt;
     int nseg;
-    int64_t seglen, nck;
+    int64_t seglen, nck;  // nck: checkpoints per batch row (ceil(L / 64), or ceil(L / 8) when ck8)
+    int ck8;              // 1: the state before every 8th step (backward v13), else before every 64th
     float *seg_h;   // [B, nseg, D, N] end state of each segment started from zero
     float *seg_sd;  // [B, nseg, D]    sum of delta after the segment's last reset
     int *seg_rs;    // [B, nseg, D]    1 if the segment holds a reset
@@ -186,7 +191,7 @@ __device__ __forceinline__ void load_acts_fast(bf16 *act, const bf16 *const (&sr
 template <int N, bool PREPASS, bool AL16, int FT, int FNST, bool FAST>
 __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArgs p, const TileGeom geo) {
     constexpr int CPB = FWD1_THREADS, H = N / 2;
-    static_assert(FT % 2 == 0 && SCAN_CKPT % FT == 0 && FNST >= 2, "steps go in pairs; tiles divide SCAN_CKPT");
+    static_assert(FT % 2 == 0 && SCAN_CHUNK % FT == 0 && FNST >= 2, "steps go in pairs; tiles divide SCAN_CHUNK");
     static_assert(!FAST || AL16, "the fast loader needs aligned rows");
     extern __shared__ __align__(16) char smem[];
     const int64_t ncb = (p.D + CPB - 1) / CPB;
@@ -270,8 +275,8 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
         const float *sC = (const float *)(smem + FNST * geo.bytes) + FT * geo.pB + (gc - gclo) * N + n0;
         const int64_t ts = tb + (int64_t)kt * FT;
         const int ns = (int)(te - ts < FT ? te - ts : FT);
-        if (!PREPASS && p.ckpt && (ts % SCAN_CKPT) == 0 && dvalid) {
-            float *ck = p.ckpt + ((b * p.nck + ts / SCAN_CKPT) * D + d) * N + n0;
+        if (!PREPASS && p.ckpt && !p.ck8 && (ts % SCAN_CHUNK) == 0 && dvalid) {
+            float *ck = p.ckpt + ((b * p.nck + ts / SCAN_CHUNK) * D + d) * N + n0;
             if constexpr (H % 4 == 0) {
 #pragma unroll
                 for (int n = 0; n < H; n += 4) reinterpret_cast<float4 *>(ck)[n / 4] = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
@@ -283,7 +288,18 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
         bf16 *outp = PREPASS ? nullptr : p.out + (b * L + ts) * D + d;
         const bool hasz = !PREPASS && p.z != nullptr;
         // steps i and i + 1 (i even); lane hf computes step i + hf's scalars; steps past ns are identities
-        auto pair = [&](int i) {
+        // ck8: the state before steps ts + i with i % 8 == 0 (ts is a multiple of 16), 2 float4 per lane
+        auto pair = [&](int i, bool ck_here) {
+            if (!PREPASS && ck_here && p.ck8 && p.ckpt && dvalid) {
+                float *ck = p.ckpt + ((b * p.nck + (ts + i) / 8) * D + d) * N + n0;
+                if constexpr (H % 4 == 0) {
+#pragma unroll
+                    for (int n = 0; n < H; n += 4) reinterpret_cast<float4 *>(ck)[n / 4] = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
+                } else {
+#pragma unroll
+                    for (int n = 0; n < H; n++) ck[n] = h[n];
+                }
+            }
             const int me = i + hf;
             const bool vme = me < ns, v1 = i + 1 < ns;
             const float dl_me = vme ? softplus_dev(__bfloat162float(sdt[me * CPB]) + bias) : 0.f;
@@ -329,11 +345,11 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
 #pragma unroll 1
             for (int i0 = 0; i0 < FT; i0 += 16) {
 #pragma unroll
-                for (int i = 0; i < 16 && i < FT; i += 2) pair(i0 + i);
+                for (int i = 0; i < 16 && i < FT; i += 2) pair(i0 + i, (i & 7) == 0);
             }
         } else {
 #pragma unroll 1
-            for (int i = 0; i < ns; i += 2) pair(i);
+            for (int i = 0; i < ns; i += 2) pair(i, (i & 7) == 0);
         }
     }
     cp_async_wait<0>();
@@ -350,7 +366,7 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
 }
 
 // ---- backward ----------------------------------------------------------------------------------------------
-// Per (batch row, block of CPB channels), chunks of SCAN_CKPT steps in reverse, each staged in shared memory
+// Per (batch row, block of CPB channels), chunks of SCAN_CHUNK steps in reverse, each staged in shared memory
 // while the previous chunk is processed. For each chunk: a forward sweep from the forward's checkpoint stores
 // the state before every 4-step group in shared memory; then the groups are walked in reverse: the group's 4
 // states and decays are recomputed into registers, the outputs' gradient is formed (y recomputed for dz), and
@@ -359,6 +375,7 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
 // over batch rows by a second kernel: no atomics, so the result is deterministic.
 struct BwdArgs {
     int64_t B, L, D, Gc, Gb, Dg, Db, nck;
+    int ckmul;  // checkpoints per 64-step chunk: 1, or 8 (every 8 steps, for v13; v10 reads every 8th)
     const bf16 *u, *dt, *Bm, *Cm, *z, *dout;
     const float *A, *Dskip, *delta_bias, *h0, *ckpt, *dh_last;
     const uint8_t *reset;
@@ -367,7 +384,7 @@ struct BwdArgs {
     float *dA_part, *dD_part, *ddb_part;  // [nseg * B, D, N], [nseg * B, D] x2 (row = seg * B + b)
     float *dB_part;                       // [B, L, Gc, N] when B groups do not fit a block, else NULL
     // time segments (v10): segment s covers steps [s * seglen, min((s + 1) * seglen, L)), seglen a multiple of
-    // SCAN_CKPT; seg_* from scan_bwd_seg_prepass (segments 1..nseg-1)
+    // SCAN_CHUNK; seg_* from scan_bwd_seg_prepass (segments 1..nseg-1)
     int nseg;
     int64_t seglen;
     float *seg_dh, *seg_sd;  // [B, nseg, D, N] local dh at the segment's start (from zero), [B, nseg, D] sum of delta
@@ -407,7 +424,7 @@ __device__ __forceinline__ void put_bwd_partials(const BwdArgs &p, int seg, int6
     if (scalars) p.dD_part[prow * D + d] = dD, p.ddb_part[prow * D + d] = ddb;
 }
 
-constexpr int BWD_GROUPS = SCAN_CKPT / 4;
+constexpr int BWD_GROUPS = SCAN_CHUNK / 4;
 
 // two staged chunks, the group snapshots, the dB/dC exchange, and the chunk's B and C spans in fp32
 template <int N, int THREADS>
@@ -424,7 +441,7 @@ __device__ __forceinline__ float dsoftplus_dev(float x) { return x <= 20.f ? sig
 // add 2 (dC) or 8 (dB) per-warp values. Otherwise per-channel values go through shared memory.
 template <int N, int THREADS, bool AL16, bool WRED>
 __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, const TileGeom geo) {
-    constexpr int R = N / QL, CPB = THREADS / QL, T = SCAN_CKPT, NW = THREADS / 32;
+    constexpr int R = N / QL, CPB = THREADS / QL, T = SCAN_CHUNK, NW = THREADS / 32;
     static_assert(!WRED || R == 4, "the warp reduction assumes 4 states per lane");
     extern __shared__ __align__(16) char smem[];
     float *sub = (float *)(smem + 2 * geo.bytes);  // [BWD_GROUPS][R][THREADS]
@@ -499,7 +516,7 @@ __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, cons
         const int ng = (int)((te - tb + 3) / 4);
         float h[R];
 #pragma unroll
-        for (int r = 0; r < R; r++) h[r] = p.ckpt[((b * p.nck + k) * D + d) * N + q * R + r];
+        for (int r = 0; r < R; r++) h[r] = p.ckpt[((b * p.nck + k * p.ckmul) * D + d) * N + q * R + r];
         // sweep: state before each group (the last group's own steps are not needed)
 #pragma unroll 1
         for (int g = 0; g < ng; g++) {
@@ -883,9 +900,17 @@ int check_shape(const ScanShape *s, int for_bwd, char *err, size_t errlen) {
     return 0;
 }
 
-int64_t n_ckpt(const ScanShape *s) { return (s->seqlen + SCAN_CKPT - 1) / SCAN_CKPT; }
+int64_t n_ckpt(const ScanShape *s) { return (s->seqlen + SCAN_CHUNK - 1) / SCAN_CHUNK; }  // 64-step chunks
+// checkpoints per 64-step chunk: 8 (the state before every 8th step) when the backward is v13 (the default) and the
+// shape is one v13 takes: v13 reads them instead of sweeping each chunk; else 1. The forward and backward of a pass
+// must see the same DISTILL_SCAN_BWD setting.
+int ckpt_mul(const ScanShape *s);
+// checkpoints per batch row
+int64_t n_ckpt_rows(const ScanShape *s) {
+    return ckpt_mul(s) == 8 ? (s->seqlen + SCAN_CHUNK / 8 - 1) / (SCAN_CHUNK / 8) : n_ckpt(s);
+}
 
-// segments: enough threads to fill the GPU, each segment a multiple of SCAN_CKPT steps
+// segments: enough threads to fill the GPU, each segment a multiple of SCAN_CHUNK steps
 int choose_nseg(const ScanShape *s, int nseg) {
     const int64_t maxseg = n_ckpt(s) > 0 ? n_ckpt(s) : 1;
     if (nseg <= 0) {
@@ -899,7 +924,7 @@ int choose_nseg(const ScanShape *s, int nseg) {
 }
 int64_t seg_len(const ScanShape *s, int nseg) {
     const int64_t per = (s->seqlen + nseg - 1) / nseg;
-    return (per + SCAN_CKPT - 1) / SCAN_CKPT * SCAN_CKPT;
+    return (per + SCAN_CHUNK - 1) / SCAN_CHUNK * SCAN_CHUNK;
 }
 
 // ---- backward v11: a lane pair per channel, 8-step groups in registers, dB/dC through shared memory ---------
@@ -919,8 +944,8 @@ int64_t seg_len(const ScanShape *s, int nseg) {
 // sweep needs first are loaded first). Each warp converts its own B and C rows of a group to fp32 when it starts it.
 // Why a lane pair rather than one thread per channel: 8 x 16 states of h and a do not fit 255 registers, and
 // snapshots every 4 steps (16 x 64 bytes per channel) would leave room for ~4 warps per SM (docs/KERNELS.md).
-constexpr int B11_CH = 64, B11_THREADS = 128, B11_G = 8, B11_NG = SCAN_CKPT / B11_G, B11_WARPS = B11_THREADS / 32;
-static_assert(SCAN_CKPT == 64, "the slot scheme assumes 8 groups of 8 steps per chunk");
+constexpr int B11_CH = 64, B11_THREADS = 128, B11_G = 8, B11_NG = SCAN_CHUNK / B11_G, B11_WARPS = B11_THREADS / 32;
+static_assert(SCAN_CHUNK == 64, "the slot scheme assumes 8 groups of 8 steps per chunk");
 // v12's dB/dC terms of a step: [lane half hf][channel in warp: 20 floats, 16 used: 8 h (dC), 8 dL/dh (dB)]; the
 // half stride 336 (= 16 mod 32) and the row stride 20 keep the writers' float4 stores and the readers' column loads
 // free of bank conflicts
@@ -943,17 +968,19 @@ constexpr int B11_SOK = 5;
 // staged output kinds: v12 leaves out dB's unless B groups are 16 channels wide (v11 kept room for it)
 template <int DB, bool V12>
 __host__ __device__ constexpr int b11_sok() { return V12 && DB != 16 ? 4 : B11_SOK; }
-template <int DB, bool V12>
+template <int DB, int V>
 B11Geom b11_geom() {
+    constexpr bool V12 = V >= 12;
     constexpr int PB = DB ? (B11_CH / DB) * 16 : B11_WARPS * 16;
     B11Geom g;
     int o = 0;
-    g.act = o, o += 4 * SCAN_CKPT * B11_CH * 2;               // u, dt, z, dout [kind][physical step][channel] bf16
-    g.Bs = o, o += SCAN_CKPT * PB * 2;                        // B span [physical step][PB] bf16
-    g.Cs = o, o += SCAN_CKPT * B11_CH * 2;                    // C span [physical step][64] bf16 (4 groups of 16)
-    g.ck = o, o += B11_CH * 16 * 4;                           // the chunk's checkpoint [channel][16] fp32
-    g.rxf = o, o += SCAN_CKPT * 4;                            // 0 or -inf (reset) per logical step
-    g.snap = o, o += (B11_NG - 1) * B11_THREADS * 8 * 4;      // state before groups 1..7 [g-1][half][thread][4]
+    g.act = o, o += 4 * SCAN_CHUNK * B11_CH * 2;               // u, dt, z, dout [kind][physical step][channel] bf16
+    g.Bs = o, o += SCAN_CHUNK * PB * 2;                        // B span [physical step][PB] bf16
+    g.Cs = o, o += SCAN_CHUNK * B11_CH * 2;                    // C span [physical step][64] bf16 (4 groups of 16)
+    g.ck = o, o += V == 13 ? 0 : B11_CH * 16 * 4;             // the chunk's checkpoint [channel][16] fp32
+    g.rxf = o, o += SCAN_CHUNK * 4;                            // 0 or -inf (reset) per logical step
+    // state before groups 1..7 [g-1][half][thread][4]; v13: before each group, from the forward [slot][channel][16]
+    g.snap = o, o += V == 13 ? B11_NG * B11_CH * 16 * 4 : (B11_NG - 1) * B11_THREADS * 8 * 4;
     g.wbuf = o, o += B11_WARPS * b11_wbuf<V12>() * 4;         // per warp, see b11_wbuf
     g.redB = o, o += DB != 16 ? 2 * B11_G * B11_WARPS * 16 * 4 : 0;  // [group parity][step][warp][16]
     g.so = o, o += 2 * b11_sok<DB, V12>() * B11_G * B11_CH * 2;  // staged outputs [group parity][kind][step][64] bf16
@@ -967,15 +994,20 @@ __device__ __forceinline__ void ld_state8(const float *p, int stride, float (&v)
     v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = c.x, v[5] = c.y, v[6] = c.z, v[7] = c.w;
 }
 
-// V12 (the default; DISTILL_SCAN_BWD=v11 selects V12 = false): the same kernel with (1) the adjoint's per-step column sums lagged by one step, so
+// V12 (v12 and v13; DISTILL_SCAN_BWD=v11 selects V12 = false): the same kernel with (1) the adjoint's per-step column sums lagged by one step, so
 // that step j + 1's column loads and adds overlap step j's arithmetic, and step j's B, C and scalars loaded one step
 // ahead (v11 loaded them after the step's last __syncwarp, so every step waited a shared-memory latency twice);
 // (2) one 64-bit offset per thread and group for every 16-byte row piece it copies (u, dt, z, dout, C in; du, ddt,
 // dz, dC and 16-channel dB out: C groups of 16 channels make C's row stride D, as is dB's for 16-channel B groups),
 // where v11 computed a 64-bit address per piece and kind with selects.
-template <int DB, bool V12>
+// V = 13 (the default; DISTILL_SCAN_BWD=v12 selects V = 12): v12 without the sweep. The forward stores the state before every 8th step
+// (8 bytes per token-channel instead of 1), and the state before each group arrives by cp.async with the group's
+// inputs into the group's slot (4 KB per slot, the 32 KB of v12's checkpoint and snapshots); every chunk needs its
+// groups newest first, so slot g always holds group g and is refilled with group g of the previous chunk.
+template <int DB, int V>
 __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArgs p, const B11Geom geo) {
-    constexpr int N = 16, H = 8, CH = B11_CH, NTH = B11_THREADS, T = SCAN_CKPT, G = B11_G;
+    constexpr bool V12 = V >= 12, V13 = V == 13;
+    constexpr int N = 16, H = 8, CH = B11_CH, NTH = B11_THREADS, T = SCAN_CHUNK, G = B11_G;
     // B span, B groups per block, warps per B group (DB = 0: a row per warp, see b11_geom)
     constexpr int PB = DB ? (CH / DB) * N : B11_WARPS * N, NBG = DB ? CH / DB : B11_WARPS, WPB = DB ? DB / 16 : 1;
     extern __shared__ __align__(16) char smem[];
@@ -1009,7 +1041,8 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
     const int64_t kfirst = tseg0 / T, klast = (tseg1 - 1) / T;
 
     // logical group gg of chunk kk lives in slot (kk odd ? 7 - gg : gg)
-    auto slot_of = [](int64_t kk, int gg) { return (kk & 1) ? G - 1 - gg : gg; };
+    // (v13: slot gg; no sweep, so every chunk needs its groups newest first)
+    auto slot_of = [](int64_t kk, int gg) { return (!V13 && (kk & 1)) ? G - 1 - gg : gg; };
     auto load_group = [&](int64_t kk, int gg) {
         const int sl = slot_of(kk, gg);
         const int64_t t0 = kk * T + gg * G;
@@ -1054,6 +1087,15 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
             if (tb8 < G * (PB / 8) && i < nv)
                 cp_async16(Bs + (sl * G + i) * PB + x, p.Bm + (row0 + i) * GbN + gw * N + (x & 15));
         }
+        if constexpr (V13) {  // the state before the group, [64 channels][16] fp32 contiguous: 2 pieces per thread
+            if (nv > 0) {
+                const float *src = p.ckpt + ((b * p.nck + kk * B11_NG + gg) * D + c0) * N;
+                float *dst = snap + sl * CH * N;
+#pragma unroll
+                for (int it = 0; it < CH * N / 4 / NTH; it++)
+                    cp_async16(dst + (tid + it * NTH) * 4, src + (tid + it * NTH) * 4);
+            }
+        }
         if (!V12 && tid < G * 8) {
             const int i = tid >> 3, x = (tid & 7) * 8;
             if (i < nv) cp_async16(Cs + (sl * G + i) * CH + x, p.Cm + (row0 + i) * GcN + gc0 * N + x);
@@ -1084,26 +1126,28 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
     const float *sB = wbc + hf * H, *sC = wbc + 16 + hf * H;  // + step * 32
 
     for (int gg = 0; gg < B11_NG; gg++) load_group(klast, gg);
-    load_ck(klast);
+    if (!V13) load_ck(klast);
     cp_async_commit();
     int rsv = (tid < T && p.reset && klast * T + tid < L) ? p.reset[b * L + klast * T + tid] : 0;
 
     for (int64_t k = klast; k >= kfirst; k--) {
-        cp_async_wait<0>();
+        if (!V13 || k == klast) cp_async_wait<0>();  // v13 waits per group, below
         if (tid < T) rxf[tid] = rsv ? -INFINITY : 0.f;  // 0 past the end (rsv is 0 there)
         __syncthreads();
         rsv = (tid < T && p.reset && k > kfirst) ? p.reset[b * L + (k - 1) * T + tid] : 0;  // for the next chunk
         const int64_t tb = k * T, te = tb + T < L ? tb + T : L;
         const int ns = (int)(te - tb), ng = (ns + G - 1) / G;
         if (k > kfirst) {  // slots of groups past the chunk's end (only in the last chunk) are free already
-            for (int gg = ng; gg < B11_NG; gg++) load_group(k - 1, G - 1 - gg);
+            for (int gg = ng; gg < B11_NG; gg++) load_group(k - 1, V13 ? gg : G - 1 - gg);
         }
         cp_async_commit();
 
         const bf16 *su = act + cl, *sdt = su + T * CH, *sz = sdt + T * CH, *sdo = sz + T * CH;
+        // sweep: the state before each group 1..ng-1 (whole groups: only the chunk's last group can be partial);
+        // v13 reads them from the forward's 8-step checkpoints instead
+        if constexpr (!V13) {
         float h[H];
         ldsf_vec<H>(ck + cl * N + hf * H, h);
-        // sweep: the state before each group 1..ng-1 (whole groups: only the chunk's last group can be partial)
 #pragma unroll 1
         for (int g = 0; g < ng - 1; g++) {
             const int sl = slot_of(k, g);
@@ -1130,14 +1174,23 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
             sn[0] = make_float4(h[0], h[1], h[2], h[3]);
             sn[NTH] = make_float4(h[4], h[5], h[6], h[7]);
         }
+        }
         // groups newest first
 #pragma unroll 1
         for (int g = ng - 1; g >= 0; g--) {
             const int sl = slot_of(k, g);
             const int64_t t0 = tb + g * G;
             const int nv = (int)(te - t0 < G ? te - t0 : G);
-            const float *hsrc = g ? snap + ((g - 1) * 2 * NTH + tid) * 4 : ck + cl * N + hf * H;
-            const int hstride = g ? NTH * 4 : 4;  // the second float4 of the state
+            const float *hsrc = V13 ? snap + (sl * CH + cl) * N + hf * H
+                                : g ? snap + ((g - 1) * 2 * NTH + tid) * 4 : ck + cl * N + hf * H;
+            const int hstride = (g && !V13) ? NTH * 4 : 4;  // the second float4 of the state
+            if constexpr (V13) {
+                // this group's slot was filled by the commit 8 before the latest (counted from the group's refill in
+                // chunk k + 1: its g later groups, this chunk's start, this chunk's 7 - g earlier groups), or by the
+                // first chunk's, which the chunk start waited for
+                cp_async_wait<8>();
+                __syncthreads();
+            }
             warp_bc(sl, nv);
             // output offsets of the group's first step (64-bit once per group; steps add 32-bit multiples)
             bf16 *so = (bf16 *)(smem + geo.so) + (g & 1) * SOK * G * CH;  // [kind][step][64]
@@ -1391,8 +1444,8 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                 *reinterpret_cast<uint4 *>(dst + x) = v;
             }
             if (k > kfirst) {  // this slot now takes the group of chunk k - 1 that uses it
-                load_group(k - 1, G - 1 - g);
-                if (g == 0) load_ck(k - 1);
+                load_group(k - 1, V13 ? g : G - 1 - g);
+                if (!V13 && g == 0) load_ck(k - 1);
             }
             cp_async_commit();
         }
@@ -1413,12 +1466,15 @@ bool bwd11_shape_ok(const ScanShape *s) {
 }
 size_t bwd11_smem(const ScanShape *s) {
     const int64_t Db = s->dim / s->groups_b;
-    // the larger of v11's and v12's (the segment model, which uses it, is the same for both)
-    auto mx = [](const B11Geom &a, const B11Geom &b) { return (size_t)(a.bytes > b.bytes ? a.bytes : b.bytes); };
-    return Db == 16   ? mx(b11_geom<16, false>(), b11_geom<16, true>())
-           : Db == 32 ? mx(b11_geom<32, false>(), b11_geom<32, true>())
-           : Db == 64 ? mx(b11_geom<64, false>(), b11_geom<64, true>())
-                      : mx(b11_geom<0, false>(), b11_geom<0, true>());
+    // the largest of v11's, v12's and v13's (the segment model, which uses it, is the same for all)
+    auto mx = [](const B11Geom &a, const B11Geom &b, const B11Geom &c) {
+        const int m = a.bytes > b.bytes ? a.bytes : b.bytes;
+        return (size_t)(m > c.bytes ? m : c.bytes);
+    };
+    return Db == 16   ? mx(b11_geom<16, 11>(), b11_geom<16, 12>(), b11_geom<16, 13>())
+           : Db == 32 ? mx(b11_geom<32, 11>(), b11_geom<32, 12>(), b11_geom<32, 13>())
+           : Db == 64 ? mx(b11_geom<64, 11>(), b11_geom<64, 12>(), b11_geom<64, 13>())
+                      : mx(b11_geom<0, 11>(), b11_geom<0, 12>(), b11_geom<0, 13>());
 }
 // blocks per SM the shared memory allows (228 KB per SM, 1 KB reserved per block; registers allow 2)
 int bwd11_blocks_per_sm(const ScanShape *s) { return bwd11_smem(s) + 1024 <= 114 * 1024 ? 2 : 1; }
@@ -1429,13 +1485,15 @@ int bwd11_blocks_per_sm(const ScanShape *s) { return bwd11_smem(s) + 1024 <= 114
 // c + 1 chunk-times (the +1: its pipeline fill and carry); the pre-pass costs ~0.15 chunk-times per chunk
 // (one exp per state and step, no outputs) per wave of 1024 threads per SM. The fewest segments with the least
 // modelled time win. Fixed by the shape (not by the device), so results are the same bits on every GPU.
-// DISTILL_SCAN_BWD selects the backward: v12 (default; shapes it does not take run v10), v11 (v12's kernel before
-// its v12 changes), v10, v8 (v10's kernel without segments), v9; DISTILL_SCAN_BWD_NSEG=n forces n segments
+// DISTILL_SCAN_BWD selects the backward: v13 (the default: v12 without the per-chunk sweep, reading the forward's
+// states every 8 steps, which the same setting makes the forward store; shapes it does not take run v10 on 64-step
+// checkpoints), v12 (the default before; 64-step checkpoints), v11 (v12's kernel before its v12 changes), v10, v8
+// (v10's kernel without segments), v9; DISTILL_SCAN_BWD_NSEG=n forces n segments
 // (benchmarks).
 constexpr int BWD_SLOTS = 132;
 const char *bwd_version() {
     const char *e = getenv("DISTILL_SCAN_BWD");
-    return e ? e : "v12";
+    return e ? e : "v13";
 }
 // ver: 10 (v10's kernel) or 11 (v11's). v11 runs 2 blocks of 64 channels per SM and costs ~2.5x less per chunk, so
 // the pre-pass weighs more (0.2 chunk-times per chunk per wave).
@@ -1470,9 +1528,10 @@ int bwd_nseg_for(const ScanShape *s, int ver) {
 }
 int bwd_ver() {
     const char *v = bwd_version();
-    return !strcmp(v, "v8") ? 8 : !strcmp(v, "v10") ? 10 : !strcmp(v, "v11") ? 11 : 12;
+    return !strcmp(v, "v8") ? 8 : !strcmp(v, "v10") ? 10 : !strcmp(v, "v11") ? 11 : !strcmp(v, "v12") || !strcmp(v, "v9") ? 12 : 13;  // v9: v12 where v9 does not run
 }
 int bwd_nseg(const ScanShape *s) { return bwd_nseg_for(s, bwd_ver()); }
+int ckpt_mul(const ScanShape *s) { return bwd_ver() == 13 && bwd11_shape_ok(s) ? 8 : 1; }
 
 // pre-pass pieces: 64 steps each, or more so that their partials stay under 64 MiB
 void bwd_pieces(const ScanShape *s, int nseg, int64_t *piecelen, int64_t *npps) {
@@ -1480,7 +1539,7 @@ void bwd_pieces(const ScanShape *s, int nseg, int64_t *piecelen, int64_t *npps) 
     const double bytes = (double)(s->batch * s->dim * (nseg - 1) * cps) * (double)(s->dstate + 2) * 4.0;
     int64_t pcs = (int64_t)(bytes / (64.0 * 1024 * 1024)) + 1;
     if (pcs > cps) pcs = cps;
-    *piecelen = pcs * SCAN_CKPT, *npps = (cps + pcs - 1) / pcs;
+    *piecelen = pcs * SCAN_CHUNK, *npps = (cps + pcs - 1) / pcs;
 }
 size_t bwd_piece_bytes(const ScanShape *s, int nseg) {
     if (nseg <= 1) return 0;
@@ -1510,7 +1569,7 @@ bool aligned16(const ScanShape *s, const void *const *ptrs, int n) {
 // segment starts from its later segments' combined dh. dA, dD, ddelta_bias: per-(segment, row) partials summed
 // in order by reduce_rows_kernel. Deterministic: no atomics, fixed orders, nseg fixed by the shape.
 constexpr int B1_THREADS = 64;               // channels per block
-constexpr int B1_NG = SCAN_CKPT / 4;         // 4-step groups per chunk
+constexpr int B1_NG = SCAN_CHUNK / 4;         // 4-step groups per chunk
 struct Bwd1Args {
     int64_t B, L, D, Gc, Gb, Db, nck, seglen;
     int nseg;
@@ -1620,8 +1679,8 @@ __global__ void __launch_bounds__(B1_THREADS) scan_bwd1_kernel(const Bwd1Args p)
     float *mysnap = snap + tid;
 
 #pragma unroll 1
-    for (int64_t k = (tes - 1) / SCAN_CKPT; k >= tbs / SCAN_CKPT; k--) {
-        const int64_t tb = k * SCAN_CKPT, te = tb + SCAN_CKPT < L ? tb + SCAN_CKPT : L;
+    for (int64_t k = (tes - 1) / SCAN_CHUNK; k >= tbs / SCAN_CHUNK; k--) {
+        const int64_t tb = k * SCAN_CHUNK, te = tb + SCAN_CHUNK < L ? tb + SCAN_CHUNK : L;
         const int ng = (int)((te - tb + 3) / 4);
         float h[N];
         {
@@ -1809,30 +1868,32 @@ int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
 }
 
 // v11: the segment pre-pass (shared with v10) when nseg > 1, then the main kernel
-template <int DB, bool V12>
+template <int DB, int V>
 int launch_bwd11_db(const BwdArgs &a, cudaStream_t st) {
-    const B11Geom g = b11_geom<DB, V12>();
+    const B11Geom g = b11_geom<DB, V>();
     const int64_t blocks = (int64_t)a.nseg * a.B * (a.D / B11_CH);
-    if (cudaFuncSetAttribute(scan_bwd11_kernel<DB, V12>, cudaFuncAttributeMaxDynamicSharedMemorySize, g.bytes) !=
+    if (cudaFuncSetAttribute(scan_bwd11_kernel<DB, V>, cudaFuncAttributeMaxDynamicSharedMemorySize, g.bytes) !=
         cudaSuccess)
         return -1;
-    scan_bwd11_kernel<DB, V12><<<(unsigned)blocks, B11_THREADS, g.bytes, st>>>(a, g);
+    scan_bwd11_kernel<DB, V><<<(unsigned)blocks, B11_THREADS, g.bytes, st>>>(a, g);
     return 0;
 }
 template <int DB>
-int launch_bwd11_v(const BwdArgs &a, bool v12, cudaStream_t st) {
-    return v12 ? launch_bwd11_db<DB, true>(a, st) : launch_bwd11_db<DB, false>(a, st);
+int launch_bwd11_v(const BwdArgs &a, int ver, cudaStream_t st) {
+    return ver == 13   ? launch_bwd11_db<DB, 13>(a, st)
+           : ver == 12 ? launch_bwd11_db<DB, 12>(a, st)
+                       : launch_bwd11_db<DB, 11>(a, st);
 }
-int launch_bwd11(const BwdArgs &a, bool v12, cudaStream_t st) {
+int launch_bwd11(const BwdArgs &a, int ver, cudaStream_t st) {
     if (a.nseg > 1) {
         const int64_t fb = (int64_t)(a.nseg - 1) * a.B * ((a.D + 127) / 128);
         scan_bwd_piece_prepass<16, true><<<(unsigned)(fb * a.npps), 128, 0, st>>>(a);
         scan_bwd_seg_fold<16><<<(unsigned)fb, 128, 0, st>>>(a);
     }
-    if (a.Db == 16) return launch_bwd11_v<16>(a, v12, st);
-    if (a.Db == 32) return launch_bwd11_v<32>(a, v12, st);
-    if (a.Db == 64) return launch_bwd11_v<64>(a, v12, st);
-    return launch_bwd11_v<0>(a, v12, st);  // per-warp dB partials to dB_part, summed by reduce_dB_kernel
+    if (a.Db == 16) return launch_bwd11_v<16>(a, ver, st);
+    if (a.Db == 32) return launch_bwd11_v<32>(a, ver, st);
+    if (a.Db == 64) return launch_bwd11_v<64>(a, ver, st);
+    return launch_bwd11_v<0>(a, ver, st);  // per-warp dB partials to dB_part, summed by reduce_dB_kernel
 }
 
 template <int N, int THREADS>
@@ -1840,7 +1901,7 @@ int launch_bwd(const BwdArgs &a, bool al16, cudaStream_t st) {
     constexpr int CPB0 = THREADS / QL;
     const bool wred = N == 16 && a.Dg % 8 == 0 && CPB0 % a.Db == 0 && a.Db % 8 == 0;
     constexpr int CPB = THREADS / QL;
-    const TileGeom g = make_geom(SCAN_CKPT, CPB, 4, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
+    const TileGeom g = make_geom(SCAN_CHUNK, CPB, 4, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
     const size_t smem = bwd_smem_bytes<N, THREADS>(g);
     const int64_t blocks = (int64_t)a.nseg * a.B * ((a.D + CPB - 1) / CPB);
     if (a.nseg > 1) {
@@ -1863,7 +1924,7 @@ int launch_bwd(const BwdArgs &a, bool al16, cudaStream_t st) {
 }  // namespace
 
 extern "C" size_t selective_scan_ckpt_elems(const ScanShape *s) {
-    return (size_t)(s->batch * n_ckpt(s) * s->dim * s->dstate);
+    return (size_t)(s->batch * n_ckpt_rows(s) * s->dim * s->dstate);
 }
 
 extern "C" size_t selective_scan_fwd_workspace(const ScanShape *s, int nseg) {
@@ -1919,7 +1980,8 @@ extern "C" int selective_scan_fwd_cuda(const ScanShape *s, const uint16_t *u, co
     a.nseg = choose_nseg(s, nseg);
     a.seglen = seg_len(s, a.nseg);
     a.nseg = (int)((s->seqlen + a.seglen - 1) / a.seglen);
-    a.nck = n_ckpt(s);
+    a.nck = n_ckpt_rows(s);
+    a.ck8 = ckpt_mul(s) == 8;
     if (a.nseg > 1) {
         if (!workspace) return scan_fail(err, errlen, "selective scan forward: %d segments need a workspace", a.nseg);
         const size_t per = (size_t)(a.B * a.nseg * a.D);
@@ -1954,7 +2016,7 @@ extern "C" int selective_scan_bwd_cuda(const ScanShape *s, const uint16_t *u, co
     cudaStream_t st = (cudaStream_t)stream;
     BwdArgs a = {};
     a.B = s->batch, a.L = s->seqlen, a.D = s->dim, a.Gc = s->groups_c, a.Gb = s->groups_b;
-    a.Dg = s->dim / s->groups_c, a.Db = s->dim / s->groups_b, a.nck = n_ckpt(s);
+    a.Dg = s->dim / s->groups_c, a.Db = s->dim / s->groups_b, a.nck = n_ckpt_rows(s), a.ckmul = ckpt_mul(s);
     a.u = (const bf16 *)u, a.dt = (const bf16 *)dt, a.Bm = (const bf16 *)Bm, a.Cm = (const bf16 *)Cm;
     a.z = (const bf16 *)z, a.dout = (const bf16 *)dout;
     a.A = A, a.Dskip = Dskip, a.delta_bias = delta_bias, a.h0 = h0, a.ckpt = ckpt, a.dh_last = dh_last;
@@ -1962,7 +2024,7 @@ extern "C" int selective_scan_bwd_cuda(const ScanShape *s, const uint16_t *u, co
     a.du = (bf16 *)du, a.ddt = (bf16 *)ddt, a.dB = (bf16 *)dB, a.dC = (bf16 *)dC, a.dz = (bf16 *)dz, a.dh0 = dh0;
     const int64_t BD = s->batch * s->dim;
     a.nseg = bwd_nseg(s);
-    a.seglen = (n_ckpt(s) + a.nseg - 1) / a.nseg * SCAN_CKPT;
+    a.seglen = (n_ckpt(s) + a.nseg - 1) / a.nseg * SCAN_CHUNK;
     const int64_t RD = a.nseg * BD;  // partial rows: (segment, batch row)
     a.dA_part = (float *)workspace;
     a.dD_part = a.dA_part + RD * s->dstate;
@@ -2023,7 +2085,7 @@ extern "C" int selective_scan_bwd_cuda(const ScanShape *s, const uint16_t *u, co
     }
     // v11's generic dB mode stores 16-byte rows of dB_part (aligned whenever the workspace is)
     if (bwd_ver() >= 11 && al16 && bwd11_shape_ok(s) && (fastB || ((uintptr_t)a.dB_part & 15) == 0)) {
-        rc = launch_bwd11(a, bwd_ver() == 12, st);
+        rc = launch_bwd11(a, bwd_ver(), st);
     } else {
         switch (s->dstate) {
             case 4: rc = launch_bwd<4, 256>(a, al16, st); break;
