@@ -67,20 +67,17 @@ int main(int argc, char **argv) {
         ScanShape s = {B, L, D, N, Gc, Gb};
         const int64_t rows = B * L, nx = rows * D, nB = rows * Gb * N, nC = rows * Gc * N;
         Set set[NSET];
-        // the default backward (v13) makes the forward store the state every 8 steps (8x the checkpoint elements of
-        // DISTILL_SCAN_BWD=v12's 64) at the shapes it takes
-        const size_t ckd = selective_scan_ckpt_elems(&s);
-        setenv("DISTILL_SCAN_BWD", "v12", 1);
+        // DISTILL_SCAN_BWD=v13 makes the forward store the state every 8 steps (8x the checkpoint elements)
         const size_t ck12 = selective_scan_ckpt_elems(&s);
+        setenv("DISTILL_SCAN_BWD", "v13", 1);
+        const size_t ck13 = std::max(ck12, selective_scan_ckpt_elems(&s));
         unsetenv("DISTILL_SCAN_BWD");
-        const size_t ck13 = std::max(ckd, ck12);
-        const bool dense_default = ckd != ck12;
         for (int k = 0; k < NSET; k++) {
             bf16 **bfs[] = {&set[k].u, &set[k].dt, &set[k].z, &set[k].out, &set[k].dout, &set[k].du, &set[k].ddt, &set[k].dz};
             for (auto p : bfs) CK(cudaMalloc(p, nx * 2));
             CK(cudaMalloc(&set[k].Bm, nB * 2)), CK(cudaMalloc(&set[k].dB, nB * 2));
             CK(cudaMalloc(&set[k].Cm, nC * 2)), CK(cudaMalloc(&set[k].dC, nC * 2));
-            CK(cudaMalloc(&set[k].ckpt, ck13 * 4));  // room for either
+            CK(cudaMalloc(&set[k].ckpt, ck13 * 4));  // room for v13's checkpoints every 8 steps
             const uint64_t sd = 1000 * k + 7;
             fill_bf16(set[k].u, nx, sd + 1, 1, 0, 1), fill_bf16(set[k].dt, nx, sd + 2, 0, -6, -1);
             fill_bf16(set[k].z, nx, sd + 3, 1, 0, 1.5f), fill_bf16(set[k].dout, nx, sd + 4, 1, 0, 1);
@@ -131,7 +128,7 @@ int main(int argc, char **argv) {
         };
         for (int k = 0; k < NSET; k++) fwd(k, 0, true);  // checkpoints for the backward
         CK(cudaDeviceSynchronize());
-        const double ckb = (double)ckd * 4, ckb12 = (double)ck12 * 4, ckb13 = (double)ck13 * 4;
+        const double ckb = (double)ck12 * 4, ckb13 = (double)ck13 * 4;
         const double fbytes = rows * (D * 8.0 + (Gb + Gc) * N * 2.0);           // u dt z in, out; B, C
         const double bbytes = rows * (D * 14.0 + (Gb + Gc) * N * 4.0) + ckb;   // + grads, + checkpoints
         const double ex2_f = (double)nx * N / ex2_rate, ex2_b = 2 * ex2_f;
@@ -159,14 +156,14 @@ int main(int argc, char **argv) {
         row("fwd-v10", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, mamba_f);
         row("fwd-v10-inf", median_ms([&](int i) { fwd(i, 0, false); }), fbytes, ex2_f, 0);
         unsetenv("DISTILL_SCAN_FWD");
-        // the forward as backward v12 needs it (checkpoints every 64 steps)
-        setenv("DISTILL_SCAN_BWD", "v12", 1);
-        row("fwd-ck64", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb12, ex2_f, mamba_f);
+        // the forward as backward v13 needs it (checkpoints every 8 steps)
+        setenv("DISTILL_SCAN_BWD", "v13", 1);
+        row("fwd-ck8", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb13, ex2_f, mamba_f);
         unsetenv("DISTILL_SCAN_BWD");
         for (int k = 0; k < NSET; k++) fwd(k, 0, true);
-        // backward: the default (v13), then each selectable version (DISTILL_SCAN_BWD: v11, v12, v10, v13) and, at small
-        // batch, forced segment counts of v11, v12 and v13 (each after forwards that store the checkpoints it reads), and
-        // v12 again last (bwd-v12b); every row in the same run, so that they compare
+        // backward: the default (v12), then each selectable version (DISTILL_SCAN_BWD: v11, v12, v10, v13) and, at small
+        // batch, forced segment counts of v11, v12 and v13 (v13 after forwards that store its 8-step checkpoints), and v12
+        // again last (bwd-v12b); every row in the same run, so that they compare
         row("bwd", median_ms([&](int i) { bwd(i); }), bbytes, ex2_b, mamba_b);
         // (forced segments: at batch <= 2 of the 8B shapes, and at the SmolLM2 shape, which gets 3 automatically)
         const char *envs[][3] = {{"v11", NULL, "bwd-v11"},    {"v12", NULL, "bwd-v12"},    {"v10", NULL, "bwd-v10"},
@@ -175,18 +172,18 @@ int main(int argc, char **argv) {
                                  {"v12", "4", "bwd-v12-s4"}, {"v12", "8", "bwd-v12-s8"},
                                  {"v13", NULL, "bwd-v13"},   {"v13", "2", "bwd-v13-s2"}, {"v13", "4", "bwd-v13-s4"},
                                  {"v13", "8", "bwd-v13-s8"}, {"v12", NULL, "bwd-v12b"}};
-        bool dense = dense_default;  // the sets' checkpoints are v13's (every 8 steps)
+        bool dense = false;  // the sets' checkpoints are v13's (every 8 steps)
         for (const auto &e : envs) {
             if (e[1] && is8b && (B > 2 || !strcmp(e[1], "1"))) continue;
             setenv("DISTILL_SCAN_BWD", e[0], 1);
-            const bool v13 = !strcmp(e[0], "v13") && dense_default;
+            const bool v13 = !strcmp(e[0], "v13");
             if (v13 != dense) {  // re-run the forwards with the checkpoints this version reads
                 for (int k = 0; k < NSET; k++) fwd(k, 0, true);
                 CK(cudaDeviceSynchronize());
                 dense = v13;
             }
             if (e[1]) setenv("DISTILL_SCAN_BWD_NSEG", e[1], 1);
-            row(e[2], median_ms([&](int i) { bwd(i); }), bbytes - ckb + (v13 ? ckb13 : ckb12), ex2_b, e[1] ? 0 : mamba_b);
+            row(e[2], median_ms([&](int i) { bwd(i); }), bbytes + (v13 ? ckb13 - ckb : 0), ex2_b, e[1] ? 0 : mamba_b);
             unsetenv("DISTILL_SCAN_BWD"), unsetenv("DISTILL_SCAN_BWD_NSEG");
         }
         if (is8b && B == 8 && L == 2048) {

@@ -19,9 +19,6 @@
 #include <string.h>
 
 #define FULL_MASK 0xffffffffu
-// the backward's chunk: v8..v12 read the forward's state before every 64th step, v13 before every 8th (SCAN_CKPT in
-// selective_scan_cuda.h: the default's interval)
-#define SCAN_CHUNK 64
 
 namespace {
 
@@ -191,7 +188,7 @@ __device__ __forceinline__ void load_acts_fast(bf16 *act, const bf16 *const (&sr
 template <int N, bool PREPASS, bool AL16, int FT, int FNST, bool FAST>
 __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArgs p, const TileGeom geo) {
     constexpr int CPB = FWD1_THREADS, H = N / 2;
-    static_assert(FT % 2 == 0 && SCAN_CHUNK % FT == 0 && FNST >= 2, "steps go in pairs; tiles divide SCAN_CHUNK");
+    static_assert(FT % 2 == 0 && SCAN_CKPT % FT == 0 && FNST >= 2, "steps go in pairs; tiles divide SCAN_CKPT");
     static_assert(!FAST || AL16, "the fast loader needs aligned rows");
     extern __shared__ __align__(16) char smem[];
     const int64_t ncb = (p.D + CPB - 1) / CPB;
@@ -275,8 +272,8 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
         const float *sC = (const float *)(smem + FNST * geo.bytes) + FT * geo.pB + (gc - gclo) * N + n0;
         const int64_t ts = tb + (int64_t)kt * FT;
         const int ns = (int)(te - ts < FT ? te - ts : FT);
-        if (!PREPASS && p.ckpt && !p.ck8 && (ts % SCAN_CHUNK) == 0 && dvalid) {
-            float *ck = p.ckpt + ((b * p.nck + ts / SCAN_CHUNK) * D + d) * N + n0;
+        if (!PREPASS && p.ckpt && !p.ck8 && (ts % SCAN_CKPT) == 0 && dvalid) {
+            float *ck = p.ckpt + ((b * p.nck + ts / SCAN_CKPT) * D + d) * N + n0;
             if constexpr (H % 4 == 0) {
 #pragma unroll
                 for (int n = 0; n < H; n += 4) reinterpret_cast<float4 *>(ck)[n / 4] = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
@@ -366,7 +363,7 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
 }
 
 // ---- backward ----------------------------------------------------------------------------------------------
-// Per (batch row, block of CPB channels), chunks of SCAN_CHUNK steps in reverse, each staged in shared memory
+// Per (batch row, block of CPB channels), chunks of SCAN_CKPT steps in reverse, each staged in shared memory
 // while the previous chunk is processed. For each chunk: a forward sweep from the forward's checkpoint stores
 // the state before every 4-step group in shared memory; then the groups are walked in reverse: the group's 4
 // states and decays are recomputed into registers, the outputs' gradient is formed (y recomputed for dz), and
@@ -384,7 +381,7 @@ struct BwdArgs {
     float *dA_part, *dD_part, *ddb_part;  // [nseg * B, D, N], [nseg * B, D] x2 (row = seg * B + b)
     float *dB_part;                       // [B, L, Gc, N] when B groups do not fit a block, else NULL
     // time segments (v10): segment s covers steps [s * seglen, min((s + 1) * seglen, L)), seglen a multiple of
-    // SCAN_CHUNK; seg_* from scan_bwd_seg_prepass (segments 1..nseg-1)
+    // SCAN_CKPT; seg_* from scan_bwd_seg_prepass (segments 1..nseg-1)
     int nseg;
     int64_t seglen;
     float *seg_dh, *seg_sd;  // [B, nseg, D, N] local dh at the segment's start (from zero), [B, nseg, D] sum of delta
@@ -424,7 +421,7 @@ __device__ __forceinline__ void put_bwd_partials(const BwdArgs &p, int seg, int6
     if (scalars) p.dD_part[prow * D + d] = dD, p.ddb_part[prow * D + d] = ddb;
 }
 
-constexpr int BWD_GROUPS = SCAN_CHUNK / 4;
+constexpr int BWD_GROUPS = SCAN_CKPT / 4;
 
 // two staged chunks, the group snapshots, the dB/dC exchange, and the chunk's B and C spans in fp32
 template <int N, int THREADS>
@@ -441,7 +438,7 @@ __device__ __forceinline__ float dsoftplus_dev(float x) { return x <= 20.f ? sig
 // add 2 (dC) or 8 (dB) per-warp values. Otherwise per-channel values go through shared memory.
 template <int N, int THREADS, bool AL16, bool WRED>
 __global__ void __launch_bounds__(THREADS) scan_bwd_kernel(const BwdArgs p, const TileGeom geo) {
-    constexpr int R = N / QL, CPB = THREADS / QL, T = SCAN_CHUNK, NW = THREADS / 32;
+    constexpr int R = N / QL, CPB = THREADS / QL, T = SCAN_CKPT, NW = THREADS / 32;
     static_assert(!WRED || R == 4, "the warp reduction assumes 4 states per lane");
     extern __shared__ __align__(16) char smem[];
     float *sub = (float *)(smem + 2 * geo.bytes);  // [BWD_GROUPS][R][THREADS]
@@ -900,17 +897,16 @@ int check_shape(const ScanShape *s, int for_bwd, char *err, size_t errlen) {
     return 0;
 }
 
-int64_t n_ckpt(const ScanShape *s) { return (s->seqlen + SCAN_CHUNK - 1) / SCAN_CHUNK; }  // 64-step chunks
-// checkpoints per 64-step chunk: 8 (the state before every 8th step) when the backward is v13 (the default) and the
-// shape is one v13 takes: v13 reads them instead of sweeping each chunk; else 1. The forward and backward of a pass
-// must see the same DISTILL_SCAN_BWD setting.
-int ckpt_mul(const ScanShape *s);
+int64_t n_ckpt(const ScanShape *s) { return (s->seqlen + SCAN_CKPT - 1) / SCAN_CKPT; }  // 64-step chunks
+// checkpoints per 64-step chunk: 8 (the state before every 8th step) when DISTILL_SCAN_BWD=v13 selects the backward
+// that reads them instead of sweeping each chunk; the forward and backward of a pass must see the same setting
+int ckpt_mul();
 // checkpoints per batch row
 int64_t n_ckpt_rows(const ScanShape *s) {
-    return ckpt_mul(s) == 8 ? (s->seqlen + SCAN_CHUNK / 8 - 1) / (SCAN_CHUNK / 8) : n_ckpt(s);
+    return ckpt_mul() == 8 ? (s->seqlen + SCAN_CKPT / 8 - 1) / (SCAN_CKPT / 8) : n_ckpt(s);
 }
 
-// segments: enough threads to fill the GPU, each segment a multiple of SCAN_CHUNK steps
+// segments: enough threads to fill the GPU, each segment a multiple of SCAN_CKPT steps
 int choose_nseg(const ScanShape *s, int nseg) {
     const int64_t maxseg = n_ckpt(s) > 0 ? n_ckpt(s) : 1;
     if (nseg <= 0) {
@@ -924,7 +920,7 @@ int choose_nseg(const ScanShape *s, int nseg) {
 }
 int64_t seg_len(const ScanShape *s, int nseg) {
     const int64_t per = (s->seqlen + nseg - 1) / nseg;
-    return (per + SCAN_CHUNK - 1) / SCAN_CHUNK * SCAN_CHUNK;
+    return (per + SCAN_CKPT - 1) / SCAN_CKPT * SCAN_CKPT;
 }
 
 // ---- backward v11: a lane pair per channel, 8-step groups in registers, dB/dC through shared memory ---------
@@ -944,8 +940,8 @@ int64_t seg_len(const ScanShape *s, int nseg) {
 // sweep needs first are loaded first). Each warp converts its own B and C rows of a group to fp32 when it starts it.
 // Why a lane pair rather than one thread per channel: 8 x 16 states of h and a do not fit 255 registers, and
 // snapshots every 4 steps (16 x 64 bytes per channel) would leave room for ~4 warps per SM (docs/KERNELS.md).
-constexpr int B11_CH = 64, B11_THREADS = 128, B11_G = 8, B11_NG = SCAN_CHUNK / B11_G, B11_WARPS = B11_THREADS / 32;
-static_assert(SCAN_CHUNK == 64, "the slot scheme assumes 8 groups of 8 steps per chunk");
+constexpr int B11_CH = 64, B11_THREADS = 128, B11_G = 8, B11_NG = SCAN_CKPT / B11_G, B11_WARPS = B11_THREADS / 32;
+static_assert(SCAN_CKPT == 64, "the slot scheme assumes 8 groups of 8 steps per chunk");
 // v12's dB/dC terms of a step: [lane half hf][channel in warp: 20 floats, 16 used: 8 h (dC), 8 dL/dh (dB)]; the
 // half stride 336 (= 16 mod 32) and the row stride 20 keep the writers' float4 stores and the readers' column loads
 // free of bank conflicts
@@ -974,11 +970,11 @@ B11Geom b11_geom() {
     constexpr int PB = DB ? (B11_CH / DB) * 16 : B11_WARPS * 16;
     B11Geom g;
     int o = 0;
-    g.act = o, o += 4 * SCAN_CHUNK * B11_CH * 2;               // u, dt, z, dout [kind][physical step][channel] bf16
-    g.Bs = o, o += SCAN_CHUNK * PB * 2;                        // B span [physical step][PB] bf16
-    g.Cs = o, o += SCAN_CHUNK * B11_CH * 2;                    // C span [physical step][64] bf16 (4 groups of 16)
+    g.act = o, o += 4 * SCAN_CKPT * B11_CH * 2;               // u, dt, z, dout [kind][physical step][channel] bf16
+    g.Bs = o, o += SCAN_CKPT * PB * 2;                        // B span [physical step][PB] bf16
+    g.Cs = o, o += SCAN_CKPT * B11_CH * 2;                    // C span [physical step][64] bf16 (4 groups of 16)
     g.ck = o, o += V == 13 ? 0 : B11_CH * 16 * 4;             // the chunk's checkpoint [channel][16] fp32
-    g.rxf = o, o += SCAN_CHUNK * 4;                            // 0 or -inf (reset) per logical step
+    g.rxf = o, o += SCAN_CKPT * 4;                            // 0 or -inf (reset) per logical step
     // state before groups 1..7 [g-1][half][thread][4]; v13: before each group, from the forward [slot][channel][16]
     g.snap = o, o += V == 13 ? B11_NG * B11_CH * 16 * 4 : (B11_NG - 1) * B11_THREADS * 8 * 4;
     g.wbuf = o, o += B11_WARPS * b11_wbuf<V12>() * 4;         // per warp, see b11_wbuf
@@ -994,20 +990,20 @@ __device__ __forceinline__ void ld_state8(const float *p, int stride, float (&v)
     v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = c.x, v[5] = c.y, v[6] = c.z, v[7] = c.w;
 }
 
-// V12 (v12 and v13; DISTILL_SCAN_BWD=v11 selects V12 = false): the same kernel with (1) the adjoint's per-step column sums lagged by one step, so
+// V12 (the default; DISTILL_SCAN_BWD=v11 selects V12 = false): the same kernel with (1) the adjoint's per-step column sums lagged by one step, so
 // that step j + 1's column loads and adds overlap step j's arithmetic, and step j's B, C and scalars loaded one step
 // ahead (v11 loaded them after the step's last __syncwarp, so every step waited a shared-memory latency twice);
 // (2) one 64-bit offset per thread and group for every 16-byte row piece it copies (u, dt, z, dout, C in; du, ddt,
 // dz, dC and 16-channel dB out: C groups of 16 channels make C's row stride D, as is dB's for 16-channel B groups),
 // where v11 computed a 64-bit address per piece and kind with selects.
-// V = 13 (the default; DISTILL_SCAN_BWD=v12 selects V = 12): v12 without the sweep. The forward stores the state before every 8th step
+// V = 13 (DISTILL_SCAN_BWD=v13, opt-in): v12 without the sweep. The forward stores the state before every 8th step
 // (8 bytes per token-channel instead of 1), and the state before each group arrives by cp.async with the group's
 // inputs into the group's slot (4 KB per slot, the 32 KB of v12's checkpoint and snapshots); every chunk needs its
 // groups newest first, so slot g always holds group g and is refilled with group g of the previous chunk.
 template <int DB, int V>
 __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArgs p, const B11Geom geo) {
     constexpr bool V12 = V >= 12, V13 = V == 13;
-    constexpr int N = 16, H = 8, CH = B11_CH, NTH = B11_THREADS, T = SCAN_CHUNK, G = B11_G;
+    constexpr int N = 16, H = 8, CH = B11_CH, NTH = B11_THREADS, T = SCAN_CKPT, G = B11_G;
     // B span, B groups per block, warps per B group (DB = 0: a row per warp, see b11_geom)
     constexpr int PB = DB ? (CH / DB) * N : B11_WARPS * N, NBG = DB ? CH / DB : B11_WARPS, WPB = DB ? DB / 16 : 1;
     extern __shared__ __align__(16) char smem[];
@@ -1485,15 +1481,15 @@ int bwd11_blocks_per_sm(const ScanShape *s) { return bwd11_smem(s) + 1024 <= 114
 // c + 1 chunk-times (the +1: its pipeline fill and carry); the pre-pass costs ~0.15 chunk-times per chunk
 // (one exp per state and step, no outputs) per wave of 1024 threads per SM. The fewest segments with the least
 // modelled time win. Fixed by the shape (not by the device), so results are the same bits on every GPU.
-// DISTILL_SCAN_BWD selects the backward: v13 (the default: v12 without the per-chunk sweep, reading the forward's
-// states every 8 steps, which the same setting makes the forward store; shapes it does not take run v10 on 64-step
-// checkpoints), v12 (the default before; 64-step checkpoints), v11 (v12's kernel before its v12 changes), v10, v8
-// (v10's kernel without segments), v9; DISTILL_SCAN_BWD_NSEG=n forces n segments
+// DISTILL_SCAN_BWD selects the backward: v12 (default; shapes it does not take run v10), v11 (v12's kernel before
+// its v12 changes), v13 (v12 without the per-chunk sweep, reading the forward's checkpoints every 8 steps, which the
+// same setting makes the forward store; shapes v13 does not take run v10 on every 8th), v10, v8 (v10's kernel without
+// segments), v9; DISTILL_SCAN_BWD_NSEG=n forces n segments
 // (benchmarks).
 constexpr int BWD_SLOTS = 132;
 const char *bwd_version() {
     const char *e = getenv("DISTILL_SCAN_BWD");
-    return e ? e : "v13";
+    return e ? e : "v12";
 }
 // ver: 10 (v10's kernel) or 11 (v11's). v11 runs 2 blocks of 64 channels per SM and costs ~2.5x less per chunk, so
 // the pre-pass weighs more (0.2 chunk-times per chunk per wave).
@@ -1528,10 +1524,10 @@ int bwd_nseg_for(const ScanShape *s, int ver) {
 }
 int bwd_ver() {
     const char *v = bwd_version();
-    return !strcmp(v, "v8") ? 8 : !strcmp(v, "v10") ? 10 : !strcmp(v, "v11") ? 11 : !strcmp(v, "v12") || !strcmp(v, "v9") ? 12 : 13;  // v9: v12 where v9 does not run
+    return !strcmp(v, "v8") ? 8 : !strcmp(v, "v10") ? 10 : !strcmp(v, "v11") ? 11 : !strcmp(v, "v13") ? 13 : 12;
 }
 int bwd_nseg(const ScanShape *s) { return bwd_nseg_for(s, bwd_ver()); }
-int ckpt_mul(const ScanShape *s) { return bwd_ver() == 13 && bwd11_shape_ok(s) ? 8 : 1; }
+int ckpt_mul() { return bwd_ver() == 13 ? 8 : 1; }
 
 // pre-pass pieces: 64 steps each, or more so that their partials stay under 64 MiB
 void bwd_pieces(const ScanShape *s, int nseg, int64_t *piecelen, int64_t *npps) {
@@ -1539,7 +1535,7 @@ void bwd_pieces(const ScanShape *s, int nseg, int64_t *piecelen, int64_t *npps) 
     const double bytes = (double)(s->batch * s->dim * (nseg - 1) * cps) * (double)(s->dstate + 2) * 4.0;
     int64_t pcs = (int64_t)(bytes / (64.0 * 1024 * 1024)) + 1;
     if (pcs > cps) pcs = cps;
-    *piecelen = pcs * SCAN_CHUNK, *npps = (cps + pcs - 1) / pcs;
+    *piecelen = pcs * SCAN_CKPT, *npps = (cps + pcs - 1) / pcs;
 }
 size_t bwd_piece_bytes(const ScanShape *s, int nseg) {
     if (nseg <= 1) return 0;
@@ -1569,7 +1565,7 @@ bool aligned16(const ScanShape *s, const void *const *ptrs, int n) {
 // segment starts from its later segments' combined dh. dA, dD, ddelta_bias: per-(segment, row) partials summed
 // in order by reduce_rows_kernel. Deterministic: no atomics, fixed orders, nseg fixed by the shape.
 constexpr int B1_THREADS = 64;               // channels per block
-constexpr int B1_NG = SCAN_CHUNK / 4;         // 4-step groups per chunk
+constexpr int B1_NG = SCAN_CKPT / 4;         // 4-step groups per chunk
 struct Bwd1Args {
     int64_t B, L, D, Gc, Gb, Db, nck, seglen;
     int nseg;
@@ -1679,8 +1675,8 @@ __global__ void __launch_bounds__(B1_THREADS) scan_bwd1_kernel(const Bwd1Args p)
     float *mysnap = snap + tid;
 
 #pragma unroll 1
-    for (int64_t k = (tes - 1) / SCAN_CHUNK; k >= tbs / SCAN_CHUNK; k--) {
-        const int64_t tb = k * SCAN_CHUNK, te = tb + SCAN_CHUNK < L ? tb + SCAN_CHUNK : L;
+    for (int64_t k = (tes - 1) / SCAN_CKPT; k >= tbs / SCAN_CKPT; k--) {
+        const int64_t tb = k * SCAN_CKPT, te = tb + SCAN_CKPT < L ? tb + SCAN_CKPT : L;
         const int ng = (int)((te - tb + 3) / 4);
         float h[N];
         {
@@ -1901,7 +1897,7 @@ int launch_bwd(const BwdArgs &a, bool al16, cudaStream_t st) {
     constexpr int CPB0 = THREADS / QL;
     const bool wred = N == 16 && a.Dg % 8 == 0 && CPB0 % a.Db == 0 && a.Db % 8 == 0;
     constexpr int CPB = THREADS / QL;
-    const TileGeom g = make_geom(SCAN_CHUNK, CPB, 4, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
+    const TileGeom g = make_geom(SCAN_CKPT, CPB, 4, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
     const size_t smem = bwd_smem_bytes<N, THREADS>(g);
     const int64_t blocks = (int64_t)a.nseg * a.B * ((a.D + CPB - 1) / CPB);
     if (a.nseg > 1) {
@@ -1981,7 +1977,7 @@ extern "C" int selective_scan_fwd_cuda(const ScanShape *s, const uint16_t *u, co
     a.seglen = seg_len(s, a.nseg);
     a.nseg = (int)((s->seqlen + a.seglen - 1) / a.seglen);
     a.nck = n_ckpt_rows(s);
-    a.ck8 = ckpt_mul(s) == 8;
+    a.ck8 = ckpt_mul() == 8;
     if (a.nseg > 1) {
         if (!workspace) return scan_fail(err, errlen, "selective scan forward: %d segments need a workspace", a.nseg);
         const size_t per = (size_t)(a.B * a.nseg * a.D);
@@ -2016,7 +2012,7 @@ extern "C" int selective_scan_bwd_cuda(const ScanShape *s, const uint16_t *u, co
     cudaStream_t st = (cudaStream_t)stream;
     BwdArgs a = {};
     a.B = s->batch, a.L = s->seqlen, a.D = s->dim, a.Gc = s->groups_c, a.Gb = s->groups_b;
-    a.Dg = s->dim / s->groups_c, a.Db = s->dim / s->groups_b, a.nck = n_ckpt_rows(s), a.ckmul = ckpt_mul(s);
+    a.Dg = s->dim / s->groups_c, a.Db = s->dim / s->groups_b, a.nck = n_ckpt_rows(s), a.ckmul = ckpt_mul();
     a.u = (const bf16 *)u, a.dt = (const bf16 *)dt, a.Bm = (const bf16 *)Bm, a.Cm = (const bf16 *)Cm;
     a.z = (const bf16 *)z, a.dout = (const bf16 *)dout;
     a.A = A, a.Dskip = Dskip, a.delta_bias = delta_bias, a.h0 = h0, a.ckpt = ckpt, a.dh_last = dh_last;
@@ -2024,7 +2020,7 @@ extern "C" int selective_scan_bwd_cuda(const ScanShape *s, const uint16_t *u, co
     a.du = (bf16 *)du, a.ddt = (bf16 *)ddt, a.dB = (bf16 *)dB, a.dC = (bf16 *)dC, a.dz = (bf16 *)dz, a.dh0 = dh0;
     const int64_t BD = s->batch * s->dim;
     a.nseg = bwd_nseg(s);
-    a.seglen = (n_ckpt(s) + a.nseg - 1) / a.nseg * SCAN_CHUNK;
+    a.seglen = (n_ckpt(s) + a.nseg - 1) / a.nseg * SCAN_CKPT;
     const int64_t RD = a.nseg * BD;  // partial rows: (segment, batch row)
     a.dA_part = (float *)workspace;
     a.dD_part = a.dA_part + RD * s->dstate;

@@ -19,14 +19,13 @@ extern "C" {
 
 typedef struct CUstream_st *scan_stream_t;  // = cudaStream_t
 
-// The forward writes training checkpoints to ckpt when ckpt != NULL; the backward needs them. With the default
-// backward (v13) and the shapes it takes (N = 16, C groups of 16 channels, B groups of a multiple of 16, D a multiple
-// of 64): the fp32 state before every SCAN_CKPT-th step (8), [B, ceil(L/8), D, N], 8 bytes per token-channel, which
-// v13 reads instead of recomputing the states of each 64-step chunk with a sweep. Otherwise, and with
-// DISTILL_SCAN_BWD=v12/v11/v10/v8/v9: the state before every 64th step, [B, ceil(L/64), D, N], 1 byte per
-// token-channel. The forward and backward of a pass must run with the same DISTILL_SCAN_BWD setting;
-// selective_scan_ckpt_elems returns the size for the shape and the setting at the time of the call.
-#define SCAN_CKPT 8
+// The forward writes the state before every SCAN_CKPT-th step to ckpt [B, ceil(L/SCAN_CKPT), D, N] (fp32)
+// when ckpt != NULL; the backward needs it (one fp32 state per 64 steps: about 1 byte per token-channel at
+// N = 16, far cheaper than a second forward sweep in the backward). With DISTILL_SCAN_BWD=v13 (backward v13,
+// opt-in) the forward stores the state before every 8th step instead, [B, ceil(L/8), D, N] (8 bytes per
+// token-channel), which v13 reads in place of its per-chunk sweep; the forward and backward of a pass must run
+// with the same setting, and selective_scan_ckpt_elems returns the size for the setting at the time of the call.
+#define SCAN_CKPT 64
 size_t selective_scan_ckpt_elems(const ScanShape *s);
 
 // Workspace for the forward (time segments) and backward (reductions) in bytes; pass a buffer of at least
