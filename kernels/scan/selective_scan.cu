@@ -2,7 +2,7 @@
 // deterministic backward, multi-token decode. Design notes: docs/KERNELS.md.
 //
 // Work mapping. Forward: two lanes per (batch row, channel), N/2 states each (v11: 32-step tiles; v10: 16).
-// Backward v13 (the default for MambaInLlama's shapes; scan_bwd11_kernel<DB, 13>), v12 (DISTILL_SCAN_BWD=v12, <DB, 12>)
+// Backward v12 (the default for MambaInLlama's shapes; scan_bwd11_kernel<DB, 12>), v13 (DISTILL_SCAN_BWD=v13, <DB, 13>)
 // and v11 (DISTILL_SCAN_BWD=v11, <DB, 11>): two lanes per channel, 8-step groups of states and decays in registers,
 // dB/dC summed per warp through shared memory (v12: lagged one step, scaled on the reading side; v13: the state
 // before each group read from the forward's checkpoints every 8 steps instead of a sweep per chunk). Backward v10 (other shapes,
