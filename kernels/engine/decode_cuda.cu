@@ -466,6 +466,40 @@ static bool attn_gqa_launch(const bf16 *q, const bf16 *kc, const bf16 *vc, const
     return false;
 }
 
+// The attention's arguments for a model's heads (scale 1/sqrt(hd)); the caller sets kps and nsplit.
+static AttArgs att_args(int64_t max_len, int64_t lc, int nh, int nkv, int hd) {
+    AttArgs a;
+    a.max_len = max_len, a.lc = lc, a.nh = nh, a.nkv = nkv, a.hd = hd;
+    a.scale = 1.0f / sqrtf((float)hd);
+    a.kps = ATT_THREADS, a.nsplit = 1;
+    return a;
+}
+
+// The batch-invariant attention on nrows query rows, one of three kernels that give the same bits (partials per
+// tile of ATT_THREADS keys, folded in tile order): ATT_TILES one block per (row, head) folding in the block;
+// ATT_SPLIT one block per (row, head, tile) into ws [nrows * nh * tiles * (hd + 2)] and attn_fold_kernel;
+// ATT_GQA one block per (row, KV group) (false, nothing launched, when it is not instantiated for the shape).
+enum { ATT_TILES = 0, ATT_SPLIT = 1, ATT_GQA = 2 };
+static bool attn_invariant_launch(int kernel, const bf16 *q, const bf16 *kc, const bf16 *vc, const int32_t *lenb,
+                                  AttArgs a, int64_t nrows, int64_t tiles, float *ws, bf16 *out, cudaStream_t st) {
+    a.kps = ATT_THREADS;
+    a.nsplit = kernel == ATT_SPLIT ? (int)tiles : 1;
+    if (kernel == ATT_SPLIT) {
+        attn_tiles_kernel<true><<<dim3((unsigned)(nrows * a.nh), (unsigned)tiles), ATT_THREADS, 0, st>>>(q, kc, vc, lenb, a, ws,
+                                                                                                        out);
+        kernelCheck("attn_tiles_kernel (per tile)");
+        attn_fold_kernel<<<dim3((unsigned)nrows, (unsigned)a.nh), a.hd < 128 ? 64 : 128, 0, st>>>(ws, a, out);
+        kernelCheck("attn_fold_kernel");
+    } else if (kernel == ATT_GQA) {
+        if (!attn_gqa_launch(q, kc, vc, lenb, a, nrows, out, st)) return false;
+        kernelCheck("attn_gqa_kernel");
+    } else {
+        attn_tiles_kernel<false><<<(unsigned)(nrows * a.nh), ATT_THREADS, 0, st>>>(q, kc, vc, lenb, a, NULL, out);
+        kernelCheck("attn_tiles_kernel");
+    }
+    return true;
+}
+
 // xr [N, di]: channel c = g*N + n reads xs[(g / rep)*N + n] (repeat_kv over groups of d_state channels).
 __global__ void repeat_kernel(bf16 *xr, const bf16 *xs, int64_t N, int64_t di, int64_t dxb, int64_t ds) {
     const int64_t total = N * di, rep = di / dxb;
@@ -1053,36 +1087,18 @@ double decoder_cuda_bytes(const DecoderCuda *D) { return D->bytes; }
 static void attention(DecoderCuda *D, const DLayer *L, int64_t lc, int64_t maxkeys) {
     const LlamaConfig *c = &D->h.base;
     const int64_t nrows = D->nb * lc;
-    AttArgs a;
-    a.max_len = D->max_len;
-    a.lc = lc;
-    a.nh = c->n_head;
-    a.nkv = c->n_kv_head;
-    a.hd = c->head_dim;
-    a.scale = 1.0f / sqrtf((float)c->head_dim);
+    AttArgs a = att_args(D->max_len, lc, c->n_head, c->n_kv_head, c->head_dim);
     const int64_t blocks = nrows * c->n_head, tiles = (maxkeys + ATT_THREADS - 1) / ATT_THREADS;
     const int32_t *lenb = D->ints + 2 * D->rows + 2 * D->B;
-    if (D->invariant) {  // one partial per tile of 128 keys, folded in tile order (same bits either way)
-        a.kps = ATT_THREADS;
-        a.nsplit = (int)tiles;
-        if (blocks < 2ll * D->n_sm && blocks * tiles * (int64_t)(a.hd + 2) <= D->att_ws_elems) {
-            dim3 g1((unsigned)blocks, (unsigned)tiles);
-            attn_tiles_kernel<true><<<g1, ATT_THREADS, 0, D->st>>>(D->q, L->kc, L->vc, lenb, a, D->att_ws, D->att);
-            kernelCheck("attn_tiles_kernel (per tile)");
-            dim3 g2((unsigned)nrows, (unsigned)c->n_head);
-            attn_fold_kernel<<<g2, a.hd < 128 ? 64 : 128, 0, D->st>>>(D->att_ws, a, D->att);
-            kernelCheck("attn_fold_kernel");
-        } else {
-            // the fold inside the blocks: one block per (row, KV group) when that still gives every SM a block
-            // and the GQA kernel is instantiated for the shape, else one per (row, head); same bits either way
-            a.nsplit = 1;
-            if (D->attn_gqa && nrows * a.nkv >= D->n_sm && attn_gqa_launch(D->q, L->kc, L->vc, lenb, a, nrows, D->att, D->st)) {
-                kernelCheck("attn_gqa_kernel");
-            } else {
-                attn_tiles_kernel<false><<<(unsigned)blocks, ATT_THREADS, 0, D->st>>>(D->q, L->kc, L->vc, lenb, a, NULL, D->att);
-                kernelCheck("attn_tiles_kernel");
-            }
-        }
+    if (D->invariant) {
+        // the tiles across blocks while the (row, head) blocks cannot fill the GPU; else the fold inside the blocks:
+        // one block per (row, KV group) when that still gives every SM a block and the GQA kernel is instantiated
+        // for the shape, else one per (row, head)
+        const int kernel = blocks < 2ll * D->n_sm && blocks * tiles * (int64_t)(a.hd + 2) <= D->att_ws_elems ? ATT_SPLIT
+                           : D->attn_gqa && nrows * a.nkv >= D->n_sm                                        ? ATT_GQA
+                                                                                                            : ATT_TILES;
+        if (!attn_invariant_launch(kernel, D->q, L->kc, L->vc, lenb, a, nrows, tiles, D->att_ws, D->att, D->st))
+            attn_invariant_launch(ATT_TILES, D->q, L->kc, L->vc, lenb, a, nrows, tiles, NULL, D->att, D->st);
         return;
     }
     // legacy: split the keys only when the (row, head) blocks cannot fill the GPU; the workspace bound holds
@@ -1503,43 +1519,26 @@ int decode_attention_cuda(int kernel, const void *q, const void *kc, const void 
                  (long long)nb, (long long)lc, nh, nkv, hd, (long long)maxkeys, (long long)max_len);
         return -1;
     }
-    AttArgs a;
-    a.max_len = max_len;
-    a.lc = lc;
-    a.nh = nh;
-    a.nkv = nkv;
-    a.hd = hd;
-    a.scale = 1.0f / sqrtf((float)hd);  // as attention() computes it
-    a.kps = ATT_THREADS;
-    a.nsplit = 1;
+    if (kernel != ATT_TILES && kernel != ATT_SPLIT && kernel != ATT_GQA) {
+        snprintf(err, errlen, "decode_attention_cuda: kernel %d (0, 1 or 2)", kernel);
+        return -1;
+    }
+    const AttArgs a = att_args(max_len, lc, nh, nkv, hd);
     const int64_t nrows = nb * lc, tiles = (maxkeys + ATT_THREADS - 1) / ATT_THREADS;
-    const bf16 *Q = (const bf16 *)q, *K = (const bf16 *)kc, *V = (const bf16 *)vc;
-    bf16 *O = (bf16 *)out;
-    if (kernel == 0) {
-        attn_tiles_kernel<false><<<(unsigned)(nrows * nh), ATT_THREADS>>>(Q, K, V, lenb, a, NULL, O);
-        kernelCheck("attn_tiles_kernel");
-    } else if (kernel == 1) {
-        if (tiles > 65535) {
-            snprintf(err, errlen, "decode_attention_cuda: %lld tiles per query for the per-tile grid", (long long)tiles);
-            return -1;
-        }
-        a.nsplit = (int)tiles;
-        float *ws = NULL;
-        cudaCheck(cudaMalloc(&ws, (size_t)(nrows * nh * tiles * (hd + 2)) * 4));
-        attn_tiles_kernel<true><<<dim3((unsigned)(nrows * nh), (unsigned)tiles), ATT_THREADS>>>(Q, K, V, lenb, a, ws, O);
-        kernelCheck("attn_tiles_kernel (per tile)");
-        attn_fold_kernel<<<dim3((unsigned)nrows, (unsigned)nh), hd < 128 ? 64 : 128>>>(ws, a, O);
-        kernelCheck("attn_fold_kernel");
+    if (kernel == ATT_SPLIT && tiles > 65535) {
+        snprintf(err, errlen, "decode_attention_cuda: %lld tiles per query for the per-tile grid", (long long)tiles);
+        return -1;
+    }
+    float *ws = NULL;
+    if (kernel == ATT_SPLIT) cudaCheck(cudaMalloc(&ws, (size_t)(nrows * nh * tiles * (hd + 2)) * 4));
+    const bool ran = attn_invariant_launch(kernel, (const bf16 *)q, (const bf16 *)kc, (const bf16 *)vc, lenb, a, nrows, tiles,
+                                           ws, (bf16 *)out, 0);
+    if (ws) {
         cudaCheck(cudaDeviceSynchronize());
         cudaCheck(cudaFree(ws));
-    } else if (kernel == 2) {
-        if (!attn_gqa_launch(Q, K, V, lenb, a, nrows, O, 0)) {
-            snprintf(err, errlen, "decode_attention_cuda: no GQA kernel for %d heads / %d KV heads of %d", nh, nkv, hd);
-            return -1;
-        }
-        kernelCheck("attn_gqa_kernel");
-    } else {
-        snprintf(err, errlen, "decode_attention_cuda: kernel %d (0, 1 or 2)", kernel);
+    }
+    if (!ran) {
+        snprintf(err, errlen, "decode_attention_cuda: no GQA kernel for %d heads / %d KV heads of %d", nh, nkv, hd);
         return -1;
     }
     return 0;
