@@ -417,7 +417,6 @@ TmDp *tm_dp_new(TrainModel *m, Optim *o, const ZeroLayout *Z, int rank, DistGrou
     return d;
 }
 
-
 // Enqueues the reductions of buckets [launched, upto) on the communicator's stream, after everything the
 // compute stream holds so far (the backward's writes of those buckets' gradients).
 static void dp_launch(TmDp *d, int upto) {

@@ -150,9 +150,9 @@ static void algo_name(const cublasLtMatmulAlgo_t *a, char *buf, size_t len) {
 }
 
 // ---- GEMM tuning -------------------------------------------------------------------------------------------------
-// cuBLASLt's first heuristic choice is sometimes far from its best offer on the step's shapes (H100, 8B step: the
-// fused Mamba in_proj [4096 x 4096] x [4096 x 10240] 0.813 ms first vs 0.514 ms for the 7th offer; the head at
-// 1046 rows 1.63 vs 1.42 ms). So at a shape's first call the offers are timed on the call's own operands and the
+// cuBLASLt's first heuristic choice is not always its fastest offer on the step's shapes (H100, 8B step, medians
+// of 3 rounds: the head at 1046 rows 1.711 vs 1.556 ms, SmolLM2's gate+up 0.094 vs 0.081 ms; single timings were
+// noisier, which is why rounds and a margin). So at a shape's first call the offers are timed on the call's own operands and the
 // fastest is kept when it beats the first by TUNE_MARGIN. Different kernels sum in different orders, so a choice
 // must not change between runs: choices are process-wide (every engine of a process runs the same kernel for a
 // shape) and appended to a cache file, read back by every later process on the same GPU model, cuBLASLt version
@@ -308,8 +308,9 @@ static void time_offers(DlGemm *g, GemmPlan *p, const cublasLtMatmulHeuristicRes
 }
 
 // Picks a new plan's algorithm (p->algo holds the first offer): the cache's choice, else a timed one (see above).
-static void tune_plan(DlGemm *g, GemmPlan *p, const void *A, const void *B, void *C, const void *bias, cudaStream_t stream) {
-    pthread_mutex_lock(&g_tune.mu);
+// Called with g_tune.mu held.
+static void tune_plan_locked(DlGemm *g, GemmPlan *p, const void *A, const void *B, void *C, const void *bias,
+                             cudaStream_t stream) {
     if (!g_tune.loaded) tune_load(), g_tune.loaded = 1;
     const TuneEntry *hit = g_tune.on ? tune_find(&p->key, g->ws_bytes) : NULL;
     if (hit) {
@@ -318,28 +319,20 @@ static void tune_plan(DlGemm *g, GemmPlan *p, const void *A, const void *B, void
         if (cublasLtMatmulAlgoCheck(g->lt, p->desc, p->la, p->lb, p->lc, p->lc, &hit->algo, &chk) == CUBLAS_STATUS_SUCCESS &&
             chk.workspaceSize <= g->ws_bytes)
             p->algo = hit->algo;
-        pthread_mutex_unlock(&g_tune.mu);
         return;
     }
     cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
     cudaStreamIsCapturing(stream, &cap);
     const GemmKey *k = &p->key;
-    if ((!g_tune.on && !g_tune.survey) || cap != cudaStreamCaptureStatusNone || (k->beta_nz && !g_tune.survey)) {
-        pthread_mutex_unlock(&g_tune.mu);
-        return;
-    }
+    if ((!g_tune.on && !g_tune.survey) || cap != cudaStreamCaptureStatusNone || (k->beta_nz && !g_tune.survey)) return;
     cublasLtMatmulHeuristicResult_t res[TUNE_OFFERS];
     int found = 0;
-    if (heuristics(g, p, TUNE_OFFERS, res, &found) != CUBLAS_STATUS_SUCCESS || found < 2) {
-        pthread_mutex_unlock(&g_tune.mu);
-        return;
-    }
+    if (heuristics(g, p, TUNE_OFFERS, res, &found) != CUBLAS_STATUS_SUCCESS || found < 2) return;
     // accumulating calls (survey only) are timed into a scratch output: C holds data the call adds to
     void *out = C, *scratch = NULL;
     if (k->beta_nz) {
         if (cudaMalloc(&scratch, (size_t)k->m * k->n * esize((DType)k->c_dt)) != cudaSuccess) {
             cudaGetLastError();
-            pthread_mutex_unlock(&g_tune.mu);
             return;
         }
         out = scratch;
@@ -369,6 +362,11 @@ static void tune_plan(DlGemm *g, GemmPlan *p, const void *A, const void *B, void
         tune_add(k, g->ws_bytes, &res[best].algo);
         tune_save(k, g->ws_bytes, &res[best].algo);
     }
+}
+
+static void tune_plan(DlGemm *g, GemmPlan *p, const void *A, const void *B, void *C, const void *bias, cudaStream_t stream) {
+    pthread_mutex_lock(&g_tune.mu);
+    tune_plan_locked(g, p, A, B, C, bias, stream);
     pthread_mutex_unlock(&g_tune.mu);
 }
 
