@@ -3,6 +3,7 @@
 // mixers only (every other layer is Mamba, attention kept at even layers). Random weights.
 //   gpu_bench_engine [--model smollm2|llama8b] [--layers L] [--B 2] [--T 2048] [--steps 10] [--warmup 3]
 //                    [--recompute] [--attn-cuda-cores] [--chunk rows[,rows...]] [--share-prefix] [--attn-odd] [--plan-only]
+//                    [--moments fp32|bf16]
 // Reports ms/step, tokens/s and MFU. FLOPs counted: teacher forward + 3x student forward (forward and
 // backward), GEMMs 2*m*n*k, causal attention 2*T*nh*hd per token for QK^T and PV each (half the square),
 // scan and element-wise work not counted. MFU against the 989 TFLOP/s dense bf16 peak of the H100 SXM and
@@ -13,6 +14,7 @@
 // --chunk: rows of logits per loss chunk; 0 (the default) is the engine's default, which the pipeline runs and
 // the plan assumes. A list (--chunk 0,256,1024) measures the step at each in one process: the random weights
 // are generated once and the engines rebuilt per chunk; each gives a RESULT line naming its chunk.
+// --moments bf16: AdamW moments in bf16 with stochastic rounding (optimizer.moments = "bf16"; default fp32).
 // --attn-odd: attention kept at the odd layers, Mamba at 0, 2, ... (the layout of the recipes and of MambaInLlama's
 // 50% Llama-3 models: the backward then runs down to layer 0); the default keeps attention at the even layers.
 // --share-prefix: the student's layers below its first Mamba layer get the teacher's weights (as stage 1's
@@ -119,7 +121,7 @@ int main(int argc, char **argv) {
     const char *model = "llama8b";
     int layers = 8, steps = 10, warmup = 3;
     int64_t B = 2, T = 2048;
-    bool recompute = false, plan_only = false, share = false, attn_odd = false;
+    bool recompute = false, plan_only = false, share = false, attn_odd = false, m16 = false;
     int64_t chunks[16] = {0};
     int n_chunks = 1;
     for (int i = 1; i < argc; i++) {
@@ -132,6 +134,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--recompute")) recompute = true;
         else if (!strcmp(argv[i], "--share-prefix")) share = true;
         else if (!strcmp(argv[i], "--attn-odd")) attn_odd = true;
+        else if (!strcmp(argv[i], "--moments") && i + 1 < argc && (!strcmp(argv[i + 1], "bf16") || !strcmp(argv[i + 1], "fp32")))
+            m16 = !strcmp(argv[++i], "bf16");
         else if (!strcmp(argv[i], "--chunk") && i + 1 < argc) {
             n_chunks = 0;
             for (char *p = argv[++i]; *p && n_chunks < 16;) {
@@ -150,7 +154,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--plan-only")) plan_only = true;
         else {
             fprintf(stderr, "usage: gpu_bench_engine [--model smollm2|llama8b] [--layers L] [--B n] [--T n] [--steps n] "
-                            "[--warmup n] [--recompute] [--attn-cuda-cores] [--chunk rows[,rows...]] [--share-prefix] [--attn-odd] [--plan-only]\n");
+                            "[--warmup n] [--recompute] [--attn-cuda-cores] [--chunk rows[,rows...]] [--share-prefix] [--attn-odd] [--plan-only] "
+                            "[--moments fp32|bf16]\n");
             return 2;
         }
     }
@@ -213,6 +218,7 @@ int main(int argc, char **argv) {
         st.trainable = (char *)"*.mamba.*";
         st.opt.micro_batch = (int)B;
         st.opt.grad_accum = 1;
+        st.opt.moments = m16 ? MOMENTS_BF16 : MOMENTS_FP32;
         st.teacher_logits = TEACHER_ONLINE;
         if (plan_stage(&r, &st, 0, &sp, &e) == 0) have_plan = true;
         else printf("  plan_stage: %s\n", e.msg);
@@ -238,7 +244,7 @@ int main(int argc, char **argv) {
             }
             printf("  --chunk %lld: the engine's loss chunk is %lld rows\n", (long long)chunks[k], (long long)chunk_rows_of(&ms));
             // AdamW fp32 m and v over the compact gradient layout (engine_cuda_optim_attach)
-            if (have_plan) print_vs_plan(&ms, &mt, 2 * ms.grads, &sp, -1);
+            if (have_plan) print_vs_plan(&ms, &mt, (m16 ? 1 : 2) * ms.grads, &sp, -1);  // m and v: 2 x 4 or 2 x 2 bytes
         }
         return 0;
     }
@@ -289,7 +295,7 @@ int main(int argc, char **argv) {
         optim_config_default(&oc);
         oc.lr = 1e-4;
         oc.total_steps = 1000;
-        EngineCudaOptim *opt = engine_cuda_optim_new(student, &oc, DT_F32, &e);
+        EngineCudaOptim *opt = engine_cuda_optim_new(student, &oc, m16 ? DT_BF16 : DT_F32, &e);
         if (!opt) {
             fprintf(stderr, "optim: %s\n", e.msg);
             return 1;
@@ -343,9 +349,9 @@ int main(int argc, char **argv) {
         const double ft = fwd_flops_per_token(&ht, T) * N, fs = fwd_flops_per_token(&hs, T) * N;
         const double flops = ft + 3 * fs;
         const char *attn_env = getenv("DISTILL_ATTN"), *tune_env = getenv("DISTILL_GEMM_TUNE");
-        printf("RESULT attn=%s gemm_tune=%d model=%s layers=%d B=%lld T=%lld chunk=%lld%s step_ms=%.1f (forwards %.1f, head+loss %.1f) "
+        printf("RESULT attn=%s gemm_tune=%d moments=%s model=%s layers=%d B=%lld T=%lld chunk=%lld%s step_ms=%.1f (forwards %.1f, head+loss %.1f) "
                "tokens_per_s=%.0f TFLOP_per_step=%.1f TFLOPs=%.0f MFU_989=%.1f%% gemm_rate=%.0f TFLOP/s frac_of_gemm=%.1f%%\n",
-               attn_env && *attn_env ? attn_env : "default", tune_env && !strcmp(tune_env, "1"), model, c.n_layer, (long long)B,
+               attn_env && *attn_env ? attn_env : "default", tune_env && !strcmp(tune_env, "1"), m16 ? "bf16" : "fp32", model, c.n_layer, (long long)B,
                (long long)T, (long long)rows,
                chunk > 0 ? "" : "(default)", 1e3 * step_s, 1e3 * tfwd_t / steps, 1e3 * tloss / steps, N / step_s, flops / 1e12,
                flops / step_s / 1e12, 100 * flops / step_s / 989e12, rate / 1e12, 100 * flops / step_s / rate);

@@ -22,7 +22,9 @@
 #      or within 1e-3). Uses gpu2's runs when the same pass made them.
 #      (gpu-dp.toml's epoch must hold every step of a stage: the loader drops a partial last global batch,
 #      whose size follows micro_batch x GPUs, so crossing an epoch gives 1 and 2 GPUs different data.)
-# PIPELINE_PARTS picks checks (default "a b cpu resume gpu2 gpu2resume"; a = the reference CUDA run, which b,
+#   7. m16: AdamW moments in bf16 with stochastic rounding: a run exports, a second run and a run killed after
+#      4 steps and resumed give its losses bit for bit (its losses beside the fp32-moment run's: printed, not judged).
+# PIPELINE_PARTS picks checks (default "a b cpu resume m16 gpu2 gpu2resume"; a = the reference CUDA run, which b,
 # cpu and resume compare with). Prints "N passed, N failed"; exit status 1 on any failure.
 set -u
 D=${1:?usage: pipeline.sh DISTILL OUT}
@@ -46,7 +48,7 @@ run() {  # run NAME [args...]: a fresh run; its log in OUT/NAME.log; returns dis
 }
 metrics() { cp "$RUNS/$1/metrics.jsonl" "$OUT/$1.metrics.jsonl" 2>/dev/null; echo "$RUNS/$1/metrics.jsonl"; }
 
-PARTS=" ${PIPELINE_PARTS:-a b cpu resume gpu2 gpu2resume} "
+PARTS=" ${PIPELINE_PARTS:-a b cpu resume m16 gpu2 gpu2resume} "
 part() { [[ "$PARTS" == *" $1 "* ]]; }
 if part a; then
     if run cuda-a && [ -f "$RUNS/cuda-a/export/config.json" ]; then ok "CUDA run finished and exported"
@@ -73,6 +75,23 @@ rc=$?
 if [ $rc -eq 0 ]; then
     python3 "$HERE/check_metrics.py" "$(metrics cuda-a)" "$(metrics cuda-r)" --exact && ok "kill after step 4 + resume: identical losses" || bad "resumed run differs"
 else bad "resume exit $rc (see $OUT/cuda-r.resume.log)"; tail -20 "$OUT/cuda-r.resume.log"; fi
+fi
+if part m16; then
+# AdamW moments in bf16 with stochastic rounding (optimizer.moments = "bf16"): the rounding draws its bits from the
+# step and the element's index, so two runs and a killed-and-resumed run must still give the same losses bit for bit
+M16="--set optimizer.moments=bf16"
+if run cuda-m16 $M16 && [ -f "$RUNS/cuda-m16/export/config.json" ]; then
+    ok "bf16 moments: CUDA run finished and exported"
+    grep -E "GPU memory of this loop" "$OUT/cuda-m16.log" | head -3
+    [ -f "$RUNS/cuda-a/metrics.jsonl" ] && python3 "$HERE/check_metrics.py" "$(metrics cuda-a)" "$(metrics cuda-m16)" --rel 0.03 | sed 's/^FAIL/(info)/'
+    if run cuda-m16b $M16; then
+        python3 "$HERE/check_metrics.py" "$(metrics cuda-m16)" "$(metrics cuda-m16b)" --exact && ok "bf16 moments: two runs identical" || bad "bf16 moments: two runs differ"
+    else bad "bf16 moments: second run (see $OUT/cuda-m16b.log)"; fi
+    DISTILL_TEST_STOP_AFTER=4 run cuda-m16r $M16
+    if "$D" "$R" --set run.name=cuda-m16r $M16 --resume "$RUNS/cuda-m16r" > "$OUT/cuda-m16r.resume.log" 2>&1; then
+        python3 "$HERE/check_metrics.py" "$(metrics cuda-m16)" "$(metrics cuda-m16r)" --exact && ok "bf16 moments: kill after step 4 + resume identical" || bad "bf16 moments: resumed run differs"
+    else bad "bf16 moments: resume (see $OUT/cuda-m16r.resume.log)"; tail -20 "$OUT/cuda-m16r.resume.log"; fi
+else bad "bf16 moments: CUDA run (see $OUT/cuda-m16.log)"; tail -20 "$OUT/cuda-m16.log"; fi
 fi
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
 # ---- 2 GPUs (tests/recipes/gpu-dp.toml: layerwise with the Mamba mixers trained, then KL over every parameter;
