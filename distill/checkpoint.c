@@ -5,7 +5,6 @@
 
 #include <dirent.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <hdf5.h>
 #include <math.h>
 #include <string.h>
@@ -141,18 +140,6 @@ static const char *base_name(const char *path) {
 
 // ---------------------------------------------------------------- files
 
-static int fsync_path(const char *path, bool dir, DlError *e) {
-    int fd = open(path, dir ? (O_RDONLY | O_DIRECTORY) : O_RDONLY);
-    if (fd < 0) return dl_fail(e, "%s: cannot open for fsync: %s", path, strerror(errno));
-    int rc = fsync(fd);
-    int err = errno;
-    close(fd);
-    // some file systems refuse fsync on directories (EINVAL); the rename is still as durable as they allow
-    if (rc != 0 && !(dir && (err == EINVAL || err == EBADF)))
-        return dl_fail(e, "%s: fsync failed: %s", path, strerror(err));
-    return 0;
-}
-
 static char *dir_of(const char *path) {
     const char *s = strrchr(path, '/');
     if (!s) return dl_strdup(".");
@@ -161,30 +148,6 @@ static char *dir_of(const char *path) {
     memcpy(d, path, (size_t)(s - path));
     d[s - path] = 0;
     return d;
-}
-
-static int sha256_file(const char *path, char hex[65], int64_t *size, DlError *e) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return dl_fail(e, "%s: cannot open: %s", path, strerror(errno));
-    Sha256 s;
-    sha256_init(&s);
-    size_t cap = 1 << 20;
-    uint8_t *buf = dl_malloc(cap);
-    int64_t total = 0;
-    for (;;) {
-        size_t n = fread(buf, 1, cap, f);
-        if (n) sha256_update(&s, buf, n), total += (int64_t)n;
-        if (n < cap) break;
-    }
-    int bad = ferror(f);
-    fclose(f);
-    free(buf);
-    if (bad) return dl_fail(e, "%s: read error", path);
-    uint8_t d[32];
-    sha256_final(&s, d);
-    sha256_to_hex(d, hex);
-    if (size) *size = total;
-    return 0;
 }
 
 static char *marker_path(const char *ckpt_path) {
@@ -221,7 +184,7 @@ static int write_file_atomic(const char *path, const char *text, DlError *e) {
         goto out;
     }
     char *d = dir_of(path);
-    rc = fsync_path(d, true, e);
+    rc = dl_fsync_path(d, true, e);
     free(d);
 out:
     free(tmp);
@@ -229,40 +192,6 @@ out:
 }
 
 // ---------------------------------------------------------------- HDF5 helpers
-
-static int attr_str(hid_t obj, const char *name, const char *s) {
-    hid_t t = H5Tcopy(H5T_C_S1);
-    H5Tset_size(t, strlen(s) ? strlen(s) : 1);
-    H5Tset_strpad(t, H5T_STR_NULLPAD);
-    int rc = h5_attr_put(obj, name, t, t, s);
-    H5Tclose(t);
-    return rc;
-}
-
-// Fixed-length string attribute into buf (truncated to n-1).
-static int attr_read_str(hid_t obj, const char *name, char *buf, size_t n) {
-    if (H5Aexists(obj, name) <= 0) return -1;
-    hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
-    if (a < 0) return -1;
-    hid_t ft = H5Aget_type(a);
-    int rc = -1;
-    if (H5Tget_class(ft) == H5T_STRING && !H5Tis_variable_str(ft)) {
-        size_t sz = H5Tget_size(ft);
-        char *tmp = dl_calloc(sz + 1, 1);
-        hid_t mt = H5Tcopy(H5T_C_S1);
-        H5Tset_size(mt, sz);
-        H5Tset_strpad(mt, H5T_STR_NULLPAD);
-        if (H5Aread(a, mt, tmp) >= 0) {
-            snprintf(buf, n, "%s", tmp);
-            rc = 0;
-        }
-        H5Tclose(mt);
-        free(tmp);
-    }
-    H5Tclose(ft);
-    H5Aclose(a);
-    return rc;
-}
 
 // Creates dataset `name` of ndim dims under loc, writes data (nbytes raw bytes in mtype) and its sha256.
 static int ds_write(hid_t loc, const char *name, hid_t ftype, hid_t mtype, int ndim, const hsize_t *dims,
@@ -276,7 +205,7 @@ static int ds_write(hid_t loc, const char *name, hid_t ftype, hid_t mtype, int n
     else {
         char hex[65];
         sha256_hex(data, nbytes, hex);
-        if (attr_str(d, "sha256", hex)) rc = dl_fail(e, "cannot write checksum of %s %s", what, name);
+        if (h5_attr_put_str(d, "sha256", hex)) rc = dl_fail(e, "cannot write checksum of %s %s", what, name);
     }
     if (d >= 0) H5Dclose(d);
     H5Sclose(sp);
@@ -327,7 +256,7 @@ static int64_t ds_read(hid_t loc, const char *name, H5T_class_t cls, size_t elem
         goto out;
     }
     char want_hex[80], got_hex[65];
-    if (attr_read_str(d, "sha256", want_hex, sizeof want_hex)) {
+    if (h5_attr_get_strn(d, "sha256", want_hex, sizeof want_hex)) {
         dl_fail(e, "%s: %s %s has no sha256 checksum", file, what, name);
         goto out;
     }
@@ -391,9 +320,9 @@ static int write_h5(const char *path, const Registry *reg, const float *params, 
     if (f < 0) return dl_fail(e, "%s: cannot create HDF5 file (directory writable? disk full?)", path);
     int rc = -1;
     hid_t g = -1, g2 = -1;
-    if (attr_str(f, "format", CKPT_FORMAT) || h5_attr_put_i64(f, "format_version", CKPT_FORMAT_VERSION) ||
-        attr_str(f, "program_version", DISTILL_VERSION) || h5_attr_put_i64(f, "stage_index", st->stage_index) ||
-        attr_str(f, "stage_name", st->stage_name) || h5_attr_put_i64(f, "step", st->step)) {
+    if (h5_attr_put_str(f, "format", CKPT_FORMAT) || h5_attr_put_i64(f, "format_version", CKPT_FORMAT_VERSION) ||
+        h5_attr_put_str(f, "program_version", DISTILL_VERSION) || h5_attr_put_i64(f, "stage_index", st->stage_index) ||
+        h5_attr_put_str(f, "stage_name", st->stage_name) || h5_attr_put_i64(f, "step", st->step)) {
         dl_fail(e, "%s: cannot write attributes", path);
         goto out;
     }
@@ -585,9 +514,9 @@ int checkpoint_write(const char *run_dir, const Registry *reg, const float *para
         unlink(tmp);
         goto out;
     }
-    if (fsync_path(tmp, false, e)) goto out;
+    if (dl_fsync_path(tmp, false, e)) goto out;
     char hex[65];
-    if (sha256_file(tmp, hex, NULL, e)) goto out;
+    if (dl_sha256_file(tmp, hex, NULL, e)) goto out;
     const char *crash = getenv("DISTILL_TEST_CRASH_IN_CHECKPOINT");
     if (crash && *crash && atoi(crash) == ++g_hook_writes) {
         fprintf(stderr, "distill: DISTILL_TEST_CRASH_IN_CHECKPOINT=%s: aborting before renaming %s\n", crash, tmp);
@@ -600,7 +529,7 @@ int checkpoint_write(const char *run_dir, const Registry *reg, const float *para
         dl_fail(e, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
         goto out;
     }
-    if (fsync_path(run_dir, true, e)) goto out;
+    if (dl_fsync_path(run_dir, true, e)) goto out;
     char line[128];
     snprintf(line, sizeof line, "%s  %s\n", hex, base_name(path));
     if (write_file_atomic(marker, line, e)) goto out;
@@ -651,7 +580,7 @@ int checkpoint_verify(const char *path, DlError *e) {
     }
     char got[65];
     int64_t size = 0;
-    if (sha256_file(path, got, &size, e)) goto out;
+    if (dl_sha256_file(path, got, &size, e)) goto out;
     if (strcmp(want, got)) {
         dl_fail(e, "%s: SHA-256 does not match its completion marker (file corrupted or truncated; %lld bytes on disk)",
                 path, (long long)size);
@@ -700,7 +629,7 @@ static hid_t open_ro(const char *path, DlError *e) {
         return -1;
     }
     char fmt[64] = "";
-    if (attr_read_str(f, "format", fmt, sizeof fmt) || strcmp(fmt, CKPT_FORMAT)) {
+    if (h5_attr_get_strn(f, "format", fmt, sizeof fmt) || strcmp(fmt, CKPT_FORMAT)) {
         H5Fclose(f);
         dl_fail(e, "%s: not a distill checkpoint (attribute format is '%s', expected '%s')", path, fmt, CKPT_FORMAT);
         return -1;
@@ -737,9 +666,9 @@ static int read_state(hid_t f, const char *path, CkptState *st, DlError *e) {
     if (h5_attr_get_i64(f, "stage_index", &v)) return dl_fail(e, "%s: attribute stage_index missing", path);
     st->stage_index = (int)v;
     if (h5_attr_get_i64(f, "step", &st->step)) return dl_fail(e, "%s: attribute step missing", path);
-    if (attr_read_str(f, "stage_name", st->stage_name, sizeof st->stage_name))
+    if (h5_attr_get_strn(f, "stage_name", st->stage_name, sizeof st->stage_name))
         return dl_fail(e, "%s: attribute stage_name missing", path);
-    if (attr_read_str(f, "program_version", st->version, sizeof st->version))
+    if (h5_attr_get_strn(f, "program_version", st->version, sizeof st->version))
         return dl_fail(e, "%s: attribute program_version missing", path);
     hid_t g = H5Gopen2(f, "ints", H5P_DEFAULT);
     if (g < 0) return dl_fail(e, "%s: group /ints missing", path);

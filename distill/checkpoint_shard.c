@@ -4,44 +4,17 @@
 
 #include <dirent.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <hdf5.h>
 #include <math.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "distill/sha256.h"
 
 #define SHARD_FORMAT "distill-optim-shard"
 #define SHARD_FORMAT_VERSION 1
 
 // ---------------------------------------------------------------- small HDF5 and file helpers
-
-static int put_attr_str(hid_t o, const char *name, const char *s) {
-    hid_t t = H5Tcopy(H5T_C_S1);
-    H5Tset_size(t, strlen(s) + 1);
-    int rc = h5_attr_put(o, name, t, t, s);
-    H5Tclose(t);
-    return rc;
-}
-
-static int get_attr_str(hid_t o, const char *name, char *buf, size_t n) {
-    if (H5Aexists(o, name) <= 0) return -1;
-    hid_t a = H5Aopen(o, name, H5P_DEFAULT);
-    hid_t t = H5Aget_type(a);
-    int rc = -1;
-    if (H5Tget_class(t) == H5T_STRING && H5Tget_size(t) < n) {
-        hid_t mt = H5Tcopy(H5T_C_S1);
-        H5Tset_size(mt, H5Tget_size(t));
-        memset(buf, 0, n);
-        rc = H5Aread(a, mt, buf) < 0 ? -1 : 0;
-        H5Tclose(mt);
-    }
-    H5Tclose(t);
-    H5Aclose(a);
-    return rc;
-}
 
 static int put_ds(hid_t f, const char *name, hid_t ftype, hid_t mtype, int ndim, const hsize_t *dims, const void *data) {
     hid_t sp = H5Screate_simple(ndim, dims, NULL);
@@ -83,38 +56,6 @@ static int get_ds_range(hid_t d, int64_t off, int64_t n, float *buf) {
     H5Sclose(ms);
     H5Sclose(fs);
     return rc < 0 ? -1 : 0;
-}
-
-static int fsync_path(const char *path, bool dir, DlError *e) {
-    int fd = open(path, dir ? O_RDONLY | O_DIRECTORY : O_RDONLY);
-    if (fd < 0) return dl_fail(e, "%s: cannot open for fsync: %s", path, strerror(errno));
-    int rc = fsync(fd);
-    close(fd);
-    if (rc && !(dir && errno == EINVAL)) return dl_fail(e, "%s: fsync failed: %s", path, strerror(errno));
-    return 0;
-}
-
-static int sha256_of_file(const char *path, char hex[65], int64_t *bytes, DlError *e) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return dl_fail(e, "%s: cannot open: %s", path, strerror(errno));
-    Sha256 s;
-    sha256_init(&s);
-    size_t cap = 1 << 20, n;
-    unsigned char *buf = dl_malloc(cap);
-    int64_t total = 0;
-    while ((n = fread(buf, 1, cap, f)) > 0) {
-        sha256_update(&s, buf, n);
-        total += (int64_t)n;
-    }
-    int bad = ferror(f);
-    fclose(f);
-    free(buf);
-    if (bad) return dl_fail(e, "%s: read error", path);
-    uint8_t d[32];
-    sha256_final(&s, d);
-    sha256_to_hex(d, hex);
-    if (bytes) *bytes = total;
-    return 0;
 }
 
 static char *shard_dir(const char *run_dir, int stage_index, int64_t step) {
@@ -168,7 +109,7 @@ static int write_shard_h5(const char *path, const Optim *opt, int rank, int worl
         goto out;
     }
     hsize_t dn = names_len, dr[2] = {(hsize_t)npiece, 4}, dm = (hsize_t)total;
-    if (put_attr_str(f, "format", SHARD_FORMAT) || h5_attr_put_i64(f, "format_version", SHARD_FORMAT_VERSION) ||
+    if (h5_attr_put_str(f, "format", SHARD_FORMAT) || h5_attr_put_i64(f, "format_version", SHARD_FORMAT_VERSION) ||
         h5_attr_put_i64(f, "rank", rank) || h5_attr_put_i64(f, "world", world) || h5_attr_put_i64(f, "stage_index", st->stage_index) ||
         h5_attr_put_i64(f, "step", st->step) || h5_attr_put_i64(f, "optim_step", opt->st.step) || h5_attr_put_i64(f, "optim_t", opt->st.t) ||
         put_ds(f, "names", H5T_STD_U8LE, H5T_NATIVE_UINT8, 1, &dn, names) ||
@@ -205,7 +146,7 @@ int ckpt_shard_write_rank(const char *run_dir, const Optim *opt, int rank, int w
     H5Quiet q = h5_quiet_begin();
     int wr = write_shard_h5(tmp, opt, rank, world, st, &info->n_elems, e);
     h5_quiet_end(q);
-    if (wr || fsync_path(tmp, false, e) || sha256_of_file(tmp, info->sha256, &info->bytes, e)) {
+    if (wr || dl_fsync_path(tmp, false, e) || dl_sha256_file(tmp, info->sha256, &info->bytes, e)) {
         unlink(tmp);
         goto out;
     }
@@ -214,7 +155,7 @@ int ckpt_shard_write_rank(const char *run_dir, const Optim *opt, int rank, int w
         unlink(tmp);
         goto out;
     }
-    if (fsync_path(dir, true, e)) goto out;
+    if (dl_fsync_path(dir, true, e)) goto out;
     rc = 0;
 out:
     if (rc) {
@@ -457,7 +398,7 @@ static int load_one(const char *run_dir, const ManifestEntry *me, int world, con
     }
     char fmt[64] = "";
     int64_t frank = -1, fworld = -1, fstage = -1, fstep = -1, fos = -1;
-    if (get_attr_str(f, "format", fmt, sizeof fmt) || strcmp(fmt, SHARD_FORMAT) || h5_attr_get_i64(f, "rank", &frank) ||
+    if (h5_attr_get_strn(f, "format", fmt, sizeof fmt) || strcmp(fmt, SHARD_FORMAT) || h5_attr_get_i64(f, "rank", &frank) ||
         h5_attr_get_i64(f, "world", &fworld) || h5_attr_get_i64(f, "stage_index", &fstage) || h5_attr_get_i64(f, "step", &fstep) ||
         h5_attr_get_i64(f, "optim_step", &fos)) {
         dl_fail(e, "%s: not a distill optimizer shard (attributes format/rank/world/step)", fp);
@@ -517,7 +458,7 @@ static int load_one(const char *run_dir, const ManifestEntry *me, int world, con
     // the data is trusted only if the file is the one the manifest recorded
     char hex[65];
     int64_t bytes = 0;
-    if (sha256_of_file(fp, hex, &bytes, e)) goto out;
+    if (dl_sha256_file(fp, hex, &bytes, e)) goto out;
     if (strcmp(hex, me->sha256) || bytes != me->bytes) {
         dl_fail(e, "%s: SHA-256 or size (%lld bytes) does not match the manifest of %s (file corrupted or replaced)", fp,
                 (long long)bytes, path);

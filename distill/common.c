@@ -1,5 +1,6 @@
 // common.c: see common.h.
 #include "distill/common.h"
+#include "distill/sha256.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -248,4 +249,34 @@ double dl_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+int dl_fsync_path(const char *path, bool dir, DlError *e) {
+    const int fd = open(path, dir ? (O_RDONLY | O_DIRECTORY) : O_RDONLY);
+    if (fd < 0) return dl_fail(e, "%s: cannot open for fsync: %s", path, strerror(errno));
+    const int rc = fsync(fd), err = errno;
+    close(fd);
+    if (rc != 0 && !(dir && (err == EINVAL || err == EBADF))) return dl_fail(e, "%s: fsync failed: %s", path, strerror(err));
+    return 0;
+}
+
+int dl_sha256_file(const char *path, char hex[65], int64_t *bytes, DlError *e) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return dl_fail(e, "%s: cannot open: %s", path, strerror(errno));
+    Sha256 s;
+    sha256_init(&s);
+    const size_t cap = 1 << 20;
+    uint8_t *buf = dl_malloc(cap);
+    int64_t total = 0;
+    size_t n;
+    while ((n = fread(buf, 1, cap, f)) > 0) sha256_update(&s, buf, n), total += (int64_t)n;
+    const int bad = ferror(f);
+    fclose(f);
+    free(buf);
+    if (bad) return dl_fail(e, "%s: read error", path);
+    uint8_t d[32];
+    sha256_final(&s, d);
+    sha256_to_hex(d, hex);
+    if (bytes) *bytes = total;
+    return 0;
 }

@@ -82,6 +82,11 @@ void dl_atomic_abort(DlAtomic *a);
 int dl_write_file_atomic(const char *path, const void *data, size_t n, DlError *e);
 // Copies src to dst atomically (as dl_atomic_open / commit).
 int dl_copy_file(const char *src, const char *dst, DlError *e);
+// fsync of a file, or of a directory (dir = true: after a rename in it; file systems that refuse fsync on
+// directories (EINVAL/EBADF) pass, the rename being as durable as they allow). 0 or -1 with e filled.
+int dl_fsync_path(const char *path, bool dir, DlError *e);
+// SHA-256 of a whole file as 64 hex characters + NUL; its size in *bytes when not NULL. 0 or -1 with e filled.
+int dl_sha256_file(const char *path, char hex[65], int64_t *bytes, DlError *e);
 // Joins a and b with a '/', into a newly allocated string.
 char *dl_path_join(const char *a, const char *b);
 

@@ -30,3 +30,11 @@ int h5_attr_get(hid_t obj, const char *name, hid_t mtype, void *v);
 int h5_attr_get_i64(hid_t obj, const char *name, int64_t *v);
 int h5_attr_get_u64(hid_t obj, const char *name, uint64_t *v);
 int h5_attr_get_f64(hid_t obj, const char *name, double *v);
+
+// String attributes. A put writes a fixed-length, null-padded UTF-8 string (an empty one as one NUL byte),
+// replacing an attribute of the same name. h5_attr_get_str reads any string attribute (fixed or variable length,
+// ASCII or UTF-8) into a malloc'd string, NULL when it is missing or not a string; h5_attr_get_strn copies it
+// into buf, truncated to n - 1 bytes (-1 when missing or not a string).
+int h5_attr_put_str(hid_t obj, const char *name, const char *s);
+char *h5_attr_get_str(hid_t obj, const char *name);
+int h5_attr_get_strn(hid_t obj, const char *name, char *buf, size_t n);

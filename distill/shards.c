@@ -91,45 +91,6 @@ static void col_close(Col *c) {
     c->buf = NULL;
 }
 
-// ---- attributes
-static int attr_str(hid_t loc, const char *key, const char *value) {
-    hid_t ty = H5Tcopy(H5T_C_S1);
-    H5Tset_size(ty, strlen(value) > 0 ? strlen(value) : 1);
-    H5Tset_cset(ty, H5T_CSET_UTF8);
-    int rc = h5_attr_put(loc, key, ty, ty, strlen(value) > 0 ? value : "");
-    H5Tclose(ty);
-    return rc;
-}
-// Fixed or variable-length string attribute -> malloc'd string.
-static char *read_attr_str(hid_t loc, const char *key) {
-    if (H5Aexists(loc, key) <= 0) return NULL;
-    hid_t a = H5Aopen(loc, key, H5P_DEFAULT);
-    hid_t ft = H5Aget_type(a);
-    char *out = NULL;
-    if (H5Tget_class(ft) == H5T_STRING) {
-        if (H5Tis_variable_str(ft) > 0) {
-            hid_t mt = H5Tcopy(H5T_C_S1);
-            H5Tset_size(mt, H5T_VARIABLE);
-            H5Tset_cset(mt, H5Tget_cset(ft));  // HDF5 does not convert between ASCII and UTF-8
-            char *p = NULL;
-            if (H5Aread(a, mt, &p) >= 0 && p) {
-                out = dl_strdup(p);
-                H5free_memory(p);
-            }
-            H5Tclose(mt);
-        } else {
-            size_t n = H5Tget_size(ft);
-            out = dl_calloc(n + 1, 1);
-            hid_t mt = H5Tcopy(ft);
-            if (H5Aread(a, mt, out) < 0) { free(out); out = NULL; }
-            H5Tclose(mt);
-        }
-    }
-    H5Tclose(ft);
-    H5Aclose(a);
-    return out;
-}
-
 // ---- writer
 struct ShardWriter {
     char *path, *tmp;
@@ -298,7 +259,7 @@ int shard_add_pair(ShardWriter *w, const int32_t *prompt, int64_t np, const int3
 }
 
 int shard_writer_attr_str(ShardWriter *w, const char *key, const char *value, DlError *e) {
-    if (attr_str(w->f, key, value)) return dl_fail(e, "%s: cannot write attribute %s", w->path, key);
+    if (h5_attr_put_str(w->f, key, value)) return dl_fail(e, "%s: cannot write attribute %s", w->path, key);
     return 0;
 }
 int shard_writer_attr_i64(ShardWriter *w, const char *key, int64_t value, DlError *e) {
@@ -351,11 +312,11 @@ int shard_writer_close(ShardWriter *w, DlError *e) {
     if (!rc) {
         hid_t f = w->f;
         int a = 0;
-        a |= attr_str(f, "format", SHARD_FORMAT);
+        a |= h5_attr_put_str(f, "format", SHARD_FORMAT);
         a |= h5_attr_put_i64(f, "format_version", SHARD_FORMAT_VERSION);
-        a |= attr_str(f, "kind", w->o.kind == SHARD_LM ? "lm" : "preference");
+        a |= h5_attr_put_str(f, "kind", w->o.kind == SHARD_LM ? "lm" : "preference");
         a |= h5_attr_put_u64(f, "tokenizer_hash", w->o.tokenizer_hash);
-        a |= attr_str(f, "tokenizer_pre", w->o.tokenizer_pre ? w->o.tokenizer_pre : "");
+        a |= h5_attr_put_str(f, "tokenizer_pre", w->o.tokenizer_pre ? w->o.tokenizer_pre : "");
         a |= h5_attr_put_i64(f, "vocab_size", w->o.vocab_size);
         a |= h5_attr_put_i64(f, "n_tokens", w->n_tokens);
         a |= h5_attr_put_i64(f, "n_docs", w->n_docs);
@@ -363,7 +324,7 @@ int shard_writer_close(ShardWriter *w, DlError *e) {
         a |= h5_attr_put_i64(f, "n_seqs", w->n_rows);
         a |= h5_attr_put_i64(f, "n_pairs", w->n_pairs);
         a |= h5_attr_put_i64(f, "pad_id", w->o.pad_id);
-        a |= attr_str(f, "created_by", "distill " DISTILL_VERSION);
+        a |= h5_attr_put_str(f, "created_by", "distill " DISTILL_VERSION);
         if (a) rc = dl_fail(e, "%s: cannot write the file attributes", p);
     }
     if (!rc && H5Fflush(w->f, H5F_SCOPE_GLOBAL) < 0) rc = dl_fail(e, "%s: flush failed", p);
@@ -465,7 +426,7 @@ int shard_open(ShardReader **out, const char *path, DlError *e) {
         dl_fail(e, "%s: cannot open HDF5 file (on NFS/Lustre set HDF5_USE_FILE_LOCKING=FALSE)", path);
         goto fail;
     }
-    char *fmt = read_attr_str(r->f, "format");
+    char *fmt = h5_attr_get_str(r->f, "format");
     bool ok = fmt && !strcmp(fmt, SHARD_FORMAT);
     free(fmt);
     if (!ok) { dl_fail(e, "%s: not a distill token shard (attribute format != \"%s\")", path, SHARD_FORMAT); goto fail; }
@@ -476,7 +437,7 @@ int shard_open(ShardReader **out, const char *path, DlError *e) {
     }
     ShardInfo *in = &r->info;
     in->format_version = (int)v;
-    char *kind = read_attr_str(r->f, "kind");
+    char *kind = h5_attr_get_str(r->f, "kind");
     in->kind = kind && !strcmp(kind, "preference") ? SHARD_PREF : SHARD_LM;
     bool kind_ok = kind && (!strcmp(kind, "preference") || !strcmp(kind, "lm"));
     free(kind);
@@ -540,7 +501,7 @@ void shard_close(ShardReader *r) {
 
 const ShardInfo *shard_info(const ShardReader *r) { return &r->info; }
 const char *shard_path(const ShardReader *r) { return r->path; }
-char *shard_attr_str(const ShardReader *r, const char *key) { return read_attr_str(r->f, key); }
+char *shard_attr_str(const ShardReader *r, const char *key) { return h5_attr_get_str(r->f, key); }
 
 int shard_check_tokenizer(const ShardReader *r, const Tokenizer *t, DlError *e) {
     if (r->info.tokenizer_hash != tokenizer_hash(t) || r->info.vocab_size != tokenizer_vocab_size(t))

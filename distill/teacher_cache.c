@@ -137,14 +137,6 @@ struct TeacherCache {
     float *bl, *br;
 };
 
-static int attr_str(hid_t o, const char *name, const char *s) {
-    hid_t t = H5Tcopy(H5T_C_S1);
-    H5Tset_size(t, strlen(s) ? strlen(s) : 1);
-    int r = h5_attr_put(o, name, t, t, s);
-    H5Tclose(t);
-    return r;
-}
-
 // rows [r0, r0+n) of a dataset of shape [rows, T(, k)]
 static herr_t slab(hid_t d, bool write, hid_t mtype, int rank, int64_t r0, int64_t n, int64_t T, int64_t k, void *buf) {
     hsize_t start[3] = {(hsize_t)r0, 0, 0}, count[3] = {(hsize_t)n, (hsize_t)T, (hsize_t)k};
@@ -192,9 +184,9 @@ int tcache_write(const char *path, const HybridConfig *hc, const Registry *reg, 
         ds[1] = H5Dcreate2(f, "logp", H5T_IEEE_F32LE, s3, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
         ds[2] = H5Dcreate2(f, "rest", H5T_IEEE_F32LE, s2, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
         H5Sclose(s3), H5Sclose(s2);
-        if (ds[0] < 0 || ds[1] < 0 || ds[2] < 0 || attr_str(f, "format", TCACHE_FORMAT) || h5_attr_put_i64(f, "format_version", 1) ||
+        if (ds[0] < 0 || ds[1] < 0 || ds[2] < 0 || h5_attr_put_str(f, "format", TCACHE_FORMAT) || h5_attr_put_i64(f, "format_version", 1) ||
             h5_attr_put_i64(f, "k", k) || h5_attr_put_i64(f, "vocab", V) || h5_attr_put_i64(f, "seq_len", T) || h5_attr_put_i64(f, "rows", rows) ||
-            attr_str(f, "source", shard)) {
+            h5_attr_put_str(f, "source", shard)) {
             dl_fail(e, "%s: cannot create datasets", tmp);
             goto out;
         }

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "distill/checkpoint.h"
+#include "distill/h5util.h"
 #include "tests/check.h"
 
 static char g_dir[256];
@@ -93,9 +94,52 @@ static void write_step(const Registry *reg, const float *p, const Optim *o, int 
     ckpt_state_free(&st);
 }
 
+// The shared string attributes (h5util): what they write reads back, and so do the string types that earlier
+// versions wrote (optimizer shards: ASCII, null-terminated, size strlen + 1; checkpoints: ASCII, null-padded,
+// size strlen) and a variable-length one; a missing or non-string attribute fails, a long one is truncated.
+static void string_attrs(void) {
+    char path[300];
+    snprintf(path, sizeof path, "%s/attrs.h5", g_dir);
+    hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    CHECK(f >= 0);
+    CHECK(h5_attr_put_str(f, "now", "distill-checkpoint") == 0 && h5_attr_put_str(f, "empty", "") == 0);
+    CHECK(h5_attr_put_str(f, "utf8", "d\xc3\xa9j\xc3\xa0") == 0 && h5_attr_put_i64(f, "int", 7) == 0);
+    struct { const char *name; size_t size; H5T_str_t pad; } old[] = {{"old_term", 6, H5T_STR_NULLTERM}, {"old_pad", 5, H5T_STR_NULLPAD}};
+    for (int i = 0; i < 2; i++) {
+        hid_t t = H5Tcopy(H5T_C_S1);
+        H5Tset_size(t, old[i].size);
+        H5Tset_strpad(t, old[i].pad);
+        CHECK(h5_attr_put(f, old[i].name, t, t, "shard") == 0);
+        H5Tclose(t);
+    }
+    hid_t vt = H5Tcopy(H5T_C_S1);
+    H5Tset_size(vt, H5T_VARIABLE);
+    const char *vs = "variable";
+    CHECK(h5_attr_put(f, "var", vt, vt, &vs) == 0);
+    H5Tclose(vt);
+    H5Fclose(f);
+    f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    CHECK(f >= 0);
+    char buf[32];
+    memset(buf, 'x', sizeof buf);
+    CHECK(h5_attr_get_strn(f, "now", buf, sizeof buf) == 0 && !strcmp(buf, "distill-checkpoint"));
+    CHECK(h5_attr_get_strn(f, "empty", buf, sizeof buf) == 0 && buf[0] == 0);
+    CHECK(h5_attr_get_strn(f, "utf8", buf, sizeof buf) == 0 && !strcmp(buf, "d\xc3\xa9j\xc3\xa0"));
+    CHECK(h5_attr_get_strn(f, "old_term", buf, sizeof buf) == 0 && !strcmp(buf, "shard"));
+    CHECK(h5_attr_get_strn(f, "old_pad", buf, sizeof buf) == 0 && !strcmp(buf, "shard"));
+    char *v = h5_attr_get_str(f, "var");
+    CHECK(v && !strcmp(v, "variable"));
+    free(v);
+    CHECK(h5_attr_get_strn(f, "now", buf, 8) == 0 && !strcmp(buf, "distill"));
+    CHECK(h5_attr_get_strn(f, "missing", buf, sizeof buf) == -1 && h5_attr_get_str(f, "int") == NULL);
+    H5Fclose(f);
+    unlink(path);
+}
+
 int main(void) {
     snprintf(g_dir, sizeof g_dir, "/tmp/distill_test_ckpt_XXXXXX");
     if (!mkdtemp(g_dir)) return 1;
+    string_attrs();
     Registry reg;
     build(&reg, 40);
     float *p = dl_calloc((size_t)reg.numel, 4), *g = dl_calloc((size_t)reg.numel, 4);
