@@ -34,6 +34,27 @@ __device__ __forceinline__ void lse_push(float x, float &m, double &s) {
         s += (double)expf(x - m);
     }
 }
+// d loss / d s_i of one row, scaled by g (the loss scale x the row weight), given the row's log-sum-exps (lse1
+// of s for CE; lseq, lsep of s/T and t/T for the KLs) and its reverse KL rklr (0 when it has no weight). same_q:
+// at T = 1 with CE, q = softmax(s) is the CE's softmax too. Both loss kernels use it, so they agree element for element.
+struct ElemGrad {
+    LossK k;
+    bool need_t, same_q;
+    float wce, g, lse1, lseq, lsep;
+    int64_t tgt;
+    __device__ __forceinline__ float operator()(int64_t i, float si, float ti, float rklr) const {
+        float d = 0.f, q = 0.f;
+        if (need_t) {
+            const float lq = si * k.invT - lseq, lp = ti * k.invT - lsep;
+            q = expf(lq);
+            if (k.need_rkl) d += k.wrkl * k.T * q * (lq - lp - rklr);
+            if (k.need_kl) d += k.wkl * k.T * (q - expf(lp));
+        }
+        if (wce != 0.f) d += wce * ((same_q ? q : expf(si - lse1)) - (i == tgt ? 1.f : 0.f));
+        return g * d;
+    }
+};
+
 // combine every thread's (m, s) into the block's log-sum-exp
 __device__ __forceinline__ float lse_block(float m, double s, float *shf, double *shd) {
     const float M = block_max(m, shf);
@@ -136,17 +157,7 @@ __global__ void __launch_bounds__(LOSS_THREADS) loss_rows_kernel(LossK k, int64_
     // pass 2: KL sums (and the gradient when it does not need them)
     double kl = 0, rkl = 0;
     const bool grad_in_2 = ds && !k.need_rkl;
-    auto grad = [&](int64_t i, float si, float ti, float rklr) {
-        float d = 0.f, q = 0.f;
-        if (need_t) {
-            const float lq = si * k.invT - lseq, lp = ti * k.invT - lsep;
-            q = expf(lq);
-            if (k.need_rkl) d += k.wrkl * k.T * q * (lq - lp - rklr);
-            if (k.need_kl) d += k.wkl * k.T * (q - expf(lp));
-        }
-        if (wce != 0.f) d += wce * ((t1 ? q : expf(si - lse1)) - (i == tgt ? 1.f : 0.f));
-        return g * d;
-    };
+    const ElemGrad grad{k, need_t, t1, wce, g, lse1, lseq, lsep, tgt};
     if (need_t) {
         if (grad_in_2) {
             row_write<T, VEC>(V, s, t, ds, [&](int64_t i, float si, float ti) {
@@ -308,18 +319,7 @@ __global__ void __launch_bounds__(LC_THREADS, 2) loss_rows_cluster_kernel(LossK 
     const double rw = row_weight ? (double)row_weight[r] : 1.0;
     const float g = (float)(scale * rw);
     const float wce = k.wce != 0.f && has_tgt ? k.wce : 0.f;
-    // the gradient of element i given the row's reverse KL (0 when it has no weight)
-    auto grad = [&](int64_t i, float si, float ti, float rklr) {
-        float d = 0.f, q = 0.f;
-        if (need_t) {
-            const float lq = si * k.invT - lseq, lp = ti * k.invT - lsep;
-            q = expf(lq);
-            if (k.need_rkl) d += k.wrkl * k.T * q * (lq - lp - rklr);
-            if (k.need_kl) d += k.wkl * k.T * (q - expf(lp));
-        }
-        if (wce != 0.f) d += wce * ((same_q ? q : expf(si - lse1)) - (i == tgt ? 1.f : 0.f));
-        return g * d;
-    };
+    const ElemGrad grad{k, need_t, same_q, wce, g, lse1, lseq, lsep, tgt};
     // KL sums (and the gradient when the reverse KL does not need them first)
     const bool grad_now = d8 && !k.need_rkl;
     double kl = 0, rkl = 0;
