@@ -777,7 +777,8 @@ extern "C" void sdpa_cudnn_free(SdpaCudnn *s) {
     delete s;
 }
 
-extern "C" SdpaCudnn *sdpa_cudnn_new(int deterministic, char *err, size_t errlen) {
+// A handle-less SdpaCudnn with cuDNN loaded, if its version is at least min_version (what: who needs it).
+static SdpaCudnn *sdpa_open(int deterministic, long min_version, const char *what, char *err, size_t errlen) {
     SdpaCudnn *s = new SdpaCudnn();
     s->handle = NULL, s->devprop = NULL, s->det = deterministic != 0, s->ws = s->bias = NULL, s->ws_bytes = s->bias_bytes = s->ws_guard = 0;
     if (api_load(&s->api, err, errlen)) {
@@ -785,11 +786,18 @@ extern "C" SdpaCudnn *sdpa_cudnn_new(int deterministic, char *err, size_t errlen
         return NULL;
     }
     s->version = (long)s->api.getVersion();
-    if (s->version < 90000) {
-        train_fail(err, errlen, "cuDNN %ld is too old for the fused attention graphs (9.0 or newer)", s->version);
+    if (s->version < min_version) {
+        train_fail(err, errlen, "%s need cuDNN %ld.%ld or newer; this is %ld", what, min_version / 10000, min_version / 100 % 100,
+                   s->version);
         delete s;
         return NULL;
     }
+    return s;
+}
+
+extern "C" SdpaCudnn *sdpa_cudnn_new(int deterministic, char *err, size_t errlen) {
+    SdpaCudnn *s = sdpa_open(deterministic, 90000, "the fused attention graphs", err, errlen);
+    if (!s) return NULL;
     if (s->version == 91000 || s->version == 91001) {  // cuDNN's frontend refuses these for fp16/bf16 SDPA too
         train_fail(err, errlen, "cuDNN %ld has known fused-attention bugs (use 9.10.2 or newer)", s->version);
         delete s;
@@ -821,18 +829,8 @@ extern "C" SdpaCudnn *sdpa_cudnn_new(int deterministic, char *err, size_t errlen
 }
 
 extern "C" SdpaCudnn *sdpa_cudnn_new_offline(int deterministic, const char *device_json, char *err, size_t errlen) {
-    SdpaCudnn *s = new SdpaCudnn();
-    s->handle = NULL, s->devprop = NULL, s->det = deterministic != 0, s->ws = s->bias = NULL, s->ws_bytes = s->bias_bytes = s->ws_guard = 0;
-    if (api_load(&s->api, err, errlen)) {
-        delete s;
-        return NULL;
-    }
-    s->version = (long)s->api.getVersion();
-    if (s->version < 90800) {
-        train_fail(err, errlen, "offline plans: need cuDNN 9.8 (device-properties descriptors); this is %ld", s->version);
-        delete s;
-        return NULL;
-    }
+    SdpaCudnn *s = sdpa_open(deterministic, 90800, "offline plans (device-properties descriptors)", err, errlen);
+    if (!s) return NULL;
     std::vector<cudnnBackendDescriptor_t> descs;
     Graph g;
     g.a = &s->api, g.descs = &descs, g.next_uid = 0, g.ctx = "sdpa_cudnn offline device", g.err = err, g.errlen = errlen, g.bad = false;
