@@ -286,6 +286,27 @@ __device__ __forceinline__ void ldsm_x2_trans(uint32_t &b0, uint32_t &b1, const 
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(a));
 }
 
+// out[n'] (HD/8 tiles) += P (16 x 64, accumulator fragments p) times a [64][HD] tile staged row-major
+// (its B fragments transposed by ldmatrix)
+template <int HD>
+__device__ __forceinline__ void mma_pv(float (*out)[4], const float (*p)[4], const bf16 *rowm, int lane) {
+    constexpr int QS = HD + 8;
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        uint32_t pa[4];
+        pa[0] = pack_bf16(p[2 * kk][0], p[2 * kk][1]);
+        pa[1] = pack_bf16(p[2 * kk][2], p[2 * kk][3]);
+        pa[2] = pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+        pa[3] = pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            uint32_t b0, b1;
+            ldsm_x2_trans(b0, b1, rowm + (kk * 16 + (lane & 15)) * QS + n * 8);
+            mma_bf16(out[n], pa, b0, b1);
+        }
+    }
+}
+
 template <int HD>
 __global__ void __launch_bounds__(128) attn_fwd_mma_kernel(int64_t T_, int nh, int nkv, const bf16 *q, const bf16 *k,
                                                            const bf16 *v, const int32_t *doc_start, bf16 *out,
@@ -381,20 +402,8 @@ __global__ void __launch_bounds__(128) attn_fwd_mma_kernel(int64_t T_, int nh, i
 #pragma unroll
         for (int n = 0; n < HD / 8; n++) o[n][0] *= a0, o[n][1] *= a0, o[n][2] *= a1, o[n][3] *= a1;
         // O += P V: P's accumulator fragments are the A fragments of the next product
-#pragma unroll
-        for (int kk = 0; kk < TC_BK / 16; kk++) {
-            uint32_t pa[4];
-            pa[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-            pa[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-            pa[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pa[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-            for (int n = 0; n < HD / 8; n++) {
-                uint32_t b0, b1;
-                ldsm_x2_trans(b0, b1, Vs + (kk * 16 + (lane & 15)) * QS + n * 8);
-                mma_bf16(o[n], pa, b0, b1);
-            }
-        }
+        static_assert(TC_BK == 64, "mma_pv takes 64 keys");
+        mma_pv<HD>(o, s, Vs, lane);
     }
 #pragma unroll
     for (int x = 1; x <= 2; x <<= 1) {
@@ -461,26 +470,6 @@ __device__ __forceinline__ void mma_rows(float (*acc)[4], const uint32_t (*fa)[4
         for (int kk = 0; kk < HD / 16; kk++) {
             const bf16 *r = bt + (n * 8 + gr) * QS + kk * 16 + tg * 2;
             mma_bf16(acc[n], fa[kk], lds32(r), lds32(r + 8));
-        }
-    }
-}
-// out[n'] (HD/8 tiles) += P (16 x 64, accumulator fragments p) times a [64][HD] tile staged row-major
-// (its B fragments transposed by ldmatrix)
-template <int HD>
-__device__ __forceinline__ void mma_pv(float (*out)[4], const float (*p)[4], const bf16 *rowm, int lane) {
-    constexpr int QS = HD + 8;
-#pragma unroll
-    for (int kk = 0; kk < 4; kk++) {
-        uint32_t pa[4];
-        pa[0] = pack_bf16(p[2 * kk][0], p[2 * kk][1]);
-        pa[1] = pack_bf16(p[2 * kk][2], p[2 * kk][3]);
-        pa[2] = pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]);
-        pa[3] = pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]);
-#pragma unroll
-        for (int n = 0; n < HD / 8; n++) {
-            uint32_t b0, b1;
-            ldsm_x2_trans(b0, b1, rowm + (kk * 16 + (lane & 15)) * QS + n * 8);
-            mma_bf16(out[n], pa, b0, b1);
         }
     }
 }
