@@ -328,6 +328,13 @@ __device__ static void draw_range(const float *x, int64_t lo, int64_t hi, const 
     const int64_t n = hi - lo, nt = blockDim.x, per = (n + nt - 1) / nt;
     const int64_t i0 = lo + min(n, (int64_t)threadIdx.x * per), i1 = lo + min(n, (int64_t)threadIdx.x * per + per);
     uint64_t tie_base = tie_base0, tot;
+    // a kept id: its key at or above the k-th, and in the nucleus (below tau out; at tau the first c ties in id
+    // order, r counting the ties met so far)
+    auto member = [&](uint32_t k, uint64_t &r) {
+        if (k < kth) return false;
+        if (nucleus && k <= tau) return k == tau && r++ < c;
+        return true;
+    };
     if (nucleus) {
         uint64_t cnt = 0;
         for (int64_t i = i0; i < i1; i++) cnt += okey(clean(x[i])) == tau;
@@ -336,14 +343,7 @@ __device__ static void draw_range(const float *x, int64_t lo, int64_t hi, const 
     uint64_t mass = 0, r = tie_base;
     for (int64_t i = i0; i < i1; i++) {
         const float v = clean(x[i]);
-        const uint32_t k = okey(v);
-        if (k < kth) continue;
-        bool mem = true;
-        if (nucleus) {
-            if (k < tau) mem = false;
-            else if (k == tau) mem = r++ < c;
-        }
-        if (mem) mass += weight(v, m, a.inv_t);
+        if (member(okey(v), r)) mass += weight(v, m, a.inv_t);
     }
     uint64_t total_n;
     const uint64_t base = mass_base + block_excl_scan_u64(mass, sh, &total_n);
@@ -356,14 +356,7 @@ __device__ static void draw_range(const float *x, int64_t lo, int64_t hi, const 
         r = tie_base;
         for (int64_t i = i0; i < i1; i++) {
             const float v = clean(x[i]);
-            const uint32_t k = okey(v);
-            if (k < kth) continue;
-            bool mem = true;
-            if (nucleus) {
-                if (k < tau) mem = false;
-                else if (k == tau) mem = r++ < c;
-            }
-            if (!mem) continue;
+            if (!member(okey(v), r)) continue;
             acc += weight(v, m, a.inv_t);
             if (acc > t) {
                 *out_row = (int32_t)i;
