@@ -161,19 +161,17 @@ int main(int argc, char **argv) {
         row("fwd-ck8", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb13, ex2_f, mamba_f);
         unsetenv("DISTILL_SCAN_BWD");
         for (int k = 0; k < NSET; k++) fwd(k, 0, true);
-        // backward: the default (v12), then each selectable version (DISTILL_SCAN_BWD: v11, v12, v14, v10, v13) and, at
-        // small batch, forced segment counts of v14, v11, v12 and v13 (v13 after forwards that store its 8-step
-        // checkpoints), and v12 and v14 again last (bwd-v12b, bwd-v14b); every row in the same run, so that they compare
+        // backward: the default (v12), then each selectable version (DISTILL_SCAN_BWD: v11, v12, v10, v13) and, at small
+        // batch, forced segment counts of v11, v12 and v13 (v13 after forwards that store its 8-step checkpoints), and v12
+        // again last (bwd-v12b); every row in the same run, so that they compare
         row("bwd", median_ms([&](int i) { bwd(i); }), bbytes, ex2_b, mamba_b);
         // (forced segments: at batch <= 2 of the 8B shapes, and at the SmolLM2 shape, which gets 3 automatically)
-        const char *envs[][3] = {{"v11", NULL, "bwd-v11"},    {"v12", NULL, "bwd-v12"},    {"v14", NULL, "bwd-v14"},
-                                 {"v10", NULL, "bwd-v10"},    {"v14", "2", "bwd-v14-s2"}, {"v14", "4", "bwd-v14-s4"},
-                                 {"v14", "8", "bwd-v14-s8"},
+        const char *envs[][3] = {{"v11", NULL, "bwd-v11"},    {"v12", NULL, "bwd-v12"},    {"v10", NULL, "bwd-v10"},
                                  {"v11", "1", "bwd-v11-s1"}, {"v11", "2", "bwd-v11-s2"}, {"v11", "4", "bwd-v11-s4"},
                                  {"v11", "8", "bwd-v11-s8"}, {"v12", "1", "bwd-v12-s1"}, {"v12", "2", "bwd-v12-s2"},
                                  {"v12", "4", "bwd-v12-s4"}, {"v12", "8", "bwd-v12-s8"},
                                  {"v13", NULL, "bwd-v13"},   {"v13", "2", "bwd-v13-s2"}, {"v13", "4", "bwd-v13-s4"},
-                                 {"v13", "8", "bwd-v13-s8"}, {"v12", NULL, "bwd-v12b"}, {"v14", NULL, "bwd-v14b"}};
+                                 {"v13", "8", "bwd-v13-s8"}, {"v12", NULL, "bwd-v12b"}};
         bool dense = false;  // the sets' checkpoints are v13's (every 8 steps)
         for (const auto &e : envs) {
             if (e[1] && is8b && (B > 2 || !strcmp(e[1], "1"))) continue;

@@ -946,15 +946,9 @@ static_assert(SCAN_CKPT == 64, "the slot scheme assumes 8 groups of 8 steps per 
 // half stride 336 (= 16 mod 32) and the row stride 20 keep the writers' float4 stores and the readers' column loads
 // free of bank conflicts
 constexpr int B12_RHALF = 336, B12_RROW = 20, B12_RED = B12_RHALF + 16 * B12_RROW;
-// v14's: [channel in warp: 36 floats, 32 used: half hf x (8 h (dC), 8 dL/dh (dB))]; the row stride 36 (= 4 mod 32)
-// keeps the writers' float4 stores (4 channels x 2 halves per quarter warp) and the readers' float4 loads (8
-// float4 of one channel) free of bank conflicts
-constexpr int B14_RROW = 36, B14_RED = 16 * B14_RROW;
 // floats per warp: B/C rows, step scalars, dB/dC terms
-template <int V>
-__host__ __device__ constexpr int b11_wbuf() {
-    return B11_G * 32 + B11_G * 3 * 16 + (V == 14 ? B14_RED : V >= 12 ? B12_RED : 512);
-}
+template <bool V12>
+__host__ __device__ constexpr int b11_wbuf() { return B11_G * 32 + B11_G * 3 * 16 + (V12 ? B12_RED : 512); }
 
 struct B11Geom {  // byte offsets into dynamic shared memory
     int act, Bs, Cs, ck, rxf, snap, wbuf, redB, so, bytes;
@@ -970,10 +964,6 @@ constexpr int B11_SOK = 5;
 // staged output kinds: v12 leaves out dB's unless B groups are 16 channels wide (v11 kept room for it)
 template <int DB, bool V12>
 __host__ __device__ constexpr int b11_sok() { return V12 && DB != 16 ? 4 : B11_SOK; }
-// v14 loads the next chunk's checkpoint a chunk ahead into a second buffer (4 KB) where it fits 2 blocks per SM: B
-// groups of 32 or 64 channels (16-channel and generic B groups stage more B rows and outputs)
-template <int DB, int V>
-__host__ __device__ constexpr bool b11_ckpre() { return V == 14 && (DB == 32 || DB == 64); }
 template <int DB, int V>
 B11Geom b11_geom() {
     constexpr bool V12 = V >= 12;
@@ -983,11 +973,11 @@ B11Geom b11_geom() {
     g.act = o, o += 4 * SCAN_CKPT * B11_CH * 2;               // u, dt, z, dout [kind][physical step][channel] bf16
     g.Bs = o, o += SCAN_CKPT * PB * 2;                        // B span [physical step][PB] bf16
     g.Cs = o, o += SCAN_CKPT * B11_CH * 2;                    // C span [physical step][64] bf16 (4 groups of 16)
-    g.ck = o, o += (V == 13 ? 0 : b11_ckpre<DB, V>() ? 2 : 1) * B11_CH * 16 * 4;  // the chunk's checkpoint [channel][16] fp32
+    g.ck = o, o += V == 13 ? 0 : B11_CH * 16 * 4;             // the chunk's checkpoint [channel][16] fp32
     g.rxf = o, o += SCAN_CKPT * 4;                            // 0 or -inf (reset) per logical step
     // state before groups 1..7 [g-1][half][thread][4]; v13: before each group, from the forward [slot][channel][16]
     g.snap = o, o += V == 13 ? B11_NG * B11_CH * 16 * 4 : (B11_NG - 1) * B11_THREADS * 8 * 4;
-    g.wbuf = o, o += B11_WARPS * b11_wbuf<V>() * 4;           // per warp, see b11_wbuf
+    g.wbuf = o, o += B11_WARPS * b11_wbuf<V12>() * 4;         // per warp, see b11_wbuf
     g.redB = o, o += DB != 16 ? 2 * B11_G * B11_WARPS * 16 * 4 : 0;  // [group parity][step][warp][16]
     g.so = o, o += 2 * b11_sok<DB, V12>() * B11_G * B11_CH * 2;  // staged outputs [group parity][kind][step][64] bf16
     g.bytes = o;
@@ -1032,7 +1022,7 @@ __device__ __forceinline__ void b11_pair_out(float sA, float sB, float sAo, floa
 // groups newest first, so slot g always holds group g and is refilled with group g of the previous chunk.
 template <int DB, int V>
 __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArgs p, const B11Geom geo) {
-    constexpr bool V12 = V >= 12, V13 = V == 13, V14 = V == 14, CKP = b11_ckpre<DB, V>();
+    constexpr bool V12 = V >= 12, V13 = V == 13;
     constexpr int N = 16, H = 8, CH = B11_CH, NTH = B11_THREADS, T = SCAN_CKPT, G = B11_G;
     // B span, B groups per block, warps per B group (DB = 0: a row per warp, see b11_geom)
     constexpr int PB = DB ? (CH / DB) * N : B11_WARPS * N, NBG = DB ? CH / DB : B11_WARPS, WPB = DB ? DB / 16 : 1;
@@ -1050,7 +1040,7 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
     const bool hasz = p.z != nullptr;
     // per-warp buffers: wbc [8 steps][B 16 | C 16] fp32; wsc [8 steps][delta, delta*u, gy][16 channels]; red (below)
     constexpr int SOK = b11_sok<DB, V12>();
-    float *wbc = (float *)(smem + geo.wbuf) + warp * b11_wbuf<V>(), *wsc = wbc + G * 32, *red = wsc + G * 3 * 16;
+    float *wbc = (float *)(smem + geo.wbuf) + warp * b11_wbuf<V12>(), *wsc = wbc + G * 32, *red = wsc + G * 3 * 16;
     const int boff = DB ? ((16 * warp) / DB) * 16 : warp * 16;  // the warp's B group within the block's B span
 
     float A2[H], dh[H], dA[H];
@@ -1127,12 +1117,10 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
             if (i < nv) cp_async16(Cs + (sl * G + i) * CH + x, p.Cm + (row0 + i) * GcN + gc0 * N + x);
         }
     };
-    auto ck_of = [&](int64_t kk) { return CKP ? ck + (kk & 1) * CH * N : ck; };  // chunk kk's checkpoint
     auto load_ck = [&](int64_t kk) {  // 64 channels x 16 states, contiguous
         const float *src = p.ckpt + ((b * p.nck + kk) * D + c0) * N;
-        float *dst = ck_of(kk);
 #pragma unroll
-        for (int it = 0; it < CH * N / 4 / NTH; it++) cp_async16(dst + (tid + it * NTH) * 4, src + (tid + it * NTH) * 4);
+        for (int it = 0; it < CH * N / 4 / NTH; it++) cp_async16(ck + (tid + it * NTH) * 4, src + (tid + it * NTH) * 4);
     };
     // the warp's B and C rows of a group (slot sl, nv valid steps) to fp32; zero past the end, so padded steps are
     // identities. Lane l: step l >> 2, 8 values (l & 3 < 2: B, else C).
@@ -1159,11 +1147,7 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
     int rsv = (tid < T && p.reset && klast * T + tid < L) ? p.reset[b * L + klast * T + tid] : 0;
 
     for (int64_t k = klast; k >= kfirst; k--) {
-        // v14 (CKP): all but the latest commit (the refill of this chunk's last group, issued at the end of the
-        // previous chunk; waited for before that group, below): the sweep's groups and the checkpoint (loaded a chunk
-        // ahead). v12 waits for that refill too, one memory latency per chunk
-        if (CKP && k != klast) cp_async_wait<1>();
-        else if (!V13 || k == klast) cp_async_wait<0>();  // v13 waits per group, below
+        if (!V13 || k == klast) cp_async_wait<0>();  // v13 waits per group, below
         if (tid < T) rxf[tid] = rsv ? -INFINITY : 0.f;  // 0 past the end (rsv is 0 there)
         __syncthreads();
         rsv = (tid < T && p.reset && k > kfirst) ? p.reset[b * L + (k - 1) * T + tid] : 0;  // for the next chunk
@@ -1171,7 +1155,6 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
         const int ns = (int)(te - tb), ng = (ns + G - 1) / G;
         if (k > kfirst) {  // slots of groups past the chunk's end (only in the last chunk) are free already
             for (int gg = ng; gg < B11_NG; gg++) load_group(k - 1, V13 ? gg : G - 1 - gg);
-            if (CKP) load_ck(k - 1);  // into the other buffer: a chunk ahead of its use
         }
         cp_async_commit();
 
@@ -1180,7 +1163,7 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
         // v13 reads them from the forward's 8-step checkpoints instead
         if constexpr (!V13) {
         float h[H];
-        ldsf_vec<H>(ck_of(k) + cl * N + hf * H, h);
+        ldsf_vec<H>(ck + cl * N + hf * H, h);
 #pragma unroll 1
         for (int g = 0; g < ng - 1; g++) {
             const int sl = slot_of(k, g);
@@ -1215,12 +1198,8 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
             const int64_t t0 = tb + g * G;
             const int nv = (int)(te - t0 < G ? te - t0 : G);
             const float *hsrc = V13 ? snap + (sl * CH + cl) * N + hf * H
-                                : g ? snap + ((g - 1) * 2 * NTH + tid) * 4 : ck_of(k) + cl * N + hf * H;
+                                : g ? snap + ((g - 1) * 2 * NTH + tid) * 4 : ck + cl * N + hf * H;
             const int hstride = (g && !V13) ? NTH * 4 : 4;  // the second float4 of the state
-            if (CKP && g == ng - 1) {  // the refill of the chunk's last group (the commit before the chunk start's)
-                cp_async_wait<1>();
-                __syncthreads();
-            }
             if constexpr (V13) {
                 // this group's slot was filled by the commit 8 before the latest (counted from the group's refill in
                 // chunk k + 1: its g later groups, this chunk's start, this chunk's 7 - g earlier groups), or by the
@@ -1295,55 +1274,22 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                 // arithmetic. Step j's B, C and scalars are loaded during step j + 1. The terms are unscaled (h for
                 // dC, dL/dh for dB): the reading lane multiplies each channel's by its gy (dC) or delta*u (dB),
                 // 16 FFMA in place of v11's 16 FMUL per lane and step on the writing side plus 16 FADD.
-                // v14: a channel's 32 terms are one row; lane l reads float2 l & 15 (2 states of one kind) of the 8
-                // channels of half l >> 4 (8 LDS.64 and 2 LDS.128 of scales, against v12's 16 LDS + 4 LDS.128),
-                // sums the 8 channels per state, and lanes l and l ^ 16 finish with one shuffle (fixed order:
-                // deterministic; not v12's bits)
                 const int ckind = lane >> 4, cn = lane & 15;
                 const float *col = red + (cn >> 3) * B12_RHALF + ckind * 8 + (cn & 7);  // + channel * B12_RROW
                 float4 *rw = reinterpret_cast<float4 *>(red + hf * B12_RHALF + cw * B12_RROW);  // + kind * 2 + k
-                // v14's reader: channel half c8 (channels 8 c8 .. 8 c8 + 7), float2 cp of a channel's 32 terms (half
-                // cp >> 3, kind (cp >> 2) & 1, states 2 (cp & 3) + 0, 1); its output: kind qkind, state qn
-                const int c8 = lane >> 4, cp = lane & 15, qkind = (cp >> 2) & 1, qn = (cp >> 3) * 8 + 2 * (cp & 3) + c8;
-                const float *col2 = red + 8 * c8 * B14_RROW + 2 * cp;  // + channel in half * B14_RROW
-                if constexpr (V14) rw = reinterpret_cast<float4 *>(red + cw * B14_RROW + hf * 16);
                 auto col_load = [&](float (&cv)[16], float (&sc)[16], int js) {
-                    if constexpr (V14) {  // 8 float2 (8 channels x 2 states) and the 8 channels' scales
 #pragma unroll
-                        for (int i = 0; i < 8; i++) {
-                            const float2 t = *reinterpret_cast<const float2 *>(col2 + i * B14_RROW);
-                            cv[2 * i] = t.x, cv[2 * i + 1] = t.y;
-                        }
-                        ldsf_vec<8>(wsc + (js * 3 + 2 - qkind) * 16 + 8 * c8, *reinterpret_cast<float(*)[8]>(sc));
-                    } else {
-#pragma unroll
-                        for (int c = 0; c < 16; c++) cv[c] = col[c * B12_RROW];
-                        ldsf_vec<16>(wsc + (js * 3 + 2 - ckind) * 16, sc);  // gy (dC) or delta*u (dB) per channel
-                    }
+                    for (int c = 0; c < 16; c++) cv[c] = col[c * B12_RROW];
+                    ldsf_vec<16>(wsc + (js * 3 + 2 - ckind) * 16, sc);  // gy (dC) or delta*u (dB) per channel
                 };
                 auto col_put = [&](const float (&cv)[16], const float (&sc)[16], int js) {
-                    if constexpr (V14) {
-                        // the two states over the half's 8 channels (2 interleaved sums each), then the two halves
-                        // meet: lane c8 keeps state 2 (cp & 3) + c8 and gets its partner's (lane ^ 16) sum of it
-                        float w[4] = {0.f, 0.f, 0.f, 0.f};  // [channel parity][state]
+                    float v4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-                        for (int i = 0; i < 8; i++)
-                            w[2 * (i & 1)] = fmaf(sc[i], cv[2 * i], w[2 * (i & 1)]),
-                            w[2 * (i & 1) + 1] = fmaf(sc[i], cv[2 * i + 1], w[2 * (i & 1) + 1]);
-                        const float e0 = w[0] + w[2], e1 = w[1] + w[3];
-                        const float v = (c8 ? e1 : e0) + __shfl_xor_sync(FULL_MASK, c8 ? e0 : e1, 16);
-                        if (qkind == 0) so[(3 * G + js) * CH + warp * 16 + qn] = __float2bfloat16_rn(v);
-                        else if (DB == 16) so[(4 * G + js) * CH + warp * 16 + qn] = __float2bfloat16_rn(v);
-                        else redB[(((g & 1) * G + js) * B11_WARPS + warp) * 16 + qn] = v;
-                    } else {
-                        float v4[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-                        for (int c = 0; c < 16; c++) v4[c & 3] = fmaf(sc[c], cv[c], v4[c & 3]);
-                        const float v = (v4[0] + v4[1]) + (v4[2] + v4[3]);
-                        if (lane < 16) so[(3 * G + js) * CH + warp * 16 + lane] = __float2bfloat16_rn(v);
-                        else if (DB == 16) so[(4 * G + js) * CH + warp * 16 + lane - 16] = __float2bfloat16_rn(v);
-                        else redB[(((g & 1) * G + js) * B11_WARPS + warp) * 16 + (lane - 16)] = v;
-                    }
+                    for (int c = 0; c < 16; c++) v4[c & 3] = fmaf(sc[c], cv[c], v4[c & 3]);
+                    const float v = (v4[0] + v4[1]) + (v4[2] + v4[3]);
+                    if (lane < 16) so[(3 * G + js) * CH + warp * 16 + lane] = __float2bfloat16_rn(v);
+                    else if (DB == 16) so[(4 * G + js) * CH + warp * 16 + lane - 16] = __float2bfloat16_rn(v);
+                    else redB[(((g & 1) * G + js) * B11_WARPS + warp) * 16 + (lane - 16)] = v;
                 };
                 float sAo = 0.f, sBo = 0.f;  // the odd step's partial sums, combined with the even step's
                 float Bn[H], Cn[H], hp0[H];  // the next step's B and C rows; the state before the group
@@ -1493,7 +1439,7 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
             }
             if (k > kfirst) {  // this slot now takes the group of chunk k - 1 that uses it
                 load_group(k - 1, V13 ? g : G - 1 - g);
-                if (!V13 && !CKP && g == 0) load_ck(k - 1);
+                if (!V13 && g == 0) load_ck(k - 1);
             }
             cp_async_commit();
         }
@@ -1514,15 +1460,15 @@ bool bwd11_shape_ok(const ScanShape *s) {
 }
 size_t bwd11_smem(const ScanShape *s) {
     const int64_t Db = s->dim / s->groups_b;
-    // the largest of v11's to v14's (the segment model, which uses it, is the same for all)
-    auto mx = [](const B11Geom &a, const B11Geom &b, const B11Geom &c, const B11Geom &e) {
-        const int m = a.bytes > b.bytes ? a.bytes : b.bytes, m2 = c.bytes > e.bytes ? c.bytes : e.bytes;
-        return (size_t)(m > m2 ? m : m2);
+    // the largest of v11's, v12's and v13's (the segment model, which uses it, is the same for all)
+    auto mx = [](const B11Geom &a, const B11Geom &b, const B11Geom &c) {
+        const int m = a.bytes > b.bytes ? a.bytes : b.bytes;
+        return (size_t)(m > c.bytes ? m : c.bytes);
     };
-    return Db == 16   ? mx(b11_geom<16, 11>(), b11_geom<16, 12>(), b11_geom<16, 13>(), b11_geom<16, 14>())
-           : Db == 32 ? mx(b11_geom<32, 11>(), b11_geom<32, 12>(), b11_geom<32, 13>(), b11_geom<32, 14>())
-           : Db == 64 ? mx(b11_geom<64, 11>(), b11_geom<64, 12>(), b11_geom<64, 13>(), b11_geom<64, 14>())
-                      : mx(b11_geom<0, 11>(), b11_geom<0, 12>(), b11_geom<0, 13>(), b11_geom<0, 14>());
+    return Db == 16   ? mx(b11_geom<16, 11>(), b11_geom<16, 12>(), b11_geom<16, 13>())
+           : Db == 32 ? mx(b11_geom<32, 11>(), b11_geom<32, 12>(), b11_geom<32, 13>())
+           : Db == 64 ? mx(b11_geom<64, 11>(), b11_geom<64, 12>(), b11_geom<64, 13>())
+                      : mx(b11_geom<0, 11>(), b11_geom<0, 12>(), b11_geom<0, 13>());
 }
 // blocks per SM the shared memory allows (228 KB per SM, 1 KB reserved per block; registers allow 2)
 int bwd11_blocks_per_sm(const ScanShape *s) { return bwd11_smem(s) + 1024 <= 114 * 1024 ? 2 : 1; }
@@ -1535,9 +1481,8 @@ int bwd11_blocks_per_sm(const ScanShape *s) { return bwd11_smem(s) + 1024 <= 114
 // modelled time win. Fixed by the shape (not by the device), so results are the same bits on every GPU.
 // DISTILL_SCAN_BWD selects the backward: v12 (default; shapes it does not take run v10), v11 (v12's kernel before
 // its v12 changes), v13 (v12 without the per-chunk sweep, reading the forward's checkpoints every 8 steps, which the
-// same setting makes the forward store; shapes v13 does not take run v10 on every 8th), v14 (v12 with float4 column
-// sums and the next chunk's checkpoint loaded a chunk ahead; opt-in), v10, v8 (v10's kernel without segments), v9;
-// DISTILL_SCAN_BWD_NSEG=n forces n segments
+// same setting makes the forward store; shapes v13 does not take run v10 on every 8th), v10, v8 (v10's kernel without
+// segments), v9; DISTILL_SCAN_BWD_NSEG=n forces n segments
 // (benchmarks).
 constexpr int BWD_SLOTS = 132;
 const char *bwd_version() {
@@ -1577,12 +1522,7 @@ int bwd_nseg_for(const ScanShape *s, int ver) {
 }
 int bwd_ver() {
     const char *v = bwd_version();
-    return !strcmp(v, "v8")    ? 8
-           : !strcmp(v, "v10") ? 10
-           : !strcmp(v, "v11") ? 11
-           : !strcmp(v, "v13") ? 13
-           : !strcmp(v, "v14") ? 14
-                               : 12;
+    return !strcmp(v, "v8") ? 8 : !strcmp(v, "v10") ? 10 : !strcmp(v, "v11") ? 11 : !strcmp(v, "v13") ? 13 : 12;
 }
 int bwd_nseg(const ScanShape *s) { return bwd_nseg_for(s, bwd_ver()); }
 int ckpt_mul() { return bwd_ver() == 13 ? 8 : 1; }
@@ -1934,8 +1874,7 @@ int launch_bwd11_db(const BwdArgs &a, cudaStream_t st) {
 }
 template <int DB>
 int launch_bwd11_v(const BwdArgs &a, int ver, cudaStream_t st) {
-    return ver == 14   ? launch_bwd11_db<DB, 14>(a, st)
-           : ver == 13 ? launch_bwd11_db<DB, 13>(a, st)
+    return ver == 13   ? launch_bwd11_db<DB, 13>(a, st)
            : ver == 12 ? launch_bwd11_db<DB, 12>(a, st)
                        : launch_bwd11_db<DB, 11>(a, st);
 }
