@@ -990,6 +990,26 @@ __device__ __forceinline__ void ld_state8(const float *p, int stride, float (&v)
     v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = c.x, v[5] = c.y, v[6] = c.z, v[7] = c.w;
 }
 
+// The end of an adjoint step pair 2q, 2q + 1 (both lanes of the channel have their partial sums over states of
+// sum dh a h A (sA) and sum dh B (sB) for the even step, sAo / sBo for the odd one): lane hf owns step jo = 2q + hf
+// and gets its partner's sums with one shuffle each, then stages du = gy D + delta SB and ddt = (u SB + ln2 SA)
+// softplus'(raw) in so (kinds 0, 1: [kind][step][64]) and adds ddt to the ddelta_bias sum. wsc: the warp's step
+// scalars [step][delta, delta*u, gy][16 channels]; su: the group's u rows of this channel [step][64] bf16.
+__device__ __forceinline__ void b11_pair_out(float sA, float sB, float sAo, float sBo, int hf, int q, int nv,
+                                             const float (&dspo)[B11_G / 2], const float *wsc, int cw, const bf16 *su,
+                                             int sl, float Dd, bf16 *so, int cl, float &ddb_acc) {
+    constexpr int G = B11_G, CH = B11_CH;
+    const int jo = 2 * q + hf;
+    const float kA = hf ? sAo : sA, xA = hf ? sA : sAo, kB = hf ? sBo : sB, xB = hf ? sB : sBo;
+    const float SA = kA + __shfl_xor_sync(FULL_MASK, xA, 1), SB = kB + __shfl_xor_sync(FULL_MASK, xB, 1);
+    const float dlo = wsc[(jo * 3) * 16 + cw], gyo = wsc[(jo * 3 + 2) * 16 + cw];
+    const float uu = jo < nv ? __bfloat162float(su[(sl * G + jo) * CH]) : 0.f;
+    const float dtt = fmaf(uu, SB, SA * SCAN_LN2) * dspo[q];
+    if (jo < nv) ddb_acc += dtt;
+    so[(0 * G + jo) * CH + cl] = __float2bfloat16_rn(fmaf(gyo, Dd, dlo * SB));
+    so[(1 * G + jo) * CH + cl] = __float2bfloat16_rn(dtt);
+}
+
 // V12 (the default; DISTILL_SCAN_BWD=v11 selects V12 = false): the same kernel with (1) the adjoint's per-step column sums lagged by one step, so
 // that step j + 1's column loads and adds overlap step j's arithmetic, and step j's B, C and scalars loaded one step
 // ahead (v11 loaded them after the step's last __syncwarp, so every step waited a shared-memory latency twice);
@@ -1312,19 +1332,8 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                     rw[3] = make_float4(grs[4], grs[5], grs[6], grs[7]);
                     __syncwarp();
                     if (j < G - 1) col_put(cv, sc, j + 1);
-                    if (j & 1) {
-                        sAo = sA, sBo = sBg;
-                    } else {  // steps j, j + 1 complete: the owner of each gets both lanes' sums
-                        const int q = j >> 1, jo = j + hf;
-                        const float kA = hf ? sAo : sA, xA = hf ? sA : sAo, kB = hf ? sBo : sBg, xB = hf ? sBg : sBo;
-                        const float SA = kA + __shfl_xor_sync(FULL_MASK, xA, 1), SB = kB + __shfl_xor_sync(FULL_MASK, xB, 1);
-                        const float dlo = wsc[(jo * 3) * 16 + cw], gyo = wsc[(jo * 3 + 2) * 16 + cw];
-                        const float uu = jo < nv ? __bfloat162float(su[(sl * G + jo) * CH]) : 0.f;
-                        const float dtt = fmaf(uu, SB, SA * SCAN_LN2) * dspo[q];
-                        if (jo < nv) ddb_acc += dtt;
-                        so[(0 * G + jo) * CH + cl] = __float2bfloat16_rn(fmaf(gyo, Dd, dlo * SB));
-                        so[(1 * G + jo) * CH + cl] = __float2bfloat16_rn(dtt);
-                    }
+                    if (j & 1) sAo = sA, sBo = sBg;
+                    else b11_pair_out(sA, sBg, sAo, sBo, hf, j >> 1, nv, dspo, wsc, cw, su, sl, Dd, so, cl, ddb_acc);
                 }
                 float cv[16], sc[16];
                 col_load(cv, sc, 0);  // step 0's terms
@@ -1375,19 +1384,8 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
                     if (lane < 16) so[(3 * G + j) * CH + warp * 16 + lane] = __float2bfloat16_rn(v);
                     else if (DB == 16) so[(4 * G + j) * CH + warp * 16 + lane - 16] = __float2bfloat16_rn(v);
                     else redB[(((g & 1) * G + j) * B11_WARPS + warp) * 16 + (lane - 16)] = v;
-                    if (j & 1) {
-                        sAo = sA, sBo = sBg;
-                    } else {  // steps j, j + 1 complete: the owner of each gets both lanes' sums
-                        const int q = j >> 1, jo = j + hf;
-                        const float kA = hf ? sAo : sA, xA = hf ? sA : sAo, kB = hf ? sBo : sBg, xB = hf ? sBg : sBo;
-                        const float SA = kA + __shfl_xor_sync(FULL_MASK, xA, 1), SB = kB + __shfl_xor_sync(FULL_MASK, xB, 1);
-                        const float dlo = wsc[(jo * 3) * 16 + cw], gyo = wsc[(jo * 3 + 2) * 16 + cw];
-                        const float uu = jo < nv ? __bfloat162float(su[(sl * G + jo) * CH]) : 0.f;
-                        const float dtt = fmaf(uu, SB, SA * SCAN_LN2) * dspo[q];
-                        if (jo < nv) ddb_acc += dtt;
-                        so[(0 * G + jo) * CH + cl] = __float2bfloat16_rn(fmaf(gyo, Dd, dlo * SB));
-                        so[(1 * G + jo) * CH + cl] = __float2bfloat16_rn(dtt);
-                    }
+                    if (j & 1) sAo = sA, sBo = sBg;
+                    else b11_pair_out(sA, sBg, sAo, sBo, hf, j >> 1, nv, dspo, wsc, cw, su, sl, Dd, so, cl, ddb_acc);
                 }
             }
             __syncthreads();
