@@ -7,8 +7,8 @@
 // delta above softplus's threshold, MambaInLlama-8B Mamba-2 heads (H 32, P = N = 128, G = 32), GQA-style grouping
 // (G 8 of 32 heads), tensors not 16-byte aligned, and B*L*H*P > 2^31 (64-bit offsets; the twin runs on the last head,
 // where offsets are largest). Also: two runs give identical bits, y = NULL runs only the state pass (same h_last
-// bits), h_last may alias h0, ssd_bwd_cuda_after_fwd (the forward's states kept in the workspace) gives the same bits
-// as ssd_bwd_cuda, v4 and v6 give the same bits (the one not selected by DISTILL_SSD is run too), unsupported shapes
+// bits), h_last may alias h0, ssd_bwd_cuda with fwd_states = 1 (the forward's states kept in the workspace) gives the
+// same bits as with 0, v4 and v6 give the same bits (the one not selected by DISTILL_SSD is run too), unsupported shapes
 // are refused with a message.
 // Exit status 1 if any check fails. Usage: gpu_test_ssd [--no-huge]
 #include <algorithm>
@@ -147,7 +147,7 @@ static void run_case(const TCase *c) {
         poison(ddb, H), poison(dh0, nh), poison((char *)ws, (int64_t)wsz);
         if (ssd_bwd_cuda(&s, (uint16_t *)x, (uint16_t *)dt, A, (uint16_t *)Bm, (uint16_t *)Cm, Dp, bp, rs, h0p,
                          (uint16_t *)dy, dhlp, (uint16_t *)dx, (uint16_t *)ddt, dA, (uint16_t *)dB, (uint16_t *)dC, dD,
-                         ddb, dh0, ws, NULL, err, sizeof err)) {
+                         ddb, dh0, ws, 0, NULL, err, sizeof err)) {
             printf("  FAIL backward refused: %s\n", err), nfail++;
             return false;
         }
@@ -245,7 +245,7 @@ static void run_case(const TCase *c) {
                 check_true(same, c->name, what);
             }
         }
-        // the backward after a forward into its own workspace (ssd_bwd_cuda_after_fwd: the forward's states kept)
+        // the backward after a forward into its own workspace (fwd_states = 1: the forward's states kept)
         // gives the same bits; v1-v3 refuse it with a message
         {
             const char *ver = getenv("DISTILL_SSD");
@@ -254,10 +254,9 @@ static void run_case(const TCase *c) {
             const bool f = fwd((uint16_t *)y2, NULL, ws);
             poison(dx, nx), poison(ddt, ndt), poison(dB, nB), poison(dC, nB), poison(dA, H), poison(dD, H);
             poison(ddb, H), poison(dh0, nh);
-            const int rc = ssd_bwd_cuda_after_fwd(&s, (uint16_t *)x, (uint16_t *)dt, A, (uint16_t *)Bm, (uint16_t *)Cm,
-                                                  Dp, bp, rs, h0p, (uint16_t *)dy, dhlp, (uint16_t *)dx, (uint16_t *)ddt,
-                                                  dA, (uint16_t *)dB, (uint16_t *)dC, dD, ddb, dh0, ws, NULL, err,
-                                                  sizeof err);
+            const int rc = ssd_bwd_cuda(&s, (uint16_t *)x, (uint16_t *)dt, A, (uint16_t *)Bm, (uint16_t *)Cm, Dp, bp,
+                                        rs, h0p, (uint16_t *)dy, dhlp, (uint16_t *)dx, (uint16_t *)ddt, dA,
+                                        (uint16_t *)dB, (uint16_t *)dC, dD, ddb, dh0, ws, 1, NULL, err, sizeof err);
             CK(cudaGetLastError());
             CK(cudaDeviceSynchronize());
             if (old) {
@@ -328,7 +327,7 @@ static void run_refusals(void) {
         const int rb = ssd_bwd_cuda(&s, (const uint16_t *)8, (const uint16_t *)8, (const float *)8, (const uint16_t *)8,
                                     (const uint16_t *)8, NULL, NULL, NULL, NULL, (const uint16_t *)8, NULL,
                                     (uint16_t *)8, (uint16_t *)8, (float *)8, (uint16_t *)8, (uint16_t *)8, NULL, NULL,
-                                    NULL, (void *)256, NULL, err, sizeof err);
+                                    NULL, (void *)256, 0, NULL, err, sizeof err);
         check_true(okf && rb == -1 && err[0], "bad shape", "refused with a message (fwd and bwd)");
     }
     CK(cudaGetLastError());

@@ -2489,15 +2489,16 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
 
 extern "C" size_t ssd_bwd_cuda_workspace(const SsdShape *s) { return make_ws(s, true).total; }
 
-namespace {
-// kept: the forward left the states entering the chunks and the chunk scalars in the workspace (its regions are the
-// first ones of the backward's: same offsets), so only the state-gradient pass runs (v4, v5).
-int ssd_bwd_impl(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A, const uint16_t *Bm,
-                 const uint16_t *Cm, const float *D, const float *dt_bias, const uint8_t *reset, const float *h0,
-                 const uint16_t *dy, const float *dh_last, uint16_t *dx, uint16_t *ddt, float *dA, uint16_t *dBm,
-                 uint16_t *dCm, float *dD, float *ddt_bias, float *dh0, void *workspace, ssd_stream_t stream,
-                 char *err, size_t errlen, bool kept) {
-    const char *who = kept ? "ssd_bwd_cuda_after_fwd" : "ssd_bwd_cuda";
+// kept (fwd_states): the forward left the states entering the chunks and the chunk scalars in the workspace (its
+// regions are the first ones of the backward's: same offsets), so only the state-gradient pass runs (v4-v6).
+extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A,
+                            const uint16_t *Bm, const uint16_t *Cm, const float *D, const float *dt_bias,
+                            const uint8_t *reset, const float *h0, const uint16_t *dy, const float *dh_last,
+                            uint16_t *dx, uint16_t *ddt, float *dA, uint16_t *dBm, uint16_t *dCm, float *dD,
+                            float *ddt_bias, float *dh0, void *workspace, int fwd_states, ssd_stream_t stream,
+                            char *err, size_t errlen) {
+    const bool kept = fwd_states != 0;
+    const char *who = kept ? "ssd_bwd_cuda (forward's states kept)" : "ssd_bwd_cuda";
     if (check_shape(s, err, errlen, who)) return -1;
     if (!x || !dt || !A || !Bm || !Cm || !dy || !dx || !ddt || !dA || !dBm || !dCm || !workspace)
         return scan_fail(err, errlen, "%s: x, dt, A, Bm, Cm, dy, dx, ddt, dA, dBm, dCm and workspace are required", who);
@@ -2628,25 +2629,4 @@ int ssd_bwd_impl(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const
     }
     tm.mark("reduce");
     return 0;
-}
-}  // namespace
-
-extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A,
-                            const uint16_t *Bm, const uint16_t *Cm, const float *D, const float *dt_bias,
-                            const uint8_t *reset, const float *h0, const uint16_t *dy, const float *dh_last,
-                            uint16_t *dx, uint16_t *ddt, float *dA, uint16_t *dBm, uint16_t *dCm, float *dD,
-                            float *ddt_bias, float *dh0, void *workspace, ssd_stream_t stream, char *err,
-                            size_t errlen) {
-    return ssd_bwd_impl(s, x, dt, A, Bm, Cm, D, dt_bias, reset, h0, dy, dh_last, dx, ddt, dA, dBm, dCm, dD, ddt_bias,
-                        dh0, workspace, stream, err, errlen, false);
-}
-
-extern "C" int ssd_bwd_cuda_after_fwd(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A,
-                                      const uint16_t *Bm, const uint16_t *Cm, const float *D, const float *dt_bias,
-                                      const uint8_t *reset, const float *h0, const uint16_t *dy, const float *dh_last,
-                                      uint16_t *dx, uint16_t *ddt, float *dA, uint16_t *dBm, uint16_t *dCm, float *dD,
-                                      float *ddt_bias, float *dh0, void *workspace, ssd_stream_t stream, char *err,
-                                      size_t errlen) {
-    return ssd_bwd_impl(s, x, dt, A, Bm, Cm, D, dt_bias, reset, h0, dy, dh_last, dx, ddt, dA, dBm, dCm, dD, ddt_bias,
-                        dh0, workspace, stream, err, errlen, true);
 }
