@@ -8,9 +8,10 @@
 //   floor = max(HBM floor, tensor floor); %floor = floor / time.
 // Timing: CUDA events around every call, median of `reps` calls after 3 warm-up calls, inputs rotated among 3 sets so
 // that no call finds its inputs in L2. Every shape is timed with each kernel generation in VERSIONS (DISTILL_SSD set
-// in turn; default "v4,v6": v6 is v4 with the state loads issued earlier; v5 stores the state every 128 tokens), in
-// the same run. "bwd kept" times ssd_bwd_cuda with fwd_states = 1, each call right after an (untimed) forward into the
-// same workspace, whose states it reads instead of recomputing them. Usage: gpu_bench_ssd [reps [BxL|all [VERSIONS]]]
+// in turn; default "v6,v7": v7 is v6 with the state passes on mma.sync; v6 is v4 with the state loads issued
+// earlier; v5 stores the state every 128 tokens), in the same run. "bwd kept" times ssd_bwd_cuda with fwd_states = 1,
+// each call right after an (untimed) forward into the same workspace, whose states it reads instead of recomputing
+// them. Usage: gpu_bench_ssd [reps [BxL|all [VERSIONS]]]
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -40,7 +41,7 @@ int main(int argc, char **argv) {
     const char *only = argc > 2 && strcmp(argv[2], "all") ? argv[2] : NULL;
     std::vector<std::string> vers;
     {
-        std::string list = argc > 3 ? argv[3] : "v4,v6";
+        std::string list = argc > 3 ? argv[3] : "v6,v7";
         size_t at = 0;
         while (at <= list.size()) {
             const size_t e = std::min(list.find(',', at), list.size());
