@@ -384,7 +384,7 @@ int main(int argc, char **argv) {
         {"L=192 = 3 chunks, h0, no resets", 1, 192, 4, 128, 128, 4, 1, 1, 1, 1, 1, -1, -1.f, 1.f, 0},
         {"8B Mamba-2 heads H32 P128 N128 G32, resets", 2, 300, 32, 128, 128, 32, 1, 1, 1, 1, 1, 0.01, -1.f, 1.f, 0},
         {"GQA grouping H32 G8 P64 N64", 1, 520, 32, 64, 64, 8, 1, 1, 1, 1, 1, 0.005, -1.f, 1.f, 0},
-        // enough (b, h, tile) blocks for the passes' 64 x 64 state tiles (H100: >= 2 per SM; above: 32 x 64)
+        // 64 heads: the passes' 64 x 64 state tiles in v4-v6 too (the 8B case above: v7 only), N 128 and 64
         {"P=N=128 H64, 64 x 64 pass tiles, resets", 2, 130, 64, 128, 128, 64, 1, 1, 1, 1, 1, 0.02, -1.f, 1.f, 4},
         {"P=128 N=64 H64 G16, 64 x 64 pass tiles", 3, 100, 64, 128, 64, 16, 1, 1, 1, 1, 1, 0.03, -1.f, 1.f, 2},
         {"unaligned tensors (2-byte loads), G=2 of 4", 2, 150, 4, 32, 64, 2, 1, 1, 1, 1, 1, 0.03, -1.f, 1.f, 0, 1},

@@ -2187,17 +2187,18 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
 }
 
 // ---------------------------------------------------------------------------------------------- v7: passes on mma.sync
-// v6's state passes on mma.sync m16n8k16 with ldmatrix fragments, one barrier per chunk, three blocks per SM. The walk,
-// the tiles (TP x TN of the state per block, the same grid) and the 4-stage cp.async pipeline of raw X / M tiles are
-// v3's; what changes is where the fp32 weight enters: v3 splits wt_k M[k, n] into a hi + lo copy of M in shared memory
-// (a block-wide pass between two barriers), v7 splits wt_k X[k, p] in registers, inside the A fragments of X^T that
-// each warp loads anyway:  S += X^T (wt o M) = (wt o X)^T M,  A = (wt o X)^T as hi + lo, B = M exact (ldmatrix.trans of
-// the raw stage). With no shared copy to protect, the barrier at the top of a chunk (its stage landed; every warp left
-// the previous chunk, whose stage the next loads reuse) is the only one, and shared memory is the 4 stages alone
-// (74 KB at TP = TN = 64): 3 blocks of 8 warps per SM at <= 80 registers (v3: 2, 101 KB with its split copies and
-// WMMA scratch). The state stays in mma.sync accumulators (D layout): stored with 8-byte stores straight from them.
-// Not v6's bits (the split falls on x or dy instead of B or C: the same ~16 bits of the fp32 factor); the per-chunk
-// kernels are v6's. Compiled shapes only (P = 128, N = 128 or 64: TN = 64, TP = 64 or 32); other shapes run v6's pass.
+// v6's state passes on mma.sync m16n8k16 with ldmatrix fragments, one barrier per chunk, three blocks per SM. The
+// walk, the tiles (TP x TN of the state per block; pass_tp halves TP only below one block per SM) and the 4-stage
+// cp.async pipeline of raw X / M tiles are v3's; what changes is where the fp32 weight enters: v3 splits wt_k M[k, n]
+// into a hi + lo copy of M in shared memory (a block-wide pass between two barriers), v7 splits wt_k X[k, p] in
+// registers, inside the A fragments of X^T that each warp loads anyway:  S += X^T (wt o M) = (wt o X)^T M,
+// A = (wt o X)^T as hi + lo, B = M exact (ldmatrix.trans of the raw stage). With no shared copy to protect, the barrier
+// at the top of a chunk (its stage landed; every warp left the previous chunk, whose stage the next loads reuse) is
+// the only one, and shared memory is the 4 stages alone (74 KB at TP = TN = 64): 3 blocks of 8 warps per SM at <= 80
+// registers (v3: 2, 101 KB with its split copies and WMMA scratch). The state stays in mma.sync accumulators (D
+// layout), stored with 8-byte stores straight from them. Not v6's bits (the split falls on x or dy instead of B or C:
+// the same ~16 bits of the fp32 factor); the per-chunk kernels are v6's. Compiled shapes only (P = 128, N = 128 or 64:
+// TN = 64, TP = 64 or 32); other shapes run v6's pass.
 // Warp w owns row tile rt = w % (TP/16) (16 rows of P) and NT = TP * TN / 1024 8-column tiles from (w / (TP/16)) NT.
 template <bool GRAD, int PC, int NC, int TPC>
 __device__ __forceinline__ void state_pass7(const SsdDev &a, int64_t blk, float *st_all, const float *init,
@@ -2260,7 +2261,8 @@ __device__ __forceinline__ void state_pass7(const SsdDev &a, int64_t blk, float 
         if (j + PASS_STAGES - 1 < nch) issue(chunk_of(j + PASS_STAGES - 1), (int)((j + PASS_STAGES - 1) % PASS_STAGES));
         cp_async_commit();
         const unsigned char *base = smem + (j % PASS_STAGES) * lay.stage;
-        const bf16 *Xd = reinterpret_cast<const bf16 *>(base + lay.Xst), *Md = reinterpret_cast<const bf16 *>(base + lay.Mst);
+        const bf16 *Xd = reinterpret_cast<const bf16 *>(base + lay.Xst);
+        const bf16 *Md = reinterpret_cast<const bf16 *>(base + lay.Mst);
         const float *wd = reinterpret_cast<const float *>(base + lay.Wst);
         // the state entering chunk c (GRAD: the gradient leaving it), then S = dl S + (wt o X)^T M
         float *st = stb + c * (P * N);
@@ -2297,7 +2299,8 @@ __device__ __forceinline__ void state_pass7(const SsdDev &a, int64_t blk, float 
 #pragma unroll
     for (int j = 0; j < NT; j++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) fin[(bh * P + r0 + 8 * (e >> 1)) * N + n0 + c0 + 8 * j + 2 * t + (e & 1)] = acc[j][e];
+        for (int e = 0; e < 4; e++)
+            fin[(bh * P + r0 + 8 * (e >> 1)) * N + n0 + c0 + 8 * j + 2 * t + (e & 1)] = acc[j][e];
 }
 
 template <bool GRAD, int PC, int NC, int TPC>
@@ -2454,14 +2457,16 @@ struct Stages {
 
 int64_t grid_of(int64_t threads, int per) { return (threads + per - 1) / per; }
 
-// Rows of P per block of the sequential state pass: out_pt(P), halved (down to 32) while that leaves fewer than two
-// blocks per SM (e.g. 1 x 8192 with 32 heads: 128 blocks of 64 x 64 -> 256 of 32 x 64)
-int pass_tp(const SsdDev &a, int passes = 1) {  // passes: launched together (ssd_state_pass_both_kernel: 2)
+// Rows of P per block of the sequential state pass: out_pt(P), halved (down to 32) while that leaves fewer than
+// per_sm blocks per SM (e.g. 1 x 8192 with 32 heads: 128 blocks of 64 x 64 -> 256 of 32 x 64). v3-v6: 2 per SM (as
+// many as fit); v7 (3 fit): 1, so that the backward's two passes at 1 x 8192 keep 256 blocks of 64 x 64, one wave,
+// rather than 512 of 32 x 64 in 1.3 waves (396 fit).
+int pass_tp(const SsdDev &a, int passes = 1, int per_sm = 2) {  // passes: launched together (both kernels: 2)
     int dev = 0, sms = 132;
     if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev))
         sms = 132;
     int tp = out_pt(a.P);
-    while (tp % 64 == 0 && passes * a.B * a.H * (a.P / tp) * (a.N / out_pt(a.N)) < 2 * sms) tp /= 2;
+    while (tp % 64 == 0 && passes * a.B * a.H * (a.P / tp) * (a.N / out_pt(a.N)) < per_sm * sms) tp /= 2;
     return tp;
 }
 int64_t pass_grid(const SsdDev &a, int tp) { return a.B * a.H * (a.P / tp) * (a.N / out_pt(a.N)); }
@@ -2476,11 +2481,15 @@ int by_shape(int64_t P, int64_t N, F f) {
     return f(integral_constant<int, 0>(), integral_constant<int, 0>());
 }
 
+// v7's passes run (state_pass7): DISTILL_SSD=v7 at a shape compiled by by_shape (P 128, N 128 or 64), not v5's HALF
+template <bool HALF>
+bool pass7_ok(const SsdDev &a) { return !HALF && ssd_version() == 7 && a.P == 128 && (a.N == 128 || a.N == 64); }
+
 // The sequential state pass (GRAD: the state-gradient pass) with its P tile tp (HALF: v5's, every other state)
 template <bool GRAD, bool HALF = false>
 int launch_pass(const SsdDev &a, float *st_all, const float *init, float *fin, cudaStream_t st, char *err,
                 size_t errlen, const char *who) {
-    const int tp = pass_tp(a);
+    const int tp = pass_tp(a, 1, pass7_ok<HALF>(a) ? 1 : 2);
     const int64_t smem = pass_layout(tp, out_pt(a.N)).total;
     return by_shape(a.P, a.N, [&](auto pc, auto nc) {
         constexpr int PC = decltype(pc)::value, NC = decltype(nc)::value;
@@ -2496,8 +2505,8 @@ int launch_pass(const SsdDev &a, float *st_all, const float *init, float *fin, c
                 kernel<<<(unsigned)pass_grid(a, tp), SSD_THREADS, (size_t)smem7, st>>>(a, st_all, init, fin);
                 return scan_launch_check(err, errlen, who);
             };
-            if (ssd_version() == 7 && tp == 64) return go7(ssd_state_pass7_kernel<GRAD, PC, NC, 64>);
-            if (ssd_version() == 7 && tp == 32) return go7(ssd_state_pass7_kernel<GRAD, PC, NC, 32>);
+            if (pass7_ok<HALF>(a) && tp == 64) return go7(ssd_state_pass7_kernel<GRAD, PC, NC, 64>);
+            if (pass7_ok<HALF>(a) && tp == 32) return go7(ssd_state_pass7_kernel<GRAD, PC, NC, 32>);
         }
         if (PC && tp == 64) return go(ssd_state_pass_kernel<GRAD, PC, NC, (PC ? 64 : 0), HALF>);
         if (PC && tp == 32) return go(ssd_state_pass_kernel<GRAD, PC, NC, (PC ? 32 : 0), HALF>);
@@ -2508,7 +2517,7 @@ int launch_pass(const SsdDev &a, float *st_all, const float *init, float *fin, c
 // Both passes of the backward in one launch (v4; HALF: v5); the scalars kernel must have run.
 template <bool HALF>
 int launch_passes_both(const SsdDev &a, const float *init, cudaStream_t st, char *err, size_t errlen, const char *who) {
-    const int tp = pass_tp(a, 2);
+    const int tp = pass_tp(a, 2, pass7_ok<HALF>(a) ? 1 : 2);
     const int64_t smem = pass_layout(tp, out_pt(a.N)).total, nb = pass_grid(a, tp);
     if (2 * nb > 0x7fffffff) return scan_fail(err, errlen, "%s: %lld blocks exceed the grid limit", who, (long long)(2 * nb));
     return by_shape(a.P, a.N, [&](auto pc, auto nc) {
@@ -2525,8 +2534,8 @@ int launch_passes_both(const SsdDev &a, const float *init, cudaStream_t st, char
                 kernel<<<(unsigned)(2 * nb), SSD_THREADS, (size_t)smem7, st>>>(a, nb, init);
                 return scan_launch_check(err, errlen, who);
             };
-            if (ssd_version() == 7 && tp == 64) return go7(ssd_state_pass7_both_kernel<PC, NC, 64>);
-            if (ssd_version() == 7 && tp == 32) return go7(ssd_state_pass7_both_kernel<PC, NC, 32>);
+            if (pass7_ok<HALF>(a) && tp == 64) return go7(ssd_state_pass7_both_kernel<PC, NC, 64>);
+            if (pass7_ok<HALF>(a) && tp == 32) return go7(ssd_state_pass7_both_kernel<PC, NC, 32>);
         }
         if (PC && tp == 64) return go(ssd_state_pass_both_kernel<PC, NC, (PC ? 64 : 0), HALF>);
         if (PC && tp == 32) return go(ssd_state_pass_both_kernel<PC, NC, (PC ? 32 : 0), HALF>);
