@@ -2187,18 +2187,18 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
 }
 
 // ---------------------------------------------------------------------------------------------- v7: passes on mma.sync
-// v6's state passes on mma.sync m16n8k16 with ldmatrix fragments, one barrier per chunk, three blocks per SM. The
-// walk, the tiles (TP x TN of the state per block; pass_tp halves TP only below one block per SM) and the 4-stage
+// v6's state passes on mma.sync m16n8k16 with ldmatrix fragments, one barrier per chunk, up to three blocks per SM.
+// The walk, the tiles (TP x TN of the state per block; pass_tp halves TP only below one block per SM) and the 4-stage
 // cp.async pipeline of raw X / M tiles are v3's; what changes is where the fp32 weight enters: v3 splits wt_k M[k, n]
 // into a hi + lo copy of M in shared memory (a block-wide pass between two barriers), v7 splits wt_k X[k, p] in
 // registers, inside the A fragments of X^T that each warp loads anyway:  S += X^T (wt o M) = (wt o X)^T M,
 // A = (wt o X)^T as hi + lo, B = M exact (ldmatrix.trans of the raw stage). With no shared copy to protect, the barrier
 // at the top of a chunk (its stage landed; every warp left the previous chunk, whose stage the next loads reuse) is
-// the only one, and shared memory is the 4 stages alone (74 KB at TP = TN = 64): 3 blocks of 8 warps per SM at <= 80
-// registers (v3: 2, 101 KB with its split copies and WMMA scratch). The state stays in mma.sync accumulators (D
-// layout), stored with 8-byte stores straight from them. Not v6's bits (the split falls on x or dy instead of B or C:
-// the same ~16 bits of the fp32 factor); the per-chunk kernels are v6's. Compiled shapes only (P = 128, N = 128 or 64:
-// TN = 64, TP = 64 or 32); other shapes run v6's pass.
+// the only one, and shared memory is the 4 stages alone (74 KB at TP = TN = 64): 3 blocks of 8 warps fit an SM at
+// <= 80 registers (v3: 2, 101 KB with its split copies and WMMA scratch), used where they save a wave (pass7_minb).
+// The state stays in mma.sync accumulators (D layout), stored with 8-byte stores straight from them. Not v6's bits
+// (the split falls on x or dy instead of B or C: the same ~16 bits of the fp32 factor); the per-chunk kernels are
+// v6's. Compiled shapes only (P = 128, N = 128 or 64: TN = 64, TP = 64 or 32); other shapes run v6's pass.
 // Warp w owns row tile rt = w % (TP/16) (16 rows of P) and NT = TP * TN / 1024 8-column tiles from (w / (TP/16)) NT.
 template <bool GRAD, int PC, int NC, int TPC>
 __device__ __forceinline__ void state_pass7(const SsdDev &a, int64_t blk, float *st_all, const float *init,
@@ -2303,14 +2303,17 @@ __device__ __forceinline__ void state_pass7(const SsdDev &a, int64_t blk, float 
             fin[(bh * P + r0 + 8 * (e >> 1)) * N + n0 + c0 + 8 * j + 2 * t + (e & 1)] = acc[j][e];
 }
 
-template <bool GRAD, int PC, int NC, int TPC>
-__global__ void __launch_bounds__(SSD_THREADS, 3) ssd_state_pass7_kernel(SsdDev a, float *st_all, const float *init,
-                                                                          float *fin) {
+// MINB: blocks per SM the registers must allow (3: 80 registers, with a few bytes of spills; 2: up to 128, none); the
+// host picks the one that needs fewer waves of blocks (pass7_minb)
+template <bool GRAD, int PC, int NC, int TPC, int MINB>
+__global__ void __launch_bounds__(SSD_THREADS, MINB) ssd_state_pass7_kernel(SsdDev a, float *st_all,
+                                                                             const float *init, float *fin) {
     state_pass7<GRAD, PC, NC, TPC>(a, blockIdx.x, st_all, init, fin);
 }
 // The backward's two passes in one launch, as ssd_state_pass_both_kernel
-template <int PC, int NC, int TPC>
-__global__ void __launch_bounds__(SSD_THREADS, 3) ssd_state_pass7_both_kernel(SsdDev a, int64_t nb, const float *init) {
+template <int PC, int NC, int TPC, int MINB>
+__global__ void __launch_bounds__(SSD_THREADS, MINB) ssd_state_pass7_both_kernel(SsdDev a, int64_t nb,
+                                                                                  const float *init) {
     if ((int64_t)blockIdx.x < nb) state_pass7<false, PC, NC, TPC>(a, blockIdx.x, a.Sin, init, nullptr);
     else state_pass7<true, PC, NC, TPC>(a, (int64_t)blockIdx.x - nb, a.dSo, a.dhl, a.dh0);
 }
@@ -2459,12 +2462,16 @@ int64_t grid_of(int64_t threads, int per) { return (threads + per - 1) / per; }
 
 // Rows of P per block of the sequential state pass: out_pt(P), halved (down to 32) while that leaves fewer than
 // per_sm blocks per SM (e.g. 1 x 8192 with 32 heads: 128 blocks of 64 x 64 -> 256 of 32 x 64). v3-v6: 2 per SM (as
-// many as fit); v7 (3 fit): 1, so that the backward's two passes at 1 x 8192 keep 256 blocks of 64 x 64, one wave,
-// rather than 512 of 32 x 64 in 1.3 waves (396 fit).
-int pass_tp(const SsdDev &a, int passes = 1, int per_sm = 2) {  // passes: launched together (both kernels: 2)
+// many as fit); v7: 1, so that the backward's two passes at 1 x 8192 keep 256 blocks of 64 x 64, one wave, rather
+// than 512 of 32 x 64 (2 waves at 2 per SM, 1.3 at 3).
+int sm_count(void) {
     int dev = 0, sms = 132;
     if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev))
         sms = 132;
+    return sms;
+}
+int pass_tp(const SsdDev &a, int passes = 1, int per_sm = 2) {  // passes: launched together (both kernels: 2)
+    const int sms = sm_count();
     int tp = out_pt(a.P);
     while (tp % 64 == 0 && passes * a.B * a.H * (a.P / tp) * (a.N / out_pt(a.N)) < per_sm * sms) tp /= 2;
     return tp;
@@ -2484,6 +2491,12 @@ int by_shape(int64_t P, int64_t N, F f) {
 // v7's passes run (state_pass7): DISTILL_SSD=v7 at a shape compiled by by_shape (P 128, N 128 or 64), not v5's HALF
 template <bool HALF>
 bool pass7_ok(const SsdDev &a) { return !HALF && ssd_version() == 7 && a.P == 128 && (a.N == 128 || a.N == 64); }
+// v7's instance for a grid of `blocks`: 3 blocks per SM where that takes fewer waves than 2 (8 x 2048: 1024 blocks in
+// 3 waves instead of 4), else 2 (512 blocks: 2 waves either way, and the 2-per-SM instance does not spill)
+int pass7_minb(int64_t blocks) {
+    const int64_t sms = sm_count();
+    return (blocks + 3 * sms - 1) / (3 * sms) < (blocks + 2 * sms - 1) / (2 * sms) ? 3 : 2;
+}
 
 // The sequential state pass (GRAD: the state-gradient pass) with its P tile tp (HALF: v5's, every other state)
 template <bool GRAD, bool HALF = false>
@@ -2499,14 +2512,17 @@ int launch_pass(const SsdDev &a, float *st_all, const float *init, float *fin, c
             return scan_launch_check(err, errlen, who);
         };
         if constexpr (PC != 0 && !HALF) {  // v7: the mma.sync pass at the compiled shapes (the stages alone)
-            auto go7 = [&](auto kernel) {
-                const int64_t smem7 = PASS_STAGES * pass_layout(tp, out_pt(a.N)).stage;
+            auto go7 = [&](auto k3, auto k2) {  // the instances for 3 and 2 blocks per SM
+                const int64_t smem7 = PASS_STAGES * pass_layout(tp, out_pt(a.N)).stage, blocks = pass_grid(a, tp);
+                auto kernel = pass7_minb(blocks) == 3 ? k3 : k2;
                 if (set_smem(kernel, smem7, err, errlen, who)) return -1;
-                kernel<<<(unsigned)pass_grid(a, tp), SSD_THREADS, (size_t)smem7, st>>>(a, st_all, init, fin);
+                kernel<<<(unsigned)blocks, SSD_THREADS, (size_t)smem7, st>>>(a, st_all, init, fin);
                 return scan_launch_check(err, errlen, who);
             };
-            if (pass7_ok<HALF>(a) && tp == 64) return go7(ssd_state_pass7_kernel<GRAD, PC, NC, 64>);
-            if (pass7_ok<HALF>(a) && tp == 32) return go7(ssd_state_pass7_kernel<GRAD, PC, NC, 32>);
+            if (pass7_ok<HALF>(a) && tp == 64)
+                return go7(ssd_state_pass7_kernel<GRAD, PC, NC, 64, 3>, ssd_state_pass7_kernel<GRAD, PC, NC, 64, 2>);
+            if (pass7_ok<HALF>(a) && tp == 32)
+                return go7(ssd_state_pass7_kernel<GRAD, PC, NC, 32, 3>, ssd_state_pass7_kernel<GRAD, PC, NC, 32, 2>);
         }
         if (PC && tp == 64) return go(ssd_state_pass_kernel<GRAD, PC, NC, (PC ? 64 : 0), HALF>);
         if (PC && tp == 32) return go(ssd_state_pass_kernel<GRAD, PC, NC, (PC ? 32 : 0), HALF>);
@@ -2528,14 +2544,17 @@ int launch_passes_both(const SsdDev &a, const float *init, cudaStream_t st, char
             return scan_launch_check(err, errlen, who);
         };
         if constexpr (PC != 0 && !HALF) {  // v7: the mma.sync passes at the compiled shapes (the stages alone)
-            auto go7 = [&](auto kernel) {
+            auto go7 = [&](auto k3, auto k2) {  // the instances for 3 and 2 blocks per SM
                 const int64_t smem7 = PASS_STAGES * pass_layout(tp, out_pt(a.N)).stage;
+                auto kernel = pass7_minb(2 * nb) == 3 ? k3 : k2;
                 if (set_smem(kernel, smem7, err, errlen, who)) return -1;
                 kernel<<<(unsigned)(2 * nb), SSD_THREADS, (size_t)smem7, st>>>(a, nb, init);
                 return scan_launch_check(err, errlen, who);
             };
-            if (pass7_ok<HALF>(a) && tp == 64) return go7(ssd_state_pass7_both_kernel<PC, NC, 64>);
-            if (pass7_ok<HALF>(a) && tp == 32) return go7(ssd_state_pass7_both_kernel<PC, NC, 32>);
+            if (pass7_ok<HALF>(a) && tp == 64)
+                return go7(ssd_state_pass7_both_kernel<PC, NC, 64, 3>, ssd_state_pass7_both_kernel<PC, NC, 64, 2>);
+            if (pass7_ok<HALF>(a) && tp == 32)
+                return go7(ssd_state_pass7_both_kernel<PC, NC, 32, 3>, ssd_state_pass7_both_kernel<PC, NC, 32, 2>);
         }
         if (PC && tp == 64) return go(ssd_state_pass_both_kernel<PC, NC, (PC ? 64 : 0), HALF>);
         if (PC && tp == 32) return go(ssd_state_pass_both_kernel<PC, NC, (PC ? 32 : 0), HALF>);
