@@ -11,7 +11,7 @@
 // cumsums: kernels.md §8.4's overflow cannot occur, and a small interval after large steps keeps its precision).
 //
 // Kernels (one block = 256 threads = 8 warps; every contraction on tensor cores, WMMA 16x16x16 or mma.sync m16n8k16
-// bf16 tiles with fp32 accumulation, fp32 operands split into bf16 hi + lo: see "tensor-core tiles" below). Four
+// bf16 tiles with fp32 accumulation, fp32 operands split into bf16 hi + lo: see "tensor-core tiles" below). Seven
 // generations, chosen by DISTILL_SSD (docs/KERNELS.md says why and what each costs); ssd_param_reduce_kernel and
 // ssd_group_reduce_kernel serve all of them:
 //   v4            v3's scalars kernel and state passes (the backward's two in one launch: ssd_state_pass_both_kernel),
@@ -26,6 +26,9 @@
 //                 and fewer barriers: none between chunk_weights and the Q x Q slabs (which need chunk_scalars only),
 //                 dx/ddt's row sums in E's dead region (no barrier between tj and the products) and its dD partial
 //                 before the xdsb barrier. Same operations in the same order: the same bits as v4.
+//   v7 (opt-in)   v6 with the state passes on mma.sync + ldmatrix (state_pass7: the fp32 weight split in registers
+//                 inside the A fragments, one barrier per chunk, 3 blocks per SM where that saves a wave) at the
+//                 compiled shapes (P 128, N 128 or 64); v6's per-chunk kernels. Not v6's bits (same precision).
 //   v3            ssd_scalars_kernel (w, din, dlast per chunk position), ssd_state_pass_kernel (one block per
 //                 (b, h, state tile) walking the chunks with the tile in accumulators, 4 chunks in flight; forward
 //                 and, reversed, the state gradient), ssd_chunk_out_kernel (y per (b, h, chunk, 64 rows of P)).
