@@ -9,8 +9,8 @@
 // 16-byte aligned, and B*L*H*P > 2^31 (64-bit offsets; the twin runs on the last head, where offsets are largest).
 // Also: two runs give identical bits, y = NULL runs only the state pass (same h_last bits), h_last may alias h0,
 // ssd_bwd_cuda with fwd_states = 1 (the forward's states kept in the workspace) gives the same bits as with 0, v4 and
-// v6 give the same bits (the one not selected by DISTILL_SSD is run too), v7 (opt-in) is checked against the twin
-// beside them, unsupported shapes are refused with a message.
+// v6 give the same bits (under DISTILL_SSD=v4 or v6, the other one run beside it), v6 beside v7 (the default) and v7
+// beside v4 / v6 against the twin, unsupported shapes are refused with a message.
 // Exit status 1 if any check fails. Usage: gpu_test_ssd [--no-huge]
 #include <algorithm>
 #include <string>
@@ -242,14 +242,14 @@ static void run_case(const TCase *c) {
             CK(cudaDeviceSynchronize());
             check_true(same_as_first(), c->name, "fwd + bwd bitwise repeatable");
         }
-        // v4 and v6 differ only in when the state loads are issued: the other one (both when DISTILL_SSD is unset)
-        // gives the same bits (y and h_last of the forward, every gradient of the backward)
+        // v4 and v6 differ only in when the state loads are issued: under DISTILL_SSD=v4 or v6 the other one gives
+        // the same bits (y and h_last of the forward, every gradient of the backward)
         {
             const char *cur = getenv("DISTILL_SSD");
             const std::string keep = cur ? cur : "";
             for (const char *other : {"v4", "v6"}) {
-                if (cur && strcmp(cur, "v4") && strcmp(cur, "v6")) break;
-                if (cur && !strcmp(cur, other)) continue;
+                if (!cur || (strcmp(cur, "v4") && strcmp(cur, "v6"))) break;
+                if (!strcmp(cur, other)) continue;
                 setenv("DISTILL_SSD", other, 1);
                 poison(y2, nx), poison(hl2, nh);
                 const bool ok = fwd((uint16_t *)y2, hl2, fws) && bwd();
@@ -263,20 +263,23 @@ static void run_case(const TCase *c) {
                 check_true(same, c->name, what);
             }
         }
-        // v7 (opt-in: v6 with the state passes on mma.sync; not v6's bits) against the twin too, when DISTILL_SSD
-        // selects none or v4 / v6; the states-kept bit equality and repeatability of v7 itself: DISTILL_SSD=v7
+        // v7 (the default: v6 with the state passes on mma.sync; not v6's bits) and v6 each run beside the other
+        // (v7 also beside v4) and checked against the twin; each one's own repeatability and states-kept bit
+        // equality: its own run (DISTILL_SSD=v6 for v6's, with v4 = v6 above)
         {
             const char *cur = getenv("DISTILL_SSD");
-            if (!cur || !strcmp(cur, "v4") || !strcmp(cur, "v6")) {
+            const bool v7 = !cur || !strcmp(cur, "v7");
+            if (v7 || !strcmp(cur, "v4") || !strcmp(cur, "v6")) {
+                const char *other = v7 ? "v6" : "v7";
                 const std::string keep = cur ? cur : "";
-                setenv("DISTILL_SSD", "v7", 1);
+                setenv("DISTILL_SSD", other, 1);
                 poison(y2, nx), poison(hl2, nh);
                 const bool ok = fwd((uint16_t *)y2, hl2, fws) && bwd();
                 if (cur) setenv("DISTILL_SSD", keep.c_str(), 1);
                 else unsetenv("DISTILL_SSD");
                 if (ok) {
                     CK(cudaDeviceSynchronize());
-                    vs_twin(y2, hl2, "v7");
+                    vs_twin(y2, hl2, other);
                 }
             }
         }

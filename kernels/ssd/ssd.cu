@@ -21,12 +21,12 @@
 //                 chunks; the state gradient leaving odd ones), and the per-chunk kernels (R5) rebuild the state at the
 //                 64-token midpoint from the neighbouring chunk's tiles on tensor cores (recon16), inside the products
 //                 that read it. Same per-chunk math as v4; the states move through HBM half as often.
-//   v6 (default)  v4 with the fp32 state loads of ssd_chunk_out4_kernel and ssd_bwd_dx_kernel issued at the kernel's
+//   v6            v4 with the fp32 state loads of ssd_chunk_out4_kernel and ssd_bwd_dx_kernel issued at the kernel's
 //                 start and several k steps ahead (PF, StatePf), ssd_bwd_bc_kernel's first ones at its start (N = 128),
 //                 and fewer barriers: none between chunk_weights and the Q x Q slabs (which need chunk_scalars only),
 //                 dx/ddt's row sums in E's dead region (no barrier between tj and the products) and its dD partial
 //                 before the xdsb barrier. Same operations in the same order: the same bits as v4.
-//   v7 (opt-in)   v6 with the state passes on mma.sync + ldmatrix (state_pass7: the fp32 weight split in registers
+//   v7 (default)  v6 with the state passes on mma.sync + ldmatrix (state_pass7: the fp32 weight split in registers
 //                 inside the A fragments, one barrier per chunk, 3 blocks per SM where that saves a wave) at the
 //                 compiled shapes (P 128, N 128 or 64); v6's per-chunk kernels. Not v6's bits (same precision).
 //   v3            ssd_scalars_kernel (w, din, dlast per chunk position), ssd_state_pass_kernel (one block per
@@ -2412,10 +2412,10 @@ Ws make_ws(const SsdShape *s, bool bwd) {
 // chunk-parallel state pass (chunk states, then an elementwise scan), v3 the fused state pass with the WMMA chunk
 // kernels, v4 v3's state passes (the backward's two in one launch) and the mma.sync chunk kernels.
 // v5 (DISTILL_SSD=v5): v4 with the states stored every 128 tokens (the passes' HALF, the per-chunk kernels' R5).
-// v6 (the default; DISTILL_SSD=v4 for the kernels before it): v4 with the per-chunk kernels' fp32 state loads issued
-// earlier and further ahead (PF: SSD_V6_PF_OUT / SSD_V6_PF_DX k steps, the first ones at the kernel's start) and
-// fewer barriers; the same bits as v4. v7 (DISTILL_SSD=v7, opt-in): v6 with the state passes on mma.sync (state_pass7)
-// at the compiled shapes.
+// v6 (DISTILL_SSD=v6): v4 with the per-chunk kernels' fp32 state loads issued earlier and further ahead (PF:
+// SSD_V6_PF_OUT / SSD_V6_PF_DX k steps, the first ones at the kernel's start) and fewer barriers; the same bits as v4.
+// v7 (the default; DISTILL_SSD=v6 for the kernels before it): v6 with the state passes on mma.sync (state_pass7) at
+// the compiled shapes.
 int ssd_version(void) {
     const char *v = getenv("DISTILL_SSD");
     if (v && !strcmp(v, "v1")) return 1;
@@ -2423,8 +2423,8 @@ int ssd_version(void) {
     if (v && !strcmp(v, "v3")) return 3;
     if (v && !strcmp(v, "v4")) return 4;
     if (v && !strcmp(v, "v5")) return 5;
-    if (v && !strcmp(v, "v7")) return 7;
-    return 6;
+    if (v && !strcmp(v, "v6")) return 6;
+    return 7;
 }
 bool use_v1(void) { return ssd_version() == 1; }
 
@@ -2491,7 +2491,7 @@ int by_shape(int64_t P, int64_t N, F f) {
     return f(integral_constant<int, 0>(), integral_constant<int, 0>());
 }
 
-// v7's passes run (state_pass7): DISTILL_SSD=v7 at a shape compiled by by_shape (P 128, N 128 or 64), not v5's HALF
+// v7's passes run (state_pass7): v7 (the default) at a shape compiled by by_shape (P 128, N 128 or 64), not v5's HALF
 template <bool HALF>
 bool pass7_ok(const SsdDev &a) { return !HALF && ssd_version() == 7 && a.P == 128 && (a.N == 128 || a.N == 64); }
 // v7's instance for a grid of `blocks`: 3 blocks per SM where that takes fewer waves than 2 (8 x 2048: 1024 blocks in

@@ -9,8 +9,8 @@
 // Chunking: the kernels always use chunks of SSD_CUDA_CHUNK tokens; s->chunk is ignored (the twin's result does not
 // depend on its chunk beyond rounding).
 // Environment (docs/KERNELS.md): DISTILL_SSD=v1|v2|v3|v4 selects an earlier kernel generation, v5 the states stored
-// every 128 tokens, v7 the state passes on mma.sync (default v6: v4's kernels with the state loads issued earlier
-// and fewer barriers, same bits).
+// every 128 tokens, v6 the per-chunk kernels' state loads issued earlier (default v7: v6 with the state passes on
+// mma.sync).
 // Every pointer is a device pointer; every function only enqueues work on `stream` and returns 0, or -1 with a
 // message in err (which may be NULL) when the shape is outside what the kernels support:
 //   P (headdim) and N (dstate) multiples of 16 in [16, 128]; H % G == 0; batch, seqlen >= 1.
