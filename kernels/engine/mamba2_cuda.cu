@@ -486,7 +486,7 @@ extern "C" int mamba2_cuda_bwd(DlGemm *g, const Mamba2CudaShape *s, const Mamba2
     uint16_t *dxr = (uint16_t *)ws->dheads, *dBr = dxr + N * di, *dCc = dxr + 2 * N * di;
     CALL(ssd_bwd_cuda(&sh, xr, (const uint16_t *)a->dt, ws->A, Br, Cc, w->D, w->dt_bias, reset, NULL,
                       (const uint16_t *)ws->dys, NULL, dxr, (uint16_t *)ws->ddt, dA, dBr, dCc, dD, ddtb, NULL,
-                      ws->ssd_bwd_ws, stream, err, errlen));
+                      ws->ssd_bwd_ws, 0, stream, err, errlen));
     if (gr->A_log) {
         add_mul_k<<<1, 256, 0, st>>>(gr->A_log, dA, ws->A, m.H);
         kernelCheck("mamba2 A_log gradient");

@@ -8,9 +8,10 @@
 //   floor = max(HBM floor, tensor floor); %floor = floor / time.
 // Timing: CUDA events around every call, median of `reps` calls after 3 warm-up calls, inputs rotated among 3 sets so
 // that no call finds its inputs in L2. Every shape is timed with each kernel generation in VERSIONS (DISTILL_SSD set
-// in turn; default "v4,v6": v6 is v4 with the state loads issued earlier; v5 stores the state every 128 tokens), in
-// the same run. "bwd kept" times ssd_bwd_cuda_after_fwd, each call right after an (untimed) forward into the same
-// workspace, whose states it reads instead of recomputing them. Usage: gpu_bench_ssd [reps [BxL|all [VERSIONS]]]
+// in turn; default "v6,v7": v7 is v6 with the state passes on mma.sync; v6 is v4 with the state loads issued
+// earlier; v5 stores the state every 128 tokens), in the same run. "bwd kept" times ssd_bwd_cuda with fwd_states = 1,
+// each call right after an (untimed) forward into the same workspace, whose states it reads instead of recomputing
+// them. Usage: gpu_bench_ssd [reps [BxL|all [VERSIONS]]]
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -40,7 +41,7 @@ int main(int argc, char **argv) {
     const char *only = argc > 2 && strcmp(argv[2], "all") ? argv[2] : NULL;
     std::vector<std::string> vers;
     {
-        std::string list = argc > 3 ? argv[3] : "v4,v6";
+        std::string list = argc > 3 ? argv[3] : "v6,v7";
         size_t at = 0;
         while (at <= list.size()) {
             const size_t e = std::min(list.find(',', at), list.size());
@@ -116,25 +117,18 @@ int main(int argc, char **argv) {
                 exit(1);
             }
         };
-        auto bwd = [&](int i) {
+        // kept: the forward's states, left in ws by fwd(i), are read instead of recomputed (fwd_states = 1)
+        auto bwd_as = [&](int i, int kept) {
             Set &t = set[i % NSET];
             if (ssd_bwd_cuda(&s, (uint16_t *)t.x, (uint16_t *)t.dt, A, (uint16_t *)t.Bm, (uint16_t *)t.Cm, Dk, bias,
                              NULL, NULL, (uint16_t *)t.dy, NULL, (uint16_t *)t.dx, (uint16_t *)t.ddt, dA,
-                             (uint16_t *)t.dB, (uint16_t *)t.dC, dD, ddb, NULL, ws, NULL, err, sizeof err)) {
-                fprintf(stderr, "backward: %s\n", err);
+                             (uint16_t *)t.dB, (uint16_t *)t.dC, dD, ddb, NULL, ws, kept, NULL, err, sizeof err)) {
+                fprintf(stderr, "backward%s: %s\n", kept ? " (states kept)" : "", err);
                 exit(1);
             }
         };
-        auto bwd_kept = [&](int i) {
-            Set &t = set[i % NSET];
-            if (ssd_bwd_cuda_after_fwd(&s, (uint16_t *)t.x, (uint16_t *)t.dt, A, (uint16_t *)t.Bm, (uint16_t *)t.Cm, Dk,
-                                       bias, NULL, NULL, (uint16_t *)t.dy, NULL, (uint16_t *)t.dx, (uint16_t *)t.ddt,
-                                       dA, (uint16_t *)t.dB, (uint16_t *)t.dC, dD, ddb, NULL, ws, NULL, err,
-                                       sizeof err)) {
-                fprintf(stderr, "backward after forward: %s\n", err);
-                exit(1);
-            }
-        };
+        auto bwd = [&](int i) { bwd_as(i, 0); };
+        auto bwd_kept = [&](int i) { bwd_as(i, 1); };
         // median time of bwd_kept(i), each after an untimed fwd(i) into the same workspace
         auto kept_median_ms = [&]() {
             cudaEvent_t e0, e1;

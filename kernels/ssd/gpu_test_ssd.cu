@@ -5,11 +5,12 @@
 // 1e-2, fp32 ones (h_last, dA, dD, ddt_bias, dh0) to 1e-3. Shapes: L = 1, L < and not a multiple of the chunk, exact
 // multiples, resets (at t = 0 and on consecutive tokens), groups shared by several heads, no D/bias/h0, no softplus,
 // delta above softplus's threshold, MambaInLlama-8B Mamba-2 heads (H 32, P = N = 128, G = 32), GQA-style grouping
-// (G 8 of 32 heads), tensors not 16-byte aligned, and B*L*H*P > 2^31 (64-bit offsets; the twin runs on the last head,
-// where offsets are largest). Also: two runs give identical bits, y = NULL runs only the state pass (same h_last
-// bits), h_last may alias h0, ssd_bwd_cuda_after_fwd (the forward's states kept in the workspace) gives the same bits
-// as ssd_bwd_cuda, v4 and v6 give the same bits (the one not selected by DISTILL_SSD is run too), unsupported shapes
-// are refused with a message.
+// (G 8 of 32 heads), P = 128 with 64 heads (N 128, and N 64 with G 16: the passes' 64 x 64 state tiles), tensors not
+// 16-byte aligned, and B*L*H*P > 2^31 (64-bit offsets; the twin runs on the last head, where offsets are largest).
+// Also: two runs give identical bits, y = NULL runs only the state pass (same h_last bits), h_last may alias h0,
+// ssd_bwd_cuda with fwd_states = 1 (the forward's states kept in the workspace) gives the same bits as with 0, v4 and
+// v6 give the same bits (under DISTILL_SSD=v4 or v6, the other one run beside it), v6 beside v7 (the default) and v7
+// beside v4 / v6 against the twin, unsupported shapes are refused with a message.
 // Exit status 1 if any check fails. Usage: gpu_test_ssd [--no-huge]
 #include <algorithm>
 #include <string>
@@ -147,7 +148,7 @@ static void run_case(const TCase *c) {
         poison(ddb, H), poison(dh0, nh), poison((char *)ws, (int64_t)wsz);
         if (ssd_bwd_cuda(&s, (uint16_t *)x, (uint16_t *)dt, A, (uint16_t *)Bm, (uint16_t *)Cm, Dp, bp, rs, h0p,
                          (uint16_t *)dy, dhlp, (uint16_t *)dx, (uint16_t *)ddt, dA, (uint16_t *)dB, (uint16_t *)dC, dD,
-                         ddb, dh0, ws, NULL, err, sizeof err)) {
+                         ddb, dh0, ws, 0, NULL, err, sizeof err)) {
             printf("  FAIL backward refused: %s\n", err), nfail++;
             return false;
         }
@@ -181,20 +182,37 @@ static void run_case(const TCase *c) {
     ssd_bwd_cpu(&ss, xr.data(), dtr.data(), Ar, Br.data(), Cr.data(), Dr, br, rsp, c->h0 ? h0r.data() : NULL,
                 dyr.data(), c->dhl ? dhlr.data() : NULL, dx_r.data(), ddt_r.data(), dA_r.data(), dB_r.data(),
                 dC_r.data(), dD_r.data(), db_r.data(), dh0_r.data());
-    // compare
+    // compare y, h_last (given) and every gradient (in dx, ddt, dB, dC, dA, dD, ddb, dh0) with the twin; tag: the
+    // generation when it is not the one selected by DISTILL_SSD
     std::vector<float> t((size_t)std::max(std::max(nxs, nhs), nBs));
-    get_bf(t.data(), y, rows, H * P, hlo * P, Hs * P), check(relerr(t.data(), y_r.data(), nxs), 1e-2, c->name, "y");
-    get_f(t.data(), hl, B, H * P * N, hlo * P * N, Hs * P * N), check(relerr(t.data(), hl_r.data(), nhs), 1e-3, c->name, "h_last");
-    get_bf(t.data(), dx, rows, H * P, hlo * P, Hs * P), check(relerr(t.data(), dx_r.data(), nxs), 1e-2, c->name, "dx");
-    get_bf(t.data(), ddt, rows, H, hlo, Hs), check(relerr(t.data(), ddt_r.data(), ndts), 1e-2, c->name, "ddt");
-    get_bf(t.data(), dB, rows, G * N, glo * N, Gs * N), check(relerr(t.data(), dB_r.data(), nBs), 1e-2, c->name, "dB");
-    get_bf(t.data(), dC, rows, G * N, glo * N, Gs * N), check(relerr(t.data(), dC_r.data(), nBs), 1e-2, c->name, "dC");
-    get_f(t.data(), dA, 1, H, hlo, Hs), check(relerr(t.data(), dA_r.data(), Hs), 1e-3, c->name, "dA");
-    if (c->D) get_f(t.data(), dD, 1, H, hlo, Hs), check(relerr(t.data(), dD_r.data(), Hs), 1e-3, c->name, "dD");
-    if (c->bias) get_f(t.data(), ddb, 1, H, hlo, Hs), check(relerr(t.data(), db_r.data(), Hs), 1e-3, c->name, "ddt_bias");
-    if (c->h0)
-        get_f(t.data(), dh0, B, H * P * N, hlo * P * N, Hs * P * N),
-            check(relerr(t.data(), dh0_r.data(), nhs), 1e-3, c->name, "dh0");
+    auto vs_twin = [&](const bf16 *yy, const float *hh, const char *tag) {
+        auto what = [&](const char *out) {
+            static char wb[64];
+            snprintf(wb, sizeof wb, tag ? "%s (%s)" : "%s", out, tag);
+            return (const char *)wb;
+        };
+        auto bfs = [&](const bf16 *d, int64_t pitch, int64_t col, int64_t width, const std::vector<float> &r,
+                       const char *out) {  // a bf16 [rows, width] slice
+            get_bf(t.data(), d, rows, pitch, col, width);
+            check(relerr(t.data(), r.data(), rows * width), 1e-2, c->name, what(out));
+        };
+        auto f32 = [&](const float *d, int64_t nr, int64_t pitch, int64_t col, int64_t width,
+                       const std::vector<float> &r, const char *out) {  // an fp32 [nr, width] slice
+            get_f(t.data(), d, nr, pitch, col, width);
+            check(relerr(t.data(), r.data(), nr * width), 1e-3, c->name, what(out));
+        };
+        bfs(yy, H * P, hlo * P, Hs * P, y_r, "y");
+        f32(hh, B, H * P * N, hlo * P * N, Hs * P * N, hl_r, "h_last");
+        bfs(dx, H * P, hlo * P, Hs * P, dx_r, "dx");
+        bfs(ddt, H, hlo, Hs, ddt_r, "ddt");
+        bfs(dB, G * N, glo * N, Gs * N, dB_r, "dB");
+        bfs(dC, G * N, glo * N, Gs * N, dC_r, "dC");
+        f32(dA, 1, H, hlo, Hs, dA_r, "dA");
+        if (c->D) f32(dD, 1, H, hlo, Hs, dD_r, "dD");
+        if (c->bias) f32(ddb, 1, H, hlo, Hs, db_r, "ddt_bias");
+        if (c->h0) f32(dh0, B, H * P * N, hlo * P * N, Hs * P * N, dh0_r, "dh0");
+    };
+    vs_twin(y, hl, NULL);
 
     if (!huge) {
         // a second forward and backward give the same bits
@@ -224,14 +242,14 @@ static void run_case(const TCase *c) {
             CK(cudaDeviceSynchronize());
             check_true(same_as_first(), c->name, "fwd + bwd bitwise repeatable");
         }
-        // v4 and v6 differ only in when the state loads are issued: the other one (both when DISTILL_SSD is unset)
-        // gives the same bits (y and h_last of the forward, every gradient of the backward)
+        // v4 and v6 differ only in when the state loads are issued: under DISTILL_SSD=v4 or v6 the other one gives
+        // the same bits (y and h_last of the forward, every gradient of the backward)
         {
             const char *cur = getenv("DISTILL_SSD");
             const std::string keep = cur ? cur : "";
             for (const char *other : {"v4", "v6"}) {
-                if (cur && strcmp(cur, "v4") && strcmp(cur, "v6")) break;
-                if (cur && !strcmp(cur, other)) continue;
+                if (!cur || (strcmp(cur, "v4") && strcmp(cur, "v6"))) break;
+                if (!strcmp(cur, other)) continue;
                 setenv("DISTILL_SSD", other, 1);
                 poison(y2, nx), poison(hl2, nh);
                 const bool ok = fwd((uint16_t *)y2, hl2, fws) && bwd();
@@ -245,7 +263,27 @@ static void run_case(const TCase *c) {
                 check_true(same, c->name, what);
             }
         }
-        // the backward after a forward into its own workspace (ssd_bwd_cuda_after_fwd: the forward's states kept)
+        // v7 (the default: v6 with the state passes on mma.sync; not v6's bits) and v6 each run beside the other
+        // (v7 also beside v4) and checked against the twin; each one's own repeatability and states-kept bit
+        // equality: its own run (DISTILL_SSD=v6 for v6's, with v4 = v6 above)
+        {
+            const char *cur = getenv("DISTILL_SSD");
+            const bool v7 = !cur || !strcmp(cur, "v7");
+            if (v7 || !strcmp(cur, "v4") || !strcmp(cur, "v6")) {
+                const char *other = v7 ? "v6" : "v7";
+                const std::string keep = cur ? cur : "";
+                setenv("DISTILL_SSD", other, 1);
+                poison(y2, nx), poison(hl2, nh);
+                const bool ok = fwd((uint16_t *)y2, hl2, fws) && bwd();
+                if (cur) setenv("DISTILL_SSD", keep.c_str(), 1);
+                else unsetenv("DISTILL_SSD");
+                if (ok) {
+                    CK(cudaDeviceSynchronize());
+                    vs_twin(y2, hl2, other);
+                }
+            }
+        }
+        // the backward after a forward into its own workspace (fwd_states = 1: the forward's states kept)
         // gives the same bits; v1-v3 refuse it with a message
         {
             const char *ver = getenv("DISTILL_SSD");
@@ -254,10 +292,9 @@ static void run_case(const TCase *c) {
             const bool f = fwd((uint16_t *)y2, NULL, ws);
             poison(dx, nx), poison(ddt, ndt), poison(dB, nB), poison(dC, nB), poison(dA, H), poison(dD, H);
             poison(ddb, H), poison(dh0, nh);
-            const int rc = ssd_bwd_cuda_after_fwd(&s, (uint16_t *)x, (uint16_t *)dt, A, (uint16_t *)Bm, (uint16_t *)Cm,
-                                                  Dp, bp, rs, h0p, (uint16_t *)dy, dhlp, (uint16_t *)dx, (uint16_t *)ddt,
-                                                  dA, (uint16_t *)dB, (uint16_t *)dC, dD, ddb, dh0, ws, NULL, err,
-                                                  sizeof err);
+            const int rc = ssd_bwd_cuda(&s, (uint16_t *)x, (uint16_t *)dt, A, (uint16_t *)Bm, (uint16_t *)Cm, Dp, bp,
+                                        rs, h0p, (uint16_t *)dy, dhlp, (uint16_t *)dx, (uint16_t *)ddt, dA,
+                                        (uint16_t *)dB, (uint16_t *)dC, dD, ddb, dh0, ws, 1, NULL, err, sizeof err);
             CK(cudaGetLastError());
             CK(cudaDeviceSynchronize());
             if (old) {
@@ -328,7 +365,7 @@ static void run_refusals(void) {
         const int rb = ssd_bwd_cuda(&s, (const uint16_t *)8, (const uint16_t *)8, (const float *)8, (const uint16_t *)8,
                                     (const uint16_t *)8, NULL, NULL, NULL, NULL, (const uint16_t *)8, NULL,
                                     (uint16_t *)8, (uint16_t *)8, (float *)8, (uint16_t *)8, (uint16_t *)8, NULL, NULL,
-                                    NULL, (void *)256, NULL, err, sizeof err);
+                                    NULL, (void *)256, 0, NULL, err, sizeof err);
         check_true(okf && rb == -1 && err[0], "bad shape", "refused with a message (fwd and bwd)");
     }
     CK(cudaGetLastError());
@@ -350,6 +387,9 @@ int main(int argc, char **argv) {
         {"L=192 = 3 chunks, h0, no resets", 1, 192, 4, 128, 128, 4, 1, 1, 1, 1, 1, -1, -1.f, 1.f, 0},
         {"8B Mamba-2 heads H32 P128 N128 G32, resets", 2, 300, 32, 128, 128, 32, 1, 1, 1, 1, 1, 0.01, -1.f, 1.f, 0},
         {"GQA grouping H32 G8 P64 N64", 1, 520, 32, 64, 64, 8, 1, 1, 1, 1, 1, 0.005, -1.f, 1.f, 0},
+        // 64 heads: the passes' 64 x 64 state tiles in v4-v6 too (the 8B case above: v7 only), N 128 and 64
+        {"P=N=128 H64, 64 x 64 pass tiles, resets", 2, 130, 64, 128, 128, 64, 1, 1, 1, 1, 1, 0.02, -1.f, 1.f, 4},
+        {"P=128 N=64 H64 G16, 64 x 64 pass tiles", 3, 100, 64, 128, 64, 16, 1, 1, 1, 1, 1, 0.03, -1.f, 1.f, 2},
         {"unaligned tensors (2-byte loads), G=2 of 4", 2, 150, 4, 32, 64, 2, 1, 1, 1, 1, 1, 0.03, -1.f, 1.f, 0, 1},
         {"B*L*H*P > 2^31 (last head)", 1, 540000, 64, 64, 64, 64, 1, 1, 1, 1, 1, 1e-4, -1.f, 1.f, 1},
     };

@@ -11,7 +11,7 @@
 // cumsums: kernels.md §8.4's overflow cannot occur, and a small interval after large steps keeps its precision).
 //
 // Kernels (one block = 256 threads = 8 warps; every contraction on tensor cores, WMMA 16x16x16 or mma.sync m16n8k16
-// bf16 tiles with fp32 accumulation, fp32 operands split into bf16 hi + lo: see "tensor-core tiles" below). Four
+// bf16 tiles with fp32 accumulation, fp32 operands split into bf16 hi + lo: see "tensor-core tiles" below). Seven
 // generations, chosen by DISTILL_SSD (docs/KERNELS.md says why and what each costs); ssd_param_reduce_kernel and
 // ssd_group_reduce_kernel serve all of them:
 //   v4            v3's scalars kernel and state passes (the backward's two in one launch: ssd_state_pass_both_kernel),
@@ -21,11 +21,14 @@
 //                 chunks; the state gradient leaving odd ones), and the per-chunk kernels (R5) rebuild the state at the
 //                 64-token midpoint from the neighbouring chunk's tiles on tensor cores (recon16), inside the products
 //                 that read it. Same per-chunk math as v4; the states move through HBM half as often.
-//   v6 (default)  v4 with the fp32 state loads of ssd_chunk_out4_kernel and ssd_bwd_dx_kernel issued at the kernel's
+//   v6            v4 with the fp32 state loads of ssd_chunk_out4_kernel and ssd_bwd_dx_kernel issued at the kernel's
 //                 start and several k steps ahead (PF, StatePf), ssd_bwd_bc_kernel's first ones at its start (N = 128),
 //                 and fewer barriers: none between chunk_weights and the Q x Q slabs (which need chunk_scalars only),
 //                 dx/ddt's row sums in E's dead region (no barrier between tj and the products) and its dD partial
 //                 before the xdsb barrier. Same operations in the same order: the same bits as v4.
+//   v7 (default)  v6 with the state passes on mma.sync + ldmatrix (state_pass7: the fp32 weight split in registers
+//                 inside the A fragments, one barrier per chunk, 3 blocks per SM where that saves a wave) at the
+//                 compiled shapes (P 128, N 128 or 64); v6's per-chunk kernels. Not v6's bits (same precision).
 //   v3            ssd_scalars_kernel (w, din, dlast per chunk position), ssd_state_pass_kernel (one block per
 //                 (b, h, state tile) walking the chunks with the tile in accumulators, 4 chunks in flight; forward
 //                 and, reversed, the state gradient), ssd_chunk_out_kernel (y per (b, h, chunk, 64 rows of P)).
@@ -1034,7 +1037,7 @@ __global__ void __launch_bounds__(256) ssd_scan_kernel(SsdDev a, float *st_all, 
 }
 
 // P tile of the chunk-output kernel: 64 rows where P allows (two blocks per (b, h, chunk) at P = 128)
-__host__ __device__ inline int out_pt(int64_t P) {
+__host__ __device__ constexpr int out_pt(int64_t P) {
     return P <= 64 ? (int)P : P % 64 == 0 ? 64 : P % 32 == 0 ? 32 : 16;
 }
 
@@ -2186,6 +2189,138 @@ __global__ void __launch_bounds__(SSD_THREADS, 2) ssd_bwd_dx_kernel(SsdDev a) {
     if (tid == 0) a.pA[o] = sa, a.pb[o] = sb, a.pD[o] = sd;
 }
 
+// ---------------------------------------------------------------------------------------------- v7: passes on mma.sync
+// v6's state passes on mma.sync m16n8k16 with ldmatrix fragments, one barrier per chunk, up to three blocks per SM.
+// The walk, the tiles (TP x TN of the state per block; pass_tp halves TP only below one block per SM) and the 4-stage
+// cp.async pipeline of raw X / M tiles are v3's; what changes is where the fp32 weight enters: v3 splits wt_k M[k, n]
+// into a hi + lo copy of M in shared memory (a block-wide pass between two barriers), v7 splits wt_k X[k, p] in
+// registers, inside the A fragments of X^T that each warp loads anyway:  S += X^T (wt o M) = (wt o X)^T M,
+// A = (wt o X)^T as hi + lo, B = M exact (ldmatrix.trans of the raw stage). With no shared copy to protect, the barrier
+// at the top of a chunk (its stage landed; every warp left the previous chunk, whose stage the next loads reuse) is
+// the only one, and shared memory is the 4 stages alone (74 KB at TP = TN = 64): 3 blocks of 8 warps fit an SM at
+// <= 80 registers (v3: 2, 101 KB with its split copies and WMMA scratch), used where they save a wave (pass7_minb).
+// The state stays in mma.sync accumulators (D layout), stored with 8-byte stores straight from them. Not v6's bits
+// (the split falls on x or dy instead of B or C: the same ~16 bits of the fp32 factor); the per-chunk kernels are
+// v6's. Compiled shapes only (P = 128, N = 128 or 64: TN = 64, TP = 64 or 32); other shapes run v6's pass.
+// Warp w owns row tile rt = w % (TP/16) (16 rows of P) and NT = TP * TN / 1024 8-column tiles from (w / (TP/16)) NT.
+template <bool GRAD, int PC, int NC, int TPC>
+__device__ __forceinline__ void state_pass7(const SsdDev &a, int64_t blk, float *st_all, const float *init,
+                                            float *fin) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    constexpr int P = PC, N = NC, TP = TPC, TN = out_pt(NC), Q = SSD_Q;
+    constexpr int lX = (int)ld16(TP), lM = (int)ld16(TN);
+    constexpr int NRT = TP / 16, NT = TP * TN / 1024;  // row tiles; 8-column tiles per warp (2 or 4: pairs)
+    static_assert(NT % 2 == 0 && NRT * (TN / 8) == 8 * NT, "v7 pass: TP x TN must deal 8 warps even 8-column pairs");
+    const PassLayout lay = pass_layout(TP, TN);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int rt = warp % NRT, c0 = (warp / NRT) * NT * 8;  // this warp: rows 16 rt.., columns c0.. of the tile
+
+    constexpr int64_t npt = P / TP, nnt = N / TN;
+    const int64_t nt = blk % nnt, rest = blk / nnt;
+    const int64_t pt = rest % npt, bh = rest / npt;
+    const int64_t b = bh / a.H, h = bh % a.H, p0 = pt * TP, n0 = nt * TN;
+    const int64_t L = a.L, nch = a.nch, xs = a.H * P, ms = a.G * NC;  // token strides of X and M
+    // bases: token 0 of this block's X columns and M columns, its chunk scalars, its first stored state entry
+    const bf16 *Xb = (GRAD ? a.dy : a.x) + (b * L * a.H + h) * P + p0;
+    const bf16 *Mb = (GRAD ? a.Cm : a.Bm) + (b * L * a.G + h / a.rep) * NC + n0;
+    const float *wb = (GRAD ? a.dv : a.wv) + bh * nch * SSD_Q, *dlb = a.dl + bh * nch;
+    const int64_t r0 = p0 + 16 * rt + g;  // this lane's first state row (the other: r0 + 8)
+    float *stb = st_all + (bh * nch * P + r0) * N + n0 + c0 + 2 * t;
+
+    // acc[j]: rows (16 rt + g, + 8) x columns (c0 + 8 j + 2 t, + 1) of the tile, as the D fragment of m16n8k16
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            acc[j][e] = init ? init[(bh * P + r0 + 8 * (e >> 1)) * N + n0 + c0 + 8 * j + 2 * t + (e & 1)] : 0.f;
+
+    auto chunk_of = [&](int64_t j) { return GRAD ? nch - 1 - j : j; };
+    auto issue = [&](int64_t c, int s) {  // chunk c into stage s (asynchronous when the tensors are 16-byte aligned)
+        unsigned char *base = smem + s * lay.stage;
+        bf16 *Xd = reinterpret_cast<bf16 *>(base + lay.Xst), *Md = reinterpret_cast<bf16 *>(base + lay.Mst);
+        float *wd = reinterpret_cast<float *>(base + lay.Wst);
+        const int64_t t0 = c * SSD_Q;
+        const int q = (int)(L - t0 < SSD_Q ? L - t0 : SSD_Q);
+        const bf16 *Xc = Xb + t0 * xs, *Mc = Mb + t0 * ms;
+        load_rows_async(Xd, TP, lX, q, a.vec, [&](int m) { return Xc + m * xs; });
+        load_rows_async(Md, TN, lM, q, a.vec, [&](int m) { return Mc + m * ms; });
+        const float *wsrc = wb + c * SSD_Q;  // 256-byte aligned (workspace)
+        if (tid < SSD_Q / 4) cp_async16(wd + 4 * tid, wsrc + 4 * tid);
+        else if (tid == SSD_Q / 4) cp_async4(wd + SSD_Q, dlb + c);
+    };
+#pragma unroll 1
+    for (int s = 0; s < PASS_STAGES - 1; s++) {
+        if (s < nch) issue(chunk_of(s), s);
+        cp_async_commit();
+    }
+#pragma unroll 1
+    for (int64_t j = 0; j < nch; j++) {
+        const int64_t c = chunk_of(j);
+        // PASS_STAGES - 1 + j groups committed so far (one per earlier chunk step, maybe empty): chunk j's is done
+        // when at most PASS_STAGES - 2 are pending
+        cp_async_wait<PASS_STAGES - 2>();
+        __syncthreads();  // chunk j's stage visible to all; every warp is done with chunk j - 1 and its stage
+        if (j + PASS_STAGES - 1 < nch) issue(chunk_of(j + PASS_STAGES - 1), (int)((j + PASS_STAGES - 1) % PASS_STAGES));
+        cp_async_commit();
+        const unsigned char *base = smem + (j % PASS_STAGES) * lay.stage;
+        const bf16 *Xd = reinterpret_cast<const bf16 *>(base + lay.Xst);
+        const bf16 *Md = reinterpret_cast<const bf16 *>(base + lay.Mst);
+        const float *wd = reinterpret_cast<const float *>(base + lay.Wst);
+        // the state entering chunk c (GRAD: the gradient leaving it), then S = dl S + (wt o X)^T M
+        float *st = stb + c * (P * N);
+        const float dl = wd[SSD_Q];
+#pragma unroll
+        for (int jj = 0; jj < NT; jj++) {
+            *reinterpret_cast<float2 *>(st + 8 * jj) = make_float2(acc[jj][0], acc[jj][1]);
+            *reinterpret_cast<float2 *>(st + 8 * N + 8 * jj) = make_float2(acc[jj][2], acc[jj][3]);
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[jj][e] *= dl;
+        }
+#pragma unroll
+        for (int k0 = 0; k0 < Q; k0 += 16) {
+            unsigned xa[4], ah[4], al[4];
+            lda_col(xa, Xd, lX, 16 * rt, k0);  // A = X^T: a0, a1 at k0 + 2t, +1; a2, a3 at k0 + 2t + 8, +9
+            const float2 w0 = *reinterpret_cast<const float2 *>(wd + k0 + 2 * t);
+            const float2 w1 = *reinterpret_cast<const float2 *>(wd + k0 + 2 * t + 8);
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&xa[r]));
+                const float2 wv = r < 2 ? w0 : w1;
+                split2(wv.x * xv.x, wv.y * xv.y, ah[r], al[r]);
+            }
+#pragma unroll
+            for (int jj = 0; jj < NT; jj += 2) {
+                unsigned fb[4];
+                ldb_kn(fb, Md, lM, k0, c0 + 8 * jj);  // M [k][n]: columns c0 + 8 jj.. (fb0, fb1), +8.. (fb2, fb3)
+                mma16816(acc[jj], ah, fb[0], fb[1]), mma16816(acc[jj], al, fb[0], fb[1]);
+                mma16816(acc[jj + 1], ah, fb[2], fb[3]), mma16816(acc[jj + 1], al, fb[2], fb[3]);
+            }
+        }
+    }
+    if (!fin) return;
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            fin[(bh * P + r0 + 8 * (e >> 1)) * N + n0 + c0 + 8 * j + 2 * t + (e & 1)] = acc[j][e];
+}
+
+// MINB: blocks per SM the registers must allow (3: 80 registers, with a few bytes of spills; 2: up to 128, none); the
+// host picks the one that needs fewer waves of blocks (pass7_minb)
+template <bool GRAD, int PC, int NC, int TPC, int MINB>
+__global__ void __launch_bounds__(SSD_THREADS, MINB) ssd_state_pass7_kernel(SsdDev a, float *st_all,
+                                                                             const float *init, float *fin) {
+    state_pass7<GRAD, PC, NC, TPC>(a, blockIdx.x, st_all, init, fin);
+}
+// The backward's two passes in one launch, as ssd_state_pass_both_kernel
+template <int PC, int NC, int TPC, int MINB>
+__global__ void __launch_bounds__(SSD_THREADS, MINB) ssd_state_pass7_both_kernel(SsdDev a, int64_t nb,
+                                                                                  const float *init) {
+    if ((int64_t)blockIdx.x < nb) state_pass7<false, PC, NC, TPC>(a, blockIdx.x, a.Sin, init, nullptr);
+    else state_pass7<true, PC, NC, TPC>(a, (int64_t)blockIdx.x - nb, a.dSo, a.dhl, a.dh0);
+}
+
 // ---------------------------------------------------------------------------------------------- host side
 int check_shape(const SsdShape *s, char *err, size_t errlen, const char *who) {
     if (!s) return scan_fail(err, errlen, "%s: shape is NULL", who);
@@ -2277,9 +2412,10 @@ Ws make_ws(const SsdShape *s, bool bwd) {
 // chunk-parallel state pass (chunk states, then an elementwise scan), v3 the fused state pass with the WMMA chunk
 // kernels, v4 v3's state passes (the backward's two in one launch) and the mma.sync chunk kernels.
 // v5 (DISTILL_SSD=v5): v4 with the states stored every 128 tokens (the passes' HALF, the per-chunk kernels' R5).
-// v6 (the default; DISTILL_SSD=v4 for the kernels before it): v4 with the per-chunk kernels' fp32 state loads issued
-// earlier and further ahead (PF: SSD_V6_PF_OUT / SSD_V6_PF_DX k steps, the first ones at the kernel's start) and
-// fewer barriers; the same bits as v4.
+// v6 (DISTILL_SSD=v6): v4 with the per-chunk kernels' fp32 state loads issued earlier and further ahead (PF:
+// SSD_V6_PF_OUT / SSD_V6_PF_DX k steps, the first ones at the kernel's start) and fewer barriers; the same bits as v4.
+// v7 (the default; DISTILL_SSD=v6 for the kernels before it): v6 with the state passes on mma.sync (state_pass7) at
+// the compiled shapes.
 int ssd_version(void) {
     const char *v = getenv("DISTILL_SSD");
     if (v && !strcmp(v, "v1")) return 1;
@@ -2287,7 +2423,8 @@ int ssd_version(void) {
     if (v && !strcmp(v, "v3")) return 3;
     if (v && !strcmp(v, "v4")) return 4;
     if (v && !strcmp(v, "v5")) return 5;
-    return 6;
+    if (v && !strcmp(v, "v6")) return 6;
+    return 7;
 }
 bool use_v1(void) { return ssd_version() == 1; }
 
@@ -2326,14 +2463,20 @@ struct Stages {
 
 int64_t grid_of(int64_t threads, int per) { return (threads + per - 1) / per; }
 
-// Rows of P per block of the sequential state pass: out_pt(P), halved (down to 32) while that leaves fewer than two
-// blocks per SM (e.g. 1 x 8192 with 32 heads: 128 blocks of 64 x 64 -> 256 of 32 x 64)
-int pass_tp(const SsdDev &a, int passes = 1) {  // passes: launched together (ssd_state_pass_both_kernel: 2)
+// Rows of P per block of the sequential state pass: out_pt(P), halved (down to 32) while that leaves fewer than
+// per_sm blocks per SM (e.g. 1 x 8192 with 32 heads: 128 blocks of 64 x 64 -> 256 of 32 x 64). v3-v6: 2 per SM (as
+// many as fit); v7: 1, so that the backward's two passes at 1 x 8192 keep 256 blocks of 64 x 64, one wave, rather
+// than 512 of 32 x 64 (2 waves at 2 per SM, 1.3 at 3).
+int sm_count(void) {
     int dev = 0, sms = 132;
     if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev))
         sms = 132;
+    return sms;
+}
+int pass_tp(const SsdDev &a, int passes = 1, int per_sm = 2) {  // passes: launched together (both kernels: 2)
+    const int sms = sm_count();
     int tp = out_pt(a.P);
-    while (tp % 64 == 0 && passes * a.B * a.H * (a.P / tp) * (a.N / out_pt(a.N)) < 2 * sms) tp /= 2;
+    while (tp % 64 == 0 && passes * a.B * a.H * (a.P / tp) * (a.N / out_pt(a.N)) < per_sm * sms) tp /= 2;
     return tp;
 }
 int64_t pass_grid(const SsdDev &a, int tp) { return a.B * a.H * (a.P / tp) * (a.N / out_pt(a.N)); }
@@ -2348,11 +2491,21 @@ int by_shape(int64_t P, int64_t N, F f) {
     return f(integral_constant<int, 0>(), integral_constant<int, 0>());
 }
 
+// v7's passes run (state_pass7): v7 (the default) at a shape compiled by by_shape (P 128, N 128 or 64), not v5's HALF
+template <bool HALF>
+bool pass7_ok(const SsdDev &a) { return !HALF && ssd_version() == 7 && a.P == 128 && (a.N == 128 || a.N == 64); }
+// v7's instance for a grid of `blocks`: 3 blocks per SM where that takes fewer waves than 2 (8 x 2048: 1024 blocks in
+// 3 waves instead of 4), else 2 (512 blocks: 2 waves either way, and the 2-per-SM instance does not spill)
+int pass7_minb(int64_t blocks) {
+    const int64_t sms = sm_count();
+    return (blocks + 3 * sms - 1) / (3 * sms) < (blocks + 2 * sms - 1) / (2 * sms) ? 3 : 2;
+}
+
 // The sequential state pass (GRAD: the state-gradient pass) with its P tile tp (HALF: v5's, every other state)
 template <bool GRAD, bool HALF = false>
 int launch_pass(const SsdDev &a, float *st_all, const float *init, float *fin, cudaStream_t st, char *err,
                 size_t errlen, const char *who) {
-    const int tp = pass_tp(a);
+    const int tp = pass_tp(a, 1, pass7_ok<HALF>(a) ? 1 : 2);
     const int64_t smem = pass_layout(tp, out_pt(a.N)).total;
     return by_shape(a.P, a.N, [&](auto pc, auto nc) {
         constexpr int PC = decltype(pc)::value, NC = decltype(nc)::value;
@@ -2361,6 +2514,19 @@ int launch_pass(const SsdDev &a, float *st_all, const float *init, float *fin, c
             kernel<<<(unsigned)pass_grid(a, tp), SSD_THREADS, (size_t)smem, st>>>(a, tp, st_all, init, fin);
             return scan_launch_check(err, errlen, who);
         };
+        if constexpr (PC != 0 && !HALF) {  // v7: the mma.sync pass at the compiled shapes (the stages alone)
+            auto go7 = [&](auto k3, auto k2) {  // the instances for 3 and 2 blocks per SM
+                const int64_t smem7 = PASS_STAGES * pass_layout(tp, out_pt(a.N)).stage, blocks = pass_grid(a, tp);
+                auto kernel = pass7_minb(blocks) == 3 ? k3 : k2;
+                if (set_smem(kernel, smem7, err, errlen, who)) return -1;
+                kernel<<<(unsigned)blocks, SSD_THREADS, (size_t)smem7, st>>>(a, st_all, init, fin);
+                return scan_launch_check(err, errlen, who);
+            };
+            if (pass7_ok<HALF>(a) && tp == 64)
+                return go7(ssd_state_pass7_kernel<GRAD, PC, NC, 64, 3>, ssd_state_pass7_kernel<GRAD, PC, NC, 64, 2>);
+            if (pass7_ok<HALF>(a) && tp == 32)
+                return go7(ssd_state_pass7_kernel<GRAD, PC, NC, 32, 3>, ssd_state_pass7_kernel<GRAD, PC, NC, 32, 2>);
+        }
         if (PC && tp == 64) return go(ssd_state_pass_kernel<GRAD, PC, NC, (PC ? 64 : 0), HALF>);
         if (PC && tp == 32) return go(ssd_state_pass_kernel<GRAD, PC, NC, (PC ? 32 : 0), HALF>);
         return go(ssd_state_pass_kernel<GRAD, 0, 0, 0, HALF>);
@@ -2370,7 +2536,7 @@ int launch_pass(const SsdDev &a, float *st_all, const float *init, float *fin, c
 // Both passes of the backward in one launch (v4; HALF: v5); the scalars kernel must have run.
 template <bool HALF>
 int launch_passes_both(const SsdDev &a, const float *init, cudaStream_t st, char *err, size_t errlen, const char *who) {
-    const int tp = pass_tp(a, 2);
+    const int tp = pass_tp(a, 2, pass7_ok<HALF>(a) ? 1 : 2);
     const int64_t smem = pass_layout(tp, out_pt(a.N)).total, nb = pass_grid(a, tp);
     if (2 * nb > 0x7fffffff) return scan_fail(err, errlen, "%s: %lld blocks exceed the grid limit", who, (long long)(2 * nb));
     return by_shape(a.P, a.N, [&](auto pc, auto nc) {
@@ -2380,6 +2546,19 @@ int launch_passes_both(const SsdDev &a, const float *init, cudaStream_t st, char
             kernel<<<(unsigned)(2 * nb), SSD_THREADS, (size_t)smem, st>>>(a, tp, nb, init);
             return scan_launch_check(err, errlen, who);
         };
+        if constexpr (PC != 0 && !HALF) {  // v7: the mma.sync passes at the compiled shapes (the stages alone)
+            auto go7 = [&](auto k3, auto k2) {  // the instances for 3 and 2 blocks per SM
+                const int64_t smem7 = PASS_STAGES * pass_layout(tp, out_pt(a.N)).stage;
+                auto kernel = pass7_minb(2 * nb) == 3 ? k3 : k2;
+                if (set_smem(kernel, smem7, err, errlen, who)) return -1;
+                kernel<<<(unsigned)(2 * nb), SSD_THREADS, (size_t)smem7, st>>>(a, nb, init);
+                return scan_launch_check(err, errlen, who);
+            };
+            if (pass7_ok<HALF>(a) && tp == 64)
+                return go7(ssd_state_pass7_both_kernel<PC, NC, 64, 3>, ssd_state_pass7_both_kernel<PC, NC, 64, 2>);
+            if (pass7_ok<HALF>(a) && tp == 32)
+                return go7(ssd_state_pass7_both_kernel<PC, NC, 32, 3>, ssd_state_pass7_both_kernel<PC, NC, 32, 2>);
+        }
         if (PC && tp == 64) return go(ssd_state_pass_both_kernel<PC, NC, (PC ? 64 : 0), HALF>);
         if (PC && tp == 32) return go(ssd_state_pass_both_kernel<PC, NC, (PC ? 32 : 0), HALF>);
         return go(ssd_state_pass_both_kernel<0, 0, 0, HALF>);
@@ -2432,7 +2611,7 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
     a.yvec = ((uintptr_t)y & 3) == 0;
     cudaStream_t st = (cudaStream_t)stream;
     static const char *names[] = {"",      "ssd_fwd_cuda v1", "ssd_fwd_cuda v2", "ssd_fwd_cuda v3", "ssd_fwd_cuda v4",
-                                  "ssd_fwd_cuda v5", "ssd_fwd_cuda v6"};
+                                  "ssd_fwd_cuda v5", "ssd_fwd_cuda v6", "ssd_fwd_cuda v7"};
     Stages tm(names[workspace ? ssd_version() : 1], st);
     if (workspace && !use_v1()) {  // v2: chunk states, scan, chunk outputs
         const int64_t blocks = a.B * a.H * a.nch * (a.P / out_pt(a.P));
@@ -2441,7 +2620,7 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
         const Ws w = make_ws(s, false);
         a.Sin = (float *)((char *)workspace + w.Sin), a.dl = (float *)((char *)workspace + w.dl);
         a.wv = (float *)((char *)workspace + w.wv), a.dv = (float *)((char *)workspace + w.dv);
-        const bool v4 = ssd_version() >= 4, v5 = ssd_version() == 5, v6 = ssd_version() == 6;
+        const bool v4 = ssd_version() >= 4, v5 = ssd_version() == 5, v6 = ssd_version() >= 6;  // v7: v6's chunk outputs
         const int64_t smem = v4 ? v4_layout(2, a.P, a.N, v5).total : out_layout(out_pt(a.P), a.N).total;
         if (smem_ok(max64(smem, cst_layout(a.P, a.N).total), err, errlen, who)) return -1;
         if (chunk_states(a, h0, h_last, st, tm, err, errlen, who)) return -1;
@@ -2489,15 +2668,16 @@ extern "C" int ssd_fwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t
 
 extern "C" size_t ssd_bwd_cuda_workspace(const SsdShape *s) { return make_ws(s, true).total; }
 
-namespace {
-// kept: the forward left the states entering the chunks and the chunk scalars in the workspace (its regions are the
-// first ones of the backward's: same offsets), so only the state-gradient pass runs (v4, v5).
-int ssd_bwd_impl(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A, const uint16_t *Bm,
-                 const uint16_t *Cm, const float *D, const float *dt_bias, const uint8_t *reset, const float *h0,
-                 const uint16_t *dy, const float *dh_last, uint16_t *dx, uint16_t *ddt, float *dA, uint16_t *dBm,
-                 uint16_t *dCm, float *dD, float *ddt_bias, float *dh0, void *workspace, ssd_stream_t stream,
-                 char *err, size_t errlen, bool kept) {
-    const char *who = kept ? "ssd_bwd_cuda_after_fwd" : "ssd_bwd_cuda";
+// kept (fwd_states): the forward left the states entering the chunks and the chunk scalars in the workspace (its
+// regions are the first ones of the backward's: same offsets), so only the state-gradient pass runs (v4-v7).
+extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A,
+                            const uint16_t *Bm, const uint16_t *Cm, const float *D, const float *dt_bias,
+                            const uint8_t *reset, const float *h0, const uint16_t *dy, const float *dh_last,
+                            uint16_t *dx, uint16_t *ddt, float *dA, uint16_t *dBm, uint16_t *dCm, float *dD,
+                            float *ddt_bias, float *dh0, void *workspace, int fwd_states, ssd_stream_t stream,
+                            char *err, size_t errlen) {
+    const bool kept = fwd_states != 0;
+    const char *who = kept ? "ssd_bwd_cuda (forward's states kept)" : "ssd_bwd_cuda";
     if (check_shape(s, err, errlen, who)) return -1;
     if (!x || !dt || !A || !Bm || !Cm || !dy || !dx || !ddt || !dA || !dBm || !dCm || !workspace)
         return scan_fail(err, errlen, "%s: x, dt, A, Bm, Cm, dy, dx, ddt, dA, dBm, dCm and workspace are required", who);
@@ -2520,7 +2700,7 @@ int ssd_bwd_impl(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const
     const int ver = ssd_version();
     const bool v1 = ver == 1;
     if (kept && ver < 4)
-        return scan_fail(err, errlen, "%s: the forward's states are kept by the v4-v6 kernels only (DISTILL_SSD=v%d)",
+        return scan_fail(err, errlen, "%s: the forward's states are kept by the v4-v7 kernels only (DISTILL_SSD=v%d)",
                          who, ver);
 
     const int64_t pass_blocks = a.B * a.H * (a.P / a.PT), chunk_blocks = a.B * a.H * a.nch;
@@ -2531,7 +2711,7 @@ int ssd_bwd_impl(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const
     if (smem_ok(max64(max64(v1 ? smem_fwd : smem_cst, smem_dst), smem_chunk), err, errlen, who)) return -1;
     cudaStream_t st = (cudaStream_t)stream;
     static const char *names[] = {"",      "ssd_bwd_cuda v1", "ssd_bwd_cuda v2", "ssd_bwd_cuda v3", "ssd_bwd_cuda v4",
-                                  "ssd_bwd_cuda v5", "ssd_bwd_cuda v6"};
+                                  "ssd_bwd_cuda v5", "ssd_bwd_cuda v6", "ssd_bwd_cuda v7"};
     Stages tm(names[ver], st);
     if (v1) {
         if (set_smem(ssd_fwd_kernel<false>, smem_fwd, err, errlen, who) ||
@@ -2600,7 +2780,7 @@ int ssd_bwd_impl(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const
                     return 0;
                 };
                 return v5 ? go(ssd_bwd_bc_kernel<PC, NC, true>, ssd_bwd_dx_kernel<PC, NC, true>)
-                     : ver == 6 ? go(ssd_bwd_bc_kernel<PC, NC, false, NC == 128 ? 2 : 1>,
+                     : ver >= 6 ? go(ssd_bwd_bc_kernel<PC, NC, false, NC == 128 ? 2 : 1>,
                                    ssd_bwd_dx_kernel<PC, NC, false, SSD_V6_PF_DX>)
                                 : go(ssd_bwd_bc_kernel<PC, NC, false>, ssd_bwd_dx_kernel<PC, NC, false>);
             }))
@@ -2628,25 +2808,4 @@ int ssd_bwd_impl(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const
     }
     tm.mark("reduce");
     return 0;
-}
-}  // namespace
-
-extern "C" int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A,
-                            const uint16_t *Bm, const uint16_t *Cm, const float *D, const float *dt_bias,
-                            const uint8_t *reset, const float *h0, const uint16_t *dy, const float *dh_last,
-                            uint16_t *dx, uint16_t *ddt, float *dA, uint16_t *dBm, uint16_t *dCm, float *dD,
-                            float *ddt_bias, float *dh0, void *workspace, ssd_stream_t stream, char *err,
-                            size_t errlen) {
-    return ssd_bwd_impl(s, x, dt, A, Bm, Cm, D, dt_bias, reset, h0, dy, dh_last, dx, ddt, dA, dBm, dCm, dD, ddt_bias,
-                        dh0, workspace, stream, err, errlen, false);
-}
-
-extern "C" int ssd_bwd_cuda_after_fwd(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A,
-                                      const uint16_t *Bm, const uint16_t *Cm, const float *D, const float *dt_bias,
-                                      const uint8_t *reset, const float *h0, const uint16_t *dy, const float *dh_last,
-                                      uint16_t *dx, uint16_t *ddt, float *dA, uint16_t *dBm, uint16_t *dCm, float *dD,
-                                      float *ddt_bias, float *dh0, void *workspace, ssd_stream_t stream, char *err,
-                                      size_t errlen) {
-    return ssd_bwd_impl(s, x, dt, A, Bm, Cm, D, dt_bias, reset, h0, dy, dh_last, dx, ddt, dA, dBm, dCm, dD, ddt_bias,
-                        dh0, workspace, stream, err, errlen, true);
 }

@@ -9,7 +9,8 @@
 // Chunking: the kernels always use chunks of SSD_CUDA_CHUNK tokens; s->chunk is ignored (the twin's result does not
 // depend on its chunk beyond rounding).
 // Environment (docs/KERNELS.md): DISTILL_SSD=v1|v2|v3|v4 selects an earlier kernel generation, v5 the states stored
-// every 128 tokens (default v6: v4's kernels with the state loads issued earlier and fewer barriers, same bits).
+// every 128 tokens, v6 the per-chunk kernels' state loads issued earlier (default v7: v6 with the state passes on
+// mma.sync).
 // Every pointer is a device pointer; every function only enqueues work on `stream` and returns 0, or -1 with a
 // message in err (which may be NULL) when the shape is outside what the kernels support:
 //   P (headdim) and N (dstate) multiples of 16 in [16, 128]; H % G == 0; batch, seqlen >= 1.
@@ -45,26 +46,20 @@ size_t ssd_bwd_cuda_workspace(const SsdShape *s);
 
 // Backward given dy [B,L,H,P] (bf16) and optionally dh_last [B,H,P,N]. Writes (does not accumulate) dx [B,L,H,P],
 // ddt [B,L,H] (w.r.t. the raw dt), dBm, dCm [B,L,G,N] (bf16), dA [H], dD [H] (if D and dD), ddt_bias [H]
-// (if dt_bias and ddt_bias), dh0 [B,H,P,N] (if h0 and dh0) in fp32. Forward quantities are recomputed.
+// (if dt_bias and ddt_bias), dh0 [B,H,P,N] (if h0 and dh0) in fp32.
 // workspace: at least ssd_bwd_cuda_workspace(s) bytes, 256-byte aligned (cudaMalloc).
+// fwd_states: 0: the forward's states and chunk scalars are recomputed (the workspace's contents do not matter).
+// 1: `workspace` is the one that the ssd_fwd_cuda call on the same inputs (x, dt, A, Bm, dt_bias, reset, h0; y may have
+// been NULL) was given, on the same stream before this call and with nothing else written to it since, under the same
+// kernel generation (v4-v6; DISTILL_SSD=v1..v3 refuse with a message). The forward's workspace is the first part of the
+// backward's (same offsets), so its states and chunk scalars are read in place and only the state-gradient pass runs:
+// it trades keeping that workspace from the forward to the backward (B*H*ceil(L/64)*P*N floats with v4 and v6,
+// half that with v5) for the forward-state pass. Both give the same results, bit for bit.
 int ssd_bwd_cuda(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A, const uint16_t *Bm,
                  const uint16_t *Cm, const float *D, const float *dt_bias, const uint8_t *reset, const float *h0,
                  const uint16_t *dy, const float *dh_last, uint16_t *dx, uint16_t *ddt, float *dA, uint16_t *dBm,
-                 uint16_t *dCm, float *dD, float *ddt_bias, float *dh0, void *workspace, ssd_stream_t stream,
-                 char *err, size_t errlen);
-
-// ssd_bwd_cuda without recomputing the forward's states: `workspace` (ssd_bwd_cuda_workspace(s) bytes) is the one
-// that the ssd_fwd_cuda call on the same inputs (x, dt, A, Bm, dt_bias, reset, h0; y may have been NULL) was given, on
-// the same stream before this call and with nothing else written to it since, under the same kernel generation (v4-v6:
-// DISTILL_SSD=v1..v3 refuse with a message). The forward's workspace is the first part of the backward's (same
-// offsets), so its states and chunk scalars are read in place and only the state-gradient pass runs: it trades keeping
-// that workspace from the forward to the backward (B*H*ceil(L/64)*P*N floats with v4 and v6, half that with v5) for the
-// forward-state pass. Same results, bit for bit, as ssd_bwd_cuda.
-int ssd_bwd_cuda_after_fwd(const SsdShape *s, const uint16_t *x, const uint16_t *dt, const float *A, const uint16_t *Bm,
-                           const uint16_t *Cm, const float *D, const float *dt_bias, const uint8_t *reset,
-                           const float *h0, const uint16_t *dy, const float *dh_last, uint16_t *dx, uint16_t *ddt,
-                           float *dA, uint16_t *dBm, uint16_t *dCm, float *dD, float *ddt_bias, float *dh0,
-                           void *workspace, ssd_stream_t stream, char *err, size_t errlen);
+                 uint16_t *dCm, float *dD, float *ddt_bias, float *dh0, void *workspace, int fwd_states,
+                 ssd_stream_t stream, char *err, size_t errlen);
 
 #ifdef __cplusplus
 }
