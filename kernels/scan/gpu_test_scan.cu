@@ -9,11 +9,11 @@
 // The backward and then the forward are also run twice and must give identical bits. The small cases run again with each selectable
 // version / option (defaults: forward v11, backward v12; DISTILL_SCAN_BWD=v13 (the forward storing states every 8
 // steps, alone and with 3 segments; v10 on every 8th for the shapes v13 does not take), =v11, =v10, =v8: v10 without time
-// segments; DISTILL_SCAN_BWD_NSEG=3 with v12, v11 and v10; DISTILL_SCAN_FWD=v10: 16-step forward tiles; =v14 and =v14p,
-// alone and with the 8-step checkpoints of DISTILL_SCAN_BWD=v13), and every
+// segments; DISTILL_SCAN_BWD_NSEG=3 with v12, v11 and v10; DISTILL_SCAN_FWD=v10: 16-step forward tiles; =v14, =v14p,
+// =v14d, and =v14c with the 8-step checkpoints of DISTILL_SCAN_BWD=v13), and every
 // conv case with the conv defaults (v2), with v1 (DISTILL_CONV_FWD/BWD=v1) and with the backward v2c8. Run with a version in the
 // environment and --only-huge to put it through the > 2^31 case too. Exit status 1 if any check fails.
-// Usage: gpu_test_scan [--no-huge | --quick | --only-huge]
+// Usage: gpu_test_scan [--no-huge | --quick | --mid | --only-huge]
 #include "kernels/scan/gpu_common.cuh"
 #include "kernels/scan/selective_scan_cuda.h"
 
@@ -347,8 +347,11 @@ static void run_conv_case(int64_t B, int64_t L, int64_t C, int W, int silu, int 
 int main(int argc, char **argv) {
     // --quick: only the scan cases of at most 2^22 elements, once (for compute-sanitizer runs); --only-huge: only the
     // > 2^31-element case (to put a version selected by the environment through it)
+    // --mid: the scan cases of at most 2^25 elements (the > 65535-block and L = 70000 ones included), once (to put a
+    // version selected by the environment through them without the variant passes)
     const int quick = argc > 1 && !strcmp(argv[1], "--quick"), only_huge = argc > 1 && !strcmp(argv[1], "--only-huge");
-    const int huge = !(argc > 1 && (!strcmp(argv[1], "--no-huge") || quick));
+    const int mid = argc > 1 && !strcmp(argv[1], "--mid");
+    const int huge = !(argc > 1 && (!strcmp(argv[1], "--no-huge") || quick || mid));
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
@@ -381,10 +384,11 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         if (!huge && cases[i].B * cases[i].L * cases[i].D > (1ll << 31)) continue;
         if (quick && cases[i].B * cases[i].L * cases[i].D > (1ll << 22)) continue;
+        if (mid && cases[i].B * cases[i].L * cases[i].D > (1ll << 25)) continue;
         if (only_huge && cases[i].B * cases[i].L * cases[i].D <= (1ll << 31)) continue;
         run_scan_case(&cases[i]);
     }
-    if (quick || only_huge) {
+    if (quick || mid || only_huge) {
         printf("gpu_test_scan: %d passed, %d failed\n", npass, nfail);
         return nfail ? 1 : 0;
     }
@@ -399,9 +403,9 @@ int main(int argc, char **argv) {
                                  {"DISTILL_SCAN_BWD", "v10", "DISTILL_SCAN_BWD_NSEG", "3"},
                                  {"DISTILL_SCAN_FWD", "v10", NULL, NULL},
                                  {"DISTILL_SCAN_FWD", "v14", NULL, NULL},
-                                 {"DISTILL_SCAN_FWD", "v14", "DISTILL_SCAN_BWD", "v13"},
                                  {"DISTILL_SCAN_FWD", "v14p", NULL, NULL},
-                                 {"DISTILL_SCAN_FWD", "v14p", "DISTILL_SCAN_BWD", "v13"}};
+                                 {"DISTILL_SCAN_FWD", "v14d", NULL, NULL},
+                                 {"DISTILL_SCAN_FWD", "v14c", "DISTILL_SCAN_BWD", "v13"}};
     for (const auto &v : variants) {
         if (getenv(v[0]) || (v[2] && getenv(v[2]))) continue;  // set by the caller: the main loop above already ran it
         setenv(v[0], v[1], 1);

@@ -417,6 +417,12 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
 //   step's B/C address is the lane's base plus a compile-time offset (v11: a run-time row stride per step).
 // NPOLY: the last NPOLY states of each lane take exp2 from an FMA-pipe polynomial (ex2_poly) instead of the MUFU, for
 // when the MUFU (16 exps per clock and SM: 20 per token-channel with softplus and gate) rather than issue limits.
+// DPASS (v14d): the tile's deltas (softplus) are computed in the conversion pass, 16 per thread, into fp32 shared
+// memory [FT/2][CPB][2] (a lane reads both steps of its pair with one 8-byte load); the pair then needs no delta
+// exchange, each lane reads both u and forms both delta*u itself (no shuffles but the y exchange), and the outputs
+// are staged over the dead dt rows. Same instructions in all; shorter dependent chains per pair.
+// v13's checkpoints (CK8) are written with streaming stores (st.global.cs): v14 with plain stores ran 0.745 ms at
+// 8 x 2048 against v11's 0.615 (H100, 56263ce); the launcher sends CK8 to v11 unless DISTILL_SCAN_FWD=v14c.
 constexpr int F14_T = 32;    // steps per tile
 constexpr int F14_GPAD = 16; // floats between the fp32 B/C groups
 
@@ -440,11 +446,20 @@ __device__ __forceinline__ float ex2_poly(float x) {
 template <int N>
 __host__ __device__ constexpr int f14_gs() { return F14_T * N + F14_GPAD; }
 template <int N>
-size_t f14_smem(const TileGeom &g) {
-    return 2 * (size_t)g.bytes + ((size_t)(g.pB + g.pC) / N * f14_gs<N>() + F14_T) * sizeof(float);
+size_t f14_smem(const TileGeom &g, bool dpass) {
+    return 2 * (size_t)g.bytes +
+           ((size_t)(g.pB + g.pC) / N * f14_gs<N>() + F14_T + (dpass ? F14_T * FWD1_THREADS : 0)) * sizeof(float);
+}
+template <int H>
+__device__ __forceinline__ void st_state_cs(float *ck, const float (&h)[H]) {
+    static_assert(H % 4 == 0, "float4 stores");
+#pragma unroll
+    for (int n = 0; n < H; n += 4)
+        asm volatile("st.global.cs.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(ck + n), "f"(h[n]), "f"(h[n + 1]), "f"(h[n + 2]),
+                     "f"(h[n + 3]) : "memory");
 }
 
-template <int N, bool PREPASS, bool HASZ, bool CK8, int NPOLY>
+template <int N, bool PREPASS, bool HASZ, bool CK8, int NPOLY, bool DPASS>
 __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdArgs p, const TileGeom geo) {
     constexpr int CPB = FWD1_THREADS, H = N / 2, FT = F14_T, GS = f14_gs<N>();
     static_assert(N == 8 || N == 16, "B/C spans convert in 8-element pieces within one group");
@@ -464,13 +479,14 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdAr
     int anyrs = 0;
 
     float *fB = (float *)(smem + 2 * geo.bytes), *fC = fB + geo.pB / N * GS, *fR = fC + geo.pC / N * GS;
+    float *fD = fR + FT;  // DPASS: deltas [FT/2][CPB][2]
     const float *sB = fB + (k.gb - k.gblo) * GS + k.n0, *sC = fC + (k.gc - k.gclo) * GS + k.n0;
     const int ntile = (int)((k.te - k.tb + FT - 1) / FT);
     // outputs of tile kt, staged over its u rows: 16-byte pieces (steps tid / 16 + 16 jj, channels 8 (tid & 15) + 8)
     auto store_out = [&](int kt) {
         const int64_t ts = k.tb + (int64_t)kt * FT;
         const int ns = (int)(k.te - ts < FT ? k.te - ts : FT), i0 = tid >> 4, ch = (tid & 15) * 8;
-        const bf16 *so = (const bf16 *)(smem + (kt & 1) * geo.bytes);
+        const bf16 *so = (const bf16 *)(smem + (kt & 1) * geo.bytes) + (DPASS ? FT * CPB : 0);
         bf16 *dst = p.out + (b * L + ts + i0) * D + k.c0 + ch;
 #pragma unroll
         for (int jj = 0; jj < FT / 16; jj++)
@@ -530,28 +546,58 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdAr
                 for (int x = (tid & 7) * 8; x < geo.pC; x += 64) cvt8(tC + x, fC + (x / N) * GS + i * N + x % N);
             if (tid < FT) fR[tid] = ((const uint8_t *)(tile + geo.offR))[tid] ? -INFINITY : 0.f;
         }
+        if (DPASS) {  // deltas of steps 2 pr, 2 pr + 1 (pr = tid / 16), channels c8 .. c8 + 7 (c8 = 8 (tid % 16))
+            // (two rounds of 4 channels: registers are short here, the lane's states are live)
+            const int pr = tid >> 4;
+#pragma unroll 1
+            for (int c4 = (tid & 15) * 8; c4 < (tid & 15) * 8 + 8; c4 += 4) {
+                const bf16 *tdt = (const bf16 *)tile + FT * CPB + 2 * pr * CPB + c4;
+                float x0[4], x1[4], bs[4];
+                lds_vec<4>(tdt, x0);
+                lds_vec<4>(tdt + CPB, x1);
+#pragma unroll
+                for (int q = 0; q < 4; q++) bs[q] = p.delta_bias && k.c0 + c4 + q < D ? __ldg(p.delta_bias + k.c0 + c4 + q) : 0.f;
+                float4 *dst = reinterpret_cast<float4 *>(fD + (pr * CPB + c4) * 2);
+#pragma unroll
+                for (int q = 0; q < 4; q += 2)
+                    dst[q / 2] = make_float4(softplus_dev(x0[q] + bs[q]), softplus_dev(x1[q] + bs[q]),
+                                             softplus_dev(x0[q + 1] + bs[q + 1]), softplus_dev(x1[q + 1] + bs[q + 1]));
+            }
+        }
         __syncthreads();
         issue(kt + 1);
         const int64_t ts = k.tb + (int64_t)kt * FT;
         const int ns = (int)(k.te - ts < FT ? k.te - ts : FT);
         if (!PREPASS && !CK8 && p.ckpt && (ts % SCAN_CKPT) == 0 && k.dvalid)
             st_state<H>(p.ckpt + ((b * p.nck + ts / SCAN_CKPT) * D + d) * N + k.n0, h);
+        const float *sdl = fD + 2 * k.cl;
         // v13's checkpoints: the state before steps ts + i, i % 8 == 0 (ts is a multiple of 32)
         float *ck8 = CK8 && !PREPASS ? p.ckpt + ((b * p.nck + ts / 8) * D + d) * N + k.n0 : nullptr;
         const int64_t ck8s = D * N;
-        bf16 *su = (bf16 *)tile + k.cl;  // u rows; a lane's outputs replace its own steps' u
-        const bf16 *sdt = su + FT * CPB, *sz = sdt + FT * CPB;
+        // u rows; a lane's outputs replace its own steps' u (DPASS: the dt rows, which the pass has consumed)
+        bf16 *su = (bf16 *)tile + k.cl, *sdt = su + FT * CPB, *so = DPASS ? sdt : su;
+        const bf16 *sz = sdt + FT * CPB;
         // steps i, i + 1 (i even); lane hf owns step i + hf: its delta, delta*u, gate and output
         auto pair = [&](int i0, int ii, bool full) {  // step pair i = i0 + ii (i0 a multiple of 16 or 0)
             const int i = i0 + ii;
-            if (CK8 && !PREPASS && (ii & 7) == 0 && k.dvalid) st_state<H>(ck8 + (i / 8) * ck8s, h);
+            if (CK8 && !PREPASS && (ii & 7) == 0 && k.dvalid) st_state_cs<H>(ck8 + (i / 8) * ck8s, h);
             const int me = i + hf;
             const bool vme = full || me < ns;  // padded steps: delta = 0, B = 0: identities
-            const float u_me = __bfloat162float(su[me * CPB]);
-            const float dl_me = vme ? softplus_dev(__bfloat162float(sdt[me * CPB]) + bias) : 0.f;
-            const float du_me = vme ? dl_me * u_me : 0.f;
-            const float dl[2] = {__shfl_sync(FULL_MASK, dl_me, 0, 2), __shfl_sync(FULL_MASK, dl_me, 1, 2)};
-            const float du[2] = {__shfl_sync(FULL_MASK, du_me, 0, 2), __shfl_sync(FULL_MASK, du_me, 1, 2)};
+            float u_me, dl[2], du[2];
+            if (DPASS) {
+                const bool v1 = full || i + 1 < ns;
+                const float2 dd = *reinterpret_cast<const float2 *>(sdl + i * CPB);  // (i / 2) * 2 CPB
+                const float u0 = __bfloat162float(su[i * CPB]), u1 = v1 ? __bfloat162float(su[(i + 1) * CPB]) : 0.f;
+                dl[0] = dd.x, dl[1] = v1 ? dd.y : 0.f;
+                du[0] = dl[0] * u0, du[1] = dl[1] * u1;
+                u_me = hf ? u1 : u0;
+            } else {
+                u_me = __bfloat162float(su[me * CPB]);
+                const float dl_me = vme ? softplus_dev(__bfloat162float(sdt[me * CPB]) + bias) : 0.f;
+                const float du_me = vme ? dl_me * u_me : 0.f;
+                dl[0] = __shfl_sync(FULL_MASK, dl_me, 0, 2), dl[1] = __shfl_sync(FULL_MASK, dl_me, 1, 2);
+                du[0] = __shfl_sync(FULL_MASK, du_me, 0, 2), du[1] = __shfl_sync(FULL_MASK, du_me, 1, 2);
+            }
             const float2 rx = *reinterpret_cast<const float2 *>(fR + i);  // a reset zeroes the decay: ex2(-inf) = 0
             float yp[2];
 #pragma unroll
@@ -580,7 +626,7 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdAr
                     const float zz = __bfloat162float(sz[me * CPB]);
                     o *= zz * sigmoid_dev(zz);
                 }
-                su[me * CPB] = __float2bfloat16_rn(o);
+                so[me * CPB] = __float2bfloat16_rn(o);
             }
         };
         if (ns == FT) {
@@ -2070,22 +2116,26 @@ int launch_bwd1(const Bwd1Args &a, cudaStream_t st) {
 
 // forward version: v11 (32-step tiles, 2 in flight, fast loader; aligned rows, N <= 16), the default since the H100
 // run of 1375774 (faster at every benchmarked shape), DISTILL_SCAN_FWD=v10 (16-step tiles, 3 in flight), =v14 (v11's
-// tiles, branch-free unrolled body, staged outputs; aligned rows, N = 8 or 16, else v11) or =v14p (v14 with one state
-// per lane in the main pass and two in the pre-pass on the FMA-pipe exp2). Read at every call.
+// tiles, branch-free unrolled body, staged outputs; aligned rows, N = 8 or 16, else v11), =v14p (v14 with one state
+// per lane in the main pass and two in the pre-pass on the FMA-pipe exp2), =v14d (v14 with the deltas computed per
+// tile, N = 16). v13's 8-step checkpoints go to v11 except with =v14c (v14's own, streaming stores; N = 16). Read at
+// every call.
+enum { FWD_V10 = 10, FWD_V11 = 11, FWD_V14 = 14, FWD_V14P, FWD_V14D, FWD_V14C };
 int fwd_ver() {
     const char *e = getenv("DISTILL_SCAN_FWD");
-    if (!e) return 11;
-    if (!strcmp(e, "v10")) return 10;
-    if (!strcmp(e, "v14")) return 14;
-    if (!strcmp(e, "v14p")) return 141;
-    return 11;
+    if (!e) return FWD_V11;
+    const char *names[] = {"v10", "v14", "v14p", "v14d", "v14c"};
+    const int vers[] = {FWD_V10, FWD_V14, FWD_V14P, FWD_V14D, FWD_V14C};
+    for (int i = 0; i < 5; i++)
+        if (!strcmp(e, names[i])) return vers[i];
+    return FWD_V11;
 }
 
-template <int N, int NPOLY, int NPOLY_PRE>
+template <int N, int NPOLY, int NPOLY_PRE, bool DPASS>
 int launch_fwd14(const FwdArgs &a, cudaStream_t st) {
     constexpr int CPB = FWD1_THREADS;
     const TileGeom g = make_geom(F14_T, CPB, 3, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
-    const size_t smem = f14_smem<N>(g);
+    const size_t smem = f14_smem<N>(g, DPASS);
     const int64_t blocks = (int64_t)a.nseg * a.B * ((a.D + CPB - 1) / CPB);
     auto go = [&](auto kern) {
         if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) return -1;
@@ -2093,10 +2143,14 @@ int launch_fwd14(const FwdArgs &a, cudaStream_t st) {
         return 0;
     };
     int rc = 0;
-    if (a.nseg > 1) rc |= go(scan_fwd14_kernel<N, true, false, false, NPOLY_PRE>);
+    if (a.nseg > 1) rc |= go(scan_fwd14_kernel<N, true, false, false, NPOLY_PRE, DPASS>);
     const bool ck8 = a.ck8 && a.ckpt;
-    if (a.z) rc |= ck8 ? go(scan_fwd14_kernel<N, false, true, true, NPOLY>) : go(scan_fwd14_kernel<N, false, true, false, NPOLY>);
-    else rc |= ck8 ? go(scan_fwd14_kernel<N, false, false, true, NPOLY>) : go(scan_fwd14_kernel<N, false, false, false, NPOLY>);
+    if (a.z)
+        rc |= ck8 ? go(scan_fwd14_kernel<N, false, true, true, NPOLY, DPASS>)
+                  : go(scan_fwd14_kernel<N, false, true, false, NPOLY, DPASS>);
+    else
+        rc |= ck8 ? go(scan_fwd14_kernel<N, false, false, true, NPOLY, DPASS>)
+                  : go(scan_fwd14_kernel<N, false, false, false, NPOLY, DPASS>);
     return rc;
 }
 
@@ -2125,12 +2179,16 @@ int launch_fwd_t(const FwdArgs &a, bool al16, cudaStream_t st) {
 template <int N>
 int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
     const int ver = fwd_ver();
+    const bool ck8 = a.ck8 && a.ckpt;
     if constexpr (N == 8 || N == 16)
-        if (al16 && ver == 14) return launch_fwd14<N, 0, 0>(a, st);
-    if constexpr (N == 16)
-        if (al16 && ver == 141) return launch_fwd14<N, 1, 2>(a, st);
+        if (al16 && ver == FWD_V14 && !ck8) return launch_fwd14<N, 0, 0, false>(a, st);
+    if constexpr (N == 16) {
+        if (al16 && ver == FWD_V14P && !ck8) return launch_fwd14<N, 1, 2, false>(a, st);
+        if (al16 && ver == FWD_V14D && !ck8) return launch_fwd14<N, 0, 0, true>(a, st);
+        if (al16 && ver == FWD_V14C) return launch_fwd14<N, 0, 0, false>(a, st);
+    }
     if constexpr (N <= 16)  // N = 32 spills at 32-step tiles
-        if (al16 && ver != 10) return launch_fwd_t<N, 32, 2, true>(a, al16, st);
+        if (al16 && ver != FWD_V10) return launch_fwd_t<N, 32, 2, true>(a, al16, st);
     return launch_fwd_t<N, FT0, FNST0, false>(a, al16, st);
 }
 
