@@ -402,68 +402,41 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
     fwd_state_out<N, PREPASS>(p, k, h, sd, anyrs);
 }
 
-// ---- forward v14 (DISTILL_SCAN_FWD=v14, v14p) ----------------------------------------------------------------
+// ---- forward v14 (DISTILL_SCAN_FWD=v14) ----------------------------------------------------------------------
 // v11's work split (lane pairs, 128 channels per block, 32-step tiles, 2 in flight), with the unrolled 16-step body
 // one basic block: v11's body had a branch per step pair (the v13 checkpoint test, the gate's z test, the
 // per-lane output store with its 64-bit address, the padded-step tests), and ptxas does not move instructions across
 // them, so each pair's chain (dt load, softplus, delta exchange, exps, y exchange, gate, store) ran exposed; the SASS
-// showed ~163 instructions per token-channel in the body, ~75 of them per-pair overhead. Here:
-// - z and the v13 checkpoints are template parameters; full tiles run steps known to be valid at compile time;
+// showed ~163 instructions per token-channel in the body, ~75 of them per-pair overhead. Here (~129 in the body, one
+// basic block, 128 registers, no spills):
+// - z is a template parameter, v13's 8-step checkpoints are left to v11; full tiles run steps known to be valid at
+//   compile time;
 // - each lane loads only its own step's u and computes delta*u once; the pair swaps delta and delta*u by 4 indexed
 //   shuffles (no selects);
 // - outputs go to shared memory, over the lane's own u (no other lane reads it), and leave as 16-byte rows after the
 //   next barrier (one 64-bit base per thread and tile instead of one address per 2-byte store);
 // - B and C in fp32 are group-major [group][FT][N] (+16 floats between groups against bank conflicts), so that a
 //   step's B/C address is the lane's base plus a compile-time offset (v11: a run-time row stride per step).
-// NPOLY: the last NPOLY states of each lane take exp2 from an FMA-pipe polynomial (ex2_poly) instead of the MUFU, for
-// when the MUFU (16 exps per clock and SM: 20 per token-channel with softplus and gate) rather than issue limits.
-// DPASS (v14d): the tile's deltas (softplus) are computed in the conversion pass, 16 per thread, into fp32 shared
-// memory [FT/2][CPB][2] (a lane reads both steps of its pair with one 8-byte load); the pair then needs no delta
-// exchange, each lane reads both u and forms both delta*u itself (no shuffles but the y exchange), and the outputs
-// are staged over the dead dt rows. Same instructions in all; shorter dependent chains per pair.
-// v13's checkpoints (CK8) are written with streaming stores (st.global.cs): v14 with plain stores ran 0.745 ms at
-// 8 x 2048 against v11's 0.615 (H100, 56263ce); the launcher sends CK8 to v11 unless DISTILL_SCAN_FWD=v14c.
+// Measured and dropped (H100, ba17932): the last state of each lane (two in the pre-pass) on an FMA-pipe exp2
+// polynomial instead of the MUFU (0.518 vs 0.516 ms at 8 x 2048: the MUFU is not the limit); the deltas computed per
+// tile in the conversion pass, no delta exchange (0.555); v13's 8-step checkpoints written by v14 (0.735 with
+// streaming stores, 0.745 with plain ones, against v11's 0.624), so the launcher sends them to v11.
 constexpr int F14_T = 32;    // steps per tile
 constexpr int F14_GPAD = 16; // floats between the fp32 B/C groups
-
-// 2^x on the FMA pipe: x = j + f with j = round(x), |f| <= 1/2; 2^f by a degree-5 polynomial (fitted for relative
-// error; 2.3e-7 at most in fp32 Horner, as ex2.approx), j added to the exponent bits. x is clamped at -125 (a reset's
-// -inf gives 2^-125 instead of 0, far below any state's rounding). Assumes x < 128 (A <= 0: x = delta A log2 e <= 0).
-__device__ __forceinline__ float ex2_poly(float x) {
-    x = fmaxf(x, -125.f);
-    const float t = x + 12582912.f;  // 1.5 * 2^23: round(x) lands in the low mantissa bits
-    const float f = x - (t - 12582912.f);
-    float q = 1.327647129e-3f;
-    q = fmaf(q, f, 9.675541893e-3f);
-    q = fmaf(q, f, 5.550713092e-2f);
-    q = fmaf(q, f, 2.402212024e-1f);
-    q = fmaf(q, f, 6.931469440e-1f);
-    q = fmaf(q, f, 1.000000119f);
-    return __int_as_float(__float_as_int(q) + (__float_as_int(t) << 23));
-}
 
 // bytes of dynamic shared memory: 2 staged tiles, then fp32 B groups, C groups [group][FT][N] (+ pad), reset floats
 template <int N>
 __host__ __device__ constexpr int f14_gs() { return F14_T * N + F14_GPAD; }
 template <int N>
-size_t f14_smem(const TileGeom &g, bool dpass) {
-    return 2 * (size_t)g.bytes +
-           ((size_t)(g.pB + g.pC) / N * f14_gs<N>() + F14_T + (dpass ? F14_T * FWD1_THREADS : 0)) * sizeof(float);
-}
-template <int H>
-__device__ __forceinline__ void st_state_cs(float *ck, const float (&h)[H]) {
-    static_assert(H % 4 == 0, "float4 stores");
-#pragma unroll
-    for (int n = 0; n < H; n += 4)
-        asm volatile("st.global.cs.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(ck + n), "f"(h[n]), "f"(h[n + 1]), "f"(h[n + 2]),
-                     "f"(h[n + 3]) : "memory");
+size_t f14_smem(const TileGeom &g) {
+    return 2 * (size_t)g.bytes + ((size_t)(g.pB + g.pC) / N * f14_gs<N>() + F14_T) * sizeof(float);
 }
 
-template <int N, bool PREPASS, bool HASZ, bool CK8, int NPOLY, bool DPASS>
+// 64-step checkpoints only (the launcher sends v13's 8-step ones to v11)
+template <int N, bool PREPASS, bool HASZ>
 __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdArgs p, const TileGeom geo) {
     constexpr int CPB = FWD1_THREADS, H = N / 2, FT = F14_T, GS = f14_gs<N>();
     static_assert(N == 8 || N == 16, "B/C spans convert in 8-element pieces within one group");
-    static_assert(NPOLY >= 0 && NPOLY <= H, "polynomial states");
     extern __shared__ __align__(16) char smem[];
     const FwdBlk k = fwd_blk<N, CPB>(p);
     if (PREPASS && k.seg == p.nseg - 1) return;
@@ -479,14 +452,13 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdAr
     int anyrs = 0;
 
     float *fB = (float *)(smem + 2 * geo.bytes), *fC = fB + geo.pB / N * GS, *fR = fC + geo.pC / N * GS;
-    float *fD = fR + FT;  // DPASS: deltas [FT/2][CPB][2]
     const float *sB = fB + (k.gb - k.gblo) * GS + k.n0, *sC = fC + (k.gc - k.gclo) * GS + k.n0;
     const int ntile = (int)((k.te - k.tb + FT - 1) / FT);
     // outputs of tile kt, staged over its u rows: 16-byte pieces (steps tid / 16 + 16 jj, channels 8 (tid & 15) + 8)
     auto store_out = [&](int kt) {
         const int64_t ts = k.tb + (int64_t)kt * FT;
         const int ns = (int)(k.te - ts < FT ? k.te - ts : FT), i0 = tid >> 4, ch = (tid & 15) * 8;
-        const bf16 *so = (const bf16 *)(smem + (kt & 1) * geo.bytes) + (DPASS ? FT * CPB : 0);
+        const bf16 *so = (const bf16 *)(smem + (kt & 1) * geo.bytes);
         bf16 *dst = p.out + (b * L + ts + i0) * D + k.c0 + ch;
 #pragma unroll
         for (int jj = 0; jj < FT / 16; jj++)
@@ -546,58 +518,23 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdAr
                 for (int x = (tid & 7) * 8; x < geo.pC; x += 64) cvt8(tC + x, fC + (x / N) * GS + i * N + x % N);
             if (tid < FT) fR[tid] = ((const uint8_t *)(tile + geo.offR))[tid] ? -INFINITY : 0.f;
         }
-        if (DPASS) {  // deltas of steps 2 pr, 2 pr + 1 (pr = tid / 16), channels c8 .. c8 + 7 (c8 = 8 (tid % 16))
-            // (two rounds of 4 channels: registers are short here, the lane's states are live)
-            const int pr = tid >> 4;
-#pragma unroll 1
-            for (int c4 = (tid & 15) * 8; c4 < (tid & 15) * 8 + 8; c4 += 4) {
-                const bf16 *tdt = (const bf16 *)tile + FT * CPB + 2 * pr * CPB + c4;
-                float x0[4], x1[4], bs[4];
-                lds_vec<4>(tdt, x0);
-                lds_vec<4>(tdt + CPB, x1);
-#pragma unroll
-                for (int q = 0; q < 4; q++) bs[q] = p.delta_bias && k.c0 + c4 + q < D ? __ldg(p.delta_bias + k.c0 + c4 + q) : 0.f;
-                float4 *dst = reinterpret_cast<float4 *>(fD + (pr * CPB + c4) * 2);
-#pragma unroll
-                for (int q = 0; q < 4; q += 2)
-                    dst[q / 2] = make_float4(softplus_dev(x0[q] + bs[q]), softplus_dev(x1[q] + bs[q]),
-                                             softplus_dev(x0[q + 1] + bs[q + 1]), softplus_dev(x1[q + 1] + bs[q + 1]));
-            }
-        }
         __syncthreads();
         issue(kt + 1);
         const int64_t ts = k.tb + (int64_t)kt * FT;
         const int ns = (int)(k.te - ts < FT ? k.te - ts : FT);
-        if (!PREPASS && !CK8 && p.ckpt && (ts % SCAN_CKPT) == 0 && k.dvalid)
+        if (!PREPASS && p.ckpt && (ts % SCAN_CKPT) == 0 && k.dvalid)
             st_state<H>(p.ckpt + ((b * p.nck + ts / SCAN_CKPT) * D + d) * N + k.n0, h);
-        const float *sdl = fD + 2 * k.cl;
-        // v13's checkpoints: the state before steps ts + i, i % 8 == 0 (ts is a multiple of 32)
-        float *ck8 = CK8 && !PREPASS ? p.ckpt + ((b * p.nck + ts / 8) * D + d) * N + k.n0 : nullptr;
-        const int64_t ck8s = D * N;
-        // u rows; a lane's outputs replace its own steps' u (DPASS: the dt rows, which the pass has consumed)
-        bf16 *su = (bf16 *)tile + k.cl, *sdt = su + FT * CPB, *so = DPASS ? sdt : su;
-        const bf16 *sz = sdt + FT * CPB;
+        bf16 *su = (bf16 *)tile + k.cl;  // u rows; a lane's outputs replace its own steps' u
+        const bf16 *sdt = su + FT * CPB, *sz = sdt + FT * CPB;
         // steps i, i + 1 (i even); lane hf owns step i + hf: its delta, delta*u, gate and output
-        auto pair = [&](int i0, int ii, bool full) {  // step pair i = i0 + ii (i0 a multiple of 16 or 0)
-            const int i = i0 + ii;
-            if (CK8 && !PREPASS && (ii & 7) == 0 && k.dvalid) st_state_cs<H>(ck8 + (i / 8) * ck8s, h);
+        auto pair = [&](int i, bool full) {
             const int me = i + hf;
             const bool vme = full || me < ns;  // padded steps: delta = 0, B = 0: identities
-            float u_me, dl[2], du[2];
-            if (DPASS) {
-                const bool v1 = full || i + 1 < ns;
-                const float2 dd = *reinterpret_cast<const float2 *>(sdl + i * CPB);  // (i / 2) * 2 CPB
-                const float u0 = __bfloat162float(su[i * CPB]), u1 = v1 ? __bfloat162float(su[(i + 1) * CPB]) : 0.f;
-                dl[0] = dd.x, dl[1] = v1 ? dd.y : 0.f;
-                du[0] = dl[0] * u0, du[1] = dl[1] * u1;
-                u_me = hf ? u1 : u0;
-            } else {
-                u_me = __bfloat162float(su[me * CPB]);
-                const float dl_me = vme ? softplus_dev(__bfloat162float(sdt[me * CPB]) + bias) : 0.f;
-                const float du_me = vme ? dl_me * u_me : 0.f;
-                dl[0] = __shfl_sync(FULL_MASK, dl_me, 0, 2), dl[1] = __shfl_sync(FULL_MASK, dl_me, 1, 2);
-                du[0] = __shfl_sync(FULL_MASK, du_me, 0, 2), du[1] = __shfl_sync(FULL_MASK, du_me, 1, 2);
-            }
+            const float u_me = __bfloat162float(su[me * CPB]);
+            const float dl_me = vme ? softplus_dev(__bfloat162float(sdt[me * CPB]) + bias) : 0.f;
+            const float du_me = vme ? dl_me * u_me : 0.f;
+            const float dl[2] = {__shfl_sync(FULL_MASK, dl_me, 0, 2), __shfl_sync(FULL_MASK, dl_me, 1, 2)};
+            const float du[2] = {__shfl_sync(FULL_MASK, du_me, 0, 2), __shfl_sync(FULL_MASK, du_me, 1, 2)};
             const float2 rx = *reinterpret_cast<const float2 *>(fR + i);  // a reset zeroes the decay: ex2(-inf) = 0
             float yp[2];
 #pragma unroll
@@ -610,7 +547,7 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdAr
 #pragma unroll
                 for (int n = 0; n < H; n++) {
                     const float x = fmaf(dl[j], A2[n], r);
-                    h[n] = (n >= H - NPOLY ? ex2_poly(x) : ex2f(x)) * h[n] + du[j] * Bv[n];
+                    h[n] = ex2f(x) * h[n] + du[j] * Bv[n];
                     if (!PREPASS) y = fmaf(Cv[n], h[n], y);
                 }
                 yp[j] = y;
@@ -626,18 +563,18 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdAr
                     const float zz = __bfloat162float(sz[me * CPB]);
                     o *= zz * sigmoid_dev(zz);
                 }
-                so[me * CPB] = __float2bfloat16_rn(o);
+                su[me * CPB] = __float2bfloat16_rn(o);
             }
         };
         if (ns == FT) {
 #pragma unroll 1
             for (int i0 = 0; i0 < FT; i0 += 16) {
 #pragma unroll
-                for (int i = 0; i < 16; i += 2) pair(i0, i, true);
+                for (int i = 0; i < 16; i += 2) pair(i0 + i, true);
             }
         } else {
 #pragma unroll 1
-            for (int i = 0; i < ns; i += 2) pair(0, i, false);
+            for (int i = 0; i < ns; i += 2) pair(i, false);
         }
         if (rs_dst) *rs_dst = rs_val, rs_dst = nullptr;  // the next tile's resets, read after the next barrier
     }
@@ -2115,43 +2052,12 @@ int launch_bwd1(const Bwd1Args &a, cudaStream_t st) {
 }
 
 // forward version: v11 (32-step tiles, 2 in flight, fast loader; aligned rows, N <= 16), the default since the H100
-// run of 1375774 (faster at every benchmarked shape), DISTILL_SCAN_FWD=v10 (16-step tiles, 3 in flight), =v14 (v11's
-// tiles, branch-free unrolled body, staged outputs; aligned rows, N = 8 or 16, else v11), =v14p (v14 with one state
-// per lane in the main pass and two in the pre-pass on the FMA-pipe exp2), =v14d (v14 with the deltas computed per
-// tile, N = 16). v13's 8-step checkpoints go to v11 except with =v14c (v14's own, streaming stores; N = 16). Read at
-// every call.
-enum { FWD_V10 = 10, FWD_V11 = 11, FWD_V14 = 14, FWD_V14P, FWD_V14D, FWD_V14C };
+// run of 1375774 (faster at every benchmarked shape), DISTILL_SCAN_FWD=v10 (16-step tiles, 3 in flight) or =v14 (v11's
+// tiles with a branch-free unrolled body and staged outputs; aligned rows, N = 8 or 16, 64-step checkpoints, else
+// v11). Read at every call.
 int fwd_ver() {
     const char *e = getenv("DISTILL_SCAN_FWD");
-    if (!e) return FWD_V11;
-    const char *names[] = {"v10", "v14", "v14p", "v14d", "v14c"};
-    const int vers[] = {FWD_V10, FWD_V14, FWD_V14P, FWD_V14D, FWD_V14C};
-    for (int i = 0; i < 5; i++)
-        if (!strcmp(e, names[i])) return vers[i];
-    return FWD_V11;
-}
-
-template <int N, int NPOLY, int NPOLY_PRE, bool DPASS>
-int launch_fwd14(const FwdArgs &a, cudaStream_t st) {
-    constexpr int CPB = FWD1_THREADS;
-    const TileGeom g = make_geom(F14_T, CPB, 3, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
-    const size_t smem = f14_smem<N>(g, DPASS);
-    const int64_t blocks = (int64_t)a.nseg * a.B * ((a.D + CPB - 1) / CPB);
-    auto go = [&](auto kern) {
-        if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) return -1;
-        kern<<<(unsigned)blocks, FWD2_THREADS, smem, st>>>(a, g);
-        return 0;
-    };
-    int rc = 0;
-    if (a.nseg > 1) rc |= go(scan_fwd14_kernel<N, true, false, false, NPOLY_PRE, DPASS>);
-    const bool ck8 = a.ck8 && a.ckpt;
-    if (a.z)
-        rc |= ck8 ? go(scan_fwd14_kernel<N, false, true, true, NPOLY, DPASS>)
-                  : go(scan_fwd14_kernel<N, false, true, false, NPOLY, DPASS>);
-    else
-        rc |= ck8 ? go(scan_fwd14_kernel<N, false, false, true, NPOLY, DPASS>)
-                  : go(scan_fwd14_kernel<N, false, false, false, NPOLY, DPASS>);
-    return rc;
+    return !e ? 11 : !strcmp(e, "v10") ? 10 : !strcmp(e, "v14") ? 14 : 11;
 }
 
 template <int N, int FT, int FNST, bool FAST>
@@ -2179,16 +2085,10 @@ int launch_fwd_t(const FwdArgs &a, bool al16, cudaStream_t st) {
 template <int N>
 int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
     const int ver = fwd_ver();
-    const bool ck8 = a.ck8 && a.ckpt;
-    if constexpr (N == 8 || N == 16)
-        if (al16 && ver == FWD_V14 && !ck8) return launch_fwd14<N, 0, 0, false>(a, st);
-    if constexpr (N == 16) {
-        if (al16 && ver == FWD_V14P && !ck8) return launch_fwd14<N, 1, 2, false>(a, st);
-        if (al16 && ver == FWD_V14D && !ck8) return launch_fwd14<N, 0, 0, true>(a, st);
-        if (al16 && ver == FWD_V14C) return launch_fwd14<N, 0, 0, false>(a, st);
-    }
+    if constexpr (N == 8 || N == 16)  // v13's 8-step checkpoints: v11 (v14's own stores ran slower)
+        if (al16 && ver == 14 && !(a.ck8 && a.ckpt)) return launch_fwd14<N>(a, st);
     if constexpr (N <= 16)  // N = 32 spills at 32-step tiles
-        if (al16 && ver != FWD_V10) return launch_fwd_t<N, 32, 2, true>(a, al16, st);
+        if (al16 && ver != 10) return launch_fwd_t<N, 32, 2, true>(a, al16, st);
     return launch_fwd_t<N, FT0, FNST0, false>(a, al16, st);
 }
 
