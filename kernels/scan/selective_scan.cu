@@ -402,7 +402,7 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
     fwd_state_out<N, PREPASS>(p, k, h, sd, anyrs);
 }
 
-// ---- forward v14 (DISTILL_SCAN_FWD=v14) ----------------------------------------------------------------------
+// ---- forward v14 (the default; DISTILL_SCAN_FWD=v11 selects v11 above) ---------------------------------------
 // v11's work split (lane pairs, 128 channels per block, 32-step tiles, 2 in flight), with the unrolled 16-step body
 // one basic block: v11's body had a branch per step pair (the v13 checkpoint test, the gate's z test, the
 // per-lane output store with its 64-bit address, the padded-step tests), and ptxas does not move instructions across
@@ -2051,13 +2051,30 @@ int launch_bwd1(const Bwd1Args &a, cudaStream_t st) {
     return 0;
 }
 
-// forward version: v11 (32-step tiles, 2 in flight, fast loader; aligned rows, N <= 16), the default since the H100
-// run of 1375774 (faster at every benchmarked shape), DISTILL_SCAN_FWD=v10 (16-step tiles, 3 in flight) or =v14 (v11's
-// tiles with a branch-free unrolled body and staged outputs; aligned rows, N = 8 or 16, 64-step checkpoints, else
-// v11). Read at every call.
+// forward version: v14 (v11's tiles with a branch-free unrolled body and staged outputs; aligned rows, N = 8 or 16, 64-step
+// checkpoints), the default since the H100 run of ba17932 (faster at all 9 benchmarked shapes); otherwise, and with
+// DISTILL_SCAN_FWD=v11, v11 (32-step tiles, 2 in flight, fast loader; aligned rows, N <= 16), the default before; with
+// DISTILL_SCAN_FWD=v10 or what neither takes, v10 (16-step tiles, 3 in flight). Read at every call.
 int fwd_ver() {
     const char *e = getenv("DISTILL_SCAN_FWD");
-    return !e ? 11 : !strcmp(e, "v10") ? 10 : !strcmp(e, "v14") ? 14 : 11;
+    return !e ? 14 : !strcmp(e, "v10") ? 10 : !strcmp(e, "v11") ? 11 : 14;
+}
+
+template <int N>
+int launch_fwd14(const FwdArgs &a, cudaStream_t st) {
+    constexpr int CPB = FWD1_THREADS;
+    const TileGeom g = make_geom(F14_T, CPB, 3, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
+    const size_t smem = f14_smem<N>(g);
+    const int64_t blocks = (int64_t)a.nseg * a.B * ((a.D + CPB - 1) / CPB);
+    auto go = [&](auto kern) {
+        if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) return -1;
+        kern<<<(unsigned)blocks, FWD2_THREADS, smem, st>>>(a, g);
+        return 0;
+    };
+    int rc = 0;
+    if (a.nseg > 1) rc |= go(scan_fwd14_kernel<N, true, false>);
+    rc |= a.z ? go(scan_fwd14_kernel<N, false, true>) : go(scan_fwd14_kernel<N, false, false>);
+    return rc;
 }
 
 template <int N, int FT, int FNST, bool FAST>
