@@ -4,7 +4,8 @@
 // 48 channels), and reports each as time, as a fraction of its memory floor (the fewest bytes it must move over a
 // device-to-device copy bandwidth measured in the same run) and against mamba_ssm's times on an H100 (issue 6).
 // Timing: CUDA events around every call, median of many calls after warm-up, inputs rotated among 3 sets so
-// that no call finds its inputs in L2. Usage: gpu_bench_scan [reps [BxL]] (BxL: only that shape, e.g. for ncu)
+// that no call finds its inputs in L2. Usage: gpu_bench_scan [reps [BxL|all [fwd]]] (BxL: only that shape, e.g. for
+// ncu; fwd: only the forward rows)
 #include <algorithm>
 #include <vector>
 
@@ -25,7 +26,8 @@ struct Set {
 
 int main(int argc, char **argv) {
     if (argc > 1) REPS = atoi(argv[1]);
-    const char *only = argc > 2 ? argv[2] : NULL;
+    const char *only = argc > 2 && strcmp(argv[2], "all") ? argv[2] : NULL;
+    const bool fwd_only = argc > 3 && !strcmp(argv[3], "fwd");
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     int clk_khz = 0;
@@ -106,6 +108,16 @@ int main(int argc, char **argv) {
         }
         unsetenv("DISTILL_SCAN_BWD_NSEG");
         CK(cudaMalloc(&bwsp, bws));
+        auto release = [&]() {
+            for (int k = 0; k < NSET; k++) {
+                void *ps[] = {set[k].u, set[k].dt, set[k].z, set[k].out, set[k].dout, set[k].du, set[k].ddt, set[k].dz,
+                              set[k].Bm, set[k].dB, set[k].Cm, set[k].dC, set[k].ckpt};
+                for (void *q : ps) CK(cudaFree(q));
+            }
+            void *ps[] = {A, Dk, bias, dA, dD, ddb, fw, bwsp};
+            for (void *q : ps)
+                if (q) CK(cudaFree(q));
+        };
         char err[256];
         auto fwd = [&](int i, int nseg, bool train) {
             Set &x = set[i % NSET];
@@ -156,10 +168,21 @@ int main(int argc, char **argv) {
         row("fwd-v10", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, mamba_f);
         row("fwd-v10-inf", median_ms([&](int i) { fwd(i, 0, false); }), fbytes, ex2_f, 0);
         unsetenv("DISTILL_SCAN_FWD");
-        // the forward as backward v13 needs it (checkpoints every 8 steps)
+        // the forward as backward v13 needs it (checkpoints every 8 steps; v11 writes them)
         setenv("DISTILL_SCAN_BWD", "v13", 1);
         row("fwd-ck8", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb13, ex2_f, mamba_f);
         unsetenv("DISTILL_SCAN_BWD");
+        // the previous default (DISTILL_SCAN_FWD=v11: v14's tiles with per-pair branches and 2-byte output stores)
+        setenv("DISTILL_SCAN_FWD", "v11", 1);
+        row("fwd-v11", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, mamba_f);
+        row("fwd-v11-inf", median_ms([&](int i) { fwd(i, 0, false); }), fbytes, ex2_f, 0);
+        unsetenv("DISTILL_SCAN_FWD");
+        // the default again (fwd-b), to bound the drift between the first rows and these
+        row("fwd-b", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, mamba_f);
+        if (fwd_only) {
+            release();
+            continue;
+        }
         for (int k = 0; k < NSET; k++) fwd(k, 0, true);
         // backward: the default (v12), then each selectable version (DISTILL_SCAN_BWD: v11, v12, v10, v13) and, at small
         // batch, forced segment counts of v11, v12 and v13 (v13 after forwards that store its 8-step checkpoints), and v12
@@ -234,14 +257,7 @@ int main(int argc, char **argv) {
             }
             CK(cudaFree(h)), CK(cudaFree(hk));
         }
-        for (int k = 0; k < NSET; k++) {
-            void *ps[] = {set[k].u, set[k].dt, set[k].z, set[k].out, set[k].dout, set[k].du, set[k].ddt, set[k].dz,
-                          set[k].Bm, set[k].dB, set[k].Cm, set[k].dC, set[k].ckpt};
-            for (void *p : ps) CK(cudaFree(p));
-        }
-        void *ps[] = {A, Dk, bias, dA, dD, ddb, fw, bwsp};
-        for (void *p : ps)
-            if (p) CK(cudaFree(p));
+        release();
     }
     printf("\nfloor = minimum bytes / copy bandwidth (fwd: u, dt, z, B, C in, out [+ fp32 checkpoints]; bwd: u, dt, z,\n"
            "dout, B, C, checkpoints in; du, ddt, dz, dB, dC out). ex2 = one exp2 per state and step (bwd: two) at 16/clk/SM.\n");

@@ -6,13 +6,14 @@
 // extreme delta and A, time segments, a grid of more than 65535 (batch x channel) blocks, L >= 65536, and
 // B*L*D > 2^31 (64-bit offsets; the reference is computed for the last channels of that problem, where offsets
 // are largest).
-// The backward is also run twice and must give identical bits. The small cases run again with each selectable
-// version / option (defaults: forward v11, backward v12; DISTILL_SCAN_BWD=v13 (the forward storing states every 8
+// The backward and then the forward are also run twice and must give identical bits. The small cases run again with each selectable
+// version / option (defaults: forward v14, backward v12; DISTILL_SCAN_BWD=v13 (the forward (v11) storing states every 8
 // steps, alone and with 3 segments; v10 on every 8th for the shapes v13 does not take), =v11, =v10, =v8: v10 without time
-// segments; DISTILL_SCAN_BWD_NSEG=3 with v12, v11 and v10; DISTILL_SCAN_FWD=v10: 16-step forward tiles), and every
+// segments; DISTILL_SCAN_BWD_NSEG=3 with v12, v11 and v10; DISTILL_SCAN_FWD=v10: 16-step forward tiles; =v11: the
+// forward default before v14), and every
 // conv case with the conv defaults (v2), with v1 (DISTILL_CONV_FWD/BWD=v1) and with the backward v2c8. Run with a version in the
 // environment and --only-huge to put it through the > 2^31 case too. Exit status 1 if any check fails.
-// Usage: gpu_test_scan [--no-huge | --quick | --only-huge]
+// Usage: gpu_test_scan [--no-huge | --quick | --mid | --only-huge]
 #include "kernels/scan/gpu_common.cuh"
 #include "kernels/scan/selective_scan_cuda.h"
 
@@ -105,9 +106,12 @@ static void run_scan_case(const GCase *c) {
     poison(out, nx), poison(hl, nh);
     char err[512] = "";
     const float *biasp = c->bias ? bias : NULL, *h0p = c->h0 ? h0 : NULL;
-    if (selective_scan_fwd_cuda(&s, (uint16_t *)u, (uint16_t *)dt, A, (uint16_t *)Bm, (uint16_t *)Cm, Dk,
-                                (uint16_t *)z, biasp, rs, h0p, (uint16_t *)out, hl, ckpt, c->nseg, fw, NULL, err,
-                                sizeof err)) {
+    auto fwd = [&]() {
+        return selective_scan_fwd_cuda(&s, (uint16_t *)u, (uint16_t *)dt, A, (uint16_t *)Bm, (uint16_t *)Cm, Dk,
+                                       (uint16_t *)z, biasp, rs, h0p, (uint16_t *)out, hl, ckpt, c->nseg, fw, NULL,
+                                       err, sizeof err);
+    };
+    if (fwd()) {
         printf("  FAIL forward refused: %s\n", err), nfail++;
         return;
     }
@@ -175,26 +179,33 @@ static void run_scan_case(const GCase *c) {
     if (c->bias) get_f(tf, ddb, 1, D, dlo, Ds), check(rel_f(tf, g_r[7], Ds), 5e-5, c->name, "bwd ddelta_bias");
     if (c->h0) get_f(tf, dh0, B, D * N, dlo * N, Ds * N), check(rel_f(tf, g_r[8], nhs), 5e-5, c->name, "bwd dh0");
 
-    // determinism: a second backward gives the same bits (checked on the whole outputs for small problems)
-    if (nx < (1ll << 26)) {
-        const int64_t sizes[5] = {nx * 2, nx * 2, nB * 2, nC * 2, D * N * 4};
-        void *bufs[5] = {du, ddt, dB, dC, dA};
-        char *first[5];
-        for (int i = 0; i < 5; i++) {
+    // determinism: a second backward, then a second forward, give the same bits (checked on the whole outputs,
+    // the forward's checkpoints included, for small problems)
+    auto repeat = [&](int n, const int64_t *sizes, void *const *bufs, auto again_call, const char *what) {
+        char *first[8];
+        for (int i = 0; i < n; i++) {
             first[i] = (char *)malloc((size_t)sizes[i]);
             CK(cudaMemcpy(first[i], bufs[i], (size_t)sizes[i], cudaMemcpyDeviceToHost));
             CK(cudaMemset(bufs[i], 0xFF, (size_t)sizes[i]));
         }
-        bwd();
+        again_call();
         CK(cudaDeviceSynchronize());
         int same = 1;
-        for (int i = 0; i < 5; i++) {
+        for (int i = 0; i < n; i++) {
             char *again = (char *)malloc((size_t)sizes[i]);
             CK(cudaMemcpy(again, bufs[i], (size_t)sizes[i], cudaMemcpyDeviceToHost));
             same &= !memcmp(again, first[i], (size_t)sizes[i]);
             free(again), free(first[i]);
         }
-        check(same ? 0.0 : 1.0, 0.0, c->name, "bwd bitwise repeatable");
+        check(same ? 0.0 : 1.0, 0.0, c->name, what);
+    };
+    if (nx < (1ll << 26)) {
+        const int64_t bsizes[5] = {nx * 2, nx * 2, nB * 2, nC * 2, D * N * 4};
+        void *bbufs[5] = {du, ddt, dB, dC, dA};
+        repeat(5, bsizes, bbufs, bwd, "bwd bitwise repeatable");
+        const int64_t fsizes[3] = {nx * 2, nh * 4, (int64_t)selective_scan_ckpt_elems(&s) * 4};
+        void *fbufs[3] = {out, hl, ckpt};
+        repeat(3, fsizes, fbufs, fwd, "fwd bitwise repeatable");
     }
     free(tb), free(tf), free(u_r), free(dt_r), free(z_r), free(B_r), free(C_r), free(do_r), free(A_r), free(D_r);
     free(b_r), free(h0_r), free(dhl_r), free(rs_r), free(out_r), free(hl_r);
@@ -336,8 +347,11 @@ static void run_conv_case(int64_t B, int64_t L, int64_t C, int W, int silu, int 
 int main(int argc, char **argv) {
     // --quick: only the scan cases of at most 2^22 elements, once (for compute-sanitizer runs); --only-huge: only the
     // > 2^31-element case (to put a version selected by the environment through it)
+    // --mid: the scan cases of at most 2^25 elements (the > 65535-block and L = 70000 ones included), once (to put a
+    // version selected by the environment through them without the variant passes)
     const int quick = argc > 1 && !strcmp(argv[1], "--quick"), only_huge = argc > 1 && !strcmp(argv[1], "--only-huge");
-    const int huge = !(argc > 1 && (!strcmp(argv[1], "--no-huge") || quick));
+    const int mid = argc > 1 && !strcmp(argv[1], "--mid");
+    const int huge = !(argc > 1 && (!strcmp(argv[1], "--no-huge") || quick || mid));
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
@@ -370,10 +384,11 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         if (!huge && cases[i].B * cases[i].L * cases[i].D > (1ll << 31)) continue;
         if (quick && cases[i].B * cases[i].L * cases[i].D > (1ll << 22)) continue;
+        if (mid && cases[i].B * cases[i].L * cases[i].D > (1ll << 25)) continue;
         if (only_huge && cases[i].B * cases[i].L * cases[i].D <= (1ll << 31)) continue;
         run_scan_case(&cases[i]);
     }
-    if (quick || only_huge) {
+    if (quick || mid || only_huge) {
         printf("gpu_test_scan: %d passed, %d failed\n", npass, nfail);
         return nfail ? 1 : 0;
     }
@@ -386,7 +401,8 @@ int main(int argc, char **argv) {
                                  {"DISTILL_SCAN_BWD", "v8", NULL, NULL},
                                  {"DISTILL_SCAN_BWD_NSEG", "3", NULL, NULL},
                                  {"DISTILL_SCAN_BWD", "v10", "DISTILL_SCAN_BWD_NSEG", "3"},
-                                 {"DISTILL_SCAN_FWD", "v10", NULL, NULL}};
+                                 {"DISTILL_SCAN_FWD", "v10", NULL, NULL},
+                                 {"DISTILL_SCAN_FWD", "v11", NULL, NULL}};
     for (const auto &v : variants) {
         if (getenv(v[0]) || (v[2] && getenv(v[2]))) continue;  // set by the caller: the main loop above already ran it
         setenv(v[0], v[1], 1);

@@ -182,6 +182,109 @@ __device__ __forceinline__ void load_acts_fast(bf16 *act, const bf16 *const (&sr
     }
 }
 
+// What a forward block works on (v11 and v14): blockIdx.x = (seg * B + b) * nblocks_d + block; lane pair (cl, hf)
+// of a block of CPB channels owns channel d = c0 + cl, states [n0, n0 + N/2). Out-of-range lanes (d >= D in the last
+// channel block) compute on a real channel and store nothing.
+struct FwdBlk {
+    int64_t b, c0, d, gc, gb, gclo, gblo, tb, te;
+    int seg, nchv, nCv, nBv, cl, hf, n0;
+    bool dvalid;
+};
+template <int N, int CPB>
+__device__ __forceinline__ FwdBlk fwd_blk(const FwdArgs &p) {
+    FwdBlk k;
+    const int64_t ncb = (p.D + CPB - 1) / CPB;
+    int64_t bid = blockIdx.x;
+    const int64_t cb = bid % ncb;
+    bid /= ncb;
+    k.b = bid % p.B;
+    k.seg = (int)(bid / p.B);
+    k.cl = threadIdx.x >> 1, k.hf = threadIdx.x & 1, k.n0 = k.hf * (N / 2);
+    k.c0 = cb * CPB;
+    const int64_t d_raw = k.c0 + k.cl;
+    k.nchv = (int)(p.D - k.c0 < CPB ? p.D - k.c0 : CPB);
+    k.dvalid = d_raw < p.D;
+    k.d = k.dvalid ? d_raw : p.D - 1;
+    k.gc = k.d / p.Dg, k.gb = k.d / p.Db;
+    k.gclo = k.c0 / p.Dg, k.gblo = k.c0 / p.Db;
+    k.nCv = (int)((k.c0 + k.nchv - 1) / p.Dg - k.gclo + 1) * N;
+    k.nBv = (int)((k.c0 + k.nchv - 1) / p.Db - k.gblo + 1) * N;
+    k.tb = (int64_t)k.seg * p.seglen, k.te = k.tb + p.seglen < p.L ? k.tb + p.seglen : p.L;
+    return k;
+}
+// A2 = A log2(e) of the lane's states; h = the state before the segment's first step: h0 (or 0), carried through the
+// earlier segments' local end states (h <- decay(s) * h + local_end(s), exact with resets); the pre-pass starts at 0
+template <int N, bool PREPASS>
+__device__ __forceinline__ void fwd_state_in(const FwdArgs &p, const FwdBlk &k, float (&A2)[N / 2], float (&h)[N / 2]) {
+    constexpr int H = N / 2;
+    const int64_t D = p.D, b = k.b, d = k.d;
+    const int n0 = k.n0;
+#pragma unroll
+    for (int n = 0; n < H; n++) A2[n] = p.A[d * N + n0 + n] * SCAN_LOG2E;
+#pragma unroll
+    for (int n = 0; n < H; n++) h[n] = (!PREPASS && p.h0) ? p.h0[(b * D + d) * N + n0 + n] : 0.f;
+    if (!PREPASS) {
+        for (int s = 0; s < k.seg; s++) {
+            const int64_t i = (b * p.nseg + s) * D + d;
+            const bool rs = p.seg_rs[i] != 0;
+            const float sd = p.seg_sd[i];
+#pragma unroll
+            for (int n = 0; n < H; n++) h[n] = (rs ? 0.f : ex2f(A2[n] * sd)) * h[n] + p.seg_h[i * N + n0 + n];
+        }
+    }
+}
+// after the last step: the pre-pass leaves the segment's local end state, sum delta since its last reset and whether
+// it holds a reset; the main pass the final state (last segment only)
+template <int N, bool PREPASS>
+__device__ __forceinline__ void fwd_state_out(const FwdArgs &p, const FwdBlk &k, const float (&h)[N / 2], float sd,
+                                              int anyrs) {
+    constexpr int H = N / 2;
+    if (!k.dvalid) return;
+    if (PREPASS) {
+        const int64_t i = (k.b * p.nseg + k.seg) * p.D + k.d;
+#pragma unroll
+        for (int n = 0; n < H; n++) p.seg_h[i * N + k.n0 + n] = h[n];
+        if (k.hf == 0) p.seg_sd[i] = sd, p.seg_rs[i] = anyrs;
+    } else if (k.seg == p.nseg - 1 && p.h_last) {
+#pragma unroll
+        for (int n = 0; n < H; n++) p.h_last[(k.b * p.D + k.d) * N + k.n0 + n] = h[n];
+    }
+}
+// a lane's H states as float4 stores (checkpoints)
+template <int H>
+__device__ __forceinline__ void st_state(float *ck, const float (&h)[H]) {
+    if constexpr (H % 4 == 0) {
+#pragma unroll
+        for (int n = 0; n < H; n += 4) reinterpret_cast<float4 *>(ck)[n / 4] = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
+    } else {
+#pragma unroll
+        for (int n = 0; n < H; n++) ck[n] = h[n];
+    }
+}
+// Issues the copies of tile kt (steps tb + kt FT ...) into slot kt % FNST, then commits a group (also when kt is past
+// the last tile, so that the wait counts stay fixed). FAST: a full tile's u/dt/z by load_acts_fast.
+template <int N, bool PREPASS, bool AL16, int FT, int FNST, bool FAST>
+__device__ __forceinline__ void fwd_issue(char *smem, const TileGeom &geo, const TileSrc &src, const FwdBlk &k,
+                                          int kt, int ntile) {
+    constexpr int CPB = FWD1_THREADS;
+    if (kt < ntile) {
+        const int64_t ts = k.tb + (int64_t)kt * FT, L = src.L, D = src.D;
+        const int ns = (int)(k.te - ts < FT ? k.te - ts : FT);
+        char *tl = smem + (kt % FNST) * geo.bytes;
+        const int tid = threadIdx.x;
+        if (FAST && ns == FT && k.nchv == CPB) {
+            load_acts_fast<FT, PREPASS ? 2 : 3>((bf16 *)tl, src.act, (k.b * L + ts + (tid >> 4)) * D + k.c0 + (tid & 15) * 8,
+                                                16 * D);
+            load_tile<FT, CPB, 0, FWD2_THREADS, AL16>(tl, geo, src, k.b, k.c0, k.nchv, k.gblo * N, k.nBv, k.gclo * N,
+                                                     PREPASS ? 0 : k.nCv, ts, ns);
+        } else {
+            load_tile<FT, CPB, 3, FWD2_THREADS, AL16>(tl, geo, src, k.b, k.c0, k.nchv, k.gblo * N, k.nBv, k.gclo * N,
+                                                     PREPASS ? 0 : k.nCv, ts, ns);
+        }
+    }
+    cp_async_commit();
+}
+
 // FT steps per tile, FNST tiles in flight. FAST (v11, the default; DISTILL_SCAN_FWD=v10 for v10): 32-step tiles with 2 in flight (half
 // the barriers, checkpoint tests and B/C conversion passes per step), full tiles' u/dt/z copied by load_acts_fast,
 // and the reset of each step as a float (0 or -inf) made in the conversion pass, one shared load per step.
@@ -191,68 +294,28 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
     static_assert(FT % 2 == 0 && SCAN_CKPT % FT == 0 && FNST >= 2, "steps go in pairs; tiles divide SCAN_CKPT");
     static_assert(!FAST || AL16, "the fast loader needs aligned rows");
     extern __shared__ __align__(16) char smem[];
-    const int64_t ncb = (p.D + CPB - 1) / CPB;
-    int64_t bid = blockIdx.x;
-    const int64_t cb = bid % ncb;
-    bid /= ncb;
-    const int64_t b = bid % p.B;
-    const int seg = (int)(bid / p.B);
-    if (PREPASS && seg == p.nseg - 1) return;
-    const int tid = threadIdx.x, cl = tid >> 1, hf = tid & 1, n0 = hf * H;
-    const int64_t c0 = cb * CPB, d_raw = c0 + cl;
-    const int nchv = (int)(p.D - c0 < CPB ? p.D - c0 : CPB);
-    const bool dvalid = d_raw < p.D;
-    const int64_t d = dvalid ? d_raw : p.D - 1;  // out-of-range lanes compute on a real channel, store nothing
-    const int64_t gc = d / p.Dg, gb = d / p.Db;
-    const int64_t gclo = c0 / p.Dg, gblo = c0 / p.Db;
-    const int nCv = (int)((c0 + nchv - 1) / p.Dg - gclo + 1) * N, nBv = (int)((c0 + nchv - 1) / p.Db - gblo + 1) * N;
-    const int64_t tb = (int64_t)seg * p.seglen, te = tb + p.seglen < p.L ? tb + p.seglen : p.L;
+    const FwdBlk k = fwd_blk<N, CPB>(p);
+    if (PREPASS && k.seg == p.nseg - 1) return;
+    const int tid = threadIdx.x, cl = k.cl, hf = k.hf, n0 = k.n0;
+    const bool dvalid = k.dvalid;
+    const int64_t b = k.b, d = k.d, gc = k.gc, gb = k.gb, gclo = k.gclo, gblo = k.gblo, tb = k.tb, te = k.te;
     const int64_t L = p.L, D = p.D;
     const TileSrc src = {{p.u, p.dt, PREPASS ? nullptr : p.z, nullptr}, p.Bm, p.Cm, p.reset, L, D, p.Gb * N, p.Gc * N};
 
     float A2[H], h[H];
-#pragma unroll
-    for (int n = 0; n < H; n++) A2[n] = p.A[d * N + n0 + n] * SCAN_LOG2E;
+    fwd_state_in<N, PREPASS>(p, k, A2, h);
     const float Dd = PREPASS ? 0.f : p.Dskip[d];
     const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
-#pragma unroll
-    for (int n = 0; n < H; n++) h[n] = (!PREPASS && p.h0) ? p.h0[(b * D + d) * N + n0 + n] : 0.f;
-    if (!PREPASS) {
-        for (int s = 0; s < seg; s++) {  // carry from the earlier segments: h <- decay(s) * h + local_end(s)
-            const int64_t i = (b * p.nseg + s) * D + d;
-            const bool rs = p.seg_rs[i] != 0;
-            const float sd = p.seg_sd[i];
-#pragma unroll
-            for (int n = 0; n < H; n++) h[n] = (rs ? 0.f : ex2f(A2[n] * sd)) * h[n] + p.seg_h[i * N + n0 + n];
-        }
-    }
     float sd = 0.f;
     int anyrs = 0;
 
     const int ntile = (int)((te - tb + FT - 1) / FT);
-    auto issue = [&](int kt) {
-        if (kt < ntile) {
-            const int64_t ts = tb + (int64_t)kt * FT;
-            const int ns = (int)(te - ts < FT ? te - ts : FT);
-            char *tl = smem + (kt % FNST) * geo.bytes;
-            if (FAST && ns == FT && nchv == CPB) {
-                load_acts_fast<FT, PREPASS ? 2 : 3>((bf16 *)tl, src.act, (b * L + ts + (tid >> 4)) * D + c0 + (tid & 15) * 8,
-                                                    16 * D);
-                load_tile<FT, CPB, 0, FWD2_THREADS, AL16>(tl, geo, src, b, c0, nchv, gblo * N, nBv, gclo * N,
-                                                         PREPASS ? 0 : nCv, ts, ns);
-            } else {
-                load_tile<FT, CPB, 3, FWD2_THREADS, AL16>(tl, geo, src, b, c0, nchv, gblo * N, nBv, gclo * N,
-                                                         PREPASS ? 0 : nCv, ts, ns);
-            }
-        }
-        cp_async_commit();
-    };
-    for (int k = 0; k < FNST - 1; k++) issue(k);
+    for (int kk = 0; kk < FNST - 1; kk++) fwd_issue<N, PREPASS, AL16, FT, FNST, FAST>(smem, geo, src, k, kk, ntile);
 
     for (int kt = 0; kt < ntile; kt++) {
         cp_async_wait<FNST - 2>();
         __syncthreads();
-        issue(kt + FNST - 1);
+        fwd_issue<N, PREPASS, AL16, FT, FNST, FAST>(smem, geo, src, k, kt + FNST - 1, ntile);
         const char *tile = smem + (kt % FNST) * geo.bytes;
         const bf16 *su = (const bf16 *)tile + cl, *sdt = su + FT * CPB, *sz = sdt + FT * CPB;
         const uint8_t *srs = (const uint8_t *)(tile + geo.offR);
@@ -273,14 +336,7 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
         const int64_t ts = tb + (int64_t)kt * FT;
         const int ns = (int)(te - ts < FT ? te - ts : FT);
         if (!PREPASS && p.ckpt && !p.ck8 && (ts % SCAN_CKPT) == 0 && dvalid) {
-            float *ck = p.ckpt + ((b * p.nck + ts / SCAN_CKPT) * D + d) * N + n0;
-            if constexpr (H % 4 == 0) {
-#pragma unroll
-                for (int n = 0; n < H; n += 4) reinterpret_cast<float4 *>(ck)[n / 4] = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
-            } else {
-#pragma unroll
-                for (int n = 0; n < H; n++) ck[n] = h[n];
-            }
+            st_state<H>(p.ckpt + ((b * p.nck + ts / SCAN_CKPT) * D + d) * N + n0, h);
         }
         bf16 *outp = PREPASS ? nullptr : p.out + (b * L + ts) * D + d;
         const bool hasz = !PREPASS && p.z != nullptr;
@@ -288,14 +344,7 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
         // ck8: the state before steps ts + i with i % 8 == 0 (ts is a multiple of 16), 2 float4 per lane
         auto pair = [&](int i, bool ck_here) {
             if (!PREPASS && ck_here && p.ck8 && p.ckpt && dvalid) {
-                float *ck = p.ckpt + ((b * p.nck + (ts + i) / 8) * D + d) * N + n0;
-                if constexpr (H % 4 == 0) {
-#pragma unroll
-                    for (int n = 0; n < H; n += 4) reinterpret_cast<float4 *>(ck)[n / 4] = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
-                } else {
-#pragma unroll
-                    for (int n = 0; n < H; n++) ck[n] = h[n];
-                }
+                st_state<H>(p.ckpt + ((b * p.nck + (ts + i) / 8) * D + d) * N + n0, h);
             }
             const int me = i + hf;
             const bool vme = me < ns, v1 = i + 1 < ns;
@@ -350,16 +399,191 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
         }
     }
     cp_async_wait<0>();
-    if (!dvalid) return;
-    if (PREPASS) {
-        const int64_t i = (b * p.nseg + seg) * D + d;
+    fwd_state_out<N, PREPASS>(p, k, h, sd, anyrs);
+}
+
+// ---- forward v14 (the default; DISTILL_SCAN_FWD=v11 selects v11 above) ---------------------------------------
+// v11's work split (lane pairs, 128 channels per block, 32-step tiles, 2 in flight), with the unrolled 16-step body
+// one basic block: v11's body had a branch per step pair (the v13 checkpoint test, the gate's z test, the
+// per-lane output store with its 64-bit address, the padded-step tests), and ptxas does not move instructions across
+// them, so each pair's chain (dt load, softplus, delta exchange, exps, y exchange, gate, store) ran exposed; the SASS
+// showed ~163 instructions per token-channel in the body, ~75 of them per-pair overhead. Here (~129 in the body, one
+// basic block, 128 registers, no spills):
+// - z is a template parameter, v13's 8-step checkpoints are left to v11; full tiles run steps known to be valid at
+//   compile time;
+// - each lane loads only its own step's u and computes delta*u once; the pair swaps delta and delta*u by 4 indexed
+//   shuffles (no selects);
+// - outputs go to shared memory, over the lane's own u (no other lane reads it), and leave as 16-byte rows after the
+//   next barrier (one 64-bit base per thread and tile instead of one address per 2-byte store);
+// - B and C in fp32 are group-major [group][FT][N] (+16 floats between groups against bank conflicts), so that a
+//   step's B/C address is the lane's base plus a compile-time offset (v11: a run-time row stride per step).
+// Measured and dropped (H100, ba17932): the last state of each lane (two in the pre-pass) on an FMA-pipe exp2
+// polynomial instead of the MUFU (0.518 vs 0.516 ms at 8 x 2048: the MUFU is not the limit); the deltas computed per
+// tile in the conversion pass, no delta exchange (0.555); v13's 8-step checkpoints written by v14 (0.735 with
+// streaming stores, 0.745 with plain ones, against v11's 0.624), so the launcher sends them to v11.
+constexpr int F14_T = 32;    // steps per tile
+constexpr int F14_GPAD = 16; // floats between the fp32 B/C groups
+
+// bytes of dynamic shared memory: 2 staged tiles, then fp32 B groups, C groups [group][FT][N] (+ pad), reset floats
+template <int N>
+__host__ __device__ constexpr int f14_gs() { return F14_T * N + F14_GPAD; }
+template <int N>
+size_t f14_smem(const TileGeom &g) {
+    return 2 * (size_t)g.bytes + ((size_t)(g.pB + g.pC) / N * f14_gs<N>() + F14_T) * sizeof(float);
+}
+
+// 64-step checkpoints only (the launcher sends v13's 8-step ones to v11)
+template <int N, bool PREPASS, bool HASZ>
+__global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdArgs p, const TileGeom geo) {
+    constexpr int CPB = FWD1_THREADS, H = N / 2, FT = F14_T, GS = f14_gs<N>();
+    static_assert(N == 8 || N == 16, "B/C spans convert in 8-element pieces within one group");
+    extern __shared__ __align__(16) char smem[];
+    const FwdBlk k = fwd_blk<N, CPB>(p);
+    if (PREPASS && k.seg == p.nseg - 1) return;
+    const int tid = threadIdx.x, hf = k.hf;
+    const int64_t L = p.L, D = p.D, b = k.b, d = k.d;
+    const TileSrc src = {{p.u, p.dt, (PREPASS || !HASZ) ? nullptr : p.z, nullptr}, p.Bm, p.Cm, p.reset, L, D,
+                         p.Gb * N, p.Gc * N};
+    float A2[H], h[H];
+    fwd_state_in<N, PREPASS>(p, k, A2, h);
+    const float Dd = PREPASS ? 0.f : p.Dskip[d];
+    const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
+    float sd = 0.f;
+    int anyrs = 0;
+
+    float *fB = (float *)(smem + 2 * geo.bytes), *fC = fB + geo.pB / N * GS, *fR = fC + geo.pC / N * GS;
+    const float *sB = fB + (k.gb - k.gblo) * GS + k.n0, *sC = fC + (k.gc - k.gclo) * GS + k.n0;
+    const int ntile = (int)((k.te - k.tb + FT - 1) / FT);
+    // outputs of tile kt, staged over its u rows: 16-byte pieces (steps tid / 16 + 16 jj, channels 8 (tid & 15) + 8)
+    auto store_out = [&](int kt) {
+        const int64_t ts = k.tb + (int64_t)kt * FT;
+        const int ns = (int)(k.te - ts < FT ? k.te - ts : FT), i0 = tid >> 4, ch = (tid & 15) * 8;
+        const bf16 *so = (const bf16 *)(smem + (kt & 1) * geo.bytes);
+        bf16 *dst = p.out + (b * L + ts + i0) * D + k.c0 + ch;
 #pragma unroll
-        for (int n = 0; n < H; n++) p.seg_h[i * N + n0 + n] = h[n];
-        if (hf == 0) p.seg_sd[i] = sd, p.seg_rs[i] = anyrs;
-    } else if (seg == p.nseg - 1 && p.h_last) {
+        for (int jj = 0; jj < FT / 16; jj++)
+            if (i0 + 16 * jj < ns && ch < k.nchv)
+                *reinterpret_cast<uint4 *>(dst + jj * 16 * D) = *reinterpret_cast<const uint4 *>(so + (i0 + 16 * jj) * CPB + ch);
+    };
+    // Copies of tile kt into slot kt & 1. Full tiles of full channel blocks: u/dt/z by load_acts_fast, and B/C with
+    // thread tid on step tid / 8, pieces 8 (tid % 8) + 64 m of the spans (no index division); the reset bytes go
+    // through a register (rs_val, stored to the slot after this tile's steps) rather than a load that would stall
+    // warp 0 right away. Other tiles: load_tile.
+    uint8_t rs_val = 0;
+    uint8_t *rs_dst = nullptr;
+    auto issue = [&](int kt) {
+        if (kt < ntile) {
+            const int64_t ts = k.tb + (int64_t)kt * FT;
+            const int ns = (int)(k.te - ts < FT ? k.te - ts : FT);
+            char *tl = smem + (kt & 1) * geo.bytes;
+            if (ns == FT && k.nchv == CPB) {
+                load_acts_fast<FT, PREPASS ? 2 : 3>((bf16 *)tl, src.act, (b * L + ts + (tid >> 4)) * D + k.c0 + (tid & 15) * 8,
+                                                    16 * D);
+                const int i = tid >> 3;
+                const int64_t row = b * L + ts + i;
+                const bf16 *gB = p.Bm + row * src.GbN + k.gblo * N, *gC = p.Cm + row * src.GcN + k.gclo * N;
+                bf16 *tB = (bf16 *)(tl + geo.offB) + i * geo.pB, *tC = (bf16 *)(tl + geo.offC) + i * geo.pC;
+                for (int x = (tid & 7) * 8; x < k.nBv; x += 64) cp_async16(tB + x, gB + x);
+                if (!PREPASS)
+                    for (int x = (tid & 7) * 8; x < k.nCv; x += 64) cp_async16(tC + x, gC + x);
+                if (tid < FT) {
+                    rs_val = p.reset ? p.reset[b * L + ts + tid] : 0;
+                    rs_dst = (uint8_t *)(tl + geo.offR) + tid;
+                }
+            } else {
+                load_tile<FT, CPB, 3, FWD2_THREADS, true>(tl, geo, src, b, k.c0, k.nchv, k.gblo * N, k.nBv, k.gclo * N,
+                                                         PREPASS ? 0 : k.nCv, ts, ns);
+            }
+        }
+        cp_async_commit();
+    };
+    issue(0);
+    if (rs_dst) *rs_dst = rs_val, rs_dst = nullptr;
+    for (int kt = 0; kt < ntile; kt++) {
+        cp_async_wait<0>();
+        __syncthreads();
+        if (!PREPASS && kt > 0) store_out(kt - 1);
+        const char *tile = smem + (kt & 1) * geo.bytes;
+        {  // B (and C) spans to fp32, 8 elements per piece (one group), resets to 0 / -inf
+            const int i = tid >> 3;  // 8 threads per step
+            const bf16 *tB = (const bf16 *)(tile + geo.offB) + i * geo.pB, *tC = (const bf16 *)(tile + geo.offC) + i * geo.pC;
+            auto cvt8 = [&](const bf16 *s, float *dst) {
+                float v[8];
+                lds_vec<8>(s, v);
+                reinterpret_cast<float4 *>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+                reinterpret_cast<float4 *>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+            };
+            for (int x = (tid & 7) * 8; x < geo.pB; x += 64) cvt8(tB + x, fB + (x / N) * GS + i * N + x % N);
+            if (!PREPASS)
+                for (int x = (tid & 7) * 8; x < geo.pC; x += 64) cvt8(tC + x, fC + (x / N) * GS + i * N + x % N);
+            if (tid < FT) fR[tid] = ((const uint8_t *)(tile + geo.offR))[tid] ? -INFINITY : 0.f;
+        }
+        __syncthreads();
+        issue(kt + 1);
+        const int64_t ts = k.tb + (int64_t)kt * FT;
+        const int ns = (int)(k.te - ts < FT ? k.te - ts : FT);
+        if (!PREPASS && p.ckpt && (ts % SCAN_CKPT) == 0 && k.dvalid)
+            st_state<H>(p.ckpt + ((b * p.nck + ts / SCAN_CKPT) * D + d) * N + k.n0, h);
+        bf16 *su = (bf16 *)tile + k.cl;  // u rows; a lane's outputs replace its own steps' u
+        const bf16 *sdt = su + FT * CPB, *sz = sdt + FT * CPB;
+        // steps i, i + 1 (i even); lane hf owns step i + hf: its delta, delta*u, gate and output
+        auto pair = [&](int i, bool full) {
+            const int me = i + hf;
+            const bool vme = full || me < ns;  // padded steps: delta = 0, B = 0: identities
+            const float u_me = __bfloat162float(su[me * CPB]);
+            const float dl_me = vme ? softplus_dev(__bfloat162float(sdt[me * CPB]) + bias) : 0.f;
+            const float du_me = vme ? dl_me * u_me : 0.f;
+            const float dl[2] = {__shfl_sync(FULL_MASK, dl_me, 0, 2), __shfl_sync(FULL_MASK, dl_me, 1, 2)};
+            const float du[2] = {__shfl_sync(FULL_MASK, du_me, 0, 2), __shfl_sync(FULL_MASK, du_me, 1, 2)};
+            const float2 rx = *reinterpret_cast<const float2 *>(fR + i);  // a reset zeroes the decay: ex2(-inf) = 0
+            float yp[2];
 #pragma unroll
-        for (int n = 0; n < H; n++) p.h_last[(b * D + d) * N + n0 + n] = h[n];
+            for (int j = 0; j < 2; j++) {
+                const float r = j ? rx.y : rx.x;
+                float Bv[H], Cv[H];
+                ldsf_vec<H>(sB + (i + j) * N, Bv);
+                if (!PREPASS) ldsf_vec<H>(sC + (i + j) * N, Cv);
+                float y = 0.f;
+#pragma unroll
+                for (int n = 0; n < H; n++) {
+                    const float x = fmaf(dl[j], A2[n], r);
+                    h[n] = ex2f(x) * h[n] + du[j] * Bv[n];
+                    if (!PREPASS) y = fmaf(Cv[n], h[n], y);
+                }
+                yp[j] = y;
+                if (PREPASS) {
+                    sd = r != 0.f ? dl[j] : sd + dl[j];
+                    anyrs |= r != 0.f;
+                }
+            }
+            if (!PREPASS) {
+                const float mine = hf ? yp[0] : yp[1], keep = hf ? yp[1] : yp[0];  // send the partner's step
+                float o = fmaf(Dd, u_me, keep + __shfl_xor_sync(FULL_MASK, mine, 1));
+                if (HASZ) {
+                    const float zz = __bfloat162float(sz[me * CPB]);
+                    o *= zz * sigmoid_dev(zz);
+                }
+                su[me * CPB] = __float2bfloat16_rn(o);
+            }
+        };
+        if (ns == FT) {
+#pragma unroll 1
+            for (int i0 = 0; i0 < FT; i0 += 16) {
+#pragma unroll
+                for (int i = 0; i < 16; i += 2) pair(i0 + i, true);
+            }
+        } else {
+#pragma unroll 1
+            for (int i = 0; i < ns; i += 2) pair(i, false);
+        }
+        if (rs_dst) *rs_dst = rs_val, rs_dst = nullptr;  // the next tile's resets, read after the next barrier
     }
+    cp_async_wait<0>();
+    if (!PREPASS && ntile > 0) {
+        __syncthreads();
+        store_out(ntile - 1);
+    }
+    fwd_state_out<N, PREPASS>(p, k, h, sd, anyrs);
 }
 
 // ---- backward ----------------------------------------------------------------------------------------------
@@ -1825,11 +2049,30 @@ int launch_bwd1(const Bwd1Args &a, cudaStream_t st) {
     return 0;
 }
 
-// forward version: v11 (32-step tiles, 2 in flight, fast loader; aligned rows, N <= 16), the default since the H100
-// run of 1375774 (faster at every benchmarked shape), or DISTILL_SCAN_FWD=v10 (16-step tiles, 3 in flight)
-bool fwd_v11() {
+// forward version: v14 (v11's tiles with a branch-free unrolled body and staged outputs; aligned rows, N = 8 or 16, 64-step
+// checkpoints), the default since the H100 run of ba17932 (faster at all 9 benchmarked shapes); otherwise, and with
+// DISTILL_SCAN_FWD=v11, v11 (32-step tiles, 2 in flight, fast loader; aligned rows, N <= 16), the default before; with
+// DISTILL_SCAN_FWD=v10 or what neither takes, v10 (16-step tiles, 3 in flight). Read at every call.
+int fwd_ver() {
     const char *e = getenv("DISTILL_SCAN_FWD");
-    return !e || strcmp(e, "v10") != 0;
+    return !e ? 14 : !strcmp(e, "v10") ? 10 : !strcmp(e, "v11") ? 11 : 14;
+}
+
+template <int N>
+int launch_fwd14(const FwdArgs &a, cudaStream_t st) {
+    constexpr int CPB = FWD1_THREADS;
+    const TileGeom g = make_geom(F14_T, CPB, 3, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
+    const size_t smem = f14_smem<N>(g);
+    const int64_t blocks = (int64_t)a.nseg * a.B * ((a.D + CPB - 1) / CPB);
+    auto go = [&](auto kern) {
+        if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) return -1;
+        kern<<<(unsigned)blocks, FWD2_THREADS, smem, st>>>(a, g);
+        return 0;
+    };
+    int rc = 0;
+    if (a.nseg > 1) rc |= go(scan_fwd14_kernel<N, true, false>);
+    rc |= a.z ? go(scan_fwd14_kernel<N, false, true>) : go(scan_fwd14_kernel<N, false, false>);
+    return rc;
 }
 
 template <int N, int FT, int FNST, bool FAST>
@@ -1856,8 +2099,11 @@ int launch_fwd_t(const FwdArgs &a, bool al16, cudaStream_t st) {
 }
 template <int N>
 int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
+    const int ver = fwd_ver();
+    if constexpr (N == 8 || N == 16)  // v13's 8-step checkpoints: v11 (v14's own stores ran slower)
+        if (al16 && ver == 14 && !(a.ck8 && a.ckpt)) return launch_fwd14<N>(a, st);
     if constexpr (N <= 16)  // N = 32 spills at 32-step tiles
-        if (al16 && fwd_v11()) return launch_fwd_t<N, 32, 2, true>(a, al16, st);
+        if (al16 && ver != 10) return launch_fwd_t<N, 32, 2, true>(a, al16, st);
     return launch_fwd_t<N, FT0, FNST0, false>(a, al16, st);
 }
 
