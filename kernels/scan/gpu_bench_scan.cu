@@ -177,18 +177,14 @@ int main(int argc, char **argv) {
         row("fwd-v11", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, mamba_f);
         row("fwd-v11-inf", median_ms([&](int i) { fwd(i, 0, false); }), fbytes, ex2_f, 0);
         unsetenv("DISTILL_SCAN_FWD");
-        // the opt-in v15 (DISTILL_SCAN_FWD=v15: v14 with the step pairs' scalars one pair ahead; v15b: two pairs ahead)
-        for (const char *v : {"v15", "v15b"}) {
+        // the opt-in v15 experiments (DISTILL_SCAN_FWD=v15u8 / v15u4: v14 with 8- / 4-step unrolled pieces; v15y: two y
+        // accumulators), training and inference
+        for (const char *v : {"v15u8", "v15u4", "v15y"}) {
             char k[2][24];
             snprintf(k[0], sizeof k[0], "fwd-%s", v), snprintf(k[1], sizeof k[1], "fwd-%s-inf", v);
             setenv("DISTILL_SCAN_FWD", v, 1);
             row(k[0], median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, mamba_f);
             row(k[1], median_ms([&](int i) { fwd(i, 0, false); }), fbytes, ex2_f, 0);
-            if (B <= 2 && is8b)  // forced segment counts beside the automatic ones of the first rows
-                for (int ns : {4, 16}) {
-                    snprintf(k[0], sizeof k[0], "fwd-%s-s%d", v, ns);
-                    row(k[0], median_ms([&](int i) { fwd(i, ns, true); }), fbytes + ckb, ex2_f, 0);
-                }
             unsetenv("DISTILL_SCAN_FWD");
         }
         // the default again (fwd-b), to bound the drift between the first rows and these

@@ -421,6 +421,9 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
 // polynomial instead of the MUFU (0.518 vs 0.516 ms at 8 x 2048: the MUFU is not the limit); the deltas computed per
 // tile in the conversion pass, no delta exchange (0.555); v13's 8-step checkpoints written by v14 (0.735 with
 // streaming stores, 0.745 with plain ones, against v11's 0.624), so the launcher sends them to v11.
+// Also dropped (H100, 726009c, scan-fwd15): each pair's scalars (softplus, delta*u, the pair shuffles, gate, D u)
+// computed one or two pairs ahead of the state updates (0.619 / 0.627 vs 0.514 ms at 8 x 2048, slower at every shape):
+// the carried scalars cost ptxas's schedule of the updates (its stall counts in the body: 2402 vs 1990 cycles).
 constexpr int F14_T = 32;    // steps per tile
 constexpr int F14_GPAD = 16; // floats between the fp32 B/C groups
 
@@ -432,18 +435,13 @@ size_t f14_smem(const TileGeom &g) {
     return 2 * (size_t)g.bytes + ((size_t)(g.pB + g.pC) / N * f14_gs<N>() + F14_T) * sizeof(float);
 }
 
-// a step pair's scalars in v14/v15 (below): both steps' delta and delta*u; v14: a = u of the lane's step; v15: a =
-// D u gate and g = gate of the lane's step (output = y g + a: two registers carried instead of three)
-struct F14Scal {
-    float dl[2], du[2], a, g;
-};
-
-// 64-step checkpoints only (the launcher sends v13's 8-step ones to v11). PIPE = 0: v14; PIPE = k > 0: v15 (full
-// tiles compute the per-step scalars k pairs ahead of the state updates; DISTILL_SCAN_FWD=v15 for k = 1, v15b for 2)
-template <int N, bool PREPASS, bool HASZ, int PIPE>
+// 64-step checkpoints only (the launcher sends v13's 8-step ones to v11). US: steps per unrolled piece of a full tile
+// (v14: 16); Y2: y of a step summed in two accumulators (v14: one). v15 (opt-in, below) sets these otherwise.
+template <int N, bool PREPASS, bool HASZ, int US = 16, bool Y2 = false>
 __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdArgs p, const TileGeom geo) {
     constexpr int CPB = FWD1_THREADS, H = N / 2, FT = F14_T, GS = f14_gs<N>();
     static_assert(N == 8 || N == 16, "B/C spans convert in 8-element pieces within one group");
+    static_assert(US % 2 == 0 && FT % US == 0, "whole step pairs per piece, whole pieces per tile");
     extern __shared__ __align__(16) char smem[];
     const FwdBlk k = fwd_blk<N, CPB>(p);
     if (PREPASS && k.seg == p.nseg - 1) return;
@@ -533,29 +531,15 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdAr
             st_state<H>(p.ckpt + ((b * p.nck + ts / SCAN_CKPT) * D + d) * N + k.n0, h);
         bf16 *su = (bf16 *)tile + k.cl;  // u rows; a lane's outputs replace its own steps' u
         const bf16 *sdt = su + FT * CPB, *sz = sdt + FT * CPB;
-        // steps i, i + 1 (i even); lane hf owns step i + hf: its delta, delta*u, gate and output. scal() is the
-        // pair's per-step scalars (nothing in it reads the states), upd() the state updates, y exchange and output.
-        auto scal = [&](int i, bool full) {
-            F14Scal s;
+        // steps i, i + 1 (i even); lane hf owns step i + hf: its delta, delta*u, gate and output
+        auto pair = [&](int i, bool full) {
             const int me = i + hf;
             const bool vme = full || me < ns;  // padded steps: delta = 0, B = 0: identities
             const float u_me = __bfloat162float(su[me * CPB]);
             const float dl_me = vme ? softplus_dev(__bfloat162float(sdt[me * CPB]) + bias) : 0.f;
             const float du_me = vme ? dl_me * u_me : 0.f;
-            s.dl[0] = __shfl_sync(FULL_MASK, dl_me, 0, 2), s.dl[1] = __shfl_sync(FULL_MASK, dl_me, 1, 2);
-            s.du[0] = __shfl_sync(FULL_MASK, du_me, 0, 2), s.du[1] = __shfl_sync(FULL_MASK, du_me, 1, 2);
-            s.a = u_me, s.g = 1.f;
-            if (!PREPASS && PIPE > 0) {  // v15: the gate and the skip term too are computed ahead
-                if (HASZ) {
-                    const float zz = __bfloat162float(sz[me * CPB]);
-                    s.g = zz * sigmoid_dev(zz);
-                }
-                s.a = Dd * u_me * s.g;
-            }
-            return s;
-        };
-        auto upd = [&](int i, const F14Scal &s) {
-            const int me = i + hf;
+            const float dl[2] = {__shfl_sync(FULL_MASK, dl_me, 0, 2), __shfl_sync(FULL_MASK, dl_me, 1, 2)};
+            const float du[2] = {__shfl_sync(FULL_MASK, du_me, 0, 2), __shfl_sync(FULL_MASK, du_me, 1, 2)};
             const float2 rx = *reinterpret_cast<const float2 *>(fR + i);  // a reset zeroes the decay: ex2(-inf) = 0
             float yp[2];
 #pragma unroll
@@ -564,63 +548,38 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdAr
                 float Bv[H], Cv[H];
                 ldsf_vec<H>(sB + (i + j) * N, Bv);
                 if (!PREPASS) ldsf_vec<H>(sC + (i + j) * N, Cv);
-                float y = 0.f;
+                float y[2] = {0.f, 0.f};  // Y2: even and odd states apart (half the dependent chain)
 #pragma unroll
                 for (int n = 0; n < H; n++) {
-                    const float x = fmaf(s.dl[j], A2[n], r);
-                    h[n] = ex2f(x) * h[n] + s.du[j] * Bv[n];
-                    if (!PREPASS) y = fmaf(Cv[n], h[n], y);
+                    const float x = fmaf(dl[j], A2[n], r);
+                    h[n] = ex2f(x) * h[n] + du[j] * Bv[n];
+                    if (!PREPASS) y[Y2 ? n & 1 : 0] = fmaf(Cv[n], h[n], y[Y2 ? n & 1 : 0]);
                 }
-                yp[j] = y;
+                yp[j] = Y2 ? y[0] + y[1] : y[0];
                 if (PREPASS) {
-                    sd = r != 0.f ? s.dl[j] : sd + s.dl[j];
+                    sd = r != 0.f ? dl[j] : sd + dl[j];
                     anyrs |= r != 0.f;
                 }
             }
             if (!PREPASS) {
                 const float mine = hf ? yp[0] : yp[1], keep = hf ? yp[1] : yp[0];  // send the partner's step
-                const float y = keep + __shfl_xor_sync(FULL_MASK, mine, 1);
-                float o;
-                if (PIPE > 0) {
-                    o = HASZ ? fmaf(y, s.g, s.a) : y + s.a;
-                } else {  // v14's arithmetic (y + D u) gate
-                    o = fmaf(Dd, s.a, y);
-                    if (HASZ) {
-                        const float zz = __bfloat162float(sz[me * CPB]);
-                        o *= zz * sigmoid_dev(zz);
-                    }
+                float o = fmaf(Dd, u_me, keep + __shfl_xor_sync(FULL_MASK, mine, 1));
+                if (HASZ) {
+                    const float zz = __bfloat162float(sz[me * CPB]);
+                    o *= zz * sigmoid_dev(zz);
                 }
                 su[me * CPB] = __float2bfloat16_rn(o);
             }
         };
-        if (ns == FT && PIPE > 0) {
-            // v15: the scalars of pair i + 2 PIPE are computed before pair i's updates (software pipelining: their
-            // loads, softplus and shuffles overlap the state updates instead of heading each pair's chain). Indices
-            // wrap within the tile: the last PIPE pairs also compute the tile's first scalars, unused (the u they
-            // read may already be an output; harmless).
-            F14Scal q[PIPE > 0 ? PIPE : 1];
-#pragma unroll
-            for (int k = 0; k < PIPE; k++) q[k] = scal(2 * k, true);
+        if (ns == FT) {
 #pragma unroll 1
-            for (int i0 = 0; i0 < FT; i0 += 16) {
+            for (int i0 = 0; i0 < FT; i0 += US) {
 #pragma unroll
-                for (int i = 0; i < 16; i += 2) {
-                    const F14Scal nx = scal((i0 + i + 2 * PIPE) & (FT - 1), true);
-                    upd(i0 + i, q[0]);
-#pragma unroll
-                    for (int k = 0; k + 1 < PIPE; k++) q[k] = q[k + 1];
-                    q[PIPE - 1] = nx;
-                }
-            }
-        } else if (ns == FT) {
-#pragma unroll 1
-            for (int i0 = 0; i0 < FT; i0 += 16) {
-#pragma unroll
-                for (int i = 0; i < 16; i += 2) upd(i0 + i, scal(i0 + i, true));
+                for (int i = 0; i < US; i += 2) pair(i0 + i, true);
             }
         } else {
 #pragma unroll 1
-            for (int i = 0; i < ns; i += 2) upd(i, scal(i, false));
+            for (int i = 0; i < ns; i += 2) pair(i, false);
         }
         if (rs_dst) *rs_dst = rs_val, rs_dst = nullptr;  // the next tile's resets, read after the next barrier
     }
@@ -2098,16 +2057,17 @@ int launch_bwd1(const Bwd1Args &a, cudaStream_t st) {
 // forward version: v14 (v11's tiles with a branch-free unrolled body and staged outputs; aligned rows, N = 8 or 16, 64-step
 // checkpoints), the default since the H100 run of ba17932 (faster at all 9 benchmarked shapes); otherwise, and with
 // DISTILL_SCAN_FWD=v11, v11 (32-step tiles, 2 in flight, fast loader; aligned rows, N <= 16), the default before; with
-// DISTILL_SCAN_FWD=v10 or what neither takes, v10 (16-step tiles, 3 in flight). DISTILL_SCAN_FWD=v15 / v15b (opt-in):
-// v14 with the per-step scalars one / two step pairs ahead of the state updates (same shapes as v14). Read at every
-// call.
+// DISTILL_SCAN_FWD=v10 or what neither takes, v10 (16-step tiles, 3 in flight). Opt-in v15 experiments on v14's
+// shapes: DISTILL_SCAN_FWD=v15u8 / v15u4 (8- / 4-step unrolled pieces: smaller loop body), v15y (two y accumulators).
+// Read at every call.
 int fwd_ver() {
     const char *e = getenv("DISTILL_SCAN_FWD");
-    return !e ? 14 : !strcmp(e, "v10") ? 10 : !strcmp(e, "v11") ? 11 : !strcmp(e, "v15") ? 15 : !strcmp(e, "v15b") ? 16 : 14;
+    return !e ? 14 : !strcmp(e, "v10") ? 10 : !strcmp(e, "v11") ? 11 : !strcmp(e, "v15u8") ? 158 : !strcmp(e, "v15u4") ? 154
+         : !strcmp(e, "v15y") ? 152 : 14;
 }
 
-// v14 (PIPE = 0) or v15 (PIPE = 1: DISTILL_SCAN_FWD=v15; 2: v15b)
-template <int N, int PIPE>
+// v14, or (scan_fwd14_kernel's US, Y2) v15u8: 8-step pieces; v15u4: 4-step pieces; v15y: two y accumulators
+template <int N, int US = 16, bool Y2 = false>
 int launch_fwd14(const FwdArgs &a, cudaStream_t st) {
     constexpr int CPB = FWD1_THREADS;
     const TileGeom g = make_geom(F14_T, CPB, 3, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
@@ -2119,8 +2079,8 @@ int launch_fwd14(const FwdArgs &a, cudaStream_t st) {
         return 0;
     };
     int rc = 0;
-    if (a.nseg > 1) rc |= go(scan_fwd14_kernel<N, true, false, PIPE>);
-    rc |= a.z ? go(scan_fwd14_kernel<N, false, true, PIPE>) : go(scan_fwd14_kernel<N, false, false, PIPE>);
+    if (a.nseg > 1) rc |= go(scan_fwd14_kernel<N, true, false, US, Y2>);
+    rc |= a.z ? go(scan_fwd14_kernel<N, false, true, US, Y2>) : go(scan_fwd14_kernel<N, false, false, US, Y2>);
     return rc;
 }
 
@@ -2150,8 +2110,9 @@ template <int N>
 int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
     const int ver = fwd_ver();
     if constexpr (N == 8 || N == 16)  // v13's 8-step checkpoints: v11 (v14's own stores ran slower)
-        if (al16 && ver >= 14 && !(a.ck8 && a.ckpt))
-            return ver == 15 ? launch_fwd14<N, 1>(a, st) : ver == 16 ? launch_fwd14<N, 2>(a, st) : launch_fwd14<N, 0>(a, st);
+        if (al16 && (ver == 14 || ver > 100) && !(a.ck8 && a.ckpt))
+            return ver == 158 ? launch_fwd14<N, 8>(a, st) : ver == 154 ? launch_fwd14<N, 4>(a, st)
+                 : ver == 152 ? launch_fwd14<N, 16, true>(a, st) : launch_fwd14<N>(a, st);
     if constexpr (N <= 16)  // N = 32 spills at 32-step tiles
         if (al16 && ver != 10) return launch_fwd_t<N, 32, 2, true>(a, al16, st);
     return launch_fwd_t<N, FT0, FNST0, false>(a, al16, st);
