@@ -436,8 +436,9 @@ size_t f14_smem(const TileGeom &g) {
 }
 
 // 64-step checkpoints only (the launcher sends v13's 8-step ones to v11). US: steps per unrolled piece of a full tile
-// (v14: 16); Y2: y of a step summed in two accumulators (v14: one). v15 (opt-in, below) sets these otherwise.
-template <int N, bool PREPASS, bool HASZ, int US = 16, bool Y2 = false>
+// (v14: 16); Y2: y of a step summed in two accumulators (v14: one); BF: the steps read B and C as bf16 from the staged
+// tile (row stride pB / pC; no fp32 conversion pass; v14: fp32, group-major). v15 (opt-in, below) sets these otherwise.
+template <int N, bool PREPASS, bool HASZ, int US = 16, bool Y2 = false, bool BF = false>
 __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdArgs p, const TileGeom geo) {
     constexpr int CPB = FWD1_THREADS, H = N / 2, FT = F14_T, GS = f14_gs<N>();
     static_assert(N == 8 || N == 16, "B/C spans convert in 8-element pieces within one group");
@@ -518,8 +519,9 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdAr
                 reinterpret_cast<float4 *>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
                 reinterpret_cast<float4 *>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
             };
-            for (int x = (tid & 7) * 8; x < geo.pB; x += 64) cvt8(tB + x, fB + (x / N) * GS + i * N + x % N);
-            if (!PREPASS)
+            if (!BF)
+                for (int x = (tid & 7) * 8; x < geo.pB; x += 64) cvt8(tB + x, fB + (x / N) * GS + i * N + x % N);
+            if (!PREPASS && !BF)
                 for (int x = (tid & 7) * 8; x < geo.pC; x += 64) cvt8(tC + x, fC + (x / N) * GS + i * N + x % N);
             if (tid < FT) fR[tid] = ((const uint8_t *)(tile + geo.offR))[tid] ? -INFINITY : 0.f;
         }
@@ -531,6 +533,9 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdAr
             st_state<H>(p.ckpt + ((b * p.nck + ts / SCAN_CKPT) * D + d) * N + k.n0, h);
         bf16 *su = (bf16 *)tile + k.cl;  // u rows; a lane's outputs replace its own steps' u
         const bf16 *sdt = su + FT * CPB, *sz = sdt + FT * CPB;
+        // BF: the lane's B and C of step 0 in the staged bf16 rows
+        const bf16 *hB = (const bf16 *)(tile + geo.offB) + (k.gb - k.gblo) * N + k.n0;
+        const bf16 *hC = (const bf16 *)(tile + geo.offC) + (k.gc - k.gclo) * N + k.n0;
         // steps i, i + 1 (i even); lane hf owns step i + hf: its delta, delta*u, gate and output
         auto pair = [&](int i, bool full) {
             const int me = i + hf;
@@ -546,8 +551,13 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdAr
             for (int j = 0; j < 2; j++) {
                 const float r = j ? rx.y : rx.x;
                 float Bv[H], Cv[H];
-                ldsf_vec<H>(sB + (i + j) * N, Bv);
-                if (!PREPASS) ldsf_vec<H>(sC + (i + j) * N, Cv);
+                if (BF) {
+                    lds_vec<H>(hB + (i + j) * geo.pB, Bv);
+                    if (!PREPASS) lds_vec<H>(hC + (i + j) * geo.pC, Cv);
+                } else {
+                    ldsf_vec<H>(sB + (i + j) * N, Bv);
+                    if (!PREPASS) ldsf_vec<H>(sC + (i + j) * N, Cv);
+                }
                 float y[2] = {0.f, 0.f};  // Y2: even and odd states apart (half the dependent chain)
 #pragma unroll
                 for (int n = 0; n < H; n++) {
@@ -2058,16 +2068,18 @@ int launch_bwd1(const Bwd1Args &a, cudaStream_t st) {
 // checkpoints), the default since the H100 run of ba17932 (faster at all 9 benchmarked shapes); otherwise, and with
 // DISTILL_SCAN_FWD=v11, v11 (32-step tiles, 2 in flight, fast loader; aligned rows, N <= 16), the default before; with
 // DISTILL_SCAN_FWD=v10 or what neither takes, v10 (16-step tiles, 3 in flight). Opt-in v15 experiments on v14's
-// shapes: DISTILL_SCAN_FWD=v15u8 / v15u4 (8- / 4-step unrolled pieces: smaller loop body), v15y (two y accumulators).
+// shapes: DISTILL_SCAN_FWD=v15u8 / v15u4 (8- / 4-step unrolled pieces: smaller loop body), v15y (two y accumulators),
+// v15h (B and C as bf16 from the staged tile: half the shared loads per step, no conversion pass).
 // Read at every call.
 int fwd_ver() {
     const char *e = getenv("DISTILL_SCAN_FWD");
     return !e ? 14 : !strcmp(e, "v10") ? 10 : !strcmp(e, "v11") ? 11 : !strcmp(e, "v15u8") ? 158 : !strcmp(e, "v15u4") ? 154
-         : !strcmp(e, "v15y") ? 152 : 14;
+         : !strcmp(e, "v15y") ? 152 : !strcmp(e, "v15h") ? 151 : 14;
 }
 
-// v14, or (scan_fwd14_kernel's US, Y2) v15u8: 8-step pieces; v15u4: 4-step pieces; v15y: two y accumulators
-template <int N, int US = 16, bool Y2 = false>
+// v14, or (scan_fwd14_kernel's US, Y2, BF) v15u8: 8-step pieces; v15u4: 4-step pieces; v15y: two y accumulators;
+// v15h: B and C read as bf16 from the staged tile
+template <int N, int US = 16, bool Y2 = false, bool BF = false>
 int launch_fwd14(const FwdArgs &a, cudaStream_t st) {
     constexpr int CPB = FWD1_THREADS;
     const TileGeom g = make_geom(F14_T, CPB, 3, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
@@ -2079,8 +2091,8 @@ int launch_fwd14(const FwdArgs &a, cudaStream_t st) {
         return 0;
     };
     int rc = 0;
-    if (a.nseg > 1) rc |= go(scan_fwd14_kernel<N, true, false, US, Y2>);
-    rc |= a.z ? go(scan_fwd14_kernel<N, false, true, US, Y2>) : go(scan_fwd14_kernel<N, false, false, US, Y2>);
+    if (a.nseg > 1) rc |= go(scan_fwd14_kernel<N, true, false, US, Y2, BF>);
+    rc |= a.z ? go(scan_fwd14_kernel<N, false, true, US, Y2, BF>) : go(scan_fwd14_kernel<N, false, false, US, Y2, BF>);
     return rc;
 }
 
@@ -2112,7 +2124,8 @@ int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
     if constexpr (N == 8 || N == 16)  // v13's 8-step checkpoints: v11 (v14's own stores ran slower)
         if (al16 && (ver == 14 || ver > 100) && !(a.ck8 && a.ckpt))
             return ver == 158 ? launch_fwd14<N, 8>(a, st) : ver == 154 ? launch_fwd14<N, 4>(a, st)
-                 : ver == 152 ? launch_fwd14<N, 16, true>(a, st) : launch_fwd14<N>(a, st);
+                 : ver == 152 ? launch_fwd14<N, 16, true>(a, st) : ver == 151 ? launch_fwd14<N, 16, false, true>(a, st)
+                 : launch_fwd14<N>(a, st);
     if constexpr (N <= 16)  // N = 32 spills at 32-step tiles
         if (al16 && ver != 10) return launch_fwd_t<N, 32, 2, true>(a, al16, st);
     return launch_fwd_t<N, FT0, FNST0, false>(a, al16, st);
