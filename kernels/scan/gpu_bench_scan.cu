@@ -177,17 +177,6 @@ int main(int argc, char **argv) {
         row("fwd-v11", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, mamba_f);
         row("fwd-v11-inf", median_ms([&](int i) { fwd(i, 0, false); }), fbytes, ex2_f, 0);
         unsetenv("DISTILL_SCAN_FWD");
-        // the opt-in v15 experiments (DISTILL_SCAN_FWD=v15u8 / v15u4: v14 with 8- / 4-step unrolled pieces; v15y: two y
-        // accumulators; v15h:
-        // B and C as bf16 from the staged tile), training and inference
-        for (const char *v : {"v15u8", "v15u4", "v15y", "v15h"}) {
-            char k[2][24];
-            snprintf(k[0], sizeof k[0], "fwd-%s", v), snprintf(k[1], sizeof k[1], "fwd-%s-inf", v);
-            setenv("DISTILL_SCAN_FWD", v, 1);
-            row(k[0], median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, mamba_f);
-            row(k[1], median_ms([&](int i) { fwd(i, 0, false); }), fbytes, ex2_f, 0);
-            unsetenv("DISTILL_SCAN_FWD");
-        }
         // the default again (fwd-b), to bound the drift between the first rows and these
         row("fwd-b", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, mamba_f);
         if (fwd_only) {

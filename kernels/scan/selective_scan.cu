@@ -421,9 +421,13 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
 // polynomial instead of the MUFU (0.518 vs 0.516 ms at 8 x 2048: the MUFU is not the limit); the deltas computed per
 // tile in the conversion pass, no delta exchange (0.555); v13's 8-step checkpoints written by v14 (0.735 with
 // streaming stores, 0.745 with plain ones, against v11's 0.624), so the launcher sends them to v11.
-// Also dropped (H100, 726009c, scan-fwd15): each pair's scalars (softplus, delta*u, the pair shuffles, gate, D u)
-// computed one or two pairs ahead of the state updates (0.619 / 0.627 vs 0.514 ms at 8 x 2048, slower at every shape):
-// the carried scalars cost ptxas's schedule of the updates (its stall counts in the body: 2402 vs 1990 cycles).
+// v15 experiments, measured on the H100 against v14 in the same runs and dropped (scan-fwd15, 2026-11-24; 8 x 2048
+// v14 0.514 / 0.517 ms): each pair's scalars (softplus, delta*u, the pair shuffles, gate, D u) computed one or two
+// pairs ahead in the source (0.619 / 0.627: ptxas already issues the next pair's loads and shuffles inside the current
+// pair; the carried values cost it registers and the schedule, 2402 vs 1990 stall cycles per 16-step body; code in
+// 726009c); 8- or 4-step unrolled pieces instead of 16 (0.518 / 0.542: instruction fetch is not the limit); two y
+// accumulators (0.518); B and C read as bf16 from the staged tile, no conversion pass (0.543: a third fewer shared
+// loads, 37 % more instructions); code of the last four in 8f3b491.
 constexpr int F14_T = 32;    // steps per tile
 constexpr int F14_GPAD = 16; // floats between the fp32 B/C groups
 
@@ -435,14 +439,11 @@ size_t f14_smem(const TileGeom &g) {
     return 2 * (size_t)g.bytes + ((size_t)(g.pB + g.pC) / N * f14_gs<N>() + F14_T) * sizeof(float);
 }
 
-// 64-step checkpoints only (the launcher sends v13's 8-step ones to v11). US: steps per unrolled piece of a full tile
-// (v14: 16); Y2: y of a step summed in two accumulators (v14: one); BF: the steps read B and C as bf16 from the staged
-// tile (row stride pB / pC; no fp32 conversion pass; v14: fp32, group-major). v15 (opt-in, below) sets these otherwise.
-template <int N, bool PREPASS, bool HASZ, int US = 16, bool Y2 = false, bool BF = false>
+// 64-step checkpoints only (the launcher sends v13's 8-step ones to v11)
+template <int N, bool PREPASS, bool HASZ>
 __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdArgs p, const TileGeom geo) {
     constexpr int CPB = FWD1_THREADS, H = N / 2, FT = F14_T, GS = f14_gs<N>();
     static_assert(N == 8 || N == 16, "B/C spans convert in 8-element pieces within one group");
-    static_assert(US % 2 == 0 && FT % US == 0, "whole step pairs per piece, whole pieces per tile");
     extern __shared__ __align__(16) char smem[];
     const FwdBlk k = fwd_blk<N, CPB>(p);
     if (PREPASS && k.seg == p.nseg - 1) return;
@@ -519,9 +520,8 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdAr
                 reinterpret_cast<float4 *>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
                 reinterpret_cast<float4 *>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
             };
-            if (!BF)
-                for (int x = (tid & 7) * 8; x < geo.pB; x += 64) cvt8(tB + x, fB + (x / N) * GS + i * N + x % N);
-            if (!PREPASS && !BF)
+            for (int x = (tid & 7) * 8; x < geo.pB; x += 64) cvt8(tB + x, fB + (x / N) * GS + i * N + x % N);
+            if (!PREPASS)
                 for (int x = (tid & 7) * 8; x < geo.pC; x += 64) cvt8(tC + x, fC + (x / N) * GS + i * N + x % N);
             if (tid < FT) fR[tid] = ((const uint8_t *)(tile + geo.offR))[tid] ? -INFINITY : 0.f;
         }
@@ -533,9 +533,6 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdAr
             st_state<H>(p.ckpt + ((b * p.nck + ts / SCAN_CKPT) * D + d) * N + k.n0, h);
         bf16 *su = (bf16 *)tile + k.cl;  // u rows; a lane's outputs replace its own steps' u
         const bf16 *sdt = su + FT * CPB, *sz = sdt + FT * CPB;
-        // BF: the lane's B and C of step 0 in the staged bf16 rows
-        const bf16 *hB = (const bf16 *)(tile + geo.offB) + (k.gb - k.gblo) * N + k.n0;
-        const bf16 *hC = (const bf16 *)(tile + geo.offC) + (k.gc - k.gclo) * N + k.n0;
         // steps i, i + 1 (i even); lane hf owns step i + hf: its delta, delta*u, gate and output
         auto pair = [&](int i, bool full) {
             const int me = i + hf;
@@ -551,21 +548,16 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdAr
             for (int j = 0; j < 2; j++) {
                 const float r = j ? rx.y : rx.x;
                 float Bv[H], Cv[H];
-                if (BF) {
-                    lds_vec<H>(hB + (i + j) * geo.pB, Bv);
-                    if (!PREPASS) lds_vec<H>(hC + (i + j) * geo.pC, Cv);
-                } else {
-                    ldsf_vec<H>(sB + (i + j) * N, Bv);
-                    if (!PREPASS) ldsf_vec<H>(sC + (i + j) * N, Cv);
-                }
-                float y[2] = {0.f, 0.f};  // Y2: even and odd states apart (half the dependent chain)
+                ldsf_vec<H>(sB + (i + j) * N, Bv);
+                if (!PREPASS) ldsf_vec<H>(sC + (i + j) * N, Cv);
+                float y = 0.f;
 #pragma unroll
                 for (int n = 0; n < H; n++) {
                     const float x = fmaf(dl[j], A2[n], r);
                     h[n] = ex2f(x) * h[n] + du[j] * Bv[n];
-                    if (!PREPASS) y[Y2 ? n & 1 : 0] = fmaf(Cv[n], h[n], y[Y2 ? n & 1 : 0]);
+                    if (!PREPASS) y = fmaf(Cv[n], h[n], y);
                 }
-                yp[j] = Y2 ? y[0] + y[1] : y[0];
+                yp[j] = y;
                 if (PREPASS) {
                     sd = r != 0.f ? dl[j] : sd + dl[j];
                     anyrs |= r != 0.f;
@@ -583,9 +575,9 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdAr
         };
         if (ns == FT) {
 #pragma unroll 1
-            for (int i0 = 0; i0 < FT; i0 += US) {
+            for (int i0 = 0; i0 < FT; i0 += 16) {
 #pragma unroll
-                for (int i = 0; i < US; i += 2) pair(i0 + i, true);
+                for (int i = 0; i < 16; i += 2) pair(i0 + i, true);
             }
         } else {
 #pragma unroll 1
@@ -2067,19 +2059,13 @@ int launch_bwd1(const Bwd1Args &a, cudaStream_t st) {
 // forward version: v14 (v11's tiles with a branch-free unrolled body and staged outputs; aligned rows, N = 8 or 16, 64-step
 // checkpoints), the default since the H100 run of ba17932 (faster at all 9 benchmarked shapes); otherwise, and with
 // DISTILL_SCAN_FWD=v11, v11 (32-step tiles, 2 in flight, fast loader; aligned rows, N <= 16), the default before; with
-// DISTILL_SCAN_FWD=v10 or what neither takes, v10 (16-step tiles, 3 in flight). Opt-in v15 experiments on v14's
-// shapes: DISTILL_SCAN_FWD=v15u8 / v15u4 (8- / 4-step unrolled pieces: smaller loop body), v15y (two y accumulators),
-// v15h (B and C as bf16 from the staged tile: half the shared loads per step, no conversion pass).
-// Read at every call.
+// DISTILL_SCAN_FWD=v10 or what neither takes, v10 (16-step tiles, 3 in flight). Read at every call.
 int fwd_ver() {
     const char *e = getenv("DISTILL_SCAN_FWD");
-    return !e ? 14 : !strcmp(e, "v10") ? 10 : !strcmp(e, "v11") ? 11 : !strcmp(e, "v15u8") ? 158 : !strcmp(e, "v15u4") ? 154
-         : !strcmp(e, "v15y") ? 152 : !strcmp(e, "v15h") ? 151 : 14;
+    return !e ? 14 : !strcmp(e, "v10") ? 10 : !strcmp(e, "v11") ? 11 : 14;
 }
 
-// v14, or (scan_fwd14_kernel's US, Y2, BF) v15u8: 8-step pieces; v15u4: 4-step pieces; v15y: two y accumulators;
-// v15h: B and C read as bf16 from the staged tile
-template <int N, int US = 16, bool Y2 = false, bool BF = false>
+template <int N>
 int launch_fwd14(const FwdArgs &a, cudaStream_t st) {
     constexpr int CPB = FWD1_THREADS;
     const TileGeom g = make_geom(F14_T, CPB, 3, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
@@ -2091,8 +2077,8 @@ int launch_fwd14(const FwdArgs &a, cudaStream_t st) {
         return 0;
     };
     int rc = 0;
-    if (a.nseg > 1) rc |= go(scan_fwd14_kernel<N, true, false, US, Y2, BF>);
-    rc |= a.z ? go(scan_fwd14_kernel<N, false, true, US, Y2, BF>) : go(scan_fwd14_kernel<N, false, false, US, Y2, BF>);
+    if (a.nseg > 1) rc |= go(scan_fwd14_kernel<N, true, false>);
+    rc |= a.z ? go(scan_fwd14_kernel<N, false, true>) : go(scan_fwd14_kernel<N, false, false>);
     return rc;
 }
 
@@ -2122,10 +2108,7 @@ template <int N>
 int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
     const int ver = fwd_ver();
     if constexpr (N == 8 || N == 16)  // v13's 8-step checkpoints: v11 (v14's own stores ran slower)
-        if (al16 && (ver == 14 || ver > 100) && !(a.ck8 && a.ckpt))
-            return ver == 158 ? launch_fwd14<N, 8>(a, st) : ver == 154 ? launch_fwd14<N, 4>(a, st)
-                 : ver == 152 ? launch_fwd14<N, 16, true>(a, st) : ver == 151 ? launch_fwd14<N, 16, false, true>(a, st)
-                 : launch_fwd14<N>(a, st);
+        if (al16 && ver == 14 && !(a.ck8 && a.ckpt)) return launch_fwd14<N>(a, st);
     if constexpr (N <= 16)  // N = 32 spills at 32-step tiles
         if (al16 && ver != 10) return launch_fwd_t<N, 32, 2, true>(a, al16, st);
     return launch_fwd_t<N, FT0, FNST0, false>(a, al16, st);
