@@ -2044,16 +2044,21 @@ bool bwd1_eligible(const ScanShape *s, bool al16) {
 }
 int bwd1_nseg(const ScanShape *s) { return choose_nseg(s, 0); }
 
+// Sets kern's dynamic shared memory (per device and cheap: set on every call rather than cached), then launches it
+// over `blocks` blocks; -1 when the attribute is refused.
+template <typename K, typename... Args>
+int launch_smem(K kern, int64_t blocks, int threads, size_t smem, cudaStream_t st, const Args &...args) {
+    if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) return -1;
+    kern<<<(unsigned)blocks, threads, smem, st>>>(args...);
+    return 0;
+}
+
 template <int DB>
 int launch_bwd1(const Bwd1Args &a, cudaStream_t st) {
     const size_t smem = bwd1_smem_bytes();
     const int64_t blocks = (int64_t)a.nseg * a.B * (a.D / B1_THREADS);
     if (a.nseg > 1) scan_bwd1_kernel<true, DB><<<(unsigned)blocks, B1_THREADS, 0, st>>>(a);
-    if (cudaFuncSetAttribute(scan_bwd1_kernel<false, DB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
-        cudaSuccess)
-        return -1;
-    scan_bwd1_kernel<false, DB><<<(unsigned)blocks, B1_THREADS, smem, st>>>(a);
-    return 0;
+    return launch_smem(scan_bwd1_kernel<false, DB>, blocks, B1_THREADS, smem, st, a);
 }
 
 // forward version: v14 (v11's tiles with a branch-free unrolled body and staged outputs; aligned rows, N = 8 or 16, 64-step
@@ -2071,11 +2076,7 @@ int launch_fwd14(const FwdArgs &a, cudaStream_t st) {
     const TileGeom g = make_geom(F14_T, CPB, 3, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
     const size_t smem = f14_smem<N>(g);
     const int64_t blocks = (int64_t)a.nseg * a.B * ((a.D + CPB - 1) / CPB);
-    auto go = [&](auto kern) {
-        if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) return -1;
-        kern<<<(unsigned)blocks, FWD2_THREADS, smem, st>>>(a, g);
-        return 0;
-    };
+    auto go = [&](auto kern) { return launch_smem(kern, blocks, FWD2_THREADS, smem, st, a, g); };
     int rc = 0;
     if (a.nseg > 1) rc |= go(scan_fwd14_kernel<N, true, false>);
     rc |= a.z ? go(scan_fwd14_kernel<N, false, true>) : go(scan_fwd14_kernel<N, false, false>);
@@ -2088,11 +2089,7 @@ int launch_fwd_t(const FwdArgs &a, bool al16, cudaStream_t st) {
     const TileGeom g = make_geom(FT, CPB, 3, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
     const size_t smem = (size_t)FNST * g.bytes + (size_t)FT * (g.pB + g.pC + (FAST ? 1 : 0)) * sizeof(float);
     const int64_t blocks = (int64_t)a.nseg * a.B * ((a.D + CPB - 1) / CPB);
-    auto go = [&](auto kern) {
-        if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) return -1;
-        kern<<<(unsigned)blocks, FWD2_THREADS, smem, st>>>(a, g);
-        return 0;
-    };
+    auto go = [&](auto kern) { return launch_smem(kern, blocks, FWD2_THREADS, smem, st, a, g); };
     int rc = 0;
     if constexpr (FAST) {
         if (a.nseg > 1) rc |= go(scan_fwd2_kernel<N, true, true, FT, FNST, true>);
@@ -2119,11 +2116,7 @@ template <int DB, int V>
 int launch_bwd11_db(const BwdArgs &a, cudaStream_t st) {
     const B11Geom g = b11_geom<DB, V>();
     const int64_t blocks = (int64_t)a.nseg * a.B * (a.D / B11_CH);
-    if (cudaFuncSetAttribute(scan_bwd11_kernel<DB, V>, cudaFuncAttributeMaxDynamicSharedMemorySize, g.bytes) !=
-        cudaSuccess)
-        return -1;
-    scan_bwd11_kernel<DB, V><<<(unsigned)blocks, B11_THREADS, g.bytes, st>>>(a, g);
-    return 0;
+    return launch_smem(scan_bwd11_kernel<DB, V>, blocks, B11_THREADS, (size_t)g.bytes, st, a, g);
 }
 template <int DB>
 int launch_bwd11_v(const BwdArgs &a, int ver, cudaStream_t st) {
@@ -2157,12 +2150,7 @@ int launch_bwd(const BwdArgs &a, bool al16, cudaStream_t st) {
         else scan_bwd_piece_prepass<N, false><<<(unsigned)(fb * a.npps), 128, 0, st>>>(a);
         scan_bwd_seg_fold<N><<<(unsigned)fb, 128, 0, st>>>(a);
     }
-    auto go = [&](auto kern) {
-        // per device and cheap: set on every call rather than cached
-        if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) return -1;
-        kern<<<(unsigned)blocks, THREADS, smem, st>>>(a, g);
-        return 0;
-    };
+    auto go = [&](auto kern) { return launch_smem(kern, blocks, THREADS, smem, st, a, g); };
     if constexpr (N == 16)
         if (wred) return al16 ? go(scan_bwd_kernel<N, THREADS, true, true>) : go(scan_bwd_kernel<N, THREADS, false, true>);
     return al16 ? go(scan_bwd_kernel<N, THREADS, true, false>) : go(scan_bwd_kernel<N, THREADS, false, false>);
