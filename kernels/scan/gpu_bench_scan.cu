@@ -177,6 +177,14 @@ int main(int argc, char **argv) {
         row("fwd-v11", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, mamba_f);
         row("fwd-v11-inf", median_ms([&](int i) { fwd(i, 0, false); }), fbytes, ex2_f, 0);
         unsetenv("DISTILL_SCAN_FWD");
+        // v14 with 2, 3, 4 or 8 of each lane's 8 states on the FMA-pipe exp2 (DISTILL_SCAN_FWD=v14pK; N = 16 only)
+        for (const char *v : {"v14p2", "v14p3", "v14p4", "v14p8"}) {
+            char k[16];
+            snprintf(k, sizeof k, "fwd-%s", v);
+            setenv("DISTILL_SCAN_FWD", v, 1);
+            row(k, median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, mamba_f);
+        }
+        unsetenv("DISTILL_SCAN_FWD");
         // the default again (fwd-b), to bound the drift between the first rows and these
         row("fwd-b", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, mamba_f);
         if (fwd_only) {
