@@ -119,11 +119,10 @@ int main(int argc, char **argv) {
                 if (q) CK(cudaFree(q));
         };
         char err[256];
-        bool noz = false;  // forward without the gate z (the v14pK rows: their z kernels spill, the others do not)
         auto fwd = [&](int i, int nseg, bool train) {
             Set &x = set[i % NSET];
             if (selective_scan_fwd_cuda(&s, (uint16_t *)x.u, (uint16_t *)x.dt, A, (uint16_t *)x.Bm, (uint16_t *)x.Cm,
-                                        Dk, noz ? NULL : (uint16_t *)x.z, bias, NULL, NULL, (uint16_t *)x.out, NULL,
+                                        Dk, (uint16_t *)x.z, bias, NULL, NULL, (uint16_t *)x.out, NULL,
                                         train ? x.ckpt : NULL, nseg, fw, NULL, err, sizeof err)) {
                 fprintf(stderr, "forward: %s\n", err);
                 exit(1);
@@ -178,25 +177,6 @@ int main(int argc, char **argv) {
         row("fwd-v11", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, mamba_f);
         row("fwd-v11-inf", median_ms([&](int i) { fwd(i, 0, false); }), fbytes, ex2_f, 0);
         unsetenv("DISTILL_SCAN_FWD");
-        // v14 with 2, 3, 4 or 8 of each lane's 8 states on the FMA-pipe exp2 (DISTILL_SCAN_FWD=v14pK; N = 16 only)
-        for (const char *v : {"v14p2", "v14p3", "v14p4", "v14p8"}) {
-            char k[16];
-            snprintf(k, sizeof k, "fwd-%s", v);
-            setenv("DISTILL_SCAN_FWD", v, 1);
-            row(k, median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, mamba_f);
-        }
-        unsetenv("DISTILL_SCAN_FWD");
-        noz = true;
-        row("fwd-noz", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, 0);
-        for (const char *v : {"v14p2", "v14p3", "v14p4", "v14p8"}) {
-            char k[24];
-            snprintf(k, sizeof k, "fwd-%s-noz", v);
-            setenv("DISTILL_SCAN_FWD", v, 1);
-            row(k, median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, 0);
-        }
-        unsetenv("DISTILL_SCAN_FWD");
-        row("fwd-noz-b", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, 0);
-        noz = false;
         // the default again (fwd-b), to bound the drift between the first rows and these
         row("fwd-b", median_ms([&](int i) { fwd(i, 0, true); }), fbytes + ckb, ex2_f, mamba_f);
         if (fwd_only) {

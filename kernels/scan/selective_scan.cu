@@ -428,26 +428,10 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd2_kernel(const FwdArg
 // 726009c); 8- or 4-step unrolled pieces instead of 16 (0.518 / 0.542: instruction fetch is not the limit); two y
 // accumulators (0.518); B and C read as bf16 from the staged tile, no conversion pass (0.543: a third fewer shared
 // loads, 37 % more instructions); code of the last four in 8f3b491.
-// NPOLY (DISTILL_SCAN_FWD=v14p2/p3/p4/p8, N = 16 only): the last NPOLY of each lane's 8 states take exp2 from
-// ex2_poly on the FMA pipe instead of the MUFU, to take load off the MIO queue (MUFU, shuffles, shared loads).
+// v14pK (scan-fwd-poly, 2026-11-24): 2/3/4/8 of each lane's 8 states on the FMA-pipe exp2, slower at every shape and K
+// (8 x 2048: 0.69-0.93 ms against 0.515; without z, no spills: 0.514-0.901 against 0.473); code in b9c2dfd.
 constexpr int F14_T = 32;    // steps per tile
 constexpr int F14_GPAD = 16; // floats between the fp32 B/C groups
-
-// 2^x on the FMA pipe: x = j + f with j = round(x), |f| <= 1/2; 2^f by a degree-5 polynomial (fitted for relative
-// error; ~2.3e-7 at most in fp32 Horner, like ex2.approx), j added to the exponent bits. x is clamped at -125 (a
-// reset's -inf gives 2^-125 instead of 0, far below any state's rounding). Assumes x < 128 (A <= 0: x <= 0 here).
-__device__ __forceinline__ float ex2_poly(float x) {
-    x = fmaxf(x, -125.f);
-    const float t = x + 12582912.f;  // 1.5 * 2^23: round(x) lands in the low mantissa bits of t
-    const float f = x - (t - 12582912.f);
-    float q = 1.327647129e-3f;
-    q = fmaf(q, f, 9.675541893e-3f);
-    q = fmaf(q, f, 5.550713092e-2f);
-    q = fmaf(q, f, 2.402212024e-1f);
-    q = fmaf(q, f, 6.931469440e-1f);
-    q = fmaf(q, f, 1.000000119f);
-    return __int_as_float(__float_as_int(q) + (__float_as_int(t) << 23));  // low 9 bits of t's mantissa: j mod 2^9
-}
 
 // bytes of dynamic shared memory: 2 staged tiles, then fp32 B groups, C groups [group][FT][N] (+ pad), reset floats
 template <int N>
@@ -458,11 +442,10 @@ size_t f14_smem(const TileGeom &g) {
 }
 
 // 64-step checkpoints only (the launcher sends v13's 8-step ones to v11)
-template <int N, bool PREPASS, bool HASZ, int NPOLY = 0>
+template <int N, bool PREPASS, bool HASZ>
 __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdArgs p, const TileGeom geo) {
     constexpr int CPB = FWD1_THREADS, H = N / 2, FT = F14_T, GS = f14_gs<N>();
     static_assert(N == 8 || N == 16, "B/C spans convert in 8-element pieces within one group");
-    static_assert(NPOLY >= 0 && NPOLY <= H, "polynomial states");
     extern __shared__ __align__(16) char smem[];
     const FwdBlk k = fwd_blk<N, CPB>(p);
     if (PREPASS && k.seg == p.nseg - 1) return;
@@ -573,7 +556,7 @@ __global__ void __launch_bounds__(FWD2_THREADS, 2) scan_fwd14_kernel(const FwdAr
 #pragma unroll
                 for (int n = 0; n < H; n++) {
                     const float x = fmaf(dl[j], A2[n], r);
-                    h[n] = (n >= H - NPOLY ? ex2_poly(x) : ex2f(x)) * h[n] + du[j] * Bv[n];
+                    h[n] = ex2f(x) * h[n] + du[j] * Bv[n];
                     if (!PREPASS) y = fmaf(Cv[n], h[n], y);
                 }
                 yp[j] = y;
@@ -2083,15 +2066,13 @@ int launch_bwd1(const Bwd1Args &a, cudaStream_t st) {
 // forward version: v14 (v11's tiles with a branch-free unrolled body and staged outputs; aligned rows, N = 8 or 16, 64-step
 // checkpoints), the default since the H100 run of ba17932 (faster at all 9 benchmarked shapes); otherwise, and with
 // DISTILL_SCAN_FWD=v11, v11 (32-step tiles, 2 in flight, fast loader; aligned rows, N <= 16), the default before; with
-// DISTILL_SCAN_FWD=v10 or what neither takes, v10 (16-step tiles, 3 in flight). =v14p2, v14p3, v14p4, v14p8 (142 ...
-// 148): v14 with that many states per lane on the FMA-pipe exp2 (N = 16; other N run v14). Read at every call.
+// DISTILL_SCAN_FWD=v10 or what neither takes, v10 (16-step tiles, 3 in flight). Read at every call.
 int fwd_ver() {
     const char *e = getenv("DISTILL_SCAN_FWD");
-    if (e && !strncmp(e, "v14p", 4) && strchr("2348", e[4]) && e[4] && !e[5]) return 140 + (e[4] - '0');
     return !e ? 14 : !strcmp(e, "v10") ? 10 : !strcmp(e, "v11") ? 11 : 14;
 }
 
-template <int N, int NPOLY = 0>
+template <int N>
 int launch_fwd14(const FwdArgs &a, cudaStream_t st) {
     constexpr int CPB = FWD1_THREADS;
     const TileGeom g = make_geom(F14_T, CPB, 3, (int)(span_groups(CPB, a.Db) * N), (int)(span_groups(CPB, a.Dg) * N));
@@ -2099,8 +2080,8 @@ int launch_fwd14(const FwdArgs &a, cudaStream_t st) {
     const int64_t blocks = (int64_t)a.nseg * a.B * ((a.D + CPB - 1) / CPB);
     auto go = [&](auto kern) { return launch_smem(kern, blocks, FWD2_THREADS, smem, st, a, g); };
     int rc = 0;
-    if (a.nseg > 1) rc |= go(scan_fwd14_kernel<N, true, false, NPOLY>);
-    rc |= a.z ? go(scan_fwd14_kernel<N, false, true, NPOLY>) : go(scan_fwd14_kernel<N, false, false, NPOLY>);
+    if (a.nseg > 1) rc |= go(scan_fwd14_kernel<N, true, false>);
+    rc |= a.z ? go(scan_fwd14_kernel<N, false, true>) : go(scan_fwd14_kernel<N, false, false>);
     return rc;
 }
 
@@ -2126,15 +2107,7 @@ template <int N>
 int launch_fwd(const FwdArgs &a, bool al16, cudaStream_t st) {
     const int ver = fwd_ver();
     if constexpr (N == 8 || N == 16)  // v13's 8-step checkpoints: v11 (v14's own stores ran slower)
-        if (al16 && (ver == 14 || ver > 140) && !(a.ck8 && a.ckpt)) {
-            if constexpr (N == 16) {
-                if (ver == 142) return launch_fwd14<N, 2>(a, st);
-                if (ver == 143) return launch_fwd14<N, 3>(a, st);
-                if (ver == 144) return launch_fwd14<N, 4>(a, st);
-                if (ver == 148) return launch_fwd14<N, 8>(a, st);
-            }
-            return launch_fwd14<N>(a, st);
-        }
+        if (al16 && ver == 14 && !(a.ck8 && a.ckpt)) return launch_fwd14<N>(a, st);
     if constexpr (N <= 16)  // N = 32 spills at 32-step tiles
         if (al16 && ver != 10) return launch_fwd_t<N, 32, 2, true>(a, al16, st);
     return launch_fwd_t<N, FT0, FNST0, false>(a, al16, st);
