@@ -1539,6 +1539,20 @@ __device__ __forceinline__ void presplit(bf16 *T, bf16 *Tl, int width, int ld, c
     }
 }
 
+// acc += A rows (the unit's row tiles) x one 16-deep k step of the fp32 state, given as its hi and lo bf16 halves
+// (split2 of the step's four float2 fragments): the shared core of mma_state_nk and mma_state_pf.
+__device__ __forceinline__ void mma_state_k16(Frag &acc, const Unit &u, const bf16 *A, int lda, int k0, const unsigned (&hi)[4],
+                                              const unsigned (&lo)[4]) {
+#pragma unroll
+    for (int mt = 0; mt < 4; mt++) {
+        if (mt >= u.nmt) break;
+        unsigned fa[4];
+        lda_row(fa, A, lda, (u.mt0 + mt) * 16, k0);
+        mma16816(acc[mt][0], fa, hi[0], hi[1]), mma16816(acc[mt][0], fa, lo[0], lo[1]);
+        mma16816(acc[mt][1], fa, hi[2], hi[3]), mma16816(acc[mt][1], fa, lo[2], lo[3]);
+    }
+}
+
 // REC and rec (v5): S is the stored state one chunk away and every 16 x 16 tile is rebuilt first (recon16: rows n0..,
 // columns k0..).
 template <bool REC = false>
@@ -1566,14 +1580,7 @@ __device__ __forceinline__ void mma_state_nk(Frag &acc, const Unit &u, const bf1
         unsigned hi[4], lo[4];
 #pragma unroll
         for (int i = 0; i < 4; i++) split2(cur[i].x, cur[i].y, hi[i], lo[i]);
-#pragma unroll
-        for (int mt = 0; mt < 4; mt++) {
-            if (mt >= u.nmt) break;
-            unsigned fa[4];
-            lda_row(fa, A, lda, (u.mt0 + mt) * 16, k0);
-            mma16816(acc[mt][0], fa, hi[0], hi[1]), mma16816(acc[mt][0], fa, lo[0], lo[1]);
-            mma16816(acc[mt][1], fa, hi[2], hi[3]), mma16816(acc[mt][1], fa, lo[2], lo[3]);
-        }
+        mma_state_k16(acc, u, A, lda, k0, hi, lo);
 #pragma unroll
         for (int i = 0; i < 4; i++) cur[i] = nxt[i];
     }
@@ -1621,14 +1628,7 @@ __device__ __forceinline__ void mma_state_pf(Frag &acc, const Unit &u, const bf1
 #pragma unroll
             for (int i = 0; i < 4; i++) split2(pf.v[j][i].x, pf.v[j][i].y, hi[i], lo[i]);
             if (k0 + 16 * D < K) state_pf_load(pf, j, k0 + 16 * D);  // the slot is free once split
-#pragma unroll
-            for (int mt = 0; mt < 4; mt++) {
-                if (mt >= u.nmt) break;
-                unsigned fa[4];
-                lda_row(fa, A, lda, (u.mt0 + mt) * 16, k0);
-                mma16816(acc[mt][0], fa, hi[0], hi[1]), mma16816(acc[mt][0], fa, lo[0], lo[1]);
-                mma16816(acc[mt][1], fa, hi[2], hi[3]), mma16816(acc[mt][1], fa, lo[2], lo[3]);
-            }
+            mma_state_k16(acc, u, A, lda, k0, hi, lo);
         }
     }
 }
