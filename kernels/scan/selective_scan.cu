@@ -1223,6 +1223,21 @@ __device__ __forceinline__ void ld_state8(const float *p, int stride, float (&v)
     v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = c.x, v[5] = c.y, v[6] = c.z, v[7] = c.w;
 }
 
+// One state of one adjoint step (the v11 and v12/v13 adjoints): from dh = dL/dh_t's part carried from step t + 1, the
+// step's gy C and decay a, and the state before the step, prev: returns gr = dL/dh_t, leaves dL/dh_{t-1} in dh and
+// adds the state's terms to the two-accumulator sums over states (sA2: dh a h A, sB2: dh B) and to dA.
+__device__ __forceinline__ float b11_adj_state(float &dh, float gyj, float Cn, float an, float prev, float A2n, float dlj,
+                                               float Bn, float &sA2, float &dAn, float &sB2) {
+    const float gr = fmaf(gyj, Cn, dh);  // dL/dh_t
+    const float ga = gr * an;            // dL/dh_{t-1} (0 after a reset)
+    const float gah = ga * prev;
+    sA2 = fmaf(gah, A2n, sA2);
+    dAn = fmaf(gah, dlj, dAn);
+    sB2 = fmaf(gr, Bn, sB2);
+    dh = ga;
+    return gr;
+}
+
 // The end of an adjoint step pair 2q, 2q + 1 (both lanes of the channel have their partial sums over states of
 // sum dh a h A (sA) and sum dh B (sB) for the even step, sAo / sBo for the odd one): lane hf owns step jo = 2q + hf
 // and gets its partner's sums with one shuffle each, then stages du = gy D + delta SB and ddt = (u SB + ln2 SA)
@@ -1544,14 +1559,8 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
 #pragma unroll
                     for (int n = 0; n < H; n++) {
                         const float prev = j ? hj[j - 1][n] : hp0[n];
-                        const float gr = fmaf(gyj, Cv[n], dh[n]);  // dL/dh_t
-                        const float ga = gr * aj[j][n];            // dL/dh_{t-1} (0 after a reset)
-                        const float gah = ga * prev;
-                        sA2[n & 1] = fmaf(gah, A2[n], sA2[n & 1]);
-                        dA[n] = fmaf(gah, dlj, dA[n]);
-                        sB2[n & 1] = fmaf(gr, Bv[n], sB2[n & 1]);
-                        dh[n] = ga;
-                        grs[n] = gr;
+                        grs[n] = b11_adj_state(dh[n], gyj, Cv[n], aj[j][n], prev, A2[n], dlj, Bv[n], sA2[n & 1], dA[n],
+                                               sB2[n & 1]);
                     }
                     const float sA = sA2[0] + sA2[1], sBg = sB2[0] + sB2[1];
                     float cv[16], sc[16];
@@ -1585,13 +1594,8 @@ __global__ void __launch_bounds__(B11_THREADS, 2) scan_bwd11_kernel(const BwdArg
     #pragma unroll
                     for (int n = 0; n < H; n++) {
                         const float prev = j ? hj[j - 1][n] : hp[n];
-                        const float gr = fmaf(gyj, Cv[n], dh[n]);  // dL/dh_t
-                        const float ga = gr * aj[j][n];            // dL/dh_{t-1} (0 after a reset)
-                        const float gah = ga * prev;
-                        sA2[n & 1] = fmaf(gah, A2[n], sA2[n & 1]);
-                        dA[n] = fmaf(gah, dlj, dA[n]);
-                        sB2[n & 1] = fmaf(gr, Bv[n], sB2[n & 1]);
-                        dh[n] = ga;
+                        const float gr = b11_adj_state(dh[n], gyj, Cv[n], aj[j][n], prev, A2[n], dlj, Bv[n], sA2[n & 1],
+                                                       dA[n], sB2[n & 1]);
                         cB[n] = gr * duj;
                         cC[n] = gyj * hj[j][n];
                     }
