@@ -446,6 +446,15 @@ static void remove_file(const char *dir, const char *name) {
     free(p);
 }
 
+// Deletes a complete checkpoint: its marker first, so a half-deleted one is never taken for complete.
+static void remove_ckpt(const char *dir, CkKey k) {
+    char name[64];
+    snprintf(name, sizeof name, "ckpt-%02d-%08lld.done", k.stage, (long long)k.step);
+    remove_file(dir, name);
+    snprintf(name, sizeof name, "ckpt-%02d-%08lld.h5", k.stage, (long long)k.step);
+    remove_file(dir, name);
+}
+
 // After a complete checkpoint `newest`: delete leftovers of interrupted writes (*.tmp, .h5 without marker
 // older than newest) and complete checkpoints beyond keep_last (marker first, so a half-deleted one is never
 // taken for complete).
@@ -479,15 +488,31 @@ static void prune(const char *dir, CkKey newest, int keep_last) {
         }
     }
     if (keep_last > 0)
-        for (int j = 0; j < nd - keep_last; j++) {
-            snprintf(name, sizeof name, "ckpt-%02d-%08lld.done", done[j].stage, (long long)done[j].step);
-            remove_file(dir, name);
-            snprintf(name, sizeof name, "ckpt-%02d-%08lld.h5", done[j].stage, (long long)done[j].step);
-            remove_file(dir, name);
-        }
+        for (int j = 0; j < nd - keep_last; j++) remove_ckpt(dir, done[j]);
 out:
     free(h5);
     free(done);
+}
+
+int checkpoint_list_steps(const char *run_dir, int stage_index, int64_t **steps, DlError *e) {
+    CkKey *done = NULL;
+    int nd = 0, n = 0;
+    *steps = NULL;
+    if (list_ckpts(run_dir, ".done", &done, &nd, e)) return -1;
+    *steps = dl_malloc((size_t)(nd ? nd : 1) * sizeof **steps);
+    for (int i = 0; i < nd; i++)
+        if (done[i].stage == stage_index) (*steps)[n++] = done[i].step;
+    free(done);
+    return n;
+}
+
+void checkpoint_drop_after(const char *run_dir, int stage_index, int64_t step) {
+    CkKey *h5 = NULL;
+    int nh = 0;
+    if (list_ckpts(run_dir, ".h5", &h5, &nh, NULL) == 0)
+        for (int i = 0; i < nh; i++)
+            if (h5[i].stage == stage_index && h5[i].step > step) remove_ckpt(run_dir, h5[i]);
+    free(h5);
 }
 
 static int g_hook_writes = 0;  // checkpoint writes that saw the crash test hook armed

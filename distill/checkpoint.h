@@ -85,6 +85,14 @@ char *checkpoint_path(const char *run_dir, int stage_index, int64_t step);
 int checkpoint_write(const char *run_dir, const Registry *reg, const float *params, const Optim *opt,
                      const CkptState *st, int keep_last, char *path_out, size_t path_n, DlError *e);
 
+// The steps of stage stage_index's checkpoints that have a completion marker, oldest first, in *steps
+// (allocated; free it): returns their count, or -1 with e.
+int checkpoint_list_steps(const char *run_dir, int stage_index, int64_t **steps, DlError *e);
+
+// Deletes every checkpoint of stage stage_index with a step after `step` (a training loop that rolled back
+// to an earlier checkpoint: what it wrote since belongs to the abandoned branch, and a resume must not take it).
+void checkpoint_drop_after(const char *run_dir, int stage_index, int64_t step);
+
 // Checks a checkpoint against its completion marker (presence, format, SHA-256 of the file).
 int checkpoint_verify(const char *path, DlError *e);
 

@@ -63,11 +63,13 @@ static const char *body(const char *s) {
 // s without the [hardware] lines a run may change when it resumes: "gpus = N" (another number of GPUs: the
 // training loop keeps the global batch; train_loop.h), the switches that change where gradients live or when
 // they are reduced but not their values (overlap, stage_grads), and gemm_tune (which GEMM kernels run: the last
-// bits of a resumed run then differ from the uninterrupted one's). A run directory written before a switch existed
-// lacks its line and so resumes too.
+// bits of a resumed run then differ from the uninterrupted one's), and the optimizer's loss-spike rollbacks (a run
+// that stopped after spending them continues with more; train_loop.h). A run directory written before a switch
+// existed lacks its line and so resumes too.
 static bool resume_may_change(const char *line) {
     return !strncmp(line, "gpus = ", 7) || !strncmp(line, "overlap = ", 10) || !strncmp(line, "stage_grads = ", 14) ||
-           !strncmp(line, "gemm_tune = ", 12);
+           !strncmp(line, "gemm_tune = ", 12) || !strncmp(line, "spike_rollbacks = ", 18) ||
+           !strncmp(line, "spike_lr_factor = ", 18);
 }
 
 static char *without_resumable(const char *s) {

@@ -21,6 +21,7 @@ void optim_config_default(OptimConfig *c) {
     c->grad_accum = 1;
     c->outlier_factor = 10.0;
     c->outlier_window = 64;
+    c->spike_lr_factor = 0.5;  // (spike_rollbacks 0: off)
     c->outlier_warmup = 16;
 }
 
@@ -84,6 +85,9 @@ int optim_config_validate(const OptimConfig *c, DlError *e) {
     if (c->outlier_factor > 0 && (c->outlier_window < 1 || c->outlier_window > OPTIM_MAX_WINDOW))
         return dl_fail(e, "optimizer: outlier_window must be in [1, %d] (got %d)", OPTIM_MAX_WINDOW, c->outlier_window);
     if (c->outlier_warmup < 0) return dl_fail(e, "optimizer: outlier_warmup must be >= 0");
+    if (c->spike_rollbacks < 0 || (c->spike_rollbacks > 0 && !(c->spike_lr_factor > 0 && c->spike_lr_factor <= 1)))
+        return dl_fail(e, "optimizer: spike_rollbacks must be >= 0 and spike_lr_factor in (0, 1] (got %d, %g)", c->spike_rollbacks,
+                       c->spike_lr_factor);
     return 0;
 }
 

@@ -41,6 +41,12 @@ typedef struct {
     int outlier_window;    // number of recent accepted norms kept (<= OPTIM_MAX_WINDOW)
     int outlier_warmup;    // accepted steps before the outlier test is armed
     bool moments_bf16;     // CUDA: AdamW m, v stored in bf16 with stochastic rounding (the CPU step keeps fp32)
+    // Loss-spike recovery, done by the training loop (train_loop.h), not by optim_step: when the loop sees its
+    // limit of skipped steps in a row, it reloads the newest checkpoint written before the run of skips, scales
+    // lr by spike_lr_factor and goes on with the batches after the spike, at most spike_rollbacks times
+    // (0: it stops with an error instead; the default here; recipes default to 2 x 0.5).
+    int spike_rollbacks;
+    double spike_lr_factor;  // in (0, 1]
 } OptimConfig;
 
 #define OPTIM_MAX_WINDOW 256

@@ -114,6 +114,10 @@ static const Field OPTIM_FIELDS[] = {
     FLD(OptimSpec, "grad_accum", F_I32, grad_accum, 1, 1 << 20, "micro-batches per optimizer step"),
     {"moments", F_ENUM, offsetof(OptimSpec, moments), 0, 0, 0, false, MOMENTS_CHOICES, K_ALL,
      "AdamW m and v: fp32, or bf16 with stochastic rounding (half the memory; device = \"cuda\" only)"},
+    FLD(OptimSpec, "spike_rollbacks", F_I32, spike_rollbacks, 0, 100,
+        "after 25 skipped steps in a row: reload the last checkpoint before them, scale lr, go on with later batches (times per loop; 0: stop)"),
+    {"spike_lr_factor", F_FLOAT, offsetof(OptimSpec, spike_lr_factor), 0, 0, 1, true, NULL, K_ALL,
+     "learning-rate multiplier at each spike rollback"},
 };
 
 static const Field HARDWARE_FIELDS[] = {
@@ -619,7 +623,7 @@ static const TomlValue *sub_table(Ctx *c, const TomlValue *parent, const char *k
 static void optim_defaults(OptimSpec *o) {
     *o = (OptimSpec){.lr = 8e-5, .beta1 = 0.9, .beta2 = 0.98, .eps = 1e-8, .weight_decay = 0.0, .warmup_steps = 0,
                      .warmup_ratio = 0.0, .schedule = SCHED_COSINE, .min_lr_ratio = 0.0, .clip = 1.0, .micro_batch = 1,
-                     .grad_accum = 1};
+                     .grad_accum = 1, .spike_rollbacks = 2, .spike_lr_factor = 0.5};
 }
 
 static void data_defaults(DataSpec *d) {

@@ -88,6 +88,8 @@ typedef struct {
     int micro_batch;       // sequences per forward/backward per GPU
     int grad_accum;        // micro-batches per optimizer step
     int moments;           // MOMENTS_*: AdamW m, v in fp32, or bf16 with stochastic rounding (CUDA only)
+    int spike_rollbacks;     // loss-spike recovery (optim.h): rollbacks to the last good checkpoint per loop
+    double spike_lr_factor;  // ... each multiplying the learning rate by this
 } OptimSpec;
 
 typedef struct {

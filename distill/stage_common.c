@@ -405,6 +405,8 @@ void stage_optim_config(const StageSpec *st, int64_t total_steps, OptimConfig *o
     oc->grad_accum = s->grad_accum > 0 ? s->grad_accum : 1;
     oc->total_steps = total_steps;
     oc->moments_bf16 = s->moments == MOMENTS_BF16;
+    oc->spike_rollbacks = s->spike_rollbacks;
+    oc->spike_lr_factor = s->spike_lr_factor;
 }
 
 int64_t stage_steps(int64_t steps, double epochs, int64_t batches_per_epoch, int grad_accum) {

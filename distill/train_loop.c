@@ -124,8 +124,17 @@ static void loop_free(Loop *L) {
     free(L->b.reset);
 }
 
+// Loss-spike recovery state of a loop (optim.h, spike_rollbacks): saved in every checkpoint so that a resume
+// continues it exactly.
+typedef struct {
+    int rollbacks;           // done so far in this loop (the lr is c->opt.lr x spike_lr_factor^rollbacks)
+    int skips;               // steps skipped in a row up to now
+    char good[512];          // the newest checkpoint written with skips == 0 ("": none known)
+    int since_good;          // checkpoints written after it (during a run of skips)
+} Spike;
+
 static void fill_state(const TrainConfig *c, const Optim *o, BatchSource *src, int64_t step, int64_t tokens, bool done,
-                       CkptState *st) {
+                       const Spike *sp, CkptState *st) {
     ckpt_state_init(st);
     st->stage_index = c->stage_index;
     snprintf(st->stage_name, sizeof st->stage_name, "%s", c->stage_name);
@@ -136,6 +145,8 @@ static void fill_state(const TrainConfig *c, const Optim *o, BatchSource *src, i
     ckpt_state_set_int(st, TRAIN_KEY_TOKENS, tokens);
     ckpt_state_set_int(st, TRAIN_KEY_GLOBAL_ACCUM, o->cfg.grad_accum);
     ckpt_state_set_int(st, TRAIN_KEY_DONE, done);
+    ckpt_state_set_int(st, TRAIN_KEY_ROLLBACKS, sp->rollbacks);
+    ckpt_state_set_int(st, TRAIN_KEY_SKIPS, sp->skips);
     uint8_t mix[DL_MAX_LAYERS];
     for (int l = 0; l < c->hc->base.n_layer; l++) mix[l] = (uint8_t)c->hc->mixer[l];
     ckpt_state_set_blob(st, TRAIN_KEY_MIXERS, mix, c->hc->base.n_layer);
@@ -144,46 +155,88 @@ static void fill_state(const TrainConfig *c, const Optim *o, BatchSource *src, i
 }
 
 static int save(const TrainConfig *c, Optim *o, const Dp *d, TrainModel *student, BatchSource *src, int64_t step,
-                int64_t tokens, bool done, TrainResult *res, DlError *e) {
+                int64_t tokens, bool done, Spike *sp, TrainResult *res, DlError *e) {
     tm_sync_host(student, o);  // cuda: the device master and moments are the truth
     CkptState st;
-    fill_state(c, o, src, step, tokens, done, &st);
+    fill_state(c, o, src, step, tokens, done, sp, &st);
+    // during a run of skips the last good checkpoint must survive the pruning: a rollback may need it
+    const int keep = sp->skips > 0 && sp->good[0] && c->keep_checkpoints > 0 && c->keep_checkpoints <= sp->since_good
+                         ? sp->since_good + 1
+                         : c->keep_checkpoints;
     int rc;
     if (d) {  // every rank writes its slice of m, v; rank 0 the weights and the manifest, last
         Optim view = *o;
         view.reg = &d->sreg;
         if (d->stage == 0) view.mv_off = d->soff;  // every rank holds all of m, v; each writes its slice
-        rc = ckpt_shard_save(d->g, c->run_dir, c->reg, c->params, &view, d->stage, &st, c->keep_checkpoints,
-                             res->last_checkpoint, sizeof res->last_checkpoint, e);
+        rc = ckpt_shard_save(d->g, c->run_dir, c->reg, c->params, &view, d->stage, &st, keep, res->last_checkpoint,
+                             sizeof res->last_checkpoint, e);
     } else {
-        rc = checkpoint_write(c->run_dir, c->reg, c->params, o, &st, c->keep_checkpoints, res->last_checkpoint,
-                              sizeof res->last_checkpoint, e);
+        rc = checkpoint_write(c->run_dir, c->reg, c->params, o, &st, keep, res->last_checkpoint, sizeof res->last_checkpoint, e);
     }
     ckpt_state_free(&st);
+    if (rc == 0 && sp->skips == 0) {
+        snprintf(sp->good, sizeof sp->good, "%s", res->last_checkpoint);
+        sp->since_good = 0;
+    } else if (rc == 0) {
+        sp->since_good++;
+    }
     return rc;
 }
 
-// Restores weights, optimizer and batch position; returns the loop-local step to continue from, or -1.
-// The global batch is kept: *accum (micro-batches per rank) becomes the checkpoint's accum x world / world.
-static int64_t resume(const TrainConfig *c, Optim *o, int world, int *accum, BatchSource *src, int64_t *tokens, DlError *e) {
+// After a resume inside a run of skips: the newest earlier checkpoint of this stage written outside one is the
+// one a rollback would take (save keeps it through the pruning); finds it and counts the checkpoints since.
+static void spike_find_good(const TrainConfig *c, int64_t before, Spike *sp) {
+    int64_t *steps = NULL;
+    DlError e;
+    int n = checkpoint_list_steps(c->run_dir, c->stage_index, &steps, &e);
+    sp->since_good = 0;
+    for (int i = n - 1; i >= 0; i--) {
+        if (steps[i] >= before) continue;
+        char *p = checkpoint_path(c->run_dir, c->stage_index, steps[i]);
+        CkptState st;
+        ckpt_state_init(&st);
+        int64_t sk = 0;
+        bool good = checkpoint_read_state(p, &st, &e) == 0 && (ckpt_state_get_int(&st, TRAIN_KEY_SKIPS, &sk, &e) || sk == 0);
+        ckpt_state_free(&st);
+        if (good) snprintf(sp->good, sizeof sp->good, "%s", p);
+        free(p);
+        if (good) break;
+        sp->since_good++;
+    }
+    sp->since_good++;  // the checkpoint resumed from
+    free(steps);
+}
+
+// The learning rate after n spike rollbacks.
+static void spike_lr(const TrainConfig *c, Optim *o, int n) {
+    o->cfg.lr = c->opt.lr;
+    for (int i = 0; i < n; i++) o->cfg.lr *= c->opt.spike_lr_factor;
+}
+
+// Restores weights, optimizer and (with data) the batch position from checkpoint `path` of this loop, and
+// the spike state it recorded into *sp_rollbacks / *sp_skips (0 in checkpoints older than the keys); returns
+// the loop-local step to continue from, or -1. The global batch is kept: *accum (micro-batches per rank)
+// becomes the checkpoint's accum x world / world. A spike rollback reloads without the data position.
+static int64_t restore(const TrainConfig *c, const char *path, bool data, Optim *o, int world, int *accum, BatchSource *src,
+                       int64_t *tokens, int64_t *sp_rollbacks, int64_t *sp_skips, DlError *e) {
     CkptState st;
     ckpt_state_init(&st);
     int64_t step = -1, off = 0, total = 0;
-    if (checkpoint_read_state(c->resume_from, &st, e)) goto out;
+    if (checkpoint_read_state(path, &st, e)) goto out;
     if (st.stage_index != c->stage_index) {
-        dl_fail(e, "%s: written by stage %d (%s), cannot resume stage %d (%s) from it", c->resume_from, st.stage_index,
+        dl_fail(e, "%s: written by stage %d (%s), cannot resume stage %d (%s) from it", path, st.stage_index,
                 st.stage_name, c->stage_index, c->stage_name);
         goto out;
     }
     if (ckpt_state_get_int(&st, TRAIN_KEY_OFFSET, &off, e) || ckpt_state_get_int(&st, TRAIN_KEY_TOTAL, &total, e) ||
         ckpt_state_get_int(&st, TRAIN_KEY_TOKENS, tokens, e)) {
-        dl_fail_prefix(e, "%s: ", c->resume_from);
+        dl_fail_prefix(e, "%s: ", path);
         goto out;
     }
     if (off != c->step_offset || total != c->opt.total_steps || st.step < off || st.step > off + total) {
         dl_fail(e, "%s: holds step %lld of a loop over steps [%lld, %lld), but this loop covers [%lld, %lld) (did the "
                    "recipe's steps, epochs or batch change?)",
-                c->resume_from, (long long)st.step, (long long)off, (long long)(off + total), (long long)c->step_offset,
+                path, (long long)st.step, (long long)off, (long long)(off + total), (long long)c->step_offset,
                 (long long)(c->step_offset + c->opt.total_steps));
         goto out;
     }
@@ -191,7 +244,7 @@ static int64_t resume(const TrainConfig *c, Optim *o, int world, int *accum, Bat
     bool same = mix && mix->len == c->hc->base.n_layer;
     for (int l = 0; same && l < c->hc->base.n_layer; l++) same = mix->data[l] == (uint8_t)c->hc->mixer[l];
     if (!same) {
-        dl_fail(e, "%s: the checkpoint's layer layout (attention/Mamba per layer) differs from this stage's", c->resume_from);
+        dl_fail(e, "%s: the checkpoint's layer layout (attention/Mamba per layer) differs from this stage's", path);
         goto out;
     }
     DlError e2;
@@ -199,7 +252,7 @@ static int64_t resume(const TrainConfig *c, Optim *o, int world, int *accum, Bat
     if (ckpt_state_get_int(&st, TRAIN_KEY_GLOBAL_ACCUM, &gacc, &e2) == 0 && gacc != o->cfg.grad_accum) {
         if (gacc % world) {
             dl_fail(e, "%s: written with %lld micro-batches per step over all ranks, which %d ranks cannot split evenly "
-                       "(resume on a number of ranks that divides it)", c->resume_from, (long long)gacc, world);
+                       "(resume on a number of ranks that divides it)", path, (long long)gacc, world);
             goto out;
         }
         dl_info("%s: resuming on %d rank%s: %lld micro-batch%s per rank per step (the checkpoint's global batch)",
@@ -207,16 +260,19 @@ static int64_t resume(const TrainConfig *c, Optim *o, int world, int *accum, Bat
         *accum = (int)(gacc / world);
         o->cfg.grad_accum = (int)gacc;
     }
-    if (checkpoint_load_weights(c->resume_from, c->reg, c->params, 0, e) < 0) goto out;
+    if (checkpoint_load_weights(path, c->reg, c->params, 0, e) < 0) goto out;
     // plain or sharded, written on any number of ranks: this rank's owned ranges, or an error
-    if (ckpt_shard_load_optim(c->resume_from, o, e)) goto out;
+    if (ckpt_shard_load_optim(path, o, e)) goto out;
     if (o->st.step != st.step - off) {
-        dl_fail(e, "%s: optimizer step %lld does not match checkpoint step %lld", c->resume_from, (long long)o->st.step,
+        dl_fail(e, "%s: optimizer step %lld does not match checkpoint step %lld", path, (long long)o->st.step,
                 (long long)(st.step - off));
         goto out;
     }
-    if (src->restore && src->restore(src->ctx, &st, e)) {
-        dl_fail_prefix(e, "%s: restoring the data position: ", c->resume_from);
+    DlError e3;
+    if (ckpt_state_get_int(&st, TRAIN_KEY_ROLLBACKS, sp_rollbacks, &e3)) *sp_rollbacks = 0;
+    if (ckpt_state_get_int(&st, TRAIN_KEY_SKIPS, sp_skips, &e3)) *sp_skips = 0;
+    if (data && src->restore && src->restore(src->ctx, &st, e)) {
+        dl_fail_prefix(e, "%s: restoring the data position: ", path);
         goto out;
     }
     step = st.step - off;
@@ -325,9 +381,15 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
     L.b = (TrainBatch){B, T, dl_malloc((size_t)(B * T) * 4), dl_malloc((size_t)(B * T) * 4), dl_malloc((size_t)(B * T)),
                        dl_malloc((size_t)(B * T))};
     int64_t step = 0, tokens = 0;
+    Spike sp = {0};
     if (c->resume_from) {
-        step = resume(c, &o, world, &accum, src, &tokens, e);
+        int64_t rb = 0, sk = 0;
+        step = restore(c, c->resume_from, true, &o, world, &accum, src, &tokens, &rb, &sk, e);
         if (step < 0) goto out;
+        sp.rollbacks = res->rollbacks = (int)rb, sp.skips = (int)sk;
+        if (sk == 0) snprintf(sp.good, sizeof sp.good, "%s", c->resume_from);
+        else spike_find_good(c, c->step_offset + step, &sp);
+        spike_lr(c, &o, sp.rollbacks);
         tm_load_host(L.student, &o);
         dl_info("%s: resumed at step %lld of %lld from %s", c->stage_name, (long long)(c->step_offset + step),
                 (long long)(c->step_offset + o.cfg.total_steps), c->resume_from);
@@ -337,7 +399,6 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
         dl_info("%s: data parallel over %d ranks, ZeRO-%d, global batch %lld x %d x %d rows", c->stage_name, world,
                 d->stage, (long long)B, accum, world);
     const int max_skips = c->max_consecutive_skips > 0 ? c->max_consecutive_skips : 25;
-    int consecutive_skips = 0;
     Progress prog;
     progress_begin(&prog, c->progress_label ? c->progress_label : c->stage_name, c->step_offset + step, c->step_offset + total);
     double t_run = dl_now();
@@ -435,12 +496,12 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
         res->last_loss = loss;
         if (skipped) {
             res->n_skipped++;
-            consecutive_skips++;
+            sp.skips++;
             if (rank == 0)
                 dl_warn("%s step %lld: %s (loss %g, gradient norm %g, running median %g); weights unchanged", c->stage_name,
                     (long long)gstep, optim_outcome_name(r.outcome), loss, r.grad_norm, r.median_norm);
         } else {
-            consecutive_skips = 0;
+            sp.skips = 0;
         }
         if (c->metrics) {
             MetricPart parts[4];
@@ -461,15 +522,41 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
         }
         if (c->on_step) c->on_step(c->on_step_ctx, gstep, loss, &r);
         progress_update(&prog, gstep, loss, tokens_run / (dl_now() - t_run));
-        if (consecutive_skips >= max_skips) {
-            dl_fail(e, "%s: %d steps in a row were skipped (last: %s at step %lld); training diverged. The last good "
-                       "checkpoint is kept: lower the learning rate or check the data, then resume",
-                    c->stage_name, consecutive_skips, optim_outcome_name(r.outcome), (long long)gstep);
+        if (sp.skips >= max_skips && sp.rollbacks < o.cfg.spike_rollbacks && sp.good[0]) {
+            // a loss spike: back to the last good checkpoint with a smaller step, on the batches after the spike
+            int64_t rb = 0, sk = 0, from = gstep - sp.skips + 1;
+            char good[sizeof sp.good];
+            snprintf(good, sizeof good, "%s", sp.good);
+            int64_t back = restore(c, good, false, &o, world, &accum, src, &tokens, &rb, &sk, e);
+            if (back < 0) {
+                dl_fail_prefix(e, "%s: rolling back after %d skipped steps: ", c->stage_name, sp.skips);
+                goto out_prog;
+            }
+            spike_lr(c, &o, ++sp.rollbacks);
+            res->rollbacks = sp.rollbacks;
+            tm_load_host(L.student, &o);
+            if (rank == 0) {
+                checkpoint_drop_after(c->run_dir, c->stage_index, c->step_offset + back);
+                dl_warn("%s: steps %lld-%lld were skipped; loss spike: rollback %d of %d to %s (step %lld), learning rate x%g "
+                        "from here, the batches since step %lld are not replayed",
+                        c->stage_name, (long long)from, (long long)gstep, sp.rollbacks, o.cfg.spike_rollbacks, good,
+                        (long long)(c->step_offset + back), o.cfg.lr / c->opt.lr, (long long)(c->step_offset + back));
+            }
+            sp.skips = 0, sp.since_good = 0;
+            step = back - 1;  // (the loop's step++ continues at the checkpoint's step)
+            continue;
+        }
+        if (sp.skips >= max_skips) {
+            dl_fail(e, "%s: %d steps in a row were skipped (last: %s at step %lld); training diverged%s. The last good "
+                       "checkpoint is kept: --resume with more optimizer.spike_rollbacks (rolls back to it), start a new "
+                       "run with a lower optimizer.lr for this stage, or check the data",
+                    c->stage_name, sp.skips, optim_outcome_name(r.outcome), (long long)gstep,
+                    sp.rollbacks ? " again after the rollbacks optimizer.spike_rollbacks allows" : "");
             goto out_prog;
         }
         bool last = step + 1 == total, interrupt = stop_now;
         if (last || interrupt || (c->checkpoint_every > 0 && (step + 1) % c->checkpoint_every == 0)) {
-            if (save(c, &o, d, L.student, src, step + 1, tokens, last, res, e)) goto out_prog;
+            if (save(c, &o, d, L.student, src, step + 1, tokens, last, &sp, res, e)) goto out_prog;
         }
         res->steps_done = step + 1;
         if (interrupt && !last) {

@@ -22,6 +22,15 @@
 // per rank (an error if that is not whole). On CPU the collectives run over dist.h's control channel
 // (zdist_*); the CUDA backend calls nccl_comm.h at the marked hooks.
 //
+// Loss spikes: the optimizer skips a step whose loss or gradient is non-finite or whose gradient norm is an
+// outlier (optim.h). After max_consecutive_skips skipped steps in a row the weights are stuck where the spike
+// left them, so the loop rolls back: it reloads the newest checkpoint written before the run of skips
+// (weights and optimizer, not the data position), drops this loop's later checkpoints, multiplies the
+// learning rate by opt.spike_lr_factor for the rest of the loop and goes on with the batches after the spike,
+// at most opt.spike_rollbacks times; then (or with no such checkpoint) it stops with an error. The
+// checkpoints record the rollbacks and the run of skips, so a resume continues it exactly, and a fresh run
+// with the same configuration makes the same rollbacks at the same steps.
+//
 // Steps are numbered within the stage: a loop may cover a sub-range [step_offset, step_offset + steps) of
 // its stage (layerwise schedule steps run one loop each), so checkpoint names and metrics rows stay
 // monotone over the whole stage.
@@ -142,6 +151,7 @@ typedef struct {
     double last_loss;
     double tokens_per_s;    // over the steps run by this process
     int64_t n_skipped;
+    int rollbacks;          // loss-spike rollbacks (OptimConfig.spike_rollbacks)
     bool stopped;           // returned because of stop_after
     bool interrupted;       // returned because *stop was set (a checkpoint of the last step was written)
     char last_checkpoint[512];
@@ -156,4 +166,6 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
 #define TRAIN_KEY_TOKENS "train.tokens"
 #define TRAIN_KEY_GLOBAL_ACCUM "train.global_accum"  // micro-batches per step over all ranks (accum x world)
 #define TRAIN_KEY_DONE "train.done"       // 1 in the checkpoint written at the loop's last step
+#define TRAIN_KEY_ROLLBACKS "train.rollbacks"  // loss-spike rollbacks done so far in this loop
+#define TRAIN_KEY_SKIPS "train.skips_in_row"   // steps skipped in a row up to the checkpoint's step
 #define TRAIN_KEY_MIXERS "model.mixers"  // blob: one byte per layer, MixerKind (the hybrid layout)

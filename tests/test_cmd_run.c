@@ -172,18 +172,19 @@ int main(void) {
     log = read_log("cut");
     CHECK(!strcmp(log, "init resume=0\nlayerwise resume=0\nlayerwise resume=1\nexport resume=0\n"));  // all done: nothing ran
     free(log);
-    // a run directory written before the hardware switches existed (no overlap / stage_grads / gemm_tune lines)
-    // still resumes, and those switches may change on --resume
+    // a run directory written before the hardware switches and the spike rollbacks existed (no overlap /
+    // stage_grads / gemm_tune / spike_* lines) still resumes, and those keys may change on --resume
     {
         char rp[500];
         snprintf(rp, sizeof rp, "%s/recipe.resolved.toml", cutdir);
         DlError e;
         size_t n = 0;
         char *txt = dl_read_file(rp, &n, &e), *o = txt;
-        CHECK(txt && strstr(txt, "\ngemm_tune = ") && strstr(txt, "\noverlap = "));
-        for (const char *p = txt; txt && *p;) {  // drop the three lines in place
+        CHECK(txt && strstr(txt, "\ngemm_tune = ") && strstr(txt, "\noverlap = ") && strstr(txt, "\nspike_rollbacks = 2\n"));
+        for (const char *p = txt; txt && *p;) {  // drop those lines in place
             const size_t len = strcspn(p, "\n") + (p[strcspn(p, "\n")] ? 1 : 0);
-            if (strncmp(p, "gemm_tune = ", 12) && strncmp(p, "overlap = ", 10) && strncmp(p, "stage_grads = ", 14))
+            if (strncmp(p, "gemm_tune = ", 12) && strncmp(p, "overlap = ", 10) && strncmp(p, "stage_grads = ", 14) &&
+                strncmp(p, "spike_rollbacks = ", 18) && strncmp(p, "spike_lr_factor = ", 18))
                 memmove(o, p, len), o += len;
             p += len;
         }
@@ -198,6 +199,11 @@ int main(void) {
         CHECK_EQ_I64(run_recipe(a9, 4), 0);
         const char *a10[] = {"--set", "run.name=cut", "--set", "hardware.gemm_tune=true", "--resume", cutdir};
         CHECK_EQ_I64(run_recipe(a10, 6), 0);
+        const char *a11[] = {"--set", "run.name=cut", "--set", "optimizer.spike_rollbacks=5", "--resume", cutdir};
+        CHECK_EQ_I64(run_recipe(a11, 6), 0);
+        // ... while the learning rate may not
+        const char *a12[] = {"--set", "run.name=cut", "--set", "optimizer.lr=1e-5", "--resume", cutdir};
+        CHECK_EQ_I64(run_recipe(a12, 6), 3);
     }
 
     // a failing stage: exit 1, no DONE for it

@@ -2,11 +2,15 @@
 // accumulation, Mamba mixers only trainable): the loss goes down; stopping at step 4 of 8 and resuming
 // from the checkpoint in a fresh state gives every loss and the final weights bit for bit; resuming with a
 // changed step count or layout is refused; the last checkpoint is marked done; frozen tensors stay put.
+// A loss spike (batches that make the loss non-finite, enough for a run of skipped steps) rolls back to the
+// last good checkpoint with half the learning rate, and a run killed after the rollback or inside the run of
+// skips resumes to the same weights bit for bit; without rollbacks left the loop stops with an error.
 #include <math.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "tests/check.h"
+#include "distill/train_model.h"
 #include "tests/tiny_model.h"
 
 #define STEPS 8
@@ -50,6 +54,59 @@ static void config(TrainConfig *c, TinyModel *s, TinyModel *t, const char *dir, 
     c->recipe_text = "[run]\nname = \"tiny\"\n";
     c->on_step = on_step;
     c->on_step_ctx = log;
+}
+
+// ---- loss spikes: a CE loss whose value is NaN for the batches (p0, p1] of the source (so the step is skipped)
+#define SPIKE_STEPS 30
+typedef struct {
+    SynthSource *ss;
+    int64_t p0, p1;
+    double lr[SPIKE_STEPS + 1];  // the lr each step used, the last time it ran
+} Spiky;
+
+static int spiky_loss(void *ctx, TrainModel *m, const TrainBatch *b, float *grads, double *loss, MetricPart *parts,
+                      int *n_parts, DlError *e) {
+    Spiky *s = ctx;
+    if (tm_forward(m, b->tokens, b->reset, e)) return -1;
+    TmLoss spec = {.w = {.ce = 1, .temperature = 1}};
+    LossParts lp = tm_loss(m, b->targets, b->mask, &spec, grads, NULL);
+    tm_backward(m, grads);
+    const bool poisoned = s->ss->batches > s->p0 && s->ss->batches <= s->p1;  // the batch just drawn
+    *loss = poisoned ? NAN : lp.loss;
+    parts[0] = (MetricPart){"ce", lp.ce};
+    *n_parts = 1;
+    return 0;
+}
+
+static void spiky_step(void *ctx, int64_t step, double loss, const OptimResult *r) {
+    (void)loss;
+    if (step >= 1 && step <= SPIKE_STEPS) ((Spiky *)ctx)->lr[step] = r->lr;
+}
+
+// Runs the spiky loop in dir from params p (stop_after / resume_from as given); returns train_run's rc.
+static int spiky_run(TinyModel *s, TinyModel *t, const char *dir, Spiky *sp, SynthSource *ss, int rollbacks,
+                     int64_t stop_after, const char *resume_from, TrainResult *res, DlError *e) {
+    TrainConfig c;
+    config(&c, s, t, dir, NULL);
+    c.w = (LossWeights){0};
+    c.mse = 0;
+    c.loss_fn = spiky_loss, c.loss_ctx = sp;
+    c.on_step = spiky_step, c.on_step_ctx = sp;
+    c.opt.total_steps = SPIKE_STEPS;
+    c.opt.spike_rollbacks = rollbacks;
+    c.opt.spike_lr_factor = 0.5;
+    c.max_consecutive_skips = 3;
+    c.checkpoint_every = 4;
+    c.stage_name = "distill";
+    c.stop_after = stop_after;
+    c.resume_from = resume_from;
+    BatchSource src = synth_source(ss, 11, t->h.base.vocab);
+    sp->ss = ss;
+    // 2 micro-batches per step: batches 21..28 poison steps 11-14; the third skip (step 13) rolls back to the
+    // checkpoint of step 8 (step 12's was written inside the run of skips), and the batches drawn after it
+    // (27, 28) poison one more step
+    sp->p0 = 20, sp->p1 = 28;
+    return train_run(&c, &src, res, e);
 }
 
 int main(void) {
@@ -199,6 +256,79 @@ int main(void) {
         snprintf(cmdd, sizeof cmdd, "rm -rf %s", dir_d);
         CHECK(system(cmdd) == 0);
         free(pd);
+    }
+
+    // ---- loss spikes
+    {
+        char dir_s[] = "/tmp/distill_test_loop_s_XXXXXX", dir_k[] = "/tmp/distill_test_loop_k_XXXXXX",
+             dir_m[] = "/tmp/distill_test_loop_m_XXXXXX", dir_n[] = "/tmp/distill_test_loop_n_XXXXXX";
+        if (!mkdtemp(dir_s) || !mkdtemp(dir_k) || !mkdtemp(dir_m) || !mkdtemp(dir_n)) return 1;
+        float *ps = malloc((size_t)n * 4), *pk = malloc((size_t)n * 4), *pm = malloc((size_t)n * 4);
+        TinyModel ts = s0, tk = s0, tmm = s0;
+        ts.p = ps, tk.p = pk, tmm.p = pm;
+        Spiky sps = {0}, spk = {0}, spm = {0};
+        SynthSource ssp;
+        // uninterrupted: one rollback, then to the end
+        memcpy(ps, s0.p, (size_t)n * 4);
+        rc = spiky_run(&ts, &t, dir_s, &sps, &ssp, 1, 0, NULL, &res, &e);
+        if (rc) fprintf(stderr, "spike: %s\n", e.msg);
+        OptimConfig sched;  // config()'s schedule
+        optim_config_default(&sched);
+        sched.lr = 3e-3, sched.warmup_steps = 2, sched.total_steps = SPIKE_STEPS;
+        printf("loss spike: rc %d, %lld steps, %lld skipped, %d rollback(s); lr at step 20 %.6g (schedule %.6g)\n", rc,
+               (long long)res.steps_done, (long long)res.n_skipped, res.rollbacks, sps.lr[20], optim_lr_at(&sched, 19));
+        CHECK(rc == 0 && res.steps_done == SPIKE_STEPS && res.rollbacks == 1 && res.n_skipped == 4);
+        CHECK(sps.lr[8] == optim_lr_at(&sched, 7) && sps.lr[20] == 0.5 * optim_lr_at(&sched, 19) &&
+              sps.lr[SPIKE_STEPS] == 0.5 * optim_lr_at(&sched, SPIKE_STEPS - 1));
+        bool fin = true;
+        for (int64_t i = 0; i < n; i++) fin &= isfinite(ps[i]);
+        CHECK(fin);
+        char last[512];
+        CHECK(checkpoint_find_latest(dir_s, last, sizeof last, &e) == 1 && strstr(last, "ckpt-02-00000030.h5"));
+        {
+            CkptState st;
+            ckpt_state_init(&st);
+            int64_t rbk = -1;
+            CHECK(checkpoint_read_state(last, &st, &e) == 0 && ckpt_state_get_int(&st, TRAIN_KEY_ROLLBACKS, &rbk, &e) == 0 &&
+                  rbk == 1);
+            ckpt_state_free(&st);
+        }
+        // killed after the rollback, (a) 2 steps into the new branch: the newest checkpoint is step 8's (the
+        // abandoned branch's step-12 one was dropped), and resuming from it meets the spike and its rollback
+        // again; (b) at step 18: the newest is step 16 of the new branch, with the halved lr. Both resumed runs
+        // end on the uninterrupted run's weights.
+        const int64_t kill_at[2] = {15, 23};
+        const char *newest[2] = {"ckpt-02-00000008.h5", "ckpt-02-00000016.h5"};
+        for (int k = 0; k < 2; k++) {
+            memcpy(pk, s0.p, (size_t)n * 4);
+            CHECK(spiky_run(&tk, &t, dir_k, &spk, &ssp, 1, kill_at[k], NULL, &res, &e) == 0 && res.stopped && res.rollbacks == 1);
+            CHECK(checkpoint_find_latest(dir_k, last, sizeof last, &e) == 1 && strstr(last, newest[k]));
+            for (int64_t i = 0; i < n; i++) pk[i] = 1e3f;
+            rc = spiky_run(&tk, &t, dir_k, &spk, &ssp, 1, 0, last, &res, &e);
+            if (rc) fprintf(stderr, "spike resume: %s\n", e.msg);
+            CHECK(rc == 0 && res.rollbacks == 1 && !memcmp(ps, pk, (size_t)n * 4));
+            char rm[200];
+            snprintf(rm, sizeof rm, "rm -f %s/ckpt-*", dir_k);
+            CHECK(system(rm) == 0);
+        }
+        // killed inside the run of skips (after step 12, whose checkpoint has 2 skips in a row): the resumed run
+        // finds the step-8 checkpoint for its rollback and ends on the same weights
+        memcpy(pm, s0.p, (size_t)n * 4);
+        CHECK(spiky_run(&tmm, &t, dir_m, &spm, &ssp, 1, 12, NULL, &res, &e) == 0 && res.stopped && res.rollbacks == 0);
+        CHECK(checkpoint_find_latest(dir_m, last, sizeof last, &e) == 1 && strstr(last, "ckpt-02-00000012.h5"));
+        for (int64_t i = 0; i < n; i++) pm[i] = 1e3f;
+        rc = spiky_run(&tmm, &t, dir_m, &spm, &ssp, 1, 0, last, &res, &e);
+        if (rc) fprintf(stderr, "spike resume in the skips: %s\n", e.msg);
+        CHECK(rc == 0 && res.rollbacks == 1 && !memcmp(ps, pm, (size_t)n * 4));
+        // no rollbacks allowed: the loop stops at the third skip with the hint
+        memcpy(pm, s0.p, (size_t)n * 4);
+        rc = spiky_run(&tmm, &t, dir_n, &spm, &ssp, 0, 0, NULL, &res, &e);
+        printf("loss spike without rollbacks: rc %d: %s\n", rc, rc ? e.msg : "");
+        CHECK(rc == -1 && strstr(e.msg, "diverged") && strstr(e.msg, "spike_rollbacks") && res.steps_done == 12);
+        char cmds[400];
+        snprintf(cmds, sizeof cmds, "rm -rf %s %s %s %s", dir_s, dir_k, dir_m, dir_n);
+        CHECK(system(cmds) == 0);
+        free(ps), free(pk), free(pm);
     }
 
     // ---- a diverging run (lr absurdly high, no clipping) is stopped with a clear error, nothing non-finite saved
