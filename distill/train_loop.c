@@ -159,9 +159,10 @@ static int save(const TrainConfig *c, Optim *o, const Dp *d, TrainModel *student
     tm_sync_host(student, o);  // cuda: the device master and moments are the truth
     CkptState st;
     fill_state(c, o, src, step, tokens, done, sp, &st);
-    // during a run of skips the last good checkpoint must survive the pruning: a rollback may need it
-    const int keep = sp->skips > 0 && sp->good[0] && c->keep_checkpoints > 0 && c->keep_checkpoints <= sp->since_good
-                         ? sp->since_good + 1
+    // during a run of skips the last good checkpoint must survive the pruning (a rollback may need it): it and
+    // the since_good + 1 written after it, this one included
+    const int keep = sp->skips > 0 && sp->good[0] && c->keep_checkpoints > 0 && c->keep_checkpoints < sp->since_good + 2
+                         ? sp->since_good + 2
                          : c->keep_checkpoints;
     int rc;
     if (d) {  // every rank writes its slice of m, v; rank 0 the weights and the manifest, last

@@ -83,9 +83,10 @@ static void spiky_step(void *ctx, int64_t step, double loss, const OptimResult *
     if (step >= 1 && step <= SPIKE_STEPS) ((Spiky *)ctx)->lr[step] = r->lr;
 }
 
-// Runs the spiky loop in dir from params p (stop_after / resume_from as given); returns train_run's rc.
-static int spiky_run(TinyModel *s, TinyModel *t, const char *dir, Spiky *sp, SynthSource *ss, int rollbacks,
-                     int64_t stop_after, const char *resume_from, TrainResult *res, DlError *e) {
+// Runs the spiky loop in dir from params p (stop_after / resume_from, checkpoint_every / keep_checkpoints as
+// given); returns train_run's rc.
+static int spiky_run_ck(TinyModel *s, TinyModel *t, const char *dir, Spiky *sp, SynthSource *ss, int rollbacks,
+                        int64_t stop_after, const char *resume_from, int every, int keep, TrainResult *res, DlError *e) {
     TrainConfig c;
     config(&c, s, t, dir, NULL);
     c.w = (LossWeights){0};
@@ -96,17 +97,23 @@ static int spiky_run(TinyModel *s, TinyModel *t, const char *dir, Spiky *sp, Syn
     c.opt.spike_rollbacks = rollbacks;
     c.opt.spike_lr_factor = 0.5;
     c.max_consecutive_skips = 3;
-    c.checkpoint_every = 4;
+    c.checkpoint_every = every;
+    c.keep_checkpoints = keep;
     c.stage_name = "distill";
     c.stop_after = stop_after;
     c.resume_from = resume_from;
     BatchSource src = synth_source(ss, 11, t->h.base.vocab);
     sp->ss = ss;
-    // 2 micro-batches per step: batches 21..28 poison steps 11-14; the third skip (step 13) rolls back to the
-    // checkpoint of step 8 (step 12's was written inside the run of skips), and the batches drawn after it
-    // (27, 28) poison one more step
+    // 2 micro-batches per step: batches 21..28 poison steps 11-14; with a checkpoint every 4 steps the third skip
+    // (step 13) rolls back to step 8's (step 12's was written inside the run of skips), and the batches drawn
+    // after it (27, 28) poison one more step
     sp->p0 = 20, sp->p1 = 28;
     return train_run(&c, &src, res, e);
+}
+
+static int spiky_run(TinyModel *s, TinyModel *t, const char *dir, Spiky *sp, SynthSource *ss, int rollbacks,
+                     int64_t stop_after, const char *resume_from, TrainResult *res, DlError *e) {
+    return spiky_run_ck(s, t, dir, sp, ss, rollbacks, stop_after, resume_from, 4, 2, res, e);
 }
 
 int main(void) {
@@ -320,6 +327,18 @@ int main(void) {
         rc = spiky_run(&tmm, &t, dir_m, &spm, &ssp, 1, 0, last, &res, &e);
         if (rc) fprintf(stderr, "spike resume in the skips: %s\n", e.msg);
         CHECK(rc == 0 && res.rollbacks == 1 && !memcmp(ps, pm, (size_t)n * 4));
+        // a checkpoint every step, only the newest kept: the two written inside the run of skips do not push out
+        // the last good one (step 10), which the rollback takes
+        memcpy(pm, s0.p, (size_t)n * 4);
+        rc = spiky_run_ck(&tmm, &t, dir_n, &spm, &ssp, 1, 0, NULL, 1, 1, &res, &e);
+        if (rc) fprintf(stderr, "spike, keep 1: %s\n", e.msg);
+        CHECK(rc == 0 && res.rollbacks == 1 && res.steps_done == SPIKE_STEPS);
+        CHECK(checkpoint_find_latest(dir_n, last, sizeof last, &e) == 1 && strstr(last, "ckpt-02-00000030.h5"));
+        {
+            char rm[200];
+            snprintf(rm, sizeof rm, "rm -f %s/ckpt-*", dir_n);
+            CHECK(system(rm) == 0);
+        }
         // no rollbacks allowed: the loop stops at the third skip with the hint
         memcpy(pm, s0.p, (size_t)n * 4);
         rc = spiky_run(&tmm, &t, dir_n, &spm, &ssp, 0, 0, NULL, &res, &e);
