@@ -375,6 +375,16 @@ int stage_device(const RunContext *ctx) { return ctx->recipe->run.device == DEVI
 
 void stage_train_device(const RunContext *ctx, TrainConfig *c) {
     const Recipe *r = ctx->recipe;
+    // tests: DISTILL_TEST_SPIKE=STAGE:A-B[:N]: in the stage named STAGE (c->stage_name, set before this call), a
+    // non-finite loss at steps A..B until the loop rolls back; N skipped steps in a row start the rollback (25)
+    const char *spike = getenv("DISTILL_TEST_SPIKE"), *colon = spike ? strchr(spike, ':') : NULL;
+    long long a = 0, b = -1;
+    int n = 0;
+    if (colon && c->stage_name && strlen(c->stage_name) == (size_t)(colon - spike) &&
+        !strncmp(spike, c->stage_name, (size_t)(colon - spike)) && sscanf(colon + 1, "%lld-%lld:%d", &a, &b, &n) >= 2) {
+        c->test_spike[0] = a, c->test_spike[1] = b;
+        if (n > 0) c->max_consecutive_skips = n;
+    }
     c->device = stage_device(ctx);
     c->recompute_mlp = r->hardware.recompute != RECOMPUTE_NONE;  // "full" recomputes the MLP only on CUDA today
     c->teacher_shard = r->hardware.teacher_sharded;  // (cuda: the recipe checks refuse it elsewhere)

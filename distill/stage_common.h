@@ -80,7 +80,7 @@ void stage_optim_config(const StageSpec *st, int64_t total_steps, OptimConfig *o
 int stage_device(const RunContext *ctx);
 // The device part of a training loop's configuration from the recipe: run.device, hardware.recompute and,
 // with several ranks, the process group, ZeRO stage and NCCL communicator (stage_dist).
-void stage_train_device(const RunContext *ctx, TrainConfig *c);
+void stage_train_device(const RunContext *ctx, TrainConfig *c);  // (and the DISTILL_TEST_SPIKE hook)
 // Steps of a training length given as steps, or as epochs (micro-batches per epoch / grad_accum).
 int64_t stage_steps(int64_t steps, double epochs, int64_t batches_per_epoch, int grad_accum);
 

@@ -481,6 +481,8 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
         }
         const int gaccum = accum * world;
         loss /= gaccum, ce /= gaccum, kl /= gaccum, rkl /= gaccum, mse /= gaccum;
+        if (sp.rollbacks == 0 && c->step_offset + step + 1 >= c->test_spike[0] && c->step_offset + step + 1 <= c->test_spike[1])
+            loss = NAN;
         if (d && d->cu) {
             if (tm_dp_step(d->cu, L.grads, loss, &r, e)) goto fail_dist;
         } else if (d) {

@@ -109,7 +109,10 @@ typedef struct {
     int keep_checkpoints;
     const char *recipe_text; // saved in checkpoints (may be NULL)
     Metrics *metrics;        // may be NULL
-    int max_consecutive_skips;  // abort after this many skipped steps in a row (0: 25)
+    int max_consecutive_skips;  // roll back or stop after this many skipped steps in a row (0: 25)
+    // for tests: steps [test_spike[0], test_spike[1]] (the stage's numbering) get a non-finite loss while the loop
+    // has not rolled back yet: a loss spike made to order (DISTILL_TEST_SPIKE=STAGE:A-B[:N], stage_common.c)
+    int64_t test_spike[2];
     // resume: a checkpoint of this stage, inside this loop's step range (NULL: start fresh)
     const char *resume_from;
     // extra state for the checkpoints of this loop (e.g. the layerwise schedule step); may be NULL

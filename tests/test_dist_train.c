@@ -11,6 +11,10 @@
 //   2->1  2 processes stop after 3 steps (checkpoint 2), resume on 1 process (2 micro-batches per step):
 //         losses continue those of z1 within rounding
 //   1->2  1 process stops after 3 steps, resume on 2 processes: losses continue ref's within rounding
+//   spike a loss spike made to order (DISTILL_TEST_SPIKE=layerwise:3-6:2: steps 3, 4 skipped) rolls back to the step-2
+//         checkpoint with half the lr, on 1 process and on 2 (ZeRO-1, sharded checkpoints): both finish and agree
+//         within rounding; 2 processes stopped after 7 steps (step 5 of the new branch) and resumed give the
+//         uninterrupted spike run's losses bit for bit
 #include <arpa/inet.h>
 #include <cjson/cJSON.h>
 #include <math.h>
@@ -330,6 +334,32 @@ int main(void) {
         double d = loss_diff("m12", "ref");
         printf("saved on 1 rank, resumed on 2 (ZeRO-2): %.2e vs the 1-rank run\n", d);
         CHECK_REL(d, 1e-5, "1 -> 2 resume");
+    }
+    // a loss spike: rollback on 1 and 2 ranks; a kill after the rollback resumes exactly
+    {
+        const char *spike = "DISTILL_TEST_SPIKE=layerwise:3-6:2";
+        CHECK_EQ_I64(run("sp1", 1, NULL, spike), 0);
+        CHECK_EQ_I64(run("sp2", 2, acc1_z1, spike), 0);
+        CHECK(log_has("sp1", 0, "loss spike: rollback 1 of 2") && log_has("sp2", 0, "loss spike: rollback 1 of 2"));
+        double ds = loss_diff("sp2", "sp1"), dr = loss_diff("sp1", "ref");
+        printf("loss spike at steps 3-4: 2 ranks (ZeRO-1) vs 1 rank %.2e; vs the run without it %.2e\n", ds, dr);
+        CHECK_REL(ds, 1e-5, "spike: 2 ranks vs 1");
+        CHECK(dr > 1e-4);  // half the learning rate from step 3 on: another run
+        // 7 process steps: 1, 2, 3, 4 (the rollback), 3, 4, 5; the newest checkpoint is step 4's of the new branch,
+        // with the rollback and the halved lr recorded. (start() takes one variable: the stop is inherited.)
+        pid_t pid[2];
+        setenv("DISTILL_TEST_STOP_AFTER", "7", 1);
+        start("spk", 2, acc1_z1, spike, pid);
+        int st0, st1;
+        waitpid(pid[0], &st0, 0);
+        waitpid(pid[1], &st1, 0);
+        unsetenv("DISTILL_TEST_STOP_AFTER");
+        CHECK(status_of(st0) == 4 && status_of(st1) == 4);
+        const char *res[] = {"--set", "optimizer.grad_accum=1", "--set", "hardware.zero=1", "--resume", NULL};
+        CHECK_EQ_I64(run("spk", 2, res, spike), 0);
+        double dk = loss_diff("spk", "sp2");
+        printf("loss spike, stopped after the rollback and resumed on 2 ranks vs uninterrupted: %.2e\n", dk);
+        CHECK(dk == 0);
     }
     printf("test_dist_train: %.1f s\n", dl_now() - t0);
     if (check_fail_ == 0) {

@@ -24,7 +24,10 @@
 #      whose size follows micro_batch x GPUs, so crossing an epoch gives 1 and 2 GPUs different data.)
 #   7. m16: AdamW moments in bf16 with stochastic rounding: a run exports, a second run and a run killed after
 #      4 steps and resumed give its losses bit for bit (its losses beside the fp32-moment run's: printed, not judged).
-# PIPELINE_PARTS picks checks (default "a b cpu resume m16 gpu2 gpu2resume"; a = the reference CUDA run, which b,
+#   8. spike: a loss spike made to order in the distill stage (DISTILL_TEST_SPIKE=distill:4-5:2: steps 4 and 5
+#      skipped) rolls back to its step-3 checkpoint on the GPU (weights and AdamW state reloaded onto the device,
+#      half the learning rate), finishes and exports; a second such run gives its losses bit for bit.
+# PIPELINE_PARTS picks checks (default "a b cpu resume m16 spike gpu2 gpu2resume"; a = the reference CUDA run, which b,
 # cpu and resume compare with). Prints "N passed, N failed"; exit status 1 on any failure.
 set -u
 D=${1:?usage: pipeline.sh DISTILL OUT}
@@ -48,7 +51,7 @@ run() {  # run NAME [args...]: a fresh run; its log in OUT/NAME.log; returns dis
 }
 metrics() { cp "$RUNS/$1/metrics.jsonl" "$OUT/$1.metrics.jsonl" 2>/dev/null; echo "$RUNS/$1/metrics.jsonl"; }
 
-PARTS=" ${PIPELINE_PARTS:-a b cpu resume m16 gpu2 gpu2resume} "
+PARTS=" ${PIPELINE_PARTS:-a b cpu resume m16 spike gpu2 gpu2resume} "
 part() { [[ "$PARTS" == *" $1 "* ]]; }
 if part a; then
     if run cuda-a && [ -f "$RUNS/cuda-a/export/config.json" ]; then ok "CUDA run finished and exported"
@@ -92,6 +95,16 @@ if run cuda-m16 $M16 && [ -f "$RUNS/cuda-m16/export/config.json" ]; then
         python3 "$HERE/check_metrics.py" "$(metrics cuda-m16)" "$(metrics cuda-m16r)" --exact && ok "bf16 moments: kill after step 4 + resume identical" || bad "bf16 moments: resumed run differs"
     else bad "bf16 moments: resume (see $OUT/cuda-m16r.resume.log)"; tail -20 "$OUT/cuda-m16r.resume.log"; fi
 else bad "bf16 moments: CUDA run (see $OUT/cuda-m16.log)"; tail -20 "$OUT/cuda-m16.log"; fi
+fi
+if part spike; then
+SPIKE=distill:4-5:2
+if DISTILL_TEST_SPIKE=$SPIKE run cuda-sp && [ -f "$RUNS/cuda-sp/export/config.json" ] && grep -q "loss spike: rollback 1 of 2" "$OUT/cuda-sp.log"; then
+    ok "loss spike: rolled back on the GPU, finished and exported"
+    grep -E "loss spike" "$OUT/cuda-sp.log" | head -2
+    if DISTILL_TEST_SPIKE=$SPIKE run cuda-sp2; then
+        python3 "$HERE/check_metrics.py" "$(metrics cuda-sp)" "$(metrics cuda-sp2)" --exact && ok "loss spike: two runs identical" || bad "loss spike: two runs differ"
+    else bad "loss spike: second run (see $OUT/cuda-sp2.log)"; fi
+else bad "loss spike run (see $OUT/cuda-sp.log)"; tail -20 "$OUT/cuda-sp.log"; fi
 fi
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
 # ---- 2 GPUs (tests/recipes/gpu-dp.toml: layerwise with the Mamba mixers trained, then KL over every parameter;
