@@ -127,10 +127,8 @@ static void loop_free(Loop *L) {
 // Loss-spike recovery state of a loop (optim.h, spike_rollbacks): saved in every checkpoint so that a resume
 // continues it exactly.
 typedef struct {
-    int rollbacks;           // done so far in this loop (the lr is c->opt.lr x spike_lr_factor^rollbacks)
-    int skips;               // steps skipped in a row up to now
-    char good[512];          // the newest checkpoint written with skips == 0 ("": none known)
-    int since_good;          // checkpoints written after it (during a run of skips)
+    int rollbacks;  // done so far in this loop (the lr is c->opt.lr x spike_lr_factor^rollbacks)
+    int skips;      // steps skipped in a row up to now
 } Spike;
 
 static void fill_state(const TrainConfig *c, const Optim *o, BatchSource *src, int64_t step, int64_t tokens, bool done,
@@ -159,11 +157,9 @@ static int save(const TrainConfig *c, Optim *o, const Dp *d, TrainModel *student
     tm_sync_host(student, o);  // cuda: the device master and moments are the truth
     CkptState st;
     fill_state(c, o, src, step, tokens, done, sp, &st);
-    // during a run of skips the last good checkpoint must survive the pruning (a rollback may need it): it and
-    // the since_good + 1 written after it, this one included
-    const int keep = sp->skips > 0 && sp->good[0] && c->keep_checkpoints > 0 && c->keep_checkpoints < sp->since_good + 2
-                         ? sp->since_good + 2
-                         : c->keep_checkpoints;
+    // nothing is pruned during a run of skips (keep_last 0): a rollback needs the last checkpoint before it; the
+    // first save after the skips prunes as usual
+    const int keep = sp->skips > 0 ? 0 : c->keep_checkpoints;
     int rc;
     if (d) {  // every rank writes its slice of m, v; rank 0 the weights and the manifest, last
         Optim view = *o;
@@ -175,37 +171,28 @@ static int save(const TrainConfig *c, Optim *o, const Dp *d, TrainModel *student
         rc = checkpoint_write(c->run_dir, c->reg, c->params, o, &st, keep, res->last_checkpoint, sizeof res->last_checkpoint, e);
     }
     ckpt_state_free(&st);
-    if (rc == 0 && sp->skips == 0) {
-        snprintf(sp->good, sizeof sp->good, "%s", res->last_checkpoint);
-        sp->since_good = 0;
-    } else if (rc == 0) {
-        sp->since_good++;
-    }
     return rc;
 }
 
-// After a resume inside a run of skips: the newest earlier checkpoint of this stage written outside one is the
-// one a rollback would take (save keeps it through the pruning); finds it and counts the checkpoints since.
-static void spike_find_good(const TrainConfig *c, int64_t before, Spike *sp) {
+// The checkpoint a rollback returns to: the newest of this loop (steps after step_offset) before step `before`
+// that was written outside a run of skips (or before the key existed). Returns whether there is one.
+static bool spike_find_good(const TrainConfig *c, int64_t before, char *out, size_t out_n) {
     int64_t *steps = NULL;
     DlError e;
-    int n = checkpoint_list_steps(c->run_dir, c->stage_index, &steps, &e);
-    sp->since_good = 0;
-    for (int i = n - 1; i >= 0; i--) {
-        if (steps[i] >= before) continue;
+    bool found = false;
+    for (int i = checkpoint_list_steps(c->run_dir, c->stage_index, &steps, &e) - 1; i >= 0 && !found; i--) {
+        if (steps[i] >= before || steps[i] <= c->step_offset) continue;
         char *p = checkpoint_path(c->run_dir, c->stage_index, steps[i]);
         CkptState st;
         ckpt_state_init(&st);
         int64_t sk = 0;
-        bool good = checkpoint_read_state(p, &st, &e) == 0 && (ckpt_state_get_int(&st, TRAIN_KEY_SKIPS, &sk, &e) || sk == 0);
+        found = checkpoint_read_state(p, &st, &e) == 0 && (ckpt_state_get_int(&st, TRAIN_KEY_SKIPS, &sk, &e) || sk == 0);
         ckpt_state_free(&st);
-        if (good) snprintf(sp->good, sizeof sp->good, "%s", p);
+        if (found) snprintf(out, out_n, "%s", p);
         free(p);
-        if (good) break;
-        sp->since_good++;
     }
-    sp->since_good++;  // the checkpoint resumed from
     free(steps);
+    return found;
 }
 
 // The learning rate after n spike rollbacks.
@@ -388,8 +375,6 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
         step = restore(c, c->resume_from, true, &o, world, &accum, src, &tokens, &rb, &sk, e);
         if (step < 0) goto out;
         sp.rollbacks = res->rollbacks = (int)rb, sp.skips = (int)sk;
-        if (sk == 0) snprintf(sp.good, sizeof sp.good, "%s", c->resume_from);
-        else spike_find_good(c, c->step_offset + step, &sp);
         spike_lr(c, &o, sp.rollbacks);
         tm_load_host(L.student, &o);
         dl_info("%s: resumed at step %lld of %lld from %s", c->stage_name, (long long)(c->step_offset + step),
@@ -525,11 +510,10 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
         }
         if (c->on_step) c->on_step(c->on_step_ctx, gstep, loss, &r);
         progress_update(&prog, gstep, loss, tokens_run / (dl_now() - t_run));
-        if (sp.skips >= max_skips && sp.rollbacks < o.cfg.spike_rollbacks && sp.good[0]) {
+        char good[512];
+        if (sp.skips >= max_skips && sp.rollbacks < o.cfg.spike_rollbacks && spike_find_good(c, gstep, good, sizeof good)) {
             // a loss spike: back to the last good checkpoint with a smaller step, on the batches after the spike
             int64_t rb = 0, sk = 0, from = gstep - sp.skips + 1;
-            char good[sizeof sp.good];
-            snprintf(good, sizeof good, "%s", sp.good);
             int64_t back = restore(c, good, false, &o, world, &accum, src, &tokens, &rb, &sk, e);
             if (back < 0) {
                 dl_fail_prefix(e, "%s: rolling back after %d skipped steps: ", c->stage_name, sp.skips);
@@ -545,7 +529,7 @@ int train_run(const TrainConfig *c, BatchSource *src, TrainResult *res, DlError 
                         c->stage_name, (long long)from, (long long)gstep, sp.rollbacks, o.cfg.spike_rollbacks, good,
                         (long long)(c->step_offset + back), o.cfg.lr / c->opt.lr, (long long)(c->step_offset + back));
             }
-            sp.skips = 0, sp.since_good = 0;
+            sp.skips = 0;
             step = back - 1;  // (the loop's step++ continues at the checkpoint's step)
             continue;
         }
