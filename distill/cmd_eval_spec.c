@@ -8,9 +8,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "distill/chat.h"
 #include "distill/command.h"
 #include "distill/common.h"
 #include "distill/engine.h"
+#include "distill/ingest.h"
 #include "distill/model_io.h"
 #include "distill/spec_decode.h"
 #include "distill/spec_eval.h"
@@ -41,37 +43,62 @@ static const char *default_prompts[] = {
     "The capital of France is Paris. The capital of Germany is",
 };
 
-// The prompts (one per line of path, or the built-in ones), tokenized: enc[i] has elen[i] >= 1 tokens.
-static int64_t load_prompts(const char *path, Tokenizer *tok, int32_t ***enc, int64_t **elen) {
-    char **lines = NULL;
-    int64_t nl = 0;
+static bool is_jsonl(const char *path) {
+    size_t n = path ? strlen(path) : 0;
+    return n > 6 && !strcmp(path + n - 6, ".jsonl");
+}
+
+static void add_prompt(int32_t ***enc, int64_t **elen, int64_t i, int32_t *ids, int64_t n) {
+    *enc = dl_realloc(*enc, (size_t)(i + 1) * sizeof(int32_t *));
+    *elen = dl_realloc(*elen, (size_t)(i + 1) * sizeof(int64_t));
+    (*enc)[i] = ids, (*elen)[i] = n;
+}
+
+// The prompts, tokenized: enc[i] has elen[i] >= 1 tokens. path *.jsonl: one chat per line ({"messages": [...]} or
+// {"prompt": "..."}, the data/ prompt format), rendered with the tokenizer's chat template and the assistant
+// header, as the pipeline's generate and eval stages do; any other file: one raw-text prompt per line (chat: each
+// line as the user turn of a chat); no file: the built-in ones. An instruct model answers chats, so raw text
+// measures the draft off the distribution both models were trained on.
+static int64_t load_prompts(const char *path, Tokenizer *tok, bool chat, int32_t ***enc, int64_t **elen) {
     DlError e;
-    if (path) {
-        FILE *f = fopen(path, "r");
-        if (!f) dl_die(DL_EXIT_INPUT, "eval-spec: cannot read %s", path);
-        char buf[8192];
-        while (fgets(buf, sizeof buf, f)) {
-            buf[strcspn(buf, "\r\n")] = 0;
-            if (!buf[0]) continue;
-            lines = dl_realloc(lines, (size_t)(nl + 1) * sizeof(char *));
-            lines[nl++] = dl_strdup(buf);
+    const char *src = path ? path : "built-in";
+    ChatFamily fam = CHAT_CHATML;
+    const bool jsonl = is_jsonl(path);
+    if ((chat || jsonl) && chat_family_for(tok, &fam, &e)) dl_die(DL_EXIT_INPUT, "eval-spec: %s: chat prompts: %s", src, e.msg);
+    *enc = NULL, *elen = NULL;
+    int64_t np = 0;
+    if (jsonl) {
+        PromptSet ps;
+        if (prompts_load(path, INGEST_FAIL, 1, &ps, NULL, &e)) dl_die(DL_EXIT_INPUT, "eval-spec: %s", e.msg);
+        for (int64_t i = 0; i < ps.n; i++) {
+            int32_t *ids;
+            int64_t n;
+            if (chat_render(tok, fam, ps.items[i].msgs, ps.items[i].n_msgs, true, &ids, NULL, &n, &e))
+                dl_die(DL_EXIT_INPUT, "eval-spec: %s line %lld: %s", path, (long long)ps.items[i].line, e.msg);
+            add_prompt(enc, elen, np++, ids, n);
         }
-        fclose(f);
-        if (nl == 0) dl_die(DL_EXIT_INPUT, "eval-spec: %s has no prompts (one per line)", path);
-    } else {
-        nl = (int64_t)DL_ARRAY_LEN(default_prompts);
-        lines = dl_malloc((size_t)nl * sizeof(char *));
-        for (int64_t i = 0; i < nl; i++) lines[i] = dl_strdup(default_prompts[i]);
+        prompts_free(&ps);
+        return np;
     }
-    *enc = dl_malloc((size_t)nl * sizeof(int32_t *));
-    *elen = dl_malloc((size_t)nl * sizeof(int64_t));
-    for (int64_t i = 0; i < nl; i++) {
-        if (tokenizer_encode(tok, lines[i], strlen(lines[i]), &(*enc)[i], &(*elen)[i], &e) || (*elen)[i] < 1)
-            dl_die(DL_EXIT_INPUT, "eval-spec: %s prompt %lld: cannot encode", path ? path : "built-in", (long long)i + 1);
-        free(lines[i]);
+    FILE *f = path ? fopen(path, "r") : NULL;
+    if (path && !f) dl_die(DL_EXIT_INPUT, "eval-spec: cannot read %s", path);
+    char buf[8192];
+    for (int64_t ln = 1;; ln++) {
+        if (f ? !fgets(buf, sizeof buf, f) : ln > (int64_t)DL_ARRAY_LEN(default_prompts)) break;
+        if (!f) snprintf(buf, sizeof buf, "%s", default_prompts[ln - 1]);
+        buf[strcspn(buf, "\r\n")] = 0;
+        if (!buf[0]) continue;
+        int32_t *ids = NULL;
+        int64_t n = 0;
+        ChatMessage m = {"user", buf};
+        if (chat ? chat_render(tok, fam, &m, 1, true, &ids, NULL, &n, &e) : tokenizer_encode(tok, buf, strlen(buf), &ids, &n, &e))
+            dl_die(DL_EXIT_INPUT, "eval-spec: %s prompt line %lld: cannot encode: %s", src, (long long)ln, e.msg);
+        if (n < 1) dl_die(DL_EXIT_INPUT, "eval-spec: %s prompt line %lld: no tokens", src, (long long)ln);
+        add_prompt(enc, elen, np++, ids, n);
     }
-    free(lines);
-    return nl;
+    if (f) fclose(f);
+    if (np == 0) dl_die(DL_EXIT_INPUT, "eval-spec: %s has no prompts (one per line)", src);
+    return np;
 }
 
 static void write_json(const char *path, cJSON *root) {
@@ -85,7 +112,7 @@ static int run_eval_spec(int argc, char **argv) {
     const char *target = NULL, *draft = NULL, *draft_layers = NULL, *prompts_path = NULL, *json = NULL;
     const char *teacher = NULL, *tokenizer = NULL, *ks = "4", *batches = "1", *contexts = NULL, *device = "cpu";
     int64_t max_tokens = 64;
-    int graph = 1;
+    int graph = 1, chat = 0;
     double temperature = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -104,6 +131,7 @@ static int run_eval_spec(int argc, char **argv) {
         else if (!strcmp(a, "--json") && has) json = argv[++i];
         else if (!strcmp(a, "--device") && has) device = argv[++i];
         else if (!strcmp(a, "--no-graph")) graph = 0;
+        else if (!strcmp(a, "--chat")) chat = 1;
         else dl_die(DL_EXIT_USAGE, "eval-spec: unknown or incomplete option %s (see distill eval-spec --help)", a);
     }
     if (!target) dl_die(DL_EXIT_USAGE, "eval-spec: --target MODEL is required");
@@ -146,10 +174,15 @@ static int run_eval_spec(int argc, char **argv) {
             dl_die(DL_EXIT_INPUT, "eval-spec: no tokenizer in %s (%s); pass --tokenizer GGUF|tokenizer.json", tpath, e.msg);
         int32_t **enc;
         int64_t *elen;
-        const int64_t np = load_prompts(prompts_path, tok, &enc, &elen);
+        const int64_t np = load_prompts(prompts_path, tok, chat, &enc, &elen);
         tokenizer_free(tok);
-        printf("eval-spec: target %s (%d layers), draft %s (%d layers), %lld prompts, %lld new tokens each, %s, on %s%s\n",
-               target, T.hc.base.n_layer, draft ? draft : draft_layers, Dm.hc.base.n_layer, (long long)np,
+        int64_t ptok = 0;
+        for (int64_t i = 0; i < np; i++) ptok += elen[i];
+        cJSON_AddNumberToObject(js, "prompts", (double)np);
+        cJSON_AddNumberToObject(js, "prompt_tokens", (double)ptok);
+        cJSON_AddStringToObject(js, "prompt_format", is_jsonl(prompts_path) ? "chat (jsonl)" : chat ? "chat" : "raw text");
+        printf("eval-spec: target %s (%d layers), draft %s (%d layers), %lld prompts (%lld tokens), %lld new tokens each, %s, on %s%s\n",
+               target, T.hc.base.n_layer, draft ? draft : draft_layers, Dm.hc.base.n_layer, (long long)np, (long long)ptok,
                (long long)max_tokens, temperature <= 0 ? "greedy" : "sampled", device, cuda && graph ? " (CUDA graphs)" : "");
         spec_eval_print_header(stdout);
         SpecEvalConfig c = {.target = {&T.hc, &T.reg, T.params}, .draft = {&Dm.hc, &Dm.reg, Dm.params},
@@ -206,12 +239,15 @@ DL_COMMAND(eval_spec_cmd, {
     .name = "eval-spec",
     .usage = "--target MODEL (--draft MODEL | --draft-layers L,..) [--k 1,2,4] [--batch 1,4] [--prompts FILE] "
              "[--max-tokens N] [--temperature T] [--contexts 1024,8192 --teacher MODEL] [--tokenizer T] [--json OUT] "
-             "[--device cpu|cuda] [--no-graph]",
+             "[--device cpu|cuda] [--no-graph] [--chat]",
     .summary = "plain vs speculative decoding speed, acceptance per draft position; decode speed at long contexts",
     .help =
         "Times plain and speculative generation of --max-tokens tokens (no early stop) for every prompt (one per\n"
-        "line of --prompts; default: 8 built-in prompts), batched --batch at a time (prompts of any lengths),\n"
-        "for each K in --k (1..8). The draft is a model file or a cut of the target (--draft-layers 0,29: those\n"
+        "line of --prompts; default: 8 built-in prompts), batched --batch at a time (prompts of any lengths).\n"
+        "A --prompts file named *.jsonl holds chats ({\"messages\": [...]} or {\"prompt\": \"...\"} per line, as\n"
+        "data/heldout-prompts.jsonl), rendered with the tokenizer's chat template and the assistant header, as\n"
+        "the pipeline's eval stage does; other files hold raw text, one prompt per line.\n"
+        "Each K in --k (1..8) is timed. The draft is a model file or a cut of the target (--draft-layers 0,29: those\n"
         "layers + embeddings + head). Greedy unless --temperature T > 0. Reports tokens/s, speedup, mean tokens\n"
         "per target step, the acceptance rate (accepted / proposed draft tokens), with greedy decoding how many\n"
         "sequences equal the plain output token for token (\"same\"), per draft position i the fraction of\n"
@@ -224,6 +260,8 @@ DL_COMMAND(eval_spec_cmd, {
         "                       these context lengths (the cache is zero-filled: speed only)\n"
         "  --tokenizer T        tokenizer for the prompts (default: the target's, else --teacher's; a run's\n"
         "                       export has none)\n"
+        "  --chat               render each raw-text prompt as the user turn of a chat (an instruct model and\n"
+        "                       its drafts were trained on chats: raw text measures them off that distribution)\n"
         "  --json OUT           also write the results as JSON\n"
         "Example: distill eval-spec --target checkpoints/teachers/SmolLM2-135M-Instruct.Q4_1.gguf \\\n"
         "           --draft-layers 0,29 --k 1,2,4 --batch 1,4 --max-tokens 32\n",

@@ -467,8 +467,9 @@ static int parse_prompt(const char *s, size_t n, PromptItem *it, char *why, size
     const cJSON *prompt = cJSON_GetObjectItemCaseSensitive(obj, "prompt");
     if (msgs) {
         ChatMessage *m;
-        int k = parse_messages(msgs, &m, why, nw);
-        if (k < 0) rc = BAD_FIELD + 1;
+        char inner[200];
+        int k = parse_messages(msgs, &m, inner, sizeof inner);
+        if (k < 0) rc = BAD_FIELD + 1, snprintf(why, nw, "\"messages\": %s", inner);
         else if (k == 0) { snprintf(why, nw, "empty \"messages\" list"); rc = BAD_EMPTY + 1; }
         else if (!strcmp(m[k - 1].role, "assistant")) { snprintf(why, nw, "the last message is the assistant's: nothing to answer"); rc = BAD_FIELD + 1; }
         else {

@@ -8,7 +8,9 @@
 //     equal to plain for every prompt, acceptance in [0, 1] and falling with the position, tokens per step =
 //     1 + the summed acceptance; draft "same" (all 4 layers, lr 1e-30: the teacher itself) -> an eval that
 //     picks the last draft by default: with the teacher as the target, acceptance >= 0.9.
-//   * `distill eval-spec --draft RUN/NN-draft/model --json`: the same library, the same exactness.
+//   * `distill eval-spec --draft RUN/NN-draft/model --json`: the same library, the same exactness; prompts from a
+//     .jsonl of chats, raw lines with --chat, and raw lines: prompt_tokens = what chat_render / encode give; a bad
+//     .jsonl line -> exit 3 naming file:line, no JSON written.
 //   * resume: a draft stage stopped after 2 of 5 steps and resumed writes the same bytes as an uninterrupted run.
 //   * kl_from: the teacher-identical draft starts at KL 0 to the teacher and at KL > 0 to the student.
 //   * bad recipes: layer out of range, layers not ascending, layers on a layerwise stage, loss.mse on a draft,
@@ -19,7 +21,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "distill/chat.h"
 #include "distill/model_io.h"
+#include "distill/tokenizer.h"
 #include "tests/check.h"
 
 #define GGUF "checkpoints/teachers/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -278,6 +282,75 @@ int main(void) {
     if (root) CHECK_EQ_I64(check_spec_rows(cJSON_GetObjectItem(root, "runs"), 8), 2);  // 8 built-in prompts, batch 1 and 2
     cJSON_Delete(root);
     free(js);
+    // ---- prompt formats: a .jsonl file holds chats (rendered with the chat template and the assistant header),
+    // --chat wraps raw lines as the user turn; prompt_tokens counts what the models saw
+    {
+        static const char *user[2] = {"Name a prime number.", "What is 2 + 2?"};
+        char jl[400], txt[400], badp[400];
+        snprintf(jl, sizeof jl, "%s/chats.jsonl", g_dir);
+        snprintf(txt, sizeof txt, "%s/raw.txt", g_dir);
+        snprintf(badp, sizeof badp, "%s/bad.jsonl", g_dir);
+        FILE *f = fopen(jl, "w");
+        fprintf(f, "{\"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, {\"role\": \"user\", \"content\": \"%s\"}]}\n"
+                   "\n{\"prompt\": \"%s\"}\n", user[0], user[1]);
+        fclose(f);
+        f = fopen(txt, "w");
+        fprintf(f, "%s\n%s\n", user[0], user[1]);
+        fclose(f);
+        f = fopen(badp, "w");
+        fprintf(f, "{\"prompt\": \"%s\"}\n{\"messages\": 3}\n", user[0]);
+        fclose(f);
+        char gg[700];
+        snprintf(gg, sizeof gg, "%s/%s", cwd, GGUF);
+        Tokenizer *tok = NULL;
+        ChatFamily fam;
+        CHECK(tokenizer_load(gg, &tok, &e) == 0 && chat_family_for(tok, &fam, &e) == 0);
+        int64_t want_chat = 0, want_jsonl = 0, want_raw = 0;
+        for (int i = 0; tok && i < 2; i++) {
+            int32_t *ids = NULL;
+            int64_t n = 0;
+            ChatMessage m[2] = {{"system", "Be brief."}, {"user", user[i]}};
+            CHECK(chat_render(tok, fam, m + 1, 1, true, &ids, NULL, &n, &e) == 0);
+            want_chat += n, free(ids);
+            CHECK(chat_render(tok, fam, i == 0 ? m : m + 1, i == 0 ? 2 : 1, true, &ids, NULL, &n, &e) == 0);
+            want_jsonl += n, free(ids);
+            CHECK(tokenizer_encode(tok, user[i], strlen(user[i]), &ids, &n, &e) == 0);
+            want_raw += n, free(ids);
+        }
+        tokenizer_free(tok);
+        if (!(want_chat > want_raw + 10 && want_jsonl > want_raw + 10 && want_jsonl != want_chat))
+            fprintf(stderr, "prompt tokens: raw %lld, chat %lld, jsonl %lld\n", (long long)want_raw, (long long)want_chat, (long long)want_jsonl);
+        CHECK(want_chat > want_raw + 10 && want_jsonl > want_raw + 10 && want_jsonl != want_chat);
+        const char *modes[3][2] = {{jl, ""}, {txt, " --chat"}, {txt, ""}};
+        const int64_t want[3] = {want_jsonl, want_chat, want_raw};
+        const char *fmt_name[3] = {"chat (jsonl)", "chat", "raw text"};
+        for (int m = 0; m < 3; m++) {
+            snprintf(args, sizeof args, "--target %s/teacher.json --draft-layers 0,3 --tokenizer %s --k 1 --max-tokens 3 "
+                     "--prompts %s --json %s/spec-fmt.json%s", g_dir, gg, modes[m][0], g_dir, modes[m][1]);
+            rc = run_cmd("'%s' eval-spec %s%s", bin, args, "");
+            CHECK_EQ_I64(rc, 0);
+            snprintf(path, sizeof path, "%s/spec-fmt.json", g_dir);
+            js = slurp(path);
+            root = js ? cJSON_Parse(js) : NULL;
+            CHECK(root != NULL);
+            if (root) {
+                CHECK_EQ_I64((int64_t)cJSON_GetObjectItem(root, "prompts")->valuedouble, 2);
+                CHECK_EQ_I64((int64_t)cJSON_GetObjectItem(root, "prompt_tokens")->valuedouble, want[m]);
+                CHECK(!strcmp(cJSON_GetObjectItem(root, "prompt_format")->valuestring, fmt_name[m]));
+                CHECK_EQ_I64(check_spec_rows(cJSON_GetObjectItem(root, "runs"), 2), 1);
+            }
+            cJSON_Delete(root);
+            free(js);
+            remove(path);
+        }
+        snprintf(args, sizeof args, "--target %s/teacher.json --draft-layers 0,3 --tokenizer %s --k 1 --max-tokens 3 "
+                 "--prompts %s --json %s/spec-bad.json", g_dir, gg, badp, g_dir);
+        rc = run_cmd("'%s' eval-spec %s%s", bin, args, "");
+        CHECK_EQ_I64(rc, 3);
+        CHECK(log_has("bad.jsonl:2: \"messages\""));
+        snprintf(path, sizeof path, "%s/spec-bad.json", g_dir);
+        CHECK(!dl_file_exists(path));
+    }
     // ---- resume: generate -> draft, stopped after 2 of 5 steps, resumed; against an uninterrupted run
     snprintf(recipe2, sizeof recipe2, "%s/resume.toml", g_dir);
     write_recipe(recipe2, head, "[[stage]]\nkind = \"draft\"\ndata = \"samples\"\nsteps = 5\n[stage.loss]\nce = 1.0\nkl = 1.0\n");
