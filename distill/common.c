@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -234,6 +235,13 @@ int dl_copy_file(const char *src, const char *dst, DlError *e) {
     }
     return dl_atomic_commit(&a, e);
 }
+
+static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
+    (void)sb, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+void dl_remove_tree(const char *path) { nftw(path, remove_entry, 16, FTW_DEPTH | FTW_PHYS); }
 
 char *dl_path_join(const char *a, const char *b) {
     size_t la = strlen(a), lb = strlen(b);

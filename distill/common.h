@@ -82,6 +82,8 @@ void dl_atomic_abort(DlAtomic *a);
 int dl_write_file_atomic(const char *path, const void *data, size_t n, DlError *e);
 // Copies src to dst atomically (as dl_atomic_open / commit).
 int dl_copy_file(const char *src, const char *dst, DlError *e);
+// rm -rf path (a file or a directory tree; symbolic links are removed, not followed). Missing: nothing to do.
+void dl_remove_tree(const char *path);
 // fsync of a file, or of a directory (dir = true: after a rename in it; file systems that refuse fsync on
 // directories (EINVAL/EBADF) pass, the rename being as durable as they allow). 0 or -1 with e filled.
 int dl_fsync_path(const char *path, bool dir, DlError *e);

@@ -3,7 +3,6 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
-#include <ftw.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -84,12 +83,6 @@ char *export_mamba_config_json(const HybridConfig *h) {
     return s;
 }
 
-static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
-    (void)sb, (void)flag, (void)ftw;
-    return remove(path);
-}
-static void rm_tree(const char *path) { nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS); }
-
 int export_dir_begin(ExportDir *d, const char *dir, DlError *e) {
     size_t n = strlen(dir);
     while (n > 1 && dir[n - 1] == '/') n--;
@@ -98,7 +91,7 @@ int export_dir_begin(ExportDir *d, const char *dir, DlError *e) {
     d->final[n] = 0;
     snprintf(d->tmp, n + 32, "%s.tmp-%d", d->final, (int)getpid());
     snprintf(d->old, n + 32, "%s.old-%d", d->final, (int)getpid());
-    rm_tree(d->tmp);
+    dl_remove_tree(d->tmp);
     return dl_mkdirs(d->tmp, e);
 }
 
@@ -127,13 +120,13 @@ int export_dir_commit(ExportDir *d, DlError *e) {
         if (had) rename(d->old, d->final);
         return -1;
     }
-    if (had) rm_tree(d->old);
+    if (had) dl_remove_tree(d->old);
     d->committed = 1;
     return 0;
 }
 
 void export_dir_end(ExportDir *d) {
-    if (d->tmp && !d->committed) rm_tree(d->tmp);
+    if (d->tmp && !d->committed) dl_remove_tree(d->tmp);
     free(d->final), free(d->tmp), free(d->old);
     d->final = d->tmp = d->old = NULL;
 }

@@ -216,8 +216,9 @@ static const Field STAGE_FIELDS[] = {
     SFLD("prompt_filter", F_BOOL, prompt_filter, 0, 0, KB(STAGE_GENERATE),
          "as_prompts: keep a response only as the clean prompt it holds (distill/prompt_filter.h; offers, refusals, "
          "fragments and responses cut at max_new_tokens dropped)"),
-    SFLD("reuse", F_BOOL, reuse, 0, 0, KB(STAGE_GENERATE) | KB(STAGE_PAIRS),
-         "reuse the responses (generate) or teacher scores (pairs) of an identical earlier stage (OUTPUT_DIR/.KIND-cache)"),
+    SFLD("reuse", F_BOOL, reuse, 0, 0, KB(STAGE_GENERATE) | KB(STAGE_PAIRS) | KB(STAGE_DRAFT),
+         "reuse the responses (generate), teacher scores (pairs) or trained draft (draft, unless kl_from = \"student\") of an "
+         "identical earlier stage (OUTPUT_DIR/.KIND-cache)"),
     SFLD("min_margin", F_FLOAT, min_margin, 0, 1e6, KB(STAGE_PAIRS), "skip a prompt when best - worst score < this (nats/token)"),
     SFLD("unfinished_penalty", F_FLOAT, unfinished_penalty, 0, 1e6, KB(STAGE_PAIRS),
          "score penalty of a response without a stop token (cut at max length)"),

@@ -171,7 +171,7 @@ typedef struct {
     int samples_per_prompt;  // generate: responses per prompt, each its own RNG stream (default 1)
     int kl_from;             // draft: KL_FROM_TEACHER, or KL_FROM_STUDENT (the newest earlier model: the speculative target)
     bool prompt_filter;      // generate with as_prompts: keep only clean prompts (prompt_filter.h); cut ones dropped
-    bool reuse;              // generate, pairs: reuse the progress file of an identical earlier stage (stage_reuse.h)
+    bool reuse;              // generate, pairs, draft: reuse the work of an identical earlier stage (stage_reuse.h)
     bool as_prompts;         // generate: the responses become a prompt set (STAGE_DIR/OUTPUT.prompts.jsonl) for a later generate
     // init
     int init_method;       // INIT_*

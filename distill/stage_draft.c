@@ -11,12 +11,19 @@
 // weights exactly), loadable by `distill eval-spec --draft` and HF transformers; the eval stage uses it for
 // its speculative rows. Checkpoints of the training loop live in STAGE_DIR as for every training stage, so
 // --resume continues an interrupted fine-tune bit-exactly (and only exports when training had finished).
+//
+// Reuse (`reuse = true`, the default; stage_reuse.h): a draft trained toward the teacher depends only on the teacher,
+// its training rows and the stage's settings, not on the student (the 50% and 25% demos train the same draft to the
+// same bits). The finished STAGE_DIR/model is kept as OUTPUT_DIR/.draft-cache/KEY/ and an identical later stage
+// copies it in instead of training. kl_from = "student" drafts are never reused (their KL target is the run's own).
 #include <string.h>
 
 #include "distill/checkpoint.h"
 #include "distill/export.h"
+#include "distill/model_io.h"
 #include "distill/spec_decode.h"
 #include "distill/stage_common.h"
+#include "distill/stage_reuse.h"
 
 // STAGE_DIR/model, the directory the stage writes (newly allocated).
 static char *draft_dir(const char *stage_dir) { return dl_path_join(stage_dir, "model"); }
@@ -28,11 +35,54 @@ static bool draft_complete(const char *dir) {
     return ok;
 }
 
+// OUTPUT_DIR/.draft-cache/KEY (stage_reuse.h): the teacher, seed and device (reuse_key_begin), every setting of the
+// stage that shapes its training (the index seeds its data order; checkpoint spacing decides where a loss-spike
+// rollback returns), and the content of its training rows. NULL with e filled when the rows cannot be read.
+static char *draft_cache_dir(const RunContext *ctx, const StageSpec *st, const char *shard, int64_t steps, DlError *e) {
+    const Recipe *rec = ctx->recipe;
+    const DataSpec *ds = &rec->data[st->data_index];
+    const OptimSpec *o = &st->opt;
+    ReuseKey k;
+    reuse_key_begin(&k, ctx, "draft");
+    char txt[1536];
+    int n = snprintf(txt, sizeof txt,
+                     "index %d\nsteps %lld\ntrainable %s\nloss %.17g %.17g %.17g %.17g\nkl_from %d\n"
+                     "opt %.17g %.17g %.17g %.17g %.17g %lld %.17g %d %.17g %.17g %d %d %d %d %.17g\n"
+                     "data %d %d\nhardware %d %d\ncheckpoints %lld %d\nlayers",
+                     st->index, (long long)steps, st->trainable && *st->trainable ? st->trainable : "*", st->loss.ce,
+                     st->loss.kl, st->loss.reverse_kl, st->loss.temperature, st->kl_from, o->lr, o->beta1, o->beta2, o->eps,
+                     o->weight_decay, (long long)o->warmup_steps, o->warmup_ratio, o->schedule, o->min_lr_ratio, o->clip,
+                     o->micro_batch, o->grad_accum, o->moments, o->spike_rollbacks, o->spike_lr_factor, ds->seq_len,
+                     ds->shuffle, rec->hardware.recompute, rec->hardware.gemm_tune, (long long)rec->run.checkpoint_every,
+                     rec->run.keep_checkpoints);
+    for (int i = 0; i < st->n_draft_layers && n < (int)sizeof txt - 16; i++) n += snprintf(txt + n, sizeof txt - (size_t)n, " %d", st->draft_layers[i]);
+    reuse_key_add(&k, txt, (size_t)n);
+    if (reuse_key_add_shard_rows(&k, shard, e)) {
+        free(reuse_key_dir(&k, ctx));  // ends the key
+        return NULL;
+    }
+    return reuse_key_dir(&k, ctx);
+}
+
+// A reused draft must be the cut this stage would train: its layer count and the teacher's sizes.
+static int check_reused(const char *dir, const StageSpec *st, const HybridConfig *teacher, DlError *e) {
+    LoadedModel m;
+    if (model_load(dir, 0, &m, e)) return -1;
+    const LlamaConfig *a = &m.hc.base, *b = &teacher->base;
+    int rc = 0;
+    if (a->n_layer != st->n_draft_layers || a->d_model != b->d_model || a->vocab != b->vocab || a->n_head != b->n_head ||
+        a->n_kv_head != b->n_kv_head || a->d_ff != b->d_ff)
+        rc = dl_fail(e, "%d layers of width %d, vocabulary %d; this stage trains %d layers of width %d, vocabulary %d",
+                     a->n_layer, a->d_model, a->vocab, st->n_draft_layers, b->d_model, b->vocab);
+    model_free(&m);
+    return rc;
+}
+
 static int run_draft(RunContext *ctx, const StageSpec *st) {
     const Recipe *rec = ctx->recipe;
     DlError e;
     int rc = DL_EXIT_RUNTIME;
-    char *out = draft_dir(ctx->stage_dir), *shard = NULL;
+    char *out = draft_dir(ctx->stage_dir), *shard = NULL, *cache = NULL;
     LoadedModel t;
     memset(&t, 0, sizeof t);
     bool have_t = false;
@@ -55,6 +105,29 @@ static int run_draft(RunContext *ctx, const StageSpec *st) {
         rc = DL_EXIT_INPUT;
         goto fail;
     }
+    const int64_t B = st->opt.micro_batch, T = ds->seq_len;
+    const uint64_t data_seed = (uint64_t)ctx->seed ^ (0x9e37ull * (uint64_t)(st->index + 1));
+    if (loader_source_open(&ls, shard, B, T, data_seed, ds->shuffle, &e)) {
+        rc = DL_EXIT_INPUT;
+        goto fail;
+    }
+    const int64_t steps = stage_steps(st->steps, st->epochs, dataloader_steps_per_epoch(ls.dl), st->opt.grad_accum);
+    if (st->reuse && st->kl_from != KL_FROM_STUDENT) {
+        if (!(cache = draft_cache_dir(ctx, st, shard, steps, &e))) {
+            rc = DL_EXIT_INPUT;
+            goto fail;
+        }
+        const int f = reuse_fetch_dir(cache, out, &e);
+        if (f < 0) goto fail;
+        if (f == 1) {
+            if (check_reused(out, st, &rec->teacher_cfg, &e) == 0) {
+                dl_info("%s: draft reused from %s (an identical earlier draft stage; reuse = false trains it again)", st->name, cache);
+                rc = DL_EXIT_OK;
+                goto out;
+            }
+            reuse_drop_dir(cache, out, st->name, e.msg);
+        }
+    }
     if (stage_load_teacher(ctx, &t, &e)) {
         rc = DL_EXIT_INPUT;
         goto fail;
@@ -67,13 +140,6 @@ static int run_draft(RunContext *ctx, const StageSpec *st) {
         rc = DL_EXIT_INPUT;
         goto fail;
     }
-    const int64_t B = st->opt.micro_batch, T = ds->seq_len;
-    const uint64_t data_seed = (uint64_t)ctx->seed ^ (0x9e37ull * (uint64_t)(st->index + 1));
-    if (loader_source_open(&ls, shard, B, T, data_seed, ds->shuffle, &e)) {
-        rc = DL_EXIT_INPUT;
-        goto fail;
-    }
-    const int64_t steps = stage_steps(st->steps, st->epochs, dataloader_steps_per_epoch(ls.dl), st->opt.grad_accum);
     // resume: a finished fine-tune only needs its export; an unfinished one continues from its checkpoint
     int64_t done = 0;
     const char *resume_from = NULL;
@@ -138,6 +204,7 @@ static int run_draft(RunContext *ctx, const StageSpec *st) {
     ExportOptions eo = {.dtype = DT_F32, .max_shard_bytes = 0, .name_or_path = rec->teacher.path};
     if (export_hf(out, &d.hc, &d.reg, d.params, &eo, &e)) goto fail;
     dl_info("%s: draft written to %s", st->name, out);
+    if (cache) reuse_keep_dir(cache, out, st->name);
     rc = DL_EXIT_OK;
     goto out;
 fail:
@@ -148,6 +215,7 @@ out:
     loader_source_close(&ls);
     free(shard);
     free(out);
+    free(cache);
     stage_model_free(&d);
     stage_model_free(&sm);
     if (have_t) model_free(&t);

@@ -2,6 +2,7 @@
 #include "distill/stage_reuse.h"
 
 #include <dirent.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,7 +10,9 @@
 #include <unistd.h>
 
 #include "distill/common.h"
+#include "distill/export.h"
 #include "distill/recipe.h"
+#include "distill/shards.h"
 
 // A file's size and its first and last MiB; a directory (HF model) contributes each regular file in name order.
 static void hash_file_sample(Sha256 *h, const char *path, int depth) {
@@ -61,13 +64,82 @@ void reuse_key_begin(ReuseKey *k, const RunContext *ctx, const char *kind) {
 
 void reuse_key_add(ReuseKey *k, const void *data, size_t n) { sha256_update(&k->h, data, n); }
 
-char *reuse_key_path(ReuseKey *k, const RunContext *ctx) {
+// OUTPUT_DIR/.KIND-cache/KEY + suffix
+static char *key_path(ReuseKey *k, const RunContext *ctx, const char *suffix) {
     uint8_t d[32];
     char hex[65], name[96];
     sha256_final(&k->h, d);
     sha256_to_hex(d, hex);
-    snprintf(name, sizeof name, ".%s-cache/%.32s.bin", k->kind, hex);
+    snprintf(name, sizeof name, ".%s-cache/%.32s%s", k->kind, hex, suffix);
     return dl_path_join(ctx->recipe->run.output_dir, name);
+}
+
+char *reuse_key_path(ReuseKey *k, const RunContext *ctx) { return key_path(k, ctx, ".bin"); }
+char *reuse_key_dir(ReuseKey *k, const RunContext *ctx) { return key_path(k, ctx, ""); }
+
+int reuse_key_add_shard_rows(ReuseKey *k, const char *shard, DlError *e) {
+    ShardReader *r = NULL;
+    if (shard_open(&r, shard, e)) return -1;
+    const ShardInfo *in = shard_info(r);
+    const int64_t S = in->n_seqs, W = in->seq_len + 1, chunk = 256;
+    if (in->kind != SHARD_LM || S <= 0) {
+        shard_close(r);
+        return dl_fail(e, "%s: not a packed LM shard", shard);
+    }
+    reuse_key_add(k, &S, sizeof S);
+    reuse_key_add(k, &W, sizeof W);
+    int32_t *tok = dl_malloc((size_t)(chunk * W) * sizeof(int32_t));
+    uint8_t *mask = dl_malloc((size_t)(chunk * W)), *reset = dl_malloc((size_t)(chunk * W));
+    int rc = 0;
+    for (int64_t at = 0; at < S && rc == 0; at += chunk) {
+        const int64_t n = DL_MIN(chunk, S - at);
+        if ((rc = shard_read_rows(r, at, n, tok, mask, reset, e)) != 0) break;
+        reuse_key_add(k, tok, (size_t)(n * W) * sizeof(int32_t));
+        reuse_key_add(k, mask, (size_t)(n * W));
+        reuse_key_add(k, reset, (size_t)(n * W));
+    }
+    free(tok), free(mask), free(reset);
+    shard_close(r);
+    return rc;
+}
+
+// dst <- the regular files of src, through dst.tmp-PID renamed into place
+static int copy_dir(const char *src, const char *dst, DlError *e) {
+    struct dirent **ents = NULL;
+    const int n = scandir(src, &ents, NULL, alphasort);
+    if (n < 0) return dl_fail(e, "%s: cannot list: %s", src, strerror(errno));
+    ExportDir d;
+    int rc = export_dir_begin(&d, dst, e);
+    for (int i = 0; i < n; i++) {
+        char *f = dl_path_join(src, ents[i]->d_name), *t = dl_path_join(d.tmp ? d.tmp : "", ents[i]->d_name);
+        struct stat sb;
+        if (rc == 0 && ents[i]->d_name[0] != '.' && stat(f, &sb) == 0 && S_ISREG(sb.st_mode)) rc = dl_copy_file(f, t, e);
+        free(f), free(t), free(ents[i]);
+    }
+    free(ents);
+    if (rc == 0) rc = export_dir_commit(&d, e);
+    export_dir_end(&d);
+    return rc;
+}
+
+int reuse_fetch_dir(const char *cache, const char *dir, DlError *e) {
+    if (!dl_is_dir(cache)) return 0;
+    return copy_dir(cache, dir, e) ? -1 : 1;
+}
+
+void reuse_keep_dir(const char *cache, const char *dir, const char *stage_name) {
+    DlError e;
+    char *parent = dl_strdup(cache);
+    char *slash = strrchr(parent, '/');
+    if (slash) *slash = 0;
+    if (dl_mkdirs(parent, &e) || copy_dir(dir, cache, &e)) dl_warn("%s: not kept for reuse: %s", stage_name, e.msg);
+    free(parent);
+}
+
+void reuse_drop_dir(const char *cache, const char *dir, const char *stage_name, const char *why) {
+    dl_warn("%s: the reused %s does not fit this stage (%s); it is removed and the stage runs", stage_name, cache, why);
+    dl_remove_tree(cache);
+    dl_remove_tree(dir);
 }
 
 int reuse_fetch(const char *cache, const char *progress, DlError *e) {

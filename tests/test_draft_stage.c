@@ -12,11 +12,14 @@
 //     .jsonl of chats, raw lines with --chat, and raw lines: prompt_tokens = what chat_render / encode give; a bad
 //     .jsonl line -> exit 3 naming file:line, no JSON written.
 //   * resume: a draft stage stopped after 2 of 5 steps and resumed writes the same bytes as an uninterrupted run.
+//   * reuse: an identical draft stage in another run copies the cached model and trains nothing; other settings
+//     train; a spoiled cache is dropped with a warning; kl_from = "student" drafts are never reused.
 //   * kl_from: the teacher-identical draft starts at KL 0 to the teacher and at KL > 0 to the student.
 //   * bad recipes: layer out of range, layers not ascending, layers on a layerwise stage, loss.mse on a draft,
 //     an eval's draft naming no stage / a non-draft stage / a later stage, spec_k outside 1..8, a draft without
 //     data: exit 3, every message, nothing run.
 #include <cjson/cJSON.h>
+#include <dirent.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -52,6 +55,73 @@ static bool log_has(const char *what) {
     if (!ok) fprintf(stderr, "log.txt lacks: %s\n", what);
     free(t);
     return ok;
+}
+
+// log_has without the complaint (for checks that something is absent)
+static bool log_contains(const char *what) {
+    char p[400];
+    snprintf(p, sizeof p, "%s/log.txt", g_dir);
+    char *t = slurp(p);
+    bool ok = t && strstr(t, what);
+    free(t);
+    return ok;
+}
+
+// Entries of a directory, dot files aside; 0 when it does not exist (the cache folder comes with its first entry).
+static int count_entries(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return 0;
+    int n = 0;
+    for (struct dirent *x; (x = readdir(d));) n += x->d_name[0] != '.';
+    closedir(d);
+    return n;
+}
+
+// The name of the cache entry holding run "ra"'s draft (its model.safetensors bytes), into out.
+static void cache_entry_of_ra(const char *dir, const char *root, char *out, size_t cap) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    char ref[600];
+    snprintf(ref, sizeof ref, "%s/runs/ra/02-draft/model/model.safetensors", root);
+    size_t nr = 0, nc = 0;
+    DlError e;
+    char *tr = dl_read_file(ref, &nr, &e);
+    for (struct dirent *x; tr && (x = readdir(d));) {
+        if (x->d_name[0] == '.') continue;
+        char p[900];
+        snprintf(p, sizeof p, "%s/%s/model.safetensors", dir, x->d_name);
+        char *tc = dl_read_file(p, &nc, &e);
+        if (tc && nc == nr && !memcmp(tc, tr, nr)) snprintf(out, cap, "%s", x->d_name);
+        free(tc);
+    }
+    free(tr);
+    closedir(d);
+}
+
+// Runs a and b wrote the same draft bytes.
+static bool same_file_bytes(const char *a, const char *b) {
+    char pa[600], pb[600];
+    snprintf(pa, sizeof pa, "%s/runs/%s/02-draft/model/model.safetensors", g_dir, a);
+    snprintf(pb, sizeof pb, "%s/runs/%s/02-draft/model/model.safetensors", g_dir, b);
+    size_t na = 0, nb = 0;
+    DlError e;
+    char *ta = dl_read_file(pa, &na, &e), *tb = dl_read_file(pb, &nb, &e);
+    bool ok = ta && tb && na == nb && na > 0 && !memcmp(ta, tb, na);
+    if (!ok) fprintf(stderr, "%s and %s differ (%zu and %zu bytes)\n", pa, pb, na, nb);
+    free(ta), free(tb);
+    return ok;
+}
+
+// Rows of metrics.jsonl of run `run` whose "stage" is `stage`.
+static int metrics_rows(const char *root, const char *run, const char *stage) {
+    char p[600], want[200];
+    snprintf(p, sizeof p, "%s/runs/%s/metrics.jsonl", root, run);
+    snprintf(want, sizeof want, "\"stage\":\"%s\",\"step\"", stage);  // step rows (events have no step)
+    char *t = slurp(p);  // NULL: no metrics file (a run that trained nothing), 0 rows
+    int n = 0;
+    for (char *q = t; q && (q = strstr(q, want)); q += strlen(want)) n++;
+    free(t);
+    return n;
 }
 
 static void clear_log(void) {
@@ -351,9 +421,10 @@ int main(void) {
         snprintf(path, sizeof path, "%s/spec-bad.json", g_dir);
         CHECK(!dl_file_exists(path));
     }
-    // ---- resume: generate -> draft, stopped after 2 of 5 steps, resumed; against an uninterrupted run
+    // ---- resume: generate -> draft, stopped after 2 of 5 steps, resumed; against an uninterrupted run (reuse off:
+    // the second run would otherwise take the first one's draft)
     snprintf(recipe2, sizeof recipe2, "%s/resume.toml", g_dir);
-    write_recipe(recipe2, head, "[[stage]]\nkind = \"draft\"\ndata = \"samples\"\nsteps = 5\n[stage.loss]\nce = 1.0\nkl = 1.0\n");
+    write_recipe(recipe2, head, "[[stage]]\nkind = \"draft\"\ndata = \"samples\"\nsteps = 5\nreuse = false\n[stage.loss]\nce = 1.0\nkl = 1.0\n");
     rc = run_cmd("'%s' '%s' --quiet --set run.name=%s", bin, recipe2, "whole");
     CHECK_EQ_I64(rc, 0);
     rc = run_cmd("DISTILL_TEST_STOP_AFTER=2 '%s' '%s' --quiet --set run.name=%s", bin, recipe2, "cut");
@@ -369,6 +440,47 @@ int main(void) {
     char *ta = dl_read_file(a, &na, &e), *tb = dl_read_file(b, &nb, &e);
     CHECK(ta && tb && na == nb && na > 0 && !memcmp(ta, tb, na));
     free(ta), free(tb);
+    // ---- reuse: the same draft stage in another run (its data shard written anew) copies the first run's model
+    // from runs/.draft-cache and trains nothing; other steps train; a cache that does not load is dropped with a
+    // warning and the stage trains to the same bytes; kl_from = "student" drafts are never reused (below)
+    {
+        snprintf(recipe2, sizeof recipe2, "%s/reuse.toml", g_dir);
+        write_recipe(recipe2, head, "[[stage]]\nkind = \"draft\"\ndata = \"samples\"\nsteps = 5\n[stage.loss]\nce = 1.0\nkl = 1.0\n");
+        char cdir[400];
+        snprintf(cdir, sizeof cdir, "%s/runs/.draft-cache", g_dir);
+        const int n0 = count_entries(cdir);  // the pipeline's three drafts (the resume runs had reuse = false)
+        CHECK_EQ_I64(n0, 3);
+        clear_log();
+        CHECK_EQ_I64(run_cmd("'%s' '%s' --set run.name=%s", bin, recipe2, "ra"), 0);
+        CHECK(!log_contains("reused from .draft") && !log_contains("draft reused"));
+        CHECK_EQ_I64(count_entries(cdir), n0 + 1);
+        clear_log();
+        CHECK_EQ_I64(run_cmd("'%s' '%s' --set run.name=%s", bin, recipe2, "rb"), 0);
+        CHECK(log_has("draft: draft reused from"));
+        CHECK(same_file_bytes("ra", "rb"));
+        CHECK_EQ_I64(metrics_rows(g_dir, "rb", "draft"), 0);  // nothing trained
+        CHECK(metrics_rows(g_dir, "ra", "draft") >= 5);
+        clear_log();
+        CHECK_EQ_I64(run_cmd("'%s' '%s' --set run.name=%s --set stage.draft.steps=4", bin, recipe2, "rc"), 0);
+        CHECK(!log_contains("draft reused"));
+        CHECK_EQ_I64(count_entries(cdir), n0 + 2);
+        // spoil the first key's cached weights: the next run warns, drops them, trains, and keeps its own
+        char key[300] = "", spoil[800];
+        cache_entry_of_ra(cdir, g_dir, key, sizeof key);
+        CHECK(key[0] != 0);
+        snprintf(spoil, sizeof spoil, "%s/%s/model.safetensors", cdir, key);
+        write_file(spoil, "not safetensors");
+        clear_log();
+        CHECK_EQ_I64(run_cmd("'%s' '%s' --set run.name=%s", bin, recipe2, "rd"), 0);
+        CHECK(log_has("does not fit this stage"));
+        CHECK(!log_contains("draft reused"));
+        CHECK(same_file_bytes("ra", "rd"));
+        CHECK_EQ_I64(count_entries(cdir), n0 + 2);
+        clear_log();
+        CHECK_EQ_I64(run_cmd("'%s' '%s' --set run.name=%s", bin, recipe2, "re"), 0);
+        CHECK(log_has("draft: draft reused from"));  // the kept copy is whole again
+        CHECK(same_file_bytes("ra", "re"));
+    }
     // ---- kl_from: a draft of all 4 teacher layers (the teacher itself, lr 1e-30) starts at KL 0 to the teacher;
     // with kl_from = "student" its KL at step 1 is the student's distance from the teacher, > 0
     snprintf(recipe2, sizeof recipe2, "%s/klfrom.toml", g_dir);
@@ -381,6 +493,11 @@ int main(void) {
     rc = run_cmd("'%s' '%s' --set run.name=%s", bin, recipe2, "kl");
     CHECK_EQ_I64(rc, 0);
     CHECK(log_has("ks: KL to the student"));
+    clear_log();
+    rc = run_cmd("'%s' '%s' --set run.name=%s", bin, recipe2, "kl2");
+    CHECK_EQ_I64(rc, 0);
+    CHECK(log_has("kt: draft reused from"));
+    CHECK(!log_contains("ks: draft reused") && log_has("ks: KL to the student"));
     {
         double kl[2] = {-1, -1};  // step 1 of kt, ks
         snprintf(path, sizeof path, "%s/runs/kl/metrics.jsonl", g_dir);
