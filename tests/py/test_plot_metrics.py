@@ -60,3 +60,21 @@ def test_out_dir_and_errors(tmp_path):
     assert r.returncode == 3 and "no step rows" in r.stderr
     r = subprocess.run([str(SCRIPT), str(tmp_path), "--bogus"], capture_output=True, text=True)
     assert r.returncode == 2
+
+
+def test_xz_reads_like_plain(tmp_path):
+    # docs/results keeps metrics.jsonl.xz: the same rows give the same images, titled after the run directory
+    plain, packed = tmp_path / "plain-run", tmp_path / "packed-run"
+    plain.mkdir(), packed.mkdir()
+    write_run(plain, [("distill", 30)])
+    write_run(packed, [("distill", 30)])
+    subprocess.run(["xz", str(packed / "metrics.jsonl")], check=True)
+    assert not (packed / "metrics.jsonl").exists()
+    for d in (plain, packed):
+        r = subprocess.run([str(SCRIPT), str(d)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    assert (plain / "metrics-00-distill.png").read_bytes() == (packed / "metrics-00-distill.png").read_bytes()
+    assert png_size(packed / "loss.png") == (1200, 600)
+    (tmp_path / "bad.jsonl.xz").write_text("not xz")
+    r = subprocess.run([str(SCRIPT), str(tmp_path / "bad.jsonl.xz"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 3 and "not an xz file" in r.stderr
