@@ -38,6 +38,7 @@ static bool draft_complete(const char *dir) {
 // OUTPUT_DIR/.draft-cache/KEY (stage_reuse.h): the teacher, seed and device (reuse_key_begin), every setting of the
 // stage that shapes its training (the index seeds its data order; checkpoint spacing decides where a loss-spike
 // rollback returns), and the content of its training rows. NULL with e filled when the rows cannot be read.
+// A setting added later that changes how the draft trains must be added here, or stale drafts would be reused.
 static char *draft_cache_dir(const RunContext *ctx, const StageSpec *st, const char *shard, int64_t steps, DlError *e) {
     const Recipe *rec = ctx->recipe;
     const DataSpec *ds = &rec->data[st->data_index];
