@@ -58,11 +58,7 @@ static char *draft_cache_dir(const RunContext *ctx, const StageSpec *st, const c
                      rec->run.keep_checkpoints);
     for (int i = 0; i < st->n_draft_layers && n < (int)sizeof txt - 16; i++) n += snprintf(txt + n, sizeof txt - (size_t)n, " %d", st->draft_layers[i]);
     reuse_key_add(&k, txt, (size_t)n);
-    if (reuse_key_add_shard_rows(&k, shard, e)) {
-        free(reuse_key_dir(&k, ctx));  // ends the key
-        return NULL;
-    }
-    return reuse_key_dir(&k, ctx);
+    return reuse_key_add_shard_rows(&k, shard, e) ? NULL : reuse_key_dir(&k, ctx);
 }
 
 // A reused draft must be the cut this stage would train: its layer count and the teacher's sizes.
@@ -126,7 +122,7 @@ static int run_draft(RunContext *ctx, const StageSpec *st) {
                 rc = DL_EXIT_OK;
                 goto out;
             }
-            reuse_drop_dir(cache, out, st->name, e.msg);
+            reuse_drop(cache, out, st->name, e.msg);
         }
     }
     if (stage_load_teacher(ctx, &t, &e)) {

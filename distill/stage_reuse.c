@@ -127,19 +127,19 @@ int reuse_fetch_dir(const char *cache, const char *dir, DlError *e) {
     return copy_dir(cache, dir, e) ? -1 : 1;
 }
 
-void reuse_keep_dir(const char *cache, const char *dir, const char *stage_name) {
-    DlError e;
-    char *parent = dl_strdup(cache);
-    char *slash = strrchr(parent, '/');
-    if (slash) *slash = 0;
-    if (dl_mkdirs(parent, &e) || copy_dir(dir, cache, &e)) dl_warn("%s: not kept for reuse: %s", stage_name, e.msg);
-    free(parent);
+// OUTPUT_DIR/.KIND-cache, the folder of a cache path
+static int make_cache_folder(const char *cache, DlError *e) {
+    char *dir = dl_strdup(cache);
+    char *slash = strrchr(dir, '/');
+    if (slash) slash[1] = 0;
+    const int rc = dl_mkdirs(dir, e);
+    free(dir);
+    return rc;
 }
 
-void reuse_drop_dir(const char *cache, const char *dir, const char *stage_name, const char *why) {
-    dl_warn("%s: the reused %s does not fit this stage (%s); it is removed and the stage runs", stage_name, cache, why);
-    dl_remove_tree(cache);
-    dl_remove_tree(dir);
+void reuse_keep_dir(const char *cache, const char *dir, const char *stage_name) {
+    DlError e;
+    if (make_cache_folder(cache, &e) || copy_dir(dir, cache, &e)) dl_warn("%s: not kept for reuse: %s", stage_name, e.msg);
 }
 
 int reuse_fetch(const char *cache, const char *progress, DlError *e) {
@@ -150,16 +150,11 @@ int reuse_fetch(const char *cache, const char *progress, DlError *e) {
 void reuse_drop(const char *cache, const char *progress, const char *stage_name, const char *why) {
     dl_warn("%s: the reused %s does not fit this stage (%s); it is removed and everything is computed again", stage_name,
             cache, why);
-    unlink(cache);
-    unlink(progress);
+    dl_remove_tree(cache);  // a file, or a cached directory (draft)
+    dl_remove_tree(progress);
 }
 
 void reuse_keep(const char *cache, const char *progress, const char *stage_name) {
-    char *dir = dl_strdup(cache);
-    char *slash = strrchr(dir, '/');
-    if (slash) slash[1] = 0;
     DlError e;
-    if (dl_mkdirs(dir, &e) || dl_copy_file(progress, cache, &e))
-        dl_warn("%s: not kept for reuse: %s", stage_name, e.msg);
-    free(dir);
+    if (make_cache_folder(cache, &e) || dl_copy_file(progress, cache, &e)) dl_warn("%s: not kept for reuse: %s", stage_name, e.msg);
 }

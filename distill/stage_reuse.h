@@ -26,8 +26,8 @@ void reuse_key_add(ReuseKey *k, const void *data, size_t n);
 char *reuse_key_path(ReuseKey *k, const RunContext *ctx);
 // Copies a cached file to `progress` when there is one: 1 copied, 0 none, -1 error (e filled).
 int reuse_fetch(const char *cache, const char *progress, DlError *e);
-// Drops a cached file that does not fit the stage's data (why: the reader's message), and the progress file copied
-// from it, with a warning naming both: the stage then computes everything and keeps its own file.
+// Drops a cached file or directory that does not fit the stage (why: the reader's message), and the copy made of
+// it, with a warning naming the cache: the stage then computes everything and keeps its own.
 void reuse_drop(const char *cache, const char *progress, const char *stage_name, const char *why);
 // Keeps a complete `progress` file as `cache` (a failure only warns: the stage's own output is complete).
 void reuse_keep(const char *cache, const char *progress, const char *stage_name);
@@ -38,8 +38,6 @@ char *reuse_key_dir(ReuseKey *k, const RunContext *ctx);
 int reuse_fetch_dir(const char *cache, const char *dir, DlError *e);
 // Keeps the files of a complete `dir` as the cache (a failure only warns).
 void reuse_keep_dir(const char *cache, const char *dir, const char *stage_name);
-// Removes a cached directory that does not fit the stage (why: the reader's message) and the copy made of it.
-void reuse_drop_dir(const char *cache, const char *dir, const char *stage_name, const char *why);
 // Adds the content of an LM shard's packed rows (tokens, loss mask, resets) to the key: what a training stage
 // reads, independent of the file's bytes (HDF5 records write times).
 int reuse_key_add_shard_rows(ReuseKey *k, const char *shard, DlError *e);

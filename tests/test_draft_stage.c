@@ -47,23 +47,38 @@ static char *slurp(const char *path) {
     return dl_read_file(path, &n, &e);
 }
 
-static bool log_has(const char *what) {
-    char p[400];
-    snprintf(p, sizeof p, "%s/log.txt", g_dir);
-    char *t = slurp(p);
-    bool ok = t && strstr(t, what);
-    if (!ok) fprintf(stderr, "log.txt lacks: %s\n", what);
-    free(t);
-    return ok;
-}
-
-// log_has without the complaint (for checks that something is absent)
+// log.txt holds `what` (quietly: also for checks that something is absent)
 static bool log_contains(const char *what) {
     char p[400];
     snprintf(p, sizeof p, "%s/log.txt", g_dir);
     char *t = slurp(p);
     bool ok = t && strstr(t, what);
     free(t);
+    return ok;
+}
+
+static bool log_has(const char *what) {
+    bool ok = log_contains(what);
+    if (!ok) fprintf(stderr, "log.txt lacks: %s\n", what);
+    return ok;
+}
+
+// The parsed JSON file at path, or NULL.
+static cJSON *read_json(const char *path) {
+    char *js = slurp(path);
+    cJSON *root = js ? cJSON_Parse(js) : NULL;
+    free(js);
+    return root;
+}
+
+// Files pa and pb exist, are not empty and hold the same bytes (complain: say so on stderr when not).
+static bool files_equal(const char *pa, const char *pb, bool complain) {
+    size_t na = 0, nb = 0;
+    DlError e;
+    char *ta = dl_read_file(pa, &na, &e), *tb = dl_read_file(pb, &nb, &e);
+    bool ok = ta && tb && na == nb && na > 0 && !memcmp(ta, tb, na);
+    if (!ok && complain) fprintf(stderr, "%s and %s differ (%zu and %zu bytes)\n", pa, pb, na, nb);
+    free(ta), free(tb);
     return ok;
 }
 
@@ -83,33 +98,20 @@ static void cache_entry_of_ra(const char *dir, const char *root, char *out, size
     if (!d) return;
     char ref[600];
     snprintf(ref, sizeof ref, "%s/runs/ra/02-draft/model/model.safetensors", root);
-    size_t nr = 0, nc = 0;
-    DlError e;
-    char *tr = dl_read_file(ref, &nr, &e);
-    for (struct dirent *x; tr && (x = readdir(d));) {
-        if (x->d_name[0] == '.') continue;
+    for (struct dirent *x; (x = readdir(d));) {
         char p[900];
         snprintf(p, sizeof p, "%s/%s/model.safetensors", dir, x->d_name);
-        char *tc = dl_read_file(p, &nc, &e);
-        if (tc && nc == nr && !memcmp(tc, tr, nr)) snprintf(out, cap, "%s", x->d_name);
-        free(tc);
+        if (x->d_name[0] != '.' && files_equal(ref, p, false)) snprintf(out, cap, "%s", x->d_name);
     }
-    free(tr);
     closedir(d);
 }
 
-// Runs a and b wrote the same draft bytes.
+// Runs a and b (a generate + draft recipe) wrote the same draft bytes.
 static bool same_file_bytes(const char *a, const char *b) {
     char pa[600], pb[600];
     snprintf(pa, sizeof pa, "%s/runs/%s/02-draft/model/model.safetensors", g_dir, a);
     snprintf(pb, sizeof pb, "%s/runs/%s/02-draft/model/model.safetensors", g_dir, b);
-    size_t na = 0, nb = 0;
-    DlError e;
-    char *ta = dl_read_file(pa, &na, &e), *tb = dl_read_file(pb, &nb, &e);
-    bool ok = ta && tb && na == nb && na > 0 && !memcmp(ta, tb, na);
-    if (!ok) fprintf(stderr, "%s and %s differ (%zu and %zu bytes)\n", pa, pb, na, nb);
-    free(ta), free(tb);
-    return ok;
+    return files_equal(pa, pb, true);
 }
 
 // Rows of metrics.jsonl of run `run` whose "stage" is `stage`.
@@ -300,8 +302,7 @@ int main(void) {
     model_free(&t);
     // eval.json's speculative rows
     snprintf(path, sizeof path, "%s/runs/p/07-eval/eval.json", g_dir);
-    char *js = slurp(path);
-    cJSON *root = js ? cJSON_Parse(js) : NULL;
+    cJSON *root = read_json(path);
     const cJSON *sp = cJSON_GetObjectItem(root, "speculative");
     CHECK(sp != NULL);
     if (sp) {
@@ -314,12 +315,10 @@ int main(void) {
         CHECK(cJSON_GetObjectItem(root, "results") != NULL || cJSON_GetArraySize(root) > 1);  // the eval results stay
     }
     cJSON_Delete(root);
-    free(js);
     // the last eval (the run's eval.json): its draft is the teacher itself (all layers, unchanged), so with the
     // teacher as the target nearly every draft token is accepted (exact ties aside: batched vs one-token sums)
     snprintf(path, sizeof path, "%s/runs/p/eval.json", g_dir);
-    js = slurp(path);
-    root = js ? cJSON_Parse(js) : NULL;
+    root = read_json(path);
     sp = cJSON_GetObjectItem(root, "speculative");
     CHECK(sp != NULL);
     if (sp) {
@@ -336,7 +335,6 @@ int main(void) {
         }
     }
     cJSON_Delete(root);
-    free(js);
     CHECK(log_has("speculative decoding on cpu"));
     CHECK(log_has("target teacher"));
     // ---- the command, on the stage's draft
@@ -346,12 +344,10 @@ int main(void) {
     rc = run_cmd("'%s' eval-spec %s%s", bin, args, "");
     CHECK_EQ_I64(rc, 0);
     snprintf(path, sizeof path, "%s/spec.json", g_dir);
-    js = slurp(path);
-    root = js ? cJSON_Parse(js) : NULL;
+    root = read_json(path);
     CHECK(root != NULL);
     if (root) CHECK_EQ_I64(check_spec_rows(cJSON_GetObjectItem(root, "runs"), 8), 2);  // 8 built-in prompts, batch 1 and 2
     cJSON_Delete(root);
-    free(js);
     // ---- prompt formats: a .jsonl file holds chats (rendered with the chat template and the assistant header),
     // --chat wraps raw lines as the user turn; prompt_tokens counts what the models saw
     {
@@ -400,8 +396,7 @@ int main(void) {
             rc = run_cmd("'%s' eval-spec %s%s", bin, args, "");
             CHECK_EQ_I64(rc, 0);
             snprintf(path, sizeof path, "%s/spec-fmt.json", g_dir);
-            js = slurp(path);
-            root = js ? cJSON_Parse(js) : NULL;
+            root = read_json(path);
             CHECK(root != NULL);
             if (root) {
                 CHECK_EQ_I64((int64_t)cJSON_GetObjectItem(root, "prompts")->valuedouble, 2);
@@ -410,7 +405,6 @@ int main(void) {
                 CHECK_EQ_I64(check_spec_rows(cJSON_GetObjectItem(root, "runs"), 2), 1);
             }
             cJSON_Delete(root);
-            free(js);
             remove(path);
         }
         snprintf(args, sizeof args, "--target %s/teacher.json --draft-layers 0,3 --tokenizer %s --k 1 --max-tokens 3 "
@@ -433,13 +427,7 @@ int main(void) {
     CHECK(!dl_is_dir(path));  // no export of an unfinished fine-tune
     rc = run_cmd("'%s' '%s' --quiet --resume --set run.name=%s", bin, recipe2, "cut");
     CHECK_EQ_I64(rc, 0);
-    char a[700], b[700];
-    snprintf(a, sizeof a, "%s/runs/whole/02-draft/model/model.safetensors", g_dir);
-    snprintf(b, sizeof b, "%s/runs/cut/02-draft/model/model.safetensors", g_dir);
-    size_t na = 0, nb = 0;
-    char *ta = dl_read_file(a, &na, &e), *tb = dl_read_file(b, &nb, &e);
-    CHECK(ta && tb && na == nb && na > 0 && !memcmp(ta, tb, na));
-    free(ta), free(tb);
+    CHECK(same_file_bytes("whole", "cut"));
     // ---- reuse: the same draft stage in another run (its data shard written anew) copies the first run's model
     // from runs/.draft-cache and trains nothing; other steps train; a cache that does not load is dropped with a
     // warning and the stage trains to the same bytes; kl_from = "student" drafts are never reused (below)
