@@ -115,6 +115,22 @@ static int gd_pick(GenDecoder g, float *host, int64_t rows, const SampleParams *
     return 0;
 }
 
+// n greedy picks per sequence into out [B, n]: pick i is the argmax of the current logits (host lg on the CPU), fed
+// back as a one-token step unless it is the last and !feed_last. On the GPU one launch and one host round trip
+// (decoder_cuda_greedy_chain); col [B] is scratch.
+static int gd_greedy_chain(GenDecoder g, float *lg, int n, bool feed_last, int32_t *col, int32_t *out, DlError *e) {
+#ifdef DISTILL_CUDA
+    if (g.cuda) return decoder_cuda_greedy_chain(g.cuda, n, feed_last, out, e);
+#endif
+    const int64_t B = gd_batch(g);
+    for (int i = 0; i < n; i++) {
+        if (gd_argmax(g, lg, B, col, e)) return -1;
+        for (int64_t b = 0; b < B; b++) out[b * n + i] = col[b];
+        if ((i + 1 < n || feed_last) && gd_feed(g, col, 1, NULL, false, lg, e)) return -1;
+    }
+    return 0;
+}
+
 double gen_decode_speed(GenDecoder g, int64_t ctx, int steps, DlError *e) {
     const int64_t B = gd_batch(g), V = gd_vocab(g);
     float *lg = dl_malloc((size_t)(B * V) * sizeof(float));
@@ -165,25 +181,39 @@ static int check_prompts(GenDecoder d, const int64_t *plen, int64_t Lmax, const 
     return 0;
 }
 
+// Greedy plain decoding picks this many tokens per chain (gd_greedy_chain): fewer host round trips, at the cost of
+// up to PLAIN_CHAIN - 1 wasted steps after a sequence's stop token.
+#define PLAIN_CHAIN 4
+
 int gen_plain(GenDecoder T, const int32_t *prompts, const int64_t *plen, int64_t Lmax, const GenParams *gp, Rng *rng,
               int32_t *out, int64_t *n_out, DlError *e) {
     const int64_t B = gd_batch(T), V = gd_vocab(T);
     if (check_prompts(T, plen, Lmax, gp, e)) return -1;
     float *lg = dl_malloc((size_t)(B * V) * sizeof(float));
     double *pr = dl_malloc((size_t)V * sizeof(double));
-    int32_t *tok = dl_malloc((size_t)B * sizeof(int32_t));
+    int32_t *tok = dl_malloc((size_t)B * sizeof(int32_t)), *picks = dl_malloc((size_t)(B * PLAIN_CHAIN) * sizeof(int32_t));
     uint8_t *done = dl_calloc((size_t)B, 1);
     Emit em = {out, n_out, done, gp->max_tokens, gp->stop};
     memset(n_out, 0, (size_t)B * sizeof(int64_t));
     int rc = gd_reset(T, e);
     if (rc == 0) rc = gd_feed(T, prompts, Lmax, plen, false, lg, e);
-    while (rc == 0) {
+    while (rc == 0 && gp->sp.greedy) {
+        int64_t left = 0;  // tokens the longest-running unfinished sequence may still emit
+        for (int64_t b = 0; b < B; b++)
+            if (!done[b]) left = DL_MAX(left, gp->max_tokens - n_out[b]);
+        const int n = (int)DL_MIN(left, PLAIN_CHAIN);
+        if ((rc = gd_greedy_chain(T, lg, n, n < left, tok, picks, e)) != 0) break;
+        for (int i = 0; i < n; i++)
+            for (int64_t b = 0; b < B; b++) emit(&em, b, picks[b * n + i]);
+        if (all_done(&em, B)) break;
+    }
+    while (rc == 0 && !gp->sp.greedy) {
         if ((rc = gd_pick(T, lg, B, &gp->sp, rng, pr, NULL, tok, e)) != 0) break;
         for (int64_t b = 0; b < B; b++) emit(&em, b, tok[b]);
         if (all_done(&em, B)) break;
         rc = gd_feed(T, tok, 1, NULL, false, lg, e);
     }
-    free(lg), free(pr), free(tok), free(done);
+    free(lg), free(pr), free(tok), free(picks), free(done);
     return rc;
 }
 
@@ -239,7 +269,11 @@ int gen_speculative(GenDecoder T, GenDecoder Dr, const int32_t *prompts, const i
         if (rc) break;
         st.draft_feeds++;
         gd_window_begin(Dr);
-        for (int i = 0; i < K && rc == 0; i++) {
+        if (greedy) {  // d1..dK in one chain (d1..d_{K-1} fed)
+            rc = gd_greedy_chain(Dr, lg, K, false, col, dtok, e);
+            st.draft_feeds += K - 1;
+        }
+        for (int i = 0; i < K && rc == 0 && !greedy; i++) {
             if ((rc = gd_pick(Dr, lg, B, &gp->sp, rng, NULL, qs, col, e)) != 0) break;
             for (int64_t b = 0; b < B; b++) {
                 dtok[b * K + i] = col[b];

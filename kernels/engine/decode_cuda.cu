@@ -535,6 +535,23 @@ __global__ void gather_last_kernel(bf16 *last, const bf16 *x, const int32_t *idx
     }
 }
 
+// Pick i of a greedy chain (decoder_cuda_greedy_chain): out [nb, n] gets each sequence's argmax am [nb]; when a
+// feed follows, that token becomes its input (ints: tok [rows], pos [rows], keep, lastidx, lenb [B] each, window
+// offset [1]; a one-token feed uses tok[b], pos[b]) and, after the chain's first feed, the position, the length
+// and the window offset move on by one (the first feed's come from the host's upload).
+__global__ void chain_pick_kernel(int32_t *ints, int64_t rows, int64_t B, int64_t nb, const int32_t *am, int32_t *out,
+                                  int n, int i, int feed, int advance) {
+    const int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (b >= nb) return;
+    out[b * n + i] = am[b];
+    if (!feed) return;
+    ints[b] = am[b];
+    if (!advance) return;
+    ints[rows + b] += 1;
+    ints[2 * rows + 2 * B + b] += 1;
+    if (b == 0) ints[2 * rows + 3 * B] += 1;
+}
+
 // The window's copy of a Mamba layer's per-token inputs: array a (blockIdx.y) of the chunk, src [nb*lc, C],
 // goes to dst [B, cap, C] at columns ofs[0] + t (ofs on the device, so a captured graph reads it per launch).
 struct WinStore {
@@ -578,10 +595,12 @@ typedef struct {
 
 #define MAX_GRAPHS 8
 #define GRAPH_MAX_L 32
+#define CHAIN_MAX 16  // picks per decoder_cuda_greedy_chain call
 struct GraphEntry {
     cudaGraphExec_t ex;
     int64_t nb, lc;
     int all, win;
+    int chain;  // 0: one feed's pass; else a greedy chain, 2 * picks + feed_last
 };
 
 struct DecoderCuda {
@@ -608,6 +627,8 @@ struct DecoderCuda {
     int32_t *s_out;      // [B]
     int32_t *am_out;     // argmax: [lcap]
     uint64_t *am_u64;    // [lcap] zeros (the sampler's stream / counter, unused when greedy)
+    int32_t *chain_out;  // [B, CHAIN_MAX]: a greedy chain's picks
+    bool chain;          // greedy chains in one launch (default; DISTILL_DECODE_CHAIN=0: a host round trip per pick)
     int n_sm;
     bool invariant;      // batch-invariant arithmetic (default; DISTILL_DECODE_INVARIANT=0: cuBLASLt + row-dependent splits)
     bool attn_gqa;       // many rows: attn_gqa_kernel where instantiated (default; DISTILL_DECODE_ATTN=tiles: attn_tiles_kernel)
@@ -687,7 +708,7 @@ void decoder_cuda_free(DecoderCuda *D) {
     }
     void *bufs[] = {D->w, D->w32, D->inv_freq, D->x, D->xn, D->mid, D->q, D->k, D->v, D->att, D->gu, D->act, D->mix,
                     D->z, D->xs, D->Bs, D->Cs, D->dtl, D->dt, D->xr, D->xc, D->y, D->last, D->lastn, D->ints,
-                    D->att_ws, D->logits, D->s_u64, D->s_out, D->am_out, D->am_u64, D->ssm_all, D->ssm0_all,
+                    D->att_ws, D->logits, D->s_u64, D->s_out, D->am_out, D->am_u64, D->chain_out, D->ssm_all, D->ssm0_all,
                     D->conv_all, D->conv0_all, D->wbuf, D->wy, D->acc_keep};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) cudaFree(bufs[i]);
@@ -828,6 +849,8 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
     int dev = 0;
     cudaCheck(cudaGetDevice(&dev));
     cudaCheck(cudaDeviceGetAttribute(&D->n_sm, cudaDevAttrMultiProcessorCount, dev));
+    const char *cenv = getenv("DISTILL_DECODE_CHAIN");
+    D->chain = !(cenv && !strcmp(cenv, "0"));
     const char *genv = getenv("DISTILL_DECODE_GRAPH");
     D->use_graph = genv && atoi(genv) > 0;
     const char *ienv = getenv("DISTILL_DECODE_INVARIANT");
@@ -972,6 +995,7 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
     D->lrows = B;
     D->s_u64 = (uint64_t *)dalloc(D, (size_t)(2 * B) * 8);
     D->s_out = (int32_t *)dalloc(D, (size_t)B * 4);
+    D->chain_out = (int32_t *)dalloc(D, (size_t)(B * CHAIN_MAX) * 4);
     cudaCheck(cudaDeviceSynchronize());
     if (log)
         fprintf(log, "decoder_cuda: batch %lld x context %lld, %d layers (%d attention), %.2f GiB on the GPU (weights "
@@ -1228,6 +1252,29 @@ static void head_all(DecoderCuda *D, int64_t lc, int64_t c0, int64_t L) {
         head_gemm(D, D->logits + (b * L + c0) * V, D->xn + b * lc * d, lc);
 }
 
+// Greedy tokens of the last feed's logits rows on the device: am_out [rows] (lowest id on ties, as sample_argmax).
+static int argmax_rows(DecoderCuda *D, int64_t rows, char *err, size_t errlen) {
+    const DecodeSampling g = {0.0f, 0, 1.0f, 0};
+    return sample_rows_cuda_on(D->logits, rows, D->h.base.vocab, &g, D->am_u64, D->am_u64, D->am_out, D->st, err,
+                               errlen);
+}
+
+// A greedy chain's device work (decoder_cuda_greedy_chain): n picks into chain_out, each the argmax of the current
+// logits, the first `feeds` of them fed back as one-token steps; ints holds the first feed's upload.
+static void chain_body(DecoderCuda *D, int n, int feeds) {
+    const int64_t nb = D->nb;
+    for (int i = 0; i < n; i++) {
+        TCK(argmax_rows(D, nb, EA));
+        chain_pick_kernel<<<grid_of(nb, 128), 128, 0, D->st>>>(D->ints, D->rows, D->B, nb, D->am_out, D->chain_out, n,
+                                                               i, i < feeds, i > 0);
+        kernelCheck("chain_pick_kernel");
+        if (i < feeds) {
+            run_chunk(D, 1, D->max_len);
+            head(D);
+        }
+    }
+}
+
 static void graphs_drop(DecoderCuda *D) {
     for (int i = 0; i < D->ng; i++) cudaCheck(cudaGraphExecDestroy(D->g[i].ex));
     for (int i = 0; i < D->nrg; i++) cudaCheck(cudaGraphExecDestroy(D->rg[i].ex));
@@ -1281,11 +1328,14 @@ static void ensure_window(DecoderCuda *D, int64_t need) {
     D->wcap = cap;
 }
 
-// The graph of one pass for this feed's shape, captured on first use (nothing runs while capturing).
-static cudaGraphExec_t graph_for(DecoderCuda *D, int64_t lc, int all) {
+// The graph of one pass for this feed's shape (chain 0), or of a greedy chain (chain = 2 * picks + feed_last; lc 1,
+// all 0), captured on first use (nothing runs while capturing).
+static cudaGraphExec_t graph_for(DecoderCuda *D, int64_t lc, int all, int chain) {
     const int win = D->win && D->n_m > 0;
     for (int i = 0; i < D->ng; i++)
-        if (D->g[i].nb == D->nb && D->g[i].lc == lc && D->g[i].all == all && D->g[i].win == win) return D->g[i].ex;
+        if (D->g[i].nb == D->nb && D->g[i].lc == lc && D->g[i].all == all && D->g[i].win == win &&
+            D->g[i].chain == chain)
+            return D->g[i].ex;
     int slot;
     if (D->ng < MAX_GRAPHS) {
         slot = D->ng++;
@@ -1297,15 +1347,29 @@ static cudaGraphExec_t graph_for(DecoderCuda *D, int64_t lc, int all) {
     }
     cudaGraph_t g;
     cudaCheck(cudaStreamBeginCapture(D->st, cudaStreamCaptureModeThreadLocal));
-    run_chunk(D, lc, D->max_len);
-    if (all) head_all(D, lc, 0, lc);
-    else head(D);
+    if (chain) {
+        chain_body(D, chain / 2, chain / 2 - 1 + chain % 2);
+    } else {
+        run_chunk(D, lc, D->max_len);
+        if (all) head_all(D, lc, 0, lc);
+        else head(D);
+    }
     cudaCheck(cudaStreamEndCapture(D->st, &g));
     GraphEntry *ge = &D->g[slot];
     cudaCheck(cudaGraphInstantiate(&ge->ex, g, 0));
     cudaCheck(cudaGraphDestroy(g));
-    ge->nb = D->nb, ge->lc = lc, ge->all = all, ge->win = win;
+    ge->nb = D->nb, ge->lc = lc, ge->all = all, ge->win = win, ge->chain = chain;
     return ge->ex;
+}
+
+// One upload of a chunk's ints (hints -> ints): [tok | pos] of its n tokens, then [keep | lastidx | lenb | window
+// offset]. Stream-ordered after the earlier kernels; pageable copies return once the host buffer is staged, so the
+// host may refill it at once.
+static void upload_ints(DecoderCuda *D, int64_t n) {
+    cudaCheck(cudaMemcpyAsync(D->ints, D->hints, (size_t)n * 4, cudaMemcpyHostToDevice, D->st));
+    cudaCheck(cudaMemcpyAsync(D->ints + D->rows, D->hints + D->rows, (size_t)n * 4, cudaMemcpyHostToDevice, D->st));
+    cudaCheck(cudaMemcpyAsync(D->ints + 2 * D->rows, D->hints + 2 * D->rows, (size_t)(3 * D->B + 1) * 4,
+                              cudaMemcpyHostToDevice, D->st));
 }
 
 int decoder_cuda_feed_ragged(DecoderCuda *D, const int32_t *tokens, int64_t L, const int64_t *n, DlError *e) {
@@ -1351,13 +1415,9 @@ int decoder_cuda_feed(DecoderCuda *D, const int32_t *tokens, int64_t L, const in
             if (D->len[b] + lc > maxkeys) maxkeys = D->len[b] + lc;
         }
         wofs[0] = (int32_t)(D->wlen + c0);
-        // one upload for the chunk: [tok | pos] then [keep | lastidx | lenb | window offset] (stream-ordered
-        // after the last chunk's kernels; pageable copies return once the host buffer is staged)
-        cudaCheck(cudaMemcpyAsync(D->ints, D->hints, (size_t)(nb * lc) * 4, cudaMemcpyHostToDevice, D->st));
-        cudaCheck(cudaMemcpyAsync(D->ints + D->rows, D->hints + D->rows, (size_t)(nb * lc) * 4, cudaMemcpyHostToDevice, D->st));
-        cudaCheck(cudaMemcpyAsync(D->ints + 2 * D->rows, keep, (size_t)(3 * D->B + 1) * 4, cudaMemcpyHostToDevice, D->st));
+        upload_ints(D, nb * lc);
         if (D->use_graph && Lc == L && L <= GRAPH_MAX_L) {  // one chunk: the whole feed is one graph launch
-            cudaCheck(cudaGraphLaunch(graph_for(D, L, all), D->st));
+            cudaCheck(cudaGraphLaunch(graph_for(D, L, all, 0), D->st));
             for (int64_t b = 0; b < nb; b++) D->len[b] += keep[b];
             if (D->win) D->wlen += L;
             return 0;
@@ -1459,12 +1519,51 @@ void decoder_cuda_use_graph(DecoderCuda *D, int on) { D->use_graph = on != 0; }
 int64_t decoder_cuda_logits_rows(const DecoderCuda *D) { return D->lrows; }
 
 int decoder_cuda_argmax(DecoderCuda *D, int32_t *tokens, DlError *e) {
-    const DecodeSampling g = {0.0f, 0, 1.0f, 0};
     char err[256] = "";
-    if (sample_rows_cuda_on(D->logits, D->lrows, D->h.base.vocab, &g, D->am_u64, D->am_u64, D->am_out, D->st, EA))
-        return dl_fail(e, "decoder_cuda: %s", err);
+    if (argmax_rows(D, D->lrows, EA)) return dl_fail(e, "decoder_cuda: %s", err);
     cudaCheck(cudaMemcpyAsync(tokens, D->am_out, (size_t)D->lrows * 4, cudaMemcpyDeviceToHost, D->st));
     cudaCheck(cudaStreamSynchronize(D->st));
+    return 0;
+}
+
+int decoder_cuda_greedy_chain(DecoderCuda *D, int n, int feed_last, int32_t *out, DlError *e) {
+    const int64_t nb = D->nb;
+    const int feeds = feed_last ? n : n - 1;
+    if (n < 1 || n > CHAIN_MAX) return dl_fail(e, "decoder_cuda: a greedy chain of %d picks, expected 1..%d", n, CHAIN_MAX);
+    if (D->lrows != nb)
+        return dl_fail(e, "decoder_cuda: a greedy chain needs the last-token logits of the %lld sequences, the last feed "
+                          "kept %lld rows", (long long)nb, (long long)D->lrows);
+    for (int64_t b = 0; b < nb; b++)
+        if (D->len[b] + feeds > D->max_len)
+            return dl_fail(e, "decoder_cuda: sequence %lld: %lld + %d tokens exceed the context of %lld", (long long)b,
+                           (long long)D->len[b], feeds, (long long)D->max_len);
+    if (!D->chain) {  // the same picks with a host round trip each (A/B timing)
+        int32_t *t = (int32_t *)malloc((size_t)nb * sizeof(int32_t));
+        int rc = 0;
+        for (int i = 0; i < n && rc == 0; i++) {
+            if ((rc = decoder_cuda_argmax(D, t, e)) != 0) break;
+            for (int64_t b = 0; b < nb; b++) out[b * n + i] = t[b];
+            if (i < feeds) rc = decoder_cuda_feed(D, t, 1, NULL, 0, e);
+        }
+        free(t);
+        return rc;
+    }
+    if (feeds > 0) {  // the first feed's ints (its tokens come from the first pick, on the device)
+        if (D->win) ensure_window(D, D->wlen + feeds);
+        int32_t *tok = D->hints, *pos = D->hints + D->rows, *keep = D->hints + 2 * D->rows;
+        for (int64_t b = 0; b < nb; b++) {
+            tok[b] = 0, pos[b] = (int32_t)D->len[b];
+            keep[b] = 1, keep[D->B + b] = (int32_t)b, keep[2 * D->B + b] = (int32_t)D->len[b];
+        }
+        keep[3 * D->B] = (int32_t)D->wlen;
+        upload_ints(D, nb);
+    }
+    if (D->use_graph) cudaCheck(cudaGraphLaunch(graph_for(D, 1, 0, 2 * n + (feed_last != 0)), D->st));
+    else chain_body(D, n, feeds);
+    cudaCheck(cudaMemcpyAsync(out, D->chain_out, (size_t)(nb * n) * 4, cudaMemcpyDeviceToHost, D->st));
+    cudaCheck(cudaStreamSynchronize(D->st));
+    for (int64_t b = 0; b < nb; b++) D->len[b] += feeds;
+    if (D->win) D->wlen += feeds;
     return 0;
 }
 

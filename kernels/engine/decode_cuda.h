@@ -73,6 +73,14 @@ void decoder_cuda_logits_host(const DecoderCuda *d, float *out);
 // Greedy tokens of every row of the last feed's logits (argmax on the device, lowest id on ties, as
 // sample_argmax): host [decoder_cuda_logits_rows]. Only the ids cross to the host.
 int decoder_cuda_argmax(DecoderCuda *d, int32_t *tokens, DlError *e);
+// Greedy decoding of n (1..16) tokens per sequence with one host round trip: pick i is the argmax of the current
+// logits (the first: those of the last feed, which must have kept one row per sequence), and picks are fed back as
+// one-token steps, all n of them when feed_last, else the first n-1. out host [nb, n]. The same tokens, lengths,
+// states and logits as n x (decoder_cuda_argmax, then decoder_cuda_step if fed), also inside a speculative window;
+// with graphs on, the whole chain is one graph per (nb, n, feed_last, window). DISTILL_DECODE_CHAIN=0 runs it as
+// those separate calls (A/B timing). Returns 0 or -1 (e filled: n out of range, a length past max_len, or
+// all-logits rows).
+int decoder_cuda_greedy_chain(DecoderCuda *d, int n, int feed_last, int32_t *out, DlError *e);
 
 // Speculative verification window (decoder_window_begin / decoder_accept of engine.h, same meaning):
 // window_begin marks the current state; the feeds that follow (uniform, not ragged; any number and length)

@@ -55,7 +55,9 @@ static void scale_branches(Model *m, int first, float s) {
 }
 
 // Times (ms) of a plain step, a K+1 verification window with a partial accept, at batch B after a 512-token
-// context (seek). Host-synchronizing like the generation loop (argmax ids back to the host every feed).
+// context (seek). Host-synchronizing like the generation loop (argmax ids back to the host every feed); the steps
+// also per pick of greedy chains (decoder_cuda_greedy_chain: K picks, one round trip), as gen_plain and the
+// speculative draft run them.
 static void components(const Model *m, const Model *cut, int64_t B, const int *ks, int nk, int graph) {
     DlError e;
     const int64_t ctx = 512, reps = 20;
@@ -77,8 +79,18 @@ static void components(const Model *m, const Model *cut, int64_t B, const int *k
         for (int r = 0; r < reps; r++) die_if(decoder_cuda_step(x, tok, &e) || decoder_cuda_argmax(x, am, &e), &e, "step");
         (which ? dstep_ms : step_ms) = (dl_now() - t0) * 1e3 / reps;
     }
-    printf("RESULT spec_parts model=%s B=%lld graph=%d step_ms=%.3f draft2_step_ms=%.3f\n", m->name, (long long)B, graph,
-           step_ms, dstep_ms);
+    // per pick, in greedy chains of n picks all fed (decoder_cuda_greedy_chain: one host round trip per chain)
+    auto chain_ms = [&](DecoderCuda *x, int n) {
+        die_if(decoder_cuda_reset(x, B, &e) || decoder_cuda_seek(x, ctx, &e) || decoder_cuda_step(x, tok, &e), &e, "seek");
+        for (int w = 0; w < 3; w++) die_if(decoder_cuda_greedy_chain(x, n, 1, am, &e), &e, "chain");
+        const double t1 = dl_now();
+        for (int r = 0; r < reps; r++) die_if(decoder_cuda_greedy_chain(x, n, 1, am, &e), &e, "chain");
+        return (dl_now() - t1) * 1e3 / (reps * n);
+    };
+    const double cstep_ms = chain_ms(d, 4), cdstep_ms = chain_ms(dc, 4);
+    printf("RESULT spec_parts model=%s B=%lld graph=%d step_ms=%.3f draft2_step_ms=%.3f chain4_step_ms=%.3f "
+           "chain4_draft2_ms=%.3f\n",
+           m->name, (long long)B, graph, step_ms, dstep_ms, cstep_ms, cdstep_ms);
     for (int ki = 0; ki < nk; ki++) {
         const int K = ks[ki];
         die_if(decoder_cuda_reset(d, B, &e) || decoder_cuda_seek(d, ctx, &e), &e, "seek");
@@ -94,13 +106,17 @@ static void components(const Model *m, const Model *cut, int64_t B, const int *k
         vms = (dl_now() - t0) * 1e3 / reps;
         printf("RESULT spec_verify model=%s B=%lld K=%d graph=%d verify_ms=%.3f verify_over_step=%.2f", m->name, (long long)B,
                K, graph, vms, vms / step_ms);
-        // predicted speedup for a draft as cheap as the 2-layer cut, at acceptance a
-        const double round_ms = K * dstep_ms + vms;
-        for (double a = 0.5; a < 0.95; a += 0.2) {
-            const double E = (1 - pow(a, K + 1)) / (1 - a);
-            printf(" pred_speedup_a%.1f=%.2f", a, E * step_ms / round_ms);
+        // predicted speedup for a draft as cheap as the 2-layer cut, at acceptance a: with a host round trip per
+        // draft pick, then with the K picks in one chain (the decoder's greedy path), against chained plain steps
+        const double dcms = chain_ms(dc, K);
+        for (int chained = 0; chained < 2; chained++) {
+            const double round_ms = K * (chained ? dcms : dstep_ms) + vms;
+            for (double a = 0.5; a < 0.95; a += 0.2) {
+                const double E = (1 - pow(a, K + 1)) / (1 - a);
+                printf(" pred%s_speedup_a%.1f=%.2f", chained ? "_chain" : "", a, E * (chained ? cstep_ms : step_ms) / round_ms);
+            }
         }
-        printf("\n");
+        printf(" draft2_chain%d_ms=%.3f\n", K, dcms);
     }
     decoder_cuda_free(d), decoder_cuda_free(dc);
     free(tok), free(am);

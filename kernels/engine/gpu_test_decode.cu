@@ -775,6 +775,70 @@ static void test_copy_seqs(const Model *m, const char *nm) {
     free(got), free(ref);
 }
 
+// decoder_cuda_greedy_chain against its definition, n x (decoder_cuda_argmax, decoder_cuda_step), on a second decoder:
+// the same tokens, lengths and logits bit for bit, in two rounds (a captured chain graph replayed with new uploads),
+// inside a speculative window (the window inputs of the chain's steps at the right columns: the states after a
+// partial accept and the step after it identical), and the refusals.
+static void test_greedy_chain(const Model *m, const char *nm) {
+    DlError e;
+    const int64_t V = m->h.base.vocab, B = 3, LM = 29, ML = 56;  // ML: sequence 0 ends 12 short of it
+    const int64_t pn[3] = {29, 4, 17};
+    int32_t pr[3 * 29], got[3 * 16], ref[3 * 16], t[3], s[3];
+    for (int64_t i = 0; i < B * LM; i++) pr[i] = (int32_t)((i * 4099 + 11) % V);
+    for (int64_t b = 0; b < B; b++) s[b] = (int32_t)((b * 37 + 5) % V);
+    DecoderCuda *g = decoder_cuda_new(&m->h, &m->r, m->p, B, ML, NULL, &e), *r = decoder_cuda_new(&m->h, &m->r, m->p, B, ML, NULL, &e);
+    die_if(!g || !r, &e, "decoder_cuda_new");
+    float *lg = (float *)malloc((size_t)(B * V) * 4), *lr = (float *)malloc((size_t)(B * V) * 4);
+    die_if(decoder_cuda_reset(g, B, &e) || decoder_cuda_feed_ragged(g, pr, LM, pn, &e), &e, "prefill");
+    die_if(decoder_cuda_reset(r, B, &e) || decoder_cuda_feed_ragged(r, pr, LM, pn, &e), &e, "prefill (ref)");
+    // n picks with (feed_last = 1) or without the last fed, on the reference decoder: argmax then step
+    auto ref_chain = [&](int n, int feed_last) {
+        for (int i = 0; i < n; i++) {
+            die_if(decoder_cuda_argmax(r, t, &e), &e, "argmax (ref)");
+            for (int64_t b = 0; b < B; b++) ref[b * n + i] = t[b];
+            if (i + 1 < n || feed_last) die_if(decoder_cuda_step(r, t, &e), &e, "step (ref)");
+        }
+    };
+    auto same = [&](int n, const char *what) {
+        bool lens = true;
+        for (int64_t b = 0; b < B; b++) lens = lens && decoder_cuda_seq_len(g, b) == decoder_cuda_seq_len(r, b);
+        decoder_cuda_logits_host(g, lg), decoder_cuda_logits_host(r, lr);
+        check(!memcmp(got, ref, (size_t)(B * n) * 4) && lens && !memcmp(lg, lr, (size_t)(B * V) * 4),
+              "%s: greedy chain %s: tokens, lengths and logits identical to argmax + step", nm, what);
+    };
+    for (int round = 0; round < 2; round++) {
+        die_if(decoder_cuda_greedy_chain(g, 5, 1, got, &e), &e, "chain");
+        ref_chain(5, 1);
+        same(5, round ? "of 5, all fed, again (graph replayed)" : "of 5, all fed");
+    }
+    die_if(decoder_cuda_greedy_chain(g, 1, 0, got, &e), &e, "chain of 1");
+    ref_chain(1, 0);
+    same(1, "of 1, none fed");
+    // inside a window: 4 picks, 3 fed; a partial accept replays the Mamba layers from the window inputs
+    for (int round = 0; round < 2; round++) {
+        decoder_cuda_window_begin(g), decoder_cuda_window_begin(r);
+        die_if(decoder_cuda_greedy_chain(g, 4, 0, got, &e), &e, "chain in a window");
+        ref_chain(4, 0);
+        same(4, round ? "of 4 in a window, again" : "of 4 in a window");
+        const int32_t keep[3] = {0, 2, 3};
+        die_if(decoder_cuda_accept(g, keep, &e) || decoder_cuda_accept(r, keep, &e), &e, "accept");
+        die_if(decoder_cuda_step(g, s, &e) || decoder_cuda_step(r, s, &e), &e, "step after accept");
+        memset(got, 0, sizeof got), memset(ref, 0, sizeof ref);
+        same(1, "in a window, accept(0, 2, 3), one step");
+    }
+    check(decoder_cuda_greedy_chain(g, 17, 1, got, &e) != 0, "%s: a chain of 17 is refused (%s)", nm, e.msg);
+    int32_t two[3 * 2] = {1, 2, 3, 4, 5, 6};
+    die_if(decoder_cuda_feed(g, two, 2, NULL, 1, &e), &e, "all-logits feed");
+    check(decoder_cuda_greedy_chain(g, 2, 1, got, &e) != 0, "%s: a chain after an all-logits feed is refused (%s)", nm, e.msg);
+    die_if(decoder_cuda_step(g, s, &e), &e, "step");
+    const int64_t left = ML - decoder_cuda_seq_len(g, 0);
+    check(left < 16 && decoder_cuda_greedy_chain(g, (int)left + 1, 1, got, &e) != 0 &&
+              decoder_cuda_seq_len(g, 0) == ML - left,
+          "%s: a chain of %lld past max_len is refused, nothing fed (%s)", nm, (long long)left + 1, e.msg);
+    decoder_cuda_free(g), decoder_cuda_free(r);
+    free(lg), free(lr);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--verbose")) g_verbose = 1;
@@ -821,11 +885,15 @@ int main(int argc, char **argv) {
     test_reset_seq(&te, "teacher");
     test_copy_seqs(&hy, "hybrid");
     test_copy_seqs(&te, "teacher");
+    test_greedy_chain(&hy, "hybrid");
+    test_greedy_chain(&te, "teacher");
     // last (a capture failure exits): decode steps and windows replayed from CUDA graphs give the same results
     setenv("DISTILL_DECODE_GRAPH", "1", 1);
     decode_vs_cpu(&hy, "hybrid, CUDA-graph decode steps", 4, plen_h, 300, steps, NULL);
     decode_vs_cpu(&te, "teacher, CUDA-graph decode steps", 3, plen_t, 250, steps, NULL);
     test_speculative(&hy, &te);
+    test_greedy_chain(&hy, "hybrid, CUDA graphs");
+    test_greedy_chain(&te, "teacher, CUDA graphs");
     unsetenv("DISTILL_DECODE_GRAPH");
     printf("gpu_test_decode: %d passed, %d failed\n", g_pass, g_fail);
     return g_fail ? 1 : 0;
