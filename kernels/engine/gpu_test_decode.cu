@@ -25,7 +25,9 @@
 //      draft (acceptance >= 95% then), K = 1, 2, 4.
 //      Sampled speculative decoding (the same code, probabilities on the host from GPU logits): the first two
 //      tokens of 6000 sequences follow the target's exact joint (chi-square), and not an unrelated draft's.
-//   6. Last: 1, 5 again with the decode steps replayed from CUDA graphs (DISTILL_DECODE_GRAPH=1).
+//   6. Greedy chains (decoder_cuda_greedy_chain) equal argmax + step on a second decoder bit for bit (tokens,
+//      lengths, logits), also inside a window with a partial accept; bad chains refused.
+//   7. Last: 1, 5, 6 again with the decode steps replayed from CUDA graphs (DISTILL_DECODE_GRAPH=1).
 // Every output buffer is poisoned before each check. Exit status != 0 on any failure.
 // Usage: gpu_test_decode [--verbose]
 #include <cuda_runtime.h>
