@@ -692,6 +692,20 @@ static void lin(DecoderCuda *D, void *y, const void *x, int64_t woff, const void
     else TCK(dl_linear_fwd(D->gemm, DT_BF16, y, x, W(D, woff), bias, N, In, O, acc, D->st, EA));
 }
 
+// Several products of the same rows x [N, In]: y[i] [N, O[i]] = x @ W(woff[i])^T, no bias. With the batch-invariant
+// arithmetic one launch (decode_gemm_multi: the same bits as a lin per output, fewer launches per step), else a lin
+// each.
+static void lin_multi(DecoderCuda *D, const void *x, int64_t N, int64_t In, int n, void *const *y, const int64_t *woff,
+                      const int64_t *O) {
+    if (!D->invariant) {
+        for (int i = 0; i < n; i++) lin(D, y[i], x, woff[i], NULL, N, In, O[i], 0);
+        return;
+    }
+    DecodeGemmOut outs[DECODE_GEMM_MAX_OUTS];
+    for (int i = 0; i < n; i++) outs[i] = (DecodeGemmOut){y[i], W(D, woff[i]), NULL, O[i]};
+    TCK(decode_gemm_multi(DT_BF16, outs, n, x, N, In, D->st, EA));
+}
+
 // fp32 logits [rows, V] of the normed rows x [rows, d].
 static void head_gemm(DecoderCuda *D, float *logits, const bf16 *x, int64_t rows) {
     const int64_t V = D->h.base.vocab, d = D->h.base.d_model;
@@ -1158,11 +1172,11 @@ static void mamba(DecoderCuda *D, const DLayer *L, int64_t lc) {
     const int64_t Rp = D->Rp;
     const int Wc = h->d_conv;
     const int32_t *keep = D->ints + 2 * D->rows;
-    lin(D, D->z, D->xn, L->z, NULL, N, d, di, 0);
-    lin(D, D->xs, D->xn, L->x, NULL, N, d, dxb, 0);
-    lin(D, D->Bs, D->xn, L->Bp, NULL, N, d, dxb, 0);
-    lin(D, D->Cs, D->xn, L->Cp, NULL, N, d, di, 0);
-    lin(D, D->dtl, D->xn, L->dtd, NULL, N, d, Rp, 0);
+    {  // z, x, B, C and the low-rank dt input from the normed rows
+        void *const y[5] = {D->z, D->xs, D->Bs, D->Cs, D->dtl};
+        const int64_t wo[5] = {L->z, L->x, L->Bp, L->Cp, L->dtd}, O[5] = {di, dxb, dxb, di, Rp};
+        lin_multi(D, D->xn, N, d, 5, y, wo, O);
+    }
     // dt = dt_proj(dt_low) with its bias; the scan adds the bias again (MambaInLlama's double bias)
     lin(D, D->dt, D->dtl, L->dtw, W(D, L->dtb), N, Rp, di, 0);
     repeat_kernel<<<grid_of(N * di, 256), 256, 0, D->st>>>(D->xr, D->xs, N, di, dxb, ds);
@@ -1198,9 +1212,9 @@ static void run_chunk(DecoderCuda *D, int64_t lc, int64_t maxkeys) {
         const DLayer *L = &D->L[l];
         TCK(rmsnorm_fwd_cuda(DT_BF16, D->xn, NULL, NULL, D->x, NULL, W(D, L->in_norm), N, d, eps, D->st, EA));
         if (L->kind == MIXER_ATTN) {
-            lin(D, D->q, D->xn, L->q, NULL, N, d, qd, 0);
-            lin(D, D->k, D->xn, L->k, NULL, N, d, kvd, 0);
-            lin(D, D->v, D->xn, L->v, NULL, N, d, kvd, 0);
+            void *const y[3] = {D->q, D->k, D->v};
+            const int64_t wo[3] = {L->q, L->k, L->v}, O[3] = {qd, kvd, kvd};
+            lin_multi(D, D->xn, N, d, 3, y, wo, O);
             TCK(rope_cuda(DT_BF16, D->q, pos, D->inv_freq, N, c->n_head, (int)hd, 0, D->st, EA));
             TCK(rope_cuda(DT_BF16, D->k, pos, D->inv_freq, N, c->n_kv_head, (int)hd, 0, D->st, EA));
             kv_append_kernel<<<grid_of(N * kvd, 256), 256, 0, D->st>>>(L->kc, L->vc, D->k, D->v, lenb, nb, lc, kvd,

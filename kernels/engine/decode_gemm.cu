@@ -35,13 +35,22 @@ __device__ __forceinline__ float out_load(const bf16 *p) { return __bfloat162flo
 __device__ __forceinline__ void out_store(float *p, float v) { *p = v; }
 __device__ __forceinline__ void out_store(bf16 *p, float v) { *p = __float2bfloat16_rn(v); }
 
-// GEMM_THREADS threads; grid (ceil(N / (8 NT)), ceil(M / (16 MT))), or with MFAST one dimension of both counts'
-// product, row tiles first: the blocks that share a weight tile run together, so a weight matrix larger than L2
-// (a 49152-row head) is read from memory once instead of once per row tile.
+// The products of one launch: output i is y_i [M, N_i] = x @ W_i^T (+ bias_i); its column tiles are the grid's
+// column-tile indices [tiles_end[i-1], tiles_end[i]).
+struct GemmSegs {
+    void *y[DECODE_GEMM_MAX_OUTS];
+    const bf16 *W[DECODE_GEMM_MAX_OUTS], *bias[DECODE_GEMM_MAX_OUTS];
+    int64_t N[DECODE_GEMM_MAX_OUTS];
+    unsigned tiles_end[DECODE_GEMM_MAX_OUTS];
+    int n;
+};
+
+// GEMM_THREADS threads; grid (column tiles of all outputs, ceil(M / (16 MT))), or with MFAST one dimension of both
+// counts' product, row tiles first: the blocks that share a weight tile run together, so a weight matrix larger than
+// L2 (a 49152-row head) is read from memory once instead of once per row tile.
 template <typename OutT, int MT, int NT, int U, bool MFAST>
 __global__ void __launch_bounds__(GEMM_THREADS)
-    decode_gemm_kernel(OutT *__restrict__ y, const bf16 *__restrict__ x, const bf16 *__restrict__ W,
-                       const bf16 *__restrict__ bias, int64_t M, int64_t N, int64_t K, int accumulate) {
+    decode_gemm_kernel(GemmSegs segs, const bf16 *__restrict__ x, int64_t M, int64_t K, int accumulate) {
     // the slice partials pass through shared memory in rounds of at most 64 accumulators per lane (32 KB)
     constexpr int NACC = MT * NT * 4, ROUND = NACC < 64 ? NACC : 64;
     __shared__ float red[GEMM_SLICES][ROUND][32];
@@ -51,6 +60,17 @@ __global__ void __launch_bounds__(GEMM_THREADS)
         const unsigned gm = (unsigned)((M + 16 * MT - 1) / (16 * MT));  // the grid has < 2^31 blocks
         bm = blockIdx.x % gm, bn = blockIdx.x / gm;
     }
+    // this block's output (static indices only: the parameter struct stays in constant memory)
+    OutT *__restrict__ y = (OutT *)segs.y[0];
+    const bf16 *__restrict__ W = segs.W[0];
+    const bf16 *__restrict__ bias = segs.bias[0];
+    int64_t N = segs.N[0];
+    unsigned first = 0;  // the output's first column tile
+#pragma unroll
+    for (int i = 1; i < DECODE_GEMM_MAX_OUTS; i++)
+        if (i < segs.n && bn >= segs.tiles_end[i - 1])
+            y = (OutT *)segs.y[i], W = segs.W[i], bias = segs.bias[i], N = segs.N[i], first = segs.tiles_end[i - 1];
+    bn -= first;
     const int64_t n0 = (int64_t)bn * (8 * NT), m0 = (int64_t)bm * (16 * MT);
     const int64_t nch = (K + GEMM_CHUNK - 1) / GEMM_CHUNK;
     const int64_t c0 = s * nch / GEMM_SLICES, c1 = (s + 1) * nch / GEMM_SLICES;  // this warp's slice of chunks
@@ -146,19 +166,19 @@ static const struct {
 #define GEMM_VARIANTS ((int)(sizeof kVariants / sizeof kVariants[0]))
 
 template <typename OutT, int MT, int NT, int U, bool MFAST>
-static void launch_t(OutT *y, const bf16 *x, const bf16 *W, const bf16 *bias, int64_t M, int64_t N, int64_t K,
-                     int accumulate, cudaStream_t st) {
-    const int64_t gm = (M + 16 * MT - 1) / (16 * MT), gn = (N + 8 * NT - 1) / (8 * NT);
+static void launch_t(GemmSegs segs, const bf16 *x, int64_t M, int64_t K, int accumulate, cudaStream_t st) {
+    const int64_t gm = (M + 16 * MT - 1) / (16 * MT);
+    int64_t gn = 0;
+    for (int i = 0; i < segs.n; i++) segs.tiles_end[i] = (unsigned)(gn += (segs.N[i] + 8 * NT - 1) / (8 * NT));
     const dim3 grid = MFAST ? dim3((unsigned)(gm * gn)) : dim3((unsigned)gn, (unsigned)gm);
-    decode_gemm_kernel<OutT, MT, NT, U, MFAST><<<grid, GEMM_THREADS, 0, st>>>(y, x, W, bias, M, N, K, accumulate);
+    decode_gemm_kernel<OutT, MT, NT, U, MFAST><<<grid, GEMM_THREADS, 0, st>>>(segs, x, M, K, accumulate);
 }
 
 template <typename OutT>
-static void launch(int variant, OutT *y, const bf16 *x, const bf16 *W, const bf16 *bias, int64_t M, int64_t N,
-                   int64_t K, int accumulate, cudaStream_t st) {
-    switch (variant) {  // decode_gemm_with checked the range
+static void launch(int variant, const GemmSegs &segs, const bf16 *x, int64_t M, int64_t K, int accumulate, cudaStream_t st) {
+    switch (variant) {  // gemm_run checked the range
 #define GEMM_VARIANT_CASE(v, MT, NT, U, MFAST) \
-    case v: launch_t<OutT, MT, NT, U, MFAST>(y, x, W, bias, M, N, K, accumulate, st); break;
+    case v: launch_t<OutT, MT, NT, U, MFAST>(segs, x, M, K, accumulate, st); break;
         GEMM_VARIANT_LIST(GEMM_VARIANT_CASE)
 #undef GEMM_VARIANT_CASE
     }
@@ -191,32 +211,56 @@ static int large_m_variant(void) {
 }
 extern "C" int decode_gemm_variant(int64_t M) { return M <= 16 ? 0 : M <= 64 ? 1 : large_m_variant(); }
 
-extern "C" int decode_gemm_with(int variant, DType out_dt, void *y, const void *x, const void *W, const void *bias,
-                                int64_t M, int64_t N, int64_t K, int accumulate, cudaStream_t stream, char *err,
-                                size_t errlen) {
+// Checks and launches the products of segs (N[i], y[i], W[i], bias[i] set) with one variant.
+static int gemm_run(int variant, DType out_dt, GemmSegs &segs, const void *x, int64_t M, int64_t K, int accumulate,
+                    cudaStream_t stream, char *err, size_t errlen) {
     if (out_dt != DT_BF16 && out_dt != DT_F32) return train_fail(err, errlen, "decode_gemm: the output must be bf16 or f32");
-    if (M < 0 || N < 8 || K < 8 || N % 8 || K % 8)
-        return train_fail(err, errlen, "decode_gemm: M %lld, N %lld, K %lld: need M >= 0 and N, K positive multiples of 8",
-                         (long long)M, (long long)N, (long long)K);
-    if (((uintptr_t)y | (uintptr_t)x | (uintptr_t)W) & 15 || ((uintptr_t)bias & 1))
-        return train_fail(err, errlen, "decode_gemm: x, W and y must be 16-byte aligned (bias 2-byte)");
     if (variant < 0 || variant >= GEMM_VARIANTS)
         return train_fail(err, errlen, "decode_gemm: variant %d outside 0..%d", variant, GEMM_VARIANTS - 1);
-    const int64_t gm = (M + 16 * kVariants[variant].mt - 1) / (16 * kVariants[variant].mt),
-                  gn = (N + 8 * kVariants[variant].nt - 1) / (8 * kVariants[variant].nt);
+    if (segs.n < 1 || segs.n > DECODE_GEMM_MAX_OUTS)
+        return train_fail(err, errlen, "decode_gemm: %d outputs, expected 1..%d", segs.n, DECODE_GEMM_MAX_OUTS);
+    const int64_t gm = (M + 16 * kVariants[variant].mt - 1) / (16 * kVariants[variant].mt);
+    int64_t gn = 0;
+    for (int i = 0; i < segs.n; i++) {
+        const int64_t N = segs.N[i];
+        if (M < 0 || N < 8 || K < 8 || N % 8 || K % 8)
+            return train_fail(err, errlen, "decode_gemm: M %lld, N %lld, K %lld: need M >= 0 and N, K positive multiples of 8",
+                             (long long)M, (long long)N, (long long)K);
+        if (((uintptr_t)segs.y[i] | (uintptr_t)x | (uintptr_t)segs.W[i]) & 15 || ((uintptr_t)segs.bias[i] & 1))
+            return train_fail(err, errlen, "decode_gemm: x, W and y must be 16-byte aligned (bias 2-byte)");
+        gn += (N + 8 * kVariants[variant].nt - 1) / (8 * kVariants[variant].nt);
+    }
     if (kVariants[variant].mfast ? gm * gn > 0x7fffffffll : gn > 0x7fffffffll || gm > 65535)
-        return train_fail(err, errlen, "decode_gemm: M %lld x N %lld exceeds the grid", (long long)M, (long long)N);
+        return train_fail(err, errlen, "decode_gemm: M %lld x N %lld exceeds the grid", (long long)M, (long long)segs.N[0]);
     if (M == 0) return 0;
-    if (out_dt == DT_BF16)
-        launch<bf16>(variant, (bf16 *)y, (const bf16 *)x, (const bf16 *)W, (const bf16 *)bias, M, N, K, accumulate, stream);
-    else
-        launch<float>(variant, (float *)y, (const bf16 *)x, (const bf16 *)W, (const bf16 *)bias, M, N, K, accumulate, stream);
+    if (out_dt == DT_BF16) launch<bf16>(variant, segs, (const bf16 *)x, M, K, accumulate, stream);
+    else launch<float>(variant, segs, (const bf16 *)x, M, K, accumulate, stream);
     const cudaError_t ce = cudaGetLastError();
     if (ce != cudaSuccess) return train_fail(err, errlen, "decode_gemm: launch failed: %s", cudaGetErrorString(ce));
     return 0;
 }
 
+extern "C" int decode_gemm_with(int variant, DType out_dt, void *y, const void *x, const void *W, const void *bias,
+                                int64_t M, int64_t N, int64_t K, int accumulate, cudaStream_t stream, char *err,
+                                size_t errlen) {
+    GemmSegs segs = {};
+    segs.n = 1, segs.y[0] = y, segs.W[0] = (const bf16 *)W, segs.bias[0] = (const bf16 *)bias, segs.N[0] = N;
+    return gemm_run(variant, out_dt, segs, x, M, K, accumulate, stream, err, errlen);
+}
+
 extern "C" int decode_gemm(DType out_dt, void *y, const void *x, const void *W, const void *bias, int64_t M, int64_t N,
                            int64_t K, int accumulate, cudaStream_t stream, char *err, size_t errlen) {
     return decode_gemm_with(decode_gemm_variant(M), out_dt, y, x, W, bias, M, N, K, accumulate, stream, err, errlen);
+}
+
+extern "C" int decode_gemm_multi(DType out_dt, const DecodeGemmOut *outs, int n, const void *x, int64_t M, int64_t K,
+                                 cudaStream_t stream, char *err, size_t errlen) {
+    GemmSegs segs = {};
+    if (n < 1 || n > DECODE_GEMM_MAX_OUTS)
+        return train_fail(err, errlen, "decode_gemm_multi: %d outputs, expected 1..%d", n, DECODE_GEMM_MAX_OUTS);
+    segs.n = n;
+    for (int i = 0; i < n; i++)
+        segs.y[i] = outs[i].y, segs.W[i] = (const bf16 *)outs[i].W, segs.bias[i] = (const bf16 *)outs[i].bias,
+        segs.N[i] = outs[i].N;
+    return gemm_run(decode_gemm_variant(M), out_dt, segs, x, M, K, 0, stream, err, errlen);
 }

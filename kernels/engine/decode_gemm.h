@@ -30,6 +30,18 @@ extern "C" {
 int decode_gemm(DType out_dt, void *y, const void *x, const void *W, const void *bias, int64_t M, int64_t N,
                 int64_t K, int accumulate, cudaStream_t stream, char *err, size_t errlen);
 
+// Several products of one input in one launch (the decoder's q/k/v and Mamba input projections): output i is
+// y_i [M, N_i] = x [M, K] @ W_i^T (+ bias_i), each element bit-identical to decode_gemm's for that output alone (the
+// reduction order depends on K only). At most DECODE_GEMM_MAX_OUTS outputs, all of out_dt; the same shape rules.
+#define DECODE_GEMM_MAX_OUTS 6
+typedef struct {
+    void *y;
+    const void *W, *bias;  // bias NULL: none
+    int64_t N;
+} DecodeGemmOut;
+int decode_gemm_multi(DType out_dt, const DecodeGemmOut *outs, int n, const void *x, int64_t M, int64_t K,
+                      cudaStream_t stream, char *err, size_t errlen);
+
 // The tile variant decode_gemm uses for M rows (0: m16 x n8, 1: m32 x n16, for M > 64 3: m64 x n32 rows first, or the
 // variant DISTILL_DECODE_GEMM_LARGE names; 3-7: tiles and block orders for large M, see decode_gemm.cu), and
 // decode_gemm forced to one variant (tests show the variants give identical bits).

@@ -4,6 +4,7 @@
 //      17, 36, 64, 65, 300, at another offset in the batch, and by each of the kGemmVariants variants; and the
 //      result is within 1e-2 (bf16 out) / 1e-4 (fp32 out) of a float64 reference (bias, accumulate, K = 40
 //      with a zero-padded chunk). For information: how many rows cuBLASLt (the legacy path) changes with M.
+//      decode_gemm_multi (3, 5 and 6 outputs of one x in one launch): every output equal to decode_gemm's alone.
 //   2. Decoder, random hybrid (attention + Mamba-1) and teacher (all attention), prompts of up to 2500
 //      tokens (20 key tiles of 128), batch 1 and 4, with and without CUDA graphs: the logits of 9 single
 //      decode steps == those of one K-token verification window (K = 1..8) == a ragged prefill of prompt +
@@ -164,6 +165,66 @@ static void gemm_case(int64_t N, int64_t K, bool bias, bool acc, DType odt, DlGe
     free(hx), free(hw), free(hb), free(y0), free(hy0), free(big), free(part);
 }
 
+// decode_gemm_multi: n products of one x in one launch, each output bit for bit decode_gemm's for it alone (outputs
+// poisoned with 0xff bytes first), at M = 1 .. 300 (the decode, window and prefill tiles).
+static void gemm_multi_case(int n, const int64_t *Ns, int64_t K, DType odt) {
+    const int64_t MM = 300, Ms[5] = {1, 3, 17, 65, 300};
+    const int osz = odt == DT_F32 ? 4 : 2;
+    Rng g;
+    rng_init(&g, (uint64_t)(n * 977 + K), 5);
+    int64_t wtot = 0, ytot = 0;
+    for (int i = 0; i < n; i++) wtot += Ns[i] * K, ytot += MM * Ns[i];
+    uint16_t *hx = (uint16_t *)malloc((size_t)(MM * K) * 2), *hw = (uint16_t *)malloc((size_t)wtot * 2);
+    for (int64_t i = 0; i < MM * K; i++) hx[i] = f32_to_bf16((float)rng_normal(&g));
+    for (int64_t i = 0; i < wtot; i++) hw[i] = f32_to_bf16((float)(rng_normal(&g) / sqrt((double)K)));
+    char *dx, *dw, *ya, *yb;
+    CK(cudaMalloc(&dx, (size_t)(MM * K) * 2));
+    CK(cudaMalloc(&dw, (size_t)wtot * 2));
+    CK(cudaMalloc(&ya, (size_t)ytot * osz));
+    CK(cudaMalloc(&yb, (size_t)ytot * osz));
+    CK(cudaMemcpy(dx, hx, (size_t)(MM * K) * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dw, hw, (size_t)wtot * 2, cudaMemcpyHostToDevice));
+    char *ha = (char *)malloc((size_t)ytot * osz), *hb = (char *)malloc((size_t)ytot * osz), err[256] = "";
+    int64_t bad = 0;
+    for (int mi = 0; mi < 5; mi++) {
+        const int64_t M = Ms[mi];
+        CK(cudaMemset(ya, 0xff, (size_t)ytot * osz));
+        CK(cudaMemset(yb, 0xff, (size_t)ytot * osz));
+        DecodeGemmOut outs[DECODE_GEMM_MAX_OUTS];
+        int64_t wo = 0, yo = 0;
+        for (int i = 0; i < n; i++) {
+            outs[i] = (DecodeGemmOut){yb + yo * osz, dw + wo * 2, NULL, Ns[i]};
+            if (decode_gemm(odt, ya + yo * osz, dx, dw + wo * 2, NULL, M, Ns[i], K, 0, NULL, err, sizeof err)) {
+                printf("  FAIL decode_gemm refused: %s\n", err);
+                exit(1);
+            }
+            wo += Ns[i] * K, yo += MM * Ns[i];
+        }
+        if (decode_gemm_multi(odt, outs, n, dx, M, K, NULL, err, sizeof err)) {
+            printf("  FAIL decode_gemm_multi refused: %s\n", err);
+            exit(1);
+        }
+        CK(cudaDeviceSynchronize());
+        CK(cudaMemcpy(ha, ya, (size_t)ytot * osz, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(hb, yb, (size_t)ytot * osz, cudaMemcpyDeviceToHost));
+        yo = 0;
+        for (int i = 0; i < n; i++) {
+            bad += memcmp(ha + yo * osz, hb + yo * osz, (size_t)(M * Ns[i]) * osz) != 0;
+            for (int64_t j = M * Ns[i]; j < MM * Ns[i]; j++)  // nothing written past the M rows
+                bad += memcmp(hb + (yo + j) * osz, "\xff\xff\xff\xff", (size_t)osz) != 0;
+            yo += MM * Ns[i];
+        }
+    }
+    check(bad == 0, "decode_gemm_multi, %d outputs (N %lld .. %lld), K %lld, %s out: every output bitwise equal to decode_gemm "
+          "alone at M = 1, 3, 17, 65, 300, no row past M written (%lld differ)", n, (long long)Ns[0], (long long)Ns[n - 1],
+          (long long)K, odt == DT_F32 ? "f32" : "bf16", (long long)bad);
+    CK(cudaFree(dx));
+    CK(cudaFree(dw));
+    CK(cudaFree(ya));
+    CK(cudaFree(yb));
+    free(hx), free(hw), free(ha), free(hb);
+}
+
 static void test_gemm(void) {
     char err[256];
     DlGemm *lt = dl_gemm_new(0, err, sizeof err);
@@ -172,6 +233,12 @@ static void test_gemm(void) {
     gemm_case(576, 1536, false, true, DT_BF16, NULL); // down_proj accumulated into the residual
     gemm_case(520, 192, false, false, DT_F32, lt);    // a head: fp32 logits
     gemm_case(72, 4104, false, false, DT_F32, NULL);  // long K, N not a multiple of the wide tiles
+    const int64_t mamba_in[5] = {576, 192, 192, 576, 40}, qkv[3] = {576, 192, 192}, six[6] = {8, 72, 576, 16, 1536, 24};
+    gemm_multi_case(5, mamba_in, 576, DT_BF16);  // SmolLM2's Mamba input projections z, x, B, C, dt_low
+    gemm_multi_case(3, qkv, 576, DT_BF16);       // q, k, v
+    gemm_multi_case(6, six, 40, DT_F32);         // the most outputs, K % 32 != 0, fp32 out
+    check(decode_gemm_multi(DT_BF16, NULL, DECODE_GEMM_MAX_OUTS + 1, NULL, 4, 64, NULL, err, sizeof err) != 0,
+          "decode_gemm_multi refuses %d outputs: %s", DECODE_GEMM_MAX_OUTS + 1, err);
     // bad shapes are refused
     check(decode_gemm(DT_BF16, NULL, NULL, NULL, NULL, 4, 12, 64, 0, NULL, err, sizeof err) != 0,
           "decode_gemm refuses N = 12 (not a multiple of 8): %s", err);
