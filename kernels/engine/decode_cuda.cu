@@ -629,6 +629,8 @@ struct DecoderCuda {
     uint64_t *am_u64;    // [lcap] zeros (the sampler's stream / counter, unused when greedy)
     int32_t *chain_out;  // [B, CHAIN_MAX]: a greedy chain's picks
     bool chain;          // greedy chains in one launch (default; DISTILL_DECODE_CHAIN=0: a host round trip per pick)
+    bool gemm_multi;     // q/k/v and the Mamba input projections in one launch each (default; DISTILL_DECODE_MULTI=0:
+                         // one per output, the same bits, for A/B timing)
     int n_sm;
     bool invariant;      // batch-invariant arithmetic (default; DISTILL_DECODE_INVARIANT=0: cuBLASLt + row-dependent splits)
     bool attn_gqa;       // many rows: attn_gqa_kernel where instantiated (default; DISTILL_DECODE_ATTN=tiles: attn_tiles_kernel)
@@ -697,7 +699,7 @@ static void lin(DecoderCuda *D, void *y, const void *x, int64_t woff, const void
 // each.
 static void lin_multi(DecoderCuda *D, const void *x, int64_t N, int64_t In, int n, void *const *y, const int64_t *woff,
                       const int64_t *O) {
-    if (!D->invariant) {
+    if (!D->invariant || !D->gemm_multi) {
         for (int i = 0; i < n; i++) lin(D, y[i], x, woff[i], NULL, N, In, O[i], 0);
         return;
     }
@@ -865,6 +867,8 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
     cudaCheck(cudaDeviceGetAttribute(&D->n_sm, cudaDevAttrMultiProcessorCount, dev));
     const char *cenv = getenv("DISTILL_DECODE_CHAIN");
     D->chain = !(cenv && !strcmp(cenv, "0"));
+    const char *menv = getenv("DISTILL_DECODE_MULTI");
+    D->gemm_multi = !(menv && !strcmp(menv, "0"));
     const char *genv = getenv("DISTILL_DECODE_GRAPH");
     D->use_graph = genv && atoi(genv) > 0;
     const char *ienv = getenv("DISTILL_DECODE_INVARIANT");
