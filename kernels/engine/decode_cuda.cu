@@ -1219,8 +1219,7 @@ static void run_chunk(DecoderCuda *D, int64_t lc, int64_t maxkeys) {
             void *const y[3] = {D->q, D->k, D->v};
             const int64_t wo[3] = {L->q, L->k, L->v}, O[3] = {qd, kvd, kvd};
             lin_multi(D, D->xn, N, d, 3, y, wo, O);
-            TCK(rope_cuda(DT_BF16, D->q, pos, D->inv_freq, N, c->n_head, (int)hd, 0, D->st, EA));
-            TCK(rope_cuda(DT_BF16, D->k, pos, D->inv_freq, N, c->n_kv_head, (int)hd, 0, D->st, EA));
+            TCK(rope2_cuda(DT_BF16, D->q, c->n_head, D->k, c->n_kv_head, pos, D->inv_freq, N, (int)hd, 0, D->st, EA));
             kv_append_kernel<<<grid_of(N * kvd, 256), 256, 0, D->st>>>(L->kc, L->vc, D->k, D->v, lenb, nb, lc, kvd,
                                                                         D->max_len);
             kernelCheck("kv_append_kernel");

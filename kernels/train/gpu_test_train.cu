@@ -336,9 +336,18 @@ static void test_rope(DType dt) {
     rope_apply(g.data(), pos.data(), invf.data(), N, nh, hd, true);
     snprintf(name, sizeof name, "rope bwd (inverse rotation) (%s)", dtn(dt));
     check_rel(rel(down(bg), g), tol_of(dt), name);
+    // q (nh heads) and k (2 heads) in one launch: the same bits as one rope_cuda each (the decoder's path)
+    const int nk = 2;
+    Vec q = randn(N * nh * hd, 3), k = randn(N * nk * hd, 4);
+    Buf q1 = up(dt, q), k1 = up(dt, k), q2 = up(dt, q), k2 = up(dt, k);
+    need(rope_cuda(dt, q1.p, dpos, dinv, N, nh, hd, 0, NULL, err, sizeof err), "rope q");
+    need(rope_cuda(dt, k1.p, dpos, dinv, N, nk, hd, 0, NULL, err, sizeof err), "rope k");
+    need(rope2_cuda(dt, q2.p, nh, k2.p, nk, dpos, dinv, N, hd, 0, NULL, err, sizeof err), "rope2");
+    snprintf(name, sizeof name, "rope2 (q and k in one launch) == rope each (%s)", dtn(dt));
+    check_flag(same_bits(q1, q2) && same_bits(k1, k2), name, "bitwise identical");
     CK(cudaFree(dinv));
     CK(cudaFree(dpos));
-    dfree(bx), dfree(bg);
+    dfree(bx), dfree(bg), dfree(q1), dfree(k1), dfree(q2), dfree(k2);
 }
 
 // ---------------------------------------------------------------- SwiGLU

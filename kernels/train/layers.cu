@@ -281,9 +281,10 @@ extern "C" int rmsnorm_bwd_cuda(DType dt, void *din, float *dw, const void *dout
 // ---------------------------------------------------------------- RoPE
 
 // one thread per (row n, pair i): the angle is computed once (fp32 product as HF, cos/sin in double as the
-// CPU twin) and applied to every head.
+// CPU twin) and applied to every head of x, then of x2 (when given: q and k in one launch).
 template <typename T>
-__global__ void rope_kernel(T *x, const int32_t *pos, const float *inv_freq, int64_t N, int nheads, int hd, float sgn) {
+__global__ void rope_kernel(T *x, int nheads, T *x2, int nheads2, const int32_t *pos, const float *inv_freq, int64_t N,
+                            int hd, float sgn) {
     const int half = hd / 2;
     const int64_t total = N * half;
     for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
@@ -294,28 +295,38 @@ __global__ void rope_kernel(T *x, const int32_t *pos, const float *inv_freq, int
         double sd, cd;
         sincos((double)ang, &sd, &cd);
         const float cs = (float)cd, sn = sgn * (float)sd;
-        T *row = x + n * (int64_t)nheads * hd;
-        for (int h = 0; h < nheads; h++) {
-            T *v = row + (int64_t)h * hd;
-            const float a = ld(v, i), b = ld(v, i + half);
-            st(v, i, a * cs - b * sn);
-            st(v, i + half, b * cs + a * sn);
+        for (int t = 0; t < 2; t++) {
+            T *row = t ? x2 + n * (int64_t)nheads2 * hd : x + n * (int64_t)nheads * hd;
+            const int nh = t ? nheads2 : nheads;
+            if (t && !x2) break;
+            for (int h = 0; h < nh; h++) {
+                T *v = row + (int64_t)h * hd;
+                const float a = ld(v, i), b = ld(v, i + half);
+                st(v, i, a * cs - b * sn);
+                st(v, i + half, b * cs + a * sn);
+            }
         }
     }
 }
 
-extern "C" int rope_cuda(DType dt, void *x, const int32_t *pos, const float *inv_freq, int64_t N, int nheads, int hd,
-                         int inverse, dl_stream_t stream, char *err, size_t errlen) {
+extern "C" int rope2_cuda(DType dt, void *x, int nheads, void *x2, int nheads2, const int32_t *pos, const float *inv_freq,
+                          int64_t N, int hd, int inverse, dl_stream_t stream, char *err, size_t errlen) {
     if (!dt_ok(dt)) return train_fail(err, errlen, "rope_cuda: dtype must be f32 or bf16");
-    if (hd < 2 || hd % 2 || hd > 1024 || nheads < 1)
-        return train_fail(err, errlen, "rope_cuda: head_dim %d must be even and <= 1024 (nheads %d)", hd, nheads);
+    if (hd < 2 || hd % 2 || hd > 1024 || nheads < 1 || (x2 && nheads2 < 1))
+        return train_fail(err, errlen, "rope_cuda: head_dim %d must be even and <= 1024 (nheads %d, %d)", hd, nheads,
+                          nheads2);
     if (N <= 0) return 0;
     const int64_t total = N * (hd / 2);
     DL_DISPATCH(dt, T,
                 rope_kernel<T><<<grid_for(total, 256, 65535), 256, 0, stream>>>(
-                    (T *)x, pos, inv_freq, N, nheads, hd, inverse ? -1.0f : 1.0f));
+                    (T *)x, nheads, (T *)x2, nheads2, pos, inv_freq, N, hd, inverse ? -1.0f : 1.0f));
     kernelCheck("rope_kernel");
     return 0;
+}
+
+extern "C" int rope_cuda(DType dt, void *x, const int32_t *pos, const float *inv_freq, int64_t N, int nheads, int hd,
+                         int inverse, dl_stream_t stream, char *err, size_t errlen) {
+    return rope2_cuda(dt, x, nheads, NULL, 0, pos, inv_freq, N, hd, inverse, stream, err, errlen);
 }
 
 // ---------------------------------------------------------------- SwiGLU

@@ -78,6 +78,10 @@ int rmsnorm_bwd_cuda(DType dt, void *din, float *dw, const void *dout, const voi
 // included), uploaded by the caller. hd even, <= 1024.
 int rope_cuda(DType dt, void *x, const int32_t *pos, const float *inv_freq, int64_t N, int nheads, int hd,
               int inverse, dl_stream_t stream, char *err, size_t errlen);
+// Two tensors at the same positions in one launch (q [N, nheads, hd] and k [N, nheads2, hd]): the same bits as a
+// rope_cuda call for each. x2 NULL: x alone.
+int rope2_cuda(DType dt, void *x, int nheads, void *x2, int nheads2, const int32_t *pos, const float *inv_freq,
+               int64_t N, int hd, int inverse, dl_stream_t stream, char *err, size_t errlen);
 
 // ---------------------------------------------------------------- SwiGLU
 // out [rows, cols] = silu(gate) * up, where gate and up are [rows, cols] with leading dimension ld (>= cols:
