@@ -1379,14 +1379,39 @@ static cudaGraphExec_t graph_for(DecoderCuda *D, int64_t lc, int all, int chain)
     return ge->ex;
 }
 
-// One upload of a chunk's ints (hints -> ints): [tok | pos] of its n tokens, then [keep | lastidx | lenb | window
-// offset]. Stream-ordered after the earlier kernels; pageable copies return once the host buffer is staged, so the
-// host may refill it at once.
-static void upload_ints(DecoderCuda *D, int64_t n) {
-    cudaCheck(cudaMemcpyAsync(D->ints, D->hints, (size_t)n * 4, cudaMemcpyHostToDevice, D->st));
-    cudaCheck(cudaMemcpyAsync(D->ints + D->rows, D->hints + D->rows, (size_t)n * 4, cudaMemcpyHostToDevice, D->st));
-    cudaCheck(cudaMemcpyAsync(D->ints + 2 * D->rows, D->hints + 2 * D->rows, (size_t)(3 * D->B + 1) * 4,
-                              cudaMemcpyHostToDevice, D->st));
+// The ints of columns c0 .. c0+lc-1 of a feed of tokens [nb, L] (n: per-sequence counts, or NULL: L each; tokens
+// NULL: ids 0, which a greedy chain overwrites on the device) staged in hints and uploaded in one go: [tok | pos]
+// of the chunk's tokens, then [keep | lastidx | lenb | window offset]. Stream-ordered after the earlier kernels;
+// pageable copies return once the host buffer is staged, so the host may refill it at once. Returns the most keys
+// any of the chunk's queries sees.
+static int64_t upload_chunk(DecoderCuda *D, const int32_t *tokens, int64_t L, const int64_t *n, int64_t c0, int64_t lc) {
+    const int64_t nb = D->nb;
+    int32_t *tok = D->hints, *pos = D->hints + D->rows, *keep = D->hints + 2 * D->rows;
+    int32_t *lastidx = keep + D->B, *lenb = keep + 2 * D->B, *wofs = keep + 3 * D->B;
+    int64_t maxkeys = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t nbv = n ? n[b] : L, kp = nbv - c0 < 0 ? 0 : (nbv - c0 > lc ? lc : nbv - c0);
+        for (int64_t t = 0; t < lc; t++) {
+            tok[b * lc + t] = tokens ? tokens[b * L + c0 + t] : 0;
+            pos[b * lc + t] = (int32_t)(D->len[b] + t);
+        }
+        keep[b] = (int32_t)kp;
+        lastidx[b] = nbv - 1 >= c0 && nbv - 1 < c0 + lc ? (int32_t)(b * lc + nbv - 1 - c0) : -1;
+        lenb[b] = (int32_t)D->len[b];
+        if (D->len[b] + lc > maxkeys) maxkeys = D->len[b] + lc;
+    }
+    wofs[0] = (int32_t)(D->wlen + c0);
+    cudaCheck(cudaMemcpyAsync(D->ints, D->hints, (size_t)(nb * lc) * 4, cudaMemcpyHostToDevice, D->st));
+    cudaCheck(cudaMemcpyAsync(D->ints + D->rows, D->hints + D->rows, (size_t)(nb * lc) * 4, cudaMemcpyHostToDevice, D->st));
+    cudaCheck(cudaMemcpyAsync(D->ints + 2 * D->rows, keep, (size_t)(3 * D->B + 1) * 4, cudaMemcpyHostToDevice, D->st));
+    return maxkeys;
+}
+
+// -1 (e filled) when sequence b has no room for `add` more tokens.
+static int room_check(const DecoderCuda *D, int64_t b, int64_t add, DlError *e) {
+    if (D->len[b] + add <= D->max_len) return 0;
+    return dl_fail(e, "decoder_cuda: sequence %lld: %lld + %lld tokens exceed the context of %lld", (long long)b,
+                   (long long)D->len[b], (long long)add, (long long)D->max_len);
 }
 
 int decoder_cuda_feed_ragged(DecoderCuda *D, const int32_t *tokens, int64_t L, const int64_t *n, DlError *e) {
@@ -1403,9 +1428,7 @@ int decoder_cuda_feed(DecoderCuda *D, const int32_t *tokens, int64_t L, const in
             return dl_fail(e, "decoder_cuda: sequence %lld feeds %lld tokens, expected 1..%lld", (long long)b,
                            (long long)n[b], (long long)L);
         ragged = ragged || (n && n[b] != L);
-        if (D->len[b] + L > D->max_len)
-            return dl_fail(e, "decoder_cuda: sequence %lld: %lld + %lld tokens exceed the context of %lld", (long long)b,
-                           (long long)D->len[b], (long long)L, (long long)D->max_len);
+        if (room_check(D, b, L, e)) return -1;
     }
     if (ragged && D->win) return dl_fail(e, "decoder_cuda: ragged feeds are not allowed inside a speculative window");
     for (int64_t i = 0; i < nb * L; i++)
@@ -1414,25 +1437,11 @@ int decoder_cuda_feed(DecoderCuda *D, const int32_t *tokens, int64_t L, const in
     if (all) ensure_logits(D, nb * L);
     if (D->win) ensure_window(D, D->wlen + L);
     const int64_t Lc = D->rows / nb < L ? D->rows / nb : L;  // columns per chunk (rows >= B >= nb)
-    int32_t *tok = D->hints, *pos = D->hints + D->rows, *keep = D->hints + 2 * D->rows;
-    int32_t *lastidx = keep + D->B, *lenb = keep + 2 * D->B, *wofs = keep + 3 * D->B;
+    const int32_t *keep = D->hints + 2 * D->rows;  // each sequence's tokens in the chunk (upload_chunk)
     D->lrows = all ? nb * L : nb;
     for (int64_t c0 = 0; c0 < L; c0 += Lc) {
         const int64_t lc = L - c0 < Lc ? L - c0 : Lc;
-        int64_t maxkeys = 0;
-        for (int64_t b = 0; b < nb; b++) {
-            const int64_t nbv = n ? n[b] : L, kp = nbv - c0 < 0 ? 0 : (nbv - c0 > lc ? lc : nbv - c0);
-            for (int64_t t = 0; t < lc; t++) {
-                tok[b * lc + t] = tokens[b * L + c0 + t];
-                pos[b * lc + t] = (int32_t)(D->len[b] + t);
-            }
-            keep[b] = (int32_t)kp;
-            lastidx[b] = nbv - 1 >= c0 && nbv - 1 < c0 + lc ? (int32_t)(b * lc + nbv - 1 - c0) : -1;
-            lenb[b] = (int32_t)D->len[b];
-            if (D->len[b] + lc > maxkeys) maxkeys = D->len[b] + lc;
-        }
-        wofs[0] = (int32_t)(D->wlen + c0);
-        upload_ints(D, nb * lc);
+        const int64_t maxkeys = upload_chunk(D, tokens, L, n, c0, lc);
         if (D->use_graph && Lc == L && L <= GRAPH_MAX_L) {  // one chunk: the whole feed is one graph launch
             cudaCheck(cudaGraphLaunch(graph_for(D, L, all, 0), D->st));
             for (int64_t b = 0; b < nb; b++) D->len[b] += keep[b];
@@ -1551,9 +1560,7 @@ int decoder_cuda_greedy_chain(DecoderCuda *D, int n, int feed_last, int32_t *out
         return dl_fail(e, "decoder_cuda: a greedy chain needs the last-token logits of the %lld sequences, the last feed "
                           "kept %lld rows", (long long)nb, (long long)D->lrows);
     for (int64_t b = 0; b < nb; b++)
-        if (D->len[b] + feeds > D->max_len)
-            return dl_fail(e, "decoder_cuda: sequence %lld: %lld + %d tokens exceed the context of %lld", (long long)b,
-                           (long long)D->len[b], feeds, (long long)D->max_len);
+        if (room_check(D, b, feeds, e)) return -1;
     if (!D->chain) {  // the same picks with a host round trip each (A/B timing)
         int32_t *t = (int32_t *)malloc((size_t)nb * sizeof(int32_t));
         int rc = 0;
@@ -1567,13 +1574,7 @@ int decoder_cuda_greedy_chain(DecoderCuda *D, int n, int feed_last, int32_t *out
     }
     if (feeds > 0) {  // the first feed's ints (its tokens come from the first pick, on the device)
         if (D->win) ensure_window(D, D->wlen + feeds);
-        int32_t *tok = D->hints, *pos = D->hints + D->rows, *keep = D->hints + 2 * D->rows;
-        for (int64_t b = 0; b < nb; b++) {
-            tok[b] = 0, pos[b] = (int32_t)D->len[b];
-            keep[b] = 1, keep[D->B + b] = (int32_t)b, keep[2 * D->B + b] = (int32_t)D->len[b];
-        }
-        keep[3 * D->B] = (int32_t)D->wlen;
-        upload_ints(D, nb);
+        upload_chunk(D, NULL, 1, NULL, 0, 1);
     }
     if (D->use_graph) cudaCheck(cudaGraphLaunch(graph_for(D, 1, 0, 2 * n + (feed_last != 0)), D->st));
     else chain_body(D, n, feeds);

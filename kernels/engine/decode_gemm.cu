@@ -166,10 +166,8 @@ static const struct {
 #define GEMM_VARIANTS ((int)(sizeof kVariants / sizeof kVariants[0]))
 
 template <typename OutT, int MT, int NT, int U, bool MFAST>
-static void launch_t(GemmSegs segs, const bf16 *x, int64_t M, int64_t K, int accumulate, cudaStream_t st) {
-    const int64_t gm = (M + 16 * MT - 1) / (16 * MT);
-    int64_t gn = 0;
-    for (int i = 0; i < segs.n; i++) segs.tiles_end[i] = (unsigned)(gn += (segs.N[i] + 8 * NT - 1) / (8 * NT));
+static void launch_t(const GemmSegs &segs, const bf16 *x, int64_t M, int64_t K, int accumulate, cudaStream_t st) {
+    const int64_t gm = (M + 16 * MT - 1) / (16 * MT), gn = segs.tiles_end[segs.n - 1];
     const dim3 grid = MFAST ? dim3((unsigned)(gm * gn)) : dim3((unsigned)gn, (unsigned)gm);
     decode_gemm_kernel<OutT, MT, NT, U, MFAST><<<grid, GEMM_THREADS, 0, st>>>(segs, x, M, K, accumulate);
 }
@@ -211,14 +209,13 @@ static int large_m_variant(void) {
 }
 extern "C" int decode_gemm_variant(int64_t M) { return M <= 16 ? 0 : M <= 64 ? 1 : large_m_variant(); }
 
-// Checks and launches the products of segs (N[i], y[i], W[i], bias[i] set) with one variant.
+// Checks and launches the products of segs (n in 1..DECODE_GEMM_MAX_OUTS; N[i], y[i], W[i], bias[i] set; tiles_end
+// filled here for the variant's tile width) with one variant.
 static int gemm_run(int variant, DType out_dt, GemmSegs &segs, const void *x, int64_t M, int64_t K, int accumulate,
                     cudaStream_t stream, char *err, size_t errlen) {
     if (out_dt != DT_BF16 && out_dt != DT_F32) return train_fail(err, errlen, "decode_gemm: the output must be bf16 or f32");
     if (variant < 0 || variant >= GEMM_VARIANTS)
         return train_fail(err, errlen, "decode_gemm: variant %d outside 0..%d", variant, GEMM_VARIANTS - 1);
-    if (segs.n < 1 || segs.n > DECODE_GEMM_MAX_OUTS)
-        return train_fail(err, errlen, "decode_gemm: %d outputs, expected 1..%d", segs.n, DECODE_GEMM_MAX_OUTS);
     const int64_t gm = (M + 16 * kVariants[variant].mt - 1) / (16 * kVariants[variant].mt);
     int64_t gn = 0;
     for (int i = 0; i < segs.n; i++) {
@@ -229,6 +226,7 @@ static int gemm_run(int variant, DType out_dt, GemmSegs &segs, const void *x, in
         if (((uintptr_t)segs.y[i] | (uintptr_t)x | (uintptr_t)segs.W[i]) & 15 || ((uintptr_t)segs.bias[i] & 1))
             return train_fail(err, errlen, "decode_gemm: x, W and y must be 16-byte aligned (bias 2-byte)");
         gn += (N + 8 * kVariants[variant].nt - 1) / (8 * kVariants[variant].nt);
+        segs.tiles_end[i] = (unsigned)(gn < 0xffffffffll ? gn : 0xffffffffll);  // (too many: refused below)
     }
     if (kVariants[variant].mfast ? gm * gn > 0x7fffffffll : gn > 0x7fffffffll || gm > 65535)
         return train_fail(err, errlen, "decode_gemm: M %lld x N %lld exceeds the grid", (long long)M, (long long)segs.N[0]);

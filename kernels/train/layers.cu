@@ -295,10 +295,9 @@ __global__ void rope_kernel(T *x, int nheads, T *x2, int nheads2, const int32_t 
         double sd, cd;
         sincos((double)ang, &sd, &cd);
         const float cs = (float)cd, sn = sgn * (float)sd;
-        for (int t = 0; t < 2; t++) {
-            T *row = t ? x2 + n * (int64_t)nheads2 * hd : x + n * (int64_t)nheads * hd;
+        for (int t = 0; t < (x2 ? 2 : 1); t++) {
             const int nh = t ? nheads2 : nheads;
-            if (t && !x2) break;
+            T *row = (t ? x2 : x) + n * (int64_t)nh * hd;
             for (int h = 0; h < nh; h++) {
                 T *v = row + (int64_t)h * hd;
                 const float a = ld(v, i), b = ld(v, i + half);
