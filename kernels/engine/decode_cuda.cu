@@ -23,14 +23,13 @@
 #include "kernels/engine/decode_cuda.h"
 #include "kernels/engine/decode_gemm.h"
 #include "kernels/scan/selective_scan_cuda.h"
-#include "kernels/train/train_check.cuh"
+#include "kernels/train/train_common.cuh"  // rope_cs / rope_rot: the fused rope + append
 #include "kernels/train/train_cuda.h"
 
 extern "C" {
 #include "distill/layers_cpu.h"  // rope_inv_freq
 }
 
-typedef __nv_bfloat16 bf16;
 
 int sample_rows_cuda_on(const float *logits, int64_t rows, int64_t V, const DecodeSampling *s, const uint64_t *stream,
                         const uint64_t *counter, int32_t *out, cudaStream_t st, char *err, size_t errlen);
@@ -50,6 +49,35 @@ __global__ void kv_append_kernel(bf16 *kc, bf16 *vc, const bf16 *k, const bf16 *
         const int64_t dst = (b * max_len + lenb[b] + t) * kvd + c;
         kc[dst] = k[i];
         vc[dst] = v[i];
+    }
+}
+
+// rope2_cuda (q and k in place) then kv_append_kernel in one launch, the same bits: one thread per (row, pair i)
+// rotates pair i of every q head in place and writes every k head's rotated pair, and v's pair unchanged, to the
+// cache at the row's position.
+__global__ void rope_kv_kernel(bf16 *q, int nh, const bf16 *k, const bf16 *v, int nkv, bf16 *kc, bf16 *vc,
+                               const int32_t *pos, const float *inv_freq, const int32_t *lenb, int64_t nb, int64_t lc,
+                               int hd, int64_t max_len) {
+    const int half = hd / 2;
+    const int64_t total = nb * lc * half, kvd = (int64_t)nkv * hd;
+    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t n = idx / half, b = n / lc, t = n % lc;
+        const int i = (int)(idx - n * half);
+        float cs, sn, o1, o2;
+        rope_cs(pos[n], inv_freq[i], 1.0f, &cs, &sn);
+        bf16 *qr = q + n * (int64_t)nh * hd;
+        for (int h = 0; h < nh; h++) {
+            bf16 *x = qr + (int64_t)h * hd;
+            rope_rot(__bfloat162float(x[i]), __bfloat162float(x[i + half]), cs, sn, &o1, &o2);
+            x[i] = __float2bfloat16_rn(o1), x[i + half] = __float2bfloat16_rn(o2);
+        }
+        const int64_t src = n * kvd, dst = (b * max_len + lenb[b] + t) * kvd;
+        for (int h = 0; h < nkv; h++) {
+            const int64_t o = (int64_t)h * hd;
+            rope_rot(__bfloat162float(k[src + o + i]), __bfloat162float(k[src + o + i + half]), cs, sn, &o1, &o2);
+            kc[dst + o + i] = __float2bfloat16_rn(o1), kc[dst + o + i + half] = __float2bfloat16_rn(o2);
+            vc[dst + o + i] = v[src + o + i], vc[dst + o + i + half] = v[src + o + i + half];
+        }
     }
 }
 
@@ -631,6 +659,9 @@ struct DecoderCuda {
     bool chain;          // greedy chains in one launch (default; DISTILL_DECODE_CHAIN=0: a host round trip per pick)
     bool gemm_multi;     // q/k/v and the Mamba input projections in one launch each (default; DISTILL_DECODE_MULTI=0:
                          // one per output, the same bits, for A/B timing)
+    int fuse;            // bit 0: rope + KV append in one launch; bit 1: the SwiGLU as the gate | up GEMM's epilogue
+                         // (default 3; DISTILL_DECODE_FUSE=0: the separate kernels, the same bits, for A/B timing;
+                         // =1 / =2 one of the two)
     int n_sm;
     bool invariant;      // batch-invariant arithmetic (default; DISTILL_DECODE_INVARIANT=0: cuBLASLt + row-dependent splits)
     bool attn_gqa;       // many rows: attn_gqa_kernel where instantiated (default; DISTILL_DECODE_ATTN=tiles: attn_tiles_kernel)
@@ -869,6 +900,8 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
     D->chain = !(cenv && !strcmp(cenv, "0"));
     const char *menv = getenv("DISTILL_DECODE_MULTI");
     D->gemm_multi = !(menv && !strcmp(menv, "0"));
+    const char *fenv = getenv("DISTILL_DECODE_FUSE");
+    D->fuse = fenv && *fenv ? atoi(fenv) & 3 : 3;
     const char *genv = getenv("DISTILL_DECODE_GRAPH");
     D->use_graph = genv && atoi(genv) > 0;
     const char *ienv = getenv("DISTILL_DECODE_INVARIANT");
@@ -1219,10 +1252,17 @@ static void run_chunk(DecoderCuda *D, int64_t lc, int64_t maxkeys) {
             void *const y[3] = {D->q, D->k, D->v};
             const int64_t wo[3] = {L->q, L->k, L->v}, O[3] = {qd, kvd, kvd};
             lin_multi(D, D->xn, N, d, 3, y, wo, O);
-            TCK(rope2_cuda(DT_BF16, D->q, c->n_head, D->k, c->n_kv_head, pos, D->inv_freq, N, (int)hd, 0, D->st, EA));
-            kv_append_kernel<<<grid_of(N * kvd, 256), 256, 0, D->st>>>(L->kc, L->vc, D->k, D->v, lenb, nb, lc, kvd,
-                                                                        D->max_len);
-            kernelCheck("kv_append_kernel");
+            if (D->fuse & 1) {
+                rope_kv_kernel<<<grid_of(N * (hd / 2), 256), 256, 0, D->st>>>(D->q, c->n_head, D->k, D->v, c->n_kv_head,
+                                                                               L->kc, L->vc, pos, D->inv_freq, lenb, nb,
+                                                                               lc, (int)hd, D->max_len);
+                kernelCheck("rope_kv_kernel");
+            } else {
+                TCK(rope2_cuda(DT_BF16, D->q, c->n_head, D->k, c->n_kv_head, pos, D->inv_freq, N, (int)hd, 0, D->st, EA));
+                kv_append_kernel<<<grid_of(N * kvd, 256), 256, 0, D->st>>>(L->kc, L->vc, D->k, D->v, lenb, nb, lc, kvd,
+                                                                            D->max_len);
+                kernelCheck("kv_append_kernel");
+            }
             attention(D, L, lc, maxkeys);
             lin(D, D->mix, D->att, L->o, NULL, N, qd, d, 0);
         } else {
@@ -1230,7 +1270,10 @@ static void run_chunk(DecoderCuda *D, int64_t lc, int64_t maxkeys) {
         }
         // mid = x + mixer; xn = norm(mid)
         TCK(rmsnorm_fwd_cuda(DT_BF16, D->xn, NULL, D->mid, D->mix, D->x, W(D, L->post_norm), N, d, eps, D->st, EA));
-        if (L->fused_gu) {
+        if (D->invariant && (D->fuse & 2)) {  // act = swiglu(gate, up) as the GEMM's epilogue
+            const bf16 *Wg = W(D, L->gate);
+            TCK(decode_gemm_swiglu(D->act, D->xn, Wg, L->fused_gu ? Wg + ff * d : W(D, L->up), N, ff, d, D->st, EA));
+        } else if (L->fused_gu) {
             lin(D, D->gu, D->xn, L->gate, NULL, N, d, 2 * ff, 0);
             TCK(swiglu_fwd_cuda(DT_BF16, D->act, D->gu, D->gu + ff, N, ff, 2 * ff, D->st, EA));
         } else {

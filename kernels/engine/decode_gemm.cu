@@ -14,9 +14,7 @@
 #include <stdlib.h>
 
 #include "kernels/engine/decode_gemm.h"
-#include "kernels/train/train_check.cuh"  // train_fail
-
-typedef __nv_bfloat16 bf16;
+#include "kernels/train/train_common.cuh"  // train_fail, swiglu_f
 
 #define GEMM_SLICES 4  // part of the arithmetic: changing it changes bits (never make it depend on the shape)
 #define GEMM_THREADS (32 * GEMM_SLICES)
@@ -48,11 +46,16 @@ struct GemmSegs {
 // GEMM_THREADS threads; grid (column tiles of all outputs, ceil(M / (16 MT))), or with MFAST one dimension of both
 // counts' product, row tiles first: the blocks that share a weight tile run together, so a weight matrix larger than
 // L2 (a 49152-row head) is read from memory once instead of once per row tile.
-template <typename OutT, int MT, int NT, int U, bool MFAST>
+// PAIR (the MLP's gate and up with the SwiGLU as epilogue): a tile's first NT/2 column groups are rows of segs.W[0]
+// (gate), its last NT/2 the same rows of segs.W[1] (up); each output element is swiglu(gate, up) of the two sums,
+// each rounded to bf16 first as a separate bf16 GEMM output would be.
+template <typename OutT, int MT, int NT, int U, bool MFAST, bool PAIR>
 __global__ void __launch_bounds__(GEMM_THREADS)
     decode_gemm_kernel(GemmSegs segs, const bf16 *__restrict__ x, int64_t M, int64_t K, int accumulate) {
     // the slice partials pass through shared memory in rounds of at most 64 accumulators per lane (32 KB)
     constexpr int NACC = MT * NT * 4, ROUND = NACC < 64 ? NACC : 64;
+    constexpr int NH = PAIR ? NT / 2 : NT;  // output column groups of 8 per tile
+    static_assert(!PAIR || (NT % 2 == 0 && NACC <= 64), "PAIR: an even NT, and one round (gate and up meet in it)");
     __shared__ float red[GEMM_SLICES][ROUND][32];
     const int lane = threadIdx.x & 31, s = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     unsigned bm = blockIdx.y, bn = blockIdx.x;
@@ -71,7 +74,7 @@ __global__ void __launch_bounds__(GEMM_THREADS)
         if (i < segs.n && bn >= segs.tiles_end[i - 1])
             y = (OutT *)segs.y[i], W = segs.W[i], bias = segs.bias[i], N = segs.N[i], first = segs.tiles_end[i - 1];
     bn -= first;
-    const int64_t n0 = (int64_t)bn * (8 * NT), m0 = (int64_t)bm * (16 * MT);
+    const int64_t n0 = (int64_t)bn * (8 * NH), m0 = (int64_t)bm * (16 * MT);
     const int64_t nch = (K + GEMM_CHUNK - 1) / GEMM_CHUNK;
     const int64_t c0 = s * nch / GEMM_SLICES, c1 = (s + 1) * nch / GEMM_SLICES;  // this warp's slice of chunks
     float acc[MT][NT][4];
@@ -96,8 +99,9 @@ __global__ void __launch_bounds__(GEMM_THREADS)
             }
 #pragma unroll
             for (int nt = 0; nt < NT; nt++) {
-                const int64_t n = n0 + nt * 8 + g;
-                b[u][nt] = kv && n < N ? __ldg((const uint4 *)(W + n * K + k)) : zero;
+                const int64_t n = n0 + (nt % NH) * 8 + g;
+                const bf16 *Wt = PAIR && nt >= NH ? segs.W[1] : W;
+                b[u][nt] = kv && n < N ? __ldg((const uint4 *)(Wt + n * K + k)) : zero;
             }
         }
 #pragma unroll
@@ -113,32 +117,55 @@ __global__ void __launch_bounds__(GEMM_THREADS)
                 }
         }
     }
-#pragma unroll
-    for (int r0 = 0; r0 < NACC; r0 += ROUND) {
-        if (r0) __syncthreads();  // the previous round is read
+    if constexpr (PAIR) {
 #pragma unroll
         for (int mt = 0; mt < MT; mt++)
 #pragma unroll
             for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const int idx = (mt * NT + nt) * 4 + i;
-                    if (idx >= r0 && idx < r0 + ROUND) red[s][idx - r0][lane] = acc[mt][nt][i];
-                }
+                for (int i = 0; i < 4; i++) red[s][(mt * NT + nt) * 4 + i][lane] = acc[mt][nt][i];
         __syncthreads();
-        // epilogue: element (idx, ln) is accumulator i of tile (mt, nt) in lane ln: row g (+8 for i >= 2), column
-        // 2t + (i & 1) of the tile
-        for (int e = threadIdx.x; e < ROUND * 32; e += GEMM_THREADS) {
-            const int j = e >> 5, idx = r0 + j, ln = e & 31, i = idx & 3, tile = idx >> 2, mt = tile / NT, nt = tile % NT;
+        // element (idx, ln) of a gate column group (nt < NH) and its up partner at idx + 4 NH
+        for (int e = threadIdx.x; e < NACC * 32; e += GEMM_THREADS) {
+            const int idx = e >> 5, ln = e & 31, i = idx & 3, tile = idx >> 2, mt = tile / NT, nt = tile % NT;
+            if (nt >= NH) continue;
             const int64_t row = m0 + mt * 16 + (ln >> 2) + (i >= 2 ? 8 : 0), col = n0 + nt * 8 + (ln & 3) * 2 + (i & 1);
             if (row >= M || col >= N) continue;
-            float v = red[0][j][ln];
+            float vg = red[0][idx][ln], vu = red[0][idx + 4 * NH][ln];
 #pragma unroll
-            for (int q = 1; q < GEMM_SLICES; q++) v = __fadd_rn(v, red[q][j][ln]);  // slice order
-            if (bias) v = __fadd_rn(v, __bfloat162float(bias[col]));
-            OutT *yp = y + row * N + col;
-            if (accumulate) v = __fadd_rn(v, out_load(yp));
-            out_store(yp, v);
+            for (int q = 1; q < GEMM_SLICES; q++)
+                vg = __fadd_rn(vg, red[q][idx][ln]), vu = __fadd_rn(vu, red[q][idx + 4 * NH][ln]);  // slice order
+            out_store(y + row * N + col, swiglu_f(__bfloat162float(__float2bfloat16_rn(vg)),
+                                                  __bfloat162float(__float2bfloat16_rn(vu))));
+        }
+    } else {
+#pragma unroll
+        for (int r0 = 0; r0 < NACC; r0 += ROUND) {
+            if (r0) __syncthreads();  // the previous round is read
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        const int idx = (mt * NT + nt) * 4 + i;
+                        if (idx >= r0 && idx < r0 + ROUND) red[s][idx - r0][lane] = acc[mt][nt][i];
+                    }
+            __syncthreads();
+            // epilogue: element (idx, ln) is accumulator i of tile (mt, nt) in lane ln: row g (+8 for i >= 2), column
+            // 2t + (i & 1) of the tile
+            for (int e = threadIdx.x; e < ROUND * 32; e += GEMM_THREADS) {
+                const int j = e >> 5, idx = r0 + j, ln = e & 31, i = idx & 3, tile = idx >> 2, mt = tile / NT, nt = tile % NT;
+                const int64_t row = m0 + mt * 16 + (ln >> 2) + (i >= 2 ? 8 : 0), col = n0 + nt * 8 + (ln & 3) * 2 + (i & 1);
+                if (row >= M || col >= N) continue;
+                float v = red[0][j][ln];
+#pragma unroll
+                for (int q = 1; q < GEMM_SLICES; q++) v = __fadd_rn(v, red[q][j][ln]);  // slice order
+                if (bias) v = __fadd_rn(v, __bfloat162float(bias[col]));
+                OutT *yp = y + row * N + col;
+                if (accumulate) v = __fadd_rn(v, out_load(yp));
+                out_store(yp, v);
+            }
         }
     }
 }
@@ -165,11 +192,11 @@ static const struct {
 };
 #define GEMM_VARIANTS ((int)(sizeof kVariants / sizeof kVariants[0]))
 
-template <typename OutT, int MT, int NT, int U, bool MFAST>
+template <typename OutT, int MT, int NT, int U, bool MFAST, bool PAIR = false>
 static void launch_t(const GemmSegs &segs, const bf16 *x, int64_t M, int64_t K, int accumulate, cudaStream_t st) {
     const int64_t gm = (M + 16 * MT - 1) / (16 * MT), gn = segs.tiles_end[segs.n - 1];
     const dim3 grid = MFAST ? dim3((unsigned)(gm * gn)) : dim3((unsigned)gn, (unsigned)gm);
-    decode_gemm_kernel<OutT, MT, NT, U, MFAST><<<grid, GEMM_THREADS, 0, st>>>(segs, x, M, K, accumulate);
+    decode_gemm_kernel<OutT, MT, NT, U, MFAST, PAIR><<<grid, GEMM_THREADS, 0, st>>>(segs, x, M, K, accumulate);
 }
 
 template <typename OutT>
@@ -249,6 +276,32 @@ extern "C" int decode_gemm_with(int variant, DType out_dt, void *y, const void *
 extern "C" int decode_gemm(DType out_dt, void *y, const void *x, const void *W, const void *bias, int64_t M, int64_t N,
                            int64_t K, int accumulate, cudaStream_t stream, char *err, size_t errlen) {
     return decode_gemm_with(decode_gemm_variant(M), out_dt, y, x, W, bias, M, N, K, accumulate, stream, err, errlen);
+}
+
+// The gate | up products with the SwiGLU epilogue, tiles by M: m16 x (n8 gate + n8 up) for decode, m32 x (16 + 16)
+// and m64 x (16 + 16) rows first (one round of partials: at most 64 accumulators per lane). gpu_test_decode_inv checks the bits against the unfused path.
+extern "C" int decode_gemm_swiglu(void *act, const void *x, const void *Wg, const void *Wu, int64_t M, int64_t F,
+                                  int64_t K, cudaStream_t stream, char *err, size_t errlen) {
+    if (M < 0 || F < 8 || K < 8 || F % 8 || K % 8)
+        return train_fail(err, errlen, "decode_gemm_swiglu: M %lld, F %lld, K %lld: need M >= 0 and F, K positive multiples of 8",
+                          (long long)M, (long long)F, (long long)K);
+    if (((uintptr_t)act | (uintptr_t)x | (uintptr_t)Wg | (uintptr_t)Wu) & 15)
+        return train_fail(err, errlen, "decode_gemm_swiglu: act, x and the weights must be 16-byte aligned");
+    GemmSegs segs = {};
+    segs.n = 1, segs.y[0] = act, segs.W[0] = (const bf16 *)Wg, segs.W[1] = (const bf16 *)Wu, segs.N[0] = F;
+    const int mt = M <= 16 ? 1 : M <= 64 ? 2 : 4, tw = M <= 16 ? 8 : 16;  // tile: 16 mt rows, tw outputs (2 tw weights)
+    const int64_t gn = (F + tw - 1) / tw, gm = (M + 16 * mt - 1) / (16 * mt);
+    if (mt == 4 ? gm * gn > 0x7fffffffll : gn > 0x7fffffffll || gm > 65535)
+        return train_fail(err, errlen, "decode_gemm_swiglu: M %lld x F %lld exceeds the grid", (long long)M, (long long)F);
+    segs.tiles_end[0] = (unsigned)gn;
+    if (M == 0) return 0;
+    const bf16 *xb = (const bf16 *)x;
+    if (M <= 16) launch_t<bf16, 1, 2, 4, false, true>(segs, xb, M, K, 0, stream);
+    else if (M <= 64) launch_t<bf16, 2, 4, 2, false, true>(segs, xb, M, K, 0, stream);
+    else launch_t<bf16, 4, 4, 1, true, true>(segs, xb, M, K, 0, stream);
+    const cudaError_t ce = cudaGetLastError();
+    if (ce != cudaSuccess) return train_fail(err, errlen, "decode_gemm_swiglu: launch failed: %s", cudaGetErrorString(ce));
+    return 0;
 }
 
 extern "C" int decode_gemm_multi(DType out_dt, const DecodeGemmOut *outs, int n, const void *x, int64_t M, int64_t K,

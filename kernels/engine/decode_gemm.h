@@ -42,6 +42,13 @@ typedef struct {
 int decode_gemm_multi(DType out_dt, const DecodeGemmOut *outs, int n, const void *x, int64_t M, int64_t K,
                       cudaStream_t stream, char *err, size_t errlen);
 
+// The MLP's gate and up projections with the SwiGLU as their epilogue: act [M, F] (bf16) = swiglu(x @ Wg^T, x @ Wu^T),
+// Wg and Wu [F, K] (bf16; the rows of a fused [2F, K] gate|up weight, or two tensors). Each gate and up sum is
+// rounded to bf16 before the SwiGLU, so act is bit-identical to decode_gemm into a bf16 [M, 2F] gate|up buffer then
+// swiglu_fwd_cuda, with one launch and the [M, 2F] round trip fewer. Same shape and alignment rules as decode_gemm.
+int decode_gemm_swiglu(void *act, const void *x, const void *Wg, const void *Wu, int64_t M, int64_t F, int64_t K,
+                       cudaStream_t stream, char *err, size_t errlen);
+
 // The tile variant decode_gemm uses for M rows (0: m16 x n8, 1: m32 x n16, for M > 64 3: m64 x n32 rows first, or the
 // variant DISTILL_DECODE_GEMM_LARGE names; 3-7: tiles and block orders for large M, see decode_gemm.cu), and
 // decode_gemm forced to one variant (tests show the variants give identical bits).

@@ -27,7 +27,10 @@
 //      rows per sequence, ragged lengths of 1 .. 700 keys (tile edges 128 / 129 included), SmolLM2's 9 / 3
 //      heads of 64 and G = 1, 2, 3, 4, 8 at hd 64 and 128; shapes without a GQA kernel are refused; all within
 //      1e-2 of a float64 softmax. And a decoder's all-logits prefill (teacher, hybrid) is the same bits with the
-//      GQA kernel and with DISTILL_DECODE_ATTN=tiles.
+//      GQA kernel and with DISTILL_DECODE_ATTN=tiles; with DISTILL_DECODE_FUSE=0 (rope and KV append, SwiGLU and
+//      the down projection as separate launches) and DISTILL_DECODE_MULTI=0 (one launch per projection) every logit
+//      of a prefill, steps, a window and accept is the same bits too. decode_gemm_swiglu (section 1) equals
+//      decode_gemm into gate|up then swiglu_fwd_cuda bitwise.
 // Usage: gpu_test_decode_inv [--verbose] [--only gemm,decoder,spec,sample,attn]. Exit status != 0 on any failure.
 #include <cuda_runtime.h>
 #include <math.h>
@@ -225,6 +228,59 @@ static void gemm_multi_case(int n, const int64_t *Ns, int64_t K, DType odt) {
     free(hx), free(hw), free(ha), free(hb);
 }
 
+// decode_gemm_swiglu: act = swiglu(x @ Wg^T, x @ Wu^T) with the SwiGLU as the GEMM's epilogue, bit for bit decode_gemm
+// into a bf16 gate|up buffer then swiglu_fwd_cuda (outputs poisoned with 0xff first; nothing past M written) at
+// M = 1 .. 300 (the three tiles), with the weights as one fused [2F, K] gate|up tensor or two separate tensors.
+static void gemm_swiglu_case(int64_t F, int64_t K, bool fused) {
+    const int64_t MM = 300, Ms[7] = {1, 3, 16, 17, 64, 65, 300};
+    Rng g;
+    rng_init(&g, (uint64_t)(F * 31 + K + fused), 9);
+    uint16_t *hx = (uint16_t *)malloc((size_t)(MM * K) * 2), *hw = (uint16_t *)malloc((size_t)(2 * F * K) * 2);
+    for (int64_t i = 0; i < MM * K; i++) hx[i] = f32_to_bf16((float)rng_normal(&g));
+    for (int64_t i = 0; i < 2 * F * K; i++) hw[i] = f32_to_bf16((float)(2.0 * rng_normal(&g) / sqrt((double)K)));
+    char *dx, *dw, *dw2, *gu, *aa, *ab;
+    CK(cudaMalloc(&dx, (size_t)(MM * K) * 2));
+    CK(cudaMalloc(&dw, (size_t)(2 * F * K) * 2));
+    CK(cudaMalloc(&dw2, (size_t)(F * K) * 2));  // the up weights apart from the gate's (the unfused layout)
+    CK(cudaMalloc(&gu, (size_t)(MM * 2 * F) * 2));
+    CK(cudaMalloc(&aa, (size_t)(MM * F) * 2));
+    CK(cudaMalloc(&ab, (size_t)(MM * F) * 2));
+    CK(cudaMemcpy(dx, hx, (size_t)(MM * K) * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dw, hw, (size_t)(2 * F * K) * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dw2, dw + F * K * 2, (size_t)(F * K) * 2, cudaMemcpyDeviceToDevice));
+    const char *Wu = fused ? dw + F * K * 2 : dw2;
+    char *ha = (char *)malloc((size_t)(MM * F) * 2), *hb = (char *)malloc((size_t)(MM * F) * 2), err[256] = "";
+    int64_t bad = 0;
+    for (int mi = 0; mi < 7; mi++) {
+        const int64_t M = Ms[mi];
+        CK(cudaMemset(aa, 0xff, (size_t)(MM * F) * 2));
+        CK(cudaMemset(ab, 0xff, (size_t)(MM * F) * 2));
+        if (decode_gemm(DT_BF16, gu, dx, dw, NULL, M, 2 * F, K, 0, NULL, err, sizeof err) ||
+            swiglu_fwd_cuda(DT_BF16, aa, gu, gu + F * 2, M, F, 2 * F, NULL, err, sizeof err) ||
+            decode_gemm_swiglu(ab, dx, dw, Wu, M, F, K, NULL, err, sizeof err)) {
+            printf("  FAIL refused: %s\n", err);
+            exit(1);
+        }
+        CK(cudaDeviceSynchronize());
+        CK(cudaMemcpy(ha, aa, (size_t)(MM * F) * 2, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(hb, ab, (size_t)(MM * F) * 2, cudaMemcpyDeviceToHost));
+        bad += memcmp(ha, hb, (size_t)(MM * F) * 2) != 0;  // the poisoned rows past M included
+    }
+    check(bad == 0, "decode_gemm_swiglu, F %lld, K %lld, %s weights: bitwise equal to decode_gemm into gate|up then "
+          "swiglu_fwd_cuda at M = 1, 3, 16, 17, 64, 65, 300, nothing past M written (%lld of 7 differ)", (long long)F,
+          (long long)K, fused ? "fused gate|up" : "separate", (long long)bad);
+    check(decode_gemm_swiglu(ab, dx, dw, Wu, 4, F + 4, K, NULL, err, sizeof err) != 0 &&
+              decode_gemm_swiglu(ab, dx + 2, dw, Wu, 4, F, K, NULL, err, sizeof err) != 0,
+          "decode_gemm_swiglu refuses F not a multiple of 8 and a misaligned x: %s", err);
+    CK(cudaFree(dx));
+    CK(cudaFree(dw));
+    CK(cudaFree(dw2));
+    CK(cudaFree(gu));
+    CK(cudaFree(aa));
+    CK(cudaFree(ab));
+    free(hx), free(hw), free(ha), free(hb);
+}
+
 static void test_gemm(void) {
     char err[256];
     DlGemm *lt = dl_gemm_new(0, err, sizeof err);
@@ -237,6 +293,9 @@ static void test_gemm(void) {
     gemm_multi_case(5, mamba_in, 576, DT_BF16);  // SmolLM2's Mamba input projections z, x, B, C, dt_low
     gemm_multi_case(3, qkv, 576, DT_BF16);       // q, k, v
     gemm_multi_case(6, six, 40, DT_F32);         // the most outputs, K % 32 != 0, fp32 out
+    gemm_swiglu_case(1536, 576, true);   // SmolLM2's MLP (fused gate|up weights)
+    gemm_swiglu_case(1536, 576, false);  // gate and up as two tensors
+    gemm_swiglu_case(200, 40, true);     // K % 32 != 0, F not a multiple of the tiles
     check(decode_gemm_multi(DT_BF16, NULL, DECODE_GEMM_MAX_OUTS + 1, NULL, 4, 64, NULL, err, sizeof err) != 0,
           "decode_gemm_multi refuses %d outputs: %s", DECODE_GEMM_MAX_OUTS + 1, err);
     // bad shapes are refused
@@ -734,31 +793,50 @@ static void attn_case(int nh, int nkv, int hd, int64_t nb, int64_t lc, const int
     free(hl), free(hq), free(hk), free(hv), free(ho[0]), free(ho[1]), free(ho[2]);
 }
 
-// A decoder's all-logits prefill with the default attention (the GQA kernel on these many rows) == the same with
-// DISTILL_DECODE_ATTN=tiles (one block per (row, head)), bitwise.
-static void attn_decoder_case(const Model *m, const char *name) {
+// A decoder's logits as it runs by default == with the environment variable env=val (an A/B switch that must not
+// change a bit), bitwise: an all-logits ragged prefill (600 / 37 / 300 / 129 tokens), 3 single steps, a 3-token
+// all-logits window, accept and one more step.
+static void env_ab_case(const Model *m, const char *name, const char *env, const char *val, const char *what) {
     DlError e;
-    const int64_t B = 4, LP = 600, V = m->h.base.vocab;
-    const int64_t n[4] = {600, 37, 300, 129};
-    int32_t *tok = (int32_t *)malloc((size_t)(B * LP) * 4);
+    const int64_t B = 4, LP = 600, V = m->h.base.vocab, W = 3, NSTEP = 3;
+    const int64_t n[4] = {600, 37, 300, 129}, rows = B * LP + NSTEP * B + B * W + B;
+    int32_t *tok = (int32_t *)malloc((size_t)(B * LP) * 4), *more = (int32_t *)malloc((size_t)(B * (NSTEP + W + 1)) * 4);
     random_tokens(tok, B, LP, n, V, 77);
+    random_tokens(more, B, NSTEP + W + 1, NULL, V, 78);
     float *la[2];
     for (int k = 0; k < 2; k++) {
-        if (k) setenv("DISTILL_DECODE_ATTN", "tiles", 1);
-        DecoderCuda *d = decoder_cuda_new(&m->h, &m->r, m->p, B, LP + 8, NULL, &e);
-        if (k) unsetenv("DISTILL_DECODE_ATTN");
+        if (k) setenv(env, val, 1);
+        DecoderCuda *d = decoder_cuda_new(&m->h, &m->r, m->p, B, LP + 16, NULL, &e);
+        if (k) unsetenv(env);
         die_if(!d, &e, "decoder_cuda_new");
-        la[k] = (float *)malloc((size_t)(B * LP * V) * 4);
+        float *o = la[k] = (float *)malloc((size_t)(rows * V) * 4);
         die_if(decoder_cuda_reset(d, B, &e) || decoder_cuda_feed(d, tok, LP, n, 1, &e), &e, "prefill all logits");
-        decoder_cuda_logits_host(d, la[k]);
+        decoder_cuda_logits_host(d, o);  // [B, LP, V]; rows past each n[b] are compared too (the same feed)
+        o += B * LP * V;
+        int32_t col[4], win[4 * 3];
+        for (int64_t i = 0; i < NSTEP; i++, o += B * V) {
+            for (int64_t b = 0; b < B; b++) col[b] = more[b * (NSTEP + W + 1) + i];
+            die_if(decoder_cuda_step(d, col, &e) != 0, &e, "step");
+            decoder_cuda_logits_host(d, o);
+        }
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t j = 0; j < W; j++) win[b * W + j] = more[b * (NSTEP + W + 1) + NSTEP + j];
+        decoder_cuda_window_begin(d);
+        die_if(decoder_cuda_feed(d, win, W, NULL, 1, &e) != 0, &e, "window");
+        decoder_cuda_logits_host(d, o);
+        o += B * W * V;
+        const int32_t keep[4] = {0, 1, 2, 3};
+        die_if(decoder_cuda_accept(d, keep, &e) != 0, &e, "accept");
+        for (int64_t b = 0; b < B; b++) col[b] = more[b * (NSTEP + W + 1) + NSTEP + W];
+        die_if(decoder_cuda_step(d, col, &e) != 0, &e, "step after accept");
+        decoder_cuda_logits_host(d, o);
         decoder_cuda_free(d);
     }
-    int64_t bad = 0, tot = 0;
     double mx = 0;
-    for (int64_t b = 0; b < B; b++) bad += rows_differ(la[0] + b * LP * V, la[1] + b * LP * V, n[b], V, &mx), tot += n[b];
-    check(bad == 0, "%s: prefill logits with the GQA attention == with DISTILL_DECODE_ATTN=tiles, bitwise: %lld of %lld rows "
-          "differ (max |diff| %.3e)", name, (long long)bad, (long long)tot, mx);
-    free(tok), free(la[0]), free(la[1]);
+    const int64_t bad = rows_differ(la[0], la[1], rows, V, &mx);
+    check(bad == 0, "%s: logits with %s == with %s=%s, bitwise (prefill, steps, a window, accept, a step): %lld of %lld "
+          "rows differ (max |diff| %.3e)", name, what, env, val, (long long)bad, (long long)rows, mx);
+    free(tok), free(more), free(la[0]), free(la[1]);
 }
 
 static void test_attn(void) {
@@ -785,8 +863,13 @@ static void test_attn(void) {
     Model hy, te;
     model_make(&hy, true, 1, false);
     model_make(&te, false, 2, false);
-    attn_decoder_case(&hy, "hybrid");
-    attn_decoder_case(&te, "teacher");
+    const Model *ms[2] = {&hy, &te};
+    const char *names[2] = {"hybrid", "teacher"};
+    for (int i = 0; i < 2; i++) {
+        env_ab_case(ms[i], names[i], "DISTILL_DECODE_ATTN", "tiles", "the GQA attention");
+        env_ab_case(ms[i], names[i], "DISTILL_DECODE_FUSE", "0", "the fused rope + KV append and gate|up + SwiGLU");
+        env_ab_case(ms[i], names[i], "DISTILL_DECODE_MULTI", "0", "the grouped projections");
+    }
     free(hy.p), free(te.p);
     reg_free(&hy.r), reg_free(&te.r);
 }

@@ -291,18 +291,17 @@ __global__ void rope_kernel(T *x, int nheads, T *x2, int nheads2, const int32_t 
          idx += (int64_t)gridDim.x * blockDim.x) {
         const int64_t n = idx / half;
         const int i = (int)(idx - n * half);
-        const float ang = (float)pos[n] * inv_freq[i];
-        double sd, cd;
-        sincos((double)ang, &sd, &cd);
-        const float cs = (float)cd, sn = sgn * (float)sd;
+        float cs, sn;
+        rope_cs(pos[n], inv_freq[i], sgn, &cs, &sn);
         for (int t = 0; t < (x2 ? 2 : 1); t++) {
             const int nh = t ? nheads2 : nheads;
             T *row = (t ? x2 : x) + n * (int64_t)nh * hd;
             for (int h = 0; h < nh; h++) {
                 T *v = row + (int64_t)h * hd;
-                const float a = ld(v, i), b = ld(v, i + half);
-                st(v, i, a * cs - b * sn);
-                st(v, i + half, b * cs + a * sn);
+                float o1, o2;
+                rope_rot(ld(v, i), ld(v, i + half), cs, sn, &o1, &o2);
+                st(v, i, o1);
+                st(v, i + half, o2);
             }
         }
     }
@@ -335,7 +334,7 @@ __global__ void swiglu_fwd_kernel(T *out, const T *gate, const T *up, int64_t ro
     for (int64_t r = blockIdx.y; r < rows; r += gridDim.y)
         for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += (int64_t)gridDim.x * blockDim.x) {
             const float g = ld(gate, r * ld_ + c);
-            st(out, r * cols + c, g / (1.0f + expf(-g)) * ld(up, r * ld_ + c));
+            st(out, r * cols + c, swiglu_f(g, ld(up, r * ld_ + c)));
         }
 }
 template <typename T>
@@ -359,7 +358,7 @@ __global__ void swiglu_fwd_vec_kernel(bf16 *out, const bf16 *gate, const bf16 *u
         unpack8(*(const uint4 *)(gate + r * ld_ + c), g);
         unpack8(*(const uint4 *)(up + r * ld_ + c), u);
 #pragma unroll
-        for (int j = 0; j < 8; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+        for (int j = 0; j < 8; j++) g[j] = swiglu_f(g[j], u[j]);
         *(uint4 *)(out + r * cols + c) = pack8(g);
     }
 }

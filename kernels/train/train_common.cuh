@@ -33,6 +33,22 @@ __device__ __forceinline__ uint4 pack8(const float *f) {
     return u;
 }
 
+// SwiGLU of one element and RoPE's angle and rotation of one pair: one definition for the training kernels and the
+// decoder's fused launches (the down projection that computes its input, the rope + KV-cache append), so both give
+// the same bits.
+__device__ __forceinline__ float swiglu_f(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+// the angle as an fp32 product (as HF), its cosine and sine in double (as the CPU twin); sgn -1 rotates back
+__device__ __forceinline__ void rope_cs(int32_t pos, float inv_freq, float sgn, float *cs, float *sn) {
+    const float ang = (float)pos * inv_freq;
+    double sd, cd;
+    sincos((double)ang, &sd, &cd);
+    *cs = (float)cd, *sn = sgn * (float)sd;
+}
+__device__ __forceinline__ void rope_rot(float a, float b, float cs, float sn, float *o1, float *o2) {
+    *o1 = a * cs - b * sn;
+    *o2 = b * cs + a * sn;
+}
+
 // Sum over a block in a fixed order (warp butterflies, then warp 0 over the warps' partials): the result
 // depends only on the values and blockDim, never on timing. Every thread gets the total. blockDim.x must be
 // a multiple of 32 and <= 1024; `sh` is 32 elements of shared memory (reused: a barrier ends the call).
