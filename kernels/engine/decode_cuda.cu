@@ -52,31 +52,29 @@ __global__ void kv_append_kernel(bf16 *kc, bf16 *vc, const bf16 *k, const bf16 *
     }
 }
 
-// rope2_cuda (q and k in place) then kv_append_kernel in one launch, the same bits: one thread per (row, pair i)
-// rotates pair i of every q head in place and writes every k head's rotated pair, and v's pair unchanged, to the
-// cache at the row's position.
+// rope2_cuda (q and k in place) then kv_append_kernel in one launch, the same bits: one thread per (row, head, pair i)
+// of the q heads then the KV heads (each computes its angle: the heads in parallel, not one after another) rotates
+// pair i of its q head in place, or writes its k head's rotated pair, and v's pair unchanged, to the cache at the
+// row's position.
 __global__ void rope_kv_kernel(bf16 *q, int nh, const bf16 *k, const bf16 *v, int nkv, bf16 *kc, bf16 *vc,
                                const int32_t *pos, const float *inv_freq, const int32_t *lenb, int64_t nb, int64_t lc,
                                int hd, int64_t max_len) {
-    const int half = hd / 2;
-    const int64_t total = nb * lc * half, kvd = (int64_t)nkv * hd;
+    const int half = hd / 2, heads = nh + nkv;
+    const int64_t total = nb * lc * heads * half, kvd = (int64_t)nkv * hd;
     for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total; idx += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t n = idx / half, b = n / lc, t = n % lc;
-        const int i = (int)(idx - n * half);
+        const int64_t nh_ = idx / half, n = nh_ / heads, b = n / lc, t = n % lc;
+        const int i = (int)(idx - nh_ * half), h = (int)(nh_ - n * heads);
         float cs, sn, o1, o2;
         rope_cs(pos[n], inv_freq[i], 1.0f, &cs, &sn);
-        bf16 *qr = q + n * (int64_t)nh * hd;
-        for (int h = 0; h < nh; h++) {
-            bf16 *x = qr + (int64_t)h * hd;
+        if (h < nh) {
+            bf16 *x = q + (n * nh + h) * (int64_t)hd;
             rope_rot(__bfloat162float(x[i]), __bfloat162float(x[i + half]), cs, sn, &o1, &o2);
             x[i] = __float2bfloat16_rn(o1), x[i + half] = __float2bfloat16_rn(o2);
-        }
-        const int64_t src = n * kvd, dst = (b * max_len + lenb[b] + t) * kvd;
-        for (int h = 0; h < nkv; h++) {
-            const int64_t o = (int64_t)h * hd;
-            rope_rot(__bfloat162float(k[src + o + i]), __bfloat162float(k[src + o + i + half]), cs, sn, &o1, &o2);
-            kc[dst + o + i] = __float2bfloat16_rn(o1), kc[dst + o + i + half] = __float2bfloat16_rn(o2);
-            vc[dst + o + i] = v[src + o + i], vc[dst + o + i + half] = v[src + o + i + half];
+        } else {
+            const int64_t o = (int64_t)(h - nh) * hd, src = n * kvd + o, dst = (b * max_len + lenb[b] + t) * kvd + o;
+            rope_rot(__bfloat162float(k[src + i]), __bfloat162float(k[src + i + half]), cs, sn, &o1, &o2);
+            kc[dst + i] = __float2bfloat16_rn(o1), kc[dst + i + half] = __float2bfloat16_rn(o2);
+            vc[dst + i] = v[src + i], vc[dst + i + half] = v[src + i + half];
         }
     }
 }
@@ -236,11 +234,17 @@ __global__ void __launch_bounds__(ATT_THREADS)
         if (j <= p) {
             const uint4 *kr = (const uint4 *)(Kb + j * kvd);  // hd % 8 == 0, rows 16-byte aligned
             float dot = 0.0f;
-            for (int c = 0; c < hd / 8; c++) {
-                const uint4 u = kr[c];
-                const bf16 *e = (const bf16 *)&u;
+            for (int c0 = 0; c0 < hd / 8; c0 += 4) {  // 4 loads in flight, then their products in order
+                uint4 u[4];
 #pragma unroll
-                for (int x = 0; x < 8; x++) dot = __fmaf_rn(qs[c * 8 + x], __bfloat162float(e[x]), dot);
+                for (int c = 0; c < 4; c++) u[c] = c0 + c < hd / 8 ? kr[c0 + c] : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    if (c0 + c >= hd / 8) break;
+                    const bf16 *e = (const bf16 *)&u[c];
+#pragma unroll
+                    for (int x = 0; x < 8; x++) dot = __fmaf_rn(qs[(c0 + c) * 8 + x], __bfloat162float(e[x]), dot);
+                }
             }
             sc = dot;
         }
@@ -250,11 +254,26 @@ __global__ void __launch_bounds__(ATT_THREADS)
         const float lt = block_sum_f(pj, red);  // its barriers also publish ps
         const int nk = (int)min((int64_t)ATT_THREADS, p + 1 - j0);
         float a0 = 0.0f, a1 = 0.0f;
-        for (int jj = 0; jj < nk; jj++) {
-            const float pv = ps[jj];
-            const bf16 *vr = Vb + (j0 + jj) * kvd;
-            if (tid < hd) a0 = __fmaf_rn(pv, __bfloat162float(vr[tid]), a0);
-            if (tid + ATT_THREADS < hd) a1 = __fmaf_rn(pv, __bfloat162float(vr[tid + ATT_THREADS]), a1);
+        // acc += p_j v_j over the tile's keys in order; V elements loaded PV_AHEAD keys at a time so their loads
+        // overlap (one load per FMA in a chain was latency-bound: ~35 us per decode step's layer at 512 keys)
+        constexpr int PV_AHEAD = 16;
+        const bool has0 = tid < hd, has1 = tid + ATT_THREADS < hd;
+        for (int jb = 0; jb < nk; jb += PV_AHEAD) {
+            float v0[PV_AHEAD], v1[PV_AHEAD];
+#pragma unroll
+            for (int u = 0; u < PV_AHEAD; u++) {
+                const bf16 *vr = Vb + (j0 + jb + u) * kvd;
+                const bool in = jb + u < nk;
+                v0[u] = in && has0 ? __bfloat162float(vr[tid]) : 0.0f;
+                v1[u] = in && has1 ? __bfloat162float(vr[tid + ATT_THREADS]) : 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < PV_AHEAD; u++) {
+                if (jb + u >= nk) break;
+                const float pv = ps[jb + u];
+                if (has0) a0 = __fmaf_rn(pv, v0[u], a0);
+                if (has1) a1 = __fmaf_rn(pv, v1[u], a1);
+            }
         }
         if (tile == tb) {
             M = mt, L = lt, acc0 = a0, acc1 = a1;
@@ -1253,9 +1272,10 @@ static void run_chunk(DecoderCuda *D, int64_t lc, int64_t maxkeys) {
             const int64_t wo[3] = {L->q, L->k, L->v}, O[3] = {qd, kvd, kvd};
             lin_multi(D, D->xn, N, d, 3, y, wo, O);
             if (D->fuse & 1) {
-                rope_kv_kernel<<<grid_of(N * (hd / 2), 256), 256, 0, D->st>>>(D->q, c->n_head, D->k, D->v, c->n_kv_head,
-                                                                               L->kc, L->vc, pos, D->inv_freq, lenb, nb,
-                                                                               lc, (int)hd, D->max_len);
+                const int64_t pairs = N * (c->n_head + c->n_kv_head) * (hd / 2);
+                rope_kv_kernel<<<grid_of(pairs, 128), 128, 0, D->st>>>(D->q, c->n_head, D->k, D->v, c->n_kv_head, L->kc,
+                                                                       L->vc, pos, D->inv_freq, lenb, nb, lc, (int)hd,
+                                                                       D->max_len);
                 kernelCheck("rope_kv_kernel");
             } else {
                 TCK(rope2_cuda(DT_BF16, D->q, c->n_head, D->k, c->n_kv_head, pos, D->inv_freq, N, (int)hd, 0, D->st, EA));

@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(GEMM_THREADS)
 // makes both the host table (grid checks, decode_gemm_variant_name) and the kernel instances, so the two cannot disagree.
 //        variant, MT, NT, U, MFAST
 #define GEMM_VARIANT_LIST(X)                                                                                      \
-    X(0, 1, 1, 4, false) /* decode: m16 x n8, 4 chunks in flight per warp (weight streaming) */                    \
+    X(0, 1, 1, 8, false) /* decode: m16 x n8, 8 chunks in flight per warp (weight streaming) */                    \
     X(1, 2, 2, 2, false) /* m32 x n16 */                                                                           \
     X(2, 4, 4, 1, false) /* prefill: m64 x n32 (each operand read once per block) */                               \
     X(3, 4, 4, 1, true)  /* = 2 with row tiles first (a large head's weights read once) */                         \
@@ -296,7 +296,7 @@ extern "C" int decode_gemm_swiglu(void *act, const void *x, const void *Wg, cons
     segs.tiles_end[0] = (unsigned)gn;
     if (M == 0) return 0;
     const bf16 *xb = (const bf16 *)x;
-    if (M <= 16) launch_t<bf16, 1, 2, 4, false, true>(segs, xb, M, K, 0, stream);
+    if (M <= 16) launch_t<bf16, 1, 2, 8, false, true>(segs, xb, M, K, 0, stream);
     else if (M <= 64) launch_t<bf16, 2, 4, 2, false, true>(segs, xb, M, K, 0, stream);
     else launch_t<bf16, 4, 4, 1, true, true>(segs, xb, M, K, 0, stream);
     const cudaError_t ce = cudaGetLastError();
