@@ -209,6 +209,7 @@ __device__ __forceinline__ float fold_one(float x, float ca, float y, float cb) 
 // One block per (query row, head) [x one tile when SPLIT]. SPLIT: the tile's partial (acc [hd], m, l) goes to
 // ws [rows, nh, nsplit, hd + 2] (m = -inf for a tile past the query's keys); otherwise the block folds all the
 // query's tiles and writes out [rows, nh*hd] bf16.
+#define VSH_HD 128  // head dims up to which attn_tiles_kernel stages a tile's V rows in shared memory (32 KB)
 template <bool SPLIT>
 __global__ void __launch_bounds__(ATT_THREADS)
     attn_tiles_kernel(const bf16 *q, const bf16 *kc, const bf16 *vc, const int32_t *lenb, AttArgs a, float *ws,
@@ -216,6 +217,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
     __shared__ float qs[MAX_HD];
     __shared__ float ps[ATT_THREADS];
     __shared__ float red[32];
+    __shared__ __align__(16) bf16 vsh[ATT_THREADS * VSH_HD];
     const int64_t row = blockIdx.x / a.nh;
     const int h = (int)(blockIdx.x % a.nh), tid = threadIdx.x, hd = a.hd;
     const int64_t b = row / a.lc, t = row % a.lc;
@@ -254,11 +256,24 @@ __global__ void __launch_bounds__(ATT_THREADS)
         const float lt = block_sum_f(pj, red);  // its barriers also publish ps
         const int nk = (int)min((int64_t)ATT_THREADS, p + 1 - j0);
         float a0 = 0.0f, a1 = 0.0f;
-        // acc += p_j v_j over the tile's keys in order; V elements loaded PV_AHEAD keys at a time so their loads
-        // overlap (one load per FMA in a chain was latency-bound: ~35 us per decode step's layer at 512 keys)
+        // acc += p_j v_j over the tile's keys in order. hd <= 128: the tile's V rows staged in shared memory by the
+        // whole block (16-byte loads, all in flight at once), then read from there; else V elements loaded
+        // PV_AHEAD keys at a time so their loads overlap. (One global load per FMA in a chain was latency-bound.)
         constexpr int PV_AHEAD = 16;
         const bool has0 = tid < hd, has1 = tid + ATT_THREADS < hd;
-        for (int jb = 0; jb < nk; jb += PV_AHEAD) {
+        if (hd <= VSH_HD) {
+            const int per = hd / 8;
+            for (int e = tid; e < nk * per; e += ATT_THREADS) {
+                const int r = e / per, c = e - r * per;
+                ((uint4 *)vsh)[e] = *(const uint4 *)(Vb + (j0 + r) * kvd + c * 8);
+            }
+            __syncthreads();
+            if (has0) {
+#pragma unroll 8
+                for (int jj = 0; jj < nk; jj++) a0 = __fmaf_rn(ps[jj], __bfloat162float(vsh[jj * hd + tid]), a0);
+            }
+        }
+        for (int jb = 0; hd > VSH_HD && jb < nk; jb += PV_AHEAD) {
             float v0[PV_AHEAD], v1[PV_AHEAD];
 #pragma unroll
             for (int u = 0; u < PV_AHEAD; u++) {
