@@ -22,6 +22,7 @@
 
 #include "kernels/engine/decode_cuda.h"
 #include "kernels/engine/decode_gemm.h"
+#include "kernels/scan/scan_common.cuh"  // sigmoid_dev: the conv step computes as conv1d_silu_fwd_cuda
 #include "kernels/scan/selective_scan_cuda.h"
 #include "kernels/train/train_common.cuh"  // rope_cs / rope_rot: the fused rope + append
 #include "kernels/train/train_cuda.h"
@@ -209,6 +210,7 @@ __device__ __forceinline__ float fold_one(float x, float ca, float y, float cb) 
 // One block per (query row, head) [x one tile when SPLIT]. SPLIT: the tile's partial (acc [hd], m, l) goes to
 // ws [rows, nh, nsplit, hd + 2] (m = -inf for a tile past the query's keys); otherwise the block folds all the
 // query's tiles and writes out [rows, nh*hd] bf16.
+#define CONV_STEP_MAX 64  // chunks up to this many tokens take conv_step_kernel (one thread walks a channel's tokens)
 #define VSH_HD 128  // head dims up to which attn_tiles_kernel stages a tile's V rows in shared memory (32 KB)
 template <bool SPLIT>
 __global__ void __launch_bounds__(ATT_THREADS)
@@ -588,6 +590,45 @@ __global__ void conv_advance_kernel(bf16 *win, const bf16 *x, const int32_t *kee
     }
 }
 
+// repeat_kernel, conv1d_silu_fwd_cuda (with the window as x_prev) and conv_advance_kernel in one launch for the few
+// tokens of a step or a verification window, the same bits: one thread per (b, channel c) walks the chunk's lc
+// tokens, reading x through the repeat map (xs [nb*lc, dxb] -> xr [nb*lc, di], kept for the speculative window's
+// store), computing bias + the W taps oldest first with fmaf and silu by sigmoid_dev as the conv kernel does, then
+// moves the window past keep[b] inputs as conv_advance_kernel does.
+template <int W>
+__global__ void conv_step_kernel(bf16 *win, const bf16 *xs, bf16 *xr, bf16 *xc, const float *w, const float *bias,
+                                 const int32_t *keep, int64_t nb, int64_t lc, int64_t C, int64_t dxb, int64_t ds) {
+    const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (i >= nb * C) return;
+    const int64_t b = i / C, c = i % C, rep = C / dxb, sc = (c / ds / rep) * ds + c % ds;
+    float wk[W], xw[W];
+#pragma unroll
+    for (int k = 0; k < W; k++) wk[k] = w[c * W + k];
+    const float bs = bias ? bias[c] : 0.f;
+#pragma unroll
+    for (int k = 1; k < W; k++) xw[k] = __bfloat162float(win[(b * (W - 1) + k - 1) * C + c]);
+    for (int64_t t = 0; t < lc; t++) {
+        const bf16 x = xs[(b * lc + t) * dxb + sc];
+        xr[(b * lc + t) * C + c] = x;
+#pragma unroll
+        for (int k = 0; k < W - 1; k++) xw[k] = xw[k + 1];
+        xw[W - 1] = __bfloat162float(x);
+        float a = bs;
+#pragma unroll
+        for (int k = 0; k < W; k++) a = fmaf(wk[k], xw[k], a);
+        xc[(b * lc + t) * C + c] = __float2bfloat16_rn(a * sigmoid_dev(a));
+    }
+    const int64_t kp = keep[b];
+    bf16 nv[W - 1];
+#pragma unroll
+    for (int j = 0; j < W - 1; j++) {
+        const int64_t e = kp + j;  // index into (window[0..W-2], x[0..lc-1])
+        nv[j] = e < W - 1 ? win[(b * (W - 1) + e) * C + c] : xr[(b * lc + (e - (W - 1))) * C + c];
+    }
+#pragma unroll
+    for (int j = 0; j < W - 1; j++) win[(b * (W - 1) + j) * C + c] = nv[j];
+}
+
 // last [b] = x [idx[b]] for idx[b] >= 0 (the row of sequence b's last fed token in this chunk).
 __global__ void gather_last_kernel(bf16 *last, const bf16 *x, const int32_t *idx, int64_t nb, int64_t d) {
     const int64_t total = nb * d;
@@ -693,9 +734,9 @@ struct DecoderCuda {
     bool chain;          // greedy chains in one launch (default; DISTILL_DECODE_CHAIN=0: a host round trip per pick)
     bool gemm_multi;     // q/k/v and the Mamba input projections in one launch each (default; DISTILL_DECODE_MULTI=0:
                          // one per output, the same bits, for A/B timing)
-    int fuse;            // bit 0: rope + KV append in one launch; bit 1: the SwiGLU as the gate | up GEMM's epilogue
-                         // (default 3; DISTILL_DECODE_FUSE=0: the separate kernels, the same bits, for A/B timing;
-                         // =1 / =2 one of the two)
+    int fuse;            // bit 0: rope + KV append in one launch; bit 1: the SwiGLU as the gate | up GEMM's epilogue;
+                         // bit 2: repeat, conv and conv advance in one launch for chunks of <= CONV_STEP_MAX tokens
+                         // (default 7; DISTILL_DECODE_FUSE=0: the separate kernels, the same bits, for A/B timing)
     int n_sm;
     bool invariant;      // batch-invariant arithmetic (default; DISTILL_DECODE_INVARIANT=0: cuBLASLt + row-dependent splits)
     bool attn_gqa;       // many rows: attn_gqa_kernel where instantiated (default; DISTILL_DECODE_ATTN=tiles: attn_tiles_kernel)
@@ -935,7 +976,7 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
     const char *menv = getenv("DISTILL_DECODE_MULTI");
     D->gemm_multi = !(menv && !strcmp(menv, "0"));
     const char *fenv = getenv("DISTILL_DECODE_FUSE");
-    D->fuse = fenv && *fenv ? atoi(fenv) & 3 : 3;
+    D->fuse = fenv && *fenv ? atoi(fenv) & 7 : 7;
     const char *genv = getenv("DISTILL_DECODE_GRAPH");
     D->use_graph = genv && atoi(genv) > 0;
     const char *ienv = getenv("DISTILL_DECODE_INVARIANT");
@@ -1250,10 +1291,24 @@ static void mamba(DecoderCuda *D, const DLayer *L, int64_t lc) {
     }
     // dt = dt_proj(dt_low) with its bias; the scan adds the bias again (MambaInLlama's double bias)
     lin(D, D->dt, D->dtl, L->dtw, W(D, L->dtb), N, Rp, di, 0);
-    repeat_kernel<<<grid_of(N * di, 256), 256, 0, D->st>>>(D->xr, D->xs, N, di, dxb, ds);
-    kernelCheck("repeat_kernel");
-    TCK(conv1d_silu_fwd_cuda(nb, lc, di, Wc, (const uint16_t *)D->xr, L->cw, L->cb, NULL,
-                             Wc > 1 ? (const uint16_t *)L->conv : NULL, 1, (uint16_t *)D->xc, D->st, EA));
+    // a step or a window: repeat, conv and the conv window's advance in one launch (the advance reads only xr and
+    // keep, so it may come before the scan); a longer chunk (prefill): three launches
+    const bool conv_step = (D->fuse & 4) && Wc >= 2 && Wc <= 4 && lc <= CONV_STEP_MAX;
+    if (conv_step) {
+#define CONV_STEP_CASE(w)                                                                                           \
+    case w:                                                                                                         \
+        conv_step_kernel<w><<<grid_of(nb * di, 128), 128, 0, D->st>>>(L->conv, D->xs, D->xr, D->xc, L->cw, L->cb, keep, \
+                                                                       nb, lc, di, dxb, ds);                          \
+        break;
+        switch (Wc) { CONV_STEP_CASE(2) CONV_STEP_CASE(3) CONV_STEP_CASE(4) }
+#undef CONV_STEP_CASE
+        kernelCheck("conv_step_kernel");
+    } else {
+        repeat_kernel<<<grid_of(N * di, 256), 256, 0, D->st>>>(D->xr, D->xs, N, di, dxb, ds);
+        kernelCheck("repeat_kernel");
+        TCK(conv1d_silu_fwd_cuda(nb, lc, di, Wc, (const uint16_t *)D->xr, L->cw, L->cb, NULL,
+                                 Wc > 1 ? (const uint16_t *)L->conv : NULL, 1, (uint16_t *)D->xc, D->st, EA));
+    }
     if (D->win) {  // the window's copy of what a replay needs: conv input, scan input u, dt, B
         WinStore ws = {{D->xr, D->xc, D->dt, D->Bs}, {L->w_xr, L->w_xc, L->w_dt, L->w_B}, {di, di, di, dxb}};
         win_store_kernel<<<dim3(grid_of(N * di, 256), 4), 256, 0, D->st>>>(ws, D->ints + 2 * D->rows + 3 * D->B, nb, lc,
@@ -1264,7 +1319,7 @@ static void mamba(DecoderCuda *D, const DLayer *L, int64_t lc) {
     TCK(selective_scan_multi_cuda(&s, (const uint16_t *)D->xc, (const uint16_t *)D->dt, L->A, (const uint16_t *)D->Bs,
                                   (const uint16_t *)D->Cs, L->D, (const uint16_t *)D->z, L->dtb32, L->ssm, keep,
                                   (uint16_t *)D->y, L->ssm, NULL, D->st, EA));
-    if (Wc > 1) {
+    if (Wc > 1 && !conv_step) {
         conv_advance_kernel<<<grid_of(nb * di, 256), 256, 0, D->st>>>(L->conv, D->xr, keep, nb, lc, di, Wc);
         kernelCheck("conv_advance_kernel");
     }
