@@ -32,6 +32,8 @@ extern "C" {
 }
 
 
+int argmax_rows_cuda_on(const float *logits, int64_t rows, int64_t V, void *ws, int32_t *out, cudaStream_t st,
+                        char *err, size_t errlen);
 int sample_rows_cuda_on(const float *logits, int64_t rows, int64_t V, const DecodeSampling *s, const uint64_t *stream,
                         const uint64_t *counter, int32_t *out, cudaStream_t st, char *err, size_t errlen);
 
@@ -730,13 +732,15 @@ struct DecoderCuda {
     int32_t *s_out;      // [B]
     int32_t *am_out;     // argmax: [lcap]
     uint64_t *am_u64;    // [lcap] zeros (the sampler's stream / counter, unused when greedy)
+    void *am_ws;         // argmax_rows_workspace(lcap, V), zeroed
     int32_t *chain_out;  // [B, CHAIN_MAX]: a greedy chain's picks
     bool chain;          // greedy chains in one launch (default; DISTILL_DECODE_CHAIN=0: a host round trip per pick)
     bool gemm_multi;     // q/k/v and the Mamba input projections in one launch each (default; DISTILL_DECODE_MULTI=0:
                          // one per output, the same bits, for A/B timing)
     int fuse;            // bit 0: rope + KV append in one launch; bit 1: the SwiGLU as the gate | up GEMM's epilogue;
-                         // bit 2: repeat, conv and conv advance in one launch for chunks of <= CONV_STEP_MAX tokens
-                         // (default 7; DISTILL_DECODE_FUSE=0: the separate kernels, the same bits, for A/B timing)
+                         // bit 2: repeat, conv and conv advance in one launch for chunks of <= CONV_STEP_MAX tokens;
+                         // bit 3: greedy picks of <= 64 rows by several blocks per row (argmax_rows_cuda)
+                         // (default 15; DISTILL_DECODE_FUSE=0: the previous kernels, the same ids and bits, for A/B)
     int n_sm;
     bool invariant;      // batch-invariant arithmetic (default; DISTILL_DECODE_INVARIANT=0: cuBLASLt + row-dependent splits)
     bool attn_gqa;       // many rows: attn_gqa_kernel where instantiated (default; DISTILL_DECODE_ATTN=tiles: attn_tiles_kernel)
@@ -830,7 +834,7 @@ void decoder_cuda_free(DecoderCuda *D) {
     }
     void *bufs[] = {D->w, D->w32, D->inv_freq, D->x, D->xn, D->mid, D->q, D->k, D->v, D->att, D->gu, D->act, D->mix,
                     D->z, D->xs, D->Bs, D->Cs, D->dtl, D->dt, D->xr, D->xc, D->y, D->last, D->lastn, D->ints,
-                    D->att_ws, D->logits, D->s_u64, D->s_out, D->am_out, D->am_u64, D->chain_out, D->ssm_all, D->ssm0_all,
+                    D->att_ws, D->logits, D->s_u64, D->s_out, D->am_out, D->am_u64, D->am_ws, D->chain_out, D->ssm_all, D->ssm0_all,
                     D->conv_all, D->conv0_all, D->wbuf, D->wy, D->acc_keep};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) cudaFree(bufs[i]);
@@ -976,7 +980,7 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
     const char *menv = getenv("DISTILL_DECODE_MULTI");
     D->gemm_multi = !(menv && !strcmp(menv, "0"));
     const char *fenv = getenv("DISTILL_DECODE_FUSE");
-    D->fuse = fenv && *fenv ? atoi(fenv) & 7 : 7;
+    D->fuse = fenv && *fenv ? atoi(fenv) & 15 : 15;
     const char *genv = getenv("DISTILL_DECODE_GRAPH");
     D->use_graph = genv && atoi(genv) > 0;
     const char *ienv = getenv("DISTILL_DECODE_INVARIANT");
@@ -1117,6 +1121,7 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
     D->logits = (float *)dalloc(D, (size_t)(B * V) * 4);
     D->am_out = (int32_t *)dalloc(D, (size_t)B * 4);
     D->am_u64 = (uint64_t *)dalloc(D, (size_t)B * 8);
+    D->am_ws = dalloc(D, argmax_rows_workspace(B, c->vocab));
     D->lcap = B;
     D->lrows = B;
     D->s_u64 = (uint64_t *)dalloc(D, (size_t)(2 * B) * 8);
@@ -1404,6 +1409,8 @@ static void head_all(DecoderCuda *D, int64_t lc, int64_t c0, int64_t L) {
 
 // Greedy tokens of the last feed's logits rows on the device: am_out [rows] (lowest id on ties, as sample_argmax).
 static int argmax_rows(DecoderCuda *D, int64_t rows, char *err, size_t errlen) {
+    if ((D->fuse & 8) && rows <= 64)
+        return argmax_rows_cuda_on(D->logits, rows, D->h.base.vocab, D->am_ws, D->am_out, D->st, err, errlen);
     const DecodeSampling g = {0.0f, 0, 1.0f, 0};
     return sample_rows_cuda_on(D->logits, rows, D->h.base.vocab, &g, D->am_u64, D->am_u64, D->am_out, D->st, err,
                                errlen);
@@ -1438,10 +1445,12 @@ static void ensure_logits(DecoderCuda *D, int64_t rows) {
     graphs_drop(D);
     const int64_t V = D->h.base.vocab;
     cudaCheck(cudaFree(D->logits)), cudaCheck(cudaFree(D->am_out)), cudaCheck(cudaFree(D->am_u64));
-    D->bytes -= (double)D->lcap * (V * 4 + 12);
+    cudaCheck(cudaFree(D->am_ws));
+    D->bytes -= (double)D->lcap * (V * 4 + 12) + (double)argmax_rows_workspace(D->lcap, V);
     D->logits = (float *)dalloc(D, (size_t)(rows * V) * 4);
     D->am_out = (int32_t *)dalloc(D, (size_t)rows * 4);
     D->am_u64 = (uint64_t *)dalloc(D, (size_t)rows * 8);
+    D->am_ws = dalloc(D, argmax_rows_workspace(rows, V));
     D->lcap = rows;
 }
 

@@ -127,6 +127,12 @@ int decoder_cuda_sample(DecoderCuda *d, const DecodeSampling *s, const uint64_t 
 int sample_rows_cuda(const float *logits, int64_t rows, int64_t V, const DecodeSampling *s, const uint64_t *stream,
                      const uint64_t *counter, int32_t *out, char *err, size_t errlen);
 
+// Greedy ids of rows of logits (argmax, lowest id on ties, NaN as -inf: sample_rows_cuda's greedy ids) with
+// several blocks per row, for few rows. ws: argmax_rows_workspace(rows, V) bytes of device memory, zeroed before its
+// first use (every call leaves it so). rows <= 65535. Enqueued on the default stream.
+size_t argmax_rows_workspace(int64_t rows, int64_t V);
+int argmax_rows_cuda(const float *logits, int64_t rows, int64_t V, void *ws, int32_t *out, char *err, size_t errlen);
+
 // The decode attention alone, for tests and benchmarks: q device [nb*lc, nh*hd] bf16 (row b*lc + t: the query at
 // position lenb[b] + t, which sees keys 0..lenb[b] + t of sequence b), kc, vc device [nb, max_len, nkv*hd] bf16,
 // lenb device [nb] int32, out device [nb*lc, nh*hd] bf16; every query's keys <= maxkeys <= max_len. kernel: 0 =

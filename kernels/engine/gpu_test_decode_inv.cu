@@ -18,7 +18,8 @@
 //   4. The sampler (sample_rows_cuda) draws the same ids as its general path alone (sample_rows_cuda_reference:
 //      radix select and the draw over the whole row, the first version's algorithm), bit for bit, on rows of 64 .. 131072 logits of 13 kinds (normal, peaked, quantized
 //      with many equal values, all equal, NaN / -inf / +inf, ids sorted by logit, near the zero-weight limit)
-//      under 12 settings (greedy, T from 1e-39 to 5, top-k, top-p): every path of the fast kernel.
+//      under 12 settings (greedy, T from 1e-39 to 5, top-k, top-p): every path of the fast kernel. The split
+//      argmax (argmax_rows_cuda, several blocks per row: the decoder's greedy picks) gives the greedy ids.
 // With DISTILL_DECODE_INVARIANT=0 (the previous arithmetic: cuBLASLt GEMMs, key splits that depend on the
 // number of rows) sections 2 and 3 are expected to FAIL: that is how the test shows it can see the problem.
 //   5. The attention kernels alone (decode_attention_cuda) on random q, K, V: one block per (row, head)
@@ -691,6 +692,35 @@ static void test_sampler(void) {
             }
         check(bad == 0, "sampler V = %lld: the fast kernel draws the reference's ids (%lld of %lld draws differ)",
               (long long)V, (long long)bad, (long long)draws);
+        {  // argmax_rows_cuda (several blocks per row) == the sampler's greedy ids, twice on one workspace
+            const size_t wsb = argmax_rows_workspace(R, V);
+            void *ws;
+            CK(cudaMalloc(&ws, wsb));
+            CK(cudaMemset(ws, 0, wsb));
+            CK(cudaMemset(dout, 0x7f, (size_t)R * 4));
+            if (sample_rows_cuda(dl, R, V, &settings[10], ds, dc, dout, err, sizeof err)) {
+                printf("  FAIL sampler: refused: %s\n", err);
+                exit(1);
+            }
+            CK(cudaMemcpy(hr, dout, (size_t)R * 4, cudaMemcpyDeviceToHost));
+            int64_t abad = 0;
+            for (int rep = 0; rep < 4; rep++) {  // all rows, the first 3, all again, the first one: the counts stay right
+                const int64_t rr = rep == 1 ? 3 : rep == 3 ? 1 : R;
+                CK(cudaMemset(dout, 0x7f, (size_t)R * 4));
+                CK(cudaMemcpy(dout + rr, hr + rr, (size_t)(R - rr) * 4, cudaMemcpyHostToDevice));
+                if (argmax_rows_cuda(dl, rr, V, ws, dout, err, sizeof err)) {
+                    printf("  FAIL argmax_rows_cuda: refused: %s\n", err);
+                    exit(1);
+                }
+                CK(cudaDeviceSynchronize());
+                CK(cudaMemcpy(ho, dout, (size_t)R * 4, cudaMemcpyDeviceToHost));
+                for (int64_t r = 0; r < R; r++) abad += ho[r] != hr[r];
+            }
+            check(abad == 0, "argmax_rows_cuda V = %lld: the greedy ids of the sampler on %lld rows of %d kinds (NaN, "
+                  "infinities, ties), calls of %lld, 3, %lld and 1 rows on one workspace (%lld differ)", (long long)V, (long long)R, SAMPLE_KINDS,
+                  (long long)R, (long long)R, (long long)abad);
+            CK(cudaFree(ws));
+        }
         CK(cudaFree(dl));
         CK(cudaFree(ds));
         CK(cudaFree(dc));
