@@ -324,17 +324,27 @@ __global__ void attn_fold_kernel(const float *ws, AttArgs a, bf16 *out) {
     const int64_t row = blockIdx.x;
     const int h = blockIdx.y, hd = a.hd;
     const float *o = ws + (row * a.nh + h) * a.nsplit * (int64_t)(hd + 2);
+    constexpr int AHEAD = 8;  // the partials of 8 tiles loaded before they are folded in (one latency, not 8)
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float M = o[hd], L = o[hd + 1], acc = o[d];
-        for (int s = 1; s < a.nsplit; s++) {
-            const float *os = o + s * (int64_t)(hd + 2);
-            const float m = os[hd];
-            if (!(m > -INFINITY)) continue;
-            float ca, cb;
-            fold_factors(M, m, ca, cb);
-            L = fold_one(L, ca, os[hd + 1], cb);
-            acc = fold_one(acc, ca, os[d], cb);
-            M = fmaxf(M, m);
+        for (int s0 = 1; s0 < a.nsplit; s0 += AHEAD) {
+            float pm[AHEAD], pl[AHEAD], pa[AHEAD];
+#pragma unroll
+            for (int u = 0; u < AHEAD; u++) {
+                const float *os = o + (int64_t)(s0 + u < a.nsplit ? s0 + u : 0) * (hd + 2);
+                pm[u] = os[hd], pl[u] = os[hd + 1], pa[u] = os[d];
+            }
+#pragma unroll
+            for (int u = 0; u < AHEAD; u++) {
+                if (s0 + u >= a.nsplit) break;
+                const float m = pm[u];
+                if (!(m > -INFINITY)) continue;
+                float ca, cb;
+                fold_factors(M, m, ca, cb);
+                L = fold_one(L, ca, pl[u], cb);
+                acc = fold_one(acc, ca, pa[u], cb);
+                M = fmaxf(M, m);
+            }
         }
         out[(row * a.nh + h) * hd + d] = __float2bfloat16_rn(__fdiv_rn(acc, L));
     }
