@@ -8,7 +8,8 @@
 // (A and B use the same mapping, so each product pairs matching k; the order of slots inside an MMA is the
 // hardware's, fixed). The 4 slice partials meet in shared memory and are added in slice order. Nothing in
 // this depends on M: MT / NT / U (loads in flight) only choose how many tiles a warp carries at once, and MFAST
-// (the order in which blocks walk the tiles) only which blocks run at the same time.
+// (the order in which blocks walk the tiles) only which blocks run at the same time. decode_gemm_swiglu's tiles
+// (PAIR) hold matching rows of two weights, so its epilogue sees a gate sum and its up sum side by side.
 #include <cuda_bf16.h>
 #include <stdio.h>
 #include <stdlib.h>
