@@ -31,7 +31,6 @@ extern "C" {
 #include "distill/layers_cpu.h"  // rope_inv_freq
 }
 
-
 int argmax_rows_cuda_on(const float *logits, int64_t rows, int64_t V, void *ws, int32_t *out, cudaStream_t st,
                         char *err, size_t errlen);
 int sample_rows_cuda_on(const float *logits, int64_t rows, int64_t V, const DecodeSampling *s, const uint64_t *stream,
@@ -209,11 +208,10 @@ __device__ __forceinline__ void fold_factors(float M, float m, float &ca, float 
 }
 __device__ __forceinline__ float fold_one(float x, float ca, float y, float cb) { return __fmaf_rn(x, ca, __fmul_rn(y, cb)); }
 
+#define VSH_HD 128  // head dims up to which attn_tiles_kernel stages a tile's V rows in shared memory (32 KB)
 // One block per (query row, head) [x one tile when SPLIT]. SPLIT: the tile's partial (acc [hd], m, l) goes to
 // ws [rows, nh, nsplit, hd + 2] (m = -inf for a tile past the query's keys); otherwise the block folds all the
 // query's tiles and writes out [rows, nh*hd] bf16.
-#define CONV_STEP_MAX 64  // chunks up to this many tokens take conv_step_kernel (one thread walks a channel's tokens)
-#define VSH_HD 128  // head dims up to which attn_tiles_kernel stages a tile's V rows in shared memory (32 KB)
 template <bool SPLIT>
 __global__ void __launch_bounds__(ATT_THREADS)
     attn_tiles_kernel(const bf16 *q, const bf16 *kc, const bf16 *vc, const int32_t *lenb, AttArgs a, float *ws,
@@ -277,7 +275,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
                 for (int jj = 0; jj < nk; jj++) a0 = __fmaf_rn(ps[jj], __bfloat162float(vsh[jj * hd + tid]), a0);
             }
         }
-        for (int jb = 0; hd > VSH_HD && jb < nk; jb += PV_AHEAD) {
+        for (int jb = 0; hd > VSH_HD && jb < nk; jb += PV_AHEAD) {  // (the else of the staged path)
             float v0[PV_AHEAD], v1[PV_AHEAD];
 #pragma unroll
             for (int u = 0; u < PV_AHEAD; u++) {
@@ -602,6 +600,7 @@ __global__ void conv_advance_kernel(bf16 *win, const bf16 *x, const int32_t *kee
     }
 }
 
+#define CONV_STEP_MAX 64  // chunks up to this many tokens take conv_step_kernel (one thread walks a channel's tokens)
 // repeat_kernel, conv1d_silu_fwd_cuda (with the window as x_prev) and conv_advance_kernel in one launch for the few
 // tokens of a step or a verification window, the same bits: one thread per (b, channel c) walks the chunk's lc
 // tokens, reading x through the repeat map (xs [nb*lc, dxb] -> xr [nb*lc, di], kept for the speculative window's
@@ -749,7 +748,7 @@ struct DecoderCuda {
                          // one per output, the same bits, for A/B timing)
     int fuse;            // bit 0: rope + KV append in one launch; bit 1: the SwiGLU as the gate | up GEMM's epilogue;
                          // bit 2: repeat, conv and conv advance in one launch for chunks of <= CONV_STEP_MAX tokens;
-                         // bit 3: greedy picks of <= 64 rows by several blocks per row (argmax_rows_cuda)
+                         // bit 3: greedy picks of <= ARGMAX_SPLIT_ROWS rows by several blocks per row
                          // (default 15; DISTILL_DECODE_FUSE=0: the previous kernels, the same ids and bits, for A/B)
     int n_sm;
     bool invariant;      // batch-invariant arithmetic (default; DISTILL_DECODE_INVARIANT=0: cuBLASLt + row-dependent splits)
@@ -1418,8 +1417,10 @@ static void head_all(DecoderCuda *D, int64_t lc, int64_t c0, int64_t L) {
 }
 
 // Greedy tokens of the last feed's logits rows on the device: am_out [rows] (lowest id on ties, as sample_argmax).
+// Up to ARGMAX_SPLIT_ROWS rows (steps, windows, chains) several blocks per row; more rows fill the GPU one block each.
+#define ARGMAX_SPLIT_ROWS 64
 static int argmax_rows(DecoderCuda *D, int64_t rows, char *err, size_t errlen) {
-    if ((D->fuse & 8) && rows <= 64)
+    if ((D->fuse & 8) && rows <= ARGMAX_SPLIT_ROWS)
         return argmax_rows_cuda_on(D->logits, rows, D->h.base.vocab, D->am_ws, D->am_out, D->st, err, errlen);
     const DecodeSampling g = {0.0f, 0, 1.0f, 0};
     return sample_rows_cuda_on(D->logits, rows, D->h.base.vocab, &g, D->am_u64, D->am_u64, D->am_out, D->st, err,
