@@ -366,6 +366,12 @@ __device__ static void draw_range(const float *x, int64_t lo, int64_t hi, const 
     }
 }
 
+// The argmax's merge: the larger value, the lower id on ties (NaN already -inf), the same (value, id) in any order
+// of merges; sample_kernel's greedy path and argmax_chunks_kernel both use it, so their ids agree.
+__device__ __forceinline__ void am_merge(float &bv, int64_t &bi, float v, int64_t i) {
+    if (v > bv || (v == bv && i < bi)) bv = v, bi = i;
+}
+
 // At most 64 registers (2 blocks of 512 threads per SM; 40 for 3 blocks spills), no spills.
 __global__ void __launch_bounds__(SAMPLE_THREADS, 2)
     sample_kernel(const float *logits, SampleArgs a, const uint64_t *stream, const uint64_t *counter, int32_t *out) {
@@ -378,18 +384,13 @@ __global__ void __launch_bounds__(SAMPLE_THREADS, 2)
     float bv = -INFINITY;
     int64_t bi = INT64_MAX;
     block_range(x, V, [&](bool ok, int64_t i, float v) {
-        if (ok && (v > bv || (v == bv && i < bi))) bv = v, bi = i;
+        if (ok) am_merge(bv, bi, v, i);
     });
-    for (int o = 16; o; o >>= 1) {
-        const float ov = __shfl_xor_sync(FULL_MASK, bv, o);
-        const int64_t oi = __shfl_xor_sync(FULL_MASK, bi, o);
-        if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
-    }
+    for (int o = 16; o; o >>= 1) am_merge(bv, bi, __shfl_xor_sync(FULL_MASK, bv, o), __shfl_xor_sync(FULL_MASK, bi, o));
     if ((tid & 31) == 0) S.shv[wid] = bv, S.shi[wid] = bi;
     __syncthreads();
     bv = S.shv[0], bi = S.shi[0];
-    for (int w = 1; w < SAMPLE_WARPS; w++)
-        if (S.shv[w] > bv || (S.shv[w] == bv && S.shi[w] < bi)) bv = S.shv[w], bi = S.shi[w];
+    for (int w = 1; w < SAMPLE_WARPS; w++) am_merge(bv, bi, S.shv[w], S.shi[w]);
     if (a.greedy || !(bv > -INFINITY)) {  // block-uniform condition
         if (tid == 0) out[row] = (int32_t)bi;
         return;
@@ -582,9 +583,6 @@ extern "C" int sample_rows_cuda(const float *logits, int64_t rows, int64_t V, co
 #define AM_CHUNK 4096
 #define AM_THREADS 256
 
-__device__ __forceinline__ void am_merge(float &bv, int64_t &bi, float v, int64_t i) {
-    if (v > bv || (v == bv && i < bi)) bv = v, bi = i;
-}
 // the block's (value, id) to thread 0
 __device__ __forceinline__ void am_block(float &bv, int64_t &bi, float *sv, int64_t *si) {
     for (int o = 16; o; o >>= 1) am_merge(bv, bi, __shfl_xor_sync(FULL_MASK, bv, o), __shfl_xor_sync(FULL_MASK, bi, o));
