@@ -51,9 +51,10 @@ int decode_gemm_swiglu(void *act, const void *x, const void *Wg, const void *Wu,
 
 // The layer's RMSNorms inside the GEMMs (the decoder's steps, windows and chains: few rows). With the norm prologue
 // (the *_norm calls) x is the raw rows [M, K] (bf16, K = d_model) and the GEMM multiplies the bf16 rows that
-// rmsnorm_fwd_cuda(DT_BF16, xn, NULL, NULL, x, NULL, norm_w, M, K, eps) would write: each block recomputes its rows'
-// rstd with that kernel's own reduction tree and each element as it does, so every output is bit-identical to that
-// norm call into a buffer and then the plain call, with one launch and the [M, K] round trip fewer. Each column block
+// rmsnorm_fwd_cuda(DT_BF16, xn, NULL, NULL, x, NULL, norm_w, M, K, eps) would write into a 16-byte aligned xn (its
+// vectorized kernel): each block recomputes its rows' rstd with that kernel's own reduction tree and each element as it
+// does, so every output is bit-identical to that norm call and then the plain call on xn, with one launch and the
+// [M, K] round trip fewer. Each column block
 // recomputes its rows' norms, so M <= DECODE_GEMM_NORM_MAX_M (more is refused: call the norm, then the plain GEMM).
 // norm_w [K] bf16, 16-byte aligned.
 #define DECODE_GEMM_NORM_MAX_M 64
