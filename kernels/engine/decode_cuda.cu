@@ -748,10 +748,8 @@ struct DecoderCuda {
                          // one per output, the same bits, for A/B timing)
     int fuse;            // bit 0: rope + KV append in one launch; bit 1: the SwiGLU as the gate | up GEMM's epilogue;
                          // bit 2: repeat, conv and conv advance in one launch for chunks of <= CONV_STEP_MAX tokens;
-                         // bit 3: greedy picks of <= ARGMAX_SPLIT_ROWS rows by several blocks per row;
-                         // bit 4: a layer's two RMSNorms inside the GEMMs that read them (chunks of <=
-                         // DECODE_GEMM_NORM_MAX_M rows; see norms_fused)
-                         // (default 31; DISTILL_DECODE_FUSE=0: the previous kernels, the same ids and bits, for A/B)
+                         // bit 3: greedy picks of <= ARGMAX_SPLIT_ROWS rows by several blocks per row
+                         // (default 15; DISTILL_DECODE_FUSE=0: the previous kernels, the same ids and bits, for A/B)
     int n_sm;
     bool invariant;      // batch-invariant arithmetic (default; DISTILL_DECODE_INVARIANT=0: cuBLASLt + row-dependent splits)
     bool attn_gqa;       // many rows: attn_gqa_kernel where instantiated (default; DISTILL_DECODE_ATTN=tiles: attn_tiles_kernel)
@@ -817,40 +815,16 @@ static void lin(DecoderCuda *D, void *y, const void *x, int64_t woff, const void
 
 // Several products of the same rows x [N, In]: y[i] [N, O[i]] = x @ W(woff[i])^T, no bias. With the batch-invariant
 // arithmetic one launch (decode_gemm_multi: the same bits as a lin per output, fewer launches per step), else a lin
-// each. norm_w (norms_fused only): x is the raw rows and the products are of their RMSNorm with norm_w (the norm as
-// the GEMM's prologue, decode_gemm_multi_norm; with DISTILL_DECODE_MULTI=0 one such launch per output).
-static void lin_multi(DecoderCuda *D, const void *x, const bf16 *norm_w, int64_t N, int64_t In, int n, void *const *y,
-                      const int64_t *woff, const int64_t *O) {
-    if (!norm_w && (!D->invariant || !D->gemm_multi)) {
+// each.
+static void lin_multi(DecoderCuda *D, const void *x, int64_t N, int64_t In, int n, void *const *y, const int64_t *woff,
+                      const int64_t *O) {
+    if (!D->invariant || !D->gemm_multi) {
         for (int i = 0; i < n; i++) lin(D, y[i], x, woff[i], NULL, N, In, O[i], 0);
         return;
     }
     DecodeGemmOut outs[DECODE_GEMM_MAX_OUTS];
     for (int i = 0; i < n; i++) outs[i] = (DecodeGemmOut){y[i], W(D, woff[i]), NULL, O[i]};
-    const float eps = (float)D->h.base.rms_eps;
-    if (!norm_w) TCK(decode_gemm_multi(DT_BF16, outs, n, x, N, In, D->st, EA));
-    else if (D->gemm_multi) TCK(decode_gemm_multi_norm(DT_BF16, outs, n, x, norm_w, eps, N, In, D->st, EA));
-    else
-        for (int i = 0; i < n; i++) TCK(decode_gemm_multi_norm(DT_BF16, outs + i, 1, x, norm_w, eps, N, In, D->st, EA));
-}
-
-// DISTILL_DECODE_FUSE bit 4: for chunks of few rows (steps, speculative windows, greedy chains) a layer's RMSNorms run
-// inside the GEMMs that read them: the input norm as the q/k/v (or Mamba input) GEMM's prologue, and the mixer's output
-// projection writes mid = x + mixer directly (decode_gemm_res) for the gate|up GEMM's norm prologue
-// (decode_gemm_swiglu_norm, so also bit 1). Two launches fewer per layer, the same bits (the prologue reproduces the
-// norm kernel's arithmetic; gpu_test_decode_inv). Longer chunks (prefills) keep the norm launches: every column block
-// would recompute all its rows' norms. rmsnorm_fwd_cuda takes its vectorized kernel, the one the prologue reproduces,
-// for 16-byte aligned bf16 rows of d % 8 == 0: the decoder's buffers and weights (registry offsets) always are.
-static bool norms_fused(const DecoderCuda *D, int64_t N) {
-    return D->invariant && (D->fuse & 16) && (D->fuse & 2) && N <= DECODE_GEMM_NORM_MAX_M;
-}
-
-// The mixer's output projection y [N, In] @ W(woff)^T: into mix, or with the norms fused mid = x + that (the bits of
-// mix and then the post-norm's residual add)
-static void mixer_out(DecoderCuda *D, const void *y, int64_t woff, int64_t N, int64_t In) {
-    const int64_t d = D->h.base.d_model;
-    if (norms_fused(D, N)) TCK(decode_gemm_res(D->mid, y, W(D, woff), NULL, D->x, N, d, In, D->st, EA));
-    else lin(D, D->mix, y, woff, NULL, N, In, d, 0);
+    TCK(decode_gemm_multi(DT_BF16, outs, n, x, N, In, D->st, EA));
 }
 
 // fp32 logits [rows, V] of the normed rows x [rows, d].
@@ -1015,7 +989,7 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
     const char *menv = getenv("DISTILL_DECODE_MULTI");
     D->gemm_multi = !(menv && !strcmp(menv, "0"));
     const char *fenv = getenv("DISTILL_DECODE_FUSE");
-    D->fuse = fenv && *fenv ? atoi(fenv) & 31 : 31;
+    D->fuse = fenv && *fenv ? atoi(fenv) & 15 : 15;
     const char *genv = getenv("DISTILL_DECODE_GRAPH");
     D->use_graph = genv && atoi(genv) > 0;
     const char *ienv = getenv("DISTILL_DECODE_INVARIANT");
@@ -1327,8 +1301,7 @@ static void mamba(DecoderCuda *D, const DLayer *L, int64_t lc) {
     {  // z, x, B, C and the low-rank dt input from the normed rows
         void *const y[5] = {D->z, D->xs, D->Bs, D->Cs, D->dtl};
         const int64_t wo[5] = {L->z, L->x, L->Bp, L->Cp, L->dtd}, O[5] = {di, dxb, dxb, di, Rp};
-        if (norms_fused(D, N)) lin_multi(D, D->x, W(D, L->in_norm), N, d, 5, y, wo, O);
-        else lin_multi(D, D->xn, NULL, N, d, 5, y, wo, O);
+        lin_multi(D, D->xn, N, d, 5, y, wo, O);
     }
     // dt = dt_proj(dt_low) with its bias; the scan adds the bias again (MambaInLlama's double bias)
     lin(D, D->dt, D->dtl, L->dtw, W(D, L->dtb), N, Rp, di, 0);
@@ -1364,7 +1337,7 @@ static void mamba(DecoderCuda *D, const DLayer *L, int64_t lc) {
         conv_advance_kernel<<<grid_of(nb * di, 256), 256, 0, D->st>>>(L->conv, D->xr, keep, nb, lc, di, Wc);
         kernelCheck("conv_advance_kernel");
     }
-    mixer_out(D, D->y, L->out, N, di);
+    lin(D, D->mix, D->y, L->out, NULL, N, di, d, 0);
 }
 
 // One pass over the model for the chunk already uploaded (D->ints): nb sequences x lc tokens.
@@ -1375,15 +1348,13 @@ static void run_chunk(DecoderCuda *D, int64_t lc, int64_t maxkeys) {
     const float eps = (float)c->rms_eps;
     const int32_t *tok = D->ints, *pos = D->ints + D->rows, *lenb = D->ints + 2 * D->rows + 2 * D->B;
     TCK(embedding_fwd_cuda(DT_BF16, D->x, tok, W(D, D->emb), N, c->vocab, d, D->st, EA));
-    const bool fused = norms_fused(D, N);  // the norms inside the GEMMs (no xn, no mix)
     for (int l = 0; l < c->n_layer; l++) {
         const DLayer *L = &D->L[l];
-        if (!fused) TCK(rmsnorm_fwd_cuda(DT_BF16, D->xn, NULL, NULL, D->x, NULL, W(D, L->in_norm), N, d, eps, D->st, EA));
+        TCK(rmsnorm_fwd_cuda(DT_BF16, D->xn, NULL, NULL, D->x, NULL, W(D, L->in_norm), N, d, eps, D->st, EA));
         if (L->kind == MIXER_ATTN) {
             void *const y[3] = {D->q, D->k, D->v};
             const int64_t wo[3] = {L->q, L->k, L->v}, O[3] = {qd, kvd, kvd};
-            if (fused) lin_multi(D, D->x, W(D, L->in_norm), N, d, 3, y, wo, O);
-            else lin_multi(D, D->xn, NULL, N, d, 3, y, wo, O);
+            lin_multi(D, D->xn, N, d, 3, y, wo, O);
             if (D->fuse & 1) {
                 const int64_t pairs = N * (c->n_head + c->n_kv_head) * (hd / 2);
                 rope_kv_kernel<<<grid_of(pairs, 128), 128, 0, D->st>>>(D->q, c->n_head, D->k, D->v, c->n_kv_head, L->kc,
@@ -1397,17 +1368,15 @@ static void run_chunk(DecoderCuda *D, int64_t lc, int64_t maxkeys) {
                 kernelCheck("kv_append_kernel");
             }
             attention(D, L, lc, maxkeys);
-            mixer_out(D, D->att, L->o, N, qd);
+            lin(D, D->mix, D->att, L->o, NULL, N, qd, d, 0);
         } else {
             mamba(D, L, lc);
         }
-        // mid = x + mixer; xn = norm(mid) (fused: mixer_out wrote mid, and the gate|up GEMM norms it)
-        if (!fused)
-            TCK(rmsnorm_fwd_cuda(DT_BF16, D->xn, NULL, D->mid, D->mix, D->x, W(D, L->post_norm), N, d, eps, D->st, EA));
+        // mid = x + mixer; xn = norm(mid)
+        TCK(rmsnorm_fwd_cuda(DT_BF16, D->xn, NULL, D->mid, D->mix, D->x, W(D, L->post_norm), N, d, eps, D->st, EA));
         if (D->invariant && (D->fuse & 2)) {  // act = swiglu(gate, up) as the GEMM's epilogue
-            const bf16 *Wg = W(D, L->gate), *Wu = L->fused_gu ? Wg + ff * d : W(D, L->up);
-            if (fused) TCK(decode_gemm_swiglu_norm(D->act, D->mid, W(D, L->post_norm), eps, Wg, Wu, N, ff, d, D->st, EA));
-            else TCK(decode_gemm_swiglu(D->act, D->xn, Wg, Wu, N, ff, d, D->st, EA));
+            const bf16 *Wg = W(D, L->gate);
+            TCK(decode_gemm_swiglu(D->act, D->xn, Wg, L->fused_gu ? Wg + ff * d : W(D, L->up), N, ff, d, D->st, EA));
         } else if (L->fused_gu) {
             lin(D, D->gu, D->xn, L->gate, NULL, N, d, 2 * ff, 0);
             TCK(swiglu_fwd_cuda(DT_BF16, D->act, D->gu, D->gu + ff, N, ff, 2 * ff, D->st, EA));

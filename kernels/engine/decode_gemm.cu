@@ -10,17 +10,12 @@
 // this depends on M: MT / NT / U (loads in flight) only choose how many tiles a warp carries at once, and MFAST
 // (the order in which blocks walk the tiles) only which blocks run at the same time. decode_gemm_swiglu's tiles
 // (PAIR) hold matching rows of two weights, so its epilogue sees a gate sum and its up sum side by side.
-// NORM (the *_norm entry points): x holds raw rows and the block first computes its rows' RMSNorm rstd exactly as
-// rmsnorm_fwd_vec_kernel does (its 256 threads' partial sums and block_sum's tree, emulated by one warp per row);
-// each A chunk is then the norm kernel's output for those 8 elements, bf16(w * (x * rstd)). RES (decode_gemm_res): the
-// bf16-rounded sum plus a residual row, the norm kernel's residual add. Both are template flags: the plain instances
-// are the same code as without them.
 #include <cuda_bf16.h>
 #include <stdio.h>
 #include <stdlib.h>
 
 #include "kernels/engine/decode_gemm.h"
-#include "kernels/train/train_common.cuh"  // train_fail, swiglu_f, rms_ss8 / rms_rstd / rms_out8
+#include "kernels/train/train_common.cuh"  // train_fail, swiglu_f
 
 #define GEMM_SLICES 4  // part of the arithmetic: changing it changes bits (never make it depend on the shape)
 #define GEMM_THREADS (32 * GEMM_SLICES)
@@ -49,95 +44,15 @@ struct GemmSegs {
     int n;
 };
 
-// A launch's fused prologue / epilogue, a parameter after the others (the plain instances' parameters keep their
-// places): NORM reads norm_w [K] and eps, RES res [M, N] (one output).
-struct GemmFuse {
-    const bf16 *norm_w, *res;
-    float eps;
-};
-
-__device__ __forceinline__ void prefetch_l2(const void *p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
-
-// block_sum's butterfly over one warp (train_common.cuh): every lane gets the warp's sum.
-__device__ __forceinline__ float warp_tree(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-// NORM's prologue: the rstd of the block's rows m0 + i (i < 16 MT, m0 + i < M) into rs[i], bit for bit
-// rmsnorm_fwd_vec_kernel's. That kernel's block has NV = RMSNORM_VEC_THREADS / 32 warps; its thread v = 32 w + l sums
-// the squares of chunks v, v + 32 NV, ... of the row (rms_ss8, in that order), then block_sum: a butterfly over each
-// warp, the NV warp sums into lanes 0 .. NV-1 of one warp with zeros in the other lanes, a butterfly again. Here warp s
-// takes rows s, s + 4, ... of the block, 4 at a time: its lane l holds the partials of virtual threads l, 32 + l, ...,
-// 32 (NV-1) + l of each row, loaded and summed in those threads' own order; a butterfly per virtual warp gives the warp
-// sums (the same lanes' values added, in the same steps), and the last butterfly is evaluated in registers: after the
-// step of offset o, t[i] (i < o) is lane i's value plus lane i + o's, which is also what lane i + o holds (float
-// addition is commutative), so t[0] ends as the total that every thread of the norm kernel holds.
-template <int MT>
-__device__ __forceinline__ void norm_rows_rstd(float *rs, const bf16 *__restrict__ x, float eps, int64_t m0, int64_t M,
-                                               int64_t K, int s, int lane) {
-    constexpr int NV = RMSNORM_VEC_THREADS / 32, RW = 4 * MT;  // virtual warps; rows per warp
-    static_assert(NV % 4 == 0 && NV <= 32, "the virtual warps are loaded 4 at a time");
-    const int64_t d8 = K / 8;
-    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-    for (int j0 = 0; j0 < RW; j0 += 4) {
-        if (m0 + s + 4 * j0 >= M) break;  // warp-uniform: no row of this group, nor of a later one
-        float p[4][NV];
-#pragma unroll
-        for (int q = 0; q < 4; q++)
-#pragma unroll
-            for (int w = 0; w < NV; w++) p[q][w] = 0.f;
-        for (int64_t b = 0; b < d8; b += 32 * NV) {  // one chunk of every virtual thread: b + 32 w + l
-#pragma unroll
-            for (int w0 = 0; w0 < NV; w0 += 4) {
-                if (b + 32 * w0 >= d8) continue;  // warp-uniform: these virtual warps have no chunk left
-                uint4 v[4][4];
-#pragma unroll
-                for (int q = 0; q < 4; q++)
-#pragma unroll
-                    for (int w = 0; w < 4; w++) {
-                        const int64_t row = m0 + s + 4 * (j0 + q), ch = b + 32 * (w0 + w) + lane;
-                        v[q][w] = row < M && ch < d8 ? __ldg((const uint4 *)(x + row * K) + ch) : zero;
-                    }
-#pragma unroll
-                for (int q = 0; q < 4; q++)
-#pragma unroll
-                    for (int w = 0; w < 4; w++) {
-                        const int64_t row = m0 + s + 4 * (j0 + q), ch = b + 32 * (w0 + w) + lane;
-                        if (row < M && ch < d8) p[q][w0 + w] = rms_ss8(v[q][w], p[q][w0 + w]);
-                    }
-            }
-        }
-#pragma unroll
-        for (int q = 0; q < 4; q++) {
-            const int i = s + 4 * (j0 + q);
-            if (m0 + i >= M) continue;  // warp-uniform
-            float t[32];
-#pragma unroll
-            for (int l = 0; l < 32; l++) t[l] = 0.f;  // block_sum's lanes >= NV
-#pragma unroll
-            for (int w = 0; w < NV; w++) t[w] = 32 * w < d8 ? warp_tree(p[q][w]) : 0.f;  // (no chunks: +0 in every lane)
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1)
-#pragma unroll
-                for (int l = 0; l < 16; l++)  // (a fixed count, so the indices are constants)
-                    if (l < o) t[l] += t[l + o];
-            if (lane == 0) rs[i] = rms_rstd(t[0], K, eps);
-        }
-    }
-}
-
 // GEMM_THREADS threads; grid (column tiles of all outputs, ceil(M / (16 MT))), or with MFAST one dimension of both
 // counts' product, row tiles first: the blocks that share a weight tile run together, so a weight matrix larger than
 // L2 (a 49152-row head) is read from memory once instead of once per row tile.
 // PAIR (the MLP's gate and up with the SwiGLU as epilogue): a tile's first NT/2 column groups are rows of segs.W[0]
 // (gate), its last NT/2 the same rows of segs.W[1] (up); each output element is swiglu(gate, up) of the two sums,
 // each rounded to bf16 first as a separate bf16 GEMM output would be.
-// NORM: x is raw rows; the A operand is their RMSNorm with fx.norm_w, fx.eps (norm_rows_rstd, rms_out8). RES (one
-// output, bf16, no accumulate): y = bf16(float(bf16(sum)) + float(fx.res)).
-template <typename OutT, int MT, int NT, int U, bool MFAST, bool PAIR, bool NORM = false, bool RES = false>
+template <typename OutT, int MT, int NT, int U, bool MFAST, bool PAIR>
 __global__ void __launch_bounds__(GEMM_THREADS)
-    decode_gemm_kernel(GemmSegs segs, const bf16 *__restrict__ x, int64_t M, int64_t K, int accumulate, GemmFuse fx) {
+    decode_gemm_kernel(GemmSegs segs, const bf16 *__restrict__ x, int64_t M, int64_t K, int accumulate) {
     // the slice partials pass through shared memory in rounds of at most 64 accumulators per lane (32 KB)
     constexpr int NACC = MT * NT * 4, ROUND = NACC < 64 ? NACC : 64;
     constexpr int NH = PAIR ? NT / 2 : NT;  // output column groups of 8 per tile
@@ -170,37 +85,13 @@ __global__ void __launch_bounds__(GEMM_THREADS)
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[mt][nt][i] = 0.0f;
-    float rs[MT][2];  // NORM: the rstd of this lane's A rows (g and g + 8 of each m16 tile)
-    if constexpr (NORM) {
-        // the weights of the slice's first U chunks on their way to L2 while the norms are computed (no effect on bits)
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int64_t k = (c0 + u) * GEMM_CHUNK + t * 8;
-            if (c0 + u < c1 && k < K)
-#pragma unroll
-                for (int nt = 0; nt < NT; nt++) {
-                    const int64_t n = n0 + (nt % NH) * 8 + g;
-                    const bf16 *Wt = PAIR && nt >= NH ? segs.W[1] : W;
-                    if (n < N) prefetch_l2(Wt + n * K + k);
-                }
-        }
-        __shared__ float rstd_s[16 * MT];
-        norm_rows_rstd<MT>(rstd_s, x, fx.eps, m0, M, K, s, lane);
-        __syncthreads();
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) rs[mt][h] = m0 + mt * 16 + g + 8 * h < M ? rstd_s[mt * 16 + g + 8 * h] : 0.f;
-    }
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
     for (int64_t c = c0; c < c1; c += U) {
         uint4 a[U][MT][2], b[U][NT];  // U chunks' operands loaded before any of their MMAs
-        uint4 wn[NORM ? U : 1];       // NORM: the norm weights of those chunks
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int64_t k = (c + u) * GEMM_CHUNK + t * 8;
             const bool kv = c + u < c1 && k < K;  // K % 8 == 0: a lane's 8 elements are all in or all out
-            if constexpr (NORM) wn[u] = kv ? __ldg((const uint4 *)(fx.norm_w + k)) : zero;
 #pragma unroll
             for (int mt = 0; mt < MT; mt++) {
                 const int64_t r = m0 + mt * 16 + g;
@@ -217,14 +108,6 @@ __global__ void __launch_bounds__(GEMM_THREADS)
 #pragma unroll
         for (int u = 0; u < U; u++) {
             if (c + u >= c1) break;  // warp-uniform: no MMA past the slice (not even one adding zeros)
-            if constexpr (NORM) {  // the norm kernel's outputs of these 8 elements (past K and M: the zeros as loaded)
-                if ((c + u) * GEMM_CHUNK + t * 8 < K)
-#pragma unroll
-                    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-                        for (int h = 0; h < 2; h++)
-                            if (m0 + mt * 16 + g + 8 * h < M) a[u][mt][h] = rms_out8(a[u][mt][h], wn[u], rs[mt][h]);
-            }
 #pragma unroll
             for (int mt = 0; mt < MT; mt++)
 #pragma unroll
@@ -282,8 +165,6 @@ __global__ void __launch_bounds__(GEMM_THREADS)
                 if (bias) v = __fadd_rn(v, __bfloat162float(bias[col]));
                 OutT *yp = y + row * N + col;
                 if (accumulate) v = __fadd_rn(v, out_load(yp));
-                if constexpr (RES)  // the sum as a bf16 output holds it, plus the residual (the norm kernel's add)
-                    v = __fadd_rn(__bfloat162float(__float2bfloat16_rn(v)), __bfloat162float(fx.res[row * N + col]));
                 out_store(yp, v);
             }
         }
@@ -312,23 +193,18 @@ static const struct {
 };
 #define GEMM_VARIANTS ((int)(sizeof kVariants / sizeof kVariants[0]))
 
-template <typename OutT, int MT, int NT, int U, bool MFAST, bool PAIR = false, bool NORM = false, bool RES = false>
-static void launch_t(const GemmSegs &segs, const bf16 *x, int64_t M, int64_t K, int accumulate, const GemmFuse &fx,
-                     cudaStream_t st) {
+template <typename OutT, int MT, int NT, int U, bool MFAST, bool PAIR = false>
+static void launch_t(const GemmSegs &segs, const bf16 *x, int64_t M, int64_t K, int accumulate, cudaStream_t st) {
     const int64_t gm = (M + 16 * MT - 1) / (16 * MT), gn = segs.tiles_end[segs.n - 1];
     const dim3 grid = MFAST ? dim3((unsigned)(gm * gn)) : dim3((unsigned)gn, (unsigned)gm);
-    decode_gemm_kernel<OutT, MT, NT, U, MFAST, PAIR, NORM, RES><<<grid, GEMM_THREADS, 0, st>>>(segs, x, M, K, accumulate, fx);
+    decode_gemm_kernel<OutT, MT, NT, U, MFAST, PAIR><<<grid, GEMM_THREADS, 0, st>>>(segs, x, M, K, accumulate);
 }
 
-// NORM is instantiated for the variants of M <= DECODE_GEMM_NORM_MAX_M only (0 and 1; gemm_run refuses the others)
-template <typename OutT, bool NORM, bool RES>
-static void launch(int variant, const GemmSegs &segs, const bf16 *x, int64_t M, int64_t K, int accumulate,
-                   const GemmFuse &fx, cudaStream_t st) {
+template <typename OutT>
+static void launch(int variant, const GemmSegs &segs, const bf16 *x, int64_t M, int64_t K, int accumulate, cudaStream_t st) {
     switch (variant) {  // gemm_run checked the range
-#define GEMM_VARIANT_CASE(v, MT, NT, U, MFAST)                                                       \
-    case v:                                                                                          \
-        if constexpr (!NORM || v <= 1) launch_t<OutT, MT, NT, U, MFAST, false, NORM, RES>(segs, x, M, K, accumulate, fx, st); \
-        break;
+#define GEMM_VARIANT_CASE(v, MT, NT, U, MFAST) \
+    case v: launch_t<OutT, MT, NT, U, MFAST>(segs, x, M, K, accumulate, st); break;
         GEMM_VARIANT_LIST(GEMM_VARIANT_CASE)
 #undef GEMM_VARIANT_CASE
     }
@@ -360,29 +236,14 @@ static int large_m_variant(void) {
     return v;
 }
 extern "C" int decode_gemm_variant(int64_t M) { return M <= 16 ? 0 : M <= 64 ? 1 : large_m_variant(); }
-static_assert(DECODE_GEMM_NORM_MAX_M == 64, "the norm prologue's variants are those of M <= 64 (0 and 1)");
-
-// The checks of the norm prologue's arguments (x, K and M are checked with the GEMM's)
-static int norm_check(const char *fn, const void *norm_w, int64_t M, char *err, size_t errlen) {
-    if (M > DECODE_GEMM_NORM_MAX_M)
-        return train_fail(err, errlen, "%s: M %lld > %d rows (each column block recomputes its rows' norms: use "
-                          "rmsnorm_fwd_cuda and the plain call, the same bits)", fn, (long long)M, DECODE_GEMM_NORM_MAX_M);
-    if (!norm_w || ((uintptr_t)norm_w & 15)) return train_fail(err, errlen, "%s: norm_w must be 16-byte aligned", fn);
-    return 0;
-}
 
 // Checks and launches the products of segs (n in 1..DECODE_GEMM_MAX_OUTS; N[i], y[i], W[i], bias[i] set; tiles_end
-// filled here for the variant's tile width) with one variant, with fx's norm prologue (fx.norm_w set: variants 0, 1)
-// or residual epilogue (fx.res set: one bf16 output, no accumulate).
+// filled here for the variant's tile width) with one variant.
 static int gemm_run(int variant, DType out_dt, GemmSegs &segs, const void *x, int64_t M, int64_t K, int accumulate,
-                    const GemmFuse &fx, cudaStream_t stream, char *err, size_t errlen) {
+                    cudaStream_t stream, char *err, size_t errlen) {
     if (out_dt != DT_BF16 && out_dt != DT_F32) return train_fail(err, errlen, "decode_gemm: the output must be bf16 or f32");
     if (variant < 0 || variant >= GEMM_VARIANTS)
         return train_fail(err, errlen, "decode_gemm: variant %d outside 0..%d", variant, GEMM_VARIANTS - 1);
-    if (fx.norm_w && (variant > 1 || fx.res))
-        return train_fail(err, errlen, "decode_gemm: the norm prologue runs with variants 0 and 1, without a residual");
-    if (fx.res && (out_dt != DT_BF16 || accumulate || segs.n != 1 || ((uintptr_t)fx.res & 1)))
-        return train_fail(err, errlen, "decode_gemm_res: one bf16 output, no accumulate, a 2-byte aligned residual");
     const int64_t gm = (M + 16 * kVariants[variant].mt - 1) / (16 * kVariants[variant].mt);
     int64_t gn = 0;
     for (int i = 0; i < segs.n; i++) {
@@ -398,17 +259,8 @@ static int gemm_run(int variant, DType out_dt, GemmSegs &segs, const void *x, in
     if (kVariants[variant].mfast ? gm * gn > 0x7fffffffll : gn > 0x7fffffffll || gm > 65535)
         return train_fail(err, errlen, "decode_gemm: M %lld x N %lld exceeds the grid", (long long)M, (long long)segs.N[0]);
     if (M == 0) return 0;
-    const bf16 *xb = (const bf16 *)x;
-    if (fx.norm_w) {
-        if (out_dt == DT_BF16) launch<bf16, true, false>(variant, segs, xb, M, K, accumulate, fx, stream);
-        else launch<float, true, false>(variant, segs, xb, M, K, accumulate, fx, stream);
-    } else if (fx.res) {
-        launch<bf16, false, true>(variant, segs, xb, M, K, accumulate, fx, stream);
-    } else if (out_dt == DT_BF16) {
-        launch<bf16, false, false>(variant, segs, xb, M, K, accumulate, fx, stream);
-    } else {
-        launch<float, false, false>(variant, segs, xb, M, K, accumulate, fx, stream);
-    }
+    if (out_dt == DT_BF16) launch<bf16>(variant, segs, (const bf16 *)x, M, K, accumulate, stream);
+    else launch<float>(variant, segs, (const bf16 *)x, M, K, accumulate, stream);
     const cudaError_t ce = cudaGetLastError();
     if (ce != cudaSuccess) return train_fail(err, errlen, "decode_gemm: launch failed: %s", cudaGetErrorString(ce));
     return 0;
@@ -419,7 +271,7 @@ extern "C" int decode_gemm_with(int variant, DType out_dt, void *y, const void *
                                 size_t errlen) {
     GemmSegs segs = {};
     segs.n = 1, segs.y[0] = y, segs.W[0] = (const bf16 *)W, segs.bias[0] = (const bf16 *)bias, segs.N[0] = N;
-    return gemm_run(variant, out_dt, segs, x, M, K, accumulate, GemmFuse{}, stream, err, errlen);
+    return gemm_run(variant, out_dt, segs, x, M, K, accumulate, stream, err, errlen);
 }
 
 extern "C" int decode_gemm(DType out_dt, void *y, const void *x, const void *W, const void *bias, int64_t M, int64_t N,
@@ -427,27 +279,15 @@ extern "C" int decode_gemm(DType out_dt, void *y, const void *x, const void *W, 
     return decode_gemm_with(decode_gemm_variant(M), out_dt, y, x, W, bias, M, N, K, accumulate, stream, err, errlen);
 }
 
-extern "C" int decode_gemm_res(void *y, const void *x, const void *W, const void *bias, const void *res, int64_t M,
-                               int64_t N, int64_t K, cudaStream_t stream, char *err, size_t errlen) {
-    if (!res) return train_fail(err, errlen, "decode_gemm_res: no residual");
-    GemmSegs segs = {};
-    segs.n = 1, segs.y[0] = y, segs.W[0] = (const bf16 *)W, segs.bias[0] = (const bf16 *)bias, segs.N[0] = N;
-    GemmFuse fx = {};
-    fx.res = (const bf16 *)res;
-    return gemm_run(decode_gemm_variant(M), DT_BF16, segs, x, M, K, 0, fx, stream, err, errlen);
-}
-
 // The gate | up products with the SwiGLU epilogue, tiles by M: m16 x (n8 gate + n8 up) for decode, m32 x (16 + 16)
-// and m64 x (16 + 16) rows first (one round of partials: at most 64 accumulators per lane); with fx.norm_w (M <= 64)
-// the norm prologue. gpu_test_decode_inv checks the bits against the unfused path.
-static int swiglu_run(void *act, const void *x, const void *Wg, const void *Wu, int64_t M, int64_t F, int64_t K,
-                      const GemmFuse &fx, cudaStream_t stream, char *err, size_t errlen) {
+// and m64 x (16 + 16) rows first (one round of partials: at most 64 accumulators per lane). gpu_test_decode_inv checks the bits against the unfused path.
+extern "C" int decode_gemm_swiglu(void *act, const void *x, const void *Wg, const void *Wu, int64_t M, int64_t F,
+                                  int64_t K, cudaStream_t stream, char *err, size_t errlen) {
     if (M < 0 || F < 8 || K < 8 || F % 8 || K % 8)
         return train_fail(err, errlen, "decode_gemm_swiglu: M %lld, F %lld, K %lld: need M >= 0 and F, K positive multiples of 8",
                           (long long)M, (long long)F, (long long)K);
     if (((uintptr_t)act | (uintptr_t)x | (uintptr_t)Wg | (uintptr_t)Wu) & 15)
         return train_fail(err, errlen, "decode_gemm_swiglu: act, x and the weights must be 16-byte aligned");
-    if (fx.norm_w && norm_check("decode_gemm_swiglu_norm", fx.norm_w, M, err, errlen)) return -1;
     GemmSegs segs = {};
     segs.n = 1, segs.y[0] = act, segs.W[0] = (const bf16 *)Wg, segs.W[1] = (const bf16 *)Wu, segs.N[0] = F;
     const int mt = M <= 16 ? 1 : M <= 64 ? 2 : 4, tw = M <= 16 ? 8 : 16;  // tile: 16 mt rows, tw outputs (2 tw weights)
@@ -457,32 +297,16 @@ static int swiglu_run(void *act, const void *x, const void *Wg, const void *Wu, 
     segs.tiles_end[0] = (unsigned)gn;
     if (M == 0) return 0;
     const bf16 *xb = (const bf16 *)x;
-    if (fx.norm_w && M <= 16) launch_t<bf16, 1, 2, 8, false, true, true>(segs, xb, M, K, 0, fx, stream);
-    else if (fx.norm_w) launch_t<bf16, 2, 4, 2, false, true, true>(segs, xb, M, K, 0, fx, stream);
-    else if (M <= 16) launch_t<bf16, 1, 2, 8, false, true>(segs, xb, M, K, 0, fx, stream);
-    else if (M <= 64) launch_t<bf16, 2, 4, 2, false, true>(segs, xb, M, K, 0, fx, stream);
-    else launch_t<bf16, 4, 4, 1, true, true>(segs, xb, M, K, 0, fx, stream);
+    if (M <= 16) launch_t<bf16, 1, 2, 8, false, true>(segs, xb, M, K, 0, stream);
+    else if (M <= 64) launch_t<bf16, 2, 4, 2, false, true>(segs, xb, M, K, 0, stream);
+    else launch_t<bf16, 4, 4, 1, true, true>(segs, xb, M, K, 0, stream);
     const cudaError_t ce = cudaGetLastError();
     if (ce != cudaSuccess) return train_fail(err, errlen, "decode_gemm_swiglu: launch failed: %s", cudaGetErrorString(ce));
     return 0;
 }
 
-extern "C" int decode_gemm_swiglu(void *act, const void *x, const void *Wg, const void *Wu, int64_t M, int64_t F,
-                                  int64_t K, cudaStream_t stream, char *err, size_t errlen) {
-    return swiglu_run(act, x, Wg, Wu, M, F, K, GemmFuse{}, stream, err, errlen);
-}
-
-extern "C" int decode_gemm_swiglu_norm(void *act, const void *x, const void *norm_w, float eps, const void *Wg,
-                                       const void *Wu, int64_t M, int64_t F, int64_t K, cudaStream_t stream, char *err,
-                                       size_t errlen) {
-    GemmFuse fx = {};
-    fx.norm_w = (const bf16 *)norm_w, fx.eps = eps;
-    if (!norm_w) return train_fail(err, errlen, "decode_gemm_swiglu_norm: no norm weights");
-    return swiglu_run(act, x, Wg, Wu, M, F, K, fx, stream, err, errlen);
-}
-
-static int multi_run(DType out_dt, const DecodeGemmOut *outs, int n, const void *x, int64_t M, int64_t K,
-                     const GemmFuse &fx, cudaStream_t stream, char *err, size_t errlen) {
+extern "C" int decode_gemm_multi(DType out_dt, const DecodeGemmOut *outs, int n, const void *x, int64_t M, int64_t K,
+                                 cudaStream_t stream, char *err, size_t errlen) {
     GemmSegs segs = {};
     if (n < 1 || n > DECODE_GEMM_MAX_OUTS)
         return train_fail(err, errlen, "decode_gemm_multi: %d outputs, expected 1..%d", n, DECODE_GEMM_MAX_OUTS);
@@ -490,18 +314,5 @@ static int multi_run(DType out_dt, const DecodeGemmOut *outs, int n, const void 
     for (int i = 0; i < n; i++)
         segs.y[i] = outs[i].y, segs.W[i] = (const bf16 *)outs[i].W, segs.bias[i] = (const bf16 *)outs[i].bias,
         segs.N[i] = outs[i].N;
-    return gemm_run(decode_gemm_variant(M), out_dt, segs, x, M, K, 0, fx, stream, err, errlen);
-}
-
-extern "C" int decode_gemm_multi(DType out_dt, const DecodeGemmOut *outs, int n, const void *x, int64_t M, int64_t K,
-                                 cudaStream_t stream, char *err, size_t errlen) {
-    return multi_run(out_dt, outs, n, x, M, K, GemmFuse{}, stream, err, errlen);
-}
-
-extern "C" int decode_gemm_multi_norm(DType out_dt, const DecodeGemmOut *outs, int n, const void *x, const void *norm_w,
-                                      float eps, int64_t M, int64_t K, cudaStream_t stream, char *err, size_t errlen) {
-    if (norm_check("decode_gemm_multi_norm", norm_w, M, err, errlen)) return -1;
-    GemmFuse fx = {};
-    fx.norm_w = (const bf16 *)norm_w, fx.eps = eps;
-    return multi_run(out_dt, outs, n, x, M, K, fx, stream, err, errlen);
+    return gemm_run(decode_gemm_variant(M), out_dt, segs, x, M, K, 0, stream, err, errlen);
 }

@@ -49,25 +49,6 @@ int decode_gemm_multi(DType out_dt, const DecodeGemmOut *outs, int n, const void
 int decode_gemm_swiglu(void *act, const void *x, const void *Wg, const void *Wu, int64_t M, int64_t F, int64_t K,
                        cudaStream_t stream, char *err, size_t errlen);
 
-// The layer's RMSNorms inside the GEMMs (the decoder's steps, windows and chains: few rows). With the norm prologue
-// (the *_norm calls) x is the raw rows [M, K] (bf16, K = d_model) and the GEMM multiplies the bf16 rows that
-// rmsnorm_fwd_cuda(DT_BF16, xn, NULL, NULL, x, NULL, norm_w, M, K, eps) would write into a 16-byte aligned xn (its
-// vectorized kernel): each block recomputes its rows' rstd with that kernel's own reduction tree and each element as it
-// does, so every output is bit-identical to that norm call and then the plain call on xn, with one launch and the
-// [M, K] round trip fewer. Each column block
-// recomputes its rows' norms, so M <= DECODE_GEMM_NORM_MAX_M (more is refused: call the norm, then the plain GEMM).
-// norm_w [K] bf16, 16-byte aligned.
-#define DECODE_GEMM_NORM_MAX_M 64
-int decode_gemm_multi_norm(DType out_dt, const DecodeGemmOut *outs, int n, const void *x, const void *norm_w, float eps,
-                           int64_t M, int64_t K, cudaStream_t stream, char *err, size_t errlen);
-int decode_gemm_swiglu_norm(void *act, const void *x, const void *norm_w, float eps, const void *Wg, const void *Wu,
-                            int64_t M, int64_t F, int64_t K, cudaStream_t stream, char *err, size_t errlen);
-// The residual epilogue (a mixer's output projection into the residual stream): y [M, N] (bf16) =
-// bf16(float(bf16(x @ W^T (+ bias))) + float(res)), res [M, N] bf16 (it may be y itself): the bits of decode_gemm into a
-// bf16 buffer o and then rmsnorm_fwd_cuda's residual output res_out = o + res, without o. Any M.
-int decode_gemm_res(void *y, const void *x, const void *W, const void *bias, const void *res, int64_t M, int64_t N,
-                    int64_t K, cudaStream_t stream, char *err, size_t errlen);
-
 // The tile variant decode_gemm uses for M rows (0: m16 x n8, 1: m32 x n16, for M > 64 3: m64 x n32 rows first, or the
 // variant DISTILL_DECODE_GEMM_LARGE names; 3-7: tiles and block orders for large M, see decode_gemm.cu), and
 // decode_gemm forced to one variant (tests show the variants give identical bits).
