@@ -584,10 +584,12 @@ __global__ void repeat_kernel(bf16 *xr, const bf16 *xs, int64_t N, int64_t di, i
 }
 
 // Conv window [nb, W-1, C] advanced past the first keep[b] of the K new inputs x [nb, K, C]: entry j becomes
-// element keep[b] + j of the sequence (old window, x). One thread per (b, c) reads before it writes.
+// element keep[b] + j of the sequence (old window, x). One thread per (b, c) reads before it writes. blockIdx.y
+// = layer (the replay's Mamba layers in one launch): win and x advanced by ws and xs elements per layer.
 __global__ void conv_advance_kernel(bf16 *win, const bf16 *x, const int32_t *keep, int64_t nb, int64_t K, int64_t C,
-                                    int W) {
+                                    int W, int64_t ws = 0, int64_t xs = 0) {
     const int64_t total = nb * C;
+    win += blockIdx.y * ws, x += blockIdx.y * xs;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
         const int64_t b = i / C, c = i % C;
         const int64_t kp = keep[b];
@@ -748,8 +750,11 @@ struct DecoderCuda {
                          // one per output, the same bits, for A/B timing)
     int fuse;            // bit 0: rope + KV append in one launch; bit 1: the SwiGLU as the gate | up GEMM's epilogue;
                          // bit 2: repeat, conv and conv advance in one launch for chunks of <= CONV_STEP_MAX tokens;
-                         // bit 3: greedy picks of <= ARGMAX_SPLIT_ROWS rows by several blocks per row
-                         // (default 15; DISTILL_DECODE_FUSE=0: the previous kernels, the same ids and bits, for A/B)
+                         // bit 3: greedy picks of <= ARGMAX_SPLIT_ROWS rows by several blocks per row;
+                         // bit 4: speculative windows: a one-sequence window's first feed writes the Mamba layers'
+                         // window inputs in place (no win_store_kernel), accept replays all Mamba layers in one
+                         // launch of the scan and one of the conv advance
+                         // (default 31; DISTILL_DECODE_FUSE=0: the previous kernels, the same ids and bits, for A/B)
     int n_sm;
     bool invariant;      // batch-invariant arithmetic (default; DISTILL_DECODE_INVARIANT=0: cuBLASLt + row-dependent splits)
     bool attn_gqa;       // many rows: attn_gqa_kernel where instantiated (default; DISTILL_DECODE_ATTN=tiles: attn_tiles_kernel)
@@ -760,9 +765,10 @@ struct DecoderCuda {
     bf16 *conv_all, *conv0_all;
     // speculative window: open flag, tokens fed since it opened, capacity of the input buffers
     bool win;
+    bool wdirect;        // this feed (one sequence, the window's first, one chunk) writes the window inputs in place
     int64_t wlen, wcap;
     int64_t *len0;       // host [B]: lengths at the window start
-    bf16 *wbuf, *wy;     // per Mamba layer the 4 input arrays [B, wcap, .]; replay outputs [B, wcap, di]
+    bf16 *wbuf;          // per Mamba layer the 4 input arrays [B, wcap, .]
     int32_t *acc_keep;   // device [B]
     // CUDA graphs (DISTILL_DECODE_GRAPH=1 or decoder_cuda_use_graph): short single-chunk feeds replay a graph of
     // the whole pass, one per (nb, L, all, win); the attention split is then sized for max_len, so no kernel
@@ -844,7 +850,7 @@ void decoder_cuda_free(DecoderCuda *D) {
     void *bufs[] = {D->w, D->w32, D->inv_freq, D->x, D->xn, D->mid, D->q, D->k, D->v, D->att, D->gu, D->act, D->mix,
                     D->z, D->xs, D->Bs, D->Cs, D->dtl, D->dt, D->xr, D->xc, D->y, D->last, D->lastn, D->ints,
                     D->att_ws, D->logits, D->s_u64, D->s_out, D->am_out, D->am_u64, D->am_ws, D->chain_out, D->ssm_all, D->ssm0_all,
-                    D->conv_all, D->conv0_all, D->wbuf, D->wy, D->acc_keep};
+                    D->conv_all, D->conv0_all, D->wbuf, D->acc_keep};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) cudaFree(bufs[i]);
     for (int i = 0; i < D->ng; i++) cudaGraphExecDestroy(D->g[i].ex);
@@ -989,7 +995,7 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
     const char *menv = getenv("DISTILL_DECODE_MULTI");
     D->gemm_multi = !(menv && !strcmp(menv, "0"));
     const char *fenv = getenv("DISTILL_DECODE_FUSE");
-    D->fuse = fenv && *fenv ? atoi(fenv) & 15 : 15;
+    D->fuse = fenv && *fenv ? atoi(fenv) & 31 : 31;
     const char *genv = getenv("DISTILL_DECODE_GRAPH");
     D->use_graph = genv && atoi(genv) > 0;
     const char *ienv = getenv("DISTILL_DECODE_INVARIANT");
@@ -1298,43 +1304,47 @@ static void mamba(DecoderCuda *D, const DLayer *L, int64_t lc) {
     const int64_t Rp = D->Rp;
     const int Wc = h->d_conv;
     const int32_t *keep = D->ints + 2 * D->rows;
+    // what a window's replay needs (conv input xr, scan input xc, dt, B): in the scratch rows, then copied to the
+    // window buffers; or written there in place (wdirect: the same layout)
+    bf16 *xr = D->xr, *xc = D->xc, *dt = D->dt, *Bs = D->Bs;
+    if (D->wdirect) xr = L->w_xr, xc = L->w_xc, dt = L->w_dt, Bs = L->w_B;
     {  // z, x, B, C and the low-rank dt input from the normed rows
-        void *const y[5] = {D->z, D->xs, D->Bs, D->Cs, D->dtl};
+        void *const y[5] = {D->z, D->xs, Bs, D->Cs, D->dtl};
         const int64_t wo[5] = {L->z, L->x, L->Bp, L->Cp, L->dtd}, O[5] = {di, dxb, dxb, di, Rp};
         lin_multi(D, D->xn, N, d, 5, y, wo, O);
     }
     // dt = dt_proj(dt_low) with its bias; the scan adds the bias again (MambaInLlama's double bias)
-    lin(D, D->dt, D->dtl, L->dtw, W(D, L->dtb), N, Rp, di, 0);
+    lin(D, dt, D->dtl, L->dtw, W(D, L->dtb), N, Rp, di, 0);
     // a step or a window: repeat, conv and the conv window's advance in one launch (the advance reads only xr and
     // keep, so it may come before the scan); a longer chunk (prefill): three launches
     const bool conv_step = (D->fuse & 4) && Wc >= 2 && Wc <= 4 && lc <= CONV_STEP_MAX;
     if (conv_step) {
 #define CONV_STEP_CASE(w)                                                                                           \
     case w:                                                                                                         \
-        conv_step_kernel<w><<<grid_of(nb * di, 128), 128, 0, D->st>>>(L->conv, D->xs, D->xr, D->xc, L->cw, L->cb, keep, \
+        conv_step_kernel<w><<<grid_of(nb * di, 128), 128, 0, D->st>>>(L->conv, D->xs, xr, xc, L->cw, L->cb, keep,       \
                                                                        nb, lc, di, dxb, ds);                          \
         break;
         switch (Wc) { CONV_STEP_CASE(2) CONV_STEP_CASE(3) CONV_STEP_CASE(4) }
 #undef CONV_STEP_CASE
         kernelCheck("conv_step_kernel");
     } else {
-        repeat_kernel<<<grid_of(N * di, 256), 256, 0, D->st>>>(D->xr, D->xs, N, di, dxb, ds);
+        repeat_kernel<<<grid_of(N * di, 256), 256, 0, D->st>>>(xr, D->xs, N, di, dxb, ds);
         kernelCheck("repeat_kernel");
-        TCK(conv1d_silu_fwd_cuda(nb, lc, di, Wc, (const uint16_t *)D->xr, L->cw, L->cb, NULL,
-                                 Wc > 1 ? (const uint16_t *)L->conv : NULL, 1, (uint16_t *)D->xc, D->st, EA));
+        TCK(conv1d_silu_fwd_cuda(nb, lc, di, Wc, (const uint16_t *)xr, L->cw, L->cb, NULL,
+                                 Wc > 1 ? (const uint16_t *)L->conv : NULL, 1, (uint16_t *)xc, D->st, EA));
     }
-    if (D->win) {  // the window's copy of what a replay needs: conv input, scan input u, dt, B
-        WinStore ws = {{D->xr, D->xc, D->dt, D->Bs}, {L->w_xr, L->w_xc, L->w_dt, L->w_B}, {di, di, di, dxb}};
+    if (D->win && !D->wdirect) {  // the window's copy of what a replay needs: conv input, scan input u, dt, B
+        WinStore ws = {{xr, xc, dt, Bs}, {L->w_xr, L->w_xc, L->w_dt, L->w_B}, {di, di, di, dxb}};
         win_store_kernel<<<dim3(grid_of(N * di, 256), 4), 256, 0, D->st>>>(ws, D->ints + 2 * D->rows + 3 * D->B, nb, lc,
                                                                           D->wcap);
         kernelCheck("win_store_kernel");
     }
     ScanShape s = {nb, lc, di, ds, di / ds, dxb / ds};
-    TCK(selective_scan_multi_cuda(&s, (const uint16_t *)D->xc, (const uint16_t *)D->dt, L->A, (const uint16_t *)D->Bs,
+    TCK(selective_scan_multi_cuda(&s, (const uint16_t *)xc, (const uint16_t *)dt, L->A, (const uint16_t *)Bs,
                                   (const uint16_t *)D->Cs, L->D, (const uint16_t *)D->z, L->dtb32, L->ssm, keep,
                                   (uint16_t *)D->y, L->ssm, NULL, D->st, EA));
     if (Wc > 1 && !conv_step) {
-        conv_advance_kernel<<<grid_of(nb * di, 256), 256, 0, D->st>>>(L->conv, D->xr, keep, nb, lc, di, Wc);
+        conv_advance_kernel<<<grid_of(nb * di, 256), 256, 0, D->st>>>(L->conv, xr, keep, nb, lc, di, Wc);
         kernelCheck("conv_advance_kernel");
     }
     lin(D, D->mix, D->y, L->out, NULL, N, di, d, 0);
@@ -1490,18 +1500,17 @@ static void ensure_window(DecoderCuda *D, int64_t need) {
     }
     cudaCheck(cudaStreamSynchronize(D->st));
     if (D->wbuf) {
-        cudaCheck(cudaFree(D->wbuf)), cudaCheck(cudaFree(D->wy));
-        D->bytes -= (double)(D->n_m * B * D->wcap * per + B * D->wcap * di) * 2;
+        cudaCheck(cudaFree(D->wbuf));
+        D->bytes -= (double)(D->n_m * B * D->wcap * per) * 2;
     }
     D->wbuf = nbuf;
-    D->wy = (bf16 *)dalloc(D, (size_t)(B * cap * di) * 2);
     D->wcap = cap;
 }
 
 // The graph of one pass for this feed's shape (chain 0), or of a greedy chain (chain = 2 * picks + feed_last; lc 1,
 // all 0), captured on first use (nothing runs while capturing).
 static cudaGraphExec_t graph_for(DecoderCuda *D, int64_t lc, int all, int chain) {
-    const int win = D->win && D->n_m > 0;
+    const int win = D->win && D->n_m > 0 ? 1 + D->wdirect : 0;
     for (int i = 0; i < D->ng; i++)
         if (D->g[i].nb == D->nb && D->g[i].lc == lc && D->g[i].all == all && D->g[i].win == win &&
             D->g[i].chain == chain)
@@ -1592,6 +1601,9 @@ int decoder_cuda_feed(DecoderCuda *D, const int32_t *tokens, int64_t L, const in
     const int64_t Lc = D->rows / nb < L ? D->rows / nb : L;  // columns per chunk (rows >= B >= nb)
     const int32_t *keep = D->hints + 2 * D->rows;  // each sequence's tokens in the chunk (upload_chunk)
     D->lrows = all ? nb * L : nb;
+    // one sequence, the window's first feed, one chunk: the window buffers' first L rows are laid out as the
+    // scratch rows, so the Mamba layers write them in place (no copy)
+    D->wdirect = D->win && D->n_m > 0 && (D->fuse & 16) && nb == 1 && D->wlen == 0 && Lc == L;
     for (int64_t c0 = 0; c0 < L; c0 += Lc) {
         const int64_t lc = L - c0 < Lc ? L - c0 : Lc;
         const int64_t maxkeys = upload_chunk(D, tokens, L, n, c0, lc);
@@ -1599,12 +1611,14 @@ int decoder_cuda_feed(DecoderCuda *D, const int32_t *tokens, int64_t L, const in
             cudaCheck(cudaGraphLaunch(graph_for(D, L, all, 0), D->st));
             for (int64_t b = 0; b < nb; b++) D->len[b] += keep[b];
             if (D->win) D->wlen += L;
+            D->wdirect = false;
             return 0;
         }
         run_chunk(D, lc, maxkeys);
         if (all) head_all(D, lc, c0, L);
         for (int64_t b = 0; b < nb; b++) D->len[b] += keep[b];
     }
+    D->wdirect = false;
     if (!all) head(D);
     if (D->win) D->wlen += L;
     return 0;
@@ -1676,16 +1690,45 @@ static void replay(DecoderCuda *D) {
     if (Wc > 1)  // conv windows back to the window start, then advanced past the kept inputs
         cudaCheck(cudaMemcpy2DAsync(D->conv_all, (size_t)(B * cw) * 2, D->conv0_all, (size_t)(B * cw) * 2,
                                     (size_t)(nb * cw) * 2, (size_t)D->n_m, cudaMemcpyDeviceToDevice, D->st));
-    // the replay runs all wcap columns (the buffers' stride); columns past wlen only feed states after keep
+    // the buffers' stride is wcap columns; each sequence's scan stops at its keep (no outputs are asked for)
     ScanShape s = {nb, D->wcap, di, ds, di / ds, dxb / ds};
+    // every Mamba layer in one launch of each kernel when their slices are evenly spaced (as allocated)
+    const DLayer *M0 = NULL, *M1 = NULL;
+    bool even = true;
+    for (int l = 0; l < h->base.n_layer && even; l++) {
+        const DLayer *L = &D->L[l];
+        if (L->kind == MIXER_ATTN) continue;
+        if (!M0) M0 = L;
+        else if (!M1) M1 = L;
+        else {
+            const int64_t k = L->mi - M0->mi;
+            even = L->w_xc == M0->w_xc + k * (M1->w_xc - M0->w_xc) && L->w_dt == M0->w_dt + k * (M1->w_dt - M0->w_dt) &&
+                   L->w_B == M0->w_B + k * (M1->w_B - M0->w_B) && L->w_xr == M0->w_xr + k * (M1->w_xr - M0->w_xr) &&
+                   L->A == M0->A + k * (M1->A - M0->A) && L->dtb32 == M0->dtb32 + k * (M1->dtb32 - M0->dtb32) &&
+                   L->ssm == M0->ssm + k * (M1->ssm - M0->ssm) && L->conv == M0->conv + k * (M1->conv - M0->conv);
+        }
+    }
+    if (M0 && M1 && even && (D->fuse & 16)) {
+        const ScanLayers ls = {D->n_m, M1->w_xc - M0->w_xc, M1->w_dt - M0->w_dt, M1->w_B - M0->w_B, 0,
+                               M1->A - M0->A, M1->dtb32 - M0->dtb32, B * di * ds, M1->ssm - M0->ssm};
+        // C does not enter the state: any buffer serves (u's)
+        TCK(selective_scan_multi_layers_cuda(&s, &ls, (const uint16_t *)M0->w_xc, (const uint16_t *)M0->w_dt, M0->A,
+                                             (const uint16_t *)M0->w_B, (const uint16_t *)M0->w_xc, M0->D, NULL,
+                                             M0->dtb32, D->ssm0_all + M0->mi * B * di * ds, D->acc_keep, NULL, M0->ssm,
+                                             NULL, D->st, EA));
+        if (Wc > 1) {
+            conv_advance_kernel<<<dim3(grid_of(nb * di, 256), (unsigned)D->n_m), 256, 0, D->st>>>(
+                M0->conv, M0->w_xr, D->acc_keep, nb, D->wcap, di, Wc, M1->conv - M0->conv, M1->w_xr - M0->w_xr);
+            kernelCheck("conv_advance_kernel");
+        }
+        return;
+    }
     for (int l = 0; l < h->base.n_layer; l++) {
         const DLayer *L = &D->L[l];
         if (L->kind == MIXER_ATTN) continue;
-        // C does not enter the state: any [nb, wcap, di] buffer serves (u's); outputs go to scratch
         TCK(selective_scan_multi_cuda(&s, (const uint16_t *)L->w_xc, (const uint16_t *)L->w_dt, L->A,
                                       (const uint16_t *)L->w_B, (const uint16_t *)L->w_xc, L->D, NULL, L->dtb32,
-                                      D->ssm0_all + L->mi * B * di * ds, D->acc_keep, (uint16_t *)D->wy, L->ssm, NULL,
-                                      D->st, EA));
+                                      D->ssm0_all + L->mi * B * di * ds, D->acc_keep, NULL, L->ssm, NULL, D->st, EA));
         if (Wc > 1) {
             conv_advance_kernel<<<grid_of(nb * di, 256), 256, 0, D->st>>>(L->conv, L->w_xr, D->acc_keep, nb, D->wcap, di, Wc);
             kernelCheck("conv_advance_kernel");

@@ -1059,6 +1059,7 @@ struct MultiArgs {
     const int32_t *keep;
     bf16 *out;
     float *h_keep, *h_end;
+    ScanLayers ls;  // blockIdx.y = layer: each pointer advanced by its stride times the layer (zeros: one layer)
 };
 
 template <int N>
@@ -1069,32 +1070,38 @@ __global__ void __launch_bounds__(FWD_THREADS) scan_multi_kernel(const MultiArgs
     const int64_t d_raw = cb * 32 + (threadIdx.x >> 2);
     const bool dvalid = d_raw < p.D;
     const int64_t d = dvalid ? d_raw : p.D - 1, D = p.D, K = p.K;
-    const int64_t gc = d / p.Dg, gb = d / p.Db;
+    const int64_t gc = d / p.Dg, gb = d / p.Db, l = blockIdx.y;
+    const bf16 *u = p.u + l * p.ls.u, *dtp = p.dt + l * p.ls.dt, *Bm = p.Bm + l * p.ls.B, *Cm = p.Cm + l * p.ls.C;
+    const float *Ap = p.A + l * p.ls.A, *h_in = p.h_in + l * p.ls.h;
+    float *h_keep = p.h_keep ? p.h_keep + l * p.ls.h_keep : nullptr;
     float A2[R], h[R];
 #pragma unroll
     for (int r = 0; r < R; r++) {
-        A2[r] = p.A[d * N + q * R + r] * SCAN_LOG2E;
-        h[r] = p.h_in[(b * D + d) * N + q * R + r];  // read before h_keep (maybe the same memory) is written
+        A2[r] = Ap[d * N + q * R + r] * SCAN_LOG2E;
+        h[r] = h_in[(b * D + d) * N + q * R + r];  // read before h_keep (maybe the same memory) is written
     }
     int64_t keep = p.keep ? p.keep[b] : K;
     keep = keep < 0 ? 0 : (keep > K ? K : keep);
-    const float bias = p.delta_bias ? p.delta_bias[d] : 0.f;
-    for (int64_t t = 0; t <= K; t++) {
-        if (t == keep && p.h_keep && dvalid) {
+    const float bias = p.delta_bias ? p.delta_bias[l * p.ls.delta_bias + d] : 0.f;
+    // only the state after keep wanted (a replay: no outputs, no end state): the steps past keep are not run
+    const int64_t last = !p.out && !p.h_end ? keep : K;
+    for (int64_t t = 0; t <= last; t++) {
+        if (t == keep && h_keep && dvalid) {
 #pragma unroll
-            for (int r = 0; r < R; r++) p.h_keep[(b * D + d) * N + q * R + r] = h[r];
+            for (int r = 0; r < R; r++) h_keep[(b * D + d) * N + q * R + r] = h[r];
         }
-        if (t == K) break;
+        if (t == last) break;
         const int64_t row = (b * K + t) * D + d;
-        const float uu = ldbf(p.u + row), delta = softplus_dev(ldbf(p.dt + row) + bias);
+        const float uu = ldbf(u + row), delta = softplus_dev(ldbf(dtp + row) + bias);
         float Bv[R], Cv[R], y = 0.f;
-        load_vec<R>(p.Bm + ((b * K + t) * p.Gb + gb) * N + q * R, Bv);
-        load_vec<R>(p.Cm + ((b * K + t) * p.Gc + gc) * N + q * R, Cv);
+        load_vec<R>(Bm + ((b * K + t) * p.Gb + gb) * N + q * R, Bv);
+        if (p.out) load_vec<R>(Cm + ((b * K + t) * p.Gc + gc) * N + q * R, Cv);
 #pragma unroll
         for (int r = 0; r < R; r++) {
             h[r] = ex2f(delta * A2[r]) * h[r] + delta * uu * Bv[r];
-            y += Cv[r] * h[r];
+            if (p.out) y += Cv[r] * h[r];
         }
+        if (!p.out) continue;  // warp-uniform
         y += __shfl_xor_sync(FULL_MASK, y, 1);
         y += __shfl_xor_sync(FULL_MASK, y, 2);
         if (q == 0 && dvalid) {
@@ -2351,19 +2358,25 @@ extern "C" int selective_scan_bwd_cuda(const ScanShape *s, const uint16_t *u, co
     return scan_launch_check(err, errlen, "selective scan backward reductions");
 }
 
-extern "C" int selective_scan_multi_cuda(const ScanShape *s, const uint16_t *u, const uint16_t *dt, const float *A,
-                                         const uint16_t *Bm, const uint16_t *Cm, const float *Dskip,
-                                         const uint16_t *z, const float *delta_bias, const float *h_in,
-                                         const int32_t *keep, uint16_t *out, float *h_keep, float *h_end,
-                                         scan_stream_t stream, char *err, size_t errlen) {
+extern "C" int selective_scan_multi_layers_cuda(const ScanShape *s, const ScanLayers *ls, const uint16_t *u,
+                                                const uint16_t *dt, const float *A, const uint16_t *Bm,
+                                                const uint16_t *Cm, const float *Dskip, const uint16_t *z,
+                                                const float *delta_bias, const float *h_in, const int32_t *keep,
+                                                uint16_t *out, float *h_keep, float *h_end, scan_stream_t stream,
+                                                char *err, size_t errlen) {
     if (check_shape(s, 0, err, errlen)) return -1;
     MultiArgs a = {};
+    if (ls) a.ls = *ls;
+    if (a.ls.layers < 1) a.ls.layers = 1;
+    if (a.ls.layers > 65535 || (a.ls.layers > 1 && (out || z || h_end || !h_keep)))
+        return scan_fail(err, errlen, "selective scan multi-token step: %lld layers (at most 65535; several layers "
+                         "give only h_keep: no out, z or h_end)", (long long)a.ls.layers);
     a.B = s->batch, a.K = s->seqlen, a.D = s->dim, a.Gc = s->groups_c, a.Gb = s->groups_b;
     a.Dg = s->dim / s->groups_c, a.Db = s->dim / s->groups_b;
     a.u = (const bf16 *)u, a.dt = (const bf16 *)dt, a.Bm = (const bf16 *)Bm, a.Cm = (const bf16 *)Cm;
     a.z = (const bf16 *)z, a.A = A, a.Dskip = Dskip, a.delta_bias = delta_bias, a.h_in = h_in, a.keep = keep;
     a.out = (bf16 *)out, a.h_keep = h_keep, a.h_end = h_end;
-    const unsigned blocks = (unsigned)(s->batch * ((s->dim + 31) / 32));
+    const dim3 blocks((unsigned)(s->batch * ((s->dim + 31) / 32)), (unsigned)a.ls.layers);
     cudaStream_t st = (cudaStream_t)stream;
     switch (s->dstate) {
         case 4: scan_multi_kernel<4><<<blocks, FWD_THREADS, 0, st>>>(a); break;
@@ -2372,4 +2385,13 @@ extern "C" int selective_scan_multi_cuda(const ScanShape *s, const uint16_t *u, 
         case 32: scan_multi_kernel<32><<<blocks, FWD_THREADS, 0, st>>>(a); break;
     }
     return scan_launch_check(err, errlen, "selective scan multi-token step");
+}
+
+extern "C" int selective_scan_multi_cuda(const ScanShape *s, const uint16_t *u, const uint16_t *dt, const float *A,
+                                         const uint16_t *Bm, const uint16_t *Cm, const float *Dskip,
+                                         const uint16_t *z, const float *delta_bias, const float *h_in,
+                                         const int32_t *keep, uint16_t *out, float *h_keep, float *h_end,
+                                         scan_stream_t stream, char *err, size_t errlen) {
+    return selective_scan_multi_layers_cuda(s, NULL, u, dt, A, Bm, Cm, Dskip, z, delta_bias, h_in, keep, out, h_keep,
+                                            h_end, stream, err, errlen);
 }

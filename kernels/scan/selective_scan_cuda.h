@@ -58,6 +58,20 @@ int selective_scan_multi_cuda(const ScanShape *s, const uint16_t *u, const uint1
                               const float *delta_bias, const float *h_in, const int32_t *keep, uint16_t *out,
                               float *h_keep, float *h_end, scan_stream_t stream, char *err, size_t errlen);
 
+// Several layers' multi-token steps in one launch (a speculative decoder's replay of its Mamba layers): layer l
+// reads u, dt, B, C, A, delta_bias, h_in and writes h_keep at the given pointers plus l times the element strides
+// below (the other arguments are shared). With more than one layer only h_keep is produced (out, z, h_end NULL).
+// When out and h_end are NULL the steps after each sequence's keep are not run (h_keep is all that is asked for).
+typedef struct {
+    int64_t layers;  // 1..65535 (0 reads as 1)
+    int64_t u, dt, B, C, A, delta_bias, h, h_keep;
+} ScanLayers;
+int selective_scan_multi_layers_cuda(const ScanShape *s, const ScanLayers *ls, const uint16_t *u, const uint16_t *dt,
+                                     const float *A, const uint16_t *Bm, const uint16_t *Cm, const float *Dskip,
+                                     const uint16_t *z, const float *delta_bias, const float *h_in,
+                                     const int32_t *keep, uint16_t *out, float *h_keep, float *h_end,
+                                     scan_stream_t stream, char *err, size_t errlen);
+
 // Causal depthwise conv1d (+bias, +SiLU): x, out [B,L,C] bf16; w [C,W], bias [C] fp32; x_prev [B,W-1,C] bf16
 // (optional); resets cut the window. Backward writes dx (bf16), dw [C,W] and dbias [C] (fp32, fixed-order
 // sums through a workspace of conv1d_silu_bwd_workspace bytes).
