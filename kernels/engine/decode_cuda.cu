@@ -584,19 +584,20 @@ __global__ void repeat_kernel(bf16 *xr, const bf16 *xs, int64_t N, int64_t di, i
 }
 
 // Conv window [nb, W-1, C] advanced past the first keep[b] of the K new inputs x [nb, K, C]: entry j becomes
-// element keep[b] + j of the sequence (old window, x). One thread per (b, c) reads before it writes. blockIdx.y
-// = layer (the replay's Mamba layers in one launch): win and x advanced by ws and xs elements per layer.
-__global__ void conv_advance_kernel(bf16 *win, const bf16 *x, const int32_t *keep, int64_t nb, int64_t K, int64_t C,
-                                    int W, int64_t ws = 0, int64_t xs = 0) {
+// element keep[b] + j of the sequence (old window src, then x), written to win (src may be win: one thread per
+// (b, c) reads before it writes; the replay reads the window-start copy). blockIdx.y = layer (the replay's Mamba
+// layers in one launch): win, src and x advanced by ws, ws and xs elements per layer.
+__global__ void conv_advance_kernel(bf16 *win, const bf16 *src, const bf16 *x, const int32_t *keep, int64_t nb,
+                                    int64_t K, int64_t C, int W, int64_t ws = 0, int64_t xs = 0) {
     const int64_t total = nb * C;
-    win += blockIdx.y * ws, x += blockIdx.y * xs;
+    win += blockIdx.y * ws, src += blockIdx.y * ws, x += blockIdx.y * xs;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
         const int64_t b = i / C, c = i % C;
         const int64_t kp = keep[b];
         bf16 nv[3];
         for (int j = 0; j < W - 1; j++) {
             const int64_t e = kp + j;  // index into (window[0..W-2], x[0..K-1])
-            nv[j] = e < W - 1 ? win[(b * (W - 1) + e) * C + c] : x[(b * K + (e - (W - 1))) * C + c];
+            nv[j] = e < W - 1 ? src[(b * (W - 1) + e) * C + c] : x[(b * K + (e - (W - 1))) * C + c];
         }
         for (int j = 0; j < W - 1; j++) win[(b * (W - 1) + j) * C + c] = nv[j];
     }
@@ -1344,7 +1345,7 @@ static void mamba(DecoderCuda *D, const DLayer *L, int64_t lc) {
                                   (const uint16_t *)D->Cs, L->D, (const uint16_t *)D->z, L->dtb32, L->ssm, keep,
                                   (uint16_t *)D->y, L->ssm, NULL, D->st, EA));
     if (Wc > 1 && !conv_step) {
-        conv_advance_kernel<<<grid_of(nb * di, 256), 256, 0, D->st>>>(L->conv, xr, keep, nb, lc, di, Wc);
+        conv_advance_kernel<<<grid_of(nb * di, 256), 256, 0, D->st>>>(L->conv, L->conv, xr, keep, nb, lc, di, Wc);
         kernelCheck("conv_advance_kernel");
     }
     lin(D, D->mix, D->y, L->out, NULL, N, di, d, 0);
@@ -1687,9 +1688,7 @@ static void replay(DecoderCuda *D) {
     const int64_t B = D->B, nb = D->nb, di = h->d_inner, ds = h->d_state, dxb = h->d_xb;
     const int64_t cw = conv_per_seq(h);
     const int Wc = h->d_conv;
-    if (Wc > 1)  // conv windows back to the window start, then advanced past the kept inputs
-        cudaCheck(cudaMemcpy2DAsync(D->conv_all, (size_t)(B * cw) * 2, D->conv0_all, (size_t)(B * cw) * 2,
-                                    (size_t)(nb * cw) * 2, (size_t)D->n_m, cudaMemcpyDeviceToDevice, D->st));
+    // conv windows: the window-start copy advanced past the kept inputs
     // the buffers' stride is wcap columns; each sequence's scan stops at its keep (no outputs are asked for)
     ScanShape s = {nb, D->wcap, di, ds, di / ds, dxb / ds};
     // every Mamba layer in one launch of each kernel when their slices are evenly spaced (as allocated)
@@ -1718,7 +1717,8 @@ static void replay(DecoderCuda *D) {
                                              NULL, D->st, EA));
         if (Wc > 1) {
             conv_advance_kernel<<<dim3(grid_of(nb * di, 256), (unsigned)D->n_m), 256, 0, D->st>>>(
-                M0->conv, M0->w_xr, D->acc_keep, nb, D->wcap, di, Wc, M1->conv - M0->conv, M1->w_xr - M0->w_xr);
+                M0->conv, D->conv0_all + M0->mi * B * cw, M0->w_xr, D->acc_keep, nb, D->wcap, di, Wc, M1->conv - M0->conv,
+                M1->w_xr - M0->w_xr);
             kernelCheck("conv_advance_kernel");
         }
         return;
@@ -1730,7 +1730,8 @@ static void replay(DecoderCuda *D) {
                                       (const uint16_t *)L->w_B, (const uint16_t *)L->w_xc, L->D, NULL, L->dtb32,
                                       D->ssm0_all + L->mi * B * di * ds, D->acc_keep, NULL, L->ssm, NULL, D->st, EA));
         if (Wc > 1) {
-            conv_advance_kernel<<<grid_of(nb * di, 256), 256, 0, D->st>>>(L->conv, L->w_xr, D->acc_keep, nb, D->wcap, di, Wc);
+            conv_advance_kernel<<<grid_of(nb * di, 256), 256, 0, D->st>>>(L->conv, D->conv0_all + L->mi * B * cw, L->w_xr,
+                                                                          D->acc_keep, nb, D->wcap, di, Wc);
             kernelCheck("conv_advance_kernel");
         }
     }
