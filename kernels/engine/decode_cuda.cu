@@ -10,9 +10,10 @@
 // GEMMs, norms, RoPE, SwiGLU and the embedding come from kernels/train (train_cuda.h), the conv and the scan
 // from kernels/scan; the KV-cache writes, the decode attention, the GQA repeat, the conv-window advance and
 // the last-row gather are the small kernels below.
-// Speculative windows (decoder_cuda_window_begin / accept): each Mamba layer stores its window tokens' conv
-// and scan inputs (win_store_kernel) and keeps one copy of its window-start state; accept replays the
-// window from that copy with the multi-token scan, stopping each sequence at its accepted length.
+// Speculative windows (decoder_cuda_window_begin / accept): each Mamba layer keeps its window tokens' conv
+// and scan inputs (written in place for one sequence's first feed, else copied by win_store_kernel) and one
+// copy of its window-start state; accept replays the window from that copy with the multi-token scan (all
+// Mamba layers in one launch), stopping each sequence at its accepted length.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
