@@ -257,6 +257,7 @@ int gen_speculative(GenDecoder T, GenDecoder Dr, const int32_t *prompts, const i
             npend[b] = 1;
         }
     while (rc == 0 && !all_done(&em, B)) {
+        const double t_round = dl_now();
         // draft: feed its pending tokens (1 or 2 per sequence), then propose d1..dK one by one inside a window
         int64_t Lp = 1;
         for (int64_t b = 0; b < B; b++) Lp = DL_MAX(Lp, npend[b]);
@@ -282,6 +283,8 @@ int gen_speculative(GenDecoder T, GenDecoder Dr, const int32_t *prompts, const i
             if (i + 1 < K) rc = gd_feed(Dr, col, 1, NULL, false, lg, e), st.draft_feeds++;
         }
         if (rc) break;
+        const double t_verify = dl_now();
+        st.draft_s += t_verify - t_round;
         // target: verify [t0, d1..dK] in one feed
         for (int64_t b = 0; b < B; b++) {
             ver[b * (K + 1)] = t0[b];
@@ -333,6 +336,8 @@ int gen_speculative(GenDecoder T, GenDecoder Dr, const int32_t *prompts, const i
         }
         if ((rc = gd_accept(T, keep_t, e)) != 0) break;
         if ((rc = gd_accept(Dr, keep_d, e)) != 0) break;
+        st.verify_s += dl_now() - t_verify;
+        st.rounds++;
     }
     if (stats) *stats = st;
     free(lg), free(tl), free(q), free(qs), free(p), free(res), free(dtok), free(ver), free(am), free(pend), free(npend);

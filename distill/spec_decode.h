@@ -29,6 +29,11 @@ typedef struct {
     int64_t accepted_at[SPEC_MAX_K];   // how often draft position i (0-based) was accepted
     int64_t emitted;                   // tokens emitted (before truncation to max_tokens)
     int64_t target_feeds, draft_feeds; // decoder_feed calls (any length)
+    int64_t rounds;                    // draft-then-verify rounds (loop iterations; = steps at batch 1)
+    double draft_s, verify_s;          // host wall seconds of the rounds' two phases: the draft's pending feed and
+                                       // proposals; the target's window, feed of K + 1 tokens, picks, acceptance and
+                                       // both accepts. Each phase ends at a host synchronization (picks reach the
+                                       // host) except the accepts, whose GPU work lands in the next draft phase
 } SpecStats;
 
 // Decoder capacity (max_len) that generation of max_tokens after prompts of up to Lmax tokens needs.

@@ -138,6 +138,7 @@ static int run_batch(const SpecEvalConfig *c, int64_t B, int64_t Lmax, const Gen
                 }
             }
             acc.steps += st.steps, acc.emitted += st.emitted;
+            acc.rounds += st.rounds, acc.draft_s += st.draft_s, acc.verify_s += st.verify_s;
             for (int i = 0; i < gp.k; i++) acc.accepted_at[i] += st.accepted_at[i];
         }
         const double steps = (double)DL_MAX(acc.steps, 1);
@@ -148,6 +149,9 @@ static int run_batch(const SpecEvalConfig *c, int64_t B, int64_t Lmax, const Gen
         row->draft_tps = draft_tps;
         row->draft_cost = row->plain_tps / row->draft_tps;
         row->model_speedup = row->tokens_per_step / (1 + gp.k * row->draft_cost);
+        const double plain_step_s = (double)B / row->plain_tps, rounds = (double)DL_MAX(acc.rounds, 1);
+        row->draft_steps = acc.draft_s / rounds / plain_step_s;
+        row->verify_steps = acc.verify_s / rounds / plain_step_s;
         for (int i = 0; i < gp.k; i++) {
             row->acceptance[i] = (double)acc.accepted_at[i] / steps;
             row->acceptance_rate += (double)acc.accepted_at[i];
@@ -190,15 +194,16 @@ int spec_eval_run(const SpecEvalConfig *c, SpecEvalRow *rows, DlError *e) {
 }
 
 void spec_eval_print_header(FILE *f) {
-    fprintf(f, "%5s %3s %10s %10s %8s %8s %7s %7s %6s %6s  %s\n", "batch", "k", "plain t/s", "spec t/s", "speedup", "tok/step",
-            "accept", "same", "cost", "model", "acceptance per draft position");
+    fprintf(f, "%5s %3s %10s %10s %8s %8s %7s %7s %6s %6s %6s %6s  %s\n", "batch", "k", "plain t/s", "spec t/s", "speedup",
+            "tok/step", "accept", "same", "cost", "model", "draft", "verify", "acceptance per draft position");
 }
 
 void spec_eval_print_row(FILE *f, const SpecEvalRow *r) {
     char sm[48] = "-";
     if (r->same >= 0) snprintf(sm, sizeof sm, "%lld/%lld", (long long)r->same, (long long)r->sequences);
-    fprintf(f, "%5lld %3d %10.1f %10.1f %7.2fx %8.2f %7.3f %7s %6.3f %5.2fx ", (long long)r->batch, r->k, r->plain_tps,
-            r->spec_tps, r->speedup, r->tokens_per_step, r->acceptance_rate, sm, r->draft_cost, r->model_speedup);
+    fprintf(f, "%5lld %3d %10.1f %10.1f %7.2fx %8.2f %7.3f %7s %6.3f %5.2fx %6.3f %6.3f ", (long long)r->batch, r->k,
+            r->plain_tps, r->spec_tps, r->speedup, r->tokens_per_step, r->acceptance_rate, sm, r->draft_cost,
+            r->model_speedup, r->draft_steps, r->verify_steps);
     for (int i = 0; i < r->k; i++) fprintf(f, " %.2f", r->acceptance[i]);
     fputc('\n', f);
     for (int i = 0; i < r->n_div; i++) {
@@ -226,6 +231,8 @@ cJSON *spec_eval_row_json(const SpecEvalRow *r) {
     add_num(o, "draft_tokens_per_s", r->draft_tps, 1e3);
     add_num(o, "draft_cost", r->draft_cost, 1e4);
     add_num(o, "model_speedup", r->model_speedup, 1e4);
+    add_num(o, "round_draft_steps", r->draft_steps, 1e4);
+    add_num(o, "round_verify_steps", r->verify_steps, 1e4);
     if (r->same >= 0) {
         cJSON_AddNumberToObject(o, "greedy_equal_sequences", (double)r->same);
         cJSON_AddNumberToObject(o, "sequences", (double)r->sequences);

@@ -65,6 +65,9 @@ typedef struct {
     double draft_cost;                    // plain_tps / draft_tps: one draft token's time in target tokens
     double model_speedup;                 // tokens_per_step / (1 + K draft_cost): the speedup if verifying K + 1
                                           // tokens cost one plain target step (measured below it: verification cost)
+    double draft_steps, verify_steps;     // a round's draft and verify phases (SpecStats) in plain target steps
+                                          // (batch / plain_tps): speedup ~ tokens_per_step / (their sum); the model
+                                          // above takes verify_steps = 1 and draft_steps = K draft_cost
     double acceptance_rate;               // accepted draft tokens / proposed
     double acceptance[SPEC_MAX_K];        // [k]: fraction of steps that accepted draft position i
     int64_t same, sequences;              // greedy: sequences equal to the plain output; same = -1 when sampled

@@ -82,6 +82,9 @@ static void test_greedy(Model *tg, Model *dr, const char *what) {
         char buf[128];
         snprintf(buf, sizeof buf, "%s: greedy speculative == plain (k=%d)", what, gp.k);
         CHECK_MSG(same, buf);
+        // one round per verification feed; each of the BG sequences is counted in steps until it is done
+        CHECK(st.rounds == st.target_feeds - 1 && st.rounds >= (st.steps + BG - 1) / BG && st.rounds <= st.steps);
+        CHECK(st.draft_s > 0 && st.verify_s > 0);
         printf("%s k=%d: %lld steps, %.2f tokens/step, accepted at pos0 %.2f\n", what, gp.k, (long long)st.steps,
                (double)st.emitted / (double)st.steps, (double)st.accepted_at[0] / (double)st.steps);
         decoder_free(T), decoder_free(D);

@@ -135,6 +135,7 @@ int main(void) {
             // the draft's cost per token and the speedup it allows
             CHECK(r->draft_tps > 0 && fabs(r->draft_cost - r->plain_tps / r->draft_tps) < 1e-9);
             CHECK(fabs(r->model_speedup - r->tokens_per_step / (1 + K * r->draft_cost)) < 1e-9);
+            CHECK(r->draft_steps > 0 && r->verify_steps > 0);  // every round has both phases
         }
         free(dr.params), reg_free(&dr.reg);
     }
