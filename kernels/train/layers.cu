@@ -9,7 +9,7 @@
 
 // ---------------------------------------------------------------- RMSNorm
 
-#define NORM_THREADS RMSNORM_VEC_THREADS  // 256 (train_common.cuh: decode_gemm's norm prologue depends on it)
+#define NORM_THREADS 256
 #define NORM_PARTS 256  // fixed number of row groups of the dw reduction (independent of the GPU)
 
 // one block per row. h = x (+ res_in), written to res_out when fused; out = w * h * rstd.
@@ -97,18 +97,32 @@ __global__ void rmsnorm_fwd_vec_kernel(bf16 *out, float *rstd, bf16 *res_out, co
             for (int j = 0; j < 8; j++) a[j] += b[j];
             const uint4 hv = pack8(a);
             hr[i] = hv;
-            ss = rms_ss8(hv, ss);  // the rounded value, as the backward sees it
+            unpack8(hv, a);  // the rounded value, as the backward sees it
+#pragma unroll
+            for (int j = 0; j < 8; j++) ss += a[j] * a[j];
         }
         xr = hr;
     } else {
-        for (int64_t i = threadIdx.x; i < d8; i += blockDim.x) ss = rms_ss8(xr[i], ss);
+        for (int64_t i = threadIdx.x; i < d8; i += blockDim.x) {
+            float a[8];
+            unpack8(xr[i], a);
+#pragma unroll
+            for (int j = 0; j < 8; j++) ss += a[j] * a[j];
+        }
     }
     ss = block_sum(ss, sh);
-    const float r = rms_rstd(ss, d, eps);
+    const float r = 1.0f / sqrtf(ss / (float)d + eps);
     if (rstd && threadIdx.x == 0) rstd[row] = r;
     uint4 *o = (uint4 *)(out + row * d);
     const uint4 *wv = (const uint4 *)w;
-    for (int64_t i = threadIdx.x; i < d8; i += blockDim.x) o[i] = rms_out8(xr[i], wv[i], r);
+    for (int64_t i = threadIdx.x; i < d8; i += blockDim.x) {
+        float a[8], ww[8];
+        unpack8(xr[i], a);
+        unpack8(wv[i], ww);
+#pragma unroll
+        for (int j = 0; j < 8; j++) a[j] = ww[j] * (a[j] * r);
+        o[i] = pack8(a);
+    }
 }
 
 // 8 elements of the backward's two passes, shared by the block and the warp kernels: w.dy.x for the row's dot,

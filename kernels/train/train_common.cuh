@@ -33,29 +33,6 @@ __device__ __forceinline__ uint4 pack8(const float *f) {
     return u;
 }
 
-// The bf16 RMSNorm's arithmetic (rmsnorm_fwd_vec_kernel, kernels/train/layers.cu): one definition for that kernel and
-// the decode GEMM's norm prologue (kernels/engine/decode_gemm.cu), which reproduces its rstd and its outputs bit for
-// bit. The kernel's block: RMSNORM_VEC_THREADS threads, thread i summing the squares of the 8-element chunks i,
-// i + RMSNORM_VEC_THREADS, ... of its row (rms_ss8, in element order), then block_sum.
-#define RMSNORM_VEC_THREADS 256
-__device__ __forceinline__ float rms_ss8(uint4 v, float ss) {
-    float a[8];
-    unpack8(v, a);
-#pragma unroll
-    for (int j = 0; j < 8; j++) ss += a[j] * a[j];
-    return ss;
-}
-__device__ __forceinline__ float rms_rstd(float ss, int64_t d, float eps) { return 1.0f / sqrtf(ss / (float)d + eps); }
-// 8 outputs w * (x * r), rounded to bf16
-__device__ __forceinline__ uint4 rms_out8(uint4 xv, uint4 wv, float r) {
-    float a[8], ww[8];
-    unpack8(xv, a);
-    unpack8(wv, ww);
-#pragma unroll
-    for (int j = 0; j < 8; j++) a[j] = ww[j] * (a[j] * r);
-    return pack8(a);
-}
-
 // SwiGLU of one element and RoPE's angle and rotation of one pair: one definition for the training kernels and the
 // decoder's fused launches (the down projection that computes its input, the rope + KV-cache append), so both give
 // the same bits.
