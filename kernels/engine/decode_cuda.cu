@@ -1689,8 +1689,8 @@ static void replay(DecoderCuda *D) {
     const int64_t B = D->B, nb = D->nb, di = h->d_inner, ds = h->d_state, dxb = h->d_xb;
     const int64_t cw = conv_per_seq(h);
     const int Wc = h->d_conv;
-    // conv windows: the window-start copy advanced past the kept inputs
-    // the buffers' stride is wcap columns; each sequence's scan stops at its keep (no outputs are asked for)
+    // scans from the window-start states (the buffers' stride is wcap columns; each sequence's scan stops at its
+    // keep: no outputs are asked for); conv windows: the window-start copy advanced past the kept inputs
     ScanShape s = {nb, D->wcap, di, ds, di / ds, dxb / ds};
     // every Mamba layer in one launch of each kernel when their slices are evenly spaced (as allocated)
     const DLayer *M0 = NULL, *M1 = NULL;
