@@ -131,6 +131,40 @@ static int gd_greedy_chain(GenDecoder g, float *lg, int n, bool feed_last, int32
     return 0;
 }
 
+// Greedy rounds with both decoders on the GPU keep the draft's picks there: the target's verification feed copies
+// them in (decoder_cuda_feed_picks) and they reach the host with the target's picks, one host synchronization per
+// round instead of two. DISTILL_SPEC_HOST=1 takes them through the host (the previous path; the same tokens), for
+// A/B timing.
+static bool picks_on_device(GenDecoder T, GenDecoder Dr) {
+#ifdef DISTILL_CUDA
+    const char *v = getenv("DISTILL_SPEC_HOST");
+    return T.cuda && Dr.cuda && !(v && !strcmp(v, "1"));
+#else
+    (void)T, (void)Dr;
+    return false;
+#endif
+}
+
+// The draft's K greedy picks (d1..d_{K-1} fed), left on the device (picks_on_device only).
+static int gd_chain_on_device(GenDecoder Dr, int K, DlError *e) {
+#ifdef DISTILL_CUDA
+    if (Dr.cuda) return decoder_cuda_greedy_chain(Dr.cuda, K, 0, NULL, e);
+#endif
+    (void)Dr, (void)K;
+    return dl_fail(e, "speculative: device picks need a GPU draft");
+}
+
+// Verifies [t0, the draft's device picks] with all logits: ver [B, K+1] gets the fed tokens, am [B, K+1] the
+// target's argmax per position (picks_on_device only).
+static int gd_verify_device_picks(GenDecoder T, GenDecoder Dr, const int32_t *t0, int32_t *ver, int32_t *am, DlError *e) {
+#ifdef DISTILL_CUDA
+    if (T.cuda && Dr.cuda)
+        return decoder_cuda_feed_picks(T.cuda, t0, Dr.cuda, 1, e) || decoder_cuda_argmax_fed(T.cuda, am, ver, e) ? -1 : 0;
+#endif
+    (void)T, (void)Dr, (void)t0, (void)ver, (void)am;
+    return dl_fail(e, "speculative: device picks need a GPU target and draft");
+}
+
 double gen_decode_speed(GenDecoder g, int64_t ctx, int steps, DlError *e) {
     const int64_t B = gd_batch(g), V = gd_vocab(g);
     float *lg = dl_malloc((size_t)(B * V) * sizeof(float));
@@ -221,7 +255,7 @@ int gen_speculative(GenDecoder T, GenDecoder Dr, const int32_t *prompts, const i
                     const GenParams *gp, Rng *rng, int32_t *out, int64_t *n_out, SpecStats *stats, DlError *e) {
     const int64_t B = gd_batch(T), V = gd_vocab(T);
     const int K = gp->k;
-    const bool greedy = gp->sp.greedy;
+    const bool greedy = gp->sp.greedy, dev = greedy && picks_on_device(T, Dr);
     if (K < 1 || K > SPEC_MAX_K) return dl_fail(e, "speculative: k = %d, expected 1..%d", K, SPEC_MAX_K);
     if (gd_batch(Dr) != B || gd_vocab(Dr) != V)
         return dl_fail(e, "speculative: draft has batch %lld and vocabulary %lld, the target %lld and %lld",
@@ -270,8 +304,8 @@ int gen_speculative(GenDecoder T, GenDecoder Dr, const int32_t *prompts, const i
         if (rc) break;
         st.draft_feeds++;
         gd_window_begin(Dr);
-        if (greedy) {  // d1..dK in one chain (d1..d_{K-1} fed)
-            rc = gd_greedy_chain(Dr, lg, K, false, col, dtok, e);
+        if (greedy) {  // d1..dK in one chain (d1..d_{K-1} fed); dev: they stay on the GPU until the target has them
+            rc = dev ? gd_chain_on_device(Dr, K, e) : gd_greedy_chain(Dr, lg, K, false, col, dtok, e);
             st.draft_feeds += K - 1;
         }
         for (int i = 0; i < K && rc == 0 && !greedy; i++) {
@@ -286,16 +320,21 @@ int gen_speculative(GenDecoder T, GenDecoder Dr, const int32_t *prompts, const i
         const double t_verify = dl_now();
         st.draft_s += t_verify - t_round;
         // target: verify [t0, d1..dK] in one feed
-        for (int64_t b = 0; b < B; b++) {
-            ver[b * (K + 1)] = t0[b];
-            memcpy(ver + b * (K + 1) + 1, dtok + b * K, (size_t)K * sizeof(int32_t));
-        }
         gd_window_begin(T);
-        if ((rc = gd_feed(T, ver, K + 1, NULL, true, tl, e)) != 0) break;
+        if (dev) {
+            if ((rc = gd_verify_device_picks(T, Dr, t0, ver, am, e)) != 0) break;
+            for (int64_t b = 0; b < B; b++) memcpy(dtok + b * K, ver + b * (K + 1) + 1, (size_t)K * sizeof(int32_t));
+        } else {
+            for (int64_t b = 0; b < B; b++) {
+                ver[b * (K + 1)] = t0[b];
+                memcpy(ver + b * (K + 1) + 1, dtok + b * K, (size_t)K * sizeof(int32_t));
+            }
+            if ((rc = gd_feed(T, ver, K + 1, NULL, true, tl, e)) != 0) break;
+            if (greedy) rc = gd_argmax(T, tl, B * (K + 1), am, e);
+            else gd_logits(T, tl);
+            if (rc) break;
+        }
         st.target_feeds++;
-        if (greedy) rc = gd_argmax(T, tl, B * (K + 1), am, e);
-        else gd_logits(T, tl);
-        if (rc) break;
         for (int64_t b = 0; b < B; b++) {
             int j = 0;
             int32_t next = -1;

@@ -33,7 +33,9 @@ typedef struct {
     double draft_s, verify_s;          // host wall seconds of the rounds' two phases: the draft's pending feed and
                                        // proposals; the target's window, feed of K + 1 tokens, picks, acceptance and
                                        // both accepts. Each phase ends at a host synchronization (picks reach the
-                                       // host) except the accepts, whose GPU work lands in the next draft phase
+                                       // host) except the accepts, whose GPU work lands in the next draft phase.
+                                       // Greedy on the GPU the draft's picks stay there (one synchronization per
+                                       // round): draft_s is then only the time to enqueue its work, verify_s the rest
 } SpecStats;
 
 // Decoder capacity (max_len) that generation of max_tokens after prompts of up to Lmax tokens needs.

@@ -746,7 +746,11 @@ struct DecoderCuda {
     int32_t *am_out;     // argmax: [lcap]
     uint64_t *am_u64;    // [lcap] zeros (the sampler's stream / counter, unused when greedy)
     void *am_ws;         // argmax_rows_workspace(lcap, V), zeroed
-    int32_t *chain_out;  // [B, CHAIN_MAX]: a greedy chain's picks
+    int32_t *chain_out;  // [B, CHAIN_MAX]: a greedy chain's picks ([nb, n] of the last chain)
+    int chain_kept;      // picks of the last chain left on the device (out NULL) for another decoder's feed; else 0
+    cudaEvent_t chain_ev;  // recorded after such a chain: the reading decoder's stream waits on it
+    int32_t *pin_tok;    // pinned host [rows]: a picks feed's tokens on their way back (decoder_cuda_argmax_fed)
+    int64_t picks_L;     // tokens per sequence of the last decoder_cuda_feed_picks (0: the last feed was another)
     bool chain;          // greedy chains in one launch (default; DISTILL_DECODE_CHAIN=0: a host round trip per pick)
     bool gemm_multi;     // q/k/v and the Mamba input projections in one launch each (default; DISTILL_DECODE_MULTI=0:
                          // one per output, the same bits, for A/B timing)
@@ -859,6 +863,8 @@ void decoder_cuda_free(DecoderCuda *D) {
     for (int i = 0; i < D->nrg; i++) cudaGraphExecDestroy(D->rg[i].ex);
     if (D->gemm) dl_gemm_free(D->gemm);
     if (D->st) cudaStreamDestroy(D->st);
+    if (D->chain_ev) cudaEventDestroy(D->chain_ev);
+    if (D->pin_tok) cudaFreeHost(D->pin_tok);
     free(D->L);
     free(D->len);
     free(D->len0);
@@ -1144,6 +1150,8 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
     D->s_u64 = (uint64_t *)dalloc(D, (size_t)(2 * B) * 8);
     D->s_out = (int32_t *)dalloc(D, (size_t)B * 4);
     D->chain_out = (int32_t *)dalloc(D, (size_t)(B * CHAIN_MAX) * 4);
+    cudaCheck(cudaEventCreateWithFlags(&D->chain_ev, cudaEventDisableTiming));
+    cudaCheck(cudaMallocHost((void **)&D->pin_tok, (size_t)rows * 4));
     cudaCheck(cudaDeviceSynchronize());
     if (log)
         fprintf(log, "decoder_cuda: batch %lld x context %lld, %d layers (%d attention), %.2f GiB on the GPU (weights "
@@ -1158,6 +1166,7 @@ int decoder_cuda_reset(DecoderCuda *D, int64_t nb, DlError *e) {
         return dl_fail(e, "decoder_cuda_reset: batch %lld outside 1..%lld", (long long)nb, (long long)D->B);
     D->nb = nb;
     D->win = false;
+    D->chain_kept = 0, D->picks_L = 0;
     memset(D->len, 0, (size_t)D->B * sizeof(int64_t));
     const HybridConfig *h = &D->h;
     if (D->n_m) {
@@ -1582,7 +1591,10 @@ int decoder_cuda_feed_ragged(DecoderCuda *D, const int32_t *tokens, int64_t L, c
     return decoder_cuda_feed(D, tokens, L, n, 0, e);
 }
 
-int decoder_cuda_feed(DecoderCuda *D, const int32_t *tokens, int64_t L, const int64_t *n, int all, DlError *e) {
+// decoder_cuda_feed, and decoder_cuda_feed_picks when src is given: columns 1..L-1 of every sequence's tokens are then
+// src's last greedy picks, copied on the device after src's stream has made them (one chunk only).
+static int feed_impl(DecoderCuda *D, const int32_t *tokens, int64_t L, const int64_t *n, int all, const DecoderCuda *src,
+                     DlError *e) {
     const LlamaConfig *c = &D->h.base;
     const int64_t nb = D->nb, V = c->vocab;
     if (L <= 0) return dl_fail(e, "decoder_cuda: feeding %lld tokens", (long long)L);
@@ -1601,14 +1613,23 @@ int decoder_cuda_feed(DecoderCuda *D, const int32_t *tokens, int64_t L, const in
     if (all) ensure_logits(D, nb * L);
     if (D->win) ensure_window(D, D->wlen + L);
     const int64_t Lc = D->rows / nb < L ? D->rows / nb : L;  // columns per chunk (rows >= B >= nb)
+    if (src && Lc < L)
+        return dl_fail(e, "decoder_cuda: a feed of %lld x %lld tokens with device picks needs one pass (%lld rows)",
+                       (long long)nb, (long long)L, (long long)D->rows);
     const int32_t *keep = D->hints + 2 * D->rows;  // each sequence's tokens in the chunk (upload_chunk)
     D->lrows = all ? nb * L : nb;
+    D->picks_L = src ? L : 0;
     // one sequence, the window's first feed, one chunk: the window buffers' first L rows are laid out as the
     // scratch rows, so the Mamba layers write them in place (no copy)
     D->wdirect = D->win && D->n_m > 0 && (D->fuse & 16) && nb == 1 && D->wlen == 0 && Lc == L;
     for (int64_t c0 = 0; c0 < L; c0 += Lc) {
         const int64_t lc = L - c0 < Lc ? L - c0 : Lc;
         const int64_t maxkeys = upload_chunk(D, tokens, L, n, c0, lc);
+        if (src) {  // tok [nb, L]: columns 1.. from src->chain_out [nb, L-1], once src's chain has run
+            cudaCheck(cudaStreamWaitEvent(D->st, src->chain_ev, 0));
+            cudaCheck(cudaMemcpy2DAsync(D->ints + 1, (size_t)L * 4, src->chain_out, (size_t)(L - 1) * 4,
+                                        (size_t)(L - 1) * 4, (size_t)nb, cudaMemcpyDeviceToDevice, D->st));
+        }
         if (D->use_graph && Lc == L && L <= GRAPH_MAX_L) {  // one chunk: the whole feed is one graph launch
             cudaCheck(cudaGraphLaunch(graph_for(D, L, all, 0), D->st));
             for (int64_t b = 0; b < nb; b++) D->len[b] += keep[b];
@@ -1624,6 +1645,24 @@ int decoder_cuda_feed(DecoderCuda *D, const int32_t *tokens, int64_t L, const in
     if (!all) head(D);
     if (D->win) D->wlen += L;
     return 0;
+}
+
+int decoder_cuda_feed(DecoderCuda *D, const int32_t *tokens, int64_t L, const int64_t *n, int all, DlError *e) {
+    return feed_impl(D, tokens, L, n, all, NULL, e);
+}
+
+int decoder_cuda_feed_picks(DecoderCuda *D, const int32_t *first, const DecoderCuda *S, int all, DlError *e) {
+    const int64_t nb = D->nb, L = 1 + (int64_t)S->chain_kept;
+    if (S == D || S->chain_kept < 1)
+        return dl_fail(e, "decoder_cuda_feed_picks: the source decoder has no greedy picks kept on the device");
+    if (S->nb != nb || S->h.base.vocab != D->h.base.vocab)
+        return dl_fail(e, "decoder_cuda_feed_picks: the picks are of %lld sequences over %lld ids, this decoder has %lld over %lld",
+                       (long long)S->nb, (long long)S->h.base.vocab, (long long)nb, (long long)D->h.base.vocab);
+    int32_t *tok = (int32_t *)calloc((size_t)(nb * L), sizeof(int32_t));  // column 0 from the host, the rest ids 0 for now
+    for (int64_t b = 0; b < nb; b++) tok[b * L] = first[b];
+    const int rc = feed_impl(D, tok, L, NULL, all, S, e);
+    free(tok);
+    return rc;
 }
 
 void decoder_cuda_window_begin(DecoderCuda *D) {
@@ -1750,6 +1789,18 @@ int decoder_cuda_argmax(DecoderCuda *D, int32_t *tokens, DlError *e) {
     return 0;
 }
 
+int decoder_cuda_argmax_fed(DecoderCuda *D, int32_t *tokens, int32_t *fed, DlError *e) {
+    if (!D->picks_L) return dl_fail(e, "decoder_cuda_argmax_fed: the last feed was not decoder_cuda_feed_picks");
+    char err[256] = "";
+    if (argmax_rows(D, D->lrows, EA)) return dl_fail(e, "decoder_cuda: %s", err);
+    const size_t nf = (size_t)(D->nb * D->picks_L);
+    cudaCheck(cudaMemcpyAsync(D->pin_tok, D->ints, nf * 4, cudaMemcpyDeviceToHost, D->st));
+    cudaCheck(cudaMemcpyAsync(tokens, D->am_out, (size_t)D->lrows * 4, cudaMemcpyDeviceToHost, D->st));
+    cudaCheck(cudaStreamSynchronize(D->st));
+    memcpy(fed, D->pin_tok, nf * 4);
+    return 0;
+}
+
 int decoder_cuda_greedy_chain(DecoderCuda *D, int n, int feed_last, int32_t *out, DlError *e) {
     const int64_t nb = D->nb;
     const int feeds = feed_last ? n : n - 1;
@@ -1759,14 +1810,23 @@ int decoder_cuda_greedy_chain(DecoderCuda *D, int n, int feed_last, int32_t *out
                           "kept %lld rows", (long long)nb, (long long)D->lrows);
     for (int64_t b = 0; b < nb; b++)
         if (room_check(D, b, feeds, e)) return -1;
-    if (!D->chain) {  // the same picks with a host round trip each (A/B timing)
+    if (!D->chain) {  // the same picks with a host round trip each (A/B timing); out NULL: then uploaded to chain_out
         int32_t *t = (int32_t *)malloc((size_t)nb * sizeof(int32_t));
+        int32_t *o = out ? out : (int32_t *)malloc((size_t)(nb * n) * sizeof(int32_t));
         int rc = 0;
         for (int i = 0; i < n && rc == 0; i++) {
             if ((rc = decoder_cuda_argmax(D, t, e)) != 0) break;
-            for (int64_t b = 0; b < nb; b++) out[b * n + i] = t[b];
+            for (int64_t b = 0; b < nb; b++) o[b * n + i] = t[b];
             if (i < feeds) rc = decoder_cuda_feed(D, t, 1, NULL, 0, e);
         }
+        D->chain_kept = 0;
+        if (rc == 0 && !out) {
+            cudaCheck(cudaMemcpyAsync(D->chain_out, o, (size_t)(nb * n) * 4, cudaMemcpyHostToDevice, D->st));
+            cudaCheck(cudaStreamSynchronize(D->st));  // o is freed below
+            cudaCheck(cudaEventRecord(D->chain_ev, D->st));
+            D->chain_kept = n;
+        }
+        if (!out) free(o);
         free(t);
         return rc;
     }
@@ -1776,8 +1836,13 @@ int decoder_cuda_greedy_chain(DecoderCuda *D, int n, int feed_last, int32_t *out
     }
     if (D->use_graph) cudaCheck(cudaGraphLaunch(graph_for(D, 1, 0, 2 * n + (feed_last != 0)), D->st));
     else chain_body(D, n, feeds);
-    cudaCheck(cudaMemcpyAsync(out, D->chain_out, (size_t)(nb * n) * 4, cudaMemcpyDeviceToHost, D->st));
-    cudaCheck(cudaStreamSynchronize(D->st));
+    D->chain_kept = out ? 0 : n;
+    if (out) {
+        cudaCheck(cudaMemcpyAsync(out, D->chain_out, (size_t)(nb * n) * 4, cudaMemcpyDeviceToHost, D->st));
+        cudaCheck(cudaStreamSynchronize(D->st));
+    } else {
+        cudaCheck(cudaEventRecord(D->chain_ev, D->st));
+    }
     for (int64_t b = 0; b < nb; b++) D->len[b] += feeds;
     if (D->win) D->wlen += feeds;
     return 0;

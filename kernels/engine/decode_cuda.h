@@ -79,8 +79,18 @@ int decoder_cuda_argmax(DecoderCuda *d, int32_t *tokens, DlError *e);
 // states and logits as n x (decoder_cuda_argmax, then decoder_cuda_step if fed), also inside a speculative window;
 // with graphs on, the whole chain is one graph per (nb, n, feed_last, window). DISTILL_DECODE_CHAIN=0 runs it as
 // those separate calls (A/B timing). Returns 0 or -1 (e filled: n out of range, a length past max_len, or
-// all-logits rows).
+// all-logits rows). out NULL: the picks stay on the device, with no host round trip, for another decoder's
+// decoder_cuda_feed_picks.
 int decoder_cuda_greedy_chain(DecoderCuda *d, int n, int feed_last, int32_t *out, DlError *e);
+// A speculative round without a host round trip between draft and target: feeds tokens [nb, 1 + n] to d whose
+// column 0 is first (host [nb]) and columns 1..n are the picks of src's last greedy chain run with out NULL (copied
+// on the device once src's stream has made them; src: another decoder, same nb and vocabulary). all_logits as
+// decoder_cuda_feed. Tokens, logits, lengths and bits are those of decoder_cuda_feed with the picks brought to
+// the host first. -1 (e filled): no picks kept, a shape mismatch, or a feed longer than one pass.
+int decoder_cuda_feed_picks(DecoderCuda *d, const int32_t *first, const DecoderCuda *src, int all_logits, DlError *e);
+// After decoder_cuda_feed_picks: decoder_cuda_argmax, and the tokens that feed fed (host [nb, 1 + n]), with one
+// host synchronization.
+int decoder_cuda_argmax_fed(DecoderCuda *d, int32_t *tokens, int32_t *fed, DlError *e);
 
 // Speculative verification window (decoder_window_begin / decoder_accept of engine.h, same meaning):
 // window_begin marks the current state; the feeds that follow (uniform, not ragged; any number and length)

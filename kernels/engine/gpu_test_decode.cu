@@ -395,8 +395,21 @@ static void spec_case(const Model *t, const Model *d, const char *name, bool sel
         Rng r1, r2;
         rng_init(&r1, 1, 0), rng_init(&r2, 1, 0);
         die_if(gen_plain(T, pr, plen, LM, &gp, &r1, ref, nref, &e) != 0, &e, "gen_plain");
-        SpecStats st;
+        SpecStats st, sh;
         die_if(gen_speculative(T, D, pr, plen, LM, &gp, &r2, got, ngot, &st, &e) != 0, &e, "gen_speculative");
+        {  // the draft's picks through the host (DISTILL_SPEC_HOST=1): the same tokens and acceptance
+            int32_t hg[B * NT];
+            int64_t nh[B];
+            Rng r3;
+            rng_init(&r3, 1, 0);
+            setenv("DISTILL_SPEC_HOST", "1", 1);
+            die_if(gen_speculative(T, D, pr, plen, LM, &gp, &r3, hg, nh, &sh, &e) != 0, &e, "gen_speculative (host picks)");
+            unsetenv("DISTILL_SPEC_HOST");
+            check(!memcmp(hg, got, sizeof hg) && !memcmp(nh, ngot, sizeof nh) && sh.steps == st.steps &&
+                      !memcmp(sh.accepted_at, st.accepted_at, sizeof st.accepted_at) && sh.rounds == st.rounds,
+                  "%s K=%d%s: draft picks kept on the device give the tokens and acceptance of picks through the host "
+                  "(%lld rounds)", name, gp.k, graph ? " (graphs)" : "", (long long)st.rounds);
+        }
         int equal = 0, near_tie = 0, real_diff = 0;
         for (int64_t b = 0; b < B; b++) {
             int64_t i = 0;
@@ -841,6 +854,62 @@ static void test_greedy_chain(const Model *m, const char *nm) {
     free(lg), free(lr);
 }
 
+// decoder_cuda_feed_picks / decoder_cuda_argmax_fed: a target fed the draft's picks on the device against one fed
+// the same tokens from the host, in windows with partial accepts (twice: graphs replayed), and the refusals.
+static void test_feed_picks(const Model *m, const char *nm) {
+    DlError e;
+    const int64_t V = m->h.base.vocab, B = 3, LM = 21, ML = 64;
+    const int64_t pn[3] = {21, 3, 12};
+    int32_t pr[3 * 21], picks[3 * 4], amA[3 * 5], amB[3 * 5], fed[3 * 5], host[3 * 5], first[3];
+    for (int64_t i = 0; i < B * LM; i++) pr[i] = (int32_t)((i * 2053 + 7) % V);
+    for (int64_t b = 0; b < B; b++) first[b] = (int32_t)((b * 101 + 3) % V);
+    DecoderCuda *S = decoder_cuda_new(&m->h, &m->r, m->p, B, ML, NULL, &e), *S2 = decoder_cuda_new(&m->h, &m->r, m->p, B, ML, NULL, &e);
+    DecoderCuda *A = decoder_cuda_new(&m->h, &m->r, m->p, B, ML, NULL, &e), *R = decoder_cuda_new(&m->h, &m->r, m->p, B, ML, NULL, &e);
+    die_if(!S || !S2 || !A || !R, &e, "decoder_cuda_new");
+    DecoderCuda *all[4] = {S, S2, A, R};
+    for (int i = 0; i < 4; i++) {
+        decoder_cuda_use_graph(all[i], getenv("DISTILL_DECODE_GRAPH") != NULL);
+        die_if(decoder_cuda_reset(all[i], B, &e) || decoder_cuda_feed_ragged(all[i], pr, LM, pn, &e), &e, "prefill");
+    }
+    float *la = (float *)malloc((size_t)(B * 5 * V) * 4), *lr = (float *)malloc((size_t)(B * 5 * V) * 4);
+    const int K = 4;
+    for (int round = 0; round < 2; round++) {
+        decoder_cuda_window_begin(S), decoder_cuda_window_begin(S2);
+        die_if(decoder_cuda_greedy_chain(S, K, 0, NULL, &e) || decoder_cuda_greedy_chain(S2, K, 0, picks, &e), &e, "chains");
+        for (int64_t b = 0; b < B; b++) {
+            host[b * (K + 1)] = first[b];
+            memcpy(host + b * (K + 1) + 1, picks + b * K, (size_t)K * 4);
+        }
+        decoder_cuda_window_begin(A), decoder_cuda_window_begin(R);
+        die_if(decoder_cuda_feed_picks(A, first, S, 1, &e) || decoder_cuda_argmax_fed(A, amA, fed, &e), &e, "feed_picks");
+        die_if(decoder_cuda_feed(R, host, K + 1, NULL, 1, &e) || decoder_cuda_argmax(R, amB, &e), &e, "feed (ref)");
+        decoder_cuda_logits_host(A, la), decoder_cuda_logits_host(R, lr);
+        bool lens = true;
+        for (int64_t b = 0; b < B; b++) lens = lens && decoder_cuda_seq_len(A, b) == decoder_cuda_seq_len(R, b);
+        check(!memcmp(fed, host, sizeof fed) && !memcmp(amA, amB, sizeof amA) && lens &&
+                  !memcmp(la, lr, (size_t)(B * (K + 1) * V) * 4),
+              "%s%s: a feed of the draft's device picks: fed tokens, picks, lengths and every logit as the host feed%s", nm,
+              getenv("DISTILL_DECODE_GRAPH") ? " (graphs)" : "", round ? " (again)" : "");
+        const int32_t keep_t[3] = {1, 3, 5}, keep_d[3] = {0, 2, 3};
+        die_if(decoder_cuda_accept(A, keep_t, &e) || decoder_cuda_accept(R, keep_t, &e), &e, "accept");
+        die_if(decoder_cuda_accept(S, keep_d, &e) || decoder_cuda_accept(S2, keep_d, &e), &e, "accept (draft)");
+        die_if(decoder_cuda_step(A, first, &e) || decoder_cuda_step(R, first, &e), &e, "step");
+        die_if(decoder_cuda_step(S, first, &e) || decoder_cuda_step(S2, first, &e), &e, "step (draft)");
+        decoder_cuda_logits_host(A, la), decoder_cuda_logits_host(R, lr);
+        check(!memcmp(la, lr, (size_t)(B * V) * 4), "%s: after accept(1, 3, 5) and a step the logits agree", nm);
+    }
+    die_if(decoder_cuda_greedy_chain(S, 2, 0, picks, &e), &e, "chain to the host");
+    check(decoder_cuda_feed_picks(A, first, S, 1, &e) != 0 && strstr(e.msg, "no greedy picks"),
+          "%s: feed_picks after a chain whose picks went to the host is refused (%s)", nm, e.msg);
+    check(decoder_cuda_argmax_fed(A, amA, fed, &e) != 0, "%s: argmax_fed after another feed is refused (%s)", nm, e.msg);
+    die_if(decoder_cuda_greedy_chain(S, 2, 0, NULL, &e), &e, "chain kept");
+    die_if(decoder_cuda_reset(A, 2, &e), &e, "reset");
+    check(decoder_cuda_feed_picks(A, first, S, 1, &e) != 0 && strstr(e.msg, "sequences"),
+          "%s: feed_picks of 3 sequences' picks into a batch of 2 is refused (%s)", nm, e.msg);
+    for (int i = 0; i < 4; i++) decoder_cuda_free(all[i]);
+    free(la), free(lr);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--verbose")) g_verbose = 1;
@@ -889,6 +958,8 @@ int main(int argc, char **argv) {
     test_copy_seqs(&te, "teacher");
     test_greedy_chain(&hy, "hybrid");
     test_greedy_chain(&te, "teacher");
+    test_feed_picks(&hy, "hybrid");
+    test_feed_picks(&te, "teacher");
     // last (a capture failure exits): decode steps and windows replayed from CUDA graphs give the same results
     setenv("DISTILL_DECODE_GRAPH", "1", 1);
     decode_vs_cpu(&hy, "hybrid, CUDA-graph decode steps", 4, plen_h, 300, steps, NULL);
@@ -896,6 +967,8 @@ int main(int argc, char **argv) {
     test_speculative(&hy, &te);
     test_greedy_chain(&hy, "hybrid, CUDA graphs");
     test_greedy_chain(&te, "teacher, CUDA graphs");
+    test_feed_picks(&hy, "hybrid");
+    test_feed_picks(&te, "teacher");
     unsetenv("DISTILL_DECODE_GRAPH");
     printf("gpu_test_decode: %d passed, %d failed\n", g_pass, g_fail);
     return g_fail ? 1 : 0;
