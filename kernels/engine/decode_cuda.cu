@@ -1491,7 +1491,9 @@ static void ensure_window(DecoderCuda *D, int64_t need) {
     if (need <= D->wcap || D->n_m == 0) return;
     const HybridConfig *h = &D->h;
     const int64_t B = D->B, di = h->d_inner, dxb = h->d_xb, per = 3 * di + dxb;
-    const int64_t cap = need > 2 * D->wcap ? need : 2 * D->wcap;
+    // an empty window grows to exactly its need: a verification window of L tokens then has wcap == L, the layout of
+    // the scratch rows, and several sequences' inputs are written in place (decoder_cuda_feed's wdirect)
+    const int64_t cap = D->wlen == 0 || need > 2 * D->wcap ? need : 2 * D->wcap;
     cudaCheck(cudaStreamSynchronize(D->st));
     graphs_drop(D);
     bf16 *nbuf = (bf16 *)dalloc(D, (size_t)(D->n_m * B * cap * per) * 2);
@@ -1619,9 +1621,9 @@ static int feed_impl(DecoderCuda *D, const int32_t *tokens, int64_t L, const int
     const int32_t *keep = D->hints + 2 * D->rows;  // each sequence's tokens in the chunk (upload_chunk)
     D->lrows = all ? nb * L : nb;
     D->picks_L = src ? L : 0;
-    // one sequence, the window's first feed, one chunk: the window buffers' first L rows are laid out as the
-    // scratch rows, so the Mamba layers write them in place (no copy)
-    D->wdirect = D->win && D->n_m > 0 && (D->fuse & 16) && nb == 1 && D->wlen == 0 && Lc == L;
+    // the window's first feed in one chunk, of one sequence or of L == wcap tokens each: the window buffers' first
+    // nb * L rows are laid out as the scratch rows, so the Mamba layers write them in place (no copy)
+    D->wdirect = D->win && D->n_m > 0 && (D->fuse & 16) && D->wlen == 0 && Lc == L && (nb == 1 || D->wcap == L);
     for (int64_t c0 = 0; c0 < L; c0 += Lc) {
         const int64_t lc = L - c0 < Lc ? L - c0 : Lc;
         const int64_t maxkeys = upload_chunk(D, tokens, L, n, c0, lc);

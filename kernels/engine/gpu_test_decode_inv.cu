@@ -871,44 +871,55 @@ static void env_ab_case(const Model *m, const char *name, const char *env, const
     free(tok), free(more), free(la[0]), free(la[1]);
 }
 
-// One sequence's speculative windows (the in-place window inputs and the replay of all Mamba layers in one launch,
-// DISTILL_DECODE_FUSE bit 4) == the copy and the per-layer replay (DISTILL_DECODE_FUSE=15), bitwise, with and without
-// CUDA graphs: a prefill, then windows of 4 tokens accepting 2, 0, 4 and 1 of them, a window fed in two parts (its
-// second feed is not the window's first: copied), each followed by a step; every logit of every feed compared.
-static void window_ab_case(const Model *m, const char *name) {
+// Speculative windows of nb sequences (the in-place window inputs and the replay of all Mamba layers in one launch,
+// DISTILL_DECODE_FUSE bit 4; several sequences are written in place when the window's capacity is its length) == the
+// copy and the per-layer replay (DISTILL_DECODE_FUSE=15), bitwise, with and without CUDA graphs: a prefill, then
+// windows of 4 tokens accepting 2, 0, 4 and 1 of them (sequence b keeps (keep + b) mod 5), a window fed in two parts
+// (its feeds are copied), each followed by a step; every logit of every feed compared.
+static void window_ab_case(const Model *m, const char *name, int64_t nb) {
     DlError e;
     const int64_t LP = 50, V = m->h.base.vocab, W = 4, NR = 5;
     const int32_t keeps[NR] = {2, 0, 4, 1, 3};
-    const int64_t rows = 1 + NR * (W + 1);
-    int32_t *tok = (int32_t *)malloc((size_t)LP * 4), *more = (int32_t *)malloc((size_t)(NR * (W + 1)) * 4);
-    random_tokens(tok, 1, LP, NULL, V, 91);
-    random_tokens(more, 1, NR * (W + 1), NULL, V, 92);
+    const int64_t rows = nb * (1 + NR * (W + 1)), T = NR * (W + 1);
+    int32_t *tok = (int32_t *)malloc((size_t)(nb * LP) * 4), *more = (int32_t *)malloc((size_t)(nb * T) * 4);
+    int32_t w[8 * 4], kp[8];
+    random_tokens(tok, nb, LP, NULL, V, 91);
+    random_tokens(more, nb, T, NULL, V, 92);
     float *la[4];
     for (int k = 0; k < 4; k++) {  // k & 1: DISTILL_DECODE_FUSE=15 (reference); k & 2: graphs
         if (k & 1) setenv("DISTILL_DECODE_FUSE", "15", 1);
-        DecoderCuda *d = decoder_cuda_new(&m->h, &m->r, m->p, 2, LP + 64, NULL, &e);
+        DecoderCuda *d = decoder_cuda_new(&m->h, &m->r, m->p, nb + 1, LP + 64, NULL, &e);
         if (k & 1) unsetenv("DISTILL_DECODE_FUSE");
         die_if(!d, &e, "decoder_cuda_new");
         decoder_cuda_use_graph(d, (k & 2) != 0);
         float *o = la[k] = (float *)malloc((size_t)(rows * V) * 4);
         for (int64_t i = 0; i < rows * V; i++) o[i] = NAN;
-        die_if(decoder_cuda_reset(d, 1, &e) || decoder_cuda_feed(d, tok, LP, NULL, 0, &e), &e, "prefill");
-        decoder_cuda_logits_host(d, o), o += V;
+        die_if(decoder_cuda_reset(d, nb, &e) || decoder_cuda_feed(d, tok, LP, NULL, 0, &e), &e, "prefill");
+        decoder_cuda_logits_host(d, o), o += nb * V;
         for (int r = 0; r < NR; r++) {
-            const int32_t *w = more + r * (W + 1);
+            // w [nb, W]: this round's window tokens of each sequence; then its step token
+            auto cols = [&](int64_t c0, int64_t n) {
+                for (int64_t b = 0; b < nb; b++)
+                    for (int64_t j = 0; j < n; j++) w[b * n + j] = more[b * T + r * (W + 1) + c0 + j];
+            };
             decoder_cuda_window_begin(d);
             if (r == NR - 1) {  // two feeds in one window
+                cols(0, 2);
                 die_if(decoder_cuda_feed(d, w, 2, NULL, 1, &e) != 0, &e, "window part 1");
-                decoder_cuda_logits_host(d, o), o += 2 * V;
-                die_if(decoder_cuda_feed(d, w + 2, 2, NULL, 1, &e) != 0, &e, "window part 2");
-                decoder_cuda_logits_host(d, o), o += 2 * V;
+                decoder_cuda_logits_host(d, o), o += nb * 2 * V;
+                cols(2, 2);
+                die_if(decoder_cuda_feed(d, w, 2, NULL, 1, &e) != 0, &e, "window part 2");
+                decoder_cuda_logits_host(d, o), o += nb * 2 * V;
             } else {
+                cols(0, W);
                 die_if(decoder_cuda_feed(d, w, W, NULL, 1, &e) != 0, &e, "window");
-                decoder_cuda_logits_host(d, o), o += W * V;
+                decoder_cuda_logits_host(d, o), o += nb * W * V;
             }
-            die_if(decoder_cuda_accept(d, &keeps[r], &e) != 0, &e, "accept");
-            die_if(decoder_cuda_step(d, w + W, &e) != 0, &e, "step after accept");
-            decoder_cuda_logits_host(d, o), o += V;
+            for (int64_t b = 0; b < nb; b++) kp[b] = (keeps[r] + (int32_t)b) % 5;
+            die_if(decoder_cuda_accept(d, kp, &e) != 0, &e, "accept");
+            cols(W, 1);
+            die_if(decoder_cuda_step(d, w, &e) != 0, &e, "step after accept");
+            decoder_cuda_logits_host(d, o), o += nb * V;
         }
         decoder_cuda_free(d);
     }
@@ -916,9 +927,9 @@ static void window_ab_case(const Model *m, const char *name) {
         if (k == 1) continue;
         double mx = 0;
         const int64_t bad = rows_differ(la[k], la[1], rows, V, &mx);
-        check(bad == 0, "%s: one sequence's windows (accepting 2, 0, 4, 1 of 4; one window in two feeds)%s%s == "
+        check(bad == 0, "%s: %lld sequence(s)' windows (accepting 2, 0, 4, 1 of 4; one window in two feeds)%s%s == "
               "DISTILL_DECODE_FUSE=15 without graphs, bitwise: %lld of %lld rows differ (max |diff| %.3e)", name,
-              k & 1 ? " with DISTILL_DECODE_FUSE=15" : " in place, one replay launch", k & 2 ? ", graphs" : "",
+              (long long)nb, k & 1 ? " with DISTILL_DECODE_FUSE=15" : " in place, one replay launch", k & 2 ? ", graphs" : "",
               (long long)bad, (long long)rows, mx);
     }
     free(tok), free(more);
@@ -956,7 +967,8 @@ static void test_attn(void) {
         env_ab_case(ms[i], names[i], "DISTILL_DECODE_FUSE", "0", "the fused rope + KV append and gate|up + SwiGLU");
         env_ab_case(ms[i], names[i], "DISTILL_DECODE_MULTI", "0", "the grouped projections");
     }
-    window_ab_case(&hy, "hybrid");
+    window_ab_case(&hy, "hybrid", 1);
+    window_ab_case(&hy, "hybrid", 3);
     free(hy.p), free(te.p);
     reg_free(&hy.r), reg_free(&te.r);
 }
