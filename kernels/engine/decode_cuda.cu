@@ -11,9 +11,9 @@
 // from kernels/scan; the KV-cache writes, the decode attention, the GQA repeat, the conv-window advance and
 // the last-row gather are the small kernels below.
 // Speculative windows (decoder_cuda_window_begin / accept): each Mamba layer keeps its window tokens' conv
-// and scan inputs (written in place for one sequence's first feed, else copied by win_store_kernel) and one
-// copy of its window-start state; accept replays the window from that copy with the multi-token scan (all
-// Mamba layers in one launch), stopping each sequence at its accepted length.
+// and scan inputs (written in place by the window's first feed when the layouts agree, else copied by
+// win_store_kernel) and one copy of its window-start state; accept replays the window from that copy with the
+// multi-token scan (all Mamba layers in one launch), stopping each sequence at its accepted length.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -757,9 +757,9 @@ struct DecoderCuda {
     int fuse;            // bit 0: rope + KV append in one launch; bit 1: the SwiGLU as the gate | up GEMM's epilogue;
                          // bit 2: repeat, conv and conv advance in one launch for chunks of <= CONV_STEP_MAX tokens;
                          // bit 3: greedy picks of <= ARGMAX_SPLIT_ROWS rows by several blocks per row;
-                         // bit 4: speculative windows: a one-sequence window's first feed writes the Mamba layers'
-                         // window inputs in place (no win_store_kernel), accept replays all Mamba layers in one
-                         // launch of the scan and one of the conv advance
+                         // bit 4: speculative windows: a window's first feed writes the Mamba layers' window inputs
+                         // in place when the layouts agree (wdirect; no win_store_kernel), accept replays all Mamba
+                         // layers in one launch of the scan and one of the conv advance
                          // (default 31; DISTILL_DECODE_FUSE=0: the previous kernels, the same ids and bits, for A/B)
     int n_sm;
     bool invariant;      // batch-invariant arithmetic (default; DISTILL_DECODE_INVARIANT=0: cuBLASLt + row-dependent splits)
@@ -771,7 +771,8 @@ struct DecoderCuda {
     bf16 *conv_all, *conv0_all;
     // speculative window: open flag, tokens fed since it opened, capacity of the input buffers
     bool win;
-    bool wdirect;        // this feed (one sequence, the window's first, one chunk) writes the window inputs in place
+    bool wdirect;        // this feed (the window's first, one chunk, one sequence or wcap == L) writes the window
+                         // inputs in place
     int64_t wlen, wcap;
     int64_t *len0;       // host [B]: lengths at the window start
     bf16 *wbuf;          // per Mamba layer the 4 input arrays [B, wcap, .]
@@ -1793,12 +1794,11 @@ int decoder_cuda_argmax(DecoderCuda *D, int32_t *tokens, DlError *e) {
 
 int decoder_cuda_argmax_fed(DecoderCuda *D, int32_t *tokens, int32_t *fed, DlError *e) {
     if (!D->picks_L) return dl_fail(e, "decoder_cuda_argmax_fed: the last feed was not decoder_cuda_feed_picks");
-    char err[256] = "";
-    if (argmax_rows(D, D->lrows, EA)) return dl_fail(e, "decoder_cuda: %s", err);
     const size_t nf = (size_t)(D->nb * D->picks_L);
+    // the fed tokens (ints, which the argmax does not touch) into pinned memory, then decoder_cuda_argmax, whose
+    // synchronization covers this copy too
     cudaCheck(cudaMemcpyAsync(D->pin_tok, D->ints, nf * 4, cudaMemcpyDeviceToHost, D->st));
-    cudaCheck(cudaMemcpyAsync(tokens, D->am_out, (size_t)D->lrows * 4, cudaMemcpyDeviceToHost, D->st));
-    cudaCheck(cudaStreamSynchronize(D->st));
+    if (decoder_cuda_argmax(D, tokens, e)) return -1;
     memcpy(fed, D->pin_tok, nf * 4);
     return 0;
 }
