@@ -584,24 +584,32 @@ __global__ void repeat_kernel(bf16 *xr, const bf16 *xs, int64_t N, int64_t di, i
     }
 }
 
-// Conv window [nb, W-1, C] advanced past the first keep[b] of the K new inputs x [nb, K, C]: entry j becomes
-// element keep[b] + j of the sequence (old window src, then x), written to win (src may be win: one thread per
-// (b, c) reads before it writes; the replay reads the window-start copy). blockIdx.y = layer (the replay's Mamba
-// layers in one launch): win, src and x advanced by ws, ws and xs elements per layer.
+#define CONV_W_MAX 4  // decoder_cuda_new refuses d_conv > 4
+// Conv window [nb, W-1, C] of sequence b, channel c advanced past the first kp of the K new inputs x [nb, K, C]:
+// entry j becomes element kp + j of the sequence (old window src, then x), written to win. Everything is read
+// before anything is written, so src may be win. One function for both kernels below, so that they give the same bits.
+__device__ __forceinline__ void conv_window_advance(bf16 *win, const bf16 *src, const bf16 *x, int64_t b, int64_t c,
+                                                    int64_t kp, int64_t K, int64_t C, int W) {
+    bf16 nv[CONV_W_MAX - 1];
+#pragma unroll
+    for (int j = 0; j < CONV_W_MAX - 1; j++) {
+        const int64_t e = kp + j;  // index into (window[0..W-2], x[0..K-1])
+        if (j < W - 1) nv[j] = e < W - 1 ? src[(b * (W - 1) + e) * C + c] : x[(b * K + (e - (W - 1))) * C + c];
+    }
+#pragma unroll
+    for (int j = 0; j < CONV_W_MAX - 1; j++)
+        if (j < W - 1) win[(b * (W - 1) + j) * C + c] = nv[j];
+}
+
+// conv_window_advance for every (b, c) past keep[b] inputs (the replay reads the window-start copy as src).
+// blockIdx.y = layer (the replay's Mamba layers in one launch): win, src and x advanced by ws, ws and xs elements
+// per layer.
 __global__ void conv_advance_kernel(bf16 *win, const bf16 *src, const bf16 *x, const int32_t *keep, int64_t nb,
                                     int64_t K, int64_t C, int W, int64_t ws = 0, int64_t xs = 0) {
     const int64_t total = nb * C;
     win += blockIdx.y * ws, src += blockIdx.y * ws, x += blockIdx.y * xs;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t b = i / C, c = i % C;
-        const int64_t kp = keep[b];
-        bf16 nv[3];
-        for (int j = 0; j < W - 1; j++) {
-            const int64_t e = kp + j;  // index into (window[0..W-2], x[0..K-1])
-            nv[j] = e < W - 1 ? src[(b * (W - 1) + e) * C + c] : x[(b * K + (e - (W - 1))) * C + c];
-        }
-        for (int j = 0; j < W - 1; j++) win[(b * (W - 1) + j) * C + c] = nv[j];
-    }
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x)
+        conv_window_advance(win, src, x, i / C, i % C, keep[i / C], K, C, W);
 }
 
 #define CONV_STEP_MAX 64  // chunks up to this many tokens take conv_step_kernel (one thread walks a channel's tokens)
@@ -609,7 +617,7 @@ __global__ void conv_advance_kernel(bf16 *win, const bf16 *src, const bf16 *x, c
 // tokens of a step or a verification window, the same bits: one thread per (b, channel c) walks the chunk's lc
 // tokens, reading x through the repeat map (xs [nb*lc, dxb] -> xr [nb*lc, di], kept for the speculative window's
 // store), computing bias + the W taps oldest first with fmaf and silu by sigmoid_dev as the conv kernel does, then
-// moves the window past keep[b] inputs as conv_advance_kernel does.
+// moves the window past keep[b] inputs (conv_window_advance, as conv_advance_kernel).
 template <int W>
 __global__ void conv_step_kernel(bf16 *win, const bf16 *xs, bf16 *xr, bf16 *xc, const float *w, const float *bias,
                                  const int32_t *keep, int64_t nb, int64_t lc, int64_t C, int64_t dxb, int64_t ds) {
@@ -633,15 +641,7 @@ __global__ void conv_step_kernel(bf16 *win, const bf16 *xs, bf16 *xr, bf16 *xc, 
         for (int k = 0; k < W; k++) a = fmaf(wk[k], xw[k], a);
         xc[(b * lc + t) * C + c] = __float2bfloat16_rn(a * sigmoid_dev(a));
     }
-    const int64_t kp = keep[b];
-    bf16 nv[W - 1];
-#pragma unroll
-    for (int j = 0; j < W - 1; j++) {
-        const int64_t e = kp + j;  // index into (window[0..W-2], x[0..lc-1])
-        nv[j] = e < W - 1 ? win[(b * (W - 1) + e) * C + c] : xr[(b * lc + (e - (W - 1))) * C + c];
-    }
-#pragma unroll
-    for (int j = 0; j < W - 1; j++) win[(b * (W - 1) + j) * C + c] = nv[j];
+    conv_window_advance(win, win, xr, b, c, keep[b], lc, C, W);
 }
 
 // last [b] = x [idx[b]] for idx[b] >= 0 (the row of sequence b's last fed token in this chunk).
@@ -689,6 +689,10 @@ __global__ void win_store_kernel(WinStore w, const int32_t *ofs, int64_t nb, int
 // One sequence's Mamba state per layer: the SSM state (fp32) and the conv window (bf16), in elements.
 static int64_t ssm_per_seq(const HybridConfig *h) { return h->d_inner * h->d_state; }
 static int64_t conv_per_seq(const HybridConfig *h) { return (h->d_conv > 1 ? h->d_conv - 1 : 1) * h->d_inner; }
+// One Mamba-1 layer's fp32 parameters in w32 (conv weight and bias, A, D, dt bias), the layers' slabs consecutive in
+// layer order, and its window inputs per token (xr, xc, dt [di], B [dxb]): the replay's per-layer strides follow.
+static int64_t w32_per_layer(const HybridConfig *h) { return h->d_inner * (h->d_conv + 3 + h->d_state); }
+static int64_t window_per_tok(const HybridConfig *h) { return 3 * h->d_inner + h->d_xb; }
 
 static unsigned grid_of(int64_t n, int threads) {
     int64_t g = (n + threads - 1) / threads;
@@ -1049,7 +1053,7 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
     // fp32 Mamba tensors: conv weight [di, W], conv bias, A = -exp(A_log) [di, ds], D, dt bias
     int64_t n32 = 0;
     for (int l = 0; l < c->n_layer; l++)
-        if (D->L[l].kind == MIXER_MAMBA1) n32 += di * Wc + di + di * ds + di + di;
+        if (D->L[l].kind == MIXER_MAMBA1) n32 += w32_per_layer(h);
     if (n32) {
         float *hp = (float *)malloc((size_t)n32 * 4);
         D->w32 = (float *)dalloc(D, (size_t)n32 * 4);
@@ -1491,7 +1495,7 @@ static void ensure_logits(DecoderCuda *D, int64_t rows) {
 static void ensure_window(DecoderCuda *D, int64_t need) {
     if (need <= D->wcap || D->n_m == 0) return;
     const HybridConfig *h = &D->h;
-    const int64_t B = D->B, di = h->d_inner, dxb = h->d_xb, per = 3 * di + dxb;
+    const int64_t B = D->B, di = h->d_inner, dxb = h->d_xb, per = window_per_tok(h);
     // an empty window grows to exactly its need: a verification window of L tokens then has wcap == L, the layout of
     // the scratch rows, and several sequences' inputs are written in place (decoder_cuda_feed's wdirect)
     const int64_t cap = D->wlen == 0 || need > 2 * D->wcap ? need : 2 * D->wcap;
@@ -1734,25 +1738,15 @@ static void replay(DecoderCuda *D) {
     // scans from the window-start states (the buffers' stride is wcap columns; each sequence's scan stops at its
     // keep: no outputs are asked for); conv windows: the window-start copy advanced past the kept inputs
     ScanShape s = {nb, D->wcap, di, ds, di / ds, dxb / ds};
-    // every Mamba layer in one launch of each kernel when their slices are evenly spaced (as allocated)
-    const DLayer *M0 = NULL, *M1 = NULL;
-    bool even = true;
-    for (int l = 0; l < h->base.n_layer && even; l++) {
-        const DLayer *L = &D->L[l];
-        if (L->kind == MIXER_ATTN) continue;
-        if (!M0) M0 = L;
-        else if (!M1) M1 = L;
-        else {
-            const int64_t k = L->mi - M0->mi;
-            even = L->w_xc == M0->w_xc + k * (M1->w_xc - M0->w_xc) && L->w_dt == M0->w_dt + k * (M1->w_dt - M0->w_dt) &&
-                   L->w_B == M0->w_B + k * (M1->w_B - M0->w_B) && L->w_xr == M0->w_xr + k * (M1->w_xr - M0->w_xr) &&
-                   L->A == M0->A + k * (M1->A - M0->A) && L->dtb32 == M0->dtb32 + k * (M1->dtb32 - M0->dtb32) &&
-                   L->ssm == M0->ssm + k * (M1->ssm - M0->ssm) && L->conv == M0->conv + k * (M1->conv - M0->conv);
-        }
-    }
-    if (M0 && M1 && even && (D->fuse & 16)) {
-        const ScanLayers ls = {D->n_m, M1->w_xc - M0->w_xc, M1->w_dt - M0->w_dt, M1->w_B - M0->w_B, 0,
-                               M1->A - M0->A, M1->dtb32 - M0->dtb32, B * di * ds, M1->ssm - M0->ssm};
+    // every Mamba layer in one launch of each kernel: their slices of each buffer are B * wcap * window_per_tok
+    // (window inputs), w32_per_layer (fp32 parameters), B * di * ds (states) and cw * B (conv windows) apart;
+    // DISTILL_DECODE_FUSE without 16 launches per layer (A/B)
+    const DLayer *M0 = NULL;
+    for (int l = 0; l < h->base.n_layer && !M0; l++)
+        if (D->L[l].kind != MIXER_ATTN) M0 = &D->L[l];
+    if (M0 && (D->fuse & 16)) {
+        const int64_t wl = B * D->wcap * window_per_tok(h), pl = w32_per_layer(h), sl = B * di * ds;
+        const ScanLayers ls = {D->n_m, wl, wl, wl, 0, pl, pl, sl, sl};
         // C does not enter the state: any buffer serves (u's)
         TCK(selective_scan_multi_layers_cuda(&s, &ls, (const uint16_t *)M0->w_xc, (const uint16_t *)M0->w_dt, M0->A,
                                              (const uint16_t *)M0->w_B, (const uint16_t *)M0->w_xc, M0->D, NULL,
@@ -1760,8 +1754,7 @@ static void replay(DecoderCuda *D) {
                                              NULL, D->st, EA));
         if (Wc > 1) {
             conv_advance_kernel<<<dim3(grid_of(nb * di, 256), (unsigned)D->n_m), 256, 0, D->st>>>(
-                M0->conv, D->conv0_all + M0->mi * B * cw, M0->w_xr, D->acc_keep, nb, D->wcap, di, Wc, M1->conv - M0->conv,
-                M1->w_xr - M0->w_xr);
+                M0->conv, D->conv0_all + M0->mi * B * cw, M0->w_xr, D->acc_keep, nb, D->wcap, di, Wc, B * cw, wl);
             kernelCheck("conv_advance_kernel");
         }
         return;
