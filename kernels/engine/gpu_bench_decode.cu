@@ -9,7 +9,8 @@
 //   --graph: decode steps replayed from a CUDA graph (DISTILL_DECODE_GRAPH=1): launch overhead removed.
 //   The decoder's arithmetic is the batch-invariant one unless DISTILL_DECODE_INVARIANT=0 (the previous
 //   cuBLASLt GEMMs and row-dependent key splits): run both for the cost of invariance (inv=1 / inv=0 below).
-//   --gemm: only decode_gemm, every variant (decode_gemm_with) at M = 512 on the generate stage's shapes (N, K) =
+//   --gemm: only decode_gemm, every variant (decode_gemm_with) at M = 512 (--gemm-m M: at M rows, e.g. 1 for a
+//     batch-1 decode step) on the generate stage's shapes (N, K) =
 //     (576, 576) q/o, (3072, 576) gate+up, (576, 1536) down (bf16 out), (vocab, 576) head (fp32 out); each
 //     variant's output is compared bitwise with variant 2's. --sample: only the sampler kernel at batch 512 over
 //     the vocabulary (T 0.7, top-p 0.9), the fast path vs the general path alone (sample_rows_cuda_reference),
@@ -19,7 +20,7 @@
 //     (row, KV group) (attn_gqa_kernel, the default for many rows), bits compared, and the bytes-over-bandwidth floor.
 //     Combines with --gen / --gemm / --sample.
 // Usage: gpu_bench_decode [--config recipes/configs/smollm2-135m.json] [--steps 32] [--hbm 3.35e12] [--graph]
-//                         [--gemm] [--sample] [--gen] [--attn]
+//                         [--gemm [--gemm-m M]] [--sample] [--gen] [--attn]
 // Prints RESULT lines: RESULT decode model=... B=... ctx=... graph=0|1 inv=0|1 tok_s=... ms_step=... hbm_frac=...;
 // RESULT gemm M=... N=... K=... out=... variant=... us=... tflops=... same_bits=0|1 and RESULT gemm_best per shape;
 // RESULT sample_kernel B=... V=... rows=... fast_ms=... ref_ms=... speedup=... same_ids=0|1;
@@ -332,20 +333,26 @@ int main(int argc, char **argv) {
     int steps = 32;
     double hbm = 3.35e12;  // H100 SXM
     int graph = 0, only_gemm = 0, only_sample = 0, only_gen = 0, only_attn = 0;
+    int64_t gemm_m = 512;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--config") && i + 1 < argc) cfg = argv[++i];
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--hbm") && i + 1 < argc) hbm = atof(argv[++i]);
         else if (!strcmp(argv[i], "--graph")) graph = 1;
         else if (!strcmp(argv[i], "--gemm")) only_gemm = 1;
+        else if (!strcmp(argv[i], "--gemm-m") && i + 1 < argc) gemm_m = atoll(argv[++i]);
         else if (!strcmp(argv[i], "--sample")) only_sample = 1;
         else if (!strcmp(argv[i], "--gen")) only_gen = 1;
         else if (!strcmp(argv[i], "--attn")) only_attn = 1;
         else {
             fprintf(stderr, "usage: gpu_bench_decode [--config PATH] [--steps N] [--hbm BYTES_PER_S] [--graph] [--gemm] "
-                            "[--sample] [--gen] [--attn]\n");
+                            "[--gemm-m M] [--sample] [--gen] [--attn]\n");
             return 2;
         }
+    }
+    if (gemm_m < 1 || gemm_m > 65536) {
+        fprintf(stderr, "gpu_bench_decode: --gemm-m %lld outside 1..65536\n", (long long)gemm_m);
+        return 2;
     }
     DlError e;
     cudaDeviceProp prop;
@@ -368,7 +375,7 @@ int main(int argc, char **argv) {
     if (only_gemm || only_sample || only_gen || only_attn) {
         if (only_attn) bench_attn(c, hbm);
         if (only_gen) bench_gen(&lm, steps);
-        if (only_gemm) bench_gemm(512, c->vocab, c->d_model, c->d_ff);
+        if (only_gemm) bench_gemm(gemm_m, c->vocab, c->d_model, c->d_ff);
         if (only_sample) bench_sample(512, c->vocab);
         model_free(&lm);
         return 0;
