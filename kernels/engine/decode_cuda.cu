@@ -1738,36 +1738,22 @@ static void replay(DecoderCuda *D) {
     // scans from the window-start states (the buffers' stride is wcap columns; each sequence's scan stops at its
     // keep: no outputs are asked for); conv windows: the window-start copy advanced past the kept inputs
     ScanShape s = {nb, D->wcap, di, ds, di / ds, dxb / ds};
-    // every Mamba layer in one launch of each kernel: their slices of each buffer are B * wcap * window_per_tok
-    // (window inputs), w32_per_layer (fp32 parameters), B * di * ds (states) and cw * B (conv windows) apart;
-    // DISTILL_DECODE_FUSE without 16 launches per layer (A/B)
-    const DLayer *M0 = NULL;
-    for (int l = 0; l < h->base.n_layer && !M0; l++)
-        if (D->L[l].kind != MIXER_ATTN) M0 = &D->L[l];
-    if (M0 && (D->fuse & 16)) {
-        const int64_t wl = B * D->wcap * window_per_tok(h), pl = w32_per_layer(h), sl = B * di * ds;
-        const ScanLayers ls = {D->n_m, wl, wl, wl, 0, pl, pl, sl, sl};
-        // C does not enter the state: any buffer serves (u's)
-        TCK(selective_scan_multi_layers_cuda(&s, &ls, (const uint16_t *)M0->w_xc, (const uint16_t *)M0->w_dt, M0->A,
-                                             (const uint16_t *)M0->w_B, (const uint16_t *)M0->w_xc, M0->D, NULL,
-                                             M0->dtb32, D->ssm0_all + M0->mi * B * di * ds, D->acc_keep, NULL, M0->ssm,
-                                             NULL, D->st, EA));
-        if (Wc > 1) {
-            conv_advance_kernel<<<dim3(grid_of(nb * di, 256), (unsigned)D->n_m), 256, 0, D->st>>>(
-                M0->conv, D->conv0_all + M0->mi * B * cw, M0->w_xr, D->acc_keep, nb, D->wcap, di, Wc, B * cw, wl);
-            kernelCheck("conv_advance_kernel");
-        }
-        return;
-    }
+    // the Mamba layers' slices of each buffer are B * wcap * window_per_tok (window inputs), w32_per_layer (fp32
+    // parameters), B * di * ds (states) and B * cw (conv windows) apart, so one launch of each kernel serves them all;
+    // DISTILL_DECODE_FUSE without 16: one launch per layer (A/B: each starts from its own layer's pointers)
+    const int64_t per = (D->fuse & 16) && D->n_m > 1 ? D->n_m : 1, wl = B * D->wcap * window_per_tok(h), pl = w32_per_layer(h),
+                  sl = B * di * ds;
+    const ScanLayers ls = {per, wl, wl, wl, 0, pl, pl, sl, sl};
     for (int l = 0; l < h->base.n_layer; l++) {
         const DLayer *L = &D->L[l];
-        if (L->kind == MIXER_ATTN) continue;
-        TCK(selective_scan_multi_cuda(&s, (const uint16_t *)L->w_xc, (const uint16_t *)L->w_dt, L->A,
-                                      (const uint16_t *)L->w_B, (const uint16_t *)L->w_xc, L->D, NULL, L->dtb32,
-                                      D->ssm0_all + L->mi * B * di * ds, D->acc_keep, NULL, L->ssm, NULL, D->st, EA));
+        if (L->kind == MIXER_ATTN || L->mi % per) continue;  // each launch starts at its first layer
+        // C does not enter the state: any buffer serves (u's)
+        TCK(selective_scan_multi_layers_cuda(&s, &ls, (const uint16_t *)L->w_xc, (const uint16_t *)L->w_dt, L->A,
+                                             (const uint16_t *)L->w_B, (const uint16_t *)L->w_xc, L->D, NULL, L->dtb32,
+                                             D->ssm0_all + L->mi * sl, D->acc_keep, NULL, L->ssm, NULL, D->st, EA));
         if (Wc > 1) {
-            conv_advance_kernel<<<grid_of(nb * di, 256), 256, 0, D->st>>>(L->conv, D->conv0_all + L->mi * B * cw, L->w_xr,
-                                                                          D->acc_keep, nb, D->wcap, di, Wc);
+            conv_advance_kernel<<<dim3(grid_of(nb * di, 256), (unsigned)per), 256, 0, D->st>>>(
+                L->conv, D->conv0_all + L->mi * B * cw, L->w_xr, D->acc_keep, nb, D->wcap, di, Wc, B * cw, wl);
             kernelCheck("conv_advance_kernel");
         }
     }

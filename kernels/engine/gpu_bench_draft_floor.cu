@@ -241,6 +241,9 @@ __device__ void phase_head(const Net &n, float *xs, float *red) {
 }
 
 enum { PH_QKV, PH_ATTN, PH_O, PH_GU, PH_DOWN, PH_HEAD };
+// A step's phases in order, one list for both forms: i < 5 NL: phase i % 5 of layer i / 5; then the head (layer NL).
+constexpr int STEP_PHASES = 5 * NL + 1;
+__host__ __device__ inline void step_phase(int i, int *ph, int *l) { *ph = i < 5 * NL ? i % 5 : PH_HEAD, *l = i / 5; }
 
 __device__ void run_phase(const Net &n, int ph, int l, int pos, bool first_step) {
     __shared__ __align__(16) float xs[D];
@@ -262,11 +265,12 @@ __global__ void __launch_bounds__(THREADS) phase_kernel(Net n, int ph, int l, in
 __global__ void __launch_bounds__(THREADS) chain_kernel(Net n, int pos0, int K) {
     cg::grid_group grid = cg::this_grid();
     for (int k = 0; k < K; k++)
-        for (int l = 0; l <= NL; l++)
-            for (int ph = l < NL ? PH_QKV : PH_HEAD; ph <= (l < NL ? PH_DOWN : PH_HEAD); ph++) {
-                run_phase(n, ph, l, pos0 + k, k == 0);
-                grid.sync();
-            }
+        for (int i = 0; i < STEP_PHASES; i++) {
+            int ph, l;
+            step_phase(i, &ph, &l);
+            run_phase(n, ph, l, pos0 + k, k == 0);
+            grid.sync();
+        }
 }
 
 static bf16 *rand_bf16(size_t n, unsigned seed, float scale) {
@@ -333,11 +337,13 @@ int main(int argc, char **argv) {
     cudaGraph_t g;
     cudaGraphExec_t ex;
     cudaCheck(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-    int launches = 0;
+    const int launches = K * STEP_PHASES;
     for (int k = 0; k < K; k++)
-        for (int l = 0; l <= NL; l++)
-            for (int ph = l < NL ? PH_QKV : PH_HEAD; ph <= (l < NL ? PH_DOWN : PH_HEAD); ph++, launches++)
-                phase_kernel<<<nb, THREADS, 0, st>>>(n, ph, l, ctx + k, k == 0);
+        for (int i = 0; i < STEP_PHASES; i++) {
+            int ph, l;
+            step_phase(i, &ph, &l);
+            phase_kernel<<<nb, THREADS, 0, st>>>(n, ph, l, ctx + k, k == 0);
+        }
     cudaCheck(cudaStreamEndCapture(st, &g));
     cudaCheck(cudaGraphInstantiate(&ex, g, 0));
     float t_graph = 0, t_fused = 0;
