@@ -11,6 +11,7 @@
 #include "distill/chat.h"
 #include "distill/command.h"
 #include "distill/common.h"
+#include "distill/draft_vocab.h"
 #include "distill/engine.h"
 #include "distill/ingest.h"
 #include "distill/model_io.h"
@@ -111,6 +112,7 @@ static void write_json(const char *path, cJSON *root) {
 static int run_eval_spec(int argc, char **argv) {
     const char *target = NULL, *draft = NULL, *draft_layers = NULL, *prompts_path = NULL, *json = NULL;
     const char *teacher = NULL, *tokenizer = NULL, *ks = "4", *batches = "1", *contexts = NULL, *device = "cpu";
+    const char *draft_vocab = NULL;  // NULL: the draft's draft_vocab.json if it has one; "full"; or a count N
     int64_t max_tokens = 64;
     int graph = 1, chat = 0;
     double temperature = 0;
@@ -120,6 +122,7 @@ static int run_eval_spec(int argc, char **argv) {
         if (!strcmp(a, "--target") && has) target = argv[++i];
         else if (!strcmp(a, "--draft") && has) draft = argv[++i];
         else if (!strcmp(a, "--draft-layers") && has) draft_layers = argv[++i];
+        else if (!strcmp(a, "--draft-vocab") && has) draft_vocab = argv[++i];
         else if (!strcmp(a, "--teacher") && has) teacher = argv[++i];
         else if (!strcmp(a, "--tokenizer") && has) tokenizer = argv[++i];
         else if (!strcmp(a, "--k") && has) ks = argv[++i];
@@ -167,6 +170,21 @@ static int run_eval_spec(int argc, char **argv) {
         }
         if (Dm.hc.base.vocab != T.hc.base.vocab)
             dl_die(DL_EXIT_INPUT, "eval-spec: draft vocabulary %d != target vocabulary %d", Dm.hc.base.vocab, T.hc.base.vocab);
+        // the draft's trimmed head: its draft_vocab.json (all of it, or the first N ids), unless --draft-vocab full
+        DraftVocab dv = {0};
+        if (!(draft_vocab && !strcmp(draft_vocab, "full"))) {
+            int64_t want = 0;
+            if (draft_vocab) {
+                char *end;
+                want = strtoll(draft_vocab, &end, 10);
+                if (*end || want < 1) dl_die(DL_EXIT_USAGE, "eval-spec: --draft-vocab %s: expected full or a count >= 1", draft_vocab);
+            }
+            const int r = draft ? draft_vocab_read(draft, Dm.hc.base.vocab, want, &dv, &e) : 1;
+            if (r < 0) dl_die(DL_EXIT_INPUT, "eval-spec: %s", e.msg);
+            if (r == 1 && draft_vocab)
+                dl_die(DL_EXIT_INPUT, "eval-spec: --draft-vocab %s: the draft %s has no %s (a draft stage with `vocab` writes one)",
+                       draft_vocab, draft ? draft : draft_layers, DRAFT_VOCAB_FILE);
+        }
         Tokenizer *tok = NULL;
         // a run's export carries no tokenizer files: --tokenizer (or the teacher's) names one
         const char *tpath = tokenizer ? tokenizer : target;
@@ -184,15 +202,20 @@ static int run_eval_spec(int argc, char **argv) {
         printf("eval-spec: target %s (%d layers), draft %s (%d layers), %lld prompts (%lld tokens), %lld new tokens each, %s, on %s%s\n",
                target, T.hc.base.n_layer, draft ? draft : draft_layers, Dm.hc.base.n_layer, (long long)np, (long long)ptok,
                (long long)max_tokens, temperature <= 0 ? "greedy" : "sampled", device, cuda && graph ? " (CUDA graphs)" : "");
+        if (dv.n) printf("eval-spec: draft head trimmed to %lld ids (%s; %.2f%% of its counted training tokens)\n",
+                         (long long)dv.n, DRAFT_VOCAB_FILE, 100.0 * dv.coverage);
         spec_eval_print_header(stdout);
         SpecEvalConfig c = {.target = {&T.hc, &T.reg, T.params}, .draft = {&Dm.hc, &Dm.reg, Dm.params},
                             .prompts = (const int32_t *const *)enc, .plen = elen, .n_prompts = np, .ks = kv, .nk = nk,
                             .batches = bv, .nb = nb, .max_tokens = max_tokens, .temperature = temperature, .cuda = cuda,
-                            .graph = graph, .progress = stdout};
+                            .graph = graph, .progress = stdout, .draft_head_ids = dv.ids, .draft_head_n = dv.n};
         SpecEvalRow *rows = dl_calloc((size_t)(nb * nk), sizeof *rows);
         if (spec_eval_run(&c, rows, &e)) dl_die(DL_EXIT_RUNTIME, "eval-spec: %s", e.msg);
         cJSON_AddStringToObject(js, "draft", draft ? draft : draft_layers);
         cJSON_AddNumberToObject(js, "draft_layers", Dm.hc.base.n_layer);
+        cJSON_AddNumberToObject(js, "draft_vocab", dv.n ? (double)dv.n : (double)Dm.hc.base.vocab);
+        if (dv.n) cJSON_AddNumberToObject(js, "draft_vocab_coverage", dv.coverage);
+        draft_vocab_free(&dv);
         cJSON *runs = cJSON_AddArrayToObject(js, "runs");
         for (int i = 0; i < nb * nk; i++) cJSON_AddItemToArray(runs, spec_eval_row_json(&rows[i]));
         free(rows);
@@ -239,7 +262,7 @@ DL_COMMAND(eval_spec_cmd, {
     .name = "eval-spec",
     .usage = "--target MODEL (--draft MODEL | --draft-layers L,..) [--k 1,2,4] [--batch 1,4] [--prompts FILE] "
              "[--max-tokens N] [--temperature T] [--contexts 1024,8192 --teacher MODEL] [--tokenizer T] [--json OUT] "
-             "[--device cpu|cuda] [--no-graph] [--chat]",
+             "[--device cpu|cuda] [--no-graph] [--chat] [--draft-vocab full|N]",
     .summary = "plain vs speculative decoding speed, acceptance per draft position; decode speed at long contexts",
     .help =
         "Times plain and speculative generation of --max-tokens tokens (no early stop) for every prompt (one per\n"
@@ -264,6 +287,10 @@ DL_COMMAND(eval_spec_cmd, {
         "                       export has none)\n"
         "  --chat               render each raw-text prompt as the user turn of a chat (an instruct model and\n"
         "                       its drafts were trained on chats: raw text measures them off that distribution)\n"
+        "  --draft-vocab full|N the draft's head: by default, when the draft directory holds draft_vocab.json\n"
+        "                       (a draft stage with `vocab` writes it), only those ids' head rows are computed\n"
+        "                       (the draft proposes only them; output stays exact); N: its N most frequent ids;\n"
+        "                       full: every id\n"
         "  --json OUT           also write the results as JSON\n"
         "Example: distill eval-spec --target checkpoints/teachers/SmolLM2-135M-Instruct.Q4_1.gguf \\\n"
         "           --draft-layers 0,29 --k 1,2,4 --batch 1,4 --max-tokens 32\n",

@@ -134,6 +134,12 @@ int decoder_feed_ragged(Decoder *d, const int32_t *tokens, int64_t L, const int6
 void decoder_window_begin(Decoder *d);
 int decoder_accept(Decoder *d, const int32_t *keep, DlError *e);
 
+// A head over a subset of the vocabulary (a speculative draft's trimmed head, draft_vocab.h): from now on the
+// logits of ids[0..n) are computed as before (the same values) and every other logit is -inf, so argmax and
+// sampling pick only from the subset, at the cost of n head rows instead of V. ids: distinct, in 0..V-1, any
+// order (copied). n == 0 (ids NULL) restores the full head. Returns 0, or -1 (e filled) on a bad id.
+int decoder_set_head_ids(Decoder *d, const int32_t *ids, int64_t n, DlError *e);
+
 // Benchmarks only: sets every sequence's length to len without feeding tokens (the KV rows below len are
 // zeroed, Mamba states kept), so the decode speed at a long context can be timed without a long prefill.
 int decoder_seek(Decoder *d, int64_t len, DlError *e);

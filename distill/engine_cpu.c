@@ -5,6 +5,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "distill/draft_vocab.h"
 #include "distill/layers_cpu.h"
 #include "distill/mamba1_cpu.h"
 #include "distill/mamba2_cpu.h"
@@ -582,6 +583,10 @@ struct Decoder {
     int64_t cap;          // rows the scratch below holds
     float *x, *y, *xn, *rstd, *q, *k, *v, *att, *mid, *gate, *up, *act, *mix, *last;
     int32_t *pos, *keep;
+    // a trimmed head (decoder_set_head_ids): hn rows of the head, ids ascending; hout [hcap, hn] scratch
+    int64_t hn, hcap;
+    int32_t *hid;
+    float *hw, *hout;
 };
 
 Decoder *decoder_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t max_len,
@@ -650,6 +655,7 @@ void decoder_free(Decoder *D) {
     free(D->len);
     free(D->win_len0);
     free(D->keep);
+    free(D->hid), free(D->hw), free(D->hout);
     dec_scratch_free(D);
     free(D->w.layer);
     free(D);
@@ -712,6 +718,39 @@ int64_t decoder_len(const Decoder *D) {
 int64_t decoder_seq_len(const Decoder *D, int64_t b) { return b >= 0 && b < D->B ? D->len[b] : -1; }
 int64_t decoder_batch(const Decoder *D) { return D->B; }
 int64_t decoder_vocab(const Decoder *D) { return D->h.base.vocab; }
+
+int decoder_set_head_ids(Decoder *D, const int32_t *ids, int64_t n, DlError *err) {
+    const int64_t V = D->h.base.vocab, d = D->h.base.d_model;
+    int32_t *sorted = NULL;
+    if (n > 0 && !(sorted = head_ids_sorted(ids, n, V, "decoder", err))) return -1;
+    free(D->hid), free(D->hw), free(D->hout);
+    D->hid = sorted, D->hw = D->hout = NULL, D->hn = n > 0 ? n : 0, D->hcap = 0;
+    if (!D->hn) return 0;
+    const float *W = pw(D->params, D->w.head);
+    D->hw = fbuf(n * d);  // [n, d]: the kept rows of the head, so one GEMM computes exactly their logits
+    for (int64_t j = 0; j < n; j++) memcpy(D->hw + j * d, W + (int64_t)sorted[j] * d, (size_t)d * sizeof(float));
+    return 0;
+}
+
+// logits [rows, V] of the normed rows xn [rows, d]: the full head, or the kept rows' logits and -inf elsewhere.
+static void dec_head(Decoder *D, float *logits, const float *xn, int64_t rows) {
+    const int64_t V = D->h.base.vocab, d = D->h.base.d_model, n = D->hn;
+    if (!n) {
+        linear_fwd(logits, xn, pw(D->params, D->w.head), rows, d, V, false);
+        return;
+    }
+    if (rows > D->hcap) {
+        free(D->hout);
+        D->hout = fbuf(rows * n);
+        D->hcap = rows;
+    }
+    linear_fwd(D->hout, xn, D->hw, rows, d, n, false);
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = logits + r * V;
+        for (int64_t i = 0; i < V; i++) row[i] = -INFINITY;
+        for (int64_t j = 0; j < n; j++) row[D->hid[j]] = D->hout[r * n + j];
+    }
+}
 
 static void dec_scratch(Decoder *D, int64_t N) {
     if (N <= D->cap) return;
@@ -825,7 +864,7 @@ int decoder_feed_ragged(Decoder *D, const int32_t *tokens, int64_t L, const int6
     if (D->win) D->win_n += L;
     if (all_logits) {
         rmsnorm_fwd(D->xn, NULL, D->x, pw(P, D->w.fnorm), N, d, (float)c->rms_eps);
-        linear_fwd(all_logits, D->xn, pw(P, D->w.head), N, d, V, false);
+        dec_head(D, all_logits, D->xn, N);
     }
     if (logits) {
         for (int64_t b = 0; b < B; b++) {
@@ -833,7 +872,7 @@ int decoder_feed_ragged(Decoder *D, const int32_t *tokens, int64_t L, const int6
             memcpy(D->last + b * d, D->x + (b * L + t) * d, (size_t)d * sizeof(float));
         }
         rmsnorm_fwd(D->xn, NULL, D->last, pw(P, D->w.fnorm), B, d, (float)c->rms_eps);
-        linear_fwd(logits, D->xn, pw(P, D->w.head), B, d, V, false);
+        dec_head(D, logits, D->xn, B);
     }
     if (blas_prev > 0) blas_set_threads(blas_prev);
     return 0;

@@ -228,6 +228,9 @@ static const Field STAGE_FIELDS[] = {
     {"kl_from", F_ENUM, offsetof(StageSpec, kl_from), 0, 0, 0, false, KLFROM_CHOICES, KB(STAGE_DRAFT),
      "whose next-token distribution the draft's KL terms follow: the teacher, or the student the draft will serve (the "
      "newest earlier model; on the 25% demo no higher acceptance than toward the teacher)"},
+    SFLD("vocab", F_INT, draft_vocab, 0, 1e9, KB(STAGE_DRAFT),
+         "trimmed head: the draft's MODEL_DIR/draft_vocab.json keeps the ids its training rows teach most often, and "
+         "eval / eval-spec compute only those head rows (0: the full head; output stays exact either way)"),
     SFLD("draft", F_STR, spec_draft, 0, 0, KB(STAGE_EVAL),
          "draft stage whose model the speculative rows use (default: the last draft stage before this eval, if any)"),
     {"spec_k", F_INTLIST, offsetof(StageSpec, spec_k), offsetof(StageSpec, n_spec_k), 0, DL_MAX_LAYERS - 1, false, NULL,
@@ -999,6 +1002,13 @@ static void check_draft_layers(Ctx *c, StageSpec *s, int L) {
     }
 }
 
+// A draft stage's trimmed head keeps at most the teacher's vocabulary.
+static void check_draft_vocab(Ctx *c, StageSpec *s, int64_t V) {
+    if (s->kind == STAGE_DRAFT && s->draft_vocab > V)
+        err_v(c, stage_val(c->r, s, "vocab"), "stage '%s'.vocab = %lld: the teacher's vocabulary has %lld ids", s->name,
+              (long long)s->draft_vocab, (long long)V);
+}
+
 bool stage_kind_makes_model(StageKind k) {
     return k == STAGE_INIT || k == STAGE_LAYERWISE || k == STAGE_DISTILL || k == STAGE_SFT || k == STAGE_DPO;
 }
@@ -1035,7 +1045,8 @@ static void check_layouts(Ctx *c) {
         err_v(c, toml_get(ht, "mixer") ? toml_get(ht, "mixer") : ht, "[hybrid]: %s", e.msg);
         return;
     }
-    for (int si = 0; si < r->n_stages; si++) check_draft_layers(c, &r->stages[si], L), check_draft_kl(c, &r->stages[si]);
+    for (int si = 0; si < r->n_stages; si++) check_draft_layers(c, &r->stages[si], L), check_draft_kl(c, &r->stages[si]),
+                                              check_draft_vocab(c, &r->stages[si], r->teacher_cfg.base.vocab);
     for (int si = 0; si < r->n_stages; si++) {
         StageSpec *s = &r->stages[si];
         if (s->kind != STAGE_LAYERWISE) continue;

@@ -192,6 +192,7 @@ typedef struct {
     // when not given)
     int draft_layers[DL_MAX_LAYERS];
     int n_draft_layers;
+    int64_t draft_vocab;   // draft: ids of its trimmed head's list (draft_vocab.h; 0: the full head, no list)
     // eval: speculative decoding (spec_eval.h) of the student (and the teacher) with a draft stage's model
     char *spec_draft;      // the draft stage's name (NULL: the last draft stage before this eval, if any)
     int spec_draft_index;  // after validation: that stage's index, or -1 (no speculative measurement)

@@ -34,6 +34,15 @@ int gen_decoder_new(const HybridConfig *h, const Registry *r, const float *param
 #endif
 }
 
+int gen_decoder_set_head_ids(GenDecoder g, const int32_t *ids, int64_t n, DlError *e) {
+    if (g.cpu) return decoder_set_head_ids(g.cpu, ids, n, e);
+#ifdef DISTILL_CUDA
+    return decoder_cuda_set_head_ids(g.cuda, ids, n, e);
+#else
+    return dl_fail(e, "this distill was built without CUDA");
+#endif
+}
+
 void gen_decoder_free(GenDecoder *g) {
     if (g->cpu) decoder_free(g->cpu);
 #ifdef DISTILL_CUDA

@@ -65,6 +65,8 @@ static inline GenDecoder gen_cuda(DecoderCuda *d) {
 int gen_decoder_new(const HybridConfig *h, const Registry *r, const float *params, int64_t B, int64_t max_len,
                     int cuda, int graph, GenDecoder *g, DlError *e);
 void gen_decoder_free(GenDecoder *g);
+// A trimmed head on either device (decoder_set_head_ids / decoder_cuda_set_head_ids; n 0: the full head).
+int gen_decoder_set_head_ids(GenDecoder g, const int32_t *ids, int64_t n, DlError *e);
 // Plain decode speed at a long context (benchmarks): seek to ctx (zeroed KV rows, speed only), one warm-up
 // step, then `steps` greedy single-token steps of every sequence; returns tokens/s (or -1, e filled).
 double gen_decode_speed(GenDecoder g, int64_t ctx, int steps, DlError *e);

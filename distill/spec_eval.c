@@ -89,7 +89,8 @@ static int run_batch(const SpecEvalConfig *c, int64_t B, int64_t Lmax, const Gen
     int rc = -1;
     const int64_t cap = spec_max_len(Lmax, T, SPEC_EVAL_MAX_K);
     if (gen_decoder_new(c->target.hc, c->target.reg, c->target.params, B, cap, c->cuda, c->graph, &dt, e) ||
-        gen_decoder_new(c->draft.hc, c->draft.reg, c->draft.params, B, cap, c->cuda, c->graph, &dd, e))
+        gen_decoder_new(c->draft.hc, c->draft.reg, c->draft.params, B, cap, c->cuda, c->graph, &dd, e) ||
+        (c->draft_head_n > 0 && gen_decoder_set_head_ids(dd, c->draft_head_ids, c->draft_head_n, e)))
         goto out;
     if (c->cuda) {  // warm-up: one short run of each, untimed
         GenParams wp = gp;

@@ -43,6 +43,8 @@ typedef struct {
 
 typedef struct {
     SpecModel target, draft;     // same vocabulary
+    const int32_t *draft_head_ids;  // the draft's trimmed head (draft_vocab.h): draft_head_n ids, or NULL: full head
+    int64_t draft_head_n;
     const int32_t *const *prompts;  // n_prompts token arrays, prompt i has plen[i] >= 1 tokens
     const int64_t *plen;
     int64_t n_prompts;

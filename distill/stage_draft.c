@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "distill/checkpoint.h"
+#include "distill/draft_vocab.h"
 #include "distill/export.h"
 #include "distill/model_io.h"
 #include "distill/spec_decode.h"
@@ -28,10 +29,10 @@
 // STAGE_DIR/model, the directory the stage writes (newly allocated).
 static char *draft_dir(const char *stage_dir) { return dl_path_join(stage_dir, "model"); }
 
-static bool draft_complete(const char *dir) {
-    char *cfg = dl_path_join(dir, "config.json");
-    bool ok = dl_file_exists(cfg);
-    free(cfg);
+static bool draft_complete(const char *dir, const StageSpec *st) {
+    char *cfg = dl_path_join(dir, "config.json"), *voc = dl_path_join(dir, DRAFT_VOCAB_FILE);
+    bool ok = dl_file_exists(cfg) && (st->draft_vocab <= 0 || dl_file_exists(voc));
+    free(cfg), free(voc);
     return ok;
 }
 
@@ -49,13 +50,13 @@ static char *draft_cache_dir(const RunContext *ctx, const StageSpec *st, const c
     int n = snprintf(txt, sizeof txt,
                      "index %d\nsteps %lld\ntrainable %s\nloss %.17g %.17g %.17g %.17g\nkl_from %d\n"
                      "opt %.17g %.17g %.17g %.17g %.17g %lld %.17g %d %.17g %.17g %d %d %d %d %.17g\n"
-                     "data %d %d\nhardware %d %d\ncheckpoints %lld %d\nlayers",
+                     "data %d %d\nhardware %d %d\ncheckpoints %lld %d\nvocab %lld\nlayers",
                      st->index, (long long)steps, st->trainable && *st->trainable ? st->trainable : "*", st->loss.ce,
                      st->loss.kl, st->loss.reverse_kl, st->loss.temperature, st->kl_from, o->lr, o->beta1, o->beta2, o->eps,
                      o->weight_decay, (long long)o->warmup_steps, o->warmup_ratio, o->schedule, o->min_lr_ratio, o->clip,
                      o->micro_batch, o->grad_accum, o->moments, o->spike_rollbacks, o->spike_lr_factor, ds->seq_len,
                      ds->shuffle, rec->hardware.recompute, rec->hardware.gemm_tune, (long long)rec->run.checkpoint_every,
-                     rec->run.keep_checkpoints);
+                     rec->run.keep_checkpoints, (long long)st->draft_vocab);
     for (int i = 0; i < st->n_draft_layers && n < (int)sizeof txt - 16; i++) n += snprintf(txt + n, sizeof txt - (size_t)n, " %d", st->draft_layers[i]);
     reuse_key_add(&k, txt, (size_t)n);
     return reuse_key_add_shard_rows(&k, shard, e) ? NULL : reuse_key_dir(&k, ctx);
@@ -72,6 +73,23 @@ static int check_reused(const char *dir, const StageSpec *st, const HybridConfig
         rc = dl_fail(e, "%d layers of width %d, vocabulary %d; this stage trains %d layers of width %d, vocabulary %d",
                      a->n_layer, a->d_model, a->vocab, st->n_draft_layers, b->d_model, b->vocab);
     model_free(&m);
+    return rc;
+}
+
+// The trimmed head's list (draft_vocab.h): the `vocab` ids the training rows teach most often, written beside the
+// weights after them (draft_complete wants both, so a kill in between re-exports on --resume).
+static int write_vocab(const StageSpec *st, const char *shard, const char *dir, int64_t V, DlError *e) {
+    int64_t *counts = dl_malloc((size_t)V * sizeof *counts), total = 0;
+    int rc = draft_vocab_count(shard, V, counts, &total, e);
+    if (rc == 0) rc = draft_vocab_write(dir, counts, V, st->draft_vocab, shard, e);
+    if (rc == 0) {
+        int64_t kept = 0;
+        DraftVocab v;
+        if (draft_vocab_read(dir, V, 0, &v, e) == 0) kept = v.n, dl_info("%s: head trimmed to %lld ids, %.2f%% of the %lld trained tokens (%s)",
+                                                                       st->name, (long long)kept, 100.0 * v.coverage, (long long)total, DRAFT_VOCAB_FILE);
+        draft_vocab_free(&v);
+    }
+    free(counts);
     return rc;
 }
 
@@ -92,7 +110,7 @@ static int run_draft(RunContext *ctx, const StageSpec *st) {
     CkptState cst;
     ckpt_state_init(&cst);
     char latest[1024] = "";
-    if (ctx->resume && draft_complete(out)) {
+    if (ctx->resume && draft_complete(out, st)) {
         dl_info("%s: already complete (%s)", st->name, out);
         rc = DL_EXIT_OK;
         goto out;
@@ -200,6 +218,7 @@ static int run_draft(RunContext *ctx, const StageSpec *st) {
     // fp32: the trained weights exactly (a 2-layer draft of a 135M teacher is ~140 MB)
     ExportOptions eo = {.dtype = DT_F32, .max_shard_bytes = 0, .name_or_path = rec->teacher.path};
     if (export_hf(out, &d.hc, &d.reg, d.params, &eo, &e)) goto fail;
+    if (st->draft_vocab > 0 && write_vocab(st, shard, out, d.hc.base.vocab, &e)) goto fail;
     dl_info("%s: draft written to %s", st->name, out);
     if (cache) reuse_keep_dir(cache, out, st->name);
     rc = DL_EXIT_OK;

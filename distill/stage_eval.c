@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "distill/checkpoint.h"
+#include "distill/draft_vocab.h"
 #include "distill/eval.h"
 #include "distill/eval_choice.h"
 #include "distill/shards.h"
@@ -116,11 +117,13 @@ static int spec_measure(RunContext *ctx, const StageSpec *st, const EvalModel *s
     LoadedModel dm;
     memset(&dm, 0, sizeof dm);
     SpecPrompts pr = {0};
+    DraftVocab dv = {0};
     int rc = -1;
     if (model_load(dpath, 0, &dm, e)) {
         dl_fail_prefix(e, "the draft of stage '%s' (run it first): ", ds->name);
         goto out;
     }
+    if (draft_vocab_read(dpath, dm.hc.base.vocab, 0, &dv, e) < 0) goto out;  // a trimmed head if the stage wrote one
     if (stage_data_shard(ctx, st->spec_data_index, pd->holdout > 0 ? SPLIT_HOLDOUT : SPLIT_TRAIN, &shard, e) ||
         spec_prompts_load(shard, st->spec_prompts, &pr, e))
         goto out;
@@ -135,7 +138,8 @@ static int spec_measure(RunContext *ctx, const StageSpec *st, const EvalModel *s
                             .draft = {&dm.hc, &dm.reg, dm.params},
                             .prompts = (const int32_t *const *)pr.ids, .plen = pr.len, .n_prompts = pr.n,
                             .ks = st->spec_k, .nk = st->n_spec_k, .batches = &batch1, .nb = 1,
-                            .max_tokens = st->spec_tokens, .temperature = 0, .cuda = cuda, .graph = 1};
+                            .max_tokens = st->spec_tokens, .temperature = 0, .cuda = cuda, .graph = 1,
+                            .draft_head_ids = dv.ids, .draft_head_n = dv.n};
         if (spec_eval_run(&c, rows + ti * st->n_spec_k, e)) {
             free(rows);
             dl_fail_prefix(e, "speculative decoding (target %s): ", labels[ti]);
@@ -147,6 +151,8 @@ static int spec_measure(RunContext *ctx, const StageSpec *st, const EvalModel *s
     cJSON_AddStringToObject(o, "draft_stage", ds->name);
     cJSON *dl = cJSON_AddArrayToObject(o, "draft_teacher_layers");
     for (int i = 0; i < ds->n_draft_layers; i++) cJSON_AddItemToArray(dl, cJSON_CreateNumber(ds->draft_layers[i]));
+    cJSON_AddNumberToObject(o, "draft_vocab", dv.n ? (double)dv.n : (double)dm.hc.base.vocab);
+    if (dv.n) cJSON_AddNumberToObject(o, "draft_vocab_coverage", dv.coverage);
     cJSON_AddStringToObject(o, "device", cuda ? "cuda" : "cpu");
     cJSON_AddStringToObject(o, "decoding", "greedy");
     cJSON_AddStringToObject(o, "prompts_from", pd->name);
@@ -155,7 +161,9 @@ static int spec_measure(RunContext *ctx, const StageSpec *st, const EvalModel *s
     cJSON *runs = cJSON_AddArrayToObject(o, "runs");
     printf("\nspeculative decoding on %s: draft %s (teacher layers", cuda ? "cuda" : "cpu", dpath);
     for (int i = 0; i < ds->n_draft_layers; i++) printf("%s%d", i ? "," : " ", ds->draft_layers[i]);
-    printf("), %lld prompts of '%s', %d new tokens each, greedy, batch 1\n", (long long)pr.n, pd->name, st->spec_tokens);
+    printf("), %lld prompts of '%s', %d new tokens each, greedy, batch 1", (long long)pr.n, pd->name, st->spec_tokens);
+    if (dv.n) printf("; head trimmed to %lld ids (%.2f%% of its training tokens)", (long long)dv.n, 100.0 * dv.coverage);
+    printf("\n");
     for (int ti = 0; ti < nt; ti++) {
         printf("target %s\n", labels[ti]);
         spec_eval_print_header(stdout);
@@ -172,6 +180,7 @@ static int spec_measure(RunContext *ctx, const StageSpec *st, const EvalModel *s
     rc = 0;
 out:
     spec_prompts_free(&pr);
+    draft_vocab_free(&dv);
     if (dm.params) model_free(&dm);
     free(dpath), free(shard);
     return rc;

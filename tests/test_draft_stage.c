@@ -11,6 +11,9 @@
 //   * `distill eval-spec --draft RUN/NN-draft/model --json`: the same library, the same exactness; prompts from a
 //     .jsonl of chats, raw lines with --chat, and raw lines: prompt_tokens = what chat_render / encode give; a bad
 //     .jsonl line -> exit 3 naming file:line, no JSON written.
+//   * vocab = 300 on "draft": draft_vocab.json lists the 300 ids its training rows teach most often (against a
+//     count of the shard made here), the eval stage and eval-spec use it (still equal to plain); --draft-vocab
+//     full / N; refusals: N past the list, a draft without a list, spoiled lists (exit 3 naming the file and fault).
 //   * resume: a draft stage stopped after 2 of 5 steps and resumed writes the same bytes as an uninterrupted run.
 //   * reuse: an identical draft stage in another run copies the cached model and trains nothing; other settings
 //     train; a spoiled cache is dropped with a warning; kl_from = "student" drafts are never reused.
@@ -26,6 +29,7 @@
 
 #include "distill/chat.h"
 #include "distill/model_io.h"
+#include "distill/shards.h"
 #include "distill/tokenizer.h"
 #include "tests/check.h"
 
@@ -225,6 +229,58 @@ static int check_spec_rows(const cJSON *runs, int want_prompts) {
     return n;
 }
 
+// The draft stage's trimmed-head list (vocab = keep) against a count of the shard's trained tokens made here: the
+// keep most frequent ids, most frequent first (ties: lower id), each with its count, counted_tokens their total.
+static void check_vocab_file(const char *model_dir, const char *shard, int keep) {
+    char path[800];
+    snprintf(path, sizeof path, "%s/draft_vocab.json", model_dir);
+    cJSON *root = read_json(path);
+    CHECK(root != NULL);
+    if (!root) return;
+    enum { V = 49152 };
+    static int64_t cnt[V];
+    memset(cnt, 0, sizeof cnt);
+    int64_t total = 0;
+    ShardReader *r = NULL;
+    DlError e;
+    CHECK(shard_open(&r, shard, &e) == 0);
+    if (r) {
+        const ShardInfo *in = shard_info(r);
+        const int64_t W = in->seq_len + 1;
+        int32_t *tok = malloc(sizeof(int32_t) * W);
+        uint8_t *mask = malloc(W), *reset = malloc(W);
+        for (int64_t row = 0; row < in->n_seqs; row++) {
+            CHECK(shard_read_rows(r, row, 1, tok, mask, reset, &e) == 0);
+            for (int64_t t = 0; t < W; t++)
+                if (mask[t]) cnt[tok[t]]++, total++;
+        }
+        free(tok), free(mask), free(reset);
+        shard_close(r);
+    }
+    const cJSON *ids = cJSON_GetObjectItem(root, "ids"), *cs = cJSON_GetObjectItem(root, "counts");
+    CHECK(!strcmp(cJSON_GetObjectItem(root, "format")->valuestring, "distill-draft-vocab"));
+    CHECK_EQ_I64((int64_t)cJSON_GetObjectItem(root, "vocab_size")->valuedouble, V);
+    CHECK_EQ_I64((int64_t)cJSON_GetObjectItem(root, "counted_tokens")->valuedouble, total);
+    CHECK(total > 20);  // (12-token responses to 6 prompts, twice)
+    CHECK_EQ_I64(cJSON_GetArraySize(ids), keep);
+    CHECK_EQ_I64(cJSON_GetArraySize(cs), keep);
+    static bool listed[V];
+    memset(listed, 0, sizeof listed);
+    int bad = 0;
+    int64_t prev_c = INT64_MAX, prev_id = -1, last_c = 0, last_id = -1;
+    for (int i = 0; i < keep && i < cJSON_GetArraySize(ids); i++) {
+        const int64_t id = (int64_t)cJSON_GetArrayItem(ids, i)->valuedouble, c = (int64_t)cJSON_GetArrayItem(cs, i)->valuedouble;
+        bad += id < 0 || id >= V || listed[id] || c != cnt[id] || c > prev_c || (c == prev_c && id < prev_id);
+        if (id >= 0 && id < V) listed[id] = true;
+        prev_c = c, prev_id = id, last_c = c, last_id = id;
+    }
+    for (int64_t id = 0; id < V; id++)  // nothing left out beats the last one kept
+        if (!listed[id]) bad += cnt[id] > last_c || (cnt[id] == last_c && id < last_id);
+    if (bad) fprintf(stderr, "%s: %d entries disagree with the shard's counts\n", path, bad);
+    CHECK_EQ_I64(bad, 0);
+    cJSON_Delete(root);
+}
+
 int main(void) {
     const char *bin = getenv("DISTILL_BIN");
     if (!bin || access(GGUF, R_OK)) {
@@ -263,7 +319,7 @@ int main(void) {
                                "[[stage]]\nkind = \"draft\"\nname = \"cut\"\ndata = \"samples\"\nlayers = [1, 3]\nsteps = 1\n"
                                "[stage.optimizer]\nlr = 1e-30\n\n"
                                "[[stage]]\nkind = \"draft\"\nname = \"draft\"\ndata = \"samples\"\nlayers = [0, 3]\nsteps = 4\n"
-                               "trainable = \"model.layers.*\"\n[stage.loss]\nce = 1.0\nkl = 0.5\n\n"
+                               "trainable = \"model.layers.*\"\nvocab = 300\n[stage.loss]\nce = 1.0\nkl = 0.5\n\n"
                                "[[stage]]\nkind = \"draft\"\nname = \"same\"\ndata = \"samples\"\nlayers = [0, 1, 2, 3]\nsteps = 1\n"
                                "[stage.optimizer]\nlr = 1e-30\n\n"
                                "[[stage]]\nkind = \"eval\"\nname = \"eval\"\ndata = [\"samples\"]\ndraft = \"draft\"\nspec_k = [1, 3]\nspec_tokens = 10\nspec_prompts = 3\n\n"
@@ -300,6 +356,17 @@ int main(void) {
         model_free(&dr);
     } else fprintf(stderr, "%s\n", e.msg);
     model_free(&t);
+    // the "draft" stage's trimmed-head list (vocab = 300) from its training rows
+    {
+        char shard[700];
+        snprintf(path, sizeof path, "%s/runs/p/05-draft/model", g_dir);
+        snprintf(shard, sizeof shard, "%s/runs/p/01-generate/samples.train.h5", g_dir);
+        if (!dl_file_exists(shard)) snprintf(shard, sizeof shard, "%s/runs/p/data/samples.train.h5", g_dir);
+        check_vocab_file(path, shard, 300);
+        snprintf(path, sizeof path, "%s/runs/p/04-cut/model/draft_vocab.json", g_dir);
+        CHECK(!dl_file_exists(path));  // vocab 0: no list, the full head
+        CHECK(log_has("draft: head trimmed to 300 ids"));
+    }
     // eval.json's speculative rows
     snprintf(path, sizeof path, "%s/runs/p/07-eval/eval.json", g_dir);
     cJSON *root = read_json(path);
@@ -308,6 +375,9 @@ int main(void) {
     if (sp) {
         CHECK(!strcmp(cJSON_GetObjectItem(sp, "draft_stage")->valuestring, "draft"));
         CHECK(!strcmp(cJSON_GetObjectItem(sp, "device")->valuestring, "cpu"));
+        CHECK_EQ_I64((int64_t)cJSON_GetObjectItem(sp, "draft_vocab")->valuedouble, 300);  // its list, trimmed head
+        const double cov = cJSON_GetObjectItem(sp, "draft_vocab_coverage")->valuedouble;
+        CHECK(cov > 0.3 && cov <= 1.0);
         int np = (int)cJSON_GetObjectItem(sp, "prompts")->valuedouble;
         CHECK(np >= 1 && np <= 3);  // distinct prompts of the held-out documents (2 samples of each prompt), at most spec_prompts
         int nrows = check_spec_rows(cJSON_GetObjectItem(sp, "runs"), np);
@@ -347,7 +417,75 @@ int main(void) {
     root = read_json(path);
     CHECK(root != NULL);
     if (root) CHECK_EQ_I64(check_spec_rows(cJSON_GetObjectItem(root, "runs"), 8), 2);  // 8 built-in prompts, batch 1 and 2
+    if (root) CHECK_EQ_I64((int64_t)cJSON_GetObjectItem(root, "draft_vocab")->valuedouble, 300);  // the draft's list
     cJSON_Delete(root);
+    // --draft-vocab: full head, the first N of the list; more than the list, a list a draft lacks, a spoiled list:
+    // exit 3 with the reason, no JSON
+    {
+        static const struct {
+            const char *opt, *draft;
+            int rc;
+            int64_t vocab;
+            const char *msg;
+        } cases[] = {
+            {"full", "05-draft", 0, 49152, NULL},
+            {"100", "05-draft", 0, 100, NULL},
+            {"301", "05-draft", 3, 0, "301 ids asked for, the file lists 300"},
+            {"0", "05-draft", 2, 0, "expected full or a count >= 1"},
+            {"50", "04-cut", 3, 0, "has no draft_vocab.json"},
+        };
+        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+            snprintf(path, sizeof path, "%s/spec-v.json", g_dir);
+            remove(path);
+            snprintf(args, sizeof args, "--target %s/teacher.json --draft %s/runs/p/%s/model --tokenizer %s/%s --k 2 --max-tokens 5 "
+                     "--draft-vocab %s --json %s/spec-v.json", g_dir, g_dir, cases[i].draft, cwd, GGUF, cases[i].opt, g_dir);
+            rc = run_cmd("'%s' eval-spec %s%s", bin, args, "");
+            CHECK_EQ_I64(rc, cases[i].rc);
+            if (cases[i].msg) {
+                if (!log_contains(cases[i].msg)) fprintf(stderr, "eval-spec --draft-vocab %s: no \"%s\" in the log\n", cases[i].opt, cases[i].msg);
+                CHECK(log_contains(cases[i].msg));
+                CHECK(!dl_file_exists(path));
+                continue;
+            }
+            root = read_json(path);
+            CHECK(root != NULL);
+            if (root) {
+                CHECK_EQ_I64((int64_t)cJSON_GetObjectItem(root, "draft_vocab")->valuedouble, cases[i].vocab);
+                CHECK_EQ_I64(check_spec_rows(cJSON_GetObjectItem(root, "runs"), 8), 1);  // still equal to plain
+            }
+            cJSON_Delete(root);
+        }
+        // spoiled lists in a copy of the draft: each refused naming the file and the fault
+        static const struct {
+            const char *json, *msg;
+        } spoiled[] = {
+            {"{\"format\": \"distill-draft-vocab\", \"version\": 1, \"vocab_size\": 49152, \"counted_tokens\": 9, \"ids\": [5, 7, 5], \"counts\": [3, 2, 1]}",
+             "appears more than once"},
+            {"{\"format\": \"distill-draft-vocab\", \"version\": 1, \"vocab_size\": 49152, \"counted_tokens\": 9, \"ids\": [5, 49152], \"counts\": [3, 2]}",
+             "\"ids\"[1] must be an integer in 0..49151"},
+            {"{\"format\": \"distill-draft-vocab\", \"version\": 1, \"vocab_size\": 32000, \"counted_tokens\": 9, \"ids\": [5], \"counts\": [3]}",
+             "written for a vocabulary of 32000 ids"},
+            {"{\"format\": \"distill-draft-vocab\", \"version\": 1, \"vocab_size\": 49152, \"counted_tokens\": 9, \"ids\": [5, 6], \"counts\": [3]}",
+             "2 ids and 1 counts"},
+            {"[1, 2", "not a JSON object"},
+        };
+        char cmd[2400];
+        snprintf(cmd, sizeof cmd, "rm -rf %s/spoiled && cp -r %s/runs/p/05-draft/model %s/spoiled", g_dir, g_dir, g_dir);
+        CHECK(system(cmd) == 0);
+        for (size_t i = 0; i < sizeof spoiled / sizeof spoiled[0]; i++) {
+            snprintf(path, sizeof path, "%s/spoiled/draft_vocab.json", g_dir);
+            write_file(path, spoiled[i].json);
+            snprintf(path, sizeof path, "%s/spec-v.json", g_dir);
+            remove(path);
+            snprintf(args, sizeof args, "--target %s/teacher.json --draft %s/spoiled --tokenizer %s/%s --k 2 --max-tokens 5 "
+                     "--json %s/spec-v.json", g_dir, g_dir, cwd, GGUF, g_dir);
+            rc = run_cmd("'%s' eval-spec %s%s", bin, args, "");
+            CHECK_EQ_I64(rc, 3);
+            if (!log_contains(spoiled[i].msg)) fprintf(stderr, "spoiled draft_vocab.json %zu: no \"%s\" in the log\n", i, spoiled[i].msg);
+            CHECK(log_contains(spoiled[i].msg) && log_contains("spoiled/draft_vocab.json"));
+            CHECK(!dl_file_exists(path));
+        }
+    }
     // ---- prompt formats: a .jsonl file holds chats (rendered with the chat template and the assistant header),
     // --chat wraps raw lines as the user turn; prompt_tokens counts what the models saw
     {

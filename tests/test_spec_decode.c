@@ -5,7 +5,9 @@
 //  * sampled speculative output has the target's distribution: the joint distribution of the first two
 //    tokens over 6000 sequences (one batch, fixed seed: deterministic) against the exact target probabilities,
 //    Pearson chi-square (cells expecting < 5 pooled) below df + 6 sd; the same samples against the draft's distribution must fail
-//    (the test can detect a wrong distribution).
+//    (the test can detect a wrong distribution);
+//  * a draft whose head is trimmed to a subset of ids (decoder_set_head_ids): its logits at the subset equal the full
+//    head's, -inf elsewhere; greedy output still equals plain, and sampled output still has the target's distribution.
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,8 +58,8 @@ static void model_drop(Model *m) {
     reg_free(&m->r);
 }
 
-// greedy: speculative == plain for several K and a ragged batch of prompts
-static void test_greedy(Model *tg, Model *dr, const char *what) {
+// greedy: speculative == plain for several K and a ragged batch of prompts; hn > 0: the draft's head trimmed to hid
+static void test_greedy_h(Model *tg, Model *dr, const int32_t *hid, int64_t hn, const char *what) {
     DlError e;
     enum { BG = 3, LM = 6, NT = 24 };
     const int64_t plen[BG] = {6, 2, 4};
@@ -71,6 +73,7 @@ static void test_greedy(Model *tg, Model *dr, const char *what) {
         gp.k = ks[ki];
         int64_t ml = spec_max_len(LM, NT, gp.k);
         Decoder *T = decoder_new(&tg->h, &tg->r, tg->p, BG, ml, &e), *D = decoder_new(&dr->h, &dr->r, dr->p, BG, ml, &e);
+        if (hn) CHECK(decoder_set_head_ids(D, hid, hn, &e) == 0);
         Rng r1, r2;
         rng_init(&r1, 1, 0), rng_init(&r2, 1, 0);
         CHECK(gen_plain(gen_cpu(T), pr, plen, LM, &gp, &r1, ref, nref, &e) == 0);
@@ -91,11 +94,74 @@ static void test_greedy(Model *tg, Model *dr, const char *what) {
     }
 }
 
-// exact probabilities of the first two sampled tokens after prompt: joint [V, V]
-static void exact_joint(Model *m, const int32_t *prompt, int64_t L, const SampleParams *sp, double *joint) {
+static void test_greedy(Model *tg, Model *dr, const char *what) { test_greedy_h(tg, dr, NULL, 0, what); }
+
+// The same logit from GEMMs of different widths: BLAS kernels may round a dot product differently (the GPU's
+// decode_gemm does not: gpu_test_decode checks it bitwise).
+static bool near(float a, float b) { return fabsf(a - b) <= 1e-5f * fmaxf(1.0f, fabsf(b)); }
+
+// A trimmed head (decoder_set_head_ids): the kept ids' logits equal the full head's (last-token and all-token
+// logits, a prefill, a step, a window and its accept), every other logit is -inf; bad subsets are refused with
+// the decoder unchanged; n = 0 restores the full head.
+static void test_head_ids(Model *m, const char *what) {
+    DlError e;
+    const int64_t V = m->h.base.vocab, B = 2, L = 5;
+    const int32_t hid[] = {17, 3, 0, 28, 9, 11, 4};  // any order
+    const int64_t hn = 7;
+    bool kept[64] = {false};
+    for (int64_t j = 0; j < hn; j++) kept[hid[j]] = true;
+    Decoder *F = decoder_new(&m->h, &m->r, m->p, B, 16, &e), *H = decoder_new(&m->h, &m->r, m->p, B, 16, &e);
+    CHECK(decoder_set_head_ids(H, hid, hn, &e) == 0);
+    int32_t tok[B * L];
+    for (int i = 0; i < B * L; i++) tok[i] = (int32_t)rng_below(&rng, (uint64_t)V);
+    float *lf = malloc(sizeof(float) * B * L * V), *lh = malloc(sizeof(float) * B * L * V);
+    float *af = malloc(sizeof(float) * B * L * V), *ah = malloc(sizeof(float) * B * L * V);
+    int bad = 0, checked = 0;
+    for (int round = 0; round < 3; round++) {  // prefill of L; a 1-token step; a window of 3 then accept 1, a step
+        const int64_t n = round == 0 ? L : round == 1 ? 1 : 3;
+        for (int i = 0; i < B * L; i++) lf[i] = lh[i] = af[i] = ah[i] = NAN;  // poisoned
+        if (round == 2) decoder_window_begin(F), decoder_window_begin(H);
+        CHECK(decoder_feed(F, tok, n, lf, af, &e) == 0 && decoder_feed(H, tok, n, lh, ah, &e) == 0);
+        for (int64_t r = 0; r < B * n; r++)
+            for (int64_t v = 0; v < V; v++) {
+                const int64_t i = r * V + v;
+                checked++;
+                if (kept[v] ? !(near(ah[i], af[i]) && (r >= B || near(lh[i], lf[i])))
+                            : (ah[i] != -INFINITY || (r < B && lh[i] != -INFINITY)))
+                    bad++;
+            }
+        if (round == 2) {
+            const int32_t keep[2] = {1, 3};
+            CHECK(decoder_accept(F, keep, &e) == 0 && decoder_accept(H, keep, &e) == 0);
+        }
+    }
+    char buf[160];
+    snprintf(buf, sizeof buf, "%s: trimmed head = full head (1e-5) at the %lld kept ids, -inf elsewhere (%d of %d differ)", what,
+             (long long)hn, bad, checked);
+    CHECK_MSG(bad == 0, buf);
+    // refused: a repeated id, an id out of range, an empty or too large subset; the decoder keeps its subset
+    const int32_t dup[] = {1, 2, 1}, oor[] = {1, (int32_t)V};
+    CHECK(decoder_set_head_ids(H, dup, 3, &e) != 0 && strstr(e.msg, "more than once"));
+    CHECK(decoder_set_head_ids(H, oor, 2, &e) != 0 && strstr(e.msg, "outside the vocabulary"));
+    CHECK(decoder_set_head_ids(H, hid, V + 1, &e) != 0);
+    CHECK(decoder_feed(F, tok, 1, lf, NULL, &e) == 0 && decoder_feed(H, tok, 1, lh, NULL, &e) == 0);
+    bad = 0;
+    for (int64_t i = 0; i < B * V; i++) bad += kept[i % V] ? !near(lh[i], lf[i]) : lh[i] != -INFINITY;
+    CHECK_MSG(bad == 0, "trimmed head kept after refused subsets");
+    CHECK(decoder_set_head_ids(H, NULL, 0, &e) == 0);  // the full head again
+    CHECK(decoder_feed(F, tok, 1, lf, NULL, &e) == 0 && decoder_feed(H, tok, 1, lh, NULL, &e) == 0);
+    CHECK_MSG(memcmp(lf, lh, sizeof(float) * B * V) == 0, "n = 0 restores the full head");
+    decoder_free(F), decoder_free(H);
+    free(lf), free(lh), free(af), free(ah);
+}
+
+// exact probabilities of the first two sampled tokens after prompt: joint [V, V] (hn > 0: a trimmed head)
+static void exact_joint_h(Model *m, const int32_t *hid, int64_t hn, const int32_t *prompt, int64_t L, const SampleParams *sp,
+                          double *joint) {
     DlError e;
     const int64_t V = m->h.base.vocab;
     Decoder *D = decoder_new(&m->h, &m->r, m->p, 1, L + 2, &e);
+    if (hn) CHECK(decoder_set_head_ids(D, hid, hn, &e) == 0);
     float *lg = malloc((size_t)V * sizeof(float));
     double *p1 = malloc((size_t)V * sizeof(double)), *p2 = malloc((size_t)V * sizeof(double));
     decoder_feed(D, prompt, L, lg, NULL, &e);
@@ -109,6 +175,9 @@ static void exact_joint(Model *m, const int32_t *prompt, int64_t L, const Sample
     }
     decoder_free(D);
     free(lg), free(p1), free(p2);
+}
+static void exact_joint(Model *m, const int32_t *prompt, int64_t L, const SampleParams *sp, double *joint) {
+    exact_joint_h(m, NULL, 0, prompt, L, sp, joint);
 }
 
 // Pearson chi-square; cells expecting fewer than 5 samples are pooled into one (the usual validity rule).
@@ -131,7 +200,9 @@ static double chi2(const int64_t *count, const double *prob, int64_t cells, int6
     return x;
 }
 
-static void test_distribution(int mixer, int k, bool cut, const char *what) {
+// hn > 0: the draft's head is trimmed to its first hn ids {7, 2, 5, 0, 3} (q = 0 outside them)
+static void test_distribution_h(int mixer, int k, bool cut, int64_t hn, const char *what) {
+    static const int32_t hid[] = {7, 2, 5, 0, 3};
     DlError e;
     enum { V = 8, NS = 6000, LP = 3 };
     Model tg, dr;
@@ -148,6 +219,7 @@ static void test_distribution(int mixer, int k, bool cut, const char *what) {
     GenParams gp = {.k = k, .sp = {.greedy = false, .temperature = 1.0f, .top_p = 1.0f}, .max_tokens = 2, .stop = {-1, -1}};
     int64_t ml = spec_max_len(LP, 2, k);
     Decoder *T = decoder_new(&tg.h, &tg.r, tg.p, NS, ml, &e), *D = decoder_new(&dr.h, &dr.r, dr.p, NS, ml, &e);
+    if (hn) CHECK(decoder_set_head_ids(D, hid, hn, &e) == 0);
     int32_t *out = malloc(sizeof(int32_t) * NS * 2);
     Rng r;
     rng_init(&r, 777, 0);
@@ -157,7 +229,7 @@ static void test_distribution(int mixer, int k, bool cut, const char *what) {
     for (int i = 0; i < NS; i++) count[out[i * 2] * V + out[i * 2 + 1]]++;
     double pt[V * V], pd[V * V];
     exact_joint(&tg, prompt, LP, &gp.sp, pt);
-    exact_joint(&dr, prompt, LP, &gp.sp, pd);
+    exact_joint_h(&dr, hid, hn, prompt, LP, &gp.sp, pd);
     int df, dfd;
     double xt = chi2(count, pt, V * V, NS, &df), xd = chi2(count, pd, V * V, NS, &dfd);
     // bound: df + 6 sd (sd = sqrt(2 df)), p < 1e-6 for these df (fixed seed: the samples never change)
@@ -173,6 +245,7 @@ static void test_distribution(int mixer, int k, bool cut, const char *what) {
     free(pr), free(plen), free(nout), free(out);
     model_drop(&tg), model_drop(&dr);
 }
+static void test_distribution(int mixer, int k, bool cut, const char *what) { test_distribution_h(mixer, k, cut, 0, what); }
 
 int main(void) {
     rng_init(&rng, 3, 0);
@@ -194,6 +267,14 @@ int main(void) {
     test_distribution(MIXER_ATTN, 3, false, "teacher target");
     test_distribution(MIXER_MAMBA2, 2, false, "mamba2 hybrid target");
     test_distribution(MIXER_MAMBA1, 4, true, "mamba1 hybrid target, cut draft");
+    // a draft with a trimmed head: proposals only from its subset, the output still exactly the target's
+    test_head_ids(&teacher, "teacher");
+    test_head_ids(&hyb1, "mamba1 hybrid");
+    const int32_t hid[] = {3, 0, 11, 28, 17, 5, 22, 9, 14, 1, 26, 7};
+    test_greedy_h(&hyb1, &cut, hid, 12, "mamba1 hybrid target, cut draft with 12 of 29 head rows");
+    test_greedy_h(&teacher, &teacher, hid, 12, "teacher, itself with 12 of 29 head rows as draft");
+    test_distribution_h(MIXER_MAMBA1, 3, true, 5, "mamba1 hybrid target, cut draft with 5 of 8 head rows");
+    test_distribution_h(MIXER_ATTN, 2, false, 5, "teacher target, unrelated draft with 5 of 8 head rows");
     model_drop(&teacher), model_drop(&cut), model_drop(&hyb1), model_drop(&hyb2), model_drop(&small);
     return check_report("test_spec_decode");
 }

@@ -29,6 +29,7 @@
 #include "kernels/train/train_cuda.h"
 
 extern "C" {
+#include "distill/draft_vocab.h"  // head_ids_sorted
 #include "distill/layers_cpu.h"  // rope_inv_freq
 }
 
@@ -670,6 +671,21 @@ __global__ void chain_pick_kernel(int32_t *ints, int64_t rows, int64_t B, int64_
     if (b == 0) ints[2 * rows + 3 * B] += 1;
 }
 
+// A trimmed head (decoder_cuda_set_head_ids): its kept rows gathered once, hw [np, d] <- head [hid[j], d].
+__global__ void head_gather_kernel(bf16 *hw, const bf16 *head, const int32_t *hid, int64_t np, int64_t d) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < np * d; i += (int64_t)gridDim.x * blockDim.x)
+        hw[i] = head[(int64_t)hid[i / d] * d + i % d];
+}
+// ... and after each head GEMM every logits row is rewritten whole: column v gets the GEMM's column hpos[v], or -inf
+// where hpos[v] < 0 (not kept). logits [rows, V] (row stride V), hout [rows, hp].
+__global__ void head_expand_kernel(float *logits, const float *hout, const int32_t *hpos, int64_t rows, int64_t V, int64_t hp) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < rows * V; i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t r = i / V;
+        const int32_t j = hpos[i % V];
+        logits[i] = j >= 0 ? hout[r * hp + j] : -INFINITY;
+    }
+}
+
 // The window's copy of a Mamba layer's per-token inputs: array a (blockIdx.y) of the chunk, src [nb*lc, C],
 // goes to dst [B, cap, C] at columns ofs[0] + t (ofs on the device, so a captured graph reads it per launch).
 struct WinStore {
@@ -744,6 +760,13 @@ struct DecoderCuda {
     float *att_ws;
     int64_t att_ws_elems;
     float *logits;       // [lcap, V]: the last feed's lrows rows
+    // trimmed head (decoder_cuda_set_head_ids; hn 0: the full head): hw [hp, d] the kept ids' head rows in ascending
+    // id order (hp: hn rounded up to a multiple of 8 by repeating the last), hout [lcap, hp] the GEMM's output, hpos [V]
+    // each id's column in it or -1
+    int64_t hn, hp;
+    int32_t *hpos;
+    bf16 *hw;
+    float *hout;
     int64_t lrows, lcap;
     uint64_t *s_u64;     // sampling: stream [B], counter [B]
     int32_t *s_out;      // [B]
@@ -844,12 +867,18 @@ static void lin_multi(DecoderCuda *D, const void *x, int64_t N, int64_t In, int 
     TCK(decode_gemm_multi(DT_BF16, outs, n, x, N, In, D->st, EA));
 }
 
-// fp32 logits [rows, V] of the normed rows x [rows, d].
+// fp32 logits [rows, V] (row stride V) of the normed rows x [rows, d]; with a trimmed head the kept ids' columns get
+// the same values (a GEMM element's arithmetic depends on K alone) and every other column -inf.
 static void head_gemm(DecoderCuda *D, float *logits, const bf16 *x, int64_t rows) {
-    const int64_t V = D->h.base.vocab, d = D->h.base.d_model;
-    if (D->invariant) TCK(decode_gemm(DT_F32, logits, x, W(D, D->head), NULL, rows, V, d, 0, D->st, EA));
-    else TCK(dl_gemm(D->gemm, (int)rows, (int)V, (int)d, DT_BF16, x, 0, W(D, D->head), 1, DT_F32, logits, NULL, 1.0f, 0.0f,
-                     D->st, EA));
+    const int64_t V = D->h.base.vocab, d = D->h.base.d_model, N = D->hn ? D->hp : V;
+    const bf16 *Wh = D->hn ? D->hw : W(D, D->head);
+    float *y = D->hn ? D->hout : logits;
+    if (D->invariant) TCK(decode_gemm(DT_F32, y, x, Wh, NULL, rows, N, d, 0, D->st, EA));
+    else TCK(dl_gemm(D->gemm, (int)rows, (int)N, (int)d, DT_BF16, x, 0, Wh, 1, DT_F32, y, NULL, 1.0f, 0.0f, D->st, EA));
+    if (D->hn) {
+        head_expand_kernel<<<grid_of(rows * V, 256), 256, 0, D->st>>>(logits, D->hout, D->hpos, rows, V, D->hp);
+        kernelCheck("head_expand_kernel");
+    }
 }
 
 void decoder_cuda_free(DecoderCuda *D) {
@@ -861,7 +890,7 @@ void decoder_cuda_free(DecoderCuda *D) {
     void *bufs[] = {D->w, D->w32, D->inv_freq, D->x, D->xn, D->mid, D->q, D->k, D->v, D->att, D->gu, D->act, D->mix,
                     D->z, D->xs, D->Bs, D->Cs, D->dtl, D->dt, D->xr, D->xc, D->y, D->last, D->lastn, D->ints,
                     D->att_ws, D->logits, D->s_u64, D->s_out, D->am_out, D->am_u64, D->am_ws, D->chain_out, D->ssm_all, D->ssm0_all,
-                    D->conv_all, D->conv0_all, D->wbuf, D->acc_keep};
+                    D->conv_all, D->conv0_all, D->wbuf, D->acc_keep, D->hpos, D->hw, D->hout};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) cudaFree(bufs[i]);
     for (int i = 0; i < D->ng; i++) cudaGraphExecDestroy(D->g[i].ex);
@@ -1267,6 +1296,39 @@ int64_t decoder_cuda_capacity(const DecoderCuda *D) { return D->B; }
 int64_t decoder_cuda_max_len(const DecoderCuda *D) { return D->max_len; }
 int64_t decoder_cuda_seq_len(const DecoderCuda *D, int64_t b) { return b >= 0 && b < D->nb ? D->len[b] : -1; }
 int64_t decoder_cuda_vocab(const DecoderCuda *D) { return D->h.base.vocab; }
+
+static void graphs_drop(DecoderCuda *D);
+
+int decoder_cuda_set_head_ids(DecoderCuda *D, const int32_t *ids, int64_t n, DlError *e) {
+    const int64_t V = D->h.base.vocab, d = D->h.base.d_model;
+    int32_t *sorted = NULL;
+    if (n > 0 && !(sorted = head_ids_sorted(ids, n, V, "decoder_cuda", e))) return -1;
+    cudaCheck(cudaStreamSynchronize(D->st));
+    graphs_drop(D);  // captured heads point at the old buffers
+    cudaCheck(cudaFree(D->hpos)), cudaCheck(cudaFree(D->hw)), cudaCheck(cudaFree(D->hout));
+    if (D->hn) D->bytes -= (double)V * 4 + (double)(D->hp * d) * 2 + (double)(D->lcap * D->hp) * 4;
+    D->hpos = NULL, D->hw = NULL, D->hout = NULL, D->hn = D->hp = 0;
+    if (n <= 0) return 0;
+    const int64_t hp = (n + 7) / 8 * 8;  // decode_gemm's N % 8 == 0: the padding repeats the last id
+    int32_t *padded = (int32_t *)dl_malloc((size_t)hp * sizeof(int32_t)), *pos = (int32_t *)dl_malloc((size_t)V * sizeof(int32_t));
+    for (int64_t j = 0; j < hp; j++) padded[j] = sorted[j < n ? j : n - 1];
+    for (int64_t v = 0; v < V; v++) pos[v] = -1;
+    for (int64_t j = 0; j < n; j++) pos[sorted[j]] = (int32_t)j;
+    int32_t *hid = NULL;
+    cudaCheck(cudaMalloc(&hid, (size_t)hp * 4));
+    D->hpos = (int32_t *)dalloc(D, (size_t)V * 4);
+    D->hw = (bf16 *)dalloc(D, (size_t)(hp * d) * 2);
+    D->hout = (float *)dalloc(D, (size_t)(D->lcap * hp) * 4);
+    cudaCheck(cudaMemcpy(hid, padded, (size_t)hp * 4, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(D->hpos, pos, (size_t)V * 4, cudaMemcpyHostToDevice));
+    head_gather_kernel<<<grid_of(hp * d, 256), 256, 0, D->st>>>(D->hw, W(D, D->head), hid, hp, d);
+    kernelCheck("head_gather_kernel");
+    cudaCheck(cudaStreamSynchronize(D->st));
+    cudaCheck(cudaFree(hid));
+    free(padded), free(pos), free(sorted);
+    D->hn = n, D->hp = hp;
+    return 0;
+}
 double decoder_cuda_bytes(const DecoderCuda *D) { return D->bytes; }
 
 // Attention of rows nb*lc (queries at lenb[b] + t) over the cache of layer L.
@@ -1488,6 +1550,11 @@ static void ensure_logits(DecoderCuda *D, int64_t rows) {
     D->am_out = (int32_t *)dalloc(D, (size_t)rows * 4);
     D->am_u64 = (uint64_t *)dalloc(D, (size_t)rows * 8);
     D->am_ws = dalloc(D, argmax_rows_workspace(rows, V));
+    if (D->hn) {
+        cudaCheck(cudaFree(D->hout));
+        D->bytes -= (double)(D->lcap * D->hp) * 4;
+        D->hout = (float *)dalloc(D, (size_t)(rows * D->hp) * 4);
+    }
     D->lcap = rows;
 }
 

@@ -53,6 +53,10 @@ int64_t decoder_cuda_max_len(const DecoderCuda *d);
 int64_t decoder_cuda_seq_len(const DecoderCuda *d, int64_t b);
 int64_t decoder_cuda_vocab(const DecoderCuda *d);
 double decoder_cuda_bytes(const DecoderCuda *d);  // device memory held
+// decoder_set_head_ids on the device: the head computes only rows ids[0..n) (a draft's trimmed head, draft_vocab.h);
+// their logits keep their bits and every other logit is -inf. n 0: the full head again. Captured graphs are
+// dropped. Returns 0 or -1 (e filled) on a bad id.
+int decoder_cuda_set_head_ids(DecoderCuda *d, const int32_t *ids, int64_t n, DlError *e);
 
 // decoder_feed_ragged on the device: tokens [nb, L] (host), sequence b feeds its first n[b] (1..L) tokens
 // (n NULL: all L) at positions len[b] .. len[b]+n[b]-1; afterwards the device logits [nb, V] (fp32) are

@@ -12,7 +12,8 @@
 //      lowers it; the measured acceptance is printed beside the speed. 64-token prompts, 128 new tokens.
 //   3. plain decode tokens/s of the hybrid vs the teacher at contexts 1k, 8k, 32k (batch 1 and 8; KV cache
 //      filled by seek: speed only).
-// CUDA graphs for short feeds unless --no-graph. Usage: gpu_bench_spec [--config PATH] [--no-graph] [--quick]
+//   --draft-heads instead: a 2-layer draft of the config's shape, full head vs heads trimmed to N ids (draft_heads).
+// CUDA graphs for short feeds unless --no-graph. Usage: gpu_bench_spec [--config PATH] [--no-graph] [--quick] [--draft-heads]
 // Prints RESULT lines.
 #include <cuda_runtime.h>
 #include <math.h>
@@ -170,17 +171,66 @@ static void end_to_end(const Model *m, const Model *cut, const char *label, int6
     free(pr), free(out), free(ref), free(plen), free(no);
 }
 
+// --draft-heads: a 2-layer draft of the config's shape (two teacher layers, embeddings, norm, head) at batch 1 after a
+// 512-token context, its step (+ argmax, one round trip) and its pick in greedy chains of 4, with the full head and
+// with heads trimmed to the first N ids (decoder_cuda_set_head_ids, draft_vocab.h). Random weights: speed only.
+static void draft_heads(const char *cfg, int graph) {
+    DlError e;
+    LoadedModel lm;
+    die_if(model_load(cfg, 1, &lm, &e) != 0, &e, "model_load");
+    HybridConfig h = lm.hc;
+    model_free(&lm);
+    h.base.n_layer = 2;
+    for (int l = 0; l < 2; l++) h.mixer[l] = MIXER_ATTN;
+    Model m;
+    model_init(&m, "draft2", &h, 3);
+    const int64_t V = h.base.vocab, ctx = 512, reps = 50;
+    DecoderCuda *d = decoder_cuda_new(&m.h, &m.r, m.p, 1, ctx + reps * 8 + 64, NULL, &e);
+    die_if(!d, &e, "decoder_cuda_new");
+    decoder_cuda_use_graph(d, graph);
+    int32_t *ids = (int32_t *)malloc((size_t)V * 4), tok[8] = {0}, am[8];
+    for (int64_t i = 0; i < V; i++) ids[i] = (int32_t)i;
+    const int64_t ns[6] = {0, 65536, 32768, 16384, 8192, 4096};
+    for (int ni = 0; ni < 6; ni++) {
+        const int64_t n = ns[ni];
+        if (n >= V) continue;
+        die_if(decoder_cuda_set_head_ids(d, ids, n, &e) != 0, &e, "set_head_ids");
+        double ms[2];
+        for (int chain = 0; chain < 2; chain++) {
+            die_if(decoder_cuda_reset(d, 1, &e) || decoder_cuda_seek(d, ctx, &e) || decoder_cuda_step(d, tok, &e), &e, "seek");
+            auto once = [&]() {
+                if (chain) die_if(decoder_cuda_greedy_chain(d, 4, 1, am, &e), &e, "chain");
+                else die_if(decoder_cuda_step(d, tok, &e) || decoder_cuda_argmax(d, am, &e), &e, "step");
+            };
+            for (int w = 0; w < 3; w++) once();
+            const double t0 = dl_now();
+            for (int r = 0; r < reps; r++) once();
+            ms[chain] = (dl_now() - t0) * 1e3 / (double)(reps * (chain ? 4 : 1));
+        }
+        printf("RESULT draft_head config=%s V=%lld d=%d head_ids=%lld graph=%d step_ms=%.4f chain4_pick_ms=%.4f head_mb=%.1f\n", cfg,
+               (long long)V, h.base.d_model, (long long)(n ? n : V), graph, ms[0], ms[1], (double)(n ? n : V) * h.base.d_model * 2 / 1e6);
+    }
+    decoder_cuda_free(d);
+    free(ids), free(m.p);
+    reg_free(&m.r);
+}
+
 int main(int argc, char **argv) {
     const char *cfg = "recipes/configs/smollm2-135m.json";
-    int graph = 1, quick = 0;
+    int graph = 1, quick = 0, heads = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--config") && i + 1 < argc) cfg = argv[++i];
         else if (!strcmp(argv[i], "--no-graph")) graph = 0;
         else if (!strcmp(argv[i], "--quick")) quick = 1;
+        else if (!strcmp(argv[i], "--draft-heads")) heads = 1;
         else {
-            fprintf(stderr, "usage: gpu_bench_spec [--config PATH] [--no-graph] [--quick]\n");
+            fprintf(stderr, "usage: gpu_bench_spec [--config PATH] [--no-graph] [--quick] [--draft-heads]\n");
             return 2;
         }
+    }
+    if (heads) {
+        draft_heads(cfg, graph);
+        return 0;
     }
     DlError e;
     cudaDeviceProp prop;

@@ -27,7 +27,11 @@
 //      tokens of 6000 sequences follow the target's exact joint (chi-square), and not an unrelated draft's.
 //   6. Greedy chains (decoder_cuda_greedy_chain) equal argmax + step on a second decoder bit for bit (tokens,
 //      lengths, logits), also inside a window with a partial accept; bad chains refused.
-//   7. Last: 1, 5, 6 again with the decode steps replayed from CUDA graphs (DISTILL_DECODE_GRAPH=1).
+//   7. Trimmed heads (decoder_cuda_set_head_ids, a draft's draft_vocab.h subset): kept logits bit-identical to the
+//      full head's and the rest -inf through prefill, steps, windows with accept and chains; picks from the subset;
+//      refusals; n = 0 restores the full head. Greedy speculative decoding with trimmed drafts equals plain, and
+//      sampled speculative decoding with one still follows the target's joint.
+//   8. Last: 1, 5, 6, 7 again with the decode steps replayed from CUDA graphs (DISTILL_DECODE_GRAPH=1).
 // Every output buffer is poisoned before each check. Exit status != 0 on any failure.
 // Usage: gpu_test_decode [--verbose]
 #include <cuda_runtime.h>
@@ -374,7 +378,7 @@ static void window_case(const Model *m, const char *name, int64_t B, const int64
 }
 
 // Greedy speculative == plain greedy on the GPU (one code path with the CPU: spec_decode.c).
-static void spec_case(const Model *t, const Model *d, const char *name, bool self_draft) {
+static void spec_case_h(const Model *t, const Model *d, const int32_t *hid, int64_t hn, const char *name, bool self_draft) {
     DlError e;
     enum { B = 3, LM = 40, NT = 40 };
     const int64_t plen[B] = {40, 7, 19}, V = t->h.base.vocab;
@@ -390,6 +394,7 @@ static void spec_case(const Model *t, const Model *d, const char *name, bool sel
         GenDecoder T, D;
         die_if(gen_decoder_new(&t->h, &t->r, t->p, B, ml, 1, graph, &T, &e) != 0, &e, "target");
         die_if(gen_decoder_new(&d->h, &d->r, d->p, B, ml, 1, graph, &D, &e) != 0, &e, "draft");
+        if (hn) die_if(gen_decoder_set_head_ids(D, hid, hn, &e) != 0, &e, "draft head ids");
         int32_t ref[B * NT], got[B * NT];
         int64_t nref[B], ngot[B];
         Rng r1, r2;
@@ -445,12 +450,17 @@ static void spec_case(const Model *t, const Model *d, const char *name, bool sel
     }
 }
 
+static void spec_case(const Model *t, const Model *d, const char *name, bool self_draft) { spec_case_h(t, d, NULL, 0, name, self_draft); }
+
 // Exact distribution of the first two sampled tokens after prompt [L] as the GPU computes it: joint [V, V].
-static void gpu_joint(const Model *m, const int32_t *prompt, int64_t L, const SampleParams *sp, double *joint) {
+// hn > 0: with the head trimmed to hid.
+static void gpu_joint(const Model *m, const int32_t *prompt, int64_t L, const SampleParams *sp, double *joint,
+                      const int32_t *hid = NULL, int64_t hn = 0) {
     DlError e;
     const int64_t V = m->h.base.vocab;
     DecoderCuda *d = decoder_cuda_new(&m->h, &m->r, m->p, V, L + 2, NULL, &e);
     die_if(!d, &e, "decoder_cuda_new");
+    if (hn) die_if(decoder_cuda_set_head_ids(d, hid, hn, &e) != 0, &e, "set_head_ids");
     int32_t *tok = (int32_t *)malloc((size_t)(V * (L + 1)) * 4);
     for (int64_t a = 0; a < V; a++) {  // row a: prompt, then token a
         memcpy(tok + a * (L + 1), prompt, (size_t)L * 4);
@@ -501,9 +511,11 @@ static void spec_sampled_case(void) {
     int64_t *plen = (int64_t *)malloc(8 * NS), *nout = (int64_t *)malloc(8 * NS);
     for (int i = 0; i < NS; i++) memcpy(pr + i * LP, prompt, sizeof prompt), plen[i] = LP;
     static double pt[V * V], pd[V * V];
-    const Model *drafts[2] = {&cut, &un};
-    const int kk[2] = {3, 2};
-    for (int di = 0; di < 2; di++) {
+    const Model *drafts[3] = {&cut, &un, &cut};  // the third: the cut with its head trimmed to 5 of the 8 ids
+    const int kk[3] = {3, 2, 3};
+    const int32_t hid[5] = {7, 2, 5, 0, 3};
+    for (int di = 0; di < 3; di++) {
+        const int64_t hn = di == 2 ? 5 : 0;
         GenParams gp;
         memset(&gp, 0, sizeof gp);
         gp.k = kk[di], gp.sp.greedy = false, gp.sp.temperature = 3.0f, gp.sp.top_p = 1.0f, gp.max_tokens = 2;
@@ -512,6 +524,7 @@ static void spec_sampled_case(void) {
         GenDecoder T, D;
         die_if(gen_decoder_new(&tg.h, &tg.r, tg.p, NS, ml, 1, 0, &T, &e) != 0, &e, "target");
         die_if(gen_decoder_new(&drafts[di]->h, &drafts[di]->r, drafts[di]->p, NS, ml, 1, 0, &D, &e) != 0, &e, "draft");
+        if (hn) die_if(gen_decoder_set_head_ids(D, hid, hn, &e) != 0, &e, "draft head ids");
         Rng r;
         rng_init(&r, 777, di);
         SpecStats st;
@@ -520,15 +533,22 @@ static void spec_sampled_case(void) {
         memset(count, 0, sizeof count);
         for (int i = 0; i < NS; i++) count[out[i * 2] * V + out[i * 2 + 1]]++;
         gpu_joint(&tg, prompt, LP, &gp.sp, pt);
-        gpu_joint(drafts[di], prompt, LP, &gp.sp, pd);
+        gpu_joint(drafts[di], prompt, LP, &gp.sp, pd, hid, hn);
         int df, dfd;
         const double xt = chi_square(count, pt, V * V, NS, &df), xd = chi_square(count, pd, V * V, NS, &dfd);
         const double bound = df + 6 * sqrt(2.0 * df);
-        const char *nm = di ? "sampled speculative, unrelated draft" : "sampled speculative, 2-layer cut draft";
+        const char *nm = di == 1 ? "sampled speculative, unrelated draft"
+                         : di ? "sampled speculative, 2-layer cut draft with 5 of 8 head rows"
+                              : "sampled speculative, 2-layer cut draft";
         check(xt < bound, "%s K=%d: the first two tokens of %d sequences ~ the target's joint (chi-square %.1f, %d df, "
               "bound %.1f; acceptance at position 0 %.2f)", nm, gp.k, NS, xt, df, bound,
               (double)st.accepted_at[0] / (double)(st.steps > 0 ? st.steps : 1));
         if (di) check(xd > 4 * bound, "%s: the same samples reject the draft's joint (chi-square %.1f)", nm, xd);
+        if (hn) {  // the draft proposed only kept ids, yet the output reaches the others
+            int64_t outside = 0;
+            for (int i = 0; i < NS * 2; i++) outside += out[i] == 1 || out[i] == 4 || out[i] == 6;
+            check(outside > 0, "%s: %lld of %d tokens are ids the draft cannot propose", nm, (long long)outside, NS * 2);
+        }
         gen_decoder_free(&T), gen_decoder_free(&D);
     }
     free(pr), free(out), free(plen), free(nout), free(tg.p), free(un.p), free(cut.p);
@@ -551,6 +571,12 @@ static void test_speculative(const Model *hy, const Model *te) {
     spec_case(hy, hy, "hybrid target, itself as draft", true);
     spec_case(te, &tcut, "teacher target, 2-layer cut draft", false);
     spec_case(te, te, "teacher target, itself as draft", true);
+    {  // drafts with a trimmed head (the first 300 ids of 520, in reverse): proposals from the subset only
+        int32_t hid[300];
+        for (int j = 0; j < 300; j++) hid[j] = 299 - j;
+        spec_case_h(hy, &hcut, hid, 300, "hybrid target, 2-layer cut draft with 300 head rows", false);
+        spec_case_h(te, te, hid, 300, "teacher target, itself with 300 head rows as draft", false);
+    }
     if (!getenv("DISTILL_DECODE_GRAPH")) spec_sampled_case();  // (no graphs: the same path)
     free(hcut.p), free(tcut.p);
     reg_free(&hcut.r), reg_free(&tcut.r);
@@ -910,6 +936,104 @@ static void test_feed_picks(const Model *m, const char *nm) {
     free(la), free(lr);
 }
 
+// A trimmed head (decoder_cuda_set_head_ids) against the full head on a second decoder fed the same tokens: after a
+// ragged prefill, a step, an all-logits window of 3 with a partial accept and a greedy chain (twice: graphs replay),
+// the kept ids' logits are bit-identical and every other logit is -inf (logits poisoned before each feed); the
+// greedy picks are the full logits' argmax over the kept ids; bad subsets are refused and the subset kept; n = 0
+// restores the full head bit for bit.
+static void test_head_ids(const Model *m, const char *nm) {
+    DlError e;
+    const int64_t V = m->h.base.vocab, B = 3, LM = 21, ML = 64;
+    const int64_t pn[3] = {21, 4, 13};
+    const int64_t hn = 173;  // not a multiple of 8: the padded GEMM columns
+    int32_t hid[173], pr[3 * 21], t[3], tf[3], got[3 * 4];
+    bool kept[1024] = {false};
+    for (int64_t j = 0, v = 0; j < hn; v++)  // every third id, in descending order (the setter sorts)
+        if (v % 3 == 1) hid[hn - 1 - j++] = (int32_t)v;
+    for (int64_t j = 0; j < hn; j++) kept[hid[j]] = true;
+    for (int64_t i = 0; i < B * LM; i++) pr[i] = (int32_t)((i * 2957 + 7) % V);
+    const bool graph = getenv("DISTILL_DECODE_GRAPH") != NULL;
+    DecoderCuda *F = decoder_cuda_new(&m->h, &m->r, m->p, B, ML, NULL, &e), *H = decoder_cuda_new(&m->h, &m->r, m->p, B, ML, NULL, &e);
+    die_if(!F || !H, &e, "decoder_cuda_new");
+    decoder_cuda_use_graph(F, graph), decoder_cuda_use_graph(H, graph);
+    die_if(decoder_cuda_set_head_ids(H, hid, hn, &e), &e, "set_head_ids");
+    float *lf = (float *)malloc((size_t)(B * 4 * V) * 4), *lh = (float *)malloc((size_t)(B * 4 * V) * 4);
+    // rows of the last feed: the kept columns equal, the others -inf; returns the rows that differ
+    auto compare = [&](int64_t rows) {
+        decoder_cuda_logits_host(F, lf), decoder_cuda_logits_host(H, lh);
+        int64_t bad = 0;
+        for (int64_t i = 0; i < rows * V; i++) {
+            const int64_t v = i % V;
+            bad += kept[v] ? memcmp(&lf[i], &lh[i], 4) != 0 : !(lh[i] == -INFINITY);
+        }
+        return bad;
+    };
+    auto poison = [&]() {
+        CK(cudaMemset((void *)decoder_cuda_logits(H), 0xff, (size_t)(decoder_cuda_logits_rows(H) * V) * 4));
+        CK(cudaDeviceSynchronize());
+    };
+    auto kept_argmax = [&](int64_t b) {
+        int32_t best = -1;
+        for (int64_t v = 0; v < V; v++)
+            if (kept[v] && (best < 0 || lf[b * V + v] > lf[b * V + best])) best = (int32_t)v;
+        return best;
+    };
+    die_if(decoder_cuda_reset(F, B, &e) || decoder_cuda_reset(H, B, &e), &e, "reset");
+    poison();
+    die_if(decoder_cuda_feed_ragged(F, pr, LM, pn, &e) || decoder_cuda_feed_ragged(H, pr, LM, pn, &e), &e, "prefill");
+    int64_t bad = compare(B);
+    die_if(decoder_cuda_argmax(H, t, &e), &e, "argmax");
+    int pick_bad = 0;
+    for (int64_t b = 0; b < B; b++) pick_bad += t[b] != kept_argmax(b);
+    check(bad == 0 && pick_bad == 0, "%s%s: trimmed head (%lld of %lld ids) after a ragged prefill: kept logits bit-identical, the "
+          "rest -inf (%lld differ), greedy picks = the full logits' best kept id (%d differ)", nm, graph ? " (graphs)" : "",
+          (long long)hn, (long long)V, (long long)bad, pick_bad);
+    for (int round = 0; round < 2; round++) {
+        memcpy(tf, t, sizeof t);
+        poison();
+        die_if(decoder_cuda_step(F, tf, &e) || decoder_cuda_step(H, tf, &e), &e, "step");
+        bad = compare(B);
+        decoder_cuda_window_begin(F), decoder_cuda_window_begin(H);
+        int32_t w[3 * 3];
+        for (int64_t i = 0; i < B * 3; i++) w[i] = (int32_t)((i * 131 + round) % V);
+        poison();
+        die_if(decoder_cuda_feed(F, w, 3, NULL, 1, &e) || decoder_cuda_feed(H, w, 3, NULL, 1, &e), &e, "window feed");
+        bad += compare(B * 3);
+        const int32_t keep[3] = {1, 3, 0};
+        die_if(decoder_cuda_accept(F, keep, &e) || decoder_cuda_accept(H, keep, &e), &e, "accept");
+        poison();
+        die_if(decoder_cuda_step(F, tf, &e) || decoder_cuda_step(H, tf, &e), &e, "step after accept");
+        bad += compare(B);
+        // a chain of 4 picks, all fed: H's picks vs the best kept id of F's logits, step by step
+        int32_t ref[3 * 4];
+        for (int i = 0; i < 4; i++) {
+            decoder_cuda_logits_host(F, lf);
+            for (int64_t b = 0; b < B; b++) ref[b * 4 + i] = tf[b] = kept_argmax(b);
+            die_if(decoder_cuda_step(F, tf, &e), &e, "step (ref chain)");
+        }
+        die_if(decoder_cuda_greedy_chain(H, 4, 1, got, &e), &e, "chain");
+        bad += compare(B);
+        check(bad == 0 && !memcmp(got, ref, sizeof ref), "%s%s: trimmed head through a step, a 3-token window with accept(1, 3, 0), "
+              "a step and a greedy chain of 4%s: kept logits bit-identical, the rest -inf (%lld differ), chain picks = best kept ids",
+              nm, graph ? " (graphs)" : "", round ? " (again: graphs replayed)" : "", (long long)bad);
+        for (int64_t b = 0; b < B; b++) t[b] = got[b * 4 + 3];  // the next round continues from the last picks
+    }
+    const int32_t dup[3] = {4, 9, 4}, oor[2] = {4, (int32_t)V};
+    check(decoder_cuda_set_head_ids(H, dup, 3, &e) != 0 && strstr(e.msg, "more than once") &&
+              decoder_cuda_set_head_ids(H, oor, 2, &e) != 0 && strstr(e.msg, "outside the vocabulary"),
+          "%s: a repeated or out-of-range head id is refused (%s)", nm, e.msg);
+    poison();
+    die_if(decoder_cuda_step(F, t, &e) || decoder_cuda_step(H, t, &e), &e, "step");
+    check(compare(B) == 0, "%s: the trimmed head is kept after the refused subsets", nm);
+    die_if(decoder_cuda_set_head_ids(H, NULL, 0, &e), &e, "full head");
+    poison();
+    die_if(decoder_cuda_step(F, t, &e) || decoder_cuda_step(H, t, &e), &e, "step");
+    decoder_cuda_logits_host(F, lf), decoder_cuda_logits_host(H, lh);
+    check(!memcmp(lf, lh, (size_t)(B * V) * 4), "%s: n = 0 restores the full head (logits bit-identical)", nm);
+    decoder_cuda_free(F), decoder_cuda_free(H);
+    free(lf), free(lh);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--verbose")) g_verbose = 1;
@@ -960,6 +1084,8 @@ int main(int argc, char **argv) {
     test_greedy_chain(&te, "teacher");
     test_feed_picks(&hy, "hybrid");
     test_feed_picks(&te, "teacher");
+    test_head_ids(&hy, "hybrid");
+    test_head_ids(&te, "teacher");
     // last (a capture failure exits): decode steps and windows replayed from CUDA graphs give the same results
     setenv("DISTILL_DECODE_GRAPH", "1", 1);
     decode_vs_cpu(&hy, "hybrid, CUDA-graph decode steps", 4, plen_h, 300, steps, NULL);
@@ -969,6 +1095,8 @@ int main(int argc, char **argv) {
     test_greedy_chain(&te, "teacher, CUDA graphs");
     test_feed_picks(&hy, "hybrid");
     test_feed_picks(&te, "teacher");
+    test_head_ids(&hy, "hybrid");
+    test_head_ids(&te, "teacher");
     unsetenv("DISTILL_DECODE_GRAPH");
     printf("gpu_test_decode: %d passed, %d failed\n", g_pass, g_fail);
     return g_fail ? 1 : 0;
