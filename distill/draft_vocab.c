@@ -68,23 +68,25 @@ int draft_vocab_count(const char *shard, int64_t V, int64_t *counts, int64_t *to
     return rc;
 }
 
-static const int64_t *g_counts;  // qsort has no context argument; draft_vocab_write is not reentrant
-static int cmp_by_count(const void *a, const void *b) {
-    const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-    if (g_counts[x] != g_counts[y]) return g_counts[x] > g_counts[y] ? -1 : 1;
-    return (x > y) - (x < y);
+typedef struct {
+    int64_t count;
+    int32_t id;
+} IdCount;
+
+static int cmp_by_count(const void *a, const void *b) {  // most frequent first, ties: lower id first
+    const IdCount *x = a, *y = b;
+    if (x->count != y->count) return x->count > y->count ? -1 : 1;
+    return (x->id > y->id) - (x->id < y->id);
 }
 
 int draft_vocab_write(const char *dir, const int64_t *counts, int64_t V, int64_t keep, const char *source, DlError *e) {
     if (keep <= 0 || keep > V)
         return dl_fail(e, "%s: draft vocabulary of %lld ids for a vocabulary of %lld (expected 1 .. %lld)", dir,
                        (long long)keep, (long long)V, (long long)V);
-    int32_t *order = dl_malloc((size_t)V * sizeof *order);
+    IdCount *order = dl_malloc((size_t)V * sizeof *order);
     int64_t total = 0;
-    for (int64_t i = 0; i < V; i++) order[i] = (int32_t)i, total += counts[i];
-    g_counts = counts;
+    for (int64_t i = 0; i < V; i++) order[i] = (IdCount){counts[i], (int32_t)i}, total += counts[i];
     qsort(order, (size_t)V, sizeof *order, cmp_by_count);
-    g_counts = NULL;
     cJSON *root = cJSON_CreateObject(), *ids = cJSON_CreateArray(), *cnt = cJSON_CreateArray();
     cJSON_AddStringToObject(root, "format", "distill-draft-vocab");
     cJSON_AddNumberToObject(root, "version", 1);
@@ -92,8 +94,8 @@ int draft_vocab_write(const char *dir, const int64_t *counts, int64_t V, int64_t
     cJSON_AddNumberToObject(root, "counted_tokens", (double)total);
     cJSON_AddStringToObject(root, "source", source ? source : "");
     for (int64_t i = 0; i < keep; i++) {
-        cJSON_AddItemToArray(ids, cJSON_CreateNumber(order[i]));
-        cJSON_AddItemToArray(cnt, cJSON_CreateNumber((double)counts[order[i]]));
+        cJSON_AddItemToArray(ids, cJSON_CreateNumber(order[i].id));
+        cJSON_AddItemToArray(cnt, cJSON_CreateNumber((double)order[i].count));
     }
     cJSON_AddItemToObject(root, "ids", ids);
     cJSON_AddItemToObject(root, "counts", cnt);
