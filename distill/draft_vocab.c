@@ -37,34 +37,30 @@ int32_t *head_ids_sorted(const int32_t *ids, int64_t n, int64_t V, const char *w
     return s;
 }
 
+typedef struct {
+    const char *shard;
+    int64_t V, *counts, sum;
+} CountCtx;
+
+static int count_rows(void *ctx, int64_t first, int64_t n, int64_t S, int64_t W, const int32_t *tok, const uint8_t *mask,
+                      const uint8_t *reset, DlError *e) {
+    (void)S, (void)reset;
+    CountCtx *c = ctx;
+    for (int64_t i = 0; i < n * W; i++) {
+        if (!mask[i]) continue;
+        if (tok[i] < 0 || tok[i] >= c->V)
+            return dl_fail(e, "%s: token id %d in row %lld is outside the vocabulary 0..%lld", c->shard, tok[i],
+                           (long long)(first + i / W), (long long)c->V - 1);
+        c->counts[tok[i]]++, c->sum++;
+    }
+    return 0;
+}
+
 int draft_vocab_count(const char *shard, int64_t V, int64_t *counts, int64_t *total, DlError *e) {
-    ShardReader *r = NULL;
-    if (shard_open(&r, shard, e)) return -1;
-    const ShardInfo *in = shard_info(r);
-    const int64_t S = in->n_seqs, W = in->seq_len + 1, chunk = 256;
-    if (in->kind != SHARD_LM) {
-        shard_close(r);
-        return dl_fail(e, "%s: not a packed LM shard", shard);
-    }
     memset(counts, 0, (size_t)V * sizeof *counts);
-    int64_t sum = 0;
-    int32_t *tok = dl_malloc((size_t)(chunk * W) * sizeof(int32_t));
-    uint8_t *mask = dl_malloc((size_t)(chunk * W)), *reset = dl_malloc((size_t)(chunk * W));
-    int rc = 0;
-    for (int64_t at = 0; at < S && rc == 0; at += chunk) {
-        const int64_t n = DL_MIN(chunk, S - at);
-        if ((rc = shard_read_rows(r, at, n, tok, mask, reset, e)) != 0) break;
-        for (int64_t i = 0; i < n * W && rc == 0; i++) {
-            if (!mask[i]) continue;
-            if (tok[i] < 0 || tok[i] >= V)
-                rc = dl_fail(e, "%s: token id %d in row %lld is outside the vocabulary 0..%lld", shard, tok[i],
-                             (long long)(at + i / W), (long long)V - 1);
-            else counts[tok[i]]++, sum++;
-        }
-    }
-    free(tok), free(mask), free(reset);
-    shard_close(r);
-    if (total) *total = sum;
+    CountCtx c = {shard, V, counts, 0};
+    const int rc = shard_walk_rows(shard, count_rows, &c, e);
+    if (total) *total = c.sum;
     return rc;
 }
 

@@ -600,3 +600,24 @@ int shard_read_pair(const ShardReader *r, int64_t i, int32_t **prompt, int64_t *
     }
     return 0;
 }
+
+int shard_walk_rows(const char *path, ShardRowsFn fn, void *ctx, DlError *e) {
+    ShardReader *r = NULL;
+    if (shard_open(&r, path, e)) return -1;
+    const ShardInfo *in = shard_info(r);
+    const int64_t S = in->n_seqs, W = in->seq_len + 1, chunk = 256;
+    if (in->kind != SHARD_LM || S <= 0) {
+        shard_close(r);
+        return dl_fail(e, "%s: not a packed LM shard", path);
+    }
+    int32_t *tok = dl_malloc((size_t)(chunk * W) * sizeof(int32_t));
+    uint8_t *mask = dl_malloc((size_t)(chunk * W)), *reset = dl_malloc((size_t)(chunk * W));
+    int rc = 0;
+    for (int64_t at = 0; at < S && rc == 0; at += chunk) {
+        const int64_t n = DL_MIN(chunk, S - at);
+        if ((rc = shard_read_rows(r, at, n, tok, mask, reset, e)) == 0) rc = fn(ctx, at, n, S, W, tok, mask, reset, e);
+    }
+    free(tok), free(mask), free(reset);
+    shard_close(r);
+    return rc;
+}

@@ -84,6 +84,12 @@ int shard_read_doc(const ShardReader *r, int64_t d, int32_t **ids, uint8_t **mas
 // Packed rows [first, first+count): each array [count, seq_len+1] (any may be NULL to skip).
 int shard_read_rows(const ShardReader *r, int64_t first, int64_t count, int32_t *tokens, uint8_t *mask,
                     uint8_t *reset, DlError *e);
+// Every packed row of the LM shard at path, in chunks: fn(ctx, first, n, S, W, tokens, mask, reset, e) for rows
+// [first, first+n) of S, each array [n, W = seq_len+1]; a nonzero return stops the walk and is returned. -1 (e filled)
+// when the file is not a packed LM shard with rows or cannot be read.
+typedef int (*ShardRowsFn)(void *ctx, int64_t first, int64_t n, int64_t S, int64_t W, const int32_t *tokens,
+                           const uint8_t *mask, const uint8_t *reset, DlError *e);
+int shard_walk_rows(const char *path, ShardRowsFn fn, void *ctx, DlError *e);
 // Preference pair i (arrays malloc'd).
 int shard_read_pair(const ShardReader *r, int64_t i, int32_t **prompt, int64_t *np, int32_t **chosen, int64_t *nc,
                     int32_t **rejected, int64_t *nr, DlError *e);

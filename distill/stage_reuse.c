@@ -77,31 +77,18 @@ static char *key_path(ReuseKey *k, const RunContext *ctx, const char *suffix) {
 char *reuse_key_path(ReuseKey *k, const RunContext *ctx) { return key_path(k, ctx, ".bin"); }
 char *reuse_key_dir(ReuseKey *k, const RunContext *ctx) { return key_path(k, ctx, ""); }
 
-int reuse_key_add_shard_rows(ReuseKey *k, const char *shard, DlError *e) {
-    ShardReader *r = NULL;
-    if (shard_open(&r, shard, e)) return -1;
-    const ShardInfo *in = shard_info(r);
-    const int64_t S = in->n_seqs, W = in->seq_len + 1, chunk = 256;
-    if (in->kind != SHARD_LM || S <= 0) {
-        shard_close(r);
-        return dl_fail(e, "%s: not a packed LM shard", shard);
-    }
-    reuse_key_add(k, &S, sizeof S);
-    reuse_key_add(k, &W, sizeof W);
-    int32_t *tok = dl_malloc((size_t)(chunk * W) * sizeof(int32_t));
-    uint8_t *mask = dl_malloc((size_t)(chunk * W)), *reset = dl_malloc((size_t)(chunk * W));
-    int rc = 0;
-    for (int64_t at = 0; at < S && rc == 0; at += chunk) {
-        const int64_t n = DL_MIN(chunk, S - at);
-        if ((rc = shard_read_rows(r, at, n, tok, mask, reset, e)) != 0) break;
-        reuse_key_add(k, tok, (size_t)(n * W) * sizeof(int32_t));
-        reuse_key_add(k, mask, (size_t)(n * W));
-        reuse_key_add(k, reset, (size_t)(n * W));
-    }
-    free(tok), free(mask), free(reset);
-    shard_close(r);
-    return rc;
+static int add_rows(void *ctx, int64_t first, int64_t n, int64_t S, int64_t W, const int32_t *tok, const uint8_t *mask,
+                    const uint8_t *reset, DlError *e) {
+    (void)e;
+    ReuseKey *k = ctx;
+    if (first == 0) reuse_key_add(k, &S, sizeof S), reuse_key_add(k, &W, sizeof W);
+    reuse_key_add(k, tok, (size_t)(n * W) * sizeof(int32_t));
+    reuse_key_add(k, mask, (size_t)(n * W));
+    reuse_key_add(k, reset, (size_t)(n * W));
+    return 0;
 }
+
+int reuse_key_add_shard_rows(ReuseKey *k, const char *shard, DlError *e) { return shard_walk_rows(shard, add_rows, k, e); }
 
 // dst <- the regular files of src, through dst.tmp-PID renamed into place
 static int copy_dir(const char *src, const char *dst, DlError *e) {
