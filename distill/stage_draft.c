@@ -78,10 +78,12 @@ static int check_reused(const char *dir, const StageSpec *st, const HybridConfig
 
 // The trimmed head's list (draft_vocab.h): the `vocab` ids the training rows teach most often, written beside the
 // weights after them (draft_complete wants both, so a kill in between re-exports on --resume).
-static int write_vocab(const StageSpec *st, const char *shard, const char *dir, int64_t V, DlError *e) {
+static int write_vocab(const StageSpec *st, const char *data_name, const char *shard, const char *dir, int64_t V, DlError *e) {
     int64_t *counts = dl_malloc((size_t)V * sizeof *counts), total = 0;
+    char source[320];  // no paths: the same rows give the same file in any run directory
+    snprintf(source, sizeof source, "data '%s', train split, tokens with loss mask 1", data_name);
     int rc = draft_vocab_count(shard, V, counts, &total, e);
-    if (rc == 0) rc = draft_vocab_write(dir, counts, V, st->draft_vocab, shard, e);
+    if (rc == 0) rc = draft_vocab_write(dir, counts, V, st->draft_vocab, source, e);
     if (rc == 0) {
         int64_t kept = 0;
         DraftVocab v;
@@ -218,7 +220,7 @@ static int run_draft(RunContext *ctx, const StageSpec *st) {
     // fp32: the trained weights exactly (a 2-layer draft of a 135M teacher is ~140 MB)
     ExportOptions eo = {.dtype = DT_F32, .max_shard_bytes = 0, .name_or_path = rec->teacher.path};
     if (export_hf(out, &d.hc, &d.reg, d.params, &eo, &e)) goto fail;
-    if (st->draft_vocab > 0 && write_vocab(st, shard, out, d.hc.base.vocab, &e)) goto fail;
+    if (st->draft_vocab > 0 && write_vocab(st, ds->name, shard, out, d.hc.base.vocab, &e)) goto fail;
     dl_info("%s: draft written to %s", st->name, out);
     if (cache) reuse_keep_dir(cache, out, st->name);
     rc = DL_EXIT_OK;

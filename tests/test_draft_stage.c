@@ -14,7 +14,9 @@
 //   * vocab = 300 on "draft": draft_vocab.json lists the 300 ids its training rows teach most often (against a
 //     count of the shard made here), the eval stage and eval-spec use it (still equal to plain); --draft-vocab
 //     full / N; refusals: N past the list, a draft without a list, spoiled lists (exit 3 naming the file and fault).
-//   * resume: a draft stage stopped after 2 of 5 steps and resumed writes the same bytes as an uninterrupted run.
+//   * resume: a draft stage stopped after 2 of 5 steps and resumed writes the same bytes as an uninterrupted run (its
+//     vocab = 40 list too, which names no paths); a draft killed between its weights and its list writes both
+//     again on --resume.
 //   * reuse: an identical draft stage in another run copies the cached model and trains nothing; other settings
 //     train; a spoiled cache is dropped with a warning; kl_from = "student" drafts are never reused.
 //   * kl_from: the teacher-identical draft starts at KL 0 to the teacher and at KL > 0 to the student.
@@ -556,7 +558,7 @@ int main(void) {
     // ---- resume: generate -> draft, stopped after 2 of 5 steps, resumed; against an uninterrupted run (reuse off:
     // the second run would otherwise take the first one's draft)
     snprintf(recipe2, sizeof recipe2, "%s/resume.toml", g_dir);
-    write_recipe(recipe2, head, "[[stage]]\nkind = \"draft\"\ndata = \"samples\"\nsteps = 5\nreuse = false\n[stage.loss]\nce = 1.0\nkl = 1.0\n");
+    write_recipe(recipe2, head, "[[stage]]\nkind = \"draft\"\ndata = \"samples\"\nsteps = 5\nreuse = false\nvocab = 40\n[stage.loss]\nce = 1.0\nkl = 1.0\n");
     rc = run_cmd("'%s' '%s' --quiet --set run.name=%s", bin, recipe2, "whole");
     CHECK_EQ_I64(rc, 0);
     rc = run_cmd("DISTILL_TEST_STOP_AFTER=2 '%s' '%s' --quiet --set run.name=%s", bin, recipe2, "cut");
@@ -566,6 +568,19 @@ int main(void) {
     rc = run_cmd("'%s' '%s' --quiet --resume --set run.name=%s", bin, recipe2, "cut");
     CHECK_EQ_I64(rc, 0);
     CHECK(same_file_bytes("whole", "cut"));
+    {  // the trimmed-head list too; a finished draft that lost its list (a kill between the two) exports both again
+        char la[600], lb[600];
+        snprintf(la, sizeof la, "%s/runs/whole/02-draft/model/draft_vocab.json", g_dir);
+        snprintf(lb, sizeof lb, "%s/runs/cut/02-draft/model/draft_vocab.json", g_dir);
+        CHECK(files_equal(la, lb, true));
+        remove(lb);  // as if killed after the weights, before the list and the stage's DONE marker
+        snprintf(lb, sizeof lb, "%s/runs/cut/02-draft/DONE", g_dir);
+        CHECK(remove(lb) == 0);
+        snprintf(lb, sizeof lb, "%s/runs/cut/02-draft/model/draft_vocab.json", g_dir);
+        rc = run_cmd("'%s' '%s' --quiet --resume --set run.name=%s", bin, recipe2, "cut");
+        CHECK_EQ_I64(rc, 0);
+        CHECK(files_equal(la, lb, true) && same_file_bytes("whole", "cut"));
+    }
     // ---- reuse: the same draft stage in another run (its data shard written anew) copies the first run's model
     // from runs/.draft-cache and trains nothing; other steps train; a cache that does not load is dropped with a
     // warning and the stage trains to the same bytes; kl_from = "student" drafts are never reused (below)
