@@ -75,7 +75,8 @@ static int cmp_by_count(const void *a, const void *b) {  // most frequent first,
     return (x->id > y->id) - (x->id < y->id);
 }
 
-int draft_vocab_write(const char *dir, const int64_t *counts, int64_t V, int64_t keep, const char *source, DlError *e) {
+int draft_vocab_write(const char *dir, const int64_t *counts, int64_t V, int64_t keep, const char *source, int64_t *covered,
+                      DlError *e) {
     if (keep <= 0 || keep > V)
         return dl_fail(e, "%s: draft vocabulary of %lld ids for a vocabulary of %lld (expected 1 .. %lld)", dir,
                        (long long)keep, (long long)V, (long long)V);
@@ -89,10 +90,13 @@ int draft_vocab_write(const char *dir, const int64_t *counts, int64_t V, int64_t
     cJSON_AddNumberToObject(root, "vocab_size", (double)V);
     cJSON_AddNumberToObject(root, "counted_tokens", (double)total);
     cJSON_AddStringToObject(root, "source", source ? source : "");
+    int64_t kept = 0;
     for (int64_t i = 0; i < keep; i++) {
         cJSON_AddItemToArray(ids, cJSON_CreateNumber(order[i].id));
         cJSON_AddItemToArray(cnt, cJSON_CreateNumber((double)order[i].count));
+        kept += order[i].count;
     }
+    if (covered) *covered = kept;
     cJSON_AddItemToObject(root, "ids", ids);
     cJSON_AddItemToObject(root, "counts", cnt);
     char *txt = cJSON_PrintUnformatted(root);

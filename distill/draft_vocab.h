@@ -25,8 +25,10 @@ int32_t *head_ids_sorted(const int32_t *ids, int64_t n, int64_t V, const char *w
 int draft_vocab_count(const char *shard, int64_t V, int64_t *counts, int64_t *total, DlError *e);
 
 // Writes DIR/draft_vocab.json atomically: the `keep` ids with the highest counts (ties: lower id first; ids never
-// seen fill up in id order when fewer than keep were), most frequent first. 0 < keep <= V. Returns 0 or -1.
-int draft_vocab_write(const char *dir, const int64_t *counts, int64_t V, int64_t keep, const char *source, DlError *e);
+// seen fill up in id order when fewer than keep were), most frequent first. 0 < keep <= V. covered (may be NULL) <- the
+// kept ids' summed counts. Returns 0 or -1.
+int draft_vocab_write(const char *dir, const int64_t *counts, int64_t V, int64_t keep, const char *source, int64_t *covered,
+                      DlError *e);
 
 typedef struct {
     int32_t *ids;      // [n], most frequent first

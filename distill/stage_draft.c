@@ -82,15 +82,12 @@ static int write_vocab(const StageSpec *st, const char *data_name, const char *s
     int64_t *counts = dl_malloc((size_t)V * sizeof *counts), total = 0;
     char source[320];  // no paths: the same rows give the same file in any run directory
     snprintf(source, sizeof source, "data '%s', train split, tokens with loss mask 1", data_name);
+    int64_t covered = 0;
     int rc = draft_vocab_count(shard, V, counts, &total, e);
-    if (rc == 0) rc = draft_vocab_write(dir, counts, V, st->draft_vocab, source, e);
-    if (rc == 0) {
-        int64_t kept = 0;
-        DraftVocab v;
-        if (draft_vocab_read(dir, V, 0, &v, e) == 0) kept = v.n, dl_info("%s: head trimmed to %lld ids, %.2f%% of the %lld trained tokens (%s)",
-                                                                       st->name, (long long)kept, 100.0 * v.coverage, (long long)total, DRAFT_VOCAB_FILE);
-        draft_vocab_free(&v);
-    }
+    if (rc == 0) rc = draft_vocab_write(dir, counts, V, st->draft_vocab, source, &covered, e);
+    if (rc == 0)
+        dl_info("%s: head trimmed to %lld ids, %.2f%% of the %lld trained tokens (%s)", st->name, (long long)st->draft_vocab,
+                total > 0 ? 100.0 * (double)covered / (double)total : 0.0, (long long)total, DRAFT_VOCAB_FILE);
     free(counts);
     return rc;
 }

@@ -1329,6 +1329,7 @@ int decoder_cuda_set_head_ids(DecoderCuda *D, const int32_t *ids, int64_t n, DlE
     D->hn = n, D->hp = hp;
     return 0;
 }
+
 double decoder_cuda_bytes(const DecoderCuda *D) { return D->bytes; }
 
 // Attention of rows nb*lc (queries at lenb[b] + t) over the cache of layer L.
