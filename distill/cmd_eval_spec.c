@@ -111,7 +111,7 @@ static void write_json(const char *path, cJSON *root) {
 
 static int run_eval_spec(int argc, char **argv) {
     const char *target = NULL, *draft = NULL, *draft_layers = NULL, *prompts_path = NULL, *json = NULL;
-    const char *teacher = NULL, *tokenizer = NULL, *ks = "4", *batches = "1", *contexts = NULL, *device = "cpu";
+    const char *teacher = NULL, *tokenizer = NULL, *ks = "4", *batches = "1", *branches = "1", *contexts = NULL, *device = "cpu";
     const char *draft_vocab = NULL;  // NULL: the draft's draft_vocab.json if it has one; "full"; or a count N
     int64_t max_tokens = 64;
     int graph = 1, chat = 0;
@@ -127,6 +127,7 @@ static int run_eval_spec(int argc, char **argv) {
         else if (!strcmp(a, "--tokenizer") && has) tokenizer = argv[++i];
         else if (!strcmp(a, "--k") && has) ks = argv[++i];
         else if (!strcmp(a, "--batch") && has) batches = argv[++i];
+        else if (!strcmp(a, "--branches") && has) branches = argv[++i];
         else if (!strcmp(a, "--prompts") && has) prompts_path = argv[++i];
         else if (!strcmp(a, "--max-tokens") && has) max_tokens = atoll(argv[++i]);
         else if (!strcmp(a, "--temperature") && has) temperature = atof(argv[++i]);
@@ -139,9 +140,15 @@ static int run_eval_spec(int argc, char **argv) {
     }
     if (!target) dl_die(DL_EXIT_USAGE, "eval-spec: --target MODEL is required");
     if (!contexts && !draft == !draft_layers) dl_die(DL_EXIT_USAGE, "eval-spec: give exactly one of --draft MODEL, --draft-layers L,..");
-    int kv[16], bv[16], cv[16];
+    int kv[16], bv[16], cv[16], wv[16];
     int nk = parse_list(ks, kv, 16), nb = parse_list(batches, bv, 16), nc = contexts ? parse_list(contexts, cv, 16) : 0;
-    if (nk <= 0 || nb <= 0 || nc < 0) dl_die(DL_EXIT_USAGE, "eval-spec: --k, --batch and --contexts take lists like 1,2,4");
+    int nw = parse_list(branches, wv, 16);
+    if (nk <= 0 || nb <= 0 || nc < 0 || nw <= 0)
+        dl_die(DL_EXIT_USAGE, "eval-spec: --k, --batch, --branches and --contexts take lists like 1,2,4");
+    for (int i = 0; i < nw; i++)
+        if (wv[i] < 1 || wv[i] > SPEC_MAX_BRANCH || (wv[i] > 1 && temperature > 0))
+            dl_die(DL_EXIT_USAGE, "eval-spec: --branches %d: expected 1..%d, and more than 1 only with greedy decoding", wv[i],
+                   SPEC_MAX_BRANCH);
     for (int i = 0; i < nk; i++)
         if (kv[i] < 1 || kv[i] > SPEC_EVAL_MAX_K) dl_die(DL_EXIT_USAGE, "eval-spec: --k %d outside 1..%d", kv[i], SPEC_EVAL_MAX_K);
     for (int i = 0; i < nb; i++)
@@ -207,9 +214,10 @@ static int run_eval_spec(int argc, char **argv) {
         spec_eval_print_header(stdout);
         SpecEvalConfig c = {.target = {&T.hc, &T.reg, T.params}, .draft = {&Dm.hc, &Dm.reg, Dm.params},
                             .prompts = (const int32_t *const *)enc, .plen = elen, .n_prompts = np, .ks = kv, .nk = nk,
-                            .batches = bv, .nb = nb, .max_tokens = max_tokens, .temperature = temperature, .cuda = cuda,
+                            .batches = bv, .nb = nb, .branches = wv, .nw = nw, .max_tokens = max_tokens, .temperature = temperature, .cuda = cuda,
                             .graph = graph, .progress = stdout, .draft_head_ids = dv.ids, .draft_head_n = dv.n};
-        SpecEvalRow *rows = dl_calloc((size_t)(nb * nk), sizeof *rows);
+        const int64_t nrows = spec_eval_n_rows(&c);
+        SpecEvalRow *rows = dl_calloc((size_t)nrows, sizeof *rows);
         if (spec_eval_run(&c, rows, &e)) dl_die(DL_EXIT_RUNTIME, "eval-spec: %s", e.msg);
         cJSON_AddStringToObject(js, "draft", draft ? draft : draft_layers);
         cJSON_AddNumberToObject(js, "draft_layers", Dm.hc.base.n_layer);
@@ -217,7 +225,7 @@ static int run_eval_spec(int argc, char **argv) {
         if (dv.n) cJSON_AddNumberToObject(js, "draft_vocab_coverage", dv.coverage);
         draft_vocab_free(&dv);
         cJSON *runs = cJSON_AddArrayToObject(js, "runs");
-        for (int i = 0; i < nb * nk; i++) cJSON_AddItemToArray(runs, spec_eval_row_json(&rows[i]));
+        for (int64_t i = 0; i < nrows; i++) cJSON_AddItemToArray(runs, spec_eval_row_json(&rows[i]));
         free(rows);
         for (int64_t i = 0; i < np; i++) free(enc[i]);
         free(enc), free(elen);
@@ -260,7 +268,7 @@ static int run_eval_spec(int argc, char **argv) {
 
 DL_COMMAND(eval_spec_cmd, {
     .name = "eval-spec",
-    .usage = "--target MODEL (--draft MODEL | --draft-layers L,..) [--k 1,2,4] [--batch 1,4] [--prompts FILE] "
+    .usage = "--target MODEL (--draft MODEL | --draft-layers L,..) [--k 1,2,4] [--batch 1,4] [--branches 1,4] [--prompts FILE] "
              "[--max-tokens N] [--temperature T] [--contexts 1024,8192 --teacher MODEL] [--tokenizer T] [--json OUT] "
              "[--device cpu|cuda] [--no-graph] [--chat] [--draft-vocab full|N]",
     .summary = "plain vs speculative decoding speed, acceptance per draft position; decode speed at long contexts",
@@ -279,6 +287,9 @@ DL_COMMAND(eval_spec_cmd, {
         "reached if verifying K + 1 tokens cost one plain step), and where a round's time goes, in plain target\n"
         "steps: \"draft\" (its pending token and K proposals) and \"verify\" (the K + 1 tokens' feed, picks and\n"
         "acceptance); the speedup is about tok/step / (draft + verify).\n"
+        "  --branches W,..      greedy only: W draft chains per sequence (1..8), chain w starting from the draft's\n"
+        "                       rank-w token; the target verifies all W in one feed and keeps the longest accepted\n"
+        "                       (output still equals plain greedy); \"kept chain\" gives how often each was kept\n"
         "  --device cuda        decode on the GPU (DecoderCuda, bf16; the same generation code as the CPU);\n"
         "                       short feeds replay CUDA graphs unless --no-graph; one untimed warm-up run\n"
         "  --contexts C,..      plain decode speed (batch 1) of the target, and of --teacher if given, at\n"

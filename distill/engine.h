@@ -133,6 +133,11 @@ int decoder_feed_ragged(Decoder *d, const int32_t *tokens, int64_t L, const int6
 // When every sequence keeps the whole window, nothing is recomputed.
 void decoder_window_begin(Decoder *d);
 int decoder_accept(Decoder *d, const int32_t *keep, DlError *e);
+// decoder_accept for speculative branches (several rows verifying different proposals after the same prefix):
+// sequence b ends as sequence src[b] after src[b]'s keep[src[b]] window tokens (src NULL or src[b] == b: its own
+// keep[b]). A source keeps its own window (src[src[b]] == src[b]) and both began the window at the same length;
+// their states at the window start must be equal (the caller's promise: the rows fed the same tokens before it).
+int decoder_accept_from(Decoder *d, const int32_t *keep, const int32_t *src, DlError *e);
 
 // A head over a subset of the vocabulary (a speculative draft's trimmed head, draft_vocab.h): from now on the
 // logits of ids[0..n) are computed as before (the same values) and every other logit is -inf, so argmax and

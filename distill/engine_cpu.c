@@ -890,30 +890,54 @@ void decoder_window_begin(Decoder *D) {
         if (D->h.mixer[l] != MIXER_ATTN) mstate_copy(&D->ms0[l], &D->ms[l]);
 }
 
-int decoder_accept(Decoder *D, const int32_t *keep, DlError *err) {
+int decoder_accept(Decoder *D, const int32_t *keep, DlError *err) { return decoder_accept_from(D, keep, NULL, err); }
+
+int decoder_accept_from(Decoder *D, const int32_t *keep, const int32_t *src, DlError *err) {
     if (!D->win) return dl_fail(err, "decoder_accept without decoder_window_begin");
-    bool all = true;
+    bool all = true, moved = false;
     for (int64_t b = 0; b < D->B; b++) {
         if (keep[b] < 0 || keep[b] > D->win_n)
             return dl_fail(err, "decoder_accept: sequence %lld keeps %d of %lld window tokens", (long long)b, keep[b],
                            (long long)D->win_n);
         all = all && keep[b] == D->win_n;
+        if (!src || src[b] == b) continue;
+        if (src[b] < 0 || src[b] >= D->B || src[src[b]] != src[b] || D->win_len0[src[b]] != D->win_len0[b])
+            return dl_fail(err, "decoder_accept: sequence %lld cannot take sequence %d's window (a source must keep its own, "
+                                "and both must have started the window at the same length)", (long long)b, src[b]);
+        moved = true;
     }
     D->win = false;
-    for (int64_t b = 0; b < D->B; b++) D->len[b] = D->win_len0[b] + keep[b];  // attention: rollback = length reset
-    if (all || D->win_n == 0) return 0;  // the Mamba states already are the states after every window token
-    const int64_t N = D->B * D->win_n, d = D->h.base.d_model;
+    const LlamaConfig *c = &D->h.base;
+    const int64_t kvd = (int64_t)c->n_kv_head * c->head_dim, d = c->d_model;
+    for (int64_t b = 0; b < D->B; b++) {
+        const int64_t j = src ? src[b] : b;
+        D->keep[b] = keep[j];
+        D->len[b] = D->win_len0[b] + keep[j];  // attention: rollback = length reset
+        if (j == b) continue;
+        // a branch takes its source's window: the kept keys and values, and the Mamba inputs that the replay reads
+        const size_t kv = (size_t)(keep[j] * kvd) * sizeof(float), o = (size_t)(D->win_len0[b] * kvd);
+        for (int l = 0; l < c->n_layer; l++) {
+            if (D->h.mixer[l] == MIXER_ATTN) {
+                memcpy(D->kc[l] + b * D->max_len * kvd + o, D->kc[l] + j * D->max_len * kvd + o, kv);
+                memcpy(D->vc[l] + b * D->max_len * kvd + o, D->vc[l] + j * D->max_len * kvd + o, kv);
+            } else {
+                memcpy(D->win_x[l] + b * D->win_cap * d, D->win_x[l] + j * D->win_cap * d, (size_t)(D->win_n * d) * sizeof(float));
+            }
+        }
+    }
+    if ((all && !moved) || D->win_n == 0) return 0;  // the Mamba states already are the states after every window token
+    const int64_t N = D->B * D->win_n;
     dec_scratch(D, N);
     for (int l = 0; l < D->h.base.n_layer; l++) {
         if (D->h.mixer[l] == MIXER_ATTN) continue;
-        // replay the window from the cached state; the multi-step run stops each sequence at keep[b]
+        // replay the window from the cached state; the multi-step run stops each sequence at its keep
         float *x = D->win_x[l];
         if (D->win_cap != D->win_n) {  // compact [B, win_cap, d] -> [B, win_n, d]
             for (int64_t b = 0; b < D->B; b++) memcpy(D->xn + b * D->win_n * d, x + b * D->win_cap * d, (size_t)(D->win_n * d) * sizeof(float));
             x = D->xn;
         }
         mstate_copy(&D->ms[l], &D->ms0[l]);
-        mstate_run(&D->h, D->r, D->params, l, &D->ms[l], D->B, D->win_n, x, keep, D->mix);
+        mstate_run(&D->h, D->r, D->params, l, &D->ms[l], D->B, D->win_n, x, D->keep, D->mix);
     }
     return 0;
 }

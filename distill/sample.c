@@ -13,6 +13,27 @@ int32_t sample_argmax(const float *logits, int64_t V) {
     return (int32_t)best;
 }
 
+// (value, id) a comes before (value, id) b in sample_rank's order
+static bool rank_before(float a, int64_t ia, float b, int64_t ib) {
+    if (a != a) a = -INFINITY;
+    if (b != b) b = -INFINITY;
+    return a > b || (a == b && ia < ib);
+}
+
+int32_t sample_rank(const float *logits, int64_t V, int rank) {
+    // rank + 1 passes: each finds the first element of the order after the previous pass's pick
+    int64_t prev = -1;
+    for (int r = 0; r <= rank && r < V; r++) {
+        int64_t best = -1;
+        for (int64_t i = 0; i < V; i++) {
+            if (prev >= 0 && !rank_before(logits[prev], prev, logits[i], i)) continue;
+            if (best < 0 || rank_before(logits[i], i, logits[best], best)) best = i;
+        }
+        prev = best;
+    }
+    return (int32_t)prev;
+}
+
 typedef struct {
     double p;
     int32_t id;

@@ -14,6 +14,9 @@ typedef struct {
 
 // Index of the largest logit (the lowest index among equal maxima).
 int32_t sample_argmax(const float *logits, int64_t V);
+// The token of rank `rank` (0: the argmax) in the order largest logit first, lower id first among equal logits,
+// NaN counted as -inf: speculative branches (GenParams.branches) start their chains from ranks 0, 1, ...
+int32_t sample_rank(const float *logits, int64_t V, int rank);
 // One token from logits [V]. Deterministic for a given rng state; uses exactly one uniform draw unless greedy.
 int32_t sample_token(const float *logits, int64_t V, const SampleParams *p, Rng *rng);
 

@@ -101,8 +101,9 @@ static void gd_window_begin(GenDecoder g) {
     decoder_window_begin(g.cpu);
 }
 
-static int gd_accept(GenDecoder g, const int32_t *keep, DlError *e) {
-    return ON_GPU(g, decoder_cuda_accept(g.cuda, keep, e), decoder_accept(g.cpu, keep, e));
+// decoder_accept_from: src NULL keeps each sequence's own window
+static int gd_accept(GenDecoder g, const int32_t *keep, const int32_t *src, DlError *e) {
+    return ON_GPU(g, decoder_cuda_accept_from(g.cuda, keep, src, e), decoder_accept_from(g.cpu, keep, src, e));
 }
 
 static int gd_seek(GenDecoder g, int64_t len, DlError *e) {
@@ -125,15 +126,20 @@ static int gd_pick(GenDecoder g, float *host, int64_t rows, const SampleParams *
 }
 
 // n greedy picks per sequence into out [B, n]: pick i is the argmax of the current logits (host lg on the CPU), fed
-// back as a one-token step unless it is the last and !feed_last. On the GPU one launch and one host round trip
-// (decoder_cuda_greedy_chain); col [B] is scratch.
-static int gd_greedy_chain(GenDecoder g, float *lg, int n, bool feed_last, int32_t *col, int32_t *out, DlError *e) {
+// back as a one-token step unless it is the last and !feed_last; with W > 1 branches the first pick of row b is the
+// rank-(b % W) id (sample_rank). On the GPU one launch and one host round trip (decoder_cuda_branch_chain); col [B]
+// is scratch.
+static int gd_greedy_chain(GenDecoder g, float *lg, int W, int n, bool feed_last, int32_t *col, int32_t *out, DlError *e) {
 #ifdef DISTILL_CUDA
-    if (g.cuda) return decoder_cuda_greedy_chain(g.cuda, n, feed_last, out, e);
+    if (g.cuda) return decoder_cuda_branch_chain(g.cuda, W, n, feed_last, out, e);
 #endif
-    const int64_t B = gd_batch(g);
+    const int64_t B = gd_batch(g), V = gd_vocab(g);
     for (int i = 0; i < n; i++) {
-        if (gd_argmax(g, lg, B, col, e)) return -1;
+        if (i == 0 && W > 1) {
+            for (int64_t b = 0; b < B; b++) col[b] = sample_rank(lg + b * V, V, (int)(b % W));
+        } else if (gd_argmax(g, lg, B, col, e)) {
+            return -1;
+        }
         for (int64_t b = 0; b < B; b++) out[b * n + i] = col[b];
         if ((i + 1 < n || feed_last) && gd_feed(g, col, 1, NULL, false, lg, e)) return -1;
     }
@@ -154,12 +160,12 @@ static bool picks_on_device(GenDecoder T, GenDecoder Dr) {
 #endif
 }
 
-// The draft's K greedy picks (d1..d_{K-1} fed), left on the device (picks_on_device only).
-static int gd_chain_on_device(GenDecoder Dr, int K, DlError *e) {
+// The draft's K greedy picks (d1..d_{K-1} fed; W branches: gd_greedy_chain), left on the device (picks_on_device only).
+static int gd_chain_on_device(GenDecoder Dr, int W, int K, DlError *e) {
 #ifdef DISTILL_CUDA
-    if (Dr.cuda) return decoder_cuda_greedy_chain(Dr.cuda, K, 0, NULL, e);
+    if (Dr.cuda) return decoder_cuda_branch_chain(Dr.cuda, W, K, 0, NULL, e);
 #endif
-    (void)Dr, (void)K;
+    (void)Dr, (void)W, (void)K;
     return dl_fail(e, "speculative: device picks need a GPU draft");
 }
 
@@ -214,8 +220,8 @@ static bool all_done(const Emit *em, int64_t B) {
     return true;
 }
 
-static int check_prompts(GenDecoder d, const int64_t *plen, int64_t Lmax, const GenParams *gp, DlError *e) {
-    const int64_t B = gd_batch(d);
+// B prompts' lengths
+static int check_prompts(int64_t B, const int64_t *plen, int64_t Lmax, const GenParams *gp, DlError *e) {
     if (gp->max_tokens <= 0) return dl_fail(e, "generate: max_tokens %lld must be positive", (long long)gp->max_tokens);
     for (int64_t b = 0; b < B; b++)
         if (plen[b] < 1 || plen[b] > Lmax)
@@ -231,7 +237,7 @@ static int check_prompts(GenDecoder d, const int64_t *plen, int64_t Lmax, const 
 int gen_plain(GenDecoder T, const int32_t *prompts, const int64_t *plen, int64_t Lmax, const GenParams *gp, Rng *rng,
               int32_t *out, int64_t *n_out, DlError *e) {
     const int64_t B = gd_batch(T), V = gd_vocab(T);
-    if (check_prompts(T, plen, Lmax, gp, e)) return -1;
+    if (check_prompts(B, plen, Lmax, gp, e)) return -1;
     float *lg = dl_malloc((size_t)(B * V) * sizeof(float));
     double *pr = dl_malloc((size_t)V * sizeof(double));
     int32_t *tok = dl_malloc((size_t)B * sizeof(int32_t)), *picks = dl_malloc((size_t)(B * PLAIN_CHAIN) * sizeof(int32_t));
@@ -245,7 +251,7 @@ int gen_plain(GenDecoder T, const int32_t *prompts, const int64_t *plen, int64_t
         for (int64_t b = 0; b < B; b++)
             if (!done[b]) left = DL_MAX(left, gp->max_tokens - n_out[b]);
         const int n = (int)DL_MIN(left, PLAIN_CHAIN);
-        if ((rc = gd_greedy_chain(T, lg, n, n < left, tok, picks, e)) != 0) break;
+        if ((rc = gd_greedy_chain(T, lg, 1, n, n < left, tok, picks, e)) != 0) break;
         for (int i = 0; i < n; i++)
             for (int64_t b = 0; b < B; b++) emit(&em, b, picks[b * n + i]);
         if (all_done(&em, B)) break;
@@ -262,134 +268,161 @@ int gen_plain(GenDecoder T, const int32_t *prompts, const int64_t *plen, int64_t
 
 int gen_speculative(GenDecoder T, GenDecoder Dr, const int32_t *prompts, const int64_t *plen, int64_t Lmax,
                     const GenParams *gp, Rng *rng, int32_t *out, int64_t *n_out, SpecStats *stats, DlError *e) {
-    const int64_t B = gd_batch(T), V = gd_vocab(T);
-    const int K = gp->k;
+    const int64_t R = gd_batch(T), V = gd_vocab(T);  // R decoder rows: W per sequence
+    const int K = gp->k, W = gp->branches > 1 ? gp->branches : 1;
     const bool greedy = gp->sp.greedy, dev = greedy && picks_on_device(T, Dr);
     if (K < 1 || K > SPEC_MAX_K) return dl_fail(e, "speculative: k = %d, expected 1..%d", K, SPEC_MAX_K);
-    if (gd_batch(Dr) != B || gd_vocab(Dr) != V)
+    if (W > SPEC_MAX_BRANCH) return dl_fail(e, "speculative: %d branches, expected 1..%d", W, SPEC_MAX_BRANCH);
+    if (W > 1 && !greedy)
+        return dl_fail(e, "speculative: branches (%d) need greedy decoding; sampled decoding verifies one chain", W);
+    if (R % W) return dl_fail(e, "speculative: the decoders' batch %lld is not a multiple of the %d branches", (long long)R, W);
+    if (gd_batch(Dr) != R || gd_vocab(Dr) != V)
         return dl_fail(e, "speculative: draft has batch %lld and vocabulary %lld, the target %lld and %lld",
-                       (long long)gd_batch(Dr), (long long)gd_vocab(Dr), (long long)B, (long long)V);
-    if (check_prompts(T, plen, Lmax, gp, e)) return -1;
+                       (long long)gd_batch(Dr), (long long)gd_vocab(Dr), (long long)R, (long long)V);
+    const int64_t B = R / W;  // sequences
+    if (check_prompts(B, plen, Lmax, gp, e)) return -1;
+    int32_t *rp = NULL;       // the prompts once per row
+    int64_t *rpl = NULL;
+    if (W > 1) {
+        rp = dl_malloc((size_t)(R * Lmax) * sizeof(int32_t)), rpl = dl_malloc((size_t)R * sizeof(int64_t));
+        for (int64_t r = 0; r < R; r++) {
+            memcpy(rp + r * Lmax, prompts + (r / W) * Lmax, (size_t)Lmax * sizeof(int32_t));
+            rpl[r] = plen[r / W];
+        }
+    }
+    const int32_t *rprompts = W > 1 ? rp : prompts;
+    const int64_t *rplen = W > 1 ? rpl : plen;
     SpecStats st = {0};
-    float *lg = dl_malloc((size_t)(B * V) * sizeof(float));                     // draft logits [B, V]
-    float *tl = dl_malloc((size_t)(B * (K + 1) * V) * sizeof(float));           // target logits [B, K+1, V]
-    double *q = greedy ? NULL : dl_malloc((size_t)(B * K * V) * sizeof(double)); // draft distributions [B, K, V]
-    double *qs = greedy ? NULL : dl_malloc((size_t)(B * V) * sizeof(double));   // [B, V]: position i of each
+    float *lg = dl_malloc((size_t)(R * V) * sizeof(float));                     // draft logits [R, V]
+    float *tl = dl_malloc((size_t)(R * (K + 1) * V) * sizeof(float));           // target logits [R, K+1, V]
+    double *q = greedy ? NULL : dl_malloc((size_t)(R * K * V) * sizeof(double)); // draft distributions [R, K, V]
+    double *qs = greedy ? NULL : dl_malloc((size_t)(R * V) * sizeof(double));   // [R, V]: position i of each
     double *p = dl_malloc((size_t)V * sizeof(double)), *res = dl_malloc((size_t)V * sizeof(double));
-    int32_t *dtok = dl_malloc((size_t)(B * K) * sizeof(int32_t));      // proposals [B, K]
-    int32_t *ver = dl_malloc((size_t)(B * (K + 1)) * sizeof(int32_t)); // [pending, d1..dK] per sequence
-    int32_t *am = dl_malloc((size_t)(B * (K + 1)) * sizeof(int32_t));  // greedy: the target's argmax per position
-    int32_t *pend = dl_malloc((size_t)(B * 2) * sizeof(int32_t));      // draft's unfed tokens [B, 2]
-    int64_t *npend = dl_malloc((size_t)B * sizeof(int64_t));
-    int32_t *t0 = dl_malloc((size_t)B * sizeof(int32_t)), *col = dl_malloc((size_t)B * sizeof(int32_t));
-    int32_t *keep_t = dl_malloc((size_t)B * sizeof(int32_t)), *keep_d = dl_malloc((size_t)B * sizeof(int32_t));
+    int32_t *dtok = dl_malloc((size_t)(R * K) * sizeof(int32_t));      // proposals [R, K]
+    int32_t *ver = dl_malloc((size_t)(R * (K + 1)) * sizeof(int32_t)); // [pending, d1..dK] per row
+    int32_t *am = dl_malloc((size_t)(R * (K + 1)) * sizeof(int32_t));  // greedy: the target's argmax per position
+    int32_t *pend = dl_malloc((size_t)(R * 2) * sizeof(int32_t));      // draft's unfed tokens [R, 2]
+    int64_t *npend = dl_malloc((size_t)R * sizeof(int64_t));
+    int32_t *t0 = dl_malloc((size_t)R * sizeof(int32_t)), *col = dl_malloc((size_t)R * sizeof(int32_t));
+    int32_t *keep_t = dl_malloc((size_t)R * sizeof(int32_t)), *keep_d = dl_malloc((size_t)R * sizeof(int32_t));
+    int32_t *src = dl_malloc((size_t)R * sizeof(int32_t));             // the row each row continues from
     uint8_t *done = dl_calloc((size_t)B, 1);
     Emit em = {out, n_out, done, gp->max_tokens, gp->stop};
     memset(n_out, 0, (size_t)B * sizeof(int64_t));
-    // prefill both; the target's first token is picked from its own prompt logits
+    // prefill both; the target's first token is picked from its own prompt logits (a sequence's rows are equal)
     int rc = gd_reset(T, e);
     if (rc == 0) rc = gd_reset(Dr, e);
-    if (rc == 0) rc = gd_feed(T, prompts, Lmax, plen, false, lg, e);
-    if (rc == 0) rc = gd_pick(T, lg, B, &gp->sp, rng, p, NULL, t0, e);
-    if (rc == 0) rc = gd_feed(Dr, prompts, Lmax, plen, false, NULL, e);
+    if (rc == 0) rc = gd_feed(T, rprompts, Lmax, rplen, false, lg, e);
+    if (rc == 0) rc = gd_pick(T, lg, R, &gp->sp, rng, p, NULL, t0, e);
+    if (rc == 0) rc = gd_feed(Dr, rprompts, Lmax, rplen, false, NULL, e);
     st.target_feeds++, st.draft_feeds++;
     if (rc == 0)
-        for (int64_t b = 0; b < B; b++) {
-            emit(&em, b, t0[b]);
-            pend[b * 2] = t0[b];
-            npend[b] = 1;
+        for (int64_t r = 0; r < R; r++) {
+            if (r % W == 0) emit(&em, r / W, t0[r]);
+            pend[r * 2] = t0[r];
+            npend[r] = 1;
         }
     while (rc == 0 && !all_done(&em, B)) {
         const double t_round = dl_now();
         // draft: feed its pending tokens (1 or 2 per sequence), then propose d1..dK one by one inside a window
         int64_t Lp = 1;
-        for (int64_t b = 0; b < B; b++) Lp = DL_MAX(Lp, npend[b]);
+        for (int64_t r = 0; r < R; r++) Lp = DL_MAX(Lp, npend[r]);
         if (Lp == 1) {  // the usual case: one pending token each
-            for (int64_t b = 0; b < B; b++) col[b] = pend[b * 2];
+            for (int64_t r = 0; r < R; r++) col[r] = pend[r * 2];
             rc = gd_feed(Dr, col, 1, NULL, false, lg, e);
-        } else {        // pend [B, 2], ragged: sequences with one pending token ignore column 1
+        } else {        // pend [R, 2], ragged: sequences with one pending token ignore column 1
             rc = gd_feed(Dr, pend, 2, npend, false, lg, e);
         }
         if (rc) break;
         st.draft_feeds++;
         gd_window_begin(Dr);
         if (greedy) {  // d1..dK in one chain (d1..d_{K-1} fed); dev: they stay on the GPU until the target has them
-            rc = dev ? gd_chain_on_device(Dr, K, e) : gd_greedy_chain(Dr, lg, K, false, col, dtok, e);
+            rc = dev ? gd_chain_on_device(Dr, W, K, e) : gd_greedy_chain(Dr, lg, W, K, false, col, dtok, e);
             st.draft_feeds += K - 1;
         }
         for (int i = 0; i < K && rc == 0 && !greedy; i++) {
-            if ((rc = gd_pick(Dr, lg, B, &gp->sp, rng, NULL, qs, col, e)) != 0) break;
-            for (int64_t b = 0; b < B; b++) {
-                dtok[b * K + i] = col[b];
-                if (q) memcpy(q + (b * K + i) * V, qs + b * V, (size_t)V * sizeof(double));
+            if ((rc = gd_pick(Dr, lg, R, &gp->sp, rng, NULL, qs, col, e)) != 0) break;
+            for (int64_t r = 0; r < R; r++) {
+                dtok[r * K + i] = col[r];
+                if (q) memcpy(q + (r * K + i) * V, qs + r * V, (size_t)V * sizeof(double));
             }
             if (i + 1 < K) rc = gd_feed(Dr, col, 1, NULL, false, lg, e), st.draft_feeds++;
         }
         if (rc) break;
         const double t_verify = dl_now();
         st.draft_s += t_verify - t_round;
-        // target: verify [t0, d1..dK] in one feed
+        // target: verify [t0, d1..dK] of every row in one feed
         gd_window_begin(T);
         if (dev) {
             if ((rc = gd_verify_device_picks(T, Dr, t0, ver, am, e)) != 0) break;
-            for (int64_t b = 0; b < B; b++) memcpy(dtok + b * K, ver + b * (K + 1) + 1, (size_t)K * sizeof(int32_t));
+            for (int64_t r = 0; r < R; r++) memcpy(dtok + r * K, ver + r * (K + 1) + 1, (size_t)K * sizeof(int32_t));
         } else {
-            for (int64_t b = 0; b < B; b++) {
-                ver[b * (K + 1)] = t0[b];
-                memcpy(ver + b * (K + 1) + 1, dtok + b * K, (size_t)K * sizeof(int32_t));
+            for (int64_t r = 0; r < R; r++) {
+                ver[r * (K + 1)] = t0[r];
+                memcpy(ver + r * (K + 1) + 1, dtok + r * K, (size_t)K * sizeof(int32_t));
             }
             if ((rc = gd_feed(T, ver, K + 1, NULL, true, tl, e)) != 0) break;
-            if (greedy) rc = gd_argmax(T, tl, B * (K + 1), am, e);
+            if (greedy) rc = gd_argmax(T, tl, R * (K + 1), am, e);
             else gd_logits(T, tl);
             if (rc) break;
         }
         st.target_feeds++;
-        for (int64_t b = 0; b < B; b++) {
-            int j = 0;
+        for (int64_t s = 0; s < B; s++) {
+            int j = 0, w = 0;  // accepted draft tokens, of the kept row s * W + w
             int32_t next = -1;
-            if (greedy) {  // exact argmax matching (speculative sampling with one-hot p and q)
-                while (j < K && am[b * (K + 1) + j] == dtok[b * K + j]) j++;
-                next = am[b * (K + 1) + j];
-            } else {
+            if (greedy) {  // exact argmax matching (speculative sampling with one-hot p and q); the longest match wins
+                for (int c = 0; c < W; c++) {
+                    const int64_t r = s * W + c;
+                    int jc = 0;
+                    while (jc < K && am[r * (K + 1) + jc] == dtok[r * K + jc]) jc++;
+                    if (c == 0 || jc > j) j = jc, w = c;
+                }
+                next = am[(s * W + w) * (K + 1) + j];
+            } else {  // W == 1: row s
                 for (; j < K; j++) {
-                    sample_probs(tl + (b * (K + 1) + j) * V, V, &gp->sp, p);
-                    const double *qi = q + (b * K + j) * V;
-                    const int32_t d = dtok[b * K + j];
+                    sample_probs(tl + (s * (K + 1) + j) * V, V, &gp->sp, p);
+                    const double *qi = q + (s * K + j) * V;
+                    const int32_t d = dtok[s * K + j];
                     const double u = rng_uniform_f64(rng);
                     if (qi[d] > 0 && u * qi[d] < p[d]) continue;  // accepted with probability min(1, p/q)
-                    double s = 0;
-                    for (int64_t v = 0; v < V; v++) s += res[v] = p[v] > qi[v] ? p[v] - qi[v] : 0;
-                    next = sample_from_probs(s > 0 ? res : p, V, rng_uniform_f64(rng));
+                    double sum = 0;
+                    for (int64_t v = 0; v < V; v++) sum += res[v] = p[v] > qi[v] ? p[v] - qi[v] : 0;
+                    next = sample_from_probs(sum > 0 ? res : p, V, rng_uniform_f64(rng));
                     break;
                 }
                 if (j == K) {  // all accepted: a bonus token from the target's last distribution
-                    sample_probs(tl + (b * (K + 1) + K) * V, V, &gp->sp, p);
+                    sample_probs(tl + (s * (K + 1) + K) * V, V, &gp->sp, p);
                     next = sample_from_probs(p, V, rng_uniform_f64(rng));
                 }
             }
-            if (!done[b]) {
+            const int64_t kr = s * W + w;  // the kept row
+            if (!done[s]) {
                 st.steps++;
                 for (int i = 0; i < j; i++) st.accepted_at[i]++;
                 st.emitted += j + 1;
+                st.branch_won[w]++;
             }
-            for (int i = 0; i < j; i++) emit(&em, b, dtok[b * K + i]);
-            emit(&em, b, next);
-            keep_t[b] = 1 + j;              // t0, d1..dj
-            keep_d[b] = DL_MIN(j, K - 1);   // the draft fed d1..d_{K-1}
-            npend[b] = 0;
-            if (j == K) pend[b * 2 + npend[b]++] = dtok[b * K + K - 1];
-            pend[b * 2 + npend[b]++] = next;
-            if (npend[b] == 1) pend[b * 2 + 1] = next;  // padding column
-            t0[b] = next;
+            for (int i = 0; i < j; i++) emit(&em, s, dtok[kr * K + i]);
+            emit(&em, s, next);
+            for (int64_t r = s * W; r < (s + 1) * W; r++) {  // every row continues from the kept one
+                src[r] = (int32_t)kr;
+                keep_t[r] = 1 + j;             // t0, d1..dj
+                keep_d[r] = DL_MIN(j, K - 1);  // the draft fed d1..d_{K-1}
+                npend[r] = 0;
+                if (j == K) pend[r * 2 + npend[r]++] = dtok[kr * K + K - 1];
+                pend[r * 2 + npend[r]++] = next;
+                if (npend[r] == 1) pend[r * 2 + 1] = next;  // padding column
+                t0[r] = next;
+            }
         }
-        if ((rc = gd_accept(T, keep_t, e)) != 0) break;
-        if ((rc = gd_accept(Dr, keep_d, e)) != 0) break;
+        if ((rc = gd_accept(T, keep_t, W > 1 ? src : NULL, e)) != 0) break;
+        if ((rc = gd_accept(Dr, keep_d, W > 1 ? src : NULL, e)) != 0) break;
         st.verify_s += dl_now() - t_verify;
         st.rounds++;
     }
     if (stats) *stats = st;
     free(lg), free(tl), free(q), free(qs), free(p), free(res), free(dtok), free(ver), free(am), free(pend), free(npend);
-    free(t0), free(col), free(keep_t), free(keep_d), free(done);
+    free(t0), free(col), free(keep_t), free(keep_d), free(src), free(done), free(rp), free(rpl);
     return rc;
 }
 

@@ -16,12 +16,17 @@
 #include "distill/sample.h"
 
 #define SPEC_MAX_K 16
+#define SPEC_MAX_BRANCH 8
 
 typedef struct {
     int k;                // draft tokens per step, 1 .. SPEC_MAX_K
     SampleParams sp;      // shared by draft and target
     int64_t max_tokens;   // per sequence
     int32_t stop[2];      // stop token ids (< 0: none); a stop token is emitted, then the sequence ends
+    int branches;         // speculative greedy decoding: W (1..SPEC_MAX_BRANCH) draft chains per sequence, the first
+                          // token of chain w the draft's rank-w pick (sample_rank), the rest its greedy picks; the
+                          // target verifies all W in one feed and keeps the chain it accepts longest (the first on
+                          // ties). 0 or 1: one chain. The decoders then hold W rows per sequence (batch B * W)
 } GenParams;
 
 typedef struct {
@@ -30,6 +35,7 @@ typedef struct {
     int64_t emitted;                   // tokens emitted (before truncation to max_tokens)
     int64_t target_feeds, draft_feeds; // decoder_feed calls (any length)
     int64_t rounds;                    // draft-then-verify rounds (loop iterations; = steps at batch 1)
+    int64_t branch_won[SPEC_MAX_BRANCH];  // steps whose kept chain was branch w (branches > 1)
     double draft_s, verify_s;          // host wall seconds of the rounds' two phases: the draft's pending feed and
                                        // proposals; the target's window, feed of K + 1 tokens, picks, acceptance and
                                        // both accepts. Each phase ends at a host synchronization (picks reach the
@@ -76,8 +82,10 @@ double gen_decode_speed(GenDecoder g, int64_t ctx, int steps, DlError *e);
 // spec_max_len(...) capacity; it is reset first. Returns 0 or -1 (e filled).
 int gen_plain(GenDecoder target, const int32_t *prompts, const int64_t *plen, int64_t Lmax, const GenParams *gp,
               Rng *rng, int32_t *out, int64_t *n_out, DlError *e);
-// Speculative generation: as gen_plain with a draft decoder (same B and vocabulary; either device). stats may
-// be NULL.
+// Speculative generation: as gen_plain with a draft decoder (same batch and vocabulary; either device). stats may
+// be NULL. With gp->branches = W > 1 (greedy only) both decoders hold W rows per sequence: their batch is B * W for
+// the B prompts of prompts / plen (rows s * W .. s * W + W - 1 are sequence s's chains), and out / n_out are per
+// sequence. The output still equals plain greedy decoding token for token.
 int gen_speculative(GenDecoder target, GenDecoder draft, const int32_t *prompts, const int64_t *plen, int64_t Lmax,
                     const GenParams *gp, Rng *rng, int32_t *out, int64_t *n_out, SpecStats *stats, DlError *e);
 

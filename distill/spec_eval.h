@@ -52,6 +52,8 @@ typedef struct {
     int nk;
     const int *batches;          // nb batch sizes, each >= 1
     int nb;
+    const int *branches;         // nw speculative branch counts (GenParams.branches, 1..SPEC_MAX_BRANCH; greedy only
+    int nw;                      // when > 1); nw 0: one chain only
     int64_t max_tokens;          // new tokens per sequence (>= 1)
     double temperature;          // 0: greedy; > 0: sampled (top-p 1), fixed seeds
     int cuda, graph;             // decode on the GPU (DecoderCuda), CUDA graphs for short feeds
@@ -61,6 +63,8 @@ typedef struct {
 typedef struct {
     int64_t batch;
     int k;
+    int branches;                         // chains per sequence (1: plain speculative decoding)
+    double branch_won[SPEC_MAX_BRANCH];   // fraction of steps that kept chain w (the draft's rank-w first token)
     double plain_tps, spec_tps, speedup;  // tokens/s (generated tokens of the whole batch / wall time)
     double tokens_per_step;               // emitted tokens per target verification step (1 .. K+1)
     double draft_tps;                     // the draft's own plain generation, tokens/s (same prompts and batch)
@@ -77,7 +81,10 @@ typedef struct {
     int n_div;
 } SpecEvalRow;
 
-// Runs the measurement; rows [nb * nk] are filled batch-major (row bi * nk + ki). On the GPU one short
+// Rows the measurement fills: nb * max(nw, 1) * nk.
+int64_t spec_eval_n_rows(const SpecEvalConfig *c);
+// Runs the measurement; rows [spec_eval_n_rows] are filled batch-major, then by branches, then by K (row
+// (bi * max(nw, 1) + wi) * nk + ki). On the GPU one short
 // untimed warm-up of plain and speculative generation precedes each batch size (cuBLASLt heuristics, graph
 // captures). Returns 0, or -1 with e filled (bad configuration, decoder or generation failure).
 int spec_eval_run(const SpecEvalConfig *c, SpecEvalRow *rows, DlError *e);

@@ -6,6 +6,9 @@
 //    tokens over 6000 sequences (one batch, fixed seed: deterministic) against the exact target probabilities,
 //    Pearson chi-square (cells expecting < 5 pooled) below df + 6 sd; the same samples against the draft's distribution must fail
 //    (the test can detect a wrong distribution);
+//  * speculative branches (GenParams.branches W = 2, 3, 4; decoders of W rows per sequence): greedy output still
+//    equals plain; sample_rank against a sorted reference; decoder_accept_from leaves each row in the state of a
+//    decoder fed its source's kept tokens plainly (Mamba-1, Mamba-2, attention), and refuses bad sources;
 //  * a draft whose head is trimmed to a subset of ids (decoder_set_head_ids): its logits at the subset equal the full
 //    head's, -inf elsewhere; greedy output still equals plain, and sampled output still has the target's distribution.
 #include <math.h>
@@ -58,47 +61,149 @@ static void model_drop(Model *m) {
     reg_free(&m->r);
 }
 
-// greedy: speculative == plain for several K and a ragged batch of prompts; hn > 0: the draft's head trimmed to hid
-static void test_greedy_h(Model *tg, Model *dr, const int32_t *hid, int64_t hn, const char *what) {
+// The same logit from GEMMs of different widths: BLAS kernels may round a dot product differently (the GPU's
+// decode_gemm does not: gpu_test_decode checks it bitwise).
+static bool near(float a, float b) { return fabsf(a - b) <= 1e-5f * fmaxf(1.0f, fabsf(b)); }
+
+// greedy: speculative == plain for several K and a ragged batch of prompts; hn > 0: the draft's head trimmed to hid;
+// W > 1: that many branches per sequence (self_draft: the draft is the target, so chain 0 is always kept)
+static void test_greedy_hw(Model *tg, Model *dr, const int32_t *hid, int64_t hn, int W, bool self_draft, const char *what) {
     DlError e;
     enum { BG = 3, LM = 6, NT = 24 };
     const int64_t plen[BG] = {6, 2, 4};
     int32_t pr[BG * LM];
     for (int i = 0; i < BG * LM; i++) pr[i] = (int32_t)rng_below(&rng, (uint64_t)tg->h.base.vocab);
-    GenParams gp = {.k = 1, .sp = {.greedy = true}, .max_tokens = NT, .stop = {-1, -1}};
+    GenParams gp = {.k = 1, .sp = {.greedy = true}, .max_tokens = NT, .stop = {-1, -1}, .branches = W};
     int32_t ref[BG * NT], got[BG * NT];
     int64_t nref[BG], ngot[BG];
     const int ks[] = {1, 2, 3, 5};
     for (size_t ki = 0; ki < 4; ki++) {
         gp.k = ks[ki];
         int64_t ml = spec_max_len(LM, NT, gp.k);
-        Decoder *T = decoder_new(&tg->h, &tg->r, tg->p, BG, ml, &e), *D = decoder_new(&dr->h, &dr->r, dr->p, BG, ml, &e);
+        Decoder *T = decoder_new(&tg->h, &tg->r, tg->p, BG * W, ml, &e), *D = decoder_new(&dr->h, &dr->r, dr->p, BG * W, ml, &e);
+        Decoder *P = decoder_new(&tg->h, &tg->r, tg->p, BG, ml, &e);  // plain: one row per sequence
         if (hn) CHECK(decoder_set_head_ids(D, hid, hn, &e) == 0);
         Rng r1, r2;
         rng_init(&r1, 1, 0), rng_init(&r2, 1, 0);
-        CHECK(gen_plain(gen_cpu(T), pr, plen, LM, &gp, &r1, ref, nref, &e) == 0);
+        CHECK(gen_plain(gen_cpu(P), pr, plen, LM, &gp, &r1, ref, nref, &e) == 0);
         SpecStats st;
+        for (int i = 0; i < BG * NT; i++) got[i] = -7;  // poisoned
         CHECK(gen_speculative(gen_cpu(T), gen_cpu(D), pr, plen, LM, &gp, &r2, got, ngot, &st, &e) == 0);
         bool same = true;
         for (int b = 0; b < BG; b++) same = same && nref[b] == NT && ngot[b] == NT;
         same = same && memcmp(ref, got, sizeof ref) == 0;
         char buf[128];
-        snprintf(buf, sizeof buf, "%s: greedy speculative == plain (k=%d)", what, gp.k);
+        snprintf(buf, sizeof buf, "%s: greedy speculative == plain (k=%d, %d branches)", what, gp.k, W);
         CHECK_MSG(same, buf);
+        int64_t won = 0;
+        for (int w = 0; w < SPEC_MAX_BRANCH; w++) won += st.branch_won[w];
+        CHECK(won == st.steps && (W > 1 || st.branch_won[0] == st.steps) && (!self_draft || st.branch_won[0] == st.steps));
         // one round per verification feed; each of the BG sequences is counted in steps until it is done
         CHECK(st.rounds == st.target_feeds - 1 && st.rounds >= (st.steps + BG - 1) / BG && st.rounds <= st.steps);
         CHECK(st.draft_s > 0 && st.verify_s > 0);
         printf("%s k=%d: %lld steps, %.2f tokens/step, accepted at pos0 %.2f\n", what, gp.k, (long long)st.steps,
                (double)st.emitted / (double)st.steps, (double)st.accepted_at[0] / (double)st.steps);
-        decoder_free(T), decoder_free(D);
+        if (W > 1)
+            printf("%s k=%d: kept chain %.2f %.2f%s\n", what, gp.k, (double)st.branch_won[0] / (double)st.steps,
+                   (double)st.branch_won[1] / (double)st.steps, W > 2 ? " .." : "");
+        decoder_free(T), decoder_free(D), decoder_free(P);
     }
 }
 
+static void test_greedy_h(Model *tg, Model *dr, const int32_t *hid, int64_t hn, const char *what) {
+    test_greedy_hw(tg, dr, hid, hn, 1, tg == dr, what);
+}
 static void test_greedy(Model *tg, Model *dr, const char *what) { test_greedy_h(tg, dr, NULL, 0, what); }
 
-// The same logit from GEMMs of different widths: BLAS kernels may round a dot product differently (the GPU's
-// decode_gemm does not: gpu_test_decode checks it bitwise).
-static bool near(float a, float b) { return fabsf(a - b) <= 1e-5f * fmaxf(1.0f, fabsf(b)); }
+// sample_rank against a stable sort of (value descending with NaN as -inf, id ascending), rows with ties, -inf, NaN
+static int rank_cmp_v(const void *a, const void *b, const float *x) {
+    const int i = *(const int *)a, j = *(const int *)b;
+    float u = x[i], v = x[j];
+    if (u != u) u = -INFINITY;
+    if (v != v) v = -INFINITY;
+    if (u != v) return u > v ? -1 : 1;
+    return i < j ? -1 : 1;
+}
+static const float *rank_x;
+static int rank_cmp(const void *a, const void *b) { return rank_cmp_v(a, b, rank_x); }
+
+static void test_rank(void) {
+    enum { V = 37 };
+    float x[V];
+    int idx[V], bad = 0, n = 0;
+    for (int trial = 0; trial < 200; trial++) {
+        for (int i = 0; i < V; i++) {
+            const uint64_t k = rng_below(&rng, 10);
+            x[i] = k == 0 ? -INFINITY : k == 1 ? NAN : k < 5 ? (float)rng_below(&rng, 3) : (float)rng_normal(&rng);
+            idx[i] = i;
+        }
+        rank_x = x;
+        qsort(idx, V, sizeof idx[0], rank_cmp);
+        for (int r = 0; r < 8; r++, n++) bad += sample_rank(x, V, r) != idx[r];
+    }
+    char buf[96];
+    snprintf(buf, sizeof buf, "sample_rank = sorted order at ranks 0..7 (%d of %d differ)", bad, n);
+    CHECK_MSG(bad == 0, buf);
+    CHECK(sample_rank(x, V, 0) == sample_argmax(x, V) || x[sample_argmax(x, V)] != x[sample_argmax(x, V)]);
+}
+
+// decoder_accept_from: R rows share a prefix, then a window with a different continuation per row; afterwards row b
+// must be in the state of its source's kept prefix: its next logits equal a reference decoder fed those tokens
+// plainly. Bad sources are refused.
+static void test_accept_from(Model *m, const char *what) {
+    DlError e;
+    enum { R = 4, LP = 3, LW = 4 };
+    const int64_t V = m->h.base.vocab;
+    Decoder *D = decoder_new(&m->h, &m->r, m->p, R, 32, &e), *Q = decoder_new(&m->h, &m->r, m->p, 1, 32, &e);
+    int32_t pre[R * LP], win[R * LW], nxt[R];
+    for (int i = 0; i < LP; i++) pre[i] = (int32_t)rng_below(&rng, (uint64_t)V);
+    for (int b = 1; b < R; b++) memcpy(pre + b * LP, pre, sizeof(int32_t) * LP);
+    for (int i = 0; i < R * LW; i++) win[i] = (int32_t)rng_below(&rng, (uint64_t)V);
+    for (int b = 0; b < R; b++) nxt[b] = (int32_t)rng_below(&rng, (uint64_t)V);
+    const int32_t src[R] = {2, 1, 2, 1}, keep[R] = {0, 3, 2, 4};  // rows 0, 2 continue from 2 (2 kept), 1, 3 from 1 (3)
+    float *lg = malloc(sizeof(float) * R * V), *lq = malloc(sizeof(float) * V);
+    CHECK(decoder_feed(D, pre, LP, NULL, NULL, &e) == 0);
+    decoder_window_begin(D);
+    int32_t w1[R * 2], w2[R * 2];  // the window in two feeds of 2 columns
+    for (int b = 0; b < R; b++)
+        w1[b * 2] = win[b * LW], w1[b * 2 + 1] = win[b * LW + 1], w2[b * 2] = win[b * LW + 2], w2[b * 2 + 1] = win[b * LW + 3];
+    CHECK(decoder_feed(D, w1, 2, NULL, NULL, &e) == 0);
+    CHECK(decoder_feed(D, w2, 2, NULL, NULL, &e) == 0);
+    const int32_t chain_src[R] = {1, 2, 2, 3};  // 0 takes 1, which takes 2: refused
+    CHECK(decoder_accept_from(D, keep, chain_src, &e) != 0);
+    CHECK(decoder_accept_from(D, keep, src, &e) == 0);
+    for (int i = 0; i < R * (int)V; i++) lg[i] = NAN;  // poisoned
+    CHECK(decoder_feed(D, nxt, 1, lg, NULL, &e) == 0);
+    int bad = 0;
+    for (int b = 0; b < R; b++) {
+        int32_t tok[LP + LW + 1];
+        const int kp = keep[src[b]];
+        memcpy(tok, pre, sizeof(int32_t) * LP);
+        memcpy(tok + LP, win + src[b] * LW, sizeof(int32_t) * (size_t)kp);
+        tok[LP + kp] = nxt[b];
+        decoder_reset(Q);
+        for (int64_t v = 0; v < V; v++) lq[v] = NAN;
+        CHECK(decoder_feed(Q, tok, LP + kp + 1, lq, NULL, &e) == 0);
+        CHECK(decoder_seq_len(D, b) == LP + kp + 1);
+        for (int64_t v = 0; v < V; v++) bad += !near(lg[b * V + v], lq[v]);
+    }
+    char buf[160];
+    snprintf(buf, sizeof buf, "%s: decoder_accept_from = plain feed of the source's kept tokens (%d of %lld logits differ)", what,
+             bad, (long long)(R * V));
+    CHECK_MSG(bad == 0, buf);
+    // rows that began the window at different lengths cannot share one
+    decoder_reset(D);
+    const int64_t n2[R] = {3, 2, 3, 3};
+    CHECK(decoder_feed_ragged(D, pre, LP, n2, NULL, NULL, &e) == 0);
+    decoder_window_begin(D);
+    CHECK(decoder_feed(D, nxt, 1, NULL, NULL, &e) == 0);
+    const int32_t k1[R] = {1, 1, 1, 1}, s1[R] = {0, 0, 2, 3};
+    CHECK(decoder_accept_from(D, k1, s1, &e) != 0);
+    CHECK(strstr(e.msg, "same length") != NULL);
+    free(lg), free(lq);
+    decoder_free(D), decoder_free(Q);
+}
+
 
 // A trimmed head (decoder_set_head_ids): the kept ids' logits equal the full head's (last-token and all-token
 // logits, a prefill, a step, a window and its accept), every other logit is -inf; bad subsets are refused with
@@ -264,6 +369,36 @@ int main(void) {
     test_greedy(&hyb1, &small, "mamba1 hybrid target");
     test_greedy(&hyb2, &cut, "mamba2 hybrid target");
     test_greedy(&hyb1, &hyb1, "mamba1 hybrid, itself as draft");  // all accepted: bonus tokens, 2 pending
+    // speculative branches
+    test_rank();
+    test_accept_from(&hyb1, "mamba1 hybrid");
+    test_accept_from(&hyb2, "mamba2 hybrid");
+    test_accept_from(&teacher, "teacher");
+    for (int W = 2; W <= 4; W++) {
+        test_greedy_hw(&hyb1, &small, NULL, 0, W, false, "mamba1 hybrid target, branches");
+        test_greedy_hw(&hyb2, &cut, NULL, 0, W, false, "mamba2 hybrid target, branches");
+    }
+    test_greedy_hw(&teacher, &cut, NULL, 0, 3, false, "teacher target, branches");
+    test_greedy_hw(&hyb1, &hyb1, NULL, 0, 2, true, "mamba1 hybrid, itself as draft, branches");
+    {
+        const int32_t hid2[] = {3, 0, 11, 28, 17, 5, 22, 9, 14, 1, 26, 7};
+        test_greedy_hw(&hyb1, &cut, hid2, 12, 4, false, "mamba1 hybrid target, trimmed cut draft, branches");
+    }
+    {  // sampled decoding with branches is refused
+        Decoder *T = decoder_new(&hyb1.h, &hyb1.r, hyb1.p, 4, 64, &e), *D = decoder_new(&small.h, &small.r, small.p, 4, 64, &e);
+        GenParams gp = {.k = 2, .sp = {.greedy = false, .temperature = 1, .top_p = 1}, .max_tokens = 4, .stop = {-1, -1}, .branches = 2};
+        const int32_t pr[2] = {1, 2};
+        const int64_t pl[2] = {1, 1};
+        int32_t out[8];
+        int64_t no[2];
+        Rng r;
+        rng_init(&r, 0, 0);
+        CHECK(gen_speculative(gen_cpu(T), gen_cpu(D), pr, pl, 1, &gp, &r, out, no, NULL, &e) != 0);
+        CHECK(strstr(e.msg, "greedy") != NULL);
+        gp.sp.greedy = true, gp.branches = 3;  // 4 rows are not 3 per sequence
+        CHECK(gen_speculative(gen_cpu(T), gen_cpu(D), pr, pl, 1, &gp, &r, out, no, NULL, &e) != 0);
+        decoder_free(T), decoder_free(D);
+    }
     test_distribution(MIXER_ATTN, 3, false, "teacher target");
     test_distribution(MIXER_MAMBA2, 2, false, "mamba2 hybrid target");
     test_distribution(MIXER_MAMBA1, 4, true, "mamba1 hybrid target, cut draft");

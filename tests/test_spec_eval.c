@@ -8,6 +8,10 @@
 // Checked exactly for K 1..4 and two drafts (cuts of a random 4-layer teacher, one with intermediate
 // acceptance), plus the exactness count (greedy speculative = plain in every sequence), the draft's cost and the
 // model speedup derived from it, and bad configurations.
+// Branches (W chains per sequence, chain w starting from the draft's rank-w token): a step accepts a draft token only
+// when y[c] is among the draft's W first ranks, in the chain of that rank (its first token is y[c], so its later
+// proposals are the teacher-forced argmaxes again): j = 0 if rank(y[c]) >= W, else 1 + matches g[c+1+i] == y[c+1+i],
+// i < K - 1; the kept chain is rank(y[c]) (chain 0 when none accepts).
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -20,8 +24,10 @@
 
 enum { NP = 5, T = 24, KMAX = 4 };
 
-// argmax of each position's logits of the draft, teacher-forced on prompt + y: g[t] predicts y[t] (t >= 1).
-static void teacher_forced(const LoadedModel *d, const int32_t *prompt, int64_t np, const int32_t *y, int64_t ny, int32_t *g) {
+// argmax of each position's logits of the draft, teacher-forced on prompt + y: g[t] predicts y[t] (t >= 1); rk[t] the
+// rank of y[t] in those logits (larger first, lower id first on ties).
+static void teacher_forced(const LoadedModel *d, const int32_t *prompt, int64_t np, const int32_t *y, int64_t ny, int32_t *g,
+                           int *rk) {
     DlError e;
     const int64_t L = np + ny, V = d->hc.base.vocab;
     Decoder *dec = decoder_new(&d->hc, &d->reg, d->params, 1, L, &e);
@@ -39,8 +45,10 @@ static void teacher_forced(const LoadedModel *d, const int32_t *prompt, int64_t 
         for (int64_t v = 1; v < V; v++)
             if (r[v] > r[a]) a = v;
         g[t] = (int32_t)a;
+        rk[t] = 0;
+        for (int64_t v = 0; v < V; v++) rk[t] += r[v] > r[y[t]] || (r[v] == r[y[t]] && v < y[t]);
     }
-    g[0] = -1;
+    g[0] = -1, rk[0] = -1;
     free(tok), free(all);
     decoder_free(dec);
 }
@@ -93,42 +101,52 @@ int main(void) {
         LoadedModel dr = {0};
         if (spec_draft_from_layers(&tgt.hc, &tgt.reg, tgt.params, layer_sets[ds], 3, &dr.hc, &dr.reg, &dr.params, &e)) return 1;
         int32_t gf[NP][T + KMAX + 1];
-        for (int i = 0; i < NP; i++) teacher_forced(&dr, pr[i], pl[i], y[i], T + KMAX + 1, gf[i]);
-        int ks[KMAX] = {1, 2, 3, 4}, b1 = 1;
-        SpecEvalRow rows[KMAX];
+        int rk[NP][T + KMAX + 1];
+        for (int i = 0; i < NP; i++) teacher_forced(&dr, pr[i], pl[i], y[i], T + KMAX + 1, gf[i], rk[i]);
+        enum { NW = 3 };
+        int ks[KMAX] = {1, 2, 3, 4}, b1 = 1, ws[NW] = {1, 2, 3};
+        SpecEvalRow rows[NW * KMAX];
         SpecEvalConfig c = {.target = {&tgt.hc, &tgt.reg, tgt.params}, .draft = {&dr.hc, &dr.reg, dr.params},
                             .prompts = (const int32_t *const *)pr, .plen = pl, .n_prompts = NP, .ks = ks, .nk = KMAX,
-                            .batches = &b1, .nb = 1, .max_tokens = T, .temperature = 0, .cuda = 0, .graph = 0};
+                            .batches = &b1, .nb = 1, .branches = ws, .nw = NW, .max_tokens = T, .temperature = 0, .cuda = 0,
+                            .graph = 0};
+        CHECK_EQ_I64(spec_eval_n_rows(&c), NW * KMAX);
         CHECK(spec_eval_run(&c, rows, &e) == 0);
-        for (int ki = 0; ki < KMAX; ki++) {
-            const int K = ks[ki];
-            int64_t steps = 0, emitted = 0, acc[KMAX] = {0};
+        for (int ri = 0; ri < NW * KMAX; ri++) {
+            const int K = ks[ri % KMAX], W = ws[ri / KMAX];
+            int64_t steps = 0, emitted = 0, acc[KMAX] = {0}, won[3] = {0};
             for (int i = 0; i < NP; i++)
                 for (int64_t pos = 1; pos < T;) {
                     int j = 0;
-                    while (j < K && gf[i][pos + j] == y[i][pos + j]) j++;
+                    if (rk[i][pos] < W) {  // the chain of that rank proposes y[pos], then the teacher-forced argmaxes
+                        j = 1;
+                        while (j < K && gf[i][pos + j] == y[i][pos + j]) j++;
+                    }
                     steps++;
+                    won[j ? rk[i][pos] : 0]++;
                     for (int a = 0; a < j; a++) acc[a]++;
                     emitted += j + 1;
                     pos += j + 1;
                 }
-            const SpecEvalRow *r = &rows[ki];
+            const SpecEvalRow *r = &rows[ri];
             CHECK_EQ_I64(r->k, K);
+            CHECK_EQ_I64(r->branches, W);
+            for (int w = 0; w < W && W > 1; w++) CHECK(fabs(r->branch_won[w] - (double)won[w] / (double)steps) < 1e-12);
             CHECK_EQ_I64(r->same, NP);
             CHECK_EQ_I64(r->sequences, NP);
             CHECK_EQ_I64(r->n_div, 0);
             bool ok = fabs(r->tokens_per_step - (double)emitted / (double)steps) < 1e-12;
             for (int a = 0; a < K; a++) ok &= fabs(r->acceptance[a] - (double)acc[a] / (double)steps) < 1e-12;
             if (!ok) {
-                fprintf(stderr, "draft %d K %d: tokens/step %.6f vs %.6f; acceptance", ds, K, r->tokens_per_step,
+                fprintf(stderr, "draft %d K %d W %d: tokens/step %.6f vs %.6f; acceptance", ds, K, W, r->tokens_per_step,
                         (double)emitted / (double)steps);
                 for (int a = 0; a < K; a++) fprintf(stderr, " %.4f/%.4f", r->acceptance[a], (double)acc[a] / (double)steps);
                 fprintf(stderr, "\n");
             }
             CHECK(ok);
             if (r->acceptance[0] > 0.1 && r->acceptance[0] < 0.9) best_mid = r->acceptance[0];
-            printf("draft %d (layers %d,%d,%d) K %d: %.3f tokens/step, acceptance", ds, layer_sets[ds][0], layer_sets[ds][1],
-                   layer_sets[ds][2], K, r->tokens_per_step);
+            printf("draft %d (layers %d,%d,%d) K %d W %d: %.3f tokens/step, acceptance", ds, layer_sets[ds][0], layer_sets[ds][1],
+                   layer_sets[ds][2], K, W, r->tokens_per_step);
             for (int a = 0; a < K; a++) printf(" %.3f", r->acceptance[a]);
             printf("\n");
             CHECK(r->plain_tps > 0 && r->spec_tps > 0 && fabs(r->speedup - r->spec_tps / r->plain_tps) < 1e-9);

@@ -37,6 +37,8 @@ int argmax_rows_cuda_on(const float *logits, int64_t rows, int64_t V, void *ws, 
                         char *err, size_t errlen);
 int sample_rows_cuda_on(const float *logits, int64_t rows, int64_t V, const DecodeSampling *s, const uint64_t *stream,
                         const uint64_t *counter, int32_t *out, cudaStream_t st, char *err, size_t errlen);
+int rank_rows_cuda_on(const float *logits, int64_t rows, int64_t V, int W, int32_t *out, cudaStream_t st, char *err,
+                      size_t errlen);
 
 #define ATT_THREADS 128  // keys per tile = threads; head_dim <= 2 * ATT_THREADS
 #define MAX_HD 256
@@ -715,6 +717,37 @@ static unsigned grid_of(int64_t n, int threads) {
     return (unsigned)(g < 1 ? 1 : g > 65535 * 8 ? 65535 * 8 : g);
 }
 
+// decoder_cuda_accept_from: sequence b (blockIdx.z) with src[b] != b takes its source's window. Keys and values of
+// cache blockIdx.y (kv [2 * n_layer], NULL for Mamba layers) at positions len0[b] .. len0[b] + keep[b] - 1 (keep:
+// already the source's); sb = [src | len0], [B] each.
+__global__ void kv_take_kernel(bf16 *const *kv, const int32_t *sb, const int32_t *keep, int64_t B, int64_t max_len, int64_t kvd) {
+    const int64_t b = blockIdx.z, j = sb[b];
+    bf16 *p = kv[blockIdx.y];
+    if (!p || j == b) return;
+    const int64_t o = sb[B + b] * kvd, n = keep[b] * kvd;
+    bf16 *dst = p + b * max_len * kvd + o;
+    const bf16 *src = p + j * max_len * kvd + o;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) dst[i] = src[i];
+}
+// ... and the four window input arrays of Mamba layer blockIdx.y (wbuf [n_m][4 arrays [B, cap, C]]), wlen columns.
+__global__ void win_take_kernel(bf16 *wbuf, const int32_t *sb, int64_t B, int64_t cap, int64_t wlen, int64_t di, int64_t dxb) {
+    const int64_t b = blockIdx.z, j = sb[b];
+    if (j == b) return;
+    bf16 *base = wbuf + blockIdx.y * B * cap * (3 * di + dxb);
+    const int64_t n3 = 3 * wlen * di, total = n3 + wlen * dxb;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t o0, r;
+        if (i < n3) {  // xr, xc, dt: [B, cap, di] each
+            const int64_t a = i / (wlen * di);
+            r = i % (wlen * di), o0 = a * B * cap * di;
+            base[o0 + b * cap * di + r] = base[o0 + j * cap * di + r];
+        } else {       // B: [B, cap, dxb]
+            r = i - n3, o0 = 3 * B * cap * di;
+            base[o0 + b * cap * dxb + r] = base[o0 + j * cap * dxb + r];
+        }
+    }
+}
+
 // ---------------------------------------------------------------- the decoder
 
 typedef struct {
@@ -734,11 +767,14 @@ typedef struct {
 #define MAX_GRAPHS 8
 #define GRAPH_MAX_L 32
 #define CHAIN_MAX 16  // picks per decoder_cuda_greedy_chain call
+#define BRANCH_MAX 8  // decoder_cuda_branch_chain's W (rank_rows_cuda's RANK_MAX)
+// a chain's graph key: 2 * picks + feed_last + CHAIN_KEY_W * (W - 1)
+#define CHAIN_KEY_W 64
 struct GraphEntry {
     cudaGraphExec_t ex;
     int64_t nb, lc;
     int all, win;
-    int chain;  // 0: one feed's pass; else a greedy chain, 2 * picks + feed_last
+    int chain;  // 0: one feed's pass; else a greedy chain, 2 * picks + feed_last + CHAIN_KEY_W * (W - 1)
 };
 
 struct DecoderCuda {
@@ -804,6 +840,8 @@ struct DecoderCuda {
     int64_t *len0;       // host [B]: lengths at the window start
     bf16 *wbuf;          // per Mamba layer the 4 input arrays [B, wcap, .]
     int32_t *acc_keep;   // device [B]
+    int32_t *acc_src;    // device [B]: decoder_cuda_accept_from's sources
+    void **kv_ptr;       // device [2 * n_layer]: each attention layer's kc, vc (NULL for the others)
     // CUDA graphs (DISTILL_DECODE_GRAPH=1 or decoder_cuda_use_graph): short single-chunk feeds replay a graph of
     // the whole pass, one per (nb, L, all, win); the attention split is then sized for max_len, so no kernel
     // argument changes between launches (per-feed data comes through D->ints)
@@ -890,7 +928,7 @@ void decoder_cuda_free(DecoderCuda *D) {
     void *bufs[] = {D->w, D->w32, D->inv_freq, D->x, D->xn, D->mid, D->q, D->k, D->v, D->att, D->gu, D->act, D->mix,
                     D->z, D->xs, D->Bs, D->Cs, D->dtl, D->dt, D->xr, D->xc, D->y, D->last, D->lastn, D->ints,
                     D->att_ws, D->logits, D->s_u64, D->s_out, D->am_out, D->am_u64, D->am_ws, D->chain_out, D->ssm_all, D->ssm0_all,
-                    D->conv_all, D->conv0_all, D->wbuf, D->acc_keep, D->hpos, D->hw, D->hout};
+                    D->conv_all, D->conv0_all, D->wbuf, D->acc_keep, D->acc_src, D->kv_ptr, D->hpos, D->hw, D->hout};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) cudaFree(bufs[i]);
     for (int i = 0; i < D->ng; i++) cudaGraphExecDestroy(D->g[i].ex);
@@ -1127,6 +1165,7 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
         D->conv0_all = (bf16 *)dalloc(D, (size_t)(D->n_m * B * cwin * di) * 2);
         D->acc_keep = (int32_t *)dalloc(D, (size_t)B * 4);
     }
+    D->acc_src = (int32_t *)dalloc(D, (size_t)(2 * B) * 4);
     for (int l = 0; l < c->n_layer; l++) {
         DLayer *L = &D->L[l];
         if (L->kind == MIXER_ATTN) {
@@ -1136,6 +1175,13 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
             L->ssm = D->ssm_all + L->mi * B * di * ds;
             L->conv = D->conv_all + L->mi * B * cwin * di;
         }
+    }
+    {  // the KV caches' addresses for decoder_cuda_accept_from's one launch over all layers
+        void **hp = (void **)dl_calloc((size_t)(2 * c->n_layer), sizeof(void *));
+        for (int l = 0; l < c->n_layer; l++) hp[2 * l] = D->L[l].kc, hp[2 * l + 1] = D->L[l].vc;
+        D->kv_ptr = (void **)dalloc(D, (size_t)(2 * c->n_layer) * sizeof(void *));
+        cudaCheck(cudaMemcpy(D->kv_ptr, hp, (size_t)(2 * c->n_layer) * sizeof(void *), cudaMemcpyHostToDevice));
+        free(hp);
     }
     // ---- scratch
 #define SCR(p, n) D->p = (bf16 *)dalloc(D, (size_t)(n) * 2)
@@ -1516,12 +1562,14 @@ static int argmax_rows(DecoderCuda *D, int64_t rows, char *err, size_t errlen) {
                                errlen);
 }
 
-// A greedy chain's device work (decoder_cuda_greedy_chain): n picks into chain_out, each the argmax of the current
-// logits, the first `feeds` of them fed back as one-token steps; ints holds the first feed's upload.
-static void chain_body(DecoderCuda *D, int n, int feeds) {
+// A greedy chain's device work (decoder_cuda_branch_chain): n picks into chain_out, each the argmax of the current
+// logits (the first: of rank b % W in row b), the first `feeds` of them fed back as one-token steps; ints holds the
+// first feed's upload.
+static void chain_body(DecoderCuda *D, int W, int n, int feeds) {
     const int64_t nb = D->nb;
     for (int i = 0; i < n; i++) {
-        TCK(argmax_rows(D, nb, EA));
+        if (i == 0 && W > 1) TCK(rank_rows_cuda_on(D->logits, nb, D->h.base.vocab, W, D->am_out, D->st, EA));
+        else TCK(argmax_rows(D, nb, EA));
         chain_pick_kernel<<<grid_of(nb, 128), 128, 0, D->st>>>(D->ints, D->rows, D->B, nb, D->am_out, D->chain_out, n,
                                                                i, i < feeds, i > 0);
         kernelCheck("chain_pick_kernel");
@@ -1613,7 +1661,8 @@ static cudaGraphExec_t graph_for(DecoderCuda *D, int64_t lc, int all, int chain)
     cudaGraph_t g;
     cudaCheck(cudaStreamBeginCapture(D->st, cudaStreamCaptureModeThreadLocal));
     if (chain) {
-        chain_body(D, chain / 2, chain / 2 - 1 + chain % 2);
+        const int c = chain % CHAIN_KEY_W;
+        chain_body(D, chain / CHAIN_KEY_W + 1, c / 2, c / 2 - 1 + c % 2);
     } else {
         run_chunk(D, lc, D->max_len);
         if (all) head_all(D, lc, 0, lc);
@@ -1757,20 +1806,46 @@ void decoder_cuda_window_begin(DecoderCuda *D) {
 
 static void replay(DecoderCuda *D);
 
-int decoder_cuda_accept(DecoderCuda *D, const int32_t *keep, DlError *e) {
+int decoder_cuda_accept(DecoderCuda *D, const int32_t *keep, DlError *e) { return decoder_cuda_accept_from(D, keep, NULL, e); }
+
+int decoder_cuda_accept_from(DecoderCuda *D, const int32_t *keep, const int32_t *src, DlError *e) {
     if (!D->win) return dl_fail(e, "decoder_cuda_accept without decoder_cuda_window_begin");
-    const int64_t nb = D->nb;
-    bool all = true;
+    const int64_t nb = D->nb, B = D->B;
+    bool all = true, moved = false;
     for (int64_t b = 0; b < nb; b++) {
         if (keep[b] < 0 || keep[b] > D->wlen)
             return dl_fail(e, "decoder_cuda_accept: sequence %lld keeps %d of %lld window tokens", (long long)b, keep[b],
                            (long long)D->wlen);
         all = all && keep[b] == D->wlen;
+        if (!src || src[b] == b) continue;
+        if (src[b] < 0 || src[b] >= nb || src[src[b]] != src[b] || D->len0[src[b]] != D->len0[b])
+            return dl_fail(e, "decoder_cuda_accept: sequence %lld cannot take sequence %d's window (a source must keep its "
+                              "own, and both must have started the window at the same length)", (long long)b, src[b]);
+        moved = true;
     }
     D->win = false;
-    for (int64_t b = 0; b < nb; b++) D->len[b] = D->len0[b] + keep[b];  // attention: rollback = length reset
-    if (all || D->wlen == 0 || D->n_m == 0) return 0;  // the Mamba states already are those after every token
-    cudaCheck(cudaMemcpyAsync(D->acc_keep, keep, (size_t)nb * 4, cudaMemcpyHostToDevice, D->st));
+    int32_t *hk = D->hints, *hs = D->hints + B;  // staged: keep per sequence (the source's), then [src | len0]
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t j = src ? src[b] : b;
+        hk[b] = keep[j], hs[b] = (int32_t)j, hs[B + b] = (int32_t)D->len0[b];
+        D->len[b] = D->len0[b] + keep[j];  // attention: rollback = length reset
+    }
+    if (moved) {  // the branches take their sources' kept keys and values and Mamba window inputs, then replay below
+        const LlamaConfig *c = &D->h.base;
+        const int64_t kvd = (int64_t)c->n_kv_head * c->head_dim;
+        cudaCheck(cudaMemcpyAsync(D->acc_src, hs, (size_t)(2 * B) * 4, cudaMemcpyHostToDevice, D->st));
+        cudaCheck(cudaMemcpyAsync(D->acc_keep, hk, (size_t)nb * 4, cudaMemcpyHostToDevice, D->st));
+        kv_take_kernel<<<dim3(grid_of(D->wlen * kvd, 256), (unsigned)(2 * c->n_layer), (unsigned)nb), 256, 0, D->st>>>(
+            (bf16 *const *)D->kv_ptr, D->acc_src, D->acc_keep, B, D->max_len, kvd);
+        kernelCheck("kv_take_kernel");
+        if (D->n_m && D->wlen) {
+            win_take_kernel<<<dim3(grid_of(D->wlen * window_per_tok(&D->h), 256), (unsigned)D->n_m, (unsigned)nb), 256, 0, D->st>>>(
+                D->wbuf, D->acc_src, B, D->wcap, D->wlen, D->h.d_inner, D->h.d_xb);
+            kernelCheck("win_take_kernel");
+        }
+    }
+    if ((all && !moved) || D->wlen == 0 || D->n_m == 0) return 0;  // the Mamba states already are those after every token
+    if (!moved) cudaCheck(cudaMemcpyAsync(D->acc_keep, hk, (size_t)nb * 4, cudaMemcpyHostToDevice, D->st));
     if (!D->use_graph) {
         replay(D);
         return 0;
@@ -1851,9 +1926,23 @@ int decoder_cuda_argmax_fed(DecoderCuda *D, int32_t *tokens, int32_t *fed, DlErr
 }
 
 int decoder_cuda_greedy_chain(DecoderCuda *D, int n, int feed_last, int32_t *out, DlError *e) {
+    return decoder_cuda_branch_chain(D, 1, n, feed_last, out, e);
+}
+
+// The first pick of row b by rank b % W, on the host (the path without chains).
+static int first_picks_ranked(DecoderCuda *D, int W, int32_t *t, DlError *e) {
+    char err[256] = "";
+    if (rank_rows_cuda_on(D->logits, D->nb, D->h.base.vocab, W, D->am_out, D->st, EA)) return dl_fail(e, "decoder_cuda: %s", err);
+    cudaCheck(cudaMemcpyAsync(t, D->am_out, (size_t)D->nb * 4, cudaMemcpyDeviceToHost, D->st));
+    cudaCheck(cudaStreamSynchronize(D->st));
+    return 0;
+}
+
+int decoder_cuda_branch_chain(DecoderCuda *D, int W, int n, int feed_last, int32_t *out, DlError *e) {
     const int64_t nb = D->nb;
     const int feeds = feed_last ? n : n - 1;
     if (n < 1 || n > CHAIN_MAX) return dl_fail(e, "decoder_cuda: a greedy chain of %d picks, expected 1..%d", n, CHAIN_MAX);
+    if (W < 1 || W > BRANCH_MAX) return dl_fail(e, "decoder_cuda: %d branches, expected 1..%d", W, BRANCH_MAX);
     if (D->lrows != nb)
         return dl_fail(e, "decoder_cuda: a greedy chain needs the last-token logits of the %lld sequences, the last feed "
                           "kept %lld rows", (long long)nb, (long long)D->lrows);
@@ -1864,7 +1953,7 @@ int decoder_cuda_greedy_chain(DecoderCuda *D, int n, int feed_last, int32_t *out
         int32_t *o = out ? out : (int32_t *)malloc((size_t)(nb * n) * sizeof(int32_t));
         int rc = 0;
         for (int i = 0; i < n && rc == 0; i++) {
-            if ((rc = decoder_cuda_argmax(D, t, e)) != 0) break;
+            if ((rc = i == 0 && W > 1 ? first_picks_ranked(D, W, t, e) : decoder_cuda_argmax(D, t, e)) != 0) break;
             for (int64_t b = 0; b < nb; b++) o[b * n + i] = t[b];
             if (i < feeds) rc = decoder_cuda_feed(D, t, 1, NULL, 0, e);
         }
@@ -1883,8 +1972,8 @@ int decoder_cuda_greedy_chain(DecoderCuda *D, int n, int feed_last, int32_t *out
         if (D->win) ensure_window(D, D->wlen + feeds);
         upload_chunk(D, NULL, 1, NULL, 0, 1);
     }
-    if (D->use_graph) cudaCheck(cudaGraphLaunch(graph_for(D, 1, 0, 2 * n + (feed_last != 0)), D->st));
-    else chain_body(D, n, feeds);
+    if (D->use_graph) cudaCheck(cudaGraphLaunch(graph_for(D, 1, 0, 2 * n + (feed_last != 0) + CHAIN_KEY_W * (W - 1)), D->st));
+    else chain_body(D, W, n, feeds);
     D->chain_kept = out ? 0 : n;
     if (out) {
         cudaCheck(cudaMemcpyAsync(out, D->chain_out, (size_t)(nb * n) * 4, cudaMemcpyDeviceToHost, D->st));

@@ -86,6 +86,10 @@ int decoder_cuda_argmax(DecoderCuda *d, int32_t *tokens, DlError *e);
 // all-logits rows). out NULL: the picks stay on the device, with no host round trip, for another decoder's
 // decoder_cuda_feed_picks.
 int decoder_cuda_greedy_chain(DecoderCuda *d, int n, int feed_last, int32_t *out, DlError *e);
+// decoder_cuda_greedy_chain for speculative branches: the first pick of sequence b is the id of rank b % W (1..8) of
+// its logits (rank_rows_cuda; 0: the argmax), the later picks argmaxes, so W consecutive sequences holding the same
+// state propose W different continuations. W 1: decoder_cuda_greedy_chain.
+int decoder_cuda_branch_chain(DecoderCuda *d, int W, int n, int feed_last, int32_t *out, DlError *e);
 // A speculative round without a host round trip between draft and target: feeds tokens [nb, 1 + n] to d whose
 // column 0 is first (host [nb]) and columns 1..n are the picks of src's last greedy chain run with out NULL (copied
 // on the device once src's stream has made them; src: another decoder, same nb and vocabulary). all_logits as
@@ -107,6 +111,10 @@ int decoder_cuda_argmax_fed(DecoderCuda *d, int32_t *tokens, int32_t *fed, DlErr
 // recomputed. The window buffers grow on demand (the first window sizes them).
 void decoder_cuda_window_begin(DecoderCuda *d);
 int decoder_cuda_accept(DecoderCuda *d, const int32_t *keep, DlError *e);
+// decoder_accept_from (engine.h) on the device: sequence b ends as sequence src[b] after its keep[src[b]] window tokens
+// (src NULL: decoder_cuda_accept). The branches take their sources' kept keys and values and Mamba window inputs (two
+// launches over all layers), then every Mamba state is replayed from the window start as in decoder_cuda_accept.
+int decoder_cuda_accept_from(DecoderCuda *d, const int32_t *keep, const int32_t *src, DlError *e);
 // CUDA graphs for short feeds (L <= 32 tokens, one chunk: decode steps and verification windows), captured
 // once per (batch, L, all_logits, window) shape. Default: the DISTILL_DECODE_GRAPH environment variable.
 void decoder_cuda_use_graph(DecoderCuda *d, int on);
@@ -146,6 +154,10 @@ int sample_rows_cuda(const float *logits, int64_t rows, int64_t V, const DecodeS
 // first use (every call leaves it so). rows <= 65535. Enqueued on the default stream.
 size_t argmax_rows_workspace(int64_t rows, int64_t V);
 int argmax_rows_cuda(const float *logits, int64_t rows, int64_t V, void *ws, int32_t *out, char *err, size_t errlen);
+
+// The id of rank r % W (W 1..8) of each row r of logits [rows, V] (sample_rank of sample.h: value descending, NaN as
+// -inf, lower id first on ties) into out [rows] (device). rows <= 65535. Default stream; -1 (err) on a bad shape.
+int rank_rows_cuda(const float *logits, int64_t rows, int64_t V, int W, int32_t *out, char *err, size_t errlen);
 
 // The decode attention alone, for tests and benchmarks: q device [nb*lc, nh*hd] bf16 (row b*lc + t: the query at
 // position lenb[b] + t, which sees keys 0..lenb[b] + t of sequence b), kc, vc device [nb, max_len, nkv*hd] bf16,

@@ -31,7 +31,11 @@
 //      full head's and the rest -inf through prefill, steps, windows with accept and chains; picks from the subset;
 //      refusals; n = 0 restores the full head. Greedy speculative decoding with trimmed drafts equals plain, and
 //      sampled speculative decoding with one still follows the target's joint.
-//   8. Last: 1, 5, 6, 7 again with the decode steps replayed from CUDA graphs (DISTILL_DECODE_GRAPH=1).
+//   8. Speculative branches: rank_rows_cuda = sample_rank (ties, NaN, -inf; W 1..8; 61 and 49152 ids);
+//      decoder_cuda_accept_from leaves every row bit-identical (next logits) to a decoder fed its source's kept tokens
+//      as one prefill, and refuses bad sources; greedy speculative decoding with 2 and 4 branches equals plain, with
+//      the same tokens and kept chains through the host picks and without chains (DISTILL_DECODE_CHAIN=0).
+//   9. Last: 1, 5, 6, 7, 8 again with the decode steps replayed from CUDA graphs (DISTILL_DECODE_GRAPH=1).
 // Every output buffer is poisoned before each check. Exit status != 0 on any failure.
 // Usage: gpu_test_decode [--verbose]
 #include <cuda_runtime.h>
@@ -377,8 +381,9 @@ static void window_case(const Model *m, const char *name, int64_t B, const int64
     free(pr), free(win), free(ls), free(lw), free(lc), free(row), free(col), free(rt), free(nx), free(lr), free(lcpu);
 }
 
-// Greedy speculative == plain greedy on the GPU (one code path with the CPU: spec_decode.c).
-static void spec_case_h(const Model *t, const Model *d, const int32_t *hid, int64_t hn, const char *name, bool self_draft) {
+// Greedy speculative == plain greedy on the GPU (one code path with the CPU: spec_decode.c); W > 1: that many branches
+// per sequence (decoders of B * W rows).
+static void spec_case_hw(const Model *t, const Model *d, const int32_t *hid, int64_t hn, int W, const char *name, bool self_draft) {
     DlError e;
     enum { B = 3, LM = 40, NT = 40 };
     const int64_t plen[B] = {40, 7, 19}, V = t->h.base.vocab;
@@ -389,19 +394,45 @@ static void spec_case_h(const Model *t, const Model *d, const int32_t *hid, int6
     for (int ki = 0; ki < 3; ki++) {
         GenParams gp;
         memset(&gp, 0, sizeof gp);
-        gp.k = ks[ki], gp.sp.greedy = true, gp.max_tokens = NT, gp.stop[0] = gp.stop[1] = -1;
+        gp.k = ks[ki], gp.sp.greedy = true, gp.max_tokens = NT, gp.stop[0] = gp.stop[1] = -1, gp.branches = W;
         const int64_t ml = spec_max_len(LM, NT, gp.k);
-        GenDecoder T, D;
-        die_if(gen_decoder_new(&t->h, &t->r, t->p, B, ml, 1, graph, &T, &e) != 0, &e, "target");
-        die_if(gen_decoder_new(&d->h, &d->r, d->p, B, ml, 1, graph, &D, &e) != 0, &e, "draft");
+        GenDecoder T, D, P;
+        die_if(gen_decoder_new(&t->h, &t->r, t->p, B * W, ml, 1, graph, &T, &e) != 0, &e, "target");
+        die_if(gen_decoder_new(&d->h, &d->r, d->p, B * W, ml, 1, graph, &D, &e) != 0, &e, "draft");
+        die_if(gen_decoder_new(&t->h, &t->r, t->p, B, ml, 1, graph, &P, &e) != 0, &e, "plain");
         if (hn) die_if(gen_decoder_set_head_ids(D, hid, hn, &e) != 0, &e, "draft head ids");
         int32_t ref[B * NT], got[B * NT];
         int64_t nref[B], ngot[B];
         Rng r1, r2;
         rng_init(&r1, 1, 0), rng_init(&r2, 1, 0);
-        die_if(gen_plain(T, pr, plen, LM, &gp, &r1, ref, nref, &e) != 0, &e, "gen_plain");
+        die_if(gen_plain(P, pr, plen, LM, &gp, &r1, ref, nref, &e) != 0, &e, "gen_plain");
+        gen_decoder_free(&P);
         SpecStats st, sh;
+        for (int i = 0; i < B * NT; i++) got[i] = -7;  // poisoned
         die_if(gen_speculative(T, D, pr, plen, LM, &gp, &r2, got, ngot, &st, &e) != 0, &e, "gen_speculative");
+        if (W > 1) {  // the first picks through the host path of decoder_cuda_branch_chain: the same run
+            setenv("DISTILL_DECODE_CHAIN", "0", 1);
+            GenDecoder T2, D2;
+            die_if(gen_decoder_new(&t->h, &t->r, t->p, B * W, ml, 1, graph, &T2, &e) != 0, &e, "target");
+            die_if(gen_decoder_new(&d->h, &d->r, d->p, B * W, ml, 1, graph, &D2, &e) != 0, &e, "draft");
+            unsetenv("DISTILL_DECODE_CHAIN");
+            if (hn) die_if(gen_decoder_set_head_ids(D2, hid, hn, &e) != 0, &e, "draft head ids");
+            int32_t g2[B * NT];
+            int64_t n2[B];
+            SpecStats s2;
+            Rng r4;
+            rng_init(&r4, 1, 0);
+            die_if(gen_speculative(T2, D2, pr, plen, LM, &gp, &r4, g2, n2, &s2, &e) != 0, &e, "gen_speculative (no chains)");
+            check(!memcmp(g2, got, sizeof g2) && !memcmp(n2, ngot, sizeof n2) && s2.steps == st.steps &&
+                      !memcmp(s2.branch_won, st.branch_won, sizeof st.branch_won),
+                  "%s K=%d, %d branches%s: without chains (DISTILL_DECODE_CHAIN=0) the same tokens and kept chains", name,
+                  gp.k, W, graph ? " (graphs)" : "");
+            gen_decoder_free(&T2), gen_decoder_free(&D2);
+            int64_t won = 0, other = 0;
+            for (int w = 0; w < W; w++) won += st.branch_won[w], other += w > 0 ? st.branch_won[w] : 0;
+            check(won == st.steps, "%s K=%d, %d branches: a kept chain per step (%lld of %lld; %lld not chain 0)", name, gp.k,
+                  W, (long long)won, (long long)st.steps, (long long)other);
+        }
         {  // the draft's picks through the host (DISTILL_SPEC_HOST=1): the same tokens and acceptance
             int32_t hg[B * NT];
             int64_t nh[B];
@@ -411,9 +442,10 @@ static void spec_case_h(const Model *t, const Model *d, const int32_t *hid, int6
             die_if(gen_speculative(T, D, pr, plen, LM, &gp, &r3, hg, nh, &sh, &e) != 0, &e, "gen_speculative (host picks)");
             unsetenv("DISTILL_SPEC_HOST");
             check(!memcmp(hg, got, sizeof hg) && !memcmp(nh, ngot, sizeof nh) && sh.steps == st.steps &&
-                      !memcmp(sh.accepted_at, st.accepted_at, sizeof st.accepted_at) && sh.rounds == st.rounds,
-                  "%s K=%d%s: draft picks kept on the device give the tokens and acceptance of picks through the host "
-                  "(%lld rounds)", name, gp.k, graph ? " (graphs)" : "", (long long)st.rounds);
+                      !memcmp(sh.accepted_at, st.accepted_at, sizeof st.accepted_at) && sh.rounds == st.rounds &&
+                      !memcmp(sh.branch_won, st.branch_won, sizeof st.branch_won),
+                  "%s K=%d, %d branches%s: draft picks kept on the device give the tokens and acceptance of picks through "
+                  "the host (%lld rounds)", name, gp.k, W, graph ? " (graphs)" : "", (long long)st.rounds);
         }
         int equal = 0, near_tie = 0, real_diff = 0;
         for (int64_t b = 0; b < B; b++) {
@@ -442,15 +474,105 @@ static void spec_case_h(const Model *t, const Model *d, const int32_t *hid, int6
             decoder_cuda_free(g);
         }
         const double acc = (double)st.accepted_at[0] / (double)(st.steps > 0 ? st.steps : 1);
-        check(real_diff == 0, "%s K=%d%s: greedy speculative == plain greedy on the GPU in %d of %d sequences (%d bf16 near-ties), "
-              "%.2f tokens per target step", name, gp.k, graph ? " (graphs)" : "", equal, B, near_tie,
+        check(real_diff == 0, "%s K=%d, %d branches%s: greedy speculative == plain greedy on the GPU in %d of %d sequences (%d "
+              "bf16 near-ties), %.2f tokens per target step", name, gp.k, W, graph ? " (graphs)" : "", equal, B, near_tie,
               (double)st.emitted / (double)(st.steps > 0 ? st.steps : 1));
         if (self_draft) check(acc >= 0.95, "%s K=%d: the target as its own draft: first proposal accepted in %.3f of steps", name, gp.k, acc);
         gen_decoder_free(&T), gen_decoder_free(&D);
     }
 }
 
+static void spec_case_h(const Model *t, const Model *d, const int32_t *hid, int64_t hn, const char *name, bool self_draft) {
+    spec_case_hw(t, d, hid, hn, 1, name, self_draft);
+}
 static void spec_case(const Model *t, const Model *d, const char *name, bool self_draft) { spec_case_h(t, d, NULL, 0, name, self_draft); }
+
+// rank_rows_cuda against sample_rank: rows with ties, NaN and -inf; every W 1..8.
+static void test_rank_rows(int64_t V) {
+    enum { R = 24 };
+    float *x = (float *)malloc((size_t)(R * V) * 4), *dx;
+    int32_t got[R], *dout;
+    Rng rng;
+    rng_init(&rng, 77, (uint64_t)V);
+    for (int64_t i = 0; i < R * V; i++) {
+        const uint64_t k = rng_below(&rng, 12);
+        x[i] = k == 0 ? -INFINITY : k == 1 ? NAN : k < 6 ? (float)rng_below(&rng, 4) : (float)rng_normal(&rng);
+    }
+    CK(cudaMalloc(&dx, (size_t)(R * V) * 4));
+    CK(cudaMalloc(&dout, R * 4));
+    CK(cudaMemcpy(dx, x, (size_t)(R * V) * 4, cudaMemcpyHostToDevice));
+    int bad = 0;
+    for (int W = 1; W <= 8; W++) {
+        char err[256] = "";
+        CK(cudaMemset(dout, 0xff, R * 4));  // poisoned
+        if (rank_rows_cuda(dx, R, V, W, dout, err, sizeof err)) {
+            check(false, "rank_rows_cuda: %s", err);
+            continue;
+        }
+        CK(cudaMemcpy(got, dout, R * 4, cudaMemcpyDeviceToHost));
+        for (int r = 0; r < R; r++) bad += got[r] != sample_rank(x + r * V, V, r % W);
+    }
+    char err[256] = "";
+    check(bad == 0 && rank_rows_cuda(dx, R, V, 9, dout, err, sizeof err) != 0,
+          "rank_rows_cuda = sample_rank over %lld ids, W 1..8 (%d of %d differ); W 9 refused", (long long)V, bad, 8 * R);
+    CK(cudaFree(dx));
+    CK(cudaFree(dout));
+    free(x);
+}
+
+// decoder_cuda_accept_from: R rows share a prefix, then a window (two feeds of 2 tokens, different per row); after
+// accept_from every row's next logits are bit-identical to a decoder fed its source's kept tokens as one prefill.
+static void test_accept_from(const Model *m, const char *nm) {
+    DlError e;
+    enum { R = 4, LP = 37, LW = 4 };
+    const int64_t V = m->h.base.vocab;
+    DecoderCuda *D = decoder_cuda_new(&m->h, &m->r, m->p, R, 64, NULL, &e), *Q = decoder_cuda_new(&m->h, &m->r, m->p, 1, 64, NULL, &e);
+    die_if(!D || !Q, &e, "decoder_cuda_new");
+    if (getenv("DISTILL_DECODE_GRAPH")) decoder_cuda_use_graph(D, 1), decoder_cuda_use_graph(Q, 1);
+    int32_t pre[R * LP], win[R * LW], nxt[R], w1[R * 2], w2[R * 2];
+    random_tokens(pre, 1, LP, NULL, V, 31);
+    for (int b = 1; b < R; b++) memcpy(pre + b * LP, pre, sizeof(int32_t) * LP);
+    random_tokens(win, R, LW, NULL, V, 32);
+    random_tokens(nxt, R, 1, NULL, V, 33);
+    for (int b = 0; b < R; b++)
+        w1[b * 2] = win[b * LW], w1[b * 2 + 1] = win[b * LW + 1], w2[b * 2] = win[b * LW + 2], w2[b * 2 + 1] = win[b * LW + 3];
+    const int32_t src[R] = {2, 1, 2, 1}, keep[R] = {0, 3, 2, 4}, chain_src[R] = {1, 2, 2, 3};
+    float *lg = (float *)malloc((size_t)(R * V) * 4), *lq = (float *)malloc((size_t)V * 4);
+    die_if(decoder_cuda_reset(D, R, &e) || decoder_cuda_feed(D, pre, LP, NULL, 0, &e), &e, "prefill");
+    decoder_cuda_window_begin(D);
+    die_if(decoder_cuda_feed(D, w1, 2, NULL, 1, &e) || decoder_cuda_feed(D, w2, 2, NULL, 1, &e), &e, "window");
+    check(decoder_cuda_accept_from(D, keep, chain_src, &e) != 0, "%s: accept_from refuses a source that takes another's window", nm);
+    die_if(decoder_cuda_accept_from(D, keep, src, &e) != 0, &e, "accept_from");
+    die_if(decoder_cuda_feed(D, nxt, 1, NULL, 0, &e) != 0, &e, "next");
+    for (int64_t i = 0; i < R * V; i++) lg[i] = NAN;
+    decoder_cuda_logits_host(D, lg);
+    int same = 0;
+    double er = 0;
+    for (int b = 0; b < R; b++) {
+        int32_t tok[LP + LW + 1];
+        const int kp = keep[src[b]];
+        memcpy(tok, pre, sizeof(int32_t) * LP);
+        memcpy(tok + LP, win + src[b] * LW, sizeof(int32_t) * (size_t)kp);
+        tok[LP + kp] = nxt[b];
+        die_if(decoder_cuda_reset(Q, 1, &e) || decoder_cuda_feed(Q, tok, LP + kp + 1, NULL, 0, &e), &e, "reference");
+        for (int64_t v = 0; v < V; v++) lq[v] = NAN;
+        decoder_cuda_logits_host(Q, lq);
+        same += !memcmp(lg + b * V, lq, (size_t)V * 4) && decoder_cuda_seq_len(D, b) == LP + kp + 1;
+        er = fmax(er, relerr(lg + b * V, lq, V));
+    }
+    check(same == R, "%s: after accept_from every row equals a prefill of its source's kept tokens, bit for bit (%d of %d; "
+          "relative error %.2e)%s", nm, same, R, er, getenv("DISTILL_DECODE_GRAPH") ? " (graphs)" : "");
+    // rows that began the window at different lengths cannot share one
+    const int64_t n2[R] = {LP, LP - 1, LP, LP};
+    die_if(decoder_cuda_reset(D, R, &e) || decoder_cuda_feed(D, pre, LP, n2, 0, &e), &e, "ragged prefill");
+    decoder_cuda_window_begin(D);
+    die_if(decoder_cuda_feed(D, nxt, 1, NULL, 0, &e) != 0, &e, "window");
+    const int32_t k1[R] = {1, 1, 1, 1}, s1[R] = {0, 0, 2, 3};
+    check(decoder_cuda_accept_from(D, k1, s1, &e) != 0 && strstr(e.msg, "same length"),
+          "%s: accept_from refuses rows that began the window at different lengths", nm);
+    free(lg), free(lq);
+    decoder_cuda_free(D), decoder_cuda_free(Q);
+}
 
 // Exact distribution of the first two sampled tokens after prompt [L] as the GPU computes it: joint [V, V].
 // hn > 0: with the head trimmed to hid.
@@ -576,7 +698,14 @@ static void test_speculative(const Model *hy, const Model *te) {
         for (int j = 0; j < 300; j++) hid[j] = 299 - j;
         spec_case_h(hy, &hcut, hid, 300, "hybrid target, 2-layer cut draft with 300 head rows", false);
         spec_case_h(te, te, hid, 300, "teacher target, itself with 300 head rows as draft", false);
+        spec_case_hw(hy, &hcut, hid, 300, 4, "hybrid target, 2-layer cut draft with 300 head rows", false);
     }
+    spec_case_hw(hy, &hcut, NULL, 0, 2, "hybrid target, 2-layer cut draft", false);
+    spec_case_hw(hy, &hcut, NULL, 0, 4, "hybrid target, 2-layer cut draft", false);
+    spec_case_hw(te, &tcut, NULL, 0, 3, "teacher target, 2-layer cut draft", false);
+    spec_case_hw(hy, hy, NULL, 0, 2, "hybrid target, itself as draft", true);
+    test_accept_from(hy, "hybrid");
+    test_accept_from(te, "teacher");
     if (!getenv("DISTILL_DECODE_GRAPH")) spec_sampled_case();  // (no graphs: the same path)
     free(hcut.p), free(tcut.p);
     reg_free(&hcut.r), reg_free(&tcut.r);
@@ -1075,6 +1204,8 @@ int main(int argc, char **argv) {
           "a Mamba-2 layer is refused: %s", e.msg);
 
     test_sampling();
+    test_rank_rows(61);
+    test_rank_rows(49152);
     test_speculative(&hy, &te);
     test_reset_seq(&hy, "hybrid");
     test_reset_seq(&te, "teacher");

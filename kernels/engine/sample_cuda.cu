@@ -644,6 +644,66 @@ extern "C" int argmax_rows_cuda(const float *logits, int64_t rows, int64_t V, vo
     return argmax_rows_cuda_on(logits, rows, V, ws, out, 0, err, errlen);
 }
 
+// ---------------------------------------------------------------- ranked picks (speculative branches)
+
+// Row r gets the id of rank r % W in the order (value descending, NaN as -inf; id ascending on ties): sample_rank
+// (sample.h) on the device. One block per row; each thread keeps the first rank + 1 of its own elements in that order,
+// then rank + 1 block-wide rounds take the best remaining head of those lists. W <= RANK_MAX.
+#define RANK_MAX 8
+#define RANK_THREADS 256
+__global__ void __launch_bounds__(RANK_THREADS) rank_rows_kernel(const float *logits, int64_t V, int W, int32_t *out) {
+    __shared__ float sv[RANK_THREADS / 32];
+    __shared__ int64_t si[RANK_THREADS / 32];
+    __shared__ int64_t won;
+    const int64_t row = blockIdx.x;
+    const int n = (int)(row % W) + 1;  // list length needed: the rank + 1
+    const float *x = logits + row * V;
+    float lv[RANK_MAX];
+    int64_t li[RANK_MAX];
+    for (int k = 0; k < RANK_MAX; k++) lv[k] = -INFINITY, li[k] = INT64_MAX;
+    for (int64_t i = threadIdx.x; i < V; i += RANK_THREADS) {  // insertion into the sorted list, dropping its tail
+        float v = clean(__ldg(x + i));
+        int64_t id = i;
+        for (int k = 0; k < n; k++) {
+            if (v > lv[k] || (v == lv[k] && id < li[k])) {
+                const float tv = lv[k];
+                const int64_t ti = li[k];
+                lv[k] = v, li[k] = id, v = tv, id = ti;
+            }
+        }
+    }
+    int head = 0;
+    for (int r = 0; r < n; r++) {
+        float bv = head < n ? lv[head] : -INFINITY;
+        int64_t bi = head < n ? li[head] : INT64_MAX;
+        for (int o = 16; o; o >>= 1) am_merge(bv, bi, __shfl_xor_sync(FULL_MASK, bv, o), __shfl_xor_sync(FULL_MASK, bi, o));
+        if ((threadIdx.x & 31) == 0) sv[threadIdx.x >> 5] = bv, si[threadIdx.x >> 5] = bi;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int w = 1; w < RANK_THREADS / 32; w++) am_merge(bv, bi, sv[w], si[w]);
+            won = bi;
+        }
+        __syncthreads();
+        if (head < n && li[head] == won) head++;  // ids are distinct: exactly one thread held it
+        __syncthreads();                          // sv / si / won reused by the next round
+    }
+    if (threadIdx.x == 0) out[row] = won < V ? (int32_t)won : -1;
+}
+
+int rank_rows_cuda_on(const float *logits, int64_t rows, int64_t V, int W, int32_t *out, cudaStream_t st, char *err,
+                      size_t errlen) {
+    if (rows <= 0 || V <= 0 || V > INT32_MAX || rows > 65535 || W < 1 || W > RANK_MAX)
+        return train_fail(err, errlen, "rank_rows: bad shape rows %lld x vocab %lld, %d ranks (1..%d)", (long long)rows,
+                          (long long)V, W, RANK_MAX);
+    rank_rows_kernel<<<(unsigned)rows, RANK_THREADS, 0, st>>>(logits, V, W, out);
+    kernelCheck("rank_rows_kernel");
+    return 0;
+}
+
+extern "C" int rank_rows_cuda(const float *logits, int64_t rows, int64_t V, int W, int32_t *out, char *err, size_t errlen) {
+    return rank_rows_cuda_on(logits, rows, V, W, out, 0, err, errlen);
+}
+
 // sample_rows_cuda with every row through the general path (radix select over the whole row, the draw over the whole
 // row): the oracle of the fast path in tests and benchmarks (not in decode_cuda.h: they declare it themselves).
 extern "C" int sample_rows_cuda_reference(const float *logits, int64_t rows, int64_t V, const DecodeSampling *s,
