@@ -1163,8 +1163,8 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
         D->ssm0_all = (float *)dalloc(D, (size_t)(D->n_m * B * di * ds) * 4);
         D->conv_all = (bf16 *)dalloc(D, (size_t)(D->n_m * B * cwin * di) * 2);
         D->conv0_all = (bf16 *)dalloc(D, (size_t)(D->n_m * B * cwin * di) * 2);
-        D->acc_keep = (int32_t *)dalloc(D, (size_t)B * 4);
     }
+    D->acc_keep = (int32_t *)dalloc(D, (size_t)B * 4);
     D->acc_src = (int32_t *)dalloc(D, (size_t)(2 * B) * 4);
     for (int l = 0; l < c->n_layer; l++) {
         DLayer *L = &D->L[l];
