@@ -13,7 +13,12 @@
 //   3. plain decode tokens/s of the hybrid vs the teacher at contexts 1k, 8k, 32k (batch 1 and 8; KV cache
 //      filled by seek: speed only).
 //   --draft-heads instead: a 2-layer draft of the config's shape, full head vs heads trimmed to N ids (draft_heads).
-// CUDA graphs for short feeds unless --no-graph. Usage: gpu_bench_spec [--config PATH] [--no-graph] [--quick] [--draft-heads]
+//   --branches instead: the parts of a speculative round with W = 1, 2, 4, 8 branches (one sequence, W decoder rows;
+//     the 50% hybrid target, the teacher's layers 0 and L-1 as the draft with a 16,384-id head), K 3: the draft's
+//     pending step, its chain of K (ranked first picks), the target's K+1 window with argmax, each decoder's accept
+//     (accept_from when W > 1), and the ranked pick against the argmax alone (branch_parts).
+// CUDA graphs for short feeds unless --no-graph.
+// Usage: gpu_bench_spec [--config PATH] [--no-graph] [--quick] [--draft-heads | --branches]
 // Prints RESULT lines.
 #include <cuda_runtime.h>
 #include <math.h>
@@ -215,21 +220,119 @@ static void draft_heads(const char *cfg, int graph) {
     reg_free(&m.r);
 }
 
+// Microseconds per call of f over reps calls after 3 untimed ones, the stream drained after each (host-synchronizing
+// like the generation loop).
+template <typename F> static double time_us(int reps, F f) {
+    for (int i = 0; i < 3; i++) f();
+    CK(cudaDeviceSynchronize());
+    const double t0 = dl_now();
+    for (int i = 0; i < reps; i++) {
+        f();
+        CK(cudaDeviceSynchronize());
+    }
+    return (dl_now() - t0) * 1e6 / reps;
+}
+
+static void branch_parts(const char *cfg, int graph) {
+    DlError e;
+    LoadedModel lm;
+    die_if(model_load(cfg, 1, &lm, &e) != 0, &e, "model_load");
+    const LlamaConfig *c = &lm.hc.base;
+    HybridConfig hh;
+    int attn[256], na = 0;
+    for (int l = 0; l < c->n_layer; l += 2) attn[na++] = l;
+    die_if(hybrid_config_init(&hh, c, MIXER_MAMBA1, attn, na, &e) != 0, &e, "hybrid_config_init");
+    Model tm, hm, cut;
+    model_init(&tm, "teacher", &lm.hc, 1);
+    model_init(&hm, "hybrid50", &hh, 2);
+    const int cl[2] = {0, c->n_layer - 1};
+    die_if(spec_draft_from_layers(&tm.h, &tm.r, tm.p, cl, 2, &cut.h, &cut.r, &cut.p, &e) != 0, &e, "cut");
+    const int64_t V = c->vocab, nh = V < 16384 ? V : 16384, ctx = 400, reps = 200;
+    int32_t *ids = (int32_t *)malloc((size_t)nh * 4);
+    for (int64_t j = 0; j < nh; j++) ids[j] = (int32_t)j;
+    const int K = 3, Ws[4] = {1, 2, 4, 8};
+    for (int wi = 0; wi < 4; wi++) {
+        const int W = Ws[wi];
+        DecoderCuda *t = decoder_cuda_new(&hm.h, &hm.r, hm.p, W, ctx + reps * 8 + 64, NULL, &e);
+        DecoderCuda *d = decoder_cuda_new(&cut.h, &cut.r, cut.p, W, ctx + reps * 8 + 64, NULL, &e);
+        die_if(!t || !d, &e, "decoder_cuda_new");
+        die_if(decoder_cuda_set_head_ids(d, ids, nh, &e) != 0, &e, "head ids");
+        decoder_cuda_use_graph(t, graph), decoder_cuda_use_graph(d, graph);
+        int32_t tok[64] = {0}, am[64], keep[8], src[8];
+        for (int w = 0; w < W; w++) keep[w] = 2, src[w] = W > 1 ? 1 % W : 0;  // partial accept; rows take row 1's window
+        die_if(decoder_cuda_reset(t, W, &e) || decoder_cuda_seek(t, ctx, &e) || decoder_cuda_reset(d, W, &e) ||
+                   decoder_cuda_seek(d, ctx, &e),
+               &e, "seek");
+        const int32_t *sp = W > 1 ? src : NULL;
+        // the draft: pending step, window, chain of K (picks on the device), accept of 2
+        const double d_step = time_us(reps, [&] { die_if(decoder_cuda_step(d, tok, &e), &e, "draft step"); });
+        const double d_round = time_us(reps, [&] {
+            die_if(decoder_cuda_step(d, tok, &e), &e, "draft step");
+            decoder_cuda_window_begin(d);
+            die_if(decoder_cuda_branch_chain(d, W, K, 0, NULL, &e) || decoder_cuda_accept_from(d, keep, sp, &e), &e, "draft");
+        });
+        const double d_chain = time_us(reps, [&] {
+            die_if(decoder_cuda_step(d, tok, &e), &e, "draft step");
+            decoder_cuda_window_begin(d);
+            die_if(decoder_cuda_branch_chain(d, W, K, 0, NULL, &e) || decoder_cuda_accept(d, keep, &e), &e, "draft");
+        });
+        // the target: window of K + 1 with all logits, argmax, accept of 2 (its Mamba layers replay)
+        auto verify = [&](const int32_t *s) {
+            decoder_cuda_window_begin(t);
+            die_if(decoder_cuda_feed(t, tok, K + 1, NULL, 1, &e) || decoder_cuda_argmax(t, am, &e) ||
+                       decoder_cuda_accept_from(t, keep, s, &e),
+                   &e, "verify");
+        };
+        const double t_round = time_us(reps, [&] { verify(sp); }), t_plain = time_us(reps, [&] { verify(NULL); });
+        const double t_step = time_us(reps, [&] {
+            die_if(decoder_cuda_step(t, tok, &e) || decoder_cuda_argmax(t, am, &e), &e, "target step");
+        });
+        // the picks alone on the draft's logits
+        die_if(decoder_cuda_step(d, tok, &e), &e, "draft step");
+        char err[256] = "";
+        const double rank = time_us(reps, [&] {
+            die_if(rank_rows_cuda(decoder_cuda_logits(d), W, V, W, am, err, sizeof err) != 0, &e, "rank");
+        });
+        void *ws = NULL;
+        CK(cudaMalloc(&ws, argmax_rows_workspace(W, V)));
+        CK(cudaMemset(ws, 0, argmax_rows_workspace(W, V)));
+        int32_t *dam = NULL;
+        CK(cudaMalloc(&dam, 64 * 4));
+        const double amax = time_us(reps, [&] {
+            die_if(argmax_rows_cuda(decoder_cuda_logits(d), W, V, ws, dam, err, sizeof err) != 0, &e, "argmax");
+        });
+        CK(cudaFree(ws));
+        CK(cudaFree(dam));
+        printf("RESULT branch_parts config=%s W=%d K=%d graph=%d target_step_us=%.1f draft_step_us=%.1f draft_round_us=%.1f "
+               "draft_round_plain_accept_us=%.1f verify_us=%.1f verify_plain_accept_us=%.1f rank_us=%.1f argmax_us=%.1f\n",
+               cfg, W, K, graph, t_step, d_step, d_round, d_chain, t_round, t_plain, rank, amax);
+        decoder_cuda_free(t), decoder_cuda_free(d);
+    }
+    free(ids), free(tm.p), free(hm.p), free(cut.p);
+    reg_free(&tm.r), reg_free(&hm.r), reg_free(&cut.r);
+    model_free(&lm);
+}
+
 int main(int argc, char **argv) {
     const char *cfg = "recipes/configs/smollm2-135m.json";
-    int graph = 1, quick = 0, heads = 0;
+    int graph = 1, quick = 0, heads = 0, branches = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--config") && i + 1 < argc) cfg = argv[++i];
         else if (!strcmp(argv[i], "--no-graph")) graph = 0;
         else if (!strcmp(argv[i], "--quick")) quick = 1;
         else if (!strcmp(argv[i], "--draft-heads")) heads = 1;
+        else if (!strcmp(argv[i], "--branches")) branches = 1;
         else {
-            fprintf(stderr, "usage: gpu_bench_spec [--config PATH] [--no-graph] [--quick] [--draft-heads]\n");
+            fprintf(stderr, "usage: gpu_bench_spec [--config PATH] [--no-graph] [--quick] [--draft-heads | --branches]\n");
             return 2;
         }
     }
     if (heads) {
         draft_heads(cfg, graph);
+        return 0;
+    }
+    if (branches) {
+        branch_parts(cfg, graph);
         return 0;
     }
     DlError e;
