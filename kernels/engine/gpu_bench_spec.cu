@@ -290,14 +290,14 @@ static void branch_parts(const char *cfg, int graph) {
         // the picks alone on the draft's logits
         die_if(decoder_cuda_step(d, tok, &e), &e, "draft step");
         char err[256] = "";
-        const double rank = time_us(reps, [&] {
-            die_if(rank_rows_cuda(decoder_cuda_logits(d), W, V, W, am, err, sizeof err) != 0, &e, "rank");
-        });
         void *ws = NULL;
         CK(cudaMalloc(&ws, argmax_rows_workspace(W, V)));
         CK(cudaMemset(ws, 0, argmax_rows_workspace(W, V)));
         int32_t *dam = NULL;
         CK(cudaMalloc(&dam, 64 * 4));
+        const double rank = time_us(reps, [&] {
+            die_if(rank_rows_cuda(decoder_cuda_logits(d), W, V, W, dam, err, sizeof err) != 0, &e, "rank");
+        });
         const double amax = time_us(reps, [&] {
             die_if(argmax_rows_cuda(decoder_cuda_logits(d), W, V, ws, dam, err, sizeof err) != 0, &e, "argmax");
         });
