@@ -37,8 +37,8 @@ int argmax_rows_cuda_on(const float *logits, int64_t rows, int64_t V, void *ws, 
                         char *err, size_t errlen);
 int sample_rows_cuda_on(const float *logits, int64_t rows, int64_t V, const DecodeSampling *s, const uint64_t *stream,
                         const uint64_t *counter, int32_t *out, cudaStream_t st, char *err, size_t errlen);
-int rank_rows_cuda_on(const float *logits, int64_t rows, int64_t V, int W, int32_t *out, cudaStream_t st, char *err,
-                      size_t errlen);
+int rank_rows_cuda_on(const float *logits, int64_t rows, int64_t V, int W, void *ws, int32_t *out, cudaStream_t st,
+                      char *err, size_t errlen);
 
 #define ATT_THREADS 128  // keys per tile = threads; head_dim <= 2 * ATT_THREADS
 #define MAX_HD 256
@@ -809,6 +809,7 @@ struct DecoderCuda {
     int32_t *am_out;     // argmax: [lcap]
     uint64_t *am_u64;    // [lcap] zeros (the sampler's stream / counter, unused when greedy)
     void *am_ws;         // argmax_rows_workspace(lcap, V), zeroed
+    void *rk_ws;         // rank_rows_workspace(B, V), zeroed: a branch chain's first picks
     int32_t *chain_out;  // [B, CHAIN_MAX]: a greedy chain's picks ([nb, n] of the last chain)
     int chain_kept;      // picks of the last chain left on the device (out NULL) for another decoder's feed; else 0
     cudaEvent_t chain_ev;  // recorded after such a chain: the reading decoder's stream waits on it
@@ -839,8 +840,8 @@ struct DecoderCuda {
     int64_t wlen, wcap;
     int64_t *len0;       // host [B]: lengths at the window start
     bf16 *wbuf;          // per Mamba layer the 4 input arrays [B, wcap, .]
-    int32_t *acc_keep;   // device [B]
-    int32_t *acc_src;    // device [B]: decoder_cuda_accept_from's sources
+    int32_t *acc_keep;   // device [3 * B]: keep per sequence, then decoder_cuda_accept_from's sources and window starts
+    int32_t *acc_src;    // acc_keep + B
     void **kv_ptr;       // device [2 * n_layer]: each attention layer's kc, vc (NULL for the others)
     // CUDA graphs (DISTILL_DECODE_GRAPH=1 or decoder_cuda_use_graph): short single-chunk feeds replay a graph of
     // the whole pass, one per (nb, L, all, win); the attention split is then sized for max_len, so no kernel
@@ -927,8 +928,8 @@ void decoder_cuda_free(DecoderCuda *D) {
     }
     void *bufs[] = {D->w, D->w32, D->inv_freq, D->x, D->xn, D->mid, D->q, D->k, D->v, D->att, D->gu, D->act, D->mix,
                     D->z, D->xs, D->Bs, D->Cs, D->dtl, D->dt, D->xr, D->xc, D->y, D->last, D->lastn, D->ints,
-                    D->att_ws, D->logits, D->s_u64, D->s_out, D->am_out, D->am_u64, D->am_ws, D->chain_out, D->ssm_all, D->ssm0_all,
-                    D->conv_all, D->conv0_all, D->wbuf, D->acc_keep, D->acc_src, D->kv_ptr, D->hpos, D->hw, D->hout};
+                    D->att_ws, D->logits, D->s_u64, D->s_out, D->am_out, D->am_u64, D->am_ws, D->rk_ws, D->chain_out, D->ssm_all, D->ssm0_all,
+                    D->conv_all, D->conv0_all, D->wbuf, D->acc_keep, D->kv_ptr, D->hpos, D->hw, D->hout};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) cudaFree(bufs[i]);
     for (int i = 0; i < D->ng; i++) cudaGraphExecDestroy(D->g[i].ex);
@@ -1164,8 +1165,10 @@ DecoderCuda *decoder_cuda_new(const HybridConfig *h, const Registry *r, const fl
         D->conv_all = (bf16 *)dalloc(D, (size_t)(D->n_m * B * cwin * di) * 2);
         D->conv0_all = (bf16 *)dalloc(D, (size_t)(D->n_m * B * cwin * di) * 2);
     }
-    D->acc_keep = (int32_t *)dalloc(D, (size_t)B * 4);
-    D->acc_src = (int32_t *)dalloc(D, (size_t)(2 * B) * 4);
+    D->acc_keep = (int32_t *)dalloc(D, (size_t)(3 * B) * 4);
+    D->acc_src = D->acc_keep + B;
+    D->rk_ws = dalloc(D, rank_rows_workspace(B, c->vocab));
+    cudaCheck(cudaMemset(D->rk_ws, 0, rank_rows_workspace(B, c->vocab)));
     for (int l = 0; l < c->n_layer; l++) {
         DLayer *L = &D->L[l];
         if (L->kind == MIXER_ATTN) {
@@ -1568,7 +1571,7 @@ static int argmax_rows(DecoderCuda *D, int64_t rows, char *err, size_t errlen) {
 static void chain_body(DecoderCuda *D, int W, int n, int feeds) {
     const int64_t nb = D->nb;
     for (int i = 0; i < n; i++) {
-        if (i == 0 && W > 1) TCK(rank_rows_cuda_on(D->logits, nb, D->h.base.vocab, W, D->am_out, D->st, EA));
+        if (i == 0 && W > 1) TCK(rank_rows_cuda_on(D->logits, nb, D->h.base.vocab, W, D->rk_ws, D->am_out, D->st, EA));
         else TCK(argmax_rows(D, nb, EA));
         chain_pick_kernel<<<grid_of(nb, 128), 128, 0, D->st>>>(D->ints, D->rows, D->B, nb, D->am_out, D->chain_out, n,
                                                                i, i < feeds, i > 0);
@@ -1833,8 +1836,7 @@ int decoder_cuda_accept_from(DecoderCuda *D, const int32_t *keep, const int32_t 
     if (moved) {  // the branches take their sources' kept keys and values and Mamba window inputs, then replay below
         const LlamaConfig *c = &D->h.base;
         const int64_t kvd = (int64_t)c->n_kv_head * c->head_dim;
-        cudaCheck(cudaMemcpyAsync(D->acc_src, hs, (size_t)(2 * B) * 4, cudaMemcpyHostToDevice, D->st));
-        cudaCheck(cudaMemcpyAsync(D->acc_keep, hk, (size_t)nb * 4, cudaMemcpyHostToDevice, D->st));
+        cudaCheck(cudaMemcpyAsync(D->acc_keep, hk, (size_t)(3 * B) * 4, cudaMemcpyHostToDevice, D->st));  // [keep | src | len0]
         kv_take_kernel<<<dim3(grid_of(D->wlen * kvd, 256), (unsigned)(2 * c->n_layer), (unsigned)nb), 256, 0, D->st>>>(
             (bf16 *const *)D->kv_ptr, D->acc_src, D->acc_keep, B, D->max_len, kvd);
         kernelCheck("kv_take_kernel");
@@ -1932,7 +1934,8 @@ int decoder_cuda_greedy_chain(DecoderCuda *D, int n, int feed_last, int32_t *out
 // The first pick of row b by rank b % W, on the host (the path without chains).
 static int first_picks_ranked(DecoderCuda *D, int W, int32_t *t, DlError *e) {
     char err[256] = "";
-    if (rank_rows_cuda_on(D->logits, D->nb, D->h.base.vocab, W, D->am_out, D->st, EA)) return dl_fail(e, "decoder_cuda: %s", err);
+    if (rank_rows_cuda_on(D->logits, D->nb, D->h.base.vocab, W, D->rk_ws, D->am_out, D->st, EA))
+        return dl_fail(e, "decoder_cuda: %s", err);
     cudaCheck(cudaMemcpyAsync(t, D->am_out, (size_t)D->nb * 4, cudaMemcpyDeviceToHost, D->st));
     cudaCheck(cudaStreamSynchronize(D->st));
     return 0;

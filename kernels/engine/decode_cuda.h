@@ -156,8 +156,11 @@ size_t argmax_rows_workspace(int64_t rows, int64_t V);
 int argmax_rows_cuda(const float *logits, int64_t rows, int64_t V, void *ws, int32_t *out, char *err, size_t errlen);
 
 // The id of rank r % W (W 1..8) of each row r of logits [rows, V] (sample_rank of sample.h: value descending, NaN as
-// -inf, lower id first on ties) into out [rows] (device). rows <= 65535. Default stream; -1 (err) on a bad shape.
-int rank_rows_cuda(const float *logits, int64_t rows, int64_t V, int W, int32_t *out, char *err, size_t errlen);
+// -inf, lower id first on ties) into out [rows] (device), several blocks per row. ws: rank_rows_workspace(rows, V)
+// bytes of device memory, zeroed before its first use (every call leaves it so). rows <= 65535. Default stream; -1
+// (err) on a bad shape.
+size_t rank_rows_workspace(int64_t rows, int64_t V);
+int rank_rows_cuda(const float *logits, int64_t rows, int64_t V, int W, void *ws, int32_t *out, char *err, size_t errlen);
 
 // The decode attention alone, for tests and benchmarks: q device [nb*lc, nh*hd] bf16 (row b*lc + t: the query at
 // position lenb[b] + t, which sees keys 0..lenb[b] + t of sequence b), kc, vc device [nb, max_len, nkv*hd] bf16,

@@ -295,9 +295,13 @@ static void branch_parts(const char *cfg, int graph) {
         CK(cudaMemset(ws, 0, argmax_rows_workspace(W, V)));
         int32_t *dam = NULL;
         CK(cudaMalloc(&dam, 64 * 4));
+        void *rws = NULL;
+        CK(cudaMalloc(&rws, rank_rows_workspace(W, V)));
+        CK(cudaMemset(rws, 0, rank_rows_workspace(W, V)));
         const double rank = time_us(reps, [&] {
-            die_if(rank_rows_cuda(decoder_cuda_logits(d), W, V, W, dam, err, sizeof err) != 0, &e, "rank");
+            die_if(rank_rows_cuda(decoder_cuda_logits(d), W, V, W, rws, dam, err, sizeof err) != 0, &e, "rank");
         });
+        CK(cudaFree(rws));
         const double amax = time_us(reps, [&] {
             die_if(argmax_rows_cuda(decoder_cuda_logits(d), W, V, ws, dam, err, sizeof err) != 0, &e, "argmax");
         });

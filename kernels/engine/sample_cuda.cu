@@ -647,61 +647,110 @@ extern "C" int argmax_rows_cuda(const float *logits, int64_t rows, int64_t V, vo
 // ---------------------------------------------------------------- ranked picks (speculative branches)
 
 // Row r gets the id of rank r % W in the order (value descending, NaN as -inf; id ascending on ties): sample_rank
-// (sample.h) on the device. One block per row; each thread keeps the first rank + 1 of its own elements in that order,
-// then rank + 1 block-wide rounds take the best remaining head of those lists. W <= RANK_MAX.
+// (sample.h) on the device. As argmax_chunks_kernel, a row is cut into chunks of RK_CHUNK logits, one block per
+// (chunk, row): the block keeps its chunk in registers (RK_PER per thread) and takes its first n = rank + 1 elements of
+// the order in n block-wide rounds, each the best element after the previous round's; the row's last block to finish
+// merges the chunks' n candidates the same way. Every element of the row's first n is among its chunk's first n, so
+// the result does not depend on the chunking or the order of the merges.
 #define RANK_MAX 8
-#define RANK_THREADS 256
-__global__ void __launch_bounds__(RANK_THREADS) rank_rows_kernel(const float *logits, int64_t V, int W, int32_t *out) {
-    __shared__ float sv[RANK_THREADS / 32];
-    __shared__ int64_t si[RANK_THREADS / 32];
-    __shared__ int64_t won;
-    const int64_t row = blockIdx.x;
-    const int n = (int)(row % W) + 1;  // list length needed: the rank + 1
-    const float *x = logits + row * V;
-    float lv[RANK_MAX];
-    int64_t li[RANK_MAX];
-    for (int k = 0; k < RANK_MAX; k++) lv[k] = -INFINITY, li[k] = INT64_MAX;
-    for (int64_t i = threadIdx.x; i < V; i += RANK_THREADS) {  // insertion into the sorted list, dropping its tail
-        float v = clean(__ldg(x + i));
-        int64_t id = i;
-        for (int k = 0; k < n; k++) {
-            if (v > lv[k] || (v == lv[k] && id < li[k])) {
-                const float tv = lv[k];
-                const int64_t ti = li[k];
-                lv[k] = v, li[k] = id, v = tv, id = ti;
-            }
-        }
+#define RK_THREADS 256
+#define RK_PER 16
+#define RK_CHUNK (RK_THREADS * RK_PER)
+
+__device__ __forceinline__ bool rk_before(float a, int64_t ia, float b, int64_t ib) { return a > b || (a == b && ia < ib); }
+
+// the block's best (value, id) of the threads' (bv, bi), to every thread (sv, si: [RK_THREADS / 32 + 1] shared)
+__device__ __forceinline__ void rk_block_best(float &bv, int64_t &bi, float *sv, int64_t *si) {
+    for (int o = 16; o; o >>= 1) am_merge(bv, bi, __shfl_xor_sync(FULL_MASK, bv, o), __shfl_xor_sync(FULL_MASK, bi, o));
+    if ((threadIdx.x & 31) == 0) sv[threadIdx.x >> 5] = bv, si[threadIdx.x >> 5] = bi;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < RK_THREADS / 32; w++) am_merge(bv, bi, sv[w], si[w]);
+        sv[RK_THREADS / 32] = bv, si[RK_THREADS / 32] = bi;
     }
-    int head = 0;
-    for (int r = 0; r < n; r++) {
-        float bv = head < n ? lv[head] : -INFINITY;
-        int64_t bi = head < n ? li[head] : INT64_MAX;
-        for (int o = 16; o; o >>= 1) am_merge(bv, bi, __shfl_xor_sync(FULL_MASK, bv, o), __shfl_xor_sync(FULL_MASK, bi, o));
-        if ((threadIdx.x & 31) == 0) sv[threadIdx.x >> 5] = bv, si[threadIdx.x >> 5] = bi;
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            for (int w = 1; w < RANK_THREADS / 32; w++) am_merge(bv, bi, sv[w], si[w]);
-            won = bi;
-        }
-        __syncthreads();
-        if (head < n && li[head] == won) head++;  // ids are distinct: exactly one thread held it
-        __syncthreads();                          // sv / si / won reused by the next round
-    }
-    if (threadIdx.x == 0) out[row] = won < V ? (int32_t)won : -1;
+    __syncthreads();
+    bv = sv[RK_THREADS / 32], bi = si[RK_THREADS / 32];
+    __syncthreads();  // sv / si reused by the next call
 }
 
-int rank_rows_cuda_on(const float *logits, int64_t rows, int64_t V, int W, int32_t *out, cudaStream_t st, char *err,
-                      size_t errlen) {
-    if (rows <= 0 || V <= 0 || V > INT32_MAX || rows > 65535 || W < 1 || W > RANK_MAX)
+__global__ void __launch_bounds__(RK_THREADS)
+    rank_chunks_kernel(const float *logits, int64_t V, int W, int nch, float *pv, int64_t *pi, unsigned *cnt, int32_t *out) {
+    __shared__ float sv[RK_THREADS / 32 + 1];
+    __shared__ int64_t si[RK_THREADS / 32 + 1];
+    __shared__ bool last;
+    const int64_t row = blockIdx.y, i0 = (int64_t)blockIdx.x * RK_CHUNK;
+    const int n = (int)(row % W) + 1;
+    const float *x = logits + row * V;
+    float v[RK_PER];
+#pragma unroll
+    for (int k = 0; k < RK_PER; k++) {
+        const int64_t i = i0 + k * RK_THREADS + threadIdx.x;
+        v[k] = i < V ? clean(__ldg(x + i)) : -INFINITY;
+    }
+    float qv = INFINITY;  // the previous round's pick (none yet: everything comes after (+inf, -1))
+    int64_t qi = -1;
+    float *cv = pv + (row * nch + blockIdx.x) * RANK_MAX;
+    int64_t *ci = pi + (row * nch + blockIdx.x) * RANK_MAX;
+    for (int r = 0; r < n; r++) {
+        float bv = -INFINITY;
+        int64_t bi = INT64_MAX;
+#pragma unroll
+        for (int k = 0; k < RK_PER; k++) {
+            const int64_t i = i0 + k * RK_THREADS + threadIdx.x;
+            if (i < V && rk_before(qv, qi, v[k], i) && rk_before(v[k], i, bv, bi)) bv = v[k], bi = i;
+        }
+        rk_block_best(bv, bi, sv, si);
+        qv = bv, qi = bi;
+        if (threadIdx.x == 0) cv[r] = bv, ci[r] = bi;
+    }
+    if (threadIdx.x == 0) {
+        __threadfence();  // the candidates are visible before the count says so
+        last = atomicAdd(cnt + row, 1u) == (unsigned)nch - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    qv = INFINITY, qi = -1;
+    for (int r = 0; r < n; r++) {  // the same rounds over the nch * n candidates
+        float bv = -INFINITY;
+        int64_t bi = INT64_MAX;
+        for (int c = threadIdx.x; c < nch * n; c += RK_THREADS) {
+            const float cvv = __ldcg(pv + (row * nch + c / n) * RANK_MAX + c % n);
+            const int64_t cii = __ldcg(pi + (row * nch + c / n) * RANK_MAX + c % n);
+            if (cii < V && rk_before(qv, qi, cvv, cii) && rk_before(cvv, cii, bv, bi)) bv = cvv, bi = cii;
+        }
+        rk_block_best(bv, bi, sv, si);
+        qv = bv, qi = bi;
+    }
+    if (threadIdx.x == 0) out[row] = qi >= 0 && qi < V ? (int32_t)qi : -1, cnt[row] = 0;
+}
+
+// The workspace: one count per row for up to RK_MAX_ROWS rows first (zero between calls; at the same place whatever the
+// rows of a call, as argmax_rows'), then the chunks' candidates.
+#define RK_MAX_ROWS 65535
+#define RK_COUNTS_BYTES ((size_t)(RK_MAX_ROWS + 1) * 4)
+extern "C" size_t rank_rows_workspace(int64_t rows, int64_t V) {
+    const int64_t nch = (V + RK_CHUNK - 1) / RK_CHUNK;
+    return RK_COUNTS_BYTES + (size_t)(rows * nch * RANK_MAX) * (8 + 4);
+}
+
+int rank_rows_cuda_on(const float *logits, int64_t rows, int64_t V, int W, void *ws, int32_t *out, cudaStream_t st,
+                      char *err, size_t errlen) {
+    if (rows <= 0 || V <= 0 || V > INT32_MAX || rows > RK_MAX_ROWS || W < 1 || W > RANK_MAX)
         return train_fail(err, errlen, "rank_rows: bad shape rows %lld x vocab %lld, %d ranks (1..%d)", (long long)rows,
                           (long long)V, W, RANK_MAX);
-    rank_rows_kernel<<<(unsigned)rows, RANK_THREADS, 0, st>>>(logits, V, W, out);
-    kernelCheck("rank_rows_kernel");
+    const int64_t nch = (V + RK_CHUNK - 1) / RK_CHUNK;
+    unsigned *cnt = (unsigned *)ws;  // [RK_MAX_ROWS + 1] counts, [rows, nch, RANK_MAX] ids, values
+    int64_t *pi = (int64_t *)((char *)ws + RK_COUNTS_BYTES);
+    float *pv = (float *)(pi + rows * nch * RANK_MAX);
+    rank_chunks_kernel<<<dim3((unsigned)nch, (unsigned)rows), RK_THREADS, 0, st>>>(logits, V, W, (int)nch, pv, pi, cnt, out);
+    kernelCheck("rank_chunks_kernel");
     return 0;
 }
 
-extern "C" int rank_rows_cuda(const float *logits, int64_t rows, int64_t V, int W, int32_t *out, char *err, size_t errlen) {
-    return rank_rows_cuda_on(logits, rows, V, W, out, 0, err, errlen);
+extern "C" int rank_rows_cuda(const float *logits, int64_t rows, int64_t V, int W, void *ws, int32_t *out, char *err,
+                              size_t errlen) {
+    return rank_rows_cuda_on(logits, rows, V, W, ws, out, 0, err, errlen);
 }
 
 // sample_rows_cuda with every row through the general path (radix select over the whole row, the draw over the whole
