@@ -16,10 +16,12 @@
 //   --branches instead: the parts of a speculative round with W = 1, 2, 4, 8 branches (one sequence, W decoder rows;
 //     the 50% hybrid target, the teacher's layers 0 and L-1 as the draft with a 16,384-id head), K 3: the draft's
 //     pending step, its chain of K (ranked first picks), the target's K+1 window with argmax, each decoder's accept
-//     (accept_from when W > 1), and the ranked pick against the argmax alone (branch_parts).
+//     (accept_from when W > 1), and the ranked pick against the argmax alone (branch_parts). BRANCH_W=w: that W only;
+//     BRANCH_PROFILE=1: one target step and one verification round between cudaProfilerStart / Stop (ncu, nsys).
 // CUDA graphs for short feeds unless --no-graph.
 // Usage: gpu_bench_spec [--config PATH] [--no-graph] [--quick] [--draft-heads | --branches]
 // Prints RESULT lines.
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
@@ -253,6 +255,7 @@ static void branch_parts(const char *cfg, int graph) {
     const int K = 3, Ws[4] = {1, 2, 4, 8};
     for (int wi = 0; wi < 4; wi++) {
         const int W = Ws[wi];
+        if (getenv("BRANCH_W") && atoi(getenv("BRANCH_W")) != W) continue;  // one W only
         DecoderCuda *t = decoder_cuda_new(&hm.h, &hm.r, hm.p, W, ctx + reps * 8 + 64, NULL, &e);
         DecoderCuda *d = decoder_cuda_new(&cut.h, &cut.r, cut.p, W, ctx + reps * 8 + 64, NULL, &e);
         die_if(!t || !d, &e, "decoder_cuda_new");
@@ -284,6 +287,14 @@ static void branch_parts(const char *cfg, int graph) {
                    &e, "verify");
         };
         const double t_round = time_us(reps, [&] { verify(sp); }), t_plain = time_us(reps, [&] { verify(NULL); });
+        if (getenv("BRANCH_PROFILE")) {  // one target step and one verification round under a profiler (ncu / nsys)
+            CK(cudaDeviceSynchronize());
+            CK(cudaProfilerStart());
+            die_if(decoder_cuda_step(t, tok, &e) || decoder_cuda_argmax(t, am, &e), &e, "target step");
+            verify(sp);
+            CK(cudaDeviceSynchronize());
+            CK(cudaProfilerStop());
+        }
         const double t_step = time_us(reps, [&] {
             die_if(decoder_cuda_step(t, tok, &e) || decoder_cuda_argmax(t, am, &e), &e, "target step");
         });
