@@ -382,9 +382,12 @@ __device__ __forceinline__ void attn_cp_async16(void *smem, const void *gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
 }
 
-template <int G, int HD>
+// SPLIT: one block per (query row, KV group, tile), each tile's partial per head to ws [rows, nh, nsplit, hd + 2] as
+// attn_tiles_kernel<true> writes them (the same values: a tile's partial is computed as above), for attn_fold_kernel.
+// Few rows (verification windows of several sequences) then load each K and V tile once per group, not once per head.
+template <int G, int HD, bool SPLIT>
 __global__ void __launch_bounds__(ATT_THREADS)
-    attn_gqa_kernel(const bf16 *q, const bf16 *kc, const bf16 *vc, const int32_t *lenb, AttArgs a, bf16 *out) {
+    attn_gqa_kernel(const bf16 *q, const bf16 *kc, const bf16 *vc, const int32_t *lenb, AttArgs a, float *ws, bf16 *out) {
     constexpr int NW = ATT_THREADS / 32;                   // warps: 4, as in block_max_f / block_sum_f
     constexpr int NCH = G * HD;                            // (head, dim) chains of the P*V
     constexpr int W = NCH <= ATT_THREADS ? 1 : NCH <= 2 * ATT_THREADS ? 2 : NCH <= 4 * ATT_THREADS ? 4 : 8;
@@ -410,7 +413,8 @@ __global__ void __launch_bounds__(ATT_THREADS)
 #pragma unroll
     for (int w = 0; w < W; w++) acc[w] = 0.0f;
     const int64_t ntile = p / ATT_THREADS + 1;
-    for (int64_t tile = 0; tile < ntile; tile++) {  // block-uniform bounds
+    const int64_t tb = SPLIT ? (int64_t)blockIdx.y : 0, te = SPLIT ? (tb + 1 < ntile ? tb + 1 : ntile) : ntile;
+    for (int64_t tile = tb; tile < te; tile++) {  // block-uniform bounds
         const int64_t j0 = tile * ATT_THREADS, j = j0 + tid;
         const int nk = (int)min((int64_t)ATT_THREADS, p + 1 - j0);  // the tile's keys <= p
         for (int c = tid; c < nk * (HD / 8); c += ATT_THREADS) {    // rows <= p < max_len only
@@ -497,7 +501,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
                 for (int w = 0; w < W; w++) av[w] = __fmaf_rn(pv, vv[w], av[w]);
             }
         }
-        if (tile == 0) {
+        if (tile == tb) {
             M = mt, L = lt;
 #pragma unroll
             for (int w = 0; w < W; w++) acc[w] = av[w];
@@ -511,7 +515,12 @@ __global__ void __launch_bounds__(ATT_THREADS)
         }
         __syncthreads();  // vs, ps, redm and reds are rewritten by the next tile
     }
-    if (own) {
+    if (own && SPLIT) {  // a tile past the query's keys leaves m = -inf: the fold skips it
+        float *o = ws + ((row * a.nh + (int64_t)g * G + hu) * a.nsplit + blockIdx.y) * (int64_t)(HD + 2);
+#pragma unroll
+        for (int w = 0; w < W; w++) o[du + w] = acc[w];
+        if (du == 0) o[HD] = M, o[HD + 1] = L;
+    } else if (own) {
         bf16 *o = out + (row * a.nh + (int64_t)g * G + hu) * HD + du;
 #pragma unroll
         for (int w = 0; w < W; w++) o[w] = __float2bfloat16_rn(__fdiv_rn(acc[w], L));
@@ -519,16 +528,20 @@ __global__ void __launch_bounds__(ATT_THREADS)
 }
 
 // attn_gqa_kernel<G, HD> over nrows query rows when it is instantiated for the model's shape (nh a multiple
-// of nkv, G = nh / nkv in {1, 2, 3, 4, 8}, hd 64 or 128): true; false (nothing launched) otherwise.
+// of nkv, G = nh / nkv in {1, 2, 3, 4, 8}, hd 64 or 128): true; false (nothing launched) otherwise. tiles > 0: the
+// SPLIT variant, tiles blocks per (row, group), partials into ws (a.nsplit == tiles).
 static bool attn_gqa_launch(const bf16 *q, const bf16 *kc, const bf16 *vc, const int32_t *lenb, const AttArgs &a,
-                            int64_t nrows, bf16 *out, cudaStream_t st) {
+                            int64_t nrows, int64_t tiles, float *ws, bf16 *out, cudaStream_t st) {
     if (a.nkv <= 0 || a.nh % a.nkv || nrows * a.nkv <= 0 || nrows * a.nkv >= INT32_MAX) return false;
     const int G = a.nh / a.nkv;
     const unsigned grid = (unsigned)(nrows * a.nkv);
-#define GQA_CASE(GG, HH)                                                                           \
-    if (G == GG && a.hd == HH) {                                                                   \
-        attn_gqa_kernel<GG, HH><<<grid, ATT_THREADS, 0, st>>>(q, kc, vc, lenb, a, out);            \
-        return true;                                                                               \
+#define GQA_CASE(GG, HH)                                                                                            \
+    if (G == GG && a.hd == HH) {                                                                                    \
+        if (tiles > 0)                                                                                              \
+            attn_gqa_kernel<GG, HH, true><<<dim3(grid, (unsigned)tiles), ATT_THREADS, 0, st>>>(q, kc, vc, lenb, a, ws, out); \
+        else                                                                                                        \
+            attn_gqa_kernel<GG, HH, false><<<grid, ATT_THREADS, 0, st>>>(q, kc, vc, lenb, a, NULL, out);            \
+        return true;                                                                                                \
     }
     GQA_CASE(1, 64)
     GQA_CASE(2, 64)
@@ -556,20 +569,26 @@ static AttArgs att_args(int64_t max_len, int64_t lc, int nh, int nkv, int hd) {
 // The batch-invariant attention on nrows query rows, one of three kernels that give the same bits (partials per
 // tile of ATT_THREADS keys, folded in tile order): ATT_TILES one block per (row, head) folding in the block;
 // ATT_SPLIT one block per (row, head, tile) into ws [nrows * nh * tiles * (hd + 2)] and attn_fold_kernel;
-// ATT_GQA one block per (row, KV group) (false, nothing launched, when it is not instantiated for the shape).
-enum { ATT_TILES = 0, ATT_SPLIT = 1, ATT_GQA = 2 };
+// ATT_GQA one block per (row, KV group) (false, nothing launched, when it is not instantiated for the shape);
+// ATT_GQA_SPLIT one block per (row, KV group, tile) into ws, then attn_fold_kernel (false when not instantiated).
+enum { ATT_TILES = 0, ATT_SPLIT = 1, ATT_GQA = 2, ATT_GQA_SPLIT = 3 };
 static bool attn_invariant_launch(int kernel, const bf16 *q, const bf16 *kc, const bf16 *vc, const int32_t *lenb,
                                   AttArgs a, int64_t nrows, int64_t tiles, float *ws, bf16 *out, cudaStream_t st) {
     a.kps = ATT_THREADS;
-    a.nsplit = kernel == ATT_SPLIT ? (int)tiles : 1;
-    if (kernel == ATT_SPLIT) {
+    a.nsplit = kernel == ATT_SPLIT || kernel == ATT_GQA_SPLIT ? (int)tiles : 1;
+    if (kernel == ATT_GQA_SPLIT) {
+        if (!attn_gqa_launch(q, kc, vc, lenb, a, nrows, tiles, ws, out, st)) return false;
+        kernelCheck("attn_gqa_kernel (per tile)");
+        attn_fold_kernel<<<dim3((unsigned)nrows, (unsigned)a.nh), a.hd < 128 ? 64 : 128, 0, st>>>(ws, a, out);
+        kernelCheck("attn_fold_kernel");
+    } else if (kernel == ATT_SPLIT) {
         attn_tiles_kernel<true><<<dim3((unsigned)(nrows * a.nh), (unsigned)tiles), ATT_THREADS, 0, st>>>(q, kc, vc, lenb, a, ws,
                                                                                                         out);
         kernelCheck("attn_tiles_kernel (per tile)");
         attn_fold_kernel<<<dim3((unsigned)nrows, (unsigned)a.nh), a.hd < 128 ? 64 : 128, 0, st>>>(ws, a, out);
         kernelCheck("attn_fold_kernel");
     } else if (kernel == ATT_GQA) {
-        if (!attn_gqa_launch(q, kc, vc, lenb, a, nrows, out, st)) return false;
+        if (!attn_gqa_launch(q, kc, vc, lenb, a, nrows, 0, NULL, out, st)) return false;
         kernelCheck("attn_gqa_kernel");
     } else {
         attn_tiles_kernel<false><<<(unsigned)(nrows * a.nh), ATT_THREADS, 0, st>>>(q, kc, vc, lenb, a, NULL, out);
@@ -1392,10 +1411,15 @@ static void attention(DecoderCuda *D, const DLayer *L, int64_t lc, int64_t maxke
         // the tiles across blocks while the (row, head) blocks cannot fill the GPU; else the fold inside the blocks:
         // one block per (row, KV group) when that still gives every SM a block and the GQA kernel is instantiated
         // for the shape, else one per (row, head)
-        const int kernel = blocks < 2ll * D->n_sm && blocks * tiles * (int64_t)(a.hd + 2) <= D->att_ws_elems ? ATT_SPLIT
-                           : D->attn_gqa && nrows * a.nkv >= D->n_sm                                        ? ATT_GQA
-                                                                                                            : ATT_TILES;
-        if (!attn_invariant_launch(kernel, D->q, L->kc, L->vc, lenb, a, nrows, tiles, D->att_ws, D->att, D->st))
+        // (the per-tile blocks: one per KV group when the GQA kernel is instantiated, so a tile of keys and values is
+        // read once for the group's heads)
+        const bool split = blocks < 2ll * D->n_sm && blocks * tiles * (int64_t)(a.hd + 2) <= D->att_ws_elems;
+        const int kernel = split && D->attn_gqa                       ? ATT_GQA_SPLIT
+                           : split                                    ? ATT_SPLIT
+                           : D->attn_gqa && nrows * a.nkv >= D->n_sm ? ATT_GQA
+                                                                      : ATT_TILES;
+        if (!attn_invariant_launch(kernel, D->q, L->kc, L->vc, lenb, a, nrows, tiles, D->att_ws, D->att, D->st) &&
+            !(split && attn_invariant_launch(ATT_SPLIT, D->q, L->kc, L->vc, lenb, a, nrows, tiles, D->att_ws, D->att, D->st)))
             attn_invariant_launch(ATT_TILES, D->q, L->kc, L->vc, lenb, a, nrows, tiles, NULL, D->att, D->st);
         return;
     }
@@ -2040,18 +2064,18 @@ int decode_attention_cuda(int kernel, const void *q, const void *kc, const void 
                  (long long)nb, (long long)lc, nh, nkv, hd, (long long)maxkeys, (long long)max_len);
         return -1;
     }
-    if (kernel != ATT_TILES && kernel != ATT_SPLIT && kernel != ATT_GQA) {
-        snprintf(err, errlen, "decode_attention_cuda: kernel %d (0, 1 or 2)", kernel);
+    if (kernel != ATT_TILES && kernel != ATT_SPLIT && kernel != ATT_GQA && kernel != ATT_GQA_SPLIT) {
+        snprintf(err, errlen, "decode_attention_cuda: kernel %d (0, 1, 2 or 3)", kernel);
         return -1;
     }
     const AttArgs a = att_args(max_len, lc, nh, nkv, hd);
     const int64_t nrows = nb * lc, tiles = (maxkeys + ATT_THREADS - 1) / ATT_THREADS;
-    if (kernel == ATT_SPLIT && tiles > 65535) {
+    if ((kernel == ATT_SPLIT || kernel == ATT_GQA_SPLIT) && tiles > 65535) {
         snprintf(err, errlen, "decode_attention_cuda: %lld tiles per query for the per-tile grid", (long long)tiles);
         return -1;
     }
     float *ws = NULL;
-    if (kernel == ATT_SPLIT) cudaCheck(cudaMalloc(&ws, (size_t)(nrows * nh * tiles * (hd + 2)) * 4));
+    if (kernel == ATT_SPLIT || kernel == ATT_GQA_SPLIT) cudaCheck(cudaMalloc(&ws, (size_t)(nrows * nh * tiles * (hd + 2)) * 4));
     const bool ran = attn_invariant_launch(kernel, (const bf16 *)q, (const bf16 *)kc, (const bf16 *)vc, lenb, a, nrows, tiles,
                                            ws, (bf16 *)out, 0);
     if (ws) {

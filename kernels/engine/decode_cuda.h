@@ -168,7 +168,8 @@ int rank_rows_cuda(const float *logits, int64_t rows, int64_t V, int W, void *ws
 // attn_tiles_kernel<false> (one block per (row, head), the fold in the block), 1 = attn_tiles_kernel<true> +
 // attn_fold_kernel (one block per tile, the decoder's few-rows path; allocates and frees its workspace,
 // synchronizes), 2 = attn_gqa_kernel (one block per (row, KV group); -1 where it is not instantiated: nh / nkv
-// not in {1, 2, 3, 4, 8} or hd not 64 / 128). The three give the same bits. Default stream; -1 (err) on a bad
+// not in {1, 2, 3, 4, 8} or hd not 64 / 128), 3 = attn_gqa_kernel per tile + attn_fold_kernel (one block per (row, KV
+// group, tile), the decoder's few-rows path where 2 is instantiated; -1 where it is not). The four give the same bits. Default stream; -1 (err) on a bad
 // shape.
 int decode_attention_cuda(int kernel, const void *q, const void *kc, const void *vc, const int32_t *lenb, int64_t nb,
                           int64_t lc, int64_t max_len, int nh, int nkv, int hd, int64_t maxkeys, void *out, char *err,

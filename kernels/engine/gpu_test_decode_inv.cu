@@ -23,8 +23,8 @@
 // With DISTILL_DECODE_INVARIANT=0 (the previous arithmetic: cuBLASLt GEMMs, key splits that depend on the
 // number of rows) sections 2 and 3 are expected to FAIL: that is how the test shows it can see the problem.
 //   5. The attention kernels alone (decode_attention_cuda) on random q, K, V: one block per (row, head)
-//      (attn_tiles_kernel<false>), the per-tile blocks + fold (the few-rows path) and one block per (row, KV
-//      group) (attn_gqa_kernel, the default for many rows) give the same bits, at batch 1 .. 512, 1 .. 4 query
+//      (attn_tiles_kernel<false>), the per-tile blocks + fold, one block per (row, KV group) (attn_gqa_kernel, the
+//      default for many rows) and one per (row, KV group, tile) + fold (the few-rows path) give the same bits, at batch 1 .. 512, 1 .. 4 query
 //      rows per sequence, ragged lengths of 1 .. 700 keys (tile edges 128 / 129 included), SmolLM2's 9 / 3
 //      heads of 64 and G = 1, 2, 3, 4, 8 at hd 64 and 128; shapes without a GQA kernel are refused; all within
 //      1e-2 of a float64 softmax. And a decoder's all-logits prefill (teacher, hybrid) is the same bits with the
@@ -750,7 +750,7 @@ static void attn_case(int nh, int nkv, int hd, int64_t nb, int64_t lc, const int
         minkeys = hl[b] + 1 < minkeys ? hl[b] + 1 : minkeys;
     }
     uint16_t *hq = (uint16_t *)malloc((size_t)(rows * qd) * 2), *hk = (uint16_t *)malloc((size_t)cache * 2);
-    uint16_t *hv = (uint16_t *)malloc((size_t)cache * 2), *ho[3];
+    uint16_t *hv = (uint16_t *)malloc((size_t)cache * 2), *ho[4];
     for (int64_t i = 0; i < rows * qd; i++) hq[i] = f32_to_bf16((float)(2.0 * rng_normal(&g)));
     for (int64_t i = 0; i < cache; i++) hk[i] = f32_to_bf16((float)rng_normal(&g)), hv[i] = f32_to_bf16((float)rng_normal(&g));
     void *dq, *dk, *dv, *dout;
@@ -767,8 +767,8 @@ static void attn_case(int nh, int nkv, int hd, int64_t nb, int64_t lc, const int
     char nm[200], err[256];
     snprintf(nm, sizeof nm, "attention %d heads / %d KV heads of %d, %lld sequences x %lld rows, keys %lld..%lld", nh, nkv,
              hd, (long long)nb, (long long)lc, (long long)minkeys, (long long)maxkeys);
-    int rc[3];
-    for (int k = 0; k < 3; k++) {
+    int rc[4];
+    for (int k = 0; k < 4; k++) {
         ho[k] = (uint16_t *)malloc((size_t)(rows * qd) * 2);
         CK(cudaMemset(dout, 0xff, (size_t)(rows * qd) * 2));  // NaNs where a kernel writes nothing
         rc[k] = decode_attention_cuda(k, dq, dk, dv, dl, nb, lc, max_len, nh, nkv, hd, maxkeys, dout, err, sizeof err);
@@ -783,8 +783,14 @@ static void attn_case(int nh, int nkv, int hd, int64_t nb, int64_t lc, const int
         for (int64_t i = 0; i < rows * qd; i++) bad += ho[2][i] != ho[0][i];
         check(bad == 0, "%s: one block per (row, KV group) == one block per (row, head), bitwise: %lld of %lld values differ",
               nm, (long long)bad, (long long)(rows * qd));
+        check(rc[3] == 0, "%s: the per-tile GQA kernel runs", nm);
+        bad = 0;
+        for (int64_t i = 0; i < rows * qd; i++) bad += ho[3][i] != ho[0][i];
+        check(bad == 0, "%s: one block per (row, KV group, tile) + fold == one block per (row, head), bitwise: %lld of %lld "
+              "values differ", nm, (long long)bad, (long long)(rows * qd));
     } else {
-        check(rc[2] != 0, "%s: the GQA kernel is refused (not instantiated for this shape): %s", nm, rc[2] ? err : "ran");
+        check(rc[2] != 0 && rc[3] != 0, "%s: the GQA kernels are refused (not instantiated for this shape): %s", nm,
+              rc[2] ? err : "ran");
     }
     // float64 reference of kernel 0's output (the others equal it bitwise or were refused)
     const double scale = 1.0 / sqrt((double)hd);
@@ -822,7 +828,7 @@ static void attn_case(int nh, int nkv, int hd, int64_t nb, int64_t lc, const int
     CK(cudaFree(dv));
     CK(cudaFree(dout));
     CK(cudaFree(dl));
-    free(hl), free(hq), free(hk), free(hv), free(ho[0]), free(ho[1]), free(ho[2]);
+    free(hl), free(hq), free(hk), free(hv), free(ho[0]), free(ho[1]), free(ho[2]), free(ho[3]);
 }
 
 // A decoder's logits as it runs by default == with the environment variable env=val (an A/B switch that must not
