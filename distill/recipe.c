@@ -235,6 +235,10 @@ static const Field STAGE_FIELDS[] = {
          "draft stage whose model the speculative rows use (default: the last draft stage before this eval, if any)"),
     {"spec_k", F_INTLIST, offsetof(StageSpec, spec_k), offsetof(StageSpec, n_spec_k), 0, DL_MAX_LAYERS - 1, false, NULL,
      KB(STAGE_EVAL), "speculative decoding: draft lengths K measured, each 1..8 (default [2, 4])"},
+    {"spec_branches", F_INTLIST, offsetof(StageSpec, spec_branches), offsetof(StageSpec, n_spec_branches), 0, DL_MAX_LAYERS - 1,
+     false, NULL, KB(STAGE_EVAL),
+     "speculative decoding: branch counts W measured, each 1..8 (W draft chains from the draft's W most likely first "
+     "tokens, verified in one feed; default [1])"},
     SFLD("spec_tokens", F_I32, spec_tokens, 1, 1 << 16, KB(STAGE_EVAL), "speculative decoding: new tokens per prompt (no early stop)"),
     SFLD("spec_prompts", F_I32, spec_prompts, 0, 1 << 20, KB(STAGE_EVAL),
          "speculative decoding: prompts measured at batch 1 (0: no speculative measurement)"),
@@ -668,6 +672,7 @@ static void stage_defaults(StageSpec *s, StageKind kind, const OptimSpec *opt) {
     s->repeat_penalty = 2.0;
     s->spec_draft_index = s->spec_data_index = -1;
     s->spec_k[0] = 2, s->spec_k[1] = 4, s->n_spec_k = 2;
+    s->spec_branches[0] = 1, s->n_spec_branches = 1;
     s->spec_tokens = 64;
     s->spec_prompts = 8;
     s->spec_teacher = true;
@@ -1146,6 +1151,14 @@ static void check_spec(Ctx *c, StageSpec *s) {
         }
     if (s->n_spec_k == 0)  // spec_k = []
         err_v(c, stage_val(r, s, "spec_k"), "stage '%s'.spec_k is empty: give at least one K (or spec_prompts = 0)", s->name);
+    for (int k = 0; k < s->n_spec_branches; k++)
+        if (s->spec_branches[k] < 1 || s->spec_branches[k] > 8) {
+            const TomlValue *kv = stage_val(r, s, "spec_branches");
+            err_v(c, kv && kv->type == TOML_ARRAY && k < kv->u.arr.n ? kv->u.arr.items[k] : kv,
+                  "stage '%s'.spec_branches: W = %d is outside 1..8", s->name, s->spec_branches[k]);
+        }
+    if (s->n_spec_branches == 0)
+        err_v(c, stage_val(r, s, "spec_branches"), "stage '%s'.spec_branches is empty: give at least one W (1: one chain)", s->name);
     s->spec_data_index = -1;
     if (s->spec_data) {
         int di = find_data(r, s->spec_data);

@@ -198,6 +198,8 @@ typedef struct {
     int spec_draft_index;  // after validation: that stage's index, or -1 (no speculative measurement)
     int spec_k[DL_MAX_LAYERS];  // draft lengths K measured (after validation: [2, 4] when not given)
     int n_spec_k;
+    int spec_branches[DL_MAX_LAYERS];  // speculative branch counts W measured (GenParams.branches; default [1])
+    int n_spec_branches;
     int spec_tokens;       // new tokens per prompt
     int spec_prompts;      // prompts measured (0: no speculative measurement)
     char *spec_data;       // data set whose documents' prompts are used (NULL: the first of data)

@@ -132,15 +132,17 @@ static int spec_measure(RunContext *ctx, const StageSpec *st, const EvalModel *s
     const EvalModel *targets[2] = {student, teacher};
     const char *labels[2] = {"student", "teacher"};
     const int nt = st->spec_teacher ? 2 : 1;
-    SpecEvalRow *rows = dl_calloc((size_t)(nt * st->n_spec_k), sizeof *rows);
+    const int64_t per = (int64_t)st->n_spec_branches * st->n_spec_k;  // rows per target: by W, then K
+    SpecEvalRow *rows = dl_calloc((size_t)(nt * per), sizeof *rows);
     for (int ti = 0; ti < nt; ti++) {
         SpecEvalConfig c = {.target = {targets[ti]->hc, targets[ti]->reg, targets[ti]->params},
                             .draft = {&dm.hc, &dm.reg, dm.params},
                             .prompts = (const int32_t *const *)pr.ids, .plen = pr.len, .n_prompts = pr.n,
                             .ks = st->spec_k, .nk = st->n_spec_k, .batches = &batch1, .nb = 1,
+                            .branches = st->spec_branches, .nw = st->n_spec_branches,
                             .max_tokens = st->spec_tokens, .temperature = 0, .cuda = cuda, .graph = 1,
                             .draft_head_ids = dv.ids, .draft_head_n = dv.n};
-        if (spec_eval_run(&c, rows + ti * st->n_spec_k, e)) {
+        if (spec_eval_run(&c, rows + ti * per, e)) {
             free(rows);
             dl_fail_prefix(e, "speculative decoding (target %s): ", labels[ti]);
             goto out;
@@ -167,8 +169,8 @@ static int spec_measure(RunContext *ctx, const StageSpec *st, const EvalModel *s
     for (int ti = 0; ti < nt; ti++) {
         printf("target %s\n", labels[ti]);
         spec_eval_print_header(stdout);
-        for (int k = 0; k < st->n_spec_k; k++) {
-            const SpecEvalRow *r = &rows[ti * st->n_spec_k + k];
+        for (int64_t k = 0; k < per; k++) {
+            const SpecEvalRow *r = &rows[ti * per + k];
             spec_eval_print_row(stdout, r);
             cJSON *j = spec_eval_row_json(r);
             cJSON_AddStringToObject(j, "target", labels[ti]);

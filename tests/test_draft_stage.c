@@ -225,6 +225,14 @@ static int check_spec_rows(const cJSON *runs, int want_prompts) {
         CHECK(fabs(tps - (1 + sum)) < 2e-3 * k + 1e-4);
         CHECK_EQ_I64(cJSON_GetObjectItem(r, "greedy_equal_sequences")->valuedouble, cJSON_GetObjectItem(r, "sequences")->valuedouble);
         if (want_prompts > 0) CHECK_EQ_I64(cJSON_GetObjectItem(r, "sequences")->valuedouble, want_prompts);
+        const int w = (int)cJSON_GetObjectItem(r, "branches")->valuedouble;
+        const cJSON *kc = cJSON_GetObjectItem(r, "kept_chain");  // W > 1: how often each chain was kept, summing to 1
+        CHECK(w >= 1 && (w == 1) == (kc == NULL));
+        if (kc) {
+            double ks = 0;
+            for (int i = 0; i < cJSON_GetArraySize(kc); i++) ks += cJSON_GetArrayItem(kc, i)->valuedouble;
+            CHECK(cJSON_GetArraySize(kc) == w && fabs(ks - 1) < 1e-3);
+        }
         CHECK(cJSON_GetObjectItem(r, "plain_tokens_per_s")->valuedouble > 0);
         CHECK(cJSON_GetObjectItem(r, "spec_tokens_per_s")->valuedouble > 0);
     }
@@ -324,7 +332,8 @@ int main(void) {
                                "trainable = \"model.layers.*\"\nvocab = 300\n[stage.loss]\nce = 1.0\nkl = 0.5\n\n"
                                "[[stage]]\nkind = \"draft\"\nname = \"same\"\ndata = \"samples\"\nlayers = [0, 1, 2, 3]\nsteps = 1\n"
                                "[stage.optimizer]\nlr = 1e-30\n\n"
-                               "[[stage]]\nkind = \"eval\"\nname = \"eval\"\ndata = [\"samples\"]\ndraft = \"draft\"\nspec_k = [1, 3]\nspec_tokens = 10\nspec_prompts = 3\n\n"
+                               "[[stage]]\nkind = \"eval\"\nname = \"eval\"\ndata = [\"samples\"]\ndraft = \"draft\"\nspec_k = [1, 3]\nspec_branches = [1, 2]\n"
+                               "spec_tokens = 10\nspec_prompts = 3\n\n"
                                "[[stage]]\nkind = \"eval\"\nname = \"eval-same\"\ndata = [\"samples\"]\nspec_k = [3]\nspec_tokens = 12\nspec_prompts = 2\n");
     int rc = run_cmd("'%s' '%s' --set run.name=%s", bin, recipe, "p");
     CHECK_EQ_I64(rc, 0);
@@ -383,7 +392,11 @@ int main(void) {
         int np = (int)cJSON_GetObjectItem(sp, "prompts")->valuedouble;
         CHECK(np >= 1 && np <= 3);  // distinct prompts of the held-out documents (2 samples of each prompt), at most spec_prompts
         int nrows = check_spec_rows(cJSON_GetObjectItem(sp, "runs"), np);
-        CHECK_EQ_I64(nrows, 4);  // student and teacher x K 1, 3
+        CHECK_EQ_I64(nrows, 8);  // student and teacher x W 1, 2 x K 1, 3
+        int nw2 = 0;
+        const cJSON *r;
+        cJSON_ArrayForEach(r, cJSON_GetObjectItem(sp, "runs")) nw2 += cJSON_GetObjectItem(r, "branches")->valuedouble == 2;
+        CHECK_EQ_I64(nw2, 4);
         CHECK(cJSON_GetObjectItem(root, "results") != NULL || cJSON_GetArraySize(root) > 1);  // the eval results stay
     }
     cJSON_Delete(root);
@@ -665,7 +678,7 @@ int main(void) {
                             "[[stage]]\nkind = \"draft\"\nname = \"d2\"\ndata = \"samples\"\nlayers = [3, 1]\nsteps = 2\n[stage.loss]\nmse = 1.0\n\n"
                             "[[stage]]\nkind = \"draft\"\nname = \"d3\"\nsteps = 2\n\n"
                             "[[stage]]\nkind = \"draft\"\nname = \"d5\"\ndata = \"samples\"\nsteps = 2\nkl_from = \"student\"\n[stage.loss]\nkl = 0.0\n\n"
-                            "[[stage]]\nkind = \"eval\"\nname = \"e1\"\ndata = [\"samples\"]\ndraft = \"d4\"\nspec_k = [2, 9]\n\n"
+                            "[[stage]]\nkind = \"eval\"\nname = \"e1\"\ndata = [\"samples\"]\ndraft = \"d4\"\nspec_k = [2, 9]\nspec_branches = [0]\n\n"
                             "[[stage]]\nkind = \"eval\"\nname = \"e2\"\ndata = [\"samples\"]\ndraft = \"init\"\n\n"
                             "[[stage]]\nkind = \"eval\"\nname = \"e3\"\ndata = [\"samples\"]\ndraft = \"d4\"\n\n"
                             "[[stage]]\nkind = \"draft\"\nname = \"d4\"\ndata = \"samples\"\nsteps = 2\n", "bad");
@@ -677,6 +690,7 @@ int main(void) {
     CHECK(log_has("stage 'd3' needs data = \"NAME\""));
     CHECK(log_has("stage 'd5': kl_from = \"student\" needs [stage.loss] kl or reverse_kl > 0"));
     CHECK(log_has("stage 'e1'.spec_k: K = 9 is outside 1..8"));
+    CHECK(log_has("stage 'e1'.spec_branches: W = 0 is outside 1..8"));
     CHECK(log_has("stage 'e1' uses the draft of stage 'd4', which runs after it"));
     CHECK(log_has("stage 'e2': draft = 'init' is not a draft stage (its kind is init)"));
     CHECK(log_has("stage 'e3' uses the draft of stage 'd4', which runs after it"));
