@@ -13,7 +13,7 @@
 //   3. plain decode tokens/s of the hybrid vs the teacher at contexts 1k, 8k, 32k (batch 1 and 8; KV cache
 //      filled by seek: speed only).
 //   --draft-heads instead: a 2-layer draft of the config's shape, full head vs heads trimmed to N ids (draft_heads).
-//   --branches instead: the parts of a speculative round with W = 1, 2, 4, 8 branches (one sequence, W decoder rows;
+//   --branches instead: the parts of a speculative round with W = 1, 2, 3, 4, 8 branches (one sequence, W decoder rows;
 //     the 50% hybrid target, the teacher's layers 0 and L-1 as the draft with a 16,384-id head), K 3: the draft's
 //     pending step, its chain of K (ranked first picks), the target's K+1 window with argmax, each decoder's accept
 //     (accept_from when W > 1), and the ranked pick against the argmax alone (branch_parts). BRANCH_W=w: that W only;
@@ -235,25 +235,32 @@ template <typename F> static double time_us(int reps, F f) {
     return (dl_now() - t0) * 1e6 / reps;
 }
 
-static void branch_parts(const char *cfg, int graph) {
+// The config's teacher and its 50% hybrid (attention at even layers, Mamba-1 at odd ones), random weights.
+static void bench_models(const char *cfg, LoadedModel *lm, Model *tm, Model *hm) {
     DlError e;
-    LoadedModel lm;
-    die_if(model_load(cfg, 1, &lm, &e) != 0, &e, "model_load");
-    const LlamaConfig *c = &lm.hc.base;
+    die_if(model_load(cfg, 1, lm, &e) != 0, &e, "model_load");
+    const LlamaConfig *c = &lm->hc.base;
     HybridConfig hh;
     int attn[256], na = 0;
     for (int l = 0; l < c->n_layer; l += 2) attn[na++] = l;
     die_if(hybrid_config_init(&hh, c, MIXER_MAMBA1, attn, na, &e) != 0, &e, "hybrid_config_init");
+    model_init(tm, "teacher", &lm->hc, 1);
+    model_init(hm, "hybrid50", &hh, 2);
+}
+
+static void branch_parts(const char *cfg, int graph) {
+    DlError e;
+    LoadedModel lm;
     Model tm, hm, cut;
-    model_init(&tm, "teacher", &lm.hc, 1);
-    model_init(&hm, "hybrid50", &hh, 2);
+    bench_models(cfg, &lm, &tm, &hm);
+    const LlamaConfig *c = &lm.hc.base;
     const int cl[2] = {0, c->n_layer - 1};
     die_if(spec_draft_from_layers(&tm.h, &tm.r, tm.p, cl, 2, &cut.h, &cut.r, &cut.p, &e) != 0, &e, "cut");
     const int64_t V = c->vocab, nh = V < 16384 ? V : 16384, ctx = 400, reps = 200;
     int32_t *ids = (int32_t *)malloc((size_t)nh * 4);
     for (int64_t j = 0; j < nh; j++) ids[j] = (int32_t)j;
-    const int K = 3, Ws[4] = {1, 2, 4, 8};
-    for (int wi = 0; wi < 4; wi++) {
+    const int K = 3, Ws[5] = {1, 2, 3, 4, 8};
+    for (int wi = 0; wi < 5; wi++) {
         const int W = Ws[wi];
         if (getenv("BRANCH_W") && atoi(getenv("BRANCH_W")) != W) continue;  // one W only
         DecoderCuda *t = decoder_cuda_new(&hm.h, &hm.r, hm.p, W, ctx + reps * 8 + 64, NULL, &e);
@@ -359,15 +366,8 @@ int main(int argc, char **argv) {
     printf("gpu_bench_spec: %s, config %s%s, %s decoder arithmetic\n", prop.name, cfg, graph ? ", CUDA graphs" : "",
            ienv && !strcmp(ienv, "0") ? "legacy (DISTILL_DECODE_INVARIANT=0)" : "batch-invariant");
     LoadedModel lm;
-    die_if(model_load(cfg, 1, &lm, &e) != 0, &e, "model_load");
-    const LlamaConfig *c = &lm.hc.base;
-    HybridConfig hh;
-    int attn[256], na = 0;
-    for (int l = 0; l < c->n_layer; l += 2) attn[na++] = l;
-    die_if(hybrid_config_init(&hh, c, MIXER_MAMBA1, attn, na, &e) != 0, &e, "hybrid_config_init");
     Model tm, hm;
-    model_init(&tm, "teacher", &lm.hc, 1);
-    model_init(&hm, "hybrid50", &hh, 2);
+    bench_models(cfg, &lm, &tm, &hm);
     const int ks[3] = {2, 4, 8};
     const int64_t batches[3] = {1, 4, 16};
     Model *models[2] = {&hm, &tm};

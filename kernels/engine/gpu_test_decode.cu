@@ -526,12 +526,12 @@ static void test_rank_rows(int64_t V) {
 }
 
 // decoder_cuda_accept_from: R rows share a prefix, then a window (two feeds of 2 tokens, different per row); after
-// accept_from every row's next logits are bit-identical to a decoder fed its source's kept tokens as one prefill.
+// accept_from every row's next logits are bit-identical to a decoder fed its source's kept tokens in one ragged prefill.
 static void test_accept_from(const Model *m, const char *nm) {
     DlError e;
     enum { R = 4, LP = 37, LW = 4 };
     const int64_t V = m->h.base.vocab;
-    DecoderCuda *D = decoder_cuda_new(&m->h, &m->r, m->p, R, 64, NULL, &e), *Q = decoder_cuda_new(&m->h, &m->r, m->p, 1, 64, NULL, &e);
+    DecoderCuda *D = decoder_cuda_new(&m->h, &m->r, m->p, R, 64, NULL, &e), *Q = decoder_cuda_new(&m->h, &m->r, m->p, R, 64, NULL, &e);
     die_if(!D || !Q, &e, "decoder_cuda_new");
     if (getenv("DISTILL_DECODE_GRAPH")) decoder_cuda_use_graph(D, 1), decoder_cuda_use_graph(Q, 1);
     int32_t pre[R * LP], win[R * LW], nxt[R], w1[R * 2], w2[R * 2];
@@ -542,7 +542,7 @@ static void test_accept_from(const Model *m, const char *nm) {
     for (int b = 0; b < R; b++)
         w1[b * 2] = win[b * LW], w1[b * 2 + 1] = win[b * LW + 1], w2[b * 2] = win[b * LW + 2], w2[b * 2 + 1] = win[b * LW + 3];
     const int32_t src[R] = {2, 1, 2, 1}, keep[R] = {0, 3, 2, 4}, chain_src[R] = {1, 2, 2, 3};
-    float *lg = (float *)malloc((size_t)(R * V) * 4), *lq = (float *)malloc((size_t)V * 4);
+    float *lg = (float *)malloc((size_t)(R * V) * 4), *lq = (float *)malloc((size_t)(R * V) * 4);
     die_if(decoder_cuda_reset(D, R, &e) || decoder_cuda_feed(D, pre, LP, NULL, 0, &e), &e, "prefill");
     decoder_cuda_window_begin(D);
     die_if(decoder_cuda_feed(D, w1, 2, NULL, 1, &e) || decoder_cuda_feed(D, w2, 2, NULL, 1, &e), &e, "window");
@@ -551,19 +551,22 @@ static void test_accept_from(const Model *m, const char *nm) {
     die_if(decoder_cuda_feed(D, nxt, 1, NULL, 0, &e) != 0, &e, "next");
     for (int64_t i = 0; i < R * V; i++) lg[i] = NAN;
     decoder_cuda_logits_host(D, lg);
+    // the reference: all rows in one ragged prefill of Q, row b = the prefix, its source's kept window tokens, next
+    enum { LR = LP + LW + 1 };
+    int32_t ref[R * LR] = {0};
+    int64_t nr[R];
+    for (int b = 0; b < R; b++) {
+        nr[b] = LP + keep[src[b]] + 1;
+        for (int64_t i = 0; i < nr[b]; i++) ref[b * LR + i] = i < LP ? pre[i] : i + 1 < nr[b] ? win[src[b] * LW + i - LP] : nxt[b];
+    }
+    for (int64_t i = 0; i < R * V; i++) lq[i] = NAN;
+    die_if(decoder_cuda_reset(Q, R, &e) || decoder_cuda_feed(Q, ref, LR, nr, 0, &e), &e, "reference");
+    decoder_cuda_logits_host(Q, lq);
     int same = 0;
     double er = 0;
     for (int b = 0; b < R; b++) {
-        int32_t tok[LP + LW + 1];
-        const int kp = keep[src[b]];
-        memcpy(tok, pre, sizeof(int32_t) * LP);
-        memcpy(tok + LP, win + src[b] * LW, sizeof(int32_t) * (size_t)kp);
-        tok[LP + kp] = nxt[b];
-        die_if(decoder_cuda_reset(Q, 1, &e) || decoder_cuda_feed(Q, tok, LP + kp + 1, NULL, 0, &e), &e, "reference");
-        for (int64_t v = 0; v < V; v++) lq[v] = NAN;
-        decoder_cuda_logits_host(Q, lq);
-        same += !memcmp(lg + b * V, lq, (size_t)V * 4) && decoder_cuda_seq_len(D, b) == LP + kp + 1;
-        er = fmax(er, relerr(lg + b * V, lq, V));
+        same += !memcmp(lg + b * V, lq + b * V, (size_t)V * 4) && decoder_cuda_seq_len(D, b) == nr[b];
+        er = fmax(er, relerr(lg + b * V, lq + b * V, V));
     }
     check(same == R, "%s: after accept_from every row equals a prefill of its source's kept tokens, bit for bit (%d of %d; "
           "relative error %.2e)%s", nm, same, R, er, getenv("DISTILL_DECODE_GRAPH") ? " (graphs)" : "");
