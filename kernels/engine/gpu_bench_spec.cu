@@ -17,7 +17,7 @@
 //     the 50% hybrid target, the teacher's layers 0 and L-1 as the draft with a 16,384-id head), K 3: the draft's
 //     pending step, its chain of K (ranked first picks), the target's K+1 window with argmax, each decoder's accept
 //     (accept_from when W > 1), and the ranked pick against the argmax alone (branch_parts). BRANCH_W=w: that W only;
-//     BRANCH_PROFILE=1: one target step and one verification round between cudaProfilerStart / Stop (ncu, nsys).
+//     BRANCH_K=k: K (default 3); BRANCH_PROFILE=1: one target step and one verification round between cudaProfilerStart / Stop (ncu, nsys).
 // CUDA graphs for short feeds unless --no-graph.
 // Usage: gpu_bench_spec [--config PATH] [--no-graph] [--quick] [--draft-heads | --branches]
 // Prints RESULT lines.
@@ -259,7 +259,7 @@ static void branch_parts(const char *cfg, int graph) {
     const int64_t V = c->vocab, nh = V < 16384 ? V : 16384, ctx = 400, reps = 200;
     int32_t *ids = (int32_t *)malloc((size_t)nh * 4);
     for (int64_t j = 0; j < nh; j++) ids[j] = (int32_t)j;
-    const int K = 3, Ws[5] = {1, 2, 3, 4, 8};
+    const int K = getenv("BRANCH_K") ? atoi(getenv("BRANCH_K")) : 3, Ws[5] = {1, 2, 3, 4, 8};
     for (int wi = 0; wi < 5; wi++) {
         const int W = Ws[wi];
         if (getenv("BRANCH_W") && atoi(getenv("BRANCH_W")) != W) continue;  // one W only
