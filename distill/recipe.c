@@ -988,6 +988,11 @@ static bool subset(const int *a, int na, const int *b, int nb) {
 }
 
 // A draft stage's layers: default the first and the last teacher layer; each exists, ascending, once.
+// Element i of a list value, where an error about that element points (the value itself when it is not a list).
+static const TomlValue *list_item(const TomlValue *v, int i) {
+    return v && v->type == TOML_ARRAY && i < v->u.arr.n ? v->u.arr.items[i] : v;
+}
+
 static void check_draft_layers(Ctx *c, StageSpec *s, int L) {
     if (s->kind != STAGE_DRAFT) return;
     if (s->n_draft_layers == 0) {
@@ -997,7 +1002,7 @@ static void check_draft_layers(Ctx *c, StageSpec *s, int L) {
     }
     const TomlValue *lv = stage_val(c->r, s, "layers");
     for (int i = 0; i < s->n_draft_layers; i++) {
-        const TomlValue *pos = lv && lv->type == TOML_ARRAY && i < lv->u.arr.n ? lv->u.arr.items[i] : lv;
+        const TomlValue *pos = list_item(lv, i);
         if (s->draft_layers[i] >= L)
             err_v(c, pos, "stage '%s'.layers: layer %d does not exist (the teacher has %d layers, 0..%d)", s->name, s->draft_layers[i],
                   L, L - 1);
@@ -1118,6 +1123,15 @@ static void check_trainable(Ctx *c) {
 
 // An eval stage's speculative-decoding keys: the draft stage (named, or the last one before the eval), K values,
 // the data set of the prompts (an LM set, not a preference set).
+// An eval stage's speculative list `key` (draft lengths K, branch counts W): each value 1..8, at least one.
+static void check_spec_list(Ctx *c, const StageSpec *s, const char *key, const int *v, int n, const char *sym,
+                            const char *give) {
+    const TomlValue *kv = stage_val(c->r, s, key);
+    for (int k = 0; k < n; k++)
+        if (v[k] < 1 || v[k] > 8) err_v(c, list_item(kv, k), "stage '%s'.%s: %s = %d is outside 1..8", s->name, key, sym, v[k]);
+    if (n == 0) err_v(c, kv, "stage '%s'.%s is empty: give at least one %s", s->name, key, give);
+}
+
 static void check_spec(Ctx *c, StageSpec *s) {
     Recipe *r = c->r;
     char hb[96];
@@ -1143,22 +1157,8 @@ static void check_spec(Ctx *c, StageSpec *s) {
         for (int j = 0; j < s->index; j++)
             if (r->stages[j].kind == STAGE_DRAFT) s->spec_draft_index = j;
     }
-    for (int k = 0; k < s->n_spec_k; k++)
-        if (s->spec_k[k] < 1 || s->spec_k[k] > 8) {
-            const TomlValue *kv = stage_val(r, s, "spec_k");
-            err_v(c, kv && kv->type == TOML_ARRAY && k < kv->u.arr.n ? kv->u.arr.items[k] : kv,
-                  "stage '%s'.spec_k: K = %d is outside 1..8", s->name, s->spec_k[k]);
-        }
-    if (s->n_spec_k == 0)  // spec_k = []
-        err_v(c, stage_val(r, s, "spec_k"), "stage '%s'.spec_k is empty: give at least one K (or spec_prompts = 0)", s->name);
-    for (int k = 0; k < s->n_spec_branches; k++)
-        if (s->spec_branches[k] < 1 || s->spec_branches[k] > 8) {
-            const TomlValue *kv = stage_val(r, s, "spec_branches");
-            err_v(c, kv && kv->type == TOML_ARRAY && k < kv->u.arr.n ? kv->u.arr.items[k] : kv,
-                  "stage '%s'.spec_branches: W = %d is outside 1..8", s->name, s->spec_branches[k]);
-        }
-    if (s->n_spec_branches == 0)
-        err_v(c, stage_val(r, s, "spec_branches"), "stage '%s'.spec_branches is empty: give at least one W (1: one chain)", s->name);
+    check_spec_list(c, s, "spec_k", s->spec_k, s->n_spec_k, "K", "K (or spec_prompts = 0)");
+    check_spec_list(c, s, "spec_branches", s->spec_branches, s->n_spec_branches, "W", "W (1: one chain)");
     s->spec_data_index = -1;
     if (s->spec_data) {
         int di = find_data(r, s->spec_data);

@@ -415,8 +415,8 @@ int gen_speculative(GenDecoder T, GenDecoder Dr, const int32_t *prompts, const i
                 t0[r] = next;
             }
         }
-        if ((rc = gd_accept(T, keep_t, W > 1 ? src : NULL, e)) != 0) break;
-        if ((rc = gd_accept(Dr, keep_d, W > 1 ? src : NULL, e)) != 0) break;
+        if ((rc = gd_accept(T, keep_t, src, e)) != 0) break;  // W 1: every row its own source, a plain accept
+        if ((rc = gd_accept(Dr, keep_d, src, e)) != 0) break;
         st.verify_s += dl_now() - t_verify;
         st.rounds++;
     }

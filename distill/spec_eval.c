@@ -250,7 +250,7 @@ void spec_eval_print_row(FILE *f, const SpecEvalRow *r) {
     char sm[48] = "-";
     if (r->same >= 0) snprintf(sm, sizeof sm, "%lld/%lld", (long long)r->same, (long long)r->sequences);
     fprintf(f, "%5lld %3d %3d %10.1f %10.1f %7.2fx %8.2f %7.3f %7s %6.3f %5.2fx %6.3f %6.3f ", (long long)r->batch, r->k,
-            r->branches > 1 ? r->branches : 1, r->plain_tps, r->spec_tps, r->speedup, r->tokens_per_step, r->acceptance_rate, sm, r->draft_cost,
+            r->branches, r->plain_tps, r->spec_tps, r->speedup, r->tokens_per_step, r->acceptance_rate, sm, r->draft_cost,
             r->model_speedup, r->draft_steps, r->verify_steps);
     for (int i = 0; i < r->k; i++) fprintf(f, " %.2f", r->acceptance[i]);
     if (r->branches > 1) {
@@ -275,7 +275,7 @@ cJSON *spec_eval_row_json(const SpecEvalRow *r) {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddNumberToObject(o, "batch", (double)r->batch);
     cJSON_AddNumberToObject(o, "k", r->k);
-    cJSON_AddNumberToObject(o, "branches", r->branches > 1 ? r->branches : 1);
+    cJSON_AddNumberToObject(o, "branches", r->branches);
     if (r->branches > 1) {
         cJSON *bw = cJSON_AddArrayToObject(o, "kept_chain");
         for (int w = 0; w < r->branches; w++) cJSON_AddItemToArray(bw, cJSON_CreateNumber(rounded(r->branch_won[w], 1e4)));

@@ -576,15 +576,15 @@ static bool attn_invariant_launch(int kernel, const bf16 *q, const bf16 *kc, con
                                   AttArgs a, int64_t nrows, int64_t tiles, float *ws, bf16 *out, cudaStream_t st) {
     a.kps = ATT_THREADS;
     a.nsplit = kernel == ATT_SPLIT || kernel == ATT_GQA_SPLIT ? (int)tiles : 1;
-    if (kernel == ATT_GQA_SPLIT) {
-        if (!attn_gqa_launch(q, kc, vc, lenb, a, nrows, tiles, ws, out, st)) return false;
-        kernelCheck("attn_gqa_kernel (per tile)");
-        attn_fold_kernel<<<dim3((unsigned)nrows, (unsigned)a.nh), a.hd < 128 ? 64 : 128, 0, st>>>(ws, a, out);
-        kernelCheck("attn_fold_kernel");
-    } else if (kernel == ATT_SPLIT) {
-        attn_tiles_kernel<true><<<dim3((unsigned)(nrows * a.nh), (unsigned)tiles), ATT_THREADS, 0, st>>>(q, kc, vc, lenb, a, ws,
-                                                                                                        out);
-        kernelCheck("attn_tiles_kernel (per tile)");
+    if (kernel == ATT_SPLIT || kernel == ATT_GQA_SPLIT) {  // the tiles' partials, then one fold
+        if (kernel == ATT_GQA_SPLIT) {
+            if (!attn_gqa_launch(q, kc, vc, lenb, a, nrows, tiles, ws, out, st)) return false;
+            kernelCheck("attn_gqa_kernel (per tile)");
+        } else {
+            attn_tiles_kernel<true><<<dim3((unsigned)(nrows * a.nh), (unsigned)tiles), ATT_THREADS, 0, st>>>(q, kc, vc, lenb, a,
+                                                                                                            ws, out);
+            kernelCheck("attn_tiles_kernel (per tile)");
+        }
         attn_fold_kernel<<<dim3((unsigned)nrows, (unsigned)a.nh), a.hd < 128 ? 64 : 128, 0, st>>>(ws, a, out);
         kernelCheck("attn_fold_kernel");
     } else if (kernel == ATT_GQA) {
